@@ -1,0 +1,14 @@
+//! hetmm-core: the machine-independent and OS-independent heart of hetmm.
+//!
+//! Where things live:
+//! - [`types`]: addresses, ranges, processors, access kinds.
+//! - [`device`]: the [`device::DeviceMmu`] trait devices implement.
+//! - [`cpu`]: the [`cpu::CpuMmu`] trait the host layer implements, and the CPU fault entry point.
+//! - [`error`], [`stats`]: errors and counters.
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod device;
+pub mod error;
+pub mod stats;
+pub mod types;

@@ -1,0 +1,92 @@
+//! Counters for every path: faults, batches, bytes each way, evictions, and service time split
+//! into its steps. Updated with relaxed atomics; read as a [`StatsSnapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use serde::Serialize;
+
+macro_rules! stats {
+    ($($(#[$m:meta])* $name:ident),* $(,)?) => {
+        /// Live counters of one address space.
+        #[derive(Debug, Default)]
+        pub struct Stats { $($(#[$m])* pub $name: AtomicU64,)* }
+
+        /// A copy of the counters at one moment.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+        pub struct StatsSnapshot { $($(#[$m])* pub $name: u64,)* }
+
+        impl Stats {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl StatsSnapshot {
+            /// Counter-wise difference `self - earlier` (saturating).
+            pub fn since(&self, earlier: &StatsSnapshot) -> StatsSnapshot {
+                StatsSnapshot { $($name: self.$name.saturating_sub(earlier.$name),)* }
+            }
+        }
+    };
+}
+
+stats! {
+    /// CPU faults serviced (one per userfaultfd message handled).
+    cpu_faults,
+    /// Pages brought back to the CPU by CPU faults (fault-around included).
+    cpu_fault_pages,
+    /// Device fault entries fetched.
+    device_faults,
+    /// Device fault entries merged into another entry of the same batch.
+    duplicate_faults,
+    /// Device faults cancelled (bad address, protection, detach).
+    cancelled_faults,
+    /// Device fault batches serviced.
+    fault_batches,
+    /// Blocks serviced by device faults or prefetch.
+    blocks_serviced,
+    /// Replays issued.
+    replays,
+    /// Bytes copied host to device.
+    bytes_to_device,
+    /// Bytes copied device to host.
+    bytes_to_host,
+    /// Bytes copied device to device.
+    bytes_device_to_device,
+    /// Bytes zero-filled on devices (first touch by a device).
+    bytes_zero_filled,
+    /// Evictions (victim blocks) from device memory to host backing.
+    evictions,
+    /// Bytes moved by evictions (counted in bytes_to_host too).
+    bytes_evicted,
+    /// Pages added by prefetching.
+    prefetched_pages,
+    /// Evict-and-refault or ping-pong events detected.
+    thrash_events,
+    /// Nanoseconds allocating device memory (eviction included).
+    ns_alloc,
+    /// Nanoseconds revoking CPU mappings.
+    ns_revoke,
+    /// Nanoseconds in copies (submit and wait).
+    ns_copy,
+    /// Nanoseconds writing device page tables (and TLB invalidation).
+    ns_map,
+    /// Nanoseconds in eviction.
+    ns_evict,
+    /// Nanoseconds servicing CPU faults.
+    ns_cpu_fault,
+}
+
+/// Adds to a counter.
+#[inline]
+pub fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Relaxed);
+}
+
+/// Adds the nanoseconds since `t0` to a counter.
+#[inline]
+pub fn add_since(c: &AtomicU64, t0: Instant) {
+    add(c, u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX));
+}

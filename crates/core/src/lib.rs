@@ -12,3 +12,16 @@ pub mod device;
 pub mod error;
 pub mod stats;
 pub mod types;
+
+pub mod alloc;
+pub mod block;
+mod evict;
+mod fault;
+mod migrate;
+pub mod policy;
+pub mod space;
+
+pub use space::{AddressSpace, AttachOptions, CoreConfig};
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,201 @@
+//! Per-device physical allocator: a buddy allocator over the memory a device registers, 2 MiB
+//! roots split down to 4 KiB pages (GMEM's isolated buddy allocator; never used for CPU memory).
+//!
+//! Any allocated page can be freed on its own, whatever order it was allocated with: a 2 MiB
+//! chunk whose pages leave the device one at a time is returned page by page and the buddies
+//! merge back as they become free. This lets eviction and CPU fault-back free exactly the pages
+//! they move without tracking allocation orders.
+
+use std::collections::BTreeSet;
+
+use crate::device::PhysAddr;
+use crate::types::{PAGE_SHIFT, PAGE_SIZE};
+
+/// Highest order: 2^9 pages = 2 MiB.
+pub const MAX_ORDER: u32 = 9;
+
+/// Buddy allocator over page frames of one device.
+#[derive(Debug)]
+pub struct BuddyAllocator {
+    /// Free blocks per order, by first frame number (sorted, so allocation is lowest-address first
+    /// and deterministic).
+    free: Vec<BTreeSet<u64>>,
+    /// Order of the free block starting at each frame, or `NOT_FREE_HEAD`.
+    head_order: Vec<u8>,
+    /// Whether each frame belongs to memory the device registered.
+    owned: Vec<bool>,
+    free_pages: u64,
+    total_pages: u64,
+}
+
+const NOT_FREE_HEAD: u8 = u8::MAX;
+
+impl BuddyAllocator {
+    /// An allocator over the given physical ranges (each start and length a multiple of 2 MiB is
+    /// best; partial tails are registered as smaller blocks).
+    pub fn new(ranges: &[(PhysAddr, u64)]) -> Self {
+        let end = ranges.iter().map(|(a, l)| a.0.saturating_add(*l)).max().unwrap_or(0);
+        let frames = usize::try_from(end >> PAGE_SHIFT).unwrap_or(0);
+        let mut a = BuddyAllocator {
+            free: (0..=MAX_ORDER).map(|_| BTreeSet::new()).collect(),
+            head_order: vec![NOT_FREE_HEAD; frames],
+            owned: vec![false; frames],
+            free_pages: 0,
+            total_pages: 0,
+        };
+        for (start, len) in ranges {
+            let first = start.0.div_ceil(PAGE_SIZE);
+            let last = (start.0 + len) >> PAGE_SHIFT;
+            for f in first..last {
+                a.owned[f as usize] = true;
+            }
+            if last > first {
+                a.total_pages += last - first;
+                a.free_range(first, last - first);
+            }
+        }
+        a
+    }
+
+    /// Pages managed.
+    pub fn total_pages(&self) -> u64 {
+        self.total_pages
+    }
+
+    /// Pages free.
+    pub fn free_pages(&self) -> u64 {
+        self.free_pages
+    }
+
+    /// Allocates 2^order contiguous, naturally aligned pages.
+    pub fn alloc(&mut self, order: u32) -> Option<PhysAddr> {
+        if order > MAX_ORDER {
+            return None;
+        }
+        let found = (order..=MAX_ORDER).find(|&o| !self.free[o as usize].is_empty())?;
+        let frame = self.free[found as usize].pop_first()?;
+        self.head_order[frame as usize] = NOT_FREE_HEAD;
+        // Split down, returning upper halves to the free lists.
+        let mut o = found;
+        while o > order {
+            o -= 1;
+            self.push_free(frame + (1 << o), o);
+        }
+        self.free_pages -= 1 << order;
+        Some(PhysAddr(frame << PAGE_SHIFT))
+    }
+
+    /// Frees `npages` pages from `addr` (page aligned, all allocated and owned). Returns false and
+    /// changes nothing if any page is outside the managed memory or already free.
+    pub fn free(&mut self, addr: PhysAddr, npages: u64) -> bool {
+        let first = addr.0 >> PAGE_SHIFT;
+        if addr.0 % PAGE_SIZE != 0 || npages == 0 {
+            return false;
+        }
+        let Some(last) = first.checked_add(npages) else { return false };
+        if last as usize > self.owned.len()
+            || (first..last).any(|f| !self.owned[f as usize] || self.is_free(f))
+        {
+            return false;
+        }
+        self.free_range(first, npages);
+        true
+    }
+
+    /// Whether frame `f` lies in some free block (walks the possible heads above it).
+    fn is_free(&self, f: u64) -> bool {
+        (0..=MAX_ORDER).any(|o| {
+            let head = f & !((1u64 << o) - 1);
+            self.head_order.get(head as usize).is_some_and(|&h| h != NOT_FREE_HEAD && u32::from(h) >= o)
+        })
+    }
+
+    /// Frees a run as maximal aligned power-of-two pieces.
+    fn free_range(&mut self, mut f: u64, mut n: u64) {
+        while n > 0 {
+            let align = if f == 0 { MAX_ORDER } else { f.trailing_zeros().min(MAX_ORDER) };
+            let fit = 63 - n.leading_zeros();
+            let o = align.min(fit);
+            self.free_pages += 1 << o;
+            self.free_block(f, o);
+            f += 1 << o;
+            n -= 1 << o;
+        }
+    }
+
+    /// Frees one aligned block and merges it with free buddies.
+    fn free_block(&mut self, mut f: u64, mut o: u32) {
+        while o < MAX_ORDER {
+            let buddy = f ^ (1 << o);
+            let buddy_free = self.head_order.get(buddy as usize).is_some_and(|&h| u32::from(h) == o);
+            if !buddy_free {
+                break;
+            }
+            self.free[o as usize].remove(&buddy);
+            self.head_order[buddy as usize] = NOT_FREE_HEAD;
+            f = f.min(buddy);
+            o += 1;
+        }
+        self.push_free(f, o);
+    }
+
+    fn push_free(&mut self, f: u64, o: u32) {
+        self.free[o as usize].insert(f);
+        self.head_order[f as usize] = o as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MB2: u64 = 2 << 20;
+
+    #[test]
+    fn alloc_split_and_merge() {
+        let mut a = BuddyAllocator::new(&[(PhysAddr(0), 2 * MB2)]);
+        assert_eq!(a.free_pages(), 1024);
+        let p = a.alloc(0).unwrap();
+        assert_eq!(p, PhysAddr(0));
+        assert_eq!(a.free_pages(), 1023);
+        let big = a.alloc(9).unwrap();
+        assert_eq!(big, PhysAddr(MB2));
+        assert!(a.alloc(9).is_none());
+        assert!(a.free(p, 1));
+        assert!(!a.free(p, 1), "double free refused");
+        assert_eq!(a.alloc(9), Some(PhysAddr(0)), "merged back to a 2 MiB root");
+        // Free a 2 MiB allocation page by page; it merges back.
+        for i in 0..512 {
+            assert!(a.free(PhysAddr(MB2 + i * PAGE_SIZE), 1));
+        }
+        assert_eq!(a.alloc(9), Some(PhysAddr(MB2)));
+        assert!(!a.free(PhysAddr(100 * MB2), 1), "outside managed memory");
+    }
+
+    proptest! {
+        #[test]
+        fn never_hands_out_a_page_twice(ops in proptest::collection::vec((0u32..=9, any::<bool>()), 1..200)) {
+            let mut a = BuddyAllocator::new(&[(PhysAddr(0), 4 * MB2)]);
+            let mut held: Vec<(u64, u64)> = Vec::new();
+            let mut used = std::collections::HashSet::new();
+            for (order, free) in ops {
+                if free && !held.is_empty() {
+                    let (addr, n) = held.swap_remove(0);
+                    // Free page by page in reverse to exercise partial frees.
+                    for i in (0..n).rev() {
+                        prop_assert!(a.free(PhysAddr(addr + i * PAGE_SIZE), 1));
+                        used.remove(&(addr / PAGE_SIZE + i));
+                    }
+                } else if let Some(p) = a.alloc(order) {
+                    prop_assert_eq!(p.0 % (PAGE_SIZE << order), 0);
+                    for i in 0..(1u64 << order) {
+                        prop_assert!(used.insert(p.0 / PAGE_SIZE + i));
+                    }
+                    held.push((p.0, 1 << order));
+                }
+                prop_assert_eq!(a.free_pages() + used.len() as u64, 2048);
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! The logical page table: one [`Block`] per 2 MiB of a shared region, holding per-page
+//! residency sets, CPU and device mapping state, and the device physical pages. Every state
+//! change of a page happens here, under the block's lock (held by the caller).
+
+use crate::device::PhysAddr;
+use crate::types::{DeviceId, Proc, ProcMask, PAGES_PER_BLOCK, PAGE_SIZE};
+
+/// A set of pages of one block (512 bits).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageMask(pub [u64; PAGES_PER_BLOCK / 64]);
+
+impl PageMask {
+    /// Every page.
+    pub fn full(npages: usize) -> Self {
+        let mut m = PageMask::default();
+        m.set_range(0, npages);
+        m
+    }
+    /// Whether page `i` is set.
+    pub fn get(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+    /// Sets page `i`.
+    pub fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+    /// Clears page `i`.
+    pub fn clear(&mut self, i: usize) {
+        self.0[i / 64] &= !(1 << (i % 64));
+    }
+    /// Sets pages `[start, end)`.
+    pub fn set_range(&mut self, start: usize, end: usize) {
+        for i in start..end {
+            self.set(i);
+        }
+    }
+    /// Number of pages set.
+    pub fn count(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+    /// Number of pages set in `[start, end)`.
+    pub fn count_range(&self, start: usize, end: usize) -> usize {
+        (start..end).filter(|&i| self.get(i)).count()
+    }
+    /// Whether no page is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+    /// Union.
+    pub fn or(&self, o: &PageMask) -> PageMask {
+        let mut r = *self;
+        r.0.iter_mut().zip(o.0).for_each(|(a, b)| *a |= b);
+        r
+    }
+    /// Difference `self \ o`.
+    pub fn and_not(&self, o: &PageMask) -> PageMask {
+        let mut r = *self;
+        r.0.iter_mut().zip(o.0).for_each(|(a, b)| *a &= !b);
+        r
+    }
+    /// Indices set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..PAGES_PER_BLOCK).filter(move |&i| self.get(i))
+    }
+    /// Maximal runs `[start, end)` of set pages.
+    pub fn runs(&self) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        for i in self.iter() {
+            match out.last_mut() {
+                Some((_, e)) if *e == i => *e += 1,
+                _ => out.push((i, i + 1)),
+            }
+        }
+        out
+    }
+}
+
+/// How the CPU maps a page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CpuMap {
+    /// No CPU mapping: an access faults.
+    #[default]
+    None,
+    /// Mapped read-only (write-protected).
+    Read,
+    /// Mapped read-write.
+    Write,
+}
+
+/// State of one base page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Processors holding a valid copy (CPU: the host backing page). Empty: never written (reads
+    /// as zeros).
+    pub resident: ProcMask,
+    /// CPU mapping.
+    pub cpu: CpuMap,
+    /// Devices whose page table maps the page.
+    pub dev_mapped: ProcMask,
+}
+
+/// One 2 MiB block of a region.
+#[derive(Debug)]
+pub struct Block {
+    /// Virtual address of page 0.
+    pub base: u64,
+    /// Pages in this block (512, or fewer at a region's end).
+    pub npages: usize,
+    /// Per-page state.
+    pub pages: Vec<Page>,
+    /// Device physical page of each page, per device that holds pages here.
+    dev_pa: Vec<(DeviceId, Box<[u64]>)>,
+    /// Devices whose eviction queue holds this block.
+    pub queued_on: ProcMask,
+}
+
+const NO_PA: u64 = u64::MAX;
+
+impl Block {
+    /// A block of `npages` untouched pages at `base`.
+    pub fn new(base: u64, npages: usize) -> Self {
+        Block { base, npages, pages: vec![Page::default(); npages], dev_pa: Vec::new(), queued_on: ProcMask::EMPTY }
+    }
+
+    /// Virtual address of page `i`.
+    pub fn va(&self, i: usize) -> u64 {
+        self.base + i as u64 * PAGE_SIZE
+    }
+
+    /// Device physical address of page `i` on `dev`, if it holds one.
+    pub fn pa(&self, dev: DeviceId, i: usize) -> Option<PhysAddr> {
+        let (_, v) = self.dev_pa.iter().find(|(d, _)| *d == dev)?;
+        (v[i] != NO_PA).then_some(PhysAddr(v[i]))
+    }
+
+    /// Records the device page of page `i`.
+    pub fn set_pa(&mut self, dev: DeviceId, i: usize, pa: Option<PhysAddr>) {
+        let idx = match self.dev_pa.iter().position(|(d, _)| *d == dev) {
+            Some(idx) => idx,
+            None => {
+                self.dev_pa.push((dev, vec![NO_PA; self.npages].into_boxed_slice()));
+                self.dev_pa.len() - 1
+            }
+        };
+        self.dev_pa[idx].1[i] = pa.map_or(NO_PA, |p| p.0);
+    }
+
+    /// Pages resident on `p`.
+    pub fn resident_on(&self, p: Proc) -> PageMask {
+        let mut m = PageMask::default();
+        for (i, pg) in self.pages.iter().enumerate() {
+            if pg.resident.has(p) {
+                m.set(i);
+            }
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_ops() {
+        let mut m = PageMask::default();
+        m.set_range(3, 7);
+        m.set(100);
+        assert_eq!(m.count(), 5);
+        assert_eq!(m.runs(), vec![(3, 7), (100, 101)]);
+        assert_eq!(m.count_range(0, 5), 2);
+        let f = PageMask::full(512);
+        assert_eq!(f.and_not(&m).count(), 507);
+    }
+
+    #[test]
+    fn pa_table() {
+        let mut b = Block::new(0x20_0000, 512);
+        let d = DeviceId(1);
+        assert_eq!(b.pa(d, 5), None);
+        b.set_pa(d, 5, Some(PhysAddr(0x3000)));
+        assert_eq!(b.pa(d, 5), Some(PhysAddr(0x3000)));
+        b.set_pa(d, 5, None);
+        assert_eq!(b.pa(d, 5), None);
+        assert_eq!(b.va(2), 0x20_2000);
+    }
+}

@@ -1,0 +1,390 @@
+//! Fakes for testing the core without an OS or hardware, and a property test of the whole page
+//! state machine against a reference model: every byte reads back as last written, whoever wrote
+//! it, through faults, migrations and evictions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use proptest::prelude::*;
+
+use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
+use crate::device::*;
+use crate::policy::{NoPrefetch, TreePrefetcher};
+use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+use crate::types::*;
+
+/// Host memory both fakes address: `HostAddr` is an offset into it.
+type HostMem = Arc<Mutex<Vec<u8>>>;
+
+#[derive(Debug)]
+struct FakeCpu {
+    range: VaRange,
+    mem: HostMem,
+    mapped: Mutex<HashSet<u64>>,
+}
+
+impl CpuMmu for FakeCpu {
+    fn range(&self) -> VaRange {
+        self.range
+    }
+    fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        let mut m = self.mapped.lock();
+        for r in ranges {
+            for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
+                m.remove(&p);
+            }
+        }
+        Ok(())
+    }
+    fn populate(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn map(&self, ranges: &[VaRange], _writable: bool) -> Result<(), HostError> {
+        let mut m = self.mapped.lock();
+        for r in ranges {
+            assert!(self.range.contains_range(r));
+            for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
+                m.insert(p);
+            }
+        }
+        Ok(())
+    }
+    fn wake(&self, _range: VaRange) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn discard(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn backing(&self, va: u64) -> HostAddr {
+        HostAddr((va - self.range.start) as usize)
+    }
+}
+
+#[derive(Debug)]
+struct FakeDevice {
+    mem: Mutex<Vec<u8>>,
+    host: HostMem,
+    pt: Mutex<HashMap<u64, (u64, Prot)>>,
+}
+
+impl FakeDevice {
+    fn access(&self, va: u64, write: Option<u8>) -> Option<u8> {
+        let (pa, prot) = *self.pt.lock().get(&align_down(va, PAGE_SIZE))?;
+        let off = (pa + va % PAGE_SIZE) as usize;
+        let mut mem = self.mem.lock();
+        match write {
+            Some(v) if prot.contains(Prot::WRITE) => {
+                mem[off] = v;
+                Some(v)
+            }
+            Some(_) => None,
+            None => Some(mem[off]),
+        }
+    }
+}
+
+impl DeviceMmu for FakeDevice {
+    fn caps(&self) -> DeviceCaps {
+        DeviceCaps {
+            name: "fake".into(),
+            page_sizes: PAGE_SIZE,
+            replayable_faults: false,
+            coherent: false,
+            remote_host_access: false,
+            memory_bytes: self.mem.lock().len() as u64,
+        }
+    }
+    fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+        vec![(PhysAddr(0), self.mem.lock().len() as u64)]
+    }
+    fn create_page_table(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn destroy_page_table(&self) {
+        self.pt.lock().clear();
+    }
+    unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+        let mut pt = self.pt.lock();
+        for e in entries {
+            let MapTarget::Device(pa) = e.target else { return Err(DeviceError::Other("host".into())) };
+            for k in 0..e.len / PAGE_SIZE {
+                pt.insert(e.va + k * PAGE_SIZE, (pa.0 + k * PAGE_SIZE, e.prot));
+            }
+        }
+        Ok(())
+    }
+    fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+        let mut pt = self.pt.lock();
+        for r in ranges {
+            for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
+                pt.remove(&p);
+            }
+        }
+        Ok(())
+    }
+    fn protect(&self, _ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn invalidate_tlb(&self, _ranges: &[VaRange]) {}
+    unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+        let mut mem = self.mem.lock();
+        let mut host = self.host.lock();
+        for op in ops {
+            match *op {
+                CopyOp::HostToDevice { src, dst, len } => {
+                    let (s, d, l) = (src.0, dst.0 as usize, len as usize);
+                    mem[d..d + l].copy_from_slice(&host[s..s + l]);
+                }
+                CopyOp::DeviceToHost { src, dst, len } => {
+                    let (s, d, l) = (src.0 as usize, dst.0, len as usize);
+                    host[d..d + l].copy_from_slice(&mem[s..s + l]);
+                }
+                CopyOp::DeviceToDevice { src, dst, len } => {
+                    let (s, d, l) = (src.0 as usize, dst.0 as usize, len as usize);
+                    mem.copy_within(s..s + l, d);
+                }
+                CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
+            }
+        }
+        Ok(Box::new(Done))
+    }
+    fn fetch_faults(&self, _max: usize, _out: &mut Vec<DeviceFault>) -> usize {
+        0
+    }
+    fn wait_for_faults(&self, timeout: Duration) -> bool {
+        std::thread::sleep(timeout.min(Duration::from_millis(1)));
+        false
+    }
+    fn replay(&self, _cancel: &[(u64, FaultCancel)]) {}
+    fn shutdown_faults(&self) {}
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Cpu { page: usize, off: u16, val: Option<u8> },
+    Dev { dev: usize, page: usize, off: u16, val: Option<u8> },
+    Migrate { page: usize, pages: usize, to: Option<usize> },
+}
+
+/// Pages the ops touch: both ends of the first block and the start of the second.
+const PAGES: [usize; 8] = [0, 1, 2, 17, 40, 511, 512, 513];
+const REGION: u64 = 2 * BLOCK_SIZE;
+
+fn op() -> impl Strategy<Value = Op> {
+    let page = proptest::sample::select(PAGES.to_vec());
+    let val = proptest::option::of(any::<u8>());
+    prop_oneof![
+        (page.clone(), 0u16..4096, val.clone()).prop_map(|(page, off, val)| Op::Cpu { page, off, val }),
+        (0usize..2, page.clone(), 0u16..4096, val).prop_map(|(dev, page, off, val)| Op::Dev { dev, page, off, val }),
+        (page, 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate { page, pages, to }),
+    ]
+}
+
+struct World {
+    space: Arc<AddressSpace>,
+    cpu: Arc<FakeCpu>,
+    devs: Vec<Arc<FakeDevice>>,
+    ids: Vec<DeviceId>,
+    model: HashMap<u64, u8>,
+}
+
+fn world(tree: bool, dev_pages: u64) -> World {
+    let cfg = CoreConfig {
+        fault_around: 64 * 1024,
+        prefetcher: if tree { Arc::new(TreePrefetcher::default()) } else { Arc::new(NoPrefetch) },
+        ..CoreConfig::default()
+    };
+    let space = AddressSpace::new(cfg);
+    let host: HostMem = Arc::new(Mutex::new(vec![0; REGION as usize]));
+    let cpu = Arc::new(FakeCpu { range: VaRange::new(BLOCK_SIZE * 8, REGION), mem: host.clone(), mapped: Mutex::default() });
+    space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
+    let mut devs = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let d = Arc::new(FakeDevice {
+            mem: Mutex::new(vec![0xEE; (dev_pages * PAGE_SIZE) as usize]),
+            host: host.clone(),
+            pt: Mutex::default(),
+        });
+        ids.push(space.attach(d.clone(), AttachOptions::default()).unwrap());
+        devs.push(d);
+    }
+    World { space, cpu, devs, ids, model: HashMap::new() }
+}
+
+impl World {
+    fn va(&self, page: usize, off: u16) -> u64 {
+        self.cpu.range.start + page as u64 * PAGE_SIZE + u64::from(off)
+    }
+
+    fn cpu_access(&mut self, va: u64, val: Option<u8>) -> u8 {
+        if !self.cpu.mapped.lock().contains(&align_down(va, PAGE_SIZE)) {
+            let access = if val.is_some() { Access::Write } else { Access::Read };
+            self.space.cpu_fault(va, access).unwrap();
+            assert!(self.cpu.mapped.lock().contains(&align_down(va, PAGE_SIZE)), "CPU fault maps the page");
+        }
+        let off = (va - self.cpu.range.start) as usize;
+        let mut host = self.cpu.mem.lock();
+        if let Some(v) = val {
+            host[off] = v;
+        }
+        host[off]
+    }
+
+    /// A device access; on a miss, services the fault as the service thread would. Returns None
+    /// when the fault was cancelled.
+    fn dev_access(&mut self, dev: usize, va: u64, val: Option<u8>) -> Option<u8> {
+        for _ in 0..2 {
+            if let Some(v) = self.devs[dev].access(va, val) {
+                return Some(v);
+            }
+            let slot = self.space.slot(self.ids[dev]).unwrap();
+            let access = if val.is_some() { Access::Write } else { Access::Read };
+            let mut batch = vec![DeviceFault { va, access, client: 0 }, DeviceFault { va, access: Access::Read, client: 1 }];
+            let cancel = crate::fault::service_batch(&self.space, &slot, &mut batch);
+            if !cancel.is_empty() {
+                return None;
+            }
+        }
+        panic!("device access at {va:#x} still faults after service");
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Cpu { page, off, val } => {
+                let va = self.va(page, off);
+                let got = self.cpu_access(va, val);
+                match val {
+                    Some(v) => {
+                        self.model.insert(va, v);
+                    }
+                    None => assert_eq!(got, self.model.get(&va).copied().unwrap_or(0), "CPU read at {va:#x}"),
+                }
+            }
+            Op::Dev { dev, page, off, val } => {
+                let va = self.va(page, off);
+                match (self.dev_access(dev, va, val), val) {
+                    (Some(_), Some(v)) => {
+                        self.model.insert(va, v);
+                    }
+                    (Some(got), None) => assert_eq!(got, self.model.get(&va).copied().unwrap_or(0), "device read at {va:#x}"),
+                    (None, _) => {} // cancelled (out of device memory): nothing changed
+                }
+            }
+            Op::Migrate { page, pages, to } => {
+                let start = self.va(page, 0);
+                let len = (pages as u64 * PAGE_SIZE).min(self.cpu.range.end() - start);
+                let to = to.map_or(Proc::Cpu, |d| Proc::Device(self.ids[d]));
+                match self.space.migrate(start, len, to) {
+                    Ok(()) | Err(crate::error::CoreError::OutOfDeviceMemory { .. }) => {}
+                    Err(e) => panic!("migrate: {e}"),
+                }
+            }
+        }
+    }
+
+    fn check_all(&mut self) {
+        let model: Vec<(u64, u8)> = self.model.iter().map(|(a, b)| (*a, *b)).collect();
+        for (va, v) in model {
+            assert_eq!(self.cpu_access(va, None), v, "final CPU read at {va:#x}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), tree in any::<bool>(), small in any::<bool>()) {
+        // Small device memory forces eviction on almost every migration.
+        let mut w = world(tree, if small { 32 } else { 2048 });
+        for op in &ops {
+            w.apply(op);
+        }
+        w.check_all();
+        for d in 0..2 {
+            let (free, total) = w.space.device_memory(w.ids[d]).unwrap();
+            prop_assert!(free <= total);
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_refused_without_change() {
+    use crate::error::CoreError;
+    let w = world(false, 64);
+    let s = w.cpu.range.start;
+    assert!(matches!(w.space.migrate(s + 1, PAGE_SIZE, Proc::Cpu), Err(CoreError::Unaligned(_))));
+    assert!(matches!(w.space.migrate(s, 0, Proc::Cpu), Err(CoreError::Empty { .. })));
+    assert!(matches!(w.space.migrate(u64::MAX - 4095, 8192, Proc::Cpu), Err(CoreError::Overflow { .. })));
+    assert!(matches!(w.space.migrate(s, REGION + PAGE_SIZE, Proc::Cpu), Err(CoreError::NotShared(_))));
+    assert!(matches!(w.space.migrate(0x1000, PAGE_SIZE, Proc::Cpu), Err(CoreError::NotShared(_))));
+    assert!(matches!(w.space.migrate(s, PAGE_SIZE, Proc::Device(DeviceId(9))), Err(CoreError::Detached(_))));
+    assert!(matches!(w.space.cpu_fault(0x1000, Access::Read), Err(CoreError::NotShared(_))));
+    assert_eq!(w.space.stats().bytes_to_device, 0);
+}
+
+#[test]
+fn ping_pong_moves_each_page_once_per_direction() {
+    let mut w = world(false, 2048);
+    let pages = 16u64;
+    let s = w.cpu.range.start;
+    for round in 0..10u8 {
+        for p in 0..pages {
+            w.cpu_access(s + p * PAGE_SIZE, Some(round));
+        }
+        let before = w.space.stats();
+        w.space.migrate(s, pages * PAGE_SIZE, Proc::Device(w.ids[0])).unwrap();
+        for p in 0..pages {
+            assert_eq!(w.dev_access(0, s + p * PAGE_SIZE, None), Some(round));
+            w.dev_access(0, s + p * PAGE_SIZE, Some(round + 100));
+        }
+        let mid = w.space.stats();
+        assert_eq!(mid.since(&before).bytes_to_device, pages * PAGE_SIZE);
+        w.space.migrate(s, pages * PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(w.space.stats().since(&mid).bytes_to_host, pages * PAGE_SIZE);
+        for p in 0..pages {
+            assert_eq!(w.cpu_access(s + p * PAGE_SIZE, None), round + 100);
+        }
+    }
+}
+
+#[test]
+fn detach_brings_data_home_and_refuses_later_use() {
+    let mut w = world(true, 2048);
+    let s = w.cpu.range.start;
+    w.dev_access(1, s, Some(42));
+    w.space.detach(w.ids[1]).unwrap();
+    assert!(w.devs[1].pt.lock().is_empty());
+    assert_eq!(w.cpu_access(s, None), 42);
+    assert!(matches!(w.space.migrate(s, PAGE_SIZE, Proc::Device(w.ids[1])), Err(crate::error::CoreError::Detached(_))));
+    assert!(matches!(w.space.detach(w.ids[1]), Err(crate::error::CoreError::Detached(_))));
+}
+
+#[test]
+fn freeing_a_region_cancels_device_faults_and_frees_memory() {
+    let mut w = world(false, 64);
+    let s = w.cpu.range.start;
+    w.dev_access(0, s, Some(1));
+    let (free_before, total) = w.space.device_memory(w.ids[0]).unwrap();
+    assert!(free_before < total);
+    w.space.remove_region(s).unwrap();
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, total);
+    assert_eq!(w.dev_access(0, s, None), None, "fault on freed memory is cancelled");
+}
+
+#[test]
+fn oversubscribed_device_evicts_without_losing_data() {
+    let mut w = world(true, 32);
+    let s = w.cpu.range.start;
+    let pages = 600u64; // both blocks, far more than 32 device pages
+    for p in 0..pages {
+        assert!(w.dev_access(0, s + p * PAGE_SIZE + 7, Some(p as u8)).is_some());
+    }
+    assert!(w.space.stats().evictions > 0);
+    for p in 0..pages {
+        assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 7, None), p as u8);
+    }
+}

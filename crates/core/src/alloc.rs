@@ -93,9 +93,7 @@ impl BuddyAllocator {
             return false;
         }
         let Some(last) = first.checked_add(npages) else { return false };
-        if last as usize > self.owned.len()
-            || (first..last).any(|f| !self.owned[f as usize] || self.is_free(f))
-        {
+        if last as usize > self.owned.len() || (first..last).any(|f| !self.owned[f as usize] || self.is_free(f)) {
             return false;
         }
         self.free_range(first, npages);

@@ -18,10 +18,7 @@ use crate::types::{Proc, ProcMask, Prot, VaRange, PAGE_SIZE};
 
 /// Ranges of virtual addresses covering the pages of `m` in `blk`.
 pub(crate) fn ranges(blk: &Block, m: &PageMask) -> Vec<VaRange> {
-    m.runs()
-        .into_iter()
-        .map(|(s, e)| VaRange::new(blk.va(s), (e - s) as u64 * PAGE_SIZE))
-        .collect()
+    m.runs().into_iter().map(|(s, e)| VaRange::new(blk.va(s), (e - s) as u64 * PAGE_SIZE)).collect()
 }
 
 /// Runs of pages whose device pages are physically contiguous: `(first page, count, first pa)`.

@@ -17,7 +17,9 @@ use crate::error::{CoreError, Result};
 use crate::migrate;
 use crate::policy::{Prefetcher, TreePrefetcher};
 use crate::stats::{add, add_since, Stats, StatsSnapshot};
-use crate::types::{align_down, Access, DeviceId, Proc, Prot, VaRange, BLOCK_SIZE, MAX_DEVICES, PAGES_PER_BLOCK, PAGE_SIZE};
+use crate::types::{
+    align_down, Access, DeviceId, Proc, Prot, VaRange, BLOCK_SIZE, MAX_DEVICES, PAGES_PER_BLOCK, PAGE_SIZE,
+};
 
 /// Tunables of an address space.
 #[derive(Debug, Clone)]
@@ -237,7 +239,10 @@ impl AddressSpace {
             let h = std::thread::Builder::new()
                 .name(format!("hetmm-dev{}-faults", id.0))
                 .spawn(move || crate::fault::service_loop(w, s))
-                .map_err(|e| CoreError::Device { device: id, source: crate::device::DeviceError::Other(e.to_string()) })?;
+                .map_err(|e| CoreError::Device {
+                    device: id,
+                    source: crate::device::DeviceError::Other(e.to_string()),
+                })?;
             *slot.service.lock() = Some(h);
         }
         if idx == devices.len() {

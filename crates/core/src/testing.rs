@@ -178,7 +178,11 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (page.clone(), 0u16..4096, val.clone()).prop_map(|(page, off, val)| Op::Cpu { page, off, val }),
         (0usize..2, page.clone(), 0u16..4096, val).prop_map(|(dev, page, off, val)| Op::Dev { dev, page, off, val }),
-        (page, 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate { page, pages, to }),
+        (page, 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate {
+            page,
+            pages,
+            to
+        }),
     ]
 }
 
@@ -198,7 +202,8 @@ fn world(tree: bool, dev_pages: u64) -> World {
     };
     let space = AddressSpace::new(cfg);
     let host: HostMem = Arc::new(Mutex::new(vec![0; REGION as usize]));
-    let cpu = Arc::new(FakeCpu { range: VaRange::new(BLOCK_SIZE * 8, REGION), mem: host.clone(), mapped: Mutex::default() });
+    let cpu =
+        Arc::new(FakeCpu { range: VaRange::new(BLOCK_SIZE * 8, REGION), mem: host.clone(), mapped: Mutex::default() });
     space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
     let mut devs = Vec::new();
     let mut ids = Vec::new();
@@ -242,7 +247,8 @@ impl World {
             }
             let slot = self.space.slot(self.ids[dev]).unwrap();
             let access = if val.is_some() { Access::Write } else { Access::Read };
-            let mut batch = vec![DeviceFault { va, access, client: 0 }, DeviceFault { va, access: Access::Read, client: 1 }];
+            let mut batch =
+                vec![DeviceFault { va, access, client: 0 }, DeviceFault { va, access: Access::Read, client: 1 }];
             let cancel = crate::fault::service_batch(&self.space, &slot, &mut batch);
             if !cancel.is_empty() {
                 return None;
@@ -269,7 +275,9 @@ impl World {
                     (Some(_), Some(v)) => {
                         self.model.insert(va, v);
                     }
-                    (Some(got), None) => assert_eq!(got, self.model.get(&va).copied().unwrap_or(0), "device read at {va:#x}"),
+                    (Some(got), None) => {
+                        assert_eq!(got, self.model.get(&va).copied().unwrap_or(0), "device read at {va:#x}")
+                    }
                     (None, _) => {} // cancelled (out of device memory): nothing changed
                 }
             }

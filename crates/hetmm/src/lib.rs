@@ -1,1 +1,288 @@
-//! placeholder
+//! hetmm: one virtual address space for the CPU and every attached accelerator.
+//!
+//! ```no_run
+//! use hetmm::{Hetmm, kernels, sim::{SimConfig, SimDevice}, Use};
+//! # fn main() -> Result<(), hetmm::Error> {
+//! let hm = Hetmm::new()?;
+//! let dev = hm.attach(SimDevice::new(SimConfig::default())?)?;
+//! let mut a = hm.alloc::<f32>(1 << 20)?;
+//! let mut b = hm.alloc::<f32>(1 << 20)?;
+//! a.as_mut_slice().fill(1.0); // plain CPU stores through a plain pointer
+//! b.as_mut_slice().fill(1.0);
+//! let (grid, k) = kernels::saxpy(2.0, a.ptr(), b.ptr(), a.len());
+//! dev.launch(grid, &[Use::read(&a), Use::write(&b)], k)?.wait()?; // the device faults pages in
+//! assert_eq!(b.as_slice()[0], 3.0); // the CPU access migrates the data back
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod kernels;
+mod memory;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+pub use hetmm_core as core;
+pub use hetmm_core::{types::Access, types::Proc, AddressSpace, CoreConfig};
+pub use hetmm_host as host;
+pub use hetmm_sim as sim;
+
+use hetmm_core::cpu::CpuFaultHandler;
+use hetmm_core::device::{DeviceError, DeviceMmu};
+use hetmm_core::error::CoreError;
+use hetmm_core::stats::StatsSnapshot;
+use hetmm_core::types::{DeviceId, VaRange, PAGE_SIZE};
+use hetmm_host::Host;
+use hetmm_sim::{Grid, SimDevice};
+
+pub use memory::SharedBuf;
+
+/// Errors of the hetmm API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The core refused or failed an operation.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The CPU side (userfaultfd, memfd) could not be set up.
+    #[error("host: {0}")]
+    Host(String),
+    /// A device reported an error (a kernel fault, a timeout).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// `count` elements of `size` bytes do not fit in the address space.
+    #[error("allocation of {count} elements of {size} bytes overflows")]
+    SizeOverflow {
+        /// Elements requested.
+        count: usize,
+        /// Bytes per element.
+        size: usize,
+    },
+    /// The simulated device could not be created.
+    #[error("simulated device: {0}")]
+    Sim(#[from] hetmm_sim::SimError),
+    /// Zero-length allocation.
+    #[error("empty allocation")]
+    EmptyAlloc,
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One address space shared by the CPU and the devices attached to it.
+#[derive(Debug)]
+pub struct Hetmm {
+    space: Arc<AddressSpace>,
+    host: Arc<Host>,
+}
+
+impl Hetmm {
+    /// An address space with the default configuration.
+    pub fn new() -> Result<Self> {
+        Self::with_config(CoreConfig::default())
+    }
+
+    /// An address space with the given configuration.
+    pub fn with_config(config: CoreConfig) -> Result<Self> {
+        let space = AddressSpace::new(config);
+        let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>;
+        let host = Host::new(weak).map_err(|e| Error::Host(e.to_string()))?;
+        Ok(Hetmm { space, host })
+    }
+
+    /// The core address space (for advanced use: explicit migration, page state, statistics).
+    pub fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
+    }
+
+    /// Whether kernel-mode accesses (`read(2)` into device-resident memory) are served.
+    pub fn kernel_faults_supported(&self) -> bool {
+        self.host.kernel_faults_supported()
+    }
+
+    /// Attaches a device.
+    pub fn attach<D: DeviceMmu + Clone>(&self, dev: D) -> Result<Device<D>> {
+        let opts = hetmm_core::AttachOptions::default();
+        let id = self.space.attach(Arc::new(dev.clone()), opts)?;
+        Ok(Device { id, dev, space: Arc::clone(&self.space) })
+    }
+
+    /// Attaches a simulated device using its configured fault batch size.
+    pub fn attach_sim(&self, dev: SimDevice) -> Result<Device<SimDevice>> {
+        let opts = hetmm_core::AttachOptions { fault_batch: dev.config().fault_batch };
+        let id = self.space.attach(Arc::new(dev.clone()), opts)?;
+        Ok(Device { id, dev, space: Arc::clone(&self.space) })
+    }
+
+    /// Detaches a device: its data comes back to the CPU; later use of the handle fails.
+    pub fn detach<D>(&self, dev: &Device<D>) -> Result<()> {
+        Ok(self.space.detach(dev.id)?)
+    }
+
+    /// Allocates shared memory for `count` values of `T`, zero-initialised, valid on the CPU and
+    /// every device at the same address.
+    pub fn alloc<T: bytemuck::Pod>(&self, count: usize) -> Result<SharedBuf<T>> {
+        let size = std::mem::size_of::<T>();
+        let bytes = count.checked_mul(size).ok_or(Error::SizeOverflow { count, size })?;
+        if bytes == 0 {
+            return Err(Error::EmptyAlloc);
+        }
+        let len = (bytes as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let region = Host::create_region(&self.host, len).map_err(|e| Error::Host(e.to_string()))?;
+        SharedBuf::new(Arc::clone(&self.space), region, count)
+    }
+
+    /// Moves `[start, start + len)` to `to` in bulk (an explicit prefetch).
+    pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
+        Ok(self.space.migrate(start, len, to)?)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.space.stats()
+    }
+}
+
+impl Drop for Hetmm {
+    fn drop(&mut self) {
+        // Detach every device first: kernels waiting on faults fail instead of hanging.
+        self.space.shutdown();
+    }
+}
+
+/// How a kernel uses a buffer: validated before launch and, for devices that cannot fault, made
+/// resident before the kernel starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Use {
+    /// Byte range.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Access.
+    pub access: Access,
+}
+
+impl Use {
+    /// The kernel reads `buf`.
+    pub fn read<T>(buf: &SharedBuf<T>) -> Self {
+        Use { start: buf.ptr(), len: buf.byte_len(), access: Access::Read }
+    }
+    /// The kernel writes (and may read) `buf`.
+    pub fn write<T>(buf: &SharedBuf<T>) -> Self {
+        Use { start: buf.ptr(), len: buf.byte_len(), access: Access::Write }
+    }
+    /// A raw range (page-aligned outward before checking).
+    pub fn raw(start: u64, len: u64, access: Access) -> Self {
+        Use { start, len, access }
+    }
+}
+
+/// A device attached to an address space.
+#[derive(Debug)]
+pub struct Device<D> {
+    id: DeviceId,
+    dev: D,
+    space: Arc<AddressSpace>,
+}
+
+impl<D> Device<D> {
+    /// The device's id in the address space.
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+    /// The device as a processor (for [`Hetmm::migrate`]).
+    pub fn proc(&self) -> Proc {
+        Proc::Device(self.id)
+    }
+    /// The driver.
+    pub fn driver(&self) -> &D {
+        &self.dev
+    }
+
+    /// Checks that the device is attached and every use names shared memory.
+    fn check_uses(&self, uses: &[Use]) -> Result<()> {
+        let caps = self.space.device_caps(self.id)?;
+        for u in uses {
+            let start = u.start & !(PAGE_SIZE - 1);
+            let end = u.start.checked_add(u.len).ok_or(CoreError::Overflow { start: u.start, len: u.len })?;
+            if u.len == 0 {
+                return Err(CoreError::Empty { start: u.start }.into());
+            }
+            let len = end.div_ceil(PAGE_SIZE) * PAGE_SIZE - start;
+            self.space.check_range(start, len)?;
+            if !caps.replayable_faults {
+                self.space.migrate(start, len, self.proc())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Device<SimDevice> {
+    /// Launches `kernel` over `grid`. `uses` lists the shared memory it touches (checked now; a
+    /// simulated device faults everything else in on demand, and fails on memory that is not
+    /// shared).
+    pub fn launch<F>(&self, grid: Grid, uses: &[Use], kernel: F) -> Result<Launch>
+    where
+        F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
+        self.check_uses(uses)?;
+        Ok(Launch { inner: self.dev.launch(grid, kernel)? })
+    }
+}
+
+/// A running kernel.
+#[derive(Debug)]
+pub struct Launch {
+    inner: hetmm_sim::Launch,
+}
+
+impl Launch {
+    /// The longest [`Launch::wait`] waits.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+
+    /// Waits for the kernel (bounded by [`Launch::DEFAULT_TIMEOUT`]).
+    pub fn wait(self) -> Result<()> {
+        self.wait_timeout(Self::DEFAULT_TIMEOUT)
+    }
+
+    /// Waits at most `timeout`.
+    pub fn wait_timeout(self, timeout: Duration) -> Result<()> {
+        Ok(self.inner.wait(timeout)?)
+    }
+}
+
+/// Parses sizes like `512M`, `1G`, `2GiB`, `4096`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mul: u64 = match unit.trim().to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+/// A range for display.
+pub fn range_of<T>(buf: &SharedBuf<T>) -> VaRange {
+    VaRange::new(buf.ptr(), buf.byte_len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("3x"), None);
+        assert_eq!(parse_size("99999999999999999999G"), None);
+    }
+}

@@ -1,1 +1,23 @@
-//! placeholder until the crate lands
+//! hetmm-host: the CPU side of hetmm on Linux.
+//!
+//! A shared region is a memfd mapped twice ([`mapping::SharedMapping`]): the application's
+//! view, registered with a userfaultfd in MISSING | MINOR | WP mode, and the manager's alias,
+//! where copy engines read and write. [`Host`] owns the userfaultfd ([`uffd::Uffd`]) and the
+//! thread that turns CPU faults into calls of the core's
+//! [`CpuFaultHandler`](hetmm_core::cpu::CpuFaultHandler); [`HostRegion`] is the core's
+//! [`CpuMmu`](hetmm_core::cpu::CpuMmu) for one region. [`probe`] measures the platform's limits.
+//!
+//! All `unsafe` lives in [`uffd`] (ioctls) and [`mapping`] (mmap, madvise).
+#![warn(missing_docs)]
+
+#[cfg(target_os = "linux")]
+mod host;
+#[cfg(target_os = "linux")]
+pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod probe;
+#[cfg(target_os = "linux")]
+pub mod uffd;
+
+#[cfg(target_os = "linux")]
+pub use host::{Host, HostInitError, HostRegion, RegionError};

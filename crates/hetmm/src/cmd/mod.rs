@@ -1,0 +1,34 @@
+//! Subcommands.
+
+pub mod bench;
+pub mod demo;
+
+use std::process::ExitCode;
+
+use hetmm::sim::{SimConfig, SimDevice};
+use hetmm::Hetmm;
+
+/// Parses a size argument for clap.
+pub fn size_arg(s: &str) -> Result<u64, String> {
+    hetmm::parse_size(s).ok_or_else(|| format!("not a size: {s} (use e.g. 512M, 2G)"))
+}
+
+/// `hetmm info`.
+pub fn info() -> Result<ExitCode, hetmm::Error> {
+    let hm = Hetmm::new()?;
+    let dev = hm.attach_sim(SimDevice::new(SimConfig::default())?)?;
+    let caps = hm.space().device_caps(dev.id())?;
+    println!(
+        "userfaultfd: kernel-mode faults {}",
+        if hm.kernel_faults_supported() { "served" } else { "NOT served (user-mode only)" }
+    );
+    println!(
+        "device {:?}: {} ({} MiB, replayable faults: {}, coherent: {})",
+        dev.id(),
+        caps.name,
+        caps.memory_bytes >> 20,
+        caps.replayable_faults,
+        caps.coherent
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,72 @@
+//! Shared buffers: memory valid on the CPU and on every device at the same address. This module
+//! holds the facade's only unsafe code, turning a region's application view into slices.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use hetmm_core::cpu::CpuMmu;
+use hetmm_core::types::Prot;
+use hetmm_core::AddressSpace;
+use hetmm_host::HostRegion;
+
+use crate::Result;
+
+/// `count` values of `T` in shared memory. CPU accesses go through plain slices; when the data
+/// sits on a device, the access faults and hetmm brings it back transparently. Dropping the
+/// buffer frees it everywhere.
+#[derive(Debug)]
+pub struct SharedBuf<T> {
+    space: Arc<AddressSpace>,
+    region: Arc<HostRegion>,
+    count: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> SharedBuf<T> {
+    pub(crate) fn new(space: Arc<AddressSpace>, region: Arc<HostRegion>, count: usize) -> Result<Self> {
+        space.add_region(Arc::clone(&region) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE)?;
+        Ok(SharedBuf { space, region, count, _t: PhantomData })
+    }
+
+    /// The values, read by the CPU.
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: the application view is mapped for the region's whole length (at least
+        // `count * size_of::<T>()` bytes, page aligned so aligned for T) as long as `self.region`
+        // lives; T is Pod so every byte pattern is a valid T. Pages on a device are brought back
+        // by the fault handler on access, so reads never see unmapped memory.
+        unsafe { std::slice::from_raw_parts(self.region.app_ptr().cast::<T>(), self.count) }
+    }
+
+    /// The values, written by the CPU.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only CPU slice of the buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.region.app_ptr().cast::<T>(), self.count) }
+    }
+}
+
+impl<T> SharedBuf<T> {
+    /// The address: valid on the CPU and on every attached device.
+    pub fn ptr(&self) -> u64 {
+        self.region.app_ptr() as u64
+    }
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+    /// Whether the buffer holds no values (never true: empty allocations are refused).
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    /// Bytes of the values.
+    pub fn byte_len(&self) -> u64 {
+        (self.count * std::mem::size_of::<T>()) as u64
+    }
+}
+
+impl<T> Drop for SharedBuf<T> {
+    fn drop(&mut self) {
+        if let Err(e) = self.space.remove_region(self.ptr()) {
+            log::error!("freeing shared buffer at {:#x}: {e}", self.ptr());
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! [`Host`]: one userfaultfd and its fault-handler thread; [`HostRegion`]: one shared region,
+//! the core's [`CpuMmu`].
+//!
+//! Threading rule: the handler thread is the only reader of the uffd, and it never zaps, maps
+//! memory, or touches managed memory itself; it only forwards faults to the core (which calls
+//! [`CpuMmu::map`]) and resolves faults the core could not serve. Zaps happen on the core's
+//! threads. This keeps working once `EVENT_REMOVE` is enabled: then `madvise(MADV_DONTNEED)`
+//! blocks until the event is read, so a zapping reader would deadlock.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
+use hetmm_core::device::HostAddr;
+use hetmm_core::types::{Access, VaRange, PAGE_SIZE};
+use parking_lot::Mutex;
+
+use crate::mapping::{MappingError, SharedMapping};
+use crate::uffd::{self, Event, Features, OpenError, RegisterMode, Uffd, UffdError};
+
+/// How long the handler thread sleeps in poll before it looks at its stop flag.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long dropping a [`Host`] waits for its thread (a core call may be in flight).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages read per `read(2)`.
+const BATCH: usize = 64;
+/// How often `map` retries an ioctl that made no progress (EAGAIN: the address space is
+/// changing) before it gives up.
+const MAX_RETRIES: u32 = 16;
+
+/// Why a [`Host`] could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HostInitError {
+    /// No usable userfaultfd.
+    #[error(transparent)]
+    Uffd(#[from] OpenError),
+    /// The fault-handler thread could not be spawned.
+    #[error("cannot spawn the fault-handler thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// Why a region could not be created.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionError {
+    /// Bad length or the memfd/mmap calls failed.
+    #[error(transparent)]
+    Mapping(#[from] MappingError),
+    /// Registering the application view with the uffd failed.
+    #[error(transparent)]
+    Register(#[from] UffdError),
+}
+
+/// The CPU side of an address space: one userfaultfd and one thread that reads it and passes
+/// faults to the core's [`CpuFaultHandler`].
+pub struct Host {
+    uffd: Arc<Uffd>,
+    stop: Arc<AtomicBool>,
+    worker: Mutex<Option<Worker>>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("uffd", &self.uffd).finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// Opens the uffd and starts the fault-handler thread. The handler is held weakly, so the
+    /// core can own the host without a cycle; faults arriving after it is gone get SIGBUS.
+    pub fn new(handler: Weak<dyn CpuFaultHandler>) -> Result<Arc<Host>, HostInitError> {
+        let uffd = Arc::new(Uffd::open(Features::REQUIRED, Features::OPTIONAL)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (u, s) = (uffd.clone(), stop.clone());
+        let worker =
+            Worker::spawn("hetmm-cpu-fault", move || fault_loop(&u, &handler, &s)).map_err(HostInitError::Spawn)?;
+        Ok(Arc::new(Host { uffd, stop, worker: Mutex::new(Some(worker)) }))
+    }
+
+    /// Creates a shared region of `len` bytes (a multiple of 4 KiB) and registers its
+    /// application view (MISSING | MINOR | WP). Nothing is mapped yet: every first access
+    /// faults to the core.
+    pub fn create_region(self: &Arc<Self>, len: u64) -> Result<Arc<HostRegion>, RegionError> {
+        let mapping = SharedMapping::new(len)?;
+        let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
+        self.uffd.register(mapping.app_range(), mode)?;
+        Ok(Arc::new(HostRegion { host: self.clone(), mapping }))
+    }
+
+    /// The uffd features in use.
+    pub fn features(&self) -> Features {
+        self.uffd.features()
+    }
+
+    /// Whether kernel-mode accesses (`read(2)` into a region) are served (see
+    /// [`Uffd::kernel_faults_supported`]).
+    pub fn kernel_faults_supported(&self) -> bool {
+        self.uffd.kernel_faults_supported()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(w) = self.worker.lock().take() {
+            w.join(JOIN_TIMEOUT);
+        }
+    }
+}
+
+/// A thread with a bounded join: the thread's end is seen through a channel whose sender it
+/// owns (dropped when it returns or unwinds).
+pub(crate) struct Worker {
+    handle: JoinHandle<()>,
+    done: mpsc::Receiver<()>,
+}
+
+impl Worker {
+    pub(crate) fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<Worker> {
+        let (tx, done) = mpsc::channel::<()>();
+        let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
+            let _tx = tx;
+            f();
+        })?;
+        Ok(Worker { handle, done })
+    }
+
+    /// Waits up to `timeout` for the thread to end, then joins it; detaches it otherwise (or
+    /// when called from the thread itself, where joining would deadlock).
+    pub(crate) fn join(self, timeout: Duration) {
+        if self.handle.thread().id() == std::thread::current().id() {
+            return;
+        }
+        match self.done.recv_timeout(timeout) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                log::error!("thread {:?} did not stop within {timeout:?}; detached", self.handle.thread().name());
+            }
+            _ => {
+                let name = self.handle.thread().name().map(str::to_owned);
+                if self.handle.join().is_err() {
+                    log::error!("thread {name:?} panicked");
+                }
+            }
+        }
+    }
+}
+
+/// The handler thread: poll, read a batch, dedupe, hand each faulting page to the core.
+fn fault_loop(uffd: &Uffd, handler: &Weak<dyn CpuFaultHandler>, stop: &AtomicBool) {
+    let mut msgs = [uffd::empty_msg(); BATCH];
+    let mut faults: Vec<(u64, Access)> = Vec::with_capacity(BATCH);
+    while !stop.load(Ordering::Acquire) {
+        match uffd.poll(POLL_INTERVAL) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                log::error!("uffd poll failed: {e}");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
+        }
+        let n = match uffd.read_msgs(&mut msgs) {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("uffd read failed: {e}");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
+        };
+        faults.clear();
+        for m in &msgs[..n] {
+            match uffd::decode(m) {
+                Event::Pagefault { addr, flags, .. } => {
+                    let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
+                    let access = if write { Access::Write } else { Access::Read };
+                    faults.push((addr & !(PAGE_SIZE - 1), access));
+                }
+                // Not requested yet (EVENT_* features are off); log in case a kernel sends them.
+                other => log::warn!("ignoring userfaultfd event {other:?}"),
+            }
+        }
+        // Threads faulting on one page each send a message: serve the page once, with the most
+        // intrusive access.
+        faults.sort_unstable_by_key(|f| f.0);
+        faults.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = kept.1.max(later.1);
+            }
+            same
+        });
+        if faults.is_empty() {
+            continue;
+        }
+        let core = handler.upgrade();
+        for &(va, access) in &faults {
+            let served = match &core {
+                Some(core) => core.cpu_fault(va, access).map_err(|e| e.to_string()),
+                None => Err("the core is gone".to_string()),
+            };
+            if let Err(why) = served {
+                log::error!("CPU {access:?} fault at {va:#x} not served ({why}); raising SIGBUS");
+                release_with_sigbus(uffd, va);
+            }
+        }
+        // If this was the last reference, the core (and possibly this Host) is dropped here, on
+        // this thread; `Worker::join` detects that and does not join itself.
+        drop(core);
+    }
+}
+
+/// Resolves a fault the core could not serve so the faulting thread does not hang: the page is
+/// poisoned (the thread gets SIGBUS). If it was mapped meanwhile, the waiter is just woken.
+fn release_with_sigbus(uffd: &Uffd, va: u64) {
+    let page = VaRange::new(va, PAGE_SIZE);
+    let res = if uffd.features().contains(Features::POISON) {
+        uffd.poison(page)
+    } else {
+        Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
+    };
+    match res {
+        Ok(()) => {}
+        Err(UffdError::Exists { .. }) => {
+            let _ = uffd.wake(page);
+        }
+        Err(e) => {
+            // Waking makes the thread fault again, which is better than hanging it forever.
+            log::error!("cannot poison {page}: {e}; waking the thread to retry");
+            let _ = uffd.wake(page);
+        }
+    }
+}
+
+/// One shared region: a [`SharedMapping`] whose application view is registered with the host's
+/// uffd. Implements the core's [`CpuMmu`].
+#[derive(Debug)]
+pub struct HostRegion {
+    host: Arc<Host>,
+    mapping: SharedMapping,
+}
+
+impl HostRegion {
+    /// Start of the application's view.
+    pub fn app_ptr(&self) -> *mut u8 {
+        self.mapping.app_ptr()
+    }
+
+    /// Start of the manager's alias.
+    pub fn alias_ptr(&self) -> *mut u8 {
+        self.mapping.alias_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.mapping.len()
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.mapping.is_empty()
+    }
+
+    /// Maps one range with UFFDIO_CONTINUE, tolerating pages that are already mapped.
+    fn map_range(&self, range: VaRange, writable: bool) -> Result<(), HostError> {
+        self.mapping.offset_of(range).map_err(|e| mapping_err("map", range, e))?;
+        let uffd = &self.host.uffd;
+        let end = range.end();
+        let (mut cur, mut retries, mut existed) = (range.start, 0, false);
+        while cur < end {
+            match uffd.cont(VaRange::new(cur, end - cur), !writable, true) {
+                Ok(()) => break,
+                // The kernel mapped and woke `done` bytes; go on from there.
+                Err(UffdError::Partial { done, .. }) => cur += done,
+                // This page already has a PTE: skip it (its waiters are woken below).
+                Err(UffdError::Exists { .. }) => {
+                    existed = true;
+                    cur += PAGE_SIZE;
+                }
+                Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
+                }
+                Err(e) => return Err(uffd_err("map", range, e)),
+            }
+        }
+        if existed {
+            // Pages mapped before may carry the other write permission, and EEXIST woke nobody.
+            uffd.writeprotect(range, !writable, false).map_err(|e| uffd_err("map", range, e))?;
+            uffd.wake(range).map_err(|e| uffd_err("map", range, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl CpuMmu for HostRegion {
+    fn range(&self) -> VaRange {
+        self.mapping.app_range()
+    }
+
+    fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        for &r in ranges {
+            self.mapping.zap_app(r).map_err(|e| mapping_err("revoke", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        for &r in ranges {
+            self.mapping.allocate(r).map_err(|e| mapping_err("populate", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn map(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        ranges.iter().try_for_each(|&r| self.map_range(r, writable))
+    }
+
+    fn wake(&self, range: VaRange) -> Result<(), HostError> {
+        self.mapping.offset_of(range).map_err(|e| mapping_err("wake", range, e))?;
+        self.host.uffd.wake(range).map_err(|e| uffd_err("wake", range, e))
+    }
+
+    fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        for &r in ranges {
+            self.mapping.punch(r).map_err(|e| mapping_err("discard", r, e))?;
+            // Punching already drops the PTEs of every view; zap anyway so the contract does
+            // not rest on that detail.
+            self.mapping.zap_app(r).map_err(|e| mapping_err("discard", r, e))?;
+        }
+        Ok(())
+    }
+
+    /// The alias address of `va`. A `va` outside the region has no backing: the result is the
+    /// null address (logged), which any copy engine rejects.
+    fn backing(&self, va: u64) -> HostAddr {
+        let app = self.mapping.app_range();
+        if !app.contains(va) {
+            log::error!("backing({va:#x}) outside region {app}");
+            return HostAddr(0);
+        }
+        HostAddr(self.mapping.alias_ptr() as usize + (va - app.start) as usize)
+    }
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        // Unregister before the mapping unmaps (the core guarantees no device maps it).
+        let r = self.mapping.app_range();
+        if let Err(e) = self.host.uffd.unregister(r) {
+            log::error!("unregistering region {r}: {e}");
+        }
+    }
+}
+
+fn mapping_err(op: &'static str, range: VaRange, e: MappingError) -> HostError {
+    HostError { op, range, errno: e.errno() }
+}
+
+fn uffd_err(op: &'static str, range: VaRange, e: UffdError) -> HostError {
+    log::debug!("{op} on {range}: {e}");
+    HostError { op, range, errno: e.errno() }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::undocumented_unsafe_blocks)]
+    use super::*;
+    use hetmm_core::error::CoreError;
+    use std::io::{Read, Seek, Write};
+    use std::sync::atomic::{AtomicU64, AtomicUsize};
+    use std::sync::OnceLock;
+    use std::time::Instant;
+
+    /// Serves every fault like the core would for host-resident data: make sure backing exists,
+    /// then map it.
+    #[derive(Default)]
+    struct TestCore {
+        region: OnceLock<Weak<HostRegion>>,
+        faults: AtomicUsize,
+        writes: AtomicUsize,
+        /// A page address the "core" refuses to serve (0: none).
+        fail_va: AtomicU64,
+    }
+
+    impl CpuFaultHandler for TestCore {
+        fn cpu_fault(&self, va: u64, access: Access) -> Result<(), CoreError> {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            if access == Access::Write {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            if va == self.fail_va.load(Ordering::Relaxed) {
+                return Err(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)));
+            }
+            let region =
+                self.region.get().and_then(Weak::upgrade).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
+            let page = [VaRange::new(va, PAGE_SIZE)];
+            region.populate(&page)?;
+            region.map(&page, true)?;
+            Ok(())
+        }
+    }
+
+    fn setup(len: u64) -> (Arc<TestCore>, Arc<Host>, Arc<HostRegion>) {
+        let core = Arc::new(TestCore::default());
+        let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>;
+        let host = Host::new(weak).expect("host");
+        let region = host.create_region(len).expect("region");
+        core.region.set(Arc::downgrade(&region)).unwrap();
+        (core, host, region)
+    }
+
+    /// Runs `f` on another thread, failing the test instead of hanging if it blocks.
+    fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("access hung or panicked")
+    }
+
+    fn page(r: &HostRegion, i: u64) -> VaRange {
+        VaRange::new(r.app_ptr() as u64 + i * PAGE_SIZE, PAGE_SIZE)
+    }
+
+    #[test]
+    fn minor_fault_brings_data_back() {
+        let (core, _host, region) = setup(4 * PAGE_SIZE);
+        // First write: missing fault, served by populate + map.
+        let app = region.app_ptr() as usize;
+        on_thread(move || unsafe { (app as *mut u8).add(100).write(42) });
+        assert_eq!(core.writes.load(Ordering::Relaxed), 1);
+        region.revoke(&[page(&region, 0)]).unwrap();
+        let before = core.faults.load(Ordering::Relaxed);
+        let v = on_thread(move || unsafe { (app as *const u8).add(100).read_volatile() });
+        assert_eq!(v, 42);
+        assert_eq!(core.faults.load(Ordering::Relaxed), before + 1);
+        // The alias always saw the data.
+        let b = region.backing(page(&region, 0).start + 100).0;
+        assert_eq!(unsafe { (b as *const u8).read() }, 42);
+    }
+
+    #[test]
+    fn missing_fault_reads_zeros() {
+        let (core, _host, region) = setup(4 * PAGE_SIZE);
+        let va = page(&region, 3).start as usize;
+        let v = on_thread(move || unsafe { (va as *const u64).read_volatile() });
+        assert_eq!(v, 0);
+        assert_eq!(core.faults.load(Ordering::Relaxed), 1);
+        assert_eq!(core.writes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn write_protected_map_then_write_upgrades() {
+        let (core, _host, region) = setup(PAGE_SIZE);
+        region.populate(&[page(&region, 0)]).unwrap();
+        region.map(&[page(&region, 0)], false).unwrap();
+        let va = region.app_ptr() as usize;
+        assert_eq!(on_thread(move || unsafe { (va as *const u8).read_volatile() }), 0);
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0);
+        // A write hits the WP bit: the core maps writable (EEXIST path + unprotect).
+        on_thread(move || unsafe { (va as *mut u8).write_volatile(9) });
+        assert_eq!(core.writes.load(Ordering::Relaxed), 1);
+        assert_eq!(unsafe { (va as *const u8).read() }, 9);
+    }
+
+    #[test]
+    fn kernel_mode_fault_is_served() {
+        let (core, host, region) = setup(2 * PAGE_SIZE);
+        assert!(host.kernel_faults_supported());
+        let va = region.app_ptr() as usize;
+        on_thread(move || unsafe { (va as *mut u8).write_bytes(0xEE, PAGE_SIZE as usize) });
+        region.revoke(&[page(&region, 0)]).unwrap();
+        let before = core.faults.load(Ordering::Relaxed);
+        let file = file_with(&[0x5A; 4096]);
+        // read(2) copies into the zapped page in kernel mode: the copy faults to the handler.
+        let n = on_thread(move || {
+            let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, PAGE_SIZE as usize) };
+            let mut file = file;
+            file.read(buf).unwrap()
+        });
+        assert_eq!(n, 4096);
+        assert_eq!(core.faults.load(Ordering::Relaxed), before + 1);
+        let b = region.backing(va as u64).0 as *const u8;
+        assert!(unsafe { std::slice::from_raw_parts(b, 4096) }.iter().all(|&x| x == 0x5A));
+    }
+
+    /// A core error (or a dead core) releases the faulting thread with poison instead of hanging
+    /// it. Checked with a kernel-mode access, which gets EFAULT where a user access would die
+    /// of SIGBUS.
+    #[test]
+    fn unserved_fault_is_poisoned_not_hung() {
+        let (core, _host, region) = setup(2 * PAGE_SIZE);
+        let va = region.app_ptr() as usize;
+        core.fail_va.store(va as u64, Ordering::Relaxed);
+        let res = read_into(va, 4096);
+        assert_eq!(res.map_err(|e| e.raw_os_error()), Err(Some(14)));
+        // With the core gone, every fault is poisoned.
+        drop(core);
+        let res = read_into(va + PAGE_SIZE as usize, 4096);
+        assert!(res.is_err(), "{res:?}");
+    }
+
+    fn read_into(va: usize, len: usize) -> std::io::Result<usize> {
+        let mut file = file_with(&vec![1u8; len]);
+        on_thread(move || {
+            let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, len) };
+            file.read(buf)
+        })
+    }
+
+    fn file_with(data: &[u8]) -> std::fs::File {
+        let mut f = tempfile();
+        f.write_all(data).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    fn tempfile() -> std::fs::File {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hetmm-host-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        f
+    }
+
+    #[test]
+    fn concurrent_faults_on_shared_pages() {
+        let (core, _host, region) = setup(8 * PAGE_SIZE);
+        let app = region.app_ptr() as usize;
+        let sums = on_thread(move || {
+            let ts: Vec<_> = (0..16)
+                .map(|t| {
+                    std::thread::spawn(move || {
+                        // Every thread writes its own byte on every page.
+                        for p in 0..8 {
+                            unsafe { ((app + p * 4096 + t) as *mut u8).write_volatile(t as u8 + 1) };
+                        }
+                    })
+                })
+                .collect();
+            ts.into_iter().all(|t| t.join().is_ok())
+        });
+        assert!(sums);
+        for p in 0..8 {
+            for t in 0..16 {
+                assert_eq!(unsafe { ((app + p * 4096 + t) as *const u8).read() }, t as u8 + 1);
+            }
+        }
+        let n = core.faults.load(Ordering::Relaxed);
+        assert!((8..=8 * 16).contains(&n), "{n}");
+    }
+
+    #[test]
+    fn map_of_mapped_range_is_fine() {
+        let (_core, _host, region) = setup(4 * PAGE_SIZE);
+        let all = region.range();
+        region.populate(&[all]).unwrap();
+        region.map(&[page(&region, 1)], true).unwrap();
+        // Page 1 exists in the middle: EEXIST is skipped and the rest is mapped.
+        region.map(&[all], true).unwrap();
+        region.map(&[all], true).unwrap();
+        region.wake(all).unwrap();
+        let b = region.backing(all.start + 3 * PAGE_SIZE).0 as *mut u8;
+        unsafe { b.write(3) };
+        assert_eq!(unsafe { region.app_ptr().add(3 * 4096).read_volatile() }, 3);
+    }
+
+    #[test]
+    fn discard_drops_data() {
+        let (_core, _host, region) = setup(PAGE_SIZE);
+        let va = region.app_ptr() as usize;
+        on_thread(move || unsafe { (va as *mut u8).write(1) });
+        region.discard(&[page(&region, 0)]).unwrap();
+        assert_eq!(on_thread(move || unsafe { (va as *const u8).read_volatile() }), 0);
+    }
+
+    #[test]
+    fn bad_ranges_are_typed_errors() {
+        let (_core, _host, region) = setup(2 * PAGE_SIZE);
+        let a = region.app_ptr() as u64;
+        let unaligned = VaRange::new(a + 1, PAGE_SIZE);
+        let outside = VaRange::new(a + PAGE_SIZE, 2 * PAGE_SIZE);
+        let einval = rustix::io::Errno::INVAL.raw_os_error();
+        let efault = rustix::io::Errno::FAULT.raw_os_error();
+        assert_eq!(region.map(&[unaligned], true).unwrap_err().errno, einval);
+        assert_eq!(region.revoke(&[outside]).unwrap_err().errno, efault);
+        assert_eq!(region.populate(&[outside]).unwrap_err().errno, efault);
+        assert_eq!(region.discard(&[unaligned]).unwrap_err().errno, einval);
+        let e = region.wake(outside).unwrap_err();
+        assert_eq!((e.op, e.range), ("wake", outside));
+        assert_eq!(region.backing(a + 2 * PAGE_SIZE), HostAddr(0));
+        assert!(region.map(&[VaRange::new(a, 0)], true).is_err());
+        let host = region.host.clone();
+        assert!(matches!(host.create_region(0), Err(RegionError::Mapping(_))));
+        assert!(matches!(host.create_region(4095), Err(RegionError::Mapping(_))));
+    }
+
+    #[test]
+    fn drop_idle_host_is_prompt() {
+        let core = Arc::new(TestCore::default());
+        let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        let region = host.create_region(PAGE_SIZE).unwrap();
+        drop(region);
+        let t = Instant::now();
+        drop(host);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+}

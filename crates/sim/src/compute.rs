@@ -1,0 +1,438 @@
+//! The compute engine: worker threads (warp slots) that run the blocks of launched kernels.
+//! Every memory access a kernel makes goes through the worker's TLB and, on a miss, the
+//! device page table; an access the table does not allow raises a replayable fault and stalls
+//! the warp until the core replays.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+use crossbeam_channel::Receiver;
+use hetmm_core::device::{Completion, DeviceError};
+use hetmm_core::types::{Access, VaRange};
+use parking_lot::{Condvar, Mutex};
+
+use crate::device::Shared;
+use crate::memory::{host_atomic, host_read, host_write, AtomicOp};
+use crate::pagetable::{Target, Translation};
+use crate::tlb::Tlb;
+
+/// How long a stalled warp waits for the replay of its fault (or for space in a full fault
+/// buffer) before its access fails with [`DeviceError::Timeout`].
+pub const FAULT_WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// The shape of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Grid {
+    /// Number of blocks.
+    pub blocks: u32,
+    /// Threads in each block (a kernel loops over [`BlockCtx::threads`]).
+    pub threads_per_block: u32,
+}
+
+impl Grid {
+    /// A grid of `blocks` blocks of `threads_per_block` threads.
+    pub const fn new(blocks: u32, threads_per_block: u32) -> Self {
+        Self { blocks, threads_per_block }
+    }
+}
+
+type KernelFn = dyn Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync;
+
+#[derive(Debug, Default)]
+struct Progress {
+    done: u64,
+    error: Option<DeviceError>,
+}
+
+pub(crate) struct LaunchState {
+    kernel: Box<KernelFn>,
+    grid: Grid,
+    next: AtomicU64,
+    failed: AtomicBool,
+    tokens: AtomicUsize,
+    progress: Mutex<Progress>,
+    cv: Condvar,
+}
+
+impl std::fmt::Debug for LaunchState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaunchState")
+            .field("grid", &self.grid)
+            .field("next", &self.next)
+            .field("failed", &self.failed)
+            .field("progress", &*self.progress.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LaunchState {
+    fn complete(&self, n: u64, r: Result<(), DeviceError>) {
+        let mut p = self.progress.lock();
+        p.done += n;
+        if let Err(e) = r {
+            p.error.get_or_insert(e);
+        }
+        if p.done >= u64::from(self.grid.blocks) {
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// A claim on a launch's blocks held by one worker. When the last token of a launch is
+/// dropped without its blocks having been claimed (the device went away), the unclaimed blocks
+/// fail with [`DeviceError::Shutdown`], so waiting on the launch never hangs.
+#[derive(Debug)]
+pub(crate) struct Token(Arc<LaunchState>);
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        if self.0.tokens.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // No other token is alive, so no worker is claiming blocks concurrently.
+            let blocks = u64::from(self.0.grid.blocks);
+            let n = self.0.next.load(Ordering::Acquire);
+            if n < blocks {
+                self.0.next.store(blocks, Ordering::Release);
+                self.0.complete(blocks - n, Err(DeviceError::Shutdown));
+            }
+        }
+    }
+}
+
+/// A message to the workers.
+#[derive(Debug)]
+pub(crate) enum WorkerMsg {
+    /// Claim and run blocks of this launch.
+    Run(Token),
+    /// Exit.
+    Stop,
+}
+
+/// A launched kernel.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    state: Arc<LaunchState>,
+}
+
+impl Launch {
+    /// Waits, at most `timeout`, until every block has finished or been skipped; returns the
+    /// first error a block returned (then the remaining blocks were skipped).
+    pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + timeout;
+        let blocks = u64::from(self.state.grid.blocks);
+        let mut p = self.state.progress.lock();
+        while p.done < blocks {
+            if self.state.cv.wait_until(&mut p, deadline).timed_out() && p.done < blocks {
+                return Err(DeviceError::Timeout(timeout));
+            }
+        }
+        match &p.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether every block has finished.
+    pub fn is_done(&self) -> bool {
+        self.state.progress.lock().done >= u64::from(self.state.grid.blocks)
+    }
+
+    /// The launch's grid.
+    pub fn grid(&self) -> Grid {
+        self.state.grid
+    }
+}
+
+impl Completion for Launch {
+    fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
+        Launch::wait(self, timeout)
+    }
+}
+
+/// Creates the state of a launch and the tokens to hand to `workers` workers.
+pub(crate) fn new_launch<F>(grid: Grid, kernel: F, workers: usize) -> (Launch, Vec<Token>)
+where
+    F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
+{
+    let n = (grid.blocks as usize).min(workers);
+    let state = Arc::new(LaunchState {
+        kernel: Box::new(kernel),
+        grid,
+        next: AtomicU64::new(0),
+        failed: AtomicBool::new(false),
+        tokens: AtomicUsize::new(n),
+        progress: Mutex::new(Progress::default()),
+        cv: Condvar::new(),
+    });
+    let tokens = (0..n).map(|_| Token(state.clone())).collect();
+    (Launch { state }, tokens)
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// A worker's thread body.
+pub(crate) fn worker_loop(shared: &Shared, worker: u32, rx: &Receiver<WorkerMsg>) {
+    let tlb = &shared.tlbs[worker as usize].0;
+    while let Ok(msg) = rx.recv() {
+        let token = match msg {
+            WorkerMsg::Stop => break,
+            WorkerMsg::Run(t) => t,
+        };
+        let ls = &token.0;
+        let blocks = u64::from(ls.grid.blocks);
+        loop {
+            let idx = ls.next.fetch_add(1, Ordering::AcqRel);
+            if idx >= blocks {
+                break;
+            }
+            let r = if ls.failed.load(Ordering::Acquire) {
+                Ok(()) // skipped after another block's error
+            } else if shared.stopping.load(Ordering::Relaxed) {
+                Err(DeviceError::Shutdown)
+            } else {
+                shared.counters.blocks.fetch_add(1, Ordering::Relaxed);
+                let ctx = BlockCtx { shared, tlb, worker, block: idx as u32, grid: ls.grid };
+                match catch_unwind(AssertUnwindSafe(|| (ls.kernel)(&ctx))) {
+                    Ok(r) => r,
+                    Err(p) => {
+                        Err(DeviceError::Other(format!("kernel panicked in block {idx}: {}", panic_message(&*p))))
+                    }
+                }
+            };
+            if r.is_err() {
+                ls.failed.store(true, Ordering::Release);
+            }
+            ls.complete(1, r);
+        }
+    }
+}
+
+/// What a kernel block sees: its index, the grid, and the device's memory through the
+/// worker's TLB and the device page table.
+///
+/// Accesses must be naturally aligned for their type (`va % align_of::<T>() == 0`); a
+/// misaligned access fails with [`DeviceError::Other`]. An access the page table does not allow
+/// stalls the block on a replayable fault; if the core cancels the fault the access returns
+/// [`DeviceError::FaultCancelled`], which the kernel should return with `?`.
+pub struct BlockCtx<'a> {
+    shared: &'a Shared,
+    tlb: &'a Mutex<Tlb>,
+    worker: u32,
+    block: u32,
+    grid: Grid,
+}
+
+impl std::fmt::Debug for BlockCtx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCtx")
+            .field("worker", &self.worker)
+            .field("block", &self.block)
+            .field("grid", &self.grid)
+            .finish()
+    }
+}
+
+fn misaligned(va: u64, align: usize) -> DeviceError {
+    DeviceError::Other(format!("misaligned device access at {va:#x} (alignment {align})"))
+}
+
+impl BlockCtx<'_> {
+    /// This block's index in `0..grid().blocks`.
+    pub fn block_idx(&self) -> u32 {
+        self.block
+    }
+
+    /// The launch's grid.
+    pub fn grid(&self) -> Grid {
+        self.grid
+    }
+
+    /// The block's thread indices (`0..threads_per_block`).
+    pub fn threads(&self) -> std::ops::Range<u32> {
+        0..self.grid.threads_per_block
+    }
+
+    /// The warp slot (worker) running this block; the `client` of its faults.
+    pub fn warp(&self) -> u32 {
+        self.worker
+    }
+
+    /// Translates `va` for `access` (through the TLB, walking the page table on a miss,
+    /// faulting and waiting for replay when the table does not allow it) and runs `f` on the
+    /// translation while holding the TLB, so no invalidation completes during the access.
+    #[inline]
+    fn with_translation<R>(
+        &self,
+        va: u64,
+        access: Access,
+        mut f: impl FnMut(&Translation) -> Result<R, DeviceError>,
+    ) -> Result<R, DeviceError> {
+        let need = access.needs();
+        loop {
+            {
+                let mut tlb = self.tlb.lock();
+                let t = match tlb.lookup(va) {
+                    Some(t) if t.prot.contains(need) => Some(t),
+                    cached => {
+                        if let Some(t) = cached {
+                            // Permission miss: a faulting entry is never kept.
+                            tlb.remove(&t);
+                            tlb.counters.hits -= 1;
+                            tlb.counters.misses += 1;
+                        }
+                        tlb.counters.walks += 1;
+                        let pt = self.shared.pt.read();
+                        let Some(pt) = pt.as_ref() else {
+                            return Err(DeviceError::NoPageTable);
+                        };
+                        match pt.walk(va) {
+                            Some(t) if t.prot.contains(need) => {
+                                tlb.insert(&t);
+                                Some(t)
+                            }
+                            _ => None,
+                        }
+                    }
+                };
+                if let Some(t) = t {
+                    return f(&t);
+                }
+            }
+            self.shared.faults.raise_and_wait(va, access, self.worker, &self.shared.stopping, FAULT_WAIT_LIMIT)?;
+        }
+    }
+
+    /// Runs `f(target, offset, n)` for each translated run of `[va, va + len)`: one
+    /// translation per page-table entry (4 KiB or 2 MiB) the range crosses.
+    #[inline]
+    fn for_runs(
+        &self,
+        va: u64,
+        len: usize,
+        access: Access,
+        mut f: impl FnMut(Target, usize, usize) -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
+        if va.checked_add(len as u64).is_none() {
+            return Err(DeviceError::BadRange(VaRange::new(va, len as u64)));
+        }
+        let mut done = 0usize;
+        while done < len {
+            let cur = va + done as u64;
+            let n = self.with_translation(cur, access, |t| {
+                let n = ((t.va + t.size - cur) as usize).min(len - done);
+                f(t.target.offset(cur - t.va), done, n)?;
+                Ok(n)
+            })?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_bytes(&self, va: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        let mem = &self.shared.mem;
+        self.for_runs(va, out.len(), Access::Read, |t, off, n| {
+            let dst = &mut out[off..off + n];
+            match t {
+                Target::Device(pa) => mem.read(pa, dst),
+                Target::Host(a) => {
+                    // SAFETY: the translation is in use under the worker's TLB lock, so the
+                    // mapping has not been invalidated; `map`'s contract keeps the host memory
+                    // valid until then.
+                    unsafe { host_read(a as usize, dst) };
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn write_bytes(&self, va: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let mem = &self.shared.mem;
+        self.for_runs(va, data.len(), Access::Write, |t, off, n| {
+            let src = &data[off..off + n];
+            match t {
+                Target::Device(pa) => mem.write(pa, src),
+                Target::Host(a) => {
+                    // SAFETY: as in `read_bytes`.
+                    unsafe { host_write(a as usize, src) };
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn atomic(&self, va: u64, op: AtomicOp) -> Result<u64, DeviceError> {
+        if va % op.size() != 0 {
+            return Err(misaligned(va, op.size() as usize));
+        }
+        let mem = &self.shared.mem;
+        self.with_translation(va, Access::Atomic, |t| match t.target.offset(va - t.va) {
+            Target::Device(pa) => mem.atomic(pa, op),
+            // SAFETY: as in `read_bytes`.
+            Target::Host(a) => unsafe { host_atomic(a as usize, op) },
+        })
+    }
+
+    /// Loads a `T` from `va`.
+    #[inline]
+    pub fn load<T: Pod>(&self, va: u64) -> Result<T, DeviceError> {
+        if va % std::mem::align_of::<T>() as u64 != 0 {
+            return Err(misaligned(va, std::mem::align_of::<T>()));
+        }
+        let mut v = T::zeroed();
+        self.read_bytes(va, bytemuck::bytes_of_mut(&mut v))?;
+        Ok(v)
+    }
+
+    /// Stores `v` at `va`.
+    #[inline]
+    pub fn store<T: Pod>(&self, va: u64, v: T) -> Result<(), DeviceError> {
+        if va % std::mem::align_of::<T>() as u64 != 0 {
+            return Err(misaligned(va, std::mem::align_of::<T>()));
+        }
+        self.write_bytes(va, bytemuck::bytes_of(&v))
+    }
+
+    /// Reads `out.len()` consecutive `T`s from `va` (one translation per page-table entry).
+    #[inline]
+    pub fn read_slice<T: Pod>(&self, va: u64, out: &mut [T]) -> Result<(), DeviceError> {
+        if va % std::mem::align_of::<T>() as u64 != 0 {
+            return Err(misaligned(va, std::mem::align_of::<T>()));
+        }
+        self.read_bytes(va, bytemuck::cast_slice_mut(out))
+    }
+
+    /// Writes `data` as consecutive `T`s at `va` (one translation per page-table entry).
+    #[inline]
+    pub fn write_slice<T: Pod>(&self, va: u64, data: &[T]) -> Result<(), DeviceError> {
+        if va % std::mem::align_of::<T>() as u64 != 0 {
+            return Err(misaligned(va, std::mem::align_of::<T>()));
+        }
+        self.write_bytes(va, bytemuck::cast_slice(data))
+    }
+
+    /// Atomically adds `v` to the `u32` at `va`; returns the previous value. Needs `ATOMIC`.
+    pub fn atomic_add_u32(&self, va: u64, v: u32) -> Result<u32, DeviceError> {
+        self.atomic(va, AtomicOp::AddU32(v)).map(|p| p as u32)
+    }
+
+    /// Atomically adds `v` to the `u64` at `va`; returns the previous value. Needs `ATOMIC`.
+    pub fn atomic_add_u64(&self, va: u64, v: u64) -> Result<u64, DeviceError> {
+        self.atomic(va, AtomicOp::AddU64(v))
+    }
+
+    /// Atomically replaces the `u32` at `va` with `new` if it equals `current`; returns the
+    /// previous value (equal to `current` on success). Needs `ATOMIC`.
+    pub fn atomic_cas_u32(&self, va: u64, current: u32, new: u32) -> Result<u32, DeviceError> {
+        self.atomic(va, AtomicOp::CasU32(current, new)).map(|p| p as u32)
+    }
+}

@@ -1,0 +1,217 @@
+//! Copy engines: threads that execute copy-engine operations in pieces of at most 2 MiB,
+//! pulled from one shared queue so a batch spreads over every engine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use hetmm_core::device::{Completion, CopyOp, DeviceError, HostAddr, PhysAddr};
+use parking_lot::{Condvar, Mutex};
+
+use crate::memory::PhysMem;
+
+/// Largest piece one engine executes at a time.
+pub const PIECE: u64 = 2 << 20;
+
+/// Bytes moved, by direction.
+#[derive(Debug, Default)]
+pub struct CopyCounters {
+    pub(crate) h2d: AtomicU64,
+    pub(crate) d2h: AtomicU64,
+    pub(crate) d2d: AtomicU64,
+    pub(crate) zero: AtomicU64,
+    pub(crate) ops: AtomicU64,
+    pub(crate) batches: AtomicU64,
+}
+
+#[derive(Debug)]
+struct BatchState {
+    progress: Mutex<(usize, Option<DeviceError>)>,
+    done: Condvar,
+}
+
+impl BatchState {
+    fn finish(&self, r: Result<(), DeviceError>) {
+        let mut p = self.progress.lock();
+        p.0 -= 1;
+        if let Err(e) = r {
+            p.1.get_or_insert(e);
+        }
+        if p.0 == 0 {
+            self.done.notify_all();
+        }
+    }
+}
+
+/// One piece of work for an engine. Dropped unexecuted (device torn down), it completes its
+/// batch with [`DeviceError::Shutdown`].
+#[derive(Debug)]
+pub(crate) struct Piece {
+    op: CopyOp,
+    batch: Option<Arc<BatchState>>,
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        if let Some(b) = self.batch.take() {
+            b.finish(Err(DeviceError::Shutdown));
+        }
+    }
+}
+
+/// A message to the engines.
+#[derive(Debug)]
+pub(crate) enum EngineMsg {
+    /// Execute.
+    Run(Piece),
+    /// Exit.
+    Stop,
+}
+
+/// The completion of one batch.
+#[derive(Debug)]
+pub struct CopyCompletion {
+    state: Arc<BatchState>,
+}
+
+impl Completion for CopyCompletion {
+    fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + timeout;
+        let mut p = self.state.progress.lock();
+        while p.0 > 0 {
+            if self.state.done.wait_until(&mut p, deadline).timed_out() && p.0 > 0 {
+                return Err(DeviceError::Timeout(timeout));
+            }
+        }
+        match &p.1 {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn check_host(addr: HostAddr, len: u64) -> Result<(), DeviceError> {
+    if addr.0 == 0 || (addr.0 as u64).checked_add(len).is_none() {
+        return Err(DeviceError::Other(format!("host range {:#x}+{len:#x} is invalid", addr.0)));
+    }
+    Ok(())
+}
+
+/// Validates every op of a batch against the memory, before anything is queued.
+pub(crate) fn validate(mem: &PhysMem, ops: &[CopyOp]) -> Result<(), DeviceError> {
+    for op in ops {
+        match *op {
+            CopyOp::HostToDevice { src, dst: PhysAddr(d), len } => {
+                check_host(src, len)?;
+                mem.check(d, len)?;
+            }
+            CopyOp::DeviceToHost { src: PhysAddr(s), dst, len } => {
+                mem.check(s, len)?;
+                check_host(dst, len)?;
+            }
+            CopyOp::DeviceToDevice { src: PhysAddr(s), dst: PhysAddr(d), len } => {
+                mem.check(s, len)?;
+                mem.check(d, len)?;
+            }
+            CopyOp::Zero { dst: PhysAddr(d), len } => mem.check(d, len)?,
+        }
+    }
+    Ok(())
+}
+
+/// The sub-op of `op` covering bytes `[off, off + n)`.
+fn cut(op: &CopyOp, off: u64, n: u64) -> CopyOp {
+    match *op {
+        CopyOp::HostToDevice { src, dst, .. } => {
+            CopyOp::HostToDevice { src: HostAddr(src.0 + off as usize), dst: PhysAddr(dst.0 + off), len: n }
+        }
+        CopyOp::DeviceToHost { src, dst, .. } => {
+            CopyOp::DeviceToHost { src: PhysAddr(src.0 + off), dst: HostAddr(dst.0 + off as usize), len: n }
+        }
+        CopyOp::DeviceToDevice { src, dst, .. } => {
+            CopyOp::DeviceToDevice { src: PhysAddr(src.0 + off), dst: PhysAddr(dst.0 + off), len: n }
+        }
+        CopyOp::Zero { dst, .. } => CopyOp::Zero { dst: PhysAddr(dst.0 + off), len: n },
+    }
+}
+
+/// Queues a validated batch; returns its completion.
+pub(crate) fn submit(
+    tx: &Sender<EngineMsg>,
+    ops: &[CopyOp],
+    counters: &CopyCounters,
+) -> Result<CopyCompletion, DeviceError> {
+    let pieces: usize = ops.iter().map(|o| o.len().div_ceil(PIECE) as usize).sum();
+    let state = Arc::new(BatchState { progress: Mutex::new((pieces, None)), done: Condvar::new() });
+    counters.batches.fetch_add(1, Ordering::Relaxed);
+    for op in ops {
+        let len = op.len();
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(PIECE);
+            let piece = Piece { op: cut(op, off, n), batch: Some(state.clone()) };
+            // A send fails only when every engine is gone; the piece then completes with
+            // `Shutdown` as it drops.
+            let _ = tx.send(EngineMsg::Run(piece));
+            off += n;
+        }
+    }
+    Ok(CopyCompletion { state })
+}
+
+/// Executes one piece.
+///
+/// # Safety
+///
+/// Host addresses in `op` must be valid per [`hetmm_core::device::DeviceMmu::copy`]'s contract.
+unsafe fn execute(mem: &PhysMem, op: &CopyOp, c: &CopyCounters) -> Result<(), DeviceError> {
+    match *op {
+        CopyOp::HostToDevice { src, dst, len } => {
+            // SAFETY: the source is valid host memory per the caller's contract.
+            unsafe { mem.copy_from_host(src.0, dst.0, len)? };
+            c.h2d.fetch_add(len, Ordering::Relaxed);
+        }
+        CopyOp::DeviceToHost { src, dst, len } => {
+            // SAFETY: the destination is valid host memory per the caller's contract.
+            unsafe { mem.copy_to_host(src.0, dst.0, len)? };
+            c.d2h.fetch_add(len, Ordering::Relaxed);
+        }
+        CopyOp::DeviceToDevice { src, dst, len } => {
+            mem.copy_within(src.0, dst.0, len)?;
+            c.d2d.fetch_add(len, Ordering::Relaxed);
+        }
+        CopyOp::Zero { dst, len } => {
+            mem.zero(dst.0, len)?;
+            c.zero.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+    c.ops.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// An engine's thread body: runs pieces until told to stop. `stopping` makes remaining
+/// pieces fail fast with `Shutdown`.
+pub(crate) fn engine_loop(
+    mem: &PhysMem,
+    rx: &Receiver<EngineMsg>,
+    counters: &CopyCounters,
+    stopping: &std::sync::atomic::AtomicBool,
+) {
+    while let Ok(msg) = rx.recv() {
+        match msg {
+            EngineMsg::Stop => break,
+            EngineMsg::Run(mut piece) => {
+                let Some(batch) = piece.batch.take() else { continue };
+                let r = if stopping.load(Ordering::Relaxed) {
+                    Err(DeviceError::Shutdown)
+                } else {
+                    // SAFETY: the op's host addresses were promised valid until the batch's
+                    // completion is waited on, which cannot happen before `finish` below.
+                    unsafe { execute(mem, &piece.op, counters) }
+                };
+                batch.finish(r);
+            }
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! [`SimDevice`]: the device handle, its threads, and its [`DeviceMmu`] implementation.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use hetmm_core::device::{
+    Completion, CopyOp, DeviceCaps, DeviceError, DeviceFault, DeviceMmu, Done, FaultCancel, MapEntry, MapTarget,
+    PhysAddr,
+};
+use hetmm_core::types::{Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use parking_lot::{Mutex, RwLock};
+
+use crate::compute::{new_launch, BlockCtx, Grid, Launch, WorkerMsg};
+use crate::copy::{CopyCounters, EngineMsg};
+use crate::fault::FaultBuffer;
+use crate::memory::PhysMem;
+use crate::pagetable::{Census, PageTable, Target, Translation, VA_LIMIT};
+use crate::tlb::{coalesce, Tlb};
+use crate::{SimConfig, SimError, SimStats};
+
+/// How long dropping the last handle waits for the device's threads.
+const JOIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// A value on its own cache lines (per-worker TLBs are locked by their worker on every access).
+#[derive(Debug)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) kernels: AtomicU64,
+    pub(crate) blocks: AtomicU64,
+    pub(crate) invalidate_calls: AtomicU64,
+}
+
+/// State shared by the handles and the device's threads.
+pub(crate) struct Shared {
+    pub(crate) cfg: SimConfig,
+    pub(crate) mem: PhysMem,
+    pub(crate) pt: RwLock<Option<PageTable>>,
+    pub(crate) tlbs: Box<[Padded<Mutex<Tlb>>]>,
+    pub(crate) faults: FaultBuffer,
+    pub(crate) stopping: AtomicBool,
+    pub(crate) copy: CopyCounters,
+    pub(crate) counters: Counters,
+    copy_tx: Sender<EngineMsg>,
+    work_tx: Sender<WorkerMsg>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("cfg", &self.cfg)
+            .field("stopping", &self.stopping)
+            .field("page_table", &self.pt.read().as_ref().map(PageTable::census))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.stopping.store(true, Ordering::SeqCst);
+        s.faults.wake_all();
+        for _ in 0..s.cfg.copy_engines {
+            let _ = s.copy_tx.send(EngineMsg::Stop);
+        }
+        for _ in 0..s.cfg.compute_workers {
+            let _ = s.work_tx.send(WorkerMsg::Stop);
+        }
+        let me = std::thread::current().id();
+        let deadline = Instant::now() + JOIN_LIMIT;
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            // A kernel holding the last handle drops it on a worker thread: never wait for
+            // oneself.
+            if t.thread().id() == me {
+                continue;
+            }
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!("sim: thread {:?} did not stop in {JOIN_LIMIT:?}; detaching it", t.thread().name());
+            }
+        }
+    }
+}
+
+/// A simulated accelerator: its own physical memory, page table, per-warp TLBs, replayable
+/// fault buffer, copy engines and compute engine. Cheap to clone (a shared handle); dropping
+/// the last clone stops its threads.
+#[derive(Clone, Debug)]
+pub struct SimDevice {
+    h: Arc<Handle>,
+}
+
+impl SimDevice {
+    /// Starts a device: reserves its memory (lazily backed) and starts its copy engines and
+    /// compute workers. Fails on an invalid configuration or when memory or threads cannot
+    /// be had.
+    pub fn new(cfg: SimConfig) -> Result<Self, SimError> {
+        cfg.validate()?;
+        let mem = PhysMem::new(cfg.memory_bytes)?;
+        let (copy_tx, copy_rx) = crossbeam_channel::unbounded();
+        let (work_tx, work_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            mem,
+            pt: RwLock::new(None),
+            tlbs: (0..cfg.compute_workers).map(|_| Padded(Mutex::new(Tlb::new()))).collect(),
+            faults: FaultBuffer::new(cfg.fault_buffer_entries),
+            stopping: AtomicBool::new(false),
+            copy: CopyCounters::default(),
+            counters: Counters::default(),
+            copy_tx,
+            work_tx,
+            cfg,
+        });
+        let h = Arc::new(Handle { shared: shared.clone(), threads: Mutex::new(Vec::new()) });
+        for i in 0..shared.cfg.copy_engines {
+            let (s, rx) = (shared.clone(), copy_rx.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("sim-copy-{i}"))
+                .spawn(move || crate::copy::engine_loop(&s.mem, &rx, &s.copy, &s.stopping))
+                .map_err(|e| SimError::Thread(e.to_string()))?;
+            h.threads.lock().push(t);
+        }
+        for i in 0..shared.cfg.compute_workers {
+            let (s, rx) = (shared.clone(), work_rx.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("sim-warp-{i}"))
+                .spawn(move || crate::compute::worker_loop(&s, i as u32, &rx))
+                .map_err(|e| SimError::Thread(e.to_string()))?;
+            h.threads.lock().push(t);
+        }
+        Ok(Self { h })
+    }
+
+    fn s(&self) -> &Shared {
+        &self.h.shared
+    }
+
+    /// The configuration the device was started with.
+    pub fn config(&self) -> &SimConfig {
+        &self.s().cfg
+    }
+
+    /// How many faults the core should fetch at a time (`SimConfig::fault_batch`).
+    pub fn fault_batch(&self) -> usize {
+        self.s().cfg.fault_batch
+    }
+
+    /// Faults written to the buffer and not fetched yet.
+    pub fn pending_faults(&self) -> usize {
+        self.s().faults.pending_len()
+    }
+
+    /// Launches `kernel` over `grid`: the compute workers claim blocks and run the closure once
+    /// per block. Returns at once; wait on the [`Launch`]. Fails without running anything when
+    /// the device has no page table ([`DeviceError::NoPageTable`]) or its faults were shut down
+    /// by [`DeviceMmu::shutdown_faults`] (detached; [`DeviceError::Shutdown`] until a new page
+    /// table is created).
+    pub fn launch<F>(&self, grid: Grid, kernel: F) -> Result<Launch, DeviceError>
+    where
+        F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
+        let s = self.s();
+        if s.stopping.load(Ordering::Relaxed) || s.faults.is_shutdown() {
+            return Err(DeviceError::Shutdown);
+        }
+        if s.pt.read().is_none() {
+            return Err(DeviceError::NoPageTable);
+        }
+        s.counters.kernels.fetch_add(1, Ordering::Relaxed);
+        let (launch, tokens) = new_launch(grid, kernel, s.cfg.compute_workers);
+        for t in tokens {
+            // Fails only when every worker is gone; the token then fails its blocks as it drops.
+            let _ = s.work_tx.send(WorkerMsg::Run(t));
+        }
+        Ok(launch)
+    }
+
+    /// Looks `va` up in the device page table (without setting the accessed bit or touching
+    /// any TLB). `None` when unmapped or when there is no page table.
+    pub fn translate(&self, va: u64) -> Option<Translation> {
+        self.s().pt.read().as_ref().and_then(|pt| pt.translate(va))
+    }
+
+    /// What the page table holds (`None` without a page table).
+    pub fn page_table_census(&self) -> Option<Census> {
+        self.s().pt.read().as_ref().map(PageTable::census)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SimStats {
+        let s = self.s();
+        let mut st = SimStats::default();
+        for t in s.tlbs.iter() {
+            let c = t.0.lock().counters;
+            st.tlb_hits += c.hits;
+            st.tlb_misses += c.misses;
+            st.page_walks += c.walks;
+            st.tlb_entries_invalidated += c.invalidated;
+        }
+        let f = s.faults.counters();
+        st.faults_raised = f.raised;
+        st.faults_fetched = f.fetched;
+        st.faults_cancelled = f.cancelled;
+        st.fault_buffer_full_waits = f.buffer_full_waits;
+        st.replays = f.replays;
+        st.tlb_invalidations = s.counters.invalidate_calls.load(Ordering::Relaxed);
+        st.bytes_h2d = s.copy.h2d.load(Ordering::Relaxed);
+        st.bytes_d2h = s.copy.d2h.load(Ordering::Relaxed);
+        st.bytes_d2d = s.copy.d2d.load(Ordering::Relaxed);
+        st.bytes_zeroed = s.copy.zero.load(Ordering::Relaxed);
+        st.copy_pieces = s.copy.ops.load(Ordering::Relaxed);
+        st.copy_batches = s.copy.batches.load(Ordering::Relaxed);
+        st.kernels_launched = s.counters.kernels.load(Ordering::Relaxed);
+        st.blocks_run = s.counters.blocks.load(Ordering::Relaxed);
+        st
+    }
+
+    fn flush_all_tlbs(&self) {
+        for t in self.s().tlbs.iter() {
+            t.0.lock().flush();
+        }
+    }
+}
+
+/// Checks a virtual range for the page table: non-empty, page aligned, below the VA limit.
+fn check_va(start: u64, len: u64) -> Result<VaRange, DeviceError> {
+    let r = VaRange::new(start, len);
+    match VaRange::checked(start, len) {
+        Some(r) if r.is_page_aligned() && r.end() <= VA_LIMIT => Ok(r),
+        _ => Err(DeviceError::BadRange(r)),
+    }
+}
+
+impl DeviceMmu for SimDevice {
+    fn caps(&self) -> DeviceCaps {
+        DeviceCaps {
+            name: "sim".into(),
+            page_sizes: PAGE_SIZE | BLOCK_SIZE,
+            replayable_faults: true,
+            coherent: false,
+            remote_host_access: true,
+            memory_bytes: self.s().mem.len(),
+        }
+    }
+
+    fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+        vec![(PhysAddr(0), self.s().mem.len())]
+    }
+
+    fn create_page_table(&self) -> Result<(), DeviceError> {
+        let s = self.s();
+        if s.stopping.load(Ordering::Relaxed) {
+            return Err(DeviceError::Shutdown);
+        }
+        let mut pt = s.pt.write();
+        if pt.is_some() {
+            return Err(DeviceError::Other("the device page table already exists".into()));
+        }
+        *pt = Some(PageTable::new());
+        drop(pt);
+        s.faults.reset();
+        self.flush_all_tlbs();
+        Ok(())
+    }
+
+    fn destroy_page_table(&self) {
+        *self.s().pt.write() = None;
+        self.flush_all_tlbs();
+    }
+
+    /// Validates the whole batch first (virtual ranges, device physical ranges, host addresses
+    /// page aligned), so a failed call changes nothing.
+    unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+        let s = self.s();
+        let mut todo = Vec::with_capacity(entries.len());
+        for e in entries {
+            let r = check_va(e.va, e.len)?;
+            let target = match e.target {
+                MapTarget::Device(PhysAddr(pa)) => {
+                    if pa % PAGE_SIZE != 0 {
+                        return Err(DeviceError::BadPhysical { addr: pa, len: e.len });
+                    }
+                    s.mem.check(pa, e.len)?;
+                    Target::Device(pa)
+                }
+                MapTarget::Host(h) => {
+                    let a = h.0 as u64;
+                    if a == 0 || a % PAGE_SIZE != 0 || a.checked_add(e.len).is_none() {
+                        return Err(DeviceError::Other(format!(
+                            "host aperture target {a:#x}+{:#x} for {r} is not a valid page-aligned range",
+                            e.len
+                        )));
+                    }
+                    Target::Host(a)
+                }
+            };
+            todo.push((r, target, e.prot));
+        }
+        let mut pt = s.pt.write();
+        let pt = pt.as_mut().ok_or(DeviceError::NoPageTable)?;
+        for (r, target, prot) in todo {
+            pt.map(r.start, r.len, target, prot);
+        }
+        Ok(())
+    }
+
+    fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+        for r in ranges {
+            check_va(r.start, r.len)?;
+        }
+        let mut pt = self.s().pt.write();
+        let pt = pt.as_mut().ok_or(DeviceError::NoPageTable)?;
+        for r in ranges {
+            pt.unmap(*r);
+        }
+        Ok(())
+    }
+
+    fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+        for (r, _) in ranges {
+            check_va(r.start, r.len)?;
+        }
+        let mut pt = self.s().pt.write();
+        let pt = pt.as_mut().ok_or(DeviceError::NoPageTable)?;
+        for (r, p) in ranges {
+            pt.protect(*r, *p);
+        }
+        Ok(())
+    }
+
+    fn invalidate_tlb(&self, ranges: &[VaRange]) {
+        let s = self.s();
+        let merged = coalesce(ranges);
+        if merged.is_empty() {
+            return;
+        }
+        s.counters.invalidate_calls.fetch_add(1, Ordering::Relaxed);
+        for t in s.tlbs.iter() {
+            // Taking the lock waits for the worker's in-flight access (shootdown).
+            t.0.lock().invalidate(&merged);
+        }
+    }
+
+    unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+        let s = self.s();
+        if s.stopping.load(Ordering::Relaxed) {
+            return Err(DeviceError::Shutdown);
+        }
+        crate::copy::validate(&s.mem, ops)?;
+        let ops: Vec<CopyOp> = ops.iter().copied().filter(|o| !o.is_empty()).collect();
+        if ops.is_empty() {
+            return Ok(Box::new(Done));
+        }
+        Ok(Box::new(crate::copy::submit(&s.copy_tx, &ops, &s.copy)?))
+    }
+
+    fn fetch_faults(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize {
+        self.s().faults.fetch(max, out)
+    }
+
+    fn wait_for_faults(&self, timeout: Duration) -> bool {
+        let s = self.s();
+        s.faults.wait(timeout, &s.stopping)
+    }
+
+    fn replay(&self, cancel: &[(u64, FaultCancel)]) {
+        self.s().faults.replay(cancel);
+    }
+
+    fn shutdown_faults(&self) {
+        self.s().faults.shutdown();
+    }
+
+    fn take_accessed(&self, range: VaRange) -> Option<Vec<u64>> {
+        Some(self.s().pt.read().as_ref().map(|pt| pt.take_accessed(range)).unwrap_or_default())
+    }
+}

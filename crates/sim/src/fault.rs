@@ -1,0 +1,276 @@
+//! The replayable fault buffer.
+//!
+//! A warp whose translation fails writes a [`DeviceFault`] into the bounded buffer (waiting,
+//! bounded, while it is full) and stalls until the next replay. A replay bumps a sequence
+//! number and wakes the stalled warps; each retries its access unless its faulting page is in
+//! that replay's cancel list, in which case the access fails with
+//! [`DeviceError::FaultCancelled`]. After [`FaultBuffer::shutdown`] every present and future
+//! fault fails with [`FaultCancel::Detached`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hetmm_core::device::{DeviceError, DeviceFault, FaultCancel};
+use hetmm_core::types::Access;
+use parking_lot::{Condvar, Mutex};
+
+/// How often a stalled warp re-checks for replay, shutdown or device teardown.
+const POLL: Duration = Duration::from_millis(5);
+/// Cancel lists remembered for warps that slept through several replays.
+const CANCEL_HISTORY: usize = 64;
+
+#[derive(Debug, Default)]
+struct State {
+    queue: VecDeque<DeviceFault>,
+    replay_seq: u64,
+    /// `(sequence number of the replay, pages it cancelled)`, most recent last.
+    cancels: VecDeque<(u64, HashMap<u64, FaultCancel>)>,
+    shutdown: bool,
+}
+
+/// Fault counters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FaultCounters {
+    /// Entries written to the buffer.
+    pub raised: u64,
+    /// Replays.
+    pub replays: u64,
+    /// Faulting accesses that got a cancellation.
+    pub cancelled: u64,
+    /// Times a warp found the buffer full and waited.
+    pub buffer_full_waits: u64,
+    /// Entries handed out by fetch.
+    pub fetched: u64,
+}
+
+/// The fault buffer.
+#[derive(Debug)]
+pub struct FaultBuffer {
+    capacity: usize,
+    state: Mutex<State>,
+    counters: Mutex<FaultCounters>,
+    /// Signalled when an entry is written (for `wait_for_faults`).
+    pending: Condvar,
+    /// Signalled when entries are fetched (space) or a replay or shutdown happens.
+    wake: Condvar,
+}
+
+impl FaultBuffer {
+    /// A buffer of `capacity` entries.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            state: Mutex::new(State::default()),
+            counters: Mutex::new(FaultCounters::default()),
+            pending: Condvar::new(),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> FaultCounters {
+        *self.counters.lock()
+    }
+
+    /// Records a fault by `client` at `va` and waits for the replay that resolves it.
+    /// `Ok(())` means: retry the access. `stopping` is the device's teardown flag; `limit`
+    /// bounds the whole wait.
+    pub fn raise_and_wait(
+        &self,
+        va: u64,
+        access: Access,
+        client: u32,
+        stopping: &AtomicBool,
+        limit: Duration,
+    ) -> Result<(), DeviceError> {
+        let deadline = Instant::now() + limit;
+        let detached = DeviceError::FaultCancelled { va, access, reason: FaultCancel::Detached };
+        let mut st = self.state.lock();
+        let mut waited_for_space = false;
+        loop {
+            if st.shutdown {
+                self.counters.lock().cancelled += 1;
+                return Err(detached);
+            }
+            if stopping.load(Ordering::Relaxed) {
+                return Err(DeviceError::Shutdown);
+            }
+            if st.queue.len() < self.capacity {
+                break;
+            }
+            if !waited_for_space {
+                waited_for_space = true;
+                self.counters.lock().buffer_full_waits += 1;
+            }
+            if Instant::now() >= deadline {
+                return Err(DeviceError::Timeout(limit));
+            }
+            self.wake.wait_for(&mut st, POLL);
+        }
+        st.queue.push_back(DeviceFault { va, access, client });
+        let my_seq = st.replay_seq;
+        self.counters.lock().raised += 1;
+        self.pending.notify_all();
+        let page = va & !0xfff;
+        loop {
+            if st.shutdown {
+                self.counters.lock().cancelled += 1;
+                return Err(detached);
+            }
+            if stopping.load(Ordering::Relaxed) {
+                return Err(DeviceError::Shutdown);
+            }
+            if st.replay_seq > my_seq {
+                let reason =
+                    st.cancels.iter().filter(|(seq, _)| *seq > my_seq).find_map(|(_, m)| m.get(&page).copied());
+                return match reason {
+                    Some(reason) => {
+                        self.counters.lock().cancelled += 1;
+                        Err(DeviceError::FaultCancelled { va, access, reason })
+                    }
+                    None => Ok(()),
+                };
+            }
+            if Instant::now() >= deadline {
+                return Err(DeviceError::Timeout(limit));
+            }
+            self.wake.wait_for(&mut st, POLL);
+        }
+    }
+
+    /// Moves up to `max` entries into `out` without blocking.
+    pub fn fetch(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize {
+        let mut st = self.state.lock();
+        let n = max.min(st.queue.len());
+        out.extend(st.queue.drain(..n));
+        drop(st);
+        if n > 0 {
+            self.counters.lock().fetched += n as u64;
+            self.wake.notify_all();
+        }
+        n
+    }
+
+    /// Waits until an entry is pending, the buffer is shut down, `stopping` is set, or
+    /// `timeout` passes; returns whether entries are pending.
+    pub fn wait(&self, timeout: Duration, stopping: &AtomicBool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock();
+        loop {
+            if !st.queue.is_empty() {
+                return true;
+            }
+            if st.shutdown || stopping.load(Ordering::Relaxed) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            // Bounded slices so that a device teardown (which cannot take this lock from every
+            // path) is noticed promptly.
+            self.pending.wait_for(&mut st, (deadline - now).min(POLL * 10));
+        }
+    }
+
+    /// Replays: stalled warps retry, except those whose page is in `cancel`.
+    pub fn replay(&self, cancel: &[(u64, FaultCancel)]) {
+        let mut st = self.state.lock();
+        st.replay_seq += 1;
+        if !cancel.is_empty() {
+            let seq = st.replay_seq;
+            let map = cancel.iter().map(|&(va, why)| (va & !0xfff, why)).collect();
+            st.cancels.push_back((seq, map));
+            while st.cancels.len() > CANCEL_HISTORY {
+                st.cancels.pop_front();
+            }
+        }
+        drop(st);
+        self.counters.lock().replays += 1;
+        self.wake.notify_all();
+    }
+
+    /// Fails every present and future fault with `Detached`; drops pending entries.
+    pub fn shutdown(&self) {
+        let mut st = self.state.lock();
+        st.shutdown = true;
+        st.queue.clear();
+        drop(st);
+        self.wake.notify_all();
+        self.pending.notify_all();
+    }
+
+    /// Re-arms the buffer after a shutdown (a new page table, a new address space).
+    pub fn reset(&self) {
+        let mut st = self.state.lock();
+        st.shutdown = false;
+        st.queue.clear();
+        st.cancels.clear();
+    }
+
+    /// Wakes every waiter (device teardown).
+    pub fn wake_all(&self) {
+        let _st = self.state.lock();
+        self.wake.notify_all();
+        self.pending.notify_all();
+    }
+
+    /// Whether [`FaultBuffer::shutdown`] was called (and not undone by a reset).
+    pub fn is_shutdown(&self) -> bool {
+        self.state.lock().shutdown
+    }
+
+    /// Entries pending.
+    pub fn pending_len(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn raise_fetch_replay_cancel() {
+        let fb = Arc::new(FaultBuffer::new(2));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut hs = Vec::new();
+        for i in 0..3u32 {
+            let (fb, stop) = (fb.clone(), stop.clone());
+            hs.push(std::thread::spawn(move || {
+                fb.raise_and_wait(0x1000 * u64::from(i + 1) + 8, Access::Read, i, &stop, Duration::from_secs(30))
+            }));
+        }
+        // Capacity 2: the third waits for space until we fetch.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fb.counters().buffer_full_waits == 0 {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(fb.pending_len(), 2);
+        let mut out = Vec::new();
+        while out.len() < 3 {
+            assert!(fb.wait(Duration::from_secs(10), &stop));
+            fb.fetch(10, &mut out);
+        }
+        fb.replay(&[(0x2000, FaultCancel::Protection)]);
+        let res: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(res.iter().filter(|r| r.is_ok()).count(), 2);
+        assert!(res.contains(&Err(DeviceError::FaultCancelled {
+            va: 0x2008,
+            access: Access::Read,
+            reason: FaultCancel::Protection
+        })));
+        assert!(!fb.wait(Duration::from_millis(10), &stop));
+        fb.shutdown();
+        assert!(matches!(
+            fb.raise_and_wait(0, Access::Write, 0, &stop, Duration::from_secs(1)),
+            Err(DeviceError::FaultCancelled { reason: FaultCancel::Detached, .. })
+        ));
+        fb.reset();
+        stop.store(true, Ordering::Relaxed);
+        assert_eq!(fb.raise_and_wait(0, Access::Write, 0, &stop, Duration::from_secs(1)), Err(DeviceError::Shutdown));
+    }
+}

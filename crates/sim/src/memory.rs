@@ -1,0 +1,270 @@
+//! Device physical memory and the host aperture: the only module that dereferences raw
+//! pointers.
+//!
+//! The device's memory is an anonymous private mapping the application is never given a pointer
+//! to (lazily backed by the kernel: untouched pages cost nothing). Everything reaches it through
+//! bounds-checked methods taking device physical addresses. Host memory reached through the
+//! system-memory aperture (a [`hetmm_core::device::MapTarget::Host`] mapping, or a copy-engine
+//! op) is accessed by the `host_*` functions here, whose callers carry the trait's safety
+//! contract.
+//!
+//! Memory model: the simulated device, like a real one, lets several clients (warps, copy
+//! engines) touch the same bytes at once. Plain accesses are byte copies through raw pointers
+//! (never Rust references into the arena); racing plain accesses give unspecified bytes, as on
+//! hardware. Atomics are real CPU atomics on naturally aligned words.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use hetmm_core::device::DeviceError;
+
+use crate::SimError;
+
+/// A read-modify-write operation on a naturally aligned word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AtomicOp {
+    /// `fetch_add` on a `u32`.
+    AddU32(u32),
+    /// `fetch_add` on a `u64`.
+    AddU64(u64),
+    /// Compare-and-swap on a `u32`: `(current, new)`.
+    CasU32(u32, u32),
+}
+
+impl AtomicOp {
+    /// Bytes the op touches (its natural alignment too).
+    pub(crate) fn size(self) -> u64 {
+        match self {
+            AtomicOp::AddU32(_) | AtomicOp::CasU32(..) => 4,
+            AtomicOp::AddU64(_) => 8,
+        }
+    }
+
+    /// Runs the op on the word at `ptr` and returns the previous value (widened).
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be aligned to [`AtomicOp::size`] and valid for reads and writes of that many
+    /// bytes for the duration of the call, and only accessed atomically by concurrent atomics.
+    unsafe fn run(self, ptr: *mut u8) -> u64 {
+        match self {
+            AtomicOp::AddU32(v) => {
+                // SAFETY: the caller guarantees alignment and validity (see the fn contract).
+                let a = unsafe { AtomicU32::from_ptr(ptr.cast::<u32>()) };
+                u64::from(a.fetch_add(v, Ordering::SeqCst))
+            }
+            AtomicOp::AddU64(v) => {
+                // SAFETY: as above.
+                let a = unsafe { AtomicU64::from_ptr(ptr.cast::<u64>()) };
+                a.fetch_add(v, Ordering::SeqCst)
+            }
+            AtomicOp::CasU32(cur, new) => {
+                // SAFETY: as above.
+                let a = unsafe { AtomicU32::from_ptr(ptr.cast::<u32>()) };
+                let prev = match a.compare_exchange(cur, new, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(p) | Err(p) => p,
+                };
+                u64::from(prev)
+            }
+        }
+    }
+}
+
+/// The device's physical memory: `len` bytes addressed `[0, len)`.
+#[derive(Debug)]
+pub(crate) struct PhysMem {
+    base: NonNull<u8>,
+    len: u64,
+}
+
+// SAFETY: the arena is plain memory owned by this struct; it is only reached through raw-pointer
+// copies and atomics (never through references), so sharing the base pointer between threads is
+// sound; racing plain accesses are the simulated hardware's documented behaviour.
+unsafe impl Send for PhysMem {}
+// SAFETY: see `Send`; every method takes `&self` and does bounds-checked raw accesses.
+unsafe impl Sync for PhysMem {}
+
+impl PhysMem {
+    /// Reserves `len` bytes of zeroed, lazily backed memory.
+    pub(crate) fn new(len: u64) -> Result<Self, SimError> {
+        let size = usize::try_from(len).map_err(|_| SimError::BadMemorySize(len))?;
+        if size == 0 {
+            return Err(SimError::BadMemorySize(len));
+        }
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address; it overlaps nothing.
+        let ptr = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                size,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::NORESERVE,
+            )
+        }
+        .map_err(|e| SimError::Memory(e.to_string()))?;
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| SimError::Memory("mmap returned null".into()))?;
+        Ok(Self { base, len })
+    }
+
+    /// Bytes of memory.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Checks that `[pa, pa + len)` lies inside the memory.
+    pub(crate) fn check(&self, pa: u64, len: u64) -> Result<(), DeviceError> {
+        match pa.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(DeviceError::BadPhysical { addr: pa, len }),
+        }
+    }
+
+    /// Pointer to `pa` after a bounds check of `len` bytes.
+    fn ptr(&self, pa: u64, len: u64) -> Result<*mut u8, DeviceError> {
+        self.check(pa, len)?;
+        // The check bounds `pa` by `self.len`, which fits in `usize` (checked in `new`).
+        let off = pa as usize;
+        // SAFETY: `off <= self.len`, so the result stays inside (or one past) the mapping.
+        Ok(unsafe { self.base.as_ptr().add(off) })
+    }
+
+    /// Copies `out.len()` bytes at `pa` into `out`.
+    pub(crate) fn read(&self, pa: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        let src = self.ptr(pa, out.len() as u64)?;
+        // SAFETY: `src..src+len` is inside the arena (checked); `out` is a distinct Rust buffer,
+        // so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` to `pa`.
+    pub(crate) fn write(&self, pa: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let dst = self.ptr(pa, data.len() as u64)?;
+        // SAFETY: the destination is inside the arena (checked); `data` is a distinct buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Zero-fills `[pa, pa + len)`.
+    pub(crate) fn zero(&self, pa: u64, len: u64) -> Result<(), DeviceError> {
+        let dst = self.ptr(pa, len)?;
+        // SAFETY: the range is inside the arena (checked).
+        unsafe { std::ptr::write_bytes(dst, 0, len as usize) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` to `dst` inside the memory (the ranges may overlap).
+    pub(crate) fn copy_within(&self, src: u64, dst: u64, len: u64) -> Result<(), DeviceError> {
+        let s = self.ptr(src, len)?;
+        let d = self.ptr(dst, len)?;
+        // SAFETY: both ranges are inside the arena (checked); `copy` allows overlap.
+        unsafe { std::ptr::copy(s, d, len as usize) };
+        Ok(())
+    }
+
+    /// Runs an atomic at `pa` (naturally aligned) and returns the previous value.
+    pub(crate) fn atomic(&self, pa: u64, op: AtomicOp) -> Result<u64, DeviceError> {
+        let size = op.size();
+        if pa % size != 0 {
+            return Err(DeviceError::Other(format!("misaligned {size}-byte atomic at device physical {pa:#x}")));
+        }
+        let p = self.ptr(pa, size)?;
+        // SAFETY: in bounds (checked), aligned (the arena base is page aligned and `pa` is a
+        // multiple of the size), and the arena lives as long as `self`.
+        Ok(unsafe { op.run(p) })
+    }
+
+    /// Copies device memory at `pa` to host memory at `dst`.
+    ///
+    /// # Safety
+    ///
+    /// `dst` must be valid for writes of `len` bytes and not overlap the arena.
+    pub(crate) unsafe fn copy_to_host(&self, pa: u64, dst: usize, len: u64) -> Result<(), DeviceError> {
+        let src = self.ptr(pa, len)?;
+        // SAFETY: source checked in bounds; destination valid per the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, len as usize) };
+        Ok(())
+    }
+
+    /// Copies host memory at `src` to device memory at `pa`.
+    ///
+    /// # Safety
+    ///
+    /// `src` must be valid for reads of `len` bytes and not overlap the arena.
+    pub(crate) unsafe fn copy_from_host(&self, src: usize, pa: u64, len: u64) -> Result<(), DeviceError> {
+        let dst = self.ptr(pa, len)?;
+        // SAFETY: destination checked in bounds; source valid per the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst, len as usize) };
+        Ok(())
+    }
+}
+
+impl Drop for PhysMem {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this base and length and nothing else
+        // refers to it once the owner is dropped.
+        if let Err(e) = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.len as usize) } {
+            log::warn!("sim: munmap of device memory failed: {e}");
+        }
+    }
+}
+
+/// Reads host memory through the aperture into `out`.
+///
+/// # Safety
+///
+/// `addr` must be valid for reads of `out.len()` bytes (the [`hetmm_core::device::DeviceMmu::map`]
+/// contract: host memory mapped stays valid until unmapped and invalidated).
+pub(crate) unsafe fn host_read(addr: usize, out: &mut [u8]) {
+    // SAFETY: the source is valid per the caller's contract; `out` is a distinct buffer.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+}
+
+/// Writes `data` to host memory through the aperture.
+///
+/// # Safety
+///
+/// `addr` must be valid for writes of `data.len()` bytes (see [`host_read`]).
+pub(crate) unsafe fn host_write(addr: usize, data: &[u8]) {
+    // SAFETY: the destination is valid per the caller's contract; `data` is a distinct buffer.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), addr as *mut u8, data.len()) };
+}
+
+/// Runs an atomic on host memory through the aperture.
+///
+/// # Safety
+///
+/// `addr` must be valid for reads and writes of `op.size()` bytes (see [`host_read`]).
+pub(crate) unsafe fn host_atomic(addr: usize, op: AtomicOp) -> Result<u64, DeviceError> {
+    if addr as u64 % op.size() != 0 {
+        return Err(DeviceError::Other(format!("misaligned {}-byte atomic at host {addr:#x}", op.size())));
+    }
+    // SAFETY: aligned (checked) and valid per the caller's contract.
+    Ok(unsafe { op.run(addr as *mut u8) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_and_atomics() {
+        let m = PhysMem::new(2 << 20).unwrap();
+        m.write(100, &[1, 2, 3]).unwrap();
+        let mut b = [0u8; 3];
+        m.read(100, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+        assert!(matches!(m.read((2 << 20) - 1, &mut b), Err(DeviceError::BadPhysical { .. })));
+        assert!(m.check(u64::MAX, 2).is_err());
+        assert_eq!(m.atomic(8, AtomicOp::AddU64(5)).unwrap(), 0);
+        assert_eq!(m.atomic(8, AtomicOp::AddU64(5)).unwrap(), 5);
+        assert_eq!(m.atomic(16, AtomicOp::CasU32(0, 7)).unwrap(), 0);
+        assert_eq!(m.atomic(16, AtomicOp::CasU32(0, 9)).unwrap(), 7);
+        assert!(m.atomic(17, AtomicOp::AddU32(1)).is_err());
+        m.copy_within(100, 200, 3).unwrap();
+        m.zero(100, 3).unwrap();
+        m.read(200, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+        m.read(100, &mut b).unwrap();
+        assert_eq!(b, [0, 0, 0]);
+    }
+}

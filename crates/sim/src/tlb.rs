@@ -1,0 +1,226 @@
+//! Per-worker TLBs: small direct-mapped caches of translations, one array for 4 KiB entries
+//! and one for 2 MiB entries.
+//!
+//! A TLB serves a cached translation without looking at the page table; only an invalidation
+//! (or eviction by a conflicting fill) removes it. Each worker's TLB sits behind its own mutex,
+//! which the worker holds for the whole of each memory access; an invalidation locks every
+//! worker's TLB in turn, so when it returns every access that used an old translation has
+//! finished (shootdown semantics).
+
+use hetmm_core::types::{Prot, VaRange};
+
+use crate::pagetable::{Target, Translation};
+
+/// 4 KiB entries per TLB.
+pub const SMALL_ENTRIES: usize = 256;
+/// 2 MiB entries per TLB.
+pub const LARGE_ENTRIES: usize = 64;
+const SMALL: u64 = 1 << 12;
+const LARGE: u64 = 1 << 21;
+const INVALID: u64 = u64::MAX;
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    /// First VA of the entry, or `INVALID`.
+    tag: u64,
+    target: Target,
+    prot: Prot,
+}
+
+const EMPTY: Slot = Slot { tag: INVALID, target: Target::Device(0), prot: Prot::empty() };
+
+/// Counters kept under the TLB's lock (no shared cache lines on the hot path).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TlbCounters {
+    /// Lookups served from the TLB.
+    pub hits: u64,
+    /// Lookups that needed a walk.
+    pub misses: u64,
+    /// Page-table walks.
+    pub walks: u64,
+    /// Entries removed by invalidations.
+    pub invalidated: u64,
+}
+
+/// One worker's TLB.
+#[derive(Debug)]
+pub struct Tlb {
+    small: Box<[Slot; SMALL_ENTRIES]>,
+    large: Box<[Slot; LARGE_ENTRIES]>,
+    /// Counters.
+    pub counters: TlbCounters,
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tlb {
+    /// An empty TLB.
+    pub fn new() -> Self {
+        Self {
+            small: Box::new([EMPTY; SMALL_ENTRIES]),
+            large: Box::new([EMPTY; LARGE_ENTRIES]),
+            counters: TlbCounters::default(),
+        }
+    }
+
+    /// The cached translation covering `va`, if any (counts a hit or a miss).
+    #[inline]
+    pub fn lookup(&mut self, va: u64) -> Option<Translation> {
+        let lv = va & !(LARGE - 1);
+        let l = &self.large[((va >> 21) as usize) % LARGE_ENTRIES];
+        if l.tag == lv {
+            self.counters.hits += 1;
+            return Some(Translation { va: lv, size: LARGE, target: l.target, prot: l.prot });
+        }
+        let sv = va & !(SMALL - 1);
+        let s = &self.small[((va >> 12) as usize) % SMALL_ENTRIES];
+        if s.tag == sv {
+            self.counters.hits += 1;
+            return Some(Translation { va: sv, size: SMALL, target: s.target, prot: s.prot });
+        }
+        self.counters.misses += 1;
+        None
+    }
+
+    /// Caches a translation (evicting whatever shared its slot).
+    pub fn insert(&mut self, t: &Translation) {
+        let slot = Slot { tag: t.va, target: t.target, prot: t.prot };
+        if t.size == LARGE {
+            self.large[((t.va >> 21) as usize) % LARGE_ENTRIES] = slot;
+        } else {
+            self.small[((t.va >> 12) as usize) % SMALL_ENTRIES] = slot;
+        }
+    }
+
+    /// Drops the entry translating `va` (after a permission miss).
+    pub fn remove(&mut self, t: &Translation) {
+        let s = if t.size == LARGE {
+            &mut self.large[((t.va >> 21) as usize) % LARGE_ENTRIES]
+        } else {
+            &mut self.small[((t.va >> 12) as usize) % SMALL_ENTRIES]
+        };
+        if s.tag == t.va {
+            *s = EMPTY;
+        }
+    }
+
+    /// Removes every entry overlapping one of `ranges`, which must be sorted by start and
+    /// non-overlapping (see [`coalesce`]). Returns how many were removed.
+    pub fn invalidate(&mut self, ranges: &[VaRange]) -> u64 {
+        let small_pages = ranges.iter().fold(0u64, |a, r| a.saturating_add(r.len.div_ceil(SMALL) + 1));
+        let n = if small_pages <= SMALL_ENTRIES as u64 / 4 {
+            // Few pages: probe only the slots they index.
+            let mut n = 0;
+            for r in ranges {
+                let mut p = r.start & !(SMALL - 1);
+                while p < r.end() {
+                    n += clear_if(&mut self.small[((p >> 12) as usize) % SMALL_ENTRIES], p);
+                    p += SMALL;
+                }
+                let mut p = r.start & !(LARGE - 1);
+                while p < r.end() {
+                    n += clear_if(&mut self.large[((p >> 21) as usize) % LARGE_ENTRIES], p);
+                    p += LARGE;
+                }
+            }
+            n
+        } else {
+            let mut n = 0;
+            for (slots, size) in [(&mut self.small[..], SMALL), (&mut self.large[..], LARGE)] {
+                for s in slots.iter_mut() {
+                    if s.tag != INVALID && overlaps(ranges, s.tag, s.tag + size) {
+                        *s = EMPTY;
+                        n += 1;
+                    }
+                }
+            }
+            n
+        };
+        self.counters.invalidated += n;
+        n
+    }
+
+    /// Removes every entry.
+    pub fn flush(&mut self) -> u64 {
+        let n = self.small.iter().chain(self.large.iter()).filter(|s| s.tag != INVALID).count() as u64;
+        self.small.fill(EMPTY);
+        self.large.fill(EMPTY);
+        self.counters.invalidated += n;
+        n
+    }
+}
+
+/// Empties `slot` if it caches the entry starting at `tag`; returns 1 if it did.
+fn clear_if(slot: &mut Slot, tag: u64) -> u64 {
+    if slot.tag == tag {
+        *slot = EMPTY;
+        1
+    } else {
+        0
+    }
+}
+
+/// Whether `[s, e)` overlaps one of the sorted, disjoint `ranges`.
+fn overlaps(ranges: &[VaRange], s: u64, e: u64) -> bool {
+    let i = ranges.partition_point(|r| r.end() <= s);
+    ranges.get(i).is_some_and(|r| r.start < e)
+}
+
+/// Sorts ranges and merges overlapping or adjacent ones (empty ranges are dropped).
+pub fn coalesce(ranges: &[VaRange]) -> Vec<VaRange> {
+    let mut v: Vec<VaRange> = ranges.iter().copied().filter(|r| r.len > 0).collect();
+    v.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<VaRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end() => {
+                let e = l.end().max(r.end());
+                l.len = e - l.start;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_insert_invalidate() {
+        let mut t = Tlb::new();
+        assert!(t.lookup(0x1000).is_none());
+        let small = Translation { va: 0x5000, size: SMALL, target: Target::Device(0x9000), prot: Prot::READ };
+        let large = Translation { va: 0x40_0000, size: LARGE, target: Target::Host(0x7000_0000_0000), prot: Prot::RWA };
+        t.insert(&small);
+        t.insert(&large);
+        assert_eq!(t.lookup(0x5fff), Some(small));
+        assert_eq!(t.lookup(0x5ff_fff), Some(large));
+        assert_eq!(t.counters.hits, 2);
+        let r =
+            coalesce(&[VaRange::new(0x6000, 0x1000), VaRange::new(0x10_0000, 0x1000), VaRange::new(0x5000, 0x1000)]);
+        assert_eq!(r, vec![VaRange::new(0x5000, 0x2000), VaRange::new(0x10_0000, 0x1000)]);
+        assert_eq!(t.invalidate(&r), 1);
+        assert!(t.lookup(0x5000).is_none());
+        assert!(t.lookup(0x40_0000).is_some());
+        assert_eq!(t.invalidate(&[VaRange::new(0x5f_f000, 0x1000)]), 1);
+        assert!(t.lookup(0x40_0000).is_none());
+        t.insert(&small);
+        t.remove(&small);
+        assert!(t.lookup(0x5000).is_none());
+        t.insert(&small);
+        assert_eq!(t.flush(), 1);
+        // Large invalidations scan every slot.
+        for i in 0..1000u64 {
+            t.insert(&Translation { va: i * SMALL, size: SMALL, target: Target::Device(0), prot: Prot::READ });
+        }
+        t.insert(&large);
+        assert_eq!(t.invalidate(&[VaRange::new(0, 1 << 30)]), SMALL_ENTRIES as u64 + 1);
+        assert!(t.lookup(999 * SMALL).is_none());
+    }
+}

@@ -34,6 +34,10 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
     /// faults in them. `writable == false` maps them write-protected (a write faults).
     fn map(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError>;
 
+    /// Write-protects (`writable == false`) or un-protects the CPU's existing mappings of the
+    /// ranges (absent pages are skipped). A write to a write-protected page faults.
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError>;
+
     /// Wakes threads waiting on faults in the range without mapping (they retry).
     fn wake(&self, range: VaRange) -> Result<(), HostError>;
 

@@ -18,6 +18,7 @@ use crate::error::CoreError;
 use crate::migrate;
 use crate::policy::{select_residency, Decision, Reach, Thrashing};
 use crate::space::{AddressSpace, DeviceSlot, Region};
+
 use crate::stats::add;
 use crate::types::{align_down, Access, Proc, Prot, BLOCK_SIZE, PAGE_SIZE};
 
@@ -62,7 +63,7 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
         slot.mmu.replay(&cancel);
         add(&space.stats.replays, 1);
         if space.config.policy.cross_block {
-            prefetch_ahead(&space, &slot, &serviced);
+            plan_ahead(&slot, &serviced);
         }
     }
 }
@@ -175,8 +176,11 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         blk.refaults = 0;
     }
     blk.touch(slot.id, now);
-    let reach =
-        Reach { host_remote: slot.caps.remote_host_access, thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu) };
+    let reach = Reach {
+        host_remote: slot.caps.remote_host_access,
+        thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
+        dup_reads: policy.duplicate_reads,
+    };
 
     let attrs = space.attrs.read();
     let mut plan = Plan::default();
@@ -265,11 +269,12 @@ fn apply_steps(
     Ok(())
 }
 
-/// Cross-block prefetch: when the last serviced blocks advance by a constant stride, make the
-/// next blocks along it resident now, as far as free device memory allows without evicting.
-fn prefetch_ahead(space: &AddressSpace, slot: &DeviceSlot, serviced: &[u64]) {
+/// Cross-block prefetch, first half (service thread): when the last serviced blocks advance by
+/// a constant stride, ask the device's prefetch thread to make the next blocks along it
+/// resident. The window doubles while the walk stays steady.
+fn plan_ahead(slot: &DeviceSlot, serviced: &[u64]) {
     let Some(&last) = serviced.iter().max() else { return };
-    let stride = {
+    let req = {
         let mut w = slot.walk.lock();
         for b in serviced {
             if w.recent.back() != Some(b) {
@@ -281,44 +286,65 @@ fn prefetch_ahead(space: &AddressSpace, slot: &DeviceSlot, serviced: &[u64]) {
         }
         let r: Vec<u64> = w.recent.iter().copied().collect();
         let steady = r.len() == 3 && r[2] > r[1] && r[1] > r[0] && r[2] - r[1] == r[1] - r[0];
-        if steady {
-            w.ahead = (w.ahead * 2).clamp(2, MAX_AHEAD);
-        } else {
-            w.ahead = 0;
-        }
-        steady.then(|| (r[2] - r[1], w.ahead))
+        w.ahead = if steady { (w.ahead * 2).clamp(2, MAX_AHEAD) } else { 0 };
+        steady.then(|| (last, r[2] - r[1], w.ahead))
     };
-    let Some((stride, ahead)) = stride else { return };
+    if let (Some(req), Some(tx)) = (req, slot.ahead_tx.lock().as_ref()) {
+        let _ = tx.send(req);
+    }
+}
+
+/// Cross-block prefetch, second half: the device's prefetch thread. Takes the newest request and
+/// moves the window's blocks in bulk, as far as free memory allows without evicting.
+pub(crate) fn ahead_loop(
+    space: Weak<AddressSpace>,
+    slot: Arc<DeviceSlot>,
+    rx: std::sync::mpsc::Receiver<(u64, u64, usize)>,
+) {
+    while !slot.is_detached() {
+        let mut req = match rx.recv_timeout(POLL) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        while let Ok(r) = rx.try_recv() {
+            req = r;
+        }
+        let Some(space) = space.upgrade() else { return };
+        run_ahead(&space, &slot, req);
+    }
+}
+
+fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, (last, stride, ahead): (u64, u64, usize)) {
     let me = Proc::Device(slot.id);
+    let Some(region) = space.region_of(last) else { return };
+    let reserve = (slot.free_and_total().1 as f64 * space.config.policy.free_watermark * 2.0) as u64;
+    let mut budget = slot.free_and_total().0.saturating_sub(reserve);
+    let attrs_empty = space.attrs.read().is_empty();
+    let mut guards = Vec::new();
     for k in 1..=ahead as u64 {
-        let Some(va) = last.checked_add(stride * k) else { return };
-        let Some(region) = space.region_of(va) else { return };
-        let (free, _) = slot.free_and_total();
-        if free < BLOCK_SIZE / PAGE_SIZE * 2 || space.free_fraction(slot) < space.config.policy.free_watermark * 2.0 {
-            return;
-        }
-        let Some(mut blk) = region.blocks[region.block_index(va)].try_lock() else { continue };
-        if region.is_freed() || blk.thrashing.has(me) {
+        let Some(va) = last.checked_add(stride * k).filter(|v| region.range.contains(*v)) else { break };
+        let Some(blk) = region.blocks[region.block_index(va)].try_lock() else { continue };
+        let plain = attrs_empty && !blk.thrashing.has(me) && blk.resident_on(me).is_empty();
+        let n = blk.npages as u64;
+        if !plain || region.is_freed() || budget < n {
             continue;
         }
-        let want = PageMask::full(blk.npages).and_not(&blk.resident_on(me));
-        if want.is_empty() {
-            continue;
-        }
-        let attrs = space.attrs.read();
-        let reach = Reach { host_remote: slot.caps.remote_host_access, thrash_pinned: None };
-        let mut plan = Plan::default();
-        for i in want.iter() {
-            match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), me, Access::Prefetch, reach) {
-                Decision::Remote(_) => {}
-                d => plan.add(i, d, me),
+        budget -= n;
+        guards.push(blk);
+    }
+    if guards.is_empty() {
+        return;
+    }
+    let mut blocks: Vec<&mut crate::block::Block> = guards.iter_mut().map(|g| &mut **g).collect();
+    match migrate::bulk_to_device(space, &region, &mut blocks, slot, space.config.policy.duplicate_reads) {
+        Ok(n) => {
+            add(&space.stats.prefetched_pages, n);
+            let now = space.tick();
+            for b in blocks.iter_mut() {
+                b.touch(slot.id, now);
             }
         }
-        drop(attrs);
-        let n = plan.all().count() as u64;
-        if apply(space, &region, &mut blk, slot, &plan).is_ok() {
-            add(&space.stats.prefetched_pages, n);
-            blk.touch(slot.id, space.tick());
-        }
+        Err(e) => log::debug!("prefetch ahead on {:?}: {e}", slot.id),
     }
 }

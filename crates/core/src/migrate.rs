@@ -145,6 +145,16 @@ fn write_protect_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: 
     Ok(())
 }
 
+/// Populates the manager's view of the block's host backing once, so copy engines never take
+/// page faults on it (one bulk call instead of up to 512 faults).
+fn ready_backing(region: &Region, blk: &mut Block) -> Result<()> {
+    if !blk.backing_ready {
+        region.cpu.prepare(&[VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)])?;
+        blk.backing_ready = true;
+    }
+    Ok(())
+}
+
 /// Submits copies and waits for them, bounded.
 fn run_copies(space: &AddressSpace, region: &Region, slot: &DeviceSlot, ops: &[CopyOp]) -> Result<()> {
     if ops.is_empty() {
@@ -206,6 +216,12 @@ fn fill(
                 zero += len;
             }
             i = j;
+        }
+    }
+    if h2d > 0 {
+        if let Err(e) = ready_backing(region, blk) {
+            release_device_pages(slot, blk, need);
+            return Err(e);
         }
     }
     if let Err(e) = run_copies(space, region, slot, &ops) {
@@ -493,7 +509,11 @@ pub(crate) fn cpu_duplicate(space: &AddressSpace, region: &Region, blk: &mut Blo
 }
 
 /// D2H copies of `m` from `slot`'s copies into host backing.
-fn copy_back(space: &AddressSpace, region: &Region, blk: &Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
+fn copy_back(space: &AddressSpace, region: &Region, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
+    if m.is_empty() {
+        return Ok(());
+    }
+    ready_backing(region, blk)?;
     let ops: Vec<CopyOp> = pa_runs(blk, slot.id, m)
         .into_iter()
         .map(|(s, n, pa)| CopyOp::DeviceToHost {
@@ -561,5 +581,176 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
     for i in m.iter() {
         blk.pages[i] = crate::block::Page::default();
     }
+    blk.backing_ready = false;
     Ok(())
+}
+
+/// Moves whole blocks to `slot`'s device in one go: one CPU revoke (or write-protect) call, one
+/// backing preparation, one batch of copies and one page-table update for all of them, instead
+/// of one round of each per block. Only pages that are plain (held by the CPU alone or never
+/// written, not mapped by any device) are taken; the others are left to the fault path. No
+/// eviction: blocks that do not fit are skipped. `dup`: CPU-held pages become read-only copies
+/// (the CPU keeps read access) instead of moving. Returns the pages moved.
+pub(crate) fn bulk_to_device(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    slot: &DeviceSlot,
+    dup: bool,
+) -> Result<u64> {
+    let me = Proc::Device(slot.id);
+    // Choose pages and allocate, block by block, until memory runs out.
+    let mut chosen: Vec<PageMask> = Vec::new();
+    for blk in blocks.iter_mut() {
+        let sel = select(blk, &PageMask::full(blk.npages), |p| {
+            (p.resident.is_empty() || p.resident == ProcMask::only(Proc::Cpu)) && p.dev_mapped.is_empty()
+        });
+        let Some(pas) = try_alloc(slot, sel.count()) else { break };
+        for (i, pa) in sel.iter().zip(&pas) {
+            blk.set_pa(slot.id, i, Some(*pa));
+        }
+        chosen.push(sel);
+    }
+    let blocks = &mut blocks[..chosen.len()];
+    if blocks.is_empty() {
+        return Ok(0);
+    }
+    let result = bulk_fill_and_map(space, region, blocks, &chosen, slot, dup);
+    if let Err(e) = result {
+        for (blk, sel) in blocks.iter_mut().zip(&chosen) {
+            release_device_pages(slot, blk, sel);
+        }
+        return Err(e);
+    }
+    let mut moved = 0;
+    for (blk, sel) in blocks.iter_mut().zip(&chosen) {
+        for i in sel.iter() {
+            let p = &mut blk.pages[i];
+            if dup && p.resident.has(Proc::Cpu) {
+                p.resident.insert(me);
+                p.dev_ro.insert(me);
+            } else {
+                p.resident = ProcMask::only(me);
+            }
+            p.dev_mapped.insert(me);
+        }
+        moved += sel.count() as u64;
+        enqueue(region, blk, slot);
+    }
+    Ok(moved)
+}
+
+fn bulk_fill_and_map(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    chosen: &[PageMask],
+    slot: &DeviceSlot,
+    dup: bool,
+) -> Result<()> {
+    // CPU access: write-protect what stays duplicated, revoke what moves; one call each.
+    let (mut wp, mut revoke, mut prepare) = (Vec::new(), Vec::new(), Vec::new());
+    for (blk, sel) in blocks.iter().zip(chosen) {
+        let from_cpu = select(blk, sel, |p| p.resident.has(Proc::Cpu));
+        for i in sel.iter() {
+            let p = &blk.pages[i];
+            match p.cpu {
+                CpuMap::None => {}
+                CpuMap::Read if dup && p.resident.has(Proc::Cpu) => {}
+                CpuMap::Write if dup && p.resident.has(Proc::Cpu) => wp.push(VaRange::new(blk.va(i), PAGE_SIZE)),
+                _ => revoke.push(VaRange::new(blk.va(i), PAGE_SIZE)),
+            }
+        }
+        if !from_cpu.is_empty() && !blk.backing_ready {
+            prepare.push(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
+        }
+    }
+    let t = Instant::now();
+    region.cpu.revoke(&coalesce(revoke))?;
+    region.cpu.protect(&coalesce(wp), false)?;
+    add_since(&space.stats.ns_revoke, t);
+    region.cpu.prepare(&coalesce(prepare))?;
+    let (mut ops, mut entries) = (Vec::new(), Vec::new());
+    let (mut h2d, mut zero) = (0, 0);
+    let prot = device_prot(region);
+    for (blk, sel) in blocks.iter_mut().zip(chosen) {
+        blk.backing_ready |= sel.iter().any(|i| blk.pages[i].resident.has(Proc::Cpu));
+        for i in sel.iter() {
+            let p = &mut blk.pages[i];
+            if p.cpu != CpuMap::None && !(dup && p.resident.has(Proc::Cpu)) {
+                p.cpu = CpuMap::None;
+            } else if p.cpu == CpuMap::Write {
+                p.cpu = CpuMap::Read;
+            }
+        }
+        for (s, n, pa) in pa_runs(blk, slot.id, sel) {
+            for k in s..s + n {
+                let dst = PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE);
+                if blk.pages[k].resident.has(Proc::Cpu) {
+                    push_op(&mut ops, CopyOp::HostToDevice { src: region.cpu.backing(blk.va(k)), dst, len: PAGE_SIZE });
+                    h2d += PAGE_SIZE;
+                } else {
+                    push_op(&mut ops, CopyOp::Zero { dst, len: PAGE_SIZE });
+                    zero += PAGE_SIZE;
+                }
+            }
+            entries.push(MapEntry { va: blk.va(s), len: n as u64 * PAGE_SIZE, target: MapTarget::Device(pa), prot });
+        }
+    }
+    run_copies(space, region, slot, &ops)?;
+    add(&space.stats.bytes_to_device, h2d);
+    add(&space.stats.bytes_zero_filled, zero);
+    // Duplicated pages are mapped read-only, moved ones read-write: split the entries by page.
+    let entries = if dup { split_ro(blocks, chosen, slot, prot) } else { entries };
+    let t = Instant::now();
+    // SAFETY: every target is device memory; no host address is mapped.
+    let r = unsafe { slot.mmu.map(&entries) };
+    add_since(&space.stats.ns_map, t);
+    r.map_err(dev_err(slot.id))
+}
+
+/// Map entries for the chosen pages: read-only where the CPU keeps a copy, `prot` elsewhere.
+fn split_ro(blocks: &[&mut Block], chosen: &[PageMask], slot: &DeviceSlot, prot: Prot) -> Vec<MapEntry> {
+    let mut out = Vec::new();
+    for (blk, sel) in blocks.iter().zip(chosen) {
+        for shared in [true, false] {
+            let part = select(blk, sel, |p| p.resident.has(Proc::Cpu) == shared);
+            let pr = if shared { Prot::READ } else { prot };
+            for (s, n, pa) in pa_runs(blk, slot.id, &part) {
+                out.push(MapEntry {
+                    va: blk.va(s),
+                    len: n as u64 * PAGE_SIZE,
+                    target: MapTarget::Device(pa),
+                    prot: pr,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Appends a copy op, merging it with the previous one when both are contiguous.
+fn push_op(ops: &mut Vec<CopyOp>, op: CopyOp) {
+    match (ops.last_mut(), op) {
+        (Some(CopyOp::HostToDevice { src, dst, len }), CopyOp::HostToDevice { src: s2, dst: d2, len: l2 })
+            if src.0 + *len as usize == s2.0 && dst.0 + *len == d2.0 =>
+        {
+            *len += l2;
+        }
+        (Some(CopyOp::Zero { dst, len }), CopyOp::Zero { dst: d2, len: l2 }) if dst.0 + *len == d2.0 => *len += l2,
+        _ => ops.push(op),
+    }
+}
+
+/// Merges adjacent ranges (sorted input).
+fn coalesce(mut v: Vec<VaRange>) -> Vec<VaRange> {
+    v.sort_unstable();
+    let mut out: Vec<VaRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(l) if l.end() == r.start => l.len += r.len,
+            _ => out.push(r),
+        }
+    }
+    out
 }

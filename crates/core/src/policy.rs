@@ -26,6 +26,8 @@ pub struct Reach {
     pub host_remote: bool,
     /// A thrashing response pinned this page's data at a location.
     pub thrash_pinned: Option<Proc>,
+    /// The policy duplicates on read without advice (see [`Policy::duplicate_reads`]).
+    pub dup_reads: bool,
 }
 
 /// Chooses what happens to a page after `requester` accesses it with `access`: one pure
@@ -38,6 +40,18 @@ pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Acc
         if page.resident.has(Proc::Cpu) { Some(Proc::Cpu) } else { page.resident.devices().next().map(Proc::Device) };
     // 1. Read duplication: readers get copies; a write collapses them to the writer.
     if attrs.read_mostly && reading && current.is_some() {
+        return Decision::Duplicate;
+    }
+    // 1b. Duplicate-on-read (hetmm): a reader of data held elsewhere gets its own read-only copy
+    // unless advice says where the data belongs.
+    if reach.dup_reads
+        && reading
+        && current.is_some()
+        && !page.resident.has(requester)
+        && attrs.preferred.is_none()
+        && !attrs.accessed_by.has(requester)
+        && reach.thrash_pinned.is_none()
+    {
         return Decision::Duplicate;
     }
     let copies = page.resident.0.count_ones();
@@ -111,6 +125,11 @@ pub struct Policy {
     pub service_workers: usize,
     /// Bring CPU chunks back ahead of a CPU walking sequentially through device-resident data.
     pub cpu_readahead: bool,
+    /// Read duplication without advice: a processor that reads data another holds gets a
+    /// read-only copy, and the holder keeps read-only access (the CPU is write-protected, not
+    /// unmapped). A write collapses the copies to the writer. Reads that follow writes elsewhere
+    /// cost no migration back.
+    pub duplicate_reads: bool,
 }
 
 impl Policy {
@@ -127,6 +146,7 @@ impl Policy {
             thrashing: Thrashing::Ignore,
             service_workers: 1,
             cpu_readahead: false,
+            duplicate_reads: false,
         }
     }
 
@@ -143,6 +163,7 @@ impl Policy {
             thrashing: Thrashing::RemoteMap,
             service_workers: 2,
             cpu_readahead: true,
+            duplicate_reads: true,
         }
     }
 
@@ -274,7 +295,12 @@ mod tests {
             Decision::Remote(Proc::Cpu)
         );
         assert_eq!(select_residency(&on(DEV), &pref_cpu, Proc::Cpu, Access::Read, r), Decision::Migrate(Proc::Cpu));
-        let pinned = Reach { host_remote: true, thrash_pinned: Some(Proc::Cpu) };
+        let pinned = Reach { host_remote: true, thrash_pinned: Some(Proc::Cpu), dup_reads: false };
+        let dr = Reach { dup_reads: true, ..Reach::default() };
+        assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Read, dr), Decision::Duplicate);
+        assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Write, dr), Decision::Migrate(DEV));
+        assert_eq!(select_residency(&on(DEV), &none, Proc::Cpu, Access::Read, dr), Decision::Duplicate);
+        assert_eq!(select_residency(&Page::default(), &none, DEV, Access::Read, dr), Decision::Migrate(DEV));
         assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Read, pinned), Decision::Remote(Proc::Cpu));
         let mut dup = on(Proc::Cpu);
         dup.resident.insert(DEV);

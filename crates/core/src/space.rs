@@ -100,6 +100,8 @@ pub(crate) struct DeviceSlot {
     pub(crate) evict_queue: Mutex<VecDeque<(u64, usize)>>,
     pub(crate) batch: usize,
     pub(crate) walk: Mutex<crate::fault::Walk>,
+    pub(crate) ahead_tx: Mutex<Option<mpsc::Sender<(u64, u64, usize)>>>,
+    ahead: Mutex<Option<JoinHandle<()>>>,
     detached: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
     evictor: Mutex<Option<JoinHandle<()>>>,
@@ -292,6 +294,8 @@ impl AddressSpace {
             evict_queue: Mutex::new(VecDeque::new()),
             batch: opts.fault_batch.max(1),
             walk: Mutex::new(crate::fault::Walk::default()),
+            ahead_tx: Mutex::new(None),
+            ahead: Mutex::new(None),
             detached: AtomicBool::new(false),
             service: Mutex::new(None),
             evictor: Mutex::new(None),
@@ -308,6 +312,19 @@ impl AddressSpace {
                     source: crate::device::DeviceError::Other(e.to_string()),
                 })?;
             *slot.service.lock() = Some(h);
+        }
+        if self.config.policy.cross_block && slot.caps.replayable_faults {
+            let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
+            let (tx, rx) = mpsc::channel();
+            let h = std::thread::Builder::new()
+                .name(format!("hetmm-dev{}-ahead", id.0))
+                .spawn(move || crate::fault::ahead_loop(w, s, rx))
+                .map_err(|e| CoreError::Device {
+                    device: id,
+                    source: crate::device::DeviceError::Other(e.to_string()),
+                })?;
+            *slot.ahead_tx.lock() = Some(tx);
+            *slot.ahead.lock() = Some(h);
         }
         if self.config.policy.free_watermark > 0.0 {
             let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
@@ -362,7 +379,10 @@ impl AddressSpace {
         slot.detached.store(true, Ordering::Release);
         slot.mmu.shutdown_faults();
         slot.evict_wake.notify_all();
-        for h in [slot.service.lock().take(), slot.evictor.lock().take()].into_iter().flatten() {
+        slot.ahead_tx.lock().take();
+        for h in
+            [slot.service.lock().take(), slot.evictor.lock().take(), slot.ahead.lock().take()].into_iter().flatten()
+        {
             if h.thread().id() != std::thread::current().id() {
                 let _ = h.join();
             }
@@ -516,7 +536,8 @@ impl AddressSpace {
                 Some((f, a)) if f == i => a,
                 _ => Access::Prefetch,
             };
-            match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), Proc::Cpu, access, Reach::default()) {
+            let reach = Reach { dup_reads: self.config.policy.duplicate_reads, ..Reach::default() };
+            match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), Proc::Cpu, access, reach) {
                 Decision::Duplicate => dup.set(i),
                 _ => exclusive.set(i),
             }

@@ -65,6 +65,9 @@ impl CpuMmu for FakeCpu {
     fn wake(&self, _range: VaRange) -> Result<(), HostError> {
         Ok(())
     }
+    fn prepare(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
+        Ok(())
+    }
     fn discard(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
         Ok(())
     }
@@ -460,5 +463,43 @@ fn oversubscribed_device_evicts_without_losing_data() {
     assert!(w.space.stats().evictions > 0);
     for p in 0..pages {
         assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 7, None), p as u8);
+    }
+}
+
+#[test]
+fn bulk_prefetch_moves_or_duplicates_whole_blocks_exactly() {
+    for dup in [false, true] {
+        let mut w = world(false, 2048);
+        let s = w.cpu.range.start;
+        // Some pages written by the CPU, others never touched.
+        for p in (0..1024u64).step_by(3) {
+            w.cpu_access(s + p * PAGE_SIZE + 5, Some((p % 251) as u8));
+        }
+        let slot = w.space.slot(w.ids[0]).unwrap();
+        let region = w.space.region_of(s).unwrap();
+        let mut g0 = region.blocks[0].lock();
+        let mut g1 = region.blocks[1].lock();
+        let mut blocks = vec![&mut *g0, &mut *g1];
+        let moved = crate::migrate::bulk_to_device(&w.space, &region, &mut blocks, &slot, dup).unwrap();
+        assert_eq!(moved, 1024);
+        for b in [&*g0, &*g1] {
+            for pg in &b.pages {
+                assert!(pg.resident.has(Proc::Device(w.ids[0])) && pg.dev_mapped.has(Proc::Device(w.ids[0])));
+                if !dup {
+                    assert!(!pg.resident.has(Proc::Cpu), "moved, not copied");
+                }
+            }
+        }
+        drop((g0, g1));
+        for p in 0..1024u64 {
+            let want = if p % 3 == 0 { (p % 251) as u8 } else { 0 };
+            assert_eq!(w.dev_access(0, s + p * PAGE_SIZE + 5, None), Some(want), "dup={dup} page {p}");
+        }
+        // A device write collapses any copies; the CPU then reads the device's data.
+        w.dev_access(0, s + 7 * PAGE_SIZE + 5, Some(200));
+        assert_eq!(w.cpu_access(s + 7 * PAGE_SIZE + 5, None), 200);
+        for p in (0..1024u64).step_by(3) {
+            assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 5, None), if p == 7 { 200 } else { (p % 251) as u8 });
+        }
     }
 }

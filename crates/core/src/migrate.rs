@@ -754,3 +754,112 @@ fn coalesce(mut v: Vec<VaRange>) -> Vec<VaRange> {
     }
     out
 }
+
+/// Brings whole blocks home for the CPU in one go (CPU read-ahead): one device unmap (or
+/// write-protect, for duplicates) and TLB invalidation per device, one batch of copies per
+/// device, one backing preparation and one CPU map call for all blocks. `dup`: device copies stay
+/// (read-only) beside the CPU's. Returns the pages brought home.
+pub(crate) fn bulk_to_cpu(space: &AddressSpace, region: &Region, blocks: &mut [&mut Block], dup: bool) -> Result<u64> {
+    let mut devs = ProcMask::EMPTY;
+    for blk in blocks.iter() {
+        for p in &blk.pages {
+            if !p.resident.has(Proc::Cpu) {
+                devs.0 |= p.resident.0 & !1;
+            }
+        }
+    }
+    let prepare: Vec<VaRange> =
+        blocks.iter().filter(|b| !b.backing_ready).map(|b| VaRange::new(b.base, b.npages as u64 * PAGE_SIZE)).collect();
+    region.cpu.prepare(&coalesce(prepare))?;
+    for blk in blocks.iter_mut() {
+        blk.backing_ready = true;
+    }
+    let mut moved = 0u64;
+    for d in devs.devices() {
+        let slot = space.holder(d)?;
+        let me = Proc::Device(d);
+        let here: Vec<PageMask> = blocks
+            .iter()
+            .map(|b| select(b, &PageMask::full(b.npages), |p| p.resident.has(me) && !p.resident.has(Proc::Cpu)))
+            .collect();
+        // Nobody may write while the copy runs: device mappings go read-only (dup) or away.
+        let mut rs = Vec::new();
+        for (blk, m) in blocks.iter().zip(&here) {
+            rs.extend(ranges(blk, &select(blk, m, |p| p.dev_mapped.has(me) && (!dup || !p.dev_ro.has(me)))));
+        }
+        let rs = coalesce(rs);
+        if !rs.is_empty() {
+            if dup {
+                let prot: Vec<(VaRange, Prot)> = rs.iter().map(|r| (*r, Prot::READ)).collect();
+                slot.mmu.protect(&prot).map_err(dev_err(d))?;
+            } else {
+                slot.mmu.unmap(&rs).map_err(dev_err(d))?;
+            }
+            slot.mmu.invalidate_tlb(&rs);
+        }
+        for (blk, m) in blocks.iter_mut().zip(&here) {
+            for i in m.iter() {
+                let p = &mut blk.pages[i];
+                if dup {
+                    p.dev_ro.insert(me);
+                } else {
+                    p.dev_mapped.remove(me);
+                    p.dev_ro.remove(me);
+                }
+            }
+        }
+        let mut ops = Vec::new();
+        for (blk, m) in blocks.iter().zip(&here) {
+            for (s, n, pa) in pa_runs(blk, d, m) {
+                ops.push(CopyOp::DeviceToHost {
+                    src: pa,
+                    dst: region.cpu.backing(blk.va(s)),
+                    len: n as u64 * PAGE_SIZE,
+                });
+            }
+        }
+        run_copies(space, region, &slot, &ops)?;
+        for (blk, m) in blocks.iter_mut().zip(&here) {
+            add(&space.stats.bytes_to_host, m.count() as u64 * PAGE_SIZE);
+            moved += m.count() as u64;
+            if !dup {
+                release_device_pages(&slot, blk, m);
+            }
+            for i in m.iter() {
+                let p = &mut blk.pages[i];
+                if !dup {
+                    p.resident.remove(me);
+                }
+                p.resident.insert(Proc::Cpu);
+            }
+        }
+    }
+    // Never-written pages get zeroed backing; then the CPU maps everything it lacks.
+    let mut empty = Vec::new();
+    for blk in blocks.iter_mut() {
+        let e = select(blk, &PageMask::full(blk.npages), |p| p.resident.is_empty());
+        empty.extend(ranges(blk, &e));
+        for i in e.iter() {
+            blk.pages[i].resident.insert(Proc::Cpu);
+        }
+        moved += e.count() as u64;
+    }
+    region.cpu.populate(&coalesce(empty))?;
+    let writable = region.prot.contains(Prot::WRITE);
+    let (mut rw, mut ro) = (Vec::new(), Vec::new());
+    for blk in blocks.iter_mut() {
+        for i in 0..blk.npages {
+            let p = &mut blk.pages[i];
+            let shared = p.resident.0 & !1 != 0;
+            let want = if writable && !shared { CpuMap::Write } else { CpuMap::Read };
+            if p.cpu != want {
+                if want == CpuMap::Write { &mut rw } else { &mut ro }
+                    .push(VaRange::new(blk.base + i as u64 * PAGE_SIZE, PAGE_SIZE));
+                p.cpu = want;
+            }
+        }
+    }
+    region.cpu.map(&coalesce(rw), true)?;
+    region.cpu.map(&coalesce(ro), false)?;
+    Ok(moved)
+}

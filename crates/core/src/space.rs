@@ -133,7 +133,7 @@ pub struct AddressSpace {
     shutting_down: AtomicBool,
     epoch: Instant,
     me: Weak<AddressSpace>,
-    readahead: Mutex<Option<mpsc::Sender<u64>>>,
+    readahead: Mutex<Option<mpsc::Sender<(u64, u64)>>>,
 }
 
 impl AddressSpace {
@@ -579,23 +579,38 @@ impl AddressSpace {
         Ok((on_device.count() + dup_fetch.count() + empty.count()) as u64)
     }
 
-    /// CPU read-ahead: when CPU faults walk a region chunk after chunk, bring the next chunks home
-    /// and map them on a background thread, so the program streams through mapped memory.
+    /// CPU read-ahead: when CPU faults walk a region chunk after chunk, bring the next blocks
+    /// home and map them in bulk on a background thread, so the program streams through mapped
+    /// memory instead of faulting on every chunk.
     fn read_ahead(&self, region: &Region, chunk_start: u64, around: u64) {
-        const AHEAD: u64 = 4;
+        const AHEAD: u64 = 16;
         let last = region.last_cpu_chunk.swap(chunk_start, Ordering::Relaxed);
-        if last.checked_add(around) != Some(chunk_start) {
+        // Sequential: the next chunk, or a chunk inside the window read-ahead already covers
+        // (the program skips the chunks read-ahead mapped).
+        let mut until = region.readahead_until.load(Ordering::Relaxed);
+        if chunk_start <= last {
+            // A new walk: forget the old window.
+            until = 0;
+            region.readahead_until.store(0, Ordering::Relaxed);
+        }
+        let sequential = last.checked_add(around) == Some(chunk_start) || (chunk_start > last && chunk_start < until);
+        if !sequential {
             return;
         }
-        let from = (chunk_start + around).max(region.readahead_until.load(Ordering::Relaxed));
-        let to = (chunk_start + (AHEAD + 1) * around).min(region.range.end());
+        // Ask for more only when less than half a window is still ahead of the program.
+        if until.saturating_sub(chunk_start) >= AHEAD / 2 * BLOCK_SIZE {
+            return;
+        }
+        let next_block = align_down(chunk_start, BLOCK_SIZE) + BLOCK_SIZE;
+        let from = next_block.max(until);
+        let to = (next_block + AHEAD * BLOCK_SIZE).min(region.range.end());
         if from >= to {
             return;
         }
         region.readahead_until.store(to, Ordering::Relaxed);
         let mut tx = self.readahead.lock();
         if tx.is_none() {
-            let (s, r) = mpsc::channel::<u64>();
+            let (s, r) = mpsc::channel::<(u64, u64)>();
             let me = self.me.clone();
             if std::thread::Builder::new().name("hetmm-readahead".into()).spawn(move || readahead_loop(me, r)).is_err()
             {
@@ -604,9 +619,7 @@ impl AddressSpace {
             *tx = Some(s);
         }
         if let Some(tx) = tx.as_ref() {
-            for c in (from..to).step_by(around as usize) {
-                let _ = tx.send(c);
-            }
+            let _ = tx.send((from, to));
         }
     }
 
@@ -635,11 +648,11 @@ impl Drop for AddressSpace {
     }
 }
 
-/// Brings queued chunks home until the address space is gone.
-fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<u64>) {
+/// Brings queued windows of blocks home until the address space is gone.
+fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
     loop {
-        let va = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(va) => va,
+        let (from, to) = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(w) => w,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if space.strong_count() == 0 {
                     return;
@@ -652,12 +665,25 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<u64>) {
         if space.shutting_down.load(Ordering::Acquire) {
             return;
         }
-        let Some(region) = space.region_of(va) else { continue };
-        let around = space.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
-        let chunk = VaRange::new(va, (va + around).min(region.range.end()) - va);
-        match space.bring_chunk_home(&region, chunk, None) {
-            Ok(n) => add(&space.stats.prefetched_pages, n),
-            Err(e) => log::debug!("read-ahead of {chunk}: {e}"),
+        let Some(region) = space.region_of(from) else { continue };
+        if !region.range.contains(to - 1) || region.is_freed() {
+            continue;
+        }
+        // A few blocks at a time: the program can use the first while the next ones come.
+        const STEP: usize = 4;
+        let mut b = region.block_index(from);
+        let last = region.block_index(to - 1);
+        while b <= last {
+            let mut guards: Vec<_> = (b..=last.min(b + STEP - 1)).filter_map(|i| region.blocks[i].try_lock()).collect();
+            b += STEP;
+            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+            if blocks.is_empty() || !space.attrs.read().is_empty() {
+                continue;
+            }
+            match migrate::bulk_to_cpu(&space, &region, &mut blocks, space.config.policy.duplicate_reads) {
+                Ok(n) => add(&space.stats.prefetched_pages, n),
+                Err(e) => log::debug!("read-ahead at {from:#x}: {e}"),
+            }
         }
     }
 }

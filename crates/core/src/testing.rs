@@ -84,8 +84,11 @@ struct FakeDevice {
 }
 
 impl FakeDevice {
+    /// One access, holding the page table for its whole duration: like a TLB shootdown, an unmap
+    /// waits for accesses in flight (the sim device gives the same guarantee).
     fn access(&self, va: u64, write: Option<u8>) -> Option<u8> {
-        let (target, prot) = *self.pt.lock().get(&align_down(va, PAGE_SIZE))?;
+        let pt = self.pt.lock();
+        let (target, prot) = *pt.get(&align_down(va, PAGE_SIZE))?;
         let (mut dmem, mut hmem);
         let (mem, off): (&mut Vec<u8>, usize) = match target {
             MapTarget::Device(pa) => {

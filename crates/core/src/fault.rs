@@ -44,6 +44,7 @@ pub(crate) fn service_batch(
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
 ) -> Vec<(u64, FaultCancel)> {
+    let _shape = space.reshape.read();
     let st = &space.stats;
     add(&st.device_faults, faults.len() as u64);
     add(&st.fault_batches, 1);
@@ -71,9 +72,20 @@ pub(crate) fn service_batch(
 /// Services the faults of one 2 MiB block (sorted, deduplicated).
 fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<(u64, FaultCancel)>) {
     let Some(region) = space.region_of(group[0].va) else {
-        cancel.extend(group.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+        // A region may be arriving at this address (a remap event read, not yet applied): let
+        // the access retry instead of failing it.
+        if space.events_pending.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            cancel.extend(group.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+        }
         return;
     };
+    // Faults of this 2 MiB window that belong to a neighbouring region are serviced after.
+    let (group, others): (Vec<DeviceFault>, Vec<DeviceFault>) =
+        group.iter().partition(|f| region.range.contains(f.va));
+    if !others.is_empty() {
+        service_block(space, slot, &others, cancel);
+    }
+    let group = &group[..];
     let bidx = region.block_index(group[0].va);
     let mut blk = region.blocks[bidx].lock();
     if region.is_freed() {

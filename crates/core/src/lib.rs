@@ -16,8 +16,12 @@ pub mod types;
 pub mod alloc;
 pub mod block;
 mod evict;
+pub mod exclusive;
 mod fault;
+pub mod invalidate;
 mod migrate;
+mod mirror;
+pub mod snapshot;
 pub mod policy;
 pub mod space;
 

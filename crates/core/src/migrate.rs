@@ -35,7 +35,7 @@ fn pa_runs(blk: &Block, slot: &DeviceSlot, m: &PageMask) -> Vec<(usize, usize, P
 }
 
 /// Device page-table protection for a region's protection.
-fn device_prot(region: &Region) -> Prot {
+pub(crate) fn device_prot(region: &Region) -> Prot {
     if region.prot.contains(Prot::WRITE) {
         Prot::RWA
     } else {
@@ -51,6 +51,9 @@ pub(crate) fn to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
+    if region.remote {
+        return crate::mirror::map_remote(space, region, blk, slot, want);
+    }
     let me = Proc::Device(slot.id);
     let resident_here = blk.resident_on(me);
     let need = want.and_not(&resident_here);
@@ -225,7 +228,7 @@ fn allocate(
 /// entry), else single pages; all or nothing.
 fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
     let mut a = slot.alloc.lock();
-    if n == crate::types::PAGES_PER_BLOCK {
+    if n == crate::types::PAGES_PER_BLOCK && !crate::mirror::take_injected_failure(slot) {
         if let Some(base) = a.alloc(crate::alloc::MAX_ORDER) {
             return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
         }
@@ -255,7 +258,7 @@ fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
 }
 
 /// Unmaps `m` from `slot`'s page table and invalidates its TLB.
-fn unmap_device(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
+pub(crate) fn unmap_device(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
     let me = Proc::Device(slot.id);
     let mut mapped = PageMask::default();
     for i in m.iter() {

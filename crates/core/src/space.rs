@@ -2,7 +2,7 @@
 //! with their allocators and fault-service threads, and the public operations on them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -59,19 +59,39 @@ impl Default for AttachOptions {
 /// A shared region: one contiguous range of shared virtual memory with its blocks.
 #[derive(Debug)]
 pub struct Region {
-    /// The range (start 2 MiB aligned).
+    /// The range (page aligned; blocks follow absolute 2 MiB boundaries).
     pub range: VaRange,
     /// Protection the program asked for.
     pub prot: Prot,
+    /// Mirrored, not migrated: devices map the host pages remotely (file-backed `MAP_SHARED`
+    /// memory); nothing ever moves to device memory.
+    pub remote: bool,
     pub(crate) cpu: Arc<dyn CpuMmu>,
     pub(crate) blocks: Vec<Mutex<Block>>,
     freed: AtomicBool,
 }
 
 impl Region {
+    /// A region over `range` (page aligned) whose CPU side is `cpu` (which must accept every
+    /// sub-range of `range`), with untouched pages.
+    pub(crate) fn build(range: VaRange, prot: Prot, cpu: Arc<dyn CpuMmu>, remote: bool) -> Region {
+        let first = align_down(range.start, BLOCK_SIZE);
+        let nblocks = (range.end() - first).div_ceil(BLOCK_SIZE) as usize;
+        let blocks = (0..nblocks)
+            .map(|b| {
+                let base = (first + b as u64 * BLOCK_SIZE).max(range.start);
+                let end = (first + (b as u64 + 1) * BLOCK_SIZE).min(range.end());
+                Mutex::new(Block::new(base, ((end - base) / PAGE_SIZE) as usize))
+            })
+            .collect();
+        Region { range, prot, remote, cpu, blocks, freed: AtomicBool::new(false) }
+    }
     /// Index of the block holding `va`.
     pub(crate) fn block_index(&self, va: u64) -> usize {
-        ((va - self.range.start) / BLOCK_SIZE) as usize
+        ((va - align_down(self.range.start, BLOCK_SIZE)) / BLOCK_SIZE) as usize
+    }
+    pub(crate) fn set_freed(&self) {
+        self.freed.store(true, Ordering::Release);
     }
     pub(crate) fn is_freed(&self) -> bool {
         self.freed.load(Ordering::Acquire)
@@ -92,6 +112,8 @@ pub(crate) struct DeviceSlot {
     pub(crate) alloc: Mutex<BuddyAllocator>,
     pub(crate) evict_queue: Mutex<VecDeque<(u64, usize)>>,
     pub(crate) batch: usize,
+    /// Injected failures: this many coming 2 MiB allocations fail (fall back to base pages).
+    pub(crate) fail_large_alloc: AtomicU32,
     detached: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
 }
@@ -105,7 +127,12 @@ impl DeviceSlot {
 /// One address space shared by the CPU and every attached device.
 #[derive(Debug)]
 pub struct AddressSpace {
-    regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    pub(crate) regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    /// Held for reading by every fault service and migration, for writing while regions are
+    /// split, moved or re-protected (so no fault sees a range missing mid-change).
+    pub(crate) reshape: RwLock<()>,
+    /// CPU-side events (unmap, remap, discard) read but not yet applied.
+    pub(crate) events_pending: AtomicU64,
     devices: RwLock<Vec<Option<Arc<DeviceSlot>>>>,
     pub(crate) stats: Stats,
     pub(crate) config: CoreConfig,
@@ -117,6 +144,8 @@ impl AddressSpace {
     pub fn new(config: CoreConfig) -> Arc<Self> {
         Arc::new(AddressSpace {
             regions: RwLock::new(BTreeMap::new()),
+            reshape: RwLock::new(()),
+            events_pending: AtomicU64::new(0),
             devices: RwLock::new(Vec::new()),
             stats: Stats::default(),
             config,
@@ -136,11 +165,16 @@ impl AddressSpace {
 
     // ----- regions -----
 
-    /// Adds a shared region whose CPU side is `cpu` (its range must start 2 MiB aligned).
+    /// Adds a shared region whose CPU side is `cpu` (its range must be page aligned).
     pub fn add_region(&self, cpu: Arc<dyn CpuMmu>, prot: Prot) -> Result<VaRange> {
+        self.add_region_with(cpu, prot, false)
+    }
+
+    /// Adds a region; `remote` makes it mirrored (devices map the host pages, nothing migrates).
+    pub fn add_region_with(&self, cpu: Arc<dyn CpuMmu>, prot: Prot, remote: bool) -> Result<VaRange> {
         let range = cpu.range();
         let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
-        if !checked.is_page_aligned() || range.start % BLOCK_SIZE != 0 {
+        if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
         let mut regions = self.regions.write();
@@ -151,15 +185,7 @@ impl AddressSpace {
         if overlaps {
             return Err(CoreError::Overlap(range));
         }
-        let nblocks = range.len.div_ceil(BLOCK_SIZE) as usize;
-        let blocks = (0..nblocks)
-            .map(|b| {
-                let base = range.start + b as u64 * BLOCK_SIZE;
-                let npages = ((range.end() - base).min(BLOCK_SIZE) / PAGE_SIZE) as usize;
-                Mutex::new(Block::new(base, npages))
-            })
-            .collect();
-        regions.insert(range.start, Arc::new(Region { range, prot, cpu, blocks, freed: AtomicBool::new(false) }));
+        regions.insert(range.start, Arc::new(Region::build(range, prot, cpu, remote)));
         Ok(range)
     }
 
@@ -231,6 +257,7 @@ impl AddressSpace {
             caps,
             evict_queue: Mutex::new(VecDeque::new()),
             batch: opts.fault_batch.max(1),
+            fail_large_alloc: AtomicU32::new(0),
             detached: AtomicBool::new(false),
             service: Mutex::new(None),
         });
@@ -320,6 +347,7 @@ impl AddressSpace {
     /// service as a fault). For a device, the pages end up mapped there; for the CPU, they end up
     /// in host backing and are mapped on the next CPU access.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
+        let _shape = self.reshape.read();
         let range = self.check_range(start, len)?;
         let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
         let slot = match to {
@@ -344,6 +372,7 @@ impl AddressSpace {
 
     /// Services a CPU fault at `va` (see [`CpuFaultHandler`]).
     fn service_cpu_fault(&self, va: u64, _access: Access) -> Result<()> {
+        let _shape = self.reshape.read();
         let t = Instant::now();
         let region = self.region_of(va).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
         let around = self.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
@@ -407,6 +436,16 @@ impl AddressSpace {
 impl CpuFaultHandler for AddressSpace {
     fn cpu_fault(&self, va: u64, access: Access) -> Result<()> {
         self.service_cpu_fault(va, access)
+    }
+    fn cpu_event(&self, ev: crate::invalidate::CpuEvent) -> Result<()> {
+        self.apply_cpu_event(ev)
+    }
+    fn event_queued(&self, queued: bool) {
+        if queued {
+            self.events_pending.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.events_pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -174,6 +174,28 @@ impl AddressSpace {
         self.unmap_range(range)
     }
 
+    /// Adds shared memory the program already had (`register`): a region over `range` whose CPU
+    /// side is `cpu` (which accepts every sub-range of `range`), every page holding data in host
+    /// memory and unmapped by the CPU (the next access maps it).
+    pub fn add_registered(&self, cpu: Arc<dyn CpuMmu>, range: VaRange, prot: Prot, remote: bool) -> Result<()> {
+        let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
+        if !checked.is_page_aligned() {
+            return Err(CoreError::Unaligned(range));
+        }
+        let region = Region::build(range, prot, cpu, remote);
+        for cell in &region.blocks {
+            for pg in cell.lock().pages.iter_mut() {
+                pg.resident = ProcMask::only(crate::types::Proc::Cpu);
+            }
+        }
+        let mut map = self.regions.write();
+        if !self.overlapping_locked(&map, range).is_empty() {
+            return Err(CoreError::Overlap(range));
+        }
+        map.insert(range.start, Arc::new(region));
+        Ok(())
+    }
+
     /// Validates a range that may cover several adjacent regions: non-empty, no overflow, page
     /// aligned, and every page inside some shared region.
     pub fn check_span(&self, start: u64, len: u64) -> Result<VaRange> {

@@ -79,6 +79,21 @@ impl AddressSpace {
         }
     }
 
+    /// Waits (at most 10 s) until every CPU-side event read from the OS has been applied: after
+    /// the program's `munmap`/`mremap`/`madvise` returns, the next hetmm call sees its effect.
+    /// Never call it from the thread that applies events.
+    pub fn settle(&self) -> Result<()> {
+        let limit = std::time::Duration::from_secs(10);
+        let t = std::time::Instant::now();
+        while self.events_pending.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            if t.elapsed() > limit {
+                return Err(CoreError::Timeout { what: "applying CPU-side events", after: limit });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
     /// Brings device-resident pages of `range` back to host memory and removes every device
     /// mapping of them (the program discarded its CPU mapping; see the module notes).
     pub fn discard_range(&self, range: VaRange) -> Result<()> {

@@ -135,6 +135,7 @@ impl Hetmm {
     /// Moves `[start, start + len)` to `to` in bulk (an explicit prefetch). The range may span
     /// several adjacent shared regions.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
+        self.space.settle()?;
         Ok(self.space.migrate_span(start, len, to)?)
     }
 
@@ -146,6 +147,7 @@ impl Hetmm {
     ///
     /// The program must not write the range while `register` runs.
     pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
+        self.space.settle()?;
         let reg = self.host.register(ptr as u64, len as u64).map_err(|e| Error::Host(e.to_string()))?;
         for &(part, prot) in &reg.parts {
             if let Err(e) = self.space.add_registered(Arc::clone(&reg.cpu), part, prot, reg.remote) {
@@ -167,6 +169,7 @@ impl Hetmm {
             .and_then(|e| e.checked_add(PAGE_SIZE - 1))
             .ok_or(CoreError::Overflow { start: ptr as u64, len: len as u64 })?
             & !(PAGE_SIZE - 1);
+        self.space.settle()?;
         self.space.release_range(start, end.saturating_sub(start))?;
         self.host.unregister(start, end - start).map_err(|e| Error::Host(e.to_string()))
     }
@@ -175,22 +178,26 @@ impl Hetmm {
     /// device together. A device write to memory without `WRITE` fails with
     /// [`FaultCancel::Protection`](hetmm_core::device::FaultCancel::Protection).
     pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
+        self.space.settle()?;
         Ok(self.space.protect_range(start, len, prot)?)
     }
 
     /// One entry per page of `[start, start + len)` as `dev` sees it (like HMM's SNAPSHOT).
     pub fn snapshot<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<Vec<SnapEntry>> {
+        self.space.settle()?;
         Ok(self.space.snapshot(start, len, dev.id)?)
     }
 
     /// Gives `dev` exclusive access to `[start, start + len)` for atomics; any CPU access
     /// revokes it (see [`hetmm_core::exclusive`]).
     pub fn make_exclusive<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<()> {
+        self.space.settle()?;
         Ok(self.space.make_exclusive(start, len, dev.id)?)
     }
 
     /// Whether `dev` still has exclusive access to every page of the range.
     pub fn check_exclusive<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<bool> {
+        self.space.settle()?;
         Ok(self.space.check_exclusive(start, len, dev.id)?)
     }
 

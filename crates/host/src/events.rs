@@ -101,9 +101,19 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                 continue;
             }
         }
+        // The read itself counts as a pending event: the kernel lets munmap/mremap/madvise
+        // return as soon as their event is read, and `settle` must not miss the event between
+        // the read and its dispatch.
+        let core = handler.upgrade();
+        if let Some(c) = &core {
+            c.event_queued(true);
+        }
         let n = match uffd.read_msgs(&mut msgs) {
             Ok(n) => n,
             Err(e) => {
+                if let Some(c) = &core {
+                    c.event_queued(false);
+                }
                 log::error!("uffd read failed: {e}");
                 std::thread::sleep(POLL_INTERVAL);
                 continue;
@@ -132,12 +142,17 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     continue;
                 }
             };
-            if let Some(core) = handler.upgrade() {
-                core.event_queued(true);
+            if let Some(c) = &core {
+                c.event_queued(true);
             }
             out.push(msg);
         }
-        if !out.is_empty() && tx.send(out).is_err() {
+        let sent = out.is_empty() || tx.send(out).is_ok();
+        if let Some(c) = &core {
+            c.event_queued(false);
+        }
+        drop(core);
+        if !sent {
             break;
         }
     }

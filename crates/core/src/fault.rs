@@ -80,8 +80,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         return;
     };
     // Faults of this 2 MiB window that belong to a neighbouring region are serviced after.
-    let (group, others): (Vec<DeviceFault>, Vec<DeviceFault>) =
-        group.iter().partition(|f| region.range.contains(f.va));
+    let (group, others): (Vec<DeviceFault>, Vec<DeviceFault>) = group.iter().partition(|f| region.range.contains(f.va));
     if !others.is_empty() {
         service_block(space, slot, &others, cancel);
     }

@@ -22,7 +22,7 @@ use crate::cpu::CpuMmu;
 use crate::error::{CoreError, Result};
 use crate::migrate;
 use crate::space::{AddressSpace, Region};
-use crate::types::{Prot, ProcMask, VaRange, PAGE_SIZE};
+use crate::types::{ProcMask, Prot, VaRange, PAGE_SIZE};
 
 /// A CPU-side change of the address space, as the host layer reads it from the OS.
 #[derive(Debug, Clone)]
@@ -282,7 +282,9 @@ impl AddressSpace {
                     let base = blk.base;
                     for (i, pg) in blk.pages.iter_mut().enumerate() {
                         let src = part.src + (base - part.range.start) + i as u64 * PAGE_SIZE;
-                        if let Some(p) = src.checked_sub(r.range.start).and_then(|o| pages.get((o / PAGE_SIZE) as usize)) {
+                        if let Some(p) =
+                            src.checked_sub(r.range.start).and_then(|o| pages.get((o / PAGE_SIZE) as usize))
+                        {
                             *pg = *p;
                         }
                     }

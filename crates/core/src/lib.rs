@@ -21,8 +21,8 @@ mod fault;
 pub mod invalidate;
 mod migrate;
 mod mirror;
-pub mod snapshot;
 pub mod policy;
+pub mod snapshot;
 pub mod space;
 
 pub use space::{AddressSpace, AttachOptions, CoreConfig};

@@ -63,7 +63,15 @@ impl SnapEntry {
     /// The HMM self-test byte for a device-private device. As in Linux, a page on another
     /// private device reads as `NONE` (its owner is the only one who can see it).
     pub fn hmm_byte(&self) -> u8 {
-        let access = |p: Prot| if p.contains(Prot::WRITE) { hmm::WRITE } else if p.contains(Prot::READ) { hmm::READ } else { 0 };
+        let access = |p: Prot| {
+            if p.contains(Prot::WRITE) {
+                hmm::WRITE
+            } else if p.contains(Prot::READ) {
+                hmm::READ
+            } else {
+                0
+            }
+        };
         let level = if self.huge { hmm::PMD } else { 0 };
         match self.kind {
             SnapKind::Error => hmm::ERROR,

@@ -27,6 +27,7 @@
 //!   vm_insert_page); hetmm has no device file.
 //! - 28 hmm_gup_test: needs the kernel's gup_test debugfs interface; the user-space analogue
 //!   (a kernel-mode access to device-resident memory) is covered in foundation.rs.
+//!
 //! The coherent variant is not run: no coherent device exists yet.
 #![allow(clippy::undocumented_unsafe_blocks)]
 

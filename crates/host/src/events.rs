@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu};
 use hetmm_core::invalidate::CpuEvent;
@@ -24,13 +24,19 @@ use crate::uffd::{self, Event, Features, Uffd, UffdError};
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
+/// How long a finished self-zap still claims REMOVE events of its range. A program discard of
+/// the same range within this window is taken for ours: harmless for `MADV_DONTNEED` (the data
+/// stays), see `hetmm_core::invalidate` for `MADV_REMOVE`.
+const ZAP_LINGER: Duration = Duration::from_secs(1);
 
 /// State shared by the host's threads and its regions.
 #[derive(Debug)]
 pub(crate) struct Ctx {
     pub(crate) uffd: Arc<Uffd>,
-    /// Ranges the manager is zapping right now (their REMOVE events are its own).
-    zaps: Mutex<Vec<VaRange>>,
+    /// Ranges the manager is zapping or zapped recently (their REMOVE events are its own), with
+    /// when the zap returned. madvise returns as soon as the reader's read(2) took the event,
+    /// before the reader looks the range up, so an entry outlives its zap by [`ZAP_LINGER`].
+    zaps: Mutex<Vec<(VaRange, Option<Instant>)>>,
     /// Registered memory (followed through unmap and remap).
     pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
 }
@@ -42,17 +48,22 @@ impl Ctx {
 
     /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
     pub(crate) fn self_zap<T>(&self, range: VaRange, zap: impl FnOnce() -> T) -> T {
-        self.zaps.lock().push(range);
+        self.zaps.lock().push((range, None));
         let r = zap();
+        let now = Instant::now();
         let mut z = self.zaps.lock();
-        if let Some(i) = z.iter().position(|x| *x == range) {
-            z.swap_remove(i);
+        if let Some(e) = z.iter_mut().find(|(x, done)| *x == range && done.is_none()) {
+            e.1 = Some(now);
         }
+        z.retain(|(_, done)| done.is_none_or(|t| now.duration_since(t) < ZAP_LINGER));
         r
     }
 
     fn is_self_zap(&self, range: VaRange) -> bool {
-        self.zaps.lock().iter().any(|z| z.contains_range(&range))
+        let now = Instant::now();
+        let mut z = self.zaps.lock();
+        z.retain(|(_, done)| done.is_none_or(|t| now.duration_since(t) < ZAP_LINGER));
+        z.iter().any(|(x, _)| x.contains_range(&range))
     }
 
     pub(crate) fn live_mirrors_pub(&self) -> Vec<Arc<Mirror>> {
@@ -198,13 +209,10 @@ fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
             CpuEvent::Unmap(r)
         }
         Msg::Remap { from, to, len } => {
-            let old = VaRange::new(from, len);
+            // The old range leaves hetmm's management. A plain move is followed by an UNMAP
+            // event for it; after MREMAP_DONTUNMAP it stays mapped and registered, and a CPU
+            // access there faults to the core, which no longer knows it (SIGBUS).
             let new_cpu = ctx.remap_view(from, to, len);
-            // MREMAP_DONTUNMAP leaves the old range mapped (for shared memory: the same pages).
-            // It is no longer managed: make it a plain mapping, not one whose faults reach us.
-            if crate::mapping::is_mapped(old) {
-                let _ = ctx.uffd.unregister(old);
-            }
             CpuEvent::Remap { from, to, len, new_cpu }
         }
     };

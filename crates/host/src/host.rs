@@ -74,8 +74,8 @@ impl Host {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let (c, h, s) = (ctx.clone(), handler.clone(), stop.clone());
-        let reader =
-            Worker::spawn("hetmm-uffd-read", move || events::read_loop(&c, &h, &s, tx)).map_err(HostInitError::Spawn)?;
+        let reader = Worker::spawn("hetmm-uffd-read", move || events::read_loop(&c, &h, &s, tx))
+            .map_err(HostInitError::Spawn)?;
         let (c, s) = (ctx.clone(), stop.clone());
         let servicer = match Worker::spawn("hetmm-cpu-fault", move || events::service_loop(&c, &handler, &s, rx)) {
             Ok(w) => w,
@@ -291,7 +291,9 @@ impl CpuMmu for HostRegion {
 
     fn reads_zero(&self, range: VaRange) -> bool {
         match self.mapping.offset_of(range) {
-            Ok(off) => crate::mapping::alias_is_zero(self.mapping.alias_ptr() as usize + off as usize, range.len as usize),
+            Ok(off) => {
+                crate::mapping::alias_is_zero(self.mapping.alias_ptr() as usize + off as usize, range.len as usize)
+            }
             Err(_) => false,
         }
     }

@@ -15,9 +15,9 @@ mod events;
 #[cfg(target_os = "linux")]
 mod host;
 #[cfg(target_os = "linux")]
-pub mod mirror;
-#[cfg(target_os = "linux")]
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod mirror;
 #[cfg(target_os = "linux")]
 pub mod probe;
 #[cfg(target_os = "linux")]

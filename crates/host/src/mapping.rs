@@ -258,7 +258,8 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
         return Err(MappingError::BadLength(len));
     }
     let whole = VaRange::new(0, len);
-    let memfd = rustix::fs::memfd_create("hetmm-registered", MemfdFlags::CLOEXEC).map_err(os_err("memfd_create", whole))?;
+    let memfd =
+        rustix::fs::memfd_create("hetmm-registered", MemfdFlags::CLOEXEC).map_err(os_err("memfd_create", whole))?;
     rustix::fs::ftruncate(&memfd, len).map_err(os_err("ftruncate", whole))?;
     let alias = map_aligned(&memfd, len as usize).map_err(os_err("mmap alias", whole))?;
     Ok((memfd, alias))
@@ -281,7 +282,8 @@ pub(crate) fn adopt_private(
     if !prot.contains(hetmm_core::types::Prot::READ) {
         // SAFETY: the caller found this range mapped private in /proc/self/maps; making it
         // readable changes no content and is undone by the mapping that replaces it below.
-        unsafe { rustix::mm::mprotect(addr as *mut _, len, rustix::mm::MprotectFlags::READ) }.map_err(os_err("mprotect", range))?;
+        unsafe { rustix::mm::mprotect(addr as *mut _, len, rustix::mm::MprotectFlags::READ) }
+            .map_err(os_err("mprotect", range))?;
     }
     // SAFETY: the source is readable program memory (checked in /proc/self/maps, made readable
     // just above), the destination is our alias at `offset` (inside the memfd, owned by the
@@ -289,8 +291,10 @@ pub(crate) fn adopt_private(
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, (alias + offset as usize) as *mut u8, len) };
     // SAFETY: MAP_FIXED replaces exactly the program's private pages of `range`, whose content
     // was just copied into the memfd; the program sees the same bytes at the same addresses.
-    unsafe { rustix::mm::mmap(addr as *mut _, len, prot_flags(prot), MapFlags::SHARED | MapFlags::FIXED, memfd, offset) }
-        .map_err(os_err("mmap(FIXED) over program memory", range))?;
+    unsafe {
+        rustix::mm::mmap(addr as *mut _, len, prot_flags(prot), MapFlags::SHARED | MapFlags::FIXED, memfd, offset)
+    }
+    .map_err(os_err("mmap(FIXED) over program memory", range))?;
     Ok(())
 }
 
@@ -327,11 +331,9 @@ pub(crate) fn dup_shared(range: VaRange) -> Result<usize, MappingError> {
     check(range)?;
     // SAFETY: with old_size 0 mremap leaves the old mapping alone and creates a new one at an
     // address the kernel picks, mapping the same shared pages.
-    unsafe {
-        rustix::mm::mremap(range.start as *mut _, 0, range.len as usize, rustix::mm::MremapFlags::MAYMOVE)
-    }
-    .map(|p| p as usize)
-    .map_err(os_err("mremap(dup)", range))
+    unsafe { rustix::mm::mremap(range.start as *mut _, 0, range.len as usize, rustix::mm::MremapFlags::MAYMOVE) }
+        .map(|p| p as usize)
+        .map_err(os_err("mremap(dup)", range))
 }
 
 /// Unmaps an alias this crate created.

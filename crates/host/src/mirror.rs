@@ -297,7 +297,8 @@ impl Host {
     /// anonymous memory with its current bytes (the core must have brought every page back to
     /// host memory and dropped the range first). Shared memory needs nothing here.
     pub fn unregister(&self, start: u64, len: u64) -> Result<(), RegionError> {
-        let range = VaRange::checked(start, len).filter(VaRange::is_page_aligned).ok_or(MappingError::BadLength(len))?;
+        let range =
+            VaRange::checked(start, len).filter(VaRange::is_page_aligned).ok_or(MappingError::BadLength(len))?;
         for m in self.ctx.live_mirrors_pub() {
             let Some(fd_alias) = m.memfd.as_ref().map(|_| m.alias) else {
                 m.forget(range);

@@ -73,7 +73,7 @@ impl AddressSpace {
     /// Applies a CPU-side event (see [`CpuEvent`]).
     pub fn apply_cpu_event(&self, ev: CpuEvent) -> Result<()> {
         match ev {
-            CpuEvent::Discard(r) => self.discard_range(r),
+            CpuEvent::Discard(r) => self.discard_cpu_range(r),
             CpuEvent::Unmap(r) => self.unmap_range(r).map(drop),
             CpuEvent::Remap { from, to, len, new_cpu } => self.remap_range(from, to, len, new_cpu),
         }
@@ -96,7 +96,7 @@ impl AddressSpace {
 
     /// Brings device-resident pages of `range` back to host memory and removes every device
     /// mapping of them (the program discarded its CPU mapping; see the module notes).
-    pub fn discard_range(&self, range: VaRange) -> Result<()> {
+    pub fn discard_cpu_range(&self, range: VaRange) -> Result<()> {
         let _shape = self.reshape.read();
         let mut result = Ok(());
         for region in self.overlapping(range) {
@@ -171,7 +171,7 @@ impl AddressSpace {
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();
             if let Some(mid) = r.range.intersect(&range) {
-                if let Err(e) = r.cpu.protect(mid, prot) {
+                if let Err(e) = r.cpu.set_prot(mid, prot) {
                     cpu_result = Err(CoreError::Host(e));
                 }
                 parts.push(Part { range: mid, prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: mid.start });
@@ -268,11 +268,12 @@ impl AddressSpace {
                     log::error!("reshaping {}: {e}", r.range);
                     result = Err(e);
                 }
-                migrate::drop_device_copies(self, &mut blk);
+                migrate::drop_device_copies(self, &mut blk, &all);
                 pages.extend(blk.pages.iter().map(|p| Page {
                     resident: ProcMask(p.resident.0 & ProcMask::only(crate::types::Proc::Cpu).0),
                     cpu: p.cpu,
                     dev_mapped: ProcMask::EMPTY,
+                    dev_ro: ProcMask::EMPTY,
                 }));
             }
             for part in f(r) {
@@ -344,7 +345,7 @@ fn flush_and_unmap(
     migrate::to_cpu(space, region, blk, &on_dev)?;
     for d in mapped.devices() {
         let Ok(slot) = space.holder(d) else { continue };
-        migrate::unmap_device(space, blk, &slot, want)?;
+        migrate::unmap_on(space, blk, &slot, want)?;
     }
     Ok(())
 }

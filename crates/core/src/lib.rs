@@ -13,7 +13,9 @@ pub mod error;
 pub mod stats;
 pub mod types;
 
+pub mod advice;
 pub mod alloc;
+pub mod attrs;
 pub mod block;
 mod evict;
 pub mod exclusive;
@@ -25,6 +27,8 @@ pub mod policy;
 pub mod snapshot;
 pub mod space;
 
+pub use advice::{Advice, Pending};
+pub use policy::Policy;
 pub use space::{AddressSpace, AttachOptions, CoreConfig};
 
 #[cfg(test)]

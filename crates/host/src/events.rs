@@ -255,19 +255,19 @@ fn serve_faults(uffd: &Uffd, core: Option<&dyn CpuFaultHandler>, faults: &mut Ve
 fn release_with_sigbus(uffd: &Uffd, va: u64) {
     let page = VaRange::new(va, PAGE_SIZE);
     let res = if uffd.features().contains(Features::POISON) {
-        uffd.poison(page)
+        crate::host::retry_again(|| uffd.poison(page))
     } else {
         Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
     };
     match res {
         Ok(()) => {}
         Err(UffdError::Exists { .. }) => {
-            let _ = uffd.wake(page);
+            let _ = crate::host::retry_again(|| uffd.wake(page));
         }
         Err(e) => {
             // Waking makes the thread fault again, which is better than hanging it forever.
             log::error!("cannot poison {page}: {e}; waking the thread to retry");
-            let _ = uffd.wake(page);
+            let _ = crate::host::retry_again(|| uffd.wake(page));
         }
     }
 }

@@ -192,6 +192,22 @@ impl HostRegion {
     }
 }
 
+/// Runs a uffd ioctl, retrying (bounded, with back-off) while it fails with EAGAIN: with
+/// EVENT_REMOVE/UNMAP/REMAP on, every range ioctl fails so while an event is queued and not yet
+/// read (`mmap_changing`); the reader thread reads it promptly.
+pub(crate) fn retry_again<T>(mut op: impl FnMut() -> Result<T, UffdError>) -> Result<T, UffdError> {
+    let mut retries = 0;
+    loop {
+        match op() {
+            Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
+                retries += 1;
+                std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Maps `range` with UFFDIO_CONTINUE (write-protected unless `writable`), tolerating pages that
 /// are already mapped, retrying a bounded number of times while the address space is changing
 /// (EAGAIN: an event is queued), and allocating backing with `allocate` where the page cache has
@@ -227,8 +243,8 @@ pub(crate) fn continue_range(
     }
     if existed {
         // Pages mapped before may carry the other write permission, and EEXIST woke nobody.
-        uffd.writeprotect(range, !writable, false).map_err(|e| uffd_err("map", range, e))?;
-        uffd.wake(range).map_err(|e| uffd_err("map", range, e))?;
+        retry_again(|| uffd.writeprotect(range, !writable, false)).map_err(|e| uffd_err("map", range, e))?;
+        retry_again(|| uffd.wake(range)).map_err(|e| uffd_err("map", range, e))?;
     }
     Ok(())
 }
@@ -258,9 +274,21 @@ impl CpuMmu for HostRegion {
         ranges.iter().try_for_each(|&r| self.map_range(r, writable))
     }
 
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        for &r in ranges {
+            self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
+            retry_again(|| self.host.uffd.writeprotect(r, !writable, true)).map_err(|e| uffd_err("protect", r, e))?;
+        }
+        Ok(())
+    }
+
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("wake", range, e))?;
-        self.host.uffd.wake(range).map_err(|e| uffd_err("wake", range, e))
+        retry_again(|| self.host.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
+    }
+
+    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        ranges.iter().try_for_each(|&r| self.mapping.populate_alias(r).map_err(|e| mapping_err("prepare", r, e)))
     }
 
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -284,7 +312,7 @@ impl CpuMmu for HostRegion {
         HostAddr(self.mapping.alias_ptr() as usize + (va - app.start) as usize)
     }
 
-    fn protect(&self, range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), HostError> {
+    fn set_prot(&self, range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("protect", range, e))?;
         crate::mapping::protect_view(range, prot).map_err(|e| mapping_err("protect", range, e))
     }

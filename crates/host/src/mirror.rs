@@ -20,7 +20,7 @@ use hetmm_core::types::{Prot, VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::events::Ctx;
-use crate::host::{continue_range, mapping_err, uffd_err, Host, RegionError};
+use crate::host::{continue_range, mapping_err, retry_again, uffd_err, Host, RegionError};
 use crate::mapping::{self, MappingError};
 use crate::uffd::RegisterMode;
 
@@ -190,9 +190,25 @@ impl CpuMmu for MirrorView {
         Ok(())
     }
 
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        if self.mirror.is_remote() {
+            return Ok(());
+        }
+        for &r in ranges {
+            self.check("protect", r)?;
+            retry_again(|| self.mirror.ctx.uffd.writeprotect(r, !writable, true))
+                .map_err(|e| uffd_err("protect", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        self.populate(ranges)
+    }
+
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
         self.check("wake", range)?;
-        self.mirror.ctx.uffd.wake(range).map_err(|e| uffd_err("wake", range, e))
+        retry_again(|| self.mirror.ctx.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
     }
 
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -213,7 +229,7 @@ impl CpuMmu for MirrorView {
         HostAddr(self.mirror.alias + (self.off + (va - self.app)) as usize)
     }
 
-    fn protect(&self, range: VaRange, prot: Prot) -> Result<(), HostError> {
+    fn set_prot(&self, range: VaRange, prot: Prot) -> Result<(), HostError> {
         self.check("protect", range)?;
         mapping::protect_view(range, prot).map_err(|e| mapping_err("protect", range, e))
     }

@@ -328,6 +328,8 @@ pub(crate) fn ahead_loop(
 
 fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, (last, stride, ahead): (u64, u64, usize)) {
     let me = Proc::Device(slot.id);
+    // Never while regions are being reshaped (unmap/remap/protect in progress).
+    let Some(_shape) = space.reshape.try_read() else { return };
     let Some(region) = space.region_of(last) else { return };
     let reserve = (slot.free_and_total().1 as f64 * space.config.policy.free_watermark * 2.0) as u64;
     let mut budget = slot.free_and_total().0.saturating_sub(reserve);

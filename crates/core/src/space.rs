@@ -691,6 +691,8 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<u64>) {
         if space.shutting_down.load(Ordering::Acquire) {
             return;
         }
+        // Never while regions are being reshaped (unmap/remap/protect in progress).
+        let Some(_shape) = space.reshape.try_read() else { continue };
         let Some(region) = space.region_of(va) else { continue };
         let around = space.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
         let chunk = VaRange::new(va, (va + around).min(region.range.end()) - va);

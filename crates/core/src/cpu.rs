@@ -51,6 +51,17 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
     /// The manager's address of the backing of `va` (valid while the region lives). Copy engines
     /// read and write host data here.
     fn backing(&self, va: u64) -> HostAddr;
+
+    /// Changes the CPU protection of the application's view of `range` (`mprotect`).
+    fn set_prot(&self, _range: VaRange, _prot: crate::types::Prot) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    /// Whether the host backing of `range` holds only zero bytes (for snapshots: a read-only
+    /// mapped page of zeros is reported like Linux's zero page). `false` when unknown.
+    fn reads_zero(&self, _range: VaRange) -> bool {
+        false
+    }
 }
 
 /// What the host layer calls when the CPU faults on a shared region.
@@ -59,4 +70,14 @@ pub trait CpuFaultHandler: Send + Sync {
     /// [`CpuMmu::map`]), then returns. On error the host layer must still release the faulting
     /// thread (it raises SIGBUS on it rather than letting it hang).
     fn cpu_fault(&self, va: u64, access: Access) -> Result<(), crate::error::CoreError>;
+
+    /// Applies a CPU-side address-space change (unmap, remap, discard) read from the OS.
+    fn cpu_event(&self, _ev: crate::invalidate::CpuEvent) -> Result<(), crate::error::CoreError> {
+        Ok(())
+    }
+
+    /// Called with `true` when an event was read and queued, `false` once it was applied:
+    /// while events are pending, device faults on addresses no region covers are retried
+    /// rather than cancelled (the region may be arriving at its new address).
+    fn event_queued(&self, _queued: bool) {}
 }

@@ -65,6 +65,19 @@ pub enum CoreError {
         /// How long.
         after: Duration,
     },
+    /// The memory is mirrored (file-backed shared memory), not migratable, or the device cannot
+    /// map host memory remotely.
+    #[error("range {0} cannot move to device memory (mirrored shared memory)")]
+    NotMigratable(VaRange),
+    /// The memory's protection does not allow the operation (a device access or migration of
+    /// memory the program mapped without the needed rights).
+    #[error("range {range} does not allow {needed:?}")]
+    Protection {
+        /// The range.
+        range: VaRange,
+        /// What was needed.
+        needed: crate::types::Prot,
+    },
     /// The address space is being torn down.
     #[error("address space is shutting down")]
     ShuttingDown,

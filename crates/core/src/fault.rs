@@ -74,6 +74,7 @@ pub(crate) fn service_batch(
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
 ) -> (Vec<(u64, FaultCancel)>, Vec<u64>) {
+    let _shape = space.reshape.read();
     let st = &space.stats;
     add(&st.device_faults, faults.len() as u64);
     add(&st.fault_batches, 1);
@@ -151,9 +152,19 @@ impl Plan {
 /// Services the faults of one 2 MiB block (sorted, deduplicated).
 fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<(u64, FaultCancel)>) {
     let Some(region) = space.region_of(group[0].va) else {
-        cancel.extend(group.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+        // A region may be arriving at this address (a remap event read, not yet applied): let
+        // the access retry instead of failing it.
+        if space.events_pending.load(Ordering::Acquire) == 0 {
+            cancel.extend(group.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+        }
         return;
     };
+    // Faults of this 2 MiB window that belong to a neighbouring region are serviced after.
+    let (group, others): (Vec<DeviceFault>, Vec<DeviceFault>) = group.iter().partition(|f| region.range.contains(f.va));
+    if !others.is_empty() {
+        service_block(space, slot, &others, cancel);
+    }
+    let group = &group[..];
     let bidx = region.block_index(group[0].va);
     let mut blk = region.blocks[bidx].lock();
     if region.is_freed() {
@@ -317,6 +328,8 @@ pub(crate) fn ahead_loop(
 
 fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, (last, stride, ahead): (u64, u64, usize)) {
     let me = Proc::Device(slot.id);
+    // Never while regions are being reshaped (unmap/remap/protect in progress).
+    let Some(_shape) = space.reshape.try_read() else { return };
     let Some(region) = space.region_of(last) else { return };
     let reserve = (slot.free_and_total().1 as f64 * space.config.policy.free_watermark * 2.0) as u64;
     let mut budget = slot.free_and_total().0.saturating_sub(reserve);

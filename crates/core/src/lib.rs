@@ -18,9 +18,13 @@ pub mod alloc;
 pub mod attrs;
 pub mod block;
 mod evict;
+pub mod exclusive;
 mod fault;
+pub mod invalidate;
 mod migrate;
+mod mirror;
 pub mod policy;
+pub mod snapshot;
 pub mod space;
 
 pub use advice::{Advice, Pending};

@@ -49,7 +49,7 @@ fn pa_runs(blk: &Block, id: DeviceId, m: &PageMask) -> Vec<(usize, usize, PhysAd
 }
 
 /// Device page-table protection for a region's protection.
-fn device_prot(region: &Region) -> Prot {
+pub(crate) fn device_prot(region: &Region) -> Prot {
     if region.prot.contains(Prot::WRITE) {
         Prot::RWA
     } else {
@@ -62,7 +62,7 @@ fn dev_err(d: DeviceId) -> impl FnOnce(crate::device::DeviceError) -> CoreError 
 }
 
 /// Unmaps the pages of `m` that `slot` maps, and invalidates its TLB.
-fn unmap_on(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
+pub(crate) fn unmap_on(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
     let me = Proc::Device(slot.id);
     let mapped = select(blk, m, |p| p.dev_mapped.has(me));
     if mapped.is_empty() {
@@ -282,6 +282,9 @@ pub(crate) fn to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
+    if region.remote {
+        return map_remote(space, region, blk, slot, want);
+    }
     let me = Proc::Device(slot.id);
     // Data held only by another device goes through the host (no peer copies yet).
     to_cpu(space, region, blk, &only_elsewhere(blk, want, me))?;
@@ -329,6 +332,9 @@ pub(crate) fn duplicate_to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
+    if region.remote {
+        return map_remote(space, region, blk, slot, want);
+    }
     let me = Proc::Device(slot.id);
     // The source of a copy is the CPU's: bring data held only by other devices into host backing,
     // keeping their copies.
@@ -456,7 +462,7 @@ fn allocate(
 /// entry), else single pages; all or nothing.
 fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
     let mut a = slot.alloc.lock();
-    if n == crate::types::PAGES_PER_BLOCK {
+    if n == crate::types::PAGES_PER_BLOCK && !crate::mirror::take_injected_failure(slot) {
         if let Some(base) = a.alloc(crate::alloc::MAX_ORDER) {
             return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
         }
@@ -598,6 +604,10 @@ pub(crate) fn bulk_to_device(
     slot: &DeviceSlot,
     dup: bool,
 ) -> Result<u64> {
+    if region.remote {
+        // Mirrored memory never moves: the fault path maps it remotely.
+        return Ok(0);
+    }
     let me = Proc::Device(slot.id);
     // Choose pages and allocate, block by block, until memory runs out.
     let mut chosen: Vec<PageMask> = Vec::new();

@@ -2,7 +2,7 @@
 //! with their allocators and fault-service threads, and the public operations on them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,10 +63,13 @@ impl Default for AttachOptions {
 /// A shared region: one contiguous range of shared virtual memory with its blocks.
 #[derive(Debug)]
 pub struct Region {
-    /// The range (start 2 MiB aligned).
+    /// The range (page aligned; blocks follow absolute 2 MiB boundaries).
     pub range: VaRange,
     /// Protection the program asked for.
     pub prot: Prot,
+    /// Mirrored, not migrated: devices map the host pages remotely (file-backed `MAP_SHARED`
+    /// memory); nothing ever moves to device memory.
+    pub remote: bool,
     pub(crate) cpu: Arc<dyn CpuMmu>,
     pub(crate) blocks: Vec<Mutex<Block>>,
     freed: AtomicBool,
@@ -76,9 +79,35 @@ pub struct Region {
 }
 
 impl Region {
+    /// A region over `range` (page aligned) whose CPU side is `cpu` (which must accept every
+    /// sub-range of `range`), with untouched pages.
+    pub(crate) fn build(range: VaRange, prot: Prot, cpu: Arc<dyn CpuMmu>, remote: bool) -> Region {
+        let first = align_down(range.start, BLOCK_SIZE);
+        let nblocks = (range.end() - first).div_ceil(BLOCK_SIZE) as usize;
+        let blocks = (0..nblocks)
+            .map(|b| {
+                let base = (first + b as u64 * BLOCK_SIZE).max(range.start);
+                let end = (first + (b as u64 + 1) * BLOCK_SIZE).min(range.end());
+                Mutex::new(Block::new(base, ((end - base) / PAGE_SIZE) as usize))
+            })
+            .collect();
+        Region {
+            range,
+            prot,
+            remote,
+            cpu,
+            blocks,
+            freed: AtomicBool::new(false),
+            last_cpu_chunk: AtomicU64::new(u64::MAX),
+            readahead_until: AtomicU64::new(0),
+        }
+    }
     /// Index of the block holding `va`.
     pub(crate) fn block_index(&self, va: u64) -> usize {
-        ((va - self.range.start) / BLOCK_SIZE) as usize
+        ((va - align_down(self.range.start, BLOCK_SIZE)) / BLOCK_SIZE) as usize
+    }
+    pub(crate) fn set_freed(&self) {
+        self.freed.store(true, Ordering::Release);
     }
     pub(crate) fn is_freed(&self) -> bool {
         self.freed.load(Ordering::Acquire)
@@ -99,6 +128,8 @@ pub(crate) struct DeviceSlot {
     pub(crate) alloc: Mutex<BuddyAllocator>,
     pub(crate) evict_queue: Mutex<VecDeque<(u64, usize)>>,
     pub(crate) batch: usize,
+    /// Injected failures: this many coming 2 MiB allocations fail (fall back to base pages).
+    pub(crate) fail_large_alloc: AtomicU32,
     pub(crate) walk: Mutex<crate::fault::Walk>,
     pub(crate) ahead_tx: Mutex<Option<mpsc::Sender<(u64, u64, usize)>>>,
     ahead: Mutex<Option<JoinHandle<()>>>,
@@ -125,7 +156,12 @@ impl DeviceSlot {
 /// One address space shared by the CPU and every attached device.
 #[derive(Debug)]
 pub struct AddressSpace {
-    regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    /// Held for reading by every fault service and migration, for writing while regions are
+    /// split, moved or re-protected (so no fault sees a range missing mid-change).
+    pub(crate) reshape: RwLock<()>,
+    /// CPU-side events (unmap, remap, discard) read but not yet applied.
+    pub(crate) events_pending: AtomicU64,
+    pub(crate) regions: RwLock<BTreeMap<u64, Arc<Region>>>,
     devices: RwLock<Vec<Option<Arc<DeviceSlot>>>>,
     pub(crate) stats: Stats,
     pub(crate) config: CoreConfig,
@@ -144,6 +180,8 @@ impl AddressSpace {
             me: me.clone(),
             readahead: Mutex::new(None),
             regions: RwLock::new(BTreeMap::new()),
+            reshape: RwLock::new(()),
+            events_pending: AtomicU64::new(0),
             devices: RwLock::new(Vec::new()),
             stats: Stats::default(),
             config,
@@ -180,11 +218,16 @@ impl AddressSpace {
 
     // ----- regions -----
 
-    /// Adds a shared region whose CPU side is `cpu` (its range must start 2 MiB aligned).
+    /// Adds a shared region whose CPU side is `cpu` (its range must be page aligned).
     pub fn add_region(&self, cpu: Arc<dyn CpuMmu>, prot: Prot) -> Result<VaRange> {
+        self.add_region_with(cpu, prot, false)
+    }
+
+    /// Adds a region; `remote` makes it mirrored (devices map the host pages, nothing migrates).
+    pub fn add_region_with(&self, cpu: Arc<dyn CpuMmu>, prot: Prot, remote: bool) -> Result<VaRange> {
         let range = cpu.range();
         let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
-        if !checked.is_page_aligned() || range.start % BLOCK_SIZE != 0 {
+        if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
         let mut regions = self.regions.write();
@@ -195,26 +238,7 @@ impl AddressSpace {
         if overlaps {
             return Err(CoreError::Overlap(range));
         }
-        let nblocks = range.len.div_ceil(BLOCK_SIZE) as usize;
-        let blocks = (0..nblocks)
-            .map(|b| {
-                let base = range.start + b as u64 * BLOCK_SIZE;
-                let npages = ((range.end() - base).min(BLOCK_SIZE) / PAGE_SIZE) as usize;
-                Mutex::new(Block::new(base, npages))
-            })
-            .collect();
-        regions.insert(
-            range.start,
-            Arc::new(Region {
-                range,
-                prot,
-                cpu,
-                blocks,
-                freed: AtomicBool::new(false),
-                last_cpu_chunk: AtomicU64::new(u64::MAX),
-                readahead_until: AtomicU64::new(0),
-            }),
-        );
+        regions.insert(range.start, Arc::new(Region::build(range, prot, cpu, remote)));
         Ok(range)
     }
 
@@ -293,6 +317,7 @@ impl AddressSpace {
             caps,
             evict_queue: Mutex::new(VecDeque::new()),
             batch: opts.fault_batch.max(1),
+            fail_large_alloc: AtomicU32::new(0),
             walk: Mutex::new(crate::fault::Walk::default()),
             ahead_tx: Mutex::new(None),
             ahead: Mutex::new(None),
@@ -417,6 +442,7 @@ impl AddressSpace {
     /// read-only copy on read-mostly ranges); for the CPU, they end up in host backing and are
     /// mapped on the next CPU access.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
+        let _shape = self.reshape.read();
         let range = self.check_range(start, len)?;
         if let Proc::Device(d) = to {
             self.slot(d)?;
@@ -503,12 +529,15 @@ impl AddressSpace {
 
     /// Services a CPU fault at `va` (see [`CpuFaultHandler`]).
     fn service_cpu_fault(&self, va: u64, access: Access) -> Result<()> {
+        let _shape = self.reshape.read();
         let t = Instant::now();
         let region = self.region_of(va).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
         let around = self.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
         let chunk_start = align_down(va, around).max(region.range.start);
         let chunk = VaRange::new(chunk_start, (chunk_start + around).min(region.range.end()) - chunk_start);
-        let fault_page = ((align_down(va, PAGE_SIZE) - align_down(va, BLOCK_SIZE)) / PAGE_SIZE) as usize;
+        // Blocks start at absolute 2 MiB boundaries, or at the region's start.
+        let blk_base = align_down(va, BLOCK_SIZE).max(region.range.start);
+        let fault_page = ((align_down(va, PAGE_SIZE) - blk_base) / PAGE_SIZE) as usize;
         let moved = self.bring_chunk_home(&region, chunk, Some((fault_page, access)))?;
         add(&self.stats.cpu_faults, 1);
         add(&self.stats.cpu_fault_pages, moved);
@@ -640,6 +669,16 @@ impl CpuFaultHandler for AddressSpace {
     fn cpu_fault(&self, va: u64, access: Access) -> Result<()> {
         self.service_cpu_fault(va, access)
     }
+    fn cpu_event(&self, ev: crate::invalidate::CpuEvent) -> Result<()> {
+        self.apply_cpu_event(ev)
+    }
+    fn event_queued(&self, queued: bool) {
+        if queued {
+            self.events_pending.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.events_pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Drop for AddressSpace {
@@ -665,6 +704,8 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
         if space.shutting_down.load(Ordering::Acquire) {
             return;
         }
+        // Never while regions are being reshaped (unmap/remap/protect in progress).
+        let Some(_shape) = space.reshape.try_read() else { continue };
         let Some(region) = space.region_of(from) else { continue };
         if !region.range.contains(to - 1) || region.is_freed() {
             continue;

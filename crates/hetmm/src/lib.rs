@@ -30,8 +30,9 @@ pub use hetmm_sim as sim;
 use hetmm_core::cpu::CpuFaultHandler;
 use hetmm_core::device::{DeviceError, DeviceMmu};
 use hetmm_core::error::CoreError;
+use hetmm_core::snapshot::SnapEntry;
 use hetmm_core::stats::StatsSnapshot;
-use hetmm_core::types::{DeviceId, VaRange, PAGE_SIZE};
+use hetmm_core::types::{DeviceId, Prot, VaRange, PAGE_SIZE};
 use hetmm_host::Host;
 use hetmm_sim::{Grid, SimDevice};
 
@@ -152,9 +153,73 @@ impl Hetmm {
         self.advise(buf.ptr(), len, advice)
     }
 
-    /// Moves `[start, start + len)` to `to` in bulk (an explicit prefetch).
+    /// Moves `[start, start + len)` to `to` in bulk (an explicit prefetch). The range may span
+    /// several adjacent shared regions.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
-        Ok(self.space.migrate(start, len, to)?)
+        self.space.settle()?;
+        Ok(self.space.migrate_span(start, len, to)?)
+    }
+
+    /// Makes memory the program already has shared with every device, at the same address and
+    /// with the same bytes: `[ptr, ptr + len)` rounded out to whole pages, which must all be
+    /// mapped. Private memory (malloc, anonymous or private file mappings) becomes migratable
+    /// shared memory; `MAP_SHARED` memory (files, shared anonymous) is mirrored: devices map its
+    /// host pages remotely and their writes land in the file. Returns the page range covered.
+    ///
+    /// The program must not write the range while `register` runs.
+    pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
+        self.space.settle()?;
+        let reg = self.host.register(ptr as u64, len as u64).map_err(|e| Error::Host(e.to_string()))?;
+        for &(part, prot) in &reg.parts {
+            if let Err(e) = self.space.add_registered(Arc::clone(&reg.cpu), part, prot, reg.remote) {
+                let _ = self.space.release_range(reg.range.start, reg.range.len);
+                let _ = self.host.unregister(reg.range.start, reg.range.len);
+                return Err(e.into());
+            }
+        }
+        Ok(reg.range)
+    }
+
+    /// Stops sharing `[ptr, ptr + len)` (rounded out to pages): every page comes back to host
+    /// memory, devices lose their mappings, and private memory becomes ordinary private
+    /// anonymous memory again holding the current bytes.
+    pub fn unregister(&self, ptr: *const u8, len: usize) -> Result<()> {
+        let start = ptr as u64 & !(PAGE_SIZE - 1);
+        let end = (ptr as u64)
+            .checked_add(len as u64)
+            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
+            .ok_or(CoreError::Overflow { start: ptr as u64, len: len as u64 })?
+            & !(PAGE_SIZE - 1);
+        self.space.settle()?;
+        self.space.release_range(start, end.saturating_sub(start))?;
+        self.host.unregister(start, end - start).map_err(|e| Error::Host(e.to_string()))
+    }
+
+    /// Changes the protection of shared memory `[start, start + len)` on the CPU and on every
+    /// device together. A device write to memory without `WRITE` fails with
+    /// [`FaultCancel::Protection`](hetmm_core::device::FaultCancel::Protection).
+    pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
+        self.space.settle()?;
+        Ok(self.space.protect_range(start, len, prot)?)
+    }
+
+    /// One entry per page of `[start, start + len)` as `dev` sees it (like HMM's SNAPSHOT).
+    pub fn snapshot<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<Vec<SnapEntry>> {
+        self.space.settle()?;
+        Ok(self.space.snapshot(start, len, dev.id)?)
+    }
+
+    /// Gives `dev` exclusive access to `[start, start + len)` for atomics; any CPU access
+    /// revokes it (see [`hetmm_core::exclusive`]).
+    pub fn make_exclusive<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<()> {
+        self.space.settle()?;
+        Ok(self.space.make_exclusive(start, len, dev.id)?)
+    }
+
+    /// Whether `dev` still has exclusive access to every page of the range.
+    pub fn check_exclusive<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<bool> {
+        self.space.settle()?;
+        Ok(self.space.check_exclusive(start, len, dev.id)?)
     }
 
     /// Counters.

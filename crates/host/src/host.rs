@@ -14,21 +14,18 @@ use std::time::Duration;
 
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use hetmm_core::device::HostAddr;
-use hetmm_core::types::{Access, VaRange, PAGE_SIZE};
+use hetmm_core::types::{VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
+use crate::events::{self, Ctx};
 use crate::mapping::{MappingError, SharedMapping};
-use crate::uffd::{self, Event, Features, OpenError, RegisterMode, Uffd, UffdError};
+use crate::uffd::{Features, OpenError, RegisterMode, Uffd, UffdError};
 
-/// How long the handler thread sleeps in poll before it looks at its stop flag.
-const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long dropping a [`Host`] waits for its thread (a core call may be in flight).
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Messages read per `read(2)`.
-const BATCH: usize = 64;
 /// How often `map` retries an ioctl that made no progress (EAGAIN: the address space is
 /// changing) before it gives up.
-const MAX_RETRIES: u32 = 16;
+pub(crate) const MAX_RETRIES: u32 = 16;
 
 /// Why a [`Host`] could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +52,11 @@ pub enum RegionError {
 /// The CPU side of an address space: one userfaultfd and one thread that reads it and passes
 /// faults to the core's [`CpuFaultHandler`].
 pub struct Host {
-    uffd: Arc<Uffd>,
+    pub(crate) uffd: Arc<Uffd>,
+    pub(crate) ctx: Arc<Ctx>,
     stop: Arc<AtomicBool>,
-    worker: Mutex<Option<Worker>>,
+    /// The uffd reader (never blocks on the core) and the servicer (faults and events, in order).
+    workers: Mutex<Vec<Worker>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -71,11 +70,22 @@ impl Host {
     /// core can own the host without a cycle; faults arriving after it is gone get SIGBUS.
     pub fn new(handler: Weak<dyn CpuFaultHandler>) -> Result<Arc<Host>, HostInitError> {
         let uffd = Arc::new(Uffd::open(Features::REQUIRED, Features::OPTIONAL)?);
+        let ctx = Arc::new(Ctx::new(uffd.clone()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (u, s) = (uffd.clone(), stop.clone());
-        let worker =
-            Worker::spawn("hetmm-cpu-fault", move || fault_loop(&u, &handler, &s)).map_err(HostInitError::Spawn)?;
-        Ok(Arc::new(Host { uffd, stop, worker: Mutex::new(Some(worker)) }))
+        let (tx, rx) = mpsc::channel();
+        let (c, h, s) = (ctx.clone(), handler.clone(), stop.clone());
+        let reader = Worker::spawn("hetmm-uffd-read", move || events::read_loop(&c, &h, &s, tx))
+            .map_err(HostInitError::Spawn)?;
+        let (c, s) = (ctx.clone(), stop.clone());
+        let servicer = match Worker::spawn("hetmm-cpu-fault", move || events::service_loop(&c, &handler, &s, rx)) {
+            Ok(w) => w,
+            Err(e) => {
+                stop.store(true, Ordering::Release);
+                reader.join(JOIN_TIMEOUT);
+                return Err(HostInitError::Spawn(e));
+            }
+        };
+        Ok(Arc::new(Host { uffd, ctx, stop, workers: Mutex::new(vec![reader, servicer]) }))
     }
 
     /// Creates a shared region of `len` bytes (a multiple of 4 KiB) and registers its
@@ -103,7 +113,7 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(w) = self.worker.lock().take() {
+        for w in self.workers.lock().drain(..) {
             w.join(JOIN_TIMEOUT);
         }
     }
@@ -146,92 +156,6 @@ impl Worker {
     }
 }
 
-/// The handler thread: poll, read a batch, dedupe, hand each faulting page to the core.
-fn fault_loop(uffd: &Uffd, handler: &Weak<dyn CpuFaultHandler>, stop: &AtomicBool) {
-    let mut msgs = [uffd::empty_msg(); BATCH];
-    let mut faults: Vec<(u64, Access)> = Vec::with_capacity(BATCH);
-    while !stop.load(Ordering::Acquire) {
-        match uffd.poll(POLL_INTERVAL) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                log::error!("uffd poll failed: {e}");
-                std::thread::sleep(POLL_INTERVAL);
-                continue;
-            }
-        }
-        let n = match uffd.read_msgs(&mut msgs) {
-            Ok(n) => n,
-            Err(e) => {
-                log::error!("uffd read failed: {e}");
-                std::thread::sleep(POLL_INTERVAL);
-                continue;
-            }
-        };
-        faults.clear();
-        for m in &msgs[..n] {
-            match uffd::decode(m) {
-                Event::Pagefault { addr, flags, .. } => {
-                    let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
-                    let access = if write { Access::Write } else { Access::Read };
-                    faults.push((addr & !(PAGE_SIZE - 1), access));
-                }
-                // Not requested yet (EVENT_* features are off); log in case a kernel sends them.
-                other => log::warn!("ignoring userfaultfd event {other:?}"),
-            }
-        }
-        // Threads faulting on one page each send a message: serve the page once, with the most
-        // intrusive access.
-        faults.sort_unstable_by_key(|f| f.0);
-        faults.dedup_by(|later, kept| {
-            let same = later.0 == kept.0;
-            if same {
-                kept.1 = kept.1.max(later.1);
-            }
-            same
-        });
-        if faults.is_empty() {
-            continue;
-        }
-        let core = handler.upgrade();
-        for &(va, access) in &faults {
-            let served = match &core {
-                Some(core) => core.cpu_fault(va, access).map_err(|e| e.to_string()),
-                None => Err("the core is gone".to_string()),
-            };
-            if let Err(why) = served {
-                log::error!("CPU {access:?} fault at {va:#x} not served ({why}); raising SIGBUS");
-                release_with_sigbus(uffd, va);
-            }
-        }
-        // If this was the last reference, the core (and possibly this Host) is dropped here, on
-        // this thread; `Worker::join` detects that and does not join itself.
-        drop(core);
-    }
-}
-
-/// Resolves a fault the core could not serve so the faulting thread does not hang: the page is
-/// poisoned (the thread gets SIGBUS). If it was mapped meanwhile, the waiter is just woken.
-fn release_with_sigbus(uffd: &Uffd, va: u64) {
-    let page = VaRange::new(va, PAGE_SIZE);
-    let res = if uffd.features().contains(Features::POISON) {
-        uffd.poison(page)
-    } else {
-        Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
-    };
-    match res {
-        Ok(()) => {}
-        Err(UffdError::Exists { .. }) => {
-            let _ = uffd.wake(page);
-        }
-        Err(e) => {
-            // Waking makes the thread fault again, which is better than hanging it forever.
-            log::error!("cannot poison {page}: {e}; waking the thread to retry");
-            let _ = uffd.wake(page);
-        }
-    }
-}
-
 /// One shared region: a [`SharedMapping`] whose application view is registered with the host's
 /// uffd. Implements the core's [`CpuMmu`].
 #[derive(Debug)]
@@ -264,33 +188,65 @@ impl HostRegion {
     /// Maps one range with UFFDIO_CONTINUE, tolerating pages that are already mapped.
     fn map_range(&self, range: VaRange, writable: bool) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("map", range, e))?;
-        let uffd = &self.host.uffd;
-        let end = range.end();
-        let (mut cur, mut retries, mut existed) = (range.start, 0, false);
-        while cur < end {
-            match uffd.cont(VaRange::new(cur, end - cur), !writable, true) {
-                Ok(()) => break,
-                // The kernel mapped and woke `done` bytes; go on from there.
-                Err(UffdError::Partial { done, .. }) => cur += done,
-                // This page already has a PTE: skip it (its waiters are woken below).
-                Err(UffdError::Exists { .. }) => {
-                    existed = true;
-                    cur += PAGE_SIZE;
-                }
-                Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
-                    retries += 1;
-                    std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
-                }
-                Err(e) => return Err(uffd_err("map", range, e)),
-            }
-        }
-        if existed {
-            // Pages mapped before may carry the other write permission, and EEXIST woke nobody.
-            uffd.writeprotect(range, !writable, false).map_err(|e| uffd_err("map", range, e))?;
-            uffd.wake(range).map_err(|e| uffd_err("map", range, e))?;
-        }
-        Ok(())
+        continue_range(&self.host.uffd, range, writable, &|r| self.mapping.allocate(r))
     }
+}
+
+/// Runs a uffd ioctl, retrying (bounded, with back-off) while it fails with EAGAIN: with
+/// EVENT_REMOVE/UNMAP/REMAP on, every range ioctl fails so while an event is queued and not yet
+/// read (`mmap_changing`); the reader thread reads it promptly.
+pub(crate) fn retry_again<T>(mut op: impl FnMut() -> Result<T, UffdError>) -> Result<T, UffdError> {
+    let mut retries = 0;
+    loop {
+        match op() {
+            Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
+                retries += 1;
+                std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Maps `range` with UFFDIO_CONTINUE (write-protected unless `writable`), tolerating pages that
+/// are already mapped, retrying a bounded number of times while the address space is changing
+/// (EAGAIN: an event is queued), and allocating backing with `allocate` where the page cache has
+/// none (the program punched it: `MADV_REMOVE`).
+pub(crate) fn continue_range(
+    uffd: &Uffd,
+    range: VaRange,
+    writable: bool,
+    allocate: &dyn Fn(VaRange) -> Result<(), MappingError>,
+) -> Result<(), HostError> {
+    let end = range.end();
+    let (mut cur, mut retries, mut existed, mut allocated) = (range.start, 0, false, false);
+    while cur < end {
+        match uffd.cont(VaRange::new(cur, end - cur), !writable, true) {
+            Ok(()) => break,
+            // The kernel mapped and woke `done` bytes; go on from there.
+            Err(UffdError::Partial { done, .. }) => cur += done,
+            // This page already has a PTE: skip it (its waiters are woken below).
+            Err(UffdError::Exists { .. }) => {
+                existed = true;
+                cur += PAGE_SIZE;
+            }
+            Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
+                retries += 1;
+                std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
+            }
+            Err(UffdError::Os { errno, .. }) if errno == rustix::io::Errno::FAULT.raw_os_error() && !allocated => {
+                allocated = true;
+                allocate(VaRange::new(cur, end - cur)).map_err(|e| mapping_err("map", range, e))?;
+            }
+            Err(e) => return Err(uffd_err("map", range, e)),
+        }
+    }
+    if existed {
+        // Pages mapped before may carry the other write permission, and EEXIST woke nobody.
+        retry_again(|| uffd.writeprotect(range, !writable, false)).map_err(|e| uffd_err("map", range, e))?;
+        retry_again(|| uffd.wake(range)).map_err(|e| uffd_err("map", range, e))?;
+    }
+    Ok(())
 }
 
 impl CpuMmu for HostRegion {
@@ -300,7 +256,9 @@ impl CpuMmu for HostRegion {
 
     fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
         for &r in ranges {
-            self.mapping.zap_app(r).map_err(|e| mapping_err("revoke", r, e))?;
+            // Our own zap raises a REMOVE event: mark it so the reader does not take it for the
+            // program's discard.
+            self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e))?;
         }
         Ok(())
     }
@@ -319,14 +277,14 @@ impl CpuMmu for HostRegion {
     fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
         for &r in ranges {
             self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
-            self.host.uffd.writeprotect(r, !writable, true).map_err(|e| uffd_err("protect", r, e))?;
+            retry_again(|| self.host.uffd.writeprotect(r, !writable, true)).map_err(|e| uffd_err("protect", r, e))?;
         }
         Ok(())
     }
 
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("wake", range, e))?;
-        self.host.uffd.wake(range).map_err(|e| uffd_err("wake", range, e))
+        retry_again(|| self.host.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
     }
 
     fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -338,7 +296,7 @@ impl CpuMmu for HostRegion {
             self.mapping.punch(r).map_err(|e| mapping_err("discard", r, e))?;
             // Punching already drops the PTEs of every view; zap anyway so the contract does
             // not rest on that detail.
-            self.mapping.zap_app(r).map_err(|e| mapping_err("discard", r, e))?;
+            self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("discard", r, e))?;
         }
         Ok(())
     }
@@ -353,6 +311,20 @@ impl CpuMmu for HostRegion {
         }
         HostAddr(self.mapping.alias_ptr() as usize + (va - app.start) as usize)
     }
+
+    fn set_prot(&self, range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), HostError> {
+        self.mapping.offset_of(range).map_err(|e| mapping_err("protect", range, e))?;
+        crate::mapping::protect_view(range, prot).map_err(|e| mapping_err("protect", range, e))
+    }
+
+    fn reads_zero(&self, range: VaRange) -> bool {
+        match self.mapping.offset_of(range) {
+            Ok(off) => {
+                crate::mapping::alias_is_zero(self.mapping.alias_ptr() as usize + off as usize, range.len as usize)
+            }
+            Err(_) => false,
+        }
+    }
 }
 
 impl Drop for HostRegion {
@@ -365,11 +337,11 @@ impl Drop for HostRegion {
     }
 }
 
-fn mapping_err(op: &'static str, range: VaRange, e: MappingError) -> HostError {
+pub(crate) fn mapping_err(op: &'static str, range: VaRange, e: MappingError) -> HostError {
     HostError { op, range, errno: e.errno() }
 }
 
-fn uffd_err(op: &'static str, range: VaRange, e: UffdError) -> HostError {
+pub(crate) fn uffd_err(op: &'static str, range: VaRange, e: UffdError) -> HostError {
     log::debug!("{op} on {range}: {e}");
     HostError { op, range, errno: e.errno() }
 }
@@ -379,6 +351,7 @@ mod tests {
     #![allow(clippy::undocumented_unsafe_blocks)]
     use super::*;
     use hetmm_core::error::CoreError;
+    use hetmm_core::types::Access;
     use std::io::{Read, Seek, Write};
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::OnceLock;

@@ -11,9 +11,13 @@
 #![warn(missing_docs)]
 
 #[cfg(target_os = "linux")]
+mod events;
+#[cfg(target_os = "linux")]
 mod host;
 #[cfg(target_os = "linux")]
 pub mod mapping;
+#[cfg(target_os = "linux")]
+pub mod mirror;
 #[cfg(target_os = "linux")]
 pub mod probe;
 #[cfg(target_os = "linux")]

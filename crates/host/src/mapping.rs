@@ -195,6 +195,174 @@ impl Drop for SharedMapping {
     }
 }
 
+/// CPU protection as `mmap`/`mprotect` flags.
+pub fn prot_flags(prot: hetmm_core::types::Prot) -> ProtFlags {
+    use hetmm_core::types::Prot;
+    let mut f = ProtFlags::empty();
+    if prot.contains(Prot::READ) {
+        f |= ProtFlags::READ;
+    }
+    if prot.contains(Prot::WRITE) {
+        f |= ProtFlags::WRITE;
+    }
+    f
+}
+
+fn os_err(op: &'static str, range: VaRange) -> impl Fn(Errno) -> MappingError {
+    move |e: Errno| MappingError::Os { op, range, errno: e.raw_os_error() }
+}
+
+fn check(range: VaRange) -> Result<(), MappingError> {
+    if range.len == 0 || !range.is_page_aligned() || range.start.checked_add(range.len).is_none() {
+        return Err(MappingError::Unaligned(range));
+    }
+    Ok(())
+}
+
+/// Drops the PTEs of a managed application view (`MADV_DONTNEED`) outside a
+/// [`SharedMapping`]: views of registered memory, which the program owns.
+///
+/// The caller (the host's mirror views) only passes ranges of views it maps `MAP_SHARED` from
+/// its own memfd, where DONTNEED drops PTEs and keeps the data.
+pub(crate) fn zap_view(range: VaRange) -> Result<(), MappingError> {
+    check(range)?;
+    // SAFETY: the range is a MAP_SHARED view of a hetmm memfd (caller's contract); DONTNEED on
+    // it only drops page-table entries, the content stays in the memfd and no Rust-visible value
+    // changes. If the program unmapped it meanwhile, madvise fails with ENOMEM (no effect).
+    unsafe { rustix::mm::madvise(range.start as *mut _, range.len as usize, Advice::LinuxDontNeed) }
+        .map_err(os_err("madvise(DONTNEED)", range))
+}
+
+/// Whether every page of `range` is mapped by some VMA (`madvise(MADV_NORMAL)` fails with
+/// ENOMEM on holes).
+pub fn is_mapped(range: VaRange) -> bool {
+    if check(range).is_err() {
+        return false;
+    }
+    // SAFETY: MADV_NORMAL only resets the readahead hint of existing mappings; it changes no
+    // content and no mapping.
+    unsafe { rustix::mm::madvise(range.start as *mut _, range.len as usize, Advice::Normal) }.is_ok()
+}
+
+fn mprotect_flags(prot: hetmm_core::types::Prot) -> rustix::mm::MprotectFlags {
+    rustix::mm::MprotectFlags::from_bits_retain(prot_flags(prot).bits())
+}
+
+/// Changes the protection of a managed application view.
+pub(crate) fn protect_view(range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), MappingError> {
+    check(range)?;
+    // SAFETY: the range is an application view of shared memory hetmm manages (caller's
+    // contract); changing its protection changes no content. Code that then accesses it against
+    // the new protection faults, which is what the program asked for.
+    unsafe { rustix::mm::mprotect(range.start as *mut _, range.len as usize, mprotect_flags(prot)) }
+        .map_err(os_err("mprotect", range))
+}
+
+/// Whether `len` bytes at `addr` (a manager's alias, mapped while the caller's mirror lives)
+/// are all zero.
+pub(crate) fn alias_is_zero(addr: usize, len: usize) -> bool {
+    // SAFETY: `addr..addr+len` lies in an alias mapping owned by the caller's mirror (readable,
+    // MAP_SHARED, never uffd-registered); reading bytes of shared memory has no validity
+    // requirement (u8), and concurrent writers only make the answer stale.
+    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    bytes.iter().all(|&b| b == 0)
+}
+
+/// Creates a memfd of `len` bytes and maps it at a fresh 2 MiB-aligned alias.
+pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingError> {
+    if len == 0 || len % PAGE_SIZE != 0 || len > (isize::MAX as u64) - BLOCK_SIZE {
+        return Err(MappingError::BadLength(len));
+    }
+    let whole = VaRange::new(0, len);
+    let memfd =
+        rustix::fs::memfd_create("hetmm-registered", MemfdFlags::CLOEXEC).map_err(os_err("memfd_create", whole))?;
+    rustix::fs::ftruncate(&memfd, len).map_err(os_err("ftruncate", whole))?;
+    let alias = map_aligned(&memfd, len as usize).map_err(os_err("mmap alias", whole))?;
+    Ok((memfd, alias))
+}
+
+/// Replaces private memory `[range]` of the program with `memfd` (from `offset`), keeping the
+/// data: the bytes are copied into the memfd through `alias` first, then the memfd is mapped
+/// `MAP_SHARED | MAP_FIXED` over the same addresses with protection `prot`.
+///
+/// The program must not write the range while this runs (such writes may be lost).
+pub(crate) fn adopt_private(
+    range: VaRange,
+    prot: hetmm_core::types::Prot,
+    memfd: &OwnedFd,
+    offset: u64,
+    alias: usize,
+) -> Result<(), MappingError> {
+    check(range)?;
+    let (addr, len) = (range.start as usize, range.len as usize);
+    if !prot.contains(hetmm_core::types::Prot::READ) {
+        // SAFETY: the caller found this range mapped private in /proc/self/maps; making it
+        // readable changes no content and is undone by the mapping that replaces it below.
+        unsafe { rustix::mm::mprotect(addr as *mut _, len, rustix::mm::MprotectFlags::READ) }
+            .map_err(os_err("mprotect", range))?;
+    }
+    // SAFETY: the source is readable program memory (checked in /proc/self/maps, made readable
+    // just above), the destination is our alias at `offset` (inside the memfd, owned by the
+    // caller); they cannot overlap (different mappings).
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, (alias + offset as usize) as *mut u8, len) };
+    // SAFETY: MAP_FIXED replaces exactly the program's private pages of `range`, whose content
+    // was just copied into the memfd; the program sees the same bytes at the same addresses.
+    unsafe {
+        rustix::mm::mmap(addr as *mut _, len, prot_flags(prot), MapFlags::SHARED | MapFlags::FIXED, memfd, offset)
+    }
+    .map_err(os_err("mmap(FIXED) over program memory", range))?;
+    Ok(())
+}
+
+/// Gives `range` back to the program as private anonymous memory holding the bytes at `src`
+/// (the alias), with protection `prot`: a fresh anonymous mapping is filled, then moved over the
+/// range with `mremap(MREMAP_FIXED)`.
+pub(crate) fn restore_private(range: VaRange, prot: hetmm_core::types::Prot, src: usize) -> Result<(), MappingError> {
+    check(range)?;
+    let len = range.len as usize;
+    // SAFETY: a fresh anonymous mapping at an address the kernel picks.
+    let tmp = unsafe {
+        rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
+    }
+    .map_err(os_err("mmap anonymous", range))? as usize;
+    // SAFETY: `src..src+len` is the caller's alias (readable), `tmp` the mapping just created.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
+    // SAFETY: `tmp` is ours; its protection changes no content.
+    unsafe { rustix::mm::mprotect(tmp as *mut _, len, mprotect_flags(prot)) }.map_err(os_err("mprotect", range))?;
+    // SAFETY: moves our filled mapping over the program's range (a hetmm view the program
+    // registered and now unregisters); the program sees the same bytes at the same addresses.
+    let r = unsafe {
+        rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
+    };
+    if let Err(e) = r {
+        unmap(tmp, len);
+        return Err(os_err("mremap(FIXED)", range)(e));
+    }
+    Ok(())
+}
+
+/// A second mapping of the same shared pages as `range` (one `MAP_SHARED` VMA), from
+/// `mremap(old_size = 0)`: the manager's alias of file-backed shared memory.
+pub(crate) fn dup_shared(range: VaRange) -> Result<usize, MappingError> {
+    check(range)?;
+    // SAFETY: with old_size 0 mremap leaves the old mapping alone and creates a new one at an
+    // address the kernel picks, mapping the same shared pages.
+    unsafe { rustix::mm::mremap(range.start as *mut _, 0, range.len as usize, rustix::mm::MremapFlags::MAYMOVE) }
+        .map(|p| p as usize)
+        .map_err(os_err("mremap(dup)", range))
+}
+
+/// Unmaps an alias this crate created.
+pub(crate) fn unmap_alias(addr: usize, len: usize) {
+    unmap(addr, len);
+}
+
+/// Fallocates or punches `len` bytes at `off` of a memfd.
+pub(crate) fn memfd_space(memfd: &OwnedFd, off: u64, len: u64, punch: bool) -> Result<(), MappingError> {
+    let mode = if punch { FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE } else { FallocateFlags::empty() };
+    rustix::fs::fallocate(memfd, mode, off, len).map_err(os_err("fallocate", VaRange::new(off, len)))
+}
+
 /// Maps `len` bytes of `memfd` shared read-write at a 2 MiB-aligned address: reserve
 /// `len + 2 MiB` of PROT_NONE address space, map the memfd over the aligned part with
 /// MAP_FIXED, and give back the slack on both sides.

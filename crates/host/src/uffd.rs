@@ -89,7 +89,11 @@ impl Features {
     /// Requested when the kernel has them. The EVENT_* bits are deliberately absent: with them
     /// the kernel blocks madvise/munmap/fork until the events are read, which the handler loop
     /// does not handle yet.
-    pub const OPTIONAL: Features = Features::THREAD_ID.union(Features::POISON);
+    pub const OPTIONAL: Features = Features::THREAD_ID
+        .union(Features::POISON)
+        .union(Features::EVENT_REMOVE)
+        .union(Features::EVENT_UNMAP)
+        .union(Features::EVENT_REMAP);
 }
 
 bitflags! {
@@ -599,7 +603,7 @@ mod tests {
     fn opens_and_reports_features() {
         let u = Uffd::open(Features::REQUIRED, Features::OPTIONAL).expect("open uffd");
         assert!(u.features().contains(Features::REQUIRED));
-        assert!(!u.features().intersects(Features::EVENT_REMOVE | Features::EVENT_UNMAP));
+        assert!(!u.features().contains(Features::EVENT_FORK));
         // Nothing is pending on a fresh uffd.
         let mut buf = [empty_msg(); 4];
         assert_eq!(u.read_msgs(&mut buf), Ok(0));

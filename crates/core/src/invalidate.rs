@@ -1,0 +1,351 @@
+//! Invalidation: hetmm's mmu-notifier. The CPU side changed (the program unmapped, remapped or
+//! discarded part of shared memory, or asked for new protection): every device mapping of the
+//! part is removed and its TLB entries invalidated, device memory is freed, and the logical
+//! state follows.
+//!
+//! Regions are reshaped (split, moved, re-protected) under [`AddressSpace::reshape`] held for
+//! writing, so no fault service or migration sees a range missing half-way. Reshaping first
+//! brings every device-resident page of the touched regions back to host memory (their data is
+//! never lost: host backing exists for every page with data), drops every device mapping, then
+//! puts back the surviving parts as new regions with the same per-page CPU state.
+//!
+//! What hetmm promises for discards: `MADV_DONTNEED` on shared memory keeps the data (like
+//! shmem: the next access reads it again); device copies are folded back into host memory.
+//! `MADV_REMOVE` frees the host pages: the data of pages in host memory is gone (reads give
+//! zeros); pages that were on a device when the discard raced with a device write may keep their
+//! pre-discard data (the userfaultfd REMOVE event does not say which of the two calls it was).
+
+use std::sync::Arc;
+
+use crate::block::{Page, PageMask};
+use crate::cpu::CpuMmu;
+use crate::error::{CoreError, Result};
+use crate::migrate;
+use crate::space::{AddressSpace, Region};
+use crate::types::{ProcMask, Prot, VaRange, PAGE_SIZE};
+
+/// A CPU-side change of the address space, as the host layer reads it from the OS.
+#[derive(Debug, Clone)]
+pub enum CpuEvent {
+    /// `MADV_DONTNEED` / `MADV_REMOVE` of the range by the program.
+    Discard(VaRange),
+    /// `munmap` of the range.
+    Unmap(VaRange),
+    /// `mremap` of `[from, from + len)` to `[to, to + len)`. `new_cpu` is the CPU side of the
+    /// new range (it must accept every sub-range of it); `None` when the host cannot follow the
+    /// move (the data then leaves hetmm's management).
+    Remap {
+        /// Old start.
+        from: u64,
+        /// New start.
+        to: u64,
+        /// Length.
+        len: u64,
+        /// The CPU side at the new address.
+        new_cpu: Option<Arc<dyn CpuMmu>>,
+    },
+}
+
+/// One part of a reshaped region.
+struct Part {
+    range: VaRange,
+    prot: Prot,
+    cpu: Arc<dyn CpuMmu>,
+    remote: bool,
+    /// Old address of the part's first page (where its page states come from).
+    src: u64,
+}
+
+/// `r` minus `cut`: up to two pieces.
+fn minus(r: VaRange, cut: VaRange) -> Vec<VaRange> {
+    let mut out = Vec::new();
+    if cut.start > r.start {
+        out.push(VaRange::new(r.start, cut.start.min(r.end()) - r.start));
+    }
+    if cut.end() < r.end() {
+        let s = cut.end().max(r.start);
+        out.push(VaRange::new(s, r.end() - s));
+    }
+    out
+}
+
+impl AddressSpace {
+    /// Applies a CPU-side event (see [`CpuEvent`]).
+    pub fn apply_cpu_event(&self, ev: CpuEvent) -> Result<()> {
+        match ev {
+            CpuEvent::Discard(r) => self.discard_cpu_range(r),
+            CpuEvent::Unmap(r) => self.unmap_range(r).map(drop),
+            CpuEvent::Remap { from, to, len, new_cpu } => self.remap_range(from, to, len, new_cpu),
+        }
+    }
+
+    /// Waits (at most 10 s) until every CPU-side event read from the OS has been applied: after
+    /// the program's `munmap`/`mremap`/`madvise` returns, the next hetmm call sees its effect.
+    /// Never call it from the thread that applies events.
+    pub fn settle(&self) -> Result<()> {
+        let limit = std::time::Duration::from_secs(10);
+        let t = std::time::Instant::now();
+        while self.events_pending.load(std::sync::atomic::Ordering::Acquire) != 0 {
+            if t.elapsed() > limit {
+                return Err(CoreError::Timeout { what: "applying CPU-side events", after: limit });
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        Ok(())
+    }
+
+    /// Brings device-resident pages of `range` back to host memory and removes every device
+    /// mapping of them (the program discarded its CPU mapping; see the module notes).
+    pub fn discard_cpu_range(&self, range: VaRange) -> Result<()> {
+        let _shape = self.reshape.read();
+        let mut result = Ok(());
+        for region in self.overlapping(range) {
+            let Some(part) = region.range.intersect(&range) else { continue };
+            let first = region.block_index(part.start);
+            let last = region.block_index(part.end() - 1);
+            for bidx in first..=last {
+                let mut blk = region.blocks[bidx].lock();
+                if region.is_freed() {
+                    break;
+                }
+                let want = pages_of(&blk.base, blk.npages, &part);
+                if let Err(e) = flush_and_unmap(self, &region, &mut blk, &want) {
+                    log::error!("discard of {part}: {e}");
+                    result = Err(e);
+                }
+            }
+        }
+        result
+    }
+
+    /// The program unmapped `range`: shared regions lose that part (device mappings removed,
+    /// device memory freed). Returns the CPU sides of regions that disappeared entirely.
+    pub fn unmap_range(&self, range: VaRange) -> Result<Vec<Arc<dyn CpuMmu>>> {
+        let mut gone = Vec::new();
+        self.reshape_regions(range, |r| {
+            let parts: Vec<Part> = minus(r.range, range)
+                .into_iter()
+                .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
+                .collect();
+            if parts.is_empty() {
+                gone.push(Arc::clone(&r.cpu));
+            }
+            parts
+        })?;
+        Ok(gone)
+    }
+
+    /// The program moved `[from, from + len)` to `to`: the data follows (device copies were
+    /// folded back into host memory first), and the new range is shared memory over `new_cpu`.
+    pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
+        let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
+        VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
+        self.reshape_regions(old, |r| {
+            let mut parts: Vec<Part> = minus(r.range, old)
+                .into_iter()
+                .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
+                .collect();
+            if let (Some(cpu), Some(moved)) = (&new_cpu, r.range.intersect(&old)) {
+                parts.push(Part {
+                    range: VaRange::new(to + (moved.start - from), moved.len),
+                    prot: r.prot,
+                    cpu: Arc::clone(cpu),
+                    remote: r.remote,
+                    src: moved.start,
+                });
+            }
+            parts
+        })
+        .map(drop)
+    }
+
+    /// Changes the protection of `range` (page aligned, every page shared memory) on the CPU
+    /// and on every device together: device mappings are removed (the next device access faults
+    /// and is checked against the new protection) and the CPU view is `mprotect`ed.
+    pub fn protect_range(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
+        let range = self.check_span(start, len)?;
+        let mut cpu_result = Ok(());
+        self.reshape_regions(range, |r| {
+            let mut parts: Vec<Part> = minus(r.range, range)
+                .into_iter()
+                .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
+                .collect();
+            if let Some(mid) = r.range.intersect(&range) {
+                if let Err(e) = r.cpu.set_prot(mid, prot) {
+                    cpu_result = Err(CoreError::Host(e));
+                }
+                parts.push(Part { range: mid, prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: mid.start });
+            }
+            parts
+        })?;
+        cpu_result
+    }
+
+    /// Stops sharing `range`: every page's data comes back to host memory, devices lose their
+    /// mappings, and the parts of regions inside `range` are removed. Returns the CPU sides of
+    /// regions that disappeared entirely.
+    pub fn release_range(&self, start: u64, len: u64) -> Result<Vec<Arc<dyn CpuMmu>>> {
+        let range = self.check_span(start, len)?;
+        self.unmap_range(range)
+    }
+
+    /// Adds shared memory the program already had (`register`): a region over `range` whose CPU
+    /// side is `cpu` (which accepts every sub-range of `range`), every page holding data in host
+    /// memory and unmapped by the CPU (the next access maps it).
+    pub fn add_registered(&self, cpu: Arc<dyn CpuMmu>, range: VaRange, prot: Prot, remote: bool) -> Result<()> {
+        let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
+        if !checked.is_page_aligned() {
+            return Err(CoreError::Unaligned(range));
+        }
+        let region = Region::build(range, prot, cpu, remote);
+        for cell in &region.blocks {
+            for pg in cell.lock().pages.iter_mut() {
+                pg.resident = ProcMask::only(crate::types::Proc::Cpu);
+            }
+        }
+        let mut map = self.regions.write();
+        if !self.overlapping_locked(&map, range).is_empty() {
+            return Err(CoreError::Overlap(range));
+        }
+        map.insert(range.start, Arc::new(region));
+        Ok(())
+    }
+
+    /// Validates a range that may cover several adjacent regions: non-empty, no overflow, page
+    /// aligned, and every page inside some shared region.
+    pub fn check_span(&self, start: u64, len: u64) -> Result<VaRange> {
+        if len == 0 {
+            return Err(CoreError::Empty { start });
+        }
+        let range = VaRange::checked(start, len).ok_or(CoreError::Overflow { start, len })?;
+        if !range.is_page_aligned() {
+            return Err(CoreError::Unaligned(range));
+        }
+        let mut cur = range.start;
+        for r in self.overlapping(range) {
+            if r.range.start > cur {
+                break;
+            }
+            cur = cur.max(r.range.end());
+        }
+        if cur < range.end() {
+            return Err(CoreError::NotShared(range));
+        }
+        Ok(range)
+    }
+
+    /// Regions overlapping `range`, in address order.
+    pub(crate) fn overlapping(&self, range: VaRange) -> Vec<Arc<Region>> {
+        let regions = self.regions.read();
+        let mut out: Vec<Arc<Region>> = Vec::new();
+        if let Some((_, r)) = regions.range(..range.start).next_back() {
+            if r.range.end() > range.start {
+                out.push(Arc::clone(r));
+            }
+        }
+        out.extend(regions.range(range.start..range.end()).map(|(_, r)| Arc::clone(r)));
+        out
+    }
+
+    /// Takes every region overlapping `touch` out, folds device data back to host memory,
+    /// drops device mappings, and puts back the parts `f` returns for each (with the old
+    /// regions' per-page CPU state). Returns how many regions were touched.
+    fn reshape_regions(&self, touch: VaRange, mut f: impl FnMut(&Region) -> Vec<Part>) -> Result<usize> {
+        let _shape = self.reshape.write();
+        let old: Vec<Arc<Region>> = {
+            let mut map = self.regions.write();
+            let keys: Vec<u64> = self.overlapping_locked(&map, touch);
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        let mut result = Ok(());
+        for r in &old {
+            r.set_freed();
+            let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);
+            for cell in &r.blocks {
+                let mut blk = cell.lock();
+                let all = PageMask::full(blk.npages);
+                if let Err(e) = flush_and_unmap(self, r, &mut blk, &all) {
+                    log::error!("reshaping {}: {e}", r.range);
+                    result = Err(e);
+                }
+                migrate::drop_device_copies(self, &mut blk, &all);
+                pages.extend(blk.pages.iter().map(|p| Page {
+                    resident: ProcMask(p.resident.0 & ProcMask::only(crate::types::Proc::Cpu).0),
+                    cpu: p.cpu,
+                    dev_mapped: ProcMask::EMPTY,
+                    dev_ro: ProcMask::EMPTY,
+                }));
+            }
+            for part in f(r) {
+                let new = Region::build(part.range, part.prot, part.cpu, part.remote);
+                for cell in &new.blocks {
+                    let mut blk = cell.lock();
+                    let base = blk.base;
+                    for (i, pg) in blk.pages.iter_mut().enumerate() {
+                        let src = part.src + (base - part.range.start) + i as u64 * PAGE_SIZE;
+                        if let Some(p) =
+                            src.checked_sub(r.range.start).and_then(|o| pages.get((o / PAGE_SIZE) as usize))
+                        {
+                            *pg = *p;
+                        }
+                    }
+                }
+                let mut map = self.regions.write();
+                let clash = !self.overlapping_locked(&map, part.range).is_empty();
+                if clash {
+                    log::error!("reshaped part {} overlaps a live region; dropped", part.range);
+                    continue;
+                }
+                map.insert(part.range.start, Arc::new(new));
+            }
+        }
+        result.map(|()| old.len())
+    }
+
+    fn overlapping_locked(&self, map: &std::collections::BTreeMap<u64, Arc<Region>>, range: VaRange) -> Vec<u64> {
+        let mut keys = Vec::new();
+        if let Some((k, r)) = map.range(..range.start).next_back() {
+            if r.range.end() > range.start {
+                keys.push(*k);
+            }
+        }
+        keys.extend(map.range(range.start..range.end()).map(|(k, _)| *k));
+        keys
+    }
+}
+
+/// Pages of a block (`base`, `npages`) inside `range`.
+fn pages_of(base: &u64, npages: usize, range: &VaRange) -> PageMask {
+    let mut m = PageMask::default();
+    let s = range.start.max(*base);
+    let e = range.end().min(base + npages as u64 * PAGE_SIZE);
+    if s < e {
+        m.set_range(((s - base) / PAGE_SIZE) as usize, ((e - base) / PAGE_SIZE) as usize);
+    }
+    m
+}
+
+/// Brings the device-resident pages of `want` back to host memory and removes every device
+/// mapping of `want` (remote mappings included).
+fn flush_and_unmap(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut crate::block::Block,
+    want: &PageMask,
+) -> Result<()> {
+    let mut on_dev = PageMask::default();
+    let mut mapped = ProcMask::EMPTY;
+    for i in want.iter() {
+        let pg = &blk.pages[i];
+        if pg.resident.0 & !1 != 0 {
+            on_dev.set(i);
+        }
+        mapped.0 |= pg.dev_mapped.0;
+    }
+    migrate::to_cpu(space, region, blk, &on_dev)?;
+    for d in mapped.devices() {
+        let Ok(slot) = space.holder(d) else { continue };
+        migrate::unmap_on(space, blk, &slot, want)?;
+    }
+    Ok(())
+}

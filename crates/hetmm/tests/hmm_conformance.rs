@@ -1,0 +1,944 @@
+//! Linux's HMM self-tests (`tools/testing/selftests/mm/hmm-tests.c`, reference section 1),
+//! ported to hetmm: one test per scenario, the private-device variant, on the simulated device.
+//!
+//! The dmirror driver's ioctls become the [`Dmirror`] helper below, built on the sim device and
+//! the core API: READ/WRITE are device kernels that copy the range to/from a "mirror" buffer
+//! (every access goes through the device page table and faults like a GPU's), MIGRATE_TO_DEV /
+//! MIGRATE_TO_SYS are explicit migrations (only pages in system memory move to the device, like
+//! `MIGRATE_VMA_SELECT_SYSTEM`), SNAPSHOT is `AddressSpace::snapshot` encoded as HMM bytes,
+//! EXCLUSIVE/CHECK_EXCLUSIVE are `make_exclusive`/`check_exclusive`, RELEASE evicts the device,
+//! FLAGS(FAIL_ALLOC) injects a one-shot 2 MiB allocation failure. Errors come back as the
+//! errno the driver would return. `cpages` counts pages; `faults` is 1 when the operation took
+//! device faults and 0 when everything was already mirrored (Linux counts calls of the driver's
+//! fault routine, which is 1 in every single-threaded scenario).
+//!
+//! Memory is the program's own (`mmap`), made shared with [`Hetmm::register`]; `mprotect` is
+//! [`Hetmm::protect`] (the kernel tells user space nothing about mprotect, so hetmm cannot see
+//! a bare one); `munmap`, `mremap` and `madvise` are the real calls, seen through userfaultfd
+//! events.
+//!
+//! Scenarios not ported, and why:
+//! - 6 anon_write_child, 7 anon_write_child_shared, 27 exclusive_cow, 29 hmm_cow_in_device:
+//!   fork of hetmm memory is not implemented in this branch (see the report); a child would
+//!   see the memfd's shared pages, stale where data sits on a device.
+//! - 9 anon_write_hugetlbfs, 23 compound: hugetlbfs memory cannot be adopted into a memfd
+//!   (register refuses it) and hetmm maps the CPU side with base pages only.
+//! - 21 mixedmap: needs `mmap` of the dmirror device file (kernel pages inserted with
+//!   vm_insert_page); hetmm has no device file.
+//! - 28 hmm_gup_test: needs the kernel's gup_test debugfs interface; the user-space analogue
+//!   (a kernel-mode access to device-resident memory) is covered in foundation.rs.
+//!
+//! The coherent variant is not run: no coherent device exists yet.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hetmm::core::device::{DeviceError, FaultCancel};
+use hetmm::core::error::CoreError;
+use hetmm::core::snapshot::hmm;
+use hetmm::core::types::{Prot, PAGE_SIZE};
+use hetmm::sim::{BlockCtx, Grid, SimConfig, SimDevice};
+use hetmm::{Device, Error, Hetmm, Proc};
+
+const PS: usize = PAGE_SIZE as usize;
+const BUFFER_SIZE: usize = 1024 << 12; // HMM_BUFFER_SIZE: 4 MiB
+const PMD: usize = 2 << 20;
+const EINVAL: i32 = libc::EINVAL;
+const EFAULT: i32 = libc::EFAULT;
+const EPERM: i32 = libc::EPERM;
+const ENOENT: i32 = libc::ENOENT;
+
+/// The output of one dmirror command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cmd {
+    cpages: u64,
+    faults: u64,
+}
+
+/// A test device with the dmirror operations.
+struct Dmirror {
+    dev: Device<SimDevice>,
+}
+
+fn sim(mem: u64) -> SimDevice {
+    SimDevice::new(SimConfig { memory_bytes: mem, ..SimConfig::default() }).unwrap()
+}
+
+fn errno_of(e: &Error, write: bool) -> i32 {
+    match e {
+        Error::Device(DeviceError::FaultCancelled { reason: FaultCancel::Protection, .. }) if write => EPERM,
+        Error::Device(DeviceError::FaultCancelled { .. }) => EFAULT,
+        Error::Core(CoreError::NotShared(_) | CoreError::Protection { .. } | CoreError::Unaligned(_)) => EINVAL,
+        Error::Core(CoreError::Empty { .. } | CoreError::Overflow { .. }) => EINVAL,
+        Error::Core(CoreError::NotMigratable(_)) => ENOENT,
+        Error::Core(CoreError::OutOfDeviceMemory { .. }) => libc::ENOMEM,
+        _ => libc::EIO,
+    }
+}
+
+impl Dmirror {
+    fn new(hm: &Hetmm) -> Self {
+        Dmirror { dev: hm.attach_sim(sim(256 << 20)).unwrap() }
+    }
+
+    fn check(addr: u64, npages: usize) -> Result<(), i32> {
+        if addr % PAGE_SIZE != 0 || npages == 0 || addr.checked_add(npages as u64 * PAGE_SIZE).is_none() {
+            return Err(EINVAL);
+        }
+        Ok(())
+    }
+
+    fn faults_since(hm: &Hetmm, before: u64) -> u64 {
+        u64::from(hm.stats().device_faults > before)
+    }
+
+    /// HMM_DMIRROR_READ: the device reads the range into `mirror`.
+    fn read(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &mut [u8]) -> Result<Cmd, i32> {
+        Self::check(addr, npages)?;
+        let before = hm.stats().device_faults;
+        let out = Arc::new(Mutex::new(vec![0u8; npages * PS]));
+        let o = Arc::clone(&out);
+        let k = move |ctx: &BlockCtx| {
+            let p = ctx.block_idx() as usize;
+            let mut buf = vec![0u8; PS];
+            ctx.read_slice(addr + (p * PS) as u64, &mut buf)?;
+            o.lock().unwrap()[p * PS..(p + 1) * PS].copy_from_slice(&buf);
+            Ok(())
+        };
+        self.run(npages, k).map_err(|e| errno_of(&e, false))?;
+        mirror[..npages * PS].copy_from_slice(&out.lock().unwrap());
+        Ok(Cmd { cpages: npages as u64, faults: Self::faults_since(hm, before) })
+    }
+
+    /// HMM_DMIRROR_WRITE: the device writes `mirror` into the range.
+    fn write(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &[u8]) -> Result<Cmd, i32> {
+        Self::check(addr, npages)?;
+        let before = hm.stats().device_faults;
+        let data = Arc::new(mirror[..npages * PS].to_vec());
+        let k = move |ctx: &BlockCtx| {
+            let p = ctx.block_idx() as usize;
+            ctx.write_slice(addr + (p * PS) as u64, &data[p * PS..(p + 1) * PS])
+        };
+        self.run(npages, k).map_err(|e| errno_of(&e, true))?;
+        Ok(Cmd { cpages: npages as u64, faults: Self::faults_since(hm, before) })
+    }
+
+    fn run<F>(&self, npages: usize, k: F) -> Result<(), Error>
+    where
+        F: Fn(&BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
+        let l = self.dev.driver().launch(Grid::new(npages as u32, 1), k)?;
+        Ok(l.wait(Duration::from_secs(60))?)
+    }
+
+    fn me(&self) -> Proc {
+        self.dev.proc()
+    }
+
+    /// HMM_DMIRROR_MIGRATE_TO_DEV: pages in system memory move to this device (pages on other
+    /// devices stay), then the range is read back into `mirror`; ENOENT unless every page ended
+    /// up here.
+    fn migrate_to_dev(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &mut [u8]) -> Result<Cmd, i32> {
+        Self::check(addr, npages)?;
+        let len = (npages * PS) as u64;
+        hm.space().settle().map_err(|_| libc::EBUSY)?;
+        hm.space().check_span(addr, len).map_err(|e| errno_of(&Error::Core(e), false))?;
+        let snap = hm.snapshot(addr, len, &self.dev).map_err(|e| errno_of(&e, false))?;
+        if snap.iter().any(|s| s.prot.is_empty() || s.kind == hetmm::core::snapshot::SnapKind::Error) {
+            return Err(EINVAL);
+        }
+        // Runs of pages not on another device.
+        let mut i = 0;
+        while i < npages {
+            if matches!(snap[i].kind, hetmm::core::snapshot::SnapKind::OtherDevice(_)) {
+                i += 1;
+                continue;
+            }
+            let s = i;
+            while i < npages && !matches!(snap[i].kind, hetmm::core::snapshot::SnapKind::OtherDevice(_)) {
+                i += 1;
+            }
+            hm.migrate(addr + (s * PS) as u64, ((i - s) * PS) as u64, self.me()).map_err(|e| errno_of(&e, false))?;
+        }
+        let cpages = self.on_me(hm, addr, npages);
+        if cpages < npages as u64 {
+            return Err(ENOENT);
+        }
+        self.read(hm, addr, npages, mirror)?;
+        Ok(Cmd { cpages, faults: 0 })
+    }
+
+    fn on_me(&self, hm: &Hetmm, addr: u64, npages: usize) -> u64 {
+        let snap = hm.snapshot(addr, (npages * PS) as u64, &self.dev).unwrap();
+        snap.iter().filter(|s| s.kind == hetmm::core::snapshot::SnapKind::ThisDevice).count() as u64
+    }
+
+    /// HMM_DMIRROR_MIGRATE_TO_SYS.
+    fn migrate_to_sys(&self, hm: &Hetmm, addr: u64, npages: usize) -> Result<Cmd, i32> {
+        Self::check(addr, npages)?;
+        let before = self.on_me(hm, addr, npages);
+        hm.migrate(addr, (npages * PS) as u64, Proc::Cpu).map_err(|e| errno_of(&e, false))?;
+        Ok(Cmd { cpages: before, faults: 0 })
+    }
+
+    /// HMM_DMIRROR_SNAPSHOT.
+    fn snapshot(&self, hm: &Hetmm, addr: u64, npages: usize) -> Result<(Cmd, Vec<u8>), i32> {
+        Self::check(addr, npages)?;
+        let s = hm.snapshot(addr, (npages * PS) as u64, &self.dev).map_err(|e| errno_of(&e, false))?;
+        Ok((Cmd { cpages: npages as u64, faults: 0 }, s.iter().map(|e| e.hmm_byte()).collect()))
+    }
+
+    /// HMM_DMIRROR_EXCLUSIVE: exclusive access, then the data read back into `mirror`.
+    fn exclusive(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &mut [u8]) -> Result<Cmd, i32> {
+        Self::check(addr, npages)?;
+        hm.make_exclusive(addr, (npages * PS) as u64, &self.dev).map_err(|e| errno_of(&e, true))?;
+        self.read(hm, addr, npages, mirror)
+    }
+
+    /// HMM_DMIRROR_CHECK_EXCLUSIVE: EPERM while the device still holds exclusive access.
+    fn check_exclusive(&self, hm: &Hetmm, addr: u64, npages: usize) -> Result<(), i32> {
+        Self::check(addr, npages)?;
+        let held = hm.space().check_exclusive(addr, (npages * PS) as u64, self.dev.id()).map_err(|_| EINVAL)?;
+        if held {
+            Err(EPERM)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// HMM_DMIRROR_RELEASE.
+    fn release(&self, hm: &Hetmm) -> Result<(), i32> {
+        hm.space().evict_device(self.dev.id()).map_err(|e| errno_of(&Error::Core(e), false))
+    }
+
+    /// HMM_DMIRROR_FLAGS(FAIL_ALLOC).
+    fn fail_alloc(&self, hm: &Hetmm) {
+        hm.space().inject_alloc_failures(self.dev.id(), 1).unwrap();
+    }
+}
+
+/// An anonymous mapping owned by the test (the program's memory).
+struct Map {
+    base: *mut u8,
+    size: usize,
+}
+
+impl Map {
+    fn anon(size: usize, prot: i32) -> Map {
+        Self::mmap(size, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+    fn mmap(size: usize, prot: i32, flags: i32, fd: i32) -> Map {
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), size, prot, flags, fd, 0) };
+        assert_ne!(p, libc::MAP_FAILED, "mmap");
+        Map { base: p.cast(), size }
+    }
+    /// The first `align`-aligned address inside.
+    fn aligned(&self, align: usize) -> *mut u8 {
+        let a = (self.base as usize).next_multiple_of(align);
+        a as *mut u8
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.base.cast(), self.size) };
+    }
+}
+
+fn ints(p: *mut u8, n: usize) -> &'static mut [i32] {
+    unsafe { std::slice::from_raw_parts_mut(p.cast::<i32>(), n) }
+}
+
+fn mirror_ints(m: &mut [u8]) -> &mut [i32] {
+    bytemuck::cast_slice_mut(m)
+}
+
+fn setup() -> (Hetmm, Dmirror) {
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let d = Dmirror::new(&hm);
+    (hm, d)
+}
+
+fn setup2() -> (Hetmm, Dmirror, Dmirror) {
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let d0 = Dmirror::new(&hm);
+    let d1 = Dmirror::new(&hm);
+    (hm, d0, d1)
+}
+
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+const NPAGES: usize = BUFFER_SIZE / PS;
+const NINTS: usize = BUFFER_SIZE / 4;
+
+/// 1: open_close.
+#[test]
+fn open_close() {
+    let (hm, d) = setup();
+    assert!(hm.space().device_caps(d.dev.id()).is_ok());
+}
+
+/// 2: anon_read.
+#[test]
+fn anon_read() {
+    let (hm, d) = setup();
+    let m = Map::anon(BUFFER_SIZE, RW);
+    let v = ints(m.base, NINTS);
+    for (i, x) in v.iter_mut().enumerate().skip(2 * PS / 4) {
+        *x = i as i32;
+    }
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    hm.protect(m.base as u64, BUFFER_SIZE as u64, Prot::READ).unwrap();
+    // CPU read of page 1 (the zero page in Linux).
+    assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(PS).cast::<i32>()) }, 0);
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.read(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: NPAGES as u64, faults: 1 });
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, if i < 2 * PS / 4 { 0 } else { i as i32 }, "int {i}");
+    }
+}
+
+/// 3: anon_read_prot.
+#[test]
+fn anon_read_prot() {
+    let (hm, d) = setup();
+    let m = Map::anon(BUFFER_SIZE, RW);
+    for (i, x) in ints(m.base, NINTS).iter_mut().enumerate() {
+        *x = i as i32;
+    }
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    for (i, x) in mirror_ints(&mut mirror).iter_mut().enumerate() {
+        *x = -(i as i32);
+    }
+    hm.protect(m.base as u64, BUFFER_SIZE as u64, Prot::empty()).unwrap();
+    assert_eq!(d.read(&hm, m.base as u64, NPAGES, &mut mirror), Err(EFAULT));
+    hm.protect(m.base as u64, BUFFER_SIZE as u64, Prot::READ).unwrap();
+    for (i, x) in ints(m.base, NINTS).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, -(i as i32));
+    }
+}
+
+/// 4: anon_write.
+#[test]
+fn anon_write() {
+    let (hm, d) = setup();
+    let m = Map::anon(BUFFER_SIZE, RW);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    for (i, x) in mirror_ints(&mut mirror).iter_mut().enumerate() {
+        *x = i as i32;
+    }
+    let c = d.write(&hm, m.base as u64, NPAGES, &mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: NPAGES as u64, faults: 1 });
+    for (i, x) in ints(m.base, NINTS).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 5: anon_write_prot.
+#[test]
+fn anon_write_prot() {
+    let (hm, d) = setup();
+    let m = Map::anon(BUFFER_SIZE, libc::PROT_READ);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.read(&hm, m.base as u64, 1, &mut mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: 1, faults: 1 });
+    for (i, x) in mirror_ints(&mut mirror).iter_mut().enumerate() {
+        *x = i as i32;
+    }
+    assert_eq!(d.write(&hm, m.base as u64, NPAGES, &mirror), Err(EPERM));
+    assert!(ints(m.base, NINTS).iter().all(|&x| x == 0));
+    hm.protect(m.base as u64, BUFFER_SIZE as u64, Prot::READ | Prot::WRITE).unwrap();
+    let c = d.write(&hm, m.base as u64, NPAGES, &mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: NPAGES as u64, faults: 1 });
+    for (i, x) in ints(m.base, NINTS).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 8: anon_write_huge.
+#[test]
+fn anon_write_huge() {
+    let (hm, d) = setup();
+    let m = Map::anon(2 * PMD, RW);
+    let p = m.aligned(PMD);
+    hm.register(p, PMD).unwrap();
+    let np = PMD / PS;
+    let mut mirror = vec![0u8; PMD];
+    for (i, x) in mirror_ints(&mut mirror).iter_mut().enumerate() {
+        *x = i as i32;
+    }
+    let c = d.write(&hm, p as u64, np, &mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: np as u64, faults: 1 });
+    for (i, x) in ints(p, PMD / 4).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+fn tmpfile(size: usize) -> i32 {
+    let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_EXCL | libc::O_RDWR, 0o600) };
+    assert!(fd >= 0, "O_TMPFILE");
+    assert_eq!(unsafe { libc::ftruncate(fd, size as i64) }, 0);
+    fd
+}
+
+/// 10: file_read (mirrored: the device maps the file's pages).
+#[test]
+fn file_read() {
+    let (hm, d) = setup();
+    let fd = tmpfile(BUFFER_SIZE);
+    let data: Vec<i32> = (0..NINTS as i32).collect();
+    let bytes: &[u8] = bytemuck::cast_slice(&data);
+    assert_eq!(unsafe { libc::pwrite(fd, bytes.as_ptr().cast(), bytes.len(), 0) }, BUFFER_SIZE as isize);
+    let m = Map::mmap(BUFFER_SIZE, libc::PROT_READ, libc::MAP_SHARED, fd);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.read(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: NPAGES as u64, faults: 1 });
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    unsafe { libc::close(fd) };
+}
+
+/// 11: file_write: device writes land in the file.
+#[test]
+fn file_write() {
+    let (hm, d) = setup();
+    let fd = tmpfile(BUFFER_SIZE);
+    let m = Map::mmap(BUFFER_SIZE, RW, libc::MAP_SHARED, fd);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    for (i, x) in mirror_ints(&mut mirror).iter_mut().enumerate() {
+        *x = i as i32;
+    }
+    let c = d.write(&hm, m.base as u64, NPAGES, &mirror).unwrap();
+    assert_eq!(c, Cmd { cpages: NPAGES as u64, faults: 1 });
+    for (i, x) in ints(m.base, NINTS).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    let mut back = vec![0i32; NINTS];
+    assert_eq!(unsafe { libc::pread(fd, back.as_mut_ptr().cast(), BUFFER_SIZE, 0) }, BUFFER_SIZE as isize);
+    for (i, x) in back.iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    unsafe { libc::close(fd) };
+}
+
+fn init_anon(size: usize, add: i32) -> Map {
+    let m = Map::anon(size, RW);
+    for (i, x) in ints(m.base, size / 4).iter_mut().enumerate() {
+        *x = i as i32 + add;
+    }
+    m
+}
+
+/// 12: migrate.
+#[test]
+fn migrate() {
+    let (hm, d) = setup();
+    let m = init_anon(BUFFER_SIZE, 0);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 13: migrate_file_private (private file mapping: COW pages adopted like anonymous memory).
+#[test]
+fn migrate_file_private() {
+    let (hm, d) = setup();
+    let fd = tmpfile(BUFFER_SIZE);
+    let m = Map::mmap(BUFFER_SIZE, RW, libc::MAP_PRIVATE, fd);
+    for (i, x) in ints(m.base, NINTS).iter_mut().enumerate() {
+        *x = i as i32;
+    }
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    unsafe { libc::close(fd) };
+}
+
+/// 14: migrate_fault.
+#[test]
+fn migrate_fault() {
+    let (hm, d) = setup();
+    let m = init_anon(BUFFER_SIZE, 0);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    for (i, x) in ints(m.base, NINTS / 2).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    let c = d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 15: migrate_release.
+#[test]
+fn migrate_release() {
+    let (hm, d) = setup();
+    let m = init_anon(BUFFER_SIZE, 0);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    d.release(&hm).unwrap();
+    assert_eq!(d.on_me(&hm, m.base as u64, NPAGES), 0);
+    for (i, x) in ints(m.base, NINTS / 2).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 16: migrate_shared: shared memory is mirrored, never migrated.
+#[test]
+fn migrate_shared() {
+    let (hm, d) = setup();
+    let m = Map::mmap(BUFFER_SIZE, RW, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    assert_eq!(d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror), Err(ENOENT));
+}
+
+/// 17: migrate_mixed (two devices).
+#[test]
+fn migrate_mixed() {
+    let (hm, d0, d1) = setup2();
+    let m = Map::anon(6 * PS, libc::PROT_NONE);
+    let b = m.base as u64;
+    hm.register(m.base, 6 * PS).unwrap();
+    let mut mirror = vec![0u8; 6 * PS];
+    assert_eq!(d1.migrate_to_dev(&hm, b, 6, &mut mirror), Err(EINVAL));
+    assert_eq!(unsafe { libc::munmap(m.base.add(PS).cast(), PS) }, 0);
+    assert_eq!(d1.migrate_to_dev(&hm, b, 3, &mut mirror), Err(EINVAL));
+    // Page 2: read-only, read by the CPU.
+    hm.protect(b + 2 * PS as u64, PS as u64, Prot::READ).unwrap();
+    assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(2 * PS).cast::<i32>()) }, 0);
+    // Page 3: written, then read-only.
+    hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    unsafe { m.base.add(3 * PS).cast::<i32>().write_volatile(3) };
+    hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ).unwrap();
+    // Pages 4-5: read-write, written.
+    hm.protect(b + 4 * PS as u64, 2 * PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    unsafe { m.base.add(4 * PS).cast::<i32>().write_volatile(3) };
+    unsafe { m.base.add(5 * PS).cast::<i32>().write_volatile(3) };
+    let c = d1.migrate_to_dev(&hm, b + 2 * PS as u64, 4, &mut mirror).unwrap();
+    assert_eq!(c.cpages, 4);
+    assert_eq!(d0.migrate_to_dev(&hm, b + 5 * PS as u64, 1, &mut mirror), Err(ENOENT));
+}
+
+/// 18: migrate_multiple.
+#[test]
+fn migrate_multiple() {
+    let (hm, d) = setup();
+    for _ in 0..10 {
+        let m = init_anon(BUFFER_SIZE, 0);
+        hm.register(m.base, BUFFER_SIZE).unwrap();
+        let mut mirror = vec![0u8; BUFFER_SIZE];
+        let c = d.migrate_to_dev(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+        assert_eq!(c.cpages, NPAGES as u64);
+        for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+            assert_eq!(*x, i as i32);
+        }
+        for (i, x) in ints(m.base, NINTS).iter().enumerate() {
+            assert_eq!(*x, i as i32);
+        }
+    }
+}
+
+/// 19: anon_read_multiple.
+#[test]
+fn anon_read_multiple() {
+    let (hm, d) = setup();
+    for c in 0..10 {
+        let m = init_anon(BUFFER_SIZE, c);
+        hm.register(m.base, BUFFER_SIZE).unwrap();
+        let mut mirror = vec![0u8; BUFFER_SIZE];
+        let r = d.read(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+        assert_eq!(r, Cmd { cpages: NPAGES as u64, faults: 1 });
+        for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+            assert_eq!(*x, i as i32 + c);
+        }
+    }
+}
+
+/// 20: anon_teardown: a device read races with munmap of the second half.
+#[test]
+fn anon_teardown() {
+    let (hm, d) = setup();
+    for c in 0..10 {
+        let m = init_anon(BUFFER_SIZE, c);
+        hm.register(m.base, BUFFER_SIZE).unwrap();
+        let half = m.base as usize + BUFFER_SIZE / 2;
+        let delay = (c as u64 * 7919) % 32_000;
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_nanos(delay));
+            unsafe { libc::munmap(half as *mut _, BUFFER_SIZE / 2) }
+        });
+        let mut mirror = vec![0u8; BUFFER_SIZE];
+        if let Ok(r) = d.read(&hm, m.base as u64, NPAGES, &mut mirror) {
+            assert_eq!(r.cpages, NPAGES as u64);
+            for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+                assert_eq!(*x, i as i32 + c);
+            }
+        }
+        assert_eq!(t.join().unwrap(), 0);
+    }
+}
+
+/// 22: snapshot (two devices).
+#[test]
+fn snapshot() {
+    let (hm, d0, d1) = setup2();
+    let m = Map::anon(7 * PS, libc::PROT_NONE);
+    let b = m.base as u64;
+    hm.register(m.base, 7 * PS).unwrap();
+    assert_eq!(unsafe { libc::munmap(m.base.add(PS).cast(), PS) }, 0);
+    hm.protect(b + 2 * PS as u64, PS as u64, Prot::READ).unwrap();
+    assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(2 * PS).cast::<i32>()) }, 0);
+    hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    unsafe { m.base.add(3 * PS).cast::<i32>().write_volatile(3) };
+    hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ).unwrap();
+    hm.protect(b + 4 * PS as u64, 3 * PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    unsafe { m.base.add(4 * PS).cast::<i32>().write_volatile(3) };
+    let mut mirror = vec![0u8; PS];
+    assert_eq!(d0.migrate_to_dev(&hm, b + 5 * PS as u64, 1, &mut mirror).unwrap().cpages, 1);
+    assert_eq!(d1.migrate_to_dev(&hm, b + 6 * PS as u64, 1, &mut mirror).unwrap().cpages, 1);
+    let (c, m8) = d0.snapshot(&hm, b, 7).unwrap();
+    assert_eq!(c.cpages, 7);
+    assert_eq!(
+        m8,
+        vec![
+            hmm::ERROR,
+            hmm::ERROR,
+            hmm::ZERO | hmm::READ,
+            hmm::READ,
+            hmm::WRITE,
+            hmm::DEV_PRIVATE_LOCAL | hmm::WRITE,
+            hmm::NONE
+        ]
+    );
+}
+
+/// 24: double_map (two devices).
+#[test]
+fn double_map() {
+    let (hm, d0, d1) = setup2();
+    let m = init_anon(6 * PS, 0);
+    hm.register(m.base, 6 * PS).unwrap();
+    hm.protect(m.base as u64, 6 * PS as u64, Prot::READ).unwrap();
+    let b = m.base as u64;
+    let check = |mirror: &mut [u8]| {
+        for (i, x) in mirror_ints(mirror).iter().enumerate() {
+            assert_eq!(*x, i as i32);
+        }
+    };
+    let mut mirror = vec![0u8; 6 * PS];
+    assert_eq!(d0.read(&hm, b, 6, &mut mirror).unwrap(), Cmd { cpages: 6, faults: 1 });
+    check(&mut mirror);
+    let mut mirror = vec![0u8; 6 * PS];
+    assert_eq!(d1.read(&hm, b, 6, &mut mirror).unwrap(), Cmd { cpages: 6, faults: 1 });
+    check(&mut mirror);
+    let mut mirror = vec![0u8; 6 * PS];
+    assert_eq!(d1.migrate_to_dev(&hm, b, 6, &mut mirror).unwrap().cpages, 6);
+    check(&mut mirror);
+    let mut mirror = vec![0u8; 6 * PS];
+    assert_eq!(d0.read(&hm, b, 6, &mut mirror).unwrap(), Cmd { cpages: 6, faults: 1 });
+    check(&mut mirror);
+}
+
+/// 25: exclusive.
+#[test]
+fn exclusive() {
+    let (hm, d) = setup();
+    let m = init_anon(BUFFER_SIZE, 0);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    let c = d.exclusive(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
+    assert_eq!(c.cpages, NPAGES as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    assert_eq!(d.check_exclusive(&hm, m.base as u64, NPAGES), Err(EPERM), "held until the CPU touches it");
+    let v = ints(m.base, NINTS);
+    for (i, x) in v.iter_mut().enumerate() {
+        assert_eq!(*x, i as i32);
+        *x += 1;
+    }
+    for (i, x) in v.iter().enumerate() {
+        assert_eq!(*x, i as i32 + 1);
+    }
+    assert_eq!(d.check_exclusive(&hm, m.base as u64, NPAGES), Ok(()));
+}
+
+/// 26: exclusive_mprotect.
+#[test]
+fn exclusive_mprotect() {
+    let (hm, d) = setup();
+    let m = init_anon(BUFFER_SIZE, 0);
+    hm.register(m.base, BUFFER_SIZE).unwrap();
+    let mut mirror = vec![0u8; BUFFER_SIZE];
+    assert_eq!(d.exclusive(&hm, m.base as u64, NPAGES, &mut mirror).unwrap().cpages, NPAGES as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    hm.protect(m.base as u64, BUFFER_SIZE as u64, Prot::READ).unwrap();
+    assert_eq!(d.write(&hm, m.base as u64, NPAGES, &mirror), Err(EPERM));
+}
+
+/// A PMD-aligned PMD-sized buffer inside a `2 * PMD` mapping, registered.
+fn huge(hm: &Hetmm, prot: i32, init: bool) -> (Map, *mut u8) {
+    let m = Map::anon(2 * PMD, prot);
+    let p = m.aligned(PMD);
+    unsafe { libc::madvise(p.cast(), PMD, libc::MADV_HUGEPAGE) };
+    if init {
+        for (i, x) in ints(p, PMD / 4).iter_mut().enumerate() {
+            *x = i as i32;
+        }
+    }
+    hm.register(p, PMD).unwrap();
+    (m, p)
+}
+
+/// 30: migrate_anon_huge_empty.
+#[test]
+fn migrate_anon_huge_empty() {
+    let (hm, d) = setup();
+    let (_m, p) = huge(&hm, libc::PROT_READ, false);
+    let mut mirror = vec![0xFFu8; PMD];
+    let c = d.migrate_to_dev(&hm, p as u64, PMD / PS, &mut mirror).unwrap();
+    assert_eq!(c.cpages, (PMD / PS) as u64);
+    assert!(mirror.iter().all(|&b| b == 0));
+}
+
+/// 31: migrate_anon_huge_zero.
+#[test]
+fn migrate_anon_huge_zero() {
+    let (hm, d) = setup();
+    let (_m, p) = huge(&hm, libc::PROT_READ, false);
+    assert_eq!(unsafe { std::ptr::read_volatile(p.cast::<i32>()) }, 0);
+    let mut mirror = vec![0xFFu8; PMD];
+    let c = d.migrate_to_dev(&hm, p as u64, PMD / PS, &mut mirror).unwrap();
+    assert_eq!(c.cpages, (PMD / PS) as u64);
+    assert!(mirror.iter().all(|&b| b == 0));
+    assert!(ints(p, PMD / 4).iter().all(|&x| x == 0));
+}
+
+/// 32: migrate_anon_huge_free. hetmm memory is a shared memfd view, where Linux refuses
+/// MADV_FREE (private anonymous only) with EINVAL; either answer must leave the data intact
+/// (MADV_FREE may or may not free, and nothing was freed here).
+#[test]
+fn migrate_anon_huge_free() {
+    let (hm, d) = setup();
+    let (_m, p) = huge(&hm, RW, true);
+    let mut mirror = vec![0u8; PMD];
+    let c = d.migrate_to_dev(&hm, p as u64, PMD / PS, &mut mirror).unwrap();
+    assert_eq!(c.cpages, (PMD / PS) as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    let r = unsafe { libc::madvise(p.cast(), PMD, libc::MADV_FREE) };
+    assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(EINVAL));
+    for (i, x) in ints(p, PMD / 4).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 33: migrate_anon_huge_fault. The pagemap check (PM_SWAP entries) has no analogue: hetmm's
+/// CPU view of device-resident pages is simply unmapped (a userfaultfd MINOR fault).
+#[test]
+fn migrate_anon_huge_fault() {
+    let (hm, d) = setup();
+    let (_m, p) = huge(&hm, RW, true);
+    let mut mirror = vec![0u8; PMD];
+    let c = d.migrate_to_dev(&hm, p as u64, PMD / PS, &mut mirror).unwrap();
+    assert_eq!(c.cpages, (PMD / PS) as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    let (_, m8) = d.snapshot(&hm, p as u64, PMD / PS).unwrap();
+    assert!(m8.iter().all(|&b| b == hmm::DEV_PRIVATE_LOCAL | hmm::WRITE | hmm::PMD), "{:#x}", m8[0]);
+    for (i, x) in ints(p, PMD / 4).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+}
+
+/// 34: migrate_partial_unmap_fault.
+#[test]
+fn migrate_partial_unmap_fault() {
+    for use_thp in [false, true] {
+        for offset in [0, PMD / 4, PMD / 2] {
+            let (hm, d) = setup();
+            let m = Map::anon(4 * PMD, RW);
+            let p = m.aligned(PMD);
+            let advice = if use_thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+            unsafe { libc::madvise(p.cast(), PMD, advice) };
+            for (i, x) in ints(p, PMD / 4).iter_mut().enumerate() {
+                *x = i as i32;
+            }
+            hm.register(p, PMD).unwrap();
+            let mut mirror = vec![0u8; PMD];
+            let c = d.migrate_to_dev(&hm, p as u64, PMD / PS, &mut mirror).unwrap();
+            assert_eq!(c.cpages, (PMD / PS) as u64);
+            for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+                assert_eq!(*x, i as i32);
+            }
+            assert_eq!(unsafe { libc::munmap(p.add(offset).cast(), PMD / 2) }, 0);
+            let v = ints(p, PMD / 4);
+            for (i, x) in v.iter().enumerate() {
+                let b = i * 4;
+                if b >= offset && b < offset + PMD / 2 {
+                    continue;
+                }
+                assert_eq!(*x, i as i32, "thp {use_thp} offset {offset:#x} int {i}");
+            }
+        }
+    }
+}
+
+/// 35: migrate_remap_fault: mremap (with and without MREMAP_DONTUNMAP) before or after the
+/// migration; the data follows to the new address.
+#[test]
+fn migrate_remap_fault() {
+    for before in [false, true] {
+        for dont_unmap in [false, true] {
+            for use_thp in [false, true] {
+                for offset in [0, PMD / 2, PMD] {
+                    let (hm, d) = setup();
+                    let m = Map::anon(9 * PMD, RW);
+                    let map = m.aligned(PMD);
+                    let advice = if use_thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+                    unsafe { libc::madvise(map.cast(), PMD, advice) };
+                    assert_eq!(unsafe { libc::munmap(map.add(PMD).cast(), 2 * PMD) }, 0);
+                    for (i, x) in ints(map, PMD / 4).iter_mut().enumerate() {
+                        *x = i as i32;
+                    }
+                    hm.register(map, PMD).unwrap();
+                    let target = unsafe { map.add(PMD + offset) };
+                    let mut flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+                    if dont_unmap {
+                        flags |= libc::MREMAP_DONTUNMAP;
+                    }
+                    let np = PMD / PS;
+                    let mut mirror = vec![0u8; PMD];
+                    let mut ptr = map;
+                    if before {
+                        let r = unsafe { libc::mremap(map.cast(), PMD, PMD, flags, target) };
+                        assert_ne!(r, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+                        ptr = r.cast();
+                    }
+                    let c = d.migrate_to_dev(&hm, ptr as u64, np, &mut mirror).unwrap();
+                    assert_eq!(c.cpages, np as u64);
+                    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+                        assert_eq!(*x, i as i32);
+                    }
+                    if !before {
+                        let r = unsafe { libc::mremap(map.cast(), PMD, PMD, flags, target) };
+                        assert_ne!(r, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+                        ptr = r.cast();
+                    }
+                    for (i, x) in ints(ptr, PMD / 4).iter().enumerate() {
+                        assert_eq!(*x, i as i32, "before {before} dontunmap {dont_unmap} thp {use_thp} off {offset}");
+                    }
+                    unsafe { libc::munmap(ptr.cast(), PMD) };
+                }
+            }
+        }
+    }
+}
+
+/// 36: migrate_anon_huge_err: a failed 2 MiB device allocation falls back to base pages.
+#[test]
+fn migrate_anon_huge_err() {
+    let (hm, d) = setup();
+    let (_m, p) = huge(&hm, RW, true);
+    let np = PMD / PS;
+    let mut mirror = vec![0xFFu8; PMD];
+    d.fail_alloc(&hm);
+    let c = d.migrate_to_dev(&hm, p as u64, np, &mut mirror).unwrap();
+    assert_eq!(c.cpages, np as u64);
+    for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
+        assert_eq!(*x, i as i32);
+    }
+    // The level is not asserted: the 512 base pages of the fallback may still come out of the
+    // buddy allocator contiguous and aligned, and then the device maps them with one 2 MiB entry.
+    let (_, m8) = d.snapshot(&hm, p as u64, np).unwrap();
+    assert!(m8.iter().all(|&b| b & !hmm::PMD == hmm::DEV_PRIVATE_LOCAL | hmm::WRITE));
+    assert_eq!(ints(p, PMD / 4)[2048], 2048);
+    // A fresh buffer migrates as one 2 MiB chunk; then a failing allocation does not disturb
+    // the way back.
+    let (_m2, p2) = huge(&hm, RW, true);
+    assert_eq!(d.migrate_to_dev(&hm, p2 as u64, np, &mut mirror).unwrap().cpages, np as u64);
+    d.fail_alloc(&hm);
+    assert_eq!(d.migrate_to_sys(&hm, p2 as u64, np).unwrap().cpages, np as u64);
+    assert_eq!(ints(p2, PMD / 4)[2048], 2048);
+}
+
+/// 37: migrate_anon_huge_zero_err.
+#[test]
+fn migrate_anon_huge_zero_err() {
+    let (hm, d) = setup();
+    let (_m, p) = huge(&hm, libc::PROT_READ, false);
+    let np = PMD / PS;
+    let mut mirror = vec![0xFFu8; PMD];
+    d.fail_alloc(&hm);
+    let c = d.migrate_to_dev(&hm, p as u64, np, &mut mirror).unwrap();
+    assert_eq!(c.cpages, np as u64);
+    assert!(mirror.iter().all(|&b| b == 0));
+    assert_eq!(ints(p, PMD / 4)[2048], 0);
+    let (_m2, p2) = huge(&hm, libc::PROT_READ, false);
+    assert_eq!(ints(p2, PMD / 4)[0], 0);
+    d.fail_alloc(&hm);
+    let mut mirror = vec![0xFFu8; PMD];
+    assert_eq!(d.migrate_to_dev(&hm, p2 as u64, np, &mut mirror).unwrap().cpages, np as u64);
+    assert!(mirror.iter().all(|&b| b == 0));
+    assert!(ints(p2, PMD / 4).iter().all(|&x| x == 0));
+}
+
+/// 38: benchmark_thp_migration: every migration succeeds for each size, with and without
+/// MADV_HUGEPAGE (sizes up to 8 PMD; 128 PMD is left out to keep CI time sane). Prints the
+/// table.
+#[test]
+fn benchmark_thp_migration() {
+    let (hm, d) = setup();
+    for mult in [PMD / 4, PMD / 2, PMD, 2 * PMD, 4 * PMD, 8 * PMD] {
+        for thp in [false, true] {
+            let m = Map::anon(mult + PMD, RW);
+            let p = m.aligned(PMD);
+            let advice = if thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+            unsafe { libc::madvise(p.cast(), mult, advice) };
+            let bytes = unsafe { std::slice::from_raw_parts_mut(p, mult) };
+            for (i, b) in bytes.iter_mut().enumerate() {
+                *b = (i & 0xFF) as u8;
+            }
+            hm.register(p, mult).unwrap();
+            let np = mult / PS;
+            let mut mirror = vec![0u8; mult];
+            let t = std::time::Instant::now();
+            for _ in 0..6 {
+                d.migrate_to_dev(&hm, p as u64, np, &mut mirror).unwrap();
+                d.migrate_to_sys(&hm, p as u64, np).unwrap();
+            }
+            eprintln!("size {:>6} KiB thp {thp}: {:?} per round trip", mult >> 10, t.elapsed() / 6);
+            assert!(bytes.iter().enumerate().all(|(i, &b)| b == (i & 0xFF) as u8));
+            hm.unregister(p, mult).unwrap();
+        }
+    }
+}

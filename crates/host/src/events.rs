@@ -1,0 +1,273 @@
+//! The userfaultfd reader and the CPU-fault/event servicer.
+//!
+//! Threading rule: the reader only reads the uffd and dispatches; it never takes a core lock,
+//! zaps, maps or touches managed memory, so it is always free to read the REMOVE events that
+//! `madvise(MADV_DONTNEED)` waits for (the core's own zaps happen on other threads while they
+//! hold block locks). Events whose range is one of the manager's own zaps in flight are dropped
+//! there. Everything else (faults and the program's unmap/remap/discard events) goes, in order,
+//! to the servicer, which calls the core: a fault at a remapped address is served after the
+//! remap that created it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Weak};
+use std::time::{Duration, Instant};
+
+use hetmm_core::cpu::{CpuFaultHandler, CpuMmu};
+use hetmm_core::invalidate::CpuEvent;
+use hetmm_core::types::{Access, VaRange, PAGE_SIZE};
+use parking_lot::Mutex;
+
+use crate::mirror::Mirror;
+use crate::uffd::{self, Event, Features, Uffd, UffdError};
+
+/// How long the threads sleep in poll/recv before they look at their stop flag.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Messages read per `read(2)`.
+const BATCH: usize = 64;
+/// How long a finished self-zap still claims REMOVE events of its range. A program discard of
+/// the same range within this window is taken for ours: harmless for `MADV_DONTNEED` (the data
+/// stays), see `hetmm_core::invalidate` for `MADV_REMOVE`.
+const ZAP_LINGER: Duration = Duration::from_secs(1);
+
+/// State shared by the host's threads and its regions.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) uffd: Arc<Uffd>,
+    /// Ranges the manager is zapping or zapped recently (their REMOVE events are its own), with
+    /// when the zap returned. madvise returns as soon as the reader's read(2) took the event,
+    /// before the reader looks the range up, so an entry outlives its zap by [`ZAP_LINGER`].
+    zaps: Mutex<Vec<(VaRange, Option<Instant>)>>,
+    /// Registered memory (followed through unmap and remap).
+    pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
+}
+
+impl Ctx {
+    pub(crate) fn new(uffd: Arc<Uffd>) -> Self {
+        Ctx { uffd, zaps: Mutex::new(Vec::new()), mirrors: Mutex::new(Vec::new()) }
+    }
+
+    /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
+    pub(crate) fn self_zap<T>(&self, range: VaRange, zap: impl FnOnce() -> T) -> T {
+        self.zaps.lock().push((range, None));
+        let r = zap();
+        let now = Instant::now();
+        let mut z = self.zaps.lock();
+        if let Some(e) = z.iter_mut().find(|(x, done)| *x == range && done.is_none()) {
+            e.1 = Some(now);
+        }
+        z.retain(|(_, done)| done.is_none_or(|t| now.duration_since(t) < ZAP_LINGER));
+        r
+    }
+
+    fn is_self_zap(&self, range: VaRange) -> bool {
+        let now = Instant::now();
+        let mut z = self.zaps.lock();
+        z.retain(|(_, done)| done.is_none_or(|t| now.duration_since(t) < ZAP_LINGER));
+        z.iter().any(|(x, _)| x.contains_range(&range))
+    }
+
+    pub(crate) fn live_mirrors_pub(&self) -> Vec<Arc<Mirror>> {
+        self.live_mirrors()
+    }
+
+    fn live_mirrors(&self) -> Vec<Arc<Mirror>> {
+        let mut m = self.mirrors.lock();
+        m.retain(|w| w.strong_count() > 0);
+        m.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// The CPU side of `[to, to + len)` after the program moved `[from, from + len)` there, if
+    /// that memory is registered memory.
+    fn remap_view(&self, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
+        self.live_mirrors().into_iter().find_map(|m| m.remapped(from, to, len))
+    }
+
+    fn forget(&self, range: VaRange) {
+        for m in self.live_mirrors() {
+            m.forget(range);
+        }
+    }
+}
+
+/// One message for the servicer.
+#[derive(Debug)]
+pub(crate) enum Msg {
+    Fault(u64, Access),
+    Discard(VaRange),
+    Unmap(VaRange),
+    Remap { from: u64, to: u64, len: u64 },
+}
+
+/// The reader: poll, read a batch, drop our own zaps' events, pass the rest on in order.
+pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &AtomicBool, tx: mpsc::Sender<Vec<Msg>>) {
+    let uffd = &ctx.uffd;
+    let mut msgs = [uffd::empty_msg(); BATCH];
+    while !stop.load(Ordering::Acquire) {
+        match uffd.poll(POLL_INTERVAL) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                log::error!("uffd poll failed: {e}");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
+        }
+        // The read itself counts as a pending event: the kernel lets munmap/mremap/madvise
+        // return as soon as their event is read, and `settle` must not miss the event between
+        // the read and its dispatch.
+        let core = handler.upgrade();
+        if let Some(c) = &core {
+            c.event_queued(true);
+        }
+        let n = match uffd.read_msgs(&mut msgs) {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(c) = &core {
+                    c.event_queued(false);
+                }
+                log::error!("uffd read failed: {e}");
+                std::thread::sleep(POLL_INTERVAL);
+                continue;
+            }
+        };
+        let mut out = Vec::with_capacity(n);
+        for m in &msgs[..n] {
+            let msg = match uffd::decode(m) {
+                Event::Pagefault { addr, flags, .. } => {
+                    let write = flags & (uffd::PAGEFAULT_FLAG_WRITE | uffd::PAGEFAULT_FLAG_WP) != 0;
+                    let access = if write { Access::Write } else { Access::Read };
+                    out.push(Msg::Fault(addr & !(PAGE_SIZE - 1), access));
+                    continue;
+                }
+                Event::Remove { start, end } => {
+                    let r = VaRange::new(start, end.saturating_sub(start));
+                    if r.len == 0 || ctx.is_self_zap(r) {
+                        continue;
+                    }
+                    Msg::Discard(r)
+                }
+                Event::Unmap { start, end } => Msg::Unmap(VaRange::new(start, end.saturating_sub(start))),
+                Event::Remap { from, to, len } => Msg::Remap { from, to, len },
+                other => {
+                    log::warn!("ignoring userfaultfd event {other:?}");
+                    continue;
+                }
+            };
+            if let Some(c) = &core {
+                c.event_queued(true);
+            }
+            out.push(msg);
+        }
+        let sent = out.is_empty() || tx.send(out).is_ok();
+        if let Some(c) = &core {
+            c.event_queued(false);
+        }
+        drop(core);
+        if !sent {
+            break;
+        }
+    }
+}
+
+/// The servicer: faults (deduplicated per run) and events, in the order they were read.
+pub(crate) fn service_loop(
+    ctx: &Ctx,
+    handler: &Weak<dyn CpuFaultHandler>,
+    stop: &AtomicBool,
+    rx: mpsc::Receiver<Vec<Msg>>,
+) {
+    let mut faults: Vec<(u64, Access)> = Vec::with_capacity(BATCH);
+    while !stop.load(Ordering::Acquire) {
+        let batch = match rx.recv_timeout(POLL_INTERVAL) {
+            Ok(b) => b,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let core = handler.upgrade();
+        for msg in batch {
+            match msg {
+                Msg::Fault(va, access) => faults.push((va, access)),
+                ev => {
+                    serve_faults(&ctx.uffd, core.as_deref(), &mut faults);
+                    apply_event(ctx, core.as_deref(), ev);
+                }
+            }
+        }
+        serve_faults(&ctx.uffd, core.as_deref(), &mut faults);
+        // If this was the last reference, the core (and possibly the Host) is dropped here, on
+        // this thread; `Worker::join` detects that and does not join itself.
+        drop(core);
+    }
+}
+
+fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
+    let event = match ev {
+        Msg::Fault(..) => return,
+        Msg::Discard(r) => CpuEvent::Discard(r),
+        Msg::Unmap(r) => {
+            ctx.forget(r);
+            CpuEvent::Unmap(r)
+        }
+        Msg::Remap { from, to, len } => {
+            // The old range leaves hetmm's management. A plain move is followed by an UNMAP
+            // event for it; after MREMAP_DONTUNMAP it stays mapped and registered, and a CPU
+            // access there faults to the core, which no longer knows it (SIGBUS).
+            let new_cpu = ctx.remap_view(from, to, len);
+            CpuEvent::Remap { from, to, len, new_cpu }
+        }
+    };
+    let Some(core) = core else { return };
+    if let Err(e) = core.cpu_event(event.clone()) {
+        log::error!("applying {event:?}: {e}");
+    }
+    core.event_queued(false);
+}
+
+fn serve_faults(uffd: &Uffd, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<(u64, Access)>) {
+    if faults.is_empty() {
+        return;
+    }
+    // Threads faulting on one page each send a message: serve the page once, with the most
+    // intrusive access.
+    faults.sort_unstable_by_key(|f| f.0);
+    faults.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 = kept.1.max(later.1);
+        }
+        same
+    });
+    for &(va, access) in faults.iter() {
+        let served = match core {
+            Some(core) => core.cpu_fault(va, access).map_err(|e| e.to_string()),
+            None => Err("the core is gone".to_string()),
+        };
+        if let Err(why) = served {
+            log::error!("CPU {access:?} fault at {va:#x} not served ({why}); raising SIGBUS");
+            release_with_sigbus(uffd, va);
+        }
+    }
+    faults.clear();
+}
+
+/// Resolves a fault the core could not serve so the faulting thread does not hang: the page is
+/// poisoned (the thread gets SIGBUS). If it was mapped meanwhile, the waiter is just woken.
+fn release_with_sigbus(uffd: &Uffd, va: u64) {
+    let page = VaRange::new(va, PAGE_SIZE);
+    let res = if uffd.features().contains(Features::POISON) {
+        crate::host::retry_again(|| uffd.poison(page))
+    } else {
+        Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
+    };
+    match res {
+        Ok(()) => {}
+        Err(UffdError::Exists { .. }) => {
+            let _ = crate::host::retry_again(|| uffd.wake(page));
+        }
+        Err(e) => {
+            // Waking makes the thread fault again, which is better than hanging it forever.
+            log::error!("cannot poison {page}: {e}; waking the thread to retry");
+            let _ = crate::host::retry_again(|| uffd.wake(page));
+        }
+    }
+}

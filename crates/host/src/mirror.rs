@@ -1,0 +1,337 @@
+//! Memory the program already has, made shared with devices ([`Host::register`]).
+//!
+//! Private memory (anonymous, `malloc`, private file mappings): a memfd takes its bytes and is
+//! mapped `MAP_SHARED | MAP_FIXED` over the same addresses, so the pointer stays valid and the
+//! data is preserved; from then on it is managed like [`Host::create_region`] memory (migrated,
+//! faulted back through userfaultfd). Shared memory (`MAP_SHARED` files and shared anonymous
+//! memory): mirrored, never migrated; devices map its host pages remotely through the manager's
+//! own second mapping of them, so writes land in the file.
+//!
+//! A registration follows the program's `munmap` and `mremap` of its memory (userfaultfd
+//! UNMAP/REMAP events; see `events`). [`Host::unregister`] gives private memory back as private
+//! anonymous memory with the current bytes.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use hetmm_core::cpu::{CpuMmu, HostError};
+use hetmm_core::device::HostAddr;
+use hetmm_core::types::{Prot, VaRange, PAGE_SIZE};
+use parking_lot::Mutex;
+
+use crate::events::Ctx;
+use crate::host::{continue_range, mapping_err, retry_again, uffd_err, Host, RegionError};
+use crate::mapping::{self, MappingError};
+use crate::uffd::RegisterMode;
+
+/// One VMA of the program's memory, from `/proc/self/maps`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vma {
+    /// Addresses (clipped to the range asked about).
+    pub range: VaRange,
+    /// Protection.
+    pub prot: Prot,
+    /// `MAP_SHARED`.
+    pub shared: bool,
+}
+
+/// The VMAs covering `range`, clipped to it, in order; `None` if some page of it is unmapped.
+pub fn vmas(range: VaRange) -> Option<Vec<Vma>> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut out: Vec<Vma> = Vec::new();
+    for line in maps.lines() {
+        let mut it = line.split_whitespace();
+        let (Some(span), Some(perms)) = (it.next(), it.next()) else { continue };
+        let Some((s, e)) = span.split_once('-') else { continue };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+        let Some(part) = VaRange::new(s, e - s).intersect(&range) else { continue };
+        let b = perms.as_bytes();
+        let mut prot = Prot::empty();
+        if b.first() == Some(&b'r') {
+            prot |= Prot::READ;
+        }
+        if b.get(1) == Some(&b'w') {
+            prot |= Prot::WRITE;
+        }
+        out.push(Vma { range: part, prot, shared: b.get(3) == Some(&b's') });
+    }
+    let mut cur = range.start;
+    for v in &out {
+        if v.range.start != cur {
+            return None;
+        }
+        cur = v.range.end();
+    }
+    (cur == range.end()).then_some(out)
+}
+
+/// A piece of the program's address space showing part of a mirror.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    app: u64,
+    off: u64,
+    len: u64,
+}
+
+/// The manager's side of one registration: the memfd (private memory) and the alias.
+#[derive(Debug)]
+pub struct Mirror {
+    ctx: Arc<Ctx>,
+    memfd: Option<OwnedFd>,
+    alias: usize,
+    len: u64,
+    segs: Mutex<Vec<Seg>>,
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        mapping::unmap_alias(self.alias, self.len as usize);
+    }
+}
+
+impl Mirror {
+    /// Whether this is mirrored shared memory (devices map host pages; nothing migrates).
+    pub fn is_remote(&self) -> bool {
+        self.memfd.is_none()
+    }
+
+    /// After the program moved `[from, from+len)` to `to`: a view of the new place, if `from`
+    /// was ours.
+    pub(crate) fn remapped(self: &Arc<Self>, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
+        let moved = VaRange::new(from, len);
+        let mut segs = self.segs.lock();
+        let seg = *segs.iter().find(|s| VaRange::new(s.app, s.len).contains_range(&moved))?;
+        let off = seg.off + (from - seg.app);
+        cut(&mut segs, moved);
+        segs.push(Seg { app: to, off, len });
+        Some(Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len }))
+    }
+
+    /// The program unmapped `range`.
+    pub(crate) fn forget(&self, range: VaRange) {
+        cut(&mut self.segs.lock(), range);
+    }
+}
+
+fn cut(segs: &mut Vec<Seg>, range: VaRange) {
+    let mut out = Vec::with_capacity(segs.len() + 1);
+    for s in segs.drain(..) {
+        let r = VaRange::new(s.app, s.len);
+        match r.intersect(&range) {
+            None => out.push(s),
+            Some(x) => {
+                if x.start > s.app {
+                    out.push(Seg { app: s.app, off: s.off, len: x.start - s.app });
+                }
+                if x.end() < r.end() {
+                    out.push(Seg { app: x.end(), off: s.off + (x.end() - s.app), len: r.end() - x.end() });
+                }
+            }
+        }
+    }
+    *segs = out;
+}
+
+/// The CPU side of registered memory at one place in the program's address space: the core's
+/// [`CpuMmu`] for it.
+#[derive(Debug)]
+pub struct MirrorView {
+    mirror: Arc<Mirror>,
+    app: u64,
+    off: u64,
+    len: u64,
+}
+
+impl MirrorView {
+    fn check(&self, op: &'static str, r: VaRange) -> Result<u64, HostError> {
+        if r.len == 0 || !r.is_page_aligned() {
+            return Err(mapping_err(op, r, MappingError::Unaligned(r)));
+        }
+        let me = VaRange::new(self.app, self.len);
+        if !me.contains_range(&r) {
+            return Err(mapping_err(op, r, MappingError::OutOfBounds { range: r, region: me }));
+        }
+        Ok(self.off + (r.start - self.app))
+    }
+}
+
+impl CpuMmu for MirrorView {
+    fn range(&self) -> VaRange {
+        VaRange::new(self.app, self.len)
+    }
+
+    fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        if self.mirror.is_remote() {
+            return Ok(());
+        }
+        for &r in ranges {
+            self.check("revoke", r)?;
+            self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        let Some(fd) = &self.mirror.memfd else { return Ok(()) };
+        for &r in ranges {
+            let off = self.check("populate", r)?;
+            mapping::memfd_space(fd, off, r.len, false).map_err(|e| mapping_err("populate", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn map(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        let Some(fd) = &self.mirror.memfd else { return Ok(()) };
+        for &r in ranges {
+            self.check("map", r)?;
+            let alloc = |x: VaRange| mapping::memfd_space(fd, self.off + (x.start - self.app), x.len, false);
+            continue_range(&self.mirror.ctx.uffd, r, writable, &alloc)?;
+        }
+        Ok(())
+    }
+
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        if self.mirror.is_remote() {
+            return Ok(());
+        }
+        for &r in ranges {
+            self.check("protect", r)?;
+            retry_again(|| self.mirror.ctx.uffd.writeprotect(r, !writable, true))
+                .map_err(|e| uffd_err("protect", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        self.populate(ranges)
+    }
+
+    fn wake(&self, range: VaRange) -> Result<(), HostError> {
+        self.check("wake", range)?;
+        retry_again(|| self.mirror.ctx.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
+    }
+
+    fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        let Some(fd) = &self.mirror.memfd else { return Ok(()) };
+        for &r in ranges {
+            let off = self.check("discard", r)?;
+            mapping::memfd_space(fd, off, r.len, true).map_err(|e| mapping_err("discard", r, e))?;
+            self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("discard", r, e))?;
+        }
+        Ok(())
+    }
+
+    fn backing(&self, va: u64) -> HostAddr {
+        if !self.range().contains(va) {
+            log::error!("backing({va:#x}) outside {}", self.range());
+            return HostAddr(0);
+        }
+        HostAddr(self.mirror.alias + (self.off + (va - self.app)) as usize)
+    }
+
+    fn set_prot(&self, range: VaRange, prot: Prot) -> Result<(), HostError> {
+        self.check("protect", range)?;
+        mapping::protect_view(range, prot).map_err(|e| mapping_err("protect", range, e))
+    }
+
+    fn reads_zero(&self, range: VaRange) -> bool {
+        match self.check("snapshot", range) {
+            Ok(off) => mapping::alias_is_zero(self.mirror.alias + off as usize, range.len as usize),
+            Err(_) => false,
+        }
+    }
+}
+
+/// What [`Host::register`] made of the program's memory.
+#[derive(Debug)]
+pub struct Registration {
+    /// The page-aligned range covered.
+    pub range: VaRange,
+    /// Mirrored shared memory (devices map host pages) rather than migratable private memory.
+    pub remote: bool,
+    /// The CPU side, for every part of `range`.
+    pub cpu: Arc<dyn CpuMmu>,
+    /// The parts with their protection, as the program mapped them.
+    pub parts: Vec<(VaRange, Prot)>,
+}
+
+impl Host {
+    /// Makes the program's memory `[start, start + len)` (rounded out to pages) shared with
+    /// devices, at the same addresses and with the same bytes (see the module notes). Every page
+    /// must be mapped, all private or all shared (shared memory: one mapping).
+    pub fn register(self: &Arc<Self>, start: u64, len: u64) -> Result<Registration, RegionError> {
+        let s = start & !(PAGE_SIZE - 1);
+        let e = start
+            .checked_add(len)
+            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
+            .map(|e| e & !(PAGE_SIZE - 1))
+            .filter(|_| len > 0)
+            .ok_or(MappingError::BadLength(len))?;
+        let range = VaRange::new(s, e - s);
+        let vm = vmas(range).ok_or(MappingError::OutOfBounds { range, region: range })?;
+        let shared = vm.iter().filter(|v| v.shared).count();
+        let parts: Vec<(VaRange, Prot)> = vm.iter().map(|v| (v.range, v.prot)).collect();
+        if shared == vm.len() {
+            if vm.len() != 1 {
+                return Err(MappingError::Unaligned(range).into());
+            }
+            let alias = mapping::dup_shared(range)?;
+            let mirror = Arc::new(Mirror {
+                ctx: self.ctx.clone(),
+                memfd: None,
+                alias,
+                len: range.len,
+                segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
+            });
+            self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
+            let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
+            return Ok(Registration { range, remote: true, cpu, parts });
+        }
+        if shared != 0 {
+            return Err(MappingError::Unaligned(range).into());
+        }
+        let (memfd, alias) = mapping::memfd_with_alias(range.len)?;
+        let mirror = Arc::new(Mirror {
+            ctx: self.ctx.clone(),
+            memfd: Some(memfd),
+            alias,
+            len: range.len,
+            segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
+        });
+        let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
+        for v in &vm {
+            mapping::adopt_private(v.range, v.prot, fd, v.range.start - range.start, alias)?;
+        }
+        let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
+        self.uffd.register(range, mode)?;
+        self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
+        let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
+        Ok(Registration { range, remote: false, cpu, parts })
+    }
+
+    /// Gives registered private memory `[start, start + len)` back to the program as private
+    /// anonymous memory with its current bytes (the core must have brought every page back to
+    /// host memory and dropped the range first). Shared memory needs nothing here.
+    pub fn unregister(&self, start: u64, len: u64) -> Result<(), RegionError> {
+        let range =
+            VaRange::checked(start, len).filter(VaRange::is_page_aligned).ok_or(MappingError::BadLength(len))?;
+        for m in self.ctx.live_mirrors_pub() {
+            let Some(fd_alias) = m.memfd.as_ref().map(|_| m.alias) else {
+                m.forget(range);
+                continue;
+            };
+            let segs: Vec<Seg> = m.segs.lock().clone();
+            for s in segs {
+                let Some(x) = VaRange::new(s.app, s.len).intersect(&range) else { continue };
+                let _ = self.uffd.unregister(x);
+                let vm = vmas(x).ok_or(MappingError::OutOfBounds { range: x, region: range })?;
+                for v in vm {
+                    let src = fd_alias + (s.off + (v.range.start - s.app)) as usize;
+                    mapping::restore_private(v.range, v.prot, src)?;
+                }
+                m.forget(x);
+            }
+        }
+        Ok(())
+    }
+}

@@ -129,8 +129,6 @@ pub struct Block {
     pub active_jobs: u32,
     /// A finished job used the block and no job uses it now: evict it first.
     pub job_done: bool,
-    /// The manager's view of this block's host backing is populated (see `CpuMmu::prepare`).
-    pub backing_ready: bool,
     /// Pages a service in progress is working on: never evicted to make room for the same
     /// service.
     pub busy: PageMask,
@@ -154,7 +152,6 @@ impl Block {
             active_jobs: 0,
             job_done: false,
             busy: PageMask::default(),
-            backing_ready: false,
         }
     }
 

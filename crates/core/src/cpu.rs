@@ -41,10 +41,6 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
     /// Wakes threads waiting on faults in the range without mapping (they retry).
     fn wake(&self, range: VaRange) -> Result<(), HostError>;
 
-    /// Readies the manager's view of the backing of the ranges for copy engines (maps it in bulk,
-    /// allocating zeroed pages where there were none), so copies do not fault page by page.
-    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError>;
-
     /// Frees the backing of the ranges (their data is dropped; a later access reads zeros).
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError>;
 

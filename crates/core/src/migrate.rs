@@ -145,16 +145,6 @@ fn write_protect_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: 
     Ok(())
 }
 
-/// Populates the manager's view of the block's host backing once, so copy engines never take
-/// page faults on it (one bulk call instead of up to 512 faults).
-fn ready_backing(region: &Region, blk: &mut Block) -> Result<()> {
-    if !blk.backing_ready {
-        region.cpu.prepare(&[VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)])?;
-        blk.backing_ready = true;
-    }
-    Ok(())
-}
-
 /// Submits copies and waits for them, bounded.
 fn run_copies(space: &AddressSpace, region: &Region, slot: &DeviceSlot, ops: &[CopyOp]) -> Result<()> {
     if ops.is_empty() {
@@ -216,12 +206,6 @@ fn fill(
                 zero += len;
             }
             i = j;
-        }
-    }
-    if h2d > 0 {
-        if let Err(e) = ready_backing(region, blk) {
-            release_device_pages(slot, blk, need);
-            return Err(e);
         }
     }
     if let Err(e) = run_copies(space, region, slot, &ops) {
@@ -515,11 +499,10 @@ pub(crate) fn cpu_duplicate(space: &AddressSpace, region: &Region, blk: &mut Blo
 }
 
 /// D2H copies of `m` from `slot`'s copies into host backing.
-fn copy_back(space: &AddressSpace, region: &Region, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
+fn copy_back(space: &AddressSpace, region: &Region, blk: &Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
     if m.is_empty() {
         return Ok(());
     }
-    ready_backing(region, blk)?;
     let ops: Vec<CopyOp> = pa_runs(blk, slot.id, m)
         .into_iter()
         .map(|(s, n, pa)| CopyOp::DeviceToHost {
@@ -587,7 +570,6 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
     for i in m.iter() {
         blk.pages[i] = crate::block::Page::default();
     }
-    blk.backing_ready = false;
     Ok(())
 }
 
@@ -659,9 +641,8 @@ fn bulk_fill_and_map(
     dup: bool,
 ) -> Result<()> {
     // CPU access: write-protect what stays duplicated, revoke what moves; one call each.
-    let (mut wp, mut revoke, mut prepare) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut wp, mut revoke) = (Vec::new(), Vec::new());
     for (blk, sel) in blocks.iter().zip(chosen) {
-        let from_cpu = select(blk, sel, |p| p.resident.has(Proc::Cpu));
         for i in sel.iter() {
             let p = &blk.pages[i];
             match p.cpu {
@@ -671,20 +652,15 @@ fn bulk_fill_and_map(
                 _ => revoke.push(VaRange::new(blk.va(i), PAGE_SIZE)),
             }
         }
-        if !from_cpu.is_empty() && !blk.backing_ready {
-            prepare.push(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
-        }
     }
     let t = Instant::now();
     region.cpu.revoke(&coalesce(revoke))?;
     region.cpu.protect(&coalesce(wp), false)?;
     add_since(&space.stats.ns_revoke, t);
-    region.cpu.prepare(&coalesce(prepare))?;
     let (mut ops, mut entries) = (Vec::new(), Vec::new());
     let (mut h2d, mut zero) = (0, 0);
     let prot = device_prot(region);
     for (blk, sel) in blocks.iter_mut().zip(chosen) {
-        blk.backing_ready |= sel.iter().any(|i| blk.pages[i].resident.has(Proc::Cpu));
         for i in sel.iter() {
             let p = &mut blk.pages[i];
             if p.cpu != CpuMap::None && !(dup && p.resident.has(Proc::Cpu)) {
@@ -777,12 +753,6 @@ pub(crate) fn bulk_to_cpu(space: &AddressSpace, region: &Region, blocks: &mut [&
                 devs.0 |= p.resident.0 & !1;
             }
         }
-    }
-    let prepare: Vec<VaRange> =
-        blocks.iter().filter(|b| !b.backing_ready).map(|b| VaRange::new(b.base, b.npages as u64 * PAGE_SIZE)).collect();
-    region.cpu.prepare(&coalesce(prepare))?;
-    for blk in blocks.iter_mut() {
-        blk.backing_ready = true;
     }
     let mut moved = 0u64;
     for d in devs.devices() {

@@ -65,9 +65,6 @@ impl CpuMmu for FakeCpu {
     fn wake(&self, _range: VaRange) -> Result<(), HostError> {
         Ok(())
     }
-    fn prepare(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
     fn discard(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
         Ok(())
     }

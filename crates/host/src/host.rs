@@ -287,10 +287,6 @@ impl CpuMmu for HostRegion {
         retry_again(|| self.host.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
     }
 
-    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
-        ranges.iter().try_for_each(|&r| self.mapping.populate_alias(r).map_err(|e| mapping_err("prepare", r, e)))
-    }
-
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
         for &r in ranges {
             self.mapping.punch(r).map_err(|e| mapping_err("discard", r, e))?;

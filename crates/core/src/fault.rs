@@ -40,6 +40,7 @@ pub(crate) struct Walk {
 /// The per-device service thread: runs until the device is detached or the address space is gone.
 pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
     let mut batch = Vec::with_capacity(slot.batch);
+    let mut stale = Vec::with_capacity(slot.batch);
     while !slot.is_detached() {
         if !slot.mmu.wait_for_faults(POLL) {
             continue;
@@ -61,6 +62,15 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
             log::error!("device {:?} fault service panicked; cancelling the batch", slot.id);
             (pages.into_iter().map(|p| (p, FaultCancel::ServiceFailed)).collect(), Vec::new())
         });
+        // UVM's BATCH_FLUSH: discard what queued up meanwhile before replaying. Those clients
+        // retry and fault again if they still need service; entries left behind would be
+        // serviced after their clients had already gone on (even after the kernel ended).
+        let mut flushed = 0;
+        while slot.mmu.fetch_faults(slot.batch, &mut stale) > 0 {
+            flushed += stale.len();
+            stale.clear();
+        }
+        add(&space.stats.duplicate_faults, flushed as u64);
         slot.mmu.replay(&cancel);
         add(&space.stats.replays, 1);
         if space.config.policy.cross_block {

@@ -253,7 +253,9 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     add(&space.stats.prefetched_pages, prefetched);
     add(&space.stats.blocks_serviced, 1);
     let mut r = apply(space, &region, &mut blk, slot, &plan);
-    if matches!(r, Err(CoreError::OutOfDeviceMemory { .. })) && plan.all() != faulted {
+    if matches!(r, Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. }))
+        && plan.all() != faulted
+    {
         // Not enough room for the prefetch: service just what faulted.
         let only = Plan {
             migrate: plan.migrate.and_not(&extra),
@@ -267,7 +269,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         // Memory is short only because every victim is busy (locked by other services or the
         // prefetcher): leave the faults unserviced so they are raised again after the replay,
         // as UVM throttles; give up only if it lasts.
-        Err(CoreError::OutOfDeviceMemory { .. }) if !oom_for_too_long(space, slot) => {
+        Err(CoreError::DeviceMemoryBusy { .. }) if !oom_for_too_long(space, slot) => {
             log::debug!("device {:?} out of memory for block {:#x}; retrying after replay", slot.id, blk.base);
         }
         Err(e) => {

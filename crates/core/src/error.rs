@@ -46,6 +46,15 @@ pub enum CoreError {
         /// Bytes needed.
         bytes: u64,
     },
+    /// Device memory is all held by blocks other work is using right now; retrying later may
+    /// succeed.
+    #[error("device {device:?} memory is busy ({bytes} bytes needed); retry")]
+    DeviceMemoryBusy {
+        /// Device.
+        device: DeviceId,
+        /// Bytes needed.
+        bytes: u64,
+    },
     /// A device operation failed.
     #[error("device {device:?}: {source}")]
     Device {

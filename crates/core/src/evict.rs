@@ -14,15 +14,26 @@ use crate::migrate::to_cpu;
 use crate::policy::Eviction;
 use crate::space::{AddressSpace, DeviceSlot};
 use crate::stats::{add, add_since};
-use crate::types::{Proc, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use crate::types::{align_down, Proc, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// Candidates examined per LRU choice.
 const LRU_SAMPLE: usize = 32;
 
+/// What an eviction attempt achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Evicted {
+    /// A block was evicted.
+    Freed,
+    /// Nothing was evicted, but some candidate was busy (locked by another thread): memory may
+    /// free up soon.
+    Busy,
+    /// Nothing can be evicted.
+    Nothing,
+}
+
 /// Evicts one block from `slot`'s device, skipping the block at `exclude` (the one being serviced,
-/// whose lock the caller holds), blocks another thread holds, and pinned blocks. Returns whether
-/// anything was freed.
-pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bool> {
+/// whose lock the caller holds), blocks another thread holds, and pinned blocks.
+pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
     match space.config.policy.eviction {
         Eviction::Fifo => evict_fifo(space, slot, exclude),
         Eviction::JobAwareLru => evict_lru(space, slot, exclude),
@@ -34,28 +45,40 @@ fn pinned(space: &AddressSpace, blk: &Block) -> bool {
     !attrs.is_empty() && (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned)
 }
 
-fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bool> {
+fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
     let me = Proc::Device(slot.id);
     let tries = slot.evict_queue.lock().len();
+    let mut busy = false;
     for _ in 0..tries {
         let Some((region_start, bidx)) = slot.evict_queue.lock().pop_front() else { break };
         let Some(region) = space.region_at(region_start) else { continue };
         let Some(cell) = region.blocks.get(bidx) else { continue };
+        let base = (align_down(region.range.start, BLOCK_SIZE) + bidx as u64 * BLOCK_SIZE).max(region.range.start);
+        if base == exclude {
+            // The caller's own block: locked by the caller, not busy.
+            slot.evict_queue.lock().push_back((region_start, bidx));
+            continue;
+        }
         // Never wait for a block lock here: the caller holds one, and another service thread may
         // hold this one while it waits for ours.
-        let Some(mut blk) = cell.try_lock().filter(|b| b.base != exclude && !pinned(space, b)) else {
+        let Some(mut blk) = cell.try_lock() else {
+            busy = true;
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         };
+        if pinned(space, &blk) {
+            slot.evict_queue.lock().push_back((region_start, bidx));
+            continue;
+        }
         blk.queued_on.remove(me);
         if evict_block(space, &region, &mut blk, slot)? {
-            return Ok(true);
+            return Ok(Evicted::Freed);
         }
     }
-    Ok(false)
+    Ok(if busy { Evicted::Busy } else { Evicted::Nothing })
 }
 
-fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bool> {
+fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
     let me = Proc::Device(slot.id);
     let now = space.tick();
     // Sample candidates from the queue and rank them: finished-job blocks first, then the least
@@ -82,7 +105,7 @@ fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bo
         if let Some(region) = space.region_at(rs) {
             if let Some(mut blk) = region.blocks[bidx].try_lock() {
                 if evict_block(space, &region, &mut blk, slot)? {
-                    return Ok(true);
+                    return Ok(Evicted::Freed);
                 }
             }
         }
@@ -126,8 +149,8 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
         let mut rounds = 0;
         while !slot.is_detached() && slot.free_and_total().0 < low && rounds < 64 {
             match evict_one(&space, &slot, u64::MAX) {
-                Ok(true) => rounds += 1,
-                Ok(false) => break,
+                Ok(Evicted::Freed) => rounds += 1,
+                Ok(_) => break,
                 Err(e) => {
                     log::warn!("background eviction on {:?}: {e}", slot.id);
                     break;

@@ -29,16 +29,18 @@ pub(crate) const THRASH_WINDOW_NS: u64 = 2_000_000_000;
 /// Most blocks prefetched ahead of a strided walk.
 const MAX_AHEAD: usize = 8;
 
-/// Fault-walk history of one device, for cross-block prefetch.
+/// Fault-walk history of one region on one device, for cross-block prefetch.
 #[derive(Debug, Default)]
 pub(crate) struct Walk {
     recent: VecDeque<u64>,
     ahead: usize,
+    write: bool,
 }
 
 /// The per-device service thread: runs until the device is detached or the address space is gone.
 pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
     let mut batch = Vec::with_capacity(slot.batch);
+    let mut stale = Vec::with_capacity(slot.batch);
     while !slot.is_detached() {
         if !slot.mmu.wait_for_faults(POLL) {
             continue;
@@ -60,20 +62,32 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
             log::error!("device {:?} fault service panicked; cancelling the batch", slot.id);
             (pages.into_iter().map(|p| (p, FaultCancel::ServiceFailed)).collect(), Vec::new())
         });
+        // UVM's BATCH_FLUSH: discard what queued up meanwhile before replaying. Those clients
+        // retry and fault again if they still need service; entries left behind would be
+        // serviced after their clients had already gone on (even after the kernel ended).
+        let mut flushed = 0;
+        while slot.mmu.fetch_faults(slot.batch, &mut stale) > 0 {
+            flushed += stale.len();
+            stale.clear();
+        }
+        add(&space.stats.duplicate_faults, flushed as u64);
         slot.mmu.replay(&cancel);
         add(&space.stats.replays, 1);
         if space.config.policy.cross_block {
-            plan_ahead(&slot, &serviced);
+            plan_ahead(&space, &slot, &serviced);
         }
     }
 }
+
+/// A block serviced by a batch, and whether any of its faults wrote.
+pub(crate) type Serviced = (u64, bool);
 
 /// Services one batch; returns the faults to cancel (by page) and the blocks serviced.
 pub(crate) fn service_batch(
     space: &AddressSpace,
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
-) -> (Vec<(u64, FaultCancel)>, Vec<u64>) {
+) -> (Vec<(u64, FaultCancel)>, Vec<Serviced>) {
     let _shape = space.reshape.read();
     let st = &space.stats;
     add(&st.device_faults, faults.len() as u64);
@@ -95,7 +109,8 @@ pub(crate) fn service_batch(
         groups.push(group);
         rest = tail;
     }
-    let serviced: Vec<u64> = groups.iter().map(|g| align_down(g[0].va, BLOCK_SIZE)).collect();
+    let serviced: Vec<(u64, bool)> =
+        groups.iter().map(|g| (align_down(g[0].va, BLOCK_SIZE), g.iter().any(|f| f.access >= Access::Write))).collect();
     let workers = space.config.policy.service_workers.clamp(1, groups.len().max(1));
     let cancel = Mutex::new(Vec::new());
     if workers == 1 {
@@ -213,12 +228,25 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     if faulted.is_empty() {
         return;
     }
+    // Prefetched pages are taken for the block's most intrusive faulting access: pages next to
+    // a write are about to be written too, so they move rather than get read-only copies.
+    let block_access = group.iter().map(|f| f.access).max().unwrap_or(Access::Read);
+    let prefetch_access = if block_access >= Access::Write { Access::Write } else { Access::Prefetch };
     let resident = blk.resident_on(me);
     let local = plan.migrate.or(&plan.duplicate);
-    let extra = policy.prefetcher.prefetch(&local, &resident, blk.npages).and_not(&faulted).and_not(&resident);
+    // Pages the device already has with the access it needs are not prefetched again; read-only
+    // copies are, when the block is being written.
+    let mut have = PageMask::default();
+    for i in resident.iter() {
+        let p = &blk.pages[i];
+        if p.dev_mapped.has(me) && (prefetch_access < Access::Write || !p.dev_ro.has(me)) {
+            have.set(i);
+        }
+    }
+    let extra = policy.prefetcher.prefetch(&local, &resident, blk.npages).and_not(&faulted).and_not(&have);
     let mut prefetched = 0;
     for i in extra.iter() {
-        match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), me, Access::Prefetch, reach) {
+        match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), me, prefetch_access, reach) {
             Decision::Remote(_) => {}
             d => {
                 plan.add(i, d, me);
@@ -227,10 +255,18 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         }
     }
     drop(attrs);
+    // A thrashing block is served remotely as a whole: one fault maps all of it.
+    if !plan.remote.is_empty() && blk.thrashing.has(me) {
+        let rest = PageMask::full(blk.npages).and_not(&resident).and_not(&plan.all());
+        prefetched += rest.count() as u64;
+        plan.remote = plan.remote.or(&rest);
+    }
     add(&space.stats.prefetched_pages, prefetched);
     add(&space.stats.blocks_serviced, 1);
     let mut r = apply(space, &region, &mut blk, slot, &plan);
-    if matches!(r, Err(CoreError::OutOfDeviceMemory { .. })) && plan.all() != faulted {
+    if matches!(r, Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. }))
+        && plan.all() != faulted
+    {
         // Not enough room for the prefetch: service just what faulted.
         let only = Plan {
             migrate: plan.migrate.and_not(&extra),
@@ -239,10 +275,33 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         };
         r = apply(space, &region, &mut blk, slot, &only);
     }
-    if let Err(e) = r {
-        log::error!("servicing device {:?} faults in block {:#x}: {e}", slot.id, blk.base);
-        cancel.extend(faulted.iter().map(|i| (blk.va(i), FaultCancel::ServiceFailed)));
+    match r {
+        Ok(()) => slot.oom_since.store(0, std::sync::atomic::Ordering::Relaxed),
+        // Memory is short only because every victim is busy (locked by other services or the
+        // prefetcher): leave the faults unserviced so they are raised again after the replay,
+        // as UVM throttles; give up only if it lasts.
+        Err(CoreError::DeviceMemoryBusy { .. }) if !oom_for_too_long(space, slot) => {
+            log::debug!("device {:?} out of memory for block {:#x}; retrying after replay", slot.id, blk.base);
+        }
+        Err(e) => {
+            log::error!("servicing device {:?} faults in block {:#x}: {e}", slot.id, blk.base);
+            cancel.extend(faulted.iter().map(|i| (blk.va(i), FaultCancel::ServiceFailed)));
+        }
     }
+}
+
+/// How long allocation may keep failing before faults are cancelled.
+const OOM_PATIENCE_NS: u64 = 10_000_000_000;
+
+/// Records an allocation failure; true once failures have lasted longer than the patience.
+fn oom_for_too_long(space: &AddressSpace, slot: &DeviceSlot) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = space.tick();
+    let since = match slot.oom_since.compare_exchange(0, now, Relaxed, Relaxed) {
+        Ok(_) => now,
+        Err(t) => t,
+    };
+    now.saturating_sub(since) > OOM_PATIENCE_NS
 }
 
 fn apply(
@@ -280,53 +339,79 @@ fn apply_steps(
     Ok(())
 }
 
-/// Cross-block prefetch, first half (service thread): when the last serviced blocks advance by
-/// a constant stride, ask the device's prefetch thread to make the next blocks along it
-/// resident. The window doubles while the walk stays steady.
-fn plan_ahead(slot: &DeviceSlot, serviced: &[u64]) {
-    let Some(&last) = serviced.iter().max() else { return };
-    let req = {
-        let mut w = slot.walk.lock();
-        for b in serviced {
-            if w.recent.back() != Some(b) {
-                w.recent.push_back(*b);
+/// Cross-block prefetch, first half (service thread): when the blocks serviced in one region
+/// advance by a constant stride, ask the device's prefetch thread to make the next blocks along
+/// it resident. Walks are tracked per region (a kernel streams several buffers at once), and the
+/// window doubles while a walk stays steady. A walk that writes gets exclusive copies.
+fn plan_ahead(space: &AddressSpace, slot: &DeviceSlot, serviced: &[Serviced]) {
+    let mut reqs = Vec::new();
+    {
+        let mut walks = slot.walk.lock();
+        for &(b, write) in serviced {
+            let Some(region) = space.region_of(b.max(1)) else { continue };
+            let w = walks.entry(region.range.start).or_default();
+            w.write |= write;
+            if w.recent.back() == Some(&b) {
+                continue;
+            }
+            w.recent.push_back(b);
+            while w.recent.len() > 3 {
+                w.recent.pop_front();
+            }
+            let r: Vec<u64> = w.recent.iter().copied().collect();
+            let steady = r.len() == 3 && r[2] > r[1] && r[1] > r[0] && r[2] - r[1] == r[1] - r[0];
+            w.ahead = if steady { (w.ahead * 2).clamp(2, MAX_AHEAD) } else { 0 };
+            if steady {
+                reqs.push(Ahead { last: b, stride: r[2] - r[1], ahead: w.ahead, write: w.write });
             }
         }
-        while w.recent.len() > 3 {
-            w.recent.pop_front();
+        // Forget walks of regions that are gone.
+        if walks.len() > 64 {
+            walks.retain(|start, _| space.region_at(*start).is_some());
         }
-        let r: Vec<u64> = w.recent.iter().copied().collect();
-        let steady = r.len() == 3 && r[2] > r[1] && r[1] > r[0] && r[2] - r[1] == r[1] - r[0];
-        w.ahead = if steady { (w.ahead * 2).clamp(2, MAX_AHEAD) } else { 0 };
-        steady.then(|| (last, r[2] - r[1], w.ahead))
-    };
-    if let (Some(req), Some(tx)) = (req, slot.ahead_tx.lock().as_ref()) {
-        let _ = tx.send(req);
     }
+    if let Some(tx) = slot.ahead_tx.lock().as_ref() {
+        for r in reqs {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// A request to the prefetch thread.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ahead {
+    last: u64,
+    stride: u64,
+    ahead: usize,
+    write: bool,
 }
 
 /// Cross-block prefetch, second half: the device's prefetch thread. Takes the newest request and
 /// moves the window's blocks in bulk, as far as free memory allows without evicting.
-pub(crate) fn ahead_loop(
-    space: Weak<AddressSpace>,
-    slot: Arc<DeviceSlot>,
-    rx: std::sync::mpsc::Receiver<(u64, u64, usize)>,
-) {
+pub(crate) fn ahead_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>, rx: std::sync::mpsc::Receiver<Ahead>) {
     while !slot.is_detached() {
-        let mut req = match rx.recv_timeout(POLL) {
+        let first = match rx.recv_timeout(POLL) {
             Ok(r) => r,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
+        // Keep the newest request of each walk (a later request on the same stride supersedes
+        // an earlier one it overlaps).
+        let mut reqs = vec![first];
         while let Ok(r) = rx.try_recv() {
-            req = r;
+            let window = (MAX_AHEAD as u64 + 1) * r.stride;
+            reqs.retain(|o| !(o.stride == r.stride && o.last < r.last && r.last - o.last < window));
+            reqs.push(r);
         }
         let Some(space) = space.upgrade() else { return };
-        run_ahead(&space, &slot, req);
+        for r in reqs {
+            run_ahead(&space, &slot, r);
+        }
     }
 }
 
-fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, (last, stride, ahead): (u64, u64, usize)) {
+fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
+    let Ahead { last, stride, ahead, write: writes } = req;
     let me = Proc::Device(slot.id);
     // Never while regions are being reshaped (unmap/remap/protect in progress).
     let Some(_shape) = space.reshape.try_read() else { return };
@@ -350,7 +435,8 @@ fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, (last, stride, ahead): (u6
         return;
     }
     let mut blocks: Vec<&mut crate::block::Block> = guards.iter_mut().map(|g| &mut **g).collect();
-    match migrate::bulk_to_device(space, &region, &mut blocks, slot, space.config.policy.duplicate_reads) {
+    let dup = space.config.policy.duplicate_reads && !writes;
+    match migrate::bulk_to_device(space, &region, &mut blocks, slot, dup) {
         Ok(n) => {
             add(&space.stats.prefetched_pages, n);
             let now = space.tick();

@@ -429,12 +429,18 @@ fn allocate(
             }
             return Ok(pas);
         }
-        if crate::evict::evict_one(space, slot, blk.base)? {
+        let evicted = crate::evict::evict_one(space, slot, blk.base)?;
+        if evicted == crate::evict::Evicted::Freed {
             continue;
         }
         let spare = blk.resident_on(Proc::Device(slot.id)).and_not(want).and_not(&blk.busy);
         if spare.is_empty() {
-            return Err(CoreError::OutOfDeviceMemory { device: slot.id, bytes: n as u64 * PAGE_SIZE });
+            let bytes = n as u64 * PAGE_SIZE;
+            return Err(if evicted == crate::evict::Evicted::Busy {
+                CoreError::DeviceMemoryBusy { device: slot.id, bytes }
+            } else {
+                CoreError::OutOfDeviceMemory { device: slot.id, bytes }
+            });
         }
         to_cpu(space, region, blk, &spare)?;
         add(&space.stats.evictions, 1);

@@ -130,8 +130,10 @@ pub(crate) struct DeviceSlot {
     pub(crate) batch: usize,
     /// Injected failures: this many coming 2 MiB allocations fail (fall back to base pages).
     pub(crate) fail_large_alloc: AtomicU32,
-    pub(crate) walk: Mutex<crate::fault::Walk>,
-    pub(crate) ahead_tx: Mutex<Option<mpsc::Sender<(u64, u64, usize)>>>,
+    /// When allocation started failing for faults (0: it is not failing).
+    pub(crate) oom_since: AtomicU64,
+    pub(crate) walk: Mutex<std::collections::HashMap<u64, crate::fault::Walk>>,
+    pub(crate) ahead_tx: Mutex<Option<mpsc::Sender<crate::fault::Ahead>>>,
     ahead: Mutex<Option<JoinHandle<()>>>,
     detached: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
@@ -318,7 +320,8 @@ impl AddressSpace {
             evict_queue: Mutex::new(VecDeque::new()),
             batch: opts.fault_batch.max(1),
             fail_large_alloc: AtomicU32::new(0),
-            walk: Mutex::new(crate::fault::Walk::default()),
+            oom_since: AtomicU64::new(0),
+            walk: Mutex::new(std::collections::HashMap::new()),
             ahead_tx: Mutex::new(None),
             ahead: Mutex::new(None),
             detached: AtomicBool::new(false),

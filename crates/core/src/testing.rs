@@ -292,7 +292,12 @@ impl World {
     /// A device access; on a miss, services the fault as the service thread would. Returns None
     /// when the fault was cancelled.
     fn dev_access(&mut self, dev: usize, va: u64, val: Option<u8>) -> Option<u8> {
-        for _ in 0..2 {
+        // Like a warp: re-fault until serviced or cancelled (a service may be told to retry while
+        // the background evictor holds the victim it needs).
+        for attempt in 0..2000 {
+            if attempt > 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if let Some(v) = self.devs[dev].access(va, val) {
                 return Some(v);
             }
@@ -337,7 +342,11 @@ impl World {
                 let len = (pages as u64 * PAGE_SIZE).min(self.cpu.range.end() - start);
                 let to = to.map_or(Proc::Cpu, |d| Proc::Device(self.ids[d]));
                 match self.space.migrate(start, len, to) {
-                    Ok(()) | Err(crate::error::CoreError::OutOfDeviceMemory { .. }) => {}
+                    Ok(())
+                    | Err(
+                        crate::error::CoreError::OutOfDeviceMemory { .. }
+                        | crate::error::CoreError::DeviceMemoryBusy { .. },
+                    ) => {}
                     Err(e) => panic!("migrate: {e}"),
                 }
             }

@@ -124,3 +124,159 @@ pub fn mul_mat_cpu(r: &mut [f32], a: &[f32], b: &[f32], m: usize) {
         }
     }
 }
+
+/// `b[i] = a[i] * mul + add` (wrapping) over `n` u64 values: a streaming kernel that reads one
+/// buffer and writes another.
+pub fn stream_map(a: u64, b: u64, n: usize, mul: u64, add: u64) -> (Grid, Kernel) {
+    let k = move |ctx: &BlockCtx| {
+        let start = ctx.block_idx() as usize * CHUNK;
+        let end = (start + CHUNK).min(n);
+        let mut buf = vec![0u64; SLICE];
+        let mut i = start;
+        while i < end {
+            let len = SLICE.min(end - i);
+            ctx.read_slice(at::<u64>(a, i), &mut buf[..len])?;
+            for v in &mut buf[..len] {
+                *v = v.wrapping_mul(mul).wrapping_add(add);
+            }
+            ctx.write_slice(at::<u64>(b, i), &buf[..len])?;
+            i += len;
+        }
+        Ok(())
+    };
+    (grid(n, CHUNK), Box::new(k))
+}
+
+/// Updates each block of [`gups`] performs.
+pub const GUPS_PER_BLOCK: usize = 1024;
+
+/// The `k`-th update of [`gups`] over a table of `n` values: `(index, increment)`. A
+/// splitmix64 sequence, so the updates land at pseudo-random indices.
+pub fn gups_update(seed: u64, k: u64, n: usize) -> (usize, u64) {
+    let h = splitmix64(seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    ((h % n as u64) as usize, (h >> 40) | 1)
+}
+
+/// GUPS-style random updates: `updates` atomic adds of [`gups_update`]`(seed, k, n)` into the
+/// u64 table at `table` (`n` values). The sum is order-independent, so the CPU can recompute
+/// it.
+pub fn gups(table: u64, n: usize, updates: usize, seed: u64) -> (Grid, Kernel) {
+    let k = move |ctx: &BlockCtx| {
+        let start = ctx.block_idx() as usize * GUPS_PER_BLOCK;
+        let end = (start + GUPS_PER_BLOCK).min(updates);
+        for k in start..end {
+            let (idx, inc) = gups_update(seed, k as u64, n);
+            ctx.atomic_add_u64(at::<u64>(table, idx), inc)?;
+        }
+        Ok(())
+    };
+    (grid(updates, GUPS_PER_BLOCK), Box::new(k))
+}
+
+/// splitmix64's output function.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Rows each block of [`jacobi5`] computes.
+pub const JACOBI_ROWS: usize = 16;
+
+/// One Jacobi sweep of a 5-point stencil over a `rows x cols` row-major u32 grid: every interior
+/// cell of `dst` becomes the floor of the mean of its four neighbours in `src`; boundary cells
+/// are copied. Exact integer arithmetic (values below 2^30 never overflow), so the CPU's
+/// [`jacobi5_cpu`] matches bit for bit.
+pub fn jacobi5(src: u64, dst: u64, rows: usize, cols: usize) -> (Grid, Kernel) {
+    let k = move |ctx: &BlockCtx| {
+        let i0 = ctx.block_idx() as usize * JACOBI_ROWS;
+        let i1 = (i0 + JACOBI_ROWS).min(rows);
+        // Rows i0-1 ..= i1 of src (clamped to the grid), read in one slice.
+        let lo = i0.saturating_sub(1);
+        let hi = (i1 + 1).min(rows);
+        let mut inp = vec![0u32; (hi - lo) * cols];
+        ctx.read_slice(at::<u32>(src, lo * cols), &mut inp)?;
+        let mut out = vec![0u32; (i1 - i0) * cols];
+        for i in i0..i1 {
+            let o = &mut out[(i - i0) * cols..(i - i0 + 1) * cols];
+            let c = &inp[(i - lo) * cols..(i - lo + 1) * cols];
+            if i == 0 || i + 1 == rows {
+                o.copy_from_slice(c);
+                continue;
+            }
+            let n = &inp[(i - 1 - lo) * cols..(i - lo) * cols];
+            let s = &inp[(i + 1 - lo) * cols..(i + 2 - lo) * cols];
+            jacobi_row(o, n, c, s);
+        }
+        ctx.write_slice(at::<u32>(dst, i0 * cols), &out)
+    };
+    (grid(rows, JACOBI_ROWS), Box::new(k))
+}
+
+fn jacobi_row(o: &mut [u32], n: &[u32], c: &[u32], s: &[u32]) {
+    let cols = o.len();
+    o[0] = c[0];
+    o[cols - 1] = c[cols - 1];
+    for j in 1..cols.saturating_sub(1) {
+        o[j] = (n[j] + s[j] + c[j - 1] + c[j + 1]) / 4;
+    }
+}
+
+/// [`jacobi5`] on the CPU (for checking).
+pub fn jacobi5_cpu(src: &[u32], dst: &mut [u32], rows: usize, cols: usize) {
+    for i in 0..rows {
+        let o = &mut dst[i * cols..(i + 1) * cols];
+        let c = &src[i * cols..(i + 1) * cols];
+        if i == 0 || i + 1 == rows {
+            o.copy_from_slice(c);
+        } else {
+            jacobi_row(o, &src[(i - 1) * cols..i * cols], c, &src[(i + 1) * cols..(i + 2) * cols]);
+        }
+    }
+}
+
+/// Vertices each block of [`bfs_level`] scans.
+pub const BFS_VERTICES: usize = 4096;
+
+/// Distance of a vertex [`bfs_level`] has not reached.
+pub const BFS_UNREACHED: u32 = u32::MAX;
+
+/// One level of a top-down breadth-first search over a CSR graph of `nv` vertices (`row_ptr`:
+/// `nv + 1` u32 offsets into `col`, u32 neighbour ids; `dist`: `nv` u32): every vertex at
+/// distance `level` claims its unreached neighbours for `level + 1` with a compare-and-swap.
+/// The number of vertices claimed is added to the u64 at `claimed`. Irregular by nature: the
+/// neighbours' distances are gathered from all over `dist`.
+pub fn bfs_level(row_ptr: u64, col: u64, dist: u64, nv: usize, level: u32, claimed: u64) -> (Grid, Kernel) {
+    let k = move |ctx: &BlockCtx| {
+        let v0 = ctx.block_idx() as usize * BFS_VERTICES;
+        let v1 = (v0 + BFS_VERTICES).min(nv);
+        let mut d = vec![0u32; v1 - v0];
+        ctx.read_slice(at::<u32>(dist, v0), &mut d)?;
+        if !d.contains(&level) {
+            return Ok(());
+        }
+        let mut rp = vec![0u32; v1 - v0 + 1];
+        ctx.read_slice(at::<u32>(row_ptr, v0), &mut rp)?;
+        let mut nbrs = Vec::new();
+        let mut count = 0u64;
+        for (i, _) in d.iter().enumerate().filter(|(_, dv)| **dv == level) {
+            let (s, e) = (rp[i] as usize, rp[i + 1] as usize);
+            nbrs.resize(e - s, 0u32);
+            ctx.read_slice(at::<u32>(col, s), &mut nbrs)?;
+            for &u in &nbrs {
+                let du = at::<u32>(dist, u as usize);
+                if ctx.load::<u32>(du)? == BFS_UNREACHED
+                    && ctx.atomic_cas_u32(du, BFS_UNREACHED, level + 1)? == BFS_UNREACHED
+                {
+                    count += 1;
+                }
+            }
+        }
+        if count > 0 {
+            ctx.atomic_add_u64(claimed, count)?;
+        }
+        Ok(())
+    };
+    (grid(nv, BFS_VERTICES), Box::new(k))
+}

@@ -202,10 +202,6 @@ impl CpuMmu for MirrorView {
         Ok(())
     }
 
-    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
-        self.populate(ranges)
-    }
-
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
         self.check("wake", range)?;
         retry_again(|| self.mirror.ctx.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))

@@ -1,0 +1,612 @@
+//! `hetmm bench`: every figure beside the limit it is judged against, measured in the same
+//! process (memcpy bandwidth and the raw userfaultfd round trip, once at start).
+//!
+//! Workloads (each starts with its data written by the CPU, and checks its result):
+//! - `stream`: a kernel reads A and writes B = f(A) through device faults (row `stream`); then
+//!   the CPU reads B (half the working set, written by the device) back (row
+//!   `stream/cpu-reread`).
+//! - `random`: GUPS-style atomic adds at pseudo-random indices of one table.
+//! - `gemm`: the banded r = a x b (every band re-reads b), m from `--size`, at most 1024.
+//! - `stencil`: Jacobi sweeps of a 2D 5-point stencil over two u32 grids.
+//! - `graph`: a level-synchronous BFS over a pseudo-random CSR graph.
+//! - `pingpong`: device and CPU take turns reading one buffer; with no advice and with
+//!   `ReadMostly`.
+//! - `readmostly`: CPU threads and a kernel read one buffer at once; the same two variants.
+//! - `faultback`: the CPU fault-back path per fault-around chunk size (at oversub 0.5 only).
+//!
+//! Each run gets a fresh address space and a simulated device of `working set / oversub` bytes
+//! (rounded up to 2 MiB). `seconds` times the workload's own section (the kernels; for
+//! `pingpong`/`readmostly` the rounds; for `stream/cpu-reread` and `faultback` the CPU's
+//! reads), never the set-up or the check. `bytes` are the bytes that section reads and writes
+//! as the program sees them; `gbps` = bytes / seconds; `ratio_to_limit` = gbps / memcpy GB/s.
+//! Rows report medians over `--repeat`, with the counters of the median repeat.
+
+mod faultback;
+mod svg;
+mod workloads;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use hetmm::core::stats::StatsSnapshot;
+use hetmm::host::probe;
+use hetmm::Policy;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Map, Value};
+
+use workloads::{AdviceKind, Cache, Run, Sample};
+
+/// Every workload, in the order `all` runs them.
+pub const WORKLOADS: [&str; 8] =
+    ["stream", "random", "gemm", "stencil", "graph", "pingpong", "readmostly", "faultback"];
+
+/// Options.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Workloads, comma-separated, or `all`: stream, random, gemm, stencil, graph, pingpong,
+    /// readmostly, faultback.
+    #[arg(long, default_value = "all")]
+    workload: String,
+    /// Device: only `sim` in this build.
+    #[arg(long, default_value = "sim")]
+    device: String,
+    /// Policies, comma-separated (hetmm, uvm).
+    #[arg(long, default_value = "hetmm,uvm")]
+    policy: String,
+    /// Oversubscription factors (working set / device memory), comma-separated.
+    #[arg(long, default_value = "0.5,1,1.5,2")]
+    oversub: String,
+    /// Working set in bytes (e.g. 256M, 1G).
+    #[arg(long, value_parser = super::size_arg, default_value = "256M")]
+    size: u64,
+    /// Repeats of each run (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// One JSON object per run on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Draws median seconds against oversubscription, one line per policy, into this SVG file.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+}
+
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+pub(crate) fn human(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 => format!("{}K", b >> 10),
+        b => format!("{b}"),
+    }
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()
+}
+
+/// What the command line asked for, checked.
+struct Plan {
+    workloads: Vec<&'static str>,
+    policies: Vec<&'static str>,
+    oversubs: Vec<f64>,
+}
+
+fn plan(args: &Args) -> Result<Plan, String> {
+    if args.device != "sim" {
+        return Err(format!(
+            "device '{}' is not available in this build: only the simulated device 'sim' (CUDA comes later)",
+            args.device
+        ));
+    }
+    let mut workloads = Vec::new();
+    for w in list(&args.workload) {
+        if w == "all" {
+            workloads.extend(WORKLOADS);
+        } else {
+            let known = WORKLOADS
+                .iter()
+                .find(|k| **k == w)
+                .ok_or_else(|| format!("unknown workload '{w}' (known: {}, all)", WORKLOADS.join(", ")))?;
+            workloads.push(*known);
+        }
+    }
+    workloads.dedup();
+    let mut policies = Vec::new();
+    for p in list(&args.policy) {
+        let known = Policy::NAMES
+            .iter()
+            .find(|k| **k == p)
+            .ok_or_else(|| format!("unknown policy '{p}' (known: {})", Policy::NAMES.join(", ")))?;
+        if !policies.contains(known) {
+            policies.push(*known);
+        }
+    }
+    let mut oversubs = Vec::new();
+    for o in list(&args.oversub) {
+        let v: f64 = o.parse().map_err(|_| format!("--oversub: not a number: '{o}'"))?;
+        if !(v.is_finite() && v > 0.0 && v <= 64.0) {
+            return Err(format!("--oversub: {v} is out of range (0, 64]"));
+        }
+        if !oversubs.contains(&v) {
+            oversubs.push(v);
+        }
+    }
+    if workloads.is_empty() || policies.is_empty() || oversubs.is_empty() {
+        return Err("--workload, --policy and --oversub each need at least one value".into());
+    }
+    if args.size < (1 << 20) {
+        return Err(format!("--size {} is too small (at least 1M)", args.size));
+    }
+    Ok(Plan { workloads, policies, oversubs })
+}
+
+/// One (workload, policy, oversub, advice) combination: the unit whose repeats are aggregated.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    workload: &'static str,
+    policy: &'static str,
+    oversub: f64,
+    advice: AdviceKind,
+}
+
+impl Plan {
+    fn jobs(&self) -> Vec<Job> {
+        let mut out = Vec::new();
+        for &workload in &self.workloads {
+            let advices: &[AdviceKind] = match workload {
+                "pingpong" | "readmostly" => &[AdviceKind::None, AdviceKind::ReadMostly],
+                _ => &[AdviceKind::None],
+            };
+            let oversubs = if workload == "faultback" { vec![faultback::OVERSUB] } else { self.oversubs.clone() };
+            for &oversub in &oversubs {
+                for &policy in &self.policies {
+                    for &advice in advices {
+                        out.push(Job { workload, policy, oversub, advice });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn run_one(job: &Job, r: &Run, cache: &mut Cache, uffd_us: f64) -> workloads::Result<Vec<Sample>> {
+    match job.workload {
+        "stream" => workloads::stream(r),
+        "random" => workloads::random(r),
+        "gemm" => workloads::gemm(r, cache),
+        "stencil" => workloads::stencil(r, cache),
+        "graph" => workloads::graph(r, cache),
+        "pingpong" => workloads::pingpong(r),
+        "readmostly" => workloads::readmostly(r),
+        "faultback" => faultback::faultback(r, uffd_us),
+        other => unreachable!("workload {other} is checked by plan()"),
+    }
+}
+
+/// Key of an output row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RowKey {
+    order: usize,
+    /// Position of the row among those its workload reports.
+    sub: usize,
+    row: String,
+    oversub_milli: u64,
+    policy: &'static str,
+    advice: AdviceKind,
+}
+
+/// A row: the medians of one key's repeats.
+#[derive(Debug)]
+struct Row {
+    key: RowKey,
+    oversub: f64,
+    samples: Vec<Sample>,
+    errors: Vec<String>,
+}
+
+impl Row {
+    fn verified(&self) -> bool {
+        self.errors.is_empty() && !self.samples.is_empty() && self.samples.iter().all(|s| s.verified)
+    }
+
+    /// The sample with the median time.
+    fn mid(&self) -> Option<&Sample> {
+        let mut v: Vec<&Sample> = self.samples.iter().collect();
+        v.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
+        v.get(v.len() / 2).copied()
+    }
+
+    fn seconds(&self) -> f64 {
+        self.mid().map_or(f64::NAN, |s| s.seconds)
+    }
+
+    fn gbps(&self) -> f64 {
+        self.mid().map_or(f64::NAN, |s| s.bytes as f64 / s.seconds / 1e9)
+    }
+
+    fn stats(&self) -> StatsSnapshot {
+        self.mid().map(|s| s.stats).unwrap_or_default()
+    }
+
+    fn migrated(&self) -> u64 {
+        let s = self.stats();
+        s.bytes_to_device + s.bytes_to_host + s.bytes_device_to_device
+    }
+
+    fn workload(&self) -> &str {
+        self.key.row.split('/').next().unwrap_or_default()
+    }
+
+    fn variant(&self) -> Option<&str> {
+        self.key.row.split_once('/').map(|(_, v)| v)
+    }
+
+    fn json(&self, limits: &Limits, extra_fields: &Map<String, Value>) -> Value {
+        let st = self.stats();
+        let mid = self.mid();
+        let g = self.gbps();
+        let mut o = json!({
+            "workload": self.workload(),
+            "variant": self.variant(),
+            "device": "sim",
+            "policy": self.key.policy,
+            "advice": self.key.advice.name(),
+            "oversub": self.oversub,
+            "bytes": mid.map_or(0, |s| s.bytes),
+            "working_set": mid.map_or(0, |s| s.working_set),
+            "device_memory": mid.map_or(0, |s| s.device_memory),
+            "seconds": self.seconds(),
+            "seconds_all": self.samples.iter().map(|s| s.seconds).collect::<Vec<_>>(),
+            "repeats": self.samples.len(),
+            "gbps": g,
+            "limit_gbps": limits.memcpy_gbps,
+            "ratio_to_limit": g / limits.memcpy_gbps,
+            "uffd_round_trip_us": limits.uffd_us,
+            "verified": self.verified(),
+            "stats": {
+                "cpu_faults": st.cpu_faults,
+                "device_faults": st.device_faults,
+                "fault_batches": st.fault_batches,
+                "bytes_to_device": st.bytes_to_device,
+                "bytes_to_host": st.bytes_to_host,
+                "evictions": st.evictions,
+                "prefetched_bytes": st.prefetched_pages * hetmm::core::types::PAGE_SIZE,
+                "thrash_events": st.thrash_events,
+            },
+            "detail": st,
+        });
+        let obj = o.as_object_mut().expect("a JSON object");
+        if let Some(m) = mid {
+            for (k, v) in &m.extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in extra_fields {
+            obj.insert(k.clone(), v.clone());
+        }
+        if !self.errors.is_empty() {
+            obj.insert("errors".into(), json!(self.errors));
+        }
+        o
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    memcpy_gbps: f64,
+    uffd_us: f64,
+}
+
+pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
+    let plan = match plan(args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("hetmm bench: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let repeat = args.repeat.max(1);
+    let memcpy_gbps = probe::memcpy_bandwidth(256 << 20, 5) / 1e9;
+    let rt: Vec<f64> = probe::raw_uffd_round_trip(2000)
+        .map_err(|e| hetmm::Error::Host(e.to_string()))?
+        .into_iter()
+        .map(|d| d.as_secs_f64() * 1e6)
+        .collect();
+    let limits = Limits { memcpy_gbps, uffd_us: median(rt) };
+    if !args.json {
+        println!(
+            "limits: memcpy {:.2} GB/s, raw userfaultfd round trip {:.1} us (median); working set {}, {} repeat(s), device sim",
+            limits.memcpy_gbps,
+            limits.uffd_us,
+            human(args.size),
+            repeat
+        );
+    }
+
+    let jobs = plan.jobs();
+    let bar = if args.json || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some((jobs.len() * repeat) as u64), ProgressDrawTarget::stderr())
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+
+    let mut cache = Cache::default();
+    let mut rows: BTreeMap<RowKey, Row> = BTreeMap::new();
+    for job in &jobs {
+        let order = WORKLOADS.iter().position(|w| *w == job.workload).unwrap_or(usize::MAX);
+        let mut errors = Vec::new();
+        let mut got: Vec<Sample> = Vec::new();
+        for rep in 0..repeat {
+            bar.set_message(format!(
+                "{} {} x{} {} (repeat {}/{})",
+                job.workload,
+                job.policy,
+                job.oversub,
+                job.advice.name(),
+                rep + 1,
+                repeat
+            ));
+            let r = Run { policy: job.policy, oversub: job.oversub, size: args.size, advice: job.advice, rep };
+            match run_one(job, &r, &mut cache, limits.uffd_us) {
+                Ok(s) => got.extend(s),
+                Err(e) => {
+                    bar.suspend(|| eprintln!("hetmm bench: {} {} x{}: {e}", job.workload, job.policy, job.oversub));
+                    errors.push(e.to_string());
+                }
+            }
+            bar.inc(1);
+        }
+        let per_repeat = if job.workload == "faultback" {
+            faultback::CHUNKS.len()
+        } else {
+            1 + usize::from(job.workload == "stream")
+        };
+        // A job that failed before producing any row still gets one (unverified).
+        if got.is_empty() {
+            let key = RowKey {
+                order,
+                sub: 0,
+                row: job.workload.to_string(),
+                oversub_milli: (job.oversub * 1000.0).round() as u64,
+                policy: job.policy,
+                advice: job.advice,
+            };
+            rows.insert(key.clone(), Row { key, oversub: job.oversub, samples: Vec::new(), errors });
+            continue;
+        }
+        for (i, s) in got.into_iter().enumerate() {
+            let key = RowKey {
+                order,
+                sub: i % per_repeat,
+                row: s.row.clone(),
+                oversub_milli: (job.oversub * 1000.0).round() as u64,
+                policy: job.policy,
+                advice: job.advice,
+            };
+            let row = rows.entry(key.clone()).or_insert_with(|| Row {
+                key,
+                oversub: job.oversub,
+                samples: Vec::new(),
+                errors: errors.clone(),
+            });
+            row.samples.push(s);
+        }
+    }
+    bar.finish_and_clear();
+
+    let rows: Vec<Row> = rows.into_values().collect();
+    let extras = advice_ratios(&rows);
+    if args.json {
+        for (i, r) in rows.iter().enumerate() {
+            println!("{}", r.json(&limits, &extras[i]));
+        }
+    } else {
+        print_table(&rows, &limits, &extras);
+        print_bars(&rows, &limits, args.size);
+    }
+    if let Some(path) = &args.svg {
+        let panels = svg_panels(&rows);
+        match svg::write(path, &panels) {
+            Ok(()) => {
+                if !args.json {
+                    println!("chart: {}", path.display());
+                }
+            }
+            Err(e) => {
+                eprintln!("hetmm bench: cannot write {}: {e}", path.display());
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.verified()).collect();
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for r in &failed {
+            eprintln!(
+                "hetmm bench: {} {} x{} {}: NOT VERIFIED{}",
+                r.key.row,
+                r.key.policy,
+                r.oversub,
+                r.key.advice.name(),
+                if r.errors.is_empty() { String::new() } else { format!(" ({})", r.errors.join("; ")) }
+            );
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// For each row with advice `read_mostly`, the bytes migrated without advice over those with
+/// it (same workload, policy and oversub); fields to add to the rows' JSON.
+fn advice_ratios(rows: &[Row]) -> Vec<Map<String, Value>> {
+    rows.iter()
+        .map(|r| {
+            let mut m = Map::new();
+            if r.key.advice == AdviceKind::ReadMostly {
+                let base = rows.iter().find(|b| {
+                    b.key.advice == AdviceKind::None
+                        && b.key.row == r.key.row
+                        && b.key.policy == r.key.policy
+                        && b.key.oversub_milli == r.key.oversub_milli
+                });
+                if let Some(b) = base {
+                    let ratio = b.migrated() as f64 / (r.migrated().max(1)) as f64;
+                    m.insert("bytes_migrated_no_advice".into(), json!(b.migrated()));
+                    m.insert("migration_reduction".into(), json!(ratio));
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
+    println!(
+        "{:<22} {:<6} {:<11} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>9} {:>6}  verified",
+        "workload",
+        "policy",
+        "advice",
+        "oversub",
+        "seconds",
+        "GB/s",
+        "ratio",
+        "dev flt",
+        "cpu flt",
+        "evict",
+        "MB moved",
+        "rm x"
+    );
+    for (r, x) in rows.iter().zip(extras) {
+        let st = r.stats();
+        let rm = x.get("migration_reduction").and_then(Value::as_f64).map_or(String::from("-"), |v| format!("{v:.1}"));
+        println!(
+            "{:<22} {:<6} {:<11} {:>7} {:>9.3} {:>8.2} {:>6.2} {:>9} {:>9} {:>6} {:>9.1} {:>6}  {}",
+            r.key.row,
+            r.key.policy,
+            r.key.advice.name(),
+            format!("{}", r.oversub),
+            r.seconds(),
+            r.gbps(),
+            r.gbps() / limits.memcpy_gbps,
+            st.device_faults,
+            st.cpu_faults,
+            st.evictions,
+            r.migrated() as f64 / (1u64 << 20) as f64,
+            rm,
+            if r.verified() { "yes" } else { "NO" }
+        );
+    }
+}
+
+fn find<'a>(rows: &'a [Row], row: &str, policy: &str, oversub: f64, advice: AdviceKind) -> Option<&'a Row> {
+    let milli = (oversub * 1000.0).round() as u64;
+    rows.iter()
+        .find(|r| r.key.row == row && r.key.policy == policy && r.key.oversub_milli == milli && r.key.advice == advice)
+}
+
+/// The bars, checked against this run's rows where it has them.
+fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
+    let mut lines = Vec::new();
+    let mut bar = |ok: bool, what: String| lines.push(format!("  [{}] {what}", if ok { "met" } else { "NOT met" }));
+    if let Some(r) = find(rows, "stream", "hetmm", 0.5, AdviceKind::None) {
+        let x = r.gbps() / limits.memcpy_gbps;
+        bar(x >= 0.8, format!("stream x0.5 device-fault path: {x:.2} of memcpy (bar 0.8)"));
+    }
+    if let Some(r) = find(rows, "stream/cpu-reread", "hetmm", 0.5, AdviceKind::None) {
+        let x = r.gbps() / limits.memcpy_gbps;
+        // The re-read covers B, half the working set.
+        let note = if size / 2 < (1 << 30) {
+            format!(" [re-read {} (--size {}); the bar's 1G needs --size 2G]", human(size / 2), human(size))
+        } else {
+            String::new()
+        };
+        bar(x >= 0.6, format!("stream x0.5 CPU re-read of device-resident data: {x:.2} of memcpy (bar 0.6){note}"));
+    }
+    let mut keys: Vec<(&str, u64, f64, AdviceKind)> = rows
+        .iter()
+        .filter(|r| r.key.policy == "hetmm")
+        .map(|r| (r.key.row.as_str(), r.key.oversub_milli, r.oversub, r.key.advice))
+        .collect();
+    keys.dedup();
+    for (row, _, o, advice) in keys {
+        let (Some(h), Some(u)) = (find(rows, row, "hetmm", o, advice), find(rows, row, "uvm", o, advice)) else {
+            continue;
+        };
+        let speedup = u.seconds() / h.seconds();
+        let label = format!("{row} x{o} {}", if advice == AdviceKind::None { "" } else { advice.name() });
+        let label = label.trim_end();
+        let need = match row {
+            "stream" if o >= 1.5 => Some(2.0),
+            "gemm" if o >= 1.5 => Some(1.5),
+            _ => None,
+        };
+        if let Some(n) = need {
+            bar(speedup >= n, format!("{label}: hetmm {speedup:.2}x faster than uvm (bar {n}x)"));
+        } else if speedup < 1.0 / 1.05 {
+            bar(false, format!("{label}: hetmm {speedup:.2}x uvm's speed (slower by more than 5%)"));
+        }
+    }
+    for r in rows.iter().filter(|r| r.key.advice == AdviceKind::ReadMostly) {
+        if let Some(b) = find(rows, &r.key.row, r.key.policy, r.oversub, AdviceKind::None) {
+            let ratio = b.migrated() as f64 / r.migrated().max(1) as f64;
+            bar(
+                ratio >= 10.0,
+                format!(
+                    "{} {} x{}: ReadMostly migrates {ratio:.1}x fewer bytes than no advice (bar 10x)",
+                    r.key.row, r.key.policy, r.oversub
+                ),
+            );
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    println!("bars (this run's medians; slower-than-uvm lines appear only where hetmm is):");
+    for l in lines {
+        println!("{l}");
+    }
+}
+
+/// Panels for the chart: per row (faultback excluded), per policy and advice, median seconds
+/// against oversubscription.
+fn svg_panels(rows: &[Row]) -> Vec<svg::Panel> {
+    let mut panels: Vec<svg::Panel> = Vec::new();
+    for r in rows.iter().filter(|r| r.workload() != "faultback" && r.mid().is_some()) {
+        let idx = match panels.iter().position(|p| p.title == r.key.row) {
+            Some(i) => i,
+            None => {
+                panels.push(svg::Panel { title: r.key.row.clone(), series: Vec::new() });
+                panels.len() - 1
+            }
+        };
+        let name = match r.key.advice {
+            AdviceKind::None => r.key.policy.to_string(),
+            a => format!("{} + {}", r.key.policy, a.name()),
+        };
+        let p = &mut panels[idx];
+        match p.series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, pts)) => pts.push((r.oversub, r.seconds())),
+            None => p.series.push((name, vec![(r.oversub, r.seconds())])),
+        }
+    }
+    for p in &mut panels {
+        for (_, pts) in &mut p.series {
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+    }
+    panels
+}

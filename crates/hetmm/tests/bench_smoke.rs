@@ -1,0 +1,111 @@
+//! `hetmm bench` end to end at a tiny size: every workload runs, verifies its result, and
+//! prints one JSON object per run with the fields the issue asks for; the SVG is well formed;
+//! bad options get clear errors.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_hetmm")).arg("bench").args(args).output().expect("the hetmm binary runs")
+}
+
+const WORKLOADS: [&str; 8] = ["stream", "random", "gemm", "stencil", "graph", "pingpong", "readmostly", "faultback"];
+
+#[test]
+fn every_workload_runs_verifies_and_reports_json() {
+    let dir = std::env::temp_dir().join(format!("hetmm-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("bench.svg");
+    let out = bench(&["--size", "8M", "--repeat", "1", "--oversub", "0.5,2", "--json", "--svg", svg.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "hetmm bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+
+    let rows: Vec<Value> = stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for r in &rows {
+        for key in [
+            "workload",
+            "device",
+            "policy",
+            "oversub",
+            "bytes",
+            "seconds",
+            "gbps",
+            "limit_gbps",
+            "ratio_to_limit",
+            "stats",
+        ] {
+            assert!(r.get(key).is_some(), "missing {key} in {r}");
+        }
+        for key in [
+            "cpu_faults",
+            "device_faults",
+            "fault_batches",
+            "bytes_to_device",
+            "bytes_to_host",
+            "evictions",
+            "prefetched_bytes",
+            "thrash_events",
+        ] {
+            assert!(r["stats"][key].is_u64(), "missing stats.{key} in {r}");
+        }
+        assert_eq!(r["verified"], Value::Bool(true), "not verified: {r}");
+        assert_eq!(r["device"], "sim");
+        assert!(r["seconds"].as_f64().is_some_and(|s| s > 0.0), "seconds in {r}");
+        assert!(r["limit_gbps"].as_f64().is_some_and(|s| s > 0.0), "limit in {r}");
+    }
+    // Every workload, both default policies, both oversubscriptions (faultback: 0.5 only).
+    for w in WORKLOADS {
+        for p in ["hetmm", "uvm"] {
+            let oversubs: &[f64] = if w == "faultback" { &[0.5] } else { &[0.5, 2.0] };
+            for &o in oversubs {
+                assert!(
+                    rows.iter().any(|r| r["workload"] == w && r["policy"] == p && r["oversub"].as_f64() == Some(o)),
+                    "no row for {w} {p} x{o}"
+                );
+            }
+        }
+    }
+    // The stream's second row (CPU re-read) and both advice variants of the read-sharing ones.
+    assert!(rows.iter().any(|r| r["workload"] == "stream" && r["variant"] == "cpu-reread"));
+    for w in ["pingpong", "readmostly"] {
+        for a in ["none", "read_mostly"] {
+            assert!(rows.iter().any(|r| r["workload"] == w && r["advice"] == a), "no {w} row with advice {a}");
+        }
+        assert!(rows.iter().any(|r| r["workload"] == w && r["migration_reduction"].is_f64()));
+    }
+
+    let text = std::fs::read_to_string(&svg).expect("the SVG was written");
+    let t = text.trim();
+    assert!(t.starts_with("<svg") || t.starts_with("<?xml"), "SVG header: {}", &t[..t.len().min(80)]);
+    assert!(t.ends_with("</svg>"), "SVG is closed");
+    for w in ["stream", "gemm", "pingpong"] {
+        assert!(text.contains(w), "the chart names {w}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_options_get_clear_errors() {
+    let out = bench(&["--device", "cuda", "--workload", "stream", "--size", "4M"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cuda") && err.contains("sim"), "{err}");
+
+    let out = bench(&["--workload", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown workload"));
+
+    let out = bench(&["--policy", "lru"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown policy"));
+
+    let out = bench(&["--oversub", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--oversub"));
+}

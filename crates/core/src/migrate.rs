@@ -14,7 +14,7 @@ use crate::device::{CopyOp, MapEntry, MapTarget, PhysAddr};
 use crate::error::{CoreError, Result};
 use crate::space::{AddressSpace, DeviceSlot, Region};
 use crate::stats::{add, add_since};
-use crate::types::{Proc, ProcMask, Prot, VaRange, PAGE_SIZE};
+use crate::types::{Proc, ProcMask, Prot, VaRange, PAGES_PER_BLOCK, PAGE_SIZE};
 
 /// Ranges of virtual addresses covering the pages of `m` in `blk`.
 pub(crate) fn ranges(blk: &Block, m: &PageMask) -> Vec<VaRange> {
@@ -32,6 +32,14 @@ fn pa_runs(blk: &Block, slot: &DeviceSlot, m: &PageMask) -> Vec<(usize, usize, P
         }
     }
     out
+}
+
+/// Whether `slot`'s device maps only whole 2 MiB blocks (no 4 KiB entries, as CUDA's VMM with
+/// its 2 MiB granularity). For such a device a block is resident there whole or not at all:
+/// moves to it and from it are widened to the whole block, and its pages come from one 2 MiB
+/// physical chunk (a partial last block of a region keeps the rest of its chunk as slack).
+pub(crate) fn whole_blocks(slot: &DeviceSlot) -> bool {
+    slot.caps.page_sizes & PAGE_SIZE == 0
 }
 
 /// Device page-table protection for a region's protection.
@@ -52,6 +60,8 @@ pub(crate) fn to_device(
     want: &PageMask,
 ) -> Result<()> {
     let me = Proc::Device(slot.id);
+    let whole = PageMask::full(blk.npages);
+    let want = if whole_blocks(slot) { &whole } else { want };
     let resident_here = blk.resident_on(me);
     let need = want.and_not(&resident_here);
 
@@ -222,9 +232,14 @@ fn allocate(
 }
 
 /// One allocation attempt: a 2 MiB chunk for a whole block (so the device can use a 2 MiB
-/// entry), else single pages; all or nothing.
+/// entry), else single pages; all or nothing. A device without 4 KiB pages always gets a
+/// chunk, of which the block uses the first `n` pages.
 fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
     let mut a = slot.alloc.lock();
+    if whole_blocks(slot) {
+        let base = a.alloc(crate::alloc::MAX_ORDER)?;
+        return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
+    }
     if n == crate::types::PAGES_PER_BLOCK {
         if let Some(base) = a.alloc(crate::alloc::MAX_ORDER) {
             return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
@@ -245,11 +260,21 @@ fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
 
 /// Returns the device pages of `m` to the allocator and forgets them in `blk`.
 fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
+    // A partial block on a whole-block device holds a whole chunk: find it before forgetting.
+    let slack_chunk = (whole_blocks(slot) && blk.npages < PAGES_PER_BLOCK)
+        .then(|| m.iter().find_map(|i| blk.pa(slot.id, i).map(|pa| pa.0 - i as u64 * PAGE_SIZE)))
+        .flatten();
     let mut a = slot.alloc.lock();
     for i in m.iter() {
         if let Some(pa) = blk.pa(slot.id, i) {
             a.free(pa, 1);
             blk.set_pa(slot.id, i, None);
+        }
+    }
+    if let Some(base) = slack_chunk {
+        if (0..blk.npages).all(|i| blk.pa(slot.id, i).is_none()) {
+            let tail = PhysAddr(base + blk.npages as u64 * PAGE_SIZE);
+            a.free(tail, (PAGES_PER_BLOCK - blk.npages) as u64);
         }
     }
 }
@@ -289,7 +314,10 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
         let me = Proc::Device(d);
         let mut here = PageMask::default();
         let mut copy = PageMask::default();
-        for i in want.iter() {
+        // A whole-block device gives up the whole block (it cannot unmap part of a 2 MiB entry).
+        let whole = PageMask::full(blk.npages);
+        let from = if whole_blocks(&slot) { &whole } else { want };
+        for i in from.iter() {
             let r = blk.pages[i].resident;
             if r.has(me) {
                 here.set(i);
@@ -338,5 +366,259 @@ pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block) {
             pg.resident.remove(Proc::Device(d));
             pg.dev_mapped.remove(Proc::Device(d));
         }
+    }
+}
+
+#[cfg(test)]
+mod whole_block_tests {
+    //! The rule for devices without 4 KiB pages (CUDA's VMM maps 2 MiB at a time), with a fake
+    //! device that refuses anything but whole 2 MiB chunks.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+
+    use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
+    use crate::device::*;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::types::*;
+
+    #[derive(Debug)]
+    struct Cpu {
+        range: VaRange,
+        mem: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl CpuMmu for Cpu {
+        fn range(&self) -> VaRange {
+            self.range
+        }
+        fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn wake(&self, _: VaRange) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn backing(&self, va: u64) -> HostAddr {
+            HostAddr((va - self.range.start) as usize)
+        }
+    }
+
+    /// Accepts only entries that start on a 2 MiB boundary of both VA and physical memory and
+    /// cover 2 MiB (or end at the region's end); records what it was asked.
+    #[derive(Debug)]
+    struct Dev {
+        region_end: u64,
+        mem: Mutex<Vec<u8>>,
+        host: Arc<Mutex<Vec<u8>>>,
+        maps: Mutex<Vec<MapEntry>>,
+        unmaps: Mutex<Vec<VaRange>>,
+        /// Region hook calls: (added?, range).
+        hooks: Mutex<Vec<(bool, VaRange)>>,
+    }
+
+    impl Dev {
+        fn check(&self, va: u64, len: u64) -> Result<(), DeviceError> {
+            let end_ok = len % BLOCK_SIZE == 0 || va + len == self.region_end;
+            if va % BLOCK_SIZE != 0 || !end_ok || len > BLOCK_SIZE {
+                return Err(DeviceError::BadRange(VaRange::new(va, len)));
+            }
+            Ok(())
+        }
+    }
+
+    impl DeviceMmu for Dev {
+        fn caps(&self) -> DeviceCaps {
+            DeviceCaps {
+                name: "whole-block".into(),
+                page_sizes: BLOCK_SIZE,
+                replayable_faults: false,
+                coherent: false,
+                remote_host_access: false,
+                memory_bytes: self.mem.lock().len() as u64,
+            }
+        }
+        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+            vec![(PhysAddr(0), self.mem.lock().len() as u64)]
+        }
+        fn create_page_table(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn destroy_page_table(&self) {}
+        unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+            for e in entries {
+                self.check(e.va, e.len)?;
+                match e.target {
+                    MapTarget::Device(pa) if pa.0 % BLOCK_SIZE == 0 => {}
+                    _ => return Err(DeviceError::BadPhysical { addr: 0, len: e.len }),
+                }
+            }
+            self.maps.lock().extend_from_slice(entries);
+            Ok(())
+        }
+        fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+            for r in ranges {
+                self.check(r.start, r.len)?;
+            }
+            self.unmaps.lock().extend_from_slice(ranges);
+            Ok(())
+        }
+        fn protect(&self, _: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn invalidate_tlb(&self, _: &[VaRange]) {}
+        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+            let (mut mem, mut host) = (self.mem.lock(), self.host.lock());
+            for op in ops {
+                match *op {
+                    CopyOp::HostToDevice { src, dst, len } => {
+                        let (s, d, l) = (src.0, dst.0 as usize, len as usize);
+                        mem[d..d + l].copy_from_slice(&host[s..s + l]);
+                    }
+                    CopyOp::DeviceToHost { src, dst, len } => {
+                        let (s, d, l) = (src.0 as usize, dst.0, len as usize);
+                        host[d..d + l].copy_from_slice(&mem[s..s + l]);
+                    }
+                    CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
+                    CopyOp::DeviceToDevice { .. } => unreachable!("no peer copies"),
+                }
+            }
+            Ok(Box::new(Done))
+        }
+        fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
+            0
+        }
+        fn wait_for_faults(&self, t: Duration) -> bool {
+            std::thread::sleep(t.min(Duration::from_millis(1)));
+            false
+        }
+        fn replay(&self, _: &[(u64, FaultCancel)]) {}
+        fn shutdown_faults(&self) {}
+        fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
+            if app.len == PAGE_SIZE {
+                return Err(DeviceError::Other("refused".into()));
+            }
+            assert_eq!(backing, HostAddr(0));
+            self.hooks.lock().push((true, app));
+            Ok(())
+        }
+        fn region_removed(&self, app: VaRange) {
+            self.hooks.lock().push((false, app));
+        }
+    }
+
+    const BASE: u64 = 0x4000_0000;
+
+    /// A region of two whole blocks and a partial third one (3 pages); a device of `chunks`.
+    fn setup(chunks: u64) -> (Arc<AddressSpace>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>) {
+        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        let host = Arc::new(Mutex::new((0..len).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
+        let space = AddressSpace::new(CoreConfig::default());
+        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, len), mem: Arc::clone(&host) });
+        space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
+        // The CPU wrote every page (one fault per block with the default 2 MiB fault-around).
+        for b in 0..3 {
+            space.cpu_fault(BASE + b * BLOCK_SIZE, Access::Write).unwrap();
+        }
+        let dev = Arc::new(Dev {
+            region_end: BASE + len,
+            mem: Mutex::new(vec![0; (chunks * BLOCK_SIZE) as usize]),
+            host: Arc::clone(&host),
+            maps: Mutex::new(Vec::new()),
+            unmaps: Mutex::new(Vec::new()),
+            hooks: Mutex::new(Vec::new()),
+        });
+        let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        (space, dev, id, host)
+    }
+
+    fn resident_on_dev(space: &AddressSpace, id: DeviceId, va: u64) -> bool {
+        space.page_state(va).unwrap().resident == ProcMask::only(Proc::Device(id))
+    }
+
+    #[test]
+    fn one_page_moves_its_whole_block_both_ways() {
+        let (space, dev, id, host) = setup(4);
+        space.migrate(BASE + 7 * PAGE_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!((0..PAGES_PER_BLOCK as u64).all(|p| resident_on_dev(&space, id, BASE + p * PAGE_SIZE)));
+        assert!(!resident_on_dev(&space, id, BASE + BLOCK_SIZE));
+        assert_eq!(dev.maps.lock().len(), 1);
+        assert_eq!(dev.maps.lock()[0].va, BASE);
+        assert_eq!(dev.maps.lock()[0].len, BLOCK_SIZE);
+        assert_eq!(space.device_memory(id).unwrap().0, 3 * BLOCK_SIZE);
+
+        // The host copy is stale now; bringing back one page brings back all 512.
+        host.lock()[..BLOCK_SIZE as usize].fill(0);
+        space.migrate(BASE + 100 * PAGE_SIZE, PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(*dev.unmaps.lock(), vec![VaRange::new(BASE, BLOCK_SIZE)]);
+        let h = host.lock();
+        assert!((0..BLOCK_SIZE).all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
+        drop(h);
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Cpu));
+        assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn partial_last_block_takes_a_whole_chunk_and_gives_it_back() {
+        let (space, dev, id, host) = setup(4);
+        let tail = BASE + 2 * BLOCK_SIZE;
+        space.migrate(tail + PAGE_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!((0..3).all(|p| resident_on_dev(&space, id, tail + p * PAGE_SIZE)));
+        let e = dev.maps.lock()[0];
+        assert_eq!((e.va, e.len), (tail, 3 * PAGE_SIZE));
+        assert!(matches!(e.target, MapTarget::Device(pa) if pa.0 % BLOCK_SIZE == 0));
+        // The rest of the chunk is slack, not handed to anyone else.
+        assert_eq!(space.device_memory(id).unwrap().0, 3 * BLOCK_SIZE);
+        host.lock()[(2 * BLOCK_SIZE) as usize..].fill(0);
+        space.migrate(tail, PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(*dev.unmaps.lock(), vec![VaRange::new(tail, 3 * PAGE_SIZE)]);
+        assert_eq!(host.lock()[(2 * BLOCK_SIZE + 2 * PAGE_SIZE) as usize], 2 ^ 0x5a ^ 0);
+        assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn eviction_moves_whole_blocks_and_keeps_data() {
+        let (space, dev, id, host) = setup(2);
+        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        space.migrate(BASE + BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        // A third block needs a chunk: the first block (FIFO) goes back whole.
+        space.migrate(BASE + 2 * BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!(dev.unmaps.lock().iter().all(|r| r.start % BLOCK_SIZE == 0));
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Cpu));
+        space.migrate(BASE, len, Proc::Cpu).unwrap();
+        let h = host.lock();
+        assert!((0..len).all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
+        drop(h);
+        assert_eq!(space.device_memory(id).unwrap().0, 2 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn devices_hear_of_every_region_once() {
+        let (space, dev, id, _host) = setup(2);
+        let first = VaRange::new(BASE, 2 * BLOCK_SIZE + 3 * PAGE_SIZE);
+        // Attached after the region existed: told at attach.
+        assert_eq!(*dev.hooks.lock(), vec![(true, first)]);
+        let mem = Arc::new(Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
+        let second = VaRange::new(BASE + 4 * BLOCK_SIZE, BLOCK_SIZE);
+        space.add_region(Arc::new(Cpu { range: second, mem: Arc::clone(&mem) }), Prot::READ).unwrap();
+        // A device refusing a region refuses it for the address space.
+        let refused = VaRange::new(BASE + 8 * BLOCK_SIZE, PAGE_SIZE);
+        let e = space.add_region(Arc::new(Cpu { range: refused, mem }), Prot::READ).unwrap_err();
+        assert!(matches!(e, crate::error::CoreError::Device { .. }), "{e}");
+        assert!(space.check_range(refused.start, PAGE_SIZE).is_err());
+        space.remove_region(second.start).unwrap();
+        space.detach(id).unwrap();
+        assert_eq!(*dev.hooks.lock(), vec![(true, first), (true, second), (false, second), (false, first)]);
     }
 }

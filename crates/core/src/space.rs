@@ -143,6 +143,9 @@ impl AddressSpace {
         if !checked.is_page_aligned() || range.start % BLOCK_SIZE != 0 {
             return Err(CoreError::Unaligned(range));
         }
+        // Lock order: devices before regions (as in `attach`), so that every device learns of
+        // every region exactly once.
+        let devices = self.devices.read();
         let mut regions = self.regions.write();
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
@@ -150,6 +153,15 @@ impl AddressSpace {
         let overlaps = regions.range(..range.end()).next_back().is_some_and(|(_, r)| r.range.end() > range.start);
         if overlaps {
             return Err(CoreError::Overlap(range));
+        }
+        let live: Vec<&Arc<DeviceSlot>> = devices.iter().flatten().filter(|s| !s.is_detached()).collect();
+        for (k, slot) in live.iter().enumerate() {
+            if let Err(source) = slot.mmu.region_added(range, cpu.backing(range.start)) {
+                for done in &live[..k] {
+                    done.mmu.region_removed(range);
+                }
+                return Err(CoreError::Device { device: slot.id, source });
+            }
         }
         let nblocks = range.len.div_ceil(BLOCK_SIZE) as usize;
         let blocks = (0..nblocks)
@@ -171,6 +183,9 @@ impl AddressSpace {
         for cell in &region.blocks {
             let mut blk = cell.lock();
             migrate::drop_device_copies(self, &mut blk);
+        }
+        for slot in self.devices.read().iter().flatten() {
+            slot.mmu.region_removed(region.range);
         }
         Ok(Arc::clone(&region.cpu))
     }
@@ -223,6 +238,19 @@ impl AddressSpace {
         }
         let id = DeviceId(idx as u8);
         mmu.create_page_table().map_err(|source| CoreError::Device { device: id, source })?;
+        {
+            let regions = self.regions.read();
+            let all: Vec<&Arc<Region>> = regions.values().collect();
+            for (k, r) in all.iter().enumerate() {
+                if let Err(source) = mmu.region_added(r.range, r.cpu.backing(r.range.start)) {
+                    for done in &all[..k] {
+                        mmu.region_removed(done.range);
+                    }
+                    mmu.destroy_page_table();
+                    return Err(CoreError::Device { device: id, source });
+                }
+            }
+        }
         let caps = mmu.caps();
         let slot = Arc::new(DeviceSlot {
             id,
@@ -306,6 +334,9 @@ impl AddressSpace {
                     result = Err(e);
                 }
             }
+        }
+        for region in self.regions.read().values() {
+            slot.mmu.region_removed(region.range);
         }
         slot.mmu.destroy_page_table();
         if let Some(s) = self.devices.write().get_mut(id.0 as usize) {

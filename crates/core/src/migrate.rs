@@ -387,7 +387,6 @@ mod whole_block_tests {
     #[derive(Debug)]
     struct Cpu {
         range: VaRange,
-        mem: Arc<Mutex<Vec<u8>>>,
     }
 
     impl CpuMmu for Cpu {
@@ -520,11 +519,13 @@ mod whole_block_tests {
     const BASE: u64 = 0x4000_0000;
 
     /// A region of two whole blocks and a partial third one (3 pages); a device of `chunks`.
-    fn setup(chunks: u64) -> (Arc<AddressSpace>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>) {
+    type World = (Arc<AddressSpace>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
+
+    fn setup(chunks: u64) -> World {
         let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
         let host = Arc::new(Mutex::new((0..len).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
         let space = AddressSpace::new(CoreConfig::default());
-        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, len), mem: Arc::clone(&host) });
+        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, len) });
         space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
         // The CPU wrote every page (one fault per block with the default 2 MiB fault-around).
         for b in 0..3 {
@@ -609,12 +610,11 @@ mod whole_block_tests {
         let first = VaRange::new(BASE, 2 * BLOCK_SIZE + 3 * PAGE_SIZE);
         // Attached after the region existed: told at attach.
         assert_eq!(*dev.hooks.lock(), vec![(true, first)]);
-        let mem = Arc::new(Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
         let second = VaRange::new(BASE + 4 * BLOCK_SIZE, BLOCK_SIZE);
-        space.add_region(Arc::new(Cpu { range: second, mem: Arc::clone(&mem) }), Prot::READ).unwrap();
+        space.add_region(Arc::new(Cpu { range: second }), Prot::READ).unwrap();
         // A device refusing a region refuses it for the address space.
         let refused = VaRange::new(BASE + 8 * BLOCK_SIZE, PAGE_SIZE);
-        let e = space.add_region(Arc::new(Cpu { range: refused, mem }), Prot::READ).unwrap_err();
+        let e = space.add_region(Arc::new(Cpu { range: refused }), Prot::READ).unwrap_err();
         assert!(matches!(e, crate::error::CoreError::Device { .. }), "{e}");
         assert!(space.check_range(refused.start, PAGE_SIZE).is_err());
         space.remove_region(second.start).unwrap();

@@ -273,7 +273,9 @@ impl CudaDevice {
         let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernels::program_source(), opts)
             .map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
         let ctx = self.inner.gpu.ctx();
-        let module = ctx.load_module(ptx).map_err(|e| CudaError::Driver { call: "cuModuleLoadData", code: format!("{:?}", e.0) })?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| CudaError::Driver { call: "cuModuleLoadData", code: format!("{:?}", e.0) })?;
         let mut funcs = Vec::new();
         for spec in kernels::ALL {
             let f = module
@@ -333,6 +335,35 @@ impl CudaDevice {
     /// The GPU handle (for the baselines).
     pub(crate) fn gpu(&self) -> &Arc<Gpu> {
         &self.inner.gpu
+    }
+
+    /// The compute stream (for the baselines).
+    pub(crate) fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.inner.compute
+    }
+
+    /// Launches a kernel on raw device addresses (the baselines' own allocations).
+    ///
+    /// # Safety
+    ///
+    /// `args` must match `spec`, and every device address the kernel reaches must be device
+    /// (or managed) memory that stays allocated, and untouched by the host, until the launch
+    /// has been waited on.
+    pub(crate) unsafe fn launch_raw(
+        &self,
+        spec: &kernels::KernelSpec,
+        dims: kernels::Dims,
+        args: &[kernels::Value],
+    ) -> Result<CudaLaunch, CudaError> {
+        let compiled = self.compiled()?;
+        let func = compiled.funcs.iter().find(|(n, _)| *n == spec.name).map(|(_, f)| f);
+        let func = func.ok_or_else(|| CudaError::Kernel(format!("kernel {} is not compiled", spec.name)))?;
+        let i = &self.inner;
+        // SAFETY: as the caller guarantees.
+        unsafe { i.gpu.launch(&i.compute, func, dims, args)? };
+        let done = Arc::new(driver::record(&i.compute)?);
+        i.counters.add(KERNELS, 1);
+        Ok(CudaLaunch { gpu: Arc::clone(&i.gpu), done })
     }
 }
 

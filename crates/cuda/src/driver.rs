@@ -104,7 +104,7 @@ impl Gpu {
         self.ctx.new_stream().map_err(driver_err("cuStreamCreate"))
     }
 
-    /// Waits for all work on the device.
+    /// Waits for all work on the GPU.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.ctx.synchronize().map_err(driver_err("cuCtxSynchronize"))
     }
@@ -187,8 +187,9 @@ impl Gpu {
     /// # Safety
     ///
     /// `args` must match the kernel's parameter list, and every device address the kernel
-    /// reaches through them must be mapped device memory for the kernel's whole run (hetmm's
-    /// own kernels through a `KernelCall` only touch the buffers it names).
+    /// reaches through them must be mapped device (or managed) memory for the kernel's whole
+    /// run, not accessed by the host meanwhile (hetmm's own kernels through a `KernelCall`
+    /// only touch the buffers it names).
     pub unsafe fn launch(
         &self,
         stream: &CudaStream,
@@ -233,16 +234,6 @@ impl VaReservation {
     /// First address.
     pub fn base(&self) -> u64 {
         self.base
-    }
-
-    /// Bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Always false: reservations are never empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     fn check(&self, dev_va: u64, len: u64) -> Result<(), CudaError> {
@@ -304,12 +295,13 @@ impl Drop for PhysChunk {
     }
 }
 
-/// Host memory registered (pinned) for DMA; unregistered on drop.
+/// Host memory registered (pinned) for DMA; unregistered on drop. (Punching a hole in the file
+/// behind it while registered would leave the pinned pages orphaned: copies would miss the new
+/// pages. hetmm's core never discards registered regions.)
 #[derive(Debug)]
 pub struct HostRegistration {
     gpu: Arc<Gpu>,
     ptr: usize,
-    len: u64,
 }
 
 impl HostRegistration {
@@ -317,8 +309,8 @@ impl HostRegistration {
     ///
     /// # Safety
     ///
-    /// The range must be mapped host memory that stays mapped, with the same pages behind it
-    /// (no hole punching), until the registration is dropped.
+    /// The range must be mapped host memory that stays mapped until the registration is
+    /// dropped.
     pub unsafe fn new(gpu: &Arc<Gpu>, ptr: usize, len: u64) -> Result<Self, CudaError> {
         gpu.bind()?;
         // SAFETY: the caller guarantees the range is mapped for the registration's life.
@@ -326,22 +318,7 @@ impl HostRegistration {
             sys::cuMemHostRegister_v2(ptr as *mut std::ffi::c_void, len as usize, sys::CU_MEMHOSTREGISTER_PORTABLE)
         };
         check(r, "cuMemHostRegister")?;
-        Ok(HostRegistration { gpu: Arc::clone(gpu), ptr, len })
-    }
-
-    /// First byte.
-    pub fn ptr(&self) -> usize {
-        self.ptr
-    }
-
-    /// Bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    /// Always false.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+        Ok(HostRegistration { gpu: Arc::clone(gpu), ptr })
     }
 }
 
@@ -441,7 +418,6 @@ pub fn wait_events(events: &[CudaEvent], deadline: Instant) -> Result<bool, Cuda
 pub struct DeviceAlloc {
     gpu: Arc<Gpu>,
     ptr: u64,
-    len: u64,
 }
 
 impl DeviceAlloc {
@@ -451,19 +427,11 @@ impl DeviceAlloc {
         let mut ptr: sys::CUdeviceptr = 0;
         // SAFETY: `ptr` is a valid out-pointer.
         check(unsafe { sys::cuMemAlloc_v2(&mut ptr, len as usize) }, "cuMemAlloc")?;
-        Ok(DeviceAlloc { gpu: Arc::clone(gpu), ptr, len })
+        Ok(DeviceAlloc { gpu: Arc::clone(gpu), ptr })
     }
     /// Device address.
     pub fn ptr(&self) -> u64 {
         self.ptr
-    }
-    /// Bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// Always false.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -499,21 +467,14 @@ impl ManagedAlloc {
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
-    /// Bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// Always false.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
     /// The memory as host bytes, after waiting for all work on the device (so no kernel uses it
     /// while the host does).
     pub fn host_mut(&mut self) -> Result<&mut [u8], CudaError> {
         self.gpu.synchronize()?;
         // SAFETY: managed memory is host-accessible at its address for `len` bytes while no
-        // kernel runs (we synchronized, and `&mut self` keeps launches on it out: they take
-        // `&self`... and are unsafe); it lives until drop.
+        // kernel runs: we synchronized, and launching a kernel on it is an unsafe call whose
+        // contract forbids host use during the kernel. It lives until drop; `&mut self` makes
+        // this the only slice.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len as usize) })
     }
     /// Starts moving the memory to the GPU (`cuMemPrefetchAsync`).
@@ -554,14 +515,6 @@ impl PinnedHost {
     /// Host address.
     pub fn ptr(&self) -> usize {
         self.ptr
-    }
-    /// Bytes.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-    /// Always false.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
     /// The memory as bytes (callers wait for copies into it before reading).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {

@@ -38,13 +38,17 @@ pub struct KernelSpec {
 }
 
 /// `saxpy(float a, const float* x, float* y, u64 n)`.
-pub const SAXPY: KernelSpec = KernelSpec { name: "saxpy", file: "saxpy.cu", params: &[Param::F32, Param::Ptr, Param::Ptr, Param::U64] };
+pub const SAXPY: KernelSpec =
+    KernelSpec { name: "saxpy", file: "saxpy.cu", params: &[Param::F32, Param::Ptr, Param::Ptr, Param::U64] };
 /// `stream_sum(const u64* src, u64 n, u64* out)`.
-pub const STREAM_SUM: KernelSpec = KernelSpec { name: "stream_sum", file: "stream.cu", params: &[Param::Ptr, Param::U64, Param::Ptr] };
+pub const STREAM_SUM: KernelSpec =
+    KernelSpec { name: "stream_sum", file: "stream.cu", params: &[Param::Ptr, Param::U64, Param::Ptr] };
 /// `stream_write(u64* dst, u64 n, u64 seed)`.
-pub const STREAM_WRITE: KernelSpec = KernelSpec { name: "stream_write", file: "stream.cu", params: &[Param::Ptr, Param::U64, Param::U64] };
+pub const STREAM_WRITE: KernelSpec =
+    KernelSpec { name: "stream_write", file: "stream.cu", params: &[Param::Ptr, Param::U64, Param::U64] };
 /// `mul_mat(float* r, const float* a, const float* b, u64 m)`.
-pub const MUL_MAT: KernelSpec = KernelSpec { name: "mul_mat", file: "mul_mat.cu", params: &[Param::Ptr, Param::Ptr, Param::Ptr, Param::U64] };
+pub const MUL_MAT: KernelSpec =
+    KernelSpec { name: "mul_mat", file: "mul_mat.cu", params: &[Param::Ptr, Param::Ptr, Param::Ptr, Param::U64] };
 
 /// Every kernel.
 pub const ALL: [&KernelSpec; 4] = [&SAXPY, &STREAM_SUM, &STREAM_WRITE, &MUL_MAT];
@@ -187,10 +191,7 @@ impl KernelCall {
         let n = elems(src, 8, "stream_sum src")?;
         let blocks = stream_sum_blocks(n);
         if out.bytes < u64::from(blocks) * 8 {
-            return Err(CudaError::Kernel(format!(
-                "stream_sum: out holds {} values, {blocks} needed",
-                out.bytes / 8
-            )));
+            return Err(CudaError::Kernel(format!("stream_sum: out holds {} values, {blocks} needed", out.bytes / 8)));
         }
         Ok(KernelCall {
             spec: &STREAM_SUM,

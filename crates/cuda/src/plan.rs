@@ -221,7 +221,13 @@ impl PageTable {
                 if !seen.insert(host_va) {
                     return Err(bad(host_va, CHUNK));
                 }
-                let m = ChunkMap { region: r.app.start, host_va, dev_va: r.dev_base + (host_va - r.app.start), chunk, access };
+                let m = ChunkMap {
+                    region: r.app.start,
+                    host_va,
+                    dev_va: r.dev_base + (host_va - r.app.start),
+                    chunk,
+                    access,
+                };
                 match self.mapped.get(&host_va) {
                     // Already there: only the access may change.
                     Some(old) if old.chunk == chunk => {}
@@ -287,7 +293,9 @@ impl PageTable {
 /// reservation with the same access.
 fn push_run(runs: &mut Vec<AccessRun>, run: AccessRun) {
     match runs.last_mut() {
-        Some(l) if l.region == run.region && l.access == run.access && l.dev_va + l.len == run.dev_va => l.len += run.len,
+        Some(l) if l.region == run.region && l.access == run.access && l.dev_va + l.len == run.dev_va => {
+            l.len += run.len
+        }
         _ => runs.push(run),
     }
 }
@@ -353,11 +361,7 @@ impl PhysLayout {
 pub fn memory_budget(free: u64, cap: Option<u64>, headroom: u64) -> Result<u64, String> {
     let want = match cap {
         Some(c) if c > free => {
-            return Err(format!(
-                "--device-mem {} MiB is more than the {} MiB free on the GPU",
-                c >> 20,
-                free >> 20
-            ))
+            return Err(format!("--device-mem {} MiB is more than the {} MiB free on the GPU", c >> 20, free >> 20))
         }
         Some(c) => c,
         None => free.saturating_sub(headroom),
@@ -477,13 +481,13 @@ mod tests {
         let rw = Prot::READ | Prot::WRITE;
         let good = entry(A, CHUNK, 0, rw);
         for bad in [
-            entry(A + PAGE_SIZE, CHUNK, 0, rw),               // not on a block boundary
-            entry(A, CHUNK / 2, 0, rw),                       // half a chunk, not at the region's end
-            entry(A + 3 * CHUNK, 6 * PAGE_SIZE, 0, rw),       // past the region's end
-            entry(A, CHUNK, PAGE_SIZE, rw),                   // physical address not chunk aligned
-            entry(A, CHUNK, 16 * CHUNK, rw),                  // beyond physical memory
-            entry(A, CHUNK, 0, Prot::empty()),                // no access
-            entry(A + 40 * CHUNK, CHUNK, 0, rw),              // no region
+            entry(A + PAGE_SIZE, CHUNK, 0, rw),         // not on a block boundary
+            entry(A, CHUNK / 2, 0, rw),                 // half a chunk, not at the region's end
+            entry(A + 3 * CHUNK, 6 * PAGE_SIZE, 0, rw), // past the region's end
+            entry(A, CHUNK, PAGE_SIZE, rw),             // physical address not chunk aligned
+            entry(A, CHUNK, 16 * CHUNK, rw),            // beyond physical memory
+            entry(A, CHUNK, 0, Prot::empty()),          // no access
+            entry(A + 40 * CHUNK, CHUNK, 0, rw),        // no region
             MapEntry { target: MapTarget::Host(HostAddr(0x1000)), ..good }, // remote host memory
         ] {
             assert!(pt.plan_map(&[good, bad], 16).is_err(), "{bad:?}");
@@ -496,7 +500,8 @@ mod tests {
     fn unmap_and_protect_whole_chunks() {
         let mut pt = table();
         let rw = Prot::READ | Prot::WRITE;
-        let plan = pt.plan_map(&[entry(A, 2 * CHUNK, 0, rw), entry(A + 3 * CHUNK, 5 * PAGE_SIZE, 5 * CHUNK, rw)], 8).unwrap();
+        let plan =
+            pt.plan_map(&[entry(A, 2 * CHUNK, 0, rw), entry(A + 3 * CHUNK, 5 * PAGE_SIZE, 5 * CHUNK, rw)], 8).unwrap();
         pt.commit_map(&plan);
         // Absent chunks (block 2) are skipped; the partial tail unmaps by its region end.
         let un = pt.plan_unmap(&[VaRange::new(A + CHUNK, 2 * CHUNK + 5 * PAGE_SIZE)]).unwrap();

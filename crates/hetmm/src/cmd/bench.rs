@@ -33,9 +33,33 @@ pub struct Args {
     /// One JSON object per run on stdout.
     #[arg(long)]
     json: bool,
+    /// Device: `sim`, or `cuda` for the GPU section (workloads copy, mul_mat, stream, oversub).
+    #[arg(long, default_value = "sim")]
+    pub(crate) device: String,
+    /// GPU memory hetmm may use with `--device cuda` (the `oversub` working set is 1.5x this).
+    #[arg(long, value_parser = super::size_arg, default_value = "1G")]
+    pub(crate) device_mem: u64,
+    /// Matrix size for `mul_mat` with `--device cuda`.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) m: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+impl Args {
+    pub(crate) fn workload(&self) -> &str {
+        &self.workload
+    }
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+    pub(crate) fn repeat(&self) -> usize {
+        self.repeat.max(1)
+    }
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
+}
+
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return f64::NAN;
@@ -48,6 +72,14 @@ fn gbps(bytes: u64, d: Duration) -> f64 {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
+    match args.device.as_str() {
+        "sim" => {}
+        "cuda" => return super::bench_cuda::run(args),
+        other => {
+            eprintln!("hetmm bench: unknown device '{other}' (sim, cuda)");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     let repeat = args.repeat.max(1);
     let memcpy = probe::memcpy_bandwidth(256 << 20, 5) / 1e9;
     let rt: Vec<f64> = probe::raw_uffd_round_trip(2000)
@@ -175,7 +207,7 @@ fn stream(size: u64, repeat: usize, memcpy: f64) -> Result<Value, hetmm::Error> 
     }))
 }
 
-fn human(b: u64) -> String {
+pub(crate) fn human(b: u64) -> String {
     match b {
         b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),

@@ -95,8 +95,11 @@ pub struct Page {
     pub resident: ProcMask,
     /// CPU mapping.
     pub cpu: CpuMap,
-    /// Devices whose page table maps the page.
+    /// Devices whose page table maps the page: to their own copy if `resident` has them, else
+    /// remotely to the host backing.
     pub dev_mapped: ProcMask,
+    /// Devices (a subset of `dev_mapped`) whose mapping is read-only.
+    pub dev_ro: ProcMask,
 }
 
 /// One 2 MiB block of a region.
@@ -112,6 +115,25 @@ pub struct Block {
     dev_pa: Vec<(DeviceId, Box<[u64]>)>,
     /// Devices whose eviction queue holds this block.
     pub queued_on: ProcMask,
+    /// Last time each device touched the block (fault service or sampled accessed bits), as
+    /// ticks of the address space's clock; for LRU eviction.
+    pub touched: [u64; 4],
+    /// Ticks when the block was last evicted, and how often it was evicted and refaulted within
+    /// the thrashing window.
+    pub last_evicted: u64,
+    /// Consecutive evict-and-refault cycles.
+    pub refaults: u32,
+    /// Devices for which this block is served by remote mappings because it thrashed.
+    pub thrashing: ProcMask,
+    /// Jobs (launches) now using the block, and whether a finished job used it last.
+    pub active_jobs: u32,
+    /// A finished job used the block and no job uses it now: evict it first.
+    pub job_done: bool,
+    /// The manager's view of this block's host backing is populated (see `CpuMmu::prepare`).
+    pub backing_ready: bool,
+    /// Pages a service in progress is working on: never evicted to make room for the same
+    /// service.
+    pub busy: PageMask,
 }
 
 const NO_PA: u64 = u64::MAX;
@@ -119,7 +141,21 @@ const NO_PA: u64 = u64::MAX;
 impl Block {
     /// A block of `npages` untouched pages at `base`.
     pub fn new(base: u64, npages: usize) -> Self {
-        Block { base, npages, pages: vec![Page::default(); npages], dev_pa: Vec::new(), queued_on: ProcMask::EMPTY }
+        Block {
+            base,
+            npages,
+            pages: vec![Page::default(); npages],
+            dev_pa: Vec::new(),
+            queued_on: ProcMask::EMPTY,
+            touched: [0; 4],
+            last_evicted: 0,
+            refaults: 0,
+            thrashing: ProcMask::EMPTY,
+            active_jobs: 0,
+            job_done: false,
+            busy: PageMask::default(),
+            backing_ready: false,
+        }
     }
 
     /// Virtual address of page `i`.
@@ -143,6 +179,29 @@ impl Block {
             }
         };
         self.dev_pa[idx].1[i] = pa.map_or(NO_PA, |p| p.0);
+    }
+
+    /// Records that device `d` touched the block at `tick`.
+    pub fn touch(&mut self, d: crate::types::DeviceId, tick: u64) {
+        if let Some(t) = self.touched.get_mut(d.0 as usize) {
+            *t = tick;
+        }
+    }
+
+    /// When device `d` last touched the block.
+    pub fn touched_by(&self, d: crate::types::DeviceId) -> u64 {
+        self.touched.get(d.0 as usize).copied().unwrap_or(0)
+    }
+
+    /// Pages mapped by device `p` (locally or remotely).
+    pub fn mapped_on(&self, p: Proc) -> PageMask {
+        let mut m = PageMask::default();
+        for (i, pg) in self.pages.iter().enumerate() {
+            if pg.dev_mapped.has(p) {
+                m.set(i);
+            }
+        }
+        m
     }
 
     /// Pages resident on `p`.

@@ -34,8 +34,16 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
     /// faults in them. `writable == false` maps them write-protected (a write faults).
     fn map(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError>;
 
+    /// Write-protects (`writable == false`) or un-protects the CPU's existing mappings of the
+    /// ranges (absent pages are skipped). A write to a write-protected page faults.
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError>;
+
     /// Wakes threads waiting on faults in the range without mapping (they retry).
     fn wake(&self, range: VaRange) -> Result<(), HostError>;
+
+    /// Readies the manager's view of the backing of the ranges for copy engines (maps it in bulk,
+    /// allocating zeroed pages where there were none), so copies do not fault page by page.
+    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError>;
 
     /// Frees the backing of the ranges (their data is dropped; a later access reads zeros).
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError>;

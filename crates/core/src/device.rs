@@ -275,6 +275,12 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// default does nothing.
     fn region_removed(&self, _app: VaRange) {}
 
+    /// The host backing of `ranges` (application addresses, page aligned) was just freed and
+    /// will be replaced by fresh zero pages (`Advice::DontNeed`): a device that pinned those host
+    /// pages for DMA must pin the new ones before its next copy of them. Called with the
+    /// blocks' locks held. The default does nothing.
+    fn host_discarded(&self, _ranges: &[VaRange]) {}
+
     /// Collects and clears the accessed bits of mapped device pages in `range` (the device's
     /// access information, for eviction by recency). Devices without accessed bits return `None`.
     fn take_accessed(&self, _range: VaRange) -> Option<Vec<u64>> {

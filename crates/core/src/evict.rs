@@ -1,20 +1,40 @@
-//! Eviction: when a device allocation fails, choose a victim block on that device and move its
-//! pages back to their host backing. Host backing exists for every page, so eviction never loses
-//! data. The foundation's victim order is FIFO by first residency (UVM's behaviour); recency- and
-//! job-aware policies plug in here.
+//! Eviction: choosing victim blocks on a device and moving their pages back to host backing.
+//! Host backing exists for every page, so eviction never loses data. Victim order is policy:
+//! UVM's FIFO by first residency, or hetmm's job-aware LRU (blocks of finished jobs first, then
+//! least recently touched, refreshed from the device's accessed bits). Pinned ranges are never
+//! chosen. hetmm also evicts in the background to keep a free-memory watermark, so eviction
+//! overlaps migration instead of sitting in the fault path.
 
-use std::time::Instant;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
+use crate::block::Block;
 use crate::error::Result;
 use crate::migrate::to_cpu;
+use crate::policy::Eviction;
 use crate::space::{AddressSpace, DeviceSlot};
 use crate::stats::{add, add_since};
-use crate::types::{Proc, PAGE_SIZE};
+use crate::types::{Proc, VaRange, BLOCK_SIZE, PAGE_SIZE};
+
+/// Candidates examined per LRU choice.
+const LRU_SAMPLE: usize = 32;
 
 /// Evicts one block from `slot`'s device, skipping the block at `exclude` (the one being serviced,
-/// whose lock the caller holds) and blocks another thread holds. Returns whether anything was
-/// freed.
+/// whose lock the caller holds), blocks another thread holds, and pinned blocks. Returns whether
+/// anything was freed.
 pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bool> {
+    match space.config.policy.eviction {
+        Eviction::Fifo => evict_fifo(space, slot, exclude),
+        Eviction::JobAwareLru => evict_lru(space, slot, exclude),
+    }
+}
+
+fn pinned(space: &AddressSpace, blk: &Block) -> bool {
+    let attrs = space.attrs.read();
+    !attrs.is_empty() && (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned)
+}
+
+fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bool> {
     let me = Proc::Device(slot.id);
     let tries = slot.evict_queue.lock().len();
     for _ in 0..tries {
@@ -23,21 +43,96 @@ pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -
         let Some(cell) = region.blocks.get(bidx) else { continue };
         // Never wait for a block lock here: the caller holds one, and another service thread may
         // hold this one while it waits for ours.
-        let Some(mut blk) = cell.try_lock().filter(|b| b.base != exclude) else {
+        let Some(mut blk) = cell.try_lock().filter(|b| b.base != exclude && !pinned(space, b)) else {
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         };
         blk.queued_on.remove(me);
-        let victims = blk.resident_on(me);
-        if victims.is_empty() {
-            continue;
+        if evict_block(space, &region, &mut blk, slot)? {
+            return Ok(true);
         }
-        let t = Instant::now();
-        to_cpu(space, &region, &mut blk, &victims)?;
-        add_since(&space.stats.ns_evict, t);
-        add(&space.stats.evictions, 1);
-        add(&space.stats.bytes_evicted, victims.count() as u64 * PAGE_SIZE);
-        return Ok(true);
     }
     Ok(false)
+}
+
+fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<bool> {
+    let me = Proc::Device(slot.id);
+    let now = space.tick();
+    // Sample candidates from the queue and rank them: finished-job blocks first, then the least
+    // recently touched.
+    let sample: Vec<(u64, usize)> = slot.evict_queue.lock().iter().take(LRU_SAMPLE).copied().collect();
+    let mut best: Option<((bool, u64), (u64, usize))> = None;
+    for (rs, bidx) in sample {
+        let Some(region) = space.region_at(rs) else { continue };
+        let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) else { continue };
+        if blk.base == exclude || blk.resident_on(me).is_empty() || pinned(space, &blk) {
+            continue;
+        }
+        if let Some(acc) = slot.mmu.take_accessed(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)) {
+            if !acc.is_empty() {
+                blk.touch(slot.id, now);
+            }
+        }
+        let key = (!(blk.job_done && blk.active_jobs == 0), blk.touched_by(slot.id));
+        if best.is_none_or(|(k, _)| key < k) {
+            best = Some((key, (rs, bidx)));
+        }
+    }
+    if let Some((_, (rs, bidx))) = best {
+        if let Some(region) = space.region_at(rs) {
+            if let Some(mut blk) = region.blocks[bidx].try_lock() {
+                if evict_block(space, &region, &mut blk, slot)? {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    // Nothing suitable in the sample: fall back to the queue order.
+    evict_fifo(space, slot, exclude)
+}
+
+/// Moves every page `slot` holds in `blk` back to host backing.
+fn evict_block(
+    space: &AddressSpace,
+    region: &crate::space::Region,
+    blk: &mut Block,
+    slot: &DeviceSlot,
+) -> Result<bool> {
+    let me = Proc::Device(slot.id);
+    let victims = blk.resident_on(me);
+    if victims.is_empty() {
+        return Ok(false);
+    }
+    let t = Instant::now();
+    to_cpu(space, region, blk, &victims)?;
+    blk.last_evicted = space.tick();
+    add_since(&space.stats.ns_evict, t);
+    add(&space.stats.evictions, 1);
+    add(&space.stats.bytes_evicted, victims.count() as u64 * PAGE_SIZE);
+    Ok(true)
+}
+
+/// Background evictor of one device: keeps at least the policy's watermark of memory free.
+pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
+    while !slot.is_detached() {
+        {
+            let mut g = slot.evict_lock.lock();
+            slot.evict_wake.wait_for(&mut g, Duration::from_millis(20));
+        }
+        let Some(space) = space.upgrade() else { return };
+        let mark = space.config.policy.free_watermark;
+        let (_, total) = slot.free_and_total();
+        let low = ((total as f64 * mark) as u64).max(BLOCK_SIZE / PAGE_SIZE);
+        let mut rounds = 0;
+        while !slot.is_detached() && slot.free_and_total().0 < low && rounds < 64 {
+            match evict_one(&space, &slot, u64::MAX) {
+                Ok(true) => rounds += 1,
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("background eviction on {:?}: {e}", slot.id);
+                    break;
+                }
+            }
+        }
+    }
 }

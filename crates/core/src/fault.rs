@@ -1,20 +1,40 @@
 //! Device fault service: fetch a batch from the device's fault buffer, merge duplicates (the
 //! most intrusive access wins), sort by block, service each block once under its lock (policy
-//! picks residency and prefetch pages; `migrate` moves them), then replay once for the batch.
+//! decides per page: migrate, duplicate or map remotely, plus prefetch pages; `migrate` does it),
+//! replay once for the batch, then prefetch whole blocks ahead when the faults walk blocks with
+//! a stride. The blocks of a batch are serviced by several workers when the policy says so.
 
 use std::cmp::Reverse;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use parking_lot::Mutex;
+
 use crate::block::PageMask;
 use crate::device::{DeviceFault, FaultCancel};
-use crate::policy::select_residency;
-use crate::space::{AddressSpace, DeviceSlot};
+use crate::error::CoreError;
+use crate::migrate;
+use crate::policy::{select_residency, Decision, Reach, Thrashing};
+use crate::space::{AddressSpace, DeviceSlot, Region};
+
 use crate::stats::add;
 use crate::types::{align_down, Access, Proc, Prot, BLOCK_SIZE, PAGE_SIZE};
 
 /// How long the service thread sleeps in the device's fault wait before re-checking for detach.
 const POLL: Duration = Duration::from_millis(50);
+/// A block refaulted within this long of its eviction counts as thrashing.
+pub(crate) const THRASH_WINDOW_NS: u64 = 2_000_000_000;
+/// Most blocks prefetched ahead of a strided walk.
+const MAX_AHEAD: usize = 8;
+
+/// Fault-walk history of one device, for cross-block prefetch.
+#[derive(Debug, Default)]
+pub(crate) struct Walk {
+    recent: VecDeque<u64>,
+    ahead: usize,
+}
 
 /// The per-device service thread: runs until the device is detached or the address space is gone.
 pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
@@ -32,18 +52,28 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
             slot.mmu.shutdown_faults();
             break;
         };
-        let cancel = service_batch(&space, &slot, &mut batch);
+        // A bug in servicing must not leave the device's clients waiting forever: cancel the
+        // batch and keep serving.
+        let pages: Vec<u64> = batch.iter().map(|f| align_down(f.va, PAGE_SIZE)).collect();
+        let run = std::panic::AssertUnwindSafe(|| service_batch(&space, &slot, &mut batch));
+        let (cancel, serviced) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+            log::error!("device {:?} fault service panicked; cancelling the batch", slot.id);
+            (pages.into_iter().map(|p| (p, FaultCancel::ServiceFailed)).collect(), Vec::new())
+        });
         slot.mmu.replay(&cancel);
         add(&space.stats.replays, 1);
+        if space.config.policy.cross_block {
+            plan_ahead(&slot, &serviced);
+        }
     }
 }
 
-/// Services one batch; returns the faults to cancel, by page.
+/// Services one batch; returns the faults to cancel (by page) and the blocks serviced.
 pub(crate) fn service_batch(
     space: &AddressSpace,
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
-) -> Vec<(u64, FaultCancel)> {
+) -> (Vec<(u64, FaultCancel)>, Vec<u64>) {
     let st = &space.stats;
     add(&st.device_faults, faults.len() as u64);
     add(&st.fault_batches, 1);
@@ -55,17 +85,67 @@ pub(crate) fn service_batch(
     faults.dedup_by_key(|f| f.va);
     add(&st.duplicate_faults, (before - faults.len()) as u64);
 
-    let mut cancel = Vec::new();
+    let mut groups: Vec<&[DeviceFault]> = Vec::new();
     let mut rest: &[DeviceFault] = faults;
     while let Some(first) = rest.first() {
         let base = align_down(first.va, BLOCK_SIZE);
         let n = rest.iter().take_while(|f| align_down(f.va, BLOCK_SIZE) == base).count();
         let (group, tail) = rest.split_at(n);
+        groups.push(group);
         rest = tail;
-        service_block(space, slot, group, &mut cancel);
     }
+    let serviced: Vec<u64> = groups.iter().map(|g| align_down(g[0].va, BLOCK_SIZE)).collect();
+    let workers = space.config.policy.service_workers.clamp(1, groups.len().max(1));
+    let cancel = Mutex::new(Vec::new());
+    if workers == 1 {
+        for g in &groups {
+            service_block(space, slot, g, &mut cancel.lock());
+        }
+    } else {
+        // Blocks are independent: workers take them in order from a shared cursor.
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    while let Some(g) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        service_block(space, slot, g, &mut mine);
+                    }
+                    cancel.lock().extend(mine);
+                });
+            }
+        });
+    }
+    let cancel = cancel.into_inner();
     add(&st.cancelled_faults, cancel.len() as u64);
-    cancel
+    (cancel, serviced)
+}
+
+/// Pages of one block sorted by what to do with them.
+#[derive(Default)]
+struct Plan {
+    migrate: PageMask,
+    duplicate: PageMask,
+    remote: PageMask,
+}
+
+impl Plan {
+    fn add(&mut self, i: usize, d: Decision, me: Proc) {
+        match d {
+            Decision::Migrate(p) if p == me => self.migrate.set(i),
+            Decision::Duplicate => self.duplicate.set(i),
+            Decision::Remote(_) => self.remote.set(i),
+            // The CPU or another device cannot be made to hold data by a device's fault; the
+            // requester gets its own copy.
+            Decision::Migrate(_) => self.migrate.set(i),
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.migrate.is_empty() && self.duplicate.is_empty() && self.remote.is_empty()
+    }
+    fn all(&self) -> PageMask {
+        self.migrate.or(&self.duplicate).or(&self.remote)
+    }
 }
 
 /// Services the faults of one 2 MiB block (sorted, deduplicated).
@@ -81,6 +161,29 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         return;
     }
     let me = Proc::Device(slot.id);
+    let policy = &space.config.policy;
+    let now = space.tick();
+    if blk.last_evicted != 0 && now.saturating_sub(blk.last_evicted) < THRASH_WINDOW_NS {
+        blk.refaults += 1;
+        add(&space.stats.thrash_events, 1);
+        if policy.thrashing == Thrashing::RemoteMap && blk.refaults >= 2 && slot.caps.remote_host_access {
+            blk.thrashing.insert(me);
+        }
+    }
+    blk.last_evicted = 0;
+    if blk.thrashing.has(me) && space.free_fraction(slot) > 0.25 {
+        blk.thrashing.remove(me);
+        blk.refaults = 0;
+    }
+    blk.touch(slot.id, now);
+    let reach = Reach {
+        host_remote: slot.caps.remote_host_access,
+        thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
+        dup_reads: policy.duplicate_reads,
+    };
+
+    let attrs = space.attrs.read();
+    let mut plan = Plan::default();
     let mut faulted = PageMask::default();
     for f in group {
         if !region.range.contains(f.va) {
@@ -93,25 +196,155 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             continue;
         }
         let i = ((f.va - blk.base) / PAGE_SIZE) as usize;
-        if select_residency(&blk.pages[i], me, f.access.max(Access::Read)) == me {
-            faulted.set(i);
-        }
+        faulted.set(i);
+        plan.add(i, select_residency(&blk.pages[i], &attrs.get(f.va), me, f.access.max(Access::Read), reach), me);
     }
     if faulted.is_empty() {
         return;
     }
     let resident = blk.resident_on(me);
-    let extra = space.config.prefetcher.prefetch(&faulted, &resident, blk.npages);
-    let want = faulted.or(&extra);
-    add(&space.stats.prefetched_pages, want.and_not(&faulted).and_not(&resident).count() as u64);
+    let local = plan.migrate.or(&plan.duplicate);
+    let extra = policy.prefetcher.prefetch(&local, &resident, blk.npages).and_not(&faulted).and_not(&resident);
+    let mut prefetched = 0;
+    for i in extra.iter() {
+        match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), me, Access::Prefetch, reach) {
+            Decision::Remote(_) => {}
+            d => {
+                plan.add(i, d, me);
+                prefetched += 1;
+            }
+        }
+    }
+    drop(attrs);
+    add(&space.stats.prefetched_pages, prefetched);
     add(&space.stats.blocks_serviced, 1);
-    let mut r = crate::migrate::to_device(space, &region, &mut blk, slot, &want);
-    if matches!(r, Err(crate::error::CoreError::OutOfDeviceMemory { .. })) && want != faulted {
+    let mut r = apply(space, &region, &mut blk, slot, &plan);
+    if matches!(r, Err(CoreError::OutOfDeviceMemory { .. })) && plan.all() != faulted {
         // Not enough room for the prefetch: service just what faulted.
-        r = crate::migrate::to_device(space, &region, &mut blk, slot, &faulted);
+        let only = Plan {
+            migrate: plan.migrate.and_not(&extra),
+            duplicate: plan.duplicate.and_not(&extra),
+            remote: plan.remote.and_not(&extra),
+        };
+        r = apply(space, &region, &mut blk, slot, &only);
     }
     if let Err(e) = r {
         log::error!("servicing device {:?} faults in block {:#x}: {e}", slot.id, blk.base);
         cancel.extend(faulted.iter().map(|i| (blk.va(i), FaultCancel::ServiceFailed)));
+    }
+}
+
+fn apply(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut crate::block::Block,
+    slot: &DeviceSlot,
+    plan: &Plan,
+) -> crate::error::Result<()> {
+    if plan.is_empty() {
+        return Ok(());
+    }
+    blk.busy = plan.all();
+    let r = apply_steps(space, region, blk, slot, plan);
+    blk.busy = PageMask::default();
+    r
+}
+
+fn apply_steps(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut crate::block::Block,
+    slot: &DeviceSlot,
+    plan: &Plan,
+) -> crate::error::Result<()> {
+    if !plan.migrate.is_empty() {
+        migrate::to_device(space, region, blk, slot, &plan.migrate)?;
+    }
+    if !plan.duplicate.is_empty() {
+        migrate::duplicate_to_device(space, region, blk, slot, &plan.duplicate)?;
+    }
+    if !plan.remote.is_empty() {
+        migrate::map_remote(space, region, blk, slot, &plan.remote)?;
+    }
+    Ok(())
+}
+
+/// Cross-block prefetch, first half (service thread): when the last serviced blocks advance by
+/// a constant stride, ask the device's prefetch thread to make the next blocks along it
+/// resident. The window doubles while the walk stays steady.
+fn plan_ahead(slot: &DeviceSlot, serviced: &[u64]) {
+    let Some(&last) = serviced.iter().max() else { return };
+    let req = {
+        let mut w = slot.walk.lock();
+        for b in serviced {
+            if w.recent.back() != Some(b) {
+                w.recent.push_back(*b);
+            }
+        }
+        while w.recent.len() > 3 {
+            w.recent.pop_front();
+        }
+        let r: Vec<u64> = w.recent.iter().copied().collect();
+        let steady = r.len() == 3 && r[2] > r[1] && r[1] > r[0] && r[2] - r[1] == r[1] - r[0];
+        w.ahead = if steady { (w.ahead * 2).clamp(2, MAX_AHEAD) } else { 0 };
+        steady.then(|| (last, r[2] - r[1], w.ahead))
+    };
+    if let (Some(req), Some(tx)) = (req, slot.ahead_tx.lock().as_ref()) {
+        let _ = tx.send(req);
+    }
+}
+
+/// Cross-block prefetch, second half: the device's prefetch thread. Takes the newest request and
+/// moves the window's blocks in bulk, as far as free memory allows without evicting.
+pub(crate) fn ahead_loop(
+    space: Weak<AddressSpace>,
+    slot: Arc<DeviceSlot>,
+    rx: std::sync::mpsc::Receiver<(u64, u64, usize)>,
+) {
+    while !slot.is_detached() {
+        let mut req = match rx.recv_timeout(POLL) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        while let Ok(r) = rx.try_recv() {
+            req = r;
+        }
+        let Some(space) = space.upgrade() else { return };
+        run_ahead(&space, &slot, req);
+    }
+}
+
+fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, (last, stride, ahead): (u64, u64, usize)) {
+    let me = Proc::Device(slot.id);
+    let Some(region) = space.region_of(last) else { return };
+    let reserve = (slot.free_and_total().1 as f64 * space.config.policy.free_watermark * 2.0) as u64;
+    let mut budget = slot.free_and_total().0.saturating_sub(reserve);
+    let attrs_empty = space.attrs.read().is_empty();
+    let mut guards = Vec::new();
+    for k in 1..=ahead as u64 {
+        let Some(va) = last.checked_add(stride * k).filter(|v| region.range.contains(*v)) else { break };
+        let Some(blk) = region.blocks[region.block_index(va)].try_lock() else { continue };
+        let plain = attrs_empty && !blk.thrashing.has(me) && blk.resident_on(me).is_empty();
+        let n = blk.npages as u64;
+        if !plain || region.is_freed() || budget < n {
+            continue;
+        }
+        budget -= n;
+        guards.push(blk);
+    }
+    if guards.is_empty() {
+        return;
+    }
+    let mut blocks: Vec<&mut crate::block::Block> = guards.iter_mut().map(|g| &mut **g).collect();
+    match migrate::bulk_to_device(space, &region, &mut blocks, slot, space.config.policy.duplicate_reads) {
+        Ok(n) => {
+            add(&space.stats.prefetched_pages, n);
+            let now = space.tick();
+            for b in blocks.iter_mut() {
+                b.touch(slot.id, now);
+            }
+        }
+        Err(e) => log::debug!("prefetch ahead on {:?}: {e}", slot.id),
     }
 }

@@ -13,7 +13,9 @@ pub mod error;
 pub mod stats;
 pub mod types;
 
+pub mod advice;
 pub mod alloc;
+pub mod attrs;
 pub mod block;
 mod evict;
 mod fault;
@@ -21,6 +23,8 @@ mod migrate;
 pub mod policy;
 pub mod space;
 
+pub use advice::{Advice, Pending};
+pub use policy::Policy;
 pub use space::{AddressSpace, AttachOptions, CoreConfig};
 
 #[cfg(test)]

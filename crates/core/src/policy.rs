@@ -2,15 +2,182 @@
 //! faulting processor and the access; prefetching is a strategy behind a trait. Mechanism (the
 //! migration itself) lives in `migrate`.
 
+use std::sync::Arc;
+
+use crate::attrs::Attrs;
 use crate::block::{Page, PageMask};
 use crate::types::{Access, Proc, PAGES_PER_BLOCK};
 
-/// Chooses where a page should live after `requester` accesses it with `access`.
-///
-/// The foundation's rule: data moves to the processor that touches it (device-private memory
-/// cannot be accessed in place, and the CPU cannot map device memory).
-pub fn select_residency(_page: &Page, requester: Proc, _access: Access) -> Proc {
-    requester
+/// What to do with one page that `requester` accessed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Move the data to this processor (the only copy), then map it there for the requester.
+    Migrate(Proc),
+    /// Give the requester its own read-only copy; every holder keeps read-only access.
+    Duplicate,
+    /// Leave the data where it is (on this processor) and map it remotely for the requester.
+    Remote(Proc),
+}
+
+/// Facts about the requester that residency selection needs besides the page.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reach {
+    /// The requester can map host memory remotely (a device with a system-memory aperture).
+    pub host_remote: bool,
+    /// A thrashing response pinned this page's data at a location.
+    pub thrash_pinned: Option<Proc>,
+    /// The policy duplicates on read without advice (see [`Policy::duplicate_reads`]).
+    pub dup_reads: bool,
+}
+
+/// Chooses what happens to a page after `requester` accesses it with `access`: one pure
+/// function over the page's state, the range's advice and the requester, in NVIDIA UVM's order
+/// (`block_select_processor_residency`).
+pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Access, reach: Reach) -> Decision {
+    let reading = access <= Access::Read;
+    let can_reach = |loc: Proc| loc == requester || (loc == Proc::Cpu && reach.host_remote);
+    let current =
+        if page.resident.has(Proc::Cpu) { Some(Proc::Cpu) } else { page.resident.devices().next().map(Proc::Device) };
+    // 1. Read duplication: readers get copies; a write collapses them to the writer.
+    if attrs.read_mostly && reading && current.is_some() {
+        return Decision::Duplicate;
+    }
+    // 1b. Duplicate-on-read (hetmm): a reader of data held elsewhere gets its own read-only copy
+    // unless advice says where the data belongs.
+    if reach.dup_reads
+        && reading
+        && current.is_some()
+        && !page.resident.has(requester)
+        && attrs.preferred.is_none()
+        && !attrs.accessed_by.has(requester)
+        && reach.thrash_pinned.is_none()
+    {
+        return Decision::Duplicate;
+    }
+    let copies = page.resident.0.count_ones();
+    if !reading && (copies > 1 || page.resident.has(requester)) {
+        return Decision::Migrate(requester);
+    }
+    // 2. The requester is the preferred location.
+    if attrs.preferred == Some(requester) {
+        return Decision::Migrate(requester);
+    }
+    // 3. Thrashing pinned the data somewhere the requester can reach.
+    if let Some(pin) = reach.thrash_pinned.filter(|p| can_reach(*p)) {
+        return if pin == requester { Decision::Migrate(pin) } else { Decision::Remote(pin) };
+    }
+    let Some(current) = current else {
+        // 4. First touch: the preferred location if reachable, else the requester.
+        return match attrs.preferred {
+            Some(p) if can_reach(p) && p != requester => Decision::Remote(p),
+            _ => Decision::Migrate(requester),
+        };
+    };
+    // 5. Accessed-by: keep the data where it is and map it remotely.
+    if attrs.accessed_by.has(requester) && can_reach(current) && current != requester {
+        return Decision::Remote(current);
+    }
+    // 6. A preferred location the requester can reach: data goes there, requester maps remotely.
+    if let Some(p) = attrs.preferred.filter(|p| can_reach(*p) && *p != requester) {
+        return Decision::Remote(p);
+    }
+    Decision::Migrate(requester)
+}
+
+/// How victims are chosen when device memory runs short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Whole blocks in the order they first got device memory (UVM: FIFO by allocation, no
+    /// access information).
+    Fifo,
+    /// Blocks of finished jobs first, then least recently accessed by the device (accessed bits
+    /// sampled from the device, fault times otherwise).
+    JobAwareLru,
+}
+
+/// How evict-and-refault cycles are handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Thrashing {
+    /// Ignore capacity thrashing (UVM ignores migrations caused by eviction).
+    Ignore,
+    /// A block evicted and refaulted repeatedly is served by remote mappings of host memory
+    /// (zero-copy) while device memory is oversubscribed, keeping the resident hot set pinned.
+    RemoteMap,
+}
+
+/// A complete policy: every strategy the mechanism consults. Selected by name.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Name (`uvm`, `hetmm`).
+    pub name: &'static str,
+    /// Prefetch inside a 2 MiB block.
+    pub prefetcher: Arc<dyn Prefetcher>,
+    /// Prefetch whole blocks ahead when device faults walk blocks sequentially or with a stride.
+    pub cross_block: bool,
+    /// Victim selection.
+    pub eviction: Eviction,
+    /// Background eviction: keep at least this fraction of device memory free (0: evict only
+    /// when an allocation fails).
+    pub free_watermark: f64,
+    /// Capacity-thrashing response.
+    pub thrashing: Thrashing,
+    /// Threads servicing the blocks of one fault batch.
+    pub service_workers: usize,
+    /// Bring CPU chunks back ahead of a CPU walking sequentially through device-resident data.
+    pub cpu_readahead: bool,
+    /// Read duplication without advice: a processor that reads data another holds gets a
+    /// read-only copy, and the holder keeps read-only access (the CPU is write-protected, not
+    /// unmapped). A write collapses the copies to the writer. Reads that follow writes elsewhere
+    /// cost no migration back.
+    pub duplicate_reads: bool,
+}
+
+impl Policy {
+    /// A faithful reimplementation of NVIDIA UVM's defaults: tree prefetcher inside 2 MiB, FIFO
+    /// whole-block eviction on allocation failure only, no capacity-thrashing response, one
+    /// service thread per device.
+    pub fn uvm() -> Self {
+        Policy {
+            name: "uvm",
+            prefetcher: Arc::new(TreePrefetcher::default()),
+            cross_block: false,
+            eviction: Eviction::Fifo,
+            free_watermark: 0.0,
+            thrashing: Thrashing::Ignore,
+            service_workers: 1,
+            cpu_readahead: false,
+            duplicate_reads: false,
+        }
+    }
+
+    /// hetmm's defaults: the tree prefetcher plus cross-block sequential/stride prefetch,
+    /// job-aware LRU eviction in the background above a free-memory watermark, thrashing
+    /// detection with remote mapping, parallel block service, CPU read-ahead.
+    pub fn hetmm() -> Self {
+        Policy {
+            name: "hetmm",
+            prefetcher: Arc::new(TreePrefetcher::default()),
+            cross_block: true,
+            eviction: Eviction::JobAwareLru,
+            free_watermark: 0.05,
+            thrashing: Thrashing::RemoteMap,
+            service_workers: 2,
+            cpu_readahead: true,
+            duplicate_reads: true,
+        }
+    }
+
+    /// The policy called `name`.
+    pub fn by_name(name: &str) -> Option<Self> {
+        match name {
+            "uvm" => Some(Self::uvm()),
+            "hetmm" => Some(Self::hetmm()),
+            _ => None,
+        }
+    }
+
+    /// Names [`Policy::by_name`] accepts.
+    pub const NAMES: [&'static str; 2] = ["hetmm", "uvm"];
 }
 
 /// Adds pages to a block's migration on top of those that faulted.
@@ -101,9 +268,50 @@ mod tests {
         assert_eq!(NoPrefetch.prefetch(&f, &r, 512).count(), 0);
     }
 
+    use crate::types::{DeviceId, ProcMask};
+
+    const DEV: Proc = Proc::Device(DeviceId(0));
+
+    fn on(p: Proc) -> Page {
+        Page { resident: ProcMask::only(p), ..Page::default() }
+    }
+
     #[test]
-    fn residency_follows_requester() {
-        let pg = Page::default();
-        assert_eq!(select_residency(&pg, Proc::Cpu, Access::Read), Proc::Cpu);
+    fn residency_decisions_follow_uvm_order() {
+        let none = Attrs::default();
+        let r = Reach::default();
+        let remote = Reach { host_remote: true, ..Reach::default() };
+        assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Read, r), Decision::Migrate(DEV));
+        assert_eq!(select_residency(&Page::default(), &none, DEV, Access::Write, r), Decision::Migrate(DEV));
+        let rm = Attrs { read_mostly: true, ..none };
+        assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Read, r), Decision::Duplicate);
+        assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Write, r), Decision::Migrate(DEV));
+        let ab = Attrs { accessed_by: ProcMask::only(DEV), ..none };
+        assert_eq!(select_residency(&on(Proc::Cpu), &ab, DEV, Access::Read, remote), Decision::Remote(Proc::Cpu));
+        assert_eq!(select_residency(&on(Proc::Cpu), &ab, DEV, Access::Read, r), Decision::Migrate(DEV), "no aperture");
+        let pref_cpu = Attrs { preferred: Some(Proc::Cpu), ..none };
+        assert_eq!(
+            select_residency(&on(Proc::Cpu), &pref_cpu, DEV, Access::Write, remote),
+            Decision::Remote(Proc::Cpu)
+        );
+        assert_eq!(select_residency(&on(DEV), &pref_cpu, Proc::Cpu, Access::Read, r), Decision::Migrate(Proc::Cpu));
+        let pinned = Reach { host_remote: true, thrash_pinned: Some(Proc::Cpu), dup_reads: false };
+        let dr = Reach { dup_reads: true, ..Reach::default() };
+        assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Read, dr), Decision::Duplicate);
+        assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Write, dr), Decision::Migrate(DEV));
+        assert_eq!(select_residency(&on(DEV), &none, Proc::Cpu, Access::Read, dr), Decision::Duplicate);
+        assert_eq!(select_residency(&Page::default(), &none, DEV, Access::Read, dr), Decision::Migrate(DEV));
+        assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Read, pinned), Decision::Remote(Proc::Cpu));
+        let mut dup = on(Proc::Cpu);
+        dup.resident.insert(DEV);
+        let ab_rm = Attrs { accessed_by: ProcMask::only(DEV), read_mostly: true, ..none };
+        assert_eq!(
+            select_residency(&dup, &ab_rm, DEV, Access::Write, remote),
+            Decision::Migrate(DEV),
+            "a write collapses copies"
+        );
+        assert!(
+            Policy::by_name("uvm").is_some() && Policy::by_name("hetmm").is_some() && Policy::by_name("x").is_none()
+        );
     }
 }

@@ -2,20 +2,21 @@
 //! with their allocators and fault-service threads, and the public operations on them.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::alloc::BuddyAllocator;
+use crate::attrs::{Attrs, RangeAttrs};
 use crate::block::{Block, CpuMap, Page, PageMask};
 use crate::cpu::{CpuFaultHandler, CpuMmu};
 use crate::device::{DeviceCaps, DeviceMmu};
 use crate::error::{CoreError, Result};
 use crate::migrate;
-use crate::policy::{Prefetcher, TreePrefetcher};
+use crate::policy::{select_residency, Decision, Policy, Reach};
 use crate::stats::{add, add_since, Stats, StatsSnapshot};
 use crate::types::{
     align_down, Access, DeviceId, Proc, Prot, VaRange, BLOCK_SIZE, MAX_DEVICES, PAGES_PER_BLOCK, PAGE_SIZE,
@@ -29,17 +30,20 @@ pub struct CoreConfig {
     pub fault_around: u64,
     /// Longest wait for one batch of copies.
     pub copy_timeout: Duration,
-    /// Prefetcher for device faults.
-    pub prefetcher: Arc<dyn Prefetcher>,
+    /// The policy (prefetch, eviction, thrashing, service parallelism).
+    pub policy: Policy,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig {
-            fault_around: BLOCK_SIZE,
-            copy_timeout: Duration::from_secs(60),
-            prefetcher: Arc::new(TreePrefetcher::default()),
-        }
+        CoreConfig { fault_around: BLOCK_SIZE, copy_timeout: Duration::from_secs(60), policy: Policy::hetmm() }
+    }
+}
+
+impl CoreConfig {
+    /// The default configuration with the policy called `name` (see [`Policy::NAMES`]).
+    pub fn with_policy(name: &str) -> Option<Self> {
+        Some(CoreConfig { policy: Policy::by_name(name)?, ..CoreConfig::default() })
     }
 }
 
@@ -66,6 +70,9 @@ pub struct Region {
     pub(crate) cpu: Arc<dyn CpuMmu>,
     pub(crate) blocks: Vec<Mutex<Block>>,
     freed: AtomicBool,
+    /// Start of the last chunk the CPU faulted on, and how far read-ahead has been queued.
+    last_cpu_chunk: AtomicU64,
+    readahead_until: AtomicU64,
 }
 
 impl Region {
@@ -92,11 +99,24 @@ pub(crate) struct DeviceSlot {
     pub(crate) alloc: Mutex<BuddyAllocator>,
     pub(crate) evict_queue: Mutex<VecDeque<(u64, usize)>>,
     pub(crate) batch: usize,
+    pub(crate) walk: Mutex<crate::fault::Walk>,
+    pub(crate) ahead_tx: Mutex<Option<mpsc::Sender<(u64, u64, usize)>>>,
+    ahead: Mutex<Option<JoinHandle<()>>>,
     detached: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
+    evictor: Mutex<Option<JoinHandle<()>>>,
+    /// Wakes the background evictor after allocations.
+    pub(crate) evict_wake: parking_lot::Condvar,
+    pub(crate) evict_lock: Mutex<()>,
 }
 
 impl DeviceSlot {
+    /// Free and total device pages.
+    pub(crate) fn free_and_total(&self) -> (u64, u64) {
+        let a = self.alloc.lock();
+        (a.free_pages(), a.total_pages())
+    }
+
     pub(crate) fn is_detached(&self) -> bool {
         self.detached.load(Ordering::Acquire)
     }
@@ -109,17 +129,25 @@ pub struct AddressSpace {
     devices: RwLock<Vec<Option<Arc<DeviceSlot>>>>,
     pub(crate) stats: Stats,
     pub(crate) config: CoreConfig,
+    pub(crate) attrs: RwLock<RangeAttrs>,
     shutting_down: AtomicBool,
+    epoch: Instant,
+    me: Weak<AddressSpace>,
+    readahead: Mutex<Option<mpsc::Sender<u64>>>,
 }
 
 impl AddressSpace {
     /// A new, empty address space.
     pub fn new(config: CoreConfig) -> Arc<Self> {
-        Arc::new(AddressSpace {
+        Arc::new_cyclic(|me| AddressSpace {
+            epoch: Instant::now(),
+            me: me.clone(),
+            readahead: Mutex::new(None),
             regions: RwLock::new(BTreeMap::new()),
             devices: RwLock::new(Vec::new()),
             stats: Stats::default(),
             config,
+            attrs: RwLock::new(RangeAttrs::default()),
             shutting_down: AtomicBool::new(false),
         })
     }
@@ -127,6 +155,22 @@ impl AddressSpace {
     /// The configuration.
     pub fn config(&self) -> &CoreConfig {
         &self.config
+    }
+
+    /// Nanoseconds since the address space was made (never 0): the clock of recency and
+    /// thrashing decisions.
+    pub(crate) fn tick(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Fraction of a device's memory that is free.
+    pub(crate) fn free_fraction(&self, slot: &DeviceSlot) -> f64 {
+        let (free, total) = slot.free_and_total();
+        if total == 0 {
+            0.0
+        } else {
+            free as f64 / total as f64
+        }
     }
 
     /// Counters.
@@ -171,7 +215,18 @@ impl AddressSpace {
                 Mutex::new(Block::new(base, npages))
             })
             .collect();
-        regions.insert(range.start, Arc::new(Region { range, prot, cpu, blocks, freed: AtomicBool::new(false) }));
+        regions.insert(
+            range.start,
+            Arc::new(Region {
+                range,
+                prot,
+                cpu,
+                blocks,
+                freed: AtomicBool::new(false),
+                last_cpu_chunk: AtomicU64::new(u64::MAX),
+                readahead_until: AtomicU64::new(0),
+            }),
+        );
         Ok(range)
     }
 
@@ -180,9 +235,11 @@ impl AddressSpace {
     pub fn remove_region(&self, start: u64) -> Result<Arc<dyn CpuMmu>> {
         let region = self.regions.write().remove(&start).ok_or(CoreError::NotShared(VaRange::new(start, PAGE_SIZE)))?;
         region.freed.store(true, Ordering::Release);
+        self.attrs.write().clear(region.range);
         for cell in &region.blocks {
             let mut blk = cell.lock();
-            migrate::drop_device_copies(self, &mut blk);
+            let all = PageMask::full(blk.npages);
+            migrate::drop_device_copies(self, &mut blk, &all);
         }
         for slot in self.devices.read().iter().flatten() {
             slot.mmu.region_removed(region.range);
@@ -214,6 +271,11 @@ impl AddressSpace {
             Some(r) if r.range.contains_range(&range) => Ok(range),
             _ => Err(CoreError::NotShared(range)),
         }
+    }
+
+    /// The advice in force at `va`.
+    pub fn attrs_at(&self, va: u64) -> Attrs {
+        self.attrs.read().get(va)
     }
 
     /// The state of the page holding `va` (for tests, snapshots and diagnostics).
@@ -259,8 +321,14 @@ impl AddressSpace {
             caps,
             evict_queue: Mutex::new(VecDeque::new()),
             batch: opts.fault_batch.max(1),
+            walk: Mutex::new(crate::fault::Walk::default()),
+            ahead_tx: Mutex::new(None),
+            ahead: Mutex::new(None),
             detached: AtomicBool::new(false),
             service: Mutex::new(None),
+            evictor: Mutex::new(None),
+            evict_wake: parking_lot::Condvar::new(),
+            evict_lock: Mutex::new(()),
         });
         if slot.caps.replayable_faults {
             let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
@@ -272,6 +340,30 @@ impl AddressSpace {
                     source: crate::device::DeviceError::Other(e.to_string()),
                 })?;
             *slot.service.lock() = Some(h);
+        }
+        if self.config.policy.cross_block && slot.caps.replayable_faults {
+            let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
+            let (tx, rx) = mpsc::channel();
+            let h = std::thread::Builder::new()
+                .name(format!("hetmm-dev{}-ahead", id.0))
+                .spawn(move || crate::fault::ahead_loop(w, s, rx))
+                .map_err(|e| CoreError::Device {
+                    device: id,
+                    source: crate::device::DeviceError::Other(e.to_string()),
+                })?;
+            *slot.ahead_tx.lock() = Some(tx);
+            *slot.ahead.lock() = Some(h);
+        }
+        if self.config.policy.free_watermark > 0.0 {
+            let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
+            let h = std::thread::Builder::new()
+                .name(format!("hetmm-dev{}-evict", id.0))
+                .spawn(move || crate::evict::background_loop(w, s))
+                .map_err(|e| CoreError::Device {
+                    device: id,
+                    source: crate::device::DeviceError::Other(e.to_string()),
+                })?;
+            *slot.evictor.lock() = Some(h);
         }
         if idx == devices.len() {
             devices.push(Some(slot));
@@ -285,6 +377,11 @@ impl AddressSpace {
     /// that move data off it).
     pub(crate) fn holder(&self, id: DeviceId) -> Result<Arc<DeviceSlot>> {
         self.devices.read().get(id.0 as usize).and_then(Clone::clone).ok_or(CoreError::Detached(id))
+    }
+
+    /// Every attached device, detaching ones included.
+    pub(crate) fn holders(&self) -> Vec<Arc<DeviceSlot>> {
+        self.devices.read().iter().flatten().cloned().collect()
     }
 
     pub(crate) fn slot(&self, id: DeviceId) -> Result<Arc<DeviceSlot>> {
@@ -314,7 +411,11 @@ impl AddressSpace {
         let slot = self.slot(id)?;
         slot.detached.store(true, Ordering::Release);
         slot.mmu.shutdown_faults();
-        if let Some(h) = slot.service.lock().take() {
+        slot.evict_wake.notify_all();
+        slot.ahead_tx.lock().take();
+        for h in
+            [slot.service.lock().take(), slot.evictor.lock().take(), slot.ahead.lock().take()].into_iter().flatten()
+        {
             if h.thread().id() != std::thread::current().id() {
                 let _ = h.join();
             }
@@ -347,11 +448,20 @@ impl AddressSpace {
 
     // ----- migration -----
 
-    /// Moves the pages of `range` to `to` in bulk (an explicit prefetch; the same per-block
-    /// service as a fault). For a device, the pages end up mapped there; for the CPU, they end up
-    /// in host backing and are mapped on the next CPU access.
+    /// Moves the pages of `range` to `to` in bulk (an explicit, synchronous migration; the same
+    /// per-block service as a fault). For a device, the pages end up there and mapped (a
+    /// read-only copy on read-mostly ranges); for the CPU, they end up in host backing and are
+    /// mapped on the next CPU access.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
         let range = self.check_range(start, len)?;
+        if let Proc::Device(d) = to {
+            self.slot(d)?;
+        }
+        self.prefetch_range(range, to)
+    }
+
+    /// The body of [`AddressSpace::migrate`] and of `Advice::Prefetch` (range already checked).
+    pub(crate) fn prefetch_range(&self, range: VaRange, to: Proc) -> Result<()> {
         let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
         let slot = match to {
             Proc::Cpu => None,
@@ -367,59 +477,173 @@ impl AddressSpace {
             let want = pages_in(&blk, &range);
             match &slot {
                 None => migrate::to_cpu(self, &region, &mut blk, &want)?,
-                Some(s) => migrate::to_device(self, &region, &mut blk, s, &want)?,
+                Some(s) => {
+                    let attrs = self.attrs.read();
+                    let mut dup = PageMask::default();
+                    for i in want.iter() {
+                        if attrs.get(blk.va(i)).read_mostly && !blk.pages[i].resident.is_empty() {
+                            dup.set(i);
+                        }
+                    }
+                    drop(attrs);
+                    blk.busy = want;
+                    let r = migrate::to_device(self, &region, &mut blk, s, &want.and_not(&dup))
+                        .and_then(|()| migrate::duplicate_to_device(self, &region, &mut blk, s, &dup));
+                    blk.busy = PageMask::default();
+                    r?;
+                    blk.touch(s.id, self.tick());
+                }
             }
         }
         Ok(())
     }
 
+    /// Drops the data of `range` everywhere (`Advice::DontNeed`).
+    pub(crate) fn discard_range(&self, range: VaRange) -> Result<()> {
+        let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
+        for bidx in region.block_index(range.start)..=region.block_index(range.end() - 1) {
+            let mut blk = region.blocks[bidx].lock();
+            let want = pages_in(&blk, &range);
+            migrate::discard(self, &region, &mut blk, &want)?;
+        }
+        Ok(())
+    }
+
+    /// Marks the blocks of `ranges` as used by a running job on a device; returns the token for
+    /// [`AddressSpace::job_end`]. Ranges outside shared memory are ignored.
+    pub fn job_begin(&self, ranges: &[VaRange]) -> Vec<VaRange> {
+        self.for_blocks(ranges, |b| {
+            b.active_jobs += 1;
+            b.job_done = false;
+        });
+        ranges.to_vec()
+    }
+
+    /// Ends a job: blocks no running job uses any more become the first eviction candidates.
+    pub fn job_end(&self, ranges: &[VaRange]) {
+        self.for_blocks(ranges, |b| {
+            b.active_jobs = b.active_jobs.saturating_sub(1);
+            b.job_done = b.active_jobs == 0;
+        });
+    }
+
+    fn for_blocks(&self, ranges: &[VaRange], mut f: impl FnMut(&mut Block)) {
+        for r in ranges {
+            let Some(region) = self.region_of(r.start) else { continue };
+            let Some(r) = region.range.intersect(r) else { continue };
+            for bidx in region.block_index(r.start)..=region.block_index(r.end() - 1) {
+                f(&mut region.blocks[bidx].lock());
+            }
+        }
+    }
+
     /// Services a CPU fault at `va` (see [`CpuFaultHandler`]).
-    fn service_cpu_fault(&self, va: u64, _access: Access) -> Result<()> {
+    fn service_cpu_fault(&self, va: u64, access: Access) -> Result<()> {
         let t = Instant::now();
         let region = self.region_of(va).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
         let around = self.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
         let chunk_start = align_down(va, around).max(region.range.start);
         let chunk = VaRange::new(chunk_start, (chunk_start + around).min(region.range.end()) - chunk_start);
-        let mut blk = region.blocks[region.block_index(va)].lock();
-        let want = pages_in(&blk, &chunk);
-        let fault_page = ((align_down(va, PAGE_SIZE) - blk.base) / PAGE_SIZE) as usize;
+        let fault_page = ((align_down(va, PAGE_SIZE) - align_down(va, BLOCK_SIZE)) / PAGE_SIZE) as usize;
+        let moved = self.bring_chunk_home(&region, chunk, Some((fault_page, access)))?;
+        add(&self.stats.cpu_faults, 1);
+        add(&self.stats.cpu_fault_pages, moved);
+        add_since(&self.stats.ns_cpu_fault, t);
+        if self.config.policy.cpu_readahead {
+            self.read_ahead(&region, chunk_start, around);
+        }
+        Ok(())
+    }
 
+    /// Makes the pages of `chunk` (inside one block) accessible to the CPU: data only on devices
+    /// comes back (or is duplicated on read-mostly ranges), never-written pages get zeroed
+    /// backing, and the chunk is mapped. `fault` is the faulting page and access, always mapped.
+    /// Returns the pages that had to be brought or created.
+    fn bring_chunk_home(&self, region: &Region, chunk: VaRange, fault: Option<(usize, Access)>) -> Result<u64> {
+        let mut blk = region.blocks[region.block_index(chunk.start)].lock();
+        if region.is_freed() {
+            return Err(CoreError::NotShared(chunk));
+        }
+        let want = pages_in(&blk, &chunk);
+        let attrs = self.attrs.read();
+        let (mut exclusive, mut dup) = (PageMask::default(), PageMask::default());
+        for i in want.iter() {
+            let access = match fault {
+                Some((f, a)) if f == i => a,
+                _ => Access::Prefetch,
+            };
+            let reach = Reach { dup_reads: self.config.policy.duplicate_reads, ..Reach::default() };
+            match select_residency(&blk.pages[i], &attrs.get(blk.va(i)), Proc::Cpu, access, reach) {
+                Decision::Duplicate => dup.set(i),
+                _ => exclusive.set(i),
+            }
+        }
+        drop(attrs);
         let mut on_device = PageMask::default();
+        let mut dup_fetch = PageMask::default();
         let mut empty = PageMask::default();
         for i in want.iter() {
             let r = blk.pages[i].resident;
             if r.is_empty() {
                 empty.set(i);
-            } else if !r.has(Proc::Cpu) {
+            } else if exclusive.get(i) && r.0 & !1 != 0 {
                 on_device.set(i);
+            } else if dup.get(i) && !r.has(Proc::Cpu) {
+                dup_fetch.set(i);
             }
         }
-        migrate::to_cpu(self, &region, &mut blk, &on_device)?;
-        if !empty.is_empty() {
-            region.cpu.populate(&migrate::ranges(&blk, &empty))?;
-            for i in empty.iter() {
-                blk.pages[i].resident.insert(Proc::Cpu);
-            }
-        }
-        let mut map = PageMask::default();
-        for i in want.iter() {
-            if blk.pages[i].cpu == CpuMap::None {
-                map.set(i);
-            }
-        }
-        // The faulting page is always mapped, whatever the state says (the program may have
-        // dropped its mapping behind our back).
-        map.set(fault_page);
+        migrate::to_cpu(self, region, &mut blk, &on_device)?;
+        migrate::cpu_duplicate(self, region, &mut blk, &dup_fetch)?;
+        migrate::populate(self, region, &mut blk, &empty)?;
         let writable = region.prot.contains(Prot::WRITE);
-        region.cpu.map(&migrate::ranges(&blk, &map), writable)?;
-        let state = if writable { CpuMap::Write } else { CpuMap::Read };
-        for i in map.iter() {
-            blk.pages[i].cpu = state;
+        let rw_state = if writable { CpuMap::Write } else { CpuMap::Read };
+        for (set, state) in [(&exclusive, rw_state), (&dup, CpuMap::Read)] {
+            let mut map = PageMask::default();
+            for i in set.iter() {
+                if blk.pages[i].cpu != state || fault.is_some_and(|(f, _)| f == i) {
+                    map.set(i);
+                }
+            }
+            if map.is_empty() {
+                continue;
+            }
+            region.cpu.map(&migrate::ranges(&blk, &map), state == CpuMap::Write)?;
+            for i in map.iter() {
+                blk.pages[i].cpu = state;
+            }
         }
-        add(&self.stats.cpu_faults, 1);
-        add(&self.stats.cpu_fault_pages, (on_device.count() + empty.count()) as u64);
-        add_since(&self.stats.ns_cpu_fault, t);
-        Ok(())
+        Ok((on_device.count() + dup_fetch.count() + empty.count()) as u64)
+    }
+
+    /// CPU read-ahead: when CPU faults walk a region chunk after chunk, bring the next chunks home
+    /// and map them on a background thread, so the program streams through mapped memory.
+    fn read_ahead(&self, region: &Region, chunk_start: u64, around: u64) {
+        const AHEAD: u64 = 4;
+        let last = region.last_cpu_chunk.swap(chunk_start, Ordering::Relaxed);
+        if last.checked_add(around) != Some(chunk_start) {
+            return;
+        }
+        let from = (chunk_start + around).max(region.readahead_until.load(Ordering::Relaxed));
+        let to = (chunk_start + (AHEAD + 1) * around).min(region.range.end());
+        if from >= to {
+            return;
+        }
+        region.readahead_until.store(to, Ordering::Relaxed);
+        let mut tx = self.readahead.lock();
+        if tx.is_none() {
+            let (s, r) = mpsc::channel::<u64>();
+            let me = self.me.clone();
+            if std::thread::Builder::new().name("hetmm-readahead".into()).spawn(move || readahead_loop(me, r)).is_err()
+            {
+                return;
+            }
+            *tx = Some(s);
+        }
+        if let Some(tx) = tx.as_ref() {
+            for c in (from..to).step_by(around as usize) {
+                let _ = tx.send(c);
+            }
+        }
     }
 
     /// Detaches every device and refuses new work. Called by the owner before dropping; safe to
@@ -444,6 +668,33 @@ impl CpuFaultHandler for AddressSpace {
 impl Drop for AddressSpace {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Brings queued chunks home until the address space is gone.
+fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<u64>) {
+    loop {
+        let va = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(va) => va,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if space.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(space) = space.upgrade() else { return };
+        if space.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(region) = space.region_of(va) else { continue };
+        let around = space.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
+        let chunk = VaRange::new(va, (va + around).min(region.range.end()) - va);
+        match space.bring_chunk_home(&region, chunk, None) {
+            Ok(n) => add(&space.stats.prefetched_pages, n),
+            Err(e) => log::debug!("read-ahead of {chunk}: {e}"),
+        }
     }
 }
 

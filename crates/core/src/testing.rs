@@ -2,7 +2,7 @@
 //! state machine against a reference model: every byte reads back as last written, whoever wrote
 //! it, through faults, migrations and evictions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ type HostMem = Arc<Mutex<Vec<u8>>>;
 struct FakeCpu {
     range: VaRange,
     mem: HostMem,
-    mapped: Mutex<HashSet<u64>>,
+    mapped: Mutex<HashMap<u64, bool>>,
 }
 
 impl CpuMmu for FakeCpu {
@@ -41,17 +41,31 @@ impl CpuMmu for FakeCpu {
     fn populate(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
         Ok(())
     }
-    fn map(&self, ranges: &[VaRange], _writable: bool) -> Result<(), HostError> {
+    fn map(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
         let mut m = self.mapped.lock();
         for r in ranges {
             assert!(self.range.contains_range(r));
             for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
-                m.insert(p);
+                m.insert(p, writable);
+            }
+        }
+        Ok(())
+    }
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        let mut m = self.mapped.lock();
+        for r in ranges {
+            for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
+                if let Some(w) = m.get_mut(&p) {
+                    *w = writable;
+                }
             }
         }
         Ok(())
     }
     fn wake(&self, _range: VaRange) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn prepare(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
         Ok(())
     }
     fn discard(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
@@ -66,14 +80,23 @@ impl CpuMmu for FakeCpu {
 struct FakeDevice {
     mem: Mutex<Vec<u8>>,
     host: HostMem,
-    pt: Mutex<HashMap<u64, (u64, Prot)>>,
+    pt: Mutex<HashMap<u64, (MapTarget, Prot)>>,
 }
 
 impl FakeDevice {
     fn access(&self, va: u64, write: Option<u8>) -> Option<u8> {
-        let (pa, prot) = *self.pt.lock().get(&align_down(va, PAGE_SIZE))?;
-        let off = (pa + va % PAGE_SIZE) as usize;
-        let mut mem = self.mem.lock();
+        let (target, prot) = *self.pt.lock().get(&align_down(va, PAGE_SIZE))?;
+        let (mut dmem, mut hmem);
+        let (mem, off): (&mut Vec<u8>, usize) = match target {
+            MapTarget::Device(pa) => {
+                dmem = self.mem.lock();
+                (&mut dmem, (pa.0 + va % PAGE_SIZE) as usize)
+            }
+            MapTarget::Host(h) => {
+                hmem = self.host.lock();
+                (&mut hmem, h.0 + (va % PAGE_SIZE) as usize)
+            }
+        };
         match write {
             Some(v) if prot.contains(Prot::WRITE) => {
                 mem[off] = v;
@@ -92,7 +115,7 @@ impl DeviceMmu for FakeDevice {
             page_sizes: PAGE_SIZE,
             replayable_faults: false,
             coherent: false,
-            remote_host_access: false,
+            remote_host_access: true,
             memory_bytes: self.mem.lock().len() as u64,
         }
     }
@@ -108,9 +131,12 @@ impl DeviceMmu for FakeDevice {
     unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
         let mut pt = self.pt.lock();
         for e in entries {
-            let MapTarget::Device(pa) = e.target else { return Err(DeviceError::Other("host".into())) };
             for k in 0..e.len / PAGE_SIZE {
-                pt.insert(e.va + k * PAGE_SIZE, (pa.0 + k * PAGE_SIZE, e.prot));
+                let t = match e.target {
+                    MapTarget::Device(pa) => MapTarget::Device(PhysAddr(pa.0 + k * PAGE_SIZE)),
+                    MapTarget::Host(h) => MapTarget::Host(HostAddr(h.0 + (k * PAGE_SIZE) as usize)),
+                };
+                pt.insert(e.va + k * PAGE_SIZE, (t, e.prot));
             }
         }
         Ok(())
@@ -124,7 +150,15 @@ impl DeviceMmu for FakeDevice {
         }
         Ok(())
     }
-    fn protect(&self, _ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+    fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+        let mut pt = self.pt.lock();
+        for (r, prot) in ranges {
+            for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
+                if let Some(e) = pt.get_mut(&p) {
+                    e.1 = *prot;
+                }
+            }
+        }
         Ok(())
     }
     fn invalidate_tlb(&self, _ranges: &[VaRange]) {}
@@ -166,6 +200,7 @@ enum Op {
     Cpu { page: usize, off: u16, val: Option<u8> },
     Dev { dev: usize, page: usize, off: u16, val: Option<u8> },
     Migrate { page: usize, pages: usize, to: Option<usize> },
+    Advise { page: usize, pages: usize, advice: u8, dev: usize },
 }
 
 /// Pages the ops touch: both ends of the first block and the start of the second.
@@ -178,10 +213,16 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (page.clone(), 0u16..4096, val.clone()).prop_map(|(page, off, val)| Op::Cpu { page, off, val }),
         (0usize..2, page.clone(), 0u16..4096, val).prop_map(|(dev, page, off, val)| Op::Dev { dev, page, off, val }),
-        (page, 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate {
+        (page.clone(), 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate {
             page,
             pages,
             to
+        }),
+        (page, 1usize..600, 0u8..8, 0usize..2).prop_map(|(page, pages, advice, dev)| Op::Advise {
+            page,
+            pages,
+            advice,
+            dev
         }),
     ]
 }
@@ -195,9 +236,17 @@ struct World {
 }
 
 fn world(tree: bool, dev_pages: u64) -> World {
+    world_with(tree, dev_pages, crate::policy::Policy::uvm())
+}
+
+fn world_with(tree: bool, dev_pages: u64, policy: crate::policy::Policy) -> World {
     let cfg = CoreConfig {
         fault_around: 64 * 1024,
-        prefetcher: if tree { Arc::new(TreePrefetcher::default()) } else { Arc::new(NoPrefetch) },
+        policy: crate::policy::Policy {
+            prefetcher: if tree { Arc::new(TreePrefetcher::default()) } else { Arc::new(NoPrefetch) },
+            cpu_readahead: false,
+            ..policy
+        },
         ..CoreConfig::default()
     };
     let space = AddressSpace::new(cfg);
@@ -225,10 +274,12 @@ impl World {
     }
 
     fn cpu_access(&mut self, va: u64, val: Option<u8>) -> u8 {
-        if !self.cpu.mapped.lock().contains(&align_down(va, PAGE_SIZE)) {
+        let page = align_down(va, PAGE_SIZE);
+        let ok = |w: &World| w.cpu.mapped.lock().get(&page).is_some_and(|wr| *wr || val.is_none());
+        if !ok(self) {
             let access = if val.is_some() { Access::Write } else { Access::Read };
             self.space.cpu_fault(va, access).unwrap();
-            assert!(self.cpu.mapped.lock().contains(&align_down(va, PAGE_SIZE)), "CPU fault maps the page");
+            assert!(ok(self), "CPU fault maps the page with the access it needs");
         }
         let off = (va - self.cpu.range.start) as usize;
         let mut host = self.cpu.mem.lock();
@@ -249,7 +300,7 @@ impl World {
             let access = if val.is_some() { Access::Write } else { Access::Read };
             let mut batch =
                 vec![DeviceFault { va, access, client: 0 }, DeviceFault { va, access: Access::Read, client: 1 }];
-            let cancel = crate::fault::service_batch(&self.space, &slot, &mut batch);
+            let (cancel, _) = crate::fault::service_batch(&self.space, &slot, &mut batch);
             if !cancel.is_empty() {
                 return None;
             }
@@ -290,6 +341,23 @@ impl World {
                     Err(e) => panic!("migrate: {e}"),
                 }
             }
+            Op::Advise { page, pages, advice, dev } => {
+                use crate::advice::Advice;
+                let start = self.va(page, 0);
+                let len = (pages as u64 * PAGE_SIZE).min(self.cpu.range.end() - start);
+                let d = self.ids[dev];
+                let a = match advice {
+                    0 => Advice::ReadMostly(true),
+                    1 => Advice::ReadMostly(false),
+                    2 => Advice::AccessedBy(d, true),
+                    3 => Advice::AccessedBy(d, false),
+                    4 => Advice::PreferredLocation(Some(Proc::Cpu)),
+                    5 => Advice::PreferredLocation(Some(Proc::Device(d))),
+                    6 => Advice::Pin(true),
+                    _ => Advice::PreferredLocation(None),
+                };
+                self.space.advise(start, len, a).unwrap().wait(Duration::from_secs(10)).unwrap();
+            }
         }
     }
 
@@ -305,9 +373,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), tree in any::<bool>(), small in any::<bool>()) {
+    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), tree in any::<bool>(), small in any::<bool>(), hetmm in any::<bool>()) {
         // Small device memory forces eviction on almost every migration.
-        let mut w = world(tree, if small { 32 } else { 2048 });
+        let policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
+        let mut w = world_with(tree, if small { 32 } else { 2048 }, policy);
         for op in &ops {
             w.apply(op);
         }
@@ -394,5 +463,43 @@ fn oversubscribed_device_evicts_without_losing_data() {
     assert!(w.space.stats().evictions > 0);
     for p in 0..pages {
         assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 7, None), p as u8);
+    }
+}
+
+#[test]
+fn bulk_prefetch_moves_or_duplicates_whole_blocks_exactly() {
+    for dup in [false, true] {
+        let mut w = world(false, 2048);
+        let s = w.cpu.range.start;
+        // Some pages written by the CPU, others never touched.
+        for p in (0..1024u64).step_by(3) {
+            w.cpu_access(s + p * PAGE_SIZE + 5, Some((p % 251) as u8));
+        }
+        let slot = w.space.slot(w.ids[0]).unwrap();
+        let region = w.space.region_of(s).unwrap();
+        let mut g0 = region.blocks[0].lock();
+        let mut g1 = region.blocks[1].lock();
+        let mut blocks = vec![&mut *g0, &mut *g1];
+        let moved = crate::migrate::bulk_to_device(&w.space, &region, &mut blocks, &slot, dup).unwrap();
+        assert_eq!(moved, 1024);
+        for b in [&*g0, &*g1] {
+            for pg in &b.pages {
+                assert!(pg.resident.has(Proc::Device(w.ids[0])) && pg.dev_mapped.has(Proc::Device(w.ids[0])));
+                if !dup {
+                    assert!(!pg.resident.has(Proc::Cpu), "moved, not copied");
+                }
+            }
+        }
+        drop((g0, g1));
+        for p in 0..1024u64 {
+            let want = if p % 3 == 0 { (p % 251) as u8 } else { 0 };
+            assert_eq!(w.dev_access(0, s + p * PAGE_SIZE + 5, None), Some(want), "dup={dup} page {p}");
+        }
+        // A device write collapses any copies; the CPU then reads the device's data.
+        w.dev_access(0, s + 7 * PAGE_SIZE + 5, Some(200));
+        assert_eq!(w.cpu_access(s + 7 * PAGE_SIZE + 5, None), 200);
+        for p in (0..1024u64).step_by(3) {
+            assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 5, None), if p == 7 { 200 } else { (p % 251) as u8 });
+        }
     }
 }

@@ -109,7 +109,8 @@ struct State {
     chunks: Vec<Option<PhysChunk>>,
     pt: PageTable,
     reservations: HashMap<u64, VaReservation>,
-    pinned: HashMap<u64, HostRegistration>,
+    /// Per region: its host backing address and one registration per block.
+    pinned: HashMap<u64, (usize, Vec<Option<HostRegistration>>)>,
     host: HostRanges,
 }
 
@@ -621,7 +622,8 @@ impl DeviceMmu for CudaDevice {
         let Some(window) = st.window.as_ref() else { return Err(DeviceError::NoPageTable) };
         let w = window.base();
         let (mut used_h2d, mut used_d2h) = (false, false);
-        for op in ops.iter().filter(|o| !o.is_empty()) {
+        // Each piece lies in one block's host registration.
+        for op in &plan::split_host_copies(ops) {
             let len = op.len();
             // SAFETY (all arms): physical addresses were checked against the index space and
             // their chunks exist, so `w + pa` is device memory this device owns (the window).
@@ -702,20 +704,56 @@ impl DeviceMmu for CudaDevice {
         st.pt.add_region(r)?;
         i.counters.add(if r.same_address() { SAME } else { SHIFTED }, 1);
         st.reservations.insert(app.start, res);
-        // SAFETY: `backing` is the manager's alias of the region, mapped for `app.len` bytes
-        // until `region_removed` returns (the contract of `DeviceMmu::region_added`); the
-        // registration is dropped there, before the alias is unmapped.
-        match unsafe { HostRegistration::new(&i.gpu, backing.0, app.len) } {
-            Ok(h) => {
-                st.host.insert(app.start, backing.0 as u64, app.len);
-                st.pinned.insert(app.start, h);
-            }
-            Err(e) => {
-                i.counters.add(UNPINNED, 1);
-                log::warn!("cuda: host pages of region {app} not registered ({e}); its copies will be staged");
+        let mut regs = Vec::new();
+        let mut failed = None;
+        for (off, blen) in plan::host_blocks(app.len) {
+            // SAFETY: `backing` is the manager's alias of the region, mapped for `app.len` bytes
+            // until `region_removed` returns (the contract of `DeviceMmu::region_added`); the
+            // registrations are dropped there, before the alias is unmapped.
+            match unsafe { HostRegistration::new(&i.gpu, backing.0 + off as usize, blen) } {
+                Ok(h) => {
+                    st.host.insert(app.start, backing.0 as u64 + off, blen);
+                    regs.push(Some(h));
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    regs.push(None);
+                }
             }
         }
+        if let Some(e) = failed {
+            i.counters.add(UNPINNED, 1);
+            log::warn!("cuda: host pages of region {app} not all registered ({e}); those copies will be staged");
+        }
+        st.pinned.insert(app.start, (backing.0, regs));
         Ok(())
+    }
+
+    fn host_discarded(&self, ranges: &[VaRange]) {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        let st = &mut *st;
+        for r in ranges {
+            let Some(region) = st.pt.region_of(r.start).copied() else { continue };
+            let Some((backing, regs)) = st.pinned.get_mut(&region.app.start) else { continue };
+            let first = (r.start - region.app.start) / CHUNK;
+            let last = (r.end().min(region.app.end()) - 1 - region.app.start) / CHUNK;
+            for k in first..=last {
+                let (off, blen) = (k * CHUNK, CHUNK.min(region.app.len - k * CHUNK));
+                let addr = *backing + off as usize;
+                // The old registration pins the freed pages: drop it, then pin the new ones.
+                regs[k as usize] = None;
+                st.host.remove(addr as u64);
+                // SAFETY: as in `region_added`: the alias stays mapped until `region_removed`.
+                match unsafe { HostRegistration::new(&i.gpu, addr, blen) } {
+                    Ok(h) => {
+                        regs[k as usize] = Some(h);
+                        st.host.insert(region.app.start, addr as u64, blen);
+                    }
+                    Err(e) => log::warn!("cuda: re-registering discarded host pages at {addr:#x}: {e}"),
+                }
+            }
+        }
     }
 
     fn region_removed(&self, app: VaRange) {

@@ -19,8 +19,11 @@
 //!   (`caps().page_sizes == 2 MiB`): the core moves whole blocks to and from this device.
 //! - Copies: `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` on two dedicated streams (one per
 //!   direction, so both copy engines work), from the region's host pages registered
-//!   (`cuMemHostRegister`, through the manager's alias) once for the region's life;
-//!   completions are CUDA events, waited on by polling `cuEventQuery` against a deadline.
+//!   (`cuMemHostRegister`, through the manager's alias, one registration per 2 MiB block) once
+//!   for the region's life; a block whose host pages are discarded (`Advice::DontNeed` punches
+//!   them out of the file) is registered again, since the old registration pins the freed
+//!   pages. Completions are CUDA events, waited on by polling `cuEventQuery` against a
+//!   deadline.
 //! - Faults: a GPU cannot report page faults to user space, so `replayable_faults` is false;
 //!   the facade makes a launch's buffers resident before the kernel starts, and a launch
 //!   refuses to start unless every buffer it names is mapped.

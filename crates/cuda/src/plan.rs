@@ -373,8 +373,9 @@ pub fn memory_budget(free: u64, cap: Option<u64>, headroom: u64) -> Result<u64, 
     Ok(bytes)
 }
 
-/// Host ranges registered (pinned) for DMA, by region: a copy whose host side lies inside one
-/// runs from pinned pages; any other is still correct but staged by the driver.
+/// Host ranges registered (pinned) for DMA, one per block of each region (so a block whose
+/// host pages are discarded can be registered again alone): a copy whose host side lies inside
+/// one runs from pinned pages; any other is still correct but staged by the driver.
 #[derive(Debug, Default)]
 pub struct HostRanges {
     ranges: BTreeMap<u64, (u64, u64)>,
@@ -386,11 +387,16 @@ impl HostRanges {
         self.ranges.insert(addr, (len, region));
     }
 
-    /// Forgets the registration of the region starting at `region`; returns its host address.
-    pub fn remove_region(&mut self, region: u64) -> Option<u64> {
-        let addr = self.ranges.iter().find(|(_, (_, r))| *r == region).map(|(a, _)| *a)?;
+    /// Forgets the registration starting at `addr`.
+    pub fn remove(&mut self, addr: u64) {
         self.ranges.remove(&addr);
-        Some(addr)
+    }
+
+    /// Forgets every registration of the region starting at `region`; returns how many.
+    pub fn remove_region(&mut self, region: u64) -> usize {
+        let before = self.ranges.len();
+        self.ranges.retain(|_, (_, r)| *r != region);
+        before - self.ranges.len()
     }
 
     /// Whether `[addr, addr + len)` lies inside one registered range.
@@ -398,6 +404,41 @@ impl HostRanges {
         let Some(end) = addr.checked_add(len) else { return false };
         self.ranges.range(..=addr).next_back().is_some_and(|(a, (l, _))| end <= a + l)
     }
+}
+
+/// The host blocks of a region: `(offset, len)` of each registration, one per 2 MiB of the
+/// region (the last may be shorter).
+pub fn host_blocks(len: u64) -> Vec<(u64, u64)> {
+    (0..len.div_ceil(CHUNK)).map(|k| (k * CHUNK, CHUNK.min(len - k * CHUNK))).collect()
+}
+
+/// Cuts host-side copies where their host address crosses a 2 MiB boundary, so each piece lies
+/// in one block's registration. Other ops pass unchanged; empty ops are dropped.
+pub fn split_host_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops.iter().filter(|o| !o.is_empty()) {
+        let (host, dev, len, h2d) = match *op {
+            CopyOp::HostToDevice { src, dst, len } => (src.0 as u64, dst.0, len, true),
+            CopyOp::DeviceToHost { src, dst, len } => (dst.0 as u64, src.0, len, false),
+            other => {
+                out.push(other);
+                continue;
+            }
+        };
+        let mut done = 0;
+        while done < len {
+            let h = host + done;
+            let piece = (CHUNK - h % CHUNK).min(len - done);
+            let (ha, pa) = (hetmm_core::device::HostAddr(h as usize), hetmm_core::device::PhysAddr(dev + done));
+            out.push(if h2d {
+                CopyOp::HostToDevice { src: ha, dst: pa, len: piece }
+            } else {
+                CopyOp::DeviceToHost { src: pa, dst: ha, len: piece }
+            });
+            done += piece;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -568,9 +609,43 @@ mod tests {
         assert!(!h.covers(0x5000_1000, 4 * PAGE_SIZE));
         assert!(!h.covers(0x4fff_f000, 2 * PAGE_SIZE));
         assert!(!h.covers(u64::MAX, 2));
-        assert_eq!(h.remove_region(A), Some(0x5000_0000));
+        assert_eq!(h.remove_region(A), 1);
         assert!(!h.covers(0x5000_0000, 1));
         assert!(h.covers(0x6000_0000, 1));
-        assert_eq!(h.remove_region(A), None);
+        assert_eq!(h.remove_region(A), 0);
+        h.remove(0x6000_0000);
+        assert!(!h.covers(0x6000_0000, 1));
+    }
+
+    #[test]
+    fn host_side_copies_split_per_block() {
+        assert_eq!(
+            host_blocks(2 * CHUNK + 3 * PAGE_SIZE),
+            vec![(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, 3 * PAGE_SIZE)]
+        );
+        assert_eq!(host_blocks(CHUNK), vec![(0, CHUNK)]);
+        let h = 0x7000_0000 + CHUNK - PAGE_SIZE;
+        let ops = [
+            CopyOp::HostToDevice { src: HostAddr(h as usize), dst: PhysAddr(0), len: CHUNK + 2 * PAGE_SIZE },
+            CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
+            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: 0 },
+            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: CHUNK },
+        ];
+        let out = split_host_copies(&ops);
+        assert_eq!(
+            out,
+            vec![
+                CopyOp::HostToDevice { src: HostAddr(h as usize), dst: PhysAddr(0), len: PAGE_SIZE },
+                CopyOp::HostToDevice { src: HostAddr((h + PAGE_SIZE) as usize), dst: PhysAddr(PAGE_SIZE), len: CHUNK },
+                CopyOp::HostToDevice {
+                    src: HostAddr((h + PAGE_SIZE + CHUNK) as usize),
+                    dst: PhysAddr(PAGE_SIZE + CHUNK),
+                    len: PAGE_SIZE
+                },
+                CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
+                CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: CHUNK },
+            ]
+        );
+        assert_eq!(out.iter().map(CopyOp::len).sum::<u64>(), ops.iter().map(CopyOp::len).sum::<u64>());
     }
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 pub use hetmm_core as core;
-pub use hetmm_core::{types::Access, types::Proc, AddressSpace, CoreConfig};
+pub use hetmm_core::{types::Access, types::Proc, AddressSpace, Advice, CoreConfig, Pending, Policy};
 pub use hetmm_cuda as cuda;
 pub use hetmm_host as host;
 pub use hetmm_sim as sim;
@@ -61,6 +61,9 @@ pub enum Error {
     /// The simulated device could not be created.
     #[error("simulated device: {0}")]
     Sim(#[from] hetmm_sim::SimError),
+    /// No policy has this name.
+    #[error("unknown policy {0:?} (known: hetmm, uvm)")]
+    UnknownPolicy(String),
     /// Zero-length allocation.
     #[error("empty allocation")]
     EmptyAlloc,
@@ -135,6 +138,24 @@ impl Hetmm {
         SharedBuf::new(Arc::clone(&self.space), region, count)
     }
 
+    /// An address space running the policy called `name` (`hetmm` or `uvm`).
+    pub fn with_policy(name: &str) -> Result<Self> {
+        let cfg = CoreConfig::with_policy(name).ok_or_else(|| Error::UnknownPolicy(name.to_string()))?;
+        Self::with_config(cfg)
+    }
+
+    /// Gives a hint about `[start, start + len)` (see [`Advice`]); a prefetch completes in the
+    /// background: wait on the returned [`Pending`].
+    pub fn advise(&self, start: u64, len: u64, advice: Advice) -> Result<Pending> {
+        Ok(self.space.advise(start, len, advice)?)
+    }
+
+    /// [`Hetmm::advise`] over a whole buffer.
+    pub fn advise_buf<T>(&self, buf: &SharedBuf<T>, advice: Advice) -> Result<Pending> {
+        let len = buf.byte_len().div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        self.advise(buf.ptr(), len, advice)
+    }
+
     /// Moves `[start, start + len)` to `to` in bulk (an explicit prefetch).
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
         Ok(self.space.migrate(start, len, to)?)
@@ -202,9 +223,11 @@ impl<D> Device<D> {
         &self.dev
     }
 
-    /// Checks that the device is attached and every use names shared memory.
-    fn check_uses(&self, uses: &[Use]) -> Result<()> {
+    /// Checks that the device is attached and every use names shared memory; returns the
+    /// page-aligned ranges.
+    fn check_uses(&self, uses: &[Use]) -> Result<Vec<VaRange>> {
         let caps = self.space.device_caps(self.id)?;
+        let mut out = Vec::with_capacity(uses.len());
         for u in uses {
             let start = u.start & !(PAGE_SIZE - 1);
             let end = u.start.checked_add(u.len).ok_or(CoreError::Overflow { start: u.start, len: u.len })?;
@@ -212,12 +235,14 @@ impl<D> Device<D> {
                 return Err(CoreError::Empty { start: u.start }.into());
             }
             let len = end.div_ceil(PAGE_SIZE) * PAGE_SIZE - start;
-            self.space.check_range(start, len)?;
-            if !caps.replayable_faults {
-                self.space.migrate(start, len, self.proc())?;
+            out.push(self.space.check_range(start, len)?);
+        }
+        if !caps.replayable_faults {
+            for r in &out {
+                self.space.migrate(r.start, r.len, self.proc())?;
             }
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -229,8 +254,15 @@ impl Device<SimDevice> {
     where
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        self.check_uses(uses)?;
-        Ok(Launch { inner: self.dev.launch(grid, kernel)? })
+        let ranges = self.check_uses(uses)?;
+        let job = self.space.job_begin(&ranges);
+        match self.dev.launch(grid, kernel) {
+            Ok(inner) => Ok(Launch { inner, job: Some(job), space: Arc::clone(&self.space) }),
+            Err(e) => {
+                self.space.job_end(&job);
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -259,10 +291,21 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
     }
 }
 
-/// A running kernel.
+/// A running kernel (a job: the memory it named becomes the first eviction candidate once it
+/// ends).
 #[derive(Debug)]
 pub struct Launch {
     inner: hetmm_sim::Launch,
+    job: Option<Vec<VaRange>>,
+    space: Arc<AddressSpace>,
+}
+
+impl Drop for Launch {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.space.job_end(&job);
+        }
+    }
 }
 
 impl Launch {
@@ -277,6 +320,11 @@ impl Launch {
     /// Waits at most `timeout`.
     pub fn wait_timeout(self, timeout: Duration) -> Result<()> {
         Ok(self.inner.wait(timeout)?)
+    }
+
+    /// Whether the kernel has finished.
+    pub fn is_done(&self) -> bool {
+        self.inner.is_done()
     }
 }
 

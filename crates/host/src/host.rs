@@ -316,9 +316,21 @@ impl CpuMmu for HostRegion {
         ranges.iter().try_for_each(|&r| self.map_range(r, writable))
     }
 
+    fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
+        for &r in ranges {
+            self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
+            self.host.uffd.writeprotect(r, !writable, true).map_err(|e| uffd_err("protect", r, e))?;
+        }
+        Ok(())
+    }
+
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("wake", range, e))?;
         self.host.uffd.wake(range).map_err(|e| uffd_err("wake", range, e))
+    }
+
+    fn prepare(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        ranges.iter().try_for_each(|&r| self.mapping.populate_alias(r).map_err(|e| mapping_err("prepare", r, e)))
     }
 
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {

@@ -162,6 +162,22 @@ impl SharedMapping {
         })
     }
 
+    /// Maps the alias view of `range` in bulk (`MADV_POPULATE_WRITE`), allocating zeroed backing
+    /// where there was none, so the manager's copies into or out of it take no page faults.
+    pub fn populate_alias(&self, range: VaRange) -> Result<(), MappingError> {
+        let off = self.offset_of(range)?;
+        // SAFETY: `offset_of` checked that `[off, off + len)` lies inside the alias mapping, which
+        // lives as long as `self`; populating only faults pages in and never changes their data.
+        unsafe {
+            rustix::mm::madvise(
+                self.alias_ptr().add(off as usize).cast(),
+                range.len as usize,
+                Advice::LinuxPopulateWrite,
+            )
+        }
+        .map_err(|e| MappingError::Os { op: "madvise(POPULATE_WRITE)", range, errno: e.raw_os_error() })
+    }
+
     /// Reads one byte at `va` through the application view (volatile, so it really touches the
     /// page: this is how probes take a fault). May block on a userfaultfd fault.
     pub fn touch_app(&self, va: u64) -> Result<u8, MappingError> {

@@ -11,8 +11,9 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::memory::PhysMem;
 
-/// Largest piece one engine executes at a time.
-pub const PIECE: u64 = 2 << 20;
+/// Largest piece one engine executes at a time: small enough that one 2 MiB block spreads over
+/// every engine.
+pub const PIECE: u64 = 256 << 10;
 
 /// Bytes moved, by direction.
 #[derive(Debug, Default)]

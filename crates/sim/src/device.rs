@@ -112,7 +112,7 @@ impl SimDevice {
     /// be had.
     pub fn new(cfg: SimConfig) -> Result<Self, SimError> {
         cfg.validate()?;
-        let mem = PhysMem::new(cfg.memory_bytes)?;
+        let mem = PhysMem::new(cfg.memory_bytes, cfg.prefault)?;
         let (copy_tx, copy_rx) = crossbeam_channel::unbounded();
         let (work_tx, work_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {

@@ -102,6 +102,9 @@ pub struct SimConfig {
     pub fault_buffer_entries: usize,
     /// How many faults the core should fetch at a time. Default 256.
     pub fault_batch: usize,
+    /// Populate the device memory when the device is made (as real device memory needs no first
+    /// touch); off by default to keep small tests light. Benchmarks turn it on.
+    pub prefault: bool,
 }
 
 impl Default for SimConfig {
@@ -112,6 +115,7 @@ impl Default for SimConfig {
             compute_workers: 16,
             fault_buffer_entries: 4096,
             fault_batch: 256,
+            prefault: false,
         }
     }
 }
@@ -125,7 +129,8 @@ impl SimConfig {
         fault_buffer_entries: usize,
         fault_batch: usize,
     ) -> Result<Self, SimError> {
-        let c = Self { memory_bytes, copy_engines, compute_workers, fault_buffer_entries, fault_batch };
+        let c =
+            Self { memory_bytes, copy_engines, compute_workers, fault_buffer_entries, fault_batch, prefault: false };
         c.validate()?;
         Ok(c)
     }

@@ -1,0 +1,108 @@
+//! Hints (GMEM's `hmadvise`, CUDA's `cudaMemAdvise`/`cudaMemPrefetchAsync`): prefetch in bulk and
+//! asynchronously, discard, preferred location, read duplication, accessed-by, pinning.
+//! Attributes live in the address space's [`crate::attrs::RangeAttrs`]; the residency decision
+//! (`policy::select_residency`) and the evictor consult them.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{CoreError, Result};
+use crate::space::AddressSpace;
+use crate::types::{DeviceId, Proc};
+
+/// A hint about a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// Move the range to this processor now, in bulk, asynchronously (on a read-mostly range a
+    /// device gets a read-only copy instead). Wait on the returned [`Pending`].
+    Prefetch(Proc),
+    /// Drop the data everywhere; the next touch reads zeros.
+    DontNeed,
+    /// Where the data should live (`None` clears it).
+    PreferredLocation(Option<Proc>),
+    /// Read duplication on (`true`) or off: readers get their own copies; the first write
+    /// collapses them to the writer.
+    ReadMostly(bool),
+    /// Keep a mapping on this device wherever the data lives (remote access instead of
+    /// migration), or stop (`false`).
+    AccessedBy(DeviceId, bool),
+    /// Never evict the range while pinned (`true`), or allow it again.
+    Pin(bool),
+}
+
+/// Completion of an advice: immediate for attribute changes, a background migration for
+/// [`Advice::Prefetch`].
+#[derive(Debug)]
+pub struct Pending {
+    rx: Option<mpsc::Receiver<Result<()>>>,
+}
+
+impl Pending {
+    pub(crate) fn done() -> Self {
+        Pending { rx: None }
+    }
+
+    /// Waits until the advice has taken effect, at most `timeout`.
+    pub fn wait(self, timeout: Duration) -> Result<()> {
+        match self.rx {
+            None => Ok(()),
+            Some(rx) => match rx.recv_timeout(timeout) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => Err(CoreError::Timeout { what: "prefetch", after: timeout }),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(CoreError::ShuttingDown),
+            },
+        }
+    }
+}
+
+impl AddressSpace {
+    /// Applies `advice` to `[start, start + len)` (page aligned, inside one shared region).
+    /// Attribute changes take effect before this returns; a prefetch runs in the background.
+    pub fn advise(self: &Arc<Self>, start: u64, len: u64, advice: Advice) -> Result<Pending> {
+        let range = self.check_range(start, len)?;
+        match advice {
+            Advice::Prefetch(to) => {
+                if let Proc::Device(d) = to {
+                    self.slot(d)?;
+                }
+                let (tx, rx) = mpsc::channel();
+                let me = Arc::clone(self);
+                std::thread::Builder::new()
+                    .name("hetmm-prefetch".into())
+                    .spawn(move || {
+                        let _ = tx.send(me.prefetch_range(range, to));
+                    })
+                    .map_err(|_| CoreError::ShuttingDown)?;
+                Ok(Pending { rx: Some(rx) })
+            }
+            Advice::DontNeed => {
+                self.discard_range(range)?;
+                Ok(Pending::done())
+            }
+            Advice::PreferredLocation(p) => {
+                if let Some(Proc::Device(d)) = p {
+                    self.slot(d)?;
+                }
+                self.attrs.write().update(range, |a| a.preferred = p);
+                Ok(Pending::done())
+            }
+            Advice::ReadMostly(on) => {
+                self.attrs.write().update(range, |a| a.read_mostly = on);
+                Ok(Pending::done())
+            }
+            Advice::AccessedBy(d, on) => {
+                self.slot(d)?;
+                let p = Proc::Device(d);
+                self.attrs
+                    .write()
+                    .update(range, |a| if on { a.accessed_by.insert(p) } else { a.accessed_by.remove(p) });
+                Ok(Pending::done())
+            }
+            Advice::Pin(on) => {
+                self.attrs.write().update(range, |a| a.pinned = on);
+                Ok(Pending::done())
+            }
+        }
+    }
+}

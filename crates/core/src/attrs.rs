@@ -1,0 +1,153 @@
+//! Range attributes (advice) stored apart from the OS's mappings: an interval map from virtual
+//! ranges to [`Attrs`], split where a new setting starts or ends and merged where neighbours end
+//! up equal (AMD KFD's split, plus the merge KFD lacks).
+
+use std::collections::BTreeMap;
+
+use crate::types::{Proc, ProcMask, VaRange};
+
+/// Advice in force on a range.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attrs {
+    /// Where the data should live when it is not being duplicated.
+    pub preferred: Option<Proc>,
+    /// Read duplication: readers get their own copies; the first write collapses them.
+    pub read_mostly: bool,
+    /// Processors that keep a mapping wherever the data lives (remote access instead of migrating).
+    pub accessed_by: ProcMask,
+    /// Never evicted while set.
+    pub pinned: bool,
+}
+
+/// Interval map of attributes. Ranges absent from the map have default attributes.
+#[derive(Debug, Default)]
+pub struct RangeAttrs {
+    /// start -> (end, attrs); ranges never overlap.
+    map: BTreeMap<u64, (u64, Attrs)>,
+}
+
+impl RangeAttrs {
+    /// Attributes at `va`.
+    pub fn get(&self, va: u64) -> Attrs {
+        match self.map.range(..=va).next_back() {
+            Some((_, (end, a))) if *end > va => *a,
+            _ => Attrs::default(),
+        }
+    }
+
+    /// Whether any range carries non-default attributes (fast path for the common case).
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Applies `f` to the attributes of every part of `range`.
+    pub fn update(&mut self, range: VaRange, mut f: impl FnMut(&mut Attrs)) {
+        let (s, e) = (range.start, range.end());
+        self.split_at(s);
+        self.split_at(e);
+        // Fill gaps with default entries so every byte of the range has one.
+        let mut cur = s;
+        let keys: Vec<u64> = self.map.range(s..e).map(|(k, _)| *k).collect();
+        let mut pieces: Vec<(u64, u64, Attrs)> = Vec::new();
+        for k in keys {
+            let (end, a) = self.map[&k];
+            if k > cur {
+                pieces.push((cur, k, Attrs::default()));
+            }
+            pieces.push((k, end, a));
+            cur = end;
+        }
+        if cur < e {
+            pieces.push((cur, e, Attrs::default()));
+        }
+        for (ps, pe, mut a) in pieces {
+            f(&mut a);
+            if a == Attrs::default() {
+                self.map.remove(&ps);
+            } else {
+                self.map.insert(ps, (pe, a));
+            }
+        }
+        self.merge_around(s, e);
+    }
+
+    /// Forgets everything in `range` (the memory was freed).
+    pub fn clear(&mut self, range: VaRange) {
+        self.update(range, |a| *a = Attrs::default());
+    }
+
+    /// Number of stored ranges.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn split_at(&mut self, at: u64) {
+        if let Some((&k, &(end, a))) = self.map.range(..at).next_back() {
+            if end > at {
+                self.map.insert(k, (at, a));
+                self.map.insert(at, (end, a));
+            }
+        }
+    }
+
+    fn merge_around(&mut self, s: u64, e: u64) {
+        let mut k = self.map.range(..s).next_back().map_or(s, |(k, _)| *k);
+        while let Some((&k2, &(end, a))) = self.map.range(k..).next() {
+            if k2 > e {
+                break;
+            }
+            match self.map.get(&end) {
+                Some(&(nend, na)) if na == a => {
+                    self.map.remove(&end);
+                    self.map.insert(k2, (nend, a));
+                    k = k2;
+                }
+                _ => k = k2 + 1,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn split_and_merge() {
+        let mut m = RangeAttrs::default();
+        m.update(VaRange::new(0x1000, 0x4000), |a| a.pinned = true);
+        m.update(VaRange::new(0x2000, 0x1000), |a| a.read_mostly = true);
+        assert_eq!(m.len(), 3);
+        assert!(m.get(0x2500).pinned && m.get(0x2500).read_mostly);
+        assert!(!m.get(0x3500).read_mostly);
+        m.update(VaRange::new(0x2000, 0x1000), |a| a.read_mostly = false);
+        assert_eq!(m.len(), 1, "merged back");
+        m.clear(VaRange::new(0, 0x10000));
+        assert!(m.is_empty());
+    }
+
+    proptest! {
+        #[test]
+        fn matches_a_per_page_model(ops in proptest::collection::vec((0u64..64, 1u64..16, any::<bool>(), any::<bool>()), 1..40)) {
+            let mut m = RangeAttrs::default();
+            let mut model = vec![Attrs::default(); 80];
+            for (start, len, pin, rm) in ops {
+                m.update(VaRange::new(start * 4096, len * 4096), |a| { a.pinned = pin; a.read_mostly = rm; });
+                for p in start..start + len {
+                    model[p as usize].pinned = pin;
+                    model[p as usize].read_mostly = rm;
+                }
+            }
+            for (p, want) in model.iter().enumerate() {
+                prop_assert_eq!(m.get(p as u64 * 4096), *want);
+            }
+            // Stored ranges never overlap and adjacent ones differ.
+            let v: Vec<_> = m.map.iter().map(|(k, (e, a))| (*k, *e, *a)).collect();
+            for w in v.windows(2) {
+                prop_assert!(w[0].1 <= w[1].0);
+                prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2));
+            }
+        }
+    }
+}

@@ -656,6 +656,8 @@ pub(crate) fn bulk_to_device(
     dup: bool,
 ) -> Result<u64> {
     let me = Proc::Device(slot.id);
+    // A whole-block device maps a block with one access: no per-page read-only copies.
+    let dup = dup && !whole_blocks(slot);
     // Choose pages and allocate, block by block, until memory runs out.
     let mut chosen: Vec<PageMask> = Vec::new();
     for blk in blocks.iter_mut() {

@@ -259,6 +259,28 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// [`DeviceMmu::wait_for_faults`]; used when detaching or tearing down.
     fn shutdown_faults(&self);
 
+    /// A shared region joins the address space this device is attached to (or the device is
+    /// attached while the region exists). `app` is the range the program uses, `backing` the
+    /// manager's address of its host memory, valid until [`DeviceMmu::region_removed`] returns.
+    /// Devices that need per-region setup do it here (CUDA: reserve device virtual addresses for
+    /// `app`, register the host pages for DMA once for the region's life). An error refuses the
+    /// region (or the attach). The default does nothing.
+    fn region_added(&self, _app: VaRange, _backing: HostAddr) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
+    /// The region that starts at `app.start` is going away (or the device is being detached):
+    /// nothing of it is mapped on the device any more, and its host memory is unmapped after
+    /// this returns. Must tolerate a region it does not know (it may be told twice). The
+    /// default does nothing.
+    fn region_removed(&self, _app: VaRange) {}
+
+    /// The host backing of `ranges` (application addresses, page aligned) was just freed and
+    /// will be replaced by fresh zero pages (`Advice::DontNeed`): a device that pinned those host
+    /// pages for DMA must pin the new ones before its next copy of them. Called with the
+    /// blocks' locks held. The default does nothing.
+    fn host_discarded(&self, _ranges: &[VaRange]) {}
+
     /// Collects and clears the accessed bits of mapped device pages in `range` (the device's
     /// access information, for eviction by recency). Devices without accessed bits return `None`.
     fn take_accessed(&self, _range: VaRange) -> Option<Vec<u64>> {

@@ -17,7 +17,7 @@ use crate::device::{CopyOp, MapEntry, MapTarget, PhysAddr};
 use crate::error::{CoreError, Result};
 use crate::space::{AddressSpace, DeviceSlot, Region};
 use crate::stats::{add, add_since};
-use crate::types::{DeviceId, Proc, ProcMask, Prot, VaRange, PAGE_SIZE};
+use crate::types::{DeviceId, Proc, ProcMask, Prot, VaRange, PAGES_PER_BLOCK, PAGE_SIZE};
 
 /// Ranges of virtual addresses covering the pages of `m` in `blk`.
 pub(crate) fn ranges(blk: &Block, m: &PageMask) -> Vec<VaRange> {
@@ -48,6 +48,24 @@ fn pa_runs(blk: &Block, id: DeviceId, m: &PageMask) -> Vec<(usize, usize, PhysAd
     out
 }
 
+/// Whether `slot`'s device maps only whole 2 MiB blocks (no 4 KiB entries, as CUDA's VMM with
+/// its 2 MiB granularity). For such a device a block is resident, mapped and protected there
+/// whole or not at all: every operation on its copies is widened to the whole block ([`widen`]),
+/// and its pages come from one 2 MiB physical chunk (a partial last block of a region keeps the
+/// rest of its chunk as slack, freed with the block).
+pub(crate) fn whole_blocks(slot: &DeviceSlot) -> bool {
+    slot.caps.page_sizes & PAGE_SIZE == 0
+}
+
+/// `m` widened to the whole block when `slot` maps whole blocks only (and `m` is not empty).
+fn widen(blk: &Block, slot: &DeviceSlot, m: &PageMask) -> PageMask {
+    if whole_blocks(slot) && !m.is_empty() {
+        PageMask::full(blk.npages)
+    } else {
+        *m
+    }
+}
+
 /// Device page-table protection for a region's protection.
 pub(crate) fn device_prot(region: &Region) -> Prot {
     if region.prot.contains(Prot::WRITE) {
@@ -64,6 +82,7 @@ fn dev_err(d: DeviceId) -> impl FnOnce(crate::device::DeviceError) -> CoreError 
 /// Unmaps the pages of `m` that `slot` maps, and invalidates its TLB.
 pub(crate) fn unmap_on(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
     let me = Proc::Device(slot.id);
+    let m = &widen(blk, slot, m);
     let mapped = select(blk, m, |p| p.dev_mapped.has(me));
     if mapped.is_empty() {
         return Ok(());
@@ -103,7 +122,7 @@ fn downgrade_devices(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Res
     for d in devs.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);
-        let rw = select(blk, m, |p| p.dev_mapped.has(me) && !p.dev_ro.has(me));
+        let rw = select(blk, &widen(blk, &slot, m), |p| p.dev_mapped.has(me) && !p.dev_ro.has(me));
         let rs = ranges(blk, &rw);
         let prot: Vec<(VaRange, Prot)> = rs.iter().map(|r| (*r, Prot::READ)).collect();
         slot.mmu.protect(&prot).map_err(dev_err(d))?;
@@ -270,6 +289,7 @@ pub(crate) fn to_device(
         return map_remote(space, region, blk, slot, want);
     }
     let me = Proc::Device(slot.id);
+    let want = &widen(blk, slot, want);
     // Data held only by another device goes through the host (no peer copies yet).
     to_cpu(space, region, blk, &only_elsewhere(blk, want, me))?;
     // Nobody else may access the pages from here on: other devices (copies or remote maps), our
@@ -298,7 +318,7 @@ fn drop_other_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask,
     }
     for d in devs.devices().filter(|d| *d != keep) {
         let slot = space.holder(d)?;
-        let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
+        let here = select(blk, &widen(blk, &slot, m), |p| p.resident.has(Proc::Device(d)));
         release_device_pages(&slot, blk, &here);
         for i in here.iter() {
             blk.pages[i].resident.remove(Proc::Device(d));
@@ -320,6 +340,7 @@ pub(crate) fn duplicate_to_device(
         return map_remote(space, region, blk, slot, want);
     }
     let me = Proc::Device(slot.id);
+    let want = &widen(blk, slot, want);
     // The source of a copy is the CPU's: bring data held only by other devices into host backing,
     // keeping their copies.
     cpu_duplicate(space, region, blk, &only_elsewhere(blk, want, me))?;
@@ -362,6 +383,7 @@ pub(crate) fn map_remote(
     want: &PageMask,
 ) -> Result<()> {
     let me = Proc::Device(slot.id);
+    let want = &widen(blk, slot, want);
     to_cpu(space, region, blk, &only_elsewhere(blk, want, me))?;
     let empty = select(blk, want, |p| p.resident.is_empty());
     populate(space, region, blk, &empty)?;
@@ -449,9 +471,17 @@ fn allocate(
 }
 
 /// One allocation attempt: a 2 MiB chunk for a whole block (so the device can use a 2 MiB
-/// entry), else single pages; all or nothing.
+/// entry), else single pages; all or nothing. A device without 4 KiB pages always gets a chunk,
+/// of which the block uses the first `n` pages.
 fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
     let mut a = slot.alloc.lock();
+    if whole_blocks(slot) {
+        if n == 0 {
+            return Some(Vec::new());
+        }
+        let base = a.alloc(crate::alloc::MAX_ORDER)?;
+        return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
+    }
     if n == crate::types::PAGES_PER_BLOCK && !crate::mirror::take_injected_failure(slot) {
         if let Some(base) = a.alloc(crate::alloc::MAX_ORDER) {
             return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
@@ -472,11 +502,21 @@ fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
 
 /// Returns the device pages of `m` to the allocator and forgets them in `blk`.
 fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
+    // A partial block on a whole-block device holds a whole chunk: find it before forgetting.
+    let slack_chunk = (whole_blocks(slot) && blk.npages < PAGES_PER_BLOCK)
+        .then(|| m.iter().find_map(|i| blk.pa(slot.id, i).map(|pa| pa.0 - i as u64 * PAGE_SIZE)))
+        .flatten();
     let mut a = slot.alloc.lock();
     for i in m.iter() {
         if let Some(pa) = blk.pa(slot.id, i) {
             a.free(pa, 1);
             blk.set_pa(slot.id, i, None);
+        }
+    }
+    if let Some(base) = slack_chunk {
+        if (0..blk.npages).all(|i| blk.pa(slot.id, i).is_none()) {
+            let tail = PhysAddr(base + blk.npages as u64 * PAGE_SIZE);
+            a.free(tail, (PAGES_PER_BLOCK - blk.npages) as u64);
         }
     }
 }
@@ -495,7 +535,8 @@ pub(crate) fn cpu_duplicate(space: &AddressSpace, region: &Region, blk: &mut Blo
     }
     for d in devs.devices() {
         let slot = space.holder(d)?;
-        let copy = select(blk, m, |p| p.resident.has(Proc::Device(d)) && !p.resident.has(Proc::Cpu));
+        let copy =
+            select(blk, &widen(blk, &slot, m), |p| p.resident.has(Proc::Device(d)) && !p.resident.has(Proc::Cpu));
         copy_back(space, region, blk, &slot, &copy)?;
         for i in copy.iter() {
             blk.pages[i].resident.insert(Proc::Cpu);
@@ -533,7 +574,8 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
     for d in devices.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);
-        let here = select(blk, want, |p| p.resident.has(me));
+        // A whole-block device gives up the whole block (it cannot unmap part of a 2 MiB entry).
+        let here = select(blk, &widen(blk, &slot, want), |p| p.resident.has(me));
         let copy = select(blk, &here, |p| !p.resident.has(Proc::Cpu));
         unmap_on(space, blk, &slot, &here)?;
         // On failure the device pages keep the data (unmapped; the next device fault remaps).
@@ -558,6 +600,7 @@ pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &Page
     }
     for d in devices.devices() {
         let Ok(slot) = space.holder(d) else { continue };
+        let m = &widen(blk, &slot, m);
         if let Err(e) = unmap_on(space, blk, &slot, m) {
             log::error!("unmapping dropped memory from device {d:?}: {e}");
         }
@@ -571,8 +614,22 @@ pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &Page
 
 /// Drops the data of `m` everywhere: the next touch reads zeros.
 pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> Result<()> {
+    // A whole-block device cannot drop part of a block: bring the block home first, so the pages
+    // outside `m` keep their data.
+    let mut devs = ProcMask::EMPTY;
+    for i in m.iter() {
+        devs.0 |= blk.pages[i].resident.0 & !1;
+    }
+    let partial = m.count() < blk.npages;
+    if partial && devs.devices().any(|d| space.holder(d).is_ok_and(|s| whole_blocks(&s))) {
+        to_cpu(space, region, blk, m)?;
+    }
     drop_device_copies(space, blk, m);
-    region.cpu.discard(&ranges(blk, m))?;
+    let rs = ranges(blk, m);
+    region.cpu.discard(&rs)?;
+    for slot in space.holders() {
+        slot.mmu.host_discarded(&rs);
+    }
     for i in m.iter() {
         blk.pages[i] = crate::block::Page::default();
     }
@@ -597,12 +654,19 @@ pub(crate) fn bulk_to_device(
         return Ok(0);
     }
     let me = Proc::Device(slot.id);
+    // A whole-block device maps a block with one access: no per-page read-only copies.
+    let dup = dup && !whole_blocks(slot);
     // Choose pages and allocate, block by block, until memory runs out.
     let mut chosen: Vec<PageMask> = Vec::new();
     for blk in blocks.iter_mut() {
-        let sel = select(blk, &PageMask::full(blk.npages), |p| {
+        let full = PageMask::full(blk.npages);
+        let mut sel = select(blk, &full, |p| {
             (p.resident.is_empty() || p.resident == ProcMask::only(Proc::Cpu)) && p.dev_mapped.is_empty()
         });
+        if whole_blocks(slot) && sel != full {
+            // Part of the block is elsewhere: left to the per-block path.
+            sel = PageMask::default();
+        }
         let Some(pas) = try_alloc(slot, sel.count()) else { break };
         for (i, pa) in sel.iter().zip(&pas) {
             blk.set_pa(slot.id, i, Some(*pa));
@@ -848,4 +912,286 @@ pub(crate) fn bulk_to_cpu(space: &AddressSpace, region: &Region, blocks: &mut [&
     region.cpu.map(&coalesce(rw), true)?;
     region.cpu.map(&coalesce(ro), false)?;
     Ok(moved)
+}
+
+#[cfg(test)]
+mod whole_block_tests {
+    //! The rule for devices without 4 KiB pages (CUDA's VMM maps 2 MiB at a time), with a fake
+    //! device that refuses anything but whole 2 MiB chunks.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+
+    use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
+    use crate::device::*;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::types::*;
+
+    #[derive(Debug)]
+    struct Cpu {
+        range: VaRange,
+    }
+
+    impl CpuMmu for Cpu {
+        fn range(&self) -> VaRange {
+            self.range
+        }
+        fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn wake(&self, _: VaRange) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn backing(&self, va: u64) -> HostAddr {
+            HostAddr((va - self.range.start) as usize)
+        }
+    }
+
+    /// Accepts only entries that start on a 2 MiB boundary of both VA and physical memory and
+    /// cover 2 MiB (or end at the region's end); records what it was asked.
+    #[derive(Debug)]
+    struct Dev {
+        region_end: u64,
+        mem: Mutex<Vec<u8>>,
+        host: Arc<Mutex<Vec<u8>>>,
+        maps: Mutex<Vec<MapEntry>>,
+        unmaps: Mutex<Vec<VaRange>>,
+        /// Region hook calls: (added?, range).
+        hooks: Mutex<Vec<(bool, VaRange)>>,
+        /// Host ranges discarded.
+        discarded: Mutex<Vec<VaRange>>,
+    }
+
+    impl Dev {
+        fn check(&self, va: u64, len: u64) -> Result<(), DeviceError> {
+            let end_ok = len % BLOCK_SIZE == 0 || va + len == self.region_end;
+            if va % BLOCK_SIZE != 0 || !end_ok || len > BLOCK_SIZE {
+                return Err(DeviceError::BadRange(VaRange::new(va, len)));
+            }
+            Ok(())
+        }
+    }
+
+    impl DeviceMmu for Dev {
+        fn caps(&self) -> DeviceCaps {
+            DeviceCaps {
+                name: "whole-block".into(),
+                page_sizes: BLOCK_SIZE,
+                replayable_faults: false,
+                coherent: false,
+                remote_host_access: false,
+                memory_bytes: self.mem.lock().len() as u64,
+            }
+        }
+        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+            vec![(PhysAddr(0), self.mem.lock().len() as u64)]
+        }
+        fn create_page_table(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn destroy_page_table(&self) {}
+        unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+            for e in entries {
+                self.check(e.va, e.len)?;
+                match e.target {
+                    MapTarget::Device(pa) if pa.0 % BLOCK_SIZE == 0 => {}
+                    _ => return Err(DeviceError::BadPhysical { addr: 0, len: e.len }),
+                }
+            }
+            self.maps.lock().extend_from_slice(entries);
+            Ok(())
+        }
+        fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+            for r in ranges {
+                self.check(r.start, r.len)?;
+            }
+            self.unmaps.lock().extend_from_slice(ranges);
+            Ok(())
+        }
+        fn protect(&self, _: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn invalidate_tlb(&self, _: &[VaRange]) {}
+        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+            let (mut mem, mut host) = (self.mem.lock(), self.host.lock());
+            for op in ops {
+                match *op {
+                    CopyOp::HostToDevice { src, dst, len } => {
+                        let (s, d, l) = (src.0, dst.0 as usize, len as usize);
+                        mem[d..d + l].copy_from_slice(&host[s..s + l]);
+                    }
+                    CopyOp::DeviceToHost { src, dst, len } => {
+                        let (s, d, l) = (src.0 as usize, dst.0, len as usize);
+                        host[d..d + l].copy_from_slice(&mem[s..s + l]);
+                    }
+                    CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
+                    CopyOp::DeviceToDevice { .. } => unreachable!("no peer copies"),
+                }
+            }
+            Ok(Box::new(Done))
+        }
+        fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
+            0
+        }
+        fn wait_for_faults(&self, t: Duration) -> bool {
+            std::thread::sleep(t.min(Duration::from_millis(1)));
+            false
+        }
+        fn replay(&self, _: &[(u64, FaultCancel)]) {}
+        fn shutdown_faults(&self) {}
+        fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
+            if app.len == PAGE_SIZE {
+                return Err(DeviceError::Other("refused".into()));
+            }
+            assert_eq!(backing, HostAddr(0));
+            self.hooks.lock().push((true, app));
+            Ok(())
+        }
+        fn region_removed(&self, app: VaRange) {
+            self.hooks.lock().push((false, app));
+        }
+        fn host_discarded(&self, ranges: &[VaRange]) {
+            self.discarded.lock().extend_from_slice(ranges);
+        }
+    }
+
+    const BASE: u64 = 0x4000_0000;
+
+    /// A region of two whole blocks and a partial third one (3 pages); a device of `chunks`.
+    type World = (Arc<AddressSpace>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
+
+    fn setup(chunks: u64) -> World {
+        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        let host = Arc::new(Mutex::new((0..len).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
+        let space = AddressSpace::new(CoreConfig::default());
+        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, len) });
+        space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
+        // The CPU wrote every page (one fault per block with the default 2 MiB fault-around).
+        for b in 0..3 {
+            space.cpu_fault(BASE + b * BLOCK_SIZE, Access::Write).unwrap();
+        }
+        let dev = Arc::new(Dev {
+            region_end: BASE + len,
+            mem: Mutex::new(vec![0; (chunks * BLOCK_SIZE) as usize]),
+            host: Arc::clone(&host),
+            maps: Mutex::new(Vec::new()),
+            unmaps: Mutex::new(Vec::new()),
+            hooks: Mutex::new(Vec::new()),
+            discarded: Mutex::new(Vec::new()),
+        });
+        let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        (space, dev, id, host)
+    }
+
+    fn resident_on_dev(space: &AddressSpace, id: DeviceId, va: u64) -> bool {
+        space.page_state(va).unwrap().resident == ProcMask::only(Proc::Device(id))
+    }
+
+    #[test]
+    fn one_page_moves_its_whole_block_both_ways() {
+        let (space, dev, id, host) = setup(4);
+        space.migrate(BASE + 7 * PAGE_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!((0..PAGES_PER_BLOCK as u64).all(|p| resident_on_dev(&space, id, BASE + p * PAGE_SIZE)));
+        assert!(!resident_on_dev(&space, id, BASE + BLOCK_SIZE));
+        assert_eq!(dev.maps.lock().len(), 1);
+        assert_eq!(dev.maps.lock()[0].va, BASE);
+        assert_eq!(dev.maps.lock()[0].len, BLOCK_SIZE);
+        assert_eq!(space.device_memory(id).unwrap().0, 3 * BLOCK_SIZE);
+
+        // The host copy is stale now; bringing back one page brings back all 512.
+        host.lock()[..BLOCK_SIZE as usize].fill(0);
+        space.migrate(BASE + 100 * PAGE_SIZE, PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(*dev.unmaps.lock(), vec![VaRange::new(BASE, BLOCK_SIZE)]);
+        let h = host.lock();
+        assert!((0..BLOCK_SIZE).all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
+        drop(h);
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Cpu));
+        assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn partial_last_block_takes_a_whole_chunk_and_gives_it_back() {
+        let (space, dev, id, host) = setup(4);
+        let tail = BASE + 2 * BLOCK_SIZE;
+        space.migrate(tail + PAGE_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!((0..3).all(|p| resident_on_dev(&space, id, tail + p * PAGE_SIZE)));
+        let e = dev.maps.lock()[0];
+        assert_eq!((e.va, e.len), (tail, 3 * PAGE_SIZE));
+        assert!(matches!(e.target, MapTarget::Device(pa) if pa.0 % BLOCK_SIZE == 0));
+        // The rest of the chunk is slack, not handed to anyone else.
+        assert_eq!(space.device_memory(id).unwrap().0, 3 * BLOCK_SIZE);
+        host.lock()[(2 * BLOCK_SIZE) as usize..].fill(0);
+        space.migrate(tail, PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(*dev.unmaps.lock(), vec![VaRange::new(tail, 3 * PAGE_SIZE)]);
+        let off = 2 * BLOCK_SIZE + 2 * PAGE_SIZE;
+        assert_eq!(host.lock()[off as usize], (off / PAGE_SIZE) as u8 ^ 0x5a);
+        assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn eviction_moves_whole_blocks_and_keeps_data() {
+        let (space, dev, id, host) = setup(2);
+        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        space.migrate(BASE + BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        // A third block needs a chunk: the first block (FIFO) goes back whole.
+        space.migrate(BASE + 2 * BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!(dev.unmaps.lock().iter().all(|r| r.start % BLOCK_SIZE == 0));
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Cpu));
+        space.migrate(BASE, len, Proc::Cpu).unwrap();
+        let h = host.lock();
+        assert!((0..len).all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
+        drop(h);
+        assert_eq!(space.device_memory(id).unwrap().0, 2 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn devices_hear_of_every_region_once() {
+        let (space, dev, id, _host) = setup(2);
+        let first = VaRange::new(BASE, 2 * BLOCK_SIZE + 3 * PAGE_SIZE);
+        // Attached after the region existed: told at attach.
+        assert_eq!(*dev.hooks.lock(), vec![(true, first)]);
+        let second = VaRange::new(BASE + 4 * BLOCK_SIZE, BLOCK_SIZE);
+        space.add_region(Arc::new(Cpu { range: second }), Prot::READ).unwrap();
+        // A device refusing a region refuses it for the address space.
+        let refused = VaRange::new(BASE + 8 * BLOCK_SIZE, PAGE_SIZE);
+        let e = space.add_region(Arc::new(Cpu { range: refused }), Prot::READ).unwrap_err();
+        assert!(matches!(e, crate::error::CoreError::Device { .. }), "{e}");
+        assert!(space.check_range(refused.start, PAGE_SIZE).is_err());
+        space.remove_region(second.start).unwrap();
+        space.detach(id).unwrap();
+        assert_eq!(*dev.hooks.lock(), vec![(true, first), (true, second), (false, second), (false, first)]);
+    }
+
+    #[test]
+    fn discarding_part_of_a_block_keeps_the_rest() {
+        let (space, dev, id, host) = setup(2);
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        // The host copy is stale: only the device holds the data now.
+        host.lock()[..BLOCK_SIZE as usize].fill(0);
+        let gone = VaRange::new(BASE + 10 * PAGE_SIZE, 2 * PAGE_SIZE);
+        space.advise(gone.start, gone.len, crate::Advice::DontNeed).unwrap().wait(Duration::from_secs(5)).unwrap();
+        assert_eq!(*dev.discarded.lock(), vec![gone]);
+        assert_eq!(*dev.unmaps.lock(), vec![VaRange::new(BASE, BLOCK_SIZE)]);
+        let h = host.lock();
+        assert!((0..BLOCK_SIZE)
+            .filter(|i| !gone.contains(BASE + i))
+            .all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
+        drop(h);
+        assert_eq!(space.device_memory(id).unwrap().0, 2 * BLOCK_SIZE);
+    }
 }

@@ -232,6 +232,9 @@ impl AddressSpace {
         if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
+        // Lock order: devices before regions (as in `attach`), so that every device learns of
+        // every region exactly once.
+        let devices = self.devices.read();
         let mut regions = self.regions.write();
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
@@ -239,6 +242,15 @@ impl AddressSpace {
         let overlaps = regions.range(..range.end()).next_back().is_some_and(|(_, r)| r.range.end() > range.start);
         if overlaps {
             return Err(CoreError::Overlap(range));
+        }
+        let live: Vec<&Arc<DeviceSlot>> = devices.iter().flatten().filter(|s| !s.is_detached()).collect();
+        for (k, slot) in live.iter().enumerate() {
+            if let Err(source) = slot.mmu.region_added(range, cpu.backing(range.start)) {
+                for done in &live[..k] {
+                    done.mmu.region_removed(range);
+                }
+                return Err(CoreError::Device { device: slot.id, source });
+            }
         }
         regions.insert(range.start, Arc::new(Region::build(range, prot, cpu, remote)));
         Ok(range)
@@ -254,6 +266,9 @@ impl AddressSpace {
             let mut blk = cell.lock();
             let all = PageMask::full(blk.npages);
             migrate::drop_device_copies(self, &mut blk, &all);
+        }
+        for slot in self.devices.read().iter().flatten() {
+            slot.mmu.region_removed(region.range);
         }
         Ok(Arc::clone(&region.cpu))
     }
@@ -311,6 +326,19 @@ impl AddressSpace {
         }
         let id = DeviceId(idx as u8);
         mmu.create_page_table().map_err(|source| CoreError::Device { device: id, source })?;
+        {
+            let regions = self.regions.read();
+            let all: Vec<&Arc<Region>> = regions.values().collect();
+            for (k, r) in all.iter().enumerate() {
+                if let Err(source) = mmu.region_added(r.range, r.cpu.backing(r.range.start)) {
+                    for done in &all[..k] {
+                        mmu.region_removed(done.range);
+                    }
+                    mmu.destroy_page_table();
+                    return Err(CoreError::Device { device: id, source });
+                }
+            }
+        }
         let caps = mmu.caps();
         let slot = Arc::new(DeviceSlot {
             id,
@@ -379,6 +407,11 @@ impl AddressSpace {
         self.devices.read().get(id.0 as usize).and_then(Clone::clone).ok_or(CoreError::Detached(id))
     }
 
+    /// Every attached device, detaching ones included.
+    pub(crate) fn holders(&self) -> Vec<Arc<DeviceSlot>> {
+        self.devices.read().iter().flatten().cloned().collect()
+    }
+
     pub(crate) fn slot(&self, id: DeviceId) -> Result<Arc<DeviceSlot>> {
         self.devices
             .read()
@@ -430,6 +463,9 @@ impl AddressSpace {
                     result = Err(e);
                 }
             }
+        }
+        for region in self.regions.read().values() {
+            slot.mmu.region_removed(region.range);
         }
         slot.mmu.destroy_page_table();
         if let Some(s) = self.devices.write().get_mut(id.0 as usize) {

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub use hetmm_core as core;
 pub use hetmm_core::{types::Access, types::Proc, AddressSpace, Advice, CoreConfig, Pending, Policy};
+pub use hetmm_cuda as cuda;
 pub use hetmm_host as host;
 pub use hetmm_sim as sim;
 
@@ -67,6 +68,9 @@ pub enum Error {
     /// Zero-length allocation.
     #[error("empty allocation")]
     EmptyAlloc,
+    /// The CUDA backend refused or failed (no GPU, a kernel call, a driver error).
+    #[error(transparent)]
+    Cuda(#[from] hetmm_cuda::CudaError),
 }
 
 /// Result alias.
@@ -324,6 +328,31 @@ impl Device<SimDevice> {
                 Err(e.into())
             }
         }
+    }
+}
+
+impl Device<hetmm_cuda::CudaDevice> {
+    /// Launches one of hetmm's CUDA kernels. A GPU cannot fault memory in, so the buffers the
+    /// call names are migrated to the GPU first (whole 2 MiB blocks), and the launch is refused
+    /// if they are not all resident then (their total exceeds the GPU memory hetmm manages:
+    /// launch in pieces). Pointers are translated to device addresses.
+    pub fn launch(&self, call: &hetmm_cuda::KernelCall) -> Result<hetmm_cuda::CudaLaunch> {
+        let uses: Vec<Use> = call
+            .buffers()
+            .iter()
+            .map(|(b, u)| {
+                let access = if *u == hetmm_cuda::BufUse::Write { Access::Write } else { Access::Read };
+                Use::raw(b.ptr, b.bytes, access)
+            })
+            .collect();
+        self.check_uses(&uses)?;
+        Ok(self.dev.launch(call)?)
+    }
+}
+
+impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
+    fn from(b: &SharedBuf<T>) -> Self {
+        hetmm_cuda::Buf { ptr: b.ptr(), bytes: b.byte_len() }
     }
 }
 

@@ -92,10 +92,17 @@ fn every_workload_runs_verifies_and_reports_json() {
 
 #[test]
 fn bad_options_get_clear_errors() {
-    let out = bench(&["--device", "cuda", "--workload", "stream", "--size", "4M"]);
+    let out = bench(&["--device", "tpu", "--workload", "stream", "--size", "4M"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cuda") && err.contains("sim"), "{err}");
+    assert!(err.contains("tpu") && err.contains("sim") && err.contains("cuda"), "{err}");
+
+    // Without a GPU the CUDA section refuses with the reason; with one it would run.
+    if hetmm::cuda::probe().is_err() {
+        let out = bench(&["--device", "cuda", "--workload", "stream", "--size", "4M"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("needs an NVIDIA GPU"));
+    }
 
     let out = bench(&["--workload", "nope"]);
     assert!(!out.status.success());

@@ -1,6 +1,7 @@
 //! Subcommands.
 
 pub mod bench;
+mod bench_cuda;
 pub mod demo;
 
 use std::process::ExitCode;

@@ -48,9 +48,15 @@ pub struct Args {
     /// readmostly, faultback.
     #[arg(long, default_value = "all")]
     workload: String,
-    /// Device: only `sim` in this build.
+    /// Device: `sim`, or `cuda` for the GPU section (workloads copy, mul_mat, stream, oversub).
     #[arg(long, default_value = "sim")]
     device: String,
+    /// GPU memory hetmm may use with `--device cuda` (the `oversub` working set is 1.5x this).
+    #[arg(long, value_parser = super::size_arg, default_value = "1G")]
+    pub(crate) device_mem: u64,
+    /// Matrix size for `mul_mat` with `--device cuda`.
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) m: usize,
     /// Policies, comma-separated (hetmm, uvm).
     #[arg(long, default_value = "hetmm,uvm")]
     policy: String,
@@ -69,6 +75,21 @@ pub struct Args {
     /// Draws median seconds against oversubscription, one line per policy, into this SVG file.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    pub(crate) fn workload(&self) -> &str {
+        &self.workload
+    }
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+    pub(crate) fn repeat(&self) -> usize {
+        self.repeat.max(1)
+    }
+    pub(crate) fn json(&self) -> bool {
+        self.json
+    }
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -101,10 +122,7 @@ struct Plan {
 
 fn plan(args: &Args) -> Result<Plan, String> {
     if args.device != "sim" {
-        return Err(format!(
-            "device '{}' is not available in this build: only the simulated device 'sim' (CUDA comes later)",
-            args.device
-        ));
+        return Err(format!("unknown device '{}' (sim, cuda)", args.device));
     }
     let mut workloads = Vec::new();
     for w in list(&args.workload) {
@@ -307,6 +325,9 @@ struct Limits {
 }
 
 pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
+    if args.device == "cuda" {
+        return super::bench_cuda::run(args);
+    }
     let plan = match plan(args) {
         Ok(p) => p,
         Err(e) => {

@@ -1,0 +1,781 @@
+//! [`CudaDevice`]: the `DeviceMmu` implementation over `plan` (bookkeeping) and `driver`
+//! (the calls).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaEvent, CudaFunction, CudaModule, CudaStream};
+use hetmm_core::device::{
+    Completion, CopyOp, DeviceCaps, DeviceError, DeviceFault, DeviceMmu, Done, FaultCancel, HostAddr, MapEntry,
+    PhysAddr,
+};
+use hetmm_core::types::{Prot, VaRange, PAGE_SIZE};
+use parking_lot::Mutex;
+
+use crate::driver::{self, Gpu, HostRegistration, PhysChunk, VaReservation};
+use crate::kernels::{self, BufUse, KernelCall};
+use crate::plan::{self, Access, HostRanges, PageTable, PhysLayout, RegionVa, CHUNK};
+use crate::CudaError;
+
+/// Configuration of a CUDA device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaConfig {
+    /// GPU ordinal. Default 0.
+    pub ordinal: usize,
+    /// Device memory hetmm may use (rounded down to 2 MiB; must fit in what is free). Default:
+    /// what is free less `headroom`.
+    pub memory_bytes: Option<u64>,
+    /// Memory left to others when `memory_bytes` is not given. Default 1 GiB.
+    pub headroom: u64,
+    /// Longest wait for kernels in flight before memory they may use is unmapped. Default 600 s.
+    pub kernel_timeout: Duration,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig { ordinal: 0, memory_bytes: None, headroom: 1 << 30, kernel_timeout: Duration::from_secs(600) }
+    }
+}
+
+/// Counters of a CUDA device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CudaStats {
+    /// Bytes copied host to device.
+    pub bytes_h2d: u64,
+    /// Bytes copied device to host.
+    pub bytes_d2h: u64,
+    /// Bytes zero-filled.
+    pub bytes_zeroed: u64,
+    /// Host-side bytes copied from or to memory that is not registered (staged by the driver).
+    pub bytes_staged: u64,
+    /// Copy batches.
+    pub copy_batches: u64,
+    /// Physical chunks created.
+    pub chunks_created: u64,
+    /// `cuMemMap` calls on shared regions.
+    pub maps: u64,
+    /// `cuMemUnmap` calls on shared regions.
+    pub unmaps: u64,
+    /// `cuMemSetAccess` calls.
+    pub access_calls: u64,
+    /// Regions placed at their host addresses.
+    pub regions_same_address: u64,
+    /// Regions placed at an offset.
+    pub regions_shifted: u64,
+    /// Regions whose host pages could not be registered (their copies are staged).
+    pub regions_unpinned: u64,
+    /// Kernels launched.
+    pub kernels: u64,
+}
+
+/// Counters as atomics, read into a [`CudaStats`].
+#[derive(Debug, Default)]
+struct Counters {
+    v: [AtomicU64; 13],
+}
+
+impl Counters {
+    fn add(&self, i: usize, n: u64) {
+        self.v[i].fetch_add(n, Ordering::Relaxed);
+    }
+    fn get(&self, i: usize) -> u64 {
+        self.v[i].load(Ordering::Relaxed)
+    }
+}
+
+// Counter indices.
+const H2D: usize = 0;
+const D2H: usize = 1;
+const ZERO: usize = 2;
+const STAGED: usize = 3;
+const BATCHES: usize = 4;
+const CHUNKS: usize = 5;
+const MAPS: usize = 6;
+const UNMAPS: usize = 7;
+const ACCESS: usize = 8;
+const SAME: usize = 9;
+const SHIFTED: usize = 10;
+const UNPINNED: usize = 11;
+const KERNELS: usize = 12;
+
+/// What the page-table lock guards.
+#[derive(Debug, Default)]
+struct State {
+    /// The physical window (exists while the page table does).
+    window: Option<VaReservation>,
+    /// Physical chunks by index, each mapped in the window.
+    chunks: Vec<Option<PhysChunk>>,
+    pt: PageTable,
+    reservations: HashMap<u64, VaReservation>,
+    /// Per region: its host backing address and one registration per block.
+    pinned: HashMap<u64, (usize, Vec<Option<HostRegistration>>)>,
+    host: HostRanges,
+}
+
+/// hetmm's kernels, compiled once.
+#[derive(Debug)]
+struct Compiled {
+    _module: Arc<CudaModule>,
+    funcs: Vec<(&'static str, CudaFunction)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    gpu: Arc<Gpu>,
+    cfg: CudaConfig,
+    name: String,
+    total_bytes: u64,
+    layout: PhysLayout,
+    h2d: Arc<CudaStream>,
+    d2h: Arc<CudaStream>,
+    compute: Arc<CudaStream>,
+    state: Mutex<State>,
+    inflight: Mutex<Vec<Arc<CudaEvent>>>,
+    kernels: Mutex<Option<Arc<Compiled>>>,
+    counters: Counters,
+}
+
+/// An NVIDIA GPU as a hetmm device. Cheap to clone (a shared handle).
+#[derive(Clone, Debug)]
+pub struct CudaDevice {
+    inner: Arc<Inner>,
+}
+
+/// A kernel started by [`CudaDevice::launch`].
+#[derive(Debug)]
+pub struct CudaLaunch {
+    gpu: Arc<Gpu>,
+    done: Arc<CudaEvent>,
+}
+
+impl CudaLaunch {
+    /// Waits for the kernel, at most `timeout`.
+    pub fn wait(self, timeout: Duration) -> Result<(), DeviceError> {
+        match driver::wait_events(std::slice::from_ref(&*self.done), Instant::now() + timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DeviceError::Timeout(timeout)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the kernel has finished (errors count as finished; `wait` reports them).
+    pub fn is_done(&self) -> bool {
+        let _ = self.gpu.bind();
+        self.done.try_is_complete().unwrap_or(true)
+    }
+}
+
+fn dev_err(e: CudaError) -> DeviceError {
+    e.into()
+}
+
+impl CudaDevice {
+    /// Opens a GPU: checks that the driver and a device are there, that the allocation
+    /// granularity divides 2 MiB, and sizes the memory hetmm will use. Nothing is allocated
+    /// until memory is used.
+    pub fn new(cfg: CudaConfig) -> Result<Self, CudaError> {
+        let gpu = Gpu::open(cfg.ordinal)?;
+        let g = gpu.granularity()?;
+        if g == 0 || CHUNK % g != 0 {
+            return Err(CudaError::Config(format!(
+                "the GPU's allocation granularity is {g} bytes; hetmm needs one that divides 2 MiB"
+            )));
+        }
+        let (free, total) = gpu.mem_info()?;
+        let budget = plan::memory_budget(free, cfg.memory_bytes, cfg.headroom).map_err(CudaError::Config)?;
+        let (h2d, d2h, compute) = (gpu.stream()?, gpu.stream()?, gpu.stream()?);
+        Ok(CudaDevice {
+            inner: Arc::new(Inner {
+                name: gpu.name(),
+                total_bytes: total,
+                layout: PhysLayout { chunks: budget / CHUNK },
+                gpu,
+                cfg,
+                h2d,
+                d2h,
+                compute,
+                state: Mutex::new(State::default()),
+                inflight: Mutex::new(Vec::new()),
+                kernels: Mutex::new(None),
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// The GPU's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Bytes of device memory hetmm manages on this GPU.
+    pub fn memory_bytes(&self) -> u64 {
+        self.inner.layout.bytes()
+    }
+
+    /// The GPU's total memory.
+    pub fn total_memory(&self) -> u64 {
+        self.inner.total_bytes
+    }
+
+    /// Free and total memory on the GPU now (as the driver reports it).
+    pub fn mem_info(&self) -> Result<(u64, u64), CudaError> {
+        self.inner.gpu.mem_info()
+    }
+
+    /// The device address of host address `va` in shared memory (`None` outside every region
+    /// the device knows). Equal to `va` where the driver granted the same addresses.
+    pub fn device_ptr(&self, va: u64) -> Option<u64> {
+        self.inner.state.lock().pt.translate(va)
+    }
+
+    /// The placement of the region holding `va`.
+    pub fn region_placement(&self, va: u64) -> Option<RegionVa> {
+        self.inner.state.lock().pt.region_of(va).copied()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CudaStats {
+        let c = &self.inner.counters;
+        CudaStats {
+            bytes_h2d: c.get(H2D),
+            bytes_d2h: c.get(D2H),
+            bytes_zeroed: c.get(ZERO),
+            bytes_staged: c.get(STAGED),
+            copy_batches: c.get(BATCHES),
+            chunks_created: c.get(CHUNKS),
+            maps: c.get(MAPS),
+            unmaps: c.get(UNMAPS),
+            access_calls: c.get(ACCESS),
+            regions_same_address: c.get(SAME),
+            regions_shifted: c.get(SHIFTED),
+            regions_unpinned: c.get(UNPINNED),
+            kernels: c.get(KERNELS),
+        }
+    }
+
+    /// Compiles hetmm's kernels with NVRTC (once).
+    pub fn compile_kernels(&self) -> Result<(), CudaError> {
+        self.compiled().map(|_| ())
+    }
+
+    fn compiled(&self) -> Result<Arc<Compiled>, CudaError> {
+        let mut k = self.inner.kernels.lock();
+        if let Some(c) = &*k {
+            return Ok(Arc::clone(c));
+        }
+        if !driver::nvrtc_present() {
+            return Err(CudaError::Unavailable(
+                "NVRTC (libnvrtc.so) is not installed: hetmm compiles its CUDA kernels at run time".into(),
+            ));
+        }
+        let opts = cudarc::nvrtc::CompileOptions { name: Some("hetmm_kernels.cu".into()), ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernels::program_source(), opts)
+            .map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
+        let ctx = self.inner.gpu.ctx();
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| CudaError::Driver { call: "cuModuleLoadData", code: format!("{:?}", e.0) })?;
+        let mut funcs = Vec::new();
+        for spec in kernels::ALL {
+            let f = module
+                .load_function(spec.name)
+                .map_err(|e| CudaError::Driver { call: "cuModuleGetFunction", code: format!("{:?}", e.0) })?;
+            funcs.push((spec.name, f));
+        }
+        let c = Arc::new(Compiled { _module: module, funcs });
+        *k = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Launches one of hetmm's kernels on the compute stream. Refuses, without launching,
+    /// unless every buffer the call names is mapped on the device (writable where it is
+    /// written): a GPU cannot fault memory in. Pointer arguments are translated to device
+    /// addresses.
+    pub fn launch(&self, call: &KernelCall) -> Result<CudaLaunch, CudaError> {
+        let compiled = self.compiled()?;
+        let spec = call.spec();
+        let func = compiled.funcs.iter().find(|(n, _)| *n == spec.name).map(|(_, f)| f);
+        let func = func.ok_or_else(|| CudaError::Kernel(format!("kernel {} is not compiled", spec.name)))?;
+        let i = &self.inner;
+        // Under the page-table lock: nothing can be unmapped between the check and the launch,
+        // and unmapping later waits for this kernel (it is in `inflight` before the lock goes).
+        let st = i.state.lock();
+        for (buf, how) in call.buffers() {
+            let end = buf.ptr.checked_add(buf.bytes).ok_or_else(|| CudaError::Kernel("buffer overflows".into()))?;
+            let mut va = buf.ptr & !(CHUNK - 1);
+            while va < end {
+                match st.pt.lookup(va) {
+                    Some(m) if *how == BufUse::Read || m.access == Access::ReadWrite => {}
+                    Some(_) => return Err(CudaError::Kernel(format!("{}: {va:#x} is mapped read-only", spec.name))),
+                    None => {
+                        return Err(CudaError::Kernel(format!(
+                            "{}: {:#x} is not resident on the GPU (make the kernel's buffers resident first)",
+                            spec.name,
+                            va.max(buf.ptr)
+                        )))
+                    }
+                }
+                va += CHUNK;
+            }
+        }
+        let args = kernels::marshal(spec, call.args(), |va| st.pt.translate(va))?;
+        // SAFETY: `marshal` checked the arguments against the kernel's parameter list; every
+        // buffer the kernel touches (a `KernelCall` derives its sizes from its buffers) is
+        // mapped on the device, checked just above under the lock that unmapping takes, and
+        // stays mapped until the event recorded below completes (unmapping waits for it).
+        unsafe { i.gpu.launch(&i.compute, func, call.dims(), &args)? };
+        let done = Arc::new(driver::record(&i.compute)?);
+        i.inflight.lock().push(Arc::clone(&done));
+        drop(st);
+        i.counters.add(KERNELS, 1);
+        Ok(CudaLaunch { gpu: Arc::clone(&i.gpu), done })
+    }
+
+    /// The GPU handle (for the baselines).
+    pub(crate) fn gpu(&self) -> &Arc<Gpu> {
+        &self.inner.gpu
+    }
+
+    /// The compute stream (for the baselines).
+    pub(crate) fn compute_stream(&self) -> &Arc<CudaStream> {
+        &self.inner.compute
+    }
+
+    /// Launches a kernel on raw device addresses (the baselines' own allocations).
+    ///
+    /// # Safety
+    ///
+    /// `args` must match `spec`, and every device address the kernel reaches must be device
+    /// (or managed) memory that stays allocated, and untouched by the host, until the launch
+    /// has been waited on.
+    pub(crate) unsafe fn launch_raw(
+        &self,
+        spec: &kernels::KernelSpec,
+        dims: kernels::Dims,
+        args: &[kernels::Value],
+    ) -> Result<CudaLaunch, CudaError> {
+        let compiled = self.compiled()?;
+        let func = compiled.funcs.iter().find(|(n, _)| *n == spec.name).map(|(_, f)| f);
+        let func = func.ok_or_else(|| CudaError::Kernel(format!("kernel {} is not compiled", spec.name)))?;
+        let i = &self.inner;
+        // SAFETY: as the caller guarantees.
+        unsafe { i.gpu.launch(&i.compute, func, dims, args)? };
+        let done = Arc::new(driver::record(&i.compute)?);
+        i.counters.add(KERNELS, 1);
+        Ok(CudaLaunch { gpu: Arc::clone(&i.gpu), done })
+    }
+}
+
+impl Inner {
+    /// Waits for every kernel in flight (call with the page-table lock held, so no new one
+    /// starts).
+    fn wait_kernels(&self) -> Result<(), DeviceError> {
+        let mut inflight = self.inflight.lock();
+        if inflight.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.cfg.kernel_timeout;
+        for ev in inflight.iter() {
+            match driver::wait_events(std::slice::from_ref(&**ev), deadline) {
+                Ok(true) => {}
+                Ok(false) => return Err(DeviceError::Timeout(self.cfg.kernel_timeout)),
+                // A failed kernel is finished: its error is the launch's to report.
+                Err(e) => log::warn!("cuda: a kernel in flight failed: {e}"),
+            }
+        }
+        inflight.clear();
+        Ok(())
+    }
+
+    /// Creates chunk `k` if needed and maps it into the window.
+    fn ensure_chunk(&self, st: &mut State, k: u64) -> Result<(), CudaError> {
+        let idx = k as usize;
+        if st.chunks.len() <= idx {
+            st.chunks.resize_with(idx + 1, || None);
+        }
+        if st.chunks[idx].is_some() {
+            return Ok(());
+        }
+        let window = st.window.as_ref().ok_or(CudaError::Device(DeviceError::NoPageTable))?;
+        let chunk = PhysChunk::new(&self.gpu, CHUNK).map_err(|e| match e {
+            CudaError::Driver { code, .. } if code.contains("OUT_OF_MEMORY") => CudaError::Config(format!(
+                "the GPU ran out of memory creating chunk {k} of {} (other allocations use it; lower --device-mem)",
+                self.layout.chunks
+            )),
+            e => e,
+        })?;
+        let at = window.base() + k * CHUNK;
+        self.gpu.map(window, at, &chunk)?;
+        if let Err(e) = self.gpu.set_access(window, at, CHUNK, Access::ReadWrite) {
+            let _ = self.gpu.unmap(window, at, CHUNK);
+            return Err(e);
+        }
+        st.chunks[idx] = Some(chunk);
+        self.counters.add(CHUNKS, 1);
+        Ok(())
+    }
+
+    /// Sets access on a run, falling back to one call per chunk if the driver refuses a run
+    /// spanning several allocations.
+    fn set_access(&self, res: &VaReservation, run: &plan::AccessRun) -> Result<(), CudaError> {
+        self.counters.add(ACCESS, 1);
+        match self.gpu.set_access(res, run.dev_va, run.len, run.access) {
+            Ok(()) => Ok(()),
+            Err(_) if run.len > CHUNK => {
+                for va in (run.dev_va..run.dev_va + run.len).step_by(CHUNK as usize) {
+                    self.counters.add(ACCESS, 1);
+                    self.gpu.set_access(res, va, CHUNK, run.access)?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Unmaps everything and frees every driver resource (page table destroyed, or dropped).
+    fn teardown(&self, st: &mut State) {
+        if let Err(e) = self.wait_kernels() {
+            log::error!("cuda: tearing down with kernels still running: {e}");
+        }
+        for m in st.pt.mapped().copied().collect::<Vec<_>>() {
+            if let Some(res) = st.reservations.get(&m.region) {
+                if let Err(e) = self.gpu.unmap(res, m.dev_va, CHUNK) {
+                    log::warn!("cuda: teardown unmap: {e}");
+                }
+            }
+        }
+        st.pt = PageTable::new();
+        st.reservations.clear();
+        if let Some(window) = &st.window {
+            for (k, c) in st.chunks.iter().enumerate() {
+                if c.is_some() {
+                    let _ = self.gpu.unmap(window, window.base() + k as u64 * CHUNK, CHUNK);
+                }
+            }
+        }
+        st.chunks.clear();
+        st.window = None;
+        st.pinned.clear();
+        st.host = HostRanges::default();
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let mut st = std::mem::take(&mut *self.state.lock());
+        self.teardown(&mut st);
+    }
+}
+
+/// Events that complete a copy batch.
+#[derive(Debug)]
+struct CopyDone {
+    events: Vec<CudaEvent>,
+}
+
+impl Completion for CopyDone {
+    fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
+        match driver::wait_events(&self.events, Instant::now() + timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DeviceError::Timeout(timeout)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl DeviceMmu for CudaDevice {
+    fn caps(&self) -> DeviceCaps {
+        DeviceCaps {
+            name: format!("cuda ({})", self.inner.name),
+            page_sizes: CHUNK,
+            replayable_faults: false,
+            coherent: false,
+            remote_host_access: false,
+            memory_bytes: self.inner.layout.bytes(),
+        }
+    }
+
+    fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+        vec![(PhysAddr(0), self.inner.layout.bytes())]
+    }
+
+    fn create_page_table(&self) -> Result<(), DeviceError> {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        if st.window.is_some() {
+            return Err(DeviceError::Other("the device page table already exists".into()));
+        }
+        st.window = Some(VaReservation::new(&i.gpu, i.layout.bytes(), CHUNK, 0).map_err(dev_err)?);
+        Ok(())
+    }
+
+    fn destroy_page_table(&self) {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        i.teardown(&mut st);
+    }
+
+    unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        if st.window.is_none() {
+            return Err(DeviceError::NoPageTable);
+        }
+        let plan = st.pt.plan_map(entries, i.layout.chunks)?;
+        for m in &plan.maps {
+            i.ensure_chunk(&mut st, m.chunk).map_err(dev_err)?;
+        }
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        for m in &plan.maps {
+            let (res, chunk) = (&st.reservations[&m.region], st.chunks[m.chunk as usize].as_ref());
+            let Some(chunk) = chunk else { unreachable!("ensured above") };
+            match i.gpu.map(res, m.dev_va, chunk) {
+                Ok(()) => {
+                    i.counters.add(MAPS, 1);
+                    done.push(*m);
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            for run in &plan.access {
+                if let Err(e) = i.set_access(&st.reservations[&run.region], run) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = result {
+            // A failed batch changes nothing.
+            for m in done {
+                let _ = i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK);
+            }
+            return Err(e.into());
+        }
+        st.pt.commit_map(&plan);
+        Ok(())
+    }
+
+    fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        let todo = st.pt.plan_unmap(ranges)?;
+        if todo.is_empty() {
+            return Ok(());
+        }
+        i.wait_kernels()?;
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        for m in &todo {
+            match i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
+                Ok(()) => done.push(*m),
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+        }
+        i.counters.add(UNMAPS, done.len() as u64);
+        st.pt.commit_unmap(&done);
+        result
+    }
+
+    fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+        let i = &self.inner;
+        let st = i.state.lock();
+        let runs = st.pt.plan_protect(ranges)?;
+        if runs.is_empty() {
+            return Ok(());
+        }
+        i.wait_kernels()?;
+        for run in &runs {
+            i.set_access(&st.reservations[&run.region], run).map_err(dev_err)?;
+        }
+        drop(st);
+        // Record the new access in the table.
+        let mut st = i.state.lock();
+        let plan = plan::MapPlan { maps: Vec::new(), access: runs };
+        st.pt.commit_map(&plan);
+        Ok(())
+    }
+
+    /// Nothing to do: `cuMemUnmap` and `cuMemSetAccess` invalidate the GPU's TLBs themselves,
+    /// and both waited for the kernels in flight first.
+    fn invalidate_tlb(&self, _ranges: &[VaRange]) {}
+
+    unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+        let i = &self.inner;
+        let chunks = i.layout.chunks_for_copies(ops)?;
+        if chunks.is_empty() {
+            return Ok(Box::new(Done));
+        }
+        let mut st = i.state.lock();
+        for k in chunks {
+            i.ensure_chunk(&mut st, k).map_err(dev_err)?;
+        }
+        let Some(window) = st.window.as_ref() else { return Err(DeviceError::NoPageTable) };
+        let w = window.base();
+        let (mut used_h2d, mut used_d2h) = (false, false);
+        // Each piece lies in one block's host registration.
+        for op in &plan::split_host_copies(ops) {
+            let len = op.len();
+            // SAFETY (all arms): physical addresses were checked against the index space and
+            // their chunks exist, so `w + pa` is device memory this device owns (the window).
+            // Host addresses are the core's: it guarantees they stay valid until the
+            // completion has been waited on (the contract of `DeviceMmu::copy`).
+            let r = match *op {
+                CopyOp::HostToDevice { src, dst, len } => {
+                    used_h2d = true;
+                    i.counters.add(H2D, len);
+                    if !st.host.covers(src.0 as u64, len) {
+                        i.counters.add(STAGED, len);
+                    }
+                    // SAFETY: see above.
+                    unsafe { driver::copy_htod(&i.gpu, &i.h2d, w + dst.0, src.0, len) }
+                }
+                CopyOp::DeviceToHost { src, dst, len } => {
+                    used_d2h = true;
+                    i.counters.add(D2H, len);
+                    if !st.host.covers(dst.0 as u64, len) {
+                        i.counters.add(STAGED, len);
+                    }
+                    // SAFETY: see above.
+                    unsafe { driver::copy_dtoh(&i.gpu, &i.d2h, dst.0, w + src.0, len) }
+                }
+                CopyOp::DeviceToDevice { src, dst, .. } => {
+                    used_h2d = true;
+                    // SAFETY: see above.
+                    unsafe { driver::copy_dtod(&i.gpu, &i.h2d, w + dst.0, w + src.0, len) }
+                }
+                CopyOp::Zero { dst, .. } => {
+                    used_h2d = true;
+                    i.counters.add(ZERO, len);
+                    // SAFETY: see above.
+                    unsafe { driver::zero(&i.gpu, &i.h2d, w + dst.0, len) }
+                }
+            };
+            r.map_err(dev_err)?;
+        }
+        drop(st);
+        let mut events = Vec::new();
+        if used_h2d {
+            events.push(driver::record(&i.h2d).map_err(dev_err)?);
+        }
+        if used_d2h {
+            events.push(driver::record(&i.d2h).map_err(dev_err)?);
+        }
+        i.counters.add(BATCHES, 1);
+        Ok(Box::new(CopyDone { events }))
+    }
+
+    fn fetch_faults(&self, _max: usize, _out: &mut Vec<DeviceFault>) -> usize {
+        0
+    }
+
+    fn wait_for_faults(&self, timeout: Duration) -> bool {
+        // A GPU reports no faults to user space; the core starts no service thread for it.
+        std::thread::sleep(timeout.min(Duration::from_millis(10)));
+        false
+    }
+
+    fn replay(&self, _cancel: &[(u64, FaultCancel)]) {}
+
+    fn shutdown_faults(&self) {}
+
+    fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
+        let i = &self.inner;
+        let len = RegionVa::reservation_len(app.len).ok_or(DeviceError::BadRange(app))?;
+        if app.start % CHUNK != 0 || backing.0 == 0 || backing.0 as u64 % PAGE_SIZE != 0 {
+            return Err(DeviceError::BadRange(app));
+        }
+        let mut st = i.state.lock();
+        if st.window.is_none() {
+            return Err(DeviceError::NoPageTable);
+        }
+        // Ask for the host's own addresses; take what the driver gives.
+        let res = VaReservation::new(&i.gpu, len, CHUNK, app.start).map_err(dev_err)?;
+        let r = RegionVa { app, dev_base: res.base() };
+        st.pt.add_region(r)?;
+        i.counters.add(if r.same_address() { SAME } else { SHIFTED }, 1);
+        st.reservations.insert(app.start, res);
+        let mut regs = Vec::new();
+        let mut failed = None;
+        for (off, blen) in plan::host_blocks(app.len) {
+            // SAFETY: `backing` is the manager's alias of the region, mapped for `app.len` bytes
+            // until `region_removed` returns (the contract of `DeviceMmu::region_added`); the
+            // registrations are dropped there, before the alias is unmapped.
+            match unsafe { HostRegistration::new(&i.gpu, backing.0 + off as usize, blen) } {
+                Ok(h) => {
+                    st.host.insert(app.start, backing.0 as u64 + off, blen);
+                    regs.push(Some(h));
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    regs.push(None);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            i.counters.add(UNPINNED, 1);
+            log::warn!("cuda: host pages of region {app} not all registered ({e}); those copies will be staged");
+        }
+        st.pinned.insert(app.start, (backing.0, regs));
+        Ok(())
+    }
+
+    fn host_discarded(&self, ranges: &[VaRange]) {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        let st = &mut *st;
+        for r in ranges {
+            let Some(region) = st.pt.region_of(r.start).copied() else { continue };
+            let Some((backing, regs)) = st.pinned.get_mut(&region.app.start) else { continue };
+            let first = (r.start - region.app.start) / CHUNK;
+            let last = (r.end().min(region.app.end()) - 1 - region.app.start) / CHUNK;
+            for k in first..=last {
+                let (off, blen) = (k * CHUNK, CHUNK.min(region.app.len - k * CHUNK));
+                let addr = *backing + off as usize;
+                // The old registration pins the freed pages: drop it, then pin the new ones.
+                regs[k as usize] = None;
+                st.host.remove(addr as u64);
+                // SAFETY: as in `region_added`: the alias stays mapped until `region_removed`.
+                match unsafe { HostRegistration::new(&i.gpu, addr, blen) } {
+                    Ok(h) => {
+                        regs[k as usize] = Some(h);
+                        st.host.insert(region.app.start, addr as u64, blen);
+                    }
+                    Err(e) => log::warn!("cuda: re-registering discarded host pages at {addr:#x}: {e}"),
+                }
+            }
+        }
+    }
+
+    fn region_removed(&self, app: VaRange) {
+        let i = &self.inner;
+        let mut st = i.state.lock();
+        let Some(r) = st.pt.region(app.start).copied() else { return };
+        let mapped = st.pt.mapped_in(r.app.start);
+        if !mapped.is_empty() {
+            if let Err(e) = i.wait_kernels() {
+                log::error!("cuda: removing region {app} while kernels run: {e}");
+            }
+        }
+        if let Some(res) = st.reservations.get(&app.start) {
+            for m in &mapped {
+                if let Err(e) = i.gpu.unmap(res, m.dev_va, CHUNK) {
+                    log::error!("cuda: unmapping {:#x} of a removed region: {e}", m.host_va);
+                }
+            }
+        }
+        st.pt.remove_region(app.start);
+        st.reservations.remove(&app.start);
+        st.pinned.remove(&app.start);
+        st.host.remove_region(app.start);
+    }
+}

@@ -1,0 +1,651 @@
+//! Everything about the CUDA backend that does not need a GPU: where each shared region lives in
+//! device virtual memory, which 2 MiB chunk backs which block, what the device page table
+//! holds, how a batch of `DeviceMmu` calls becomes a short list of driver calls, how much
+//! device memory hetmm may use, and which host ranges are registered for DMA. The device
+//! (`device.rs`) asks this module for a plan, carries it out through `driver.rs`, then commits
+//! it here. Every rule is unit-tested on machines without CUDA.
+
+use std::collections::BTreeMap;
+
+use hetmm_core::device::{CopyOp, DeviceError, MapEntry, MapTarget};
+use hetmm_core::types::{align_up, Prot, VaRange, BLOCK_SIZE};
+
+/// The mapping granularity hetmm needs from the driver: one 2 MiB chunk per logical block.
+pub const CHUNK: u64 = BLOCK_SIZE;
+
+/// Device access to a mapped chunk (the driver's `CU_MEM_ACCESS_FLAGS_PROT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Loads only.
+    Read,
+    /// Loads, stores, atomics.
+    ReadWrite,
+}
+
+impl Access {
+    /// The access a core protection asks for. `None` when it grants nothing (unmap instead).
+    pub fn from_prot(p: Prot) -> Option<Access> {
+        if p.contains(Prot::WRITE) {
+            Some(Access::ReadWrite)
+        } else if p.contains(Prot::READ) {
+            Some(Access::Read)
+        } else {
+            None
+        }
+    }
+}
+
+/// Where one shared region lives on the device: its host (application) range and the base of
+/// the device virtual-address reservation that mirrors it. When the driver grants the host's
+/// own addresses, `dev_base == app.start` and pointers are the same on both sides; otherwise
+/// every pointer is shifted by the same offset (see [`RegionVa::translate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionVa {
+    /// The range the program uses (start 2 MiB aligned).
+    pub app: VaRange,
+    /// First device virtual address of the reservation.
+    pub dev_base: u64,
+}
+
+impl RegionVa {
+    /// Bytes to reserve on the device for a region of `len` bytes (whole chunks).
+    pub fn reservation_len(len: u64) -> Option<u64> {
+        align_up(len, CHUNK)
+    }
+
+    /// Bytes reserved.
+    pub fn dev_len(&self) -> u64 {
+        Self::reservation_len(self.app.len).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the driver gave the host's own addresses (one pointer works on both sides
+    /// without translation).
+    pub fn same_address(&self) -> bool {
+        self.dev_base == self.app.start
+    }
+
+    /// The device address of host address `va`, which must lie in the region.
+    pub fn translate(&self, va: u64) -> Option<u64> {
+        self.app.contains(va).then(|| self.dev_base + (va - self.app.start))
+    }
+
+    /// The end of the region in host addresses (a chunk may end there without being whole).
+    fn end(&self) -> u64 {
+        self.app.end()
+    }
+}
+
+/// One chunk mapped (or to map, or to unmap) at one 2 MiB-aligned host address of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkMap {
+    /// Region start (key of the region's reservation).
+    pub region: u64,
+    /// Host address of the block (2 MiB aligned).
+    pub host_va: u64,
+    /// Device address it is mapped at.
+    pub dev_va: u64,
+    /// Physical chunk index.
+    pub chunk: u64,
+    /// Access granted.
+    pub access: Access,
+}
+
+/// One `cuMemSetAccess` call: a run of mapped device addresses inside one reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AccessRun {
+    /// Region start (key of the region's reservation).
+    pub region: u64,
+    /// First device address.
+    pub dev_va: u64,
+    /// Bytes (whole chunks).
+    pub len: u64,
+    /// Access.
+    pub access: Access,
+}
+
+/// What one `map` call does: new chunk mappings, then access runs over them (coalesced).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapPlan {
+    /// `cuMemMap` calls, one per chunk (the driver maps each allocation handle separately).
+    pub maps: Vec<ChunkMap>,
+    /// `cuMemSetAccess` calls, contiguous runs merged.
+    pub access: Vec<AccessRun>,
+}
+
+/// The device page table as the backend keeps it: regions with their reservations, and which
+/// chunk is mapped at which block. Only 2 MiB entries exist.
+#[derive(Debug, Default)]
+pub struct PageTable {
+    regions: BTreeMap<u64, RegionVa>,
+    mapped: BTreeMap<u64, ChunkMap>,
+}
+
+fn bad(start: u64, len: u64) -> DeviceError {
+    DeviceError::BadRange(VaRange::new(start, len))
+}
+
+impl PageTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a region; refuses one that overlaps a known region.
+    pub fn add_region(&mut self, r: RegionVa) -> Result<(), DeviceError> {
+        let overlaps = self.regions.values().any(|o| o.app.intersect(&r.app).is_some());
+        if overlaps || r.app.start % CHUNK != 0 || r.app.len == 0 {
+            return Err(DeviceError::BadRange(r.app));
+        }
+        self.regions.insert(r.app.start, r);
+        Ok(())
+    }
+
+    /// The region starting at `start`.
+    pub fn region(&self, start: u64) -> Option<&RegionVa> {
+        self.regions.get(&start)
+    }
+
+    /// The region holding host address `va`.
+    pub fn region_of(&self, va: u64) -> Option<&RegionVa> {
+        let (_, r) = self.regions.range(..=va).next_back()?;
+        r.app.contains(va).then_some(r)
+    }
+
+    /// Regions, by start.
+    pub fn regions(&self) -> impl Iterator<Item = &RegionVa> {
+        self.regions.values()
+    }
+
+    /// The device address of host address `va` (`None` outside every region).
+    pub fn translate(&self, va: u64) -> Option<u64> {
+        self.region_of(va)?.translate(va)
+    }
+
+    /// Chunks mapped in the region starting at `start` (to unmap before it goes).
+    pub fn mapped_in(&self, start: u64) -> Vec<ChunkMap> {
+        self.mapped.values().filter(|m| m.region == start).copied().collect()
+    }
+
+    /// Forgets the region starting at `start` (its chunks must have been unmapped).
+    pub fn remove_region(&mut self, start: u64) -> Option<RegionVa> {
+        self.mapped.retain(|_, m| m.region != start);
+        self.regions.remove(&start)
+    }
+
+    /// Every mapped chunk.
+    pub fn mapped(&self) -> impl Iterator<Item = &ChunkMap> {
+        self.mapped.values()
+    }
+
+    /// The chunk mapped at the block holding `va`.
+    pub fn lookup(&self, va: u64) -> Option<&ChunkMap> {
+        self.mapped.get(&(va & !(CHUNK - 1)))
+    }
+
+    /// Splits `[start, start + len)` into the blocks it covers, checking it is made of whole
+    /// chunks of one region (the last may end at the region's end). Returns the region and the
+    /// 2 MiB-aligned host addresses.
+    fn blocks(&self, start: u64, len: u64) -> Result<(&RegionVa, Vec<u64>), DeviceError> {
+        let end = start.checked_add(len).filter(|_| len > 0).ok_or_else(|| bad(start, len))?;
+        let r = self.region_of(start).ok_or_else(|| bad(start, len))?;
+        if start % CHUNK != 0 || end > r.end() || (end % CHUNK != 0 && end != r.end()) {
+            return Err(bad(start, len));
+        }
+        Ok((r, (start..end).step_by(CHUNK as usize).collect()))
+    }
+
+    /// Plans `DeviceMmu::map`: validates the whole batch first (a refused batch changes
+    /// nothing). `chunks` is the size of the physical index space in chunks.
+    pub fn plan_map(&self, entries: &[MapEntry], chunks: u64) -> Result<MapPlan, DeviceError> {
+        let mut plan = MapPlan::default();
+        let mut seen = std::collections::HashSet::new();
+        for e in entries {
+            let MapTarget::Device(pa) = e.target else {
+                return Err(DeviceError::Other(format!(
+                    "cuda: host memory cannot be mapped at {:#x} (remote host access is not supported; \
+                     the data must migrate to the device)",
+                    e.va
+                )));
+            };
+            let access = Access::from_prot(e.prot).ok_or_else(|| bad(e.va, e.len))?;
+            let (r, blocks) = self.blocks(e.va, e.len)?;
+            if pa.0 % CHUNK != 0 {
+                return Err(DeviceError::BadPhysical { addr: pa.0, len: e.len });
+            }
+            let first = pa.0 / CHUNK;
+            if first.checked_add(blocks.len() as u64).is_none_or(|last| last > chunks) {
+                return Err(DeviceError::BadPhysical { addr: pa.0, len: e.len });
+            }
+            for (k, &host_va) in blocks.iter().enumerate() {
+                let chunk = first + k as u64;
+                if !seen.insert(host_va) {
+                    return Err(bad(host_va, CHUNK));
+                }
+                let m = ChunkMap {
+                    region: r.app.start,
+                    host_va,
+                    dev_va: r.dev_base + (host_va - r.app.start),
+                    chunk,
+                    access,
+                };
+                match self.mapped.get(&host_va) {
+                    // Already there: only the access may change.
+                    Some(old) if old.chunk == chunk => {}
+                    Some(_) => return Err(bad(host_va, CHUNK)),
+                    None => plan.maps.push(m),
+                }
+                push_run(&mut plan.access, AccessRun { region: m.region, dev_va: m.dev_va, len: CHUNK, access });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Records a carried-out map plan.
+    pub fn commit_map(&mut self, plan: &MapPlan) {
+        for m in &plan.maps {
+            self.mapped.insert(m.host_va, *m);
+        }
+        for run in &plan.access {
+            let r = self.regions[&run.region];
+            for dev_va in (run.dev_va..run.dev_va + run.len).step_by(CHUNK as usize) {
+                if let Some(m) = self.mapped.get_mut(&(r.app.start + (dev_va - r.dev_base))) {
+                    m.access = run.access;
+                }
+            }
+        }
+    }
+
+    /// Plans `DeviceMmu::unmap`: the mapped chunks inside the ranges (absent ones are skipped).
+    pub fn plan_unmap(&self, ranges: &[VaRange]) -> Result<Vec<ChunkMap>, DeviceError> {
+        let mut out = Vec::new();
+        for r in ranges {
+            let (_, blocks) = self.blocks(r.start, r.len)?;
+            out.extend(blocks.iter().filter_map(|b| self.mapped.get(b)).copied());
+        }
+        out.sort_by_key(|m| m.host_va);
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Records carried-out unmaps.
+    pub fn commit_unmap(&mut self, done: &[ChunkMap]) {
+        for m in done {
+            self.mapped.remove(&m.host_va);
+        }
+    }
+
+    /// Plans `DeviceMmu::protect`: access runs over the mapped chunks (absent ones skipped). A
+    /// protection granting nothing is refused (the core unmaps instead).
+    pub fn plan_protect(&self, ranges: &[(VaRange, Prot)]) -> Result<Vec<AccessRun>, DeviceError> {
+        let mut out = Vec::new();
+        for (r, p) in ranges {
+            let access = Access::from_prot(*p).ok_or(DeviceError::BadRange(*r))?;
+            let (_, blocks) = self.blocks(r.start, r.len)?;
+            for m in blocks.iter().filter_map(|b| self.mapped.get(b)) {
+                push_run(&mut out, AccessRun { region: m.region, dev_va: m.dev_va, len: CHUNK, access });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Appends a one-chunk run, merging it into the previous run when contiguous in the same
+/// reservation with the same access.
+fn push_run(runs: &mut Vec<AccessRun>, run: AccessRun) {
+    match runs.last_mut() {
+        Some(l) if l.region == run.region && l.access == run.access && l.dev_va + l.len == run.dev_va => {
+            l.len += run.len
+        }
+        _ => runs.push(run),
+    }
+}
+
+/// The physical index space hetmm's allocator sees: `chunks` chunks of 2 MiB, chunk `k` being
+/// `[k * CHUNK, (k + 1) * CHUNK)`. Each is a `cuMemCreate` allocation, created on first use
+/// and mapped once into the device's physical window (where copies address it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhysLayout {
+    /// Number of chunks.
+    pub chunks: u64,
+}
+
+impl PhysLayout {
+    /// Bytes of the index space.
+    pub fn bytes(&self) -> u64 {
+        self.chunks * CHUNK
+    }
+
+    /// Chunk indices `[first, last)` that `[pa, pa + len)` touches, after checking it lies
+    /// inside the index space.
+    pub fn chunks_of(&self, pa: u64, len: u64) -> Result<std::ops::Range<u64>, DeviceError> {
+        let end = pa.checked_add(len).filter(|&e| e <= self.bytes() && len > 0);
+        let end = end.ok_or(DeviceError::BadPhysical { addr: pa, len })?;
+        Ok(pa / CHUNK..end.div_ceil(CHUNK))
+    }
+
+    /// Chunks a batch of copy operations touches (sorted, deduplicated), after checking every
+    /// physical range. Empty ops are ignored.
+    pub fn chunks_for_copies(&self, ops: &[CopyOp]) -> Result<Vec<u64>, DeviceError> {
+        let mut out = Vec::new();
+        for op in ops.iter().filter(|o| !o.is_empty()) {
+            let len = op.len();
+            match *op {
+                CopyOp::HostToDevice { src, dst, .. } => {
+                    if src.0 == 0 {
+                        return Err(DeviceError::Other("cuda: copy from a null host address".into()));
+                    }
+                    out.extend(self.chunks_of(dst.0, len)?);
+                }
+                CopyOp::DeviceToHost { src, dst, .. } => {
+                    if dst.0 == 0 {
+                        return Err(DeviceError::Other("cuda: copy to a null host address".into()));
+                    }
+                    out.extend(self.chunks_of(src.0, len)?);
+                }
+                CopyOp::DeviceToDevice { src, dst, .. } => {
+                    out.extend(self.chunks_of(src.0, len)?);
+                    out.extend(self.chunks_of(dst.0, len)?);
+                }
+                CopyOp::Zero { dst, .. } => out.extend(self.chunks_of(dst.0, len)?),
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// How much device memory hetmm takes: `cap` if given (it must fit in what is free), else what
+/// is free less `headroom` (for the driver, kernels' stacks, other allocations), rounded down
+/// to whole chunks. Refuses less than one chunk.
+pub fn memory_budget(free: u64, cap: Option<u64>, headroom: u64) -> Result<u64, String> {
+    let want = match cap {
+        Some(c) if c > free => {
+            return Err(format!("--device-mem {} MiB is more than the {} MiB free on the GPU", c >> 20, free >> 20))
+        }
+        Some(c) => c,
+        None => free.saturating_sub(headroom),
+    };
+    let bytes = want / CHUNK * CHUNK;
+    if bytes == 0 {
+        return Err(format!("less than one 2 MiB chunk of GPU memory is available ({} MiB free)", free >> 20));
+    }
+    Ok(bytes)
+}
+
+/// Host ranges registered (pinned) for DMA, one per block of each region (so a block whose
+/// host pages are discarded can be registered again alone): a copy whose host side lies inside
+/// one runs from pinned pages; any other is still correct but staged by the driver.
+#[derive(Debug, Default)]
+pub struct HostRanges {
+    ranges: BTreeMap<u64, (u64, u64)>,
+}
+
+impl HostRanges {
+    /// Records `[addr, addr + len)` as registered for the region starting at `region`.
+    pub fn insert(&mut self, region: u64, addr: u64, len: u64) {
+        self.ranges.insert(addr, (len, region));
+    }
+
+    /// Forgets the registration starting at `addr`.
+    pub fn remove(&mut self, addr: u64) {
+        self.ranges.remove(&addr);
+    }
+
+    /// Forgets every registration of the region starting at `region`; returns how many.
+    pub fn remove_region(&mut self, region: u64) -> usize {
+        let before = self.ranges.len();
+        self.ranges.retain(|_, (_, r)| *r != region);
+        before - self.ranges.len()
+    }
+
+    /// Whether `[addr, addr + len)` lies inside one registered range.
+    pub fn covers(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else { return false };
+        self.ranges.range(..=addr).next_back().is_some_and(|(a, (l, _))| end <= a + l)
+    }
+}
+
+/// The host blocks of a region: `(offset, len)` of each registration, one per 2 MiB of the
+/// region (the last may be shorter).
+pub fn host_blocks(len: u64) -> Vec<(u64, u64)> {
+    (0..len.div_ceil(CHUNK)).map(|k| (k * CHUNK, CHUNK.min(len - k * CHUNK))).collect()
+}
+
+/// Cuts host-side copies where their host address crosses a 2 MiB boundary, so each piece lies
+/// in one block's registration. Other ops pass unchanged; empty ops are dropped.
+pub fn split_host_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops.iter().filter(|o| !o.is_empty()) {
+        let (host, dev, len, h2d) = match *op {
+            CopyOp::HostToDevice { src, dst, len } => (src.0 as u64, dst.0, len, true),
+            CopyOp::DeviceToHost { src, dst, len } => (dst.0 as u64, src.0, len, false),
+            other => {
+                out.push(other);
+                continue;
+            }
+        };
+        let mut done = 0;
+        while done < len {
+            let h = host + done;
+            let piece = (CHUNK - h % CHUNK).min(len - done);
+            let (ha, pa) = (hetmm_core::device::HostAddr(h as usize), hetmm_core::device::PhysAddr(dev + done));
+            out.push(if h2d {
+                CopyOp::HostToDevice { src: ha, dst: pa, len: piece }
+            } else {
+                CopyOp::DeviceToHost { src: pa, dst: ha, len: piece }
+            });
+            done += piece;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hetmm_core::device::{HostAddr, PhysAddr};
+    use hetmm_core::types::PAGE_SIZE;
+
+    const A: u64 = 0x7f00_0000_0000;
+    const D: u64 = 0x2_0000_0000;
+
+    fn table() -> PageTable {
+        let mut pt = PageTable::new();
+        // Region 1: 3 blocks and 5 pages, shifted to D. Region 2: same address.
+        pt.add_region(RegionVa { app: VaRange::new(A, 3 * CHUNK + 5 * PAGE_SIZE), dev_base: D }).unwrap();
+        pt.add_region(RegionVa { app: VaRange::new(A + 16 * CHUNK, CHUNK), dev_base: A + 16 * CHUNK }).unwrap();
+        pt
+    }
+
+    fn entry(va: u64, len: u64, pa: u64, prot: Prot) -> MapEntry {
+        MapEntry { va, len, target: MapTarget::Device(PhysAddr(pa)), prot }
+    }
+
+    #[test]
+    fn address_planning() {
+        let pt = table();
+        assert_eq!(RegionVa::reservation_len(5 * PAGE_SIZE), Some(CHUNK));
+        assert_eq!(RegionVa::reservation_len(3 * CHUNK + 5 * PAGE_SIZE), Some(4 * CHUNK));
+        assert_eq!(RegionVa::reservation_len(u64::MAX), None);
+        // Shifted region: every pointer moves by the same offset.
+        assert_eq!(pt.translate(A), Some(D));
+        assert_eq!(pt.translate(A + 12345), Some(D + 12345));
+        assert_eq!(pt.translate(A + 3 * CHUNK + 5 * PAGE_SIZE - 1), Some(D + 3 * CHUNK + 5 * PAGE_SIZE - 1));
+        assert_eq!(pt.translate(A + 3 * CHUNK + 5 * PAGE_SIZE), None);
+        assert!(!pt.region(A).unwrap().same_address());
+        // Same-address region: pointers unchanged.
+        assert_eq!(pt.translate(A + 16 * CHUNK + 8), Some(A + 16 * CHUNK + 8));
+        assert!(pt.region(A + 16 * CHUNK).unwrap().same_address());
+        assert_eq!(pt.translate(A - 1), None);
+        // Overlap and misalignment are refused.
+        let mut pt = table();
+        assert!(pt.add_region(RegionVa { app: VaRange::new(A + CHUNK, CHUNK), dev_base: 0 }).is_err());
+        assert!(pt.add_region(RegionVa { app: VaRange::new(A + 20 * CHUNK + 4096, CHUNK), dev_base: 0 }).is_err());
+    }
+
+    #[test]
+    fn map_batches_chunks_and_merges_access() {
+        let mut pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        // Two blocks in one entry (chunks 4, 5), one more block (chunk 9), the partial tail
+        // (chunk 2) read-only.
+        let entries = [
+            entry(A, 2 * CHUNK, 4 * CHUNK, rw),
+            entry(A + 2 * CHUNK, CHUNK, 9 * CHUNK, rw),
+            entry(A + 3 * CHUNK, 5 * PAGE_SIZE, 2 * CHUNK, Prot::READ),
+        ];
+        let plan = pt.plan_map(&entries, 16).unwrap();
+        let chunks: Vec<(u64, u64)> = plan.maps.iter().map(|m| (m.dev_va, m.chunk)).collect();
+        assert_eq!(chunks, vec![(D, 4), (D + CHUNK, 5), (D + 2 * CHUNK, 9), (D + 3 * CHUNK, 2)]);
+        // Access: one run for the three writable chunks, one for the read-only tail.
+        assert_eq!(
+            plan.access,
+            vec![
+                AccessRun { region: A, dev_va: D, len: 3 * CHUNK, access: Access::ReadWrite },
+                AccessRun { region: A, dev_va: D + 3 * CHUNK, len: CHUNK, access: Access::Read },
+            ]
+        );
+        pt.commit_map(&plan);
+        assert_eq!(pt.lookup(A + CHUNK + 77).map(|m| m.chunk), Some(5));
+        // Mapping the same chunk again only changes access; another chunk is refused.
+        let again = pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, Prot::READ)], 16).unwrap();
+        assert!(again.maps.is_empty());
+        pt.commit_map(&again);
+        assert_eq!(pt.lookup(A).unwrap().access, Access::Read);
+        assert!(pt.plan_map(&[entry(A, CHUNK, 7 * CHUNK, rw)], 16).is_err());
+    }
+
+    #[test]
+    fn map_refuses_bad_batches_whole() {
+        let pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        let good = entry(A, CHUNK, 0, rw);
+        for bad in [
+            entry(A + PAGE_SIZE, CHUNK, 0, rw),         // not on a block boundary
+            entry(A, CHUNK / 2, 0, rw),                 // half a chunk, not at the region's end
+            entry(A + 3 * CHUNK, 6 * PAGE_SIZE, 0, rw), // past the region's end
+            entry(A, CHUNK, PAGE_SIZE, rw),             // physical address not chunk aligned
+            entry(A, CHUNK, 16 * CHUNK, rw),            // beyond physical memory
+            entry(A, CHUNK, 0, Prot::empty()),          // no access
+            entry(A + 40 * CHUNK, CHUNK, 0, rw),        // no region
+            MapEntry { target: MapTarget::Host(HostAddr(0x1000)), ..good }, // remote host memory
+        ] {
+            assert!(pt.plan_map(&[good, bad], 16).is_err(), "{bad:?}");
+        }
+        // The same block twice in one batch.
+        assert!(pt.plan_map(&[good, entry(A, CHUNK, CHUNK, rw)], 16).is_err());
+    }
+
+    #[test]
+    fn unmap_and_protect_whole_chunks() {
+        let mut pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        let plan =
+            pt.plan_map(&[entry(A, 2 * CHUNK, 0, rw), entry(A + 3 * CHUNK, 5 * PAGE_SIZE, 5 * CHUNK, rw)], 8).unwrap();
+        pt.commit_map(&plan);
+        // Absent chunks (block 2) are skipped; the partial tail unmaps by its region end.
+        let un = pt.plan_unmap(&[VaRange::new(A + CHUNK, 2 * CHUNK + 5 * PAGE_SIZE)]).unwrap();
+        assert_eq!(un.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![1, 5]);
+        assert!(pt.plan_unmap(&[VaRange::new(A, PAGE_SIZE)]).is_err(), "part of a chunk");
+        let pr = pt.plan_protect(&[(VaRange::new(A, 4 * CHUNK), Prot::READ)]);
+        assert!(pr.is_err(), "past the region's end");
+        let pr = pt.plan_protect(&[(VaRange::new(A, 3 * CHUNK + 5 * PAGE_SIZE), Prot::READ)]).unwrap();
+        assert_eq!(
+            pr,
+            vec![
+                AccessRun { region: A, dev_va: D, len: 2 * CHUNK, access: Access::Read },
+                AccessRun { region: A, dev_va: D + 3 * CHUNK, len: CHUNK, access: Access::Read },
+            ]
+        );
+        pt.commit_unmap(&un);
+        assert!(pt.lookup(A + CHUNK).is_none());
+        assert!(pt.lookup(A).is_some());
+        assert_eq!(pt.mapped_in(A).len(), 1);
+        pt.remove_region(A);
+        assert_eq!(pt.mapped().count(), 0);
+        assert_eq!(pt.translate(A), None);
+    }
+
+    #[test]
+    fn physical_index_bookkeeping() {
+        let l = PhysLayout { chunks: 4 };
+        assert_eq!(l.bytes(), 4 * CHUNK);
+        assert_eq!(l.chunks_of(0, CHUNK).unwrap(), 0..1);
+        assert_eq!(l.chunks_of(CHUNK - PAGE_SIZE, 2 * PAGE_SIZE).unwrap(), 0..2);
+        assert_eq!(l.chunks_of(3 * CHUNK, CHUNK).unwrap(), 3..4);
+        assert!(l.chunks_of(3 * CHUNK, CHUNK + 1).is_err());
+        assert!(l.chunks_of(u64::MAX, 2).is_err());
+        assert!(l.chunks_of(0, 0).is_err());
+        let ops = [
+            CopyOp::HostToDevice { src: HostAddr(0x1000), dst: PhysAddr(3 * CHUNK), len: PAGE_SIZE },
+            CopyOp::Zero { dst: PhysAddr(0), len: CHUNK + PAGE_SIZE },
+            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x2000), len: 0 },
+        ];
+        assert_eq!(l.chunks_for_copies(&ops).unwrap(), vec![0, 1, 3]);
+        let null = [CopyOp::DeviceToHost { src: PhysAddr(0), dst: HostAddr(0), len: PAGE_SIZE }];
+        assert!(l.chunks_for_copies(&null).is_err());
+        let beyond = [CopyOp::DeviceToDevice { src: PhysAddr(0), dst: PhysAddr(4 * CHUNK), len: 1 }];
+        assert!(l.chunks_for_copies(&beyond).is_err());
+    }
+
+    #[test]
+    fn budget() {
+        let g = 1u64 << 30;
+        assert_eq!(memory_budget(10 * g, None, g).unwrap(), 9 * g);
+        assert_eq!(memory_budget(10 * g, Some(g + 3), g).unwrap(), g);
+        assert!(memory_budget(10 * g, Some(11 * g), g).unwrap_err().contains("more than"));
+        assert!(memory_budget(g / 2, None, g).is_err());
+        assert_eq!(memory_budget(9 * CHUNK + 5, None, 0).unwrap(), 9 * CHUNK);
+    }
+
+    #[test]
+    fn host_registrations() {
+        let mut h = HostRanges::default();
+        h.insert(A, 0x5000_0000, 4 * PAGE_SIZE);
+        h.insert(A + CHUNK, 0x6000_0000, PAGE_SIZE);
+        assert!(h.covers(0x5000_0000, 4 * PAGE_SIZE));
+        assert!(h.covers(0x5000_1000, PAGE_SIZE));
+        assert!(!h.covers(0x5000_1000, 4 * PAGE_SIZE));
+        assert!(!h.covers(0x4fff_f000, 2 * PAGE_SIZE));
+        assert!(!h.covers(u64::MAX, 2));
+        assert_eq!(h.remove_region(A), 1);
+        assert!(!h.covers(0x5000_0000, 1));
+        assert!(h.covers(0x6000_0000, 1));
+        assert_eq!(h.remove_region(A), 0);
+        h.remove(0x6000_0000);
+        assert!(!h.covers(0x6000_0000, 1));
+    }
+
+    #[test]
+    fn host_side_copies_split_per_block() {
+        assert_eq!(
+            host_blocks(2 * CHUNK + 3 * PAGE_SIZE),
+            vec![(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, 3 * PAGE_SIZE)]
+        );
+        assert_eq!(host_blocks(CHUNK), vec![(0, CHUNK)]);
+        let h = 0x7000_0000 + CHUNK - PAGE_SIZE;
+        let ops = [
+            CopyOp::HostToDevice { src: HostAddr(h as usize), dst: PhysAddr(0), len: CHUNK + 2 * PAGE_SIZE },
+            CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
+            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: 0 },
+            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: CHUNK },
+        ];
+        let out = split_host_copies(&ops);
+        assert_eq!(
+            out,
+            vec![
+                CopyOp::HostToDevice { src: HostAddr(h as usize), dst: PhysAddr(0), len: PAGE_SIZE },
+                CopyOp::HostToDevice { src: HostAddr((h + PAGE_SIZE) as usize), dst: PhysAddr(PAGE_SIZE), len: CHUNK },
+                CopyOp::HostToDevice {
+                    src: HostAddr((h + PAGE_SIZE + CHUNK) as usize),
+                    dst: PhysAddr(PAGE_SIZE + CHUNK),
+                    len: PAGE_SIZE
+                },
+                CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
+                CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: CHUNK },
+            ]
+        );
+        assert_eq!(out.iter().map(CopyOp::len).sum::<u64>(), ops.iter().map(CopyOp::len).sum::<u64>());
+    }
+}

@@ -1,0 +1,105 @@
+//! The CUDA backend through the facade. Without a GPU (or without libcuda) every GPU check
+//! skips, printing why; the skip path itself is checked: the commands fail with a clear message.
+
+use std::process::Command;
+use std::time::Duration;
+
+use hetmm::core::types::Proc;
+use hetmm::cuda::{kernels, CudaConfig, CudaDevice, CudaError, KernelCall};
+use hetmm::kernels::mul_mat_cpu;
+use hetmm::Hetmm;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// A GPU device, or `None` after printing why the test skips.
+fn gpu(mem: u64) -> Option<CudaDevice> {
+    if let Some(why) = hetmm::cuda::skip_reason() {
+        eprintln!("skipped (no usable GPU): {why}");
+        return None;
+    }
+    Some(CudaDevice::new(CudaConfig { memory_bytes: Some(mem), ..CudaConfig::default() }).expect("open the GPU"))
+}
+
+#[test]
+fn commands_explain_a_missing_gpu() {
+    let Some(why) = hetmm::cuda::skip_reason() else {
+        eprintln!("a GPU is present: the missing-GPU path is not exercised here");
+        return;
+    };
+    assert!(matches!(CudaDevice::new(CudaConfig::default()), Err(CudaError::Unavailable(_))));
+    for sub in [&["demo", "--device", "cuda", "--m", "16"][..], &["bench", "--device", "cuda", "--size", "4M"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hetmm")).args(sub).output().unwrap();
+        assert!(!out.status.success(), "{sub:?} must fail without a GPU");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("needs an NVIDIA GPU") && err.contains(&why), "{sub:?}: {err}");
+    }
+}
+
+#[test]
+fn gpu_mul_mat_saxpy_stream() {
+    let Some(g) = gpu(64 << 20) else { return };
+    let hm = Hetmm::new().unwrap();
+    let dev = hm.attach(g).unwrap();
+
+    // mul_mat with the CPU's pointers, checked bit for bit.
+    let m = 200;
+    let n = m * m;
+    let (mut a, mut b, r) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
+    a.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32);
+    b.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = (i % 5) as f32);
+    let call = KernelCall::mul_mat((&r).into(), (&a).into(), (&b).into(), m as u64).unwrap();
+    dev.launch(&call).unwrap().wait(WAIT).unwrap();
+    let mut expect = vec![0f32; n];
+    mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
+    assert_eq!(r.as_slice(), &expect[..]);
+
+    // Every shared pointer translates; the offset is the region's.
+    let d = dev.driver();
+    let p = d.region_placement(a.ptr()).unwrap();
+    assert_eq!(d.device_ptr(a.ptr() + 4), Some(p.dev_base + 4));
+
+    // saxpy over a buffer that ends mid-block, twice (data comes back to the CPU between).
+    let len = (3 << 20) / 4 + 123;
+    let (mut x, mut y) = (hm.alloc::<f32>(len).unwrap(), hm.alloc::<f32>(len).unwrap());
+    x.as_mut_slice().fill(1.0);
+    y.as_mut_slice().fill(1.0);
+    for round in 1..=2 {
+        let call = KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap();
+        dev.launch(&call).unwrap().wait(WAIT).unwrap();
+        assert!(y.as_slice().iter().all(|v| *v == 1.0 + 2.0 * round as f32));
+    }
+
+    // stream_write, then stream_sum of what it wrote.
+    let cnt = 1 << 20;
+    let s = hm.alloc::<u64>(cnt).unwrap();
+    let out = hm.alloc::<u64>(kernels::stream_sum_blocks(cnt as u64) as usize).unwrap();
+    dev.launch(&KernelCall::stream_write((&s).into(), 7).unwrap()).unwrap().wait(WAIT).unwrap();
+    dev.launch(&KernelCall::stream_sum((&s).into(), (&out).into()).unwrap()).unwrap().wait(WAIT).unwrap();
+    let want = (0..cnt as u64).fold(0u64, |acc, i| acc.wrapping_add(i ^ 7));
+    assert_eq!(out.as_slice().iter().fold(0u64, |acc, v| acc.wrapping_add(*v)), want);
+    assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 7));
+    let st = d.stats();
+    assert!(st.bytes_h2d > 0 && st.bytes_d2h > 0 && st.kernels >= 5);
+    assert_eq!(st.bytes_staged, 0, "host pages are registered once per region");
+}
+
+#[test]
+fn gpu_refuses_what_it_cannot_do() {
+    let Some(g) = gpu(8 << 20) else { return };
+    let hm = Hetmm::new().unwrap();
+    let dev = hm.attach(g).unwrap();
+    // The driver alone refuses a buffer that is not resident.
+    let x = hm.alloc::<f32>(1024).unwrap();
+    let e = dev.driver().launch(&KernelCall::stream_write((&x).into(), 1).unwrap()).unwrap_err();
+    assert!(matches!(e, CudaError::Kernel(_)), "{e}");
+    // A working set larger than the GPU memory hetmm may use cannot be made resident at once.
+    let big = hm.alloc::<u64>((16 << 20) / 8).unwrap();
+    let r = dev.launch(&KernelCall::stream_write((&big).into(), 1).unwrap());
+    assert!(r.is_err());
+    // Explicit migration both ways keeps the data.
+    let mut y = hm.alloc::<u64>(4096).unwrap();
+    y.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64);
+    hm.migrate(y.ptr(), y.byte_len(), dev.proc()).unwrap();
+    hm.migrate(y.ptr(), y.byte_len(), Proc::Cpu).unwrap();
+    assert!(y.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64));
+}

@@ -826,7 +826,20 @@ fn migrate_remap_fault() {
                     let map = m.aligned(PMD);
                     let advice = if use_thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
                     unsafe { libc::madvise(map.cast(), PMD, advice) };
-                    assert_eq!(unsafe { libc::munmap(map.add(PMD).cast(), 2 * PMD) }, 0);
+                    // The hole the remap lands in stays reserved (PROT_NONE) rather than unmapped:
+                    // otherwise malloc or a new thread's stack may be placed in it, and the
+                    // MAP_FIXED remap would silently replace them.
+                    let hole = unsafe {
+                        libc::mmap(
+                            map.add(PMD).cast(),
+                            2 * PMD,
+                            libc::PROT_NONE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                            -1,
+                            0,
+                        )
+                    };
+                    assert_eq!(hole, unsafe { map.add(PMD) }.cast());
                     for (i, x) in ints(map, PMD / 4).iter_mut().enumerate() {
                         *x = i as i32;
                     }

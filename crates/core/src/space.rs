@@ -359,38 +359,17 @@ impl AddressSpace {
             evict_lock: Mutex::new(()),
         });
         if slot.caps.replayable_faults {
-            let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
-            let h = std::thread::Builder::new()
-                .name(format!("hetmm-dev{}-faults", id.0))
-                .spawn(move || crate::fault::service_loop(w, s))
-                .map_err(|e| CoreError::Device {
-                    device: id,
-                    source: crate::device::DeviceError::Other(e.to_string()),
-                })?;
+            let h = self.spawn_for(&slot, "faults", crate::fault::service_loop)?;
             *slot.service.lock() = Some(h);
         }
         if self.config.policy.cross_block && slot.caps.replayable_faults {
-            let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
             let (tx, rx) = mpsc::channel();
-            let h = std::thread::Builder::new()
-                .name(format!("hetmm-dev{}-ahead", id.0))
-                .spawn(move || crate::fault::ahead_loop(w, s, rx))
-                .map_err(|e| CoreError::Device {
-                    device: id,
-                    source: crate::device::DeviceError::Other(e.to_string()),
-                })?;
+            let h = self.spawn_for(&slot, "ahead", move |w, s| crate::fault::ahead_loop(w, s, rx))?;
             *slot.ahead_tx.lock() = Some(tx);
             *slot.ahead.lock() = Some(h);
         }
         if self.config.policy.free_watermark > 0.0 {
-            let (w, s) = (Arc::downgrade(self), Arc::clone(&slot));
-            let h = std::thread::Builder::new()
-                .name(format!("hetmm-dev{}-evict", id.0))
-                .spawn(move || crate::evict::background_loop(w, s))
-                .map_err(|e| CoreError::Device {
-                    device: id,
-                    source: crate::device::DeviceError::Other(e.to_string()),
-                })?;
+            let h = self.spawn_for(&slot, "evict", crate::evict::background_loop)?;
             *slot.evictor.lock() = Some(h);
         }
         if idx == devices.len() {
@@ -399,6 +378,19 @@ impl AddressSpace {
             devices[idx] = Some(slot);
         }
         Ok(id)
+    }
+
+    /// Starts one of a device's background threads (`hetmm-dev<id>-<what>`).
+    fn spawn_for(
+        self: &Arc<Self>,
+        slot: &Arc<DeviceSlot>,
+        what: &str,
+        f: impl FnOnce(Weak<AddressSpace>, Arc<DeviceSlot>) + Send + 'static,
+    ) -> Result<JoinHandle<()>> {
+        let (w, s) = (Arc::downgrade(self), Arc::clone(slot));
+        std::thread::Builder::new().name(format!("hetmm-dev{}-{what}", slot.id.0)).spawn(move || f(w, s)).map_err(|e| {
+            CoreError::Device { device: slot.id, source: crate::device::DeviceError::Other(e.to_string()) }
+        })
     }
 
     /// An attached device that still holds data, even while it is being detached (for paths

@@ -33,7 +33,8 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
     let policy = Policy::by_name(r.policy).ok_or_else(|| hetmm::Error::UnknownPolicy(r.policy.to_string()))?;
     let hm = Hetmm::with_config(CoreConfig { fault_around: chunk, policy, ..CoreConfig::default() })?;
     let mem = device_memory(bytes, OVERSUB);
-    let dev = hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: mem, ..SimConfig::default() })?)?;
+    let dev =
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: mem, prefault: true, ..SimConfig::default() })?)?;
     let mut buf = hm.alloc::<u64>(n)?;
     let salt = r.rep as u64;
     for (i, v) in buf.as_mut_slice().iter_mut().enumerate() {

@@ -92,7 +92,8 @@ struct Env {
 fn env(policy: &str, ws: u64, oversub: f64) -> Result<Env> {
     let mem = device_memory(ws, oversub);
     let hm = Hetmm::with_policy(policy)?;
-    let dev = hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: mem, ..SimConfig::default() })?)?;
+    let dev =
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: mem, prefault: true, ..SimConfig::default() })?)?;
     Ok(Env { hm, dev, mem })
 }
 

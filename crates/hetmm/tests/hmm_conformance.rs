@@ -254,6 +254,28 @@ fn mirror_ints(m: &mut [u8]) -> &mut [i32] {
     bytemuck::cast_slice_mut(m)
 }
 
+/// Unmaps `[addr, addr + len)` the way `munmap` does for hetmm (userfaultfd raises the same
+/// UNMAP event), but leaves a PROT_NONE placeholder behind: tests run in parallel threads, and a
+/// bare hole inside a test's own mapping could receive another thread's stack or a malloc arena,
+/// which the test's later munmap of its whole range would then destroy.
+fn unmap_keep_hole(addr: *mut u8, len: usize) -> i32 {
+    let r = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if r == addr.cast() {
+        0
+    } else {
+        -1
+    }
+}
+
 fn setup() -> (Hetmm, Dmirror) {
     let hm = Hetmm::new().expect("userfaultfd and memfd available");
     let d = Dmirror::new(&hm);
@@ -526,7 +548,7 @@ fn migrate_mixed() {
     hm.register(m.base, 6 * PS).unwrap();
     let mut mirror = vec![0u8; 6 * PS];
     assert_eq!(d1.migrate_to_dev(&hm, b, 6, &mut mirror), Err(EINVAL));
-    assert_eq!(unsafe { libc::munmap(m.base.add(PS).cast(), PS) }, 0);
+    assert_eq!(unmap_keep_hole(unsafe { m.base.add(PS) }, PS), 0);
     assert_eq!(d1.migrate_to_dev(&hm, b, 3, &mut mirror), Err(EINVAL));
     // Page 2: read-only, read by the CPU.
     hm.protect(b + 2 * PS as u64, PS as u64, Prot::READ).unwrap();
@@ -590,7 +612,7 @@ fn anon_teardown() {
         let delay = (c as u64 * 7919) % 32_000;
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_nanos(delay));
-            unsafe { libc::munmap(half as *mut _, BUFFER_SIZE / 2) }
+            unmap_keep_hole(half as *mut u8, BUFFER_SIZE / 2)
         });
         let mut mirror = vec![0u8; BUFFER_SIZE];
         if let Ok(r) = d.read(&hm, m.base as u64, NPAGES, &mut mirror) {
@@ -610,7 +632,7 @@ fn snapshot() {
     let m = Map::anon(7 * PS, libc::PROT_NONE);
     let b = m.base as u64;
     hm.register(m.base, 7 * PS).unwrap();
-    assert_eq!(unsafe { libc::munmap(m.base.add(PS).cast(), PS) }, 0);
+    assert_eq!(unmap_keep_hole(unsafe { m.base.add(PS) }, PS), 0);
     hm.protect(b + 2 * PS as u64, PS as u64, Prot::READ).unwrap();
     assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(2 * PS).cast::<i32>()) }, 0);
     hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ | Prot::WRITE).unwrap();
@@ -800,7 +822,7 @@ fn migrate_partial_unmap_fault() {
             for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
                 assert_eq!(*x, i as i32);
             }
-            assert_eq!(unsafe { libc::munmap(p.add(offset).cast(), PMD / 2) }, 0);
+            assert_eq!(unmap_keep_hole(unsafe { p.add(offset) }, PMD / 2), 0);
             let v = ints(p, PMD / 4);
             for (i, x) in v.iter().enumerate() {
                 let b = i * 4;
@@ -856,6 +878,9 @@ fn migrate_remap_fault() {
                         let r = unsafe { libc::mremap(map.cast(), PMD, PMD, flags, target) };
                         assert_ne!(r, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
                         ptr = r.cast();
+                        if !dont_unmap {
+                            unmap_keep_hole(map, PMD);
+                        }
                     }
                     let c = d.migrate_to_dev(&hm, ptr as u64, np, &mut mirror).unwrap();
                     assert_eq!(c.cpages, np as u64);
@@ -866,11 +891,14 @@ fn migrate_remap_fault() {
                         let r = unsafe { libc::mremap(map.cast(), PMD, PMD, flags, target) };
                         assert_ne!(r, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
                         ptr = r.cast();
+                        if !dont_unmap {
+                            unmap_keep_hole(map, PMD);
+                        }
                     }
                     for (i, x) in ints(ptr, PMD / 4).iter().enumerate() {
                         assert_eq!(*x, i as i32, "before {before} dontunmap {dont_unmap} thp {use_thp} off {offset}");
                     }
-                    unsafe { libc::munmap(ptr.cast(), PMD) };
+                    unmap_keep_hole(ptr, PMD);
                 }
             }
         }

@@ -59,6 +59,16 @@ struct Cmd {
 /// A test device with the dmirror operations.
 struct Dmirror {
     dev: Device<SimDevice>,
+    /// Held by the first device of a test: the scenarios run one at a time. Several of them
+    /// remap and unmap fixed address ranges, and another test's threads (stacks, arenas) must
+    /// not be placed there meanwhile.
+    _serial: Option<std::sync::MutexGuard<'static, ()>>,
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn sim(mem: u64) -> SimDevice {
@@ -79,7 +89,7 @@ fn errno_of(e: &Error, write: bool) -> i32 {
 
 impl Dmirror {
     fn new(hm: &Hetmm) -> Self {
-        Dmirror { dev: hm.attach_sim(sim(256 << 20)).unwrap() }
+        Dmirror { dev: hm.attach_sim(sim(256 << 20)).unwrap(), _serial: None }
     }
 
     fn check(addr: u64, npages: usize) -> Result<(), i32> {
@@ -277,14 +287,18 @@ fn unmap_keep_hole(addr: *mut u8, len: usize) -> i32 {
 }
 
 fn setup() -> (Hetmm, Dmirror) {
+    let guard = serial();
     let hm = Hetmm::new().expect("userfaultfd and memfd available");
-    let d = Dmirror::new(&hm);
+    let mut d = Dmirror::new(&hm);
+    d._serial = Some(guard);
     (hm, d)
 }
 
 fn setup2() -> (Hetmm, Dmirror, Dmirror) {
+    let guard = serial();
     let hm = Hetmm::new().expect("userfaultfd and memfd available");
-    let d0 = Dmirror::new(&hm);
+    let mut d0 = Dmirror::new(&hm);
+    d0._serial = Some(guard);
     let d1 = Dmirror::new(&hm);
     (hm, d0, d1)
 }

@@ -35,6 +35,18 @@ fn select(blk: &Block, m: &PageMask, f: impl Fn(&crate::block::Page) -> bool) ->
     out
 }
 
+/// Devices holding a copy of any page of `m`.
+fn device_holders(blk: &Block, m: &PageMask) -> ProcMask {
+    ProcMask(m.iter().fold(0, |acc, i| acc | blk.pages[i].resident.0) & !ProcMask::only(Proc::Cpu).0)
+}
+
+/// Removes `slot`'s remote mappings (of host pages) among `m`, before it maps its own copies.
+fn unmap_own_remote(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
+    let me = Proc::Device(slot.id);
+    let remote = select(blk, m, |p| p.dev_mapped.has(me) && !p.resident.has(me));
+    unmap_on(space, blk, slot, &remote)
+}
+
 /// Runs of pages whose device pages are physically contiguous: `(first page, count, first pa)`.
 fn pa_runs(blk: &Block, id: DeviceId, m: &PageMask) -> Vec<(usize, usize, PhysAddr)> {
     let mut out: Vec<(usize, usize, PhysAddr)> = Vec::new();
@@ -295,8 +307,7 @@ pub(crate) fn to_device(
     // Nobody else may access the pages from here on: other devices (copies or remote maps), our
     // own remote maps, the CPU.
     unmap_others(space, blk, want, Some(slot.id))?;
-    let own_remote = select(blk, want, |p| p.dev_mapped.has(me) && !p.resident.has(me));
-    unmap_on(space, blk, slot, &own_remote)?;
+    unmap_own_remote(space, blk, slot, want)?;
     drop_other_device_copies(space, blk, want, slot.id)?;
     revoke_cpu(space, region, blk, want)?;
     let need = select(blk, want, |p| !p.resident.has(me));
@@ -312,10 +323,7 @@ pub(crate) fn to_device(
 
 /// Frees the copies other devices hold of `m` (their mappings are already gone).
 fn drop_other_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask, keep: DeviceId) -> Result<()> {
-    let mut devs = ProcMask::EMPTY;
-    for i in m.iter() {
-        devs.0 |= blk.pages[i].resident.0 & !1;
-    }
+    let devs = device_holders(blk, m);
     for d in devs.devices().filter(|d| *d != keep) {
         let slot = space.holder(d)?;
         let here = select(blk, &widen(blk, &slot, m), |p| p.resident.has(Proc::Device(d)));
@@ -348,8 +356,7 @@ pub(crate) fn duplicate_to_device(
     populate(space, region, blk, &empty)?;
     write_protect_cpu(space, region, blk, want)?;
     downgrade_devices(space, blk, want)?;
-    let own_remote = select(blk, want, |p| p.dev_mapped.has(me) && !p.resident.has(me));
-    unmap_on(space, blk, slot, &own_remote)?;
+    unmap_own_remote(space, blk, slot, want)?;
     let need = select(blk, want, |p| !p.resident.has(me));
     fill(space, region, blk, slot, &need, want)?;
     let unmapped = select(blk, want, |p| !p.dev_mapped.has(me));
@@ -529,10 +536,7 @@ pub(crate) fn cpu_duplicate(space: &AddressSpace, region: &Region, blk: &mut Blo
         return Ok(());
     }
     downgrade_devices(space, blk, m)?;
-    let mut devs = ProcMask::EMPTY;
-    for i in m.iter() {
-        devs.0 |= blk.pages[i].resident.0 & !1;
-    }
+    let devs = device_holders(blk, m);
     for d in devs.devices() {
         let slot = space.holder(d)?;
         let copy =
@@ -567,10 +571,7 @@ fn copy_back(space: &AddressSpace, region: &Region, blk: &Block, slot: &DeviceSl
 /// Devices' copies are unmapped and freed (remote mappings of the host page stay valid). The CPU
 /// mapping is left to the caller.
 pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, want: &PageMask) -> Result<()> {
-    let mut devices = ProcMask::EMPTY;
-    for i in want.iter() {
-        devices.0 |= blk.pages[i].resident.0 & !1;
-    }
+    let devices = device_holders(blk, want);
     for d in devices.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);
@@ -616,10 +617,7 @@ pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &Page
 pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> Result<()> {
     // A whole-block device cannot drop part of a block: bring the block home first, so the pages
     // outside `m` keep their data.
-    let mut devs = ProcMask::EMPTY;
-    for i in m.iter() {
-        devs.0 |= blk.pages[i].resident.0 & !1;
-    }
+    let devs = device_holders(blk, m);
     let partial = m.count() < blk.npages;
     if partial && devs.devices().any(|d| space.holder(d).is_ok_and(|s| whole_blocks(&s))) {
         to_cpu(space, region, blk, m)?;

@@ -12,6 +12,14 @@ const SLICE: usize = 4096;
 
 type Kernel = Box<dyn Fn(&BlockCtx) -> Result<(), DeviceError> + Send + Sync>;
 
+/// The slices `(first element, length)` of at most [`SLICE`] elements that block `ctx` walks in a
+/// buffer of `n` elements split into [`CHUNK`]-element blocks.
+fn block_slices(ctx: &BlockCtx, n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let start = ctx.block_idx() as usize * CHUNK;
+    let end = (start + CHUNK).min(n);
+    (start..end).step_by(SLICE).map(move |i| (i, SLICE.min(end - i)))
+}
+
 fn grid(n: usize, per_block: usize) -> Grid {
     Grid { blocks: u32::try_from(n.div_ceil(per_block)).unwrap_or(u32::MAX), threads_per_block: 256 }
 }
@@ -23,19 +31,14 @@ fn at<T>(base: u64, i: usize) -> u64 {
 /// `y[i] = a * x[i] + y[i]` over `n` f32 values.
 pub fn saxpy(a: f32, x: u64, y: u64, n: usize) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {
-        let start = ctx.block_idx() as usize * CHUNK;
-        let end = (start + CHUNK).min(n);
         let (mut xs, mut ys) = (vec![0f32; SLICE], vec![0f32; SLICE]);
-        let mut i = start;
-        while i < end {
-            let len = SLICE.min(end - i);
+        for (i, len) in block_slices(ctx, n) {
             ctx.read_slice(at::<f32>(x, i), &mut xs[..len])?;
             ctx.read_slice(at::<f32>(y, i), &mut ys[..len])?;
             for (yv, xv) in ys[..len].iter_mut().zip(&xs[..len]) {
                 *yv += a * xv;
             }
             ctx.write_slice(at::<f32>(y, i), &ys[..len])?;
-            i += len;
         }
         Ok(())
     };
@@ -46,19 +49,13 @@ pub fn saxpy(a: f32, x: u64, y: u64, n: usize) -> (Grid, Kernel) {
 /// block; `out` needs `grid.blocks` values). Returns the grid.
 pub fn stream_sum(src: u64, n: usize, out: u64) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {
-        let b = ctx.block_idx() as usize;
-        let start = b * CHUNK;
-        let end = (start + CHUNK).min(n);
         let mut buf = vec![0u64; SLICE];
         let mut sum = 0u64;
-        let mut i = start;
-        while i < end {
-            let len = SLICE.min(end - i);
+        for (i, len) in block_slices(ctx, n) {
             ctx.read_slice(at::<u64>(src, i), &mut buf[..len])?;
             sum = buf[..len].iter().fold(sum, |s, v| s.wrapping_add(*v));
-            i += len;
         }
-        ctx.store::<u64>(at::<u64>(out, b), sum)
+        ctx.store::<u64>(at::<u64>(out, ctx.block_idx() as usize), sum)
     };
     (grid(n, CHUNK), Box::new(k))
 }
@@ -66,17 +63,12 @@ pub fn stream_sum(src: u64, n: usize, out: u64) -> (Grid, Kernel) {
 /// Writes `dst[i] = i as u64 ^ seed` for `n` values.
 pub fn stream_write(dst: u64, n: usize, seed: u64) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {
-        let start = ctx.block_idx() as usize * CHUNK;
-        let end = (start + CHUNK).min(n);
         let mut buf = vec![0u64; SLICE];
-        let mut i = start;
-        while i < end {
-            let len = SLICE.min(end - i);
+        for (i, len) in block_slices(ctx, n) {
             for (k, v) in buf[..len].iter_mut().enumerate() {
                 *v = (i + k) as u64 ^ seed;
             }
             ctx.write_slice(at::<u64>(dst, i), &buf[..len])?;
-            i += len;
         }
         Ok(())
     };
@@ -129,18 +121,13 @@ pub fn mul_mat_cpu(r: &mut [f32], a: &[f32], b: &[f32], m: usize) {
 /// buffer and writes another.
 pub fn stream_map(a: u64, b: u64, n: usize, mul: u64, add: u64) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {
-        let start = ctx.block_idx() as usize * CHUNK;
-        let end = (start + CHUNK).min(n);
         let mut buf = vec![0u64; SLICE];
-        let mut i = start;
-        while i < end {
-            let len = SLICE.min(end - i);
+        for (i, len) in block_slices(ctx, n) {
             ctx.read_slice(at::<u64>(a, i), &mut buf[..len])?;
             for v in &mut buf[..len] {
                 *v = v.wrapping_mul(mul).wrapping_add(add);
             }
             ctx.write_slice(at::<u64>(b, i), &buf[..len])?;
-            i += len;
         }
         Ok(())
     };

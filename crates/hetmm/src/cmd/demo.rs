@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use hetmm::kernels::{mul_mat, mul_mat_cpu};
 use hetmm::sim::{SimConfig, SimDevice};
-use hetmm::{Hetmm, Use};
+use hetmm::{Hetmm, SharedBuf, Use};
 use serde_json::json;
 
 /// Options.
@@ -31,6 +31,23 @@ fn value(i: usize, salt: usize) -> f32 {
     ((i.wrapping_mul(2_654_435_761).wrapping_add(salt)) % 7) as f32
 }
 
+/// The CPU fills `a` and `b` through plain pointers.
+fn fill_inputs(a: &mut SharedBuf<f32>, b: &mut SharedBuf<f32>) {
+    for (i, v) in a.as_mut_slice().iter_mut().enumerate() {
+        *v = value(i, 1);
+    }
+    for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
+        *v = value(i, 2);
+    }
+}
+
+/// Values of `result` that differ from the CPU's `a x b`.
+fn mismatches(result: &[f32], a: &SharedBuf<f32>, b: &SharedBuf<f32>, m: usize) -> usize {
+    let mut expect = vec![0f32; m * m];
+    mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
+    result.iter().zip(&expect).filter(|(x, y)| x != y).count()
+}
+
 pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     if args.device == "cuda" {
         return run_cuda(args);
@@ -50,12 +67,7 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     let (mut a, mut b, r) = (hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?);
 
     // The CPU fills a and b through plain pointers.
-    for (i, v) in a.as_mut_slice().iter_mut().enumerate() {
-        *v = value(i, 1);
-    }
-    for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
-        *v = value(i, 2);
-    }
+    fill_inputs(&mut a, &mut b);
 
     // mul_mat_on_gpu(r, a, b, m): the device faults a and b in, computes, and the CPU reads r.
     let t = Instant::now();
@@ -64,9 +76,7 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     let result: Vec<f32> = r.as_slice().to_vec();
     let seconds = t.elapsed().as_secs_f64();
 
-    let mut expect = vec![0f32; n];
-    mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
-    let mismatches = result.iter().zip(&expect).filter(|(x, y)| x != y).count();
+    let mismatches = mismatches(&result, &a, &b, m);
     let verified = mismatches == 0;
     let s = hm.stats();
 
@@ -119,12 +129,7 @@ fn run_cuda(args: &Args) -> Result<ExitCode, hetmm::Error> {
     let hm = Hetmm::new()?;
     let dev = hm.attach(gpu)?;
     let (mut a, mut b, r) = (hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?);
-    for (i, v) in a.as_mut_slice().iter_mut().enumerate() {
-        *v = value(i, 1);
-    }
-    for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
-        *v = value(i, 2);
-    }
+    fill_inputs(&mut a, &mut b);
     dev.driver().compile_kernels()?;
 
     let t = Instant::now();
@@ -133,9 +138,7 @@ fn run_cuda(args: &Args) -> Result<ExitCode, hetmm::Error> {
     let result: Vec<f32> = r.as_slice().to_vec();
     let seconds = t.elapsed().as_secs_f64();
 
-    let mut expect = vec![0f32; n];
-    mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
-    let mismatches = result.iter().zip(&expect).filter(|(x, y)| x != y).count();
+    let mismatches = mismatches(&result, &a, &b, m);
     let verified = mismatches == 0;
     let s = hm.stats();
     let place = dev.driver().region_placement(a.ptr());

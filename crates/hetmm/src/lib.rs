@@ -291,6 +291,11 @@ impl<D> Device<D> {
     /// Checks that the device is attached and every use names shared memory; returns the
     /// page-aligned ranges.
     fn check_uses(&self, uses: &[Use]) -> Result<Vec<VaRange>> {
+        // userfaultfd lets munmap/mremap/madvise return as soon as their event is read, before
+        // hetmm has dropped the device mappings of the old addresses: a kernel launched after
+        // such a call must not start until the event is applied, or it could read through a
+        // device mapping of what used to be at its addresses.
+        self.space.settle()?;
         let caps = self.space.device_caps(self.id)?;
         let mut out = Vec::with_capacity(uses.len());
         for u in uses {

@@ -8,9 +8,9 @@
 //! to the servicer, which calls the core: a fault at a remapped address is served after the
 //! remap that created it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu};
 use hetmm_core::invalidate::CpuEvent;
@@ -24,46 +24,58 @@ use crate::uffd::{self, Event, Features, Uffd, UffdError};
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
-/// How long a finished self-zap still claims REMOVE events of its range. A program discard of
-/// the same range within this window is taken for ours: harmless for `MADV_DONTNEED` (the data
-/// stays), see `hetmm_core::invalidate` for `MADV_REMOVE`.
-const ZAP_LINGER: Duration = Duration::from_secs(1);
-
 /// State shared by the host's threads and its regions.
 #[derive(Debug)]
 pub(crate) struct Ctx {
     pub(crate) uffd: Arc<Uffd>,
-    /// Ranges the manager is zapping or zapped recently (their REMOVE events are its own), with
-    /// when the zap returned. madvise returns as soon as the reader's read(2) took the event,
-    /// before the reader looks the range up, so an entry outlives its zap by [`ZAP_LINGER`].
-    zaps: Mutex<Vec<(VaRange, Option<Instant>)>>,
+    /// Ranges the manager is zapping or zapped (their REMOVE events are its own). madvise
+    /// returns as soon as the reader's read(2) took the event, before the reader looks the range
+    /// up, so an entry lives on after its zap: until the reader has classified every batch that
+    /// could hold the zap's events (the value: the number of batches, see [`Ctx::self_zap`]).
+    zaps: Mutex<Vec<(VaRange, Option<u64>)>>,
+    /// read(2) calls the reader has started.
+    reads: AtomicU64,
+    /// Batches the reader has classified (it finished looking up their REMOVE ranges).
+    classified: AtomicU64,
     /// Registered memory (followed through unmap and remap).
     pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
 }
 
 impl Ctx {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Self {
-        Ctx { uffd, zaps: Mutex::new(Vec::new()), mirrors: Mutex::new(Vec::new()) }
+        Ctx {
+            uffd,
+            zaps: Mutex::new(Vec::new()),
+            reads: AtomicU64::new(0),
+            classified: AtomicU64::new(0),
+            mirrors: Mutex::new(Vec::new()),
+        }
     }
 
     /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
     pub(crate) fn self_zap<T>(&self, range: VaRange, zap: impl FnOnce() -> T) -> T {
         self.zaps.lock().push((range, None));
         let r = zap();
-        let now = Instant::now();
+        // Every REMOVE event of the zap was taken by a read(2) that had started by now: the
+        // entry may go once the reader has classified that many batches.
+        let until = self.reads.load(Ordering::Acquire);
         let mut z = self.zaps.lock();
         if let Some(e) = z.iter_mut().find(|(x, done)| *x == range && done.is_none()) {
-            e.1 = Some(now);
+            e.1 = Some(until);
         }
-        z.retain(|(_, done)| done.is_none_or(|t| now.duration_since(t) < ZAP_LINGER));
+        let classified = self.classified.load(Ordering::Acquire);
+        z.retain(|(_, done)| done.is_none_or(|k| classified < k));
         r
     }
 
     fn is_self_zap(&self, range: VaRange) -> bool {
-        let now = Instant::now();
-        let mut z = self.zaps.lock();
-        z.retain(|(_, done)| done.is_none_or(|t| now.duration_since(t) < ZAP_LINGER));
-        z.iter().any(|(x, _)| x.contains_range(&range))
+        self.zaps.lock().iter().any(|(x, _)| x.contains_range(&range))
+    }
+
+    /// The reader finished classifying a batch: drop the zaps it could have held.
+    fn batch_classified(&self) {
+        let classified = self.classified.fetch_add(1, Ordering::AcqRel) + 1;
+        self.zaps.lock().retain(|(_, done)| done.is_none_or(|k| classified < k));
     }
 
     pub(crate) fn live_mirrors_pub(&self) -> Vec<Arc<Mirror>> {
@@ -119,12 +131,14 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
         if let Some(c) = &core {
             c.event_queued(true);
         }
+        ctx.reads.fetch_add(1, Ordering::AcqRel);
         let n = match uffd.read_msgs(&mut msgs) {
             Ok(n) => n,
             Err(e) => {
                 if let Some(c) = &core {
                     c.event_queued(false);
                 }
+                ctx.batch_classified();
                 log::error!("uffd read failed: {e}");
                 std::thread::sleep(POLL_INTERVAL);
                 continue;
@@ -158,6 +172,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
             }
             out.push(msg);
         }
+        ctx.batch_classified();
         let sent = out.is_empty() || tx.send(out).is_ok();
         if let Some(c) = &core {
             c.event_queued(false);

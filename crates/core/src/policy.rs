@@ -38,8 +38,10 @@ pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Acc
     let can_reach = |loc: Proc| loc == requester || (loc == Proc::Cpu && reach.host_remote);
     let current =
         if page.resident.has(Proc::Cpu) { Some(Proc::Cpu) } else { page.resident.devices().next().map(Proc::Device) };
-    // 1. Read duplication: readers get copies; a write collapses them to the writer.
-    if attrs.read_mostly && reading && current.is_some() {
+    // 1. Read duplication: readers get copies; a write collapses them to the writer. Not for a
+    // block the thrashing response pinned (rule 3): under oversubscription the copies would be
+    // evicted and fetched again on every pass, while a remote mapping costs no migration.
+    if attrs.read_mostly && reading && current.is_some() && reach.thrash_pinned.is_none() {
         return Decision::Duplicate;
     }
     // 1b. Duplicate-on-read (hetmm): a reader of data held elsewhere gets its own read-only copy
@@ -286,6 +288,9 @@ mod tests {
         let rm = Attrs { read_mostly: true, ..none };
         assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Read, r), Decision::Duplicate);
         assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Write, r), Decision::Migrate(DEV));
+        // A block the thrashing response pinned in host memory is read remotely, not copied.
+        let pinned = Reach { host_remote: true, thrash_pinned: Some(Proc::Cpu), ..Reach::default() };
+        assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Read, pinned), Decision::Remote(Proc::Cpu));
         let ab = Attrs { accessed_by: ProcMask::only(DEV), ..none };
         assert_eq!(select_residency(&on(Proc::Cpu), &ab, DEV, Access::Read, remote), Decision::Remote(Proc::Cpu));
         assert_eq!(select_residency(&on(Proc::Cpu), &ab, DEV, Access::Read, r), Decision::Migrate(DEV), "no aperture");

@@ -203,12 +203,7 @@ impl AddressSpace {
                 pg.resident = ProcMask::only(crate::types::Proc::Cpu);
             }
         }
-        let mut map = self.regions.write();
-        if !self.overlapping_locked(&map, range).is_empty() {
-            return Err(CoreError::Overlap(range));
-        }
-        map.insert(range.start, Arc::new(region));
-        Ok(())
+        self.insert_announced(region, true)
     }
 
     /// Validates a range that may cover several adjacent regions: non-empty, no overflow, page
@@ -276,6 +271,9 @@ impl AddressSpace {
                     dev_ro: ProcMask::EMPTY,
                 }));
             }
+            for slot in self.holders() {
+                slot.mmu.region_removed(r.range);
+            }
             for part in f(r) {
                 let new = Region::build(part.range, part.prot, part.cpu, part.remote);
                 for cell in &new.blocks {
@@ -290,19 +288,19 @@ impl AddressSpace {
                         }
                     }
                 }
-                let mut map = self.regions.write();
-                let clash = !self.overlapping_locked(&map, part.range).is_empty();
-                if clash {
-                    log::error!("reshaped part {} overlaps a live region; dropped", part.range);
-                    continue;
+                if let Err(e) = self.insert_announced(new, false) {
+                    log::error!("reshaped part {} dropped: {e}", part.range);
                 }
-                map.insert(part.range.start, Arc::new(new));
             }
         }
         result.map(|()| old.len())
     }
 
-    fn overlapping_locked(&self, map: &std::collections::BTreeMap<u64, Arc<Region>>, range: VaRange) -> Vec<u64> {
+    pub(crate) fn overlapping_locked(
+        &self,
+        map: &std::collections::BTreeMap<u64, Arc<Region>>,
+        range: VaRange,
+    ) -> Vec<u64> {
         let mut keys = Vec::new();
         if let Some((k, r)) = map.range(..range.start).next_back() {
             if r.range.end() > range.start {

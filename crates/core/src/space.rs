@@ -232,6 +232,15 @@ impl AddressSpace {
         if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
+        self.insert_announced(Region::build(range, prot, cpu, remote), true)?;
+        Ok(range)
+    }
+
+    /// Inserts `region` after telling every live device about it ([`DeviceMmu::region_added`]).
+    /// `must`: a device's refusal undoes the others and fails the insert; otherwise (a region
+    /// reshaped from one the devices accepted) it is logged and the region goes in regardless.
+    pub(crate) fn insert_announced(&self, region: Region, must: bool) -> Result<()> {
+        let range = region.range;
         // Lock order: devices before regions (as in `attach`), so that every device learns of
         // every region exactly once.
         let devices = self.devices.read();
@@ -239,21 +248,24 @@ impl AddressSpace {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
-        let overlaps = regions.range(..range.end()).next_back().is_some_and(|(_, r)| r.range.end() > range.start);
-        if overlaps {
+        if !self.overlapping_locked(&regions, range).is_empty() {
             return Err(CoreError::Overlap(range));
         }
         let live: Vec<&Arc<DeviceSlot>> = devices.iter().flatten().filter(|s| !s.is_detached()).collect();
         for (k, slot) in live.iter().enumerate() {
-            if let Err(source) = slot.mmu.region_added(range, cpu.backing(range.start)) {
+            if let Err(source) = slot.mmu.region_added(range, region.cpu.backing(range.start)) {
+                if !must {
+                    log::error!("device {:?} refused reshaped region {range}: {source}", slot.id);
+                    continue;
+                }
                 for done in &live[..k] {
                     done.mmu.region_removed(range);
                 }
                 return Err(CoreError::Device { device: slot.id, source });
             }
         }
-        regions.insert(range.start, Arc::new(Region::build(range, prot, cpu, remote)));
-        Ok(range)
+        regions.insert(range.start, Arc::new(region));
+        Ok(())
     }
 
     /// Removes the region starting at `start`: devices lose their mappings and device memory is

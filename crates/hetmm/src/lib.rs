@@ -327,7 +327,7 @@ impl Device<SimDevice> {
         let ranges = self.check_uses(uses)?;
         let job = self.space.job_begin(&ranges);
         match self.dev.launch(grid, kernel) {
-            Ok(inner) => Ok(Launch { inner, job: Some(job), space: Arc::clone(&self.space) }),
+            Ok(inner) => Ok(Launch { inner: Some(Inner::Sim(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {
                 self.space.job_end(&job);
                 Err(e.into())
@@ -341,7 +341,7 @@ impl Device<hetmm_cuda::CudaDevice> {
     /// call names are migrated to the GPU first (whole 2 MiB blocks), and the launch is refused
     /// if they are not all resident then (their total exceeds the GPU memory hetmm manages:
     /// launch in pieces). Pointers are translated to device addresses.
-    pub fn launch(&self, call: &hetmm_cuda::KernelCall) -> Result<hetmm_cuda::CudaLaunch> {
+    pub fn launch(&self, call: &hetmm_cuda::KernelCall) -> Result<Launch> {
         let uses: Vec<Use> = call
             .buffers()
             .iter()
@@ -350,8 +350,15 @@ impl Device<hetmm_cuda::CudaDevice> {
                 Use::raw(b.ptr, b.bytes, access)
             })
             .collect();
-        self.check_uses(&uses)?;
-        Ok(self.dev.launch(call)?)
+        let ranges = self.check_uses(&uses)?;
+        let job = self.space.job_begin(&ranges);
+        match self.dev.launch(call) {
+            Ok(inner) => Ok(Launch { inner: Some(Inner::Cuda(inner)), job: Some(job), space: Arc::clone(&self.space) }),
+            Err(e) => {
+                self.space.job_end(&job);
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -362,12 +369,19 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
 }
 
 /// A running kernel (a job: the memory it named becomes the first eviction candidate once it
-/// ends).
+/// ends), on the simulated device or a GPU.
 #[derive(Debug)]
 pub struct Launch {
-    inner: hetmm_sim::Launch,
+    /// Taken by the waits.
+    inner: Option<Inner>,
     job: Option<Vec<VaRange>>,
     space: Arc<AddressSpace>,
+}
+
+#[derive(Debug)]
+enum Inner {
+    Sim(hetmm_sim::Launch),
+    Cuda(hetmm_cuda::CudaLaunch),
 }
 
 impl Drop for Launch {
@@ -388,13 +402,21 @@ impl Launch {
     }
 
     /// Waits at most `timeout`.
-    pub fn wait_timeout(self, timeout: Duration) -> Result<()> {
-        Ok(self.inner.wait(timeout)?)
+    pub fn wait_timeout(mut self, timeout: Duration) -> Result<()> {
+        match self.inner.take() {
+            Some(Inner::Sim(l)) => Ok(l.wait(timeout)?),
+            Some(Inner::Cuda(l)) => Ok(l.wait(timeout)?),
+            None => Ok(()),
+        }
     }
 
     /// Whether the kernel has finished.
     pub fn is_done(&self) -> bool {
-        self.inner.is_done()
+        match &self.inner {
+            Some(Inner::Sim(l)) => l.is_done(),
+            Some(Inner::Cuda(l)) => l.is_done(),
+            None => true,
+        }
     }
 }
 

@@ -48,7 +48,7 @@ fn gpu_mul_mat_saxpy_stream() {
     a.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = (i % 7) as f32);
     b.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = (i % 5) as f32);
     let call = KernelCall::mul_mat((&r).into(), (&a).into(), (&b).into(), m as u64).unwrap();
-    dev.launch(&call).unwrap().wait(WAIT).unwrap();
+    dev.launch(&call).unwrap().wait_timeout(WAIT).unwrap();
     let mut expect = vec![0f32; n];
     mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
     assert_eq!(r.as_slice(), &expect[..]);
@@ -65,7 +65,7 @@ fn gpu_mul_mat_saxpy_stream() {
     y.as_mut_slice().fill(1.0);
     for round in 1..=2 {
         let call = KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap();
-        dev.launch(&call).unwrap().wait(WAIT).unwrap();
+        dev.launch(&call).unwrap().wait_timeout(WAIT).unwrap();
         assert!(y.as_slice().iter().all(|v| *v == 1.0 + 2.0 * round as f32));
     }
 
@@ -73,8 +73,8 @@ fn gpu_mul_mat_saxpy_stream() {
     let cnt = 1 << 20;
     let s = hm.alloc::<u64>(cnt).unwrap();
     let out = hm.alloc::<u64>(kernels::stream_sum_blocks(cnt as u64) as usize).unwrap();
-    dev.launch(&KernelCall::stream_write((&s).into(), 7).unwrap()).unwrap().wait(WAIT).unwrap();
-    dev.launch(&KernelCall::stream_sum((&s).into(), (&out).into()).unwrap()).unwrap().wait(WAIT).unwrap();
+    dev.launch(&KernelCall::stream_write((&s).into(), 7).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    dev.launch(&KernelCall::stream_sum((&s).into(), (&out).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
     let want = (0..cnt as u64).fold(0u64, |acc, i| acc.wrapping_add(i ^ 7));
     assert_eq!(out.as_slice().iter().fold(0u64, |acc, v| acc.wrapping_add(*v)), want);
     assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 7));

@@ -138,7 +138,7 @@ fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
         }
         let t = Instant::now();
         let call = KernelCall::mul_mat((&r).into(), (&a).into(), (&b).into(), m as u64)?;
-        dev.launch(&call)?.wait(WAIT)?;
+        dev.launch(&call)?.wait_timeout(WAIT)?;
         result = r.as_slice().to_vec();
         if rep > 0 {
             times.push(t.elapsed().as_secs_f64());
@@ -184,7 +184,7 @@ fn hetmm_stream(
     expect: u64,
 ) -> Result<bool, hetmm::Error> {
     let call = KernelCall::stream_sum(src, out.into())?;
-    dev.launch(&call)?.wait(WAIT)?;
+    dev.launch(&call)?.wait_timeout(WAIT)?;
     let blocks = kernels::stream_sum_blocks(src.bytes / 8) as usize;
     Ok(out.as_slice()[..blocks].iter().fold(0u64, |a, v| a.wrapping_add(*v)) == expect)
 }

@@ -134,7 +134,7 @@ fn run_cuda(args: &Args) -> Result<ExitCode, hetmm::Error> {
 
     let t = Instant::now();
     let call = KernelCall::mul_mat((&r).into(), (&a).into(), (&b).into(), m as u64)?;
-    dev.launch(&call)?.wait(hetmm::Launch::DEFAULT_TIMEOUT)?;
+    dev.launch(&call)?.wait()?;
     let result: Vec<f32> = r.as_slice().to_vec();
     let seconds = t.elapsed().as_secs_f64();
 

@@ -453,6 +453,9 @@ impl AddressSpace {
             }
         }
         let me = Proc::Device(id);
+        // No region may be reshaped meanwhile: a reshape flushing a block from this device after
+        // its page table is gone would fail and leave the block's data behind.
+        let _shape = self.reshape.read();
         let regions: Vec<Arc<Region>> = self.regions.read().values().cloned().collect();
         let mut result = Ok(());
         for region in regions {

@@ -13,6 +13,7 @@ use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu};
+use hetmm_core::error::CoreError;
 use hetmm_core::invalidate::CpuEvent;
 use hetmm_core::types::{Access, VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
@@ -254,7 +255,18 @@ fn serve_faults(uffd: &Uffd, core: Option<&dyn CpuFaultHandler>, faults: &mut Ve
     });
     for &(va, access) in faults.iter() {
         let served = match core {
-            Some(core) => core.cpu_fault(va, access).map_err(|e| e.to_string()),
+            Some(core) => match core.cpu_fault(va, access) {
+                // No region there: the message is stale (another path mapped the page, woke the
+                // thread, and the region went away since), or a registration is being set up
+                // (registered with userfaultfd, not yet in the core). Poisoning would plant a
+                // SIGBUS in memory that is, or is about to be, someone's: let the thread retry.
+                Err(CoreError::NotShared(_)) => {
+                    log::debug!("CPU {access:?} fault at {va:#x} outside shared memory; waking it to retry");
+                    let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
+                    continue;
+                }
+                r => r.map_err(|e| e.to_string()),
+            },
             None => Err("the core is gone".to_string()),
         };
         if let Err(why) = served {

@@ -146,6 +146,7 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
         let mark = space.config.policy.free_watermark;
         let (_, total) = slot.free_and_total();
         let low = ((total as f64 * mark) as u64).max(BLOCK_SIZE / PAGE_SIZE);
+        let Ok(_gate) = space.enter() else { return };
         let mut rounds = 0;
         while !slot.is_detached() && slot.free_and_total().0 < low && rounds < 64 {
             match evict_one(&space, &slot, u64::MAX) {

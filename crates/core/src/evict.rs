@@ -139,8 +139,8 @@ fn evict_block(
 pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
     while !slot.is_detached() {
         {
-            let mut g = slot.evict_lock.lock();
-            slot.evict_wake.wait_for(&mut g, Duration::from_millis(20));
+            let g = slot.evict_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            drop(slot.evict_wake.wait_timeout(g, Duration::from_millis(20)));
         }
         let Some(space) = space.upgrade() else { return };
         let mark = space.config.policy.free_watermark;

@@ -27,12 +27,17 @@
 //! Races: a device kernel that writes memory while another thread forks races with the fork
 //! like any concurrent write: the child sees the data as of the flush or later. Writes that
 //! happen after `fork()` returns in the parent never reach the child.
+//!
+//! The child of a multithreaded process may only make async-signal-safe calls (POSIX); the
+//! child-side work here is only system calls. Threads of hetmm that sleep (the fork gate,
+//! device fault and copy waits, the evictor) sleep on std's futex-based primitives rather than
+//! in `parking_lot`'s process-wide table of parked threads, whose entries for threads that do
+//! not exist in the child corrupt it for a child that goes on to use `parking_lot` (its own
+//! address space, say; parking_lot issue #515).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
-use parking_lot::lock_api::ArcRwLockWriteGuard;
-use parking_lot::RawRwLock;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::cpu::{CpuMmu, ForkPart};
 use crate::error::{CoreError, Result};
@@ -40,6 +45,104 @@ use crate::migrate;
 use crate::space::{AddressSpace, Region};
 use crate::stats::add;
 use crate::types::VaRange;
+
+/// How long a new holder of the gate defers to a waiting fork before entering anyway: the fork
+/// gets the gate promptly under load, and a holder that (unexpectedly) waits for another thread
+/// that needs to enter can never deadlock with it.
+const DEFER: Duration = Duration::from_millis(50);
+
+/// The fork gate: shared by operations that change page state, exclusive while a fork is
+/// prepared (see [`AddressSpace::fork_prepare`]).
+///
+/// Built on std's futex-based mutex and condition variable rather than `parking_lot`: a thread
+/// waiting in `parking_lot` sits in that crate's process-wide table of parked threads, and a
+/// fork at that moment leaves the child with entries of threads that do not exist there (whose
+/// stacks the child's new threads reuse), which corrupts the table for any `parking_lot` lock
+/// the child later contends (parking_lot issue #515). Threads wait at this gate exactly while
+/// a fork happens, so they must not be in that table.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    readers: usize,
+    writer: bool,
+    writers_waiting: usize,
+}
+
+/// A shared hold of the [`Gate`].
+#[derive(Debug)]
+pub(crate) struct GateGuard<'a> {
+    gate: &'a Gate,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Gate {
+    /// Enters shared: waits while a fork holds the gate, and defers (at most [`DEFER`]) to a
+    /// fork waiting for it.
+    pub(crate) fn enter(&self) -> GateGuard<'_> {
+        let deadline = Instant::now() + DEFER;
+        let mut st = lock(&self.state);
+        loop {
+            if st.writer {
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let now = Instant::now();
+            if st.writers_waiting == 0 || now >= deadline {
+                break;
+            }
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        st.readers += 1;
+        GateGuard { gate: self }
+    }
+
+    /// Enters shared unless a fork holds or waits for the gate.
+    pub(crate) fn try_enter(&self) -> Option<GateGuard<'_>> {
+        let mut st = lock(&self.state);
+        if st.writer || st.writers_waiting > 0 {
+            return None;
+        }
+        st.readers += 1;
+        Some(GateGuard { gate: self })
+    }
+
+    /// Takes the gate exclusively: waits until no one holds it.
+    fn close(&self) {
+        let mut st = lock(&self.state);
+        st.writers_waiting += 1;
+        while st.writer || st.readers > 0 {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.writers_waiting -= 1;
+        st.writer = true;
+    }
+
+    /// Releases the exclusive hold.
+    fn open(&self) {
+        lock(&self.state).writer = false;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.gate.state);
+        st.readers -= 1;
+        let wake = st.readers == 0 && st.writers_waiting > 0;
+        drop(st);
+        if wake {
+            self.gate.cv.notify_all();
+        }
+    }
+}
 
 /// What the child needs to make one CPU side's memory its own.
 #[derive(Debug)]
@@ -56,7 +159,6 @@ struct ForkView {
 #[derive(Debug)]
 pub struct ForkGuard {
     space: Arc<AddressSpace>,
-    gate: ArcRwLockWriteGuard<RawRwLock, ()>,
     views: Vec<ForkView>,
     private_bytes: u64,
 }
@@ -77,7 +179,7 @@ impl AddressSpace {
         if let Err(e) = self.settle() {
             log::warn!("fork: {e}");
         }
-        let gate = self.gate.write_arc();
+        self.gate.close();
         add(&self.stats.forks, 1);
         let regions: Vec<Arc<Region>> = self.regions.read().values().cloned().collect();
         let mut views: Vec<ForkView> = Vec::new();
@@ -106,7 +208,7 @@ impl AddressSpace {
                 None => views.push(ForkView { cpu: Arc::clone(&r.cpu), parts: vec![part], lost }),
             }
         }
-        Some(ForkGuard { space: Arc::clone(self), gate, views, private_bytes })
+        Some(ForkGuard { space: Arc::clone(self), views, private_bytes })
     }
 }
 
@@ -126,7 +228,7 @@ impl ForkGuard {
     /// In the parent, after the fork (or after a failed fork): releases the gate; everything
     /// goes on as before. Dropping the guard does the same.
     pub fn parent(self) {
-        drop(self.gate);
+        drop(self);
     }
 
     /// In the child, after the fork, on its only thread: the parent's address space becomes
@@ -145,9 +247,16 @@ impl ForkGuard {
                 }
             }
         }
-        // Never unlock the gate or drop the space here: both belong to the parent's threads.
+        // Never open the gate or drop the space here: both belong to the parent's threads.
         std::mem::forget(self);
         result
+    }
+}
+
+impl Drop for ForkGuard {
+    /// Only in the parent (`child` forgets the guard).
+    fn drop(&mut self) {
+        self.space.gate.open();
     }
 }
 

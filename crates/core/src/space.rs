@@ -7,7 +7,7 @@ use std::sync::{mpsc, Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock};
 
 use crate::alloc::BuddyAllocator;
 use crate::attrs::{Attrs, RangeAttrs};
@@ -15,6 +15,7 @@ use crate::block::{Block, CpuMap, Page, PageMask};
 use crate::cpu::{CpuFaultHandler, CpuMmu};
 use crate::device::{DeviceCaps, DeviceMmu};
 use crate::error::{CoreError, Result};
+use crate::fork::{Gate, GateGuard};
 use crate::migrate;
 use crate::policy::{select_residency, Decision, Policy, Reach};
 use crate::stats::{add, add_since, Stats, StatsSnapshot};
@@ -138,9 +139,11 @@ pub(crate) struct DeviceSlot {
     detached: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
     evictor: Mutex<Option<JoinHandle<()>>>,
-    /// Wakes the background evictor after allocations.
-    pub(crate) evict_wake: parking_lot::Condvar,
-    pub(crate) evict_lock: Mutex<()>,
+    /// Wakes the background evictor after allocations. std's futex-based primitives, not
+    /// `parking_lot`: the evictor sleeps here most of the time, including when the program
+    /// forks (see `crate::fork::Gate`).
+    pub(crate) evict_wake: std::sync::Condvar,
+    pub(crate) evict_lock: std::sync::Mutex<()>,
 }
 
 impl DeviceSlot {
@@ -158,11 +161,11 @@ impl DeviceSlot {
 /// One address space shared by the CPU and every attached device.
 #[derive(Debug)]
 pub struct AddressSpace {
-    /// The fork gate: held shared (recursively) by every operation that changes page state or
+    /// The fork gate: held shared by every operation that changes page state or
     /// moves data between host and device memory, exclusively while a `fork()` is prepared and
     /// until the child has its copy (see [`crate::fork`]). Outermost lock: taken before
     /// `reshape`, the regions and the block locks.
-    pub(crate) gate: Arc<RwLock<()>>,
+    pub(crate) gate: Gate,
     /// This process is the child of a `fork()` and the address space belongs to the parent:
     /// every operation fails with [`CoreError::ForkedAway`].
     pub(crate) forked_away: AtomicBool,
@@ -191,7 +194,7 @@ impl AddressSpace {
             readahead: Mutex::new(None),
             regions: RwLock::new(BTreeMap::new()),
             reshape: RwLock::new(()),
-            gate: Arc::new(RwLock::new(())),
+            gate: Gate::default(),
             forked_away: AtomicBool::new(false),
             events_pending: AtomicU64::new(0),
             devices: RwLock::new(Vec::new()),
@@ -207,22 +210,21 @@ impl AddressSpace {
         &self.config
     }
 
-    /// Enters the fork gate (shared, recursive: a holder may enter again even while a fork
-    /// waits for the gate). Every operation that changes page state or host/device data holds
-    /// it. Fails in the child of a `fork()`, where the address space is inert.
-    pub(crate) fn enter(&self) -> Result<RwLockReadGuard<'_, ()>> {
+    /// Enters the fork gate (shared). Every operation that changes page state or host/device
+    /// data holds it. Fails in the child of a `fork()`, where the address space is inert.
+    pub(crate) fn enter(&self) -> Result<GateGuard<'_>> {
         if self.is_forked_away() {
             return Err(CoreError::ForkedAway);
         }
-        Ok(self.gate.read_recursive())
+        Ok(self.gate.enter())
     }
 
     /// [`AddressSpace::enter`] without waiting (background work skips its turn instead).
-    pub(crate) fn try_enter(&self) -> Option<RwLockReadGuard<'_, ()>> {
+    pub(crate) fn try_enter(&self) -> Option<GateGuard<'_>> {
         if self.is_forked_away() {
             return None;
         }
-        self.gate.try_read_recursive()
+        self.gate.try_enter()
     }
 
     /// Whether this process is a `fork()` child and the address space belongs to the parent.
@@ -395,8 +397,8 @@ impl AddressSpace {
             detached: AtomicBool::new(false),
             service: Mutex::new(None),
             evictor: Mutex::new(None),
-            evict_wake: parking_lot::Condvar::new(),
-            evict_lock: Mutex::new(()),
+            evict_wake: std::sync::Condvar::new(),
+            evict_lock: std::sync::Mutex::new(()),
         });
         if slot.caps.replayable_faults {
             let h = self.spawn_for(&slot, "faults", crate::fault::service_loop)?;

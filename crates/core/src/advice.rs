@@ -71,7 +71,8 @@ impl AddressSpace {
                 std::thread::Builder::new()
                     .name("hetmm-prefetch".into())
                     .spawn(move || {
-                        let _ = tx.send(me.prefetch_range(range, to));
+                        let r = me.enter().and_then(|_gate| me.prefetch_range(range, to));
+                        let _ = tx.send(r);
                     })
                     .map_err(|_| CoreError::ShuttingDown)?;
                 Ok(Pending { rx: Some(rx) })

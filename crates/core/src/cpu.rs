@@ -3,7 +3,16 @@
 //! the OS itself; the host layer calls back into the core with [`CpuFaultHandler`].
 
 use crate::device::HostAddr;
-use crate::types::{Access, VaRange};
+use crate::types::{Access, Prot, VaRange};
+
+/// One part of a shared region as a `fork()` child must see it (see [`CpuMmu::fork_child`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkPart {
+    /// Application addresses (page aligned, inside the CPU side's range).
+    pub range: VaRange,
+    /// The protection the program has on it.
+    pub prot: Prot,
+}
 
 /// An error from the host layer, with the facts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -50,6 +59,20 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
 
     /// Changes the CPU protection of the application's view of `range` (`mprotect`).
     fn set_prot(&self, _range: VaRange, _prot: crate::types::Prot) -> Result<(), HostError> {
+        Ok(())
+    }
+
+    /// Runs in the child process of a `fork()`, on its only thread, before `fork` returns there:
+    /// once per CPU side, with the parts of live regions it backs. The host backing holds the
+    /// data of every page of them as of the fork (the core copied data held only by devices
+    /// there while preparing), except the ranges in `lost` (a device copy failed), which must not
+    /// be readable in the child. The implementation gives the child what `fork()` of ordinary
+    /// memory gives: private memory becomes a private copy, shared memory stays shared. The
+    /// parent waits until this returns (or the child dies), so the copy is as of the fork.
+    ///
+    /// It runs in the child of a multithreaded process: only plain system calls, no locks other
+    /// threads may have held, no allocation, no logging. The default does nothing.
+    fn fork_child(&self, _parts: &[ForkPart], _lost: &[VaRange]) -> Result<(), HostError> {
         Ok(())
     }
 

@@ -90,6 +90,11 @@ pub enum CoreError {
     /// The address space is being torn down.
     #[error("address space is shutting down")]
     ShuttingDown,
+    /// The address space belongs to the parent of a `fork()`: in the child it is inert (its
+    /// threads and devices stayed with the parent). The child's copy of shared memory is
+    /// ordinary memory; a child that wants devices makes its own address space.
+    #[error("address space belongs to the parent process (this is a fork child)")]
+    ForkedAway,
 }
 
 /// Result alias.

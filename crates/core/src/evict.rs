@@ -139,13 +139,14 @@ fn evict_block(
 pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
     while !slot.is_detached() {
         {
-            let mut g = slot.evict_lock.lock();
-            slot.evict_wake.wait_for(&mut g, Duration::from_millis(20));
+            let g = slot.evict_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            drop(slot.evict_wake.wait_timeout(g, Duration::from_millis(20)));
         }
         let Some(space) = space.upgrade() else { return };
         let mark = space.config.policy.free_watermark;
         let (_, total) = slot.free_and_total();
         let low = ((total as f64 * mark) as u64).max(BLOCK_SIZE / PAGE_SIZE);
+        let Ok(_gate) = space.enter() else { return };
         let mut rounds = 0;
         while !slot.is_detached() && slot.free_and_total().0 < low && rounds < 64 {
             match evict_one(&space, &slot, u64::MAX) {

@@ -74,6 +74,7 @@ impl AddressSpace {
     /// to system memory). The device stays attached.
     pub fn evict_device(&self, dev: DeviceId) -> Result<()> {
         self.slot(dev)?;
+        let _gate = self.enter()?;
         let _shape = self.reshape.read();
         let regions: Vec<_> = self.regions.read().values().cloned().collect();
         for r in regions {

@@ -88,6 +88,10 @@ pub(crate) fn service_batch(
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
 ) -> (Vec<(u64, FaultCancel)>, Vec<Serviced>) {
+    let Ok(_gate) = space.enter() else {
+        let cancel = faults.iter().map(|f| (align_down(f.va, PAGE_SIZE), FaultCancel::Detached)).collect();
+        return (cancel, Vec::new());
+    };
     let _shape = space.reshape.read();
     let st = &space.stats;
     add(&st.device_faults, faults.len() as u64);
@@ -413,7 +417,8 @@ pub(crate) fn ahead_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>, rx: s
 fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
     let Ahead { last, stride, ahead, write: writes } = req;
     let me = Proc::Device(slot.id);
-    // Never while regions are being reshaped (unmap/remap/protect in progress).
+    // Never while a fork is prepared or regions are being reshaped.
+    let Some(_gate) = space.try_enter() else { return };
     let Some(_shape) = space.reshape.try_read() else { return };
     let Some(region) = space.region_of(last) else { return };
     let reserve = (slot.free_and_total().1 as f64 * space.config.policy.free_watermark * 2.0) as u64;

@@ -83,6 +83,9 @@ impl AddressSpace {
     /// the program's `munmap`/`mremap`/`madvise` returns, the next hetmm call sees its effect.
     /// Never call it from the thread that applies events.
     pub fn settle(&self) -> Result<()> {
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
         let limit = std::time::Duration::from_secs(10);
         let t = std::time::Instant::now();
         while self.events_pending.load(std::sync::atomic::Ordering::Acquire) != 0 {
@@ -97,6 +100,7 @@ impl AddressSpace {
     /// Brings device-resident pages of `range` back to host memory and removes every device
     /// mapping of them (the program discarded its CPU mapping; see the module notes).
     pub fn discard_cpu_range(&self, range: VaRange) -> Result<()> {
+        let _gate = self.enter()?;
         let _shape = self.reshape.read();
         let mut result = Ok(());
         for region in self.overlapping(range) {
@@ -197,6 +201,9 @@ impl AddressSpace {
         if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
         let region = Region::build(range, prot, cpu, remote);
         for cell in &region.blocks {
             for pg in cell.lock().pages.iter_mut() {
@@ -246,6 +253,7 @@ impl AddressSpace {
     /// drops device mappings, and puts back the parts `f` returns for each (with the old
     /// regions' per-page CPU state). Returns how many regions were touched.
     fn reshape_regions(&self, touch: VaRange, mut f: impl FnMut(&Region) -> Vec<Part>) -> Result<usize> {
+        let _gate = self.enter()?;
         let _shape = self.reshape.write();
         let old: Vec<Arc<Region>> = {
             let mut map = self.regions.write();

@@ -5,6 +5,7 @@
 //! - [`device`]: the [`device::DeviceMmu`] trait devices implement.
 //! - [`cpu`]: the [`cpu::CpuMmu`] trait the host layer implements, and the CPU fault entry point.
 //! - [`error`], [`stats`]: errors and counters.
+//! - [`fork`]: what a `fork()` child sees of shared memory, and how the parent prepares it.
 #![warn(missing_docs)]
 
 pub mod cpu;
@@ -20,6 +21,7 @@ pub mod block;
 mod evict;
 pub mod exclusive;
 mod fault;
+pub mod fork;
 pub mod invalidate;
 mod migrate;
 mod mirror;
@@ -28,6 +30,7 @@ pub mod snapshot;
 pub mod space;
 
 pub use advice::{Advice, Pending};
+pub use fork::ForkGuard;
 pub use policy::Policy;
 pub use space::{AddressSpace, AttachOptions, CoreConfig};
 

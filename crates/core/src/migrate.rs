@@ -567,6 +567,27 @@ fn copy_back(space: &AddressSpace, region: &Region, blk: &Block, slot: &DeviceSl
     Ok(())
 }
 
+/// Copies into host backing the data of every page of `blk` whose only copies are on devices,
+/// changing nothing else: no mapping, residency or permission moves, the devices keep their
+/// copies and the CPU stays unmapped (a `fork()` child reads the host backing; see
+/// [`crate::fork`]). Returns the bytes copied; on error, the pages that may not have been
+/// copied.
+pub(crate) fn flush_to_host(space: &AddressSpace, region: &Region, blk: &Block) -> Result<u64, PageMask> {
+    let mut left = select(blk, &PageMask::full(blk.npages), |p| !p.resident.is_empty() && !p.resident.has(Proc::Cpu));
+    let mut bytes = 0;
+    for d in device_holders(blk, &left).devices() {
+        let here = select(blk, &left, |p| p.resident.has(Proc::Device(d)));
+        let slot = space.holder(d).map_err(|_| left)?;
+        if let Err(e) = copy_back(space, region, blk, &slot, &here) {
+            log::error!("fork: copying block {:#x} from device {d:?} to host memory: {e}", blk.base);
+            return Err(left);
+        }
+        bytes += here.count() as u64 * PAGE_SIZE;
+        left = left.and_not(&here);
+    }
+    Ok(bytes)
+}
+
 /// Brings the pages `want` of `blk` back into host backing: the CPU becomes the only holder.
 /// Devices' copies are unmapped and freed (remote mappings of the host page stay valid). The CPU
 /// mapping is left to the caller.

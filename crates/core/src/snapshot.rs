@@ -95,6 +95,7 @@ impl AddressSpace {
             return Err(CoreError::Unaligned(range));
         }
         self.slot(dev)?;
+        let _gate = self.enter()?;
         let _shape = self.reshape.read();
         let mut out = vec![SnapEntry::ERROR; range.pages() as usize];
         for region in self.overlapping(range) {

@@ -15,6 +15,7 @@ use crate::block::{Block, CpuMap, Page, PageMask};
 use crate::cpu::{CpuFaultHandler, CpuMmu};
 use crate::device::{DeviceCaps, DeviceMmu};
 use crate::error::{CoreError, Result};
+use crate::fork::{Gate, GateGuard};
 use crate::migrate;
 use crate::policy::{select_residency, Decision, Policy, Reach};
 use crate::stats::{add, add_since, Stats, StatsSnapshot};
@@ -138,9 +139,11 @@ pub(crate) struct DeviceSlot {
     detached: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
     evictor: Mutex<Option<JoinHandle<()>>>,
-    /// Wakes the background evictor after allocations.
-    pub(crate) evict_wake: parking_lot::Condvar,
-    pub(crate) evict_lock: Mutex<()>,
+    /// Wakes the background evictor after allocations. std's futex-based primitives, not
+    /// `parking_lot`: the evictor sleeps here most of the time, including when the program
+    /// forks (see `crate::fork::Gate`).
+    pub(crate) evict_wake: std::sync::Condvar,
+    pub(crate) evict_lock: std::sync::Mutex<()>,
 }
 
 impl DeviceSlot {
@@ -158,6 +161,14 @@ impl DeviceSlot {
 /// One address space shared by the CPU and every attached device.
 #[derive(Debug)]
 pub struct AddressSpace {
+    /// The fork gate: held shared by every operation that changes page state or
+    /// moves data between host and device memory, exclusively while a `fork()` is prepared and
+    /// until the child has its copy (see [`crate::fork`]). Outermost lock: taken before
+    /// `reshape`, the regions and the block locks.
+    pub(crate) gate: Gate,
+    /// This process is the child of a `fork()` and the address space belongs to the parent:
+    /// every operation fails with [`CoreError::ForkedAway`].
+    pub(crate) forked_away: AtomicBool,
     /// Held for reading by every fault service and migration, for writing while regions are
     /// split, moved or re-protected (so no fault sees a range missing mid-change).
     pub(crate) reshape: RwLock<()>,
@@ -183,6 +194,8 @@ impl AddressSpace {
             readahead: Mutex::new(None),
             regions: RwLock::new(BTreeMap::new()),
             reshape: RwLock::new(()),
+            gate: Gate::default(),
+            forked_away: AtomicBool::new(false),
             events_pending: AtomicU64::new(0),
             devices: RwLock::new(Vec::new()),
             stats: Stats::default(),
@@ -195,6 +208,28 @@ impl AddressSpace {
     /// The configuration.
     pub fn config(&self) -> &CoreConfig {
         &self.config
+    }
+
+    /// Enters the fork gate (shared). Every operation that changes page state or host/device
+    /// data holds it. Fails in the child of a `fork()`, where the address space is inert.
+    pub(crate) fn enter(&self) -> Result<GateGuard<'_>> {
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
+        Ok(self.gate.enter())
+    }
+
+    /// [`AddressSpace::enter`] without waiting (background work skips its turn instead).
+    pub(crate) fn try_enter(&self) -> Option<GateGuard<'_>> {
+        if self.is_forked_away() {
+            return None;
+        }
+        self.gate.try_enter()
+    }
+
+    /// Whether this process is a `fork()` child and the address space belongs to the parent.
+    pub fn is_forked_away(&self) -> bool {
+        self.forked_away.load(Ordering::Acquire)
     }
 
     /// Nanoseconds since the address space was made (never 0): the clock of recency and
@@ -231,6 +266,9 @@ impl AddressSpace {
         let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
         if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
+        }
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
         }
         self.insert_announced(Region::build(range, prot, cpu, remote), true)?;
         Ok(range)
@@ -271,6 +309,7 @@ impl AddressSpace {
     /// Removes the region starting at `start`: devices lose their mappings and device memory is
     /// freed (the data is gone). Returns the CPU side for the caller to release.
     pub fn remove_region(&self, start: u64) -> Result<Arc<dyn CpuMmu>> {
+        let _gate = self.enter()?;
         let region = self.regions.write().remove(&start).ok_or(CoreError::NotShared(VaRange::new(start, PAGE_SIZE)))?;
         region.freed.store(true, Ordering::Release);
         self.attrs.write().clear(region.range);
@@ -328,6 +367,9 @@ impl AddressSpace {
     /// Attaches a device: creates its page table, registers its memory with a buddy allocator,
     /// and (if it reports faults) starts its fault-service thread.
     pub fn attach(self: &Arc<Self>, mmu: Arc<dyn DeviceMmu>, opts: AttachOptions) -> Result<DeviceId> {
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
@@ -367,8 +409,8 @@ impl AddressSpace {
             detached: AtomicBool::new(false),
             service: Mutex::new(None),
             evictor: Mutex::new(None),
-            evict_wake: parking_lot::Condvar::new(),
-            evict_lock: Mutex::new(()),
+            evict_wake: std::sync::Condvar::new(),
+            evict_lock: std::sync::Mutex::new(()),
         });
         if slot.caps.replayable_faults {
             let h = self.spawn_for(&slot, "faults", crate::fault::service_loop)?;
@@ -427,6 +469,9 @@ impl AddressSpace {
 
     /// Capabilities of an attached device.
     pub fn device_caps(&self, id: DeviceId) -> Result<DeviceCaps> {
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
         Ok(self.slot(id)?.caps.clone())
     }
 
@@ -440,6 +485,10 @@ impl AddressSpace {
     /// Detaches a device: its pending faults fail, its data comes back to the CPU, its page table
     /// is destroyed.
     pub fn detach(&self, id: DeviceId) -> Result<()> {
+        // In a fork child the device's threads do not exist: nothing to stop or wait for.
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
         let slot = self.slot(id)?;
         slot.detached.store(true, Ordering::Release);
         slot.mmu.shutdown_faults();
@@ -452,6 +501,7 @@ impl AddressSpace {
                 let _ = h.join();
             }
         }
+        let _gate = self.enter()?;
         let me = Proc::Device(id);
         // No region may be reshaped meanwhile: a reshape flushing a block from this device after
         // its page table is gone would fail and leave the block's data behind.
@@ -488,6 +538,7 @@ impl AddressSpace {
     /// read-only copy on read-mostly ranges); for the CPU, they end up in host backing and are
     /// mapped on the next CPU access.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
+        let _gate = self.enter()?;
         let _shape = self.reshape.read();
         let range = self.check_range(start, len)?;
         if let Proc::Device(d) = to {
@@ -496,7 +547,8 @@ impl AddressSpace {
         self.prefetch_range(range, to)
     }
 
-    /// The body of [`AddressSpace::migrate`] and of `Advice::Prefetch` (range already checked).
+    /// The body of [`AddressSpace::migrate`] and of `Advice::Prefetch` (range already checked;
+    /// the caller holds the fork gate).
     pub(crate) fn prefetch_range(&self, range: VaRange, to: Proc) -> Result<()> {
         let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
         let slot = match to {
@@ -536,6 +588,7 @@ impl AddressSpace {
 
     /// Drops the data of `range` everywhere (`Advice::DontNeed`).
     pub(crate) fn discard_range(&self, range: VaRange) -> Result<()> {
+        let _gate = self.enter()?;
         let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
         for bidx in region.block_index(range.start)..=region.block_index(range.end() - 1) {
             let mut blk = region.blocks[bidx].lock();
@@ -564,6 +617,10 @@ impl AddressSpace {
     }
 
     fn for_blocks(&self, ranges: &[VaRange], mut f: impl FnMut(&mut Block)) {
+        // In a fork child the blocks belong to the parent (a lock may have been held there).
+        if self.is_forked_away() {
+            return;
+        }
         for r in ranges {
             let Some(region) = self.region_of(r.start) else { continue };
             let Some(r) = region.range.intersect(r) else { continue };
@@ -575,6 +632,7 @@ impl AddressSpace {
 
     /// Services a CPU fault at `va` (see [`CpuFaultHandler`]).
     fn service_cpu_fault(&self, va: u64, access: Access) -> Result<()> {
+        let _gate = self.enter()?;
         let _shape = self.reshape.read();
         let t = Instant::now();
         let region = self.region_of(va).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
@@ -701,6 +759,11 @@ impl AddressSpace {
     /// Detaches every device and refuses new work. Called by the owner before dropping; safe to
     /// call twice.
     pub fn shutdown(&self) {
+        // A fork child's copy of the parent's address space has no threads to stop and no
+        // devices of its own: nothing to do (and nothing may wait for the parent's threads).
+        if self.is_forked_away() {
+            return;
+        }
         self.shutting_down.store(true, Ordering::Release);
         let ids: Vec<DeviceId> = self.devices.read().iter().flatten().map(|s| s.id).collect();
         for id in ids {
@@ -750,7 +813,8 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
         if space.shutting_down.load(Ordering::Acquire) {
             return;
         }
-        // Never while regions are being reshaped (unmap/remap/protect in progress).
+        // Never while a fork is prepared or regions are being reshaped.
+        let Some(_gate) = space.try_enter() else { continue };
         let Some(_shape) = space.reshape.try_read() else { continue };
         let Some(region) = space.region_of(from) else { continue };
         if !region.range.contains(to - 1) || region.is_freed() {

@@ -77,6 +77,11 @@ stats! {
     ns_evict,
     /// Nanoseconds servicing CPU faults.
     ns_cpu_fault,
+    /// fork()s prepared (device-only data copied into host memory for the child).
+    forks,
+    /// Bytes copied device to host so that a fork child sees them (counted in bytes_to_host
+    /// too); no page changed state.
+    bytes_fork_flushed,
 }
 
 /// Adds to a counter.

@@ -77,6 +77,13 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// One address space shared by the CPU and the devices attached to it.
+///
+/// `fork()`: a child gets a private copy, as of the fork, of the private memory this address
+/// space manages (data held only by a device included), and shares the shared memory (see
+/// [`hetmm_core::fork`]). In the child the copy is ordinary memory; this `Hetmm` and its devices
+/// stay with the parent, and every call on them there fails with [`CoreError::ForkedAway`]. A
+/// child that wants devices makes its own `Hetmm` and registers the memory. The parent is not
+/// disturbed.
 #[derive(Debug)]
 pub struct Hetmm {
     space: Arc<AddressSpace>,
@@ -94,6 +101,7 @@ impl Hetmm {
         let space = AddressSpace::new(config);
         let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>;
         let host = Host::new(weak).map_err(|e| Error::Host(e.to_string()))?;
+        hetmm_host::fork::track(&space, &host).map_err(|e| Error::Host(e.to_string()))?;
         Ok(Hetmm { space, host })
     }
 

@@ -65,8 +65,11 @@ impl<T> SharedBuf<T> {
 
 impl<T> Drop for SharedBuf<T> {
     fn drop(&mut self) {
-        if let Err(e) = self.space.remove_region(self.ptr()) {
-            log::error!("freeing shared buffer at {:#x}: {e}", self.ptr());
+        match self.space.remove_region(self.ptr()) {
+            // A fork child's copy of the parent's buffer: the memory is the child's own copy
+            // (see `hetmm_core::fork`); the region stays the parent's.
+            Ok(_) | Err(hetmm_core::error::CoreError::ForkedAway) => {}
+            Err(e) => log::error!("freeing shared buffer at {:#x}: {e}", self.ptr()),
         }
     }
 }

@@ -103,3 +103,32 @@ fn gpu_refuses_what_it_cannot_do() {
     hm.migrate(y.ptr(), y.byte_len(), Proc::Cpu).unwrap();
     assert!(y.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64));
 }
+
+/// fork() with a GPU attached: data the GPU wrote (its only copy in GPU memory, the host copy
+/// stale) reaches the child, which only reads it (a CUDA context is not usable in a fork
+/// child); the parent's GPU keeps its data and keeps working.
+#[test]
+#[allow(clippy::undocumented_unsafe_blocks)]
+fn gpu_fork_child_sees_gpu_written_data() {
+    let Some(g) = gpu(64 << 20) else { return };
+    let hm = Hetmm::new().unwrap();
+    let dev = hm.attach(g).unwrap();
+    let cnt = 1 << 20;
+    let s = hm.alloc::<u64>(cnt).unwrap();
+    dev.launch(&KernelCall::stream_write((&s).into(), 7).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    let before = hm.stats();
+    let ptr = s.ptr() as *const u64;
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let v = unsafe { std::slice::from_raw_parts(ptr, cnt) };
+        let ok = v.iter().enumerate().all(|(i, x)| *x == i as u64 ^ 7);
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
+    assert!(hm.stats().since(&before).bytes_fork_flushed >= (cnt * 8) as u64);
+    dev.launch(&KernelCall::stream_write((&s).into(), 9).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 9));
+}

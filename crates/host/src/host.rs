@@ -321,6 +321,12 @@ impl CpuMmu for HostRegion {
             Err(_) => false,
         }
     }
+
+    /// Memory from [`Host::create_region`] is private: the child gets a private copy of each
+    /// part (see `SharedMapping::fork_child`).
+    fn fork_child(&self, parts: &[hetmm_core::cpu::ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
+        self.mapping.fork_child(parts, lost).map_err(|e| mapping_err("fork", self.mapping.app_range(), e))
+    }
 }
 
 impl Drop for HostRegion {
@@ -579,6 +585,42 @@ mod tests {
         let host = region.host.clone();
         assert!(matches!(host.create_region(0), Err(RegionError::Mapping(_))));
         assert!(matches!(host.create_region(4095), Err(RegionError::Mapping(_))));
+    }
+
+    /// A uffd inherited by a fork child describes the parent's address space: its ioctls must
+    /// refuse to act from the child.
+    #[test]
+    fn uffd_refuses_ioctls_from_a_fork_child() {
+        let (_core, host, region) = setup(2 * PAGE_SIZE);
+        region.populate(&[page(&region, 0)]).unwrap();
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let esrch = rustix::io::Errno::SRCH.raw_os_error();
+            let ok = region.map(&[page(&region, 0)], true).is_err_and(|e| e.errno == esrch)
+                && host.uffd.register(page(&region, 1), RegisterMode::MISSING).is_err_and(|e| e.errno() == esrch);
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
+        // The parent's uffd still works.
+        region.map(&[page(&region, 0)], true).unwrap();
+    }
+
+    /// The child-side fork hook does nothing in the process that owns the region (its alias is
+    /// in use there).
+    #[test]
+    fn fork_hook_is_refused_in_the_owner() {
+        let (_core, _host, region) = setup(PAGE_SIZE);
+        let app = region.app_ptr() as usize;
+        on_thread(move || unsafe { (app as *mut u8).write(5) });
+        let part = hetmm_core::cpu::ForkPart { range: region.range(), prot: hetmm_core::types::Prot::READ };
+        let e = region.fork_child(&[part], &[]).unwrap_err();
+        assert_eq!(e.errno, rustix::io::Errno::PERM.raw_os_error());
+        let b = region.backing(region.range().start).0 as *const u8;
+        assert_eq!(unsafe { b.read() }, 5);
+        assert_eq!(unsafe { (app as *const u8).read_volatile() }, 5);
     }
 
     #[test]

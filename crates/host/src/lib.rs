@@ -7,11 +7,17 @@
 //! [`CpuFaultHandler`](hetmm_core::cpu::CpuFaultHandler); [`HostRegion`] is the core's
 //! [`CpuMmu`](hetmm_core::cpu::CpuMmu) for one region. [`probe`] measures the platform's limits.
 //!
-//! All `unsafe` lives in [`uffd`] (ioctls) and [`mapping`] (mmap, madvise).
+//! [`fork`] makes `fork()` give a child its own copy of private hetmm memory (and keeps shared
+//! memory shared).
+//!
+//! All `unsafe` lives in [`uffd`] (ioctls), [`mapping`] (mmap, madvise) and [`fork`]
+//! (`pthread_atfork`).
 #![warn(missing_docs)]
 
 #[cfg(target_os = "linux")]
 mod events;
+#[cfg(target_os = "linux")]
+pub mod fork;
 #[cfg(target_os = "linux")]
 mod host;
 #[cfg(target_os = "linux")]

@@ -6,7 +6,7 @@
 //! letting the application map it again. The views are placed at 2 MiB-aligned addresses so the
 //! kernel (and devices) can use huge mappings.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use hetmm_core::types::{VaRange, BLOCK_SIZE, PAGE_SIZE};
 use rustix::fs::{FallocateFlags, MemfdFlags};
@@ -65,6 +65,11 @@ pub struct SharedMapping {
     /// Manager's alias (2 MiB aligned).
     alias: usize,
     len: usize,
+    /// The process that made the mapping: only a `fork()` child of it (another pid) may make
+    /// its views private ([`SharedMapping::fork_child`]).
+    owner: rustix::process::Pid,
+    /// A fork child unmapped its copy of the alias.
+    alias_gone: std::sync::atomic::AtomicBool,
 }
 
 impl SharedMapping {
@@ -86,7 +91,14 @@ impl SharedMapping {
                 return Err(os("mmap alias")(e));
             }
         };
-        Ok(SharedMapping { memfd, app, alias, len: len as usize })
+        Ok(SharedMapping {
+            memfd,
+            app,
+            alias,
+            len: len as usize,
+            owner: rustix::process::getpid(),
+            alias_gone: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// Start of the application's view.
@@ -162,6 +174,30 @@ impl SharedMapping {
         })
     }
 
+    /// In a `fork()` child (see `CpuMmu::fork_child`): each part of the application view becomes
+    /// private anonymous memory holding the memfd's bytes with the part's protection (`lost`
+    /// sub-ranges inaccessible), and the alias is unmapped. Only system calls. Refused (EPERM,
+    /// nothing done) in the process that made the mapping, where the alias is in use.
+    pub(crate) fn fork_child(&self, parts: &[hetmm_core::cpu::ForkPart], lost: &[VaRange]) -> Result<(), MappingError> {
+        if rustix::process::getpid() == self.owner {
+            let range = self.app_range();
+            return Err(MappingError::Os { op: "fork_child", range, errno: Errno::PERM.raw_os_error() });
+        }
+        let mut result = Ok(());
+        for p in parts {
+            let r = self
+                .offset_of(p.range)
+                .and_then(|off| privatize_in_child(p.range, p.prot, self.memfd.as_fd(), off, lost));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        if !self.alias_gone.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            unmap_quiet(self.alias, self.len);
+        }
+        result
+    }
+
     /// Reads one byte at `va` through the application view (volatile, so it really touches the
     /// page: this is how probes take a fault). May block on a userfaultfd fault.
     pub fn touch_app(&self, va: u64) -> Result<u8, MappingError> {
@@ -175,7 +211,9 @@ impl SharedMapping {
 impl Drop for SharedMapping {
     fn drop(&mut self) {
         unmap(self.app, self.len);
-        unmap(self.alias, self.len);
+        if !self.alias_gone.load(std::sync::atomic::Ordering::Acquire) {
+            unmap(self.alias, self.len);
+        }
     }
 }
 
@@ -323,6 +361,129 @@ pub(crate) fn restore_private(range: VaRange, prot: hetmm_core::types::Prot, src
         return Err(os_err("mremap(FIXED)", range)(e));
     }
     Ok(())
+}
+
+/// In a `fork()` child: replaces the program's view `range` of `memfd` (from byte `off`) with
+/// private anonymous memory holding the same bytes, with protection `prot`; the parts of `lost`
+/// inside `range` become inaccessible. Holes of the memfd are not read (they stay zero pages).
+/// If a step fails, the view is replaced by inaccessible memory, so the child can never reach
+/// the parent's memory through it. A range the program no longer maps is left alone.
+///
+/// Runs in a forked child of a multithreaded process: only system calls (no allocation, no
+/// locks, no logging). Moves the memfd's file offset (shared with the parent, which never
+/// uses it).
+pub(crate) fn privatize_in_child(
+    range: VaRange,
+    prot: hetmm_core::types::Prot,
+    memfd: BorrowedFd<'_>,
+    off: u64,
+    lost: &[VaRange],
+) -> Result<(), MappingError> {
+    check(range)?;
+    if !is_mapped(range) {
+        return Ok(());
+    }
+    let len = range.len as usize;
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+    let tmp = unsafe {
+        rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
+    };
+    let tmp = match tmp {
+        Ok(p) => p as usize,
+        Err(e) => {
+            seal_quiet(range);
+            return Err(os_err("mmap anonymous", range)(e));
+        }
+    };
+    // Huge pages where the kernel has them: fewer faults while the copy fills the mapping (a
+    // hint; failure changes nothing).
+    // SAFETY: `tmp` is the mapping made above, ours alone; the hint changes no content.
+    let _ = unsafe { rustix::mm::madvise(tmp as *mut _, len, Advice::LinuxHugepage) };
+    let r = fill_from_memfd(tmp, range, memfd, off).and_then(|()| {
+        // SAFETY: `tmp` is the mapping made above, ours alone; its protection changes no content.
+        unsafe { rustix::mm::mprotect(tmp as *mut _, len, mprotect_flags(prot)) }.map_err(os_err("mprotect", range))?;
+        for x in lost.iter().filter_map(|l| l.intersect(&range)) {
+            let at = tmp + (x.start - range.start) as usize;
+            // SAFETY: `[at, at + x.len)` lies inside `tmp` (x is inside `range`).
+            unsafe { rustix::mm::mprotect(at as *mut _, x.len as usize, rustix::mm::MprotectFlags::empty()) }
+                .map_err(os_err("mprotect", x))?;
+        }
+        // SAFETY: moves our filled mapping over the child's view of the memfd (found mapped
+        // just above, a hetmm view: the caller's contract); the child then sees the same bytes
+        // at the same addresses, privately.
+        unsafe {
+            rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
+        }
+        .map(drop)
+        .map_err(os_err("mremap(FIXED)", range))
+    });
+    if r.is_err() {
+        unmap_quiet(tmp, len);
+        seal_quiet(range);
+    }
+    r
+}
+
+/// Copies the data extents of `memfd` from `off` into `range.len` bytes at `dst` (holes are
+/// skipped: `dst` is fresh zeroed memory).
+fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off: u64) -> Result<(), MappingError> {
+    let end = off + range.len;
+    let mut pos = off;
+    while pos < end {
+        let data = match rustix::fs::seek(memfd, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d,
+            // No data after `pos`.
+            Err(Errno::NXIO) => return Ok(()),
+            Err(e) => return Err(os_err("lseek(SEEK_DATA)", range)(e)),
+        };
+        if data >= end {
+            return Ok(());
+        }
+        let hole = rustix::fs::seek(memfd, rustix::fs::SeekFrom::Hole(data))
+            .map_err(os_err("lseek(SEEK_HOLE)", range))?
+            .min(end);
+        let mut cur = data;
+        while cur < hole {
+            // SAFETY: `[dst + (cur - off), dst + (hole - off))` lies inside the caller's fresh
+            // mapping of `range.len` bytes (off <= cur < hole <= off + len), which no Rust
+            // reference covers.
+            let buf = unsafe {
+                std::slice::from_raw_parts_mut((dst + (cur - off) as usize) as *mut u8, (hole - cur) as usize)
+            };
+            match rustix::io::pread(memfd, buf, cur) {
+                // The memfd is at least `off + len` long; a short file would be a bug: stop.
+                Ok(0) => return Err(MappingError::Os { op: "pread", range, errno: Errno::IO.raw_os_error() }),
+                Ok(n) => cur += n as u64,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(os_err("pread", range)(e)),
+            }
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Replaces `range` with inaccessible memory (a fork child whose copy failed must not reach
+/// the parent's memory); unmaps it if even that fails. No logging.
+fn seal_quiet(range: VaRange) {
+    let flags = MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE;
+    // SAFETY: replaces the child's view of a hetmm memfd (the caller's range) with fresh
+    // PROT_NONE memory: accesses fault instead of reaching the parent's memory.
+    let r = unsafe { rustix::mm::mmap_anonymous(range.start as *mut _, range.len as usize, ProtFlags::empty(), flags) };
+    if r.is_err() {
+        unmap_quiet(range.start as usize, range.len as usize);
+    }
+}
+
+/// Unmaps `[addr, addr + len)` of a mapping this crate created, ignoring errors (fork child:
+/// no logging).
+pub(crate) fn unmap_quiet(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: only called on mappings this crate created (a fork child's alias or scratch
+    // mapping), which nothing accesses afterwards.
+    let _ = unsafe { rustix::mm::munmap(addr as *mut _, len) };
 }
 
 /// A second mapping of the same shared pages as `range` (one `MAP_SHARED` VMA), from

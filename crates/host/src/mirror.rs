@@ -11,7 +11,8 @@
 //! UNMAP/REMAP events; see `events`). [`Host::unregister`] gives private memory back as private
 //! anonymous memory with the current bytes.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hetmm_core::cpu::{CpuMmu, HostError};
@@ -81,11 +82,15 @@ pub struct Mirror {
     alias: usize,
     len: u64,
     segs: Mutex<Vec<Seg>>,
+    /// A fork child unmapped its copy of the alias.
+    alias_gone_in_child: AtomicBool,
 }
 
 impl Drop for Mirror {
     fn drop(&mut self) {
-        mapping::unmap_alias(self.alias, self.len as usize);
+        if !self.alias_gone_in_child.load(Ordering::Acquire) {
+            mapping::unmap_alias(self.alias, self.len as usize);
+        }
     }
 }
 
@@ -110,6 +115,13 @@ impl Mirror {
     /// The program unmapped `range`.
     pub(crate) fn forget(&self, range: VaRange) {
         cut(&mut self.segs.lock(), range);
+    }
+
+    /// In a fork child: unmaps the alias once (the child's views no longer need it).
+    fn drop_alias_in_child(&self) {
+        if !self.alias_gone_in_child.swap(true, Ordering::AcqRel) {
+            mapping::unmap_quiet(self.alias, self.len as usize);
+        }
     }
 }
 
@@ -236,6 +248,30 @@ impl CpuMmu for MirrorView {
             Err(_) => false,
         }
     }
+
+    /// Registered private memory becomes a private copy in the child (read from the memfd, not
+    /// the alias); registered shared memory stays shared, as the kernel keeps it.
+    /// Refused (EPERM, nothing done) in the process that registered the memory, where the alias
+    /// is in use.
+    fn fork_child(&self, parts: &[hetmm_core::cpu::ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
+        if rustix::process::getpid() == self.mirror.ctx.uffd.owner() {
+            return Err(HostError { op: "fork", range: self.range(), errno: libc::EPERM });
+        }
+        let mut result = Ok(());
+        if let Some(fd) = &self.mirror.memfd {
+            for p in parts {
+                let r = self.check("fork", p.range).and_then(|off| {
+                    mapping::privatize_in_child(p.range, p.prot, fd.as_fd(), off, lost)
+                        .map_err(|e| mapping_err("fork", p.range, e))
+                });
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+        }
+        self.mirror.drop_alias_in_child();
+        result
+    }
 }
 
 /// What [`Host::register`] made of the program's memory.
@@ -278,6 +314,7 @@ impl Host {
                 alias,
                 len: range.len,
                 segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
+                alias_gone_in_child: AtomicBool::new(false),
             });
             self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
             let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
@@ -293,6 +330,7 @@ impl Host {
             alias,
             len: range.len,
             segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
+            alias_gone_in_child: AtomicBool::new(false),
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
         for v in &vm {

@@ -360,11 +360,17 @@ unsafe impl Ioctl for IocNew {
 static USER_MODE_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// An owned, initialised userfaultfd (non-blocking, close-on-exec).
+///
+/// A uffd acts on the address space of the process that opened it, even from a `fork()` child
+/// that inherited the fd: its ioctls there would register, map or protect the *parent's*
+/// memory. So every ioctl checks that it is issued by the opening process, and fails with
+/// [`UffdError::Gone`] (ESRCH) in a child.
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
     features: Features,
     kernel_faults: bool,
+    owner: rustix::process::Pid,
 }
 
 impl Uffd {
@@ -383,7 +389,12 @@ impl Uffd {
         let want = required | (optional & available);
         let (fd, kernel_faults) = open_fd()?;
         api(&fd, want.bits()).map_err(OpenError::Api)?;
-        Ok(Uffd { fd, features: want, kernel_faults })
+        Ok(Uffd { fd, features: want, kernel_faults, owner: rustix::process::getpid() })
+    }
+
+    /// The process that opened the uffd (whose address space it acts on).
+    pub fn owner(&self) -> rustix::process::Pid {
+        self.owner
     }
 
     /// The features granted by the handshake.
@@ -514,6 +525,10 @@ impl Uffd {
     ///
     /// `OP` must be the uffd ioctl whose argument is a `T`.
     unsafe fn call<const OP: Opcode, T>(&self, arg: &mut T) -> Result<(), Errno> {
+        // In a fork child the uffd still describes the parent's address space.
+        if rustix::process::getpid() != self.owner {
+            return Err(Errno::SRCH);
+        }
         // SAFETY: the caller pairs `OP` with its struct; `arg` is borrowed for the call.
         unsafe { ioctl::ioctl(&self.fd, Updater::<OP, T>::new(arg)) }
     }

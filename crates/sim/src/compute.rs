@@ -5,14 +5,14 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
 use crossbeam_channel::Receiver;
 use hetmm_core::device::{Completion, DeviceError};
 use hetmm_core::types::{Access, VaRange};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use crate::device::Shared;
 use crate::memory::{host_atomic, host_read, host_write, AtomicOp};
@@ -47,13 +47,18 @@ struct Progress {
     error: Option<DeviceError>,
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waiting uses std's futex-based primitives, not `parking_lot` (see `crate::fault`).
 pub(crate) struct LaunchState {
     kernel: Box<KernelFn>,
     grid: Grid,
     next: AtomicU64,
     failed: AtomicBool,
     tokens: AtomicUsize,
-    progress: Mutex<Progress>,
+    progress: std::sync::Mutex<Progress>,
     cv: Condvar,
 }
 
@@ -63,14 +68,14 @@ impl std::fmt::Debug for LaunchState {
             .field("grid", &self.grid)
             .field("next", &self.next)
             .field("failed", &self.failed)
-            .field("progress", &*self.progress.lock())
+            .field("progress", &*lock(&self.progress))
             .finish_non_exhaustive()
     }
 }
 
 impl LaunchState {
     fn complete(&self, n: u64, r: Result<(), DeviceError>) {
-        let mut p = self.progress.lock();
+        let mut p = lock(&self.progress);
         p.done += n;
         if let Err(e) = r {
             p.error.get_or_insert(e);
@@ -122,11 +127,13 @@ impl Launch {
     pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
         let deadline = Instant::now() + timeout;
         let blocks = u64::from(self.state.grid.blocks);
-        let mut p = self.state.progress.lock();
+        let mut p = lock(&self.state.progress);
         while p.done < blocks {
-            if self.state.cv.wait_until(&mut p, deadline).timed_out() && p.done < blocks {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(DeviceError::Timeout(timeout));
             }
+            p = self.state.cv.wait_timeout(p, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
         }
         match &p.error {
             Some(e) => Err(e.clone()),
@@ -136,7 +143,7 @@ impl Launch {
 
     /// Whether every block has finished.
     pub fn is_done(&self) -> bool {
-        self.state.progress.lock().done >= u64::from(self.state.grid.blocks)
+        lock(&self.state.progress).done >= u64::from(self.state.grid.blocks)
     }
 
     /// The launch's grid.
@@ -163,7 +170,7 @@ where
         next: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         tokens: AtomicUsize::new(n),
-        progress: Mutex::new(Progress::default()),
+        progress: std::sync::Mutex::new(Progress::default()),
         cv: Condvar::new(),
     });
     let tokens = (0..n).map(|_| Token(state.clone())).collect();

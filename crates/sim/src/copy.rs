@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use hetmm_core::device::{Completion, CopyOp, DeviceError, HostAddr, PhysAddr};
-use parking_lot::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::memory::PhysMem;
 
@@ -26,6 +26,11 @@ pub struct CopyCounters {
     pub(crate) batches: AtomicU64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Waiting uses std's futex-based primitives, not `parking_lot` (see `crate::fault`).
 #[derive(Debug)]
 struct BatchState {
     progress: Mutex<(usize, Option<DeviceError>)>,
@@ -34,7 +39,7 @@ struct BatchState {
 
 impl BatchState {
     fn finish(&self, r: Result<(), DeviceError>) {
-        let mut p = self.progress.lock();
+        let mut p = lock(&self.progress);
         p.0 -= 1;
         if let Err(e) = r {
             p.1.get_or_insert(e);
@@ -79,11 +84,13 @@ pub struct CopyCompletion {
 impl Completion for CopyCompletion {
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
         let deadline = Instant::now() + timeout;
-        let mut p = self.state.progress.lock();
+        let mut p = lock(&self.state.progress);
         while p.0 > 0 {
-            if self.state.done.wait_until(&mut p, deadline).timed_out() && p.0 > 0 {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(DeviceError::Timeout(timeout));
             }
+            p = self.state.done.wait_timeout(p, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
         }
         match &p.1 {
             Some(e) => Err(e.clone()),

@@ -6,6 +6,11 @@
 //! that replay's cancel list, in which case the access fails with
 //! [`DeviceError::FaultCancelled`]. After [`FaultBuffer::shutdown`] every present and future
 //! fault fails with [`FaultCancel::Detached`].
+//!
+//! Waiting uses std's futex-based mutex and condition variables, not `parking_lot`: the device's
+//! fault-service thread and stalled warps sleep here, also while the program forks, and a thread
+//! parked in `parking_lot`'s process-wide table at a fork leaves the child a corrupt table
+//! (parking_lot issue #515; see `hetmm_core::fork`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use hetmm_core::device::{DeviceError, DeviceFault, FaultCancel};
 use hetmm_core::types::Access;
-use parking_lot::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 /// How often a stalled warp re-checks for replay, shutdown or device teardown.
 const POLL: Duration = Duration::from_millis(5);
@@ -44,6 +49,10 @@ pub struct FaultCounters {
     pub fetched: u64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The fault buffer.
 #[derive(Debug)]
 pub struct FaultBuffer {
@@ -70,7 +79,7 @@ impl FaultBuffer {
 
     /// Counters so far.
     pub fn counters(&self) -> FaultCounters {
-        *self.counters.lock()
+        *lock(&self.counters)
     }
 
     /// Records a fault by `client` at `va` and waits for the replay that resolves it.
@@ -86,11 +95,11 @@ impl FaultBuffer {
     ) -> Result<(), DeviceError> {
         let deadline = Instant::now() + limit;
         let detached = DeviceError::FaultCancelled { va, access, reason: FaultCancel::Detached };
-        let mut st = self.state.lock();
+        let mut st = lock(&self.state);
         let mut waited_for_space = false;
         loop {
             if st.shutdown {
-                self.counters.lock().cancelled += 1;
+                lock(&self.counters).cancelled += 1;
                 return Err(detached);
             }
             if stopping.load(Ordering::Relaxed) {
@@ -101,21 +110,21 @@ impl FaultBuffer {
             }
             if !waited_for_space {
                 waited_for_space = true;
-                self.counters.lock().buffer_full_waits += 1;
+                lock(&self.counters).buffer_full_waits += 1;
             }
             if Instant::now() >= deadline {
                 return Err(DeviceError::Timeout(limit));
             }
-            self.wake.wait_for(&mut st, POLL);
+            st = self.wake.wait_timeout(st, POLL).unwrap_or_else(PoisonError::into_inner).0;
         }
         st.queue.push_back(DeviceFault { va, access, client });
         let my_seq = st.replay_seq;
-        self.counters.lock().raised += 1;
+        lock(&self.counters).raised += 1;
         self.pending.notify_all();
         let page = va & !0xfff;
         loop {
             if st.shutdown {
-                self.counters.lock().cancelled += 1;
+                lock(&self.counters).cancelled += 1;
                 return Err(detached);
             }
             if stopping.load(Ordering::Relaxed) {
@@ -126,7 +135,7 @@ impl FaultBuffer {
                     st.cancels.iter().filter(|(seq, _)| *seq > my_seq).find_map(|(_, m)| m.get(&page).copied());
                 return match reason {
                     Some(reason) => {
-                        self.counters.lock().cancelled += 1;
+                        lock(&self.counters).cancelled += 1;
                         Err(DeviceError::FaultCancelled { va, access, reason })
                     }
                     None => Ok(()),
@@ -135,18 +144,18 @@ impl FaultBuffer {
             if Instant::now() >= deadline {
                 return Err(DeviceError::Timeout(limit));
             }
-            self.wake.wait_for(&mut st, POLL);
+            st = self.wake.wait_timeout(st, POLL).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
     /// Moves up to `max` entries into `out` without blocking.
     pub fn fetch(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize {
-        let mut st = self.state.lock();
+        let mut st = lock(&self.state);
         let n = max.min(st.queue.len());
         out.extend(st.queue.drain(..n));
         drop(st);
         if n > 0 {
-            self.counters.lock().fetched += n as u64;
+            lock(&self.counters).fetched += n as u64;
             self.wake.notify_all();
         }
         n
@@ -156,7 +165,7 @@ impl FaultBuffer {
     /// `timeout` passes; returns whether entries are pending.
     pub fn wait(&self, timeout: Duration, stopping: &AtomicBool) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut st = self.state.lock();
+        let mut st = lock(&self.state);
         loop {
             if !st.queue.is_empty() {
                 return true;
@@ -170,13 +179,17 @@ impl FaultBuffer {
             }
             // Bounded slices so that a device teardown (which cannot take this lock from every
             // path) is noticed promptly.
-            self.pending.wait_for(&mut st, (deadline - now).min(POLL * 10));
+            st = self
+                .pending
+                .wait_timeout(st, (deadline - now).min(POLL * 10))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
     /// Replays: stalled warps retry, except those whose page is in `cancel`.
     pub fn replay(&self, cancel: &[(u64, FaultCancel)]) {
-        let mut st = self.state.lock();
+        let mut st = lock(&self.state);
         st.replay_seq += 1;
         if !cancel.is_empty() {
             let seq = st.replay_seq;
@@ -187,13 +200,13 @@ impl FaultBuffer {
             }
         }
         drop(st);
-        self.counters.lock().replays += 1;
+        lock(&self.counters).replays += 1;
         self.wake.notify_all();
     }
 
     /// Fails every present and future fault with `Detached`; drops pending entries.
     pub fn shutdown(&self) {
-        let mut st = self.state.lock();
+        let mut st = lock(&self.state);
         st.shutdown = true;
         st.queue.clear();
         drop(st);
@@ -203,7 +216,7 @@ impl FaultBuffer {
 
     /// Re-arms the buffer after a shutdown (a new page table, a new address space).
     pub fn reset(&self) {
-        let mut st = self.state.lock();
+        let mut st = lock(&self.state);
         st.shutdown = false;
         st.queue.clear();
         st.cancels.clear();
@@ -211,19 +224,19 @@ impl FaultBuffer {
 
     /// Wakes every waiter (device teardown).
     pub fn wake_all(&self) {
-        let _st = self.state.lock();
+        let _st = lock(&self.state);
         self.wake.notify_all();
         self.pending.notify_all();
     }
 
     /// Whether [`FaultBuffer::shutdown`] was called (and not undone by a reset).
     pub fn is_shutdown(&self) -> bool {
-        self.state.lock().shutdown
+        lock(&self.state).shutdown
     }
 
     /// Entries pending.
     pub fn pending_len(&self) -> usize {
-        self.state.lock().queue.len()
+        lock(&self.state).queue.len()
     }
 }
 

@@ -1,0 +1,483 @@
+//! `fork()`: what a child process sees of shared memory.
+//!
+//! The promise, as `fork()` of ordinary memory gives it:
+//! - **Private memory** (from `Hetmm::alloc`, and private memory the program registered) is
+//!   copied: the child gets its own copy of every byte as of the fork, including the bytes whose
+//!   only copy was in a device's memory; the parent's later writes (CPU or device) stay in the
+//!   parent, the child's in the child.
+//! - **Shared memory** (registered `MAP_SHARED` files and shared anonymous memory, which hetmm
+//!   mirrors and never migrates) stays shared, as the kernel shares it.
+//! - In the child the copy is **ordinary memory**, at the same addresses, with the same
+//!   protection: it is not managed by the parent's address space, whose threads and devices
+//!   stayed in the parent. Every operation on the parent's [`AddressSpace`] fails there with
+//!   [`CoreError::ForkedAway`]. A child that wants devices makes its own address space and
+//!   registers the memory with it.
+//! - The parent goes on exactly as before: no page changes state, its devices keep their data
+//!   and mappings, and its kernels keep running.
+//!
+//! How: the host layer calls [`AddressSpace::fork_prepare`] just before the fork (a
+//! `pthread_atfork` prepare handler). It waits until no operation is changing page state or
+//! moving data (the fork gate, held shared by every such operation, is taken exclusively), then
+//! copies the data of every page whose only copy is on a device into its host backing, without
+//! changing any state. After the fork, the child calls [`ForkGuard::child`]: the parent's
+//! address space becomes inert there and each region's CPU side makes the child's view private
+//! ([`CpuMmu::fork_child`]). The parent calls [`ForkGuard::parent`] once the child has its copy,
+//! which lets the waiting operations go on.
+//!
+//! Races: a device kernel that writes memory while another thread forks races with the fork
+//! like any concurrent write: the child sees the data as of the flush or later. Writes that
+//! happen after `fork()` returns in the parent never reach the child.
+//!
+//! The child of a multithreaded process may only make async-signal-safe calls (POSIX); the
+//! child-side work here is only system calls. Threads of hetmm that sleep (the fork gate,
+//! device fault and copy waits, the evictor) sleep on std's futex-based primitives rather than
+//! in `parking_lot`'s process-wide table of parked threads, whose entries for threads that do
+//! not exist in the child corrupt it for a child that goes on to use `parking_lot` (its own
+//! address space, say; parking_lot issue #515).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::cpu::{CpuMmu, ForkPart};
+use crate::error::{CoreError, Result};
+use crate::migrate;
+use crate::space::{AddressSpace, Region};
+use crate::stats::add;
+use crate::types::VaRange;
+
+/// How long a new holder of the gate defers to a waiting fork before entering anyway: the fork
+/// gets the gate promptly under load, and a holder that (unexpectedly) waits for another thread
+/// that needs to enter can never deadlock with it.
+const DEFER: Duration = Duration::from_millis(50);
+
+/// The fork gate: shared by operations that change page state, exclusive while a fork is
+/// prepared (see [`AddressSpace::fork_prepare`]).
+///
+/// Built on std's futex-based mutex and condition variable rather than `parking_lot`: a thread
+/// waiting in `parking_lot` sits in that crate's process-wide table of parked threads, and a
+/// fork at that moment leaves the child with entries of threads that do not exist there (whose
+/// stacks the child's new threads reuse), which corrupts the table for any `parking_lot` lock
+/// the child later contends (parking_lot issue #515). Threads wait at this gate exactly while
+/// a fork happens, so they must not be in that table.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    readers: usize,
+    writer: bool,
+    writers_waiting: usize,
+}
+
+/// A shared hold of the [`Gate`].
+#[derive(Debug)]
+pub(crate) struct GateGuard<'a> {
+    gate: &'a Gate,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Gate {
+    /// Enters shared: waits while a fork holds the gate, and defers (at most [`DEFER`]) to a
+    /// fork waiting for it.
+    pub(crate) fn enter(&self) -> GateGuard<'_> {
+        let deadline = Instant::now() + DEFER;
+        let mut st = lock(&self.state);
+        loop {
+            if st.writer {
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let now = Instant::now();
+            if st.writers_waiting == 0 || now >= deadline {
+                break;
+            }
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+        st.readers += 1;
+        GateGuard { gate: self }
+    }
+
+    /// Enters shared unless a fork holds or waits for the gate.
+    pub(crate) fn try_enter(&self) -> Option<GateGuard<'_>> {
+        let mut st = lock(&self.state);
+        if st.writer || st.writers_waiting > 0 {
+            return None;
+        }
+        st.readers += 1;
+        Some(GateGuard { gate: self })
+    }
+
+    /// Takes the gate exclusively: waits until no one holds it.
+    fn close(&self) {
+        let mut st = lock(&self.state);
+        st.writers_waiting += 1;
+        while st.writer || st.readers > 0 {
+            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.writers_waiting -= 1;
+        st.writer = true;
+    }
+
+    /// Releases the exclusive hold.
+    fn open(&self) {
+        lock(&self.state).writer = false;
+        self.cv.notify_all();
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.gate.state);
+        st.readers -= 1;
+        let wake = st.readers == 0 && st.writers_waiting > 0;
+        drop(st);
+        if wake {
+            self.gate.cv.notify_all();
+        }
+    }
+}
+
+/// What the child needs to make one CPU side's memory its own.
+#[derive(Debug)]
+struct ForkView {
+    cpu: Arc<dyn CpuMmu>,
+    parts: Vec<ForkPart>,
+    lost: Vec<VaRange>,
+}
+
+/// A prepared fork of one address space: the fork gate held exclusively (nothing changes page
+/// state or moves data) and host memory holding every page's data. Made by
+/// [`AddressSpace::fork_prepare`]; consumed by [`ForkGuard::parent`] in the parent (dropping it
+/// does the same) or [`ForkGuard::child`] in the child.
+#[derive(Debug)]
+pub struct ForkGuard {
+    space: Arc<AddressSpace>,
+    views: Vec<ForkView>,
+    private_bytes: u64,
+}
+
+impl AddressSpace {
+    /// Prepares a `fork()` of the process (call it on the thread that forks, just before): waits
+    /// until no operation is changing page state, then copies every page whose only copy is in
+    /// device memory into its host backing, changing no state (see the module notes). Until
+    /// the guard is released, operations that change page state wait (device kernels that fault
+    /// stall; running kernels go on). `None` in a fork child (the address space is the
+    /// parent's: nothing to prepare).
+    pub fn fork_prepare(self: &Arc<Self>) -> Option<ForkGuard> {
+        if self.is_forked_away() {
+            return None;
+        }
+        // Apply the unmaps and remaps the OS already reported, so the child's view follows the
+        // program's latest layout (bounded; a late event is a race with the fork).
+        if let Err(e) = self.settle() {
+            log::warn!("fork: {e}");
+        }
+        self.gate.close();
+        add(&self.stats.forks, 1);
+        let regions: Vec<Arc<Region>> = self.regions.read().values().cloned().collect();
+        let mut views: Vec<ForkView> = Vec::new();
+        let mut private_bytes = 0;
+        for r in &regions {
+            let mut lost = Vec::new();
+            if !r.remote {
+                private_bytes += r.range.len;
+                for cell in &r.blocks {
+                    let blk = cell.lock();
+                    match migrate::flush_to_host(self, r, &blk) {
+                        Ok(bytes) => {
+                            add(&self.stats.bytes_fork_flushed, bytes);
+                        }
+                        Err(left) => lost.extend(migrate::ranges(&blk, &left)),
+                    }
+                }
+            }
+            let part = ForkPart { range: r.range, prot: r.prot };
+            // Regions split by protect or a partial unmap share one CPU side: one call for all.
+            match views.iter_mut().find(|v| std::ptr::addr_eq(Arc::as_ptr(&v.cpu), Arc::as_ptr(&r.cpu))) {
+                Some(v) => {
+                    v.parts.push(part);
+                    v.lost.extend(lost);
+                }
+                None => views.push(ForkView { cpu: Arc::clone(&r.cpu), parts: vec![part], lost }),
+            }
+        }
+        Some(ForkGuard { space: Arc::clone(self), views, private_bytes })
+    }
+}
+
+impl ForkGuard {
+    /// Bytes of private shared memory the child copies (an upper bound: never-written pages
+    /// are not copied).
+    pub fn private_bytes(&self) -> u64 {
+        self.private_bytes
+    }
+
+    /// Number of regions whose data could not all be copied from a device (their lost ranges
+    /// are unreadable in the child).
+    pub fn lost_ranges(&self) -> usize {
+        self.views.iter().map(|v| v.lost.len()).sum()
+    }
+
+    /// In the parent, after the fork (or after a failed fork): releases the gate; everything
+    /// goes on as before. Dropping the guard does the same.
+    pub fn parent(self) {
+        drop(self);
+    }
+
+    /// In the child, after the fork, on its only thread: the parent's address space becomes
+    /// inert here (every operation fails with `ForkedAway`), and each CPU side makes the
+    /// child's view of its memory the child's own ([`CpuMmu::fork_child`]). Nothing of the
+    /// address space is ever released in the child: its threads do not exist here, so its
+    /// destructors must never run (the guard and the address space are leaked). Returns the
+    /// first CPU side's error (the others are still done).
+    pub fn child(self) -> Result<()> {
+        self.space.forked_away.store(true, Ordering::Release);
+        let mut result = Ok(());
+        for v in &self.views {
+            if let Err(e) = v.cpu.fork_child(&v.parts, &v.lost) {
+                if result.is_ok() {
+                    result = Err(CoreError::Host(e));
+                }
+            }
+        }
+        // Never open the gate or drop the space here: both belong to the parent's threads.
+        std::mem::forget(self);
+        result
+    }
+}
+
+impl Drop for ForkGuard {
+    /// Only in the parent (`child` forgets the guard).
+    fn drop(&mut self) {
+        self.space.gate.open();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The flush with fakes: device-only data reaches host memory, nothing changes state, and
+    //! operations wait for the guard.
+
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+
+    use crate::cpu::{CpuFaultHandler, CpuMmu, ForkPart, HostError};
+    use crate::device::*;
+    use crate::error::CoreError;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::types::*;
+
+    /// A CPU side whose backing is a vector (addresses are offsets into it).
+    #[derive(Debug)]
+    struct Cpu {
+        range: VaRange,
+        forked: Mutex<Vec<(Vec<ForkPart>, Vec<VaRange>)>>,
+        calls: AtomicUsize,
+    }
+
+    impl CpuMmu for Cpu {
+        fn range(&self) -> VaRange {
+            self.range
+        }
+        fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn wake(&self, _: VaRange) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn backing(&self, va: u64) -> HostAddr {
+            HostAddr((va - self.range.start) as usize)
+        }
+        fn fork_child(&self, parts: &[ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.forked.lock().push((parts.to_vec(), lost.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// A device whose memory and the host backing are vectors; copies can be made to fail.
+    #[derive(Debug)]
+    struct Dev {
+        mem: Mutex<Vec<u8>>,
+        host: Arc<Mutex<Vec<u8>>>,
+        fail_d2h: std::sync::atomic::AtomicBool,
+    }
+
+    impl DeviceMmu for Dev {
+        fn caps(&self) -> DeviceCaps {
+            DeviceCaps {
+                name: "fake".into(),
+                page_sizes: PAGE_SIZE | BLOCK_SIZE,
+                replayable_faults: false,
+                coherent: false,
+                remote_host_access: false,
+                memory_bytes: self.mem.lock().len() as u64,
+            }
+        }
+        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+            vec![(PhysAddr(0), self.mem.lock().len() as u64)]
+        }
+        fn create_page_table(&self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn destroy_page_table(&self) {}
+        unsafe fn map(&self, _: &[MapEntry]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn unmap(&self, _: &[VaRange]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn protect(&self, _: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn invalidate_tlb(&self, _: &[VaRange]) {}
+        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+            let (mut mem, mut host) = (self.mem.lock(), self.host.lock());
+            for op in ops {
+                match *op {
+                    CopyOp::HostToDevice { src, dst, len } => {
+                        let (s, d, l) = (src.0, dst.0 as usize, len as usize);
+                        mem[d..d + l].copy_from_slice(&host[s..s + l]);
+                    }
+                    CopyOp::DeviceToHost { src, dst, len } => {
+                        if self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Err(DeviceError::Other("injected".into()));
+                        }
+                        let (s, d, l) = (src.0 as usize, dst.0, len as usize);
+                        host[d..d + l].copy_from_slice(&mem[s..s + l]);
+                    }
+                    CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
+                    CopyOp::DeviceToDevice { .. } => return Err(DeviceError::Other("no peer copies".into())),
+                }
+            }
+            Ok(Box::new(Done))
+        }
+        fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
+            0
+        }
+        fn wait_for_faults(&self, t: Duration) -> bool {
+            std::thread::sleep(t.min(Duration::from_millis(1)));
+            false
+        }
+        fn replay(&self, _: &[(u64, FaultCancel)]) {}
+        fn shutdown_faults(&self) {}
+    }
+
+    const BASE: u64 = 0x4000_0000;
+    const LEN: u64 = BLOCK_SIZE + 4 * PAGE_SIZE;
+
+    /// The space, its one region's CPU side, the device, its id, and the host backing.
+    type World = (Arc<AddressSpace>, Arc<Cpu>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
+
+    fn setup() -> World {
+        let host = Arc::new(Mutex::new((0..LEN).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
+        let space = AddressSpace::new(CoreConfig::default());
+        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, LEN), forked: Mutex::new(Vec::new()), calls: 0.into() });
+        space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
+        space.cpu_fault(BASE, Access::Write).unwrap();
+        space.cpu_fault(BASE + BLOCK_SIZE, Access::Write).unwrap();
+        let dev = Arc::new(Dev {
+            mem: Mutex::new(vec![0; (4 * BLOCK_SIZE) as usize]),
+            host: Arc::clone(&host),
+            fail_d2h: false.into(),
+        });
+        let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        (space, cpu, dev, id, host)
+    }
+
+    /// Writes `byte` over the device's copy of the page at `va` (a device kernel's write).
+    fn device_write(space: &AddressSpace, dev: &Dev, id: DeviceId, va: u64, byte: u8) {
+        let region = space.region_of(va).unwrap();
+        let blk = region.blocks[region.block_index(va)].lock();
+        let pa = blk.pa(id, ((va - blk.base) / PAGE_SIZE) as usize).unwrap();
+        dev.mem.lock()[pa.0 as usize..(pa.0 + PAGE_SIZE) as usize].fill(byte);
+    }
+
+    #[test]
+    fn device_only_data_reaches_host_and_nothing_moves() {
+        let (space, cpu, dev, id, host) = setup();
+        space.migrate(BASE, 8 * PAGE_SIZE, Proc::Device(id)).unwrap();
+        device_write(&space, &dev, id, BASE + 3 * PAGE_SIZE, 0xEE);
+        let states: Vec<_> = (0..LEN / PAGE_SIZE).map(|p| space.page_state(BASE + p * PAGE_SIZE)).collect();
+        let guard = space.fork_prepare().unwrap();
+        let h = host.lock();
+        assert!(h[(3 * PAGE_SIZE) as usize..(4 * PAGE_SIZE) as usize].iter().all(|&b| b == 0xEE));
+        assert!(h[..(3 * PAGE_SIZE) as usize]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == (i as u64 / PAGE_SIZE) as u8 ^ 0x5a));
+        drop(h);
+        let after: Vec<_> = (0..LEN / PAGE_SIZE).map(|p| space.page_state(BASE + p * PAGE_SIZE)).collect();
+        assert_eq!(states, after, "no page changed state");
+        assert_eq!(guard.private_bytes(), LEN);
+        assert_eq!(guard.lost_ranges(), 0);
+        assert_eq!(space.stats().bytes_fork_flushed, 8 * PAGE_SIZE);
+        guard.parent();
+        // The parent goes on: the device's copy is still the live one.
+        assert!(space.page_state(BASE).unwrap().resident == ProcMask::only(Proc::Device(id)));
+        space.migrate(BASE, 8 * PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(cpu.calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn operations_wait_for_the_guard() {
+        let (space, _cpu, _dev, id, _host) = setup();
+        let guard = space.fork_prepare().unwrap();
+        let s = Arc::clone(&space);
+        let t = std::thread::spawn(move || s.migrate(BASE, PAGE_SIZE, Proc::Device(id)));
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!t.is_finished(), "a migration ran while a fork was prepared");
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Cpu));
+        guard.parent();
+        t.join().unwrap().unwrap();
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Device(id)));
+    }
+
+    #[test]
+    fn child_gets_parts_grouped_and_the_space_goes_inert() {
+        let (space, cpu, dev, id, _host) = setup();
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        // Split the region in three parts over the same CPU side.
+        space.protect_range(BASE + PAGE_SIZE, PAGE_SIZE, Prot::READ).unwrap();
+        space.migrate(BASE + BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        dev.fail_d2h.store(true, std::sync::atomic::Ordering::Relaxed);
+        let guard = space.fork_prepare().unwrap();
+        assert_eq!(guard.lost_ranges(), 1);
+        guard.child().unwrap();
+        let forked = cpu.forked.lock();
+        assert_eq!(forked.len(), 1, "one call per CPU side");
+        let (parts, lost) = &forked[0];
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[1], ForkPart { range: VaRange::new(BASE + PAGE_SIZE, PAGE_SIZE), prot: Prot::READ });
+        assert_eq!(*lost, vec![VaRange::new(BASE + BLOCK_SIZE, PAGE_SIZE)]);
+        drop(forked);
+        assert!(space.is_forked_away());
+        assert_eq!(space.migrate(BASE, PAGE_SIZE, Proc::Cpu), Err(CoreError::ForkedAway));
+        assert!(matches!(space.snapshot(BASE, PAGE_SIZE, id), Err(CoreError::ForkedAway)));
+        assert!(space.fork_prepare().is_none());
+        // Never returns in a real child; here the gate stays held by the leaked guard.
+        space.shutdown();
+    }
+}

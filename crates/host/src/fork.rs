@@ -1,0 +1,211 @@
+//! `fork()` of a process that uses hetmm: `pthread_atfork` handlers for every tracked address
+//! space (see `hetmm_core::fork` for what the child sees).
+//!
+//! - prepare (parent, before the fork): every live address space is prepared
+//!   ([`AddressSpace::fork_prepare`]: data held only by devices is copied into host memory,
+//!   nothing changes state, page-state changes wait), and a pipe is made for the child to say
+//!   that it has its copy.
+//! - child: the parent's address spaces become inert, each region's CPU side makes the child's
+//!   view private (`CpuMmu::fork_child`: a private anonymous copy of private memory, read from
+//!   the memfd; shared memory stays shared), then the pipe is closed. Nothing of the parent's
+//!   hetmm objects is ever dropped in the child (their threads live in the parent only).
+//! - parent: waits until the child closed the pipe (it has its copy, or it died), bounded, then
+//!   lets the waiting operations go on. So `fork()` returns in the parent only once the child's
+//!   copy is taken, and no later write of the parent can reach it.
+//!
+//! The only `unsafe` here is the registration of the handlers.
+
+use std::cell::RefCell;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use hetmm_core::error::CoreError;
+use hetmm_core::{AddressSpace, ForkGuard};
+use rustix::io::Errno;
+
+use crate::host::Host;
+
+/// Why an address space could not be tracked for `fork()`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForkError {
+    /// `pthread_atfork` refused the handlers.
+    #[error("pthread_atfork failed: error {0}")]
+    Install(i32),
+}
+
+/// The longest the parent waits for the child's copy: a base plus a share per GiB of private
+/// memory (the child copies at well over 1 GiB/s).
+const WAIT_BASE: Duration = Duration::from_secs(30);
+const WAIT_PER_GIB: Duration = Duration::from_secs(4);
+
+/// One address space with the host serving it.
+#[derive(Debug)]
+struct Tracked {
+    space: Weak<AddressSpace>,
+    host: Weak<Host>,
+}
+
+/// Every tracked address space. Locked by the prepare handler until the parent or child
+/// handler, so no other thread holds it at the moment of the fork (the child may make its own
+/// address spaces and must be able to track them). A std mutex: unlocking it in the child
+/// wakes waiters with a plain futex call.
+static TRACKED: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
+static INSTALL: Once = Once::new();
+/// `pthread_atfork`'s result (0: installed).
+static INSTALLED: AtomicI32 = AtomicI32::new(0);
+/// The errno of the last failed child-side copy in this process (0: none).
+static CHILD_ERRNO: AtomicI32 = AtomicI32::new(0);
+
+/// What the prepare handler hands to the parent or child handler of the same fork (the same
+/// thread runs them: the child's only thread is a copy of the forking one).
+struct Stash {
+    registry: MutexGuard<'static, Vec<Tracked>>,
+    guards: Vec<ForkGuard>,
+    hosts: Vec<Arc<Host>>,
+    /// Read end (parent) and write end (child) of the "copy taken" pipe.
+    sync: Option<(OwnedFd, OwnedFd)>,
+    wait: Duration,
+}
+
+thread_local! {
+    static STASH: RefCell<Option<Stash>> = const { RefCell::new(None) };
+}
+
+fn registry() -> MutexGuard<'static, Vec<Tracked>> {
+    TRACKED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Makes `fork()` of this process give children a correct view of `space`'s memory (see the
+/// module notes); `host` is the CPU side serving it. Installs the `pthread_atfork` handlers
+/// the first time. The space is tracked until it is dropped.
+pub fn track(space: &Arc<AddressSpace>, host: &Arc<Host>) -> Result<(), ForkError> {
+    INSTALL.call_once(|| {
+        // SAFETY: the handlers are `extern "C" fn()` items, valid for the whole program; none
+        // of them unwinds (each catches panics), and they only use state of this module.
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        INSTALLED.store(rc, Ordering::Release);
+    });
+    let rc = INSTALLED.load(Ordering::Acquire);
+    if rc != 0 {
+        return Err(ForkError::Install(rc));
+    }
+    let mut reg = registry();
+    reg.retain(|t| t.space.strong_count() > 0);
+    reg.push(Tracked { space: Arc::downgrade(space), host: Arc::downgrade(host) });
+    Ok(())
+}
+
+/// In a fork child: the errno of the first failure of the last fork's copy of hetmm memory, if
+/// any (the failed part is inaccessible in the child rather than shared with the parent).
+pub fn last_child_error() -> Option<i32> {
+    match CHILD_ERRNO.load(Ordering::Acquire) {
+        0 => None,
+        e => Some(e),
+    }
+}
+
+extern "C" fn prepare() {
+    if std::panic::catch_unwind(prepare_all).is_err() {
+        log::error!("fork: preparing hetmm memory panicked; a child may see stale or shared memory");
+    }
+}
+
+fn prepare_all() {
+    let registry = registry();
+    let mut guards = Vec::new();
+    let mut hosts = Vec::new();
+    for t in registry.iter() {
+        let Some(space) = t.space.upgrade() else { continue };
+        if let Some(g) = space.fork_prepare() {
+            guards.push(g);
+            hosts.extend(t.host.upgrade());
+        }
+    }
+    let bytes: u64 = guards.iter().map(ForkGuard::private_bytes).sum();
+    let sync = if guards.is_empty() {
+        None
+    } else {
+        match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::warn!("fork: no pipe to wait for the child's copy ({e}); the parent will not wait");
+                None
+            }
+        }
+    };
+    let wait = WAIT_BASE.saturating_add(WAIT_PER_GIB.saturating_mul(u32::try_from(bytes >> 30).unwrap_or(u32::MAX)));
+    STASH.with(|s| *s.borrow_mut() = Some(Stash { registry, guards, hosts, sync, wait }));
+}
+
+extern "C" fn parent() {
+    let r = std::panic::catch_unwind(|| {
+        let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
+        let Stash { registry, guards, hosts, sync, wait } = stash;
+        if let Some((rd, wr)) = sync {
+            drop(wr);
+            if !wait_for_eof(&rd, wait) {
+                log::warn!("fork: the child did not take its copy of hetmm memory within {wait:?}; going on");
+            }
+        }
+        for g in guards {
+            g.parent();
+        }
+        drop(registry);
+        drop(hosts);
+    });
+    if r.is_err() {
+        log::error!("fork: resuming hetmm in the parent panicked");
+    }
+}
+
+extern "C" fn child() {
+    // A forked child: no logging, no unwinding out of here.
+    let _ = std::panic::catch_unwind(|| {
+        let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
+        let Stash { mut registry, mut guards, hosts, sync, .. } = stash;
+        CHILD_ERRNO.store(0, Ordering::Release);
+        for g in guards.drain(..) {
+            if let Err(e) = g.child() {
+                let errno = match e {
+                    CoreError::Host(h) => h.errno,
+                    _ => Errno::IO.raw_os_error(),
+                };
+                let _ = CHILD_ERRNO.compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
+        // The parent's hosts and spaces must never be dropped here (their threads do not exist).
+        std::mem::forget(guards);
+        std::mem::forget(hosts);
+        // They are the parent's: a later fork of this child has nothing to prepare for them.
+        registry.clear();
+        drop(registry);
+        // Closing the write end tells the parent that the copy is taken.
+        drop(sync);
+    });
+}
+
+/// Waits until every write end of `rd`'s pipe is closed (EOF), at most `wait`.
+fn wait_for_eof(rd: &OwnedFd, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 16];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let ts = rustix::event::Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ };
+        let mut fds = [rustix::event::PollFd::new(rd, rustix::event::PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+        match rustix::io::read(rd, &mut buf) {
+            Ok(0) => return true,
+            Ok(_) | Err(Errno::INTR) | Err(Errno::AGAIN) => continue,
+            Err(_) => return false,
+        }
+    }
+}

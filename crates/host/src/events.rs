@@ -193,6 +193,7 @@ pub(crate) fn service_loop(
     rx: mpsc::Receiver<Vec<Msg>>,
 ) {
     let mut faults: Vec<(u64, Access)> = Vec::with_capacity(BATCH);
+    let mut retries = std::collections::HashMap::new();
     while !stop.load(Ordering::Acquire) {
         let batch = match rx.recv_timeout(POLL_INTERVAL) {
             Ok(b) => b,
@@ -204,12 +205,12 @@ pub(crate) fn service_loop(
             match msg {
                 Msg::Fault(va, access) => faults.push((va, access)),
                 ev => {
-                    serve_faults(&ctx.uffd, core.as_deref(), &mut faults);
+                    serve_faults(&ctx.uffd, core.as_deref(), &mut faults, &mut retries);
                     apply_event(ctx, core.as_deref(), ev);
                 }
             }
         }
-        serve_faults(&ctx.uffd, core.as_deref(), &mut faults);
+        serve_faults(&ctx.uffd, core.as_deref(), &mut faults, &mut retries);
         // If this was the last reference, the core (and possibly the Host) is dropped here, on
         // this thread; `Worker::join` detects that and does not join itself.
         drop(core);
@@ -239,7 +240,16 @@ fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
     core.event_queued(false);
 }
 
-fn serve_faults(uffd: &Uffd, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<(u64, Access)>) {
+/// How many times in a row a fault outside every shared region is woken to retry before the
+/// page is poisoned: enough for a registration being set up, not a livelock.
+const OUTSIDE_RETRIES: u32 = 64;
+
+fn serve_faults(
+    uffd: &Uffd,
+    core: Option<&dyn CpuFaultHandler>,
+    faults: &mut Vec<(u64, Access)>,
+    retries: &mut std::collections::HashMap<u64, u32>,
+) {
     if faults.is_empty() {
         return;
     }
@@ -260,12 +270,20 @@ fn serve_faults(uffd: &Uffd, core: Option<&dyn CpuFaultHandler>, faults: &mut Ve
                 // thread, and the region went away since), or a registration is being set up
                 // (registered with userfaultfd, not yet in the core). Poisoning would plant a
                 // SIGBUS in memory that is, or is about to be, someone's: let the thread retry.
-                Err(CoreError::NotShared(_)) => {
+                // A page that keeps faulting there is poisoned after all (below).
+                Err(CoreError::NotShared(_)) if *retries.entry(va).or_insert(0) < OUTSIDE_RETRIES => {
+                    if retries.len() > 4096 {
+                        retries.clear();
+                    }
+                    *retries.entry(va).or_insert(0) += 1;
                     log::debug!("CPU {access:?} fault at {va:#x} outside shared memory; waking it to retry");
                     let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
                     continue;
                 }
-                r => r.map_err(|e| e.to_string()),
+                r => {
+                    retries.remove(&va);
+                    r.map_err(|e| e.to_string())
+                }
             },
             None => Err("the core is gone".to_string()),
         };

@@ -64,8 +64,7 @@ impl Ctx {
         if let Some(e) = z.iter_mut().find(|(x, done)| *x == range && done.is_none()) {
             e.1 = Some(until);
         }
-        let classified = self.classified.load(Ordering::Acquire);
-        z.retain(|(_, done)| done.is_none_or(|k| classified < k));
+        prune(&mut z, self.classified.load(Ordering::Acquire));
         r
     }
 
@@ -76,7 +75,7 @@ impl Ctx {
     /// The reader finished classifying a batch: drop the zaps it could have held.
     fn batch_classified(&self) {
         let classified = self.classified.fetch_add(1, Ordering::AcqRel) + 1;
-        self.zaps.lock().retain(|(_, done)| done.is_none_or(|k| classified < k));
+        prune(&mut self.zaps.lock(), classified);
     }
 
     pub(crate) fn live_mirrors_pub(&self) -> Vec<Arc<Mirror>> {
@@ -100,6 +99,11 @@ impl Ctx {
             m.forget(range);
         }
     }
+}
+
+/// Drops the finished zaps whose events the reader has classified (`classified` batches).
+fn prune(zaps: &mut Vec<(VaRange, Option<u64>)>, classified: u64) {
+    zaps.retain(|(_, done)| done.is_none_or(|k| classified < k));
 }
 
 /// One message for the servicer.
@@ -244,6 +248,17 @@ fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
 /// page is poisoned: enough for a registration being set up, not a livelock.
 const OUTSIDE_RETRIES: u32 = 64;
 
+/// Counts one more retry of a fault outside every shared region at `va`; false once it has had
+/// [`OUTSIDE_RETRIES`] in a row.
+fn retry_outside(retries: &mut std::collections::HashMap<u64, u32>, va: u64) -> bool {
+    if retries.len() > 4096 {
+        retries.clear();
+    }
+    let n = retries.entry(va).or_insert(0);
+    *n += 1;
+    *n <= OUTSIDE_RETRIES
+}
+
 fn serve_faults(
     uffd: &Uffd,
     core: Option<&dyn CpuFaultHandler>,
@@ -271,11 +286,7 @@ fn serve_faults(
                 // (registered with userfaultfd, not yet in the core). Poisoning would plant a
                 // SIGBUS in memory that is, or is about to be, someone's: let the thread retry.
                 // A page that keeps faulting there is poisoned after all (below).
-                Err(CoreError::NotShared(_)) if *retries.entry(va).or_insert(0) < OUTSIDE_RETRIES => {
-                    if retries.len() > 4096 {
-                        retries.clear();
-                    }
-                    *retries.entry(va).or_insert(0) += 1;
+                Err(CoreError::NotShared(_)) if retry_outside(retries, va) => {
                     log::debug!("CPU {access:?} fault at {va:#x} outside shared memory; waking it to retry");
                     let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
                     continue;

@@ -40,6 +40,24 @@ impl RangeAttrs {
         self.map.is_empty()
     }
 
+    /// Whether `pred` holds for the attributes of every part of `range` (default attributes
+    /// where nothing is stored).
+    pub fn all_in(&self, range: VaRange, pred: impl Fn(&Attrs) -> bool) -> bool {
+        let (s, e) = (range.start, range.end());
+        let mut cur = s;
+        let first = self.map.range(..=s).next_back().filter(|(_, (end, _))| *end > s);
+        for (&k, (end, a)) in first.into_iter().chain(self.map.range(s.saturating_add(1)..e)) {
+            if k.max(s) > cur && !pred(&Attrs::default()) {
+                return false;
+            }
+            if !pred(a) {
+                return false;
+            }
+            cur = cur.max(*end);
+        }
+        cur >= e || pred(&Attrs::default())
+    }
+
     /// Applies `f` to the attributes of every part of `range`.
     pub fn update(&mut self, range: VaRange, mut f: impl FnMut(&mut Attrs)) {
         let (s, e) = (range.start, range.end());
@@ -141,6 +159,16 @@ mod tests {
             }
             for (p, want) in model.iter().enumerate() {
                 prop_assert_eq!(m.get(p as u64 * 4096), *want);
+            }
+            // `all_in` agrees with the model on windows of pages.
+            for s in (0..80u64).step_by(7) {
+                for len in [1u64, 3, 16, 40] {
+                    let end = (s + len).min(80);
+                    let r = VaRange::new(s * 4096, (end - s) * 4096);
+                    let pages = &model[s as usize..end as usize];
+                    prop_assert_eq!(m.all_in(r, |a| a.pinned), pages.iter().all(|a| a.pinned));
+                    prop_assert_eq!(m.all_in(r, |a| !a.read_mostly), pages.iter().all(|a| !a.read_mostly));
+                }
             }
             // Stored ranges never overlap and adjacent ones differ.
             let v: Vec<_> = m.map.iter().map(|(k, (e, a))| (*k, *e, *a)).collect();

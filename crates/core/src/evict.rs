@@ -5,6 +5,7 @@
 //! chosen. hetmm also evicts in the background to keep a free-memory watermark, so eviction
 //! overlaps migration instead of sitting in the fault path.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -135,7 +136,8 @@ fn evict_block(
     Ok(true)
 }
 
-/// Background evictor of one device: keeps at least the policy's watermark of memory free.
+/// Background evictor of one device: keeps at least the policy's watermark of memory free once
+/// the fault path has had to evict (`DeviceSlot::pressure`).
 pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
     while !slot.is_detached() {
         {
@@ -146,6 +148,12 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
         let mark = space.config.policy.free_watermark;
         let (_, total) = slot.free_and_total();
         let low = ((total as f64 * mark) as u64).max(BLOCK_SIZE / PAGE_SIZE);
+        if slot.free_and_total().0 >= low * 4 {
+            slot.pressure.store(false, Ordering::Release);
+        }
+        if !slot.pressure.load(Ordering::Acquire) {
+            continue;
+        }
         let Ok(_gate) = space.enter() else { return };
         let mut rounds = 0;
         while !slot.is_detached() && slot.free_and_total().0 < low && rounds < 64 {

@@ -20,7 +20,7 @@ use crate::policy::{select_residency, Decision, Reach, Thrashing};
 use crate::space::{AddressSpace, DeviceSlot, Region};
 
 use crate::stats::add;
-use crate::types::{align_down, Access, Proc, Prot, BLOCK_SIZE, PAGE_SIZE};
+use crate::types::{align_down, Access, Proc, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// How long the service thread sleeps in the device's fault wait before re-checking for detach.
 const POLL: Duration = Duration::from_millis(50);
@@ -423,24 +423,34 @@ fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
     let Some(region) = space.region_of(last) else { return };
     let reserve = (slot.free_and_total().1 as f64 * space.config.policy.free_watermark * 2.0) as u64;
     let mut budget = slot.free_and_total().0.saturating_sub(reserve);
-    let attrs_empty = space.attrs.read().is_empty();
     let mut guards = Vec::new();
+    let mut read_mostly = true;
     for k in 1..=ahead as u64 {
         let Some(va) = last.checked_add(stride * k).filter(|v| region.range.contains(*v)) else { break };
         let Some(blk) = region.blocks[region.block_index(va)].try_lock() else { continue };
-        let plain = attrs_empty && !blk.thrashing.has(me) && blk.resident_on(me).is_empty();
+        // Advice that only duplication or pinning follows from leaves the block to the
+        // prefetcher; a preferred location elsewhere or a remote mapping keeps it out.
+        let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
+        let (neutral, rm) = {
+            let attrs = space.attrs.read();
+            let neutral = attrs.is_empty()
+                || attrs.all_in(span, |a| a.preferred.is_none_or(|p| p == me) && a.accessed_by.is_empty());
+            (neutral, !attrs.is_empty() && attrs.all_in(span, |a| a.read_mostly))
+        };
+        let plain = neutral && !blk.thrashing.has(me) && blk.resident_on(me).is_empty();
         let n = blk.npages as u64;
         if !plain || region.is_freed() || budget < n {
             continue;
         }
         budget -= n;
+        read_mostly &= rm;
         guards.push(blk);
     }
     if guards.is_empty() {
         return;
     }
     let mut blocks: Vec<&mut crate::block::Block> = guards.iter_mut().map(|g| &mut **g).collect();
-    let dup = space.config.policy.duplicate_reads && !writes;
+    let dup = (space.config.policy.duplicate_reads || read_mostly) && !writes;
     match migrate::bulk_to_device(space, &region, &mut blocks, slot, dup) {
         Ok(n) => {
             add(&space.stats.prefetched_pages, n);

@@ -458,6 +458,7 @@ fn allocate(
             }
             return Ok(pas);
         }
+        slot.pressure.store(true, std::sync::atomic::Ordering::Release);
         let evicted = crate::evict::evict_one(space, slot, blk.base)?;
         if evicted == crate::evict::Evicted::Freed {
             continue;

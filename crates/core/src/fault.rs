@@ -332,6 +332,9 @@ fn apply_steps(
     plan: &Plan,
 ) -> crate::error::Result<()> {
     if !plan.migrate.is_empty() {
+        if space.config.policy.revoke_whole_block {
+            migrate::revoke_block_cpu(space, region, blk, &plan.migrate)?;
+        }
         migrate::to_device(space, region, blk, slot, &plan.migrate)?;
     }
     if !plan.duplicate.is_empty() {

@@ -146,6 +146,17 @@ fn downgrade_devices(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Res
     Ok(())
 }
 
+/// Before the device fault path moves `m` to a device: where the CPU maps some page of `m`,
+/// revokes the CPU's mappings of the whole block but the pages other work of this service holds
+/// (`Policy::revoke_whole_block`), so the faults that follow in the block find nothing to revoke.
+pub(crate) fn revoke_block_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> Result<()> {
+    if region.remote || select(blk, m, |p| p.cpu != CpuMap::None).is_empty() {
+        return Ok(());
+    }
+    let idle = PageMask::full(blk.npages).and_not(&blk.busy).or(m);
+    revoke_cpu(space, region, blk, &idle)
+}
+
 /// Removes the CPU's mappings of `m`.
 fn revoke_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> Result<()> {
     let mapped = select(blk, m, |p| p.cpu != CpuMap::None);

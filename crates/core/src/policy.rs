@@ -132,6 +132,12 @@ pub struct Policy {
     /// unmapped). A write collapses the copies to the writer. Reads that follow writes elsewhere
     /// cost no migration back.
     pub duplicate_reads: bool,
+    /// A device fault that moves pages the CPU maps revokes the CPU's mappings of the whole
+    /// block. Each revoke is an `madvise` that waits for the userfaultfd reader (tens of
+    /// microseconds here), so a device faulting its way through a block pays for one instead of
+    /// one per fault. A CPU thread still using the rest of the block re-faults it; the data has
+    /// not moved, so it is mapped again at once.
+    pub revoke_whole_block: bool,
 }
 
 impl Policy {
@@ -149,6 +155,7 @@ impl Policy {
             service_workers: 1,
             cpu_readahead: false,
             duplicate_reads: false,
+            revoke_whole_block: false,
         }
     }
 
@@ -166,6 +173,7 @@ impl Policy {
             service_workers: 2,
             cpu_readahead: true,
             duplicate_reads: true,
+            revoke_whole_block: true,
         }
     }
 

@@ -198,6 +198,43 @@ impl SharedMapping {
         result
     }
 
+    /// Writes `src` into the backing at byte offset `off` (`pwrite` on the memfd: no view is
+    /// touched, so neither gets page-table entries).
+    pub fn write_backing(&self, off: u64, src: &[u8]) -> Result<(), MappingError> {
+        let range = VaRange::new(off, src.len() as u64);
+        if off.checked_add(src.len() as u64).is_none_or(|e| e > self.len as u64) {
+            return Err(MappingError::OutOfBounds { range, region: VaRange::new(0, self.len as u64) });
+        }
+        let mut done = 0;
+        while done < src.len() {
+            let n =
+                rustix::io::pwrite(&self.memfd, &src[done..], off + done as u64).map_err(os_err("pwrite", range))?;
+            if n == 0 {
+                return Err(MappingError::Os { op: "pwrite", range, errno: Errno::NOSPC.raw_os_error() });
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copies `dst.len()` bytes of the backing at byte offset `off` into `dst` through the
+    /// manager's alias, the way copy engines read host data (faulting in the alias's page-table
+    /// entries where it has none).
+    pub fn read_alias(&self, off: u64, dst: &mut [u8]) -> Result<(), MappingError> {
+        let range = VaRange::new(off, dst.len() as u64);
+        if off.checked_add(dst.len() as u64).is_none_or(|e| e > self.len as u64)
+            || self.alias_gone.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(MappingError::OutOfBounds { range, region: VaRange::new(0, self.len as u64) });
+        }
+        // SAFETY: `[off, off + dst.len())` was checked to lie inside the alias, which `self`
+        // owns and keeps mapped (it is only unmapped in a fork child, checked just above); the
+        // memfd behind it is at least `len` bytes long, so every byte is readable. `dst` is a
+        // distinct Rust buffer, so the ranges cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping((self.alias + off as usize) as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
     /// Reads one byte at `va` through the application view (volatile, so it really touches the
     /// page: this is how probes take a fault). May block on a userfaultfd fault.
     pub fn touch_app(&self, va: u64) -> Result<u8, MappingError> {

@@ -1,5 +1,7 @@
 //! `hetmm bench`: every figure beside the limit it is judged against, measured in the same
-//! process (memcpy bandwidth and the raw userfaultfd round trip, once at start).
+//! process (memcpy bandwidth, the bandwidth of copying freshly written 4 KiB host backing through
+//! the manager's alias as the copy engine does, and the raw userfaultfd round trip, once at
+//! start).
 //!
 //! Workloads (each starts with its data written by the CPU, and checks its result):
 //! - `stream`: a kernel reads A and writes B = f(A) through device faults (row `stream`); then
@@ -288,6 +290,7 @@ impl Row {
             "gbps": g,
             "limit_gbps": limits.memcpy_gbps,
             "ratio_to_limit": g / limits.memcpy_gbps,
+            "backing_copy_gbps": limits.backing_gbps,
             "uffd_round_trip_us": limits.uffd_us,
             "verified": self.verified(),
             "stats": {
@@ -321,6 +324,8 @@ impl Row {
 #[derive(Debug, Clone, Copy)]
 struct Limits {
     memcpy_gbps: f64,
+    /// Reading freshly written 4 KiB host backing through the alias (the copy engine's source).
+    backing_gbps: f64,
     uffd_us: f64,
 }
 
@@ -342,11 +347,15 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
         .into_iter()
         .map(|d| d.as_secs_f64() * 1e6)
         .collect();
-    let limits = Limits { memcpy_gbps, uffd_us: median(rt) };
+    let backing_gbps =
+        probe::backing_copy_bandwidth(256 << 20, 5).map_err(|e| hetmm::Error::Host(e.to_string()))? / 1e9;
+    let limits = Limits { memcpy_gbps, backing_gbps, uffd_us: median(rt) };
     if !args.json {
         println!(
-            "limits: memcpy {:.2} GB/s, raw userfaultfd round trip {:.1} us (median); working set {}, {} repeat(s), device sim",
+            "limits: memcpy {:.2} GB/s, copy from fresh host backing {:.2} GB/s, raw userfaultfd round trip {:.1} us \
+             (median); working set {}, {} repeat(s), device sim",
             limits.memcpy_gbps,
+            limits.backing_gbps,
             limits.uffd_us,
             human(args.size),
             repeat
@@ -545,7 +554,16 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
     let mut bar = |ok: bool, what: String| lines.push(format!("  [{}] {what}", if ok { "met" } else { "NOT met" }));
     if let Some(r) = find(rows, "stream", "hetmm", 0.5, AdviceKind::None) {
         let x = r.gbps() / limits.memcpy_gbps;
-        bar(x >= 0.8, format!("stream x0.5 device-fault path: {x:.2} of memcpy (bar 0.8)"));
+        // Every byte the kernel touches is first copied from host backing: that copy's own
+        // bandwidth is the ceiling, whatever the fault path does.
+        let ceiling = limits.backing_gbps / limits.memcpy_gbps;
+        bar(
+            x >= 0.8,
+            format!(
+                "stream x0.5 device-fault path: {x:.2} of memcpy (bar 0.8); copying from fresh host backing alone runs at \
+                 {ceiling:.2} of memcpy"
+            ),
+        );
     }
     if let Some(r) = find(rows, "stream/cpu-reread", "hetmm", 0.5, AdviceKind::None) {
         let x = r.gbps() / limits.memcpy_gbps;

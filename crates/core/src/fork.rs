@@ -265,57 +265,17 @@ mod tests {
     //! The flush with fakes: device-only data reaches host memory, nothing changes state, and
     //! operations wait for the guard.
 
-    use std::sync::atomic::AtomicUsize;
     use std::sync::Arc;
     use std::time::Duration;
 
     use parking_lot::Mutex;
 
-    use crate::cpu::{CpuFaultHandler, CpuMmu, ForkPart, HostError};
+    use crate::cpu::{CpuFaultHandler, CpuMmu, ForkPart};
     use crate::device::*;
     use crate::error::CoreError;
     use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::{run_copies, PlainCpu};
     use crate::types::*;
-
-    /// A CPU side whose backing is a vector (addresses are offsets into it).
-    #[derive(Debug)]
-    struct Cpu {
-        range: VaRange,
-        forked: Mutex<Vec<(Vec<ForkPart>, Vec<VaRange>)>>,
-        calls: AtomicUsize,
-    }
-
-    impl CpuMmu for Cpu {
-        fn range(&self) -> VaRange {
-            self.range
-        }
-        fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn wake(&self, _: VaRange) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn backing(&self, va: u64) -> HostAddr {
-            HostAddr((va - self.range.start) as usize)
-        }
-        fn fork_child(&self, parts: &[ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
-            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.forked.lock().push((parts.to_vec(), lost.to_vec()));
-            Ok(())
-        }
-    }
 
     /// A device whose memory and the host backing are vectors; copies can be made to fail.
     #[derive(Debug)]
@@ -354,24 +314,8 @@ mod tests {
         }
         fn invalidate_tlb(&self, _: &[VaRange]) {}
         unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            let (mut mem, mut host) = (self.mem.lock(), self.host.lock());
-            for op in ops {
-                match *op {
-                    CopyOp::HostToDevice { src, dst, len } => {
-                        let (s, d, l) = (src.0, dst.0 as usize, len as usize);
-                        mem[d..d + l].copy_from_slice(&host[s..s + l]);
-                    }
-                    CopyOp::DeviceToHost { src, dst, len } => {
-                        if self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed) {
-                            return Err(DeviceError::Other("injected".into()));
-                        }
-                        let (s, d, l) = (src.0 as usize, dst.0, len as usize);
-                        host[d..d + l].copy_from_slice(&mem[s..s + l]);
-                    }
-                    CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
-                    CopyOp::DeviceToDevice { .. } => return Err(DeviceError::Other("no peer copies".into())),
-                }
-            }
+            let fail = self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed);
+            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail)?;
             Ok(Box::new(Done))
         }
         fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
@@ -389,12 +333,12 @@ mod tests {
     const LEN: u64 = BLOCK_SIZE + 4 * PAGE_SIZE;
 
     /// The space, its one region's CPU side, the device, its id, and the host backing.
-    type World = (Arc<AddressSpace>, Arc<Cpu>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
+    type World = (Arc<AddressSpace>, Arc<PlainCpu>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
 
     fn setup() -> World {
         let host = Arc::new(Mutex::new((0..LEN).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
         let space = AddressSpace::new(CoreConfig::default());
-        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, LEN), forked: Mutex::new(Vec::new()), calls: 0.into() });
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(BASE, LEN)));
         space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
         space.cpu_fault(BASE, Access::Write).unwrap();
         space.cpu_fault(BASE + BLOCK_SIZE, Access::Write).unwrap();
@@ -438,7 +382,7 @@ mod tests {
         // The parent goes on: the device's copy is still the live one.
         assert!(space.page_state(BASE).unwrap().resident == ProcMask::only(Proc::Device(id)));
         space.migrate(BASE, 8 * PAGE_SIZE, Proc::Cpu).unwrap();
-        assert_eq!(cpu.calls.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(cpu.forked.lock().is_empty());
     }
 
     #[test]

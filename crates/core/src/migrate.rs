@@ -955,42 +955,11 @@ mod whole_block_tests {
 
     use parking_lot::Mutex;
 
-    use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
+    use crate::cpu::CpuFaultHandler;
     use crate::device::*;
     use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::{run_copies, PlainCpu};
     use crate::types::*;
-
-    #[derive(Debug)]
-    struct Cpu {
-        range: VaRange,
-    }
-
-    impl CpuMmu for Cpu {
-        fn range(&self) -> VaRange {
-            self.range
-        }
-        fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn wake(&self, _: VaRange) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-            Ok(())
-        }
-        fn backing(&self, va: u64) -> HostAddr {
-            HostAddr((va - self.range.start) as usize)
-        }
-    }
 
     /// Accepts only entries that start on a 2 MiB boundary of both VA and physical memory and
     /// cover 2 MiB (or end at the region's end); records what it was asked.
@@ -1058,21 +1027,7 @@ mod whole_block_tests {
         }
         fn invalidate_tlb(&self, _: &[VaRange]) {}
         unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            let (mut mem, mut host) = (self.mem.lock(), self.host.lock());
-            for op in ops {
-                match *op {
-                    CopyOp::HostToDevice { src, dst, len } => {
-                        let (s, d, l) = (src.0, dst.0 as usize, len as usize);
-                        mem[d..d + l].copy_from_slice(&host[s..s + l]);
-                    }
-                    CopyOp::DeviceToHost { src, dst, len } => {
-                        let (s, d, l) = (src.0 as usize, dst.0, len as usize);
-                        host[d..d + l].copy_from_slice(&mem[s..s + l]);
-                    }
-                    CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
-                    CopyOp::DeviceToDevice { .. } => unreachable!("no peer copies"),
-                }
-            }
+            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
             Ok(Box::new(Done))
         }
         fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
@@ -1109,7 +1064,7 @@ mod whole_block_tests {
         let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
         let host = Arc::new(Mutex::new((0..len).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
         let space = AddressSpace::new(CoreConfig::default());
-        let cpu = Arc::new(Cpu { range: VaRange::new(BASE, len) });
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(BASE, len)));
         space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
         // The CPU wrote every page (one fault per block with the default 2 MiB fault-around).
         for b in 0..3 {
@@ -1197,10 +1152,10 @@ mod whole_block_tests {
         // Attached after the region existed: told at attach.
         assert_eq!(*dev.hooks.lock(), vec![(true, first)]);
         let second = VaRange::new(BASE + 4 * BLOCK_SIZE, BLOCK_SIZE);
-        space.add_region(Arc::new(Cpu { range: second }), Prot::READ).unwrap();
+        space.add_region(Arc::new(PlainCpu::new(second)), Prot::READ).unwrap();
         // A device refusing a region refuses it for the address space.
         let refused = VaRange::new(BASE + 8 * BLOCK_SIZE, PAGE_SIZE);
-        let e = space.add_region(Arc::new(Cpu { range: refused }), Prot::READ).unwrap_err();
+        let e = space.add_region(Arc::new(PlainCpu::new(refused)), Prot::READ).unwrap_err();
         assert!(matches!(e, crate::error::CoreError::Device { .. }), "{e}");
         assert!(space.check_range(refused.start, PAGE_SIZE).is_err());
         space.remove_region(second.start).unwrap();

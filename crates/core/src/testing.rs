@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use proptest::prelude::*;
 
-use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
+use crate::cpu::{CpuFaultHandler, CpuMmu, ForkPart, HostError};
 use crate::device::*;
 use crate::policy::{NoPrefetch, TreePrefetcher};
 use crate::space::{AddressSpace, AttachOptions, CoreConfig};
@@ -17,6 +17,78 @@ use crate::types::*;
 
 /// Host memory both fakes address: `HostAddr` is an offset into it.
 type HostMem = Arc<Mutex<Vec<u8>>>;
+
+/// A CPU side for tests that look at the core's page states rather than at CPU page tables:
+/// mapping calls do nothing, the backing is a vector addressed by offset (`HostAddr` is
+/// `va - range.start`), and the fork hook's calls are recorded.
+#[derive(Debug)]
+pub(crate) struct PlainCpu {
+    pub(crate) range: VaRange,
+    /// Every `fork_child` call: its parts and lost ranges.
+    pub(crate) forked: Mutex<Vec<(Vec<ForkPart>, Vec<VaRange>)>>,
+}
+
+impl PlainCpu {
+    pub(crate) fn new(range: VaRange) -> PlainCpu {
+        PlainCpu { range, forked: Mutex::new(Vec::new()) }
+    }
+}
+
+impl CpuMmu for PlainCpu {
+    fn range(&self) -> VaRange {
+        self.range
+    }
+    fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn wake(&self, _: VaRange) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
+        Ok(())
+    }
+    fn backing(&self, va: u64) -> HostAddr {
+        HostAddr((va - self.range.start) as usize)
+    }
+    fn fork_child(&self, parts: &[ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
+        self.forked.lock().push((parts.to_vec(), lost.to_vec()));
+        Ok(())
+    }
+}
+
+/// Runs `ops` between a fake device's memory and host backing, both vectors (`HostAddr` is an
+/// offset into `host`, `PhysAddr` into `mem`). Device-to-host copies fail when `fail_d2h` is set,
+/// as a device that lost its memory would.
+pub(crate) fn run_copies(mem: &mut [u8], host: &mut [u8], ops: &[CopyOp], fail_d2h: bool) -> Result<(), DeviceError> {
+    for op in ops {
+        match *op {
+            CopyOp::HostToDevice { src, dst, len } => {
+                let (s, d, l) = (src.0, dst.0 as usize, len as usize);
+                mem[d..d + l].copy_from_slice(&host[s..s + l]);
+            }
+            CopyOp::DeviceToHost { .. } if fail_d2h => return Err(DeviceError::Other("injected".into())),
+            CopyOp::DeviceToHost { src, dst, len } => {
+                let (s, d, l) = (src.0 as usize, dst.0, len as usize);
+                host[d..d + l].copy_from_slice(&mem[s..s + l]);
+            }
+            CopyOp::DeviceToDevice { src, dst, len } => {
+                let (s, d, l) = (src.0 as usize, dst.0 as usize, len as usize);
+                mem.copy_within(s..s + l, d);
+            }
+            CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug)]
 struct FakeCpu {
@@ -163,25 +235,7 @@ impl DeviceMmu for FakeDevice {
     }
     fn invalidate_tlb(&self, _ranges: &[VaRange]) {}
     unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-        let mut mem = self.mem.lock();
-        let mut host = self.host.lock();
-        for op in ops {
-            match *op {
-                CopyOp::HostToDevice { src, dst, len } => {
-                    let (s, d, l) = (src.0, dst.0 as usize, len as usize);
-                    mem[d..d + l].copy_from_slice(&host[s..s + l]);
-                }
-                CopyOp::DeviceToHost { src, dst, len } => {
-                    let (s, d, l) = (src.0 as usize, dst.0, len as usize);
-                    host[d..d + l].copy_from_slice(&mem[s..s + l]);
-                }
-                CopyOp::DeviceToDevice { src, dst, len } => {
-                    let (s, d, l) = (src.0 as usize, dst.0 as usize, len as usize);
-                    mem.copy_within(s..s + l, d);
-                }
-                CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
-            }
-        }
+        run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
         Ok(Box::new(Done))
     }
     fn fetch_faults(&self, _max: usize, _out: &mut Vec<DeviceFault>) -> usize {

@@ -159,13 +159,13 @@ impl Policy {
         }
     }
 
-    /// hetmm's defaults: the tree prefetcher plus cross-block sequential/stride prefetch,
+    /// hetmm's defaults: whole-block migration on a fault plus cross-block sequential/stride prefetch,
     /// job-aware LRU eviction in the background above a free-memory watermark, thrashing
     /// detection with remote mapping, parallel block service, CPU read-ahead.
     pub fn hetmm() -> Self {
         Policy {
             name: "hetmm",
-            prefetcher: Arc::new(TreePrefetcher::default()),
+            prefetcher: Arc::new(WholeBlock),
             cross_block: true,
             eviction: Eviction::JobAwareLru,
             free_watermark: 0.05,
@@ -226,6 +226,20 @@ impl Default for TreePrefetcher {
 
 /// Pages per 64 KiB big page.
 const BIG_PAGE: usize = 16;
+
+/// Migrates the whole 2 MiB block on any fault in it: AMD SVM's default migration granularity
+/// (`KFD_IOCTL_SVM_ATTR_GRANULARITY` 9, 512 pages). One copy and one 2 MiB device mapping per
+/// block instead of a tree that grows over several faults: fewer fault round trips, bulk copies,
+/// and TLB reach on the device. It costs bandwidth where a device touches only a few pages of a
+/// block; thrashing blocks are served remotely instead (see [`Thrashing::RemoteMap`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WholeBlock;
+
+impl Prefetcher for WholeBlock {
+    fn prefetch(&self, _faulted: &PageMask, _resident: &PageMask, npages: usize) -> PageMask {
+        PageMask::full(npages)
+    }
+}
 
 impl Prefetcher for TreePrefetcher {
     fn prefetch(&self, faulted: &PageMask, resident: &PageMask, npages: usize) -> PageMask {

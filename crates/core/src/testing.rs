@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use crate::cpu::{CpuFaultHandler, CpuMmu, ForkPart, HostError};
 use crate::device::*;
-use crate::policy::{NoPrefetch, TreePrefetcher};
+use crate::policy::{NoPrefetch, Prefetcher, TreePrefetcher, WholeBlock};
 use crate::space::{AddressSpace, AttachOptions, CoreConfig};
 use crate::types::*;
 
@@ -290,17 +290,14 @@ struct World {
 }
 
 fn world(tree: bool, dev_pages: u64) -> World {
-    world_with(tree, dev_pages, crate::policy::Policy::uvm())
+    let prefetcher: Arc<dyn Prefetcher> = if tree { Arc::new(TreePrefetcher::default()) } else { Arc::new(NoPrefetch) };
+    world_with(prefetcher, dev_pages, crate::policy::Policy::uvm())
 }
 
-fn world_with(tree: bool, dev_pages: u64, policy: crate::policy::Policy) -> World {
+fn world_with(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::policy::Policy) -> World {
     let cfg = CoreConfig {
         fault_around: 64 * 1024,
-        policy: crate::policy::Policy {
-            prefetcher: if tree { Arc::new(TreePrefetcher::default()) } else { Arc::new(NoPrefetch) },
-            cpu_readahead: false,
-            ..policy
-        },
+        policy: crate::policy::Policy { prefetcher, cpu_readahead: false, ..policy },
         ..CoreConfig::default()
     };
     let space = AddressSpace::new(cfg);
@@ -436,10 +433,15 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
     #[test]
-    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), tree in any::<bool>(), small in any::<bool>(), hetmm in any::<bool>()) {
+    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, small in any::<bool>(), hetmm in any::<bool>()) {
         // Small device memory forces eviction on almost every migration.
         let policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
-        let mut w = world_with(tree, if small { 32 } else { 2048 }, policy);
+        let prefetcher: Arc<dyn Prefetcher> = match prefetch {
+            0 => Arc::new(NoPrefetch),
+            1 => Arc::new(TreePrefetcher::default()),
+            _ => Arc::new(WholeBlock),
+        };
+        let mut w = world_with(prefetcher, if small { 32 } else { 2048 }, policy);
         for op in &ops {
             w.apply(op);
         }

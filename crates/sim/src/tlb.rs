@@ -1,5 +1,6 @@
-//! Per-worker TLBs: small direct-mapped caches of translations, one array for 4 KiB entries
-//! and one for 2 MiB entries.
+//! Per-worker TLBs: small 4-way set-associative caches of translations, one array for 4 KiB
+//! entries and one for 2 MiB entries. (Direct-mapped, two hot buffers whose addresses share an
+//! index evicted each other on every access, so run times depended on where ASLR put them.)
 //!
 //! A TLB serves a cached translation without looking at the page table; only an invalidation
 //! (or eviction by a conflicting fill) removes it. Each worker's TLB sits behind its own mutex,
@@ -15,6 +16,8 @@ use crate::pagetable::{Target, Translation};
 pub const SMALL_ENTRIES: usize = 256;
 /// 2 MiB entries per TLB.
 pub const LARGE_ENTRIES: usize = 64;
+/// Entries per set.
+const WAYS: usize = 4;
 const SMALL: u64 = 1 << 12;
 const LARGE: u64 = 1 << 21;
 const INVALID: u64 = u64::MAX;
@@ -47,6 +50,8 @@ pub struct TlbCounters {
 pub struct Tlb {
     small: Box<[Slot; SMALL_ENTRIES]>,
     large: Box<[Slot; LARGE_ENTRIES]>,
+    /// Picks the way a fill replaces when its set is full (round robin over fills).
+    clock: usize,
     /// Counters.
     pub counters: TlbCounters,
 }
@@ -57,12 +62,20 @@ impl Default for Tlb {
     }
 }
 
+/// The slots of the set `tag` (a page-aligned VA of pages of `size`) maps to.
+fn set_of(slots: &mut [Slot], tag: u64, size: u64) -> &mut [Slot] {
+    let sets = slots.len() / WAYS;
+    let first = ((tag / size) as usize % sets) * WAYS;
+    &mut slots[first..first + WAYS]
+}
+
 impl Tlb {
     /// An empty TLB.
     pub fn new() -> Self {
         Self {
             small: Box::new([EMPTY; SMALL_ENTRIES]),
             large: Box::new([EMPTY; LARGE_ENTRIES]),
+            clock: 0,
             counters: TlbCounters::default(),
         }
     }
@@ -70,41 +83,38 @@ impl Tlb {
     /// The cached translation covering `va`, if any (counts a hit or a miss).
     #[inline]
     pub fn lookup(&mut self, va: u64) -> Option<Translation> {
-        let lv = va & !(LARGE - 1);
-        let l = &self.large[((va >> 21) as usize) % LARGE_ENTRIES];
-        if l.tag == lv {
-            self.counters.hits += 1;
-            return Some(Translation { va: lv, size: LARGE, target: l.target, prot: l.prot });
-        }
-        let sv = va & !(SMALL - 1);
-        let s = &self.small[((va >> 12) as usize) % SMALL_ENTRIES];
-        if s.tag == sv {
-            self.counters.hits += 1;
-            return Some(Translation { va: sv, size: SMALL, target: s.target, prot: s.prot });
+        for (slots, size) in [(&mut self.large[..], LARGE), (&mut self.small[..], SMALL)] {
+            let tag = va & !(size - 1);
+            if let Some(e) = set_of(slots, tag, size).iter().find(|e| e.tag == tag) {
+                self.counters.hits += 1;
+                return Some(Translation { va: tag, size, target: e.target, prot: e.prot });
+            }
         }
         self.counters.misses += 1;
         None
     }
 
-    /// Caches a translation (evicting whatever shared its slot).
+    /// Caches a translation: over an entry for the same page, else in a free way, else over
+    /// the way the clock points at.
     pub fn insert(&mut self, t: &Translation) {
         let slot = Slot { tag: t.va, target: t.target, prot: t.prot };
-        if t.size == LARGE {
-            self.large[((t.va >> 21) as usize) % LARGE_ENTRIES] = slot;
-        } else {
-            self.small[((t.va >> 12) as usize) % SMALL_ENTRIES] = slot;
-        }
+        let (slots, size) = if t.size == LARGE { (&mut self.large[..], LARGE) } else { (&mut self.small[..], SMALL) };
+        let set = set_of(slots, t.va, size);
+        let way = match set.iter().position(|e| e.tag == t.va).or_else(|| set.iter().position(|e| e.tag == INVALID)) {
+            Some(w) => w,
+            None => {
+                self.clock = self.clock.wrapping_add(1);
+                self.clock % WAYS
+            }
+        };
+        set[way] = slot;
     }
 
     /// Drops the entry translating `va` (after a permission miss).
     pub fn remove(&mut self, t: &Translation) {
-        let s = if t.size == LARGE {
-            &mut self.large[((t.va >> 21) as usize) % LARGE_ENTRIES]
-        } else {
-            &mut self.small[((t.va >> 12) as usize) % SMALL_ENTRIES]
-        };
-        if s.tag == t.va {
-            *s = EMPTY;
+        let (slots, size) = if t.size == LARGE { (&mut self.large[..], LARGE) } else { (&mut self.small[..], SMALL) };
+        for e in set_of(slots, t.va, size) {
+            clear_if(e, t.va);
         }
     }
 
@@ -112,19 +122,16 @@ impl Tlb {
     /// non-overlapping (see [`coalesce`]). Returns how many were removed.
     pub fn invalidate(&mut self, ranges: &[VaRange]) -> u64 {
         let small_pages = ranges.iter().fold(0u64, |a, r| a.saturating_add(r.len.div_ceil(SMALL) + 1));
-        let n = if small_pages <= SMALL_ENTRIES as u64 / 4 {
-            // Few pages: probe only the slots they index.
+        let n = if small_pages <= (SMALL_ENTRIES / WAYS) as u64 / 4 {
+            // Few pages: probe only the sets they index.
             let mut n = 0;
             for r in ranges {
-                let mut p = r.start & !(SMALL - 1);
-                while p < r.end() {
-                    n += clear_if(&mut self.small[((p >> 12) as usize) % SMALL_ENTRIES], p);
-                    p += SMALL;
-                }
-                let mut p = r.start & !(LARGE - 1);
-                while p < r.end() {
-                    n += clear_if(&mut self.large[((p >> 21) as usize) % LARGE_ENTRIES], p);
-                    p += LARGE;
+                for (slots, size) in [(&mut self.small[..], SMALL), (&mut self.large[..], LARGE)] {
+                    let mut p = r.start & !(size - 1);
+                    while p < r.end() {
+                        n += set_of(slots, p, size).iter_mut().map(|e| clear_if(e, p)).sum::<u64>();
+                        p += size;
+                    }
                 }
             }
             n
@@ -215,6 +222,22 @@ mod tests {
         assert!(t.lookup(0x5000).is_none());
         t.insert(&small);
         assert_eq!(t.flush(), 1);
+        // Four pages sharing a set all stay cached; a fifth replaces one of them.
+        let stride = (SMALL_ENTRIES / WAYS) as u64 * SMALL;
+        let page = |k: u64| Translation {
+            va: 0x100_0000 + k * stride,
+            size: SMALL,
+            target: Target::Device(k),
+            prot: Prot::READ,
+        };
+        for k in 0..WAYS as u64 {
+            t.insert(&page(k));
+        }
+        assert!((0..WAYS as u64).all(|k| t.lookup(page(k).va) == Some(page(k))));
+        t.insert(&page(WAYS as u64));
+        assert_eq!(t.lookup(page(WAYS as u64).va), Some(page(WAYS as u64)));
+        assert_eq!((0..WAYS as u64).filter(|k| t.lookup(page(*k).va).is_some()).count(), WAYS - 1);
+        t.flush();
         // Large invalidations scan every slot.
         for i in 0..1000u64 {
             t.insert(&Translation { va: i * SMALL, size: SMALL, target: Target::Device(0), prot: Prot::READ });

@@ -834,11 +834,27 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
         while b <= last {
             let mut guards: Vec<_> = (b..=last.min(b + STEP - 1)).filter_map(|i| region.blocks[i].try_lock()).collect();
             b += STEP;
-            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            if blocks.is_empty() || !space.attrs.read().is_empty() {
+            // Advice that wants the data elsewhere, or mapped remotely from where it is, keeps a
+            // block out; ReadMostly blocks come home as duplicates.
+            let (mut keep, mut read_mostly) = (Vec::with_capacity(guards.len()), true);
+            {
+                let attrs = space.attrs.read();
+                for g in &guards {
+                    let span = VaRange::new(g.base, g.npages as u64 * PAGE_SIZE);
+                    let neutral = attrs.is_empty()
+                        || attrs
+                            .all_in(span, |a| a.preferred.is_none_or(|p| p == Proc::Cpu) && a.accessed_by.is_empty());
+                    read_mostly &= !attrs.is_empty() && attrs.all_in(span, |a| a.read_mostly);
+                    keep.push(neutral);
+                }
+            }
+            let mut blocks: Vec<&mut Block> =
+                guards.iter_mut().zip(keep).filter(|(_, k)| *k).map(|(g, _)| &mut **g).collect();
+            if blocks.is_empty() {
                 continue;
             }
-            match migrate::bulk_to_cpu(&space, &region, &mut blocks, space.config.policy.duplicate_reads) {
+            let dup = space.config.policy.duplicate_reads || read_mostly;
+            match migrate::bulk_to_cpu(&space, &region, &mut blocks, dup) {
                 Ok(n) => add(&space.stats.prefetched_pages, n),
                 Err(e) => log::debug!("read-ahead at {from:#x}: {e}"),
             }

@@ -136,9 +136,16 @@ fn evict_block(
     Ok(true)
 }
 
-/// Background evictor of one device: keeps at least the policy's watermark of memory free once
-/// the fault path has had to evict (`DeviceSlot::pressure`).
+/// How often the free-memory target of the background evictor halves while no fault has had to
+/// evict.
+const TARGET_DECAY: Duration = Duration::from_millis(100);
+
+/// Background evictor of one device. It keeps free about as much memory as the fault path had to
+/// evict lately (`DeviceSlot::demand_evictions`), up to the policy's watermark, so a fault finds
+/// room instead of evicting first; the target halves every [`TARGET_DECAY`] without such
+/// evictions.
 pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
+    let (mut target, mut since) = (0u64, Instant::now());
     while !slot.is_detached() {
         {
             let g = slot.evict_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -147,11 +154,17 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
         let Some(space) = space.upgrade() else { return };
         let mark = space.config.policy.free_watermark;
         let (_, total) = slot.free_and_total();
-        let low = ((total as f64 * mark) as u64).max(BLOCK_SIZE / PAGE_SIZE);
-        if slot.free_and_total().0 >= low * 4 {
-            slot.pressure.store(false, Ordering::Release);
+        let cap = ((total as f64 * mark) as u64).max(BLOCK_SIZE / PAGE_SIZE);
+        let demand = slot.demand_evictions.swap(0, Ordering::AcqRel);
+        if demand > 0 {
+            target = (target + demand * (BLOCK_SIZE / PAGE_SIZE)).min(cap);
+            since = Instant::now();
+        } else if since.elapsed() >= TARGET_DECAY {
+            target /= 2;
+            since = Instant::now();
         }
-        if !slot.pressure.load(Ordering::Acquire) {
+        let low = target;
+        if low == 0 {
             continue;
         }
         let Ok(_gate) = space.enter() else { return };

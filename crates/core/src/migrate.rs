@@ -469,9 +469,9 @@ fn allocate(
             }
             return Ok(pas);
         }
-        slot.pressure.store(true, std::sync::atomic::Ordering::Release);
         let evicted = crate::evict::evict_one(space, slot, blk.base)?;
         if evicted == crate::evict::Evicted::Freed {
+            slot.demand_evictions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             continue;
         }
         let spare = blk.resident_on(Proc::Device(slot.id)).and_not(want).and_not(&blk.busy);

@@ -144,12 +144,11 @@ pub(crate) struct DeviceSlot {
     /// forks (see `crate::fork::Gate`).
     pub(crate) evict_wake: std::sync::Condvar,
     pub(crate) evict_lock: std::sync::Mutex<()>,
-    /// An allocation found the device full and had to evict in the fault path: the working set
-    /// does not fit, so the background evictor keeps the watermark free. Until then it stays
-    /// idle: a working set that just fits would otherwise lose its last blocks to the watermark
-    /// and fault them back (evict-and-refault at oversubscription 1). Cleared when memory is
-    /// plentiful again.
-    pub(crate) pressure: AtomicBool,
+    /// Blocks the fault path had to evict to allocate since the background evictor last looked.
+    /// The evictor keeps about that much memory free from then on (up to the watermark): a
+    /// working set that fits, or overflows by a block, no longer loses blocks to the whole
+    /// watermark only to fault them back.
+    pub(crate) demand_evictions: AtomicU64,
 }
 
 impl DeviceSlot {
@@ -417,7 +416,7 @@ impl AddressSpace {
             evictor: Mutex::new(None),
             evict_wake: std::sync::Condvar::new(),
             evict_lock: std::sync::Mutex::new(()),
-            pressure: AtomicBool::new(false),
+            demand_evictions: AtomicU64::new(0),
         });
         if slot.caps.replayable_faults {
             let h = self.spawn_for(&slot, "faults", crate::fault::service_loop)?;

@@ -118,8 +118,9 @@ pub struct Policy {
     pub cross_block: bool,
     /// Victim selection.
     pub eviction: Eviction,
-    /// Background eviction: keep at least this fraction of device memory free (0: evict only
-    /// when an allocation fails).
+    /// Background eviction: keep free up to this fraction of device memory, as much of it as
+    /// the fault path has had to evict lately (0: evict only when an allocation fails; see
+    /// `evict::background_loop`).
     pub free_watermark: f64,
     /// Capacity-thrashing response.
     pub thrashing: Thrashing,
@@ -159,9 +160,10 @@ impl Policy {
         }
     }
 
-    /// hetmm's defaults: whole-block migration on a fault plus cross-block sequential/stride prefetch,
-    /// job-aware LRU eviction in the background above a free-memory watermark, thrashing
-    /// detection with remote mapping, parallel block service, CPU read-ahead.
+    /// hetmm's defaults: whole-block migration on a fault plus cross-block sequential/stride
+    /// prefetch, job-aware LRU eviction (in the background too, up to a free-memory watermark,
+    /// sized by recent demand), thrashing detection with remote mapping, parallel block service,
+    /// CPU read-ahead.
     pub fn hetmm() -> Self {
         Policy {
             name: "hetmm",

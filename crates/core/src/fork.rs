@@ -274,66 +274,14 @@ mod tests {
     use crate::device::*;
     use crate::error::CoreError;
     use crate::space::{AddressSpace, AttachOptions, CoreConfig};
-    use crate::testing::{run_copies, PlainCpu};
+    use crate::testing::{FakeDevice, PlainCpu};
     use crate::types::*;
-
-    /// A device whose memory and the host backing are vectors; copies can be made to fail.
-    #[derive(Debug)]
-    struct Dev {
-        mem: Mutex<Vec<u8>>,
-        host: Arc<Mutex<Vec<u8>>>,
-        fail_d2h: std::sync::atomic::AtomicBool,
-    }
-
-    impl DeviceMmu for Dev {
-        fn caps(&self) -> DeviceCaps {
-            DeviceCaps {
-                name: "fake".into(),
-                page_sizes: PAGE_SIZE | BLOCK_SIZE,
-                replayable_faults: false,
-                coherent: false,
-                remote_host_access: false,
-                memory_bytes: self.mem.lock().len() as u64,
-            }
-        }
-        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
-            vec![(PhysAddr(0), self.mem.lock().len() as u64)]
-        }
-        fn create_page_table(&self) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn destroy_page_table(&self) {}
-        unsafe fn map(&self, _: &[MapEntry]) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn unmap(&self, _: &[VaRange]) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn protect(&self, _: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn invalidate_tlb(&self, _: &[VaRange]) {}
-        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            let fail = self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed);
-            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail)?;
-            Ok(Box::new(Done))
-        }
-        fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
-            0
-        }
-        fn wait_for_faults(&self, t: Duration) -> bool {
-            std::thread::sleep(t.min(Duration::from_millis(1)));
-            false
-        }
-        fn replay(&self, _: &[(u64, FaultCancel)]) {}
-        fn shutdown_faults(&self) {}
-    }
 
     const BASE: u64 = 0x4000_0000;
     const LEN: u64 = BLOCK_SIZE + 4 * PAGE_SIZE;
 
     /// The space, its one region's CPU side, the device, its id, and the host backing.
-    type World = (Arc<AddressSpace>, Arc<PlainCpu>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
+    type World = (Arc<AddressSpace>, Arc<PlainCpu>, Arc<FakeDevice>, DeviceId, Arc<Mutex<Vec<u8>>>);
 
     fn setup() -> World {
         let host = Arc::new(Mutex::new((0..LEN).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
@@ -342,17 +290,13 @@ mod tests {
         space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
         space.cpu_fault(BASE, Access::Write).unwrap();
         space.cpu_fault(BASE + BLOCK_SIZE, Access::Write).unwrap();
-        let dev = Arc::new(Dev {
-            mem: Mutex::new(vec![0; (4 * BLOCK_SIZE) as usize]),
-            host: Arc::clone(&host),
-            fail_d2h: false.into(),
-        });
+        let dev = Arc::new(FakeDevice::new((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
         let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
         (space, cpu, dev, id, host)
     }
 
     /// Writes `byte` over the device's copy of the page at `va` (a device kernel's write).
-    fn device_write(space: &AddressSpace, dev: &Dev, id: DeviceId, va: u64, byte: u8) {
+    fn device_write(space: &AddressSpace, dev: &FakeDevice, id: DeviceId, va: u64, byte: u8) {
         let region = space.region_of(va).unwrap();
         let blk = region.blocks[region.block_index(va)].lock();
         let pa = blk.pa(id, ((va - blk.base) / PAGE_SIZE) as usize).unwrap();

@@ -16,7 +16,7 @@ use crate::space::{AddressSpace, AttachOptions, CoreConfig};
 use crate::types::*;
 
 /// Host memory both fakes address: `HostAddr` is an offset into it.
-type HostMem = Arc<Mutex<Vec<u8>>>;
+pub(crate) type HostMem = Arc<Mutex<Vec<u8>>>;
 
 /// A CPU side for tests that look at the core's page states rather than at CPU page tables:
 /// mapping calls do nothing, the backing is a vector addressed by offset (`HostAddr` is
@@ -145,14 +145,22 @@ impl CpuMmu for FakeCpu {
     }
 }
 
+/// A device whose memory and page table are in-process maps over the shared host vector;
+/// device-to-host copies fail while `fail_d2h` is set.
 #[derive(Debug)]
-struct FakeDevice {
-    mem: Mutex<Vec<u8>>,
+pub(crate) struct FakeDevice {
+    pub(crate) mem: Mutex<Vec<u8>>,
     host: HostMem,
     pt: Mutex<HashMap<u64, (MapTarget, Prot)>>,
+    pub(crate) fail_d2h: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDevice {
+    /// A device of `bytes` of memory (filled with `fill`) copying to and from `host`.
+    pub(crate) fn new(bytes: usize, fill: u8, host: HostMem) -> FakeDevice {
+        FakeDevice { mem: Mutex::new(vec![fill; bytes]), host, pt: Mutex::default(), fail_d2h: false.into() }
+    }
+
     /// One access, holding the page table for its whole duration: like a TLB shootdown, an unmap
     /// waits for accesses in flight (the sim device gives the same guarantee).
     fn access(&self, va: u64, write: Option<u8>) -> Option<u8> {
@@ -235,7 +243,8 @@ impl DeviceMmu for FakeDevice {
     }
     fn invalidate_tlb(&self, _ranges: &[VaRange]) {}
     unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-        run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
+        let fail = self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed);
+        run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail)?;
         Ok(Box::new(Done))
     }
     fn fetch_faults(&self, _max: usize, _out: &mut Vec<DeviceFault>) -> usize {
@@ -308,11 +317,7 @@ fn world_with(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::po
     let mut devs = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let d = Arc::new(FakeDevice {
-            mem: Mutex::new(vec![0xEE; (dev_pages * PAGE_SIZE) as usize]),
-            host: host.clone(),
-            pt: Mutex::default(),
-        });
+        let d = Arc::new(FakeDevice::new((dev_pages * PAGE_SIZE) as usize, 0xEE, host.clone()));
         ids.push(space.attach(d.clone(), AttachOptions::default()).unwrap());
         devs.push(d);
     }

@@ -58,6 +58,17 @@ impl RangeAttrs {
         cur >= e || pred(&Attrs::default())
     }
 
+    /// How prefetching `span` to `to` fits the advice on it: `(allowed, read_mostly)`. Allowed
+    /// unless some part prefers another processor or keeps remote mappings (`AccessedBy`);
+    /// read-mostly (prefetch as duplicates) when every part is.
+    pub fn prefetch_fit(&self, span: VaRange, to: Proc) -> (bool, bool) {
+        if self.is_empty() {
+            return (true, false);
+        }
+        let allowed = self.all_in(span, |a| a.preferred.is_none_or(|p| p == to) && a.accessed_by.is_empty());
+        (allowed, self.all_in(span, |a| a.read_mostly))
+    }
+
     /// Applies `f` to the attributes of every part of `range`.
     pub fn update(&mut self, range: VaRange, mut f: impl FnMut(&mut Attrs)) {
         let (s, e) = (range.start, range.end());
@@ -143,6 +154,20 @@ mod tests {
         assert_eq!(m.len(), 1, "merged back");
         m.clear(VaRange::new(0, 0x10000));
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn prefetch_fit_follows_the_advice() {
+        let (dev, span) = (Proc::Device(crate::types::DeviceId(0)), VaRange::new(0x10_0000, 0x4000));
+        let mut m = RangeAttrs::default();
+        assert_eq!(m.prefetch_fit(span, dev), (true, false));
+        m.update(VaRange::new(0x10_0000, 0x2000), |a| a.read_mostly = true);
+        assert_eq!(m.prefetch_fit(span, dev), (true, false), "half read-mostly");
+        m.update(span, |a| a.read_mostly = true);
+        assert_eq!(m.prefetch_fit(span, dev), (true, true));
+        m.update(VaRange::new(0x10_3000, 0x1000), |a| a.preferred = Some(Proc::Cpu));
+        assert_eq!(m.prefetch_fit(span, dev), (false, true), "a page prefers the CPU");
+        assert_eq!(m.prefetch_fit(span, Proc::Cpu), (true, true));
     }
 
     proptest! {

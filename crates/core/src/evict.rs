@@ -2,8 +2,9 @@
 //! Host backing exists for every page, so eviction never loses data. Victim order is policy:
 //! UVM's FIFO by first residency, or hetmm's job-aware LRU (blocks of finished jobs first, then
 //! least recently touched, refreshed from the device's accessed bits). Pinned ranges are never
-//! chosen. hetmm also evicts in the background to keep a free-memory watermark, so eviction
-//! overlaps migration instead of sitting in the fault path.
+//! chosen. hetmm also evicts in the background, keeping free about as much memory as faults had
+//! to evict lately (up to a watermark), so eviction overlaps migration instead of sitting in the
+//! fault path.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -163,13 +164,12 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
             target /= 2;
             since = Instant::now();
         }
-        let low = target;
-        if low == 0 {
+        if target == 0 {
             continue;
         }
         let Ok(_gate) = space.enter() else { return };
         let mut rounds = 0;
-        while !slot.is_detached() && slot.free_and_total().0 < low && rounds < 64 {
+        while !slot.is_detached() && slot.free_and_total().0 < target && rounds < 64 {
             match evict_one(&space, &slot, u64::MAX) {
                 Ok(Evicted::Freed) => rounds += 1,
                 Ok(_) => break,

@@ -431,15 +431,8 @@ fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
     for k in 1..=ahead as u64 {
         let Some(va) = last.checked_add(stride * k).filter(|v| region.range.contains(*v)) else { break };
         let Some(blk) = region.blocks[region.block_index(va)].try_lock() else { continue };
-        // Advice that only duplication or pinning follows from leaves the block to the
-        // prefetcher; a preferred location elsewhere or a remote mapping keeps it out.
         let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
-        let (neutral, rm) = {
-            let attrs = space.attrs.read();
-            let neutral = attrs.is_empty()
-                || attrs.all_in(span, |a| a.preferred.is_none_or(|p| p == me) && a.accessed_by.is_empty());
-            (neutral, !attrs.is_empty() && attrs.all_in(span, |a| a.read_mostly))
-        };
+        let (neutral, rm) = space.attrs.read().prefetch_fit(span, me);
         let plain = neutral && !blk.thrashing.has(me) && blk.resident_on(me).is_empty();
         let n = blk.npages as u64;
         if !plain || region.is_freed() || budget < n {

@@ -840,11 +840,9 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
                 let attrs = space.attrs.read();
                 for g in &guards {
                     let span = VaRange::new(g.base, g.npages as u64 * PAGE_SIZE);
-                    let neutral = attrs.is_empty()
-                        || attrs
-                            .all_in(span, |a| a.preferred.is_none_or(|p| p == Proc::Cpu) && a.accessed_by.is_empty());
-                    read_mostly &= !attrs.is_empty() && attrs.all_in(span, |a| a.read_mostly);
-                    keep.push(neutral);
+                    let (allowed, rm) = attrs.prefetch_fit(span, Proc::Cpu);
+                    read_mostly &= rm;
+                    keep.push(allowed);
                 }
             }
             let mut blocks: Vec<&mut Block> =

@@ -63,13 +63,52 @@ pub struct SharedMapping {
     /// and only ever touched through the checked methods below.
     app: usize,
     /// Manager's alias (2 MiB aligned).
-    alias: usize,
+    alias: Alias,
     len: usize,
     /// The process that made the mapping: only a `fork()` child of it (another pid) may make
     /// its views private ([`SharedMapping::fork_child`]).
     owner: rustix::process::Pid,
-    /// A fork child unmapped its copy of the alias.
-    alias_gone: std::sync::atomic::AtomicBool,
+}
+
+/// The manager's alias of some shared pages: a mapping this crate created, unmapped on drop
+/// unless a `fork()` child already unmapped its copy ([`Alias::drop_in_child`]).
+#[derive(Debug)]
+pub(crate) struct Alias {
+    addr: usize,
+    len: usize,
+    gone: std::sync::atomic::AtomicBool,
+}
+
+impl Alias {
+    /// Takes ownership of the mapping `[addr, addr + len)`, which this crate created.
+    pub(crate) fn new(addr: usize, len: usize) -> Alias {
+        Alias { addr, len, gone: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// Its first address.
+    pub(crate) fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Whether a fork child unmapped it.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// In a `fork()` child, whose views no longer need it: unmaps it once (system calls only).
+    pub(crate) fn drop_in_child(&self) {
+        if !self.gone.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            unmap_quiet(self.addr, self.len);
+        }
+    }
+}
+
+impl Drop for Alias {
+    fn drop(&mut self) {
+        if !self.is_gone() {
+            unmap(self.addr, self.len);
+        }
+    }
 }
 
 impl SharedMapping {
@@ -94,10 +133,9 @@ impl SharedMapping {
         Ok(SharedMapping {
             memfd,
             app,
-            alias,
+            alias: Alias::new(alias, len as usize),
             len: len as usize,
             owner: rustix::process::getpid(),
-            alias_gone: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -108,7 +146,7 @@ impl SharedMapping {
 
     /// Start of the manager's alias.
     pub fn alias_ptr(&self) -> *mut u8 {
-        self.alias as *mut u8
+        self.alias.addr() as *mut u8
     }
 
     /// Usable length in bytes (both views).
@@ -183,18 +221,8 @@ impl SharedMapping {
             let range = self.app_range();
             return Err(MappingError::Os { op: "fork_child", range, errno: Errno::PERM.raw_os_error() });
         }
-        let mut result = Ok(());
-        for p in parts {
-            let r = self
-                .offset_of(p.range)
-                .and_then(|off| privatize_in_child(p.range, p.prot, self.memfd.as_fd(), off, lost));
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        if !self.alias_gone.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            unmap_quiet(self.alias, self.len);
-        }
+        let result = privatize_parts(parts, self.memfd.as_fd(), lost, |r| self.offset_of(r));
+        self.alias.drop_in_child();
         result
     }
 
@@ -222,16 +250,16 @@ impl SharedMapping {
     /// entries where it has none).
     pub fn read_alias(&self, off: u64, dst: &mut [u8]) -> Result<(), MappingError> {
         let range = VaRange::new(off, dst.len() as u64);
-        if off.checked_add(dst.len() as u64).is_none_or(|e| e > self.len as u64)
-            || self.alias_gone.load(std::sync::atomic::Ordering::Acquire)
-        {
+        if off.checked_add(dst.len() as u64).is_none_or(|e| e > self.len as u64) || self.alias.is_gone() {
             return Err(MappingError::OutOfBounds { range, region: VaRange::new(0, self.len as u64) });
         }
         // SAFETY: `[off, off + dst.len())` was checked to lie inside the alias, which `self`
         // owns and keeps mapped (it is only unmapped in a fork child, checked just above); the
         // memfd behind it is at least `len` bytes long, so every byte is readable. `dst` is a
         // distinct Rust buffer, so the ranges cannot overlap.
-        unsafe { std::ptr::copy_nonoverlapping((self.alias + off as usize) as *const u8, dst.as_mut_ptr(), dst.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping((self.alias.addr() + off as usize) as *const u8, dst.as_mut_ptr(), dst.len())
+        };
         Ok(())
     }
 
@@ -248,9 +276,6 @@ impl SharedMapping {
 impl Drop for SharedMapping {
     fn drop(&mut self) {
         unmap(self.app, self.len);
-        if !self.alias_gone.load(std::sync::atomic::Ordering::Acquire) {
-            unmap(self.alias, self.len);
-        }
     }
 }
 
@@ -400,6 +425,25 @@ pub(crate) fn restore_private(range: VaRange, prot: hetmm_core::types::Prot, src
     Ok(())
 }
 
+/// In a fork child: [`privatize_in_child`] for every part of a view of `memfd`, where
+/// `offset_of` gives a part's offset into the memfd. Goes on after a failure, so every part is
+/// dealt with, and returns the first error. System calls only.
+pub(crate) fn privatize_parts(
+    parts: &[hetmm_core::cpu::ForkPart],
+    memfd: BorrowedFd<'_>,
+    lost: &[VaRange],
+    offset_of: impl Fn(VaRange) -> Result<u64, MappingError>,
+) -> Result<(), MappingError> {
+    let mut result = Ok(());
+    for p in parts {
+        let r = offset_of(p.range).and_then(|off| privatize_in_child(p.range, p.prot, memfd, off, lost));
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result
+}
+
 /// In a `fork()` child: replaces the program's view `range` of `memfd` (from byte `off`) with
 /// private anonymous memory holding the same bytes, with protection `prot`; the parts of `lost`
 /// inside `range` become inaccessible. Holes of the memfd are not read (they stay zero pages).
@@ -532,11 +576,6 @@ pub(crate) fn dup_shared(range: VaRange) -> Result<usize, MappingError> {
     unsafe { rustix::mm::mremap(range.start as *mut _, 0, range.len as usize, rustix::mm::MremapFlags::MAYMOVE) }
         .map(|p| p as usize)
         .map_err(os_err("mremap(dup)", range))
-}
-
-/// Unmaps an alias this crate created.
-pub(crate) fn unmap_alias(addr: usize, len: usize) {
-    unmap(addr, len);
 }
 
 /// Fallocates or punches `len` bytes at `off` of a memfd.

@@ -12,7 +12,6 @@
 //! anonymous memory with the current bytes.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hetmm_core::cpu::{CpuMmu, HostError};
@@ -79,19 +78,8 @@ struct Seg {
 pub struct Mirror {
     ctx: Arc<Ctx>,
     memfd: Option<OwnedFd>,
-    alias: usize,
-    len: u64,
+    alias: mapping::Alias,
     segs: Mutex<Vec<Seg>>,
-    /// A fork child unmapped its copy of the alias.
-    alias_gone_in_child: AtomicBool,
-}
-
-impl Drop for Mirror {
-    fn drop(&mut self) {
-        if !self.alias_gone_in_child.load(Ordering::Acquire) {
-            mapping::unmap_alias(self.alias, self.len as usize);
-        }
-    }
 }
 
 impl Mirror {
@@ -115,13 +103,6 @@ impl Mirror {
     /// The program unmapped `range`.
     pub(crate) fn forget(&self, range: VaRange) {
         cut(&mut self.segs.lock(), range);
-    }
-
-    /// In a fork child: unmaps the alias once (the child's views no longer need it).
-    fn drop_alias_in_child(&self) {
-        if !self.alias_gone_in_child.swap(true, Ordering::AcqRel) {
-            mapping::unmap_quiet(self.alias, self.len as usize);
-        }
     }
 }
 
@@ -155,15 +136,20 @@ pub struct MirrorView {
 }
 
 impl MirrorView {
-    fn check(&self, op: &'static str, r: VaRange) -> Result<u64, HostError> {
+    /// The memfd (and alias) offset of `r`, a page-aligned, non-empty part of this view.
+    fn offset_of(&self, r: VaRange) -> Result<u64, MappingError> {
         if r.len == 0 || !r.is_page_aligned() {
-            return Err(mapping_err(op, r, MappingError::Unaligned(r)));
+            return Err(MappingError::Unaligned(r));
         }
         let me = VaRange::new(self.app, self.len);
         if !me.contains_range(&r) {
-            return Err(mapping_err(op, r, MappingError::OutOfBounds { range: r, region: me }));
+            return Err(MappingError::OutOfBounds { range: r, region: me });
         }
         Ok(self.off + (r.start - self.app))
+    }
+
+    fn check(&self, op: &'static str, r: VaRange) -> Result<u64, HostError> {
+        self.offset_of(r).map_err(|e| mapping_err(op, r, e))
     }
 }
 
@@ -234,7 +220,7 @@ impl CpuMmu for MirrorView {
             log::error!("backing({va:#x}) outside {}", self.range());
             return HostAddr(0);
         }
-        HostAddr(self.mirror.alias + (self.off + (va - self.app)) as usize)
+        HostAddr(self.mirror.alias.addr() + (self.off + (va - self.app)) as usize)
     }
 
     fn set_prot(&self, range: VaRange, prot: Prot) -> Result<(), HostError> {
@@ -244,7 +230,7 @@ impl CpuMmu for MirrorView {
 
     fn reads_zero(&self, range: VaRange) -> bool {
         match self.check("snapshot", range) {
-            Ok(off) => mapping::alias_is_zero(self.mirror.alias + off as usize, range.len as usize),
+            Ok(off) => mapping::alias_is_zero(self.mirror.alias.addr() + off as usize, range.len as usize),
             Err(_) => false,
         }
     }
@@ -257,19 +243,12 @@ impl CpuMmu for MirrorView {
         if rustix::process::getpid() == self.mirror.ctx.uffd.owner() {
             return Err(HostError { op: "fork", range: self.range(), errno: libc::EPERM });
         }
-        let mut result = Ok(());
-        if let Some(fd) = &self.mirror.memfd {
-            for p in parts {
-                let r = self.check("fork", p.range).and_then(|off| {
-                    mapping::privatize_in_child(p.range, p.prot, fd.as_fd(), off, lost)
-                        .map_err(|e| mapping_err("fork", p.range, e))
-                });
-                if result.is_ok() {
-                    result = r;
-                }
-            }
-        }
-        self.mirror.drop_alias_in_child();
+        let result = match &self.mirror.memfd {
+            Some(fd) => mapping::privatize_parts(parts, fd.as_fd(), lost, |r| self.offset_of(r))
+                .map_err(|e| mapping_err("fork", self.range(), e)),
+            None => Ok(()),
+        };
+        self.mirror.alias.drop_in_child();
         result
     }
 }
@@ -311,10 +290,8 @@ impl Host {
             let mirror = Arc::new(Mirror {
                 ctx: self.ctx.clone(),
                 memfd: None,
-                alias,
-                len: range.len,
+                alias: mapping::Alias::new(alias, range.len as usize),
                 segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
-                alias_gone_in_child: AtomicBool::new(false),
             });
             self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
             let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
@@ -327,10 +304,8 @@ impl Host {
         let mirror = Arc::new(Mirror {
             ctx: self.ctx.clone(),
             memfd: Some(memfd),
-            alias,
-            len: range.len,
+            alias: mapping::Alias::new(alias, range.len as usize),
             segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
-            alias_gone_in_child: AtomicBool::new(false),
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
         for v in &vm {
@@ -350,7 +325,7 @@ impl Host {
         let range =
             VaRange::checked(start, len).filter(VaRange::is_page_aligned).ok_or(MappingError::BadLength(len))?;
         for m in self.ctx.live_mirrors_pub() {
-            let Some(fd_alias) = m.memfd.as_ref().map(|_| m.alias) else {
+            let Some(fd_alias) = m.memfd.as_ref().map(|_| m.alias.addr()) else {
                 m.forget(range);
                 continue;
             };

@@ -83,9 +83,7 @@ impl AddressSpace {
     /// the program's `munmap`/`mremap`/`madvise` returns, the next hetmm call sees its effect.
     /// Never call it from the thread that applies events.
     pub fn settle(&self) -> Result<()> {
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         let limit = std::time::Duration::from_secs(10);
         let t = std::time::Instant::now();
         while self.events_pending.load(std::sync::atomic::Ordering::Acquire) != 0 {
@@ -201,9 +199,7 @@ impl AddressSpace {
         if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         let region = Region::build(range, prot, cpu, remote);
         for cell in &region.blocks {
             for pg in cell.lock().pages.iter_mut() {

@@ -218,9 +218,7 @@ impl AddressSpace {
     /// Enters the fork gate (shared). Every operation that changes page state or host/device
     /// data holds it. Fails in the child of a `fork()`, where the address space is inert.
     pub(crate) fn enter(&self) -> Result<GateGuard<'_>> {
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         Ok(self.gate.enter())
     }
 
@@ -235,6 +233,15 @@ impl AddressSpace {
     /// Whether this process is a `fork()` child and the address space belongs to the parent.
     pub fn is_forked_away(&self) -> bool {
         self.forked_away.load(Ordering::Acquire)
+    }
+
+    /// Fails with [`CoreError::ForkedAway`] in a `fork()` child, where the address space is
+    /// inert.
+    pub(crate) fn not_forked(&self) -> Result<()> {
+        if self.is_forked_away() {
+            return Err(CoreError::ForkedAway);
+        }
+        Ok(())
     }
 
     /// Nanoseconds since the address space was made (never 0): the clock of recency and
@@ -272,9 +279,7 @@ impl AddressSpace {
         if !checked.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         self.insert_announced(Region::build(range, prot, cpu, remote), true)?;
         Ok(range)
     }
@@ -372,9 +377,7 @@ impl AddressSpace {
     /// Attaches a device: creates its page table, registers its memory with a buddy allocator,
     /// and (if it reports faults) starts its fault-service thread.
     pub fn attach(self: &Arc<Self>, mmu: Arc<dyn DeviceMmu>, opts: AttachOptions) -> Result<DeviceId> {
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(CoreError::ShuttingDown);
         }
@@ -475,9 +478,7 @@ impl AddressSpace {
 
     /// Capabilities of an attached device.
     pub fn device_caps(&self, id: DeviceId) -> Result<DeviceCaps> {
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         Ok(self.slot(id)?.caps.clone())
     }
 
@@ -492,9 +493,7 @@ impl AddressSpace {
     /// is destroyed.
     pub fn detach(&self, id: DeviceId) -> Result<()> {
         // In a fork child the device's threads do not exist: nothing to stop or wait for.
-        if self.is_forked_away() {
-            return Err(CoreError::ForkedAway);
-        }
+        self.not_forked()?;
         let slot = self.slot(id)?;
         slot.detached.store(true, Ordering::Release);
         slot.mmu.shutdown_faults();

@@ -5,7 +5,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
@@ -17,6 +17,7 @@ use parking_lot::Mutex;
 use crate::device::Shared;
 use crate::memory::{host_atomic, host_read, host_write, AtomicOp};
 use crate::pagetable::{Target, Translation};
+use crate::sync::{lock, wait_until};
 use crate::tlb::Tlb;
 
 /// How long a stalled warp waits for the replay of its fault (or for space in a full fault
@@ -47,11 +48,7 @@ struct Progress {
     error: Option<DeviceError>,
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Waiting uses std's futex-based primitives, not `parking_lot` (see `crate::fault`).
+/// Waiting uses std's futex-based primitives, not `parking_lot` (see `crate::sync`).
 pub(crate) struct LaunchState {
     kernel: Box<KernelFn>,
     grid: Grid,
@@ -127,13 +124,9 @@ impl Launch {
     pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
         let deadline = Instant::now() + timeout;
         let blocks = u64::from(self.state.grid.blocks);
-        let mut p = lock(&self.state.progress);
-        while p.done < blocks {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(DeviceError::Timeout(timeout));
-            }
-            p = self.state.cv.wait_timeout(p, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        let (p, done) = wait_until(&self.state.cv, lock(&self.state.progress), deadline, |p| p.done >= blocks);
+        if !done {
+            return Err(DeviceError::Timeout(timeout));
         }
         match &p.error {
             Some(e) => Err(e.clone()),

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use hetmm_core::device::{Completion, CopyOp, DeviceError, HostAddr, PhysAddr};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Condvar, Mutex};
 
 use crate::memory::PhysMem;
+use crate::sync::{lock, wait_until};
 
 /// Largest piece one engine executes at a time: small enough that one 2 MiB block spreads over
 /// every engine.
@@ -26,11 +27,7 @@ pub struct CopyCounters {
     pub(crate) batches: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Waiting uses std's futex-based primitives, not `parking_lot` (see `crate::fault`).
+/// Waiting uses std's futex-based primitives, not `parking_lot` (see `crate::sync`).
 #[derive(Debug)]
 struct BatchState {
     progress: Mutex<(usize, Option<DeviceError>)>,
@@ -84,13 +81,9 @@ pub struct CopyCompletion {
 impl Completion for CopyCompletion {
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
         let deadline = Instant::now() + timeout;
-        let mut p = lock(&self.state.progress);
-        while p.0 > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(DeviceError::Timeout(timeout));
-            }
-            p = self.state.done.wait_timeout(p, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        let (p, done) = wait_until(&self.state.done, lock(&self.state.progress), deadline, |p| p.0 == 0);
+        if !done {
+            return Err(DeviceError::Timeout(timeout));
         }
         match &p.1 {
             Some(e) => Err(e.clone()),

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use hetmm_core::device::{DeviceError, DeviceFault, FaultCancel};
 use hetmm_core::types::Access;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use crate::sync::{lock, wait_for};
+use std::sync::{Condvar, Mutex};
 
 /// How often a stalled warp re-checks for replay, shutdown or device teardown.
 const POLL: Duration = Duration::from_millis(5);
@@ -47,10 +49,6 @@ pub struct FaultCounters {
     pub buffer_full_waits: u64,
     /// Entries handed out by fetch.
     pub fetched: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The fault buffer.
@@ -115,7 +113,7 @@ impl FaultBuffer {
             if Instant::now() >= deadline {
                 return Err(DeviceError::Timeout(limit));
             }
-            st = self.wake.wait_timeout(st, POLL).unwrap_or_else(PoisonError::into_inner).0;
+            st = wait_for(&self.wake, st, POLL);
         }
         st.queue.push_back(DeviceFault { va, access, client });
         let my_seq = st.replay_seq;
@@ -144,7 +142,7 @@ impl FaultBuffer {
             if Instant::now() >= deadline {
                 return Err(DeviceError::Timeout(limit));
             }
-            st = self.wake.wait_timeout(st, POLL).unwrap_or_else(PoisonError::into_inner).0;
+            st = wait_for(&self.wake, st, POLL);
         }
     }
 
@@ -179,11 +177,7 @@ impl FaultBuffer {
             }
             // Bounded slices so that a device teardown (which cannot take this lock from every
             // path) is noticed promptly.
-            st = self
-                .pending
-                .wait_timeout(st, (deadline - now).min(POLL * 10))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            st = wait_for(&self.pending, st, (deadline - now).min(POLL * 10));
         }
     }
 

@@ -47,6 +47,7 @@ mod device;
 mod fault;
 mod memory;
 mod pagetable;
+mod sync;
 mod tlb;
 
 #[cfg(test)]

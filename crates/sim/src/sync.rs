@@ -1,0 +1,35 @@
+//! The device's waits: std's futex-based mutex and condition variables rather than
+//! `parking_lot`, because device threads sleep in them while the program may fork (see
+//! [`crate::fault`]). A poisoned lock is taken anyway: every critical section leaves its state
+//! consistent before anything in it can panic.
+
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Locks `m`.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Sleeps on `cv` at most `timeout` (wake-ups may be spurious).
+pub(crate) fn wait_for<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>, timeout: Duration) -> MutexGuard<'a, T> {
+    cv.wait_timeout(g, timeout).unwrap_or_else(PoisonError::into_inner).0
+}
+
+/// Sleeps on `cv` until `done` holds for the guarded state or `deadline` passes; returns the
+/// guard and whether `done` held.
+pub(crate) fn wait_until<'a, T>(
+    cv: &Condvar,
+    mut g: MutexGuard<'a, T>,
+    deadline: Instant,
+    done: impl Fn(&T) -> bool,
+) -> (MutexGuard<'a, T>, bool) {
+    while !done(&g) {
+        let now = Instant::now();
+        if now >= deadline {
+            return (g, false);
+        }
+        g = wait_for(cv, g, deadline - now);
+    }
+    (g, true)
+}

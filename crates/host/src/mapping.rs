@@ -54,6 +54,14 @@ impl MappingError {
     }
 }
 
+/// A byte copy between disjoint buffers: `(src, dst, len)`.
+///
+/// # Safety
+///
+/// The contract of [`std::ptr::copy_nonoverlapping`]: `src` valid for reads and `dst` for
+/// writes of `len` bytes, the two not overlapping.
+pub type CopyFn = unsafe fn(*const u8, *mut u8, usize);
+
 /// A memfd of `len` bytes mapped `MAP_SHARED` twice. Dropping it unmaps both views and closes
 /// the memfd.
 #[derive(Debug)]
@@ -249,6 +257,11 @@ impl SharedMapping {
     /// manager's alias, the way copy engines read host data (faulting in the alias's page-table
     /// entries where it has none).
     pub fn read_alias(&self, off: u64, dst: &mut [u8]) -> Result<(), MappingError> {
+        self.read_alias_with(off, dst, std::ptr::copy_nonoverlapping::<u8>)
+    }
+
+    /// [`SharedMapping::read_alias`] with the copy done by `copy` (a device's DMA routine, say).
+    pub fn read_alias_with(&self, off: u64, dst: &mut [u8], copy: CopyFn) -> Result<(), MappingError> {
         let range = VaRange::new(off, dst.len() as u64);
         if off.checked_add(dst.len() as u64).is_none_or(|e| e > self.len as u64) || self.alias.is_gone() {
             return Err(MappingError::OutOfBounds { range, region: VaRange::new(0, self.len as u64) });
@@ -256,10 +269,8 @@ impl SharedMapping {
         // SAFETY: `[off, off + dst.len())` was checked to lie inside the alias, which `self`
         // owns and keeps mapped (it is only unmapped in a fork child, checked just above); the
         // memfd behind it is at least `len` bytes long, so every byte is readable. `dst` is a
-        // distinct Rust buffer, so the ranges cannot overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping((self.alias.addr() + off as usize) as *const u8, dst.as_mut_ptr(), dst.len())
-        };
+        // distinct Rust buffer, so the ranges cannot overlap: `copy`'s contract holds.
+        unsafe { copy((self.alias.addr() + off as usize) as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hetmm_core::types::{VaRange, PAGE_SIZE};
 
 use crate::host::Worker;
-use crate::mapping::{MappingError, SharedMapping};
+use crate::mapping::{CopyFn, MappingError, SharedMapping};
 use crate::uffd::{self, Event, Features, OpenError, RegisterMode, Uffd, UffdError};
 
 /// Pages of the probe region; it is punched and reused when the iterations outnumber them.
@@ -124,10 +124,11 @@ pub fn memcpy_bandwidth(bytes: usize, repeats: usize) -> f64 {
 
 /// Median bandwidth in bytes per second of reading host backing the way the simulated device's
 /// copy engine does: from the manager's alias of a memfd (4 KiB pages) whose data was just
-/// written, so the alias takes its page faults, into a written private buffer, 2 MiB at a time.
+/// written, so the alias takes its page faults, into a written private buffer, 2 MiB at a time,
+/// each piece copied by `copy` (pass the device's own DMA routine).
 /// This, not memcpy between private buffers, bounds every host-to-device migration. 0.0 if
 /// `bytes` or `repeats` is 0.
-pub fn backing_copy_bandwidth(bytes: usize, repeats: usize) -> Result<f64, MappingError> {
+pub fn backing_copy_bandwidth(bytes: usize, repeats: usize, copy: CopyFn) -> Result<f64, MappingError> {
     if bytes == 0 || repeats == 0 {
         return Ok(0.0);
     }
@@ -144,7 +145,7 @@ pub fn backing_copy_bandwidth(bytes: usize, repeats: usize) -> Result<f64, Mappi
         }
         let t = Instant::now();
         for (i, part) in dst.chunks_mut(chunk).enumerate() {
-            m.read_alias((i * chunk) as u64, part)?;
+            m.read_alias_with((i * chunk) as u64, part, copy)?;
         }
         std::hint::black_box(&mut dst);
         rates.push(len as f64 / t.elapsed().as_secs_f64().max(1e-9));
@@ -172,7 +173,7 @@ mod tests {
         assert_eq!(b, [0, 7, 8, 9, 10, 0]);
         assert!(m.read_alias(3 * PAGE_SIZE - 2, &mut b).is_err(), "past the end");
         assert!(m.write_backing(u64::MAX - 1, &[1, 2]).is_err(), "overflow");
-        assert!(backing_copy_bandwidth(1 << 20, 2).unwrap() > 0.0);
+        assert!(backing_copy_bandwidth(1 << 20, 2, std::ptr::copy_nonoverlapping::<u8>).unwrap() > 0.0);
     }
 
     #[test]

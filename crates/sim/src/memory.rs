@@ -191,8 +191,9 @@ impl PhysMem {
     /// `dst` must be valid for writes of `len` bytes and not overlap the arena.
     pub(crate) unsafe fn copy_to_host(&self, pa: u64, dst: usize, len: u64) -> Result<(), DeviceError> {
         let src = self.ptr(pa, len)?;
-        // SAFETY: source checked in bounds; destination valid per the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst as *mut u8, len as usize) };
+        // SAFETY: source checked in bounds; destination valid per the caller's contract and
+        // disjoint from the arena.
+        unsafe { dma_copy(src, dst as *mut u8, len as usize) };
         Ok(())
     }
 
@@ -203,8 +204,9 @@ impl PhysMem {
     /// `src` must be valid for reads of `len` bytes and not overlap the arena.
     pub(crate) unsafe fn copy_from_host(&self, src: usize, pa: u64, len: u64) -> Result<(), DeviceError> {
         let dst = self.ptr(pa, len)?;
-        // SAFETY: destination checked in bounds; source valid per the caller's contract.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst, len as usize) };
+        // SAFETY: destination checked in bounds; source valid per the caller's contract and
+        // disjoint from the arena.
+        unsafe { dma_copy(src as *const u8, dst, len as usize) };
         Ok(())
     }
 }
@@ -217,6 +219,62 @@ impl Drop for PhysMem {
             log::warn!("sim: munmap of device memory failed: {e}");
         }
     }
+}
+
+/// Copies of at least this many bytes use non-temporal stores (see [`dma_copy`]).
+pub const DMA_STREAM_MIN: usize = 64 << 10;
+
+/// A copy engine's transfer: copies `len` bytes from `src` to `dst`.
+///
+/// A DMA engine writes memory without passing the data through the CPU's caches. Pieces of at
+/// least [`DMA_STREAM_MIN`] bytes are copied that way here, with non-temporal stores: the
+/// destination's lines are not read for ownership first and the copy does not evict the
+/// caches' contents. `memcpy` takes that path only above a threshold tied to the last-level
+/// cache size (tens of MiB), far above the engines' 256 KiB pieces. On the 2-core development
+/// VM, `stream_breakdown 2G` (a 2 GiB device-fault migration) spent 0.29-0.30 CPU-seconds
+/// copying against 0.32-0.34 with `memcpy`, three runs each, alternating.
+///
+/// # Safety
+///
+/// `src` must be valid for reads and `dst` for writes of `len` bytes, and the two ranges must
+/// not overlap (the contract of [`std::ptr::copy_nonoverlapping`]).
+pub unsafe fn dma_copy(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if len >= DMA_STREAM_MIN {
+        // Bytes up to the first 16-byte aligned destination address go through a plain copy.
+        let head = dst.align_offset(16).min(len);
+        let body = (len - head) & !63;
+        // SAFETY: every range below lies inside `[0, len)` of both buffers, which the caller
+        // guarantees valid and disjoint.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst, head);
+            stream_body(src.add(head), dst.add(head), body);
+            std::ptr::copy_nonoverlapping(src.add(head + body), dst.add(head + body), len - head - body);
+        }
+        return;
+    }
+    // SAFETY: the caller's contract is `copy_nonoverlapping`'s.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+/// Copies `len` bytes (a multiple of 64) to a 16-byte aligned `dst` with non-temporal stores,
+/// then fences so the data is visible to every reader before the copy counts as done.
+///
+/// # Safety
+///
+/// As [`dma_copy`], and `dst` 16-byte aligned and `len` a multiple of 64.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_body(src: *const u8, dst: *mut u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+    let (s, d) = (src.cast::<__m128i>(), dst.cast::<__m128i>());
+    for i in 0..len / 16 {
+        // SAFETY: `i * 16 + 16 <= len`, inside both buffers; the load is unaligned, the
+        // destination is 16-byte aligned (the caller's contract); SSE2 is part of x86_64.
+        unsafe { _mm_stream_si128(d.add(i), _mm_loadu_si128(s.add(i))) };
+    }
+    // SAFETY: SSE2 is part of x86_64; the fence orders the streaming stores before the
+    // completion is signalled.
+    unsafe { _mm_sfence() };
 }
 
 /// Reads host memory through the aperture into `out`.
@@ -256,6 +314,19 @@ pub(crate) unsafe fn host_atomic(addr: usize, op: AtomicOp) -> Result<u64, Devic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dma_copy_is_exact_at_any_alignment() {
+        let len = DMA_STREAM_MIN + 300;
+        let src: Vec<u8> = (0..len + 64).map(|i| (i * 7 + 3) as u8).collect();
+        for (s_off, d_off, n) in [(0, 0, len), (1, 3, len), (5, 0, len - 7), (0, 9, 100), (13, 13, DMA_STREAM_MIN)] {
+            let mut dst = vec![0xeeu8; len + 64];
+            // SAFETY: both ranges lie inside their own vectors, which are distinct.
+            unsafe { dma_copy(src.as_ptr().add(s_off), dst.as_mut_ptr().add(d_off), n) };
+            assert_eq!(&dst[d_off..d_off + n], &src[s_off..s_off + n], "{s_off} {d_off} {n}");
+            assert!(dst[..d_off].iter().chain(&dst[d_off + n..]).all(|&b| b == 0xee), "wrote outside");
+        }
+    }
 
     #[test]
     fn bounds_and_atomics() {

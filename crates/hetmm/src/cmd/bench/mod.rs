@@ -347,8 +347,9 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
         .into_iter()
         .map(|d| d.as_secs_f64() * 1e6)
         .collect();
-    let backing_gbps =
-        probe::backing_copy_bandwidth(256 << 20, 5).map_err(|e| hetmm::Error::Host(e.to_string()))? / 1e9;
+    let backing_gbps = probe::backing_copy_bandwidth(256 << 20, 5, hetmm_sim::dma_copy)
+        .map_err(|e| hetmm::Error::Host(e.to_string()))?
+        / 1e9;
     let limits = Limits { memcpy_gbps, backing_gbps, uffd_us: median(rt) };
     if !args.json {
         println!(

@@ -45,15 +45,15 @@ bitflags! {
         const PAGEFAULT_FLAG_WP = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
         /// fork() events (non-cooperative; not requested yet).
         const EVENT_FORK = sys::UFFD_FEATURE_EVENT_FORK as u64;
-        /// mremap() events (not requested yet).
+        /// mremap() events.
         const EVENT_REMAP = sys::UFFD_FEATURE_EVENT_REMAP as u64;
-        /// MADV_DONTNEED/REMOVE events (not requested yet: they make madvise synchronous).
+        /// MADV_DONTNEED/REMOVE events (they make madvise wait until the event is read).
         const EVENT_REMOVE = sys::UFFD_FEATURE_EVENT_REMOVE as u64;
         /// MISSING mode on hugetlbfs.
         const MISSING_HUGETLBFS = sys::UFFD_FEATURE_MISSING_HUGETLBFS as u64;
         /// MISSING mode on shmem/memfd.
         const MISSING_SHMEM = sys::UFFD_FEATURE_MISSING_SHMEM as u64;
-        /// munmap() events (not requested yet).
+        /// munmap() events.
         const EVENT_UNMAP = sys::UFFD_FEATURE_EVENT_UNMAP as u64;
         /// Faults raise SIGBUS instead of events.
         const SIGBUS = sys::UFFD_FEATURE_SIGBUS as u64;
@@ -86,9 +86,9 @@ impl Features {
         .union(Features::MINOR_SHMEM)
         .union(Features::WP_HUGETLBFS_SHMEM)
         .union(Features::PAGEFAULT_FLAG_WP);
-    /// Requested when the kernel has them. The EVENT_* bits are deliberately absent: with them
-    /// the kernel blocks madvise/munmap/fork until the events are read, which the handler loop
-    /// does not handle yet.
+    /// Requested when the kernel has them. With the EVENT_* bits the kernel blocks
+    /// madvise/munmap/mremap until the event is read, so only the reader thread may read the uffd
+    /// and it never zaps or maps memory itself (see `crate::host`).
     pub const OPTIONAL: Features = Features::THREAD_ID
         .union(Features::POISON)
         .union(Features::EVENT_REMOVE)

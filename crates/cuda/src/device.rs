@@ -265,14 +265,23 @@ impl CudaDevice {
         if let Some(c) = &*k {
             return Ok(Arc::clone(c));
         }
-        if !driver::nvrtc_present() {
-            return Err(CudaError::Unavailable(
-                "NVRTC (libnvrtc.so) is not installed: hetmm compiles its CUDA kernels at run time".into(),
-            ));
-        }
-        let opts = cudarc::nvrtc::CompileOptions { name: Some("hetmm_kernels.cu".into()), ..Default::default() };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernels::program_source(), opts)
-            .map_err(|e| CudaError::Nvrtc(format!("{e:?}")))?;
+        // NVRTC, where installed, compiles the sources for this driver; otherwise (or if it
+        // fails) the PTX built from the same sources and kept in the repository is loaded, and
+        // the driver JIT-compiles it for the GPU.
+        let shipped = || cudarc::nvrtc::Ptx::from_src(kernels::PTX);
+        let ptx = if driver::nvrtc_present() {
+            let opts = cudarc::nvrtc::CompileOptions { name: Some("hetmm_kernels.cu".into()), ..Default::default() };
+            match cudarc::nvrtc::compile_ptx_with_opts(kernels::program_source(), opts) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("cuda: NVRTC failed ({e:?}); loading the shipped PTX");
+                    shipped()
+                }
+            }
+        } else {
+            log::info!("cuda: NVRTC is not installed; loading the shipped PTX ({})", kernels::PTX_ARCH);
+            shipped()
+        };
         let ctx = self.inner.gpu.ctx();
         let module = ctx
             .load_module(ptx)
@@ -327,7 +336,12 @@ impl CudaDevice {
         // stays mapped until the event recorded below completes (unmapping waits for it).
         unsafe { i.gpu.launch(&i.compute, func, call.dims(), &args)? };
         let done = Arc::new(driver::record(&i.compute)?);
-        i.inflight.lock().push(Arc::clone(&done));
+        let mut inflight = i.inflight.lock();
+        // Forget finished kernels here too, not only when something waits on them, so a
+        // program relaunching on resident data does not pile up events.
+        inflight.retain(|e| !e.try_is_complete().unwrap_or(true));
+        inflight.push(Arc::clone(&done));
+        drop(inflight);
         drop(st);
         i.counters.add(KERNELS, 1);
         Ok(CudaLaunch { gpu: Arc::clone(&i.gpu), done })

@@ -224,10 +224,22 @@ impl VaReservation {
     /// give another address).
     pub fn new(gpu: &Arc<Gpu>, len: u64, align: u64, hint: u64) -> Result<Self, CudaError> {
         gpu.bind()?;
-        let mut base: sys::CUdeviceptr = 0;
-        // SAFETY: `base` is a valid out-pointer; a hint is only a request.
-        let r = unsafe { sys::cuMemAddressReserve(&mut base, len as usize, align as usize, hint, 0) };
-        check(r, "cuMemAddressReserve")?;
+        let reserve = |hint: u64| {
+            let mut base: sys::CUdeviceptr = 0;
+            // SAFETY: `base` is a valid out-pointer; a hint is only a request.
+            let r = unsafe { sys::cuMemAddressReserve(&mut base, len as usize, align as usize, hint, 0) };
+            check(r, "cuMemAddressReserve").map(|()| base)
+        };
+        // The driver documents the hint as a request, but a hint it cannot honour (the address
+        // is the host view's, already in use under unified addressing) may also be refused
+        // outright: then let it choose.
+        let base = match reserve(hint) {
+            Err(e) if hint != 0 => {
+                log::debug!("cuda: reserving at {hint:#x} failed ({e}); letting the driver choose");
+                reserve(0)?
+            }
+            r => r?,
+        };
         Ok(VaReservation { gpu: Arc::clone(gpu), base, len })
     }
 
@@ -395,6 +407,9 @@ pub fn record(stream: &CudaStream) -> Result<CudaEvent, CudaError> {
 pub fn wait_events(events: &[CudaEvent], deadline: Instant) -> Result<bool, CudaError> {
     let mut pause = Duration::from_micros(1);
     for ev in events {
+        // `cuEventQuery` is documented per context: make the event's current on this thread
+        // (copy completions are waited on from the core's threads).
+        ev.context().bind_to_thread().map_err(driver_err("cuCtxSetCurrent"))?;
         loop {
             if ev.try_is_complete().map_err(driver_err("cuEventQuery"))? {
                 break;
@@ -455,8 +470,17 @@ pub struct ManagedAlloc {
 
 impl ManagedAlloc {
     /// Allocates `len` bytes attached globally.
+    /// Fails with [`CudaError::Unavailable`] where the GPU cannot demand-page managed memory
+    /// (`CONCURRENT_MANAGED_ACCESS` is 0, as on some virtual machines): the baselines that use
+    /// it would measure something else.
     pub fn new(gpu: &Arc<Gpu>, len: u64) -> Result<Self, CudaError> {
         gpu.bind()?;
+        let attr = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS;
+        if gpu.ctx.attribute(attr).map_err(driver_err("cuDeviceGetAttribute"))? == 0 {
+            return Err(CudaError::Unavailable(
+                "this GPU cannot demand-page managed memory (CONCURRENT_MANAGED_ACCESS = 0)".into(),
+            ));
+        }
         let mut ptr: sys::CUdeviceptr = 0;
         let flags = sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL as u32;
         // SAFETY: `ptr` is a valid out-pointer.
@@ -480,9 +504,12 @@ impl ManagedAlloc {
     /// Starts moving the memory to the GPU (`cuMemPrefetchAsync`).
     pub fn prefetch(&self, stream: &CudaStream) -> Result<(), CudaError> {
         self.gpu.bind()?;
+        // `_v2` (CUDA 12.2 and later) takes a location; CUDA 13's headers name only this form.
         // SAFETY: the range is our managed allocation.
-        let r = unsafe { sys::cuMemPrefetchAsync(self.ptr, self.len as usize, self.gpu.device(), stream.cu_stream()) };
-        check(r, "cuMemPrefetchAsync")
+        let r = unsafe {
+            sys::cuMemPrefetchAsync_v2(self.ptr, self.len as usize, self.gpu.location(), 0, stream.cu_stream())
+        };
+        check(r, "cuMemPrefetchAsync_v2")
     }
 }
 

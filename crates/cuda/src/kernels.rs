@@ -1,5 +1,7 @@
 //! hetmm's CUDA kernels: CUDA C sources kept in `crates/cuda/kernels/*.cu`, compiled at run time
-//! with NVRTC, and the calls that launch them. A [`KernelCall`] is built only from buffers
+//! with NVRTC where it is installed, else loaded from the PTX the repository keeps beside them
+//! (built from those sources by `examples/gen_ptx.rs`; a test checks it is current), and the
+//! calls that launch them. A [`KernelCall`] is built only from buffers
 //! ([`Buf`]) and scalars: its constructors derive the element counts and launch dimensions from
 //! the buffers' sizes, so a kernel never touches memory outside the buffers it names. The
 //! caller makes those buffers resident on the device before launching (the facade's
@@ -63,6 +65,28 @@ pub const SOURCES: [(&str, &str); 3] = [
 /// One NVRTC program holding every kernel.
 pub fn program_source() -> String {
     SOURCES.iter().map(|(f, s)| format!("// ---- {f}\n{s}\n")).collect()
+}
+
+/// The PTX of [`program_source`], for machines without NVRTC (the driver JIT-compiles it for
+/// the GPU at module load). Regenerate with `cargo run -p hetmm-cuda --example gen_ptx`.
+pub const PTX: &str = include_str!("../kernels/hetmm_kernels.ptx");
+
+/// The virtual architecture [`PTX`] is compiled for: Volta and every later GPU can load it.
+pub const PTX_ARCH: &str = "compute_70";
+
+/// FNV-1a (64-bit) of `bytes`: a digest that says whether [`PTX`] was built from the current
+/// sources (not a security property).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The first line of [`PTX`]: which sources, by digest, and which architecture it was built for.
+pub fn ptx_header() -> String {
+    format!(
+        "// hetmm_kernels.ptx: built by `cargo run -p hetmm-cuda --example gen_ptx` from crates/cuda/kernels/*.cu \
+         (sources FNV-1a {:016x}), --gpu-architecture={PTX_ARCH}",
+        fnv1a(program_source().as_bytes())
+    )
 }
 
 /// A kernel argument as the caller gives it.
@@ -255,6 +279,22 @@ impl KernelCall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shipped_ptx_is_built_from_the_current_sources() {
+        assert_eq!(
+            PTX.lines().next(),
+            Some(ptx_header().as_str()),
+            "crates/cuda/kernels/*.cu changed: regenerate the PTX (cargo run -p hetmm-cuda --example gen_ptx)"
+        );
+        for spec in ALL {
+            // Every entry point, unmangled, with one `.param` per declared parameter.
+            let head = format!(".entry {}(", spec.name);
+            let at = PTX.find(&head).unwrap_or_else(|| panic!("{} missing from the PTX", spec.name));
+            let params = &PTX[at..at + PTX[at..].find(')').unwrap()];
+            assert_eq!(params.matches(".param").count(), spec.params.len(), "{}", spec.name);
+        }
+    }
 
     /// The parameter list of `name` as declared in the CUDA source.
     fn declared(src: &str, name: &str) -> Vec<Param> {

@@ -62,9 +62,6 @@ pub enum CudaError {
         /// The driver's status.
         code: String,
     },
-    /// NVRTC could not compile hetmm's kernels.
-    #[error("NVRTC: {0}")]
-    Nvrtc(String),
     /// A kernel call was refused before launch (arguments, sizes, buffers not resident).
     #[error("kernel: {0}")]
     Kernel(String),
@@ -91,7 +88,8 @@ pub fn probe() -> Result<usize, CudaError> {
     driver::probe()
 }
 
-/// Whether the NVRTC library that compiles hetmm's kernels at run time can be loaded.
+/// Whether the NVRTC library that compiles hetmm's kernels at run time can be loaded (without
+/// it, the PTX the repository keeps, [`kernels::PTX`], is loaded instead).
 pub fn nvrtc_available() -> bool {
     driver::nvrtc_present()
 }

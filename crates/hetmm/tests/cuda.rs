@@ -2,6 +2,7 @@
 //! skips, printing why; the skip path itself is checked: the commands fail with a clear message.
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hetmm::core::types::Proc;
@@ -11,13 +12,27 @@ use hetmm::Hetmm;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// A GPU device, or `None` after printing why the test skips.
-fn gpu(mem: u64) -> Option<CudaDevice> {
+/// GPU tests run one at a time: one of them forks, and a fork quiesces every address space in
+/// the process (closes its gate, flushes device data) while the others would be mid-kernel.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A manager and a GPU device, with this test's turn on the GPU, or `None` after printing why
+/// the test skips (no GPU, or no userfaultfd on this machine: gVisor has none).
+fn gpu(mem: u64) -> Option<(MutexGuard<'static, ()>, Hetmm, CudaDevice)> {
     if let Some(why) = hetmm::cuda::skip_reason() {
         eprintln!("skipped (no usable GPU): {why}");
         return None;
     }
-    Some(CudaDevice::new(CudaConfig { memory_bytes: Some(mem), ..CudaConfig::default() }).expect("open the GPU"))
+    let turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let hm = match Hetmm::new() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("skipped (the host side cannot start here): {e}");
+            return None;
+        }
+    };
+    let dev = CudaDevice::new(CudaConfig { memory_bytes: Some(mem), ..CudaConfig::default() }).expect("open the GPU");
+    Some((turn, hm, dev))
 }
 
 #[test]
@@ -37,8 +52,7 @@ fn commands_explain_a_missing_gpu() {
 
 #[test]
 fn gpu_mul_mat_saxpy_stream() {
-    let Some(g) = gpu(64 << 20) else { return };
-    let hm = Hetmm::new().unwrap();
+    let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
     let dev = hm.attach(g).unwrap();
 
     // mul_mat with the CPU's pointers, checked bit for bit.
@@ -85,8 +99,7 @@ fn gpu_mul_mat_saxpy_stream() {
 
 #[test]
 fn gpu_refuses_what_it_cannot_do() {
-    let Some(g) = gpu(8 << 20) else { return };
-    let hm = Hetmm::new().unwrap();
+    let Some((_turn, hm, g)) = gpu(8 << 20) else { return };
     let dev = hm.attach(g).unwrap();
     // The driver alone refuses a buffer that is not resident.
     let x = hm.alloc::<f32>(1024).unwrap();
@@ -110,8 +123,7 @@ fn gpu_refuses_what_it_cannot_do() {
 #[test]
 #[allow(clippy::undocumented_unsafe_blocks)]
 fn gpu_fork_child_sees_gpu_written_data() {
-    let Some(g) = gpu(64 << 20) else { return };
-    let hm = Hetmm::new().unwrap();
+    let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
     let dev = hm.attach(g).unwrap();
     let cnt = 1 << 20;
     let s = hm.alloc::<u64>(cnt).unwrap();

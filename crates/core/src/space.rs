@@ -781,7 +781,12 @@ impl AddressSpace {
 
 impl CpuFaultHandler for AddressSpace {
     fn cpu_fault(&self, va: u64, access: Access) -> Result<()> {
-        self.service_cpu_fault(va, access)
+        let r = self.service_cpu_fault(va, access);
+        // Outside any region is the host's to retry (a region may be arriving), not a failure.
+        if matches!(r, Err(ref e) if !matches!(e, crate::error::CoreError::NotShared(_))) {
+            add(&self.stats.cpu_fault_errors, 1);
+        }
+        r
     }
     fn cpu_event(&self, ev: crate::invalidate::CpuEvent) -> Result<()> {
         self.apply_cpu_event(ev)

@@ -37,6 +37,9 @@ stats! {
     cpu_faults,
     /// Pages brought back to the CPU by CPU faults (fault-around included).
     cpu_fault_pages,
+    /// CPU faults the core could not serve (the host then poisons the page, or lets the thread
+    /// retry when it was mapped meanwhile). Nonzero means something is wrong.
+    cpu_fault_errors,
     /// Device fault entries fetched.
     device_faults,
     /// Device fault entries merged into another entry of the same batch.

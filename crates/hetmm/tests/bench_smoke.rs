@@ -21,6 +21,8 @@ fn every_workload_runs_verifies_and_reports_json() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "hetmm bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    // Rows can verify while hetmm logged a fault it could not serve: no error may be logged.
+    assert!(!stderr.contains(" ERROR "), "hetmm logged errors:\n{stderr}");
 
     let rows: Vec<Value> = stdout
         .lines()

@@ -487,15 +487,16 @@ impl Uffd {
     }
 
     /// `UFFDIO_WRITEPROTECT`: protects (`protect`) or unprotects the present PTEs of `range`;
-    /// unprotecting wakes the waiters unless `!wake`.
+    /// unprotecting wakes the waiters unless `!wake`. Protecting never wakes anyone, and `wake`
+    /// is then ignored: the kernel refuses `MODE_WP | MODE_DONTWAKE` with EINVAL.
     pub fn writeprotect(&self, range: VaRange, protect: bool, wake: bool) -> Result<(), UffdError> {
-        let mut mode = 0;
-        if protect {
-            mode |= UFFDIO_WRITEPROTECT_MODE_WP;
-        }
-        if !wake {
-            mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
-        }
+        let mode = if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else if wake {
+            0
+        } else {
+            UFFDIO_WRITEPROTECT_MODE_DONTWAKE
+        };
         let mut arg = sys::uffdio_writeprotect { range: raw_range(range), mode };
         // SAFETY: OP_WRITEPROTECT takes a `uffdio_writeprotect`.
         unsafe { self.call::<OP_WRITEPROTECT, _>(&mut arg) }
@@ -648,5 +649,21 @@ mod tests {
         let r = VaRange::new(0x1001, 0x1000);
         assert!(matches!(u.wake(r), Err(UffdError::Os { errno: 22, .. })));
         assert!(u.register(r, RegisterMode::MISSING).is_err());
+    }
+
+    /// Protecting with `wake = false` used to send `MODE_WP | MODE_DONTWAKE`, which the kernel
+    /// refuses (EINVAL): every read-only CPU mapping over pages already present failed that way.
+    #[test]
+    fn writeprotect_with_or_without_wake() {
+        let m = crate::mapping::SharedMapping::new(4 * hetmm_core::types::PAGE_SIZE).unwrap();
+        m.write_backing(0, &[1u8; 4 * hetmm_core::types::PAGE_SIZE as usize]).unwrap();
+        let u = Uffd::open(Features::REQUIRED, Features::empty()).expect("open uffd");
+        let r = m.app_range();
+        u.register(r, RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP).unwrap();
+        u.cont(r, false, false).unwrap();
+        for (protect, wake) in [(true, false), (false, false), (true, true), (false, true)] {
+            u.writeprotect(r, protect, wake).unwrap_or_else(|e| panic!("protect {protect} wake {wake}: {e}"));
+        }
+        assert_eq!(m.touch_app(r.start).unwrap(), 1);
     }
 }

@@ -113,7 +113,8 @@ fn sample(row: &str, e: &Env, ws: u64, bytes: u64, secs: f64, st: StatsSnapshot,
         bytes,
         working_set: ws,
         device_memory: e.mem,
-        verified: ok,
+        // A CPU fault hetmm could not serve fails the run even if the data came out right.
+        verified: ok && e.hm.stats().cpu_fault_errors == 0,
         stats: st,
         extra: Map::new(),
     }

@@ -349,6 +349,9 @@ fn stress(policy: &str, secs: u64) {
         c[0], c[1], c[2], c[3], c[4], c[5], c[6]
     );
     assert!(c[0] > 0 && c[1] > 0 && c[2] > 0 && c[3] > 0 && c[4] > 0 && c[5] > 0);
+    // Every CPU fault in shared memory was served (a failure poisons or retries the page, which
+    // the byte checks above might not notice).
+    assert_eq!(hm.stats().cpu_fault_errors, 0, "hetmm failed to serve CPU faults");
     // Slot by slot: a slot another mapping took is not ours to unmap.
     for i in 0..nslots {
         if *area.slots[i].lock().unwrap() != Slot::Gone {

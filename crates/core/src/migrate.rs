@@ -451,6 +451,10 @@ pub(crate) fn map_remote(
     Ok(())
 }
 
+/// Most blocks the allocation of a whole block evicts to make a free 2 MiB chunk before taking
+/// single pages (policy `whole_chunks`).
+const CHUNK_EVICTIONS: u32 = 4;
+
 /// Allocates one device page per page of `need`, evicting other blocks when memory is short, and
 /// as a last resort this block's own device pages that are not in `want`.
 fn allocate(
@@ -462,8 +466,12 @@ fn allocate(
     want: &PageMask,
 ) -> Result<Vec<PhysAddr>> {
     let n = need.count();
+    // Policy `whole_chunks`: first a chunk or nothing, evicting up to a few blocks to make one
+    // (a victim scattered over single pages frees no chunk by itself).
+    let mut chunk_only = space.config.policy.whole_chunks && n == PAGES_PER_BLOCK && !whole_blocks(slot);
+    let mut chunk_tries = 0;
     loop {
-        if let Some(pas) = try_alloc(slot, n) {
+        if let Some(pas) = try_alloc(slot, n, chunk_only) {
             if space.config.policy.free_watermark > 0.0 {
                 slot.evict_wake.notify_one();
             }
@@ -472,6 +480,13 @@ fn allocate(
         let evicted = crate::evict::evict_one(space, slot, blk.base)?;
         if evicted == crate::evict::Evicted::Freed {
             slot.demand_evictions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            chunk_tries += 1;
+            chunk_only &= chunk_tries < CHUNK_EVICTIONS;
+            continue;
+        }
+        if chunk_only {
+            // Nothing to evict: single pages, then this block's own spare pages, as usual.
+            chunk_only = false;
             continue;
         }
         let spare = blk.resident_on(Proc::Device(slot.id)).and_not(want).and_not(&blk.busy);
@@ -490,9 +505,9 @@ fn allocate(
 }
 
 /// One allocation attempt: a 2 MiB chunk for a whole block (so the device can use a 2 MiB
-/// entry), else single pages; all or nothing. A device without 4 KiB pages always gets a chunk,
-/// of which the block uses the first `n` pages.
-fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
+/// entry), else (unless `chunk_only`) single pages; all or nothing. A device without 4 KiB pages
+/// always gets a chunk, of which the block uses the first `n` pages.
+fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool) -> Option<Vec<PhysAddr>> {
     let mut a = slot.alloc.lock();
     if whole_blocks(slot) {
         if n == 0 {
@@ -506,7 +521,7 @@ fn try_alloc(slot: &DeviceSlot, n: usize) -> Option<Vec<PhysAddr>> {
             return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
         }
     }
-    if a.free_pages() < n as u64 {
+    if chunk_only || a.free_pages() < n as u64 {
         return None;
     }
     let out: Vec<PhysAddr> = (0..n).map_while(|_| a.alloc(0)).collect();
@@ -698,7 +713,10 @@ pub(crate) fn bulk_to_device(
             // Part of the block is elsewhere: left to the per-block path.
             sel = PageMask::default();
         }
-        let Some(pas) = try_alloc(slot, sel.count()) else { break };
+        // Speculative: a whole block that would be scattered (`whole_chunks`) is left to the fault
+        // path, which may evict to give it a chunk.
+        let chunk_only = space.config.policy.whole_chunks && sel.count() == PAGES_PER_BLOCK;
+        let Some(pas) = try_alloc(slot, sel.count(), chunk_only) else { break };
         for (i, pa) in sel.iter().zip(&pas) {
             blk.set_pa(slot.id, i, Some(*pa));
         }

@@ -140,8 +140,8 @@ pub struct Policy {
     /// not moved, so it is mapped again at once.
     pub revoke_whole_block: bool,
     /// A whole block's device pages come from one 2 MiB chunk: when memory is free only in
-    /// pieces, one block is evicted to make a chunk before the block is scattered over single
-    /// pages. Scattered, the device can only map it with 4 KiB entries for as long as it stays:
+    /// pieces, up to four blocks are evicted to make a chunk before the block is scattered over
+    /// single pages (and the prefetcher leaves such a block to the fault path). Scattered, the device can only map it with 4 KiB entries for as long as it stays:
     /// `graph`'s randomly gathered block ran its kernels 1.7x slower that way (10x the device
     /// TLB misses), in about one run in five at oversubscription 1-1.25.
     pub whole_chunks: bool,

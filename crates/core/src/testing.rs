@@ -304,15 +304,20 @@ fn world(tree: bool, dev_pages: u64) -> World {
 }
 
 fn world_with(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::policy::Policy) -> World {
+    world_sized(prefetcher, dev_pages, policy, REGION)
+}
+
+/// [`world_with`] with a region of `region` bytes.
+fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::policy::Policy, region: u64) -> World {
     let cfg = CoreConfig {
         fault_around: 64 * 1024,
         policy: crate::policy::Policy { prefetcher, cpu_readahead: false, ..policy },
         ..CoreConfig::default()
     };
     let space = AddressSpace::new(cfg);
-    let host: HostMem = Arc::new(Mutex::new(vec![0; REGION as usize]));
+    let host: HostMem = Arc::new(Mutex::new(vec![0; region as usize]));
     let cpu =
-        Arc::new(FakeCpu { range: VaRange::new(BLOCK_SIZE * 8, REGION), mem: host.clone(), mapped: Mutex::default() });
+        Arc::new(FakeCpu { range: VaRange::new(BLOCK_SIZE * 8, region), mem: host.clone(), mapped: Mutex::default() });
     space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
     let mut devs = Vec::new();
     let mut ids = Vec::new();
@@ -571,5 +576,34 @@ fn bulk_prefetch_moves_or_duplicates_whole_blocks_exactly() {
         for p in (0..1024u64).step_by(3) {
             assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 5, None), if p == 7 { 200 } else { (p % 251) as u8 });
         }
+    }
+}
+
+/// Policy `whole_chunks`: with 624 device pages free but no whole 2 MiB chunk, a whole block gets
+/// a chunk under `hetmm` (blocks are evicted to make one) and is scattered under `uvm`.
+#[test]
+fn whole_chunks_evicts_rather_than_scatter_a_block() {
+    use crate::policy::Policy;
+    for (policy, want_chunk) in [(Policy::hetmm(), true), (Policy::uvm(), false)] {
+        let name = policy.name;
+        let w = world_sized(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, policy, 5 * BLOCK_SIZE);
+        let dev = Proc::Device(w.ids[0]);
+        let block = |i: u64| w.cpu.range.start + i * BLOCK_SIZE;
+        w.space.migrate(block(0), BLOCK_SIZE, dev).unwrap();
+        w.space.migrate(block(1), BLOCK_SIZE, dev).unwrap();
+        // Two chunks split by partial blocks, then holes punched in the first of them.
+        w.space.migrate(block(2), 300 * PAGE_SIZE, dev).unwrap();
+        w.space.migrate(block(3), 300 * PAGE_SIZE, dev).unwrap();
+        w.space.migrate(block(2), 200 * PAGE_SIZE, Proc::Cpu).unwrap();
+        let (free, _) = w.space.device_memory(w.ids[0]).unwrap();
+        assert!(free >= BLOCK_SIZE, "{name}: {free} bytes free");
+        w.space.migrate(block(4), BLOCK_SIZE, dev).unwrap();
+        let pt = w.devs[0].pt.lock();
+        let pa = |k: u64| match pt.get(&(block(4) + k * PAGE_SIZE)) {
+            Some((MapTarget::Device(pa), _)) => pa.0,
+            other => panic!("{name}: page {k} of the block is mapped as {other:?}"),
+        };
+        let chunk = pa(0) % BLOCK_SIZE == 0 && (0..PAGES_PER_BLOCK as u64).all(|k| pa(k) == pa(0) + k * PAGE_SIZE);
+        assert_eq!(chunk, want_chunk, "{name}: the block's pages start at {:#x}", pa(0));
     }
 }

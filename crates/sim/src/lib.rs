@@ -58,7 +58,7 @@ use serde::Serialize;
 pub use compute::{BlockCtx, Grid, Launch, FAULT_WAIT_LIMIT};
 pub use copy::CopyCompletion;
 pub use device::SimDevice;
-pub use memory::{dma_copy, DMA_STREAM_MIN};
+pub use memory::dma_copy;
 pub use pagetable::{Census, Target, Translation, VA_BITS};
 pub use tlb::{LARGE_ENTRIES as TLB_LARGE_ENTRIES, SMALL_ENTRIES as TLB_SMALL_ENTRIES};
 

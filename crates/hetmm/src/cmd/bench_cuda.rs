@@ -224,25 +224,26 @@ fn stream(args: &Args) -> Result<Value, hetmm::Error> {
         Ok((median(demand), median(pre)))
     };
     let hetmm_gbps = gbps(size, hetmm_s);
-    let (demand, pre) = match baselines() {
-        Ok(t) => t,
+    let mut row = json!({"workload": "stream", "device": "cuda", "gpu": name, "bytes": size, "hetmm_gbps": hetmm_gbps});
+    let summary = match baselines() {
+        Ok((demand, pre)) => {
+            row["managed_gbps"] = json!(gbps(size, demand));
+            row["managed_prefetch_gbps"] = json!(gbps(size, pre));
+            row["ratio_to_managed"] = json!(demand / hetmm_s);
+            row["ratio_to_prefetch"] = json!(pre / hetmm_s);
+            format!(
+                "stream {} first touch: hetmm {hetmm_gbps:.2} GB/s, cudaMallocManaged {:.2} GB/s ({:.2}x), managed + prefetch {:.2} GB/s ({:.2}x)",
+                human(size), gbps(size, demand), demand / hetmm_s, gbps(size, pre), pre / hetmm_s)
+        }
         // Without managed memory (a VM that cannot demand-page it) hetmm's figure still stands.
         Err(e) => {
-            return Ok(json!({
-                "workload": "stream", "device": "cuda", "gpu": name, "bytes": size, "verified": verified,
-                "hetmm_gbps": hetmm_gbps, "managed_gbps": format!("not run: {e}"),
-                "summary": format!("stream {} first touch: hetmm {hetmm_gbps:.2} GB/s; managed baselines not run: {e}", human(size)),
-            }))
+            row["managed_gbps"] = json!(format!("not run: {e}"));
+            format!("stream {} first touch: hetmm {hetmm_gbps:.2} GB/s; managed baselines not run: {e}", human(size))
         }
     };
-    Ok(json!({
-        "workload": "stream", "device": "cuda", "gpu": name, "bytes": size, "verified": verified,
-        "hetmm_gbps": hetmm_gbps, "managed_gbps": gbps(size, demand), "managed_prefetch_gbps": gbps(size, pre),
-        "ratio_to_managed": demand / hetmm_s, "ratio_to_prefetch": pre / hetmm_s,
-        "summary": format!(
-            "stream {} first touch: hetmm {:.2} GB/s, cudaMallocManaged {:.2} GB/s ({:.2}x), managed + prefetch {:.2} GB/s ({:.2}x)",
-            human(size), hetmm_gbps, gbps(size, demand), demand / hetmm_s, gbps(size, pre), pre / hetmm_s),
-    }))
+    row["verified"] = json!(verified);
+    row["summary"] = json!(summary);
+    Ok(row)
 }
 
 /// (d) A working set 1.5x the GPU memory hetmm may use, streamed in pieces.

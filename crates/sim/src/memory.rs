@@ -227,7 +227,7 @@ pub const DMA_STREAM_MIN: usize = 64 << 10;
 /// A copy engine's transfer: copies `len` bytes from `src` to `dst`.
 ///
 /// A DMA engine writes memory without passing the data through the CPU's caches. Pieces of at
-/// least [`DMA_STREAM_MIN`] bytes are copied that way here, with non-temporal stores: the
+/// least `DMA_STREAM_MIN` (64 KiB) bytes are copied that way here, with non-temporal stores: the
 /// destination's lines are not read for ownership first and the copy does not evict the
 /// caches' contents. `memcpy` takes that path only above a threshold tied to the last-level
 /// cache size (tens of MiB), far above the engines' 256 KiB pieces. On the 2-core development

@@ -2,7 +2,7 @@
 //! Host backing exists for every page, so eviction never loses data. Victim order is policy:
 //! UVM's FIFO by first residency, or hetmm's job-aware LRU (blocks of finished jobs first, then
 //! least recently touched, refreshed from the device's accessed bits). Pinned ranges are never
-//! chosen. hetmm also evicts in the background, keeping free about as much memory as faults had
+//! chosen, nor, on a device that cannot fault (a GPU), the blocks of a running job. hetmm also evicts in the background, keeping free about as much memory as faults had
 //! to evict lately (up to a watermark), so eviction overlaps migration instead of sitting in the
 //! fault path.
 
@@ -47,6 +47,12 @@ fn pinned(space: &AddressSpace, blk: &Block) -> bool {
     !attrs.is_empty() && (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned)
 }
 
+/// Whether `blk` is used by a job on a device that cannot fault: such a device cannot get the
+/// block back once its kernel runs, and the launch being prepared may have just migrated it.
+fn held_by_job(slot: &DeviceSlot, blk: &Block) -> bool {
+    !slot.caps.replayable_faults && blk.active_jobs > 0
+}
+
 fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
     let me = Proc::Device(slot.id);
     let tries = slot.evict_queue.lock().len();
@@ -68,7 +74,7 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         };
-        if pinned(space, &blk) {
+        if pinned(space, &blk) || held_by_job(slot, &blk) {
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         }
@@ -90,7 +96,7 @@ fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Ev
     for (rs, bidx) in sample {
         let Some(region) = space.region_at(rs) else { continue };
         let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) else { continue };
-        if blk.base == exclude || blk.resident_on(me).is_empty() || pinned(space, &blk) {
+        if blk.base == exclude || blk.resident_on(me).is_empty() || pinned(space, &blk) || held_by_job(slot, &blk) {
             continue;
         }
         if let Some(acc) = slot.mmu.take_accessed(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)) {

@@ -695,11 +695,51 @@ pub(crate) fn bulk_to_device(
     slot: &DeviceSlot,
     dup: bool,
 ) -> Result<u64> {
+    match bulk_start(space, region, blocks, slot, dup)? {
+        Some(mv) => bulk_finish(space, region, blocks, slot, mv),
+        None => Ok(0),
+    }
+}
+
+/// A [`bulk_to_device`] whose copies are in flight: [`bulk_start`] made it, [`bulk_finish`] waits
+/// for the copies and maps. In between, the caller keeps the blocks locked and may start the
+/// next batch, so the device copies one batch while the CPU revokes the next (explicit
+/// migration pipelines its batches this way).
+#[derive(Debug)]
+pub(crate) struct BulkMove {
+    chosen: Vec<PageMask>,
+    dup: bool,
+    entries: Vec<MapEntry>,
+    done: Option<Box<dyn crate::device::Completion>>,
+    h2d: u64,
+    zero: u64,
+}
+
+impl Drop for BulkMove {
+    /// Only on a path that skipped [`bulk_finish`] (a panic): never leave copies running into
+    /// memory that may be reused. Bounded like every wait.
+    fn drop(&mut self) {
+        if let Some(mut done) = self.done.take() {
+            if done.wait(std::time::Duration::from_secs(60)).is_err() {
+                std::mem::forget(done);
+            }
+        }
+    }
+}
+
+/// The first half of [`bulk_to_device`]: chooses and allocates, revokes the CPU's access and
+/// submits the copies. `None` when no page was taken.
+pub(crate) fn bulk_start(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    slot: &DeviceSlot,
+    dup: bool,
+) -> Result<Option<BulkMove>> {
     if region.remote {
         // Mirrored memory never moves: the fault path maps it remotely.
-        return Ok(0);
+        return Ok(None);
     }
-    let me = Proc::Device(slot.id);
     // A whole-block device maps a block with one access: no per-page read-only copies.
     let dup = dup && !whole_blocks(slot);
     // Choose pages and allocate, block by block, until memory runs out.
@@ -722,22 +762,66 @@ pub(crate) fn bulk_to_device(
         }
         chosen.push(sel);
     }
-    let blocks = &mut blocks[..chosen.len()];
-    if blocks.is_empty() {
-        return Ok(0);
+    if chosen.iter().all(PageMask::is_empty) {
+        return Ok(None);
     }
-    let result = bulk_fill_and_map(space, region, blocks, &chosen, slot, dup);
+    let blocks = &mut blocks[..chosen.len()];
+    match bulk_submit(space, region, blocks, &chosen, slot, dup) {
+        Ok((entries, done, h2d, zero)) => Ok(Some(BulkMove { chosen, dup, entries, done, h2d, zero })),
+        Err(e) => {
+            for (blk, sel) in blocks.iter_mut().zip(&chosen) {
+                release_device_pages(slot, blk, sel);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The second half of [`bulk_to_device`]: waits for the copies (bounded), maps, and records the
+/// new residency. `blocks` are the ones given to [`bulk_start`], still locked. Returns the pages
+/// moved.
+pub(crate) fn bulk_finish(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    slot: &DeviceSlot,
+    mut mv: BulkMove,
+) -> Result<u64> {
+    let me = Proc::Device(slot.id);
+    let blocks = &mut blocks[..mv.chosen.len()];
+    let mut result = Ok(());
+    if let Some(mut done) = mv.done.take() {
+        let t = Instant::now();
+        let r = done.wait(space.config.copy_timeout);
+        add_since(&space.stats.ns_copy, t);
+        if let Err(source) = r {
+            // A copy may still run: the host memory it reads must never be unmapped.
+            region.keep_alive_forever();
+            std::mem::forget(done);
+            result = Err(CoreError::Device { device: slot.id, source });
+        }
+    }
+    if result.is_ok() {
+        add(&space.stats.bytes_to_device, mv.h2d);
+        add(&space.stats.bytes_zero_filled, mv.zero);
+        let t = Instant::now();
+        // SAFETY: every target is device memory; no host address is mapped.
+        let r = unsafe { slot.mmu.map(&mv.entries) };
+        add_since(&space.stats.ns_map, t);
+        result = r.map_err(dev_err(slot.id));
+    }
     if let Err(e) = result {
-        for (blk, sel) in blocks.iter_mut().zip(&chosen) {
+        // The pages stay the CPU's (their CPU mappings are gone: the next access maps them).
+        for (blk, sel) in blocks.iter_mut().zip(&mv.chosen) {
             release_device_pages(slot, blk, sel);
         }
         return Err(e);
     }
     let mut moved = 0;
-    for (blk, sel) in blocks.iter_mut().zip(&chosen) {
+    for (blk, sel) in blocks.iter_mut().zip(&mv.chosen) {
         for i in sel.iter() {
             let p = &mut blk.pages[i];
-            if dup && p.resident.has(Proc::Cpu) {
+            if mv.dup && p.resident.has(Proc::Cpu) {
                 p.resident.insert(me);
                 p.dev_ro.insert(me);
             } else {
@@ -746,19 +830,25 @@ pub(crate) fn bulk_to_device(
             p.dev_mapped.insert(me);
         }
         moved += sel.count() as u64;
-        enqueue(region, blk, slot);
+        if !sel.is_empty() {
+            enqueue(region, blk, slot);
+        }
     }
     Ok(moved)
 }
 
-fn bulk_fill_and_map(
+/// Revokes (or write-protects) the CPU's access to the chosen pages, one call each, and submits
+/// their copies. Returns the map entries, the copies' completion (none if there were no copies)
+/// and the bytes copied and zeroed.
+#[allow(clippy::type_complexity)]
+fn bulk_submit(
     space: &AddressSpace,
     region: &Region,
     blocks: &mut [&mut Block],
     chosen: &[PageMask],
     slot: &DeviceSlot,
     dup: bool,
-) -> Result<()> {
+) -> Result<(Vec<MapEntry>, Option<Box<dyn crate::device::Completion>>, u64, u64)> {
     // CPU access: write-protect what stays duplicated, revoke what moves; one call each.
     let (mut wp, mut revoke) = (Vec::new(), Vec::new());
     for (blk, sel) in blocks.iter().zip(chosen) {
@@ -802,16 +892,19 @@ fn bulk_fill_and_map(
             entries.push(MapEntry { va: blk.va(s), len: n as u64 * PAGE_SIZE, target: MapTarget::Device(pa), prot });
         }
     }
-    run_copies(space, region, slot, &ops)?;
-    add(&space.stats.bytes_to_device, h2d);
-    add(&space.stats.bytes_zero_filled, zero);
     // Duplicated pages are mapped read-only, moved ones read-write: split the entries by page.
     let entries = if dup { split_ro(blocks, chosen, slot, prot) } else { entries };
+    if ops.is_empty() {
+        return Ok((entries, None, h2d, zero));
+    }
     let t = Instant::now();
-    // SAFETY: every target is device memory; no host address is mapped.
-    let r = unsafe { slot.mmu.map(&entries) };
-    add_since(&space.stats.ns_map, t);
-    r.map_err(dev_err(slot.id))
+    // SAFETY: every host address comes from `region.cpu.backing()` for pages of this region,
+    // whose mapping lives as long as `region`. `bulk_finish` waits for the completion; if that
+    // wait fails, it leaks the region's CPU side so the memory a still-running copy touches is
+    // never unmapped (and a `BulkMove` dropped unfinished waits for it).
+    let done = unsafe { slot.mmu.copy(&ops) }.map_err(dev_err(slot.id));
+    add_since(&space.stats.ns_copy, t);
+    Ok((entries, Some(done?), h2d, zero))
 }
 
 /// Map entries for the chosen pages: read-only where the CPU keeps a copy, `prot` elsewhere.
@@ -860,11 +953,18 @@ fn coalesce(mut v: Vec<VaRange>) -> Vec<VaRange> {
     out
 }
 
-/// Brings whole blocks home for the CPU in one go (CPU read-ahead): one device unmap (or
-/// write-protect, for duplicates) and TLB invalidation per device, one batch of copies per
-/// device, one backing preparation and one CPU map call for all blocks. `dup`: device copies stay
+/// Brings whole blocks home for the CPU in one go (CPU read-ahead, explicit migration): one
+/// device unmap (or write-protect, for duplicates) and TLB invalidation per device, one batch of
+/// copies per device, and, with `map_cpu`, one backing preparation and one CPU map call for all
+/// blocks (without it the CPU maps them when it touches them). `dup`: device copies stay
 /// (read-only) beside the CPU's. Returns the pages brought home.
-pub(crate) fn bulk_to_cpu(space: &AddressSpace, region: &Region, blocks: &mut [&mut Block], dup: bool) -> Result<u64> {
+pub(crate) fn bulk_to_cpu(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    dup: bool,
+    map_cpu: bool,
+) -> Result<u64> {
     let mut devs = ProcMask::EMPTY;
     for blk in blocks.iter() {
         for p in &blk.pages {
@@ -886,7 +986,8 @@ pub(crate) fn bulk_to_cpu(space: &AddressSpace, region: &Region, blocks: &mut [&
         for (blk, m) in blocks.iter().zip(&here) {
             rs.extend(ranges(blk, &select(blk, m, |p| p.dev_mapped.has(me) && (!dup || !p.dev_ro.has(me)))));
         }
-        let rs = coalesce(rs);
+        // A whole-block device is given one block per range (it may coalesce them itself).
+        let rs = if whole_blocks(&slot) { rs } else { coalesce(rs) };
         if !rs.is_empty() {
             if dup {
                 let prot: Vec<(VaRange, Prot)> = rs.iter().map(|r| (*r, Prot::READ)).collect();
@@ -932,6 +1033,9 @@ pub(crate) fn bulk_to_cpu(space: &AddressSpace, region: &Region, blocks: &mut [&
                 p.resident.insert(Proc::Cpu);
             }
         }
+    }
+    if !map_cpu {
+        return Ok(moved);
     }
     // Never-written pages get zeroed backing; then the CPU maps everything it lacks.
     let mut empty = Vec::new();

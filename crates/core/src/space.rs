@@ -107,6 +107,13 @@ impl Region {
     pub(crate) fn block_index(&self, va: u64) -> usize {
         ((va - align_down(self.range.start, BLOCK_SIZE)) / BLOCK_SIZE) as usize
     }
+    /// The range of block `b` (the region's first and last blocks may be partial).
+    pub(crate) fn block_span(&self, b: usize) -> VaRange {
+        let first = align_down(self.range.start, BLOCK_SIZE);
+        let base = (first + b as u64 * BLOCK_SIZE).max(self.range.start);
+        let end = (first + (b as u64 + 1) * BLOCK_SIZE).min(self.range.end());
+        VaRange::new(base, end - base)
+    }
     pub(crate) fn set_freed(&self) {
         self.freed.store(true, Ordering::Release);
     }
@@ -560,6 +567,12 @@ impl AddressSpace {
             Proc::Cpu => None,
             Proc::Device(d) => Some(self.slot(d)?),
         };
+        // Whole blocks first, in pipelined batches; the per-block pass below finds them done and
+        // takes whatever the bulk pass left (partial blocks, pages elsewhere, memory to evict).
+        match &slot {
+            None => self.bulk_home(&region, range)?,
+            Some(s) => self.bulk_prefetch(&region, range, s)?,
+        }
         let first = region.block_index(range.start);
         let last = region.block_index(range.end() - 1);
         for bidx in first..=last {
@@ -587,6 +600,82 @@ impl AddressSpace {
                     blk.touch(s.id, self.tick());
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The blocks of `region` that lie wholly inside `range`.
+    fn whole_blocks_in(region: &Region, range: VaRange) -> impl Iterator<Item = usize> + '_ {
+        let (first, last) = (region.block_index(range.start), region.block_index(range.end() - 1));
+        (first..=last).filter(move |&b| {
+            let blk = region.block_span(b);
+            range.contains_range(&blk)
+        })
+    }
+
+    /// Explicit migration to a device, bulk part: the whole blocks of `range` that are plain
+    /// (CPU-only or never written, not read-mostly) move in batches of [`BULK_BATCH`] blocks. A
+    /// batch's copies are submitted before the previous batch is waited for and mapped, so the
+    /// device copies one batch while the CPU revokes the next and maps the last. Blocks are
+    /// locked in address order (every other path that holds several block locks only tries
+    /// them). No eviction: what does not fit is left to the per-block pass.
+    fn bulk_prefetch(&self, region: &Arc<Region>, range: VaRange, slot: &DeviceSlot) -> Result<()> {
+        type Batch<'a> = (Vec<parking_lot::MutexGuard<'a, Block>>, migrate::BulkMove);
+        let finish = |(mut guards, mv): Batch<'_>| -> Result<()> {
+            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+            migrate::bulk_finish(self, region, &mut blocks, slot, mv)?;
+            let now = self.tick();
+            for b in blocks.iter_mut() {
+                b.touch(slot.id, now);
+            }
+            Ok(())
+        };
+        let ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
+        let mut pending: Option<Batch<'_>> = None;
+        for batch in ids.chunks(BULK_BATCH) {
+            let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
+            if region.is_freed() {
+                break;
+            }
+            {
+                let attrs = self.attrs.read();
+                guards.retain(|g| {
+                    attrs.is_empty()
+                        || attrs.all_in(VaRange::new(g.base, g.npages as u64 * PAGE_SIZE), |a| !a.read_mostly)
+                });
+            }
+            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+            let started = migrate::bulk_start(self, region, &mut blocks, slot, false);
+            // This batch's copies are queued: now wait for the previous batch and map it.
+            if let Some(prev) = pending.take() {
+                if let Err(e) = finish(prev) {
+                    if let Ok(Some(mv)) = started {
+                        let _ = finish((guards, mv));
+                    }
+                    return Err(e);
+                }
+            }
+            match started? {
+                Some(mv) => pending = Some((guards, mv)),
+                // Nothing taken: device memory is full (or the blocks are elsewhere).
+                None => break,
+            }
+        }
+        pending.map_or(Ok(()), finish)
+    }
+
+    /// Explicit migration to the CPU, bulk part: the whole blocks of `range` come home in batches
+    /// of [`BULK_BATCH`], one device unmap and one batch of copies each. The CPU maps them on its
+    /// next access, as on the per-block path.
+    fn bulk_home(&self, region: &Arc<Region>, range: VaRange) -> Result<()> {
+        let ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
+        for batch in ids.chunks(BULK_BATCH) {
+            let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
+            if region.is_freed() {
+                break;
+            }
+            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+            migrate::bulk_to_cpu(self, region, &mut blocks, false, false)?;
         }
         Ok(())
     }
@@ -855,13 +944,17 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
                 continue;
             }
             let dup = space.config.policy.duplicate_reads || read_mostly;
-            match migrate::bulk_to_cpu(&space, &region, &mut blocks, dup) {
+            match migrate::bulk_to_cpu(&space, &region, &mut blocks, dup, true) {
                 Ok(n) => add(&space.stats.prefetched_pages, n),
                 Err(e) => log::debug!("read-ahead at {from:#x}: {e}"),
             }
         }
     }
 }
+
+/// Blocks per batch of an explicit migration's bulk pass (64 MiB): large enough that each
+/// batch's copies keep the copy engines busy while the CPU prepares the next.
+const BULK_BATCH: usize = 32;
 
 /// Pages of `blk` inside `range`.
 fn pages_in(blk: &Block, range: &VaRange) -> PageMask {

@@ -68,12 +68,18 @@ pub struct CudaStats {
     pub regions_unpinned: u64,
     /// Kernels launched.
     pub kernels: u64,
+    /// Nanoseconds in `cuMemMap` on shared regions.
+    pub ns_map: u64,
+    /// Nanoseconds in `cuMemSetAccess`.
+    pub ns_access: u64,
+    /// Nanoseconds in `cuMemUnmap` on shared regions.
+    pub ns_unmap: u64,
 }
 
 /// Counters as atomics, read into a [`CudaStats`].
 #[derive(Debug, Default)]
 struct Counters {
-    v: [AtomicU64; 13],
+    v: [AtomicU64; 16],
 }
 
 impl Counters {
@@ -82,6 +88,9 @@ impl Counters {
     }
     fn get(&self, i: usize) -> u64 {
         self.v[i].load(Ordering::Relaxed)
+    }
+    fn add_since(&self, i: usize, t: Instant) {
+        self.add(i, t.elapsed().as_nanos() as u64);
     }
 }
 
@@ -99,6 +108,9 @@ const SAME: usize = 9;
 const SHIFTED: usize = 10;
 const UNPINNED: usize = 11;
 const KERNELS: usize = 12;
+const NS_MAP: usize = 13;
+const NS_ACCESS: usize = 14;
+const NS_UNMAP: usize = 15;
 
 /// What the page-table lock guards.
 #[derive(Debug, Default)]
@@ -252,6 +264,9 @@ impl CudaDevice {
             regions_shifted: c.get(SHIFTED),
             regions_unpinned: c.get(UNPINNED),
             kernels: c.get(KERNELS),
+            ns_map: c.get(NS_MAP),
+            ns_access: c.get(NS_ACCESS),
+            ns_unmap: c.get(NS_UNMAP),
         }
     }
 
@@ -435,7 +450,10 @@ impl Inner {
     /// spanning several allocations.
     fn set_access(&self, res: &VaReservation, run: &plan::AccessRun) -> Result<(), CudaError> {
         self.counters.add(ACCESS, 1);
-        match self.gpu.set_access(res, run.dev_va, run.len, run.access) {
+        let t = Instant::now();
+        let r = self.gpu.set_access(res, run.dev_va, run.len, run.access);
+        self.counters.add_since(NS_ACCESS, t);
+        match r {
             Ok(()) => Ok(()),
             Err(_) if run.len > CHUNK => {
                 for va in (run.dev_va..run.dev_va + run.len).step_by(CHUNK as usize) {
@@ -543,6 +561,7 @@ impl DeviceMmu for CudaDevice {
         }
         let mut done = Vec::new();
         let mut result = Ok(());
+        let t = Instant::now();
         for m in &plan.maps {
             let (res, chunk) = (&st.reservations[&m.region], st.chunks[m.chunk as usize].as_ref());
             let Some(chunk) = chunk else { unreachable!("ensured above") };
@@ -557,6 +576,7 @@ impl DeviceMmu for CudaDevice {
                 }
             }
         }
+        i.counters.add_since(NS_MAP, t);
         if result.is_ok() {
             for run in &plan.access {
                 if let Err(e) = i.set_access(&st.reservations[&run.region], run) {
@@ -584,17 +604,31 @@ impl DeviceMmu for CudaDevice {
             return Ok(());
         }
         i.wait_kernels()?;
+        let t = Instant::now();
         let mut done = Vec::new();
         let mut result = Ok(());
-        for m in &todo {
-            match i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
-                Ok(()) => done.push(*m),
-                Err(e) => {
-                    result = Err(e.into());
-                    break;
+        // One call per run of chunks mapped back to back (the driver unmaps every mapping inside
+        // the range); one per chunk if it refuses.
+        for run in plan::contiguous_runs(&todo) {
+            let (first, n) = (run[0], run.len() as u64);
+            if n > 1 && i.gpu.unmap(&st.reservations[&first.region], first.dev_va, n * CHUNK).is_ok() {
+                done.extend_from_slice(run);
+                continue;
+            }
+            for m in run {
+                match i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
+                    Ok(()) => done.push(*m),
+                    Err(e) => {
+                        result = Err(e.into());
+                        break;
+                    }
                 }
             }
+            if result.is_err() {
+                break;
+            }
         }
+        i.counters.add_since(NS_UNMAP, t);
         i.counters.add(UNMAPS, done.len() as u64);
         st.pt.commit_unmap(&done);
         result

@@ -441,6 +441,22 @@ pub fn split_host_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
     out
 }
 
+/// Splits `maps` (sorted by address, as [`PageTable::plan_unmap`] returns them) into runs of
+/// chunks of one region mapped at consecutive device addresses.
+pub fn contiguous_runs(maps: &[ChunkMap]) -> Vec<&[ChunkMap]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for k in 1..=maps.len() {
+        let breaks =
+            k == maps.len() || maps[k].region != maps[k - 1].region || maps[k].dev_va != maps[k - 1].dev_va + CHUNK;
+        if breaks {
+            out.push(&maps[start..k]);
+            start = k;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -460,6 +476,15 @@ mod tests {
 
     fn entry(va: u64, len: u64, pa: u64, prot: Prot) -> MapEntry {
         MapEntry { va, len, target: MapTarget::Device(PhysAddr(pa)), prot }
+    }
+
+    #[test]
+    fn unmap_runs_follow_device_addresses_and_regions() {
+        let m = |region, dev_va| ChunkMap { region, host_va: dev_va, dev_va, chunk: 0, access: Access::ReadWrite };
+        let maps = [m(1, 0), m(1, CHUNK), m(1, 3 * CHUNK), m(2, 4 * CHUNK), m(2, 5 * CHUNK)];
+        let runs: Vec<usize> = contiguous_runs(&maps).iter().map(|r| r.len()).collect();
+        assert_eq!(runs, vec![2, 1, 2]);
+        assert!(contiguous_runs(&[]).is_empty());
     }
 
     #[test]

@@ -296,9 +296,12 @@ impl<D> Device<D> {
         &self.dev
     }
 
-    /// Checks that the device is attached and every use names shared memory; returns the
-    /// page-aligned ranges.
-    fn check_uses(&self, uses: &[Use]) -> Result<Vec<VaRange>> {
+    /// Checks that the device is attached and every use names shared memory, and marks the
+    /// page-aligned ranges as used by a job (end it with `AddressSpace::job_end`). On a device
+    /// that cannot fault, the ranges are then migrated to it: the job mark comes first, so
+    /// eviction (which never takes a running job's blocks from such a device) cannot undo one
+    /// use's migration while the next is migrated.
+    fn begin_job(&self, uses: &[Use]) -> Result<Vec<VaRange>> {
         // userfaultfd lets munmap/mremap/madvise return as soon as their event is read, before
         // hetmm has dropped the device mappings of the old addresses: a kernel launched after
         // such a call must not start until the event is applied, or it could read through a
@@ -315,12 +318,16 @@ impl<D> Device<D> {
             let len = end.div_ceil(PAGE_SIZE) * PAGE_SIZE - start;
             out.push(self.space.check_range(start, len)?);
         }
+        let job = self.space.job_begin(&out);
         if !caps.replayable_faults {
             for r in &out {
-                self.space.migrate(r.start, r.len, self.proc())?;
+                if let Err(e) = self.space.migrate(r.start, r.len, self.proc()) {
+                    self.space.job_end(&job);
+                    return Err(e.into());
+                }
             }
         }
-        Ok(out)
+        Ok(job)
     }
 }
 
@@ -332,8 +339,7 @@ impl Device<SimDevice> {
     where
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        let ranges = self.check_uses(uses)?;
-        let job = self.space.job_begin(&ranges);
+        let job = self.begin_job(uses)?;
         match self.dev.launch(grid, kernel) {
             Ok(inner) => Ok(Launch { inner: Some(Inner::Sim(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {
@@ -358,8 +364,7 @@ impl Device<hetmm_cuda::CudaDevice> {
                 Use::raw(b.ptr, b.bytes, access)
             })
             .collect();
-        let ranges = self.check_uses(&uses)?;
-        let job = self.space.job_begin(&ranges);
+        let job = self.begin_job(&uses)?;
         match self.dev.launch(call) {
             Ok(inner) => Ok(Launch { inner: Some(Inner::Cuda(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {

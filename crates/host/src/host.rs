@@ -255,12 +255,26 @@ impl CpuMmu for HostRegion {
     }
 
     fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
-        for &r in ranges {
-            // Our own zap raises a REMOVE event: mark it so the reader does not take it for the
-            // program's discard.
-            self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e))?;
+        // Our own zap raises a REMOVE event: mark it so the reader does not take it for the
+        // program's discard.
+        let zap =
+            |r: VaRange| self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e));
+        let pieces = zap_pieces(ranges, zap_threads());
+        if pieces.len() <= 1 {
+            return ranges.iter().try_for_each(|&r| zap(r));
         }
-        Ok(())
+        // Large revokes (a bulk migration's batch) are split across threads: zapping 4 KiB PTEs
+        // costs the CPU about as much as copying the data, and `MADV_DONTNEED` of disjoint
+        // ranges runs in parallel (it takes the mmap lock for reading).
+        std::thread::scope(|sc| {
+            let workers: Vec<_> =
+                pieces[1..].iter().map(|piece| sc.spawn(move || piece.iter().try_for_each(|&r| zap(r)))).collect();
+            let mine = pieces[0].iter().try_for_each(|&r| zap(r));
+            workers.into_iter().fold(mine, |acc, w| {
+                let r = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                acc.and(r)
+            })
+        })
     }
 
     fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -339,6 +353,46 @@ impl Drop for HostRegion {
     }
 }
 
+/// Bytes of revoke below which one thread zaps alone (thread start-up would cost more than it
+/// saves).
+const ZAP_PARALLEL_MIN: u64 = 8 << 20;
+
+/// Threads for a large revoke: half the CPUs (the program and hetmm's other threads keep the
+/// rest), at most 8; 1 on a machine of 2 or 3 CPUs.
+fn zap_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cpus / 2).clamp(1, 8)
+}
+
+/// Splits `ranges` into at most `threads` pieces of about equal bytes (a multiple of 2 MiB each
+/// but the last), none under [`ZAP_PARALLEL_MIN`] / 2; one piece when the total is under
+/// [`ZAP_PARALLEL_MIN`].
+fn zap_pieces(ranges: &[VaRange], threads: usize) -> Vec<Vec<VaRange>> {
+    const CUT: u64 = 2 << 20;
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    let n = if total < ZAP_PARALLEL_MIN { 1 } else { threads.min((total / (ZAP_PARALLEL_MIN / 2)) as usize).max(1) };
+    if n == 1 {
+        return vec![ranges.to_vec()];
+    }
+    let share = total.div_ceil(n as u64).div_ceil(CUT) * CUT;
+    let mut out = vec![Vec::new()];
+    let mut filled = 0u64;
+    for &r in ranges {
+        let mut cur = r;
+        while cur.len > 0 {
+            if filled == share {
+                out.push(Vec::new());
+                filled = 0;
+            }
+            let take = cur.len.min(share - filled);
+            out.last_mut().expect("never empty").push(VaRange::new(cur.start, take));
+            filled += take;
+            cur = VaRange::new(cur.start + take, cur.len - take);
+        }
+    }
+    out
+}
+
 pub(crate) fn mapping_err(op: &'static str, range: VaRange, e: MappingError) -> HostError {
     HostError { op, range, errno: e.errno() }
 }
@@ -358,6 +412,33 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::OnceLock;
     use std::time::Instant;
+
+    #[test]
+    fn large_revokes_split_evenly_and_cover_every_byte() {
+        let mb = 1u64 << 20;
+        let ranges = [VaRange::new(0x4000_0000, 40 * mb), VaRange::new(0x8000_0000, 24 * mb + 4096)];
+        for threads in [1usize, 2, 3, 8] {
+            let pieces = zap_pieces(&ranges, threads);
+            // Rounding each share up to 2 MiB may leave one thread without a piece.
+            assert!((threads - 1..=threads).contains(&pieces.len()), "{threads} threads: {}", pieces.len());
+            assert!(pieces[..pieces.len() - 1].iter().all(|p| p.iter().map(|r| r.len).sum::<u64>() % (2 * mb) == 0));
+            let mut all: Vec<VaRange> = pieces.concat();
+            all.sort_unstable();
+            let total: u64 = all.iter().map(|r| r.len).sum();
+            assert_eq!(total, 64 * mb + 4096);
+            // Pieces are disjoint and, merged, give back the input.
+            let mut merged: Vec<VaRange> = Vec::new();
+            for r in all {
+                match merged.last_mut() {
+                    Some(l) if l.end() == r.start => l.len += r.len,
+                    _ => merged.push(r),
+                }
+            }
+            assert_eq!(merged, ranges.to_vec());
+        }
+        assert_eq!(zap_pieces(&[VaRange::new(0, 6 * mb)], 8).len(), 1, "small revokes stay on one thread");
+        assert_eq!(zap_pieces(&[VaRange::new(0, 8 * mb)], 8).len(), 2, "no piece under 4 MiB");
+    }
 
     /// Serves every fault like the core would for host-resident data: make sure backing exists,
     /// then map it.

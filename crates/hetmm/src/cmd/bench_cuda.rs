@@ -79,16 +79,22 @@ fn copy(args: &Args) -> Result<Value, hetmm::Error> {
     let n = (size / 8) as usize;
     let mut buf = hm.alloc::<u64>(n)?;
     let (mut h2d, mut d2h, mut verified) = (Vec::new(), Vec::new(), true);
+    // Where the time of the last round went, each way (the core's counters).
+    let (mut up_detail, mut down_detail) = (Value::Null, Value::Null);
     for rep in 0..args.repeat() + 1 {
         for (i, v) in buf.as_mut_slice().iter_mut().enumerate() {
             *v = i as u64 ^ rep as u64;
         }
+        let s0 = hm.stats();
         let t = Instant::now();
         hm.migrate(buf.ptr(), buf.byte_len(), dev.proc())?;
         let up = t.elapsed().as_secs_f64();
+        let s1 = hm.stats();
         let t = Instant::now();
         hm.migrate(buf.ptr(), buf.byte_len(), Proc::Cpu)?;
         let down = t.elapsed().as_secs_f64();
+        up_detail = json!(s1.since(&s0));
+        down_detail = json!(hm.stats().since(&s1));
         verified &= buf.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ rep as u64);
         // The first round creates the GPU chunks: not timed.
         if rep > 0 {
@@ -102,6 +108,7 @@ fn copy(args: &Args) -> Result<Value, hetmm::Error> {
         "workload": "copy", "device": "cuda", "gpu": name, "bytes": size, "verified": verified,
         "h2d_gbps": h2d, "d2h_gbps": d2h, "raw_h2d_gbps": raw_h2d, "raw_d2h_gbps": raw_d2h,
         "h2d_ratio": h2d / raw_h2d, "d2h_ratio": d2h / raw_d2h, "staged_bytes": st.bytes_staged,
+        "up_detail": up_detail, "down_detail": down_detail, "gpu_stats": format!("{st:?}"),
         "summary": format!(
             "copy {}: hetmm migrate H2D {h2d:.2} GB/s = {:.2} of pinned cuMemcpyAsync ({raw_h2d:.2}), \
              D2H {d2h:.2} GB/s = {:.2} of pinned ({raw_d2h:.2})",
@@ -123,7 +130,7 @@ fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
     let name = dev.driver().name().to_string();
     dev.driver().compile_kernels()?;
     let (mut a, mut b, r) = (hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?);
-    let (mut times, mut result) = (Vec::new(), Vec::new());
+    let (mut times, mut result, mut detail) = (Vec::new(), Vec::new(), Value::Null);
     for rep in 0..args.repeat() + 1 {
         // The CPU writes the inputs every time, so every run migrates them.
         for (i, v) in a.as_mut_slice().iter_mut().enumerate() {
@@ -132,6 +139,7 @@ fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
         for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
             *v = value(i, 2);
         }
+        let s0 = hm.stats();
         let t = Instant::now();
         let call = KernelCall::mul_mat((&r).into(), (&a).into(), (&b).into(), m as u64)?;
         dev.launch(&call)?.wait_timeout(WAIT)?;
@@ -139,6 +147,7 @@ fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
         if rep > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
+        detail = json!(hm.stats().since(&s0));
     }
     let hetmm_s = median(times);
     let (a_host, b_host) = (a.as_slice().to_vec(), b.as_slice().to_vec());
@@ -164,7 +173,7 @@ fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
     Ok(json!({
         "workload": "mul_mat", "device": "cuda", "gpu": name, "m": m, "verified": verified,
         "cpu_checked": cpu_checked, "hetmm_seconds": hetmm_s, "explicit_seconds": ex_s,
-        "kernel_seconds": kernel_s, "ratio": ex_s / hetmm_s,
+        "kernel_seconds": kernel_s, "ratio": ex_s / hetmm_s, "detail": detail,
         "summary": format!(
             "mul_mat m={m}: hetmm {:.2} ms end to end vs cudaMalloc + explicit copies {:.2} ms = {:.2} of explicit \
              (kernel alone {:.2} ms)",
@@ -195,20 +204,23 @@ fn stream(args: &Args) -> Result<Value, hetmm::Error> {
     dev.driver().compile_kernels()?;
     let mut src = hm.alloc::<u64>(n as usize)?;
     let out = hm.alloc::<u64>(kernels::stream_sum_blocks(n) as usize)?;
-    let (mut times, mut verified) = (Vec::new(), true);
+    let (mut times, mut verified, mut detail) = (Vec::new(), true, Value::Null);
     for rep in 0..args.repeat() + 1 {
         let mut expect = 0u64;
         for (i, v) in src.as_mut_slice().iter_mut().enumerate() {
             *v = i as u64 ^ rep as u64;
             expect = expect.wrapping_add(*v);
         }
+        let s0 = hm.stats();
         let t = Instant::now();
         verified &= hetmm_stream(&dev, (&src).into(), &out, expect)?;
         if rep > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
+        detail = json!(hm.stats().since(&s0));
     }
     let hetmm_s = median(times);
+    let gpu_stats = format!("{:?}", dev.driver().stats());
     drop((src, out, dev, hm));
     let d = gpu(2 << 20)?;
     let mut baselines = || -> Result<(f64, f64), hetmm::Error> {
@@ -224,7 +236,8 @@ fn stream(args: &Args) -> Result<Value, hetmm::Error> {
         Ok((median(demand), median(pre)))
     };
     let hetmm_gbps = gbps(size, hetmm_s);
-    let mut row = json!({"workload": "stream", "device": "cuda", "gpu": name, "bytes": size, "hetmm_gbps": hetmm_gbps});
+    let mut row = json!({"workload": "stream", "device": "cuda", "gpu": name, "bytes": size, "hetmm_gbps": hetmm_gbps,
+                         "detail": detail, "gpu_stats": gpu_stats});
     let summary = match baselines() {
         Ok((demand, pre)) => {
             row["managed_gbps"] = json!(gbps(size, demand));
@@ -299,6 +312,7 @@ fn oversub(args: &Args) -> Result<Value, hetmm::Error> {
         "workload": "oversub", "device": "cuda", "gpu": name, "cap": cap, "bytes": set, "piece": piece,
         "verified": verified, "hetmm_gbps": g, "raw_h2d_gbps": raw_h2d, "ratio_to_raw": g / raw_h2d,
         "evictions": st.evictions, "bytes_evicted": st.bytes_evicted, "managed_not_oversubscribed_gbps": managed,
+        "detail": st,
         "summary": format!(
             "oversub {} over a {} cap: hetmm {g:.2} GB/s = {:.2} of pinned H2D ({raw_h2d:.2}), {} evictions; managed (not capped): {managed}",
             human(set), human(cap), g / raw_h2d, st.evictions),

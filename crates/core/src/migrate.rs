@@ -10,6 +10,7 @@
 //! everywhere but the source, then copy, then map the destination. Copies exist side by side
 //! only while nobody can write them. A failed step leaves the source as the valid copy.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::block::{Block, CpuMap, PageMask};
@@ -787,9 +788,18 @@ pub(crate) fn bulk_finish(
     slot: &DeviceSlot,
     mut mv: BulkMove,
 ) -> Result<u64> {
-    let me = Proc::Device(slot.id);
-    let blocks = &mut blocks[..mv.chosen.len()];
-    let mut result = Ok(());
+    let r = bulk_wait_and_map(space, region, slot, &mut mv);
+    bulk_commit(region, blocks, slot, mv, r)
+}
+
+/// Waits for a [`BulkMove`]'s copies (bounded) and maps its pages on the device. Touches no
+/// block: it may run on another thread while the caller revokes the next batch.
+pub(crate) fn bulk_wait_and_map(
+    space: &AddressSpace,
+    region: &Region,
+    slot: &DeviceSlot,
+    mv: &mut BulkMove,
+) -> Result<()> {
     if let Some(mut done) = mv.done.take() {
         let t = Instant::now();
         let r = done.wait(space.config.copy_timeout);
@@ -798,20 +808,31 @@ pub(crate) fn bulk_finish(
             // A copy may still run: the host memory it reads must never be unmapped.
             region.keep_alive_forever();
             std::mem::forget(done);
-            result = Err(CoreError::Device { device: slot.id, source });
+            return Err(CoreError::Device { device: slot.id, source });
         }
     }
-    if result.is_ok() {
-        add(&space.stats.bytes_to_device, mv.h2d);
-        add(&space.stats.bytes_zero_filled, mv.zero);
-        let t = Instant::now();
-        // SAFETY: every target is device memory; no host address is mapped.
-        let r = unsafe { slot.mmu.map(&mv.entries) };
-        add_since(&space.stats.ns_map, t);
-        result = r.map_err(dev_err(slot.id));
-    }
-    if let Err(e) = result {
-        // The pages stay the CPU's (their CPU mappings are gone: the next access maps them).
+    add(&space.stats.bytes_to_device, mv.h2d);
+    add(&space.stats.bytes_zero_filled, mv.zero);
+    let t = Instant::now();
+    // SAFETY: every target is device memory; no host address is mapped.
+    let r = unsafe { slot.mmu.map(&mv.entries) };
+    add_since(&space.stats.ns_map, t);
+    r.map_err(dev_err(slot.id))
+}
+
+/// Records what [`bulk_wait_and_map`] did (`r`, its result) in the blocks: the new residency,
+/// or, if it failed, the device pages given back (the pages stay the CPU's; their CPU mappings
+/// are gone, so the next access maps them). Returns the pages moved.
+pub(crate) fn bulk_commit(
+    region: &Region,
+    blocks: &mut [&mut Block],
+    slot: &DeviceSlot,
+    mv: BulkMove,
+    r: Result<()>,
+) -> Result<u64> {
+    let me = Proc::Device(slot.id);
+    let blocks = &mut blocks[..mv.chosen.len()];
+    if let Err(e) = r {
         for (blk, sel) in blocks.iter_mut().zip(&mv.chosen) {
             release_device_pages(slot, blk, sel);
         }
@@ -965,6 +986,43 @@ pub(crate) fn bulk_to_cpu(
     dup: bool,
     map_cpu: bool,
 ) -> Result<u64> {
+    let mv = bulk_home_start(space, region, blocks, dup)?;
+    let moved = bulk_home_finish(space, region, blocks, mv)?;
+    if !map_cpu {
+        return Ok(moved);
+    }
+    Ok(moved + map_home(region, blocks)?)
+}
+
+/// A [`bulk_to_cpu`] whose copies are in flight, device by device: the pages each device
+/// holds alone (now unmapped or read-only there), the copies' completion, and the bytes.
+#[derive(Debug)]
+pub(crate) struct HomeMove {
+    dup: bool,
+    per_device: Vec<(Arc<DeviceSlot>, Vec<PageMask>, Option<Box<dyn crate::device::Completion>>)>,
+}
+
+impl Drop for HomeMove {
+    /// As for [`BulkMove`]: only reached when [`bulk_home_finish`] was skipped.
+    fn drop(&mut self) {
+        for (_, _, done) in &mut self.per_device {
+            if let Some(mut d) = done.take() {
+                if d.wait(std::time::Duration::from_secs(60)).is_err() {
+                    std::mem::forget(d);
+                }
+            }
+        }
+    }
+}
+
+/// The first half of [`bulk_to_cpu`]: for each device holding pages of `blocks` alone, takes
+/// its write access (unmaps, or write-protects duplicates) and submits the copies home.
+pub(crate) fn bulk_home_start(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    dup: bool,
+) -> Result<HomeMove> {
     let mut devs = ProcMask::EMPTY;
     for blk in blocks.iter() {
         for p in &blk.pages {
@@ -973,7 +1031,7 @@ pub(crate) fn bulk_to_cpu(
             }
         }
     }
-    let mut moved = 0u64;
+    let mut mv = HomeMove { dup, per_device: Vec::new() };
     for d in devs.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);
@@ -989,6 +1047,7 @@ pub(crate) fn bulk_to_cpu(
         // A whole-block device is given one block per range (it may coalesce them itself).
         let rs = if whole_blocks(&slot) { rs } else { coalesce(rs) };
         if !rs.is_empty() {
+            let t = Instant::now();
             if dup {
                 let prot: Vec<(VaRange, Prot)> = rs.iter().map(|r| (*r, Prot::READ)).collect();
                 slot.mmu.protect(&prot).map_err(dev_err(d))?;
@@ -996,6 +1055,7 @@ pub(crate) fn bulk_to_cpu(
                 slot.mmu.unmap(&rs).map_err(dev_err(d))?;
             }
             slot.mmu.invalidate_tlb(&rs);
+            add_since(&space.stats.ns_map, t);
         }
         for (blk, m) in blocks.iter_mut().zip(&here) {
             for i in m.iter() {
@@ -1018,27 +1078,70 @@ pub(crate) fn bulk_to_cpu(
                 });
             }
         }
-        run_copies(space, region, &slot, &ops)?;
-        for (blk, m) in blocks.iter_mut().zip(&here) {
+        let done = if ops.is_empty() {
+            None
+        } else {
+            let t = Instant::now();
+            // SAFETY: every host address comes from `region.cpu.backing()` for pages of this
+            // region, whose mapping lives as long as `region`. `bulk_home_finish` waits for the
+            // completion and, if that wait fails, leaks the region's CPU side so the memory a
+            // still-running copy writes is never unmapped (a dropped `HomeMove` waits too).
+            let r = unsafe { slot.mmu.copy(&ops) }.map_err(dev_err(d));
+            add_since(&space.stats.ns_copy, t);
+            Some(r?)
+        };
+        mv.per_device.push((slot, here, done));
+    }
+    Ok(mv)
+}
+
+/// The second half of [`bulk_to_cpu`]: waits for the copies (bounded), then makes the CPU a
+/// holder of the pages (the only one, unless `dup`). Returns the pages brought home. On a
+/// failed wait the pages stay on their device, unmapped there (the next device access maps
+/// them again).
+pub(crate) fn bulk_home_finish(
+    space: &AddressSpace,
+    region: &Region,
+    blocks: &mut [&mut Block],
+    mut mv: HomeMove,
+) -> Result<u64> {
+    let mut moved = 0u64;
+    for (slot, here, done) in &mut mv.per_device {
+        let me = Proc::Device(slot.id);
+        if let Some(mut d) = done.take() {
+            let t = Instant::now();
+            let r = d.wait(space.config.copy_timeout);
+            add_since(&space.stats.ns_copy, t);
+            if let Err(source) = r {
+                region.keep_alive_forever();
+                std::mem::forget(d);
+                return Err(CoreError::Device { device: slot.id, source });
+            }
+        }
+        for (blk, m) in blocks.iter_mut().zip(here.iter()) {
             add(&space.stats.bytes_to_host, m.count() as u64 * PAGE_SIZE);
             moved += m.count() as u64;
-            if !dup {
-                release_device_pages(&slot, blk, m);
+            if !mv.dup {
+                release_device_pages(slot, blk, m);
             }
             for i in m.iter() {
                 let p = &mut blk.pages[i];
-                if !dup {
+                if !mv.dup {
                     p.resident.remove(me);
                 }
                 p.resident.insert(Proc::Cpu);
             }
         }
     }
-    if !map_cpu {
-        return Ok(moved);
-    }
-    // Never-written pages get zeroed backing; then the CPU maps everything it lacks.
+    Ok(moved)
+}
+
+/// After [`bulk_home_finish`]: never-written pages get zeroed backing, then the CPU maps every
+/// page of `blocks` it lacks (read-only where a device keeps a copy). Returns the pages that
+/// got backing.
+fn map_home(region: &Region, blocks: &mut [&mut Block]) -> Result<u64> {
     let mut empty = Vec::new();
+    let mut moved = 0;
     for blk in blocks.iter_mut() {
         let e = select(blk, &PageMask::full(blk.npages), |p| p.resident.is_empty());
         empty.extend(ranges(blk, &e));
@@ -1265,6 +1368,26 @@ mod whole_block_tests {
         assert!((0..len).all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
         drop(h);
         assert_eq!(space.device_memory(id).unwrap().0, 2 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn a_running_jobs_blocks_are_not_evicted_from_a_device_that_cannot_fault() {
+        let (space, _dev, id, _host) = setup(2);
+        let job = space.job_begin(&[VaRange::new(BASE, BLOCK_SIZE)]);
+        let _job2 = space.job_begin(&[VaRange::new(BASE + 2 * BLOCK_SIZE, PAGE_SIZE)]);
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        space.migrate(BASE + BLOCK_SIZE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        // The third block needs a chunk: the first (oldest) is the job's, so the second goes
+        // (neither the fault path nor the background evictor may take a job's block).
+        space.migrate(BASE + 2 * BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        assert!(resident_on_dev(&space, id, BASE));
+        assert!(!resident_on_dev(&space, id, BASE + BLOCK_SIZE));
+        // With every resident block in a job, nothing can make room.
+        let e = space.migrate(BASE + BLOCK_SIZE, BLOCK_SIZE, Proc::Device(id)).unwrap_err();
+        assert!(matches!(e, crate::error::CoreError::OutOfDeviceMemory { .. }), "{e}");
+        space.job_end(&job);
+        space.migrate(BASE + BLOCK_SIZE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        assert!(!resident_on_dev(&space, id, BASE), "once the job ended, its block could go");
     }
 
     #[test]

@@ -576,31 +576,45 @@ impl AddressSpace {
         let first = region.block_index(range.start);
         let last = region.block_index(range.end() - 1);
         for bidx in first..=last {
-            let mut blk = region.blocks[bidx].lock();
-            if region.is_freed() {
-                return Err(CoreError::NotShared(range));
-            }
-            let want = pages_in(&blk, &range);
-            match &slot {
-                None => migrate::to_cpu(self, &region, &mut blk, &want)?,
-                Some(s) => {
-                    let attrs = self.attrs.read();
-                    let mut dup = PageMask::default();
-                    for i in want.iter() {
-                        if attrs.get(blk.va(i)).read_mostly && !blk.pages[i].resident.is_empty() {
-                            dup.set(i);
-                        }
+            // A victim another thread is evicting right now (the background evictor) makes
+            // memory busy, not full: wait for it, bounded.
+            let mut pause = Duration::from_micros(50);
+            let deadline = Instant::now() + BUSY_WAIT;
+            loop {
+                match self.prefetch_block(&region, bidx, range, slot.as_deref()) {
+                    Err(CoreError::DeviceMemoryBusy { .. }) if Instant::now() < deadline => {
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_millis(5));
                     }
-                    drop(attrs);
-                    blk.busy = want;
-                    let r = migrate::to_device(self, &region, &mut blk, s, &want.and_not(&dup))
-                        .and_then(|()| migrate::duplicate_to_device(self, &region, &mut blk, s, &dup));
-                    blk.busy = PageMask::default();
-                    r?;
-                    blk.touch(s.id, self.tick());
+                    r => break r?,
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The per-block part of [`AddressSpace::prefetch_range`] for block `bidx`.
+    fn prefetch_block(&self, region: &Region, bidx: usize, range: VaRange, slot: Option<&DeviceSlot>) -> Result<()> {
+        let mut blk = region.blocks[bidx].lock();
+        if region.is_freed() {
+            return Err(CoreError::NotShared(range));
+        }
+        let want = pages_in(&blk, &range);
+        let Some(s) = slot else { return migrate::to_cpu(self, region, &mut blk, &want) };
+        let attrs = self.attrs.read();
+        let mut dup = PageMask::default();
+        for i in want.iter() {
+            if attrs.get(blk.va(i)).read_mostly && !blk.pages[i].resident.is_empty() {
+                dup.set(i);
+            }
+        }
+        drop(attrs);
+        blk.busy = want;
+        let r = migrate::to_device(self, region, &mut blk, s, &want.and_not(&dup))
+            .and_then(|()| migrate::duplicate_to_device(self, region, &mut blk, s, &dup));
+        blk.busy = PageMask::default();
+        r?;
+        blk.touch(s.id, self.tick());
         Ok(())
     }
 
@@ -614,24 +628,16 @@ impl AddressSpace {
     }
 
     /// Explicit migration to a device, bulk part: the whole blocks of `range` that are plain
-    /// (CPU-only or never written, not read-mostly) move in batches of [`BULK_BATCH`] blocks. A
-    /// batch's copies are submitted before the previous batch is waited for and mapped, so the
-    /// device copies one batch while the CPU revokes the next and maps the last. Blocks are
-    /// locked in address order (every other path that holds several block locks only tries
-    /// them). No eviction: what does not fit is left to the per-block pass.
+    /// (CPU-only or never written, not read-mostly) move in batches of [`BULK_BATCH`] blocks,
+    /// pipelined: while the device copies batch `i`, a helper thread waits for those copies and
+    /// maps the batch on the device, and this thread revokes the CPU's access to batch `i + 1`
+    /// and submits its copies. Blocks are locked in address order (every other path that holds
+    /// several block locks only tries them). No eviction: what does not fit is left to the
+    /// per-block pass.
     fn bulk_prefetch(&self, region: &Arc<Region>, range: VaRange, slot: &DeviceSlot) -> Result<()> {
-        type Batch<'a> = (Vec<parking_lot::MutexGuard<'a, Block>>, migrate::BulkMove);
-        let finish = |(mut guards, mv): Batch<'_>| -> Result<()> {
-            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            migrate::bulk_finish(self, region, &mut blocks, slot, mv)?;
-            let now = self.tick();
-            for b in blocks.iter_mut() {
-                b.touch(slot.id, now);
-            }
-            Ok(())
-        };
         let ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
-        let mut pending: Option<Batch<'_>> = None;
+        let mut pending: Option<(Vec<parking_lot::MutexGuard<'_, Block>>, migrate::BulkMove)> = None;
+        let mut result = Ok(());
         for batch in ids.chunks(BULK_BATCH) {
             let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
             if region.is_freed() {
@@ -645,39 +651,92 @@ impl AddressSpace {
                 });
             }
             let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            let started = migrate::bulk_start(self, region, &mut blocks, slot, false);
-            // This batch's copies are queued: now wait for the previous batch and map it.
-            if let Some(prev) = pending.take() {
-                if let Err(e) = finish(prev) {
-                    if let Ok(Some(mv)) = started {
-                        let _ = finish((guards, mv));
-                    }
-                    return Err(e);
+            let (started, prev) = match pending.take() {
+                None => (migrate::bulk_start(self, region, &mut blocks, slot, false), None),
+                Some((prev_guards, mut mv)) => std::thread::scope(|sc| {
+                    let mapping = sc.spawn(move || {
+                        let r = migrate::bulk_wait_and_map(self, region, slot, &mut mv);
+                        (mv, r)
+                    });
+                    let started = migrate::bulk_start(self, region, &mut blocks, slot, false);
+                    let (mv, r) = mapping.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                    (started, Some((prev_guards, mv, r)))
+                }),
+            };
+            drop(blocks);
+            if let Some((mut prev_guards, mv, r)) = prev {
+                result = self.bulk_commit(region, &mut prev_guards, slot, mv, r);
+            }
+            match started {
+                Ok(Some(mv)) => pending = Some((guards, mv)),
+                // Nothing taken: device memory is full (or the blocks are elsewhere).
+                Ok(None) => break,
+                Err(e) => {
+                    result = result.and(Err(e));
+                    break;
                 }
             }
-            match started? {
-                Some(mv) => pending = Some((guards, mv)),
-                // Nothing taken: device memory is full (or the blocks are elsewhere).
-                None => break,
+            if result.is_err() {
+                break;
             }
         }
-        pending.map_or(Ok(()), finish)
+        if let Some((mut guards, mut mv)) = pending {
+            let r = migrate::bulk_wait_and_map(self, region, slot, &mut mv);
+            result = result.and(self.bulk_commit(region, &mut guards, slot, mv, r));
+        }
+        result
+    }
+
+    /// Records a finished bulk batch in its (still locked) blocks.
+    fn bulk_commit(
+        &self,
+        region: &Region,
+        guards: &mut [parking_lot::MutexGuard<'_, Block>],
+        slot: &DeviceSlot,
+        mv: migrate::BulkMove,
+        r: Result<()>,
+    ) -> Result<()> {
+        let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+        migrate::bulk_commit(region, &mut blocks, slot, mv, r)?;
+        let now = self.tick();
+        for b in blocks.iter_mut() {
+            b.touch(slot.id, now);
+        }
+        Ok(())
     }
 
     /// Explicit migration to the CPU, bulk part: the whole blocks of `range` come home in batches
-    /// of [`BULK_BATCH`], one device unmap and one batch of copies each. The CPU maps them on its
-    /// next access, as on the per-block path.
+    /// of [`BULK_BATCH`] (one device unmap and one batch of copies each), pipelined: batch
+    /// `i + 1` is unmapped and its copies submitted before batch `i` is waited for. The CPU maps
+    /// the pages on its next access, as on the per-block path.
     fn bulk_home(&self, region: &Arc<Region>, range: VaRange) -> Result<()> {
         let ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
+        let mut pending: Option<(Vec<parking_lot::MutexGuard<'_, Block>>, migrate::HomeMove)> = None;
+        let finish = |(mut guards, mv): (Vec<parking_lot::MutexGuard<'_, Block>>, migrate::HomeMove)| {
+            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+            migrate::bulk_home_finish(self, region, &mut blocks, mv).map(|_| ())
+        };
         for batch in ids.chunks(BULK_BATCH) {
             let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
             if region.is_freed() {
                 break;
             }
             let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            migrate::bulk_to_cpu(self, region, &mut blocks, false, false)?;
+            let started = migrate::bulk_home_start(self, region, &mut blocks, false);
+            drop(blocks);
+            let prev = pending.take().map_or(Ok(()), finish);
+            let mv = match (started, prev) {
+                (Ok(mv), Ok(())) => mv,
+                (Ok(mv), Err(e)) => {
+                    // Finish what is in flight before reporting.
+                    let _ = finish((guards, mv));
+                    return Err(e);
+                }
+                (Err(e), prev) => return prev.and(Err(e)),
+            };
+            pending = Some((guards, mv));
         }
-        Ok(())
+        pending.map_or(Ok(()), finish)
     }
 
     /// Drops the data of `range` everywhere (`Advice::DontNeed`).
@@ -951,6 +1010,9 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
         }
     }
 }
+
+/// Longest an explicit migration waits for device memory that another thread is evicting.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// Blocks per batch of an explicit migration's bulk pass (64 MiB): large enough that each
 /// batch's copies keep the copy engines busy while the CPU prepares the next.

@@ -403,7 +403,8 @@ pub fn record(stream: &CudaStream) -> Result<CudaEvent, CudaError> {
 }
 
 /// Waits for `events` until `deadline`, polling `cuEventQuery` (spinning briefly, then sleeping
-/// in growing steps up to 200 µs). Returns `Ok(false)` when the deadline passed first.
+/// in growing steps up to 50 µs: a 64 MiB batch copies in about 1.2 ms). Returns `Ok(false)`
+/// when the deadline passed first.
 pub fn wait_events(events: &[CudaEvent], deadline: Instant) -> Result<bool, CudaError> {
     let mut pause = Duration::from_micros(1);
     for ev in events {
@@ -422,7 +423,7 @@ pub fn wait_events(events: &[CudaEvent], deadline: Instant) -> Result<bool, Cuda
             } else {
                 std::thread::sleep(pause);
             }
-            pause = (pause * 2).min(Duration::from_micros(200));
+            pause = (pause * 2).min(Duration::from_micros(50));
         }
     }
     Ok(true)

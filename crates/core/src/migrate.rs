@@ -711,7 +711,7 @@ pub(crate) struct BulkMove {
     chosen: Vec<PageMask>,
     dup: bool,
     entries: Vec<MapEntry>,
-    done: Option<Box<dyn crate::device::Completion>>,
+    done: Option<Copies>,
     h2d: u64,
     zero: u64,
 }
@@ -861,7 +861,6 @@ pub(crate) fn bulk_commit(
 /// Revokes (or write-protects) the CPU's access to the chosen pages, one call each, and submits
 /// their copies. Returns the map entries, the copies' completion (none if there were no copies)
 /// and the bytes copied and zeroed.
-#[allow(clippy::type_complexity)]
 fn bulk_submit(
     space: &AddressSpace,
     region: &Region,
@@ -869,7 +868,7 @@ fn bulk_submit(
     chosen: &[PageMask],
     slot: &DeviceSlot,
     dup: bool,
-) -> Result<(Vec<MapEntry>, Option<Box<dyn crate::device::Completion>>, u64, u64)> {
+) -> Result<(Vec<MapEntry>, Option<Copies>, u64, u64)> {
     // CPU access: write-protect what stays duplicated, revoke what moves; one call each.
     let (mut wp, mut revoke) = (Vec::new(), Vec::new());
     for (blk, sel) in blocks.iter().zip(chosen) {
@@ -999,8 +998,11 @@ pub(crate) fn bulk_to_cpu(
 #[derive(Debug)]
 pub(crate) struct HomeMove {
     dup: bool,
-    per_device: Vec<(Arc<DeviceSlot>, Vec<PageMask>, Option<Box<dyn crate::device::Completion>>)>,
+    per_device: Vec<(Arc<DeviceSlot>, Vec<PageMask>, Option<Copies>)>,
 }
+
+/// A batch of copies in flight.
+type Copies = Box<dyn crate::device::Completion>;
 
 impl Drop for HomeMove {
     /// As for [`BulkMove`]: only reached when [`bulk_home_finish`] was skipped.

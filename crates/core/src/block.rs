@@ -168,6 +168,36 @@ impl Block {
 
     /// Records the device page of page `i`.
     pub fn set_pa(&mut self, dev: DeviceId, i: usize, pa: Option<PhysAddr>) {
+        self.pas_mut(dev)[i] = pa.map_or(NO_PA, |p| p.0);
+    }
+
+    /// Records device pages for many pages at once: `(page, device page)` pairs.
+    pub fn set_pas(&mut self, dev: DeviceId, pas: impl IntoIterator<Item = (usize, PhysAddr)>) {
+        let v = self.pas_mut(dev);
+        for (i, pa) in pas {
+            v[i] = pa.0;
+        }
+    }
+
+    /// Forgets the device pages of `m` on `dev`, returning them as runs `(first device page,
+    /// pages)` of consecutive device memory.
+    pub fn take_pas(&mut self, dev: DeviceId, m: &PageMask) -> Vec<(PhysAddr, u64)> {
+        let mut runs: Vec<(PhysAddr, u64)> = Vec::new();
+        let Some((_, v)) = self.dev_pa.iter_mut().find(|(d, _)| *d == dev) else { return runs };
+        for i in m.iter() {
+            let pa = std::mem::replace(&mut v[i], NO_PA);
+            if pa == NO_PA {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((s, n)) if s.0 + *n * crate::types::PAGE_SIZE == pa => *n += 1,
+                _ => runs.push((PhysAddr(pa), 1)),
+            }
+        }
+        runs
+    }
+
+    fn pas_mut(&mut self, dev: DeviceId) -> &mut [u64] {
         let idx = match self.dev_pa.iter().position(|(d, _)| *d == dev) {
             Some(idx) => idx,
             None => {
@@ -175,7 +205,7 @@ impl Block {
                 self.dev_pa.len() - 1
             }
         };
-        self.dev_pa[idx].1[i] = pa.map_or(NO_PA, |p| p.0);
+        &mut self.dev_pa[idx].1
     }
 
     /// Records that device `d` touched the block at `tick`.

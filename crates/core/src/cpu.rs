@@ -54,7 +54,8 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError>;
 
     /// The manager's address of the backing of `va` (valid while the region lives). Copy engines
-    /// read and write host data here.
+    /// read and write host data here. Linear over the region (`backing(va + d)` is
+    /// `backing(va) + d`), so a run of pages is one copy.
     fn backing(&self, va: u64) -> HostAddr;
 
     /// Changes the CPU protection of the application's view of `range` (`mprotect`).

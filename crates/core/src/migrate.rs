@@ -709,6 +709,8 @@ pub(crate) struct BulkMove {
     chosen: Vec<PageMask>,
     dup: bool,
     entries: Vec<MapEntry>,
+    /// Already mapped on the device (a device that cannot fault maps while the CPU revokes).
+    mapped: bool,
     done: Option<Copies>,
     h2d: u64,
     zero: u64,
@@ -764,7 +766,9 @@ pub(crate) fn bulk_start(
     }
     let blocks = &mut blocks[..chosen.len()];
     match bulk_submit(space, region, blocks, &chosen, slot, dup) {
-        Ok((entries, done, h2d, zero)) => Ok(Some(BulkMove { chosen, dup, entries, done, h2d, zero })),
+        Ok(Submitted { entries, mapped, done, h2d, zero }) => {
+            Ok(Some(BulkMove { chosen, dup, entries, mapped, done, h2d, zero }))
+        }
         Err(e) => {
             for (blk, sel) in blocks.iter_mut().zip(&chosen) {
                 release_device_pages(slot, blk, sel);
@@ -809,6 +813,9 @@ pub(crate) fn bulk_wait_and_map(
     }
     add(&space.stats.bytes_to_device, mv.h2d);
     add(&space.stats.bytes_zero_filled, mv.zero);
+    if mv.mapped {
+        return Ok(());
+    }
     let t = Instant::now();
     // SAFETY: every target is device memory; no host address is mapped.
     let r = unsafe { slot.mmu.map(&mv.entries) };
@@ -829,6 +836,9 @@ pub(crate) fn bulk_commit(
     let me = Proc::Device(slot.id);
     let blocks = &mut blocks[..mv.chosen.len()];
     if let Err(e) = r {
+        if mv.mapped {
+            unmap_entries(slot, &mv.entries);
+        }
         for (blk, sel) in blocks.iter_mut().zip(&mv.chosen) {
             release_device_pages(slot, blk, sel);
         }
@@ -855,8 +865,11 @@ pub(crate) fn bulk_commit(
 }
 
 /// Revokes (or write-protects) the CPU's access to the chosen pages, one call each, and submits
-/// their copies. Returns the map entries, the copies' completion (none if there were no copies)
-/// and the bytes copied and zeroed.
+/// their copies. On a device that cannot fault, the pages are also mapped there now, on this
+/// thread while another revokes: no kernel may use them before the migration returns, and the
+/// device's page-table update then costs no time of its own. Returns the map entries, whether
+/// they are mapped, the copies' completion (none if there were no copies) and the bytes copied
+/// and zeroed.
 fn bulk_submit(
     space: &AddressSpace,
     region: &Region,
@@ -864,7 +877,7 @@ fn bulk_submit(
     chosen: &[PageMask],
     slot: &DeviceSlot,
     dup: bool,
-) -> Result<(Vec<MapEntry>, Option<Copies>, u64, u64)> {
+) -> Result<Submitted> {
     // CPU access: write-protect what stays duplicated, revoke what moves; one call each.
     let (mut wp, mut revoke) = (Vec::new(), Vec::new());
     for (blk, sel) in blocks.iter().zip(chosen) {
@@ -878,22 +891,10 @@ fn bulk_submit(
             }
         }
     }
-    let t = Instant::now();
-    region.cpu.revoke(&coalesce(revoke))?;
-    region.cpu.protect(&coalesce(wp), false)?;
-    add_since(&space.stats.ns_revoke, t);
     let (mut ops, mut entries) = (Vec::new(), Vec::new());
     let (mut h2d, mut zero) = (0, 0);
     let prot = device_prot(region);
-    for (blk, sel) in blocks.iter_mut().zip(chosen) {
-        for i in sel.iter() {
-            let p = &mut blk.pages[i];
-            if p.cpu != CpuMap::None && !(dup && p.resident.has(Proc::Cpu)) {
-                p.cpu = CpuMap::None;
-            } else if p.cpu == CpuMap::Write {
-                p.cpu = CpuMap::Read;
-            }
-        }
+    for (blk, sel) in blocks.iter().zip(chosen) {
         for (s, n, pa) in pa_runs(blk, slot.id, sel) {
             // Pieces of the run whose source is the same kind: the CPU's copy, or none (zeros).
             let mut k = s;
@@ -919,8 +920,53 @@ fn bulk_submit(
     }
     // Duplicated pages are mapped read-only, moved ones read-write: split the entries by page.
     let entries = if dup { split_ro(blocks, chosen, slot, prot) } else { entries };
+    let take_cpu = || -> Result<()> {
+        let t = Instant::now();
+        region.cpu.revoke(&coalesce(revoke))?;
+        region.cpu.protect(&coalesce(wp), false)?;
+        add_since(&space.stats.ns_revoke, t);
+        Ok(())
+    };
+    let map = || -> Result<()> {
+        let t = Instant::now();
+        // SAFETY: every target is device memory; no host address is mapped.
+        let r = unsafe { slot.mmu.map(&entries) };
+        add_since(&space.stats.ns_map, t);
+        r.map_err(dev_err(slot.id))
+    };
+    let mapped = !slot.caps.replayable_faults;
+    let nothing_to_take = revoke.is_empty() && wp.is_empty();
+    let (took, m) = if mapped && nothing_to_take {
+        (Ok(()), map())
+    } else if mapped {
+        std::thread::scope(|sc| {
+            let revoking = sc.spawn(take_cpu);
+            let m = map();
+            (revoking.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), m)
+        })
+    } else {
+        (take_cpu(), Ok(()))
+    };
+    if took.is_ok() {
+        for (blk, sel) in blocks.iter_mut().zip(chosen) {
+            for i in sel.iter() {
+                let p = &mut blk.pages[i];
+                if p.cpu != CpuMap::None && !(dup && p.resident.has(Proc::Cpu)) {
+                    p.cpu = CpuMap::None;
+                } else if p.cpu == CpuMap::Write {
+                    p.cpu = CpuMap::Read;
+                }
+            }
+        }
+    }
+    if let Err(e) = took.and_then(|()| m.clone()) {
+        if mapped && m.is_ok() {
+            unmap_entries(slot, &entries);
+        }
+        return Err(e);
+    }
     if ops.is_empty() {
-        return Ok((entries, None, h2d, zero));
+        return Ok(Submitted { entries, mapped, done: None, h2d, zero });
     }
     let t = Instant::now();
     // SAFETY: every host address comes from `region.cpu.backing()` for pages of this region,
@@ -929,7 +975,28 @@ fn bulk_submit(
     // never unmapped (and a `BulkMove` dropped unfinished waits for it).
     let done = unsafe { slot.mmu.copy(&ops) }.map_err(dev_err(slot.id));
     add_since(&space.stats.ns_copy, t);
-    Ok((entries, Some(done?), h2d, zero))
+    if done.is_err() && mapped {
+        unmap_entries(slot, &entries);
+    }
+    Ok(Submitted { entries, mapped, done: Some(done?), h2d, zero })
+}
+
+/// What [`bulk_submit`] did.
+struct Submitted {
+    entries: Vec<MapEntry>,
+    mapped: bool,
+    done: Option<Copies>,
+    h2d: u64,
+    zero: u64,
+}
+
+/// Undoes a map of `entries` whose pages are being given back (a failed bulk move).
+fn unmap_entries(slot: &DeviceSlot, entries: &[MapEntry]) {
+    let rs: Vec<VaRange> = entries.iter().map(|e| VaRange::new(e.va, e.len)).collect();
+    if let Err(e) = slot.mmu.unmap(&rs) {
+        log::error!("undoing a failed bulk move on {:?}: {e}", slot.id);
+    }
+    slot.mmu.invalidate_tlb(&rs);
 }
 
 /// Map entries for the chosen pages: read-only where the CPU keeps a copy, `prot` elsewhere.

@@ -920,6 +920,7 @@ fn bulk_submit(
     }
     // Duplicated pages are mapped read-only, moved ones read-write: split the entries by page.
     let entries = if dup { split_ro(blocks, chosen, slot, prot) } else { entries };
+    let nothing_to_take = revoke.is_empty() && wp.is_empty();
     let take_cpu = || -> Result<()> {
         let t = Instant::now();
         region.cpu.revoke(&coalesce(revoke))?;
@@ -935,7 +936,6 @@ fn bulk_submit(
         r.map_err(dev_err(slot.id))
     };
     let mapped = !slot.caps.replayable_faults;
-    let nothing_to_take = revoke.is_empty() && wp.is_empty();
     let (took, m) = if mapped && nothing_to_take {
         (Ok(()), map())
     } else if mapped {

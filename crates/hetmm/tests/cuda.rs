@@ -144,3 +144,50 @@ fn gpu_fork_child_sees_gpu_written_data() {
     dev.launch(&KernelCall::stream_write((&s).into(), 9).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
     assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 9));
 }
+
+/// Three CPU threads share one GPU whose memory (64 MiB) holds fewer than the six 16 MiB buffers
+/// they work on: each thread alternates between its two buffers, the GPU writes one, the CPU
+/// checks every word and rewrites part of it, the GPU sums it. Launches evict the other threads'
+/// buffers while those threads read and write theirs on the CPU; a running job's buffers are
+/// never taken. Every word and every sum is checked.
+#[test]
+fn gpu_races_cpu_threads_and_kernels_over_a_small_gpu() {
+    let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
+    let dev = hm.attach(g).unwrap();
+    let words = (16 << 20) / 8;
+    let mut bufs: Vec<_> = (0..6).map(|_| hm.alloc::<u64>(words).unwrap()).collect();
+    let sums = kernels::stream_sum_blocks(words as u64) as usize;
+    let mut outs: Vec<_> = (0..3).map(|_| hm.alloc::<u64>(sums).unwrap()).collect();
+    std::thread::scope(|s| {
+        for (t, (pair, out)) in bufs.chunks_mut(2).zip(outs.iter_mut()).enumerate() {
+            let dev = &dev;
+            s.spawn(move || {
+                for round in 0..6u64 {
+                    let buf = &mut pair[(round % 2) as usize];
+                    let seed = (t as u64) << 32 | round;
+                    dev.launch(&KernelCall::stream_write((&*buf).into(), seed).unwrap())
+                        .unwrap()
+                        .wait_timeout(WAIT)
+                        .unwrap();
+                    let v = buf.as_mut_slice();
+                    let bad = v.iter().enumerate().filter(|(i, x)| **x != *i as u64 ^ seed).count();
+                    assert_eq!(bad, 0, "thread {t} round {round}: words the GPU wrote");
+                    // The CPU rewrites every third word; the GPU then sums what is there.
+                    for (i, x) in v.iter_mut().enumerate().step_by(3) {
+                        *x = i as u64 * 3 + round;
+                    }
+                    let want = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
+                    dev.launch(&KernelCall::stream_sum((&*buf).into(), (&*out).into()).unwrap())
+                        .unwrap()
+                        .wait_timeout(WAIT)
+                        .unwrap();
+                    let got = out.as_slice().iter().fold(0u64, |a, x| a.wrapping_add(*x));
+                    assert_eq!(got, want, "thread {t} round {round}: the GPU's sum");
+                }
+            });
+        }
+    });
+    let st = hm.stats();
+    assert!(st.evictions > 0, "the buffers outgrow the GPU: {st:?}");
+    assert_eq!(st.cpu_fault_errors, 0);
+}

@@ -85,6 +85,40 @@ impl BuddyAllocator {
         Some(PhysAddr(frame << PAGE_SHIFT))
     }
 
+    /// Allocates the 2^order pages at `addr` (naturally aligned) if they are all free: the
+    /// device may still hold state for exactly that memory (a cached mapping). Returns false and
+    /// changes nothing otherwise.
+    pub fn alloc_at(&mut self, addr: PhysAddr, order: u32) -> bool {
+        let frame = addr.0 >> PAGE_SHIFT;
+        if order > MAX_ORDER || addr.0 % PAGE_SIZE != 0 || frame & ((1 << order) - 1) != 0 {
+            return false;
+        }
+        // The free block holding the range: its head at the first order where `frame` lies in one.
+        let Some(o) = (order..=MAX_ORDER).find(|&o| {
+            let head = frame & !((1u64 << o) - 1);
+            self.head_order.get(head as usize).is_some_and(|&h| u32::from(h) == o)
+        }) else {
+            return false;
+        };
+        let mut head = frame & !((1u64 << o) - 1);
+        self.free[o as usize].remove(&head);
+        self.head_order[head as usize] = NOT_FREE_HEAD;
+        // Split down towards `frame`, returning the other halves.
+        let mut o = o;
+        while o > order {
+            o -= 1;
+            let upper = head + (1 << o);
+            if frame >= upper {
+                self.push_free(head, o);
+                head = upper;
+            } else {
+                self.push_free(upper, o);
+            }
+        }
+        self.free_pages -= 1 << order;
+        true
+    }
+
     /// Frees `npages` pages from `addr` (page aligned, all allocated and owned). Returns false and
     /// changes nothing if any page is outside the managed memory or already free.
     pub fn free(&mut self, addr: PhysAddr, npages: u64) -> bool {
@@ -149,6 +183,24 @@ mod tests {
     use proptest::prelude::*;
 
     const MB2: u64 = 2 << 20;
+
+    #[test]
+    fn alloc_at_takes_exactly_that_block_or_nothing() {
+        let mut a = BuddyAllocator::new(&[(PhysAddr(0), 4 * MB2)]);
+        assert!(a.alloc_at(PhysAddr(2 * MB2), 9));
+        assert!(!a.alloc_at(PhysAddr(2 * MB2), 9), "taken");
+        assert!(!a.alloc_at(PhysAddr(4096), 9), "misaligned");
+        assert_eq!(a.free_pages(), 3 * 512);
+        // A page inside a free chunk: the rest of the chunk stays free, in pieces.
+        assert!(a.alloc_at(PhysAddr(MB2 + 5 * 4096), 0));
+        assert_eq!(a.free_pages(), 3 * 512 - 1);
+        assert!(!a.alloc_at(PhysAddr(MB2), 9));
+        assert_eq!(a.alloc(9), Some(PhysAddr(0)));
+        assert_eq!(a.alloc(9), Some(PhysAddr(3 * MB2)));
+        assert!(a.free(PhysAddr(MB2 + 5 * 4096), 1));
+        assert!(a.alloc_at(PhysAddr(MB2), 9), "merged back whole");
+        assert_eq!(a.free_pages(), 0);
+    }
 
     #[test]
     fn alloc_split_and_merge() {

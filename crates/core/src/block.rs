@@ -113,6 +113,9 @@ pub struct Block {
     pub pages: Vec<Page>,
     /// Device physical page of each page, per device that holds pages here.
     dev_pa: Vec<(DeviceId, Box<[u64]>)>,
+    /// The 2 MiB chunk the block last had on each device: taken again when free, so a device
+    /// that caches its mappings (CUDA) maps nothing anew.
+    prev_chunk: Vec<(DeviceId, PhysAddr)>,
     /// Devices whose eviction queue holds this block.
     pub queued_on: ProcMask,
     /// Last time each device touched the block (fault service or sampled accessed bits), as
@@ -144,6 +147,7 @@ impl Block {
             npages,
             pages: vec![Page::default(); npages],
             dev_pa: Vec::new(),
+            prev_chunk: Vec::new(),
             queued_on: ProcMask::EMPTY,
             touched: [0; 4],
             last_evicted: 0,
@@ -179,8 +183,14 @@ impl Block {
         }
     }
 
+    /// The 2 MiB chunk the block last had on `dev`, if it had one.
+    pub fn prev_chunk(&self, dev: DeviceId) -> Option<PhysAddr> {
+        self.prev_chunk.iter().find(|(d, _)| *d == dev).map(|(_, pa)| *pa)
+    }
+
     /// Forgets the device pages of `m` on `dev`, returning them as runs `(first device page,
-    /// pages)` of consecutive device memory.
+    /// pages)` of consecutive device memory. A run that starts a 2 MiB chunk is remembered as
+    /// the block's previous chunk there.
     pub fn take_pas(&mut self, dev: DeviceId, m: &PageMask) -> Vec<(PhysAddr, u64)> {
         let mut runs: Vec<(PhysAddr, u64)> = Vec::new();
         let Some((_, v)) = self.dev_pa.iter_mut().find(|(d, _)| *d == dev) else { return runs };
@@ -192,6 +202,12 @@ impl Block {
             match runs.last_mut() {
                 Some((s, n)) if s.0 + *n * crate::types::PAGE_SIZE == pa => *n += 1,
                 _ => runs.push((PhysAddr(pa), 1)),
+            }
+        }
+        if let Some(&(first, _)) = runs.first().filter(|(pa, _)| pa.0 % (crate::types::BLOCK_SIZE) == 0) {
+            match self.prev_chunk.iter_mut().find(|(d, _)| *d == dev) {
+                Some(e) => e.1 = first,
+                None => self.prev_chunk.push((dev, first)),
             }
         }
         runs

@@ -472,7 +472,7 @@ fn allocate(
     let mut chunk_only = space.config.policy.whole_chunks && n == PAGES_PER_BLOCK && !whole_blocks(slot);
     let mut chunk_tries = 0;
     loop {
-        if let Some(pas) = try_alloc(slot, n, chunk_only) {
+        if let Some(pas) = try_alloc(slot, n, chunk_only, blk.prev_chunk(slot.id)) {
             if space.config.policy.free_watermark > 0.0 {
                 slot.evict_wake.notify_one();
             }
@@ -508,17 +508,23 @@ fn allocate(
 /// One allocation attempt: a 2 MiB chunk for a whole block (so the device can use a 2 MiB
 /// entry), else (unless `chunk_only`) single pages; all or nothing. A device without 4 KiB pages
 /// always gets a chunk, of which the block uses the first `n` pages.
-fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool) -> Option<Vec<PhysAddr>> {
+fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool, prefer: Option<PhysAddr>) -> Option<Vec<PhysAddr>> {
     let mut a = slot.alloc.lock();
+    // A chunk: the block's previous one where it is free (the device may still have it mapped
+    // there), else any.
+    let chunk = |a: &mut crate::alloc::BuddyAllocator| match prefer {
+        Some(p) if a.alloc_at(p, crate::alloc::MAX_ORDER) => Some(p),
+        _ => a.alloc(crate::alloc::MAX_ORDER),
+    };
     if whole_blocks(slot) {
         if n == 0 {
             return Some(Vec::new());
         }
-        let base = a.alloc(crate::alloc::MAX_ORDER)?;
+        let base = chunk(&mut a)?;
         return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
     }
     if n == crate::types::PAGES_PER_BLOCK && !crate::mirror::take_injected_failure(slot) {
-        if let Some(base) = a.alloc(crate::alloc::MAX_ORDER) {
+        if let Some(base) = chunk(&mut a) {
             return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
         }
     }
@@ -757,7 +763,7 @@ pub(crate) fn bulk_start(
         // Speculative: a whole block that would be scattered (`whole_chunks`) is left to the fault
         // path, which may evict to give it a chunk.
         let chunk_only = space.config.policy.whole_chunks && sel.count() == PAGES_PER_BLOCK;
-        let Some(pas) = try_alloc(slot, sel.count(), chunk_only) else { break };
+        let Some(pas) = try_alloc(slot, sel.count(), chunk_only, blk.prev_chunk(slot.id)) else { break };
         blk.set_pas(slot.id, sel.iter().zip(pas));
         chosen.push(sel);
     }

@@ -74,12 +74,16 @@ pub struct CudaStats {
     pub ns_access: u64,
     /// Nanoseconds in `cuMemUnmap` on shared regions.
     pub ns_unmap: u64,
+    /// Chunks unmapped for hetmm but left mapped in the driver (parked).
+    pub parked: u64,
+    /// Parked chunks taken back into use without a driver call.
+    pub maps_reused: u64,
 }
 
 /// Counters as atomics, read into a [`CudaStats`].
 #[derive(Debug, Default)]
 struct Counters {
-    v: [AtomicU64; 16],
+    v: [AtomicU64; 18],
 }
 
 impl Counters {
@@ -111,6 +115,8 @@ const KERNELS: usize = 12;
 const NS_MAP: usize = 13;
 const NS_ACCESS: usize = 14;
 const NS_UNMAP: usize = 15;
+const REUSED: usize = 16;
+const PARKED: usize = 17;
 
 /// What the page-table lock guards.
 #[derive(Debug, Default)]
@@ -267,6 +273,8 @@ impl CudaDevice {
             ns_map: c.get(NS_MAP),
             ns_access: c.get(NS_ACCESS),
             ns_unmap: c.get(NS_UNMAP),
+            parked: c.get(PARKED),
+            maps_reused: c.get(REUSED),
         }
     }
 
@@ -398,6 +406,40 @@ impl CudaDevice {
 }
 
 impl Inner {
+    /// Removes the driver mappings of `maps` (mapped or parked chunks of live regions): one call
+    /// per run of chunks mapped back to back (the driver unmaps every mapping inside the range),
+    /// one per chunk if it refuses. Returns those done and the first error.
+    fn unmap_chunks(&self, st: &State, maps: &[plan::ChunkMap]) -> (Vec<plan::ChunkMap>, Result<(), DeviceError>) {
+        let i = self;
+        let t = Instant::now();
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        let mut todo = maps.to_vec();
+        todo.sort_by_key(|m| (m.region, m.dev_va));
+        for run in plan::contiguous_runs(&todo) {
+            let (first, n) = (run[0], run.len() as u64);
+            if n > 1 && i.gpu.unmap(&st.reservations[&first.region], first.dev_va, n * CHUNK).is_ok() {
+                done.extend_from_slice(run);
+                continue;
+            }
+            for m in run {
+                match i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
+                    Ok(()) => done.push(*m),
+                    Err(e) => {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        i.counters.add_since(NS_UNMAP, t);
+        i.counters.add(UNMAPS, done.len() as u64);
+        (done, result)
+    }
+
     /// Waits for every kernel in flight (call with the page-table lock held, so no new one
     /// starts).
     fn wait_kernels(&self) -> Result<(), DeviceError> {
@@ -471,12 +513,10 @@ impl Inner {
         if let Err(e) = self.wait_kernels() {
             log::error!("cuda: tearing down with kernels still running: {e}");
         }
-        for m in st.pt.mapped().copied().collect::<Vec<_>>() {
-            if let Some(res) = st.reservations.get(&m.region) {
-                if let Err(e) = self.gpu.unmap(res, m.dev_va, CHUNK) {
-                    log::warn!("cuda: teardown unmap: {e}");
-                }
-            }
+        let all: Vec<_> = st.pt.mapped().chain(st.pt.parked()).copied().collect();
+        let all: Vec<_> = all.into_iter().filter(|m| st.reservations.contains_key(&m.region)).collect();
+        if let (_, Err(e)) = self.unmap_chunks(st, &all) {
+            log::warn!("cuda: teardown unmap: {e}");
         }
         st.pt = PageTable::new();
         st.reservations.clear();
@@ -559,6 +599,16 @@ impl DeviceMmu for CudaDevice {
         for m in &plan.maps {
             i.ensure_chunk(&mut st, m.chunk).map_err(dev_err)?;
         }
+        // Parked mappings in the way go first (for good, whatever happens to the batch).
+        for d in &plan.drop {
+            let t = Instant::now();
+            let r = i.gpu.unmap(&st.reservations[&d.region], d.dev_va, CHUNK);
+            i.counters.add_since(NS_UNMAP, t);
+            r.map_err(dev_err)?;
+            i.counters.add(UNMAPS, 1);
+            st.pt.unpark(d);
+        }
+        i.counters.add(REUSED, plan.revive.len() as u64);
         let mut done = Vec::new();
         let mut result = Ok(());
         let t = Instant::now();
@@ -604,34 +654,13 @@ impl DeviceMmu for CudaDevice {
             return Ok(());
         }
         i.wait_kernels()?;
-        let t = Instant::now();
-        let mut done = Vec::new();
-        let mut result = Ok(());
-        // One call per run of chunks mapped back to back (the driver unmaps every mapping inside
-        // the range); one per chunk if it refuses.
-        for run in plan::contiguous_runs(&todo) {
-            let (first, n) = (run[0], run.len() as u64);
-            if n > 1 && i.gpu.unmap(&st.reservations[&first.region], first.dev_va, n * CHUNK).is_ok() {
-                done.extend_from_slice(run);
-                continue;
-            }
-            for m in run {
-                match i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
-                    Ok(()) => done.push(*m),
-                    Err(e) => {
-                        result = Err(e.into());
-                        break;
-                    }
-                }
-            }
-            if result.is_err() {
-                break;
-            }
-        }
-        i.counters.add_since(NS_UNMAP, t);
-        i.counters.add(UNMAPS, done.len() as u64);
-        st.pt.commit_unmap(&done);
-        result
+        // Parked, not unmapped: launches see them unmapped (they check this table), and mapping
+        // the same chunk at the same block again (the core prefers a block's previous chunk)
+        // then costs no driver call. A parked mapping is removed when its chunk or its block is
+        // mapped otherwise, and with its region.
+        st.pt.park(&todo);
+        i.counters.add(PARKED, todo.len() as u64);
+        Ok(())
     }
 
     fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
@@ -648,7 +677,7 @@ impl DeviceMmu for CudaDevice {
         drop(st);
         // Record the new access in the table.
         let mut st = i.state.lock();
-        let plan = plan::MapPlan { maps: Vec::new(), access: runs };
+        let plan = plan::MapPlan { access: runs, ..plan::MapPlan::default() };
         st.pt.commit_map(&plan);
         Ok(())
     }
@@ -814,11 +843,11 @@ impl DeviceMmu for CudaDevice {
                 log::error!("cuda: removing region {app} while kernels run: {e}");
             }
         }
-        if let Some(res) = st.reservations.get(&app.start) {
-            for m in &mapped {
-                if let Err(e) = i.gpu.unmap(res, m.dev_va, CHUNK) {
-                    log::error!("cuda: unmapping {:#x} of a removed region: {e}", m.host_va);
-                }
+        // Mapped and parked chunks alike: the reservation can only be freed empty.
+        let all: Vec<_> = mapped.into_iter().chain(st.pt.parked_in(r.app.start)).collect();
+        if st.reservations.contains_key(&app.start) {
+            if let (_, Err(e)) = i.unmap_chunks(&st, &all) {
+                log::error!("cuda: unmapping chunks of removed region {app}: {e}");
             }
         }
         st.pt.remove_region(app.start);

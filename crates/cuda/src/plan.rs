@@ -5,7 +5,7 @@
 //! (`device.rs`) asks this module for a plan, carries it out through `driver.rs`, then commits
 //! it here. Every rule is unit-tested on machines without CUDA.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hetmm_core::device::{CopyOp, DeviceError, MapEntry, MapTarget};
 use hetmm_core::types::{align_up, Prot, VaRange, BLOCK_SIZE};
@@ -108,6 +108,11 @@ pub struct AccessRun {
 pub struct MapPlan {
     /// `cuMemMap` calls, one per chunk (the driver maps each allocation handle separately).
     pub maps: Vec<ChunkMap>,
+    /// Parked mappings that are exactly what is asked for: taken back into use, no call.
+    pub revive: Vec<ChunkMap>,
+    /// Parked mappings in the way (at a block being mapped, or of a chunk being mapped
+    /// elsewhere): `cuMemUnmap` them first.
+    pub drop: Vec<ChunkMap>,
     /// `cuMemSetAccess` calls, contiguous runs merged.
     pub access: Vec<AccessRun>,
 }
@@ -118,6 +123,11 @@ pub struct MapPlan {
 pub struct PageTable {
     regions: BTreeMap<u64, RegionVa>,
     mapped: BTreeMap<u64, ChunkMap>,
+    /// Parked: unmapped for hetmm (no launch may use them), still mapped in the driver, so
+    /// that mapping the same chunk at the same block again costs no driver call. By block
+    /// address, and the block address of each parked chunk.
+    parked: BTreeMap<u64, ChunkMap>,
+    parked_chunk: HashMap<u64, u64>,
 }
 
 fn bad(start: u64, len: u64) -> DeviceError {
@@ -169,7 +179,36 @@ impl PageTable {
     /// Forgets the region starting at `start` (its chunks must have been unmapped).
     pub fn remove_region(&mut self, start: u64) -> Option<RegionVa> {
         self.mapped.retain(|_, m| m.region != start);
+        for m in self.parked_in(start) {
+            self.unpark(&m);
+        }
         self.regions.remove(&start)
+    }
+
+    /// Parked chunks of the region starting at `start` (to unmap before it goes).
+    pub fn parked_in(&self, start: u64) -> Vec<ChunkMap> {
+        self.parked.values().filter(|m| m.region == start).copied().collect()
+    }
+
+    /// Every parked chunk.
+    pub fn parked(&self) -> impl Iterator<Item = &ChunkMap> {
+        self.parked.values()
+    }
+
+    /// Parks unmapped chunks (their driver mappings stay; see [`PageTable::plan_map`]).
+    pub fn park(&mut self, done: &[ChunkMap]) {
+        for m in done {
+            self.mapped.remove(&m.host_va);
+            self.parked.insert(m.host_va, *m);
+            self.parked_chunk.insert(m.chunk, m.host_va);
+        }
+    }
+
+    /// Forgets a parked chunk (its driver mapping was removed).
+    pub fn unpark(&mut self, m: &ChunkMap) {
+        if self.parked.remove(&m.host_va).is_some() {
+            self.parked_chunk.remove(&m.chunk);
+        }
     }
 
     /// Every mapped chunk.
@@ -228,13 +267,26 @@ impl PageTable {
                     chunk,
                     access,
                 };
-                match self.mapped.get(&host_va) {
+                let mut set_access = true;
+                match (self.mapped.get(&host_va), self.parked.get(&host_va)) {
                     // Already there: only the access may change.
-                    Some(old) if old.chunk == chunk => {}
-                    Some(_) => return Err(bad(host_va, CHUNK)),
-                    None => plan.maps.push(m),
+                    (Some(old), _) if old.chunk == chunk => {}
+                    (Some(_), _) => return Err(bad(host_va, CHUNK)),
+                    // Parked there: back into use, a driver call only if the access differs.
+                    (None, Some(p)) if p.chunk == chunk && p.dev_va == m.dev_va => {
+                        set_access = p.access != access;
+                        plan.revive.push(m);
+                    }
+                    (None, parked_here) => {
+                        plan.drop.extend(parked_here.copied());
+                        let elsewhere = self.parked_chunk.get(&chunk).and_then(|va| self.parked.get(va));
+                        plan.drop.extend(elsewhere.filter(|p| p.host_va != host_va).copied());
+                        plan.maps.push(m);
+                    }
                 }
-                push_run(&mut plan.access, AccessRun { region: m.region, dev_va: m.dev_va, len: CHUNK, access });
+                if set_access {
+                    push_run(&mut plan.access, AccessRun { region: m.region, dev_va: m.dev_va, len: CHUNK, access });
+                }
             }
         }
         Ok(plan)
@@ -242,7 +294,11 @@ impl PageTable {
 
     /// Records a carried-out map plan.
     pub fn commit_map(&mut self, plan: &MapPlan) {
-        for m in &plan.maps {
+        for m in &plan.drop {
+            self.unpark(m);
+        }
+        for m in plan.revive.iter().chain(&plan.maps) {
+            self.unpark(m);
             self.mapped.insert(m.host_va, *m);
         }
         for run in &plan.access {
@@ -507,6 +563,46 @@ mod tests {
         let mut pt = table();
         assert!(pt.add_region(RegionVa { app: VaRange::new(A + CHUNK, CHUNK), dev_base: 0 }).is_err());
         assert!(pt.add_region(RegionVa { app: VaRange::new(A + 20 * CHUNK + 4096, CHUNK), dev_base: 0 }).is_err());
+    }
+
+    #[test]
+    fn parked_chunks_come_back_free_and_give_way() {
+        let mut pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        let plan = pt.plan_map(&[entry(A, 2 * CHUNK, 4 * CHUNK, rw)], 16).unwrap();
+        pt.commit_map(&plan);
+        let both = pt.plan_unmap(&[VaRange::new(A, 2 * CHUNK)]).unwrap();
+        pt.park(&both);
+        assert!(pt.lookup(A).is_none() && pt.lookup(A + CHUNK).is_none(), "parked is unmapped for launches");
+        assert_eq!(pt.parked().count(), 2);
+        // The same chunk at the same block: back without a call, or with only an access change.
+        let plan =
+            pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, rw), entry(A + CHUNK, CHUNK, 5 * CHUNK, Prot::READ)], 16).unwrap();
+        assert!(plan.maps.is_empty() && plan.drop.is_empty());
+        assert_eq!(plan.revive.len(), 2);
+        assert_eq!(plan.access, vec![AccessRun { region: A, dev_va: D + CHUNK, len: CHUNK, access: Access::Read }]);
+        pt.commit_map(&plan);
+        assert_eq!(pt.lookup(A + CHUNK).map(|m| (m.chunk, m.access)), Some((5, Access::Read)));
+        assert_eq!(pt.parked().count(), 0);
+        // Parked chunk 4 wanted at another block, and another chunk wanted at parked block A+CHUNK:
+        // both parked mappings are dropped first.
+        let both = pt.plan_unmap(&[VaRange::new(A, 2 * CHUNK)]).unwrap();
+        pt.park(&both);
+        let plan = pt
+            .plan_map(&[entry(A + 2 * CHUNK, CHUNK, 4 * CHUNK, rw), entry(A + CHUNK, CHUNK, 7 * CHUNK, rw)], 16)
+            .unwrap();
+        let mut dropped: Vec<(u64, u64)> = plan.drop.iter().map(|m| (m.host_va, m.chunk)).collect();
+        dropped.sort_unstable();
+        assert_eq!(dropped, vec![(A, 4), (A + CHUNK, 5)]);
+        assert_eq!(plan.maps.len(), 2);
+        pt.commit_map(&plan);
+        assert_eq!(pt.parked().count(), 0);
+        // A removed region takes its parked chunks with it.
+        let all = pt.plan_unmap(&[VaRange::new(A + CHUNK, 2 * CHUNK)]).unwrap();
+        pt.park(&all);
+        assert_eq!(pt.parked_in(A).len(), 2);
+        pt.remove_region(A);
+        assert_eq!(pt.parked().count(), 0);
     }
 
     #[test]

@@ -658,9 +658,15 @@ impl DeviceMmu for CudaDevice {
         // the same chunk at the same block again (the core prefers a block's previous chunk)
         // then costs no driver call. A parked mapping is removed when its chunk or its block is
         // mapped otherwise, and with its region.
-        st.pt.park(&todo);
-        i.counters.add(PARKED, todo.len() as u64);
-        Ok(())
+        // Only read-write mappings are parked: what a migration maps. A read-only one (a
+        // duplicate) would come back with another access, and changing it then costs more than
+        // unmapping it now, off the path of the next launch.
+        let (park, now): (Vec<_>, Vec<_>) = todo.into_iter().partition(|m| m.access == Access::ReadWrite);
+        st.pt.park(&park);
+        i.counters.add(PARKED, park.len() as u64);
+        let (done, result) = i.unmap_chunks(&st, &now);
+        st.pt.commit_unmap(&done);
+        result
     }
 
     fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {

@@ -16,12 +16,13 @@
 //!   themselves, so kernels always receive valid device pointers.
 //! - Page table: `cuMemMap` of a chunk at a block's device address, `cuMemSetAccess` over
 //!   coalesced runs. Only 2 MiB entries exist (`caps().page_sizes == 2 MiB`): the core moves
-//!   whole blocks to and from this device. An unmapped chunk is *parked*: launches see it
-//!   unmapped (they check the backend's table), but its driver mapping stays until its chunk or
-//!   its block is mapped otherwise, or its region goes (`cuMemUnmap`, runs of chunks in one
-//!   call). The core gives a block its previous chunk back when it is free, so data that goes
-//!   back and forth costs no `cuMemMap`/`cuMemSetAccess`/`cuMemUnmap` after the first time; on
-//!   an H100 those cost about as much as the copies themselves.
+//!   whole blocks to and from this device. An unmapped read-write chunk is *parked*: launches
+//!   see it unmapped (they check the backend's table), but its driver mapping stays until its
+//!   chunk or its block is mapped otherwise, or its region goes (`cuMemUnmap`, runs of chunks in
+//!   one call). The core gives a block its previous chunk back when it is free, so data that
+//!   goes back and forth costs no `cuMemMap`/`cuMemSetAccess`/`cuMemUnmap` after the first
+//!   time; on an H100 those cost about as much as the copies themselves. Read-only mappings
+//!   (duplicates) are unmapped at once: changing a live mapping's access cost more there.
 //! - Copies: `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` on two dedicated streams (one per
 //!   direction, so both copy engines work), from the region's host pages registered
 //!   (`cuMemHostRegister`, through the manager's alias, one registration per 2 MiB block) once

@@ -272,9 +272,11 @@ impl PageTable {
                     // Already there: only the access may change.
                     (Some(old), _) if old.chunk == chunk => {}
                     (Some(_), _) => return Err(bad(host_va, CHUNK)),
-                    // Parked there: back into use, a driver call only if the access differs.
-                    (None, Some(p)) if p.chunk == chunk && p.dev_va == m.dev_va => {
-                        set_access = p.access != access;
+                    // Parked there with this access: back into use, no driver call. (With
+                    // another access it is mapped afresh: on an H100, changing the access of a
+                    // live mapping cost more than unmapping it and mapping it again.)
+                    (None, Some(p)) if p.chunk == chunk && p.dev_va == m.dev_va && p.access == access => {
+                        set_access = false;
                         plan.revive.push(m);
                     }
                     (None, parked_here) => {
@@ -575,11 +577,13 @@ mod tests {
         pt.park(&both);
         assert!(pt.lookup(A).is_none() && pt.lookup(A + CHUNK).is_none(), "parked is unmapped for launches");
         assert_eq!(pt.parked().count(), 2);
-        // The same chunk at the same block: back without a call, or with only an access change.
+        // The same chunk at the same block with the same access: back without a call. With
+        // another access: unmapped and mapped afresh.
         let plan =
             pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, rw), entry(A + CHUNK, CHUNK, 5 * CHUNK, Prot::READ)], 16).unwrap();
-        assert!(plan.maps.is_empty() && plan.drop.is_empty());
-        assert_eq!(plan.revive.len(), 2);
+        assert_eq!(plan.revive.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(plan.drop.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(plan.maps.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![5]);
         assert_eq!(plan.access, vec![AccessRun { region: A, dev_va: D + CHUNK, len: CHUNK, access: Access::Read }]);
         pt.commit_map(&plan);
         assert_eq!(pt.lookup(A + CHUNK).map(|m| (m.chunk, m.access)), Some((5, Access::Read)));

@@ -198,15 +198,9 @@ fn run_copies(space: &AddressSpace, region: &Region, slot: &DeviceSlot, ops: &[C
     // whose mapping lives as long as `region`. We wait for the completion before returning; if
     // the wait fails (timeout), `keep_alive_forever` leaks the region's CPU side so the memory
     // a still-running copy touches is never unmapped.
-    let mut done = unsafe { slot.mmu.copy(ops) }.map_err(dev_err(slot.id))?;
-    let r = done.wait(space.config.copy_timeout);
+    let done = unsafe { slot.mmu.copy(ops) }.map_err(dev_err(slot.id));
     add_since(&space.stats.ns_copy, t);
-    if let Err(source) = r {
-        region.keep_alive_forever();
-        std::mem::forget(done);
-        return Err(CoreError::Device { device: slot.id, source });
-    }
-    Ok(())
+    wait_copies(space, region, slot.id, done?)
 }
 
 /// Allocates device pages for `need` and fills them from the CPU's copy (or zeros where the page
@@ -723,15 +717,33 @@ pub(crate) struct BulkMove {
 }
 
 impl Drop for BulkMove {
-    /// Only on a path that skipped [`bulk_finish`] (a panic): never leave copies running into
-    /// memory that may be reused. Bounded like every wait.
+    /// Only on a path that skipped [`bulk_finish`] (a panic).
     fn drop(&mut self) {
-        if let Some(mut done) = self.done.take() {
-            if done.wait(std::time::Duration::from_secs(60)).is_err() {
-                std::mem::forget(done);
-            }
+        abandon(self.done.take());
+    }
+}
+
+/// Copies whose owner goes without waiting (a panic path): never leave them running into memory
+/// that may be reused; bounded like every wait, and leaked if they do not finish.
+fn abandon(done: Option<Copies>) {
+    if let Some(mut d) = done {
+        if d.wait(std::time::Duration::from_secs(60)).is_err() {
+            std::mem::forget(d);
         }
     }
+}
+
+/// Waits for copies in flight, bounded. If the wait fails a copy may still run: the region's
+/// CPU side is leaked so the memory it touches is never unmapped.
+fn wait_copies(space: &AddressSpace, region: &Region, device: DeviceId, mut done: Copies) -> Result<()> {
+    let t = Instant::now();
+    let r = done.wait(space.config.copy_timeout);
+    add_since(&space.stats.ns_copy, t);
+    r.map_err(|source| {
+        region.keep_alive_forever();
+        std::mem::forget(done);
+        CoreError::Device { device, source }
+    })
 }
 
 /// The first half of [`bulk_to_device`]: chooses and allocates, revokes the CPU's access and
@@ -806,16 +818,8 @@ pub(crate) fn bulk_wait_and_map(
     slot: &DeviceSlot,
     mv: &mut BulkMove,
 ) -> Result<()> {
-    if let Some(mut done) = mv.done.take() {
-        let t = Instant::now();
-        let r = done.wait(space.config.copy_timeout);
-        add_since(&space.stats.ns_copy, t);
-        if let Err(source) = r {
-            // A copy may still run: the host memory it reads must never be unmapped.
-            region.keep_alive_forever();
-            std::mem::forget(done);
-            return Err(CoreError::Device { device: slot.id, source });
-        }
+    if let Some(done) = mv.done.take() {
+        wait_copies(space, region, slot.id, done)?;
     }
     add(&space.stats.bytes_to_device, mv.h2d);
     add(&space.stats.bytes_zero_filled, mv.zero);
@@ -1104,11 +1108,7 @@ impl Drop for HomeMove {
     /// As for [`BulkMove`]: only reached when [`bulk_home_finish`] was skipped.
     fn drop(&mut self) {
         for (_, _, done) in &mut self.per_device {
-            if let Some(mut d) = done.take() {
-                if d.wait(std::time::Duration::from_secs(60)).is_err() {
-                    std::mem::forget(d);
-                }
-            }
+            abandon(done.take());
         }
     }
 }
@@ -1206,15 +1206,8 @@ pub(crate) fn bulk_home_finish(
     let mut moved = 0u64;
     for (slot, here, done) in &mut mv.per_device {
         let me = Proc::Device(slot.id);
-        if let Some(mut d) = done.take() {
-            let t = Instant::now();
-            let r = d.wait(space.config.copy_timeout);
-            add_since(&space.stats.ns_copy, t);
-            if let Err(source) = r {
-                region.keep_alive_forever();
-                std::mem::forget(d);
-                return Err(CoreError::Device { device: slot.id, source });
-            }
+        if let Some(d) = done.take() {
+            wait_copies(space, region, slot.id, d)?;
         }
         for (blk, m) in blocks.iter_mut().zip(here.iter()) {
             add(&space.stats.bytes_to_host, m.count() as u64 * PAGE_SIZE);
@@ -1297,6 +1290,8 @@ mod whole_block_tests {
         hooks: Mutex<Vec<(bool, VaRange)>>,
         /// Host ranges discarded.
         discarded: Mutex<Vec<VaRange>>,
+        /// Whether copies move data (off: what a migration costs the core itself).
+        copies: bool,
     }
 
     impl Dev {
@@ -1350,7 +1345,9 @@ mod whole_block_tests {
         }
         fn invalidate_tlb(&self, _: &[VaRange]) {}
         unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
+            if self.copies {
+                run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
+            }
             Ok(Box::new(Done))
         }
         fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
@@ -1378,57 +1375,6 @@ mod whole_block_tests {
         }
     }
 
-    /// A whole-block device that does nothing: what an explicit migration costs the core itself.
-    #[derive(Debug)]
-    struct NullDev(u64);
-
-    impl DeviceMmu for NullDev {
-        fn caps(&self) -> DeviceCaps {
-            DeviceCaps {
-                name: "null".into(),
-                page_sizes: BLOCK_SIZE,
-                replayable_faults: false,
-                coherent: false,
-                remote_host_access: false,
-                memory_bytes: self.0,
-            }
-        }
-        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
-            vec![(PhysAddr(0), self.0)]
-        }
-        fn create_page_table(&self) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn destroy_page_table(&self) {}
-        unsafe fn map(&self, _: &[MapEntry]) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn unmap(&self, _: &[VaRange]) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn protect(&self, _: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn invalidate_tlb(&self, _: &[VaRange]) {}
-        unsafe fn copy(&self, _: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            Ok(Box::new(Done))
-        }
-        fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
-            0
-        }
-        fn wait_for_faults(&self, t: Duration) -> bool {
-            std::thread::sleep(t.min(Duration::from_millis(1)));
-            false
-        }
-        fn replay(&self, _: &[(u64, FaultCancel)]) {}
-        fn shutdown_faults(&self) {}
-        fn region_added(&self, _: VaRange, _: HostAddr) -> Result<(), DeviceError> {
-            Ok(())
-        }
-        fn region_removed(&self, _: VaRange) {}
-        fn host_discarded(&self, _: &[VaRange]) {}
-    }
-
     /// The core's own time for explicit migrations of 1 GiB of CPU-written data to a whole-block
     /// device and back (no copies, no page tables): `cargo test --release -p hetmm-core
     /// bookkeeping -- --ignored --nocapture`.
@@ -1438,7 +1384,19 @@ mod whole_block_tests {
         let len = 1u64 << 30;
         let space = AddressSpace::new(CoreConfig::default());
         space.add_region(Arc::new(PlainCpu::new(VaRange::new(BASE, len))), Prot::READ | Prot::WRITE).unwrap();
-        let id = space.attach(Arc::new(NullDev(len)), AttachOptions::default()).unwrap();
+        // A whole-block device that copies nothing (its memory is never touched, so never
+        // committed).
+        let dev = Dev {
+            region_end: BASE + len,
+            mem: Mutex::new(vec![0; len as usize]),
+            host: Arc::new(Mutex::new(Vec::new())),
+            maps: Mutex::new(Vec::new()),
+            unmaps: Mutex::new(Vec::new()),
+            hooks: Mutex::new(Vec::new()),
+            discarded: Mutex::new(Vec::new()),
+            copies: false,
+        };
+        let id = space.attach(Arc::new(dev), AttachOptions::default()).unwrap();
         for round in 0..5 {
             for b in 0..len / BLOCK_SIZE {
                 space.cpu_fault(BASE + b * BLOCK_SIZE, Access::Write).unwrap();
@@ -1475,6 +1433,7 @@ mod whole_block_tests {
             unmaps: Mutex::new(Vec::new()),
             hooks: Mutex::new(Vec::new()),
             discarded: Mutex::new(Vec::new()),
+            copies: true,
         });
         let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
         (space, dev, id, host)

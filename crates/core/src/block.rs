@@ -132,6 +132,9 @@ pub struct Block {
     pub active_jobs: u32,
     /// A finished job used the block and no job uses it now: evict it first.
     pub job_done: bool,
+    /// Launches getting ready to use the block (migrating their buffers, then launching): a
+    /// device that cannot fault must not lose it meanwhile.
+    pub launching: u32,
     /// Pages a service in progress is working on: never evicted to make room for the same
     /// service.
     pub busy: PageMask,
@@ -155,6 +158,7 @@ impl Block {
             thrashing: ProcMask::EMPTY,
             active_jobs: 0,
             job_done: false,
+            launching: 0,
             busy: PageMask::default(),
         }
     }

@@ -2,7 +2,7 @@
 //! Host backing exists for every page, so eviction never loses data. Victim order is policy:
 //! UVM's FIFO by first residency, or hetmm's job-aware LRU (blocks of finished jobs first, then
 //! least recently touched, refreshed from the device's accessed bits). Pinned ranges are never
-//! chosen, nor, on a device that cannot fault (a GPU), the blocks of a running job. hetmm also evicts in the background, keeping free about as much memory as faults had
+//! chosen, nor, on a device that cannot fault (a GPU), the blocks a launch is getting ready. hetmm also evicts in the background, keeping free about as much memory as faults had
 //! to evict lately (up to a watermark), so eviction overlaps migration instead of sitting in the
 //! fault path.
 
@@ -47,10 +47,10 @@ fn pinned(space: &AddressSpace, blk: &Block) -> bool {
     !attrs.is_empty() && (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned)
 }
 
-/// Whether `blk` is used by a job on a device that cannot fault: such a device cannot get the
-/// block back once its kernel runs, and the launch being prepared may have just migrated it.
+/// Whether a launch is getting `blk` ready on a device that cannot fault: the launch has just
+/// migrated it, or is migrating it, and checks it is there before the kernel starts.
 fn held_by_job(slot: &DeviceSlot, blk: &Block) -> bool {
-    !slot.caps.replayable_faults && blk.active_jobs > 0
+    !slot.caps.replayable_faults && blk.launching > 0
 }
 
 fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {

@@ -847,7 +847,7 @@ pub(crate) fn bulk_commit(
     let blocks = &mut blocks[..mv.chosen.len()];
     if let Err(e) = r {
         if mv.mapped {
-            unmap_entries(slot, &mv.entries);
+            unmap_entries(slot, &mv.entries, blocks, &mv.chosen);
         }
         for (blk, sel) in blocks.iter_mut().zip(&mv.chosen) {
             release_device_pages(slot, blk, sel);
@@ -863,6 +863,10 @@ pub(crate) fn bulk_commit(
                 p.dev_ro.insert(me);
             } else {
                 p.resident = ProcMask::only(me);
+                // Mapped with the region's protection (read-only regions stay read-only).
+                if !device_prot(region).contains(Prot::WRITE) {
+                    p.dev_ro.insert(me);
+                }
             }
             p.dev_mapped.insert(me);
         }
@@ -971,7 +975,7 @@ fn bulk_submit(
     }
     if let Err(e) = took.and_then(|()| m.clone()) {
         if mapped && m.is_ok() {
-            unmap_entries(slot, &entries);
+            unmap_entries(slot, &entries, blocks, chosen);
         }
         return Err(e);
     }
@@ -986,7 +990,7 @@ fn bulk_submit(
     let done = unsafe { slot.mmu.copy(&ops) }.map_err(dev_err(slot.id));
     add_since(&space.stats.ns_copy, t);
     if done.is_err() && mapped {
-        unmap_entries(slot, &entries);
+        unmap_entries(slot, &entries, blocks, chosen);
     }
     Ok(Submitted { entries, mapped, done: Some(done?), h2d, zero })
 }
@@ -1000,11 +1004,16 @@ struct Submitted {
     zero: u64,
 }
 
-/// Undoes a map of `entries` whose pages are being given back (a failed bulk move).
-fn unmap_entries(slot: &DeviceSlot, entries: &[MapEntry]) {
+/// Undoes a map of `entries` whose device pages are about to be given back (a failed bulk
+/// move). If the device refuses, the pages must not be reused while it may still map them: they
+/// are forgotten instead (leaked: never freed, never mapped again).
+fn unmap_entries(slot: &DeviceSlot, entries: &[MapEntry], blocks: &mut [&mut Block], chosen: &[PageMask]) {
     let rs: Vec<VaRange> = entries.iter().map(|e| VaRange::new(e.va, e.len)).collect();
     if let Err(e) = slot.mmu.unmap(&rs) {
-        log::error!("undoing a failed bulk move on {:?}: {e}", slot.id);
+        log::error!("undoing a failed bulk move on {:?}: {e}; its device pages are leaked", slot.id);
+        for (blk, sel) in blocks.iter_mut().zip(chosen) {
+            blk.take_pas(slot.id, sel);
+        }
     }
     slot.mmu.invalidate_tlb(&rs);
 }
@@ -1502,23 +1511,29 @@ mod whole_block_tests {
     }
 
     #[test]
-    fn a_running_jobs_blocks_are_not_evicted_from_a_device_that_cannot_fault() {
+    fn blocks_a_launch_gets_ready_are_not_evicted_from_a_device_that_cannot_fault() {
         let (space, _dev, id, _host) = setup(2);
-        let job = space.job_begin(&[VaRange::new(BASE, BLOCK_SIZE)]);
-        let _job2 = space.job_begin(&[VaRange::new(BASE + 2 * BLOCK_SIZE, PAGE_SIZE)]);
+        // A job alone (a launched kernel not yet waited for) pins nothing.
+        let running = space.job_begin(&[VaRange::new(BASE, 3 * BLOCK_SIZE)]);
+        let job = [VaRange::new(BASE, BLOCK_SIZE)];
+        space.launch_prepare(&job);
+        let job2 = [VaRange::new(BASE + 2 * BLOCK_SIZE, PAGE_SIZE)];
+        space.launch_prepare(&job2);
         space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
         space.migrate(BASE + BLOCK_SIZE, BLOCK_SIZE, Proc::Device(id)).unwrap();
-        // The third block needs a chunk: the first (oldest) is the job's, so the second goes
-        // (neither the fault path nor the background evictor may take a job's block).
+        // The third block needs a chunk: the first (oldest) is getting ready for a launch, so
+        // the second goes (neither the fault path nor the background evictor may take it).
         space.migrate(BASE + 2 * BLOCK_SIZE, PAGE_SIZE, Proc::Device(id)).unwrap();
         assert!(resident_on_dev(&space, id, BASE));
         assert!(!resident_on_dev(&space, id, BASE + BLOCK_SIZE));
-        // With every resident block in a job, nothing can make room.
+        // With every resident block getting ready for a launch, nothing can make room.
         let e = space.migrate(BASE + BLOCK_SIZE, BLOCK_SIZE, Proc::Device(id)).unwrap_err();
         assert!(matches!(e, crate::error::CoreError::OutOfDeviceMemory { .. }), "{e}");
-        space.job_end(&job);
+        space.launch_ready(&job);
         space.migrate(BASE + BLOCK_SIZE, BLOCK_SIZE, Proc::Device(id)).unwrap();
-        assert!(!resident_on_dev(&space, id, BASE), "once the job ended, its block could go");
+        assert!(!resident_on_dev(&space, id, BASE), "once launched, its block could go");
+        space.launch_ready(&job2);
+        space.job_end(&running);
     }
 
     #[test]

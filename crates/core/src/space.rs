@@ -605,13 +605,14 @@ impl AddressSpace {
         let want = pages_in(&blk, &range);
         let Some(s) = slot else { return migrate::to_cpu(self, region, &mut blk, &want) };
         // Already there (the bulk pass moved it): only the device holds and maps the pages,
-        // writable, and no advice asks for duplicates.
+        // with the region's protection, and no advice asks for duplicates.
         let me = Proc::Device(s.id);
+        let read_only = !migrate::device_prot(region).contains(Prot::WRITE);
         let done = want.iter().all(|i| {
             let p = &blk.pages[i];
             p.resident == crate::types::ProcMask::only(me)
                 && p.dev_mapped.has(me)
-                && !p.dev_ro.has(me)
+                && p.dev_ro.has(me) == read_only
                 && p.cpu == CpuMap::None
         });
         let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
@@ -770,6 +771,19 @@ impl AddressSpace {
             b.active_jobs = b.active_jobs.saturating_sub(1);
             b.job_done = b.active_jobs == 0;
         });
+    }
+
+    /// A launch is getting ready to use `ranges` on a device (migrating them there): until
+    /// [`AddressSpace::launch_ready`], a device that cannot fault never evicts their blocks, so
+    /// migrating one buffer cannot undo the migration of another. Once the kernel runs, evicting
+    /// them is safe again: such a device waits for its kernels before unmapping.
+    pub fn launch_prepare(&self, ranges: &[VaRange]) {
+        self.for_blocks(ranges, |b| b.launching += 1);
+    }
+
+    /// Ends [`AddressSpace::launch_prepare`] (the kernel was launched, or the launch failed).
+    pub fn launch_ready(&self, ranges: &[VaRange]) {
+        self.for_blocks(ranges, |b| b.launching = b.launching.saturating_sub(1));
     }
 
     fn for_blocks(&self, ranges: &[VaRange], mut f: impl FnMut(&mut Block)) {

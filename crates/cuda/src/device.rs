@@ -353,6 +353,13 @@ impl CudaDevice {
             }
         }
         let args = kernels::marshal(spec, call.args(), |va| st.pt.translate(va))?;
+        // A device that cannot fault is mapped before its copies land (the migration returns
+        // only once they have): a kernel launched meanwhile from another thread, on data it
+        // shares with that migration, must not start before every copy to the GPU submitted so
+        // far.
+        i.compute
+            .wait(&driver::record(&i.h2d)?)
+            .map_err(|e| CudaError::Driver { call: "cuStreamWaitEvent", code: format!("{:?}", e.0) })?;
         // SAFETY: `marshal` checked the arguments against the kernel's parameter list; every
         // buffer the kernel touches (a `KernelCall` derives its sizes from its buffers) is
         // mapped on the device, checked just above under the lock that unmapping takes, and
@@ -408,7 +415,7 @@ impl CudaDevice {
 impl Inner {
     /// Removes the driver mappings of `maps` (mapped or parked chunks of live regions): one call
     /// per run of chunks mapped back to back (the driver unmaps every mapping inside the range),
-    /// one per chunk if it refuses. Returns those done and the first error.
+    /// one per chunk if it refuses. Returns those done and the first error; never stops early.
     fn unmap_chunks(&self, st: &State, maps: &[plan::ChunkMap]) -> (Vec<plan::ChunkMap>, Result<(), DeviceError>) {
         let i = self;
         let t = Instant::now();
@@ -422,17 +429,17 @@ impl Inner {
                 done.extend_from_slice(run);
                 continue;
             }
+            // Every chunk is tried (a region's reservation can only be freed empty); the first
+            // error is reported.
             for m in run {
                 match i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
                     Ok(()) => done.push(*m),
                     Err(e) => {
-                        result = Err(e.into());
-                        break;
+                        if result.is_ok() {
+                            result = Err(e.into());
+                        }
                     }
                 }
-            }
-            if result.is_err() {
-                break;
             }
         }
         i.counters.add_since(NS_UNMAP, t);
@@ -601,6 +608,9 @@ impl DeviceMmu for CudaDevice {
         }
         // Parked mappings in the way go first (for good, whatever happens to the batch).
         for d in &plan.drop {
+            if !st.pt.is_parked(d) {
+                continue;
+            }
             let t = Instant::now();
             let r = i.gpu.unmap(&st.reservations[&d.region], d.dev_va, CHUNK);
             i.counters.add_since(NS_UNMAP, t);

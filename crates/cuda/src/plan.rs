@@ -204,6 +204,11 @@ impl PageTable {
         }
     }
 
+    /// Whether `m` is parked (as it was planned).
+    pub fn is_parked(&self, m: &ChunkMap) -> bool {
+        self.parked.get(&m.host_va) == Some(m)
+    }
+
     /// Forgets a parked chunk (its driver mapping was removed).
     pub fn unpark(&mut self, m: &ChunkMap) {
         if self.parked.remove(&m.host_va).is_some() {
@@ -280,9 +285,14 @@ impl PageTable {
                         plan.revive.push(m);
                     }
                     (None, parked_here) => {
-                        plan.drop.extend(parked_here.copied());
+                        // The same parked mapping can be in the way twice in one batch (its
+                        // block gets another chunk, its chunk goes to another block): once.
                         let elsewhere = self.parked_chunk.get(&chunk).and_then(|va| self.parked.get(va));
-                        plan.drop.extend(elsewhere.filter(|p| p.host_va != host_va).copied());
+                        for p in parked_here.into_iter().chain(elsewhere) {
+                            if !plan.drop.iter().any(|d| d.host_va == p.host_va) {
+                                plan.drop.push(*p);
+                            }
+                        }
                         plan.maps.push(m);
                     }
                 }
@@ -601,6 +611,14 @@ mod tests {
         assert_eq!(plan.maps.len(), 2);
         pt.commit_map(&plan);
         assert_eq!(pt.parked().count(), 0);
+        // One parked mapping in the way of two entries of a batch is dropped once: block
+        // A+2*CHUNK's parked chunk 4 goes to block A, and block A+2*CHUNK gets chunk 6.
+        pt.park(&pt.plan_unmap(&[VaRange::new(A + CHUNK, 2 * CHUNK)]).unwrap());
+        let plan =
+            pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, rw), entry(A + 2 * CHUNK, CHUNK, 6 * CHUNK, rw)], 16).unwrap();
+        assert_eq!(plan.drop.iter().map(|m| (m.host_va, m.chunk)).collect::<Vec<_>>(), vec![(A + 2 * CHUNK, 4)]);
+        pt.commit_map(&plan);
+        assert_eq!(pt.parked().map(|m| m.chunk).collect::<Vec<_>>(), vec![7], "block A+CHUNK's chunk stays parked");
         // A removed region takes its parked chunks with it.
         let all = pt.plan_unmap(&[VaRange::new(A + CHUNK, 2 * CHUNK)]).unwrap();
         pt.park(&all);

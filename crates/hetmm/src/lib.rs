@@ -297,10 +297,11 @@ impl<D> Device<D> {
     }
 
     /// Checks that the device is attached and every use names shared memory, and marks the
-    /// page-aligned ranges as used by a job (end it with `AddressSpace::job_end`). On a device
-    /// that cannot fault, the ranges are then migrated to it: the job mark comes first, so
-    /// eviction (which never takes a running job's blocks from such a device) cannot undo one
-    /// use's migration while the next is migrated.
+    /// page-aligned ranges as used by a job (end it with `AddressSpace::job_end`) and as being
+    /// got ready for a launch (end that with `AddressSpace::launch_ready` once the kernel is
+    /// launched). On a device that cannot fault, the ranges are then migrated to it: the launch
+    /// mark comes first, so eviction (which never takes such blocks from such a device) cannot
+    /// undo one use's migration while the next is migrated.
     fn begin_job(&self, uses: &[Use]) -> Result<Vec<VaRange>> {
         // userfaultfd lets munmap/mremap/madvise return as soon as their event is read, before
         // hetmm has dropped the device mappings of the old addresses: a kernel launched after
@@ -319,9 +320,11 @@ impl<D> Device<D> {
             out.push(self.space.check_range(start, len)?);
         }
         let job = self.space.job_begin(&out);
+        self.space.launch_prepare(&job);
         if !caps.replayable_faults {
             for r in &out {
                 if let Err(e) = self.space.migrate(r.start, r.len, self.proc()) {
+                    self.space.launch_ready(&job);
                     self.space.job_end(&job);
                     return Err(e.into());
                 }
@@ -340,7 +343,9 @@ impl Device<SimDevice> {
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
         let job = self.begin_job(uses)?;
-        match self.dev.launch(grid, kernel) {
+        let launched = self.dev.launch(grid, kernel);
+        self.space.launch_ready(&job);
+        match launched {
             Ok(inner) => Ok(Launch { inner: Some(Inner::Sim(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {
                 self.space.job_end(&job);
@@ -365,7 +370,9 @@ impl Device<hetmm_cuda::CudaDevice> {
             })
             .collect();
         let job = self.begin_job(&uses)?;
-        match self.dev.launch(call) {
+        let launched = self.dev.launch(call);
+        self.space.launch_ready(&job);
+        match launched {
             Ok(inner) => Ok(Launch { inner: Some(Inner::Cuda(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {
                 self.space.job_end(&job);

@@ -225,25 +225,9 @@ fn fill(
     let mut ops: Vec<CopyOp> = Vec::new();
     let (mut h2d, mut zero) = (0, 0);
     for (s, n, pa) in pa_runs(blk, slot.id, need) {
-        // Split each physically contiguous run where the source kind changes.
-        let mut i = s;
-        while i < s + n {
-            let from_cpu = blk.pages[i].resident.has(Proc::Cpu);
-            let mut j = i + 1;
-            while j < s + n && blk.pages[j].resident.has(Proc::Cpu) == from_cpu {
-                j += 1;
-            }
-            let dst = PhysAddr(pa.0 + (i - s) as u64 * PAGE_SIZE);
-            let len = (j - i) as u64 * PAGE_SIZE;
-            if from_cpu {
-                ops.push(CopyOp::HostToDevice { src: region.cpu.backing(blk.va(i)), dst, len });
-                h2d += len;
-            } else {
-                ops.push(CopyOp::Zero { dst, len });
-                zero += len;
-            }
-            i = j;
-        }
+        let (c, z) = fill_ops(&mut ops, region, blk, s, n, pa);
+        h2d += c;
+        zero += z;
     }
     if let Err(e) = run_copies(space, region, slot, &ops) {
         release_device_pages(slot, blk, need);
@@ -910,25 +894,9 @@ fn bulk_submit(
     let prot = device_prot(region);
     for (blk, sel) in blocks.iter().zip(chosen) {
         for (s, n, pa) in pa_runs(blk, slot.id, sel) {
-            // Pieces of the run whose source is the same kind: the CPU's copy, or none (zeros).
-            let mut k = s;
-            while k < s + n {
-                let from_cpu = blk.pages[k].resident.has(Proc::Cpu);
-                let mut e = k + 1;
-                while e < s + n && blk.pages[e].resident.has(Proc::Cpu) == from_cpu {
-                    e += 1;
-                }
-                let dst = PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE);
-                let len = (e - k) as u64 * PAGE_SIZE;
-                if from_cpu {
-                    push_host_copies(&mut ops, region, blk.va(k), dst, len);
-                    h2d += len;
-                } else {
-                    push_op(&mut ops, CopyOp::Zero { dst, len });
-                    zero += len;
-                }
-                k = e;
-            }
+            let (c, z) = fill_ops(&mut ops, region, blk, s, n, pa);
+            h2d += c;
+            zero += z;
             entries.push(MapEntry { va: blk.va(s), len: n as u64 * PAGE_SIZE, target: MapTarget::Device(pa), prot });
         }
     }
@@ -1036,6 +1004,32 @@ fn split_ro(blocks: &[&mut Block], chosen: &[PageMask], slot: &DeviceSlot, prot:
         }
     }
     out
+}
+
+/// Appends the copies that fill pages `s..s + n` of `blk` on the device, physically contiguous
+/// from `pa`: from the CPU's copy where it has one, zeros elsewhere (never-written pages), one
+/// op per piece of the same kind. Returns the bytes copied and zeroed.
+fn fill_ops(ops: &mut Vec<CopyOp>, region: &Region, blk: &Block, s: usize, n: usize, pa: PhysAddr) -> (u64, u64) {
+    let (mut h2d, mut zero) = (0, 0);
+    let mut k = s;
+    while k < s + n {
+        let from_cpu = blk.pages[k].resident.has(Proc::Cpu);
+        let mut e = k + 1;
+        while e < s + n && blk.pages[e].resident.has(Proc::Cpu) == from_cpu {
+            e += 1;
+        }
+        let dst = PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE);
+        let len = (e - k) as u64 * PAGE_SIZE;
+        if from_cpu {
+            push_host_copies(ops, region, blk.va(k), dst, len);
+            h2d += len;
+        } else {
+            push_op(ops, CopyOp::Zero { dst, len });
+            zero += len;
+        }
+        k = e;
+    }
+    (h2d, zero)
 }
 
 /// Appends the copies of `len` bytes of the CPU's copy at `va` to device memory at `dst`: one op,

@@ -647,100 +647,86 @@ impl AddressSpace {
     }
 
     /// Explicit migration to a device, bulk part: the whole blocks of `range` that are plain
-    /// (CPU-only or never written, not read-mostly) move in batches of [`BULK_BATCH`] blocks,
-    /// pipelined: batch `i + 1`'s CPU access is revoked and its copies submitted while the
-    /// device still copies batch `i`, which is then waited for and mapped. (Mapping on another
-    /// thread, beside the next revoke, was measured slower on an H100: `cuMemMap` took 20 times
-    /// as long.) Blocks are locked in address order (every other path that holds several block
-    /// locks only tries them). No eviction: what does not fit is left to the per-block pass.
+    /// (CPU-only or never written, not read-mostly) move in pipelined batches (see
+    /// [`AddressSpace::pipelined`]); on a device that cannot fault each batch is mapped while the
+    /// CPU's access is revoked, before its copies (`migrate::bulk_start`). No eviction: what
+    /// does not fit is left to the per-block pass.
     fn bulk_prefetch(&self, region: &Arc<Region>, range: VaRange, slot: &DeviceSlot) -> Result<()> {
-        let ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
-        let mut pending: Option<(Vec<parking_lot::MutexGuard<'_, Block>>, migrate::BulkMove)> = None;
-        let finish = |(mut guards, mut mv): (Vec<parking_lot::MutexGuard<'_, Block>>, migrate::BulkMove)| {
-            let r = migrate::bulk_wait_and_map(self, region, slot, &mut mv);
-            self.bulk_commit(region, &mut guards, slot, mv, r)
-        };
-        for batch in ids.chunks(BULK_BATCH) {
-            let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
-            if region.is_freed() {
-                break;
+        let mut ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
+        {
+            let attrs = self.attrs.read();
+            if !attrs.is_empty() {
+                ids.retain(|&b| attrs.all_in(region.block_span(b), |a| !a.read_mostly));
             }
-            {
-                let attrs = self.attrs.read();
-                guards.retain(|g| {
-                    attrs.is_empty()
-                        || attrs.all_in(VaRange::new(g.base, g.npages as u64 * PAGE_SIZE), |a| !a.read_mostly)
-                });
-            }
-            let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            let started = migrate::bulk_start(self, region, &mut blocks, slot, false);
-            drop(blocks);
-            // This batch's copies are queued behind the previous one's: finish that one now.
-            let prev = pending.take().map_or(Ok(()), finish);
-            match (started, prev) {
-                (Ok(Some(mv)), Ok(())) => pending = Some((guards, mv)),
-                // Nothing taken: device memory is full (or the blocks are elsewhere).
-                (Ok(None), prev) => return prev,
-                (Ok(Some(mv)), Err(e)) => {
-                    let _ = finish((guards, mv));
-                    return Err(e);
+        }
+        self.pipelined(
+            region,
+            &ids,
+            |blocks| migrate::bulk_start(self, region, blocks, slot, false),
+            |blocks, mut mv| {
+                let r = migrate::bulk_wait_and_map(self, region, slot, &mut mv);
+                migrate::bulk_commit(region, blocks, slot, mv, r)?;
+                let now = self.tick();
+                for b in blocks.iter_mut() {
+                    b.touch(slot.id, now);
                 }
-                (Err(e), prev) => return prev.and(Err(e)),
-            }
-        }
-        pending.map_or(Ok(()), finish)
+                Ok(())
+            },
+        )
     }
 
-    /// Records a finished bulk batch in its (still locked) blocks.
-    fn bulk_commit(
-        &self,
-        region: &Region,
-        guards: &mut [parking_lot::MutexGuard<'_, Block>],
-        slot: &DeviceSlot,
-        mv: migrate::BulkMove,
-        r: Result<()>,
-    ) -> Result<()> {
-        let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-        migrate::bulk_commit(region, &mut blocks, slot, mv, r)?;
-        let now = self.tick();
-        for b in blocks.iter_mut() {
-            b.touch(slot.id, now);
-        }
-        Ok(())
-    }
-
-    /// Explicit migration to the CPU, bulk part: the whole blocks of `range` come home in batches
-    /// of [`BULK_BATCH`] (one device unmap and one batch of copies each), pipelined: batch
-    /// `i + 1` is unmapped and its copies submitted before batch `i` is waited for. The CPU maps
-    /// the pages on its next access, as on the per-block path.
+    /// Explicit migration to the CPU, bulk part: the whole blocks of `range` come home in
+    /// pipelined batches (see [`AddressSpace::pipelined`]), one device unmap and one batch of
+    /// copies each. The CPU maps the pages on its next access, as on the per-block path.
     fn bulk_home(&self, region: &Arc<Region>, range: VaRange) -> Result<()> {
         let ids: Vec<usize> = Self::whole_blocks_in(region, range).collect();
-        let mut pending: Option<(Vec<parking_lot::MutexGuard<'_, Block>>, migrate::HomeMove)> = None;
-        let finish = |(mut guards, mv): (Vec<parking_lot::MutexGuard<'_, Block>>, migrate::HomeMove)| {
+        self.pipelined(
+            region,
+            &ids,
+            |blocks| migrate::bulk_home_start(self, region, blocks, false).map(Some),
+            |blocks, mv| migrate::bulk_home_finish(self, region, blocks, mv).map(|_| ()),
+        )
+    }
+
+    /// Runs a bulk move over blocks `ids` of `region` in batches of [`BULK_BATCH`], pipelined:
+    /// batch `i + 1` is started (`start`: CPU work, copies submitted) before batch `i` is
+    /// finished (`finish`: wait, map, record), so the copy engines work while the CPU prepares.
+    /// Blocks are locked in address order (every other path that holds several block locks only
+    /// tries them). Stops at the first batch `start` takes nothing from (memory is full); what is
+    /// in flight is always finished, and the first error reported.
+    fn pipelined<M>(
+        &self,
+        region: &Region,
+        ids: &[usize],
+        start: impl Fn(&mut [&mut Block]) -> Result<Option<M>>,
+        finish: impl Fn(&mut [&mut Block], M) -> Result<()>,
+    ) -> Result<()> {
+        let done = |(mut guards, m): (Vec<parking_lot::MutexGuard<'_, Block>>, M)| {
             let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            migrate::bulk_home_finish(self, region, &mut blocks, mv).map(|_| ())
+            finish(&mut blocks, m)
         };
+        let mut pending = None;
         for batch in ids.chunks(BULK_BATCH) {
             let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
             if region.is_freed() {
                 break;
             }
             let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            let started = migrate::bulk_home_start(self, region, &mut blocks, false);
+            let started = start(&mut blocks);
             drop(blocks);
-            let prev = pending.take().map_or(Ok(()), finish);
-            let mv = match (started, prev) {
-                (Ok(mv), Ok(())) => mv,
-                (Ok(mv), Err(e)) => {
-                    // Finish what is in flight before reporting.
-                    let _ = finish((guards, mv));
+            // This batch's copies are queued behind the previous one's: finish that one now.
+            let prev = pending.take().map_or(Ok(()), done);
+            match (started, prev) {
+                (Ok(Some(m)), Ok(())) => pending = Some((guards, m)),
+                (Ok(None), prev) => return prev,
+                (Ok(Some(m)), Err(e)) => {
+                    let _ = done((guards, m));
                     return Err(e);
                 }
                 (Err(e), prev) => return prev.and(Err(e)),
-            };
-            pending = Some((guards, mv));
+            }
         }
-        pending.map_or(Ok(()), finish)
+        pending.map_or(Ok(()), done)
     }
 
     /// Drops the data of `range` everywhere (`Advice::DontNeed`).

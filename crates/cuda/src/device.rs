@@ -607,17 +607,12 @@ impl DeviceMmu for CudaDevice {
             i.ensure_chunk(&mut st, m.chunk).map_err(dev_err)?;
         }
         // Parked mappings in the way go first (for good, whatever happens to the batch).
-        for d in &plan.drop {
-            if !st.pt.is_parked(d) {
-                continue;
-            }
-            let t = Instant::now();
-            let r = i.gpu.unmap(&st.reservations[&d.region], d.dev_va, CHUNK);
-            i.counters.add_since(NS_UNMAP, t);
-            r.map_err(dev_err)?;
-            i.counters.add(UNMAPS, 1);
+        let drops: Vec<_> = plan.drop.iter().filter(|d| st.pt.is_parked(d)).copied().collect();
+        let (dropped, r) = i.unmap_chunks(&st, &drops);
+        for d in &dropped {
             st.pt.unpark(d);
         }
+        r?;
         i.counters.add(REUSED, plan.revive.len() as u64);
         let mut done = Vec::new();
         let mut result = Ok(());

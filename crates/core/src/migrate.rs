@@ -1076,28 +1076,9 @@ fn coalesce(mut v: Vec<VaRange>) -> Vec<VaRange> {
     out
 }
 
-/// Brings whole blocks home for the CPU in one go (CPU read-ahead, explicit migration): one
-/// device unmap (or write-protect, for duplicates) and TLB invalidation per device, one batch of
-/// copies per device, and, with `map_cpu`, one backing preparation and one CPU map call for all
-/// blocks (without it the CPU maps them when it touches them). `dup`: device copies stay
-/// (read-only) beside the CPU's. Returns the pages brought home.
-pub(crate) fn bulk_to_cpu(
-    space: &AddressSpace,
-    region: &Region,
-    blocks: &mut [&mut Block],
-    dup: bool,
-    map_cpu: bool,
-) -> Result<u64> {
-    let mv = bulk_home_start(space, region, blocks, dup)?;
-    let moved = bulk_home_finish(space, region, blocks, mv)?;
-    if !map_cpu {
-        return Ok(moved);
-    }
-    Ok(moved + map_home(region, blocks)?)
-}
-
-/// A [`bulk_to_cpu`] whose copies are in flight, device by device: the pages each device
-/// holds alone (now unmapped or read-only there), the copies' completion, and the bytes.
+/// Whole blocks coming home for the CPU (read-ahead, explicit migration), copies in flight,
+/// device by device: the pages each device holds alone (now unmapped or read-only there) and
+/// the copies' completion.
 #[derive(Debug)]
 pub(crate) struct HomeMove {
     dup: bool,
@@ -1116,8 +1097,10 @@ impl Drop for HomeMove {
     }
 }
 
-/// The first half of [`bulk_to_cpu`]: for each device holding pages of `blocks` alone, takes
-/// its write access (unmaps, or write-protects duplicates) and submits the copies home.
+/// Starts bringing whole blocks home for the CPU (the CPU read-ahead, explicit migration): one
+/// device unmap (or write-protect, for duplicates: `dup` keeps device copies beside the CPU's)
+/// and TLB invalidation per device, one batch of copies per device: for each device holding
+/// pages of `blocks` alone, takes its write access and submits the copies home.
 pub(crate) fn bulk_home_start(
     space: &AddressSpace,
     region: &Region,
@@ -1196,7 +1179,7 @@ pub(crate) fn bulk_home_start(
     Ok(mv)
 }
 
-/// The second half of [`bulk_to_cpu`]: waits for the copies (bounded), then makes the CPU a
+/// The second half of [`bulk_home_start`]: waits for the copies (bounded), then makes the CPU a
 /// holder of the pages (the only one, unless `dup`). Returns the pages brought home. On a
 /// failed wait the pages stay on their device, unmapped there (the next device access maps
 /// them again).
@@ -1230,10 +1213,10 @@ pub(crate) fn bulk_home_finish(
     Ok(moved)
 }
 
-/// After [`bulk_home_finish`]: never-written pages get zeroed backing, then the CPU maps every
+/// After [`bulk_home_finish`], for the read-ahead: never-written pages get zeroed backing, then the CPU maps every
 /// page of `blocks` it lacks (read-only where a device keeps a copy). Returns the pages that
 /// got backing.
-fn map_home(region: &Region, blocks: &mut [&mut Block]) -> Result<u64> {
+pub(crate) fn map_home(region: &Region, blocks: &mut [&mut Block]) -> Result<u64> {
     let mut empty = Vec::new();
     let mut moved = 0;
     for blk in blocks.iter_mut() {

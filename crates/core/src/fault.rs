@@ -122,18 +122,21 @@ pub(crate) fn service_batch(
             service_block(space, slot, g, &mut cancel.lock());
         }
     } else {
-        // Blocks are independent: workers take them in order from a shared cursor.
+        // Blocks are independent: workers take them in order from a shared cursor. This thread
+        // is one of them (starting a thread costs tens of microseconds here).
         let next = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    while let Some(g) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
-                        service_block(space, slot, g, &mut mine);
-                    }
-                    cancel.lock().extend(mine);
-                });
+        let work = || {
+            let mut mine = Vec::new();
+            while let Some(g) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
+                service_block(space, slot, g, &mut mine);
             }
+            cancel.lock().extend(mine);
+        };
+        std::thread::scope(|s| {
+            for _ in 1..workers {
+                s.spawn(work);
+            }
+            work();
         });
     }
     let cancel = cancel.into_inner();

@@ -35,6 +35,16 @@ impl RangeAttrs {
         }
     }
 
+    /// The attributes of every page of `range` when they are all the same (one lookup instead
+    /// of one a page); None when the range spans stored ranges, or their edges.
+    pub fn uniform(&self, range: VaRange) -> Option<Attrs> {
+        match self.map.range(..=range.start).next_back() {
+            Some((_, (end, a))) if *end > range.start => (*end >= range.end()).then_some(*a),
+            // In a gap: default attributes unless a stored range starts inside.
+            _ => self.map.range(range.start..range.end()).next().is_none().then_some(Attrs::default()),
+        }
+    }
+
     /// Whether any range carries non-default attributes (fast path for the common case).
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
@@ -193,6 +203,12 @@ mod tests {
                     let pages = &model[s as usize..end as usize];
                     prop_assert_eq!(m.all_in(r, |a| a.pinned), pages.iter().all(|a| a.pinned));
                     prop_assert_eq!(m.all_in(r, |a| !a.read_mostly), pages.iter().all(|a| !a.read_mostly));
+                    // `uniform`, when it answers, is every page's attributes; it answers for any
+                    // window inside one stored range or one gap.
+                    match m.uniform(r) {
+                        Some(a) => prop_assert!(pages.iter().all(|p| *p == a)),
+                        None => prop_assert!(pages.iter().any(|p| *p != pages[0]) || m.map.range(..r.end()).any(|(k, (e, _))| *e > r.start && (*k > r.start || *e < r.end()))),
+                    }
                 }
             }
             // Stored ranges never overlap and adjacent ones differ.

@@ -30,8 +30,8 @@ impl PageMask {
     }
     /// Sets pages `[start, end)`.
     pub fn set_range(&mut self, start: usize, end: usize) {
-        for i in start..end {
-            self.set(i);
+        for (w, word) in self.0.iter_mut().enumerate() {
+            *word |= word_range(w, start, end);
         }
     }
     /// Number of pages set.
@@ -40,7 +40,7 @@ impl PageMask {
     }
     /// Number of pages set in `[start, end)`.
     pub fn count_range(&self, start: usize, end: usize) -> usize {
-        (start..end).filter(|&i| self.get(i)).count()
+        self.0.iter().enumerate().map(|(w, &word)| (word & word_range(w, start, end)).count_ones() as usize).sum()
     }
     /// Whether no page is set.
     pub fn is_empty(&self) -> bool {
@@ -60,18 +60,53 @@ impl PageMask {
     }
     /// Indices set, ascending.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..PAGES_PER_BLOCK).filter(move |&i| self.get(i))
+        // Word by word, set bits only: the core walks masks of 512 pages on every hot path.
+        self.0.iter().enumerate().flat_map(|(w, &bits)| {
+            let mut bits = bits;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                Some(w * 64 + i)
+            })
+        })
     }
     /// Maximal runs `[start, end)` of set pages.
     pub fn runs(&self) -> Vec<(usize, usize)> {
         let mut out: Vec<(usize, usize)> = Vec::new();
-        for i in self.iter() {
-            match out.last_mut() {
-                Some((_, e)) if *e == i => *e += 1,
-                _ => out.push((i, i + 1)),
+        let mut i = 0;
+        while i < PAGES_PER_BLOCK {
+            let rest = self.0[i / 64] >> (i % 64);
+            if rest == 0 {
+                i = (i / 64 + 1) * 64;
+                continue;
             }
+            i += rest.trailing_zeros() as usize;
+            // The run from `i`: whole words of ones, then the ones at the start of the next.
+            let start = i;
+            while i < PAGES_PER_BLOCK {
+                let ones = (self.0[i / 64] >> (i % 64)).trailing_ones() as usize;
+                i += ones;
+                if i % 64 != 0 || ones == 0 {
+                    break;
+                }
+            }
+            out.push((start, i));
         }
         out
+    }
+}
+
+/// The bits of word `w` of a [`PageMask`] that pages `[start, end)` cover.
+fn word_range(w: usize, start: usize, end: usize) -> u64 {
+    let lo = start.max(w * 64).saturating_sub(w * 64);
+    let hi = end.min(w * 64 + 64).saturating_sub(w * 64);
+    match hi.saturating_sub(lo) {
+        0 => 0,
+        64 => u64::MAX,
+        n => ((1u64 << n) - 1) << lo,
     }
 }
 
@@ -277,6 +312,38 @@ mod tests {
         assert_eq!(m.count_range(0, 5), 2);
         let f = PageMask::full(512);
         assert_eq!(f.and_not(&m).count(), 507);
+    }
+
+    proptest::proptest! {
+        /// The word-wise mask operations against page-by-page ones.
+        #[test]
+        fn mask_ops_match_page_by_page(
+            ranges in proptest::collection::vec((0usize..=512, 0usize..=512), 0..6),
+            pages in proptest::collection::vec(0usize..512, 0..40),
+            (a, b) in (0usize..=512, 0usize..=512),
+        ) {
+            let mut m = PageMask::default();
+            let mut want = [false; 512];
+            for (s, e) in ranges {
+                m.set_range(s, e);
+                (s..e.max(s)).for_each(|i| want[i] = true);
+            }
+            for i in pages {
+                m.set(i);
+                want[i] = true;
+            }
+            let set: Vec<usize> = (0..512).filter(|&i| want[i]).collect();
+            proptest::prop_assert_eq!(m.iter().collect::<Vec<_>>(), set.clone());
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for i in set {
+                match runs.last_mut() {
+                    Some((_, e)) if *e == i => *e += 1,
+                    _ => runs.push((i, i + 1)),
+                }
+            }
+            proptest::prop_assert_eq!(m.runs(), runs);
+            proptest::prop_assert_eq!(m.count_range(a, b), (a..b.max(a)).filter(|&i| want[i]).count());
+        }
     }
 
     #[test]

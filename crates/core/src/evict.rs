@@ -44,7 +44,13 @@ pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -
 
 fn pinned(space: &AddressSpace, blk: &Block) -> bool {
     let attrs = space.attrs.read();
-    !attrs.is_empty() && (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned)
+    if attrs.is_empty() {
+        return false;
+    }
+    match attrs.uniform(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)) {
+        Some(a) => a.pinned,
+        None => (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned),
+    }
 }
 
 /// Whether a launch is getting `blk` ready on a device that cannot fault: the launch has just

@@ -191,3 +191,31 @@ fn gpu_races_cpu_threads_and_kernels_over_a_small_gpu() {
     assert!(st.evictions > 0, "the buffers outgrow the GPU: {st:?}");
     assert_eq!(st.cpu_fault_errors, 0);
 }
+
+/// Read-only memory on a GPU: after `protect(READ)` a kernel may read the buffer (mapped
+/// read-only with `cuMemSetAccess`) but a kernel that writes it is refused before it starts, and
+/// the data stays as the CPU wrote it; write access given back, the GPU writes again and the
+/// CPU sees it.
+#[test]
+fn gpu_read_only_memory() {
+    let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
+    let dev = hm.attach(g).unwrap();
+    // Two whole 2 MiB blocks and part of a third.
+    let words = (5 << 20) / 8 + 77;
+    let mut s = hm.alloc::<u64>(words).unwrap();
+    s.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64 * 5);
+    let out = hm.alloc::<u64>(kernels::stream_sum_blocks(words as u64) as usize).unwrap();
+    let want = (0..words as u64).fold(0u64, |a, i| a.wrapping_add(i * 5));
+    hm.protect(s.ptr(), s.byte_len(), hetmm::core::types::Prot::READ).unwrap();
+
+    dev.launch(&KernelCall::stream_sum((&s).into(), (&out).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    assert_eq!(out.as_slice().iter().fold(0u64, |a, v| a.wrapping_add(*v)), want, "the GPU reads read-only memory");
+    let e = dev.launch(&KernelCall::stream_write((&s).into(), 9).unwrap()).map(|_| ()).unwrap_err();
+    assert!(e.to_string().contains("read-only"), "a kernel writing read-only memory is refused: {e}");
+    assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 * 5), "the data is as the CPU wrote it");
+
+    hm.protect(s.ptr(), s.byte_len(), hetmm::core::types::Prot::READ | hetmm::core::types::Prot::WRITE).unwrap();
+    dev.launch(&KernelCall::stream_write((&s).into(), 9).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 9), "the GPU writes once it may");
+    assert_eq!(hm.stats().cpu_fault_errors, 0);
+}

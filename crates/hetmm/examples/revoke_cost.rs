@@ -7,6 +7,8 @@
 //! - `MADV_DONTNEED` of the application view, not registered with userfaultfd;
 //! - the same, registered (MISSING|MINOR|WP) with `EVENT_REMOVE`, a reader thread draining the
 //!   REMOVE events (the kernel blocks the madvise until its event is read);
+//! - moving the registered view's entries out with `mremap(MREMAP_DONTUNMAP)` (a REMAP event
+//!   each), and freeing them afterwards as hetmm's reaper thread does (an UNMAP event each);
 //! - `UFFDIO_WRITEPROTECT` of the registered view;
 //! - copying 2 MiB of freshly written backing through the alias with the sim's DMA routine.
 //!
@@ -62,11 +64,12 @@ fn main() {
 
     // Registered, with a reader for the REMOVE events.
     let reg = written();
-    let u = Uffd::open(Features::REQUIRED, Features::EVENT_REMOVE).expect("userfaultfd");
-    assert!(u.features().contains(Features::EVENT_REMOVE), "kernel lacks EVENT_REMOVE");
+    let events = Features::EVENT_REMOVE | Features::EVENT_REMAP | Features::EVENT_UNMAP;
+    let u = Uffd::open(Features::REQUIRED, events).expect("userfaultfd");
+    assert!(u.features().contains(events), "kernel lacks EVENT_REMOVE/REMAP/UNMAP");
     u.register(reg.app_range(), RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP).expect("register");
     let stop = AtomicBool::new(false);
-    let (wp, zap_reg) = std::thread::scope(|s| {
+    let (wp, zap_reg, moved, freed) = std::thread::scope(|s| {
         s.spawn(|| {
             let mut msgs = vec![uffd::empty_msg(); 64];
             while !stop.load(Ordering::Relaxed) {
@@ -78,8 +81,23 @@ fn main() {
         per_block(&reg, |r| u.cont(r, false, false).expect("UFFDIO_CONTINUE"));
         let wp = median_us(per_block(&reg, |r| u.writeprotect(r, true, true).expect("UFFDIO_WRITEPROTECT")));
         let zap = median_us(per_block(&reg, |r| reg.zap_app(r).expect("zap")));
+        // Mapped again, then the entries moved out, then freed as the reaper does.
+        per_block(&reg, |r| u.cont(r, false, false).expect("UFFDIO_CONTINUE"));
+        let mut out = Vec::new();
+        let moved = median_us(per_block(&reg, |r| out.push(reg.move_out_app(r).expect("move out"))));
+        let freed = median_us(
+            out.into_iter()
+                .map(|m| {
+                    let t = Instant::now();
+                    drop(m);
+                    t.elapsed()
+                })
+                .collect(),
+        );
+        // Unregistered before the reader stops: unmapping the view raises no UNMAP event then.
+        u.unregister(reg.app_range()).expect("unregister");
         stop.store(true, Ordering::Relaxed);
-        (wp, zap)
+        (wp, zap, moved, freed)
     });
     drop(reg);
 
@@ -98,6 +116,8 @@ fn main() {
     println!("per 2 MiB of 4 KiB shmem pages (medians of {} blocks):", LEN / BLOCK);
     println!("  MADV_DONTNEED, not registered           {zap_plain:7.1} us");
     println!("  MADV_DONTNEED, registered, EVENT_REMOVE {zap_reg:7.1} us");
+    println!("  mremap(DONTUNMAP) out, EVENT_REMAP       {moved:7.1} us");
+    println!("    then munmap, EVENT_UNMAP (the reaper)  {freed:7.1} us");
     println!("  UFFDIO_WRITEPROTECT                     {wp:7.1} us");
     println!("  copy from fresh backing (sim DMA)       {copy:7.1} us");
     println!("  zap / copy {:.2}, write-protect / copy {:.2}", zap_reg / copy, wp / copy);

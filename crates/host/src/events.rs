@@ -29,7 +29,7 @@ const BATCH: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Ctx {
     pub(crate) uffd: Arc<Uffd>,
-    /// Ranges the manager is zapping or zapped (their REMOVE events are its own). madvise
+    /// Ranges the manager is zapping or zapped (their REMOVE, REMAP and UNMAP events are its own). madvise
     /// returns as soon as the reader's read(2) took the event, before the reader looks the range
     /// up, so an entry lives on after its zap: until the reader has classified every batch that
     /// could hold the zap's events (the value: the number of batches, see [`Ctx::self_zap`]).
@@ -53,7 +53,8 @@ impl Ctx {
         }
     }
 
-    /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
+    /// Runs `zap` (an `MADV_DONTNEED` of `range`, or a move of its page-table entries) marked
+    /// as the manager's own.
     pub(crate) fn self_zap<T>(&self, range: VaRange, zap: impl FnOnce() -> T) -> T {
         self.zaps.lock().push((range, None));
         let r = zap();
@@ -165,8 +166,21 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     }
                     Msg::Discard(r)
                 }
-                Event::Unmap { start, end } => Msg::Unmap(VaRange::new(start, end.saturating_sub(start))),
-                Event::Remap { from, to, len } => Msg::Remap { from, to, len },
+                Event::Unmap { start, end } => {
+                    let r = VaRange::new(start, end.saturating_sub(start));
+                    // The reaper freeing entries a revoke moved out.
+                    if r.len > 0 && ctx.is_self_zap(r) {
+                        continue;
+                    }
+                    Msg::Unmap(r)
+                }
+                Event::Remap { from, to, len } => {
+                    // A revoke moving page-table entries out (`SharedMapping::move_out_app`).
+                    if len > 0 && ctx.is_self_zap(VaRange::new(from, len)) {
+                        continue;
+                    }
+                    Msg::Remap { from, to, len }
+                }
                 other => {
                     log::warn!("ignoring userfaultfd event {other:?}");
                     continue;

@@ -18,7 +18,7 @@ use hetmm_core::types::{VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::events::{self, Ctx};
-use crate::mapping::{MappingError, SharedMapping};
+use crate::mapping::{MappingError, MovedOut, SharedMapping};
 use crate::uffd::{Features, OpenError, RegisterMode, Uffd, UffdError};
 
 /// How long dropping a [`Host`] waits for its thread (a core call may be in flight).
@@ -55,7 +55,13 @@ pub struct Host {
     pub(crate) uffd: Arc<Uffd>,
     pub(crate) ctx: Arc<Ctx>,
     stop: Arc<AtomicBool>,
-    /// The uffd reader (never blocks on the core) and the servicer (faults and events, in order).
+    /// Page-table entries revokes moved out of application views, for the reaper to free
+    /// (None once the host is being dropped).
+    reap: Mutex<Option<mpsc::Sender<MovedOut>>>,
+    /// Whether large revokes move entries out for the reaper (see [`revoke_by_moving`]).
+    move_out: bool,
+    /// The uffd reader (never blocks on the core), the servicer (faults and events, in order)
+    /// and the reaper, last.
     workers: Mutex<Vec<Worker>>,
 }
 
@@ -85,7 +91,38 @@ impl Host {
                 return Err(HostInitError::Spawn(e));
             }
         };
-        Ok(Arc::new(Host { uffd, ctx, stop, workers: Mutex::new(vec![reader, servicer]) }))
+        let (reap, moved) = mpsc::channel();
+        let c = ctx.clone();
+        let reaper = match Worker::spawn("hetmm-reaper", move || reap_loop(&c, moved)) {
+            Ok(w) => w,
+            Err(e) => {
+                stop.store(true, Ordering::Release);
+                reader.join(JOIN_TIMEOUT);
+                servicer.join(JOIN_TIMEOUT);
+                return Err(HostInitError::Spawn(e));
+            }
+        };
+        Ok(Arc::new(Host {
+            uffd,
+            ctx,
+            stop,
+            reap: Mutex::new(Some(reap)),
+            move_out: revoke_by_moving(),
+            workers: Mutex::new(vec![reader, servicer, reaper]),
+        }))
+    }
+
+    /// Hands entries moved out of an application view to the reaper; frees them here if it
+    /// is gone.
+    fn reap(&self, moved: MovedOut) {
+        let moved = match self.reap.lock().as_ref() {
+            Some(tx) => match tx.send(moved) {
+                Ok(()) => return,
+                Err(mpsc::SendError(m)) => m,
+            },
+            None => moved,
+        };
+        release(&self.ctx, moved);
     }
 
     /// Creates a shared region of `len` bytes (a multiple of 4 KiB) and registers its
@@ -112,8 +149,15 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // The reaper frees what is queued and ends, while the reader still reads the UNMAP
+        // events those unmaps wait for.
+        drop(self.reap.lock().take());
+        let mut workers = std::mem::take(&mut *self.workers.lock());
+        if let Some(reaper) = workers.pop() {
+            reaper.join(JOIN_TIMEOUT);
+        }
         self.stop.store(true, Ordering::Release);
-        for w in self.workers.lock().drain(..) {
+        for w in workers {
             w.join(JOIN_TIMEOUT);
         }
     }
@@ -183,6 +227,50 @@ impl HostRegion {
     /// Always false: a region has at least one page.
     pub fn is_empty(&self) -> bool {
         self.mapping.is_empty()
+    }
+
+    /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`); `move_out`: ranges from
+    /// [`MOVE_OUT_MIN`] move their page-table entries out for the reaper to free instead of
+    /// being zapped here.
+    fn revoke_ranges(&self, ranges: &[VaRange], move_out: bool) -> Result<(), HostError> {
+        // Our own zap raises a REMOVE event, our own move a REMAP event: mark them so the
+        // reader does not take them for the program's.
+        let zap =
+            |r: VaRange| self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e));
+        // Large ranges: move the entries out (cheap) and let the reaper free them. A range
+        // the kernel will not move in one piece (it spans VMAs: the program changed the
+        // protection of part of it) is zapped.
+        let mut small = Vec::with_capacity(ranges.len());
+        for &r in ranges {
+            if !move_out || r.len < MOVE_OUT_MIN {
+                small.push(r);
+                continue;
+            }
+            match self.host.ctx.self_zap(r, || self.mapping.move_out_app(r)) {
+                Ok(moved) => self.host.reap(moved),
+                Err(e) => {
+                    log::debug!("revoke {r} by moving its entries: {e}; zapping instead");
+                    small.push(r);
+                }
+            }
+        }
+        let ranges = &small[..];
+        let pieces = zap_pieces(ranges, zap_threads());
+        if pieces.len() <= 1 {
+            return ranges.iter().try_for_each(|&r| zap(r));
+        }
+        // Large revokes (a bulk migration's batch) are split across threads: zapping 4 KiB PTEs
+        // costs the CPU about as much as copying the data, and `MADV_DONTNEED` of disjoint
+        // ranges runs in parallel (it takes the mmap lock for reading).
+        std::thread::scope(|sc| {
+            let workers: Vec<_> =
+                pieces[1..].iter().map(|piece| sc.spawn(move || piece.iter().try_for_each(|&r| zap(r)))).collect();
+            let mine = pieces[0].iter().try_for_each(|&r| zap(r));
+            workers.into_iter().fold(mine, |acc, w| {
+                let r = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                acc.and(r)
+            })
+        })
     }
 
     /// Maps one range with UFFDIO_CONTINUE, tolerating pages that are already mapped.
@@ -255,26 +343,7 @@ impl CpuMmu for HostRegion {
     }
 
     fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
-        // Our own zap raises a REMOVE event: mark it so the reader does not take it for the
-        // program's discard.
-        let zap =
-            |r: VaRange| self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e));
-        let pieces = zap_pieces(ranges, zap_threads());
-        if pieces.len() <= 1 {
-            return ranges.iter().try_for_each(|&r| zap(r));
-        }
-        // Large revokes (a bulk migration's batch) are split across threads: zapping 4 KiB PTEs
-        // costs the CPU about as much as copying the data, and `MADV_DONTNEED` of disjoint
-        // ranges runs in parallel (it takes the mmap lock for reading).
-        std::thread::scope(|sc| {
-            let workers: Vec<_> =
-                pieces[1..].iter().map(|piece| sc.spawn(move || piece.iter().try_for_each(|&r| zap(r)))).collect();
-            let mine = pieces[0].iter().try_for_each(|&r| zap(r));
-            workers.into_iter().fold(mine, |acc, w| {
-                let r = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-                acc.and(r)
-            })
-        })
+        self.revoke_ranges(ranges, self.host.move_out)
     }
 
     fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -353,6 +422,44 @@ impl Drop for HostRegion {
     }
 }
 
+/// Bytes from which a revoke moves page-table entries out instead of zapping them (see
+/// [`SharedMapping::move_out_app`]): below it, the reservation and the reaper's unmap cost
+/// about what the zap saves.
+const MOVE_OUT_MIN: u64 = 1 << 20;
+
+/// Whether large revokes move page-table entries out for the reaper instead of zapping them:
+/// `HETMM_REVOKE=move` or `=zap` decides; by default, on machines of at least 4 CPUs, where
+/// the reaper's unmaps run beside the copies. On the 2-CPU build machine they compete with the
+/// copies for the same cores, and the `stream` device-fault path measured 0-4% slower.
+fn revoke_by_moving() -> bool {
+    match std::env::var("HETMM_REVOKE").as_deref() {
+        Ok("move") => true,
+        Ok("zap") => false,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()) >= 4,
+    }
+}
+
+/// The reaper: frees the page-table entries revokes moved out, off the revoking thread (the
+/// zap's cost, paid where it delays nobody), until the host drops the sender.
+fn reap_loop(ctx: &Ctx, moved: mpsc::Receiver<MovedOut>) {
+    while let Ok(m) = moved.recv() {
+        release(ctx, m);
+    }
+}
+
+/// Unmaps entries moved out. They are still registered (a move keeps the registration):
+/// unregistered first, so the unmap raises no UNMAP event (while an event is unread, every
+/// other uffd ioctl of the address space fails with EAGAIN and backs off); if that fails, the
+/// unmap's event is marked as the manager's own.
+fn release(ctx: &Ctx, m: MovedOut) {
+    if let Err(e) = retry_again(|| ctx.uffd.unregister(m.moved())) {
+        log::debug!("unregistering moved-out entries at {}: {e}", m.moved());
+    }
+    // An event covers the whole unmapped reservation.
+    let r = m.reservation();
+    ctx.self_zap(r, || drop(m));
+}
+
 /// Bytes of revoke below which one thread zaps alone (thread start-up would cost more than it
 /// saves).
 const ZAP_PARALLEL_MIN: u64 = 8 << 20;
@@ -407,7 +514,7 @@ mod tests {
     #![allow(clippy::undocumented_unsafe_blocks)]
     use super::*;
     use hetmm_core::error::CoreError;
-    use hetmm_core::types::Access;
+    use hetmm_core::types::{Access, BLOCK_SIZE};
     use std::io::{Read, Seek, Write};
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::OnceLock;
@@ -449,6 +556,8 @@ mod tests {
         writes: AtomicUsize,
         /// A page address the "core" refuses to serve (0: none).
         fail_va: AtomicU64,
+        /// Events (discard, unmap, remap) that reached the core.
+        events: AtomicUsize,
     }
 
     impl CpuFaultHandler for TestCore {
@@ -465,6 +574,10 @@ mod tests {
             let page = [VaRange::new(va, PAGE_SIZE)];
             region.populate(&page)?;
             region.map(&page, true)?;
+            Ok(())
+        }
+        fn cpu_event(&self, _: hetmm_core::invalidate::CpuEvent) -> Result<(), CoreError> {
+            self.events.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
     }
@@ -506,6 +619,37 @@ mod tests {
         // The alias always saw the data.
         let b = region.backing(page(&region, 0).start + 100).0;
         assert_eq!(unsafe { (b as *const u8).read() }, 42);
+    }
+
+    /// A large revoke moves the entries out instead of zapping them: the next access faults to
+    /// the core as after a zap and finds the data, pages outside the range stay mapped, and
+    /// neither the move nor the reaper's unmap reaches the core as the program's remap or unmap.
+    #[test]
+    fn large_revoke_moves_entries_out_unseen() {
+        let (core, host, region) = setup(3 * BLOCK_SIZE);
+        let all = VaRange::new(region.app_ptr() as u64, 3 * BLOCK_SIZE);
+        region.populate(&[all]).unwrap();
+        region.map(&[all], true).unwrap();
+        let app = region.app_ptr() as usize;
+        let words = (3 * BLOCK_SIZE / 8) as usize;
+        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 7) }));
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0);
+        // Not 2 MiB-aligned: whole page tables move in the middle, single entries at the ends.
+        let r = VaRange::new(all.start + 5 * PAGE_SIZE, 2 * BLOCK_SIZE);
+        region.revoke_ranges(&[r], true).unwrap();
+        let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
+        assert_eq!(read(all.start + 4 * PAGE_SIZE + 8), (4 * PAGE_SIZE + 8) / 8 * 7, "before the range");
+        assert_eq!(read(r.end() + 16), (r.end() + 16 - all.start) / 8 * 7, "after the range");
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0, "pages outside the range stay mapped");
+        for off in [0, BLOCK_SIZE - 8, r.len - 8] {
+            let va = r.start + off;
+            assert_eq!(read(va), (va - all.start) / 8 * 7);
+        }
+        assert_eq!(core.faults.load(Ordering::Relaxed), 3, "each page in the range faults");
+        // Dropping the host waits for the reaper, whose unmap events the reader still reads.
+        drop(region);
+        on_thread(move || drop(host));
+        assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own remap and unmap are not the program's");
     }
 
     #[test]

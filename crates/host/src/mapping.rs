@@ -119,6 +119,35 @@ impl Drop for Alias {
     }
 }
 
+/// Page-table entries moved out of an application view by [`SharedMapping::move_out_app`]: a
+/// private reservation holding a mapping of the region's pages that nothing accesses. Dropping
+/// it unmaps the reservation, which frees the entries.
+#[derive(Debug)]
+pub struct MovedOut {
+    reservation: usize,
+    res_len: usize,
+    moved: VaRange,
+}
+
+impl MovedOut {
+    /// Where the entries are now.
+    pub fn moved(&self) -> VaRange {
+        self.moved
+    }
+
+    /// The whole reservation holding them, which dropping unmaps (the moved entries are still
+    /// registered with the view's userfaultfd: the unmap raises an UNMAP event for this range).
+    pub fn reservation(&self) -> VaRange {
+        VaRange::new(self.reservation as u64, self.res_len as u64)
+    }
+}
+
+impl Drop for MovedOut {
+    fn drop(&mut self) {
+        unmap(self.reservation, self.res_len);
+    }
+}
+
 impl SharedMapping {
     /// Creates the memfd (`len` bytes, a multiple of 4 KiB; pages are allocated lazily) and maps
     /// both views read-write.
@@ -195,6 +224,56 @@ impl SharedMapping {
         // changes. (`LinuxDontNeed`, not `DontNeed`, which is the POSIX no-op.)
         unsafe { rustix::mm::madvise(range.start as *mut _, range.len as usize, Advice::LinuxDontNeed) }
             .map_err(|e| MappingError::Os { op: "madvise(DONTNEED)", range, errno: e.raw_os_error() })
+    }
+
+    /// Takes the application view's page-table entries of `range` away without zapping them:
+    /// `mremap(MREMAP_DONTUNMAP)` moves them to a fresh private reservation (2 MiB-aligned
+    /// like `range`, so the kernel moves whole page-table pages: about 5 us per 2 MiB against
+    /// 160 us for `MADV_DONTNEED` of 4 KiB pages here). The view keeps its VMA and its
+    /// userfaultfd registration: its next access faults as after a zap. The returned
+    /// [`MovedOut`] maps the same pages where nothing reads them; dropping it frees the moved
+    /// entries (the zap's cost, paid wherever it is dropped).
+    pub fn move_out_app(&self, range: VaRange) -> Result<MovedOut, MappingError> {
+        self.offset_of(range)?;
+        let os = |op| move |e: Errno| MappingError::Os { op, range, errno: e.raw_os_error() };
+        let block = BLOCK_SIZE as usize;
+        let res_len = range.len as usize + 2 * block;
+        // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks; it overlaps
+        // nothing Rust owns.
+        let reservation = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                res_len,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(os("mmap reservation"))? as usize;
+        // Owned from here: any failure below unmaps the reservation.
+        let mut out = MovedOut { reservation, res_len, moved: VaRange::new(0, range.len) };
+        // Same offset in a 2 MiB block as `range`, inside the reservation.
+        let dest = ((reservation + block - 1) & !(block - 1)) + (range.start as usize & (block - 1));
+        let flags = rustix::mm::MremapFlags::MAYMOVE | rustix::mm::MremapFlags::DONTUNMAP;
+        // SAFETY: `range` was checked to lie inside the application view, which `self` owns;
+        // `dest..dest + len` lies inside the reservation made above, which nothing else uses.
+        // With DONTUNMAP the view's VMA stays and only loses its page-table entries: its pages
+        // stay in the memfd and are seen again on the next access, so no Rust-visible value
+        // changes (as for `zap_app`).
+        unsafe {
+            rustix::mm::mremap_fixed(
+                range.start as *mut _,
+                range.len as usize,
+                range.len as usize,
+                flags,
+                dest as *mut _,
+            )
+        }
+        .map_err(os("mremap(DONTUNMAP)"))?;
+        // SAFETY: `dest..dest + len` is the mapping just moved into our reservation; nothing
+        // reads it. A fork child does not inherit it (it would share the region's pages).
+        let _ = unsafe { rustix::mm::madvise(dest as *mut _, range.len as usize, Advice::LinuxDontFork) };
+        out.moved = VaRange::new(dest as u64, range.len);
+        Ok(out)
     }
 
     /// Makes sure backing pages exist for `range` (zero-filled where there were none; existing

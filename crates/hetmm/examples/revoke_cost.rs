@@ -8,7 +8,7 @@
 //! - the same, registered (MISSING|MINOR|WP) with `EVENT_REMOVE`, a reader thread draining the
 //!   REMOVE events (the kernel blocks the madvise until its event is read);
 //! - moving the registered view's entries out with `mremap(MREMAP_DONTUNMAP)` (a REMAP event
-//!   each), and freeing them afterwards as hetmm's reaper thread does (an UNMAP event each);
+//!   each), and freeing them afterwards as hetmm's reaper thread does (unregister, unmap);
 //! - `UFFDIO_WRITEPROTECT` of the registered view;
 //! - copying 2 MiB of freshly written backing through the alias with the sim's DMA routine.
 //!
@@ -89,6 +89,7 @@ fn main() {
             out.into_iter()
                 .map(|m| {
                     let t = Instant::now();
+                    u.unregister(m.moved()).expect("unregister");
                     drop(m);
                     t.elapsed()
                 })
@@ -117,7 +118,7 @@ fn main() {
     println!("  MADV_DONTNEED, not registered           {zap_plain:7.1} us");
     println!("  MADV_DONTNEED, registered, EVENT_REMOVE {zap_reg:7.1} us");
     println!("  mremap(DONTUNMAP) out, EVENT_REMAP       {moved:7.1} us");
-    println!("    then munmap, EVENT_UNMAP (the reaper)  {freed:7.1} us");
+    println!("    then unregister + munmap (the reaper)  {freed:7.1} us");
     println!("  UFFDIO_WRITEPROTECT                     {wp:7.1} us");
     println!("  copy from fresh backing (sim DMA)       {copy:7.1} us");
     println!("  zap / copy {:.2}, write-protect / copy {:.2}", zap_reg / copy, wp / copy);

@@ -1,4 +1,4 @@
-//! The core's own cost, with fakes: a CPU whose page-table calls do nothing and devices that
+//! The core's own cost, with fakes: a CPU whose page-table calls do nothing (`fakes::PlainCpu`) and devices that
 //! neither copy nor keep page tables. What is left is hetmm's bookkeeping on its hot paths
 //! (residency selection, page state, physical allocation, batching, locking, threads), the part
 //! a refactor can slow down without any benchmark on real memory noticing.
@@ -21,45 +21,15 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use hetmm_core::alloc::BuddyAllocator;
-use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
+use hetmm_core::cpu::CpuFaultHandler;
 use hetmm_core::device::*;
+use hetmm_core::fakes::PlainCpu;
 use hetmm_core::types::*;
 use hetmm_core::{AddressSpace, AttachOptions, CoreConfig};
 use parking_lot::{Condvar, Mutex};
 
 /// Where the fake regions start (any 2 MiB-aligned address: nothing is mapped there).
 const BASE: u64 = 0x40_0000_0000;
-
-/// A CPU whose page-table and backing calls all succeed and do nothing.
-#[derive(Debug)]
-struct NullCpu(VaRange);
-
-impl CpuMmu for NullCpu {
-    fn range(&self) -> VaRange {
-        self.0
-    }
-    fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn wake(&self, _: VaRange) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn backing(&self, va: u64) -> HostAddr {
-        HostAddr((va - self.0.start) as usize)
-    }
-}
 
 /// A device with `bytes` of memory that copies nothing and keeps no page table. With
 /// `replayable`, [`NullDevice::fault_until`] raises faults for the core's fault thread and
@@ -167,7 +137,7 @@ impl DeviceMmu for NullDevice {
 /// and one device of `dev_bytes`.
 fn world(len: u64, dev_bytes: u64, replayable: bool) -> (Arc<AddressSpace>, Arc<NullDevice>, DeviceId) {
     let space = AddressSpace::new(CoreConfig::default());
-    space.add_region(Arc::new(NullCpu(VaRange::new(BASE, len))), Prot::READ | Prot::WRITE).expect("region");
+    space.add_region(Arc::new(PlainCpu::new(VaRange::new(BASE, len))), Prot::READ | Prot::WRITE).expect("region");
     for b in 0..len / BLOCK_SIZE {
         space.cpu_fault(BASE + b * BLOCK_SIZE, Access::Write).expect("CPU first touch");
     }

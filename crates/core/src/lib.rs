@@ -20,6 +20,8 @@ pub mod attrs;
 pub mod block;
 mod evict;
 pub mod exclusive;
+#[cfg(any(test, feature = "fakes"))]
+pub mod fakes;
 mod fault;
 pub mod fork;
 pub mod invalidate;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use proptest::prelude::*;
 
-use crate::cpu::{CpuFaultHandler, CpuMmu, ForkPart, HostError};
+use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use crate::device::*;
 use crate::policy::{NoPrefetch, Prefetcher, TreePrefetcher, WholeBlock};
 use crate::space::{AddressSpace, AttachOptions, CoreConfig};
@@ -18,52 +18,7 @@ use crate::types::*;
 /// Host memory both fakes address: `HostAddr` is an offset into it.
 pub(crate) type HostMem = Arc<Mutex<Vec<u8>>>;
 
-/// A CPU side for tests that look at the core's page states rather than at CPU page tables:
-/// mapping calls do nothing, the backing is a vector addressed by offset (`HostAddr` is
-/// `va - range.start`), and the fork hook's calls are recorded.
-#[derive(Debug)]
-pub(crate) struct PlainCpu {
-    pub(crate) range: VaRange,
-    /// Every `fork_child` call: its parts and lost ranges.
-    pub(crate) forked: Mutex<Vec<(Vec<ForkPart>, Vec<VaRange>)>>,
-}
-
-impl PlainCpu {
-    pub(crate) fn new(range: VaRange) -> PlainCpu {
-        PlainCpu { range, forked: Mutex::new(Vec::new()) }
-    }
-}
-
-impl CpuMmu for PlainCpu {
-    fn range(&self) -> VaRange {
-        self.range
-    }
-    fn revoke(&self, _: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn populate(&self, _: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn map(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn protect(&self, _: &[VaRange], _: bool) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn wake(&self, _: VaRange) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn discard(&self, _: &[VaRange]) -> Result<(), HostError> {
-        Ok(())
-    }
-    fn backing(&self, va: u64) -> HostAddr {
-        HostAddr((va - self.range.start) as usize)
-    }
-    fn fork_child(&self, parts: &[ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
-        self.forked.lock().push((parts.to_vec(), lost.to_vec()));
-        Ok(())
-    }
-}
+pub(crate) use crate::fakes::PlainCpu;
 
 /// Runs `ops` between a fake device's memory and host backing, both vectors (`HostAddr` is an
 /// offset into `host`, `PhysAddr` into `mem`). Device-to-host copies fail when `fail_d2h` is set,

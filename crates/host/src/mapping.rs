@@ -238,17 +238,7 @@ impl SharedMapping {
         let os = |op| move |e: Errno| MappingError::Os { op, range, errno: e.raw_os_error() };
         let block = BLOCK_SIZE as usize;
         let res_len = range.len as usize + 2 * block;
-        // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks; it overlaps
-        // nothing Rust owns.
-        let reservation = unsafe {
-            rustix::mm::mmap_anonymous(
-                std::ptr::null_mut(),
-                res_len,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
-            )
-        }
-        .map_err(os("mmap reservation"))? as usize;
+        let reservation = reserve(res_len).map_err(os("mmap reservation"))?;
         // Owned from here: any failure below unmaps the reservation.
         let mut out = MovedOut { reservation, res_len, moved: VaRange::new(0, range.len) };
         // Same offset in a 2 MiB block as `range`, inside the reservation.
@@ -674,22 +664,27 @@ pub(crate) fn memfd_space(memfd: &OwnedFd, off: u64, len: u64, punch: bool) -> R
     rustix::fs::fallocate(memfd, mode, off, len).map_err(os_err("fallocate", VaRange::new(off, len)))
 }
 
+/// A fresh `len`-byte reservation of PROT_NONE address space, at an address the kernel picks.
+fn reserve(len: usize) -> Result<usize, Errno> {
+    // SAFETY: a new private mapping where the kernel finds room: it overlaps nothing Rust owns.
+    let base = unsafe {
+        rustix::mm::mmap_anonymous(
+            std::ptr::null_mut(),
+            len,
+            ProtFlags::empty(),
+            MapFlags::PRIVATE | MapFlags::NORESERVE,
+        )
+    }?;
+    Ok(base as usize)
+}
+
 /// Maps `len` bytes of `memfd` shared read-write at a 2 MiB-aligned address: reserve
 /// `len + 2 MiB` of PROT_NONE address space, map the memfd over the aligned part with
 /// MAP_FIXED, and give back the slack on both sides.
 fn map_aligned(memfd: &OwnedFd, len: usize) -> Result<usize, Errno> {
     let block = BLOCK_SIZE as usize;
-    let reserve = len + block;
-    // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks; it cannot overlap
-    // anything Rust owns.
-    let base = unsafe {
-        rustix::mm::mmap_anonymous(
-            std::ptr::null_mut(),
-            reserve,
-            ProtFlags::empty(),
-            MapFlags::PRIVATE | MapFlags::NORESERVE,
-        )
-    }? as usize;
+    let reserve_len = len + block;
+    let base = reserve(reserve_len)?;
     let aligned = (base + block - 1) & !(block - 1);
     // SAFETY: `[aligned, aligned + len)` lies inside the reservation made just above, which
     // nothing else uses, so MAP_FIXED replaces only our own PROT_NONE pages.
@@ -704,11 +699,11 @@ fn map_aligned(memfd: &OwnedFd, len: usize) -> Result<usize, Errno> {
         )
     };
     if let Err(e) = mapped {
-        unmap(base, reserve);
+        unmap(base, reserve_len);
         return Err(e);
     }
     unmap(base, aligned - base);
-    unmap(aligned + len, base + reserve - (aligned + len));
+    unmap(aligned + len, base + reserve_len - (aligned + len));
     Ok(aligned)
 }
 

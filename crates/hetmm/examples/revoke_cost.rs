@@ -9,7 +9,7 @@
 //!   REMOVE events (the kernel blocks the madvise until its event is read);
 //! - moving the registered view's entries out with `mremap(MREMAP_DONTUNMAP)` (a REMAP event
 //!   each), and freeing them afterwards as hetmm's reaper thread does (unregister, unmap);
-//! - `UFFDIO_WRITEPROTECT` of the registered view;
+//! - `UFFDIO_WRITEPROTECT` of the registered view, and `UFFDIO_CONTINUE` mapping it again;
 //! - copying 2 MiB of freshly written backing through the alias with the sim's DMA routine.
 //!
 //! `cargo run --release --example revoke_cost`
@@ -69,7 +69,7 @@ fn main() {
     assert!(u.features().contains(events), "kernel lacks EVENT_REMOVE/REMAP/UNMAP");
     u.register(reg.app_range(), RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP).expect("register");
     let stop = AtomicBool::new(false);
-    let (wp, zap_reg, moved, freed) = std::thread::scope(|s| {
+    let (wp, zap_reg, moved, freed, cont) = std::thread::scope(|s| {
         s.spawn(|| {
             let mut msgs = vec![uffd::empty_msg(); 64];
             while !stop.load(Ordering::Relaxed) {
@@ -82,7 +82,7 @@ fn main() {
         let wp = median_us(per_block(&reg, |r| u.writeprotect(r, true, true).expect("UFFDIO_WRITEPROTECT")));
         let zap = median_us(per_block(&reg, |r| reg.zap_app(r).expect("zap")));
         // Mapped again, then the entries moved out, then freed as the reaper does.
-        per_block(&reg, |r| u.cont(r, false, false).expect("UFFDIO_CONTINUE"));
+        let cont = median_us(per_block(&reg, |r| u.cont(r, false, false).expect("UFFDIO_CONTINUE")));
         let mut out = Vec::new();
         let moved = median_us(per_block(&reg, |r| out.push(reg.move_out_app(r).expect("move out"))));
         let freed = median_us(
@@ -98,7 +98,7 @@ fn main() {
         // Unregistered before the reader stops: unmapping the view raises no UNMAP event then.
         u.unregister(reg.app_range()).expect("unregister");
         stop.store(true, Ordering::Relaxed);
-        (wp, zap, moved, freed)
+        (wp, zap, moved, freed, cont)
     });
     drop(reg);
 
@@ -120,6 +120,7 @@ fn main() {
     println!("  mremap(DONTUNMAP) out, EVENT_REMAP       {moved:7.1} us");
     println!("    then unregister + munmap (the reaper)  {freed:7.1} us");
     println!("  UFFDIO_WRITEPROTECT                     {wp:7.1} us");
+    println!("  UFFDIO_CONTINUE (mapping it again)      {cont:7.1} us");
     println!("  copy from fresh backing (sim DMA)       {copy:7.1} us");
     println!("  zap / copy {:.2}, write-protect / copy {:.2}", zap_reg / copy, wp / copy);
 }

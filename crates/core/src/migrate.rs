@@ -863,9 +863,9 @@ pub(crate) fn bulk_commit(
 }
 
 /// Revokes (or write-protects) the CPU's access to the chosen pages, one call each, and submits
-/// their copies. On a device that cannot fault, the pages are also mapped there now, on this
-/// thread while another revokes: no kernel may use them before the migration returns, and the
-/// device's page-table update then costs no time of its own. Returns the map entries, whether
+/// their copies. On a device that cannot fault, the pages are also mapped there now (from
+/// [`OVERLAP_MIN_PAGES`], on this thread while another revokes): no kernel may use them before
+/// the migration returns, and the device's page-table update then costs no time of its own. Returns the map entries, whether
 /// they are mapped, the copies' completion (none if there were no copies) and the bytes copied
 /// and zeroed.
 fn bulk_submit(
@@ -918,19 +918,22 @@ fn bulk_submit(
         r.map_err(dev_err(slot.id))
     };
     let mapped = !slot.caps.replayable_faults;
+    // `m`: the device map's result, None where it was not tried.
     let (took, m) = if mapped && taking < OVERLAP_MIN_PAGES {
-        // Too little to take for a thread to pay (starting one costs about as much as
-        // revoking 0.5 MiB of pages here).
-        let took = take_cpu();
-        (took, map())
+        // Too little to take for a helper thread to pay (see `OVERLAP_MIN_PAGES`); nothing is
+        // mapped if the CPU's access could not be taken.
+        match take_cpu() {
+            Ok(()) => (Ok(()), Some(map())),
+            Err(e) => (Err(e), None),
+        }
     } else if mapped {
         std::thread::scope(|sc| {
             let revoking = sc.spawn(take_cpu);
             let m = map();
-            (revoking.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), m)
+            (revoking.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), Some(m))
         })
     } else {
-        (take_cpu(), Ok(()))
+        (take_cpu(), None)
     };
     if took.is_ok() {
         for (blk, sel) in blocks.iter_mut().zip(chosen) {
@@ -944,8 +947,9 @@ fn bulk_submit(
             }
         }
     }
-    if let Err(e) = took.and_then(|()| m.clone()) {
-        if mapped && m.is_ok() {
+    let map_ok = m.as_ref().is_some_and(Result::is_ok);
+    if let Err(e) = took.and_then(|()| m.unwrap_or(Ok(()))) {
+        if map_ok {
             unmap_entries(slot, &entries, blocks, chosen);
         }
         return Err(e);
@@ -966,10 +970,11 @@ fn bulk_submit(
     Ok(Submitted { entries, mapped, done: Some(done?), h2d, zero })
 }
 
-/// Pages of CPU access a [`bulk_submit`] must take before it maps the device on a helper thread,
-/// beside the mapping, rather than first: two blocks (revoking 4 KiB pages costs about 160 us per
-/// 2 MiB on the 2-core build machine, mapping a 2 MiB CUDA chunk about 40 us, starting and
-/// joining a thread tens of us).
+/// From how many pages of CPU access to take [`bulk_submit`] takes them on a helper thread while
+/// it maps the device, instead of first: two blocks. Revoking 4 KiB pages costs about 160 us per
+/// 2 MiB on the 2-core build machine, mapping a 2 MiB CUDA chunk about 40 us, and starting and
+/// joining a thread 45 us (one mapped block to a null device and back: 76 us with the thread,
+/// 26 us without).
 const OVERLAP_MIN_PAGES: usize = 2 * PAGES_PER_BLOCK;
 
 /// What [`bulk_submit`] did.
@@ -1222,9 +1227,9 @@ pub(crate) fn bulk_home_finish(
     Ok(moved)
 }
 
-/// After [`bulk_home_finish`], for the read-ahead: never-written pages get zeroed backing, then the CPU maps every
-/// page of `blocks` it lacks (read-only where a device keeps a copy). Returns the pages that
-/// got backing.
+/// After [`bulk_home_finish`], for the read-ahead: never-written pages get zeroed backing, then
+/// the CPU maps every page of `blocks` it lacks (read-only where a device keeps a copy). Returns
+/// the pages that got backing.
 pub(crate) fn map_home(region: &Region, blocks: &mut [&mut Block]) -> Result<u64> {
     let mut empty = Vec::new();
     let mut moved = 0;
@@ -1285,8 +1290,6 @@ mod whole_block_tests {
         hooks: Mutex<Vec<(bool, VaRange)>>,
         /// Host ranges discarded.
         discarded: Mutex<Vec<VaRange>>,
-        /// Whether copies move data (off: what a migration costs the core itself).
-        copies: bool,
     }
 
     impl Dev {
@@ -1340,9 +1343,7 @@ mod whole_block_tests {
         }
         fn invalidate_tlb(&self, _: &[VaRange]) {}
         unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            if self.copies {
-                run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
-            }
+            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
             Ok(Box::new(Done))
         }
         fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
@@ -1393,7 +1394,6 @@ mod whole_block_tests {
             unmaps: Mutex::new(Vec::new()),
             hooks: Mutex::new(Vec::new()),
             discarded: Mutex::new(Vec::new()),
-            copies: true,
         });
         let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
         (space, dev, id, host)

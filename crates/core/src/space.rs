@@ -985,9 +985,9 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
             continue;
         }
         // A few blocks at a time, pipelined: step k + 1's copies are submitted before step k is
-        // waited for and mapped, so the copy engines work while this thread maps (UFFDIO_CONTINUE
-        // of 8 MiB of 4 KiB pages costs about a fifth of copying them) and the program can use
-        // the first blocks while the next ones come.
+        // waited for and mapped, so the copy engines work while this thread maps (mapping 4 KiB
+        // pages with UFFDIO_CONTINUE costs about half as much as copying them). Each step's
+        // blocks stay locked until it is mapped: a program touching them waits for that.
         const STEP: usize = 4;
         let mut b = region.block_index(from);
         let last = region.block_index(to - 1);
@@ -1008,9 +1008,11 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
 }
 
 /// One step of the CPU read-ahead: its blocks, locked, and their copies home in flight.
+/// `mv` is declared first so that, dropped unfinished, it waits for its copies before the
+/// block locks go.
 struct ReadAhead<'a> {
-    guards: Vec<parking_lot::MutexGuard<'a, Block>>,
     mv: migrate::HomeMove,
+    guards: Vec<parking_lot::MutexGuard<'a, Block>>,
 }
 
 impl<'a> ReadAhead<'a> {
@@ -1028,7 +1030,7 @@ impl<'a> ReadAhead<'a> {
             guards.retain(|g| {
                 let span = VaRange::new(g.base, g.npages as u64 * PAGE_SIZE);
                 let (allowed, rm) = attrs.prefetch_fit(span, Proc::Cpu);
-                read_mostly &= rm || !allowed;
+                read_mostly &= rm;
                 allowed
             });
         }
@@ -1038,9 +1040,9 @@ impl<'a> ReadAhead<'a> {
         let dup = space.config.policy.duplicate_reads || read_mostly;
         let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
         match migrate::bulk_home_start(space, region, &mut blocks, dup) {
-            Ok(mv) => Some(ReadAhead { guards, mv }),
+            Ok(mv) => Some(ReadAhead { mv, guards }),
             Err(e) => {
-                log::debug!("read-ahead at {:#x}: {e}", region.range.start);
+                log::debug!("read-ahead of block {:#x}: {e}", blocks.first().map_or(0, |b| b.base));
                 None
             }
         }

@@ -29,11 +29,14 @@ const BATCH: usize = 64;
 #[derive(Debug)]
 pub(crate) struct Ctx {
     pub(crate) uffd: Arc<Uffd>,
-    /// Ranges the manager is zapping or zapped (their REMOVE, REMAP and UNMAP events are its own). madvise
-    /// returns as soon as the reader's read(2) took the event, before the reader looks the range
-    /// up, so an entry lives on after its zap: until the reader has classified every batch that
-    /// could hold the zap's events (the value: the number of batches, see [`Ctx::self_zap`]).
-    zaps: Mutex<Vec<(VaRange, Option<u64>)>>,
+    /// The manager's own operations on registered ranges, whose events are not the program's:
+    /// zaps (REMOVE events inside the range), moves of page-table entries out (a REMAP event
+    /// from exactly the range) and unmaps of moved entries (an UNMAP event of exactly the
+    /// range). The syscall returns as soon as the reader's read(2) took the event, before the
+    /// reader looks the range up, so an entry lives on after its operation: until the reader
+    /// has classified every batch that could hold the events (the value: the number of
+    /// batches, see [`Ctx::own_op`]).
+    zaps: Mutex<Vec<(Own, VaRange, Option<u64>)>>,
     /// read(2) calls the reader has started.
     reads: AtomicU64,
     /// Batches the reader has classified (it finished looking up their REMOVE ranges).
@@ -53,24 +56,37 @@ impl Ctx {
         }
     }
 
-    /// Runs `zap` (an `MADV_DONTNEED` of `range`, or a move of its page-table entries) marked
-    /// as the manager's own.
+    /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
     pub(crate) fn self_zap<T>(&self, range: VaRange, zap: impl FnOnce() -> T) -> T {
-        self.zaps.lock().push((range, None));
-        let r = zap();
-        // Every REMOVE event of the zap was taken by a read(2) that had started by now: the
+        self.own_op(Own::Zap, range, zap)
+    }
+
+    /// Runs `op`, an operation of kind `kind` on `range`, marked as the manager's own.
+    pub(crate) fn own_op<T>(&self, kind: Own, range: VaRange, op: impl FnOnce() -> T) -> T {
+        self.zaps.lock().push((kind, range, None));
+        let r = op();
+        // Every event of the operation was taken by a read(2) that had started by now: the
         // entry may go once the reader has classified that many batches.
         let until = self.reads.load(Ordering::Acquire);
         let mut z = self.zaps.lock();
-        if let Some(e) = z.iter_mut().find(|(x, done)| *x == range && done.is_none()) {
-            e.1 = Some(until);
+        if let Some(e) = z.iter_mut().find(|(k, x, done)| *k == kind && *x == range && done.is_none()) {
+            e.2 = Some(until);
         }
         prune(&mut z, self.classified.load(Ordering::Acquire));
         r
     }
 
-    fn is_self_zap(&self, range: VaRange) -> bool {
-        self.zaps.lock().iter().any(|(x, _)| x.contains_range(&range))
+    /// Whether an event of kind `kind` for `range` comes from the manager's own operation: a
+    /// REMOVE inside a zap, a REMAP or UNMAP of exactly the range moved or unmapped (the
+    /// program's own unmap or remap of memory being zapped must still reach the core).
+    fn is_own(&self, kind: Own, range: VaRange) -> bool {
+        self.zaps.lock().iter().any(|(k, x, _)| {
+            *k == kind
+                && match kind {
+                    Own::Zap => x.contains_range(&range),
+                    Own::MoveOut | Own::Unmap => *x == range,
+                }
+        })
     }
 
     /// The reader finished classifying a batch: drop the zaps it could have held.
@@ -102,9 +118,21 @@ impl Ctx {
     }
 }
 
-/// Drops the finished zaps whose events the reader has classified (`classified` batches).
-fn prune(zaps: &mut Vec<(VaRange, Option<u64>)>, classified: u64) {
-    zaps.retain(|(_, done)| done.is_none_or(|k| classified < k));
+/// Drops the finished operations whose events the reader has classified (`classified`
+/// batches).
+fn prune(zaps: &mut Vec<(Own, VaRange, Option<u64>)>, classified: u64) {
+    zaps.retain(|(_, _, done)| done.is_none_or(|k| classified < k));
+}
+
+/// A kind of the manager's own operation on registered memory (see [`Ctx::own_op`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Own {
+    /// `MADV_DONTNEED`: REMOVE events inside the range.
+    Zap,
+    /// Page-table entries moved out with `mremap`: a REMAP event from the range.
+    MoveOut,
+    /// Moved-out entries unmapped: an UNMAP event of the range.
+    Unmap,
 }
 
 /// One message for the servicer.
@@ -161,7 +189,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                 }
                 Event::Remove { start, end } => {
                     let r = VaRange::new(start, end.saturating_sub(start));
-                    if r.len == 0 || ctx.is_self_zap(r) {
+                    if r.len == 0 || ctx.is_own(Own::Zap, r) {
                         continue;
                     }
                     Msg::Discard(r)
@@ -169,14 +197,14 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                 Event::Unmap { start, end } => {
                     let r = VaRange::new(start, end.saturating_sub(start));
                     // The reaper freeing entries a revoke moved out.
-                    if r.len > 0 && ctx.is_self_zap(r) {
+                    if r.len > 0 && ctx.is_own(Own::Unmap, r) {
                         continue;
                     }
                     Msg::Unmap(r)
                 }
                 Event::Remap { from, to, len } => {
                     // A revoke moving page-table entries out (`SharedMapping::move_out_app`).
-                    if len > 0 && ctx.is_self_zap(VaRange::new(from, len)) {
+                    if len > 0 && ctx.is_own(Own::MoveOut, VaRange::new(from, len)) {
                         continue;
                     }
                     Msg::Remap { from, to, len }

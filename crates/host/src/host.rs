@@ -17,7 +17,7 @@ use hetmm_core::device::HostAddr;
 use hetmm_core::types::{VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
-use crate::events::{self, Ctx};
+use crate::events::{self, Ctx, Own};
 use crate::mapping::{MappingError, MovedOut, SharedMapping};
 use crate::uffd::{Features, OpenError, RegisterMode, Uffd, UffdError};
 
@@ -60,9 +60,10 @@ pub struct Host {
     reap: Mutex<Option<mpsc::Sender<MovedOut>>>,
     /// Whether large revokes move entries out for the reaper (see [`revoke_by_moving`]).
     move_out: bool,
-    /// The uffd reader (never blocks on the core), the servicer (faults and events, in order)
-    /// and the reaper, last.
+    /// The uffd reader (never blocks on the core) and the servicer (faults and events, in order).
     workers: Mutex<Vec<Worker>>,
+    /// The reaper, stopped before the others (its unmaps may wait for the reader).
+    reaper: Mutex<Option<Worker>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -108,7 +109,8 @@ impl Host {
             stop,
             reap: Mutex::new(Some(reap)),
             move_out: revoke_by_moving(),
-            workers: Mutex::new(vec![reader, servicer, reaper]),
+            workers: Mutex::new(vec![reader, servicer]),
+            reaper: Mutex::new(Some(reaper)),
         }))
     }
 
@@ -152,12 +154,11 @@ impl Drop for Host {
         // The reaper frees what is queued and ends, while the reader still reads the UNMAP
         // events those unmaps wait for.
         drop(self.reap.lock().take());
-        let mut workers = std::mem::take(&mut *self.workers.lock());
-        if let Some(reaper) = workers.pop() {
+        if let Some(reaper) = self.reaper.lock().take() {
             reaper.join(JOIN_TIMEOUT);
         }
         self.stop.store(true, Ordering::Release);
-        for w in workers {
+        for w in self.workers.lock().drain(..) {
             w.join(JOIN_TIMEOUT);
         }
     }
@@ -246,7 +247,7 @@ impl HostRegion {
                 small.push(r);
                 continue;
             }
-            match self.host.ctx.self_zap(r, || self.mapping.move_out_app(r)) {
+            match self.host.ctx.own_op(Own::MoveOut, r, || self.mapping.move_out_app(r)) {
                 Ok(moved) => self.host.reap(moved),
                 Err(e) => {
                     log::debug!("revoke {r} by moving its entries: {e}; zapping instead");
@@ -457,7 +458,7 @@ fn release(ctx: &Ctx, m: MovedOut) {
     }
     // An event covers the whole unmapped reservation.
     let r = m.reservation();
-    ctx.self_zap(r, || drop(m));
+    ctx.own_op(Own::Unmap, r, || drop(m));
 }
 
 /// Bytes of revoke below which one thread zaps alone (thread start-up would cost more than it

@@ -429,15 +429,12 @@ impl Drop for HostRegion {
 const MOVE_OUT_MIN: u64 = 1 << 20;
 
 /// Whether large revokes move page-table entries out for the reaper instead of zapping them:
-/// `HETMM_REVOKE=move` or `=zap` decides; by default, on machines of at least 4 CPUs, where
-/// the reaper's unmaps run beside the copies. On the 2-CPU build machine they compete with the
-/// copies for the same cores, and the `stream` device-fault path measured 0-4% slower.
+/// only with `HETMM_REVOKE=move`. It is meant for machines with CPUs to spare, where the reaper's
+/// unmaps run beside the copies; on the 2-CPU build machine they compete with the copies and the
+/// `stream` device-fault path measured 0-4% slower. It becomes the default where a measurement
+/// shows it faster (the GPU machine's `copy`, run both ways by `.ci/gpu check`).
 fn revoke_by_moving() -> bool {
-    match std::env::var("HETMM_REVOKE").as_deref() {
-        Ok("move") => true,
-        Ok("zap") => false,
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get()) >= 4,
-    }
+    std::env::var("HETMM_REVOKE").as_deref() == Ok("move")
 }
 
 /// The reaper: frees the page-table entries revokes moved out, off the revoking thread (the

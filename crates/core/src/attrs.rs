@@ -37,12 +37,17 @@ impl RangeAttrs {
 
     /// The attributes of every page of `range` when they are all the same (one lookup instead
     /// of one a page); None when the range spans stored ranges, or their edges.
-    pub fn uniform(&self, range: VaRange) -> Option<Attrs> {
+    fn uniform(&self, range: VaRange) -> Option<Attrs> {
         match self.map.range(..=range.start).next_back() {
             Some((_, (end, a))) if *end > range.start => (*end >= range.end()).then_some(*a),
             // In a gap: default attributes unless a stored range starts inside.
             _ => self.map.range(range.start..range.end()).next().is_none().then_some(Attrs::default()),
         }
+    }
+
+    /// Page-by-page lookups inside `range`: one lookup in all when the range is uniform.
+    pub fn within(&self, range: VaRange) -> Within<'_> {
+        Within { attrs: self, uniform: self.uniform(range) }
     }
 
     /// Whether any range carries non-default attributes (fast path for the common case).
@@ -144,6 +149,20 @@ impl RangeAttrs {
                 _ => k = k2 + 1,
             }
         }
+    }
+}
+
+/// Attributes of the pages of one range (see [`RangeAttrs::within`]).
+#[derive(Debug)]
+pub struct Within<'a> {
+    attrs: &'a RangeAttrs,
+    uniform: Option<Attrs>,
+}
+
+impl Within<'_> {
+    /// Attributes at `va` (inside the range).
+    pub fn get(&self, va: u64) -> Attrs {
+        self.uniform.unwrap_or_else(|| self.attrs.get(va))
     }
 }
 

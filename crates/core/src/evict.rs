@@ -44,13 +44,7 @@ pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -
 
 fn pinned(space: &AddressSpace, blk: &Block) -> bool {
     let attrs = space.attrs.read();
-    if attrs.is_empty() {
-        return false;
-    }
-    match attrs.uniform(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)) {
-        Some(a) => a.pinned,
-        None => (0..blk.npages).any(|i| attrs.get(blk.va(i)).pinned),
-    }
+    !attrs.is_empty() && !attrs.all_in(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE), |a| !a.pinned)
 }
 
 /// Whether a launch is getting `blk` ready on a device that cannot fault: the launch has just

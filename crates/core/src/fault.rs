@@ -252,10 +252,9 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     }
     let extra = policy.prefetcher.prefetch(&local, &resident, blk.npages).and_not(&faulted).and_not(&have);
     let mut prefetched = 0;
-    let uniform = attrs.uniform(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
+    let within = attrs.within(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
     for i in extra.iter() {
-        let at = uniform.unwrap_or_else(|| attrs.get(blk.va(i)));
-        match select_residency(&blk.pages[i], &at, me, prefetch_access, reach) {
+        match select_residency(&blk.pages[i], &within.get(blk.va(i)), me, prefetch_access, reach) {
             Decision::Remote(_) => {}
             d => {
                 plan.add(i, d, me);

@@ -865,9 +865,9 @@ pub(crate) fn bulk_commit(
 /// Revokes (or write-protects) the CPU's access to the chosen pages, one call each, and submits
 /// their copies. On a device that cannot fault, the pages are also mapped there now (from
 /// [`OVERLAP_MIN_PAGES`], on this thread while another revokes): no kernel may use them before
-/// the migration returns, and the device's page-table update then costs no time of its own. Returns the map entries, whether
-/// they are mapped, the copies' completion (none if there were no copies) and the bytes copied
-/// and zeroed.
+/// the migration returns, and the device's page-table update then costs no time of its own.
+/// Returns the map entries, whether they are mapped, the copies' completion (none if there were
+/// no copies) and the bytes copied and zeroed.
 fn bulk_submit(
     space: &AddressSpace,
     region: &Region,

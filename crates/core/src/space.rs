@@ -622,9 +622,9 @@ impl AddressSpace {
         }
         let attrs = self.attrs.read();
         let mut dup = PageMask::default();
-        let uniform = attrs.uniform(span);
+        let within = attrs.within(span);
         for i in want.iter() {
-            if uniform.unwrap_or_else(|| attrs.get(blk.va(i))).read_mostly && !blk.pages[i].resident.is_empty() {
+            if within.get(blk.va(i)).read_mostly && !blk.pages[i].resident.is_empty() {
                 dup.set(i);
             }
         }
@@ -821,15 +821,14 @@ impl AddressSpace {
         let want = pages_in(&blk, &chunk);
         let attrs = self.attrs.read();
         let (mut exclusive, mut dup) = (PageMask::default(), PageMask::default());
-        let uniform = attrs.uniform(chunk);
+        let within = attrs.within(chunk);
         for i in want.iter() {
             let access = match fault {
                 Some((f, a)) if f == i => a,
                 _ => Access::Prefetch,
             };
             let reach = Reach { dup_reads: self.config.policy.duplicate_reads, ..Reach::default() };
-            let at = uniform.unwrap_or_else(|| attrs.get(blk.va(i)));
-            match select_residency(&blk.pages[i], &at, Proc::Cpu, access, reach) {
+            match select_residency(&blk.pages[i], &within.get(blk.va(i)), Proc::Cpu, access, reach) {
                 Decision::Duplicate => dup.set(i),
                 _ => exclusive.set(i),
             }

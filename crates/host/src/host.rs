@@ -55,15 +55,19 @@ pub struct Host {
     pub(crate) uffd: Arc<Uffd>,
     pub(crate) ctx: Arc<Ctx>,
     stop: Arc<AtomicBool>,
-    /// Page-table entries revokes moved out of application views, for the reaper to free
-    /// (None once the host is being dropped).
-    reap: Mutex<Option<mpsc::Sender<MovedOut>>>,
-    /// Whether large revokes move entries out for the reaper (see [`revoke_by_moving`]).
-    move_out: bool,
     /// The uffd reader (never blocks on the core) and the servicer (faults and events, in order).
     workers: Mutex<Vec<Worker>>,
-    /// The reaper, stopped before the others (its unmaps may wait for the reader).
-    reaper: Mutex<Option<Worker>>,
+    /// Where large revokes move page-table entries out instead of zapping them (see
+    /// [`revoke_by_moving`]): the thread that frees them.
+    reaper: Option<Reaper>,
+}
+
+/// The thread that frees page-table entries revokes moved out of application views, stopped
+/// before the host's others (its unmaps may wait for the reader).
+struct Reaper {
+    /// None once the host is being dropped.
+    tx: Mutex<Option<mpsc::Sender<MovedOut>>>,
+    worker: Mutex<Option<Worker>>,
 }
 
 impl std::fmt::Debug for Host {
@@ -92,32 +96,28 @@ impl Host {
                 return Err(HostInitError::Spawn(e));
             }
         };
-        let (reap, moved) = mpsc::channel();
-        let c = ctx.clone();
-        let reaper = match Worker::spawn("hetmm-reaper", move || reap_loop(&c, moved)) {
-            Ok(w) => w,
-            Err(e) => {
-                stop.store(true, Ordering::Release);
-                reader.join(JOIN_TIMEOUT);
-                servicer.join(JOIN_TIMEOUT);
-                return Err(HostInitError::Spawn(e));
+        let reaper = if revoke_by_moving() {
+            let (tx, moved) = mpsc::channel();
+            let c = ctx.clone();
+            match Worker::spawn("hetmm-reaper", move || reap_loop(&c, moved)) {
+                Ok(w) => Some(Reaper { tx: Mutex::new(Some(tx)), worker: Mutex::new(Some(w)) }),
+                Err(e) => {
+                    stop.store(true, Ordering::Release);
+                    reader.join(JOIN_TIMEOUT);
+                    servicer.join(JOIN_TIMEOUT);
+                    return Err(HostInitError::Spawn(e));
+                }
             }
+        } else {
+            None
         };
-        Ok(Arc::new(Host {
-            uffd,
-            ctx,
-            stop,
-            reap: Mutex::new(Some(reap)),
-            move_out: revoke_by_moving(),
-            workers: Mutex::new(vec![reader, servicer]),
-            reaper: Mutex::new(Some(reaper)),
-        }))
+        Ok(Arc::new(Host { uffd, ctx, stop, workers: Mutex::new(vec![reader, servicer]), reaper }))
     }
 
     /// Hands entries moved out of an application view to the reaper; frees them here if it
     /// is gone.
     fn reap(&self, moved: MovedOut) {
-        let moved = match self.reap.lock().as_ref() {
+        let moved = match self.reaper.as_ref().and_then(|r| r.tx.lock().clone()) {
             Some(tx) => match tx.send(moved) {
                 Ok(()) => return,
                 Err(mpsc::SendError(m)) => m,
@@ -153,9 +153,11 @@ impl Drop for Host {
     fn drop(&mut self) {
         // The reaper frees what is queued and ends, while the reader still reads the UNMAP
         // events those unmaps wait for.
-        drop(self.reap.lock().take());
-        if let Some(reaper) = self.reaper.lock().take() {
-            reaper.join(JOIN_TIMEOUT);
+        if let Some(r) = &self.reaper {
+            drop(r.tx.lock().take());
+            if let Some(w) = r.worker.lock().take() {
+                w.join(JOIN_TIMEOUT);
+            }
         }
         self.stop.store(true, Ordering::Release);
         for w in self.workers.lock().drain(..) {
@@ -230,6 +232,26 @@ impl HostRegion {
         self.mapping.is_empty()
     }
 
+    /// Moves the entries of the ranges from [`MOVE_OUT_MIN`] out for the reaper; returns the
+    /// ranges left to zap.
+    fn move_out(&self, ranges: &[VaRange]) -> Vec<VaRange> {
+        let mut left = Vec::new();
+        for &r in ranges {
+            if r.len < MOVE_OUT_MIN {
+                left.push(r);
+                continue;
+            }
+            match self.host.ctx.own_op(Own::MoveOut, r, || self.mapping.move_out_app(r)) {
+                Ok(moved) => self.host.reap(moved),
+                Err(e) => {
+                    log::debug!("revoke {r} by moving its entries: {e}; zapping instead");
+                    left.push(r);
+                }
+            }
+        }
+        left
+    }
+
     /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`); `move_out`: ranges from
     /// [`MOVE_OUT_MIN`] move their page-table entries out for the reaper to free instead of
     /// being zapped here.
@@ -238,24 +260,16 @@ impl HostRegion {
         // reader does not take them for the program's.
         let zap =
             |r: VaRange| self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e));
-        // Large ranges: move the entries out (cheap) and let the reaper free them. A range
-        // the kernel will not move in one piece (it spans VMAs: the program changed the
-        // protection of part of it) is zapped.
-        let mut small = Vec::with_capacity(ranges.len());
-        for &r in ranges {
-            if !move_out || r.len < MOVE_OUT_MIN {
-                small.push(r);
-                continue;
-            }
-            match self.host.ctx.own_op(Own::MoveOut, r, || self.mapping.move_out_app(r)) {
-                Ok(moved) => self.host.reap(moved),
-                Err(e) => {
-                    log::debug!("revoke {r} by moving its entries: {e}; zapping instead");
-                    small.push(r);
-                }
-            }
-        }
-        let ranges = &small[..];
+        // Large ranges may move their entries out instead (see `move_out`); what the kernel
+        // will not move in one piece (it spans VMAs: the program changed the protection of
+        // part of it) is zapped.
+        let left;
+        let ranges = if move_out {
+            left = self.move_out(ranges);
+            &left[..]
+        } else {
+            ranges
+        };
         let pieces = zap_pieces(ranges, zap_threads());
         if pieces.len() <= 1 {
             return ranges.iter().try_for_each(|&r| zap(r));
@@ -344,7 +358,7 @@ impl CpuMmu for HostRegion {
     }
 
     fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
-        self.revoke_ranges(ranges, self.host.move_out)
+        self.revoke_ranges(ranges, self.host.reaper.is_some())
     }
 
     fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -644,7 +658,8 @@ mod tests {
             assert_eq!(read(va), (va - all.start) / 8 * 7);
         }
         assert_eq!(core.faults.load(Ordering::Relaxed), 3, "each page in the range faults");
-        // Dropping the host waits for the reaper, whose unmap events the reader still reads.
+        // Without a reaper (HETMM_REVOKE unset) the entries were freed at once; with one,
+        // dropping the host waits for it while the reader still reads.
         drop(region);
         on_thread(move || drop(host));
         assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own remap and unmap are not the program's");

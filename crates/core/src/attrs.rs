@@ -161,6 +161,7 @@ pub struct Within<'a> {
 
 impl Within<'_> {
     /// Attributes at `va` (inside the range).
+    #[inline]
     pub fn get(&self, va: u64) -> Attrs {
         self.uniform.unwrap_or_else(|| self.attrs.get(va))
     }

@@ -222,6 +222,7 @@ fn fill(
     for (i, pa) in need.iter().zip(&pas) {
         blk.set_pa(slot.id, i, Some(*pa));
     }
+    enqueue(region, blk, slot);
     let mut ops: Vec<CopyOp> = Vec::new();
     let (mut h2d, mut zero) = (0, 0);
     for (s, n, pa) in pa_runs(blk, slot.id, need) {
@@ -265,7 +266,10 @@ fn map_local(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageM
     Ok(())
 }
 
-/// Puts the block on the device's eviction queue once.
+/// Puts the block on the device's eviction queue once. Done as soon as the block holds device
+/// memory, before its copies land: another thread short of memory then finds the block busy
+/// (locked by its service) and retries, instead of seeing nothing it could ever evict and
+/// failing the faults it serves.
 fn enqueue(region: &Region, blk: &mut Block, slot: &DeviceSlot) {
     let me = Proc::Device(slot.id);
     if !blk.queued_on.has(me) {
@@ -761,6 +765,9 @@ pub(crate) fn bulk_start(
         let chunk_only = space.config.policy.whole_chunks && sel.count() == PAGES_PER_BLOCK;
         let Some(pas) = try_alloc(slot, sel.count(), chunk_only, blk.prev_chunk(slot.id)) else { break };
         blk.set_pas(slot.id, sel.iter().zip(pas));
+        if !sel.is_empty() {
+            enqueue(region, blk, slot);
+        }
         chosen.push(sel);
     }
     if chosen.iter().all(PageMask::is_empty) {

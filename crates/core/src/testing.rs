@@ -108,12 +108,24 @@ pub(crate) struct FakeDevice {
     host: HostMem,
     pt: Mutex<HashMap<u64, (MapTarget, Prot)>>,
     pub(crate) fail_d2h: std::sync::atomic::AtomicBool,
+    /// Copies wait for this lock before they run, so a test holding it can stop a service
+    /// half-way (its device memory allocated, its copies not landed); `copies_started` counts
+    /// the copy calls that have begun.
+    pub(crate) copy_gate: Mutex<()>,
+    pub(crate) copies_started: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeDevice {
     /// A device of `bytes` of memory (filled with `fill`) copying to and from `host`.
     pub(crate) fn new(bytes: usize, fill: u8, host: HostMem) -> FakeDevice {
-        FakeDevice { mem: Mutex::new(vec![fill; bytes]), host, pt: Mutex::default(), fail_d2h: false.into() }
+        FakeDevice {
+            mem: Mutex::new(vec![fill; bytes]),
+            host,
+            pt: Mutex::default(),
+            fail_d2h: false.into(),
+            copy_gate: Mutex::new(()),
+            copies_started: 0.into(),
+        }
     }
 
     /// One access, holding the page table for its whole duration: like a TLB shootdown, an unmap
@@ -198,6 +210,8 @@ impl DeviceMmu for FakeDevice {
     }
     fn invalidate_tlb(&self, _ranges: &[VaRange]) {}
     unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+        self.copies_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(self.copy_gate.lock());
         let fail = self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed);
         run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail)?;
         Ok(Box::new(Done))
@@ -494,6 +508,35 @@ fn oversubscribed_device_evicts_without_losing_data() {
     for p in 0..pages {
         assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 7, None), p as u8);
     }
+}
+
+/// All of device memory is taken by a service whose copies have not landed yet: a fault on
+/// another block must wait for it (left unserviced, to be retried after the replay), not be
+/// cancelled as if nothing could ever be evicted. Before blocks were queued for eviction at
+/// allocation, this fault was cancelled (`OutOfDeviceMemory`), and under CPU load the
+/// oversubscription tests failed now and then.
+#[test]
+fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = world(false, 1);
+    let (s, slot, dev) = (w.cpu.range.start, w.space.slot(w.ids[0]).unwrap(), w.devs[0].clone());
+    let fault = |va| vec![DeviceFault { va, access: Access::Write, client: 0 }];
+    let gate = dev.copy_gate.lock();
+    let first = std::thread::spawn({
+        let (space, slot) = (w.space.clone(), slot.clone());
+        move || crate::fault::service_batch(&space, &slot, &mut fault(s)).0
+    });
+    let t = std::time::Instant::now();
+    while dev.copies_started.load(SeqCst) == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the first service never reached its copies");
+        std::thread::yield_now();
+    }
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the first service holds all of device memory");
+    let (cancel, _) = crate::fault::service_batch(&w.space, &slot, &mut fault(s + BLOCK_SIZE));
+    assert!(cancel.is_empty(), "a fault waiting for memory in flight was cancelled: {cancel:?}");
+    drop(gate);
+    assert!(first.join().unwrap().is_empty(), "the first service completes");
+    assert_eq!(w.devs[0].access(s, Some(9)), Some(9), "the first fault was served");
 }
 
 #[test]

@@ -234,7 +234,9 @@ impl Hetmm {
         Ok(self.space.check_exclusive(start, len, dev.id)?)
     }
 
-    /// Counters.
+    /// Counters. Each is added by the thread that did the work, a CPU fault's just after the
+    /// faulting thread was let go (the mapping that ends the fault wakes it): read at once
+    /// after an access, they may not include that access's fault yet.
     pub fn stats(&self) -> StatsSnapshot {
         self.space.stats()
     }

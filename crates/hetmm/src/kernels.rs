@@ -78,9 +78,15 @@ pub fn stream_write(dst: u64, n: usize, seed: u64) -> (Grid, Kernel) {
 /// Rows of `r` each block computes in [`mul_mat`].
 pub const MUL_MAT_ROWS: usize = 16;
 
+/// Rows of `b` [`mul_mat`] reads at a time (16 KiB at m = 1024: they stay in L1 while every row
+/// of the band takes them in).
+const MUL_MAT_K: usize = 4;
+
 /// `r = a x b` for `m x m` row-major f32 matrices: the seed's `mul_mat_on_gpu(r, a, b, m)`.
 /// Each block owns a band of rows of `r`, reads its rows of `a` once and streams the rows of `b`
-/// (read once per band), accumulating in block-local memory like a GPU's shared memory.
+/// (read once per band, [`MUL_MAT_K`] at a time), accumulating in block-local memory like a
+/// GPU's shared memory. Every element still sums its products in `k` order, as
+/// [`mul_mat_cpu`] does, so the two agree bit for bit.
 pub fn mul_mat(r: u64, a: u64, b: u64, m: usize) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {
         let i0 = ctx.block_idx() as usize * MUL_MAT_ROWS;
@@ -88,19 +94,45 @@ pub fn mul_mat(r: u64, a: u64, b: u64, m: usize) -> (Grid, Kernel) {
         let mut a_band = vec![0f32; rows * m];
         ctx.read_slice(at::<f32>(a, i0 * m), &mut a_band)?;
         let mut acc = vec![0f32; rows * m];
-        let mut b_row = vec![0f32; m];
-        for kk in 0..m {
-            ctx.read_slice(at::<f32>(b, kk * m), &mut b_row)?;
-            for (i, acc_row) in acc.chunks_exact_mut(m).enumerate() {
-                let aik = a_band[i * m + kk];
-                for (c, bv) in acc_row.iter_mut().zip(&b_row) {
-                    *c += aik * bv;
+        let mut b_rows = vec![0f32; MUL_MAT_K * m];
+        for k0 in (0..m).step_by(MUL_MAT_K) {
+            let kn = MUL_MAT_K.min(m - k0);
+            ctx.read_slice(at::<f32>(b, k0 * m), &mut b_rows[..kn * m])?;
+            for (acc_row, a_row) in acc.chunks_exact_mut(m).zip(a_band.chunks_exact(m)) {
+                let a_k = &a_row[k0..k0 + kn];
+                if kn == MUL_MAT_K {
+                    axpy4(acc_row, a_k, &b_rows);
+                } else {
+                    for (aik, b_row) in a_k.iter().zip(b_rows.chunks_exact(m)) {
+                        for (c, bv) in acc_row.iter_mut().zip(b_row) {
+                            *c += aik * bv;
+                        }
+                    }
                 }
             }
         }
         ctx.write_slice(at::<f32>(r, i0 * m), &acc)
     };
     (grid(m, MUL_MAT_ROWS), Box::new(k))
+}
+
+/// `acc[j] += a[0] * b[0][j]`, then `+= a[1] * b[1][j]`, and so on for [`MUL_MAT_K`] rows of
+/// `b` (`b` holds them one after another, each `acc.len()` long): each element of `acc` is
+/// loaded and stored once for all of them, in the same order of additions as one row at a time.
+fn axpy4(acc: &mut [f32], a: &[f32], b: &[f32]) {
+    let m = acc.len();
+    let (b0, rest) = b.split_at(m);
+    let (b1, rest) = rest.split_at(m);
+    let (b2, b3) = rest.split_at(m);
+    let (b3, a) = (&b3[..m], &a[..MUL_MAT_K]);
+    for j in 0..m {
+        let mut c = acc[j];
+        c += a[0] * b0[j];
+        c += a[1] * b1[j];
+        c += a[2] * b2[j];
+        c += a[3] * b3[j];
+        acc[j] = c;
+    }
 }
 
 /// The same product on the CPU, in the same summation order (for checking).

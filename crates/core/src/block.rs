@@ -167,9 +167,10 @@ pub struct Block {
     pub active_jobs: u32,
     /// A finished job used the block and no job uses it now: evict it first.
     pub job_done: bool,
-    /// Launches getting ready to use the block (migrating their buffers, then launching): a
-    /// device that cannot fault must not lose it meanwhile.
-    pub launching: u32,
+    /// Launches getting ready to use the block (migrating their buffers, then launching), one
+    /// entry per launch naming the thread preparing it: a device that cannot fault must not
+    /// lose the block meanwhile.
+    pub launching: Vec<std::thread::ThreadId>,
     /// Pages a service in progress is working on: never evicted to make room for the same
     /// service.
     pub busy: PageMask,
@@ -193,7 +194,7 @@ impl Block {
             thrashing: ProcMask::EMPTY,
             active_jobs: 0,
             job_done: false,
-            launching: 0,
+            launching: Vec::new(),
             busy: PageMask::default(),
         }
     }

@@ -50,7 +50,16 @@ fn pinned(space: &AddressSpace, blk: &Block) -> bool {
 /// Whether a launch is getting `blk` ready on a device that cannot fault: the launch has just
 /// migrated it, or is migrating it, and checks it is there before the kernel starts.
 fn held_by_job(slot: &DeviceSlot, blk: &Block) -> bool {
-    !slot.caps.replayable_faults && blk.launching > 0
+    !slot.caps.replayable_faults && !blk.launching.is_empty()
+}
+
+/// Whether a launch prepared by another thread holds `blk`: it lets go once its kernel is
+/// launched (milliseconds), so memory it holds is busy, worth waiting for. What this thread's
+/// own launch holds never frees while it waits: a launch larger than the device is refused at
+/// once.
+fn held_by_another_launch(blk: &Block) -> bool {
+    let me = std::thread::current().id();
+    blk.launching.iter().any(|t| *t != me)
 }
 
 fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
@@ -74,7 +83,9 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         };
-        if pinned(space, &blk) || held_by_job(slot, &blk) {
+        let held = held_by_job(slot, &blk);
+        if held || pinned(space, &blk) {
+            busy |= held && held_by_another_launch(&blk);
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         }

@@ -765,12 +765,18 @@ impl AddressSpace {
     /// migrating one buffer cannot undo the migration of another. Once the kernel runs, evicting
     /// them is safe again: such a device waits for its kernels before unmapping.
     pub fn launch_prepare(&self, ranges: &[VaRange]) {
-        self.for_blocks(ranges, |b| b.launching += 1);
+        let me = std::thread::current().id();
+        self.for_blocks(ranges, |b| b.launching.push(me));
     }
 
     /// Ends [`AddressSpace::launch_prepare`] (the kernel was launched, or the launch failed).
     pub fn launch_ready(&self, ranges: &[VaRange]) {
-        self.for_blocks(ranges, |b| b.launching = b.launching.saturating_sub(1));
+        let me = std::thread::current().id();
+        self.for_blocks(ranges, |b| match b.launching.iter().position(|t| *t == me) {
+            Some(i) => drop(b.launching.swap_remove(i)),
+            // Ended from another thread than the one that prepared it: any entry will do.
+            None => drop(b.launching.pop()),
+        });
     }
 
     fn for_blocks(&self, ranges: &[VaRange], mut f: impl FnMut(&mut Block)) {

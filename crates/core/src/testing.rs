@@ -539,6 +539,27 @@ fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
     assert_eq!(w.devs[0].access(s, Some(9)), Some(9), "the first fault was served");
 }
 
+/// On a device that cannot fault, blocks a launch is getting ready are never evicted, but only
+/// until the kernel is launched: a migration that needs their memory waits (bounded) instead of
+/// failing at once with `OutOfDeviceMemory`, as two threads launching on a small GPU would.
+#[test]
+fn memory_held_for_a_launch_is_waited_for() {
+    let w = world(false, PAGES_PER_BLOCK as u64);
+    let s = w.cpu.range.start;
+    let dev = Proc::Device(w.ids[0]);
+    let job = vec![VaRange::new(s, BLOCK_SIZE)];
+    w.space.launch_prepare(&job);
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the launch holds all of device memory");
+    let other = std::thread::spawn({
+        let space = w.space.clone();
+        move || space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    w.space.launch_ready(&job);
+    other.join().unwrap().expect("the second migration waits for the launch, then evicts its block");
+}
+
 #[test]
 fn bulk_prefetch_moves_or_duplicates_whole_blocks_exactly() {
     for dup in [false, true] {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use hetmm::core::device::{DeviceError, FaultCancel};
 use hetmm::core::error::CoreError;
 use hetmm::core::types::{Proc, PAGE_SIZE};
-use hetmm::kernels::{stream_sum, stream_write};
+use hetmm::kernels::{mul_mat, mul_mat_cpu, stream_sum, stream_write};
 use hetmm::sim::{BlockCtx, Grid, SimConfig, SimDevice};
 use hetmm::{Access, Device, Error, Hetmm, Use};
 
@@ -349,4 +349,27 @@ fn dropping_everything_with_kernels_and_faults_in_flight_ends() {
     cpu.join().unwrap();
     drop(buf);
     assert!(t.elapsed() < Duration::from_secs(30), "teardown took {:?}", t.elapsed());
+}
+
+/// The sim's `mul_mat` agrees with `mul_mat_cpu` bit for bit on fractional values at sizes that
+/// leave partial row bands and a partial group of `b` rows (it takes four at a time): every
+/// element sums its products in the same order.
+#[test]
+fn sim_mul_mat_matches_the_cpu_bit_for_bit_at_any_size() {
+    let (hm, dev) = setup(64 << 20);
+    for m in [1usize, 3, 5, 18, 37, 64] {
+        let n = m * m;
+        let (mut a, mut b, r) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
+        let val = |i: usize, salt: u32| {
+            ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt) % 1000) as f32 / 7.0 - 50.0
+        };
+        a.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = val(i, 1));
+        b.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = val(i, 2));
+        let (grid, k) = mul_mat(r.ptr(), a.ptr(), b.ptr(), m);
+        dev.launch(grid, &[Use::read(&a), Use::read(&b), Use::write(&r)], k).unwrap().wait().unwrap();
+        let mut expect = vec![0f32; n];
+        mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
+        let same = r.as_slice().iter().zip(&expect).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "m = {m}: the device's product differs from the CPU's");
+    }
 }

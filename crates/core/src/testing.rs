@@ -408,8 +408,14 @@ impl World {
     }
 }
 
+/// Cases of the state-machine test: `PROPTEST_CASES` when set (longer runs by hand), else 200
+/// (each case is a whole address space; 200 keep `cargo test` quick).
+fn state_machine_cases() -> u32 {
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: state_machine_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, small in any::<bool>(), hetmm in any::<bool>()) {

@@ -53,13 +53,12 @@ fn held_by_job(slot: &DeviceSlot, blk: &Block) -> bool {
     !slot.caps.replayable_faults && !blk.launching.is_empty()
 }
 
-/// Whether a launch prepared by another thread holds `blk`: it lets go once its kernel is
-/// launched (milliseconds), so memory it holds is busy, worth waiting for. What this thread's
-/// own launch holds never frees while it waits: a launch larger than the device is refused at
-/// once.
-fn held_by_another_launch(blk: &Block) -> bool {
-    let me = std::thread::current().id();
-    blk.launching.iter().any(|t| *t != me)
+/// Whether only launches prepared by other threads hold `blk`: they let go once their kernels
+/// are launched (milliseconds), so the memory is busy, worth waiting for. A block this thread's
+/// own launch holds (alone or shared with another's) never frees while this thread waits: a
+/// launch larger than the device is refused at once.
+fn held_by_other_launches(blk: &Block) -> bool {
+    !blk.launching.contains(&std::thread::current().id())
 }
 
 fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
@@ -85,7 +84,7 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
         };
         let held = held_by_job(slot, &blk);
         if held || pinned(space, &blk) {
-            busy |= held && held_by_another_launch(&blk);
+            busy |= held && held_by_other_launches(&blk);
             slot.evict_queue.lock().push_back((region_start, bidx));
             continue;
         }

@@ -770,12 +770,15 @@ impl AddressSpace {
     }
 
     /// Ends [`AddressSpace::launch_prepare`] (the kernel was launched, or the launch failed).
+    /// Call it from the thread that called `launch_prepare` (entries name that thread).
     pub fn launch_ready(&self, ranges: &[VaRange]) {
         let me = std::thread::current().id();
-        self.for_blocks(ranges, |b| match b.launching.iter().position(|t| *t == me) {
-            Some(i) => drop(b.launching.swap_remove(i)),
-            // Ended from another thread than the one that prepared it: any entry will do.
-            None => drop(b.launching.pop()),
+        self.for_blocks(ranges, |b| {
+            // Not found only if the ranges now cover other blocks (the program moved the memory
+            // meanwhile): another launch's entry must not go in its place.
+            if let Some(i) = b.launching.iter().position(|t| *t == me) {
+                b.launching.swap_remove(i);
+            }
         });
     }
 

@@ -564,6 +564,30 @@ fn memory_held_for_a_launch_is_waited_for() {
     std::thread::sleep(Duration::from_millis(50));
     w.space.launch_ready(&job);
     other.join().unwrap().expect("the second migration waits for the launch, then evicts its block");
+
+    // A block this thread's own launch shares with another thread's never frees while this
+    // thread waits: refused at once, not after the bounded wait.
+    let shared = vec![VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)];
+    let held = std::sync::Barrier::new(2);
+    let (r, took) = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            w.space.launch_prepare(&shared);
+            held.wait();
+            held.wait();
+            w.space.launch_ready(&shared);
+        });
+        held.wait();
+        let mine = vec![VaRange::new(s, 2 * BLOCK_SIZE)];
+        w.space.launch_prepare(&mine);
+        let t = std::time::Instant::now();
+        let r = w.space.migrate(s, BLOCK_SIZE, dev);
+        let took = t.elapsed();
+        w.space.launch_ready(&mine);
+        held.wait();
+        (r, took)
+    });
+    assert!(matches!(r, Err(crate::error::CoreError::OutOfDeviceMemory { .. })), "{r:?}");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
 }
 
 #[test]

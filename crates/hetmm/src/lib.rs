@@ -300,11 +300,11 @@ impl<D> Device<D> {
 
     /// Checks that the device is attached and every use names shared memory, and marks the
     /// page-aligned ranges as used by a job (end it with `AddressSpace::job_end`) and as being
-    /// got ready for a launch (end that with `AddressSpace::launch_ready` once the kernel is
+    /// got ready for a launch (until the returned [`Preparing`] is dropped, once the kernel is
     /// launched). On a device that cannot fault, the ranges are then migrated to it: the launch
     /// mark comes first, so eviction (which never takes such blocks from such a device) cannot
     /// undo one use's migration while the next is migrated.
-    fn begin_job(&self, uses: &[Use]) -> Result<Vec<VaRange>> {
+    fn begin_job(&self, uses: &[Use]) -> Result<(Vec<VaRange>, Preparing)> {
         // userfaultfd lets munmap/mremap/madvise return as soon as their event is read, before
         // hetmm has dropped the device mappings of the old addresses: a kernel launched after
         // such a call must not start until the event is applied, or it could read through a
@@ -322,17 +322,40 @@ impl<D> Device<D> {
             out.push(self.space.check_range(start, len)?);
         }
         let job = self.space.job_begin(&out);
-        self.space.launch_prepare(&job);
+        let preparing = Preparing::new(&self.space, &job);
         if !caps.replayable_faults {
             for r in &out {
                 if let Err(e) = self.space.migrate(r.start, r.len, self.proc()) {
-                    self.space.launch_ready(&job);
+                    drop(preparing);
                     self.space.job_end(&job);
                     return Err(e.into());
                 }
             }
         }
-        Ok(job)
+        Ok((job, preparing))
+    }
+}
+
+/// A launch getting its buffers ready ([`AddressSpace::launch_prepare`]): ended
+/// ([`AddressSpace::launch_ready`]) when dropped, on the same thread, whatever happens
+/// meanwhile. A panic in between must not leave the blocks held: other threads would wait
+/// for them on every migration that needs their memory.
+#[derive(Debug)]
+struct Preparing {
+    space: Arc<AddressSpace>,
+    ranges: Vec<VaRange>,
+}
+
+impl Preparing {
+    fn new(space: &Arc<AddressSpace>, ranges: &[VaRange]) -> Preparing {
+        space.launch_prepare(ranges);
+        Preparing { space: Arc::clone(space), ranges: ranges.to_vec() }
+    }
+}
+
+impl Drop for Preparing {
+    fn drop(&mut self) {
+        self.space.launch_ready(&self.ranges);
     }
 }
 
@@ -344,9 +367,9 @@ impl Device<SimDevice> {
     where
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        let job = self.begin_job(uses)?;
+        let (job, preparing) = self.begin_job(uses)?;
         let launched = self.dev.launch(grid, kernel);
-        self.space.launch_ready(&job);
+        drop(preparing);
         match launched {
             Ok(inner) => Ok(Launch { inner: Some(Inner::Sim(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {
@@ -371,9 +394,9 @@ impl Device<hetmm_cuda::CudaDevice> {
                 Use::raw(b.ptr, b.bytes, access)
             })
             .collect();
-        let job = self.begin_job(&uses)?;
+        let (job, preparing) = self.begin_job(&uses)?;
         let launched = self.dev.launch(call);
-        self.space.launch_ready(&job);
+        drop(preparing);
         match launched {
             Ok(inner) => Ok(Launch { inner: Some(Inner::Cuda(inner)), job: Some(job), space: Arc::clone(&self.space) }),
             Err(e) => {

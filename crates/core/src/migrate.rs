@@ -239,6 +239,28 @@ fn fill(
     Ok(())
 }
 
+/// After a failed [`map_local`], gives back the device pages [`fill`] just gave `need`: nothing
+/// records them as holding the data (it is still where it was), so kept they would be lost to
+/// the allocator for good. The device first drops whatever part of the map took; if even that
+/// fails they stay allocated, since a stale entry may still point at them.
+fn undo_fill(slot: &DeviceSlot, blk: &mut Block, need: &PageMask) {
+    if need.is_empty() {
+        return;
+    }
+    let rs = ranges(blk, need);
+    match slot.mmu.unmap(&rs) {
+        Ok(()) => {
+            slot.mmu.invalidate_tlb(&rs);
+            release_device_pages(slot, blk, need);
+        }
+        Err(e) => log::error!(
+            "device {:?}: unmapping a failed map of block {:#x}: {e}; its pages are leaked",
+            slot.id,
+            blk.base
+        ),
+    }
+}
+
 /// Maps the pages of `m` to their copies on `slot` with `prot` (replacing any mapping there).
 fn map_local(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask, prot: Prot) -> Result<()> {
     if m.is_empty() {
@@ -307,7 +329,10 @@ pub(crate) fn to_device(
     let need = select(blk, want, |p| !p.resident.has(me));
     fill(space, region, blk, slot, &need, want)?;
     let remap = select(blk, want, |p| !p.dev_mapped.has(me) || p.dev_ro.has(me));
-    map_local(space, blk, slot, &remap, device_prot(region))?;
+    if let Err(e) = map_local(space, blk, slot, &remap, device_prot(region)) {
+        undo_fill(slot, blk, &need);
+        return Err(e);
+    }
     for i in want.iter() {
         blk.pages[i].resident = ProcMask::only(me);
     }
@@ -354,7 +379,10 @@ pub(crate) fn duplicate_to_device(
     let need = select(blk, want, |p| !p.resident.has(me));
     fill(space, region, blk, slot, &need, want)?;
     let unmapped = select(blk, want, |p| !p.dev_mapped.has(me));
-    map_local(space, blk, slot, &unmapped, Prot::READ)?;
+    if let Err(e) = map_local(space, blk, slot, &unmapped, Prot::READ) {
+        undo_fill(slot, blk, &need);
+        return Err(e);
+    }
     for i in want.iter() {
         blk.pages[i].resident.insert(me);
     }

@@ -112,6 +112,8 @@ pub(crate) struct FakeDevice {
     /// half-way (its device memory allocated, its copies not landed); `copies_started` counts
     /// the copy calls that have begun.
     pub(crate) copy_gate: Mutex<()>,
+    /// Page-table updates fail while set (a device that ran out of page-table memory).
+    pub(crate) fail_map: std::sync::atomic::AtomicBool,
     pub(crate) copies_started: std::sync::atomic::AtomicUsize,
 }
 
@@ -124,6 +126,7 @@ impl FakeDevice {
             pt: Mutex::default(),
             fail_d2h: false.into(),
             copy_gate: Mutex::new(()),
+            fail_map: false.into(),
             copies_started: 0.into(),
         }
     }
@@ -176,6 +179,9 @@ impl DeviceMmu for FakeDevice {
         self.pt.lock().clear();
     }
     unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+        if self.fail_map.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DeviceError::Other("injected map failure".into()));
+        }
         let mut pt = self.pt.lock();
         for e in entries {
             for k in 0..e.len / PAGE_SIZE {
@@ -588,6 +594,35 @@ fn memory_held_for_a_launch_is_waited_for() {
     });
     assert!(matches!(r, Err(crate::error::CoreError::OutOfDeviceMemory { .. })), "{r:?}");
     assert!(took < Duration::from_secs(1), "refused after {took:?}");
+}
+
+/// A device map that fails after the pages were filled gives the pages back (before, they were
+/// lost to the allocator for good), keeps the data where it was, and the next try works.
+#[test]
+fn a_failed_device_map_gives_its_pages_back() {
+    let mut w = world(false, 64);
+    let s = w.cpu.range.start;
+    for p in 0..8u64 {
+        w.cpu_access(s + p * PAGE_SIZE, Some(p as u8 + 1));
+    }
+    let total = w.space.device_memory(w.ids[0]).unwrap().0;
+    let dev = Proc::Device(w.ids[0]);
+    for read_mostly in [false, true] {
+        if read_mostly {
+            w.space.advise(s, 8 * PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).unwrap();
+        }
+        w.devs[0].fail_map.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(w.space.migrate(s, 8 * PAGE_SIZE, dev).is_err(), "read_mostly={read_mostly}");
+        assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, total, "read_mostly={read_mostly}: pages leaked");
+        w.devs[0].fail_map.store(false, std::sync::atomic::Ordering::Relaxed);
+        for p in 0..8u64 {
+            assert_eq!(w.cpu_access(s + p * PAGE_SIZE, None), p as u8 + 1);
+        }
+    }
+    w.space.migrate(s, 8 * PAGE_SIZE, dev).unwrap();
+    for p in 0..8u64 {
+        assert_eq!(w.dev_access(0, s + p * PAGE_SIZE, None), Some(p as u8 + 1));
+    }
 }
 
 #[test]

@@ -889,10 +889,8 @@ pub(crate) fn bulk_commit(
             }
             p.dev_mapped.insert(me);
         }
+        // Already queued: `bulk_start` queued each block as it got its pages.
         moved += sel.count() as u64;
-        if !sel.is_empty() {
-            enqueue(region, blk, slot);
-        }
     }
     Ok(moved)
 }

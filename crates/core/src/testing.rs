@@ -112,9 +112,9 @@ pub(crate) struct FakeDevice {
     /// half-way (its device memory allocated, its copies not landed); `copies_started` counts
     /// the copy calls that have begun.
     pub(crate) copy_gate: Mutex<()>,
+    pub(crate) copies_started: std::sync::atomic::AtomicUsize,
     /// Page-table updates fail while set (a device that ran out of page-table memory).
     pub(crate) fail_map: std::sync::atomic::AtomicBool,
-    pub(crate) copies_started: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeDevice {
@@ -126,8 +126,8 @@ impl FakeDevice {
             pt: Mutex::default(),
             fail_d2h: false.into(),
             copy_gate: Mutex::new(()),
-            fail_map: false.into(),
             copies_started: 0.into(),
+            fail_map: false.into(),
         }
     }
 

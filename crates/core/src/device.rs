@@ -220,6 +220,10 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
 
     /// Installs mappings.
     ///
+    /// A batch that fails installs nothing: the device undoes whatever part it had installed
+    /// before returning the error, so the caller may give the target pages back at once (and
+    /// must not unmap: a range may have held a mapping before the call, which stays).
+    ///
     /// # Safety
     ///
     /// Every [`MapTarget::Host`] address must point to host memory valid for `len` bytes that

@@ -241,24 +241,10 @@ fn fill(
 
 /// After a failed [`map_local`], gives back the device pages [`fill`] just gave `need`: nothing
 /// records them as holding the data (it is still where it was), so kept they would be lost to
-/// the allocator for good. The device first drops whatever part of the map took; if even that
-/// fails they stay allocated, since a stale entry may still point at them.
+/// the allocator for good. A failed map installed nothing ([`crate::device::DeviceMmu::map`]), so nothing
+/// points at them.
 fn undo_fill(slot: &DeviceSlot, blk: &mut Block, need: &PageMask) {
-    if need.is_empty() {
-        return;
-    }
-    let rs = ranges(blk, need);
-    match slot.mmu.unmap(&rs) {
-        Ok(()) => {
-            slot.mmu.invalidate_tlb(&rs);
-            release_device_pages(slot, blk, need);
-        }
-        Err(e) => log::error!(
-            "device {:?}: unmapping a failed map of block {:#x}: {e}; its pages are leaked",
-            slot.id,
-            blk.base
-        ),
-    }
+    release_device_pages(slot, blk, need);
 }
 
 /// Maps the pages of `m` to their copies on `slot` with `prot` (replacing any mapping there).

@@ -641,9 +641,15 @@ impl DeviceMmu for CudaDevice {
             }
         }
         if let Err(e) = result {
-            // A failed batch changes nothing.
+            // A failed batch installs nothing (the core gives the chunks back at once).
             for m in done {
-                let _ = i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK);
+                if let Err(u) = i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
+                    log::error!(
+                        "cuda: undoing a failed map at {:#x}: {u}; chunk {} stays mapped there",
+                        m.host_va,
+                        m.chunk
+                    );
+                }
             }
             return Err(e.into());
         }

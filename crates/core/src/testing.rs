@@ -550,9 +550,21 @@ fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
         std::thread::yield_now();
     }
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the first service holds all of device memory");
-    let (cancel, _) = crate::fault::service_batch(&w.space, &slot, &mut fault(s + BLOCK_SIZE));
-    assert!(cancel.is_empty(), "a fault waiting for memory in flight was cancelled: {cancel:?}");
+    // On its own thread, so that a regression that waits for the gated memory fails the test
+    // (after 10 s, the gate opened) instead of hanging it.
+    let second = std::thread::spawn({
+        let (space, slot) = (w.space.clone(), slot.clone());
+        move || crate::fault::service_batch(&space, &slot, &mut fault(s + BLOCK_SIZE)).0
+    });
+    let t = std::time::Instant::now();
+    while !second.is_finished() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let waited = !second.is_finished();
     drop(gate);
+    assert!(!waited, "the second service waited for memory held by the first");
+    let cancel = second.join().unwrap();
+    assert!(cancel.is_empty(), "a fault waiting for memory in flight was cancelled: {cancel:?}");
     assert!(first.join().unwrap().is_empty(), "the first service completes");
     assert_eq!(w.devs[0].access(s, Some(9)), Some(9), "the first fault was served");
 }

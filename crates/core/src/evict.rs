@@ -158,10 +158,10 @@ fn evict_block(
 /// that the share is under half a block (6 MiB at 5%), none: keeping one of three blocks free
 /// would cost a third of the memory, and the evictor would throw out data still in use (`gemm`
 /// at oversubscription 2 moved 2.7x the bytes and ran 15% slower that way).
-fn free_cap(total: u64, mark: f64) -> u64 {
+pub(crate) fn free_cap(total: u64, mark: f64) -> u64 {
     let share = (total as f64 * mark) as u64;
     let block = BLOCK_SIZE / PAGE_SIZE;
-    if share * 2 < block {
+    if share.saturating_mul(2) < block {
         0
     } else {
         share.max(block)
@@ -202,7 +202,10 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
         let mut rounds = 0;
         while !slot.is_detached() && slot.free_and_total().0 < target && rounds < 64 {
             match evict_one(&space, &slot, u64::MAX) {
-                Ok(Evicted::Freed) => rounds += 1,
+                Ok(Evicted::Freed) => {
+                    rounds += 1;
+                    add(&space.stats.background_evictions, 1);
+                }
                 Ok(_) => break,
                 Err(e) => {
                     log::warn!("background eviction on {:?}: {e}", slot.id);

@@ -469,7 +469,7 @@ fn allocate(
     let mut chunk_tries = 0;
     loop {
         if let Some(pas) = try_alloc(slot, n, chunk_only, blk.prev_chunk(slot.id)) {
-            if space.config.policy.free_watermark > 0.0 {
+            if slot.evicts_in_background.load(std::sync::atomic::Ordering::Acquire) {
                 slot.evict_wake.notify_one();
             }
             return Ok(pas);

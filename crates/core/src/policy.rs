@@ -120,7 +120,8 @@ pub struct Policy {
     pub eviction: Eviction,
     /// Background eviction: keep free up to this fraction of device memory, as much of it as
     /// the fault path has had to evict lately (0: evict only when an allocation fails; see
-    /// `evict::background_loop`).
+    /// `evict::background_loop`; rounded to whole blocks, none where the share is under half a
+    /// block: `evict::free_cap`).
     pub free_watermark: f64,
     /// Capacity-thrashing response.
     pub thrashing: Thrashing,

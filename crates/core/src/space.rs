@@ -150,6 +150,8 @@ pub(crate) struct DeviceSlot {
     /// `parking_lot`: the evictor sleeps here most of the time, including when the program
     /// forks (see `crate::fork::Gate`).
     pub(crate) evict_wake: std::sync::Condvar,
+    /// Whether this device has a background evictor (to wake).
+    pub(crate) evicts_in_background: AtomicBool,
     pub(crate) evict_lock: std::sync::Mutex<()>,
     /// Blocks the fault path had to evict to allocate since the background evictor last looked.
     /// The evictor keeps about that much memory free from then on (up to the watermark): a
@@ -425,6 +427,7 @@ impl AddressSpace {
             service: Mutex::new(None),
             evictor: Mutex::new(None),
             evict_wake: std::sync::Condvar::new(),
+            evicts_in_background: AtomicBool::new(false),
             evict_lock: std::sync::Mutex::new(()),
             demand_evictions: AtomicU64::new(0),
         });
@@ -438,9 +441,11 @@ impl AddressSpace {
             *slot.ahead_tx.lock() = Some(tx);
             *slot.ahead.lock() = Some(h);
         }
-        if self.config.policy.free_watermark > 0.0 {
+        // No evictor where it would keep nothing free (see `evict::free_cap`).
+        if crate::evict::free_cap(slot.free_and_total().1, self.config.policy.free_watermark) > 0 {
             let h = self.spawn_for(&slot, "evict", crate::evict::background_loop)?;
             *slot.evictor.lock() = Some(h);
+            slot.evicts_in_background.store(true, Ordering::Release);
         }
         if idx == devices.len() {
             devices.push(Some(slot));

@@ -62,6 +62,8 @@ stats! {
     bytes_zero_filled,
     /// Evictions (victim blocks) from device memory to host backing.
     evictions,
+    /// Of the evictions, those the background evictor made (ahead of demand).
+    background_evictions,
     /// Bytes moved by evictions (counted in bytes_to_host too).
     bytes_evicted,
     /// Pages added by prefetching.

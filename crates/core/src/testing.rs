@@ -426,8 +426,9 @@ proptest! {
     #[test]
     fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, mem in 0u8..3, hetmm in any::<bool>()) {
         // Small device memory forces eviction on almost every migration. The third size, one
-        // block with a 50% watermark, has hetmm's background evictor keep the whole device free,
-        // racing every migration (at 5% a device this small gets no background eviction).
+        // block with a 50% watermark, lets hetmm's background evictor run (at 5% a device this
+        // small gets none): once the fault path has had to evict, it keeps the whole device free,
+        // racing the migrations that follow.
         let mut policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
         let dev_pages = [32, 2048, PAGES_PER_BLOCK as u64][mem as usize];
         if hetmm && mem == 2 {

@@ -641,15 +641,16 @@ impl DeviceMmu for CudaDevice {
             }
         }
         if let Err(e) = result {
-            // A failed batch installs nothing (the core gives the chunks back at once).
-            for m in done {
-                if let Err(u) = i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK) {
-                    log::error!(
-                        "cuda: undoing a failed map at {:#x}: {u}; chunk {} stays mapped there",
-                        m.host_va,
-                        m.chunk
-                    );
-                }
+            // A failed batch installs nothing (the core gives the chunks back at once). What
+            // cannot be undone is parked, so the next map that needs its block or chunk removes
+            // it first.
+            let stuck: Vec<_> = done
+                .into_iter()
+                .filter(|m| i.gpu.unmap(&st.reservations[&m.region], m.dev_va, CHUNK).is_err())
+                .collect();
+            for m in &stuck {
+                log::error!("cuda: undoing a failed map at {:#x} failed; chunk {} parked there", m.host_va, m.chunk);
+                st.pt.park_stale(m);
             }
             return Err(e.into());
         }

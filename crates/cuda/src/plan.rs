@@ -128,6 +128,9 @@ pub struct PageTable {
     /// address, and the block address of each parked chunk.
     parked: BTreeMap<u64, ChunkMap>,
     parked_chunk: HashMap<u64, u64>,
+    /// Parked mappings whose access is unknown (left by a failed batch whose undo failed):
+    /// never revived, only removed when in the way.
+    stale: std::collections::HashSet<u64>,
 }
 
 fn bad(start: u64, len: u64) -> DeviceError {
@@ -204,6 +207,14 @@ impl PageTable {
         }
     }
 
+    /// Parks a mapping a failed batch left in the driver (its undo failed too): hetmm freed the
+    /// chunk, so a later map that needs the block or the chunk must remove it first. Its access
+    /// may never have been set, so it is never revived.
+    pub fn park_stale(&mut self, m: &ChunkMap) {
+        self.park(std::slice::from_ref(m));
+        self.stale.insert(m.host_va);
+    }
+
     /// Whether `m` is parked (as it was planned).
     pub fn is_parked(&self, m: &ChunkMap) -> bool {
         self.parked.get(&m.host_va) == Some(m)
@@ -213,6 +224,7 @@ impl PageTable {
     pub fn unpark(&mut self, m: &ChunkMap) {
         if self.parked.remove(&m.host_va).is_some() {
             self.parked_chunk.remove(&m.chunk);
+            self.stale.remove(&m.host_va);
         }
     }
 
@@ -280,7 +292,12 @@ impl PageTable {
                     // Parked there with this access: back into use, no driver call. (With
                     // another access it is mapped afresh: on an H100, changing the access of a
                     // live mapping cost more than unmapping it and mapping it again.)
-                    (None, Some(p)) if p.chunk == chunk && p.dev_va == m.dev_va && p.access == access => {
+                    (None, Some(p))
+                        if p.chunk == chunk
+                            && p.dev_va == m.dev_va
+                            && p.access == access
+                            && !self.stale.contains(&host_va) =>
+                    {
                         set_access = false;
                         plan.revive.push(m);
                     }
@@ -625,6 +642,30 @@ mod tests {
         assert_eq!(pt.parked_in(A).len(), 2);
         pt.remove_region(A);
         assert_eq!(pt.parked().count(), 0);
+    }
+
+    /// A mapping a failed batch could not undo is in the way of the next map of its block or
+    /// chunk, and never comes back as it is (its access may never have been set).
+    #[test]
+    fn a_mapping_left_by_a_failed_undo_is_dropped_never_revived() {
+        let mut pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        let plan = pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, rw)], 16).unwrap();
+        // The batch failed and undoing chunk 4's map failed too: nothing was committed.
+        pt.park_stale(&plan.maps[0]);
+        assert!(pt.lookup(A).is_none(), "launches never see it");
+        let again = pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, rw)], 16).unwrap();
+        assert!(again.revive.is_empty(), "not revived: {again:?}");
+        assert_eq!(again.drop.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(again.maps.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![4]);
+        pt.unpark(&again.drop[0]);
+        pt.commit_map(&again);
+        assert_eq!(pt.parked().count(), 0);
+        // Its chunk wanted at another block: dropped first there too.
+        let plan = pt.plan_map(&[entry(A + CHUNK, CHUNK, 6 * CHUNK, rw)], 16).unwrap();
+        pt.park_stale(&plan.maps[0]);
+        let other = pt.plan_map(&[entry(A + 2 * CHUNK, CHUNK, 6 * CHUNK, rw)], 16).unwrap();
+        assert_eq!(other.drop.iter().map(|m| (m.host_va, m.chunk)).collect::<Vec<_>>(), vec![(A + CHUNK, 6)]);
     }
 
     #[test]

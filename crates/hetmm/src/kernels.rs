@@ -137,9 +137,15 @@ fn band_axpy4_portable(acc: &mut [f32], a_band: &[f32], k0: usize, b_rows: &[f32
     }
 }
 
+/// [`band_axpy4_portable`] compiled for AVX2.
+///
+/// # Safety
+///
+/// The CPU must have AVX2. (`unsafe fn` for Rust 1.85, the declared minimum: safe functions
+/// take `target_feature` only from 1.86.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn band_axpy4_avx2(acc: &mut [f32], a_band: &[f32], k0: usize, b_rows: &[f32], m: usize) {
+unsafe fn band_axpy4_avx2(acc: &mut [f32], a_band: &[f32], k0: usize, b_rows: &[f32], m: usize) {
     band_axpy4_portable(acc, a_band, k0, b_rows, m);
 }
 

@@ -44,19 +44,22 @@ pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Acc
     if attrs.read_mostly && reading && current.is_some() && reach.thrash_pinned.is_none() {
         return Decision::Duplicate;
     }
+    let copies = page.resident.0.count_ones();
     // 1b. Duplicate-on-read (hetmm): a reader of data held elsewhere gets its own read-only copy
-    // unless advice says where the data belongs.
+    // unless advice says where the data belongs. A reader that already holds one of several
+    // copies (it lost only its mapping, or a prefetch brought the copy while its fault was in
+    // flight) keeps them all: migrating would drop the others, to be copied again at their
+    // holders' next read (`pingpong` re-copied 40-150 MB a run that way).
     if reach.dup_reads
         && reading
         && current.is_some()
-        && !page.resident.has(requester)
+        && (!page.resident.has(requester) || copies > 1)
         && attrs.preferred.is_none()
         && !attrs.accessed_by.has(requester)
         && reach.thrash_pinned.is_none()
     {
         return Decision::Duplicate;
     }
-    let copies = page.resident.0.count_ones();
     if !reading && (copies > 1 || page.resident.has(requester)) {
         return Decision::Migrate(requester);
     }
@@ -348,6 +351,12 @@ mod tests {
             Decision::Migrate(DEV),
             "a write collapses copies"
         );
+        // A reader that holds one of several copies keeps them all (it only lost its mapping);
+        // holding the only copy, it keeps that as it is.
+        assert_eq!(select_residency(&dup, &none, Proc::Cpu, Access::Read, dr), Decision::Duplicate);
+        assert_eq!(select_residency(&dup, &none, DEV, Access::Read, dr), Decision::Duplicate);
+        assert_eq!(select_residency(&on(DEV), &none, DEV, Access::Read, dr), Decision::Migrate(DEV));
+        assert_eq!(select_residency(&dup, &none, Proc::Cpu, Access::Read, r), Decision::Migrate(Proc::Cpu), "uvm");
         assert!(
             Policy::by_name("uvm").is_some() && Policy::by_name("hetmm").is_some() && Policy::by_name("x").is_none()
         );

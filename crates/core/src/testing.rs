@@ -491,6 +491,29 @@ fn ping_pong_moves_each_page_once_per_direction() {
     }
 }
 
+/// Under hetmm's duplicate-on-read, a holder of one of several copies that faults again for
+/// reading (a device fault that raced the prefetch bringing its copy, a CPU whose mapping went)
+/// keeps every copy: nothing is revoked, dropped or copied again.
+#[test]
+fn a_reader_that_holds_a_copy_keeps_the_others() {
+    let mut w = world_with(Arc::new(NoPrefetch), 2048, crate::policy::Policy::hetmm());
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(5));
+    assert_eq!(w.dev_access(0, s, None), Some(5));
+    let slot = w.space.slot(w.ids[0]).unwrap();
+    let before = w.space.stats();
+    let mut again = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
+    assert!(crate::fault::service_batch(&w.space, &slot, &mut again).0.is_empty());
+    assert!(w.cpu.mapped.lock().contains_key(&s), "the CPU keeps its read-only mapping");
+    // The CPU's mapping goes behind the core's back (as a zap would); its next read maps its
+    // own copy again and leaves the device's.
+    w.cpu.mapped.lock().remove(&s);
+    assert_eq!(w.cpu_access(s, None), 5);
+    assert_eq!(w.devs[0].access(s, None), Some(5), "the device's copy is still mapped");
+    let d = w.space.stats().since(&before);
+    assert_eq!((d.bytes_to_device, d.bytes_to_host), (0, 0), "nothing copied again: {d:?}");
+}
+
 #[test]
 fn detach_brings_data_home_and_refuses_later_use() {
     let mut w = world(true, 2048);

@@ -836,10 +836,17 @@ impl AddressSpace {
         let attrs = self.attrs.read();
         let (mut exclusive, mut dup) = (PageMask::default(), PageMask::default());
         let within = attrs.within(chunk);
+        // The rest of the chunk is taken for the faulting access, as a device fault's prefetch
+        // is: pages next to a write are about to be written too, so copies elsewhere collapse
+        // now, not one write fault per page later.
+        let around = match fault {
+            Some((_, a)) if a >= Access::Write => Access::Write,
+            _ => Access::Prefetch,
+        };
         for i in want.iter() {
             let access = match fault {
                 Some((f, a)) if f == i => a,
-                _ => Access::Prefetch,
+                _ => around,
             };
             let reach = Reach { dup_reads: self.config.policy.duplicate_reads, ..Reach::default() };
             match select_residency(&blk.pages[i], &within.get(blk.va(i)), Proc::Cpu, access, reach) {

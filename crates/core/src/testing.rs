@@ -504,7 +504,8 @@ fn a_reader_that_holds_a_copy_keeps_the_others() {
     let before = w.space.stats();
     let mut again = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
     assert!(crate::fault::service_batch(&w.space, &slot, &mut again).0.is_empty());
-    assert!(w.cpu.mapped.lock().contains_key(&s), "the CPU keeps its read-only mapping");
+    assert_eq!(w.cpu.mapped.lock().get(&s), Some(&false), "the CPU keeps its read-only mapping");
+    assert!(w.devs[0].pt.lock().get(&s).is_some_and(|(_, prot)| !prot.contains(Prot::WRITE)), "so does the device");
     // The CPU's mapping goes behind the core's back (as a zap would); its next read maps its
     // own copy again and leaves the device's.
     w.cpu.mapped.lock().remove(&s);
@@ -512,6 +513,30 @@ fn a_reader_that_holds_a_copy_keeps_the_others() {
     assert_eq!(w.devs[0].access(s, None), Some(5), "the device's copy is still mapped");
     let d = w.space.stats().since(&before);
     assert_eq!((d.bytes_to_device, d.bytes_to_host), (0, 0), "nothing copied again: {d:?}");
+}
+
+/// A CPU write fault takes the rest of its fault-around chunk for writing too, as a device's
+/// prefetch next to a write does: rewriting a buffer a device has read copies of collapses them
+/// a chunk at a time, not one write fault per page.
+#[test]
+fn a_cpu_write_collapses_its_chunk() {
+    let mut w = world_with(Arc::new(NoPrefetch), 2048, crate::policy::Policy::hetmm());
+    let s = w.cpu.range.start;
+    let pages = 16u64; // one 64 KiB fault-around chunk
+    for p in 0..pages {
+        w.cpu_access(s + p * PAGE_SIZE, Some(1));
+    }
+    for p in 0..pages {
+        assert_eq!(w.dev_access(0, s + p * PAGE_SIZE, None), Some(1));
+    }
+    let before = w.space.stats();
+    for p in 0..pages {
+        w.cpu_access(s + p * PAGE_SIZE, Some(2));
+    }
+    assert_eq!(w.space.stats().since(&before).cpu_faults, 1, "one write fault for the chunk");
+    for p in 0..pages {
+        assert_eq!(w.dev_access(0, s + p * PAGE_SIZE, None), Some(2));
+    }
 }
 
 #[test]

@@ -157,7 +157,7 @@ fn evict_block(
 /// share, rounded to whole blocks (it evicts whole blocks) while under one. On a device so small
 /// that the share is under half a block (6 MiB at 5%), none: keeping one of three blocks free
 /// would cost a third of the memory, and the evictor would throw out data still in use (`gemm`
-/// at oversubscription 2 moved 2.7x the bytes and ran 15% slower that way).
+/// at oversubscription 2 moved about 3x the bytes and ran 15% slower that way).
 pub(crate) fn free_cap(total: u64, mark: f64) -> u64 {
     let share = (total as f64 * mark) as u64;
     let block = BLOCK_SIZE / PAGE_SIZE;

@@ -241,8 +241,8 @@ fn fill(
 
 /// After a failed [`map_local`], gives back the device pages [`fill`] just gave `need`: nothing
 /// records them as holding the data (it is still where it was), so kept they would be lost to
-/// the allocator for good. A failed map installed nothing ([`crate::device::DeviceMmu::map`]), so nothing
-/// points at them.
+/// the allocator for good. A failed map installed nothing
+/// ([`crate::device::DeviceMmu::map`]), so nothing points at them.
 fn undo_fill(slot: &DeviceSlot, blk: &mut Block, need: &PageMask) {
     release_device_pages(slot, blk, need);
 }

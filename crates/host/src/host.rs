@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use hetmm_core::device::HostAddr;
-use hetmm_core::types::{VaRange, PAGE_SIZE};
+use hetmm_core::types::{VaRange, BLOCK_SIZE, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::events::{self, Ctx, Own};
 use crate::mapping::{MappingError, MovedOut, SharedMapping};
+use crate::pagemap::Pagemap;
 use crate::uffd::{Features, OpenError, RegisterMode, Uffd, UffdError};
 
 /// How long dropping a [`Host`] waits for its thread (a core call may be in flight).
@@ -57,9 +58,14 @@ pub struct Host {
     stop: Arc<AtomicBool>,
     /// The uffd reader (never blocks on the core) and the servicer (faults and events, in order).
     workers: Mutex<Vec<Worker>>,
-    /// Where large revokes move page-table entries out instead of zapping them (see
-    /// [`revoke_by_moving`]): the thread that frees them.
+    /// How large revokes take entries away (see [`Revoke`]).
+    revoke: Revoke,
+    /// Where revokes move page-table entries out for later freeing ([`Revoke::MoveOut`]): the
+    /// thread that frees them.
     reaper: Option<Reaper>,
+    /// Which alias pages already have entries ([`Revoke::IntoAlias`] moves only where none);
+    /// `None` where procfs refuses (then nothing moves into the alias).
+    pagemap: Option<Pagemap>,
 }
 
 /// The thread that frees page-table entries revokes moved out of application views, stopped
@@ -96,7 +102,9 @@ impl Host {
                 return Err(HostInitError::Spawn(e));
             }
         };
-        let reaper = if revoke_by_moving() {
+        let revoke = Revoke::from_env();
+        let pagemap = Pagemap::open();
+        let reaper = if revoke == Revoke::MoveOut {
             let (tx, moved) = mpsc::channel();
             let c = ctx.clone();
             match Worker::spawn("hetmm-reaper", move || reap_loop(&c, moved)) {
@@ -111,7 +119,7 @@ impl Host {
         } else {
             None
         };
-        Ok(Arc::new(Host { uffd, ctx, stop, workers: Mutex::new(vec![reader, servicer]), reaper }))
+        Ok(Arc::new(Host { uffd, ctx, stop, workers: Mutex::new(vec![reader, servicer]), revoke, reaper, pagemap }))
     }
 
     /// Hands entries moved out of an application view to the reaper; frees them here if it
@@ -252,24 +260,82 @@ impl HostRegion {
         left
     }
 
-    /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`); `move_out`: ranges from
-    /// [`MOVE_OUT_MIN`] move their page-table entries out for the reaper to free instead of
-    /// being zapped here.
-    fn revoke_ranges(&self, ranges: &[VaRange], move_out: bool) -> Result<(), HostError> {
+    /// Moves the view's entries of each 2 MiB piece of the ranges into the alias where the
+    /// piece is at least [`MOVE_OUT_MIN`] and the alias has no entries there (see
+    /// [`SharedMapping::move_app_into_alias`]); returns the pieces left to zap. Pieces in a row
+    /// move in one call.
+    fn move_into_alias(&self, ranges: &[VaRange]) -> Result<Vec<VaRange>, HostError> {
+        let Some(pagemap) = &self.host.pagemap else { return Ok(ranges.to_vec()) };
+        let mut left = Vec::new();
+        let mut run: Option<VaRange> = None;
+        for &r in ranges {
+            for piece in block_pieces(r) {
+                let movable =
+                    piece.len >= MOVE_OUT_MIN && self.mapping.alias_of(piece).is_ok_and(|a| !pagemap.any_entry(a));
+                if !movable {
+                    left.push(piece);
+                    continue;
+                }
+                run = match run {
+                    Some(x) if x.end() == piece.start => Some(VaRange::new(x.start, x.len + piece.len)),
+                    Some(x) => {
+                        self.move_run_into_alias(x, &mut left)?;
+                        Some(piece)
+                    }
+                    None => Some(piece),
+                };
+            }
+        }
+        if let Some(x) = run {
+            self.move_run_into_alias(x, &mut left)?;
+        }
+        Ok(left)
+    }
+
+    /// One move into the alias (a run under [`INTO_ALIAS_MIN`] is left to zap), then the
+    /// alias's part made a plain read-write mapping again:
+    /// unregistered (the view's VMA came with its registration; an alias fault must never
+    /// reach the uffd) and its entries writable. A failed move leaves `range` to zap. A failed
+    /// clean-up maps the alias's part afresh (its entries are lost, its data is the memfd's);
+    /// only if that fails too is the revoke an error.
+    fn move_run_into_alias(&self, range: VaRange, left: &mut Vec<VaRange>) -> Result<(), HostError> {
+        if range.len < INTO_ALIAS_MIN {
+            left.push(range);
+            return Ok(());
+        }
+        let alias = match self.host.ctx.own_op(Own::MoveOut, range, || self.mapping.move_app_into_alias(range)) {
+            Ok(a) => a,
+            Err(e) => {
+                log::debug!("revoke {range} by moving its entries into the alias: {e}; zapping instead");
+                left.push(range);
+                return Ok(());
+            }
+        };
+        let cleaned = retry_again(|| self.host.uffd.unregister(alias))
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.mapping.alias_read_write(range).map_err(|e| e.to_string()));
+        if let Err(e) = cleaned {
+            log::warn!("alias {alias} after a move: {e}; mapping it afresh");
+            self.mapping.reset_alias(range).map_err(|e| mapping_err("revoke", range, e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`) the way `how` says; what a
+    /// move does not take (small or unfit ranges) is zapped.
+    fn revoke_ranges(&self, ranges: &[VaRange], how: Revoke) -> Result<(), HostError> {
         // Our own zap raises a REMOVE event, our own move a REMAP event: mark them so the
         // reader does not take them for the program's.
         let zap =
             |r: VaRange| self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e));
-        // Large ranges may move their entries out instead (see `move_out`); what the kernel
-        // will not move in one piece (it spans VMAs: the program changed the protection of
-        // part of it) is zapped.
-        let left;
-        let ranges = if move_out {
-            left = self.move_out(ranges);
-            &left[..]
-        } else {
-            ranges
+        // What the kernel will not move in one piece (it spans VMAs: the program changed the
+        // protection of part of it) is zapped.
+        let left = match how {
+            Revoke::Zap => ranges.to_vec(),
+            Revoke::MoveOut => self.move_out(ranges),
+            Revoke::IntoAlias => self.move_into_alias(ranges)?,
         };
+        let ranges = &left[..];
         let pieces = zap_pieces(ranges, zap_threads());
         if pieces.len() <= 1 {
             return ranges.iter().try_for_each(|&r| zap(r));
@@ -358,7 +424,7 @@ impl CpuMmu for HostRegion {
     }
 
     fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
-        self.revoke_ranges(ranges, self.host.reaper.is_some())
+        self.revoke_ranges(ranges, self.host.revoke)
     }
 
     fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -442,13 +508,51 @@ impl Drop for HostRegion {
 /// about what the zap saves.
 const MOVE_OUT_MIN: u64 = 1 << 20;
 
-/// Whether large revokes move page-table entries out for the reaper instead of zapping them:
-/// only with `HETMM_REVOKE=move`. It is meant for machines with CPUs to spare, where the reaper's
-/// unmaps run beside the copies; on the 2-CPU build machine they compete with the copies and the
-/// `stream` device-fault path measured 0-4% slower. It becomes the default where a measurement
-/// shows it faster (the GPU machine's `copy`, run both ways by `.ci/gpu check`).
-fn revoke_by_moving() -> bool {
-    std::env::var("HETMM_REVOKE").as_deref() == Ok("move")
+/// Bytes from which a run of blocks is revoked by moving its entries into the alias. Each move
+/// changes the alias's VMAs three times (the move, the unregistration, the protection), and
+/// each change stalls every copy engine faulting on the alias meanwhile: block by block, as the
+/// device-fault path revokes, that cost what the faster copies saved (`stream_breakdown`, 1 GiB:
+/// 0.195-0.22 s against 0.197-0.214 s zapping, five runs of each). In one piece, as a bulk
+/// `Prefetch` revokes, it pays: 0.133-0.160 s against 0.157-0.184 s.
+const INTO_ALIAS_MIN: u64 = 8 << 20;
+
+/// How a revoke of [`MOVE_OUT_MIN`] bytes or more takes the application view's page-table
+/// entries away (`HETMM_REVOKE`: `alias`, the default, `zap` or `move`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Revoke {
+    /// Runs of [`INTO_ALIAS_MIN`] bytes or more moved into the alias where it has no entries
+    /// of its own, the rest zapped: the copy engines read through the moved entries next.
+    IntoAlias,
+    /// `MADV_DONTNEED`.
+    Zap,
+    /// Moved out to a private reservation that a reaper thread unmaps later. Meant for
+    /// machines with CPUs to spare; on the 2-CPU build machine the reaper's unmaps compete with
+    /// the copies. For comparing on the GPU machine (`.ci/gpu check` runs its copy both ways).
+    MoveOut,
+}
+
+impl Revoke {
+    fn from_env() -> Revoke {
+        match std::env::var("HETMM_REVOKE").as_deref() {
+            Ok("zap") => Revoke::Zap,
+            Ok("move") => Revoke::MoveOut,
+            _ => Revoke::IntoAlias,
+        }
+    }
+}
+
+/// Splits `r` at 2 MiB boundaries.
+fn block_pieces(r: VaRange) -> impl Iterator<Item = VaRange> {
+    let mut cur = r.start;
+    std::iter::from_fn(move || {
+        if cur >= r.end() {
+            return None;
+        }
+        let next = ((cur / BLOCK_SIZE + 1) * BLOCK_SIZE).min(r.end());
+        let piece = VaRange::new(cur, next - cur);
+        cur = next;
+        Some(piece)
+    })
 }
 
 /// The reaper: frees the page-table entries revokes moved out, off the revoking thread (the
@@ -648,7 +752,7 @@ mod tests {
         assert_eq!(core.faults.load(Ordering::Relaxed), 0);
         // Not 2 MiB-aligned: whole page tables move in the middle, single entries at the ends.
         let r = VaRange::new(all.start + 5 * PAGE_SIZE, 2 * BLOCK_SIZE);
-        region.revoke_ranges(&[r], true).unwrap();
+        region.revoke_ranges(&[r], Revoke::MoveOut).unwrap();
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         assert_eq!(read(all.start + 4 * PAGE_SIZE + 8), (4 * PAGE_SIZE + 8) / 8 * 7, "before the range");
         assert_eq!(read(r.end() + 16), (r.end() + 16 - all.start) / 8 * 7, "after the range");
@@ -663,6 +767,59 @@ mod tests {
         drop(region);
         on_thread(move || drop(host));
         assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own remap and unmap are not the program's");
+    }
+
+    /// The default large revoke moves the entries into the alias: the next access faults to the
+    /// core as after a zap and finds the data, pages outside the range stay mapped, the alias
+    /// has entries there afterwards, reads and writes through it (unregistered: no fault
+    /// reaches the core) and its writes are seen by the program, and the move reaches the core
+    /// as no event of the program's. Where the alias already has entries, and for runs under
+    /// `INTO_ALIAS_MIN`, the range is zapped instead, with the same result for the program.
+    #[test]
+    fn large_revoke_moves_entries_into_the_alias_unseen() {
+        let (core, host, region) = setup(8 * BLOCK_SIZE);
+        let Some(pagemap) = Pagemap::open() else {
+            eprintln!("skipped: /proc/self/pagemap cannot be opened here");
+            return;
+        };
+        let all = VaRange::new(region.app_ptr() as u64, 8 * BLOCK_SIZE);
+        let block = |i: u64| VaRange::new(all.start + i * BLOCK_SIZE, BLOCK_SIZE);
+        region.populate(&[all]).unwrap();
+        region.map(&[all], true).unwrap();
+        let app = region.app_ptr() as usize;
+        let words = (all.len / 8) as usize;
+        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 7) }));
+        // Block 1's alias gets entries of its own first: it is zapped, and so is the piece of
+        // block 0 before it (a run under INTO_ALIAS_MIN). Blocks 2-6 move; the page of block
+        // 7 is a piece under MOVE_OUT_MIN, zapped.
+        let mut b = [0u8; 8];
+        region.mapping.read_alias(BLOCK_SIZE + 64, &mut b).unwrap();
+        assert_eq!(u64::from_ne_bytes(b), (BLOCK_SIZE + 64) / 8 * 7);
+        let r = VaRange::new(all.start + 5 * PAGE_SIZE, 7 * BLOCK_SIZE - 4 * PAGE_SIZE);
+        region.revoke_ranges(&[r], Revoke::IntoAlias).unwrap();
+        let alias = |x: VaRange| region.mapping.alias_of(x).unwrap();
+        assert!(pagemap.any_entry(alias(block(3))), "block 3's entries are in the alias now");
+        assert!(!pagemap.any_entry(VaRange::new(r.start, 7 * BLOCK_SIZE - 5 * PAGE_SIZE)), "not in the view");
+        assert!(!pagemap.any_entry(alias(VaRange::new(r.start, BLOCK_SIZE - 5 * PAGE_SIZE))), "block 0: zapped");
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0);
+        // The alias reads and writes without faulting to the core.
+        let a = alias(block(3)).start as usize;
+        let v = on_thread(move || unsafe { (a as *const u64).add(3).read_volatile() });
+        assert_eq!(v, (3 * BLOCK_SIZE + 24) / 8 * 7);
+        on_thread(move || unsafe { (a as *mut u64).add(5).write_volatile(0xABCD) });
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0, "the alias is not registered");
+        let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
+        assert_eq!(read(all.start + 4 * PAGE_SIZE + 8), (4 * PAGE_SIZE + 8) / 8 * 7, "before the range");
+        assert_eq!(read(r.end() + 16), (r.end() + 16 - all.start) / 8 * 7, "after the range");
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0, "pages outside the range stay mapped");
+        for va in [r.start, block(1).start + 8, block(2).start, block(6).end() - 8, r.end() - 8] {
+            assert_eq!(read(va), (va - all.start) / 8 * 7);
+        }
+        assert_eq!(read(block(3).start + 40), 0xABCD, "the alias's write");
+        assert_eq!(core.faults.load(Ordering::Relaxed), 6, "each page in the range faults");
+        drop(region);
+        on_thread(move || drop(host));
+        assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own moves are not the program's");
     }
 
     #[test]

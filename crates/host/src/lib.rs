@@ -25,6 +25,8 @@ pub mod mapping;
 #[cfg(target_os = "linux")]
 pub mod mirror;
 #[cfg(target_os = "linux")]
+mod pagemap;
+#[cfg(target_os = "linux")]
 pub mod probe;
 #[cfg(target_os = "linux")]
 pub mod uffd;

@@ -1,0 +1,65 @@
+//! Which pages of this process have page-table entries, read from `/proc/self/pagemap`: how a
+//! revoke decides between moving the application view's entries into the alias (where the alias
+//! has none) and zapping them (where it has its own, which a move would throw away).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use hetmm_core::types::{VaRange, PAGE_SIZE};
+
+/// Bits of a pagemap entry saying the page has an entry: present, or swapped out.
+const HAS_ENTRY: u64 = (1 << 63) | (1 << 62);
+/// Entries read per `pread` (4 KiB: one 2 MiB block).
+const BATCH: usize = 512;
+
+/// `/proc/self/pagemap`, opened once.
+#[derive(Debug)]
+pub(crate) struct Pagemap(File);
+
+impl Pagemap {
+    /// Opens it; `None` where procfs is missing or refuses.
+    pub(crate) fn open() -> Option<Pagemap> {
+        File::open("/proc/self/pagemap").ok().map(Pagemap)
+    }
+
+    /// Whether any page of `range` has a page-table entry in this process. An unreadable entry
+    /// counts as one (the caller then takes the path that is right either way).
+    pub(crate) fn any_entry(&self, range: VaRange) -> bool {
+        let mut buf = [0u8; BATCH * 8];
+        let (first, pages) = (range.start / PAGE_SIZE, range.len.div_ceil(PAGE_SIZE));
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(BATCH as u64) as usize;
+            let bytes = &mut buf[..n * 8];
+            if self.0.read_exact_at(bytes, (first + done) * 8).is_err() {
+                return true;
+            }
+            let mut words = bytes.chunks_exact(8).map(|w| u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8])));
+            if words.any(|e| e & HAS_ENTRY != 0) {
+                return true;
+            }
+            done += n as u64;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sees_touched_pages_only() {
+        let Some(pm) = Pagemap::open() else {
+            eprintln!("skipped: /proc/self/pagemap cannot be opened here");
+            return;
+        };
+        let m = crate::mapping::SharedMapping::new(4 * PAGE_SIZE).unwrap();
+        let alias = VaRange::new(m.alias_ptr() as u64, 4 * PAGE_SIZE);
+        assert!(!pm.any_entry(alias), "a fresh mapping has no entries");
+        let mut b = [0u8; 1];
+        m.read_alias(2 * PAGE_SIZE, &mut b).unwrap();
+        assert!(pm.any_entry(alias));
+        assert!(pm.any_entry(VaRange::new(alias.start + 2 * PAGE_SIZE, PAGE_SIZE)));
+    }
+}

@@ -10,8 +10,8 @@
 //! - moving the registered view's entries out with `mremap(MREMAP_DONTUNMAP)` (a REMAP event
 //!   each), and freeing them afterwards as hetmm's reaper thread does (unregister, unmap);
 //! - moving the registered view's entries into the alias instead (hetmm's default for large
-//!   revokes): the move, unregistering the moved VMA and making its entries writable, then
-//!   copying the block out through the entries it now has;
+//!   revokes): out to a reservation, unregistered there, made writable and moved into the
+//!   alias; then the block copied out through the entries it now has;
 //! - `UFFDIO_WRITEPROTECT` of the registered view, and `UFFDIO_CONTINUE` mapping it again;
 //! - copying 2 MiB of freshly written backing through the alias with the sim's DMA routine
 //!   (the alias has no entries: it faults every 16 pages), into page-aligned memory as device
@@ -134,9 +134,11 @@ fn main() {
         // it yet) as hetmm's revoke does, and copied out through the moved entries.
         per_block(&reg, |r| u.cont(r, false, false).expect("UFFDIO_CONTINUE"));
         let into = per_block(&reg, |r| {
-            let alias = reg.move_app_into_alias(r).expect("move into the alias");
-            u.unregister(alias).expect("unregister");
-            reg.alias_read_write(r).expect("mprotect");
+            let moved = reg.move_out_app(r).expect("move out");
+            u.unregister(moved.moved()).expect("unregister");
+            // SAFETY: `moved` came from `move_out_app(r)` and was just unregistered; this thread
+            // is the only one touching the mapping.
+            unsafe { reg.install_in_alias(moved, r) }.expect("move into the alias");
         });
         let copy_moved = copy_all(&reg, &mut dst);
         // Unregistered before the reader stops: unmapping the view raises no UNMAP event then.
@@ -157,7 +159,7 @@ fn main() {
     println!("  copy from fresh backing (sim DMA)       {copy:7.1} us");
     println!("  zap / copy {:.2}, write-protect / copy {:.2}", zap_reg / copy, wp / copy);
     let (into, copy_moved) = into;
-    println!("  move into the alias, unregister, mprotect {into:7.1} us");
+    println!("  move out, unregister, into the alias    {into:7.1} us");
     println!("    then copy through the moved entries   {copy_moved:7.1} us");
     println!(
         "  revoke + copy: zapping {:.1} us, moving into the alias {:.1} us ({:.2})",

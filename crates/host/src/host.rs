@@ -262,18 +262,29 @@ impl HostRegion {
 
     /// Moves the view's entries of each 2 MiB piece of the ranges into the alias where the
     /// piece is at least [`MOVE_OUT_MIN`] and the alias has no entries there (see
-    /// [`SharedMapping::move_app_into_alias`]); returns the pieces left to zap. Pieces in a row
+    /// [`HostRegion::move_run_into_alias`]); returns the pieces left to zap, adjacent ones
+    /// merged. Pieces in a row
     /// move in one call.
     fn move_into_alias(&self, ranges: &[VaRange]) -> Result<Vec<VaRange>, HostError> {
         let Some(pagemap) = &self.host.pagemap else { return Ok(ranges.to_vec()) };
+        // Too little to move (the device-fault path's revokes): no pagemap reads.
+        if ranges.iter().map(|r| r.len).sum::<u64>() < INTO_ALIAS_MIN {
+            return Ok(ranges.to_vec());
+        }
         let mut left = Vec::new();
         let mut run: Option<VaRange> = None;
+        let has_entries = |x: VaRange| self.mapping.alias_of(x).map_or(true, |a| pagemap.any_entry(a));
         for &r in ranges {
+            // An alias with entries at the start of a range has them throughout, most likely
+            // (a GPU backend pins it whole): one read decides, not one per block.
+            if block_pieces(r).next().is_some_and(has_entries) {
+                push_merged(&mut left, r);
+                continue;
+            }
             for piece in block_pieces(r) {
-                let movable =
-                    piece.len >= MOVE_OUT_MIN && self.mapping.alias_of(piece).is_ok_and(|a| !pagemap.any_entry(a));
+                let movable = piece.len >= MOVE_OUT_MIN && !has_entries(piece);
                 if !movable {
-                    left.push(piece);
+                    push_merged(&mut left, piece);
                     continue;
                 }
                 run = match run {
@@ -292,31 +303,37 @@ impl HostRegion {
         Ok(left)
     }
 
-    /// One move into the alias (a run under [`INTO_ALIAS_MIN`] is left to zap), then the
-    /// alias's part made a plain read-write mapping again:
-    /// unregistered (the view's VMA came with its registration; an alias fault must never
-    /// reach the uffd) and its entries writable. A failed move leaves `range` to zap. A failed
-    /// clean-up maps the alias's part afresh (its entries are lost, its data is the memfd's);
-    /// only if that fails too is the revoke an error.
+    /// One run's entries moved into the alias (a run under [`INTO_ALIAS_MIN`] is left to zap):
+    /// first out to a private reservation ([`SharedMapping::move_out_app`], which checks the
+    /// source before anything of ours is unmapped), where the moved VMA is unregistered (it
+    /// came with the view's registration; an alias fault must never reach the uffd), then into
+    /// the alias ([`SharedMapping::install_in_alias`]). The view has lost its entries once the
+    /// first move succeeds, so the revoke is done whatever happens next: if a later step
+    /// fails, the moved entries are freed as the reaper frees them.
     fn move_run_into_alias(&self, range: VaRange, left: &mut Vec<VaRange>) -> Result<(), HostError> {
         if range.len < INTO_ALIAS_MIN {
-            left.push(range);
+            push_merged(left, range);
             return Ok(());
         }
-        let alias = match self.host.ctx.own_op(Own::MoveOut, range, || self.mapping.move_app_into_alias(range)) {
-            Ok(a) => a,
+        let moved = match self.host.ctx.own_op(Own::MoveOut, range, || self.mapping.move_out_app(range)) {
+            Ok(m) => m,
             Err(e) => {
                 log::debug!("revoke {range} by moving its entries into the alias: {e}; zapping instead");
-                left.push(range);
+                push_merged(left, range);
                 return Ok(());
             }
         };
-        let cleaned = retry_again(|| self.host.uffd.unregister(alias))
-            .map_err(|e| e.to_string())
-            .and_then(|()| self.mapping.alias_read_write(range).map_err(|e| e.to_string()));
-        if let Err(e) = cleaned {
-            log::warn!("alias {alias} after a move: {e}; mapping it afresh");
-            self.mapping.reset_alias(range).map_err(|e| mapping_err("revoke", range, e))?;
+        if let Err(e) = retry_again(|| self.host.uffd.unregister(moved.moved())) {
+            log::debug!("unregistering entries moved out of {range}: {e}; freeing them");
+            release(&self.host.ctx, moved);
+            return Ok(());
+        }
+        // SAFETY: `moved` came from `move_out_app(range)` just above and was unregistered; the
+        // core holds the block locks of `range` during a revoke, so no copy engine touches its
+        // alias part meanwhile.
+        if let Err(e) = unsafe { self.mapping.install_in_alias(moved, range) } {
+            // The entries are freed; where the alias lost its part, the error is logged there.
+            log::debug!("moving entries of {range} into the alias: {e}");
         }
         Ok(())
     }
@@ -509,25 +526,28 @@ impl Drop for HostRegion {
 const MOVE_OUT_MIN: u64 = 1 << 20;
 
 /// Bytes from which a run of blocks is revoked by moving its entries into the alias. Each move
-/// changes the alias's VMAs three times (the move, the unregistration, the protection), and
-/// each change stalls every copy engine faulting on the alias meanwhile: block by block, as the
-/// device-fault path revokes, that cost what the faster copies saved (`stream_breakdown`, 1 GiB:
-/// 0.195-0.22 s against 0.197-0.214 s zapping, five runs of each). In one piece, as a bulk
-/// `Prefetch` revokes, it pays: 0.133-0.160 s against 0.157-0.184 s.
-const INTO_ALIAS_MIN: u64 = 8 << 20;
+/// changes the VMAs of the view and the alias several times, and each change stalls every copy
+/// engine faulting on the alias meanwhile. The device-fault path revokes 2-16 MiB at a time
+/// while copies run: moving every run there cost what the faster copies saved
+/// (`stream_breakdown`, 1 GiB: 0.195-0.22 s against 0.197-0.214 s zapping, five runs of each).
+/// A bulk `Prefetch` revokes 64 MiB at a time before its copies: there it pays.
+const INTO_ALIAS_MIN: u64 = 32 << 20;
 
 /// How a revoke of [`MOVE_OUT_MIN`] bytes or more takes the application view's page-table
 /// entries away (`HETMM_REVOKE`: `alias`, the default, `zap` or `move`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Revoke {
     /// Runs of [`INTO_ALIAS_MIN`] bytes or more moved into the alias where it has no entries
-    /// of its own, the rest zapped: the copy engines read through the moved entries next.
+    /// of its own, the rest zapped: the copy engines read through the moved entries next. As
+    /// with `MoveOut`, a view the program `mlock`ed loses its lock where its entries move (a
+    /// zap would refuse it instead); memory hetmm migrates to devices is not held in RAM by
+    /// `mlock` either way.
     IntoAlias,
     /// `MADV_DONTNEED`.
     Zap,
     /// Moved out to a private reservation that a reaper thread unmaps later. Meant for
     /// machines with CPUs to spare; on the 2-CPU build machine the reaper's unmaps compete with
-    /// the copies. For comparing on the GPU machine (`.ci/gpu check` runs its copy both ways).
+    /// the copies. For comparing on the GPU machine (`.ci/gpu check` runs its copy each way).
     MoveOut,
 }
 
@@ -536,8 +556,20 @@ impl Revoke {
         match std::env::var("HETMM_REVOKE").as_deref() {
             Ok("zap") => Revoke::Zap,
             Ok("move") => Revoke::MoveOut,
-            _ => Revoke::IntoAlias,
+            Ok("alias") | Err(_) => Revoke::IntoAlias,
+            Ok(other) => {
+                log::warn!("HETMM_REVOKE={other}: not alias, zap or move; using alias");
+                Revoke::IntoAlias
+            }
         }
+    }
+}
+
+/// Appends `r` to `ranges`, merged into the last range where it continues it.
+fn push_merged(ranges: &mut Vec<VaRange>, r: VaRange) {
+    match ranges.last_mut() {
+        Some(last) if last.end() == r.start => *last = VaRange::new(last.start, last.len + r.len),
+        _ => ranges.push(r),
     }
 }
 
@@ -777,12 +809,12 @@ mod tests {
     /// `INTO_ALIAS_MIN`, the range is zapped instead, with the same result for the program.
     #[test]
     fn large_revoke_moves_entries_into_the_alias_unseen() {
-        let (core, host, region) = setup(8 * BLOCK_SIZE);
+        let (core, host, region) = setup(24 * BLOCK_SIZE);
         let Some(pagemap) = Pagemap::open() else {
             eprintln!("skipped: /proc/self/pagemap cannot be opened here");
             return;
         };
-        let all = VaRange::new(region.app_ptr() as u64, 8 * BLOCK_SIZE);
+        let all = VaRange::new(region.app_ptr() as u64, 24 * BLOCK_SIZE);
         let block = |i: u64| VaRange::new(all.start + i * BLOCK_SIZE, BLOCK_SIZE);
         region.populate(&[all]).unwrap();
         region.map(&[all], true).unwrap();
@@ -790,16 +822,23 @@ mod tests {
         let words = (all.len / 8) as usize;
         on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 7) }));
         // Block 1's alias gets entries of its own first: it is zapped, and so is the piece of
-        // block 0 before it (a run under INTO_ALIAS_MIN). Blocks 2-6 move; the page of block
-        // 7 is a piece under MOVE_OUT_MIN, zapped.
+        // block 0 before it (a run under INTO_ALIAS_MIN). Blocks 2-22 move; the page of block
+        // 23 is a piece under MOVE_OUT_MIN, zapped.
         let mut b = [0u8; 8];
         region.mapping.read_alias(BLOCK_SIZE + 64, &mut b).unwrap();
         assert_eq!(u64::from_ne_bytes(b), (BLOCK_SIZE + 64) / 8 * 7);
-        let r = VaRange::new(all.start + 5 * PAGE_SIZE, 7 * BLOCK_SIZE - 4 * PAGE_SIZE);
+        // A page of block 4 the view does not map: the alias has no entry for it after the
+        // move, and touching it there must not reach the userfaultfd.
+        let hole = VaRange::new(block(4).start + 9 * PAGE_SIZE, PAGE_SIZE);
+        region.revoke_ranges(&[hole], Revoke::IntoAlias).unwrap();
+        // The program made its view read-only: the moved entries must still be writable in
+        // the alias, where copies home write.
+        region.set_prot(all, hetmm_core::types::Prot::READ).unwrap();
+        let r = VaRange::new(all.start + 5 * PAGE_SIZE, 23 * BLOCK_SIZE - 4 * PAGE_SIZE);
         region.revoke_ranges(&[r], Revoke::IntoAlias).unwrap();
         let alias = |x: VaRange| region.mapping.alias_of(x).unwrap();
         assert!(pagemap.any_entry(alias(block(3))), "block 3's entries are in the alias now");
-        assert!(!pagemap.any_entry(VaRange::new(r.start, 7 * BLOCK_SIZE - 5 * PAGE_SIZE)), "not in the view");
+        assert!(!pagemap.any_entry(VaRange::new(r.start, 23 * BLOCK_SIZE - 5 * PAGE_SIZE)), "not in the view");
         assert!(!pagemap.any_entry(alias(VaRange::new(r.start, BLOCK_SIZE - 5 * PAGE_SIZE))), "block 0: zapped");
         assert_eq!(core.faults.load(Ordering::Relaxed), 0);
         // The alias reads and writes without faulting to the core.
@@ -807,16 +846,21 @@ mod tests {
         let v = on_thread(move || unsafe { (a as *const u64).add(3).read_volatile() });
         assert_eq!(v, (3 * BLOCK_SIZE + 24) / 8 * 7);
         on_thread(move || unsafe { (a as *mut u64).add(5).write_volatile(0xABCD) });
+        let h = region.mapping.alias_of(hole).unwrap().start as usize;
+        let v = on_thread(move || unsafe { (h as *const u64).read_volatile() });
+        assert_eq!(v, (hole.start - all.start) / 8 * 7);
+        on_thread(move || unsafe { (h as *mut u64).add(1).write_volatile(0x5EED) });
         assert_eq!(core.faults.load(Ordering::Relaxed), 0, "the alias is not registered");
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         assert_eq!(read(all.start + 4 * PAGE_SIZE + 8), (4 * PAGE_SIZE + 8) / 8 * 7, "before the range");
         assert_eq!(read(r.end() + 16), (r.end() + 16 - all.start) / 8 * 7, "after the range");
         assert_eq!(core.faults.load(Ordering::Relaxed), 0, "pages outside the range stay mapped");
-        for va in [r.start, block(1).start + 8, block(2).start, block(6).end() - 8, r.end() - 8] {
+        for va in [r.start, block(1).start + 8, block(2).start, block(22).end() - 8, r.end() - 8] {
             assert_eq!(read(va), (va - all.start) / 8 * 7);
         }
         assert_eq!(read(block(3).start + 40), 0xABCD, "the alias's write");
-        assert_eq!(core.faults.load(Ordering::Relaxed), 6, "each page in the range faults");
+        assert_eq!(read(hole.start + 8), 0x5EED, "the alias's write to the hole");
+        assert_eq!(core.faults.load(Ordering::Relaxed), 7, "each page in the range faults");
         drop(region);
         on_thread(move || drop(host));
         assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own moves are not the program's");

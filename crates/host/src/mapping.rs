@@ -142,6 +142,16 @@ impl MovedOut {
     }
 }
 
+impl MovedOut {
+    /// The reservation's start and length, without unmapping it (the caller unmaps what is
+    /// still its own).
+    fn into_reservation(self) -> (usize, usize) {
+        let parts = (self.reservation, self.res_len);
+        std::mem::forget(self);
+        parts
+    }
+}
+
 impl Drop for MovedOut {
     fn drop(&mut self) {
         unmap(self.reservation, self.res_len);
@@ -270,83 +280,91 @@ impl SharedMapping {
         Ok(VaRange::new(self.alias.addr() as u64 + off, range.len))
     }
 
-    /// Takes the application view's page-table entries of `range` away by moving them into the
-    /// alias at the same offsets (`mremap(MREMAP_FIXED | MREMAP_DONTUNMAP)`), where the copy
-    /// engines are about to read the pages. A revoke done this way costs a move of page-table
-    /// pages (about 25-40 us per 2 MiB here) instead of a zap of 512 entries (about 200 us),
-    /// and the copy that follows reads through entries that exist: copying from an alias
-    /// without entries runs at half the speed, because every 16 pages take a fault
+    /// Puts page-table entries of `range` that [`SharedMapping::move_out_app`] moved out into
+    /// the alias at the same offsets, where the copy engines are about to read the pages: the
+    /// second half of a revoke that moves the view's entries instead of zapping them. Copying
+    /// out through an alias without entries runs at half the speed, because every 16 pages
+    /// take a fault; the view's entries are exactly what it lacks, and a move of whole
+    /// page-table pages costs about what one such fault costs
     /// (`cargo run --release --example revoke_cost`).
     ///
-    /// The view keeps its VMA and registration, as with [`SharedMapping::move_out_app`]. The
-    /// alias loses its own entries of the range (the caller moves only where it has none) and
-    /// gets the view's VMA there: still registered with the view's userfaultfd, with the view's
-    /// protection. The caller unregisters it, then calls [`SharedMapping::alias_read_write`].
-    /// If the move fails, the alias's part is mapped afresh (some kernels unmap the
-    /// destination before they find the source unfit) and the error returned.
-    pub fn move_app_into_alias(&self, range: VaRange) -> Result<VaRange, MappingError> {
+    /// The moved VMA is made read-write first (the view's protection came with it, and
+    /// unregistering a write-protect mode leaves every entry read-only, so each later copy into
+    /// the alias would take one write fault per page: 3.5 ms per 2 MiB; `mprotect` to
+    /// read-only, then read-write, upgrades them in two walks, about 80 us) and unlocked (a
+    /// view the program `mlock`ed must not lock the alias), then moved over the alias's part
+    /// for `range` with one `mremap(MREMAP_FIXED)`. The alias loses its own entries there: the
+    /// caller moves only where it has none. If the final move fails, `moved` is dropped (its
+    /// entries freed) and the alias's part is mapped afresh if the kernel left a hole there.
+    ///
+    /// # Safety
+    ///
+    /// `moved` must come from `self.move_out_app(range)` and no longer be registered with any
+    /// userfaultfd (else faults in the alias would go to that userfaultfd: a copy engine
+    /// touching a page without an entry would wait for it), and nothing may access the alias's
+    /// part for `range` until this returns (the caller holds its block lock). The view must
+    /// still have mapped this mapping's memfd when its entries were moved (as for every revoke:
+    /// the core applies the program's unmap before it migrates again).
+    pub unsafe fn install_in_alias(&self, moved: MovedOut, range: VaRange) -> Result<(), MappingError> {
         let alias = self.alias_of(range)?;
-        if self.alias.is_gone() {
+        if self.alias.is_gone() || moved.moved.len != range.len {
             return Err(MappingError::OutOfBounds { range, region: self.app_range() });
         }
-        let (len, flags) = (range.len as usize, rustix::mm::MremapFlags::MAYMOVE | rustix::mm::MremapFlags::DONTUNMAP);
-        // SAFETY: `range` was checked to lie inside the application view and `alias` is the
-        // same offsets of the alias, both owned by `self`. Both map the same memfd pages at the
-        // same offsets, so after the move every address of both reads the same bytes as
-        // before: the view's entries are gone (its next access faults, as after a zap), the
-        // alias's are the view's. No Rust reference into either view exists; copies go through
-        // raw pointers, and the caller holds the range's block lock, so none runs on it.
-        let moved = unsafe { rustix::mm::mremap_fixed(range.start as *mut _, len, len, flags, alias.start as *mut _) };
-        if let Err(e) = moved {
-            let err = os_err("mremap(DONTUNMAP) into the alias", range)(e);
-            self.reset_alias(range)?;
-            return Err(err);
-        }
-        Ok(alias)
-    }
-
-    /// Makes the alias's part for `range` read-write again after [`move_app_into_alias`] and
-    /// the unregistration that follows it: the view's protection came along with its VMA (the
-    /// program may have made its view read-only), and unregistering a write-protect mode
-    /// leaves every entry read-only, so each copy into the alias would take one write fault
-    /// per page (3.5 ms per 2 MiB). `mprotect` to read-only, then to read-write, upgrades the
-    /// entries in two walks (about 80 us per 2 MiB); the same protection twice would be a
-    /// no-op.
-    ///
-    /// [`move_app_into_alias`]: SharedMapping::move_app_into_alias
-    pub fn alias_read_write(&self, range: VaRange) -> Result<(), MappingError> {
-        let alias = self.alias_of(range)?;
+        let (at, len) = (moved.moved.start as usize, range.len as usize);
         use rustix::mm::MprotectFlags;
         for prot in [MprotectFlags::READ, MprotectFlags::READ | MprotectFlags::WRITE] {
-            // SAFETY: `alias` lies inside the alias, owned by `self`, which holds no Rust
-            // references; only its entries' permissions change (ending read-write, as mapped).
-            unsafe { rustix::mm::mprotect(alias.start as *mut _, alias.len as usize, prot) }
-                .map_err(os_err("mprotect(alias)", range))?;
+            // SAFETY: `[at, at + len)` is the mapping `moved` owns inside its reservation,
+            // which nothing accesses; only its entries' permissions change.
+            unsafe { rustix::mm::mprotect(at as *mut _, len, prot) }.map_err(os_err("mprotect(moved)", range))?;
         }
+        // SAFETY: as above; unlocking changes no data.
+        unsafe { rustix::mm::munlock(at as *mut _, len) }.map_err(os_err("munlock(moved)", range))?;
+        let flags = rustix::mm::MremapFlags::MAYMOVE;
+        // SAFETY: the source is the one VMA `moved` owns, read-write and unregistered (the
+        // caller's contract); the destination lies inside the alias, owned by `self`, which no
+        // one accesses meanwhile (the caller's contract). Both map the same memfd pages at the
+        // same offsets (the source came from the view at `range`), so every alias address reads
+        // the same bytes as before.
+        let r = unsafe { rustix::mm::mremap_fixed(at as *mut _, len, len, flags, alias.start as *mut _) };
+        if let Err(e) = r {
+            let err = os_err("mremap into the alias", range)(e);
+            drop(moved);
+            // Some kernels unmap the destination before they fail: fill a hole, replace nothing.
+            self.fill_alias_hole(range)?;
+            return Err(err);
+        }
+        // The moved range left the reservation: only the slack on both sides is still ours.
+        let (reservation, res_len) = moved.into_reservation();
+        unmap(reservation, at - reservation);
+        unmap(at + len, reservation + res_len - (at + len));
         Ok(())
     }
 
-    /// Maps the alias's part for `range` afresh: the memfd at the same offsets, shared
-    /// read-write, unregistered, without entries. The way back when a move into the alias
-    /// failed halfway; the pages and their data are the memfd's, so nothing is lost.
-    pub fn reset_alias(&self, range: VaRange) -> Result<(), MappingError> {
+    /// Maps the memfd over a hole in the alias's part for `range` (`MAP_FIXED_NOREPLACE`: a
+    /// mapping another thread put there is never replaced; the alias is then wrong there and
+    /// the error says so). Where the part is still mapped, nothing happens.
+    fn fill_alias_hole(&self, range: VaRange) -> Result<(), MappingError> {
         let off = self.offset_of(range)?;
         let alias = self.alias.addr() + off as usize;
-        // SAFETY: `[alias, alias + len)` lies inside the alias, owned by `self`; MAP_FIXED
-        // replaces it with a mapping of the same memfd pages at the same offsets, so every
-        // address reads the same bytes as before. No Rust reference into the alias exists.
-        unsafe {
+        // SAFETY: NOREPLACE maps only where nothing is mapped: no existing mapping, Rust's or
+        // another thread's, is touched. What it maps is the memfd at the alias's own offsets.
+        let r = unsafe {
             rustix::mm::mmap(
                 alias as *mut _,
                 range.len as usize,
                 ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
+                MapFlags::SHARED | MapFlags::FIXED_NOREPLACE,
                 &self.memfd,
                 off,
             )
+        };
+        match r {
+            Ok(_) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => {
+                log::error!("alias part {range} lost after a failed move: {e}");
+                Err(os_err("mmap(alias)", range)(e))
+            }
         }
-        .map(|_| ())
-        .map_err(os_err("mmap(alias)", range))
     }
 
     /// Makes sure backing pages exist for `range` (zero-filled where there were none; existing

@@ -57,9 +57,16 @@ mod tests {
         let m = crate::mapping::SharedMapping::new(4 * PAGE_SIZE).unwrap();
         let alias = VaRange::new(m.alias_ptr() as u64, 4 * PAGE_SIZE);
         assert!(!pm.any_entry(alias), "a fresh mapping has no entries");
+        m.write_backing(2 * PAGE_SIZE + 5, &[9]).unwrap();
+        assert!(!pm.any_entry(alias), "pwrite maps nothing");
         let mut b = [0u8; 1];
-        m.read_alias(2 * PAGE_SIZE, &mut b).unwrap();
+        m.read_alias(2 * PAGE_SIZE + 5, &mut b).unwrap();
+        // Used, so the read is not optimised away.
+        assert_eq!(std::hint::black_box(b), [9]);
         assert!(pm.any_entry(alias));
         assert!(pm.any_entry(VaRange::new(alias.start + 2 * PAGE_SIZE, PAGE_SIZE)));
+        // Fault-around maps only pages the memfd has: the holes around stay without entries.
+        assert!(!pm.any_entry(VaRange::new(alias.start, 2 * PAGE_SIZE)));
+        assert!(!pm.any_entry(VaRange::new(alias.start + 3 * PAGE_SIZE, PAGE_SIZE)));
     }
 }

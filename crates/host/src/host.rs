@@ -263,13 +263,12 @@ impl HostRegion {
     /// Moves the view's entries of each 2 MiB piece of the ranges into the alias where the
     /// piece is at least [`MOVE_OUT_MIN`] and the alias has no entries there (see
     /// [`HostRegion::move_run_into_alias`]); returns the pieces left to zap, adjacent ones
-    /// merged. Pieces in a row
-    /// move in one call.
-    fn move_into_alias(&self, ranges: &[VaRange]) -> Result<Vec<VaRange>, HostError> {
-        let Some(pagemap) = &self.host.pagemap else { return Ok(ranges.to_vec()) };
+    /// merged. Pieces in a row move in one call.
+    fn move_into_alias(&self, ranges: &[VaRange]) -> Vec<VaRange> {
+        let Some(pagemap) = &self.host.pagemap else { return ranges.to_vec() };
         // Too little to move (the device-fault path's revokes): no pagemap reads.
         if ranges.iter().map(|r| r.len).sum::<u64>() < INTO_ALIAS_MIN {
-            return Ok(ranges.to_vec());
+            return ranges.to_vec();
         }
         let mut left = Vec::new();
         let mut run: Option<VaRange> = None;
@@ -290,7 +289,7 @@ impl HostRegion {
                 run = match run {
                     Some(x) if x.end() == piece.start => Some(VaRange::new(x.start, x.len + piece.len)),
                     Some(x) => {
-                        self.move_run_into_alias(x, &mut left)?;
+                        self.move_run_into_alias(x, &mut left);
                         Some(piece)
                     }
                     None => Some(piece),
@@ -298,9 +297,9 @@ impl HostRegion {
             }
         }
         if let Some(x) = run {
-            self.move_run_into_alias(x, &mut left)?;
+            self.move_run_into_alias(x, &mut left);
         }
-        Ok(left)
+        left
     }
 
     /// One run's entries moved into the alias (a run under [`INTO_ALIAS_MIN`] is left to zap):
@@ -310,23 +309,23 @@ impl HostRegion {
     /// the alias ([`SharedMapping::install_in_alias`]). The view has lost its entries once the
     /// first move succeeds, so the revoke is done whatever happens next: if a later step
     /// fails, the moved entries are freed as the reaper frees them.
-    fn move_run_into_alias(&self, range: VaRange, left: &mut Vec<VaRange>) -> Result<(), HostError> {
+    fn move_run_into_alias(&self, range: VaRange, left: &mut Vec<VaRange>) {
         if range.len < INTO_ALIAS_MIN {
             push_merged(left, range);
-            return Ok(());
+            return;
         }
         let moved = match self.host.ctx.own_op(Own::MoveOut, range, || self.mapping.move_out_app(range)) {
             Ok(m) => m,
             Err(e) => {
                 log::debug!("revoke {range} by moving its entries into the alias: {e}; zapping instead");
                 push_merged(left, range);
-                return Ok(());
+                return;
             }
         };
         if let Err(e) = retry_again(|| self.host.uffd.unregister(moved.moved())) {
             log::debug!("unregistering entries moved out of {range}: {e}; freeing them");
             release(&self.host.ctx, moved);
-            return Ok(());
+            return;
         }
         // SAFETY: `moved` came from `move_out_app(range)` just above and was unregistered; the
         // core holds the block locks of `range` during a revoke, so no copy engine touches its
@@ -335,7 +334,6 @@ impl HostRegion {
             // The entries are freed; where the alias lost its part, the error is logged there.
             log::debug!("moving entries of {range} into the alias: {e}");
         }
-        Ok(())
     }
 
     /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`) the way `how` says; what a
@@ -350,7 +348,7 @@ impl HostRegion {
         let left = match how {
             Revoke::Zap => ranges.to_vec(),
             Revoke::MoveOut => self.move_out(ranges),
-            Revoke::IntoAlias => self.move_into_alias(ranges)?,
+            Revoke::IntoAlias => self.move_into_alias(ranges),
         };
         let ranges = &left[..];
         let pieces = zap_pieces(ranges, zap_threads());

@@ -249,15 +249,22 @@ impl HostRegion {
                 left.push(r);
                 continue;
             }
-            match self.host.ctx.own_op(Own::MoveOut, r, || self.mapping.move_out_app(r)) {
-                Ok(moved) => self.host.reap(moved),
-                Err(e) => {
-                    log::debug!("revoke {r} by moving its entries: {e}; zapping instead");
-                    left.push(r);
-                }
+            match self.take_entries(r) {
+                Some(moved) => self.host.reap(moved),
+                None => left.push(r),
             }
         }
         left
+    }
+
+    /// Moves the view's entries of `r` out to a private reservation, marked as the manager's
+    /// own move; `None` (logged) where the kernel refuses, and `r` is to be zapped instead.
+    fn take_entries(&self, r: VaRange) -> Option<MovedOut> {
+        self.host
+            .ctx
+            .own_op(Own::MoveOut, r, || self.mapping.move_out_app(r))
+            .map_err(|e| log::debug!("revoke {r} by moving its entries: {e}; zapping instead"))
+            .ok()
     }
 
     /// Moves the view's entries of each 2 MiB piece of the ranges into the alias where the
@@ -280,8 +287,9 @@ impl HostRegion {
                 push_merged(&mut left, r);
                 continue;
             }
-            for piece in block_pieces(r) {
-                let movable = piece.len >= MOVE_OUT_MIN && !has_entries(piece);
+            for (i, piece) in block_pieces(r).enumerate() {
+                // The first piece was read just above.
+                let movable = piece.len >= MOVE_OUT_MIN && (i == 0 || !has_entries(piece));
                 if !movable {
                     push_merged(&mut left, piece);
                     continue;
@@ -314,13 +322,9 @@ impl HostRegion {
             push_merged(left, range);
             return;
         }
-        let moved = match self.host.ctx.own_op(Own::MoveOut, range, || self.mapping.move_out_app(range)) {
-            Ok(m) => m,
-            Err(e) => {
-                log::debug!("revoke {range} by moving its entries into the alias: {e}; zapping instead");
-                push_merged(left, range);
-                return;
-            }
+        let Some(moved) = self.take_entries(range) else {
+            push_merged(left, range);
+            return;
         };
         if let Err(e) = retry_again(|| self.host.uffd.unregister(moved.moved())) {
             log::debug!("unregistering entries moved out of {range}: {e}; freeing them");

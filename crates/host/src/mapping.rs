@@ -140,9 +140,7 @@ impl MovedOut {
     pub fn reservation(&self) -> VaRange {
         VaRange::new(self.reservation as u64, self.res_len as u64)
     }
-}
 
-impl MovedOut {
     /// The reservation's start and length, without unmapping it (the caller unmaps what is
     /// still its own).
     fn into_reservation(self) -> (usize, usize) {

@@ -71,7 +71,13 @@ impl AddressSpace {
                 std::thread::Builder::new()
                     .name("hetmm-prefetch".into())
                     .spawn(move || {
-                        let r = me.enter().and_then(|_gate| me.prefetch_range(range, to));
+                        let r = me.enter().and_then(|_gate| {
+                            // As `migrate`: no region may be reshaped meanwhile, and the range is
+                            // checked again, for the program may have unmapped part of it since.
+                            let _shape = me.reshape.read();
+                            let range = me.check_range(range.start, range.len)?;
+                            me.prefetch_range(range, to)
+                        });
                         let _ = tx.send(r);
                     })
                     .map_err(|_| CoreError::ShuttingDown)?;

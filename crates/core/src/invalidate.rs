@@ -124,7 +124,7 @@ impl AddressSpace {
     /// device memory freed). Returns the CPU sides of regions that disappeared entirely.
     pub fn unmap_range(&self, range: VaRange) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let mut gone = Vec::new();
-        self.reshape_regions(range, |r| {
+        self.reshape_regions(range, Some(range), |r| {
             let parts: Vec<Part> = minus(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -142,7 +142,7 @@ impl AddressSpace {
     pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
         let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
         VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
-        self.reshape_regions(old, |r| {
+        self.reshape_regions(old, None, |r| {
             let mut parts: Vec<Part> = minus(r.range, old)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -167,7 +167,7 @@ impl AddressSpace {
     pub fn protect_range(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
         let range = self.check_span(start, len)?;
         let mut cpu_result = Ok(());
-        self.reshape_regions(range, |r| {
+        self.reshape_regions(range, None, |r| {
             let mut parts: Vec<Part> = minus(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -245,16 +245,44 @@ impl AddressSpace {
         out
     }
 
-    /// Takes every region overlapping `touch` out, folds device data back to host memory,
-    /// drops device mappings, and puts back the parts `f` returns for each (with the old
-    /// regions' per-page CPU state). Returns how many regions were touched.
-    fn reshape_regions(&self, touch: VaRange, mut f: impl FnMut(&Region) -> Vec<Part>) -> Result<usize> {
+    /// Folds the device data of every region overlapping `touch` back to host memory (but
+    /// what lies in `gone`, whose data the program dropped), then takes those regions out, drops
+    /// device mappings and copies, and puts back the parts `f` returns for each (with the old
+    /// regions' per-page CPU state). If the data cannot all come home, nothing changes: the
+    /// regions stay as they were, their devices' copies with them, and the error is returned.
+    /// Returns how many regions were touched.
+    fn reshape_regions(
+        &self,
+        touch: VaRange,
+        gone: Option<VaRange>,
+        mut f: impl FnMut(&Region) -> Vec<Part>,
+    ) -> Result<usize> {
         let _gate = self.enter()?;
         let _shape = self.reshape.write();
+        // With the reshape lock held for writing nothing puts data on a device meanwhile: every
+        // fault service and migration holds it for reading (the background evictor only moves
+        // data home).
+        let touched = self.overlapping(touch);
+        for r in &touched {
+            for cell in &r.blocks {
+                let mut blk = cell.lock();
+                let mut keep = PageMask::full(blk.npages);
+                if let Some(g) = gone {
+                    keep = keep.and_not(&pages_of(&blk.base, blk.npages, &g));
+                }
+                flush_and_unmap(self, r, &mut blk, &keep).inspect_err(|e| log::error!("reshaping {}: {e}", r.range))?;
+            }
+        }
+        // Exactly the regions flushed: one inserted meanwhile beside them (in the part of `touch`
+        // no region covered) is not ours to reshape, and one removed meanwhile is gone.
         let old: Vec<Arc<Region>> = {
             let mut map = self.regions.write();
-            let keys: Vec<u64> = self.overlapping_locked(&map, touch);
-            keys.iter().filter_map(|k| map.remove(k)).collect()
+            let mine: Vec<Arc<Region>> =
+                touched.into_iter().filter(|r| map.get(&r.range.start).is_some_and(|m| Arc::ptr_eq(m, r))).collect();
+            for r in &mine {
+                map.remove(&r.range.start);
+            }
+            mine
         };
         let mut result = Ok(());
         for r in &old {
@@ -263,11 +291,11 @@ impl AddressSpace {
             for cell in &r.blocks {
                 let mut blk = cell.lock();
                 let all = PageMask::full(blk.npages);
-                if let Err(e) = flush_and_unmap(self, r, &mut blk, &all) {
+                // Device copies are left only in `gone` (their data is dropped), mappings nowhere.
+                if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
                     log::error!("reshaping {}: {e}", r.range);
                     result = Err(e);
                 }
-                migrate::drop_device_copies(self, &mut blk, &all);
                 pages.extend(blk.pages.iter().map(|p| Page {
                     resident: ProcMask(p.resident.0 & ProcMask::only(crate::types::Proc::Cpu).0),
                     cpu: p.cpu,

@@ -299,6 +299,7 @@ pub(crate) fn to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
+    slot.attached()?;
     if region.remote {
         return map_remote(space, region, blk, slot, want);
     }
@@ -349,6 +350,7 @@ pub(crate) fn duplicate_to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
+    slot.attached()?;
     if region.remote {
         return map_remote(space, region, blk, slot, want);
     }
@@ -397,6 +399,7 @@ pub(crate) fn map_remote(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
+    slot.attached()?;
     let me = Proc::Device(slot.id);
     let want = &widen(blk, slot, want);
     to_cpu(space, region, blk, &only_elsewhere(blk, want, me))?;
@@ -641,25 +644,33 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
 }
 
 /// Drops every device mapping and copy in `m` without copying (the data is being freed or
-/// discarded).
-pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask) {
+/// discarded). Every device is tried; the first error is returned. A device that refuses the
+/// unmap may still reach its pages: they are forgotten (leaked, never handed out again), and the
+/// mapping stays recorded, so a later unmap of these pages tries again.
+pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Result<()> {
     let mut devices = ProcMask::EMPTY;
     for i in m.iter() {
         let pg = &blk.pages[i];
         devices.0 |= (pg.resident.0 | pg.dev_mapped.0) & !1;
     }
+    let mut result = Ok(());
     for d in devices.devices() {
         let Ok(slot) = space.holder(d) else { continue };
         let m = &widen(blk, &slot, m);
-        if let Err(e) = unmap_on(space, blk, &slot, m) {
-            log::error!("unmapping dropped memory from device {d:?}: {e}");
-        }
         let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
-        release_device_pages(&slot, blk, &here);
+        match unmap_on(space, blk, &slot, m) {
+            Ok(()) => release_device_pages(&slot, blk, &here),
+            Err(e) => {
+                log::error!("unmapping dropped memory from device {d:?}: {e}; its device pages are leaked");
+                blk.take_pas(d, &here);
+                result = result.and(Err(e));
+            }
+        }
         for i in m.iter() {
             blk.pages[i].resident.remove(Proc::Device(d));
         }
     }
+    result
 }
 
 /// Drops the data of `m` everywhere: the next touch reads zeros.
@@ -671,16 +682,19 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
     if partial && devs.devices().any(|d| space.holder(d).is_ok_and(|s| whole_blocks(&s))) {
         to_cpu(space, region, blk, m)?;
     }
-    drop_device_copies(space, blk, m);
+    // The data goes even where a device refuses to unmap it (reported after the rest is done).
+    let dropped = drop_device_copies(space, blk, m);
     let rs = ranges(blk, m);
     region.cpu.discard(&rs)?;
     for slot in space.holders() {
         slot.mmu.host_discarded(&rs);
     }
     for i in m.iter() {
-        blk.pages[i] = crate::block::Page::default();
+        // A mapping a device refused to drop stays recorded, to be unmapped again later.
+        let dev_mapped = blk.pages[i].dev_mapped;
+        blk.pages[i] = crate::block::Page { dev_mapped, ..crate::block::Page::default() };
     }
-    Ok(())
+    dropped
 }
 
 /// Moves whole blocks to `slot`'s device in one go: one CPU revoke (or write-protect) call, one
@@ -757,6 +771,7 @@ pub(crate) fn bulk_start(
     slot: &DeviceSlot,
     dup: bool,
 ) -> Result<Option<BulkMove>> {
+    slot.attached()?;
     if region.remote {
         // Mirrored memory never moves: the fault path maps it remotely.
         return Ok(None);

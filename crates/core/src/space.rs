@@ -170,6 +170,17 @@ impl DeviceSlot {
     pub(crate) fn is_detached(&self) -> bool {
         self.detached.load(Ordering::Acquire)
     }
+
+    /// Fails once [`AddressSpace::detach`] has begun. Every path that puts data on the device
+    /// or maps it there checks this with the block locked: `detach` sets the flag before it
+    /// sweeps the blocks, taking each one's lock, so a migration either ran wholly before the
+    /// sweep reached its block (and the sweep brings the data home) or sees the flag.
+    pub(crate) fn attached(&self) -> Result<()> {
+        if self.is_detached() {
+            return Err(CoreError::Detached(self.id));
+        }
+        Ok(())
+    }
 }
 
 /// One address space shared by the CPU and every attached device.
@@ -335,7 +346,9 @@ impl AddressSpace {
         for cell in &region.blocks {
             let mut blk = cell.lock();
             let all = PageMask::full(blk.npages);
-            migrate::drop_device_copies(self, &mut blk, &all);
+            if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
+                log::error!("removing region {}: {e}", region.range);
+            }
         }
         for slot in self.devices.read().iter().flatten() {
             slot.mmu.region_removed(region.range);
@@ -738,9 +751,16 @@ impl AddressSpace {
     /// Drops the data of `range` everywhere (`Advice::DontNeed`).
     pub(crate) fn discard_range(&self, range: VaRange) -> Result<()> {
         let _gate = self.enter()?;
+        // The region must keep its shape while its blocks are walked (the program may unmap
+        // part of it at any time): checked again under the lock.
+        let _shape = self.reshape.read();
+        let range = self.check_range(range.start, range.len)?;
         let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
         for bidx in region.block_index(range.start)..=region.block_index(range.end() - 1) {
             let mut blk = region.blocks[bidx].lock();
+            if region.is_freed() {
+                return Err(CoreError::NotShared(range));
+            }
             let want = pages_in(&blk, &range);
             migrate::discard(self, &region, &mut blk, &want)?;
         }

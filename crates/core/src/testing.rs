@@ -11,6 +11,7 @@ use proptest::prelude::*;
 
 use crate::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use crate::device::*;
+use crate::error::CoreError;
 use crate::policy::{NoPrefetch, Prefetcher, TreePrefetcher, WholeBlock};
 use crate::space::{AddressSpace, AttachOptions, CoreConfig};
 use crate::types::*;
@@ -115,6 +116,8 @@ pub(crate) struct FakeDevice {
     pub(crate) copies_started: std::sync::atomic::AtomicUsize,
     /// Page-table updates fail while set (a device that ran out of page-table memory).
     pub(crate) fail_map: std::sync::atomic::AtomicBool,
+    /// Unmaps fail (and leave the entries in place) while set.
+    pub(crate) fail_unmap: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDevice {
@@ -128,6 +131,7 @@ impl FakeDevice {
             copy_gate: Mutex::new(()),
             copies_started: 0.into(),
             fail_map: false.into(),
+            fail_unmap: false.into(),
         }
     }
 
@@ -195,6 +199,9 @@ impl DeviceMmu for FakeDevice {
         Ok(())
     }
     fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+        if self.fail_unmap.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DeviceError::Other("injected unmap failure".into()));
+        }
         let mut pt = self.pt.lock();
         for r in ranges {
             for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
@@ -798,4 +805,131 @@ fn explicit_migration_in_pipelined_batches_keeps_every_byte() {
     }
     drop(host);
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 60 * BLOCK_SIZE, "every device page given back");
+}
+
+/// A victim whose copy home fails keeps its device pages and stays a victim: once copies work
+/// again it can be evicted (it was taken off the queue for good, and every later allocation
+/// failed with OutOfDeviceMemory).
+#[test]
+fn a_victim_whose_eviction_failed_can_be_evicted_later() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(false, PAGES_PER_BLOCK as u64);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(7));
+    w.cpu_access(s + BLOCK_SIZE, Some(8));
+    let dev = Proc::Device(w.ids[0]);
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    w.devs[0].fail_d2h.store(true, Relaxed);
+    assert!(w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).is_err(), "the victim's copy fails (injected)");
+    w.devs[0].fail_d2h.store(false, Relaxed);
+    w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).expect("block 0 is evictable again once copies work");
+    assert_eq!(w.cpu_access(s, None), 7);
+    assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 8);
+}
+
+/// Pages a device refuses to unmap when their data is dropped are never handed out again: the
+/// device may still reach them through its stale entry (another block's data was overwritten
+/// through it), and the DontNeed reports the refusal.
+#[test]
+fn device_pages_whose_unmap_failed_are_not_reused() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(false, PAGES_PER_BLOCK as u64);
+    let s = w.cpu.range.start;
+    let other = s + BLOCK_SIZE;
+    w.cpu_access(other, Some(0x11));
+    let dev = Proc::Device(w.ids[0]);
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    w.devs[0].fail_unmap.store(true, Relaxed);
+    let r = w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed);
+    w.devs[0].fail_unmap.store(false, Relaxed);
+    assert!(r.is_err(), "the refused unmap is reported");
+    w.space.migrate(other, PAGE_SIZE, dev).unwrap();
+    // A kernel still using the stale entry of `s` writes through it.
+    w.devs[0].access(s, Some(0x99));
+    assert_eq!(w.cpu_access(other, None), 0x11, "another block's data was overwritten through the stale entry");
+}
+
+/// Detach racing an explicit migration that has already checked the device: the migration must
+/// fail rather than move the data to the device after detach swept its blocks (the only copy
+/// was left on a device that is gone, and every CPU fault on it failed with Detached).
+#[test]
+fn a_migration_racing_detach_leaves_the_data_reachable() {
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x42));
+    let id = w.ids[0];
+    // Holds the migration after its attachment checks (at its first look at the advice).
+    let attrs = w.space.attrs.write();
+    let mig = std::thread::spawn({
+        let space = w.space.clone();
+        move || space.migrate(s, BLOCK_SIZE, Proc::Device(id))
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let det = std::thread::spawn({
+        let space = w.space.clone();
+        move || space.detach(id)
+    });
+    let t = std::time::Instant::now();
+    while !det.is_finished() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(attrs);
+    det.join().unwrap().unwrap();
+    assert!(matches!(mig.join().unwrap(), Err(CoreError::Detached(d)) if d == id));
+    w.space.cpu_fault(s, Access::Read).expect("the data is still reachable");
+    assert_eq!(w.cpu.mem.lock()[0], 0x42);
+}
+
+/// A prefetch runs on its own thread; the program may unmap part of its range meanwhile. The
+/// prefetch then fails with NotShared (it indexed past the shrunk region and panicked).
+#[test]
+fn a_prefetch_racing_munmap_fails_cleanly() {
+    for _ in 0..20 {
+        let w = world(false, 2048);
+        let s = w.cpu.range.start;
+        let p = w.space.advise(s, 2 * BLOCK_SIZE, crate::advice::Advice::Prefetch(Proc::Device(w.ids[0]))).unwrap();
+        w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)).unwrap();
+        match p.wait(Duration::from_secs(10)) {
+            Ok(()) | Err(CoreError::NotShared(_)) => {}
+            Err(e) => panic!("prefetch racing munmap: {e:?}"),
+        }
+        // DontNeed over the unmapped tail is refused, not a panic.
+        assert!(matches!(
+            w.space.advise(s, 2 * BLOCK_SIZE, crate::advice::Advice::DontNeed),
+            Err(CoreError::NotShared(_))
+        ));
+    }
+}
+
+/// A reshape (mprotect, partial munmap, mremap) whose copy home fails changes nothing: the
+/// regions stay as they were, with the device's only copy (it was dropped, and the surviving
+/// part read zeros). Once copies work again the same change succeeds.
+#[test]
+fn a_reshape_whose_copy_home_fails_keeps_the_device_data() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.dev_access(0, s, Some(0x5a)).unwrap();
+    w.devs[0].fail_d2h.store(true, Relaxed);
+    assert!(w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ).is_err());
+    w.devs[0].fail_d2h.store(false, Relaxed);
+    assert_eq!(w.space.check_span(s, 2 * BLOCK_SIZE).unwrap(), VaRange::new(s, 2 * BLOCK_SIZE));
+    w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ).unwrap();
+    assert_eq!(w.cpu_access(s, None), 0x5a, "the device's only copy was dropped");
+}
+
+/// An unmap does not bring home what it unmaps: data only a device holds inside the unmapped
+/// range is dropped even when copies fail, while the rest of the region is untouched.
+#[test]
+fn an_unmap_drops_device_data_inside_without_copying_it() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x33));
+    w.dev_access(0, s + BLOCK_SIZE, Some(0x5a)).unwrap();
+    w.devs[0].fail_d2h.store(true, Relaxed);
+    w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)).expect("nothing to copy home");
+    w.devs[0].fail_d2h.store(false, Relaxed);
+    assert_eq!(w.cpu_access(s, None), 0x33);
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, w.space.device_memory(w.ids[0]).unwrap().1);
 }

@@ -232,6 +232,11 @@ impl AddressSpace {
         Ok(range)
     }
 
+    /// Whether any page of `range` is shared memory.
+    pub fn any_shared(&self, range: VaRange) -> bool {
+        !self.overlapping(range).is_empty()
+    }
+
     /// Regions overlapping `range`, in address order.
     pub(crate) fn overlapping(&self, range: VaRange) -> Vec<Arc<Region>> {
         let regions = self.regions.read();

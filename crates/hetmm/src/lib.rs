@@ -178,13 +178,22 @@ impl Hetmm {
     /// shared memory; `MAP_SHARED` memory (files, shared anonymous) is mirrored: devices map its
     /// host pages remotely and their writes land in the file. Returns the page range covered.
     ///
-    /// The program must not write the range while `register` runs.
+    /// The program must not write the range while `register` runs (reads wait for it), nor
+    /// register one range from two threads at once. Memory already shared is refused
+    /// ([`CoreError::Overlap`]) and left as it is.
     pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
         self.space.settle()?;
+        let (start, end) = page_span(ptr, len)?;
+        if end > start && self.space.any_shared(VaRange::new(start, end - start)) {
+            return Err(CoreError::Overlap(VaRange::new(start, end - start)).into());
+        }
         let reg = self.host.register(ptr as u64, len as u64).map_err(|e| Error::Host(e.to_string()))?;
-        for &(part, prot) in &reg.parts {
+        for (k, &(part, prot)) in reg.parts.iter().enumerate() {
             if let Err(e) = self.space.add_registered(Arc::clone(&reg.cpu), part, prot, reg.remote) {
-                let _ = self.space.release_range(reg.range.start, reg.range.len);
+                // Undo only what this call did: its own parts, then its adoption or mirror.
+                for &(done, _) in &reg.parts[..k] {
+                    let _ = self.space.release_range(done.start, done.len);
+                }
                 let _ = self.host.unregister(reg.range.start, reg.range.len);
                 return Err(e.into());
             }
@@ -196,12 +205,7 @@ impl Hetmm {
     /// memory, devices lose their mappings, and private memory becomes ordinary private
     /// anonymous memory again holding the current bytes.
     pub fn unregister(&self, ptr: *const u8, len: usize) -> Result<()> {
-        let start = ptr as u64 & !(PAGE_SIZE - 1);
-        let end = (ptr as u64)
-            .checked_add(len as u64)
-            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
-            .ok_or(CoreError::Overflow { start: ptr as u64, len: len as u64 })?
-            & !(PAGE_SIZE - 1);
+        let (start, end) = page_span(ptr, len)?;
         self.space.settle()?;
         self.space.release_range(start, end.saturating_sub(start))?;
         self.host.unregister(start, end - start).map_err(|e| Error::Host(e.to_string()))
@@ -411,6 +415,17 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
     fn from(b: &SharedBuf<T>) -> Self {
         hetmm_cuda::Buf { ptr: b.ptr(), bytes: b.byte_len() }
     }
+}
+
+/// `[ptr, ptr + len)` rounded out to whole pages, as `(start, end)`.
+fn page_span(ptr: *const u8, len: usize) -> Result<(u64, u64)> {
+    let start = ptr as u64 & !(PAGE_SIZE - 1);
+    let end = (ptr as u64)
+        .checked_add(len as u64)
+        .and_then(|e| e.checked_add(PAGE_SIZE - 1))
+        .ok_or(CoreError::Overflow { start: ptr as u64, len: len as u64 })?
+        & !(PAGE_SIZE - 1);
+    Ok((start, end))
 }
 
 /// A running kernel (a job: the memory it named becomes the first eviction candidate once it

@@ -62,6 +62,67 @@ fn register_malloc_64mib() {
     unsafe { libc::free(p.cast()) };
 }
 
+/// A kernel of one thread that loads the word at `va` into the returned cell.
+fn load_word(va: u64) -> (Arc<AtomicU64>, impl Fn(&BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static) {
+    let out = Arc::new(AtomicU64::new(0));
+    let o = Arc::clone(&out);
+    (out, move |ctx: &BlockCtx| {
+        o.store(ctx.load::<u64>(va)?, Ordering::SeqCst);
+        Ok(())
+    })
+}
+
+/// A `register` of memory that is already shared (an allocated buffer) is refused and leaves
+/// the buffer alone: its error path released the whole range, taking the buffer's region from
+/// the core.
+#[test]
+fn register_of_shared_memory_is_refused_and_changes_nothing() {
+    let (hm, dev) = setup(64 << 20);
+    let mut a = hm.alloc::<u64>(2 * PS / 8).unwrap();
+    a.as_mut_slice().fill(7);
+    assert!(hm.register(a.ptr() as *const u8, 2 * PS).is_err(), "already shared");
+    hm.migrate(a.ptr(), 2 * PS as u64, dev.proc()).expect("still shared memory");
+    assert_eq!(a.as_slice()[5], 7);
+}
+
+/// The program unmaps registered `MAP_SHARED` shmem memory and maps private memory at the same
+/// address: hetmm follows the unmap, so a device no longer reads the old pages there, and the
+/// new memory can be registered (the mirror was never told of the unmap: the device read the
+/// unmapped memfd's bytes, and the new registration overlapped).
+#[test]
+fn munmap_of_registered_shared_memory_is_followed() {
+    let (hm, dev) = setup(64 << 20);
+    let len = 2 * PS;
+    let fd = unsafe { libc::memfd_create(c"hetmm-test".as_ptr(), 0) };
+    assert!(fd >= 0);
+    assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
+    let old = vec![0xAAu8; len];
+    assert_eq!(unsafe { libc::pwrite(fd, old.as_ptr().cast(), len, 0) }, len as isize);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_SHARED, fd, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    hm.register(p.cast(), len).unwrap();
+    let (seen, k) = load_word(p as u64);
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 0xAAAA_AAAA_AAAA_AAAA);
+    assert_eq!(unsafe { libc::munmap(p, len) }, 0);
+    unsafe { libc::close(fd) };
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+    let q = unsafe { libc::mmap(p, len, rw, flags, -1, 0) };
+    assert_eq!(q, p);
+    unsafe { std::ptr::write_bytes(q.cast::<u8>(), 0x55, len) };
+    hm.space().settle().unwrap();
+    let (stale, k) = load_word(p as u64);
+    let r = dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30));
+    assert!(r.is_err(), "the device read {:#x} at unshared memory", stale.load(Ordering::SeqCst));
+    hm.register(q.cast(), len).expect("the old registration is gone");
+    let (seen, k) = load_word(q as u64);
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(seen.load(Ordering::SeqCst), 0x5555_5555_5555_5555);
+    hm.unregister(q.cast(), len).unwrap();
+    unsafe { libc::munmap(q, len) };
+}
+
 /// One slot of the stress test's area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {

@@ -43,6 +43,32 @@ pub(crate) struct Ctx {
     classified: AtomicU64,
     /// Registered memory (followed through unmap and remap).
     pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
+    /// Ranges being registered ([`crate::Host::register`]): registered with userfaultfd, not
+    /// yet known to the core. A fault there waits until the registration is done.
+    arriving: Mutex<Vec<VaRange>>,
+}
+
+/// Marks a range as arriving ([`Ctx::arriving`]) for as long as it lives.
+#[derive(Debug)]
+pub(crate) struct Arriving {
+    ctx: Arc<Ctx>,
+    range: VaRange,
+}
+
+impl Arriving {
+    pub(crate) fn new(ctx: &Arc<Ctx>, range: VaRange) -> Self {
+        ctx.arriving.lock().push(range);
+        Arriving { ctx: Arc::clone(ctx), range }
+    }
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        let mut a = self.ctx.arriving.lock();
+        if let Some(i) = a.iter().position(|r| *r == self.range) {
+            a.swap_remove(i);
+        }
+    }
 }
 
 impl Ctx {
@@ -53,7 +79,12 @@ impl Ctx {
             reads: AtomicU64::new(0),
             classified: AtomicU64::new(0),
             mirrors: Mutex::new(Vec::new()),
+            arriving: Mutex::new(Vec::new()),
         }
+    }
+
+    fn is_arriving(&self, va: u64) -> bool {
+        self.arriving.lock().iter().any(|r| r.contains(va))
     }
 
     /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
@@ -239,24 +270,30 @@ pub(crate) fn service_loop(
     rx: mpsc::Receiver<Vec<Msg>>,
 ) {
     let mut faults: Vec<(u64, Access)> = Vec::with_capacity(BATCH);
-    let mut retries = std::collections::HashMap::new();
+    let mut s = Serving::default();
     while !stop.load(Ordering::Acquire) {
-        let batch = match rx.recv_timeout(POLL_INTERVAL) {
+        // Faults waiting for a registration to finish are tried again every millisecond.
+        let wait = if s.deferred.is_empty() { POLL_INTERVAL } else { DEFER_RETRY };
+        let batch = match rx.recv_timeout(wait) {
             Ok(b) => b,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Timeout) => Vec::new(),
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
+        if batch.is_empty() && s.deferred.is_empty() {
+            continue;
+        }
         let core = handler.upgrade();
+        faults.append(&mut s.deferred);
         for msg in batch {
             match msg {
                 Msg::Fault(va, access) => faults.push((va, access)),
                 ev => {
-                    serve_faults(&ctx.uffd, core.as_deref(), &mut faults, &mut retries);
+                    serve_faults(ctx, core.as_deref(), &mut faults, &mut s);
                     apply_event(ctx, core.as_deref(), ev);
                 }
             }
         }
-        serve_faults(&ctx.uffd, core.as_deref(), &mut faults, &mut retries);
+        serve_faults(ctx, core.as_deref(), &mut faults, &mut s);
         // If this was the last reference, the core (and possibly the Host) is dropped here, on
         // this thread; `Worker::join` detects that and does not join itself.
         drop(core);
@@ -301,14 +338,30 @@ fn retry_outside(retries: &mut std::collections::HashMap<u64, u32>, va: u64) -> 
     *n <= OUTSIDE_RETRIES
 }
 
-fn serve_faults(
-    uffd: &Uffd,
-    core: Option<&dyn CpuFaultHandler>,
-    faults: &mut Vec<(u64, Access)>,
-    retries: &mut std::collections::HashMap<u64, u32>,
-) {
+/// How often faults in a range being registered are tried again.
+const DEFER_RETRY: Duration = Duration::from_millis(1);
+/// Longest a fault waits for a registration (which has then gone wrong: the range is dropped
+/// from [`Ctx::arriving`] when `register` returns, whatever happens).
+const DEFER_LIMIT: Duration = Duration::from_secs(10);
+
+/// The servicer's memory of faults it could not serve yet.
+#[derive(Debug, Default)]
+struct Serving {
+    /// Retries so far of faults outside every shared region, by address.
+    retries: std::collections::HashMap<u64, u32>,
+    /// Faults in a range being registered, to be served once the core knows it.
+    deferred: Vec<(u64, Access)>,
+    /// When each deferred address was first deferred.
+    since: std::collections::HashMap<u64, std::time::Instant>,
+}
+
+fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<(u64, Access)>, s: &mut Serving) {
+    let uffd = &*ctx.uffd;
     if faults.is_empty() {
         return;
+    }
+    if s.since.len() > 4096 {
+        s.since.clear();
     }
     // Threads faulting on one page each send a message: serve the page once, with the most
     // intrusive access.
@@ -323,18 +376,28 @@ fn serve_faults(
     for &(va, access) in faults.iter() {
         let served = match core {
             Some(core) => match core.cpu_fault(va, access) {
+                // A registration being set up: registered with userfaultfd, not yet in the core.
+                // The thread waits (not woken, so it does not spin) until the core knows it.
+                Err(CoreError::NotShared(_))
+                    if ctx.is_arriving(va)
+                        && s.since.entry(va).or_insert_with(std::time::Instant::now).elapsed() < DEFER_LIMIT =>
+                {
+                    s.deferred.push((va, access));
+                    continue;
+                }
                 // No region there: the message is stale (another path mapped the page, woke the
-                // thread, and the region went away since), or a registration is being set up
-                // (registered with userfaultfd, not yet in the core). Poisoning would plant a
-                // SIGBUS in memory that is, or is about to be, someone's: let the thread retry.
-                // A page that keeps faulting there is poisoned after all (below).
-                Err(CoreError::NotShared(_)) if retry_outside(retries, va) => {
+                // thread, and the region went away since), or a registration failed and is being
+                // undone. Poisoning would plant a SIGBUS in memory that is, or is about to be,
+                // someone's: let the thread retry. A page that keeps faulting there is poisoned
+                // after all (below).
+                Err(CoreError::NotShared(_)) if retry_outside(&mut s.retries, va) => {
                     log::debug!("CPU {access:?} fault at {va:#x} outside shared memory; waking it to retry");
                     let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
                     continue;
                 }
                 r => {
-                    retries.remove(&va);
+                    s.retries.remove(&va);
+                    s.since.remove(&va);
                     r.map_err(|e| e.to_string())
                 }
             },

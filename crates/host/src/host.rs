@@ -666,6 +666,7 @@ mod tests {
     use hetmm_core::error::CoreError;
     use hetmm_core::types::{Access, BLOCK_SIZE};
     use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::OnceLock;
     use std::time::Instant;
@@ -708,6 +709,8 @@ mod tests {
         fail_va: AtomicU64,
         /// Events (discard, unmap, remap) that reached the core.
         events: AtomicUsize,
+        /// Registered memory the "core" knows (served when `region` is not set).
+        registered: OnceLock<Arc<dyn CpuMmu>>,
     }
 
     impl CpuFaultHandler for TestCore {
@@ -719,9 +722,13 @@ mod tests {
             if va == self.fail_va.load(Ordering::Relaxed) {
                 return Err(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)));
             }
+            let page = [VaRange::new(va, PAGE_SIZE)];
+            if let Some(cpu) = self.registered.get() {
+                cpu.populate(&page)?;
+                return Ok(cpu.map(&page, true)?);
+            }
             let region =
                 self.region.get().and_then(Weak::upgrade).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
-            let page = [VaRange::new(va, PAGE_SIZE)];
             region.populate(&page)?;
             region.map(&page, true)?;
             Ok(())
@@ -927,6 +934,37 @@ mod tests {
         drop(core);
         let res = read_into(va + PAGE_SIZE as usize, 4096);
         assert!(res.is_err(), "{res:?}");
+    }
+
+    /// A thread reading memory the program registers, between `Host::register` and the core
+    /// learning of it (`Hetmm::register` hands the parts over before it drops the
+    /// registration), waits for the core: its page was poisoned after 64 immediate retries
+    /// (about 2 ms), and every later access got SIGBUS.
+    #[test]
+    fn a_fault_while_a_registration_is_set_up_waits_for_it() {
+        let core = Arc::new(TestCore::default());
+        let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        let len = 2 * PAGE_SIZE as usize;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
+        let reg = host.register(p as u64, len as u64).unwrap();
+        let (c, cpu) = (core.clone(), Arc::clone(&reg.cpu));
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = c.registered.set(cpu);
+            drop(reg);
+        });
+        // The kernel reads the page (write(2) from it): EFAULT, not SIGBUS, if it was poisoned.
+        let va = p as usize;
+        let out = tempfile();
+        let first = on_thread(move || unsafe { libc::write(out.as_raw_fd(), va as *const _, 4096) });
+        late.join().unwrap();
+        assert_eq!(first, 4096, "the read failed after {} faults", core.faults.load(Ordering::Relaxed));
+        assert_eq!(unsafe { *(p as *const u8).add(4096) }, 0x11);
+        host.unregister(p as u64, len as u64).unwrap();
+        unsafe { libc::munmap(p, len) };
     }
 
     fn read_into(va: usize, len: usize) -> std::io::Result<usize> {

@@ -8,8 +8,12 @@
 //! own second mapping of them, so writes land in the file.
 //!
 //! A registration follows the program's `munmap` and `mremap` of its memory (userfaultfd
-//! UNMAP/REMAP events; see `events`). [`Host::unregister`] gives private memory back as private
-//! anonymous memory with the current bytes.
+//! UNMAP/REMAP events; see `events`). Shared memory is registered with userfaultfd for that
+//! alone (write-protect mode, nothing ever write-protected, so no fault ever comes); the kernel
+//! allows it for shmem (shared anonymous memory, memfd, tmpfs files) but not for regular files:
+//! a mirror of a regular file is not told of `munmap`/`mremap` (until [`Host::unregister`],
+//! devices keep mapping the file's pages at the old addresses). [`Host::unregister`] gives
+//! private memory back as private anonymous memory with the current bytes.
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use hetmm_core::device::HostAddr;
 use hetmm_core::types::{Prot, VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
-use crate::events::Ctx;
+use crate::events::{Arriving, Ctx};
 use crate::host::{continue_range, mapping_err, retry_again, uffd_err, Host, RegionError};
 use crate::mapping::{self, MappingError};
 use crate::uffd::RegisterMode;
@@ -264,6 +268,8 @@ pub struct Registration {
     pub cpu: Arc<dyn CpuMmu>,
     /// The parts with their protection, as the program mapped them.
     pub parts: Vec<(VaRange, Prot)>,
+    /// CPU faults in `range` wait until this is dropped: hand the parts to the core first.
+    _arriving: Option<Arriving>,
 }
 
 impl Host {
@@ -287,6 +293,10 @@ impl Host {
                 return Err(MappingError::Unaligned(range).into());
             }
             let alias = mapping::dup_shared(range)?;
+            // Only to be told of munmap/mremap/madvise (see the module notes).
+            if let Err(e) = self.uffd.register(range, RegisterMode::WP) {
+                log::info!("shared memory {range} cannot be watched ({e}): its munmap and mremap are not followed");
+            }
             let mirror = Arc::new(Mirror {
                 ctx: self.ctx.clone(),
                 memfd: None,
@@ -295,7 +305,7 @@ impl Host {
             });
             self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
             let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
-            return Ok(Registration { range, remote: true, cpu, parts });
+            return Ok(Registration { range, remote: true, cpu, parts, _arriving: None });
         }
         if shared != 0 {
             return Err(MappingError::Unaligned(range).into());
@@ -312,10 +322,12 @@ impl Host {
             mapping::adopt_private(v.range, v.prot, fd, v.range.start - range.start, alias)?;
         }
         let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
+        // From here until the core knows the range, its faults have nowhere to go: they wait.
+        let arriving = Arriving::new(&self.ctx, range);
         self.uffd.register(range, mode)?;
         self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
         let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
-        Ok(Registration { range, remote: false, cpu, parts })
+        Ok(Registration { range, remote: false, cpu, parts, _arriving: Some(arriving) })
     }
 
     /// Gives registered private memory `[start, start + len)` back to the program as private
@@ -326,6 +338,11 @@ impl Host {
             VaRange::checked(start, len).filter(VaRange::is_page_aligned).ok_or(MappingError::BadLength(len))?;
         for m in self.ctx.live_mirrors_pub() {
             let Some(fd_alias) = m.memfd.as_ref().map(|_| m.alias.addr()) else {
+                for s in m.segs.lock().iter() {
+                    if let Some(x) = VaRange::new(s.app, s.len).intersect(&range) {
+                        let _ = self.uffd.unregister(x);
+                    }
+                }
                 m.forget(range);
                 continue;
             };

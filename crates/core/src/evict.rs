@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::block::Block;
-use crate::error::{CoreError, Result};
+use crate::error::Result;
 use crate::migrate::to_cpu;
 use crate::policy::Eviction;
 use crate::space::{AddressSpace, DeviceSlot};
@@ -62,16 +62,6 @@ fn held_by_other_launches(blk: &Block) -> bool {
 }
 
 fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
-    evict_fifo_after(space, slot, exclude, None)
-}
-
-/// [`evict_fifo`], when an earlier victim failed with `failed`: returned if no block frees.
-fn evict_fifo_after(
-    space: &AddressSpace,
-    slot: &DeviceSlot,
-    exclude: u64,
-    mut failed: Option<CoreError>,
-) -> Result<Evicted> {
     let me = Proc::Device(slot.id);
     let tries = slot.evict_queue.lock().len();
     let mut busy = false;
@@ -104,18 +94,15 @@ fn evict_fifo_after(
             Ok(false) => {}
             Err(e) => {
                 // The block keeps its device pages (a failed copy leaves the source valid): it
-                // stays a candidate, and the next one is tried.
-                log::warn!("evicting block {:#x} from {:?}: {e}", blk.base, slot.id);
+                // stays a candidate for later. No other victim is tried now: copies that fail
+                // (or time out, after `copy_timeout` each) would most likely fail for it too.
                 blk.queued_on.insert(me);
                 slot.evict_queue.lock().push_back((region_start, bidx));
-                failed.get_or_insert(e);
+                return Err(e);
             }
         }
     }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(if busy { Evicted::Busy } else { Evicted::Nothing }),
-    }
+    Ok(if busy { Evicted::Busy } else { Evicted::Nothing })
 }
 
 fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
@@ -141,25 +128,19 @@ fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Ev
             best = Some((key, (rs, bidx)));
         }
     }
-    let mut failed = None;
     if let Some((_, (rs, bidx))) = best {
         // The region may have been reshaped since the sample: look the block up again.
         if let Some(region) = space.region_at(rs) {
             if let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) {
-                match evict_block(space, &region, &mut blk, slot) {
-                    Ok(true) => return Ok(Evicted::Freed),
-                    Ok(false) => {}
-                    // Still queued: the queue order below tries the others (and it once more).
-                    Err(e) => {
-                        log::warn!("evicting block {:#x} from {:?}: {e}", blk.base, slot.id);
-                        failed = Some(e);
-                    }
+                // On failure the block stays queued (this path never takes it off).
+                if evict_block(space, &region, &mut blk, slot)? {
+                    return Ok(Evicted::Freed);
                 }
             }
         }
     }
     // Nothing suitable in the sample: fall back to the queue order.
-    evict_fifo_after(space, slot, exclude, failed)
+    evict_fifo(space, slot, exclude)
 }
 
 /// Moves every page `slot` holds in `blk` back to host backing.

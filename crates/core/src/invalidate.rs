@@ -56,6 +56,19 @@ struct Part {
     src: u64,
 }
 
+/// How a reshape brings device data home before the regions change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flush {
+    /// Everything; if a copy fails nothing changes (a change hetmm makes: nothing is lost).
+    AllOrNothing,
+    /// Everything, and the regions change even if a copy fails (the kernel already changed the
+    /// mappings; the failed block's device data is lost, and the error reported).
+    Anyway,
+    /// Everything outside this range, which the program unmapped (its data is dropped
+    /// uncopied); the regions change even if a copy fails, as for [`Flush::Anyway`].
+    Unmapped(VaRange),
+}
+
 /// `r` minus `cut`: up to two pieces.
 fn minus(r: VaRange, cut: VaRange) -> Vec<VaRange> {
     let mut out = Vec::new();
@@ -123,8 +136,14 @@ impl AddressSpace {
     /// The program unmapped `range`: shared regions lose that part (device mappings removed,
     /// device memory freed). Returns the CPU sides of regions that disappeared entirely.
     pub fn unmap_range(&self, range: VaRange) -> Result<Vec<Arc<dyn CpuMmu>>> {
+        self.cut_range(range, Flush::Unmapped(range))
+    }
+
+    /// Takes `range` out of the shared regions (see [`AddressSpace::unmap_range`] and
+    /// [`AddressSpace::release_range`]).
+    fn cut_range(&self, range: VaRange, flush: Flush) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let mut gone = Vec::new();
-        self.reshape_regions(range, Some(range), |r| {
+        self.reshape_regions(range, flush, |r| {
             let parts: Vec<Part> = minus(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -142,7 +161,7 @@ impl AddressSpace {
     pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
         let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
         VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
-        self.reshape_regions(old, None, |r| {
+        self.reshape_regions(old, Flush::Anyway, |r| {
             let mut parts: Vec<Part> = minus(r.range, old)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -167,7 +186,7 @@ impl AddressSpace {
     pub fn protect_range(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
         let range = self.check_span(start, len)?;
         let mut cpu_result = Ok(());
-        self.reshape_regions(range, None, |r| {
+        self.reshape_regions(range, Flush::AllOrNothing, |r| {
             let mut parts: Vec<Part> = minus(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -188,7 +207,7 @@ impl AddressSpace {
     /// regions that disappeared entirely.
     pub fn release_range(&self, start: u64, len: u64) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let range = self.check_span(start, len)?;
-        self.unmap_range(range)
+        self.cut_range(range, Flush::AllOrNothing)
     }
 
     /// Adds shared memory the program already had (`register`): a region over `range` whose CPU
@@ -250,32 +269,34 @@ impl AddressSpace {
         out
     }
 
-    /// Folds the device data of every region overlapping `touch` back to host memory (but
-    /// what lies in `gone`, whose data the program dropped), then takes those regions out, drops
-    /// device mappings and copies, and puts back the parts `f` returns for each (with the old
-    /// regions' per-page CPU state). If the data cannot all come home, nothing changes: the
-    /// regions stay as they were, their devices' copies with them, and the error is returned.
-    /// Returns how many regions were touched.
-    fn reshape_regions(
-        &self,
-        touch: VaRange,
-        gone: Option<VaRange>,
-        mut f: impl FnMut(&Region) -> Vec<Part>,
-    ) -> Result<usize> {
+    /// Folds the device data of every region overlapping `touch` back to host memory (as
+    /// `flush` says), then takes those regions out, drops device mappings and copies, and puts
+    /// back the parts `f` returns for each (with the old regions' per-page CPU state). Returns
+    /// how many regions were touched.
+    fn reshape_regions(&self, touch: VaRange, flush: Flush, mut f: impl FnMut(&Region) -> Vec<Part>) -> Result<usize> {
         let _gate = self.enter()?;
         let _shape = self.reshape.write();
         // With the reshape lock held for writing nothing puts data on a device meanwhile: every
         // fault service and migration holds it for reading (the background evictor only moves
         // data home).
         let touched = self.overlapping(touch);
+        let mut flushed = Ok(());
         for r in &touched {
             for cell in &r.blocks {
                 let mut blk = cell.lock();
                 let mut keep = PageMask::full(blk.npages);
-                if let Some(g) = gone {
+                if let Flush::Unmapped(g) = flush {
                     keep = keep.and_not(&pages_of(&blk.base, blk.npages, &g));
                 }
-                flush_and_unmap(self, r, &mut blk, &keep).inspect_err(|e| log::error!("reshaping {}: {e}", r.range))?;
+                if let Err(e) = flush_and_unmap(self, r, &mut blk, &keep) {
+                    log::error!("reshaping {}: {e}", r.range);
+                    if flush == Flush::AllOrNothing {
+                        return Err(e);
+                    }
+                    // The kernel has already moved or unmapped the memory: the regions must
+                    // follow, and what this block's device held is lost.
+                    flushed = flushed.and(Err(e));
+                }
             }
         }
         // Exactly the regions flushed: one inserted meanwhile beside them (in the part of `touch`
@@ -289,7 +310,7 @@ impl AddressSpace {
             }
             mine
         };
-        let mut result = Ok(());
+        let mut result = flushed;
         for r in &old {
             r.set_freed();
             let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);

@@ -933,3 +933,52 @@ fn an_unmap_drops_device_data_inside_without_copying_it() {
     assert_eq!(w.cpu_access(s, None), 0x33);
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, w.space.device_memory(w.ids[0]).unwrap().1);
 }
+
+/// Releasing shared memory (`Hetmm::unregister`) brings home what only a device holds (it was
+/// dropped uncopied for a while, as an unmap drops what it unmaps).
+#[test]
+fn a_release_brings_device_data_home() {
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.dev_access(0, s, Some(0x5a)).unwrap();
+    w.space.release_range(s, BLOCK_SIZE).unwrap();
+    assert_eq!(w.cpu.mem.lock()[0], 0x5a, "the device's only copy was dropped");
+}
+
+/// The program's munmap has already happened in the kernel: the core follows it even when a
+/// copy home of the surviving part fails (the error is reported; the unmapped range was kept as
+/// shared memory, still mapped by the device).
+#[test]
+fn an_unmap_is_followed_even_when_a_copy_home_fails() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.dev_access(0, s, Some(0x5a)).unwrap();
+    w.dev_access(0, s + BLOCK_SIZE, Some(0x6b)).unwrap();
+    w.devs[0].fail_d2h.store(true, Relaxed);
+    let r = w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE));
+    w.devs[0].fail_d2h.store(false, Relaxed);
+    assert!(r.is_err(), "the lost copy is reported");
+    assert!(w.space.check_span(s + BLOCK_SIZE, BLOCK_SIZE).is_err(), "the unmapped range left the core");
+    assert_eq!(w.devs[0].access(s + BLOCK_SIZE, None), None, "the device no longer maps it");
+}
+
+/// With copies home failing, one allocation tries one victim, not every queued block (each
+/// failed copy may be a `copy_timeout` wait on a hung device).
+#[test]
+fn a_failed_eviction_tries_one_victim() {
+    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+    let mut w =
+        world_sized(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, crate::policy::Policy::uvm(), 8 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let dev = Proc::Device(w.ids[0]);
+    for b in 0..4 {
+        w.cpu_access(s + b * BLOCK_SIZE, Some(1));
+        w.space.migrate(s + b * BLOCK_SIZE, BLOCK_SIZE, dev).unwrap();
+    }
+    w.cpu_access(s + 4 * BLOCK_SIZE, Some(1));
+    w.devs[0].fail_d2h.store(true, Relaxed);
+    let before = w.devs[0].copies_started.load(SeqCst);
+    assert!(w.space.migrate(s + 4 * BLOCK_SIZE, BLOCK_SIZE, dev).is_err());
+    assert!(w.devs[0].copies_started.load(SeqCst) - before <= 1, "more than one victim's copy tried");
+}

@@ -207,8 +207,12 @@ impl Hetmm {
     pub fn unregister(&self, ptr: *const u8, len: usize) -> Result<()> {
         let (start, end) = page_span(ptr, len)?;
         self.space.settle()?;
-        self.space.release_range(start, end.saturating_sub(start))?;
-        self.host.unregister(start, end - start).map_err(|e| Error::Host(e.to_string()))
+        // The CPU sides of regions released whole hold the host's record of the registration
+        // (it keeps only weak references): keep them until the host has given the memory back.
+        let released = self.space.release_range(start, end.saturating_sub(start))?;
+        let r = self.host.unregister(start, end - start).map_err(|e| Error::Host(e.to_string()));
+        drop(released);
+        r
     }
 
     /// Changes the protection of shared memory `[start, start + len)` on the CPU and on every

@@ -123,6 +123,29 @@ fn munmap_of_registered_shared_memory_is_followed() {
     unsafe { libc::munmap(q, len) };
 }
 
+/// `unregister` of registered private memory right after a device wrote it: the memory is
+/// ordinary private memory again holding the device's bytes (the host's record of the
+/// registration was gone by the time it was asked to give the memory back, so the memory stayed
+/// registered and the first CPU read got SIGBUS).
+#[test]
+fn unregister_after_a_device_write_keeps_the_bytes() {
+    let (hm, dev) = setup(64 << 20);
+    let len = 2 * (2 << 20);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
+    hm.register(p.cast(), len).unwrap();
+    let va = p as u64;
+    let k = move |ctx: &BlockCtx| ctx.store::<u64>(va, 0x2222_2222_2222_2222);
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    hm.unregister(p.cast(), len).unwrap();
+    assert_eq!(unsafe { *(p as *const u64) }, 0x2222_2222_2222_2222);
+    assert_eq!(unsafe { *(p as *const u8).add(len - 1) }, 0x11);
+    assert!(hm.space().check_span(va, len as u64).is_err(), "no longer shared");
+    unsafe { libc::munmap(p, len) };
+}
+
 /// One slot of the stress test's area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {

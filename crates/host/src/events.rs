@@ -391,6 +391,8 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
                 // someone's: let the thread retry. A page that keeps faulting there is poisoned
                 // after all (below).
                 Err(CoreError::NotShared(_)) if retry_outside(&mut s.retries, va) => {
+                    // A later registration of this page gets its own wait.
+                    s.since.remove(&va);
                     log::debug!("CPU {access:?} fault at {va:#x} outside shared memory; waking it to retry");
                     let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
                     continue;

@@ -317,7 +317,8 @@ impl AddressSpace {
             for cell in &r.blocks {
                 let mut blk = cell.lock();
                 let all = PageMask::full(blk.npages);
-                // Device copies are left only in `gone` (their data is dropped), mappings nowhere.
+                // What is left on devices: copies in the unmapped range (dropped uncopied) and
+                // of blocks whose copy home failed after the kernel changed the mappings.
                 if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
                     log::error!("reshaping {}: {e}", r.range);
                     result = Err(e);

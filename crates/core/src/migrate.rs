@@ -299,10 +299,10 @@ pub(crate) fn to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
-    slot.attached()?;
     if region.remote {
         return map_remote(space, region, blk, slot, want);
     }
+    slot.attached()?;
     let me = Proc::Device(slot.id);
     let want = &widen(blk, slot, want);
     // Data held only by another device goes through the host (no peer copies yet).
@@ -350,10 +350,10 @@ pub(crate) fn duplicate_to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
-    slot.attached()?;
     if region.remote {
         return map_remote(space, region, blk, slot, want);
     }
+    slot.attached()?;
     let me = Proc::Device(slot.id);
     let want = &widen(blk, slot, want);
     // The source of a copy is the CPU's: bring data held only by other devices into host backing,

@@ -312,6 +312,15 @@ fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::p
 }
 
 impl World {
+    /// Runs `f` with the failure `flag` of device 0 injected.
+    fn failing<R>(&self, flag: impl Fn(&FakeDevice) -> &std::sync::atomic::AtomicBool, f: impl FnOnce() -> R) -> R {
+        use std::sync::atomic::Ordering::Relaxed;
+        flag(&self.devs[0]).store(true, Relaxed);
+        let r = f();
+        flag(&self.devs[0]).store(false, Relaxed);
+        r
+    }
+
     fn va(&self, page: usize, off: u16) -> u64 {
         self.cpu.range.start + page as u64 * PAGE_SIZE + u64::from(off)
     }
@@ -812,16 +821,14 @@ fn explicit_migration_in_pipelined_batches_keeps_every_byte() {
 /// failed with OutOfDeviceMemory).
 #[test]
 fn a_victim_whose_eviction_failed_can_be_evicted_later() {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut w = world(false, PAGES_PER_BLOCK as u64);
     let s = w.cpu.range.start;
     w.cpu_access(s, Some(7));
     w.cpu_access(s + BLOCK_SIZE, Some(8));
     let dev = Proc::Device(w.ids[0]);
     w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
-    w.devs[0].fail_d2h.store(true, Relaxed);
-    assert!(w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).is_err(), "the victim's copy fails (injected)");
-    w.devs[0].fail_d2h.store(false, Relaxed);
+    let failed = w.failing(|d| &d.fail_d2h, || w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev));
+    assert!(failed.is_err(), "the victim's copy fails (injected)");
     w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).expect("block 0 is evictable again once copies work");
     assert_eq!(w.cpu_access(s, None), 7);
     assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 8);
@@ -832,16 +839,13 @@ fn a_victim_whose_eviction_failed_can_be_evicted_later() {
 /// through it), and the DontNeed reports the refusal.
 #[test]
 fn device_pages_whose_unmap_failed_are_not_reused() {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut w = world(false, PAGES_PER_BLOCK as u64);
     let s = w.cpu.range.start;
     let other = s + BLOCK_SIZE;
     w.cpu_access(other, Some(0x11));
     let dev = Proc::Device(w.ids[0]);
     w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
-    w.devs[0].fail_unmap.store(true, Relaxed);
-    let r = w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed);
-    w.devs[0].fail_unmap.store(false, Relaxed);
+    let r = w.failing(|d| &d.fail_unmap, || w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed));
     assert!(r.is_err(), "the refused unmap is reported");
     w.space.migrate(other, PAGE_SIZE, dev).unwrap();
     // A kernel still using the stale entry of `s` writes through it.
@@ -906,13 +910,10 @@ fn a_prefetch_racing_munmap_fails_cleanly() {
 /// part read zeros). Once copies work again the same change succeeds.
 #[test]
 fn a_reshape_whose_copy_home_fails_keeps_the_device_data() {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut w = world(false, 2048);
     let s = w.cpu.range.start;
     w.dev_access(0, s, Some(0x5a)).unwrap();
-    w.devs[0].fail_d2h.store(true, Relaxed);
-    assert!(w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ).is_err());
-    w.devs[0].fail_d2h.store(false, Relaxed);
+    assert!(w.failing(|d| &d.fail_d2h, || w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ)).is_err());
     assert_eq!(w.space.check_span(s, 2 * BLOCK_SIZE).unwrap(), VaRange::new(s, 2 * BLOCK_SIZE));
     w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ).unwrap();
     assert_eq!(w.cpu_access(s, None), 0x5a, "the device's only copy was dropped");
@@ -922,14 +923,12 @@ fn a_reshape_whose_copy_home_fails_keeps_the_device_data() {
 /// range is dropped even when copies fail, while the rest of the region is untouched.
 #[test]
 fn an_unmap_drops_device_data_inside_without_copying_it() {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut w = world(false, 2048);
     let s = w.cpu.range.start;
     w.cpu_access(s, Some(0x33));
     w.dev_access(0, s + BLOCK_SIZE, Some(0x5a)).unwrap();
-    w.devs[0].fail_d2h.store(true, Relaxed);
-    w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)).expect("nothing to copy home");
-    w.devs[0].fail_d2h.store(false, Relaxed);
+    w.failing(|d| &d.fail_d2h, || w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)))
+        .expect("nothing to copy home");
     assert_eq!(w.cpu_access(s, None), 0x33);
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, w.space.device_memory(w.ids[0]).unwrap().1);
 }
@@ -950,14 +949,11 @@ fn a_release_brings_device_data_home() {
 /// shared memory, still mapped by the device).
 #[test]
 fn an_unmap_is_followed_even_when_a_copy_home_fails() {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut w = world(false, 2048);
     let s = w.cpu.range.start;
     w.dev_access(0, s, Some(0x5a)).unwrap();
     w.dev_access(0, s + BLOCK_SIZE, Some(0x6b)).unwrap();
-    w.devs[0].fail_d2h.store(true, Relaxed);
-    let r = w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE));
-    w.devs[0].fail_d2h.store(false, Relaxed);
+    let r = w.failing(|d| &d.fail_d2h, || w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)));
     assert!(r.is_err(), "the lost copy is reported");
     assert!(w.space.check_span(s + BLOCK_SIZE, BLOCK_SIZE).is_err(), "the unmapped range left the core");
     assert_eq!(w.devs[0].access(s + BLOCK_SIZE, None), None, "the device no longer maps it");
@@ -967,7 +963,7 @@ fn an_unmap_is_followed_even_when_a_copy_home_fails() {
 /// failed copy may be a `copy_timeout` wait on a hung device).
 #[test]
 fn a_failed_eviction_tries_one_victim() {
-    use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+    use std::sync::atomic::Ordering::SeqCst;
     let mut w =
         world_sized(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, crate::policy::Policy::uvm(), 8 * BLOCK_SIZE);
     let s = w.cpu.range.start;
@@ -977,8 +973,7 @@ fn a_failed_eviction_tries_one_victim() {
         w.space.migrate(s + b * BLOCK_SIZE, BLOCK_SIZE, dev).unwrap();
     }
     w.cpu_access(s + 4 * BLOCK_SIZE, Some(1));
-    w.devs[0].fail_d2h.store(true, Relaxed);
     let before = w.devs[0].copies_started.load(SeqCst);
-    assert!(w.space.migrate(s + 4 * BLOCK_SIZE, BLOCK_SIZE, dev).is_err());
+    assert!(w.failing(|d| &d.fail_d2h, || w.space.migrate(s + 4 * BLOCK_SIZE, BLOCK_SIZE, dev)).is_err());
     assert!(w.devs[0].copies_started.load(SeqCst) - before <= 1, "more than one victim's copy tried");
 }

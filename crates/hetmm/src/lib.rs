@@ -33,7 +33,7 @@ use hetmm_core::device::{DeviceError, DeviceMmu};
 use hetmm_core::error::CoreError;
 use hetmm_core::snapshot::SnapEntry;
 use hetmm_core::stats::StatsSnapshot;
-use hetmm_core::types::{DeviceId, Prot, VaRange, PAGE_SIZE};
+use hetmm_core::types::{align_down, align_up, DeviceId, Prot, VaRange, PAGE_SIZE};
 use hetmm_host::Host;
 use hetmm_sim::{Grid, SimDevice};
 
@@ -423,13 +423,9 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
 
 /// `[ptr, ptr + len)` rounded out to whole pages, as `(start, end)`.
 fn page_span(ptr: *const u8, len: usize) -> Result<(u64, u64)> {
-    let start = ptr as u64 & !(PAGE_SIZE - 1);
-    let end = (ptr as u64)
-        .checked_add(len as u64)
-        .and_then(|e| e.checked_add(PAGE_SIZE - 1))
-        .ok_or(CoreError::Overflow { start: ptr as u64, len: len as u64 })?
-        & !(PAGE_SIZE - 1);
-    Ok((start, end))
+    let (start, len) = (ptr as u64, len as u64);
+    let end = start.checked_add(len).and_then(|e| align_up(e, PAGE_SIZE)).ok_or(CoreError::Overflow { start, len })?;
+    Ok((align_down(start, PAGE_SIZE), end))
 }
 
 /// A running kernel (a job: the memory it named becomes the first eviction candidate once it

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use hetmm_core::cpu::{CpuMmu, HostError};
 use hetmm_core::device::HostAddr;
-use hetmm_core::types::{Prot, VaRange, PAGE_SIZE};
+use hetmm_core::types::{align_down, align_up, Prot, VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::events::{Arriving, Ctx};
@@ -277,11 +277,10 @@ impl Host {
     /// devices, at the same addresses and with the same bytes (see the module notes). Every page
     /// must be mapped, all private or all shared (shared memory: one mapping).
     pub fn register(self: &Arc<Self>, start: u64, len: u64) -> Result<Registration, RegionError> {
-        let s = start & !(PAGE_SIZE - 1);
+        let s = align_down(start, PAGE_SIZE);
         let e = start
             .checked_add(len)
-            .and_then(|e| e.checked_add(PAGE_SIZE - 1))
-            .map(|e| e & !(PAGE_SIZE - 1))
+            .and_then(|e| align_up(e, PAGE_SIZE))
             .filter(|_| len > 0)
             .ok_or(MappingError::BadLength(len))?;
         let range = VaRange::new(s, e - s);

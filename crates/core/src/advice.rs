@@ -17,7 +17,8 @@ pub enum Advice {
     /// Move the range to this processor now, in bulk, asynchronously (on a read-mostly range a
     /// device gets a read-only copy instead). Wait on the returned [`Pending`].
     Prefetch(Proc),
-    /// Drop the data everywhere; the next touch reads zeros.
+    /// Drop the data everywhere; the next touch reads zeros. Pages a device refuses to unmap keep
+    /// their data everywhere (the device could still reach them), and the refusal is returned.
     DontNeed,
     /// Where the data should live (`None` clears it).
     PreferredLocation(Option<Proc>),

@@ -673,7 +673,10 @@ pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &Page
     result
 }
 
-/// Drops the data of `m` everywhere: the next touch reads zeros.
+/// Drops the data of `m` everywhere: the next touch reads zeros. Pages a device refuses to unmap
+/// are left exactly as they were (its copy, its mapping, the CPU's copy): the device may still
+/// reach them, so dropping them would let it read and write data nobody else sees. The refusal
+/// is returned after the other pages are dropped.
 pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> Result<()> {
     // A whole-block device cannot drop part of a block: bring the block home first, so the pages
     // outside `m` keep their data.
@@ -682,19 +685,39 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
     if partial && devs.devices().any(|d| space.holder(d).is_ok_and(|s| whole_blocks(&s))) {
         to_cpu(space, region, blk, m)?;
     }
-    // The data goes even where a device refuses to unmap it (reported after the rest is done).
-    let dropped = drop_device_copies(space, blk, m);
+    // Unmap everywhere first; only then is it known which pages can go.
+    let mut mapped = ProcMask::EMPTY;
+    for i in m.iter() {
+        let pg = &blk.pages[i];
+        mapped.0 |= (pg.resident.0 | pg.dev_mapped.0) & !1;
+    }
+    let mut kept = PageMask::default();
+    let mut result = Ok(());
+    for d in mapped.devices() {
+        let Ok(slot) = space.holder(d) else { continue };
+        let wm = widen(blk, &slot, m);
+        if let Err(e) = unmap_on(space, blk, &slot, &wm) {
+            log::error!("DontNeed: device {d:?} refused to unmap {} pages of block {:#x}: {e}", wm.count(), blk.base);
+            let me = Proc::Device(d);
+            kept = kept.or(&select(blk, &wm, |p| p.resident.has(me) || p.dev_mapped.has(me)));
+            result = result.and(Err(e));
+        }
+    }
+    let m = &m.and_not(&kept);
+    for d in mapped.devices() {
+        let Ok(slot) = space.holder(d) else { continue };
+        let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
+        release_device_pages(&slot, blk, &here);
+    }
     let rs = ranges(blk, m);
     region.cpu.discard(&rs)?;
     for slot in space.holders() {
         slot.mmu.host_discarded(&rs);
     }
     for i in m.iter() {
-        // A mapping a device refused to drop stays recorded, to be unmapped again later.
-        let dev_mapped = blk.pages[i].dev_mapped;
-        blk.pages[i] = crate::block::Page { dev_mapped, ..crate::block::Page::default() };
+        blk.pages[i] = crate::block::Page::default();
     }
-    dropped
+    result
 }
 
 /// Moves whole blocks to `slot`'s device in one go: one CPU revoke (or write-protect) call, one

@@ -93,7 +93,14 @@ impl CpuMmu for FakeCpu {
     fn wake(&self, _range: VaRange) -> Result<(), HostError> {
         Ok(())
     }
-    fn discard(&self, _ranges: &[VaRange]) -> Result<(), HostError> {
+    fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        // As hole punching does: the backing reads zeros and the CPU mapping is gone.
+        self.revoke(ranges)?;
+        let mut mem = self.mem.lock();
+        for r in ranges {
+            let off = (r.start - self.range.start) as usize;
+            mem[off..off + r.len as usize].fill(0);
+        }
         Ok(())
     }
     fn backing(&self, va: u64) -> HostAddr {
@@ -834,9 +841,9 @@ fn a_victim_whose_eviction_failed_can_be_evicted_later() {
     assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 8);
 }
 
-/// Pages a device refuses to unmap when their data is dropped are never handed out again: the
-/// device may still reach them through its stale entry (another block's data was overwritten
-/// through it), and the DontNeed reports the refusal.
+/// Pages a device refuses to unmap when the program unmaps their memory are never handed out
+/// again: the device may still reach them through its stale entry (another block's data was
+/// overwritten through it), and the refusal is reported.
 #[test]
 fn device_pages_whose_unmap_failed_are_not_reused() {
     let mut w = world(false, PAGES_PER_BLOCK as u64);
@@ -845,12 +852,40 @@ fn device_pages_whose_unmap_failed_are_not_reused() {
     w.cpu_access(other, Some(0x11));
     let dev = Proc::Device(w.ids[0]);
     w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    let unmap = crate::invalidate::CpuEvent::Unmap(VaRange::new(s, BLOCK_SIZE));
+    let r = w.failing(|d| &d.fail_unmap, || w.space.cpu_event(unmap));
+    assert!(r.is_err(), "the refused unmap is reported");
+    // The device has no pages but the leaked ones: the migration must not get them.
+    match w.space.migrate(other, PAGE_SIZE, dev) {
+        Err(CoreError::OutOfDeviceMemory { .. }) => {}
+        r => {
+            r.unwrap();
+            // A kernel still using the stale entry of `s` writes through it.
+            w.devs[0].access(s, Some(0x99));
+            assert_eq!(w.cpu_access(other, None), 0x11, "another block's data was overwritten through the stale entry");
+        }
+    }
+}
+
+/// A DontNeed a device refuses to apply leaves its pages as they were: the device keeps its copy
+/// and its mapping of it, so what a kernel writes through that mapping is what the CPU reads
+/// next. (The data was dropped anyway and the page looked remotely mapped: the CPU read zeros
+/// from fresh host memory while the kernel kept writing into forgotten device pages.)
+#[test]
+fn a_refused_dontneed_keeps_cpu_and_device_coherent() {
+    let mut w = world(false, PAGES_PER_BLOCK as u64);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x11));
+    let dev = Proc::Device(w.ids[0]);
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
     let r = w.failing(|d| &d.fail_unmap, || w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed));
     assert!(r.is_err(), "the refused unmap is reported");
-    w.space.migrate(other, PAGE_SIZE, dev).unwrap();
-    // A kernel still using the stale entry of `s` writes through it.
+    assert_eq!(w.devs[0].access(s, None), Some(0x11), "the device still reads its copy");
     w.devs[0].access(s, Some(0x99));
-    assert_eq!(w.cpu_access(other, None), 0x11, "another block's data was overwritten through the stale entry");
+    assert_eq!(w.cpu_access(s, None), 0x99, "the CPU reads what the device wrote");
+    // Once the device cooperates, the advice applies.
+    w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed).unwrap();
+    assert_eq!(w.cpu_access(s, None), 0);
 }
 
 /// Detach racing an explicit migration that has already checked the device: the migration must

@@ -321,13 +321,17 @@ impl<D> Device<D> {
         let caps = self.space.device_caps(self.id)?;
         let mut out = Vec::with_capacity(uses.len());
         for u in uses {
-            let start = u.start & !(PAGE_SIZE - 1);
-            let end = u.start.checked_add(u.len).ok_or(CoreError::Overflow { start: u.start, len: u.len })?;
             if u.len == 0 {
                 return Err(CoreError::Empty { start: u.start }.into());
             }
-            let len = end.div_ceil(PAGE_SIZE) * PAGE_SIZE - start;
-            out.push(self.space.check_range(start, len)?);
+            // Rounding the end up to a page can itself overflow (a use ending in the last page).
+            let (start, end) = u
+                .start
+                .checked_add(u.len)
+                .and_then(|e| align_up(e, PAGE_SIZE))
+                .map(|e| (align_down(u.start, PAGE_SIZE), e))
+                .ok_or(CoreError::Overflow { start: u.start, len: u.len })?;
+            out.push(self.space.check_range(start, end - start)?);
         }
         let job = self.space.job_begin(&out);
         let preparing = Preparing::new(&self.space, &job);

@@ -71,6 +71,15 @@ pub enum Error {
     /// The CUDA backend refused or failed (no GPU, a kernel call, a driver error).
     #[error(transparent)]
     Cuda(#[from] hetmm_cuda::CudaError),
+    /// `unregister` named memory of a buffer from [`Hetmm::alloc`]: only registered memory can
+    /// be unregistered (a buffer is freed by dropping it).
+    #[error("{range} overlaps the buffer {buffer} from Hetmm::alloc: only registered memory can be unregistered")]
+    Allocated {
+        /// The range asked for, rounded out to pages.
+        range: VaRange,
+        /// The allocated buffer it overlaps.
+        buffer: VaRange,
+    },
 }
 
 /// Result alias.
@@ -88,6 +97,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Hetmm {
     space: Arc<AddressSpace>,
     host: Arc<Host>,
+    /// The live buffers from [`Hetmm::alloc`] (start to length), which `unregister` refuses: the
+    /// core cannot tell them from registered memory.
+    allocs: memory::Allocs,
 }
 
 impl Hetmm {
@@ -102,7 +114,7 @@ impl Hetmm {
         let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>;
         let host = Host::new(weak).map_err(|e| Error::Host(e.to_string()))?;
         hetmm_host::fork::track(&space, &host).map_err(|e| Error::Host(e.to_string()))?;
-        Ok(Hetmm { space, host })
+        Ok(Hetmm { space, host, allocs: memory::Allocs::default() })
     }
 
     /// The core address space (for advanced use: explicit migration, page state, statistics).
@@ -144,7 +156,7 @@ impl Hetmm {
         }
         let len = (bytes as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let region = Host::create_region(&self.host, len).map_err(|e| Error::Host(e.to_string()))?;
-        SharedBuf::new(Arc::clone(&self.space), region, count)
+        SharedBuf::new(Arc::clone(&self.space), region, count, &self.allocs)
     }
 
     /// An address space running the policy called `name` (`hetmm` or `uvm`).
@@ -206,6 +218,11 @@ impl Hetmm {
     /// anonymous memory again holding the current bytes.
     pub fn unregister(&self, ptr: *const u8, len: usize) -> Result<()> {
         let (start, end) = page_span(ptr, len)?;
+        // Releasing an allocated buffer's pages would leave them registered with userfaultfd
+        // but unknown to the core: the next CPU access would be refused (SIGBUS).
+        if let Some(buffer) = self.allocs.overlapping(start, end) {
+            return Err(Error::Allocated { range: VaRange::new(start, end - start), buffer });
+        }
         self.space.settle()?;
         // The CPU sides of regions released whole hold the host's record of the registration
         // (it keeps only weak references): keep them until the host has given the memory back.

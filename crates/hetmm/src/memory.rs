@@ -1,15 +1,37 @@
 //! Shared buffers: memory valid on the CPU and on every device at the same address. This module
 //! holds the facade's only unsafe code, turning a region's application view into slices.
 
+use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hetmm_core::cpu::CpuMmu;
-use hetmm_core::types::Prot;
+use hetmm_core::types::{Prot, VaRange};
 use hetmm_core::AddressSpace;
 use hetmm_host::HostRegion;
 
 use crate::Result;
+
+/// The ranges of the live buffers of one `Hetmm` (start to length), shared with the buffers,
+/// which take themselves out when dropped.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Allocs(Arc<Mutex<BTreeMap<u64, u64>>>);
+
+impl Allocs {
+    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<u64, u64>) -> R) -> R {
+        // A panic while the map was held cannot have left it half-changed (every change is one
+        // insert or remove): go on with it.
+        f(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// A live buffer overlapping `[start, end)`, if any.
+    pub(crate) fn overlapping(&self, start: u64, end: u64) -> Option<VaRange> {
+        self.with(|m| {
+            let (&s, &len) = m.range(..end).next_back()?;
+            (s + len > start).then(|| VaRange::new(s, len))
+        })
+    }
+}
 
 /// `count` values of `T` in shared memory. CPU accesses go through plain slices; when the data
 /// sits on a device, the access faults and hetmm brings it back transparently. Dropping the
@@ -19,13 +41,20 @@ pub struct SharedBuf<T> {
     space: Arc<AddressSpace>,
     region: Arc<HostRegion>,
     count: usize,
+    allocs: Allocs,
     _t: PhantomData<T>,
 }
 
 impl<T: bytemuck::Pod> SharedBuf<T> {
-    pub(crate) fn new(space: Arc<AddressSpace>, region: Arc<HostRegion>, count: usize) -> Result<Self> {
-        space.add_region(Arc::clone(&region) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE)?;
-        Ok(SharedBuf { space, region, count, _t: PhantomData })
+    pub(crate) fn new(
+        space: Arc<AddressSpace>,
+        region: Arc<HostRegion>,
+        count: usize,
+        allocs: &Allocs,
+    ) -> Result<Self> {
+        let range = space.add_region(Arc::clone(&region) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE)?;
+        allocs.with(|m| m.insert(range.start, range.len));
+        Ok(SharedBuf { space, region, count, allocs: allocs.clone(), _t: PhantomData })
     }
 
     /// The values, read by the CPU.
@@ -65,6 +94,7 @@ impl<T> SharedBuf<T> {
 
 impl<T> Drop for SharedBuf<T> {
     fn drop(&mut self) {
+        self.allocs.with(|m| m.remove(&self.ptr()));
         match self.space.remove_region(self.ptr()) {
             // A fork child's copy of the parent's buffer: the memory is the child's own copy
             // (see `hetmm_core::fork`); the region stays the parent's.

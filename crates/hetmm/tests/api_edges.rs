@@ -26,3 +26,29 @@ fn a_use_ending_in_the_last_page_of_the_address_space_is_refused() {
     let r = dev.launch(g, &[Use::raw(u64::MAX - 100, 50, Access::Read)], noop);
     assert!(matches!(r, Err(Error::Core(CoreError::Overflow { .. }))), "{r:?}");
 }
+
+/// `unregister` is for memory the program registered. Naming part of a buffer from `alloc` is
+/// refused and leaves the buffer whole: it used to succeed, dropping the pages from the core
+/// while they stayed registered with userfaultfd, so the next CPU access to them was refused
+/// by the fault handler (SIGBUS) and the device's data in them was lost.
+#[test]
+fn unregister_refuses_allocated_buffers_and_leaves_them_whole() {
+    let (hm, dev) = setup(8 << 20);
+    let words = (4 << 20) / 8;
+    let b = hm.alloc::<u64>(words).unwrap();
+    let (grid, k) = stream_write(b.ptr(), words, 5);
+    dev.launch(grid, &[Use::write(&b)], k).unwrap().wait_timeout(Duration::from_secs(60)).unwrap();
+    let first = b.ptr() as *const u8;
+    let refused = |r: hetmm::Result<()>| r.is_err_and(|e| e.to_string().contains("Hetmm::alloc"));
+    let r = hm.unregister(first, 8192);
+    assert!(refused(r), "unregister of an allocated buffer");
+    // A range straddling the buffer's end is refused too.
+    let r = hm.unregister(b.as_slice()[words - 1..].as_ptr().cast(), 3 << 12);
+    assert!(refused(r), "unregister of a range straddling an allocated buffer's end");
+    assert!(b.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 5), "the device's data is intact");
+    // Once the buffer is freed, its addresses are no longer its.
+    let p = b.ptr();
+    drop(b);
+    let r = hm.unregister(p as *const u8, 4096);
+    assert!(matches!(r, Err(Error::Core(CoreError::NotShared(_)))), "{r:?}");
+}

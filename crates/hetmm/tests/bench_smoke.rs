@@ -118,3 +118,21 @@ fn bad_options_get_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--oversub"));
 }
+
+/// A working set or a device memory (working set / oversub) larger than the machine is refused
+/// before anything is allocated: `--size` near 2^64 overflowed computing the device memory (a
+/// panic), and sizes merely larger than memory, or a tiny `--oversub`, had the process killed
+/// by the OOM killer while it prefaulted the simulated device's memory.
+#[test]
+fn sizes_beyond_this_machine_are_refused() {
+    for args in [
+        &["--workload", "stream", "--repeat", "1", "--size", "18446744073709551615"][..],
+        &["--workload", "stream", "--repeat", "1", "--size", "16T", "--oversub", "1"],
+        &["--workload", "stream", "--repeat", "1", "--size", "1M", "--oversub", "0.000001"],
+    ] {
+        let out = bench(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}\nstderr:\n{err}", out.status);
+        assert!(err.contains("memory"), "{args:?}: {err}");
+    }
+}

@@ -136,3 +136,16 @@ fn sizes_beyond_this_machine_are_refused() {
         assert!(err.contains("memory"), "{args:?}: {err}");
     }
 }
+
+/// `hetmm demo` with sizes beyond this machine gets an error, not a crash: a `--device-mem`
+/// near 2^64 overflowed rounding it up to 2 MiB (a panic), and matrices larger than memory got
+/// the process OOM-killed.
+#[test]
+fn demo_refuses_sizes_beyond_this_machine() {
+    for args in [&["--m", "4", "--device-mem", "18446744073709551615"][..], &["--m", "100000"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hetmm")).arg("demo").args(args).output().expect("hetmm runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}\nstderr:\n{err}", out.status);
+        assert!(err.contains("memory"), "{args:?}: {err}");
+    }
+}

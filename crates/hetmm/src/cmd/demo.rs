@@ -48,6 +48,22 @@ fn mismatches(result: &[f32], a: &SharedBuf<f32>, b: &SharedBuf<f32>, m: usize) 
     result.iter().zip(&expect).filter(|(x, y)| x != y).count()
 }
 
+/// Refuses matrices of `n` values that this machine cannot hold (three in shared memory, and the
+/// copy of `r` and the CPU's product the check makes): they would get the process OOM-killed.
+fn beyond_this_machine(n: usize) -> Option<ExitCode> {
+    let need = (n as u128) * 4 * 5;
+    let total = super::memory_total()?;
+    (need > u128::from(total)).then(|| {
+        eprintln!(
+            "hetmm demo: m x m matrices need at least {} MiB of memory (three, a copy of r and the CPU's check); \
+             this machine has {} MiB",
+            need >> 20,
+            total >> 20
+        );
+        ExitCode::FAILURE
+    })
+}
+
 pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     if args.device == "cuda" {
         return run_cuda(args);
@@ -61,7 +77,15 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
         return Err(hetmm::Error::EmptyAlloc);
     }
     let n = m.checked_mul(m).ok_or(hetmm::Error::SizeOverflow { count: m, size: m })?;
-    let mem = args.device_mem.div_ceil(2 << 20) * (2 << 20);
+    if let Some(code) = beyond_this_machine(n) {
+        return Ok(code);
+    }
+    // A size within 2 MiB of 2^64 cannot be rounded up to 2 MiB.
+    let mem = args
+        .device_mem
+        .div_ceil(2 << 20)
+        .checked_mul(2 << 20)
+        .ok_or(hetmm::Error::Sim(hetmm::sim::SimError::BadMemorySize(args.device_mem)))?;
     let hm = Hetmm::new()?;
     let dev = hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: mem, ..SimConfig::default() })?)?;
     let (mut a, mut b, r) = (hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?, hm.alloc::<f32>(n)?);
@@ -124,6 +148,9 @@ fn run_cuda(args: &Args) -> Result<ExitCode, hetmm::Error> {
     }
     let m = args.m;
     let n = m.checked_mul(m).filter(|&n| n > 0).ok_or(hetmm::Error::SizeOverflow { count: m, size: m })?;
+    if let Some(code) = beyond_this_machine(n) {
+        return Ok(code);
+    }
     let gpu = CudaDevice::new(CudaConfig { memory_bytes: Some(args.device_mem), ..CudaConfig::default() })?;
     let name = gpu.name().to_string();
     let hm = Hetmm::new()?;

@@ -168,7 +168,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
     // Every run holds the working set in host memory and prefaults a simulated device of
     // `size / oversub` bytes there too: a machine with less memory than both together can only
     // get the process killed by the OOM killer (and a size near 2^64 overflowed before that).
-    if let Some(total) = memory_total() {
+    if let Some(total) = super::memory_total() {
         let fixed = workloads.contains(&"faultback").then_some(faultback::OVERSUB);
         for &o in oversubs.iter().chain(&fixed) {
             let need = args.size as f64 * (1.0 + 1.0 / o);
@@ -184,14 +184,6 @@ fn plan(args: &Args) -> Result<Plan, String> {
         }
     }
     Ok(Plan { workloads, policies, oversubs })
-}
-
-/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
-fn memory_total() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 /// One (workload, policy, oversub, advice) combination: the unit whose repeats are aggregated.

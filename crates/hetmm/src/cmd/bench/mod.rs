@@ -96,10 +96,12 @@ impl Args {
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        // An even count has two middle values: the median is their mean.
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    v[v.len() / 2]
 }
 
 pub(crate) fn human(b: u64) -> String {
@@ -256,19 +258,22 @@ impl Row {
         self.errors.is_empty() && !self.samples.is_empty() && self.samples.iter().all(|s| s.verified)
     }
 
-    /// The sample with the median time.
+    /// The sample with the median time (of an even count, the upper of the two middle ones): its
+    /// counters are reported.
     fn mid(&self) -> Option<&Sample> {
         let mut v: Vec<&Sample> = self.samples.iter().collect();
         v.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
         v.get(v.len() / 2).copied()
     }
 
+    /// The median seconds over the repeats.
     fn seconds(&self) -> f64 {
-        self.mid().map_or(f64::NAN, |s| s.seconds)
+        median(self.samples.iter().map(|s| s.seconds).collect())
     }
 
+    /// Bytes (the same every repeat) over the median seconds.
     fn gbps(&self) -> f64 {
-        self.mid().map_or(f64::NAN, |s| s.bytes as f64 / s.seconds / 1e9)
+        self.mid().map_or(f64::NAN, |s| s.bytes as f64 / self.seconds() / 1e9)
     }
 
     fn stats(&self) -> StatsSnapshot {
@@ -667,4 +672,49 @@ fn svg_panels(rows: &[Row]) -> Vec<svg::Panel> {
         }
     }
     panels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seconds: &[f64]) -> Row {
+        let key = RowKey {
+            order: 0,
+            sub: 0,
+            row: "stream".into(),
+            oversub_milli: 500,
+            policy: "hetmm",
+            advice: AdviceKind::None,
+        };
+        let samples = seconds
+            .iter()
+            .map(|&s| Sample {
+                row: "stream".into(),
+                seconds: s,
+                bytes: 1_000_000_000,
+                working_set: 0,
+                device_memory: 0,
+                verified: true,
+                stats: StatsSnapshot::default(),
+                extra: Map::new(),
+            })
+            .collect();
+        Row { key, oversub: 0.5, samples, errors: Vec::new() }
+    }
+
+    /// The median of an even count is the mean of the two middle values (it was the upper one:
+    /// with `--repeat 2` every row reported its slower repeat).
+    #[test]
+    fn medians_of_even_and_odd_counts() {
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![7.0]), 7.0);
+        assert!(median(Vec::new()).is_nan());
+        let r = row(&[1.0, 3.0]);
+        assert_eq!(r.seconds(), 2.0);
+        assert_eq!(r.gbps(), 0.5);
+        let r = row(&[5.0]);
+        assert_eq!((r.seconds(), r.gbps()), (5.0, 0.2));
+    }
 }

@@ -149,3 +149,30 @@ fn demo_refuses_sizes_beyond_this_machine() {
         assert!(err.contains("memory"), "{args:?}: {err}");
     }
 }
+
+/// A workload or oversubscription named twice runs once: `stream,random,stream` ran stream's
+/// job twice and merged both into one row (two "repeats" for `--repeat 1`), and so did two
+/// factors that round to the same row (`1,1.0004`).
+#[test]
+fn names_given_twice_run_once() {
+    let out = bench(&[
+        "--workload",
+        "stream,random,stream",
+        "--policy",
+        "hetmm",
+        "--oversub",
+        "1,1.0004",
+        "--size",
+        "1M",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3, "stream, stream/cpu-reread and random at one oversub:\n{stdout}");
+    for r in &rows {
+        assert_eq!(r["repeats"], 1, "{r}");
+    }
+}

@@ -130,17 +130,22 @@ fn plan(args: &Args) -> Result<Plan, String> {
     }
     let mut workloads = Vec::new();
     for w in list(&args.workload) {
-        if w == "all" {
-            workloads.extend(WORKLOADS);
+        let named: Vec<&'static str> = if w == "all" {
+            WORKLOADS.to_vec()
         } else {
             let known = WORKLOADS
                 .iter()
                 .find(|k| **k == w)
                 .ok_or_else(|| format!("unknown workload '{w}' (known: {}, all)", WORKLOADS.join(", ")))?;
-            workloads.push(*known);
+            vec![*known]
+        };
+        // A workload named twice runs once: its runs would be merged into the same rows.
+        for k in named {
+            if !workloads.contains(&k) {
+                workloads.push(k);
+            }
         }
     }
-    workloads.dedup();
     let mut policies = Vec::new();
     for p in list(&args.policy) {
         let known = Policy::NAMES
@@ -157,7 +162,8 @@ fn plan(args: &Args) -> Result<Plan, String> {
         if !(v.is_finite() && v > 0.0 && v <= 64.0) {
             return Err(format!("--oversub: {v} is out of range (0, 64]"));
         }
-        if !oversubs.contains(&v) {
+        // Rows are keyed by the factor in thousandths: factors equal to that precision are one.
+        if !oversubs.iter().any(|&o: &f64| milli(o) == milli(v)) {
             oversubs.push(v);
         }
     }
@@ -186,6 +192,11 @@ fn plan(args: &Args) -> Result<Plan, String> {
         }
     }
     Ok(Plan { workloads, policies, oversubs })
+}
+
+/// An oversubscription factor in thousandths, as rows are keyed.
+fn milli(oversub: f64) -> u64 {
+    (oversub * 1000.0).round() as u64
 }
 
 /// One (workload, policy, oversub, advice) combination: the unit whose repeats are aggregated.
@@ -435,7 +446,7 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
                 order,
                 sub: 0,
                 row: job.workload.to_string(),
-                oversub_milli: (job.oversub * 1000.0).round() as u64,
+                oversub_milli: milli(job.oversub),
                 policy: job.policy,
                 advice: job.advice,
             };
@@ -447,7 +458,7 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
                 order,
                 sub: i % per_repeat,
                 row: s.row.clone(),
-                oversub_milli: (job.oversub * 1000.0).round() as u64,
+                oversub_milli: milli(job.oversub),
                 policy: job.policy,
                 advice: job.advice,
             };
@@ -567,9 +578,9 @@ fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
 }
 
 fn find<'a>(rows: &'a [Row], row: &str, policy: &str, oversub: f64, advice: AdviceKind) -> Option<&'a Row> {
-    let milli = (oversub * 1000.0).round() as u64;
-    rows.iter()
-        .find(|r| r.key.row == row && r.key.policy == policy && r.key.oversub_milli == milli && r.key.advice == advice)
+    rows.iter().find(|r| {
+        r.key.row == row && r.key.policy == policy && r.key.oversub_milli == milli(oversub) && r.key.advice == advice
+    })
 }
 
 /// The bars, checked against this run's rows where it has them.

@@ -168,6 +168,9 @@ impl Hetmm {
     /// Gives a hint about `[start, start + len)` (see [`Advice`]); a prefetch completes in the
     /// background: wait on the returned [`Pending`].
     pub fn advise(&self, start: u64, len: u64, advice: Advice) -> Result<Pending> {
+        // As `migrate`: a munmap or mremap the program made just before is applied first, so
+        // the advice meets the memory as the program sees it.
+        self.space.settle()?;
         Ok(self.space.advise(start, len, advice)?)
     }
 

@@ -176,3 +176,30 @@ fn names_given_twice_run_once() {
         assert_eq!(r["repeats"], 1, "{r}");
     }
 }
+
+/// A device is whole 2 MiB blocks: 1 MiB at `--oversub 64` runs on a 2 MiB device, not
+/// oversubscribed at all. The stream bar for oversubscription 1.5 and more was judged on it
+/// anyway ("[met] stream x64: hetmm 2.29x faster than uvm (bar 2x)").
+#[test]
+fn bars_judge_the_oversubscription_runs_had() {
+    let out = bench(&["--workload", "stream", "--oversub", "64", "--size", "1M", "--repeat", "1"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("(bar 2x)"), "a 2 MiB device holding 1 MiB is judged as oversubscribed:\n{stdout}");
+    let json = bench(&[
+        "--workload",
+        "stream",
+        "--policy",
+        "hetmm",
+        "--oversub",
+        "64",
+        "--size",
+        "1M",
+        "--repeat",
+        "1",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&json.stdout);
+    let row: Value = serde_json::from_str(stdout.lines().next().unwrap_or_default()).unwrap();
+    assert_eq!(row["effective_oversub"], 0.5, "{row}");
+}

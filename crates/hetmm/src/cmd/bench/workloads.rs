@@ -161,7 +161,8 @@ pub fn stream(r: &Run) -> Result<Vec<Sample>> {
     }
     ok &= sum == expect;
     let mut dev_row = dev_row;
-    dev_row.verified = ok;
+    // `&=`: the row already fails if a CPU fault could not be served.
+    dev_row.verified &= ok;
     dev_row.extra.insert("phase".into(), json!("device"));
     let mut re = sample("stream/cpu-reread", &e, ws, b.byte_len(), secs2, st2, ok);
     re.extra.insert("phase".into(), json!("cpu_reread"));

@@ -46,9 +46,12 @@ use crate::space::{AddressSpace, Region};
 use crate::stats::add;
 use crate::types::VaRange;
 
-/// How long a new holder of the gate defers to a waiting fork before entering anyway: the fork
-/// gets the gate promptly under load, and a holder that (unexpectedly) waits for another thread
-/// that needs to enter can never deadlock with it.
+/// How long a new holder of the gate defers to a waiting fork before entering anyway, while a
+/// holder that was there when the fork began to wait is still in: the fork gets the gate
+/// promptly under load, and such a holder that (unexpectedly) waits for another thread that
+/// needs to enter can never deadlock with it. Once those holders have left, newcomers wait for
+/// the fork: otherwise holders that each stay longer than this and overlap (two threads taking
+/// turns at large migrations) would keep the fork waiting for ever.
 const DEFER: Duration = Duration::from_millis(50);
 
 /// The fork gate: shared by operations that change page state, exclusive while a fork is
@@ -71,12 +74,19 @@ struct GateState {
     readers: usize,
     writer: bool,
     writers_waiting: usize,
+    /// Bumped each time a fork begins to wait: holders that entered before (a smaller epoch)
+    /// are the ones it found there.
+    epoch: u64,
+    /// Holders the latest waiting fork found there that are still in (see [`DEFER`]).
+    early: usize,
 }
 
 /// A shared hold of the [`Gate`].
 #[derive(Debug)]
 pub(crate) struct GateGuard<'a> {
     gate: &'a Gate,
+    /// The gate's epoch when this hold began.
+    epoch: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,8 +94,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Gate {
-    /// Enters shared: waits while a fork holds the gate, and defers (at most [`DEFER`]) to a
-    /// fork waiting for it.
+    /// Enters shared: waits while a fork holds the gate, and defers to a fork waiting for it
+    /// (at most [`DEFER`] while a holder the fork found there is still in; see there).
     pub(crate) fn enter(&self) -> GateGuard<'_> {
         let deadline = Instant::now() + DEFER;
         let mut st = lock(&self.state);
@@ -94,14 +104,21 @@ impl Gate {
                 st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            let now = Instant::now();
-            if st.writers_waiting == 0 || now >= deadline {
+            if st.writers_waiting == 0 {
                 break;
             }
-            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+            let now = Instant::now();
+            if now < deadline {
+                st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+            } else if st.early > 0 {
+                break;
+            } else {
+                // Only newcomers hold the gate: the fork gets it once they leave (it wakes us).
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+            }
         }
         st.readers += 1;
-        GateGuard { gate: self }
+        GateGuard { gate: self, epoch: st.epoch }
     }
 
     /// Enters shared unless a fork holds or waits for the gate.
@@ -111,13 +128,15 @@ impl Gate {
             return None;
         }
         st.readers += 1;
-        Some(GateGuard { gate: self })
+        Some(GateGuard { gate: self, epoch: st.epoch })
     }
 
     /// Takes the gate exclusively: waits until no one holds it.
     fn close(&self) {
         let mut st = lock(&self.state);
         st.writers_waiting += 1;
+        st.epoch += 1;
+        st.early = st.readers;
         while st.writer || st.readers > 0 {
             st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
@@ -136,6 +155,9 @@ impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
         let mut st = lock(&self.gate.state);
         st.readers -= 1;
+        if self.epoch < st.epoch {
+            st.early = st.early.saturating_sub(1);
+        }
         let wake = st.readers == 0 && st.writers_waiting > 0;
         drop(st);
         if wake {
@@ -367,5 +389,79 @@ mod tests {
         assert!(space.fork_prepare().is_none());
         // Never returns in a real child; here the gate stays held by the leaked guard.
         space.shutdown();
+    }
+
+    /// Waits (at most 1 s) until `cond` holds; whether it did.
+    fn wait_until(cond: impl Fn() -> bool) -> bool {
+        let t = std::time::Instant::now();
+        while !cond() {
+            if t.elapsed() > Duration::from_secs(1) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Two threads whose operations each hold the gate longer than a new holder defers to a
+    /// waiting fork, and overlap (a double-buffered pipeline of large migrations), must not keep
+    /// a fork waiting forever: once the holders that were there when the fork began have left,
+    /// newcomers wait for the fork.
+    #[test]
+    fn overlapping_long_operations_do_not_starve_a_fork() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let (space, _cpu, dev1, id1, host) = setup();
+        let dev2 = Arc::new(FakeDevice::new((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
+        let id2 = space.attach(Arc::clone(&dev2) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let forked = Arc::new(AtomicBool::new(false));
+        // Each worker bounces one page between the CPU and its device; every copy waits at its
+        // device's copy gate, which the test opens for a moment at a time.
+        let bounce = |id: DeviceId, va: u64| {
+            let (space, stop) = (Arc::clone(&space), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                while !stop.load(SeqCst) {
+                    space.migrate(va, PAGE_SIZE, Proc::Device(id)).unwrap();
+                    space.migrate(va, PAGE_SIZE, Proc::Cpu).unwrap();
+                }
+            })
+        };
+        let mut g1 = Some(dev1.copy_gate.lock());
+        let mut g2 = Some(dev2.copy_gate.lock());
+        let a = bounce(id1, BASE);
+        assert!(wait_until(|| dev1.copies_started.load(SeqCst) == 1));
+        let f = {
+            let (space, forked) = (Arc::clone(&space), Arc::clone(&forked));
+            std::thread::spawn(move || {
+                let guard = space.fork_prepare().unwrap();
+                forked.store(true, SeqCst);
+                guard.parent();
+            })
+        };
+        std::thread::sleep(Duration::from_millis(10));
+        let b = bounce(id2, BASE + BLOCK_SIZE);
+        // B defers to the waiting fork, then enters beside A.
+        assert!(wait_until(|| dev2.copies_started.load(SeqCst) == 1));
+        // Let each one's operation finish in turn while the other holds the gate.
+        for _ in 0..10 {
+            for (dev, g) in [(&dev1, &mut g1), (&dev2, &mut g2)] {
+                let n = dev.copies_started.load(SeqCst);
+                *g = None;
+                std::thread::sleep(Duration::from_millis(5));
+                *g = Some(dev.copy_gate.lock());
+                wait_until(|| forked.load(SeqCst) || dev.copies_started.load(SeqCst) > n);
+            }
+            if forked.load(SeqCst) {
+                break;
+            }
+        }
+        let done = forked.load(SeqCst);
+        stop.store(true, SeqCst);
+        g1.take();
+        g2.take();
+        for t in [a, b, f] {
+            t.join().unwrap();
+        }
+        assert!(done, "the fork waited for ever while two operations took turns holding the gate");
     }
 }

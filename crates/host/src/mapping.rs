@@ -340,7 +340,9 @@ impl SharedMapping {
 
     /// Maps the memfd over a hole in the alias's part for `range` (`MAP_FIXED_NOREPLACE`: a
     /// mapping another thread put there is never replaced; the alias is then wrong there and
-    /// the error says so). Where the part is still mapped, nothing happens.
+    /// the error says so). Where the part is still mapped, nothing happens. NOREPLACE refuses
+    /// with EEXIST when any page is mapped, which is also what a hole that another thread's
+    /// mapping landed in looks like: the part is then checked to map this memfd throughout.
     fn fill_alias_hole(&self, range: VaRange) -> Result<(), MappingError> {
         let off = self.offset_of(range)?;
         let alias = self.alias.addr() + off as usize;
@@ -357,12 +359,44 @@ impl SharedMapping {
             )
         };
         match r {
-            Ok(_) | Err(Errno::EXIST) => Ok(()),
+            Ok(_) => Ok(()),
+            Err(Errno::EXIST) if self.alias_maps_memfd(VaRange::new(alias as u64, range.len), off) => Ok(()),
             Err(e) => {
                 log::error!("alias part {range} lost after a failed move: {e}");
                 Err(os_err("mmap(alias)", range)(e))
             }
         }
+    }
+
+    /// Whether every page of `alias` (a part of the alias) maps this memfd at `off` onwards, as
+    /// `/proc/self/maps` says (the inode and the file offset of each VMA covering it).
+    fn alias_maps_memfd(&self, alias: VaRange, off: u64) -> bool {
+        let Ok(st) = rustix::fs::fstat(&self.memfd) else { return false };
+        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
+        let mut cur = alias.start;
+        for line in maps.lines() {
+            // start-end perms offset dev inode [path]
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [span, _, file_off, _, inode, ..] = f[..] else { continue };
+            let Some((s, e)) = span.split_once('-') else { continue };
+            let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+            if e <= cur || s >= alias.end() {
+                continue;
+            }
+            let (Ok(file_off), Ok(inode)) = (u64::from_str_radix(file_off, 16), inode.parse::<u64>()) else {
+                return false;
+            };
+            // The VMA must start at or before `cur` (no hole) and map the memfd so that `cur`
+            // lands on `off + (cur - alias.start)`.
+            if s > cur || inode != st.st_ino || file_off + (cur - s) != off + (cur - alias.start) {
+                return false;
+            }
+            cur = e.min(alias.end());
+            if cur == alias.end() {
+                return true;
+            }
+        }
+        false
     }
 
     /// Makes sure backing pages exist for `range` (zero-filled where there were none; existing
@@ -841,6 +875,37 @@ mod tests {
         m.punch(VaRange::new(m.app_ptr() as u64 + PAGE_SIZE, PAGE_SIZE)).unwrap();
         assert_eq!(unsafe { m.alias_ptr().add(4096).read() }, 0);
         m.allocate(m.app_range()).unwrap();
+    }
+
+    /// A failed move into the alias may leave a hole in it that another thread's mapping lands
+    /// in: refilling the hole must then fail, not take the foreign mapping for the alias (copies
+    /// through the alias would read and write another thread's memory).
+    #[test]
+    fn a_foreign_mapping_in_an_alias_hole_is_reported() {
+        let m = SharedMapping::new(4 * PAGE_SIZE).unwrap();
+        let app = m.app_range();
+        // An intact alias: nothing to fill.
+        m.fill_alias_hole(app).unwrap();
+        // Pages 1-2 of the alias unmapped, a foreign page mapped at page 2.
+        let alias = m.alias_ptr() as usize;
+        unmap(alias + PAGE_SIZE as usize, 2 * PAGE_SIZE as usize);
+        let foreign = unsafe {
+            rustix::mm::mmap_anonymous(
+                (alias + 2 * PAGE_SIZE as usize) as *mut _,
+                PAGE_SIZE as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE,
+            )
+        }
+        .unwrap();
+        let hole = VaRange::new(app.start + PAGE_SIZE, 2 * PAGE_SIZE);
+        assert!(m.fill_alias_hole(hole).is_err(), "a foreign page in the alias was taken for the memfd");
+        // With the foreign page gone the hole is filled and the alias reads the memfd again.
+        unmap(foreign as usize, PAGE_SIZE as usize);
+        unsafe { m.app_ptr().add(2 * PAGE_SIZE as usize).write(9) };
+        m.fill_alias_hole(hole).unwrap();
+        m.fill_alias_hole(app).unwrap();
+        assert_eq!(unsafe { m.alias_ptr().add(2 * PAGE_SIZE as usize).read() }, 9);
     }
 
     #[test]

@@ -185,7 +185,23 @@ pub struct ForkGuard {
     private_bytes: u64,
 }
 
+/// Holds off `fork()` (see [`AddressSpace::hold_forks`]) until dropped.
+#[derive(Debug)]
+pub struct ForkHold<'a> {
+    _gate: GateGuard<'a>,
+}
+
 impl AddressSpace {
+    /// Holds off [`AddressSpace::fork_prepare`] while the caller makes memory shared in steps the
+    /// core sees only at the end (the host adopting a program's memory into its own mapping, then
+    /// [`AddressSpace::add_registered`]): a fork in between would find no region there and leave
+    /// the child that memory shared with the parent instead of a copy of its own. Waits, like
+    /// every operation, while a fork is under way. Not to be held around calls that take the gate
+    /// themselves (migrations, faults): they would defer to a waiting fork behind it.
+    pub fn hold_forks(&self) -> Result<ForkHold<'_>, CoreError> {
+        Ok(ForkHold { _gate: self.enter()? })
+    }
+
     /// Prepares a `fork()` of the process (call it on the thread that forks, just before): waits
     /// until no operation is changing page state, then copies every page whose only copy is in
     /// device memory into its host backing, changing no state (see the module notes). Until
@@ -389,6 +405,29 @@ mod tests {
         assert!(space.fork_prepare().is_none());
         // Never returns in a real child; here the gate stays held by the leaked guard.
         space.shutdown();
+    }
+
+    /// A fork waits while memory is being made shared (the host has adopted it, the core does
+    /// not know it yet), then finds the new region.
+    #[test]
+    fn a_fork_waits_for_memory_being_shared() {
+        let (space, _cpu, _dev, _id, _host) = setup();
+        let hold = space.hold_forks().unwrap();
+        let f = {
+            let space = Arc::clone(&space);
+            std::thread::spawn(move || {
+                let guard = space.fork_prepare().unwrap();
+                let n = space.regions.read().len();
+                guard.parent();
+                n
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!f.is_finished(), "the fork went ahead while memory was being shared");
+        let more = VaRange::new(BASE + 4 * BLOCK_SIZE, BLOCK_SIZE);
+        space.add_registered(Arc::new(PlainCpu::new(more)), more, Prot::READ | Prot::WRITE, false).unwrap();
+        drop(hold);
+        assert_eq!(f.join().unwrap(), 2, "the fork saw the new region");
     }
 
     /// Waits (at most 1 s) until `cond` holds; whether it did.

@@ -32,7 +32,7 @@ pub mod snapshot;
 pub mod space;
 
 pub use advice::{Advice, Pending};
-pub use fork::ForkGuard;
+pub use fork::{ForkGuard, ForkHold};
 pub use policy::Policy;
 pub use space::{AddressSpace, AttachOptions, CoreConfig};
 

@@ -202,6 +202,9 @@ impl Hetmm {
         if end > start && self.space.any_shared(VaRange::new(start, end - start)) {
             return Err(CoreError::Overlap(VaRange::new(start, end - start)).into());
         }
+        // From the host's adoption of the memory until the core knows it, a fork would leave the
+        // child sharing it with this process.
+        let _no_fork = self.space.hold_forks()?;
         let reg = self.host.register(ptr as u64, len as u64).map_err(|e| Error::Host(e.to_string()))?;
         for (k, &(part, prot)) in reg.parts.iter().enumerate() {
             if let Err(e) = self.space.add_registered(Arc::clone(&reg.cpu), part, prot, reg.remote) {

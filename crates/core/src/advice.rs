@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::error::{CoreError, Result};
 use crate::space::AddressSpace;
-use crate::types::{DeviceId, Proc};
+use crate::types::{DeviceId, Proc, VaRange};
 
 /// A hint about a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,10 +58,12 @@ impl Pending {
 }
 
 impl AddressSpace {
-    /// Applies `advice` to `[start, start + len)` (page aligned, inside one shared region).
-    /// Attribute changes take effect before this returns; a prefetch runs in the background.
+    /// Applies `advice` to `[start, start + len)` (page aligned, shared memory throughout; it
+    /// may span adjacent regions). Attribute changes take effect before this returns; a
+    /// prefetch runs in the background.
     pub fn advise(self: &Arc<Self>, start: u64, len: u64, advice: Advice) -> Result<Pending> {
-        let range = self.check_range(start, len)?;
+        let parts = self.span_parts(start, len)?;
+        let range = VaRange::new(start, len);
         match advice {
             Advice::Prefetch(to) => {
                 if let Proc::Device(d) = to {
@@ -76,8 +78,10 @@ impl AddressSpace {
                             // As `migrate`: no region may be reshaped meanwhile, and the range is
                             // checked again, for the program may have unmapped part of it since.
                             let _shape = me.reshape.read();
-                            let range = me.check_range(range.start, range.len)?;
-                            me.prefetch_range(range, to)
+                            for part in me.span_parts(range.start, range.len)? {
+                                me.prefetch_range(part, to)?;
+                            }
+                            Ok(())
                         });
                         let _ = tx.send(r);
                     })
@@ -85,7 +89,9 @@ impl AddressSpace {
                 Ok(Pending { rx: Some(rx) })
             }
             Advice::DontNeed => {
-                self.discard_range(range)?;
+                for part in parts {
+                    self.discard_range(part)?;
+                }
                 Ok(Pending::done())
             }
             Advice::PreferredLocation(p) => {

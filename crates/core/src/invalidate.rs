@@ -251,6 +251,13 @@ impl AddressSpace {
         Ok(range)
     }
 
+    /// [`AddressSpace::check_span`], then the span cut at region boundaries: one range per
+    /// region it covers, in order (a buffer part of which was `protect`ed is several regions).
+    pub fn span_parts(&self, start: u64, len: u64) -> Result<Vec<VaRange>> {
+        let range = self.check_span(start, len)?;
+        Ok(self.overlapping(range).iter().filter_map(|r| r.range.intersect(&range)).collect())
+    }
+
     /// Whether any page of `range` is shared memory.
     pub fn any_shared(&self, range: VaRange) -> bool {
         !self.overlapping(range).is_empty()

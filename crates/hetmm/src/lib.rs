@@ -354,7 +354,8 @@ impl<D> Device<D> {
                 .and_then(|e| align_up(e, PAGE_SIZE))
                 .map(|e| (align_down(u.start, PAGE_SIZE), e))
                 .ok_or(CoreError::Overflow { start: u.start, len: u.len })?;
-            out.push(self.space.check_range(start, end - start)?);
+            // One range per region: part of a buffer may have been given other protection.
+            out.extend(self.space.span_parts(start, end - start)?);
         }
         let job = self.space.job_begin(&out);
         let preparing = Preparing::new(&self.space, &job);

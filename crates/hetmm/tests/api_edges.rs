@@ -52,3 +52,41 @@ fn unregister_refuses_allocated_buffers_and_leaves_them_whole() {
     let r = hm.unregister(p as *const u8, 4096);
     assert!(matches!(r, Err(Error::Core(CoreError::NotShared(_)))), "{r:?}");
 }
+
+/// `protect` of part of a buffer splits its region in the core. Calls naming the whole buffer
+/// must still work: a kernel reading all of it (part read-only), advice over all of it, and the
+/// same after the protection is restored. They failed with NotShared ("not inside one shared
+/// region") for as long as the buffer lived.
+#[test]
+fn whole_buffer_calls_work_after_protecting_part_of_it() {
+    use hetmm::core::types::Prot;
+    use hetmm::kernels::stream_sum;
+    use hetmm::{Advice, Proc};
+    let (hm, dev) = setup(16 << 20);
+    let words = (4 << 20) / 8;
+    let mut b = hm.alloc::<u64>(words).unwrap();
+    for (i, v) in b.as_mut_slice().iter_mut().enumerate() {
+        *v = i as u64;
+    }
+    let want = (0..words as u64).fold(0u64, |s, v| s.wrapping_add(v));
+    let (ptr, len) = (b.ptr(), b.byte_len());
+    let sum = |hm: &Hetmm| {
+        let blocks = stream_sum(ptr, words, 0).0.blocks as usize;
+        let out = hm.alloc::<u64>(blocks).unwrap();
+        let (grid, k) = stream_sum(ptr, words, out.ptr());
+        dev.launch(grid, &[Use::raw(ptr, len, Access::Read), Use::write(&out)], k)
+            .unwrap()
+            .wait_timeout(Duration::from_secs(60))
+            .unwrap();
+        out.as_slice().iter().fold(0u64, |s, v| s.wrapping_add(*v))
+    };
+    hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ).unwrap();
+    assert_eq!(sum(&hm), want, "a kernel reading the whole buffer, part of it read-only");
+    hm.advise(ptr, len, Advice::ReadMostly(true)).unwrap();
+    hm.advise(ptr, len, Advice::Prefetch(Proc::Cpu)).unwrap().wait(Duration::from_secs(60)).unwrap();
+    hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ | Prot::WRITE).unwrap();
+    hm.advise(ptr, len, Advice::Prefetch(dev.proc())).unwrap().wait(Duration::from_secs(60)).unwrap();
+    assert_eq!(sum(&hm), want, "the same after the protection is restored");
+    hm.advise(ptr, len, Advice::DontNeed).unwrap();
+    assert!(b.as_slice().iter().all(|v| *v == 0), "DontNeed over the whole buffer reads zeros");
+}

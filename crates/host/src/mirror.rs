@@ -40,7 +40,14 @@ pub struct Vma {
 }
 
 /// The VMAs covering `range`, clipped to it, in order; `None` if some page of it is unmapped.
+/// The kernel writes `/proc/self/maps` a page of text per read, looking the VMAs up again for
+/// each, so other threads mapping and unmapping meanwhile can make a read skip a VMA: a range
+/// that looks broken is read again before it is believed.
 pub fn vmas(range: VaRange) -> Option<Vec<Vma>> {
+    (0..3).find_map(|_| vmas_once(range))
+}
+
+fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let mut out: Vec<Vma> = Vec::new();
     for line in maps.lines() {

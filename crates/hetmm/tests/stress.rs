@@ -1,0 +1,851 @@
+//! A randomized, seeded stress test: CPU threads and kernels on two small simulated devices
+//! (so eviction and oversubscription happen) over an allocated buffer and registered private
+//! memory, with random interleavings of CPU reads and writes, kernel reads and writes,
+//! migrations, every kind of advice, `protect`, `mprotect`, `munmap`, `mremap`,
+//! unregister/register and `fork()`, every byte checked against a reference model.
+//!
+//! The model is exact: memory is cut into slices, each behind a lock, and whoever holds a
+//! slice's lock knows what it holds (a generation; generation 0 is zeros). Content-changing
+//! operations (CPU and kernel writes, `DontNeed`, unmapping) happen only under the lock of
+//! every slice they touch; operations that must not change content (migrations, prefetches,
+//! attribute advice) run on random ranges without locks.
+//!
+//! `HETMM_STRESS_SEED` runs one seed (`HETMM_STRESS_OPS` operations per thread,
+//! `HETMM_STRESS_POLICY` to force a policy); by default a few short seeds run.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hetmm::core::error::CoreError;
+use hetmm::core::types::Prot;
+use hetmm::sim::{BlockCtx, Grid, SimConfig, SimDevice};
+use hetmm::{Access, Advice, Device, Hetmm, Proc, SharedBuf, Use};
+
+const PS: u64 = 4096;
+const WAIT: Duration = Duration::from_secs(60);
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Word `idx` of generation `gen` (0: zeros).
+fn word(gen: u64, idx: u64) -> u64 {
+    if gen == 0 {
+        0
+    } else {
+        splitmix64(gen.wrapping_mul(0x1000_0000_01B3) ^ idx) | 1
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        splitmix64(self.0)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn chance(&mut self, n: u64) -> bool {
+        self.below(n) == 0
+    }
+}
+
+/// The first word of `[addr, addr + len)` that does not hold generation `gen` (word indices
+/// from `idx0`), read by the CPU. Allocation-free (a fork child runs it).
+fn cpu_mismatch(addr: u64, len: u64, gen: u64, idx0: u64) -> Option<(u64, u64)> {
+    let v = unsafe { std::slice::from_raw_parts(addr as *const u64, (len / 8) as usize) };
+    for (w, x) in v.iter().enumerate() {
+        let want = word(gen, idx0 + w as u64);
+        if *x != want {
+            return Some((w as u64, *x));
+        }
+    }
+    None
+}
+
+fn cpu_check(what: &str, addr: u64, len: u64, gen: u64, idx0: u64) {
+    if let Some((w, x)) = cpu_mismatch(addr, len, gen, idx0) {
+        panic!(
+            "{what}: CPU read {x:#x} at {:#x} (word {w} of {addr:#x}+{len:#x}), want {:#x} (gen {gen})",
+            addr + w * 8,
+            word(gen, idx0 + w)
+        );
+    }
+}
+
+fn cpu_fill(addr: u64, len: u64, gen: u64, idx0: u64) {
+    let v = unsafe { std::slice::from_raw_parts_mut(addr as *mut u64, (len / 8) as usize) };
+    for (w, x) in v.iter_mut().enumerate() {
+        *x = word(gen, idx0 + w as u64);
+    }
+}
+
+/// Bytes per unit of the model of A: each unit holds one generation.
+const UNIT: u64 = 512;
+const UNIT_WORDS: u64 = UNIT / 8;
+
+/// Checks A's units `[u0, u0 + gens.len())` by the CPU.
+fn cpu_check_units(what: &str, base: u64, u0: u64, gens: &[u64]) {
+    for (k, &g) in gens.iter().enumerate() {
+        let u = u0 + k as u64;
+        cpu_check(what, base + u * UNIT, UNIT, g, u * UNIT_WORDS);
+    }
+}
+
+/// Allocation-free check of units (for a fork child).
+fn units_match(base: u64, u0: u64, gens: &[u64]) -> bool {
+    gens.iter().enumerate().all(|(k, &g)| {
+        let u = u0 + k as u64;
+        cpu_mismatch(base + u * UNIT, UNIT, g, u * UNIT_WORDS).is_none()
+    })
+}
+
+/// One piece a kernel checks (and rewrites when `new` is set): `[addr, addr + len)`, words
+/// numbered from `idx0`.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
+    addr: u64,
+    len: u64,
+    idx0: u64,
+    old: u64,
+    new: Option<u64>,
+}
+
+/// Runs one kernel over `pieces` on `dev` (one block per unit-sized or page-sized chunk);
+/// returns the first wrong word it read, or the kernel's error.
+fn kernel(dev: &Device<SimDevice>, pieces: &[Piece], write: bool) -> Result<Option<String>, hetmm::Error> {
+    // (va, words, first word index, old gen, new gen)
+    let mut chunks: Vec<(u64, usize, u64, u64, Option<u64>)> = Vec::new();
+    for p in pieces {
+        let step = if p.len % PS == 0 && p.addr % PS == 0 { PS } else { UNIT };
+        let mut off = 0;
+        while off < p.len {
+            let n = step.min(p.len - off);
+            chunks.push((p.addr + off, (n / 8) as usize, p.idx0 + off / 8, p.old, p.new.filter(|_| write)));
+            off += n;
+        }
+    }
+    let uses: Vec<Use> =
+        pieces.iter().map(|p| Use::raw(p.addr, p.len, if write { Access::Write } else { Access::Read })).collect();
+    let bad = Arc::new(Mutex::new(None::<String>));
+    let b2 = Arc::clone(&bad);
+    let n = chunks.len() as u32;
+    let chunks = Arc::new(chunks);
+    let k = move |ctx: &BlockCtx| {
+        let (va, words, idx0, old, new) = chunks[ctx.block_idx() as usize];
+        let mut buf = vec![0u64; words];
+        ctx.read_slice(va, &mut buf)?;
+        for (j, x) in buf.iter_mut().enumerate() {
+            let want = word(old, idx0 + j as u64);
+            if *x != want {
+                b2.lock().unwrap().get_or_insert(format!(
+                    "device read {x:#x} at {:#x}, want {want:#x} (gen {old})",
+                    va + j as u64 * 8
+                ));
+            }
+            if let Some(g) = new {
+                *x = word(g, idx0 + j as u64);
+            }
+        }
+        if new.is_some() {
+            ctx.write_slice(va, &buf)?;
+        }
+        Ok(())
+    };
+    dev.launch(Grid::new(n, 1), &uses, k)?.wait_timeout(WAIT)?;
+    let r = bad.lock().unwrap().take();
+    Ok(r)
+}
+
+/// A slot of registered private memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// A PROT_NONE placeholder, not shared.
+    Hole,
+    /// Registered memory holding generation `gen`.
+    Live(u64),
+    /// Another mapping took the hole; never used again.
+    Gone,
+}
+
+struct World {
+    hm: Hetmm,
+    devs: Vec<Device<SimDevice>>,
+    a: SharedBuf<u64>,
+    slice: u64,
+    /// Units per slice.
+    su: u64,
+    slices: Vec<Mutex<Vec<u64>>>,
+    rbase: u64,
+    rslot: u64,
+    rslots: Vec<Mutex<Slot>>,
+    gen: AtomicU64,
+    counts: [AtomicU64; 19],
+    bg: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+const NAMES: [&str; 19] = [
+    "cpu",
+    "kwrite",
+    "kread",
+    "migrate",
+    "prefetch",
+    "dontneed",
+    "attr",
+    "fork",
+    "rmap",
+    "runmap",
+    "rremap",
+    "rcpu",
+    "rkernel",
+    "rprotect",
+    "rmprotect",
+    "runreg",
+    "madvise",
+    "rmigrate",
+    "rmigrate-host-err",
+];
+
+impl World {
+    fn gen(&self) -> u64 {
+        self.gen.fetch_add(1, Ordering::Relaxed)
+    }
+    fn count(&self, i: usize) {
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+    fn a_addr(&self, i: usize) -> u64 {
+        self.a.ptr() + i as u64 * self.slice
+    }
+    /// The first unit of slice `i`.
+    fn u0(&self, i: usize) -> u64 {
+        i as u64 * self.su
+    }
+    fn r_addr(&self, i: usize) -> u64 {
+        self.rbase + i as u64 * self.rslot
+    }
+    fn a_len(&self) -> u64 {
+        self.slices.len() as u64 * self.slice
+    }
+    fn proc(&self, rng: &mut Rng) -> Proc {
+        match rng.below(3) {
+            0 => Proc::Cpu,
+            d => self.devs[d as usize - 1].proc(),
+        }
+    }
+    fn dev(&self, rng: &mut Rng) -> &Device<SimDevice> {
+        &self.devs[rng.below(2) as usize]
+    }
+    /// Up to `max` consecutive slices of A from a random one, locked (try-lock: none taken if
+    /// one is busy).
+    fn lock_slices(&self, rng: &mut Rng, max: u64) -> Option<(usize, Vec<std::sync::MutexGuard<'_, Vec<u64>>>)> {
+        // Half the time near the first block boundary, so neighbours share pages and blocks.
+        let hot = ((2 << 20) / self.slice).saturating_sub(8) as usize;
+        let first = if rng.chance(2) && hot + 16 < self.slices.len() {
+            hot + rng.below(16) as usize
+        } else {
+            rng.below(self.slices.len() as u64) as usize
+        };
+        let n = (1 + rng.below(max) as usize).min(self.slices.len() - first);
+        let mut v = Vec::new();
+        for s in &self.slices[first..first + n] {
+            v.push(s.try_lock().ok()?);
+        }
+        Some((first, v))
+    }
+    /// A random page-aligned range inside A.
+    fn a_range(&self, rng: &mut Rng) -> (u64, u64) {
+        let pages = self.a_len() / PS;
+        let start = rng.below(pages);
+        let cap = if rng.chance(4) { pages } else { 64 };
+        let len = 1 + rng.below((pages - start).min(cap));
+        (self.a.ptr() + start * PS, len * PS)
+    }
+}
+
+fn mmap_fixed(addr: u64, len: u64, prot: i32, noreplace: bool) -> bool {
+    let flags =
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if noreplace { libc::MAP_FIXED_NOREPLACE } else { libc::MAP_FIXED };
+    let p = unsafe { libc::mmap(addr as *mut _, len as usize, prot, flags, -1, 0) };
+    if p as u64 == addr {
+        return true;
+    }
+    if p != libc::MAP_FAILED {
+        unsafe { libc::munmap(p, len as usize) };
+    }
+    false
+}
+
+/// Puts a placeholder back at a slot just unmapped (another thread's mapping may have taken
+/// the hole meanwhile: then the slot is gone).
+fn reserve(addr: u64, len: u64) -> Slot {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        if mmap_fixed(addr, len, libc::PROT_NONE, true) {
+            return Slot::Hole;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Slot::Gone
+}
+
+fn wait_child(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    loop {
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return status;
+        }
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid");
+    }
+}
+
+/// Forks; the child runs `ok` (allocation-free) and exits 0 if it holds, 3 if not. Returns
+/// the child's wait status.
+fn fork_check(ok: impl FnOnce() -> bool) -> i32 {
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = if ok() { 0 } else { 3 };
+        unsafe { libc::_exit(code) };
+    }
+    wait_child(pid)
+}
+
+fn step(w: &World, rng: &mut Rng, pinned: &mut Option<(u64, u64)>) {
+    match rng.below(22) {
+        // CPU check + write of A slices (all of each, or some of its units).
+        0..=3 => {
+            let Some((first, mut g)) = w.lock_slices(rng, 3) else { return };
+            for (k, gens) in g.iter_mut().enumerate() {
+                let i = first + k;
+                let base = w.a.ptr();
+                cpu_check_units("cpu", base, w.u0(i), gens);
+                if rng.chance(3) {
+                    continue;
+                }
+                let (from, to) = if rng.chance(2) {
+                    (0, w.su)
+                } else {
+                    let a = rng.below(w.su);
+                    (a, a + 1 + rng.below(w.su - a))
+                };
+                let new = w.gen();
+                let u = w.u0(i) + from;
+                cpu_fill(base + u * UNIT, (to - from) * UNIT, new, u * UNIT_WORDS);
+                gens[from as usize..to as usize].fill(new);
+            }
+            w.count(0);
+        }
+        // Kernel check + write (or read only) of A slices: pieces of one generation each.
+        4..=7 => {
+            let Some((first, mut g)) = w.lock_slices(rng, 4) else { return };
+            let write = !rng.chance(3);
+            let mut pieces = Vec::new();
+            for (k, gens) in g.iter().enumerate() {
+                let u0 = w.u0(first + k);
+                let mut j = 0;
+                while j < gens.len() {
+                    let mut e = j + 1;
+                    while e < gens.len() && gens[e] == gens[j] {
+                        e += 1;
+                    }
+                    let u = u0 + j as u64;
+                    let (addr, len) = (w.a.ptr() + u * UNIT, (e - j) as u64 * UNIT);
+                    pieces.push(Piece { addr, len, idx0: u * UNIT_WORDS, old: gens[j], new: Some(w.gen()) });
+                    j = e;
+                }
+            }
+            let dev = w.dev(rng);
+            match kernel(dev, &pieces, write) {
+                Ok(None) => {}
+                Ok(Some(m)) => panic!("kernel on A slices {first}..+{}: {m}", g.len()),
+                Err(e) => panic!("kernel on A slices {first}..+{}: {e}", g.len()),
+            }
+            if write {
+                let base = w.u0(first);
+                for p in &pieces {
+                    let u = (p.addr - w.a.ptr()) / UNIT;
+                    for x in u..u + p.len / UNIT {
+                        let k = ((x - base) / w.su) as usize;
+                        g[k][((x - base) % w.su) as usize] = p.new.unwrap();
+                    }
+                }
+            }
+            w.count(if write { 1 } else { 2 });
+        }
+        // Migrate a random range of A anywhere (no locks: content must not change).
+        8 => {
+            let (s, l) = w.a_range(rng);
+            let to = w.proc(rng);
+            w.hm.migrate(s, l, to).unwrap_or_else(|e| panic!("migrate {s:#x}+{l:#x} to {to:?}: {e}"));
+            w.count(3);
+        }
+        9 => {
+            let (s, l) = w.a_range(rng);
+            let to = w.proc(rng);
+            let p = w.hm.advise(s, l, Advice::Prefetch(to)).unwrap_or_else(|e| panic!("prefetch: {e}"));
+            if rng.chance(2) {
+                p.wait(WAIT).unwrap_or_else(|e| panic!("prefetch {s:#x}+{l:#x} to {to:?}: {e}"));
+            } else {
+                // Wait later, in another thread's time: let it run alongside.
+                let h = std::thread::spawn(move || p.wait(WAIT).unwrap_or_else(|e| panic!("background prefetch: {e}")));
+                w.bg.lock().unwrap().push(h);
+            }
+            w.count(4);
+        }
+        // DontNeed on the whole pages inside locked A slices: zeros.
+        10 => {
+            let Some((first, mut g)) = w.lock_slices(rng, 3) else { return };
+            let s0 = w.a_addr(first);
+            let e0 = s0 + g.len() as u64 * w.slice;
+            let (s, e) = (s0.div_ceil(PS) * PS, e0 / PS * PS);
+            if s >= e {
+                return;
+            }
+            w.hm.advise(s, e - s, Advice::DontNeed).unwrap_or_else(|e| panic!("dontneed: {e}"));
+            let base = w.u0(first);
+            for x in (s - w.a.ptr()) / UNIT..(e - w.a.ptr()) / UNIT {
+                let k = ((x - base) / w.su) as usize;
+                g[k][((x - base) % w.su) as usize] = 0;
+            }
+            w.count(5);
+        }
+        // Attribute advice on a random range of A.
+        11 | 12 => {
+            let (s, l) = w.a_range(rng);
+            let d = w.dev(rng).id();
+            let advice = match rng.below(7) {
+                0 => Advice::PreferredLocation(None),
+                1 => Advice::PreferredLocation(Some(w.proc(rng))),
+                2 => Advice::ReadMostly(rng.chance(2)),
+                3 => Advice::AccessedBy(d, rng.chance(2)),
+                4 => Advice::ReadMostly(false),
+                _ if std::env::var_os("HETMM_STRESS_PIN").is_some() => {
+                    // At most one pinned range per thread, 64 pages or fewer.
+                    if let Some((ps, pl)) = pinned.take() {
+                        w.hm.advise(ps, pl, Advice::Pin(false)).unwrap();
+                    }
+                    let l = l.min(64 * PS);
+                    *pinned = Some((s, l));
+                    Advice::Pin(true)
+                }
+                _ => {
+                    // Pinned memory is never evicted (whole 2 MiB blocks): a pin held while
+                    // others fill the small devices makes them legitimately run out. Pin and
+                    // unpin at once, to race the attribute with the rest.
+                    w.hm.advise(s, l, Advice::Pin(true)).unwrap();
+                    Advice::Pin(false)
+                }
+            };
+            w.hm.advise(s, l, advice).unwrap_or_else(|e| panic!("advise {advice:?}: {e}"));
+            w.count(6);
+        }
+        // fork(): the child checks a locked slice.
+        13 => {
+            if !rng.chance(4) {
+                return;
+            }
+            if rng.chance(2) {
+                let Some((first, g)) = w.lock_slices(rng, 2) else { return };
+                let s = fork_check(|| units_match(w.a.ptr(), w.u0(first), &g[0]));
+                assert!(
+                    libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0,
+                    "fork child of A slice {first}: status {s:#x}"
+                );
+            } else {
+                let i = rng.below(w.rslots.len() as u64) as usize;
+                let Ok(g) = w.rslots[i].try_lock() else { return };
+                let Slot::Live(gen) = *g else { return };
+                let s = fork_check(|| cpu_mismatch(w.r_addr(i), w.rslot, gen, 0).is_none());
+                assert!(libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0, "fork child of R slot {i}: status {s:#x}");
+            }
+            w.count(7);
+        }
+        // The program's own MADV_DONTNEED on A (shared memory: the data stays), no locks.
+        14 => {
+            let (s, l) = w.a_range(rng);
+            assert_eq!(unsafe { libc::madvise(s as *mut _, l as usize, libc::MADV_DONTNEED) }, 0);
+            w.count(16);
+        }
+        // Migrate or prefetch across the registered area while its slots change shape: it may
+        // find memory not shared, but must not change any byte.
+        15 => {
+            let n = w.rslots.len() as u64;
+            let i = rng.below(n);
+            let k = 1 + rng.below((n - i).min(4));
+            let (s, l) = (w.r_addr(i as usize), k * w.rslot);
+            let to = w.proc(rng);
+            let r = if rng.chance(2) {
+                w.hm.migrate(s, l, to)
+            } else {
+                w.hm.advise(s, l, Advice::Prefetch(to)).and_then(|p| Ok(p.wait(WAIT)?))
+            };
+            match r {
+                Ok(()) | Err(hetmm::Error::Core(CoreError::NotShared(_))) => {}
+                // The host's calls on memory the program unmapped meanwhile fail.
+                Err(hetmm::Error::Core(CoreError::Host(e))) if std::env::var_os("HETMM_STRESS_STRICT").is_none() => {
+                    log::info!("unlocked migrate of R: {e}");
+                    w.count(18);
+                }
+                Err(e) => panic!("unlocked migrate of R {s:#x}+{l:#x} to {to:?}: {e}"),
+            }
+            w.count(17);
+        }
+        // Registered private memory.
+        _ => rstep(w, rng),
+    }
+}
+
+fn rstep(w: &World, rng: &mut Rng) {
+    let i = rng.below(w.rslots.len() as u64) as usize;
+    let Ok(mut s) = w.rslots[i].try_lock() else { return };
+    let (a, len) = (w.r_addr(i), w.rslot);
+    match *s {
+        Slot::Gone => {}
+        Slot::Hole => {
+            assert!(mmap_fixed(a, len, libc::PROT_READ | libc::PROT_WRITE, false));
+            let gen = if rng.chance(4) { 0 } else { w.gen() };
+            cpu_fill(a, len, gen, 0);
+            w.hm.register(a as *const u8, len as usize).unwrap_or_else(|e| panic!("register {a:#x}: {e}"));
+            *s = Slot::Live(gen);
+            w.count(8);
+        }
+        Slot::Live(gen) => match rng.below(12) {
+            0 => {
+                assert_eq!(unsafe { libc::munmap(a as *mut _, len as usize) }, 0);
+                *s = reserve(a, len);
+                w.count(9);
+            }
+            1 | 11 => {
+                let j = rng.below(w.rslots.len() as u64) as usize;
+                if j == i {
+                    return;
+                }
+                let Ok(mut t) = w.rslots[j].try_lock() else { return };
+                if *t != Slot::Hole {
+                    return;
+                }
+                let b = w.r_addr(j);
+                let r = unsafe {
+                    libc::mremap(a as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, b)
+                };
+                assert_eq!(r as u64, b, "mremap: {}", std::io::Error::last_os_error());
+                *s = reserve(a, len);
+                *t = Slot::Live(gen);
+                // Sometimes check at once, by the CPU or a device.
+                match rng.below(3) {
+                    0 => cpu_check("after mremap", b, len, gen, 0),
+                    1 => {
+                        let p = Piece { addr: b, len, idx0: 0, old: gen, new: None };
+                        match kernel(w.dev(rng), &[p], false) {
+                            Ok(None) => {}
+                            Ok(Some(m)) => panic!("kernel after mremap to slot {j}: {m}"),
+                            Err(e) => panic!("kernel after mremap to slot {j}: {e}"),
+                        }
+                    }
+                    _ => {}
+                }
+                w.count(10);
+            }
+            2 | 3 => {
+                cpu_check("R cpu", a, len, gen, 0);
+                let new = w.gen();
+                // Part of the slot (a page-aligned piece) or all of it.
+                if rng.chance(2) {
+                    cpu_fill(a, len, new, 0);
+                    *s = Slot::Live(new);
+                } else {
+                    // Rewrite everything but keep the model exact: whole slot.
+                    cpu_fill(a, len, new, 0);
+                    *s = Slot::Live(new);
+                    cpu_check("R cpu reread", a, len, new, 0);
+                }
+                w.count(11);
+            }
+            4..=6 => {
+                let write = !rng.chance(3);
+                let p = Piece { addr: a, len, idx0: 0, old: gen, new: Some(w.gen()) };
+                match kernel(w.dev(rng), &[p], write) {
+                    Ok(None) => {}
+                    Ok(Some(m)) => panic!("kernel on R slot {i}: {m}"),
+                    Err(e) => panic!("kernel on R slot {i}: {e}"),
+                }
+                if write {
+                    *s = Slot::Live(p.new.unwrap());
+                }
+                w.count(12);
+            }
+            7 => {
+                // hetmm's protect: read-only everywhere (all the slot or some of its pages),
+                // reads work, a device write is refused.
+                let pages = len / PS;
+                // (Protecting part of a slot splits its region; launches and advice naming the
+                // whole slot must still work.)
+                let (p0, p1) = if rng.chance(2) {
+                    (0, pages)
+                } else {
+                    let x = rng.below(pages);
+                    (x, x + 1 + rng.below(pages - x))
+                };
+                let (pa, pl) = (a + p0 * PS, (p1 - p0) * PS);
+                w.hm.protect(pa, pl, Prot::READ).unwrap_or_else(|e| panic!("protect: {e}"));
+                let p = Piece { addr: a, len, idx0: 0, old: gen, new: None };
+                match kernel(w.dev(rng), &[p], false) {
+                    Ok(None) => {}
+                    Ok(Some(m)) => panic!("kernel on read-only R slot {i}: {m}"),
+                    Err(e) => panic!("read kernel on read-only R slot {i}: {e}"),
+                }
+                if rng.chance(2) {
+                    let dev = w.dev(rng);
+                    let r = dev.launch(Grid::new(1, 1), &[], move |ctx: &BlockCtx| ctx.store::<u64>(pa, 7));
+                    let r = r.and_then(|l| l.wait_timeout(WAIT));
+                    assert!(r.is_err(), "a device wrote read-only memory");
+                }
+                cpu_check("R read-only", a, len, gen, 0);
+                w.hm.protect(pa, pl, Prot::READ | Prot::WRITE).unwrap_or_else(|e| panic!("protect rw: {e}"));
+                w.count(13);
+            }
+            8 => {
+                // The program's own mprotect: read-only, read, writable again.
+                assert_eq!(unsafe { libc::mprotect(a as *mut _, len as usize, libc::PROT_READ) }, 0);
+                cpu_check("R mprotect RO", a, len, gen, 0);
+                assert_eq!(unsafe { libc::mprotect(a as *mut _, len as usize, libc::PROT_READ | libc::PROT_WRITE) }, 0);
+                if rng.chance(2) {
+                    let new = w.gen();
+                    cpu_fill(a, len, new, 0);
+                    *s = Slot::Live(new);
+                }
+                w.count(14);
+            }
+            9 => {
+                // Unregister: ordinary memory with the same bytes; register again.
+                w.hm.unregister(a as *const u8, len as usize).unwrap_or_else(|e| panic!("unregister: {e}"));
+                cpu_check("R unregistered", a, len, gen, 0);
+                let new = w.gen();
+                cpu_fill(a, len, new, 0);
+                w.hm.register(a as *const u8, len as usize).unwrap_or_else(|e| panic!("re-register {a:#x}: {e}"));
+                *s = Slot::Live(new);
+                w.count(15);
+            }
+            10 => {
+                // DontNeed, migrate, prefetch or attributes on the slot.
+                let to = w.proc(rng);
+                match rng.below(5) {
+                    0 => {
+                        w.hm.advise(a, len, Advice::DontNeed).unwrap_or_else(|e| panic!("R dontneed: {e}"));
+                        *s = Slot::Live(0);
+                    }
+                    1 => w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("R migrate: {e}")),
+                    2 => w.hm.advise(a, len, Advice::Prefetch(to)).unwrap().wait(WAIT).unwrap(),
+                    3 => {
+                        w.hm.advise(a, len, Advice::ReadMostly(rng.chance(2))).unwrap();
+                    }
+                    _ => {
+                        // The program's MADV_DONTNEED: registered memory keeps its data.
+                        assert_eq!(unsafe { libc::madvise(a as *mut _, len as usize, libc::MADV_DONTNEED) }, 0);
+                    }
+                }
+            }
+            _ => unreachable!(),
+        },
+    }
+}
+
+fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let mut rng = Rng(seed);
+    let big = rng.chance(4);
+    let dev_mem: u64 = if big { 16 << 20 } else { 4 << 20 };
+    let a_bytes: u64 = if big { 40 << 20 } else { 6 << 20 };
+    // Slices in units of 512 bytes: sub-page (neighbours share pages), odd, or whole pages.
+    let su = [3u64, 5, 8, 13, 24, 96][rng.below(6) as usize] * if big { 8 } else { 1 };
+    let slice = su * UNIT;
+    let hm = Hetmm::with_policy(policy).expect("userfaultfd and memfd available");
+    let devs = (0..2)
+        .map(|_| {
+            let cfg = SimConfig {
+                memory_bytes: dev_mem,
+                compute_workers: 4,
+                fault_batch: [8, 32, 256][rng.below(3) as usize],
+                ..SimConfig::default()
+            };
+            hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap()
+        })
+        .collect();
+    let nslices = a_bytes / slice;
+    let a = hm.alloc::<u64>((nslices * slice / 8) as usize).unwrap();
+    let nslices = nslices as usize;
+    let rslot = PS * [8, 16, 32][rng.below(3) as usize];
+    let nr = 24u64;
+    let rbase = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            (nr * rslot) as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(rbase, libc::MAP_FAILED);
+    let w = Arc::new(World {
+        hm,
+        devs,
+        a,
+        slice,
+        su,
+        slices: (0..nslices).map(|_| Mutex::new(vec![0; su as usize])).collect(),
+        rbase: rbase as u64,
+        rslot,
+        rslots: (0..nr).map(|_| Mutex::new(Slot::Hole)).collect(),
+        gen: AtomicU64::new((seed << 32) | 1),
+        counts: Default::default(),
+        bg: Mutex::new(Vec::new()),
+    });
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let w = Arc::clone(&w);
+            let mut rng = Rng(splitmix64(seed ^ ((t + 1) * 0x51_7CC1_B727_220A)));
+            std::thread::spawn(move || {
+                let mut pinned = None;
+                for _ in 0..ops {
+                    step(&w, &mut rng, &mut pinned);
+                }
+                if let Some((s, l)) = pinned {
+                    w.hm.advise(s, l, Advice::Pin(false)).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut failed = None;
+    for h in handles {
+        if let Err(e) = h.join() {
+            failed.get_or_insert(e);
+        }
+    }
+    let bg = std::mem::take(&mut *w.bg.lock().unwrap());
+    for h in bg {
+        if let Err(e) = h.join() {
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        std::panic::resume_unwind(e);
+    }
+    // Every byte, by the CPU, at the end.
+    for (i, g) in w.slices.iter().enumerate() {
+        cpu_check_units("final A", w.a.ptr(), w.u0(i), &g.lock().unwrap());
+    }
+    for (i, s) in w.rslots.iter().enumerate() {
+        if let Slot::Live(g) = *s.lock().unwrap() {
+            cpu_check("final R", w.r_addr(i), w.rslot, g, 0);
+        }
+    }
+    assert_eq!(w.hm.stats().cpu_fault_errors, 0, "hetmm failed to serve CPU faults");
+    let c: Vec<String> =
+        NAMES.iter().zip(w.counts.iter()).map(|(n, c)| format!("{n} {}", c.load(Ordering::Relaxed))).collect();
+    eprintln!("stress seed {seed} {policy} big={big} slice={slice} ops={ops}x{threads}: {}", c.join(", "));
+    for (i, s) in w.rslots.iter().enumerate() {
+        let s = *s.lock().unwrap();
+        if s == Slot::Gone {
+            continue;
+        }
+        if let Slot::Live(_) = s {
+            w.hm.unregister(w.r_addr(i) as *const u8, w.rslot as usize).unwrap();
+        }
+        unsafe { libc::munmap(w.r_addr(i) as *mut _, w.rslot as usize) };
+    }
+}
+
+fn env(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+/// A few short seeds of each policy (or the seed `HETMM_STRESS_SEED` names).
+#[test]
+fn seeded_stress() {
+    let ops = env("HETMM_STRESS_OPS").unwrap_or(150);
+    let threads = env("HETMM_STRESS_THREADS").unwrap_or(4);
+    let forced = std::env::var("HETMM_STRESS_POLICY").ok();
+    let seeds: Vec<u64> = match env("HETMM_STRESS_SEED") {
+        Some(s) => vec![s],
+        None => vec![1, 2],
+    };
+    for seed in seeds {
+        let policy = forced.clone().unwrap_or_else(|| if seed % 2 == 0 { "hetmm" } else { "uvm" }.to_string());
+        run(seed, &policy, ops, threads);
+    }
+}
+
+/// Focused: one thread moves a registered slot back and forth with mremap (checking and
+/// rewriting it by the CPU and a device after each move) while another migrates the range
+/// covering both places to a device and back. Runs only with `HETMM_STRESS_MREMAP=<moves>`:
+/// it FAILS today (a lost write within a few hundred moves, in release mode): a migration's
+/// revoke of the old addresses can run after the kernel moved the CPU's page-table entries to
+/// the new ones, leaving the CPU a live mapping of a page the core thinks is on the device.
+#[test]
+fn mremap_races_migrate() {
+    let Some(iters) = env("HETMM_STRESS_MREMAP") else { return };
+    let _ = env_logger::builder().is_test(true).try_init();
+    let hm = Arc::new(Hetmm::new().unwrap());
+    let dev = Arc::new(
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 4 << 20, ..SimConfig::default() }).unwrap()).unwrap(),
+    );
+    let len = 16 * PS;
+    // Far below where the kernel places new mappings (top down): no thread's stack lands in
+    // the holes the moves leave.
+    let base =
+        (0x1000_0000_0000u64..).step_by(1 << 30).find(|&b| mmap_fixed(b, 2 * len, libc::PROT_NONE, true)).unwrap();
+    let (x, y) = (base, base + len);
+    assert!(mmap_fixed(x, len, libc::PROT_READ | libc::PROT_WRITE, false));
+    cpu_fill(x, len, 1, 0);
+    hm.register(x as *const u8, len as usize).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let g = {
+        let (hm, dev, stop) = (hm.clone(), dev.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let to = if n % 2 == 0 { dev.proc() } else { Proc::Cpu };
+                let _ = hm.migrate(x, 2 * len, to);
+                let _ = hm.migrate(x, len, to);
+                let _ = hm.migrate(y, len, to);
+                n += 1;
+            }
+        })
+    };
+    let mut gen = 1;
+    let mut at = x;
+    for i in 0..iters {
+        let to = if at == x { y } else { x };
+        let r = unsafe {
+            libc::mremap(at as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to)
+        };
+        assert_eq!(r as u64, to);
+        // Another thread's mapping (a new thread's signal stack) may land in the hole.
+        assert_eq!(reserve(at, len), Slot::Hole, "the hole at {at:#x} stayed taken");
+        at = to;
+        if i % 2 == 0 {
+            let p = Piece { addr: at, len, idx0: 0, old: gen, new: Some(gen + 1) };
+            match kernel(&dev, &[p], true) {
+                Ok(None) => {}
+                Ok(Some(m)) => panic!("iteration {i}: {m}"),
+                Err(e) => panic!("iteration {i}: {e}"),
+            }
+            gen += 1;
+        }
+        cpu_check(&format!("iteration {i}"), at, len, gen, 0);
+        gen += 1;
+        cpu_fill(at, len, gen, 0);
+    }
+    stop.store(true, Ordering::Relaxed);
+    g.join().unwrap();
+    cpu_check("end", at, len, gen, 0);
+}

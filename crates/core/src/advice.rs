@@ -74,7 +74,8 @@ impl AddressSpace {
                 std::thread::Builder::new()
                     .name("hetmm-prefetch".into())
                     .spawn(move || {
-                        let r = me.enter().and_then(|_gate| {
+                        let r = me.retrying_races(|| {
+                            let _gate = me.enter()?;
                             // As `migrate`: no region may be reshaped meanwhile, and the range is
                             // checked again, for the program may have unmapped part of it since.
                             let _shape = me.reshape.read();

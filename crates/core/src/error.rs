@@ -97,5 +97,13 @@ pub enum CoreError {
     ForkedAway,
 }
 
+impl CoreError {
+    /// A CPU revoke that raced the program's unmap or remap of the memory: nothing changed on
+    /// its strength; the operation is worth retrying once the change is applied.
+    pub fn raced(&self) -> bool {
+        matches!(self, CoreError::Host(h) if h.raced())
+    }
+}
+
 /// Result alias.
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;

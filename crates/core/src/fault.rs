@@ -291,6 +291,15 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         Err(CoreError::DeviceMemoryBusy { .. }) if !oom_for_too_long(space, slot) => {
             log::debug!("device {:?} out of memory for block {:#x}; retrying after replay", slot.id, blk.base);
         }
+        // The program moved or unmapped memory while the CPU's access was taken: raised again
+        // after the replay, served once the change is applied (it waits for this batch).
+        Err(e) if e.raced() => {
+            log::debug!(
+                "device {:?} fault in block {:#x} raced an unmap or remap; retrying after replay",
+                slot.id,
+                blk.base
+            );
+        }
         Err(e) => {
             log::error!("servicing device {:?} faults in block {:#x}: {e}", slot.id, blk.base);
             cancel.extend(faulted.iter().map(|i| (blk.va(i), FaultCancel::ServiceFailed)));

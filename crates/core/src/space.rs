@@ -568,13 +568,31 @@ impl AddressSpace {
     /// read-only copy on read-mostly ranges); for the CPU, they end up in host backing and are
     /// mapped on the next CPU access.
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
-        let _gate = self.enter()?;
-        let _shape = self.reshape.read();
-        let range = self.check_range(start, len)?;
-        if let Proc::Device(d) = to {
-            self.slot(d)?;
+        self.retrying_races(|| {
+            let _gate = self.enter()?;
+            let _shape = self.reshape.read();
+            let range = self.check_range(start, len)?;
+            if let Proc::Device(d) = to {
+                self.slot(d)?;
+            }
+            self.prefetch_range(range, to)
+        })
+    }
+
+    /// Runs `op` (which takes and drops its own locks) again, a few times, while it fails
+    /// because it raced the program's unmap or remap ([`CoreError::raced`]), each time once the
+    /// change is applied.
+    pub(crate) fn retrying_races<T>(&self, mut op: impl FnMut() -> Result<T>) -> Result<T> {
+        let mut tries = 0;
+        loop {
+            match op() {
+                Err(e) if e.raced() && tries < 8 => {
+                    tries += 1;
+                    self.settle()?;
+                }
+                r => return r,
+            }
         }
-        self.prefetch_range(range, to)
     }
 
     /// The body of [`AddressSpace::migrate`] and of `Advice::Prefetch` (range already checked;

@@ -51,6 +51,8 @@ struct FakeCpu {
     range: VaRange,
     mem: HostMem,
     mapped: Mutex<HashMap<u64, bool>>,
+    /// Revokes still to fail as racing the program's mremap (they revoke, then report it).
+    races: std::sync::atomic::AtomicU32,
 }
 
 impl CpuMmu for FakeCpu {
@@ -63,6 +65,15 @@ impl CpuMmu for FakeCpu {
             for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
                 m.remove(&p);
             }
+        }
+        let raced = self
+            .races
+            .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok();
+        if raced {
+            return Err(HostError { op: "revoke", range: ranges[0], errno: HostError::RACED });
         }
         Ok(())
     }
@@ -305,8 +316,12 @@ fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::p
     };
     let space = AddressSpace::new(cfg);
     let host: HostMem = Arc::new(Mutex::new(vec![0; region as usize]));
-    let cpu =
-        Arc::new(FakeCpu { range: VaRange::new(BLOCK_SIZE * 8, region), mem: host.clone(), mapped: Mutex::default() });
+    let cpu = Arc::new(FakeCpu {
+        range: VaRange::new(BLOCK_SIZE * 8, region),
+        mem: host.clone(),
+        mapped: Mutex::default(),
+        races: 0.into(),
+    });
     space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
     let mut devs = Vec::new();
     let mut ids = Vec::new();
@@ -886,6 +901,31 @@ fn a_refused_dontneed_keeps_cpu_and_device_coherent() {
     // Once the device cooperates, the advice applies.
     w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed).unwrap();
     assert_eq!(w.cpu_access(s, None), 0);
+}
+
+/// A CPU revoke that raced the program's mremap (the host cannot tell whether it took the
+/// CPU's access: the kernel may have moved the entries first) must not be acted on: the
+/// migration tries again once the change is applied, and a device fault is served after the
+/// replay. (The migration failed, or, before the host reported the race, went ahead while the
+/// CPU could still write the pages at their new address: the write was lost.)
+#[test]
+fn a_revoke_that_raced_a_remap_is_not_acted_on() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x42));
+    let dev = Proc::Device(w.ids[0]);
+    w.cpu.races.store(2, SeqCst);
+    w.space.migrate(s, BLOCK_SIZE, dev).expect("retried once the change is applied");
+    assert_eq!(w.cpu.races.load(SeqCst), 0, "both raced revokes were retried");
+    assert!(w.space.page_state(s).unwrap().resident.has(dev));
+    assert_eq!(w.devs[0].access(s, None), Some(0x42));
+    // The device fault path: the first service races, the replay is served.
+    let t = s + BLOCK_SIZE;
+    w.cpu_access(t, Some(0x43));
+    w.cpu.races.store(1, SeqCst);
+    assert_eq!(w.dev_access(0, t, None), Some(0x43));
+    assert_eq!(w.cpu.races.load(SeqCst), 0);
 }
 
 /// Detach racing an explicit migration that has already checked the device: the migration must

@@ -41,6 +41,10 @@ pub(crate) struct Ctx {
     reads: AtomicU64,
     /// Batches the reader has classified (it finished looking up their REMOVE ranges).
     classified: AtomicU64,
+    /// The program's unmaps and remaps the reader has classified (see [`Ctx::reshaped_since`]).
+    reshapes: AtomicU64,
+    /// Those of them the core has applied.
+    reshapes_applied: AtomicU64,
     /// Registered memory (followed through unmap and remap).
     pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
     /// Ranges being registered ([`crate::Host::register`]): registered with userfaultfd, not
@@ -78,6 +82,8 @@ impl Ctx {
             zaps: Mutex::new(Vec::new()),
             reads: AtomicU64::new(0),
             classified: AtomicU64::new(0),
+            reshapes: AtomicU64::new(0),
+            reshapes_applied: AtomicU64::new(0),
             mirrors: Mutex::new(Vec::new()),
             arriving: Mutex::new(Vec::new()),
         }
@@ -118,6 +124,31 @@ impl Ctx {
                     Own::MoveOut | Own::Unmap => *x == range,
                 }
         })
+    }
+
+    /// A mark for [`Ctx::reshaped_since`], taken before a revoke.
+    pub(crate) fn reshape_mark(&self) -> u64 {
+        self.reshapes.load(Ordering::Acquire)
+    }
+
+    /// Whether the core may not yet know where the program's memory is: an unmap or remap of
+    /// registered memory was read since `mark` or is still to be applied, counting every event
+    /// a read(2) started by now may hold (waits, at most a second, for the reader to classify
+    /// them; `true` if it does not). A revoke that overlapped such a change may have acted on
+    /// addresses the program had already moved away: the kernel moves the page-table entries
+    /// before the event is read, and the program may map something else at the old addresses
+    /// once it is (its mremap returns then), so a zap there succeeds and takes nothing of ours.
+    pub(crate) fn reshaped_since(&self, mark: u64) -> bool {
+        let until = self.reads.load(Ordering::Acquire);
+        let t = std::time::Instant::now();
+        while self.classified.load(Ordering::Acquire) < until {
+            if t.elapsed() > std::time::Duration::from_secs(1) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        let read = self.reshapes.load(Ordering::Acquire);
+        read != mark || read != self.reshapes_applied.load(Ordering::Acquire)
     }
 
     /// The reader finished classifying a batch: drop the zaps it could have held.
@@ -231,6 +262,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     if r.len > 0 && ctx.is_own(Own::Unmap, r) {
                         continue;
                     }
+                    ctx.reshapes.fetch_add(1, Ordering::AcqRel);
                     Msg::Unmap(r)
                 }
                 Event::Remap { from, to, len } => {
@@ -238,6 +270,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     if len > 0 && ctx.is_own(Own::MoveOut, VaRange::new(from, len)) {
                         continue;
                     }
+                    ctx.reshapes.fetch_add(1, Ordering::AcqRel);
                     Msg::Remap { from, to, len }
                 }
                 other => {
@@ -301,6 +334,14 @@ pub(crate) fn service_loop(
 }
 
 fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
+    let reshape = matches!(ev, Msg::Unmap(_) | Msg::Remap { .. });
+    apply_event_to_core(ctx, core, ev);
+    if reshape {
+        ctx.reshapes_applied.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
     let event = match ev {
         Msg::Fault(..) => return,
         Msg::Discard(r) => CpuEvent::Discard(r),

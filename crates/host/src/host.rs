@@ -24,8 +24,8 @@ use crate::uffd::{Features, OpenError, RegisterMode, Uffd, UffdError};
 
 /// How long dropping a [`Host`] waits for its thread (a core call may be in flight).
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often `map` retries an ioctl that made no progress (EAGAIN: the address space is
-/// changing) before it gives up.
+/// How often an ioctl that made no progress (EAGAIN: the address space is changing) is retried
+/// at least, however long that takes, before [`RETRY_FOR`] can end the retries.
 pub(crate) const MAX_RETRIES: u32 = 16;
 
 /// Why a [`Host`] could not start.
@@ -242,7 +242,7 @@ impl HostRegion {
 
     /// Moves the entries of the ranges from [`MOVE_OUT_MIN`] out for the reaper; returns the
     /// ranges left to zap.
-    fn move_out(&self, ranges: &[VaRange]) -> Vec<VaRange> {
+    fn move_out(&self, ranges: &[VaRange], mark: u64) -> Vec<VaRange> {
         let mut left = Vec::new();
         for &r in ranges {
             if r.len < MOVE_OUT_MIN {
@@ -250,11 +250,30 @@ impl HostRegion {
                 continue;
             }
             match self.take_entries(r) {
-                Some(moved) => self.host.reap(moved),
+                Some(moved) => {
+                    if let Some(moved) = self.keep_if_ours(moved, r, mark) {
+                        self.host.reap(moved);
+                    }
+                }
                 None => left.push(r),
             }
         }
         left
+    }
+
+    /// `moved`, if its entries are the view's; else (the program moved the view away while the
+    /// revoke ran and something else sits at `r`) they go back where they were, and `None`.
+    fn keep_if_ours(&self, moved: MovedOut, r: VaRange, mark: u64) -> Option<MovedOut> {
+        if !self.host.ctx.reshaped_since(mark) || self.mapping.moved_is_ours(&moved, r) {
+            return Some(moved);
+        }
+        log::warn!("revoke of {r}: the program moved it away meanwhile; giving back what was taken there");
+        // SAFETY: `moved` came from `move_out_app(r)`; at `r` is what that move left (the
+        // revoke holds the block locks, and the program's own mapping there is what was moved).
+        if let Err(e) = unsafe { SharedMapping::move_back(moved, r) } {
+            log::error!("giving back memory a revoke took at {r}: {e}");
+        }
+        None
     }
 
     /// Moves the view's entries of `r` out to a private reservation, marked as the manager's
@@ -271,7 +290,7 @@ impl HostRegion {
     /// piece is at least [`MOVE_OUT_MIN`] and the alias has no entries there (see
     /// [`HostRegion::move_run_into_alias`]); returns the pieces left to zap, adjacent ones
     /// merged. Pieces in a row move in one call.
-    fn move_into_alias(&self, ranges: &[VaRange]) -> Vec<VaRange> {
+    fn move_into_alias(&self, ranges: &[VaRange], mark: u64) -> Vec<VaRange> {
         let Some(pagemap) = &self.host.pagemap else { return ranges.to_vec() };
         // Too little to move (the device-fault path's revokes): no pagemap reads.
         if ranges.iter().map(|r| r.len).sum::<u64>() < INTO_ALIAS_MIN {
@@ -297,7 +316,7 @@ impl HostRegion {
                 run = match run {
                     Some(x) if x.end() == piece.start => Some(VaRange::new(x.start, x.len + piece.len)),
                     Some(x) => {
-                        self.move_run_into_alias(x, &mut left);
+                        self.move_run_into_alias(x, &mut left, mark);
                         Some(piece)
                     }
                     None => Some(piece),
@@ -305,7 +324,7 @@ impl HostRegion {
             }
         }
         if let Some(x) = run {
-            self.move_run_into_alias(x, &mut left);
+            self.move_run_into_alias(x, &mut left, mark);
         }
         left
     }
@@ -317,7 +336,7 @@ impl HostRegion {
     /// the alias ([`SharedMapping::install_in_alias`]). The view has lost its entries once the
     /// first move succeeds, so the revoke is done whatever happens next: if a later step
     /// fails, the moved entries are freed as the reaper frees them.
-    fn move_run_into_alias(&self, range: VaRange, left: &mut Vec<VaRange>) {
+    fn move_run_into_alias(&self, range: VaRange, left: &mut Vec<VaRange>, mark: u64) {
         if range.len < INTO_ALIAS_MIN {
             push_merged(left, range);
             return;
@@ -326,6 +345,7 @@ impl HostRegion {
             push_merged(left, range);
             return;
         };
+        let Some(moved) = self.keep_if_ours(moved, range, mark) else { return };
         if let Err(e) = retry_again(|| self.host.uffd.unregister(moved.moved())) {
             log::debug!("unregistering entries moved out of {range}: {e}; freeing them");
             release(&self.host.ctx, moved);
@@ -343,6 +363,12 @@ impl HostRegion {
     /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`) the way `how` says; what a
     /// move does not take (small or unfit ranges) is zapped.
     fn revoke_ranges(&self, ranges: &[VaRange], how: Revoke) -> Result<(), HostError> {
+        let mark = self.host.ctx.reshape_mark();
+        self.revoke_unchecked(ranges, how, mark)?;
+        raced_check(&self.host.ctx, ranges, mark)
+    }
+
+    fn revoke_unchecked(&self, ranges: &[VaRange], how: Revoke, mark: u64) -> Result<(), HostError> {
         // Our own zap raises a REMOVE event, our own move a REMAP event: mark them so the
         // reader does not take them for the program's.
         let zap =
@@ -351,8 +377,8 @@ impl HostRegion {
         // protection of part of it) is zapped.
         let left = match how {
             Revoke::Zap => ranges.to_vec(),
-            Revoke::MoveOut => self.move_out(ranges),
-            Revoke::IntoAlias => self.move_into_alias(ranges),
+            Revoke::MoveOut => self.move_out(ranges, mark),
+            Revoke::IntoAlias => self.move_into_alias(ranges, mark),
         };
         let ranges = &left[..];
         let pieces = zap_pieces(ranges, zap_threads());
@@ -380,17 +406,56 @@ impl HostRegion {
     }
 }
 
+/// The end of every revoke: if the program unmapped or moved memory while it ran, the addresses
+/// revoked may no longer have been the view's (see [`Ctx::reshaped_since`]), and the CPU may
+/// still map the pages where they went: the revoke fails with [`HostError::RACED`], so that the
+/// core acts on nothing and tries again once the change is applied.
+pub(crate) fn raced_check(ctx: &Ctx, ranges: &[VaRange], mark: u64) -> Result<(), HostError> {
+    if !ctx.reshaped_since(mark) {
+        return Ok(());
+    }
+    let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
+    let end = ranges.iter().map(|r| r.end()).max().unwrap_or(start);
+    Err(HostError { op: "revoke", range: VaRange::new(start, end - start), errno: HostError::RACED })
+}
+
+/// How long a uffd ioctl is retried while it fails with EAGAIN (see [`retry_again`]). Each of
+/// the manager's own zaps raises an event too, so under heavy revoking (several threads, moved
+/// entries reaped) the address space can keep changing for tens of milliseconds on a loaded
+/// machine: a CPU fault whose map gives up raises SIGBUS, so the bound is generous.
+const RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// Back-off between retries of an ioctl that failed with EAGAIN, bounded by [`RETRY_FOR`].
+struct Backoff {
+    since: std::time::Instant,
+    n: u32,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { since: std::time::Instant::now(), n: 0 }
+    }
+
+    /// Sleeps before the next try (20 us, doubling up to about 1 ms); `false` once the bound
+    /// is spent.
+    fn again(&mut self) -> bool {
+        if self.n >= MAX_RETRIES && self.since.elapsed() > RETRY_FOR {
+            return false;
+        }
+        self.n += 1;
+        std::thread::sleep(Duration::from_micros(10 << self.n.min(7)));
+        true
+    }
+}
+
 /// Runs a uffd ioctl, retrying (bounded, with back-off) while it fails with EAGAIN: with
 /// EVENT_REMOVE/UNMAP/REMAP on, every range ioctl fails so while an event is queued and not yet
 /// read (`mmap_changing`); the reader thread reads it promptly.
 pub(crate) fn retry_again<T>(mut op: impl FnMut() -> Result<T, UffdError>) -> Result<T, UffdError> {
-    let mut retries = 0;
+    let mut backoff = Backoff::new();
     loop {
         match op() {
-            Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
-                retries += 1;
-                std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
-            }
+            Err(UffdError::Retry { .. }) if backoff.again() => {}
             r => return r,
         }
     }
@@ -407,7 +472,7 @@ pub(crate) fn continue_range(
     allocate: &dyn Fn(VaRange) -> Result<(), MappingError>,
 ) -> Result<(), HostError> {
     let end = range.end();
-    let (mut cur, mut retries, mut existed, mut allocated) = (range.start, 0, false, false);
+    let (mut cur, mut backoff, mut existed, mut allocated) = (range.start, Backoff::new(), false, false);
     while cur < end {
         match uffd.cont(VaRange::new(cur, end - cur), !writable, true) {
             Ok(()) => break,
@@ -418,10 +483,7 @@ pub(crate) fn continue_range(
                 existed = true;
                 cur += PAGE_SIZE;
             }
-            Err(UffdError::Retry { .. }) if retries < MAX_RETRIES => {
-                retries += 1;
-                std::thread::sleep(Duration::from_micros(10 << retries.min(10)));
-            }
+            Err(UffdError::Retry { .. }) if backoff.again() => {}
             Err(UffdError::Os { errno, .. }) if errno == rustix::io::Errno::FAULT.raw_os_error() && !allocated => {
                 allocated = true;
                 allocate(VaRange::new(cur, end - cur)).map_err(|e| mapping_err("map", range, e))?;

@@ -360,7 +360,7 @@ impl SharedMapping {
         };
         match r {
             Ok(_) => Ok(()),
-            Err(Errno::EXIST) if self.alias_maps_memfd(VaRange::new(alias as u64, range.len), off) => Ok(()),
+            Err(Errno::EXIST) if self.maps_memfd(VaRange::new(alias as u64, range.len), off) => Ok(()),
             Err(e) => {
                 log::error!("alias part {range} lost after a failed move: {e}");
                 Err(os_err("mmap(alias)", range)(e))
@@ -368,9 +368,43 @@ impl SharedMapping {
         }
     }
 
-    /// Whether every page of `alias` (a part of the alias) maps this memfd at `off` onwards, as
-    /// `/proc/self/maps` says (the inode and the file offset of each VMA covering it).
-    fn alias_maps_memfd(&self, alias: VaRange, off: u64) -> bool {
+    /// Whether the entries [`SharedMapping::move_out_app`] took for `range` are this mapping's
+    /// (the moved VMA maps the memfd at `range`'s offset): not so if the program had moved the
+    /// view away and mapped something else there before the move.
+    pub fn moved_is_ours(&self, moved: &MovedOut, range: VaRange) -> bool {
+        self.offset_of(range).is_ok_and(|off| self.maps_memfd(moved.moved, off))
+    }
+
+    /// Puts entries [`SharedMapping::move_out_app`] took back where they came from, replacing
+    /// the empty VMA the move left there: for a move that took someone else's memory (see
+    /// [`SharedMapping::moved_is_ours`]), which must get it back as it was.
+    ///
+    /// # Safety
+    ///
+    /// `moved` must come from `self.move_out_app(range)`, and nothing may have been mapped at
+    /// `range` since but the VMA that move left (its contents, none, are replaced).
+    pub unsafe fn move_back(moved: MovedOut, range: VaRange) -> Result<(), MappingError> {
+        let (at, len) = (moved.moved.start as usize, range.len as usize);
+        let flags = rustix::mm::MremapFlags::MAYMOVE;
+        // SAFETY: the source is the VMA `moved` owns inside its reservation; the destination
+        // holds only the empty VMA the move left (the caller's contract), so the mapping that
+        // was there before the move is restored, entries and all.
+        let r = unsafe { rustix::mm::mremap_fixed(at as *mut _, len, len, flags, range.start as *mut _) };
+        let (reservation, res_len) = moved.into_reservation();
+        // The slack on both sides is still ours; the moved range left the reservation or, on
+        // failure, is unmapped with it (its entries freed).
+        if r.is_ok() {
+            unmap(reservation, at - reservation);
+            unmap(at + len, reservation + res_len - (at + len));
+        } else {
+            unmap(reservation, res_len);
+        }
+        r.map(drop).map_err(os_err("mremap back", range))
+    }
+
+    /// Whether every page of `at` maps this memfd at `off` onwards, as `/proc/self/maps` says
+    /// (the inode and the file offset of each VMA covering it).
+    fn maps_memfd(&self, alias: VaRange, off: u64) -> bool {
         let Ok(st) = rustix::fs::fstat(&self.memfd) else { return false };
         let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
         let mut cur = alias.start;
@@ -906,6 +940,35 @@ mod tests {
         m.fill_alias_hole(hole).unwrap();
         m.fill_alias_hole(app).unwrap();
         assert_eq!(unsafe { m.alias_ptr().add(2 * PAGE_SIZE as usize).read() }, 9);
+    }
+
+    /// A revoke moving a view's entries out may take another mapping's if the program moved
+    /// the view away and mapped its own memory there meanwhile: that is told apart, and the
+    /// program's memory goes back where it was, contents and all.
+    #[test]
+    fn a_move_out_that_took_foreign_memory_gives_it_back() {
+        let len = 2 * PAGE_SIZE as usize;
+        let m = SharedMapping::new(len as u64).unwrap();
+        let app = m.app_range();
+        unsafe { m.app_ptr().write(5) };
+        let moved = m.move_out_app(app).unwrap();
+        assert!(m.moved_is_ours(&moved, app), "the view's own entries");
+        drop(moved);
+        // The program moves the view away and maps memory of its own at the old address.
+        let flags = MapFlags::PRIVATE;
+        let away = unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), flags) }.unwrap();
+        let mv = rustix::mm::MremapFlags::MAYMOVE;
+        unsafe { rustix::mm::mremap_fixed(app.start as *mut _, len, len, mv, away) }.unwrap();
+        let rw = ProtFlags::READ | ProtFlags::WRITE;
+        let at = app.start as *mut std::ffi::c_void;
+        let mine = unsafe { rustix::mm::mmap_anonymous(at, len, rw, flags | MapFlags::FIXED_NOREPLACE) }.unwrap();
+        unsafe { mine.cast::<u8>().write(9) };
+        let moved = m.move_out_app(app).unwrap();
+        assert!(!m.moved_is_ours(&moved, app), "the program's memory taken for the view's");
+        unsafe { SharedMapping::move_back(moved, app) }.unwrap();
+        assert_eq!(unsafe { mine.cast::<u8>().read() }, 9, "the program's memory is back, contents and all");
+        assert_eq!(unsafe { away.cast::<u8>().read() }, 5, "the view (moved away) still reads the memfd");
+        unmap(away as usize, len);
     }
 
     #[test]

@@ -173,11 +173,12 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
+        let mark = self.mirror.ctx.reshape_mark();
         for &r in ranges {
             self.check("revoke", r)?;
             self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))?;
         }
-        Ok(())
+        crate::host::raced_check(&self.mirror.ctx, ranges, mark)
     }
 
     fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {

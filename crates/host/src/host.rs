@@ -364,6 +364,7 @@ impl HostRegion {
     /// move does not take (small or unfit ranges) is zapped.
     fn revoke_ranges(&self, ranges: &[VaRange], how: Revoke) -> Result<(), HostError> {
         let mark = self.host.ctx.reshape_mark();
+        raced_check(&self.host.ctx, ranges, mark)?;
         self.revoke_unchecked(ranges, how, mark)?;
         raced_check(&self.host.ctx, ranges, mark)
     }
@@ -409,7 +410,10 @@ impl HostRegion {
 /// The end of every revoke: if the program unmapped or moved memory while it ran, the addresses
 /// revoked may no longer have been the view's (see [`Ctx::reshaped_since`]), and the CPU may
 /// still map the pages where they went: the revoke fails with [`HostError::RACED`], so that the
-/// core acts on nothing and tries again once the change is applied.
+/// core acts on nothing and tries again once the change is applied. Also run before a revoke
+/// starts, so that it does not zap or move whatever the program may already have mapped at
+/// addresses it moved away from (that leaves a window of microseconds: an unmap or remap read
+/// between this check and the zap).
 pub(crate) fn raced_check(ctx: &Ctx, ranges: &[VaRange], mark: u64) -> Result<(), HostError> {
     if !ctx.reshaped_since(mark) {
         return Ok(());

@@ -174,6 +174,7 @@ impl CpuMmu for MirrorView {
             return Ok(());
         }
         let mark = self.mirror.ctx.reshape_mark();
+        crate::host::raced_check(&self.mirror.ctx, ranges, mark)?;
         for &r in ranges {
             self.check("revoke", r)?;
             self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))?;

@@ -35,6 +35,8 @@
 //! The coherent variant is not run: no coherent device exists yet.
 #![allow(clippy::undocumented_unsafe_blocks)]
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -423,20 +425,8 @@ fn fork_child(body: impl FnOnce()) -> libc::pid_t {
     pid
 }
 
-/// Waits for `pid` and returns its wait status.
-fn wait_status(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    loop {
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return status;
-        }
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid");
-    }
-}
-
 fn assert_exited_ok(pid: libc::pid_t) {
-    let s = wait_status(pid);
+    let s = common::wait_status(pid);
     assert!(libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0, "child status {s:#x}");
 }
 
@@ -950,7 +940,7 @@ fn hmm_cow_in_device() {
         *x = i as i32;
     }
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    let status = wait_status(pid);
+    let status = common::wait_status(pid);
     assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL, "status {status:#x}");
     let (c, m8) = d.snapshot(&hm, m.base as u64, np).unwrap();
     assert_eq!(c.cpages, np as u64);

@@ -14,6 +14,8 @@
 //! `HETMM_STRESS_POLICY` to force a policy); by default a few short seeds run.
 #![allow(clippy::undocumented_unsafe_blocks)]
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -295,17 +297,6 @@ fn reserve(addr: u64, len: u64) -> Slot {
     Slot::Gone
 }
 
-fn wait_child(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
-    loop {
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            return status;
-        }
-        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid");
-    }
-}
-
 /// Forks; the child runs `ok` (allocation-free) and exits 0 if it holds, 3 if not. Returns
 /// the child's wait status.
 fn fork_check(ok: impl FnOnce() -> bool) -> i32 {
@@ -315,7 +306,7 @@ fn fork_check(ok: impl FnOnce() -> bool) -> i32 {
         let code = if ok() { 0 } else { 3 };
         unsafe { libc::_exit(code) };
     }
-    wait_child(pid)
+    common::wait_status(pid)
 }
 
 fn step(w: &World, rng: &mut Rng, pinned: &mut Option<(u64, u64)>) {

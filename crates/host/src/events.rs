@@ -335,15 +335,21 @@ pub(crate) fn service_loop(
 
 fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
     let reshape = matches!(ev, Msg::Unmap(_) | Msg::Remap { .. });
-    apply_event_to_core(ctx, core, ev);
+    let applied = apply_event_to_core(ctx, core, ev);
+    // Counted applied here before the core is told (`settle` returns on that): a revoke that
+    // `settle` lets start must not find the event unapplied and fail as raced.
     if reshape {
         ctx.reshapes_applied.fetch_add(1, Ordering::AcqRel);
     }
+    if let (true, Some(core)) = (applied, core) {
+        core.event_queued(false);
+    }
 }
 
-fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
+/// Applies `ev` to the core, if any; whether it was an event (not a fault) the core queued.
+fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) -> bool {
     let event = match ev {
-        Msg::Fault(..) => return,
+        Msg::Fault(..) => return false,
         Msg::Discard(r) => CpuEvent::Discard(r),
         Msg::Unmap(r) => {
             ctx.forget(r);
@@ -357,11 +363,11 @@ fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
             CpuEvent::Remap { from, to, len, new_cpu }
         }
     };
-    let Some(core) = core else { return };
+    let Some(core) = core else { return false };
     if let Err(e) = core.cpu_event(event.clone()) {
         log::error!("applying {event:?}: {e}");
     }
-    core.event_queued(false);
+    true
 }
 
 /// How many times in a row a fault outside every shared region is woken to retry before the
@@ -473,5 +479,51 @@ fn release_with_sigbus(uffd: &Uffd, va: u64) {
             log::error!("cannot poison {page}: {e}; waking the thread to retry");
             let _ = crate::host::retry_again(|| uffd.wake(page));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+
+    /// Records, when told an event is applied, whether a revoke starting then would be refused
+    /// as raced.
+    struct Core {
+        ctx: OnceLock<Arc<Ctx>>,
+        raced_when_applied: Mutex<Vec<bool>>,
+    }
+
+    impl CpuFaultHandler for Core {
+        fn cpu_fault(&self, _va: u64, _access: Access) -> Result<(), CoreError> {
+            Ok(())
+        }
+
+        fn event_queued(&self, queued: bool) {
+            if !queued {
+                let ctx = self.ctx.get().unwrap();
+                self.raced_when_applied.lock().push(ctx.reshaped_since(ctx.reshape_mark()));
+            }
+        }
+    }
+
+    /// Once the core counts an unmap or remap as applied (what `settle` waits for), a revoke
+    /// that starts must not be refused as racing it: `migrate` retries a raced revoke after
+    /// `settle` only a few times, and would fail while the host still counts it unapplied.
+    #[test]
+    fn an_event_the_core_counts_applied_is_applied_for_revokes() {
+        let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
+        let ctx = Arc::new(Ctx::new(Arc::new(uffd)));
+        let core = Core { ctx: OnceLock::new(), raced_when_applied: Mutex::new(Vec::new()) };
+        core.ctx.set(Arc::clone(&ctx)).unwrap();
+        let r = VaRange::new(0x7000_0000, PAGE_SIZE);
+        for ev in [Msg::Unmap(r), Msg::Remap { from: r.start, to: r.end(), len: r.len }] {
+            // What the reader does when it passes a program's unmap or remap on.
+            ctx.reshapes.fetch_add(1, Ordering::AcqRel);
+            core.event_queued(true);
+            apply_event(&ctx, Some(&core), ev);
+        }
+        assert_eq!(*core.raced_when_applied.lock(), [false, false]);
+        assert!(!ctx.reshaped_since(ctx.reshape_mark()));
     }
 }

@@ -87,6 +87,8 @@ pub(crate) struct GateGuard<'a> {
     gate: &'a Gate,
     /// The gate's epoch when this hold began.
     epoch: u64,
+    /// Dropped on the thread that entered (which records its holds, see `HELD`).
+    _here: std::marker::PhantomData<*const ()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,13 +100,16 @@ impl Gate {
     /// (at most [`DEFER`] while a holder the fork found there is still in; see there).
     pub(crate) fn enter(&self) -> GateGuard<'_> {
         let deadline = Instant::now() + DEFER;
+        // A thread that holds the gate already (a fork hold around a call that enters) never
+        // defers: the fork waits for its hold, so waiting for the fork would never end.
+        let nested = HELD.with(|h| h.borrow().contains(&self.key()));
         let mut st = lock(&self.state);
         loop {
             if st.writer {
                 st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
-            if st.writers_waiting == 0 {
+            if st.writers_waiting == 0 || nested {
                 break;
             }
             let now = Instant::now();
@@ -118,7 +123,11 @@ impl Gate {
             }
         }
         st.readers += 1;
-        GateGuard { gate: self, epoch: st.epoch }
+        GateGuard::new(self, st.epoch)
+    }
+
+    fn key(&self) -> usize {
+        self as *const Gate as usize
     }
 
     /// Enters shared unless a fork holds or waits for the gate.
@@ -128,7 +137,7 @@ impl Gate {
             return None;
         }
         st.readers += 1;
-        Some(GateGuard { gate: self, epoch: st.epoch })
+        Some(GateGuard::new(self, st.epoch))
     }
 
     /// Takes the gate exclusively: waits until no one holds it.
@@ -151,8 +160,26 @@ impl Gate {
     }
 }
 
+thread_local! {
+    /// The gates this thread holds (by address, once per hold).
+    static HELD: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<'a> GateGuard<'a> {
+    fn new(gate: &'a Gate, epoch: u64) -> Self {
+        HELD.with(|h| h.borrow_mut().push(gate.key()));
+        GateGuard { gate, epoch, _here: std::marker::PhantomData }
+    }
+}
+
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
+        HELD.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|&k| k == self.gate.key()) {
+                h.swap_remove(i);
+            }
+        });
         let mut st = lock(&self.gate.state);
         st.readers -= 1;
         if self.epoch < st.epoch {
@@ -196,8 +223,8 @@ impl AddressSpace {
     /// core sees only at the end (the host adopting a program's memory into its own mapping, then
     /// [`AddressSpace::add_registered`]): a fork in between would find no region there and leave
     /// the child that memory shared with the parent instead of a copy of its own. Waits, like
-    /// every operation, while a fork is under way. Not to be held around calls that take the gate
-    /// themselves (migrations, faults): they would defer to a waiting fork behind it.
+    /// every operation, while a fork is under way. Calls on this thread that take the gate
+    /// themselves (register's undo) enter beside the hold without deferring to a waiting fork.
     pub fn hold_forks(&self) -> Result<ForkHold<'_>, CoreError> {
         Ok(ForkHold { _gate: self.enter()? })
     }
@@ -428,6 +455,47 @@ mod tests {
         space.add_registered(Arc::new(PlainCpu::new(more)), more, Prot::READ | Prot::WRITE, false).unwrap();
         drop(hold);
         assert_eq!(f.join().unwrap(), 2, "the fork saw the new region");
+    }
+
+    /// `Hetmm::register`'s undo path: it holds off forks, and when the core refuses a part it
+    /// releases the parts it added (a call that enters the gate) before letting go. If it began
+    /// to hold while a fork waited (beside a holder the fork had found, which has left since),
+    /// the release must not wait for the fork, which waits for the hold.
+    #[test]
+    fn a_fork_hold_taken_while_a_fork_waits_can_undo_a_registration() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let (space, _cpu, _dev, _id, _host) = setup();
+        let early = space.hold_forks().unwrap();
+        let forked = Arc::new(AtomicBool::new(false));
+        let f = {
+            let (space, forked) = (Arc::clone(&space), Arc::clone(&forked));
+            std::thread::spawn(move || {
+                let guard = space.fork_prepare().unwrap();
+                forked.store(true, SeqCst);
+                guard.parent();
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let r = {
+            let space = Arc::clone(&space);
+            std::thread::spawn(move || {
+                // Enters after the deferral, beside `early`.
+                let hold = space.hold_forks().unwrap();
+                tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                let more = VaRange::new(BASE + 4 * BLOCK_SIZE, BLOCK_SIZE);
+                space.add_registered(Arc::new(PlainCpu::new(more)), more, Prot::READ | Prot::WRITE, false).unwrap();
+                space.release_range(more.start, more.len).unwrap();
+                drop(hold);
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        drop(early);
+        assert!(wait_until(|| r.is_finished()), "the undo waited for the fork, which waits for it");
+        r.join().unwrap();
+        f.join().unwrap();
+        assert!(forked.load(SeqCst));
     }
 
     /// Waits (at most 1 s) until `cond` holds; whether it did.

@@ -90,10 +90,14 @@ impl AddressSpace {
                 Ok(Pending { rx: Some(rx) })
             }
             Advice::DontNeed => {
+                // Every part is tried: pages a device refuses to give up keep their data, the
+                // others go; the first refusal is returned.
+                let mut dropped = Ok(());
                 for part in parts {
-                    self.discard_range(part)?;
+                    let r = self.discard_range(part);
+                    dropped = dropped.and(r);
                 }
-                Ok(Pending::done())
+                dropped.map(|()| Pending::done())
             }
             Advice::PreferredLocation(p) => {
                 if let Some(Proc::Device(d)) = p {

@@ -293,7 +293,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         }
         // The program moved or unmapped memory while the CPU's access was taken: raised again
         // after the replay, served once the change is applied (it waits for this batch).
-        Err(e) if e.raced() => {
+        Err(e) if e.raced() && !oom_for_too_long(space, slot) => {
             log::debug!(
                 "device {:?} fault in block {:#x} raced an unmap or remap; retrying after replay",
                 slot.id,
@@ -307,10 +307,12 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     }
 }
 
-/// How long allocation may keep failing before faults are cancelled.
+/// How long service may keep being put off (allocation failing, revokes racing unmaps and
+/// remaps) before faults are cancelled.
 const OOM_PATIENCE_NS: u64 = 10_000_000_000;
 
-/// Records an allocation failure; true once failures have lasted longer than the patience.
+/// Records a service put off (memory busy, or a revoke that raced an unmap or remap); true once
+/// that has lasted longer than the patience without a service succeeding in between.
 fn oom_for_too_long(space: &AddressSpace, slot: &DeviceSlot) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
     let now = space.tick();

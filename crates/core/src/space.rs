@@ -774,15 +774,18 @@ impl AddressSpace {
         let _shape = self.reshape.read();
         let range = self.check_range(range.start, range.len)?;
         let region = self.region_of(range.start).ok_or(CoreError::NotShared(range))?;
+        let mut result = Ok(());
         for bidx in region.block_index(range.start)..=region.block_index(range.end() - 1) {
             let mut blk = region.blocks[bidx].lock();
             if region.is_freed() {
                 return Err(CoreError::NotShared(range));
             }
             let want = pages_in(&blk, &range);
-            migrate::discard(self, &region, &mut blk, &want)?;
+            // A block a device refused to give up keeps its data; the others are still dropped.
+            let r = migrate::discard(self, &region, &mut blk, &want);
+            result = result.and(r);
         }
-        Ok(())
+        result
     }
 
     /// Marks the blocks of `ranges` as used by a running job on a device; returns the token for

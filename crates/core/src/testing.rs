@@ -928,6 +928,22 @@ fn a_revoke_that_raced_a_remap_is_not_acted_on() {
     assert_eq!(w.cpu.races.load(SeqCst), 0);
 }
 
+/// A DontNeed over several blocks drops every block it can: one a device refuses to give up
+/// keeps its data and the refusal is returned, the others still read zeros after (the advice
+/// stopped at the refused block, leaving the rest).
+#[test]
+fn a_refused_block_does_not_stop_dontneed_of_the_others() {
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x11));
+    w.cpu_access(s + BLOCK_SIZE, Some(0x22));
+    w.space.migrate(s, BLOCK_SIZE, Proc::Device(w.ids[0])).unwrap();
+    let r = w.failing(|d| &d.fail_unmap, || w.space.advise(s, 2 * BLOCK_SIZE, crate::advice::Advice::DontNeed));
+    assert!(r.is_err(), "the refusal is reported");
+    assert_eq!(w.cpu_access(s, None), 0x11, "the refused block keeps its data");
+    assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 0, "the other block is dropped");
+}
+
 /// Detach racing an explicit migration that has already checked the device: the migration must
 /// fail rather than move the data to the device after detach swept its blocks (the only copy
 /// was left on a device that is gone, and every CPU fault on it failed with Detached).

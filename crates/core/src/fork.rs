@@ -467,14 +467,7 @@ mod tests {
         let (space, _cpu, _dev, _id, _host) = setup();
         let early = space.hold_forks().unwrap();
         let forked = Arc::new(AtomicBool::new(false));
-        let f = {
-            let (space, forked) = (Arc::clone(&space), Arc::clone(&forked));
-            std::thread::spawn(move || {
-                let guard = space.fork_prepare().unwrap();
-                forked.store(true, SeqCst);
-                guard.parent();
-            })
-        };
+        let f = fork_in_background(&space, &forked);
         std::thread::sleep(Duration::from_millis(20));
         let (tx, rx) = std::sync::mpsc::channel();
         let r = {
@@ -496,6 +489,19 @@ mod tests {
         r.join().unwrap();
         f.join().unwrap();
         assert!(forked.load(SeqCst));
+    }
+
+    /// A thread that prepares a fork (waiting for the gate), sets `forked`, and lets it go.
+    fn fork_in_background(
+        space: &Arc<AddressSpace>,
+        forked: &Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let (space, forked) = (Arc::clone(space), Arc::clone(forked));
+        std::thread::spawn(move || {
+            let guard = space.fork_prepare().unwrap();
+            forked.store(true, std::sync::atomic::Ordering::SeqCst);
+            guard.parent();
+        })
     }
 
     /// Waits (at most 1 s) until `cond` holds; whether it did.
@@ -537,14 +543,7 @@ mod tests {
         let mut g2 = Some(dev2.copy_gate.lock());
         let a = bounce(id1, BASE);
         assert!(wait_until(|| dev1.copies_started.load(SeqCst) == 1));
-        let f = {
-            let (space, forked) = (Arc::clone(&space), Arc::clone(&forked));
-            std::thread::spawn(move || {
-                let guard = space.fork_prepare().unwrap();
-                forked.store(true, SeqCst);
-                guard.parent();
-            })
-        };
+        let f = fork_in_background(&space, &forked);
         std::thread::sleep(Duration::from_millis(10));
         let b = bounce(id2, BASE + BLOCK_SIZE);
         // B defers to the waiting fork, then enters beside A.

@@ -709,6 +709,10 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
         let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
         release_device_pages(&slot, blk, &here);
     }
+    // The device copies are gone whatever the CPU side does next: no page may claim one.
+    for i in m.iter() {
+        blk.pages[i].resident.0 &= ProcMask::only(Proc::Cpu).0;
+    }
     let rs = ranges(blk, m);
     region.cpu.discard(&rs)?;
     for slot in space.holders() {

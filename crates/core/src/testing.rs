@@ -53,6 +53,8 @@ struct FakeCpu {
     mapped: Mutex<HashMap<u64, bool>>,
     /// Revokes still to fail as racing the program's mremap (they revoke, then report it).
     races: std::sync::atomic::AtomicU32,
+    /// Discards fail (and change nothing) while set.
+    fail_discard: std::sync::atomic::AtomicBool,
 }
 
 impl CpuMmu for FakeCpu {
@@ -105,6 +107,9 @@ impl CpuMmu for FakeCpu {
         Ok(())
     }
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        if self.fail_discard.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(HostError { op: "discard", range: ranges[0], errno: 5 });
+        }
         // As hole punching does: the backing reads zeros and the CPU mapping is gone.
         self.revoke(ranges)?;
         let mut mem = self.mem.lock();
@@ -321,6 +326,7 @@ fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::p
         mem: host.clone(),
         mapped: Mutex::default(),
         races: 0.into(),
+        fail_discard: false.into(),
     });
     space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
     let mut devs = Vec::new();
@@ -942,6 +948,28 @@ fn a_refused_block_does_not_stop_dontneed_of_the_others() {
     assert!(r.is_err(), "the refusal is reported");
     assert_eq!(w.cpu_access(s, None), 0x11, "the refused block keeps its data");
     assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 0, "the other block is dropped");
+}
+
+/// A DontNeed whose CPU-side discard fails has still dropped the device copies: no page may go
+/// on claiming one (a later migration or fault found the page resident on the device with no
+/// device page behind it).
+#[test]
+fn a_failed_cpu_discard_leaves_no_page_claiming_a_dropped_device_copy() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x11));
+    let dev = Proc::Device(w.ids[0]);
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    w.cpu.fail_discard.store(true, SeqCst);
+    assert!(w.space.advise(s, BLOCK_SIZE, crate::advice::Advice::DontNeed).is_err());
+    w.cpu.fail_discard.store(false, SeqCst);
+    let pg = w.space.page_state(s).unwrap();
+    assert!(!pg.resident.has(dev), "the page claims a device copy that was dropped");
+    // Both sides work on it again.
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    w.devs[0].access(s, Some(0x33));
+    assert_eq!(w.cpu_access(s, None), 0x33);
 }
 
 /// Detach racing an explicit migration that has already checked the device: the migration must

@@ -41,6 +41,12 @@ fn device_holders(blk: &Block, m: &PageMask) -> ProcMask {
     ProcMask(m.iter().fold(0, |acc, i| acc | blk.pages[i].resident.0) & !ProcMask::only(Proc::Cpu).0)
 }
 
+/// Devices that hold a copy of any page of `m` or map one (their own copy or the host page).
+fn devices_reaching(blk: &Block, m: &PageMask) -> ProcMask {
+    let cpu = ProcMask::only(Proc::Cpu).0;
+    ProcMask(m.iter().fold(0, |acc, i| acc | blk.pages[i].resident.0 | blk.pages[i].dev_mapped.0) & !cpu)
+}
+
 /// Removes `slot`'s remote mappings (of host pages) among `m`, before it maps its own copies.
 fn unmap_own_remote(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask) -> Result<()> {
     let me = Proc::Device(slot.id);
@@ -648,13 +654,8 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
 /// unmap may still reach its pages: they are forgotten (leaked, never handed out again), and the
 /// mapping stays recorded, so a later unmap of these pages tries again.
 pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Result<()> {
-    let mut devices = ProcMask::EMPTY;
-    for i in m.iter() {
-        let pg = &blk.pages[i];
-        devices.0 |= (pg.resident.0 | pg.dev_mapped.0) & !1;
-    }
     let mut result = Ok(());
-    for d in devices.devices() {
+    for d in devices_reaching(blk, m).devices() {
         let Ok(slot) = space.holder(d) else { continue };
         let m = &widen(blk, &slot, m);
         let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
@@ -686,11 +687,7 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
         to_cpu(space, region, blk, m)?;
     }
     // Unmap everywhere first; only then is it known which pages can go.
-    let mut mapped = ProcMask::EMPTY;
-    for i in m.iter() {
-        let pg = &blk.pages[i];
-        mapped.0 |= (pg.resident.0 | pg.dev_mapped.0) & !1;
-    }
+    let mapped = devices_reaching(blk, m);
     let mut kept = PageMask::default();
     let mut result = Ok(());
     for d in mapped.devices() {

@@ -339,6 +339,17 @@ fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::p
     World { space, cpu, devs, ids, model: HashMap::new() }
 }
 
+/// A world whose first block the CPU wrote (`byte` at its start) and then moved to device 0:
+/// the world, the block's address and the device.
+fn block_on_device(dev_pages: u64, byte: u8) -> (World, u64, Proc) {
+    let mut w = world(false, dev_pages);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(byte));
+    let dev = Proc::Device(w.ids[0]);
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    (w, s, dev)
+}
+
 impl World {
     /// Runs `f` with the failure `flag` of device 0 injected.
     fn failing<R>(&self, flag: impl Fn(&FakeDevice) -> &std::sync::atomic::AtomicBool, f: impl FnOnce() -> R) -> R {
@@ -849,12 +860,8 @@ fn explicit_migration_in_pipelined_batches_keeps_every_byte() {
 /// failed with OutOfDeviceMemory).
 #[test]
 fn a_victim_whose_eviction_failed_can_be_evicted_later() {
-    let mut w = world(false, PAGES_PER_BLOCK as u64);
-    let s = w.cpu.range.start;
-    w.cpu_access(s, Some(7));
+    let (mut w, s, dev) = block_on_device(PAGES_PER_BLOCK as u64, 7);
     w.cpu_access(s + BLOCK_SIZE, Some(8));
-    let dev = Proc::Device(w.ids[0]);
-    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
     let failed = w.failing(|d| &d.fail_d2h, || w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev));
     assert!(failed.is_err(), "the victim's copy fails (injected)");
     w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).expect("block 0 is evictable again once copies work");
@@ -894,11 +901,7 @@ fn device_pages_whose_unmap_failed_are_not_reused() {
 /// from fresh host memory while the kernel kept writing into forgotten device pages.)
 #[test]
 fn a_refused_dontneed_keeps_cpu_and_device_coherent() {
-    let mut w = world(false, PAGES_PER_BLOCK as u64);
-    let s = w.cpu.range.start;
-    w.cpu_access(s, Some(0x11));
-    let dev = Proc::Device(w.ids[0]);
-    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    let (mut w, s, _) = block_on_device(PAGES_PER_BLOCK as u64, 0x11);
     let r = w.failing(|d| &d.fail_unmap, || w.space.advise(s, PAGE_SIZE, crate::advice::Advice::DontNeed));
     assert!(r.is_err(), "the refused unmap is reported");
     assert_eq!(w.devs[0].access(s, None), Some(0x11), "the device still reads its copy");
@@ -939,11 +942,8 @@ fn a_revoke_that_raced_a_remap_is_not_acted_on() {
 /// stopped at the refused block, leaving the rest).
 #[test]
 fn a_refused_block_does_not_stop_dontneed_of_the_others() {
-    let mut w = world(false, 2048);
-    let s = w.cpu.range.start;
-    w.cpu_access(s, Some(0x11));
+    let (mut w, s, _) = block_on_device(2048, 0x11);
     w.cpu_access(s + BLOCK_SIZE, Some(0x22));
-    w.space.migrate(s, BLOCK_SIZE, Proc::Device(w.ids[0])).unwrap();
     let r = w.failing(|d| &d.fail_unmap, || w.space.advise(s, 2 * BLOCK_SIZE, crate::advice::Advice::DontNeed));
     assert!(r.is_err(), "the refusal is reported");
     assert_eq!(w.cpu_access(s, None), 0x11, "the refused block keeps its data");
@@ -956,11 +956,7 @@ fn a_refused_block_does_not_stop_dontneed_of_the_others() {
 #[test]
 fn a_failed_cpu_discard_leaves_no_page_claiming_a_dropped_device_copy() {
     use std::sync::atomic::Ordering::SeqCst;
-    let mut w = world(false, 2048);
-    let s = w.cpu.range.start;
-    w.cpu_access(s, Some(0x11));
-    let dev = Proc::Device(w.ids[0]);
-    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    let (mut w, s, dev) = block_on_device(2048, 0x11);
     w.cpu.fail_discard.store(true, SeqCst);
     assert!(w.space.advise(s, BLOCK_SIZE, crate::advice::Advice::DontNeed).is_err());
     w.cpu.fail_discard.store(false, SeqCst);

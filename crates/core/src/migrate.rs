@@ -164,6 +164,16 @@ pub(crate) fn revoke_block_cpu(space: &AddressSpace, region: &Region, blk: &mut 
     revoke_cpu(space, region, blk, &idle)
 }
 
+/// `CpuMmu::revoke`, counting the revokes that raced the program's unmap or remap.
+fn cpu_revoke(space: &AddressSpace, region: &Region, ranges: &[VaRange]) -> Result<()> {
+    region.cpu.revoke(ranges).inspect_err(|e| {
+        if e.raced() {
+            add(&space.stats.revokes_raced, 1);
+        }
+    })?;
+    Ok(())
+}
+
 /// Removes the CPU's mappings of `m`.
 fn revoke_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> Result<()> {
     let mapped = select(blk, m, |p| p.cpu != CpuMap::None);
@@ -171,7 +181,7 @@ fn revoke_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMa
         return Ok(());
     }
     let t = Instant::now();
-    region.cpu.revoke(&ranges(blk, &mapped))?;
+    cpu_revoke(space, region, &ranges(blk, &mapped))?;
     add_since(&space.stats.ns_revoke, t);
     for i in mapped.iter() {
         blk.pages[i].cpu = CpuMap::None;
@@ -963,7 +973,7 @@ fn bulk_submit(
     let taking = revoke.len() + wp.len();
     let take_cpu = || -> Result<()> {
         let t = Instant::now();
-        region.cpu.revoke(&coalesce(revoke))?;
+        cpu_revoke(space, region, &coalesce(revoke))?;
         region.cpu.protect(&coalesce(wp), false)?;
         add_since(&space.stats.ns_revoke, t);
         Ok(())

@@ -935,6 +935,7 @@ fn a_revoke_that_raced_a_remap_is_not_acted_on() {
     w.cpu.races.store(1, SeqCst);
     assert_eq!(w.dev_access(0, t, None), Some(0x43));
     assert_eq!(w.cpu.races.load(SeqCst), 0);
+    assert_eq!(w.space.stats.snapshot().revokes_raced, 3, "every raced revoke is counted");
 }
 
 /// A DontNeed over several blocks drops every block it can: one a device refuses to give up

@@ -43,6 +43,8 @@ pub(crate) struct Ctx {
     classified: AtomicU64,
     /// The program's unmaps and remaps the reader has classified (see [`Ctx::reshaped_since`]).
     reshapes: AtomicU64,
+    /// The ranges of the latest of them (see [`Reshapes`]).
+    reshape_log: Mutex<Reshapes>,
     /// Those of them the core has applied.
     reshapes_applied: AtomicU64,
     /// Registered memory (followed through unmap and remap).
@@ -75,6 +77,44 @@ impl Drop for Arriving {
     }
 }
 
+/// The ranges of the program's latest unmaps and remaps, by their number in
+/// [`Ctx::reshapes`], for [`Ctx::reshaped_since`] to tell whether one touched a revoke's ranges.
+/// Bounded: entries already applied are dropped past [`Reshapes::KEEP`], and a question about
+/// changes older than the oldest kept is answered yes.
+#[derive(Debug, Default)]
+struct Reshapes {
+    entries: std::collections::VecDeque<(u64, VaRange)>,
+    /// Every change numbered up to this one has been dropped.
+    dropped: u64,
+}
+
+impl Reshapes {
+    /// How many entries are kept at least (a revoke's mark older than that is rare: it means
+    /// that many changes were read while one revoke ran).
+    const KEEP: usize = 1024;
+
+    fn push(&mut self, seq: u64, ranges: &[VaRange], applied: u64) {
+        self.entries.extend(ranges.iter().map(|&r| (seq, r)));
+        while self.entries.len() > Self::KEEP && self.entries.front().is_some_and(|&(s, _)| s <= applied) {
+            if let Some((s, _)) = self.entries.pop_front() {
+                self.dropped = self.dropped.max(s);
+            }
+        }
+    }
+
+    /// Whether a change numbered after `since` overlaps any of `ranges` (yes if such changes were
+    /// dropped).
+    fn touches(&self, since: u64, ranges: &[VaRange]) -> bool {
+        since < self.dropped
+            || self
+                .entries
+                .iter()
+                .rev()
+                .take_while(|&&(s, _)| s > since)
+                .any(|(_, r)| ranges.iter().any(|x| x.intersect(r).is_some()))
+    }
+}
+
 impl Ctx {
     pub(crate) fn new(uffd: Arc<Uffd>) -> Self {
         Ctx {
@@ -83,6 +123,7 @@ impl Ctx {
             reads: AtomicU64::new(0),
             classified: AtomicU64::new(0),
             reshapes: AtomicU64::new(0),
+            reshape_log: Mutex::new(Reshapes::default()),
             reshapes_applied: AtomicU64::new(0),
             mirrors: Mutex::new(Vec::new()),
             arriving: Mutex::new(Vec::new()),
@@ -131,14 +172,24 @@ impl Ctx {
         self.reshapes.load(Ordering::Acquire)
     }
 
-    /// Whether the core may not yet know where the program's memory is: an unmap or remap of
-    /// registered memory was read since `mark` or is still to be applied, counting every event
-    /// a read(2) started by now may hold (waits, at most a second, for the reader to classify
-    /// them; `true` if it does not). A revoke that overlapped such a change may have acted on
-    /// addresses the program had already moved away: the kernel moves the page-table entries
-    /// before the event is read, and the program may map something else at the old addresses
-    /// once it is (its mremap returns then), so a zap there succeeds and takes nothing of ours.
-    pub(crate) fn reshaped_since(&self, mark: u64) -> bool {
+    /// The reader passes the program's unmap or remap touching `ranges` on to the core.
+    fn note_reshape(&self, ranges: &[VaRange]) {
+        let mut log = self.reshape_log.lock();
+        // Under the log's lock, so that a reader of the log sees the count and the ranges agree.
+        let seq = self.reshapes.fetch_add(1, Ordering::AcqRel) + 1;
+        log.push(seq, ranges, self.reshapes_applied.load(Ordering::Acquire));
+    }
+
+    /// Whether the core may not yet know where the program's memory in `ranges` is: an unmap or
+    /// remap of registered memory overlapping them was read since `mark` or is still to be
+    /// applied, counting every event a read(2) started by now may hold (waits, at most a second,
+    /// for the reader to classify them; `true` if it does not). A revoke that overlapped such a
+    /// change may have acted on addresses the program had already moved away: the kernel moves
+    /// the page-table entries before the event is read, and the program may map something else
+    /// at the old addresses once it is (its mremap returns then), so a zap there succeeds and
+    /// takes nothing of ours. Changes elsewhere do not count: a program unmapping unrelated
+    /// memory in a loop must not make every migration fail as raced.
+    pub(crate) fn reshaped_since(&self, mark: u64, ranges: &[VaRange]) -> bool {
         let until = self.reads.load(Ordering::Acquire);
         let t = std::time::Instant::now();
         while self.classified.load(Ordering::Acquire) < until {
@@ -147,8 +198,14 @@ impl Ctx {
             }
             std::thread::sleep(std::time::Duration::from_micros(20));
         }
+        let log = self.reshape_log.lock();
         let read = self.reshapes.load(Ordering::Acquire);
-        read != mark || read != self.reshapes_applied.load(Ordering::Acquire)
+        let applied = self.reshapes_applied.load(Ordering::Acquire);
+        if read == mark && read == applied {
+            return false;
+        }
+        // Every change after `mark` (read since) or after `applied` (not yet applied).
+        log.touches(mark.min(applied), ranges)
     }
 
     /// The reader finished classifying a batch: drop the zaps it could have held.
@@ -262,7 +319,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     if r.len > 0 && ctx.is_own(Own::Unmap, r) {
                         continue;
                     }
-                    ctx.reshapes.fetch_add(1, Ordering::AcqRel);
+                    ctx.note_reshape(&[r]);
                     Msg::Unmap(r)
                 }
                 Event::Remap { from, to, len } => {
@@ -270,7 +327,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     if len > 0 && ctx.is_own(Own::MoveOut, VaRange::new(from, len)) {
                         continue;
                     }
-                    ctx.reshapes.fetch_add(1, Ordering::AcqRel);
+                    ctx.note_reshape(&[VaRange::new(from, len), VaRange::new(to, len)]);
                     Msg::Remap { from, to, len }
                 }
                 other => {
@@ -487,6 +544,9 @@ mod tests {
     use super::*;
     use std::sync::OnceLock;
 
+    /// Where the test's events happen.
+    const WHERE: VaRange = VaRange::new(0x7000_0000, 2 * PAGE_SIZE);
+
     /// Records, when told an event is applied, whether a revoke starting then would be refused
     /// as raced.
     struct Core {
@@ -502,7 +562,7 @@ mod tests {
         fn event_queued(&self, queued: bool) {
             if !queued {
                 let ctx = self.ctx.get().unwrap();
-                self.raced_when_applied.lock().push(ctx.reshaped_since(ctx.reshape_mark()));
+                self.raced_when_applied.lock().push(ctx.reshaped_since(ctx.reshape_mark(), &[WHERE]));
             }
         }
     }
@@ -516,14 +576,55 @@ mod tests {
         let ctx = Arc::new(Ctx::new(Arc::new(uffd)));
         let core = Core { ctx: OnceLock::new(), raced_when_applied: Mutex::new(Vec::new()) };
         core.ctx.set(Arc::clone(&ctx)).unwrap();
-        let r = VaRange::new(0x7000_0000, PAGE_SIZE);
+        let r = VaRange::new(WHERE.start, PAGE_SIZE);
         for ev in [Msg::Unmap(r), Msg::Remap { from: r.start, to: r.end(), len: r.len }] {
             // What the reader does when it passes a program's unmap or remap on.
-            ctx.reshapes.fetch_add(1, Ordering::AcqRel);
+            ctx.note_reshape(&[r]);
             core.event_queued(true);
             apply_event(&ctx, Some(&core), ev);
         }
         assert_eq!(*core.raced_when_applied.lock(), [false, false]);
-        assert!(!ctx.reshaped_since(ctx.reshape_mark()));
+        assert!(!ctx.reshaped_since(ctx.reshape_mark(), &[WHERE]));
+    }
+
+    /// Only a change overlapping a revoke's ranges makes it raced: a program unmapping other
+    /// registered memory in a loop made `migrate` fail after its retries.
+    #[test]
+    fn only_changes_overlapping_a_revoke_race_it() {
+        let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
+        let ctx = Ctx::new(Arc::new(uffd));
+        let mine = [VaRange::new(0x10_0000, 4 * PAGE_SIZE), VaRange::new(0x20_0000, PAGE_SIZE)];
+        let mark = ctx.reshape_mark();
+        // Read, not yet applied, elsewhere: not raced.
+        ctx.note_reshape(&[VaRange::new(0x30_0000, PAGE_SIZE)]);
+        ctx.note_reshape(&[VaRange::new(0x40_0000, PAGE_SIZE), VaRange::new(0x10_4000, PAGE_SIZE)]);
+        assert!(!ctx.reshaped_since(mark, &mine));
+        // A remap whose source overlaps the second range: raced, read since the mark.
+        ctx.note_reshape(&[VaRange::new(0x1f_f000, 2 * PAGE_SIZE), VaRange::new(0x50_0000, 2 * PAGE_SIZE)]);
+        assert!(ctx.reshaped_since(mark, &mine));
+        // Applied, and a revoke starting now: not raced (nothing since, nothing unapplied).
+        ctx.reshapes_applied.store(3, Ordering::Release);
+        assert!(!ctx.reshaped_since(ctx.reshape_mark(), &mine));
+        // A mark taken while the change into the first range was still unapplied.
+        ctx.reshapes_applied.store(0, Ordering::Release);
+        assert!(ctx.reshaped_since(ctx.reshape_mark(), &[VaRange::new(0x50_1000, PAGE_SIZE)]));
+        assert!(!ctx.reshaped_since(ctx.reshape_mark(), &[VaRange::new(0x60_0000, PAGE_SIZE)]));
+    }
+
+    /// The log is bounded, and a question about changes it dropped is answered yes.
+    #[test]
+    fn a_dropped_change_counts_as_raced() {
+        let mut log = Reshapes::default();
+        let far = [VaRange::new(1 << 40, PAGE_SIZE)];
+        let n = Reshapes::KEEP as u64 + 10;
+        for seq in 1..=n {
+            // All applied but the last.
+            log.push(seq, &[VaRange::new(seq * PAGE_SIZE, PAGE_SIZE)], n - 1);
+        }
+        assert!(log.entries.len() <= Reshapes::KEEP);
+        assert!(log.touches(0, &far), "changes before the kept ones are unknown");
+        assert!(!log.touches(n - 5, &far));
+        assert!(log.touches(n - 5, &[VaRange::new(n * PAGE_SIZE, 1)]));
+        assert!(!log.touches(n, &[VaRange::new(n * PAGE_SIZE, 1)]));
     }
 }

@@ -264,7 +264,7 @@ impl HostRegion {
     /// `moved`, if its entries are the view's; else (the program moved the view away while the
     /// revoke ran and something else sits at `r`) they go back where they were, and `None`.
     fn keep_if_ours(&self, moved: MovedOut, r: VaRange, mark: u64) -> Option<MovedOut> {
-        if !self.host.ctx.reshaped_since(mark) || self.mapping.moved_is_ours(&moved, r) {
+        if !self.host.ctx.reshaped_since(mark, &[r]) || self.mapping.moved_is_ours(&moved, r) {
             return Some(moved);
         }
         log::warn!("revoke of {r}: the program moved it away meanwhile; giving back what was taken there");
@@ -415,7 +415,7 @@ impl HostRegion {
 /// addresses it moved away from (that leaves a window of microseconds: an unmap or remap read
 /// between this check and the zap).
 pub(crate) fn raced_check(ctx: &Ctx, ranges: &[VaRange], mark: u64) -> Result<(), HostError> {
-    if !ctx.reshaped_since(mark) {
+    if !ctx.reshaped_since(mark, ranges) {
         return Ok(());
     }
     let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);

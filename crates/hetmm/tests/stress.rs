@@ -191,6 +191,8 @@ struct World {
     gen: AtomicU64,
     counts: [AtomicU64; 19],
     bg: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The range pinned now (`HETMM_STRESS_PIN`).
+    pinned: Mutex<Option<(u64, u64)>>,
 }
 
 const NAMES: [&str; 19] = [
@@ -309,7 +311,7 @@ fn fork_check(ok: impl FnOnce() -> bool) -> i32 {
     common::wait_status(pid)
 }
 
-fn step(w: &World, rng: &mut Rng, pinned: &mut Option<(u64, u64)>) {
+fn step(w: &World, rng: &mut Rng) {
     match rng.below(22) {
         // CPU check + write of A slices (all of each, or some of its units).
         0..=3 => {
@@ -419,13 +421,21 @@ fn step(w: &World, rng: &mut Rng, pinned: &mut Option<(u64, u64)>) {
                 3 => Advice::AccessedBy(d, rng.chance(2)),
                 4 => Advice::ReadMostly(false),
                 _ if std::env::var_os("HETMM_STRESS_PIN").is_some() => {
-                    // At most one pinned range per thread, 64 pages or fewer.
-                    if let Some((ps, pl)) = pinned.take() {
+                    // One pinned range at a time, of all threads, 64 pages or fewer inside one
+                    // 2 MiB block. Eviction skips a whole block with any pinned page in it: with
+                    // a range per thread (up to two blocks each) the pins soon covered every
+                    // block of A, the two-block devices filled with blocks none could evict, and
+                    // migrations and kernels legitimately ran out of memory (every run failed).
+                    let Ok(mut p) = w.pinned.try_lock() else { return };
+                    if let Some((ps, pl)) = p.take() {
                         w.hm.advise(ps, pl, Advice::Pin(false)).unwrap();
                     }
-                    let l = l.min(64 * PS);
-                    *pinned = Some((s, l));
-                    Advice::Pin(true)
+                    let l = l.min(64 * PS).min((((s >> 21) + 1) << 21) - s);
+                    // Pinned under the lock: another thread's unpin must not run first.
+                    w.hm.advise(s, l, Advice::Pin(true)).unwrap();
+                    *p = Some((s, l));
+                    w.count(6);
+                    return;
                 }
                 _ => {
                     // Pinned memory is never evicted (whole 2 MiB blocks): a pin held while
@@ -699,18 +709,15 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         gen: AtomicU64::new((seed << 32) | 1),
         counts: Default::default(),
         bg: Mutex::new(Vec::new()),
+        pinned: Mutex::new(None),
     });
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let w = Arc::clone(&w);
             let mut rng = Rng(splitmix64(seed ^ ((t + 1) * 0x51_7CC1_B727_220A)));
             std::thread::spawn(move || {
-                let mut pinned = None;
                 for _ in 0..ops {
-                    step(&w, &mut rng, &mut pinned);
-                }
-                if let Some((s, l)) = pinned {
-                    w.hm.advise(s, l, Advice::Pin(false)).unwrap();
+                    step(&w, &mut rng);
                 }
             })
         })
@@ -729,6 +736,9 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
     }
     if let Some(e) = failed {
         std::panic::resume_unwind(e);
+    }
+    if let Some((s, l)) = w.pinned.lock().unwrap().take() {
+        w.hm.advise(s, l, Advice::Pin(false)).unwrap();
     }
     // Every byte, by the CPU, at the end.
     for (i, g) in w.slices.iter().enumerate() {

@@ -153,11 +153,14 @@ fn munmap_of_registered_shared_memory_is_followed() {
     let (seen, k) = load_word(p as u64);
     dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 0xAAAA_AAAA_AAAA_AAAA);
-    assert_eq!(unsafe { libc::munmap(p, len) }, 0);
-    unsafe { libc::close(fd) };
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+    // MAP_FIXED unmaps the old memory (userfaultfd reports the unmap as munmap's) and maps the
+    // new in one call. An munmap followed by a mapping at the same address left the hole free in
+    // between: a thread starting meanwhile (hetmm's or the device's) put its signal stack there,
+    // and the test's mapping failed with EEXIST (1 of about 80 runs).
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
     let q = unsafe { libc::mmap(p, len, rw, flags, -1, 0) };
     assert_eq!(q, p);
+    unsafe { libc::close(fd) };
     unsafe { std::ptr::write_bytes(q.cast::<u8>(), 0x55, len) };
     hm.space().settle().unwrap();
     let (stale, k) = load_word(p as u64);

@@ -85,16 +85,18 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
 }
 
 impl HostError {
-    /// The errno of a revoke that raced the program's unmap or remap of the memory (EAGAIN): the
-    /// CPU may still map the pages at their new addresses, so nothing may be done on the strength
-    /// of it; try again once the change is applied ([`AddressSpace::settle`]).
+    /// The errno of a revoke or write-protect that raced the program's unmap or remap of the
+    /// memory (EAGAIN): the CPU may still map the pages at their new addresses, so nothing may be
+    /// done on the strength of it; try again once the change is applied
+    /// ([`AddressSpace::settle`]).
     ///
     /// [`AddressSpace::settle`]: crate::AddressSpace::settle
     pub const RACED: i32 = 11;
 
-    /// Whether this is a revoke that raced an unmap or remap (see [`HostError::RACED`]).
+    /// Whether this is a revoke or write-protect that raced an unmap or remap (see
+    /// [`HostError::RACED`]).
     pub fn raced(&self) -> bool {
-        self.op == "revoke" && self.errno == Self::RACED
+        matches!(self.op, "revoke" | "protect") && self.errno == Self::RACED
     }
 }
 

@@ -164,9 +164,10 @@ pub(crate) fn revoke_block_cpu(space: &AddressSpace, region: &Region, blk: &mut 
     revoke_cpu(space, region, blk, &idle)
 }
 
-/// `CpuMmu::revoke`, counting the revokes that raced the program's unmap or remap.
-fn cpu_revoke(space: &AddressSpace, region: &Region, ranges: &[VaRange]) -> Result<()> {
-    region.cpu.revoke(ranges).inspect_err(|e| {
+/// The result of a CPU revoke or write-protect, counting those that raced the program's unmap
+/// or remap.
+fn count_raced(space: &AddressSpace, r: std::result::Result<(), crate::cpu::HostError>) -> Result<()> {
+    r.inspect_err(|e| {
         if e.raced() {
             add(&space.stats.revokes_raced, 1);
         }
@@ -181,7 +182,7 @@ fn revoke_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMa
         return Ok(());
     }
     let t = Instant::now();
-    cpu_revoke(space, region, &ranges(blk, &mapped))?;
+    count_raced(space, region.cpu.revoke(&ranges(blk, &mapped)))?;
     add_since(&space.stats.ns_revoke, t);
     for i in mapped.iter() {
         blk.pages[i].cpu = CpuMap::None;
@@ -196,7 +197,7 @@ fn write_protect_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: 
         return Ok(());
     }
     let t = Instant::now();
-    region.cpu.protect(&ranges(blk, &rw), false)?;
+    count_raced(space, region.cpu.protect(&ranges(blk, &rw), false))?;
     add_since(&space.stats.ns_revoke, t);
     for i in rw.iter() {
         blk.pages[i].cpu = CpuMap::Read;
@@ -973,8 +974,8 @@ fn bulk_submit(
     let taking = revoke.len() + wp.len();
     let take_cpu = || -> Result<()> {
         let t = Instant::now();
-        cpu_revoke(space, region, &coalesce(revoke))?;
-        region.cpu.protect(&coalesce(wp), false)?;
+        count_raced(space, region.cpu.revoke(&coalesce(revoke)))?;
+        count_raced(space, region.cpu.protect(&coalesce(wp), false))?;
         add_since(&space.stats.ns_revoke, t);
         Ok(())
     };

@@ -70,8 +70,9 @@ stats! {
     prefetched_pages,
     /// Evict-and-refault or ping-pong events detected.
     thrash_events,
-    /// Revokes of CPU mappings refused because the program unmapped or moved the range while
-    /// they ran (the migration or fault service is tried again once the change is applied).
+    /// Revokes and write-protects of CPU mappings refused because the program unmapped or moved
+    /// the range while they ran (the migration or fault service is tried again once the change
+    /// is applied).
     revokes_raced,
     /// Nanoseconds allocating device memory (eviction included).
     ns_alloc,

@@ -173,7 +173,7 @@ impl Ctx {
     }
 
     /// The reader passes the program's unmap or remap touching `ranges` on to the core.
-    fn note_reshape(&self, ranges: &[VaRange]) {
+    pub(crate) fn note_reshape(&self, ranges: &[VaRange]) {
         let mut log = self.reshape_log.lock();
         // Under the log's lock, so that a reader of the log sees the count and the ranges agree.
         let seq = self.reshapes.fetch_add(1, Ordering::AcqRel) + 1;
@@ -206,6 +206,12 @@ impl Ctx {
         }
         // Every change after `mark` (read since) or after `applied` (not yet applied).
         log.touches(mark.min(applied), ranges)
+    }
+
+    /// Counts every change read so far as applied (what the servicer does as it applies them).
+    #[cfg(test)]
+    pub(crate) fn reshapes_applied_for_test(&self) {
+        self.reshapes_applied.store(self.reshapes.load(Ordering::Acquire), Ordering::Release);
     }
 
     /// The reader finished classifying a batch: drop the zaps it could have held.

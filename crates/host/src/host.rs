@@ -363,10 +363,7 @@ impl HostRegion {
     /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`) the way `how` says; what a
     /// move does not take (small or unfit ranges) is zapped.
     fn revoke_ranges(&self, ranges: &[VaRange], how: Revoke) -> Result<(), HostError> {
-        let mark = self.host.ctx.reshape_mark();
-        raced_check(&self.host.ctx, ranges, mark)?;
-        self.revoke_unchecked(ranges, how, mark)?;
-        raced_check(&self.host.ctx, ranges, mark)
+        reshape_checked(&self.host.ctx, "revoke", ranges, |mark| self.revoke_unchecked(ranges, how, mark))
     }
 
     fn revoke_unchecked(&self, ranges: &[VaRange], how: Revoke, mark: u64) -> Result<(), HostError> {
@@ -407,20 +404,56 @@ impl HostRegion {
     }
 }
 
-/// The end of every revoke: if the program unmapped or moved memory while it ran, the addresses
-/// revoked may no longer have been the view's (see [`Ctx::reshaped_since`]), and the CPU may
-/// still map the pages where they went: the revoke fails with [`HostError::RACED`], so that the
-/// core acts on nothing and tries again once the change is applied. Also run before a revoke
-/// starts, so that it does not zap or move whatever the program may already have mapped at
-/// addresses it moved away from (that leaves a window of microseconds: an unmap or remap read
-/// between this check and the zap).
-pub(crate) fn raced_check(ctx: &Ctx, ranges: &[VaRange], mark: u64) -> Result<(), HostError> {
-    if !ctx.reshaped_since(mark, ranges) {
-        return Ok(());
+/// Runs `op` (a revoke or write-protect of `ranges`, given the mark it started at), checked
+/// before and after against the program's unmaps and remaps: if the program unmapped or moved
+/// memory of `ranges` while it ran, the addresses acted on may no longer have been the view's
+/// (see [`Ctx::reshaped_since`]), and the CPU may still map the pages where they went, so the
+/// call fails with [`HostError::RACED`]: the core acts on nothing and tries again once the change
+/// is applied. Checked before it starts too, so that it does not zap or move whatever the program
+/// may already have mapped at addresses it moved away from (that leaves a window of
+/// microseconds: an unmap or remap read between this check and the zap).
+pub(crate) fn reshape_checked(
+    ctx: &Ctx,
+    what: &'static str,
+    ranges: &[VaRange],
+    op: impl FnOnce(u64) -> Result<(), HostError>,
+) -> Result<(), HostError> {
+    let mark = ctx.reshape_mark();
+    if ctx.reshaped_since(mark, ranges) {
+        return Err(raced(what, ranges));
     }
+    let done = op(mark);
+    if ctx.reshaped_since(mark, ranges) || done.as_ref().is_err_and(|e| unmapped_meanwhile(ctx, ranges, mark, e)) {
+        return Err(raced(what, ranges));
+    }
+    done
+}
+
+/// Whether `e`, the error of an operation on `ranges` started at `mark`, says the range is no
+/// longer mapped (ENOMEM from a zap, ENOENT from a write-protect) because the program unmapped
+/// or moved it: the kernel takes the mapping away before it queues the event, so the event may
+/// not have been read yet. Waits for it (at most a second); a range that stays unmapped with no
+/// event is a real error.
+fn unmapped_meanwhile(ctx: &Ctx, ranges: &[VaRange], mark: u64, e: &HostError) -> bool {
+    if e.errno != libc::ENOMEM && e.errno != libc::ENOENT {
+        return false;
+    }
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(1) {
+        if ctx.reshaped_since(mark, ranges) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    false
+}
+
+/// The error of `what` (a revoke or write-protect) of `ranges` that raced the program's unmap or
+/// remap.
+fn raced(what: &'static str, ranges: &[VaRange]) -> HostError {
     let start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
     let end = ranges.iter().map(|r| r.end()).max().unwrap_or(start);
-    Err(HostError { op: "revoke", range: VaRange::new(start, end - start), errno: HostError::RACED })
+    HostError { op: what, range: VaRange::new(start, end - start), errno: HostError::RACED }
 }
 
 /// How long a uffd ioctl is retried while it fails with EAGAIN (see [`retry_again`]). Each of
@@ -524,11 +557,12 @@ impl CpuMmu for HostRegion {
     }
 
     fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
-        for &r in ranges {
-            self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
-            retry_again(|| self.host.uffd.writeprotect(r, !writable, true)).map_err(|e| uffd_err("protect", r, e))?;
-        }
-        Ok(())
+        reshape_checked(&self.host.ctx, "protect", ranges, |_| {
+            ranges.iter().try_for_each(|&r| {
+                self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
+                retry_again(|| self.host.uffd.writeprotect(r, !writable, true)).map_err(|e| uffd_err("protect", r, e))
+            })
+        })
     }
 
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
@@ -736,6 +770,43 @@ mod tests {
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::OnceLock;
     use std::time::Instant;
+
+    /// A revoke or write-protect that fails because the range is no longer mapped, whose event
+    /// the reader reads only afterwards (the kernel takes the mapping away before it queues the
+    /// event), raced the program's unmap: it is reported as raced (the core retries, then finds
+    /// the memory gone), not as the raw errno (a `migrate` racing a munmap failed with ENOMEM or
+    /// ENOENT). With no event, the errno stands.
+    #[test]
+    fn a_call_failing_on_memory_unmapped_before_its_event_is_raced() {
+        let Ok(uffd) = crate::uffd::Uffd::open(crate::uffd::Features::REQUIRED, crate::uffd::Features::OPTIONAL) else {
+            return;
+        };
+        let ctx = Ctx::new(Arc::new(uffd));
+        let mine = [VaRange::new(0x10_0000, 4 * PAGE_SIZE)];
+        for (what, errno) in [("revoke", libc::ENOMEM), ("protect", libc::ENOENT)] {
+            let gone = HostError { op: what, range: mine[0], errno };
+            let r = std::thread::scope(|sc| {
+                reshape_checked(&ctx, what, &mine, |_| {
+                    sc.spawn(|| {
+                        std::thread::sleep(Duration::from_millis(20));
+                        ctx.note_reshape(&[VaRange::new(0x10_2000, PAGE_SIZE)]);
+                    });
+                    Err(gone.clone())
+                })
+            });
+            let e = r.unwrap_err();
+            assert!(e.raced(), "{what}: {e:?}");
+            // Applied: the next call starts clean, and with no event its errno stands (after
+            // waiting a second for one: once is enough).
+            ctx.reshapes_applied_for_test();
+            if what == "revoke" {
+                assert_eq!(reshape_checked(&ctx, what, &mine, |_| Err(gone.clone())), Err(gone));
+            }
+            // An error that does not mean "unmapped" is not waited on.
+            let other = HostError { op: what, range: mine[0], errno: libc::EINVAL };
+            assert_eq!(reshape_checked(&ctx, what, &mine, |_| Err(other.clone())), Err(other));
+        }
+    }
 
     #[test]
     fn large_revokes_split_evenly_and_cover_every_byte() {

@@ -173,13 +173,12 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        let mark = self.mirror.ctx.reshape_mark();
-        crate::host::raced_check(&self.mirror.ctx, ranges, mark)?;
-        for &r in ranges {
-            self.check("revoke", r)?;
-            self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))?;
-        }
-        crate::host::raced_check(&self.mirror.ctx, ranges, mark)
+        crate::host::reshape_checked(&self.mirror.ctx, "revoke", ranges, |_| {
+            ranges.iter().try_for_each(|&r| {
+                self.check("revoke", r)?;
+                self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))
+            })
+        })
     }
 
     fn populate(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -205,12 +204,13 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        for &r in ranges {
-            self.check("protect", r)?;
-            retry_again(|| self.mirror.ctx.uffd.writeprotect(r, !writable, true))
-                .map_err(|e| uffd_err("protect", r, e))?;
-        }
-        Ok(())
+        crate::host::reshape_checked(&self.mirror.ctx, "protect", ranges, |_| {
+            ranges.iter().try_for_each(|&r| {
+                self.check("protect", r)?;
+                retry_again(|| self.mirror.ctx.uffd.writeprotect(r, !writable, true))
+                    .map_err(|e| uffd_err("protect", r, e))
+            })
+        })
     }
 
     fn wake(&self, range: VaRange) -> Result<(), HostError> {

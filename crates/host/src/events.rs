@@ -190,13 +190,8 @@ impl Ctx {
     /// takes nothing of ours. Changes elsewhere do not count: a program unmapping unrelated
     /// memory in a loop must not make every migration fail as raced.
     pub(crate) fn reshaped_since(&self, mark: u64, ranges: &[VaRange]) -> bool {
-        let until = self.reads.load(Ordering::Acquire);
-        let t = std::time::Instant::now();
-        while self.classified.load(Ordering::Acquire) < until {
-            if t.elapsed() > std::time::Duration::from_secs(1) {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_micros(20));
+        if !self.wait_classified() {
+            return true;
         }
         let log = self.reshape_log.lock();
         let read = self.reshapes.load(Ordering::Acquire);
@@ -212,6 +207,29 @@ impl Ctx {
     #[cfg(test)]
     pub(crate) fn reshapes_applied_for_test(&self) {
         self.reshapes_applied.store(self.reshapes.load(Ordering::Acquire), Ordering::Release);
+    }
+
+    /// Whether an unmap or remap of the program's memory has been read and not yet applied to
+    /// the core, counting every event a read(2) started by now may hold (waits, at most a
+    /// second, for the reader to classify them; `true` if it does not). The core's regions
+    /// follow the program's layout only once none is.
+    pub(crate) fn reshape_pending(&self) -> bool {
+        !self.wait_classified()
+            || self.reshapes.load(Ordering::Acquire) != self.reshapes_applied.load(Ordering::Acquire)
+    }
+
+    /// Waits (at most a second) until the reader has classified every batch a read(2) started
+    /// by now holds; whether it did.
+    fn wait_classified(&self) -> bool {
+        let until = self.reads.load(Ordering::Acquire);
+        let t = std::time::Instant::now();
+        while self.classified.load(Ordering::Acquire) < until {
+            if t.elapsed() > std::time::Duration::from_secs(1) {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+        true
     }
 
     /// The reader finished classifying a batch: drop the zaps it could have held.

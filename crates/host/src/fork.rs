@@ -40,6 +40,10 @@ pub enum ForkError {
 const WAIT_BASE: Duration = Duration::from_secs(30);
 const WAIT_PER_GIB: Duration = Duration::from_secs(4);
 
+/// How many times a fork is prepared before it goes ahead with changes to the program's layout
+/// still unapplied (see `prepare_all`): each retry flushes device-only data again.
+const PREPARE_TRIES: usize = 4;
+
 /// One address space with the host serving it.
 #[derive(Debug)]
 struct Tracked {
@@ -115,13 +119,35 @@ extern "C" fn prepare() {
 fn prepare_all() {
     let registry = registry();
     let mut guards = Vec::new();
-    let mut hosts = Vec::new();
-    for t in registry.iter() {
-        let Some(space) = t.space.upgrade() else { continue };
-        if let Some(g) = space.fork_prepare() {
-            guards.push(g);
-            hosts.extend(t.host.upgrade());
+    let mut hosts: Vec<Arc<Host>> = Vec::new();
+    for attempt in 1..=PREPARE_TRIES {
+        for t in registry.iter() {
+            let Some(space) = t.space.upgrade() else { continue };
+            if let Some(g) = space.fork_prepare() {
+                guards.push(g);
+                hosts.extend(t.host.upgrade());
+            }
         }
+        // The program may have unmapped or moved memory of ours while the gates were closing or
+        // the flush ran (another thread's munmap returns once the event is read). The core
+        // applies such a change only once its gate opens: its regions would still show the old
+        // layout, and the child would copy old bytes over what the program mapped there since,
+        // or leave moved memory shared with this process. Open the gates to let the changes
+        // apply (`fork_prepare` settles first) and prepare again. A change read after this
+        // check and before the fork itself still races it.
+        if !hosts.iter().any(|h| h.ctx.reshape_pending()) {
+            break;
+        }
+        if attempt == PREPARE_TRIES {
+            log::warn!(
+                "fork: memory kept being unmapped or moved while the fork was prepared; a child may see an old layout"
+            );
+            break;
+        }
+        for g in guards.drain(..) {
+            g.parent();
+        }
+        hosts.clear();
     }
     let bytes: u64 = guards.iter().map(ForkGuard::private_bytes).sum();
     let sync = if guards.is_empty() {

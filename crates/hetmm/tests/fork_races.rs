@@ -1,0 +1,181 @@
+//! `fork()` racing the program's own changes to registered memory: another thread unmaps or
+//! moves it while the fork is being prepared (the prepare handler flushing device-only data).
+//! Each child says whether the other thread had finished before the fork (a flag in memory it
+//! inherits); only those children count, and each must see the layout the program had then.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hetmm::sim::{SimConfig, SimDevice};
+use hetmm::Hetmm;
+
+const PS: usize = 4096;
+const LEN: usize = 16 * PS;
+/// Device-only data the prepare handler flushes: long enough a window for the other thread.
+const BIG: usize = 256 << 20;
+const OLD: u8 = 0xAA;
+const NEW: u8 = 0x55;
+
+/// Set by each test's other thread once its change is done (read by the child: set there means
+/// the change was made before the fork). One per test: the tests run side by side.
+static UNMAPPED: AtomicBool = AtomicBool::new(false);
+static MOVED: AtomicBool = AtomicBool::new(false);
+
+fn setup() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u8>) {
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let cfg = SimConfig { memory_bytes: 2 * BIG as u64, ..SimConfig::default() };
+    let dev = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+    let mut big = hm.alloc::<u8>(BIG).unwrap();
+    big.as_mut_slice().fill(3);
+    hm.migrate(big.ptr(), BIG as u64, dev.proc()).unwrap();
+    (hm, dev, big)
+}
+
+/// Private anonymous memory filled with `byte`, registered with `hm`.
+fn registered(hm: &Hetmm, byte: u8) -> *mut u8 {
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), byte, LEN) };
+    hm.register(p.cast(), LEN).unwrap();
+    p.cast()
+}
+
+/// Waits (at most 10 s) until `hm` has begun preparing a fork after `before` forks.
+fn wait_for_fork(hm: &Hetmm, before: u64) {
+    let t = Instant::now();
+    while hm.stats().forks == before && t.elapsed() < Duration::from_secs(10) {
+        std::hint::spin_loop();
+    }
+}
+
+/// Forks; the child exits with `check()`'s code (allocation-free). Returns the wait status.
+fn fork_with(check: impl FnOnce() -> i32) -> i32 {
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        let code = check();
+        unsafe { libc::_exit(code) };
+    }
+    common::wait_status(pid)
+}
+
+/// Child exit codes.
+const FINE: i32 = 0;
+const WRONG: i32 = 3;
+const TOO_LATE: i32 = 4;
+
+fn code(status: i32) -> i32 {
+    assert!(libc::WIFEXITED(status), "child status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
+/// The program maps new memory of its own over registered memory (`MAP_FIXED`: the registered
+/// memory is unmapped) while a fork is prepared. A child forked after that must see the new memory there: the
+/// fork's copy of the registered memory must not be put over it.
+#[test]
+fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
+    let (hm, _dev, _big) = setup();
+    let mut conclusive = 0;
+    for round in 0..6 {
+        let p = registered(&hm, OLD);
+        let addr = p as usize;
+        UNMAPPED.store(false, Ordering::SeqCst);
+        let before = hm.stats().forks;
+        let status = std::thread::scope(|s| {
+            let hm = &hm;
+            s.spawn(move || {
+                wait_for_fork(hm, before);
+                // In one step (the kernel unmaps the old memory, and the reader is told, as for
+                // a munmap): nothing else in the process can take the hole meanwhile.
+                let p = addr as *mut libc::c_void;
+                let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+                let q = unsafe { libc::mmap(p, LEN, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+                assert_eq!(q, p, "mmap: {}", std::io::Error::last_os_error());
+                unsafe { std::ptr::write_bytes(q.cast::<u8>(), NEW, LEN) };
+                UNMAPPED.store(true, Ordering::SeqCst);
+            });
+            fork_with(|| {
+                if !UNMAPPED.load(Ordering::SeqCst) {
+                    return TOO_LATE;
+                }
+                let v = unsafe { std::slice::from_raw_parts(addr as *const u8, LEN) };
+                if v.iter().all(|&b| b == NEW) {
+                    FINE
+                } else {
+                    WRONG
+                }
+            })
+        });
+        let c = code(status);
+        assert_ne!(c, WRONG, "round {round}: the child found the unmapped registered bytes over its new memory");
+        conclusive += usize::from(c == FINE);
+        let v = unsafe { std::slice::from_raw_parts(addr as *const u8, LEN) };
+        assert!(v.iter().all(|&b| b == NEW), "round {round}: the parent's new memory changed");
+        unsafe { libc::munmap(addr as *mut _, LEN) };
+    }
+    assert!(conclusive > 0, "no fork came after the unmap: the test proved nothing");
+}
+
+/// The program moves registered memory elsewhere (`mremap`) while a fork is prepared. A child
+/// forked after that must have a private copy at the new address: its writes there must not
+/// reach the parent.
+#[test]
+fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
+    let (hm, _dev, _big) = setup();
+    let mut conclusive = 0;
+    for round in 0..6 {
+        let p = registered(&hm, OLD);
+        let addr = p as usize;
+        // Where the memory moves: a placeholder the move replaces.
+        let to = unsafe {
+            libc::mmap(std::ptr::null_mut(), LEN, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(to, libc::MAP_FAILED);
+        let to = to as usize;
+        MOVED.store(false, Ordering::SeqCst);
+        let before = hm.stats().forks;
+        let status = std::thread::scope(|s| {
+            let hm = &hm;
+            s.spawn(move || {
+                wait_for_fork(hm, before);
+                let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+                let q = unsafe { libc::mremap(addr as *mut _, LEN, LEN, flags, to as *mut libc::c_void) };
+                assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
+                MOVED.store(true, Ordering::SeqCst);
+            });
+            fork_with(|| {
+                if !MOVED.load(Ordering::SeqCst) {
+                    return TOO_LATE;
+                }
+                let v = unsafe { std::slice::from_raw_parts_mut(to as *mut u8, LEN) };
+                if !v.iter().all(|&b| b == OLD) {
+                    return WRONG;
+                }
+                v.fill(NEW);
+                FINE
+            })
+        });
+        let c = code(status);
+        assert_ne!(c, WRONG, "round {round}: the child did not find the moved bytes");
+        conclusive += usize::from(c == FINE);
+        // The parent's memory at the new address is untouched by the child.
+        hm.space().settle().unwrap();
+        let v = unsafe { std::slice::from_raw_parts(to as *const u8, LEN) };
+        assert!(v.iter().all(|&b| b == OLD), "round {round}: the child's writes reached the parent");
+        hm.unregister(to as *const u8, LEN).unwrap();
+        unsafe { libc::munmap(to as *mut _, LEN) };
+    }
+    assert!(conclusive > 0, "no fork came after the move: the test proved nothing");
+}

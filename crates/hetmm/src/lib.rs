@@ -230,6 +230,10 @@ impl Hetmm {
             return Err(Error::Allocated { range: VaRange::new(start, end - start), buffer });
         }
         self.space.settle()?;
+        // From the core's release of the memory until the host has given it back, it is still
+        // the manager's shared mapping: a fork in between would leave the child sharing it with
+        // this process (as in `register`).
+        let _no_fork = self.space.hold_forks()?;
         // The CPU sides of regions released whole hold the host's record of the registration
         // (it keeps only weak references): keep them until the host has given the memory back.
         let released = self.space.release_range(start, end.saturating_sub(start))?;

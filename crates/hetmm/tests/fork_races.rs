@@ -179,3 +179,61 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
     }
     assert!(conclusive > 0, "no fork came after the move: the test proved nothing");
 }
+
+/// Whether the mapping holding `addr` is `MAP_SHARED` (the `s` of `/proc/self/maps`).
+fn maps_shared(addr: usize) -> Option<bool> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let mut it = line.split_whitespace();
+        let (s, e) = it.next()?.split_once('-')?;
+        let (s, e) = (usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?);
+        (s..e).contains(&addr).then(|| it.next().is_some_and(|p| p.ends_with('s')))
+    })
+}
+
+/// Forks while another thread registers and unregisters private memory in a loop. However the
+/// fork falls, the child's copy of that memory is private: never the manager's shared mapping,
+/// through which the child and the parent would see each other's writes.
+#[test]
+fn a_fork_during_unregister_leaves_the_child_private_memory() {
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let len = 4 << 20;
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), OLD, len) };
+    let addr = p as usize;
+    let stop = AtomicBool::new(false);
+    let (shared, forks) = std::thread::scope(|s| {
+        let (hm, stop) = (&hm, &stop);
+        s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                hm.register(addr as *const u8, len).unwrap();
+                hm.unregister(addr as *const u8, len).unwrap();
+            }
+        });
+        let (mut shared, mut forks) = (0, 0);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(3) {
+            let status = fork_with(|| match maps_shared(addr) {
+                Some(false) => FINE,
+                Some(true) => WRONG,
+                None => TOO_LATE,
+            });
+            shared += usize::from(code(status) == WRONG);
+            forks += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        (shared, forks)
+    });
+    assert_eq!(shared, 0, "{shared} of {forks} children shared the memory with the parent");
+    unsafe { libc::munmap(p, len) };
+}

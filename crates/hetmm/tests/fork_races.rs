@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hetmm::sim::{SimConfig, SimDevice};
-use hetmm::Hetmm;
+use hetmm::{Hetmm, Proc};
 
 const PS: usize = 4096;
 const LEN: usize = 16 * PS;
@@ -20,9 +20,16 @@ const OLD: u8 = 0xAA;
 const NEW: u8 = 0x55;
 
 /// Set by each test's other thread once its change is done (read by the child: set there means
-/// the change was made before the fork). One per test: the tests run side by side.
+/// the change was made before the fork). One per test.
 static UNMAPPED: AtomicBool = AtomicBool::new(false);
 static MOVED: AtomicBool = AtomicBool::new(false);
+
+/// Every fork prepares every address space of the process: the tests take turns, so that each
+/// one's counts of forks and windows are its own.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 fn setup() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u8>) {
     let hm = Hetmm::new().expect("userfaultfd and memfd available");
@@ -86,6 +93,7 @@ fn code(status: i32) -> i32 {
 /// fork's copy of the registered memory must not be put over it.
 #[test]
 fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
+    let _serial = serial();
     let (hm, _dev, _big) = setup();
     let mut conclusive = 0;
     for round in 0..6 {
@@ -133,6 +141,7 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
 /// reach the parent.
 #[test]
 fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
+    let _serial = serial();
     let (hm, _dev, _big) = setup();
     let mut conclusive = 0;
     for round in 0..6 {
@@ -196,6 +205,7 @@ fn maps_shared(addr: usize) -> Option<bool> {
 /// through which the child and the parent would see each other's writes.
 #[test]
 fn a_fork_during_unregister_leaves_the_child_private_memory() {
+    let _serial = serial();
     let hm = Hetmm::new().expect("userfaultfd and memfd available");
     let len = 4 << 20;
     let p = unsafe {
@@ -236,4 +246,32 @@ fn a_fork_during_unregister_leaves_the_child_private_memory() {
     });
     assert_eq!(shared, 0, "{shared} of {forks} children shared the memory with the parent");
     unsafe { libc::munmap(p, len) };
+}
+
+/// Spawning a program (`std::process::Command`) while a device holds private data. The plain
+/// spawn is a `posix_spawn` (a `vfork`-like clone that shares the memory until the exec): no
+/// fork handler runs, so nothing is flushed or copied. A spawn with a `pre_exec` hook is a real
+/// `fork()`: the handlers run and the child copies the memory before its exec (time only), and
+/// the parent's data is untouched either way.
+#[test]
+fn spawning_a_program_forks_hetmm_memory_only_through_fork() {
+    let _serial = serial();
+    use std::os::unix::process::CommandExt;
+    let (hm, dev, big) = setup();
+    let before = hm.stats().forks;
+    let t = Instant::now();
+    assert!(std::process::Command::new("true").status().unwrap().success());
+    let plain = t.elapsed();
+    assert_eq!(hm.stats().forks, before, "a plain spawn ran the fork handlers");
+    let mut cmd = std::process::Command::new("true");
+    // SAFETY: the hook does nothing (allocation-free, async-signal-safe).
+    unsafe { cmd.pre_exec(|| Ok(())) };
+    let t = Instant::now();
+    assert!(cmd.status().unwrap().success());
+    let forked = t.elapsed();
+    assert_eq!(hm.stats().forks, before + 1, "a spawn with pre_exec forks");
+    eprintln!("spawn: {plain:?} plain, {forked:?} through fork() with {} MiB on the device", BIG >> 20);
+    hm.migrate(big.ptr(), BIG as u64, Proc::Cpu).unwrap();
+    assert!(big.as_slice().iter().all(|&b| b == 3));
+    drop(dev);
 }

@@ -225,6 +225,9 @@ impl AddressSpace {
     /// the child that memory shared with the parent instead of a copy of its own. Waits, like
     /// every operation, while a fork is under way. Calls on this thread that take the gate
     /// themselves (register's undo) enter beside the hold without deferring to a waiting fork.
+    ///
+    /// Never `fork()` on the holding thread: the fork waits for every holder, itself included,
+    /// and would wait for ever.
     pub fn hold_forks(&self) -> Result<ForkHold<'_>, CoreError> {
         Ok(ForkHold { _gate: self.enter()? })
     }

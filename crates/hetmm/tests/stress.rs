@@ -189,13 +189,13 @@ struct World {
     rslot: u64,
     rslots: Vec<Mutex<Slot>>,
     gen: AtomicU64,
-    counts: [AtomicU64; 19],
+    counts: [AtomicU64; 18],
     bg: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The range pinned now (`HETMM_STRESS_PIN`).
     pinned: Mutex<Option<(u64, u64)>>,
 }
 
-const NAMES: [&str; 19] = [
+const NAMES: [&str; 18] = [
     "cpu",
     "kwrite",
     "kread",
@@ -214,7 +214,6 @@ const NAMES: [&str; 19] = [
     "runreg",
     "madvise",
     "rmigrate",
-    "rmigrate-host-err",
 ];
 
 impl World {
@@ -488,13 +487,10 @@ fn step(w: &World, rng: &mut Rng) {
             } else {
                 w.hm.advise(s, l, Advice::Prefetch(to)).and_then(|p| Ok(p.wait(WAIT)?))
             };
+            // A host call on memory the program unmapped meanwhile fails, but as a race: the
+            // migration tries again once the unmap is applied and finds the memory gone.
             match r {
                 Ok(()) | Err(hetmm::Error::Core(CoreError::NotShared(_))) => {}
-                // The host's calls on memory the program unmapped meanwhile fail.
-                Err(hetmm::Error::Core(CoreError::Host(e))) if std::env::var_os("HETMM_STRESS_STRICT").is_none() => {
-                    log::info!("unlocked migrate of R: {e}");
-                    w.count(18);
-                }
                 Err(e) => panic!("unlocked migrate of R {s:#x}+{l:#x} to {to:?}: {e}"),
             }
             w.count(17);

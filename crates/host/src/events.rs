@@ -193,14 +193,13 @@ impl Ctx {
         if !self.wait_classified() {
             return true;
         }
-        let log = self.reshape_log.lock();
         let read = self.reshapes.load(Ordering::Acquire);
-        let applied = self.reshapes_applied.load(Ordering::Acquire);
-        if read == mark && read == applied {
+        if read == mark && read == self.reshapes_applied.load(Ordering::Acquire) {
             return false;
         }
+        let log = self.reshape_log.lock();
         // Every change after `mark` (read since) or after `applied` (not yet applied).
-        log.touches(mark.min(applied), ranges)
+        log.touches(mark.min(self.reshapes_applied.load(Ordering::Acquire)), ranges)
     }
 
     /// Counts every change read so far as applied (what the servicer does as it applies them).

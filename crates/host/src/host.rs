@@ -404,7 +404,7 @@ impl HostRegion {
     }
 }
 
-/// Runs `op` (a revoke or write-protect of `ranges`, given the mark it started at), checked
+/// Runs `op` (a revoke of `ranges`, given the mark it started at), checked
 /// before and after against the program's unmaps and remaps: if the program unmapped or moved
 /// memory of `ranges` while it ran, the addresses acted on may no longer have been the view's
 /// (see [`Ctx::reshaped_since`]), and the CPU may still map the pages where they went, so the
@@ -424,6 +424,27 @@ pub(crate) fn reshape_checked(
     }
     let done = op(mark);
     if ctx.reshaped_since(mark, ranges) || done.as_ref().is_err_and(|e| unmapped_meanwhile(ctx, ranges, mark, e)) {
+        return Err(raced(what, ranges));
+    }
+    done
+}
+
+/// Runs `op` (a write-protect of `ranges`), and reports its failure as raced
+/// ([`HostError::RACED`]) when the program unmapped or moved the range meanwhile (see
+/// [`unmapped_meanwhile`]), so that the core tries again once the change is applied. Unlike a
+/// revoke, a write-protect that succeeds is not checked: one that acted on addresses the program
+/// had just moved away leaves the CPU able to write the pages where they went, but the change,
+/// once applied, folds every device copy back into host memory, where those writes are, so
+/// nothing is lost; checking would make every write-protect wait for the reader.
+pub(crate) fn failure_checked(
+    ctx: &Ctx,
+    what: &'static str,
+    ranges: &[VaRange],
+    op: impl FnOnce() -> Result<(), HostError>,
+) -> Result<(), HostError> {
+    let mark = ctx.reshape_mark();
+    let done = op();
+    if done.as_ref().is_err_and(|e| unmapped_meanwhile(ctx, ranges, mark, e)) {
         return Err(raced(what, ranges));
     }
     done
@@ -557,7 +578,7 @@ impl CpuMmu for HostRegion {
     }
 
     fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
-        reshape_checked(&self.host.ctx, "protect", ranges, |_| {
+        failure_checked(&self.host.ctx, "protect", ranges, || {
             ranges.iter().try_for_each(|&r| {
                 self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
                 retry_again(|| self.host.uffd.writeprotect(r, !writable, true)).map_err(|e| uffd_err("protect", r, e))
@@ -783,10 +804,18 @@ mod tests {
         };
         let ctx = Ctx::new(Arc::new(uffd));
         let mine = [VaRange::new(0x10_0000, 4 * PAGE_SIZE)];
+        // A revoke is checked whole, a write-protect only when it fails.
+        let call = |what: &'static str, op: &dyn Fn() -> Result<(), HostError>| {
+            if what == "revoke" {
+                reshape_checked(&ctx, what, &mine, |_| op())
+            } else {
+                failure_checked(&ctx, what, &mine, op)
+            }
+        };
         for (what, errno) in [("revoke", libc::ENOMEM), ("protect", libc::ENOENT)] {
             let gone = HostError { op: what, range: mine[0], errno };
             let r = std::thread::scope(|sc| {
-                reshape_checked(&ctx, what, &mine, |_| {
+                call(what, &|| {
                     sc.spawn(|| {
                         std::thread::sleep(Duration::from_millis(20));
                         ctx.note_reshape(&[VaRange::new(0x10_2000, PAGE_SIZE)]);
@@ -800,11 +829,11 @@ mod tests {
             // waiting a second for one: once is enough).
             ctx.reshapes_applied_for_test();
             if what == "revoke" {
-                assert_eq!(reshape_checked(&ctx, what, &mine, |_| Err(gone.clone())), Err(gone));
+                assert_eq!(call(what, &|| Err(gone.clone())), Err(gone));
             }
             // An error that does not mean "unmapped" is not waited on.
             let other = HostError { op: what, range: mine[0], errno: libc::EINVAL };
-            assert_eq!(reshape_checked(&ctx, what, &mine, |_| Err(other.clone())), Err(other));
+            assert_eq!(call(what, &|| Err(other.clone())), Err(other));
         }
     }
 

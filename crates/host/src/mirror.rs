@@ -204,7 +204,7 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        crate::host::reshape_checked(&self.mirror.ctx, "protect", ranges, |_| {
+        crate::host::failure_checked(&self.mirror.ctx, "protect", ranges, || {
             ranges.iter().try_for_each(|&r| {
                 self.check("protect", r)?;
                 retry_again(|| self.mirror.ctx.uffd.writeprotect(r, !writable, true))

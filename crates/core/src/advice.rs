@@ -28,7 +28,9 @@ pub enum Advice {
     /// Keep a mapping on this device wherever the data lives (remote access instead of
     /// migration), or stop (`false`).
     AccessedBy(DeviceId, bool),
-    /// Never evict the range while pinned (`true`), or allow it again.
+    /// Never evict the range while pinned (`true`), or allow it again. Eviction works on whole
+    /// 2 MiB blocks (the unit of device memory), so a pinned page keeps its whole block on the
+    /// device: pins held on many blocks can leave a small device with nothing to evict.
     Pin(bool),
 }
 

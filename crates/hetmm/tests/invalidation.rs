@@ -50,8 +50,12 @@ fn unmapping_other_registered_memory_does_not_race_migrations() {
         })
     };
     let mut i = 0u64;
-    // At least 200 migrations, and until the other thread has unmapped 200 times.
-    while i < 200 || churns.load(Ordering::Relaxed) < 200 {
+    // At least 200 migrations, and until the other thread has unmapped 200 times; bounded, and
+    // not waiting on a thread that has stopped (its panic is reported by the join below rather
+    // than left as a test that never ends).
+    let t = Instant::now();
+    while (i < 200 || churns.load(Ordering::Relaxed) < 200) && !churn.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(120), "{i} migrations, {churns:?} unmaps in 120 s");
         let to = if i % 2 == 0 {
             // Mapped by the CPU again, so that the migration to the device revokes.
             buf.as_mut_slice().iter_mut().step_by(PS).for_each(|b| *b = 7);

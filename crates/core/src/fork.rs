@@ -299,6 +299,15 @@ impl ForkGuard {
         drop(self);
     }
 
+    /// Releases a prepare that no fork followed, to be prepared again (the host does so when the
+    /// program changed its memory's layout meanwhile): as [`ForkGuard::parent`], and the prepare
+    /// is taken back out of the count of forks (`stats.forks`), which counts each fork once. The
+    /// bytes it flushed stay counted: they were copied.
+    pub fn abandon(self) {
+        self.space.stats.forks.fetch_sub(1, Ordering::Relaxed);
+        drop(self);
+    }
+
     /// In the child, after the fork, on its only thread: the parent's address space becomes
     /// inert here (every operation fails with `ForkedAway`), and each CPU side makes the
     /// child's view of its memory the child's own ([`CpuMmu::fork_child`]). Nothing of the

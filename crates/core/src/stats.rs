@@ -86,7 +86,8 @@ stats! {
     ns_evict,
     /// Nanoseconds servicing CPU faults.
     ns_cpu_fault,
-    /// fork()s prepared (device-only data copied into host memory for the child).
+    /// fork()s prepared (device-only data copied into host memory for the child); a fork
+    /// prepared more than once (see `ForkGuard::abandon`) counts once.
     forks,
     /// Bytes copied device to host so that a fork child sees them (counted in bytes_to_host
     /// too); no page changed state.

@@ -275,3 +275,37 @@ fn spawning_a_program_forks_hetmm_memory_only_through_fork() {
     assert!(big.as_slice().iter().all(|&b| b == 3));
     drop(dev);
 }
+
+/// Forks while another thread registers and unmaps other memory in a loop, so that many
+/// prepares find an unmap read and not yet applied and are done again (see the host's
+/// `prepare_all`). A prepare given up for another is not a fork: the count of forks is the
+/// number of forks made (it counted every prepare: 1690 for 993 forks).
+#[test]
+fn a_prepare_done_again_is_not_counted_as_a_fork() {
+    let _serial = serial();
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let dev =
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 64 << 20, ..SimConfig::default() }).unwrap()).unwrap();
+    // Device-only data, for every prepare to flush.
+    let mut buf = hm.alloc::<u8>(8 << 20).unwrap();
+    buf.as_mut_slice().fill(3);
+    hm.migrate(buf.ptr(), buf.byte_len(), dev.proc()).unwrap();
+    let stop = AtomicBool::new(false);
+    let forks = 100;
+    let before = hm.stats().forks;
+    std::thread::scope(|s| {
+        let (hm, stop) = (&hm, &stop);
+        let churn = s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let p = registered(hm, OLD);
+                assert_eq!(unsafe { libc::munmap(p.cast(), LEN) }, 0);
+            }
+        });
+        for _ in 0..forks {
+            assert_eq!(code(fork_with(|| FINE)), FINE);
+        }
+        stop.store(true, Ordering::Relaxed);
+        churn.join().unwrap();
+    });
+    assert_eq!(hm.stats().forks - before, forks, "forks counted");
+}

@@ -144,8 +144,9 @@ fn prepare_all() {
             );
             break;
         }
+        // Not forks: each is counted again when prepared again.
         for g in guards.drain(..) {
-            g.parent();
+            g.abandon();
         }
         hosts.clear();
     }

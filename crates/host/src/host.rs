@@ -268,9 +268,19 @@ impl HostRegion {
             return Some(moved);
         }
         log::warn!("revoke of {r}: the program moved it away meanwhile; giving back what was taken there");
-        // SAFETY: `moved` came from `move_out_app(r)`; at `r` is what that move left (the
-        // revoke holds the block locks, and the program's own mapping there is what was moved).
-        if let Err(e) = unsafe { SharedMapping::move_back(moved, r) } {
+        // Where the program's memory is registered, the move back raises events: an UNMAP of
+        // `r` (the empty VMA there is replaced), a REMAP from where the entries are and an UNMAP
+        // of that. They are hetmm's own, not the program's: the core must not drop or move the
+        // program's memory for them.
+        let (ctx, at) = (&self.host.ctx, moved.moved());
+        let back = || {
+            // SAFETY: `moved` came from `move_out_app(r)`; at `r` is what that move left (the
+            // revoke holds the block locks, and the program's own mapping there is what was
+            // moved).
+            unsafe { SharedMapping::move_back(moved, r) }
+        };
+        let given = ctx.own_op(Own::Unmap, r, || ctx.own_op(Own::Unmap, at, || ctx.own_op(Own::MoveOut, at, back)));
+        if let Err(e) = given {
             log::error!("giving back memory a revoke took at {r}: {e}");
         }
         None
@@ -925,6 +935,44 @@ mod tests {
 
     fn page(r: &HostRegion, i: u64) -> VaRange {
         VaRange::new(r.app_ptr() as u64 + i * PAGE_SIZE, PAGE_SIZE)
+    }
+
+    /// A revoke that moved out another registered mapping's entries (the program moved the view
+    /// away and moved memory it had registered to the view's address) gives them back without
+    /// the core hearing of it: the move back unmaps the empty VMA the move left there and remaps
+    /// the entries from the reservation, and both events are hetmm's own. (The core was told the
+    /// program had unmapped and moved that memory, and forgot memory still mapped there.)
+    #[test]
+    fn giving_back_foreign_registered_memory_is_not_the_programs_change() {
+        let len = 2 * PAGE_SIZE;
+        let (core, host, region) = setup(len);
+        let app = VaRange::new(region.app_ptr() as u64, len);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let mine = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, rw, anon, -1, 0) };
+        assert_ne!(mine, libc::MAP_FAILED);
+        unsafe { mine.cast::<u8>().write(9) };
+        let _reg = host.register(mine as u64, len).expect("register");
+        let mark = host.ctx.reshape_mark();
+        // The program moves the view away, then its registered memory where the view was.
+        let away = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, libc::PROT_NONE, anon, -1, 0) };
+        let mv = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        assert_eq!(unsafe { libc::mremap(app.start as *mut _, len as usize, len as usize, mv, away) }, away);
+        let at = app.start as *mut libc::c_void;
+        assert_eq!(unsafe { libc::mremap(mine, len as usize, len as usize, mv, at) }, at);
+        // Each move is a REMAP and an UNMAP of where it came from.
+        let t = Instant::now();
+        while core.events.load(Ordering::Relaxed) < 4 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let seen = core.events.load(Ordering::Relaxed);
+        assert_eq!(seen, 4, "the program's two moves");
+        // A revoke of the view's old address, racing them, takes the program's memory.
+        let moved = region.take_entries(app).expect("moved out");
+        assert!(region.keep_if_ours(moved, app, mark).is_none(), "given back");
+        assert_eq!(unsafe { at.cast::<u8>().read() }, 9, "the program's memory is back");
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(core.events.load(Ordering::Relaxed), seen, "the give-back reached the core as the program's");
     }
 
     #[test]

@@ -16,14 +16,22 @@ pub struct ForkPart {
 
 /// An error from the host layer, with the facts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("host {op} on {range} failed: errno {errno}")]
+#[error("host {op} on {range} failed: {}", errno_text(*errno))]
 pub struct HostError {
     /// The operation ("revoke", "map", "populate", ...).
     pub op: &'static str,
     /// The range it was applied to.
     pub range: VaRange,
-    /// The OS error number.
+    /// The OS error number, or [`HostError::RACED`].
     pub errno: i32,
+}
+
+fn errno_text(errno: i32) -> String {
+    if errno == HostError::RACED {
+        "raced the program's munmap or mremap of the range".into()
+    } else {
+        format!("errno {errno}")
+    }
 }
 
 /// CPU page-table and backing operations for one shared region. All ranges are page aligned and
@@ -85,13 +93,14 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
 }
 
 impl HostError {
-    /// The errno of a revoke or write-protect that raced the program's unmap or remap of the
-    /// memory (EAGAIN): the CPU may still map the pages at their new addresses, so nothing may be
+    /// In place of an errno: a revoke or write-protect that raced the program's unmap or remap of
+    /// the memory. The CPU may still map the pages at their new addresses, so nothing may be
     /// done on the strength of it; try again once the change is applied
-    /// ([`AddressSpace::settle`]).
+    /// ([`AddressSpace::settle`]). Negative, so that no OS error (EAGAIN from an ioctl whose
+    /// retries ran out, say) is taken for it.
     ///
     /// [`AddressSpace::settle`]: crate::AddressSpace::settle
-    pub const RACED: i32 = 11;
+    pub const RACED: i32 = -1;
 
     /// Whether this is a revoke or write-protect that raced an unmap or remap (see
     /// [`HostError::RACED`]).
@@ -116,4 +125,22 @@ pub trait CpuFaultHandler: Send + Sync {
     /// while events are pending, device faults on addresses no region covers are retried
     /// rather than cancelled (the region may be arriving at its new address).
     fn event_queued(&self, _queued: bool) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A raced revoke is told apart from any OS error: a write-protect whose EAGAIN retries ran
+    /// out (errno 11) is a failure, not a race to retry (RACED was EAGAIN's number).
+    #[test]
+    fn a_race_is_no_errno() {
+        let range = VaRange::new(0x1000, 0x1000);
+        let raced = HostError { op: "protect", range, errno: HostError::RACED };
+        assert!(raced.raced());
+        assert!(raced.to_string().contains("raced the program's munmap or mremap"), "{raced}");
+        let eagain = HostError { op: "protect", range, errno: 11 };
+        assert!(!eagain.raced());
+        assert!(eagain.to_string().ends_with("errno 11"), "{eagain}");
+    }
 }

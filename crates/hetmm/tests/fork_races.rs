@@ -41,22 +41,20 @@ fn setup() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u8>) {
     (hm, dev, big)
 }
 
+/// `len` bytes of private anonymous memory filled with `byte`.
+fn anon(len: usize, byte: u8) -> *mut u8 {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), byte, len) };
+    p.cast()
+}
+
 /// Private anonymous memory filled with `byte`, registered with `hm`.
 fn registered(hm: &Hetmm, byte: u8) -> *mut u8 {
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    unsafe { std::ptr::write_bytes(p.cast::<u8>(), byte, LEN) };
-    hm.register(p.cast(), LEN).unwrap();
-    p.cast()
+    let p = anon(LEN, byte);
+    hm.register(p, LEN).unwrap();
+    p
 }
 
 /// Waits (at most 10 s) until `hm` has begun preparing a fork after `before` forks.
@@ -208,18 +206,7 @@ fn a_fork_during_unregister_leaves_the_child_private_memory() {
     let _serial = serial();
     let hm = Hetmm::new().expect("userfaultfd and memfd available");
     let len = 4 << 20;
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    unsafe { std::ptr::write_bytes(p.cast::<u8>(), OLD, len) };
+    let p = anon(len, OLD);
     let addr = p as usize;
     let stop = AtomicBool::new(false);
     let (shared, forks) = std::thread::scope(|s| {
@@ -245,7 +232,7 @@ fn a_fork_during_unregister_leaves_the_child_private_memory() {
         (shared, forks)
     });
     assert_eq!(shared, 0, "{shared} of {forks} children shared the memory with the parent");
-    unsafe { libc::munmap(p, len) };
+    unsafe { libc::munmap(p.cast(), len) };
 }
 
 /// Spawning a program (`std::process::Command`) while a device holds private data. The plain

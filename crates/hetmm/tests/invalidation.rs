@@ -498,3 +498,48 @@ fn stress(policy: &str, secs: u64) {
         }
     }
 }
+
+/// `register` of private memory whose last page is a file mapping past the end of its file
+/// (the program gets SIGBUS there too) is refused, and leaves every part as it was: the copy into
+/// the memfd read that page directly and the manager died of SIGBUS.
+#[test]
+fn register_of_a_file_mapping_past_its_end_is_refused_and_changes_nothing() {
+    let (hm, _dev) = setup(16 << 20);
+    let len = 4 * PS;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, 2 * PS) };
+    // Two anonymous pages, then two pages of a file of 100 bytes.
+    let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+    assert!(fd >= 0);
+    let data = [0x22u8; 100];
+    assert_eq!(unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0) }, data.len() as isize);
+    let file = unsafe { p.cast::<u8>().add(2 * PS) };
+    let q = unsafe { libc::mmap(file.cast(), 2 * PS, rw, libc::MAP_PRIVATE | libc::MAP_FIXED, fd, 0) };
+    assert_eq!(q, file.cast());
+    unsafe { libc::close(fd) };
+    let maps = || -> Vec<String> {
+        let (s, e) = (p as u64, p as u64 + len as u64);
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                let (a, b) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
+                u64::from_str_radix(a, 16).unwrap() < e && u64::from_str_radix(b, 16).unwrap() > s
+            })
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let before = maps();
+    assert!(hm.register(p.cast(), len).is_err(), "the last page cannot be read");
+    assert_eq!(maps(), before, "every part still mapped as before");
+    assert!(hm.space().check_span(p as u64, len as u64).is_err(), "not shared");
+    assert_eq!(unsafe { *(p as *const u8) }, 0x11);
+    assert_eq!(unsafe { *file.add(99) }, 0x22);
+    // The readable part alone registers.
+    hm.register(p.cast(), 3 * PS).unwrap();
+    hm.unregister(p.cast(), 3 * PS).unwrap();
+    assert_eq!(unsafe { *file.add(99) }, 0x22);
+    unsafe { libc::munmap(p, len) };
+}

@@ -612,32 +612,80 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
     Ok((memfd, alias))
 }
 
+/// Copies the program's private memory `[range]` (mapped with protection `prot`) to `dst` (the
+/// alias of the memfd that will take it), reading it through `/proc/self/mem`: a page the
+/// program could not read either (a file mapping past the end of its file) is an error here,
+/// where reading it directly would raise SIGBUS in the manager. Memory without `READ` is made
+/// readable for the copy and given its protection back, so an error leaves the range as it was.
+pub(crate) fn copy_private(range: VaRange, prot: hetmm_core::types::Prot, dst: usize) -> Result<(), MappingError> {
+    use std::os::unix::fs::FileExt;
+    check(range)?;
+    let (addr, len) = (range.start as usize, range.len as usize);
+    let readable = prot.contains(hetmm_core::types::Prot::READ);
+    if !readable {
+        // SAFETY: the caller found this range mapped private in /proc/self/maps; making it
+        // readable changes no content and is undone below.
+        unsafe { rustix::mm::mprotect(addr as *mut _, len, rustix::mm::MprotectFlags::READ) }
+            .map_err(os_err("mprotect", range))?;
+    }
+    let copied = (|| {
+        let mem = std::fs::File::open("/proc/self/mem").map_err(|e| MappingError::Os {
+            op: "open /proc/self/mem",
+            range,
+            errno: e.raw_os_error().unwrap_or(0),
+        })?;
+        // SAFETY: `dst..dst+len` is the caller's alias of its memfd (writable, MAP_SHARED, never
+        // uffd-registered), which nothing else reads or writes until the memory is adopted.
+        let out = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
+        let mut done = 0;
+        while done < len {
+            match mem.read_at(&mut out[done..], (addr + done) as u64) {
+                // The kernel stops at the first page it cannot fault in (EIO if that is the
+                // first page asked for, a short read otherwise).
+                Ok(0) => {
+                    let page =
+                        VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
+                    return Err(MappingError::Os {
+                        op: "read /proc/self/mem",
+                        range: page,
+                        errno: Errno::IO.raw_os_error(),
+                    });
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let page =
+                        VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
+                }
+            }
+        }
+        Ok(())
+    })();
+    if !readable {
+        // SAFETY: gives the range back the protection it had before the mprotect above.
+        unsafe { rustix::mm::mprotect(addr as *mut _, len, mprotect_flags(prot)) }
+            .map_err(os_err("mprotect", range))?;
+    }
+    copied
+}
+
 /// Replaces private memory `[range]` of the program with `memfd` (from `offset`), keeping the
-/// data: the bytes are copied into the memfd through `alias` first, then the memfd is mapped
+/// data: the caller has copied the bytes into the memfd ([`copy_private`]); the memfd is mapped
 /// `MAP_SHARED | MAP_FIXED` over the same addresses with protection `prot`.
 ///
-/// The program must not write the range while this runs (such writes may be lost).
+/// The program must not write the range between the copy and this (such writes may be lost).
 pub(crate) fn adopt_private(
     range: VaRange,
     prot: hetmm_core::types::Prot,
     memfd: &OwnedFd,
     offset: u64,
-    alias: usize,
 ) -> Result<(), MappingError> {
     check(range)?;
     let (addr, len) = (range.start as usize, range.len as usize);
-    if !prot.contains(hetmm_core::types::Prot::READ) {
-        // SAFETY: the caller found this range mapped private in /proc/self/maps; making it
-        // readable changes no content and is undone by the mapping that replaces it below.
-        unsafe { rustix::mm::mprotect(addr as *mut _, len, rustix::mm::MprotectFlags::READ) }
-            .map_err(os_err("mprotect", range))?;
-    }
-    // SAFETY: the source is readable program memory (checked in /proc/self/maps, made readable
-    // just above), the destination is our alias at `offset` (inside the memfd, owned by the
-    // caller); they cannot overlap (different mappings).
-    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, (alias + offset as usize) as *mut u8, len) };
     // SAFETY: MAP_FIXED replaces exactly the program's private pages of `range`, whose content
-    // was just copied into the memfd; the program sees the same bytes at the same addresses.
+    // the caller copied into the memfd; the program sees the same bytes at the same addresses.
     unsafe {
         rustix::mm::mmap(addr as *mut _, len, prot_flags(prot), MapFlags::SHARED | MapFlags::FIXED, memfd, offset)
     }

@@ -326,8 +326,13 @@ impl Host {
             segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
+        // Every byte is copied before any part is adopted: a part that cannot be read (a file
+        // mapping past the end of its file) is refused with the whole range still as it was.
         for v in &vm {
-            mapping::adopt_private(v.range, v.prot, fd, v.range.start - range.start, alias)?;
+            mapping::copy_private(v.range, v.prot, alias + (v.range.start - range.start) as usize)?;
+        }
+        for v in &vm {
+            mapping::adopt_private(v.range, v.prot, fd, v.range.start - range.start)?;
         }
         let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
         // From here until the core knows the range, its faults have nowhere to go: they wait.

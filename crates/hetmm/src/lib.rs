@@ -195,7 +195,14 @@ impl Hetmm {
     ///
     /// The program must not write the range while `register` runs (reads wait for it), nor
     /// register one range from two threads at once. Memory already shared is refused
-    /// ([`CoreError::Overlap`]) and left as it is.
+    /// ([`CoreError::Overlap`]) and left as it is, and so is private memory with a page the
+    /// program could not read either (a file mapping past the end of its file).
+    ///
+    /// Private memory becomes a shared mapping of hetmm's own, which does not keep what the
+    /// kernel attached to the old mapping: `mlock`, `MADV_WIPEONFORK`/`MADV_DONTFORK` (a fork
+    /// child gets its own copy of the bytes, see the README on fork) and `MAP_GROWSDOWN` are
+    /// gone, also after [`Hetmm::unregister`]. Telling them apart would mean reading
+    /// `/proc/self/smaps`, which walks the page tables of every mapping of the process.
     pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
         self.space.settle()?;
         let (start, end) = page_span(ptr, len)?;

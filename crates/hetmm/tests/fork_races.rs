@@ -76,6 +76,27 @@ fn fork_with(check: impl FnOnce() -> i32) -> i32 {
     common::wait_status(pid)
 }
 
+/// Forks while another thread makes `change` as soon as `hm` begins preparing the fork. The
+/// child exits with `check()`'s code (allocation-free), or [`TOO_LATE`] if the change had not
+/// finished before the fork (`done`, which this resets, tells it). Returns the wait status.
+fn fork_during(
+    hm: &Hetmm,
+    done: &'static AtomicBool,
+    change: impl FnOnce() + Send,
+    check: impl FnOnce() -> i32,
+) -> i32 {
+    done.store(false, Ordering::SeqCst);
+    let before = hm.stats().forks;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            wait_for_fork(hm, before);
+            change();
+            done.store(true, Ordering::SeqCst);
+        });
+        fork_with(|| if done.load(Ordering::SeqCst) { check() } else { TOO_LATE })
+    })
+}
+
 /// Child exit codes.
 const FINE: i32 = 0;
 const WRONG: i32 = 3;
@@ -97,32 +118,22 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
     for round in 0..6 {
         let p = registered(&hm, OLD);
         let addr = p as usize;
-        UNMAPPED.store(false, Ordering::SeqCst);
-        let before = hm.stats().forks;
-        let status = std::thread::scope(|s| {
-            let hm = &hm;
-            s.spawn(move || {
-                wait_for_fork(hm, before);
-                // In one step (the kernel unmaps the old memory, and the reader is told, as for
-                // a munmap): nothing else in the process can take the hole meanwhile.
-                let p = addr as *mut libc::c_void;
-                let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
-                let q = unsafe { libc::mmap(p, LEN, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
-                assert_eq!(q, p, "mmap: {}", std::io::Error::last_os_error());
-                unsafe { std::ptr::write_bytes(q.cast::<u8>(), NEW, LEN) };
-                UNMAPPED.store(true, Ordering::SeqCst);
-            });
-            fork_with(|| {
-                if !UNMAPPED.load(Ordering::SeqCst) {
-                    return TOO_LATE;
-                }
-                let v = unsafe { std::slice::from_raw_parts(addr as *const u8, LEN) };
-                if v.iter().all(|&b| b == NEW) {
-                    FINE
-                } else {
-                    WRONG
-                }
-            })
+        let map_over = move || {
+            // In one step (the kernel unmaps the old memory, and the reader is told, as for a
+            // munmap): nothing else in the process can take the hole meanwhile.
+            let p = addr as *mut libc::c_void;
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+            let q = unsafe { libc::mmap(p, LEN, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+            assert_eq!(q, p, "mmap: {}", std::io::Error::last_os_error());
+            unsafe { std::ptr::write_bytes(q.cast::<u8>(), NEW, LEN) };
+        };
+        let status = fork_during(&hm, &UNMAPPED, map_over, || {
+            let v = unsafe { std::slice::from_raw_parts(addr as *const u8, LEN) };
+            if v.iter().all(|&b| b == NEW) {
+                FINE
+            } else {
+                WRONG
+            }
         });
         let c = code(status);
         assert_ne!(c, WRONG, "round {round}: the child found the unmapped registered bytes over its new memory");
@@ -151,28 +162,18 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
         };
         assert_ne!(to, libc::MAP_FAILED);
         let to = to as usize;
-        MOVED.store(false, Ordering::SeqCst);
-        let before = hm.stats().forks;
-        let status = std::thread::scope(|s| {
-            let hm = &hm;
-            s.spawn(move || {
-                wait_for_fork(hm, before);
-                let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
-                let q = unsafe { libc::mremap(addr as *mut _, LEN, LEN, flags, to as *mut libc::c_void) };
-                assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
-                MOVED.store(true, Ordering::SeqCst);
-            });
-            fork_with(|| {
-                if !MOVED.load(Ordering::SeqCst) {
-                    return TOO_LATE;
-                }
-                let v = unsafe { std::slice::from_raw_parts_mut(to as *mut u8, LEN) };
-                if !v.iter().all(|&b| b == OLD) {
-                    return WRONG;
-                }
-                v.fill(NEW);
-                FINE
-            })
+        let move_it = move || {
+            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+            let q = unsafe { libc::mremap(addr as *mut _, LEN, LEN, flags, to as *mut libc::c_void) };
+            assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
+        };
+        let status = fork_during(&hm, &MOVED, move_it, || {
+            let v = unsafe { std::slice::from_raw_parts_mut(to as *mut u8, LEN) };
+            if !v.iter().all(|&b| b == OLD) {
+                return WRONG;
+            }
+            v.fill(NEW);
+            FINE
         });
         let c = code(status);
         assert_ne!(c, WRONG, "round {round}: the child did not find the moved bytes");

@@ -108,8 +108,8 @@ fn code(status: i32) -> i32 {
 }
 
 /// The program maps new memory of its own over registered memory (`MAP_FIXED`: the registered
-/// memory is unmapped) while a fork is prepared. A child forked after that must see the new memory there: the
-/// fork's copy of the registered memory must not be put over it.
+/// memory is unmapped) while a fork is prepared. A child forked after that must see the new
+/// memory there: the fork's copy of the registered memory must not be put over it.
 #[test]
 fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
     let _serial = serial();

@@ -639,27 +639,19 @@ pub(crate) fn copy_private(range: VaRange, prot: hetmm_core::types::Prot, dst: u
         let out = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
         let mut done = 0;
         while done < len {
-            match mem.read_at(&mut out[done..], (addr + done) as u64) {
-                // The kernel stops at the first page it cannot fault in (EIO if that is the
-                // first page asked for, a short read otherwise).
-                Ok(0) => {
-                    let page =
-                        VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
-                    return Err(MappingError::Os {
-                        op: "read /proc/self/mem",
-                        range: page,
-                        errno: Errno::IO.raw_os_error(),
-                    });
+            // The kernel stops at the first page it cannot fault in (EIO if that is the first
+            // page asked for, a short read otherwise: the next read gets nothing).
+            let errno = match mem.read_at(&mut out[done..], (addr + done) as u64) {
+                Ok(0) => Errno::IO.raw_os_error(),
+                Ok(n) => {
+                    done += n;
+                    continue;
                 }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let page =
-                        VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
-                    let errno = e.raw_os_error().unwrap_or(0);
-                    return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
-                }
-            }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => e.raw_os_error().unwrap_or(0),
+            };
+            let page = VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
+            return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
         }
         Ok(())
     })();

@@ -373,7 +373,7 @@ impl HostRegion {
     /// Takes the CPU's access to `ranges` away (`CpuMmu::revoke`) the way `how` says; what a
     /// move does not take (small or unfit ranges) is zapped.
     fn revoke_ranges(&self, ranges: &[VaRange], how: Revoke) -> Result<(), HostError> {
-        reshape_checked(&self.host.ctx, "revoke", ranges, |mark| self.revoke_unchecked(ranges, how, mark))
+        reshape_checked(&self.host.ctx, ranges, |mark| self.revoke_unchecked(ranges, how, mark))
     }
 
     fn revoke_unchecked(&self, ranges: &[VaRange], how: Revoke, mark: u64) -> Result<(), HostError> {
@@ -424,17 +424,16 @@ impl HostRegion {
 /// microseconds: an unmap or remap read between this check and the zap).
 pub(crate) fn reshape_checked(
     ctx: &Ctx,
-    what: &'static str,
     ranges: &[VaRange],
     op: impl FnOnce(u64) -> Result<(), HostError>,
 ) -> Result<(), HostError> {
     let mark = ctx.reshape_mark();
     if ctx.reshaped_since(mark, ranges) {
-        return Err(raced(what, ranges));
+        return Err(raced("revoke", ranges));
     }
     let done = op(mark);
     if ctx.reshaped_since(mark, ranges) || done.as_ref().is_err_and(|e| unmapped_meanwhile(ctx, ranges, mark, e)) {
-        return Err(raced(what, ranges));
+        return Err(raced("revoke", ranges));
     }
     done
 }
@@ -817,7 +816,7 @@ mod tests {
         // A revoke is checked whole, a write-protect only when it fails.
         let call = |what: &'static str, op: &dyn Fn() -> Result<(), HostError>| {
             if what == "revoke" {
-                reshape_checked(&ctx, what, &mine, |_| op())
+                reshape_checked(&ctx, &mine, |_| op())
             } else {
                 failure_checked(&ctx, what, &mine, op)
             }

@@ -173,7 +173,7 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        crate::host::reshape_checked(&self.mirror.ctx, "revoke", ranges, |_| {
+        crate::host::reshape_checked(&self.mirror.ctx, ranges, |_| {
             ranges.iter().try_for_each(|&r| {
                 self.check("revoke", r)?;
                 self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))

@@ -738,18 +738,26 @@ impl AddressSpace {
         start: impl Fn(&mut [&mut Block]) -> Result<Option<M>>,
         finish: impl Fn(&mut [&mut Block], M) -> Result<()>,
     ) -> Result<()> {
+        let times = PipeTimes::new(ids.len());
         let done = |(mut guards, m): (Vec<parking_lot::MutexGuard<'_, Block>>, M)| {
+            let t = Instant::now();
             let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
-            finish(&mut blocks, m)
+            let r = finish(&mut blocks, m);
+            PipeTimes::add(&times.finish, t);
+            r
         };
         let mut pending = None;
         for batch in ids.chunks(BULK_BATCH) {
+            let t = Instant::now();
             let mut guards: Vec<_> = batch.iter().map(|&b| region.blocks[b].lock()).collect();
+            PipeTimes::add(&times.lock, t);
             if region.is_freed() {
                 break;
             }
             let mut blocks: Vec<&mut Block> = guards.iter_mut().map(|g| &mut **g).collect();
+            let t = Instant::now();
             let started = start(&mut blocks);
+            PipeTimes::add(&times.start, t);
             drop(blocks);
             // This batch's copies are queued behind the previous one's: finish that one now.
             let prev = pending.take().map_or(Ok(()), done);
@@ -1123,6 +1131,37 @@ impl<'a> ReadAhead<'a> {
 
 /// Longest an explicit migration waits for device memory that another thread is evicting.
 const BUSY_WAIT: Duration = Duration::from_secs(2);
+
+/// Where a pipelined migration's time went, logged (debug) when it ends: locking batches,
+/// starting them (choosing, revoking, submitting) and finishing them (waiting, mapping, recording).
+struct PipeTimes {
+    blocks: usize,
+    lock: std::cell::Cell<Duration>,
+    start: std::cell::Cell<Duration>,
+    finish: std::cell::Cell<Duration>,
+}
+
+impl PipeTimes {
+    fn new(blocks: usize) -> PipeTimes {
+        PipeTimes { blocks, lock: Default::default(), start: Default::default(), finish: Default::default() }
+    }
+
+    fn add(to: &std::cell::Cell<Duration>, since: Instant) {
+        to.set(to.get() + since.elapsed());
+    }
+}
+
+impl Drop for PipeTimes {
+    fn drop(&mut self) {
+        log::debug!(
+            "pipelined {} blocks: locking {:?}, starting {:?}, finishing {:?}",
+            self.blocks,
+            self.lock.get(),
+            self.start.get(),
+            self.finish.get()
+        );
+    }
+}
 
 /// Blocks per batch of an explicit migration's bulk pass (64 MiB): large enough that each
 /// batch's copies keep the copy engines busy while the CPU prepares the next.

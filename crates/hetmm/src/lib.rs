@@ -252,8 +252,13 @@ impl Hetmm {
     /// Changes the protection of shared memory `[start, start + len)` on the CPU and on every
     /// device together. A device write to memory without `WRITE` fails with
     /// [`FaultCancel::Protection`](hetmm_core::device::FaultCancel::Protection).
+    ///
+    /// As with `mprotect(2)`, `start` must be page aligned and `len` is rounded up to a whole
+    /// page, so a buffer's own length ([`SharedBuf::byte_len`]) may be passed.
     pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
         self.space.settle()?;
+        // A length within a page of the top of the address space stays as it is (and is refused).
+        let len = len.checked_next_multiple_of(PAGE_SIZE).unwrap_or(len);
         Ok(self.space.protect_range(start, len, prot)?)
     }
 

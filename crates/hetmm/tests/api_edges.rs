@@ -90,3 +90,27 @@ fn whole_buffer_calls_work_after_protecting_part_of_it() {
     hm.advise(ptr, len, Advice::DontNeed).unwrap();
     assert!(b.as_slice().iter().all(|v| *v == 0), "DontNeed over the whole buffer reads zeros");
 }
+
+/// `protect` takes a length as `mprotect(2)` does, rounded up to a whole page: a buffer's own
+/// byte length, not a page multiple, protects every page of it (it was refused as unaligned).
+/// A start that is not page aligned is still refused.
+#[test]
+fn protect_rounds_a_buffers_length_up_to_whole_pages() {
+    use hetmm::core::types::Prot;
+    let (hm, dev) = setup(16 << 20);
+    let words = (3 << 20) / 8 + 77;
+    let b = hm.alloc::<u64>(words).unwrap();
+    assert_ne!(b.byte_len() % 4096, 0);
+    hm.protect(b.ptr(), b.byte_len(), Prot::READ).unwrap();
+    // The last page, only partly the buffer's, is read-only too: a device write to it fails.
+    let (grid, k) = stream_write(b.ptr(), words, 5);
+    let r = dev.launch(grid, &[Use::write(&b)], k).and_then(|l| l.wait_timeout(Duration::from_secs(60)));
+    assert!(r.is_err(), "a kernel writing read-only memory fails: {r:?}");
+    assert!(b.as_slice().iter().all(|v| *v == 0), "nothing was written");
+    hm.protect(b.ptr(), b.byte_len(), Prot::READ | Prot::WRITE).unwrap();
+    let (grid, k) = stream_write(b.ptr(), words, 5);
+    dev.launch(grid, &[Use::write(&b)], k).unwrap().wait_timeout(Duration::from_secs(60)).unwrap();
+    assert!(b.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 5));
+    let r = hm.protect(b.ptr() + 8, 4096, Prot::READ);
+    assert!(matches!(r, Err(Error::Core(CoreError::Unaligned(_)))), "{r:?}");
+}

@@ -213,7 +213,9 @@ fn cpu_copy(src: &Host, dst: &Host, threads: usize) -> f64 {
                     sc.spawn(move || {
                         // SAFETY: disjoint `per`-byte pieces of two LEN-byte buffers, no copy in
                         // flight on either.
-                        unsafe { std::ptr::copy_nonoverlapping((s + k * per) as *const u8, (d + k * per) as *mut u8, per) };
+                        unsafe {
+                            std::ptr::copy_nonoverlapping((s + k * per) as *const u8, (d + k * per) as *mut u8, per)
+                        };
                     });
                 }
             });
@@ -247,12 +249,21 @@ fn main() {
         let _ = std::fs::write(SHMEM_THP, "advise");
         let _ = std::fs::write(NR_HUGE, "600");
     }
-    println!("{}; THP anon: {}; shmem: {}; nr_hugepages: {}", ctx.name().unwrap_or_default(), read(ANON_THP), read(SHMEM_THP), read(NR_HUGE));
+    println!(
+        "{}; THP anon: {}; shmem: {}; nr_hugepages: {}",
+        ctx.name().unwrap_or_default(),
+        read(ANON_THP),
+        read(SHMEM_THP),
+        read(NR_HUGE)
+    );
     let s = ctx.new_stream().expect("stream");
     let mut dev = 0u64;
     // SAFETY: a valid out-pointer.
     ok(unsafe { sys::cuMemAlloc_v2(&mut dev, LEN) }, "cuMemAlloc");
-    println!("{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}   GB/s", "source", "H2D 1G", "H2D 2M", "H2D 64M", "D2H 1G", "D2H 2M");
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}   GB/s",
+        "source", "H2D 1G", "H2D 2M", "H2D 64M", "D2H 1G", "D2H 2M"
+    );
     let pinned = host("pinned");
     for kind in ["pinned", "memfd", "anon", "anon-thp", "memfd-thp", "hugetlb"] {
         let t = Instant::now();
@@ -276,7 +287,8 @@ fn main() {
                 println!("memfd H2D 64M pieces beside 8-thread zaps of a second view: {g:.2} GB/s ({rounds} rounds of 64 MiB zapped)");
             }
             if let Some(p) = &pinned {
-                let g: Vec<String> = [1, 2, 4, 8, 12].iter().map(|&n| format!("{n} threads {:.1}", cpu_copy(&h, p, n))).collect();
+                let g: Vec<String> =
+                    [1, 2, 4, 8, 12].iter().map(|&n| format!("{n} threads {:.1}", cpu_copy(&h, p, n))).collect();
                 println!("CPU memcpy memfd -> pinned, GB/s: {}", g.join(", "));
             }
         }

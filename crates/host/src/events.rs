@@ -47,6 +47,9 @@ pub(crate) struct Ctx {
     reshape_log: Mutex<Reshapes>,
     /// Those of them the core has applied.
     reshapes_applied: AtomicU64,
+    /// Bytes of moved-out page-table entries freed (zapped a block at a time: see
+    /// `host::release`).
+    pub(crate) reaped: AtomicU64,
     /// Registered memory (followed through unmap and remap).
     pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
     /// Ranges being registered ([`crate::Host::register`]): registered with userfaultfd, not
@@ -125,6 +128,7 @@ impl Ctx {
             reshapes: AtomicU64::new(0),
             reshape_log: Mutex::new(Reshapes::default()),
             reshapes_applied: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
             mirrors: Mutex::new(Vec::new()),
             arriving: Mutex::new(Vec::new()),
         }

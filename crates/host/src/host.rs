@@ -86,6 +86,18 @@ impl Host {
     /// Opens the uffd and starts the fault-handler thread. The handler is held weakly, so the
     /// core can own the host without a cycle; faults arriving after it is gone get SIGBUS.
     pub fn new(handler: Weak<dyn CpuFaultHandler>) -> Result<Arc<Host>, HostInitError> {
+        let revoke = Revoke::from_env();
+        Host::with_revoke(handler, revoke, revoke.wants_reaper(cpus()))
+    }
+
+    /// [`Host::new`] with the way large revokes take entries away, and whether a reaper thread
+    /// frees entries moved out (without one, [`Revoke::IntoAlias`] zaps where the alias has
+    /// entries of its own, and [`Revoke::MoveOut`] frees them on the revoking thread).
+    pub(crate) fn with_revoke(
+        handler: Weak<dyn CpuFaultHandler>,
+        revoke: Revoke,
+        with_reaper: bool,
+    ) -> Result<Arc<Host>, HostInitError> {
         let uffd = Arc::new(Uffd::open(Features::REQUIRED, Features::OPTIONAL)?);
         let ctx = Arc::new(Ctx::new(uffd.clone()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -102,9 +114,8 @@ impl Host {
                 return Err(HostInitError::Spawn(e));
             }
         };
-        let revoke = Revoke::from_env();
         let pagemap = Pagemap::open();
-        let reaper = if revoke == Revoke::MoveOut {
+        let reaper = if with_reaper {
             let (tx, moved) = mpsc::channel();
             let c = ctx.clone();
             match Worker::spawn("hetmm-reaper", move || reap_loop(&c, moved)) {
@@ -311,9 +322,13 @@ impl HostRegion {
         let has_entries = |x: VaRange| self.mapping.alias_of(x).map_or(true, |a| pagemap.any_entry(a));
         for &r in ranges {
             // An alias with entries at the start of a range has them throughout, most likely
-            // (a GPU backend pins it whole): one read decides, not one per block.
+            // (a GPU backend pins it whole): one read decides, not one per block. Nothing can
+            // move into it: the entries move out for the reaper to free, where there is one
+            // (zapping them was half of a GPU migration's time on the H100 machine: 20 ms per
+            // GiB beside the copy's 19.5), else they are zapped.
             if block_pieces(r).next().is_some_and(has_entries) {
-                push_merged(&mut left, r);
+                let rest = if self.host.reaper.is_some() { self.move_out(&[r], mark) } else { vec![r] };
+                rest.into_iter().for_each(|x| push_merged(&mut left, x));
                 continue;
             }
             for (i, piece) in block_pieces(r).enumerate() {
@@ -670,7 +685,9 @@ const INTO_ALIAS_MIN: u64 = 32 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Revoke {
     /// Runs of [`INTO_ALIAS_MIN`] bytes or more moved into the alias where it has no entries
-    /// of its own, the rest zapped: the copy engines read through the moved entries next. As
+    /// of its own, the rest zapped: the copy engines read through the moved entries next.
+    /// Where the alias has entries (a GPU backend pins it whole), such runs move out for the
+    /// reaper to free, on machines of [`REAPER_MIN_CPUS`] or more, and are zapped elsewhere. As
     /// with `MoveOut`, a view the program `mlock`ed loses its lock where its entries move (a
     /// zap would refuse it instead); memory hetmm migrates to devices is not held in RAM by
     /// `mlock` either way.
@@ -683,7 +700,24 @@ pub(crate) enum Revoke {
     MoveOut,
 }
 
+/// CPUs from which the default revoke ([`Revoke::IntoAlias`]) keeps a reaper thread: on fewer
+/// its unmaps would take a CPU the copies and the program need (see [`Revoke::MoveOut`]).
+const REAPER_MIN_CPUS: usize = 8;
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 impl Revoke {
+    /// Whether revokes this way want a reaper thread on a machine of `cpus` CPUs.
+    fn wants_reaper(self, cpus: usize) -> bool {
+        match self {
+            Revoke::MoveOut => true,
+            Revoke::IntoAlias => cpus >= REAPER_MIN_CPUS,
+            Revoke::Zap => false,
+        }
+    }
+
     fn from_env() -> Revoke {
         match std::env::var("HETMM_REVOKE").as_deref() {
             Ok("zap") => Revoke::Zap,
@@ -732,6 +766,19 @@ fn reap_loop(ctx: &Ctx, moved: mpsc::Receiver<MovedOut>) {
 /// other uffd ioctl of the address space fails with EAGAIN and backs off); if that fails, the
 /// unmap's event is marked as the manager's own.
 fn release(ctx: &Ctx, m: MovedOut) {
+    // The entries go first, a block at a time under the mmap lock held for reading. Unmapping
+    // them whole would zap them all while holding the lock (downgraded to reading, but held):
+    // every revoke's `mremap` meanwhile, which needs it for writing, waited for the whole run
+    // (on the H100 machine a bulk migration's start time rose from 8 to 29 ms per GiB, the
+    // revokes themselves taking 4). Unregistering entries also walks them under the lock held
+    // for writing, to clear their write-protection: with none left the walk is short.
+    for piece in block_pieces(m.moved()) {
+        if let Err(e) = ctx.self_zap(piece, || m.zap(piece)) {
+            log::debug!("zapping moved-out entries at {piece}: {e}; the unmap frees them");
+            break;
+        }
+        ctx.reaped.fetch_add(piece.len, Ordering::Relaxed);
+    }
     if let Err(e) = retry_again(|| ctx.uffd.unregister(m.moved())) {
         log::debug!("unregistering moved-out entries at {}: {e}", m.moved());
     }
@@ -747,8 +794,7 @@ const ZAP_PARALLEL_MIN: u64 = 8 << 20;
 /// Threads for a large revoke: half the CPUs (the program and hetmm's other threads keep the
 /// rest), at most 8; 1 on a machine of 2 or 3 CPUs.
 fn zap_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cpus / 2).clamp(1, 8)
+    (cpus() / 2).clamp(1, 8)
 }
 
 /// Splits `ranges` into at most `threads` pieces of about equal bytes (a multiple of 2 MiB each
@@ -1086,6 +1132,57 @@ mod tests {
         drop(region);
         on_thread(move || drop(host));
         assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own moves are not the program's");
+    }
+
+    /// Where the alias has entries of its own (a GPU backend pins it) and the host keeps a
+    /// reaper, the default large revoke moves the view's entries out for the reaper instead of
+    /// zapping them: the view has no entries at once, the reaper frees the moved ones a block at
+    /// a time (their REMOVE events, like the moves, are the manager's own, never the
+    /// program's), the alias keeps its entries, and the next access faults and finds the data.
+    #[test]
+    fn large_revoke_over_an_alias_with_entries_moves_out_for_the_reaper() {
+        let core = Arc::new(TestCore::default());
+        let host =
+            Host::with_revoke(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>, Revoke::IntoAlias, true).unwrap();
+        let region = host.create_region(20 * BLOCK_SIZE).expect("region");
+        core.region.set(Arc::downgrade(&region)).unwrap();
+        let Some(pagemap) = Pagemap::open() else {
+            eprintln!("skipped: /proc/self/pagemap cannot be opened here");
+            return;
+        };
+        let all = VaRange::new(region.app_ptr() as u64, 20 * BLOCK_SIZE);
+        region.populate(&[all]).unwrap();
+        region.map(&[all], true).unwrap();
+        let app = region.app_ptr() as usize;
+        let words = (all.len / 8) as usize;
+        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 3) }));
+        // Every page of the alias gets an entry, as a GPU backend's pinning gives it.
+        let mut b = [0u8; 8];
+        for off in (0..all.len).step_by(PAGE_SIZE as usize) {
+            region.mapping.read_alias(off, &mut b).unwrap();
+            assert_eq!(u64::from_ne_bytes(b), off / 8 * 3);
+        }
+        let alias = region.mapping.alias_of(all).unwrap();
+        let r = VaRange::new(all.start + BLOCK_SIZE, 18 * BLOCK_SIZE);
+        region.revoke_ranges(&[r], Revoke::IntoAlias).unwrap();
+        assert!(!pagemap.any_entry(r), "the view lost its entries");
+        assert!(pagemap.any_entry(region.mapping.alias_of(r).unwrap()), "the alias keeps its own");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while host.ctx.reaped.load(Ordering::Relaxed) < r.len && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(host.ctx.reaped.load(Ordering::Relaxed), r.len, "the reaper freed the moved entries");
+        let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
+        assert_eq!(read(all.start + 8), 3, "before the range, still mapped");
+        assert_eq!(core.faults.load(Ordering::Relaxed), 0);
+        for va in [r.start, r.start + 7 * BLOCK_SIZE + 40, r.end() - 8] {
+            assert_eq!(read(va), (va - all.start) / 8 * 3);
+        }
+        assert_eq!(core.faults.load(Ordering::Relaxed), 3, "each page read in the range faults");
+        assert!(pagemap.any_entry(alias), "the alias still has entries");
+        drop(region);
+        on_thread(move || drop(host));
+        assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own moves and zaps are not the program's");
     }
 
     #[test]

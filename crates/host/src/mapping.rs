@@ -141,6 +141,23 @@ impl MovedOut {
         VaRange::new(self.reservation as u64, self.res_len as u64)
     }
 
+    /// Drops the moved entries of `piece` (inside [`MovedOut::moved`]): `MADV_DONTNEED`, which
+    /// holds the mmap lock for reading only, so a caller that frees a large run a piece at a
+    /// time never holds up the mmap-lock writers (every revoke's `mremap`) for longer than one
+    /// piece. The pages stay in the memfd.
+    pub fn zap(&self, piece: VaRange) -> Result<(), MappingError> {
+        if !piece.is_page_aligned() || piece.len == 0 {
+            return Err(MappingError::Unaligned(piece));
+        }
+        if !self.moved.contains_range(&piece) {
+            return Err(MappingError::OutOfBounds { range: piece, region: self.moved });
+        }
+        // SAFETY: `piece` lies inside the moved mapping, which this value owns and nothing
+        // reads; MADV_DONTNEED of a shared memfd mapping only drops entries.
+        unsafe { rustix::mm::madvise(piece.start as *mut _, piece.len as usize, Advice::LinuxDontNeed) }
+            .map_err(|e| MappingError::Os { op: "madvise(DONTNEED)", range: piece, errno: e.raw_os_error() })
+    }
+
     /// The reservation's start and length, without unmapping it (the caller unmaps what is
     /// still its own).
     fn into_reservation(self) -> (usize, usize) {

@@ -767,6 +767,17 @@ pub(crate) struct BulkMove {
     zero: u64,
 }
 
+impl BulkMove {
+    /// For each of `blocks` (those given to [`bulk_start`]), whether the move takes every page
+    /// of it for the device alone: once committed, nothing is left for the per-block pass.
+    pub(crate) fn whole(&self, blocks: &[&mut Block]) -> Vec<bool> {
+        let mut whole: Vec<bool> =
+            blocks.iter().zip(&self.chosen).map(|(b, sel)| !self.dup && sel.count() == b.npages).collect();
+        whole.resize(blocks.len(), false);
+        whole
+    }
+}
+
 impl Drop for BulkMove {
     /// Only on a path that skipped [`bulk_finish`] (a panic).
     fn drop(&mut self) {
@@ -1166,6 +1177,17 @@ fn coalesce(mut v: Vec<VaRange>) -> Vec<VaRange> {
 pub(crate) struct HomeMove {
     dup: bool,
     per_device: Vec<(Arc<DeviceSlot>, Vec<PageMask>, Option<Copies>)>,
+    /// Per block: every page on a device is there alone (none is also the CPU's), and no
+    /// duplicates stay, so once finished no device holds any of its pages.
+    whole: Vec<bool>,
+}
+
+impl HomeMove {
+    /// Per block given to [`bulk_home_start`]: whether, once finished, the per-block pass has
+    /// nothing left to do there.
+    pub(crate) fn whole(&self) -> &[bool] {
+        &self.whole
+    }
 }
 
 /// A batch of copies in flight.
@@ -1198,7 +1220,11 @@ pub(crate) fn bulk_home_start(
             }
         }
     }
-    let mut mv = HomeMove { dup, per_device: Vec::new() };
+    let whole = blocks
+        .iter()
+        .map(|b| !dup && b.pages.iter().all(|p| !p.resident.has(Proc::Cpu) || p.resident.0 & !1 == 0))
+        .collect();
+    let mut mv = HomeMove { dup, per_device: Vec::new(), whole };
     for d in devs.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);

@@ -855,6 +855,38 @@ fn explicit_migration_in_pipelined_batches_keeps_every_byte() {
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 60 * BLOCK_SIZE, "every device page given back");
 }
 
+/// The per-block pass of an explicit migration skips only blocks the bulk pass finished: blocks
+/// whose pages are duplicated on the CPU and a device (left by read-mostly advice, now off) are
+/// left to it, and it drops the device's copies; the blocks moved whole are not looked at again
+/// and are complete.
+#[test]
+fn migration_home_leaves_no_device_copy_behind() {
+    use crate::advice::Advice;
+    use crate::policy::Policy;
+    let mut w = world_sized(Arc::new(NoPrefetch), 8 * PAGES_PER_BLOCK as u64, Policy::hetmm(), 4 * BLOCK_SIZE);
+    let dev = Proc::Device(w.ids[0]);
+    let s = w.cpu.range.start;
+    for p in (0..4 * PAGES_PER_BLOCK as u64).step_by(5) {
+        w.cpu_access(s + p * PAGE_SIZE, Some((p % 253) as u8 | 1));
+    }
+    // Blocks 0-1 duplicated (CPU and device), blocks 2-3 moved to the device alone.
+    w.space.advise(s, 2 * BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+    w.space.migrate(s, 4 * BLOCK_SIZE, dev).unwrap();
+    w.space.advise(s, 2 * BLOCK_SIZE, Advice::ReadMostly(false)).unwrap();
+    let free = |w: &World| w.space.device_memory(w.ids[0]).unwrap().0;
+    assert!(free(&w) < 8 * BLOCK_SIZE);
+    w.space.migrate(s, 4 * BLOCK_SIZE, Proc::Cpu).unwrap();
+    assert_eq!(free(&w), 8 * BLOCK_SIZE, "no device copy is left");
+    for p in (0..4 * PAGES_PER_BLOCK as u64).step_by(5) {
+        assert_eq!(w.cpu_access(s + p * PAGE_SIZE, None), (p % 253) as u8 | 1, "page {p}");
+    }
+    // Both ways: back to the device, whole, then the device sees a CPU write after coming home.
+    w.space.migrate(s, 4 * BLOCK_SIZE, dev).unwrap();
+    w.space.migrate(s, 4 * BLOCK_SIZE, Proc::Cpu).unwrap();
+    w.cpu_access(s + 3 * BLOCK_SIZE, Some(77));
+    assert_eq!(w.dev_access(0, s + 3 * BLOCK_SIZE, None), Some(77));
+}
+
 /// A victim whose copy home fails keeps its device pages and stays a victim: once copies work
 /// again it can be evicted (it was taken off the queue for good, and every later allocation
 /// failed with OutOfDeviceMemory).

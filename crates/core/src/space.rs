@@ -715,8 +715,7 @@ impl AddressSpace {
                 for b in blocks.iter_mut() {
                     b.touch(slot.id, now);
                 }
-                let done = blocks.iter().zip(whole).filter(|(_, w)| *w).map(|(b, _)| region.block_index(b.base));
-                complete.borrow_mut().extend(done);
+                note_complete(&complete, region, blocks, whole);
                 Ok(())
             },
         )?;
@@ -736,8 +735,7 @@ impl AddressSpace {
             |blocks, mv| {
                 let whole = mv.whole().to_vec();
                 migrate::bulk_home_finish(self, region, blocks, mv)?;
-                let done = blocks.iter().zip(whole).filter(|(_, w)| *w).map(|(b, _)| region.block_index(b.base));
-                complete.borrow_mut().extend(done);
+                note_complete(&complete, region, blocks, whole);
                 Ok(())
             },
         )?;
@@ -1192,6 +1190,13 @@ const BULK_BATCH: usize = 32;
 
 /// Blocks in the first batch of a bulk pass (8 MiB).
 const FIRST_BULK_BATCH: usize = 4;
+
+/// Adds to `complete` the index of each of `blocks` whose `whole` is true (a bulk batch that
+/// left nothing of it to the per-block pass).
+fn note_complete(complete: &std::cell::RefCell<Vec<usize>>, region: &Region, blocks: &[&mut Block], whole: Vec<bool>) {
+    let done = blocks.iter().zip(whole).filter(|(_, w)| *w).map(|(b, _)| region.block_index(b.base));
+    complete.borrow_mut().extend(done);
+}
 
 /// Pages of `blk` inside `range`.
 fn pages_in(blk: &Block, range: &VaRange) -> PageMask {

@@ -961,12 +961,34 @@ mod tests {
     }
 
     fn setup(len: u64) -> (Arc<TestCore>, Arc<Host>, Arc<HostRegion>) {
+        setup_with(len, None)
+    }
+
+    /// [`setup`] with the way large revokes go and whether a reaper runs (`None`: as
+    /// [`Host::new`] decides).
+    fn setup_with(len: u64, revoke: Option<(Revoke, bool)>) -> (Arc<TestCore>, Arc<Host>, Arc<HostRegion>) {
         let core = Arc::new(TestCore::default());
         let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>;
-        let host = Host::new(weak).expect("host");
+        let host = match revoke {
+            None => Host::new(weak),
+            Some((how, reaper)) => Host::with_revoke(weak, how, reaper),
+        };
+        let host = host.expect("host");
         let region = host.create_region(len).expect("region");
         core.region.set(Arc::downgrade(&region)).unwrap();
         (core, host, region)
+    }
+
+    /// Maps all of `region` writable and writes word `i` as `i * k` through the application
+    /// view (from another thread, as the program would); returns the range.
+    fn mapped_and_written(region: &HostRegion, k: u64) -> VaRange {
+        let all = region.range();
+        region.populate(&[all]).unwrap();
+        region.map(&[all], true).unwrap();
+        let app = region.app_ptr() as usize;
+        let words = (all.len / 8) as usize;
+        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * k) }));
+        all
     }
 
     /// Runs `f` on another thread, failing the test instead of hanging if it blocks.
@@ -1043,12 +1065,7 @@ mod tests {
     #[test]
     fn large_revoke_moves_entries_out_unseen() {
         let (core, host, region) = setup(3 * BLOCK_SIZE);
-        let all = VaRange::new(region.app_ptr() as u64, 3 * BLOCK_SIZE);
-        region.populate(&[all]).unwrap();
-        region.map(&[all], true).unwrap();
-        let app = region.app_ptr() as usize;
-        let words = (3 * BLOCK_SIZE / 8) as usize;
-        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 7) }));
+        let all = mapped_and_written(&region, 7);
         assert_eq!(core.faults.load(Ordering::Relaxed), 0);
         // Not 2 MiB-aligned: whole page tables move in the middle, single entries at the ends.
         let r = VaRange::new(all.start + 5 * PAGE_SIZE, 2 * BLOCK_SIZE);
@@ -1082,13 +1099,8 @@ mod tests {
             eprintln!("skipped: /proc/self/pagemap cannot be opened here");
             return;
         };
-        let all = VaRange::new(region.app_ptr() as u64, 24 * BLOCK_SIZE);
+        let all = mapped_and_written(&region, 7);
         let block = |i: u64| VaRange::new(all.start + i * BLOCK_SIZE, BLOCK_SIZE);
-        region.populate(&[all]).unwrap();
-        region.map(&[all], true).unwrap();
-        let app = region.app_ptr() as usize;
-        let words = (all.len / 8) as usize;
-        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 7) }));
         // Block 1's alias gets entries of its own first: it is zapped, and so is the piece of
         // block 0 before it (a run under INTO_ALIAS_MIN). Blocks 2-22 move; the page of block
         // 23 is a piece under MOVE_OUT_MIN, zapped.
@@ -1141,21 +1153,12 @@ mod tests {
     /// program's), the alias keeps its entries, and the next access faults and finds the data.
     #[test]
     fn large_revoke_over_an_alias_with_entries_moves_out_for_the_reaper() {
-        let core = Arc::new(TestCore::default());
-        let host =
-            Host::with_revoke(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>, Revoke::IntoAlias, true).unwrap();
-        let region = host.create_region(20 * BLOCK_SIZE).expect("region");
-        core.region.set(Arc::downgrade(&region)).unwrap();
+        let (core, host, region) = setup_with(20 * BLOCK_SIZE, Some((Revoke::IntoAlias, true)));
         let Some(pagemap) = Pagemap::open() else {
             eprintln!("skipped: /proc/self/pagemap cannot be opened here");
             return;
         };
-        let all = VaRange::new(region.app_ptr() as u64, 20 * BLOCK_SIZE);
-        region.populate(&[all]).unwrap();
-        region.map(&[all], true).unwrap();
-        let app = region.app_ptr() as usize;
-        let words = (all.len / 8) as usize;
-        on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * 3) }));
+        let all = mapped_and_written(&region, 3);
         // Every page of the alias gets an entry, as a GPU backend's pinning gives it.
         let mut b = [0u8; 8];
         for off in (0..all.len).step_by(PAGE_SIZE as usize) {

@@ -34,7 +34,9 @@ use hetmm_core::error::CoreError;
 use hetmm_core::snapshot::SnapEntry;
 use hetmm_core::stats::StatsSnapshot;
 use hetmm_core::types::{align_down, align_up, DeviceId, Prot, VaRange, PAGE_SIZE};
-use hetmm_host::Host;
+use hetmm_host::fork::ForkError;
+use hetmm_host::probe::ProbeError;
+use hetmm_host::{Host, HostInitError, RegionError};
 use hetmm_sim::{Grid, SimDevice};
 
 pub use memory::SharedBuf;
@@ -45,9 +47,18 @@ pub enum Error {
     /// The core refused or failed an operation.
     #[error(transparent)]
     Core(#[from] CoreError),
-    /// The CPU side (userfaultfd, memfd) could not be set up.
+    /// The CPU side (userfaultfd, its threads) could not be set up.
     #[error("host: {0}")]
-    Host(String),
+    HostInit(#[from] HostInitError),
+    /// Host memory could not be created, registered or given back (the facts are inside).
+    #[error("host memory: {0}")]
+    Region(#[from] RegionError),
+    /// The fork handlers could not be installed.
+    #[error(transparent)]
+    Fork(#[from] ForkError),
+    /// A measurement of the host's limits (`hetmm bench`) failed.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     /// A device reported an error (a kernel fault, a timeout).
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -112,8 +123,8 @@ impl Hetmm {
     pub fn with_config(config: CoreConfig) -> Result<Self> {
         let space = AddressSpace::new(config);
         let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>;
-        let host = Host::new(weak).map_err(|e| Error::Host(e.to_string()))?;
-        hetmm_host::fork::track(&space, &host).map_err(|e| Error::Host(e.to_string()))?;
+        let host = Host::new(weak)?;
+        hetmm_host::fork::track(&space, &host)?;
         Ok(Hetmm { space, host, allocs: memory::Allocs::default() })
     }
 
@@ -155,7 +166,7 @@ impl Hetmm {
             return Err(Error::EmptyAlloc);
         }
         let len = (bytes as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let region = Host::create_region(&self.host, len).map_err(|e| Error::Host(e.to_string()))?;
+        let region = Host::create_region(&self.host, len)?;
         SharedBuf::new(Arc::clone(&self.space), region, count, &self.allocs)
     }
 
@@ -196,7 +207,10 @@ impl Hetmm {
     /// The program must not write the range while `register` runs (reads wait for it), nor
     /// register one range from two threads at once. Memory already shared is refused
     /// ([`CoreError::Overlap`]) and left as it is, and so is private memory with a page the
-    /// program could not read either (a file mapping past the end of its file).
+    /// program could not read either (a file mapping past the end of its file). So is a range
+    /// with a hole, one mixing private and shared mappings, and shared memory over more than one
+    /// mapping ([`RegionError::NotMapped`], [`RegionError::MixedSharing`],
+    /// [`RegionError::SharedSpansMappings`]).
     ///
     /// Private memory becomes a shared mapping of hetmm's own, which does not keep what the
     /// kernel attached to the old mapping: `mlock`, `MADV_WIPEONFORK`/`MADV_DONTFORK` (a fork
@@ -212,7 +226,7 @@ impl Hetmm {
         // From the host's adoption of the memory until the core knows it, a fork would leave the
         // child sharing it with this process.
         let _no_fork = self.space.hold_forks()?;
-        let reg = self.host.register(ptr as u64, len as u64).map_err(|e| Error::Host(e.to_string()))?;
+        let reg = self.host.register(ptr as u64, len as u64)?;
         for (k, &(part, prot)) in reg.parts.iter().enumerate() {
             if let Err(e) = self.space.add_registered(Arc::clone(&reg.cpu), part, prot, reg.remote) {
                 // Undo only what this call did: its own parts, then its adoption or mirror.
@@ -244,7 +258,7 @@ impl Hetmm {
         // The CPU sides of regions released whole hold the host's record of the registration
         // (it keeps only weak references): keep them until the host has given the memory back.
         let released = self.space.release_range(start, end.saturating_sub(start))?;
-        let r = self.host.unregister(start, end - start).map_err(|e| Error::Host(e.to_string()));
+        let r = self.host.unregister(start, end - start).map_err(Error::from);
         drop(released);
         r
     }

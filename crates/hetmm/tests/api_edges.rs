@@ -114,3 +114,75 @@ fn protect_rounds_a_buffers_length_up_to_whole_pages() {
     let r = hm.protect(b.ptr() + 8, 4096, Prot::READ);
     assert!(matches!(r, Err(Error::Core(CoreError::Unaligned(_)))), "{r:?}");
 }
+
+/// What becomes of page `i` of a [`patchwork`]: unmapped (`Some(0)`), mapped again with these
+/// `mmap` flags, or left (`None`).
+type Patch = fn(usize) -> Option<libc::c_int>;
+
+/// Maps `pages` pages of private anonymous memory, then replaces each page `i` for which
+/// `replace(i)` is `Some(flags)` with a fresh mapping of those flags (so each is a mapping of
+/// its own), and writes `i + 1` into the first byte of every page still mapped.
+fn patchwork(pages: usize, replace: Patch) -> *mut u8 {
+    const PG: usize = 4096;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh private anonymous mapping the kernel places; checked below.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), pages * PG, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    let p = p.cast::<u8>();
+    for i in 0..pages {
+        match replace(i) {
+            // SAFETY: page `i` of the mapping made above, which nothing else uses.
+            Some(0) => assert_eq!(unsafe { libc::munmap(p.wrapping_add(i * PG).cast(), PG) }, 0),
+            Some(flags) => {
+                // SAFETY: MAP_FIXED over page `i` of the mapping made above, which nothing else uses.
+                let q = unsafe { libc::mmap(p.wrapping_add(i * PG).cast(), PG, rw, flags | libc::MAP_FIXED, -1, 0) };
+                assert_eq!(q, p.wrapping_add(i * PG).cast());
+            }
+            None => {}
+        }
+        if replace(i) != Some(0) {
+            // SAFETY: page `i` is mapped readable and writable.
+            unsafe { *p.wrapping_add(i * PG) = i as u8 + 1 };
+        }
+    }
+    p
+}
+
+/// Checks the bytes `patchwork` wrote, then unmaps the pages.
+fn check_and_unmap(p: *mut u8, pages: usize, mapped: impl Fn(usize) -> bool) {
+    for i in (0..pages).filter(|&i| mapped(i)) {
+        // SAFETY: page `i` is still mapped readable (the refused register left it alone).
+        assert_eq!(unsafe { *p.wrapping_add(i * 4096) }, i as u8 + 1, "page {i} changed");
+    }
+    // SAFETY: the pages `patchwork` mapped (unmapping a hole is harmless).
+    assert_eq!(unsafe { libc::munmap(p.cast(), pages * 4096) }, 0);
+}
+
+/// `register` refuses, with an error that says why, ranges it cannot take whole: a hole, private
+/// and shared memory mixed, and shared memory over two mappings. The memory is left as it was.
+#[test]
+fn register_says_why_it_refuses_a_range() {
+    use hetmm::host::RegionError;
+    let (hm, _dev) = setup(8 << 20);
+    const SHARED: libc::c_int = libc::MAP_SHARED | libc::MAP_ANONYMOUS;
+    let cases: [(&str, Patch); 3] = [
+        ("a hole", |i| (i == 1).then_some(0)),
+        ("private and shared", |i| (i == 2).then_some(SHARED)),
+        ("two shared mappings", |i| Some(if i < 2 { SHARED } else { SHARED | libc::MAP_NORESERVE })),
+    ];
+    for (what, replace) in cases {
+        let p = patchwork(4, replace);
+        let r = hm.register(p, 4 * 4096);
+        match (what, &r) {
+            ("a hole", Err(Error::Region(RegionError::NotMapped(range)))) => assert_eq!(range.len, 4 * 4096),
+            ("private and shared", Err(Error::Region(RegionError::MixedSharing(_)))) => {}
+            ("two shared mappings", Err(Error::Region(RegionError::SharedSpansMappings { mappings, .. }))) => {
+                assert!(*mappings >= 2, "{mappings} mappings")
+            }
+            _ => panic!("{what}: {r:?}"),
+        }
+        let msg = r.unwrap_err().to_string();
+        assert!(!msg.contains("aligned"), "{what}: the message blames alignment: {msg}");
+        check_and_unmap(p, 4, |i| replace(i) != Some(0));
+    }
+}

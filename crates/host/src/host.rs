@@ -48,6 +48,20 @@ pub enum RegionError {
     /// Registering the application view with the uffd failed.
     #[error(transparent)]
     Register(#[from] UffdError),
+    /// Part of the range is not mapped (or `/proc/self/maps` could not be read).
+    #[error("{0} is not entirely mapped: every page of a registered range must be mapped")]
+    NotMapped(VaRange),
+    /// The range mixes private and shared mappings.
+    #[error("{0} mixes private and shared mappings: register them separately")]
+    MixedSharing(VaRange),
+    /// Shared memory over more than one mapping.
+    #[error("shared memory {range} spans {mappings} mappings: register one mapping at a time")]
+    SharedSpansMappings {
+        /// The range asked for, rounded out to pages.
+        range: VaRange,
+        /// How many mappings it spans.
+        mappings: usize,
+    },
 }
 
 /// The CPU side of an address space: one userfaultfd and one thread that reads it and passes

@@ -293,12 +293,12 @@ impl Host {
             .filter(|_| len > 0)
             .ok_or(MappingError::BadLength(len))?;
         let range = VaRange::new(s, e - s);
-        let vm = vmas(range).ok_or(MappingError::OutOfBounds { range, region: range })?;
+        let vm = vmas(range).ok_or(RegionError::NotMapped(range))?;
         let shared = vm.iter().filter(|v| v.shared).count();
         let parts: Vec<(VaRange, Prot)> = vm.iter().map(|v| (v.range, v.prot)).collect();
         if shared == vm.len() {
             if vm.len() != 1 {
-                return Err(MappingError::Unaligned(range).into());
+                return Err(RegionError::SharedSpansMappings { range, mappings: vm.len() });
             }
             let alias = mapping::dup_shared(range)?;
             // Only to be told of munmap/mremap/madvise (see the module notes).
@@ -316,7 +316,7 @@ impl Host {
             return Ok(Registration { range, remote: true, cpu, parts, _arriving: None });
         }
         if shared != 0 {
-            return Err(MappingError::Unaligned(range).into());
+            return Err(RegionError::MixedSharing(range));
         }
         let (memfd, alias) = mapping::memfd_with_alias(range.len)?;
         let mirror = Arc::new(Mirror {
@@ -363,7 +363,7 @@ impl Host {
             for s in segs {
                 let Some(x) = VaRange::new(s.app, s.len).intersect(&range) else { continue };
                 let _ = self.uffd.unregister(x);
-                let vm = vmas(x).ok_or(MappingError::OutOfBounds { range: x, region: range })?;
+                let vm = vmas(x).ok_or(RegionError::NotMapped(x))?;
                 for v in vm {
                     let src = fd_alias + (s.off + (v.range.start - s.app)) as usize;
                     mapping::restore_private(v.range, v.prot, src)?;

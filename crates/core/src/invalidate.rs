@@ -3,7 +3,7 @@
 //! part is removed and its TLB entries invalidated, device memory is freed, and the logical
 //! state follows.
 //!
-//! Regions are reshaped (split, moved, re-protected) under [`AddressSpace::reshape`] held for
+//! Regions are reshaped (split, moved, re-protected) under `AddressSpace::reshape` held for
 //! writing, so no fault service or migration sees a range missing half-way. Reshaping first
 //! brings every device-resident page of the touched regions back to host memory (their data is
 //! never lost: host backing exists for every page with data), drops every device mapping, then

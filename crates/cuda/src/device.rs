@@ -31,11 +31,29 @@ pub struct CudaConfig {
     pub headroom: u64,
     /// Longest wait for kernels in flight before memory they may use is unmapped. Default 600 s.
     pub kernel_timeout: Duration,
+    /// Bytes of a region's host memory pinned per registration (a positive multiple of 2 MiB).
+    /// A copy never spans two registrations and adjacent copies inside one are merged, so larger
+    /// pieces give the copy engines longer copies; a `DontNeed` registers every piece it touches
+    /// again. Default 2 MiB, or `HETMM_CUDA_PIN` (bytes, or with a K, M or G suffix).
+    pub pin_piece: u64,
 }
 
 impl Default for CudaConfig {
     fn default() -> Self {
-        CudaConfig { ordinal: 0, memory_bytes: None, headroom: 1 << 30, kernel_timeout: Duration::from_secs(600) }
+        let pin_piece = match std::env::var("HETMM_CUDA_PIN") {
+            Ok(v) => plan::parse_pin_piece(&v).unwrap_or_else(|| {
+                log::warn!("HETMM_CUDA_PIN={v}: not a positive multiple of 2 MiB; using 2M");
+                CHUNK
+            }),
+            Err(_) => CHUNK,
+        };
+        CudaConfig {
+            ordinal: 0,
+            memory_bytes: None,
+            headroom: 1 << 30,
+            kernel_timeout: Duration::from_secs(600),
+            pin_piece,
+        }
     }
 }
 
@@ -52,6 +70,8 @@ pub struct CudaStats {
     pub bytes_staged: u64,
     /// Copy batches.
     pub copy_batches: u64,
+    /// Copies started (`cuMemcpy*Async` calls, after merging and cutting at registrations).
+    pub copies: u64,
     /// Physical chunks created.
     pub chunks_created: u64,
     /// `cuMemMap` calls on shared regions.
@@ -83,7 +103,7 @@ pub struct CudaStats {
 /// Counters as atomics, read into a [`CudaStats`].
 #[derive(Debug, Default)]
 struct Counters {
-    v: [AtomicU64; 18],
+    v: [AtomicU64; 19],
 }
 
 impl Counters {
@@ -117,6 +137,7 @@ const NS_ACCESS: usize = 14;
 const NS_UNMAP: usize = 15;
 const REUSED: usize = 16;
 const PARKED: usize = 17;
+const COPIES: usize = 18;
 
 /// What the page-table lock guards.
 #[derive(Debug, Default)]
@@ -127,7 +148,8 @@ struct State {
     chunks: Vec<Option<PhysChunk>>,
     pt: PageTable,
     reservations: HashMap<u64, VaReservation>,
-    /// Per region: its host backing address and one registration per block.
+    /// Per region: its host backing address and one registration per piece
+    /// ([`CudaConfig::pin_piece`]).
     pinned: HashMap<u64, (usize, Vec<Option<HostRegistration>>)>,
     host: HostRanges,
 }
@@ -194,6 +216,12 @@ impl CudaDevice {
     /// granularity divides 2 MiB, and sizes the memory hetmm will use. Nothing is allocated
     /// until memory is used.
     pub fn new(cfg: CudaConfig) -> Result<Self, CudaError> {
+        if cfg.pin_piece == 0 || cfg.pin_piece % CHUNK != 0 {
+            return Err(CudaError::Config(format!(
+                "pin_piece is {} bytes; it must be a positive multiple of 2 MiB",
+                cfg.pin_piece
+            )));
+        }
         let gpu = Gpu::open(cfg.ordinal)?;
         let g = gpu.granularity()?;
         if g == 0 || CHUNK % g != 0 {
@@ -225,6 +253,11 @@ impl CudaDevice {
     /// The GPU's name.
     pub fn name(&self) -> &str {
         &self.inner.name
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &CudaConfig {
+        &self.inner.cfg
     }
 
     /// Bytes of device memory hetmm manages on this GPU.
@@ -274,6 +307,7 @@ impl CudaDevice {
             ns_access: c.get(NS_ACCESS),
             ns_unmap: c.get(NS_UNMAP),
             parked: c.get(PARKED),
+            copies: c.get(COPIES),
             maps_reused: c.get(REUSED),
         }
     }
@@ -717,9 +751,11 @@ impl DeviceMmu for CudaDevice {
         let Some(window) = st.window.as_ref() else { return Err(DeviceError::NoPageTable) };
         let w = window.base();
         let (mut used_h2d, mut used_d2h) = (false, false);
-        // Each piece lies in one block's host registration.
-        for op in &plan::split_host_copies(ops) {
+        // Long copies where the core's ops continue each other, each piece inside one host
+        // registration.
+        for op in &st.host.split(&plan::coalesce_copies(ops)) {
             let len = op.len();
+            i.counters.add(COPIES, 1);
             // SAFETY (all arms): physical addresses were checked against the index space and
             // their chunks exist, so `w + pa` is device memory this device owns (the window).
             // Host addresses are the core's: it guarantees they stay valid until the
@@ -801,7 +837,7 @@ impl DeviceMmu for CudaDevice {
         st.reservations.insert(app.start, res);
         let mut regs = Vec::new();
         let mut failed = None;
-        for (off, blen) in plan::host_blocks(app.len) {
+        for (off, blen) in plan::host_pieces(app.len, i.cfg.pin_piece) {
             // SAFETY: `backing` is the manager's alias of the region, mapped for `app.len` bytes
             // until `region_removed` returns (the contract of `DeviceMmu::region_added`); the
             // registrations are dropped there, before the alias is unmapped.
@@ -831,10 +867,10 @@ impl DeviceMmu for CudaDevice {
         for r in ranges {
             let Some(region) = st.pt.region_of(r.start).copied() else { continue };
             let Some((backing, regs)) = st.pinned.get_mut(&region.app.start) else { continue };
-            let first = (r.start - region.app.start) / CHUNK;
-            let last = (r.end().min(region.app.end()) - 1 - region.app.start) / CHUNK;
-            for k in first..=last {
-                let (off, blen) = (k * CHUNK, CHUNK.min(region.app.len - k * CHUNK));
+            let piece = i.cfg.pin_piece;
+            let Some(x) = r.intersect(&region.app) else { continue };
+            for k in plan::pieces_touched(x.start - region.app.start, x.len, piece) {
+                let (off, blen) = (k * piece, piece.min(region.app.len - k * piece));
                 let addr = *backing + off as usize;
                 // The old registration pins the freed pages: drop it, then pin the new ones.
                 regs[k as usize] = None;

@@ -25,11 +25,12 @@
 //!   (duplicates) are unmapped at once: changing a live mapping's access cost more there.
 //! - Copies: `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` on two dedicated streams (one per
 //!   direction, so both copy engines work), from the region's host pages registered
-//!   (`cuMemHostRegister`, through the manager's alias, one registration per 2 MiB block) once
-//!   for the region's life; a block whose host pages are discarded (`Advice::DontNeed` punches
-//!   them out of the file) is registered again, since the old registration pins the freed
-//!   pages. Completions are CUDA events, waited on by polling `cuEventQuery` against a
-//!   deadline.
+//!   (`cuMemHostRegister`, through the manager's alias, one registration per
+//!   `CudaConfig::pin_piece` bytes, 2 MiB by default) once for the region's life; a piece whose
+//!   host pages are discarded (`Advice::DontNeed` punches them out of the file) is registered
+//!   again, since the old registration pins the freed pages. Ops of one batch that continue
+//!   each other on both sides are merged into one copy, cut where a registration ends.
+//!   Completions are CUDA events, waited on by polling `cuEventQuery` against a deadline.
 //! - Faults: a GPU cannot report page faults to user space, so `replayable_faults` is false;
 //!   the facade makes a launch's buffers resident before the kernel starts, and a launch
 //!   refuses to start unless every buffer it names is mapped.

@@ -7,8 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hetmm_core::device::{CopyOp, DeviceError, MapEntry, MapTarget};
-use hetmm_core::types::{align_up, Prot, VaRange, BLOCK_SIZE};
+use hetmm_core::device::{CopyOp, DeviceError, HostAddr, MapEntry, MapTarget, PhysAddr};
+use hetmm_core::types::{align_up, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// The mapping granularity hetmm needs from the driver: one 2 MiB chunk per logical block.
 pub const CHUNK: u64 = BLOCK_SIZE;
@@ -458,9 +458,10 @@ pub fn memory_budget(free: u64, cap: Option<u64>, headroom: u64) -> Result<u64, 
     Ok(bytes)
 }
 
-/// Host ranges registered (pinned) for DMA, one per block of each region (so a block whose
-/// host pages are discarded can be registered again alone): a copy whose host side lies inside
-/// one runs from pinned pages; any other is still correct but staged by the driver.
+/// Host ranges registered (pinned) for DMA, one per piece of each region
+/// ([`crate::CudaConfig::pin_piece`] bytes, so that a piece whose host pages are discarded can be
+/// registered again alone): a copy whose host side lies inside one runs from pinned pages; any
+/// other is still correct but staged by the driver.
 #[derive(Debug, Default)]
 pub struct HostRanges {
     ranges: BTreeMap<u64, (u64, u64)>,
@@ -484,6 +485,43 @@ impl HostRanges {
         before - self.ranges.len()
     }
 
+    /// The end of the registered range holding `addr`, if one does.
+    fn end_of(&self, addr: u64) -> Option<u64> {
+        let (a, (l, _)) = self.ranges.range(..=addr).next_back()?;
+        Some(a + l).filter(|&e| e > addr)
+    }
+
+    /// Cuts host-to-device and device-to-host copies where their host side leaves the
+    /// registered range it starts in, so that each piece runs from one registration. A copy
+    /// starting outside every registration stays whole (the driver stages it anyway). Other
+    /// ops pass unchanged; empty ops are dropped.
+    pub fn split(&self, ops: &[CopyOp]) -> Vec<CopyOp> {
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops.iter().filter(|o| !o.is_empty()) {
+            let (host, dev, len, h2d) = match *op {
+                CopyOp::HostToDevice { src, dst, len } => (src.0 as u64, dst.0, len, true),
+                CopyOp::DeviceToHost { src, dst, len } => (dst.0 as u64, src.0, len, false),
+                other => {
+                    out.push(other);
+                    continue;
+                }
+            };
+            let mut done = 0;
+            while done < len {
+                let h = host + done;
+                let piece = self.end_of(h).map_or(len - done, |e| (e - h).min(len - done));
+                let (ha, pa) = (HostAddr(h as usize), PhysAddr(dev + done));
+                out.push(if h2d {
+                    CopyOp::HostToDevice { src: ha, dst: pa, len: piece }
+                } else {
+                    CopyOp::DeviceToHost { src: pa, dst: ha, len: piece }
+                });
+                done += piece;
+            }
+        }
+        out
+    }
+
     /// Whether `[addr, addr + len)` lies inside one registered range.
     pub fn covers(&self, addr: u64, len: u64) -> bool {
         let Some(end) = addr.checked_add(len) else { return false };
@@ -491,36 +529,61 @@ impl HostRanges {
     }
 }
 
-/// The host blocks of a region: `(offset, len)` of each registration, one per 2 MiB of the
-/// region (the last may be shorter).
-pub fn host_blocks(len: u64) -> Vec<(u64, u64)> {
-    (0..len.div_ceil(CHUNK)).map(|k| (k * CHUNK, CHUNK.min(len - k * CHUNK))).collect()
+/// The host pieces of a region: `(offset, len)` of each registration, one per `piece` bytes of
+/// the region (the last may be shorter).
+pub fn host_pieces(len: u64, piece: u64) -> Vec<(u64, u64)> {
+    let piece = piece.max(PAGE_SIZE);
+    (0..len.div_ceil(piece)).map(|k| (k * piece, piece.min(len - k * piece))).collect()
 }
 
-/// Cuts host-side copies where their host address crosses a 2 MiB boundary, so each piece lies
-/// in one block's registration. Other ops pass unchanged; empty ops are dropped.
-pub fn split_host_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
-    let mut out = Vec::with_capacity(ops.len());
+/// `HETMM_CUDA_PIN`'s value: bytes, or a number with a `K`, `M` or `G` suffix; `None` unless it
+/// is a positive multiple of 2 MiB.
+pub fn parse_pin_piece(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mul) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1 << 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n = num.parse::<u64>().ok()?.checked_mul(mul)?;
+    (n > 0 && n % CHUNK == 0).then_some(n)
+}
+
+/// The pieces `[first, last]` of a region (registrations of `piece` bytes from its start) that
+/// `[off, off + len)` (offsets in the region, `len > 0`) touches.
+pub fn pieces_touched(off: u64, len: u64, piece: u64) -> std::ops::RangeInclusive<u64> {
+    let piece = piece.max(PAGE_SIZE);
+    off / piece..=(off + len.max(1) - 1) / piece
+}
+
+/// Merges each host-to-device (or device-to-host) copy into the one before it when both its
+/// host and its device side continue that one's: the core emits a copy per block or run of
+/// pages, and the copy engines run long copies faster. Other ops pass unchanged and in order;
+/// empty ops are dropped.
+pub fn coalesce_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
+    let follows = |a: u64, len: u64, b: u64| a.checked_add(len) == Some(b);
+    let mut out: Vec<CopyOp> = Vec::with_capacity(ops.len());
     for op in ops.iter().filter(|o| !o.is_empty()) {
-        let (host, dev, len, h2d) = match *op {
-            CopyOp::HostToDevice { src, dst, len } => (src.0 as u64, dst.0, len, true),
-            CopyOp::DeviceToHost { src, dst, len } => (dst.0 as u64, src.0, len, false),
-            other => {
-                out.push(other);
-                continue;
+        let merged = match (out.last_mut(), *op) {
+            (
+                Some(CopyOp::HostToDevice { src, dst, len }),
+                CopyOp::HostToDevice { src: s2, dst: d2, len: l2 },
+            ) if follows(src.0 as u64, *len, s2.0 as u64) && follows(dst.0, *len, d2.0) => {
+                *len += l2;
+                true
             }
+            (
+                Some(CopyOp::DeviceToHost { src, dst, len }),
+                CopyOp::DeviceToHost { src: s2, dst: d2, len: l2 },
+            ) if follows(src.0, *len, s2.0) && follows(dst.0 as u64, *len, d2.0 as u64) => {
+                *len += l2;
+                true
+            }
+            _ => false,
         };
-        let mut done = 0;
-        while done < len {
-            let h = host + done;
-            let piece = (CHUNK - h % CHUNK).min(len - done);
-            let (ha, pa) = (hetmm_core::device::HostAddr(h as usize), hetmm_core::device::PhysAddr(dev + done));
-            out.push(if h2d {
-                CopyOp::HostToDevice { src: ha, dst: pa, len: piece }
-            } else {
-                CopyOp::DeviceToHost { src: pa, dst: ha, len: piece }
-            });
-            done += piece;
+        if !merged {
+            out.push(*op);
         }
     }
     out
@@ -545,8 +608,6 @@ pub fn contiguous_runs(maps: &[ChunkMap]) -> Vec<&[ChunkMap]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hetmm_core::device::{HostAddr, PhysAddr};
-    use hetmm_core::types::PAGE_SIZE;
 
     const A: u64 = 0x7f00_0000_0000;
     const D: u64 = 0x2_0000_0000;
@@ -802,34 +863,106 @@ mod tests {
     }
 
     #[test]
-    fn host_side_copies_split_per_block() {
+    fn pin_pieces_parse_as_multiples_of_2_mib() {
+        assert_eq!(parse_pin_piece("2M"), Some(CHUNK));
+        assert_eq!(parse_pin_piece(" 64m "), Some(64 << 20));
+        assert_eq!(parse_pin_piece("1G"), Some(1 << 30));
+        assert_eq!(parse_pin_piece("4194304"), Some(4 << 20));
+        assert_eq!(parse_pin_piece("2048K"), Some(CHUNK));
+        for bad in ["", "0", "3M", "1K", "M", "-2M", "2MB", "99999999999999999999G", "18014398509481984G"] {
+            assert_eq!(parse_pin_piece(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_pieces_cover_a_region_from_its_start() {
         assert_eq!(
-            host_blocks(2 * CHUNK + 3 * PAGE_SIZE),
+            host_pieces(2 * CHUNK + 3 * PAGE_SIZE, CHUNK),
             vec![(0, CHUNK), (CHUNK, CHUNK), (2 * CHUNK, 3 * PAGE_SIZE)]
         );
-        assert_eq!(host_blocks(CHUNK), vec![(0, CHUNK)]);
-        let h = 0x7000_0000 + CHUNK - PAGE_SIZE;
+        assert_eq!(host_pieces(CHUNK, CHUNK), vec![(0, CHUNK)]);
+        assert_eq!(host_pieces(5 * CHUNK, 4 * CHUNK), vec![(0, 4 * CHUNK), (4 * CHUNK, CHUNK)]);
+        assert_eq!(pieces_touched(0, PAGE_SIZE, 4 * CHUNK), 0..=0);
+        assert_eq!(pieces_touched(4 * CHUNK - PAGE_SIZE, 2 * PAGE_SIZE, 4 * CHUNK), 0..=1);
+        assert_eq!(pieces_touched(3 * CHUNK, 6 * CHUNK, CHUNK), 3..=8);
+    }
+
+    fn h2d(src: u64, dst: u64, len: u64) -> CopyOp {
+        CopyOp::HostToDevice { src: HostAddr(src as usize), dst: PhysAddr(dst), len }
+    }
+
+    fn d2h(src: u64, dst: u64, len: u64) -> CopyOp {
+        CopyOp::DeviceToHost { src: PhysAddr(src), dst: HostAddr(dst as usize), len }
+    }
+
+    #[test]
+    fn copies_that_continue_each_other_on_both_sides_are_merged() {
+        let h = 0x7000_0000;
+        let zero = CopyOp::Zero { dst: PhysAddr(9 * CHUNK), len: PAGE_SIZE };
         let ops = [
-            CopyOp::HostToDevice { src: HostAddr(h as usize), dst: PhysAddr(0), len: CHUNK + 2 * PAGE_SIZE },
-            CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
-            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: 0 },
-            CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: CHUNK },
+            h2d(h, 0, CHUNK),
+            h2d(h + CHUNK, CHUNK, CHUNK),
+            h2d(h + 2 * CHUNK, 0, 0),
+            h2d(h + 2 * CHUNK, 2 * CHUNK, PAGE_SIZE),
+            // The device side jumps: a new copy.
+            h2d(h + 2 * CHUNK + PAGE_SIZE, 5 * CHUNK, PAGE_SIZE),
+            // The host side jumps.
+            h2d(h + 4 * CHUNK, 5 * CHUNK + PAGE_SIZE, PAGE_SIZE),
+            zero,
+            d2h(6 * CHUNK, h, CHUNK),
+            d2h(7 * CHUNK, h + CHUNK, CHUNK),
+            // Continues the device-to-host copy's addresses, but the other way.
+            h2d(h + 2 * CHUNK, 8 * CHUNK, CHUNK),
         ];
-        let out = split_host_copies(&ops);
+        let out = coalesce_copies(&ops);
         assert_eq!(
             out,
             vec![
-                CopyOp::HostToDevice { src: HostAddr(h as usize), dst: PhysAddr(0), len: PAGE_SIZE },
-                CopyOp::HostToDevice { src: HostAddr((h + PAGE_SIZE) as usize), dst: PhysAddr(PAGE_SIZE), len: CHUNK },
-                CopyOp::HostToDevice {
-                    src: HostAddr((h + PAGE_SIZE + CHUNK) as usize),
-                    dst: PhysAddr(PAGE_SIZE + CHUNK),
-                    len: PAGE_SIZE
-                },
-                CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
-                CopyOp::DeviceToHost { src: PhysAddr(CHUNK), dst: HostAddr(0x7000_0000), len: CHUNK },
+                h2d(h, 0, 2 * CHUNK + PAGE_SIZE),
+                h2d(h + 2 * CHUNK + PAGE_SIZE, 5 * CHUNK, PAGE_SIZE),
+                h2d(h + 4 * CHUNK, 5 * CHUNK + PAGE_SIZE, PAGE_SIZE),
+                zero,
+                d2h(6 * CHUNK, h, 2 * CHUNK),
+                h2d(h + 2 * CHUNK, 8 * CHUNK, CHUNK),
             ]
         );
+        assert_eq!(out.iter().map(CopyOp::len).sum::<u64>(), ops.iter().map(CopyOp::len).sum::<u64>());
+        // Addresses at the top of the space do not wrap into a merge.
+        let top = [d2h(u64::MAX - PAGE_SIZE + 1, 0, PAGE_SIZE), d2h(0, PAGE_SIZE, PAGE_SIZE)];
+        assert_eq!(coalesce_copies(&top).len(), 2);
+    }
+
+    #[test]
+    fn host_side_copies_split_where_a_registration_ends() {
+        const R: u64 = 0x7000_0000;
+        let mut reg = HostRanges::default();
+        reg.insert(R, R, 4 * CHUNK);
+        reg.insert(R, R + 4 * CHUNK, CHUNK);
+        let ops = [
+            h2d(R + 3 * CHUNK, 0, 2 * CHUNK + PAGE_SIZE),
+            CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
+            d2h(CHUNK, R, 0),
+            d2h(CHUNK, R, 4 * CHUNK),
+            // Outside every registration: whole.
+            d2h(CHUNK, 0x1000_0000, 3 * CHUNK),
+        ];
+        let out = reg.split(&ops);
+        assert_eq!(
+            out,
+            vec![
+                h2d(R + 3 * CHUNK, 0, CHUNK),
+                h2d(R + 4 * CHUNK, CHUNK, CHUNK),
+                h2d(R + 5 * CHUNK, 2 * CHUNK, PAGE_SIZE),
+                CopyOp::Zero { dst: PhysAddr(0), len: PAGE_SIZE },
+                d2h(CHUNK, R, 4 * CHUNK),
+                d2h(CHUNK, 0x1000_0000, 3 * CHUNK),
+            ]
+        );
+        assert!(out.iter().all(|o| match *o {
+            CopyOp::HostToDevice { src, len, .. } => reg.covers(src.0 as u64, len) || src.0 as u64 >= R + 5 * CHUNK,
+            CopyOp::DeviceToHost { dst, len, .. } => reg.covers(dst.0 as u64, len) || (dst.0 as u64) < R,
+            _ => true,
+        }));
         assert_eq!(out.iter().map(CopyOp::len).sum::<u64>(), ops.iter().map(CopyOp::len).sum::<u64>());
     }
 }

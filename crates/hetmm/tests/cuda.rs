@@ -219,3 +219,38 @@ fn gpu_read_only_memory() {
     assert!(s.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 9), "the GPU writes once it may");
     assert_eq!(hm.stats().cpu_fault_errors, 0);
 }
+
+/// Host memory pinned in pieces of several blocks (`CudaConfig::pin_piece`): copies that
+/// continue each other are merged, none is staged, and a `DontNeed` inside a piece registers it
+/// again, so the GPU reads the pages the CPU wrote afterwards, not the freed ones.
+#[test]
+fn gpu_pinned_pieces_merge_copies_and_follow_dont_need() {
+    if hetmm::cuda::skip_reason().is_some() {
+        let _ = gpu(0);
+        return;
+    }
+    let _turn = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let hm = Hetmm::new().unwrap();
+    let cfg = CudaConfig { memory_bytes: Some(64 << 20), pin_piece: 8 << 20, ..CudaConfig::default() };
+    let dev = hm.attach(CudaDevice::new(cfg).expect("open the GPU")).unwrap();
+    let n = (12 << 20) / 4; // a piece and a half
+    let (mut x, mut y) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
+    x.as_mut_slice().fill(1.0);
+    y.as_mut_slice().fill(1.0);
+    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    assert!(y.as_slice().iter().all(|v| *v == 3.0));
+    // 1 MiB in the second piece: dropped, then written by the CPU into fresh host pages.
+    let (lo, hi) = ((9 << 20) / 4, (10 << 20) / 4);
+    hm.advise(y.ptr() + (9 << 20), 1 << 20, hetmm::Advice::DontNeed).unwrap();
+    assert!(y.as_slice()[lo..hi].iter().all(|v| *v == 0.0), "DontNeed reads zeros");
+    y.as_mut_slice()[lo..hi].fill(5.0);
+    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    for (i, v) in y.as_slice().iter().enumerate() {
+        let want = if (lo..hi).contains(&i) { 7.0 } else { 5.0 };
+        assert_eq!(*v, want, "y[{i}]");
+    }
+    let st = dev.driver().stats();
+    eprintln!("{} copies for {} bytes each way in {} batches", st.copies, st.bytes_h2d, st.copy_batches);
+    assert_eq!(st.bytes_staged, 0, "every copy ran from pinned pages");
+    assert!(st.copies > 0);
+}

@@ -108,6 +108,7 @@ fn copy(args: &Args) -> Result<Value, hetmm::Error> {
         "workload": "copy", "device": "cuda", "gpu": name, "bytes": size, "verified": verified,
         "h2d_gbps": h2d, "d2h_gbps": d2h, "raw_h2d_gbps": raw_h2d, "raw_d2h_gbps": raw_d2h,
         "h2d_ratio": h2d / raw_h2d, "d2h_ratio": d2h / raw_d2h, "staged_bytes": st.bytes_staged,
+        "copies": st.copies, "pin_piece": dev.driver().config().pin_piece,
         "up_detail": up_detail, "down_detail": down_detail, "gpu_stats": format!("{st:?}"),
         "summary": format!(
             "copy {}: hetmm migrate H2D {h2d:.2} GB/s = {:.2} of pinned cuMemcpyAsync ({raw_h2d:.2}), \

@@ -566,17 +566,15 @@ pub fn coalesce_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
     let mut out: Vec<CopyOp> = Vec::with_capacity(ops.len());
     for op in ops.iter().filter(|o| !o.is_empty()) {
         let merged = match (out.last_mut(), *op) {
-            (
-                Some(CopyOp::HostToDevice { src, dst, len }),
-                CopyOp::HostToDevice { src: s2, dst: d2, len: l2 },
-            ) if follows(src.0 as u64, *len, s2.0 as u64) && follows(dst.0, *len, d2.0) => {
+            (Some(CopyOp::HostToDevice { src, dst, len }), CopyOp::HostToDevice { src: s2, dst: d2, len: l2 })
+                if follows(src.0 as u64, *len, s2.0 as u64) && follows(dst.0, *len, d2.0) =>
+            {
                 *len += l2;
                 true
             }
-            (
-                Some(CopyOp::DeviceToHost { src, dst, len }),
-                CopyOp::DeviceToHost { src: s2, dst: d2, len: l2 },
-            ) if follows(src.0, *len, s2.0) && follows(dst.0 as u64, *len, d2.0 as u64) => {
+            (Some(CopyOp::DeviceToHost { src, dst, len }), CopyOp::DeviceToHost { src: s2, dst: d2, len: l2 })
+                if follows(src.0, *len, s2.0) && follows(dst.0 as u64, *len, d2.0 as u64) =>
+            {
                 *len += l2;
                 true
             }

@@ -387,13 +387,9 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     };
     let repeat = args.repeat.max(1);
     let memcpy_gbps = probe::memcpy_bandwidth(256 << 20, 5) / 1e9;
-    let rt: Vec<f64> = probe::raw_uffd_round_trip(2000)?
-        .into_iter()
-        .map(|d| d.as_secs_f64() * 1e6)
-        .collect();
-    let backing_gbps = probe::backing_copy_bandwidth(256 << 20, 5, hetmm_sim::dma_copy)
-        .map_err(hetmm::host::RegionError::from)?
-        / 1e9;
+    let rt: Vec<f64> = probe::raw_uffd_round_trip(2000)?.into_iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    let backing_gbps =
+        probe::backing_copy_bandwidth(256 << 20, 5, hetmm_sim::dma_copy).map_err(hetmm::host::RegionError::from)? / 1e9;
     let limits = Limits { memcpy_gbps, backing_gbps, uffd_us: median(rt) };
     if !args.json {
         println!(

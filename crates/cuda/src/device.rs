@@ -34,7 +34,8 @@ pub struct CudaConfig {
     /// Bytes of a region's host memory pinned per registration (a positive multiple of 2 MiB).
     /// A copy never spans two registrations and adjacent copies inside one are merged, so larger
     /// pieces give the copy engines longer copies; a `DontNeed` registers every piece it touches
-    /// again. Default 2 MiB, or `HETMM_CUDA_PIN` (bytes, or with a K, M or G suffix).
+    /// again (once per 2 MiB block it drops: the core reports discards a block at a time).
+    /// Default 2 MiB, or `HETMM_CUDA_PIN` (bytes, or with a K, M or G suffix).
     pub pin_piece: u64,
 }
 
@@ -864,25 +865,29 @@ impl DeviceMmu for CudaDevice {
         let i = &self.inner;
         let mut st = i.state.lock();
         let st = &mut *st;
+        let piece = i.cfg.pin_piece;
+        // Each piece once, however many of the ranges lie in it.
+        let mut touched = std::collections::BTreeSet::new();
         for r in ranges {
             let Some(region) = st.pt.region_of(r.start).copied() else { continue };
-            let Some((backing, regs)) = st.pinned.get_mut(&region.app.start) else { continue };
-            let piece = i.cfg.pin_piece;
             let Some(x) = r.intersect(&region.app) else { continue };
-            for k in plan::pieces_touched(x.start - region.app.start, x.len, piece) {
-                let (off, blen) = (k * piece, piece.min(region.app.len - k * piece));
-                let addr = *backing + off as usize;
-                // The old registration pins the freed pages: drop it, then pin the new ones.
-                regs[k as usize] = None;
-                st.host.remove(addr as u64);
-                // SAFETY: as in `region_added`: the alias stays mapped until `region_removed`.
-                match unsafe { HostRegistration::new(&i.gpu, addr, blen) } {
-                    Ok(h) => {
-                        regs[k as usize] = Some(h);
-                        st.host.insert(region.app.start, addr as u64, blen);
-                    }
-                    Err(e) => log::warn!("cuda: re-registering discarded host pages at {addr:#x}: {e}"),
+            let app = region.app;
+            touched.extend(plan::pieces_touched(x.start - app.start, x.len, piece).map(|k| (app.start, app.len, k)));
+        }
+        for (start, len, k) in touched {
+            let Some((backing, regs)) = st.pinned.get_mut(&start) else { continue };
+            let (off, blen) = (k * piece, piece.min(len - k * piece));
+            let addr = *backing + off as usize;
+            // The old registration pins the freed pages: drop it, then pin the new ones.
+            regs[k as usize] = None;
+            st.host.remove(addr as u64);
+            // SAFETY: as in `region_added`: the alias stays mapped until `region_removed`.
+            match unsafe { HostRegistration::new(&i.gpu, addr, blen) } {
+                Ok(h) => {
+                    regs[k as usize] = Some(h);
+                    st.host.insert(start, addr as u64, blen);
                 }
+                Err(e) => log::warn!("cuda: re-registering discarded host pages at {addr:#x}: {e}"),
             }
         }
     }

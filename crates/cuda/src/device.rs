@@ -35,7 +35,7 @@ pub struct CudaConfig {
     /// A copy never spans two registrations and adjacent copies inside one are merged, so larger
     /// pieces give the copy engines longer copies; a `DontNeed` registers every piece it touches
     /// again (once per 2 MiB block it drops: the core reports discards a block at a time).
-    /// Default 2 MiB, or `HETMM_CUDA_PIN` (bytes, or with a K, M or G suffix).
+    /// Default 2 MiB, or `HETMM_CUDA_PIN` (a size as `--size` takes it: `64M`, `1G`).
     pub pin_piece: u64,
 }
 

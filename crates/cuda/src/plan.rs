@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hetmm_core::device::{CopyOp, DeviceError, HostAddr, MapEntry, MapTarget, PhysAddr};
-use hetmm_core::types::{align_up, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use hetmm_core::types::{align_up, parse_size, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// The mapping granularity hetmm needs from the driver: one 2 MiB chunk per logical block.
 pub const CHUNK: u64 = BLOCK_SIZE;
@@ -536,18 +536,10 @@ pub fn host_pieces(len: u64, piece: u64) -> Vec<(u64, u64)> {
     (0..len.div_ceil(piece)).map(|k| (k * piece, piece.min(len - k * piece))).collect()
 }
 
-/// `HETMM_CUDA_PIN`'s value: bytes, or a number with a `K`, `M` or `G` suffix; `None` unless it
-/// is a positive multiple of 2 MiB.
+/// `HETMM_CUDA_PIN`'s value, a size as `--size` takes it (`64M`, `1G`, bytes); `None` unless
+/// it is a positive multiple of 2 MiB.
 pub fn parse_pin_piece(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, mul) = match s.as_bytes().last()? {
-        b'k' | b'K' => (&s[..s.len() - 1], 1 << 10),
-        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
-        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n = num.parse::<u64>().ok()?.checked_mul(mul)?;
-    (n > 0 && n % CHUNK == 0).then_some(n)
+    parse_size(s).filter(|&n| n > 0 && n % CHUNK == 0)
 }
 
 /// The pieces `[first, last]` of a region (registrations of `piece` bytes from its start) that
@@ -867,7 +859,8 @@ mod tests {
         assert_eq!(parse_pin_piece("1G"), Some(1 << 30));
         assert_eq!(parse_pin_piece("4194304"), Some(4 << 20));
         assert_eq!(parse_pin_piece("2048K"), Some(CHUNK));
-        for bad in ["", "0", "3M", "1K", "M", "-2M", "2MB", "99999999999999999999G", "18014398509481984G"] {
+        assert_eq!(parse_pin_piece("2MiB"), Some(CHUNK));
+        for bad in ["", "0", "3M", "1K", "M", "-2M", "99999999999999999999G", "18014398509481984G"] {
             assert_eq!(parse_pin_piece(bad), None, "{bad:?}");
         }
     }

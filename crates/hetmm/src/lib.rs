@@ -23,6 +23,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 pub use hetmm_core as core;
+pub use hetmm_core::types::parse_size;
 pub use hetmm_core::{types::Access, types::Proc, AddressSpace, Advice, CoreConfig, Pending, Policy};
 pub use hetmm_cuda as cuda;
 pub use hetmm_host as host;
@@ -538,38 +539,7 @@ impl Launch {
     }
 }
 
-/// Parses sizes like `512M`, `1G`, `2GiB`, `4096`.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let mul: u64 = match unit.trim().to_ascii_lowercase().trim_end_matches("ib").trim_end_matches('b') {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        _ => return None,
-    };
-    n.checked_mul(mul)
-}
-
 /// A range for display.
 pub fn range_of<T>(buf: &SharedBuf<T>) -> VaRange {
     VaRange::new(buf.ptr(), buf.byte_len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M"), Some(512 << 20));
-        assert_eq!(parse_size("1GiB"), Some(1 << 30));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("3x"), None);
-        assert_eq!(parse_size("99999999999999999999G"), None);
-    }
 }

@@ -18,7 +18,7 @@ use crate::device::Shared;
 use crate::memory::{host_atomic, host_read, host_write, AtomicOp};
 use crate::pagetable::{Target, Translation};
 use crate::sync::{lock, wait_until};
-use crate::tlb::Tlb;
+use crate::tlb::{Tlb, TlbCounters};
 
 /// How long a stalled warp waits for the replay of its fault (or for space in a full fault
 /// buffer) before its access fails with [`DeviceError::Timeout`].
@@ -209,6 +209,9 @@ pub(crate) fn worker_loop(shared: &Shared, worker: u32, rx: &Receiver<WorkerMsg>
                     }
                 }
             };
+            // The block is done once its remote bytes have crossed the link.
+            let owed = std::mem::take(&mut tlb.lock().counters.link_owed);
+            shared.link.transfer(owed);
             if r.is_err() {
                 ls.failed.store(true, Ordering::Release);
             }
@@ -269,13 +272,14 @@ impl BlockCtx<'_> {
 
     /// Translates `va` for `access` (through the TLB, walking the page table on a miss,
     /// faulting and waiting for replay when the table does not allow it) and runs `f` on the
-    /// translation while holding the TLB, so no invalidation completes during the access.
+    /// translation and the worker's counters while holding the TLB, so no invalidation
+    /// completes during the access.
     #[inline]
     fn with_translation<R>(
         &self,
         va: u64,
         access: Access,
-        mut f: impl FnMut(&Translation) -> Result<R, DeviceError>,
+        mut f: impl FnMut(&Translation, &mut TlbCounters) -> Result<R, DeviceError>,
     ) -> Result<R, DeviceError> {
         let need = access.needs();
         loop {
@@ -305,7 +309,7 @@ impl BlockCtx<'_> {
                     }
                 };
                 if let Some(t) = t {
-                    return f(&t);
+                    return f(&t, &mut tlb.counters);
                 }
             }
             self.shared.faults.raise_and_wait(va, access, self.worker, &self.shared.stopping, FAULT_WAIT_LIMIT)?;
@@ -326,16 +330,26 @@ impl BlockCtx<'_> {
             return Err(DeviceError::BadRange(VaRange::new(va, len as u64)));
         }
         let mut done = 0usize;
-        while done < len {
-            let cur = va + done as u64;
-            let n = self.with_translation(cur, access, |t| {
-                let n = ((t.va + t.size - cur) as usize).min(len - done);
-                f(t.target.offset(cur - t.va), done, n)?;
-                Ok(n)
-            })?;
-            done += n;
-        }
-        Ok(())
+        let mut owed = 0u64;
+        let r = (|| {
+            while done < len {
+                let cur = va + done as u64;
+                let n = self.with_translation(cur, access, |t, c| {
+                    let n = ((t.va + t.size - cur) as usize).min(len - done);
+                    let target = t.target.offset(cur - t.va);
+                    f(target, done, n)?;
+                    if let Target::Host(_) = target {
+                        owed += c.remote(n as u64);
+                    }
+                    Ok(n)
+                })?;
+                done += n;
+            }
+            Ok(())
+        })();
+        // Outside the TLB's lock: the wait must not hold up invalidations.
+        self.shared.link.transfer(owed);
+        r
     }
 
     fn read_bytes(&self, va: u64, out: &mut [u8]) -> Result<(), DeviceError> {
@@ -375,11 +389,17 @@ impl BlockCtx<'_> {
             return Err(misaligned(va, op.size() as usize));
         }
         let mem = &self.shared.mem;
-        self.with_translation(va, Access::Atomic, |t| match t.target.offset(va - t.va) {
+        let mut owed = 0u64;
+        let r = self.with_translation(va, Access::Atomic, |t, c| match t.target.offset(va - t.va) {
             Target::Device(pa) => mem.atomic(pa, op),
-            // SAFETY: as in `read_bytes`.
-            Target::Host(a) => unsafe { host_atomic(a as usize, op) },
-        })
+            Target::Host(a) => {
+                owed += c.remote(op.size());
+                // SAFETY: as in `read_bytes`.
+                unsafe { host_atomic(a as usize, op) }
+            }
+        });
+        self.shared.link.transfer(owed);
+        r
     }
 
     /// Loads a `T` from `va`.

@@ -16,6 +16,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::compute::{new_launch, BlockCtx, Grid, Launch, WorkerMsg};
 use crate::copy::{CopyCounters, EngineMsg};
 use crate::fault::FaultBuffer;
+use crate::link::Link;
 use crate::memory::PhysMem;
 use crate::pagetable::{Census, PageTable, Target, Translation, VA_LIMIT};
 use crate::tlb::{coalesce, Tlb};
@@ -46,6 +47,7 @@ pub(crate) struct Shared {
     pub(crate) stopping: AtomicBool,
     pub(crate) copy: CopyCounters,
     pub(crate) counters: Counters,
+    pub(crate) link: Link,
     copy_tx: Sender<EngineMsg>,
     work_tx: Sender<WorkerMsg>,
 }
@@ -123,6 +125,7 @@ impl SimDevice {
             stopping: AtomicBool::new(false),
             copy: CopyCounters::default(),
             counters: Counters::default(),
+            link: Link::new(cfg.link_gbps),
             copy_tx,
             work_tx,
             cfg,
@@ -212,6 +215,7 @@ impl SimDevice {
             st.tlb_misses += c.misses;
             st.page_walks += c.walks;
             st.tlb_entries_invalidated += c.invalidated;
+            st.remote_bytes += c.remote_bytes;
         }
         let f = s.faults.counters();
         st.faults_raised = f.raised;
@@ -228,6 +232,7 @@ impl SimDevice {
         st.copy_batches = s.copy.batches.load(Ordering::Relaxed);
         st.kernels_launched = s.counters.kernels.load(Ordering::Relaxed);
         st.blocks_run = s.counters.blocks.load(Ordering::Relaxed);
+        st.link_busy_ns = s.link.busy_ns();
         st
     }
 

@@ -45,6 +45,7 @@ mod compute;
 mod copy;
 mod device;
 mod fault;
+mod link;
 mod memory;
 mod pagetable;
 mod sync;
@@ -61,6 +62,9 @@ pub use device::SimDevice;
 pub use memory::dma_copy;
 pub use pagetable::{Census, Target, Translation, VA_BITS};
 pub use tlb::{LARGE_ENTRIES as TLB_LARGE_ENTRIES, SMALL_ENTRIES as TLB_SMALL_ENTRIES};
+
+/// [`SimConfig::link_gbps`] by default.
+pub const DEFAULT_LINK_GBPS: u32 = 8;
 
 /// Most copy engines or compute workers a configuration may ask for.
 pub const MAX_THREADS: usize = 1024;
@@ -107,6 +111,12 @@ pub struct SimConfig {
     /// Populate the device memory when the device is made (as real device memory needs no first
     /// touch); off by default to keep small tests light. Benchmarks turn it on.
     pub prefault: bool,
+    /// Bandwidth in GB/s of the link to host memory that a kernel's accesses to remotely mapped
+    /// host memory cross, on top of the access itself; all warps share it. `None` (or 0): remote
+    /// accesses cost what local ones do. Default 8 GB/s: about what one of this simulator's copy
+    /// engines moves on the development machine, so a byte read remotely costs about what
+    /// migrating it would, as on a GPU whose copy engines and remote accesses share its PCIe link.
+    pub link_gbps: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -118,6 +128,7 @@ impl Default for SimConfig {
             fault_buffer_entries: 4096,
             fault_batch: 256,
             prefault: false,
+            link_gbps: Some(DEFAULT_LINK_GBPS),
         }
     }
 }
@@ -131,8 +142,15 @@ impl SimConfig {
         fault_buffer_entries: usize,
         fault_batch: usize,
     ) -> Result<Self, SimError> {
-        let c =
-            Self { memory_bytes, copy_engines, compute_workers, fault_buffer_entries, fault_batch, prefault: false };
+        let c = Self {
+            memory_bytes,
+            copy_engines,
+            compute_workers,
+            fault_buffer_entries,
+            fault_batch,
+            prefault: false,
+            link_gbps: Some(DEFAULT_LINK_GBPS),
+        };
         c.validate()?;
         Ok(c)
     }
@@ -208,4 +226,8 @@ pub struct SimStats {
     pub kernels_launched: u64,
     /// Blocks run (skipped blocks not counted).
     pub blocks_run: u64,
+    /// Bytes kernels read, wrote or updated atomically in host memory mapped remotely.
+    pub remote_bytes: u64,
+    /// Nanoseconds of link time those accesses were charged ([`SimConfig::link_gbps`]).
+    pub link_busy_ns: u64,
 }

@@ -406,6 +406,61 @@ fn host_aperture_read_and_write() {
     assert_eq!(buf[skip + 11], 34);
 }
 
+/// Accesses to remotely mapped host memory are counted and cross the link (charged at its
+/// bandwidth, after every block); device-memory accesses are neither.
+#[test]
+fn remote_accesses_cross_the_link() {
+    const LEN: usize = 4 << 20;
+    for link in [Some(1), None] {
+        let cfg = SimConfig { memory_bytes: 64 << 20, compute_workers: 2, link_gbps: link, ..SimConfig::default() };
+        let d = SimDevice::new(cfg).unwrap();
+        d.create_page_table().unwrap();
+        let mut buf = vec![0u8; LEN + 4096];
+        let off = buf.as_ptr().align_offset(4096);
+        buf[off..off + LEN].iter_mut().enumerate().for_each(|(i, v)| *v = pattern(i as u64));
+        let host = HostAddr(buf[off..].as_mut_ptr() as usize);
+        let remote = MapEntry { va: BASE, len: LEN as u64, target: MapTarget::Host(host), prot: Prot::RWA };
+        // SAFETY: `buf` stays alive and unmoved until the mapping is removed and invalidated below.
+        unsafe { d.map(&[remote]).unwrap() };
+        map(&d, BASE + MB2 * 4, MB2, 0, Prot::RWA);
+        let ok = Arc::new(AtomicU32::new(0));
+        let ok2 = ok.clone();
+        let t = Instant::now();
+        let l = d
+            .launch(Grid::new(4, 1), move |b| {
+                // Each block reads its MiB of host memory, writes 8 bytes there, and reads and
+                // writes device memory.
+                let mine = BASE + u64::from(b.block_idx()) * (1 << 20);
+                let mut v = vec![0u8; 1 << 20];
+                b.read_slice(mine, &mut v)?;
+                let start = u64::from(b.block_idx()) << 20;
+                if v.iter().enumerate().all(|(i, x)| *x == pattern(start + i as u64)) {
+                    ok2.fetch_add(1, Ordering::Relaxed);
+                }
+                b.store::<u64>(mine, 7)?;
+                b.write_slice(BASE + MB2 * 4, &v[..4096])?;
+                b.read_slice(BASE + MB2 * 4, &mut v[..4096])
+            })
+            .unwrap();
+        l.wait(T).unwrap();
+        let took = t.elapsed();
+        d.unmap(&[VaRange::new(BASE, LEN as u64)]).unwrap();
+        d.invalidate_tlb(&[VaRange::new(BASE, LEN as u64)]);
+        assert_eq!(ok.load(Ordering::Relaxed), 4);
+        assert_eq!(buf[off..off + 8], 7u64.to_ne_bytes());
+        let st = d.stats();
+        assert_eq!(st.remote_bytes, LEN as u64 + 4 * 8, "{link:?}");
+        match link {
+            // 4 MiB and 32 bytes at 1 byte per ns, one after another on the one link.
+            Some(_) => {
+                assert_eq!(st.link_busy_ns, LEN as u64 + 32);
+                assert!(took >= Duration::from_nanos(LEN as u64), "{took:?}");
+            }
+            None => assert_eq!(st.link_busy_ns, 0),
+        }
+    }
+}
+
 #[test]
 fn concurrent_blocks_fault_on_one_page() {
     let d = dev(8);

@@ -43,6 +43,26 @@ pub struct TlbCounters {
     pub walks: u64,
     /// Entries removed by invalidations.
     pub invalidated: u64,
+    /// Bytes accessed in remotely mapped host memory (counted here, under the lock every access
+    /// holds anyway).
+    pub remote_bytes: u64,
+    /// Of those, bytes not yet charged to the link.
+    pub link_owed: u64,
+}
+
+impl TlbCounters {
+    /// Counts a remote access of `n` bytes; returns the bytes to charge to the link now (all
+    /// owed, once a batch has built up), else 0.
+    #[inline]
+    pub fn remote(&mut self, n: u64) -> u64 {
+        self.remote_bytes += n;
+        self.link_owed += n;
+        if self.link_owed >= crate::link::BATCH {
+            std::mem::take(&mut self.link_owed)
+        } else {
+            0
+        }
+    }
 }
 
 /// One worker's TLB.

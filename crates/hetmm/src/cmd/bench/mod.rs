@@ -68,6 +68,10 @@ pub struct Args {
     /// Working set in bytes (e.g. 256M, 1G).
     #[arg(long, value_parser = super::size_arg, default_value = "256M")]
     size: u64,
+    /// Bandwidth (GB/s) of the simulated device's link to host memory, which its remote accesses
+    /// cross; 0: remote accesses cost what local ones do.
+    #[arg(long, default_value_t = hetmm::sim::DEFAULT_LINK_GBPS)]
+    link_gbps: u32,
     /// Repeats of each run (medians are reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -306,6 +310,11 @@ impl Row {
         s.bytes_to_device + s.bytes_to_host + s.bytes_device_to_device
     }
 
+    /// Bytes the device accessed in host memory mapped remotely, in the median repeat.
+    fn remote(&self) -> u64 {
+        self.mid().and_then(|s| s.extra.get("remote_bytes")).and_then(Value::as_u64).unwrap_or(0)
+    }
+
     fn workload(&self) -> &str {
         self.key.row.split('/').next().unwrap_or_default()
     }
@@ -388,18 +397,20 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     let repeat = args.repeat.max(1);
     let memcpy_gbps = probe::memcpy_bandwidth(256 << 20, 5) / 1e9;
     let rt: Vec<f64> = probe::raw_uffd_round_trip(2000)?.into_iter().map(|d| d.as_secs_f64() * 1e6).collect();
-    let backing_gbps =
-        probe::backing_copy_bandwidth(256 << 20, 5, hetmm_sim::dma_copy).map_err(hetmm::host::RegionError::from)? / 1e9;
+    let backing_gbps = probe::backing_copy_bandwidth(256 << 20, 5, hetmm::sim::dma_copy)
+        .map_err(hetmm::host::RegionError::from)?
+        / 1e9;
     let limits = Limits { memcpy_gbps, backing_gbps, uffd_us: median(rt) };
     if !args.json {
         println!(
             "limits: memcpy {:.2} GB/s, copy from fresh host backing {:.2} GB/s, raw userfaultfd round trip {:.1} us \
-             (median); working set {}, {} repeat(s), device sim",
+             (median); working set {}, {} repeat(s), device sim (link to host memory: {})",
             limits.memcpy_gbps,
             limits.backing_gbps,
             limits.uffd_us,
             human(args.size),
-            repeat
+            repeat,
+            if args.link_gbps > 0 { format!("{} GB/s", args.link_gbps) } else { "free".into() }
         );
     }
 
@@ -431,7 +442,14 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
                 rep + 1,
                 repeat
             ));
-            let r = Run { policy: job.policy, oversub: job.oversub, size: args.size, advice: job.advice, rep };
+            let r = Run {
+                policy: job.policy,
+                oversub: job.oversub,
+                size: args.size,
+                advice: job.advice,
+                rep,
+                link_gbps: Some(args.link_gbps).filter(|g| *g > 0),
+            };
             match run_one(job, &r, &mut cache, limits.uffd_us) {
                 Ok(s) => got.extend(s),
                 Err(e) => {
@@ -547,7 +565,7 @@ fn advice_ratios(rows: &[Row]) -> Vec<Map<String, Value>> {
 
 fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
     println!(
-        "{:<22} {:<6} {:<11} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>9} {:>6}  verified",
+        "{:<22} {:<6} {:<11} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}  verified",
         "workload",
         "policy",
         "advice",
@@ -559,13 +577,14 @@ fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
         "cpu flt",
         "evict",
         "MB moved",
+        "MB remote",
         "rm x"
     );
     for (r, x) in rows.iter().zip(extras) {
         let st = r.stats();
         let rm = x.get("migration_reduction").and_then(Value::as_f64).map_or(String::from("-"), |v| format!("{v:.1}"));
         println!(
-            "{:<22} {:<6} {:<11} {:>7} {:>9.3} {:>8.2} {:>6.2} {:>9} {:>9} {:>6} {:>9.1} {:>6}  {}",
+            "{:<22} {:<6} {:<11} {:>7} {:>9.3} {:>8.2} {:>6.2} {:>9} {:>9} {:>6} {:>9.1} {:>9.1} {:>6}  {}",
             r.key.row,
             r.key.policy,
             r.key.advice.name(),
@@ -577,6 +596,7 @@ fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
             st.cpu_faults,
             st.evictions,
             r.migrated() as f64 / (1u64 << 20) as f64,
+            r.remote() as f64 / (1u64 << 20) as f64,
             rm,
             if r.verified() { "yes" } else { "NO" }
         );

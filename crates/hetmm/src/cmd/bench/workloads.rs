@@ -47,6 +47,8 @@ pub struct Run<'a> {
     pub size: u64,
     pub advice: AdviceKind,
     pub rep: usize,
+    /// The simulated device's link to host memory ([`SimConfig::link_gbps`]).
+    pub link_gbps: Option<u32>,
 }
 
 /// What one repeat measured for one row.
@@ -87,26 +89,44 @@ struct Env {
     hm: Hetmm,
     dev: Device<SimDevice>,
     mem: u64,
+    link_gbps: Option<u32>,
 }
 
-fn env(policy: &str, ws: u64, oversub: f64) -> Result<Env> {
-    let mem = device_memory(ws, oversub);
-    let hm = Hetmm::with_policy(policy)?;
-    let dev =
-        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: mem, prefault: true, ..SimConfig::default() })?)?;
-    Ok(Env { hm, dev, mem })
+fn env(r: &Run, ws: u64) -> Result<Env> {
+    let mem = device_memory(ws, r.oversub);
+    let hm = Hetmm::with_policy(r.policy)?;
+    let cfg = SimConfig { memory_bytes: mem, prefault: true, link_gbps: r.link_gbps, ..SimConfig::default() };
+    let dev = hm.attach_sim(SimDevice::new(cfg)?)?;
+    Ok(Env { hm, dev, mem, link_gbps: r.link_gbps })
+}
+
+/// What a timed section moved: the core's counters and the device's remote accesses.
+struct Moved {
+    core: StatsSnapshot,
+    remote_bytes: u64,
+    link_ns: u64,
 }
 
 /// Runs `f` and returns its result, its seconds and the counters it moved.
-fn timed<R>(hm: &Hetmm, f: impl FnOnce() -> Result<R>) -> Result<(R, f64, StatsSnapshot)> {
-    let s0 = hm.stats();
+fn timed<R>(e: &Env, f: impl FnOnce() -> Result<R>) -> Result<(R, f64, Moved)> {
+    let (s0, d0) = (e.hm.stats(), e.dev.driver().stats());
     let t = Instant::now();
     let r = f()?;
     let secs = t.elapsed().as_secs_f64();
-    Ok((r, secs, hm.stats().since(&s0)))
+    let d = e.dev.driver().stats();
+    let moved = Moved {
+        core: e.hm.stats().since(&s0),
+        remote_bytes: d.remote_bytes - d0.remote_bytes,
+        link_ns: d.link_busy_ns - d0.link_busy_ns,
+    };
+    Ok((r, secs, moved))
 }
 
-fn sample(row: &str, e: &Env, ws: u64, bytes: u64, secs: f64, st: StatsSnapshot, ok: bool) -> Sample {
+fn sample(row: &str, e: &Env, ws: u64, bytes: u64, secs: f64, moved: Moved, ok: bool) -> Sample {
+    let mut extra = Map::new();
+    extra.insert("remote_bytes".into(), json!(moved.remote_bytes));
+    extra.insert("link_seconds".into(), json!(moved.link_ns as f64 / 1e9));
+    extra.insert("link_gbps".into(), json!(e.link_gbps));
     Sample {
         row: row.to_string(),
         seconds: secs,
@@ -115,8 +135,8 @@ fn sample(row: &str, e: &Env, ws: u64, bytes: u64, secs: f64, st: StatsSnapshot,
         device_memory: e.mem,
         // A CPU fault hetmm could not serve fails the run even if the data came out right.
         verified: ok && e.hm.stats().cpu_fault_errors == 0,
-        stats: st,
-        extra: Map::new(),
+        stats: moved.core,
+        extra,
     }
 }
 
@@ -135,7 +155,7 @@ fn seed_of(rep: usize) -> u64 {
 pub fn stream(r: &Run) -> Result<Vec<Sample>> {
     let n = (r.size / 16).max(1) as usize;
     let ws = n as u64 * 16;
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let seed = seed_of(r.rep);
     let mut a = e.hm.alloc::<u64>(n)?;
     let mut b = e.hm.alloc::<u64>(n)?;
@@ -145,12 +165,12 @@ pub fn stream(r: &Run) -> Result<Vec<Sample>> {
     }
     b.as_mut_slice().fill(0xDEAD_BEEF_DEAD_BEEF);
     let (grid, k) = stream_map(a.ptr(), b.ptr(), n, 3, seed);
-    let ((), secs, st) = timed(&e.hm, || e.dev.launch(grid, &[Use::read(&a), Use::write(&b)], k)?.wait())?;
+    let ((), secs, st) = timed(&e, || e.dev.launch(grid, &[Use::read(&a), Use::write(&b)], k)?.wait())?;
     let dev_row = sample("stream", &e, ws, ws, secs, st, true);
 
     // The CPU reads B back: data the device wrote, so on the device (as much of it as fits)
     // whatever the policy does with A's read-only pages.
-    let (sum, secs2, st2) = timed(&e.hm, || Ok(black_box(wsum(b.as_slice()))))?;
+    let (sum, secs2, st2) = timed(&e, || Ok(black_box(wsum(b.as_slice()))))?;
     let (sa, sb) = (a.as_slice(), b.as_slice());
     let mut ok = true;
     let mut expect = 0u64;
@@ -175,14 +195,14 @@ pub fn random(r: &Run) -> Result<Vec<Sample>> {
     let n = (r.size / 8).max(1) as usize;
     let ws = n as u64 * 8;
     let updates = (n / 512).max(1024);
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let seed = seed_of(r.rep);
     let mut t = e.hm.alloc::<u64>(n)?;
     for (i, v) in t.as_mut_slice().iter_mut().enumerate() {
         *v = i as u64;
     }
     let (grid, k) = gups(t.ptr(), n, updates, seed);
-    let ((), secs, st) = timed(&e.hm, || e.dev.launch(grid, &[Use::write(&t)], k)?.wait())?;
+    let ((), secs, st) = timed(&e, || e.dev.launch(grid, &[Use::write(&t)], k)?.wait())?;
     let mut expect: Vec<u64> = (0..n as u64).collect();
     for k in 0..updates as u64 {
         let (i, inc) = gups_update(seed, k, n);
@@ -210,7 +230,7 @@ pub fn gemm(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
     let m = ((((r.size / 12) as f64).sqrt() as usize) / 16 * 16).clamp(16, GEMM_MAX_M);
     let n = m * m;
     let ws = n as u64 * 12;
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let (mut a, mut b, mut c) = (e.hm.alloc::<f32>(n)?, e.hm.alloc::<f32>(n)?, e.hm.alloc::<f32>(n)?);
     for (i, v) in a.as_mut_slice().iter_mut().enumerate() {
         *v = gemm_value(i, 1);
@@ -220,8 +240,7 @@ pub fn gemm(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
     }
     c.as_mut_slice().fill(-1.0);
     let (grid, k) = mul_mat(c.ptr(), a.ptr(), b.ptr(), m);
-    let ((), secs, st) =
-        timed(&e.hm, || e.dev.launch(grid, &[Use::read(&a), Use::read(&b), Use::write(&c)], k)?.wait())?;
+    let ((), secs, st) = timed(&e, || e.dev.launch(grid, &[Use::read(&a), Use::read(&b), Use::write(&c)], k)?.wait())?;
     let expect = cache
         .gemm
         .entry(m)
@@ -276,12 +295,12 @@ pub fn stencil(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
             Arc::new(StencilRef { init, last: x, prev: y })
         })
         .clone();
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let mut g0 = e.hm.alloc::<u32>(n)?;
     let mut g1 = e.hm.alloc::<u32>(n)?;
     g0.as_mut_slice().copy_from_slice(&reference.init);
     g1.as_mut_slice().fill(u32::MAX);
-    let ((), secs, st) = timed(&e.hm, || {
+    let ((), secs, st) = timed(&e, || {
         for it in 0..STENCIL_ITERS {
             let (src, dst) = if it % 2 == 0 { (&g0, &g1) } else { (&g1, &g0) };
             let (grid, k) = jacobi5(src.ptr(), dst.ptr(), rows, cols);
@@ -351,7 +370,7 @@ pub fn graph(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
     let g = cache.graph.entry(nv).or_insert_with(|| Arc::new(Graph::new(nv))).clone();
     let ne = g.col.len();
     let ws = (nv as u64 + 1) * 4 + ne as u64 * 4 + nv as u64 * 4 + GRAPH_MAX_LEVELS as u64 * 8;
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let mut rp = e.hm.alloc::<u32>(nv + 1)?;
     let mut col = e.hm.alloc::<u32>(ne.max(1))?;
     let mut dist = e.hm.alloc::<u32>(nv)?;
@@ -361,7 +380,7 @@ pub fn graph(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
     dist.as_mut_slice().fill(BFS_UNREACHED);
     dist.as_mut_slice()[0] = 0;
     claimed.as_mut_slice().fill(0);
-    let (levels, secs, st) = timed(&e.hm, || {
+    let (levels, secs, st) = timed(&e, || {
         let mut level = 0usize;
         while level < GRAPH_MAX_LEVELS {
             let slot = claimed.ptr() + level as u64 * 8;
@@ -462,9 +481,9 @@ fn advice_extra(s: &mut Sample, advice: AdviceKind, rounds: usize) {
 pub fn pingpong(r: &Run) -> Result<Vec<Sample>> {
     let n = (r.size / 8).max(1) as usize;
     let ws = n as u64 * 8;
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let mut rb = ReadBuf::new(&e, n, r.advice, seed_of(r.rep))?;
-    let (ok, secs, st) = timed(&e.hm, || {
+    let (ok, secs, st) = timed(&e, || {
         let mut ok = true;
         for round in 0..PINGPONG_ROUNDS {
             ok &= rb.device_read(&e)?;
@@ -484,9 +503,9 @@ pub fn pingpong(r: &Run) -> Result<Vec<Sample>> {
 pub fn readmostly(r: &Run) -> Result<Vec<Sample>> {
     let n = (r.size / 8).max(1) as usize;
     let ws = n as u64 * 8;
-    let e = env(r.policy, ws, r.oversub)?;
+    let e = env(r, ws)?;
     let mut rb = ReadBuf::new(&e, n, r.advice, seed_of(r.rep))?;
-    let (ok, secs, st) = timed(&e.hm, || {
+    let (ok, secs, st) = timed(&e, || {
         let mut ok = true;
         for round in 0..READMOSTLY_ROUNDS {
             let rb_ref = &rb;

@@ -1,7 +1,8 @@
 //! Eviction: choosing victim blocks on a device and moving their pages back to host backing.
 //! Host backing exists for every page, so eviction never loses data. Victim order is policy:
 //! UVM's FIFO by first residency, or hetmm's job-aware LRU (blocks of finished jobs first, then
-//! least recently touched, refreshed from the device's accessed bits). Pinned ranges are never
+//! those that came back after eviction least often lately, then least recently touched,
+//! refreshed from the device's accessed bits). Pinned ranges are never
 //! chosen, nor, on a device that cannot fault (a GPU), the blocks a launch is getting ready. hetmm also evicts in the background, keeping free about as much memory as faults had
 //! to evict lately (up to a watermark), so eviction overlaps migration instead of sitting in the
 //! fault path.
@@ -105,13 +106,18 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
     Ok(if busy { Evicted::Busy } else { Evicted::Nothing })
 }
 
-fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
+/// How [`evict_lru`] ranks a candidate (lowest first): blocks of finished jobs, then those that
+/// came back after eviction least often (lately: a block untouched for a thrashing window counts
+/// as never), then the least recently touched.
+type Rank = (bool, u32, u64);
+
+/// The lowest-ranked victim among the first [`LRU_SAMPLE`] blocks of the queue that can be
+/// evicted now (touch times refreshed from the device's accessed bits).
+fn best_victim(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Option<(Rank, (u64, usize))> {
     let me = Proc::Device(slot.id);
     let now = space.tick();
-    // Sample candidates from the queue and rank them: finished-job blocks first, then the least
-    // recently touched.
     let sample: Vec<(u64, usize)> = slot.evict_queue.lock().iter().take(LRU_SAMPLE).copied().collect();
-    let mut best: Option<((bool, u64), (u64, usize))> = None;
+    let mut best: Option<(Rank, (u64, usize))> = None;
     for (rs, bidx) in sample {
         let Some(region) = space.region_at(rs) else { continue };
         let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) else { continue };
@@ -123,12 +129,24 @@ fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Ev
                 blk.touch(slot.id, now);
             }
         }
-        let key = (!(blk.job_done && blk.active_jobs == 0), blk.touched_by(slot.id));
+        let touched = blk.touched_by(slot.id);
+        let recent = now.saturating_sub(touched) < crate::fault::THRASH_WINDOW_NS;
+        let key = (!(blk.job_done && blk.active_jobs == 0), if recent { blk.refaults } else { 0 }, touched);
         if best.is_none_or(|(k, _)| key < k) {
             best = Some((key, (rs, bidx)));
         }
     }
-    if let Some((_, (rs, bidx))) = best {
+    best
+}
+
+/// How often the block eviction on `slot` would take next came back after eviction lately
+/// (`None` if no candidate can be evicted now); `exclude` as in [`evict_one`].
+pub(crate) fn coldest_refaults(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Option<u32> {
+    best_victim(space, slot, exclude).map(|((_, refaults, _), _)| refaults)
+}
+
+fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
+    if let Some((_, (rs, bidx))) = best_victim(space, slot, exclude) {
         // The region may have been reshaped since the sample: look the block up again.
         if let Some(region) = space.region_at(rs) {
             if let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) {

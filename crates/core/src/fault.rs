@@ -171,6 +171,51 @@ impl Plan {
     }
 }
 
+/// Counts an evict-and-refault cycle of `blk` on `slot`'s device and decides whether the block
+/// is served remotely (`blk.thrashing`). A block that comes back within [`THRASH_WINDOW_NS`] of
+/// its eviction has `refaults` counted up (one that comes back later starts again from 0); the
+/// second time, the device is capacity thrashing for the next window. While it is, with
+/// [`Thrashing::RemoteMap`], the device keeps the blocks that come back most (its hot set: gemm's
+/// `b`, read by every band) and maps the others remotely: a block arriving with nothing on a full
+/// device comes in only if it came back more often than the block eviction would take
+/// ([`crate::evict::coldest_refaults`]). Remote service ends when the thrashing does or when
+/// memory frees up.
+fn thrash_response(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Block, now: u64) {
+    let me = Proc::Device(slot.id);
+    if blk.last_evicted != 0 {
+        if now.saturating_sub(blk.last_evicted) < THRASH_WINDOW_NS {
+            blk.refaults = blk.refaults.saturating_add(1);
+            add(&space.stats.thrash_events, 1);
+            if blk.refaults >= 2 {
+                slot.thrash_until.fetch_max(now.saturating_add(THRASH_WINDOW_NS), Ordering::Relaxed);
+            }
+        } else {
+            blk.refaults = 0;
+        }
+    }
+    blk.last_evicted = 0;
+    let thrashing = space.config.policy.thrashing == Thrashing::RemoteMap
+        && slot.caps.remote_host_access
+        && now < slot.thrash_until.load(Ordering::Relaxed);
+    if blk.thrashing.has(me) && (!thrashing || space.free_fraction(slot) > 0.25) {
+        blk.thrashing.remove(me);
+    }
+    // Short of memory: taking the block in would make eviction (now, or the background
+    // evictor's to keep its watermark) take one out.
+    let short = || {
+        let (free, total) = slot.free_and_total();
+        free < blk.npages as u64 + crate::evict::free_cap(total, space.config.policy.free_watermark)
+    };
+    if thrashing
+        && !blk.thrashing.has(me)
+        && blk.resident_on(me).is_empty()
+        && short()
+        && crate::evict::coldest_refaults(space, slot, blk.base).is_some_and(|r| blk.refaults <= r)
+    {
+        blk.thrashing.insert(me);
+    }
+}
+
 /// Services the faults of one 2 MiB block (sorted, deduplicated).
 fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<(u64, FaultCancel)>) {
     let Some(region) = space.region_of(group[0].va) else {
@@ -196,18 +241,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let me = Proc::Device(slot.id);
     let policy = &space.config.policy;
     let now = space.tick();
-    if blk.last_evicted != 0 && now.saturating_sub(blk.last_evicted) < THRASH_WINDOW_NS {
-        blk.refaults += 1;
-        add(&space.stats.thrash_events, 1);
-        if policy.thrashing == Thrashing::RemoteMap && blk.refaults >= 2 && slot.caps.remote_host_access {
-            blk.thrashing.insert(me);
-        }
-    }
-    blk.last_evicted = 0;
-    if blk.thrashing.has(me) && space.free_fraction(slot) > 0.25 {
-        blk.thrashing.remove(me);
-        blk.refaults = 0;
-    }
+    thrash_response(space, slot, &mut blk, now);
     blk.touch(slot.id, now);
     let reach = Reach {
         host_remote: slot.caps.remote_host_access,

@@ -105,8 +105,9 @@ pub enum Eviction {
 pub enum Thrashing {
     /// Ignore capacity thrashing (UVM ignores migrations caused by eviction).
     Ignore,
-    /// A block evicted and refaulted repeatedly is served by remote mappings of host memory
-    /// (zero-copy) while device memory is oversubscribed, keeping the resident hot set pinned.
+    /// Once blocks come back soon after eviction (capacity thrashing), the device keeps the
+    /// blocks that come back most often (its hot set) and serves the others by remote mappings
+    /// of host memory (zero-copy) while device memory is short.
     RemoteMap,
 }
 
@@ -245,7 +246,8 @@ const BIG_PAGE: usize = 16;
 /// (`KFD_IOCTL_SVM_ATTR_GRANULARITY` 9, 512 pages). One copy and one 2 MiB device mapping per
 /// block instead of a tree that grows over several faults: fewer fault round trips, bulk copies,
 /// and TLB reach on the device. It costs bandwidth where a device touches only a few pages of a
-/// block; thrashing blocks are served remotely instead (see [`Thrashing::RemoteMap`]).
+/// block; under capacity thrashing, blocks outside the hot set are served remotely instead (see
+/// [`Thrashing::RemoteMap`]).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WholeBlock;
 

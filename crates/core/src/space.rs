@@ -158,6 +158,10 @@ pub(crate) struct DeviceSlot {
     /// working set that fits, or overflows by a block, no longer loses blocks to the whole
     /// watermark only to fault them back.
     pub(crate) demand_evictions: AtomicU64,
+    /// Until when (a [`AddressSpace::tick`]) the device is capacity thrashing: a block came
+    /// back a second time soon after its eviction. Meanwhile it keeps the blocks that come back
+    /// most and serves the others remotely (see `fault::thrash_response`).
+    pub(crate) thrash_until: AtomicU64,
 }
 
 impl DeviceSlot {
@@ -443,6 +447,7 @@ impl AddressSpace {
             evicts_in_background: AtomicBool::new(false),
             evict_lock: std::sync::Mutex::new(()),
             demand_evictions: AtomicU64::new(0),
+            thrash_until: AtomicU64::new(0),
         });
         if slot.caps.replayable_faults {
             let h = self.spawn_for(&slot, "faults", crate::fault::service_loop)?;

@@ -396,3 +396,53 @@ fn sim_mul_mat_matches_the_cpu_bit_for_bit_at_any_size() {
         assert!(same, "m = {m}: the device's product differs from the CPU's");
     }
 }
+
+/// Capacity thrashing keeps the hot set on the device and serves the rest remotely: every kernel
+/// block reads all of `hot` (2 MiB blocks, half the device) and its own slice of `cold`, which is
+/// read once. On a device of three blocks something must be served remotely; it must be the cold
+/// data (each byte read once), not `hot` (read by every kernel block). The thrashing response
+/// used to map the blocks that came back most, `hot`'s, remotely: hundreds of MiB read over the
+/// link instead of a few.
+#[test]
+fn capacity_thrashing_keeps_the_hot_set_and_serves_the_rest_remotely() {
+    const HOT: usize = (4 << 20) / 8;
+    const COLD: usize = (16 << 20) / 8;
+    const SLICE: usize = (64 << 10) / 8;
+    let (hm, dev) = setup(6 << 20);
+    let mut hot = hm.alloc::<u64>(HOT).unwrap();
+    let mut cold = hm.alloc::<u64>(COLD).unwrap();
+    let blocks = COLD / SLICE;
+    let sums = hm.alloc::<u64>(blocks).unwrap();
+    hot.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64 * 7);
+    cold.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64 ^ 0x55);
+    let (h, c, s) = (hot.ptr(), cold.ptr(), sums.ptr());
+    let k = move |ctx: &BlockCtx| {
+        let b = ctx.block_idx() as usize;
+        let mut buf = vec![0u64; SLICE];
+        ctx.read_slice(c + (b * SLICE * 8) as u64, &mut buf)?;
+        let mut sum = buf.iter().fold(0u64, |a, v| a.wrapping_add(*v));
+        for part in 0..HOT / SLICE {
+            ctx.read_slice(h + (part * SLICE * 8) as u64, &mut buf)?;
+            sum = buf.iter().fold(sum, |a, v| a.wrapping_add(*v));
+        }
+        ctx.write_slice(s + (b * 8) as u64, &[sum])
+    };
+    let before = dev.driver().stats().remote_bytes;
+    dev.launch(
+        Grid { blocks: blocks as u32, threads_per_block: 1 },
+        &[Use::read(&hot), Use::read(&cold), Use::write(&sums)],
+        k,
+    )
+    .unwrap()
+    .wait()
+    .unwrap();
+    let remote = dev.driver().stats().remote_bytes - before;
+    let hot_sum = (0..HOT as u64).fold(0u64, |a, i| a.wrapping_add(i * 7));
+    for (b, got) in sums.as_slice().iter().enumerate() {
+        let cold_sum = (b * SLICE..(b + 1) * SLICE).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ 0x55));
+        assert_eq!(*got, cold_sum.wrapping_add(hot_sum), "kernel block {b}");
+    }
+    // `hot` is read 256 times over (1 GiB); `cold` and `sums` together are 16 MiB.
+    assert!(hm.stats().thrash_events > 0, "the device never thrashed: the test shows nothing");
+    assert!(remote <= 64 << 20, "{} MiB read remotely", remote >> 20);
+}

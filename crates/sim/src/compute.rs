@@ -331,25 +331,22 @@ impl BlockCtx<'_> {
         }
         let mut done = 0usize;
         let mut owed = 0u64;
-        let r = (|| {
-            while done < len {
-                let cur = va + done as u64;
-                let n = self.with_translation(cur, access, |t, c| {
-                    let n = ((t.va + t.size - cur) as usize).min(len - done);
-                    let target = t.target.offset(cur - t.va);
-                    f(target, done, n)?;
-                    if let Target::Host(_) = target {
-                        owed += c.remote(n as u64);
-                    }
-                    Ok(n)
-                })?;
-                done += n;
-            }
-            Ok(())
-        })();
+        while done < len {
+            let cur = va + done as u64;
+            let n = self.with_translation(cur, access, |t, c| {
+                let n = ((t.va + t.size - cur) as usize).min(len - done);
+                let target = t.target.offset(cur - t.va);
+                f(target, done, n)?;
+                if let Target::Host(_) = target {
+                    owed += c.remote(n as u64);
+                }
+                Ok(n)
+            })?;
+            done += n;
+        }
         // Outside the TLB's lock: the wait must not hold up invalidations.
         self.shared.link.transfer(owed);
-        r
+        Ok(())
     }
 
     fn read_bytes(&self, va: u64, out: &mut [u8]) -> Result<(), DeviceError> {

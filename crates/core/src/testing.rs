@@ -1125,3 +1125,30 @@ fn a_failed_eviction_tries_one_victim() {
     assert!(w.failing(|d| &d.fail_d2h, || w.space.migrate(s + 4 * BLOCK_SIZE, BLOCK_SIZE, dev)).is_err());
     assert!(w.devs[0].copies_started.load(SeqCst) - before <= 1, "more than one victim's copy tried");
 }
+
+/// hetmm's eviction takes the block that came back least often lately before the least recently
+/// touched one: a block evicted and refaulted over and over (gemm's `b`) stays on the device while
+/// one touched once goes, even when the hot block was touched longer ago. Plain LRU (the rank
+/// before) evicted the hot block here.
+#[test]
+fn eviction_keeps_the_block_that_keeps_coming_back() {
+    let mut w =
+        world_sized(Arc::new(NoPrefetch), 2 * PAGES_PER_BLOCK as u64, crate::policy::Policy::hetmm(), 3 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let (hot, cold, new) = (s, s + BLOCK_SIZE, s + 2 * BLOCK_SIZE);
+    let dev = Proc::Device(w.ids[0]);
+    // The hot block arrives first: it is the least recently used of the two.
+    for (va, v) in [(hot, 1), (cold, 2)] {
+        w.cpu_access(va, Some(v));
+        w.space.migrate(va, BLOCK_SIZE, dev).unwrap();
+    }
+    let region = w.space.region_of(s).unwrap();
+    region.blocks[0].lock().refaults = 3;
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the two blocks fill the device");
+    assert_eq!(w.dev_access(0, new, Some(3)), Some(3));
+    assert!(!region.blocks[0].lock().resident_on(dev).is_empty(), "the hot block was evicted");
+    assert!(region.blocks[1].lock().resident_on(dev).is_empty(), "the cold block stayed");
+    for (va, v) in [(hot, 1), (cold, 2), (new, 3)] {
+        assert_eq!(w.cpu_access(va, None), v);
+    }
+}

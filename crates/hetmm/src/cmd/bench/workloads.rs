@@ -89,7 +89,6 @@ struct Env {
     hm: Hetmm,
     dev: Device<SimDevice>,
     mem: u64,
-    link_gbps: Option<u32>,
 }
 
 fn env(r: &Run, ws: u64) -> Result<Env> {
@@ -97,7 +96,7 @@ fn env(r: &Run, ws: u64) -> Result<Env> {
     let hm = Hetmm::with_policy(r.policy)?;
     let cfg = SimConfig { memory_bytes: mem, prefault: true, link_gbps: r.link_gbps, ..SimConfig::default() };
     let dev = hm.attach_sim(SimDevice::new(cfg)?)?;
-    Ok(Env { hm, dev, mem, link_gbps: r.link_gbps })
+    Ok(Env { hm, dev, mem })
 }
 
 /// What a timed section moved: the core's counters and the device's remote accesses.
@@ -126,7 +125,7 @@ fn sample(row: &str, e: &Env, ws: u64, bytes: u64, secs: f64, moved: Moved, ok: 
     let mut extra = Map::new();
     extra.insert("remote_bytes".into(), json!(moved.remote_bytes));
     extra.insert("link_seconds".into(), json!(moved.link_ns as f64 / 1e9));
-    extra.insert("link_gbps".into(), json!(e.link_gbps));
+    extra.insert("link_gbps".into(), json!(e.dev.driver().config().link_gbps));
     Sample {
         row: row.to_string(),
         seconds: secs,

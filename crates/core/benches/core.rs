@@ -88,6 +88,7 @@ impl DeviceMmu for NullDevice {
             replayable_faults: self.replayable,
             coherent: false,
             remote_host_access: false,
+            peer: None,
             memory_bytes: self.bytes,
         }
     }

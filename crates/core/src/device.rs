@@ -20,6 +20,34 @@ pub struct PhysAddr(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostAddr(pub usize);
 
+/// An address in a peer window ([`PeerWindow`]): where another device's copy engines read a
+/// byte of this device's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr(pub u64);
+
+/// How the copy engines of other devices reach this device's memory directly, peer to peer (a
+/// PCIe BAR or an NVLink aperture), so that data moves between two devices in one copy instead
+/// of two through host memory. Devices whose windows name the same `fabric` reach each other's
+/// memory: device physical address `pa` is [`PeerAddr`] `base + pa` to them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerWindow {
+    /// Which devices can use the window (the sim's: every simulated device of the process).
+    pub fabric: &'static str,
+    /// Where the device's physical address 0 appears in the window.
+    pub base: u64,
+}
+
+impl PeerWindow {
+    /// Whether a device whose own window is `other` can copy from this one.
+    pub fn reachable_from(&self, other: &PeerWindow) -> bool {
+        self.fabric == other.fabric && self.base != other.base
+    }
+    /// The address of `pa` of this device in the window.
+    pub fn addr(&self, pa: PhysAddr) -> PeerAddr {
+        PeerAddr(self.base + pa.0)
+    }
+}
+
 /// What a device is and can do.
 #[derive(Clone, Debug)]
 pub struct DeviceCaps {
@@ -35,6 +63,10 @@ pub struct DeviceCaps {
     pub coherent: bool,
     /// Whether the device can map host memory remotely (a system-memory aperture).
     pub remote_host_access: bool,
+    /// Its peer window: other devices of the same fabric copy from its memory directly, and it
+    /// copies from theirs ([`CopyOp::PeerToDevice`]). `None`: data between it and other devices
+    /// goes through host memory.
+    pub peer: Option<PeerWindow>,
     /// Bytes of device memory.
     pub memory_bytes: u64,
 }
@@ -93,6 +125,15 @@ pub enum CopyOp {
         /// Bytes.
         len: u64,
     },
+    /// Another device's memory, through its [`PeerWindow`], to this device's memory.
+    PeerToDevice {
+        /// Source.
+        src: PeerAddr,
+        /// Destination.
+        dst: PhysAddr,
+        /// Bytes.
+        len: u64,
+    },
     /// Zero-fill device memory.
     Zero {
         /// Destination.
@@ -109,6 +150,7 @@ impl CopyOp {
             CopyOp::HostToDevice { len, .. }
             | CopyOp::DeviceToHost { len, .. }
             | CopyOp::DeviceToDevice { len, .. }
+            | CopyOp::PeerToDevice { len, .. }
             | CopyOp::Zero { len, .. } => len,
         }
     }
@@ -245,7 +287,10 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// # Safety
     ///
     /// Every [`HostAddr`] must point to host memory valid for reads (or writes, as a destination)
-    /// of the op's length, not freed or unmapped until the completion has been waited on.
+    /// of the op's length, not freed or unmapped until the completion has been waited on. Every
+    /// [`PeerAddr`] must lie in the window of a peer of this device's fabric, in memory that
+    /// peer has allocated to the data and keeps (attached, not freed, not written) until the
+    /// completion has been waited on.
     unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError>;
 
     /// Moves up to `max` pending faults into `out` without blocking; returns how many.

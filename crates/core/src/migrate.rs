@@ -9,12 +9,15 @@
 //! Order of every migration (decision 3, "never divergent content"): first remove write access
 //! everywhere but the source, then copy, then map the destination. Copies exist side by side
 //! only while nobody can write them. A failed step leaves the source as the valid copy.
+//!
+//! Data held only by other devices comes straight from their memory where the device reaches it
+//! peer to peer ([`crate::device::PeerWindow`]), and through host memory otherwise.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::block::{Block, CpuMap, PageMask};
-use crate::device::{CopyOp, MapEntry, MapTarget, PhysAddr};
+use crate::device::{CopyOp, MapEntry, MapTarget, PeerWindow, PhysAddr};
 use crate::error::{CoreError, Result};
 use crate::space::{AddressSpace, DeviceSlot, Region};
 use crate::stats::{add, add_since};
@@ -229,6 +232,7 @@ fn fill(
     slot: &DeviceSlot,
     need: &PageMask,
     want: &PageMask,
+    peers: &Peers,
 ) -> Result<()> {
     if need.is_empty() {
         return Ok(());
@@ -241,19 +245,57 @@ fn fill(
     }
     enqueue(region, blk, slot);
     let mut ops: Vec<CopyOp> = Vec::new();
-    let (mut h2d, mut zero) = (0, 0);
+    let mut bytes = Filled::default();
     for (s, n, pa) in pa_runs(blk, slot.id, need) {
-        let (c, z) = fill_ops(&mut ops, region, blk, s, n, pa);
-        h2d += c;
-        zero += z;
+        bytes.add(fill_ops(&mut ops, region, blk, s, n, pa, peers));
     }
     if let Err(e) = run_copies(space, region, slot, &ops) {
         release_device_pages(slot, blk, need);
         return Err(e);
     }
-    add(&space.stats.bytes_to_device, h2d);
-    add(&space.stats.bytes_zero_filled, zero);
+    add(&space.stats.bytes_to_device, bytes.host);
+    add(&space.stats.bytes_device_to_device, bytes.peer);
+    add(&space.stats.bytes_zero_filled, bytes.zero);
     Ok(())
+}
+
+/// Other devices a device copies from directly: each holder's id, its peer window, and its slot
+/// (kept so the holder cannot go while the copy reads its memory).
+type Peers = Vec<(DeviceId, PeerWindow, Arc<DeviceSlot>)>;
+
+/// Of the pages of `m` held only by other devices, those `slot`'s device can copy straight from
+/// a holder's memory (a peer of its fabric), and those holders. A holder that maps whole blocks
+/// only gives up whole blocks ([`widen`]), so its data goes through host memory as before.
+fn peer_sources(space: &AddressSpace, blk: &Block, slot: &DeviceSlot, m: &PageMask) -> (PageMask, Peers) {
+    let (mut direct, mut peers) = (PageMask::default(), Peers::new());
+    let Some(mine) = slot.caps.peer else { return (direct, peers) };
+    let elsewhere = only_elsewhere(blk, m, Proc::Device(slot.id));
+    for d in device_holders(blk, &elsewhere).devices() {
+        let Ok(holder) = space.holder(d) else { continue };
+        let Some(w) = holder.caps.peer.filter(|w| w.reachable_from(&mine)) else { continue };
+        if whole_blocks(&holder) {
+            continue;
+        }
+        direct = direct.or(&select(blk, &elsewhere, |p| p.resident.has(Proc::Device(d))));
+        peers.push((d, w, holder));
+    }
+    (direct, peers)
+}
+
+/// Bytes a fill copies from host memory, copies from peers, and zeroes.
+#[derive(Clone, Copy, Debug, Default)]
+struct Filled {
+    host: u64,
+    peer: u64,
+    zero: u64,
+}
+
+impl Filled {
+    fn add(&mut self, o: Filled) {
+        self.host += o.host;
+        self.peer += o.peer;
+        self.zero += o.zero;
+    }
 }
 
 /// After a failed [`map_local`], gives back the device pages [`fill`] just gave `need`: nothing
@@ -322,20 +364,27 @@ pub(crate) fn to_device(
     slot.attached()?;
     let me = Proc::Device(slot.id);
     let want = &widen(blk, slot, want);
-    // Data held only by another device goes through the host (no peer copies yet).
-    to_cpu(space, region, blk, &only_elsewhere(blk, want, me))?;
+    // Data held only by other devices: copied from them directly where they are peers, else
+    // brought home first.
+    let (direct, peers) = peer_sources(space, blk, slot, want);
+    to_cpu(space, region, blk, &only_elsewhere(blk, want, me).and_not(&direct))?;
     // Nobody else may access the pages from here on: other devices (copies or remote maps), our
-    // own remote maps, the CPU.
+    // own remote maps, the CPU. The peers' copies stay until ours are filled from them.
     unmap_others(space, blk, want, Some(slot.id))?;
     unmap_own_remote(space, blk, slot, want)?;
-    drop_other_device_copies(space, blk, want, slot.id)?;
+    drop_other_device_copies(space, blk, &want.and_not(&direct), slot.id)?;
     revoke_cpu(space, region, blk, want)?;
     let need = select(blk, want, |p| !p.resident.has(me));
-    fill(space, region, blk, slot, &need, want)?;
+    fill(space, region, blk, slot, &need, want, &peers)?;
     let remap = select(blk, want, |p| !p.dev_mapped.has(me) || p.dev_ro.has(me));
     if let Err(e) = map_local(space, blk, slot, &remap, device_prot(region)) {
         undo_fill(slot, blk, &need);
         return Err(e);
+    }
+    // Our copies are the data now and we may write them: the peers' copies go. A peer gone from
+    // the address space meanwhile has no pages left to free.
+    if let Err(e) = drop_other_device_copies(space, blk, &direct, slot.id) {
+        log::warn!("freeing peer copies of block {:#x}: {e}", blk.base);
     }
     for i in want.iter() {
         blk.pages[i].resident = ProcMask::only(me);
@@ -373,16 +422,17 @@ pub(crate) fn duplicate_to_device(
     slot.attached()?;
     let me = Proc::Device(slot.id);
     let want = &widen(blk, slot, want);
-    // The source of a copy is the CPU's: bring data held only by other devices into host backing,
-    // keeping their copies.
-    cpu_duplicate(space, region, blk, &only_elsewhere(blk, want, me))?;
+    // The source of a copy is a peer holding the data, or else the CPU's: data held only by
+    // other devices that are not peers comes into host backing first, their copies kept.
+    let (direct, peers) = peer_sources(space, blk, slot, want);
+    cpu_duplicate(space, region, blk, &only_elsewhere(blk, want, me).and_not(&direct))?;
     let empty = select(blk, want, |p| p.resident.is_empty());
     populate(space, region, blk, &empty)?;
     write_protect_cpu(space, region, blk, want)?;
     downgrade_devices(space, blk, want)?;
     unmap_own_remote(space, blk, slot, want)?;
     let need = select(blk, want, |p| !p.resident.has(me));
-    fill(space, region, blk, slot, &need, want)?;
+    fill(space, region, blk, slot, &need, want, &peers)?;
     let unmapped = select(blk, want, |p| !p.dev_mapped.has(me));
     if let Err(e) = map_local(space, blk, slot, &unmapped, Prot::READ) {
         undo_fill(slot, blk, &need);
@@ -422,10 +472,15 @@ pub(crate) fn map_remote(
     to_cpu(space, region, blk, &only_elsewhere(blk, want, me))?;
     let empty = select(blk, want, |p| p.resident.is_empty());
     populate(space, region, blk, &empty)?;
-    // Pages the device holds itself stay mapped to its own copy.
+    // Pages the device holds itself stay mapped to its own copy, mapped again where a failed
+    // migration left that copy unmapped (read-only while other copies exist).
+    let full = device_prot(region);
+    let own = select(blk, want, |p| p.resident.has(me) && !p.dev_mapped.has(me));
+    let shared = select(blk, &own, |p| p.resident.0 & !ProcMask::only(me).0 != 0);
+    map_local(space, blk, slot, &shared, Prot::READ)?;
+    map_local(space, blk, slot, &own.and_not(&shared), full)?;
     let remote = select(blk, want, |p| !p.resident.has(me));
     let t = Instant::now();
-    let full = device_prot(region);
     let mut entries = Vec::new();
     let mut ro = PageMask::default();
     for (s, e) in remote.runs() {
@@ -974,9 +1029,10 @@ fn bulk_submit(
     let prot = device_prot(region);
     for (blk, sel) in blocks.iter().zip(chosen) {
         for (s, n, pa) in pa_runs(blk, slot.id, sel) {
-            let (c, z) = fill_ops(&mut ops, region, blk, s, n, pa);
-            h2d += c;
-            zero += z;
+            // Only pages the CPU holds or nobody does are chosen here: no peer sources.
+            let f = fill_ops(&mut ops, region, blk, s, n, pa, &Peers::new());
+            h2d += f.host;
+            zero += f.zero;
             entries.push(MapEntry { va: blk.va(s), len: n as u64 * PAGE_SIZE, target: MapTarget::Device(pa), prot });
         }
     }
@@ -1100,30 +1156,74 @@ fn split_ro(blocks: &[&mut Block], chosen: &[PageMask], slot: &DeviceSlot, prot:
     out
 }
 
+/// Where a fill takes one page from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The CPU's copy (host backing).
+    Cpu,
+    /// A peer's copy (index into the fill's peers).
+    Peer(usize),
+    /// Never written: zeros.
+    Zero,
+}
+
 /// Appends the copies that fill pages `s..s + n` of `blk` on the device, physically contiguous
-/// from `pa`: from the CPU's copy where it has one, zeros elsewhere (never-written pages), one
-/// op per piece of the same kind. Returns the bytes copied and zeroed.
-fn fill_ops(ops: &mut Vec<CopyOp>, region: &Region, blk: &Block, s: usize, n: usize, pa: PhysAddr) -> (u64, u64) {
-    let (mut h2d, mut zero) = (0, 0);
+/// from `pa`: from the CPU's copy where it has one, else from a peer of `peers` holding it, else
+/// zeros (never-written pages), one op per piece of the same kind.
+fn fill_ops(
+    ops: &mut Vec<CopyOp>,
+    region: &Region,
+    blk: &Block,
+    s: usize,
+    n: usize,
+    pa: PhysAddr,
+    peers: &Peers,
+) -> Filled {
+    let source = |k: usize| {
+        let r = blk.pages[k].resident;
+        if r.has(Proc::Cpu) {
+            return Source::Cpu;
+        }
+        peers.iter().position(|(d, ..)| r.has(Proc::Device(*d))).map_or(Source::Zero, Source::Peer)
+    };
+    let mut f = Filled::default();
     let mut k = s;
     while k < s + n {
-        let from_cpu = blk.pages[k].resident.has(Proc::Cpu);
+        let from = source(k);
         let mut e = k + 1;
-        while e < s + n && blk.pages[e].resident.has(Proc::Cpu) == from_cpu {
+        while e < s + n && source(e) == from {
             e += 1;
         }
         let dst = PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE);
         let len = (e - k) as u64 * PAGE_SIZE;
-        if from_cpu {
-            push_host_copies(ops, region, blk.va(k), dst, len);
-            h2d += len;
-        } else {
-            push_op(ops, CopyOp::Zero { dst, len });
-            zero += len;
+        match from {
+            Source::Cpu => {
+                push_host_copies(ops, region, blk.va(k), dst, len);
+                f.host += len;
+            }
+            Source::Peer(j) => {
+                let (d, w, _) = &peers[j];
+                for (s2, n2, src) in pa_runs(blk, *d, &page_range(k, e)) {
+                    let to = PhysAddr(dst.0 + (s2 - k) as u64 * PAGE_SIZE);
+                    push_op(ops, CopyOp::PeerToDevice { src: w.addr(src), dst: to, len: n2 as u64 * PAGE_SIZE });
+                }
+                f.peer += len;
+            }
+            Source::Zero => {
+                push_op(ops, CopyOp::Zero { dst, len });
+                f.zero += len;
+            }
         }
         k = e;
     }
-    (h2d, zero)
+    f
+}
+
+/// The pages `s..e` as a mask.
+fn page_range(s: usize, e: usize) -> PageMask {
+    let mut m = PageMask::default();
+    m.set_range(s, e);
+    m
 }
 
 /// Appends the copies of `len` bytes of the CPU's copy at `va` to device memory at `dst`: one op,
@@ -1149,6 +1249,11 @@ fn push_op(ops: &mut Vec<CopyOp>, op: CopyOp) {
     match (ops.last_mut(), op) {
         (Some(CopyOp::HostToDevice { src, dst, len }), CopyOp::HostToDevice { src: s2, dst: d2, len: l2 })
             if src.0 + *len as usize == s2.0 && dst.0 + *len == d2.0 =>
+        {
+            *len += l2;
+        }
+        (Some(CopyOp::PeerToDevice { src, dst, len }), CopyOp::PeerToDevice { src: s2, dst: d2, len: l2 })
+            if src.0 + *len == s2.0 && dst.0 + *len == d2.0 =>
         {
             *len += l2;
         }
@@ -1405,6 +1510,7 @@ mod whole_block_tests {
                 replayable_faults: false,
                 coherent: false,
                 remote_host_access: false,
+                peer: None,
                 memory_bytes: self.mem.lock().len() as u64,
             }
         }
@@ -1438,7 +1544,7 @@ mod whole_block_tests {
         }
         fn invalidate_tlb(&self, _: &[VaRange]) {}
         unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false)?;
+            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false, &[])?;
             Ok(Box::new(Done))
         }
         fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {

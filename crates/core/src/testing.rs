@@ -23,8 +23,16 @@ pub(crate) use crate::fakes::PlainCpu;
 
 /// Runs `ops` between a fake device's memory and host backing, both vectors (`HostAddr` is an
 /// offset into `host`, `PhysAddr` into `mem`). Device-to-host copies fail when `fail_d2h` is set,
-/// as a device that lost its memory would.
-pub(crate) fn run_copies(mem: &mut [u8], host: &mut [u8], ops: &[CopyOp], fail_d2h: bool) -> Result<(), DeviceError> {
+/// as a device that lost its memory would. `from_peers` holds the bytes of each peer copy, in
+/// order ([`FakeDevice::read_peers`]).
+pub(crate) fn run_copies(
+    mem: &mut [u8],
+    host: &mut [u8],
+    ops: &[CopyOp],
+    fail_d2h: bool,
+    from_peers: &[Vec<u8>],
+) -> Result<(), DeviceError> {
+    let mut peer_data = from_peers.iter();
     for op in ops {
         match *op {
             CopyOp::HostToDevice { src, dst, len } => {
@@ -40,11 +48,23 @@ pub(crate) fn run_copies(mem: &mut [u8], host: &mut [u8], ops: &[CopyOp], fail_d
                 let (s, d, l) = (src.0 as usize, dst.0 as usize, len as usize);
                 mem.copy_within(s..s + l, d);
             }
+            CopyOp::PeerToDevice { dst, len, .. } => {
+                let data = peer_data.next().ok_or_else(|| DeviceError::Other("peer data missing".into()))?;
+                mem[dst.0 as usize..(dst.0 + len) as usize].copy_from_slice(data);
+            }
             CopyOp::Zero { dst, len } => mem[dst.0 as usize..(dst.0 + len) as usize].fill(0),
         }
     }
     Ok(())
 }
+
+/// A fake device's memory.
+type FakeMem = Arc<Mutex<Vec<u8>>>;
+
+/// The fakes' peer fabric: the memory of every fake that offers a peer window, its window's
+/// base being `(index + 1) << FAKE_WINDOW_SHIFT`.
+static FAKE_FABRIC: Mutex<Vec<std::sync::Weak<Mutex<Vec<u8>>>>> = Mutex::new(Vec::new());
+const FAKE_WINDOW_SHIFT: u32 = 40;
 
 #[derive(Debug)]
 struct FakeCpu {
@@ -128,7 +148,9 @@ impl CpuMmu for FakeCpu {
 /// device-to-host copies fail while `fail_d2h` is set.
 #[derive(Debug)]
 pub(crate) struct FakeDevice {
-    pub(crate) mem: Mutex<Vec<u8>>,
+    pub(crate) mem: FakeMem,
+    /// Its peer window on the fakes' fabric, if it offers one.
+    window: Option<PeerWindow>,
     host: HostMem,
     pt: Mutex<HashMap<u64, (MapTarget, Prot)>>,
     pub(crate) fail_d2h: std::sync::atomic::AtomicBool,
@@ -147,7 +169,8 @@ impl FakeDevice {
     /// A device of `bytes` of memory (filled with `fill`) copying to and from `host`.
     pub(crate) fn new(bytes: usize, fill: u8, host: HostMem) -> FakeDevice {
         FakeDevice {
-            mem: Mutex::new(vec![fill; bytes]),
+            mem: Arc::new(Mutex::new(vec![fill; bytes])),
+            window: None,
             host,
             pt: Mutex::default(),
             fail_d2h: false.into(),
@@ -156,6 +179,33 @@ impl FakeDevice {
             fail_map: false.into(),
             fail_unmap: false.into(),
         }
+    }
+
+    /// [`FakeDevice::new`], offering a peer window: other fakes offering one copy from its
+    /// memory directly, and it from theirs.
+    pub(crate) fn with_peer_window(bytes: usize, fill: u8, host: HostMem) -> FakeDevice {
+        let mut d = FakeDevice::new(bytes, fill, host);
+        let mut fabric = FAKE_FABRIC.lock();
+        fabric.push(Arc::downgrade(&d.mem));
+        d.window = Some(PeerWindow { fabric: "fake", base: (fabric.len() as u64) << FAKE_WINDOW_SHIFT });
+        d
+    }
+
+    /// The bytes every peer copy of `ops` reads, in order, each peer's memory locked alone (two
+    /// fakes copying from each other at once must not wait on each other's locks).
+    fn read_peers(ops: &[CopyOp]) -> Result<Vec<Vec<u8>>, DeviceError> {
+        let mut out = Vec::new();
+        for op in ops {
+            let CopyOp::PeerToDevice { src, len, .. } = *op else { continue };
+            let (index, off) =
+                ((src.0 >> FAKE_WINDOW_SHIFT) as usize, (src.0 & ((1 << FAKE_WINDOW_SHIFT) - 1)) as usize);
+            let peer = index.checked_sub(1).and_then(|i| FAKE_FABRIC.lock().get(i).and_then(std::sync::Weak::upgrade));
+            let peer = peer.ok_or_else(|| DeviceError::Other(format!("no fake peer at {:#x}", src.0)))?;
+            let mem = peer.lock();
+            let data = mem.get(off..off + len as usize).ok_or(DeviceError::BadPhysical { addr: off as u64, len })?;
+            out.push(data.to_vec());
+        }
+        Ok(out)
     }
 
     /// One access, holding the page table for its whole duration: like a TLB shootdown, an unmap
@@ -193,6 +243,7 @@ impl DeviceMmu for FakeDevice {
             replayable_faults: false,
             coherent: false,
             remote_host_access: true,
+            peer: self.window,
             memory_bytes: self.mem.lock().len() as u64,
         }
     }
@@ -249,7 +300,8 @@ impl DeviceMmu for FakeDevice {
         self.copies_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         drop(self.copy_gate.lock());
         let fail = self.fail_d2h.load(std::sync::atomic::Ordering::Relaxed);
-        run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail)?;
+        let from_peers = FakeDevice::read_peers(ops)?;
+        run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail, &from_peers)?;
         Ok(Box::new(Done))
     }
     fn fetch_faults(&self, _max: usize, _out: &mut Vec<DeviceFault>) -> usize {
@@ -314,6 +366,17 @@ fn world_with(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::po
 
 /// [`world_with`] with a region of `region` bytes.
 fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::policy::Policy, region: u64) -> World {
+    world_built(prefetcher, dev_pages, policy, region, false)
+}
+
+/// [`world_sized`], its two devices peers of one fabric when `peers` is set.
+fn world_built(
+    prefetcher: Arc<dyn Prefetcher>,
+    dev_pages: u64,
+    policy: crate::policy::Policy,
+    region: u64,
+    peers: bool,
+) -> World {
     let cfg = CoreConfig {
         fault_around: 64 * 1024,
         policy: crate::policy::Policy { prefetcher, cpu_readahead: false, ..policy },
@@ -332,7 +395,12 @@ fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::p
     let mut devs = Vec::new();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let d = Arc::new(FakeDevice::new((dev_pages * PAGE_SIZE) as usize, 0xEE, host.clone()));
+        let bytes = (dev_pages * PAGE_SIZE) as usize;
+        let d = Arc::new(if peers {
+            FakeDevice::with_peer_window(bytes, 0xEE, host.clone())
+        } else {
+            FakeDevice::new(bytes, 0xEE, host.clone())
+        });
         ids.push(space.attach(d.clone(), AttachOptions::default()).unwrap());
         devs.push(d);
     }
@@ -479,7 +547,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: state_machine_cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, mem in 0u8..3, hetmm in any::<bool>()) {
+    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, mem in 0u8..3, hetmm in any::<bool>(), peers in any::<bool>()) {
         // Small device memory forces eviction on almost every migration. The third size, one
         // block with a 50% watermark, lets hetmm's background evictor run (at 5% a device this
         // small gets none): once the fault path has had to evict, it keeps the whole device free,
@@ -494,7 +562,7 @@ proptest! {
             1 => Arc::new(TreePrefetcher::default()),
             _ => Arc::new(WholeBlock),
         };
-        let mut w = world_with(prefetcher, dev_pages, policy);
+        let mut w = world_built(prefetcher, dev_pages, policy, REGION, peers);
         for op in &ops {
             w.apply(op);
         }
@@ -1151,4 +1219,70 @@ fn eviction_keeps_the_block_that_keeps_coming_back() {
     for (va, v) in [(hot, 1), (cold, 2), (new, 3)] {
         assert_eq!(w.cpu_access(va, None), v);
     }
+}
+
+/// Data only device 0 holds reaches device 1 in one copy from device 0's memory when the two are
+/// peers, and through host memory (a copy home, then one out) when they are not: both by
+/// migration (a write, uvm's read) and by read duplication (hetmm's read, which leaves the two
+/// devices holding read-only copies and the CPU none). Every byte checked.
+#[test]
+fn data_between_peer_devices_moves_in_one_copy() {
+    let pages = 8u64;
+    for (peers, hetmm) in [(true, false), (false, false), (true, true), (false, true)] {
+        let policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
+        let mut w = world_built(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, policy, REGION, peers);
+        let s = w.cpu.range.start;
+        for p in 0..pages as usize {
+            w.apply(&Op::Dev { dev: 0, page: p, off: 7, val: Some(p as u8 + 1) });
+        }
+        w.space.migrate(s, pages * PAGE_SIZE, Proc::Device(w.ids[0])).unwrap();
+        let before = w.space.stats();
+        for p in 0..pages as usize {
+            w.apply(&Op::Dev { dev: 1, page: p, off: 7, val: None });
+        }
+        let moved = w.space.stats().since(&before);
+        let case = format!("peers {peers}, hetmm {hetmm}");
+        if peers {
+            assert_eq!(moved.bytes_device_to_device, pages * PAGE_SIZE, "{case}");
+            assert_eq!((moved.bytes_to_host, moved.bytes_to_device), (0, 0), "{case}");
+        } else {
+            assert_eq!(moved.bytes_device_to_device, 0, "{case}");
+            assert_eq!((moved.bytes_to_host, moved.bytes_to_device), (pages * PAGE_SIZE, pages * PAGE_SIZE), "{case}");
+        }
+        let blk = w.space.region_of(s).unwrap().blocks[0].lock().pages[0].resident;
+        let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+        match (peers, hetmm) {
+            (true, true) => {
+                assert_eq!(blk.0, ProcMask::only(d0).0 | ProcMask::only(d1).0, "{case}: two copies, no CPU")
+            }
+            (false, true) => assert!(blk.has(d1) && blk.has(Proc::Cpu), "{case}"),
+            _ => assert_eq!(blk, ProcMask::only(d1), "{case}: the data moved"),
+        }
+        // A write on device 1 collapses any copies to it; device 0 and the CPU then read it.
+        w.apply(&Op::Dev { dev: 1, page: 0, off: 9, val: Some(99) });
+        for p in 0..pages as usize {
+            w.apply(&Op::Dev { dev: 0, page: p, off: 7, val: None });
+        }
+        w.check_all();
+    }
+}
+
+/// A device whose copy a failed migration left unmapped (here a copy home that failed after the
+/// device's mapping went) maps that copy again when its next access is served by a remote
+/// mapping (the range prefers the CPU). Before, the service mapped only the pages the device did
+/// not hold, and the access faulted for ever.
+#[test]
+fn a_copy_left_unmapped_by_a_failed_migration_is_mapped_again() {
+    let (mut w, s, _) = block_on_device(PAGES_PER_BLOCK as u64, 5);
+    w.space
+        .advise(s, PAGE_SIZE, crate::advice::Advice::PreferredLocation(Some(Proc::Cpu)))
+        .unwrap()
+        .wait(Duration::from_secs(10))
+        .unwrap();
+    let failed = w.failing(|d| &d.fail_d2h, || w.space.migrate(s, PAGE_SIZE, Proc::Cpu));
+    assert!(failed.is_err(), "the copy home fails");
+    let page = w.space.region_of(s).unwrap().blocks[0].lock().pages[0];
+    assert!(page.resident.has(Proc::Device(w.ids[0])) && page.dev_mapped.is_empty(), "{page:?}");
+    assert_eq!(w.dev_access(0, s, None), Some(5));
+    assert_eq!(w.cpu_access(s, None), 5);
 }

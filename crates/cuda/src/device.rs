@@ -607,6 +607,7 @@ impl DeviceMmu for CudaDevice {
             replayable_faults: false,
             coherent: false,
             remote_host_access: false,
+            peer: None,
             memory_bytes: self.inner.layout.bytes(),
         }
     }
@@ -784,6 +785,9 @@ impl DeviceMmu for CudaDevice {
                     used_h2d = true;
                     // SAFETY: see above.
                     unsafe { driver::copy_dtod(&i.gpu, &i.h2d, w + dst.0, w + src.0, len) }
+                }
+                CopyOp::PeerToDevice { .. } => {
+                    return Err(DeviceError::Other("cuda: no peer copies (refused when checked)".into()));
                 }
                 CopyOp::Zero { dst, .. } => {
                     used_h2d = true;

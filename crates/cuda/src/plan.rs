@@ -431,6 +431,11 @@ impl PhysLayout {
                     out.extend(self.chunks_of(src.0, len)?);
                     out.extend(self.chunks_of(dst.0, len)?);
                 }
+                // The device offers no peer window (`DeviceCaps::peer` is `None`), so the core
+                // never asks for one.
+                CopyOp::PeerToDevice { src, .. } => {
+                    return Err(DeviceError::Other(format!("cuda: no peer copies (from {:#x})", src.0)));
+                }
                 CopyOp::Zero { dst, .. } => out.extend(self.chunks_of(dst.0, len)?),
             }
         }

@@ -110,6 +110,51 @@ fn ping_pong_100_rounds_moves_each_page_once_per_direction() {
     }
 }
 
+/// Two simulated devices take turns updating one buffer. With their peer windows (the default)
+/// each turn's data comes from the other device's memory in one copy and nothing goes through
+/// host memory; without them, every turn copies the buffer home and out again. The CPU then
+/// reads every word.
+#[test]
+fn two_devices_take_turns_peer_to_peer() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let step = |old: u64| old.wrapping_mul(3).wrapping_add(1);
+    for peer in [true, false] {
+        let hm = Hetmm::new().expect("userfaultfd and memfd are available");
+        let cfg = SimConfig { memory_bytes: 16 << 20, peer_copies: peer, ..SimConfig::default() };
+        let devs = [
+            hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap(),
+            hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap(),
+        ];
+        let pages = 1024; // 4 MiB
+        let n = pages * WORDS_PER_PAGE;
+        let mut buf = hm.alloc::<u64>(n).unwrap();
+        for (i, v) in buf.as_mut_slice().iter_mut().enumerate() {
+            *v = i as u64;
+        }
+        let rounds = 6u64;
+        let before = hm.stats();
+        for r in 0..rounds {
+            let (grid, k) = per_page(buf.ptr(), pages, move |_, _, old| step(old));
+            devs[r as usize % 2].launch(grid, &[Use::write(&buf)], k).unwrap().wait().unwrap();
+        }
+        let st = hm.stats().since(&before);
+        let (bytes, turns) = (buf.byte_len(), rounds - 1);
+        let from_peers: u64 = devs.iter().map(|d| d.driver().stats().bytes_from_peers).sum();
+        if peer {
+            assert_eq!(st.bytes_device_to_device, turns * bytes, "peer copies");
+            assert_eq!(from_peers, turns * bytes, "the sim's copy engines read the peers");
+            assert_eq!((st.bytes_to_host, st.bytes_to_device), (0, bytes), "only the first turn's data from the CPU");
+        } else {
+            assert_eq!((st.bytes_device_to_device, from_peers), (0, 0));
+            assert_eq!((st.bytes_to_host, st.bytes_to_device), (turns * bytes, rounds * bytes), "through host memory");
+        }
+        for (i, v) in buf.as_slice().iter().enumerate() {
+            let want = (0..rounds).fold(i as u64, |x, _| step(x));
+            assert_eq!(*v, want, "peer {peer}: word {i}");
+        }
+    }
+}
+
 #[test]
 fn cpu_threads_and_kernels_race_on_interleaved_pages() {
     let (hm, dev) = setup(64 << 20);

@@ -748,7 +748,15 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
     assert_eq!(w.hm.stats().cpu_fault_errors, 0, "hetmm failed to serve CPU faults");
     let c: Vec<String> =
         NAMES.iter().zip(w.counts.iter()).map(|(n, c)| format!("{n} {}", c.load(Ordering::Relaxed))).collect();
-    eprintln!("stress seed {seed} {policy} big={big} slice={slice} ops={ops}x{threads}: {}", c.join(", "));
+    let st = w.hm.stats();
+    eprintln!(
+        "stress seed {seed} {policy} big={big} slice={slice} ops={ops}x{threads}: {}; MiB to devices {}, home {}, \
+         between devices {}",
+        c.join(", "),
+        st.bytes_to_device >> 20,
+        st.bytes_to_host >> 20,
+        st.bytes_device_to_device >> 20
+    );
     for (i, s) in w.rslots.iter().enumerate() {
         let s = *s.lock().unwrap();
         if s == Slot::Gone {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use hetmm_core::device::{Completion, CopyOp, DeviceError, HostAddr, PhysAddr};
+use hetmm_core::device::{Completion, CopyOp, DeviceError, HostAddr, PeerAddr, PhysAddr};
 use std::sync::{Condvar, Mutex};
 
 use crate::memory::PhysMem;
@@ -22,6 +22,7 @@ pub struct CopyCounters {
     pub(crate) h2d: AtomicU64,
     pub(crate) d2h: AtomicU64,
     pub(crate) d2d: AtomicU64,
+    pub(crate) peer: AtomicU64,
     pub(crate) zero: AtomicU64,
     pub(crate) ops: AtomicU64,
     pub(crate) batches: AtomicU64,
@@ -99,6 +100,18 @@ fn check_host(addr: HostAddr, len: u64) -> Result<(), DeviceError> {
     Ok(())
 }
 
+/// A peer's memory is another simulated device's arena: a process address, never this device's
+/// own arena (a copy within one device is `DeviceToDevice`).
+fn check_peer(mem: &PhysMem, addr: PeerAddr, len: u64) -> Result<(), DeviceError> {
+    let start = usize::try_from(addr.0).map_err(|_| DeviceError::Other(format!("peer address {:#x}", addr.0)))?;
+    check_host(HostAddr(start), len)?;
+    let own = mem.base_addr()..mem.base_addr() + mem.len();
+    if addr.0 < own.end && addr.0 + len > own.start {
+        return Err(DeviceError::Other(format!("peer range {:#x}+{len:#x} is this device's own memory", addr.0)));
+    }
+    Ok(())
+}
+
 /// Validates every op of a batch against the memory, before anything is queued.
 pub(crate) fn validate(mem: &PhysMem, ops: &[CopyOp]) -> Result<(), DeviceError> {
     for op in ops {
@@ -113,6 +126,10 @@ pub(crate) fn validate(mem: &PhysMem, ops: &[CopyOp]) -> Result<(), DeviceError>
             }
             CopyOp::DeviceToDevice { src: PhysAddr(s), dst: PhysAddr(d), len } => {
                 mem.check(s, len)?;
+                mem.check(d, len)?;
+            }
+            CopyOp::PeerToDevice { src, dst: PhysAddr(d), len } => {
+                check_peer(mem, src, len)?;
                 mem.check(d, len)?;
             }
             CopyOp::Zero { dst: PhysAddr(d), len } => mem.check(d, len)?,
@@ -132,6 +149,9 @@ fn cut(op: &CopyOp, off: u64, n: u64) -> CopyOp {
         }
         CopyOp::DeviceToDevice { src, dst, .. } => {
             CopyOp::DeviceToDevice { src: PhysAddr(src.0 + off), dst: PhysAddr(dst.0 + off), len: n }
+        }
+        CopyOp::PeerToDevice { src, dst, .. } => {
+            CopyOp::PeerToDevice { src: PeerAddr(src.0 + off), dst: PhysAddr(dst.0 + off), len: n }
         }
         CopyOp::Zero { dst, .. } => CopyOp::Zero { dst: PhysAddr(dst.0 + off), len: n },
     }
@@ -181,6 +201,12 @@ unsafe fn execute(mem: &PhysMem, op: &CopyOp, c: &CopyCounters) -> Result<(), De
         CopyOp::DeviceToDevice { src, dst, len } => {
             mem.copy_within(src.0, dst.0, len)?;
             c.d2d.fetch_add(len, Ordering::Relaxed);
+        }
+        CopyOp::PeerToDevice { src, dst, len } => {
+            // SAFETY: the source is another simulated device's arena (checked disjoint from this
+            // one in `validate`), holding the data until the completion per the caller's contract.
+            unsafe { mem.copy_from_host(src.0 as usize, dst.0, len)? };
+            c.peer.fetch_add(len, Ordering::Relaxed);
         }
         CopyOp::Zero { dst, len } => {
             mem.zero(dst.0, len)?;

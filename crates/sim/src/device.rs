@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use hetmm_core::device::{
     Completion, CopyOp, DeviceCaps, DeviceError, DeviceFault, DeviceMmu, Done, FaultCancel, MapEntry, MapTarget,
-    PhysAddr,
+    PeerWindow, PhysAddr,
 };
 use hetmm_core::types::{Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 use parking_lot::{Mutex, RwLock};
@@ -227,6 +227,7 @@ impl SimDevice {
         st.bytes_h2d = s.copy.h2d.load(Ordering::Relaxed);
         st.bytes_d2h = s.copy.d2h.load(Ordering::Relaxed);
         st.bytes_d2d = s.copy.d2d.load(Ordering::Relaxed);
+        st.bytes_from_peers = s.copy.peer.load(Ordering::Relaxed);
         st.bytes_zeroed = s.copy.zero.load(Ordering::Relaxed);
         st.copy_pieces = s.copy.ops.load(Ordering::Relaxed);
         st.copy_batches = s.copy.batches.load(Ordering::Relaxed);
@@ -260,6 +261,7 @@ impl DeviceMmu for SimDevice {
             replayable_faults: true,
             coherent: false,
             remote_host_access: true,
+            peer: self.s().cfg.peer_copies.then(|| PeerWindow { fabric: "sim", base: self.s().mem.base_addr() }),
             memory_bytes: self.s().mem.len(),
         }
     }

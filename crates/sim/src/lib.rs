@@ -117,6 +117,11 @@ pub struct SimConfig {
     /// engines moves on the development machine, so a byte read remotely costs about what
     /// migrating it would, as on a GPU whose copy engines and remote accesses share its PCIe link.
     pub link_gbps: Option<u32>,
+    /// Offer a peer window ([`hetmm_core::device::PeerWindow`]): other simulated devices' copy
+    /// engines read this device's memory directly, and this device's read theirs, so data moves
+    /// between two devices in one copy instead of two through host memory (as GPUs on one PCIe
+    /// switch or NVLink do). Default on.
+    pub peer_copies: bool,
 }
 
 impl Default for SimConfig {
@@ -129,6 +134,7 @@ impl Default for SimConfig {
             fault_batch: 256,
             prefault: false,
             link_gbps: Some(DEFAULT_LINK_GBPS),
+            peer_copies: true,
         }
     }
 }
@@ -142,15 +148,8 @@ impl SimConfig {
         fault_buffer_entries: usize,
         fault_batch: usize,
     ) -> Result<Self, SimError> {
-        let c = Self {
-            memory_bytes,
-            copy_engines,
-            compute_workers,
-            fault_buffer_entries,
-            fault_batch,
-            prefault: false,
-            link_gbps: Some(DEFAULT_LINK_GBPS),
-        };
+        let c =
+            Self { memory_bytes, copy_engines, compute_workers, fault_buffer_entries, fault_batch, ..Self::default() };
         c.validate()?;
         Ok(c)
     }
@@ -216,6 +215,8 @@ pub struct SimStats {
     pub bytes_d2h: u64,
     /// Bytes copied device to device.
     pub bytes_d2d: u64,
+    /// Bytes copied from other devices' memory through their peer windows.
+    pub bytes_from_peers: u64,
     /// Bytes zero-filled.
     pub bytes_zeroed: u64,
     /// Copy pieces executed (ops are cut into pieces of at most 2 MiB).

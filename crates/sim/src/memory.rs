@@ -116,6 +116,12 @@ impl PhysMem {
         Ok(Self { base, len })
     }
 
+    /// The process address of physical address 0: where other simulated devices' copy engines
+    /// read this memory (the device's peer window).
+    pub(crate) fn base_addr(&self) -> u64 {
+        self.base.as_ptr() as u64
+    }
+
     /// Bytes of memory.
     pub(crate) fn len(&self) -> u64 {
         self.len

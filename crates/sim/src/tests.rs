@@ -372,6 +372,31 @@ fn copy_round_trip_and_bad_range() {
     c.wait(T).unwrap();
 }
 
+/// A device's copy engines read another simulated device's memory through its peer window; a
+/// window address inside the copying device's own memory is refused, and a device configured
+/// without peer copies offers no window.
+#[test]
+fn peer_copies_read_the_other_device() {
+    let (a, b) = (dev(1), dev(1));
+    let n = MB2 as usize + 3 * PAGE_SIZE as usize;
+    let src: Vec<u8> = (0..n as u64).map(pattern).collect();
+    h2d(&a, 5 * PAGE_SIZE, &src);
+    let (wa, wb) = (a.caps().peer.expect("a window"), b.caps().peer.expect("a window"));
+    assert!(wa.reachable_from(&wb) && wb.reachable_from(&wa) && !wa.reachable_from(&wa));
+    let op = CopyOp::PeerToDevice { src: wa.addr(PhysAddr(5 * PAGE_SIZE)), dst: PhysAddr(MB2), len: n as u64 };
+    // SAFETY: the source is device `a`'s memory, which lives until the end of the test and which
+    // nothing writes meanwhile.
+    let mut c = unsafe { b.copy(&[op]) }.unwrap();
+    c.wait(T).unwrap();
+    assert_eq!(d2h(&b, MB2, n), src);
+    assert_eq!(b.stats().bytes_from_peers, n as u64);
+    let own = CopyOp::PeerToDevice { src: wb.addr(PhysAddr(0)), dst: PhysAddr(MB2), len: PAGE_SIZE };
+    // SAFETY: refused by validation; nothing is executed.
+    assert!(unsafe { b.copy(&[own]) }.is_err(), "a copy from the device's own window");
+    let none = SimDevice::new(SimConfig { memory_bytes: 4 << 20, peer_copies: false, ..SimConfig::default() }).unwrap();
+    assert_eq!(none.caps().peer, None);
+}
+
 #[test]
 fn host_aperture_read_and_write() {
     let d = dev(2);

@@ -32,12 +32,14 @@ pub fn info() -> Result<ExitCode, hetmm::Error> {
         if hm.kernel_faults_supported() { "served" } else { "NOT served (user-mode only)" }
     );
     println!(
-        "device {:?}: {} ({} MiB, replayable faults: {}, coherent: {})",
+        "device {:?}: {} ({} MiB, replayable faults: {}, coherent: {}, remote host access: {}, peer copies: {})",
         dev.id(),
         caps.name,
         caps.memory_bytes >> 20,
         caps.replayable_faults,
-        caps.coherent
+        caps.coherent,
+        caps.remote_host_access,
+        caps.peer.map_or("none", |w| w.fabric)
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -476,7 +476,7 @@ pub(crate) fn map_remote(
     // migration left that copy unmapped (read-only while other copies exist).
     let full = device_prot(region);
     let own = select(blk, want, |p| p.resident.has(me) && !p.dev_mapped.has(me));
-    let shared = select(blk, &own, |p| p.resident.0 & !ProcMask::only(me).0 != 0);
+    let shared = select(blk, &own, |p| p.resident != ProcMask::only(me));
     map_local(space, blk, slot, &shared, Prot::READ)?;
     map_local(space, blk, slot, &own.and_not(&shared), full)?;
     let remote = select(blk, want, |p| !p.resident.has(me));
@@ -1203,7 +1203,10 @@ fn fill_ops(
             }
             Source::Peer(j) => {
                 let (d, w, _) = &peers[j];
-                for (s2, n2, src) in pa_runs(blk, *d, &page_range(k, e)) {
+                let runs = pa_runs(blk, *d, &page_range(k, e));
+                // A holder has a physical page for every page it holds.
+                debug_assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), e - k);
+                for (s2, n2, src) in runs {
                     let to = PhysAddr(dst.0 + (s2 - k) as u64 * PAGE_SIZE);
                     push_op(ops, CopyOp::PeerToDevice { src: w.addr(src), dst: to, len: n2 as u64 * PAGE_SIZE });
                 }

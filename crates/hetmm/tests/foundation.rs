@@ -155,6 +155,34 @@ fn two_devices_take_turns_peer_to_peer() {
     }
 }
 
+/// A device detached while another copies its data peer to peer: the detach brings what it
+/// still holds home, the copying device gets the rest from its memory first, and every word of
+/// the buffer is right afterwards, wherever it went.
+#[test]
+fn detaching_a_peer_while_data_comes_from_it_loses_nothing() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    for round in 0..8u64 {
+        let hm = Hetmm::new().expect("userfaultfd and memfd are available");
+        let cfg = SimConfig { memory_bytes: 16 << 20, ..SimConfig::default() };
+        let a = hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap();
+        let b = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+        let pages = 1024; // 4 MiB
+        let buf = hm.alloc::<u64>(pages * WORDS_PER_PAGE).unwrap();
+        let (grid, k) = per_page(buf.ptr(), pages, move |p, w, _| (p * WORDS_PER_PAGE + w) as u64 ^ round);
+        a.launch(grid, &[Use::write(&buf)], k).unwrap().wait().unwrap();
+        let (grid, k) = per_page(buf.ptr(), pages, |_, _, old| old.wrapping_add(1));
+        let running = b.launch(grid, &[Use::write(&buf)], k).unwrap();
+        if round % 2 == 1 {
+            std::thread::sleep(Duration::from_micros(200 * round));
+        }
+        hm.detach(&a).unwrap();
+        running.wait().unwrap();
+        for (i, v) in buf.as_slice().iter().enumerate() {
+            assert_eq!(*v, (i as u64 ^ round).wrapping_add(1), "round {round}: word {i}");
+        }
+    }
+}
+
 #[test]
 fn cpu_threads_and_kernels_race_on_interleaved_pages() {
     let (hm, dev) = setup(64 << 20);

@@ -264,6 +264,26 @@ impl Block {
         &mut self.dev_pa[idx].1
     }
 
+    /// Forgets every trace of device `d` once it is detached (its copies already brought home,
+    /// its page table gone): its mappings, local or remote, its place in its eviction queue, its
+    /// thrashing state, its touch time and its previous chunk. A device attached later may get
+    /// the same id, and must not inherit any of them: a stale mapping bit made every later
+    /// migration of the page ask the detached device to unmap it, and fail.
+    pub fn forget_device(&mut self, d: DeviceId) {
+        let me = Proc::Device(d);
+        for p in &mut self.pages {
+            p.dev_mapped.remove(me);
+            p.dev_ro.remove(me);
+        }
+        self.queued_on.remove(me);
+        self.thrashing.remove(me);
+        if let Some(t) = self.touched.get_mut(d.0 as usize) {
+            *t = 0;
+        }
+        self.prev_chunk.retain(|(x, _)| *x != d);
+        self.dev_pa.retain(|(x, _)| *x != d);
+    }
+
     /// Records that device `d` touched the block at `tick`.
     pub fn touch(&mut self, d: crate::types::DeviceId, tick: u64) {
         if let Some(t) = self.touched.get_mut(d.0 as usize) {

@@ -547,13 +547,14 @@ impl AddressSpace {
             for cell in &region.blocks {
                 let mut blk = cell.lock();
                 let here = blk.resident_on(me);
-                if here.is_empty() {
-                    continue;
+                if !here.is_empty() {
+                    if let Err(e) = migrate::to_cpu(self, &region, &mut blk, &here) {
+                        log::error!("detach: bringing block {:#x} back from {id:?}: {e}", blk.base);
+                        result = Err(e);
+                        continue;
+                    }
                 }
-                if let Err(e) = migrate::to_cpu(self, &region, &mut blk, &here) {
-                    log::error!("detach: bringing block {:#x} back from {id:?}: {e}", blk.base);
-                    result = Err(e);
-                }
+                blk.forget_device(id);
             }
         }
         for region in self.regions.read().values() {

@@ -1286,3 +1286,34 @@ fn a_copy_left_unmapped_by_a_failed_migration_is_mapped_again() {
     assert_eq!(w.dev_access(0, s, None), Some(5));
     assert_eq!(w.cpu_access(s, None), 5);
 }
+
+/// A device detached while it maps a page remotely (here by `AccessedBy`, the data in host
+/// memory) leaves no trace: another device then migrates the page, and a device attached in its
+/// place, which gets the same id, serves its own faults on it. Before, the detached device's
+/// mapping bit stayed, and every later migration of the page failed with `Detached`.
+#[test]
+fn a_detached_device_leaves_no_mapping_behind() {
+    let mut w = world(false, 4 * PAGES_PER_BLOCK as u64);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(7));
+    let advice = crate::advice::Advice::AccessedBy(w.ids[0], true);
+    w.space.advise(s, PAGE_SIZE, advice).unwrap().wait(Duration::from_secs(5)).unwrap();
+    assert_eq!(w.dev_access(0, s, None), Some(7));
+    let page = |w: &World| w.space.region_of(s).unwrap().blocks[0].lock().pages[0];
+    assert!(page(&w).dev_mapped.has(Proc::Device(w.ids[0])) && page(&w).resident == ProcMask::only(Proc::Cpu));
+    w.space.detach(w.ids[0]).unwrap();
+    assert!(page(&w).dev_mapped.is_empty(), "{:?}", page(&w));
+    w.space.migrate(s, PAGE_SIZE, Proc::Device(w.ids[1])).unwrap();
+    let host = w.cpu.mem.clone();
+    let fresh = Arc::new(FakeDevice::new(4 * PAGES_PER_BLOCK * PAGE_SIZE as usize, 0xEE, host));
+    let id = w.space.attach(fresh.clone(), AttachOptions::default()).unwrap();
+    assert_eq!(id, w.ids[0], "the id is given again");
+    w.devs[0] = fresh;
+    w.space
+        .advise(s, PAGE_SIZE, crate::advice::Advice::AccessedBy(id, false))
+        .unwrap()
+        .wait(Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(w.dev_access(0, s, Some(9)), Some(9));
+    assert_eq!(w.cpu_access(s, None), 9);
+}

@@ -135,6 +135,10 @@ pub struct Page {
     pub dev_mapped: ProcMask,
     /// Devices (a subset of `dev_mapped`) whose mapping is read-only.
     pub dev_ro: ProcMask,
+    /// Devices (a subset of `dev_mapped`, holding no copy) whose mapping reaches another device's
+    /// copy through its peer window. Such a mapping is removed before the page's holders change
+    /// (`migrate::unmap_peer_maps`), so the memory it reaches is never freed or moved under it.
+    pub peer_mapped: ProcMask,
 }
 
 /// One 2 MiB block of a region.
@@ -274,6 +278,7 @@ impl Block {
         for p in &mut self.pages {
             p.dev_mapped.remove(me);
             p.dev_ro.remove(me);
+            p.peer_mapped.remove(me);
         }
         self.queued_on.remove(me);
         self.thrashing.remove(me);

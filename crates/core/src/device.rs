@@ -78,6 +78,8 @@ pub enum MapTarget {
     Device(PhysAddr),
     /// Host memory (remote access through the system-memory aperture).
     Host(HostAddr),
+    /// Another device's memory, through its [`PeerWindow`] (remote access over the peer link).
+    Peer(PeerAddr),
 }
 
 /// One mapping to install: `len` bytes of virtual addresses from `va`, backed contiguously by
@@ -270,6 +272,9 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     ///
     /// Every [`MapTarget::Host`] address must point to host memory valid for `len` bytes that
     /// stays mapped in the process until the range is unmapped and its TLB entries invalidated.
+    /// Every [`MapTarget::Peer`] address must lie in the window of a peer of this device's
+    /// fabric, in memory that peer keeps allocated to the data until the range is unmapped and
+    /// its TLB entries invalidated.
     unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError>;
 
     /// Removes mappings. Translations may still be cached until [`DeviceMmu::invalidate_tlb`].

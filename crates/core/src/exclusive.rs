@@ -62,7 +62,8 @@ impl AddressSpace {
         let mut va = range.start;
         while va < range.end() {
             let Some(pg) = self.page_state(va) else { return Ok(false) };
-            if pg.resident != crate::types::ProcMask::only(me) || !pg.dev_mapped.has(me) {
+            // Only this device holds and maps it: no other device maps its copy peer to peer.
+            if pg.resident != crate::types::ProcMask::only(me) || pg.dev_mapped != crate::types::ProcMask::only(me) {
                 return Ok(false);
             }
             va += PAGE_SIZE;

@@ -20,7 +20,7 @@ use crate::policy::{select_residency, Decision, Reach, Thrashing};
 use crate::space::{AddressSpace, DeviceSlot, Region};
 
 use crate::stats::add;
-use crate::types::{align_down, Access, Proc, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use crate::types::{align_down, Access, Proc, ProcMask, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// How long the service thread sleeps in the device's fault wait before re-checking for detach.
 const POLL: Duration = Duration::from_millis(50);
@@ -149,7 +149,10 @@ pub(crate) fn service_batch(
 struct Plan {
     migrate: PageMask,
     duplicate: PageMask,
+    /// Mapped to host memory.
     remote: PageMask,
+    /// Mapped to a peer device's copy.
+    peer: PageMask,
 }
 
 impl Plan {
@@ -157,6 +160,7 @@ impl Plan {
         match d {
             Decision::Migrate(p) if p == me => self.migrate.set(i),
             Decision::Duplicate => self.duplicate.set(i),
+            Decision::Remote(Proc::Device(_)) => self.peer.set(i),
             Decision::Remote(_) => self.remote.set(i),
             // The CPU or another device cannot be made to hold data by a device's fault; the
             // requester gets its own copy.
@@ -164,11 +168,23 @@ impl Plan {
         }
     }
     fn is_empty(&self) -> bool {
-        self.migrate.is_empty() && self.duplicate.is_empty() && self.remote.is_empty()
+        self.migrate.is_empty() && self.duplicate.is_empty() && self.remote.is_empty() && self.peer.is_empty()
     }
     fn all(&self) -> PageMask {
-        self.migrate.or(&self.duplicate).or(&self.remote)
+        self.migrate.or(&self.duplicate).or(&self.remote).or(&self.peer)
     }
+}
+
+/// Devices whose memory `slot`'s device maps peer to peer: those whose windows it reaches.
+fn peers_of(space: &AddressSpace, slot: &DeviceSlot) -> ProcMask {
+    let mut m = ProcMask::EMPTY;
+    let Some(mine) = slot.caps.peer else { return m };
+    for h in space.holders() {
+        if h.caps.peer.is_some_and(|w| w.reachable_from(&mine)) && !h.is_detached() && !migrate::whole_blocks(&h) {
+            m.insert(Proc::Device(h.id));
+        }
+    }
+    m
 }
 
 /// Counts an evict-and-refault cycle of `blk` on `slot`'s device and decides whether the block
@@ -249,6 +265,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         host_remote: slot.caps.remote_host_access,
         thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
         dup_reads: policy.duplicate_reads,
+        peers: peers_of(space, slot),
     };
 
     let attrs = space.attrs.read();
@@ -316,6 +333,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             migrate: plan.migrate.and_not(&extra),
             duplicate: plan.duplicate.and_not(&extra),
             remote: plan.remote.and_not(&extra),
+            peer: plan.peer.and_not(&extra),
         };
         r = apply(space, &region, &mut blk, slot, &only);
     }
@@ -390,6 +408,9 @@ fn apply_steps(
     }
     if !plan.duplicate.is_empty() {
         migrate::duplicate_to_device(space, region, blk, slot, &plan.duplicate)?;
+    }
+    if !plan.peer.is_empty() {
+        migrate::map_peer(space, region, blk, slot, &plan.peer)?;
     }
     if !plan.remote.is_empty() {
         migrate::map_remote(space, region, blk, slot, &plan.remote)?;

@@ -335,6 +335,7 @@ impl AddressSpace {
                     cpu: p.cpu,
                     dev_mapped: ProcMask::EMPTY,
                     dev_ro: ProcMask::EMPTY,
+                    peer_mapped: ProcMask::EMPTY,
                 }));
             }
             for slot in self.holders() {

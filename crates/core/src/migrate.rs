@@ -117,6 +117,23 @@ pub(crate) fn unmap_on(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot,
     for i in mapped.iter() {
         blk.pages[i].dev_mapped.remove(me);
         blk.pages[i].dev_ro.remove(me);
+        blk.pages[i].peer_mapped.remove(me);
+    }
+    Ok(())
+}
+
+/// Removes every mapping of `m` that reaches a device's copy through its peer window: done
+/// before the pages' holders change, so no device keeps reaching memory that is freed, moved
+/// or no longer the only copy it was mapped as.
+pub(crate) fn unmap_peer_maps(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Result<()> {
+    let mut devs = ProcMask::EMPTY;
+    for i in m.iter() {
+        devs.0 |= blk.pages[i].peer_mapped.0;
+    }
+    for d in devs.devices() {
+        let slot = space.holder(d)?;
+        let here = select(blk, m, |p| p.peer_mapped.has(Proc::Device(d)));
+        unmap_on(space, blk, &slot, &here)?;
     }
     Ok(())
 }
@@ -422,6 +439,8 @@ pub(crate) fn duplicate_to_device(
     slot.attached()?;
     let me = Proc::Device(slot.id);
     let want = &widen(blk, slot, want);
+    // A new copy appears beside the others: mappings of a peer's copy go first.
+    unmap_peer_maps(space, blk, want)?;
     // The source of a copy is a peer holding the data, or else the CPU's: data held only by
     // other devices that are not peers comes into host backing first, their copies kept.
     let (direct, peers) = peer_sources(space, blk, slot, want);
@@ -523,6 +542,82 @@ pub(crate) fn map_remote(
     Ok(())
 }
 
+/// Maps `want` on `slot`'s device to the copy a peer holds (zero-copy over the peer link, as
+/// `AccessedBy` asks when the data lives on another device): read-write where that copy is the
+/// only one, read-only where copies exist elsewhere. Pages no peer holds (the CPU holds them too,
+/// nobody does, or only devices that are not peers) are mapped to host memory by
+/// [`map_remote`]; pages the device holds itself stay mapped to its own copy.
+pub(crate) fn map_peer(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut Block,
+    slot: &DeviceSlot,
+    want: &PageMask,
+) -> Result<()> {
+    if region.remote {
+        return map_remote(space, region, blk, slot, want);
+    }
+    slot.attached()?;
+    let me = Proc::Device(slot.id);
+    let want = &widen(blk, slot, want);
+    let (direct, peers) = peer_sources(space, blk, slot, want);
+    map_remote(space, region, blk, slot, &want.and_not(&direct))?;
+    if direct.is_empty() {
+        return Ok(());
+    }
+    let full = device_prot(region);
+    let mut entries = Vec::new();
+    let mut ro = PageMask::default();
+    let mut left = direct;
+    for (d, w, _) in &peers {
+        let holder = Proc::Device(*d);
+        let here = select(blk, &left, |p| p.resident.has(holder));
+        left = left.and_not(&here);
+        // Read-only where the holder's copy is not the only one.
+        let shared = |i: usize| blk.pages[i].resident != ProcMask::only(holder);
+        for (s, n, pa) in pa_runs(blk, *d, &here) {
+            let mut k = s;
+            while k < s + n {
+                let mut e = k + 1;
+                while e < s + n && shared(e) == shared(k) {
+                    e += 1;
+                }
+                let prot = if shared(k) { Prot::READ } else { full };
+                if !prot.contains(Prot::WRITE) {
+                    ro.set_range(k, e);
+                }
+                let src = PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE);
+                entries.push(MapEntry {
+                    va: blk.va(k),
+                    len: (e - k) as u64 * PAGE_SIZE,
+                    target: MapTarget::Peer(w.addr(src)),
+                    prot,
+                });
+                k = e;
+            }
+        }
+    }
+    let t = Instant::now();
+    // SAFETY: every target is a peer's copy of the page (`peer_sources`), in memory it keeps
+    // while it holds the data; the mapping is removed (`unmap_peer_maps`, `unmap_others`)
+    // before the page's holders change or that copy is freed.
+    let r = unsafe { slot.mmu.map(&entries) };
+    add_since(&space.stats.ns_map, t);
+    r.map_err(dev_err(slot.id))?;
+    add(&space.stats.peer_mapped_pages, direct.count() as u64);
+    for i in direct.iter() {
+        let p = &mut blk.pages[i];
+        p.dev_mapped.insert(me);
+        p.peer_mapped.insert(me);
+        if ro.get(i) {
+            p.dev_ro.insert(me);
+        } else {
+            p.dev_ro.remove(me);
+        }
+    }
+    Ok(())
+}
+
 /// Most blocks the allocation of a whole block evicts to make a free 2 MiB chunk before taking
 /// single pages (policy `whole_chunks`).
 const CHUNK_EVICTIONS: u32 = 4;
@@ -614,6 +709,8 @@ fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool, prefer: Option<PhysA
 
 /// Returns the device pages of `m` to the allocator and forgets them in `blk`.
 fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
+    // No device may still reach a copy that is freed (`unmap_peer_maps` ran first).
+    debug_assert!(m.iter().all(|i| blk.pages[i].peer_mapped.is_empty() || blk.pa(slot.id, i).is_none()));
     // A partial block on a whole-block device holds a whole chunk: find it before forgetting.
     let slack_chunk = (whole_blocks(slot) && blk.npages < PAGES_PER_BLOCK)
         .then(|| m.iter().find_map(|i| blk.pa(slot.id, i).map(|pa| pa.0 - i as u64 * PAGE_SIZE)))
@@ -638,6 +735,7 @@ pub(crate) fn cpu_duplicate(space: &AddressSpace, region: &Region, blk: &mut Blo
     if m.is_empty() {
         return Ok(());
     }
+    unmap_peer_maps(space, blk, m)?;
     downgrade_devices(space, blk, m)?;
     let devs = device_holders(blk, m);
     for d in devs.devices() {
@@ -695,6 +793,7 @@ pub(crate) fn flush_to_host(space: &AddressSpace, region: &Region, blk: &Block) 
 /// Devices' copies are unmapped and freed (remote mappings of the host page stay valid). The CPU
 /// mapping is left to the caller.
 pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, want: &PageMask) -> Result<()> {
+    unmap_peer_maps(space, blk, want)?;
     let devices = device_holders(blk, want);
     for d in devices.devices() {
         let slot = space.holder(d)?;
@@ -1320,6 +1419,10 @@ pub(crate) fn bulk_home_start(
     blocks: &mut [&mut Block],
     dup: bool,
 ) -> Result<HomeMove> {
+    for blk in blocks.iter_mut() {
+        let all = PageMask::full(blk.npages);
+        unmap_peer_maps(space, blk, &all)?;
+    }
     let mut devs = ProcMask::EMPTY;
     for blk in blocks.iter() {
         for p in &blk.pages {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::attrs::Attrs;
 use crate::block::{Page, PageMask};
-use crate::types::{Access, Proc, PAGES_PER_BLOCK};
+use crate::types::{Access, Proc, ProcMask, PAGES_PER_BLOCK};
 
 /// What to do with one page that `requester` accessed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,8 @@ pub struct Reach {
     pub thrash_pinned: Option<Proc>,
     /// The policy duplicates on read without advice (see [`Policy::duplicate_reads`]).
     pub dup_reads: bool,
+    /// Devices whose memory the requester can map through their peer windows.
+    pub peers: ProcMask,
 }
 
 /// Chooses what happens to a page after `requester` accesses it with `access`: one pure
@@ -78,8 +80,9 @@ pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Acc
             _ => Decision::Migrate(requester),
         };
     };
-    // 5. Accessed-by: keep the data where it is and map it remotely.
-    if attrs.accessed_by.has(requester) && can_reach(current) && current != requester {
+    // 5. Accessed-by: keep the data where it is and map it remotely, on another device too
+    // where the requester reaches that device's memory peer to peer.
+    if attrs.accessed_by.has(requester) && (can_reach(current) || reach.peers.has(current)) && current != requester {
         return Decision::Remote(current);
     }
     // 6. A preferred location the requester can reach: data goes there, requester maps remotely.
@@ -332,13 +335,18 @@ mod tests {
         let ab = Attrs { accessed_by: ProcMask::only(DEV), ..none };
         assert_eq!(select_residency(&on(Proc::Cpu), &ab, DEV, Access::Read, remote), Decision::Remote(Proc::Cpu));
         assert_eq!(select_residency(&on(Proc::Cpu), &ab, DEV, Access::Read, r), Decision::Migrate(DEV), "no aperture");
+        // Data on another device: mapped there where that device is a peer, else it moves.
+        let other = Proc::Device(crate::types::DeviceId(1));
+        let peer = Reach { host_remote: true, peers: ProcMask::only(other), ..Reach::default() };
+        assert_eq!(select_residency(&on(other), &ab, DEV, Access::Write, peer), Decision::Remote(other));
+        assert_eq!(select_residency(&on(other), &ab, DEV, Access::Write, remote), Decision::Migrate(DEV));
         let pref_cpu = Attrs { preferred: Some(Proc::Cpu), ..none };
         assert_eq!(
             select_residency(&on(Proc::Cpu), &pref_cpu, DEV, Access::Write, remote),
             Decision::Remote(Proc::Cpu)
         );
         assert_eq!(select_residency(&on(DEV), &pref_cpu, Proc::Cpu, Access::Read, r), Decision::Migrate(Proc::Cpu));
-        let pinned = Reach { host_remote: true, thrash_pinned: Some(Proc::Cpu), dup_reads: false };
+        let pinned = Reach { host_remote: true, thrash_pinned: Some(Proc::Cpu), ..Reach::default() };
         let dr = Reach { dup_reads: true, ..Reach::default() };
         assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Read, dr), Decision::Duplicate);
         assert_eq!(select_residency(&on(Proc::Cpu), &none, DEV, Access::Write, dr), Decision::Migrate(DEV));

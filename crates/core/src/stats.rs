@@ -56,8 +56,11 @@ stats! {
     bytes_to_device,
     /// Bytes copied device to host.
     bytes_to_host,
-    /// Bytes copied device to device.
+    /// Bytes copied device to device (peer copies between devices).
     bytes_device_to_device,
+    /// Pages a device mapped to another device's copy through its peer window (`AccessedBy`
+    /// with the data on a peer).
+    peer_mapped_pages,
     /// Bytes zero-filled on devices (first touch by a device).
     bytes_zero_filled,
     /// Evictions (victim blocks) from device memory to host backing.

@@ -66,6 +66,11 @@ type FakeMem = Arc<Mutex<Vec<u8>>>;
 static FAKE_FABRIC: Mutex<Vec<std::sync::Weak<Mutex<Vec<u8>>>>> = Mutex::new(Vec::new());
 const FAKE_WINDOW_SHIFT: u32 = 40;
 
+/// A fake peer address as (the fabric index + 1, offset in that fake's memory).
+fn fake_window_split(addr: u64) -> (usize, usize) {
+    ((addr >> FAKE_WINDOW_SHIFT) as usize, (addr & ((1 << FAKE_WINDOW_SHIFT) - 1)) as usize)
+}
+
 #[derive(Debug)]
 struct FakeCpu {
     range: VaRange,
@@ -197,8 +202,7 @@ impl FakeDevice {
         let mut out = Vec::new();
         for op in ops {
             let CopyOp::PeerToDevice { src, len, .. } = *op else { continue };
-            let (index, off) =
-                ((src.0 >> FAKE_WINDOW_SHIFT) as usize, (src.0 & ((1 << FAKE_WINDOW_SHIFT) - 1)) as usize);
+            let (index, off) = fake_window_split(src.0);
             let peer = index.checked_sub(1).and_then(|i| FAKE_FABRIC.lock().get(i).and_then(std::sync::Weak::upgrade));
             let peer = peer.ok_or_else(|| DeviceError::Other(format!("no fake peer at {:#x}", src.0)))?;
             let mem = peer.lock();
@@ -213,8 +217,15 @@ impl FakeDevice {
     fn access(&self, va: u64, write: Option<u8>) -> Option<u8> {
         let pt = self.pt.lock();
         let (target, prot) = *pt.get(&align_down(va, PAGE_SIZE))?;
-        let (mut dmem, mut hmem);
+        let peer;
+        let (mut dmem, mut hmem, mut pmem);
         let (mem, off): (&mut Vec<u8>, usize) = match target {
+            MapTarget::Peer(p) => {
+                let (index, off) = fake_window_split(p.0);
+                peer = FAKE_FABRIC.lock().get(index.checked_sub(1)?).and_then(std::sync::Weak::upgrade)?;
+                pmem = peer.lock();
+                (&mut pmem, off + (va % PAGE_SIZE) as usize)
+            }
             MapTarget::Device(pa) => {
                 dmem = self.mem.lock();
                 (&mut dmem, (pa.0 + va % PAGE_SIZE) as usize)
@@ -266,6 +277,7 @@ impl DeviceMmu for FakeDevice {
                 let t = match e.target {
                     MapTarget::Device(pa) => MapTarget::Device(PhysAddr(pa.0 + k * PAGE_SIZE)),
                     MapTarget::Host(h) => MapTarget::Host(HostAddr(h.0 + (k * PAGE_SIZE) as usize)),
+                    MapTarget::Peer(p) => MapTarget::Peer(PeerAddr(p.0 + k * PAGE_SIZE)),
                 };
                 pt.insert(e.va + k * PAGE_SIZE, (t, e.prot));
             }
@@ -1316,4 +1328,40 @@ fn a_detached_device_leaves_no_mapping_behind() {
         .unwrap();
     assert_eq!(w.dev_access(0, s, Some(9)), Some(9));
     assert_eq!(w.cpu_access(s, None), 9);
+}
+
+/// `AccessedBy(device 1)` with the data on device 0: where the two are peers, device 1 maps
+/// device 0's copy (read-write while it is the only one) and nothing moves; both devices' writes
+/// land in that one copy. Before the copy moves (a CPU read brings it home), device 1's mapping
+/// goes. Without peer windows the data moves to device 1, as before.
+#[test]
+fn accessed_by_maps_a_peers_copy_in_place() {
+    for peers in [true, false] {
+        let mut w =
+            world_built(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, crate::policy::Policy::uvm(), REGION, peers);
+        let s = w.cpu.range.start;
+        let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+        w.apply(&Op::Dev { dev: 0, page: 0, off: 1, val: Some(5) });
+        let advice = crate::advice::Advice::AccessedBy(w.ids[1], true);
+        w.space.advise(s, BLOCK_SIZE, advice).unwrap().wait(Duration::from_secs(5)).unwrap();
+        let before = w.space.stats();
+        w.apply(&Op::Dev { dev: 1, page: 0, off: 1, val: None });
+        w.apply(&Op::Dev { dev: 1, page: 0, off: 2, val: Some(6) });
+        w.apply(&Op::Dev { dev: 0, page: 0, off: 2, val: None });
+        w.apply(&Op::Dev { dev: 0, page: 0, off: 3, val: Some(7) });
+        w.apply(&Op::Dev { dev: 1, page: 0, off: 3, val: None });
+        let moved = w.space.stats().since(&before);
+        let page = w.space.region_of(s).unwrap().blocks[0].lock().pages[0];
+        if peers {
+            assert_eq!(moved.bytes_device_to_device + moved.bytes_to_host + moved.bytes_to_device, 0, "nothing moves");
+            assert_eq!(page.resident, ProcMask::only(d0), "{page:?}");
+            assert!(page.peer_mapped.has(d1) && page.dev_mapped.has(d1) && !page.dev_ro.has(d1), "{page:?}");
+        } else {
+            assert!(page.peer_mapped.is_empty(), "{page:?}");
+        }
+        w.check_all();
+        let page = w.space.region_of(s).unwrap().blocks[0].lock().pages[0];
+        assert!(page.peer_mapped.is_empty() && !page.dev_mapped.has(d1), "gone before the data moved: {page:?}");
+        assert_eq!(w.dev_access(1, s + 3, None), Some(7));
+    }
 }

@@ -155,6 +155,33 @@ fn two_devices_take_turns_peer_to_peer() {
     }
 }
 
+/// `AccessedBy` a second device, with the data on the first: the second device's kernel reads and
+/// updates the first device's copy in place through its peer window (its accesses cross the
+/// link: counted as remote bytes), and nothing migrates. The CPU then reads every word.
+#[test]
+fn accessed_by_reaches_the_data_on_a_peer_in_place() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let hm = Hetmm::new().expect("userfaultfd and memfd are available");
+    let cfg = SimConfig { memory_bytes: 16 << 20, ..SimConfig::default() };
+    let a = hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap();
+    let b = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+    let pages = 512; // 2 MiB
+    let buf = hm.alloc::<u64>(pages * WORDS_PER_PAGE).unwrap();
+    let (grid, k) = per_page(buf.ptr(), pages, |p, w, _| (p * WORDS_PER_PAGE + w) as u64);
+    a.launch(grid, &[Use::write(&buf)], k).unwrap().wait().unwrap();
+    hm.advise_buf(&buf, hetmm::Advice::AccessedBy(b.id(), true)).unwrap().wait(Duration::from_secs(10)).unwrap();
+    let before = hm.stats();
+    let remote_before = b.driver().stats().remote_bytes;
+    let (grid, k) = per_page(buf.ptr(), pages, |_, _, old| old * 3);
+    b.launch(grid, &[Use::write(&buf)], k).unwrap().wait().unwrap();
+    let st = hm.stats().since(&before);
+    assert_eq!((st.bytes_to_device, st.bytes_to_host, st.bytes_device_to_device), (0, 0, 0), "nothing migrates");
+    assert_eq!(b.driver().stats().remote_bytes - remote_before, 2 * buf.byte_len(), "read and written in place");
+    for (i, v) in buf.as_slice().iter().enumerate() {
+        assert_eq!(*v, i as u64 * 3, "word {i}");
+    }
+}
+
 /// A device detached while another copies its data peer to peer: the detach brings what it
 /// still holds home, the copying device gets the rest from its memory first, and every word of
 /// the buffer is right afterwards, wherever it went.

@@ -751,11 +751,12 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
     let st = w.hm.stats();
     eprintln!(
         "stress seed {seed} {policy} big={big} slice={slice} ops={ops}x{threads}: {}; MiB to devices {}, home {}, \
-         between devices {}",
+         between devices {}; pages mapped to a peer's copy {}",
         c.join(", "),
         st.bytes_to_device >> 20,
         st.bytes_to_host >> 20,
-        st.bytes_device_to_device >> 20
+        st.bytes_device_to_device >> 20,
+        st.peer_mapped_pages
     );
     for (i, s) in w.rslots.iter().enumerate() {
         let s = *s.lock().unwrap();

@@ -261,14 +261,16 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let now = space.tick();
     thrash_response(space, slot, &mut blk, now);
     blk.touch(slot.id, now);
+    let attrs = space.attrs.read();
+    // Peers matter only to accessed-by ranges (and finding them walks the devices).
+    let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
+    let accessed_by = !attrs.all_in(span, |a| !a.accessed_by.has(me));
     let reach = Reach {
         host_remote: slot.caps.remote_host_access,
         thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
         dup_reads: policy.duplicate_reads,
-        peers: peers_of(space, slot),
+        peers: if accessed_by { peers_of(space, slot) } else { ProcMask::EMPTY },
     };
-
-    let attrs = space.attrs.read();
     let mut plan = Plan::default();
     let mut faulted = PageMask::default();
     for f in group {

@@ -178,9 +178,11 @@ impl Plan {
 /// Devices whose memory `slot`'s device maps peer to peer: those whose windows it reaches.
 fn peers_of(space: &AddressSpace, slot: &DeviceSlot) -> ProcMask {
     let mut m = ProcMask::EMPTY;
-    let Some(mine) = slot.caps.peer else { return m };
+    if slot.caps.peer.is_none() {
+        return m;
+    }
     for h in space.holders() {
-        if h.caps.peer.is_some_and(|w| w.reachable_from(&mine)) && !h.is_detached() && !migrate::whole_blocks(&h) {
+        if !h.is_detached() && migrate::peer_window(slot, &h).is_some() {
             m.insert(Proc::Device(h.id));
         }
     }

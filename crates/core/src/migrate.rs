@@ -281,22 +281,27 @@ fn fill(
 type Peers = Vec<(DeviceId, PeerWindow, Arc<DeviceSlot>)>;
 
 /// Of the pages of `m` held only by other devices, those `slot`'s device can copy straight from
-/// a holder's memory (a peer of its fabric), and those holders. A holder that maps whole blocks
-/// only gives up whole blocks ([`widen`]), so its data goes through host memory as before.
+/// a holder's memory ([`peer_window`]), and those holders.
 fn peer_sources(space: &AddressSpace, blk: &Block, slot: &DeviceSlot, m: &PageMask) -> (PageMask, Peers) {
     let (mut direct, mut peers) = (PageMask::default(), Peers::new());
-    let Some(mine) = slot.caps.peer else { return (direct, peers) };
+    if slot.caps.peer.is_none() {
+        return (direct, peers);
+    }
     let elsewhere = only_elsewhere(blk, m, Proc::Device(slot.id));
     for d in device_holders(blk, &elsewhere).devices() {
         let Ok(holder) = space.holder(d) else { continue };
-        let Some(w) = holder.caps.peer.filter(|w| w.reachable_from(&mine)) else { continue };
-        if whole_blocks(&holder) {
-            continue;
-        }
+        let Some(w) = peer_window(slot, &holder) else { continue };
         direct = direct.or(&select(blk, &elsewhere, |p| p.resident.has(Proc::Device(d))));
         peers.push((d, w, holder));
     }
     (direct, peers)
+}
+
+/// The window through which `slot`'s device reaches `holder`'s memory, if the two are peers. A
+/// holder that maps whole blocks only gives up whole blocks ([`widen`]), so it never serves as one.
+pub(crate) fn peer_window(slot: &DeviceSlot, holder: &DeviceSlot) -> Option<PeerWindow> {
+    let mine = slot.caps.peer?;
+    holder.caps.peer.filter(|w| w.reachable_from(&mine) && !whole_blocks(holder))
 }
 
 /// Bytes a fill copies from host memory, copies from peers, and zeroes.
@@ -500,28 +505,12 @@ pub(crate) fn map_remote(
     map_local(space, blk, slot, &own.and_not(&shared), full)?;
     let remote = select(blk, want, |p| !p.resident.has(me));
     let t = Instant::now();
-    let mut entries = Vec::new();
-    let mut ro = PageMask::default();
+    let (mut entries, mut ro) = (Vec::new(), PageMask::default());
+    // Read-only where a device holds a copy beside the host's.
+    let shared = |i: usize| blk.pages[i].resident.0 & !ProcMask::only(Proc::Cpu).0 != 0;
     for (s, e) in remote.runs() {
-        let mut i = s;
-        while i < e {
-            let shared = blk.pages[i].resident.0 & !1 != 0;
-            let mut j = i + 1;
-            while j < e && (blk.pages[j].resident.0 & !1 != 0) == shared {
-                j += 1;
-            }
-            let prot = if shared { Prot::READ } else { full };
-            if !prot.contains(Prot::WRITE) {
-                ro.set_range(i, j);
-            }
-            entries.push(MapEntry {
-                va: blk.va(i),
-                len: (j - i) as u64 * PAGE_SIZE,
-                target: MapTarget::Host(region.cpu.backing(blk.va(i))),
-                prot,
-            });
-            i = j;
-        }
+        let host = |k: usize| MapTarget::Host(region.cpu.backing(blk.va(k)));
+        push_remote_entries(&mut entries, &mut ro, blk, (s, e), full, shared, host);
     }
     // SAFETY: the host addresses come from `region.cpu.backing()` for pages of this region; they
     // stay mapped as long as the region's CPU side lives, and every remote mapping is removed
@@ -530,16 +519,48 @@ pub(crate) fn map_remote(
     let r = unsafe { slot.mmu.map(&entries) };
     add_since(&space.stats.ns_map, t);
     r.map_err(dev_err(slot.id))?;
-    for i in remote.iter() {
+    mark_mapped(blk, &remote, me, &ro);
+    Ok(())
+}
+
+/// Appends the remote mappings of pages `s..e` (`run`), one entry per stretch of the same
+/// protection: read-only where `shared` says other copies exist, `full` elsewhere. `target(k)`
+/// is where page `k` is reached (contiguous over the run); `ro` gets the read-only pages.
+fn push_remote_entries(
+    entries: &mut Vec<MapEntry>,
+    ro: &mut PageMask,
+    blk: &Block,
+    (s, e): (usize, usize),
+    full: Prot,
+    shared: impl Fn(usize) -> bool,
+    target: impl Fn(usize) -> MapTarget,
+) {
+    let mut k = s;
+    while k < e {
+        let mut j = k + 1;
+        while j < e && shared(j) == shared(k) {
+            j += 1;
+        }
+        let prot = if shared(k) { Prot::READ } else { full };
+        if !prot.contains(Prot::WRITE) {
+            ro.set_range(k, j);
+        }
+        entries.push(MapEntry { va: blk.va(k), len: (j - k) as u64 * PAGE_SIZE, target: target(k), prot });
+        k = j;
+    }
+}
+
+/// Records that `me` maps `m` (read-only where `ro` says) after a remote map succeeded.
+fn mark_mapped(blk: &mut Block, m: &PageMask, me: Proc, ro: &PageMask) {
+    for i in m.iter() {
         let p = &mut blk.pages[i];
         p.dev_mapped.insert(me);
-        if ro.get(i) || !full.contains(Prot::WRITE) {
+        if ro.get(i) {
             p.dev_ro.insert(me);
         } else {
             p.dev_ro.remove(me);
         }
     }
-    Ok(())
 }
 
 /// Maps `want` on `slot`'s device to the copy a peer holds (zero-copy over the peer link, as
@@ -566,8 +587,7 @@ pub(crate) fn map_peer(
         return Ok(());
     }
     let full = device_prot(region);
-    let mut entries = Vec::new();
-    let mut ro = PageMask::default();
+    let (mut entries, mut ro) = (Vec::new(), PageMask::default());
     let mut left = direct;
     for (d, w, _) in &peers {
         let holder = Proc::Device(*d);
@@ -576,25 +596,8 @@ pub(crate) fn map_peer(
         // Read-only where the holder's copy is not the only one.
         let shared = |i: usize| blk.pages[i].resident != ProcMask::only(holder);
         for (s, n, pa) in pa_runs(blk, *d, &here) {
-            let mut k = s;
-            while k < s + n {
-                let mut e = k + 1;
-                while e < s + n && shared(e) == shared(k) {
-                    e += 1;
-                }
-                let prot = if shared(k) { Prot::READ } else { full };
-                if !prot.contains(Prot::WRITE) {
-                    ro.set_range(k, e);
-                }
-                let src = PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE);
-                entries.push(MapEntry {
-                    va: blk.va(k),
-                    len: (e - k) as u64 * PAGE_SIZE,
-                    target: MapTarget::Peer(w.addr(src)),
-                    prot,
-                });
-                k = e;
-            }
+            let peer = |k: usize| MapTarget::Peer(w.addr(PhysAddr(pa.0 + (k - s) as u64 * PAGE_SIZE)));
+            push_remote_entries(&mut entries, &mut ro, blk, (s, s + n), full, shared, peer);
         }
     }
     let t = Instant::now();
@@ -605,15 +608,9 @@ pub(crate) fn map_peer(
     add_since(&space.stats.ns_map, t);
     r.map_err(dev_err(slot.id))?;
     add(&space.stats.peer_mapped_pages, direct.count() as u64);
+    mark_mapped(blk, &direct, me, &ro);
     for i in direct.iter() {
-        let p = &mut blk.pages[i];
-        p.dev_mapped.insert(me);
-        p.peer_mapped.insert(me);
-        if ro.get(i) {
-            p.dev_ro.insert(me);
-        } else {
-            p.dev_ro.remove(me);
-        }
+        blk.pages[i].peer_mapped.insert(me);
     }
     Ok(())
 }
@@ -917,8 +914,7 @@ pub(crate) struct BulkMove {
     /// Already mapped on the device (a device that cannot fault maps while the CPU revokes).
     mapped: bool,
     done: Option<Copies>,
-    h2d: u64,
-    zero: u64,
+    bytes: Filled,
 }
 
 impl BulkMove {
@@ -1004,8 +1000,8 @@ pub(crate) fn bulk_start(
     }
     let blocks = &mut blocks[..chosen.len()];
     match bulk_submit(space, region, blocks, &chosen, slot, dup) {
-        Ok(Submitted { entries, mapped, done, h2d, zero }) => {
-            Ok(Some(BulkMove { chosen, dup, entries, mapped, done, h2d, zero }))
+        Ok(Submitted { entries, mapped, done, bytes }) => {
+            Ok(Some(BulkMove { chosen, dup, entries, mapped, done, bytes }))
         }
         Err(e) => {
             for (blk, sel) in blocks.iter_mut().zip(&chosen) {
@@ -1041,8 +1037,8 @@ pub(crate) fn bulk_wait_and_map(
     if let Some(done) = mv.done.take() {
         wait_copies(space, region, slot.id, done)?;
     }
-    add(&space.stats.bytes_to_device, mv.h2d);
-    add(&space.stats.bytes_zero_filled, mv.zero);
+    add(&space.stats.bytes_to_device, mv.bytes.host);
+    add(&space.stats.bytes_zero_filled, mv.bytes.zero);
     if mv.mapped {
         return Ok(());
     }
@@ -1124,14 +1120,12 @@ fn bulk_submit(
         }
     }
     let (mut ops, mut entries) = (Vec::new(), Vec::new());
-    let (mut h2d, mut zero) = (0, 0);
+    let mut bytes = Filled::default();
     let prot = device_prot(region);
     for (blk, sel) in blocks.iter().zip(chosen) {
         for (s, n, pa) in pa_runs(blk, slot.id, sel) {
             // Only pages the CPU holds or nobody does are chosen here: no peer sources.
-            let f = fill_ops(&mut ops, region, blk, s, n, pa, &Peers::new());
-            h2d += f.host;
-            zero += f.zero;
+            bytes.add(fill_ops(&mut ops, region, blk, s, n, pa, &Peers::new()));
             entries.push(MapEntry { va: blk.va(s), len: n as u64 * PAGE_SIZE, target: MapTarget::Device(pa), prot });
         }
     }
@@ -1190,7 +1184,7 @@ fn bulk_submit(
         return Err(e);
     }
     if ops.is_empty() {
-        return Ok(Submitted { entries, mapped, done: None, h2d, zero });
+        return Ok(Submitted { entries, mapped, done: None, bytes });
     }
     let t = Instant::now();
     // SAFETY: every host address comes from `region.cpu.backing()` for pages of this region,
@@ -1202,7 +1196,7 @@ fn bulk_submit(
     if done.is_err() && mapped {
         unmap_entries(slot, &entries, blocks, chosen);
     }
-    Ok(Submitted { entries, mapped, done: Some(done?), h2d, zero })
+    Ok(Submitted { entries, mapped, done: Some(done?), bytes })
 }
 
 /// From how many pages of CPU access to take [`bulk_submit`] takes them on a helper thread while
@@ -1217,8 +1211,7 @@ struct Submitted {
     entries: Vec<MapEntry>,
     mapped: bool,
     done: Option<Copies>,
-    h2d: u64,
-    zero: u64,
+    bytes: Filled,
 }
 
 /// Undoes a map of `entries` whose device pages are about to be given back (a failed bulk

@@ -66,9 +66,11 @@ type FakeMem = Arc<Mutex<Vec<u8>>>;
 static FAKE_FABRIC: Mutex<Vec<std::sync::Weak<Mutex<Vec<u8>>>>> = Mutex::new(Vec::new());
 const FAKE_WINDOW_SHIFT: u32 = 40;
 
-/// A fake peer address as (the fabric index + 1, offset in that fake's memory).
-fn fake_window_split(addr: u64) -> (usize, usize) {
-    ((addr >> FAKE_WINDOW_SHIFT) as usize, (addr & ((1 << FAKE_WINDOW_SHIFT) - 1)) as usize)
+/// The memory of the fake whose window holds `addr`, and the offset of `addr` in it.
+fn fake_peer(addr: u64) -> Option<(FakeMem, usize)> {
+    let (index, off) = ((addr >> FAKE_WINDOW_SHIFT) as usize, (addr & ((1 << FAKE_WINDOW_SHIFT) - 1)) as usize);
+    let mem = FAKE_FABRIC.lock().get(index.checked_sub(1)?)?.upgrade()?;
+    Some((mem, off))
 }
 
 #[derive(Debug)]
@@ -202,9 +204,8 @@ impl FakeDevice {
         let mut out = Vec::new();
         for op in ops {
             let CopyOp::PeerToDevice { src, len, .. } = *op else { continue };
-            let (index, off) = fake_window_split(src.0);
-            let peer = index.checked_sub(1).and_then(|i| FAKE_FABRIC.lock().get(i).and_then(std::sync::Weak::upgrade));
-            let peer = peer.ok_or_else(|| DeviceError::Other(format!("no fake peer at {:#x}", src.0)))?;
+            let (peer, off) =
+                fake_peer(src.0).ok_or_else(|| DeviceError::Other(format!("no fake peer at {:#x}", src.0)))?;
             let mem = peer.lock();
             let data = mem.get(off..off + len as usize).ok_or(DeviceError::BadPhysical { addr: off as u64, len })?;
             out.push(data.to_vec());
@@ -221,8 +222,8 @@ impl FakeDevice {
         let (mut dmem, mut hmem, mut pmem);
         let (mem, off): (&mut Vec<u8>, usize) = match target {
             MapTarget::Peer(p) => {
-                let (index, off) = fake_window_split(p.0);
-                peer = FAKE_FABRIC.lock().get(index.checked_sub(1)?).and_then(std::sync::Weak::upgrade)?;
+                let off;
+                (peer, off) = fake_peer(p.0)?;
                 pmem = peer.lock();
                 (&mut pmem, off + (va % PAGE_SIZE) as usize)
             }

@@ -24,6 +24,17 @@ fn setup(mem: u64) -> (Hetmm, Device<SimDevice>) {
 
 const WORDS_PER_PAGE: usize = (PAGE_SIZE / 8) as usize;
 
+/// An address space with two simulated devices of 16 MiB, peers of each other when `peer`.
+fn two_devices(peer: bool) -> (Hetmm, [Device<SimDevice>; 2]) {
+    let hm = Hetmm::new().expect("userfaultfd and memfd are available");
+    let cfg = SimConfig { memory_bytes: 16 << 20, peer_copies: peer, ..SimConfig::default() };
+    let devs = [
+        hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap(),
+        hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap(),
+    ];
+    (hm, devs)
+}
+
 /// A kernel over `pages` pages of u64 at `base`: each block owns one page and applies `f(page,
 /// word, old) -> new` to each word.
 fn per_page<F>(base: u64, pages: usize, f: F) -> (Grid, impl Fn(&BlockCtx) -> Result<(), DeviceError> + Send + Sync)
@@ -119,12 +130,7 @@ fn two_devices_take_turns_peer_to_peer() {
     let _ = env_logger::builder().is_test(true).try_init();
     let step = |old: u64| old.wrapping_mul(3).wrapping_add(1);
     for peer in [true, false] {
-        let hm = Hetmm::new().expect("userfaultfd and memfd are available");
-        let cfg = SimConfig { memory_bytes: 16 << 20, peer_copies: peer, ..SimConfig::default() };
-        let devs = [
-            hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap(),
-            hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap(),
-        ];
+        let (hm, devs) = two_devices(peer);
         let pages = 1024; // 4 MiB
         let n = pages * WORDS_PER_PAGE;
         let mut buf = hm.alloc::<u64>(n).unwrap();
@@ -161,10 +167,7 @@ fn two_devices_take_turns_peer_to_peer() {
 #[test]
 fn accessed_by_reaches_the_data_on_a_peer_in_place() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let hm = Hetmm::new().expect("userfaultfd and memfd are available");
-    let cfg = SimConfig { memory_bytes: 16 << 20, ..SimConfig::default() };
-    let a = hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap();
-    let b = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+    let (hm, [a, b]) = two_devices(true);
     let pages = 512; // 2 MiB
     let buf = hm.alloc::<u64>(pages * WORDS_PER_PAGE).unwrap();
     let (grid, k) = per_page(buf.ptr(), pages, |p, w, _| (p * WORDS_PER_PAGE + w) as u64);
@@ -189,10 +192,7 @@ fn accessed_by_reaches_the_data_on_a_peer_in_place() {
 fn detaching_a_peer_while_data_comes_from_it_loses_nothing() {
     let _ = env_logger::builder().is_test(true).try_init();
     for round in 0..8u64 {
-        let hm = Hetmm::new().expect("userfaultfd and memfd are available");
-        let cfg = SimConfig { memory_bytes: 16 << 20, ..SimConfig::default() };
-        let a = hm.attach_sim(SimDevice::new(cfg.clone()).unwrap()).unwrap();
-        let b = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+        let (hm, [a, b]) = two_devices(true);
         let pages = 1024; // 4 MiB
         let buf = hm.alloc::<u64>(pages * WORDS_PER_PAGE).unwrap();
         let (grid, k) = per_page(buf.ptr(), pages, move |p, w, _| (p * WORDS_PER_PAGE + w) as u64 ^ round);

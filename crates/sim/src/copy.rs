@@ -101,8 +101,8 @@ fn check_host(addr: HostAddr, len: u64) -> Result<(), DeviceError> {
 }
 
 /// A peer's memory is another simulated device's arena: a process address, never this device's
-/// own arena (a copy within one device is `DeviceToDevice`).
-fn check_peer(mem: &PhysMem, addr: PeerAddr, len: u64) -> Result<(), DeviceError> {
+/// own arena (a copy within one device is `DeviceToDevice`; a mapping of it is `Device`).
+pub(crate) fn check_peer(mem: &PhysMem, addr: PeerAddr, len: u64) -> Result<(), DeviceError> {
     let start = usize::try_from(addr.0).map_err(|_| DeviceError::Other(format!("peer address {:#x}", addr.0)))?;
     check_host(HostAddr(start), len)?;
     let own = mem.base_addr()..mem.base_addr() + mem.len();

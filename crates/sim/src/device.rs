@@ -319,14 +319,10 @@ impl DeviceMmu for SimDevice {
                 // Another simulated device's arena: the same kind of remote access as host memory
                 // (the peer link is the link), never this device's own memory.
                 MapTarget::Peer(p) => {
-                    let own = s.mem.base_addr()..s.mem.base_addr() + s.mem.len();
-                    let end = p.0.checked_add(e.len);
-                    if p.0 == 0 || p.0 % PAGE_SIZE != 0 || end.is_none_or(|end| p.0 < own.end && end > own.start) {
-                        return Err(DeviceError::Other(format!(
-                            "peer target {:#x}+{:#x} for {r} is not a page-aligned range of another device",
-                            p.0, e.len
-                        )));
+                    if p.0 % PAGE_SIZE != 0 {
+                        return Err(DeviceError::Other(format!("peer target {:#x} for {r} is not page aligned", p.0)));
                     }
+                    crate::copy::check_peer(&s.mem, p, e.len)?;
                     Target::Host(p.0)
                 }
             };

@@ -89,6 +89,7 @@ impl DeviceMmu for NullDevice {
             coherent: false,
             remote_host_access: false,
             peer: None,
+            region_bound: false,
             memory_bytes: self.bytes,
         }
     }

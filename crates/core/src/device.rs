@@ -67,6 +67,12 @@ pub struct DeviceCaps {
     /// copies from theirs ([`CopyOp::PeerToDevice`]). `None`: data between it and other devices
     /// goes through host memory.
     pub peer: Option<PeerWindow>,
+    /// Whether its virtual addresses and mappings belong to the regions it was told of
+    /// ([`DeviceMmu::region_added`]; CUDA reserves device addresses per region), so that they end
+    /// with the region. `false`: one page table for the whole address space, whose mappings of a
+    /// block outlive a reshape of its region (a partial munmap, mremap or `protect` keeps the
+    /// device's copies of the blocks it does not touch, instead of bringing the region home).
+    pub region_bound: bool,
     /// Bytes of device memory.
     pub memory_bytes: u64,
 }
@@ -324,8 +330,10 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// The region that starts at `app.start` is going away (or the device is being detached):
-    /// nothing of it is mapped on the device any more, and its host memory is unmapped after
-    /// this returns. Must tolerate a region it does not know (it may be told twice). The
+    /// on a [`DeviceCaps::region_bound`] device nothing of it is mapped any more; on others, a
+    /// reshape may keep mappings of blocks it did not touch, whose new regions were or will be
+    /// announced with [`DeviceMmu::region_added`]. Its host memory is unmapped after this
+    /// returns, except where a part of the region lives on. Must tolerate a region it does not know (it may be told twice). The
     /// default does nothing.
     fn region_removed(&self, _app: VaRange) {}
 

@@ -228,6 +228,9 @@ pub(crate) fn background_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) 
             continue;
         }
         let Ok(_gate) = space.enter() else { return };
+        // Never beside a reshape: it moves the blocks it keeps between regions, and their places
+        // in the eviction queue with them (`AddressSpace::requeue`).
+        let Some(_shape) = space.reshape.try_read() else { continue };
         let mut rounds = 0;
         while !slot.is_detached() && slot.free_and_total().0 < target && rounds < 64 {
             match evict_one(&space, &slot, u64::MAX) {

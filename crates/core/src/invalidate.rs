@@ -17,11 +17,12 @@
 
 use std::sync::Arc;
 
-use crate::block::{Page, PageMask};
+use crate::block::{Block, Page, PageMask};
 use crate::cpu::CpuMmu;
 use crate::error::{CoreError, Result};
 use crate::migrate;
-use crate::space::{AddressSpace, Region};
+use crate::space::{AddressSpace, BlockKey, Region};
+use crate::stats::add;
 use crate::types::{ProcMask, Prot, VaRange, PAGE_SIZE};
 
 /// A CPU-side change of the address space, as the host layer reads it from the OS.
@@ -225,7 +226,7 @@ impl AddressSpace {
                 pg.resident = ProcMask::only(crate::types::Proc::Cpu);
             }
         }
-        self.insert_announced(region, true)
+        self.insert_announced(Arc::new(region), true)
     }
 
     /// Validates a range that may cover several adjacent regions: non-empty, no overflow, page
@@ -283,13 +284,16 @@ impl AddressSpace {
     fn reshape_regions(&self, touch: VaRange, flush: Flush, mut f: impl FnMut(&Region) -> Vec<Part>) -> Result<usize> {
         let _gate = self.enter()?;
         let _shape = self.reshape.write();
-        // With the reshape lock held for writing nothing puts data on a device meanwhile: every
-        // fault service and migration holds it for reading (the background evictor only moves
-        // data home).
+        // With the reshape lock held for writing nothing moves data meanwhile: every fault
+        // service, migration and eviction holds it for reading.
         let touched = self.overlapping(touch);
+        let keeps = Keeps::new(self, touch);
         let mut flushed = Ok(());
         for r in &touched {
-            for cell in &r.blocks {
+            for (b, cell) in r.blocks.iter().enumerate() {
+                if keeps.kept(r, b) {
+                    continue;
+                }
                 let mut blk = cell.lock();
                 let mut keep = PageMask::full(blk.npages);
                 if let Flush::Unmapped(g) = flush {
@@ -318,15 +322,18 @@ impl AddressSpace {
             mine
         };
         let mut result = flushed;
+        let mut moves = Vec::new();
         for r in &old {
             r.set_freed();
             let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);
-            for cell in &r.blocks {
+            for (b, cell) in r.blocks.iter().enumerate() {
                 let mut blk = cell.lock();
                 let all = PageMask::full(blk.npages);
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
-                if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
+                if keeps.kept(r, b) {
+                    // Moved whole into its new region below.
+                } else if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
                     log::error!("reshaping {}: {e}", r.range);
                     result = Err(e);
                 }
@@ -342,9 +349,16 @@ impl AddressSpace {
                 slot.mmu.region_removed(r.range);
             }
             for part in f(r) {
+                let in_place = part.src == part.range.start;
                 let new = Region::build(part.range, part.prot, part.cpu, part.remote);
-                for cell in &new.blocks {
+                let mut moved = Vec::new();
+                for (nb, cell) in new.blocks.iter().enumerate() {
                     let mut blk = cell.lock();
+                    if let Some(ob) = keeps.source(r, in_place, blk.base, blk.npages) {
+                        *blk = std::mem::replace(&mut *r.blocks[ob].lock(), Block::new(blk.base, blk.npages));
+                        moved.push((ob, nb));
+                        continue;
+                    }
                     let base = blk.base;
                     for (i, pg) in blk.pages.iter_mut().enumerate() {
                         let src = part.src + (base - part.range.start) + i as u64 * PAGE_SIZE;
@@ -355,12 +369,51 @@ impl AddressSpace {
                         }
                     }
                 }
-                if let Err(e) = self.insert_announced(new, false) {
-                    log::error!("reshaped part {} dropped: {e}", part.range);
+                let new = Arc::new(new);
+                let start = new.range.start;
+                match self.insert_announced(Arc::clone(&new), false) {
+                    Ok(()) => {
+                        add(&self.stats.reshape_blocks_kept, moved.len() as u64);
+                        moves.extend(moved.into_iter().map(|(ob, nb)| ((r.range.start, ob), (start, nb))));
+                    }
+                    Err(e) => {
+                        log::error!("reshaped part {} dropped: {e}", part.range);
+                        result = result.and(self.release_kept(&new, moved.iter().map(|&(_, nb)| nb)));
+                    }
                 }
             }
         }
+        self.requeue(&moves);
         result.map(|()| old.len())
+    }
+
+    /// Gives the blocks of `moves` (old region start and block index, new ones) their new places
+    /// in every device's eviction queue, keeping their order there.
+    fn requeue(&self, moves: &[(BlockKey, BlockKey)]) {
+        if moves.is_empty() {
+            return;
+        }
+        let to: std::collections::HashMap<BlockKey, BlockKey> = moves.iter().copied().collect();
+        for slot in self.holders() {
+            for e in slot.evict_queue.lock().iter_mut() {
+                if let Some(n) = to.get(e) {
+                    *e = *n;
+                }
+            }
+        }
+    }
+
+    /// Brings home and frees the device copies of blocks `which` of a reshaped part that could
+    /// not be inserted (its blocks were kept in place on devices).
+    fn release_kept(&self, region: &Region, which: impl Iterator<Item = usize>) -> Result<()> {
+        let mut result = Ok(());
+        for b in which {
+            let mut blk = region.blocks[b].lock();
+            let all = PageMask::full(blk.npages);
+            let r = flush_and_unmap(self, region, &mut blk, &all);
+            result = result.and(r).and(migrate::drop_device_copies(self, &mut blk, &all));
+        }
+        result
     }
 
     pub(crate) fn overlapping_locked(
@@ -376,6 +429,38 @@ impl AddressSpace {
         }
         keys.extend(map.range(range.start..range.end()).map(|(k, _)| *k));
         keys
+    }
+}
+
+/// Which blocks a reshape keeps in place. Where no attached device binds its mappings to regions
+/// ([`crate::device::DeviceCaps::region_bound`]), a block the change does not touch keeps its
+/// device copies and mappings and moves whole into the part that holds it: a 4 KiB munmap in a
+/// large buffer brings home only the block around it. Otherwise every block comes home.
+struct Keeps {
+    touch: VaRange,
+    on: bool,
+}
+
+impl Keeps {
+    fn new(space: &AddressSpace, touch: VaRange) -> Keeps {
+        Keeps { touch, on: space.holders().iter().all(|s| s.is_detached() || !s.caps.region_bound) }
+    }
+
+    /// Whether block `b` of `r` stays as it is.
+    fn kept(&self, r: &Region, b: usize) -> bool {
+        self.on && r.block_span(b).intersect(&self.touch).is_none()
+    }
+
+    /// The block of `r` that the block at `base` (`npages`) of a part takes over whole: one
+    /// kept, at the same addresses, with the same span. A part that stays `in_place` shares the
+    /// span of every block outside `touch` (both are the block's 2 MiB frame cut by `r`).
+    fn source(&self, r: &Region, in_place: bool, base: u64, npages: usize) -> Option<usize> {
+        if !in_place || !r.range.contains(base) {
+            return None;
+        }
+        let b = r.block_index(base);
+        let span = r.block_span(b);
+        (self.kept(r, b) && span.start == base && span.pages() == npages as u64).then_some(b)
     }
 }
 

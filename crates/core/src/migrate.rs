@@ -1610,6 +1610,7 @@ mod whole_block_tests {
                 coherent: false,
                 remote_host_access: false,
                 peer: None,
+                region_bound: true,
                 memory_bytes: self.mem.lock().len() as u64,
             }
         }

@@ -61,6 +61,9 @@ impl Default for AttachOptions {
     }
 }
 
+/// A block named by its region's start and its index there (what eviction queues hold).
+pub(crate) type BlockKey = (u64, usize);
+
 /// A shared region: one contiguous range of shared virtual memory with its blocks.
 #[derive(Debug)]
 pub struct Region {
@@ -134,7 +137,7 @@ pub(crate) struct DeviceSlot {
     pub(crate) mmu: Arc<dyn DeviceMmu>,
     pub(crate) caps: DeviceCaps,
     pub(crate) alloc: Mutex<BuddyAllocator>,
-    pub(crate) evict_queue: Mutex<VecDeque<(u64, usize)>>,
+    pub(crate) evict_queue: Mutex<VecDeque<BlockKey>>,
     pub(crate) batch: usize,
     /// Injected failures: this many coming 2 MiB allocations fail (fall back to base pages).
     pub(crate) fail_large_alloc: AtomicU32,
@@ -198,8 +201,9 @@ pub struct AddressSpace {
     /// This process is the child of a `fork()` and the address space belongs to the parent:
     /// every operation fails with [`CoreError::ForkedAway`].
     pub(crate) forked_away: AtomicBool,
-    /// Held for reading by every fault service and migration, for writing while regions are
-    /// split, moved or re-protected (so no fault sees a range missing mid-change).
+    /// Held for reading by every fault service, migration and background eviction, for writing
+    /// while regions are split, moved or re-protected (so no fault sees a range missing
+    /// mid-change, and no eviction a block between regions).
     pub(crate) reshape: RwLock<()>,
     /// CPU-side events (unmap, remap, discard) read but not yet applied.
     pub(crate) events_pending: AtomicU64,
@@ -304,14 +308,14 @@ impl AddressSpace {
             return Err(CoreError::Unaligned(range));
         }
         self.not_forked()?;
-        self.insert_announced(Region::build(range, prot, cpu, remote), true)?;
+        self.insert_announced(Arc::new(Region::build(range, prot, cpu, remote)), true)?;
         Ok(range)
     }
 
     /// Inserts `region` after telling every live device about it ([`DeviceMmu::region_added`]).
     /// `must`: a device's refusal undoes the others and fails the insert; otherwise (a region
     /// reshaped from one the devices accepted) it is logged and the region goes in regardless.
-    pub(crate) fn insert_announced(&self, region: Region, must: bool) -> Result<()> {
+    pub(crate) fn insert_announced(&self, region: Arc<Region>, must: bool) -> Result<()> {
         let range = region.range;
         // Lock order: devices before regions (as in `attach`), so that every device learns of
         // every region exactly once.
@@ -336,7 +340,7 @@ impl AddressSpace {
                 return Err(CoreError::Device { device: slot.id, source });
             }
         }
-        regions.insert(range.start, Arc::new(region));
+        regions.insert(range.start, region);
         Ok(())
     }
 
@@ -572,16 +576,17 @@ impl AddressSpace {
     /// Moves the pages of `range` to `to` in bulk (an explicit, synchronous migration; the same
     /// per-block service as a fault). For a device, the pages end up there and mapped (a
     /// read-only copy on read-mostly ranges); for the CPU, they end up in host backing and are
-    /// mapped on the next CPU access.
+    /// mapped on the next CPU access. The range may span adjacent regions (a buffer part of
+    /// which was `protect`ed).
     pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
         self.retrying_races(|| {
             let _gate = self.enter()?;
             let _shape = self.reshape.read();
-            let range = self.check_range(start, len)?;
+            let parts = self.span_parts(start, len)?;
             if let Proc::Device(d) = to {
                 self.slot(d)?;
             }
-            self.prefetch_range(range, to)
+            parts.into_iter().try_for_each(|p| self.prefetch_range(p, to))
         })
     }
 

@@ -77,6 +77,9 @@ stats! {
     /// the range while they ran (the migration or fault service is tried again once the change
     /// is applied).
     revokes_raced,
+    /// Blocks a reshape (a partial munmap, mremap or `protect`, an unregister of part of a
+    /// region) left in place on devices, because the change did not touch them.
+    reshape_blocks_kept,
     /// Nanoseconds allocating device memory (eviction included).
     ns_alloc,
     /// Nanoseconds revoking CPU mappings.

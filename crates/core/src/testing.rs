@@ -170,6 +170,8 @@ pub(crate) struct FakeDevice {
     pub(crate) fail_map: std::sync::atomic::AtomicBool,
     /// Unmaps fail (and leave the entries in place) while set.
     pub(crate) fail_unmap: std::sync::atomic::AtomicBool,
+    /// Reported as [`DeviceCaps::region_bound`] (a device whose mappings end with their region).
+    pub(crate) region_bound: bool,
 }
 
 impl FakeDevice {
@@ -185,6 +187,7 @@ impl FakeDevice {
             copies_started: 0.into(),
             fail_map: false.into(),
             fail_unmap: false.into(),
+            region_bound: false,
         }
     }
 
@@ -256,6 +259,7 @@ impl DeviceMmu for FakeDevice {
             coherent: false,
             remote_host_access: true,
             peer: self.window,
+            region_bound: self.region_bound,
             memory_bytes: self.mem.lock().len() as u64,
         }
     }
@@ -330,10 +334,34 @@ impl DeviceMmu for FakeDevice {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Cpu { page: usize, off: u16, val: Option<u8> },
-    Dev { dev: usize, page: usize, off: u16, val: Option<u8> },
-    Migrate { page: usize, pages: usize, to: Option<usize> },
-    Advise { page: usize, pages: usize, advice: u8, dev: usize },
+    Cpu {
+        page: usize,
+        off: u16,
+        val: Option<u8>,
+    },
+    Dev {
+        dev: usize,
+        page: usize,
+        off: u16,
+        val: Option<u8>,
+    },
+    Migrate {
+        page: usize,
+        pages: usize,
+        to: Option<usize>,
+    },
+    Advise {
+        page: usize,
+        pages: usize,
+        advice: u8,
+        dev: usize,
+    },
+    /// `protect` read-write (the protection it had): a reshape that changes nothing the model
+    /// sees, splitting the region into parts.
+    Reshape {
+        page: usize,
+        pages: usize,
+    },
 }
 
 /// Pages the ops touch: both ends of the first block and the start of the second.
@@ -344,19 +372,20 @@ fn op() -> impl Strategy<Value = Op> {
     let page = proptest::sample::select(PAGES.to_vec());
     let val = proptest::option::of(any::<u8>());
     prop_oneof![
-        (page.clone(), 0u16..4096, val.clone()).prop_map(|(page, off, val)| Op::Cpu { page, off, val }),
-        (0usize..2, page.clone(), 0u16..4096, val).prop_map(|(dev, page, off, val)| Op::Dev { dev, page, off, val }),
-        (page.clone(), 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate {
+        4 => (page.clone(), 0u16..4096, val.clone()).prop_map(|(page, off, val)| Op::Cpu { page, off, val }),
+        4 => (0usize..2, page.clone(), 0u16..4096, val).prop_map(|(dev, page, off, val)| Op::Dev { dev, page, off, val }),
+        4 => (page.clone(), 1usize..40, proptest::option::of(0usize..2)).prop_map(|(page, pages, to)| Op::Migrate {
             page,
             pages,
             to
         }),
-        (page, 1usize..600, 0u8..8, 0usize..2).prop_map(|(page, pages, advice, dev)| Op::Advise {
+        4 => (page.clone(), 1usize..600, 0u8..8, 0usize..2).prop_map(|(page, pages, advice, dev)| Op::Advise {
             page,
             pages,
             advice,
             dev
         }),
+        1 => (page, 1usize..600).prop_map(|(page, pages)| Op::Reshape { page, pages }),
     ]
 }
 
@@ -379,16 +408,18 @@ fn world_with(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::po
 
 /// [`world_with`] with a region of `region` bytes.
 fn world_sized(prefetcher: Arc<dyn Prefetcher>, dev_pages: u64, policy: crate::policy::Policy, region: u64) -> World {
-    world_built(prefetcher, dev_pages, policy, region, false)
+    world_built(prefetcher, dev_pages, policy, region, false, false)
 }
 
-/// [`world_sized`], its two devices peers of one fabric when `peers` is set.
+/// [`world_sized`], its two devices peers of one fabric when `peers` is set, and bound to regions
+/// ([`DeviceCaps::region_bound`]) when `region_bound` is.
 fn world_built(
     prefetcher: Arc<dyn Prefetcher>,
     dev_pages: u64,
     policy: crate::policy::Policy,
     region: u64,
     peers: bool,
+    region_bound: bool,
 ) -> World {
     let cfg = CoreConfig {
         fault_around: 64 * 1024,
@@ -409,11 +440,13 @@ fn world_built(
     let mut ids = Vec::new();
     for _ in 0..2 {
         let bytes = (dev_pages * PAGE_SIZE) as usize;
-        let d = Arc::new(if peers {
+        let mut d = if peers {
             FakeDevice::with_peer_window(bytes, 0xEE, host.clone())
         } else {
             FakeDevice::new(bytes, 0xEE, host.clone())
-        });
+        };
+        d.region_bound = region_bound;
+        let d = Arc::new(d);
         ids.push(space.attach(d.clone(), AttachOptions::default()).unwrap());
         devs.push(d);
     }
@@ -539,6 +572,11 @@ impl World {
                 };
                 self.space.advise(start, len, a).unwrap().wait(Duration::from_secs(10)).unwrap();
             }
+            Op::Reshape { page, pages } => {
+                let start = self.va(page, 0);
+                let len = (pages as u64 * PAGE_SIZE).min(self.cpu.range.end() - start);
+                self.space.protect_range(start, len, Prot::READ | Prot::WRITE).unwrap();
+            }
         }
     }
 
@@ -560,7 +598,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: state_machine_cases(), ..ProptestConfig::default() })]
 
     #[test]
-    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, mem in 0u8..3, hetmm in any::<bool>(), peers in any::<bool>()) {
+    fn every_byte_reads_back_as_last_written(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, mem in 0u8..3, hetmm in any::<bool>(), peers in any::<bool>(), region_bound in any::<bool>()) {
         // Small device memory forces eviction on almost every migration. The third size, one
         // block with a 50% watermark, lets hetmm's background evictor run (at 5% a device this
         // small gets none): once the fault path has had to evict, it keeps the whole device free,
@@ -575,7 +613,7 @@ proptest! {
             1 => Arc::new(TreePrefetcher::default()),
             _ => Arc::new(WholeBlock),
         };
-        let mut w = world_built(prefetcher, dev_pages, policy, REGION, peers);
+        let mut w = world_built(prefetcher, dev_pages, policy, REGION, peers, region_bound);
         for op in &ops {
             w.apply(op);
         }
@@ -1142,10 +1180,72 @@ fn a_reshape_whose_copy_home_fails_keeps_the_device_data() {
     let mut w = world(false, 2048);
     let s = w.cpu.range.start;
     w.dev_access(0, s, Some(0x5a)).unwrap();
-    assert!(w.failing(|d| &d.fail_d2h, || w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ)).is_err());
+    // The change touches the device's block (page 0 comes home, the rest changes protection).
+    let change = VaRange::new(s + PAGE_SIZE, BLOCK_SIZE);
+    assert!(w.failing(|d| &d.fail_d2h, || w.space.protect_range(change.start, change.len, Prot::READ)).is_err());
     assert_eq!(w.space.check_span(s, 2 * BLOCK_SIZE).unwrap(), VaRange::new(s, 2 * BLOCK_SIZE));
-    w.space.protect_range(s + BLOCK_SIZE, BLOCK_SIZE, Prot::READ).unwrap();
+    assert_eq!(w.space.span_parts(s, 2 * BLOCK_SIZE).unwrap().len(), 1, "the region was not split");
+    w.space.protect_range(change.start, change.len, Prot::READ).unwrap();
     assert_eq!(w.cpu_access(s, None), 0x5a, "the device's only copy was dropped");
+}
+
+/// A reshape leaves the blocks it does not touch as they are on the device: their copies stay
+/// (nothing is copied home: copies home fail throughout), still mapped, and later moves find
+/// them where they were; only the block the change cuts through comes home.
+#[test]
+fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
+    let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 4 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let blocks = [0x10, 0x11, 0x12, 0x13];
+    for (b, &v) in blocks.iter().enumerate() {
+        w.dev_access(0, s + b as u64 * BLOCK_SIZE, Some(v)).unwrap();
+    }
+    let before = w.space.stats.snapshot();
+    let used = |w: &World| {
+        let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
+        total - free
+    };
+    let in_use = used(&w);
+    // A page in block 1 is protected, the first page of block 3 unmapped (the device holds page 0
+    // of each block): blocks 0 and 2 do not change.
+    w.failing(|d| &d.fail_d2h, || w.space.protect_range(s + BLOCK_SIZE + 8 * PAGE_SIZE, PAGE_SIZE, Prot::READ))
+        .expect_err("block 1's device data must come home, and cannot");
+    w.space.protect_range(s + BLOCK_SIZE + 8 * PAGE_SIZE, PAGE_SIZE, Prot::READ).unwrap();
+    w.space.unmap_range(VaRange::new(s + 3 * BLOCK_SIZE, PAGE_SIZE)).unwrap();
+    let d = w.space.stats.snapshot().since(&before);
+    assert_eq!(d.reshape_blocks_kept, 3 + 2, "blocks 0, 2, 3 by the protect, 0 and 2 by the unmap");
+    assert_eq!(d.bytes_to_host, PAGE_SIZE, "only block 1's page 0 came home");
+    assert_eq!(used(&w), in_use - 2 * PAGE_SIZE, "block 3's page 0 was dropped uncopied");
+    for b in [0, 2] {
+        let va = s + b * BLOCK_SIZE;
+        assert_eq!(w.devs[0].access(va, None), Some(blocks[b as usize]), "block {b} is still mapped");
+        assert_eq!(w.space.page_state(va).unwrap().resident, ProcMask::only(Proc::Device(w.ids[0])));
+    }
+    // The kept blocks keep their places in the eviction queue: evicting everything finds them.
+    w.space.migrate(s, 3 * BLOCK_SIZE, Proc::Cpu).unwrap();
+    for (b, &v) in blocks.iter().take(3).enumerate() {
+        assert_eq!(w.cpu_access(s + b as u64 * BLOCK_SIZE, None), v);
+    }
+    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
+    assert_eq!(free, total, "no device page is left behind");
+}
+
+/// On a device whose mappings end with their region (CUDA reserves addresses per region), a
+/// reshape brings the whole region home, as before.
+#[test]
+fn a_region_bound_device_gets_the_whole_region_home_on_a_reshape() {
+    let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 4 * BLOCK_SIZE, false, true);
+    let s = w.cpu.range.start;
+    w.dev_access(0, s, Some(0x10)).unwrap();
+    w.dev_access(0, s + 2 * BLOCK_SIZE, Some(0x12)).unwrap();
+    let before = w.space.stats.snapshot();
+    w.space.unmap_range(VaRange::new(s + 3 * BLOCK_SIZE, PAGE_SIZE)).unwrap();
+    let d = w.space.stats.snapshot().since(&before);
+    assert_eq!(d.reshape_blocks_kept, 0);
+    assert_eq!(d.bytes_to_host, 2 * PAGE_SIZE);
+    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
+    assert_eq!(free, total);
+    assert_eq!(w.cpu_access(s + 2 * BLOCK_SIZE, None), 0x12);
 }
 
 /// An unmap does not bring home what it unmaps: data only a device holds inside the unmapped
@@ -1180,12 +1280,13 @@ fn a_release_brings_device_data_home() {
 fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     let mut w = world(false, 2048);
     let s = w.cpu.range.start;
-    w.dev_access(0, s, Some(0x5a)).unwrap();
-    w.dev_access(0, s + BLOCK_SIZE, Some(0x6b)).unwrap();
-    let r = w.failing(|d| &d.fail_d2h, || w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)));
+    let gone = VaRange::new(s + BLOCK_SIZE + PAGE_SIZE, BLOCK_SIZE - PAGE_SIZE);
+    w.dev_access(0, s + BLOCK_SIZE, Some(0x5a)).unwrap();
+    w.dev_access(0, gone.start, Some(0x6b)).unwrap();
+    let r = w.failing(|d| &d.fail_d2h, || w.space.unmap_range(gone));
     assert!(r.is_err(), "the lost copy is reported");
-    assert!(w.space.check_span(s + BLOCK_SIZE, BLOCK_SIZE).is_err(), "the unmapped range left the core");
-    assert_eq!(w.devs[0].access(s + BLOCK_SIZE, None), None, "the device no longer maps it");
+    assert!(w.space.check_span(gone.start, gone.len).is_err(), "the unmapped range left the core");
+    assert_eq!(w.devs[0].access(gone.start, None), None, "the device no longer maps it");
 }
 
 /// With copies home failing, one allocation tries one victim, not every queued block (each
@@ -1243,7 +1344,7 @@ fn data_between_peer_devices_moves_in_one_copy() {
     let pages = 8u64;
     for (peers, hetmm) in [(true, false), (false, false), (true, true), (false, true)] {
         let policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
-        let mut w = world_built(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, policy, REGION, peers);
+        let mut w = world_built(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, policy, REGION, peers, false);
         let s = w.cpu.range.start;
         for p in 0..pages as usize {
             w.apply(&Op::Dev { dev: 0, page: p, off: 7, val: Some(p as u8 + 1) });
@@ -1338,8 +1439,14 @@ fn a_detached_device_leaves_no_mapping_behind() {
 #[test]
 fn accessed_by_maps_a_peers_copy_in_place() {
     for peers in [true, false] {
-        let mut w =
-            world_built(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, crate::policy::Policy::uvm(), REGION, peers);
+        let mut w = world_built(
+            Arc::new(NoPrefetch),
+            4 * PAGES_PER_BLOCK as u64,
+            crate::policy::Policy::uvm(),
+            REGION,
+            peers,
+            false,
+        );
         let s = w.cpu.range.start;
         let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
         w.apply(&Op::Dev { dev: 0, page: 0, off: 1, val: Some(5) });

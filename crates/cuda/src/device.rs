@@ -608,6 +608,7 @@ impl DeviceMmu for CudaDevice {
             coherent: false,
             remote_host_access: false,
             peer: None,
+            region_bound: true,
             memory_bytes: self.inner.layout.bytes(),
         }
     }

@@ -262,6 +262,7 @@ impl DeviceMmu for SimDevice {
             coherent: false,
             remote_host_access: true,
             peer: self.s().cfg.peer_copies.then(|| PeerWindow { fabric: "sim", base: self.s().mem.base_addr() }),
+            region_bound: false,
             memory_bytes: self.s().mem.len(),
         }
     }

@@ -32,14 +32,16 @@ pub fn info() -> Result<ExitCode, hetmm::Error> {
         if hm.kernel_faults_supported() { "served" } else { "NOT served (user-mode only)" }
     );
     println!(
-        "device {:?}: {} ({} MiB, replayable faults: {}, coherent: {}, remote host access: {}, peer copies: {})",
+        "device {:?}: {} ({} MiB, replayable faults: {}, coherent: {}, remote host access: {}, peer copies: {}, \
+         mappings bound to regions: {})",
         dev.id(),
         caps.name,
         caps.memory_bytes >> 20,
         caps.replayable_faults,
         caps.coherent,
         caps.remote_host_access,
-        caps.peer.map_or("none", |w| w.fabric)
+        caps.peer.map_or("none", |w| w.fabric),
+        caps.region_bound
     );
     Ok(ExitCode::SUCCESS)
 }

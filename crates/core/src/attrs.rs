@@ -120,6 +120,22 @@ impl RangeAttrs {
         self.update(range, |a| *a = Attrs::default());
     }
 
+    /// Moves the attributes of `[from, from + len)` to `[to, to + len)` (the program moved the
+    /// memory with `mremap`): the old range keeps none, and whatever the new range had is
+    /// replaced.
+    pub fn move_range(&mut self, from: u64, to: u64, len: u64) {
+        let old = VaRange::new(from, len);
+        self.split_at(old.start);
+        self.split_at(old.end());
+        let pieces: Vec<(u64, u64, Attrs)> =
+            self.map.range(old.start..old.end()).map(|(k, (e, a))| (*k, *e, *a)).collect();
+        self.clear(old);
+        self.clear(VaRange::new(to, len));
+        for (s, e, a) in pieces {
+            self.update(VaRange::new(to + (s - from), e - s), |x| *x = a);
+        }
+    }
+
     /// Number of stored ranges.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -184,6 +200,22 @@ mod tests {
         assert_eq!(m.len(), 1, "merged back");
         m.clear(VaRange::new(0, 0x10000));
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_move_takes_the_attributes_along() {
+        let mut m = RangeAttrs::default();
+        m.update(VaRange::new(0x1000, 0x4000), |a| a.pinned = true);
+        m.update(VaRange::new(0x2000, 0x1000), |a| a.read_mostly = true);
+        m.update(VaRange::new(0x10_0000, 0x8000), |a| a.preferred = Some(Proc::Cpu));
+        // The middle of the pinned range moves onto part of the preferring one.
+        m.move_range(0x2000, 0x10_1000, 0x2000);
+        assert!(m.get(0x1000).pinned && !m.get(0x2000).pinned && !m.get(0x3000).pinned && m.get(0x4000).pinned);
+        let moved = m.get(0x10_1000);
+        assert!(moved.pinned && moved.read_mostly && moved.preferred.is_none(), "{moved:?}");
+        assert!(m.get(0x10_2000).pinned && !m.get(0x10_2000).read_mostly);
+        assert_eq!(m.get(0x10_3000).preferred, Some(Proc::Cpu));
+        assert_eq!(m.get(0x10_0000).preferred, Some(Proc::Cpu));
     }
 
     #[test]

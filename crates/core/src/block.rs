@@ -289,6 +289,16 @@ impl Block {
         self.dev_pa.retain(|(x, _)| *x != d);
     }
 
+    /// The block now lives at `base` (the program moved it by a multiple of 2 MiB): its device
+    /// copies stay; every device mapping of it was removed at the old addresses. Launches and
+    /// jobs named the old addresses, so none holds it any more.
+    pub fn moved_to(&mut self, base: u64) {
+        debug_assert!(self.pages.iter().all(|p| p.dev_mapped.is_empty()), "a carried block is still mapped");
+        self.base = base;
+        self.launching.clear();
+        self.active_jobs = 0;
+    }
+
     /// Records that device `d` touched the block at `tick`.
     pub fn touch(&mut self, d: crate::types::DeviceId, tick: u64) {
         if let Some(t) = self.touched.get_mut(d.0 as usize) {

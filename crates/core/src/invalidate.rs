@@ -23,7 +23,7 @@ use crate::error::{CoreError, Result};
 use crate::migrate;
 use crate::space::{AddressSpace, BlockKey, Region};
 use crate::stats::add;
-use crate::types::{ProcMask, Prot, VaRange, PAGE_SIZE};
+use crate::types::{ProcMask, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// A CPU-side change of the address space, as the host layer reads it from the OS.
 #[derive(Debug, Clone)]
@@ -62,11 +62,14 @@ struct Part {
 enum Flush {
     /// Everything; if a copy fails nothing changes (a change hetmm makes: nothing is lost).
     AllOrNothing,
-    /// Everything, and the regions change even if a copy fails (the kernel already changed the
-    /// mappings; the failed block's device data is lost, and the error reported).
-    Anyway,
+    /// The program moved `touch` to this address (`None`: hetmm cannot follow it there):
+    /// everything comes home, and the regions change even if a copy fails (the kernel already
+    /// moved the mappings; the failed block's device data is lost, and the error reported).
+    /// Blocks that keep their shape at the new place travel there with their device copies
+    /// instead ([`Keeps`]).
+    Moved(Option<u64>),
     /// Everything outside this range, which the program unmapped (its data is dropped
-    /// uncopied); the regions change even if a copy fails, as for [`Flush::Anyway`].
+    /// uncopied); the regions change even if a copy fails, as for [`Flush::Moved`].
     Unmapped(VaRange),
 }
 
@@ -137,7 +140,10 @@ impl AddressSpace {
     /// The program unmapped `range`: shared regions lose that part (device mappings removed,
     /// device memory freed). Returns the CPU sides of regions that disappeared entirely.
     pub fn unmap_range(&self, range: VaRange) -> Result<Vec<Arc<dyn CpuMmu>>> {
-        self.cut_range(range, Flush::Unmapped(range))
+        let r = self.cut_range(range, Flush::Unmapped(range));
+        // The advice went with the memory (whatever is mapped there next starts without).
+        self.attrs.write().clear(range);
+        r
     }
 
     /// Takes `range` out of the shared regions (see [`AddressSpace::unmap_range`] and
@@ -157,12 +163,14 @@ impl AddressSpace {
         Ok(gone)
     }
 
-    /// The program moved `[from, from + len)` to `to`: the data follows (device copies were
-    /// folded back into host memory first), and the new range is shared memory over `new_cpu`.
+    /// The program moved `[from, from + len)` to `to`: the data follows (device copies travel
+    /// with whole blocks moved a multiple of 2 MiB, and are folded back into host memory
+    /// otherwise), and the new range is shared memory over `new_cpu`.
     pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
         let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
         VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
-        self.reshape_regions(old, Flush::Anyway, |r| {
+        let followed = new_cpu.is_some();
+        let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), |r| {
             let mut parts: Vec<Part> = minus(r.range, old)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -177,8 +185,15 @@ impl AddressSpace {
                 });
             }
             parts
-        })
-        .map(drop)
+        });
+        // The advice moves with the memory (or leaves with it).
+        let mut attrs = self.attrs.write();
+        if followed {
+            attrs.move_range(from, to, len);
+        } else {
+            attrs.clear(old);
+        }
+        r.map(drop)
     }
 
     /// Changes the protection of `range` (page aligned, every page shared memory) on the CPU
@@ -208,7 +223,9 @@ impl AddressSpace {
     /// regions that disappeared entirely.
     pub fn release_range(&self, start: u64, len: u64) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let range = self.check_span(start, len)?;
-        self.cut_range(range, Flush::AllOrNothing)
+        let gone = self.cut_range(range, Flush::AllOrNothing)?;
+        self.attrs.write().clear(range);
+        Ok(gone)
     }
 
     /// Adds shared memory the program already had (`register`): a region over `range` whose CPU
@@ -287,7 +304,7 @@ impl AddressSpace {
         // With the reshape lock held for writing nothing moves data meanwhile: every fault
         // service, migration and eviction holds it for reading.
         let touched = self.overlapping(touch);
-        let keeps = Keeps::new(self, touch);
+        let mut keeps = Keeps::new(self, touch, flush);
         let mut flushed = Ok(());
         for r in &touched {
             for (b, cell) in r.blocks.iter().enumerate() {
@@ -295,6 +312,17 @@ impl AddressSpace {
                     continue;
                 }
                 let mut blk = cell.lock();
+                if keeps.carried(r, b) {
+                    // Its copies travel; its mappings at the old addresses must go now.
+                    let all = PageMask::full(blk.npages);
+                    match migrate::unmap_others(self, &mut blk, &all, None) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            log::warn!("block at {:#x} comes home instead of moving: {e}", blk.base);
+                            keeps.refuse(r, b);
+                        }
+                    }
+                }
                 let mut keep = PageMask::full(blk.npages);
                 if let Flush::Unmapped(g) = flush {
                     keep = keep.and_not(&pages_of(&blk.base, blk.npages, &g));
@@ -331,7 +359,7 @@ impl AddressSpace {
                 let all = PageMask::full(blk.npages);
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
-                if keeps.kept(r, b) {
+                if keeps.kept(r, b) || keeps.carried(r, b) {
                     // Moved whole into its new region below.
                 } else if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
                     log::error!("reshaping {}: {e}", r.range);
@@ -349,17 +377,20 @@ impl AddressSpace {
                 slot.mmu.region_removed(r.range);
             }
             for part in f(r) {
-                let in_place = part.src == part.range.start;
+                let (src, start) = (part.src, part.range.start);
                 let new = Region::build(part.range, part.prot, part.cpu, part.remote);
                 let mut moved = Vec::new();
                 for (nb, cell) in new.blocks.iter().enumerate() {
                     let mut blk = cell.lock();
-                    if let Some(ob) = keeps.source(r, in_place, blk.base, blk.npages) {
-                        *blk = std::mem::replace(&mut *r.blocks[ob].lock(), Block::new(blk.base, blk.npages));
+                    let base = blk.base;
+                    if let Some(ob) = keeps.source(r, src + (base - start), blk.npages, src == start) {
+                        *blk = std::mem::replace(&mut *r.blocks[ob].lock(), Block::new(base, blk.npages));
+                        if src != start {
+                            blk.moved_to(base);
+                        }
                         moved.push((ob, nb));
                         continue;
                     }
-                    let base = blk.base;
                     for (i, pg) in blk.pages.iter_mut().enumerate() {
                         let src = part.src + (base - part.range.start) + i as u64 * PAGE_SIZE;
                         if let Some(p) =
@@ -432,18 +463,35 @@ impl AddressSpace {
     }
 }
 
-/// Which blocks a reshape keeps in place. Where no attached device binds its mappings to regions
-/// ([`crate::device::DeviceCaps::region_bound`]), a block the change does not touch keeps its
-/// device copies and mappings and moves whole into the part that holds it: a 4 KiB munmap in a
-/// large buffer brings home only the block around it. Otherwise every block comes home.
+/// Which blocks a reshape keeps on devices. Where no attached device binds its mappings to
+/// regions ([`crate::device::DeviceCaps::region_bound`]):
+/// - a block the change does not touch is *kept*: its device copies and mappings stay, and it
+///   moves whole into the part that holds it (a 4 KiB munmap in a large buffer brings home only
+///   the block around it);
+/// - a block inside a range the program moved by a multiple of 2 MiB is *carried*: its mappings
+///   at the old addresses are removed, its device copies stay, and it moves whole to its new
+///   addresses (the next device access maps them there; an `mremap` of a large device-resident
+///   buffer copies nothing).
+///
+/// Otherwise every block comes home.
 struct Keeps {
     touch: VaRange,
     on: bool,
+    /// Where `touch` moved to, if its blocks can be carried there.
+    to: Option<u64>,
+    /// Carried blocks whose old mappings could not be removed (region start, block): they come
+    /// home instead.
+    refused: Vec<BlockKey>,
 }
 
 impl Keeps {
-    fn new(space: &AddressSpace, touch: VaRange) -> Keeps {
-        Keeps { touch, on: space.holders().iter().all(|s| s.is_detached() || !s.caps.region_bound) }
+    fn new(space: &AddressSpace, touch: VaRange, flush: Flush) -> Keeps {
+        let on = space.holders().iter().all(|s| s.is_detached() || !s.caps.region_bound);
+        let to = match flush {
+            Flush::Moved(Some(to)) if on && to.abs_diff(touch.start) % BLOCK_SIZE == 0 => Some(to),
+            _ => None,
+        };
+        Keeps { touch, on, to, refused: Vec::new() }
     }
 
     /// Whether block `b` of `r` stays as it is.
@@ -451,16 +499,30 @@ impl Keeps {
         self.on && r.block_span(b).intersect(&self.touch).is_none()
     }
 
-    /// The block of `r` that the block at `base` (`npages`) of a part takes over whole: one
-    /// kept, at the same addresses, with the same span. A part that stays `in_place` shares the
-    /// span of every block outside `touch` (both are the block's 2 MiB frame cut by `r`).
-    fn source(&self, r: &Region, in_place: bool, base: u64, npages: usize) -> Option<usize> {
-        if !in_place || !r.range.contains(base) {
+    /// Whether block `b` of `r` travels to its new addresses with its device copies. Moved a
+    /// multiple of 2 MiB, a block inside `touch` keeps its span (its 2 MiB frame cut by the
+    /// moved range, shifted).
+    fn carried(&self, r: &Region, b: usize) -> bool {
+        self.to.is_some() && self.touch.contains_range(&r.block_span(b)) && !self.refused.contains(&(r.range.start, b))
+    }
+
+    /// Block `b` of `r` cannot be carried.
+    fn refuse(&mut self, r: &Region, b: usize) {
+        self.refused.push((r.range.start, b));
+    }
+
+    /// The block of `r` whose state a new block of `npages` takes over whole, its first page
+    /// having been at `old` (the same address `in_place`): one kept or carried, with the same
+    /// span.
+    fn source(&self, r: &Region, old: u64, npages: usize, in_place: bool) -> Option<usize> {
+        if !r.range.contains(old) {
             return None;
         }
-        let b = r.block_index(base);
+        let b = r.block_index(old);
         let span = r.block_span(b);
-        (self.kept(r, b) && span.start == base && span.pages() == npages as u64).then_some(b)
+        let whole = span.start == old && span.pages() == npages as u64;
+        let keeps = if in_place { self.kept(r, b) } else { self.carried(r, b) };
+        (whole && keeps).then_some(b)
     }
 }
 

@@ -139,7 +139,7 @@ pub(crate) fn unmap_peer_maps(space: &AddressSpace, blk: &mut Block, m: &PageMas
 }
 
 /// Unmaps `m` from every device except `keep`.
-fn unmap_others(space: &AddressSpace, blk: &mut Block, m: &PageMask, keep: Option<DeviceId>) -> Result<()> {
+pub(crate) fn unmap_others(space: &AddressSpace, blk: &mut Block, m: &PageMask, keep: Option<DeviceId>) -> Result<()> {
     let mut devs = ProcMask::EMPTY;
     for i in m.iter() {
         devs.0 |= blk.pages[i].dev_mapped.0;

@@ -78,7 +78,8 @@ stats! {
     /// is applied).
     revokes_raced,
     /// Blocks a reshape (a partial munmap, mremap or `protect`, an unregister of part of a
-    /// region) left in place on devices, because the change did not touch them.
+    /// region) moved whole into the new regions, device copies and all, instead of bringing them
+    /// home: blocks the change did not touch, and blocks an mremap moved by a multiple of 2 MiB.
     reshape_blocks_kept,
     /// Nanoseconds allocating device memory (eviction included).
     ns_alloc,

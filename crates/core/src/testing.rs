@@ -1230,6 +1230,32 @@ fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
     assert_eq!(free, total, "no device page is left behind");
 }
 
+/// Advice follows the memory: an mremap takes it to the new addresses, an munmap and an
+/// unregister drop it (what is mapped there next starts without).
+#[test]
+fn advice_moves_with_mremap_and_leaves_with_munmap() {
+    let w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 4 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let pin = crate::advice::Advice::Pin(true);
+    w.space.advise(s, 4 * BLOCK_SIZE, pin).unwrap().wait(Duration::from_secs(10)).unwrap();
+    let to = s + 64 * BLOCK_SIZE;
+    let new_cpu = Arc::new(FakeCpu {
+        range: VaRange::new(to, BLOCK_SIZE),
+        mem: Arc::new(Mutex::new(vec![0; BLOCK_SIZE as usize])),
+        mapped: Mutex::default(),
+        races: 0.into(),
+        fail_discard: false.into(),
+    });
+    w.space.remap_range(s + BLOCK_SIZE, to, BLOCK_SIZE, Some(new_cpu)).unwrap();
+    let pinned = |va: u64| w.space.attrs_at(va).pinned;
+    assert!(pinned(to) && pinned(to + BLOCK_SIZE - PAGE_SIZE), "the advice moved along");
+    assert!(!pinned(s + BLOCK_SIZE), "nothing is left at the old address");
+    w.space.unmap_range(VaRange::new(s, BLOCK_SIZE)).unwrap();
+    assert!(!pinned(s), "an munmap drops the advice");
+    w.space.release_range(s + 2 * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+    assert!(!pinned(s + 2 * BLOCK_SIZE) && pinned(s + 3 * BLOCK_SIZE), "an unregister drops it where it applies");
+}
+
 /// On a device whose mappings end with their region (CUDA reserves addresses per region), a
 /// reshape brings the whole region home, as before.
 #[test]

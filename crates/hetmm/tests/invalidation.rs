@@ -543,3 +543,73 @@ fn register_of_a_file_mapping_past_its_end_is_refused_and_changes_nothing() {
     assert_eq!(unsafe { *file.add(99) }, 0x22);
     unsafe { libc::munmap(p, len) };
 }
+
+/// An `mremap` of device-resident registered memory by a multiple of 2 MiB copies nothing: the
+/// device's copies travel with their blocks, the device no longer reaches the old addresses, a
+/// kernel at the new addresses finds the data in place, and the CPU reads every word there.
+/// Moved by one page more, the blocks come home instead, and every word still arrives.
+#[test]
+fn mremap_by_whole_blocks_carries_device_data() {
+    const BLOCK: usize = 2 << 20;
+    let word = |i: usize| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for shift in [0, PS] {
+        let (hm, dev) = setup(64 << 20);
+        let len = 4 * BLOCK;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let src = unsafe { libc::mmap(std::ptr::null_mut(), len + BLOCK, rw, anon, -1, 0) };
+        let dst = unsafe { libc::mmap(std::ptr::null_mut(), len + 2 * BLOCK, libc::PROT_NONE, anon, -1, 0) };
+        assert!(src != libc::MAP_FAILED && dst != libc::MAP_FAILED);
+        let p = (src as usize).next_multiple_of(BLOCK);
+        let q = (dst as usize).next_multiple_of(BLOCK) + shift;
+        let words = unsafe { std::slice::from_raw_parts_mut(p as *mut u64, len / 8) };
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = word(i);
+        }
+        hm.register(p as *const u8, len).unwrap();
+        hm.migrate(p as u64, len as u64, dev.proc()).unwrap();
+        let before = hm.stats();
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        let moved = unsafe { libc::mremap(p as *mut _, len, len, flags, q as *mut libc::c_void) };
+        assert_eq!(moved as usize, q);
+        hm.space().settle().unwrap();
+        let d = hm.stats().since(&before);
+        if shift == 0 {
+            assert_eq!((d.bytes_to_host, d.reshape_blocks_kept), (0, 4), "the blocks moved with their copies");
+        } else {
+            assert_eq!((d.bytes_to_host, d.reshape_blocks_kept), (len as u64, 0), "the blocks came home");
+        }
+        let (stale, k) = load_word(p as u64);
+        let r = dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30));
+        assert!(r.is_err(), "the device read {:#x} at the old address", stale.load(Ordering::SeqCst));
+        // One word per page, read by a kernel at the new addresses.
+        let before = hm.stats();
+        let wrong = Arc::new(AtomicU64::new(0));
+        let w2 = Arc::clone(&wrong);
+        let k = move |ctx: &BlockCtx| {
+            for page in 0..len / PS {
+                if ctx.load::<u64>((q + page * PS) as u64)? != word(page * PS / 8) {
+                    w2.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        };
+        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(wrong.load(Ordering::Relaxed), 0, "pages the kernel read wrong (shift {shift})");
+        if shift == 0 {
+            assert_eq!(hm.stats().since(&before).bytes_to_device, 0, "the kernel found its data in place");
+        }
+        let words = unsafe { std::slice::from_raw_parts(q as *const u64, len / 8) };
+        for (i, w) in words.iter().enumerate() {
+            assert_eq!(*w, word(i), "word {i} at the new address (shift {shift})");
+        }
+        hm.unregister(q as *const u8, len).unwrap();
+        // Only what is left of the source: the range the buffer left is a hole, where a thread
+        // started since may have its stack.
+        unsafe {
+            libc::munmap(src, p - src as usize);
+            libc::munmap((p + len) as *mut _, src as usize + len + BLOCK - (p + len));
+            libc::munmap(dst, len + 2 * BLOCK);
+        }
+    }
+}

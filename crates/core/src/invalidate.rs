@@ -62,6 +62,10 @@ struct Part {
 enum Flush {
     /// Everything; if a copy fails nothing changes (a change hetmm makes: nothing is lost).
     AllOrNothing,
+    /// `touch` changes protection: as [`Flush::AllOrNothing`], except that blocks wholly inside
+    /// it keep their device copies and lose only their device mappings (the next access faults
+    /// and is checked against the new protection; see [`Keeps`]).
+    Reprotect,
     /// The program moved `touch` to this address (`None`: hetmm cannot follow it there):
     /// everything comes home, and the regions change even if a copy fails (the kernel already
     /// moved the mappings; the failed block's device data is lost, and the error reported).
@@ -198,11 +202,12 @@ impl AddressSpace {
 
     /// Changes the protection of `range` (page aligned, every page shared memory) on the CPU
     /// and on every device together: device mappings are removed (the next device access faults
-    /// and is checked against the new protection) and the CPU view is `mprotect`ed.
+    /// and is checked against the new protection) and the CPU view is `mprotect`ed. Device
+    /// copies stay, except in the blocks the range cuts through, which come home.
     pub fn protect_range(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
         let range = self.check_span(start, len)?;
         let mut cpu_result = Ok(());
-        self.reshape_regions(range, Flush::AllOrNothing, |r| {
+        self.reshape_regions(range, Flush::Reprotect, |r| {
             let mut parts: Vec<Part> = minus(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
@@ -329,7 +334,7 @@ impl AddressSpace {
                 }
                 if let Err(e) = flush_and_unmap(self, r, &mut blk, &keep) {
                     log::error!("reshaping {}: {e}", r.range);
-                    if flush == Flush::AllOrNothing {
+                    if matches!(flush, Flush::AllOrNothing | Flush::Reprotect) {
                         return Err(e);
                     }
                     // The kernel has already moved or unmapped the memory: the regions must
@@ -468,16 +473,18 @@ impl AddressSpace {
 /// - a block the change does not touch is *kept*: its device copies and mappings stay, and it
 ///   moves whole into the part that holds it (a 4 KiB munmap in a large buffer brings home only
 ///   the block around it);
-/// - a block inside a range the program moved by a multiple of 2 MiB is *carried*: its mappings
-///   at the old addresses are removed, its device copies stay, and it moves whole to its new
-///   addresses (the next device access maps them there; an `mremap` of a large device-resident
-///   buffer copies nothing).
+/// - a block inside a range the program moved by a multiple of 2 MiB, or re-protected, is
+///   *carried*: its device mappings are removed, its device copies stay, and it moves whole to
+///   its new addresses or into the re-protected part (the next device access maps it again,
+///   checked against the part's protection: an `mremap` or a `protect` of a large
+///   device-resident buffer copies nothing).
 ///
 /// Otherwise every block comes home.
 struct Keeps {
     touch: VaRange,
     on: bool,
-    /// Where `touch` moved to, if its blocks can be carried there.
+    /// Where `touch` moved to (where it is, for a re-protection), if its blocks can be carried
+    /// there.
     to: Option<u64>,
     /// Carried blocks whose old mappings could not be removed (region start, block): they come
     /// home instead.
@@ -489,6 +496,7 @@ impl Keeps {
         let on = space.holders().iter().all(|s| s.is_detached() || !s.caps.region_bound);
         let to = match flush {
             Flush::Moved(Some(to)) if on && to.abs_diff(touch.start) % BLOCK_SIZE == 0 => Some(to),
+            Flush::Reprotect if on => Some(touch.start),
             _ => None,
         };
         Keeps { touch, on, to, refused: Vec::new() }
@@ -513,7 +521,7 @@ impl Keeps {
 
     /// The block of `r` whose state a new block of `npages` takes over whole, its first page
     /// having been at `old` (the same address `in_place`): one kept or carried, with the same
-    /// span.
+    /// span. A part that moved holds only carried blocks (kept ones are outside `touch`).
     fn source(&self, r: &Region, old: u64, npages: usize, in_place: bool) -> Option<usize> {
         if !r.range.contains(old) {
             return None;
@@ -521,7 +529,8 @@ impl Keeps {
         let b = r.block_index(old);
         let span = r.block_span(b);
         let whole = span.start == old && span.pages() == npages as u64;
-        let keeps = if in_place { self.kept(r, b) } else { self.carried(r, b) };
+        // A part in place holds kept blocks, and carried ones where it was re-protected.
+        let keeps = self.carried(r, b) || (in_place && self.kept(r, b));
         (whole && keeps).then_some(b)
     }
 }

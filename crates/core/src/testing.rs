@@ -1230,6 +1230,30 @@ fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
     assert_eq!(free, total, "no device page is left behind");
 }
 
+/// A `protect` of whole blocks leaves their device copies where they are and removes only
+/// their device mappings: the next device access maps them again under the new protection (a
+/// read finds its data in place, a write is refused), and nothing is copied home.
+#[test]
+fn a_protect_of_whole_blocks_keeps_their_device_copies() {
+    let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 4 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    for b in 0..4u64 {
+        w.dev_access(0, s + b * BLOCK_SIZE, Some(0x10 + b as u8)).unwrap();
+    }
+    let before = w.space.stats.snapshot();
+    w.failing(|d| &d.fail_d2h, || w.space.protect_range(s + BLOCK_SIZE, 2 * BLOCK_SIZE, Prot::READ))
+        .expect("nothing to copy home");
+    let d = w.space.stats.snapshot().since(&before);
+    assert_eq!((d.bytes_to_host, d.reshape_blocks_kept), (0, 4));
+    assert_eq!(w.devs[0].access(s + BLOCK_SIZE, None), None, "the device mapping went");
+    assert_eq!(w.devs[0].access(s, None), Some(0x10), "outside the range it stays");
+    assert_eq!(w.dev_access(0, s + BLOCK_SIZE, None), Some(0x11));
+    assert_eq!(w.dev_access(0, s + 2 * BLOCK_SIZE, Some(0x99)), None, "a write is refused");
+    let d = w.space.stats.snapshot().since(&before);
+    assert_eq!((d.bytes_to_host, d.bytes_to_device), (0, 0), "the read found its data in place");
+    assert_eq!(w.cpu_access(s + 2 * BLOCK_SIZE, None), 0x12);
+}
+
 /// Advice follows the memory: an mremap takes it to the new addresses, an munmap and an
 /// unregister drop it (what is mapped there next starts without).
 #[test]

@@ -1,6 +1,7 @@
 //! What a change to a small part of device-resident memory costs: the program registers a
 //! buffer, a simulated device takes all of it (again before each change), and then the program
 //! - `protect`s one 4 KiB page read-only,
+//! - `protect`s the buffer's first quarter read-only,
 //! - `munmap`s another 4 KiB page,
 //! - `mremap`s the buffer's last quarter to a new address a multiple of 2 MiB away,
 //! - and on to another address a multiple of 2 MiB and one 4 KiB page away.
@@ -69,7 +70,7 @@ fn to_device(hm: &Hetmm, to: hetmm::Proc, ranges: &[(u64, u64)]) -> Result<(), h
 }
 
 /// One run in a fresh address space: the costs of the protect, the munmap and the two mremaps.
-fn run(size: usize) -> Result<[Cost; 4], hetmm::Error> {
+fn run(size: usize) -> Result<[Cost; 5], hetmm::Error> {
     let hm = Hetmm::new()?;
     let dev = hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 2 * size as u64, ..SimConfig::default() })?)?;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
@@ -99,8 +100,12 @@ fn run(size: usize) -> Result<[Cost; 4], hetmm::Error> {
     let protected = size / 2 + 5 * PAGE;
     let unmapped = size / 4 + 9 * PAGE;
     let moved = size - quarter;
-    let protect = timed(&hm, || hm.protect(p as u64 + protected as u64, PAGE as u64, Prot::READ).expect("protect"))?;
+    let protect_page =
+        timed(&hm, || hm.protect(p as u64 + protected as u64, PAGE as u64, Prot::READ).expect("protect"))?;
     // Each change finds the whole buffer on the device.
+    to_device(&hm, dev.proc(), &[(p as u64, size as u64)])?;
+    let protect_quarter =
+        timed(&hm, || hm.protect(p as u64, quarter as u64, Prot::READ).expect("protect of a quarter"))?;
     to_device(&hm, dev.proc(), &[(p as u64, size as u64)])?;
     let munmap = timed(&hm, || {
         // SAFETY: one page of the buffer, which this function owns; it is not touched again.
@@ -140,7 +145,7 @@ fn run(size: usize) -> Result<[Cost; 4], hetmm::Error> {
         unmap_around(reserved, quarter + BLOCK, hole, quarter);
         libc::munmap(reserved2, quarter + 2 * BLOCK);
     }
-    Ok([protect, munmap, away, shifted])
+    Ok([protect_page, protect_quarter, munmap, away, shifted])
 }
 
 fn main() -> Result<(), hetmm::Error> {
@@ -151,14 +156,20 @@ fn main() -> Result<(), hetmm::Error> {
     let runs = (0..repeat).map(|_| run(size)).collect::<Result<Vec<_>, _>>()?;
     let memcpy = size as f64 / hetmm::host::probe::memcpy_bandwidth(size, 5);
     println!("buffer {} MiB on the sim device; memcpy of it {:.2} ms (same run)", size >> 20, memcpy * 1e3);
-    let whats = ["protect 4 KiB", "munmap 4 KiB", "mremap a quarter, 2 MiB steps", "mremap it back + 4 KiB"];
+    let whats = [
+        "protect 4 KiB",
+        "protect a quarter",
+        "munmap 4 KiB",
+        "mremap a quarter, 2 MiB steps",
+        "mremap it on, 2 MiB steps + 4 KiB",
+    ];
     for (k, what) in whats.iter().enumerate() {
         let mut t: Vec<f64> = runs.iter().map(|r| r[k].seconds).collect();
         t.sort_by(f64::total_cmp);
         let med = t[t.len() / 2];
         let c = runs[0][k];
         println!(
-            "{what:>30}: {:8.3} ms ({:.3}x memcpy of the buffer), {:7.2} MiB copied home, {} blocks kept on the \
+            "{what:>34}: {:8.3} ms ({:.3}x memcpy of the buffer), {:7.2} MiB copied home, {} blocks kept on the \
              device (median of {repeat})",
             med * 1e3,
             med / memcpy,

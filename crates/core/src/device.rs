@@ -307,8 +307,9 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// Moves up to `max` pending faults into `out` without blocking; returns how many.
     fn fetch_faults(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize;
 
-    /// Blocks until the fault buffer holds an entry or `timeout` passes; returns whether faults
-    /// are pending. Returns early (false) after [`DeviceMmu::shutdown_faults`].
+    /// Blocks until the fault buffer holds an entry (or, on a device with access counters, a
+    /// notice is pending: [`DeviceMmu::take_access_notices`]) or `timeout` passes; returns
+    /// whether either is pending. Returns early (false) after [`DeviceMmu::shutdown_faults`].
     fn wait_for_faults(&self, timeout: Duration) -> bool;
 
     /// Replays: every client waiting on a fault retries its access, except those whose faulting
@@ -342,6 +343,13 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// pages for DMA must pin the new ones before its next copy of them. Called with the
     /// blocks' locks held. The default does nothing.
     fn host_discarded(&self, _ranges: &[VaRange]) {}
+
+    /// Moves into `out` the regions whose remote accesses by this device reached its
+    /// access-counter threshold since the last call: NVIDIA's access counters, which count a
+    /// device's accesses to memory it maps but does not hold (host memory, a peer's). The core
+    /// may then bring such memory to the device. Devices without access counters report none
+    /// (the default).
+    fn take_access_notices(&self, _out: &mut Vec<VaRange>) {}
 
     /// Collects and clears the accessed bits of mapped device pages in `range` (the device's
     /// access information, for eviction by recency). Devices without accessed bits return `None`.

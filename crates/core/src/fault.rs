@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::attrs::RangeAttrs;
 use crate::block::PageMask;
 use crate::device::{DeviceFault, FaultCancel};
 use crate::error::CoreError;
@@ -41,19 +42,28 @@ pub(crate) struct Walk {
 pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
     let mut batch = Vec::with_capacity(slot.batch);
     let mut stale = Vec::with_capacity(slot.batch);
+    let mut notices = Vec::new();
     while !slot.is_detached() {
         if !slot.mmu.wait_for_faults(POLL) {
             continue;
         }
         batch.clear();
         slot.mmu.fetch_faults(slot.batch, &mut batch);
-        if batch.is_empty() {
+        notices.clear();
+        slot.mmu.take_access_notices(&mut notices);
+        if batch.is_empty() && notices.is_empty() {
             continue;
         }
         let Some(space) = space.upgrade() else {
             slot.mmu.shutdown_faults();
             break;
         };
+        if !notices.is_empty() {
+            service_notices(&space, &slot, &notices);
+        }
+        if batch.is_empty() {
+            continue;
+        }
         // A bug in servicing must not leave the device's clients waiting forever: cancel the
         // batch and keep serving.
         let pages: Vec<u64> = batch.iter().map(|f| align_down(f.va, PAGE_SIZE)).collect();
@@ -214,25 +224,116 @@ fn thrash_response(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::blo
         }
     }
     blk.last_evicted = 0;
-    let thrashing = space.config.policy.thrashing == Thrashing::RemoteMap
-        && slot.caps.remote_host_access
-        && now < slot.thrash_until.load(Ordering::Relaxed);
-    if blk.thrashing.has(me) && (!thrashing || space.free_fraction(slot) > 0.25) {
-        blk.thrashing.remove(me);
+    end_remote_service(space, slot, blk, now);
+    if !blk.thrashing.has(me) && stays_remote(space, slot, blk, now) {
+        blk.thrashing.insert(me);
     }
-    // Short of memory: taking the block in would make eviction (now, or the background
-    // evictor's to keep its watermark) take one out.
+}
+
+/// Whether the thrashing response serves `blk` remotely on `slot`'s device at `now`: the device
+/// is thrashing, holds nothing of the block, is short of memory (taking the block in would make
+/// eviction, now or the background evictor's to keep its watermark, take one out), and the
+/// block comes back no more often than the one eviction would take.
+fn stays_remote(space: &AddressSpace, slot: &DeviceSlot, blk: &crate::block::Block, now: u64) -> bool {
     let short = || {
         let (free, total) = slot.free_and_total();
         free < blk.npages as u64 + crate::evict::free_cap(total, space.config.policy.free_watermark)
     };
-    if thrashing
-        && !blk.thrashing.has(me)
-        && blk.resident_on(me).is_empty()
+    thrashing_now(space, slot, now)
+        && blk.resident_on(Proc::Device(slot.id)).is_empty()
         && short()
         && crate::evict::coldest_refaults(space, slot, blk.base).is_some_and(|r| blk.refaults <= r.saturating_add(1))
-    {
-        blk.thrashing.insert(me);
+}
+
+/// Whether `slot`'s device is capacity thrashing at `now`, with the policy's remote-map response.
+fn thrashing_now(space: &AddressSpace, slot: &DeviceSlot, now: u64) -> bool {
+    space.config.policy.thrashing == Thrashing::RemoteMap
+        && slot.caps.remote_host_access
+        && now < slot.thrash_until.load(Ordering::Relaxed)
+}
+
+/// Ends the thrashing response's remote service of `blk` on `slot`'s device once the thrashing
+/// is over or memory has freed up.
+fn end_remote_service(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Block, now: u64) {
+    let me = Proc::Device(slot.id);
+    if blk.thrashing.has(me) && (!thrashing_now(space, slot, now) || space.free_fraction(slot) > 0.25) {
+        blk.thrashing.remove(me);
+    }
+}
+
+/// What residency selection needs to know about `slot`'s device for `blk`.
+fn reach_of(space: &AddressSpace, slot: &DeviceSlot, blk: &crate::block::Block, attrs: &RangeAttrs) -> Reach {
+    let me = Proc::Device(slot.id);
+    // Peers matter only to accessed-by ranges (and finding them walks the devices).
+    let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
+    let accessed_by = !attrs.all_in(span, |a| !a.accessed_by.has(me));
+    Reach {
+        host_remote: slot.caps.remote_host_access,
+        thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
+        dup_reads: space.config.policy.duplicate_reads,
+        peers: if accessed_by { peers_of(space, slot) } else { ProcMask::EMPTY },
+    }
+}
+
+/// Services access-counter notices: the device used memory it maps remotely heavily. Where
+/// residency selection would now bring such pages to the device (the thrashing response that
+/// kept them remote is over, or memory freed up), their remote mappings are removed, so that
+/// the next access faults and the fault service moves them as it moves any page; pages advice
+/// keeps remote (`AccessedBy`, a preferred location elsewhere) stay as they are. Without this,
+/// a block the thrashing response served remotely stays remote for as long as the device keeps
+/// using it: its accesses never fault again.
+pub(crate) fn service_notices(space: &AddressSpace, slot: &DeviceSlot, notices: &[VaRange]) {
+    add(&space.stats.access_notices, notices.len() as u64);
+    if !space.config.policy.access_counters {
+        return;
+    }
+    let Ok(_gate) = space.enter() else { return };
+    let _shape = space.reshape.read();
+    for &notice in notices {
+        for region in space.overlapping(notice) {
+            if region.remote {
+                continue; // mirrored: never migrated
+            }
+            let Some(part) = region.range.intersect(&notice) else { continue };
+            for bidx in region.block_index(part.start)..=region.block_index(part.end() - 1) {
+                let mut blk = region.blocks[bidx].lock();
+                if region.is_freed() {
+                    break;
+                }
+                bring_closer(space, slot, &mut blk);
+            }
+        }
+    }
+}
+
+/// The access-counter response for one block (see [`service_notices`]).
+fn bring_closer(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Block) {
+    let me = Proc::Device(slot.id);
+    if blk.thrashing.has(me) {
+        // Brought closer only where the fault that follows would not serve it remotely again.
+        if stays_remote(space, slot, blk, space.tick()) {
+            return;
+        }
+        blk.thrashing.remove(me);
+    }
+    let attrs = space.attrs.read();
+    let reach = reach_of(space, slot, blk, &attrs);
+    let mut closer = PageMask::default();
+    for (i, p) in blk.pages.iter().enumerate() {
+        if p.dev_mapped.has(me)
+            && !p.resident.has(me)
+            && !matches!(select_residency(p, &attrs.get(blk.va(i)), me, Access::Prefetch, reach), Decision::Remote(_))
+        {
+            closer.set(i);
+        }
+    }
+    drop(attrs);
+    if closer.is_empty() {
+        return;
+    }
+    match migrate::unmap_on(space, blk, slot, &closer) {
+        Ok(()) => add(&space.stats.access_unmapped_pages, closer.count() as u64),
+        Err(e) => log::warn!("access-counter response at {:#x} on {:?}: {e}", blk.base, slot.id),
     }
 }
 
@@ -264,15 +365,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     thrash_response(space, slot, &mut blk, now);
     blk.touch(slot.id, now);
     let attrs = space.attrs.read();
-    // Peers matter only to accessed-by ranges (and finding them walks the devices).
-    let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
-    let accessed_by = !attrs.all_in(span, |a| !a.accessed_by.has(me));
-    let reach = Reach {
-        host_remote: slot.caps.remote_host_access,
-        thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
-        dup_reads: policy.duplicate_reads,
-        peers: if accessed_by { peers_of(space, slot) } else { ProcMask::EMPTY },
-    };
+    let reach = reach_of(space, slot, &blk, &attrs);
     let mut plan = Plan::default();
     let mut faulted = PageMask::default();
     for f in group {

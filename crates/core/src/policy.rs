@@ -153,6 +153,12 @@ pub struct Policy {
     /// `graph`'s randomly gathered block ran its kernels 1.7x slower that way (10x the device
     /// TLB misses), in about one run in five at oversubscription 1-1.25.
     pub whole_chunks: bool,
+    /// Act on the device's access counters: memory a device maps remotely and uses heavily is
+    /// brought to it once residency selection would now do so (the thrashing response that kept
+    /// it remote is over, or memory freed up); advice that keeps memory remote still holds. UVM
+    /// leaves these migrations off on x86 (`uvm_perf_access_counter_migration_enable`), so
+    /// memory its thrashing response pinned remotely stays remote.
+    pub access_counters: bool,
 }
 
 impl Policy {
@@ -172,6 +178,7 @@ impl Policy {
             duplicate_reads: false,
             revoke_whole_block: false,
             whole_chunks: false,
+            access_counters: false,
         }
     }
 
@@ -192,6 +199,7 @@ impl Policy {
             duplicate_reads: true,
             revoke_whole_block: true,
             whole_chunks: true,
+            access_counters: true,
         }
     }
 

@@ -73,6 +73,12 @@ stats! {
     prefetched_pages,
     /// Evict-and-refault or ping-pong events detected.
     thrash_events,
+    /// Access-counter notices from devices (a region mapped remotely reached the device's
+    /// access threshold).
+    access_notices,
+    /// Pages whose remote mappings access-counter notices removed, so that the device's next
+    /// access brings them to it.
+    access_unmapped_pages,
     /// Revokes and write-protects of CPU mappings refused because the program unmapped or moved
     /// the range while they ran (the migration or fault service is tried again once the change
     /// is applied).

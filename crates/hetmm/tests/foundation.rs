@@ -497,18 +497,21 @@ fn sim_mul_mat_matches_the_cpu_bit_for_bit_at_any_size() {
     }
 }
 
-/// Capacity thrashing keeps the hot set on the device and serves the rest remotely: every kernel
-/// block reads all of `hot` (2 MiB blocks, half the device) and its own slice of `cold`, which is
-/// read once. On a device of three blocks something must be served remotely; it must be the cold
-/// data (each byte read once), not `hot` (read by every kernel block). The thrashing response
-/// used to map the blocks that came back most, `hot`'s, remotely: hundreds of MiB read over the
-/// link instead of a few.
-#[test]
-fn capacity_thrashing_keeps_the_hot_set_and_serves_the_rest_remotely() {
-    const HOT: usize = (4 << 20) / 8;
-    const COLD: usize = (16 << 20) / 8;
-    const SLICE: usize = (64 << 10) / 8;
-    let (hm, dev) = setup(6 << 20);
+const HOT: usize = (4 << 20) / 8;
+const COLD: usize = (16 << 20) / 8;
+const SLICE: usize = (64 << 10) / 8;
+
+/// A device of three blocks (6 MiB) thrashes: every kernel block reads all of `hot` (2 MiB
+/// blocks, half the device) and its own slice of `cold` (16 MiB, read once), and writes a sum to
+/// `sums`. Returns the address space, the device, the three buffers and the bytes the kernel
+/// read remotely; every sum is checked.
+#[allow(clippy::type_complexity)]
+fn thrash_hot_and_cold(
+    policy: hetmm::Policy,
+) -> (Hetmm, Device<SimDevice>, hetmm::SharedBuf<u64>, hetmm::SharedBuf<u64>, hetmm::SharedBuf<u64>, u64) {
+    let hm = Hetmm::with_config(hetmm::CoreConfig { policy, ..hetmm::CoreConfig::default() }).unwrap();
+    let dev =
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 6 << 20, ..SimConfig::default() }).unwrap()).unwrap();
     let mut hot = hm.alloc::<u64>(HOT).unwrap();
     let mut cold = hm.alloc::<u64>(COLD).unwrap();
     let blocks = COLD / SLICE;
@@ -542,7 +545,69 @@ fn capacity_thrashing_keeps_the_hot_set_and_serves_the_rest_remotely() {
         let cold_sum = (b * SLICE..(b + 1) * SLICE).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ 0x55));
         assert_eq!(*got, cold_sum.wrapping_add(hot_sum), "kernel block {b}");
     }
-    // `hot` is read 256 times over (1 GiB); `cold` and `sums` together are 16 MiB.
     assert!(hm.stats().thrash_events > 0, "the device never thrashed: the test shows nothing");
+    (hm, dev, hot, cold, sums, remote)
+}
+
+/// Capacity thrashing keeps the hot set on the device and serves the rest remotely: the cold
+/// data (each byte read once) must be what is served remotely, not `hot` (read by every kernel
+/// block). The thrashing response used to map the blocks that came back most, `hot`'s,
+/// remotely: hundreds of MiB read over the link instead of a few.
+#[test]
+fn capacity_thrashing_keeps_the_hot_set_and_serves_the_rest_remotely() {
+    let (_hm, _dev, _hot, _cold, _sums, remote) = thrash_hot_and_cold(hetmm::Policy::hetmm());
+    // `hot` is read 256 times over (1 GiB); `cold` and `sums` together are 16 MiB.
     assert!(remote <= 64 << 20, "{} MiB read remotely", remote >> 20);
+}
+
+/// Once the thrashing is over and memory has freed up, a block the thrashing response served
+/// remotely comes to the device when the device keeps using it: its accesses no longer fault,
+/// so the device's access counters say it is used. Without them (UVM's default on x86) it is
+/// read over the link for as long as it is used: 8 kernels reading its 2 MiB 16 times each read
+/// 256 MiB remotely.
+#[test]
+fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
+    for counters in [true, false] {
+        let policy = hetmm::Policy { access_counters: counters, ..hetmm::Policy::hetmm() };
+        let (hm, dev, hot, cold, sums, _) = thrash_hot_and_cold(policy);
+        drop(hot);
+        drop(sums);
+        let me = dev.proc();
+        let remote_block = (0..COLD * 8 / (2 << 20)).map(|b| cold.ptr() + (b << 21) as u64).find(|&va| {
+            let p = hm.space().page_state(va).unwrap();
+            p.dev_mapped.has(me) && !p.resident.has(me)
+        });
+        let blk = remote_block.expect("some block of cold is served remotely");
+        let (before, stats) = (dev.driver().stats().remote_bytes, hm.stats());
+        let sums = hm.alloc::<u64>(8).unwrap();
+        for round in 0..8u64 {
+            let s = sums.ptr() + round * 8;
+            let k = move |ctx: &BlockCtx| {
+                let mut buf = vec![0u64; SLICE];
+                let mut sum = 0u64;
+                for part in 0..(2 << 20) / (SLICE * 8) {
+                    ctx.read_slice(blk + (part * SLICE * 8) as u64, &mut buf)?;
+                    sum = buf.iter().fold(sum, |a, v| a.wrapping_add(*v));
+                }
+                if ctx.block_idx() == 0 {
+                    ctx.store(s, sum)?;
+                }
+                Ok(())
+            };
+            let uses = [Use::raw(blk, 2 << 20, Access::Read), Use::write(&sums)];
+            dev.launch(Grid { blocks: 16, threads_per_block: 1 }, &uses, k).unwrap().wait().unwrap();
+        }
+        let first = ((blk - cold.ptr()) / 8) as usize;
+        let want = (first..first + (2 << 20) / 8).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ 0x55));
+        assert!(sums.as_slice().iter().all(|&s| s == want), "every kernel read the block right");
+        let remote = dev.driver().stats().remote_bytes - before;
+        let d = hm.stats().since(&stats);
+        if counters {
+            assert!(d.access_unmapped_pages > 0, "no notice moved anything: {d:?}");
+            assert!(remote <= 16 << 20, "{} MiB read remotely after the thrashing", remote >> 20);
+        } else {
+            assert_eq!(d.access_unmapped_pages, 0);
+            assert!(remote >= 128 << 20, "only {} MiB read remotely: the test shows nothing", remote >> 20);
+        }
+    }
 }

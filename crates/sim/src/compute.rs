@@ -331,6 +331,8 @@ impl BlockCtx<'_> {
         }
         let mut done = 0usize;
         let mut owed = 0u64;
+        let mut notice = None;
+        let threshold = self.shared.cfg.access_counter_threshold;
         while done < len {
             let cur = va + done as u64;
             let n = self.with_translation(cur, access, |t, c| {
@@ -339,6 +341,7 @@ impl BlockCtx<'_> {
                 f(target, done, n)?;
                 if let Target::Host(_) = target {
                     owed += c.remote(n as u64);
+                    notice = c.count_access(cur, n as u64, threshold).or(notice);
                 }
                 Ok(n)
             })?;
@@ -346,6 +349,9 @@ impl BlockCtx<'_> {
         }
         // Outside the TLB's lock: the wait must not hold up invalidations.
         self.shared.link.transfer(owed);
+        if let Some(region) = notice {
+            self.shared.faults.notify_access(region);
+        }
         Ok(())
     }
 
@@ -387,15 +393,21 @@ impl BlockCtx<'_> {
         }
         let mem = &self.shared.mem;
         let mut owed = 0u64;
+        let mut notice = None;
+        let threshold = self.shared.cfg.access_counter_threshold;
         let r = self.with_translation(va, Access::Atomic, |t, c| match t.target.offset(va - t.va) {
             Target::Device(pa) => mem.atomic(pa, op),
             Target::Host(a) => {
                 owed += c.remote(op.size());
+                notice = c.count_access(va, op.size(), threshold);
                 // SAFETY: as in `read_bytes`.
                 unsafe { host_atomic(a as usize, op) }
             }
         });
         self.shared.link.transfer(owed);
+        if let Some(region) = notice {
+            self.shared.faults.notify_access(region);
+        }
         r
     }
 

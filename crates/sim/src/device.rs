@@ -216,6 +216,7 @@ impl SimDevice {
             st.page_walks += c.walks;
             st.tlb_entries_invalidated += c.invalidated;
             st.remote_bytes += c.remote_bytes;
+            st.access_notices += c.notices;
         }
         let f = s.faults.counters();
         st.faults_raised = f.raised;
@@ -402,6 +403,12 @@ impl DeviceMmu for SimDevice {
 
     fn shutdown_faults(&self) {
         self.s().faults.shutdown();
+    }
+
+    fn take_access_notices(&self, out: &mut Vec<VaRange>) {
+        let mut regions = Vec::new();
+        self.s().faults.take_notices(&mut regions);
+        out.extend(regions.into_iter().map(|r| VaRange::new(r, BLOCK_SIZE)));
     }
 
     fn take_accessed(&self, range: VaRange) -> Option<Vec<u64>> {

@@ -33,6 +33,8 @@ struct State {
     replay_seq: u64,
     /// `(sequence number of the replay, pages it cancelled)`, most recent last.
     cancels: VecDeque<(u64, HashMap<u64, FaultCancel>)>,
+    /// Access-counter notices not yet taken: starts of 2 MiB regions, each once.
+    notices: Vec<u64>,
     shutdown: bool,
 }
 
@@ -159,13 +161,30 @@ impl FaultBuffer {
         n
     }
 
-    /// Waits until an entry is pending, the buffer is shut down, `stopping` is set, or
-    /// `timeout` passes; returns whether entries are pending.
+    /// Reports an access-counter notice for the 2 MiB region at `region` (once until taken),
+    /// waking the core's wait.
+    pub fn notify_access(&self, region: u64) {
+        let mut st = lock(&self.state);
+        if st.shutdown || st.notices.contains(&region) {
+            return;
+        }
+        st.notices.push(region);
+        drop(st);
+        self.pending.notify_all();
+    }
+
+    /// Moves the pending access-counter notices into `out`.
+    pub fn take_notices(&self, out: &mut Vec<u64>) {
+        out.append(&mut lock(&self.state).notices);
+    }
+
+    /// Waits until an entry or an access-counter notice is pending, the buffer is shut down,
+    /// `stopping` is set, or `timeout` passes; returns whether either is pending.
     pub fn wait(&self, timeout: Duration, stopping: &AtomicBool) -> bool {
         let deadline = Instant::now() + timeout;
         let mut st = lock(&self.state);
         loop {
-            if !st.queue.is_empty() {
+            if !st.queue.is_empty() || !st.notices.is_empty() {
                 return true;
             }
             if st.shutdown || stopping.load(Ordering::Relaxed) {
@@ -203,6 +222,7 @@ impl FaultBuffer {
         let mut st = lock(&self.state);
         st.shutdown = true;
         st.queue.clear();
+        st.notices.clear();
         drop(st);
         self.wake.notify_all();
         self.pending.notify_all();

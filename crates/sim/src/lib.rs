@@ -94,6 +94,9 @@ pub enum SimError {
     Thread(String),
 }
 
+/// Remote accesses to a 2 MiB region that raise an access-counter notice, by default.
+pub const DEFAULT_ACCESS_THRESHOLD: u32 = 256;
+
 /// Configuration of a simulated device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SimConfig {
@@ -122,6 +125,12 @@ pub struct SimConfig {
     /// between two devices in one copy instead of two through host memory (as GPUs on one PCIe
     /// switch or NVLink do). Default on.
     pub peer_copies: bool,
+    /// Access counters, as NVIDIA GPUs have: kernels' accesses to memory mapped remotely (host
+    /// memory or a peer's) are counted per 2 MiB of virtual addresses, in 64-byte transactions,
+    /// and a region whose count reaches this threshold is reported to the core
+    /// ([`hetmm_core::device::DeviceMmu::take_access_notices`]), which may migrate it. 0: off.
+    /// Default 256 (UVM's default threshold and granularity).
+    pub access_counter_threshold: u32,
 }
 
 impl Default for SimConfig {
@@ -135,6 +144,7 @@ impl Default for SimConfig {
             prefault: false,
             link_gbps: Some(DEFAULT_LINK_GBPS),
             peer_copies: true,
+            access_counter_threshold: DEFAULT_ACCESS_THRESHOLD,
         }
     }
 }
@@ -231,4 +241,6 @@ pub struct SimStats {
     pub remote_bytes: u64,
     /// Nanoseconds of link time those accesses were charged ([`SimConfig::link_gbps`]).
     pub link_busy_ns: u64,
+    /// Access-counter notices raised ([`SimConfig::access_counter_threshold`]).
+    pub access_notices: u64,
 }

@@ -431,6 +431,55 @@ fn host_aperture_read_and_write() {
     assert_eq!(buf[skip + 11], 34);
 }
 
+/// Access counters: remote accesses count per 2 MiB region in 64-byte transactions; a region
+/// reaching the threshold is reported once (until taken), and counting starts again. Accesses
+/// to device memory count nothing; a threshold of 0 turns the counters off.
+#[test]
+fn access_counters_report_regions_used_remotely() {
+    for threshold in [256, 0] {
+        let cfg = SimConfig {
+            memory_bytes: 8 << 20,
+            compute_workers: 1,
+            access_counter_threshold: threshold,
+            ..SimConfig::default()
+        };
+        let d = SimDevice::new(cfg).unwrap();
+        d.create_page_table().unwrap();
+        let mut buf = vec![0u8; 2 * MB2 as usize + 4096];
+        let off = buf.as_ptr().align_offset(4096);
+        let host = HostAddr(buf[off..].as_mut_ptr() as usize);
+        let remote = MapEntry { va: BASE, len: 2 * MB2, target: MapTarget::Host(host), prot: Prot::RWA };
+        // SAFETY: `buf` stays alive and unmoved until the mapping is removed and invalidated below.
+        unsafe { d.map(&[remote]).unwrap() };
+        map(&d, BASE + 2 * MB2, MB2, 0, Prot::RWA);
+        let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.launch(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
+        // 255 transactions in the first region (16 KiB less one line), and device memory.
+        run(|b| {
+            b.read_slice(BASE, &mut vec![0u8; 255 * 64])?;
+            b.read_slice(BASE + 2 * MB2, &mut vec![0u8; 1 << 20])
+        });
+        let mut notices = Vec::new();
+        d.take_access_notices(&mut notices);
+        assert!(notices.is_empty(), "{notices:?}");
+        // One more reaches it; 300 more in the second region reach it too, once; 256 x 8-byte
+        // loads reach the first again, reported once until taken.
+        run(|b| {
+            b.load::<u64>(BASE + 7 * 64)?;
+            b.read_slice(BASE + MB2, &mut vec![0u8; 300 * 64])?;
+            for i in 0..256 {
+                b.load::<u64>(BASE + i * 8)?;
+            }
+            Ok(())
+        });
+        d.take_access_notices(&mut notices);
+        let want = if threshold == 0 { vec![] } else { vec![VaRange::new(BASE, MB2), VaRange::new(BASE + MB2, MB2)] };
+        assert_eq!(notices, want);
+        assert_eq!(d.stats().access_notices, if threshold == 0 { 0 } else { 3 });
+        d.unmap(&[VaRange::new(BASE, 2 * MB2)]).unwrap();
+        d.invalidate_tlb(&[VaRange::new(BASE, 2 * MB2)]);
+    }
+}
+
 /// Accesses to remotely mapped host memory are counted and cross the link (charged at its
 /// bandwidth, after every block); device-memory accesses are neither.
 #[test]

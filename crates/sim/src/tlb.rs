@@ -48,9 +48,43 @@ pub struct TlbCounters {
     pub remote_bytes: u64,
     /// Of those, bytes not yet charged to the link.
     pub link_owed: u64,
+    /// Access counters: remote accesses (64-byte transactions) per 2 MiB region, a few regions
+    /// per worker (direct-mapped by region; a region that takes another's slot starts from 0).
+    access: [(u64, u32); ACCESS_SLOTS],
+    /// Access-counter notices raised.
+    pub notices: u64,
 }
 
+/// Regions each worker counts remote accesses for at once.
+const ACCESS_SLOTS: usize = 16;
+/// The access counters' granularity.
+const ACCESS_REGION: u64 = 2 << 20;
+/// Bytes per counted access (one transaction).
+const ACCESS_BYTES: u64 = 64;
+
 impl TlbCounters {
+    /// Counts the remote access of `n` bytes at `va` toward the access-counter `threshold` (0:
+    /// off); returns the start of its 2 MiB region when the count reaches it (counting starts
+    /// again from 0).
+    #[inline]
+    pub fn count_access(&mut self, va: u64, n: u64, threshold: u32) -> Option<u64> {
+        if threshold == 0 {
+            return None;
+        }
+        let region = va & !(ACCESS_REGION - 1);
+        let slot = &mut self.access[(region / ACCESS_REGION) as usize % ACCESS_SLOTS];
+        if slot.0 != region {
+            *slot = (region, 0);
+        }
+        slot.1 = slot.1.saturating_add(u32::try_from(n.div_ceil(ACCESS_BYTES)).unwrap_or(u32::MAX));
+        if slot.1 < threshold {
+            return None;
+        }
+        slot.1 = 0;
+        self.notices += 1;
+        Some(region)
+    }
+
     /// Counts a remote access of `n` bytes; returns the bytes to charge to the link now (all
     /// owed, once a batch has built up), else 0.
     #[inline]

@@ -1451,6 +1451,32 @@ fn a_copy_left_unmapped_by_a_failed_migration_is_mapped_again() {
     assert_eq!(w.cpu_access(s, None), 5);
 }
 
+/// Access-counter notices move nothing that advice keeps remote: a page mapped remotely because
+/// of `AccessedBy` keeps its mapping under a policy that acts on notices. Once the advice is
+/// gone, a notice removes the mapping, and the next access brings the data to the device.
+#[test]
+fn access_counter_notices_respect_advice_that_keeps_memory_remote() {
+    let mut w = world_with(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, crate::policy::Policy::hetmm());
+    let s = w.cpu.range.start;
+    let me = Proc::Device(w.ids[0]);
+    w.cpu_access(s, Some(7));
+    let id = w.ids[0];
+    let advice = |on| crate::advice::Advice::AccessedBy(id, on);
+    w.space.advise(s, PAGE_SIZE, advice(true)).unwrap().wait(Duration::from_secs(5)).unwrap();
+    assert_eq!(w.dev_access(0, s, None), Some(7));
+    let slot = w.space.slot(w.ids[0]).unwrap();
+    let notice = [VaRange::new(s, BLOCK_SIZE)];
+    crate::fault::service_notices(&w.space, &slot, &notice);
+    let page = w.space.page_state(s).unwrap();
+    assert!(page.dev_mapped.has(me) && !page.resident.has(me), "{page:?}");
+    assert_eq!(w.space.stats.snapshot().access_unmapped_pages, 0);
+    w.space.advise(s, PAGE_SIZE, advice(false)).unwrap().wait(Duration::from_secs(5)).unwrap();
+    crate::fault::service_notices(&w.space, &slot, &notice);
+    assert_eq!(w.space.stats.snapshot().access_unmapped_pages, 1);
+    assert_eq!(w.dev_access(0, s, None), Some(7));
+    assert!(w.space.page_state(s).unwrap().resident.has(me), "the next access brought it over");
+}
+
 /// A device detached while it maps a page remotely (here by `AccessedBy`, the data in host
 /// memory) leaves no trace: another device then migrates the page, and a device attached in its
 /// place, which gets the same id, serves its own faults on it. Before, the detached device's

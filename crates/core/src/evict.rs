@@ -62,11 +62,30 @@ fn held_by_other_launches(blk: &Block) -> bool {
     !blk.launching.contains(&std::thread::current().id())
 }
 
+/// An eviction attempt in flight on a device, counted in `DeviceSlot::evicting` while it lives.
+struct InFlight<'a>(&'a DeviceSlot);
+
+impl<'a> InFlight<'a> {
+    fn new(slot: &'a DeviceSlot) -> Self {
+        slot.evicting.fetch_add(1, Ordering::AcqRel);
+        InFlight(slot)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.evicting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
     let me = Proc::Device(slot.id);
     let tries = slot.evict_queue.lock().len();
     let mut busy = false;
     for _ in 0..tries {
+        // Counted before the entry leaves the queue: until the attempt ends, another thread
+        // finds the victim in neither the queue nor free memory.
+        let _attempt = InFlight::new(slot);
         let Some((region_start, bidx)) = slot.evict_queue.lock().pop_front() else { break };
         let Some(region) = space.region_at(region_start) else { continue };
         let Some(cell) = region.blocks.get(bidx) else { continue };
@@ -103,7 +122,9 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
             }
         }
     }
-    Ok(if busy { Evicted::Busy } else { Evicted::Nothing })
+    // Another thread's attempt in flight (the background evictor's, say) may free memory any
+    // moment: busy, so that the caller waits for it rather than failing.
+    Ok(if busy || slot.evicting.load(Ordering::Acquire) > 0 { Evicted::Busy } else { Evicted::Nothing })
 }
 
 /// How [`evict_lru`] ranks a candidate (lowest first): blocks of finished jobs, then those that

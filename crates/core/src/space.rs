@@ -156,6 +156,10 @@ pub(crate) struct DeviceSlot {
     /// Whether this device has a background evictor (to wake).
     pub(crate) evicts_in_background: AtomicBool,
     pub(crate) evict_lock: std::sync::Mutex<()>,
+    /// Eviction attempts in flight on this device (a victim's queue entry taken, its lock about
+    /// to be held or held): memory may be about to free, so an allocation that finds nothing
+    /// else to evict meanwhile is busy, not out of memory.
+    pub(crate) evicting: std::sync::atomic::AtomicUsize,
     /// Blocks the fault path had to evict to allocate since the background evictor last looked.
     /// The evictor keeps about that much memory free from then on (up to the watermark): a
     /// working set that fits, or overflows by a block, no longer loses blocks to the whole
@@ -449,6 +453,7 @@ impl AddressSpace {
             evictor: Mutex::new(None),
             evict_wake: std::sync::Condvar::new(),
             evicts_in_background: AtomicBool::new(false),
+            evicting: std::sync::atomic::AtomicUsize::new(0),
             evict_lock: std::sync::Mutex::new(()),
             demand_evictions: AtomicU64::new(0),
             thrash_until: AtomicU64::new(0),

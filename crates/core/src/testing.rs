@@ -1339,6 +1339,22 @@ fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     assert_eq!(w.devs[0].access(gone.start, None), None, "the device no longer maps it");
 }
 
+/// An allocation that finds nothing to evict while another thread's eviction is in flight (the
+/// background evictor has taken its victim off the queue and is copying it home) reports memory
+/// busy, not exhausted: the fault is raised again after the replay instead of failing. Under
+/// load, a kernel on a device of two blocks failed with `ServiceFailed` that way (CI, once).
+#[test]
+fn nothing_to_evict_while_an_eviction_is_in_flight_is_busy() {
+    use crate::evict::{evict_one, Evicted};
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = world(false, 2048);
+    let slot = w.space.slot(w.ids[0]).unwrap();
+    assert_eq!(evict_one(&w.space, &slot, u64::MAX).unwrap(), Evicted::Nothing);
+    slot.evicting.fetch_add(1, SeqCst);
+    assert_eq!(evict_one(&w.space, &slot, u64::MAX).unwrap(), Evicted::Busy);
+    slot.evicting.fetch_sub(1, SeqCst);
+}
+
 /// With copies home failing, one allocation tries one victim, not every queued block (each
 /// failed copy may be a `copy_timeout` wait on a hung device).
 #[test]

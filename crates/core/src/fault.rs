@@ -434,6 +434,9 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         };
         r = apply(space, &region, &mut blk, slot, &only);
     }
+    if matches!(r, Err(CoreError::OutOfDeviceMemory { .. })) && slot.caps.remote_host_access && !region.remote {
+        r = serve_remotely(space, &region, &mut blk, slot, group, &faulted);
+    }
     match r {
         Ok(()) => slot.oom_since.store(0, std::sync::atomic::Ordering::Relaxed),
         // Memory is short only because every victim is busy (locked by other services or the
@@ -456,6 +459,32 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             cancel.extend(faulted.iter().map(|i| (blk.va(i), FaultCancel::ServiceFailed)));
         }
     }
+}
+
+/// Serves the faulted pages of `blk` by remote mappings of host memory, where nothing on the
+/// device can be evicted for them (its memory is pinned, or held by launches): the kernel runs
+/// at the link's speed rather than failing. Pages written or updated atomically first lose the
+/// copies other processors hold, so that the host copy, the only one, is mapped writable.
+fn serve_remotely(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut crate::block::Block,
+    slot: &DeviceSlot,
+    group: &[DeviceFault],
+    faulted: &PageMask,
+) -> Result<(), CoreError> {
+    let me = Proc::Device(slot.id);
+    let mut written = PageMask::default();
+    for f in group.iter().filter(|f| f.access >= Access::Write && region.range.contains(f.va)) {
+        written.set(((f.va - blk.base) / PAGE_SIZE) as usize);
+    }
+    let elsewhere =
+        migrate::select(blk, &written, |p| p.resident.0 & !ProcMask::only(Proc::Cpu).0 != 0 && !p.resident.has(me));
+    migrate::to_cpu(space, region, blk, &elsewhere)?;
+    migrate::map_remote(space, region, blk, slot, faulted)?;
+    add(&space.stats.oom_remote_pages, faulted.count() as u64);
+    log::debug!("device {:?}: block {:#x} served remotely, its memory full", slot.id, blk.base);
+    Ok(())
 }
 
 /// How long service may keep being put off (allocation failing, revokes racing unmaps and

@@ -29,7 +29,7 @@ pub(crate) fn ranges(blk: &Block, m: &PageMask) -> Vec<VaRange> {
 }
 
 /// Pages of `m` whose state satisfies `f`.
-fn select(blk: &Block, m: &PageMask, f: impl Fn(&crate::block::Page) -> bool) -> PageMask {
+pub(crate) fn select(blk: &Block, m: &PageMask, f: impl Fn(&crate::block::Page) -> bool) -> PageMask {
     let mut out = PageMask::default();
     for i in m.iter() {
         if f(&blk.pages[i]) {

@@ -73,6 +73,9 @@ stats! {
     prefetched_pages,
     /// Evict-and-refault or ping-pong events detected.
     thrash_events,
+    /// Faulting pages served by remote mappings of host memory because nothing on the device
+    /// could be evicted for them (its memory pinned, or held by launches).
+    oom_remote_pages,
     /// Access-counter notices from devices (a region mapped remotely reached the device's
     /// access threshold).
     access_notices,

@@ -1339,6 +1339,37 @@ fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     assert_eq!(w.devs[0].access(gone.start, None), None, "the device no longer maps it");
 }
 
+/// A device whose memory is all pinned still serves faults on other data: remotely, from host
+/// memory, instead of cancelling them (the kernel failed with `ServiceFailed`). A write to a page
+/// another device holds a copy of collapses the copies first, so the remote mapping is writable.
+#[test]
+fn a_device_whose_memory_is_all_pinned_serves_other_data_remotely() {
+    let mut w = world_with(Arc::new(NoPrefetch), PAGES_PER_BLOCK as u64, crate::policy::Policy::hetmm());
+    let s = w.cpu.range.start;
+    let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+    let pin = crate::advice::Advice::Pin(true);
+    w.space.advise(s, BLOCK_SIZE, pin).unwrap().wait(Duration::from_secs(5)).unwrap();
+    w.cpu_access(s, Some(1));
+    w.space.migrate(s, BLOCK_SIZE, d0).unwrap();
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "device 0 is full of pinned data");
+    // A read, a write, and a write to a page device 1 holds a copy of.
+    let other = s + BLOCK_SIZE;
+    w.cpu_access(other, Some(2));
+    w.cpu_access(other + PAGE_SIZE, Some(3));
+    assert_eq!(w.dev_access(1, other + PAGE_SIZE, None), Some(3));
+    assert_eq!(w.dev_access(0, other, None), Some(2));
+    assert_eq!(w.dev_access(0, other + 2 * PAGE_SIZE, Some(4)), Some(4));
+    assert_eq!(w.dev_access(0, other + PAGE_SIZE, Some(5)), Some(5));
+    for (k, v) in [(0, 2), (2, 4), (1, 5)] {
+        let p = w.space.page_state(other + k * PAGE_SIZE).unwrap();
+        assert!(p.dev_mapped.has(d0) && !p.resident.has(d0), "page {k}: {p:?}");
+        assert_eq!(w.cpu_access(other + k * PAGE_SIZE, None), v);
+    }
+    assert!(!w.space.page_state(other + PAGE_SIZE).unwrap().resident.has(d1), "device 1's copy went");
+    assert!(w.space.stats.snapshot().oom_remote_pages >= 3);
+    assert_eq!(w.cpu_access(s, None), 1, "the pinned data is intact");
+}
+
 /// An allocation that finds nothing to evict while another thread's eviction is in flight (the
 /// background evictor has taken its victim off the queue and is copying it home) reports memory
 /// busy, not exhausted: the fault is raised again after the replay instead of failing. Under

@@ -359,6 +359,27 @@ fn write_then_sum_8x_the_device(hm: Hetmm, dev: Device<SimDevice>) -> hetmm::cor
     st
 }
 
+/// A kernel on a device whose memory is all pinned still runs: what it touches beyond the pinned
+/// data is served remotely from host memory, and every word arrives. It used to fail with
+/// `ServiceFailed` (nothing could be evicted).
+#[test]
+fn a_kernel_runs_on_a_device_full_of_pinned_data() {
+    let (hm, dev) = setup(4 << 20);
+    let words = (4 << 20) / 8;
+    let mut pinned = hm.alloc::<u64>(words).unwrap();
+    pinned.as_mut_slice().fill(3);
+    hm.advise_buf(&pinned, hetmm::Advice::Pin(true)).unwrap().wait(Duration::from_secs(10)).unwrap();
+    hm.migrate(pinned.ptr(), (words * 8) as u64, dev.proc()).unwrap();
+    let buf = hm.alloc::<u64>(words).unwrap();
+    let (grid, k) = stream_write(buf.ptr(), words, 7);
+    dev.launch(grid, &[Use::write(&buf)], k).unwrap().wait().unwrap();
+    for (i, v) in buf.as_slice().iter().enumerate() {
+        assert_eq!(*v, i as u64 ^ 7, "word {i}");
+    }
+    assert!(pinned.as_slice().iter().all(|&v| v == 3));
+    assert!(hm.stats().oom_remote_pages > 0, "{:?}", hm.stats());
+}
+
 /// The counters once the fault service has finished adding to them: the fill's CPU fault is
 /// counted just after the filling thread was woken (see [`Hetmm::stats`]).
 fn settled_stats(hm: &Hetmm) -> hetmm::core::stats::StatsSnapshot {

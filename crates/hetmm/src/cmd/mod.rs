@@ -43,5 +43,9 @@ pub fn info() -> Result<ExitCode, hetmm::Error> {
         caps.peer.map_or("none", |w| w.fabric),
         caps.region_bound
     );
+    match dev.driver().config().access_counter_threshold {
+        0 => println!("access counters: off"),
+        n => println!("access counters: a 2 MiB region is reported at {n} remote 64-byte accesses"),
+    }
     Ok(ExitCode::SUCCESS)
 }

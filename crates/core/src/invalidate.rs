@@ -66,11 +66,11 @@ enum Flush {
     /// it keep their device copies and lose only their device mappings (the next access faults
     /// and is checked against the new protection; see [`Keeps`]).
     Reprotect,
-    /// The program moved `touch` to this address (`None`: hetmm cannot follow it there):
-    /// everything comes home, and the regions change even if a copy fails (the kernel already
-    /// moved the mappings; the failed block's device data is lost, and the error reported).
-    /// Blocks that keep their shape at the new place travel there with their device copies
-    /// instead ([`Keeps`]).
+    /// The program moved `touch` to this address (`None`: hetmm cannot follow it there): its
+    /// pages travel there with their device copies, whole blocks where the distance is a
+    /// multiple of 2 MiB, page by page otherwise ([`Keeps`]). What cannot travel comes home, and
+    /// the regions change even if a copy fails (the kernel already moved the mappings; the
+    /// failed block's device data is lost, and the error reported).
     Moved(Option<u64>),
     /// Everything outside this range, which the program unmapped (its data is dropped
     /// uncopied); the regions change even if a copy fails, as for [`Flush::Moved`].
@@ -167,9 +167,9 @@ impl AddressSpace {
         Ok(gone)
     }
 
-    /// The program moved `[from, from + len)` to `to`: the data follows (device copies travel
-    /// with whole blocks moved a multiple of 2 MiB, and are folded back into host memory
-    /// otherwise), and the new range is shared memory over `new_cpu`.
+    /// The program moved `[from, from + len)` to `to`: the data follows, device copies included
+    /// (whole blocks moved a multiple of 2 MiB, page by page otherwise), and the new range is
+    /// shared memory over `new_cpu`.
     pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
         let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
         VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
@@ -332,6 +332,18 @@ impl AddressSpace {
                 if let Flush::Unmapped(g) = flush {
                     keep = keep.and_not(&pages_of(&blk.base, blk.npages, &g));
                 }
+                if keeps.rekeys(r, b) {
+                    // The moved pages keep their device copies; their mappings at the old
+                    // addresses go now.
+                    let inside = pages_of(&blk.base, blk.npages, &touch);
+                    match migrate::unmap_others(self, &mut blk, &inside, None) {
+                        Ok(()) => keep = keep.and_not(&inside),
+                        Err(e) => {
+                            log::warn!("pages at {:#x} come home instead of moving: {e}", blk.base);
+                            keeps.refuse(r, b);
+                        }
+                    }
+                }
                 if let Err(e) = flush_and_unmap(self, r, &mut blk, &keep) {
                     log::error!("reshaping {}: {e}", r.range);
                     if matches!(flush, Flush::AllOrNothing | Flush::Reprotect) {
@@ -359,9 +371,15 @@ impl AddressSpace {
         for r in &old {
             r.set_freed();
             let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);
+            // Device state of the moved pages that keep their copies, by old address.
+            let mut rekeyed = Carried::default();
             for (b, cell) in r.blocks.iter().enumerate() {
                 let mut blk = cell.lock();
                 let all = PageMask::full(blk.npages);
+                if keeps.rekeys(r, b) {
+                    let inside = pages_of(&blk.base, blk.npages, &touch);
+                    rekeyed.take(&mut blk, &inside);
+                }
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
                 if keeps.kept(r, b) || keeps.carried(r, b) {
@@ -378,6 +396,7 @@ impl AddressSpace {
                     peer_mapped: ProcMask::EMPTY,
                 }));
             }
+            rekeyed.pas.sort_unstable_by_key(|&(va, d, _)| (va, d.0));
             for slot in self.holders() {
                 slot.mmu.region_removed(r.range);
             }
@@ -385,6 +404,7 @@ impl AddressSpace {
                 let (src, start) = (part.src, part.range.start);
                 let new = Region::build(part.range, part.prot, part.cpu, part.remote);
                 let mut moved = Vec::new();
+                let mut rekeyed_blocks = Vec::new();
                 for (nb, cell) in new.blocks.iter().enumerate() {
                     let mut blk = cell.lock();
                     let base = blk.base;
@@ -404,6 +424,12 @@ impl AddressSpace {
                             *pg = *p;
                         }
                     }
+                    if src != start {
+                        let old_base = src + (base - start);
+                        if rekeyed.give(self, &new, nb, &mut blk, old_base) {
+                            rekeyed_blocks.push(nb);
+                        }
+                    }
                 }
                 let new = Arc::new(new);
                 let start = new.range.start;
@@ -414,7 +440,8 @@ impl AddressSpace {
                     }
                     Err(e) => {
                         log::error!("reshaped part {} dropped: {e}", part.range);
-                        result = result.and(self.release_kept(&new, moved.iter().map(|&(_, nb)| nb)));
+                        let held = moved.iter().map(|&(_, nb)| nb).chain(rekeyed_blocks.iter().copied());
+                        result = result.and(self.release_kept(&new, held));
                     }
                 }
             }
@@ -477,7 +504,10 @@ impl AddressSpace {
 ///   *carried*: its device mappings are removed, its device copies stay, and it moves whole to
 ///   its new addresses or into the re-protected part (the next device access maps it again,
 ///   checked against the part's protection: an `mremap` or a `protect` of a large
-///   device-resident buffer copies nothing).
+///   device-resident buffer copies nothing);
+/// - the other moved pages are *re-keyed*: their device mappings are removed and each goes,
+///   with its device pages, into the block that now holds its address. A block assembled that
+///   way is mapped with 4 KiB device entries, its pages not forming one 2 MiB chunk.
 ///
 /// Otherwise every block comes home.
 struct Keeps {
@@ -489,17 +519,35 @@ struct Keeps {
     /// Carried blocks whose old mappings could not be removed (region start, block): they come
     /// home instead.
     refused: Vec<BlockKey>,
+    /// `touch` moved: the pages of blocks that cannot be carried whole (moved by a distance
+    /// that is not a multiple of 2 MiB, or cut by the moved range's ends) land in other blocks,
+    /// so they travel one by one, each with its device pages (re-keyed).
+    rekey: bool,
 }
 
 impl Keeps {
     fn new(space: &AddressSpace, touch: VaRange, flush: Flush) -> Keeps {
-        let on = space.holders().iter().all(|s| s.is_detached() || !s.caps.region_bound);
+        let holders = space.holders();
+        let on = holders.iter().all(|s| s.is_detached() || !s.caps.region_bound);
         let to = match flush {
             Flush::Moved(Some(to)) if on && to.abs_diff(touch.start) % BLOCK_SIZE == 0 => Some(to),
             Flush::Reprotect if on => Some(touch.start),
             _ => None,
         };
-        Keeps { touch, on, to, refused: Vec::new() }
+        // Re-keyed pages land on scattered device pages: only for devices with 4 KiB pages.
+        let rekey = matches!(flush, Flush::Moved(Some(_)))
+            && on
+            && holders.iter().all(|s| s.is_detached() || !migrate::whole_blocks(s));
+        Keeps { touch, on, to, refused: Vec::new(), rekey }
+    }
+
+    /// Whether the pages of block `b` of `r` inside `touch` travel one by one with their device
+    /// copies, the block not being carried whole (see [`Keeps::rekey`]).
+    fn rekeys(&self, r: &Region, b: usize) -> bool {
+        self.rekey
+            && r.block_span(b).intersect(&self.touch).is_some()
+            && !self.carried(r, b)
+            && !self.refused.contains(&(r.range.start, b))
     }
 
     /// Whether block `b` of `r` stays as it is.
@@ -532,6 +580,76 @@ impl Keeps {
         // A part in place holds kept blocks, and carried ones where it was re-protected.
         let keeps = self.carried(r, b) || (in_place && self.kept(r, b));
         (whole && keeps).then_some(b)
+    }
+}
+
+/// The moved pages of a reshape that keep their device copies (see [`Keeps::rekey`]), in
+/// address order: each page's state (mappings cleared) and each device page holding it, by old
+/// address. Flat and sorted rather than a map: a 64 MiB move carries 16384 pages.
+#[derive(Default)]
+struct Carried {
+    pages: Vec<(u64, Page)>,
+    pas: Vec<(u64, crate::types::DeviceId, crate::device::PhysAddr)>,
+}
+
+impl Carried {
+    /// Takes the pages `m` of `blk` that devices hold out of it with their device copies
+    /// (forgotten there, not freed).
+    fn take(&mut self, blk: &mut Block, m: &PageMask) {
+        let mut devices = ProcMask::EMPTY;
+        for i in m.iter() {
+            let p = blk.pages[i];
+            if p.resident.devices().next().is_none() {
+                continue;
+            }
+            devices.0 |= p.resident.0;
+            let page = Page { dev_mapped: ProcMask::EMPTY, dev_ro: ProcMask::EMPTY, peer_mapped: ProcMask::EMPTY, ..p };
+            self.pages.push((blk.va(i), page));
+        }
+        for d in devices.devices() {
+            let me = crate::types::Proc::Device(d);
+            let mut here = PageMask::default();
+            for i in m.iter().filter(|&i| blk.pages[i].resident.has(me)) {
+                if let Some(pa) = blk.pa(d, i) {
+                    self.pas.push((blk.va(i), d, pa));
+                }
+                here.set(i);
+            }
+            blk.take_pas(d, &here);
+            for i in here.iter() {
+                blk.pages[i].resident.remove(me);
+            }
+        }
+    }
+
+    /// Gives block `nb` of `new` (locked as `blk`), whose first page was at `old_base`, the
+    /// carried pages that land in it, and queues it for eviction on the devices that hold some.
+    /// Returns whether it got any.
+    fn give(&self, space: &AddressSpace, new: &Region, nb: usize, blk: &mut Block, old_base: u64) -> bool {
+        debug_assert_eq!(new.block_index(blk.base), nb);
+        let end = old_base + blk.npages as u64 * PAGE_SIZE;
+        let within = |va: u64| (va >= old_base && va < end).then(|| ((va - old_base) / PAGE_SIZE) as usize);
+        let from = self.pages.partition_point(|&(va, _)| va < old_base);
+        let mut got = 0u64;
+        for &(va, page) in &self.pages[from..] {
+            let Some(i) = within(va) else { break };
+            blk.pages[i] = page;
+            got += 1;
+        }
+        let mut holders = ProcMask::EMPTY;
+        let from = self.pas.partition_point(|&(va, _, _)| va < old_base);
+        for &(va, d, pa) in &self.pas[from..] {
+            let Some(i) = within(va) else { break };
+            blk.set_pa(d, i, Some(pa));
+            holders.insert(crate::types::Proc::Device(d));
+        }
+        add(&space.stats.reshape_pages_rekeyed, got);
+        for d in holders.devices() {
+            if let Ok(slot) = space.holder(d) {
+                migrate::enqueue(new, blk, &slot);
+            }
+        }
+        got > 0
     }
 }
 

@@ -359,7 +359,7 @@ fn map_local(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageM
 /// memory, before its copies land: another thread short of memory then finds the block busy
 /// (locked by its service) and retries, instead of seeing nothing it could ever evict and
 /// failing the faults it serves.
-fn enqueue(region: &Region, blk: &mut Block, slot: &DeviceSlot) {
+pub(crate) fn enqueue(region: &Region, blk: &mut Block, slot: &DeviceSlot) {
     let me = Proc::Device(slot.id);
     if !blk.queued_on.has(me) {
         blk.queued_on.insert(me);

@@ -90,6 +90,10 @@ stats! {
     /// region) moved whole into the new regions, device copies and all, instead of bringing them
     /// home: blocks the change did not touch, and blocks an mremap moved by a multiple of 2 MiB.
     reshape_blocks_kept,
+    /// Pages an mremap carried with their device copies one by one, into blocks other than
+    /// their own (moved by a distance that is not a multiple of 2 MiB); such pages are mapped
+    /// with 4 KiB device entries.
+    reshape_pages_rekeyed,
     /// Nanoseconds allocating device memory (eviction included).
     ns_alloc,
     /// Nanoseconds revoking CPU mappings.

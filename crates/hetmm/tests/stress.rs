@@ -864,7 +864,7 @@ fn mremap_back_and_forth(iters: u64, apart: u64) {
     cpu_check("end", at, len, gen, 0);
     let st = hm.stats();
     eprintln!(
-        "{iters} moves {apart} bytes apart: {} blocks moved with their device copies, {} revokes raced",
-        st.reshape_blocks_kept, st.revokes_raced
+        "{iters} moves {apart} bytes apart: {} blocks and {} pages moved with their device copies, {} revokes raced",
+        st.reshape_blocks_kept, st.reshape_pages_rekeyed, st.revokes_raced
     );
 }

@@ -614,3 +614,37 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
         }
     }
 }
+
+/// `realloc` of malloc'd memory whose pages were registered and moved to a device: glibc cannot
+/// `mremap` the chunk (registration split it into several mappings), so it copies the data to
+/// a new chunk and unmaps the old one. Every byte arrives, read back from the device through
+/// CPU faults, and the unmapped registration leaves hetmm.
+#[test]
+fn realloc_of_registered_device_resident_memory_keeps_every_byte() {
+    let (hm, dev) = setup(64 << 20);
+    let len = 8 << 20;
+    let p = unsafe { libc::malloc(len) } as *mut u8;
+    assert!(!p.is_null());
+    let bytes = |i: usize| (i / PS) as u8 ^ (i % 251) as u8;
+    for i in 0..len {
+        unsafe { p.add(i).write(bytes(i)) };
+    }
+    // The whole pages inside the chunk (malloc's pointer is not page aligned).
+    let a = (p as usize).next_multiple_of(PS);
+    let n = (p as usize + len) / PS * PS - a;
+    hm.register(a as *const u8, n).unwrap();
+    hm.migrate(a as u64, n as u64, dev.proc()).unwrap();
+    let before = hm.stats();
+    let q = unsafe { libc::realloc(p.cast(), 2 * len) } as *mut u8;
+    assert!(!q.is_null());
+    hm.space().settle().unwrap();
+    for i in 0..len {
+        assert_eq!(unsafe { q.add(i).read() }, bytes(i), "byte {i}");
+    }
+    unsafe { std::ptr::write_bytes(q.add(len), 0x11, len) };
+    assert!(hm.stats().since(&before).bytes_to_host >= (n as u64) / 2, "the data came back from the device");
+    if q != p {
+        assert!(hm.space().check_span(a as u64, n as u64).is_err(), "the old registration is gone");
+    }
+    unsafe { libc::free(q.cast()) };
+}

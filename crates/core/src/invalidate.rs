@@ -317,27 +317,15 @@ impl AddressSpace {
                     continue;
                 }
                 let mut blk = cell.lock();
-                if keeps.carried(r, b) {
-                    // Its copies travel; its mappings at the old addresses must go now.
-                    let all = PageMask::full(blk.npages);
-                    match migrate::unmap_others(self, &mut blk, &all, None) {
-                        Ok(()) => continue,
-                        Err(e) => {
-                            log::warn!("block at {:#x} comes home instead of moving: {e}", blk.base);
-                            keeps.refuse(r, b);
-                        }
-                    }
-                }
                 let mut keep = PageMask::full(blk.npages);
                 if let Flush::Unmapped(g) = flush {
                     keep = keep.and_not(&pages_of(&blk.base, blk.npages, &g));
                 }
-                if keeps.rekeys(r, b) {
-                    // The moved pages keep their device copies; their mappings at the old
-                    // addresses go now.
-                    let inside = pages_of(&blk.base, blk.npages, &touch);
-                    match migrate::unmap_others(self, &mut blk, &inside, None) {
-                        Ok(()) => keep = keep.and_not(&inside),
+                // Pages whose device copies travel lose their mappings at the old addresses now.
+                let travel = keeps.travelling(r, b, &blk);
+                if !travel.is_empty() {
+                    match migrate::unmap_others(self, &mut blk, &travel, None) {
+                        Ok(()) => keep = keep.and_not(&travel),
                         Err(e) => {
                             log::warn!("pages at {:#x} come home instead of moving: {e}", blk.base);
                             keeps.refuse(r, b);
@@ -513,9 +501,8 @@ impl AddressSpace {
 struct Keeps {
     touch: VaRange,
     on: bool,
-    /// Where `touch` moved to (where it is, for a re-protection), if its blocks can be carried
-    /// there.
-    to: Option<u64>,
+    /// `touch` moved by a multiple of 2 MiB, or was re-protected: its blocks can be carried.
+    carry: bool,
     /// Carried blocks whose old mappings could not be removed (region start, block): they come
     /// home instead.
     refused: Vec<BlockKey>,
@@ -529,16 +516,17 @@ impl Keeps {
     fn new(space: &AddressSpace, touch: VaRange, flush: Flush) -> Keeps {
         let holders = space.holders();
         let on = holders.iter().all(|s| s.is_detached() || !s.caps.region_bound);
-        let to = match flush {
-            Flush::Moved(Some(to)) if on && to.abs_diff(touch.start) % BLOCK_SIZE == 0 => Some(to),
-            Flush::Reprotect if on => Some(touch.start),
-            _ => None,
-        };
+        let carry = on
+            && match flush {
+                Flush::Moved(Some(to)) => to.abs_diff(touch.start) % BLOCK_SIZE == 0,
+                Flush::Reprotect => true,
+                _ => false,
+            };
         // Re-keyed pages land on scattered device pages: only for devices with 4 KiB pages.
         let rekey = matches!(flush, Flush::Moved(Some(_)))
             && on
             && holders.iter().all(|s| s.is_detached() || !migrate::whole_blocks(s));
-        Keeps { touch, on, to, refused: Vec::new(), rekey }
+        Keeps { touch, on, carry, refused: Vec::new(), rekey }
     }
 
     /// Whether the pages of block `b` of `r` inside `touch` travel one by one with their device
@@ -559,7 +547,19 @@ impl Keeps {
     /// multiple of 2 MiB, a block inside `touch` keeps its span (its 2 MiB frame cut by the
     /// moved range, shifted).
     fn carried(&self, r: &Region, b: usize) -> bool {
-        self.to.is_some() && self.touch.contains_range(&r.block_span(b)) && !self.refused.contains(&(r.range.start, b))
+        self.carry && self.touch.contains_range(&r.block_span(b)) && !self.refused.contains(&(r.range.start, b))
+    }
+
+    /// The pages of block `b` of `r` (locked as `blk`) whose device copies travel: all of a
+    /// carried block, those inside `touch` of a re-keyed one, none otherwise.
+    fn travelling(&self, r: &Region, b: usize, blk: &Block) -> PageMask {
+        if self.carried(r, b) {
+            PageMask::full(blk.npages)
+        } else if self.rekeys(r, b) {
+            pages_of(&blk.base, blk.npages, &self.touch)
+        } else {
+            PageMask::default()
+        }
     }
 
     /// Block `b` of `r` cannot be carried.

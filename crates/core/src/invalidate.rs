@@ -69,8 +69,10 @@ enum Flush {
     /// The program moved `touch` to this address (`None`: hetmm cannot follow it there): its
     /// pages travel there with their device copies, whole blocks where the distance is a
     /// multiple of 2 MiB, page by page otherwise ([`Keeps`]). What cannot travel comes home, and
-    /// the regions change even if a copy fails (the kernel already moved the mappings; the
-    /// failed block's device data is lost, and the error reported).
+    /// the regions change even if a copy fails (the kernel already moved the mappings): a block
+    /// whose copy home fails keeps its device copies where devices can take pages one by one
+    /// (they are re-keyed into the new regions, see [`Keeps::rescue`]); elsewhere its device
+    /// data is lost, and the error reported.
     Moved(Option<u64>),
     /// Everything outside this range, which the program unmapped (its data is dropped
     /// uncopied); the regions change even if a copy fails, as for [`Flush::Moved`].
@@ -333,13 +335,19 @@ impl AddressSpace {
                     }
                 }
                 if let Err(e) = flush_and_unmap(self, r, &mut blk, &keep) {
-                    log::error!("reshaping {}: {e}", r.range);
                     if matches!(flush, Flush::AllOrNothing | Flush::Reprotect) {
+                        log::error!("reshaping {}: {e}", r.range);
                         return Err(e);
                     }
                     // The kernel has already moved or unmapped the memory: the regions must
-                    // follow, and what this block's device held is lost.
-                    flushed = flushed.and(Err(e));
+                    // follow. The pages stay on their devices where they can be re-keyed into
+                    // the new regions; otherwise what this block's device held is lost.
+                    if keeps.rescue(self, r, b, &mut blk, &keep) {
+                        log::warn!("reshaping {}: {e}; the device copies of block {:#x} stay", r.range, blk.base);
+                    } else {
+                        log::error!("reshaping {}: {e}", r.range);
+                        flushed = flushed.and(Err(e));
+                    }
                 }
             }
         }
@@ -367,6 +375,9 @@ impl AddressSpace {
                 if keeps.rekeys(r, b) {
                     let inside = pages_of(&blk.base, blk.npages, &touch);
                     rekeyed.take(&mut blk, &inside);
+                }
+                if let Some(m) = keeps.rescued(r, b) {
+                    rekeyed.take(&mut blk, &m);
                 }
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
@@ -412,7 +423,8 @@ impl AddressSpace {
                             *pg = *p;
                         }
                     }
-                    if src != start {
+                    // Moved pages land at their new addresses, rescued ones where they were.
+                    if !rekeyed.pages.is_empty() {
                         let old_base = src + (base - start);
                         if rekeyed.give(self, &new, nb, &mut blk, old_base) {
                             rekeyed_blocks.push(nb);
@@ -510,6 +522,14 @@ struct Keeps {
     /// that is not a multiple of 2 MiB, or cut by the moved range's ends) land in other blocks,
     /// so they travel one by one, each with its device pages (re-keyed).
     rekey: bool,
+    /// The change is the program's (a move or an unmap) and every device takes pages one by
+    /// one: a block whose copy home fails can keep its device copies, re-keyed.
+    can_rescue: bool,
+    /// hetmm follows moved pages (a move it cannot follow leaves nowhere for them to go).
+    follow: bool,
+    /// Blocks whose copy home failed and whose surviving pages keep their device copies
+    /// (region start, block, the pages).
+    rescued: Vec<(BlockKey, PageMask)>,
 }
 
 impl Keeps {
@@ -523,10 +543,35 @@ impl Keeps {
                 _ => false,
             };
         // Re-keyed pages land on scattered device pages: only for devices with 4 KiB pages.
-        let rekey = matches!(flush, Flush::Moved(Some(_)))
-            && on
-            && holders.iter().all(|s| s.is_detached() || !migrate::whole_blocks(s));
-        Keeps { touch, on, carry, refused: Vec::new(), rekey }
+        let pagewise = on && holders.iter().all(|s| s.is_detached() || !migrate::whole_blocks(s));
+        let rekey = matches!(flush, Flush::Moved(Some(_))) && pagewise;
+        let can_rescue = matches!(flush, Flush::Moved(_) | Flush::Unmapped(_)) && pagewise;
+        let follow = !matches!(flush, Flush::Moved(None));
+        Keeps { touch, on, carry, refused: Vec::new(), rekey, can_rescue, follow, rescued: Vec::new() }
+    }
+
+    /// Block `b` of `r` (locked as `blk`) could not bring `keep` home: where devices take pages
+    /// one by one, those pages keep their device copies instead, re-keyed into the block that
+    /// holds their address afterwards (their device mappings go now, and the next device access
+    /// maps them again). Returns whether all of them did; the device data of the others is lost.
+    fn rescue(&mut self, space: &AddressSpace, r: &Region, b: usize, blk: &mut Block, keep: &PageMask) -> bool {
+        // Pages moved where hetmm does not follow have no block to land in.
+        let m = if self.follow { *keep } else { keep.and_not(&pages_of(&blk.base, blk.npages, &self.touch)) };
+        if !self.can_rescue || m.is_empty() {
+            return false;
+        }
+        if let Err(e) = migrate::unmap_others(space, blk, &m, None) {
+            log::error!("block {:#x}: its device mappings could not be removed either: {e}", blk.base);
+            return false;
+        }
+        let all = m.count() == keep.count();
+        self.rescued.push(((r.range.start, b), m));
+        all
+    }
+
+    /// The pages of block `b` of `r` that [`Keeps::rescue`] kept on devices.
+    fn rescued(&self, r: &Region, b: usize) -> Option<PageMask> {
+        self.rescued.iter().find(|(k, _)| *k == (r.range.start, b)).map(|(_, m)| *m)
     }
 
     /// Whether the pages of block `b` of `r` inside `touch` travel one by one with their device

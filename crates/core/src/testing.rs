@@ -1230,6 +1230,26 @@ fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
     assert_eq!(free, total, "no device page is left behind");
 }
 
+/// A move hetmm cannot follow, cutting a block whose copy home fails: the pages left in place
+/// keep their device copies; those that moved away lose theirs (the error says so), and no
+/// device page is left behind for them.
+#[test]
+fn a_move_hetmm_cannot_follow_keeps_what_stays_and_frees_what_left() {
+    let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let me = Proc::Device(w.ids[0]);
+    w.dev_access(0, s, Some(0x30)).unwrap();
+    w.dev_access(0, s + PAGE_SIZE, Some(0x31)).unwrap();
+    let to = s + 64 * BLOCK_SIZE;
+    w.failing(|d| &d.fail_d2h, || w.space.remap_range(s + PAGE_SIZE, to, PAGE_SIZE, None))
+        .expect_err("the moved page's device data could not come home");
+    assert_eq!(w.space.page_state(s).unwrap().resident, ProcMask::only(me), "page 0 stays on the device");
+    assert!(w.space.page_state(s + PAGE_SIZE).is_none(), "page 1 left hetmm");
+    assert_eq!(w.cpu_access(s, None), 0x30);
+    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
+    assert_eq!(free, total, "no device page is left behind");
+}
+
 /// A `protect` of whole blocks leaves their device copies where they are and removes only
 /// their device mappings: the next device access maps them again under the new protection (a
 /// read finds its data in place, a write is refused), and nothing is copied home.
@@ -1324,19 +1344,28 @@ fn a_release_brings_device_data_home() {
 }
 
 /// The program's munmap has already happened in the kernel: the core follows it even when a
-/// copy home of the surviving part fails (the error is reported; the unmapped range was kept as
-/// shared memory, still mapped by the device).
+/// copy home of the surviving part fails, and that part keeps its device copies, re-keyed into
+/// the region that is left (its device mappings go; the next access maps them again). Before,
+/// they were dropped: the CPU then read what host memory held before the device wrote.
 #[test]
 fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     let mut w = world(false, 2048);
     let s = w.cpu.range.start;
+    let me = Proc::Device(w.ids[0]);
     let gone = VaRange::new(s + BLOCK_SIZE + PAGE_SIZE, BLOCK_SIZE - PAGE_SIZE);
+    w.cpu_access(s + BLOCK_SIZE, Some(1));
     w.dev_access(0, s + BLOCK_SIZE, Some(0x5a)).unwrap();
     w.dev_access(0, gone.start, Some(0x6b)).unwrap();
-    let r = w.failing(|d| &d.fail_d2h, || w.space.unmap_range(gone));
-    assert!(r.is_err(), "the lost copy is reported");
+    w.failing(|d| &d.fail_d2h, || w.space.unmap_range(gone)).expect("nothing is lost");
     assert!(w.space.check_span(gone.start, gone.len).is_err(), "the unmapped range left the core");
     assert_eq!(w.devs[0].access(gone.start, None), None, "the device no longer maps it");
+    let p = w.space.page_state(s + BLOCK_SIZE).unwrap();
+    assert!(p.resident == ProcMask::only(me) && p.dev_mapped.is_empty(), "{p:?}");
+    assert_eq!(w.dev_access(0, s + BLOCK_SIZE, None), Some(0x5a), "the device maps it again");
+    assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 0x5a, "and the CPU reads the device's data");
+    w.space.migrate(s, BLOCK_SIZE + PAGE_SIZE, Proc::Cpu).unwrap();
+    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
+    assert_eq!(free, total, "no device page is left behind");
 }
 
 /// A device whose memory is all pinned still serves faults on other data: remotely, from host

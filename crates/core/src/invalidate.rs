@@ -372,12 +372,14 @@ impl AddressSpace {
             for (b, cell) in r.blocks.iter().enumerate() {
                 let mut blk = cell.lock();
                 let all = PageMask::full(blk.npages);
+                // Moved pages that travel one by one, and pages a failed copy home left on
+                // devices: taken together, so that the carried pages stay in address order.
+                let mut carry = keeps.rescued(r, b).unwrap_or_default();
                 if keeps.rekeys(r, b) {
-                    let inside = pages_of(&blk.base, blk.npages, &touch);
-                    rekeyed.take(&mut blk, &inside);
+                    carry = carry.or(&pages_of(&blk.base, blk.npages, &touch));
                 }
-                if let Some(m) = keeps.rescued(r, b) {
-                    rekeyed.take(&mut blk, &m);
+                if !carry.is_empty() {
+                    rekeyed.take(&mut blk, &carry);
                 }
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
@@ -396,6 +398,7 @@ impl AddressSpace {
                 }));
             }
             rekeyed.pas.sort_unstable_by_key(|&(va, d, _)| (va, d.0));
+            debug_assert!(rekeyed.pages.windows(2).all(|p| p[0].0 < p[1].0), "carried pages in address order");
             for slot in self.holders() {
                 slot.mmu.region_removed(r.range);
             }

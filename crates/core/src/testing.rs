@@ -1250,6 +1250,32 @@ fn a_move_hetmm_cannot_follow_keeps_what_stays_and_frees_what_left() {
     assert_eq!(free, total, "no device page is left behind");
 }
 
+/// An mremap by a distance that is not a multiple of 2 MiB, starting inside a block whose copy
+/// home fails: the block's moved pages travel with their device copies, and those left in place
+/// keep theirs, each where its address now lies.
+#[test]
+fn an_mremap_whose_copy_home_fails_keeps_both_halves_of_the_cut_block() {
+    let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    w.dev_access(0, s + PAGE_SIZE, Some(0x41)).unwrap();
+    w.dev_access(0, s + 100 * PAGE_SIZE, Some(0x42)).unwrap();
+    let (from, to) = (s + 50 * PAGE_SIZE, s + 64 * BLOCK_SIZE + 7 * PAGE_SIZE);
+    let new_cpu = Arc::new(FakeCpu {
+        range: VaRange::new(to, BLOCK_SIZE),
+        mem: Arc::new(Mutex::new(vec![0; BLOCK_SIZE as usize])),
+        mapped: Mutex::default(),
+        races: 0.into(),
+        fail_discard: false.into(),
+    });
+    w.failing(|d| &d.fail_d2h, || w.space.remap_range(from, to, BLOCK_SIZE, Some(new_cpu))).expect("nothing is lost");
+    assert_eq!(w.dev_access(0, s + PAGE_SIZE, None), Some(0x41), "the page left in place");
+    assert_eq!(w.dev_access(0, to + 50 * PAGE_SIZE, None), Some(0x42), "the page that moved");
+    assert_eq!(w.cpu_access(s + PAGE_SIZE, None), 0x41);
+    w.space.migrate(to, BLOCK_SIZE, Proc::Cpu).unwrap();
+    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
+    assert_eq!(free, total, "no device page is left behind");
+}
+
 /// A `protect` of whole blocks leaves their device copies where they are and removes only
 /// their device mappings: the next device access maps them again under the new protection (a
 /// read finds its data in place, a write is refused), and nothing is copied home.

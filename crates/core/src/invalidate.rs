@@ -80,7 +80,7 @@ enum Flush {
 }
 
 /// `r` minus `cut`: up to two pieces.
-fn minus(r: VaRange, cut: VaRange) -> Vec<VaRange> {
+pub(crate) fn minus_range(r: VaRange, cut: VaRange) -> Vec<VaRange> {
     let mut out = Vec::new();
     if cut.start > r.start {
         out.push(VaRange::new(r.start, cut.start.min(r.end()) - r.start));
@@ -157,7 +157,7 @@ impl AddressSpace {
     fn cut_range(&self, range: VaRange, flush: Flush) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let mut gone = Vec::new();
         self.reshape_regions(range, flush, |r| {
-            let parts: Vec<Part> = minus(r.range, range)
+            let parts: Vec<Part> = minus_range(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();
@@ -177,7 +177,7 @@ impl AddressSpace {
         VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
         let followed = new_cpu.is_some();
         let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), |r| {
-            let mut parts: Vec<Part> = minus(r.range, old)
+            let mut parts: Vec<Part> = minus_range(r.range, old)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();
@@ -210,7 +210,7 @@ impl AddressSpace {
         let range = self.check_span(start, len)?;
         let mut cpu_result = Ok(());
         self.reshape_regions(range, Flush::Reprotect, |r| {
-            let mut parts: Vec<Part> = minus(r.range, range)
+            let mut parts: Vec<Part> = minus_range(r.range, range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();

@@ -362,6 +362,14 @@ enum Op {
         page: usize,
         pages: usize,
     },
+    /// The program's `munmap` of the range, with copies home failing meanwhile when `fail` is
+    /// set (on devices that take pages one by one, the cut blocks' surviving pages then stay on
+    /// their devices; region-bound devices get no failure, their data would be lost).
+    Unmap {
+        page: usize,
+        pages: usize,
+        fail: bool,
+    },
 }
 
 /// Pages the ops touch: both ends of the first block and the start of the second.
@@ -385,7 +393,8 @@ fn op() -> impl Strategy<Value = Op> {
             advice,
             dev
         }),
-        1 => (page, 1usize..600).prop_map(|(page, pages)| Op::Reshape { page, pages }),
+        1 => (page.clone(), 1usize..600).prop_map(|(page, pages)| Op::Reshape { page, pages }),
+        1 => (page, 1usize..40, any::<bool>()).prop_map(|(page, pages, fail)| Op::Unmap { page, pages, fail }),
     ]
 }
 
@@ -395,6 +404,9 @@ struct World {
     devs: Vec<Arc<FakeDevice>>,
     ids: Vec<DeviceId>,
     model: HashMap<u64, u8>,
+    /// Ranges the program unmapped ([`Op::Unmap`]): ops touching them are skipped.
+    gone: Vec<VaRange>,
+    region_bound: bool,
 }
 
 fn world(tree: bool, dev_pages: u64) -> World {
@@ -450,7 +462,7 @@ fn world_built(
         ids.push(space.attach(d.clone(), AttachOptions::default()).unwrap());
         devs.push(d);
     }
-    World { space, cpu, devs, ids, model: HashMap::new() }
+    World { space, cpu, devs, ids, model: HashMap::new(), gone: Vec::new(), region_bound }
 }
 
 /// A world whose first block the CPU wrote (`byte` at its start) and then moved to device 0:
@@ -518,7 +530,24 @@ impl World {
         panic!("device access at {va:#x} still faults after service");
     }
 
+    /// The range an op touches, clipped to the region.
+    fn op_range(&self, op: &Op) -> VaRange {
+        let (page, pages) = match *op {
+            Op::Cpu { page, .. } | Op::Dev { page, .. } => (page, 1),
+            Op::Migrate { page, pages, .. }
+            | Op::Advise { page, pages, .. }
+            | Op::Reshape { page, pages }
+            | Op::Unmap { page, pages, .. } => (page, pages),
+        };
+        let start = self.va(page, 0);
+        VaRange::new(start, (pages as u64 * PAGE_SIZE).min(self.cpu.range.end() - start))
+    }
+
     fn apply(&mut self, op: &Op) {
+        let range = self.op_range(op);
+        if self.gone.iter().any(|g| g.intersect(&range).is_some()) {
+            return;
+        }
         match *op {
             Op::Cpu { page, off, val } => {
                 let va = self.va(page, off);
@@ -572,12 +601,29 @@ impl World {
                 };
                 self.space.advise(start, len, a).unwrap().wait(Duration::from_secs(10)).unwrap();
             }
-            Op::Reshape { page, pages } => {
-                let start = self.va(page, 0);
-                let len = (pages as u64 * PAGE_SIZE).min(self.cpu.range.end() - start);
-                self.space.protect_range(start, len, Prot::READ | Prot::WRITE).unwrap();
+            Op::Reshape { .. } => {
+                self.space.protect_range(range.start, range.len, Prot::READ | Prot::WRITE).unwrap();
+            }
+            Op::Unmap { fail, .. } => {
+                if fail && !self.region_bound {
+                    self.failing(|d| &d.fail_d2h, || self.space.unmap_range(range))
+                        .expect("munmap with copies failing");
+                } else {
+                    self.space.unmap_range(range).expect("munmap");
+                }
+                self.model.retain(|va, _| !range.contains(*va));
+                self.gone.push(range);
             }
         }
+    }
+
+    /// The parts of the region the program did not unmap.
+    fn live(&self) -> Vec<VaRange> {
+        let mut parts = vec![self.cpu.range];
+        for g in &self.gone {
+            parts = parts.into_iter().flat_map(|p| crate::invalidate::minus_range(p, *g)).collect();
+        }
+        parts
     }
 
     fn check_all(&mut self) {
@@ -621,6 +667,15 @@ proptest! {
         for d in 0..2 {
             let (free, total) = w.space.device_memory(w.ids[d]).unwrap();
             prop_assert!(free <= total);
+        }
+        // Unregistering what is left brings every byte home and frees every device page: none
+        // leaked by an unmap.
+        for part in w.live() {
+            w.space.release_range(part.start, part.len).unwrap();
+        }
+        for d in 0..2 {
+            let (free, total) = w.space.device_memory(w.ids[d]).unwrap();
+            prop_assert_eq!(free, total, "device {} leaked pages", d);
         }
     }
 }

@@ -382,6 +382,55 @@ fn a_kernel_runs_on_a_device_full_of_pinned_data() {
 
 /// The counters once the fault service has finished adding to them: the fill's CPU fault is
 /// counted just after the filling thread was woken (see [`Hetmm::stats`]).
+/// The kernel may unmap CPU pages behind hetmm's back, with no event: reclaim, or on the build
+/// machine DAMON's `pageout` scheme, which does to hetmm's memfd pages what `MADV_PAGEOUT` does
+/// here on demand (unmaps them and keeps them in the page cache, there being no swap). The next
+/// CPU access faults, the core finds the page home and maps it again: nothing moves and no byte
+/// changes, for plain pages and for read-mostly duplicates mapped read-only beside a device's
+/// copy; a CPU write to a duplicate afterwards still collapses the device's copy.
+#[test]
+fn pages_the_kernel_unmaps_on_its_own_fault_back_unchanged() {
+    let (hm, dev) = setup(64 << 20);
+    let words = (4 << 20) / 8;
+    let mut plain = hm.alloc::<u64>(words).unwrap();
+    let mut dup = hm.alloc::<u64>(words).unwrap();
+    plain.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64 * 3);
+    dup.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64 * 5);
+    hm.advise_buf(&dup, hetmm::Advice::ReadMostly(true)).unwrap();
+    let sum = |buf: &hetmm::SharedBuf<u64>| {
+        let blocks = stream_sum(buf.ptr(), words, 0).0.blocks as usize;
+        let out = hm.alloc::<u64>(blocks).unwrap();
+        let (grid, k) = stream_sum(buf.ptr(), words, out.ptr());
+        dev.launch(grid, &[Use::read(buf), Use::write(&out)], k)
+            .unwrap()
+            .wait_timeout(Duration::from_secs(60))
+            .unwrap();
+        out.as_slice().iter().fold(0u64, |s, v| s.wrapping_add(*v))
+    };
+    let want = |k: u64| (0..words as u64).fold(0u64, |s, i| s.wrapping_add(i * k));
+    assert_eq!(sum(&dup), want(5), "the device reads its duplicate");
+    // The CPU reads its copy of the duplicates: mapped read-only.
+    assert!(dup.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 * 5));
+    let before = settled_stats(&hm);
+    for (ptr, len) in [(plain.ptr(), plain.byte_len()), (dup.ptr(), dup.byte_len())] {
+        // SAFETY: the buffers are this test's; MADV_PAGEOUT keeps their contents.
+        let rc = unsafe { libc::madvise(ptr as *mut libc::c_void, len as usize, libc::MADV_PAGEOUT) };
+        assert_eq!(rc, 0, "MADV_PAGEOUT: {}", std::io::Error::last_os_error());
+    }
+    for (i, v) in plain.as_slice().iter().enumerate() {
+        assert_eq!(*v, i as u64 * 3, "plain word {i}");
+    }
+    for (i, v) in dup.as_slice().iter().enumerate() {
+        assert_eq!(*v, i as u64 * 5, "read-mostly word {i}");
+    }
+    let st = settled_stats(&hm).since(&before);
+    assert!(st.cpu_faults > 0, "the pages lost their entries and faulted back: {st:?}");
+    assert_eq!((st.bytes_to_host, st.bytes_to_device), (0, 0), "nothing moved: {st:?}");
+    // A CPU write to a duplicate collapses the device's copy: the device sees it.
+    dup.as_mut_slice()[words - 1] = 0;
+    assert_eq!(sum(&dup), want(5).wrapping_sub((words as u64 - 1) * 5), "the device sees the CPU's write");
+}
+
 fn settled_stats(hm: &Hetmm) -> hetmm::core::stats::StatsSnapshot {
     let mut last = hm.stats();
     for _ in 0..200 {

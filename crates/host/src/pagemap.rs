@@ -42,6 +42,14 @@ impl Pagemap {
         }
         false
     }
+
+    /// Whether the page at `va` is present (mapped to memory): unlike [`Pagemap::any_entry`],
+    /// a swap entry or a marker (a write-protected entry the kernel dropped) is not.
+    #[cfg(test)]
+    pub(crate) fn present(&self, va: u64) -> bool {
+        let mut e = [0u8; 8];
+        self.0.read_exact_at(&mut e, va / PAGE_SIZE * 8).is_ok_and(|_| u64::from_ne_bytes(e) & (1 << 63) != 0)
+    }
 }
 
 #[cfg(test)]

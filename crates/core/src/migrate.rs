@@ -812,24 +812,33 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
 }
 
 /// Drops every device mapping and copy in `m` without copying (the data is being freed or
-/// discarded). Every device is tried; the first error is returned. A device that refuses the
-/// unmap may still reach its pages: they are forgotten (leaked, never handed out again), and the
-/// mapping stays recorded, so a later unmap of these pages tries again.
+/// discarded). Every device is tried; the first error is returned. Every device unmaps before
+/// any copy is freed: a device may reach another's copy through its peer window, and freeing it
+/// first let the peer reach freed device memory until its own turn came. A copy that a device
+/// refusing the unmap may still reach (its own, or a peer's) is forgotten (leaked, never handed
+/// out again), and that device's mapping stays recorded, so a later unmap of these pages tries
+/// again.
 pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Result<()> {
+    let reaching = devices_reaching(blk, m);
+    let mut reached = PageMask::default();
     let mut result = Ok(());
-    for d in devices_reaching(blk, m).devices() {
+    for d in reaching.devices() {
         let Ok(slot) = space.holder(d) else { continue };
-        let m = &widen(blk, &slot, m);
-        let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
-        match unmap_on(space, blk, &slot, m) {
-            Ok(()) => release_device_pages(&slot, blk, &here),
-            Err(e) => {
-                log::error!("unmapping dropped memory from device {d:?}: {e}; its device pages are leaked");
-                blk.take_pas(d, &here);
-                result = result.and(Err(e));
-            }
+        let wm = widen(blk, &slot, m);
+        if let Err(e) = unmap_on(space, blk, &slot, &wm) {
+            log::error!("unmapping dropped memory from device {d:?}: {e}; the device pages it reaches are leaked");
+            reached = reached.or(&select(blk, &wm, |p| p.dev_mapped.has(Proc::Device(d))));
+            result = result.and(Err(e));
         }
-        for i in m.iter() {
+    }
+    for d in reaching.devices() {
+        let Ok(slot) = space.holder(d) else { continue };
+        let wm = widen(blk, &slot, m);
+        let here = select(blk, &wm, |p| p.resident.has(Proc::Device(d)));
+        let free = here.and_not(&reached);
+        release_device_pages(&slot, blk, &free);
+        blk.take_pas(d, &here.and_not(&free));
+        for i in wm.iter() {
             blk.pages[i].resident.remove(Proc::Device(d));
         }
     }

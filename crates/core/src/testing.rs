@@ -680,6 +680,28 @@ proptest! {
     }
 }
 
+/// An unmap of a page one device holds and the other maps through its peer window takes the
+/// peer's mapping away before it frees the copy. It freed the holder's copy first and unmapped
+/// the peer on its own turn after: meanwhile the peer reached freed device memory (the
+/// proptest's shrunk case, found once in many thousands: a debug assertion caught it).
+#[test]
+fn an_unmap_takes_a_peers_mapping_before_it_frees_the_copy() {
+    let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), REGION, true, false);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x21));
+    w.space.advise(s, BLOCK_SIZE, crate::advice::Advice::AccessedBy(w.ids[1], true)).unwrap();
+    w.space.migrate(s, PAGE_SIZE, Proc::Device(w.ids[0])).unwrap();
+    assert_eq!(w.dev_access(1, s, None), Some(0x21));
+    let st = w.space.page_state(s).unwrap();
+    assert!(st.peer_mapped.has(Proc::Device(w.ids[1])), "device 1 reads device 0's copy through its window: {st:?}");
+    w.space.unmap_range(VaRange::new(s, PAGE_SIZE)).unwrap();
+    assert!(w.devs[1].pt.lock().get(&s).is_none(), "device 1's mapping is gone");
+    for d in 0..2 {
+        let (free, total) = w.space.device_memory(w.ids[d]).unwrap();
+        assert_eq!(free, total, "device {d} freed its page");
+    }
+}
+
 #[test]
 fn bad_input_is_refused_without_change() {
     use crate::error::CoreError;

@@ -951,6 +951,14 @@ mod tests {
         seen: Mutex<Vec<(u64, Access)>>,
     }
 
+    /// Whether page-table entries stay put between a test's steps unless hetmm or the test
+    /// takes them: not while `.ci/pageout-storm` pages the test binary out (`.ci/flake-hunt`
+    /// sets HETMM_PAGEOUT_STORM then). Checks that hetmm left entries alone are skipped under
+    /// it; what the program reads, and that the pages hetmm took fault, are checked always.
+    fn entries_stay() -> bool {
+        std::env::var_os("HETMM_PAGEOUT_STORM").is_none()
+    }
+
     impl TestCore {
         /// Where the faults stand now, for [`TestCore::faults_in`].
         fn mark(&self) -> usize {
@@ -1115,7 +1123,7 @@ mod tests {
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for va in [all.start + 4 * PAGE_SIZE + 8, r.end() + 16] {
             assert_eq!(read(va), (va - all.start) / 8 * 7, "outside the range");
-            assert!(!core.faulted(mark, va), "pages outside the range stay mapped");
+            assert!(!entries_stay() || !core.faulted(mark, va), "pages outside the range stay mapped");
         }
         for off in [0, BLOCK_SIZE - 8, r.len - 8] {
             let va = r.start + off;
@@ -1161,7 +1169,7 @@ mod tests {
         let mark = core.mark();
         region.revoke_ranges(&[r], Revoke::IntoAlias).unwrap();
         let alias = |x: VaRange| region.mapping.alias_of(x).unwrap();
-        assert!(pagemap.any_entry(alias(block(3))), "block 3's entries are in the alias now");
+        assert!(!entries_stay() || pagemap.any_entry(alias(block(3))), "block 3's entries are in the alias now");
         assert!(!pagemap.any_entry(VaRange::new(r.start, 23 * BLOCK_SIZE - 5 * PAGE_SIZE)), "not in the view");
         assert!(!pagemap.any_entry(alias(VaRange::new(r.start, BLOCK_SIZE - 5 * PAGE_SIZE))), "block 0: zapped");
         // The alias reads and writes without faulting to the core.
@@ -1177,7 +1185,7 @@ mod tests {
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for va in [all.start + 4 * PAGE_SIZE + 8, r.end() + 16] {
             assert_eq!(read(va), (va - all.start) / 8 * 7, "outside the range");
-            assert!(!core.faulted(mark, va), "pages outside the range stay mapped");
+            assert!(!entries_stay() || !core.faulted(mark, va), "pages outside the range stay mapped");
         }
         let seen = [(block(3).start + 40, 0xABCD), (hole.start + 8, 0x5EED)];
         let written = [r.start, block(1).start + 8, block(2).start, block(22).end() - 8, r.end() - 8];
@@ -1214,20 +1222,24 @@ mod tests {
         let mark = core.mark();
         region.revoke_ranges(&[r], Revoke::IntoAlias).unwrap();
         assert!(!pagemap.any_entry(r), "the view lost its entries");
-        assert!(pagemap.any_entry(region.mapping.alias_of(r).unwrap()), "the alias keeps its own");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while host.ctx.reaped.load(Ordering::Relaxed) < r.len && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+        // Under a pageout storm the alias may have lost its entries before the revoke looked,
+        // and the entries then moved into it instead: the reaper has nothing to free.
+        if entries_stay() {
+            assert!(pagemap.any_entry(region.mapping.alias_of(r).unwrap()), "the alias keeps its own");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while host.ctx.reaped.load(Ordering::Relaxed) < r.len && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(host.ctx.reaped.load(Ordering::Relaxed), r.len, "the reaper freed the moved entries");
         }
-        assert_eq!(host.ctx.reaped.load(Ordering::Relaxed), r.len, "the reaper freed the moved entries");
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         assert_eq!(read(all.start + 8), 3, "before the range");
-        assert!(!core.faulted(mark, all.start), "before the range, still mapped");
+        assert!(!entries_stay() || !core.faulted(mark, all.start), "before the range, still mapped");
         for va in [r.start, r.start + 7 * BLOCK_SIZE + 40, r.end() - 8] {
             assert_eq!(read(va), (va - all.start) / 8 * 3);
             assert!(core.faulted(mark, va), "each page read in the range faults");
         }
-        assert!(pagemap.any_entry(alias), "the alias still has entries");
+        assert!(!entries_stay() || pagemap.any_entry(alias), "the alias still has entries");
         drop(region);
         on_thread(move || drop(host));
         assert_eq!(core.events.load(Ordering::Relaxed), 0, "the manager's own moves and zaps are not the program's");
@@ -1306,7 +1318,7 @@ mod tests {
         let va = region.app_ptr() as usize;
         on_thread(move || unsafe { (va as *mut u8).write_bytes(0xEE, PAGE_SIZE as usize) });
         region.revoke(&[page(&region, 0)]).unwrap();
-        let before = core.faults.load(Ordering::Relaxed);
+        let (before, mark) = (core.faults.load(Ordering::Relaxed), core.mark());
         let file = file_with(&[0x5A; 4096]);
         // read(2) copies into the zapped page in kernel mode: the copy faults to the handler.
         let n = on_thread(move || {
@@ -1315,7 +1327,9 @@ mod tests {
             file.read(buf).unwrap()
         });
         assert_eq!(n, 4096);
-        assert_eq!(core.faults.load(Ordering::Relaxed), before + 1);
+        assert!(core.faulted(mark, va as u64), "the kernel's copy faulted to the handler");
+        // (Under a pageout storm the page may lose its entry again before the copy retries.)
+        assert!(!entries_stay() || core.faults.load(Ordering::Relaxed) == before + 1, "one fault");
         let b = region.backing(va as u64).0 as *const u8;
         assert!(unsafe { std::slice::from_raw_parts(b, 4096) }.iter().all(|&x| x == 0x5A));
     }

@@ -819,24 +819,23 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
 /// out again), and that device's mapping stays recorded, so a later unmap of these pages tries
 /// again.
 pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask) -> Result<()> {
-    let reaching = devices_reaching(blk, m);
+    let slots: Vec<_> = devices_reaching(blk, m)
+        .devices()
+        .filter_map(|d| space.holder(d).ok().map(|slot| (d, widen(blk, &slot, m), slot)))
+        .collect();
     let mut reached = PageMask::default();
     let mut result = Ok(());
-    for d in reaching.devices() {
-        let Ok(slot) = space.holder(d) else { continue };
-        let wm = widen(blk, &slot, m);
-        if let Err(e) = unmap_on(space, blk, &slot, &wm) {
+    for (d, wm, slot) in &slots {
+        if let Err(e) = unmap_on(space, blk, slot, wm) {
             log::error!("unmapping dropped memory from device {d:?}: {e}; the device pages it reaches are leaked");
-            reached = reached.or(&select(blk, &wm, |p| p.dev_mapped.has(Proc::Device(d))));
+            reached = reached.or(&select(blk, wm, |p| p.dev_mapped.has(Proc::Device(*d))));
             result = result.and(Err(e));
         }
     }
-    for d in reaching.devices() {
-        let Ok(slot) = space.holder(d) else { continue };
-        let wm = widen(blk, &slot, m);
-        let here = select(blk, &wm, |p| p.resident.has(Proc::Device(d)));
+    for &(d, ref wm, ref slot) in &slots {
+        let here = select(blk, wm, |p| p.resident.has(Proc::Device(d)));
         let free = here.and_not(&reached);
-        release_device_pages(&slot, blk, &free);
+        release_device_pages(slot, blk, &free);
         blk.take_pas(d, &here.and_not(&free));
         for i in wm.iter() {
             blk.pages[i].resident.remove(Proc::Device(d));

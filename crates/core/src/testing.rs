@@ -84,6 +84,18 @@ struct FakeCpu {
     fail_discard: std::sync::atomic::AtomicBool,
 }
 
+impl FakeCpu {
+    /// The CPU side of a region at `range`, its host memory `mem`, nothing mapped yet.
+    fn new(range: VaRange, mem: HostMem) -> FakeCpu {
+        FakeCpu { range, mem, mapped: Mutex::default(), races: 0.into(), fail_discard: false.into() }
+    }
+
+    /// [`FakeCpu::new`] with host memory of its own, zeroed (the target of an mremap).
+    fn fresh(range: VaRange) -> Arc<FakeCpu> {
+        Arc::new(FakeCpu::new(range, Arc::new(Mutex::new(vec![0; range.len as usize]))))
+    }
+}
+
 impl CpuMmu for FakeCpu {
     fn range(&self) -> VaRange {
         self.range
@@ -440,13 +452,7 @@ fn world_built(
     };
     let space = AddressSpace::new(cfg);
     let host: HostMem = Arc::new(Mutex::new(vec![0; region as usize]));
-    let cpu = Arc::new(FakeCpu {
-        range: VaRange::new(BLOCK_SIZE * 8, region),
-        mem: host.clone(),
-        mapped: Mutex::default(),
-        races: 0.into(),
-        fail_discard: false.into(),
-    });
+    let cpu = Arc::new(FakeCpu::new(VaRange::new(BLOCK_SIZE * 8, region), host.clone()));
     space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
     let mut devs = Vec::new();
     let mut ids = Vec::new();
@@ -488,6 +494,12 @@ impl World {
 
     fn va(&self, page: usize, off: u16) -> u64 {
         self.cpu.range.start + page as u64 * PAGE_SIZE + u64::from(off)
+    }
+
+    /// Bytes of device `d`'s memory in use (0: every device page was freed).
+    fn device_bytes_in_use(&self, d: usize) -> u64 {
+        let (free, total) = self.space.device_memory(self.ids[d]).unwrap();
+        total - free
     }
 
     fn cpu_access(&mut self, va: u64, val: Option<u8>) -> u8 {
@@ -697,8 +709,7 @@ fn an_unmap_takes_a_peers_mapping_before_it_frees_the_copy() {
     w.space.unmap_range(VaRange::new(s, PAGE_SIZE)).unwrap();
     assert!(w.devs[1].pt.lock().get(&s).is_none(), "device 1's mapping is gone");
     for d in 0..2 {
-        let (free, total) = w.space.device_memory(w.ids[d]).unwrap();
-        assert_eq!(free, total, "device {d} freed its page");
+        assert_eq!(w.device_bytes_in_use(d), 0, "device {d} freed its page");
     }
 }
 
@@ -1278,11 +1289,7 @@ fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
         w.dev_access(0, s + b as u64 * BLOCK_SIZE, Some(v)).unwrap();
     }
     let before = w.space.stats.snapshot();
-    let used = |w: &World| {
-        let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
-        total - free
-    };
-    let in_use = used(&w);
+    let in_use = w.device_bytes_in_use(0);
     // A page in block 1 is protected, the first page of block 3 unmapped (the device holds page 0
     // of each block): blocks 0 and 2 do not change.
     w.failing(|d| &d.fail_d2h, || w.space.protect_range(s + BLOCK_SIZE + 8 * PAGE_SIZE, PAGE_SIZE, Prot::READ))
@@ -1292,7 +1299,7 @@ fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
     let d = w.space.stats.snapshot().since(&before);
     assert_eq!(d.reshape_blocks_kept, 3 + 2, "blocks 0, 2, 3 by the protect, 0 and 2 by the unmap");
     assert_eq!(d.bytes_to_host, PAGE_SIZE, "only block 1's page 0 came home");
-    assert_eq!(used(&w), in_use - 2 * PAGE_SIZE, "block 3's page 0 was dropped uncopied");
+    assert_eq!(w.device_bytes_in_use(0), in_use - 2 * PAGE_SIZE, "block 3's page 0 was dropped uncopied");
     for b in [0, 2] {
         let va = s + b * BLOCK_SIZE;
         assert_eq!(w.devs[0].access(va, None), Some(blocks[b as usize]), "block {b} is still mapped");
@@ -1303,8 +1310,7 @@ fn a_reshape_keeps_device_data_of_blocks_it_does_not_touch() {
     for (b, &v) in blocks.iter().take(3).enumerate() {
         assert_eq!(w.cpu_access(s + b as u64 * BLOCK_SIZE, None), v);
     }
-    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
-    assert_eq!(free, total, "no device page is left behind");
+    assert_eq!(w.device_bytes_in_use(0), 0, "no device page is left behind");
 }
 
 /// A move hetmm cannot follow, cutting a block whose copy home fails: the pages left in place
@@ -1323,8 +1329,7 @@ fn a_move_hetmm_cannot_follow_keeps_what_stays_and_frees_what_left() {
     assert_eq!(w.space.page_state(s).unwrap().resident, ProcMask::only(me), "page 0 stays on the device");
     assert!(w.space.page_state(s + PAGE_SIZE).is_none(), "page 1 left hetmm");
     assert_eq!(w.cpu_access(s, None), 0x30);
-    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
-    assert_eq!(free, total, "no device page is left behind");
+    assert_eq!(w.device_bytes_in_use(0), 0, "no device page is left behind");
 }
 
 /// An mremap by a distance that is not a multiple of 2 MiB, starting inside a block whose copy
@@ -1337,20 +1342,13 @@ fn an_mremap_whose_copy_home_fails_keeps_both_halves_of_the_cut_block() {
     w.dev_access(0, s + PAGE_SIZE, Some(0x41)).unwrap();
     w.dev_access(0, s + 100 * PAGE_SIZE, Some(0x42)).unwrap();
     let (from, to) = (s + 50 * PAGE_SIZE, s + 64 * BLOCK_SIZE + 7 * PAGE_SIZE);
-    let new_cpu = Arc::new(FakeCpu {
-        range: VaRange::new(to, BLOCK_SIZE),
-        mem: Arc::new(Mutex::new(vec![0; BLOCK_SIZE as usize])),
-        mapped: Mutex::default(),
-        races: 0.into(),
-        fail_discard: false.into(),
-    });
+    let new_cpu = FakeCpu::fresh(VaRange::new(to, BLOCK_SIZE));
     w.failing(|d| &d.fail_d2h, || w.space.remap_range(from, to, BLOCK_SIZE, Some(new_cpu))).expect("nothing is lost");
     assert_eq!(w.dev_access(0, s + PAGE_SIZE, None), Some(0x41), "the page left in place");
     assert_eq!(w.dev_access(0, to + 50 * PAGE_SIZE, None), Some(0x42), "the page that moved");
     assert_eq!(w.cpu_access(s + PAGE_SIZE, None), 0x41);
     w.space.migrate(to, BLOCK_SIZE, Proc::Cpu).unwrap();
-    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
-    assert_eq!(free, total, "no device page is left behind");
+    assert_eq!(w.device_bytes_in_use(0), 0, "no device page is left behind");
 }
 
 /// A `protect` of whole blocks leaves their device copies where they are and removes only
@@ -1386,13 +1384,7 @@ fn advice_moves_with_mremap_and_leaves_with_munmap() {
     let pin = crate::advice::Advice::Pin(true);
     w.space.advise(s, 4 * BLOCK_SIZE, pin).unwrap().wait(Duration::from_secs(10)).unwrap();
     let to = s + 64 * BLOCK_SIZE;
-    let new_cpu = Arc::new(FakeCpu {
-        range: VaRange::new(to, BLOCK_SIZE),
-        mem: Arc::new(Mutex::new(vec![0; BLOCK_SIZE as usize])),
-        mapped: Mutex::default(),
-        races: 0.into(),
-        fail_discard: false.into(),
-    });
+    let new_cpu = FakeCpu::fresh(VaRange::new(to, BLOCK_SIZE));
     w.space.remap_range(s + BLOCK_SIZE, to, BLOCK_SIZE, Some(new_cpu)).unwrap();
     let pinned = |va: u64| w.space.attrs_at(va).pinned;
     assert!(pinned(to) && pinned(to + BLOCK_SIZE - PAGE_SIZE), "the advice moved along");
@@ -1416,8 +1408,7 @@ fn a_region_bound_device_gets_the_whole_region_home_on_a_reshape() {
     let d = w.space.stats.snapshot().since(&before);
     assert_eq!(d.reshape_blocks_kept, 0);
     assert_eq!(d.bytes_to_host, 2 * PAGE_SIZE);
-    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
-    assert_eq!(free, total);
+    assert_eq!(w.device_bytes_in_use(0), 0);
     assert_eq!(w.cpu_access(s + 2 * BLOCK_SIZE, None), 0x12);
 }
 
@@ -1432,7 +1423,7 @@ fn an_unmap_drops_device_data_inside_without_copying_it() {
     w.failing(|d| &d.fail_d2h, || w.space.unmap_range(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE)))
         .expect("nothing to copy home");
     assert_eq!(w.cpu_access(s, None), 0x33);
-    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, w.space.device_memory(w.ids[0]).unwrap().1);
+    assert_eq!(w.device_bytes_in_use(0), 0);
 }
 
 /// Releasing shared memory (`Hetmm::unregister`) brings home what only a device holds (it was
@@ -1467,8 +1458,7 @@ fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     assert_eq!(w.dev_access(0, s + BLOCK_SIZE, None), Some(0x5a), "the device maps it again");
     assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 0x5a, "and the CPU reads the device's data");
     w.space.migrate(s, BLOCK_SIZE + PAGE_SIZE, Proc::Cpu).unwrap();
-    let (free, total) = w.space.device_memory(w.ids[0]).unwrap();
-    assert_eq!(free, total, "no device page is left behind");
+    assert_eq!(w.device_bytes_in_use(0), 0, "no device page is left behind");
 }
 
 /// A device whose memory is all pinned still serves faults on other data: remotely, from host

@@ -1272,6 +1272,8 @@ mod tests {
             eprintln!("skipped: MADV_PAGEOUT unmapped nothing here");
             return;
         }
+        // SAFETY: `va` lies in the region's view, mapped for the test's life; the access faults
+        // to the test core, which maps the page.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for &va in &pages {
             assert_eq!(read(va + 8), (va + 8 - all.start) / 8 * 5, "at {:#x}", va - all.start);
@@ -1280,6 +1282,7 @@ mod tests {
             assert!(core.faulted(mark, va), "a dropped entry faults to the core at {:#x}", va - all.start);
         }
         let w = half.start + 16;
+        // SAFETY: as for `read`; the write faults and the core maps the page writable.
         on_thread(move || unsafe { (w as *mut u64).write_volatile(77) });
         assert_eq!(read(w), 77);
         drop(region);

@@ -121,7 +121,6 @@ fn gpu_refuses_what_it_cannot_do() {
 /// stale) reaches the child, which only reads it (a CUDA context is not usable in a fork
 /// child); the parent's GPU keeps its data and keeps working.
 #[test]
-#[allow(clippy::undocumented_unsafe_blocks)]
 fn gpu_fork_child_sees_gpu_written_data() {
     let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
     let dev = hm.attach(g).unwrap();
@@ -130,14 +129,20 @@ fn gpu_fork_child_sees_gpu_written_data() {
     dev.launch(&KernelCall::stream_write((&s).into(), 7).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
     let before = hm.stats();
     let ptr = s.ptr() as *const u64;
+    // SAFETY: the child only reads inherited memory and `_exit`s: no allocation, lock or CUDA call.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
+        // SAFETY: `s` (`cnt` u64s at `ptr`) is alive and inherited, its GPU data flushed to the
+        // host before the fork; the child has no other thread, and nothing writes it.
         let v = unsafe { std::slice::from_raw_parts(ptr, cnt) };
         let ok = v.iter().enumerate().all(|(i, x)| *x == i as u64 ^ 7);
+        // SAFETY: `_exit` has no preconditions; it ends the child without running the parent's exit
+        // handlers.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
     let mut status = 0;
+    // SAFETY: `pid` is our child; waitpid writes only the status, a live local.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
     assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
     assert!(hm.stats().since(&before).bytes_fork_flushed >= (cnt * 8) as u64);

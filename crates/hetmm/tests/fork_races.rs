@@ -2,7 +2,6 @@
 //! moves it while the fork is being prepared (the prepare handler flushing device-only data).
 //! Each child says whether the other thread had finished before the fork (a flag in memory it
 //! inherits); only those children count, and each must see the layout the program had then.
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 mod common;
 
@@ -44,8 +43,10 @@ fn setup() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u8>) {
 /// `len` bytes of private anonymous memory filled with `byte`.
 fn anon(len: usize, byte: u8) -> *mut u8 {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a new anonymous mapping where the kernel chooses replaces no existing mapping.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: `p` is the `len`-byte read-write mapping just made, which only this thread uses yet.
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), byte, len) };
     p.cast()
 }
@@ -67,10 +68,15 @@ fn wait_for_fork(hm: &Hetmm, before: u64) {
 
 /// Forks; the child exits with `check()`'s code (allocation-free). Returns the wait status.
 fn fork_with(check: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child runs only `check` and `_exit`s, never returning into the test: the checks
+    // read inherited memory (one reads /proc/self/maps with glibc's malloc, which its fork keeps
+    // usable).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         let code = check();
+        // SAFETY: `_exit` has no preconditions; it ends the child without running the parent's exit
+        // handlers.
         unsafe { libc::_exit(code) };
     }
     common::wait_status(pid)
@@ -123,11 +129,18 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
             // munmap): nothing else in the process can take the hole meanwhile.
             let p = addr as *mut libc::c_void;
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+            // SAFETY: MAP_FIXED replaces only the registered memory this test mapped at `addr`;
+            // neither the forking thread nor the child holds a reference into it (the child reads
+            // it only if `done`).
             let q = unsafe { libc::mmap(p, LEN, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
             assert_eq!(q, p, "mmap: {}", std::io::Error::last_os_error());
+            // SAFETY: `q` is the LEN-byte read-write mapping just made; only this thread touches it
+            // until joined.
             unsafe { std::ptr::write_bytes(q.cast::<u8>(), NEW, LEN) };
         };
         let status = fork_during(&hm, &UNMAPPED, map_over, || {
+            // SAFETY: in the child, `done` was set before the fork: the LEN bytes at `addr` are the
+            // new read-write mapping, inherited, and the child has no other thread to unmap them.
             let v = unsafe { std::slice::from_raw_parts(addr as *const u8, LEN) };
             if v.iter().all(|&b| b == NEW) {
                 FINE
@@ -138,8 +151,11 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
         let c = code(status);
         assert_ne!(c, WRONG, "round {round}: the child found the unmapped registered bytes over its new memory");
         conclusive += usize::from(c == FINE);
+        // SAFETY: the other thread is joined: `addr` holds its LEN-byte anonymous mapping, which
+        // only this thread uses now.
         let v = unsafe { std::slice::from_raw_parts(addr as *const u8, LEN) };
         assert!(v.iter().all(|&b| b == NEW), "round {round}: the parent's new memory changed");
+        // SAFETY: unmaps only that mapping, this test's own; `v` is not used after.
         unsafe { libc::munmap(addr as *mut _, LEN) };
     }
     assert!(conclusive > 0, "no fork came after the unmap: the test proved nothing");
@@ -157,6 +173,8 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
         let p = registered(&hm, OLD);
         let addr = p as usize;
         // Where the memory moves: a placeholder the move replaces.
+        // SAFETY: a new PROT_NONE placeholder where the kernel chooses replaces no existing
+        // mapping.
         let to = unsafe {
             libc::mmap(std::ptr::null_mut(), LEN, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
         };
@@ -164,10 +182,14 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
         let to = to as usize;
         let move_it = move || {
             let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+            // SAFETY: moves the registered LEN bytes this test mapped at `addr` over its own
+            // placeholder at `to`; no reference into either exists in the parent.
             let q = unsafe { libc::mremap(addr as *mut _, LEN, LEN, flags, to as *mut libc::c_void) };
             assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
         };
         let status = fork_during(&hm, &MOVED, move_it, || {
+            // SAFETY: in the child, `done` was set before the fork: the moved LEN bytes are mapped
+            // read-write at `to`, inherited, and the child has no other thread to unmap them.
             let v = unsafe { std::slice::from_raw_parts_mut(to as *mut u8, LEN) };
             if !v.iter().all(|&b| b == OLD) {
                 return WRONG;
@@ -180,9 +202,12 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
         conclusive += usize::from(c == FINE);
         // The parent's memory at the new address is untouched by the child.
         hm.space().settle().unwrap();
+        // SAFETY: the move is done (its thread joined): `to` holds our LEN-byte mapping, which only
+        // this thread uses.
         let v = unsafe { std::slice::from_raw_parts(to as *const u8, LEN) };
         assert!(v.iter().all(|&b| b == OLD), "round {round}: the child's writes reached the parent");
         hm.unregister(to as *const u8, LEN).unwrap();
+        // SAFETY: unmaps only the moved mapping, this test's own; `v` is not used after.
         unsafe { libc::munmap(to as *mut _, LEN) };
     }
     assert!(conclusive > 0, "no fork came after the move: the test proved nothing");
@@ -233,6 +258,8 @@ fn a_fork_during_unregister_leaves_the_child_private_memory() {
         (shared, forks)
     });
     assert_eq!(shared, 0, "{shared} of {forks} children shared the memory with the parent");
+    // SAFETY: the register/unregister thread is joined; unmaps only the memory this test mapped at
+    // `p`.
     unsafe { libc::munmap(p.cast(), len) };
 }
 
@@ -286,6 +313,8 @@ fn a_prepare_done_again_is_not_counted_as_a_fork() {
         let churn = s.spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let p = registered(hm, OLD);
+                // SAFETY: `p` is the LEN-byte mapping `registered` just made in this thread;
+                // nothing else uses it.
                 assert_eq!(unsafe { libc::munmap(p.cast(), LEN) }, 0);
             }
         });

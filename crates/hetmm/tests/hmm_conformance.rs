@@ -33,7 +33,6 @@
 //!   (a kernel-mode access to device-resident memory) is covered in foundation.rs.
 //!
 //! The coherent variant is not run: no coherent device exists yet.
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 mod common;
 
@@ -245,6 +244,8 @@ impl Map {
         Self::mmap(size, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
     }
     fn mmap(size: usize, prot: i32, flags: i32, fd: i32) -> Map {
+        // SAFETY: a null hint without MAP_FIXED replaces no mapping; `fd` is -1 or a file the
+        // caller keeps open.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), size, prot, flags, fd, 0) };
         assert_ne!(p, libc::MAP_FAILED, "mmap");
         Map { base: p.cast(), size }
@@ -258,11 +259,15 @@ impl Map {
 
 impl Drop for Map {
     fn drop(&mut self) {
+        // SAFETY: `base..base + size` is the mapping this `Map` made and owns (holes stay PROT_NONE
+        // placeholders).
         unsafe { libc::munmap(self.base.cast(), self.size) };
     }
 }
 
 fn ints(p: *mut u8, n: usize) -> &'static mut [i32] {
+    // SAFETY: callers pass a 4-aligned pointer into a readable mapping of a live `Map` of theirs
+    // with room for `n` ints, and use the slice only while that `Map` lives.
     unsafe { std::slice::from_raw_parts_mut(p.cast::<i32>(), n) }
 }
 
@@ -275,6 +280,8 @@ fn mirror_ints(m: &mut [u8]) -> &mut [i32] {
 /// bare hole inside a test's own mapping could receive another thread's stack or a malloc arena,
 /// which the test's later munmap of its whole range would then destroy.
 fn unmap_keep_hole(addr: *mut u8, len: usize) -> i32 {
+    // SAFETY: MAP_FIXED replaces only `[addr, addr + len)`, which callers take from inside a
+    // mapping of their own `Map`; no Rust reference into it is live.
     let r = unsafe {
         libc::mmap(
             addr.cast(),
@@ -332,6 +339,8 @@ fn anon_read() {
     hm.register(m.base, BUFFER_SIZE).unwrap();
     hm.protect(m.base as u64, BUFFER_SIZE as u64, Prot::READ).unwrap();
     // CPU read of page 1 (the zero page in Linux).
+    // SAFETY: page 1 of `m`'s mapping, registered and readable (Prot::READ above); `m` lives to the
+    // end of the test.
     assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(PS).cast::<i32>()) }, 0);
     let mut mirror = vec![0u8; BUFFER_SIZE];
     let c = d.read(&hm, m.base as u64, NPAGES, &mut mirror).unwrap();
@@ -408,6 +417,8 @@ fn anon_write_prot() {
 /// (the message goes straight to stderr: the harness's output capture is the parent's). The
 /// child never returns into the harness and drops nothing of the parent's.
 fn fork_child(body: impl FnOnce()) -> libc::pid_t {
+    // SAFETY: the child runs `body` and `_exit`s, never returning into the harness or dropping the
+    // parent's objects; callers whose body starts threads run `settle_threads` first (see its doc).
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
@@ -416,10 +427,14 @@ fn fork_child(body: impl FnOnce()) -> libc::pid_t {
             Err(p) => {
                 let msg = p.downcast_ref::<String>().map(String::as_str).or(p.downcast_ref::<&str>().copied());
                 let line = format!("fork child failed: {}\n", msg.unwrap_or("panic"));
+                // SAFETY: `line` is a live String of `line.len()` bytes; fd 2 is the child's
+                // stderr.
                 unsafe { libc::write(2, line.as_ptr().cast(), line.len()) };
                 1
             }
         };
+        // SAFETY: `_exit` takes no pointers; it ends the child without running the parent's
+        // destructors.
         unsafe { libc::_exit(code) };
     }
     pid
@@ -482,6 +497,8 @@ fn anon_write_child() {
             let m = Map::anon(2 * size, RW);
             let p = if use_thp { m.aligned(size) } else { m.base };
             if use_thp {
+                // SAFETY: `p..p + size` lies inside `m`'s `2 * size` mapping, which this test owns;
+                // MADV_HUGEPAGE is only a hint.
                 unsafe { libc::madvise(p.cast(), size, libc::MADV_HUGEPAGE) };
             }
             for (i, x) in ints(p, size / 4).iter_mut().enumerate() {
@@ -577,8 +594,10 @@ fn anon_write_huge() {
 }
 
 fn tmpfile(size: usize) -> i32 {
+    // SAFETY: the path is a NUL-terminated C string literal; `open` reads nothing else.
     let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_EXCL | libc::O_RDWR, 0o600) };
     assert!(fd >= 0, "O_TMPFILE");
+    // SAFETY: `fd` is the file just opened here, owned by this function.
     assert_eq!(unsafe { libc::ftruncate(fd, size as i64) }, 0);
     fd
 }
@@ -590,6 +609,7 @@ fn file_read() {
     let fd = tmpfile(BUFFER_SIZE);
     let data: Vec<i32> = (0..NINTS as i32).collect();
     let bytes: &[u8] = bytemuck::cast_slice(&data);
+    // SAFETY: `bytes` is a live buffer of `bytes.len()` bytes and `fd` this test's open tmpfile.
     assert_eq!(unsafe { libc::pwrite(fd, bytes.as_ptr().cast(), bytes.len(), 0) }, BUFFER_SIZE as isize);
     let m = Map::mmap(BUFFER_SIZE, libc::PROT_READ, libc::MAP_SHARED, fd);
     hm.register(m.base, BUFFER_SIZE).unwrap();
@@ -599,6 +619,7 @@ fn file_read() {
     for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
         assert_eq!(*x, i as i32);
     }
+    // SAFETY: `fd` is this test's tmpfile, closed once; the mapping of it keeps its own reference.
     unsafe { libc::close(fd) };
 }
 
@@ -619,10 +640,13 @@ fn file_write() {
         assert_eq!(*x, i as i32);
     }
     let mut back = vec![0i32; NINTS];
+    // SAFETY: `back` is a live buffer of NINTS i32s, BUFFER_SIZE bytes; `fd` is this test's open
+    // tmpfile.
     assert_eq!(unsafe { libc::pread(fd, back.as_mut_ptr().cast(), BUFFER_SIZE, 0) }, BUFFER_SIZE as isize);
     for (i, x) in back.iter().enumerate() {
         assert_eq!(*x, i as i32);
     }
+    // SAFETY: `fd` is this test's tmpfile, closed once; the mapping of it keeps its own reference.
     unsafe { libc::close(fd) };
 }
 
@@ -664,6 +688,7 @@ fn migrate_file_private() {
     for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
         assert_eq!(*x, i as i32);
     }
+    // SAFETY: `fd` is this test's tmpfile, closed once; the mapping of it keeps its own reference.
     unsafe { libc::close(fd) };
 }
 
@@ -721,18 +746,23 @@ fn migrate_mixed() {
     hm.register(m.base, 6 * PS).unwrap();
     let mut mirror = vec![0u8; 6 * PS];
     assert_eq!(d1.migrate_to_dev(&hm, b, 6, &mut mirror), Err(EINVAL));
+    // SAFETY: page 1 of `m`'s 6-page mapping: in bounds.
     assert_eq!(unmap_keep_hole(unsafe { m.base.add(PS) }, PS), 0);
     assert_eq!(d1.migrate_to_dev(&hm, b, 3, &mut mirror), Err(EINVAL));
     // Page 2: read-only, read by the CPU.
     hm.protect(b + 2 * PS as u64, PS as u64, Prot::READ).unwrap();
+    // SAFETY: page 2 of `m`'s 6-page mapping, made readable by the protect just above.
     assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(2 * PS).cast::<i32>()) }, 0);
     // Page 3: written, then read-only.
     hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    // SAFETY: page 3 of `m`'s 6-page mapping, made writable by the protect just above.
     unsafe { m.base.add(3 * PS).cast::<i32>().write_volatile(3) };
     hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ).unwrap();
     // Pages 4-5: read-write, written.
     hm.protect(b + 4 * PS as u64, 2 * PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    // SAFETY: page 4 of `m`'s 6-page mapping, made writable by the protect just above.
     unsafe { m.base.add(4 * PS).cast::<i32>().write_volatile(3) };
+    // SAFETY: page 5 of `m`'s 6-page mapping, made writable by the protect just above.
     unsafe { m.base.add(5 * PS).cast::<i32>().write_volatile(3) };
     let c = d1.migrate_to_dev(&hm, b + 2 * PS as u64, 4, &mut mirror).unwrap();
     assert_eq!(c.cpages, 4);
@@ -805,13 +835,17 @@ fn snapshot() {
     let m = Map::anon(7 * PS, libc::PROT_NONE);
     let b = m.base as u64;
     hm.register(m.base, 7 * PS).unwrap();
+    // SAFETY: page 1 of `m`'s 7-page mapping: in bounds.
     assert_eq!(unmap_keep_hole(unsafe { m.base.add(PS) }, PS), 0);
     hm.protect(b + 2 * PS as u64, PS as u64, Prot::READ).unwrap();
+    // SAFETY: page 2 of `m`'s 7-page mapping, made readable by the protect just above.
     assert_eq!(unsafe { std::ptr::read_volatile(m.base.add(2 * PS).cast::<i32>()) }, 0);
     hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    // SAFETY: page 3 of `m`'s 7-page mapping, made writable by the protect just above.
     unsafe { m.base.add(3 * PS).cast::<i32>().write_volatile(3) };
     hm.protect(b + 3 * PS as u64, PS as u64, Prot::READ).unwrap();
     hm.protect(b + 4 * PS as u64, 3 * PS as u64, Prot::READ | Prot::WRITE).unwrap();
+    // SAFETY: page 4 of `m`'s 7-page mapping, made writable by the protect just above.
     unsafe { m.base.add(4 * PS).cast::<i32>().write_volatile(3) };
     let mut mirror = vec![0u8; PS];
     assert_eq!(d0.migrate_to_dev(&hm, b + 5 * PS as u64, 1, &mut mirror).unwrap().cpages, 1);
@@ -934,11 +968,15 @@ fn hmm_cow_in_device() {
     let mut mirror = vec![0u8; np * PS];
     assert_eq!(d.migrate_to_dev(&hm, m.base as u64, np, &mut mirror).unwrap().cpages, np as u64);
     let pid = fork_child(|| loop {
+        // SAFETY: `pause` takes no arguments and is async-signal-safe; the child waits in it for
+        // SIGKILL.
         unsafe { libc::pause() };
     });
     for (i, x) in ints(m.base, np * PS / 4).iter_mut().enumerate() {
         *x = i as i32;
     }
+    // SAFETY: `pid` is our own fork child, not yet reaped (wait_status below), so it names no other
+    // process.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let status = common::wait_status(pid);
     assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL, "status {status:#x}");
@@ -951,6 +989,8 @@ fn hmm_cow_in_device() {
 fn huge(hm: &Hetmm, prot: i32, init: bool) -> (Map, *mut u8) {
     let m = Map::anon(2 * PMD, prot);
     let p = m.aligned(PMD);
+    // SAFETY: `p..p + PMD` lies inside `m`'s `2 * PMD` mapping, owned here; MADV_HUGEPAGE is only a
+    // hint.
     unsafe { libc::madvise(p.cast(), PMD, libc::MADV_HUGEPAGE) };
     if init {
         for (i, x) in ints(p, PMD / 4).iter_mut().enumerate() {
@@ -977,6 +1017,8 @@ fn migrate_anon_huge_empty() {
 fn migrate_anon_huge_zero() {
     let (hm, d) = setup();
     let (_m, p) = huge(&hm, libc::PROT_READ, false);
+    // SAFETY: `p` is the 4-aligned start of the PMD buffer inside `_m`, mapped readable and alive
+    // here.
     assert_eq!(unsafe { std::ptr::read_volatile(p.cast::<i32>()) }, 0);
     let mut mirror = vec![0xFFu8; PMD];
     let c = d.migrate_to_dev(&hm, p as u64, PMD / PS, &mut mirror).unwrap();
@@ -998,6 +1040,7 @@ fn migrate_anon_huge_free() {
     for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
         assert_eq!(*x, i as i32);
     }
+    // SAFETY: `p..p + PMD` lies inside `_m`, owned here, and no Rust reference into it is live.
     let r = unsafe { libc::madvise(p.cast(), PMD, libc::MADV_FREE) };
     assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(EINVAL));
     for (i, x) in ints(p, PMD / 4).iter().enumerate() {
@@ -1033,6 +1076,8 @@ fn migrate_partial_unmap_fault() {
             let m = Map::anon(4 * PMD, RW);
             let p = m.aligned(PMD);
             let advice = if use_thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+            // SAFETY: `p..p + PMD` lies inside `m`'s `4 * PMD` mapping, owned here; the advice is
+            // only a hint.
             unsafe { libc::madvise(p.cast(), PMD, advice) };
             for (i, x) in ints(p, PMD / 4).iter_mut().enumerate() {
                 *x = i as i32;
@@ -1044,6 +1089,8 @@ fn migrate_partial_unmap_fault() {
             for (i, x) in mirror_ints(&mut mirror).iter().enumerate() {
                 assert_eq!(*x, i as i32);
             }
+            // SAFETY: `offset <= PMD / 2`, so `PMD / 2` bytes from `p + offset` stay inside the PMD
+            // buffer at `p`.
             assert_eq!(unmap_keep_hole(unsafe { p.add(offset) }, PMD / 2), 0);
             let v = ints(p, PMD / 4);
             for (i, x) in v.iter().enumerate() {
@@ -1069,10 +1116,14 @@ fn migrate_remap_fault() {
                     let m = Map::anon(9 * PMD, RW);
                     let map = m.aligned(PMD);
                     let advice = if use_thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+                    // SAFETY: `map..map + PMD` lies inside `m`'s `9 * PMD` mapping, owned here;
+                    // advice is a hint.
                     unsafe { libc::madvise(map.cast(), PMD, advice) };
                     // The hole the remap lands in stays reserved (PROT_NONE) rather than unmapped:
                     // otherwise malloc or a new thread's stack may be placed in it, and the
                     // MAP_FIXED remap would silently replace them.
+                    // SAFETY: MAP_FIXED replaces `[map + PMD, map + 3 * PMD)`, inside `m`'s `9 *
+                    // PMD` mapping, used only here.
                     let hole = unsafe {
                         libc::mmap(
                             map.add(PMD).cast(),
@@ -1083,11 +1134,14 @@ fn migrate_remap_fault() {
                             0,
                         )
                     };
+                    // SAFETY: `map + PMD` lies inside `m`'s `9 * PMD` mapping.
                     assert_eq!(hole, unsafe { map.add(PMD) }.cast());
                     for (i, x) in ints(map, PMD / 4).iter_mut().enumerate() {
                         *x = i as i32;
                     }
                     hm.register(map, PMD).unwrap();
+                    // SAFETY: `offset <= PMD`, so `target..target + PMD` lies inside the hole
+                    // reserved above, in `m`.
                     let target = unsafe { map.add(PMD + offset) };
                     let mut flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
                     if dont_unmap {
@@ -1097,6 +1151,8 @@ fn migrate_remap_fault() {
                     let mut mirror = vec![0u8; PMD];
                     let mut ptr = map;
                     if before {
+                        // SAFETY: moves `map`'s PMD buffer into the hole reserved above, both in
+                        // `m`; no Rust reference into either lives.
                         let r = unsafe { libc::mremap(map.cast(), PMD, PMD, flags, target) };
                         assert_ne!(r, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
                         ptr = r.cast();
@@ -1110,6 +1166,8 @@ fn migrate_remap_fault() {
                         assert_eq!(*x, i as i32);
                     }
                     if !before {
+                        // SAFETY: moves `map`'s PMD buffer into the hole reserved above, both in
+                        // `m`; no Rust reference into either lives.
                         let r = unsafe { libc::mremap(map.cast(), PMD, PMD, flags, target) };
                         assert_ne!(r, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
                         ptr = r.cast();
@@ -1186,7 +1244,11 @@ fn benchmark_thp_migration() {
             let m = Map::anon(mult + PMD, RW);
             let p = m.aligned(PMD);
             let advice = if thp { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
+            // SAFETY: `p..p + mult` lies inside `m`'s `mult + PMD` mapping, owned here; the advice
+            // is only a hint.
             unsafe { libc::madvise(p.cast(), mult, advice) };
+            // SAFETY: `p..p + mult` is inside `m`'s read-write mapping, which outlives `bytes`;
+            // meanwhile only hetmm's migrations touch it, and they keep every byte.
             let bytes = unsafe { std::slice::from_raw_parts_mut(p, mult) };
             for (i, b) in bytes.iter_mut().enumerate() {
                 *b = (i & 0xFF) as u8;

@@ -2,7 +2,6 @@
 //! buffer), and a stress test where one thread maps, remaps, discards and unmaps pieces of shared
 //! memory while CPU threads and device kernels read and write it, checked against a reference
 //! model byte for byte.
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,11 +38,17 @@ fn unmapping_other_registered_memory_does_not_race_migrations() {
             while !stop.load(Ordering::Relaxed) {
                 let len = 16 * PS;
                 let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+                // SAFETY: a new anonymous mapping where the kernel chooses replaces no existing
+                // mapping.
                 let p =
                     unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
                 assert_ne!(p, libc::MAP_FAILED);
+                // SAFETY: `p` starts the 16-page read-write mapping this thread just made and alone
+                // uses.
                 unsafe { p.cast::<u8>().write(1) };
                 hm.register(p.cast(), len).unwrap();
+                // SAFETY: unmaps only the mapping this thread made above; nothing holds a reference
+                // into it.
                 assert_eq!(unsafe { libc::munmap(p, len) }, 0);
                 churns.fetch_add(1, Ordering::Relaxed);
             }
@@ -72,15 +77,18 @@ fn unmapping_other_registered_memory_does_not_race_migrations() {
     assert!(buf.as_slice().iter().all(|&b| b == 7));
 }
 
-/// `register` on a 64 MiB malloc'd buffer holding a pattern: a device kernel reads the pattern
-/// and writes a new one; the CPU reads the new one through the original pointer.
+/// `register` on a 64 MiB buffer from the C heap (`calloc`) holding a pattern: a device kernel
+/// reads the pattern and writes a new one; the CPU reads the new one through the original pointer.
 #[test]
 fn register_malloc_64mib() {
     let (hm, dev) = setup(256 << 20);
     let len = 64 << 20;
     let n = len / 8;
-    let p = unsafe { libc::malloc(len) }.cast::<u64>();
+    // SAFETY: calloc has no preconditions; the result is checked for null below.
+    let p = unsafe { libc::calloc(n, 8) }.cast::<u64>();
     assert!(!p.is_null());
+    // SAFETY: `p` is this test's zero-filled heap block of `n` u64s (aligned, freed only at the
+    // end). The device writes it only while `v` is idle.
     let v = unsafe { std::slice::from_raw_parts_mut(p, n) };
     for (i, x) in v.iter_mut().enumerate() {
         *x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -111,6 +119,8 @@ fn register_malloc_64mib() {
     hm.unregister(p.cast(), len).unwrap();
     // Ordinary private memory again: the bytes stay, and free() works.
     assert_eq!(v[12345], !12345u64);
+    // SAFETY: `p` came from malloc above and is ordinary private memory again (unregistered);
+    // `v` is not used after this.
     unsafe { libc::free(p.cast()) };
 }
 
@@ -145,12 +155,16 @@ fn register_of_shared_memory_is_refused_and_changes_nothing() {
 fn munmap_of_registered_shared_memory_is_followed() {
     let (hm, dev) = setup(64 << 20);
     let len = 2 * PS;
+    // SAFETY: the name is a NUL-terminated C string literal.
     let fd = unsafe { libc::memfd_create(c"hetmm-test".as_ptr(), 0) };
     assert!(fd >= 0);
+    // SAFETY: `fd` is the memfd this test just created and owns.
     assert_eq!(unsafe { libc::ftruncate(fd, len as i64) }, 0);
     let old = vec![0xAAu8; len];
+    // SAFETY: `old` is a live buffer of `len` bytes; `fd` is our own memfd.
     assert_eq!(unsafe { libc::pwrite(fd, old.as_ptr().cast(), len, 0) }, len as isize);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: maps our own memfd where the kernel chooses, replacing no existing mapping.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_SHARED, fd, 0) };
     assert_ne!(p, libc::MAP_FAILED);
     hm.register(p.cast(), len).unwrap();
@@ -162,9 +176,14 @@ fn munmap_of_registered_shared_memory_is_followed() {
     // between: a thread starting meanwhile (hetmm's or the device's) put its signal stack there,
     // and the test's mapping failed with EEXIST (1 of about 80 runs).
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    // SAFETY: MAP_FIXED replaces only `[p, p + len)`, the memfd mapping this test made; no Rust
+    // reference into it exists (device kernels read it through hetmm, not through Rust).
     let q = unsafe { libc::mmap(p, len, rw, flags, -1, 0) };
     assert_eq!(q, p);
+    // SAFETY: `fd` is our memfd, closed once and not used after.
     unsafe { libc::close(fd) };
+    // SAFETY: `q` is the `len`-byte private read-write mapping just made, which only this thread
+    // uses.
     unsafe { std::ptr::write_bytes(q.cast::<u8>(), 0x55, len) };
     hm.space().settle().unwrap();
     let (stale, k) = load_word(p as u64);
@@ -175,6 +194,7 @@ fn munmap_of_registered_shared_memory_is_followed() {
     dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 0x5555_5555_5555_5555);
     hm.unregister(q.cast(), len).unwrap();
+    // SAFETY: unmaps only the private mapping this test made at `q`; nothing refers to it after.
     unsafe { libc::munmap(q, len) };
 }
 
@@ -187,17 +207,23 @@ fn unregister_after_a_device_write_keeps_the_bytes() {
     let (hm, dev) = setup(64 << 20);
     let len = 2 * (2 << 20);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a new anonymous mapping where the kernel chooses replaces no existing mapping.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: `p` is the `len`-byte read-write mapping just made, which only this thread uses.
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
     hm.register(p.cast(), len).unwrap();
     let va = p as u64;
     let k = move |ctx: &BlockCtx| ctx.store::<u64>(va, 0x2222_2222_2222_2222);
     dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     hm.unregister(p.cast(), len).unwrap();
+    // SAFETY: `p` starts our page-aligned `len`-byte mapping, mapped and private again after
+    // unregister.
     assert_eq!(unsafe { *(p as *const u64) }, 0x2222_2222_2222_2222);
+    // SAFETY: the last byte of that mapping, still mapped.
     assert_eq!(unsafe { *(p as *const u8).add(len - 1) }, 0x11);
     assert!(hm.space().check_span(va, len as u64).is_err(), "no longer shared");
+    // SAFETY: unmaps only the mapping this test made at `p`; nothing refers to it after.
     unsafe { libc::munmap(p, len) };
 }
 
@@ -247,6 +273,8 @@ fn xorshift(s: &mut u64) -> u64 {
 fn reserve(addr: usize) -> bool {
     let t = Instant::now();
     loop {
+        // SAFETY: MAP_FIXED_NOREPLACE fails rather than replace anything at `addr`: no existing
+        // mapping, ours or another thread's, is touched.
         let p = unsafe {
             libc::mmap(
                 addr as *mut _,
@@ -263,6 +291,8 @@ fn reserve(addr: usize) -> bool {
         let err = std::io::Error::last_os_error();
         if p != libc::MAP_FAILED {
             // A kernel without MAP_FIXED_NOREPLACE treats it as a hint: give that mapping back.
+            // SAFETY: `p` is the mapping the call above just made elsewhere (the hint ignored),
+            // which nothing else knows of.
             unsafe { libc::munmap(p, SLOT) };
         }
         assert_eq!(err.raw_os_error(), Some(libc::EEXIST), "placeholder at {addr:#x}: {err}");
@@ -274,6 +304,8 @@ fn reserve(addr: usize) -> bool {
 }
 
 fn check_cpu(addr: usize, gen: u64) {
+    // SAFETY: callers pass a live slot whose lock they hold (or after every worker is joined):
+    // SLOT mapped, page-aligned bytes that nothing unmaps, moves or writes meanwhile.
     let v = unsafe { std::slice::from_raw_parts(addr as *const u64, WORDS) };
     for (w, x) in v.iter().enumerate() {
         assert_eq!(*x, word(gen, addr as u64, w), "slot {addr:#x} word {w} gen {gen}");
@@ -281,6 +313,8 @@ fn check_cpu(addr: usize, gen: u64) {
 }
 
 fn fill_cpu(addr: usize, gen: u64) {
+    // SAFETY: callers pass a slot they mapped read-write and hold the lock of: SLOT mapped,
+    // page-aligned bytes that no one else reads, writes or unmaps meanwhile.
     let v = unsafe { std::slice::from_raw_parts_mut(addr as *mut u64, WORDS) };
     for (w, x) in v.iter_mut().enumerate() {
         *x = word(gen, addr as u64, w);
@@ -313,6 +347,7 @@ fn stress(policy: &str, secs: u64) {
     let hm = Arc::new(hm);
     let dev = Arc::new(dev);
     let nslots = 64;
+    // SAFETY: a new PROT_NONE reservation where the kernel chooses replaces no existing mapping.
     let base = unsafe {
         libc::mmap(std::ptr::null_mut(), nslots * SLOT, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
     };
@@ -336,6 +371,8 @@ fn stress(policy: &str, secs: u64) {
                 match *s {
                     Slot::Hole => {
                         // Map fresh private memory over the placeholder, fill it, share it.
+                        // SAFETY: MAP_FIXED replaces only slot `i`'s PROT_NONE placeholder, ours
+                        // (its held lock says Hole); nothing refers to it.
                         let p = unsafe {
                             libc::mmap(
                                 a as *mut _,
@@ -356,6 +393,9 @@ fn stress(policy: &str, secs: u64) {
                     Slot::Gone => {}
                     Slot::Live(g) => match xorshift(&mut seed) % 3 {
                         0 => {
+                            // SAFETY: unmaps live slot `i`, our own mapping; its held lock keeps
+                            // every CPU reader and kernel launcher off it, and no Rust reference
+                            // into it outlives the lock.
                             assert_eq!(unsafe { libc::munmap(a as *mut _, SLOT) }, 0);
                             *s = if reserve(a) { Slot::Hole } else { Slot::Gone };
                             counts[1].fetch_add(1, Ordering::Relaxed);
@@ -371,6 +411,9 @@ fn stress(policy: &str, secs: u64) {
                                 continue;
                             }
                             let b = area.addr(j);
+                            // SAFETY: moves live slot `i` (ours, locked) over hole `j`'s
+                            // placeholder (ours, locked); no reference into either exists while
+                            // both locks are held.
                             let r = unsafe {
                                 libc::mremap(a as *mut _, SLOT, SLOT, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, b)
                             };
@@ -381,6 +424,8 @@ fn stress(policy: &str, secs: u64) {
                         }
                         _ => {
                             // MADV_DONTNEED keeps the data of shared memory.
+                            // SAFETY: live slot `i` is ours and locked; DONTNEED on its shared
+                            // (registered) memory only drops page-table entries and keeps the data.
                             assert_eq!(unsafe { libc::madvise(a as *mut _, SLOT, libc::MADV_DONTNEED) }, 0);
                             counts[3].fetch_add(1, Ordering::Relaxed);
                         }
@@ -494,6 +539,8 @@ fn stress(policy: &str, secs: u64) {
     // Slot by slot: a slot another mapping took is not ours to unmap.
     for i in 0..nslots {
         if *area.slots[i].lock().unwrap() != Slot::Gone {
+            // SAFETY: every worker is joined; a slot not Gone is our mapping or placeholder,
+            // unreferenced.
             unsafe { libc::munmap(area.addr(i) as *mut _, SLOT) };
         }
     }
@@ -507,17 +554,25 @@ fn register_of_a_file_mapping_past_its_end_is_refused_and_changes_nothing() {
     let (hm, _dev) = setup(16 << 20);
     let len = 4 * PS;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a new anonymous mapping where the kernel chooses replaces no existing mapping.
     let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
     assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: the first two of the four pages just mapped read-write, used only by this thread.
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, 2 * PS) };
     // Two anonymous pages, then two pages of a file of 100 bytes.
+    // SAFETY: the path is a NUL-terminated C string literal; O_TMPFILE takes the mode given.
     let fd = unsafe { libc::open(c"/tmp".as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
     assert!(fd >= 0);
     let data = [0x22u8; 100];
+    // SAFETY: `data` is a live buffer of `data.len()` bytes; `fd` is the file just opened.
     assert_eq!(unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0) }, data.len() as isize);
+    // SAFETY: two pages into the four-page mapping at `p`: in bounds.
     let file = unsafe { p.cast::<u8>().add(2 * PS) };
+    // SAFETY: MAP_FIXED replaces only the last two pages of our own mapping at `p`, which nothing
+    // refers to.
     let q = unsafe { libc::mmap(file.cast(), 2 * PS, rw, libc::MAP_PRIVATE | libc::MAP_FIXED, fd, 0) };
     assert_eq!(q, file.cast());
+    // SAFETY: `fd` is the file this test opened, closed once; the mapping keeps its own reference.
     unsafe { libc::close(fd) };
     let maps = || -> Vec<String> {
         let (s, e) = (p as u64, p as u64 + len as u64);
@@ -535,12 +590,18 @@ fn register_of_a_file_mapping_past_its_end_is_refused_and_changes_nothing() {
     assert!(hm.register(p.cast(), len).is_err(), "the last page cannot be read");
     assert_eq!(maps(), before, "every part still mapped as before");
     assert!(hm.space().check_span(p as u64, len as u64).is_err(), "not shared");
+    // SAFETY: the first anonymous page of our mapping, still mapped as before (checked above).
     assert_eq!(unsafe { *(p as *const u8) }, 0x11);
+    // SAFETY: byte 99 of the file mapping lies within the 100-byte file, so it reads without
+    // SIGBUS.
     assert_eq!(unsafe { *file.add(99) }, 0x22);
     // The readable part alone registers.
     hm.register(p.cast(), 3 * PS).unwrap();
     hm.unregister(p.cast(), 3 * PS).unwrap();
+    // SAFETY: as above; unregister left the mapping private and in place.
     assert_eq!(unsafe { *file.add(99) }, 0x22);
+    // SAFETY: unmaps only the four pages this test mapped (anonymous and file); nothing refers to
+    // them.
     unsafe { libc::munmap(p, len) };
 }
 
@@ -557,11 +618,15 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
         let len = 4 * BLOCK;
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: new anonymous mappings where the kernel chooses replace no existing mapping.
         let src = unsafe { libc::mmap(std::ptr::null_mut(), len + BLOCK, rw, anon, -1, 0) };
+        // SAFETY: as above (a PROT_NONE reservation).
         let dst = unsafe { libc::mmap(std::ptr::null_mut(), len + 2 * BLOCK, libc::PROT_NONE, anon, -1, 0) };
         assert!(src != libc::MAP_FAILED && dst != libc::MAP_FAILED);
         let p = (src as usize).next_multiple_of(BLOCK);
         let q = (dst as usize).next_multiple_of(BLOCK) + shift;
+        // SAFETY: `[p, p + len)` lies inside the fresh (zero-filled) read-write mapping `src` of
+        // `len + BLOCK` bytes, `p` rounded up to a block; only this thread uses it.
         let words = unsafe { std::slice::from_raw_parts_mut(p as *mut u64, len / 8) };
         for (i, w) in words.iter_mut().enumerate() {
             *w = word(i);
@@ -570,6 +635,8 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
         hm.migrate(p as u64, len as u64, dev.proc()).unwrap();
         let before = hm.stats();
         let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        // SAFETY: moves our `[p, p + len)` (`words` no longer used) into our PROT_NONE reservation
+        // `dst`: `q + len <= dst + len + 2 * BLOCK`, so nothing else is replaced.
         let moved = unsafe { libc::mremap(p as *mut _, len, len, flags, q as *mut libc::c_void) };
         assert_eq!(moved as usize, q);
         hm.space().settle().unwrap();
@@ -598,6 +665,8 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
         dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
         assert_eq!(wrong.load(Ordering::Relaxed), 0, "pages the kernel read wrong (shift {shift})");
         assert_eq!(hm.stats().since(&before).bytes_to_device, 0, "the kernel found its data in place");
+        // SAFETY: `[q, q + len)` is the moved read-write mapping, ours and mapped; only this thread
+        // uses it.
         let words = unsafe { std::slice::from_raw_parts(q as *const u64, len / 8) };
         for (i, w) in words.iter().enumerate() {
             assert_eq!(*w, word(i), "word {i} at the new address (shift {shift})");
@@ -607,6 +676,8 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
         assert_eq!(free, total, "every device page that travelled was freed in the end (shift {shift})");
         // Only what is left of the source: the range the buffer left is a hole, where a thread
         // started since may have its stack.
+        // SAFETY: unmaps only what is left of our own mappings `src` and `dst` (the moved buffer,
+        // no longer referenced, inside `dst`); the hole the move left in `src` is not touched.
         unsafe {
             libc::munmap(src, p - src as usize);
             libc::munmap((p + len) as *mut _, src as usize + len + BLOCK - (p + len));
@@ -623,10 +694,12 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
 fn realloc_of_registered_device_resident_memory_keeps_every_byte() {
     let (hm, dev) = setup(64 << 20);
     let len = 8 << 20;
+    // SAFETY: malloc has no preconditions; the result is checked for null below.
     let p = unsafe { libc::malloc(len) } as *mut u8;
     assert!(!p.is_null());
     let bytes = |i: usize| (i / PS) as u8 ^ (i % 251) as u8;
     for i in 0..len {
+        // SAFETY: `i < len`, inside the malloc'd chunk, which only this thread uses.
         unsafe { p.add(i).write(bytes(i)) };
     }
     // The whole pages inside the chunk (malloc's pointer is not page aligned).
@@ -635,16 +708,22 @@ fn realloc_of_registered_device_resident_memory_keeps_every_byte() {
     hm.register(a as *const u8, n).unwrap();
     hm.migrate(a as u64, n as u64, dev.proc()).unwrap();
     let before = hm.stats();
+    // SAFETY: `p` is the live chunk from malloc above (its registered pages still mapped and
+    // readable); nothing refers to it after.
     let q = unsafe { libc::realloc(p.cast(), 2 * len) } as *mut u8;
     assert!(!q.is_null());
     hm.space().settle().unwrap();
     for i in 0..len {
+        // SAFETY: `i < len`, inside the `2 * len`-byte chunk realloc returned, whose first `len`
+        // bytes it copied.
         assert_eq!(unsafe { q.add(i).read() }, bytes(i), "byte {i}");
     }
+    // SAFETY: `[len, 2 * len)` is the second half of the new chunk, in bounds.
     unsafe { std::ptr::write_bytes(q.add(len), 0x11, len) };
     assert!(hm.stats().since(&before).bytes_to_host >= (n as u64) / 2, "the data came back from the device");
     if q != p {
         assert!(hm.space().check_span(a as u64, n as u64).is_err(), "the old registration is gone");
     }
+    // SAFETY: `q` is the chunk realloc returned, freed once and not used after.
     unsafe { libc::free(q.cast()) };
 }

@@ -12,7 +12,6 @@
 //!
 //! `HETMM_STRESS_SEED` runs one seed (`HETMM_STRESS_OPS` operations per thread,
 //! `HETMM_STRESS_POLICY` to force a policy); by default a few short seeds run.
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 mod common;
 
@@ -62,6 +61,9 @@ impl Rng {
 /// The first word of `[addr, addr + len)` that does not hold generation `gen` (word indices
 /// from `idx0`), read by the CPU. Allocation-free (a fork child runs it).
 fn cpu_mismatch(addr: u64, len: u64, gen: u64, idx0: u64) -> Option<(u64, u64)> {
+    // SAFETY: callers hold the lock of every A slice or R slot in `[addr, addr + len)` (or own the
+    // mremap test's slot), so it stays mapped and readable and no one writes it; A and the slots
+    // are 8-aligned.
     let v = unsafe { std::slice::from_raw_parts(addr as *const u64, (len / 8) as usize) };
     for (w, x) in v.iter().enumerate() {
         let want = word(gen, idx0 + w as u64);
@@ -83,6 +85,8 @@ fn cpu_check(what: &str, addr: u64, len: u64, gen: u64, idx0: u64) {
 }
 
 fn cpu_fill(addr: u64, len: u64, gen: u64, idx0: u64) {
+    // SAFETY: as in `cpu_mismatch`: the caller holds the locks of (or owns) the whole range, mapped
+    // read-write, so it stays mapped and no other thread reads or writes it meanwhile.
     let v = unsafe { std::slice::from_raw_parts_mut(addr as *mut u64, (len / 8) as usize) };
     for (w, x) in v.iter_mut().enumerate() {
         *x = word(gen, idx0 + w as u64);
@@ -275,11 +279,16 @@ impl World {
 fn mmap_fixed(addr: u64, len: u64, prot: i32, noreplace: bool) -> bool {
     let flags =
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if noreplace { libc::MAP_FIXED_NOREPLACE } else { libc::MAP_FIXED };
+    // SAFETY: NOREPLACE maps only where nothing is mapped; MAP_FIXED is used only over a
+    // placeholder of this test's that the caller holds (an R slot under its lock, or the mremap
+    // test's range).
     let p = unsafe { libc::mmap(addr as *mut _, len as usize, prot, flags, -1, 0) };
     if p as u64 == addr {
         return true;
     }
     if p != libc::MAP_FAILED {
+        // SAFETY: `p` is a mapping the kernel just made elsewhere (no NOREPLACE support); nothing
+        // else knows of it.
         unsafe { libc::munmap(p, len as usize) };
     }
     false
@@ -301,10 +310,14 @@ fn reserve(addr: u64, len: u64) -> Slot {
 /// Forks; the child runs `ok` (allocation-free) and exits 0 if it holds, 3 if not. Returns
 /// the child's wait status.
 fn fork_check(ok: impl FnOnce() -> bool) -> i32 {
+    // SAFETY: the child only runs `ok` (allocation-free reads of memory the caller holds locked)
+    // and `_exit`s: it takes no lock or allocation of the parent's.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         let code = if ok() { 0 } else { 3 };
+        // SAFETY: `_exit` takes no pointers and is async-signal-safe; the child ends without
+        // unwinding.
         unsafe { libc::_exit(code) };
     }
     common::wait_status(pid)
@@ -471,6 +484,8 @@ fn step(w: &World, rng: &mut Rng) {
         // The program's own MADV_DONTNEED on A (shared memory: the data stays), no locks.
         14 => {
             let (s, l) = w.a_range(rng);
+            // SAFETY: `[s, s + l)` lies inside A, which `w` owns and never unmaps; A is a shared
+            // memfd view, so DONTNEED only drops page-table entries, no data.
             assert_eq!(unsafe { libc::madvise(s as *mut _, l as usize, libc::MADV_DONTNEED) }, 0);
             w.count(16);
         }
@@ -516,6 +531,8 @@ fn rstep(w: &World, rng: &mut Rng) {
         }
         Slot::Live(gen) => match rng.below(12) {
             0 => {
+                // SAFETY: we hold Live slot i's lock, so the range is this test's own mapping,
+                // which no other thread reads, writes or remaps; `reserve` refills the hole.
                 assert_eq!(unsafe { libc::munmap(a as *mut _, len as usize) }, 0);
                 *s = reserve(a, len);
                 w.count(9);
@@ -530,6 +547,8 @@ fn rstep(w: &World, rng: &mut Rng) {
                     return;
                 }
                 let b = w.r_addr(j);
+                // SAFETY: we hold the locks of Live slot i (our mapping) and of slot j != i, a
+                // PROT_NONE placeholder of ours: MREMAP_FIXED replaces only that placeholder.
                 let r = unsafe {
                     libc::mremap(a as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, b)
                 };
@@ -611,8 +630,12 @@ fn rstep(w: &World, rng: &mut Rng) {
             }
             8 => {
                 // The program's own mprotect: read-only, read, writable again.
+                // SAFETY: we hold Live slot i's lock: the range is this test's own mapping, which
+                // no other thread writes or remaps.
                 assert_eq!(unsafe { libc::mprotect(a as *mut _, len as usize, libc::PROT_READ) }, 0);
                 cpu_check("R mprotect RO", a, len, gen, 0);
+                // SAFETY: as above: slot i's own mapping, under its lock; read-write is its normal
+                // protection.
                 assert_eq!(unsafe { libc::mprotect(a as *mut _, len as usize, libc::PROT_READ | libc::PROT_WRITE) }, 0);
                 if rng.chance(2) {
                     let new = w.gen();
@@ -646,6 +669,8 @@ fn rstep(w: &World, rng: &mut Rng) {
                     }
                     _ => {
                         // The program's MADV_DONTNEED: registered memory keeps its data.
+                        // SAFETY: we hold Live slot i's lock, so the range is this test's
+                        // registered mapping; hetmm's shared view keeps its data through DONTNEED.
                         assert_eq!(unsafe { libc::madvise(a as *mut _, len as usize, libc::MADV_DONTNEED) }, 0);
                     }
                 }
@@ -681,6 +706,8 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
     let nslices = nslices as usize;
     let rslot = PS * [8, 16, 32][rng.below(3) as usize];
     let nr = 24u64;
+    // SAFETY: a null hint without MAP_FIXED: a fresh PROT_NONE reservation that replaces no
+    // mapping.
     let rbase = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -766,6 +793,8 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         if let Slot::Live(_) = s {
             w.hm.unregister(w.r_addr(i) as *const u8, w.rslot as usize).unwrap();
         }
+        // SAFETY: every thread is joined; slot i (not Gone) is this test's placeholder or mapping,
+        // unregistered above, never used again.
         unsafe { libc::munmap(w.r_addr(i) as *mut _, w.rslot as usize) };
     }
 }
@@ -839,6 +868,8 @@ fn mremap_back_and_forth(iters: u64, apart: u64) {
     let mut at = x;
     for i in 0..iters {
         let to = if at == x { y } else { x };
+        // SAFETY: `at` holds the slot, which only this thread maps or moves; `to`, its other place,
+        // is a PROT_NONE placeholder in this test's reservation: MREMAP_FIXED replaces only that.
         let r = unsafe {
             libc::mremap(at as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to)
         };

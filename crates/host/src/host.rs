@@ -851,7 +851,6 @@ pub(crate) fn uffd_err(op: &'static str, range: VaRange, e: UffdError) -> HostEr
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::undocumented_unsafe_blocks)]
     use super::*;
     use hetmm_core::error::CoreError;
     use hetmm_core::types::{Access, BLOCK_SIZE};
@@ -1035,6 +1034,9 @@ mod tests {
         region.map(&[all], true).unwrap();
         let app = region.app_ptr() as usize;
         let words = (all.len / 8) as usize;
+        // SAFETY: `i < words = len / 8`: each word is 8-aligned inside the region's 2 MiB-aligned
+        // view, which the caller's `region` keeps mapped until `on_thread` returns; a missing entry
+        // faults to the test core.
         on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * k) }));
         all
     }
@@ -1064,8 +1066,11 @@ mod tests {
         let app = VaRange::new(region.app_ptr() as u64, len);
         let rw = libc::PROT_READ | libc::PROT_WRITE;
         let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks: it replaces
+        // nothing.
         let mine = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, rw, anon, -1, 0) };
         assert_ne!(mine, libc::MAP_FAILED);
+        // SAFETY: `mine` is the `len`-byte read-write mapping just made (checked not MAP_FAILED).
         unsafe { mine.cast::<u8>().write(9) };
         let _reg = host.register(mine as u64, len).expect("register");
         let mark = host.ctx.reshape_mark();
@@ -1075,6 +1080,9 @@ mod tests {
         // would then replace that.)
         let mv = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
         let at = app.start as *mut libc::c_void;
+        // SAFETY: moves this test's own `mine` over the view, which `region` owns and nothing reads
+        // meanwhile; no Rust reference points into either. The view's loss is the race this test
+        // checks is handled.
         assert_eq!(unsafe { libc::mremap(mine, len as usize, len as usize, mv, at) }, at);
         // An UNMAP of the view the move replaced, a REMAP, and an UNMAP of where it came from.
         let t = Instant::now();
@@ -1087,6 +1095,8 @@ mod tests {
         // A revoke of the view's old address, racing them, takes the program's memory.
         let moved = region.take_entries(app).expect("moved out");
         assert!(region.keep_if_ours(moved, app, mark).is_none(), "given back");
+        // SAFETY: `at` maps the test's `mine` memory (read-write, `len` bytes) since the mremap
+        // above, and nothing unmaps it before `region` drops; the give-back restored its entries.
         assert_eq!(unsafe { at.cast::<u8>().read() }, 9, "the program's memory is back");
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(core.events.load(Ordering::Relaxed), seen, "the give-back reached the core as the program's");
@@ -1097,15 +1107,20 @@ mod tests {
         let (core, _host, region) = setup(4 * PAGE_SIZE);
         // First write: missing fault, served by populate + map.
         let app = region.app_ptr() as usize;
+        // SAFETY: byte 100 of the region's 4-page view, which `region` keeps mapped while
+        // `on_thread` waits; the missing fault goes to the test core, which maps the page.
         on_thread(move || unsafe { (app as *mut u8).add(100).write(42) });
         assert_eq!(core.writes.load(Ordering::Relaxed), 1);
         region.revoke(&[page(&region, 0)]).unwrap();
         let before = core.faults.load(Ordering::Relaxed);
+        // SAFETY: as above; the revoked page faults (MINOR) to the test core, which maps it back.
         let v = on_thread(move || unsafe { (app as *const u8).add(100).read_volatile() });
         assert_eq!(v, 42);
         assert_eq!(core.faults.load(Ordering::Relaxed), before + 1);
         // The alias always saw the data.
         let b = region.backing(page(&region, 0).start + 100).0;
+        // SAFETY: `b` is byte 100 of the region's alias (unregistered, mapped while `region`
+        // lives).
         assert_eq!(unsafe { (b as *const u8).read() }, 42);
     }
 
@@ -1120,6 +1135,9 @@ mod tests {
         let r = VaRange::new(all.start + 5 * PAGE_SIZE, 2 * BLOCK_SIZE);
         let mark = core.mark();
         region.revoke_ranges(&[r], Revoke::MoveOut).unwrap();
+        // SAFETY: callers pass 8-aligned addresses inside the view, which `region` keeps mapped
+        // until after the reads; a moved-out entry only makes the read fault to the test core,
+        // which maps the page again.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for va in [all.start + 4 * PAGE_SIZE + 8, r.end() + 16] {
             assert_eq!(read(va), (va - all.start) / 8 * 7, "outside the range");
@@ -1174,14 +1192,24 @@ mod tests {
         assert!(!pagemap.any_entry(alias(VaRange::new(r.start, BLOCK_SIZE - 5 * PAGE_SIZE))), "block 0: zapped");
         // The alias reads and writes without faulting to the core.
         let a = alias(block(3)).start as usize;
+        // SAFETY: `a` starts block 3 of the alias (2 MiB, 8-aligned, unregistered), mapped while
+        // `region` lives; word 3 is in bounds.
         let v = on_thread(move || unsafe { (a as *const u64).add(3).read_volatile() });
         assert_eq!(v, (3 * BLOCK_SIZE + 24) / 8 * 7);
+        // SAFETY: word 5 of the same alias block, as above; nothing else accesses it meanwhile.
         on_thread(move || unsafe { (a as *mut u64).add(5).write_volatile(0xABCD) });
         let h = region.mapping.alias_of(hole).unwrap().start as usize;
+        // SAFETY: `h` is the alias page of `hole` (in block 4, page-aligned), mapped while `region`
+        // lives; with no entry it takes an ordinary fault from the memfd (the alias is not
+        // registered).
         let v = on_thread(move || unsafe { (h as *const u64).read_volatile() });
         assert_eq!(v, (hole.start - all.start) / 8 * 7);
+        // SAFETY: word 1 of the same alias page, as above.
         on_thread(move || unsafe { (h as *mut u64).add(1).write_volatile(0x5EED) });
         assert_eq!(core.faults_in(0, alias(all)), 0, "the alias is not registered");
+        // SAFETY: callers pass 8-aligned addresses inside the (read-only) view, which `region`
+        // keeps mapped until after the reads; a moved or zapped entry only makes the read fault to
+        // the test core, which maps it.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for va in [all.start + 4 * PAGE_SIZE + 8, r.end() + 16] {
             assert_eq!(read(va), (va - all.start) / 8 * 7, "outside the range");
@@ -1232,6 +1260,9 @@ mod tests {
             }
             assert_eq!(host.ctx.reaped.load(Ordering::Relaxed), r.len, "the reaper freed the moved entries");
         }
+        // SAFETY: callers pass 8-aligned addresses inside the view, which `region` keeps mapped
+        // until after the reads; an entry moved out for the reaper only makes the read fault to the
+        // test core, which maps it.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         assert_eq!(read(all.start + 8), 3, "before the range");
         assert!(!entries_stay() || !core.faulted(mark, all.start), "before the range, still mapped");
@@ -1294,6 +1325,8 @@ mod tests {
     fn missing_fault_reads_zeros() {
         let (core, _host, region) = setup(4 * PAGE_SIZE);
         let va = page(&region, 3).start as usize;
+        // SAFETY: page 3 of the region's 4-page view (page-aligned), mapped while `region` lives;
+        // the missing fault is served by the test core.
         let v = on_thread(move || unsafe { (va as *const u64).read_volatile() });
         assert_eq!(v, 0);
         assert_eq!(core.faults.load(Ordering::Relaxed), 1);
@@ -1306,11 +1339,16 @@ mod tests {
         region.populate(&[page(&region, 0)]).unwrap();
         region.map(&[page(&region, 0)], false).unwrap();
         let va = region.app_ptr() as usize;
+        // SAFETY: byte 0 of the region's one-page view, mapped (write-protected) above and kept by
+        // `region`.
         assert_eq!(on_thread(move || unsafe { (va as *const u8).read_volatile() }), 0);
         assert_eq!(core.faults.load(Ordering::Relaxed), 0);
         // A write hits the WP bit: the core maps writable (EEXIST path + unprotect).
+        // SAFETY: as above; the write hits the write-protect bit and the test core maps the page
+        // writable.
         on_thread(move || unsafe { (va as *mut u8).write_volatile(9) });
         assert_eq!(core.writes.load(Ordering::Relaxed), 1);
+        // SAFETY: as above; any fault here is served by the handler thread, not this one.
         assert_eq!(unsafe { (va as *const u8).read() }, 9);
     }
 
@@ -1319,12 +1357,17 @@ mod tests {
         let (core, host, region) = setup(2 * PAGE_SIZE);
         assert!(host.kernel_faults_supported());
         let va = region.app_ptr() as usize;
+        // SAFETY: page 0 (`PAGE_SIZE` bytes) of the region's 2-page view, mapped while `region`
+        // lives; the missing fault goes to the test core.
         on_thread(move || unsafe { (va as *mut u8).write_bytes(0xEE, PAGE_SIZE as usize) });
         region.revoke(&[page(&region, 0)]).unwrap();
         let (before, mark) = (core.faults.load(Ordering::Relaxed), core.mark());
         let file = file_with(&[0x5A; 4096]);
         // read(2) copies into the zapped page in kernel mode: the copy faults to the handler.
         let n = on_thread(move || {
+            // SAFETY: page 0 of the view, `PAGE_SIZE` bytes mapped while `region` lives; no other
+            // reference to it exists while `read` fills it (the kernel's copy faults to the handler
+            // thread).
             let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, PAGE_SIZE as usize) };
             let mut file = file;
             file.read(buf).unwrap()
@@ -1334,6 +1377,8 @@ mod tests {
         // (Under a pageout storm the page may lose its entry again before the copy retries.)
         assert!(!entries_stay() || core.faults.load(Ordering::Relaxed) == before + 1, "one fault");
         let b = region.backing(va as u64).0 as *const u8;
+        // SAFETY: `b` is page 0 of the region's alias (4096 bytes, mapped while `region` lives),
+        // which nothing writes while the slice lives.
         assert!(unsafe { std::slice::from_raw_parts(b, 4096) }.iter().all(|&x| x == 0x5A));
     }
 
@@ -1363,8 +1408,11 @@ mod tests {
         let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
         let len = 2 * PAGE_SIZE as usize;
         let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks: it replaces
+        // nothing.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
         assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: `p` is the `len`-byte read-write mapping just made (checked not MAP_FAILED).
         unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
         let reg = host.register(p as u64, len as u64).unwrap();
         let (c, cpu) = (core.clone(), Arc::clone(&reg.cpu));
@@ -1376,17 +1424,24 @@ mod tests {
         // The kernel reads the page (write(2) from it): EFAULT, not SIGBUS, if it was poisoned.
         let va = p as usize;
         let out = tempfile();
+        // SAFETY: `out` is an open file this closure owns; `va..va + 4096` is the first page of
+        // `p`, which stays mapped until the munmap below (never reached if `on_thread` gives up).
         let first = on_thread(move || unsafe { libc::write(out.as_raw_fd(), va as *const _, 4096) });
         late.join().unwrap();
         assert_eq!(first, 4096, "the read failed after {} faults", core.faults.load(Ordering::Relaxed));
+        // SAFETY: byte 4096 of `p`'s `len` (8192) bytes, still mapped.
         assert_eq!(unsafe { *(p as *const u8).add(4096) }, 0x11);
         host.unregister(p as u64, len as u64).unwrap();
+        // SAFETY: `p` is this test's mapping, unregistered above; nothing accesses it afterwards.
         unsafe { libc::munmap(p, len) };
     }
 
     fn read_into(va: usize, len: usize) -> std::io::Result<usize> {
         let mut file = file_with(&vec![1u8; len]);
         on_thread(move || {
+            // SAFETY: callers pass `len` bytes inside a region's view, which they keep mapped; no
+            // other reference to them exists while `read` fills the slice (a poisoned fault fails
+            // the kernel's copy with EFAULT).
             let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, len) };
             file.read(buf)
         })
@@ -1421,6 +1476,9 @@ mod tests {
                     std::thread::spawn(move || {
                         // Every thread writes its own byte on every page.
                         for p in 0..8 {
+                            // SAFETY: byte `t` (< 16) of page `p` (< 8) of the 8-page view, which
+                            // `region` keeps mapped (the test joins these threads); each thread
+                            // writes only its own bytes.
                             unsafe { ((app + p * 4096 + t) as *mut u8).write_volatile(t as u8 + 1) };
                         }
                     })
@@ -1431,6 +1489,7 @@ mod tests {
         assert!(sums);
         for p in 0..8 {
             for t in 0..16 {
+                // SAFETY: as above, after the writers were joined; every page is mapped by then.
                 assert_eq!(unsafe { ((app + p * 4096 + t) as *const u8).read() }, t as u8 + 1);
             }
         }
@@ -1449,7 +1508,10 @@ mod tests {
         region.map(&[all], true).unwrap();
         region.wake(all).unwrap();
         let b = region.backing(all.start + 3 * PAGE_SIZE).0 as *mut u8;
+        // SAFETY: `b` is the alias of page 3 of the region's 4-page view, mapped while `region`
+        // lives.
         unsafe { b.write(3) };
+        // SAFETY: page 3 of the view, mapped (`map` above) and kept mapped by `region`.
         assert_eq!(unsafe { region.app_ptr().add(3 * 4096).read_volatile() }, 3);
     }
 
@@ -1457,8 +1519,11 @@ mod tests {
     fn discard_drops_data() {
         let (_core, _host, region) = setup(PAGE_SIZE);
         let va = region.app_ptr() as usize;
+        // SAFETY: byte 0 of the region's one-page view, mapped while `region` lives; the fault goes
+        // to the core.
         on_thread(move || unsafe { (va as *mut u8).write(1) });
         region.discard(&[page(&region, 0)]).unwrap();
+        // SAFETY: as above; the discarded page faults to the test core, which maps a zero page.
         assert_eq!(on_thread(move || unsafe { (va as *const u8).read_volatile() }), 0);
     }
 
@@ -1489,15 +1554,19 @@ mod tests {
     fn uffd_refuses_ioctls_from_a_fork_child() {
         let (_core, host, region) = setup(2 * PAGE_SIZE);
         region.populate(&[page(&region, 0)]).unwrap();
+        // SAFETY: the child only makes uffd calls that refuse at once in a child (a pid check, no
+        // lock another thread may hold) and `_exit`s without unwinding.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
             let esrch = rustix::io::Errno::SRCH.raw_os_error();
             let ok = region.map(&[page(&region, 0)], true).is_err_and(|e| e.errno == esrch)
                 && host.uffd.register(page(&region, 1), RegisterMode::MISSING).is_err_and(|e| e.errno() == esrch);
+            // SAFETY: `_exit` ends the child at once, running no destructors or handlers.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
         let mut status = 0;
+        // SAFETY: `pid` is the child forked above; `status` is a live local it writes.
         assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
         // The parent's uffd still works.
@@ -1510,12 +1579,16 @@ mod tests {
     fn fork_hook_is_refused_in_the_owner() {
         let (_core, _host, region) = setup(PAGE_SIZE);
         let app = region.app_ptr() as usize;
+        // SAFETY: byte 0 of the region's one-page view, mapped while `region` lives; the fault goes
+        // to the core.
         on_thread(move || unsafe { (app as *mut u8).write(5) });
         let part = hetmm_core::cpu::ForkPart { range: region.range(), prot: hetmm_core::types::Prot::READ };
         let e = region.fork_child(&[part], &[]).unwrap_err();
         assert_eq!(e.errno, rustix::io::Errno::PERM.raw_os_error());
         let b = region.backing(region.range().start).0 as *const u8;
+        // SAFETY: `b` is byte 0 of the region's alias, mapped while `region` lives.
         assert_eq!(unsafe { b.read() }, 5);
+        // SAFETY: as for the write above; the page stays mapped while `region` lives.
         assert_eq!(unsafe { (app as *const u8).read_volatile() }, 5);
     }
 

@@ -945,7 +945,6 @@ fn unmap(addr: usize, len: usize) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::undocumented_unsafe_blocks)]
     use super::*;
 
     #[test]
@@ -954,6 +953,9 @@ mod tests {
         assert_eq!(m.len(), 3 * PAGE_SIZE);
         assert_eq!(m.app_ptr() as u64 % BLOCK_SIZE, 0);
         assert_eq!(m.alias_ptr() as u64 % BLOCK_SIZE, 0);
+        // SAFETY: offset 4096 < 3 pages lies in both views, which `m` owns and keeps mapped; both
+        // map the same memfd page (MAP_SHARED), so the alias reads the byte written through the
+        // view.
         unsafe {
             m.app_ptr().add(4096).write(7);
             assert_eq!(m.alias_ptr().add(4096).read(), 7);
@@ -961,9 +963,13 @@ mod tests {
         // Zap keeps the data (not registered with a uffd here: a normal fault brings it back).
         m.zap_app(VaRange::new(m.app_ptr() as u64 + PAGE_SIZE, PAGE_SIZE)).unwrap();
         assert_eq!(m.touch_app(m.app_ptr() as u64 + PAGE_SIZE + 1).unwrap(), 0);
+        // SAFETY: as above; the zapped page is not registered with a uffd: an ordinary fault maps
+        // it again.
         assert_eq!(unsafe { m.app_ptr().add(4096).read() }, 7);
         // Punch drops it.
         m.punch(VaRange::new(m.app_ptr() as u64 + PAGE_SIZE, PAGE_SIZE)).unwrap();
+        // SAFETY: as above; the punch keeps the memfd's size, so the page reads back as zeros, not
+        // SIGBUS.
         assert_eq!(unsafe { m.alias_ptr().add(4096).read() }, 0);
         m.allocate(m.app_range()).unwrap();
     }
@@ -980,6 +986,8 @@ mod tests {
         // Pages 1-2 of the alias unmapped, a foreign page mapped at page 2.
         let alias = m.alias_ptr() as usize;
         unmap(alias + PAGE_SIZE as usize, 2 * PAGE_SIZE as usize);
+        // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped (alias page 2, just unmapped
+        // above): it replaces no mapping, Rust's or anyone's.
         let foreign = unsafe {
             rustix::mm::mmap_anonymous(
                 (alias + 2 * PAGE_SIZE as usize) as *mut _,
@@ -993,9 +1001,13 @@ mod tests {
         assert!(m.fill_alias_hole(hole).is_err(), "a foreign page in the alias was taken for the memfd");
         // With the foreign page gone the hole is filled and the alias reads the memfd again.
         unmap(foreign as usize, PAGE_SIZE as usize);
+        // SAFETY: page 2 of `m`'s 4-page view, which `m` owns and keeps mapped (only alias pages
+        // were unmapped).
         unsafe { m.app_ptr().add(2 * PAGE_SIZE as usize).write(9) };
         m.fill_alias_hole(hole).unwrap();
         m.fill_alias_hole(app).unwrap();
+        // SAFETY: alias page 2, inside the alias `m` owns, maps the memfd again after the refill
+        // above.
         assert_eq!(unsafe { m.alias_ptr().add(2 * PAGE_SIZE as usize).read() }, 9);
     }
 
@@ -1007,23 +1019,37 @@ mod tests {
         let len = 2 * PAGE_SIZE as usize;
         let m = SharedMapping::new(len as u64).unwrap();
         let app = m.app_range();
+        // SAFETY: byte 0 of `m`'s 2-page view, which `m` owns and keeps mapped; no uffd is
+        // registered.
         unsafe { m.app_ptr().write(5) };
         let moved = m.move_out_app(app).unwrap();
         assert!(m.moved_is_ours(&moved, app), "the view's own entries");
         drop(moved);
         // The program moves the view away and maps memory of its own at the old address.
         let flags = MapFlags::PRIVATE;
+        // SAFETY: a fresh private PROT_NONE mapping at an address the kernel picks: it replaces
+        // nothing.
         let away = unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), flags) }.unwrap();
         let mv = rustix::mm::MremapFlags::MAYMOVE;
+        // SAFETY: moves `m`'s view (no Rust reference into it, nothing else reads it) over `away`,
+        // this test's own PROT_NONE placeholder of the same `len`.
         unsafe { rustix::mm::mremap_fixed(app.start as *mut _, len, len, mv, away) }.unwrap();
         let rw = ProtFlags::READ | ProtFlags::WRITE;
         let at = app.start as *mut std::ffi::c_void;
+        // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped (the view's old address, left
+        // empty by the move above): it replaces no mapping, Rust's or anyone's.
         let mine = unsafe { rustix::mm::mmap_anonymous(at, len, rw, flags | MapFlags::FIXED_NOREPLACE) }.unwrap();
+        // SAFETY: `mine` is the `len`-byte read-write mapping just made.
         unsafe { mine.cast::<u8>().write(9) };
         let moved = m.move_out_app(app).unwrap();
         assert!(!m.moved_is_ours(&moved, app), "the program's memory taken for the view's");
+        // SAFETY: `moved` came from `m.move_out_app(app)` just above, and nothing was mapped at
+        // `app` since (the empty VMA that move left still holds the addresses).
         unsafe { SharedMapping::move_back(moved, app) }.unwrap();
+        // SAFETY: `mine` is mapped read-write again at `at` (its entries moved back), `len` bytes.
         assert_eq!(unsafe { mine.cast::<u8>().read() }, 9, "the program's memory is back, contents and all");
+        // SAFETY: `away` holds `m`'s view (MAP_SHARED of the memfd, `len` bytes), which stays
+        // mapped until the `unmap` below; unregistered, so a missing entry takes an ordinary fault.
         assert_eq!(unsafe { away.cast::<u8>().read() }, 5, "the view (moved away) still reads the memfd");
         unmap(away as usize, len);
     }

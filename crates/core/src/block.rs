@@ -160,6 +160,8 @@ pub struct Block {
     /// Last time each device touched the block (fault service or sampled accessed bits), as
     /// ticks of the address space's clock; for LRU eviction.
     pub touched: [u64; 4],
+    /// How hot the block is on each device (its access counters), for the thrashing response.
+    heat: [Heat; 4],
     /// Ticks when the block was last evicted, and how often it was evicted and refaulted within
     /// the thrashing window.
     pub last_evicted: u64,
@@ -182,6 +184,21 @@ pub struct Block {
 
 const NO_PA: u64 = u64::MAX;
 
+/// How fast a block's heat fades: half of it per second. Long beside a kernel's passes over its
+/// data (tens of milliseconds here), so blocks read once per pass stay about as hot as each
+/// other whenever they are compared; short enough that a block used heavily a while ago does not
+/// keep its place for long.
+pub const HEAT_HALF_LIFE_NS: u64 = 1_000_000_000;
+
+/// One device's heat of a block (see [`Block::add_heat`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Heat {
+    /// Accesses, decayed to `at`.
+    value: f64,
+    /// Ticks of the last update.
+    at: u64,
+}
+
 impl Block {
     /// A block of `npages` untouched pages at `base`.
     pub fn new(base: u64, npages: usize) -> Self {
@@ -193,6 +210,7 @@ impl Block {
             prev_chunk: Vec::new(),
             queued_on: ProcMask::EMPTY,
             touched: [0; 4],
+            heat: [Heat::default(); 4],
             last_evicted: 0,
             refaults: 0,
             thrashing: ProcMask::EMPTY,
@@ -285,6 +303,9 @@ impl Block {
         if let Some(t) = self.touched.get_mut(d.0 as usize) {
             *t = 0;
         }
+        if let Some(h) = self.heat.get_mut(d.0 as usize) {
+            *h = Heat::default();
+        }
         self.prev_chunk.retain(|(x, _)| *x != d);
         self.dev_pa.retain(|(x, _)| *x != d);
     }
@@ -304,6 +325,17 @@ impl Block {
         if let Some(t) = self.touched.get_mut(d.0 as usize) {
             *t = tick;
         }
+    }
+
+    /// Adds `accesses` counted by device `d`'s access counters up to `tick` to the block's heat
+    /// on `d`, and returns the heat: accesses, each weighing half as much for every
+    /// [`HEAT_HALF_LIFE_NS`] since it was counted. (0 for a device id past the tracked ones.)
+    pub fn add_heat(&mut self, d: crate::types::DeviceId, tick: u64, accesses: u64) -> f64 {
+        let Some(h) = self.heat.get_mut(d.0 as usize) else { return 0.0 };
+        let age = tick.saturating_sub(h.at) as f64 / HEAT_HALF_LIFE_NS as f64;
+        h.value = h.value * (-age).exp2() + accesses as f64;
+        h.at = h.at.max(tick);
+        h.value
     }
 
     /// When device `d` last touched the block.

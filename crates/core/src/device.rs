@@ -351,6 +351,15 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// (the default).
     fn take_access_notices(&self, _out: &mut Vec<VaRange>) {}
 
+    /// Takes (returns and clears) how many accesses, in 64-byte transactions, the device made
+    /// to `range` since the last call, to its own memory and to memory it maps remotely alike:
+    /// access counters on all memory, as NVIDIA's can count local accesses too. The core compares
+    /// how hot blocks are with them, where accessed bits say only that a block was used. Devices
+    /// without such counters return `None` (the default).
+    fn take_access_counts(&self, _range: VaRange) -> Option<u64> {
+        None
+    }
+
     /// Collects and clears the accessed bits of mapped device pages in `range` (the device's
     /// access information, for eviction by recency). Devices without accessed bits return `None`.
     fn take_accessed(&self, _range: VaRange) -> Option<Vec<u64>> {

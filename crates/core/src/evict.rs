@@ -132,13 +132,32 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
 /// as never), then the least recently touched.
 type Rank = (bool, u32, u64);
 
-/// The lowest-ranked victim among the first [`LRU_SAMPLE`] blocks of the queue that can be
-/// evicted now (touch times refreshed from the device's accessed bits).
-fn best_victim(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Option<(Rank, (u64, usize))> {
+/// A block in a device's eviction queue: its region's start and its index there.
+pub(crate) type Queued = (u64, usize);
+
+/// What a look at the first [`LRU_SAMPLE`] blocks of a device's eviction queue that can be
+/// evicted now finds (touch times refreshed from the device's accessed bits, heat from its access
+/// counters): the lowest-ranked, which eviction takes, and the coolest (lowest heat).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Candidates {
+    victim: Option<(Rank, Queued)>,
+    /// The coolest candidate and its heat (see [`heat_of`]).
+    pub(crate) coolest: Option<(f64, Queued)>,
+}
+
+impl Candidates {
+    /// How often the block eviction would take came back after eviction lately.
+    pub(crate) fn victim_refaults(&self) -> Option<u32> {
+        self.victim.map(|((_, refaults, _), _)| refaults)
+    }
+}
+
+/// See [`Candidates`]; `exclude` as in [`evict_one`].
+pub(crate) fn candidates(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Candidates {
     let me = Proc::Device(slot.id);
     let now = space.tick();
-    let sample: Vec<(u64, usize)> = slot.evict_queue.lock().iter().take(LRU_SAMPLE).copied().collect();
-    let mut best: Option<(Rank, (u64, usize))> = None;
+    let sample: Vec<Queued> = slot.evict_queue.lock().iter().take(LRU_SAMPLE).copied().collect();
+    let mut found = Candidates::default();
     for (rs, bidx) in sample {
         let Some(region) = space.region_at(rs) else { continue };
         let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) else { continue };
@@ -150,36 +169,49 @@ fn best_victim(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Option<
                 blk.touch(slot.id, now);
             }
         }
+        let heat = heat_of(space, slot, &mut blk, now);
         let touched = blk.touched_by(slot.id);
         let recent = now.saturating_sub(touched) < crate::fault::THRASH_WINDOW_NS;
         let key = (!(blk.job_done && blk.active_jobs == 0), if recent { blk.refaults } else { 0 }, touched);
-        if best.is_none_or(|(k, _)| key < k) {
-            best = Some((key, (rs, bidx)));
+        if found.victim.is_none_or(|(k, _)| key < k) {
+            found.victim = Some((key, (rs, bidx)));
+        }
+        if found.coolest.is_none_or(|(h, _)| heat < h) {
+            found.coolest = Some((heat, (rs, bidx)));
         }
     }
-    best
+    found
 }
 
-/// How often the block eviction on `slot` would take next came back after eviction lately
-/// (`None` if no candidate can be evicted now); `exclude` as in [`evict_one`].
-pub(crate) fn coldest_refaults(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Option<u32> {
-    best_victim(space, slot, exclude).map(|((_, refaults, _), _)| refaults)
+/// `blk`'s heat on `slot`'s device at `now`: the accesses its access counters counted, each
+/// halved for every [`crate::block::HEAT_HALF_LIFE_NS`] since (0 where the policy leaves access
+/// counters off or the device has none). Taking the counts clears them on the device, so every
+/// reader goes through here.
+pub(crate) fn heat_of(space: &AddressSpace, slot: &DeviceSlot, blk: &mut Block, now: u64) -> f64 {
+    if !space.config.policy.access_counters {
+        return 0.0;
+    }
+    let counted = slot.mmu.take_access_counts(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
+    blk.add_heat(slot.id, now, counted.unwrap_or(0))
 }
 
 fn evict_lru(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<Evicted> {
-    if let Some((_, (rs, bidx))) = best_victim(space, slot, exclude) {
-        // The region may have been reshaped since the sample: look the block up again.
-        if let Some(region) = space.region_at(rs) {
-            if let Some(mut blk) = region.blocks.get(bidx).and_then(|c| c.try_lock()) {
-                // On failure the block stays queued (this path never takes it off).
-                if evict_block(space, &region, &mut blk, slot)? {
-                    return Ok(Evicted::Freed);
-                }
-            }
+    if let Some((_, victim)) = candidates(space, slot, exclude).victim {
+        if evict_queued(space, slot, victim)? {
+            return Ok(Evicted::Freed);
         }
     }
     // Nothing suitable in the sample: fall back to the queue order.
     evict_fifo(space, slot, exclude)
+}
+
+/// Evicts the queued block `at` from `slot`'s device if it is still there and free (not locked
+/// by another thread); returns whether it freed memory. On failure the block stays queued.
+pub(crate) fn evict_queued(space: &AddressSpace, slot: &DeviceSlot, at: Queued) -> Result<bool> {
+    // The region may have been reshaped since the sample: look the block up again.
+    let Some(region) = space.region_at(at.0) else { return Ok(false) };
+    let Some(mut blk) = region.blocks.get(at.1).and_then(|c| c.try_lock()) else { return Ok(false) };
+    evict_block(space, &region, &mut blk, slot)
 }
 
 /// Moves every page `slot` holds in `blk` back to host backing.

@@ -203,13 +203,9 @@ fn peers_of(space: &AddressSpace, slot: &DeviceSlot) -> ProcMask {
 /// is served remotely (`blk.thrashing`). A block that comes back within [`THRASH_WINDOW_NS`] of
 /// its eviction has `refaults` counted up (one that comes back later starts again from 0); the
 /// second time, the device is capacity thrashing for the next window. While it is, with
-/// [`Thrashing::RemoteMap`], the device keeps the blocks that come back most (its hot set: gemm's
-/// `b`, read by every band) and maps the others remotely: a block arriving with nothing on a full
-/// device comes in only if it came back at least twice more often than the block eviction would
-/// take ([`crate::evict::coldest_refaults`]); the margin keeps blocks that come back about
-/// equally often (stencil's, random's) from taking each other's place at every fault (stencil at
-/// oversubscription 2 moved 895-901 MiB without it, 705-707 with). Remote service ends when the
-/// thrashing does or when memory frees up.
+/// [`Thrashing::RemoteMap`], the device keeps its hot set (gemm's `b`, read by every band) and
+/// maps the rest remotely ([`arrival`] decides). Remote service ends when the thrashing does or
+/// when memory frees up.
 fn thrash_response(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Block, now: u64) {
     let me = Proc::Device(slot.id);
     if blk.last_evicted != 0 {
@@ -225,24 +221,80 @@ fn thrash_response(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::blo
     }
     blk.last_evicted = 0;
     end_remote_service(space, slot, blk, now);
-    if !blk.thrashing.has(me) && stays_remote(space, slot, blk, now) {
-        blk.thrashing.insert(me);
+    if blk.thrashing.has(me) {
+        return;
+    }
+    match arrival(space, slot, blk, now) {
+        Arrival::Remote => blk.thrashing.insert(me),
+        Arrival::In => {}
+        Arrival::Replacing(victim) => {
+            // Make room by evicting the cooler block now; failing that, the allocation evicts
+            // as it would anyway.
+            match crate::evict::evict_queued(space, slot, victim) {
+                Ok(true) => add(&space.stats.hot_arrivals, 1),
+                Ok(false) => {}
+                Err(e) => log::debug!("thrashing response at {:#x} on {:?}: {e}", blk.base, slot.id),
+            }
+        }
     }
 }
 
-/// Whether the thrashing response serves `blk` remotely on `slot`'s device at `now`: the device
-/// is thrashing, holds nothing of the block, is short of memory (taking the block in would make
-/// eviction, now or the background evictor's to keep its watermark, take one out), and the
-/// block comes back no more often than the one eviction would take.
-fn stays_remote(space: &AddressSpace, slot: &DeviceSlot, blk: &crate::block::Block, now: u64) -> bool {
+/// What the thrashing response does with a block arriving on a device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Arrival {
+    /// Served remotely.
+    Remote,
+    /// Comes in, making room as any migration does.
+    In,
+    /// Comes in, taking the place of this much cooler block.
+    Replacing(crate::evict::Queued),
+}
+
+/// Where the thrashing response puts `blk` arriving on `slot`'s device at `now`. Unless the
+/// device is thrashing, holds nothing of the block and is short of memory (taking the block in
+/// would make eviction, now or the background evictor's to keep its watermark, take one out),
+/// it comes in. Then a block the device's access counters find much hotter than the coolest
+/// candidate for eviction ([`hotter_than`]) takes that one's place. Otherwise it is served
+/// remotely when it came back after eviction no more often than the block eviction would take
+/// plus one: the margin keeps blocks that come back about equally often (stencil's, random's)
+/// from taking each other's place at every fault (stencil at oversubscription 2 moved 895-901
+/// MiB without it, 705-707 with).
+///
+/// Refaults alone misjudged the thrashing's onset: once in about 100 loaded runs of
+/// `capacity_thrashing_keeps_the_hot_set_and_serves_the_rest_remotely`, a hot block arrived
+/// having come back once more than the block eviction would take, the other hot block, and
+/// was served remotely for the rest of the run (463-477 MiB over the link instead of under 64).
+fn arrival(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Block, now: u64) -> Arrival {
     let short = || {
         let (free, total) = slot.free_and_total();
         free < blk.npages as u64 + crate::evict::free_cap(total, space.config.policy.free_watermark)
     };
-    thrashing_now(space, slot, now)
-        && blk.resident_on(Proc::Device(slot.id)).is_empty()
-        && short()
-        && crate::evict::coldest_refaults(space, slot, blk.base).is_some_and(|r| blk.refaults <= r.saturating_add(1))
+    if !(thrashing_now(space, slot, now) && blk.resident_on(Proc::Device(slot.id)).is_empty() && short()) {
+        return Arrival::In;
+    }
+    let found = crate::evict::candidates(space, slot, blk.base);
+    if let Some((cool, at)) = found.coolest {
+        if hotter_than(crate::evict::heat_of(space, slot, blk, now), cool) {
+            return Arrival::Replacing(at);
+        }
+    }
+    match found.victim_refaults() {
+        Some(r) if blk.refaults <= r.saturating_add(1) => Arrival::Remote,
+        _ => Arrival::In,
+    }
+}
+
+/// Accesses (64-byte transactions) of a whole 2 MiB block read once.
+const BLOCK_READ: f64 = (BLOCK_SIZE / 64) as f64;
+
+/// Whether a block of heat `arrival` should take the place of one of heat `resident` on a
+/// thrashing device: at least twice as hot, and by more than one read of a whole block. The
+/// margin keeps blocks used about equally (those of a kernel reading all its data once per
+/// pass, in `readmostly` or `stencil`) from taking each other's place; counting a remote
+/// block's passes as refaults without comparing the resident blocks' use churned `readmostly`
+/// (400 MiB migrated against 232 at oversubscription 1.5).
+fn hotter_than(arrival: f64, resident: f64) -> bool {
+    arrival > 2.0 * resident + BLOCK_READ
 }
 
 /// Whether `slot`'s device is capacity thrashing at `now`, with the policy's remote-map response.
@@ -311,7 +363,7 @@ fn bring_closer(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block:
     let me = Proc::Device(slot.id);
     if blk.thrashing.has(me) {
         // Brought closer only where the fault that follows would not serve it remotely again.
-        if stays_remote(space, slot, blk, space.tick()) {
+        if arrival(space, slot, blk, space.tick()) == Arrival::Remote {
             return;
         }
         blk.thrashing.remove(me);

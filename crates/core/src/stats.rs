@@ -82,6 +82,9 @@ stats! {
     /// Pages whose remote mappings access-counter notices removed, so that the device's next
     /// access brings them to it.
     access_unmapped_pages,
+    /// Blocks the thrashing response brought to a thrashing device in place of a block its access
+    /// counters found at least twice as cool (the block they replaced was evicted for them).
+    hot_arrivals,
     /// Revokes and write-protects of CPU mappings refused because the program unmapped or moved
     /// the range while they ran (the migration or fault service is tried again once the change
     /// is applied).

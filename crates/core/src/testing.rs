@@ -184,6 +184,9 @@ pub(crate) struct FakeDevice {
     pub(crate) fail_unmap: std::sync::atomic::AtomicBool,
     /// Reported as [`DeviceCaps::region_bound`] (a device whose mappings end with their region).
     pub(crate) region_bound: bool,
+    /// What its access counters report ([`DeviceMmu::take_access_counts`]), by 2 MiB block:
+    /// set by tests.
+    pub(crate) access_counts: Mutex<HashMap<u64, u64>>,
 }
 
 impl FakeDevice {
@@ -200,6 +203,7 @@ impl FakeDevice {
             fail_map: false.into(),
             fail_unmap: false.into(),
             region_bound: false,
+            access_counts: Mutex::default(),
         }
     }
 
@@ -335,6 +339,15 @@ impl DeviceMmu for FakeDevice {
     }
     fn fetch_faults(&self, _max: usize, _out: &mut Vec<DeviceFault>) -> usize {
         0
+    }
+    fn take_access_counts(&self, range: VaRange) -> Option<u64> {
+        let mut counts = self.access_counts.lock();
+        Some(
+            (align_down(range.start, BLOCK_SIZE)..range.end())
+                .step_by(BLOCK_SIZE as usize)
+                .filter_map(|b| counts.remove(&b))
+                .sum(),
+        )
     }
     fn wait_for_faults(&self, timeout: Duration) -> bool {
         std::thread::sleep(timeout.min(Duration::from_millis(1)));
@@ -1551,6 +1564,54 @@ fn eviction_keeps_the_block_that_keeps_coming_back() {
     assert!(region.blocks[1].lock().resident_on(dev).is_empty(), "the cold block stayed");
     for (va, v) in [(hot, 1), (cold, 2), (new, 3)] {
         assert_eq!(w.cpu_access(va, None), v);
+    }
+}
+
+/// At a thrashing device's onset a hot block can arrive having come back once more than the
+/// coldest resident block (2 refaults against 1), which refaults alone count as no hotter: it was
+/// served remotely for the rest of the thrashing. The device's access counters tell them apart:
+/// a block used far more than the coldest comes in (evicting it), one used about as much as the
+/// resident blocks stays remote.
+#[test]
+fn a_hot_block_arriving_on_a_thrashing_device_comes_in_by_its_access_counts() {
+    const READ: u64 = BLOCK_SIZE / 64;
+    for (arrival_uses, comes_in) in [(40 * READ, true), (READ, false)] {
+        let policy = crate::policy::Policy::hetmm();
+        let mut w = world_sized(Arc::new(NoPrefetch), 2 * PAGES_PER_BLOCK as u64, policy, 3 * BLOCK_SIZE);
+        let s = w.cpu.range.start;
+        let dev = Proc::Device(w.ids[0]);
+        for b in 0..3u64 {
+            w.cpu_access(s + b * BLOCK_SIZE, Some(b as u8 + 1));
+        }
+        for b in 0..2u64 {
+            w.space.migrate(s + b * BLOCK_SIZE, BLOCK_SIZE, dev).unwrap();
+        }
+        assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the two blocks fill the device");
+        let region = w.space.region_of(s).unwrap();
+        for b in 0..2 {
+            region.blocks[b].lock().refaults = 1;
+        }
+        {
+            // The arrival was evicted a moment ago, once before that: this fault is its second
+            // return within the window, and starts the thrashing.
+            let mut arrival = region.blocks[2].lock();
+            arrival.refaults = 1;
+            arrival.last_evicted = w.space.tick();
+        }
+        let mut counts = w.devs[0].access_counts.lock();
+        counts.insert(s, READ);
+        counts.insert(s + BLOCK_SIZE, READ);
+        counts.insert(s + 2 * BLOCK_SIZE, arrival_uses);
+        drop(counts);
+        assert_eq!(w.dev_access(0, s + 2 * BLOCK_SIZE, None), Some(3));
+        let page = w.space.page_state(s + 2 * BLOCK_SIZE).unwrap();
+        assert!(page.dev_mapped.has(dev), "{page:?}");
+        assert_eq!(page.resident.has(dev), comes_in, "uses {arrival_uses}: {page:?}");
+        assert_eq!(w.space.stats.snapshot().hot_arrivals, u64::from(comes_in));
+        assert!(w.space.stats.snapshot().thrash_events > 0, "the device did not thrash: the test shows nothing");
+        for b in 0..3u64 {
+            assert_eq!(w.cpu_access(s + b * BLOCK_SIZE, None), b as u8 + 1);
+        }
     }
 }
 

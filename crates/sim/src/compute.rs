@@ -339,6 +339,11 @@ impl BlockCtx<'_> {
                 let n = ((t.va + t.size - cur) as usize).min(len - done);
                 let target = t.target.offset(cur - t.va);
                 f(target, done, n)?;
+                if threshold > 0 {
+                    if let Some((region, k)) = c.count_use(cur, n as u64) {
+                        self.shared.uses.add(region, k);
+                    }
+                }
                 if let Target::Host(_) = target {
                     owed += c.remote(n as u64);
                     notice = c.count_access(cur, n as u64, threshold).or(notice);
@@ -395,13 +400,20 @@ impl BlockCtx<'_> {
         let mut owed = 0u64;
         let mut notice = None;
         let threshold = self.shared.cfg.access_counter_threshold;
-        let r = self.with_translation(va, Access::Atomic, |t, c| match t.target.offset(va - t.va) {
-            Target::Device(pa) => mem.atomic(pa, op),
-            Target::Host(a) => {
-                owed += c.remote(op.size());
-                notice = c.count_access(va, op.size(), threshold);
-                // SAFETY: as in `read_bytes`.
-                unsafe { host_atomic(a as usize, op) }
+        let r = self.with_translation(va, Access::Atomic, |t, c| {
+            if threshold > 0 {
+                if let Some((region, k)) = c.count_use(va, op.size()) {
+                    self.shared.uses.add(region, k);
+                }
+            }
+            match t.target.offset(va - t.va) {
+                Target::Device(pa) => mem.atomic(pa, op),
+                Target::Host(a) => {
+                    owed += c.remote(op.size());
+                    notice = c.count_access(va, op.size(), threshold);
+                    // SAFETY: as in `read_bytes`.
+                    unsafe { host_atomic(a as usize, op) }
+                }
             }
         });
         self.shared.link.transfer(owed);

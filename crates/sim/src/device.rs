@@ -20,6 +20,7 @@ use crate::link::Link;
 use crate::memory::PhysMem;
 use crate::pagetable::{Census, PageTable, Target, Translation, VA_LIMIT};
 use crate::tlb::{coalesce, Tlb};
+use crate::usage::UseTable;
 use crate::{SimConfig, SimError, SimStats};
 
 /// How long dropping the last handle waits for the device's threads.
@@ -48,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) copy: CopyCounters,
     pub(crate) counters: Counters,
     pub(crate) link: Link,
+    pub(crate) uses: UseTable,
     copy_tx: Sender<EngineMsg>,
     work_tx: Sender<WorkerMsg>,
 }
@@ -126,6 +128,7 @@ impl SimDevice {
             copy: CopyCounters::default(),
             counters: Counters::default(),
             link: Link::new(cfg.link_gbps),
+            uses: UseTable::default(),
             copy_tx,
             work_tx,
             cfg,
@@ -210,7 +213,8 @@ impl SimDevice {
         let s = self.s();
         let mut st = SimStats::default();
         for t in s.tlbs.iter() {
-            let c = t.0.lock().counters;
+            let tlb = t.0.lock();
+            let c = &tlb.counters;
             st.tlb_hits += c.hits;
             st.tlb_misses += c.misses;
             st.page_walks += c.walks;
@@ -409,6 +413,10 @@ impl DeviceMmu for SimDevice {
         let mut regions = Vec::new();
         self.s().faults.take_notices(&mut regions);
         out.extend(regions.into_iter().map(|r| VaRange::new(r, BLOCK_SIZE)));
+    }
+
+    fn take_access_counts(&self, range: VaRange) -> Option<u64> {
+        (self.s().cfg.access_counter_threshold > 0).then(|| self.s().uses.take(range))
     }
 
     fn take_accessed(&self, range: VaRange) -> Option<Vec<u64>> {

@@ -50,6 +50,7 @@ mod memory;
 mod pagetable;
 mod sync;
 mod tlb;
+mod usage;
 
 #[cfg(test)]
 mod tests;
@@ -128,8 +129,10 @@ pub struct SimConfig {
     /// Access counters, as NVIDIA GPUs have: kernels' accesses to memory mapped remotely (host
     /// memory or a peer's) are counted per 2 MiB of virtual addresses, in 64-byte transactions,
     /// and a region whose count reaches this threshold is reported to the core
-    /// ([`hetmm_core::device::DeviceMmu::take_access_notices`]), which may migrate it. 0: off.
-    /// Default 256 (UVM's default threshold and granularity).
+    /// ([`hetmm_core::device::DeviceMmu::take_access_notices`]), which may migrate it. With
+    /// them on, every access, local or remote, is also counted per 2 MiB for the core to read
+    /// ([`hetmm_core::device::DeviceMmu::take_access_counts`]). 0: both off. Default 256 (UVM's
+    /// default threshold and granularity).
     pub access_counter_threshold: u32,
 }
 

@@ -431,27 +431,43 @@ fn host_aperture_read_and_write() {
     assert_eq!(buf[skip + 11], 34);
 }
 
+/// A one-worker device with access counters at `threshold` (0: off), mapping the first
+/// `remote_len` bytes of `buf` from its first 4 KiB boundary remotely at `BASE`, and 2 MiB of its
+/// own memory at `BASE + 2 * MB2`.
+///
+/// # Safety
+///
+/// `buf` must stay alive and unmoved until the caller has removed the remote mapping and
+/// invalidated it.
+unsafe fn counted_device(threshold: u32, buf: &mut [u8], remote_len: u64) -> SimDevice {
+    let cfg = SimConfig {
+        memory_bytes: 8 << 20,
+        compute_workers: 1,
+        access_counter_threshold: threshold,
+        ..SimConfig::default()
+    };
+    let d = SimDevice::new(cfg).unwrap();
+    d.create_page_table().unwrap();
+    let off = buf.as_ptr().align_offset(4096);
+    assert!(buf.len() >= off + remote_len as usize);
+    let host = HostAddr(buf[off..].as_mut_ptr() as usize);
+    let remote = MapEntry { va: BASE, len: remote_len, target: MapTarget::Host(host), prot: Prot::RWA };
+    // SAFETY: `buf` holds `remote_len` bytes from `host`; the caller keeps it alive and unmoved
+    // until the mapping is removed and invalidated (this function's contract).
+    unsafe { d.map(&[remote]).unwrap() };
+    map(&d, BASE + 2 * MB2, MB2, 0, Prot::RWA);
+    d
+}
+
 /// Access counters: remote accesses count per 2 MiB region in 64-byte transactions; a region
 /// reaching the threshold is reported once (until taken), and counting starts again. Accesses
 /// to device memory count nothing; a threshold of 0 turns the counters off.
 #[test]
 fn access_counters_report_regions_used_remotely() {
     for threshold in [256, 0] {
-        let cfg = SimConfig {
-            memory_bytes: 8 << 20,
-            compute_workers: 1,
-            access_counter_threshold: threshold,
-            ..SimConfig::default()
-        };
-        let d = SimDevice::new(cfg).unwrap();
-        d.create_page_table().unwrap();
         let mut buf = vec![0u8; 2 * MB2 as usize + 4096];
-        let off = buf.as_ptr().align_offset(4096);
-        let host = HostAddr(buf[off..].as_mut_ptr() as usize);
-        let remote = MapEntry { va: BASE, len: 2 * MB2, target: MapTarget::Host(host), prot: Prot::RWA };
-        // SAFETY: `buf` stays alive and unmoved until the mapping is removed and invalidated below.
-        unsafe { d.map(&[remote]).unwrap() };
-        map(&d, BASE + 2 * MB2, MB2, 0, Prot::RWA);
+        // SAFETY: `buf` outlives the mapping, removed and invalidated at the end of the round.
+        let d = unsafe { counted_device(threshold, &mut buf, 2 * MB2) };
         let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.launch(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
         // 255 transactions in the first region (16 KiB less one line), and device memory.
         run(|b| {
@@ -477,6 +493,44 @@ fn access_counters_report_regions_used_remotely() {
         assert_eq!(d.stats().access_notices, if threshold == 0 { 0 } else { 3 });
         d.unmap(&[VaRange::new(BASE, 2 * MB2)]).unwrap();
         d.invalidate_tlb(&[VaRange::new(BASE, 2 * MB2)]);
+    }
+}
+
+/// The use counters count every access, to device memory and to host memory mapped remotely
+/// alike, per 2 MiB region in 64-byte transactions; taking a range's count clears it. A worker
+/// adds its counts once they reach 1024 transactions (or another region takes their slot), so
+/// a count may lag by less than that. Off with the access counters.
+#[test]
+fn use_counters_count_local_and_remote_accesses() {
+    for threshold in [256, 0] {
+        let mut buf = vec![0u8; MB2 as usize + 4096];
+        // SAFETY: `buf` outlives the mapping, removed and invalidated at the end of the round.
+        let d = unsafe { counted_device(threshold, &mut buf, MB2) };
+        let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.launch(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
+        // Device memory: 1 MiB read three times (16384 transactions each). Host memory: 8192
+        // transactions, then 100 more that stay in the worker's slot.
+        run(|b| {
+            for _ in 0..3 {
+                b.read_slice(BASE + 2 * MB2, &mut vec![0u8; 1 << 20])?;
+            }
+            b.read_slice(BASE, &mut vec![0u8; 8192 * 64])?;
+            b.read_slice(BASE + 4096, &mut vec![0u8; 100 * 64])
+        });
+        let on = threshold > 0;
+        let local = VaRange::new(BASE + 2 * MB2, MB2);
+        assert_eq!(d.take_access_counts(local), on.then_some(3 * 16384));
+        assert_eq!(d.take_access_counts(local), on.then_some(0), "taken once");
+        assert_eq!(d.take_access_counts(VaRange::new(BASE, MB2)), on.then_some(8192));
+        // 924 more 8-byte stores (one transaction each) bring the slot's 100 to 1024.
+        run(|b| {
+            for i in 0..924 {
+                b.store::<u64>(BASE + i * 8, i)?;
+            }
+            Ok(())
+        });
+        assert_eq!(d.take_access_counts(VaRange::new(BASE, 2 * MB2)), on.then_some(1024));
+        d.unmap(&[VaRange::new(BASE, MB2)]).unwrap();
+        d.invalidate_tlb(&[VaRange::new(BASE, MB2)]);
     }
 }
 

@@ -169,6 +169,8 @@ pub(crate) fn candidates(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) 
                 blk.touch(slot.id, now);
             }
         }
+        // Read at every look, though only the thrashing response compares heats: counts taken
+        // often are aged from about when they were made, not lumped as new.
         let heat = heat_of(space, slot, &mut blk, now);
         let touched = blk.touched_by(slot.id);
         let recent = now.saturating_sub(touched) < crate::fault::THRASH_WINDOW_NS;

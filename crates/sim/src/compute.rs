@@ -316,6 +316,17 @@ impl BlockCtx<'_> {
         }
     }
 
+    /// Counts an access of `n` bytes at `va` for the use counters ([`crate::usage`]), which are
+    /// on with the access counters; `c` is the worker's, under its TLB's lock.
+    #[inline]
+    fn count_use(&self, c: &mut TlbCounters, va: u64, n: u64) {
+        if self.shared.cfg.access_counter_threshold > 0 {
+            if let Some((region, k)) = c.count_use(va, n) {
+                self.shared.uses.add(region, k);
+            }
+        }
+    }
+
     /// Runs `f(target, offset, n)` for each translated run of `[va, va + len)`: one
     /// translation per page-table entry (4 KiB or 2 MiB) the range crosses.
     #[inline]
@@ -339,11 +350,7 @@ impl BlockCtx<'_> {
                 let n = ((t.va + t.size - cur) as usize).min(len - done);
                 let target = t.target.offset(cur - t.va);
                 f(target, done, n)?;
-                if threshold > 0 {
-                    if let Some((region, k)) = c.count_use(cur, n as u64) {
-                        self.shared.uses.add(region, k);
-                    }
-                }
+                self.count_use(c, cur, n as u64);
                 if let Target::Host(_) = target {
                     owed += c.remote(n as u64);
                     notice = c.count_access(cur, n as u64, threshold).or(notice);
@@ -401,11 +408,7 @@ impl BlockCtx<'_> {
         let mut notice = None;
         let threshold = self.shared.cfg.access_counter_threshold;
         let r = self.with_translation(va, Access::Atomic, |t, c| {
-            if threshold > 0 {
-                if let Some((region, k)) = c.count_use(va, op.size()) {
-                    self.shared.uses.add(region, k);
-                }
-            }
+            self.count_use(c, va, op.size());
             match t.target.offset(va - t.va) {
                 Target::Device(pa) => mem.atomic(pa, op),
                 Target::Host(a) => {

@@ -231,10 +231,9 @@ fn run_copies(space: &AddressSpace, region: &Region, slot: &DeviceSlot, ops: &[C
         return Ok(());
     }
     let t = Instant::now();
-    // SAFETY: every host address comes from `region.cpu.backing()` for pages of this region,
-    // whose mapping lives as long as `region`. We wait for the completion before returning; if
-    // the wait fails (timeout), `keep_alive_forever` leaks the region's CPU side so the memory
-    // a still-running copy touches is never unmapped.
+    // A failed (timed-out) wait leaks the region's CPU side (`keep_alive_forever`).
+    // SAFETY: host addresses are `region.cpu.backing()` of this region's pages, mapped while
+    // `region` lives and, after a failed wait, forever; we wait for the copies before returning.
     let done = unsafe { slot.mmu.copy(ops) }.map_err(dev_err(slot.id));
     add_since(&space.stats.ns_copy, t);
     wait_copies(space, region, slot.id, done?)
@@ -372,6 +371,24 @@ fn only_elsewhere(blk: &Block, want: &PageMask, me: Proc) -> PageMask {
     select(blk, want, |p| !p.resident.has(Proc::Cpu) && !p.resident.has(me) && !p.resident.is_empty())
 }
 
+/// The start of every path that gives `slot`'s device access to `want`: `want` widened to the
+/// device's mapping granularity, or `None` for a region served remotely only, which this maps
+/// remotely instead.
+fn begin_device_access(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut Block,
+    slot: &DeviceSlot,
+    want: &PageMask,
+) -> Result<Option<PageMask>> {
+    if region.remote {
+        map_remote(space, region, blk, slot, want)?;
+        return Ok(None);
+    }
+    slot.attached()?;
+    Ok(Some(widen(blk, slot, want)))
+}
+
 /// Makes `slot`'s device the only holder of `want`, mapped read-write.
 pub(crate) fn to_device(
     space: &AddressSpace,
@@ -380,12 +397,10 @@ pub(crate) fn to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
-    if region.remote {
-        return map_remote(space, region, blk, slot, want);
-    }
-    slot.attached()?;
+    let Some(want) = &begin_device_access(space, region, blk, slot, want)? else {
+        return Ok(());
+    };
     let me = Proc::Device(slot.id);
-    let want = &widen(blk, slot, want);
     // Data held only by other devices: copied from them directly where they are peers, else
     // brought home first.
     let (direct, peers) = peer_sources(space, blk, slot, want);
@@ -438,12 +453,10 @@ pub(crate) fn duplicate_to_device(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
-    if region.remote {
-        return map_remote(space, region, blk, slot, want);
-    }
-    slot.attached()?;
+    let Some(want) = &begin_device_access(space, region, blk, slot, want)? else {
+        return Ok(());
+    };
     let me = Proc::Device(slot.id);
-    let want = &widen(blk, slot, want);
     // A new copy appears beside the others: mappings of a peer's copy go first.
     unmap_peer_maps(space, blk, want)?;
     // The source of a copy is a peer holding the data, or else the CPU's: data held only by
@@ -512,10 +525,10 @@ pub(crate) fn map_remote(
         let host = |k: usize| MapTarget::Host(region.cpu.backing(blk.va(k)));
         push_remote_entries(&mut entries, &mut ro, blk, (s, e), full, shared, host);
     }
-    // SAFETY: the host addresses come from `region.cpu.backing()` for pages of this region; they
-    // stay mapped as long as the region's CPU side lives, and every remote mapping is removed
-    // (unmap + TLB invalidation) before that side is released: `drop_device_copies` runs on
-    // region removal and data leaving the host goes through `unmap_others`.
+    // Remote mappings go (unmap + TLB invalidation) before the CPU side is released:
+    // `drop_device_copies` on region removal, `unmap_others` when data leaves the host.
+    // SAFETY: host addresses are `region.cpu.backing()` of this region's pages, mapped while the
+    // CPU side lives, which outlives every remote mapping of them (above).
     let r = unsafe { slot.mmu.map(&entries) };
     add_since(&space.stats.ns_map, t);
     r.map_err(dev_err(slot.id))?;
@@ -575,12 +588,10 @@ pub(crate) fn map_peer(
     slot: &DeviceSlot,
     want: &PageMask,
 ) -> Result<()> {
-    if region.remote {
-        return map_remote(space, region, blk, slot, want);
-    }
-    slot.attached()?;
+    let Some(want) = &begin_device_access(space, region, blk, slot, want)? else {
+        return Ok(());
+    };
     let me = Proc::Device(slot.id);
-    let want = &widen(blk, slot, want);
     let (direct, peers) = peer_sources(space, blk, slot, want);
     map_remote(space, region, blk, slot, &want.and_not(&direct))?;
     if direct.is_empty() {
@@ -601,9 +612,8 @@ pub(crate) fn map_peer(
         }
     }
     let t = Instant::now();
-    // SAFETY: every target is a peer's copy of the page (`peer_sources`), in memory it keeps
-    // while it holds the data; the mapping is removed (`unmap_peer_maps`, `unmap_others`)
-    // before the page's holders change or that copy is freed.
+    // SAFETY: each target is a peer's copy (`peer_sources`), kept while it holds the data; the
+    // mapping goes (`unmap_peer_maps`, `unmap_others`) before the holders change or it is freed.
     let r = unsafe { slot.mmu.map(&entries) };
     add_since(&space.stats.ns_map, t);
     r.map_err(dev_err(slot.id))?;
@@ -1195,10 +1205,10 @@ fn bulk_submit(
         return Ok(Submitted { entries, mapped, done: None, bytes });
     }
     let t = Instant::now();
-    // SAFETY: every host address comes from `region.cpu.backing()` for pages of this region,
-    // whose mapping lives as long as `region`. `bulk_finish` waits for the completion; if that
-    // wait fails, it leaks the region's CPU side so the memory a still-running copy touches is
-    // never unmapped (and a `BulkMove` dropped unfinished waits for it).
+    // `bulk_finish` waits for the completion (so does a `BulkMove` dropped unfinished); a failed
+    // wait leaks the region's CPU side.
+    // SAFETY: host addresses are `region.cpu.backing()` of this region's pages, mapped while
+    // `region` lives and, after a failed wait, forever; the copies are waited for (above).
     let done = unsafe { slot.mmu.copy(&ops) }.map_err(dev_err(slot.id));
     add_since(&space.stats.ns_copy, t);
     if done.is_err() && mapped {
@@ -1487,10 +1497,10 @@ pub(crate) fn bulk_home_start(
             None
         } else {
             let t = Instant::now();
-            // SAFETY: every host address comes from `region.cpu.backing()` for pages of this
-            // region, whose mapping lives as long as `region`. `bulk_home_finish` waits for the
-            // completion and, if that wait fails, leaks the region's CPU side so the memory a
-            // still-running copy writes is never unmapped (a dropped `HomeMove` waits too).
+            // `bulk_home_finish` waits for the completion (so does a dropped `HomeMove`); a
+            // failed wait leaks the region's CPU side.
+            // SAFETY: host addresses are `region.cpu.backing()` of this region's pages, mapped
+            // while `region` lives and, after a failed wait, forever; the copies are waited for.
             let r = unsafe { slot.mmu.copy(&ops) }.map_err(dev_err(d));
             add_since(&space.stats.ns_copy, t);
             Some(r?)

@@ -415,6 +415,13 @@ impl DeviceMmu for SimDevice {
         out.extend(regions.into_iter().map(|r| VaRange::new(r, BLOCK_SIZE)));
     }
 
+    /// Forgets the use counts of the region's 2 MiB ranges, so that a region mapped there later
+    /// does not start hot. Counts still in a worker's TLB slot (under 64 KiB of accesses per
+    /// range, [`crate::usage::USE_FLUSH`]) may land later.
+    fn region_removed(&self, app: VaRange) {
+        self.s().uses.take(app);
+    }
+
     fn take_access_counts(&self, range: VaRange) -> Option<u64> {
         (self.s().cfg.access_counter_threshold > 0).then(|| self.s().uses.take(range))
     }

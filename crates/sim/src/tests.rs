@@ -499,7 +499,8 @@ fn access_counters_report_regions_used_remotely() {
 /// The use counters count every access, to device memory and to host memory mapped remotely
 /// alike, per 2 MiB region in 64-byte transactions; taking a range's count clears it. A worker
 /// adds its counts once they reach 1024 transactions (or another region takes their slot), so
-/// a count may lag by less than that. Off with the access counters.
+/// a count may lag by less than that. A region's removal clears its counts. Off with the access
+/// counters.
 #[test]
 fn use_counters_count_local_and_remote_accesses() {
     for threshold in [256, 0] {
@@ -529,6 +530,10 @@ fn use_counters_count_local_and_remote_accesses() {
             Ok(())
         });
         assert_eq!(d.take_access_counts(VaRange::new(BASE, 2 * MB2)), on.then_some(1024));
+        // A removed region's counts are forgotten: a region mapped there later starts cold.
+        run(|b| b.read_slice(BASE + 2 * MB2, &mut vec![0u8; 1 << 20]));
+        d.region_removed(VaRange::new(BASE + 2 * MB2, MB2));
+        assert_eq!(d.take_access_counts(local), on.then_some(0), "forgotten with the region");
         d.unmap(&[VaRange::new(BASE, MB2)]).unwrap();
         d.invalidate_tlb(&[VaRange::new(BASE, MB2)]);
     }

@@ -395,10 +395,9 @@ impl CudaDevice {
         i.compute
             .wait(&driver::record(&i.h2d)?)
             .map_err(|e| CudaError::Driver { call: "cuStreamWaitEvent", code: format!("{:?}", e.0) })?;
-        // SAFETY: `marshal` checked the arguments against the kernel's parameter list; every
-        // buffer the kernel touches (a `KernelCall` derives its sizes from its buffers) is
-        // mapped on the device, checked just above under the lock that unmapping takes, and
-        // stays mapped until the event recorded below completes (unmapping waits for it).
+        // A `KernelCall` derives its sizes from its buffers: the kernel touches only those.
+        // SAFETY: `marshal` matched the arguments to the kernel's parameters; each buffer is mapped
+        // (checked above, under the lock unmapping takes) and unmapping waits for the event below.
         unsafe { i.gpu.launch(&i.compute, func, call.dims(), &args)? };
         let done = Arc::new(driver::record(&i.compute)?);
         let mut inflight = i.inflight.lock();
@@ -844,9 +843,8 @@ impl DeviceMmu for CudaDevice {
         let mut regs = Vec::new();
         let mut failed = None;
         for (off, blen) in plan::host_pieces(app.len, i.cfg.pin_piece) {
-            // SAFETY: `backing` is the manager's alias of the region, mapped for `app.len` bytes
-            // until `region_removed` returns (the contract of `DeviceMmu::region_added`); the
-            // registrations are dropped there, before the alias is unmapped.
+            // SAFETY: the alias `backing` stays mapped for `app.len` bytes until `region_removed`
+            // returns (`region_added`'s contract), which drops these registrations first.
             match unsafe { HostRegistration::new(&i.gpu, backing.0 + off as usize, blen) } {
                 Ok(h) => {
                     st.host.insert(app.start, backing.0 as u64 + off, blen);

@@ -166,9 +166,8 @@ impl Gpu {
     pub fn map(&self, res: &VaReservation, dev_va: u64, chunk: &PhysChunk) -> Result<(), CudaError> {
         res.check(dev_va, chunk.size)?;
         self.bind()?;
-        // SAFETY: the range lies inside a reservation we own and `chunk.handle` is a live
-        // allocation of exactly `chunk.size` bytes. Mapping device memory into device virtual
-        // addresses does not touch host memory.
+        // SAFETY: the range lies in a reservation we own; `chunk.handle` is a live allocation of
+        // exactly `chunk.size` bytes. Mapping it at device addresses touches no host memory.
         check(unsafe { sys::cuMemMap(dev_va, chunk.size as usize, 0, chunk.handle, 0) }, "cuMemMap")
     }
 
@@ -176,9 +175,8 @@ impl Gpu {
     pub fn unmap(&self, res: &VaReservation, dev_va: u64, len: u64) -> Result<(), CudaError> {
         res.check(dev_va, len)?;
         self.bind()?;
-        // SAFETY: the range lies inside a reservation we own; unmapping device virtual
-        // addresses does not touch host memory (a kernel still using them would fault on the
-        // device; the caller waits for kernels first).
+        // SAFETY: the range lies in a reservation we own; unmapping device addresses touches no
+        // host memory (a kernel still using them faults on the device; callers wait for kernels).
         check(unsafe { sys::cuMemUnmap(dev_va, len as usize) }, "cuMemUnmap")
     }
 
@@ -496,10 +494,10 @@ impl ManagedAlloc {
     /// while the host does).
     pub fn host_mut(&mut self) -> Result<&mut [u8], CudaError> {
         self.gpu.synchronize()?;
-        // SAFETY: managed memory is host-accessible at its address for `len` bytes while no
-        // kernel runs: we synchronized, and launching a kernel on it is an unsafe call whose
-        // contract forbids host use during the kernel. It lives until drop; `&mut self` makes
-        // this the only slice.
+        // Launching a kernel is an unsafe call whose contract forbids host use of its memory during
+        // the kernel: after the synchronize above, no kernel uses it while the slice lives.
+        // SAFETY: managed memory is host-accessible at `ptr` for `len` bytes while no kernel uses
+        // it (see above); it lives until drop, and `&mut self` makes this the only slice.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.len as usize) })
     }
     /// Starts moving the memory to the GPU (`cuMemPrefetchAsync`).

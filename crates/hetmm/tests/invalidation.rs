@@ -38,8 +38,7 @@ fn unmapping_other_registered_memory_does_not_race_migrations() {
             while !stop.load(Ordering::Relaxed) {
                 let len = 16 * PS;
                 let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-                // SAFETY: a new anonymous mapping where the kernel chooses replaces no existing
-                // mapping.
+                // SAFETY: an anonymous mapping where the kernel picks replaces no existing mapping.
                 let p =
                     unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
                 assert_ne!(p, libc::MAP_FAILED);
@@ -393,9 +392,8 @@ fn stress(policy: &str, secs: u64) {
                     Slot::Gone => {}
                     Slot::Live(g) => match xorshift(&mut seed) % 3 {
                         0 => {
-                            // SAFETY: unmaps live slot `i`, our own mapping; its held lock keeps
-                            // every CPU reader and kernel launcher off it, and no Rust reference
-                            // into it outlives the lock.
+                            // SAFETY: unmaps live slot `i`, ours; its held lock keeps CPU readers
+                            // and launchers off, and no Rust reference into it outlives the lock.
                             assert_eq!(unsafe { libc::munmap(a as *mut _, SLOT) }, 0);
                             *s = if reserve(a) { Slot::Hole } else { Slot::Gone };
                             counts[1].fetch_add(1, Ordering::Relaxed);
@@ -411,9 +409,8 @@ fn stress(policy: &str, secs: u64) {
                                 continue;
                             }
                             let b = area.addr(j);
-                            // SAFETY: moves live slot `i` (ours, locked) over hole `j`'s
-                            // placeholder (ours, locked); no reference into either exists while
-                            // both locks are held.
+                            // SAFETY: moves live slot `i` over hole `j`'s placeholder, both ours
+                            // and locked; no reference into either exists while the locks are held.
                             let r = unsafe {
                                 libc::mremap(a as *mut _, SLOT, SLOT, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, b)
                             };

@@ -61,9 +61,8 @@ impl Rng {
 /// The first word of `[addr, addr + len)` that does not hold generation `gen` (word indices
 /// from `idx0`), read by the CPU. Allocation-free (a fork child runs it).
 fn cpu_mismatch(addr: u64, len: u64, gen: u64, idx0: u64) -> Option<(u64, u64)> {
-    // SAFETY: callers hold the lock of every A slice or R slot in `[addr, addr + len)` (or own the
-    // mremap test's slot), so it stays mapped and readable and no one writes it; A and the slots
-    // are 8-aligned.
+    // SAFETY: callers lock every A slice or R slot in `[addr, addr + len)` (or own the mremap
+    // test's slot): it stays mapped and readable, no one writes it; A and the slots are 8-aligned.
     let v = unsafe { std::slice::from_raw_parts(addr as *const u64, (len / 8) as usize) };
     for (w, x) in v.iter().enumerate() {
         let want = word(gen, idx0 + w as u64);
@@ -279,9 +278,8 @@ impl World {
 fn mmap_fixed(addr: u64, len: u64, prot: i32, noreplace: bool) -> bool {
     let flags =
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if noreplace { libc::MAP_FIXED_NOREPLACE } else { libc::MAP_FIXED };
-    // SAFETY: NOREPLACE maps only where nothing is mapped; MAP_FIXED is used only over a
-    // placeholder of this test's that the caller holds (an R slot under its lock, or the mremap
-    // test's range).
+    // SAFETY: NOREPLACE maps only where nothing is mapped; MAP_FIXED only replaces a placeholder
+    // of this test's that the caller holds (an R slot under its lock, or the mremap test's range).
     let p = unsafe { libc::mmap(addr as *mut _, len as usize, prot, flags, -1, 0) };
     if p as u64 == addr {
         return true;

@@ -299,9 +299,8 @@ impl HostRegion {
         // program's memory for them.
         let (ctx, at) = (&self.host.ctx, moved.moved());
         let back = || {
-            // SAFETY: `moved` came from `move_out_app(r)`; at `r` is what that move left (the
-            // revoke holds the block locks, and the program's own mapping there is what was
-            // moved).
+            // SAFETY: `moved` came from `move_out_app(r)`; `r` holds what that move left (the
+            // revoke holds the block locks, and what was moved is the program's own mapping there).
             unsafe { SharedMapping::move_back(moved, r) }
         };
         let given = ctx.own_op(Own::Unmap, r, || ctx.own_op(Own::Unmap, at, || ctx.own_op(Own::MoveOut, at, back)));
@@ -390,9 +389,9 @@ impl HostRegion {
             release(&self.host.ctx, moved);
             return;
         }
-        // SAFETY: `moved` came from `move_out_app(range)` just above and was unregistered; the
-        // core holds the block locks of `range` during a revoke, so no copy engine touches its
-        // alias part meanwhile.
+        // The entries are the view's: `keep_if_ours` gave back any that were not.
+        // SAFETY: `moved` came from `move_out_app(range)` above and was unregistered; the core
+        // holds `range`'s block locks in a revoke: no copy engine touches its alias part meanwhile.
         if let Err(e) = unsafe { self.mapping.install_in_alias(moved, range) } {
             // The entries are freed; where the alias lost its part, the error is logged there.
             log::debug!("moving entries of {range} into the alias: {e}");
@@ -1034,9 +1033,8 @@ mod tests {
         region.map(&[all], true).unwrap();
         let app = region.app_ptr() as usize;
         let words = (all.len / 8) as usize;
-        // SAFETY: `i < words = len / 8`: each word is 8-aligned inside the region's 2 MiB-aligned
-        // view, which the caller's `region` keeps mapped until `on_thread` returns; a missing entry
-        // faults to the test core.
+        // SAFETY: word `i < len / 8`, 8-aligned in the 2 MiB-aligned view the caller's `region`
+        // keeps mapped until `on_thread` returns; a missing entry faults to the test core.
         on_thread(move || (0..words).for_each(|i| unsafe { (app as *mut u64).add(i).write_volatile(i as u64 * k) }));
         all
     }
@@ -1080,9 +1078,9 @@ mod tests {
         // would then replace that.)
         let mv = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
         let at = app.start as *mut libc::c_void;
+        // Losing the view this way is the race this test checks is handled.
         // SAFETY: moves this test's own `mine` over the view, which `region` owns and nothing reads
-        // meanwhile; no Rust reference points into either. The view's loss is the race this test
-        // checks is handled.
+        // meanwhile; no Rust reference points into either.
         assert_eq!(unsafe { libc::mremap(mine, len as usize, len as usize, mv, at) }, at);
         // An UNMAP of the view the move replaced, a REMAP, and an UNMAP of where it came from.
         let t = Instant::now();
@@ -1135,9 +1133,8 @@ mod tests {
         let r = VaRange::new(all.start + 5 * PAGE_SIZE, 2 * BLOCK_SIZE);
         let mark = core.mark();
         region.revoke_ranges(&[r], Revoke::MoveOut).unwrap();
-        // SAFETY: callers pass 8-aligned addresses inside the view, which `region` keeps mapped
-        // until after the reads; a moved-out entry only makes the read fault to the test core,
-        // which maps the page again.
+        // SAFETY: callers pass 8-aligned addresses in the view, which `region` keeps mapped until
+        // after the reads; a moved-out entry only faults to the test core, which maps it again.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for va in [all.start + 4 * PAGE_SIZE + 8, r.end() + 16] {
             assert_eq!(read(va), (va - all.start) / 8 * 7, "outside the range");
@@ -1200,16 +1197,14 @@ mod tests {
         on_thread(move || unsafe { (a as *mut u64).add(5).write_volatile(0xABCD) });
         let h = region.mapping.alias_of(hole).unwrap().start as usize;
         // SAFETY: `h` is the alias page of `hole` (in block 4, page-aligned), mapped while `region`
-        // lives; with no entry it takes an ordinary fault from the memfd (the alias is not
-        // registered).
+        // lives; with no entry it faults in from the memfd as usual (the alias is not registered).
         let v = on_thread(move || unsafe { (h as *const u64).read_volatile() });
         assert_eq!(v, (hole.start - all.start) / 8 * 7);
         // SAFETY: word 1 of the same alias page, as above.
         on_thread(move || unsafe { (h as *mut u64).add(1).write_volatile(0x5EED) });
         assert_eq!(core.faults_in(0, alias(all)), 0, "the alias is not registered");
-        // SAFETY: callers pass 8-aligned addresses inside the (read-only) view, which `region`
-        // keeps mapped until after the reads; a moved or zapped entry only makes the read fault to
-        // the test core, which maps it.
+        // SAFETY: callers pass 8-aligned addresses in the read-only view, mapped by `region` until
+        // after the reads; a moved or zapped entry faults to the test core, which maps it.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         for va in [all.start + 4 * PAGE_SIZE + 8, r.end() + 16] {
             assert_eq!(read(va), (va - all.start) / 8 * 7, "outside the range");
@@ -1260,9 +1255,8 @@ mod tests {
             }
             assert_eq!(host.ctx.reaped.load(Ordering::Relaxed), r.len, "the reaper freed the moved entries");
         }
-        // SAFETY: callers pass 8-aligned addresses inside the view, which `region` keeps mapped
-        // until after the reads; an entry moved out for the reaper only makes the read fault to the
-        // test core, which maps it.
+        // SAFETY: callers pass 8-aligned addresses in the view, which `region` keeps mapped until
+        // after the reads; an entry moved to the reaper faults to the test core, which maps it.
         let read = |va: u64| on_thread(move || unsafe { (va as *const u64).read_volatile() });
         assert_eq!(read(all.start + 8), 3, "before the range");
         assert!(!entries_stay() || !core.faulted(mark, all.start), "before the range, still mapped");
@@ -1366,8 +1360,7 @@ mod tests {
         // read(2) copies into the zapped page in kernel mode: the copy faults to the handler.
         let n = on_thread(move || {
             // SAFETY: page 0 of the view, `PAGE_SIZE` bytes mapped while `region` lives; no other
-            // reference to it exists while `read` fills it (the kernel's copy faults to the handler
-            // thread).
+            // reference to it exists while `read` fills it (its faults go to the handler thread).
             let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, PAGE_SIZE as usize) };
             let mut file = file;
             file.read(buf).unwrap()
@@ -1439,9 +1432,8 @@ mod tests {
     fn read_into(va: usize, len: usize) -> std::io::Result<usize> {
         let mut file = file_with(&vec![1u8; len]);
         on_thread(move || {
-            // SAFETY: callers pass `len` bytes inside a region's view, which they keep mapped; no
-            // other reference to them exists while `read` fills the slice (a poisoned fault fails
-            // the kernel's copy with EFAULT).
+            // SAFETY: callers pass `len` bytes of a region's view, kept mapped and referenced by
+            // nothing else while `read` fills them (a poisoned fault fails the copy with EFAULT).
             let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, len) };
             file.read(buf)
         })
@@ -1476,9 +1468,8 @@ mod tests {
                     std::thread::spawn(move || {
                         // Every thread writes its own byte on every page.
                         for p in 0..8 {
-                            // SAFETY: byte `t` (< 16) of page `p` (< 8) of the 8-page view, which
-                            // `region` keeps mapped (the test joins these threads); each thread
-                            // writes only its own bytes.
+                            // SAFETY: byte `t` < 16 of page `p` < 8 of the 8-page view, which
+                            // `region` keeps mapped past the join; each writes only its own bytes.
                             unsafe { ((app + p * 4096 + t) as *mut u8).write_volatile(t as u8 + 1) };
                         }
                     })

@@ -422,8 +422,8 @@ impl Uffd {
     /// Reads as many whole messages as fit into `buf`; 0 when none is pending.
     pub fn read_msgs(&self, buf: &mut [uffd_msg]) -> Result<usize, Errno> {
         let size = std::mem::size_of::<uffd_msg>();
-        // SAFETY: `uffd_msg` is plain old data (any bytes are a valid value), the byte slice
-        // covers exactly `buf`'s memory, and `buf` is borrowed mutably for its whole life.
+        // `uffd_msg` is plain old data: any bytes read into it make a valid value.
+        // SAFETY: `bytes` spans exactly `buf`'s memory (POD, above), mutably borrowed meanwhile.
         let bytes =
             unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(buf)) };
         match rustix::io::read(&self.fd, bytes) {

@@ -374,9 +374,8 @@ impl BlockCtx<'_> {
             match t {
                 Target::Device(pa) => mem.read(pa, dst),
                 Target::Host(a) => {
-                    // SAFETY: the translation is in use under the worker's TLB lock, so the
-                    // mapping has not been invalidated; `map`'s contract keeps the host memory
-                    // valid until then.
+                    // SAFETY: the translation is used under the worker's TLB lock, so it is not
+                    // invalidated yet; `map`'s contract keeps the host memory valid until then.
                     unsafe { host_read(a as usize, dst) };
                     Ok(())
                 }

@@ -36,6 +36,12 @@ impl Allocs {
 /// `count` values of `T` in shared memory. CPU accesses go through plain slices; when the data
 /// sits on a device, the access faults and hetmm brings it back transparently. Dropping the
 /// buffer frees it everywhere.
+///
+/// A slice from [`as_slice`](Self::as_slice) or [`as_mut_slice`](Self::as_mut_slice) is plain
+/// memory to the compiler, which may assume nothing else changes it while the slice lives. So
+/// hold none across a kernel that writes the buffer: take it before the launch or after the
+/// job's `wait`, as CUDA asks of managed memory a running kernel uses. This is the caller's
+/// part, not checked: kernels receive addresses, not borrows of the buffers.
 #[derive(Debug)]
 pub struct SharedBuf<T> {
     space: Arc<AddressSpace>,
@@ -59,10 +65,8 @@ impl<T: bytemuck::Pod> SharedBuf<T> {
 
     /// The values, read by the CPU.
     pub fn as_slice(&self) -> &[T] {
-        // SAFETY: the application view is mapped for the region's whole length (at least
-        // `count * size_of::<T>()` bytes, page aligned so aligned for T) as long as `self.region`
-        // lives; T is Pod so every byte pattern is a valid T. Pages on a device are brought back
-        // by the fault handler on access, so reads never see unmapped memory.
+        // SAFETY: the app view (page aligned, >= `count * size_of::<T>()` bytes) is mapped while
+        // `self.region` lives, device pages fault back on access, and T is Pod (any bytes valid).
         unsafe { std::slice::from_raw_parts(self.region.app_ptr().cast::<T>(), self.count) }
     }
 

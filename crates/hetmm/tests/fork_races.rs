@@ -68,9 +68,8 @@ fn wait_for_fork(hm: &Hetmm, before: u64) {
 
 /// Forks; the child exits with `check()`'s code (allocation-free). Returns the wait status.
 fn fork_with(check: impl FnOnce() -> i32) -> i32 {
-    // SAFETY: the child runs only `check` and `_exit`s, never returning into the test: the checks
-    // read inherited memory (one reads /proc/self/maps with glibc's malloc, which its fork keeps
-    // usable).
+    // SAFETY: the child runs only `check` (reading inherited memory, allocating nothing) and
+    // `_exit`s, never returning into the test.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
@@ -129,9 +128,8 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
             // munmap): nothing else in the process can take the hole meanwhile.
             let p = addr as *mut libc::c_void;
             let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
-            // SAFETY: MAP_FIXED replaces only the registered memory this test mapped at `addr`;
-            // neither the forking thread nor the child holds a reference into it (the child reads
-            // it only if `done`).
+            // SAFETY: MAP_FIXED only replaces the registered memory this test mapped at `addr`; the
+            // forking thread and child hold no reference into it (the child reads only if `done`).
             let q = unsafe { libc::mmap(p, LEN, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
             assert_eq!(q, p, "mmap: {}", std::io::Error::last_os_error());
             // SAFETY: `q` is the LEN-byte read-write mapping just made; only this thread touches it
@@ -213,15 +211,49 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
     assert!(conclusive > 0, "no fork came after the move: the test proved nothing");
 }
 
-/// Whether the mapping holding `addr` is `MAP_SHARED` (the `s` of `/proc/self/maps`).
+/// Whether the mapping holding `addr` is `MAP_SHARED` (the `s` of `/proc/self/maps`). It runs in
+/// fork children of a multithreaded parent, where another thread may have held malloc's lock at
+/// the fork: so it allocates nothing, reading with `open`/`read` into buffers on the stack.
 fn maps_shared(addr: usize) -> Option<bool> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        let mut it = line.split_whitespace();
-        let (s, e) = it.next()?.split_once('-')?;
-        let (s, e) = (usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?);
-        (s..e).contains(&addr).then(|| it.next().is_some_and(|p| p.ends_with('s')))
-    })
+    // SAFETY: a NUL-terminated path and flags; the descriptor is closed below.
+    let fd = unsafe { libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return None;
+    }
+    // Only a line's start matters ("start-end perms"): the rest of a long line is dropped.
+    let (mut buf, mut line, mut n_line) = ([0u8; 4096], [0u8; 64], 0);
+    let mut found = None;
+    'read: loop {
+        // SAFETY: reads at most `buf.len()` bytes into `buf`, which this frame owns.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        for &c in &buf[..n as usize] {
+            if c == b'\n' {
+                found = maps_line_shared(&line[..n_line], addr);
+                if found.is_some() {
+                    break 'read;
+                }
+                n_line = 0;
+            } else if n_line < line.len() {
+                line[n_line] = c;
+                n_line += 1;
+            }
+        }
+    }
+    // SAFETY: `fd` is the descriptor opened above, closed once.
+    unsafe { libc::close(fd) };
+    found
+}
+
+/// For a line of `/proc/self/maps` whose range holds `addr`, whether it is shared.
+fn maps_line_shared(line: &[u8], addr: usize) -> Option<bool> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (range, rest) = line.split_once(' ')?;
+    let (s, e) = range.split_once('-')?;
+    let (s, e) = (usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?);
+    (s..e).contains(&addr).then(|| rest.as_bytes().get(3) == Some(&b's'))
 }
 
 /// Forks while another thread registers and unregisters private memory in a loop. However the
@@ -234,6 +266,12 @@ fn a_fork_during_unregister_leaves_the_child_private_memory() {
     let len = 4 << 20;
     let p = anon(len, OLD);
     let addr = p as usize;
+    // The check itself: registered memory is the manager's shared mapping, private once given back.
+    assert_eq!(maps_shared(addr), Some(false), "private before registering");
+    hm.register(addr as *const u8, len).unwrap();
+    assert_eq!(maps_shared(addr), Some(true), "shared while registered");
+    hm.unregister(addr as *const u8, len).unwrap();
+    assert_eq!(maps_shared(addr), Some(false), "private again");
     let stop = AtomicBool::new(false);
     let (shared, forks) = std::thread::scope(|s| {
         let (hm, stop) = (&hm, &stop);

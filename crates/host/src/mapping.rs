@@ -243,10 +243,9 @@ impl SharedMapping {
     /// data, so the next access is a (MINOR) userfaultfd fault.
     pub fn zap_app(&self, range: VaRange) -> Result<(), MappingError> {
         self.offset_of(range)?;
-        // SAFETY: `range` was checked to lie inside the application view, which `self` owns and
-        // keeps mapped. MADV_DONTNEED on a MAP_SHARED memfd mapping only drops PTEs: the content
-        // stays in the memfd and is seen again on the next access, so no Rust-visible value
-        // changes. (`LinuxDontNeed`, not `DontNeed`, which is the POSIX no-op.)
+        // `LinuxDontNeed`, not `DontNeed`, which is the POSIX no-op.
+        // SAFETY: `range` was checked inside the app view, which `self` keeps mapped; DONTNEED on
+        // its MAP_SHARED memfd only drops PTEs, the memfd keeps the data: no Rust value changes.
         unsafe { rustix::mm::madvise(range.start as *mut _, range.len as usize, Advice::LinuxDontNeed) }
             .map_err(|e| MappingError::Os { op: "madvise(DONTNEED)", range, errno: e.raw_os_error() })
     }
@@ -269,11 +268,10 @@ impl SharedMapping {
         // Same offset in a 2 MiB block as `range`, inside the reservation.
         let dest = ((reservation + block - 1) & !(block - 1)) + (range.start as usize & (block - 1));
         let flags = rustix::mm::MremapFlags::MAYMOVE | rustix::mm::MremapFlags::DONTUNMAP;
-        // SAFETY: `range` was checked to lie inside the application view, which `self` owns;
-        // `dest..dest + len` lies inside the reservation made above, which nothing else uses.
-        // With DONTUNMAP the view's VMA stays and only loses its page-table entries: its pages
-        // stay in the memfd and are seen again on the next access, so no Rust-visible value
-        // changes (as for `zap_app`).
+        // With DONTUNMAP the view keeps its VMA and only loses its page-table entries: its pages
+        // stay in the memfd and are seen again on the next access (as after `zap_app`).
+        // SAFETY: `range` is checked inside the view `self` owns; `dest..dest + len` is inside the
+        // reservation made above, used by nothing else; no Rust-visible value changes (see above).
         let moved = unsafe { rustix::mm::mremap_fixed(range.start as *mut _, len, len, flags, dest as *mut _) };
         if let Err(e) = moved {
             // Some kernels unmap the destination before they find the source unfit: the hole
@@ -335,11 +333,10 @@ impl SharedMapping {
         // SAFETY: as above; unlocking changes no data.
         unsafe { rustix::mm::munlock(at as *mut _, len) }.map_err(os_err("munlock(moved)", range))?;
         let flags = rustix::mm::MremapFlags::MAYMOVE;
-        // SAFETY: the source is the one VMA `moved` owns, read-write and unregistered (the
-        // caller's contract); the destination lies inside the alias, owned by `self`, which no
-        // one accesses meanwhile (the caller's contract). Both map the same memfd pages at the
-        // same offsets (the source came from the view at `range`), so every alias address reads
-        // the same bytes as before.
+        // Both map the same memfd pages at the same offsets (the source came from the view at
+        // `range`), so every alias address reads the same bytes as before.
+        // SAFETY: the source is the one VMA `moved` owns, read-write and unregistered; the alias
+        // `self` owns is not accessed meanwhile (caller's contract) and reads the same bytes after.
         let r = unsafe { rustix::mm::mremap_fixed(at as *mut _, len, len, flags, alias.start as *mut _) };
         if let Err(e) = r {
             let err = os_err("mremap into the alias", range)(e);
@@ -403,9 +400,8 @@ impl SharedMapping {
     pub unsafe fn move_back(moved: MovedOut, range: VaRange) -> Result<(), MappingError> {
         let (at, len) = (moved.moved.start as usize, range.len as usize);
         let flags = rustix::mm::MremapFlags::MAYMOVE;
-        // SAFETY: the source is the VMA `moved` owns inside its reservation; the destination
-        // holds only the empty VMA the move left (the caller's contract), so the mapping that
-        // was there before the move is restored, entries and all.
+        // SAFETY: the source is the VMA `moved` owns in its reservation; the destination holds
+        // only the empty VMA the move left (caller's contract): the prior mapping returns whole.
         let r = unsafe { rustix::mm::mremap_fixed(at as *mut _, len, len, flags, range.start as *mut _) };
         let (reservation, res_len) = moved.into_reservation();
         // The slack on both sides is still ours; the moved range left the reservation or, on
@@ -519,9 +515,9 @@ impl SharedMapping {
         if off.checked_add(dst.len() as u64).is_none_or(|e| e > self.len as u64) || self.alias.is_gone() {
             return Err(MappingError::OutOfBounds { range, region: VaRange::new(0, self.len as u64) });
         }
-        // SAFETY: `[off, off + dst.len())` was checked to lie inside the alias, which `self`
-        // owns and keeps mapped (it is only unmapped in a fork child, checked just above); the
-        // memfd behind it is at least `len` bytes long, so every byte is readable. `dst` is a
+        // The alias, owned by `self`, is only unmapped in a fork child (checked just above); the
+        // memfd behind it is at least `len` bytes long: every byte in it is readable.
+        // SAFETY: `[off, off + dst.len())` was checked inside the (readable) alias; `dst` is a
         // distinct Rust buffer, so the ranges cannot overlap: `copy`'s contract holds.
         unsafe { copy((self.alias.addr() + off as usize) as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -574,9 +570,9 @@ fn check(range: VaRange) -> Result<(), MappingError> {
 /// its own memfd, where DONTNEED drops PTEs and keeps the data.
 pub(crate) fn zap_view(range: VaRange) -> Result<(), MappingError> {
     check(range)?;
-    // SAFETY: the range is a MAP_SHARED view of a hetmm memfd (caller's contract); DONTNEED on
-    // it only drops page-table entries, the content stays in the memfd and no Rust-visible value
-    // changes. If the program unmapped it meanwhile, madvise fails with ENOMEM (no effect).
+    // If the program unmapped the range meanwhile, madvise fails with ENOMEM (no effect).
+    // SAFETY: the range is a MAP_SHARED view of a hetmm memfd (caller's contract); DONTNEED only
+    // drops its page-table entries, the memfd keeps the content: no Rust-visible value changes.
     unsafe { rustix::mm::madvise(range.start as *mut _, range.len as usize, Advice::LinuxDontNeed) }
         .map_err(os_err("madvise(DONTNEED)", range))
 }
@@ -599,21 +595,24 @@ fn mprotect_flags(prot: hetmm_core::types::Prot) -> rustix::mm::MprotectFlags {
 /// Changes the protection of a managed application view.
 pub(crate) fn protect_view(range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), MappingError> {
     check(range)?;
-    // SAFETY: the range is an application view of shared memory hetmm manages (caller's
-    // contract); changing its protection changes no content. Code that then accesses it against
-    // the new protection faults, which is what the program asked for.
+    // SAFETY: the range is an application view of shared memory hetmm manages (caller's contract);
+    // protection changes no content, and accesses against it fault, as the program asked.
     unsafe { rustix::mm::mprotect(range.start as *mut _, range.len as usize, mprotect_flags(prot)) }
         .map_err(os_err("mprotect", range))
 }
 
 /// Whether `len` bytes at `addr` (a manager's alias, mapped while the caller's mirror lives)
-/// are all zero.
+/// are all zero. Volatile reads, not a slice: copy engines may write the alias meanwhile, and a
+/// Rust reference over memory written concurrently would be a data race. A concurrent write
+/// only makes the answer stale.
 pub(crate) fn alias_is_zero(addr: usize, len: usize) -> bool {
-    // SAFETY: `addr..addr+len` lies in an alias mapping owned by the caller's mirror (readable,
-    // MAP_SHARED, never uffd-registered); reading bytes of shared memory has no validity
-    // requirement (u8), and concurrent writers only make the answer stale.
-    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-    bytes.iter().all(|&b| b == 0)
+    let words = if addr % 8 == 0 { len / 8 } else { 0 };
+    // SAFETY: word `i < len / 8` of `addr..addr + len` (8-aligned), in an alias the caller's
+    // mirror owns and keeps mapped (readable, MAP_SHARED, never uffd-registered).
+    let word = |i: usize| unsafe { ((addr + 8 * i) as *const u64).read_volatile() };
+    // SAFETY: byte `i < len` of the same alias range.
+    let byte = |i: usize| unsafe { ((addr + i) as *const u8).read_volatile() };
+    (0..words).all(|i| word(i) == 0) && (8 * words..len).all(|i| byte(i) == 0)
 }
 
 /// Creates a memfd of `len` bytes and maps it at a fresh 2 MiB-aligned alias.
@@ -793,9 +792,8 @@ pub(crate) fn privatize_in_child(
             unsafe { rustix::mm::mprotect(at as *mut _, x.len as usize, rustix::mm::MprotectFlags::empty()) }
                 .map_err(os_err("mprotect", x))?;
         }
-        // SAFETY: moves our filled mapping over the child's view of the memfd (found mapped
-        // just above, a hetmm view: the caller's contract); the child then sees the same bytes
-        // at the same addresses, privately.
+        // SAFETY: moves our filled mapping over the child's view of the memfd (found mapped above,
+        // a hetmm view: caller's contract); the child then sees the same bytes there, privately.
         unsafe {
             rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
         }
@@ -829,9 +827,8 @@ fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off: u64) 
             .min(end);
         let mut cur = data;
         while cur < hole {
-            // SAFETY: `[dst + (cur - off), dst + (hole - off))` lies inside the caller's fresh
-            // mapping of `range.len` bytes (off <= cur < hole <= off + len), which no Rust
-            // reference covers.
+            // SAFETY: `[dst + (cur - off), dst + (hole - off))` is in the caller's fresh mapping of
+            // `range.len` bytes (off <= cur < hole <= off + len), which no Rust reference covers.
             let buf = unsafe {
                 std::slice::from_raw_parts_mut((dst + (cur - off) as usize) as *mut u8, (hole - cur) as usize)
             };
@@ -953,9 +950,8 @@ mod tests {
         assert_eq!(m.len(), 3 * PAGE_SIZE);
         assert_eq!(m.app_ptr() as u64 % BLOCK_SIZE, 0);
         assert_eq!(m.alias_ptr() as u64 % BLOCK_SIZE, 0);
-        // SAFETY: offset 4096 < 3 pages lies in both views, which `m` owns and keeps mapped; both
-        // map the same memfd page (MAP_SHARED), so the alias reads the byte written through the
-        // view.
+        // SAFETY: offset 4096 < 3 pages is in both views, which `m` keeps mapped; both map the same
+        // memfd page (MAP_SHARED), so the alias reads the byte written through the view.
         unsafe {
             m.app_ptr().add(4096).write(7);
             assert_eq!(m.alias_ptr().add(4096).read(), 7);

@@ -651,14 +651,18 @@ impl CpuMmu for HostRegion {
 
     fn set_prot(&self, range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("protect", range, e))?;
-        crate::mapping::protect_view(range, prot).map_err(|e| mapping_err("protect", range, e))
+        // SAFETY: `range` was just checked inside this region's view; the core asks for the
+        // protection the program gave the range.
+        unsafe { crate::mapping::protect_view(range, prot) }.map_err(|e| mapping_err("protect", range, e))
     }
 
     fn reads_zero(&self, range: VaRange) -> bool {
         match self.mapping.offset_of(range) {
-            Ok(off) => {
+            // SAFETY: `range` is checked inside the view: its part of the alias, which
+            // `self.mapping` keeps mapped.
+            Ok(off) => unsafe {
                 crate::mapping::alias_is_zero(self.mapping.alias_ptr() as usize + off as usize, range.len as usize)
-            }
+            },
             Err(_) => false,
         }
     }

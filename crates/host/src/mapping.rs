@@ -566,13 +566,15 @@ fn check(range: VaRange) -> Result<(), MappingError> {
 /// Drops the PTEs of a managed application view (`MADV_DONTNEED`) outside a
 /// [`SharedMapping`]: views of registered memory, which the program owns.
 ///
-/// The caller (the host's mirror views) only passes ranges of views it maps `MAP_SHARED` from
-/// its own memfd, where DONTNEED drops PTEs and keeps the data.
-pub(crate) fn zap_view(range: VaRange) -> Result<(), MappingError> {
+/// # Safety
+///
+/// `range` must lie in a view hetmm maps `MAP_SHARED` from its own memfd, where DONTNEED drops
+/// page-table entries and keeps the data (on private memory it would zero the program's data).
+pub(crate) unsafe fn zap_view(range: VaRange) -> Result<(), MappingError> {
     check(range)?;
     // If the program unmapped the range meanwhile, madvise fails with ENOMEM (no effect).
-    // SAFETY: the range is a MAP_SHARED view of a hetmm memfd (caller's contract); DONTNEED only
-    // drops its page-table entries, the memfd keeps the content: no Rust-visible value changes.
+    // SAFETY: a MAP_SHARED view of a hetmm memfd (our contract): DONTNEED only drops its
+    // page-table entries, the memfd keeps the content, so no Rust-visible value changes.
     unsafe { rustix::mm::madvise(range.start as *mut _, range.len as usize, Advice::LinuxDontNeed) }
         .map_err(os_err("madvise(DONTNEED)", range))
 }
@@ -593,10 +595,15 @@ fn mprotect_flags(prot: hetmm_core::types::Prot) -> rustix::mm::MprotectFlags {
 }
 
 /// Changes the protection of a managed application view.
-pub(crate) fn protect_view(range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), MappingError> {
+///
+/// # Safety
+///
+/// `range` must lie in an application view of memory hetmm manages, whose protection the program
+/// asked for: no Rust reference may rely on the access it takes away.
+pub(crate) unsafe fn protect_view(range: VaRange, prot: hetmm_core::types::Prot) -> Result<(), MappingError> {
     check(range)?;
-    // SAFETY: the range is an application view of shared memory hetmm manages (caller's contract);
-    // protection changes no content, and accesses against it fault, as the program asked.
+    // SAFETY: a managed application view (our contract); protection changes no content, and
+    // accesses against it fault, as the program asked.
     unsafe { rustix::mm::mprotect(range.start as *mut _, range.len as usize, mprotect_flags(prot)) }
         .map_err(os_err("mprotect", range))
 }
@@ -605,10 +612,15 @@ pub(crate) fn protect_view(range: VaRange, prot: hetmm_core::types::Prot) -> Res
 /// are all zero. Volatile reads, not a slice: copy engines may write the alias meanwhile, and a
 /// Rust reference over memory written concurrently would be a data race. A concurrent write
 /// only makes the answer stale.
-pub(crate) fn alias_is_zero(addr: usize, len: usize) -> bool {
+///
+/// # Safety
+///
+/// `addr..addr + len` must be readable memory that stays mapped during the call (a manager's
+/// alias).
+pub(crate) unsafe fn alias_is_zero(addr: usize, len: usize) -> bool {
     let words = if addr % 8 == 0 { len / 8 } else { 0 };
-    // SAFETY: word `i < len / 8` of `addr..addr + len` (8-aligned), in an alias the caller's
-    // mirror owns and keeps mapped (readable, MAP_SHARED, never uffd-registered).
+    // SAFETY: word `i < len / 8` of `addr..addr + len` (8-aligned), readable and mapped (our
+    // contract); volatile, so a concurrent writer is no data race.
     let word = |i: usize| unsafe { ((addr + 8 * i) as *const u64).read_volatile() };
     // SAFETY: byte `i < len` of the same alias range.
     let byte = |i: usize| unsafe { ((addr + i) as *const u8).read_volatile() };
@@ -783,7 +795,8 @@ pub(crate) fn privatize_in_child(
     // hint; failure changes nothing).
     // SAFETY: `tmp` is the mapping made above, ours alone; the hint changes no content.
     let _ = unsafe { rustix::mm::madvise(tmp as *mut _, len, Advice::LinuxHugepage) };
-    let r = fill_from_memfd(tmp, range, memfd, off).and_then(|()| {
+    // SAFETY: `tmp` is the fresh `len`-byte (`range.len`) mapping made above, ours alone.
+    let r = unsafe { fill_from_memfd(tmp, range, memfd, off) }.and_then(|()| {
         // SAFETY: `tmp` is the mapping made above, ours alone; its protection changes no content.
         unsafe { rustix::mm::mprotect(tmp as *mut _, len, mprotect_flags(prot)) }.map_err(os_err("mprotect", range))?;
         for x in lost.iter().filter_map(|l| l.intersect(&range)) {
@@ -809,7 +822,12 @@ pub(crate) fn privatize_in_child(
 
 /// Copies the data extents of `memfd` from `off` into `range.len` bytes at `dst` (holes are
 /// skipped: `dst` is fresh zeroed memory).
-fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off: u64) -> Result<(), MappingError> {
+///
+/// # Safety
+///
+/// `dst..dst + range.len` must be writable memory the caller owns, which no Rust reference
+/// covers during the call.
+unsafe fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off: u64) -> Result<(), MappingError> {
     let end = off + range.len;
     let mut pos = off;
     while pos < end {
@@ -827,8 +845,8 @@ fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off: u64) 
             .min(end);
         let mut cur = data;
         while cur < hole {
-            // SAFETY: `[dst + (cur - off), dst + (hole - off))` is in the caller's fresh mapping of
-            // `range.len` bytes (off <= cur < hole <= off + len), which no Rust reference covers.
+            // SAFETY: `[dst + (cur - off), dst + (hole - off))` is in the caller's mapping of
+            // `range.len` bytes (off <= cur < hole <= off + len), unreferenced (our contract).
             let buf = unsafe {
                 std::slice::from_raw_parts_mut((dst + (cur - off) as usize) as *mut u8, (hole - cur) as usize)
             };

@@ -176,7 +176,10 @@ impl CpuMmu for MirrorView {
         crate::host::reshape_checked(&self.mirror.ctx, ranges, |_| {
             ranges.iter().try_for_each(|&r| {
                 self.check("revoke", r)?;
-                self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("revoke", r, e))
+                // SAFETY: `r` was just checked inside this mirror's view, mapped shared from its
+                // memfd.
+                let zap = || unsafe { mapping::zap_view(r) };
+                self.mirror.ctx.self_zap(r, zap).map_err(|e| mapping_err("revoke", r, e))
             })
         })
     }
@@ -223,7 +226,9 @@ impl CpuMmu for MirrorView {
         for &r in ranges {
             let off = self.check("discard", r)?;
             mapping::memfd_space(fd, off, r.len, true).map_err(|e| mapping_err("discard", r, e))?;
-            self.mirror.ctx.self_zap(r, || mapping::zap_view(r)).map_err(|e| mapping_err("discard", r, e))?;
+            // SAFETY: `r` was checked inside this mirror's view, mapped shared from its memfd.
+            let zap = || unsafe { mapping::zap_view(r) };
+            self.mirror.ctx.self_zap(r, zap).map_err(|e| mapping_err("discard", r, e))?;
         }
         Ok(())
     }
@@ -238,12 +243,16 @@ impl CpuMmu for MirrorView {
 
     fn set_prot(&self, range: VaRange, prot: Prot) -> Result<(), HostError> {
         self.check("protect", range)?;
-        mapping::protect_view(range, prot).map_err(|e| mapping_err("protect", range, e))
+        // SAFETY: `range` was just checked inside this mirror's view; the core asks for the
+        // protection the program gave the range.
+        unsafe { mapping::protect_view(range, prot) }.map_err(|e| mapping_err("protect", range, e))
     }
 
     fn reads_zero(&self, range: VaRange) -> bool {
         match self.check("snapshot", range) {
-            Ok(off) => mapping::alias_is_zero(self.mirror.alias.addr() + off as usize, range.len as usize),
+            // SAFETY: `range` is checked inside the view: its part of the alias, mapped while the
+            // mirror lives.
+            Ok(off) => unsafe { mapping::alias_is_zero(self.mirror.alias.addr() + off as usize, range.len as usize) },
             Err(_) => false,
         }
     }

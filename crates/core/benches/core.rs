@@ -1,7 +1,7 @@
-//! The core's own cost, with fakes: a CPU whose page-table calls do nothing (`fakes::PlainCpu`) and devices that
-//! neither copy nor keep page tables. What is left is hetmm's bookkeeping on its hot paths
-//! (residency selection, page state, physical allocation, batching, locking, threads), the part
-//! a refactor can slow down without any benchmark on real memory noticing.
+//! The core's own cost, with fakes: a CPU whose page-table calls do nothing (`fakes::PlainCpu`)
+//! and devices that neither copy nor keep page tables. What is left is hetmm's bookkeeping on its
+//! hot paths (residency selection, page state, physical allocation, batching, locking, threads),
+//! the part a refactor can slow down without any benchmark on real memory noticing.
 //!
 //! `cargo bench -p hetmm-core` (criterion; `-- --quick` for a short run). Throughput is in bytes
 //! of data whose pages the operation covered.

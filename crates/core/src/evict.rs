@@ -2,10 +2,12 @@
 //! Host backing exists for every page, so eviction never loses data. Victim order is policy:
 //! UVM's FIFO by first residency, or hetmm's job-aware LRU (blocks of finished jobs first, then
 //! those that came back after eviction least often lately, then least recently touched,
-//! refreshed from the device's accessed bits). Pinned ranges are never
-//! chosen, nor, on a device that cannot fault (a GPU), the blocks a launch is getting ready. hetmm also evicts in the background, keeping free about as much memory as faults had
-//! to evict lately (up to a watermark), so eviction overlaps migration instead of sitting in the
-//! fault path.
+//! refreshed from the device's accessed bits). On a capacity-thrashing device, a block the
+//! access counters find much hotter than the coolest candidate ([`candidates`], [`heat_of`])
+//! takes that one's place. Pinned ranges are never chosen, nor, on a device that cannot fault
+//! (a GPU), the blocks a launch is getting ready. hetmm also evicts in the background, keeping
+//! free about as much memory as faults had to evict lately (up to a watermark), so eviction
+//! overlaps migration instead of sitting in the fault path.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};

@@ -205,8 +205,14 @@ fn peers_of(space: &AddressSpace, slot: &DeviceSlot) -> ProcMask {
 /// second time, the device is capacity thrashing for the next window. While it is, with
 /// [`Thrashing::RemoteMap`], the device keeps its hot set (gemm's `b`, read by every band) and
 /// maps the rest remotely ([`arrival`] decides). Remote service ends when the thrashing does or
-/// when memory frees up.
-fn thrash_response(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Block, now: u64) {
+/// when memory frees up. Returns the cooler block a hot arrival is to replace, evicted by
+/// [`make_room_for_hot_arrival`] once the service plan shows the block does come in.
+fn thrash_response(
+    space: &AddressSpace,
+    slot: &DeviceSlot,
+    blk: &mut crate::block::Block,
+    now: u64,
+) -> Option<crate::evict::Queued> {
     let me = Proc::Device(slot.id);
     if blk.last_evicted != 0 {
         if now.saturating_sub(blk.last_evicted) < THRASH_WINDOW_NS {
@@ -222,20 +228,38 @@ fn thrash_response(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::blo
     blk.last_evicted = 0;
     end_remote_service(space, slot, blk, now);
     if blk.thrashing.has(me) {
-        return;
+        return None;
     }
     match arrival(space, slot, blk, now) {
-        Arrival::Remote => blk.thrashing.insert(me),
-        Arrival::In => {}
-        Arrival::Replacing(victim) => {
-            // Make room by evicting the cooler block now; failing that, the allocation evicts
-            // as it would anyway.
-            match crate::evict::evict_queued(space, slot, victim) {
-                Ok(true) => add(&space.stats.hot_arrivals, 1),
-                Ok(false) => {}
-                Err(e) => log::debug!("thrashing response at {:#x} on {:?}: {e}", blk.base, slot.id),
-            }
+        Arrival::Remote => {
+            blk.thrashing.insert(me);
+            None
         }
+        Arrival::In => None,
+        Arrival::Replacing(victim) => Some(victim),
+    }
+}
+
+/// Evicts `victim`, the cooler block a hot arrival replaces, if the service brings the arriving
+/// block to the device (`plan` migrates or duplicates pages of a region that moves): a block of
+/// a mirrored region, or one its advice keeps elsewhere, is served remotely whatever the
+/// thrashing response said, and evicting for it would free memory nothing takes. If the
+/// eviction fails, the allocation evicts as it would anyway.
+fn make_room_for_hot_arrival(
+    space: &AddressSpace,
+    region: &Region,
+    slot: &DeviceSlot,
+    base: u64,
+    plan: &Plan,
+    victim: crate::evict::Queued,
+) {
+    if region.remote || (plan.migrate.is_empty() && plan.duplicate.is_empty()) {
+        return;
+    }
+    match crate::evict::evict_queued(space, slot, victim) {
+        Ok(true) => add(&space.stats.hot_arrivals, 1),
+        Ok(false) => {}
+        Err(e) => log::debug!("thrashing response at {base:#x} on {:?}: {e}", slot.id),
     }
 }
 
@@ -414,7 +438,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let me = Proc::Device(slot.id);
     let policy = &space.config.policy;
     let now = space.tick();
-    thrash_response(space, slot, &mut blk, now);
+    let replacing = thrash_response(space, slot, &mut blk, now);
     blk.touch(slot.id, now);
     let attrs = space.attrs.read();
     let reach = reach_of(space, slot, &blk, &attrs);
@@ -473,6 +497,9 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     }
     add(&space.stats.prefetched_pages, prefetched);
     add(&space.stats.blocks_serviced, 1);
+    if let Some(victim) = replacing {
+        make_room_for_hot_arrival(space, &region, slot, blk.base, &plan, victim);
+    }
     let mut r = apply(space, &region, &mut blk, slot, &plan);
     if matches!(r, Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. }))
         && plan.all() != faulted

@@ -364,6 +364,7 @@ impl AddressSpace {
         };
         let mut result = flushed;
         let mut moves = Vec::new();
+        let holders = self.holders();
         for r in &old {
             r.set_freed();
             let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);
@@ -384,7 +385,12 @@ impl AddressSpace {
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
                 if keeps.kept(r, b) || keeps.carried(r, b) {
-                    // Moved whole into its new region below.
+                    // Moved whole into its new region below, as hot as it was: its unread use
+                    // counts go into its heat before the devices forget the region.
+                    let now = self.tick();
+                    for slot in &holders {
+                        crate::evict::heat_of(self, slot, &mut blk, now);
+                    }
                 } else if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
                     log::error!("reshaping {}: {e}", r.range);
                     result = Err(e);
@@ -399,7 +405,7 @@ impl AddressSpace {
             }
             rekeyed.pas.sort_unstable_by_key(|&(va, d, _)| (va, d.0));
             debug_assert!(rekeyed.pages.windows(2).all(|p| p[0].0 < p[1].0), "carried pages in address order");
-            for slot in self.holders() {
+            for slot in &holders {
                 slot.mmu.region_removed(r.range);
             }
             for part in f(r) {

@@ -1615,6 +1615,69 @@ fn a_hot_block_arriving_on_a_thrashing_device_comes_in_by_its_access_counts() {
     }
 }
 
+/// A hot arrival on a thrashing device evicts a cooler block only if it does come in: a block
+/// of a mirrored region (never migrated, mapped remotely) or one whose preferred location is the
+/// CPU is served remotely whatever the thrashing response says, and evicting for it would throw
+/// a resident block out (to be faulted back) for nothing, counting an arrival that never was.
+#[test]
+fn a_hot_block_that_will_not_come_in_evicts_nothing() {
+    use crate::device::DeviceFault;
+    use crate::fakes::PlainCpu;
+    use crate::testing::FakeDevice;
+    use crate::types::{Access, Prot};
+    const READ: u64 = BLOCK_SIZE / 64;
+    let mut wrong = Vec::new();
+    for mirrored in [true, false] {
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            ..crate::policy::Policy::hetmm()
+        };
+        let space = AddressSpace::new(crate::space::CoreConfig { policy, ..Default::default() });
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 3 * BLOCK_SIZE as usize]));
+        let s = 8 * BLOCK_SIZE;
+        let main_len = if mirrored { 2 * BLOCK_SIZE } else { 3 * BLOCK_SIZE };
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, main_len))), Prot::READ | Prot::WRITE).unwrap();
+        let dev = Arc::new(FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, host));
+        let id = space.attach(dev.clone(), crate::space::AttachOptions::default()).unwrap();
+        let arriving = s + 2 * BLOCK_SIZE;
+        if mirrored {
+            let cpu = Arc::new(PlainCpu::new(VaRange::new(arriving, BLOCK_SIZE)));
+            space.add_region_with(cpu, Prot::READ | Prot::WRITE, true).unwrap();
+        } else {
+            space
+                .advise(arriving, BLOCK_SIZE, crate::advice::Advice::PreferredLocation(Some(Proc::Cpu)))
+                .unwrap()
+                .wait(Duration::from_secs(5))
+                .unwrap();
+        }
+        space.migrate(s, 2 * BLOCK_SIZE, Proc::Device(id)).unwrap();
+        assert_eq!(space.device_memory(id).unwrap().0, 0, "two resident blocks fill the device");
+        let slot = space.slot(id).unwrap();
+        // The device is capacity thrashing; the arriving block is used far more than either
+        // resident one.
+        slot.thrash_until.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut counts = dev.access_counts.lock();
+            counts.insert(s, READ);
+            counts.insert(s + BLOCK_SIZE, READ);
+            counts.insert(arriving, 40 * READ);
+        }
+        let before = space.stats();
+        let mut batch = vec![DeviceFault { va: arriving, access: Access::Read, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        assert!(cancel.is_empty(), "{cancel:?}");
+        let page = space.page_state(arriving).unwrap();
+        assert!(!page.resident.has(Proc::Device(id)), "the block was expected to be served remotely: {page:?}");
+        let after = space.stats().since(&before);
+        let got = (after.evictions, after.hot_arrivals, space.device_memory(id).unwrap().0);
+        if got != (0, 0, 0) {
+            wrong.push(format!("mirrored {mirrored}: (evictions, hot_arrivals, free bytes) = {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "resident blocks evicted for arrivals that did not come in: {wrong:?}");
+}
+
 /// Data only device 0 holds reaches device 1 in one copy from device 0's memory when the two are
 /// peers, and through host memory (a copy home, then one out) when they are not: both by
 /// migration (a write, uvm's read) and by read duplication (hetmm's read, which leaves the two

@@ -227,16 +227,24 @@ fn write_protect_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, m: 
 
 /// Submits copies and waits for them, bounded.
 fn run_copies(space: &AddressSpace, region: &Region, slot: &DeviceSlot, ops: &[CopyOp]) -> Result<()> {
+    match submit_copies(space, slot, ops)? {
+        Some(done) => wait_copies(space, region, slot.id, done),
+        None => Ok(()),
+    }
+}
+
+/// Submits copies (none if `ops` is empty); the caller waits for them with [`wait_copies`].
+fn submit_copies(space: &AddressSpace, slot: &DeviceSlot, ops: &[CopyOp]) -> Result<Option<Copies>> {
     if ops.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let t = Instant::now();
     // A failed (timed-out) wait leaks the region's CPU side (`keep_alive_forever`).
     // SAFETY: host addresses are `region.cpu.backing()` of this region's pages, mapped while
-    // `region` lives and, after a failed wait, forever; we wait for the copies before returning.
+    // `region` lives and, after a failed wait, forever; every caller waits for the copies.
     let done = unsafe { slot.mmu.copy(ops) }.map_err(dev_err(slot.id));
     add_since(&space.stats.ns_copy, t);
-    wait_copies(space, region, slot.id, done?)
+    done.map(Some)
 }
 
 /// Allocates device pages for `need` and fills them from the CPU's copy (or zeros where the page
@@ -265,8 +273,16 @@ fn fill(
     for (s, n, pa) in pa_runs(blk, slot.id, need) {
         bytes.add(fill_ops(&mut ops, region, blk, s, n, pa, peers));
     }
-    if let Err(e) = run_copies(space, region, slot, &ops) {
-        release_device_pages(slot, blk, need);
+    let done = match submit_copies(space, slot, &ops) {
+        Ok(done) => done,
+        Err(e) => {
+            release_device_pages(slot, blk, need);
+            return Err(e);
+        }
+    };
+    if let Some(Err(e)) = done.map(|d| wait_copies(space, region, slot.id, d)) {
+        // The copies may still write these pages: they must never go to another block.
+        forget_device_pages(slot, blk, need);
         return Err(e);
     }
     add(&space.stats.bytes_to_device, bytes.host);
@@ -735,6 +751,14 @@ fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
     }
 }
 
+/// Forgets the device pages of `m` without freeing them: copies into them may still run (their
+/// wait failed), so they must never be given to another block. They are leaked, as the region's
+/// CPU side is ([`wait_copies`]).
+fn forget_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
+    let pages: u64 = blk.take_pas(slot.id, m).iter().map(|&(_, n)| n).sum();
+    log::error!("device {:?}: {pages} pages under copies that did not finish are leaked", slot.id);
+}
+
 /// Copies device-only pages of `m` into host backing from one holder each, without unmapping
 /// them: the CPU gets a copy beside the device's (read duplication). Device mappings become
 /// read-only.
@@ -932,6 +956,8 @@ pub(crate) struct BulkMove {
     /// Already mapped on the device (a device that cannot fault maps while the CPU revokes).
     mapped: bool,
     done: Option<Copies>,
+    /// The wait for `done` failed: the copies may still write the chosen device pages.
+    in_flight: bool,
     bytes: Filled,
 }
 
@@ -1019,7 +1045,7 @@ pub(crate) fn bulk_start(
     let blocks = &mut blocks[..chosen.len()];
     match bulk_submit(space, region, blocks, &chosen, slot, dup) {
         Ok(Submitted { entries, mapped, done, bytes }) => {
-            Ok(Some(BulkMove { chosen, dup, entries, mapped, done, bytes }))
+            Ok(Some(BulkMove { chosen, dup, entries, mapped, done, in_flight: false, bytes }))
         }
         Err(e) => {
             for (blk, sel) in blocks.iter_mut().zip(&chosen) {
@@ -1053,7 +1079,9 @@ pub(crate) fn bulk_wait_and_map(
     mv: &mut BulkMove,
 ) -> Result<()> {
     if let Some(done) = mv.done.take() {
-        wait_copies(space, region, slot.id, done)?;
+        let r = wait_copies(space, region, slot.id, done);
+        mv.in_flight = r.is_err();
+        r?;
     }
     add(&space.stats.bytes_to_device, mv.bytes.host);
     add(&space.stats.bytes_zero_filled, mv.bytes.zero);
@@ -1084,7 +1112,11 @@ pub(crate) fn bulk_commit(
             unmap_entries(slot, &mv.entries, blocks, &mv.chosen);
         }
         for (blk, sel) in blocks.iter_mut().zip(&mv.chosen) {
-            release_device_pages(slot, blk, sel);
+            if mv.in_flight {
+                forget_device_pages(slot, blk, sel);
+            } else {
+                release_device_pages(slot, blk, sel);
+            }
         }
         return Err(e);
     }
@@ -1098,7 +1130,9 @@ pub(crate) fn bulk_commit(
             } else {
                 p.resident = ProcMask::only(me);
                 // Mapped with the region's protection (read-only regions stay read-only).
-                if !device_prot(region).contains(Prot::WRITE) {
+                if device_prot(region).contains(Prot::WRITE) {
+                    p.dev_ro.remove(me);
+                } else {
                     p.dev_ro.insert(me);
                 }
             }
@@ -1394,7 +1428,7 @@ fn coalesce(mut v: Vec<VaRange>) -> Vec<VaRange> {
 #[derive(Debug)]
 pub(crate) struct HomeMove {
     dup: bool,
-    per_device: Vec<(Arc<DeviceSlot>, Vec<PageMask>, Option<Copies>)>,
+    per_device: Vec<FromDevice>,
     /// Per block: every page on a device is there alone (none is also the CPU's), and no
     /// duplicates stay, so once finished no device holds any of its pages.
     whole: Vec<bool>,
@@ -1411,10 +1445,14 @@ impl HomeMove {
 /// A batch of copies in flight.
 type Copies = Box<dyn crate::device::Completion>;
 
+/// One device's part of a [`HomeMove`]: the device, the pages taken from it and, of those, the
+/// ones it copies home (per block), and its copies in flight.
+type FromDevice = (Arc<DeviceSlot>, Vec<PageMask>, Vec<PageMask>, Option<Copies>);
+
 impl Drop for HomeMove {
     /// As for [`BulkMove`]: only reached when [`bulk_home_finish`] was skipped.
     fn drop(&mut self) {
-        for (_, _, done) in &mut self.per_device {
+        for (.., done) in &mut self.per_device {
             abandon(done.take());
         }
     }
@@ -1447,6 +1485,8 @@ pub(crate) fn bulk_home_start(
         .map(|b| !dup && b.pages.iter().all(|p| !p.resident.has(Proc::Cpu) || p.resident.0 & !1 == 0))
         .collect();
     let mut mv = HomeMove { dup, per_device: Vec::new(), whole };
+    // A page several devices hold (read duplicates) is copied home from the first of them.
+    let mut copied = vec![PageMask::default(); blocks.len()];
     for d in devs.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);
@@ -1454,6 +1494,10 @@ pub(crate) fn bulk_home_start(
             .iter()
             .map(|b| select(b, &PageMask::full(b.npages), |p| p.resident.has(me) && !p.resident.has(Proc::Cpu)))
             .collect();
+        let copy: Vec<PageMask> = here.iter().zip(&copied).map(|(h, c)| h.and_not(c)).collect();
+        for (c, k) in copied.iter_mut().zip(&copy) {
+            *c = c.or(k);
+        }
         // Nobody may write while the copy runs: device mappings go read-only (dup) or away.
         let mut rs = Vec::new();
         for (blk, m) in blocks.iter().zip(&here) {
@@ -1476,7 +1520,10 @@ pub(crate) fn bulk_home_start(
             for i in m.iter() {
                 let p = &mut blk.pages[i];
                 if dup {
-                    p.dev_ro.insert(me);
+                    // Only a mapping is read-only: a page held but unmapped has none.
+                    if p.dev_mapped.has(me) {
+                        p.dev_ro.insert(me);
+                    }
                 } else {
                     p.dev_mapped.remove(me);
                     p.dev_ro.remove(me);
@@ -1484,7 +1531,7 @@ pub(crate) fn bulk_home_start(
             }
         }
         let mut ops = Vec::new();
-        for (blk, m) in blocks.iter().zip(&here) {
+        for (blk, m) in blocks.iter().zip(&copy) {
             for (s, n, pa) in pa_runs(blk, d, m) {
                 ops.push(CopyOp::DeviceToHost {
                     src: pa,
@@ -1505,7 +1552,7 @@ pub(crate) fn bulk_home_start(
             add_since(&space.stats.ns_copy, t);
             Some(r?)
         };
-        mv.per_device.push((slot, here, done));
+        mv.per_device.push((slot, here, copy, done));
     }
     Ok(mv)
 }
@@ -1521,14 +1568,14 @@ pub(crate) fn bulk_home_finish(
     mut mv: HomeMove,
 ) -> Result<u64> {
     let mut moved = 0u64;
-    for (slot, here, done) in &mut mv.per_device {
+    for (slot, here, copy, done) in &mut mv.per_device {
         let me = Proc::Device(slot.id);
         if let Some(d) = done.take() {
             wait_copies(space, region, slot.id, d)?;
         }
-        for (blk, m) in blocks.iter_mut().zip(here.iter()) {
-            add(&space.stats.bytes_to_host, m.count() as u64 * PAGE_SIZE);
-            moved += m.count() as u64;
+        for ((blk, m), c) in blocks.iter_mut().zip(here.iter()).zip(copy.iter()) {
+            add(&space.stats.bytes_to_host, c.count() as u64 * PAGE_SIZE);
+            moved += c.count() as u64;
             if !mv.dup {
                 release_device_pages(slot, blk, m);
             }

@@ -1083,16 +1083,17 @@ pub(crate) fn bulk_wait_and_map(
         mv.in_flight = r.is_err();
         r?;
     }
+    if !mv.mapped {
+        let t = Instant::now();
+        // SAFETY: every target is device memory; no host address is mapped.
+        let r = unsafe { slot.mmu.map(&mv.entries) };
+        add_since(&space.stats.ns_map, t);
+        r.map_err(dev_err(slot.id))?;
+    }
+    // Counted once the move stands: a failed map gives the pages back, and a retry copies again.
     add(&space.stats.bytes_to_device, mv.bytes.host);
     add(&space.stats.bytes_zero_filled, mv.bytes.zero);
-    if mv.mapped {
-        return Ok(());
-    }
-    let t = Instant::now();
-    // SAFETY: every target is device memory; no host address is mapped.
-    let r = unsafe { slot.mmu.map(&mv.entries) };
-    add_since(&space.stats.ns_map, t);
-    r.map_err(dev_err(slot.id))
+    Ok(())
 }
 
 /// Records what [`bulk_wait_and_map`] did (`r`, its result) in the blocks: the new residency,
@@ -1595,17 +1596,17 @@ pub(crate) fn bulk_home_finish(
 /// the CPU maps every page of `blocks` it lacks (read-only where a device keeps a copy). Returns
 /// the pages that got backing.
 pub(crate) fn map_home(region: &Region, blocks: &mut [&mut Block]) -> Result<u64> {
-    let mut empty = Vec::new();
+    let empty: Vec<PageMask> =
+        blocks.iter().map(|b| select(b, &PageMask::full(b.npages), |p| p.resident.is_empty())).collect();
+    let rs = blocks.iter().zip(&empty).flat_map(|(b, e)| ranges(b, e)).collect();
+    region.cpu.populate(&coalesce(rs))?;
     let mut moved = 0;
-    for blk in blocks.iter_mut() {
-        let e = select(blk, &PageMask::full(blk.npages), |p| p.resident.is_empty());
-        empty.extend(ranges(blk, &e));
+    for (blk, e) in blocks.iter_mut().zip(&empty) {
         for i in e.iter() {
             blk.pages[i].resident.insert(Proc::Cpu);
         }
         moved += e.count() as u64;
     }
-    region.cpu.populate(&coalesce(empty))?;
     let writable = region.prot.contains(Prot::WRITE);
     let (mut rw, mut ro) = (Vec::new(), Vec::new());
     for blk in blocks.iter_mut() {

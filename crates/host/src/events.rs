@@ -538,21 +538,41 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
         };
         if let Err(why) = served {
             log::error!("CPU {access:?} fault at {va:#x} not served ({why}); raising SIGBUS");
-            release_with_sigbus(uffd, va);
+            release_with_sigbus(ctx, va, access);
         }
     }
     faults.clear();
 }
 
 /// Resolves a fault the core could not serve so the faulting thread does not hang: the page is
-/// poisoned (the thread gets SIGBUS). If it was mapped meanwhile, the waiter is just woken.
-fn release_with_sigbus(uffd: &Uffd, va: u64) {
+/// poisoned (the thread gets SIGBUS). If it was mapped meanwhile, the waiter is just woken; but a
+/// write to a page mapped write-protected (a read duplicate, a revoke's marker) would only write
+/// and fault again, for as long as the core fails: that entry is dropped first, its data staying
+/// in the memfd, and then the write-protect marker the zap leaves on shmem, so that the poison
+/// takes. (Unprotecting first instead would let other threads write the page meanwhile.)
+fn release_with_sigbus(ctx: &Ctx, va: u64, access: Access) {
+    let uffd = &*ctx.uffd;
     let page = VaRange::new(va, PAGE_SIZE);
-    let res = if uffd.features().contains(Features::POISON) {
-        crate::host::retry_again(|| uffd.poison(page))
-    } else {
-        Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
+    let poison = || {
+        if uffd.features().contains(Features::POISON) {
+            crate::host::retry_again(|| uffd.poison(page))
+        } else {
+            Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
+        }
     };
+    let mut res = poison();
+    if matches!(res, Err(UffdError::Exists { .. })) && access == Access::Write && shared_view(page) {
+        // SAFETY: `page` is registered with our uffd (it faulted there) and mapped MAP_SHARED
+        // (checked just above): one of hetmm's memfd views, where DONTNEED keeps the data.
+        let zapped = ctx.self_zap(page, || unsafe { crate::mapping::zap_view(page) });
+        let cleared = zapped.map_err(|e| e.to_string()).and_then(|()| {
+            crate::host::retry_again(|| uffd.writeprotect(page, false, false)).map_err(|e| e.to_string())
+        });
+        match cleared {
+            Ok(()) => res = poison(),
+            Err(e) => log::error!("dropping the write-protected entry at {page}: {e}"),
+        }
+    }
     match res {
         Ok(()) => {}
         Err(UffdError::Exists { .. }) => {
@@ -564,6 +584,11 @@ fn release_with_sigbus(uffd: &Uffd, va: u64) {
             let _ = crate::host::retry_again(|| uffd.wake(page));
         }
     }
+}
+
+/// Whether `page` is mapped `MAP_SHARED` (as `/proc/self/maps` says).
+fn shared_view(page: VaRange) -> bool {
+    crate::mirror::vmas(page).is_some_and(|v| v.iter().all(|m| m.shared))
 }
 
 #[cfg(test)]
@@ -653,5 +678,128 @@ mod tests {
         assert!(!log.touches(n - 5, &far));
         assert!(log.touches(n - 5, &[VaRange::new(n * PAGE_SIZE, 1)]));
         assert!(!log.touches(n, &[VaRange::new(n * PAGE_SIZE, 1)]));
+    }
+
+    /// A test core that refuses every fault while `refuse` is set, and otherwise maps the page
+    /// writable in `region`.
+    #[derive(Default)]
+    struct Refusing {
+        region: OnceLock<Weak<crate::HostRegion>>,
+        refuse: AtomicBool,
+        faults: AtomicU64,
+    }
+
+    impl CpuFaultHandler for Refusing {
+        fn cpu_fault(&self, va: u64, _access: Access) -> Result<(), CoreError> {
+            self.faults.fetch_add(1, Ordering::Relaxed);
+            let page = [VaRange::new(va, PAGE_SIZE)];
+            if self.refuse.load(Ordering::Acquire) {
+                return Err(CoreError::Timeout { what: "test refusal", after: Duration::ZERO });
+            }
+            let r = self.region.get().and_then(Weak::upgrade).ok_or(CoreError::NotShared(page[0]))?;
+            r.populate(&page)?;
+            Ok(r.map(&page, true)?)
+        }
+    }
+
+    /// Runs `f` on a thread; its result if it returns within `limit`, else `None` (the thread
+    /// is left running: the caller unblocks it).
+    fn within<T: Send + 'static>(
+        limit: Duration,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> (mpsc::Receiver<T>, Option<T>) {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        let got = rx.recv_timeout(limit).ok();
+        (rx, got)
+    }
+
+    /// A file holding one page of 0x5A, to `read(2)` from (a kernel-mode write into the page).
+    fn page_file() -> std::fs::File {
+        use std::io::{Seek, Write};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hetmm-events-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        f.write_all(&[0x5A; PAGE_SIZE as usize]).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    /// A write fault the core cannot serve on a page mapped write-protected (a read duplicate;
+    /// also a write-protect marker left by a revoke) must release the thread (SIGBUS; EFAULT for
+    /// a kernel-mode access), as for any other unserved fault. `UFFDIO_POISON` refuses a page
+    /// that has an entry (EEXIST), and `release_with_sigbus` then only wakes the thread: it
+    /// writes again, faults again, and the two loop for as long as the core keeps failing.
+    #[test]
+    fn an_unserved_write_to_a_write_protected_page_is_released() {
+        let core = Arc::new(Refusing::default());
+        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
+        let region = host.create_region(PAGE_SIZE).unwrap();
+        core.region.set(Arc::downgrade(&region)).unwrap();
+        let page = VaRange::new(region.app_ptr() as u64, PAGE_SIZE);
+        region.populate(&[page]).unwrap();
+        region.map(&[page], false).unwrap();
+        core.refuse.store(true, Ordering::Release);
+        let va = page.start as usize;
+        let mut file = page_file();
+        let (rx, got) = within(Duration::from_secs(3), move || {
+            use std::io::Read;
+            // SAFETY: the region's one-page view, mapped while `region` lives (the test waits for
+            // this thread before dropping it); nothing else references it meanwhile.
+            let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, PAGE_SIZE as usize) };
+            file.read(buf).map_err(|e| e.raw_os_error())
+        });
+        let faults = core.faults.load(Ordering::Relaxed);
+        // Let a looping fault be served, so the thread ends either way.
+        core.refuse.store(false, Ordering::Release);
+        let late = got.is_none() && rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        assert!(
+            got.is_some(),
+            "the write was neither served nor released in 3 s ({faults} faults; ended later: {late})"
+        );
+        assert_eq!(got, Some(Err(Some(libc::EFAULT))), "the refused write was released with poison");
+    }
+
+    /// Registered memory outlives the host when the program keeps the core (a `Device` handle
+    /// holds the address space) past `Hetmm`: the registration's `Mirror` holds the context and
+    /// with it the uffd, while `Host::drop` stopped the only threads that read it. A CPU access
+    /// to such memory then waits forever (so does the program's `munmap` of it: its UNMAP event
+    /// is never read).
+    #[test]
+    fn registered_memory_does_not_hang_once_the_host_is_gone() {
+        let core = Arc::new(Refusing::default());
+        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
+        let len = 2 * PAGE_SIZE as usize;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: `p` is the `len`-byte read-write mapping just made.
+        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
+        let reg = host.register(p as u64, len as u64).unwrap();
+        let cpu = Arc::clone(&reg.cpu);
+        drop(reg);
+        drop(host);
+        let va = p as usize;
+        let mut file = page_file();
+        let (rx, got) = within(Duration::from_secs(3), move || {
+            use std::io::Read;
+            // SAFETY: the first page of `p`, mapped until the munmap below (after this thread ended).
+            let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, PAGE_SIZE as usize) };
+            file.read(buf).map_err(|e| e.raw_os_error())
+        });
+        // Closing the uffd (the last holder of the context goes) releases a waiting thread.
+        drop(cpu);
+        let late = got.is_none() && rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        // SAFETY: `p` is this test's mapping; the reading thread has ended (or never will).
+        unsafe { libc::munmap(p, len) };
+        assert!(got.is_some(), "a CPU access to registered memory hung after the host was dropped (ended once the registration went: {late})");
     }
 }

@@ -23,7 +23,7 @@ use hetmm_core::device::HostAddr;
 use hetmm_core::types::{align_down, align_up, Prot, VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
-use crate::events::{Arriving, Ctx};
+use crate::events::Arriving;
 use crate::host::{continue_range, mapping_err, retry_again, uffd_err, Host, RegionError};
 use crate::mapping::{self, MappingError};
 use crate::uffd::RegisterMode;
@@ -87,7 +87,10 @@ struct Seg {
 /// The manager's side of one registration: the memfd (private memory) and the alias.
 #[derive(Debug)]
 pub struct Mirror {
-    ctx: Arc<Ctx>,
+    /// The host, whose threads serve the faults and events of this memory: kept running while
+    /// the memory is managed, even past the program's last handle on the host (a device handle
+    /// can keep the address space, and with it this memory, alive).
+    host: Arc<Host>,
     memfd: Option<OwnedFd>,
     alias: mapping::Alias,
     segs: Mutex<Vec<Seg>>,
@@ -173,13 +176,13 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        crate::host::reshape_checked(&self.mirror.ctx, ranges, |_| {
+        crate::host::reshape_checked(&self.mirror.host.ctx, ranges, |_| {
             ranges.iter().try_for_each(|&r| {
                 self.check("revoke", r)?;
                 // SAFETY: `r` was just checked inside this mirror's view, mapped shared from its
                 // memfd.
                 let zap = || unsafe { mapping::zap_view(r) };
-                self.mirror.ctx.self_zap(r, zap).map_err(|e| mapping_err("revoke", r, e))
+                self.mirror.host.ctx.self_zap(r, zap).map_err(|e| mapping_err("revoke", r, e))
             })
         })
     }
@@ -198,7 +201,7 @@ impl CpuMmu for MirrorView {
         for &r in ranges {
             self.check("map", r)?;
             let alloc = |x: VaRange| mapping::memfd_space(fd, self.off + (x.start - self.app), x.len, false);
-            continue_range(&self.mirror.ctx.uffd, r, writable, &alloc)?;
+            continue_range(&self.mirror.host.ctx.uffd, r, writable, &alloc)?;
         }
         Ok(())
     }
@@ -207,10 +210,10 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        crate::host::failure_checked(&self.mirror.ctx, "protect", ranges, || {
+        crate::host::failure_checked(&self.mirror.host.ctx, "protect", ranges, || {
             ranges.iter().try_for_each(|&r| {
                 self.check("protect", r)?;
-                retry_again(|| self.mirror.ctx.uffd.writeprotect(r, !writable, true))
+                retry_again(|| self.mirror.host.ctx.uffd.writeprotect(r, !writable, true))
                     .map_err(|e| uffd_err("protect", r, e))
             })
         })
@@ -218,7 +221,7 @@ impl CpuMmu for MirrorView {
 
     fn wake(&self, range: VaRange) -> Result<(), HostError> {
         self.check("wake", range)?;
-        retry_again(|| self.mirror.ctx.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
+        retry_again(|| self.mirror.host.ctx.uffd.wake(range)).map_err(|e| uffd_err("wake", range, e))
     }
 
     fn discard(&self, ranges: &[VaRange]) -> Result<(), HostError> {
@@ -228,7 +231,7 @@ impl CpuMmu for MirrorView {
             mapping::memfd_space(fd, off, r.len, true).map_err(|e| mapping_err("discard", r, e))?;
             // SAFETY: `r` was checked inside this mirror's view, mapped shared from its memfd.
             let zap = || unsafe { mapping::zap_view(r) };
-            self.mirror.ctx.self_zap(r, zap).map_err(|e| mapping_err("discard", r, e))?;
+            self.mirror.host.ctx.self_zap(r, zap).map_err(|e| mapping_err("discard", r, e))?;
         }
         Ok(())
     }
@@ -262,7 +265,7 @@ impl CpuMmu for MirrorView {
     /// Refused (EPERM, nothing done) in the process that registered the memory, where the alias
     /// is in use.
     fn fork_child(&self, parts: &[hetmm_core::cpu::ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
-        if rustix::process::getpid() == self.mirror.ctx.uffd.owner() {
+        if rustix::process::getpid() == self.mirror.host.ctx.uffd.owner() {
             return Err(HostError { op: "fork", range: self.range(), errno: libc::EPERM });
         }
         let result = match &self.mirror.memfd {
@@ -315,7 +318,7 @@ impl Host {
                 log::info!("shared memory {range} cannot be watched ({e}): its munmap and mremap are not followed");
             }
             let mirror = Arc::new(Mirror {
-                ctx: self.ctx.clone(),
+                host: Arc::clone(self),
                 memfd: None,
                 alias: mapping::Alias::new(alias, range.len as usize),
                 segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
@@ -329,7 +332,7 @@ impl Host {
         }
         let (memfd, alias) = mapping::memfd_with_alias(range.len)?;
         let mirror = Arc::new(Mirror {
-            ctx: self.ctx.clone(),
+            host: Arc::clone(self),
             memfd: Some(memfd),
             alias: mapping::Alias::new(alias, range.len as usize),
             segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),

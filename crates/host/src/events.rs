@@ -8,6 +8,7 @@
 //! to the servicer, which calls the core: a fault at a remapped address is served after the
 //! remap that created it.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
@@ -406,7 +407,11 @@ pub(crate) fn service_loop(
                 Msg::Fault(va, access) => faults.push((va, access)),
                 ev => {
                     serve_faults(ctx, core.as_deref(), &mut faults, &mut s);
-                    apply_event(ctx, core.as_deref(), ev);
+                    // A panic in the core must not end this thread (see `serve_faults`).
+                    let applied = std::panic::catch_unwind(AssertUnwindSafe(|| apply_event(ctx, core.as_deref(), ev)));
+                    if applied.is_err() {
+                        log::error!("the core panicked applying a userfaultfd event");
+                    }
                 }
             }
         }
@@ -505,8 +510,14 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
         same
     });
     for &(va, access) in faults.iter() {
-        let served = match core {
-            Some(core) => match core.cpu_fault(va, access) {
+        // A panic in the core is caught: were this thread to end, nobody would read the uffd
+        // again, and every later fault, and the program's munmap of managed memory, would wait
+        // forever. The faulting thread gets SIGBUS instead.
+        let fault = std::panic::catch_unwind(AssertUnwindSafe(|| core.map(|c| c.cpu_fault(va, access))));
+        let served = match fault {
+            Err(_) => Err("the core panicked".to_string()),
+            Ok(None) => Err("the core is gone".to_string()),
+            Ok(Some(r)) => match r {
                 // A registration being set up: registered with userfaultfd, not yet in the core.
                 // The thread waits (not woken, so it does not spin) until the core knows it.
                 Err(CoreError::NotShared(_))
@@ -534,7 +545,6 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
                     r.map_err(|e| e.to_string())
                 }
             },
-            None => Err("the core is gone".to_string()),
         };
         if let Err(why) = served {
             log::error!("CPU {access:?} fault at {va:#x} not served ({why}); raising SIGBUS");
@@ -686,6 +696,8 @@ mod tests {
     struct Refusing {
         region: OnceLock<Weak<crate::HostRegion>>,
         refuse: AtomicBool,
+        /// Panics (once) instead of refusing.
+        panic: AtomicBool,
         faults: AtomicU64,
     }
 
@@ -693,6 +705,9 @@ mod tests {
         fn cpu_fault(&self, va: u64, _access: Access) -> Result<(), CoreError> {
             self.faults.fetch_add(1, Ordering::Relaxed);
             let page = [VaRange::new(va, PAGE_SIZE)];
+            if self.panic.swap(false, Ordering::AcqRel) {
+                panic!("a test core's bug");
+            }
             if self.refuse.load(Ordering::Acquire) {
                 return Err(CoreError::Timeout { what: "test refusal", after: Duration::ZERO });
             }
@@ -801,5 +816,31 @@ mod tests {
         // SAFETY: `p` is this test's mapping; the reading thread has ended (or never will).
         unsafe { libc::munmap(p, len) };
         assert!(got.is_some(), "a CPU access to registered memory hung after the host was dropped (ended once the registration went: {late})");
+    }
+
+    /// A panic in the core while it serves a fault releases that thread (EFAULT for a
+    /// kernel-mode access) and the host goes on serving: the servicer thread must not end, or
+    /// every later fault would wait forever.
+    #[test]
+    fn a_core_panicking_on_a_fault_releases_it_and_later_faults_are_served() {
+        let core = Arc::new(Refusing::default());
+        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
+        let region = host.create_region(2 * PAGE_SIZE).unwrap();
+        core.region.set(Arc::downgrade(&region)).unwrap();
+        let va = region.app_ptr() as usize;
+        core.panic.store(true, Ordering::Release);
+        let read_into = move |at: usize| {
+            move || {
+                use std::io::Read;
+                // SAFETY: a page of the region's view, mapped while `region` lives (the test
+                // waits for this thread before dropping it); nothing else references it meanwhile.
+                let buf = unsafe { std::slice::from_raw_parts_mut(at as *mut u8, PAGE_SIZE as usize) };
+                page_file().read(buf).map_err(|e| e.raw_os_error())
+            }
+        };
+        let (_, first) = within(Duration::from_secs(5), read_into(va));
+        assert_eq!(first, Some(Err(Some(libc::EFAULT))), "the fault the core panicked on was released");
+        let (_, second) = within(Duration::from_secs(5), read_into(va + PAGE_SIZE as usize));
+        assert_eq!(second, Some(Ok(PAGE_SIZE as usize)), "a later fault was served");
     }
 }

@@ -427,6 +427,14 @@ impl DeviceMmu for SimDevice {
     }
 
     fn take_accessed(&self, range: VaRange) -> Option<Vec<u64>> {
-        Some(self.s().pt.read().as_ref().map(|pt| pt.take_accessed(range)).unwrap_or_default())
+        let s = self.s();
+        let taken = s.pt.read().as_ref().map(|pt| pt.take_accessed(range)).unwrap_or_default();
+        // The bits are set by page-table walks, which a cached translation spares later
+        // accesses: the range's go too (as an OS flushes the TLB when it clears accessed bits),
+        // or a page in constant use would never be seen accessed again.
+        for t in s.tlbs.iter() {
+            t.0.lock().invalidate(&[range]);
+        }
+        Some(taken)
     }
 }

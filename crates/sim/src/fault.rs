@@ -36,6 +36,9 @@ struct State {
     /// Access-counter notices not yet taken: starts of 2 MiB regions, each once.
     notices: Vec<u64>,
     shutdown: bool,
+    /// Shutdowns so far: a fault raised before one fails with `Detached` even if the buffer is
+    /// re-armed ([`FaultBuffer::reset`]) before its warp wakes.
+    epoch: u64,
 }
 
 /// Fault counters.
@@ -118,12 +121,12 @@ impl FaultBuffer {
             st = wait_for(&self.wake, st, POLL);
         }
         st.queue.push_back(DeviceFault { va, access, client });
-        let my_seq = st.replay_seq;
+        let (my_seq, my_epoch) = (st.replay_seq, st.epoch);
         lock(&self.counters).raised += 1;
         self.pending.notify_all();
         let page = va & !0xfff;
         loop {
-            if st.shutdown {
+            if st.shutdown || st.epoch != my_epoch {
                 lock(&self.counters).cancelled += 1;
                 return Err(detached);
             }
@@ -131,8 +134,10 @@ impl FaultBuffer {
                 return Err(DeviceError::Shutdown);
             }
             if st.replay_seq > my_seq {
-                let reason =
-                    st.cancels.iter().filter(|(seq, _)| *seq > my_seq).find_map(|(_, m)| m.get(&page).copied());
+                // The first replay after the fault decides: every stalled warp retries then unless
+                // it cancels the page. A later replay's cancels are for faults raised since.
+                let first = my_seq + 1;
+                let reason = st.cancels.iter().find(|(seq, _)| *seq == first).and_then(|(_, m)| m.get(&page).copied());
                 return match reason {
                     Some(reason) => {
                         lock(&self.counters).cancelled += 1;
@@ -221,6 +226,7 @@ impl FaultBuffer {
     pub fn shutdown(&self) {
         let mut st = lock(&self.state);
         st.shutdown = true;
+        st.epoch += 1;
         st.queue.clear();
         st.notices.clear();
         drop(st);

@@ -769,3 +769,86 @@ fn read_slice_throughput() {
     );
     println!("{}", serde_json::to_string_pretty(&d.stats()).unwrap());
 }
+
+/// A page used again after its accessed bit was taken is reported again. The bit is set by
+/// page-table walks, so taking it drops the range's cached translations: otherwise a page in
+/// constant use, served from a worker's TLB, would look unused to eviction by recency.
+#[test]
+fn accessed_bits_are_seen_again_after_they_are_taken() {
+    let d = dev(1); // one worker: the second kernel hits the TLB entry the first one filled
+    map(&d, BASE, MB2, 0, Prot::RWA);
+    let read = |d: &SimDevice| d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE + 64).map(|_| ())).unwrap().wait(T);
+    read(&d).unwrap();
+    assert!(!d.take_accessed(VaRange::new(BASE, MB2)).unwrap().is_empty());
+    read(&d).unwrap(); // used again, served by the TLB
+    assert!(
+        !d.take_accessed(VaRange::new(BASE, MB2)).unwrap().is_empty(),
+        "a page used after the last take_accessed is reported as not accessed"
+    );
+}
+
+/// `invalidate_tlb` of a range in the top 2 MiB of the 64-bit space returns (its probe loop
+/// overflowed: a panic in debug builds, and in release a loop of ~2^43 iterations holding a
+/// worker's TLB lock).
+#[test]
+fn invalidating_the_top_of_the_address_space_returns() {
+    let d = dev(1);
+    let d2 = d.clone();
+    let h = std::thread::spawn(move || {
+        d2.invalidate_tlb(&[VaRange::new(0xffff_ffff_ffe0_0000, PAGE_SIZE)]);
+        d2.invalidate_tlb(&[VaRange::new(u64::MAX - (PAGE_SIZE - 1), PAGE_SIZE)]);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.is_finished() {
+        assert!(Instant::now() < deadline, "invalidate_tlb did not return");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(h.join().is_ok(), "invalidate_tlb panicked");
+}
+
+/// The trait: at a replay every waiting client retries, except those whose page that replay
+/// cancels. A warp that sleeps through the replay that released it and wakes after a later one
+/// cancelling its page (for another client's fault there) retries: here a read of a page mapped
+/// readable succeeds, where it used to fail with `Protection`.
+#[test]
+fn a_late_waking_warp_obeys_only_the_first_replay_after_its_fault() {
+    // The warp must sleep through the first replay: likely, not certain, so try a few times
+    // (a correct device passes every time).
+    for _ in 0..5 {
+        let d = dev(1);
+        let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+        assert!(d.wait_for_faults(T));
+        let mut batch = Vec::new();
+        d.fetch_faults(16, &mut batch);
+        assert_eq!(batch[0].access, Access::Read);
+        map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
+        d.replay(&[]); // releases the read: it should retry and succeed
+                       // A later replay cancels the page for some other client's write fault there.
+        d.replay(&[(BASE, FaultCancel::Protection)]);
+        assert_eq!(l.wait(T), Ok(()), "a read released by a replay was failed by a later replay's cancel");
+    }
+}
+
+/// `shutdown_faults` fails every present fault with `Detached`, even a warp that wakes only
+/// after the device is re-armed by a new page table (re-attached elsewhere): it used to retry
+/// its old access against the new address space's table at that space's next replay.
+#[test]
+fn a_fault_present_at_shutdown_fails_even_after_reattach() {
+    // The warp must not wake between shutdown and re-arm: likely, not certain, so try a few
+    // times (a correct device passes every time).
+    for _ in 0..5 {
+        let d = dev(1);
+        let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+        assert!(d.wait_for_faults(T));
+        d.shutdown_faults();
+        d.destroy_page_table();
+        d.create_page_table().unwrap();
+        map(&d, BASE, PAGE_SIZE, 0, Prot::RWA);
+        d.replay(&[]);
+        let r = l.wait(T);
+        assert!(
+            matches!(r, Err(DeviceError::FaultCancelled { reason: FaultCancel::Detached, .. })),
+            "a fault present at shutdown_faults was retried in the new page table: {r:?}"
+        );
+    }
+}

@@ -229,7 +229,9 @@ impl Tlb {
                     let mut p = r.start & !(size - 1);
                     while p < r.end() {
                         n += set_of(slots, p, size).iter_mut().map(|e| clear_if(e, p)).sum::<u64>();
-                        p += size;
+                        // The last page of the address space: no next one.
+                        let Some(next) = p.checked_add(size) else { break };
+                        p = next;
                     }
                 }
             }

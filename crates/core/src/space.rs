@@ -147,6 +147,9 @@ pub(crate) struct DeviceSlot {
     pub(crate) ahead_tx: Mutex<Option<mpsc::Sender<crate::fault::Ahead>>>,
     ahead: Mutex<Option<JoinHandle<()>>>,
     detached: AtomicBool,
+    /// A detach could not bring every block home: the slot stays, detached, holding that data
+    /// (the CPU's faults still copy it home from here) until a later detach finishes.
+    sweep_failed: AtomicBool,
     service: Mutex<Option<JoinHandle<()>>>,
     evictor: Mutex<Option<JoinHandle<()>>>,
     /// Wakes the background evictor after allocations. std's futex-based primitives, not
@@ -449,6 +452,7 @@ impl AddressSpace {
             ahead_tx: Mutex::new(None),
             ahead: Mutex::new(None),
             detached: AtomicBool::new(false),
+            sweep_failed: AtomicBool::new(false),
             service: Mutex::new(None),
             evictor: Mutex::new(None),
             evict_wake: std::sync::Condvar::new(),
@@ -529,12 +533,16 @@ impl AddressSpace {
     }
 
     /// Detaches a device: its pending faults fail, its data comes back to the CPU, its page table
-    /// is destroyed.
+    /// is destroyed. If some data cannot be brought back (a copy fails), the device keeps it and
+    /// its id, detached (the CPU's faults still copy that data home from it), and the error is
+    /// returned: a later `detach` tries again.
     pub fn detach(&self, id: DeviceId) -> Result<()> {
         // In a fork child the device's threads do not exist: nothing to stop or wait for.
         self.not_forked()?;
-        let slot = self.slot(id)?;
-        slot.detached.store(true, Ordering::Release);
+        let slot = self.holder(id)?;
+        if slot.detached.swap(true, Ordering::AcqRel) && !slot.sweep_failed.load(Ordering::Acquire) {
+            return Err(CoreError::Detached(id));
+        }
         slot.mmu.shutdown_faults();
         slot.evict_wake.notify_all();
         slot.ahead_tx.lock().take();
@@ -566,6 +574,8 @@ impl AddressSpace {
                 blk.forget_device(id);
             }
         }
+        slot.sweep_failed.store(result.is_err(), Ordering::Release);
+        result?;
         for region in self.regions.read().values() {
             slot.mmu.region_removed(region.range);
         }
@@ -573,7 +583,7 @@ impl AddressSpace {
         if let Some(s) = self.devices.write().get_mut(id.0 as usize) {
             *s = None;
         }
-        result
+        Ok(())
     }
 
     // ----- migration -----
@@ -1130,6 +1140,11 @@ impl<'a> ReadAhead<'a> {
         region: &Region,
         mut guards: Vec<parking_lot::MutexGuard<'a, Block>>,
     ) -> Option<ReadAhead<'a>> {
+        // The region may have gone since the read-ahead looked (`remove_region` takes no lock
+        // the read-ahead holds); one removed after this check waits for these blocks' locks.
+        if region.is_freed() {
+            return None;
+        }
         let mut read_mostly = true;
         {
             let attrs = space.attrs.read();
@@ -1224,4 +1239,74 @@ fn pages_in(blk: &Block, range: &VaRange) -> PageMask {
     }
     debug_assert!(m.count() <= PAGES_PER_BLOCK);
     m
+}
+
+#[cfg(test)]
+mod detach_tests {
+    //! A detach that cannot bring every block home.
+
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use crate::cpu::CpuFaultHandler;
+    use crate::device::DeviceMmu;
+    use crate::fakes::PlainCpu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::FakeDevice;
+    use crate::types::*;
+
+    const BASE: u64 = 0x8000_0000;
+
+    /// One block at `BASE` (read-ahead off), written by the CPU (0x11 at its start) and then
+    /// migrated to a fake device that cannot fault.
+    fn block_on_device() -> crate::testing::OneDevice {
+        let host = Arc::new(Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
+        let mut cfg = CoreConfig::default();
+        cfg.policy.cpu_readahead = false;
+        let space = AddressSpace::new(cfg);
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(BASE, BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let dev = Arc::new(FakeDevice::new(4 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+        let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        space.cpu_fault(BASE, Access::Write).unwrap();
+        host.lock()[0] = 0x11;
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        assert!(space.page_state(BASE).unwrap().resident == ProcMask::only(Proc::Device(id)));
+        (space, dev, id, host)
+    }
+
+    /// A detach whose copy home fails for a block keeps the device's slot: the CPU's fault brings
+    /// the data home once copies work again. (It used to destroy the page table and empty the
+    /// slot, leaving the only copy recorded on a device that was gone: every CPU fault on it
+    /// failed with `Detached`.)
+    #[test]
+    fn a_detach_whose_copy_home_fails_keeps_the_data_reachable() {
+        let (space, dev, id, host) = block_on_device();
+        dev.fail_d2h.store(true, Relaxed);
+        assert!(space.detach(id).is_err());
+        dev.fail_d2h.store(false, Relaxed);
+        let r = space.cpu_fault(BASE, Access::Read);
+        assert!(r.is_ok(), "CPU fault after a failed detach: {r:?}; page {:?}", space.page_state(BASE));
+        assert_eq!(host.lock()[0], 0x11);
+    }
+
+    /// After such a failed detach, a device attached next does not inherit the block's page
+    /// state. (It used to get the same id, and the stale state made the CPU's fault copy the new
+    /// device's memory home: the CPU read garbage, not its data.)
+    #[test]
+    fn a_failed_detach_leaves_no_page_state_for_the_next_device_with_its_id() {
+        let (space, dev, id, host) = block_on_device();
+        dev.fail_d2h.store(true, Relaxed);
+        let _ = space.detach(id);
+        let fresh = Arc::new(FakeDevice::new(4 * BLOCK_SIZE as usize, 0xAB, Arc::clone(&host)));
+        let id2 = space.attach(Arc::clone(&fresh) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let st = space.page_state(BASE).unwrap();
+        let _ = space.cpu_fault(BASE, Access::Read);
+        let got = host.lock()[0];
+        assert!(
+            id2 != id || (!st.resident.has(Proc::Device(id2)) && got == 0x11),
+            "new device {id2:?} inherits the old one's page state {st:?}; CPU reads {got:#x}"
+        );
+    }
 }

@@ -1878,11 +1878,11 @@ fn accessed_by_maps_a_peers_copy_in_place() {
 const BASE4K: u64 = 0x8000_0000;
 
 /// The address space, the device, its id, and the host memory behind the region.
-type Setup4k = (Arc<AddressSpace>, Arc<FakeDevice>, DeviceId, Arc<Mutex<Vec<u8>>>);
+pub(crate) type OneDevice = (Arc<AddressSpace>, Arc<FakeDevice>, DeviceId, Arc<Mutex<Vec<u8>>>);
 
 /// A region of `blocks` blocks at `BASE4K` (CPU read-ahead off), a [`FakeDevice`] of `dev_blocks`
 /// blocks of memory.
-fn setup4k(policy: crate::policy::Policy, blocks: u64, dev_blocks: u64, faults: bool) -> Setup4k {
+fn setup4k(policy: crate::policy::Policy, blocks: u64, dev_blocks: u64, faults: bool) -> OneDevice {
     let len = blocks * BLOCK_SIZE;
     let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
     let cfg = CoreConfig { policy: crate::policy::Policy { cpu_readahead: false, ..policy }, ..CoreConfig::default() };

@@ -384,6 +384,7 @@ impl AddressSpace {
                 }
                 // What is left on devices: copies in the unmapped range (dropped uncopied) and
                 // of blocks whose copy home failed after the kernel changed the mappings.
+                let mut refused = false;
                 if keeps.kept(r, b) || keeps.carried(r, b) {
                     // Moved whole into its new region below, as hot as it was: its unread use
                     // counts go into its heat before the devices forget the region.
@@ -394,13 +395,17 @@ impl AddressSpace {
                 } else if let Err(e) = migrate::drop_device_copies(self, &mut blk, &all) {
                     log::error!("reshaping {}: {e}", r.range);
                     result = Err(e);
+                    refused = true;
                 }
+                // Mappings a device refused to give up stay recorded, as `drop_device_copies`
+                // leaves them, so that a later unmap of these pages tries again.
+                let kept = |m: ProcMask| if refused { m } else { ProcMask::EMPTY };
                 pages.extend(blk.pages.iter().map(|p| Page {
                     resident: ProcMask(p.resident.0 & ProcMask::only(crate::types::Proc::Cpu).0),
                     cpu: p.cpu,
-                    dev_mapped: ProcMask::EMPTY,
-                    dev_ro: ProcMask::EMPTY,
-                    peer_mapped: ProcMask::EMPTY,
+                    dev_mapped: kept(p.dev_mapped),
+                    dev_ro: kept(p.dev_ro),
+                    peer_mapped: kept(p.peer_mapped),
                 }));
             }
             rekeyed.pas.sort_unstable_by_key(|&(va, d, _)| (va, d.0));
@@ -741,4 +746,106 @@ fn flush_and_unmap(
         migrate::unmap_on(space, blk, &slot, want)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod refused_unmap_tests {
+    //! A reshape the program forced (munmap, mremap) keeps recorded the device mappings a device
+    //! refused to remove, as `drop_device_copies` leaves them, so that a later unmap tries again.
+    //! (The surviving pages used to be rebuilt with `dev_mapped` empty.)
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use crate::fakes::PlainCpu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::FakeDevice;
+    use crate::types::*;
+
+    const S: u64 = 16 * BLOCK_SIZE;
+
+    /// A registered region of two blocks, each page's first byte distinct, all of it moved to
+    /// one device (its only copy).
+    fn on_device() -> (Arc<AddressSpace>, Arc<FakeDevice>, DeviceId) {
+        let len = 2 * BLOCK_SIZE;
+        let cfg = CoreConfig {
+            fault_around: 64 * 1024,
+            policy: crate::policy::Policy {
+                prefetcher: Arc::new(crate::policy::NoPrefetch),
+                cpu_readahead: false,
+                ..crate::policy::Policy::uvm()
+            },
+            ..CoreConfig::default()
+        };
+        let space = AddressSpace::new(cfg);
+        let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(S, len)));
+        space.add_registered(cpu, VaRange::new(S, len), Prot::READ | Prot::WRITE, false).unwrap();
+        let dev = Arc::new(FakeDevice::new((2 * len) as usize, 0xEE, host.clone()));
+        let id = space.attach(dev.clone(), AttachOptions::default()).unwrap();
+        for off in (0..len).step_by(PAGE_SIZE as usize) {
+            host.lock()[off as usize] = 0x40 + (off / PAGE_SIZE % 100) as u8;
+        }
+        space.migrate(S, len, Proc::Device(id)).unwrap();
+        (space, dev, id)
+    }
+
+    /// Pages of live regions the device's page table maps but hetmm records as not mapped by it.
+    fn mismatches(space: &AddressSpace, dev: &FakeDevice, id: DeviceId) -> Vec<u64> {
+        let mut bad: Vec<u64> = dev
+            .pt
+            .lock()
+            .keys()
+            .copied()
+            // Addresses no region holds any more were dropped with `region_removed`: not counted.
+            .filter(|&va| space.page_state(va).is_some_and(|p| !p.dev_mapped.has(Proc::Device(id))))
+            .collect();
+        bad.sort_unstable();
+        bad
+    }
+
+    /// munmap of one page while the device refuses unmaps: the error is reported (fine), but
+    /// the pages of the cut block that live on stay mapped on the device (to device memory
+    /// hetmm leaked on purpose, holding the old data) while hetmm records them as unmapped and
+    /// holding nothing: the device keeps reading and writing memory nobody else sees, and no
+    /// later unmap is ever tried.
+    #[test]
+    fn a_refused_unmap_during_munmap_stays_recorded() {
+        let (space, dev, id) = on_device();
+        dev.fail_unmap.store(true, SeqCst);
+        let r = space.unmap_range(VaRange::new(S + 100 * PAGE_SIZE, PAGE_SIZE));
+        dev.fail_unmap.store(false, SeqCst);
+        assert!(r.is_err(), "the refusal is reported");
+        let bad = mismatches(&space, &dev, id);
+        assert!(
+            bad.is_empty(),
+            "{} pages still mapped by the device are recorded as unmapped, e.g. {:#x}: {:?}; device reads {:?}",
+            bad.len(),
+            bad[0],
+            space.page_state(bad[0]),
+            dev.access(bad[0], None)
+        );
+    }
+
+    /// The same for mremap by a distance that is not a multiple of 2 MiB.
+    #[test]
+    fn a_refused_unmap_during_mremap_stays_recorded() {
+        let (space, dev, id) = on_device();
+        let to = S + 64 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        let from = S + 50 * PAGE_SIZE;
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(to - 50 * PAGE_SIZE, 2 * BLOCK_SIZE)));
+        dev.fail_unmap.store(true, SeqCst);
+        let r = space.remap_range(from, to, PAGE_SIZE, Some(cpu));
+        dev.fail_unmap.store(false, SeqCst);
+        assert!(r.is_err(), "the refusal is reported");
+        let bad = mismatches(&space, &dev, id);
+        assert!(
+            bad.is_empty(),
+            "{} pages still mapped by the device are recorded as unmapped, e.g. {:#x}: {:?}",
+            bad.len(),
+            bad[0],
+            space.page_state(bad[0])
+        );
+    }
 }

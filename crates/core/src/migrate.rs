@@ -1269,13 +1269,18 @@ struct Submitted {
 
 /// Undoes a map of `entries` whose device pages are about to be given back (a failed bulk
 /// move). If the device refuses, the pages must not be reused while it may still map them: they
-/// are forgotten instead (leaked: never freed, never mapped again).
+/// are forgotten instead (leaked: never freed, never mapped again), and the mapping stays
+/// recorded, as `drop_device_copies` leaves a refused one, so that a later unmap tries again.
 fn unmap_entries(slot: &DeviceSlot, entries: &[MapEntry], blocks: &mut [&mut Block], chosen: &[PageMask]) {
     let rs: Vec<VaRange> = entries.iter().map(|e| VaRange::new(e.va, e.len)).collect();
     if let Err(e) = slot.mmu.unmap(&rs) {
         log::error!("undoing a failed bulk move on {:?}: {e}; its device pages are leaked", slot.id);
+        let me = Proc::Device(slot.id);
         for (blk, sel) in blocks.iter_mut().zip(chosen) {
             blk.take_pas(slot.id, sel);
+            for i in sel.iter() {
+                blk.pages[i].dev_mapped.insert(me);
+            }
         }
     }
     slot.mmu.invalidate_tlb(&rs);

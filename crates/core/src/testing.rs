@@ -1969,13 +1969,10 @@ fn read_ahead_duplicating_an_unmapped_page_leaves_no_stale_read_only_bit() {
 }
 
 /// A bulk move to a device that cannot fault maps before it copies; when the copy then fails
-/// and the undoing unmap fails too (`unmap_entries`), the device keeps mapping the pages
-/// (to device memory that is leaked), but no page records that mapping: nothing will ever
-/// try to unmap it again (`drop_device_copies` keeps such mappings recorded). Recording it as
-/// `dev_mapped` alone would read as a remote mapping of the CPU's copy, which it is not: left
-/// until the page state can say so. Needs two failures in a row on a device that cannot fault.
+/// and the undoing unmap fails too (`unmap_entries`), the device keeps mapping the pages (to
+/// device memory that is leaked), and that mapping stays recorded, as `drop_device_copies`
+/// leaves a refused one, so that a later unmap tries again. (It used to be forgotten.)
 #[test]
-#[ignore = "known, not fixed: the page state has no way to say a device maps a copy that is not the data"]
 fn a_bulk_move_whose_undo_unmap_fails_keeps_the_mapping_recorded() {
     let (space, dev, id, host) = setup4k(crate::policy::Policy::uvm(), 1, 4, false);
     let d = Proc::Device(id);

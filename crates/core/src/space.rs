@@ -462,21 +462,16 @@ impl AddressSpace {
             demand_evictions: AtomicU64::new(0),
             thrash_until: AtomicU64::new(0),
         });
-        if slot.caps.replayable_faults {
-            let h = self.spawn_for(&slot, "faults", crate::fault::service_loop)?;
-            *slot.service.lock() = Some(h);
-        }
-        if self.config.policy.cross_block && slot.caps.replayable_faults {
-            let (tx, rx) = mpsc::channel();
-            let h = self.spawn_for(&slot, "ahead", move |w, s| crate::fault::ahead_loop(w, s, rx))?;
-            *slot.ahead_tx.lock() = Some(tx);
-            *slot.ahead.lock() = Some(h);
-        }
-        // No evictor where it would keep nothing free (see `evict::free_cap`).
-        if crate::evict::free_cap(slot.free_and_total().1, self.config.policy.free_watermark) > 0 {
-            let h = self.spawn_for(&slot, "evict", crate::evict::background_loop)?;
-            *slot.evictor.lock() = Some(h);
-            slot.evicts_in_background.store(true, Ordering::Release);
+        if let Err(e) = self.start_threads(&slot) {
+            // Those that started stop (they may look the device up: not under `devices`).
+            drop(devices);
+            slot.detached.store(true, Ordering::Release);
+            self.stop_threads(&slot);
+            for r in self.regions.read().values() {
+                slot.mmu.region_removed(r.range);
+            }
+            slot.mmu.destroy_page_table();
+            return Err(e);
         }
         if idx == devices.len() {
             devices.push(Some(slot));
@@ -484,6 +479,43 @@ impl AddressSpace {
             devices[idx] = Some(slot);
         }
         Ok(id)
+    }
+
+    /// Starts a device's background threads: fault service and cross-block prefetch where it
+    /// faults, the background evictor where it would keep memory free.
+    fn start_threads(self: &Arc<Self>, slot: &Arc<DeviceSlot>) -> Result<()> {
+        if slot.caps.replayable_faults {
+            let h = self.spawn_for(slot, "faults", crate::fault::service_loop)?;
+            *slot.service.lock() = Some(h);
+        }
+        if self.config.policy.cross_block && slot.caps.replayable_faults {
+            let (tx, rx) = mpsc::channel();
+            let h = self.spawn_for(slot, "ahead", move |w, s| crate::fault::ahead_loop(w, s, rx))?;
+            *slot.ahead_tx.lock() = Some(tx);
+            *slot.ahead.lock() = Some(h);
+        }
+        // No evictor where it would keep nothing free (see `evict::free_cap`).
+        if crate::evict::free_cap(slot.free_and_total().1, self.config.policy.free_watermark) > 0 {
+            let h = self.spawn_for(slot, "evict", crate::evict::background_loop)?;
+            *slot.evictor.lock() = Some(h);
+            slot.evicts_in_background.store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Stops a detached device's background threads: its pending faults fail, and the threads
+    /// are woken and joined (except the calling thread, should it be one of them).
+    fn stop_threads(&self, slot: &DeviceSlot) {
+        slot.mmu.shutdown_faults();
+        slot.evict_wake.notify_all();
+        slot.ahead_tx.lock().take();
+        for h in
+            [slot.service.lock().take(), slot.evictor.lock().take(), slot.ahead.lock().take()].into_iter().flatten()
+        {
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
     }
 
     /// Starts one of a device's background threads (`hetmm-dev<id>-<what>`).
@@ -543,16 +575,7 @@ impl AddressSpace {
         if slot.detached.swap(true, Ordering::AcqRel) && !slot.sweep_failed.load(Ordering::Acquire) {
             return Err(CoreError::Detached(id));
         }
-        slot.mmu.shutdown_faults();
-        slot.evict_wake.notify_all();
-        slot.ahead_tx.lock().take();
-        for h in
-            [slot.service.lock().take(), slot.evictor.lock().take(), slot.ahead.lock().take()].into_iter().flatten()
-        {
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
+        self.stop_threads(&slot);
         let _gate = self.enter()?;
         let me = Proc::Device(id);
         // No region may be reshaped meanwhile: a reshape flushing a block from this device after

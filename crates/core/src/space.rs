@@ -911,11 +911,14 @@ impl AddressSpace {
         if self.is_forked_away() {
             return;
         }
+        // Every region a range covers: a buffer part of which was `protect`ed since the job began
+        // is several.
         for r in ranges {
-            let Some(region) = self.region_of(r.start) else { continue };
-            let Some(r) = region.range.intersect(r) else { continue };
-            for bidx in region.block_index(r.start)..=region.block_index(r.end() - 1) {
-                f(&mut region.blocks[bidx].lock());
+            for region in self.overlapping(*r) {
+                let Some(r) = region.range.intersect(r) else { continue };
+                for bidx in region.block_index(r.start)..=region.block_index(r.end() - 1) {
+                    f(&mut region.blocks[bidx].lock());
+                }
             }
         }
     }

@@ -2045,3 +2045,27 @@ fn bulk_home_copies_and_counts_a_page_held_by_two_devices_once() {
     assert_eq!(cpu_read(&space, &host, BASE4K), 0x11);
     assert_eq!(space.stats().bytes_to_host - before, len, "bytes copied home, counted once");
 }
+
+/// A job's end reaches every block of its ranges, even after a `protect` of part of them split
+/// the region in pieces while the job ran: the blocks of the later pieces used to keep their
+/// job count forever (never again first eviction candidates; on a device that cannot fault, a
+/// stale launch mark would have kept them from eviction altogether).
+#[test]
+fn a_job_ends_on_every_piece_of_a_region_split_while_it_ran() {
+    let w =
+        world_sized(Arc::new(NoPrefetch), 4 * PAGES_PER_BLOCK as u64, crate::policy::Policy::hetmm(), 4 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let all = VaRange::new(s, 4 * BLOCK_SIZE);
+    let token = w.space.job_begin(&[all]);
+    w.space.protect_range(s + BLOCK_SIZE + PAGE_SIZE, PAGE_SIZE, Prot::READ).unwrap();
+    assert!(w.space.span_parts(s, all.len).unwrap().len() > 1, "the region was split");
+    w.space.job_end(&token);
+    for part in w.space.span_parts(s, all.len).unwrap() {
+        let region = w.space.region_of(part.start).unwrap();
+        for (b, cell) in region.blocks.iter().enumerate() {
+            let blk = cell.lock();
+            assert_eq!(blk.active_jobs, 0, "block {b} of the piece at {:#x} still held", part.start);
+            assert!(blk.job_done, "block {b} of the piece at {:#x}", part.start);
+        }
+    }
+}

@@ -483,6 +483,10 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
 /// `[ptr, ptr + len)` rounded out to whole pages, as `(start, end)`.
 fn page_span(ptr: *const u8, len: usize) -> Result<(u64, u64)> {
     let (start, len) = (ptr as u64, len as u64);
+    // Rounded out, no bytes would still be a page.
+    if len == 0 {
+        return Err(CoreError::Empty { start }.into());
+    }
     let end = start.checked_add(len).and_then(|e| align_up(e, PAGE_SIZE)).ok_or(CoreError::Overflow { start, len })?;
     Ok((align_down(start, PAGE_SIZE), end))
 }

@@ -99,11 +99,19 @@ impl<T> SharedBuf<T> {
 impl<T> Drop for SharedBuf<T> {
     fn drop(&mut self) {
         self.allocs.with(|m| m.remove(&self.ptr()));
-        match self.space.remove_region(self.ptr()) {
-            // A fork child's copy of the parent's buffer: the memory is the child's own copy
-            // (see `hetmm_core::fork`); the region stays the parent's.
-            Ok(_) | Err(hetmm_core::error::CoreError::ForkedAway) => {}
-            Err(e) => log::error!("freeing shared buffer at {:#x}: {e}", self.ptr()),
+        // `protect` of part of the buffer split its region: every piece goes (each lies inside
+        // the buffer's own mapping).
+        let starts: Vec<u64> = match self.space.span_parts(self.ptr(), self.region.len()) {
+            Ok(parts) => parts.iter().map(|p| p.start).collect(),
+            Err(_) => vec![self.ptr()],
+        };
+        for start in starts {
+            match self.space.remove_region(start) {
+                // A fork child's copy of the parent's buffer: the memory is the child's own copy
+                // (see `hetmm_core::fork`); the region stays the parent's.
+                Ok(_) | Err(hetmm_core::error::CoreError::ForkedAway) => {}
+                Err(e) => log::error!("freeing shared buffer at {start:#x}: {e}"),
+            }
         }
     }
 }

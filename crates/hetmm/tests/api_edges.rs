@@ -186,3 +186,35 @@ fn register_says_why_it_refuses_a_range() {
         check_and_unmap(p, 4, |i| replace(i) != Some(0));
     }
 }
+
+/// Dropping a buffer frees all of it, also after `protect` of part of it split its region in
+/// the core: only the region starting at the buffer's address was removed, the parts after it
+/// stayed shared (their memory and device copies held, and `unregister` accepted them).
+#[test]
+fn dropping_a_buffer_after_protecting_part_of_it_frees_every_part() {
+    use hetmm::core::types::{Prot, VaRange};
+    let (hm, _dev) = setup(8 << 20);
+    let b = hm.alloc::<u64>((4 << 20) / 8).unwrap();
+    let (ptr, len) = (b.ptr(), b.byte_len());
+    hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ).unwrap();
+    hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ | Prot::WRITE).unwrap();
+    drop(b);
+    assert!(!hm.space().any_shared(VaRange::new(ptr, len)), "parts of the freed buffer are still shared");
+    let r = hm.unregister((ptr + (2 << 20)) as *const u8, 4096);
+    assert!(matches!(r, Err(Error::Core(CoreError::NotShared(_)))), "{r:?}");
+}
+
+/// `unregister` with a zero length is refused, as `register` refuses one: rounding the empty
+/// range at an unaligned pointer out to pages unregistered the whole page holding it.
+#[test]
+fn unregister_of_zero_bytes_is_refused_and_unregisters_nothing() {
+    let (hm, _dev) = setup(8 << 20);
+    let v = vec![7u8; 3 << 20];
+    let r = hm.register(v.as_ptr(), v.len()).unwrap();
+    let inside = v.as_ptr().wrapping_add(100);
+    assert_ne!(inside as u64 % 4096, 0);
+    let z = hm.unregister(inside, 0);
+    assert!(z.is_err(), "unregister of 0 bytes: {z:?}");
+    hm.unregister(r.start as *const u8, r.len as usize).expect("the registration is still whole");
+    assert!(v.iter().all(|b| *b == 7));
+}

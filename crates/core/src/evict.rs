@@ -215,6 +215,10 @@ pub(crate) fn evict_queued(space: &AddressSpace, slot: &DeviceSlot, at: Queued) 
     // The region may have been reshaped since the sample: look the block up again.
     let Some(region) = space.region_at(at.0) else { return Ok(false) };
     let Some(mut blk) = region.blocks.get(at.1).and_then(|c| c.try_lock()) else { return Ok(false) };
+    // Pinned, or taken by a launch, since the sample (neither takes the block's lock).
+    if pinned(space, &blk) || held_by_job(slot, &blk) {
+        return Ok(false);
+    }
     evict_block(space, &region, &mut blk, slot)
 }
 

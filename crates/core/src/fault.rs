@@ -58,18 +58,22 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
             slot.mmu.shutdown_faults();
             break;
         };
+        // A bug in servicing must not end this thread, leaving the device's clients waiting
+        // forever: a notice is dropped, a batch cancelled, and service goes on.
         if !notices.is_empty() {
-            service_notices(&space, &slot, &notices);
+            let run = std::panic::AssertUnwindSafe(|| service_notices(&space, &slot, &notices));
+            if std::panic::catch_unwind(run).is_err() {
+                log::error!("device {:?} access-notice service panicked; notices dropped", slot.id);
+            }
         }
         if batch.is_empty() {
             continue;
         }
-        // A bug in servicing must not leave the device's clients waiting forever: cancel the
-        // batch and keep serving.
         let pages: Vec<u64> = batch.iter().map(|f| align_down(f.va, PAGE_SIZE)).collect();
         let run = std::panic::AssertUnwindSafe(|| service_batch(&space, &slot, &mut batch));
         let (cancel, serviced) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
             log::error!("device {:?} fault service panicked; cancelling the batch", slot.id);
+            add(&space.stats.cancelled_faults, pages.len() as u64);
             (pages.into_iter().map(|p| (p, FaultCancel::ServiceFailed)).collect(), Vec::new())
         });
         // UVM's BATCH_FLUSH: discard what queued up meanwhile before replaying. Those clients
@@ -99,7 +103,8 @@ pub(crate) fn service_batch(
     faults: &mut Vec<DeviceFault>,
 ) -> (Vec<(u64, FaultCancel)>, Vec<Serviced>) {
     let Ok(_gate) = space.enter() else {
-        let cancel = faults.iter().map(|f| (align_down(f.va, PAGE_SIZE), FaultCancel::Detached)).collect();
+        let cancel: Vec<_> = faults.iter().map(|f| (align_down(f.va, PAGE_SIZE), FaultCancel::Detached)).collect();
+        add(&space.stats.cancelled_faults, cancel.len() as u64);
         return (cancel, Vec::new());
     };
     let _shape = space.reshape.read();
@@ -416,10 +421,17 @@ fn bring_closer(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block:
 /// Services the faults of one 2 MiB block (sorted, deduplicated).
 fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<(u64, FaultCancel)>) {
     let Some(region) = space.region_of(group[0].va) else {
+        // Faults outside every region fail; the window's others belong to a region that starts
+        // further on (regions need only be page aligned), and are serviced.
+        let (none, rest): (Vec<DeviceFault>, Vec<DeviceFault>) =
+            group.iter().partition(|f| space.region_of(f.va).is_none());
         // A region may be arriving at this address (a remap event read, not yet applied): let
         // the access retry instead of failing it.
         if space.events_pending.load(Ordering::Acquire) == 0 {
-            cancel.extend(group.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+            cancel.extend(none.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+        }
+        if !rest.is_empty() {
+            service_block(space, slot, &rest, cancel);
         }
         return;
     };
@@ -733,5 +745,178 @@ fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
             }
         }
         Err(e) => log::debug!("prefetch ahead on {:?}: {e}", slot.id),
+    }
+}
+
+#[cfg(test)]
+mod service_tests {
+    //! A fault batch's edge cases, and the thrashing response against a pin landing mid-service.
+    use std::sync::Arc;
+
+    use crate::device::DeviceFault;
+    use crate::fakes::PlainCpu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::FakeDevice;
+    use crate::types::{Access, Proc, Prot, VaRange, BLOCK_SIZE};
+
+    /// A fault at an address no region covers cancels only itself: a valid fault later in the
+    /// same 2 MiB window (a region starting mid-window) is serviced, not cancelled as
+    /// `Unmapped`. (`service_block` looked up the region of the window's first fault only, and
+    /// cancelled the whole group when that one was unmapped.)
+    #[test]
+    fn a_bad_address_does_not_cancel_valid_faults_in_its_window() {
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            ..crate::policy::Policy::uvm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let start = 8 * BLOCK_SIZE + BLOCK_SIZE / 2;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(start, BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let dev = Arc::new(FakeDevice::new(4 * BLOCK_SIZE as usize, 0xEE, host));
+        let id = space.attach(dev, AttachOptions::default()).unwrap();
+        let slot = space.slot(id).unwrap();
+        let (bad, good) = (8 * BLOCK_SIZE, start);
+        let mut batch = vec![
+            DeviceFault { va: bad, access: Access::Read, client: 0 },
+            DeviceFault { va: good, access: Access::Read, client: 1 },
+        ];
+        let (cancel, _) = super::service_batch(&space, &slot, &mut batch);
+        assert!(cancel.iter().any(|c| c.0 == bad), "the bad address is cancelled: {cancel:?}");
+        assert!(!cancel.iter().any(|c| c.0 == good), "a valid fault was cancelled: {cancel:?}");
+        assert!(space.page_state(good).unwrap().dev_mapped.has(Proc::Device(id)), "the valid fault was not serviced");
+    }
+
+    /// A `DeviceMmu` delegating to a [`FakeDevice`], running `hook` when the access counts of a
+    /// range are taken (a point inside the fault service where no lock but the serviced block's
+    /// is held).
+    struct Hooked {
+        inner: Arc<FakeDevice>,
+        hook: parking_lot::Mutex<Option<Box<dyn Fn(VaRange) + Send + Sync>>>,
+    }
+
+    impl std::fmt::Debug for Hooked {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.inner.fmt(f)
+        }
+    }
+
+    use crate::device::{
+        Completion, CopyOp, DeviceCaps, DeviceError, DeviceMmu, FaultCancel, HostAddr, MapEntry, PhysAddr,
+    };
+    impl DeviceMmu for Hooked {
+        fn caps(&self) -> DeviceCaps {
+            self.inner.caps()
+        }
+        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+            self.inner.physical_ranges()
+        }
+        fn create_page_table(&self) -> Result<(), DeviceError> {
+            self.inner.create_page_table()
+        }
+        fn destroy_page_table(&self) {
+            self.inner.destroy_page_table()
+        }
+        unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+            unsafe { self.inner.map(entries) }
+        }
+        fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+            self.inner.unmap(ranges)
+        }
+        fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+            self.inner.protect(ranges)
+        }
+        fn invalidate_tlb(&self, ranges: &[VaRange]) {
+            self.inner.invalidate_tlb(ranges)
+        }
+        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+            unsafe { self.inner.copy(ops) }
+        }
+        fn fetch_faults(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize {
+            self.inner.fetch_faults(max, out)
+        }
+        fn wait_for_faults(&self, t: std::time::Duration) -> bool {
+            self.inner.wait_for_faults(t)
+        }
+        fn replay(&self, cancel: &[(u64, FaultCancel)]) {
+            self.inner.replay(cancel)
+        }
+        fn shutdown_faults(&self) {
+            self.inner.shutdown_faults()
+        }
+        fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
+            self.inner.region_added(app, backing)
+        }
+        fn region_removed(&self, app: VaRange) {
+            self.inner.region_removed(app)
+        }
+        fn host_discarded(&self, ranges: &[VaRange]) {
+            self.inner.host_discarded(ranges)
+        }
+        fn take_access_counts(&self, range: VaRange) -> Option<u64> {
+            if let Some(h) = self.hook.lock().as_ref() {
+                h(range);
+            }
+            self.inner.take_access_counts(range)
+        }
+    }
+
+    /// The thrashing response picks the cooler block a hot arrival replaces (`thrash_response`,
+    /// via `evict::candidates`, which skips pinned blocks), and `make_room_for_hot_arrival`
+    /// evicts it later through `evict::evict_queued`, which now looks at pins (and
+    /// `held_by_job`) again. A pin that lands in between (another thread's `advise(Pin)`; here
+    /// made from the hook while the service reads the arriving block's access counts, after the
+    /// victim was chosen) keeps the block: it used to be evicted. `evict_lru` has the same gap
+    /// between `candidates` and `evict_queued`.
+    #[test]
+    fn a_block_pinned_after_the_victim_sample_is_not_evicted_for_a_hot_arrival() {
+        const READ: u64 = BLOCK_SIZE / 64;
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            ..crate::policy::Policy::hetmm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let s = 8 * BLOCK_SIZE;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 3 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 3 * BLOCK_SIZE as usize]));
+        let fake = Arc::new(FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, host));
+        let dev = Arc::new(Hooked { inner: fake.clone(), hook: parking_lot::Mutex::new(None) });
+        let id = space.attach(dev.clone(), AttachOptions::default()).unwrap();
+        let me = Proc::Device(id);
+        space.migrate(s, 2 * BLOCK_SIZE, me).unwrap();
+        assert_eq!(space.device_memory(id).unwrap().0, 0, "two resident blocks fill the device");
+        let slot = space.slot(id).unwrap();
+        slot.thrash_until.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        let arriving = s + 2 * BLOCK_SIZE;
+        {
+            let mut counts = fake.access_counts.lock();
+            counts.insert(s, READ);
+            counts.insert(s + BLOCK_SIZE, READ);
+            counts.insert(arriving, 40 * READ);
+        }
+        let weak = Arc::downgrade(&space);
+        *dev.hook.lock() = Some(Box::new(move |r: VaRange| {
+            if r.start == arriving {
+                if let Some(space) = weak.upgrade() {
+                    space.attrs.write().update(VaRange::new(s, 2 * BLOCK_SIZE), |a| a.pinned = true);
+                }
+            }
+        }));
+        let mut batch = vec![DeviceFault { va: arriving, access: Access::Read, client: 0 }];
+        let (cancel, _) = super::service_batch(&space, &slot, &mut batch);
+        *dev.hook.lock() = None;
+        assert!(cancel.is_empty(), "{cancel:?}");
+        assert!(space.attrs.read().get(s).pinned, "the hook ran: the pin landed");
+        let region = space.region_of(s).unwrap();
+        for b in 0..2 {
+            let blk = region.blocks[b].lock();
+            assert!(
+                !blk.resident_on(me).is_empty(),
+                "pinned block {b} was evicted (hot_arrivals {})",
+                space.stats().hot_arrivals
+            );
+        }
     }
 }

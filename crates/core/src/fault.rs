@@ -788,80 +788,6 @@ mod service_tests {
         assert!(space.page_state(good).unwrap().dev_mapped.has(Proc::Device(id)), "the valid fault was not serviced");
     }
 
-    /// A `DeviceMmu` delegating to a [`FakeDevice`], running `hook` when the access counts of a
-    /// range are taken (a point inside the fault service where no lock but the serviced block's
-    /// is held).
-    struct Hooked {
-        inner: Arc<FakeDevice>,
-        hook: parking_lot::Mutex<Option<Box<dyn Fn(VaRange) + Send + Sync>>>,
-    }
-
-    impl std::fmt::Debug for Hooked {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            self.inner.fmt(f)
-        }
-    }
-
-    use crate::device::{
-        Completion, CopyOp, DeviceCaps, DeviceError, DeviceMmu, FaultCancel, HostAddr, MapEntry, PhysAddr,
-    };
-    impl DeviceMmu for Hooked {
-        fn caps(&self) -> DeviceCaps {
-            self.inner.caps()
-        }
-        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
-            self.inner.physical_ranges()
-        }
-        fn create_page_table(&self) -> Result<(), DeviceError> {
-            self.inner.create_page_table()
-        }
-        fn destroy_page_table(&self) {
-            self.inner.destroy_page_table()
-        }
-        unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
-            unsafe { self.inner.map(entries) }
-        }
-        fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
-            self.inner.unmap(ranges)
-        }
-        fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
-            self.inner.protect(ranges)
-        }
-        fn invalidate_tlb(&self, ranges: &[VaRange]) {
-            self.inner.invalidate_tlb(ranges)
-        }
-        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            unsafe { self.inner.copy(ops) }
-        }
-        fn fetch_faults(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize {
-            self.inner.fetch_faults(max, out)
-        }
-        fn wait_for_faults(&self, t: std::time::Duration) -> bool {
-            self.inner.wait_for_faults(t)
-        }
-        fn replay(&self, cancel: &[(u64, FaultCancel)]) {
-            self.inner.replay(cancel)
-        }
-        fn shutdown_faults(&self) {
-            self.inner.shutdown_faults()
-        }
-        fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
-            self.inner.region_added(app, backing)
-        }
-        fn region_removed(&self, app: VaRange) {
-            self.inner.region_removed(app)
-        }
-        fn host_discarded(&self, ranges: &[VaRange]) {
-            self.inner.host_discarded(ranges)
-        }
-        fn take_access_counts(&self, range: VaRange) -> Option<u64> {
-            if let Some(h) = self.hook.lock().as_ref() {
-                h(range);
-            }
-            self.inner.take_access_counts(range)
-        }
-    }
-
     /// The thrashing response picks the cooler block a hot arrival replaces (`thrash_response`,
     /// via `evict::candidates`, which skips pinned blocks), and `make_room_for_hot_arrival`
     /// evicts it later through `evict::evict_queued`, which now looks at pins (and
@@ -882,8 +808,7 @@ mod service_tests {
         space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 3 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
         let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 3 * BLOCK_SIZE as usize]));
         let fake = Arc::new(FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, host));
-        let dev = Arc::new(Hooked { inner: fake.clone(), hook: parking_lot::Mutex::new(None) });
-        let id = space.attach(dev.clone(), AttachOptions::default()).unwrap();
+        let id = space.attach(fake.clone(), AttachOptions::default()).unwrap();
         let me = Proc::Device(id);
         space.migrate(s, 2 * BLOCK_SIZE, me).unwrap();
         assert_eq!(space.device_memory(id).unwrap().0, 0, "two resident blocks fill the device");
@@ -897,16 +822,16 @@ mod service_tests {
             counts.insert(arriving, 40 * READ);
         }
         let weak = Arc::downgrade(&space);
-        *dev.hook.lock() = Some(Box::new(move |r: VaRange| {
+        *fake.on_take_counts.lock() = Some(crate::testing::TakeHook(Box::new(move |r: VaRange| {
             if r.start == arriving {
                 if let Some(space) = weak.upgrade() {
                     space.attrs.write().update(VaRange::new(s, 2 * BLOCK_SIZE), |a| a.pinned = true);
                 }
             }
-        }));
+        })));
         let mut batch = vec![DeviceFault { va: arriving, access: Access::Read, client: 0 }];
         let (cancel, _) = super::service_batch(&space, &slot, &mut batch);
-        *dev.hook.lock() = None;
+        *fake.on_take_counts.lock() = None;
         assert!(cancel.is_empty(), "{cancel:?}");
         assert!(space.attrs.read().get(s).pinned, "the hook ran: the pin landed");
         let region = space.region_of(s).unwrap();

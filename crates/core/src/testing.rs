@@ -194,6 +194,18 @@ pub(crate) struct FakeDevice {
     /// What its access counters report ([`DeviceMmu::take_access_counts`]), by 2 MiB block:
     /// set by tests.
     pub(crate) access_counts: Mutex<HashMap<u64, u64>>,
+    /// Runs when access counts are taken, before they are (a point inside the fault service
+    /// where only the serviced block's lock is held): tests act there as another thread would.
+    pub(crate) on_take_counts: Mutex<Option<TakeHook>>,
+}
+
+/// See [`FakeDevice::on_take_counts`].
+pub(crate) struct TakeHook(pub(crate) Box<dyn Fn(VaRange) + Send + Sync>);
+
+impl std::fmt::Debug for TakeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TakeHook")
+    }
 }
 
 impl FakeDevice {
@@ -215,6 +227,7 @@ impl FakeDevice {
             fail_unmap: false.into(),
             region_bound: false,
             access_counts: Mutex::default(),
+            on_take_counts: Mutex::default(),
         }
     }
 
@@ -361,6 +374,9 @@ impl DeviceMmu for FakeDevice {
         0
     }
     fn take_access_counts(&self, range: VaRange) -> Option<u64> {
+        if let Some(hook) = self.on_take_counts.lock().as_ref() {
+            (hook.0)(range);
+        }
         let mut counts = self.access_counts.lock();
         Some(
             (align_down(range.start, BLOCK_SIZE)..range.end())

@@ -315,6 +315,9 @@ impl AddressSpace {
             return Err(CoreError::Unaligned(range));
         }
         self.not_forked()?;
+        // Through the fork gate: a region added while a fork is prepared (after it listed the
+        // regions it privatizes in the child) would stay shared with the parent there.
+        let _gate = self.enter()?;
         self.insert_announced(Arc::new(Region::build(range, prot, cpu, remote)), true)?;
         Ok(range)
     }

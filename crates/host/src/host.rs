@@ -184,6 +184,12 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // In a fork child only the forking thread exists: the host's threads are not there to
+        // stop or join (each join would wait out its timeout), and a lock one of them held at
+        // the fork stays held. Their handles are just let go.
+        if rustix::process::getpid() != self.uffd.owner() {
+            return;
+        }
         // The reaper frees what is queued and ends, while the reader still reads the UNMAP
         // events those unmaps wait for.
         if let Some(r) = &self.reaper {
@@ -1585,6 +1591,29 @@ mod tests {
         assert_eq!(unsafe { b.read() }, 5);
         // SAFETY: as for the write above; the page stays mapped while `region` lives.
         assert_eq!(unsafe { (app as *const u8).read_volatile() }, 5);
+    }
+
+    /// A fork child that drops its copy of the host returns at once: the host's threads do not
+    /// exist there, and each join used to wait out its 5 s timeout.
+    #[test]
+    fn a_fork_child_drops_its_host_promptly() {
+        let core = Arc::new(TestCore::default());
+        let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        // SAFETY: the child drops the host (no uffd call, no lock of the parent's threads: the
+        // drop returns before either) and `_exit`s without unwinding.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let t = Instant::now();
+            drop(host);
+            let quick = t.elapsed() < Duration::from_secs(2);
+            // SAFETY: `_exit` ends the child at once, running no destructors or handlers.
+            unsafe { libc::_exit(if quick { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is the child forked above; `status` is a live local it writes.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "status {status:#x}");
     }
 
     #[test]

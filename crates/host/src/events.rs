@@ -733,18 +733,7 @@ mod tests {
 
     /// A file holding one page of 0x5A, to `read(2)` from (a kernel-mode write into the page).
     fn page_file() -> std::fs::File {
-        use std::io::{Seek, Write};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hetmm-events-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        f.write_all(&[0x5A; PAGE_SIZE as usize]).unwrap();
-        f.rewind().unwrap();
-        f
+        crate::test_support::file_with(&[0x5A; PAGE_SIZE as usize])
     }
 
     /// A write fault the core cannot serve on a page mapped write-protected (a read duplicate;
@@ -792,12 +781,7 @@ mod tests {
         let core = Arc::new(Refusing::default());
         let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
         let len = 2 * PAGE_SIZE as usize;
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: `p` is the `len`-byte read-write mapping just made.
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
+        let p = crate::test_support::private_filled(len, 0x11);
         let reg = host.register(p as u64, len as u64).unwrap();
         let cpu = Arc::clone(&reg.cpu);
         drop(reg);

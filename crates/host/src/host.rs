@@ -861,9 +861,10 @@ pub(crate) fn uffd_err(op: &'static str, range: VaRange, e: UffdError) -> HostEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{file_with, private_filled, tempfile};
     use hetmm_core::error::CoreError;
     use hetmm_core::types::{Access, BLOCK_SIZE};
-    use std::io::{Read, Seek, Write};
+    use std::io::Read;
     use std::os::fd::AsRawFd;
     use std::sync::atomic::{AtomicU64, AtomicUsize};
     use std::sync::OnceLock;
@@ -1410,13 +1411,7 @@ mod tests {
         let core = Arc::new(TestCore::default());
         let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
         let len = 2 * PAGE_SIZE as usize;
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: a fresh private anonymous mapping at an address the kernel picks: it replaces
-        // nothing.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: `p` is the `len`-byte read-write mapping just made (checked not MAP_FAILED).
-        unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0x11, len) };
+        let p = private_filled(len, 0x11);
         let reg = host.register(p as u64, len as u64).unwrap();
         let (c, cpu) = (core.clone(), Arc::clone(&reg.cpu));
         let late = std::thread::spawn(move || {
@@ -1447,25 +1442,6 @@ mod tests {
             let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, len) };
             file.read(buf)
         })
-    }
-
-    fn file_with(data: &[u8]) -> std::fs::File {
-        let mut f = tempfile();
-        f.write_all(data).unwrap();
-        f.rewind().unwrap();
-        f
-    }
-
-    fn tempfile() -> std::fs::File {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hetmm-host-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-        let _ = std::fs::remove_file(&path);
-        f
     }
 
     #[test]

@@ -31,5 +31,8 @@ pub mod probe;
 #[cfg(target_os = "linux")]
 pub mod uffd;
 
+#[cfg(all(test, target_os = "linux"))]
+mod test_support;
+
 #[cfg(target_os = "linux")]
 pub use host::{Host, HostInitError, HostRegion, RegionError};

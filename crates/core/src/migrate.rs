@@ -751,12 +751,14 @@ fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
     }
 }
 
-/// Forgets the device pages of `m` without freeing them: copies into them may still run (their
-/// wait failed), so they must never be given to another block. They are leaked, as the region's
-/// CPU side is ([`wait_copies`]).
+/// Forgets the device pages of `m` without freeing them: the device may still write them (copies
+/// whose wait failed, as the region's CPU side is kept for them in [`wait_copies`]) or map them
+/// (an unmap it refused), so they must never be given to another block. They are leaked.
 fn forget_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
     let pages: u64 = blk.take_pas(slot.id, m).iter().map(|&(_, n)| n).sum();
-    log::error!("device {:?}: {pages} pages under copies that did not finish are leaked", slot.id);
+    if pages > 0 {
+        log::error!("device {:?}: {pages} pages the device may still use are leaked", slot.id);
+    }
 }
 
 /// Copies device-only pages of `m` into host backing from one holder each, without unmapping
@@ -870,7 +872,7 @@ pub(crate) fn drop_device_copies(space: &AddressSpace, blk: &mut Block, m: &Page
         let here = select(blk, wm, |p| p.resident.has(Proc::Device(d)));
         let free = here.and_not(&reached);
         release_device_pages(slot, blk, &free);
-        blk.take_pas(d, &here.and_not(&free));
+        forget_device_pages(slot, blk, &here.and_not(&free));
         for i in wm.iter() {
             blk.pages[i].resident.remove(Proc::Device(d));
         }
@@ -1274,10 +1276,10 @@ struct Submitted {
 fn unmap_entries(slot: &DeviceSlot, entries: &[MapEntry], blocks: &mut [&mut Block], chosen: &[PageMask]) {
     let rs: Vec<VaRange> = entries.iter().map(|e| VaRange::new(e.va, e.len)).collect();
     if let Err(e) = slot.mmu.unmap(&rs) {
-        log::error!("undoing a failed bulk move on {:?}: {e}; its device pages are leaked", slot.id);
+        log::error!("undoing a failed bulk move on {:?}: {e}", slot.id);
         let me = Proc::Device(slot.id);
         for (blk, sel) in blocks.iter_mut().zip(chosen) {
-            blk.take_pas(slot.id, sel);
+            forget_device_pages(slot, blk, sel);
             for i in sel.iter() {
                 blk.pages[i].dev_mapped.insert(me);
             }

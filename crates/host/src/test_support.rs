@@ -1,0 +1,39 @@
+//! Helpers the host crate's test modules share.
+
+use std::io::{Seek, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh file, already unlinked, open for reading and writing.
+pub(crate) fn tempfile() -> std::fs::File {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "hetmm-host-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    f
+}
+
+/// A fresh file holding `data`, positioned at its start (to `read(2)` from: a kernel-mode write
+/// into the buffer read into).
+pub(crate) fn file_with(data: &[u8]) -> std::fs::File {
+    let mut f = tempfile();
+    f.write_all(data).unwrap();
+    f.rewind().unwrap();
+    f
+}
+
+/// `len` bytes of fresh private anonymous memory, every byte `fill` (the program's own memory,
+/// to register).
+pub(crate) fn private_filled(len: usize, fill: u8) -> *mut libc::c_void {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks: it replaces
+    // nothing.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    // SAFETY: `p` is the `len`-byte read-write mapping just made (checked not MAP_FAILED).
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), fill, len) };
+    p
+}

@@ -174,7 +174,8 @@ impl AddressSpace {
     /// shared memory over `new_cpu`.
     pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
         let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
-        VaRange::checked(to, len).ok_or(CoreError::Overflow { start: to, len })?;
+        // The moved part becomes a region at `to`, whose last block must end below the top.
+        to.checked_add(len).and_then(|end| end.checked_add(BLOCK_SIZE)).ok_or(CoreError::Overflow { start: to, len })?;
         let followed = new_cpu.is_some();
         let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), |r| {
             let mut parts: Vec<Part> = minus_range(r.range, old)
@@ -239,10 +240,7 @@ impl AddressSpace {
     /// side is `cpu` (which accepts every sub-range of `range`), every page holding data in host
     /// memory and unmapped by the CPU (the next access maps it).
     pub fn add_registered(&self, cpu: Arc<dyn CpuMmu>, range: VaRange, prot: Prot, remote: bool) -> Result<()> {
-        let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
-        if !checked.is_page_aligned() {
-            return Err(CoreError::Unaligned(range));
-        }
+        Region::check_new(range)?;
         self.not_forked()?;
         let region = Region::build(range, prot, cpu, remote);
         for cell in &region.blocks {

@@ -83,8 +83,22 @@ pub struct Region {
 }
 
 impl Region {
-    /// A region over `range` (page aligned) whose CPU side is `cpu` (which must accept every
-    /// sub-range of `range`), with untouched pages.
+    /// Validates the range of a new region: non-empty, page aligned, and ending at least one
+    /// block below the top of the address space, so that the block arithmetic ([`Region::build`],
+    /// [`Region::block_span`]: the end of the region's last 2 MiB block) cannot overflow.
+    pub(crate) fn check_new(range: VaRange) -> Result<()> {
+        let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
+        if !checked.is_page_aligned() {
+            return Err(CoreError::Unaligned(range));
+        }
+        if range.start.checked_add(range.len).and_then(|end| end.checked_add(BLOCK_SIZE)).is_none() {
+            return Err(CoreError::Overflow { start: range.start, len: range.len });
+        }
+        Ok(())
+    }
+
+    /// A region over `range` (checked by [`Region::check_new`]) whose CPU side is `cpu` (which
+    /// must accept every sub-range of `range`), with untouched pages.
     pub(crate) fn build(range: VaRange, prot: Prot, cpu: Arc<dyn CpuMmu>, remote: bool) -> Region {
         let first = align_down(range.start, BLOCK_SIZE);
         let nblocks = (range.end() - first).div_ceil(BLOCK_SIZE) as usize;
@@ -310,10 +324,7 @@ impl AddressSpace {
     /// Adds a region; `remote` makes it mirrored (devices map the host pages, nothing migrates).
     pub fn add_region_with(&self, cpu: Arc<dyn CpuMmu>, prot: Prot, remote: bool) -> Result<VaRange> {
         let range = cpu.range();
-        let checked = VaRange::checked(range.start, range.len).ok_or(CoreError::Empty { start: range.start })?;
-        if !checked.is_page_aligned() {
-            return Err(CoreError::Unaligned(range));
-        }
+        Region::check_new(range)?;
         self.not_forked()?;
         // Through the fork gate: a region added while a fork is prepared (after it listed the
         // regions it privatizes in the child) would stay shared with the parent there.

@@ -2085,3 +2085,20 @@ fn a_job_ends_on_every_piece_of_a_region_split_while_it_ran() {
         }
     }
 }
+
+#[test]
+fn a_region_in_the_last_block_of_the_address_space_is_refused() {
+    use crate::error::CoreError;
+    let w = world(false, 64);
+    // The region's last 2 MiB block would end at 2^64: its block arithmetic would overflow.
+    let top = VaRange::new(u64::MAX - 2 * PAGE_SIZE + 1, PAGE_SIZE);
+    let r = w.space.add_region(Arc::new(PlainCpu::new(top)), Prot::READ | Prot::WRITE);
+    assert!(matches!(r, Err(CoreError::Overflow { .. })), "{r:?}");
+    // One block lower is fine.
+    let below = VaRange::new(u64::MAX - BLOCK_SIZE - 2 * PAGE_SIZE + 1, PAGE_SIZE);
+    w.space.add_region(Arc::new(PlainCpu::new(below)), Prot::READ | Prot::WRITE).unwrap();
+    assert!(matches!(
+        w.space.remap_range(below.start, u64::MAX - 2 * PAGE_SIZE + 1, PAGE_SIZE, None),
+        Err(CoreError::Overflow { .. })
+    ));
+}

@@ -194,7 +194,7 @@ pub struct CudaLaunch {
 impl CudaLaunch {
     /// Waits for the kernel, at most `timeout`.
     pub fn wait(self, timeout: Duration) -> Result<(), DeviceError> {
-        match driver::wait_events(std::slice::from_ref(&*self.done), Instant::now() + timeout) {
+        match driver::wait_events(std::slice::from_ref(&*self.done), deadline_after(timeout)) {
             Ok(true) => Ok(()),
             Ok(false) => Err(DeviceError::Timeout(timeout)),
             Err(e) => Err(e.into()),
@@ -206,6 +206,13 @@ impl CudaLaunch {
         let _ = self.gpu.bind();
         self.done.try_is_complete().unwrap_or(true)
     }
+}
+
+/// The instant `t` from now; a timeout too long to add (`Duration::MAX`, a caller's "forever")
+/// gives a deadline about 136 years away instead of a panic.
+fn deadline_after(t: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(t).unwrap_or_else(|| now + Duration::from_secs(1 << 32))
 }
 
 fn dev_err(e: CudaError) -> DeviceError {
@@ -327,23 +334,32 @@ impl CudaDevice {
         // fails) the PTX built from the same sources and kept in the repository is loaded, and
         // the driver JIT-compiles it for the GPU.
         let shipped = || cudarc::nvrtc::Ptx::from_src(kernels::PTX);
-        let ptx = if driver::nvrtc_present() {
+        let (ptx, compiled) = if driver::nvrtc_present() {
             let opts = cudarc::nvrtc::CompileOptions { name: Some("hetmm_kernels.cu".into()), ..Default::default() };
             match cudarc::nvrtc::compile_ptx_with_opts(kernels::program_source(), opts) {
-                Ok(p) => p,
+                Ok(p) => (p, true),
                 Err(e) => {
                     log::warn!("cuda: NVRTC failed ({e:?}); loading the shipped PTX");
-                    shipped()
+                    (shipped(), false)
                 }
             }
         } else {
             log::info!("cuda: NVRTC is not installed; loading the shipped PTX ({})", kernels::PTX_ARCH);
-            shipped()
+            (shipped(), false)
         };
         let ctx = self.inner.gpu.ctx();
-        let module = ctx
-            .load_module(ptx)
-            .map_err(|e| CudaError::Driver { call: "cuModuleLoadData", code: format!("{:?}", e.0) })?;
+        let load_err =
+            |e: cudarc::driver::DriverError| CudaError::Driver { call: "cuModuleLoadData", code: format!("{:?}", e.0) };
+        let module = match ctx.load_module(ptx) {
+            Ok(m) => m,
+            // An NVRTC newer than the driver emits PTX the driver refuses
+            // (CUDA_ERROR_UNSUPPORTED_PTX_VERSION): the shipped PTX may still load.
+            Err(e) if compiled => {
+                log::warn!("cuda: the driver refused NVRTC's PTX ({:?}); loading the shipped PTX", e.0);
+                ctx.load_module(shipped()).map_err(load_err)?
+            }
+            Err(e) => return Err(load_err(e)),
+        };
         let mut funcs = Vec::new();
         for spec in kernels::ALL {
             let f = module
@@ -371,6 +387,15 @@ impl CudaDevice {
         let st = i.state.lock();
         for (buf, how) in call.buffers() {
             let end = buf.ptr.checked_add(buf.bytes).ok_or_else(|| CudaError::Kernel("buffer overflows".into()))?;
+            // Device addresses are contiguous only inside one region's reservation (regions are
+            // shifted independently): a buffer running into the next region would have the kernel
+            // reach past its reservation, into whatever the driver placed there.
+            if st.pt.region_of(buf.ptr).is_none_or(|r| end > r.app.end()) {
+                return Err(CudaError::Kernel(format!(
+                    "{}: buffer {:#x}+{:#x} does not lie inside one shared region",
+                    spec.name, buf.ptr, buf.bytes
+                )));
+            }
             let mut va = buf.ptr & !(CHUNK - 1);
             while va < end {
                 match st.pt.lookup(va) {
@@ -488,7 +513,7 @@ impl Inner {
         if inflight.is_empty() {
             return Ok(());
         }
-        let deadline = Instant::now() + self.cfg.kernel_timeout;
+        let deadline = deadline_after(self.cfg.kernel_timeout);
         for ev in inflight.iter() {
             match driver::wait_events(std::slice::from_ref(&**ev), deadline) {
                 Ok(true) => {}
@@ -527,6 +552,41 @@ impl Inner {
         st.chunks[idx] = Some(chunk);
         self.counters.add(CHUNKS, 1);
         Ok(())
+    }
+
+    /// Waits (at most `kernel_timeout`) for every copy started on the copy streams: used before a
+    /// failed copy batch returns, since no completion is handed out to wait on.
+    fn drain_copies(&self) {
+        let deadline = deadline_after(self.cfg.kernel_timeout);
+        for (what, stream) in [("host-to-device", &self.h2d), ("device-to-host", &self.d2h)] {
+            match driver::record(stream).and_then(|ev| driver::wait_events(std::slice::from_ref(&ev), deadline)) {
+                Ok(true) => {}
+                Ok(false) => {
+                    log::error!("cuda: {what} copies of a failed batch still run after {:?}", self.cfg.kernel_timeout)
+                }
+                Err(e) => log::error!("cuda: waiting for the {what} copies of a failed batch: {e}"),
+            }
+        }
+    }
+
+    /// Sets access on `runs` in order, stopping at the first failure. Returns the runs to record
+    /// as in force: those applied, and a failed one that only takes write access away (part of
+    /// it may be in force; recording less access than the driver grants is the safe side, since
+    /// launches check the table).
+    fn set_access_runs(&self, st: &State, runs: &[plan::AccessRun]) -> (Vec<plan::AccessRun>, Result<(), CudaError>) {
+        let mut applied = Vec::new();
+        for run in runs {
+            match self.set_access(&st.reservations[&run.region], run) {
+                Ok(()) => applied.push(*run),
+                Err(e) => {
+                    if run.access == Access::Read {
+                        applied.push(*run);
+                    }
+                    return (applied, Err(e));
+                }
+            }
+        }
+        (applied, Ok(()))
     }
 
     /// Sets access on a run, falling back to one call per chunk if the driver refuses a run
@@ -590,7 +650,7 @@ struct CopyDone {
 
 impl Completion for CopyDone {
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
-        match driver::wait_events(&self.events, Instant::now() + timeout) {
+        match driver::wait_events(&self.events, deadline_after(timeout)) {
             Ok(true) => Ok(()),
             Ok(false) => Err(DeviceError::Timeout(timeout)),
             Err(e) => Err(e.into()),
@@ -668,13 +728,10 @@ impl DeviceMmu for CudaDevice {
             }
         }
         i.counters.add_since(NS_MAP, t);
+        let mut applied = Vec::new();
         if result.is_ok() {
-            for run in &plan.access {
-                if let Err(e) = i.set_access(&st.reservations[&run.region], run) {
-                    result = Err(e);
-                    break;
-                }
-            }
+            let (a, r) = i.set_access_runs(&st, &plan.access);
+            (applied, result) = (a, r);
         }
         if let Err(e) = result {
             // A failed batch installs nothing (the core gives the chunks back at once). What
@@ -688,6 +745,10 @@ impl DeviceMmu for CudaDevice {
                 log::error!("cuda: undoing a failed map at {:#x} failed; chunk {} parked there", m.host_va, m.chunk);
                 st.pt.park_stale(m);
             }
+            // Mappings the block held before the call stay, with the access the runs already
+            // applied gave them in the driver: record it (new mappings were undone above and are
+            // not in the table, so only those are touched).
+            st.pt.commit_map(&plan::MapPlan { access: applied, ..plan::MapPlan::default() });
             return Err(e.into());
         }
         st.pt.commit_map(&plan);
@@ -719,21 +780,18 @@ impl DeviceMmu for CudaDevice {
 
     fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
         let i = &self.inner;
-        let st = i.state.lock();
+        let mut st = i.state.lock();
         let runs = st.pt.plan_protect(ranges)?;
         if runs.is_empty() {
             return Ok(());
         }
         i.wait_kernels()?;
-        for run in &runs {
-            i.set_access(&st.reservations[&run.region], run).map_err(dev_err)?;
-        }
-        drop(st);
-        // Record the new access in the table.
-        let mut st = i.state.lock();
-        let plan = plan::MapPlan { access: runs, ..plan::MapPlan::default() };
-        st.pt.commit_map(&plan);
-        Ok(())
+        let (applied, result) = i.set_access_runs(&st, &runs);
+        // Record the new access in the table, under the same lock (the region may go, or the
+        // block be mapped otherwise, as soon as it is released), and also when a later run
+        // failed: the runs already applied are in force in the driver.
+        st.pt.commit_map(&plan::MapPlan { access: applied, ..plan::MapPlan::default() });
+        result.map_err(dev_err)
     }
 
     /// Nothing to do: `cuMemUnmap` and `cuMemSetAccess` invalidate the GPU's TLBs themselves,
@@ -796,15 +854,27 @@ impl DeviceMmu for CudaDevice {
                     unsafe { driver::zero(&i.gpu, &i.h2d, w + dst.0, len) }
                 }
             };
-            r.map_err(dev_err)?;
+            if let Err(e) = r {
+                // The copies already started still read or write host memory the core may reuse
+                // as soon as this returns an error: let them finish first.
+                i.drain_copies();
+                return Err(dev_err(e));
+            }
         }
         drop(st);
         let mut events = Vec::new();
-        if used_h2d {
-            events.push(driver::record(&i.h2d).map_err(dev_err)?);
-        }
-        if used_d2h {
-            events.push(driver::record(&i.d2h).map_err(dev_err)?);
+        let recorded = (|| {
+            if used_h2d {
+                events.push(driver::record(&i.h2d)?);
+            }
+            if used_d2h {
+                events.push(driver::record(&i.d2h)?);
+            }
+            Ok::<(), CudaError>(())
+        })();
+        if let Err(e) = recorded {
+            i.drain_copies();
+            return Err(dev_err(e));
         }
         i.counters.add(BATCHES, 1);
         Ok(Box::new(CopyDone { events }))
@@ -916,5 +986,21 @@ impl DeviceMmu for CudaDevice {
         st.reservations.remove(&app.start);
         st.pinned.remove(&app.start);
         st.host.remove_region(app.start);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `CudaConfig::kernel_timeout` and the timeouts given to `CudaLaunch::wait` and a copy
+    /// completion are callers' values: `Duration::MAX` ("wait forever") must not panic when the
+    /// deadline is computed (`Instant + Duration` panics on overflow).
+    #[test]
+    fn a_timeout_of_forever_gives_a_deadline_not_a_panic() {
+        let d = deadline_after(Duration::MAX);
+        assert!(d > Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let d = deadline_after(Duration::from_millis(5));
+        assert!(d <= Instant::now() + Duration::from_millis(5));
     }
 }

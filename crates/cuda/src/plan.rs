@@ -255,6 +255,9 @@ impl PageTable {
     pub fn plan_map(&self, entries: &[MapEntry], chunks: u64) -> Result<MapPlan, DeviceError> {
         let mut plan = MapPlan::default();
         let mut seen = std::collections::HashSet::new();
+        // One chunk at two blocks (aliasing) is never asked for; refused, since a parked mapping
+        // of that chunk would be revived for one block and dropped for the other.
+        let mut seen_chunks = std::collections::HashSet::new();
         for e in entries {
             let MapTarget::Device(pa) = e.target else {
                 return Err(DeviceError::Other(format!(
@@ -276,6 +279,9 @@ impl PageTable {
                 let chunk = first + k as u64;
                 if !seen.insert(host_va) {
                     return Err(bad(host_va, CHUNK));
+                }
+                if !seen_chunks.insert(chunk) {
+                    return Err(DeviceError::BadPhysical { addr: chunk * CHUNK, len: CHUNK });
                 }
                 let m = ChunkMap {
                     region: r.app.start,
@@ -331,9 +337,14 @@ impl PageTable {
             self.mapped.insert(m.host_va, *m);
         }
         for run in &plan.access {
-            let r = self.regions[&run.region];
-            for dev_va in (run.dev_va..run.dev_va + run.len).step_by(CHUNK as usize) {
-                if let Some(m) = self.mapped.get_mut(&(r.app.start + (dev_va - r.dev_base))) {
+            // A run of a region that went (or came back with another reservation) since the plan
+            // names no mapping any more: skipped, never a panic.
+            let Some(r) = self.regions.get(&run.region).copied() else { continue };
+            for dev_va in (run.dev_va..run.dev_va.saturating_add(run.len)).step_by(CHUNK as usize) {
+                let Some(off) = dev_va.checked_sub(r.dev_base) else { continue };
+                let Some(host_va) = r.app.start.checked_add(off) else { continue };
+                if let Some(m) = self.mapped.get_mut(&host_va).filter(|m| m.region == run.region && m.dev_va == dev_va)
+                {
                     m.access = run.access;
                 }
             }
@@ -960,5 +971,59 @@ mod tests {
             _ => true,
         }));
         assert_eq!(out.iter().map(CopyOp::len).sum::<u64>(), ops.iter().map(CopyOp::len).sum::<u64>());
+    }
+
+
+    /// `protect` (device.rs) plans its access runs, releases the page-table lock to apply them,
+    /// then commits the plan under a new lock. A region removed (or the whole table torn down by
+    /// `destroy_page_table`) in between leaves runs naming a region the table no longer has:
+    /// committing them must not panic (it indexed `self.regions[&run.region]`).
+    #[test]
+    fn commit_of_runs_for_a_removed_region_does_not_panic() {
+        let mut pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        pt.commit_map(&pt.plan_map(&[entry(A, CHUNK, 0, rw)], 16).unwrap());
+        let runs = pt.plan_protect(&[(VaRange::new(A, CHUNK), Prot::READ)]).unwrap();
+        pt.remove_region(A);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pt.commit_map(&MapPlan { access: runs.clone(), ..MapPlan::default() });
+        }));
+        assert!(r.is_ok(), "commit_map panicked on runs of a removed region");
+        // The region comes back at the same host addresses but another device base (the driver
+        // chose another reservation), with the block mapped afresh read-write: the stale runs
+        // must neither underflow nor change the new mapping's recorded access.
+        pt.add_region(RegionVa { app: VaRange::new(A, 3 * CHUNK + 5 * PAGE_SIZE), dev_base: D + 64 * CHUNK }).unwrap();
+        pt.commit_map(&pt.plan_map(&[entry(A, CHUNK, 0, rw)], 16).unwrap());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pt.commit_map(&MapPlan { access: runs.clone(), ..MapPlan::default() });
+        }));
+        assert!(r.is_ok(), "commit_map panicked on runs of a replaced region");
+        assert_eq!(pt.lookup(A).map(|m| m.access), Some(Access::ReadWrite), "stale run applied to a new mapping");
+    }
+
+    /// One physical chunk at two blocks of one batch: with that chunk parked at the first block,
+    /// the plan both revives the parked mapping (no driver call, recorded as mapped) and drops it
+    /// (`cuMemUnmap`) because the second block wants its chunk. Committed, the table says the
+    /// block is mapped while the driver has unmapped it: a launch passes the residency check and
+    /// the kernel faults on the GPU. Such a batch must be refused whole.
+    #[test]
+    fn one_chunk_at_two_blocks_of_a_batch_is_refused() {
+        let mut pt = table();
+        let rw = Prot::READ | Prot::WRITE;
+        pt.commit_map(&pt.plan_map(&[entry(A, CHUNK, 4 * CHUNK, rw)], 16).unwrap());
+        pt.park(&pt.plan_unmap(&[VaRange::new(A, CHUNK)]).unwrap());
+        let batch = [entry(A, CHUNK, 4 * CHUNK, rw), entry(A + CHUNK, CHUNK, 4 * CHUNK, rw)];
+        match pt.plan_map(&batch, 16) {
+            Err(_) => {}
+            Ok(plan) => {
+                let revived_and_dropped = plan.revive.iter().any(|r| plan.drop.iter().any(|d| d.host_va == r.host_va));
+                panic!("batch mapping chunk 4 twice accepted (revived and dropped at once: {revived_and_dropped}): {plan:?}");
+            }
+        }
+        // Without anything parked too: two blocks aliasing one chunk is never a valid batch.
+        let pt = table();
+        assert!(pt
+            .plan_map(&[entry(A, 2 * CHUNK, 4 * CHUNK, rw), entry(A + 2 * CHUNK, CHUNK, 5 * CHUNK, rw)], 16)
+            .is_err());
     }
 }

@@ -106,6 +106,9 @@ impl AddressSpace {
                     self.slot(d)?;
                 }
                 self.attrs.write().update(range, |a| a.preferred = p);
+                if let Some(Proc::Device(d)) = p {
+                    self.unmap_remote_on(d, range)?;
+                }
                 Ok(Pending::done())
             }
             Advice::ReadMostly(on) => {
@@ -125,5 +128,123 @@ impl AddressSpace {
                 Ok(Pending::done())
             }
         }
+    }
+}
+
+impl AddressSpace {
+    /// UVM's `preferred_location_unmap_remote_pages`: the new preferred device loses its remote
+    /// mappings of the pages of `range` it holds no copy of, so that its next access faults and
+    /// residency selection moves the data to it (a device never faults on what it maps, and
+    /// with access counters off nothing else would bring the data).
+    fn unmap_remote_on(&self, d: DeviceId, range: VaRange) -> Result<()> {
+        let slot = self.slot(d)?;
+        let _gate = self.enter()?;
+        let _shape = self.reshape.read();
+        let me = Proc::Device(d);
+        for region in self.overlapping(range) {
+            if region.remote {
+                continue; // mirrored: never migrated, remote mappings are all it has
+            }
+            let Some(part) = region.range.intersect(&range) else { continue };
+            for bidx in region.block_index(part.start)..=region.block_index(part.end() - 1) {
+                let mut blk = region.blocks[bidx].lock();
+                if region.is_freed() {
+                    break;
+                }
+                let mut remote = crate::block::PageMask::default();
+                for (i, p) in blk.pages.iter().enumerate() {
+                    if p.dev_mapped.has(me) && !p.resident.has(me) && part.contains(blk.va(i)) {
+                        remote.set(i);
+                    }
+                }
+                if !remote.is_empty() {
+                    crate::migrate::unmap_on(self, &mut blk, &slot, &remote)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::device::DeviceFault;
+    use crate::policy::Policy;
+    use crate::space::{AttachOptions, CoreConfig};
+    use crate::types::{Access, Prot, BLOCK_SIZE, PAGE_SIZE};
+
+    /// uvm.md 4, policy gates: "On a first touch, if the destination is the preferred location,
+    /// the whole block (2 MB) is populated" (`uvm_perf_prefetch_prenotify_fault_migrations`:
+    /// block resident nowhere and `preferred_location == new_residency` fills the whole
+    /// region). Under `uvm`, after `PreferredLocation(device)`, the device's first fault in an
+    /// untouched block brings only the tree prefetcher's 64 KiB.
+    #[test]
+    fn uvm_first_touch_at_the_preferred_location_populates_the_whole_block() {
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let (space, id) = crate::testing::one_region(Policy::uvm(), start, len);
+        let d = Proc::Device(id);
+        space.advise(start, len, Advice::PreferredLocation(Some(d))).unwrap().wait(Duration::from_secs(5)).unwrap();
+        let slot = space.slot(id).unwrap();
+        let mut batch = vec![DeviceFault { va: start, access: Access::Read, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        assert!(cancel.is_empty());
+        let on_dev =
+            (0..len / PAGE_SIZE).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(d)).count();
+        assert_eq!(on_dev, 512, "whole block populated on the preferred device");
+    }
+
+    /// Advice naming a device outlives it: `detach` leaves `PreferredLocation(dev)` and
+    /// `AccessedBy(dev)` in the range attributes, and `attach` reuses the lowest free id, so the
+    /// next device attached inherits advice the program gave for another one. (UVM drops a GPU
+    /// from every range's preferred location and accessed-by set when it is unregistered.) Nor
+    /// can the program take the stale `AccessedBy` back: `AccessedBy(dev, false)` is refused as
+    /// detached.
+    #[test]
+    fn advice_naming_a_detached_device_is_dropped() {
+        let space = AddressSpace::new(CoreConfig::default());
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; len as usize]));
+        space
+            .add_region(Arc::new(crate::fakes::PlainCpu::new(VaRange::new(start, len))), Prot::READ | Prot::WRITE)
+            .unwrap();
+        let dev = || Arc::new(crate::testing::FakeDevice::new(64 * PAGE_SIZE as usize, 0, host.clone()));
+        let id = space.attach(dev(), AttachOptions::default()).unwrap();
+        let d = Proc::Device(id);
+        space.advise(start, len, Advice::PreferredLocation(Some(d))).unwrap();
+        space.advise(start, len, Advice::AccessedBy(id, true)).unwrap();
+        space.detach(id).unwrap();
+        let a = space.attrs_at(start);
+        assert!(a.preferred.is_none() && a.accessed_by.is_empty(), "stale advice after detach: {a:?}");
+        let id2 = space.attach(dev(), AttachOptions::default()).unwrap();
+        assert_eq!(id2, id, "ids are reused");
+        let a = space.attrs_at(start);
+        assert!(a.preferred.is_none() && a.accessed_by.is_empty(), "the new device inherited: {a:?}");
+    }
+
+    /// uvm.md 7.1: SetPreferredLocation "unmaps remote mappings from the preferred processor
+    /// on pages not resident there, so that the next access faults and migrates"
+    /// (`preferred_location_unmap_remote_pages`). Under `uvm` (access counters off) a device
+    /// that maps host memory remotely keeps that mapping after it becomes the preferred
+    /// location: it never faults again, and the data never comes to it.
+    #[test]
+    fn uvm_preferred_location_unmaps_the_preferred_devices_remote_mappings() {
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let (space, id) = crate::testing::one_region(Policy::uvm(), start, len);
+        let d = Proc::Device(id);
+        crate::cpu::CpuFaultHandler::cpu_fault(&*space, start, Access::Write).unwrap();
+        space.advise(start, len, Advice::AccessedBy(id, true)).unwrap();
+        let slot = space.slot(id).unwrap();
+        let mut batch = vec![DeviceFault { va: start, access: Access::Read, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        assert!(cancel.is_empty());
+        let p = space.page_state(start).unwrap();
+        assert!(p.dev_mapped.has(d) && !p.resident.has(d), "set-up: mapped remotely: {p:?}");
+        space.advise(start, len, Advice::AccessedBy(id, false)).unwrap();
+        space.advise(start, len, Advice::PreferredLocation(Some(d))).unwrap();
+        let p = space.page_state(start).unwrap();
+        assert!(!p.dev_mapped.has(d) || p.resident.has(d), "the preferred device still maps host memory: {p:?}");
     }
 }

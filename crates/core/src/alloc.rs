@@ -37,8 +37,15 @@ impl BuddyAllocator {
     /// An allocator over the given physical ranges (each start and length a multiple of 2 MiB is
     /// best; partial tails are registered as smaller blocks).
     pub fn new(ranges: &[(PhysAddr, u64)]) -> Self {
-        let end = ranges.iter().map(|(a, l)| a.0.saturating_add(*l)).max().unwrap_or(0);
-        let frames = usize::try_from(end >> PAGE_SHIFT).unwrap_or(0);
+        // Whole frames of each range, in address order; a range whose end overflows is dropped.
+        let mut runs: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter_map(|(a, l)| Some((a.0.div_ceil(PAGE_SIZE), a.0.checked_add(*l)? >> PAGE_SHIFT)))
+            .filter(|(first, last)| last > first)
+            .collect();
+        runs.sort_unstable();
+        let end = runs.iter().map(|r| r.1).max().unwrap_or(0);
+        let frames = usize::try_from(end).unwrap_or(0);
         let mut a = BuddyAllocator {
             free: (0..=MAX_ORDER).map(|_| BTreeSet::new()).collect(),
             head_order: vec![NOT_FREE_HEAD; frames],
@@ -46,13 +53,16 @@ impl BuddyAllocator {
             free_pages: 0,
             total_pages: 0,
         };
-        for (start, len) in ranges {
-            let first = start.0.div_ceil(PAGE_SIZE);
-            let last = (start.0 + len) >> PAGE_SHIFT;
+        // Frames shared by overlapping ranges are registered once (twice, they would sit in two
+        // free blocks and be handed out twice).
+        let mut covered = 0;
+        for (first, last) in runs {
+            let first = first.max(covered);
             if last > first {
                 a.total_pages += last - first;
                 a.free_range(first, last - first);
             }
+            covered = covered.max(last);
         }
         a
     }
@@ -248,5 +258,87 @@ mod tests {
                 prop_assert_eq!(a.free_pages() + used.len() as u64, 2048);
             }
         }
+    }
+
+    #[derive(Clone, Debug)]
+    enum AOp {
+        Alloc(u32),
+        AllocAt(u64, u32),
+        Free(u64, u64),
+    }
+
+    proptest! {
+        /// Allocations, placed allocations and frees of arbitrary runs over registered memory
+        /// with unaligned edges and holes, against a bitmap model.
+        #[test]
+        fn matches_a_bitmap_model(
+            ranges in proptest::collection::vec((0u64..1500, 1u64..700), 1..4),
+            ops in proptest::collection::vec(prop_oneof![
+                (0u32..=9).prop_map(AOp::Alloc),
+                (0u64..2048, 0u32..=9).prop_map(|(f, o)| AOp::AllocAt(f, o)),
+                (0u64..2048, 1u64..64).prop_map(|(f, n)| AOp::Free(f, n)),
+            ], 1..150),
+        ) {
+            // Ranges in frames, overlapping ones too.
+            let mut regs: Vec<(PhysAddr, u64)> = Vec::new();
+            let mut registered = vec![false; 2300];
+            for (s, l) in ranges {
+                for f in s..s + l { registered[f as usize] = true; }
+                regs.push((PhysAddr(s * PAGE_SIZE), l * PAGE_SIZE));
+            }
+            let mut a = BuddyAllocator::new(&regs);
+            let mut used = vec![false; 2300];
+            let total = registered.iter().filter(|r| **r).count() as u64;
+            prop_assert_eq!(a.total_pages(), total);
+            let free_run = |used: &Vec<bool>, f: u64, n: u64| (f..f + n).all(|x| registered.get(x as usize).copied().unwrap_or(false) && !used[x as usize]);
+            for op in ops {
+                match op {
+                    AOp::Alloc(o) => {
+                        let n = 1u64 << o;
+                        let any = (0..2300u64 / n).any(|b| free_run(&used, b * n, n));
+                        match a.alloc(o) {
+                            Some(p) => {
+                                let f = p.0 / PAGE_SIZE;
+                                prop_assert_eq!(f % n, 0);
+                                prop_assert!(free_run(&used, f, n), "handed out a taken or unregistered page");
+                                for x in f..f + n { used[x as usize] = true; }
+                            }
+                            None => prop_assert!(!any, "refused order {} though a free aligned run exists", o),
+                        }
+                    }
+                    AOp::AllocAt(f, o) => {
+                        let n = 1u64 << o;
+                        let f = f / n * n;
+                        let want = free_run(&used, f, n);
+                        prop_assert_eq!(a.alloc_at(PhysAddr(f * PAGE_SIZE), o), want);
+                        if want { for x in f..f + n { used[x as usize] = true; } }
+                    }
+                    AOp::Free(f, n) => {
+                        let want = (f..f + n).all(|x| used.get(x as usize).copied().unwrap_or(false));
+                        prop_assert_eq!(a.free(PhysAddr(f * PAGE_SIZE), n), want);
+                        if want { for x in f..f + n { used[x as usize] = false; } }
+                    }
+                }
+                prop_assert_eq!(a.free_pages(), total - used.iter().filter(|u| **u).count() as u64);
+            }
+        }
+    }
+
+    /// Overlapping registered ranges (a device listing a range twice, or two ranges sharing
+    /// frames) registered the shared frames twice: counted twice and put on the free lists in
+    /// two blocks, so the same page was handed out twice.
+    #[test]
+    fn overlapping_ranges_register_each_page_once() {
+        let mut a = BuddyAllocator::new(&[(PhysAddr(0), MB2), (PhysAddr(MB2 / 2), MB2)]);
+        assert_eq!(a.total_pages(), 768);
+        assert_eq!(a.free_pages(), 768);
+        let mut seen = std::collections::HashSet::new();
+        while let Some(p) = a.alloc(0) {
+            assert!(seen.insert(p.0), "page {:#x} handed out twice", p.0);
+        }
+        assert_eq!(seen.len(), 768);
+        // A range whose end overflows is refused rather than panicking.
+        let b = BuddyAllocator::new(&[(PhysAddr(0), MB2), (PhysAddr(u64::MAX - 4095), 8192)]);
+        assert_eq!(b.total_pages(), 512);
     }
 }

@@ -136,6 +136,20 @@ impl RangeAttrs {
         }
     }
 
+    /// Drops `p` from every range's advice (its preferred location, its accessed-by bit): the
+    /// device was detached, and the id may go to the next device attached, which must not
+    /// inherit advice given for another.
+    pub fn forget_proc(&mut self, p: Proc) {
+        if self.map.values().any(|(_, a)| a.preferred == Some(p) || a.accessed_by.has(p)) {
+            self.update(VaRange::new(0, u64::MAX), |a| {
+                if a.preferred == Some(p) {
+                    a.preferred = None;
+                }
+                a.accessed_by.remove(p);
+            });
+        }
+    }
+
     /// Number of stored ranges.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -270,5 +284,131 @@ mod tests {
                 prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2));
             }
         }
+    }
+
+    /// Every operation (field updates that read the old value, clears, moves, overlapping
+    /// moves) against a per-page model; `within`, `all_in`, `prefetch_fit` and the map's
+    /// invariants too.
+    #[derive(Clone, Debug)]
+    enum Op {
+        Pref(u64, u64, Option<u8>),
+        Toggle(u64, u64, u8),
+        Pin(u64, u64, bool),
+        Rm(u64, u64, bool),
+        Clear(u64, u64),
+        Move(u64, u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u64..64, 1u64..16, proptest::option::of(0u8..3)).prop_map(|(s, l, p)| Op::Pref(s, l, p)),
+            (0u64..64, 1u64..16, 0u8..3).prop_map(|(s, l, d)| Op::Toggle(s, l, d)),
+            (0u64..64, 1u64..16, any::<bool>()).prop_map(|(s, l, b)| Op::Pin(s, l, b)),
+            (0u64..64, 1u64..16, any::<bool>()).prop_map(|(s, l, b)| Op::Rm(s, l, b)),
+            (0u64..64, 1u64..16).prop_map(|(s, l)| Op::Clear(s, l)),
+            (0u64..64, 0u64..64, 1u64..16).prop_map(|(f, t, l)| Op::Move(f, t, l)),
+        ]
+    }
+
+    fn proc_of(p: u8) -> Proc {
+        if p == 0 {
+            Proc::Cpu
+        } else {
+            Proc::Device(crate::types::DeviceId(p - 1))
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn every_operation_matches_a_per_page_model(ops in proptest::collection::vec(op(), 1..30)) {
+            const P: u64 = 4096;
+            let mut m = RangeAttrs::default();
+            let mut model = vec![Attrs::default(); 96];
+            for o in ops {
+                match o {
+                    Op::Pref(s, l, p) => {
+                        let p = p.map(proc_of);
+                        m.update(VaRange::new(s * P, l * P), |a| a.preferred = p);
+                        for a in &mut model[s as usize..(s + l) as usize] { a.preferred = p; }
+                    }
+                    Op::Toggle(s, l, d) => {
+                        let p = Proc::Device(crate::types::DeviceId(d));
+                        let f = |a: &mut Attrs| if a.accessed_by.has(p) { a.accessed_by.remove(p) } else { a.accessed_by.insert(p) };
+                        m.update(VaRange::new(s * P, l * P), f);
+                        for a in &mut model[s as usize..(s + l) as usize] { f(a); }
+                    }
+                    Op::Pin(s, l, b) => {
+                        m.update(VaRange::new(s * P, l * P), |a| a.pinned = b);
+                        for a in &mut model[s as usize..(s + l) as usize] { a.pinned = b; }
+                    }
+                    Op::Rm(s, l, b) => {
+                        m.update(VaRange::new(s * P, l * P), |a| a.read_mostly = b);
+                        for a in &mut model[s as usize..(s + l) as usize] { a.read_mostly = b; }
+                    }
+                    Op::Clear(s, l) => {
+                        m.clear(VaRange::new(s * P, l * P));
+                        for a in &mut model[s as usize..(s + l) as usize] { *a = Attrs::default(); }
+                    }
+                    Op::Move(f, t, l) => {
+                        m.move_range(f * P, t * P, l * P);
+                        let old: Vec<Attrs> = model[f as usize..(f + l) as usize].to_vec();
+                        for a in &mut model[f as usize..(f + l) as usize] { *a = Attrs::default(); }
+                        model[t as usize..(t + l) as usize].copy_from_slice(&old);
+                    }
+                }
+                for (p, want) in model.iter().enumerate() {
+                    prop_assert_eq!(m.get(p as u64 * P), *want, "page {}", p);
+                }
+                let v: Vec<_> = m.map.iter().map(|(k, (e, a))| (*k, *e, *a)).collect();
+                for x in &v {
+                    prop_assert!(x.0 < x.1 && x.2 != Attrs::default(), "{:?}", v);
+                }
+                for w in v.windows(2) {
+                    prop_assert!(w[0].1 <= w[1].0, "{:?}", v);
+                    prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2), "unmerged {:?}", v);
+                }
+            }
+            let dev = Proc::Device(crate::types::DeviceId(0));
+            for s in 0..96u64 {
+                for e in s + 1..=96 {
+                    let r = VaRange::new(s * P, (e - s) * P);
+                    let pages = &model[s as usize..e as usize];
+                    let w = m.within(r);
+                    for (i, a) in pages.iter().enumerate() {
+                        prop_assert_eq!(w.get((s + i as u64) * P), *a);
+                    }
+                    prop_assert_eq!(m.all_in(r, |a| a.pinned), pages.iter().all(|a| a.pinned));
+                    prop_assert_eq!(m.all_in(r, |a| a.preferred.is_none()), pages.iter().all(|a| a.preferred.is_none()));
+                    let allowed = pages.iter().all(|a| a.preferred.is_none_or(|p| p == dev) && a.accessed_by.is_empty());
+                    let rm = pages.iter().all(|a| a.read_mostly);
+                    prop_assert_eq!(m.prefetch_fit(r, dev), (allowed, rm));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn forget_proc_drops_only_that_processor() {
+        let d0 = Proc::Device(crate::types::DeviceId(0));
+        let d1 = Proc::Device(crate::types::DeviceId(1));
+        let mut m = RangeAttrs::default();
+        m.update(VaRange::new(0x1000, 0x4000), |a| a.preferred = Some(d0));
+        m.update(VaRange::new(0x3000, 0x4000), |a| {
+            a.accessed_by.insert(d0);
+            a.accessed_by.insert(d1);
+        });
+        m.update(VaRange::new(0x10_0000, 0x1000), |a| a.preferred = Some(d1));
+        m.update(VaRange::new(0x20_0000, 0x1000), |a| a.accessed_by.insert(d0));
+        m.forget_proc(d0);
+        for va in [0x1000, 0x3000, 0x6000, 0x20_0000] {
+            let a = m.get(va);
+            assert!(a.preferred != Some(d0) && !a.accessed_by.has(d0), "{va:#x}: {a:?}");
+        }
+        assert!(m.get(0x3000).accessed_by.has(d1) && m.get(0x6000).accessed_by.has(d1));
+        assert_eq!(m.get(0x10_0000).preferred, Some(d1));
+        assert_eq!(m.get(0x20_0000), Attrs::default());
+        // [0x3000, 0x7000) accessed by d1, [0x10_0000, +0x1000) preferring d1: merged, the rest gone.
+        assert_eq!(m.len(), 2, "{m:?}");
     }
 }

@@ -342,6 +342,11 @@ fn end_remote_service(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::
     }
 }
 
+/// Pages between the 2 MiB boundary and a block starting at `base` (see [`crate::policy::Prefetcher::prefetch`]).
+pub(crate) fn skew_of(base: u64) -> usize {
+    ((base % BLOCK_SIZE) / PAGE_SIZE) as usize
+}
+
 /// What residency selection needs to know about `slot`'s device for `blk`.
 fn reach_of(space: &AddressSpace, slot: &DeviceSlot, blk: &crate::block::Block, attrs: &RangeAttrs) -> Reach {
     let me = Proc::Device(slot.id);
@@ -488,7 +493,16 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             have.set(i);
         }
     }
-    let extra = policy.prefetcher.prefetch(&local, &resident, blk.npages).and_not(&faulted).and_not(&have);
+    // A first touch at the preferred location populates the whole block (UVM's
+    // `should_apply_prefetch_logic`); otherwise the prefetcher decides.
+    let first_touch_preferred = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty())
+        && faulted.iter().all(|i| attrs.get(blk.va(i)).preferred == Some(me));
+    let picked = if first_touch_preferred {
+        PageMask::full(blk.npages)
+    } else {
+        policy.prefetcher.prefetch(&local, &resident, blk.npages, skew_of(blk.base))
+    };
+    let extra = picked.and_not(&faulted).and_not(&have);
     let mut prefetched = 0;
     let within = attrs.within(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
     for i in extra.iter() {

@@ -175,7 +175,9 @@ impl AddressSpace {
     pub fn remap_range(&self, from: u64, to: u64, len: u64, new_cpu: Option<Arc<dyn CpuMmu>>) -> Result<()> {
         let old = VaRange::checked(from, len).ok_or(CoreError::Overflow { start: from, len })?;
         // The moved part becomes a region at `to`, whose last block must end below the top.
-        to.checked_add(len).and_then(|end| end.checked_add(BLOCK_SIZE)).ok_or(CoreError::Overflow { start: to, len })?;
+        to.checked_add(len)
+            .and_then(|end| end.checked_add(BLOCK_SIZE))
+            .ok_or(CoreError::Overflow { start: to, len })?;
         let followed = new_cpu.is_some();
         let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), |r| {
             let mut parts: Vec<Part> = minus_range(r.range, old)

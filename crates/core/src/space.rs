@@ -617,6 +617,8 @@ impl AddressSpace {
             slot.mmu.region_removed(region.range);
         }
         slot.mmu.destroy_page_table();
+        // The id goes to the next device attached, which must not inherit this one's advice.
+        self.attrs.write().forget_proc(me);
         if let Some(s) = self.devices.write().get_mut(id.0 as usize) {
             *s = None;
         }
@@ -944,8 +946,13 @@ impl AddressSpace {
         let t = Instant::now();
         let region = self.region_of(va).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
         let around = self.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
-        let chunk_start = align_down(va, around).max(region.range.start);
-        let chunk = VaRange::new(chunk_start, (chunk_start + around).min(region.range.end()) - chunk_start);
+        let chunk = if self.config.policy.cpu_fault_prefetch {
+            self.cpu_prefetch_chunk(&region, va)
+        } else {
+            let start = align_down(va, around).max(region.range.start);
+            VaRange::new(start, (start + around).min(region.range.end()) - start)
+        };
+        let chunk_start = chunk.start;
         // Blocks start at absolute 2 MiB boundaries, or at the region's start.
         let blk_base = align_down(va, BLOCK_SIZE).max(region.range.start);
         let fault_page = ((align_down(va, PAGE_SIZE) - blk_base) / PAGE_SIZE) as usize;
@@ -957,6 +964,35 @@ impl AddressSpace {
             self.read_ahead(&region, chunk_start, around);
         }
         Ok(())
+    }
+
+    /// The chunk a CPU fault at `va` brings home under [`Policy::cpu_fault_prefetch`]: the run of
+    /// pages around the faulting one that the prefetcher picks, given the pages the CPU already
+    /// holds (those are left out: UVM skips pages the CPU has, to spare their remapping).
+    fn cpu_prefetch_chunk(&self, region: &Region, va: u64) -> VaRange {
+        let span = region.block_span(region.block_index(va));
+        let f = ((align_down(va, PAGE_SIZE) - span.start) / PAGE_SIZE) as usize;
+        let blk = region.blocks[region.block_index(va)].lock();
+        let mut faulted = PageMask::default();
+        faulted.set(f);
+        let resident = blk.resident_on(Proc::Cpu);
+        let mut pick = self
+            .config
+            .policy
+            .prefetcher
+            .prefetch(&faulted, &resident, blk.npages, crate::fault::skew_of(blk.base))
+            .and_not(&resident);
+        let npages = blk.npages;
+        drop(blk);
+        pick.set(f);
+        let (mut s, mut e) = (f, f + 1);
+        while s > 0 && pick.get(s - 1) {
+            s -= 1;
+        }
+        while e < npages && pick.get(e) {
+            e += 1;
+        }
+        VaRange::new(span.start + s as u64 * PAGE_SIZE, (e - s) as u64 * PAGE_SIZE)
     }
 
     /// Makes the pages of `chunk` (inside one block) accessible to the CPU: data only on devices

@@ -1896,6 +1896,18 @@ const BASE4K: u64 = 0x8000_0000;
 /// The address space, the device, its id, and the host memory behind the region.
 pub(crate) type OneDevice = (Arc<AddressSpace>, Arc<FakeDevice>, DeviceId, Arc<Mutex<Vec<u8>>>);
 
+/// A space under `policy` (CPU read-ahead off) with one region of `len` bytes at `start` over a
+/// [`PlainCpu`], and one [`FakeDevice`] of 1024 pages attached.
+pub(crate) fn one_region(policy: crate::policy::Policy, start: u64, len: u64) -> (Arc<AddressSpace>, DeviceId) {
+    let cfg = CoreConfig { policy: crate::policy::Policy { cpu_readahead: false, ..policy }, ..CoreConfig::default() };
+    let space = AddressSpace::new(cfg);
+    let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
+    space.add_region(Arc::new(PlainCpu::new(VaRange::new(start, len))), Prot::READ | Prot::WRITE).unwrap();
+    let dev = Arc::new(FakeDevice::new(1024 * PAGE_SIZE as usize, 0, host));
+    let id = space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+    (space, id)
+}
+
 /// A region of `blocks` blocks at `BASE4K` (CPU read-ahead off), a [`FakeDevice`] of `dev_blocks`
 /// blocks of memory.
 fn setup4k(policy: crate::policy::Policy, blocks: u64, dev_blocks: u64, faults: bool) -> OneDevice {

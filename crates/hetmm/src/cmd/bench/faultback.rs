@@ -31,6 +31,8 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
     let n = (bytes / 8).max(1) as usize;
     let bytes = n as u64 * 8;
     let policy = Policy::by_name(r.policy).ok_or_else(|| hetmm::Error::UnknownPolicy(r.policy.to_string()))?;
+    // The sweep sets the chunk a CPU fault brings back, whatever the policy's prefetcher would.
+    let policy = Policy { cpu_fault_prefetch: false, ..policy };
     let hm = Hetmm::with_config(CoreConfig { fault_around: chunk, policy, ..CoreConfig::default() })?;
     let mem = device_memory(bytes, OVERSUB);
     let dev =

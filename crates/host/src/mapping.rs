@@ -594,6 +594,13 @@ fn mprotect_flags(prot: hetmm_core::types::Prot) -> rustix::mm::MprotectFlags {
     rustix::mm::MprotectFlags::from_bits_retain(prot_flags(prot).bits())
 }
 
+/// [`mprotect_flags`] of the program's protection `prot`, with `PROT_EXEC` if `exec` (the
+/// core's [`hetmm_core::types::Prot`] has no execute bit: the program's own is carried beside).
+fn program_mprotect_flags(prot: hetmm_core::types::Prot, exec: bool) -> rustix::mm::MprotectFlags {
+    let exec = if exec { rustix::mm::MprotectFlags::EXEC } else { rustix::mm::MprotectFlags::empty() };
+    mprotect_flags(prot) | exec
+}
+
 /// Changes the protection of a managed application view.
 ///
 /// # Safety
@@ -645,7 +652,12 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
 /// program could not read either (a file mapping past the end of its file) is an error here,
 /// where reading it directly would raise SIGBUS in the manager. Memory without `READ` is made
 /// readable for the copy and given its protection back, so an error leaves the range as it was.
-pub(crate) fn copy_private(range: VaRange, prot: hetmm_core::types::Prot, dst: usize) -> Result<(), MappingError> {
+pub(crate) fn copy_private(
+    range: VaRange,
+    prot: hetmm_core::types::Prot,
+    exec: bool,
+    dst: usize,
+) -> Result<(), MappingError> {
     use std::os::unix::fs::FileExt;
     check(range)?;
     let (addr, len) = (range.start as usize, range.len as usize);
@@ -662,30 +674,52 @@ pub(crate) fn copy_private(range: VaRange, prot: hetmm_core::types::Prot, dst: u
             range,
             errno: e.raw_os_error().unwrap_or(0),
         })?;
-        // SAFETY: `dst..dst+len` is the caller's alias of its memfd (writable, MAP_SHARED, never
-        // uffd-registered), which nothing else reads or writes until the memory is adopted.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst as *mut u8, len) };
+        // A chunk at a time, whose pages that read as zero (never touched, most of a sparse
+        // range) are then punched out of the memfd again: the copy never holds more than one
+        // chunk of them, and the memfd ends as sparse as the program's memory was.
+        const CHUNK: usize = 2 << 20;
         let mut done = 0;
         while done < len {
-            // The kernel stops at the first page it cannot fault in (EIO if that is the first
-            // page asked for, a short read otherwise: the next read gets nothing).
-            let errno = match mem.read_at(&mut out[done..], (addr + done) as u64) {
-                Ok(0) => Errno::IO.raw_os_error(),
-                Ok(n) => {
-                    done += n;
-                    continue;
+            let (first, stop) = (done, (done + CHUNK).min(len));
+            // SAFETY: `dst+first..dst+stop` is in the caller's alias of its memfd (writable,
+            // MAP_SHARED, never uffd-registered), which nothing else reads or writes until the
+            // memory is adopted; the slice ends before the punch below.
+            let out = unsafe { std::slice::from_raw_parts_mut((dst + first) as *mut u8, stop - first) };
+            while done < stop {
+                // The kernel stops at the first page it cannot fault in (EIO if that is the first
+                // page asked for, a short read otherwise: the next read gets nothing).
+                let errno = match mem.read_at(&mut out[done - first..], (addr + done) as u64) {
+                    Ok(0) => Errno::IO.raw_os_error(),
+                    Ok(n) => {
+                        done += n;
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => e.raw_os_error().unwrap_or(0),
+                };
+                let page = VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
+                return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
+            }
+            let psz = PAGE_SIZE as usize;
+            let zero: Vec<bool> = out.chunks(psz).map(|p| p.iter().all(|&b| b == 0)).collect();
+            let mut i = 0;
+            while i < zero.len() {
+                let run = zero[i..].iter().take_while(|&&z| z).count();
+                if run > 0 {
+                    let at = (dst + first + i * psz) as *mut _;
+                    // SAFETY: these pages of the caller's alias (a MAP_SHARED memfd mapping, see
+                    // above) hold only zeros; MADV_REMOVE frees their memfd pages, which then
+                    // read as zeros again: no content changes.
+                    let _ = unsafe { rustix::mm::madvise(at, run * psz, Advice::LinuxRemove) };
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => e.raw_os_error().unwrap_or(0),
-            };
-            let page = VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
-            return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
+                i += run.max(1);
+            }
         }
         Ok(())
     })();
     if !readable {
         // SAFETY: gives the range back the protection it had before the mprotect above.
-        unsafe { rustix::mm::mprotect(addr as *mut _, len, mprotect_flags(prot)) }
+        unsafe { rustix::mm::mprotect(addr as *mut _, len, program_mprotect_flags(prot, exec)) }
             .map_err(os_err("mprotect", range))?;
     }
     copied
@@ -693,12 +727,14 @@ pub(crate) fn copy_private(range: VaRange, prot: hetmm_core::types::Prot, dst: u
 
 /// Replaces private memory `[range]` of the program with `memfd` (from `offset`), keeping the
 /// data: the caller has copied the bytes into the memfd ([`copy_private`]); the memfd is mapped
-/// `MAP_SHARED | MAP_FIXED` over the same addresses with protection `prot`.
+/// `MAP_SHARED | MAP_FIXED` over the same addresses with protection `prot` (and `PROT_EXEC` if
+/// `exec`).
 ///
 /// The program must not write the range between the copy and this (such writes may be lost).
 pub(crate) fn adopt_private(
     range: VaRange,
     prot: hetmm_core::types::Prot,
+    exec: bool,
     memfd: &OwnedFd,
     offset: u64,
 ) -> Result<(), MappingError> {
@@ -707,16 +743,25 @@ pub(crate) fn adopt_private(
     // SAFETY: MAP_FIXED replaces exactly the program's private pages of `range`, whose content
     // the caller copied into the memfd; the program sees the same bytes at the same addresses.
     unsafe {
-        rustix::mm::mmap(addr as *mut _, len, prot_flags(prot), MapFlags::SHARED | MapFlags::FIXED, memfd, offset)
+        let prot = ProtFlags::from_bits_retain(program_mprotect_flags(prot, exec).bits());
+        rustix::mm::mmap(addr as *mut _, len, prot, MapFlags::SHARED | MapFlags::FIXED, memfd, offset)
     }
     .map_err(os_err("mmap(FIXED) over program memory", range))?;
     Ok(())
 }
 
-/// Gives `range` back to the program as private anonymous memory holding the bytes at `src`
-/// (the alias), with protection `prot`: a fresh anonymous mapping is filled, then moved over the
-/// range with `mremap(MREMAP_FIXED)`.
-pub(crate) fn restore_private(range: VaRange, prot: hetmm_core::types::Prot, src: usize) -> Result<(), MappingError> {
+/// Gives `range` back to the program as private anonymous memory holding the bytes of `memfd`
+/// from byte `off` (the memfd's holes are not read: they stay untouched zero pages), with
+/// protection `prot` (and `PROT_EXEC` if `exec`): a fresh anonymous mapping is filled, then moved over the range with
+/// `mremap(MREMAP_FIXED)`. On failure the range is left as it was. Moves the memfd's file
+/// offset.
+pub(crate) fn restore_private(
+    range: VaRange,
+    prot: hetmm_core::types::Prot,
+    exec: bool,
+    memfd: BorrowedFd<'_>,
+    off: u64,
+) -> Result<(), MappingError> {
     check(range)?;
     let len = range.len as usize;
     // SAFETY: a fresh anonymous mapping at an address the kernel picks.
@@ -724,20 +769,23 @@ pub(crate) fn restore_private(range: VaRange, prot: hetmm_core::types::Prot, src
         rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
     }
     .map_err(os_err("mmap anonymous", range))? as usize;
-    // SAFETY: `src..src+len` is the caller's alias (readable), `tmp` the mapping just created.
-    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, tmp as *mut u8, len) };
-    // SAFETY: `tmp` is ours; its protection changes no content.
-    unsafe { rustix::mm::mprotect(tmp as *mut _, len, mprotect_flags(prot)) }.map_err(os_err("mprotect", range))?;
-    // SAFETY: moves our filled mapping over the program's range (a hetmm view the program
-    // registered and now unregisters); the program sees the same bytes at the same addresses.
-    let r = unsafe {
-        rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
-    };
-    if let Err(e) = r {
+    // SAFETY: `tmp` is the fresh `len`-byte (`range.len`) mapping made above, ours alone.
+    let r = unsafe { fill_from_memfd(tmp, range, memfd, off) }.and_then(|()| {
+        // SAFETY: `tmp` is ours; its protection changes no content.
+        unsafe { rustix::mm::mprotect(tmp as *mut _, len, program_mprotect_flags(prot, exec)) }
+            .map_err(os_err("mprotect", range))?;
+        // SAFETY: moves our filled mapping over the program's range (a hetmm view the program
+        // registered and now unregisters); the program sees the same bytes at the same addresses.
+        unsafe {
+            rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
+        }
+        .map(drop)
+        .map_err(os_err("mremap(FIXED)", range))
+    });
+    if r.is_err() {
         unmap(tmp, len);
-        return Err(os_err("mremap(FIXED)", range)(e));
     }
-    Ok(())
+    r
 }
 
 /// In a fork child: [`privatize_in_child`] for every part of a view of `memfd`, where
@@ -1082,5 +1130,69 @@ mod tests {
             Err(MappingError::OutOfBounds { .. })
         ));
         assert!(m.touch_app(a + PAGE_SIZE).is_err());
+    }
+
+    /// Pages of a `len`-byte range resident in memory (`mincore`).
+    fn resident_pages(addr: usize, len: usize) -> usize {
+        let mut vec = vec![0u8; len / PAGE_SIZE as usize];
+        // SAFETY: `addr..addr + len` is mapped (the caller's); `vec` holds one byte per page.
+        let r = unsafe { libc::mincore(addr as *mut _, len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// Registering a sparse private range (a large `malloc` arena, a `MAP_NORESERVE`
+    /// reservation with a few pages touched) must not allocate a memfd page for every page of
+    /// it: `copy_private` reads every untouched page as zeros and writes those zeros through
+    /// the alias, so a 64 MiB range with one page written takes 64 MiB of shmem (a 1 TiB
+    /// reservation would take the machine down).
+    #[test]
+    fn copying_sparse_private_memory_keeps_the_memfd_sparse() {
+        let len = 64 << 20;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a fresh private mapping at an address the kernel picks.
+        let prog = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, flags, -1, 0) };
+        assert_ne!(prog, libc::MAP_FAILED);
+        // SAFETY: byte 5 * 4096 of the `len`-byte mapping just made.
+        unsafe { prog.cast::<u8>().add(5 * PAGE_SIZE as usize).write(0xab) };
+        let range = VaRange::new(prog as u64, len as u64);
+        let (memfd, alias) = memfd_with_alias(len as u64).unwrap();
+        copy_private(range, hetmm_core::types::Prot::READ | hetmm_core::types::Prot::WRITE, false, alias).unwrap();
+        // SAFETY: byte 5 * 4096 of the alias, `len` bytes mapped above.
+        assert_eq!(unsafe { (alias as *const u8).add(5 * PAGE_SIZE as usize).read() }, 0xab);
+        let allocated = rustix::fs::fstat(&memfd).unwrap().st_blocks as u64 * 512;
+        unmap(alias, len);
+        // SAFETY: the test's own mapping, not used afterwards.
+        unsafe { libc::munmap(prog, len) };
+        assert!(allocated <= 1 << 20, "{allocated} bytes of memfd allocated for one written page");
+    }
+
+    /// Giving registered memory back (`Host::unregister`) must not make every page of a sparse
+    /// range resident: `restore_private` copies the whole alias into fresh anonymous memory,
+    /// zeros included (and reading the alias over a memfd hole allocates shmem too).
+    #[test]
+    fn restoring_sparse_memory_keeps_it_sparse() {
+        let len = 64 << 20;
+        let (memfd, alias) = memfd_with_alias(len as u64).unwrap();
+        // One page of data in the memfd.
+        let mut one = vec![0u8; PAGE_SIZE as usize];
+        one[7] = 0x5a;
+        rustix::io::pwrite(&memfd, &one, 5 * PAGE_SIZE).unwrap();
+        // The program's range (here: a PROT_NONE placeholder the restore replaces).
+        let prog = reserve(len).unwrap();
+        let range = VaRange::new(prog as u64, len as u64);
+        let rw = hetmm_core::types::Prot::READ | hetmm_core::types::Prot::WRITE;
+        let r = restore_private(range, rw, false, memfd.as_fd(), 0);
+        let allocated = rustix::fs::fstat(&memfd).unwrap().st_blocks as u64 * 512;
+        r.unwrap();
+        let resident = resident_pages(prog, len);
+        // SAFETY: byte 7 of page 5 of the restored range, mapped read-write above.
+        let b = unsafe { (prog as *const u8).add(5 * PAGE_SIZE as usize + 7).read() };
+        unmap(alias, len);
+        unmap(prog, len);
+        assert_eq!(b, 0x5a);
+        assert!(resident <= 256, "{resident} pages resident after restoring one page of data");
+        assert!(allocated <= 1 << 20, "{allocated} bytes of memfd allocated by reading its holes");
     }
 }

@@ -60,6 +60,22 @@ pub fn stream_sum(src: u64, n: usize, out: u64) -> (Grid, Kernel) {
     (grid(n, CHUNK), Box::new(k))
 }
 
+/// Like [`stream_sum`], but each value is first XORed with its index (`src[i] ^ i`): a checksum
+/// that also sees where each value lies, so data moved to the wrong place (two pages exchanged)
+/// changes it, which a plain sum does not.
+pub fn stream_checksum(src: u64, n: usize, out: u64) -> (Grid, Kernel) {
+    let k = move |ctx: &BlockCtx| {
+        let mut buf = vec![0u64; SLICE];
+        let mut sum = 0u64;
+        for (i, len) in block_slices(ctx, n) {
+            ctx.read_slice(at::<u64>(src, i), &mut buf[..len])?;
+            sum = buf[..len].iter().zip(i as u64..).fold(sum, |s, (v, j)| s.wrapping_add(v ^ j));
+        }
+        ctx.store::<u64>(at::<u64>(out, ctx.block_idx() as usize), sum)
+    };
+    (grid(n, CHUNK), Box::new(k))
+}
+
 /// Writes `dst[i] = i as u64 ^ seed` for `n` values.
 pub fn stream_write(dst: u64, n: usize, seed: u64) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {

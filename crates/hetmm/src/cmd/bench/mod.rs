@@ -17,7 +17,8 @@
 //! - `faultback`: the CPU fault-back path per fault-around chunk size (at oversub 0.5 only).
 //!
 //! Each run gets a fresh address space and a simulated device of `working set / oversub` bytes
-//! (rounded up to 2 MiB). `seconds` times the workload's own section (the kernels; for
+//! in whole 2 MiB blocks (rounded up at oversub 1 and below, so the data fits; to the nearest
+//! block above). `seconds` times the workload's own section (the kernels; for
 //! `pingpong`/`readmostly` the rounds; for `stream/cpu-reread` and `faultback` the CPU's
 //! reads), never the set-up or the check. `bytes` are the bytes that section reads and writes
 //! as the program sees them; `gbps` = bytes / seconds; `ratio_to_limit` = gbps / memcpy GB/s.
@@ -565,7 +566,7 @@ fn advice_ratios(rows: &[Row]) -> Vec<Map<String, Value>> {
 
 fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
     println!(
-        "{:<22} {:<6} {:<11} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9} {:>6}  verified",
+        "{:<22} {:<6} {:<11} {:>7} {:>9} {:>8} {:>6} {:>9} {:>9} {:>6} {:>10} {:>10} {:>6}  verified",
         "workload",
         "policy",
         "advice",
@@ -576,15 +577,15 @@ fn print_table(rows: &[Row], limits: &Limits, extras: &[Map<String, Value>]) {
         "dev flt",
         "cpu flt",
         "evict",
-        "MB moved",
-        "MB remote",
+        "MiB moved",
+        "MiB remote",
         "rm x"
     );
     for (r, x) in rows.iter().zip(extras) {
         let st = r.stats();
         let rm = x.get("migration_reduction").and_then(Value::as_f64).map_or(String::from("-"), |v| format!("{v:.1}"));
         println!(
-            "{:<22} {:<6} {:<11} {:>7} {:>9.3} {:>8.2} {:>6.2} {:>9} {:>9} {:>6} {:>9.1} {:>9.1} {:>6}  {}",
+            "{:<22} {:<6} {:<11} {:>7} {:>9.3} {:>8.2} {:>6.2} {:>9} {:>9} {:>6} {:>10.1} {:>10.1} {:>6}  {}",
             r.key.row,
             r.key.policy,
             r.key.advice.name(),
@@ -647,7 +648,7 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
             continue;
         };
         let speedup = u.seconds() / h.seconds();
-        // The bars are about oversubscription the runs really had: a device rounded up to whole
+        // The bars are about oversubscription the runs really had: a device rounded to whole
         // blocks may hold much more of a small working set than the factor says.
         let eff = h.effective_oversub().min(u.effective_oversub());
         let rounded = if (eff - o).abs() > 0.05 * o { format!(" [effective x{eff:.2}]") } else { String::new() };

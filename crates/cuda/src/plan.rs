@@ -973,7 +973,6 @@ mod tests {
         assert_eq!(out.iter().map(CopyOp::len).sum::<u64>(), ops.iter().map(CopyOp::len).sum::<u64>());
     }
 
-
     /// `protect` (device.rs) plans its access runs, releases the page-table lock to apply them,
     /// then commits the plan under a new lock. A region removed (or the whole table torn down by
     /// `destroy_page_table`) in between leaves runs naming a region the table no longer has:

@@ -109,7 +109,12 @@ pub fn explicit_mul_mat(
     let kernel = tk.elapsed();
     // SAFETY: `r` holds `n` values, not touched until the wait below.
     unsafe { driver::copy_dtoh(gpu, stream, r.as_mut_ptr() as usize, dr.ptr(), bytes)? };
-    wait_stream(dev, stream)?;
+    if let Err(e) = wait_stream(dev, stream) {
+        // The copy may still write `r` and read `dr`: both are leaked rather than freed under it.
+        std::mem::forget(r);
+        std::mem::forget(dr);
+        return Err(e);
+    }
     drop((da, db, dr));
     Ok((r, ExplicitTiming { total: t.elapsed(), kernel }))
 }

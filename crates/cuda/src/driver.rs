@@ -36,6 +36,14 @@ fn driver_err(call: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Cud
     move |e| CudaError::Driver { call, code: format!("{:?}", e.0) }
 }
 
+/// Whether the loaded driver library exports `name`. Only called once a [`Gpu`] exists, so the
+/// library is present ([`probe`]).
+fn driver_exports(name: &std::ffi::CStr) -> bool {
+    // SAFETY: `culib` returns the driver library cudarc loaded (present: a `Gpu` was opened);
+    // looking a symbol up runs none of its code, and the symbol is not called here.
+    unsafe { sys::culib().get::<unsafe extern "C" fn()>(name.to_bytes_with_nul()).is_ok() }
+}
+
 /// Why CUDA cannot be used here, or the number of devices.
 pub fn probe() -> Result<usize, CudaError> {
     // SAFETY: `is_culib_present` only tries to dlopen the driver library by its usual names; it
@@ -502,6 +510,11 @@ impl ManagedAlloc {
     }
     /// Starts moving the memory to the GPU (`cuMemPrefetchAsync`).
     pub fn prefetch(&self, stream: &CudaStream) -> Result<(), CudaError> {
+        // cudarc panics on a call the loaded driver does not export: a driver older than 12.2
+        // lacks this one.
+        if !driver_exports(c"cuMemPrefetchAsync_v2") {
+            return Err(CudaError::Unavailable("the driver lacks cuMemPrefetchAsync_v2 (CUDA 12.2 or later)".into()));
+        }
         self.gpu.bind()?;
         // `_v2` (CUDA 12.2 and later) takes a location; CUDA 13's headers name only this form.
         // SAFETY: the range is our managed allocation.

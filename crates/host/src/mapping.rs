@@ -934,6 +934,30 @@ pub(crate) fn unmap_quiet(addr: usize, len: usize) {
     let _ = unsafe { rustix::mm::munmap(addr as *mut _, len) };
 }
 
+/// Maps fresh private anonymous memory (zeros) over `range` with protection `prot` (and
+/// `PROT_EXEC` if `exec`): what private memory the program grew with `mremap` holds in its new
+/// part, put where the kernel extended a registered memfd mapping over memfd pages.
+///
+/// # Safety
+///
+/// `range` must hold nothing to keep (an extension of a moved registered mapping: memfd pages
+/// that belong elsewhere), and no Rust reference may cover it.
+pub(crate) unsafe fn fresh_private(
+    range: VaRange,
+    prot: hetmm_core::types::Prot,
+    exec: bool,
+) -> Result<(), MappingError> {
+    check(range)?;
+    let prot = ProtFlags::from_bits_retain(program_mprotect_flags(prot, exec).bits());
+    // SAFETY: MAP_FIXED replaces exactly `range`, which holds nothing to keep and which nothing
+    // in Rust references (the caller's contract).
+    unsafe {
+        rustix::mm::mmap_anonymous(range.start as *mut _, range.len as usize, prot, MapFlags::PRIVATE | MapFlags::FIXED)
+    }
+    .map(drop)
+    .map_err(os_err("mmap(FIXED) anonymous", range))
+}
+
 /// A second mapping of the same shared pages as `range` (one `MAP_SHARED` VMA), from
 /// `mremap(old_size = 0)`: the manager's alias of file-backed shared memory.
 pub(crate) fn dup_shared(range: VaRange) -> Result<usize, MappingError> {

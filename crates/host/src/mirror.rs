@@ -49,7 +49,8 @@ pub fn vmas(range: VaRange) -> Option<Vec<Vma>> {
     (0..3).find_map(|_| vmas_once(range))
 }
 
-fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {
+/// The VMAs of `/proc/self/maps` that meet `range`, whole (not clipped).
+fn vmas_meeting(range: VaRange) -> Option<Vec<Vma>> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     let mut out: Vec<Vma> = Vec::new();
     for line in maps.lines() {
@@ -57,7 +58,10 @@ fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {
         let (Some(span), Some(perms)) = (it.next(), it.next()) else { continue };
         let Some((s, e)) = span.split_once('-') else { continue };
         let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
-        let Some(part) = VaRange::new(s, e - s).intersect(&range) else { continue };
+        let whole = VaRange::new(s, e.saturating_sub(s));
+        if whole.intersect(&range).is_none() {
+            continue;
+        }
         let b = perms.as_bytes();
         let mut prot = Prot::empty();
         if b.first() == Some(&b'r') {
@@ -66,7 +70,15 @@ fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {
         if b.get(1) == Some(&b'w') {
             prot |= Prot::WRITE;
         }
-        out.push(Vma { range: part, prot, shared: b.get(3) == Some(&b's'), exec: b.get(2) == Some(&b'x') });
+        out.push(Vma { range: whole, prot, shared: b.get(3) == Some(&b's'), exec: b.get(2) == Some(&b'x') });
+    }
+    Some(out)
+}
+
+fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {
+    let mut out = vmas_meeting(range)?;
+    for v in &mut out {
+        v.range = v.range.intersect(&range)?;
     }
     let mut cur = range.start;
     for v in &out {
@@ -116,12 +128,44 @@ impl Mirror {
         let off = seg.off + (from - seg.app);
         cut(&mut segs, moved);
         segs.push(Seg { app: to, off, len });
+        if self.memfd.is_some() {
+            fresh_growth(to + len, &segs);
+        }
         Some(Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len }))
     }
 
     /// The program unmapped `range`.
     pub(crate) fn forget(&self, range: VaRange) {
         cut(&mut self.segs.lock(), range);
+    }
+}
+
+/// Private memory the program moved and grew at once (`mremap` to a larger size, as `realloc`
+/// does): the kernel extends the memfd mapping past `end` (the event gives only the old length)
+/// over memfd pages that hold other data, or none. The program asked for fresh memory there, so
+/// fresh private memory replaces the extension (unmanaged: only what was registered is). Parts
+/// that are pieces of the registration (`segs`: the kernel merged a neighbour's VMA) stay.
+fn fresh_growth(end: u64, segs: &[Seg]) {
+    let Some(vma) = vmas_meeting(VaRange::new(end - PAGE_SIZE, PAGE_SIZE)).and_then(|v| v.into_iter().next()) else {
+        return;
+    };
+    let mut cur = end;
+    while cur < vma.range.end() {
+        if let Some(s) = segs.iter().find(|s| s.app == cur) {
+            cur += s.len;
+            continue;
+        }
+        // Up to the next piece of ours, or the end of the VMA.
+        let stop = segs.iter().map(|s| s.app).filter(|&a| a > cur).min().unwrap_or(u64::MAX).min(vma.range.end());
+        let grown = VaRange::new(cur, stop - cur);
+        // SAFETY: `grown` is part of the VMA the program's mremap extended past its old length
+        // over memfd pages that are not the program's there (no piece of the registration is at
+        // these addresses): the program sees new memory, so nothing there is to keep, and the
+        // manager holds no reference into it.
+        if let Err(e) = unsafe { mapping::fresh_private(grown, vma.prot, vma.exec) } {
+            log::error!("replacing the grown part {grown} of registered memory: {e}");
+        }
+        cur = stop;
     }
 }
 
@@ -639,7 +683,6 @@ mod tests {
     /// access there fails with EFAULT; with a core that served it, the program would write its
     /// other memory through it).
     #[test]
-    #[ignore = "known, not fixed: memory grown by mremap past its registered length is not followed (the REMAP event gives only the old length; growth in place gives no event)"]
     fn growing_registered_memory_gives_fresh_pages() {
         let core = Arc::new(RemapCore::default());
         let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
@@ -677,6 +720,41 @@ mod tests {
             libc::munmap((p + 2 * page) as *mut _, 2 * page);
         }
         assert_eq!(res, Ok((8, [0u8; 8])), "the grown part of registered private memory");
+    }
+
+    /// Registered private memory grown in place (`mremap` into the free addresses right after
+    /// it) raises no userfaultfd event, so the host cannot follow it: the kernel extends the memfd
+    /// mapping past the memfd's end. The new part is not usable memory, but it exposes nothing
+    /// either: an access fails (EFAULT from a system call, as here; SIGBUS from an instruction).
+    #[test]
+    fn memory_grown_in_place_exposes_nothing() {
+        let core = Arc::new(RemapCore::default());
+        let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        let page = PAGE_SIZE as usize;
+        let p = private_filled(4 * page, 0x33) as usize;
+        // SAFETY: the test's own pages 2-3 of its fresh mapping, unmapped to make room to grow.
+        unsafe { libc::munmap((p + 2 * page) as *mut _, 2 * page) };
+        let reg = host.register(p as u64, 2 * page as u64).unwrap();
+        let _cpu = Arc::clone(&reg.cpu);
+        drop(reg);
+        // SAFETY: grows the test's registered pages in place into the addresses it freed above
+        // (no MREMAP_MAYMOVE: nothing else can be replaced); no Rust reference points into them.
+        let r = unsafe { libc::mremap(p as *mut _, 2 * page, 4 * page, 0) };
+        assert_eq!(r as usize, p, "{}", std::io::Error::last_os_error());
+        let at = p + 2 * page;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = crate::test_support::tempfile();
+            use std::os::fd::AsRawFd;
+            // SAFETY: `at..at + 8` is in the grown mapping, which stays mapped until the munmap
+            // below (not reached before this answers or the wait gives up).
+            let n = unsafe { libc::write(out.as_raw_fd(), at as *const _, 8) };
+            let _ = tx.send(n);
+        });
+        let res = rx.recv_timeout(std::time::Duration::from_secs(10));
+        // SAFETY: the test's own mapping, not used afterwards.
+        unsafe { libc::munmap(p as *mut _, 4 * page) };
+        assert_eq!(res, Ok(-1), "the grown part past the memfd's end read as memory");
     }
 
     /// A private file mapping with one copied-on-write page, registered, reads back byte for

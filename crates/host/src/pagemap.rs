@@ -26,7 +26,12 @@ impl Pagemap {
     /// counts as one (the caller then takes the path that is right either way).
     pub(crate) fn any_entry(&self, range: VaRange) -> bool {
         let mut buf = [0u8; BATCH * 8];
-        let (first, pages) = (range.start / PAGE_SIZE, range.len.div_ceil(PAGE_SIZE));
+        if range.len == 0 {
+            return false;
+        }
+        // Every page holding a byte of the range, also when `start` is not page aligned.
+        let first = range.start / PAGE_SIZE;
+        let pages = (range.end() - 1) / PAGE_SIZE + 1 - first;
         let mut done = 0;
         while done < pages {
             let n = (pages - done).min(BATCH as u64) as usize;
@@ -76,5 +81,23 @@ mod tests {
         // Fault-around maps only pages the memfd has: the holes around stay without entries.
         assert!(!pm.any_entry(VaRange::new(alias.start, 2 * PAGE_SIZE)));
         assert!(!pm.any_entry(VaRange::new(alias.start + 3 * PAGE_SIZE, PAGE_SIZE)));
+    }
+
+    /// A range that starts inside a page covers the pages its last byte lies in too.
+    #[test]
+    fn unaligned_range_covers_its_last_page() {
+        let Some(pm) = Pagemap::open() else {
+            eprintln!("skipped: /proc/self/pagemap cannot be opened here");
+            return;
+        };
+        let m = crate::mapping::SharedMapping::new(4 * PAGE_SIZE).unwrap();
+        let alias = m.alias_ptr() as u64;
+        m.write_backing(PAGE_SIZE, &[9]).unwrap();
+        let mut b = [0u8; 1];
+        m.read_alias(PAGE_SIZE, &mut b).unwrap();
+        assert_eq!(std::hint::black_box(b), [9]);
+        assert!(!pm.any_entry(VaRange::new(alias, PAGE_SIZE)), "page 0 has no entry");
+        // [alias + 2 KiB, alias + 6 KiB) overlaps page 1, which has one.
+        assert!(pm.any_entry(VaRange::new(alias + PAGE_SIZE / 2, PAGE_SIZE)));
     }
 }

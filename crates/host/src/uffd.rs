@@ -410,7 +410,10 @@ impl Uffd {
 
     /// Waits up to `timeout` for messages. `Ok(true)` when readable.
     pub fn poll(&self, timeout: Duration) -> Result<bool, Errno> {
-        let ts = rustix::event::Timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+        // Saturate: `as` would wrap a timeout past i64::MAX seconds (`Duration::MAX`) to a
+        // negative `tv_sec`, which the kernel refuses with EINVAL.
+        let secs = timeout.as_secs().min(i64::MAX as u64);
+        let ts = rustix::event::Timespec { tv_sec: secs as _, tv_nsec: timeout.subsec_nanos() as _ };
         let mut fds = [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::IN)];
         match rustix::event::poll(&mut fds, Some(&ts)) {
             Ok(n) => Ok(n > 0),
@@ -665,5 +668,139 @@ mod tests {
             u.writeprotect(r, protect, wake).unwrap_or_else(|e| panic!("protect {protect} wake {wake}: {e}"));
         }
         assert_eq!(m.touch_app(r.start).unwrap(), 1);
+    }
+
+    /// A poll timeout past `i64::MAX` seconds (`Duration::MAX`, "wait forever") must not wrap
+    /// to a negative `tv_sec`, which the kernel refuses with EINVAL even with a message pending.
+    #[test]
+    fn poll_with_huge_timeout_sees_a_pending_fault() {
+        let m = crate::mapping::SharedMapping::new(hetmm_core::types::PAGE_SIZE).unwrap();
+        let u = Uffd::open(Features::REQUIRED, Features::empty()).expect("open uffd");
+        let r = m.app_range();
+        u.register(r, RegisterMode::MISSING).unwrap();
+        let addr = r.start;
+        std::thread::scope(|s| {
+            // SAFETY: `addr` is the first byte of the mapping's view, mapped while `m` lives.
+            let t = s.spawn(move || unsafe { std::ptr::read_volatile(addr as *const u8) });
+            while !u.poll(Duration::from_millis(10)).unwrap() {}
+            let got = u.poll(Duration::MAX);
+            // Release the toucher whatever happened above.
+            let page = vec![3u8; hetmm_core::types::PAGE_SIZE as usize];
+            u.copy(addr, &page).unwrap();
+            assert_eq!(t.join().unwrap(), 3);
+            assert_eq!(got, Ok(true));
+        });
+    }
+
+    /// CONTINUE stopping at an already-mapped page reports the bytes done before it (EAGAIN),
+    /// and the next call from there reports EEXIST.
+    #[test]
+    fn continue_reports_partial_progress_then_exists() {
+        let ps = hetmm_core::types::PAGE_SIZE;
+        let m = crate::mapping::SharedMapping::new(3 * ps).unwrap();
+        m.write_backing(0, &vec![1u8; 3 * ps as usize]).unwrap();
+        let u = Uffd::open(Features::REQUIRED, Features::empty()).expect("open uffd");
+        let r = m.app_range();
+        u.register(r, RegisterMode::MISSING | RegisterMode::MINOR).unwrap();
+        u.cont(VaRange::new(r.start + ps, ps), false, true).unwrap();
+        assert_eq!(
+            u.cont(r, false, true),
+            Err(UffdError::Partial { op: "continue", range: r, done: ps, errno: Errno::AGAIN.raw_os_error() })
+        );
+        let rest = VaRange::new(r.start + ps, 2 * ps);
+        assert_eq!(u.cont(rest, false, true), Err(UffdError::Exists { op: "continue", range: rest }));
+        u.cont(VaRange::new(r.start + 2 * ps, ps), false, true).unwrap();
+    }
+
+    /// Waits up to 5 s for one message and decodes it.
+    fn next_event(u: &Uffd) -> Event {
+        let mut buf = [empty_msg(); 1];
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if u.poll(Duration::from_millis(50)).unwrap() && u.read_msgs(&mut buf).unwrap() == 1 {
+                return decode(&buf[0]);
+            }
+        }
+        panic!("no uffd message within 5 s");
+    }
+
+    /// Real kernel events decode from the union member the kernel fills: the faulting thread's
+    /// id, DONTNEED's and munmap's `[start, end)`, mremap's `from`/`to`/`len`.
+    #[test]
+    fn kernel_events_decode_with_their_fields() {
+        use rustix::mm::{self, MapFlags, MremapFlags, ProtFlags};
+        let ps = hetmm_core::types::PAGE_SIZE;
+        let u = Uffd::open(Features::REQUIRED, Features::OPTIONAL).expect("open uffd");
+        assert!(u.features().contains(Features::THREAD_ID | Features::EVENT_REMOVE | Features::EVENT_UNMAP));
+        assert!(u.features().contains(Features::EVENT_REMAP));
+        // SAFETY: a fresh anonymous mapping that nothing else uses; unmapped below.
+        let base = unsafe {
+            mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                8 * ps as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }
+        .unwrap() as u64;
+        // A destination for mremap, reserved now so MREMAP_FIXED replaces nothing of others'.
+        // SAFETY: as above.
+        let dst =
+            unsafe { mm::mmap_anonymous(std::ptr::null_mut(), ps as usize, ProtFlags::empty(), MapFlags::PRIVATE) }
+                .unwrap() as u64;
+        u.register(VaRange::new(base, 4 * ps), RegisterMode::MISSING).unwrap();
+        std::thread::scope(|s| {
+            let t = s.spawn(move || {
+                // SAFETY: `base` is mapped and registered; the read blocks until the copy below.
+                let v = unsafe { std::ptr::read_volatile((base + 5) as *const u8) };
+                (v, rustix::thread::gettid().as_raw_nonzero().get() as u32)
+            });
+            let ev = next_event(&u);
+            u.copy(base, &vec![4u8; ps as usize]).unwrap();
+            let (v, tid) = t.join().unwrap();
+            assert_eq!(v, 4);
+            assert_eq!(ev, Event::Pagefault { addr: base, flags: 0, tid });
+
+            // SAFETY: drops pages of our own test mapping that nothing references.
+            let t =
+                s.spawn(move || unsafe { mm::madvise((base + ps) as *mut _, ps as usize, mm::Advice::LinuxDontNeed) });
+            assert_eq!(next_event(&u), Event::Remove { start: base + ps, end: base + 2 * ps });
+            t.join().unwrap().unwrap();
+
+            // SAFETY: moves one page of our own test mapping onto the reserved `dst`.
+            let t = s.spawn(move || unsafe {
+                mm::mremap_fixed(
+                    (base + 2 * ps) as *mut _,
+                    ps as usize,
+                    ps as usize,
+                    MremapFlags::MAYMOVE,
+                    dst as *mut _,
+                )
+                .map(|p| p as u64)
+            });
+            // mremap also unmaps the source (an UNMAP event after the REMAP) and waits for both.
+            let mut evs = vec![next_event(&u)];
+            while !t.is_finished() {
+                if u.poll(Duration::from_millis(50)).unwrap() {
+                    let mut buf = [empty_msg(); 4];
+                    let n = u.read_msgs(&mut buf).unwrap();
+                    evs.extend(buf[..n].iter().map(decode));
+                }
+            }
+            t.join().unwrap().unwrap();
+            eprintln!("mremap events: {evs:x?}");
+            assert_eq!(evs[0], Event::Remap { from: base + 2 * ps, to: dst, len: ps });
+
+            // SAFETY: unmaps one page of our own test mapping.
+            let t = s.spawn(move || unsafe { mm::munmap((base + 3 * ps) as *mut _, ps as usize) });
+            assert_eq!(next_event(&u), Event::Unmap { start: base + 3 * ps, end: base + 4 * ps });
+            t.join().unwrap().unwrap();
+        });
+        drop(u);
+        // SAFETY: our own test mappings (parts already gone are skipped by munmap).
+        unsafe {
+            mm::munmap(base as *mut _, 8 * ps as usize).unwrap();
+            mm::munmap(dst as *mut _, ps as usize).unwrap();
+        }
     }
 }

@@ -75,8 +75,14 @@ fn copy_server(uffd: &Uffd, stop: &AtomicBool) {
     let staging = vec![0xA5u8; PAGE_SIZE as usize];
     let mut msgs = [uffd::empty_msg(); 64];
     while !stop.load(Ordering::Acquire) {
-        if !matches!(uffd.poll(Duration::from_millis(100)), Ok(true)) {
-            continue;
+        match uffd.poll(Duration::from_millis(100)) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            // Not a busy loop on a persistent error: the stop flag is checked each millisecond.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
         }
         let n = uffd.read_msgs(&mut msgs).unwrap_or(0);
         for m in &msgs[..n] {

@@ -404,6 +404,19 @@ mod tests {
             Decision::Migrate(DEV),
             "a write collapses copies"
         );
+        // The same without read-mostly (rule 1 above answers before the collapse rule is reached):
+        // copies left by duplicate-on-read, or by read-mostly advice since withdrawn, that the
+        // writer holds none of. Mapping the writer remotely to one copy would let the others go
+        // stale.
+        let mut spread = on(Proc::Cpu);
+        spread.resident.insert(other);
+        for attrs in [none, ab, pref_cpu] {
+            assert_eq!(
+                select_residency(&spread, &attrs, DEV, Access::Write, peer),
+                Decision::Migrate(DEV),
+                "a write collapses copies it holds none of: {attrs:?}"
+            );
+        }
         // A reader that holds one of several copies keeps them all (it only lost its mapping);
         // holding the only copy, it keeps that as it is.
         assert_eq!(select_residency(&dup, &none, Proc::Cpu, Access::Read, dr), Decision::Duplicate);

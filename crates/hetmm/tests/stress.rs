@@ -819,7 +819,7 @@ fn seeded_stress() {
 
 /// Focused: one thread moves a registered slot back and forth with mremap (checking and
 /// rewriting it by the CPU and a device after each move) while another migrates the range
-/// covering both places to a device and back. Runs only with `HETMM_STRESS_MREMAP=<moves>`
+/// covering both places to a device and back: 200 moves, or `HETMM_STRESS_MREMAP=<moves>`
 /// (3000 take about 10 s in release mode). A migration's revoke of the old addresses can run
 /// after the kernel moved the CPU's page-table entries to the new ones, leaving the CPU a live
 /// mapping of a page the core thinks is on the device: before revokes reported such races
@@ -827,7 +827,8 @@ fn seeded_stress() {
 /// moves go between places 2 MiB apart, where the device's copies travel with the slot.
 #[test]
 fn mremap_races_migrate() {
-    let Some(iters) = env("HETMM_STRESS_MREMAP") else { return };
+    // A short run by default (the suite's), longer ones on request.
+    let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
     let _ = env_logger::builder().is_test(true).try_init();
     mremap_back_and_forth(iters / 2, 16 * PS);
     mremap_back_and_forth(iters - iters / 2, 2 << 20);

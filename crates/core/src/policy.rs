@@ -582,4 +582,21 @@ mod tests {
             (0..512).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).count();
         assert_eq!(home, 16, "pages brought back by one CPU read");
     }
+
+    /// A block whose data is all in host memory but unmapped by the CPU (migrated home, or
+    /// evicted): one CPU read maps all of it under `uvm`, as the tree is seeded with the pages the
+    /// CPU holds; only pages the CPU already maps are left out.
+    #[test]
+    fn uvm_cpu_fault_on_a_block_held_but_unmapped_maps_all_of_it() {
+        use crate::block::CpuMap;
+        use crate::types::{BLOCK_SIZE, PAGE_SIZE};
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let (space, id) = crate::testing::one_region(Policy::uvm(), start, len);
+        space.migrate(start, len, Proc::Device(id)).unwrap();
+        space.migrate(start, len, Proc::Cpu).unwrap();
+        let page = |p: u64| space.page_state(start + p * PAGE_SIZE).unwrap();
+        assert!((0..512).all(|p| page(p).resident.has(Proc::Cpu) && page(p).cpu == CpuMap::None), "set-up");
+        crate::cpu::CpuFaultHandler::cpu_fault(&*space, start + 100 * PAGE_SIZE, Access::Read).unwrap();
+        assert_eq!((0..512).filter(|&p| page(p).cpu != CpuMap::None).count(), 512, "pages mapped by one CPU read");
+    }
 }

@@ -968,7 +968,7 @@ impl AddressSpace {
 
     /// The chunk a CPU fault at `va` brings home under [`Policy::cpu_fault_prefetch`]: the run of
     /// pages around the faulting one that the prefetcher picks, given the pages the CPU already
-    /// holds (those are left out: UVM skips pages the CPU has, to spare their remapping).
+    /// holds, less those the CPU already maps (UVM skips them, to spare their remapping).
     fn cpu_prefetch_chunk(&self, region: &Region, va: u64) -> VaRange {
         let span = region.block_span(region.block_index(va));
         let f = ((align_down(va, PAGE_SIZE) - span.start) / PAGE_SIZE) as usize;
@@ -976,12 +976,14 @@ impl AddressSpace {
         let mut faulted = PageMask::default();
         faulted.set(f);
         let resident = blk.resident_on(Proc::Cpu);
-        let mut pick = self
-            .config
-            .policy
-            .prefetcher
-            .prefetch(&faulted, &resident, blk.npages, crate::fault::skew_of(blk.base))
-            .and_not(&resident);
+        let mut pick =
+            self.config.policy.prefetcher.prefetch(&faulted, &resident, blk.npages, crate::fault::skew_of(blk.base));
+        let picked = pick;
+        for i in picked.iter() {
+            if blk.pages[i].cpu != CpuMap::None {
+                pick.clear(i);
+            }
+        }
         let npages = blk.npages;
         drop(blk);
         pick.set(f);

@@ -956,9 +956,8 @@ impl AddressSpace {
         // Blocks start at absolute 2 MiB boundaries, or at the region's start.
         let blk_base = align_down(va, BLOCK_SIZE).max(region.range.start);
         let fault_page = ((align_down(va, PAGE_SIZE) - blk_base) / PAGE_SIZE) as usize;
-        let moved = self.bring_chunk_home(&region, chunk, Some((fault_page, access)))?;
-        add(&self.stats.cpu_faults, 1);
-        add(&self.stats.cpu_fault_pages, moved);
+        // Counts the fault and its pages itself, before the mapping wakes the faulting thread.
+        self.bring_chunk_home(&region, chunk, Some((fault_page, access)))?;
         add_since(&self.stats.ns_cpu_fault, t);
         if self.config.policy.cpu_readahead {
             self.read_ahead(&region, chunk_start, around);
@@ -1000,7 +999,8 @@ impl AddressSpace {
     /// Makes the pages of `chunk` (inside one block) accessible to the CPU: data only on devices
     /// comes back (or is duplicated on read-mostly ranges), never-written pages get zeroed
     /// backing, and the chunk is mapped. `fault` is the faulting page and access, always mapped.
-    /// Returns the pages that had to be brought or created.
+    /// Returns the pages that had to be brought or created; with `fault`, counts them and the
+    /// fault in the stats.
     fn bring_chunk_home(&self, region: &Region, chunk: VaRange, fault: Option<(usize, Access)>) -> Result<u64> {
         let mut blk = region.blocks[region.block_index(chunk.start)].lock();
         if region.is_freed() {
@@ -1045,6 +1045,13 @@ impl AddressSpace {
         migrate::to_cpu(self, region, &mut blk, &on_device)?;
         migrate::cpu_duplicate(self, region, &mut blk, &dup_fetch)?;
         migrate::populate(self, region, &mut blk, &empty)?;
+        let moved = (on_device.count() + dup_fetch.count() + empty.count()) as u64;
+        if fault.is_some() {
+            // Counted before the mapping below lets the faulting thread go: a program that reads
+            // the counters right after its access finds the fault in them.
+            add(&self.stats.cpu_faults, 1);
+            add(&self.stats.cpu_fault_pages, moved);
+        }
         let writable = region.prot.contains(Prot::WRITE);
         let rw_state = if writable { CpuMap::Write } else { CpuMap::Read };
         for (set, state) in [(&exclusive, rw_state), (&dup, CpuMap::Read)] {
@@ -1062,7 +1069,7 @@ impl AddressSpace {
                 blk.pages[i].cpu = state;
             }
         }
-        Ok((on_device.count() + dup_fetch.count() + empty.count()) as u64)
+        Ok(moved)
     }
 
     /// CPU read-ahead: when CPU faults walk a region chunk after chunk, bring the next blocks

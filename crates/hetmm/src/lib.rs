@@ -296,9 +296,9 @@ impl Hetmm {
         Ok(self.space.check_exclusive(start, len, dev.id)?)
     }
 
-    /// Counters. Each is added by the thread that did the work, a CPU fault's just after the
-    /// faulting thread was let go (the mapping that ends the fault wakes it): read at once
-    /// after an access, they may not include that access's fault yet.
+    /// Counters. Each is added by the thread that did the work. A CPU fault and its pages are
+    /// counted before the faulting thread is let go; its time (`ns_cpu_fault`) just after, so
+    /// read at once after an access, that may not include the access's fault yet.
     pub fn stats(&self) -> StatsSnapshot {
         self.space.stats()
     }

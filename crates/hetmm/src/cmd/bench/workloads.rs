@@ -111,9 +111,10 @@ struct Moved {
 }
 
 /// Waits (at most 250 ms) until the CPU-fault counters stop changing. hetmm adds a CPU fault's
-/// counters just after it lets the faulting thread go ([`Hetmm::stats`]): a snapshot taken at
-/// once can miss the last fault, and the next interval would get it (the CPU's set-up writes
-/// showed up as CPU faults in device kernels' rows).
+/// time just after it lets the faulting thread go ([`Hetmm::stats`]): a snapshot taken at once
+/// can miss it, and the next interval would get it. (The fault and its pages, and a failure, are
+/// counted before the thread goes:
+/// until that was so, the CPU's set-up writes showed up as CPU faults in device kernels' rows.)
 fn settle_counters(e: &Env) {
     let key = |s: StatsSnapshot| (s.cpu_faults, s.cpu_fault_pages, s.cpu_fault_errors, s.ns_cpu_fault);
     let deadline = Instant::now() + Duration::from_millis(250);

@@ -6,9 +6,10 @@
 //! unmaps the device, which revokes the exclusivity; the device's next atomic faults the page
 //! back to it. [`AddressSpace::check_exclusive`] tells whether the device still holds every page.
 
+use crate::block::PageMask;
 use crate::error::{CoreError, Result};
 use crate::space::AddressSpace;
-use crate::types::{DeviceId, Proc, Prot, VaRange, PAGE_SIZE};
+use crate::types::{DeviceId, Proc, ProcMask, Prot, VaRange, PAGE_SIZE};
 
 impl AddressSpace {
     /// Like [`AddressSpace::migrate`], but the range may cover several adjacent regions (parts
@@ -51,7 +52,46 @@ impl AddressSpace {
                 return Err(CoreError::Protection { range: p, needed: Prot::READ | Prot::WRITE });
             }
         }
-        self.migrate_span(start, len, Proc::Device(dev))
+        self.migrate_span(start, len, Proc::Device(dev))?;
+        // A migration may leave pages shared (read-mostly duplicates keep the CPU's copy and map
+        // the device read-only): exclusivity needs the device to be the only holder, mapped
+        // read-write, so such pages are collapsed onto it.
+        self.retrying_races(|| self.collapse_onto(range, dev))
+    }
+
+    /// Makes `dev` the only holder of every page of `range`, mapped read-write, where it is
+    /// not already.
+    fn collapse_onto(&self, range: VaRange, dev: DeviceId) -> Result<()> {
+        let slot = self.slot(dev)?;
+        let _gate = self.enter()?;
+        let _shape = self.reshape.read();
+        let me = Proc::Device(dev);
+        for region in self.overlapping(range) {
+            let Some(part) = region.range.intersect(&range) else { continue };
+            for bidx in region.block_index(part.start)..=region.block_index(part.end() - 1) {
+                let mut blk = region.blocks[bidx].lock();
+                if region.is_freed() {
+                    return Err(CoreError::NotShared(part));
+                }
+                let mut want = PageMask::default();
+                for i in 0..blk.npages {
+                    let p = &blk.pages[i];
+                    if part.contains(blk.va(i))
+                        && (p.resident != ProcMask::only(me) || p.dev_mapped != ProcMask::only(me) || p.dev_ro.has(me))
+                    {
+                        want.set(i);
+                    }
+                }
+                if want.is_empty() {
+                    continue;
+                }
+                blk.busy = want;
+                let r = crate::migrate::to_device(self, &region, &mut blk, &slot, &want);
+                blk.busy = PageMask::default();
+                r?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether `dev` still holds exclusive access to every page of the range (no CPU access
@@ -91,5 +131,56 @@ impl AddressSpace {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use crate::advice::Advice;
+    use crate::cpu::{CpuFaultHandler, CpuMmu};
+    use crate::device::DeviceMmu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::{FakeDevice, PlainCpu};
+    use crate::types::*;
+
+    const BASE: u64 = 0x7700_0000_0000;
+    const LEN: u64 = BLOCK_SIZE;
+
+    /// A space with one read-write region of one block the CPU wrote, and two devices that are
+    /// peers of one fabric.
+    fn setup() -> (Arc<AddressSpace>, [Arc<FakeDevice>; 2], [DeviceId; 2]) {
+        let host = Arc::new(Mutex::new(vec![0x5au8; LEN as usize]));
+        let space = AddressSpace::new(CoreConfig::default());
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(BASE, LEN)));
+        space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
+        space.cpu_fault(BASE, Access::Write).unwrap();
+        let d0 = Arc::new(FakeDevice::with_peer_window((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
+        let d1 = Arc::new(FakeDevice::with_peer_window((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
+        let id0 = space.attach(Arc::clone(&d0) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let id1 = space.attach(Arc::clone(&d1) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        (space, [d0, d1], [id0, id1])
+    }
+
+    /// `make_exclusive` on memory advised read-mostly still gives the device the only copy:
+    /// a read-mostly duplicate leaves the CPU's copy (and mapping), which is no exclusivity.
+    #[test]
+    fn make_exclusive_on_read_mostly_memory_holds_every_page() {
+        let (space, _devs, ids) = setup();
+        space.advise(BASE, LEN, Advice::ReadMostly(true)).unwrap();
+        space.make_exclusive(BASE, PAGE_SIZE, ids[0]).unwrap();
+        let st = space.page_state(BASE).unwrap();
+        assert!(
+            space.check_exclusive(BASE, PAGE_SIZE, ids[0]).unwrap(),
+            "make_exclusive returned Ok but the device is not exclusive: {st:?}"
+        );
+        // The data is the CPU's, now in the device's only copy.
+        let region = space.region_of(BASE).unwrap();
+        let blk = region.blocks[0].lock();
+        let pa = blk.pa(ids[0], 0).unwrap();
+        assert!(_devs[0].mem.lock()[pa.0 as usize..(pa.0 + PAGE_SIZE) as usize].iter().all(|&b| b == 0x5a));
     }
 }

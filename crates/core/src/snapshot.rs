@@ -97,7 +97,12 @@ impl AddressSpace {
         self.slot(dev)?;
         let _gate = self.enter()?;
         let _shape = self.reshape.read();
-        let mut out = vec![SnapEntry::ERROR; range.pages() as usize];
+        // One entry per page of a user's length: refused, not an abort, where no memory can
+        // hold them.
+        let n = usize::try_from(range.pages()).map_err(|_| CoreError::Overflow { start, len })?;
+        let mut out = Vec::new();
+        out.try_reserve_exact(n).map_err(|_| CoreError::Overflow { start, len })?;
+        out.resize(n, SnapEntry::ERROR);
         for region in self.overlapping(range) {
             let Some(part) = region.range.intersect(&range) else { continue };
             if !region.prot.contains(Prot::READ) {
@@ -130,6 +135,8 @@ impl AddressSpace {
                     };
                     let prot = match kind {
                         SnapKind::System if pg.cpu == CpuMap::Read => Prot::READ,
+                        // A read-only duplicate: this device's mapping allows only reads.
+                        SnapKind::ThisDevice if pg.dev_ro.has(me) => Prot::READ,
                         _ => region.prot & (Prot::READ | Prot::WRITE),
                     };
                     let idx = ((va - range.start) / PAGE_SIZE) as usize;
@@ -153,4 +160,75 @@ fn huge_on(blk: &Block, dev: DeviceId) -> bool {
             blk.pages[i].resident == crate::types::ProcMask::only(Proc::Device(dev))
                 && blk.pa(dev, i).is_some_and(|p| p.0 == pa0.0 + i as u64 * PAGE_SIZE)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use parking_lot::Mutex;
+
+    use crate::cpu::{CpuFaultHandler, CpuMmu};
+    use crate::device::DeviceMmu;
+    use crate::error::CoreError;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::{FakeDevice, PlainCpu};
+    use crate::types::*;
+
+    use super::{hmm, SnapKind};
+
+    const BASE: u64 = 0x7800_0000_0000;
+
+    /// The test's body, in a child process when `child` is set (see below).
+    const CHILD_ENV: &str = "HETMM_SNAPSHOT_HUGE_CHILD";
+
+    /// A snapshot of a range far longer than memory can describe (a user's `len`) is refused
+    /// with an error: it aborted the process, allocating one entry per page before looking at
+    /// anything. Run in a child process, since the failure is an abort, not a panic.
+    #[test]
+    fn snapshot_of_an_impossibly_long_range_is_an_error_not_an_abort() {
+        if std::env::var_os(CHILD_ENV).is_some() {
+            let host = Arc::new(Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
+            let space = AddressSpace::new(CoreConfig::default());
+            let cpu = Arc::new(PlainCpu::new(VaRange::new(BASE, BLOCK_SIZE)));
+            space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
+            let dev = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0, host));
+            let id = space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+            let r = space.snapshot(BASE, 1 << 62, id);
+            assert!(matches!(r, Err(CoreError::Overflow { .. })), "{:?}", r.map(|v| v.len()));
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "snapshot::tests::snapshot_of_an_impossibly_long_range_is_an_error_not_an_abort"])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the child died: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A page two peer devices hold as read-only duplicates (read-mostly, copied peer to
+    /// peer, no CPU copy) allows each of them only reads: the snapshot said READ | WRITE, from
+    /// the region's protection, while a write by the device faults.
+    #[test]
+    fn snapshot_of_a_read_only_duplicate_on_the_device_says_read() {
+        let host = Arc::new(Mutex::new(vec![0x33u8; BLOCK_SIZE as usize]));
+        let space = AddressSpace::new(CoreConfig::default());
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(BASE, BLOCK_SIZE)));
+        space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
+        space.cpu_fault(BASE, Access::Write).unwrap();
+        let mk = || Arc::new(FakeDevice::with_peer_window((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
+        let (d0, d1) = (mk(), mk());
+        let id0 = space.attach(d0 as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let id1 = space.attach(d1 as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(id0)).unwrap();
+        space.advise(BASE, BLOCK_SIZE, crate::advice::Advice::ReadMostly(true)).unwrap();
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(id1)).unwrap();
+        let st = space.page_state(BASE).unwrap();
+        let snap = space.snapshot(BASE, PAGE_SIZE, id1).unwrap()[0];
+        assert!(st.dev_ro.has(Proc::Device(id1)) && !st.resident.has(Proc::Cpu), "no read-only duplicate: {st:?}");
+        assert_eq!(snap.kind, SnapKind::ThisDevice);
+        assert_eq!(snap.prot, Prot::READ, "device maps it read-only: {st:?}, snapshot {snap:?}");
+        assert_eq!(snap.hmm_byte(), hmm::DEV_PRIVATE_LOCAL | hmm::READ);
+    }
 }

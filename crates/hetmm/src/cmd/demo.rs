@@ -41,11 +41,15 @@ fn fill_inputs(a: &mut SharedBuf<f32>, b: &mut SharedBuf<f32>) {
     }
 }
 
-/// Values of `result` that differ from the CPU's `a x b`.
+/// Values of `a` and `b` that differ from what [`fill_inputs`] wrote, plus values of `result`
+/// that differ from the CPU's `a x b`: inputs the run lost or changed would otherwise give a
+/// wrong product that the check, reading the same inputs back, reproduces.
 fn mismatches(result: &[f32], a: &SharedBuf<f32>, b: &SharedBuf<f32>, m: usize) -> usize {
+    let bad_inputs = a.as_slice().iter().enumerate().filter(|&(i, v)| *v != value(i, 1)).count()
+        + b.as_slice().iter().enumerate().filter(|&(i, v)| *v != value(i, 2)).count();
     let mut expect = vec![0f32; m * m];
     mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
-    result.iter().zip(&expect).filter(|(x, y)| x != y).count()
+    bad_inputs + result.iter().zip(&expect).filter(|(x, y)| x != y).count() + result.len().abs_diff(expect.len())
 }
 
 /// Refuses matrices of `n` values that this machine cannot hold (three in shared memory, and the
@@ -130,7 +134,7 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
             s.evictions
         );
         if !verified {
-            println!("  {mismatches} of {n} values differ");
+            println!("  {mismatches} of {} values (a, b and r) differ", 3 * n);
         }
     }
     Ok(if verified { ExitCode::SUCCESS } else { ExitCode::FAILURE })
@@ -196,8 +200,32 @@ fn run_cuda(args: &Args) -> Result<ExitCode, hetmm::Error> {
             s.evictions
         );
         if !verified {
-            println!("  {mismatches} of {n} values differ");
+            println!("  {mismatches} of {} values (a, b and r) differ", 3 * n);
         }
     }
     Ok(if verified { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check compares r with the product of the inputs the CPU wrote. It used the inputs as
+    /// read back after the run: had the manager lost them (a and b zeros after their trip to
+    /// the device), r = 0 x 0 matched the CPU's 0 x 0 and the demo said "verified".
+    #[test]
+    fn demo_check_catches_inputs_lost_on_the_way() {
+        let m = 4;
+        let hm = Hetmm::new().unwrap();
+        let (a, b) = (hm.alloc::<f32>(m * m).unwrap(), hm.alloc::<f32>(m * m).unwrap());
+        // Freshly allocated: zeros, as if the values written had been lost.
+        let r = vec![0f32; m * m];
+        assert!(mismatches(&r, &a, &b, m) > 0, "zeros in, zeros out passed as verified");
+        // And intact inputs with their right product pass.
+        let (mut a, mut b) = (a, b);
+        fill_inputs(&mut a, &mut b);
+        let mut r = vec![0f32; m * m];
+        mul_mat_cpu(&mut r, a.as_slice(), b.as_slice(), m);
+        assert_eq!(mismatches(&r, &a, &b, m), 0);
+    }
 }

@@ -158,10 +158,9 @@ fn fresh_growth(end: u64, segs: &[Seg]) {
         // Up to the next piece of ours, or the end of the VMA.
         let stop = segs.iter().map(|s| s.app).filter(|&a| a > cur).min().unwrap_or(u64::MAX).min(vma.range.end());
         let grown = VaRange::new(cur, stop - cur);
-        // SAFETY: `grown` is part of the VMA the program's mremap extended past its old length
-        // over memfd pages that are not the program's there (no piece of the registration is at
-        // these addresses): the program sees new memory, so nothing there is to keep, and the
-        // manager holds no reference into it.
+        // No piece of the registration lies in `grown`: it is memfd pages the program's mremap
+        // extended its mapping over, where the program expects new memory; nothing to keep.
+        // SAFETY: `grown` holds nothing to keep (above), and the manager has no reference into it.
         if let Err(e) = unsafe { mapping::fresh_private(grown, vma.prot, vma.exec) } {
             log::error!("replacing the grown part {grown} of registered memory: {e}");
         }

@@ -681,9 +681,9 @@ pub(crate) fn copy_private(
         let mut done = 0;
         while done < len {
             let (first, stop) = (done, (done + CHUNK).min(len));
-            // SAFETY: `dst+first..dst+stop` is in the caller's alias of its memfd (writable,
-            // MAP_SHARED, never uffd-registered), which nothing else reads or writes until the
-            // memory is adopted; the slice ends before the punch below.
+            // `dst+first..dst+stop` is in the caller's alias of its memfd (writable, MAP_SHARED,
+            // never uffd-registered); the slice ends before the punch below.
+            // SAFETY: nothing else reads or writes the alias until the memory is adopted.
             let out = unsafe { std::slice::from_raw_parts_mut((dst + first) as *mut u8, stop - first) };
             while done < stop {
                 // The kernel stops at the first page it cannot fault in (EIO if that is the first
@@ -707,9 +707,8 @@ pub(crate) fn copy_private(
                 let run = zero[i..].iter().take_while(|&&z| z).count();
                 if run > 0 {
                     let at = (dst + first + i * psz) as *mut _;
-                    // SAFETY: these pages of the caller's alias (a MAP_SHARED memfd mapping, see
-                    // above) hold only zeros; MADV_REMOVE frees their memfd pages, which then
-                    // read as zeros again: no content changes.
+                    // MADV_REMOVE frees these memfd pages, which then read as zeros again.
+                    // SAFETY: these pages of the caller's alias hold only zeros: no content changes.
                     let _ = unsafe { rustix::mm::madvise(at, run * psz, Advice::LinuxRemove) };
                 }
                 i += run.max(1);

@@ -651,9 +651,9 @@ mod tests {
         // Destinations: the test's own PROT_NONE placeholders, which the moves replace.
         let x = private_filled(page, 0) as usize;
         let y = private_filled(len, 0) as usize;
-        // SAFETY: moves the test's registered page 1 over the test's placeholder `x`, then back
-        // to the hole it left; then the whole (merged) range over the placeholder `y`. No Rust
-        // reference points into any of them.
+        // Moves the test's registered page 1 over the test's placeholder `x`, then back to the
+        // hole it left; then the whole (merged) range over the placeholder `y`.
+        // SAFETY: only the test's own mappings move; no Rust reference points into any of them.
         unsafe {
             assert_eq!(libc::mremap((p + page) as *mut _, page, page, fixed, x as *mut libc::c_void) as usize, x);
             assert_eq!(

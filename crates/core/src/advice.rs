@@ -138,31 +138,23 @@ impl AddressSpace {
     /// with access counters off nothing else would bring the data).
     fn unmap_remote_on(&self, d: DeviceId, range: VaRange) -> Result<()> {
         let slot = self.slot(d)?;
-        let _gate = self.enter()?;
-        let _shape = self.reshape.read();
         let me = Proc::Device(d);
-        for region in self.overlapping(range) {
-            if region.remote {
-                continue; // mirrored: never migrated, remote mappings are all it has
+        self.with_blocks_in(range, |region, blk, inside| {
+            // Mirrored regions are never migrated: remote mappings are all they have.
+            if region.remote || region.is_freed() {
+                return Ok(());
             }
-            let Some(part) = region.range.intersect(&range) else { continue };
-            for bidx in region.block_index(part.start)..=region.block_index(part.end() - 1) {
-                let mut blk = region.blocks[bidx].lock();
-                if region.is_freed() {
-                    break;
-                }
-                let mut remote = crate::block::PageMask::default();
-                for (i, p) in blk.pages.iter().enumerate() {
-                    if p.dev_mapped.has(me) && !p.resident.has(me) && part.contains(blk.va(i)) {
-                        remote.set(i);
-                    }
-                }
-                if !remote.is_empty() {
-                    crate::migrate::unmap_on(self, &mut blk, &slot, &remote)?;
+            let mut remote = *inside;
+            for i in inside.iter() {
+                if !blk.pages[i].dev_mapped.has(me) || blk.pages[i].resident.has(me) {
+                    remote.clear(i);
                 }
             }
-        }
-        Ok(())
+            if remote.is_empty() {
+                return Ok(());
+            }
+            crate::migrate::unmap_on(self, blk, &slot, &remote)
+        })
     }
 }
 

@@ -63,35 +63,26 @@ impl AddressSpace {
     /// not already.
     fn collapse_onto(&self, range: VaRange, dev: DeviceId) -> Result<()> {
         let slot = self.slot(dev)?;
-        let _gate = self.enter()?;
-        let _shape = self.reshape.read();
         let me = Proc::Device(dev);
-        for region in self.overlapping(range) {
-            let Some(part) = region.range.intersect(&range) else { continue };
-            for bidx in region.block_index(part.start)..=region.block_index(part.end() - 1) {
-                let mut blk = region.blocks[bidx].lock();
-                if region.is_freed() {
-                    return Err(CoreError::NotShared(part));
-                }
-                let mut want = PageMask::default();
-                for i in 0..blk.npages {
-                    let p = &blk.pages[i];
-                    if part.contains(blk.va(i))
-                        && (p.resident != ProcMask::only(me) || p.dev_mapped != ProcMask::only(me) || p.dev_ro.has(me))
-                    {
-                        want.set(i);
-                    }
-                }
-                if want.is_empty() {
-                    continue;
-                }
-                blk.busy = want;
-                let r = crate::migrate::to_device(self, &region, &mut blk, &slot, &want);
-                blk.busy = PageMask::default();
-                r?;
+        self.with_blocks_in(range, |region, blk, inside| {
+            if region.is_freed() {
+                return Err(CoreError::NotShared(range));
             }
-        }
-        Ok(())
+            let mut want = *inside;
+            for i in inside.iter() {
+                let p = &blk.pages[i];
+                if p.resident == ProcMask::only(me) && p.dev_mapped == ProcMask::only(me) && !p.dev_ro.has(me) {
+                    want.clear(i);
+                }
+            }
+            if want.is_empty() {
+                return Ok(());
+            }
+            blk.busy = want;
+            let r = crate::migrate::to_device(self, region, blk, &slot, &want);
+            blk.busy = PageMask::default();
+            r
+        })
     }
 
     /// Whether `dev` still holds exclusive access to every page of the range (no CPU access

@@ -922,6 +922,27 @@ impl AddressSpace {
         });
     }
 
+    /// Runs `f` on every block `range` meets, locked, with its region and the mask of its pages
+    /// inside `range`; under the fork gate and the reshape lock, so that no region changes shape
+    /// meanwhile. Stops at the first error.
+    pub(crate) fn with_blocks_in(
+        &self,
+        range: VaRange,
+        mut f: impl FnMut(&Region, &mut Block, &PageMask) -> Result<()>,
+    ) -> Result<()> {
+        let _gate = self.enter()?;
+        let _shape = self.reshape.read();
+        for region in self.overlapping(range) {
+            let Some(part) = region.range.intersect(&range) else { continue };
+            for bidx in region.block_index(part.start)..=region.block_index(part.end() - 1) {
+                let mut blk = region.blocks[bidx].lock();
+                let inside = pages_in(&blk, &part);
+                f(&region, &mut blk, &inside)?;
+            }
+        }
+        Ok(())
+    }
+
     fn for_blocks(&self, ranges: &[VaRange], mut f: impl FnMut(&mut Block)) {
         // In a fork child the blocks belong to the parent (a lock may have been held there).
         if self.is_forked_away() {

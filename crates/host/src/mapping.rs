@@ -762,29 +762,7 @@ pub(crate) fn restore_private(
     off: u64,
 ) -> Result<(), MappingError> {
     check(range)?;
-    let len = range.len as usize;
-    // SAFETY: a fresh anonymous mapping at an address the kernel picks.
-    let tmp = unsafe {
-        rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
-    }
-    .map_err(os_err("mmap anonymous", range))? as usize;
-    // SAFETY: `tmp` is the fresh `len`-byte (`range.len`) mapping made above, ours alone.
-    let r = unsafe { fill_from_memfd(tmp, range, memfd, off) }.and_then(|()| {
-        // SAFETY: `tmp` is ours; its protection changes no content.
-        unsafe { rustix::mm::mprotect(tmp as *mut _, len, program_mprotect_flags(prot, exec)) }
-            .map_err(os_err("mprotect", range))?;
-        // SAFETY: moves our filled mapping over the program's range (a hetmm view the program
-        // registered and now unregisters); the program sees the same bytes at the same addresses.
-        unsafe {
-            rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
-        }
-        .map(drop)
-        .map_err(os_err("mremap(FIXED)", range))
-    });
-    if r.is_err() {
-        unmap(tmp, len);
-    }
-    r
+    move_copy_over(range, program_mprotect_flags(prot, exec), memfd, off, &[], false)
 }
 
 /// In a fork child: [`privatize_in_child`] for every part of a view of `memfd`, where
@@ -826,34 +804,51 @@ pub(crate) fn privatize_in_child(
     if !is_mapped(range) {
         return Ok(());
     }
+    let r = move_copy_over(range, mprotect_flags(prot), memfd, off, lost, true);
+    if r.is_err() {
+        seal_quiet(range);
+    }
+    r
+}
+
+/// Fills a fresh private anonymous mapping with the bytes of `memfd` from `off` (its holes stay
+/// untouched zero pages), gives it protection `prot` with the pages of `lost` inaccessible, and
+/// moves it over `range` with `mremap(MREMAP_FIXED)`: the program then sees the same bytes at the
+/// same addresses, privately. On failure the temporary mapping is gone and `range` is as it was.
+/// `huge`: ask for huge pages (fewer faults while the copy fills a whole range; not for a sparse
+/// one, which they would make resident). System calls only (a fork child uses it); the caller
+/// has checked `range`, a hetmm view.
+fn move_copy_over(
+    range: VaRange,
+    prot: rustix::mm::MprotectFlags,
+    memfd: BorrowedFd<'_>,
+    off: u64,
+    lost: &[VaRange],
+    huge: bool,
+) -> Result<(), MappingError> {
     let len = range.len as usize;
     // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
     let tmp = unsafe {
         rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
-    };
-    let tmp = match tmp {
-        Ok(p) => p as usize,
-        Err(e) => {
-            seal_quiet(range);
-            return Err(os_err("mmap anonymous", range)(e));
-        }
-    };
-    // Huge pages where the kernel has them: fewer faults while the copy fills the mapping (a
-    // hint; failure changes nothing).
-    // SAFETY: `tmp` is the mapping made above, ours alone; the hint changes no content.
-    let _ = unsafe { rustix::mm::madvise(tmp as *mut _, len, Advice::LinuxHugepage) };
+    }
+    .map_err(os_err("mmap anonymous", range))? as usize;
+    if huge {
+        // A hint: failure changes nothing.
+        // SAFETY: `tmp` is the mapping made above, ours alone; the hint changes no content.
+        let _ = unsafe { rustix::mm::madvise(tmp as *mut _, len, Advice::LinuxHugepage) };
+    }
     // SAFETY: `tmp` is the fresh `len`-byte (`range.len`) mapping made above, ours alone.
     let r = unsafe { fill_from_memfd(tmp, range, memfd, off) }.and_then(|()| {
         // SAFETY: `tmp` is the mapping made above, ours alone; its protection changes no content.
-        unsafe { rustix::mm::mprotect(tmp as *mut _, len, mprotect_flags(prot)) }.map_err(os_err("mprotect", range))?;
+        unsafe { rustix::mm::mprotect(tmp as *mut _, len, prot) }.map_err(os_err("mprotect", range))?;
         for x in lost.iter().filter_map(|l| l.intersect(&range)) {
             let at = tmp + (x.start - range.start) as usize;
             // SAFETY: `[at, at + x.len)` lies inside `tmp` (x is inside `range`).
             unsafe { rustix::mm::mprotect(at as *mut _, x.len as usize, rustix::mm::MprotectFlags::empty()) }
                 .map_err(os_err("mprotect", x))?;
         }
-        // SAFETY: moves our filled mapping over the child's view of the memfd (found mapped above,
-        // a hetmm view: caller's contract); the child then sees the same bytes there, privately.
+        // Moves our filled mapping over the program's view of the memfd (caller's contract).
+        // SAFETY: the program sees the same bytes at the same addresses there, privately.
         unsafe {
             rustix::mm::mremap_fixed(tmp as *mut _, len, len, rustix::mm::MremapFlags::MAYMOVE, range.start as *mut _)
         }
@@ -862,7 +857,6 @@ pub(crate) fn privatize_in_child(
     });
     if r.is_err() {
         unmap_quiet(tmp, len);
-        seal_quiet(range);
     }
     r
 }

@@ -11,6 +11,7 @@ use hetmm::sim::{SimConfig, SimDevice};
 use hetmm::{CoreConfig, Hetmm, Policy};
 use serde_json::json;
 
+use super::cpuuse::CpuClock;
 use super::workloads::{device_memory, Result, Run, Sample};
 use super::{human, median};
 
@@ -48,6 +49,7 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
     let s = buf.as_slice();
     let mut per = Vec::with_capacity(n / stride + 1);
     let s0 = hm.stats();
+    let c0 = CpuClock::now();
     let t0 = Instant::now();
     let mut sum = 0u64;
     for i in (0..n).step_by(stride) {
@@ -56,6 +58,7 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
         per.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = c0.until(&CpuClock::now());
     let st = hm.stats().since(&s0);
     let mut ok = (0..n).step_by(stride).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ salt)) == sum;
     // Check every word once (outside the timing).
@@ -73,6 +76,7 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
         device_memory: mem,
         verified: ok,
         stats: st,
+        cpu,
         extra,
     })
 }

@@ -24,6 +24,7 @@
 //! as the program sees them; `gbps` = bytes / seconds; `ratio_to_limit` = gbps / memcpy GB/s.
 //! Rows report medians over `--repeat`, with the counters of the median repeat.
 
+mod cpuuse;
 mod faultback;
 mod svg;
 mod workloads;
@@ -341,6 +342,11 @@ impl Row {
             "effective_oversub": self.effective_oversub(),
             "seconds": self.seconds(),
             "seconds_all": self.samples.iter().map(|s| s.seconds).collect::<Vec<_>>(),
+            // Per repeat, beside `seconds_all`: whether a slow repeat did more work itself or
+            // lost the CPUs to something else (see `cpuuse`).
+            "cpu_seconds_all": self.samples.iter().map(|s| s.cpu.own).collect::<Vec<_>>(),
+            "others_cpu_seconds_all": self.samples.iter().map(|s| s.cpu.others).collect::<Vec<_>>(),
+            "steal_seconds_all": self.samples.iter().map(|s| s.cpu.steal).collect::<Vec<_>>(),
             "repeats": self.samples.len(),
             "gbps": g,
             "limit_gbps": limits.memcpy_gbps,
@@ -507,6 +513,7 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
     } else {
         print_table(&rows, &limits, &extras);
         print_bars(&rows, &limits, args.size);
+        print_spread(&rows);
     }
     if let Some(path) = &args.svg {
         let panels = svg_panels(&rows);
@@ -686,6 +693,44 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
     }
 }
 
+/// Rows whose slowest repeat took more than 1.5x their fastest, with where the CPUs went in
+/// each: more CPU time of our own means hetmm did more work; more of others' time or of steal
+/// means the machine gave the benchmark less.
+fn print_spread(rows: &[Row]) {
+    let mut lines = Vec::new();
+    for r in rows.iter().filter(|r| r.samples.len() >= 2) {
+        let by = |a: &&Sample, b: &&Sample| a.seconds.total_cmp(&b.seconds);
+        let (Some(fast), Some(slow)) = (r.samples.iter().min_by(by), r.samples.iter().max_by(by)) else { continue };
+        if slow.seconds <= 1.5 * fast.seconds {
+            continue;
+        }
+        let cpu = |s: &Sample| {
+            format!(
+                "{:.1} ms (own CPU {:.1} ms, others {:.0} ms, steal {:.0} ms)",
+                s.seconds * 1e3,
+                s.cpu.own * 1e3,
+                s.cpu.others * 1e3,
+                s.cpu.steal * 1e3
+            )
+        };
+        lines.push(format!(
+            "  {} {} {} x{}: fastest {}, slowest {}",
+            r.key.row,
+            r.key.policy,
+            r.key.advice.name(),
+            r.oversub,
+            cpu(fast),
+            cpu(slow)
+        ));
+    }
+    if !lines.is_empty() {
+        println!("repeats more than 1.5x apart (others' CPU time and steal tick in 10 ms):");
+        for l in lines {
+            println!("{l}");
+        }
+    }
+}
+
 /// Panels for the chart: per row (faultback excluded), per policy and advice, median seconds
 /// against oversubscription.
 fn svg_panels(rows: &[Row]) -> Vec<svg::Panel> {
@@ -739,6 +784,7 @@ mod tests {
                 device_memory: 0,
                 verified: true,
                 stats: StatsSnapshot::default(),
+                cpu: Default::default(),
                 extra: Map::new(),
             })
             .collect();

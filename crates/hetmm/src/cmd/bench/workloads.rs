@@ -18,6 +18,8 @@ use hetmm::sim::{SimConfig, SimDevice};
 use hetmm::{Advice, Device, Hetmm, SharedBuf, Use};
 use serde_json::{json, Map, Value};
 
+use super::cpuuse::{CpuClock, CpuUse};
+
 pub type Result<T, E = hetmm::Error> = std::result::Result<T, E>;
 
 /// Advice variants of `pingpong` and `readmostly`.
@@ -67,6 +69,8 @@ pub struct Sample {
     pub verified: bool,
     /// Counters over the timed section.
     pub stats: StatsSnapshot,
+    /// CPU time over the timed section: ours, the rest of the machine's, steal.
+    pub cpu: CpuUse,
     /// Workload-specific fields.
     pub extra: Map<String, Value>,
 }
@@ -108,6 +112,7 @@ struct Moved {
     core: StatsSnapshot,
     remote_bytes: u64,
     link_ns: u64,
+    cpu: CpuUse,
 }
 
 /// Waits (at most 250 ms) until the CPU-fault counters stop changing. hetmm adds a CPU fault's
@@ -133,9 +138,11 @@ fn settle_counters(e: &Env) {
 fn timed<R>(e: &Env, f: impl FnOnce() -> Result<R>) -> Result<(R, f64, Moved)> {
     settle_counters(e);
     let (s0, d0) = (e.hm.stats(), e.dev.driver().stats());
+    let c0 = CpuClock::now();
     let t = Instant::now();
     let r = f()?;
     let secs = t.elapsed().as_secs_f64();
+    let cpu = c0.until(&CpuClock::now());
     // Outside the timing: the section's last CPU fault is counted in it, not in the next one.
     settle_counters(e);
     let d = e.dev.driver().stats();
@@ -143,6 +150,7 @@ fn timed<R>(e: &Env, f: impl FnOnce() -> Result<R>) -> Result<(R, f64, Moved)> {
         core: e.hm.stats().since(&s0),
         remote_bytes: d.remote_bytes - d0.remote_bytes,
         link_ns: d.link_busy_ns - d0.link_busy_ns,
+        cpu,
     };
     Ok((r, secs, moved))
 }
@@ -163,6 +171,7 @@ fn sample(row: &str, e: &Env, ws: u64, bytes: u64, secs: f64, moved: Moved, ok: 
         // A CPU fault hetmm could not serve fails the run even if the data came out right.
         verified: ok && e.hm.stats().cpu_fault_errors == 0,
         stats: moved.core,
+        cpu: moved.cpu,
         extra,
     }
 }

@@ -385,6 +385,17 @@ impl AddressSpace {
         Ok(Arc::clone(&region.cpu))
     }
 
+    /// The ranges of the regions overlapping `range` whose CPU side is `cpu` itself (the same
+    /// object), in address order: what is left of a buffer whose memory the program moved or
+    /// unmapped in part (the parts moved away are regions of another CPU side).
+    pub fn regions_of(&self, range: VaRange, cpu: &dyn CpuMmu) -> Vec<VaRange> {
+        self.overlapping(range)
+            .into_iter()
+            .filter(|r| std::ptr::addr_eq(Arc::as_ptr(&r.cpu), cpu as *const dyn CpuMmu))
+            .map(|r| r.range)
+            .collect()
+    }
+
     pub(crate) fn region_at(&self, start: u64) -> Option<Arc<Region>> {
         self.regions.read().get(&start).cloned()
     }

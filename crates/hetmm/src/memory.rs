@@ -42,6 +42,15 @@ impl Allocs {
 /// hold none across a kernel that writes the buffer: take it before the launch or after the
 /// job's `wait`, as CUDA asks of managed memory a running kernel uses. This is the caller's
 /// part, not checked: kernels receive addresses, not borrows of the buffers.
+///
+/// The program may move the buffer's memory, or part of it, with `mremap` (as any mapping it
+/// can address; no slice may be alive then, and [`ptr`](Self::ptr) and the slices keep naming
+/// the old address, which the buffer no longer holds): the data goes with it, device copies
+/// included, and stays shared memory at the new address, the program's own mapping from then on,
+/// like memory it registered (its `munmap` ends it; [`Hetmm::unregister`](crate::Hetmm::unregister)
+/// gives it back as private memory). Growing the memory in place, or while moving it, adds fresh
+/// private memory the program owns. Dropping the buffer frees what is still at its address, and
+/// leaves alone whatever the program mapped where the moved part was.
 #[derive(Debug)]
 pub struct SharedBuf<T> {
     space: Arc<AddressSpace>,
@@ -100,11 +109,12 @@ impl<T> Drop for SharedBuf<T> {
     fn drop(&mut self) {
         self.allocs.with(|m| m.remove(&self.ptr()));
         // `protect` of part of the buffer split its region: every piece goes (each lies inside
-        // the buffer's own mapping).
-        let starts: Vec<u64> = match self.space.span_parts(self.ptr(), self.region.len()) {
-            Ok(parts) => parts.iter().map(|p| p.start).collect(),
-            Err(_) => vec![self.ptr()],
-        };
+        // the buffer's own mapping). Parts the program moved away with `mremap` (or unmapped)
+        // are not the buffer's any more: what it moved stays managed where it went, as the
+        // program's own mapping (see `HostRegion`), and is not freed here.
+        let range = VaRange::new(self.ptr(), self.region.len());
+        let starts: Vec<u64> =
+            self.space.regions_of(range, &*self.region as &dyn CpuMmu).iter().map(|p| p.start).collect();
         for start in starts {
             match self.space.remove_region(start) {
                 // A fork child's copy of the parent's buffer: the memory is the child's own copy

@@ -724,3 +724,444 @@ fn realloc_of_registered_device_resident_memory_keeps_every_byte() {
     // SAFETY: `q` is the chunk realloc returned, freed once and not used after.
     unsafe { libc::free(q.cast()) };
 }
+
+/// The inode of the file `/proc/self/maps` shows at `va` (0 if none).
+fn inode_at(va: usize) -> u64 {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (s, e) = f[0].split_once('-').unwrap();
+        let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
+        if (s..e).contains(&va) {
+            return f[4].parse().unwrap();
+        }
+    }
+    0
+}
+
+/// Whether the process still maps or holds open the file of inode `ino` (a memfd of hetmm).
+fn file_alive(ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mapped = maps.lines().any(|l| l.split_whitespace().nth(4).and_then(|i| i.parse::<u64>().ok()) == Some(ino));
+    let open = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().starts_with("/memfd:")))
+        .any(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == ino));
+    mapped || open
+}
+
+/// Maps one page of the test's own at `va` (which must be free) holding `byte`; false if some
+/// other thread's mapping took the address meanwhile.
+fn own_page_at(va: usize, byte: u8) -> bool {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped: it replaces no mapping.
+    let p = unsafe { libc::mmap(va as *mut _, PS, rw, flags, -1, 0) };
+    if p as usize != va {
+        return false;
+    }
+    // SAFETY: the page just mapped, read-write, the test's own.
+    unsafe { std::ptr::write_bytes(p.cast::<u8>(), byte, PS) };
+    true
+}
+
+/// A kernel of one thread that counts the words of `pages` pages from `va` (one word per page)
+/// that differ from `want(page)`.
+fn count_wrong(
+    va: usize,
+    pages: usize,
+    want: impl Fn(usize) -> u64 + Send + Sync + 'static,
+) -> (Arc<AtomicU64>, impl Fn(&BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static) {
+    let wrong = Arc::new(AtomicU64::new(0));
+    let w = Arc::clone(&wrong);
+    (wrong, move |ctx: &BlockCtx| {
+        for page in 0..pages {
+            if ctx.load::<u64>((va + page * PS) as u64)? != want(page) {
+                w.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Memory from `Hetmm::alloc` the program moves with `mremap` (MAYMOVE | FIXED, by whole blocks
+/// and by one page more) is followed, as any mapping's data is: its data, half of it on the
+/// device at the time, is at the new address for the CPU and for device kernels, `migrate` works
+/// there, and the old range leaves hetmm. Dropping the buffer afterwards leaves both alone: the
+/// moved memory (the program's mapping now, still managed) and what the program mapped at the
+/// old address; once the program unmaps the moved memory too, hetmm's memfd and alias are gone.
+#[test]
+fn mremap_of_allocated_memory_is_followed() {
+    const BLOCK: usize = 2 << 20;
+    let word = |i: usize| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for shift in [0, PS] {
+        let (hm, dev) = setup(64 << 20);
+        let len = 2 * BLOCK;
+        let mut buf = hm.alloc::<u64>(len / 8).unwrap();
+        for (i, w) in buf.as_mut_slice().iter_mut().enumerate() {
+            *w = word(i);
+        }
+        let p = buf.ptr() as usize;
+        hm.migrate(p as u64, BLOCK as u64, dev.proc()).unwrap();
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // SAFETY: a new PROT_NONE reservation where the kernel chooses replaces no mapping.
+        let dst = unsafe { libc::mmap(std::ptr::null_mut(), len + 2 * BLOCK, libc::PROT_NONE, anon, -1, 0) };
+        assert_ne!(dst, libc::MAP_FAILED);
+        let q = (dst as usize).next_multiple_of(BLOCK) + shift;
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        // SAFETY: moves the buffer's view (no slice of it is alive) into our PROT_NONE reservation
+        // `dst`: `q + len <= dst + len + 2 * BLOCK`, so nothing else is replaced.
+        let moved = unsafe { libc::mremap(p as *mut _, len, len, flags, q as *mut libc::c_void) };
+        assert_eq!(moved as usize, q, "{}", std::io::Error::last_os_error());
+        hm.space().settle().unwrap();
+        assert!(hm.space().check_span(p as u64, len as u64).is_err(), "the old range left hetmm");
+        let ino = inode_at(q);
+        // A device kernel at the new address (the first block's copies travelled or came home).
+        let (wrong, k) = count_wrong(q, len / PS, move |page| word(page * PS / 8));
+        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(wrong.load(Ordering::Relaxed), 0, "words a kernel read wrong at the new address (shift {shift})");
+        // The CPU at the new address reads every word (faulting the data back) and writes.
+        let check = |q: usize, gen: u64| {
+            // SAFETY: `[q, q + len)` is the moved read-write mapping, ours and mapped; only this
+            // thread uses it.
+            let words = unsafe { std::slice::from_raw_parts(q as *const u64, len / 8) };
+            for (i, w) in words.iter().enumerate() {
+                assert_eq!(*w, word(i) ^ gen, "word {i} at the new address (shift {shift}, gen {gen})");
+            }
+        };
+        check(q, 0);
+        // SAFETY: as above, written.
+        let words = unsafe { std::slice::from_raw_parts_mut(q as *mut u64, len / 8) };
+        words.iter_mut().for_each(|w| *w ^= 6);
+        // `migrate` at the new address, and back by CPU faults.
+        hm.migrate(q as u64, len as u64, dev.proc()).unwrap();
+        let (wrong, k) = count_wrong(q, len / PS, move |page| word(page * PS / 8) ^ 6);
+        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(wrong.load(Ordering::Relaxed), 0, "words a kernel read wrong after migrate (shift {shift})");
+        check(q, 6);
+        // The program maps a page of its own where the buffer was, then drops the buffer.
+        let mine = own_page_at(p, 0x5A);
+        drop(buf);
+        if mine {
+            // SAFETY: the page mapped by `own_page_at` above, which nothing else unmaps.
+            let b = unsafe { (p as *const u8).read_volatile() };
+            assert_eq!(b, 0x5A, "dropping the buffer took the program's page");
+            // SAFETY: the test's own page.
+            unsafe { libc::munmap(p as *mut _, PS) };
+        }
+        // The moved memory is still managed and whole.
+        hm.migrate(q as u64, len as u64, dev.proc()).unwrap();
+        check(q, 6);
+        assert!(file_alive(ino), "the moved memory's memfd");
+        // SAFETY: unmaps our reservation `dst`, holding the moved memory (not referenced after).
+        unsafe { libc::munmap(dst, len + 2 * BLOCK) };
+        hm.space().settle().unwrap();
+        assert!(!file_alive(ino), "the memfd of a buffer dropped and unmapped is still open or mapped");
+        let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+        assert_eq!(free, total, "device memory freed (shift {shift})");
+    }
+}
+
+/// One page of a buffer from `Hetmm::alloc`, on the device, moved with a plain `mremap`
+/// (MAYMOVE, the kernel picks the address; grown to two pages, so that it must move): its data
+/// is there for the CPU and for a kernel, the page it grew by is fresh memory, the rest of the
+/// buffer stays managed where it is, and dropping the buffer frees the rest (both regions around
+/// the hole) and leaves the moved page, and whatever the program put in the hole, alone.
+#[test]
+fn mremap_of_one_page_of_allocated_memory_is_followed() {
+    let (hm, dev) = setup(16 << 20);
+    let pages = 4;
+    let word = |page: usize| 0x1111_1111_1111_1111u64 * (page as u64 + 1);
+    let mut buf = hm.alloc::<u64>(pages * PS / 8).unwrap();
+    for (i, w) in buf.as_mut_slice().iter_mut().enumerate() {
+        *w = word(i * 8 / PS);
+    }
+    let p = buf.ptr() as usize;
+    hm.migrate(p as u64, (pages * PS) as u64, dev.proc()).unwrap();
+    // SAFETY: moves page 1 of the buffer's view (no slice of it is alive) to where the kernel
+    // picks, grown by a page (page 2 of the view is in the way: it moves): nothing is replaced.
+    let q = unsafe { libc::mremap((p + PS) as *mut _, PS, 2 * PS, libc::MREMAP_MAYMOVE) } as usize;
+    assert_ne!(q, libc::MAP_FAILED as usize, "{}", std::io::Error::last_os_error());
+    assert_ne!(q, p + PS, "the page moved");
+    hm.space().settle().unwrap();
+    // SAFETY: the page the move grew by, mapped read-write; only this thread uses it.
+    let fresh = unsafe { std::slice::from_raw_parts_mut((q + PS) as *mut u8, PS) };
+    assert!(fresh.iter().all(|&b| b == 0), "the page grown by reads as zeros");
+    fresh.fill(0xEE);
+    let ino = inode_at(q);
+    let (wrong, k) = count_wrong(q, 1, move |_| word(1));
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "a kernel read the moved page wrong");
+    // SAFETY: the moved page, read-write, mapped at `q`; only this thread uses it.
+    let moved = unsafe { std::slice::from_raw_parts_mut(q as *mut u64, PS / 8) };
+    assert!(moved.iter().all(|&w| w == word(1)), "the moved page read by the CPU");
+    moved[3] = 42;
+    hm.migrate(q as u64, PS as u64, dev.proc()).unwrap();
+    let (got, k) = load_word(q as u64 + 24);
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(got.load(Ordering::SeqCst), 42, "the CPU's write, migrated");
+    // The rest of the buffer: pages 0, 2 and 3, by the CPU and by a kernel.
+    for page in [0, 2, 3] {
+        // SAFETY: a page of the buffer's view still mapped (only page 1 moved).
+        assert_eq!(unsafe { ((p + page * PS) as *const u64).read_volatile() }, word(page), "page {page}");
+    }
+    hm.migrate((p + 2 * PS) as u64, (2 * PS) as u64, dev.proc()).unwrap();
+    let (wrong, k) = count_wrong(p + 2 * PS, 2, move |i| word(2 + i));
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "the rest of the buffer on the device");
+    let mine = own_page_at(p + PS, 0xA5);
+    drop(buf);
+    assert!(!hm.space().any_shared(hetmm::core::types::VaRange::new(p as u64, (pages * PS) as u64)));
+    if mine {
+        // SAFETY: the page `own_page_at` mapped in the hole, which nothing else unmaps.
+        assert_eq!(unsafe { ((p + PS) as *const u8).read_volatile() }, 0xA5, "the program's page in the hole");
+        // SAFETY: the test's own page.
+        unsafe { libc::munmap((p + PS) as *mut _, PS) };
+    }
+    // SAFETY: the moved page, still mapped and managed.
+    assert_eq!(unsafe { ((q + 24) as *const u64).read_volatile() }, 42, "the moved page after the drop");
+    assert!(file_alive(ino));
+    // SAFETY: the page grown by, still mapped.
+    assert_eq!(unsafe { ((q + PS) as *const u8).read_volatile() }, 0xEE, "the page grown by after the drop");
+    // SAFETY: the moved page and the one it grew by, the program's (this test's) mapping now;
+    // not used after.
+    unsafe { libc::munmap(q as *mut _, 2 * PS) };
+    hm.space().settle().unwrap();
+    assert!(!file_alive(ino), "the buffer's memfd outlived the buffer and its moved page");
+    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+    assert_eq!(free, total, "device memory freed");
+}
+
+/// Registered private memory grown in place with `mremap` (with and without MAYMOVE: the kernel
+/// extends the mapping where the addresses after it are free, and raises no event): the new
+/// part is fresh memory the program owns (zeros, read and written by the CPU, no SIGBUS), and
+/// the registered part stays managed, its data coming back from the device. A new part first
+/// touched after `unregister` is fresh memory too.
+#[test]
+fn registered_memory_grown_in_place_is_plain_memory_there() {
+    for (flags, touch_first) in [(0, true), (libc::MREMAP_MAYMOVE, true), (0, false)] {
+        let (hm, dev) = setup(16 << 20);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        // Eight pages, the last four given back to make room to grow (another thread may map
+        // something there meanwhile: then the test tries again).
+        let p = (0..20)
+            .find_map(|_| {
+                // SAFETY: a new mapping where the kernel chooses replaces no mapping.
+                let p = unsafe { libc::mmap(std::ptr::null_mut(), 8 * PS, rw, anon, -1, 0) } as usize;
+                assert_ne!(p, libc::MAP_FAILED as usize);
+                // SAFETY: the last four pages of the test's mapping just made.
+                unsafe { libc::munmap((p + 4 * PS) as *mut _, 4 * PS) };
+                // SAFETY: the test's own first four pages.
+                unsafe { std::ptr::write_bytes(p as *mut u8, 0x3C, 4 * PS) };
+                hm.register(p as *const u8, 4 * PS).unwrap();
+                hm.migrate(p as u64, (4 * PS) as u64, dev.proc()).unwrap();
+                // SAFETY: grows the test's registered pages in place into the addresses it freed
+                // (with MAYMOVE it may move instead: then it tries again); no Rust reference
+                // points into them.
+                let r = unsafe { libc::mremap(p as *mut _, 4 * PS, 8 * PS, flags) } as usize;
+                if r == p {
+                    return Some(p);
+                }
+                hm.space().settle().unwrap();
+                let at = if r == libc::MAP_FAILED as usize { p } else { r };
+                let _ = hm.unregister(at as *const u8, 4 * PS);
+                // SAFETY: the test's own mapping, wherever it is now (not used after).
+                unsafe { libc::munmap(at as *mut _, if at == p { 4 * PS } else { 8 * PS }) };
+                None
+            })
+            .expect("room to grow in place");
+        let grown = p + 4 * PS;
+        let touch = || {
+            // SAFETY: the grown part of the test's mapping, read-write: fresh memory.
+            let new = unsafe { std::slice::from_raw_parts_mut(grown as *mut u8, 4 * PS) };
+            assert!(new.iter().all(|&b| b == 0), "the grown part reads as fresh zeros (flags {flags})");
+            new.fill(0x77);
+            assert!(new.iter().all(|&b| b == 0x77));
+        };
+        if touch_first {
+            touch();
+        }
+        // SAFETY: the registered part of the mapping: its data comes back from the device.
+        let old = unsafe { std::slice::from_raw_parts(p as *const u8, 4 * PS) };
+        assert!(old.iter().all(|&b| b == 0x3C), "the registered part (flags {flags})");
+        hm.migrate(p as u64, (4 * PS) as u64, dev.proc()).unwrap();
+        let (got, k) = load_word(p as u64);
+        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(got.load(Ordering::SeqCst), 0x3C3C_3C3C_3C3C_3C3C);
+        assert!(hm.space().check_span(grown as u64, PS as u64).is_err(), "the grown part is not managed");
+        hm.unregister(p as *const u8, 4 * PS).unwrap();
+        if !touch_first {
+            touch();
+        }
+        // SAFETY: the whole mapping, private memory again.
+        let all = unsafe { std::slice::from_raw_parts(p as *const u8, 8 * PS) };
+        assert!(all[..4 * PS].iter().all(|&b| b == 0x3C) && all[4 * PS..].iter().all(|&b| b == 0x77));
+        // SAFETY: the test's own mapping, not used after.
+        unsafe { libc::munmap(p as *mut _, 8 * PS) };
+    }
+}
+
+/// A buffer from `Hetmm::alloc` whose view the program grows in place with `mremap`: the new
+/// part is fresh memory the program owns, touched before the buffer is dropped or only after,
+/// and dropping the buffer leaves it mapped.
+#[test]
+fn allocated_memory_grown_in_place_is_plain_memory_there() {
+    for touch_first in [true, false] {
+        let (hm, _dev) = setup(16 << 20);
+        let mut buf = hm.alloc::<u8>(4 * PS).unwrap();
+        buf.as_mut_slice().fill(0x3C);
+        let p = buf.ptr() as usize;
+        // SAFETY: grows the buffer's view in place (no MAYMOVE: nothing is replaced, and it fails
+        // if another mapping follows the view); no slice of it is alive.
+        let r = unsafe { libc::mremap(p as *mut _, 4 * PS, 8 * PS, 0) } as usize;
+        if r != p {
+            eprintln!("no room after the buffer's view to grow in place: skipped");
+            continue;
+        }
+        let grown = p + 4 * PS;
+        let touch = || {
+            // SAFETY: the grown part of the view, read-write: fresh memory.
+            let new = unsafe { std::slice::from_raw_parts_mut(grown as *mut u8, 4 * PS) };
+            assert!(new.iter().all(|&b| b == 0), "the grown part reads as fresh zeros");
+            new.fill(0x77);
+        };
+        if touch_first {
+            touch();
+        }
+        assert!(buf.as_slice().iter().all(|&b| b == 0x3C), "the buffer");
+        drop(buf);
+        if !touch_first {
+            touch();
+        }
+        // SAFETY: the grown part, the program's memory, still mapped after the drop.
+        let new = unsafe { std::slice::from_raw_parts(grown as *const u8, 4 * PS) };
+        assert!(new.iter().all(|&b| b == 0x77), "the grown part after the drop");
+        // SAFETY: the test's own grown part, not used after.
+        unsafe { libc::munmap(grown as *mut _, 4 * PS) };
+    }
+}
+
+/// A page of a buffer moved away and back to where it was (the kernel merges it with the rest of
+/// the view again): the whole buffer keeps its data, the moved page stays managed, and the
+/// buffer's other pages are still the buffer's.
+#[test]
+fn a_page_of_a_buffer_moved_away_and_back_keeps_every_byte() {
+    let (hm, dev) = setup(16 << 20);
+    let pages = 4;
+    let mut buf = hm.alloc::<u8>(pages * PS).unwrap();
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = (i / PS) as u8 + 1;
+    }
+    let p = buf.ptr() as usize;
+    hm.migrate(p as u64, (pages * PS) as u64, dev.proc()).unwrap();
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a new PROT_NONE page where the kernel chooses replaces no mapping.
+    let x = unsafe { libc::mmap(std::ptr::null_mut(), PS, libc::PROT_NONE, anon, -1, 0) } as usize;
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves page 1 of the buffer's view (no slice of it alive) over the test's
+    // placeholder `x`, then back into the hole it left (if no other thread took it meanwhile).
+    let back = unsafe {
+        assert_eq!(libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) as usize, x);
+        libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) as usize
+    };
+    assert_eq!(back, p + PS, "{}", std::io::Error::last_os_error());
+    hm.space().settle().unwrap();
+    for (i, &b) in buf.as_slice().iter().enumerate() {
+        assert_eq!(b, (i / PS) as u8 + 1, "byte {i}");
+    }
+    hm.migrate(p as u64, PS as u64, dev.proc()).unwrap();
+    hm.migrate((p + PS) as u64, PS as u64, dev.proc()).unwrap();
+    hm.migrate((p + 2 * PS) as u64, (2 * PS) as u64, dev.proc()).unwrap();
+    for (i, &b) in buf.as_slice().iter().enumerate() {
+        assert_eq!(b, (i / PS) as u8 + 1, "byte {i} after migrating");
+    }
+    drop(buf);
+    // The moved page is the program's own mapping now (in the middle of what was the view).
+    // SAFETY: page 1, moved back by the test and still mapped.
+    assert_eq!(unsafe { ((p + PS) as *const u8).read_volatile() }, 2);
+    // SAFETY: the test's page, not used after.
+    unsafe { libc::munmap((p + PS) as *mut _, PS) };
+}
+
+/// Memory moved out of a buffer is the program's, like memory it registered: `unregister` gives
+/// it back as private memory holding its bytes (those on the device included), and hetmm's
+/// memfd goes with the buffer.
+#[test]
+fn memory_moved_out_of_a_buffer_can_be_unregistered() {
+    let (hm, dev) = setup(16 << 20);
+    let len = 4 * PS;
+    let mut buf = hm.alloc::<u8>(len).unwrap();
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let p = buf.ptr() as usize;
+    hm.migrate(p as u64, len as u64, dev.proc()).unwrap();
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a new PROT_NONE placeholder where the kernel chooses replaces no mapping.
+    let q = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, anon, -1, 0) } as usize;
+    assert_ne!(q, libc::MAP_FAILED as usize);
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves the buffer's view (no slice of it alive) over the test's placeholder `q`.
+    let r = unsafe { libc::mremap(p as *mut _, len, len, fixed, q as *mut libc::c_void) } as usize;
+    assert_eq!(r, q, "{}", std::io::Error::last_os_error());
+    hm.space().settle().unwrap();
+    let ino = inode_at(q);
+    drop(buf);
+    hm.unregister(q as *const u8, len).unwrap();
+    assert!(!hm.space().any_shared(hetmm::core::types::VaRange::new(q as u64, len as u64)));
+    // SAFETY: `[q, q + len)`, private read-write memory of the test's now.
+    let bytes = unsafe { std::slice::from_raw_parts(q as *const u8, len) };
+    assert!(bytes.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "the bytes, given back");
+    assert!(!file_alive(ino), "the memfd outlived the buffer and its moved memory");
+    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+    assert_eq!(free, total, "device memory freed");
+    // SAFETY: the test's own mapping, not used after.
+    unsafe { libc::munmap(q as *mut _, len) };
+}
+
+/// Registered memory the program shrinks with `mremap` and then grows in place again (as
+/// `realloc` may): the regrown part is fresh memory (zeros), not the data of the pages the
+/// shrink gave up, and no access raises SIGBUS; the part still registered keeps its data.
+#[test]
+fn registered_memory_shrunk_and_regrown_in_place_is_fresh_there() {
+    let (hm, dev) = setup(16 << 20);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: a new mapping where the kernel chooses replaces no mapping.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), 4 * PS, rw, anon, -1, 0) } as usize;
+    assert_ne!(p, libc::MAP_FAILED as usize);
+    // SAFETY: the test's own four pages.
+    unsafe { std::ptr::write_bytes(p as *mut u8, 0x3C, 4 * PS) };
+    hm.register(p as *const u8, 4 * PS).unwrap();
+    hm.migrate(p as u64, (4 * PS) as u64, dev.proc()).unwrap();
+    // SAFETY: shrinks the test's registered mapping in place (its last two pages go).
+    let r = unsafe { libc::mremap(p as *mut _, 4 * PS, 2 * PS, 0) } as usize;
+    assert_eq!(r, p, "{}", std::io::Error::last_os_error());
+    hm.space().settle().unwrap();
+    // SAFETY: grows it in place again into the pages it gave up (fails, and the test skips, if
+    // another thread mapped something there meanwhile).
+    let r = unsafe { libc::mremap(p as *mut _, 2 * PS, 4 * PS, 0) } as usize;
+    if r != p {
+        eprintln!("the pages given up were taken meanwhile: skipped");
+        hm.unregister(p as *const u8, 2 * PS).unwrap();
+        // SAFETY: the test's own mapping, not used after.
+        unsafe { libc::munmap(p as *mut _, 2 * PS) };
+        return;
+    }
+    // SAFETY: the regrown part of the test's mapping, read-write.
+    let new = unsafe { std::slice::from_raw_parts_mut((p + 2 * PS) as *mut u8, 2 * PS) };
+    assert!(new.iter().all(|&b| b == 0), "the regrown part reads as fresh zeros");
+    new.fill(0x77);
+    // SAFETY: the part still registered.
+    let old = unsafe { std::slice::from_raw_parts(p as *const u8, 2 * PS) };
+    assert!(old.iter().all(|&b| b == 0x3C), "the registered part");
+    hm.unregister(p as *const u8, 2 * PS).unwrap();
+    // SAFETY: the test's own mapping, private memory now, not used after.
+    let all = unsafe { std::slice::from_raw_parts(p as *const u8, 4 * PS) };
+    assert!(all[..2 * PS].iter().all(|&b| b == 0x3C) && all[2 * PS..].iter().all(|&b| b == 0x77));
+    // SAFETY: as above.
+    unsafe { libc::munmap(p as *mut _, 4 * PS) };
+}

@@ -830,12 +830,24 @@ fn mremap_races_migrate() {
     // A short run by default (the suite's), longer ones on request.
     let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
     let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth(iters / 2, 16 * PS);
-    mremap_back_and_forth(iters - iters / 2, 2 << 20);
+    mremap_back_and_forth(iters / 2, 16 * PS, false);
+    mremap_back_and_forth(iters - iters / 2, 2 << 20, false);
 }
 
-/// [`mremap_races_migrate`] with the two places `apart` bytes apart.
-fn mremap_back_and_forth(iters: u64, apart: u64) {
+/// [`mremap_races_migrate`] with memory from `Hetmm::alloc`: the slot starts as a buffer's
+/// view, which the program moves into the test's range (while the buffer's data is on the
+/// device and another thread migrates it), and drops the buffer at the end.
+#[test]
+fn mremap_of_a_buffer_races_migrate() {
+    let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
+    let _ = env_logger::builder().is_test(true).try_init();
+    mremap_back_and_forth(iters / 2, 16 * PS, true);
+    mremap_back_and_forth(iters - iters / 2, 2 << 20, true);
+}
+
+/// [`mremap_races_migrate`] with the two places `apart` bytes apart; `alloc`: the slot is
+/// first a buffer's view.
+fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool) {
     let hm = Arc::new(Hetmm::new().unwrap());
     let dev = Arc::new(
         hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 4 << 20, ..SimConfig::default() }).unwrap()).unwrap(),
@@ -846,9 +858,18 @@ fn mremap_back_and_forth(iters: u64, apart: u64) {
     let base =
         (0x1000_0000_0000u64..).step_by(1 << 30).find(|&b| mmap_fixed(b, apart + len, libc::PROT_NONE, true)).unwrap();
     let (x, y) = (base, base + apart);
-    assert!(mmap_fixed(x, len, libc::PROT_READ | libc::PROT_WRITE, false));
-    cpu_fill(x, len, 1, 0);
-    hm.register(x as *const u8, len as usize).unwrap();
+    let buf = if alloc {
+        let b = hm.alloc::<u8>(len as usize).unwrap();
+        cpu_fill(b.ptr(), len, 1, 0);
+        hm.migrate(b.ptr(), len, dev.proc()).unwrap();
+        Some(b)
+    } else {
+        assert!(mmap_fixed(x, len, libc::PROT_READ | libc::PROT_WRITE, false));
+        cpu_fill(x, len, 1, 0);
+        hm.register(x as *const u8, len as usize).unwrap();
+        None
+    };
+    let b = buf.as_ref().map(|b| b.ptr());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let g = {
         let (hm, dev, stop) = (hm.clone(), dev.clone(), stop.clone());
@@ -856,6 +877,9 @@ fn mremap_back_and_forth(iters: u64, apart: u64) {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let to = if n % 2 == 0 { dev.proc() } else { Proc::Cpu };
+                if let Some(b) = b {
+                    let _ = hm.migrate(b, len, to);
+                }
                 let _ = hm.migrate(x, apart + len, to);
                 let _ = hm.migrate(x, len, to);
                 let _ = hm.migrate(y, len, to);
@@ -865,6 +889,15 @@ fn mremap_back_and_forth(iters: u64, apart: u64) {
     };
     let mut gen = 1;
     let mut at = x;
+    if let Some(b) = b {
+        // SAFETY: moves the buffer's view (no slice of it is alive) over the test's PROT_NONE
+        // placeholder at `x`, in its reservation: MREMAP_FIXED replaces only that.
+        let r = unsafe {
+            libc::mremap(b as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, x)
+        };
+        assert_eq!(r as u64, x, "{}", std::io::Error::last_os_error());
+        cpu_check("moved out of the buffer", x, len, gen, 0);
+    }
     for i in 0..iters {
         let to = if at == x { y } else { x };
         // SAFETY: `at` holds the slot, which only this thread maps or moves; `to`, its other place,
@@ -891,6 +924,8 @@ fn mremap_back_and_forth(iters: u64, apart: u64) {
     }
     stop.store(true, Ordering::Relaxed);
     g.join().unwrap();
+    // The buffer's address holds nothing of it any more: dropping it frees nothing of the slot.
+    drop(buf);
     cpu_check("end", at, len, gen, 0);
     let st = hm.stats();
     eprintln!(

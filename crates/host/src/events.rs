@@ -53,6 +53,9 @@ pub(crate) struct Ctx {
     pub(crate) reaped: AtomicU64,
     /// Registered memory (followed through unmap and remap).
     pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
+    /// Regions of [`crate::Host::create_region`] (parts the program moves out of them are
+    /// followed: see [`crate::HostRegion::moved_away`]).
+    pub(crate) regions: Mutex<Vec<Weak<crate::HostRegion>>>,
     /// Ranges being registered ([`crate::Host::register`]): registered with userfaultfd, not
     /// yet known to the core. A fault there waits until the registration is done.
     arriving: Mutex<Vec<VaRange>>,
@@ -131,8 +134,16 @@ impl Ctx {
             reshapes_applied: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
             mirrors: Mutex::new(Vec::new()),
+            regions: Mutex::new(Vec::new()),
             arriving: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether an unmap or remap of the program's memory may be read or being read and not yet
+    /// applied (no wait: see [`Ctx::reshape_pending`] for the bounded wait).
+    pub(crate) fn reshape_in_flight(&self) -> bool {
+        self.classified.load(Ordering::Acquire) < self.reads.load(Ordering::Acquire)
+            || self.reshapes.load(Ordering::Acquire) != self.reshapes_applied.load(Ordering::Acquire)
     }
 
     fn is_arriving(&self, va: u64) -> bool {
@@ -252,16 +263,105 @@ impl Ctx {
         m.iter().filter_map(Weak::upgrade).collect()
     }
 
+    fn live_regions(&self) -> Vec<Arc<crate::HostRegion>> {
+        let mut r = self.regions.lock();
+        r.retain(|w| w.strong_count() > 0);
+        r.iter().filter_map(Weak::upgrade).collect()
+    }
+
     /// The CPU side of `[to, to + len)` after the program moved `[from, from + len)` there, if
-    /// that memory is registered memory.
+    /// that memory is registered memory or part of a region's view.
     fn remap_view(&self, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
-        self.live_mirrors().into_iter().find_map(|m| m.remapped(from, to, len))
+        self.live_mirrors()
+            .into_iter()
+            .find_map(|m| m.remapped(from, to, len))
+            .or_else(|| self.live_regions().into_iter().find_map(|r| r.moved_away(from, to, len)))
     }
 
     fn forget(&self, range: VaRange) {
         for m in self.live_mirrors() {
             m.forget(range);
         }
+        for r in self.live_regions() {
+            r.forget(range);
+        }
+    }
+
+    /// Where managed memory shows each memfd of hetmm (see [`crate::mapping::room_at`]).
+    fn memfd_uses(&self) -> Vec<crate::mapping::MemfdUse> {
+        let mut uses: Vec<crate::mapping::MemfdUse> = Vec::new();
+        let pieces = self
+            .live_mirrors()
+            .iter()
+            .filter_map(|m| m.pieces())
+            .chain(self.live_regions().iter().map(|r| (r.ino(), r.pieces())))
+            .collect::<Vec<_>>();
+        for (ino, p) in pieces {
+            let used = p.into_iter().map(|(r, off)| (off, r.len));
+            match uses.iter_mut().find(|u| u.ino == ino) {
+                Some(u) => u.used.extend(used),
+                None => uses.push(crate::mapping::MemfdUse { ino, used: used.collect() }),
+            }
+        }
+        uses
+    }
+
+    /// A fault at `va` the core knows nothing of: if the page shows a memfd of hetmm at an
+    /// offset no managed memory shows (the program grew a view in place with `mremap`, which
+    /// raises no event: the kernel extended the mapping over the memfd's room to grow, see
+    /// `mapping::GROWTH_ROOM`), that new part becomes fresh private memory, the program's own and
+    /// unmanaged (what growing private memory gives; growth that moves is treated alike, see
+    /// `mirror::fresh_growth`), and the faulting thread is woken to find it. Whether it did.
+    fn fresh_growth_at(&self, va: u64) -> bool {
+        let page = VaRange::new(va & !(PAGE_SIZE - 1), PAGE_SIZE);
+        let Some(room) = crate::mapping::room_at(page, &self.memfd_uses()) else { return false };
+        self.fill_room(room).is_ok_and(|()| {
+            let _ = crate::host::retry_again(|| self.uffd.wake(page));
+            true
+        })
+    }
+
+    /// Where memory of the memfd `ino` stops being managed at `end` (the end of a view given
+    /// back or dropped): if the program grew it in place there and never touched the new part,
+    /// that part still shows the memfd; it becomes the fresh private memory a touch would have
+    /// made it (with the view gone, a touch would raise SIGBUS). Cheap where nothing is mapped at
+    /// `end`. Unregistered first, so that replacing it raises no event: this may run on the
+    /// reader thread (where the core's last holder lets it go), which would wait for itself to
+    /// read it.
+    pub(crate) fn fill_room_after(&self, end: u64, ino: u64) {
+        let page = VaRange::new(end, PAGE_SIZE);
+        if !crate::mapping::is_mapped(page) {
+            return;
+        }
+        let mut uses = self.memfd_uses();
+        if !uses.iter().any(|u| u.ino == ino) {
+            uses.push(crate::mapping::MemfdUse { ino, used: Vec::new() });
+        }
+        // From `end` on only: what is before it is the view being dropped or given back.
+        if let Some(mut room) = crate::mapping::room_at(page, &uses) {
+            room.range = VaRange::new(end, room.range.end() - end.min(room.range.end()));
+            if let Err(e) = crate::host::retry_again(|| self.uffd.unregister(room.range)) {
+                log::error!("unregistering {}, managed memory grown in place: {e}", room.range);
+                return;
+            }
+            let _ = self.fill_room(room);
+        }
+    }
+
+    /// Makes `room` (from [`crate::mapping::room_at`]) fresh private memory, marked as the
+    /// manager's own change (replacing a registered mapping raises an UNMAP event of exactly the
+    /// range).
+    pub(crate) fn fill_room(&self, room: crate::mapping::Room) -> Result<(), crate::mapping::MappingError> {
+        let r = room.range;
+        // SAFETY: `room` shows a memfd of hetmm at offsets no managed memory shows (`room_at`):
+        // holes or data the program gave up, nothing to keep; the manager holds no reference
+        // into it.
+        let fresh = self.own_op(Own::Unmap, r, || unsafe { crate::mapping::fresh_private(r, room.prot, room.exec) });
+        match &fresh {
+            Ok(()) => log::debug!("{r}: managed memory grown in place; now fresh private memory"),
+            Err(e) => log::error!("replacing {r}, managed memory grown in place: {e}"),
+        }
+        fresh
     }
 }
 
@@ -525,6 +625,12 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
                         && s.since.entry(va).or_insert_with(std::time::Instant::now).elapsed() < DEFER_LIMIT =>
                 {
                     s.deferred.push((va, access));
+                    continue;
+                }
+                // Memory the program grew in place out of managed memory.
+                Err(CoreError::NotShared(_)) if ctx.fresh_growth_at(va) => {
+                    s.retries.remove(&va);
+                    s.since.remove(&va);
                     continue;
                 }
                 // No region there: the message is stale (another path mapped the page, woke the

@@ -167,7 +167,12 @@ impl Host {
         let mapping = SharedMapping::new(len)?;
         let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
         self.uffd.register(mapping.app_range(), mode)?;
-        Ok(Arc::new(HostRegion { host: self.clone(), mapping }))
+        let region = Arc::new(HostRegion { host: self.clone(), mapping, moved: Mutex::new(Weak::new()) });
+        let mut regions = self.ctx.regions.lock();
+        regions.retain(|w| w.strong_count() > 0);
+        regions.push(Arc::downgrade(&region));
+        drop(regions);
+        Ok(region)
     }
 
     /// The uffd features in use.
@@ -244,10 +249,19 @@ impl Worker {
 
 /// One shared region: a [`SharedMapping`] whose application view is registered with the host's
 /// uffd. Implements the core's [`CpuMmu`].
+///
+/// The program may move memory out of the view with `mremap` (as it may any mapping it can
+/// address): the moved part keeps its data and stays managed at its new address, like memory the
+/// program registered (it is the program's mapping now: its `munmap` ends it), and the region
+/// forgets it. So does it the parts the program unmaps. Dropping the region unmaps only what is
+/// still its view.
 #[derive(Debug)]
 pub struct HostRegion {
     host: Arc<Host>,
     mapping: SharedMapping,
+    /// Where the parts the program moved out of the view are managed (see
+    /// [`HostRegion::moved_away`]), while any is.
+    moved: Mutex<Weak<crate::mirror::Mirror>>,
 }
 
 impl HostRegion {
@@ -269,6 +283,42 @@ impl HostRegion {
     /// Always false: a region has at least one page.
     pub fn is_empty(&self) -> bool {
         self.mapping.is_empty()
+    }
+
+    /// The memfd's inode number.
+    pub(crate) fn ino(&self) -> u64 {
+        self.mapping.ino()
+    }
+
+    /// What is still the view: each part's addresses and memfd offset.
+    pub(crate) fn pieces(&self) -> Vec<(VaRange, u64)> {
+        let app = self.mapping.app_range().start;
+        self.mapping.view_parts().into_iter().map(|p| (p, p.start - app)).collect()
+    }
+
+    /// The program unmapped `range` (or mapped over it): whatever of it was the view is not.
+    pub(crate) fn forget(&self, range: VaRange) {
+        self.mapping.view_left(range);
+    }
+
+    /// After the program moved `[from, from + len)` to `to` with `mremap`: if that was part of
+    /// this region's view, the moved memory's CPU side at `to` (managed as registered private
+    /// memory over the region's memfd and alias), and the region forgets the part. `None` if it
+    /// was not (wholly) the view.
+    pub(crate) fn moved_away(self: &Arc<Self>, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
+        let moved = VaRange::checked(from, len)?;
+        if !self.mapping.view_parts().iter().any(|p| p.contains_range(&moved)) {
+            return None;
+        }
+        let off = from - self.mapping.app_range().start;
+        self.mapping.view_left(moved);
+        let mut slot = self.moved.lock();
+        let mirror = slot.upgrade().unwrap_or_else(|| {
+            let (memfd, alias) = self.mapping.backing_shared();
+            crate::mirror::Mirror::for_moved_region(&self.host, self, memfd, alias)
+        });
+        *slot = Arc::downgrade(&mirror);
+        Some(mirror.moved_in(to, off, len))
     }
 
     /// Moves the entries of the ranges from [`MOVE_OUT_MIN`] out for the reaper; returns the
@@ -682,10 +732,26 @@ impl CpuMmu for HostRegion {
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
-        // Unregister before the mapping unmaps (the core guarantees no device maps it).
-        let r = self.mapping.app_range();
-        if let Err(e) = self.host.uffd.unregister(r) {
-            log::error!("unregistering region {r}: {e}");
+        // A move or unmap of the view the reader has read but not yet passed on is not known
+        // here: then what is unmapped is checked to still be the view.
+        if self.host.ctx.reshape_in_flight() {
+            self.mapping.check_on_drop();
+        }
+        // Unregister before the mapping unmaps (the core guarantees no device maps it); only
+        // what is still the view: memory the program put where parts of it were may be
+        // registered memory of its own.
+        let parts = self.mapping.parts_to_unmap();
+        // A part the program grew in place stays its memory (in a fork child, whose views are
+        // its own copies, nothing is reshaped).
+        if rustix::process::getpid() == self.host.uffd.owner() {
+            if let Some(last) = parts.last().filter(|p| p.end() == self.mapping.app_range().end()) {
+                self.host.ctx.fill_room_after(last.end(), self.ino());
+            }
+        }
+        for r in parts {
+            if let Err(e) = self.host.uffd.unregister(r) {
+                log::error!("unregistering region {r}: {e}");
+            }
         }
     }
 }

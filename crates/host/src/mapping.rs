@@ -7,6 +7,7 @@
 //! kernel (and devices) can use huge mappings.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use hetmm_core::types::{VaRange, BLOCK_SIZE, PAGE_SIZE};
 use rustix::fs::{FallocateFlags, MemfdFlags};
@@ -62,17 +63,55 @@ impl MappingError {
 /// writes of `len` bytes, the two not overlapping.
 pub type CopyFn = unsafe fn(*const u8, *mut u8, usize);
 
-/// A memfd of `len` bytes mapped `MAP_SHARED` twice. Dropping it unmaps both views and closes
-/// the memfd.
+/// Bytes a memfd of hetmm extends past the memory it holds: holes nothing maps but a view the
+/// program grew in place with `mremap` (which raises no userfaultfd event). A page there is a
+/// hole, so touching it raises a userfaultfd MISSING fault the host can answer (see
+/// `Ctx::fresh_growth_at`); past the memfd's end the kernel would raise SIGBUS at once. Holes
+/// cost nothing.
+const GROWTH_ROOM: u64 = 1 << 46;
+
+/// Sets the size of a new memfd holding `len` bytes: `len` plus [`GROWTH_ROOM`], less where the
+/// process's file-size limit (`RLIMIT_FSIZE`) is lower (a size past it would raise SIGXFSZ,
+/// which ends the process), or just `len` where the kernel refuses the room.
+fn size_memfd(memfd: &OwnedFd, len: u64) -> Result<(), Errno> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current.unwrap_or(u64::MAX);
+    let room = GROWTH_ROOM.min(limit.saturating_sub(len)) & !(PAGE_SIZE - 1);
+    if room == 0 {
+        return rustix::fs::ftruncate(memfd, len);
+    }
+    match rustix::fs::ftruncate(memfd, len + room) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            log::debug!("memfd of {len:#x} bytes cannot have room to grow ({e}): growth in place will not be followed");
+            rustix::fs::ftruncate(memfd, len)
+        }
+    }
+}
+
+/// The inode number of a memfd (how `/proc/self/maps` names the file a mapping shows).
+pub(crate) fn inode_of(memfd: &OwnedFd) -> u64 {
+    rustix::fs::fstat(memfd).map_or(0, |st| st.st_ino)
+}
+
+/// A memfd of `len` bytes mapped `MAP_SHARED` twice. Dropping it unmaps the application view
+/// (what of it is still the view: see [`SharedMapping::view_left`]); the memfd and the alias
+/// go with their last holder (a moved part of the view managed elsewhere may share them).
 #[derive(Debug)]
 pub struct SharedMapping {
-    memfd: OwnedFd,
+    memfd: Arc<OwnedFd>,
+    /// The memfd's inode number.
+    ino: u64,
     /// Application view (2 MiB aligned). Stored as an address: the mapping is owned by `self`
     /// and only ever touched through the checked methods below.
     app: usize,
     /// Manager's alias (2 MiB aligned).
-    alias: Alias,
+    alias: Arc<Alias>,
     len: usize,
+    /// Parts of the application view the program moved away or unmapped: no longer the view.
+    left: parking_lot::Mutex<Vec<VaRange>>,
+    /// Whether dropping it checks, in `/proc/self/maps`, that what it unmaps still shows the
+    /// memfd (set when the program may have moved or unmapped part of the view unseen yet).
+    check_on_drop: std::sync::atomic::AtomicBool,
     /// The process that made the mapping: only a `fork()` child of it (another pid) may make
     /// its views private ([`SharedMapping::fork_child`]).
     owner: rustix::process::Pid,
@@ -183,7 +222,7 @@ impl SharedMapping {
         let whole = VaRange::new(0, len);
         let os = |op| move |e: Errno| MappingError::Os { op, range: whole, errno: e.raw_os_error() };
         let memfd = rustix::fs::memfd_create("hetmm-region", MemfdFlags::CLOEXEC).map_err(os("memfd_create"))?;
-        rustix::fs::ftruncate(&memfd, len).map_err(os("ftruncate"))?;
+        size_memfd(&memfd, len).map_err(os("ftruncate"))?;
         let app = map_aligned(&memfd, len as usize).map_err(os("mmap app view"))?;
         let alias = match map_aligned(&memfd, len as usize) {
             Ok(a) => a,
@@ -193,12 +232,75 @@ impl SharedMapping {
             }
         };
         Ok(SharedMapping {
-            memfd,
+            ino: inode_of(&memfd),
+            memfd: Arc::new(memfd),
             app,
-            alias: Alias::new(alias, len as usize),
+            alias: Arc::new(Alias::new(alias, len as usize)),
             len: len as usize,
+            left: parking_lot::Mutex::new(Vec::new()),
+            check_on_drop: std::sync::atomic::AtomicBool::new(false),
             owner: rustix::process::getpid(),
         })
+    }
+
+    /// The memfd and the alias, for a part of the view the program moved elsewhere, managed
+    /// there (they live as long as their last holder).
+    pub(crate) fn backing_shared(&self) -> (Arc<OwnedFd>, Arc<Alias>) {
+        (Arc::clone(&self.memfd), Arc::clone(&self.alias))
+    }
+
+    /// The memfd's inode number.
+    pub(crate) fn ino(&self) -> u64 {
+        self.ino
+    }
+
+    /// The program moved away or unmapped `range` (clipped to the view): it is no longer the
+    /// view, and dropping the mapping leaves whatever is mapped there alone.
+    pub(crate) fn view_left(&self, range: VaRange) {
+        if let Some(x) = self.app_range().intersect(&range) {
+            self.left.lock().push(x);
+        }
+    }
+
+    /// The parts of the application view still the view, in order.
+    pub(crate) fn view_parts(&self) -> Vec<VaRange> {
+        let mut parts = vec![self.app_range()];
+        for &gone in self.left.lock().iter() {
+            parts = parts
+                .into_iter()
+                .flat_map(|p| if p.intersect(&gone).is_some() { minus(p, gone) } else { vec![p] })
+                .collect();
+        }
+        parts
+    }
+
+    /// Makes dropping the mapping check that what it unmaps still shows the memfd.
+    pub(crate) fn check_on_drop(&self) {
+        self.check_on_drop.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// What dropping the mapping unmaps: [`SharedMapping::view_parts`], cut down (where any part
+    /// left, or [`SharedMapping::check_on_drop`] asked for it) to the pages that show the memfd
+    /// at the view's own offsets, as `/proc/self/maps` says: never what the program mapped at
+    /// addresses it moved the view away from.
+    pub(crate) fn parts_to_unmap(&self) -> Vec<VaRange> {
+        let parts = self.view_parts();
+        let careful = self.check_on_drop.load(std::sync::atomic::Ordering::Acquire) || !self.left.lock().is_empty();
+        if !careful {
+            return parts;
+        }
+        let app = self.app as u64;
+        let mut out = Vec::new();
+        for p in parts {
+            let Some(vmas) = file_vmas_meeting(p) else { continue };
+            for v in vmas {
+                let Some(x) = v.range.intersect(&p) else { continue };
+                if v.shared && v.ino == self.ino && v.off + (x.start - v.range.start) == x.start - app {
+                    out.push(x);
+                }
+            }
+        }
+        out
     }
 
     /// Start of the application's view.
@@ -535,8 +637,120 @@ impl SharedMapping {
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
-        unmap(self.app, self.len);
+        for p in self.parts_to_unmap() {
+            unmap(p.start as usize, p.len as usize);
+        }
     }
+}
+
+/// `r` minus `cut` (which overlaps it): up to two pieces.
+fn minus(r: VaRange, cut: VaRange) -> Vec<VaRange> {
+    let mut out = Vec::new();
+    if cut.start > r.start {
+        out.push(VaRange::new(r.start, cut.start.min(r.end()) - r.start));
+    }
+    if cut.end() < r.end() {
+        let s = cut.end().max(r.start);
+        out.push(VaRange::new(s, r.end() - s));
+    }
+    out
+}
+
+/// Addresses where the program grew a view of a memfd of hetmm in place (see [`room_at`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Room {
+    /// The addresses.
+    pub(crate) range: VaRange,
+    /// Their protection (the view's).
+    pub(crate) prot: hetmm_core::types::Prot,
+    /// `PROT_EXEC`.
+    pub(crate) exec: bool,
+}
+
+/// Where managed memory shows a memfd of hetmm: the memfd's inode number, and the memfd
+/// offsets (start, length) some managed view shows, at the addresses it is known at.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MemfdUse {
+    /// The memfd's inode number.
+    pub(crate) ino: u64,
+    /// Offset ranges managed memory shows.
+    pub(crate) used: Vec<(u64, u64)>,
+}
+
+/// If `page` shows one of the memfds of `uses` at an offset no managed memory shows, the
+/// addresses of that mapping around it that show only such offsets: what the program grew a
+/// view into in place with `mremap` (the kernel extended the mapping over the memfd's room to
+/// grow, [`GROWTH_ROOM`], or over offsets whose view the program had unmapped, say by shrinking
+/// it first). That memory holds nothing managed: holes, or data the program gave up.
+pub(crate) fn room_at(page: VaRange, uses: &[MemfdUse]) -> Option<Room> {
+    let vma = file_vmas_meeting(page)?.into_iter().find(|v| v.range.contains(page.start))?;
+    if !vma.shared || vma.ino == 0 {
+        return None;
+    }
+    let used = &uses.iter().find(|u| u.ino == vma.ino)?.used;
+    let off = vma.off + (page.start - vma.range.start);
+    if used.iter().any(|&(o, l)| (o..o + l).contains(&off)) {
+        return None;
+    }
+    // The unused offsets around `off`, as addresses of this mapping.
+    let lo = used.iter().map(|&(o, l)| o + l).filter(|&e| e <= off).max().unwrap_or(0).max(vma.off);
+    let hi = used.iter().map(|&(o, _)| o).filter(|&o| o > off).min().unwrap_or(u64::MAX);
+    let start = vma.range.start + (lo - vma.off);
+    let end = vma.range.end().min(vma.range.start.saturating_add(hi - vma.off));
+    Some(Room { range: VaRange::new(start, end - start), prot: vma.prot, exec: vma.exec })
+}
+
+/// One VMA of `/proc/self/maps`, with the file it shows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FileVma {
+    /// Its addresses, whole.
+    pub(crate) range: VaRange,
+    /// The file offset of its first page.
+    pub(crate) off: u64,
+    /// The file's inode number (0: anonymous).
+    pub(crate) ino: u64,
+    /// Protection.
+    pub(crate) prot: hetmm_core::types::Prot,
+    /// `MAP_SHARED`.
+    pub(crate) shared: bool,
+    /// `PROT_EXEC`.
+    pub(crate) exec: bool,
+}
+
+/// The VMAs of `/proc/self/maps` that meet `range`, whole; `None` if it cannot be read.
+pub(crate) fn file_vmas_meeting(range: VaRange) -> Option<Vec<FileVma>> {
+    use hetmm_core::types::Prot;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        // start-end perms offset dev inode [path]
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [span, perms, off, _, ino, ..] = f[..] else { continue };
+        let Some((s, e)) = span.split_once('-') else { continue };
+        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+        let whole = VaRange::new(s, e.saturating_sub(s));
+        if whole.intersect(&range).is_none() {
+            continue;
+        }
+        let (Ok(off), Ok(ino)) = (u64::from_str_radix(off, 16), ino.parse::<u64>()) else { continue };
+        let b = perms.as_bytes();
+        let mut prot = Prot::empty();
+        if b.first() == Some(&b'r') {
+            prot |= Prot::READ;
+        }
+        if b.get(1) == Some(&b'w') {
+            prot |= Prot::WRITE;
+        }
+        out.push(FileVma {
+            range: whole,
+            off,
+            ino,
+            prot,
+            shared: b.get(3) == Some(&b's'),
+            exec: b.get(2) == Some(&b'x'),
+        });
+    }
+    Some(out)
 }
 
 /// CPU protection as `mmap`/`mprotect` flags.
@@ -642,7 +856,7 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
     let whole = VaRange::new(0, len);
     let memfd =
         rustix::fs::memfd_create("hetmm-registered", MemfdFlags::CLOEXEC).map_err(os_err("memfd_create", whole))?;
-    rustix::fs::ftruncate(&memfd, len).map_err(os_err("ftruncate", whole))?;
+    size_memfd(&memfd, len).map_err(os_err("ftruncate", whole))?;
     let alias = map_aligned(&memfd, len as usize).map_err(os_err("mmap alias", whole))?;
     Ok((memfd, alias))
 }
@@ -1131,6 +1345,44 @@ mod tests {
         // mapped until the `unmap` below; unregistered, so a missing entry takes an ordinary fault.
         assert_eq!(unsafe { away.cast::<u8>().read() }, 5, "the view (moved away) still reads the memfd");
         unmap(away as usize, len);
+    }
+
+    /// Dropping a mapping whose view the program moved in part (and mapped memory of its own
+    /// where it was) unmaps only what still shows the memfd at the view's offsets, even before
+    /// the move is known (`check_on_drop`): it unmapped the whole view, the program's memory
+    /// included.
+    #[test]
+    fn dropping_a_moved_view_leaves_what_the_program_put_there() {
+        let page = PAGE_SIZE as usize;
+        let m = SharedMapping::new(3 * PAGE_SIZE).unwrap();
+        let app = m.app_ptr() as usize;
+        let rw = ProtFlags::READ | ProtFlags::WRITE;
+        // SAFETY: a fresh private PROT_NONE placeholder at an address the kernel picks.
+        let away =
+            unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), page, ProtFlags::empty(), MapFlags::PRIVATE) }
+                .unwrap();
+        let mv = rustix::mm::MremapFlags::MAYMOVE;
+        // SAFETY: moves page 1 of `m`'s view (no Rust reference into it; no uffd) over the test's
+        // placeholder `away`.
+        unsafe { rustix::mm::mremap_fixed((app + page) as *mut _, page, page, mv, away) }.unwrap();
+        let at = (app + page) as *mut std::ffi::c_void;
+        // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped (the hole the move left).
+        let mine =
+            unsafe { rustix::mm::mmap_anonymous(at, page, rw, MapFlags::PRIVATE | MapFlags::FIXED_NOREPLACE) }.unwrap();
+        // SAFETY: the test's page just mapped read-write.
+        unsafe { mine.cast::<u8>().write(9) };
+        m.check_on_drop();
+        drop(m);
+        assert!(is_mapped(VaRange::new(mine as u64, PAGE_SIZE)), "the program's page was unmapped");
+        // SAFETY: the test's page, still mapped (checked above).
+        assert_eq!(unsafe { mine.cast::<u8>().read() }, 9);
+        assert!(
+            !is_mapped(VaRange::new(app as u64, PAGE_SIZE))
+                && !is_mapped(VaRange::new((app + 2 * page) as u64, PAGE_SIZE))
+        );
+        assert!(is_mapped(VaRange::new(away as u64, PAGE_SIZE)), "the moved page is the program's");
+        unmap(mine as usize, page);
+        unmap(away as usize, page);
     }
 
     #[test]

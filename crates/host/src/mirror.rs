@@ -105,15 +105,71 @@ pub struct Mirror {
     /// the memory is managed, even past the program's last handle on the host (a device handle
     /// can keep the address space, and with it this memory, alive).
     host: Arc<Host>,
-    memfd: Option<OwnedFd>,
-    alias: mapping::Alias,
+    memfd: Option<Arc<OwnedFd>>,
+    /// The memfd's inode number (0 for shared memory).
+    ino: u64,
+    alias: Arc<mapping::Alias>,
     segs: Mutex<Vec<Seg>>,
+    /// For memory moved out of a region's view ([`Mirror::for_moved_region`]): the region, whose
+    /// view shows the same memfd (what is left of it is not growth, see [`fresh_growth`]).
+    region: Option<std::sync::Weak<crate::HostRegion>>,
 }
 
 impl Mirror {
     /// Whether this is mirrored shared memory (devices map host pages; nothing migrates).
     pub fn is_remote(&self) -> bool {
         self.memfd.is_none()
+    }
+
+    /// Memory of a [`Host::create_region`] region that the program moved out of the region's
+    /// view with `mremap`: from then on it is managed like registered private memory (the
+    /// program owns the mapping; its `munmap` ends it), over the region's memfd and alias,
+    /// which live as long as the region or any such part does. Starts with no piece (see
+    /// [`Mirror::moved_in`]).
+    pub(crate) fn for_moved_region(
+        host: &Arc<Host>,
+        region: &Arc<crate::HostRegion>,
+        memfd: Arc<OwnedFd>,
+        alias: Arc<mapping::Alias>,
+    ) -> Arc<Mirror> {
+        let ino = mapping::inode_of(&memfd);
+        let mirror = Arc::new(Mirror {
+            host: Arc::clone(host),
+            memfd: Some(memfd),
+            ino,
+            alias,
+            segs: Mutex::new(Vec::new()),
+            region: Some(Arc::downgrade(region)),
+        });
+        host.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
+        mirror
+    }
+
+    /// The program moved memfd bytes `[off, off + len)` to `to` (out of a region's view): a new
+    /// piece of this mirror, and its view.
+    pub(crate) fn moved_in(self: &Arc<Self>, to: u64, off: u64, len: u64) -> Arc<dyn CpuMmu> {
+        let mut segs = self.segs.lock();
+        segs.push(Seg { app: to, off, len });
+        fresh_growth(to + len, &self.legit(&segs));
+        Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len })
+    }
+
+    /// Where the program's address space shows this mirror's memfd as managed memory: its
+    /// pieces, and what is left of the view of the region its memory was moved out of (a piece
+    /// moved back beside it merges with it into one VMA).
+    fn legit(&self, segs: &[Seg]) -> Vec<Seg> {
+        let mut all = segs.to_vec();
+        if let Some(r) = self.region.as_ref().and_then(std::sync::Weak::upgrade) {
+            all.extend(r.pieces().into_iter().map(|(x, off)| Seg { app: x.start, off, len: x.len }));
+        }
+        all
+    }
+
+    /// The memfd's inode number and where the program's address space shows it: each piece's
+    /// addresses and memfd offset (`None` for shared memory: no memfd).
+    pub(crate) fn pieces(&self) -> Option<(u64, Vec<(VaRange, u64)>)> {
+        self.memfd.as_ref()?;
+        Some((self.ino, self.segs.lock().iter().map(|s| (VaRange::new(s.app, s.len), s.off)).collect()))
     }
 
     /// After the program moved `[from, from+len)` to `to`: a view of the new place, if `from`
@@ -129,7 +185,7 @@ impl Mirror {
         cut(&mut segs, moved);
         segs.push(Seg { app: to, off, len });
         if self.memfd.is_some() {
-            fresh_growth(to + len, &segs);
+            fresh_growth(to + len, &self.legit(&segs));
         }
         Some(Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len }))
     }
@@ -381,8 +437,10 @@ impl Host {
             let mirror = Arc::new(Mirror {
                 host: Arc::clone(self),
                 memfd: None,
-                alias: mapping::Alias::new(alias, range.len as usize),
+                ino: 0,
+                alias: Arc::new(mapping::Alias::new(alias, range.len as usize)),
                 segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
+                region: None,
             });
             self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
             let cpu = Arc::new(MirrorView { mirror, app: range.start, off: 0, len: range.len });
@@ -394,9 +452,11 @@ impl Host {
         let (memfd, alias) = mapping::memfd_with_alias(range.len)?;
         let mirror = Arc::new(Mirror {
             host: Arc::clone(self),
-            memfd: Some(memfd),
-            alias: mapping::Alias::new(alias, range.len as usize),
+            ino: mapping::inode_of(&memfd),
+            memfd: Some(Arc::new(memfd)),
+            alias: Arc::new(mapping::Alias::new(alias, range.len as usize)),
             segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
+            region: None,
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
         // Every byte is copied before any part is adopted: a part that cannot be read (a file
@@ -463,6 +523,8 @@ impl Host {
                     mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), s.off + (v.range.start - s.app))?;
                 }
                 m.forget(x);
+                // A part the program grew in place past the memory it gives back.
+                self.ctx.fill_room_after(x.end(), m.ino);
             }
         }
         Ok(())
@@ -722,13 +784,17 @@ mod tests {
     }
 
     /// Registered private memory grown in place (`mremap` into the free addresses right after
-    /// it) raises no userfaultfd event, so the host cannot follow it: the kernel extends the memfd
-    /// mapping past the memfd's end. The new part is not usable memory, but it exposes nothing
-    /// either: an access fails (EFAULT from a system call, as here; SIGBUS from an instruction).
+    /// it) raises no userfaultfd event: the kernel extends the memfd mapping over the memfd's
+    /// room to grow, and the first access there faults to the host, which makes the new part
+    /// fresh private memory, the program's own: it reads as zeros (a kernel-mode access, as here,
+    /// is served too; past the memfd's end it failed with EFAULT, and an instruction got SIGBUS).
     #[test]
-    fn memory_grown_in_place_exposes_nothing() {
+    fn memory_grown_in_place_is_fresh_memory() {
         let core = Arc::new(RemapCore::default());
         let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        if !host.kernel_faults_supported() {
+            return;
+        }
         let page = PAGE_SIZE as usize;
         let p = private_filled(4 * page, 0x33) as usize;
         // SAFETY: the test's own pages 2-3 of its fresh mapping, unmapped to make room to grow.
@@ -748,12 +814,19 @@ mod tests {
             // SAFETY: `at..at + 8` is in the grown mapping, which stays mapped until the munmap
             // below (not reached before this answers or the wait gives up).
             let n = unsafe { libc::write(out.as_raw_fd(), at as *const _, 8) };
-            let _ = tx.send(n);
+            let mut got = [0xffu8; 8];
+            if n == 8 {
+                use std::os::unix::fs::FileExt;
+                out.read_exact_at(&mut got, 0).unwrap();
+            }
+            let _ = tx.send((n, got));
         });
         let res = rx.recv_timeout(std::time::Duration::from_secs(10));
+        let shared_after = vmas(VaRange::new(at as u64, 2 * PAGE_SIZE)).map(|v| v.iter().any(|m| m.shared));
         // SAFETY: the test's own mapping, not used afterwards.
         unsafe { libc::munmap(p as *mut _, 4 * page) };
-        assert_eq!(res, Ok(-1), "the grown part past the memfd's end read as memory");
+        assert_eq!(res, Ok((8, [0u8; 8])), "the part grown in place reads as fresh memory");
+        assert_eq!(shared_after, Some(false), "the grown part is private memory, not the memfd's");
     }
 
     /// A private file mapping with one copied-on-write page, registered, reads back byte for

@@ -52,6 +52,12 @@ impl PageMask {
         r.0.iter_mut().zip(o.0).for_each(|(a, b)| *a |= b);
         r
     }
+    /// Intersection.
+    pub fn and(&self, o: &PageMask) -> PageMask {
+        let mut r = *self;
+        r.0.iter_mut().zip(o.0).for_each(|(a, b)| *a &= b);
+        r
+    }
     /// Difference `self \ o`.
     pub fn and_not(&self, o: &PageMask) -> PageMask {
         let mut r = *self;

@@ -86,9 +86,11 @@ impl AddressSpace {
     }
 
     /// Whether `dev` still holds exclusive access to every page of the range (no CPU access
-    /// revoked it since [`AddressSpace::make_exclusive`]).
+    /// revoked it since [`AddressSpace::make_exclusive`]). A detached or unknown device is
+    /// [`CoreError::Detached`], as for every other operation on a device.
     pub fn check_exclusive(&self, start: u64, len: u64, dev: DeviceId) -> Result<bool> {
         let range = self.check_span(start, len)?;
+        self.slot(dev)?;
         let me = Proc::Device(dev);
         let mut va = range.start;
         while va < range.end() {
@@ -173,5 +175,26 @@ mod tests {
         let blk = region.blocks[0].lock();
         let pa = blk.pa(ids[0], 0).unwrap();
         assert!(_devs[0].mem.lock()[pa.0 as usize..(pa.0 + PAGE_SIZE) as usize].iter().all(|&b| b == 0x5a));
+    }
+
+    /// `check_exclusive` for a device that was detached, or never attached, is the error every
+    /// other operation on such a device gives (`Detached`): it answered `Ok(false)`, as if the
+    /// device had merely lost its exclusivity to a CPU access.
+    #[test]
+    fn check_exclusive_on_a_detached_or_unknown_device_is_an_error() {
+        use crate::error::CoreError;
+        let (space, _devs, ids) = setup();
+        space.make_exclusive(BASE, PAGE_SIZE, ids[0]).unwrap();
+        assert!(space.check_exclusive(BASE, PAGE_SIZE, ids[0]).unwrap());
+        space.detach(ids[0]).unwrap();
+        let r = space.check_exclusive(BASE, PAGE_SIZE, ids[0]);
+        assert!(matches!(r, Err(CoreError::Detached(d)) if d == ids[0]), "detached: {r:?}");
+        assert!(matches!(space.migrate(BASE, PAGE_SIZE, Proc::Device(ids[0])), Err(CoreError::Detached(_))));
+        let unknown = DeviceId(9);
+        let r = space.check_exclusive(BASE, PAGE_SIZE, unknown);
+        assert!(matches!(r, Err(CoreError::Detached(d)) if d == unknown), "unknown: {r:?}");
+        // A bad range is still reported as such first.
+        assert!(matches!(space.check_exclusive(BASE + 1, PAGE_SIZE, ids[1]), Err(CoreError::Unaligned(_))));
+        assert!(!space.check_exclusive(BASE, PAGE_SIZE, ids[1]).unwrap(), "device 1 never held it");
     }
 }

@@ -21,7 +21,7 @@ use crate::policy::{select_residency, Decision, Reach, Thrashing};
 use crate::space::{AddressSpace, DeviceSlot, Region};
 
 use crate::stats::add;
-use crate::types::{align_down, Access, Proc, ProcMask, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use crate::types::{align_down, Access, DeviceId, Proc, ProcMask, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// How long the service thread sleeps in the device's fault wait before re-checking for detach.
 const POLL: Duration = Duration::from_millis(50);
@@ -160,7 +160,7 @@ pub(crate) fn service_batch(
 }
 
 /// Pages of one block sorted by what to do with them.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Plan {
     migrate: PageMask,
     duplicate: PageMask,
@@ -168,6 +168,11 @@ struct Plan {
     remote: PageMask,
     /// Mapped to a peer device's copy.
     peer: PageMask,
+    /// The peer device each page of `peer` is to be served from, where the decision named one:
+    /// pages it does not hold yet (their preferred location is there) are placed on it first.
+    homes: Vec<(DeviceId, PageMask)>,
+    /// Pages of `homes` the prefetcher added (none faulted): left out where the peer has no room.
+    home_extra: PageMask,
 }
 
 impl Plan {
@@ -175,7 +180,17 @@ impl Plan {
         match d {
             Decision::Migrate(p) if p == me => self.migrate.set(i),
             Decision::Duplicate => self.duplicate.set(i),
-            Decision::Remote(Proc::Device(_)) => self.peer.set(i),
+            Decision::Remote(Proc::Device(d)) => {
+                self.peer.set(i);
+                match self.homes.iter_mut().find(|(h, _)| *h == d) {
+                    Some((_, m)) => m.set(i),
+                    None => {
+                        let mut m = PageMask::default();
+                        m.set(i);
+                        self.homes.push((d, m));
+                    }
+                }
+            }
             Decision::Remote(_) => self.remote.set(i),
             // The CPU or another device cannot be made to hold data by a device's fault; the
             // requester gets its own copy.
@@ -350,14 +365,16 @@ pub(crate) fn skew_of(base: u64) -> usize {
 /// What residency selection needs to know about `slot`'s device for `blk`.
 fn reach_of(space: &AddressSpace, slot: &DeviceSlot, blk: &crate::block::Block, attrs: &RangeAttrs) -> Reach {
     let me = Proc::Device(slot.id);
-    // Peers matter only to accessed-by ranges (and finding them walks the devices).
+    // Peers matter only to accessed-by ranges and to ranges preferring another device (and
+    // finding them walks the devices).
     let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
-    let accessed_by = !attrs.all_in(span, |a| !a.accessed_by.has(me));
+    let other_device = |p: Option<Proc>| matches!(p, Some(d @ Proc::Device(_)) if d != me);
+    let need_peers = !attrs.all_in(span, |a| !a.accessed_by.has(me) && !other_device(a.preferred));
     Reach {
         host_remote: slot.caps.remote_host_access,
         thrash_pinned: blk.thrashing.has(me).then_some(Proc::Cpu),
         dup_reads: space.config.policy.duplicate_reads,
-        peers: if accessed_by { peers_of(space, slot) } else { ProcMask::EMPTY },
+        peers: if need_peers { peers_of(space, slot) } else { ProcMask::EMPTY },
     }
 }
 
@@ -514,6 +531,31 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             }
         }
     }
+    // Pages placed on a preferred peer bring their neighbours there too, as the prefetcher picks
+    // toward that device (UVM runs it toward the new residency, whichever processor that is; a
+    // first touch of the preferred location populates the whole block). Only pages whose own
+    // decision is to be served from that device join, and none the requester maps already.
+    let mapped = blk.mapped_on(me);
+    for (d, m) in plan.homes.clone() {
+        let there = Proc::Device(d);
+        let on_d = blk.resident_on(there);
+        let first_touch = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty());
+        let picked = if first_touch {
+            PageMask::full(blk.npages)
+        } else {
+            policy.prefetcher.prefetch(&m, &on_d, blk.npages, skew_of(blk.base))
+        };
+        for i in picked.and_not(&faulted).and_not(&plan.all()).and_not(&mapped).iter() {
+            if select_residency(&blk.pages[i], &within.get(blk.va(i)), me, prefetch_access, reach)
+                == Decision::Remote(there)
+            {
+                plan.add(i, Decision::Remote(there), me);
+                plan.home_extra.set(i);
+                prefetched += 1;
+            }
+        }
+    }
+    let extra = extra.or(&plan.home_extra);
     drop(attrs);
     // A thrashing block is served remotely as a whole: one fault maps all of it.
     if !plan.remote.is_empty() && blk.thrashing.has(me) {
@@ -536,6 +578,8 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             duplicate: plan.duplicate.and_not(&extra),
             remote: plan.remote.and_not(&extra),
             peer: plan.peer.and_not(&extra),
+            homes: plan.homes.iter().map(|(d, m)| (*d, m.and_not(&extra))).collect(),
+            home_extra: PageMask::default(),
         };
         r = apply(space, &region, &mut blk, slot, &only);
     }
@@ -631,6 +675,12 @@ fn apply_steps(
     slot: &DeviceSlot,
     plan: &Plan,
 ) -> crate::error::Result<()> {
+    let (fell, dropped) = place_on_peers(space, region, blk, slot, plan)?;
+    let plan = &if fell.is_empty() && dropped.is_empty() {
+        plan.clone()
+    } else {
+        Plan { migrate: plan.migrate.or(&fell), peer: plan.peer.and_not(&fell).and_not(&dropped), ..plan.clone() }
+    };
     if !plan.migrate.is_empty() {
         if space.config.policy.revoke_whole_block {
             migrate::revoke_block_cpu(space, region, blk, &plan.migrate)?;
@@ -647,6 +697,66 @@ fn apply_steps(
         migrate::map_remote(space, region, blk, slot, &plan.remote)?;
     }
     Ok(())
+}
+
+/// Places the pages of `plan.peer` on the peer devices they are to be served from where those
+/// do not hold them yet (their preferred location: [`migrate::place_on_peer`]), so that
+/// [`migrate::map_peer`] then maps `slot`'s device to those copies. Where the peer has no room
+/// for the pages the prefetcher added, they are left out (returned second: neither placed nor
+/// mapped) and the faulted ones tried alone. Returns first the faulted pages that could not be
+/// placed and go to `slot`'s device instead, as where the preferred location is out of reach:
+/// the peer's memory is full of what cannot be evicted (pinned, or held by launches), or the
+/// peer was detached meanwhile. Memory only busy there (its victims locked by services in
+/// flight) is an error, so that the faults are retried after the replay, as for the device's
+/// own memory. A region served remotely only is left to `map_peer`, which maps host memory.
+fn place_on_peers(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut crate::block::Block,
+    slot: &DeviceSlot,
+    plan: &Plan,
+) -> crate::error::Result<(PageMask, PageMask)> {
+    let (mut fell, mut dropped) = (PageMask::default(), PageMask::default());
+    if region.remote {
+        return Ok((fell, dropped));
+    }
+    for (d, m) in &plan.homes {
+        let mut m = m.and(&plan.peer);
+        if *d == slot.id || m.is_empty() {
+            continue;
+        }
+        let holder = space.slot(*d);
+        let mut placed =
+            holder.as_ref().map_err(Clone::clone).and_then(|h| migrate::place_on_peer(space, region, blk, h, &m));
+        let extra = m.and(&plan.home_extra);
+        if matches!(placed, Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. }))
+            && !extra.is_empty()
+        {
+            dropped = dropped.or(&extra);
+            m = m.and_not(&extra);
+            placed =
+                holder.as_ref().map_err(Clone::clone).and_then(|h| migrate::place_on_peer(space, region, blk, h, &m));
+        }
+        match placed {
+            Ok(n) => {
+                if n > 0 {
+                    blk.touch(*d, space.tick());
+                }
+            }
+            Err(e @ (CoreError::OutOfDeviceMemory { .. } | CoreError::Detached(_))) => {
+                log::debug!(
+                    "block {:#x}: preferred peer {d:?} cannot take {} pages ({e}); {:?} takes them",
+                    blk.base,
+                    m.count(),
+                    slot.id
+                );
+                add(&space.stats.peer_place_fallbacks, m.count() as u64);
+                fell = fell.or(&m);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((fell, dropped))
 }
 
 /// Cross-block prefetch, first half (service thread): when the blocks serviced in one region

@@ -3,6 +3,8 @@
 //! - [`to_device`]: the device becomes the only holder (exclusive, read-write);
 //! - [`duplicate_to_device`]: the device gets a read-only copy beside the others;
 //! - [`map_remote`]: the data stays in host memory and the device maps it remotely;
+//! - [`place_on_peer`] then [`map_peer`]: the data goes to a peer device (its preferred
+//!   location) and the faulting device maps that copy through the peer's window;
 //! - [`to_cpu`]: the CPU becomes the only holder; [`cpu_duplicate`]: the CPU gets a read-only copy;
 //! - [`drop_device_copies`] / [`discard`]: the data is gone (memory freed or discarded).
 //!
@@ -444,6 +446,29 @@ pub(crate) fn to_device(
     }
     enqueue(region, blk, slot);
     Ok(())
+}
+
+/// Places `want` on `holder`'s device, their preferred location, for another device to map
+/// there through its peer window ([`map_peer`]): UVM's rule that a fault by a processor able to
+/// access the preferred location moves the data there, not to the faulting processor. Pages the
+/// holder has already stay as they are; it becomes the only holder of the others, mapped
+/// read-write on it ([`to_device`]: every other mapping and copy goes first, its memory comes
+/// from its allocator, evicting other blocks there per the eviction policy). Returns the pages
+/// moved. On error, as for any migration, the data is where it was.
+pub(crate) fn place_on_peer(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut Block,
+    holder: &DeviceSlot,
+    want: &PageMask,
+) -> Result<usize> {
+    let absent = select(blk, want, |p| !p.resident.has(Proc::Device(holder.id)));
+    if absent.is_empty() {
+        return Ok(0);
+    }
+    to_device(space, region, blk, holder, &absent)?;
+    add(&space.stats.peer_placed_pages, absent.count() as u64);
+    Ok(absent.count())
 }
 
 /// Frees the copies other devices hold of `m` (their mappings are already gone).

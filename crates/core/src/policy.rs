@@ -15,7 +15,10 @@ pub enum Decision {
     Migrate(Proc),
     /// Give the requester its own read-only copy; every holder keeps read-only access.
     Duplicate,
-    /// Leave the data where it is (on this processor) and map it remotely for the requester.
+    /// Serve the requester from this processor's memory by a remote mapping: the data stays
+    /// there where that processor holds it, and is moved there first where it does not (a first
+    /// touch, or data elsewhere whose preferred location this is; a peer device's memory
+    /// included).
     Remote(Proc),
 }
 
@@ -28,7 +31,8 @@ pub struct Reach {
     pub thrash_pinned: Option<Proc>,
     /// The policy duplicates on read without advice (see [`Policy::duplicate_reads`]).
     pub dup_reads: bool,
-    /// Devices whose memory the requester can map through their peer windows.
+    /// Devices whose memory the requester can map through their peer windows: data found there
+    /// under accessed-by, or whose preferred location is one of them, is served from there.
     pub peers: ProcMask,
 }
 
@@ -38,6 +42,9 @@ pub struct Reach {
 pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Access, reach: Reach) -> Decision {
     let reading = access <= Access::Read;
     let can_reach = |loc: Proc| loc == requester || (loc == Proc::Cpu && reach.host_remote);
+    // Where the requester can be served from (UVM's `accessible_from`): itself, host memory
+    // through its aperture, and the memory of the devices it reaches peer to peer.
+    let can_access = |loc: Proc| can_reach(loc) || reach.peers.has(loc);
     // The copy closest to the requester (UVM's `closest_resident`): its own, else the CPU's.
     let current = if page.resident.has(requester) {
         Some(requester)
@@ -82,20 +89,22 @@ pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Acc
         return if pin == requester { Decision::Migrate(pin) } else { Decision::Remote(pin) };
     }
     let Some(current) = current else {
-        // 4. First touch: the preferred location if reachable, else the requester.
+        // 4. First touch: the preferred location if the requester can access it there (a peer
+        // device's memory too: the data is placed there first), else the requester.
         return match attrs.preferred {
-            Some(p) if can_reach(p) && p != requester => Decision::Remote(p),
+            Some(p) if can_access(p) && p != requester => Decision::Remote(p),
             _ => Decision::Migrate(requester),
         };
     };
     // 5. Accessed-by: keep the data where it is and map it remotely, on another device too
     // where the requester reaches that device's memory peer to peer.
-    if attrs.accessed_by.has(requester) && (can_reach(current) || reach.peers.has(current)) && current != requester {
+    if attrs.accessed_by.has(requester) && can_access(current) && current != requester {
         return Decision::Remote(current);
     }
-    // 6. A preferred location the requester can reach: data goes there, requester maps remotely.
-    // Not when the requester holds a copy itself: it keeps reading that one.
-    if let Some(p) = attrs.preferred.filter(|p| can_reach(*p) && *p != requester && current != requester) {
+    // 6. A preferred location the requester can access (host memory through its aperture, or a
+    // peer device's memory): data goes there, requester maps remotely. Not when the requester
+    // holds a copy itself: it keeps reading that one.
+    if let Some(p) = attrs.preferred.filter(|p| can_access(*p) && *p != requester && current != requester) {
         return Decision::Remote(p);
     }
     Decision::Migrate(requester)
@@ -507,10 +516,9 @@ mod tests {
 
     /// uvm.md 3.1 steps 5 and 8: the preferred location is used "if the faulting processor can
     /// access it" (UVM: `accessible_from[preferred]`, which holds peers). `select_residency`
-    /// reaches only itself and host memory there, though `Reach::peers` says the requester maps
+    /// reached only itself and host memory there, though `Reach::peers` says the requester maps
     /// the preferred device's memory through its peer window.
     #[test]
-    #[ignore = "known, not done: a Remote decision for a peer that does not hold the data needs a migration to that peer first, which the fault service lacks (it only maps a peer's existing copy)"]
     fn uvm_preferred_peer_device_is_reachable() {
         let other = Proc::Device(DeviceId(1));
         let peer = Reach { host_remote: true, peers: ProcMask::only(other), ..Reach::default() };
@@ -519,6 +527,27 @@ mod tests {
         assert_eq!(select_residency(&Page::default(), &pref_other, DEV, Access::Read, peer), Decision::Remote(other));
         // Resident on the preferred device (step 8): it stays there, mapped remotely.
         assert_eq!(select_residency(&on(other), &pref_other, DEV, Access::Read, peer), Decision::Remote(other));
+        // In host memory (step 8): moved to the preferred device, then mapped remotely; for a
+        // write too, the moved copy being the only one.
+        for access in [Access::Read, Access::Write] {
+            assert_eq!(select_residency(&on(Proc::Cpu), &pref_other, DEV, access, peer), Decision::Remote(other));
+        }
+        // hetmm's duplicate-on-read gives way to the preferred location, as before.
+        let dup_peer = Reach { dup_reads: true, ..peer };
+        assert_eq!(select_residency(&on(Proc::Cpu), &pref_other, DEV, Access::Read, dup_peer), Decision::Remote(other));
+        // Not a peer: the preferred device is out of reach, the requester gets the data.
+        let remote = Reach { host_remote: true, ..Reach::default() };
+        assert_eq!(select_residency(&on(Proc::Cpu), &pref_other, DEV, Access::Read, remote), Decision::Migrate(DEV));
+        assert_eq!(select_residency(&Page::default(), &pref_other, DEV, Access::Read, remote), Decision::Migrate(DEV));
+        // The requester holds the only copy: it keeps it (step 8 is for data elsewhere).
+        assert_eq!(select_residency(&on(DEV), &pref_other, DEV, Access::Read, peer), Decision::Migrate(DEV));
+        // A write collapses several copies onto the writer, ahead of the preferred location.
+        let mut spread = on(Proc::Cpu);
+        spread.resident.insert(other);
+        assert_eq!(select_residency(&spread, &pref_other, DEV, Access::Write, peer), Decision::Migrate(DEV));
+        // Read-mostly still duplicates to the reader first (step 2).
+        let rm = Attrs { read_mostly: true, ..pref_other };
+        assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Read, peer), Decision::Duplicate);
     }
 
     proptest::proptest! {

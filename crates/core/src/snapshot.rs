@@ -231,4 +231,117 @@ mod tests {
         assert_eq!(snap.prot, Prot::READ, "device maps it read-only: {st:?}, snapshot {snap:?}");
         assert_eq!(snap.hmm_byte(), hmm::DEV_PRIVATE_LOCAL | hmm::READ);
     }
+
+    /// A CPU side that runs a hook on its first `reads_zero` (the snapshot is then between its
+    /// look at the regions and its read of their pages), and records a `reads_zero` after the
+    /// caller released it (`remove_region` returned and the test set `released`, as the caller
+    /// unmaps the memory then).
+    #[derive(Debug)]
+    struct Watched {
+        range: VaRange,
+        hook: Mutex<Option<Hook>>,
+        released: std::sync::atomic::AtomicBool,
+        used_after_release: std::sync::atomic::AtomicBool,
+    }
+
+    struct Hook(Box<dyn FnOnce() + Send>);
+
+    impl std::fmt::Debug for Hook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hook")
+        }
+    }
+
+    impl Watched {
+        fn new(range: VaRange) -> Watched {
+            Watched { range, hook: Mutex::new(None), released: false.into(), used_after_release: false.into() }
+        }
+    }
+
+    impl CpuMmu for Watched {
+        fn range(&self) -> VaRange {
+            self.range
+        }
+        fn revoke(&self, _: &[VaRange]) -> Result<(), crate::cpu::HostError> {
+            Ok(())
+        }
+        fn populate(&self, _: &[VaRange]) -> Result<(), crate::cpu::HostError> {
+            Ok(())
+        }
+        fn map(&self, _: &[VaRange], _: bool) -> Result<(), crate::cpu::HostError> {
+            Ok(())
+        }
+        fn protect(&self, _: &[VaRange], _: bool) -> Result<(), crate::cpu::HostError> {
+            Ok(())
+        }
+        fn wake(&self, _: VaRange) -> Result<(), crate::cpu::HostError> {
+            Ok(())
+        }
+        fn discard(&self, _: &[VaRange]) -> Result<(), crate::cpu::HostError> {
+            Ok(())
+        }
+        fn backing(&self, va: u64) -> crate::device::HostAddr {
+            crate::device::HostAddr((va - self.range.start) as usize)
+        }
+        fn reads_zero(&self, _range: VaRange) -> bool {
+            let hook = self.hook.lock().take();
+            if let Some(Hook(f)) = hook {
+                f();
+            }
+            if self.released.load(std::sync::atomic::Ordering::SeqCst) {
+                self.used_after_release.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            false
+        }
+    }
+
+    /// A snapshot over two adjacent regions while the second is removed: `remove_region` waits
+    /// for the snapshot (the reshape lock), so the snapshot never reads a CPU side its caller
+    /// has already been handed back to release. It took no lock the snapshot holds: removed
+    /// (and released) between the snapshot's look at the regions and its read of the second
+    /// one's pages, the snapshot went on to ask the released CPU side about its memory. Made
+    /// deterministic by a hook in the first region's `reads_zero`, which starts the removal and
+    /// waits (bounded) for it to return.
+    #[test]
+    fn a_snapshot_never_reads_a_region_removed_under_it() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (a, b) = (VaRange::new(BASE, BLOCK_SIZE), VaRange::new(BASE + BLOCK_SIZE, BLOCK_SIZE));
+        let space = AddressSpace::new(CoreConfig::default());
+        let cpu_a = Arc::new(Watched::new(a));
+        let cpu_b = Arc::new(Watched::new(b));
+        space.add_region(Arc::clone(&cpu_a) as Arc<dyn CpuMmu>, Prot::READ).unwrap();
+        space.add_region(Arc::clone(&cpu_b) as Arc<dyn CpuMmu>, Prot::READ).unwrap();
+        let host = Arc::new(Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let dev = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0, host));
+        let id = space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        // Read-only regions mapped by the CPU: the snapshot asks each CPU side whether the page
+        // reads zeros.
+        space.cpu_fault(a.start, Access::Read).unwrap();
+        space.cpu_fault(b.start, Access::Read).unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let remover = Arc::new(Mutex::new(None));
+        {
+            let (weak, cpu_b, remover) = (Arc::downgrade(&space), Arc::clone(&cpu_b), Arc::clone(&remover));
+            *cpu_a.hook.lock() = Some(Hook(Box::new(move || {
+                let t = std::thread::spawn(move || {
+                    let space = weak.upgrade().expect("the space lives while the snapshot runs");
+                    let r = space.remove_region(b.start).map(|_| ());
+                    // The caller releases the CPU side (munmap) once the region is removed.
+                    cpu_b.released.store(true, SeqCst);
+                    let _ = done_tx.send(());
+                    r
+                });
+                *remover.lock() = Some(t);
+                // Without the lock the removal ends at once; with it, it waits for the snapshot.
+                let _ = done_rx.recv_timeout(std::time::Duration::from_millis(500));
+            })));
+        }
+        let snap = space.snapshot(a.start, 2 * BLOCK_SIZE, id).unwrap();
+        let t = remover.lock().take().expect("the hook ran");
+        t.join().unwrap().unwrap();
+        assert!(!cpu_b.used_after_release.load(SeqCst), "the snapshot read region b after its removal returned");
+        assert_eq!(snap[0].kind, SnapKind::System);
+        assert_eq!(snap[(BLOCK_SIZE / PAGE_SIZE) as usize].kind, SnapKind::System, "region b, as it was");
+        assert!(space.page_state(b.start).is_none(), "region b is gone after the snapshot");
+    }
 }

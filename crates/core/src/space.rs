@@ -367,8 +367,14 @@ impl AddressSpace {
 
     /// Removes the region starting at `start`: devices lose their mappings and device memory is
     /// freed (the data is gone). Returns the CPU side for the caller to release.
+    ///
+    /// Under the reshape lock held for writing, as every change of the regions' shape: work that
+    /// walks regions under it for reading (a snapshot, a fault service, a migration) either ends
+    /// before the region goes or finds it gone, never a region half removed whose CPU side the
+    /// caller may already have released.
     pub fn remove_region(&self, start: u64) -> Result<Arc<dyn CpuMmu>> {
         let _gate = self.enter()?;
+        let _shape = self.reshape.write();
         let region = self.regions.write().remove(&start).ok_or(CoreError::NotShared(VaRange::new(start, PAGE_SIZE)))?;
         region.freed.store(true, Ordering::Release);
         self.attrs.write().clear(region.range);
@@ -1257,8 +1263,8 @@ impl<'a> ReadAhead<'a> {
         region: &Region,
         mut guards: Vec<parking_lot::MutexGuard<'a, Block>>,
     ) -> Option<ReadAhead<'a>> {
-        // The region may have gone since the read-ahead looked (`remove_region` takes no lock
-        // the read-ahead holds); one removed after this check waits for these blocks' locks.
+        // The read-ahead loop looks the region up under the reshape lock, which `remove_region`
+        // takes for writing: it cannot go meanwhile. Checked still, as every block walk does.
         if region.is_freed() {
             return None;
         }

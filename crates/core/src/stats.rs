@@ -59,8 +59,15 @@ stats! {
     /// Bytes copied device to device (peer copies between devices).
     bytes_device_to_device,
     /// Pages a device mapped to another device's copy through its peer window (`AccessedBy`
-    /// with the data on a peer).
+    /// with the data on a peer, or a preferred location on a peer).
     peer_mapped_pages,
+    /// Pages a device's fault placed on a peer device, their preferred location, to map them
+    /// there (UVM's residency rule: data goes to the preferred location its faulting processor
+    /// can access).
+    peer_placed_pages,
+    /// Pages a device's fault could not place on their preferred peer device (its memory full
+    /// of what cannot be evicted, or the device gone): the faulting device took them instead.
+    peer_place_fallbacks,
     /// Bytes zero-filled on devices (first touch by a device).
     bytes_zero_filled,
     /// Evictions (victim blocks) from device memory to host backing.

@@ -441,6 +441,12 @@ enum Op {
         pages: usize,
         fail: bool,
     },
+    /// Device `dev` is detached (its data comes home, its advice goes, other devices lose their
+    /// peer mappings of its memory) and a fresh device like it is attached in its place (the id
+    /// is given again).
+    Replace {
+        dev: usize,
+    },
 }
 
 /// Pages the ops touch: both ends of the first block and the start of the second.
@@ -466,6 +472,7 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         1 => (page.clone(), 1usize..600).prop_map(|(page, pages)| Op::Reshape { page, pages }),
         1 => (page, 1usize..40, any::<bool>()).prop_map(|(page, pages, fail)| Op::Unmap { page, pages, fail }),
+        1 => (0usize..2).prop_map(|dev| Op::Replace { dev }),
     ]
 }
 
@@ -478,6 +485,9 @@ struct World {
     /// Ranges the program unmapped ([`Op::Unmap`]): ops touching them are skipped.
     gone: Vec<VaRange>,
     region_bound: bool,
+    /// Each device's memory, and whether the devices are peers ([`Op::Replace`] attaches alike).
+    dev_bytes: usize,
+    peers: bool,
 }
 
 fn world(tree: bool, dev_pages: u64) -> World {
@@ -515,19 +525,24 @@ fn world_built(
     space.add_region(cpu.clone(), Prot::READ | Prot::WRITE).unwrap();
     let mut devs = Vec::new();
     let mut ids = Vec::new();
+    let dev_bytes = (dev_pages * PAGE_SIZE) as usize;
     for _ in 0..2 {
-        let bytes = (dev_pages * PAGE_SIZE) as usize;
-        let mut d = if peers {
-            FakeDevice::with_peer_window(bytes, 0xEE, host.clone())
-        } else {
-            FakeDevice::new(bytes, 0xEE, host.clone())
-        };
-        d.region_bound = region_bound;
-        let d = Arc::new(d);
+        let d = fake_like(dev_bytes, peers, region_bound, &host);
         ids.push(space.attach(d.clone(), AttachOptions::default()).unwrap());
         devs.push(d);
     }
-    World { space, cpu, devs, ids, model: HashMap::new(), gone: Vec::new(), region_bound }
+    World { space, cpu, devs, ids, model: HashMap::new(), gone: Vec::new(), region_bound, dev_bytes, peers }
+}
+
+/// A fake device of `bytes` over `host`, offering a peer window when `peers` is set.
+fn fake_like(bytes: usize, peers: bool, region_bound: bool, host: &HostMem) -> Arc<FakeDevice> {
+    let mut d = if peers {
+        FakeDevice::with_peer_window(bytes, 0xEE, host.clone())
+    } else {
+        FakeDevice::new(bytes, 0xEE, host.clone())
+    };
+    d.region_bound = region_bound;
+    Arc::new(d)
 }
 
 /// A world whose first block the CPU wrote (`byte` at its start) and then moved to device 0:
@@ -605,6 +620,7 @@ impl World {
     fn op_range(&self, op: &Op) -> VaRange {
         let (page, pages) = match *op {
             Op::Cpu { page, .. } | Op::Dev { page, .. } => (page, 1),
+            Op::Replace { .. } => (0, 1),
             Op::Migrate { page, pages, .. }
             | Op::Advise { page, pages, .. }
             | Op::Reshape { page, pages }
@@ -616,7 +632,7 @@ impl World {
 
     fn apply(&mut self, op: &Op) {
         let range = self.op_range(op);
-        if self.gone.iter().any(|g| g.intersect(&range).is_some()) {
+        if !matches!(op, Op::Replace { .. }) && self.gone.iter().any(|g| g.intersect(&range).is_some()) {
             return;
         }
         match *op {
@@ -689,6 +705,29 @@ impl World {
                     let range = VaRange::new(start, len);
                     self.model.retain(|va, _| !range.contains(*va));
                 }
+            }
+            Op::Replace { dev } => {
+                let id = self.ids[dev];
+                self.space.detach(id).expect("detach");
+                // Nothing of the device is left: no page holds or maps anything through it.
+                for part in self.live() {
+                    for va in (part.start..part.end()).step_by(PAGE_SIZE as usize) {
+                        let st = self.space.page_state(va).unwrap();
+                        let p = Proc::Device(id);
+                        assert!(
+                            !st.resident.has(p) && !st.dev_mapped.has(p) && !st.peer_mapped.has(p),
+                            "page {va:#x} after detach of {id:?}: {st:?}"
+                        );
+                        assert!(
+                            st.peer_mapped.devices().all(|d| st.resident.devices().any(|h| h != d)),
+                            "page {va:#x}: a peer mapping with no peer copy: {st:?}"
+                        );
+                    }
+                }
+                let fresh = fake_like(self.dev_bytes, self.peers, self.region_bound, &self.cpu.mem);
+                let again = self.space.attach(fresh.clone(), AttachOptions::default()).unwrap();
+                assert_eq!(again, id, "the id is given again");
+                self.devs[dev] = fresh;
             }
             Op::Reshape { .. } => {
                 self.space.protect_range(range.start, range.len, Prot::READ | Prot::WRITE).unwrap();
@@ -2165,4 +2204,229 @@ fn a_finished_jobs_block_is_evicted_first() {
     assert!(!on_dev(job), "the finished job's block was not the victim");
     assert!(on_dev(older), "the block no job used was evicted");
     assert!(on_dev(third));
+}
+
+// A preferred location on a peer device (UVM's residency rule, uvm.md 3.1 steps 5 and 8): a
+// device that faults on such a page gets it placed on the preferred device and maps that copy
+// through the peer's window.
+
+/// The world of [`world_built`] under `policy` (its own prefetcher), the two devices peers when
+/// `peers` is set, `dev_pages` pages of memory each; the region's first block preferring device 1.
+fn preferring_device_1(policy: crate::policy::Policy, dev_pages: u64, peers: bool) -> World {
+    let prefetcher = Arc::clone(&policy.prefetcher);
+    let w = world_built(prefetcher, dev_pages, policy, REGION, peers, false);
+    let s = w.cpu.range.start;
+    let advice = crate::advice::Advice::PreferredLocation(Some(Proc::Device(w.ids[1])));
+    w.space.advise(s, BLOCK_SIZE, advice).unwrap().wait(Duration::from_secs(5)).unwrap();
+    w
+}
+
+/// Device 0 reads and writes pages whose preferred location is device 1, its peer: the data goes
+/// to device 1 (from host memory, and on a first touch zero-filled there), device 0 maps device
+/// 1's copy (read-write, the only copy) and moves nothing to itself; its reads see the CPU's
+/// bytes, its writes land in device 1's copy, which device 1 reads through its own mapping, and
+/// the CPU reads everything back. Under both policies. Without peer windows device 0 takes the
+/// data, as before. (Before, device 0 took the data with peers too: the preferred peer was
+/// treated as out of reach.)
+#[test]
+fn a_preferred_peer_device_gets_the_data_and_the_faulting_device_maps_it() {
+    for (name, peers) in [("uvm", true), ("hetmm", true), ("uvm", false), ("hetmm", false)] {
+        let policy = crate::policy::Policy::by_name(name).unwrap();
+        let mut w = preferring_device_1(policy, 4 * PAGES_PER_BLOCK as u64, peers);
+        let case = format!("{name}, peers {peers}");
+        let s = w.cpu.range.start;
+        let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+        for p in 0..4 {
+            w.apply(&Op::Cpu { page: p, off: 5, val: Some(10 + p as u8) });
+        }
+        let before = w.space.stats();
+        for p in 0..4 {
+            w.apply(&Op::Dev { dev: 0, page: p, off: 5, val: None });
+        }
+        // First touch of a page nobody holds: zeros, placed on device 1 as well.
+        w.apply(&Op::Dev { dev: 0, page: 40, off: 0, val: None });
+        let moved = w.space.stats().since(&before);
+        let page = |w: &World, p: usize| w.space.page_state(w.va(p, 0)).unwrap();
+        for p in [0, 1, 2, 3, 40] {
+            let st = page(&w, p);
+            if peers {
+                assert_eq!(st.resident, ProcMask::only(d1), "{case}: page {p} lands on the preferred device: {st:?}");
+                assert!(st.dev_mapped.has(d0) && st.peer_mapped.has(d0), "{case}: page {p} peer-mapped: {st:?}");
+                assert!(!st.dev_ro.has(d0), "{case}: the only copy is mapped read-write: {st:?}");
+            } else {
+                assert!(st.resident.has(d0) && !st.resident.has(d1), "{case}: page {p}: {st:?}");
+            }
+        }
+        if peers {
+            assert_eq!(w.device_bytes_in_use(0), 0, "{case}: nothing moved to the faulting device");
+            assert!(moved.peer_placed_pages >= 5 && moved.peer_mapped_pages >= 5, "{case}: {moved:?}");
+            assert_eq!(moved.peer_place_fallbacks, 0, "{case}");
+            assert!(w.devs[0].pt.lock().values().all(|(t, _)| matches!(t, MapTarget::Peer(_))), "{case}");
+        } else {
+            assert_eq!(moved.peer_placed_pages, 0, "{case}");
+        }
+        // Writes through the peer mapping land in device 1's copy; device 1 reads them there.
+        w.apply(&Op::Dev { dev: 0, page: 1, off: 6, val: Some(77) });
+        w.apply(&Op::Dev { dev: 1, page: 1, off: 6, val: None });
+        w.apply(&Op::Dev { dev: 1, page: 2, off: 7, val: Some(88) });
+        w.apply(&Op::Dev { dev: 0, page: 2, off: 7, val: None });
+        if peers {
+            let st = page(&w, 1);
+            assert_eq!(st.resident, ProcMask::only(d1), "{case}: a write through the window moves nothing: {st:?}");
+        }
+        // The CPU reads every byte back (and every device re-reads them, `check_all`).
+        for p in 0..4 {
+            assert_eq!(w.cpu_access(w.va(p, 5), None), 10 + p as u8, "{case}");
+        }
+        assert_eq!(w.cpu_access(s + PAGE_SIZE + 6, None), 77, "{case}");
+        w.check_all();
+    }
+}
+
+/// The preferred peer's memory is full: the page goes there still, another block being evicted
+/// from it as the eviction policy picks (here the only other block it holds). When nothing can
+/// be evicted there (that block pinned), the faulting device takes the page instead, as where
+/// the preferred location is out of reach. Every byte reads back.
+#[test]
+fn a_full_preferred_peer_evicts_or_the_faulting_device_takes_the_data() {
+    for (name, pin) in [("uvm", false), ("hetmm", false), ("uvm", true), ("hetmm", true)] {
+        let case = format!("{name}, pin {pin}");
+        let mut policy = crate::policy::Policy::by_name(name).unwrap();
+        // No background evictor: the fault path alone must make room.
+        policy.free_watermark = 0.0;
+        policy.prefetcher = Arc::new(NoPrefetch);
+        let mut w = preferring_device_1(policy, PAGES_PER_BLOCK as u64, true);
+        let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+        let second = w.cpu.range.start + BLOCK_SIZE;
+        w.apply(&Op::Cpu { page: 512, off: 3, val: Some(33) });
+        w.apply(&Op::Cpu { page: 0, off: 3, val: Some(44) });
+        // Device 1 is filled by the second block.
+        w.space.migrate(second, BLOCK_SIZE, d1).unwrap();
+        assert_eq!(w.space.device_memory(w.ids[1]).unwrap().0, 0, "{case}: device 1 is full");
+        if pin {
+            let pin = crate::advice::Advice::Pin(true);
+            w.space.advise(second, BLOCK_SIZE, pin).unwrap().wait(Duration::from_secs(5)).unwrap();
+        }
+        let before = w.space.stats();
+        assert_eq!(w.dev_access(0, w.va(0, 3), None), Some(44), "{case}");
+        let moved = w.space.stats().since(&before);
+        let st = w.space.page_state(w.va(0, 0)).unwrap();
+        let second_st = w.space.page_state(second).unwrap();
+        if pin {
+            assert!(st.resident.has(d0) && !st.resident.has(d1), "{case}: the faulting device took it: {st:?}");
+            assert_eq!(moved.peer_place_fallbacks, 1, "{case}: {moved:?}");
+            assert_eq!(second_st.resident, ProcMask::only(d1), "{case}: the pinned block stays: {second_st:?}");
+        } else {
+            assert_eq!(st.resident, ProcMask::only(d1), "{case}: placed on the preferred device: {st:?}");
+            assert!(st.peer_mapped.has(d0), "{case}: {st:?}");
+            assert!(moved.evictions >= 1, "{case}: {moved:?}");
+            assert!(!second_st.resident.has(d1), "{case}: the other block was evicted: {second_st:?}");
+        }
+        w.check_all();
+    }
+}
+
+/// Detaching either device after a peer placement leaves consistent state: the preferred
+/// device's detach takes the faulting device's peer mappings away before it brings the data home
+/// (and its advice goes with it); the faulting device's detach leaves the copy on the preferred
+/// device, with no peer mapping recorded. The remaining device and the CPU read every byte.
+#[test]
+fn detaching_either_device_after_a_peer_placement_keeps_every_byte() {
+    for (name, gone) in [("uvm", 1usize), ("uvm", 0), ("hetmm", 1), ("hetmm", 0)] {
+        let case = format!("{name}, detach device {gone}");
+        let policy = crate::policy::Policy::by_name(name).unwrap();
+        let mut w = preferring_device_1(policy, 4 * PAGES_PER_BLOCK as u64, true);
+        let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+        let s = w.cpu.range.start;
+        w.apply(&Op::Cpu { page: 0, off: 1, val: Some(21) });
+        w.apply(&Op::Dev { dev: 0, page: 1, off: 2, val: Some(22) });
+        assert_eq!(w.dev_access(0, s + 1, None), Some(21), "{case}");
+        let st = w.space.page_state(s).unwrap();
+        assert!(st.resident == ProcMask::only(d1) && st.peer_mapped.has(d0), "{case}: set-up: {st:?}");
+        let held = w.device_bytes_in_use(1);
+        w.space.detach(w.ids[gone]).unwrap();
+        let stay = 1 - gone;
+        let (gone_p, stay_p) = (Proc::Device(w.ids[gone]), Proc::Device(w.ids[stay]));
+        for p in [0u64, 1] {
+            let st = w.space.page_state(s + p * PAGE_SIZE).unwrap();
+            assert!(st.peer_mapped.is_empty(), "{case}: page {p}: no peer mapping left: {st:?}");
+            assert!(!st.resident.has(gone_p) && !st.dev_mapped.has(gone_p), "{case}: page {p}: {st:?}");
+            if gone == 1 {
+                assert!(st.resident.has(Proc::Cpu), "{case}: page {p} came home: {st:?}");
+            } else {
+                assert_eq!(st.resident, ProcMask::only(stay_p), "{case}: page {p} stays: {st:?}");
+            }
+        }
+        assert!(w.devs[gone].pt.lock().is_empty(), "{case}: the detached device maps nothing");
+        if gone == 1 {
+            assert_eq!(w.space.attrs_at(s).preferred, None, "{case}: the advice went with the device");
+        }
+        assert_eq!(w.dev_access(stay, s + 1, None), Some(21), "{case}");
+        assert_eq!(w.dev_access(stay, s + PAGE_SIZE + 2, None), Some(22), "{case}");
+        if gone == 0 {
+            assert!(held >= 2 * PAGE_SIZE, "{case}: {held}");
+            assert_eq!(w.device_bytes_in_use(1), held, "{case}: device 1 kept what it held");
+        }
+        assert_eq!(w.cpu_access(s + 1, None), 21, "{case}");
+        assert_eq!(w.cpu_access(s + PAGE_SIZE + 2, None), 22, "{case}");
+    }
+}
+
+/// Pages placed on a preferred peer bring their neighbours there as the policy's prefetcher
+/// picks toward that device (UVM runs its prefetcher toward the new residency): under `uvm` a
+/// read of one host page takes its 64 KiB big page, and a first touch of a block nobody holds
+/// populates the whole block there (the destination is the preferred location); under `hetmm`
+/// the whole block goes. The requester maps all of them through the window. Where the peer has
+/// room only for the faulted page, the prefetched ones are left out, not moved to the
+/// requester.
+#[test]
+fn placement_on_a_preferred_peer_prefetches_toward_it() {
+    let pages_on = |w: &World, d: usize, block: u64| {
+        let s = w.cpu.range.start + block * BLOCK_SIZE;
+        let p = Proc::Device(w.ids[d]);
+        (0..PAGES_PER_BLOCK as u64).filter(|k| w.space.page_state(s + k * PAGE_SIZE).unwrap().resident.has(p)).count()
+    };
+    for name in ["uvm", "hetmm"] {
+        let policy = crate::policy::Policy::by_name(name).unwrap();
+        let mut w = preferring_device_1(policy, 4 * PAGES_PER_BLOCK as u64, true);
+        let s = w.cpu.range.start;
+        // The second block prefers device 1 too; nobody holds any of it.
+        let advice = crate::advice::Advice::PreferredLocation(Some(Proc::Device(w.ids[1])));
+        w.space.advise(s + BLOCK_SIZE, BLOCK_SIZE, advice).unwrap().wait(Duration::from_secs(5)).unwrap();
+        for p in 0..PAGES_PER_BLOCK {
+            w.apply(&Op::Cpu { page: p, off: 0, val: Some(p as u8 | 1) });
+        }
+        assert_eq!(w.dev_access(0, s, None), Some(1), "{name}");
+        let want = if name == "uvm" { 16 } else { PAGES_PER_BLOCK };
+        assert_eq!(pages_on(&w, 1, 0), want, "{name}: pages placed on device 1 by one read");
+        assert_eq!(pages_on(&w, 0, 0), 0, "{name}");
+        let mapped = w.devs[0].pt.lock().len();
+        assert_eq!(mapped, want, "{name}: device 0 maps them all");
+        assert_eq!(w.dev_access(0, s + BLOCK_SIZE + 7 * PAGE_SIZE, None), Some(0), "{name}: first touch");
+        assert_eq!(pages_on(&w, 1, 1), PAGES_PER_BLOCK, "{name}: a first touch populates the block there");
+        w.check_all();
+    }
+    // Room for the faulted page only: the prefetched pages stay where they are.
+    for name in ["uvm", "hetmm"] {
+        let mut policy = crate::policy::Policy::by_name(name).unwrap();
+        policy.free_watermark = 0.0;
+        let mut w = preferring_device_1(policy, PAGES_PER_BLOCK as u64 + 1, true);
+        let (s, second) = (w.cpu.range.start, w.cpu.range.start + BLOCK_SIZE);
+        for p in [0, 1, 2, 512] {
+            w.apply(&Op::Cpu { page: p, off: 9, val: Some(p as u8 + 3) });
+        }
+        // Device 1 full but one page, of a pinned block.
+        w.space.migrate(second, BLOCK_SIZE, Proc::Device(w.ids[1])).unwrap();
+        let pin = crate::advice::Advice::Pin(true);
+        w.space.advise(second, BLOCK_SIZE, pin).unwrap().wait(Duration::from_secs(5)).unwrap();
+        let before = w.space.stats();
+        assert_eq!(w.dev_access(0, s + 9, None), Some(3), "{name}");
+        let moved = w.space.stats().since(&before);
+        assert_eq!(pages_on(&w, 1, 0), 1, "{name}: only the faulted page went to device 1");
+        assert_eq!(pages_on(&w, 0, 0), 0, "{name}: nothing went to the requester");
+        assert_eq!(moved.peer_place_fallbacks, 0, "{name}");
+        let st = w.space.page_state(s + PAGE_SIZE).unwrap();
+        assert!(st.resident == ProcMask::only(Proc::Cpu) && st.dev_mapped.is_empty(), "{name}: {st:?}");
+        w.check_all();
+    }
 }

@@ -106,10 +106,167 @@ fn fork_during(
 const FINE: i32 = 0;
 const WRONG: i32 = 3;
 const TOO_LATE: i32 = 4;
+/// The child's copy of hetmm memory failed (`ForkGuard::child` returned an error).
+const COPY_FAILED: i32 = 5;
 
 fn code(status: i32) -> i32 {
     assert!(libc::WIFEXITED(status), "child status {status:#x}");
     libc::WEXITSTATUS(status)
+}
+
+/// A fork whose window is held open: the fork is prepared (as the `pthread_atfork` prepare
+/// handler does), then `change` runs, then the process forks with the raw system call (no fork
+/// handler runs) and the child makes its copy as the child handler does
+/// (`ForkGuard::child`) before it exits with `check()`'s code (allocation-free). The parent
+/// waits for the child before it lets the prepared fork go. So `change` always falls after the
+/// prepare's snapshot of the address space and before the fork: the window that a program's
+/// `munmap` or `mremap` on another thread hits by chance. Returns the wait status.
+fn fork_after_prepare(hm: &Hetmm, change: impl FnOnce(), check: impl FnOnce() -> i32) -> i32 {
+    let guard = hm.space().fork_prepare().expect("this process's own address space");
+    change();
+    // SAFETY: a raw fork (clone with SIGCHLD only, no new stack): the child is a copy of this
+    // thread alone; it runs only `ForkGuard::child` (system calls, as in the atfork child
+    // handler) and `check` (reads and writes of inherited memory, no allocation), then `_exit`s,
+    // never returning into the test.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) } as libc::pid_t;
+    if pid == 0 {
+        let code = match guard.child() {
+            Ok(()) => check(),
+            Err(_) => COPY_FAILED,
+        };
+        // SAFETY: `_exit` has no preconditions; it ends the child without running the parent's exit
+        // handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let status = if pid > 0 { Some(common::wait_status(pid)) } else { None };
+    guard.parent();
+    status.unwrap_or_else(|| panic!("clone: {}", std::io::Error::last_os_error()))
+}
+
+/// A fresh PROT_NONE placeholder of `len` bytes (where memory is moved to).
+fn placeholder(len: usize) -> usize {
+    // SAFETY: a new PROT_NONE placeholder where the kernel chooses replaces no existing mapping.
+    let to = unsafe {
+        libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    assert_ne!(to, libc::MAP_FAILED);
+    to as usize
+}
+
+/// Whether the `len` bytes at `addr` all hold `byte` (allocation-free).
+///
+/// # Safety
+///
+/// `addr..addr + len` must be readable memory that no one writes meanwhile.
+unsafe fn all_are(addr: usize, len: usize, byte: u8) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.iter().all(|&b| b == byte)
+}
+
+/// The program unmaps the first pages of registered memory after the fork was prepared and
+/// before the fork. The rest, still mapped at the fork, must be the child's own copy: the
+/// child's writes there must not reach the parent. (The child skipped a part of which any page
+/// was unmapped, leaving the rest a shared view of the parent's memory.)
+#[test]
+fn registered_memory_partly_unmapped_before_the_fork_is_private_in_the_child() {
+    let _serial = serial();
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let p = registered(&hm, OLD) as usize;
+    let gone = 4 * PS;
+    let (rest, rest_len) = (p + gone, LEN - gone);
+    let unmap_some = || {
+        // SAFETY: unmaps the first pages of the registered memory this test mapped at `p`; nothing
+        // references them.
+        assert_eq!(unsafe { libc::munmap(p as *mut _, gone) }, 0);
+    };
+    let status = fork_after_prepare(&hm, unmap_some, || {
+        // SAFETY: in the child: `rest..rest + rest_len` is still mapped read-write (only the pages
+        // before it were unmapped), and the child has no other thread.
+        if !unsafe { all_are(rest, rest_len, OLD) } {
+            return WRONG;
+        }
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(rest as *mut u8, NEW, rest_len) };
+        FINE
+    });
+    assert_eq!(code(status), FINE, "the child did not find the registered bytes still mapped");
+    hm.space().settle().unwrap();
+    // SAFETY: the rest of the registered memory, mapped and only used by this thread.
+    let untouched = unsafe { all_are(rest, rest_len, OLD) };
+    assert!(untouched, "the child's writes to partly unmapped registered memory reached the parent");
+    hm.unregister(rest as *const u8, rest_len).unwrap();
+    // SAFETY: unmaps the rest of this test's mapping, which nothing references.
+    unsafe { libc::munmap(rest as *mut _, rest_len) };
+}
+
+/// The program moves registered memory after the fork was prepared and before the fork: the
+/// child must have a private copy at the new address (deterministic form of the race in
+/// `registered_memory_moved_during_a_fork_is_private_in_the_child`).
+#[test]
+fn registered_memory_moved_before_the_fork_is_private_in_the_child() {
+    let _serial = serial();
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let p = registered(&hm, OLD) as usize;
+    let to = placeholder(LEN);
+    let move_it = || {
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        // SAFETY: moves the registered LEN bytes this test mapped at `p` over its own placeholder
+        // at `to`; no reference into either exists.
+        let q = unsafe { libc::mremap(p as *mut _, LEN, LEN, flags, to as *mut libc::c_void) };
+        assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
+    };
+    let status = fork_after_prepare(&hm, move_it, || {
+        // SAFETY: in the child: the moved LEN bytes are mapped read-write at `to`, and the child
+        // has no other thread.
+        if !unsafe { all_are(to, LEN, OLD) } {
+            return WRONG;
+        }
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(to as *mut u8, NEW, LEN) };
+        FINE
+    });
+    assert_eq!(code(status), FINE, "the child did not find the moved bytes");
+    hm.space().settle().unwrap();
+    // SAFETY: the moved memory, mapped at `to` and only used by this thread.
+    let untouched = unsafe { all_are(to, LEN, OLD) };
+    assert!(untouched, "the child's writes to moved registered memory reached the parent");
+    hm.unregister(to as *const u8, LEN).unwrap();
+    // SAFETY: unmaps the moved mapping, this test's own, which nothing references.
+    unsafe { libc::munmap(to as *mut _, LEN) };
+}
+
+/// The program maps its own memory over registered memory after the fork was prepared and
+/// before the fork: the child must see that memory there, not a copy of the registered bytes
+/// (deterministic form of `memory_mapped_over_unmapped_registered_memory_is_the_childs`).
+#[test]
+fn memory_mapped_over_registered_memory_before_the_fork_is_the_childs() {
+    let _serial = serial();
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let p = registered(&hm, OLD) as usize;
+    let map_over = || {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+        // SAFETY: MAP_FIXED replaces only the registered memory this test mapped at `p`, which
+        // nothing references.
+        let q = unsafe { libc::mmap(p as *mut _, LEN, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        assert_eq!(q as usize, p, "mmap: {}", std::io::Error::last_os_error());
+        // SAFETY: `q` is the LEN-byte read-write mapping just made, only this thread's.
+        unsafe { std::ptr::write_bytes(q.cast::<u8>(), NEW, LEN) };
+    };
+    let status = fork_after_prepare(&hm, map_over, || {
+        // SAFETY: in the child: the new LEN-byte read-write mapping at `p`, inherited; the child
+        // has no other thread.
+        if unsafe { all_are(p, LEN, NEW) } {
+            FINE
+        } else {
+            WRONG
+        }
+    });
+    assert_eq!(code(status), FINE, "the child found the unmapped registered bytes over its new memory");
+    hm.space().settle().unwrap();
+    // SAFETY: the new mapping at `p`, only used by this thread.
+    assert!(unsafe { all_are(p, LEN, NEW) }, "the parent's new memory changed");
+    // SAFETY: unmaps this test's own mapping, which nothing references.
+    unsafe { libc::munmap(p as *mut _, LEN) };
 }
 
 /// The program maps new memory of its own over registered memory (`MAP_FIXED`: the registered

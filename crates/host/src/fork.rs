@@ -7,7 +7,9 @@
 //!   that it has its copy.
 //! - child: the parent's address spaces become inert, each region's CPU side makes the child's
 //!   view private (`CpuMmu::fork_child`: a private anonymous copy of private memory, read from
-//!   the memfd; shared memory stays shared), then the pipe is closed. Nothing of the parent's
+//!   the memfd, wherever the child has it mapped (read from `/proc/self/maps`: the program may
+//!   have moved or unmapped it after the prepare); shared memory stays shared), then the pipe
+//!   is closed. Nothing of the parent's
 //!   hetmm objects is ever dropped in the child (their threads live in the parent only).
 //! - parent: waits until the child closed the pipe (it has its copy, or it died), bounded, then
 //!   lets the waiting operations go on. So `fork()` returns in the parent only once the child's
@@ -131,10 +133,11 @@ fn prepare_all() {
         // The program may have unmapped or moved memory of ours while the gates were closing or
         // the flush ran (another thread's munmap returns once the event is read). The core
         // applies such a change only once its gate opens: its regions would still show the old
-        // layout, and the child would copy old bytes over what the program mapped there since,
-        // or leave moved memory shared with this process. Open the gates to let the changes
-        // apply (`fork_prepare` settles first) and prepare again. A change read after this
-        // check and before the fork itself still races it.
+        // layout. Open the gates to let the changes apply (`fork_prepare` settles first) and
+        // prepare again, so the core's view is current. The child does not rely on it: a
+        // change made after this check and before the fork itself (nothing can stop one) is
+        // followed there, since the child copies the memory where the kernel has it mapped at
+        // the fork, not where the regions say (`mapping::privatize_parts`).
         if !hosts.iter().any(|h| h.ctx.reshape_pending()) {
             break;
         }

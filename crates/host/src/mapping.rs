@@ -571,18 +571,19 @@ impl SharedMapping {
         })
     }
 
-    /// In a `fork()` child (see `CpuMmu::fork_child`): each part of the application view becomes
-    /// private anonymous memory holding the memfd's bytes with the part's protection (`lost`
-    /// sub-ranges inaccessible), and the alias is unmapped. Only system calls. Refused (EPERM,
+    /// In a `fork()` child (see `CpuMmu::fork_child`): the alias is unmapped, and each part of the
+    /// application view, wherever the program has it mapped at the fork, becomes private
+    /// anonymous memory holding the memfd's bytes with its protection (`lost` sub-ranges
+    /// inaccessible; see [`privatize_parts`]). Only system calls. Refused (EPERM,
     /// nothing done) in the process that made the mapping, where the alias is in use.
     pub(crate) fn fork_child(&self, parts: &[hetmm_core::cpu::ForkPart], lost: &[VaRange]) -> Result<(), MappingError> {
         if rustix::process::getpid() == self.owner {
             let range = self.app_range();
             return Err(MappingError::Os { op: "fork_child", range, errno: Errno::PERM.raw_os_error() });
         }
-        let result = privatize_parts(parts, self.memfd.as_fd(), lost, |r| self.offset_of(r));
+        // First: the alias maps the whole memfd, and is not the program's to copy.
         self.alias.drop_in_child();
-        result
+        privatize_parts(parts, self.memfd.as_fd(), lost, |r| self.offset_of(r))
     }
 
     /// Writes `src` into the backing at byte offset `off` (`pwrite` on the memfd: no view is
@@ -976,43 +977,256 @@ pub(crate) fn restore_private(
     off: u64,
 ) -> Result<(), MappingError> {
     check(range)?;
-    move_copy_over(range, program_mprotect_flags(prot, exec), memfd, off, &[], false)
+    move_copy_over(range, program_mprotect_flags(prot, exec), memfd, off, LostBytes::NONE, false)
 }
 
-/// In a fork child: [`privatize_in_child`] for every part of a view of `memfd`, where
-/// `offset_of` gives a part's offset into the memfd. Goes on after a failure, so every part is
-/// dealt with, and returns the first error. System calls only.
+/// In a fork child: makes every part of a view of `memfd` the child's own, where `offset_of`
+/// gives a part's (or a lost range's) offset into the memfd. Goes on after a failure, so every
+/// part is dealt with, and returns the first error. System calls only.
+///
+/// The parts are the core's regions as the fork's prepare handler found them, but the program
+/// may have unmapped, moved or mapped over that memory since, on another thread, before the
+/// fork itself (its `munmap`/`mremap` returns once the reader has read the event; the core
+/// applies it only after the fork). So the parts name only which bytes of the memfd are the
+/// program's memory; where the child has them mapped is read from the kernel
+/// (`/proc/self/maps`, [`shared_views_of`]): every `MAP_SHARED` mapping of `memfd` over those
+/// bytes, wherever it is now, becomes private anonymous memory holding the same bytes, with the
+/// protection it has (execute included), the `lost` bytes inaccessible. Memory the program
+/// mapped over a part is left alone, and a part unmapped in full or in part is copied as far as
+/// it is still mapped. The caller has unmapped its alias of `memfd` first (else the alias would
+/// be copied too).
+///
+/// If the kernel's map cannot be read, falls back to the parts at their old addresses
+/// ([`privatize_in_child`]) and returns that error.
 pub(crate) fn privatize_parts(
     parts: &[hetmm_core::cpu::ForkPart],
     memfd: BorrowedFd<'_>,
     lost: &[VaRange],
     offset_of: impl Fn(VaRange) -> Result<u64, MappingError>,
 ) -> Result<(), MappingError> {
+    let whole = parts.iter().fold(None::<VaRange>, |acc, p| {
+        Some(match acc {
+            None => p.range,
+            Some(a) => {
+                let (s, e) = (a.start.min(p.range.start), a.end().max(p.range.end()));
+                VaRange::new(s, e - s)
+            }
+        })
+    });
+    let Some(whole) = whole else { return Ok(()) };
+    let stat = rustix::fs::fstat(memfd).map_err(os_err("fstat memfd", whole))?;
+    let file = MapsFile { dev: (rustix::fs::major(stat.st_dev), rustix::fs::minor(stat.st_dev)), ino: stat.st_ino };
+    let offset_of = &offset_of;
+    let lost = LostBytes { ranges: lost, offset_of };
     let mut result = Ok(());
-    for p in parts {
-        let r = offset_of(p.range).and_then(|off| privatize_in_child(p.range, p.prot, memfd, off, lost));
-        if result.is_ok() {
-            result = r;
+    // Each pass copies the views it found (at most `MAX_VIEWS`); a view copied is no longer a
+    // shared mapping of the memfd, so a pass that found fewer was the last. Bounded: a view whose
+    // copy and seal both failed would be found again.
+    for _ in 0..MAX_PASSES {
+        let mut found = [ChildView::default(); MAX_VIEWS];
+        let n = match shared_views_of(
+            file,
+            |vma_off, vma_len| {
+                parts.iter().filter_map(move |p| {
+                    let off = offset_of(p.range).ok()?;
+                    let s = off.max(vma_off);
+                    let e = (off + p.range.len).min(vma_off + vma_len);
+                    (s < e).then(|| (s, e - s))
+                })
+            },
+            &mut found,
+        ) {
+            Ok(n) => n,
+            Err(errno) => {
+                // No map to read: the parts where the prepare found them, as far as mapped.
+                let e = MappingError::Os { op: "read /proc/self/maps", range: whole, errno: errno.raw_os_error() };
+                for p in parts {
+                    let _ = offset_of(p.range).and_then(|off| privatize_in_child(p.range, p.prot, memfd, off, lost));
+                }
+                return Err(e);
+            }
+        };
+        for v in &found[..n] {
+            let r = move_copy_over(v.range, v.prot, memfd, v.off, lost, true);
+            if r.is_err() {
+                seal_quiet(v.range);
+            }
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        if n < MAX_VIEWS {
+            return result;
         }
     }
-    result
+    result.and(Err(MappingError::Os { op: "fork copy", range: whole, errno: Errno::AGAIN.raw_os_error() }))
+}
+
+/// Views a pass of [`privatize_parts`] copies at most (a stack array: no allocation in a child).
+const MAX_VIEWS: usize = 32;
+/// Passes of [`privatize_parts`] at most.
+const MAX_PASSES: usize = 4096;
+
+/// A file as `/proc/self/maps` names it: device (major, minor) and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MapsFile {
+    dev: (u32, u32),
+    ino: u64,
+}
+
+/// One shared view of a memfd found in the child: its addresses, the memfd offset of its first
+/// byte, and its protection.
+#[derive(Debug, Clone, Copy)]
+struct ChildView {
+    range: VaRange,
+    off: u64,
+    prot: rustix::mm::MprotectFlags,
+}
+
+impl Default for ChildView {
+    fn default() -> Self {
+        ChildView { range: VaRange::new(0, 0), off: 0, prot: rustix::mm::MprotectFlags::empty() }
+    }
+}
+
+/// Lost bytes of a view: ranges of its addresses, put into memfd offsets by `offset_of`.
+#[derive(Clone, Copy)]
+struct LostBytes<'a> {
+    ranges: &'a [VaRange],
+    offset_of: &'a dyn Fn(VaRange) -> Result<u64, MappingError>,
+}
+
+impl LostBytes<'_> {
+    const NONE: LostBytes<'static> = LostBytes { ranges: &[], offset_of: &|r| Err(MappingError::Unaligned(r)) };
+
+    /// The lost bytes of the memfd's `[off, off + len)`, as (start relative to `off`, length).
+    fn within(&self, off: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().filter_map(move |&l| {
+            let lo = (self.offset_of)(l).ok()?;
+            let s = lo.max(off);
+            let e = (lo + l.len).min(off + len);
+            (s < e).then(|| (s - off, e - s))
+        })
+    }
+}
+
+/// Reads `/proc/self/maps` and puts into `out` the `MAP_SHARED` mappings of `file` over the
+/// memfd bytes that `wanted` gives for a mapping's offset and length (the wanted byte ranges
+/// inside it, as offset and length): each such range, at the addresses that map it, with the
+/// mapping's protection. Returns how many it put (all of `out` if there may be more). Only
+/// system calls and the stack (a fork child uses it); the caller changes no mapping while it
+/// reads.
+fn shared_views_of<I: Iterator<Item = (u64, u64)>>(
+    file: MapsFile,
+    wanted: impl Fn(u64, u64) -> I,
+    out: &mut [ChildView],
+) -> Result<usize, Errno> {
+    let maps = rustix::fs::open(
+        c"/proc/self/maps",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut n = 0;
+    let mut buf = [0u8; 4096];
+    // The start of the current line (the fields before the path fit: at most about 100 bytes).
+    let mut line = [0u8; 160];
+    let mut at = 0;
+    loop {
+        let got = match rustix::io::read(&maps, &mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(got) => got,
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e),
+        };
+        for &c in &buf[..got] {
+            if c != b'\n' {
+                if at < line.len() {
+                    line[at] = c;
+                    at += 1;
+                }
+                continue;
+            }
+            let vma = parse_maps_line(&line[..at]);
+            at = 0;
+            let Some(vma) = vma.filter(|v| v.shared && v.file == file) else { continue };
+            let len = vma.range.len;
+            for (off, l) in wanted(vma.off, len) {
+                if n == out.len() {
+                    return Ok(n);
+                }
+                let range = VaRange::new(vma.range.start + (off - vma.off), l);
+                out[n] = ChildView { range, off, prot: vma.prot };
+                n += 1;
+            }
+        }
+    }
+}
+
+/// One line of `/proc/self/maps`, as [`shared_views_of`] needs it.
+struct MapsLine {
+    range: VaRange,
+    prot: rustix::mm::MprotectFlags,
+    shared: bool,
+    off: u64,
+    file: MapsFile,
+}
+
+/// Parses `start-end perms offset major:minor inode [path]` (numbers in hex, inode in decimal).
+fn parse_maps_line(line: &[u8]) -> Option<MapsLine> {
+    let mut fields = line.split(|&c| c == b' ').filter(|f| !f.is_empty());
+    let span = fields.next()?;
+    let perms = fields.next()?;
+    let off = number(fields.next()?, 16)?;
+    let dev = fields.next()?;
+    let ino = number(fields.next()?, 10)?;
+    let dash = span.iter().position(|&c| c == b'-')?;
+    let (start, end) = (number(&span[..dash], 16)?, number(&span[dash + 1..], 16)?);
+    let colon = dev.iter().position(|&c| c == b':')?;
+    let major = u32::try_from(number(&dev[..colon], 16)?).ok()?;
+    let minor = u32::try_from(number(&dev[colon + 1..], 16)?).ok()?;
+    use rustix::mm::MprotectFlags as P;
+    let mut prot = P::empty();
+    for (i, (c, f)) in [(b'r', P::READ), (b'w', P::WRITE), (b'x', P::EXEC)].into_iter().enumerate() {
+        if perms.get(i) == Some(&c) {
+            prot |= f;
+        }
+    }
+    Some(MapsLine {
+        range: VaRange::new(start, end.checked_sub(start)?),
+        prot,
+        shared: perms.get(3) == Some(&b's'),
+        off,
+        file: MapsFile { dev: (major, minor), ino },
+    })
+}
+
+/// A number in `radix` (no sign, no prefix); `None` if empty, not a number, or too large.
+fn number(digits: &[u8], radix: u32) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &c| {
+        let d = u64::from(char::from(c).to_digit(radix)?);
+        acc.checked_mul(u64::from(radix))?.checked_add(d)
+    })
 }
 
 /// In a `fork()` child: replaces the program's view `range` of `memfd` (from byte `off`) with
-/// private anonymous memory holding the same bytes, with protection `prot`; the parts of `lost`
-/// inside `range` become inaccessible. Holes of the memfd are not read (they stay zero pages).
+/// private anonymous memory holding the same bytes, with protection `prot`; the `lost` bytes
+/// inside it become inaccessible. Holes of the memfd are not read (they stay zero pages).
 /// If a step fails, the view is replaced by inaccessible memory, so the child can never reach
-/// the parent's memory through it. A range the program no longer maps is left alone.
+/// the parent's memory through it. A range the program no longer maps in full is left alone:
+/// the fallback of [`privatize_parts`] when the kernel's map cannot be read.
 ///
 /// Runs in a forked child of a multithreaded process: only system calls (no allocation, no
 /// locks, no logging). Moves the memfd's file offset (shared with the parent, which never
 /// uses it).
-pub(crate) fn privatize_in_child(
+fn privatize_in_child(
     range: VaRange,
     prot: hetmm_core::types::Prot,
     memfd: BorrowedFd<'_>,
     off: u64,
-    lost: &[VaRange],
+    lost: LostBytes<'_>,
 ) -> Result<(), MappingError> {
     check(range)?;
     if !is_mapped(range) {
@@ -1026,7 +1240,7 @@ pub(crate) fn privatize_in_child(
 }
 
 /// Fills a fresh private anonymous mapping with the bytes of `memfd` from `off` (its holes stay
-/// untouched zero pages), gives it protection `prot` with the pages of `lost` inaccessible, and
+/// untouched zero pages), gives it protection `prot` with the `lost` bytes inaccessible, and
 /// moves it over `range` with `mremap(MREMAP_FIXED)`: the program then sees the same bytes at the
 /// same addresses, privately. On failure the temporary mapping is gone and `range` is as it was.
 /// `huge`: ask for huge pages (fewer faults while the copy fills a whole range; not for a sparse
@@ -1037,7 +1251,7 @@ fn move_copy_over(
     prot: rustix::mm::MprotectFlags,
     memfd: BorrowedFd<'_>,
     off: u64,
-    lost: &[VaRange],
+    lost: LostBytes<'_>,
     huge: bool,
 ) -> Result<(), MappingError> {
     let len = range.len as usize;
@@ -1055,10 +1269,11 @@ fn move_copy_over(
     let r = unsafe { fill_from_memfd(tmp, range, memfd, off) }.and_then(|()| {
         // SAFETY: `tmp` is the mapping made above, ours alone; its protection changes no content.
         unsafe { rustix::mm::mprotect(tmp as *mut _, len, prot) }.map_err(os_err("mprotect", range))?;
-        for x in lost.iter().filter_map(|l| l.intersect(&range)) {
-            let at = tmp + (x.start - range.start) as usize;
-            // SAFETY: `[at, at + x.len)` lies inside `tmp` (x is inside `range`).
-            unsafe { rustix::mm::mprotect(at as *mut _, x.len as usize, rustix::mm::MprotectFlags::empty()) }
+        for (rel, n) in lost.within(off, range.len) {
+            let at = tmp + rel as usize;
+            let x = VaRange::new(range.start + rel, n);
+            // SAFETY: `[at, at + n)` lies inside `tmp` (`within` clips to the `range.len` bytes).
+            unsafe { rustix::mm::mprotect(at as *mut _, n as usize, rustix::mm::MprotectFlags::empty()) }
                 .map_err(os_err("mprotect", x))?;
         }
         // Moves our filled mapping over the program's view of the memfd (caller's contract).
@@ -1463,5 +1678,119 @@ mod tests {
         assert_eq!(b, 0x5a);
         assert!(resident <= 256, "{resident} pages resident after restoring one page of data");
         assert!(allocated <= 1 << 20, "{allocated} bytes of memfd allocated by reading its holes");
+    }
+
+    /// The `rwxs` field of the `/proc/self/maps` line holding `va`.
+    fn perms_at(va: usize) -> String {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        for line in maps.lines() {
+            let mut it = line.split_whitespace();
+            let (span, perms) = (it.next().unwrap(), it.next().unwrap());
+            let (s, e) = span.split_once('-').unwrap();
+            let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
+            if (s..e).contains(&va) {
+                return perms.to_string();
+            }
+        }
+        panic!("{va:#x} not mapped")
+    }
+
+    /// A `MAP_SHARED` view of `memfd`'s `len` bytes from `off`, at `at` (`MAP_FIXED` over the
+    /// test's own reservation).
+    fn shared_view(memfd: &OwnedFd, at: usize, len: usize, off: u64, prot: ProtFlags) {
+        // SAFETY: `at..at + len` is inside the caller's own reservation, which nothing references.
+        let p = unsafe { rustix::mm::mmap(at as *mut _, len, prot, MapFlags::SHARED | MapFlags::FIXED, memfd, off) };
+        assert_eq!(p.unwrap() as usize, at);
+    }
+
+    /// The fork child's copy follows the memory to where the kernel has it at the fork, not
+    /// where the prepare found it: views of the memfd's bytes moved elsewhere (a part of them
+    /// unmapped, one executable) become private copies with their own protection, the lost
+    /// bytes (given at the old addresses) inaccessible; other memory is left alone; more views
+    /// than one pass takes are all copied.
+    #[test]
+    fn privatize_parts_copies_the_views_where_the_kernel_has_them() {
+        let page = PAGE_SIZE as usize;
+        let n = 8;
+        let len = n * page;
+        let (memfd, alias) = memfd_with_alias(len as u64).unwrap();
+        for i in 0..n {
+            // SAFETY: page `i` of the alias, mapped read-write above.
+            unsafe { std::ptr::write_bytes((alias + i * page) as *mut u8, i as u8 + 1, page) };
+        }
+        unmap(alias, len);
+        // Where the prepare found the memory: an address range nothing maps any more.
+        let old = reserve(len).unwrap();
+        unmap(old, len);
+        // Now: pages 0-2 unmapped; 3-4 read-write at `a`; 5 executable (and readable) at `b`;
+        // 6-7 read-write at `c`; and a private page of the test's own at `d`.
+        let room = reserve(16 * page).unwrap();
+        let (a, b, c, d) = (room, room + 4 * page, room + 8 * page, room + 12 * page);
+        let rw = ProtFlags::READ | ProtFlags::WRITE;
+        shared_view(&memfd, a, 2 * page, 3 * PAGE_SIZE, rw);
+        shared_view(&memfd, b, page, 5 * PAGE_SIZE, ProtFlags::READ | ProtFlags::EXEC);
+        shared_view(&memfd, c, 2 * page, 6 * PAGE_SIZE, rw);
+        // SAFETY: FIXED over the test's own reservation; a private page filled with 0x77.
+        unsafe {
+            rustix::mm::mmap_anonymous(d as *mut _, page, rw, MapFlags::PRIVATE | MapFlags::FIXED).unwrap();
+            std::ptr::write_bytes(d as *mut u8, 0x77, page);
+        }
+        let rw_prot = hetmm_core::types::Prot::READ | hetmm_core::types::Prot::WRITE;
+        let parts = [hetmm_core::cpu::ForkPart { range: VaRange::new(old as u64, len as u64), prot: rw_prot }];
+        // Page 7 (at its old address) could not be copied from a device.
+        let lost = [VaRange::new((old + 7 * page) as u64, PAGE_SIZE)];
+        let view = VaRange::new(old as u64, len as u64);
+        let offset_of = |r: VaRange| {
+            if view.contains_range(&r) {
+                Ok(r.start - view.start)
+            } else {
+                Err(MappingError::OutOfBounds { range: r, region: view })
+            }
+        };
+        privatize_parts(&parts, memfd.as_fd(), &lost, offset_of).unwrap();
+        let perms = [a, b, c, c + page, d].map(perms_at);
+        // SAFETY: bytes of the copies at `a`, `b` and `c` (all readable but page 7 at `c + page`)
+        // and of the test's page at `d`.
+        let bytes = unsafe { [a, a + page, b, c, d].map(|x| (x as *const u8).read()) };
+        // SAFETY: writes to the copy at `a`, private and read-write now.
+        unsafe { (a as *mut u8).write(0xEE) };
+        let mut first = [0u8; 1];
+        rustix::io::pread(&memfd, &mut first, 3 * PAGE_SIZE).unwrap();
+        unmap(room, 16 * page);
+        assert_eq!(perms, ["rw-p", "r-xp", "rw-p", "---p", "rw-p"].map(String::from));
+        assert_eq!(bytes, [4, 5, 6, 7, 0x77]);
+        assert_eq!(first, [4], "a write to the child's copy reached the memfd");
+
+        // More views than one pass finds: every one is copied.
+        let many = 2 * MAX_VIEWS + 3;
+        let room = reserve(2 * many * page).unwrap();
+        for i in 0..many {
+            // Apart from each other (one VMA each), each showing page `i % n`.
+            shared_view(&memfd, room + 2 * i * page, page, (i % n) as u64 * PAGE_SIZE, rw);
+        }
+        let parts = [hetmm_core::cpu::ForkPart { range: view, prot: rw_prot }];
+        privatize_parts(&parts, memfd.as_fd(), &[], offset_of).unwrap();
+        let shared = (0..many).filter(|i| perms_at(room + 2 * i * page).ends_with('s')).count();
+        // SAFETY: the first byte of each copy, readable.
+        let right = (0..many).all(|i| unsafe { ((room + 2 * i * page) as *const u8).read() } == (i % n) as u8 + 1);
+        unmap(room, 2 * many * page);
+        assert_eq!(shared, 0, "views left shared");
+        assert!(right, "a copy does not hold its page's bytes");
+    }
+
+    #[test]
+    fn maps_lines_parse() {
+        let l =
+            parse_maps_line(b"7f0a12345000-7f0a12347000 rw-s 00003000 00:01 4242    /memfd:hetmm (deleted)").unwrap();
+        assert_eq!(l.range, VaRange::new(0x7f0a_1234_5000, 0x2000));
+        assert!(l.shared);
+        assert_eq!(l.prot, rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE);
+        assert_eq!(l.off, 0x3000);
+        assert_eq!(l.file, MapsFile { dev: (0, 1), ino: 4242 });
+        let l = parse_maps_line(b"1000-2000 r-xp 00000000 fd:1a 0").unwrap();
+        assert!(!l.shared);
+        assert_eq!(l.file.dev, (0xfd, 0x1a));
+        assert!(parse_maps_line(b"1000-2000 rw-p").is_none());
+        assert!(parse_maps_line(b"2000-1000 rw-p 0 00:00 0").is_none());
     }
 }

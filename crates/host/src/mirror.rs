@@ -378,20 +378,22 @@ impl CpuMmu for MirrorView {
     }
 
     /// Registered private memory becomes a private copy in the child (read from the memfd, not
-    /// the alias); registered shared memory stays shared, as the kernel keeps it.
+    /// the alias), wherever the program has it mapped at the fork (see
+    /// `mapping::privatize_parts`); registered shared memory stays shared, as the kernel keeps
+    /// it.
     /// Refused (EPERM, nothing done) in the process that registered the memory, where the alias
     /// is in use.
     fn fork_child(&self, parts: &[hetmm_core::cpu::ForkPart], lost: &[VaRange]) -> Result<(), HostError> {
         if rustix::process::getpid() == self.mirror.host.ctx.uffd.owner() {
             return Err(HostError { op: "fork", range: self.range(), errno: libc::EPERM });
         }
-        let result = match &self.mirror.memfd {
+        // First: the alias maps the whole memfd, and is not the program's to copy.
+        self.mirror.alias.drop_in_child();
+        match &self.mirror.memfd {
             Some(fd) => mapping::privatize_parts(parts, fd.as_fd(), lost, |r| self.offset_of(r))
                 .map_err(|e| mapping_err("fork", self.range(), e)),
             None => Ok(()),
-        };
-        self.mirror.alias.drop_in_child();
-        result
+        }
     }
 }
 

@@ -23,6 +23,8 @@ mod host;
 #[cfg(target_os = "linux")]
 pub mod mapping;
 #[cfg(target_os = "linux")]
+mod maps;
+#[cfg(target_os = "linux")]
 pub mod mirror;
 #[cfg(target_os = "linux")]
 mod pagemap;

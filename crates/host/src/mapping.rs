@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use hetmm_core::types::{VaRange, BLOCK_SIZE, PAGE_SIZE};
 use rustix::fs::{FallocateFlags, MemfdFlags};
+
+use crate::maps::MapsFile;
 use rustix::io::Errno;
 use rustix::mm::{Advice, MapFlags, ProtFlags};
 
@@ -292,10 +294,10 @@ impl SharedMapping {
         let app = self.app as u64;
         let mut out = Vec::new();
         for p in parts {
-            let Some(vmas) = file_vmas_meeting(p) else { continue };
+            let Some(vmas) = crate::maps::meeting(p) else { continue };
             for v in vmas {
                 let Some(x) = v.range.intersect(&p) else { continue };
-                if v.shared && v.ino == self.ino && v.off + (x.start - v.range.start) == x.start - app {
+                if v.shared && v.file.ino == self.ino && v.off + (x.start - v.range.start) == x.start - app {
                     out.push(x);
                 }
             }
@@ -520,27 +522,15 @@ impl SharedMapping {
     /// Whether every page of `at` maps this memfd at `off` onwards, as `/proc/self/maps` says
     /// (the inode and the file offset of each VMA covering it).
     fn maps_memfd(&self, alias: VaRange, off: u64) -> bool {
-        let Ok(st) = rustix::fs::fstat(&self.memfd) else { return false };
-        let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return false };
+        let (Ok(file), Some(vmas)) = (MapsFile::of(&self.memfd), crate::maps::meeting(alias)) else { return false };
         let mut cur = alias.start;
-        for line in maps.lines() {
-            // start-end perms offset dev inode [path]
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let [span, _, file_off, _, inode, ..] = f[..] else { continue };
-            let Some((s, e)) = span.split_once('-') else { continue };
-            let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
-            if e <= cur || s >= alias.end() {
-                continue;
-            }
-            let (Ok(file_off), Ok(inode)) = (u64::from_str_radix(file_off, 16), inode.parse::<u64>()) else {
-                return false;
-            };
+        for v in vmas {
             // The VMA must start at or before `cur` (no hole) and map the memfd so that `cur`
             // lands on `off + (cur - alias.start)`.
-            if s > cur || inode != st.st_ino || file_off + (cur - s) != off + (cur - alias.start) {
+            if v.range.start > cur || v.file != file || v.off + (cur - v.range.start) != off + (cur - alias.start) {
                 return false;
             }
-            cur = e.min(alias.end());
+            cur = v.range.end().min(alias.end());
             if cur == alias.end() {
                 return true;
             }
@@ -684,11 +674,11 @@ pub(crate) struct MemfdUse {
 /// grow, [`GROWTH_ROOM`], or over offsets whose view the program had unmapped, say by shrinking
 /// it first). That memory holds nothing managed: holes, or data the program gave up.
 pub(crate) fn room_at(page: VaRange, uses: &[MemfdUse]) -> Option<Room> {
-    let vma = file_vmas_meeting(page)?.into_iter().find(|v| v.range.contains(page.start))?;
-    if !vma.shared || vma.ino == 0 {
+    let vma = crate::maps::meeting(page)?.into_iter().find(|v| v.range.contains(page.start))?;
+    if !vma.shared || vma.file.ino == 0 {
         return None;
     }
-    let used = &uses.iter().find(|u| u.ino == vma.ino)?.used;
+    let used = &uses.iter().find(|u| u.ino == vma.file.ino)?.used;
     let off = vma.off + (page.start - vma.range.start);
     if used.iter().any(|&(o, l)| (o..o + l).contains(&off)) {
         return None;
@@ -699,59 +689,6 @@ pub(crate) fn room_at(page: VaRange, uses: &[MemfdUse]) -> Option<Room> {
     let start = vma.range.start + (lo - vma.off);
     let end = vma.range.end().min(vma.range.start.saturating_add(hi - vma.off));
     Some(Room { range: VaRange::new(start, end - start), prot: vma.prot, exec: vma.exec })
-}
-
-/// One VMA of `/proc/self/maps`, with the file it shows.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FileVma {
-    /// Its addresses, whole.
-    pub(crate) range: VaRange,
-    /// The file offset of its first page.
-    pub(crate) off: u64,
-    /// The file's inode number (0: anonymous).
-    pub(crate) ino: u64,
-    /// Protection.
-    pub(crate) prot: hetmm_core::types::Prot,
-    /// `MAP_SHARED`.
-    pub(crate) shared: bool,
-    /// `PROT_EXEC`.
-    pub(crate) exec: bool,
-}
-
-/// The VMAs of `/proc/self/maps` that meet `range`, whole; `None` if it cannot be read.
-pub(crate) fn file_vmas_meeting(range: VaRange) -> Option<Vec<FileVma>> {
-    use hetmm_core::types::Prot;
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let mut out = Vec::new();
-    for line in maps.lines() {
-        // start-end perms offset dev inode [path]
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [span, perms, off, _, ino, ..] = f[..] else { continue };
-        let Some((s, e)) = span.split_once('-') else { continue };
-        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
-        let whole = VaRange::new(s, e.saturating_sub(s));
-        if whole.intersect(&range).is_none() {
-            continue;
-        }
-        let (Ok(off), Ok(ino)) = (u64::from_str_radix(off, 16), ino.parse::<u64>()) else { continue };
-        let b = perms.as_bytes();
-        let mut prot = Prot::empty();
-        if b.first() == Some(&b'r') {
-            prot |= Prot::READ;
-        }
-        if b.get(1) == Some(&b'w') {
-            prot |= Prot::WRITE;
-        }
-        out.push(FileVma {
-            range: whole,
-            off,
-            ino,
-            prot,
-            shared: b.get(3) == Some(&b's'),
-            exec: b.get(2) == Some(&b'x'),
-        });
-    }
-    Some(out)
 }
 
 /// CPU protection as `mmap`/`mprotect` flags.
@@ -1014,8 +951,7 @@ pub(crate) fn privatize_parts(
         })
     });
     let Some(whole) = whole else { return Ok(()) };
-    let stat = rustix::fs::fstat(memfd).map_err(os_err("fstat memfd", whole))?;
-    let file = MapsFile { dev: (rustix::fs::major(stat.st_dev), rustix::fs::minor(stat.st_dev)), ino: stat.st_ino };
+    let file = MapsFile::of(memfd).map_err(os_err("fstat memfd", whole))?;
     let offset_of = &offset_of;
     let lost = LostBytes { ranges: lost, offset_of };
     let mut result = Ok(());
@@ -1067,13 +1003,6 @@ const MAX_VIEWS: usize = 32;
 /// Passes of [`privatize_parts`] at most.
 const MAX_PASSES: usize = 4096;
 
-/// A file as `/proc/self/maps` names it: device (major, minor) and inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MapsFile {
-    dev: (u32, u32),
-    ino: u64,
-}
-
 /// One shared view of a memfd found in the child: its addresses, the memfd offset of its first
 /// byte, and its protection.
 #[derive(Debug, Clone, Copy)]
@@ -1121,94 +1050,23 @@ fn shared_views_of<I: Iterator<Item = (u64, u64)>>(
     wanted: impl Fn(u64, u64) -> I,
     out: &mut [ChildView],
 ) -> Result<usize, Errno> {
-    let maps = rustix::fs::open(
-        c"/proc/self/maps",
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )?;
     let mut n = 0;
-    let mut buf = [0u8; 4096];
-    // The start of the current line (the fields before the path fit: at most about 100 bytes).
-    let mut line = [0u8; 160];
-    let mut at = 0;
-    loop {
-        let got = match rustix::io::read(&maps, &mut buf) {
-            Ok(0) => return Ok(n),
-            Ok(got) => got,
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e),
-        };
-        for &c in &buf[..got] {
-            if c != b'\n' {
-                if at < line.len() {
-                    line[at] = c;
-                    at += 1;
-                }
-                continue;
-            }
-            let vma = parse_maps_line(&line[..at]);
-            at = 0;
-            let Some(vma) = vma.filter(|v| v.shared && v.file == file) else { continue };
-            let len = vma.range.len;
-            for (off, l) in wanted(vma.off, len) {
-                if n == out.len() {
-                    return Ok(n);
-                }
-                let range = VaRange::new(vma.range.start + (off - vma.off), l);
-                out[n] = ChildView { range, off, prot: vma.prot };
-                n += 1;
-            }
+    crate::maps::for_each(|vma| {
+        if !vma.shared || vma.file != file {
+            return true;
         }
-    }
-}
-
-/// One line of `/proc/self/maps`, as [`shared_views_of`] needs it.
-struct MapsLine {
-    range: VaRange,
-    prot: rustix::mm::MprotectFlags,
-    shared: bool,
-    off: u64,
-    file: MapsFile,
-}
-
-/// Parses `start-end perms offset major:minor inode [path]` (numbers in hex, inode in decimal).
-fn parse_maps_line(line: &[u8]) -> Option<MapsLine> {
-    let mut fields = line.split(|&c| c == b' ').filter(|f| !f.is_empty());
-    let span = fields.next()?;
-    let perms = fields.next()?;
-    let off = number(fields.next()?, 16)?;
-    let dev = fields.next()?;
-    let ino = number(fields.next()?, 10)?;
-    let dash = span.iter().position(|&c| c == b'-')?;
-    let (start, end) = (number(&span[..dash], 16)?, number(&span[dash + 1..], 16)?);
-    let colon = dev.iter().position(|&c| c == b':')?;
-    let major = u32::try_from(number(&dev[..colon], 16)?).ok()?;
-    let minor = u32::try_from(number(&dev[colon + 1..], 16)?).ok()?;
-    use rustix::mm::MprotectFlags as P;
-    let mut prot = P::empty();
-    for (i, (c, f)) in [(b'r', P::READ), (b'w', P::WRITE), (b'x', P::EXEC)].into_iter().enumerate() {
-        if perms.get(i) == Some(&c) {
-            prot |= f;
+        let prot = program_mprotect_flags(vma.prot, vma.exec);
+        for (off, l) in wanted(vma.off, vma.range.len) {
+            if n == out.len() {
+                return false;
+            }
+            let range = VaRange::new(vma.range.start + (off - vma.off), l);
+            out[n] = ChildView { range, off, prot };
+            n += 1;
         }
-    }
-    Some(MapsLine {
-        range: VaRange::new(start, end.checked_sub(start)?),
-        prot,
-        shared: perms.get(3) == Some(&b's'),
-        off,
-        file: MapsFile { dev: (major, minor), ino },
-    })
-}
-
-/// A number in `radix` (no sign, no prefix); `None` if empty, not a number, or too large.
-fn number(digits: &[u8], radix: u32) -> Option<u64> {
-    if digits.is_empty() {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |acc, &c| {
-        let d = u64::from(char::from(c).to_digit(radix)?);
-        acc.checked_mul(u64::from(radix))?.checked_add(d)
-    })
+        true
+    })?;
+    Ok(n)
 }
 
 /// In a `fork()` child: replaces the program's view `range` of `memfd` (from byte `off`) with
@@ -1682,17 +1540,17 @@ mod tests {
 
     /// The `rwxs` field of the `/proc/self/maps` line holding `va`.
     fn perms_at(va: usize) -> String {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        for line in maps.lines() {
-            let mut it = line.split_whitespace();
-            let (span, perms) = (it.next().unwrap(), it.next().unwrap());
-            let (s, e) = span.split_once('-').unwrap();
-            let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
-            if (s..e).contains(&va) {
-                return perms.to_string();
-            }
-        }
-        panic!("{va:#x} not mapped")
+        let v = crate::maps::meeting(VaRange::new(va as u64, 1)).unwrap();
+        let v = v.first().unwrap_or_else(|| panic!("{va:#x} not mapped"));
+        let bit = |on: bool, c: char| if on { c } else { '-' };
+        [
+            bit(v.prot.contains(hetmm_core::types::Prot::READ), 'r'),
+            bit(v.prot.contains(hetmm_core::types::Prot::WRITE), 'w'),
+            bit(v.exec, 'x'),
+            if v.shared { 's' } else { 'p' },
+        ]
+        .iter()
+        .collect()
     }
 
     /// A `MAP_SHARED` view of `memfd`'s `len` bytes from `off`, at `at` (`MAP_FIXED` over the
@@ -1776,21 +1634,5 @@ mod tests {
         unmap(room, 2 * many * page);
         assert_eq!(shared, 0, "views left shared");
         assert!(right, "a copy does not hold its page's bytes");
-    }
-
-    #[test]
-    fn maps_lines_parse() {
-        let l =
-            parse_maps_line(b"7f0a12345000-7f0a12347000 rw-s 00003000 00:01 4242    /memfd:hetmm (deleted)").unwrap();
-        assert_eq!(l.range, VaRange::new(0x7f0a_1234_5000, 0x2000));
-        assert!(l.shared);
-        assert_eq!(l.prot, rustix::mm::MprotectFlags::READ | rustix::mm::MprotectFlags::WRITE);
-        assert_eq!(l.off, 0x3000);
-        assert_eq!(l.file, MapsFile { dev: (0, 1), ino: 4242 });
-        let l = parse_maps_line(b"1000-2000 r-xp 00000000 fd:1a 0").unwrap();
-        assert!(!l.shared);
-        assert_eq!(l.file.dev, (0xfd, 0x1a));
-        assert!(parse_maps_line(b"1000-2000 rw-p").is_none());
-        assert!(parse_maps_line(b"2000-1000 rw-p 0 00:00 0").is_none());
     }
 }

@@ -51,28 +51,8 @@ pub fn vmas(range: VaRange) -> Option<Vec<Vma>> {
 
 /// The VMAs of `/proc/self/maps` that meet `range`, whole (not clipped).
 fn vmas_meeting(range: VaRange) -> Option<Vec<Vma>> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let mut out: Vec<Vma> = Vec::new();
-    for line in maps.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(span), Some(perms)) = (it.next(), it.next()) else { continue };
-        let Some((s, e)) = span.split_once('-') else { continue };
-        let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
-        let whole = VaRange::new(s, e.saturating_sub(s));
-        if whole.intersect(&range).is_none() {
-            continue;
-        }
-        let b = perms.as_bytes();
-        let mut prot = Prot::empty();
-        if b.first() == Some(&b'r') {
-            prot |= Prot::READ;
-        }
-        if b.get(1) == Some(&b'w') {
-            prot |= Prot::WRITE;
-        }
-        out.push(Vma { range: whole, prot, shared: b.get(3) == Some(&b's'), exec: b.get(2) == Some(&b'x') });
-    }
-    Some(out)
+    let found = crate::maps::meeting(range)?;
+    Some(found.into_iter().map(|v| Vma { range: v.range, prot: v.prot, shared: v.shared, exec: v.exec }).collect())
 }
 
 fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {

@@ -79,19 +79,6 @@ enum Flush {
     Unmapped(VaRange),
 }
 
-/// `r` minus `cut`: up to two pieces.
-pub(crate) fn minus_range(r: VaRange, cut: VaRange) -> Vec<VaRange> {
-    let mut out = Vec::new();
-    if cut.start > r.start {
-        out.push(VaRange::new(r.start, cut.start.min(r.end()) - r.start));
-    }
-    if cut.end() < r.end() {
-        let s = cut.end().max(r.start);
-        out.push(VaRange::new(s, r.end() - s));
-    }
-    out
-}
-
 impl AddressSpace {
     /// Applies a CPU-side event (see [`CpuEvent`]).
     pub fn apply_cpu_event(&self, ev: CpuEvent) -> Result<()> {
@@ -157,7 +144,9 @@ impl AddressSpace {
     fn cut_range(&self, range: VaRange, flush: Flush) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let mut gone = Vec::new();
         self.reshape_regions(range, flush, |r| {
-            let parts: Vec<Part> = minus_range(r.range, range)
+            let parts: Vec<Part> = r
+                .range
+                .minus(range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();
@@ -180,7 +169,9 @@ impl AddressSpace {
             .ok_or(CoreError::Overflow { start: to, len })?;
         let followed = new_cpu.is_some();
         let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), |r| {
-            let mut parts: Vec<Part> = minus_range(r.range, old)
+            let mut parts: Vec<Part> = r
+                .range
+                .minus(old)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();
@@ -213,7 +204,9 @@ impl AddressSpace {
         let range = self.check_span(start, len)?;
         let mut cpu_result = Ok(());
         self.reshape_regions(range, Flush::Reprotect, |r| {
-            let mut parts: Vec<Part> = minus_range(r.range, range)
+            let mut parts: Vec<Part> = r
+                .range
+                .minus(range)
                 .into_iter()
                 .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
                 .collect();

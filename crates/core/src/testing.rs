@@ -749,7 +749,7 @@ impl World {
     fn live(&self) -> Vec<VaRange> {
         let mut parts = vec![self.cpu.range];
         for g in &self.gone {
-            parts = parts.into_iter().flat_map(|p| crate::invalidate::minus_range(p, *g)).collect();
+            parts = parts.into_iter().flat_map(|p| p.minus(*g)).collect();
         }
         parts
     }

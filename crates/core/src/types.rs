@@ -26,6 +26,22 @@ pub struct VaRange {
 }
 
 impl VaRange {
+    /// `self` minus `cut`: up to two pieces (`self` whole if they do not overlap).
+    pub fn minus(self, cut: VaRange) -> Vec<VaRange> {
+        if self.intersect(&cut).is_none() {
+            return vec![self];
+        }
+        let mut out = Vec::new();
+        if cut.start > self.start {
+            out.push(VaRange::new(self.start, cut.start.min(self.end()) - self.start));
+        }
+        if cut.end() < self.end() {
+            let s = cut.end().max(self.start);
+            out.push(VaRange::new(s, self.end() - s));
+        }
+        out
+    }
+
     /// A range from its start and length.
     pub const fn new(start: u64, len: u64) -> Self {
         Self { start, len }
@@ -213,6 +229,16 @@ pub fn parse_size(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_minus() {
+        let r = VaRange::new(0x1000, 0x4000);
+        assert_eq!(r.minus(VaRange::new(0x2000, 0x1000)), [VaRange::new(0x1000, 0x1000), VaRange::new(0x3000, 0x2000)]);
+        assert_eq!(r.minus(VaRange::new(0, 0x2000)), [VaRange::new(0x2000, 0x3000)]);
+        assert_eq!(r.minus(VaRange::new(0x4000, 0x9000)), [VaRange::new(0x1000, 0x3000)]);
+        assert_eq!(r.minus(VaRange::new(0, 0x9000)), []);
+        assert_eq!(r.minus(VaRange::new(0x9000, 0x1000)), [r]);
+    }
 
     #[test]
     fn sizes() {

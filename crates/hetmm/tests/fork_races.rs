@@ -163,6 +163,26 @@ unsafe fn all_are(addr: usize, len: usize, byte: u8) -> bool {
     unsafe { std::slice::from_raw_parts(addr as *const u8, len) }.iter().all(|&b| b == byte)
 }
 
+/// Forks after the prepare and `change` ([`fork_after_prepare`]); the child must find the
+/// registered bytes `OLD` at `at..at + len` and its writes there must not reach the parent.
+fn child_copy_is_private(hm: &Hetmm, change: impl FnOnce(), at: usize, len: usize, what: &str) {
+    let status = fork_after_prepare(hm, change, || {
+        // SAFETY: in the child: `at..at + len` is mapped read-write (the caller's memory, where
+        // `change` left it), and the child has no other thread.
+        if !unsafe { all_are(at, len, OLD) } {
+            return WRONG;
+        }
+        // SAFETY: as above.
+        unsafe { std::ptr::write_bytes(at as *mut u8, NEW, len) };
+        FINE
+    });
+    assert_eq!(code(status), FINE, "the child did not find the bytes of {what}");
+    hm.space().settle().unwrap();
+    // SAFETY: the caller's memory, mapped at `at` and only used by this thread.
+    let untouched = unsafe { all_are(at, len, OLD) };
+    assert!(untouched, "the child's writes to {what} reached the parent");
+}
+
 /// The program unmaps the first pages of registered memory after the fork was prepared and
 /// before the fork. The rest, still mapped at the fork, must be the child's own copy: the
 /// child's writes there must not reach the parent. (The child skipped a part of which any page
@@ -179,21 +199,7 @@ fn registered_memory_partly_unmapped_before_the_fork_is_private_in_the_child() {
         // references them.
         assert_eq!(unsafe { libc::munmap(p as *mut _, gone) }, 0);
     };
-    let status = fork_after_prepare(&hm, unmap_some, || {
-        // SAFETY: in the child: `rest..rest + rest_len` is still mapped read-write (only the pages
-        // before it were unmapped), and the child has no other thread.
-        if !unsafe { all_are(rest, rest_len, OLD) } {
-            return WRONG;
-        }
-        // SAFETY: as above.
-        unsafe { std::ptr::write_bytes(rest as *mut u8, NEW, rest_len) };
-        FINE
-    });
-    assert_eq!(code(status), FINE, "the child did not find the registered bytes still mapped");
-    hm.space().settle().unwrap();
-    // SAFETY: the rest of the registered memory, mapped and only used by this thread.
-    let untouched = unsafe { all_are(rest, rest_len, OLD) };
-    assert!(untouched, "the child's writes to partly unmapped registered memory reached the parent");
+    child_copy_is_private(&hm, unmap_some, rest, rest_len, "partly unmapped registered memory");
     hm.unregister(rest as *const u8, rest_len).unwrap();
     // SAFETY: unmaps the rest of this test's mapping, which nothing references.
     unsafe { libc::munmap(rest as *mut _, rest_len) };
@@ -215,21 +221,7 @@ fn registered_memory_moved_before_the_fork_is_private_in_the_child() {
         let q = unsafe { libc::mremap(p as *mut _, LEN, LEN, flags, to as *mut libc::c_void) };
         assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
     };
-    let status = fork_after_prepare(&hm, move_it, || {
-        // SAFETY: in the child: the moved LEN bytes are mapped read-write at `to`, and the child
-        // has no other thread.
-        if !unsafe { all_are(to, LEN, OLD) } {
-            return WRONG;
-        }
-        // SAFETY: as above.
-        unsafe { std::ptr::write_bytes(to as *mut u8, NEW, LEN) };
-        FINE
-    });
-    assert_eq!(code(status), FINE, "the child did not find the moved bytes");
-    hm.space().settle().unwrap();
-    // SAFETY: the moved memory, mapped at `to` and only used by this thread.
-    let untouched = unsafe { all_are(to, LEN, OLD) };
-    assert!(untouched, "the child's writes to moved registered memory reached the parent");
+    child_copy_is_private(&hm, move_it, to, LEN, "moved registered memory");
     hm.unregister(to as *const u8, LEN).unwrap();
     // SAFETY: unmaps the moved mapping, this test's own, which nothing references.
     unsafe { libc::munmap(to as *mut _, LEN) };

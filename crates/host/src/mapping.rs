@@ -268,10 +268,7 @@ impl SharedMapping {
     pub(crate) fn view_parts(&self) -> Vec<VaRange> {
         let mut parts = vec![self.app_range()];
         for &gone in self.left.lock().iter() {
-            parts = parts
-                .into_iter()
-                .flat_map(|p| if p.intersect(&gone).is_some() { minus(p, gone) } else { vec![p] })
-                .collect();
+            parts = parts.into_iter().flat_map(|p| p.minus(gone)).collect();
         }
         parts
     }
@@ -632,19 +629,6 @@ impl Drop for SharedMapping {
             unmap(p.start as usize, p.len as usize);
         }
     }
-}
-
-/// `r` minus `cut` (which overlaps it): up to two pieces.
-fn minus(r: VaRange, cut: VaRange) -> Vec<VaRange> {
-    let mut out = Vec::new();
-    if cut.start > r.start {
-        out.push(VaRange::new(r.start, cut.start.min(r.end()) - r.start));
-    }
-    if cut.end() < r.end() {
-        let s = cut.end().max(r.start);
-        out.push(VaRange::new(s, r.end() - s));
-    }
-    out
 }
 
 /// Addresses where the program grew a view of a memfd of hetmm in place (see [`room_at`]).

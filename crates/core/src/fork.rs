@@ -24,6 +24,13 @@
 //! ([`CpuMmu::fork_child`]). The parent calls [`ForkGuard::parent`] once the child has its copy,
 //! which lets the waiting operations go on.
 //!
+//! A fork from code running inside an operation (its thread holds the gate: a callback, a
+//! logger or a signal handler that forks) cannot wait for that operation, nor for the locks it
+//! holds: it does not wait for its own thread, waits a bounded time for the others, and what it
+//! cannot copy safely (the blocks the operation is changing; everything if other operations
+//! did not end in time) is lost to the child: inaccessible there, counted in
+//! `stats.bytes_fork_lost` and [`ForkGuard::lost_bytes`] (see [`AddressSpace::fork_prepare`]).
+//!
 //! Races: a device kernel that writes memory while another thread forks races with the fork
 //! like any concurrent write: the child sees the data as of the flush or later. Writes that
 //! happen after `fork()` returns in the parent never reach the child.
@@ -53,6 +60,20 @@ use crate::types::VaRange;
 /// the fork: otherwise holders that each stay longer than this and overlap (two threads taking
 /// turns at large migrations) would keep the fork waiting for ever.
 const DEFER: Duration = Duration::from_millis(50);
+
+/// How long a fork from code running under the gate (its thread holds it shared) waits for the
+/// other threads' holds to end: they may be waiting for this thread, so it cannot wait for
+/// ever. If they do not leave in time, the fork is not exclusive and the child gets none of
+/// the private memory (see [`AddressSpace::fork_prepare`]).
+const UNDER_GATE_WAIT: Duration = Duration::from_secs(2);
+
+/// How long, in all, a fork from under the gate waits for the locks (the regions' list, block
+/// locks) that its own thread, or a thread waiting for it, may hold; after that it only tries
+/// each lock. A block it cannot lock is lost to the child.
+const UNDER_GATE_LOCKS: Duration = Duration::from_millis(500);
+
+/// How long a fork from under the gate waits for one block lock (within [`UNDER_GATE_LOCKS`]).
+const UNDER_GATE_BLOCK: Duration = Duration::from_millis(50);
 
 /// The fork gate: shared by operations that change page state, exclusive while a fork is
 /// prepared (see [`AddressSpace::fork_prepare`]).
@@ -140,17 +161,41 @@ impl Gate {
         Some(GateGuard::new(self, st.epoch))
     }
 
-    /// Takes the gate exclusively: waits until no one holds it.
-    fn close(&self) {
+    /// How many holds of this gate the calling thread has.
+    fn held_here(&self) -> usize {
+        let key = self.key();
+        HELD.with(|h| h.borrow().iter().filter(|&&k| k == key).count())
+    }
+
+    /// Takes the gate exclusively: waits until no other thread holds it. `own` holds are the
+    /// calling thread's (a fork from code running under the gate): they are not waited for,
+    /// and the wait for the others is bounded by [`UNDER_GATE_WAIT`], since they may be waiting
+    /// for this thread (a block lock it holds, another fork from under the gate). Whether it
+    /// took the gate (on `false` nothing changed: the fork is not exclusive).
+    fn close(&self, own: usize) -> bool {
+        let deadline = Instant::now() + UNDER_GATE_WAIT;
         let mut st = lock(&self.state);
         st.writers_waiting += 1;
         st.epoch += 1;
-        st.early = st.readers;
-        while st.writer || st.readers > 0 {
-            st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+        st.early = st.readers.saturating_sub(own);
+        while st.writer || st.readers.saturating_sub(own) > 0 {
+            if own == 0 {
+                st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.writers_waiting -= 1;
+                drop(st);
+                // Newcomers deferring to this fork go on.
+                self.cv.notify_all();
+                return false;
+            }
+            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
         }
         st.writers_waiting -= 1;
         st.writer = true;
+        true
     }
 
     /// Releases the exclusive hold.
@@ -185,7 +230,9 @@ impl Drop for GateGuard<'_> {
         if self.epoch < st.epoch {
             st.early = st.early.saturating_sub(1);
         }
-        let wake = st.readers == 0 && st.writers_waiting > 0;
+        // A waiting fork may be waiting for this hold alone, beside its own thread's (a fork
+        // from under the gate): wake it on every leave.
+        let wake = st.writers_waiting > 0;
         drop(st);
         if wake {
             self.gate.cv.notify_all();
@@ -210,6 +257,9 @@ pub struct ForkGuard {
     space: Arc<AddressSpace>,
     views: Vec<ForkView>,
     private_bytes: u64,
+    /// Whether the gate is closed (always, but for a fork from under the gate that other
+    /// operations held off; then every private page is lost).
+    exclusive: bool,
 }
 
 /// Holds off `fork()` (see [`AddressSpace::hold_forks`]) until dropped.
@@ -226,8 +276,10 @@ impl AddressSpace {
     /// every operation, while a fork is under way. Calls on this thread that take the gate
     /// themselves (register's undo) enter beside the hold without deferring to a waiting fork.
     ///
-    /// Never `fork()` on the holding thread: the fork waits for every holder, itself included,
-    /// and would wait for ever.
+    /// A `fork()` on the holding thread does not wait for its own hold (see
+    /// [`AddressSpace::fork_prepare`], a fork from under the gate), but memory this thread is
+    /// in the middle of making shared is not known to the core yet: avoid it, the child may
+    /// find that memory shared with the parent.
     pub fn hold_forks(&self) -> Result<ForkHold<'_>, CoreError> {
         Ok(ForkHold { _gate: self.enter()? })
     }
@@ -238,26 +290,82 @@ impl AddressSpace {
     /// the guard is released, operations that change page state wait (device kernels that fault
     /// stall; running kernels go on). `None` in a fork child (the address space is the
     /// parent's: nothing to prepare).
+    ///
+    /// **A fork from code running under the gate** (this thread is inside an operation: a
+    /// callback, a logger or a signal handler that forks) never waits for its own thread, and
+    /// every wait is bounded, since the operation this thread is in cannot go on:
+    /// - it waits for the other threads' operations at most [`UNDER_GATE_WAIT`]; if they do not
+    ///   leave (they may be waiting for this thread), the fork is not exclusive: the parent's
+    ///   threads go on changing the memory the child would copy, so every page of private
+    ///   memory is lost to the child;
+    /// - it does not apply pending CPU-side events first (the thread applying them may be
+    ///   waiting for this one);
+    /// - it waits for the regions' list and each block lock a bounded time ([`UNDER_GATE_BLOCK`],
+    ///   [`UNDER_GATE_LOCKS`] in all): a block whose lock it cannot take (held by this thread's
+    ///   own operation, in the middle of changing it, or by a thread that waits for this one) is
+    ///   lost to the child, all its pages (their host copies may be half written).
+    ///
+    /// Lost pages are inaccessible in the child ([`CpuMmu::fork_child`]), counted by
+    /// [`ForkGuard::lost_bytes`] and `stats.bytes_fork_lost`. If even the regions' list cannot
+    /// be read, nothing is prepared (`None`, logged): the child keeps the memory mapped as the
+    /// parent has it. The parent goes on as after any fork.
     pub fn fork_prepare(self: &Arc<Self>) -> Option<ForkGuard> {
         if self.is_forked_away() {
             return None;
         }
-        // Apply the unmaps and remaps the OS already reported, so the child's view follows the
-        // program's latest layout (bounded; a late event is a race with the fork).
-        if let Err(e) = self.settle() {
-            log::warn!("fork: {e}");
+        let own = self.gate.held_here();
+        if own == 0 {
+            // Apply the unmaps and remaps the OS already reported, so the child's view follows
+            // the program's latest layout (bounded; a late event is a race with the fork).
+            if let Err(e) = self.settle() {
+                log::warn!("fork: {e}");
+            }
         }
-        self.gate.close();
+        let exclusive = self.gate.close(own);
+        if !exclusive {
+            log::error!(
+                "fork from under the fork gate: other operations did not end within {UNDER_GATE_WAIT:?}; \
+                 the child gets no private hetmm memory"
+            );
+        }
+        let locks_until = Instant::now() + UNDER_GATE_LOCKS;
+        let regions: Vec<Arc<Region>> = if own == 0 {
+            self.regions.read().values().cloned().collect()
+        } else if let Some(map) = self.regions.try_read_for(UNDER_GATE_LOCKS) {
+            map.values().cloned().collect()
+        } else {
+            log::error!("fork from under the fork gate: the regions are locked; the child keeps them shared");
+            if exclusive {
+                self.gate.open();
+            }
+            return None;
+        };
         add(&self.stats.forks, 1);
-        let regions: Vec<Arc<Region>> = self.regions.read().values().cloned().collect();
         let mut views: Vec<ForkView> = Vec::new();
         let mut private_bytes = 0;
         for r in &regions {
             let mut lost = Vec::new();
-            if !r.remote {
+            if !r.remote && !exclusive {
                 private_bytes += r.range.len;
-                for cell in &r.blocks {
-                    let blk = cell.lock();
+                lost.push(r.range);
+            } else if !r.remote {
+                private_bytes += r.range.len;
+                for (b, cell) in r.blocks.iter().enumerate() {
+                    let blk = if own == 0 {
+                        Some(cell.lock())
+                    } else {
+                        let left = locks_until.saturating_duration_since(Instant::now()).min(UNDER_GATE_BLOCK);
+                        if left.is_zero() {
+                            cell.try_lock()
+                        } else {
+                            cell.try_lock_for(left)
+                        }
+                    };
+                    let Some(blk) = blk else {
+                        // Held by this thread's operation (or one waiting for it): lost.
+                        lost.push(r.block_span(b));
+                        continue;
+                    };
                     match migrate::flush_to_host(self, r, &blk) {
                         Ok(bytes) => {
                             add(&self.stats.bytes_fork_flushed, bytes);
@@ -266,6 +374,7 @@ impl AddressSpace {
                     }
                 }
             }
+            add(&self.stats.bytes_fork_lost, lost.iter().map(|l| l.len).sum());
             let part = ForkPart { range: r.range, prot: r.prot };
             // Regions split by protect or a partial unmap share one CPU side: one call for all.
             match views.iter_mut().find(|v| std::ptr::addr_eq(Arc::as_ptr(&v.cpu), Arc::as_ptr(&r.cpu))) {
@@ -276,7 +385,7 @@ impl AddressSpace {
                 None => views.push(ForkView { cpu: Arc::clone(&r.cpu), parts: vec![part], lost }),
             }
         }
-        Some(ForkGuard { space: Arc::clone(self), views, private_bytes })
+        Some(ForkGuard { space: Arc::clone(self), views, private_bytes, exclusive })
     }
 }
 
@@ -287,10 +396,20 @@ impl ForkGuard {
         self.private_bytes
     }
 
-    /// Number of regions whose data could not all be copied from a device (their lost ranges
-    /// are unreadable in the child).
+    /// Number of ranges whose data could not be copied for the child (unreadable there).
     pub fn lost_ranges(&self) -> usize {
         self.views.iter().map(|v| v.lost.len()).sum()
+    }
+
+    /// Bytes of private memory the child cannot read (see [`AddressSpace::fork_prepare`]).
+    pub fn lost_bytes(&self) -> u64 {
+        self.views.iter().flat_map(|v| &v.lost).map(|l| l.len).sum()
+    }
+
+    /// Whether the fork holds the gate exclusively: `false` only for a fork from under the gate
+    /// that other operations held off (every private page is then lost).
+    pub fn is_exclusive(&self) -> bool {
+        self.exclusive
     }
 
     /// In the parent, after the fork (or after a failed fork): releases the gate; everything
@@ -333,7 +452,9 @@ impl ForkGuard {
 impl Drop for ForkGuard {
     /// Only in the parent (`child` forgets the guard).
     fn drop(&mut self) {
-        self.space.gate.open();
+        if self.exclusive {
+            self.space.gate.open();
+        }
     }
 }
 
@@ -588,7 +709,7 @@ mod tests {
 mod race_tests {
     //! A fork racing memory being added, and a fork from a callback run under the gate.
 
-    use std::sync::{Arc, Mutex as StdMutex, Weak};
+    use std::sync::{Arc, Mutex as StdMutex};
     use std::time::Duration;
 
     use parking_lot::Mutex;
@@ -634,13 +755,29 @@ mod race_tests {
         }
     }
 
-    /// A CPU side whose `populate` runs `hook` (a callback on a thread that holds the fork gate
-    /// and a block lock: a logger, a panic hook or a signal handler that forks).
+    /// What a fork from under the gate saw, taken in the hook (before the guard is released).
     #[derive(Debug)]
+    struct Seen {
+        exclusive: bool,
+        lost_bytes: u64,
+        /// The host bytes of the first page of the second block (device-only data there).
+        flushed: Vec<u8>,
+        took: Duration,
+    }
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// A CPU side whose `populate` runs `hook` once (a callback on a thread that holds the fork
+    /// gate and a block lock: a logger, a panic hook or a signal handler that forks).
     struct HookCpu {
         inner: PlainCpu,
-        hook: StdMutex<Option<Weak<AddressSpace>>>,
-        forked_ok: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+        hook: StdMutex<Option<Hook>>,
+    }
+
+    impl std::fmt::Debug for HookCpu {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("HookCpu").field("inner", &self.inner).finish_non_exhaustive()
+        }
     }
 
     impl CpuMmu for HookCpu {
@@ -651,14 +788,9 @@ mod race_tests {
             self.inner.revoke(r)
         }
         fn populate(&self, r: &[VaRange]) -> Result<(), HostError> {
-            let space = self.hook.lock().unwrap().take().and_then(|w| w.upgrade());
-            if let Some(space) = space {
-                // fork() here: the atfork prepare handler calls fork_prepare on this thread.
-                let g = space.fork_prepare();
-                if let Some(tx) = self.forked_ok.lock().take() {
-                    let _ = tx.send(());
-                }
-                drop(g);
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
             }
             self.inner.populate(r)
         }
@@ -682,32 +814,228 @@ mod race_tests {
         }
     }
 
-    /// A fork from a callback that runs while its thread holds the gate (and a block lock)
-    /// waits for ever: `close` waits for every reader, this thread included, and `HELD` is not
-    /// consulted. Fixing `close` alone would not do: `fork_prepare` then waits for the block
-    /// lock this thread holds, and the host's `TRACKED` lock for other forks.
-    #[test]
-    #[ignore = "known, not fixed: a fork from code running under the fork gate deadlocks"]
-    fn a_fork_from_a_callback_under_the_gate_does_not_hang() {
+    /// Two blocks of private memory; the first page of the second block lives only on the
+    /// device, holding 0xEE there (the host copy holds 0x11). The first block is untouched.
+    type TwoBlocks = (Arc<AddressSpace>, Arc<HookCpu>, DeviceId, Arc<Mutex<Vec<u8>>>);
+
+    fn two_blocks() -> TwoBlocks {
         let space = AddressSpace::new(CoreConfig::default());
-        let host = Arc::new(Mutex::new(vec![0u8; LEN as usize]));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let cpu = Arc::new(HookCpu {
-            inner: PlainCpu::new(VaRange::new(BASE, LEN)),
-            hook: StdMutex::new(Some(Arc::downgrade(&space))),
-            forked_ok: Mutex::new(Some(tx)),
-        });
+        let host = Arc::new(Mutex::new(vec![0x11u8; (2 * BLOCK_SIZE) as usize]));
+        let cpu =
+            Arc::new(HookCpu { inner: PlainCpu::new(VaRange::new(BASE, 2 * BLOCK_SIZE)), hook: StdMutex::new(None) });
         space.add_region(Arc::clone(&cpu) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE).unwrap();
         let dev = Arc::new(FakeDevice::new((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
-        space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
-        let s = Arc::clone(&space);
+        let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let va = BASE + BLOCK_SIZE;
+        space.cpu_fault(va, Access::Write).unwrap();
+        space.migrate(va, PAGE_SIZE, Proc::Device(id)).unwrap();
+        {
+            let region = space.region_of(va).unwrap();
+            let blk = region.blocks[1].lock();
+            let pa = blk.pa(id, 0).unwrap();
+            dev.mem.lock()[pa.0 as usize..(pa.0 + PAGE_SIZE) as usize].fill(0xEE);
+        }
+        assert_eq!(space.page_state(va).unwrap().resident, ProcMask::only(Proc::Device(id)));
+        (space, cpu, id, host)
+    }
+
+    /// Prepares a fork on this thread and notes what it saw; `child` plays the child's side.
+    fn fork_here(space: &Arc<AddressSpace>, host: &Mutex<Vec<u8>>, child: bool) -> Option<Seen> {
+        let t = std::time::Instant::now();
+        let guard = space.fork_prepare()?;
+        let took = t.elapsed();
+        let off = BLOCK_SIZE as usize;
+        let flushed = host.lock()[off..off + PAGE_SIZE as usize].to_vec();
+        let seen = Seen { exclusive: guard.is_exclusive(), lost_bytes: guard.lost_bytes(), flushed, took };
+        if child {
+            guard.child().unwrap();
+        } else {
+            guard.parent();
+        }
+        Some(seen)
+    }
+
+    /// Runs a CPU fault on the untouched first block whose `populate` forks (its thread holds
+    /// the gate and the first block's lock); what the fork saw, within 5 s.
+    fn fork_from_a_callback(space: &Arc<AddressSpace>, cpu: &HookCpu, host: &Arc<Mutex<Vec<u8>>>, child: bool) -> Seen {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s, h) = (Arc::downgrade(space), Arc::clone(host));
+        *cpu.hook.lock().unwrap() = Some(Box::new(move || {
+            if let Some(s) = s.upgrade() {
+                let _ = tx.send(fork_here(&s, &h, child));
+            }
+        }));
+        let s = Arc::clone(space);
         // Left running (hung) if the fork deadlocks.
-        std::thread::spawn(move || {
-            let _ = s.cpu_fault(BASE, Access::Write);
-        });
-        assert!(
-            rx.recv_timeout(Duration::from_secs(3)).is_ok(),
-            "fork_prepare on a thread holding the fork gate (a fork inside a callback) never returned"
+        let fault = std::thread::spawn(move || s.cpu_fault(BASE, Access::Write));
+        let seen = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("fork_prepare on a thread holding the fork gate (a fork inside a callback) never returned")
+            .expect("the fork was prepared");
+        let t = std::time::Instant::now();
+        while !fault.is_finished() {
+            assert!(t.elapsed() < Duration::from_secs(5), "the operation the fork ran in never finished");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let r = fault.join().unwrap();
+        if !child {
+            r.unwrap();
+        }
+        seen
+    }
+
+    /// A fork from a callback that runs while its thread holds the gate and a block lock (it
+    /// waited for ever: `close` waited for every reader, this thread included). The fork is
+    /// exclusive and bounded; the block the callback's operation holds (in the middle of
+    /// changing it) is lost to the child, all of it; the other block's device-only data is
+    /// flushed; the parent goes on.
+    #[test]
+    fn a_fork_from_a_callback_under_the_gate_does_not_hang() {
+        let (space, cpu, id, host) = two_blocks();
+        let seen = fork_from_a_callback(&space, &cpu, &host, false);
+        assert!(seen.exclusive);
+        assert!(seen.took < Duration::from_secs(2), "{:?}", seen.took);
+        assert_eq!(seen.lost_bytes, BLOCK_SIZE, "the locked block, all of it");
+        assert!(seen.flushed.iter().all(|&b| b == 0xEE), "the other block's device-only data reached host memory");
+        assert_eq!(space.stats().bytes_fork_lost, BLOCK_SIZE);
+        // The parent goes on: the gate is open, the device copy still the live one.
+        assert_eq!(space.page_state(BASE + BLOCK_SIZE).unwrap().resident, ProcMask::only(Proc::Device(id)));
+        assert!(space.page_state(BASE).unwrap().resident.has(Proc::Cpu), "the fault completed");
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        space.migrate(BASE, 2 * BLOCK_SIZE, Proc::Cpu).unwrap();
+        let g = space.fork_prepare().unwrap();
+        assert!(g.is_exclusive());
+        assert_eq!(g.lost_bytes(), 0);
+        g.parent();
+    }
+
+    /// The child's side of the same fork: the locked block is inaccessible there, nothing else.
+    #[test]
+    fn a_fork_from_a_callback_under_the_gate_gives_the_child_the_rest() {
+        let (space, cpu, _id, host) = two_blocks();
+        let seen = fork_from_a_callback(&space, &cpu, &host, true);
+        assert_eq!(seen.lost_bytes, BLOCK_SIZE);
+        let forked = cpu.inner.forked.lock();
+        assert_eq!(forked.len(), 1);
+        assert_eq!(
+            forked[0].0,
+            vec![ForkPart { range: VaRange::new(BASE, 2 * BLOCK_SIZE), prot: Prot::READ | Prot::WRITE }]
         );
+        assert_eq!(forked[0].1, vec![VaRange::new(BASE, BLOCK_SIZE)]);
+        assert!(space.is_forked_away());
+        drop(forked);
+        space.shutdown();
+    }
+
+    /// Runs `body` on its own thread and fails if it does not end within 10 s (a deadlocked
+    /// fork would otherwise hang the test run).
+    fn within_10s(body: impl FnOnce() + Send + 'static) {
+        let t = std::thread::spawn(body);
+        let start = std::time::Instant::now();
+        while !t.is_finished() {
+            assert!(start.elapsed() < Duration::from_secs(10), "hung (the fork deadlocked?)");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if let Err(p) = t.join() {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    /// A fork on a thread that holds the gate (`hold_forks`) but no block lock: it does not
+    /// wait for its own hold, and the child gets everything.
+    #[test]
+    fn a_fork_on_a_thread_holding_the_gate_gets_everything() {
+        within_10s(a_fork_on_a_thread_holding_the_gate_gets_everything_body);
+    }
+
+    fn a_fork_on_a_thread_holding_the_gate_gets_everything_body() {
+        let (space, _cpu, _id, host) = two_blocks();
+        let hold = space.hold_forks().unwrap();
+        let seen = fork_here(&space, &host, false).unwrap();
+        assert!(seen.exclusive);
+        assert!(seen.took < Duration::from_secs(1), "{:?}", seen.took);
+        assert_eq!(seen.lost_bytes, 0);
+        assert!(seen.flushed.iter().all(|&b| b == 0xEE));
+        assert_eq!(space.stats().bytes_fork_lost, 0);
+        drop(hold);
+        space.migrate(BASE + BLOCK_SIZE, PAGE_SIZE, Proc::Cpu).unwrap();
+        assert_eq!(host.lock()[BLOCK_SIZE as usize], 0xEE);
+        assert!(space.page_state(BASE + BLOCK_SIZE).unwrap().resident.has(Proc::Cpu));
+    }
+
+    /// A fork from under the gate still waits for other threads' operations to end.
+    #[test]
+    fn a_fork_under_the_gate_waits_for_other_holders() {
+        within_10s(a_fork_under_the_gate_waits_for_other_holders_body);
+    }
+
+    fn a_fork_under_the_gate_waits_for_other_holders_body() {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        let (space, _cpu, _id, host) = two_blocks();
+        let left = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let other = {
+            let (space, left) = (Arc::clone(&space), Arc::clone(&left));
+            std::thread::spawn(move || {
+                let hold = space.hold_forks().unwrap();
+                tx.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                left.store(true, SeqCst);
+                drop(hold);
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let hold = space.hold_forks().unwrap();
+        let seen = fork_here(&space, &host, false).unwrap();
+        assert!(left.load(SeqCst), "the fork went ahead while another thread held the gate");
+        assert!(seen.took < Duration::from_millis(1500), "the fork was not woken when the other left: {:?}", seen.took);
+        assert!(seen.exclusive);
+        assert_eq!(seen.lost_bytes, 0);
+        assert!(seen.flushed.iter().all(|&b| b == 0xEE));
+        drop(hold);
+        other.join().unwrap();
+    }
+
+    /// A fork from under the gate whose other holder waits for this thread: bounded; not
+    /// exclusive, so the child gets no private memory (all lost); the parent goes on, and
+    /// later forks work.
+    #[test]
+    fn a_fork_under_the_gate_gives_up_on_a_holder_that_waits_for_it() {
+        within_10s(a_fork_under_the_gate_gives_up_on_a_holder_that_waits_for_it_body);
+    }
+
+    fn a_fork_under_the_gate_gives_up_on_a_holder_that_waits_for_it_body() {
+        let (space, cpu, id, _host) = two_blocks();
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let other = {
+            let space = Arc::clone(&space);
+            std::thread::spawn(move || {
+                let hold = space.hold_forks().unwrap();
+                held_tx.send(()).unwrap();
+                // Waits for the forking thread (as for a lock it holds).
+                let _ = go_rx.recv_timeout(Duration::from_secs(20));
+                drop(hold);
+            })
+        };
+        held_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let hold = space.hold_forks().unwrap();
+        let guard = space.fork_prepare().unwrap();
+        assert!(!guard.is_exclusive());
+        assert_eq!(guard.lost_bytes(), 2 * BLOCK_SIZE, "all private memory");
+        // Not exclusive: other operations go on meanwhile.
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        guard.child().unwrap();
+        assert_eq!(cpu.inner.forked.lock()[0].1, vec![VaRange::new(BASE, 2 * BLOCK_SIZE)]);
+        // (A real child stops here; the test's space plays the parent again.)
+        space.forked_away.store(false, std::sync::atomic::Ordering::Release);
+        go_tx.send(()).unwrap();
+        other.join().unwrap();
+        drop(hold);
+        let g = space.fork_prepare().unwrap();
+        assert!(g.is_exclusive());
+        assert_eq!(g.lost_bytes(), 0);
+        g.parent();
+        space.migrate(BASE, PAGE_SIZE, Proc::Cpu).unwrap();
     }
 }

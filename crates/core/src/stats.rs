@@ -122,6 +122,10 @@ stats! {
     /// Bytes copied device to host so that a fork child sees them (counted in bytes_to_host
     /// too); no page changed state.
     bytes_fork_flushed,
+    /// Bytes of private memory a fork child cannot read (inaccessible there): data on a device
+    /// that could not be copied, and the blocks a fork from under the fork gate could not lock
+    /// (see `AddressSpace::fork_prepare`). A fork prepared more than once counts each time.
+    bytes_fork_lost,
 }
 
 /// Adds to a counter.

@@ -513,3 +513,47 @@ fn a_prepare_done_again_is_not_counted_as_a_fork() {
     });
     assert_eq!(hm.stats().forks - before, forks, "forks counted");
 }
+
+/// A `fork()` on a thread that holds the fork gate (a hetmm operation in progress: here
+/// `hold_forks`, as a callback or signal handler that forks would) used to deadlock in the
+/// prepare handler, which waited for every holder, its own thread included. Now it goes ahead
+/// without waiting for its own hold: the child gets its copy of device-only data (nothing lost)
+/// and the parent goes on.
+#[test]
+fn a_fork_on_a_thread_inside_a_hetmm_operation_does_not_hang() {
+    let _serial = serial();
+    let body = std::thread::spawn(|| {
+        let hm = Hetmm::new().expect("userfaultfd and memfd available");
+        let dev = hm
+            .attach_sim(SimDevice::new(SimConfig { memory_bytes: 64 << 20, ..SimConfig::default() }).unwrap())
+            .unwrap();
+        let mut buf = hm.alloc::<u8>(8 << 20).unwrap();
+        buf.as_mut_slice().fill(3);
+        hm.migrate(buf.ptr(), buf.byte_len(), dev.proc()).unwrap();
+        let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
+        let hold = hm.space().hold_forks().unwrap();
+        let status = fork_with(|| {
+            // SAFETY: the child's private copy of `buf` (n bytes at p), which nothing else uses.
+            let all = unsafe { std::slice::from_raw_parts(p as *const u8, n) }.iter().all(|&b| b == 3);
+            match (hetmm::host::fork::last_child_error(), hetmm::host::fork::last_child_lost_bytes(), all) {
+                (Some(_), _, _) => COPY_FAILED,
+                (None, 0, true) => FINE,
+                _ => WRONG,
+            }
+        });
+        drop(hold);
+        assert_eq!(code(status), FINE, "the child's copy of device-only data");
+        // The parent goes on.
+        hm.migrate(buf.ptr(), buf.byte_len(), Proc::Cpu).unwrap();
+        assert!(buf.as_slice().iter().all(|&b| b == 3));
+        assert_eq!(hm.stats().bytes_fork_lost, 0);
+    });
+    let t = Instant::now();
+    while !body.is_finished() {
+        assert!(t.elapsed() < Duration::from_secs(60), "fork() inside a hetmm operation hung");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Err(p) = body.join() {
+        std::panic::resume_unwind(p);
+    }
+}

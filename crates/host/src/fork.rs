@@ -19,7 +19,7 @@
 
 use std::cell::RefCell;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,9 @@ static INSTALL: Once = Once::new();
 static INSTALLED: AtomicI32 = AtomicI32::new(0);
 /// The errno of the last failed child-side copy in this process (0: none).
 static CHILD_ERRNO: AtomicI32 = AtomicI32::new(0);
+/// Bytes of hetmm memory the last fork left inaccessible in this child (see
+/// [`last_child_lost_bytes`]).
+static CHILD_LOST: AtomicU64 = AtomicU64::new(0);
 
 /// What the prepare handler hands to the parent or child handler of the same fork (the same
 /// thread runs them: the child's only thread is a copy of the forking one).
@@ -112,6 +115,16 @@ pub fn last_child_error() -> Option<i32> {
     }
 }
 
+/// In a fork child: bytes of private hetmm memory the last fork could not copy, which are
+/// inaccessible here (touching them raises `SIGSEGV`) rather than stale or shared with the
+/// parent: data only a device held that could not be copied back, and, for a fork from code
+/// running inside a hetmm operation (a callback or signal handler that forks), the blocks that
+/// operation was changing, or all private memory if other operations did not end in time
+/// (see `AddressSpace::fork_prepare`). 0 when the child has all of it.
+pub fn last_child_lost_bytes() -> u64 {
+    CHILD_LOST.load(Ordering::Acquire)
+}
+
 extern "C" fn prepare() {
     if std::panic::catch_unwind(prepare_all).is_err() {
         log::error!("fork: preparing hetmm memory panicked; a child may see stale or shared memory");
@@ -119,6 +132,10 @@ extern "C" fn prepare() {
 }
 
 fn prepare_all() {
+    // Known limit: a fork from code running inside a hetmm operation (its thread holds a fork
+    // gate; `fork_prepare` handles that case) while another thread's fork is being prepared
+    // still deadlocks here: that prepare holds this lock while it waits for the gate this
+    // thread holds.
     let registry = registry();
     let mut guards = Vec::new();
     let mut hosts: Vec<Arc<Host>> = Vec::new();
@@ -196,6 +213,7 @@ extern "C" fn child() {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
         let Stash { mut registry, mut guards, hosts, sync, .. } = stash;
         CHILD_ERRNO.store(0, Ordering::Release);
+        CHILD_LOST.store(guards.iter().map(ForkGuard::lost_bytes).sum(), Ordering::Release);
         for g in guards.drain(..) {
             if let Err(e) = g.child() {
                 let errno = match e {

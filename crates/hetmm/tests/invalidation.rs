@@ -1062,11 +1062,22 @@ fn a_page_of_a_buffer_moved_away_and_back_keeps_every_byte() {
     let x = unsafe { libc::mmap(std::ptr::null_mut(), PS, libc::PROT_NONE, anon, -1, 0) } as usize;
     let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
     // SAFETY: moves page 1 of the buffer's view (no slice of it alive) over the test's
-    // placeholder `x`, then back into the hole it left (if no other thread took it meanwhile).
-    let back = unsafe {
-        assert_eq!(libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) as usize, x);
-        libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) as usize
-    };
+    // placeholder `x`.
+    let out = unsafe { libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) } as usize;
+    assert_eq!(out, x);
+    // A placeholder of the test's own in the hole, so that moving the page back replaces nothing
+    // of other threads' (which may map there meanwhile: then the test cannot go on).
+    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped: it replaces no mapping.
+    let hole = unsafe { libc::mmap((p + PS) as *mut _, PS, libc::PROT_NONE, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) }
+        as usize;
+    if hole != p + PS {
+        eprintln!("another thread mapped the hole the page left: skipped");
+        // SAFETY: the moved page, the test's mapping now; not used after.
+        unsafe { libc::munmap(x as *mut _, PS) };
+        return;
+    }
+    // SAFETY: moves the page back over the test's placeholder in the hole.
+    let back = unsafe { libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) } as usize;
     assert_eq!(back, p + PS, "{}", std::io::Error::last_os_error());
     hm.space().settle().unwrap();
     for (i, &b) in buf.as_slice().iter().enumerate() {
@@ -1164,4 +1175,242 @@ fn registered_memory_shrunk_and_regrown_in_place_is_fresh_there() {
     assert!(all[..2 * PS].iter().all(|&b| b == 0x3C) && all[2 * PS..].iter().all(|&b| b == 0x77));
     // SAFETY: as above.
     unsafe { libc::munmap(p as *mut _, 4 * PS) };
+}
+
+/// A page of a buffer moved away and back (the kernel merges it with the rest of the view into
+/// one VMA), then the whole buffer moved in one `mremap` spanning the view's parts and the page
+/// moved back: the move is followed, every byte is at the new address for the CPU and a kernel,
+/// and the old range left hetmm. (The view's parts and the moved page were managed apart, and
+/// no one of them held the whole move: the data left management and a touch got SIGBUS.)
+#[test]
+fn a_move_over_a_page_moved_away_and_back_is_followed() {
+    let (hm, dev) = setup(16 << 20);
+    let pages = 4;
+    let len = pages * PS;
+    let mut buf = hm.alloc::<u8>(len).unwrap();
+    for (i, b) in buf.as_mut_slice().iter_mut().enumerate() {
+        *b = (i / PS) as u8 + 1;
+    }
+    let p = buf.ptr() as usize;
+    hm.migrate(p as u64, len as u64, dev.proc()).unwrap();
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: new PROT_NONE placeholders where the kernel chooses replace no mapping.
+    let (x, q) = unsafe {
+        (
+            libc::mmap(std::ptr::null_mut(), PS, libc::PROT_NONE, anon, -1, 0) as usize,
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, anon, -1, 0) as usize,
+        )
+    };
+    assert!(x != libc::MAP_FAILED as usize && q != libc::MAP_FAILED as usize);
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves page 1 of the buffer's view (no slice of it alive) over the test's
+    // placeholder `x`.
+    let out = unsafe { libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) } as usize;
+    assert_eq!(out, x);
+    // A placeholder of the test's own in the hole, so that moving the page back replaces nothing
+    // of other threads' (which may map there meanwhile: then the test cannot go on).
+    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped: it replaces no mapping.
+    let hole = unsafe { libc::mmap((p + PS) as *mut _, PS, libc::PROT_NONE, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) }
+        as usize;
+    if hole != p + PS {
+        eprintln!("another thread mapped the hole the page left: skipped");
+        // SAFETY: the moved page, the test's mapping now; not used after.
+        unsafe { libc::munmap(x as *mut _, PS) };
+        return;
+    }
+    // SAFETY: moves the page back over the test's placeholder in the hole, then the whole view
+    // (one VMA again) over the placeholder `q`.
+    let (back, moved) = unsafe {
+        let back = libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) as usize;
+        (back, libc::mremap(p as *mut _, len, len, fixed, q as *mut libc::c_void) as usize)
+    };
+    assert_eq!(back, p + PS);
+    assert_eq!(moved, q, "one VMA again: {}", std::io::Error::last_os_error());
+    hm.space().settle().unwrap();
+    assert!(hm.space().check_span(q as u64, len as u64).is_ok(), "the moved memory is managed");
+    assert!(hm.space().check_span(p as u64, PS as u64).is_err(), "the old range left hetmm");
+    let (wrong, k) = count_wrong(q, pages, move |page| u64::from_ne_bytes([page as u8 + 1; 8]));
+    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    assert_eq!(wrong.load(Ordering::Relaxed), 0, "words a kernel read wrong at the new address");
+    // SAFETY: the moved memory, mapped read-write at `q`; only this thread uses it.
+    let bytes = unsafe { std::slice::from_raw_parts(q as *const u8, len) };
+    for (i, &b) in bytes.iter().enumerate() {
+        assert_eq!(b, (i / PS) as u8 + 1, "byte {i} at the new address");
+    }
+    hm.migrate(q as u64, len as u64, dev.proc()).unwrap();
+    // SAFETY: as above.
+    assert!(bytes.iter().enumerate().all(|(i, &b)| b == (i / PS) as u8 + 1), "after migrating");
+    let ino = inode_at(q);
+    drop(buf);
+    // SAFETY: the moved memory, the test's mapping now; not used after.
+    unsafe { libc::munmap(q as *mut _, len) };
+    hm.space().settle().unwrap();
+    assert!(!file_alive(ino), "the buffer's memfd outlived the buffer and its moved memory");
+    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+    assert_eq!(free, total, "device memory freed");
+}
+
+/// `MREMAP_DONTUNMAP` of hetmm's memory (a buffer from `Hetmm::alloc`, and registered memory):
+/// the moved memory is followed, and the old range, which the kernel leaves mapped, is what it
+/// is after such a move of private memory, empty: it reads zeros and takes writes (it showed
+/// hetmm's memfd, registered, unknown to the core: a touch got SIGBUS). Dropping the buffer or
+/// unregistering the moved memory leaves it alone.
+#[test]
+fn mremap_dontunmap_of_managed_memory_leaves_fresh_memory_behind() {
+    for registered in [false, true] {
+        let (hm, dev) = setup(16 << 20);
+        let len = 4 * PS;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let mut buf = None;
+        let p = if registered {
+            // SAFETY: a new mapping where the kernel chooses replaces no mapping.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, anon, -1, 0) } as usize;
+            assert_ne!(p, libc::MAP_FAILED as usize);
+            // SAFETY: the test's own pages.
+            unsafe { std::ptr::write_bytes(p as *mut u8, 0x3C, len) };
+            hm.register(p as *const u8, len).unwrap();
+            p
+        } else {
+            let mut b = hm.alloc::<u8>(len).unwrap();
+            b.as_mut_slice().fill(0x3C);
+            let p = b.ptr() as usize;
+            buf = Some(b);
+            p
+        };
+        hm.migrate(p as u64, len as u64, dev.proc()).unwrap();
+        // SAFETY: a new PROT_NONE placeholder where the kernel chooses replaces no mapping.
+        let q = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, anon, -1, 0) } as usize;
+        assert_ne!(q, libc::MAP_FAILED as usize);
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP;
+        // SAFETY: moves the managed memory (no slice of it alive) over the test's placeholder.
+        let r = unsafe { libc::mremap(p as *mut _, len, len, flags, q as *mut libc::c_void) } as usize;
+        if r == libc::MAP_FAILED as usize {
+            eprintln!("MREMAP_DONTUNMAP of a shared mapping refused ({}): skipped", std::io::Error::last_os_error());
+            return;
+        }
+        assert_eq!(r, q);
+        hm.space().settle().unwrap();
+        assert!(hm.space().check_span(p as u64, len as u64).is_err(), "the old range left hetmm");
+        // SAFETY: the moved memory, read-write at `q`.
+        let moved = unsafe { std::slice::from_raw_parts(q as *const u8, len) };
+        assert!(moved.iter().all(|&b| b == 0x3C), "the moved memory (registered: {registered})");
+        let old = p;
+        let touch = move || {
+            // SAFETY: the old range, still mapped read-write (MREMAP_DONTUNMAP): fresh memory.
+            let old = unsafe { std::slice::from_raw_parts_mut(old as *mut u8, len) };
+            let zeros = old.iter().all(|&b| b == 0);
+            old.fill(0x77);
+            zeros
+        };
+        // On another thread: a SIGBUS there would kill the test process either way, but a hang
+        // shows as a timeout.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(touch());
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "the old range reads zeros");
+        drop(buf);
+        if registered {
+            hm.unregister(q as *const u8, len).unwrap();
+        }
+        // SAFETY: the old range, the test's memory.
+        let old = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
+        assert!(old.iter().all(|&b| b == 0x77), "the old range after the drop (registered: {registered})");
+        // SAFETY: the moved memory.
+        assert!(moved.iter().all(|&b| b == 0x3C), "the moved memory after the drop");
+        // SAFETY: the test's own mappings, not used after.
+        unsafe {
+            libc::munmap(p as *mut _, len);
+            libc::munmap(q as *mut _, len);
+        }
+        hm.space().settle().unwrap();
+        let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+        assert_eq!(free, total, "device memory freed");
+    }
+}
+
+/// Managed memory grown in place with `mremap` (no event: the new part still shows hetmm's
+/// memfd, untouched), after which the program unmaps the managed part and keeps the grown one:
+/// the grown part is fresh memory the program owns (zeros, then its writes), no SIGBUS. Both
+/// for registered memory and for a buffer from `Hetmm::alloc` (whose drop then leaves it alone).
+#[test]
+fn a_grown_part_outliving_its_managed_part_is_plain_memory() {
+    // Another thread may map something right after the memory meanwhile: then a case is tried
+    // again, a few times.
+    let mut tries = 0;
+    let mut cases = vec![false, true];
+    while let Some(registered) = cases.pop() {
+        let (hm, dev) = setup(16 << 20);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+        let mut buf = None;
+        let p = if registered {
+            // SAFETY: a new mapping where the kernel chooses replaces no mapping.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), 8 * PS, rw, anon, -1, 0) } as usize;
+            assert_ne!(p, libc::MAP_FAILED as usize);
+            // SAFETY: the test's own first four pages.
+            unsafe { std::ptr::write_bytes(p as *mut u8, 0x3C, 4 * PS) };
+            hm.register(p as *const u8, 4 * PS).unwrap();
+            p
+        } else {
+            let mut b = hm.alloc::<u8>(4 * PS).unwrap();
+            b.as_mut_slice().fill(0x3C);
+            let p = b.ptr() as usize;
+            buf = Some(b);
+            p
+        };
+        hm.migrate(p as u64, (4 * PS) as u64, dev.proc()).unwrap();
+        if registered {
+            // SAFETY: the last four pages of the test's mapping (not registered), given back only
+            // now (registering and migrating map memory where the kernel picks): room to grow.
+            unsafe { libc::munmap((p + 4 * PS) as *mut _, 4 * PS) };
+        }
+        // SAFETY: grows the managed memory in place (no MAYMOVE: nothing is replaced, and it
+        // fails if another mapping follows); no slice of it is alive.
+        let r = unsafe { libc::mremap(p as *mut _, 4 * PS, 8 * PS, 0) } as usize;
+        if r != p {
+            tries += 1;
+            if tries < 20 {
+                cases.push(registered);
+            } else {
+                eprintln!(
+                    "no room to grow in place (registered: {registered}, {r:#x} {p:#x} {}): skipped",
+                    std::io::Error::last_os_error()
+                );
+            }
+            if registered {
+                hm.unregister(p as *const u8, 4 * PS).unwrap();
+                // SAFETY: the test's own mapping, not used after.
+                unsafe { libc::munmap(p as *mut _, 4 * PS) };
+            }
+            continue;
+        }
+        // SAFETY: the managed part of the test's mapping (the buffer's view: no slice of it is
+        // alive, and the buffer is not used but dropped after).
+        unsafe { libc::munmap(p as *mut _, 4 * PS) };
+        hm.space().settle().unwrap();
+        let grown = p + 4 * PS;
+        let touch = move || {
+            // SAFETY: the grown part of the mapping, read-write, still mapped: fresh memory.
+            let new = unsafe { std::slice::from_raw_parts_mut(grown as *mut u8, 4 * PS) };
+            let zeros = new.iter().all(|&b| b == 0);
+            new.fill(0x77);
+            zeros
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(touch());
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true), "the grown part (registered: {registered})");
+        drop(buf);
+        // SAFETY: the grown part, still mapped.
+        let new = unsafe { std::slice::from_raw_parts(grown as *const u8, 4 * PS) };
+        assert!(new.iter().all(|&b| b == 0x77), "the grown part after the drop");
+        // SAFETY: the test's own grown part, not used after.
+        unsafe { libc::munmap(grown as *mut _, 4 * PS) };
+        hm.space().settle().unwrap();
+        let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+        assert_eq!(free, total, "device memory freed");
+    }
 }

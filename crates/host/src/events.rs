@@ -218,6 +218,12 @@ impl Ctx {
         log.touches(mark.min(self.reshapes_applied.load(Ordering::Acquire)), ranges)
     }
 
+    /// Whether one of the manager's zaps is under way (its operation not returned).
+    #[cfg(test)]
+    pub(crate) fn zap_in_flight(&self) -> bool {
+        self.zaps.lock().iter().any(|(k, _, done)| *k == Own::Zap && done.is_none())
+    }
+
     /// Counts every change read so far as applied (what the servicer does as it applies them).
     #[cfg(test)]
     pub(crate) fn reshapes_applied_for_test(&self) {
@@ -278,12 +284,31 @@ impl Ctx {
             .or_else(|| self.live_regions().into_iter().find_map(|r| r.moved_away(from, to, len)))
     }
 
+    /// The program unmapped `range`: what of it was managed memory is not. A part the program
+    /// grew such memory by in place, right after `range`, that it never touched still shows the
+    /// memfd (no event told of it): with the managed memory gone, nothing would know it as such
+    /// (a touch got SIGBUS), so it becomes the fresh private memory a touch would have made it.
     fn forget(&self, range: VaRange) {
+        let meets = |p: &[(VaRange, u64)]| p.iter().any(|(r, _)| r.intersect(&range).is_some());
+        let mut inos = Vec::new();
         for m in self.live_mirrors() {
+            if let Some((ino, p)) = m.pieces() {
+                if meets(&p) {
+                    inos.push(ino);
+                }
+            }
             m.forget(range);
         }
         for r in self.live_regions() {
+            if meets(&r.pieces()) {
+                inos.push(r.ino());
+            }
             r.forget(range);
+        }
+        inos.sort_unstable();
+        inos.dedup();
+        for ino in inos {
+            self.fill_room_after(range.end(), ino);
         }
     }
 
@@ -293,14 +318,17 @@ impl Ctx {
         let pieces = self
             .live_mirrors()
             .iter()
-            .filter_map(|m| m.pieces())
-            .chain(self.live_regions().iter().map(|r| (r.ino(), r.pieces())))
+            .filter_map(|m| m.pieces().map(|(ino, p)| (ino, p, m.alias_range())))
+            .chain(self.live_regions().iter().map(|r| (r.ino(), r.pieces(), r.alias_range())))
             .collect::<Vec<_>>();
-        for (ino, p) in pieces {
+        for (ino, p, alias) in pieces {
             let used = p.into_iter().map(|(r, off)| (off, r.len));
             match uses.iter_mut().find(|u| u.ino == ino) {
-                Some(u) => u.used.extend(used),
-                None => uses.push(crate::mapping::MemfdUse { ino, used: used.collect() }),
+                Some(u) => {
+                    u.used.extend(used);
+                    u.aliases.push(alias);
+                }
+                None => uses.push(crate::mapping::MemfdUse { ino, used: used.collect(), aliases: vec![alias] }),
             }
         }
         uses
@@ -335,7 +363,7 @@ impl Ctx {
         }
         let mut uses = self.memfd_uses();
         if !uses.iter().any(|u| u.ino == ino) {
-            uses.push(crate::mapping::MemfdUse { ino, used: Vec::new() });
+            uses.push(crate::mapping::MemfdUse { ino, used: Vec::new(), aliases: Vec::new() });
         }
         // From `end` on only: what is before it is the view being dropped or given back.
         if let Some(mut room) = crate::mapping::room_at(page, &uses) {
@@ -345,6 +373,41 @@ impl Ctx {
                 return;
             }
             let _ = self.fill_room(room);
+        }
+    }
+
+    /// After the program moved managed memory from `old` to `to` with `MREMAP_DONTUNMAP`: the
+    /// kernel left `old` mapped, showing the same memfd bytes as `to` (and still registered,
+    /// its entries gone: a touch faulted to the core, which knows only `to` now, and got
+    /// SIGBUS). A program expects what such a move of private memory leaves, empty memory: it
+    /// becomes fresh private memory (zeros), the program's own, unmanaged. Only if it still
+    /// shows the bytes `to` shows: the program may have unmapped it or mapped something else
+    /// there since (a small window remains between this check and the replacement, as for any
+    /// `MAP_FIXED` over memory another thread may unmap).
+    pub(crate) fn empty_left_behind(&self, old: VaRange, to: u64) {
+        let one = |r: VaRange| {
+            crate::maps::meeting(r).and_then(|v| match v.as_slice() {
+                [m] if m.shared && m.file.ino != 0 && m.range.contains_range(&r) => {
+                    Some((m.file.ino, m.off + (r.start - m.range.start), m.prot, m.exec))
+                }
+                _ => None,
+            })
+        };
+        let (Some((ino, off, prot, exec)), Some((to_ino, to_off, ..))) = (one(old), one(VaRange::new(to, old.len)))
+        else {
+            return;
+        };
+        // Only hetmm's memfds: mirrored shared memory left behind still shows the program's own
+        // file, as such a move of it leaves it.
+        if ino != to_ino || off != to_off || !self.memfd_uses().iter().any(|u| u.ino == ino) {
+            return;
+        }
+        // SAFETY: `old` shows memfd bytes that managed memory shows at `to` (checked just above):
+        // nothing there is kept only there, and the manager holds no reference into `old`.
+        let fresh = self.own_op(Own::Unmap, old, || unsafe { crate::mapping::fresh_private(old, prot, exec) });
+        match fresh {
+            Ok(()) => log::debug!("{old}: left behind by MREMAP_DONTUNMAP; now fresh private memory"),
+            Err(e) => log::error!("replacing {old}, left behind by MREMAP_DONTUNMAP: {e}"),
         }
     }
 
@@ -363,6 +426,13 @@ impl Ctx {
         }
         fresh
     }
+}
+
+/// Whether `range` is still mapped, by one shared mapping of a file (what the old range of a
+/// move of hetmm's memory with `MREMAP_DONTUNMAP` is when its event is read).
+fn still_shows_a_file(range: VaRange) -> bool {
+    crate::maps::meeting(range)
+        .is_some_and(|v| matches!(v.as_slice(), [m] if m.shared && m.file.ino != 0 && m.range.contains_range(&range)))
 }
 
 /// Drops the finished operations whose events the reader has classified (`classified`
@@ -388,7 +458,13 @@ pub(crate) enum Msg {
     Fault(u64, Access),
     Discard(VaRange),
     Unmap(VaRange),
-    Remap { from: u64, to: u64, len: u64 },
+    /// `kept`: the old range was still mapped when the event was read (`MREMAP_DONTUNMAP`).
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+        kept: bool,
+    },
 }
 
 /// The reader: poll, read a batch, drop our own zaps' events, pass the rest on in order.
@@ -456,7 +532,12 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                         continue;
                     }
                     ctx.note_reshape(&[VaRange::new(from, len), VaRange::new(to, len)]);
-                    Msg::Remap { from, to, len }
+                    // A plain move unmaps the old range before the kernel queues the event (and
+                    // the program's mremap returns, so that it can map anything there, only once
+                    // the UNMAP event that follows is read); after MREMAP_DONTUNMAP it is still
+                    // mapped, showing the same file.
+                    let kept = len > 0 && still_shows_a_file(VaRange::new(from, len));
+                    Msg::Remap { from, to, len, kept }
                 }
                 other => {
                     log::warn!("ignoring userfaultfd event {other:?}");
@@ -537,6 +618,7 @@ fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
 
 /// Applies `ev` to the core, if any; whether it was an event (not a fault) the core queued.
 fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) -> bool {
+    let mut left_behind = None;
     let event = match ev {
         Msg::Fault(..) => return false,
         Msg::Discard(r) => CpuEvent::Discard(r),
@@ -544,19 +626,30 @@ fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) -
             ctx.forget(r);
             CpuEvent::Unmap(r)
         }
-        Msg::Remap { from, to, len } => {
+        Msg::Remap { from, to, len, kept } => {
             // The old range leaves hetmm's management. A plain move is followed by an UNMAP
-            // event for it; after MREMAP_DONTUNMAP it stays mapped and registered, and a CPU
-            // access there faults to the core, which no longer knows it (SIGBUS).
+            // event for it; after MREMAP_DONTUNMAP it stays mapped and registered (see
+            // `Ctx::empty_left_behind`).
             let new_cpu = ctx.remap_view(from, to, len);
+            if kept && new_cpu.is_some() {
+                left_behind = Some(VaRange::new(from, len));
+            }
             CpuEvent::Remap { from, to, len, new_cpu }
         }
     };
-    let Some(core) = core else { return false };
-    if let Err(e) = core.cpu_event(event.clone()) {
-        log::error!("applying {event:?}: {e}");
+    let applied = match core {
+        Some(core) => {
+            if let Err(e) = core.cpu_event(event.clone()) {
+                log::error!("applying {event:?}: {e}");
+            }
+            true
+        }
+        None => false,
+    };
+    if let (Some(old), CpuEvent::Remap { to, .. }) = (left_behind, &event) {
+        ctx.empty_left_behind(old, *to);
     }
-    true
+    applied
 }
 
 /// How many times in a row a fault outside every shared region is woken to retry before the
@@ -745,7 +838,7 @@ mod tests {
         let core = Core { ctx: OnceLock::new(), raced_when_applied: Mutex::new(Vec::new()) };
         core.ctx.set(Arc::clone(&ctx)).unwrap();
         let r = VaRange::new(WHERE.start, PAGE_SIZE);
-        for ev in [Msg::Unmap(r), Msg::Remap { from: r.start, to: r.end(), len: r.len }] {
+        for ev in [Msg::Unmap(r), Msg::Remap { from: r.start, to: r.end(), len: r.len, kept: false }] {
             // What the reader does when it passes a program's unmap or remap on.
             ctx.note_reshape(&[r]);
             core.event_queued(true);

@@ -195,18 +195,49 @@ impl Drop for Host {
         if rustix::process::getpid() != self.uffd.owner() {
             return;
         }
-        // The reaper frees what is queued and ends, while the reader still reads the UNMAP
-        // events those unmaps wait for.
-        if let Some(r) = &self.reaper {
+        let reaper = self.reaper.as_ref().and_then(|r| {
             drop(r.tx.lock().take());
-            if let Some(w) = r.worker.lock().take() {
-                w.join(JOIN_TIMEOUT);
+            r.worker.lock().take()
+        });
+        let workers: Vec<Worker> = self.workers.lock().drain(..).collect();
+        let stop = Arc::clone(&self.stop);
+        // Dropped on one of the host's own threads (the core's last holder lets it go there):
+        // on the reader, waiting for the reaper here would wait for events only this thread
+        // reads (the reaper's zaps and unmaps). Another thread stops them, while this one goes
+        // back to reading.
+        let here = std::thread::current().id();
+        if reaper.is_some() && workers.iter().any(|w| w.handle.thread().id() == here) {
+            // Shared with the new thread, so that they come back if it cannot start.
+            let slot = Arc::new(Mutex::new(Some((reaper, workers))));
+            let theirs = Arc::clone(&slot);
+            let spawned = Worker::spawn("hetmm-stop", move || {
+                if let Some((reaper, workers)) = theirs.lock().take() {
+                    stop_workers(reaper, workers, &stop);
+                }
+            });
+            if let Err(e) = spawned {
+                log::error!("starting a thread to stop the host's threads: {e}; stopping them here");
+                if let Some((reaper, workers)) = slot.lock().take() {
+                    stop_workers(reaper, workers, &self.stop);
+                }
             }
+            // Started: not joined (it ends once it has joined the others, each join bounded).
+            return;
         }
-        self.stop.store(true, Ordering::Release);
-        for w in self.workers.lock().drain(..) {
-            w.join(JOIN_TIMEOUT);
-        }
+        stop_workers(reaper, workers, &self.stop);
+    }
+}
+
+/// Stops the host's threads: the reaper frees what is queued and ends first, while the reader
+/// still reads the events its zaps and unmaps wait for; then the reader and the servicer.
+/// Every join is bounded ([`JOIN_TIMEOUT`]).
+fn stop_workers(reaper: Option<Worker>, workers: Vec<Worker>, stop: &AtomicBool) {
+    if let Some(w) = reaper {
+        w.join(JOIN_TIMEOUT);
+    }
+    stop.store(true, Ordering::Release);
+    for w in workers {
+        w.join(JOIN_TIMEOUT);
     }
 }
 
@@ -290,6 +321,11 @@ impl HostRegion {
         self.mapping.ino()
     }
 
+    /// The manager's alias of the region.
+    pub(crate) fn alias_range(&self) -> VaRange {
+        VaRange::new(self.mapping.alias_ptr() as u64, self.mapping.len())
+    }
+
     /// What is still the view: each part's addresses and memfd offset.
     pub(crate) fn pieces(&self) -> Vec<(VaRange, u64)> {
         let app = self.mapping.app_range().start;
@@ -304,15 +340,30 @@ impl HostRegion {
     /// After the program moved `[from, from + len)` to `to` with `mremap`: if that was part of
     /// this region's view, the moved memory's CPU side at `to` (managed as registered private
     /// memory over the region's memfd and alias), and the region forgets the part. `None` if it
-    /// was not (wholly) the view.
+    /// was not the view, or (where the move spans the view and memory moved out of it and back
+    /// beside it) not memfd bytes in a row.
     pub(crate) fn moved_away(self: &Arc<Self>, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
         let moved = VaRange::checked(from, len)?;
-        if !self.mapping.view_parts().iter().any(|p| p.contains_range(&moved)) {
-            return None;
-        }
-        let off = from - self.mapping.app_range().start;
-        self.mapping.view_left(moved);
+        let parts = self.mapping.view_parts();
+        let app = self.mapping.app_range().start;
         let mut slot = self.moved.lock();
+        if !parts.iter().any(|p| p.contains_range(&moved)) {
+            // The move may span parts of the view and memory moved out of it and back beside
+            // them (the kernel merged their VMAs): those parts join the moved memory's mirror,
+            // which follows the whole move, where together they hold it.
+            let mine: Vec<(VaRange, u64)> =
+                parts.iter().filter_map(|p| p.intersect(&moved)).map(|x| (x, x.start - app)).collect();
+            if mine.is_empty() {
+                return None;
+            }
+            let view = slot.upgrade()?.remapped_with(from, to, len, &mine)?;
+            for &(x, _) in &mine {
+                self.mapping.view_left(x);
+            }
+            return Some(view);
+        }
+        let off = from - app;
+        self.mapping.view_left(moved);
         let mirror = slot.upgrade().unwrap_or_else(|| {
             let (memfd, alias) = self.mapping.backing_shared();
             crate::mirror::Mirror::for_moved_region(&self.host, self, memfd, alias)
@@ -1127,6 +1178,87 @@ mod tests {
 
     fn page(r: &HostRegion, i: u64) -> VaRange {
         VaRange::new(r.app_ptr() as u64 + i * PAGE_SIZE, PAGE_SIZE)
+    }
+
+    /// A core that holds the host (as the real one does) and whose last reference the reader
+    /// thread drops: once armed, the reader waits, at its next read while one of the reaper's
+    /// zaps is under way, until the test has let its own references go, so that the host is
+    /// dropped on the reader while the reaper still has entries to free.
+    #[derive(Default)]
+    struct ReaderDropsCore {
+        inner: TestCore,
+        host: Mutex<Option<Arc<Host>>>,
+        me: Mutex<Option<Arc<ReaderDropsCore>>>,
+        ctx: OnceLock<Arc<Ctx>>,
+        armed: AtomicBool,
+        held: AtomicBool,
+        go: AtomicBool,
+    }
+
+    impl CpuFaultHandler for ReaderDropsCore {
+        fn cpu_fault(&self, va: u64, access: Access) -> Result<(), CoreError> {
+            self.inner.cpu_fault(va, access)
+        }
+
+        fn event_queued(&self, queued: bool) {
+            if std::thread::current().name() != Some("hetmm-uffd-read") || !self.armed.load(Ordering::Acquire) {
+                return;
+            }
+            if queued && self.ctx.get().is_some_and(|c| c.zap_in_flight()) && !self.held.swap(true, Ordering::AcqRel) {
+                let t = Instant::now();
+                while !self.go.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(10) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            if !queued && self.go.load(Ordering::Acquire) {
+                // Not the last reference: the reader's own goes at the end of its batch.
+                drop(self.me.lock().take());
+            }
+        }
+    }
+
+    /// The host dropped on its reader thread (the core's last holder lets it go there) while the
+    /// reaper still frees moved-out entries: the reaper's zaps wait for the reader to read their
+    /// events, so the drop must not wait for the reaper there. (It joined it: the join timed out
+    /// after 5 s, the reader then stopped, and the reaper waited forever, its entries never
+    /// freed.)
+    #[test]
+    fn a_host_dropped_on_its_reader_lets_the_reaper_finish() {
+        let core = Arc::new(ReaderDropsCore::default());
+        let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>;
+        let host = Host::with_revoke(weak, Revoke::MoveOut, true).expect("host");
+        let ctx = Arc::clone(&host.ctx);
+        let _ = core.ctx.set(Arc::clone(&ctx));
+        let region = host.create_region(16 << 20).expect("region");
+        core.inner.region.set(Arc::downgrade(&region)).unwrap();
+        *core.host.lock() = Some(host);
+        *core.me.lock() = Some(Arc::clone(&core));
+        let all = mapped_and_written(&region, 5);
+        core.armed.store(true, Ordering::Release);
+        region.revoke_ranges(&[all], Revoke::MoveOut).unwrap();
+        let t = Instant::now();
+        while !core.held.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(core.held.load(Ordering::Acquire), "the reader waited while the reaper zapped");
+        // The reader holds the core now; the test's references go, the host's last one with
+        // the core.
+        drop(region);
+        let weak_core = Arc::downgrade(&core);
+        drop(core);
+        let go = weak_core.upgrade().expect("the reader holds the core");
+        go.go.store(true, Ordering::Release);
+        drop(go);
+        let t = Instant::now();
+        while ctx.reaped.load(Ordering::Relaxed) < all.len && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(ctx.reaped.load(Ordering::Relaxed), all.len, "the reaper freed every moved-out entry");
+        let t = Instant::now();
+        while weak_core.strong_count() > 0 && t.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(weak_core.strong_count(), 0, "the core (and the host) were dropped");
     }
 
     /// A revoke that moved out another registered mapping's entries (the program moved memory it

@@ -139,6 +139,11 @@ impl Alias {
         self.addr
     }
 
+    /// Its addresses.
+    pub(crate) fn range(&self) -> VaRange {
+        VaRange::new(self.addr as u64, self.len as u64)
+    }
+
     /// Whether a fork child unmapped it.
     pub(crate) fn is_gone(&self) -> bool {
         self.gone.load(std::sync::atomic::Ordering::Acquire)
@@ -650,6 +655,9 @@ pub(crate) struct MemfdUse {
     pub(crate) ino: u64,
     /// Offset ranges managed memory shows.
     pub(crate) used: Vec<(u64, u64)>,
+    /// The manager's aliases of the memfd: never room, whatever offsets they show (an alias may
+    /// lie right after a view, and outlive what the program still has of it).
+    pub(crate) aliases: Vec<VaRange>,
 }
 
 /// If `page` shows one of the memfds of `uses` at an offset no managed memory shows, the
@@ -662,7 +670,11 @@ pub(crate) fn room_at(page: VaRange, uses: &[MemfdUse]) -> Option<Room> {
     if !vma.shared || vma.file.ino == 0 {
         return None;
     }
-    let used = &uses.iter().find(|u| u.ino == vma.file.ino)?.used;
+    let using = uses.iter().find(|u| u.ino == vma.file.ino)?;
+    if using.aliases.iter().any(|a| a.intersect(&vma.range).is_some()) {
+        return None;
+    }
+    let used = &using.used;
     let off = vma.off + (page.start - vma.range.start);
     if used.iter().any(|&(o, l)| (o..o + l).contains(&off)) {
         return None;
@@ -1297,6 +1309,21 @@ fn unmap(addr: usize, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The manager's alias shows the memfd at offsets no view may show any more (the program
+    /// unmapped the view it was managed at, while the memory lives on elsewhere or the core
+    /// still holds it): it is never room to make fresh memory of, wherever it lies (right after
+    /// the view, where the kernel may well place it, a grown part's check looked at it).
+    #[test]
+    fn an_alias_is_never_room() {
+        let m = SharedMapping::new(2 * PAGE_SIZE).unwrap();
+        let alias = VaRange::new(m.alias_ptr() as u64, 2 * PAGE_SIZE);
+        let page = VaRange::new(alias.start, PAGE_SIZE);
+        let unused = MemfdUse { ino: m.ino(), used: Vec::new(), aliases: Vec::new() };
+        assert!(room_at(page, std::slice::from_ref(&unused)).is_some(), "offsets no view shows are room");
+        let known = MemfdUse { aliases: vec![alias], ..unused };
+        assert!(room_at(page, &[known]).is_none(), "the alias is not");
+    }
 
     #[test]
     fn views_alias_and_are_aligned() {

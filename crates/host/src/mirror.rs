@@ -130,7 +130,7 @@ impl Mirror {
     pub(crate) fn moved_in(self: &Arc<Self>, to: u64, off: u64, len: u64) -> Arc<dyn CpuMmu> {
         let mut segs = self.segs.lock();
         segs.push(Seg { app: to, off, len });
-        fresh_growth(to + len, &self.legit(&segs));
+        fresh_growth(to + len, self.ino, off + len, &self.legit(&segs));
         Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len })
     }
 
@@ -145,6 +145,11 @@ impl Mirror {
         all
     }
 
+    /// The manager's alias of the memory.
+    pub(crate) fn alias_range(&self) -> VaRange {
+        self.alias.range()
+    }
+
     /// The memfd's inode number and where the program's address space shows it: each piece's
     /// addresses and memfd offset (`None` for shared memory: no memfd).
     pub(crate) fn pieces(&self) -> Option<(u64, Vec<(VaRange, u64)>)> {
@@ -155,17 +160,35 @@ impl Mirror {
     /// After the program moved `[from, from+len)` to `to`: a view of the new place, if `from`
     /// was ours.
     pub(crate) fn remapped(self: &Arc<Self>, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
+        self.remapped_with(from, to, len, &[])
+    }
+
+    /// [`Mirror::remapped`] where the move also took `parts` (addresses, memfd offset) of the
+    /// view of the region this mirror's memory was moved out of: pieces of it moved back beside
+    /// what is left of the view merge with it into one VMA, and the program may move them in
+    /// one go. The parts become pieces of this mirror (then moved) only if, with them, one
+    /// piece holds the whole move; else nothing changes and `None`.
+    pub(crate) fn remapped_with(
+        self: &Arc<Self>,
+        from: u64,
+        to: u64,
+        len: u64,
+        parts: &[(VaRange, u64)],
+    ) -> Option<Arc<dyn CpuMmu>> {
         let moved = VaRange::new(from, len);
         let mut segs = self.segs.lock();
+        let mut all = segs.clone();
+        all.extend(parts.iter().map(|&(r, off)| Seg { app: r.start, off, len: r.len }));
         // Pieces that meet again (one moved away and back: the kernel merges their VMAs, and
         // the program may move them in one go) are one piece.
-        coalesce(&mut segs);
-        let seg = *segs.iter().find(|s| VaRange::new(s.app, s.len).contains_range(&moved))?;
+        coalesce(&mut all);
+        let seg = *all.iter().find(|s| VaRange::new(s.app, s.len).contains_range(&moved))?;
+        *segs = all;
         let off = seg.off + (from - seg.app);
         cut(&mut segs, moved);
         segs.push(Seg { app: to, off, len });
         if self.memfd.is_some() {
-            fresh_growth(to + len, &self.legit(&segs));
+            fresh_growth(to + len, self.ino, off + len, &self.legit(&segs));
         }
         Some(Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len }))
     }
@@ -181,10 +204,19 @@ impl Mirror {
 /// over memfd pages that hold other data, or none. The program asked for fresh memory there, so
 /// fresh private memory replaces the extension (unmanaged: only what was registered is). Parts
 /// that are pieces of the registration (`segs`: the kernel merged a neighbour's VMA) stay.
-fn fresh_growth(end: u64, segs: &[Seg]) {
-    let Some(vma) = vmas_meeting(VaRange::new(end - PAGE_SIZE, PAGE_SIZE)).and_then(|v| v.into_iter().next()) else {
+/// Only where the mapping at `end` still continues the moved memory, showing its memfd (`ino`)
+/// at offset `off` there: the event is applied after the program's mremap returned, and the
+/// program may have moved or unmapped the memory since and mapped anything there (another
+/// thread's new stack took such addresses, and was replaced with zeros).
+fn fresh_growth(end: u64, ino: u64, off: u64, segs: &[Seg]) {
+    let Some(vma) = crate::maps::meeting(VaRange::new(end - PAGE_SIZE, PAGE_SIZE))
+        .and_then(|v| v.into_iter().find(|m| m.range.contains(end - PAGE_SIZE)))
+    else {
         return;
     };
+    if !vma.shared || vma.file.ino != ino || vma.off.checked_add(end - vma.range.start) != Some(off) {
+        return;
+    }
     let mut cur = end;
     while cur < vma.range.end() {
         if let Some(s) = segs.iter().find(|s| s.app == cur) {
@@ -521,6 +553,26 @@ mod tests {
     use hetmm_core::error::CoreError;
     use hetmm_core::types::Access;
     use std::sync::Weak;
+
+    /// A move of registered memory is applied after the program's mremap returned: by then the
+    /// program may have moved the memory on and something else may be mapped at its end (another
+    /// thread's new stack took such addresses). Only the memfd mapping continuing the moved
+    /// memory is growth to replace with fresh memory; other memory there stays as it is. (Any
+    /// mapping found there was replaced with zeros past the moved length: a test thread whose
+    /// stack it was died of SIGSEGV.)
+    #[test]
+    fn growth_is_looked_for_only_in_the_moved_memorys_mapping() {
+        let page = PAGE_SIZE as usize;
+        let p = private_filled(2 * page, 0xAB) as usize;
+        // As if a page of the memfd of inode 12345 moved to `p` and then left (another mapping
+        // is there now, continuing past the page's end).
+        fresh_growth(p as u64 + PAGE_SIZE, 12345, 0, &[]);
+        // SAFETY: the test's own two pages, still mapped (the call above must not replace them).
+        let b = unsafe { ((p + page) as *const u8).read_volatile() };
+        // SAFETY: the test's own mapping, not used after.
+        unsafe { libc::munmap(p as *mut _, 2 * page) };
+        assert_eq!(b, 0xAB, "memory that is not the moved memory's memfd mapping was replaced");
+    }
 
     /// A core that serves no fault (these tests never fault registered memory).
     struct NoCore;

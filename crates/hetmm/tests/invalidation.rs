@@ -752,6 +752,15 @@ fn file_alive(ino: u64) -> bool {
     mapped || open
 }
 
+/// After the program dropped and unmapped all of a buffer's memory: the memfd `ino` is closed and
+/// unmapped, and the device's memory is all free again.
+fn all_freed(hm: &Hetmm, dev: &hetmm::Device<SimDevice>, ino: u64, what: &str) {
+    hm.space().settle().unwrap();
+    assert!(!file_alive(ino), "{what}");
+    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
+    assert_eq!(free, total, "device memory freed ({what})");
+}
+
 /// Maps one page of the test's own at `va` (which must be free) holding `byte`; false if some
 /// other thread's mapping took the address meanwhile.
 fn own_page_at(va: usize, byte: u8) -> bool {
@@ -857,10 +866,7 @@ fn mremap_of_allocated_memory_is_followed() {
         assert!(file_alive(ino), "the moved memory's memfd");
         // SAFETY: unmaps our reservation `dst`, holding the moved memory (not referenced after).
         unsafe { libc::munmap(dst, len + 2 * BLOCK) };
-        hm.space().settle().unwrap();
-        assert!(!file_alive(ino), "the memfd of a buffer dropped and unmapped is still open or mapped");
-        let (free, total) = hm.space().device_memory(dev.id()).unwrap();
-        assert_eq!(free, total, "device memory freed (shift {shift})");
+        all_freed(&hm, &dev, ino, "the memfd of a buffer dropped and unmapped is still open or mapped");
     }
 }
 
@@ -928,10 +934,7 @@ fn mremap_of_one_page_of_allocated_memory_is_followed() {
     // SAFETY: the moved page and the one it grew by, the program's (this test's) mapping now;
     // not used after.
     unsafe { libc::munmap(q as *mut _, 2 * PS) };
-    hm.space().settle().unwrap();
-    assert!(!file_alive(ino), "the buffer's memfd outlived the buffer and its moved page");
-    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
-    assert_eq!(free, total, "device memory freed");
+    all_freed(&hm, &dev, ino, "the buffer's memfd outlived the buffer and its moved page");
 }
 
 /// Registered private memory grown in place with `mremap` (with and without MAYMOVE: the kernel
@@ -1126,9 +1129,7 @@ fn memory_moved_out_of_a_buffer_can_be_unregistered() {
     // SAFETY: `[q, q + len)`, private read-write memory of the test's now.
     let bytes = unsafe { std::slice::from_raw_parts(q as *const u8, len) };
     assert!(bytes.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8), "the bytes, given back");
-    assert!(!file_alive(ino), "the memfd outlived the buffer and its moved memory");
-    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
-    assert_eq!(free, total, "device memory freed");
+    all_freed(&hm, &dev, ino, "the memfd outlived the buffer and its moved memory");
     // SAFETY: the test's own mapping, not used after.
     unsafe { libc::munmap(q as *mut _, len) };
 }
@@ -1244,10 +1245,7 @@ fn a_move_over_a_page_moved_away_and_back_is_followed() {
     drop(buf);
     // SAFETY: the moved memory, the test's mapping now; not used after.
     unsafe { libc::munmap(q as *mut _, len) };
-    hm.space().settle().unwrap();
-    assert!(!file_alive(ino), "the buffer's memfd outlived the buffer and its moved memory");
-    let (free, total) = hm.space().device_memory(dev.id()).unwrap();
-    assert_eq!(free, total, "device memory freed");
+    all_freed(&hm, &dev, ino, "the buffer's memfd outlived the buffer and its moved memory");
 }
 
 /// `MREMAP_DONTUNMAP` of hetmm's memory (a buffer from `Hetmm::alloc`, and registered memory):

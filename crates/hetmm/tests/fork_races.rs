@@ -124,10 +124,10 @@ fn code(status: i32) -> i32 {
 fn fork_after_prepare(hm: &Hetmm, change: impl FnOnce(), check: impl FnOnce() -> i32) -> i32 {
     let guard = hm.space().fork_prepare().expect("this process's own address space");
     change();
-    // SAFETY: a raw fork (clone with SIGCHLD only, no new stack): the child is a copy of this
-    // thread alone; it runs only `ForkGuard::child` (system calls, as in the atfork child
-    // handler) and `check` (reads and writes of inherited memory, no allocation), then `_exit`s,
-    // never returning into the test.
+    // A raw fork (clone with SIGCHLD only, no new stack): the child is a copy of this thread
+    // alone; it runs only `ForkGuard::child` (system calls, as in the atfork child handler) and
+    // `check` (reads and writes of inherited memory, no allocation), then `_exit`s.
+    // SAFETY: the child never returns into the test and makes no call unsafe after a fork.
     let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0) } as libc::pid_t;
     if pid == 0 {
         let code = match guard.child() {

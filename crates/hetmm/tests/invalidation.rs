@@ -961,9 +961,9 @@ fn registered_memory_grown_in_place_is_plain_memory_there() {
                 unsafe { std::ptr::write_bytes(p as *mut u8, 0x3C, 4 * PS) };
                 hm.register(p as *const u8, 4 * PS).unwrap();
                 hm.migrate(p as u64, (4 * PS) as u64, dev.proc()).unwrap();
-                // SAFETY: grows the test's registered pages in place into the addresses it freed
-                // (with MAYMOVE it may move instead: then it tries again); no Rust reference
-                // points into them.
+                // With MAYMOVE the kernel may move instead of growing in place: then it tries again.
+                // SAFETY: grows the test's registered pages into the addresses it freed; no Rust
+                // reference points into them.
                 let r = unsafe { libc::mremap(p as *mut _, 4 * PS, 8 * PS, flags) } as usize;
                 if r == p {
                     return Some(p);

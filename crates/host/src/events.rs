@@ -416,9 +416,9 @@ impl Ctx {
     /// range).
     pub(crate) fn fill_room(&self, room: crate::mapping::Room) -> Result<(), crate::mapping::MappingError> {
         let r = room.range;
-        // SAFETY: `room` shows a memfd of hetmm at offsets no managed memory shows (`room_at`):
-        // holes or data the program gave up, nothing to keep; the manager holds no reference
-        // into it.
+        // `room` shows a memfd of hetmm at offsets no managed memory shows (`room_at`): holes or
+        // data the program gave up, nothing to keep.
+        // SAFETY: as just said; the manager holds no reference into `room`.
         let fresh = self.own_op(Own::Unmap, r, || unsafe { crate::mapping::fresh_private(r, room.prot, room.exec) });
         match &fresh {
             Ok(()) => log::debug!("{r}: managed memory grown in place; now fresh private memory"),

@@ -512,13 +512,16 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     }
     // A first touch at the preferred location populates the whole block (UVM's
     // `should_apply_prefetch_logic`); otherwise the prefetcher decides.
-    let first_touch_preferred = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty())
-        && faulted.iter().all(|i| attrs.get(blk.va(i)).preferred == Some(me));
-    let picked = if first_touch_preferred {
-        PageMask::full(blk.npages)
-    } else {
-        policy.prefetcher.prefetch(&local, &resident, blk.npages, skew_of(blk.base))
+    let untouched = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty());
+    let pick = |want: &PageMask, held: &PageMask, whole: bool| {
+        if whole {
+            PageMask::full(blk.npages)
+        } else {
+            policy.prefetcher.prefetch(want, held, blk.npages, skew_of(blk.base))
+        }
     };
+    let first_touch_preferred = untouched && faulted.iter().all(|i| attrs.get(blk.va(i)).preferred == Some(me));
+    let picked = pick(&local, &resident, first_touch_preferred);
     let extra = picked.and_not(&faulted).and_not(&have);
     let mut prefetched = 0;
     let within = attrs.within(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
@@ -535,16 +538,10 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     // toward that device (UVM runs it toward the new residency, whichever processor that is; a
     // first touch of the preferred location populates the whole block). Only pages whose own
     // decision is to be served from that device join, and none the requester maps already.
-    let mapped = blk.mapped_on(me);
+    let mapped = if plan.homes.is_empty() { PageMask::default() } else { blk.mapped_on(me) };
     for (d, m) in plan.homes.clone() {
         let there = Proc::Device(d);
-        let on_d = blk.resident_on(there);
-        let first_touch = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty());
-        let picked = if first_touch {
-            PageMask::full(blk.npages)
-        } else {
-            policy.prefetcher.prefetch(&m, &on_d, blk.npages, skew_of(blk.base))
-        };
+        let picked = pick(&m, &blk.resident_on(there), untouched);
         for i in picked.and_not(&faulted).and_not(&plan.all()).and_not(&mapped).iter() {
             if select_residency(&blk.pages[i], &within.get(blk.va(i)), me, prefetch_access, reach)
                 == Decision::Remote(there)
@@ -676,10 +673,15 @@ fn apply_steps(
     plan: &Plan,
 ) -> crate::error::Result<()> {
     let (fell, dropped) = place_on_peers(space, region, blk, slot, plan)?;
-    let plan = &if fell.is_empty() && dropped.is_empty() {
-        plan.clone()
+    // Pages that fell back to this device migrate to it; pages dropped are neither placed nor
+    // mapped. The plan is copied only then (rare).
+    let adjusted;
+    let plan = if fell.is_empty() && dropped.is_empty() {
+        plan
     } else {
-        Plan { migrate: plan.migrate.or(&fell), peer: plan.peer.and_not(&fell).and_not(&dropped), ..plan.clone() }
+        adjusted =
+            Plan { migrate: plan.migrate.or(&fell), peer: plan.peer.and_not(&fell).and_not(&dropped), ..plan.clone() };
+        &adjusted
     };
     if !plan.migrate.is_empty() {
         if space.config.policy.revoke_whole_block {

@@ -761,6 +761,31 @@ fn all_freed(hm: &Hetmm, dev: &hetmm::Device<SimDevice>, ino: u64, what: &str) {
     assert_eq!(free, total, "device memory freed ({what})");
 }
 
+/// Moves page 1 of the view at `p` (no slice of it alive) over the test's placeholder page `x`
+/// and back. Between the two, a placeholder of the test's own fills the hole, so that moving the
+/// page back replaces nothing of other threads' (which may map there meanwhile: then the test
+/// cannot go on, and this returns false with the moved page unmapped).
+fn page_away_and_back(p: usize, x: usize) -> bool {
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves page 1 of the caller's view over its placeholder `x`.
+    let out = unsafe { libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) } as usize;
+    assert_eq!(out, x);
+    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped: it replaces no mapping.
+    let hole = unsafe { libc::mmap((p + PS) as *mut _, PS, libc::PROT_NONE, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) }
+        as usize;
+    if hole != p + PS {
+        eprintln!("another thread mapped the hole the page left: skipped");
+        // SAFETY: the moved page, the test's mapping now; not used after.
+        unsafe { libc::munmap(x as *mut _, PS) };
+        return false;
+    }
+    // SAFETY: moves the page back over the test's placeholder in the hole.
+    let back = unsafe { libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) } as usize;
+    assert_eq!(back, p + PS, "{}", std::io::Error::last_os_error());
+    true
+}
+
 /// Maps one page of the test's own at `va` (which must be free) holding `byte`; false if some
 /// other thread's mapping took the address meanwhile.
 fn own_page_at(va: usize, byte: u8) -> bool {
@@ -1063,25 +1088,9 @@ fn a_page_of_a_buffer_moved_away_and_back_keeps_every_byte() {
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     // SAFETY: a new PROT_NONE page where the kernel chooses replaces no mapping.
     let x = unsafe { libc::mmap(std::ptr::null_mut(), PS, libc::PROT_NONE, anon, -1, 0) } as usize;
-    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
-    // SAFETY: moves page 1 of the buffer's view (no slice of it alive) over the test's
-    // placeholder `x`.
-    let out = unsafe { libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) } as usize;
-    assert_eq!(out, x);
-    // A placeholder of the test's own in the hole, so that moving the page back replaces nothing
-    // of other threads' (which may map there meanwhile: then the test cannot go on).
-    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped: it replaces no mapping.
-    let hole = unsafe { libc::mmap((p + PS) as *mut _, PS, libc::PROT_NONE, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) }
-        as usize;
-    if hole != p + PS {
-        eprintln!("another thread mapped the hole the page left: skipped");
-        // SAFETY: the moved page, the test's mapping now; not used after.
-        unsafe { libc::munmap(x as *mut _, PS) };
+    if !page_away_and_back(p, x) {
         return;
     }
-    // SAFETY: moves the page back over the test's placeholder in the hole.
-    let back = unsafe { libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) } as usize;
-    assert_eq!(back, p + PS, "{}", std::io::Error::last_os_error());
     hm.space().settle().unwrap();
     for (i, &b) in buf.as_slice().iter().enumerate() {
         assert_eq!(b, (i / PS) as u8 + 1, "byte {i}");
@@ -1203,29 +1212,12 @@ fn a_move_over_a_page_moved_away_and_back_is_followed() {
         )
     };
     assert!(x != libc::MAP_FAILED as usize && q != libc::MAP_FAILED as usize);
-    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
-    // SAFETY: moves page 1 of the buffer's view (no slice of it alive) over the test's
-    // placeholder `x`.
-    let out = unsafe { libc::mremap((p + PS) as *mut _, PS, PS, fixed, x as *mut libc::c_void) } as usize;
-    assert_eq!(out, x);
-    // A placeholder of the test's own in the hole, so that moving the page back replaces nothing
-    // of other threads' (which may map there meanwhile: then the test cannot go on).
-    // SAFETY: FIXED_NOREPLACE maps only where nothing is mapped: it replaces no mapping.
-    let hole = unsafe { libc::mmap((p + PS) as *mut _, PS, libc::PROT_NONE, anon | libc::MAP_FIXED_NOREPLACE, -1, 0) }
-        as usize;
-    if hole != p + PS {
-        eprintln!("another thread mapped the hole the page left: skipped");
-        // SAFETY: the moved page, the test's mapping now; not used after.
-        unsafe { libc::munmap(x as *mut _, PS) };
+    if !page_away_and_back(p, x) {
         return;
     }
-    // SAFETY: moves the page back over the test's placeholder in the hole, then the whole view
-    // (one VMA again) over the placeholder `q`.
-    let (back, moved) = unsafe {
-        let back = libc::mremap(x as *mut _, PS, PS, fixed, (p + PS) as *mut libc::c_void) as usize;
-        (back, libc::mremap(p as *mut _, len, len, fixed, q as *mut libc::c_void) as usize)
-    };
-    assert_eq!(back, p + PS);
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves the whole view (one VMA again) over the test's placeholder `q`.
+    let moved = unsafe { libc::mremap(p as *mut _, len, len, fixed, q as *mut libc::c_void) } as usize;
     assert_eq!(moved, q, "one VMA again: {}", std::io::Error::last_os_error());
     hm.space().settle().unwrap();
     assert!(hm.space().check_span(q as u64, len as u64).is_ok(), "the moved memory is managed");

@@ -979,10 +979,7 @@ pub(crate) fn privatize_parts(
             }
         };
         for v in &found[..n] {
-            let r = move_copy_over(v.range, v.prot, memfd, v.off, lost, true);
-            if r.is_err() {
-                seal_quiet(v.range);
-            }
+            let r = copy_over_or_seal(v.range, v.prot, memfd, v.off, lost);
             if result.is_ok() {
                 result = r;
             }
@@ -1086,7 +1083,19 @@ fn privatize_in_child(
     if !is_mapped(range) {
         return Ok(());
     }
-    let r = move_copy_over(range, mprotect_flags(prot), memfd, off, lost, true);
+    copy_over_or_seal(range, mprotect_flags(prot), memfd, off, lost)
+}
+
+/// In a fork child: [`move_copy_over`] of a whole view, or, where that fails, the view made
+/// inaccessible ([`seal_quiet`]), so the child never reaches the parent's memory through it.
+fn copy_over_or_seal(
+    range: VaRange,
+    prot: rustix::mm::MprotectFlags,
+    memfd: BorrowedFd<'_>,
+    off: u64,
+    lost: LostBytes<'_>,
+) -> Result<(), MappingError> {
+    let r = move_copy_over(range, prot, memfd, off, lost, true);
     if r.is_err() {
         seal_quiet(range);
     }

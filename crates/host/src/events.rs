@@ -385,14 +385,8 @@ impl Ctx {
     /// there since (a small window remains between this check and the replacement, as for any
     /// `MAP_FIXED` over memory another thread may unmap).
     pub(crate) fn empty_left_behind(&self, old: VaRange, to: u64) {
-        let one = |r: VaRange| {
-            crate::maps::meeting(r).and_then(|v| match v.as_slice() {
-                [m] if m.shared && m.file.ino != 0 && m.range.contains_range(&r) => {
-                    Some((m.file.ino, m.off + (r.start - m.range.start), m.prot, m.exec))
-                }
-                _ => None,
-            })
-        };
+        let one =
+            |r: VaRange| one_file_view(r).map(|m| (m.file.ino, m.off + (r.start - m.range.start), m.prot, m.exec));
         let (Some((ino, off, prot, exec)), Some((to_ino, to_off, ..))) = (one(old), one(VaRange::new(to, old.len)))
         else {
             return;
@@ -428,11 +422,14 @@ impl Ctx {
     }
 }
 
-/// Whether `range` is still mapped, by one shared mapping of a file (what the old range of a
-/// move of hetmm's memory with `MREMAP_DONTUNMAP` is when its event is read).
-fn still_shows_a_file(range: VaRange) -> bool {
-    crate::maps::meeting(range)
-        .is_some_and(|v| matches!(v.as_slice(), [m] if m.shared && m.file.ino != 0 && m.range.contains_range(&range)))
+/// The one shared mapping of a file that covers all of `range`, if that is what is mapped there
+/// (what the old range of a move of hetmm's memory with `MREMAP_DONTUNMAP` is when its event
+/// is read).
+fn one_file_view(range: VaRange) -> Option<crate::maps::MapsLine> {
+    match crate::maps::meeting(range)?.as_slice() {
+        [m] if m.shared && m.file.ino != 0 && m.range.contains_range(&range) => Some(*m),
+        _ => None,
+    }
 }
 
 /// Drops the finished operations whose events the reader has classified (`classified`
@@ -536,7 +533,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     // the program's mremap returns, so that it can map anything there, only once
                     // the UNMAP event that follows is read); after MREMAP_DONTUNMAP it is still
                     // mapped, showing the same file.
-                    let kept = len > 0 && still_shows_a_file(VaRange::new(from, len));
+                    let kept = len > 0 && one_file_view(VaRange::new(from, len)).is_some();
                     Msg::Remap { from, to, len, kept }
                 }
                 other => {

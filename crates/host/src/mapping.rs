@@ -294,10 +294,11 @@ impl SharedMapping {
             return parts;
         }
         let app = self.app as u64;
+        // One read of the kernel's list for the whole view, not one per part.
+        let Some(vmas) = crate::maps::meeting(self.app_range()) else { return Vec::new() };
         let mut out = Vec::new();
         for p in parts {
-            let Some(vmas) = crate::maps::meeting(p) else { continue };
-            for v in vmas {
+            for v in &vmas {
                 let Some(x) = v.range.intersect(&p) else { continue };
                 if v.shared && v.file.ino == self.ino && v.off + (x.start - v.range.start) == x.start - app {
                     out.push(x);

@@ -30,6 +30,9 @@
 //! cannot copy safely (the blocks the operation is changing; everything if other operations
 //! did not end in time) is lost to the child: inaccessible there, counted in
 //! `stats.bytes_fork_lost` and [`ForkGuard::lost_bytes`] (see [`AddressSpace::fork_prepare`]).
+//! Nor does it wait for another thread that is itself preparing such a fork (its operation is
+//! stopped meanwhile): of two at once, one takes the gate, the other waits for that fork, then
+//! for the first thread's operation, and both children get their memory (`Gate::close`).
 //!
 //! Races: a device kernel that writes memory while another thread forks races with the fork
 //! like any concurrent write: the child sees the data as of the flush or later. Writes that
@@ -67,6 +70,11 @@ const DEFER: Duration = Duration::from_millis(50);
 /// the private memory (see [`AddressSpace::fork_prepare`]).
 const UNDER_GATE_WAIT: Duration = Duration::from_secs(2);
 
+/// The longest a fork from under the gate waits to take it, in all, while another fork from
+/// under the gate holds it (that fork's prepare, its child's copy and its parent side; see
+/// [`Gate::close`]).
+const UNDER_GATE_FORK_WAIT: Duration = Duration::from_secs(60);
+
 /// How long, in all, a fork from under the gate waits for the locks (the regions' list, block
 /// locks) that its own thread, or a thread waiting for it, may hold; after that it only tries
 /// each lock. A block it cannot lock is lost to the child.
@@ -100,6 +108,10 @@ struct GateState {
     epoch: u64,
     /// Holders the latest waiting fork found there that are still in (see [`DEFER`]).
     early: usize,
+    /// Holds of threads that are themselves preparing a fork from under the gate, waiting in
+    /// [`Gate::close`]: their operations are stopped there, so another fork from under the
+    /// gate does not wait for them (see [`Gate::close`]).
+    parked: usize,
 }
 
 /// A shared hold of the [`Gate`].
@@ -167,35 +179,73 @@ impl Gate {
         HELD.with(|h| h.borrow().iter().filter(|&&k| k == key).count())
     }
 
-    /// Takes the gate exclusively: waits until no other thread holds it. `own` holds are the
-    /// calling thread's (a fork from code running under the gate): they are not waited for,
-    /// and the wait for the others is bounded by [`UNDER_GATE_WAIT`], since they may be waiting
-    /// for this thread (a block lock it holds, another fork from under the gate). Whether it
-    /// took the gate (on `false` nothing changed: the fork is not exclusive).
-    fn close(&self, own: usize) -> bool {
-        let deadline = Instant::now() + UNDER_GATE_WAIT;
+    /// Takes the gate exclusively: waits until no other thread holds it. Whether it took the
+    /// gate (on `false` nothing changed: the fork is not exclusive).
+    ///
+    /// `inside`: the calling thread holds a fork gate (this one, `own` times, or another
+    /// address space's): a fork from code running inside an operation. Then every wait is
+    /// bounded, since the threads waited for may be waiting for this one (a block lock it
+    /// holds, a fork waiting for its hold), and the holds of threads that are themselves in
+    /// here from under this gate (`parked`, this thread's own included) are not waited for:
+    /// their operations are stopped until their forks are done. Of two such forks, the one
+    /// that sees both parked takes the gate; the other waits for it (its wait for a fork from
+    /// under the gate that holds the gate is not counted in [`UNDER_GATE_WAIT`], since that
+    /// fork waits for nothing of this thread and goes on; capped by [`UNDER_GATE_FORK_WAIT`]),
+    /// then for the first thread's operation to end. A fork from outside any operation waits
+    /// for every holder, parked ones included (their forks go first), without limit: they
+    /// wait for nothing of its thread.
+    fn close(&self, own: usize, inside: bool) -> bool {
+        let start = Instant::now();
+        let mut left = UNDER_GATE_WAIT;
+        let (mut last, mut counted) = (start, true);
         let mut st = lock(&self.state);
         st.writers_waiting += 1;
         st.epoch += 1;
         st.early = st.readers.saturating_sub(own);
-        while st.writer || st.readers.saturating_sub(own) > 0 {
-            if own == 0 {
+        st.parked += own;
+        if own > 0 {
+            // Another fork from under the gate may be waiting for this thread's holds alone.
+            self.cv.notify_all();
+        }
+        let took = loop {
+            let quiet = if inside { st.parked } else { 0 };
+            if !st.writer && st.readers <= quiet {
+                break true;
+            }
+            if !inside {
                 st = self.cv.wait(st).unwrap_or_else(PoisonError::into_inner);
                 continue;
             }
             let now = Instant::now();
-            if now >= deadline {
-                st.writers_waiting -= 1;
-                drop(st);
-                // Newcomers deferring to this fork go on.
-                self.cv.notify_all();
-                return false;
+            if counted {
+                left = left.saturating_sub(now - last);
             }
-            st = self.cv.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
-        }
+            last = now;
+            // The gate is held by a fork from under it (only such a fork can take it while this
+            // thread holds it): it goes on without this thread; its time is not counted.
+            counted = !(st.writer && own > 0);
+            let cap = (start + UNDER_GATE_FORK_WAIT).saturating_duration_since(now);
+            let wait = if counted { left.min(cap) } else { cap };
+            if wait.is_zero() {
+                break false;
+            }
+            st = self.cv.wait_timeout(st, wait).unwrap_or_else(PoisonError::into_inner).0;
+        };
         st.writers_waiting -= 1;
-        st.writer = true;
-        true
+        st.parked -= own;
+        if took {
+            st.writer = true;
+        } else {
+            drop(st);
+            // Newcomers deferring to this fork go on.
+            self.cv.notify_all();
+        }
+        took
+    }
+
+    /// How many forks wait to take the gate.
+    fn forks_waiting(&self) -> usize {
+        lock(&self.state).writers_waiting
     }
 
     /// Releases the exclusive hold.
@@ -208,6 +258,12 @@ impl Gate {
 thread_local! {
     /// The gates this thread holds (by address, once per hold).
     static HELD: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether the calling thread holds any fork gate (of any address space): it runs inside an
+/// operation.
+fn inside_an_operation() -> bool {
+    HELD.with(|h| !h.borrow().is_empty())
 }
 
 impl<'a> GateGuard<'a> {
@@ -284,6 +340,12 @@ impl AddressSpace {
         Ok(ForkHold { _gate: self.enter()? })
     }
 
+    /// How many `fork()`s are waiting, in [`AddressSpace::fork_prepare`], for operations to
+    /// end (diagnostics: a fork that seems slow; tests that need a fork to be waiting).
+    pub fn forks_waiting(&self) -> usize {
+        self.gate.forks_waiting()
+    }
+
     /// Prepares a `fork()` of the process (call it on the thread that forks, just before): waits
     /// until no operation is changing page state, then copies every page whose only copy is in
     /// device memory into its host backing, changing no state (see the module notes). Until
@@ -292,12 +354,16 @@ impl AddressSpace {
     /// parent's: nothing to prepare).
     ///
     /// **A fork from code running under the gate** (this thread is inside an operation: a
-    /// callback, a logger or a signal handler that forks) never waits for its own thread, and
-    /// every wait is bounded, since the operation this thread is in cannot go on:
+    /// callback, a logger or a signal handler that forks; it holds this address space's gate
+    /// or another's) never waits for its own thread, and every wait is bounded, since the
+    /// operation this thread is in cannot go on:
     /// - it waits for the other threads' operations at most [`UNDER_GATE_WAIT`]; if they do not
     ///   leave (they may be waiting for this thread), the fork is not exclusive: the parent's
     ///   threads go on changing the memory the child would copy, so every page of private
-    ///   memory is lost to the child;
+    ///   memory is lost to the child. Operations whose threads are themselves preparing a fork
+    ///   from under the gate are stopped and not waited for: of two such forks at once, one
+    ///   takes the gate, the other waits for that fork and then for its thread's operation
+    ///   (see `Gate::close`);
     /// - it does not apply pending CPU-side events first (the thread applying them may be
     ///   waiting for this one);
     /// - it waits for the regions' list and each block lock a bounded time ([`UNDER_GATE_BLOCK`],
@@ -314,14 +380,15 @@ impl AddressSpace {
             return None;
         }
         let own = self.gate.held_here();
-        if own == 0 {
+        let inside = inside_an_operation();
+        if !inside {
             // Apply the unmaps and remaps the OS already reported, so the child's view follows
             // the program's latest layout (bounded; a late event is a race with the fork).
             if let Err(e) = self.settle() {
                 log::warn!("fork: {e}");
             }
         }
-        let exclusive = self.gate.close(own);
+        let exclusive = self.gate.close(own, inside);
         if !exclusive {
             log::error!(
                 "fork from under the fork gate: other operations did not end within {UNDER_GATE_WAIT:?}; \
@@ -329,7 +396,7 @@ impl AddressSpace {
             );
         }
         let locks_until = Instant::now() + UNDER_GATE_LOCKS;
-        let regions: Vec<Arc<Region>> = if own == 0 {
+        let regions: Vec<Arc<Region>> = if !inside {
             self.regions.read().values().cloned().collect()
         } else if let Some(map) = self.regions.try_read_for(UNDER_GATE_LOCKS) {
             map.values().cloned().collect()
@@ -351,7 +418,7 @@ impl AddressSpace {
             } else if !r.remote {
                 private_bytes += r.range.len;
                 for (b, cell) in r.blocks.iter().enumerate() {
-                    let blk = if own == 0 {
+                    let blk = if !inside {
                         Some(cell.lock())
                     } else {
                         let left = locks_until.saturating_duration_since(Instant::now()).min(UNDER_GATE_BLOCK);
@@ -362,7 +429,8 @@ impl AddressSpace {
                         }
                     };
                     let Some(blk) = blk else {
-                        // Held by this thread's operation (or one waiting for it): lost.
+                        // Held by this thread's operation, one stopped in a fork of its own, or
+                        // one waiting for it: lost.
                         lost.push(r.block_span(b));
                         continue;
                     };
@@ -420,10 +488,12 @@ impl ForkGuard {
 
     /// Releases a prepare that no fork followed, to be prepared again (the host does so when the
     /// program changed its memory's layout meanwhile): as [`ForkGuard::parent`], and the prepare
-    /// is taken back out of the count of forks (`stats.forks`), which counts each fork once. The
-    /// bytes it flushed stay counted: they were copied.
+    /// is taken back out of the count of forks (`stats.forks`) and its lost bytes out of
+    /// `stats.bytes_fork_lost`, which count each fork once. The bytes it flushed stay counted:
+    /// they were copied.
     pub fn abandon(self) {
         self.space.stats.forks.fetch_sub(1, Ordering::Relaxed);
+        self.space.stats.bytes_fork_lost.fetch_sub(self.lost_bytes(), Ordering::Relaxed);
         drop(self);
     }
 
@@ -637,11 +707,17 @@ mod tests {
         })
     }
 
-    /// Waits (at most 1 s) until `cond` holds; whether it did.
+    /// Waits (at most 10 s: a loaded machine may leave the threads waited for unscheduled a
+    /// while) until `cond` holds; whether it did.
     fn wait_until(cond: impl Fn() -> bool) -> bool {
+        wait_at_most(Duration::from_secs(10), cond)
+    }
+
+    /// Waits at most `limit` until `cond` holds; whether it did.
+    fn wait_at_most(limit: Duration, cond: impl Fn() -> bool) -> bool {
         let t = std::time::Instant::now();
         while !cond() {
-            if t.elapsed() > Duration::from_secs(1) {
+            if t.elapsed() > limit {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -688,7 +764,9 @@ mod tests {
                 *g = None;
                 std::thread::sleep(Duration::from_millis(5));
                 *g = Some(dev.copy_gate.lock());
-                wait_until(|| forked.load(SeqCst) || dev.copies_started.load(SeqCst) > n);
+                // Pacing only (not checked): once the fork waits for the other device's
+                // operation alone, this device's next copy waits for the fork.
+                wait_at_most(Duration::from_secs(1), || forked.load(SeqCst) || dev.copies_started.load(SeqCst) > n);
             }
             if forked.load(SeqCst) {
                 break;
@@ -856,7 +934,8 @@ mod race_tests {
     }
 
     /// Runs a CPU fault on the untouched first block whose `populate` forks (its thread holds
-    /// the gate and the first block's lock); what the fork saw, within 5 s.
+    /// the gate and the first block's lock); what the fork saw, within 30 s (a hang fails; the
+    /// callers check how long the fork itself took).
     fn fork_from_a_callback(space: &Arc<AddressSpace>, cpu: &HookCpu, host: &Arc<Mutex<Vec<u8>>>, child: bool) -> Seen {
         let (tx, rx) = std::sync::mpsc::channel();
         let (s, h) = (Arc::downgrade(space), Arc::clone(host));
@@ -869,12 +948,12 @@ mod race_tests {
         // Left running (hung) if the fork deadlocks.
         let fault = std::thread::spawn(move || s.cpu_fault(BASE, Access::Write));
         let seen = rx
-            .recv_timeout(Duration::from_secs(5))
+            .recv_timeout(Duration::from_secs(30))
             .expect("fork_prepare on a thread holding the fork gate (a fork inside a callback) never returned")
             .expect("the fork was prepared");
         let t = std::time::Instant::now();
         while !fault.is_finished() {
-            assert!(t.elapsed() < Duration::from_secs(5), "the operation the fork ran in never finished");
+            assert!(t.elapsed() < Duration::from_secs(30), "the operation the fork ran in never finished");
             std::thread::sleep(Duration::from_millis(1));
         }
         let r = fault.join().unwrap();
@@ -996,6 +1075,22 @@ mod race_tests {
         other.join().unwrap();
     }
 
+    /// Another thread that enters an operation on `space` (holds its fork gate) and stays in it
+    /// until told on the sender (at most 20 s); returns once it is in.
+    fn holds_until_told(space: &Arc<AddressSpace>) -> (std::thread::JoinHandle<()>, std::sync::mpsc::Sender<()>) {
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let space = Arc::clone(space);
+        let other = std::thread::spawn(move || {
+            let hold = space.hold_forks().unwrap();
+            held_tx.send(()).unwrap();
+            let _ = go_rx.recv_timeout(Duration::from_secs(20));
+            drop(hold);
+        });
+        held_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        (other, go_tx)
+    }
+
     /// A fork from under the gate whose other holder waits for this thread: bounded; not
     /// exclusive, so the child gets no private memory (all lost); the parent goes on, and
     /// later forks work.
@@ -1006,19 +1101,8 @@ mod race_tests {
 
     fn a_fork_under_the_gate_gives_up_on_a_holder_that_waits_for_it_body() {
         let (space, cpu, id, _host) = two_blocks();
-        let (held_tx, held_rx) = std::sync::mpsc::channel();
-        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-        let other = {
-            let space = Arc::clone(&space);
-            std::thread::spawn(move || {
-                let hold = space.hold_forks().unwrap();
-                held_tx.send(()).unwrap();
-                // Waits for the forking thread (as for a lock it holds).
-                let _ = go_rx.recv_timeout(Duration::from_secs(20));
-                drop(hold);
-            })
-        };
-        held_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // Waits for the forking thread (as for a lock it holds).
+        let (other, go_tx) = holds_until_told(&space);
         let hold = space.hold_forks().unwrap();
         let guard = space.fork_prepare().unwrap();
         assert!(!guard.is_exclusive());
@@ -1037,5 +1121,68 @@ mod race_tests {
         assert_eq!(g.lost_bytes(), 0);
         g.parent();
         space.migrate(BASE, PAGE_SIZE, Proc::Cpu).unwrap();
+    }
+
+    /// Two threads inside operations (each holds the gate) prepare forks at once, the second
+    /// while the first waits for its hold. Each waited for the other's hold, a bounded time,
+    /// and went ahead without the gate: both children lost all private memory. A thread
+    /// preparing a fork does not change memory: the second takes the gate, the first waits for
+    /// that fork, then for the second's hold to end, and both are exclusive with nothing lost.
+    #[test]
+    fn two_forks_from_under_the_same_gate_are_both_exclusive() {
+        within_10s(two_forks_from_under_the_same_gate_are_both_exclusive_body);
+    }
+
+    fn two_forks_from_under_the_same_gate_are_both_exclusive_body() {
+        let (space, _cpu, _id, host) = two_blocks();
+        let hold = space.hold_forks().unwrap();
+        let first = {
+            let (space, host) = (Arc::clone(&space), Arc::clone(&host));
+            std::thread::spawn(move || {
+                let _hold = space.hold_forks().unwrap();
+                fork_here(&space, &host, false).unwrap()
+            })
+        };
+        let t = std::time::Instant::now();
+        while space.forks_waiting() == 0 {
+            assert!(t.elapsed() < Duration::from_secs(5), "the first fork never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let second = fork_here(&space, &host, false).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!first.is_finished(), "the first fork went ahead while the second's operation held the gate");
+        drop(hold);
+        let first = first.join().unwrap();
+        for (which, seen) in [("first", &first), ("second", &second)] {
+            assert!(seen.exclusive, "the {which} fork: {seen:?}");
+            assert_eq!(seen.lost_bytes, 0, "the {which} fork: {seen:?}");
+            assert!(seen.flushed.iter().all(|&b| b == 0xEE), "the {which} fork");
+        }
+        assert!(second.took < Duration::from_secs(1), "{:?}", second.took);
+        assert_eq!(space.stats().bytes_fork_lost, 0);
+    }
+
+    /// A prepare given up to be done again (`abandon`) takes its lost bytes back out of
+    /// `bytes_fork_lost`, as it takes itself out of `forks`: a fork counts once.
+    #[test]
+    fn an_abandoned_prepare_does_not_count_its_lost_bytes() {
+        within_10s(an_abandoned_prepare_does_not_count_its_lost_bytes_body);
+    }
+
+    fn an_abandoned_prepare_does_not_count_its_lost_bytes_body() {
+        let (space, _cpu, _id, _host) = two_blocks();
+        let (other, go_tx) = holds_until_told(&space);
+        let hold = space.hold_forks().unwrap();
+        let forks = space.stats().forks;
+        // Not exclusive (the other holder stays): everything lost.
+        let guard = space.fork_prepare().unwrap();
+        assert_eq!(guard.lost_bytes(), 2 * BLOCK_SIZE);
+        assert_eq!(space.stats().bytes_fork_lost, 2 * BLOCK_SIZE);
+        guard.abandon();
+        assert_eq!(space.stats().bytes_fork_lost, 0, "an abandoned prepare's lost bytes stayed counted");
+        assert_eq!(space.stats().forks, forks);
+        go_tx.send(()).unwrap();
+        other.join().unwrap();
+        drop(hold);
     }
 }

@@ -124,7 +124,8 @@ stats! {
     bytes_fork_flushed,
     /// Bytes of private memory a fork child cannot read (inaccessible there): data on a device
     /// that could not be copied, and the blocks a fork from under the fork gate could not lock
-    /// (see `AddressSpace::fork_prepare`). A fork prepared more than once counts each time.
+    /// (see `AddressSpace::fork_prepare`). A fork prepared more than once (see
+    /// `ForkGuard::abandon`) counts once.
     bytes_fork_lost,
 }
 

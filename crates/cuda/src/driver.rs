@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use cudarc::driver::sys::{self, CUresult};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
+use hetmm_core::device::DeviceError;
+
 use crate::kernels::{Dims, Value};
 use crate::plan::Access;
 use crate::CudaError;
@@ -112,9 +114,31 @@ impl Gpu {
         self.ctx.new_stream().map_err(driver_err("cuStreamCreate"))
     }
 
-    /// Waits for all work on the GPU.
-    pub fn synchronize(&self) -> Result<(), CudaError> {
-        self.ctx.synchronize().map_err(driver_err("cuCtxSynchronize"))
+    /// Waits for all work on the GPU, at most `limit`; fails with
+    /// [`DeviceError::Timeout`](hetmm_core::device::DeviceError::Timeout) when a kernel or copy is
+    /// still running then.
+    ///
+    /// `cuCtxSynchronize` itself cannot be given a time limit and no event covers every stream of
+    /// a context, so it runs on a thread of its own that this one waits for; after a time-out
+    /// that thread stays blocked in the driver until the work ends (a hung GPU costs a thread,
+    /// not the caller).
+    pub fn synchronize_within(&self, limit: Duration) -> Result<(), CudaError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ctx = Arc::clone(&self.ctx);
+        std::thread::Builder::new()
+            .name("hetmm-cuda-sync".into())
+            .spawn(move || {
+                let _ = tx.send(ctx.synchronize());
+            })
+            .map_err(|e| CudaError::Driver { call: "cuCtxSynchronize", code: format!("no thread to wait on: {e}") })?;
+        match rx.recv_timeout(limit) {
+            Ok(r) => r.map_err(driver_err("cuCtxSynchronize")),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(CudaError::Device(DeviceError::Timeout(limit))),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(CudaError::Driver {
+                call: "cuCtxSynchronize",
+                code: "the waiting thread ended without an answer".into(),
+            }),
+        }
     }
 
     fn device(&self) -> sys::CUdevice {
@@ -459,8 +483,10 @@ impl DeviceAlloc {
 
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
-        if self.gpu.bind().is_ok() {
-            // SAFETY: allocated by cuMemAlloc, freed once.
+        // `cuMemFree` waits for the device's work without a limit (a kernel that timed out may
+        // still read this memory): wait here, bounded, and leak the memory past the limit.
+        if self.gpu.synchronize_within(DROP_WAIT).is_ok() {
+            // SAFETY: allocated by cuMemAlloc, freed once, no kernel or copy running.
             let _ = check(unsafe { sys::cuMemFree_v2(self.ptr) }, "cuMemFree");
         }
     }
@@ -498,10 +524,10 @@ impl ManagedAlloc {
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
-    /// The memory as host bytes, after waiting for all work on the device (so no kernel uses it
-    /// while the host does).
-    pub fn host_mut(&mut self) -> Result<&mut [u8], CudaError> {
-        self.gpu.synchronize()?;
+    /// The memory as host bytes, after waiting for all work on the device, at most `limit` (so
+    /// no kernel uses it while the host does).
+    pub fn host_mut(&mut self, limit: Duration) -> Result<&mut [u8], CudaError> {
+        self.gpu.synchronize_within(limit)?;
         // Launching a kernel is an unsafe call whose contract forbids host use of its memory during
         // the kernel: after the synchronize above, no kernel uses it while the slice lives.
         // SAFETY: managed memory is host-accessible at `ptr` for `len` bytes while no kernel uses
@@ -525,9 +551,13 @@ impl ManagedAlloc {
     }
 }
 
+/// Longest a baseline allocation's drop waits for the GPU's work before freeing it; past it, the
+/// allocation is leaked rather than freed under a kernel or copy that may still use it.
+const DROP_WAIT: Duration = Duration::from_secs(10);
+
 impl Drop for ManagedAlloc {
     fn drop(&mut self) {
-        if self.gpu.synchronize().is_ok() {
+        if self.gpu.synchronize_within(DROP_WAIT).is_ok() {
             // SAFETY: allocated by cuMemAllocManaged, freed once, no kernel running.
             let _ = check(unsafe { sys::cuMemFree_v2(self.ptr) }, "cuMemFree");
         }
@@ -564,7 +594,7 @@ impl PinnedHost {
 
 impl Drop for PinnedHost {
     fn drop(&mut self) {
-        if self.gpu.synchronize().is_ok() {
+        if self.gpu.synchronize_within(DROP_WAIT).is_ok() {
             // SAFETY: allocated by cuMemAllocHost, freed once, no copy in flight.
             let _ = check(unsafe { sys::cuMemFreeHost(self.ptr as *mut std::ffi::c_void) }, "cuMemFreeHost");
         }

@@ -10,7 +10,10 @@
 //! copied home and the blocks it left on the device. memcpy of the whole buffer is measured in
 //! the same run for scale. Every byte is checked at the end, at its new address where it moved.
 //!
-//! `cargo run --release --example reshape_cost -- [SIZE] [REPEAT]` (default 256M 5).
+//! `cargo run --release --example reshape_cost -- [SIZE] [REPEAT] [MAPPINGS]` (default 256M 5 0).
+//! `MAPPINGS` other mappings (4 KiB each, alternately read-only so that none merge) are made
+//! first: applying an unmap or a move reads `/proc/self/maps` in places, whose cost grows with
+//! the number of mappings the process has.
 
 use std::time::Instant;
 
@@ -69,8 +72,9 @@ fn to_device(hm: &Hetmm, to: hetmm::Proc, ranges: &[(u64, u64)]) -> Result<(), h
     Ok(())
 }
 
-/// One run in a fresh address space: the costs of the protect, the munmap and the two mremaps.
-fn run(size: usize) -> Result<[Cost; 5], hetmm::Error> {
+/// One run in a fresh address space, with `extra` other mappings: the costs of the protect, the
+/// munmap and the two mremaps.
+fn run(size: usize, extra: usize) -> Result<[Cost; 5], Box<dyn std::error::Error>> {
     let hm = Hetmm::new()?;
     let dev = hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 2 * size as u64, ..SimConfig::default() })?)?;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
@@ -90,6 +94,9 @@ fn run(size: usize) -> Result<[Cost; 5], hetmm::Error> {
     let reserved2 = unsafe { libc::mmap(std::ptr::null_mut(), quarter + 2 * BLOCK, libc::PROT_NONE, anon, -1, 0) };
     assert_ne!(reserved2, libc::MAP_FAILED, "mmap of the second hole");
     let hole2 = ((reserved2 as usize).next_multiple_of(BLOCK) + PAGE) as *mut libc::c_void;
+    // Made after the buffer, so that the kernel places them below it: `/proc/self/maps` lists them
+    // before it.
+    let _others = other_mappings(extra)?;
     // SAFETY: `p..p + size` lies inside the mapping made above, which nothing else uses.
     let buf = unsafe { std::slice::from_raw_parts_mut(p, size) };
     for (i, b) in buf.iter_mut().enumerate() {
@@ -148,14 +155,30 @@ fn run(size: usize) -> Result<[Cost; 5], hetmm::Error> {
     Ok([protect_page, protect_quarter, munmap, away, shifted])
 }
 
-fn main() -> Result<(), hetmm::Error> {
+/// `n` anonymous 4 KiB mappings, every other one read-only so that the kernel keeps them apart
+/// (they live until dropped).
+fn other_mappings(n: usize) -> Result<Vec<Box<dyn std::any::Any>>, std::io::Error> {
+    (0..n)
+        .map(|i| -> Result<Box<dyn std::any::Any>, std::io::Error> {
+            let m = memmap2::MmapMut::map_anon(PAGE)?;
+            Ok(if i % 2 == 0 { Box::new(m.make_read_only()?) } else { Box::new(m) })
+        })
+        .collect()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let size = args.next().and_then(|s| hetmm::parse_size(&s)).unwrap_or(256 << 20) as usize;
     let size = size.next_multiple_of(BLOCK).max(4 * BLOCK);
     let repeat: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(5).max(1);
-    let runs = (0..repeat).map(|_| run(size)).collect::<Result<Vec<_>, _>>()?;
+    let extra: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let runs = (0..repeat).map(|_| run(size, extra)).collect::<Result<Vec<_>, _>>()?;
     let memcpy = size as f64 / hetmm::host::probe::memcpy_bandwidth(size, 5);
-    println!("buffer {} MiB on the sim device; memcpy of it {:.2} ms (same run)", size >> 20, memcpy * 1e3);
+    println!(
+        "buffer {} MiB on the sim device, {extra} other mappings; memcpy of it {:.2} ms (same run)",
+        size >> 20,
+        memcpy * 1e3
+    );
     let whats = [
         "protect 4 KiB",
         "protect a quarter",

@@ -42,6 +42,10 @@ use hetmm_sim::{Grid, SimDevice};
 
 pub use memory::SharedBuf;
 
+/// How many times [`Hetmm::alloc`] makes a new view when the core refuses it as overlapping old
+/// memory whose move or unmap by another thread is not applied yet.
+const ALLOC_TRIES: u32 = 8;
+
 /// Errors of the hetmm API.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -167,8 +171,32 @@ impl Hetmm {
             return Err(Error::EmptyAlloc);
         }
         let len = (bytes as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let region = Host::create_region(&self.host, len)?;
-        SharedBuf::new(Arc::clone(&self.space), region, count, &self.allocs)
+        // The kernel may hand the new view addresses that the program's `munmap` or `mremap` of
+        // managed memory just left. Until that change's event is applied, the core still has the
+        // old memory there and refuses the new region as overlapping it, and the host must not
+        // apply the event to the new view (it would forget the view, or follow it away): so the
+        // changes that returned before this call are applied first, and the host follows the new
+        // view only once the core holds it (by then the event is applied). A change another
+        // thread makes meanwhile may still leave an old region where the view lands: tried again,
+        // a few times, each once what was read of such changes is applied.
+        let mut tries = 0;
+        loop {
+            self.space.settle()?;
+            let region = Host::create_region_unlisted(&self.host, len)?;
+            match SharedBuf::new(Arc::clone(&self.space), Arc::clone(&region), count, &self.allocs) {
+                Err(Error::Core(CoreError::Overlap(_))) if tries < ALLOC_TRIES => {
+                    tries += 1;
+                    // Dropping the region gives its view back (unregistered first: no event).
+                    drop(region);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(buf) => {
+                    self.host.list_region(&region);
+                    return Ok(buf);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// An address space running the policy called `name` (`hetmm` or `uvm`).

@@ -108,6 +108,17 @@ impl<T> SharedBuf<T> {
 impl<T> Drop for SharedBuf<T> {
     fn drop(&mut self) {
         self.allocs.with(|m| m.remove(&self.ptr()));
+        // The program's `munmap`s and `mremap`s that returned before this drop are applied first:
+        // a part of the view moved away is a region of another CPU side only once its move is
+        // applied. Before, the view's region still covers it, and removing that region would free
+        // the moved memory's data (device copies included), leaving the move's event nothing to
+        // move: the memory would be registered but unknown to the core (a touch got SIGBUS).
+        // Bounded (it gives up after 10 s, logged); what is listed below is then as of now.
+        if let Err(e) = self.space.settle() {
+            if !matches!(e, hetmm_core::error::CoreError::ForkedAway) {
+                log::error!("freeing shared buffer at {:#x}: {e}", self.ptr());
+            }
+        }
         // `protect` of part of the buffer split its region: every piece goes (each lies inside
         // the buffer's own mapping). Parts the program moved away with `mremap` (or unmapped)
         // are not the buffer's any more: what it moved stays managed where it went, as the

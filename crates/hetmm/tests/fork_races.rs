@@ -6,6 +6,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use hetmm::sim::{SimConfig, SimDevice};
@@ -108,6 +109,8 @@ const WRONG: i32 = 3;
 const TOO_LATE: i32 = 4;
 /// The child's copy of hetmm memory failed (`ForkGuard::child` returned an error).
 const COPY_FAILED: i32 = 5;
+/// The child could not have all of hetmm's memory (`last_child_lost_bytes` is not 0).
+const LOST: i32 = 6;
 
 fn code(status: i32) -> i32 {
     assert!(libc::WIFEXITED(status), "child status {status:#x}");
@@ -261,6 +264,17 @@ fn memory_mapped_over_registered_memory_before_the_fork_is_the_childs() {
     unsafe { libc::munmap(p as *mut _, LEN) };
 }
 
+/// Rounds of a race test: at least `MIN_ROUNDS`, and more, up to `MAX_ROUNDS`, while none has
+/// been conclusive (the fork came before the other thread's change in each: on a loaded
+/// machine that can happen six times running).
+const MIN_ROUNDS: usize = 6;
+const MAX_ROUNDS: usize = 30;
+
+/// Whether a race test has run enough rounds after `round`, `conclusive` of them counting.
+fn enough(round: usize, conclusive: usize) -> bool {
+    round + 1 >= MIN_ROUNDS && conclusive > 0
+}
+
 /// The program maps new memory of its own over registered memory (`MAP_FIXED`: the registered
 /// memory is unmapped) while a fork is prepared. A child forked after that must see the new
 /// memory there: the fork's copy of the registered memory must not be put over it.
@@ -269,7 +283,7 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
     let _serial = serial();
     let (hm, _dev, _big) = setup();
     let mut conclusive = 0;
-    for round in 0..6 {
+    for round in 0..MAX_ROUNDS {
         let p = registered(&hm, OLD);
         let addr = p as usize;
         let map_over = move || {
@@ -304,6 +318,9 @@ fn memory_mapped_over_unmapped_registered_memory_is_the_childs() {
         assert!(v.iter().all(|&b| b == NEW), "round {round}: the parent's new memory changed");
         // SAFETY: unmaps only that mapping, this test's own; `v` is not used after.
         unsafe { libc::munmap(addr as *mut _, LEN) };
+        if enough(round, conclusive) {
+            break;
+        }
     }
     assert!(conclusive > 0, "no fork came after the unmap: the test proved nothing");
 }
@@ -316,7 +333,7 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
     let _serial = serial();
     let (hm, _dev, _big) = setup();
     let mut conclusive = 0;
-    for round in 0..6 {
+    for round in 0..MAX_ROUNDS {
         let p = registered(&hm, OLD);
         let addr = p as usize;
         // Where the memory moves: a placeholder the move replaces.
@@ -356,6 +373,9 @@ fn registered_memory_moved_during_a_fork_is_private_in_the_child() {
         hm.unregister(to as *const u8, LEN).unwrap();
         // SAFETY: unmaps only the moved mapping, this test's own; `v` is not used after.
         unsafe { libc::munmap(to as *mut _, LEN) };
+        if enough(round, conclusive) {
+            break;
+        }
     }
     assert!(conclusive > 0, "no fork came after the move: the test proved nothing");
 }
@@ -556,4 +576,248 @@ fn a_fork_on_a_thread_inside_a_hetmm_operation_does_not_hang() {
     if let Err(p) = body.join() {
         std::panic::resume_unwind(p);
     }
+}
+
+/// The environment variable that makes this test binary, run again by [`in_own_process`], play
+/// the scenario it names.
+const SCENARIO_ENV: &str = "HETMM_FORK_RACES_SCENARIO";
+
+/// Runs `body` in a process of its own (this test binary again, running only test `name`),
+/// which must end well within `limit`. A fork that deadlocks leaves threads stuck in the fork
+/// handlers, holding their locks, which would hang every later fork of the test process (and
+/// the test run): the process is killed instead, and the test fails saying so.
+fn in_own_process(name: &str, limit: Duration, body: impl FnOnce()) {
+    if std::env::var_os(SCENARIO_ENV).is_some_and(|v| v == name) {
+        body();
+        return;
+    }
+    let log_path = std::env::temp_dir().join(format!("hetmm-{name}-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(SCENARIO_ENV, name)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if t.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&log_path);
+    match status {
+        None => panic!("{name}: hung (killed after {limit:?}; a fork deadlocked?)\n{out}"),
+        Some(s) => assert!(s.success(), "{name}: the scenario failed ({s})\n{out}"),
+    }
+}
+
+/// Waits (at most 10 s) until `cond` holds, or fails with `what`.
+fn wait_until(cond: impl Fn() -> bool, what: &str) {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// 8 MiB of hetmm memory holding 3s, all of it only on a simulated device.
+fn device_only_data() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u8>) {
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    let dev =
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 64 << 20, ..SimConfig::default() }).unwrap()).unwrap();
+    let mut buf = hm.alloc::<u8>(8 << 20).unwrap();
+    buf.as_mut_slice().fill(3);
+    hm.migrate(buf.ptr(), buf.byte_len(), dev.proc()).unwrap();
+    (hm, dev, buf)
+}
+
+/// The check of a fork child (allocation-free): whether it has all of the `n` bytes at `p`
+/// (holding 3s), its copy made without error and nothing lost.
+fn child_has_everything(p: usize, n: usize) -> i32 {
+    if hetmm::host::fork::last_child_error().is_some() {
+        return COPY_FAILED;
+    }
+    // Lost memory is inaccessible (reading it raises SIGSEGV).
+    if hetmm::host::fork::last_child_lost_bytes() != 0 {
+        return LOST;
+    }
+    // SAFETY: in the child: its private copy of the hetmm memory at `p` (`n` bytes, mapped
+    // read-write, none of it lost), which nothing else uses.
+    if unsafe { all_are(p, n, 3) } {
+        FINE
+    } else {
+        WRONG
+    }
+}
+
+/// On a thread of its own: enters a hetmm operation (holds the fork gate, as a callback or
+/// signal handler that forks would), says so on `held`, and once told on `go` forks from inside
+/// it, the child checking it has the `n` bytes at `p`. The fork's status.
+fn fork_inside_when_told(hm: &Hetmm, held: &Sender<()>, go: &Receiver<()>, p: usize, n: usize) -> i32 {
+    let hold = hm.space().hold_forks().unwrap();
+    held.send(()).unwrap();
+    go.recv_timeout(Duration::from_secs(20)).expect("told to fork");
+    let status = fork_with(|| child_has_everything(p, n));
+    drop(hold);
+    status
+}
+
+/// Two forks at once: a thread inside a hetmm operation ([`fork_inside_when_told`]) forks once
+/// `other`, on another thread, has a fork waiting for that operation. Both forks' statuses:
+/// the one from inside, then `other`'s.
+fn fork_inside_once_another_waits(hm: &Hetmm, p: usize, n: usize, other: impl FnOnce() -> i32 + Send) -> (i32, i32) {
+    std::thread::scope(|s| {
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let inside = s.spawn(move || fork_inside_when_told(hm, &held_tx, &go_rx, p, n));
+        held_rx.recv_timeout(Duration::from_secs(10)).expect("the operation began");
+        let other = s.spawn(other);
+        wait_until(|| hm.space().forks_waiting() > 0, "the other fork never waited for the operation");
+        go_tx.send(()).unwrap();
+        (inside.join().unwrap(), other.join().unwrap())
+    })
+}
+
+/// After two forks since `before` forks: both counted, nothing lost, and `buf` (3s, prepared
+/// on the device) whole in the parent.
+fn two_forks_lost_nothing(hm: &Hetmm, before: u64, buf: &hetmm::SharedBuf<u8>) {
+    assert_eq!(hm.stats().forks - before, 2);
+    assert_eq!(hm.stats().bytes_fork_lost, 0);
+    hm.migrate(buf.ptr(), buf.byte_len(), Proc::Cpu).unwrap();
+    assert!(buf.as_slice().iter().all(|&b| b == 3));
+}
+
+/// Two forks at once, one of them from inside a hetmm operation (its thread holds the fork
+/// gate, as a callback or signal handler that forks would), the other from a thread outside
+/// any, whose prepare is already waiting for that operation when the first forks. They
+/// deadlocked: the outside prepare held the fork handler's registry lock while it waited,
+/// without limit, for the operation to end, and the fork inside the operation waited, without
+/// limit, for that lock. Both forks must go through, each child with all of the memory.
+#[test]
+fn a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock() {
+    let _serial = serial();
+    in_own_process(
+        "a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock",
+        Duration::from_secs(30),
+        || {
+            let (hm, _dev, buf) = device_only_data();
+            let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
+            let before = hm.stats().forks;
+            let (inside, outside) =
+                fork_inside_once_another_waits(&hm, p, n, || fork_with(|| child_has_everything(p, n)));
+            assert_eq!(code(inside), FINE, "the child of the fork from inside the operation");
+            assert_eq!(code(outside), FINE, "the child of the fork from outside");
+            two_forks_lost_nothing(&hm, before, &buf);
+        },
+    );
+}
+
+/// Two threads inside hetmm operations on the same address space fork at once (the second
+/// while the first waits for its operation to end). Each waited for the other's operation, a
+/// bounded time, then went ahead without the gate: every child lost all private memory. A
+/// thread that is itself forking does not change memory: each fork waits for the other's
+/// fork, not for its operation, and both children get all of the memory.
+#[test]
+fn two_forks_inside_operations_on_the_same_space_both_give_the_child_everything() {
+    let _serial = serial();
+    in_own_process(
+        "two_forks_inside_operations_on_the_same_space_both_give_the_child_everything",
+        Duration::from_secs(30),
+        || {
+            let (hm, _dev, buf) = device_only_data();
+            let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
+            let before = hm.stats().forks;
+            let t = Instant::now();
+            let (second, first) = fork_inside_once_another_waits(&hm, p, n, || {
+                let hold = hm.space().hold_forks().unwrap();
+                let status = fork_with(|| child_has_everything(p, n));
+                drop(hold);
+                status
+            });
+            let took = t.elapsed();
+            assert_eq!(code(first), FINE, "the child of the first fork (took {took:?})");
+            assert_eq!(code(second), FINE, "the child of the second fork (took {took:?})");
+            two_forks_lost_nothing(&hm, before, &buf);
+        },
+    );
+}
+
+/// As `a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock`, with two
+/// address spaces: the outside fork has taken the first one's gate and waits for the
+/// operation on the second when the thread inside that operation forks. That fork cannot have
+/// the first space (the other fork holds it, waiting for this thread): it waits a bounded time,
+/// then its child goes without the first space's private memory (inaccessible there, counted),
+/// and gets the second's; the outside fork then goes through, its child with everything.
+#[test]
+fn a_fork_inside_an_operation_while_another_fork_holds_another_space_is_bounded() {
+    let _serial = serial();
+    in_own_process(
+        "a_fork_inside_an_operation_while_another_fork_holds_another_space_is_bounded",
+        Duration::from_secs(30),
+        || {
+            // Prepared in this order: `first`, then `second`.
+            let (first, _dev1, buf1) = device_only_data();
+            let (second, _dev2, buf2) = device_only_data();
+            let (p1, n1) = (buf1.ptr() as usize, buf1.byte_len() as usize);
+            let (p2, n2) = (buf2.ptr() as usize, buf2.byte_len() as usize);
+            let t = Instant::now();
+            let (inside, outside) = std::thread::scope(|s| {
+                let second = &second;
+                let (held_tx, held_rx) = std::sync::mpsc::channel();
+                let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+                let inside = s.spawn(move || {
+                    let hold = second.space().hold_forks().unwrap();
+                    held_tx.send(()).unwrap();
+                    go_rx.recv_timeout(Duration::from_secs(20)).expect("told to fork");
+                    let status = fork_with(|| match child_has_everything(p2, n2) {
+                        // The first space's memory: lost is fine, the second's must be whole.
+                        LOST if hetmm::host::fork::last_child_lost_bytes() == n1 as u64 => {
+                            // The lost bytes are the first space's, none of these.
+                            // SAFETY: the child's private copy of the second space's `n2` bytes
+                            // at `p2`, none of it lost, which nothing else uses.
+                            if unsafe { all_are(p2, n2, 3) } {
+                                LOST
+                            } else {
+                                WRONG
+                            }
+                        }
+                        c => c,
+                    });
+                    drop(hold);
+                    status
+                });
+                held_rx.recv_timeout(Duration::from_secs(10)).expect("the operation began");
+                let outside = s.spawn(move || {
+                    fork_with(|| match child_has_everything(p1, n1) {
+                        FINE => child_has_everything(p2, n2),
+                        c => c,
+                    })
+                });
+                wait_until(|| second.space().forks_waiting() > 0, "the outside fork never waited for the operation");
+                go_tx.send(()).unwrap();
+                (inside.join().unwrap(), outside.join().unwrap())
+            });
+            let took = t.elapsed();
+            let inside = code(inside);
+            assert!(inside == FINE || inside == LOST, "the child of the fork inside the operation: {inside}");
+            assert_eq!(code(outside), FINE, "the child of the fork from outside");
+            if inside == LOST {
+                assert_eq!(first.stats().bytes_fork_lost, n1 as u64, "lost memory is counted");
+            }
+            assert!(took < Duration::from_secs(10), "{took:?}");
+            for (hm, buf) in [(&first, &buf1), (&second, &buf2)] {
+                hm.migrate(buf.ptr(), buf.byte_len(), Proc::Cpu).unwrap();
+                assert!(buf.as_slice().iter().all(|&b| b == 3));
+            }
+        },
+    );
 }

@@ -635,9 +635,10 @@ fn capacity_thrashing_keeps_the_hot_set_and_serves_the_rest_remotely() {
 
 /// Once the thrashing is over and memory has freed up, a block the thrashing response served
 /// remotely comes to the device when the device keeps using it: its accesses no longer fault,
-/// so the device's access counters say it is used. Without them (UVM's default on x86) it is
-/// read over the link for as long as it is used: 8 kernels reading its 2 MiB 16 times each read
-/// 256 MiB remotely.
+/// so the device's access counters say it is used, and once it is there kernels read none of it
+/// remotely. Without them (UVM's default on x86) it is read over the link for as long as it is
+/// used: 8 kernels reading its 2 MiB 16 times each read 256 MiB remotely. (It asserted that the
+/// block came within the first kernel, which a loaded machine did not always give it.)
 #[test]
 fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
     for counters in [true, false] {
@@ -652,9 +653,13 @@ fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
         });
         let blk = remote_block.expect("some block of cold is served remotely");
         let (before, stats) = (dev.driver().stats().remote_bytes, hm.stats());
-        let sums = hm.alloc::<u64>(8).unwrap();
-        for round in 0..8u64 {
-            let s = sums.ptr() + round * 8;
+        let sums = hm.alloc::<u64>(1).unwrap();
+        let first = ((blk - cold.ptr()) / 8) as usize;
+        let want = (first..first + (2 << 20) / 8).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ 0x55));
+        // One kernel of 16 blocks, each reading the whole block; checks the sum. The remote
+        // bytes it read.
+        let round = || {
+            let s = sums.ptr();
             let k = move |ctx: &BlockCtx| {
                 let mut buf = vec![0u64; SLICE];
                 let mut sum = 0u64;
@@ -668,18 +673,31 @@ fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
                 Ok(())
             };
             let uses = [Use::raw(blk, 2 << 20, Access::Read), Use::write(&sums)];
+            let remote = dev.driver().stats().remote_bytes;
             dev.launch(Grid { blocks: 16, threads_per_block: 1 }, &uses, k).unwrap().wait().unwrap();
-        }
-        let first = ((blk - cold.ptr()) / 8) as usize;
-        let want = (first..first + (2 << 20) / 8).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ 0x55));
-        assert!(sums.as_slice().iter().all(|&s| s == want), "every kernel read the block right");
-        let remote = dev.driver().stats().remote_bytes - before;
-        let d = hm.stats().since(&stats);
+            assert_eq!(sums.as_slice()[0], want, "the kernel read the block right");
+            dev.driver().stats().remote_bytes - remote
+        };
+        let resident = || hm.space().page_state(blk).unwrap().resident.has(me);
         if counters {
+            // The notices are served beside the kernels: on a loaded machine the block may come
+            // over a few kernels later (each reads 32 MiB remotely until it does), but it comes.
+            let mut rounds = 0;
+            while !resident() {
+                assert!(rounds < 64, "the block never came to the device: {:?}", hm.stats().since(&stats));
+                round();
+                rounds += 1;
+            }
+            let d = hm.stats().since(&stats);
             assert!(d.access_unmapped_pages > 0, "no notice moved anything: {d:?}");
-            assert!(remote <= 16 << 20, "{} MiB read remotely after the thrashing", remote >> 20);
+            assert_eq!(round(), 0, "read remotely once on the device");
         } else {
-            assert_eq!(d.access_unmapped_pages, 0);
+            for _ in 0..8 {
+                round();
+            }
+            assert!(!resident());
+            assert_eq!(hm.stats().since(&stats).access_unmapped_pages, 0);
+            let remote = dev.driver().stats().remote_bytes - before;
             assert!(remote >= 128 << 20, "only {} MiB read remotely: the test shows nothing", remote >> 20);
         }
     }

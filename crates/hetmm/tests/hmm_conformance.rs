@@ -108,9 +108,20 @@ impl Dmirror {
         u64::from(hm.stats().device_faults > before)
     }
 
+    /// Waits until hetmm has applied the CPU-side events read so far, as `Device::launch` does
+    /// before a kernel starts. The commands launch on the driver directly; in Linux the
+    /// program's `munmap` has invalidated the device's mappings (mmu notifier) by the time it
+    /// returns, but userfaultfd lets it return once hetmm's reader has *read* its event, and a
+    /// kernel launched before the event is applied reads through the old mapping (under load,
+    /// `anon_teardown` read the half it had just unmapped).
+    fn settle(hm: &Hetmm) -> Result<(), i32> {
+        hm.space().settle().map_err(|_| libc::EBUSY)
+    }
+
     /// HMM_DMIRROR_READ: the device reads the range into `mirror`.
     fn read(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &mut [u8]) -> Result<Cmd, i32> {
         Self::check(addr, npages)?;
+        Self::settle(hm)?;
         let before = hm.stats().device_faults;
         let out = Arc::new(Mutex::new(vec![0u8; npages * PS]));
         let o = Arc::clone(&out);
@@ -129,6 +140,7 @@ impl Dmirror {
     /// HMM_DMIRROR_WRITE: the device writes `mirror` into the range.
     fn write(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &[u8]) -> Result<Cmd, i32> {
         Self::check(addr, npages)?;
+        Self::settle(hm)?;
         let before = hm.stats().device_faults;
         let data = Arc::new(mirror[..npages * PS].to_vec());
         let k = move |ctx: &BlockCtx| {
@@ -157,7 +169,7 @@ impl Dmirror {
     fn migrate_to_dev(&self, hm: &Hetmm, addr: u64, npages: usize, mirror: &mut [u8]) -> Result<Cmd, i32> {
         Self::check(addr, npages)?;
         let len = (npages * PS) as u64;
-        hm.space().settle().map_err(|_| libc::EBUSY)?;
+        Self::settle(hm)?;
         hm.space().check_span(addr, len).map_err(|e| errno_of(&Error::Core(e), false))?;
         let snap = hm.snapshot(addr, len, &self.dev).map_err(|e| errno_of(&e, false))?;
         if snap.iter().any(|s| s.prot.is_empty() || s.kind == hetmm::core::snapshot::SnapKind::Error) {

@@ -1404,3 +1404,54 @@ fn a_grown_part_outliving_its_managed_part_is_plain_memory() {
         assert_eq!(free, total, "device memory freed");
     }
 }
+
+/// A buffer dropped right after the program moved all its memory away with `mremap` (the move's
+/// event read, not yet applied): the moved memory stays managed at its new address with every
+/// byte, its device copies included; and a buffer allocated right after the move (the kernel
+/// may hand out the addresses just left) is made, not refused as overlapping the old memory.
+/// (The drop found the view's region still at the old address and freed it, device data and
+/// all; the move's event then found nothing to move: the memory was left registered but unknown
+/// to the core, and a touch got SIGBUS.)
+#[test]
+fn a_buffer_dropped_right_after_its_memory_moved_leaves_that_memory_managed() {
+    let (hm, dev) = setup(16 << 20);
+    let len = 16 * PS;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    let mut reused = 0;
+    for round in 0..20u8 {
+        let mut buf = hm.alloc::<u8>(len).unwrap();
+        buf.as_mut_slice().fill(round + 1);
+        let p = buf.ptr() as usize;
+        hm.migrate(p as u64, len as u64, dev.proc()).unwrap();
+        // SAFETY: a new PROT_NONE placeholder where the kernel chooses replaces no mapping.
+        let q = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, anon, -1, 0) } as usize;
+        assert_ne!(q, libc::MAP_FAILED as usize);
+        // SAFETY: moves the buffer's whole view (no slice of it alive) over the test's placeholder.
+        let r = unsafe { libc::mremap(p as *mut _, len, len, fixed, q as *mut libc::c_void) } as usize;
+        assert_eq!(r, q, "{}", std::io::Error::last_os_error());
+        // Odd rounds allocate first, then drop.
+        let alloc = || hm.alloc::<u8>(len).unwrap_or_else(|e| panic!("round {round}: alloc right after the move: {e}"));
+        let next = if round % 2 == 1 {
+            let next = alloc();
+            drop(buf);
+            next
+        } else {
+            drop(buf);
+            alloc()
+        };
+        reused += u32::from(next.ptr() as usize == p);
+        hm.space().settle().unwrap();
+        assert!(hm.space().check_span(q as u64, len as u64).is_ok(), "round {round}: the moved memory is managed");
+        let (wrong, k) = count_wrong(q, len / PS, move |_| u64::from_ne_bytes([round + 1; 8]));
+        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        assert_eq!(wrong.load(Ordering::Relaxed), 0, "round {round}: words a kernel read wrong");
+        // SAFETY: the moved memory, mapped read-write at `q`, managed (checked above).
+        let bytes = unsafe { std::slice::from_raw_parts(q as *const u8, len) };
+        assert!(bytes.iter().all(|&b| b == round + 1), "round {round}: the moved bytes");
+        drop(next);
+        // SAFETY: the test's own mapping now, not used after.
+        unsafe { libc::munmap(q as *mut _, len) };
+    }
+    eprintln!("{reused} of 20 buffers allocated right after a move got the addresses it left");
+}

@@ -1,8 +1,11 @@
 //! A randomized, seeded stress test: CPU threads and kernels on two small simulated devices
 //! (so eviction and oversubscription happen) over an allocated buffer and registered private
 //! memory, with random interleavings of CPU reads and writes, kernel reads and writes,
-//! migrations, every kind of advice, `protect`, `mprotect`, `munmap`, `mremap`,
-//! unregister/register and `fork()`, every byte checked against a reference model.
+//! migrations, every kind of advice, `protect`, `mprotect`, `munmap`, `mremap` (plain, with
+//! `MREMAP_DONTUNMAP`, growing while it moves, growing in place, shrinking and growing again; of
+//! memory on a device or duplicated ReadMostly on both), memory moved out of new buffers from
+//! `Hetmm::alloc` (kept a while or dropped at once), unregister/register and `fork()`, every byte
+//! checked against a reference model.
 //!
 //! The model is exact: memory is cut into slices, each behind a lock, and whoever holds a
 //! slice's lock knows what it holds (a generation; generation 0 is zeros). Content-changing
@@ -192,13 +195,15 @@ struct World {
     rslot: u64,
     rslots: Vec<Mutex<Slot>>,
     gen: AtomicU64,
-    counts: [AtomicU64; 18],
+    counts: [AtomicU64; 23],
+    /// Buffers whose memory was moved into R slots, kept a while.
+    bufs: Mutex<Vec<SharedBuf<u64>>>,
     bg: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The range pinned now (`HETMM_STRESS_PIN`).
     pinned: Mutex<Option<(u64, u64)>>,
 }
 
-const NAMES: [&str; 18] = [
+const NAMES: [&str; 23] = [
     "cpu",
     "kwrite",
     "kread",
@@ -217,6 +222,11 @@ const NAMES: [&str; 18] = [
     "runreg",
     "madvise",
     "rmigrate",
+    "rdontunmap",
+    "rgrowmove",
+    "rgrow",
+    "rshrink",
+    "rbuf",
 ];
 
 impl World {
@@ -519,6 +529,10 @@ fn rstep(w: &World, rng: &mut Rng) {
     let (a, len) = (w.r_addr(i), w.rslot);
     match *s {
         Slot::Gone => {}
+        Slot::Hole if rng.chance(3) => {
+            *s = Slot::Live(buffer_into(w, rng, a, len));
+            w.count(22);
+        }
         Slot::Hole => {
             assert!(mmap_fixed(a, len, libc::PROT_READ | libc::PROT_WRITE, false));
             let gen = if rng.chance(4) { 0 } else { w.gen() };
@@ -527,7 +541,7 @@ fn rstep(w: &World, rng: &mut Rng) {
             *s = Slot::Live(gen);
             w.count(8);
         }
-        Slot::Live(gen) => match rng.below(12) {
+        Slot::Live(gen) => match rng.below(14) {
             0 => {
                 // SAFETY: we hold Live slot i's lock, so the range is this test's own mapping,
                 // which no other thread reads, writes or remaps; `reserve` refills the hole.
@@ -535,38 +549,11 @@ fn rstep(w: &World, rng: &mut Rng) {
                 *s = reserve(a, len);
                 w.count(9);
             }
-            1 | 11 => {
-                let j = rng.below(w.rslots.len() as u64) as usize;
-                if j == i {
-                    return;
-                }
-                let Ok(mut t) = w.rslots[j].try_lock() else { return };
-                if *t != Slot::Hole {
-                    return;
-                }
-                let b = w.r_addr(j);
-                // SAFETY: we hold the locks of Live slot i (our mapping) and of slot j != i, a
-                // PROT_NONE placeholder of ours: MREMAP_FIXED replaces only that placeholder.
-                let r = unsafe {
-                    libc::mremap(a as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, b)
-                };
-                assert_eq!(r as u64, b, "mremap: {}", std::io::Error::last_os_error());
-                *s = reserve(a, len);
-                *t = Slot::Live(gen);
-                // Sometimes check at once, by the CPU or a device.
-                match rng.below(3) {
-                    0 => cpu_check("after mremap", b, len, gen, 0),
-                    1 => {
-                        let p = Piece { addr: b, len, idx0: 0, old: gen, new: None };
-                        match kernel(w.dev(rng), &[p], false) {
-                            Ok(None) => {}
-                            Ok(Some(m)) => panic!("kernel after mremap to slot {j}: {m}"),
-                            Err(e) => panic!("kernel after mremap to slot {j}: {e}"),
-                        }
-                    }
-                    _ => {}
-                }
-                w.count(10);
+            1 | 11 => rmove(w, rng, i, &mut s, gen),
+            12 => rgrow(w, rng, i, gen),
+            13 => {
+                *s = rshrink(w, rng, i, gen);
+                w.count(21);
             }
             2 | 3 => {
                 cpu_check("R cpu", a, len, gen, 0);
@@ -678,6 +665,267 @@ fn rstep(w: &World, rng: &mut Rng) {
     }
 }
 
+/// Checks `[addr, addr + len)` (words from `idx0`) holds `gen` by a kernel on a random device,
+/// and has it write `new` there when given; `what` names it in a failure.
+fn kernel_check(w: &World, rng: &mut Rng, what: &str, addr: u64, len: u64, gen: u64, new: Option<u64>) {
+    let p = Piece { addr, len, idx0: 0, old: gen, new };
+    match kernel(w.dev(rng), &[p], new.is_some()) {
+        Ok(None) => {}
+        Ok(Some(m)) => panic!("{what}: {m}"),
+        Err(e) => panic!("{what}: {e}"),
+    }
+}
+
+/// Checks Live memory `[a, a + len)` holding `gen` at once, by the CPU or a device, or rewrites
+/// it by a device; returns what it holds then.
+fn check_now(w: &World, rng: &mut Rng, what: &str, a: u64, len: u64, gen: u64) -> u64 {
+    match rng.below(4) {
+        0 => cpu_check(what, a, len, gen, 0),
+        1 => kernel_check(w, rng, what, a, len, gen, None),
+        2 => {
+            // A device's write must reach every copy: the CPU's and another device's read next.
+            let new = w.gen();
+            kernel_check(w, rng, what, a, len, gen, Some(new));
+            if rng.chance(2) {
+                cpu_check(what, a, len, new, 0);
+            } else {
+                kernel_check(w, rng, what, a, len, new, None);
+            }
+            return new;
+        }
+        _ => {}
+    }
+    gen
+}
+
+/// Fills a Hole slot at `[a, a + len)` with the memory of a new buffer from `Hetmm::alloc`
+/// (its data written by the CPU, sometimes on a device first), moved there with `mremap` over
+/// the placeholder: from then on it is the program's mapping, managed like registered memory.
+/// The buffer is dropped at once or kept a while (another thread may drop it later, while the
+/// memory moved out of it is in use). Returns the generation it holds.
+fn buffer_into(w: &World, rng: &mut Rng, a: u64, len: u64) -> u64 {
+    let buf = w.hm.alloc::<u64>((len / 8) as usize).unwrap_or_else(|e| panic!("alloc for slot {a:#x}: {e}"));
+    let gen = w.gen();
+    cpu_fill(buf.ptr(), len, gen, 0);
+    if rng.chance(2) {
+        let to = w.proc(rng);
+        w.hm.migrate(buf.ptr(), len, to).unwrap_or_else(|e| panic!("migrate a buffer to {to:?}: {e}"));
+    }
+    // SAFETY: moves the whole view of our new buffer (no slice of it is alive) over the PROT_NONE
+    // placeholder at `a`, a Hole slot whose lock the caller holds: MREMAP_FIXED replaces only that.
+    let r = unsafe {
+        libc::mremap(buf.ptr() as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, a)
+    };
+    assert_eq!(r as u64, a, "mremap of a buffer to {a:#x}: {}", std::io::Error::last_os_error());
+    let gen = check_now(w, rng, "moved out of a buffer", a, len, gen);
+    let mut kept = w.bufs.lock().unwrap();
+    if rng.chance(2) {
+        kept.push(buf);
+    }
+    // Up to a few buffers stay; a random one goes.
+    if kept.len() > 3 || (!kept.is_empty() && rng.chance(2)) {
+        let k = rng.below(kept.len() as u64) as usize;
+        drop(kept.swap_remove(k));
+    }
+    gen
+}
+
+/// Moves Live slot `i` (holding `gen`; the caller holds its lock, `s`) over a Hole slot `j`:
+/// plainly, with `MREMAP_DONTUNMAP` (the old range, left mapped, must be empty memory: zeros,
+/// the program's own), or growing into slot `j + 1` too (the new part must be fresh zeros,
+/// the program's own, not managed). Sometimes a device holds the data first, or both devices a
+/// ReadMostly duplicate each: they must follow the move or be dropped, never show the old data.
+fn rmove(w: &World, rng: &mut Rng, i: usize, s: &mut Slot, gen: u64) {
+    let n = w.rslots.len();
+    let (a, len) = (w.r_addr(i), w.rslot);
+    // 0, 1: plain; 2: DONTUNMAP; 3: grown.
+    let how = rng.below(4);
+    let grow = how == 3;
+    // The first free Hole slot (two in a row to grow) from a random one.
+    let hole = |j: usize| w.rslots[j].try_lock().ok().filter(|t| **t == Slot::Hole);
+    let first = rng.below(n as u64) as usize;
+    let Some((j, mut t, t2)) = (0..n).map(|k| (first + k) % n).find_map(|j| {
+        if j == i || (grow && (j + 1 >= n || j + 1 == i)) {
+            return None;
+        }
+        let t = hole(j)?;
+        let t2 = if grow { Some(hole(j + 1)?) } else { None };
+        Some((j, t, t2))
+    }) else {
+        return;
+    };
+    let b = w.r_addr(j);
+    let mut gen = gen;
+    match rng.below(4) {
+        0 => {
+            let to = w.devs[rng.below(2) as usize].proc();
+            w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("migrate R slot {i} to {to:?} before a move: {e}"));
+        }
+        1 => {
+            w.hm.advise(a, len, Advice::ReadMostly(true)).unwrap_or_else(|e| panic!("read-mostly R slot {i}: {e}"));
+            for d in &w.devs {
+                let p = Piece { addr: a, len, idx0: 0, old: gen, new: None };
+                match kernel(d, &[p], false) {
+                    Ok(None) => {}
+                    Ok(Some(m)) => panic!("duplicate of R slot {i} before a move: {m}"),
+                    Err(e) => panic!("duplicate of R slot {i} before a move: {e}"),
+                }
+            }
+            if rng.chance(2) {
+                cpu_check("R read-mostly before a move", a, len, gen, 0);
+            }
+        }
+        _ => {}
+    }
+    let fixed = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    let (new_len, flags) = match how {
+        2 => (len, fixed | libc::MREMAP_DONTUNMAP),
+        3 => (2 * len, fixed),
+        _ => (len, fixed),
+    };
+    // SAFETY: we hold the locks of Live slot i (our mapping) and of slot j != i (and j + 1 != i
+    // when growing), PROT_NONE placeholders of ours: MREMAP_FIXED replaces only those.
+    let r = unsafe { libc::mremap(a as *mut _, len as usize, new_len as usize, flags, b) };
+    assert_eq!(r as u64, b, "mremap ({how}) of R slot {i} to {j}: {}", std::io::Error::last_os_error());
+    if how == 2 {
+        // The old range stays mapped: empty, the program's own private memory (its touch is
+        // served after the move's event, which the kernel queued first).
+        cpu_check("R left behind by MREMAP_DONTUNMAP", a, len, 0, 0);
+        if rng.chance(2) {
+            let x = w.gen();
+            cpu_fill(a, len, x, 0);
+            cpu_check("R left behind, rewritten", a, len, x, 0);
+        }
+        // SAFETY: the old range of Live slot i, whose lock we hold: our own private memory now;
+        // `reserve` puts the placeholder back.
+        assert_eq!(unsafe { libc::munmap(a as *mut _, len as usize) }, 0);
+    }
+    *s = reserve(a, len);
+    if let Some(mut g) = t2 {
+        let c = b + len;
+        cpu_check("R grown by a move", c, len, 0, 0);
+        if rng.chance(2) {
+            // Plain memory now: registered, it is a slot of its own.
+            let x = w.gen();
+            cpu_fill(c, len, x, 0);
+            w.hm.register(c as *const u8, len as usize).unwrap_or_else(|e| panic!("register grown {c:#x}: {e}"));
+            *g = Slot::Live(x);
+        } else {
+            // SAFETY: slot j + 1, whose lock we hold: the part the move grew, our own private
+            // memory; `reserve` puts the placeholder back.
+            assert_eq!(unsafe { libc::munmap(c as *mut _, len as usize) }, 0);
+            *g = reserve(c, len);
+        }
+    }
+    if rng.chance(2) {
+        gen = check_now(w, rng, &format!("R slot {i} moved ({how}) to {j}"), b, len, gen);
+    }
+    *t = Slot::Live(gen);
+    w.count(match how {
+        2 => 18,
+        3 => 19,
+        _ => 10,
+    });
+}
+
+/// Grows Live slot `i` (holding `gen`, under its lock) in place over slot `i + 1`, a Hole whose
+/// placeholder is given back to make room (no event: the kernel extends the memfd mapping): the
+/// new part is fresh memory, the program's own. It is touched (zeros), then registered as slot
+/// `i + 1` or unmapped; or never touched and unmapped, or shrunk away again. Slot `i` keeps its
+/// data throughout.
+fn rgrow(w: &World, rng: &mut Rng, i: usize, gen: u64) {
+    if i + 1 >= w.rslots.len() {
+        return;
+    }
+    let Ok(mut t) = w.rslots[i + 1].try_lock() else { return };
+    if *t != Slot::Hole {
+        return;
+    }
+    let (a, len) = (w.r_addr(i), w.rslot);
+    let c = a + len;
+    // SAFETY: slot i + 1's PROT_NONE placeholder, whose lock we hold.
+    assert_eq!(unsafe { libc::munmap(c as *mut _, len as usize) }, 0);
+    // SAFETY: grows Live slot i (our mapping, under its lock) in place into the addresses just
+    // freed (no MREMAP_MAYMOVE: it fails rather than replace anything another thread mapped there).
+    let r = unsafe { libc::mremap(a as *mut _, len as usize, 2 * len as usize, 0) };
+    if r as u64 != a {
+        // Another thread's mapping took the room.
+        *t = reserve(c, len);
+        return;
+    }
+    match rng.below(3) {
+        0 => {
+            cpu_check("R grown in place", c, len, 0, 0);
+            let x = w.gen();
+            cpu_fill(c, len, x, 0);
+            if rng.chance(2) {
+                w.hm.register(c as *const u8, len as usize).unwrap_or_else(|e| panic!("register grown {c:#x}: {e}"));
+                *t = Slot::Live(x);
+            } else {
+                cpu_check("R grown in place, rewritten", c, len, x, 0);
+                // SAFETY: the grown part, slot i + 1 (under its lock): our own private memory.
+                assert_eq!(unsafe { libc::munmap(c as *mut _, len as usize) }, 0);
+                *t = reserve(c, len);
+            }
+        }
+        1 => {
+            // SAFETY: shrinks slot i (our mapping, under its lock) back in place: the kernel unmaps
+            // the grown part (slot i + 1's addresses, under its lock).
+            let r = unsafe { libc::mremap(a as *mut _, 2 * len as usize, len as usize, 0) };
+            assert_eq!(r as u64, a, "shrinking R slot {i} back: {}", std::io::Error::last_os_error());
+            *t = reserve(c, len);
+        }
+        _ => {
+            // SAFETY: the grown part, slot i + 1 (under its lock), never touched.
+            assert_eq!(unsafe { libc::munmap(c as *mut _, len as usize) }, 0);
+            *t = reserve(c, len);
+        }
+    }
+    match rng.below(3) {
+        0 => cpu_check("R grown, its managed part", a, len, gen, 0),
+        1 => kernel_check(w, rng, &format!("R slot {i} grown, its managed part"), a, len, gen, None),
+        _ => {}
+    }
+    w.count(20);
+}
+
+/// Shrinks Live slot `i` (holding `gen`, under its lock) in place to half and grows it again (as
+/// `realloc` may): the regrown half is fresh zeros (not the data the shrink gave up), the kept
+/// half keeps its data; then the slot is one registration again (the kept half given back,
+/// all of it rewritten and registered). What the slot is then.
+fn rshrink(w: &World, rng: &mut Rng, i: usize, gen: u64) -> Slot {
+    let (a, len) = (w.r_addr(i), w.rslot);
+    let half = len / 2;
+    // SAFETY: shrinks Live slot i (our mapping, under its lock) in place; the kernel unmaps its
+    // second half.
+    let r = unsafe { libc::mremap(a as *mut _, len as usize, half as usize, 0) };
+    assert_eq!(r as u64, a, "shrinking R slot {i}: {}", std::io::Error::last_os_error());
+    if rng.chance(2) {
+        kernel_check(w, rng, &format!("R slot {i} shrunk"), a, half, gen, None);
+    }
+    // SAFETY: grows it in place again into the half it gave up (no MREMAP_MAYMOVE: it fails
+    // rather than replace anything another thread mapped there meanwhile).
+    let r = unsafe { libc::mremap(a as *mut _, half as usize, len as usize, 0) };
+    if r as u64 != a {
+        // Another thread's mapping took the half: the slot is given up.
+        w.hm.unregister(a as *const u8, half as usize).unwrap_or_else(|e| panic!("unregister shrunk {a:#x}: {e}"));
+        // SAFETY: the kept half of slot i, under its lock: our own private memory now.
+        assert_eq!(unsafe { libc::munmap(a as *mut _, half as usize) }, 0);
+        return reserve(a, len);
+    }
+    // Words of the second half numbered from `half / 8`: zeros are zeros whatever the number.
+    cpu_check("R regrown half", a + half, half, 0, half / 8);
+    if rng.chance(2) {
+        kernel_check(w, rng, &format!("R slot {i} shrunk and regrown, kept half"), a, half, gen, None);
+    }
+    cpu_check("R shrunk and regrown, kept half", a, half, gen, 0);
+    w.hm.unregister(a as *const u8, half as usize).unwrap_or_else(|e| panic!("unregister kept half {a:#x}: {e}"));
+    let new = w.gen();
+    cpu_fill(a, len, new, 0);
+    w.hm.register(a as *const u8, len as usize).unwrap_or_else(|e| panic!("re-register regrown {a:#x}: {e}"));
+    Slot::Live(new)
+}
+
 fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
     let _ = env_logger::builder().is_test(true).try_init();
     let mut rng = Rng(seed);
@@ -729,6 +977,7 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         rslots: (0..nr).map(|_| Mutex::new(Slot::Hole)).collect(),
         gen: AtomicU64::new((seed << 32) | 1),
         counts: Default::default(),
+        bufs: Mutex::new(Vec::new()),
         bg: Mutex::new(Vec::new()),
         pinned: Mutex::new(None),
     });
@@ -932,4 +1181,133 @@ fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool) {
         "{iters} moves {apart} bytes apart: {} blocks and {} pages moved with their device copies, {} revokes raced",
         st.reshape_blocks_kept, st.reshape_pages_rekeyed, st.revokes_raced
     );
+}
+
+/// Two simulated devices of 4 MiB each, attached to `hm`.
+fn two_small_devices(hm: &Hetmm) -> Vec<Device<SimDevice>> {
+    (0..2)
+        .map(|_| {
+            hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 4 << 20, ..SimConfig::default() }).unwrap()).unwrap()
+        })
+        .collect()
+}
+
+/// Focused: registered memory duplicated ReadMostly on both devices (and sometimes written by
+/// one device, or the CPU, first) moved with `mremap` over and over, `apart` bytes each way; each
+/// device reads it at the new place after every move. `HETMM_STRESS_DUP=<moves>` (default 100).
+#[test]
+fn read_mostly_duplicates_follow_mremap() {
+    let iters = env("HETMM_STRESS_DUP").unwrap_or(100);
+    let _ = env_logger::builder().is_test(true).try_init();
+    for apart in [16 * PS, 2 << 20] {
+        let hm = Hetmm::new().unwrap();
+        let devs = two_small_devices(&hm);
+        let len = 16 * PS;
+        let base = (0x1100_0000_0000u64..)
+            .step_by(1 << 30)
+            .find(|&b| mmap_fixed(b, apart + len, libc::PROT_NONE, true))
+            .unwrap();
+        let (x, y) = (base, base + apart);
+        assert!(mmap_fixed(x, len, libc::PROT_READ | libc::PROT_WRITE, false));
+        let mut gen = 1;
+        cpu_fill(x, len, gen, 0);
+        hm.register(x as *const u8, len as usize).unwrap();
+        let mut at = x;
+        let mut rng = Rng(apart);
+        for i in 0..iters {
+            hm.advise(at, len, Advice::ReadMostly(true)).unwrap();
+            match rng.below(3) {
+                0 => {
+                    gen += 1;
+                    let p = Piece { addr: at, len, idx0: 0, old: gen - 1, new: Some(gen) };
+                    assert_eq!(kernel(&devs[rng.below(2) as usize], &[p], true).unwrap(), None, "move {i}: write");
+                }
+                1 => {
+                    gen += 1;
+                    cpu_fill(at, len, gen, 0);
+                }
+                _ => {}
+            }
+            for d in &devs {
+                let p = Piece { addr: at, len, idx0: 0, old: gen, new: None };
+                assert_eq!(kernel(d, &[p], false).unwrap(), None, "move {i}: duplicate before");
+            }
+            let to = if at == x { y } else { x };
+            // SAFETY: `at` holds the test's registered memory; `to` is its PROT_NONE placeholder in
+            // this test's own reservation: MREMAP_FIXED replaces only that.
+            let r = unsafe {
+                libc::mremap(at as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to)
+            };
+            assert_eq!(r as u64, to);
+            assert_eq!(reserve(at, len), Slot::Hole);
+            at = to;
+            for k in 0..2 {
+                let d = &devs[(k + i as usize) % 2];
+                let p = Piece { addr: at, len, idx0: 0, old: gen, new: None };
+                assert_eq!(kernel(d, &[p], false).unwrap(), None, "move {i} ({apart} apart): device {k} after");
+            }
+            cpu_check(&format!("move {i}"), at, len, gen, 0);
+        }
+        hm.unregister(at as *const u8, len as usize).unwrap();
+        // SAFETY: the test's own reservation (both places), not used after.
+        unsafe { libc::munmap(base as *mut _, (apart + len) as usize) };
+    }
+}
+
+/// Focused: registered memory shrunk to half and grown in place again over and over (its data
+/// on a device or the CPU), checked by devices and the CPU each time, then registered whole
+/// again. `HETMM_STRESS_SHRINK=<rounds>` (default 100).
+#[test]
+fn shrink_and_regrow_in_place_keeps_the_kept_half() {
+    let iters = env("HETMM_STRESS_SHRINK").unwrap_or(100);
+    let _ = env_logger::builder().is_test(true).try_init();
+    for policy in ["hetmm", "uvm"] {
+        let hm = Hetmm::with_policy(policy).unwrap();
+        let devs = two_small_devices(&hm);
+        let len = 16 * PS;
+        let half = len / 2;
+        let a =
+            (0x1200_0000_0000u64..).step_by(1 << 30).find(|&b| mmap_fixed(b, 2 * len, libc::PROT_NONE, true)).unwrap();
+        assert!(mmap_fixed(a, len, libc::PROT_READ | libc::PROT_WRITE, false));
+        // SAFETY: the second half of the test's reservation: room to grow.
+        assert_eq!(unsafe { libc::munmap((a + len) as *mut _, len as usize) }, 0);
+        let mut gen = 1;
+        cpu_fill(a, len, gen, 0);
+        hm.register(a as *const u8, len as usize).unwrap();
+        let mut rng = Rng(7);
+        for i in 0..iters {
+            let d = &devs[rng.below(2) as usize];
+            match rng.below(3) {
+                0 => hm.migrate(a, len, d.proc()).unwrap(),
+                1 => {
+                    gen += 1;
+                    let p = Piece { addr: a, len, idx0: 0, old: gen - 1, new: Some(gen) };
+                    assert_eq!(kernel(d, &[p], true).unwrap(), None, "round {i}: write");
+                }
+                _ => {}
+            }
+            // SAFETY: shrinks the test's registered memory in place.
+            assert_eq!(unsafe { libc::mremap(a as *mut _, len as usize, half as usize, 0) } as u64, a);
+            if rng.chance(2) {
+                let p = Piece { addr: a, len: half, idx0: 0, old: gen, new: None };
+                assert_eq!(kernel(d, &[p], false).unwrap(), None, "round {i}: shrunk");
+            }
+            // SAFETY: grows it in place again into the half it gave up (nothing else maps there:
+            // far below where the kernel places mappings).
+            assert_eq!(unsafe { libc::mremap(a as *mut _, half as usize, len as usize, 0) } as u64, a);
+            cpu_check(&format!("round {i}: regrown half"), a + half, half, 0, half / 8);
+            if rng.chance(2) {
+                let p = Piece { addr: a, len: half, idx0: 0, old: gen, new: None };
+                assert_eq!(kernel(d, &[p], false).unwrap(), None, "round {i}: kept half");
+            }
+            cpu_check(&format!("round {i}: kept half"), a, half, gen, 0);
+            hm.unregister(a as *const u8, half as usize).unwrap();
+            gen += 1;
+            cpu_fill(a, len, gen, 0);
+            hm.register(a as *const u8, len as usize).unwrap();
+        }
+        hm.unregister(a as *const u8, len as usize).unwrap();
+        // SAFETY: the test's own mapping, not used after.
+        unsafe { libc::munmap(a as *mut _, len as usize) };
+    }
 }

@@ -385,15 +385,11 @@ impl Ctx {
     /// there since (a small window remains between this check and the replacement, as for any
     /// `MAP_FIXED` over memory another thread may unmap).
     pub(crate) fn empty_left_behind(&self, old: VaRange, to: u64) {
-        let one =
-            |r: VaRange| one_file_view(r).map(|m| (m.file.ino, m.off + (r.start - m.range.start), m.prot, m.exec));
-        let (Some((ino, off, prot, exec)), Some((to_ino, to_off, ..))) = (one(old), one(VaRange::new(to, old.len)))
-        else {
-            return;
-        };
+        let Some(view) = left_behind(old, to) else { return };
+        let (prot, exec) = (view.prot, view.exec);
         // Only hetmm's memfds: mirrored shared memory left behind still shows the program's own
         // file, as such a move of it leaves it.
-        if ino != to_ino || off != to_off || !self.memfd_uses().iter().any(|u| u.ino == ino) {
+        if !self.memfd_uses().iter().any(|u| u.ino == view.file.ino) {
             return;
         }
         // SAFETY: `old` shows memfd bytes that managed memory shows at `to` (checked just above):
@@ -432,6 +428,15 @@ fn one_file_view(range: VaRange) -> Option<crate::maps::MapsLine> {
     }
 }
 
+/// The one mapping of `old` if it shows the same bytes of the same file as `[to, to + old.len)`:
+/// what a move from `old` to `to` with `MREMAP_DONTUNMAP` leaves behind (a plain move leaves
+/// `old` unmapped, or mapped anew since).
+fn left_behind(old: VaRange, to: u64) -> Option<crate::maps::MapsLine> {
+    let at = |r: VaRange| one_file_view(r).map(|m| (m, (m.file.ino, m.off + (r.start - m.range.start))));
+    let (view, bytes) = at(old)?;
+    (at(VaRange::new(to, old.len)).map(|(_, b)| b) == Some(bytes)).then_some(view)
+}
+
 /// Drops the finished operations whose events the reader has classified (`classified`
 /// batches).
 fn prune(zaps: &mut Vec<(Own, VaRange, Option<u64>)>, classified: u64) {
@@ -462,6 +467,8 @@ pub(crate) enum Msg {
         len: u64,
         kept: bool,
     },
+    /// The UNMAP event of the old range of a plain move already applied (see [`apply_event`]).
+    MovedAway,
 }
 
 /// The reader: poll, read a batch, drop our own zaps' events, pass the rest on in order.
@@ -530,10 +537,11 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     }
                     ctx.note_reshape(&[VaRange::new(from, len), VaRange::new(to, len)]);
                     // A plain move unmaps the old range before the kernel queues the event (and
-                    // the program's mremap returns, so that it can map anything there, only once
-                    // the UNMAP event that follows is read); after MREMAP_DONTUNMAP it is still
-                    // mapped, showing the same file.
-                    let kept = len > 0 && one_file_view(VaRange::new(from, len)).is_some();
+                    // the program's mremap returns only once the UNMAP event that follows is
+                    // read, but another thread may map anything there meanwhile: a new buffer's
+                    // view); after MREMAP_DONTUNMAP it is still mapped, showing the same bytes of
+                    // the same file as the new range.
+                    let kept = len > 0 && left_behind(VaRange::new(from, len), to).is_some();
                     Msg::Remap { from, to, len, kept }
                 }
                 other => {
@@ -586,7 +594,9 @@ pub(crate) fn service_loop(
                 ev => {
                     serve_faults(ctx, core.as_deref(), &mut faults, &mut s);
                     // A panic in the core must not end this thread (see `serve_faults`).
-                    let applied = std::panic::catch_unwind(AssertUnwindSafe(|| apply_event(ctx, core.as_deref(), ev)));
+                    let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        apply_event(ctx, core.as_deref(), ev, &mut s.moved_from);
+                    }));
                     if applied.is_err() {
                         log::error!("the core panicked applying a userfaultfd event");
                     }
@@ -600,8 +610,39 @@ pub(crate) fn service_loop(
     }
 }
 
-fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) {
+/// How many old ranges of plain moves [`apply_event`] remembers while their UNMAP events are due.
+const MOVED_FROM_MAX: usize = 64;
+
+/// `moved_from`: the old ranges of plain moves applied, whose UNMAP events (which the kernel
+/// queues once the move's REMAP event is read) have not come yet.
+fn apply_event(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg, moved_from: &mut Vec<VaRange>) {
     let reshape = matches!(ev, Msg::Unmap(_) | Msg::Remap { .. });
+    // A plain move unmaps the old range, and the kernel tells of that too, in an UNMAP event it
+    // queues once the REMAP event is read. By then the move is applied and nothing managed is
+    // left there, but the range is free: the kernel may already have placed new managed memory
+    // there (another thread's `Hetmm::alloc`, which the core accepts once the move is applied),
+    // which applying the UNMAP would take for unmapped (the core dropped its region: its next
+    // access failed). So it is dropped as what it is, the move's own.
+    let ev = match ev {
+        Msg::Remap { from, len, kept: false, .. } if len > 0 => {
+            if moved_from.len() >= MOVED_FROM_MAX {
+                moved_from.remove(0);
+            }
+            moved_from.push(VaRange::new(from, len));
+            ev
+        }
+        // Inside, not only equal: however the kernel reports the lengths of a move that also
+        // shrinks, its UNMAP lies within the range the REMAP named, and matching it retires the
+        // record (one left over would swallow a later unmap there).
+        Msg::Unmap(r) => match moved_from.iter().position(|m| m.contains_range(&r)) {
+            Some(k) => {
+                moved_from.remove(k);
+                Msg::MovedAway
+            }
+            None => ev,
+        },
+        ev => ev,
+    };
     let applied = apply_event_to_core(ctx, core, ev);
     // Counted applied here before the core is told (`settle` returns on that): a revoke that
     // `settle` lets start must not find the event unapplied and fail as raced.
@@ -618,6 +659,8 @@ fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) -
     let mut left_behind = None;
     let event = match ev {
         Msg::Fault(..) => return false,
+        // Nothing to apply; the core counted it as queued like any other event.
+        Msg::MovedAway => return core.is_some(),
         Msg::Discard(r) => CpuEvent::Discard(r),
         Msg::Unmap(r) => {
             ctx.forget(r);
@@ -679,6 +722,8 @@ struct Serving {
     deferred: Vec<(u64, Access)>,
     /// When each deferred address was first deferred.
     since: std::collections::HashMap<u64, std::time::Instant>,
+    /// Old ranges of plain moves whose UNMAP events are due (see [`apply_event`]).
+    moved_from: Vec<VaRange>,
 }
 
 fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<(u64, Access)>, s: &mut Serving) {
@@ -839,10 +884,71 @@ mod tests {
             // What the reader does when it passes a program's unmap or remap on.
             ctx.note_reshape(&[r]);
             core.event_queued(true);
-            apply_event(&ctx, Some(&core), ev);
+            apply_event(&ctx, Some(&core), ev, &mut Vec::new());
         }
         assert_eq!(*core.raced_when_applied.lock(), [false, false]);
         assert!(!ctx.reshaped_since(ctx.reshape_mark(), &[WHERE]));
+    }
+
+    /// Records what the core is told: each event applied, and how many are queued.
+    #[derive(Default)]
+    struct Recorder {
+        events: Mutex<Vec<(&'static str, u64)>>,
+        queued: std::sync::atomic::AtomicI64,
+    }
+
+    impl CpuFaultHandler for Recorder {
+        fn cpu_fault(&self, _va: u64, _access: Access) -> Result<(), CoreError> {
+            Ok(())
+        }
+
+        fn cpu_event(&self, ev: CpuEvent) -> Result<(), CoreError> {
+            let e = match ev {
+                CpuEvent::Discard(r) => ("discard", r.start),
+                CpuEvent::Unmap(r) => ("unmap", r.start),
+                CpuEvent::Remap { from, .. } => ("remap", from),
+            };
+            self.events.lock().push(e);
+            Ok(())
+        }
+
+        fn event_queued(&self, queued: bool) {
+            self.queued.fetch_add(if queued { 1 } else { -1 }, Ordering::AcqRel);
+        }
+    }
+
+    /// The UNMAP event of a plain move's old range, which the kernel queues once the move's
+    /// REMAP event is read, is not applied: the move took everything managed from there, and
+    /// the kernel may already have placed new managed memory in the range (another thread's
+    /// `Hetmm::alloc`, which the core accepts once the move is applied), which the core then
+    /// dropped as unmapped (the buffer's next `migrate` failed: not shared memory). A later
+    /// unmap of the same range, and one after a move with `MREMAP_DONTUNMAP` (no such event),
+    /// are applied; every event is counted applied.
+    #[test]
+    fn the_unmap_event_of_a_moves_old_range_is_not_applied() {
+        let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
+        let ctx = Ctx::new(Arc::new(uffd));
+        let core = Recorder::default();
+        let r = VaRange::new(WHERE.start, PAGE_SIZE);
+        let to = WHERE.end();
+        let evs = [
+            Msg::Remap { from: r.start, to, len: r.len, kept: false },
+            Msg::Unmap(r),
+            Msg::Unmap(r),
+            Msg::Remap { from: r.start, to, len: r.len, kept: true },
+            Msg::Unmap(r),
+        ];
+        let mut moved_from = Vec::new();
+        for ev in evs {
+            // What the reader does when it passes a program's unmap or remap on.
+            ctx.note_reshape(&[r]);
+            core.event_queued(true);
+            apply_event(&ctx, Some(&core), ev, &mut moved_from);
+        }
+        let s = r.start;
+        assert_eq!(*core.events.lock(), [("remap", s), ("unmap", s), ("remap", s), ("unmap", s)]);
+        assert_eq!(core.queued.load(Ordering::Acquire), 0, "events left counted as queued");
+        assert!(!ctx.reshape_in_flight(), "events left counted unapplied");
     }
 
     /// Only a change overlapping a revoke's ranges makes it raced: a program unmapping other
@@ -913,6 +1019,11 @@ mod tests {
         }
     }
 
+    /// How long a test waits for an access the host's threads serve or release: generous, a
+    /// loaded machine may leave them unscheduled for seconds; a fault that is never served, or
+    /// that loops, still fails.
+    const SERVED_WITHIN: Duration = Duration::from_secs(30);
+
     /// Runs `f` on a thread; its result if it returns within `limit`, else `None` (the thread
     /// is left running: the caller unblocks it).
     fn within<T: Send + 'static>(
@@ -949,7 +1060,7 @@ mod tests {
         core.refuse.store(true, Ordering::Release);
         let va = page.start as usize;
         let mut file = page_file();
-        let (rx, got) = within(Duration::from_secs(3), move || {
+        let (rx, got) = within(SERVED_WITHIN, move || {
             use std::io::Read;
             // SAFETY: the region's one-page view, mapped while `region` lives (the test waits for
             // this thread before dropping it); nothing else references it meanwhile.
@@ -962,7 +1073,7 @@ mod tests {
         let late = got.is_none() && rx.recv_timeout(Duration::from_secs(10)).is_ok();
         assert!(
             got.is_some(),
-            "the write was neither served nor released in 3 s ({faults} faults; ended later: {late})"
+            "the write was neither served nor released in {SERVED_WITHIN:?} ({faults} faults; ended later: {late})"
         );
         assert_eq!(got, Some(Err(Some(libc::EFAULT))), "the refused write was released with poison");
     }
@@ -984,7 +1095,7 @@ mod tests {
         drop(host);
         let va = p as usize;
         let mut file = page_file();
-        let (rx, got) = within(Duration::from_secs(3), move || {
+        let (rx, got) = within(SERVED_WITHIN, move || {
             use std::io::Read;
             // SAFETY: the first page of `p`, mapped until the munmap below (after this thread ended).
             let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, PAGE_SIZE as usize) };
@@ -1018,9 +1129,9 @@ mod tests {
                 page_file().read(buf).map_err(|e| e.raw_os_error())
             }
         };
-        let (_, first) = within(Duration::from_secs(5), read_into(va));
+        let (_, first) = within(SERVED_WITHIN, read_into(va));
         assert_eq!(first, Some(Err(Some(libc::EFAULT))), "the fault the core panicked on was released");
-        let (_, second) = within(Duration::from_secs(5), read_into(va + PAGE_SIZE as usize));
+        let (_, second) = within(SERVED_WITHIN, read_into(va + PAGE_SIZE as usize));
         assert_eq!(second, Some(Ok(PAGE_SIZE as usize)), "a later fault was served");
     }
 }

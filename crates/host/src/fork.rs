@@ -4,7 +4,9 @@
 //! - prepare (parent, before the fork): every live address space is prepared
 //!   ([`AddressSpace::fork_prepare`]: data held only by devices is copied into host memory,
 //!   nothing changes state, page-state changes wait), and a pipe is made for the child to say
-//!   that it has its copy.
+//!   that it has its copy. The registry of address spaces is locked only once they are all
+//!   prepared, for the fork itself: forks on several threads at once, from inside hetmm
+//!   operations or not, never wait for each other while holding it (see `prepare_all`).
 //! - child: the parent's address spaces become inert, each region's CPU side makes the child's
 //!   view private (`CpuMmu::fork_child`: a private anonymous copy of private memory, read from
 //!   the memfd, wherever the child has it mapped (read from `/proc/self/maps`: the program may
@@ -47,16 +49,17 @@ const WAIT_PER_GIB: Duration = Duration::from_secs(4);
 const PREPARE_TRIES: usize = 4;
 
 /// One address space with the host serving it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Tracked {
     space: Weak<AddressSpace>,
     host: Weak<Host>,
 }
 
-/// Every tracked address space. Locked by the prepare handler until the parent or child
-/// handler, so no other thread holds it at the moment of the fork (the child may make its own
-/// address spaces and must be able to track them). A std mutex: unlocking it in the child
-/// wakes waiters with a plain futex call.
+/// Every tracked address space. Locked by the prepare handler, once every address space is
+/// prepared, until the parent or child handler, so no other thread holds it at the moment of
+/// the fork (the child may make its own address spaces and must be able to track them). Never
+/// held while a gate is waited for (see `prepare_all`): a holder only forks. A std mutex:
+/// unlocking it in the child wakes waiters with a plain futex call.
 static TRACKED: Mutex<Vec<Tracked>> = Mutex::new(Vec::new());
 static INSTALL: Once = Once::new();
 /// `pthread_atfork`'s result (0: installed).
@@ -119,8 +122,9 @@ pub fn last_child_error() -> Option<i32> {
 /// inaccessible here (touching them raises `SIGSEGV`) rather than stale or shared with the
 /// parent: data only a device held that could not be copied back, and, for a fork from code
 /// running inside a hetmm operation (a callback or signal handler that forks), the blocks that
-/// operation was changing, or all private memory if other operations did not end in time
-/// (see `AddressSpace::fork_prepare`). 0 when the child has all of it.
+/// operation (or another thread's, stopped in a fork of its own) was changing, or all of an
+/// address space's private memory if other operations, or another fork, did not let go of it
+/// in time (see `AddressSpace::fork_prepare`). 0 when the child has all of it.
 pub fn last_child_lost_bytes() -> u64 {
     CHILD_LOST.load(Ordering::Acquire)
 }
@@ -132,20 +136,18 @@ extern "C" fn prepare() {
 }
 
 fn prepare_all() {
-    // Known limit: a fork from code running inside a hetmm operation (its thread holds a fork
-    // gate; `fork_prepare` handles that case) while another thread's fork is being prepared
-    // still deadlocks here: that prepare holds this lock while it waits for the gate this
-    // thread holds.
-    let registry = registry();
-    let mut guards = Vec::new();
-    let mut hosts: Vec<Arc<Host>> = Vec::new();
+    // The address spaces are prepared (their gates closed: this waits for operations to end)
+    // before the registry is locked, never while it is: a fork from code running inside an
+    // operation (its thread holds a gate; `fork_prepare` does not wait for it) may come while
+    // another thread's fork is being prepared, and that prepare may be waiting for the
+    // operation; had it the lock, the fork inside the operation would wait for the lock and the
+    // two would wait for each other for ever. Two prepares at once each take every gate in
+    // turn (see `AddressSpace::fork_prepare`: the one from inside an operation waits a bounded
+    // time), then the lock, which only a prepare whose gates are closed holds: for its fork.
+    let mut p = Prepared::default();
     for attempt in 1..=PREPARE_TRIES {
-        for t in registry.iter() {
-            let Some(space) = t.space.upgrade() else { continue };
-            if let Some(g) = space.fork_prepare() {
-                guards.push(g);
-                hosts.extend(t.host.upgrade());
-            }
+        for t in snapshot() {
+            p.prepare(&t);
         }
         // The program may have unmapped or moved memory of ours while the gates were closing or
         // the flush ran (another thread's munmap returns once the event is read). The core
@@ -155,7 +157,7 @@ fn prepare_all() {
         // change made after this check and before the fork itself (nothing can stop one) is
         // followed there, since the child copies the memory where the kernel has it mapped at
         // the fork, not where the regions say (`mapping::privatize_parts`).
-        if !hosts.iter().any(|h| h.ctx.reshape_pending()) {
+        if !p.hosts.iter().any(|h| h.ctx.reshape_pending()) {
             break;
         }
         if attempt == PREPARE_TRIES {
@@ -165,11 +167,27 @@ fn prepare_all() {
             break;
         }
         // Not forks: each is counted again when prepared again.
-        for g in guards.drain(..) {
-            g.abandon();
-        }
-        hosts.clear();
+        p.abandon();
     }
+    // Address spaces tracked since the list was read are prepared too, without the lock; the
+    // last round (spaces made without pause) under it.
+    let mut round = 0;
+    let registry = loop {
+        let registry = registry();
+        let new: Vec<Tracked> = registry.iter().filter(|t| t.space.strong_count() > 0 && !p.has(t)).cloned().collect();
+        round += 1;
+        if new.is_empty() || round == PREPARE_TRIES {
+            for t in &new {
+                p.prepare(t);
+            }
+            break registry;
+        }
+        drop(registry);
+        for t in &new {
+            p.prepare(t);
+        }
+    };
+    let Prepared { guards, hosts, .. } = p;
     let bytes: u64 = guards.iter().map(ForkGuard::private_bytes).sum();
     let sync = if guards.is_empty() {
         None
@@ -184,6 +202,44 @@ fn prepare_all() {
     };
     let wait = WAIT_BASE.saturating_add(WAIT_PER_GIB.saturating_mul(u32::try_from(bytes >> 30).unwrap_or(u32::MAX)));
     STASH.with(|s| *s.borrow_mut() = Some(Stash { registry, guards, hosts, sync, wait }));
+}
+
+/// The tracked address spaces, read under the registry's lock (held only for that).
+fn snapshot() -> Vec<Tracked> {
+    registry().iter().filter(|t| t.space.strong_count() > 0).cloned().collect()
+}
+
+/// What a prepare has done so far.
+#[derive(Default)]
+struct Prepared {
+    guards: Vec<ForkGuard>,
+    hosts: Vec<Arc<Host>>,
+    /// The address spaces prepared (whatever came of it).
+    seen: Vec<Weak<AddressSpace>>,
+}
+
+impl Prepared {
+    fn prepare(&mut self, t: &Tracked) {
+        self.seen.push(t.space.clone());
+        let Some(space) = t.space.upgrade() else { return };
+        if let Some(g) = space.fork_prepare() {
+            self.guards.push(g);
+            self.hosts.extend(t.host.upgrade());
+        }
+    }
+
+    fn has(&self, t: &Tracked) -> bool {
+        self.seen.iter().any(|s| s.ptr_eq(&t.space))
+    }
+
+    /// Lets go of every prepared space, to prepare them again.
+    fn abandon(&mut self) {
+        for g in self.guards.drain(..) {
+            g.abandon();
+        }
+        self.hosts.clear();
+        self.seen.clear();
+    }
 }
 
 extern "C" fn parent() {

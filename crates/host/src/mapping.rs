@@ -1045,7 +1045,7 @@ fn shared_views_of<I: Iterator<Item = (u64, u64)>>(
     out: &mut [ChildView],
 ) -> Result<usize, Errno> {
     let mut n = 0;
-    crate::maps::for_each(|vma| {
+    crate::maps::for_each(crate::maps::Which::SharedFiles, |vma| {
         if !vma.shared || vma.file != file {
             return true;
         }

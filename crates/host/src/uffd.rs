@@ -37,13 +37,27 @@ const OP_WRITEPROTECT: Opcode = opcode::read_write::<sys::uffdio_writeprotect>(0
 const OP_CONTINUE: Opcode = opcode::read_write::<sys::uffdio_continue>(0xAA, sys::_UFFDIO_CONTINUE as u8);
 const OP_POISON: Opcode = opcode::read_write::<sys::uffdio_poison>(0xAA, sys::_UFFDIO_POISON as u8);
 
+/// What the kernel reports available, less what this process may not ask for: the kernel lists
+/// `EVENT_FORK` to everyone but refuses a handshake asking for it with `EPERM` unless the caller
+/// has `CAP_SYS_PTRACE` (`userfaultfd_api`).
+fn usable(reported: Features) -> Features {
+    let ptrace = rustix::thread::capabilities(None)
+        .is_ok_and(|c| c.effective.contains(rustix::thread::CapabilitySet::SYS_PTRACE));
+    if ptrace {
+        reported
+    } else {
+        reported.difference(Features::EVENT_FORK)
+    }
+}
+
 bitflags! {
     /// `UFFD_FEATURE_*` bits (what `UFFDIO_API` granted).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct Features: u64 {
         /// WP faults are reported with `UFFD_PAGEFAULT_FLAG_WP`.
         const PAGEFAULT_FLAG_WP = sys::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
-        /// fork() events (non-cooperative; not requested yet).
+        /// fork() events (non-cooperative; not requested: hetmm follows forks with `pthread_atfork`,
+        /// and the kernel grants this only to callers with `CAP_SYS_PTRACE`).
         const EVENT_FORK = sys::UFFD_FEATURE_EVENT_FORK as u64;
         /// mremap() events.
         const EVENT_REMAP = sys::UFFD_FEATURE_EVENT_REMAP as u64;
@@ -380,7 +394,7 @@ impl Uffd {
         // UFFDIO_API may be issued once per fd, so learn what the kernel offers on a throwaway
         // uffd (asking for nothing), then request exactly what we want on the real one.
         let (probe, _) = open_fd()?;
-        let available = Features::from_bits_retain(api(&probe, 0).map_err(OpenError::Api)?);
+        let available = usable(Features::from_bits_retain(api(&probe, 0).map_err(OpenError::Api)?));
         drop(probe);
         let missing = required.difference(available);
         if !missing.is_empty() {
@@ -630,6 +644,27 @@ mod tests {
     }
 
     #[test]
+    fn event_fork_is_usable_only_with_ptrace_capability() {
+        let caps = rustix::thread::capabilities(None).expect("capget");
+        let ptrace = caps.effective.contains(rustix::thread::CapabilitySet::SYS_PTRACE);
+        let all = Features::EVENT_FORK | Features::MISSING_SHMEM;
+        assert_eq!(usable(all).contains(Features::EVENT_FORK), ptrace);
+        assert!(usable(all).contains(Features::MISSING_SHMEM));
+        // A thread without the capability (credentials are per thread): the kernel refuses the
+        // handshake asking for it, and `usable` no longer offers it.
+        std::thread::spawn(|| {
+            let mut caps = rustix::thread::capabilities(None).expect("capget");
+            caps.effective.remove(rustix::thread::CapabilitySet::SYS_PTRACE);
+            rustix::thread::set_capabilities(None, caps).expect("capset dropping a capability");
+            let (fd, _) = open_fd().expect("open uffd");
+            assert_eq!(api(&fd, Features::EVENT_FORK.bits()), Err(Errno::PERM.raw_os_error()));
+            assert!(!usable(Features::EVENT_FORK).contains(Features::EVENT_FORK));
+        })
+        .join()
+        .expect("the thread without CAP_SYS_PTRACE");
+    }
+
+    #[test]
     fn errors_keep_progress_and_kind() {
         let r = VaRange::new(0x1000, 0x3000);
         assert_eq!(
@@ -712,16 +747,16 @@ mod tests {
         u.cont(VaRange::new(r.start + 2 * ps, ps), false, true).unwrap();
     }
 
-    /// Waits up to 5 s for one message and decodes it.
+    /// Waits up to 30 s (a loaded machine) for one message and decodes it.
     fn next_event(u: &Uffd) -> Event {
         let mut buf = [empty_msg(); 1];
         let t = std::time::Instant::now();
-        while t.elapsed() < Duration::from_secs(5) {
+        while t.elapsed() < Duration::from_secs(30) {
             if u.poll(Duration::from_millis(50)).unwrap() && u.read_msgs(&mut buf).unwrap() == 1 {
                 return decode(&buf[0]);
             }
         }
-        panic!("no uffd message within 5 s");
+        panic!("no uffd message within 30 s");
     }
 
     /// Real kernel events decode from the union member the kernel fills: the faulting thread's

@@ -347,6 +347,11 @@ impl Row {
             "cpu_seconds_all": self.samples.iter().map(|s| s.cpu.own).collect::<Vec<_>>(),
             "others_cpu_seconds_all": self.samples.iter().map(|s| s.cpu.others).collect::<Vec<_>>(),
             "steal_seconds_all": self.samples.iter().map(|s| s.cpu.steal).collect::<Vec<_>>(),
+            // And whether it moved more: the migration work of each repeat.
+            "bytes_moved_all": self.samples.iter().map(|s| s.stats.bytes_to_device + s.stats.bytes_to_host).collect::<Vec<_>>(),
+            "device_faults_all": self.samples.iter().map(|s| s.stats.device_faults).collect::<Vec<_>>(),
+            "evictions_all": self.samples.iter().map(|s| s.stats.evictions).collect::<Vec<_>>(),
+            "remote_bytes_all": self.samples.iter().map(|s| s.extra.get("remote_bytes").and_then(Value::as_u64).unwrap_or(0)).collect::<Vec<_>>(),
             "repeats": self.samples.len(),
             "gbps": g,
             "limit_gbps": limits.memcpy_gbps,

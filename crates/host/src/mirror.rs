@@ -759,7 +759,8 @@ mod tests {
             let r = libc::mremap(p as *mut _, len, len, fixed, y as *mut libc::c_void);
             assert_eq!(r as usize, y, "the range is one VMA again: {}", std::io::Error::last_os_error());
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // The events reach the core through the host's reader thread: bounded, generously.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while core.remaps.lock().len() < 3 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -830,16 +831,33 @@ mod tests {
             return;
         }
         let page = PAGE_SIZE as usize;
-        let p = private_filled(4 * page, 0x33) as usize;
-        // SAFETY: the test's own pages 2-3 of its fresh mapping, unmapped to make room to grow.
-        unsafe { libc::munmap((p + 2 * page) as *mut _, 2 * page) };
-        let reg = host.register(p as u64, 2 * page as u64).unwrap();
-        let _cpu = Arc::clone(&reg.cpu);
-        drop(reg);
-        // SAFETY: grows the test's registered pages in place into the addresses it freed above
-        // (no MREMAP_MAYMOVE: nothing else can be replaced); no Rust reference points into them.
-        let r = unsafe { libc::mremap(p as *mut _, 2 * page, 4 * page, 0) };
-        assert_eq!(r as usize, p, "{}", std::io::Error::last_os_error());
+        // The room to grow is freed just before the growth, and another test's thread may map
+        // something into it in between (ENOMEM): then the attempt starts over elsewhere.
+        let mut grown = None;
+        let mut errors = Vec::new();
+        for _ in 0..20 {
+            let p = private_filled(4 * page, 0x33) as usize;
+            let reg = host.register(p as u64, 2 * page as u64).unwrap();
+            let cpu = Arc::clone(&reg.cpu);
+            drop(reg);
+            // SAFETY: the test's own pages 2-3 of its fresh mapping (not registered), unmapped
+            // to make room to grow; then grows the registered pages 0-1 in place into them (no
+            // MREMAP_MAYMOVE: nothing else can be replaced); no Rust reference points into them.
+            let r = unsafe {
+                libc::munmap((p + 2 * page) as *mut _, 2 * page);
+                libc::mremap(p as *mut _, 2 * page, 4 * page, 0)
+            };
+            if r as usize == p {
+                grown = Some((p, cpu));
+                break;
+            }
+            errors.push(std::io::Error::last_os_error().to_string());
+            // SAFETY: the test's own registered pages 0-1, not used afterwards.
+            unsafe { libc::munmap(p as *mut _, 2 * page) };
+        }
+        let Some((p, _cpu)) = grown else {
+            panic!("no room to grow stayed free in 20 tries: {errors:?}");
+        };
         let at = p + 2 * page;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

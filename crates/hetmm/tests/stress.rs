@@ -201,7 +201,15 @@ struct World {
     bg: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The range pinned now (`HETMM_STRESS_PIN`).
     pinned: Mutex<Option<(u64, u64)>>,
+    /// What happened to the R slots lately, printed if the run fails.
+    history: Mutex<std::collections::VecDeque<String>>,
+    t0: Instant,
+    /// A thread failed: the others stop.
+    failed: std::sync::atomic::AtomicBool,
 }
+
+/// How many of the latest R slot changes a failed run prints.
+const HISTORY: usize = 3000;
 
 const NAMES: [&str; 23] = [
     "cpu",
@@ -235,6 +243,15 @@ impl World {
     }
     fn count(&self, i: usize) {
         self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+    /// Records what happened to an R slot (with the time and the thread).
+    fn note(&self, what: String) {
+        let line = format!("{:>9} us {:?} {what}", self.t0.elapsed().as_micros(), std::thread::current().id());
+        let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back(line);
     }
     fn a_addr(&self, i: usize) -> u64 {
         self.a.ptr() + i as u64 * self.slice
@@ -526,12 +543,20 @@ fn step(w: &World, rng: &mut Rng) {
 fn rstep(w: &World, rng: &mut Rng) {
     let i = rng.below(w.rslots.len() as u64) as usize;
     let Ok(mut s) = w.rslots[i].try_lock() else { return };
+    let before = *s;
+    let what = rstep_on(w, rng, i, &mut s);
+    w.note(format!("R{i} {what}: {before:?} -> {:?}", *s));
+}
+
+/// One random operation on R slot `i` (whose lock the caller holds, `s`); what it was.
+fn rstep_on(w: &World, rng: &mut Rng, i: usize, s: &mut Slot) -> &'static str {
     let (a, len) = (w.r_addr(i), w.rslot);
     match *s {
-        Slot::Gone => {}
+        Slot::Gone => "nothing (gone)",
         Slot::Hole if rng.chance(3) => {
-            *s = Slot::Live(buffer_into(w, rng, a, len));
+            *s = Slot::Live(buffer_into(w, rng, i, a, len));
             w.count(22);
+            "buffer moved in"
         }
         Slot::Hole => {
             assert!(mmap_fixed(a, len, libc::PROT_READ | libc::PROT_WRITE, false));
@@ -540,6 +565,7 @@ fn rstep(w: &World, rng: &mut Rng) {
             w.hm.register(a as *const u8, len as usize).unwrap_or_else(|e| panic!("register {a:#x}: {e}"));
             *s = Slot::Live(gen);
             w.count(8);
+            "mapped and registered"
         }
         Slot::Live(gen) => match rng.below(14) {
             0 => {
@@ -548,12 +574,20 @@ fn rstep(w: &World, rng: &mut Rng) {
                 assert_eq!(unsafe { libc::munmap(a as *mut _, len as usize) }, 0);
                 *s = reserve(a, len);
                 w.count(9);
+                "unmapped"
             }
-            1 | 11 => rmove(w, rng, i, &mut s, gen),
-            12 => rgrow(w, rng, i, gen),
+            1 | 11 => {
+                rmove(w, rng, i, s, gen);
+                "moved away (or not, no room)"
+            }
+            12 => {
+                rgrow(w, rng, i, gen);
+                "grown in place (or not)"
+            }
             13 => {
                 *s = rshrink(w, rng, i, gen);
                 w.count(21);
+                "shrunk and regrown"
             }
             2 | 3 => {
                 cpu_check("R cpu", a, len, gen, 0);
@@ -569,6 +603,7 @@ fn rstep(w: &World, rng: &mut Rng) {
                     cpu_check("R cpu reread", a, len, new, 0);
                 }
                 w.count(11);
+                "CPU checked, rewrote"
             }
             4..=6 => {
                 let write = !rng.chance(3);
@@ -582,6 +617,11 @@ fn rstep(w: &World, rng: &mut Rng) {
                     *s = Slot::Live(p.new.unwrap());
                 }
                 w.count(12);
+                if write {
+                    "kernel checked, rewrote"
+                } else {
+                    "kernel checked"
+                }
             }
             7 => {
                 // hetmm's protect: read-only everywhere (all the slot or some of its pages),
@@ -612,6 +652,7 @@ fn rstep(w: &World, rng: &mut Rng) {
                 cpu_check("R read-only", a, len, gen, 0);
                 w.hm.protect(pa, pl, Prot::READ | Prot::WRITE).unwrap_or_else(|e| panic!("protect rw: {e}"));
                 w.count(13);
+                "protected read-only, then read-write"
             }
             8 => {
                 // The program's own mprotect: read-only, read, writable again.
@@ -628,6 +669,7 @@ fn rstep(w: &World, rng: &mut Rng) {
                     *s = Slot::Live(new);
                 }
                 w.count(14);
+                "mprotected read-only, then read-write"
             }
             9 => {
                 // Unregister: ordinary memory with the same bytes; register again.
@@ -638,6 +680,7 @@ fn rstep(w: &World, rng: &mut Rng) {
                 w.hm.register(a as *const u8, len as usize).unwrap_or_else(|e| panic!("re-register {a:#x}: {e}"));
                 *s = Slot::Live(new);
                 w.count(15);
+                "unregistered, rewritten, registered"
             }
             10 => {
                 // DontNeed, migrate, prefetch or attributes on the slot.
@@ -646,17 +689,26 @@ fn rstep(w: &World, rng: &mut Rng) {
                     0 => {
                         w.hm.advise(a, len, Advice::DontNeed).unwrap_or_else(|e| panic!("R dontneed: {e}"));
                         *s = Slot::Live(0);
+                        "DontNeed"
                     }
-                    1 => w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("R migrate: {e}")),
-                    2 => w.hm.advise(a, len, Advice::Prefetch(to)).unwrap().wait(WAIT).unwrap(),
+                    1 => {
+                        w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("R migrate: {e}"));
+                        "migrated"
+                    }
+                    2 => {
+                        w.hm.advise(a, len, Advice::Prefetch(to)).unwrap().wait(WAIT).unwrap();
+                        "prefetched"
+                    }
                     3 => {
                         w.hm.advise(a, len, Advice::ReadMostly(rng.chance(2))).unwrap();
+                        "ReadMostly set"
                     }
                     _ => {
                         // The program's MADV_DONTNEED: registered memory keeps its data.
                         // SAFETY: we hold Live slot i's lock, so the range is this test's
                         // registered mapping; hetmm's shared view keeps its data through DONTNEED.
                         assert_eq!(unsafe { libc::madvise(a as *mut _, len as usize, libc::MADV_DONTNEED) }, 0);
+                        "the program's MADV_DONTNEED"
                     }
                 }
             }
@@ -703,14 +755,17 @@ fn check_now(w: &World, rng: &mut Rng, what: &str, a: u64, len: u64, gen: u64) -
 /// the placeholder: from then on it is the program's mapping, managed like registered memory.
 /// The buffer is dropped at once or kept a while (another thread may drop it later, while the
 /// memory moved out of it is in use). Returns the generation it holds.
-fn buffer_into(w: &World, rng: &mut Rng, a: u64, len: u64) -> u64 {
+fn buffer_into(w: &World, rng: &mut Rng, i: usize, a: u64, len: u64) -> u64 {
     let buf = w.hm.alloc::<u64>((len / 8) as usize).unwrap_or_else(|e| panic!("alloc for slot {a:#x}: {e}"));
     let gen = w.gen();
     cpu_fill(buf.ptr(), len, gen, 0);
+    let mut on = None;
     if rng.chance(2) {
         let to = w.proc(rng);
         w.hm.migrate(buf.ptr(), len, to).unwrap_or_else(|e| panic!("migrate a buffer to {to:?}: {e}"));
+        on = Some(to);
     }
+    w.note(format!("R{i}: buffer {:#x} (gen {gen:#x}, on {on:?}) moving in", buf.ptr()));
     // SAFETY: moves the whole view of our new buffer (no slice of it is alive) over the PROT_NONE
     // placeholder at `a`, a Hole slot whose lock the caller holds: MREMAP_FIXED replaces only that.
     let r = unsafe {
@@ -721,11 +776,16 @@ fn buffer_into(w: &World, rng: &mut Rng, a: u64, len: u64) -> u64 {
     let mut kept = w.bufs.lock().unwrap();
     if rng.chance(2) {
         kept.push(buf);
+    } else {
+        w.note(format!("R{i}: its buffer {:#x} dropped at once", buf.ptr()));
     }
     // Up to a few buffers stay; a random one goes.
     if kept.len() > 3 || (!kept.is_empty() && rng.chance(2)) {
         let k = rng.below(kept.len() as u64) as usize;
-        drop(kept.swap_remove(k));
+        let b = kept.swap_remove(k);
+        let at = b.ptr();
+        drop(b);
+        w.note(format!("a kept buffer {at:#x} dropped"));
     }
     gen
 }
@@ -756,7 +816,9 @@ fn rmove(w: &World, rng: &mut Rng, i: usize, s: &mut Slot, gen: u64) {
     };
     let b = w.r_addr(j);
     let mut gen = gen;
-    match rng.below(4) {
+    let first = rng.below(4);
+    w.note(format!("R{i} moving ({how}) to R{j} (first: {first})"));
+    match first {
         0 => {
             let to = w.devs[rng.below(2) as usize].proc();
             w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("migrate R slot {i} to {to:?} before a move: {e}"));
@@ -801,6 +863,7 @@ fn rmove(w: &World, rng: &mut Rng, i: usize, s: &mut Slot, gen: u64) {
         assert_eq!(unsafe { libc::munmap(a as *mut _, len as usize) }, 0);
     }
     *s = reserve(a, len);
+    let mut t2_state = None;
     if let Some(mut g) = t2 {
         let c = b + len;
         cpu_check("R grown by a move", c, len, 0, 0);
@@ -816,11 +879,13 @@ fn rmove(w: &World, rng: &mut Rng, i: usize, s: &mut Slot, gen: u64) {
             assert_eq!(unsafe { libc::munmap(c as *mut _, len as usize) }, 0);
             *g = reserve(c, len);
         }
+        t2_state = Some(*g);
     }
     if rng.chance(2) {
         gen = check_now(w, rng, &format!("R slot {i} moved ({how}) to {j}"), b, len, gen);
     }
     *t = Slot::Live(gen);
+    w.note(format!("R{i} moved ({how}) to R{j}: R{j} {:?}, R{} {:?}", *t, j + 1, t2_state));
     w.count(match how {
         2 => 18,
         3 => 19,
@@ -851,8 +916,10 @@ fn rgrow(w: &World, rng: &mut Rng, i: usize, gen: u64) {
     if r as u64 != a {
         // Another thread's mapping took the room.
         *t = reserve(c, len);
+        w.note(format!("R{i} not grown: R{} {:?}", i + 1, *t));
         return;
     }
+    w.note(format!("R{i} grown in place over R{}", i + 1));
     match rng.below(3) {
         0 => {
             cpu_check("R grown in place", c, len, 0, 0);
@@ -886,6 +953,7 @@ fn rgrow(w: &World, rng: &mut Rng, i: usize, gen: u64) {
         1 => kernel_check(w, rng, &format!("R slot {i} grown, its managed part"), a, len, gen, None),
         _ => {}
     }
+    w.note(format!("R{i} grown in place: R{} {:?}", i + 1, *t));
     w.count(20);
 }
 
@@ -980,14 +1048,29 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         bufs: Mutex::new(Vec::new()),
         bg: Mutex::new(Vec::new()),
         pinned: Mutex::new(None),
+        history: Mutex::new(std::collections::VecDeque::new()),
+        t0: Instant::now(),
+        failed: Default::default(),
     });
     let handles: Vec<_> = (0..threads)
         .map(|t| {
             let w = Arc::clone(&w);
             let mut rng = Rng(splitmix64(seed ^ ((t + 1) * 0x51_7CC1_B727_220A)));
             std::thread::spawn(move || {
-                for _ in 0..ops {
-                    step(&w, &mut rng);
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    for _ in 0..ops {
+                        if w.failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        step(&w, &mut rng);
+                    }
+                }));
+                if let Err(e) = ran {
+                    // The first failure prints what led to it, before the others run on.
+                    if !w.failed.swap(true, Ordering::SeqCst) {
+                        print_history(&w);
+                    }
+                    std::panic::resume_unwind(e);
                 }
             })
         })
@@ -1043,6 +1126,24 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         // SAFETY: every thread is joined; slot i (not Gone) is this test's placeholder or mapping,
         // unregistered above, never used again.
         unsafe { libc::munmap(w.r_addr(i) as *mut _, w.rslot as usize) };
+    }
+}
+
+/// Prints what happened to the R slots lately and what maps them now (for a failed run).
+fn print_history(w: &World) {
+    let r = w.rbase..w.rbase + w.rslots.len() as u64 * w.rslot;
+    eprintln!("R slots: {:#x}..{:#x}, {:#x} bytes each; their latest changes:", r.start, r.end, w.rslot);
+    for line in w.history.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        eprintln!("  {line}");
+    }
+    eprintln!("mappings there now:");
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    for line in maps.lines() {
+        let Some((lo, hi)) = line.split_once(' ').and_then(|(s, _)| s.split_once('-')) else { continue };
+        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else { continue };
+        if lo < r.end && hi > r.start {
+            eprintln!("  {line}");
+        }
     }
 }
 
@@ -1310,4 +1411,70 @@ fn shrink_and_regrow_in_place_keeps_the_kept_half() {
         // SAFETY: the test's own mapping, not used after.
         unsafe { libc::munmap(a as *mut _, len as usize) };
     }
+}
+
+/// Focused: memory of new buffers moved (with `mremap`) right after registered memory that
+/// another thread unregisters and registers again meanwhile, 2000 times. Giving the memory back
+/// looks past its end for a part the program grew it by in place; it took the moved memory
+/// there for such a part while the move was being applied (the buffer's view had forgotten it,
+/// the memory's new owner not yet taken it) and replaced it with zeros (seed 6118 of the
+/// extended stress test).
+#[test]
+fn memory_moved_in_beside_memory_given_back_keeps_its_data() {
+    let hm = Hetmm::with_policy("hetmm").unwrap();
+    let len = 8 * PS;
+    let a = (0x1300_0000_0000u64..).step_by(1 << 30).find(|&b| mmap_fixed(b, 2 * len, libc::PROT_NONE, true)).unwrap();
+    assert!(mmap_fixed(a, len, libc::PROT_READ | libc::PROT_WRITE, false));
+    cpu_fill(a, len, 1, 0);
+    hm.register(a as *const u8, len as usize).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let b = a + len;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                hm.unregister(a as *const u8, len as usize).unwrap();
+                hm.register(a as *const u8, len as usize).unwrap();
+            }
+        });
+        // The other thread stops however this one ends (a failed check unwinds through here).
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        let mut kept = None;
+        for round in 0..2000u64 {
+            let buf = hm.alloc::<u64>((len / 8) as usize).unwrap();
+            let gen = round + 2;
+            cpu_fill(buf.ptr(), len, gen, 0);
+            // SAFETY: moves the whole view of the new buffer (no slice of it is alive) over the
+            // test's PROT_NONE placeholder at `b`, which MREMAP_FIXED replaces.
+            let r = unsafe {
+                libc::mremap(
+                    buf.ptr() as *mut _,
+                    len as usize,
+                    len as usize,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    b,
+                )
+            };
+            assert_eq!(r as u64, b, "{}", std::io::Error::last_os_error());
+            // Dropped at once or a round later (the memory moved out stays managed).
+            if round % 2 == 0 {
+                drop(buf);
+            } else {
+                kept = Some(buf);
+            }
+            cpu_check(&format!("round {round}: moved in beside memory given back"), b, len, gen, 0);
+            // SAFETY: the moved memory at `b`, the test's own: a placeholder replaces it.
+            assert!(mmap_fixed(b, len, libc::PROT_NONE, false));
+        }
+        drop(kept);
+    });
+    cpu_check("the registered memory", a, len, 1, 0);
+    hm.unregister(a as *const u8, len as usize).unwrap();
+    // SAFETY: the test's own mapping and placeholder, unregistered, not used again.
+    unsafe { libc::munmap(a as *mut _, 2 * len as usize) };
 }

@@ -59,6 +59,12 @@ pub(crate) struct Ctx {
     /// Ranges being registered ([`crate::Host::register`]): registered with userfaultfd, not
     /// yet known to the core. A fault there waits until the registration is done.
     arriving: Mutex<Vec<VaRange>>,
+    /// Written while memfd offsets pass from one owner to another (part of a region's view
+    /// moved out to a mirror, [`crate::HostRegion::moved_away`]); read while deciding, from
+    /// [`Ctx::memfd_uses`], that memory shows offsets no one owns and replacing it. Between the
+    /// region forgetting the part and the mirror taking it, no one owns those offsets: another
+    /// thread's [`Ctx::fill_room_after`] then replaced the program's moved memory with zeros.
+    pub(crate) layout: parking_lot::RwLock<()>,
 }
 
 /// Marks a range as arriving ([`Ctx::arriving`]) for as long as it lives.
@@ -136,6 +142,7 @@ impl Ctx {
             mirrors: Mutex::new(Vec::new()),
             regions: Mutex::new(Vec::new()),
             arriving: Mutex::new(Vec::new()),
+            layout: parking_lot::RwLock::new(()),
         }
     }
 
@@ -259,6 +266,10 @@ impl Ctx {
         prune(&mut self.zaps.lock(), classified);
     }
 
+    pub(crate) fn memfd_uses_pub(&self) -> Vec<crate::mapping::MemfdUse> {
+        self.memfd_uses()
+    }
+
     pub(crate) fn live_mirrors_pub(&self) -> Vec<Arc<Mirror>> {
         self.live_mirrors()
     }
@@ -342,8 +353,9 @@ impl Ctx {
     /// `mirror::fresh_growth`), and the faulting thread is woken to find it. Whether it did.
     fn fresh_growth_at(&self, va: u64) -> bool {
         let page = VaRange::new(va & !(PAGE_SIZE - 1), PAGE_SIZE);
+        let _layout = self.layout.read();
         let Some(room) = crate::mapping::room_at(page, &self.memfd_uses()) else { return false };
-        self.fill_room(room).is_ok_and(|()| {
+        self.fill_room(room, "a fault").is_ok_and(|()| {
             let _ = crate::host::retry_again(|| self.uffd.wake(page));
             true
         })
@@ -355,14 +367,17 @@ impl Ctx {
     /// made it (with the view gone, a touch would raise SIGBUS). Cheap where nothing is mapped at
     /// `end`. Unregistered first, so that replacing it raises no event: this may run on the
     /// reader thread (where the core's last holder lets it go), which would wait for itself to
-    /// read it.
+    /// read it. Only memory showing `ino` is looked at: other managed memory the program put at
+    /// `end` is not this memory's growth.
     pub(crate) fn fill_room_after(&self, end: u64, ino: u64) {
         let page = VaRange::new(end, PAGE_SIZE);
         if !crate::mapping::is_mapped(page) {
             return;
         }
+        let _layout = self.layout.read();
         let mut uses = self.memfd_uses();
-        if !uses.iter().any(|u| u.ino == ino) {
+        uses.retain(|u| u.ino == ino);
+        if uses.is_empty() {
             uses.push(crate::mapping::MemfdUse { ino, used: Vec::new(), aliases: Vec::new() });
         }
         // From `end` on only: what is before it is the view being dropped or given back.
@@ -372,7 +387,7 @@ impl Ctx {
                 log::error!("unregistering {}, managed memory grown in place: {e}", room.range);
                 return;
             }
-            let _ = self.fill_room(room);
+            let _ = self.fill_room(room, "memory given back before it");
         }
     }
 
@@ -403,15 +418,15 @@ impl Ctx {
 
     /// Makes `room` (from [`crate::mapping::room_at`]) fresh private memory, marked as the
     /// manager's own change (replacing a registered mapping raises an UNMAP event of exactly the
-    /// range).
-    pub(crate) fn fill_room(&self, room: crate::mapping::Room) -> Result<(), crate::mapping::MappingError> {
+    /// range); `why` says what found it (for the log).
+    fn fill_room(&self, room: crate::mapping::Room, why: &str) -> Result<(), crate::mapping::MappingError> {
         let r = room.range;
         // `room` shows a memfd of hetmm at offsets no managed memory shows (`room_at`): holes or
         // data the program gave up, nothing to keep.
         // SAFETY: as just said; the manager holds no reference into `room`.
         let fresh = self.own_op(Own::Unmap, r, || unsafe { crate::mapping::fresh_private(r, room.prot, room.exec) });
         match &fresh {
-            Ok(()) => log::debug!("{r}: managed memory grown in place; now fresh private memory"),
+            Ok(()) => log::debug!("{r}: managed memory grown in place (found by {why}); now fresh private memory"),
             Err(e) => log::error!("replacing {r}, managed memory grown in place: {e}"),
         }
         fresh

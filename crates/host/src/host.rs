@@ -360,6 +360,9 @@ impl HostRegion {
     /// beside it) not memfd bytes in a row.
     pub(crate) fn moved_away(self: &Arc<Self>, from: u64, to: u64, len: u64) -> Option<Arc<dyn CpuMmu>> {
         let moved = VaRange::checked(from, len)?;
+        // The mirror takes the part before the view forgets it, both under the write lock (see
+        // `Ctx::layout`): the part's offsets always have an owner.
+        let _layout = self.host.ctx.layout.write();
         let parts = self.mapping.view_parts();
         let app = self.mapping.app_range().start;
         let mut slot = self.moved.lock();
@@ -379,13 +382,14 @@ impl HostRegion {
             return Some(view);
         }
         let off = from - app;
-        self.mapping.view_left(moved);
         let mirror = slot.upgrade().unwrap_or_else(|| {
             let (memfd, alias) = self.mapping.backing_shared();
             crate::mirror::Mirror::for_moved_region(&self.host, self, memfd, alias)
         });
         *slot = Arc::downgrade(&mirror);
-        Some(mirror.moved_in(to, off, len))
+        let view = mirror.moved_in(to, off, len);
+        self.mapping.view_left(moved);
+        Some(view)
     }
 
     /// Moves the entries of the ranges from [`MOVE_OUT_MIN`] out for the reaper; returns the

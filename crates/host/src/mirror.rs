@@ -443,6 +443,10 @@ impl Host {
             if vm.len() != 1 {
                 return Err(RegionError::SharedSpansMappings { range, mappings: vm.len() });
             }
+            let ino = crate::maps::meeting(range).and_then(|v| v.first().map(|m| m.file.ino)).unwrap_or(0);
+            if let Some(u) = self.ctx.memfd_uses_pub().iter().find(|u| ino != 0 && u.ino == ino) {
+                log::warn!("registering {range}: it shows a memfd of hetmm's ({}), as shared memory", u.ino);
+            }
             let alias = mapping::dup_shared(range)?;
             // Only to be told of munmap/mremap/madvise (see the module notes).
             if let Err(e) = self.uffd.register(range, RegisterMode::WP) {

@@ -1136,6 +1136,11 @@ fn print_history(w: &World) {
     for line in w.history.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         eprintln!("  {line}");
     }
+    eprintln!("the first page of each slot, as the core has it:");
+    for i in 0..w.rslots.len() {
+        let at = w.r_addr(i);
+        eprintln!("  R{i} {at:#x}: {:?}", w.hm.space().page_state(at));
+    }
     eprintln!("mappings there now:");
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
     for line in maps.lines() {

@@ -266,10 +266,6 @@ impl Ctx {
         prune(&mut self.zaps.lock(), classified);
     }
 
-    pub(crate) fn memfd_uses_pub(&self) -> Vec<crate::mapping::MemfdUse> {
-        self.memfd_uses()
-    }
-
     pub(crate) fn live_mirrors_pub(&self) -> Vec<Arc<Mirror>> {
         self.live_mirrors()
     }
@@ -324,7 +320,7 @@ impl Ctx {
     }
 
     /// Where managed memory shows each memfd of hetmm (see [`crate::mapping::room_at`]).
-    fn memfd_uses(&self) -> Vec<crate::mapping::MemfdUse> {
+    pub(crate) fn memfd_uses(&self) -> Vec<crate::mapping::MemfdUse> {
         let mut uses: Vec<crate::mapping::MemfdUse> = Vec::new();
         let pieces = self
             .live_mirrors()

@@ -443,9 +443,11 @@ impl Host {
             if vm.len() != 1 {
                 return Err(RegionError::SharedSpansMappings { range, mappings: vm.len() });
             }
-            let ino = crate::maps::meeting(range).and_then(|v| v.first().map(|m| m.file.ino)).unwrap_or(0);
-            if let Some(u) = self.ctx.memfd_uses_pub().iter().find(|u| ino != 0 && u.ino == ino) {
-                log::warn!("registering {range}: it shows a memfd of hetmm's ({}), as shared memory", u.ino);
+            // Managed memory's memfd, mapped where the program did not put managed memory: what
+            // is left of memory it grew in place and gave back, or a mistake of the program's.
+            let ino = crate::maps::meeting(range).and_then(|v| v.first().map(|m| m.file.ino)).filter(|&i| i != 0);
+            if let Some(ino) = ino.filter(|&i| self.ctx.memfd_uses().iter().any(|u| u.ino == i)) {
+                log::warn!("registering {range}, which shows hetmm's own memfd (inode {ino}), as shared memory");
             }
             let alias = mapping::dup_shared(range)?;
             // Only to be told of munmap/mremap/madvise (see the module notes).

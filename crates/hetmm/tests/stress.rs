@@ -1200,9 +1200,25 @@ fn mremap_of_a_buffer_races_migrate() {
     mremap_back_and_forth(iters - iters / 2, 2 << 20, true);
 }
 
+/// [`mremap_races_migrate`] with `MREMAP_DONTUNMAP`: the kernel moves the CPU's page-table
+/// entries and leaves the old range mapped, so a revoke that zaps it meanwhile succeeds on
+/// nothing, and the CPU keeps a mapping the core does not know of.
+#[test]
+fn dontunmap_mremap_races_migrate() {
+    let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
+    let _ = env_logger::builder().is_test(true).try_init();
+    mremap_back_and_forth_with(iters / 2, 16 * PS, false, libc::MREMAP_DONTUNMAP);
+    mremap_back_and_forth_with(iters - iters / 2, 2 << 20, false, libc::MREMAP_DONTUNMAP);
+}
+
 /// [`mremap_races_migrate`] with the two places `apart` bytes apart; `alloc`: the slot is
 /// first a buffer's view.
 fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool) {
+    mremap_back_and_forth_with(iters, apart, alloc, 0);
+}
+
+/// [`mremap_back_and_forth`], each move with the mremap flags `extra` too.
+fn mremap_back_and_forth_with(iters: u64, apart: u64, alloc: bool, extra: i32) {
     let hm = Arc::new(Hetmm::new().unwrap());
     let dev = Arc::new(
         hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 4 << 20, ..SimConfig::default() }).unwrap()).unwrap(),
@@ -1258,9 +1274,23 @@ fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool) {
         // SAFETY: `at` holds the slot, which only this thread maps or moves; `to`, its other place,
         // is a PROT_NONE placeholder in this test's reservation: MREMAP_FIXED replaces only that.
         let r = unsafe {
-            libc::mremap(at as *mut _, len as usize, len as usize, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to)
+            libc::mremap(
+                at as *mut _,
+                len as usize,
+                len as usize,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | extra,
+                to,
+            )
         };
-        assert_eq!(r as u64, to);
+        assert_eq!(r as u64, to, "{}", std::io::Error::last_os_error());
+        if extra & libc::MREMAP_DONTUNMAP != 0 {
+            // What the move left at `at` reads as empty memory (its touch is served once the
+            // move is applied); then it is unmapped (before that, the manager could still be
+            // replacing it: a mapping of its own would fill the hole).
+            cpu_check(&format!("iteration {i}: left behind"), at, len, 0, 0);
+            // SAFETY: what the move left at `at`, this thread's own (empty) memory now.
+            assert_eq!(unsafe { libc::munmap(at as *mut _, len as usize) }, 0);
+        }
         // Another thread's mapping (a new thread's signal stack) may land in the hole.
         assert_eq!(reserve(at, len), Slot::Hole, "the hole at {at:#x} stayed taken");
         at = to;

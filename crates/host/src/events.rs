@@ -65,6 +65,8 @@ pub(crate) struct Ctx {
     /// region forgetting the part and the mirror taking it, no one owns those offsets: another
     /// thread's [`Ctx::fill_room_after`] then replaced the program's moved memory with zeros.
     pub(crate) layout: parking_lot::RwLock<()>,
+    /// See [`Ctx::events_read`] (`None`: it could not be mapped; nothing is checked).
+    probe: Option<crate::mapping::Alias>,
 }
 
 /// Marks a range as arriving ([`Ctx::arriving`]) for as long as it lives.
@@ -143,6 +145,9 @@ impl Ctx {
             regions: Mutex::new(Vec::new()),
             arriving: Mutex::new(Vec::new()),
             layout: parking_lot::RwLock::new(()),
+            probe: crate::mapping::probe_page()
+                .map_err(|e| log::warn!("no probe page ({e}): revokes cannot see moves the kernel has not queued"))
+                .ok(),
         }
     }
 
@@ -244,6 +249,32 @@ impl Ctx {
     pub(crate) fn reshape_pending(&self) -> bool {
         !self.wait_classified()
             || self.reshapes.load(Ordering::Acquire) != self.reshapes_applied.load(Ordering::Acquire)
+    }
+
+    /// Waits (at most a second) until every event the kernel has begun for this userfaultfd has
+    /// been read; whether it did. The kernel counts an `mremap` of registered memory as changing
+    /// the address space from before it moves the page-table entries until the reader has read
+    /// its REMAP event, which it queues only after moving them, and refuses every userfaultfd
+    /// range ioctl meanwhile with EAGAIN. Here the ioctl (an unprotect of a page never
+    /// registered: it does nothing, ENOENT) only asks. A move whose event is not yet queued is
+    /// otherwise invisible: a revoke that zapped the old range after a `MREMAP_DONTUNMAP` moved
+    /// the entries (the range stays mapped, so the zap succeeds on nothing) left the CPU a
+    /// writable mapping the core did not know of, and a device copy later overwrote its writes.
+    pub(crate) fn events_read(&self) -> bool {
+        let Some(probe) = &self.probe else { return true };
+        let t = std::time::Instant::now();
+        let mut wait = std::time::Duration::from_micros(10);
+        loop {
+            match self.uffd.writeprotect(probe.range(), false, false) {
+                Err(UffdError::Retry { .. }) => {}
+                _ => return true,
+            }
+            if t.elapsed() > std::time::Duration::from_secs(1) {
+                return false;
+            }
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Waits (at most a second) until the reader has classified every batch a read(2) started
@@ -1144,5 +1175,53 @@ mod tests {
         assert_eq!(first, Some(Err(Some(libc::EFAULT))), "the fault the core panicked on was released");
         let (_, second) = within(SERVED_WITHIN, read_into(va + PAGE_SIZE as usize));
         assert_eq!(second, Some(Ok(PAGE_SIZE as usize)), "a later fault was served");
+    }
+
+    /// The kernel refuses userfaultfd range ioctls from before an `mremap` of registered memory
+    /// moves its entries until its REMAP event is read: `events_read` sees such a move in flight
+    /// (the event queued, no reader here) and waits for it, giving up after a second; once the
+    /// event is read it answers at once.
+    #[test]
+    fn events_read_waits_for_a_move_whose_event_is_unread() {
+        use rustix::mm::{self, MapFlags, MremapFlags, ProtFlags};
+        let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
+        let uffd = Arc::new(uffd);
+        let ctx = Ctx::new(Arc::clone(&uffd));
+        assert!(ctx.events_read(), "nothing in flight");
+        let len = 2 * PAGE_SIZE as usize;
+        // SAFETY: fresh anonymous mappings where the kernel chooses replace nothing; unmapped below.
+        let (src, dst) = unsafe {
+            let rw = ProtFlags::READ | ProtFlags::WRITE;
+            let src = mm::mmap_anonymous(std::ptr::null_mut(), len, rw, MapFlags::PRIVATE).unwrap() as usize;
+            let dst = mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), MapFlags::PRIVATE).unwrap();
+            (src, dst as usize)
+        };
+        uffd.register(VaRange::new(src as u64, len as u64), crate::uffd::RegisterMode::MISSING).unwrap();
+        std::thread::scope(|s| {
+            // SAFETY: moves the test's registered mapping over its own placeholder `dst`
+            // (MREMAP_FIXED replaces only that), leaving `src` mapped; nothing references either.
+            let t = s.spawn(move || unsafe {
+                let flags = MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP;
+                mm::mremap_fixed(src as *mut _, len, len, flags, dst as *mut _).map(|p| p as usize)
+            });
+            assert!(uffd.poll(std::time::Duration::from_secs(10)).unwrap(), "the move's event is queued");
+            assert!(!ctx.events_read(), "an unread move is in flight");
+            let mut msgs = [uffd::empty_msg(); 4];
+            let n = uffd.read_msgs(&mut msgs).unwrap();
+            assert!(msgs[..n].iter().any(|m| matches!(uffd::decode(m), Event::Remap { .. })));
+            assert_eq!(t.join().unwrap().unwrap(), dst);
+        });
+        let t = std::time::Instant::now();
+        assert!(ctx.events_read(), "the move's event was read");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // Unregistered first: unmapping registered memory waits for its UNMAP event to be read.
+        for r in [src, dst] {
+            uffd.unregister(VaRange::new(r as u64, len as u64)).unwrap();
+        }
+        // SAFETY: the test's own mappings (`src` left behind, empty), not used again.
+        unsafe {
+            let _ = mm::munmap(src as *mut _, len);
+            let _ = mm::munmap(dst as *mut _, len);
+        }
     }
 }

@@ -1255,6 +1255,18 @@ pub(crate) fn dup_shared(range: VaRange) -> Result<usize, MappingError> {
         .map_err(os_err("mremap(dup)", range))
 }
 
+/// One page of inaccessible private memory, never registered with userfaultfd: an address for
+/// an ioctl that only asks the kernel whether events are in flight (see `Ctx::events_read`).
+pub(crate) fn probe_page() -> Result<Alias, MappingError> {
+    let page = VaRange::new(0, PAGE_SIZE);
+    // SAFETY: a new private mapping where the kernel chooses replaces nothing.
+    let p = unsafe {
+        rustix::mm::mmap_anonymous(std::ptr::null_mut(), PAGE_SIZE as usize, ProtFlags::empty(), MapFlags::PRIVATE)
+    }
+    .map_err(os_err("mmap probe page", page))?;
+    Ok(Alias::new(p as usize, PAGE_SIZE as usize))
+}
+
 /// Fallocates or punches `len` bytes at `off` of a memfd.
 pub(crate) fn memfd_space(memfd: &OwnedFd, off: u64, len: u64, punch: bool) -> Result<(), MappingError> {
     let mode = if punch { FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE } else { FallocateFlags::empty() };

@@ -846,9 +846,9 @@ mod tests {
             let reg = host.register(p as u64, 2 * page as u64).unwrap();
             let cpu = Arc::clone(&reg.cpu);
             drop(reg);
-            // SAFETY: the test's own pages 2-3 of its fresh mapping (not registered), unmapped
-            // to make room to grow; then grows the registered pages 0-1 in place into them (no
-            // MREMAP_MAYMOVE: nothing else can be replaced); no Rust reference points into them.
+            // Pages 2-3 (not registered) are given back to make room, then pages 0-1 grow into
+            // them in place (no MREMAP_MAYMOVE: nothing else can be replaced).
+            // SAFETY: the test's own fresh mapping; no Rust reference points into it.
             let r = unsafe {
                 libc::munmap((p + 2 * page) as *mut _, 2 * page);
                 libc::mremap(p as *mut _, 2 * page, 4 * page, 0)

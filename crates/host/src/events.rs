@@ -267,9 +267,15 @@ impl Ctx {
         loop {
             match self.uffd.writeprotect(probe.range(), false, false) {
                 Err(UffdError::Retry { .. }) => {}
-                _ => return true,
+                _ => {
+                    if t.elapsed() > std::time::Duration::from_millis(1) {
+                        log::debug!("waited {:?} for events in flight to be read", t.elapsed());
+                    }
+                    return true;
+                }
             }
             if t.elapsed() > std::time::Duration::from_secs(1) {
+                log::warn!("events in flight for over {:?}: reported as a race", t.elapsed());
                 return false;
             }
             std::thread::sleep(wait);

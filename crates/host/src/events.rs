@@ -26,6 +26,8 @@ use crate::uffd::{self, Event, Features, Uffd, UffdError};
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// Messages read per `read(2)`.
 const BATCH: usize = 64;
+/// Longest [`Ctx::fill_room_after`] waits for [`Ctx::layout`].
+const LAYOUT_WAIT: Duration = Duration::from_millis(200);
 /// State shared by the host's threads and its regions.
 #[derive(Debug)]
 pub(crate) struct Ctx {
@@ -407,7 +409,12 @@ impl Ctx {
         if !crate::mapping::is_mapped(page) {
             return;
         }
-        let _layout = self.layout.read();
+        // Bounded: this may run on the reader thread, and the servicer holds the lock while a
+        // move it applies replaces a grown part, which waits for the reader to read the event.
+        let Some(_layout) = self.layout.try_read_for(LAYOUT_WAIT) else {
+            log::warn!("memory grown in place past {end:#x} not looked for: the layout stayed busy");
+            return;
+        };
         let mut uses = self.memfd_uses();
         uses.retain(|u| u.ino == ino);
         if uses.is_empty() {

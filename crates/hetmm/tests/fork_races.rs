@@ -582,11 +582,17 @@ fn a_fork_on_a_thread_inside_a_hetmm_operation_does_not_hang() {
 /// the scenario it names.
 const SCENARIO_ENV: &str = "HETMM_FORK_RACES_SCENARIO";
 
+/// How long a scenario run by [`in_own_process`] may take before it counts as hung.
+const OWN_PROCESS_LIMIT: Duration = Duration::from_secs(30);
+
 /// Runs `body` in a process of its own (this test binary again, running only test `name`),
-/// which must end well within `limit`. A fork that deadlocks leaves threads stuck in the fork
-/// handlers, holding their locks, which would hang every later fork of the test process (and
-/// the test run): the process is killed instead, and the test fails saying so.
-fn in_own_process(name: &str, limit: Duration, body: impl FnOnce()) {
+/// which must end well within [`OWN_PROCESS_LIMIT`], one such test at a time. A fork that
+/// deadlocks leaves threads stuck in the fork handlers, holding their locks, which would hang
+/// every later fork of the test process (and the test run): the process is killed instead, and
+/// the test fails saying so.
+fn in_own_process(name: &str, body: impl FnOnce()) {
+    let limit = OWN_PROCESS_LIMIT;
+    let _serial = serial();
     if std::env::var_os(SCENARIO_ENV).is_some_and(|v| v == name) {
         body();
         return;
@@ -704,21 +710,15 @@ fn two_forks_lost_nothing(hm: &Hetmm, before: u64, buf: &hetmm::SharedBuf<u8>) {
 /// limit, for that lock. Both forks must go through, each child with all of the memory.
 #[test]
 fn a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock() {
-    let _serial = serial();
-    in_own_process(
-        "a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock",
-        Duration::from_secs(30),
-        || {
-            let (hm, _dev, buf) = device_only_data();
-            let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
-            let before = hm.stats().forks;
-            let (inside, outside) =
-                fork_inside_once_another_waits(&hm, p, n, || fork_with(|| child_has_everything(p, n)));
-            assert_eq!(code(inside), FINE, "the child of the fork from inside the operation");
-            assert_eq!(code(outside), FINE, "the child of the fork from outside");
-            two_forks_lost_nothing(&hm, before, &buf);
-        },
-    );
+    in_own_process("a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock", || {
+        let (hm, _dev, buf) = device_only_data();
+        let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
+        let before = hm.stats().forks;
+        let (inside, outside) = fork_inside_once_another_waits(&hm, p, n, || fork_with(|| child_has_everything(p, n)));
+        assert_eq!(code(inside), FINE, "the child of the fork from inside the operation");
+        assert_eq!(code(outside), FINE, "the child of the fork from outside");
+        two_forks_lost_nothing(&hm, before, &buf);
+    });
 }
 
 /// Two threads inside hetmm operations on the same address space fork at once (the second
@@ -728,27 +728,22 @@ fn a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock() {
 /// fork, not for its operation, and both children get all of the memory.
 #[test]
 fn two_forks_inside_operations_on_the_same_space_both_give_the_child_everything() {
-    let _serial = serial();
-    in_own_process(
-        "two_forks_inside_operations_on_the_same_space_both_give_the_child_everything",
-        Duration::from_secs(30),
-        || {
-            let (hm, _dev, buf) = device_only_data();
-            let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
-            let before = hm.stats().forks;
-            let t = Instant::now();
-            let (second, first) = fork_inside_once_another_waits(&hm, p, n, || {
-                let hold = hm.space().hold_forks().unwrap();
-                let status = fork_with(|| child_has_everything(p, n));
-                drop(hold);
-                status
-            });
-            let took = t.elapsed();
-            assert_eq!(code(first), FINE, "the child of the first fork (took {took:?})");
-            assert_eq!(code(second), FINE, "the child of the second fork (took {took:?})");
-            two_forks_lost_nothing(&hm, before, &buf);
-        },
-    );
+    in_own_process("two_forks_inside_operations_on_the_same_space_both_give_the_child_everything", || {
+        let (hm, _dev, buf) = device_only_data();
+        let (p, n) = (buf.ptr() as usize, buf.byte_len() as usize);
+        let before = hm.stats().forks;
+        let t = Instant::now();
+        let (second, first) = fork_inside_once_another_waits(&hm, p, n, || {
+            let hold = hm.space().hold_forks().unwrap();
+            let status = fork_with(|| child_has_everything(p, n));
+            drop(hold);
+            status
+        });
+        let took = t.elapsed();
+        assert_eq!(code(first), FINE, "the child of the first fork (took {took:?})");
+        assert_eq!(code(second), FINE, "the child of the second fork (took {took:?})");
+        two_forks_lost_nothing(&hm, before, &buf);
+    });
 }
 
 /// As `a_fork_inside_an_operation_while_another_thread_forks_does_not_deadlock`, with two
@@ -759,65 +754,60 @@ fn two_forks_inside_operations_on_the_same_space_both_give_the_child_everything(
 /// and gets the second's; the outside fork then goes through, its child with everything.
 #[test]
 fn a_fork_inside_an_operation_while_another_fork_holds_another_space_is_bounded() {
-    let _serial = serial();
-    in_own_process(
-        "a_fork_inside_an_operation_while_another_fork_holds_another_space_is_bounded",
-        Duration::from_secs(30),
-        || {
-            // Prepared in this order: `first`, then `second`.
-            let (first, _dev1, buf1) = device_only_data();
-            let (second, _dev2, buf2) = device_only_data();
-            let (p1, n1) = (buf1.ptr() as usize, buf1.byte_len() as usize);
-            let (p2, n2) = (buf2.ptr() as usize, buf2.byte_len() as usize);
-            let t = Instant::now();
-            let (inside, outside) = std::thread::scope(|s| {
-                let second = &second;
-                let (held_tx, held_rx) = std::sync::mpsc::channel();
-                let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-                let inside = s.spawn(move || {
-                    let hold = second.space().hold_forks().unwrap();
-                    held_tx.send(()).unwrap();
-                    go_rx.recv_timeout(Duration::from_secs(20)).expect("told to fork");
-                    let status = fork_with(|| match child_has_everything(p2, n2) {
-                        // The first space's memory: lost is fine, the second's must be whole.
-                        LOST if hetmm::host::fork::last_child_lost_bytes() == n1 as u64 => {
-                            // The lost bytes are the first space's, none of these.
-                            // SAFETY: the child's private copy of the second space's `n2` bytes
-                            // at `p2`, none of it lost, which nothing else uses.
-                            if unsafe { all_are(p2, n2, 3) } {
-                                LOST
-                            } else {
-                                WRONG
-                            }
+    in_own_process("a_fork_inside_an_operation_while_another_fork_holds_another_space_is_bounded", || {
+        // Prepared in this order: `first`, then `second`.
+        let (first, _dev1, buf1) = device_only_data();
+        let (second, _dev2, buf2) = device_only_data();
+        let (p1, n1) = (buf1.ptr() as usize, buf1.byte_len() as usize);
+        let (p2, n2) = (buf2.ptr() as usize, buf2.byte_len() as usize);
+        let t = Instant::now();
+        let (inside, outside) = std::thread::scope(|s| {
+            let second = &second;
+            let (held_tx, held_rx) = std::sync::mpsc::channel();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let inside = s.spawn(move || {
+                let hold = second.space().hold_forks().unwrap();
+                held_tx.send(()).unwrap();
+                go_rx.recv_timeout(Duration::from_secs(20)).expect("told to fork");
+                let status = fork_with(|| match child_has_everything(p2, n2) {
+                    // The first space's memory: lost is fine, the second's must be whole.
+                    LOST if hetmm::host::fork::last_child_lost_bytes() == n1 as u64 => {
+                        // The lost bytes are the first space's, none of these.
+                        // SAFETY: the child's private copy of the second space's `n2` bytes
+                        // at `p2`, none of it lost, which nothing else uses.
+                        if unsafe { all_are(p2, n2, 3) } {
+                            LOST
+                        } else {
+                            WRONG
                         }
-                        c => c,
-                    });
-                    drop(hold);
-                    status
+                    }
+                    c => c,
                 });
-                held_rx.recv_timeout(Duration::from_secs(10)).expect("the operation began");
-                let outside = s.spawn(move || {
-                    fork_with(|| match child_has_everything(p1, n1) {
-                        FINE => child_has_everything(p2, n2),
-                        c => c,
-                    })
-                });
-                wait_until(|| second.space().forks_waiting() > 0, "the outside fork never waited for the operation");
-                go_tx.send(()).unwrap();
-                (inside.join().unwrap(), outside.join().unwrap())
+                drop(hold);
+                status
             });
-            let took = t.elapsed();
-            let inside = code(inside);
-            assert!(inside == FINE || inside == LOST, "the child of the fork inside the operation: {inside}");
-            assert_eq!(code(outside), FINE, "the child of the fork from outside");
-            if inside == LOST {
-                assert_eq!(first.stats().bytes_fork_lost, n1 as u64, "lost memory is counted");
-            }
-            assert!(took < Duration::from_secs(10), "{took:?}");
-            for (hm, buf) in [(&first, &buf1), (&second, &buf2)] {
-                hm.migrate(buf.ptr(), buf.byte_len(), Proc::Cpu).unwrap();
-                assert!(buf.as_slice().iter().all(|&b| b == 3));
-            }
-        },
-    );
+            held_rx.recv_timeout(Duration::from_secs(10)).expect("the operation began");
+            let outside = s.spawn(move || {
+                fork_with(|| match child_has_everything(p1, n1) {
+                    FINE => child_has_everything(p2, n2),
+                    c => c,
+                })
+            });
+            wait_until(|| second.space().forks_waiting() > 0, "the outside fork never waited for the operation");
+            go_tx.send(()).unwrap();
+            (inside.join().unwrap(), outside.join().unwrap())
+        });
+        let took = t.elapsed();
+        let inside = code(inside);
+        assert!(inside == FINE || inside == LOST, "the child of the fork inside the operation: {inside}");
+        assert_eq!(code(outside), FINE, "the child of the fork from outside");
+        if inside == LOST {
+            assert_eq!(first.stats().bytes_fork_lost, n1 as u64, "lost memory is counted");
+        }
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        for (hm, buf) in [(&first, &buf1), (&second, &buf2)] {
+            hm.migrate(buf.ptr(), buf.byte_len(), Proc::Cpu).unwrap();
+            assert!(buf.as_slice().iter().all(|&b| b == 3));
+        }
+    });
 }

@@ -1185,8 +1185,8 @@ fn mremap_races_migrate() {
     // A short run by default (the suite's), longer ones on request.
     let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
     let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth(iters / 2, 16 * PS, false);
-    mremap_back_and_forth(iters - iters / 2, 2 << 20, false);
+    mremap_back_and_forth(iters / 2, 16 * PS, false, 0);
+    mremap_back_and_forth(iters - iters / 2, 2 << 20, false, 0);
 }
 
 /// [`mremap_races_migrate`] with memory from `Hetmm::alloc`: the slot starts as a buffer's
@@ -1196,8 +1196,8 @@ fn mremap_races_migrate() {
 fn mremap_of_a_buffer_races_migrate() {
     let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
     let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth(iters / 2, 16 * PS, true);
-    mremap_back_and_forth(iters - iters / 2, 2 << 20, true);
+    mremap_back_and_forth(iters / 2, 16 * PS, true, 0);
+    mremap_back_and_forth(iters - iters / 2, 2 << 20, true, 0);
 }
 
 /// [`mremap_races_migrate`] with `MREMAP_DONTUNMAP`: the kernel moves the CPU's page-table
@@ -1207,18 +1207,13 @@ fn mremap_of_a_buffer_races_migrate() {
 fn dontunmap_mremap_races_migrate() {
     let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
     let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth_with(iters / 2, 16 * PS, false, libc::MREMAP_DONTUNMAP);
-    mremap_back_and_forth_with(iters - iters / 2, 2 << 20, false, libc::MREMAP_DONTUNMAP);
+    mremap_back_and_forth(iters / 2, 16 * PS, false, libc::MREMAP_DONTUNMAP);
+    mremap_back_and_forth(iters - iters / 2, 2 << 20, false, libc::MREMAP_DONTUNMAP);
 }
 
 /// [`mremap_races_migrate`] with the two places `apart` bytes apart; `alloc`: the slot is
-/// first a buffer's view.
-fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool) {
-    mremap_back_and_forth_with(iters, apart, alloc, 0);
-}
-
-/// [`mremap_back_and_forth`], each move with the mremap flags `extra` too.
-fn mremap_back_and_forth_with(iters: u64, apart: u64, alloc: bool, extra: i32) {
+/// first a buffer's view; each move with the mremap flags `extra` too.
+fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool, extra: i32) {
     let hm = Arc::new(Hetmm::new().unwrap());
     let dev = Arc::new(
         hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 4 << 20, ..SimConfig::default() }).unwrap()).unwrap(),

@@ -265,24 +265,17 @@ impl Ctx {
     pub(crate) fn events_read(&self) -> bool {
         let Some(probe) = &self.probe else { return true };
         let t = std::time::Instant::now();
-        let mut wait = std::time::Duration::from_micros(10);
-        loop {
-            match self.uffd.writeprotect(probe.range(), false, false) {
-                Err(UffdError::Retry { .. }) => {}
-                _ => {
-                    if t.elapsed() > std::time::Duration::from_millis(1) {
-                        log::debug!("waited {:?} for events in flight to be read", t.elapsed());
-                    }
-                    return true;
-                }
-            }
-            if t.elapsed() > std::time::Duration::from_secs(1) {
-                log::warn!("events in flight for over {:?}: reported as a race", t.elapsed());
-                return false;
-            }
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(std::time::Duration::from_millis(1));
+        let asked = crate::host::retry_again_within(Duration::from_secs(1), || {
+            self.uffd.writeprotect(probe.range(), false, false)
+        });
+        if matches!(asked, Err(UffdError::Retry { .. })) {
+            log::warn!("events in flight for over {:?}: reported as a race", t.elapsed());
+            return false;
         }
+        if t.elapsed() > Duration::from_millis(1) {
+            log::debug!("waited {:?} for events in flight to be read", t.elapsed());
+        }
+        true
     }
 
     /// Waits (at most a second) until the reader has classified every batch a read(2) started

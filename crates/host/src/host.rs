@@ -652,21 +652,27 @@ fn raced(what: &'static str, ranges: &[VaRange]) -> HostError {
 /// machine: a CPU fault whose map gives up raises SIGBUS, so the bound is generous.
 const RETRY_FOR: Duration = Duration::from_secs(5);
 
-/// Back-off between retries of an ioctl that failed with EAGAIN, bounded by [`RETRY_FOR`].
+/// Back-off between retries of an ioctl that failed with EAGAIN, bounded by `limit` (usually
+/// [`RETRY_FOR`]).
 struct Backoff {
     since: std::time::Instant,
     n: u32,
+    limit: Duration,
 }
 
 impl Backoff {
     fn new() -> Self {
-        Backoff { since: std::time::Instant::now(), n: 0 }
+        Backoff::within(RETRY_FOR)
+    }
+
+    fn within(limit: Duration) -> Self {
+        Backoff { since: std::time::Instant::now(), n: 0, limit }
     }
 
     /// Sleeps before the next try (20 us, doubling up to about 1 ms); `false` once the bound
     /// is spent.
     fn again(&mut self) -> bool {
-        if self.n >= MAX_RETRIES && self.since.elapsed() > RETRY_FOR {
+        if self.n >= MAX_RETRIES && self.since.elapsed() > self.limit {
             return false;
         }
         self.n += 1;
@@ -678,8 +684,16 @@ impl Backoff {
 /// Runs a uffd ioctl, retrying (bounded, with back-off) while it fails with EAGAIN: with
 /// EVENT_REMOVE/UNMAP/REMAP on, every range ioctl fails so while an event is queued and not yet
 /// read (`mmap_changing`); the reader thread reads it promptly.
-pub(crate) fn retry_again<T>(mut op: impl FnMut() -> Result<T, UffdError>) -> Result<T, UffdError> {
-    let mut backoff = Backoff::new();
+pub(crate) fn retry_again<T>(op: impl FnMut() -> Result<T, UffdError>) -> Result<T, UffdError> {
+    retry_again_within(RETRY_FOR, op)
+}
+
+/// [`retry_again`], retrying for `limit` instead of [`RETRY_FOR`].
+pub(crate) fn retry_again_within<T>(
+    limit: Duration,
+    mut op: impl FnMut() -> Result<T, UffdError>,
+) -> Result<T, UffdError> {
+    let mut backoff = Backoff::within(limit);
     loop {
         match op() {
             Err(UffdError::Retry { .. }) if backoff.again() => {}

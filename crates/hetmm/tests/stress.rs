@@ -201,11 +201,65 @@ struct World {
     bg: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// The range pinned now (`HETMM_STRESS_PIN`).
     pinned: Mutex<Option<(u64, u64)>>,
+    /// Every pin of every thread, to tell running out of device memory legitimately from not.
+    pins: Arc<Pins>,
     /// What happened to the R slots lately, printed if the run fails.
     history: Mutex<std::collections::VecDeque<String>>,
     t0: Instant,
     /// A thread failed: the others stop.
     failed: std::sync::atomic::AtomicBool,
+}
+
+/// Pins in effect, to tell a migration that ran out of device memory legitimately from one that
+/// did not. Eviction skips a block with any pinned page in it, and each device holds two (or
+/// eight) blocks: a migration that overlaps a pin of A's blocks (any thread's) may find nothing
+/// it can evict, and fails. One that overlaps none must always find something.
+#[derive(Default)]
+struct Pins {
+    /// Pins taken and not yet released.
+    held: AtomicU64,
+    /// Pins taken or released so far.
+    changes: AtomicU64,
+    /// Migrations that ran out of device memory while a pin was in effect.
+    oom: AtomicU64,
+}
+
+/// What [`Pins::mark`] saw: the changes so far, and whether a pin was held.
+#[derive(Clone, Copy)]
+struct PinMark(u64, bool);
+
+impl Pins {
+    /// Taken before a migration starts.
+    fn mark(&self) -> PinMark {
+        PinMark(self.changes.load(Ordering::SeqCst), self.held.load(Ordering::SeqCst) > 0)
+    }
+    /// `r`, with running out of device memory taken as done where a pin was in effect at some
+    /// time since `since` (counted in `oom`).
+    fn allow_oom<E: Into<hetmm::Error>>(&self, since: PinMark, r: Result<(), E>) -> Result<(), hetmm::Error> {
+        match r.map_err(Into::into) {
+            Err(hetmm::Error::Core(CoreError::OutOfDeviceMemory { .. }))
+                if since.1
+                    || self.held.load(Ordering::SeqCst) > 0
+                    || self.changes.load(Ordering::SeqCst) != since.0 =>
+            {
+                self.oom.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+    /// Pins `s..s+l`: counted as held from before it takes effect.
+    fn pin(&self, hm: &Hetmm, s: u64, l: u64) {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        hm.advise(s, l, Advice::Pin(true)).unwrap_or_else(|e| panic!("pin {s:#x}+{l:#x}: {e}"));
+    }
+    /// Unpins `s..s+l`: counted as held until it has taken effect.
+    fn unpin(&self, hm: &Hetmm, s: u64, l: u64) {
+        hm.advise(s, l, Advice::Pin(false)).unwrap_or_else(|e| panic!("unpin {s:#x}+{l:#x}: {e}"));
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// How many of the latest R slot changes a failed run prints.
@@ -414,18 +468,26 @@ fn step(w: &World, rng: &mut Rng) {
         8 => {
             let (s, l) = w.a_range(rng);
             let to = w.proc(rng);
-            w.hm.migrate(s, l, to).unwrap_or_else(|e| panic!("migrate {s:#x}+{l:#x} to {to:?}: {e}"));
+            let m = w.pins.mark();
+            w.pins
+                .allow_oom(m, w.hm.migrate(s, l, to))
+                .unwrap_or_else(|e| panic!("migrate {s:#x}+{l:#x} to {to:?}: {e}"));
             w.count(3);
         }
         9 => {
             let (s, l) = w.a_range(rng);
             let to = w.proc(rng);
+            let m = w.pins.mark();
             let p = w.hm.advise(s, l, Advice::Prefetch(to)).unwrap_or_else(|e| panic!("prefetch: {e}"));
             if rng.chance(2) {
-                p.wait(WAIT).unwrap_or_else(|e| panic!("prefetch {s:#x}+{l:#x} to {to:?}: {e}"));
+                w.pins.allow_oom(m, p.wait(WAIT)).unwrap_or_else(|e| panic!("prefetch {s:#x}+{l:#x} to {to:?}: {e}"));
             } else {
                 // Wait later, in another thread's time: let it run alongside.
-                let h = std::thread::spawn(move || p.wait(WAIT).unwrap_or_else(|e| panic!("background prefetch: {e}")));
+                let pins = Arc::clone(&w.pins);
+                let h = std::thread::spawn(move || {
+                    pins.allow_oom(m, p.wait(WAIT))
+                        .unwrap_or_else(|e| panic!("background prefetch {s:#x}+{l:#x} to {to:?}: {e}"))
+                });
                 w.bg.lock().unwrap().push(h);
             }
             w.count(4);
@@ -465,11 +527,11 @@ fn step(w: &World, rng: &mut Rng) {
                     // migrations and kernels legitimately ran out of memory (every run failed).
                     let Ok(mut p) = w.pinned.try_lock() else { return };
                     if let Some((ps, pl)) = p.take() {
-                        w.hm.advise(ps, pl, Advice::Pin(false)).unwrap();
+                        w.pins.unpin(&w.hm, ps, pl);
                     }
                     let l = l.min(64 * PS).min((((s >> 21) + 1) << 21) - s);
                     // Pinned under the lock: another thread's unpin must not run first.
-                    w.hm.advise(s, l, Advice::Pin(true)).unwrap();
+                    w.pins.pin(&w.hm, s, l);
                     *p = Some((s, l));
                     w.count(6);
                     return;
@@ -477,9 +539,12 @@ fn step(w: &World, rng: &mut Rng) {
                 _ => {
                     // Pinned memory is never evicted (whole 2 MiB blocks): a pin held while
                     // others fill the small devices makes them legitimately run out. Pin and
-                    // unpin at once, to race the attribute with the rest.
-                    w.hm.advise(s, l, Advice::Pin(true)).unwrap();
-                    Advice::Pin(false)
+                    // unpin at once, to race the attribute with the rest (migrations that run
+                    // out meanwhile are allowed to: `Pins`).
+                    w.pins.pin(&w.hm, s, l);
+                    w.pins.unpin(&w.hm, s, l);
+                    w.count(6);
+                    return;
                 }
             };
             w.hm.advise(s, l, advice).unwrap_or_else(|e| panic!("advise {advice:?}: {e}"));
@@ -522,11 +587,13 @@ fn step(w: &World, rng: &mut Rng) {
             let k = 1 + rng.below((n - i).min(4));
             let (s, l) = (w.r_addr(i as usize), k * w.rslot);
             let to = w.proc(rng);
+            let m = w.pins.mark();
             let r = if rng.chance(2) {
                 w.hm.migrate(s, l, to)
             } else {
                 w.hm.advise(s, l, Advice::Prefetch(to)).and_then(|p| Ok(p.wait(WAIT)?))
             };
+            let r = w.pins.allow_oom(m, r);
             // A host call on memory the program unmapped meanwhile fails, but as a race: the
             // migration tries again once the unmap is applied and finds the memory gone.
             match r {
@@ -692,11 +759,14 @@ fn rstep_on(w: &World, rng: &mut Rng, i: usize, s: &mut Slot) -> &'static str {
                         "DontNeed"
                     }
                     1 => {
-                        w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("R migrate: {e}"));
+                        let m = w.pins.mark();
+                        w.pins.allow_oom(m, w.hm.migrate(a, len, to)).unwrap_or_else(|e| panic!("R migrate: {e}"));
                         "migrated"
                     }
                     2 => {
-                        w.hm.advise(a, len, Advice::Prefetch(to)).unwrap().wait(WAIT).unwrap();
+                        let m = w.pins.mark();
+                        let p = w.hm.advise(a, len, Advice::Prefetch(to)).unwrap_or_else(|e| panic!("R prefetch: {e}"));
+                        w.pins.allow_oom(m, p.wait(WAIT)).unwrap_or_else(|e| panic!("R prefetch: {e}"));
                         "prefetched"
                     }
                     3 => {
@@ -762,7 +832,10 @@ fn buffer_into(w: &World, rng: &mut Rng, i: usize, a: u64, len: u64) -> u64 {
     let mut on = None;
     if rng.chance(2) {
         let to = w.proc(rng);
-        w.hm.migrate(buf.ptr(), len, to).unwrap_or_else(|e| panic!("migrate a buffer to {to:?}: {e}"));
+        let m = w.pins.mark();
+        w.pins
+            .allow_oom(m, w.hm.migrate(buf.ptr(), len, to))
+            .unwrap_or_else(|e| panic!("migrate a buffer to {to:?}: {e}"));
         on = Some(to);
     }
     w.note(format!("R{i}: buffer {:#x} (gen {gen:#x}, on {on:?}) moving in", buf.ptr()));
@@ -821,7 +894,10 @@ fn rmove(w: &World, rng: &mut Rng, i: usize, s: &mut Slot, gen: u64) {
     match first {
         0 => {
             let to = w.devs[rng.below(2) as usize].proc();
-            w.hm.migrate(a, len, to).unwrap_or_else(|e| panic!("migrate R slot {i} to {to:?} before a move: {e}"));
+            let m = w.pins.mark();
+            w.pins
+                .allow_oom(m, w.hm.migrate(a, len, to))
+                .unwrap_or_else(|e| panic!("migrate R slot {i} to {to:?} before a move: {e}"));
         }
         1 => {
             w.hm.advise(a, len, Advice::ReadMostly(true)).unwrap_or_else(|e| panic!("read-mostly R slot {i}: {e}"));
@@ -1048,6 +1124,7 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         bufs: Mutex::new(Vec::new()),
         bg: Mutex::new(Vec::new()),
         pinned: Mutex::new(None),
+        pins: Arc::default(),
         history: Mutex::new(std::collections::VecDeque::new()),
         t0: Instant::now(),
         failed: Default::default(),
@@ -1091,7 +1168,7 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
         std::panic::resume_unwind(e);
     }
     if let Some((s, l)) = w.pinned.lock().unwrap().take() {
-        w.hm.advise(s, l, Advice::Pin(false)).unwrap();
+        w.pins.unpin(&w.hm, s, l);
     }
     // Every byte, by the CPU, at the end.
     for (i, g) in w.slices.iter().enumerate() {
@@ -1108,12 +1185,13 @@ fn run(seed: u64, policy: &str, ops: u64, threads: u64) {
     let st = w.hm.stats();
     eprintln!(
         "stress seed {seed} {policy} big={big} slice={slice} ops={ops}x{threads}: {}; MiB to devices {}, home {}, \
-         between devices {}; pages mapped to a peer's copy {}",
+         between devices {}; pages mapped to a peer's copy {}; migrations out of device memory during a pin {}",
         c.join(", "),
         st.bytes_to_device >> 20,
         st.bytes_to_host >> 20,
         st.bytes_device_to_device >> 20,
-        st.peer_mapped_pages
+        st.peer_mapped_pages,
+        w.pins.oom.load(Ordering::Relaxed)
     );
     for (i, s) in w.rslots.iter().enumerate() {
         let s = *s.lock().unwrap();

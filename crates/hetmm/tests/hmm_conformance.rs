@@ -1296,17 +1296,7 @@ fn benchmark_thp_migration() {
 
 /// The permissions column of `/proc/self/maps` for the mapping holding `addr`.
 fn maps_perms(addr: u64) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    for line in maps.lines() {
-        let mut it = line.split_whitespace();
-        let (Some(span), Some(perms)) = (it.next(), it.next()) else { continue };
-        let (s, e) = span.split_once('-').unwrap();
-        let (s, e) = (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap());
-        if (s..e).contains(&addr) {
-            return perms.to_string();
-        }
-    }
-    panic!("{addr:#x} is not mapped");
+    common::maps_meeting(addr, addr + 1).pop().unwrap_or_else(|| panic!("{addr:#x} is not mapped")).perms
 }
 
 /// Not an HMM scenario: the guarantee behind 6 and 29 at its sharpest. Data a device *wrote*

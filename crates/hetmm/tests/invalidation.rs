@@ -3,6 +3,8 @@
 //! memory while CPU threads and device kernels read and write it, checked against a reference
 //! model byte for byte.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -572,16 +574,8 @@ fn register_of_a_file_mapping_past_its_end_is_refused_and_changes_nothing() {
     // SAFETY: `fd` is the file this test opened, closed once; the mapping keeps its own reference.
     unsafe { libc::close(fd) };
     let maps = || -> Vec<String> {
-        let (s, e) = (p as u64, p as u64 + len as u64);
-        std::fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .filter(|l| {
-                let (a, b) = l.split_whitespace().next().unwrap().split_once('-').unwrap();
-                u64::from_str_radix(a, 16).unwrap() < e && u64::from_str_radix(b, 16).unwrap() > s
-            })
-            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-            .collect()
+        let m = common::maps_meeting(p as u64, p as u64 + len as u64);
+        m.iter().map(|m| format!("{:x}-{:x} {}", m.start, m.end, m.perms)).collect()
     };
     let before = maps();
     assert!(hm.register(p.cast(), len).is_err(), "the last page cannot be read");
@@ -727,23 +721,13 @@ fn realloc_of_registered_device_resident_memory_keeps_every_byte() {
 
 /// The inode of the file `/proc/self/maps` shows at `va` (0 if none).
 fn inode_at(va: usize) -> u64 {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    for line in maps.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (s, e) = f[0].split_once('-').unwrap();
-        let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
-        if (s..e).contains(&va) {
-            return f[4].parse().unwrap();
-        }
-    }
-    0
+    common::maps_meeting(va as u64, va as u64 + 1).first().map_or(0, |m| m.ino)
 }
 
 /// Whether the process still maps or holds open the file of inode `ino` (a memfd of hetmm).
 fn file_alive(ino: u64) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let mapped = maps.lines().any(|l| l.split_whitespace().nth(4).and_then(|i| i.parse::<u64>().ok()) == Some(ino));
+    let mapped = common::maps().iter().any(|m| m.ino == ino);
     let open = std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|e| e.ok())

@@ -1220,13 +1220,8 @@ fn print_history(w: &World) {
         eprintln!("  R{i} {at:#x}: {:?}", w.hm.space().page_state(at));
     }
     eprintln!("mappings there now:");
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    for line in maps.lines() {
-        let Some((lo, hi)) = line.split_once(' ').and_then(|(s, _)| s.split_once('-')) else { continue };
-        let (Ok(lo), Ok(hi)) = (u64::from_str_radix(lo, 16), u64::from_str_radix(hi, 16)) else { continue };
-        if lo < r.end && hi > r.start {
-            eprintln!("  {line}");
-        }
+    for m in common::maps_meeting(r.start, r.end) {
+        eprintln!("  {}", m.line);
     }
 }
 

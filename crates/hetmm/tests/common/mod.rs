@@ -1,4 +1,6 @@
 //! Helpers shared by the integration tests (each test file that needs them says `mod common;`).
+// Each test file is its own crate and uses only some of these.
+#![allow(dead_code)]
 
 /// Waits for the child `pid` (retrying on EINTR) and returns its wait status.
 pub fn wait_status(pid: libc::pid_t) -> i32 {
@@ -11,4 +13,39 @@ pub fn wait_status(pid: libc::pid_t) -> i32 {
         }
         assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINTR), "waitpid");
     }
+}
+
+/// One line of `/proc/self/maps`.
+pub struct MapsLine {
+    pub start: u64,
+    pub end: u64,
+    /// The permissions column (`rw-s`, say).
+    pub perms: String,
+    /// The inode of the file mapped (0 for anonymous memory).
+    pub ino: u64,
+    /// The whole line.
+    pub line: String,
+}
+
+/// Every line of `/proc/self/maps` (allocates: not for fork children of threaded parents).
+pub fn maps() -> Vec<MapsLine> {
+    let text = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    text.lines()
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (s, e) = f[0].split_once('-').expect("a range");
+            MapsLine {
+                start: u64::from_str_radix(s, 16).expect("a hex start"),
+                end: u64::from_str_radix(e, 16).expect("a hex end"),
+                perms: f[1].to_string(),
+                ino: f[4].parse().expect("an inode"),
+                line: line.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The lines of `/proc/self/maps` that meet `start..end`.
+pub fn maps_meeting(start: u64, end: u64) -> Vec<MapsLine> {
+    maps().into_iter().filter(|m| m.start < end && m.end > start).collect()
 }

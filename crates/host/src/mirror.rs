@@ -777,6 +777,27 @@ mod tests {
         assert_eq!(remaps[2], (p as u64, y as u64, len as u64, true), "{remaps:?}");
     }
 
+    /// Reads the 8 bytes at `at` the way the kernel does for a system call (`write(2)` from
+    /// them into a file), on another thread, waiting at most 10 s for it: the `write`'s result
+    /// and the bytes it wrote (0xff where it wrote none).
+    fn kernel_read8(at: usize) -> Result<(isize, [u8; 8]), std::sync::mpsc::RecvTimeoutError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = crate::test_support::tempfile();
+            use std::os::fd::AsRawFd;
+            // SAFETY: `write` only reads `at..at + 8`, in the kernel, into a file of ours: where
+            // that is not mapped (any more) the call fails with EFAULT.
+            let n = unsafe { libc::write(out.as_raw_fd(), at as *const _, 8) };
+            let mut got = [0xffu8; 8];
+            if n == 8 {
+                use std::os::unix::fs::FileExt;
+                out.read_exact_at(&mut got, 0).unwrap();
+            }
+            let _ = tx.send((n, got));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+    }
+
     /// Registered private memory the program grows with `mremap` (glibc's `realloc` of a large
     /// block does): the new pages must be fresh zeros, as for the private anonymous memory the
     /// program had. Adopted, the memory is a `MAP_SHARED` memfd mapping, and the kernel extends
@@ -801,21 +822,7 @@ mod tests {
         let r = unsafe { libc::mremap(p as *mut _, 2 * page, len, fixed, y as *mut libc::c_void) };
         assert_eq!(r as usize, y, "{}", std::io::Error::last_os_error());
         let at = y + 2 * page;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let out = crate::test_support::tempfile();
-            use std::os::fd::AsRawFd;
-            // SAFETY: `at..at + 8` is in the grown mapping at `y`, which stays mapped until the
-            // munmap below (not reached before this answers or the wait gives up).
-            let n = unsafe { libc::write(out.as_raw_fd(), at as *const _, 8) };
-            let mut got = [0xffu8; 8];
-            if n == 8 {
-                use std::os::unix::fs::FileExt;
-                out.read_exact_at(&mut got, 0).unwrap();
-            }
-            let _ = tx.send((n, got));
-        });
-        let res = rx.recv_timeout(std::time::Duration::from_secs(10));
+        let res = kernel_read8(at);
         // SAFETY: the test's own mappings, not used afterwards.
         unsafe {
             libc::munmap(y as *mut _, len);
@@ -865,21 +872,7 @@ mod tests {
             panic!("no room to grow stayed free in 20 tries: {errors:?}");
         };
         let at = p + 2 * page;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let out = crate::test_support::tempfile();
-            use std::os::fd::AsRawFd;
-            // SAFETY: `at..at + 8` is in the grown mapping, which stays mapped until the munmap
-            // below (not reached before this answers or the wait gives up).
-            let n = unsafe { libc::write(out.as_raw_fd(), at as *const _, 8) };
-            let mut got = [0xffu8; 8];
-            if n == 8 {
-                use std::os::unix::fs::FileExt;
-                out.read_exact_at(&mut got, 0).unwrap();
-            }
-            let _ = tx.send((n, got));
-        });
-        let res = rx.recv_timeout(std::time::Duration::from_secs(10));
+        let res = kernel_read8(at);
         let shared_after = vmas(VaRange::new(at as u64, 2 * PAGE_SIZE)).map(|v| v.iter().any(|m| m.shared));
         // SAFETY: the test's own mapping, not used afterwards.
         unsafe { libc::munmap(p as *mut _, 4 * page) };

@@ -932,17 +932,18 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
         }
     }
     let m = &m.and_not(&kept);
-    for d in mapped.devices() {
-        let Ok(slot) = space.holder(d) else { continue };
-        let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
-        release_device_pages(&slot, blk, &here);
-    }
-    // The device copies are gone whatever the CPU side does next: no page may claim one.
-    for i in m.iter() {
-        blk.pages[i].resident.0 &= ProcMask::only(Proc::Cpu).0;
-    }
     let rs = ranges(blk, m);
-    region.cpu.discard(&rs)?;
+    // The CPU side first: had the device copies gone before it failed, a page whose only
+    // current copy was a device's would have read its stale host bytes.
+    if let Err(e) = region.cpu.discard(&rs) {
+        // Part of the host backing may be dropped. A page the CPU holds keeps that copy alone
+        // (its data or zeros, whichever the CPU reads now), so that no device's copy differs
+        // from it; a page only devices hold keeps their copies (unmapped above: the next access
+        // maps them again).
+        free_unmapped_copies(space, blk, &select(blk, m, |p| p.resident.has(Proc::Cpu)), mapped);
+        return Err(e.into());
+    }
+    free_unmapped_copies(space, blk, m, mapped);
     for slot in space.holders() {
         slot.mmu.host_discarded(&rs);
     }
@@ -950,6 +951,18 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
         blk.pages[i] = crate::block::Page::default();
     }
     result
+}
+
+/// Frees the copies the devices of `devs` hold of the pages of `m` (which none of them maps).
+fn free_unmapped_copies(space: &AddressSpace, blk: &mut Block, m: &PageMask, devs: ProcMask) {
+    for d in devs.devices() {
+        let Ok(slot) = space.holder(d) else { continue };
+        let here = select(blk, m, |p| p.resident.has(Proc::Device(d)));
+        release_device_pages(&slot, blk, &here);
+    }
+    for i in m.iter() {
+        blk.pages[i].resident.0 &= ProcMask::only(Proc::Cpu).0;
+    }
 }
 
 /// Moves whole blocks to `slot`'s device in one go: one CPU revoke (or write-protect) call, one

@@ -93,19 +93,20 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
 }
 
 impl HostError {
-    /// In place of an errno: a revoke or write-protect that raced the program's unmap or remap of
-    /// the memory. The CPU may still map the pages at their new addresses, so nothing may be
-    /// done on the strength of it; try again once the change is applied
+    /// In place of an errno: a revoke, write-protect or map that raced the program's unmap or
+    /// remap of the memory. The CPU may still map the pages at their new addresses (or, for a
+    /// map, the old addresses may show something else now), so nothing may be done on the
+    /// strength of it; try again once the change is applied
     /// ([`AddressSpace::settle`]). Negative, so that no OS error (EAGAIN from an ioctl whose
     /// retries ran out, say) is taken for it.
     ///
     /// [`AddressSpace::settle`]: crate::AddressSpace::settle
     pub const RACED: i32 = -1;
 
-    /// Whether this is a revoke or write-protect that raced an unmap or remap (see
+    /// Whether this is a revoke, write-protect or map that raced an unmap or remap (see
     /// [`HostError::RACED`]).
     pub fn raced(&self) -> bool {
-        matches!(self.op, "revoke" | "protect") && self.errno == Self::RACED
+        matches!(self.op, "revoke" | "protect" | "map") && self.errno == Self::RACED
     }
 }
 

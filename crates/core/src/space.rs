@@ -1175,9 +1175,12 @@ impl AddressSpace {
 impl CpuFaultHandler for AddressSpace {
     fn cpu_fault(&self, va: u64, access: Access) -> Result<()> {
         let r = self.service_cpu_fault(va, access);
-        // Outside any region is the host's to retry (a region may be arriving), not a failure.
-        if matches!(r, Err(ref e) if !matches!(e, crate::error::CoreError::NotShared(_))) {
-            add(&self.stats.cpu_fault_errors, 1);
+        match &r {
+            // The host wakes the thread to fault again once the change is applied.
+            Err(e) if e.raced() => add(&self.stats.cpu_faults_raced, 1),
+            // Outside any region is the host's to retry (a region may be arriving), not a failure.
+            Err(e) if !matches!(e, crate::error::CoreError::NotShared(_)) => add(&self.stats.cpu_fault_errors, 1),
+            _ => {}
         }
         r
     }

@@ -96,6 +96,10 @@ stats! {
     /// the range while they ran (the migration or fault service is tried again once the change
     /// is applied).
     revokes_raced,
+    /// CPU faults whose service raced the program's unmap or remap of the page, read and not
+    /// yet applied (its map was refused: the addresses may show other memory now); the thread
+    /// is woken and faults again, after the change.
+    cpu_faults_raced,
     /// Blocks a reshape (a partial munmap, mremap or `protect`, an unregister of part of a
     /// region) moved whole into the new regions, device copies and all, instead of bringing them
     /// home: blocks the change did not touch, and blocks an mremap moved by a multiple of 2 MiB.

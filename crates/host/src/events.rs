@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
 use std::time::Duration;
 
-use hetmm_core::cpu::{CpuFaultHandler, CpuMmu};
+use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use hetmm_core::error::CoreError;
 use hetmm_core::invalidate::CpuEvent;
 use hetmm_core::types::{Access, VaRange, PAGE_SIZE};
@@ -69,6 +69,9 @@ pub(crate) struct Ctx {
     pub(crate) layout: parking_lot::RwLock<()>,
     /// See [`Ctx::events_read`] (`None`: it could not be mapped; nothing is checked).
     probe: Option<crate::mapping::Alias>,
+    /// Held by the reader from a read(2) until its batch is classified, and by a map
+    /// ([`Ctx::mapping_checked`]) while it checks for moves and maps: see there.
+    reading: Mutex<()>,
 }
 
 /// Marks a range as arriving ([`Ctx::arriving`]) for as long as it lives.
@@ -150,7 +153,37 @@ impl Ctx {
             probe: crate::mapping::probe_page()
                 .map_err(|e| log::warn!("no probe page ({e}): revokes cannot see moves the kernel has not queued"))
                 .ok(),
+            reading: Mutex::new(()),
         }
+    }
+
+    /// Runs `map` (one `UFFDIO_CONTINUE` over `range`) unless an unmap or remap touching
+    /// `range` has been read and not yet applied, in which case it fails as raced
+    /// ([`HostError::RACED`]) without mapping anything. The core decided to map from where it
+    /// believes the memory is; after such a change the addresses may show something else: the
+    /// old range of an `MREMAP_DONTUNMAP` move, still registered and showing the same memfd
+    /// bytes (the program then read and wrote the moved memory through it, behind the core's
+    /// back), or other registered memory mapped there since. Airtight with the reader's lock
+    /// held across the check and the map: a move the kernel makes meanwhile keeps the address
+    /// space marked as changing until its event is read, which waits for the lock, so the map
+    /// fails with EAGAIN (and the caller tries again, checking again); a move whose event was
+    /// read before is in the log, classified under the same lock.
+    pub(crate) fn mapping_checked<T>(
+        &self,
+        range: VaRange,
+        map: impl FnOnce() -> Result<T, UffdError>,
+    ) -> Result<Result<T, UffdError>, HostError> {
+        let _reading = self.reading.lock();
+        if self.unapplied_reshape_touches(range) {
+            return Err(HostError { op: "map", range, errno: HostError::RACED });
+        }
+        Ok(map())
+    }
+
+    /// Whether an unmap or remap touching `range` the reader has classified is not yet applied.
+    fn unapplied_reshape_touches(&self, range: VaRange) -> bool {
+        let applied = self.reshapes_applied.load(Ordering::Acquire);
+        self.reshapes.load(Ordering::Acquire) != applied && self.reshape_log.lock().touches(applied, &[range])
     }
 
     /// Whether an unmap or remap of the program's memory may be read or being read and not yet
@@ -164,9 +197,29 @@ impl Ctx {
         self.arriving.lock().iter().any(|r| r.contains(va))
     }
 
-    /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own.
-    pub(crate) fn self_zap<T>(&self, range: VaRange, zap: impl FnOnce() -> T) -> T {
-        self.own_op(Own::Zap, range, zap)
+    /// Runs `zap` (an `MADV_DONTNEED` of `range`) marked as the manager's own, unless an unmap
+    /// or remap touching `range` has been read since `mark` (from [`Ctx::reshape_mark`], taken
+    /// where the caller decided on the zap) or is not yet applied ([`Ctx::reshaped_since`]):
+    /// the range may not be the manager's any more, and `MADV_DONTNEED` destroys the data of private memory the program may have mapped
+    /// there since (a revoke that had checked before the program's munmap zeroed the memory the
+    /// program then mapped and filled there, and registered). It fails then with ENOMEM, as a
+    /// zap of an unmapped range does, having zapped nothing. A window remains, from this check
+    /// until the kernel has looked the range up again after the zap's REMOVE event is read
+    /// (it lets go of the mmap lock while it waits for that): a munmap, read, and a new mapping
+    /// in it.
+    pub(crate) fn self_zap(
+        &self,
+        range: VaRange,
+        mark: u64,
+        zap: impl FnOnce() -> Result<(), crate::mapping::MappingError>,
+    ) -> Result<(), crate::mapping::MappingError> {
+        self.own_op(Own::Zap, range, || {
+            if self.reshaped_since(mark, &[range]) {
+                let errno = rustix::io::Errno::NOMEM.raw_os_error();
+                return Err(crate::mapping::MappingError::Os { op: "madvise(DONTNEED)", range, errno });
+            }
+            zap()
+        })
     }
 
     /// Runs `op`, an operation of kind `kind` on `range`, marked as the manager's own.
@@ -540,6 +593,8 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
         if let Some(c) = &core {
             c.event_queued(true);
         }
+        // From the read until the batch is classified (see `Ctx::mapping_checked`).
+        let reading = ctx.reading.lock();
         ctx.reads.fetch_add(1, Ordering::AcqRel);
         let n = match uffd.read_msgs(&mut msgs) {
             Ok(n) => n,
@@ -548,6 +603,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
                     c.event_queued(false);
                 }
                 ctx.batch_classified();
+                drop(reading);
                 log::error!("uffd read failed: {e}");
                 std::thread::sleep(POLL_INTERVAL);
                 continue;
@@ -603,6 +659,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
             out.push(msg);
         }
         ctx.batch_classified();
+        drop(reading);
         let sent = out.is_empty() || tx.send(out).is_ok();
         if let Some(c) = &core {
             c.event_queued(false);
@@ -828,6 +885,14 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
                     let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
                     continue;
                 }
+                // The program moved or unmapped the page, and the change is read but not yet
+                // applied: the map was refused. Woken, the thread faults again, after the change
+                // (bounded as above).
+                Err(e) if e.raced() && retry_outside(&mut s.retries, va) => {
+                    log::debug!("CPU {access:?} fault at {va:#x} raced an unmap or remap; waking it to retry");
+                    let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
+                    continue;
+                }
                 r => {
                     s.retries.remove(&va);
                     s.since.remove(&va);
@@ -863,7 +928,7 @@ fn release_with_sigbus(ctx: &Ctx, va: u64, access: Access) {
     if matches!(res, Err(UffdError::Exists { .. })) && access == Access::Write && shared_view(page) {
         // SAFETY: `page` is registered with our uffd (it faulted there) and mapped MAP_SHARED
         // (checked just above): one of hetmm's memfd views, where DONTNEED keeps the data.
-        let zapped = ctx.self_zap(page, || unsafe { crate::mapping::zap_view(page) });
+        let zapped = ctx.self_zap(page, ctx.reshape_mark(), || unsafe { crate::mapping::zap_view(page) });
         let cleared = zapped.map_err(|e| e.to_string()).and_then(|()| {
             crate::host::retry_again(|| uffd.writeprotect(page, false, false)).map_err(|e| e.to_string())
         });
@@ -997,6 +1062,46 @@ mod tests {
         assert_eq!(*core.events.lock(), [("remap", s), ("unmap", s), ("remap", s), ("unmap", s)]);
         assert_eq!(core.queued.load(Ordering::Acquire), 0, "events left counted as queued");
         assert!(!ctx.reshape_in_flight(), "events left counted unapplied");
+    }
+
+    /// A revoke that checked its range before the program unmapped registered private memory
+    /// and mapped fresh private memory there must not zap that: `MADV_DONTNEED` drops the data
+    /// of private memory. It zeroed the memory the program had just mapped and filled (which
+    /// the program then registered: zeros in a device's read of it, once in a soak).
+    #[test]
+    fn a_stale_revoke_leaves_private_memory_mapped_in_its_place_alone() {
+        let core = Arc::new(Recorder::default());
+        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
+        let len = 4 * PAGE_SIZE as usize;
+        let p = crate::test_support::private_filled(len, 0x11);
+        let reg = host.register(p as u64, len as u64).unwrap();
+        let (range, cpu) = (reg.range, Arc::clone(&reg.cpu));
+        drop(reg);
+        // The revoke passes `reshape_checked`'s first check and waits here, just before its zap
+        // marks itself the manager's own.
+        let held = host.ctx.zaps.lock();
+        let revoke = std::thread::spawn(move || cpu.revoke(&[range]));
+        std::thread::sleep(Duration::from_millis(200));
+        // The program unmaps the memory (its munmap returns once the reader has read the event)
+        // and maps fresh private memory in its place, and fills it.
+        // SAFETY: the test's own registered mapping; nothing refers into it.
+        assert_eq!(unsafe { libc::munmap(p, len) }, 0);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+        // SAFETY: NOREPLACE maps only where nothing is mapped: the range just unmapped.
+        let q = unsafe { libc::mmap(p, len, rw, flags, -1, 0) };
+        assert_eq!(q, p, "{}", std::io::Error::last_os_error());
+        // SAFETY: the `len`-byte mapping just made.
+        unsafe { std::ptr::write_bytes(q.cast::<u8>(), 0x5A, len) };
+        drop(held);
+        let r = revoke.join().unwrap();
+        let first_bytes: Vec<u8> =
+            // SAFETY: bytes of our `len`-byte mapping at `p`.
+            (0..len).step_by(PAGE_SIZE as usize).map(|o| unsafe { *(p as *const u8).add(o) }).collect();
+        // SAFETY: the test's own mapping, not used again.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(first_bytes, [0x5A; 4], "the revoke zeroed the program's new memory ({r:?})");
+        assert!(r.as_ref().is_err_and(|e| e.raced()), "{r:?}");
     }
 
     /// Only a change overlapping a revoke's ranges makes it raced: a program unmapping other

@@ -534,8 +534,9 @@ impl HostRegion {
     fn revoke_unchecked(&self, ranges: &[VaRange], how: Revoke, mark: u64) -> Result<(), HostError> {
         // Our own zap raises a REMOVE event, our own move a REMAP event: mark them so the
         // reader does not take them for the program's.
-        let zap =
-            |r: VaRange| self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e));
+        let zap = |r: VaRange| {
+            self.host.ctx.self_zap(r, mark, || self.mapping.zap_app(r)).map_err(|e| mapping_err("revoke", r, e))
+        };
         // What the kernel will not move in one piece (it spans VMAs: the program changed the
         // protection of part of it) is zapped.
         let left = match how {
@@ -565,7 +566,7 @@ impl HostRegion {
     /// Maps one range with UFFDIO_CONTINUE, tolerating pages that are already mapped.
     fn map_range(&self, range: VaRange, writable: bool) -> Result<(), HostError> {
         self.mapping.offset_of(range).map_err(|e| mapping_err("map", range, e))?;
-        continue_range(&self.host.uffd, range, writable, &|r| self.mapping.allocate(r))
+        continue_range(&self.host.ctx, range, writable, &|r| self.mapping.allocate(r))
     }
 }
 
@@ -705,17 +706,19 @@ pub(crate) fn retry_again_within<T>(
 /// Maps `range` with UFFDIO_CONTINUE (write-protected unless `writable`), tolerating pages that
 /// are already mapped, retrying a bounded number of times while the address space is changing
 /// (EAGAIN: an event is queued), and allocating backing with `allocate` where the page cache has
-/// none (the program punched it: `MADV_REMOVE`).
+/// none (the program punched it: `MADV_REMOVE`). Fails as raced, mapping nothing more, once an
+/// unmap or remap of the range is read and not yet applied ([`Ctx::mapping_checked`]).
 pub(crate) fn continue_range(
-    uffd: &Uffd,
+    ctx: &Ctx,
     range: VaRange,
     writable: bool,
     allocate: &dyn Fn(VaRange) -> Result<(), MappingError>,
 ) -> Result<(), HostError> {
-    let end = range.end();
+    let (uffd, end) = (&ctx.uffd, range.end());
     let (mut cur, mut backoff, mut existed, mut allocated) = (range.start, Backoff::new(), false, false);
     while cur < end {
-        match uffd.cont(VaRange::new(cur, end - cur), !writable, true) {
+        let left = VaRange::new(cur, end - cur);
+        match ctx.mapping_checked(left, || uffd.cont(left, !writable, true))? {
             Ok(()) => break,
             // The kernel mapped and woke `done` bytes; go on from there.
             Err(UffdError::Partial { done, .. }) => cur += done,
@@ -779,7 +782,8 @@ impl CpuMmu for HostRegion {
             self.mapping.punch(r).map_err(|e| mapping_err("discard", r, e))?;
             // Punching already drops the PTEs of every view; zap anyway so the contract does
             // not rest on that detail.
-            self.host.ctx.self_zap(r, || self.mapping.zap_app(r)).map_err(|e| mapping_err("discard", r, e))?;
+            let mark = self.host.ctx.reshape_mark();
+            self.host.ctx.self_zap(r, mark, || self.mapping.zap_app(r)).map_err(|e| mapping_err("discard", r, e))?;
         }
         Ok(())
     }
@@ -952,7 +956,7 @@ fn release(ctx: &Ctx, m: MovedOut) {
     // revokes themselves taking 4). Unregistering entries also walks them under the lock held
     // for writing, to clear their write-protection: with none left the walk is short.
     for piece in block_pieces(m.moved()) {
-        if let Err(e) = ctx.self_zap(piece, || m.zap(piece)) {
+        if let Err(e) = ctx.self_zap(piece, ctx.reshape_mark(), || m.zap(piece)) {
             log::debug!("zapping moved-out entries at {piece}: {e}; the unmap frees them");
             break;
         }

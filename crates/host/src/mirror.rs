@@ -305,13 +305,13 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        crate::host::reshape_checked(&self.mirror.host.ctx, ranges, |_| {
+        crate::host::reshape_checked(&self.mirror.host.ctx, ranges, |mark| {
             ranges.iter().try_for_each(|&r| {
                 self.check("revoke", r)?;
                 // SAFETY: `r` was just checked inside this mirror's view, mapped shared from its
                 // memfd.
                 let zap = || unsafe { mapping::zap_view(r) };
-                self.mirror.host.ctx.self_zap(r, zap).map_err(|e| mapping_err("revoke", r, e))
+                self.mirror.host.ctx.self_zap(r, mark, zap).map_err(|e| mapping_err("revoke", r, e))
             })
         })
     }
@@ -330,7 +330,7 @@ impl CpuMmu for MirrorView {
         for &r in ranges {
             self.check("map", r)?;
             let alloc = |x: VaRange| mapping::memfd_space(fd, self.off + (x.start - self.app), x.len, false);
-            continue_range(&self.mirror.host.ctx.uffd, r, writable, &alloc)?;
+            continue_range(&self.mirror.host.ctx, r, writable, &alloc)?;
         }
         Ok(())
     }
@@ -360,7 +360,8 @@ impl CpuMmu for MirrorView {
             mapping::memfd_space(fd, off, r.len, true).map_err(|e| mapping_err("discard", r, e))?;
             // SAFETY: `r` was checked inside this mirror's view, mapped shared from its memfd.
             let zap = || unsafe { mapping::zap_view(r) };
-            self.mirror.host.ctx.self_zap(r, zap).map_err(|e| mapping_err("discard", r, e))?;
+            let mark = self.mirror.host.ctx.reshape_mark();
+            self.mirror.host.ctx.self_zap(r, mark, zap).map_err(|e| mapping_err("discard", r, e))?;
         }
         Ok(())
     }
@@ -775,6 +776,58 @@ mod tests {
         unsafe { libc::munmap(y as *mut _, len) };
         assert_eq!(remaps.len(), 3, "{remaps:?}");
         assert_eq!(remaps[2], (p as u64, y as u64, len as u64, true), "{remaps:?}");
+    }
+
+    /// A core that applies a move of registered memory only once the test lets it.
+    struct HeldCore {
+        release: parking_lot::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+    impl CpuFaultHandler for HeldCore {
+        fn cpu_fault(&self, va: u64, _: Access) -> Result<(), CoreError> {
+            Err(CoreError::NotShared(VaRange::new(va & !(PAGE_SIZE - 1), PAGE_SIZE)))
+        }
+        fn cpu_event(&self, ev: hetmm_core::invalidate::CpuEvent) -> Result<(), CoreError> {
+            if matches!(ev, hetmm_core::invalidate::CpuEvent::Remap { .. }) {
+                let _ = self.release.lock().recv_timeout(std::time::Duration::from_secs(10));
+            }
+            Ok(())
+        }
+    }
+
+    /// A map the core decided on before the program moved the memory with `MREMAP_DONTUNMAP`
+    /// (a fault read before the move, served before the move is applied) is refused as raced:
+    /// the old range is still registered and shows the same memfd bytes, and mapping it let the
+    /// program read, and write, the moved memory through the old addresses behind the core's
+    /// back (and the old range, meant to be empty memory, was not).
+    #[test]
+    fn a_map_of_memory_moved_away_and_not_yet_applied_is_refused() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let core = Arc::new(HeldCore { release: parking_lot::Mutex::new(rx) });
+        let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        let page = PAGE_SIZE as usize;
+        let len = 4 * page;
+        let p = private_filled(len, 0x33) as usize;
+        let reg = host.register(p as u64, len as u64).unwrap();
+        let cpu = Arc::clone(&reg.cpu);
+        drop(reg);
+        let y = private_filled(len, 0) as usize;
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP;
+        // SAFETY: moves the test's registered memory over its own placeholder `y`; no Rust
+        // reference points into either.
+        let r = unsafe { libc::mremap(p as *mut _, len, len, flags, y as *mut libc::c_void) };
+        assert_eq!(r as usize, y, "{}", std::io::Error::last_os_error());
+        // The mremap returned: the reader has read the move, and the servicer is held applying
+        // it. The core, not knowing yet, maps a page at the old address.
+        let mapped = cpu.map(&[VaRange::new(p as u64, PAGE_SIZE)], true);
+        let present = crate::pagemap::Pagemap::open().map(|pm| pm.present(p as u64));
+        tx.send(()).unwrap();
+        // SAFETY: the test's own mappings, not used afterwards.
+        unsafe {
+            libc::munmap(p as *mut _, len);
+            libc::munmap(y as *mut _, len);
+        }
+        assert!(mapped.as_ref().is_err_and(|e| e.raced()), "{mapped:?}");
+        assert_ne!(present, Some(true), "nothing mapped at the old address");
     }
 
     /// Reads the 8 bytes at `at` the way the kernel does for a system call (`write(2)` from

@@ -222,8 +222,9 @@ pub(crate) fn evict_queued(space: &AddressSpace, slot: &DeviceSlot, at: Queued) 
     // The block keeps its place in the queue (unlike a victim taken from the front): back on the
     // device, it is among the first blocks `candidates` samples, where the times it came back
     // keep it. Queued again at the end, it fell out of the sample, which then held blocks that
-    // never came back, and eviction took those: `bench --policy hetmm --oversub 1.5,2`, builds
-    // alternated, `random` evicted 2.7x as many blocks and ran 1.6x longer, `stencil` 1.1-1.2x.
+    // never came back, and eviction took those: `bench --workload gemm,stencil,graph,random
+    // --policy hetmm --oversub 1.5,2 --repeat 5`, builds alternated on a quiet machine, `random`
+    // evicted 2.6-4x as many blocks and took 1.5-1.7x as long, `stencil` 1.05-1.13x.
     evict_block(space, &region, &mut blk, slot)
 }
 

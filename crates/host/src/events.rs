@@ -484,13 +484,14 @@ impl Ctx {
     /// becomes fresh private memory (zeros), the program's own, unmanaged. Only if it still
     /// shows the bytes `to` shows: the program may have unmapped it or mapped something else
     /// there since (a small window remains between this check and the replacement, as for any
-    /// `MAP_FIXED` over memory another thread may unmap).
+    /// `MAP_FIXED` over memory another thread may unmap: the slow lookups come before it).
     pub(crate) fn empty_left_behind(&self, old: VaRange, to: u64) {
+        let ours = self.memfd_uses();
         let Some(view) = left_behind(old, to) else { return };
         let (prot, exec) = (view.prot, view.exec);
         // Only hetmm's memfds: mirrored shared memory left behind still shows the program's own
         // file, as such a move of it leaves it.
-        if !self.memfd_uses().iter().any(|u| u.ino == view.file.ino) {
+        if !ours.iter().any(|u| u.ino == view.file.ino) {
             return;
         }
         // SAFETY: `old` shows memfd bytes that managed memory shows at `to` (checked just above):

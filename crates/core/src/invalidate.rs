@@ -110,6 +110,7 @@ impl AddressSpace {
     pub fn discard_cpu_range(&self, range: VaRange) -> Result<()> {
         let _gate = self.enter()?;
         let _shape = self.reshape.read();
+        let holders = self.holders();
         let mut result = Ok(());
         for region in self.overlapping(range) {
             let Some(part) = region.range.intersect(&range) else { continue };
@@ -119,6 +120,15 @@ impl AddressSpace {
                 let mut blk = region.blocks[bidx].lock();
                 if region.is_freed() {
                     break;
+                }
+                // The program may have punched the host backing (`MADV_REMOVE` raises the same
+                // event as `MADV_DONTNEED`): a device that pinned those pages for DMA must pin
+                // the new ones before the copies home below (its pins held the old pages, which
+                // nobody else sees any more).
+                if let Some(span) = part.intersect(&VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)) {
+                    for slot in &holders {
+                        slot.mmu.host_discarded(&[span]);
+                    }
                 }
                 let want = pages_of(&blk.base, blk.npages, &part);
                 if let Err(e) = flush_and_unmap(self, &region, &mut blk, &want) {

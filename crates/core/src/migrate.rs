@@ -1917,6 +1917,19 @@ mod whole_block_tests {
         assert_eq!(*dev.hooks.lock(), vec![(true, first), (true, second), (false, second), (false, first)]);
     }
 
+    /// The program's own discard (`MADV_REMOVE` punches the host backing, and raises the event
+    /// `MADV_DONTNEED` does) tells every device, per block, before device data comes home: a
+    /// device that pinned the old host pages for DMA copied into pages nobody saw any more.
+    #[test]
+    fn the_programs_discard_tells_the_devices_their_host_pages_changed() {
+        let (space, dev, id, _host) = setup(2);
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        let gone = VaRange::new(BASE + BLOCK_SIZE - PAGE_SIZE, 2 * PAGE_SIZE);
+        space.apply_cpu_event(crate::invalidate::CpuEvent::Discard(gone)).unwrap();
+        let halves = [VaRange::new(gone.start, PAGE_SIZE), VaRange::new(BASE + BLOCK_SIZE, PAGE_SIZE)];
+        assert_eq!(*dev.discarded.lock(), halves);
+    }
+
     #[test]
     fn discarding_part_of_a_block_keeps_the_rest() {
         let (space, dev, id, host) = setup(2);

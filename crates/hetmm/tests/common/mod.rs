@@ -15,6 +15,30 @@ pub fn wait_status(pid: libc::pid_t) -> i32 {
     }
 }
 
+/// Waits at most `limit` for the child `pid` and returns its wait status; `None` if it had not
+/// ended by then (it is killed and reaped).
+pub fn wait_status_within(pid: libc::pid_t, limit: std::time::Duration) -> Option<i32> {
+    let t = std::time::Instant::now();
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes only the status through the pointer, which is a live local.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Some(status);
+        }
+        assert!(r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR), "waitpid");
+        if t.elapsed() > limit {
+            // SAFETY: `pid` is our child, not yet reaped (so not reused); then reaped here.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// One line of `/proc/self/maps`.
 pub struct MapsLine {
     pub start: u64,

@@ -897,7 +897,16 @@ impl DeviceMmu for CudaDevice {
     fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
         let i = &self.inner;
         let len = RegionVa::reservation_len(app.len).ok_or(DeviceError::BadRange(app))?;
-        if app.start % CHUNK != 0 || backing.0 == 0 || backing.0 as u64 % PAGE_SIZE != 0 {
+        if app.start % CHUNK != 0 {
+            // The core places a block's pages from the start of its 2 MiB chunk, and the device
+            // maps whole chunks at 2 MiB-aligned addresses: a region starting inside a chunk
+            // would put its first pages at the wrong offsets. (Memory from `Hetmm::alloc` is
+            // aligned; memory a program registers may not be.)
+            return Err(DeviceError::Other(format!(
+                "region {app} does not start on a 2 MiB boundary, which the CUDA backend needs"
+            )));
+        }
+        if backing.0 == 0 || backing.0 as u64 % PAGE_SIZE != 0 {
             return Err(DeviceError::BadRange(app));
         }
         let mut st = i.state.lock();

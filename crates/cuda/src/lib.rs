@@ -42,6 +42,10 @@
 //! - Kernel completion and unmapping: `unmap`, `protect` and region removal first wait for the
 //!   kernels in flight (a GPU cannot fault and retry), so the CPU touching a buffer a kernel
 //!   is using waits for the kernel.
+//! - Regions must start on a 2 MiB boundary (memory from `Hetmm::alloc` does): the core puts a
+//!   block's pages from the start of its chunk, and chunks are mapped at 2 MiB-aligned device
+//!   addresses. Registering memory that starts elsewhere with a GPU attached is refused, saying
+//!   so, and so is attaching a GPU while such memory is registered.
 #![warn(missing_docs)]
 
 pub mod baseline;

@@ -257,7 +257,9 @@ impl AddressSpace {
     }
 
     /// Validates a range that may cover several adjacent regions: non-empty, no overflow, page
-    /// aligned, and every page inside some shared region.
+    /// aligned, and every page inside some shared region. Waits for a reshape under way (one
+    /// takes regions out before it puts their parts back: a range it did not touch was
+    /// reported not shared meanwhile, and `advise` on it failed).
     pub fn check_span(&self, start: u64, len: u64) -> Result<VaRange> {
         if len == 0 {
             return Err(CoreError::Empty { start });
@@ -266,6 +268,9 @@ impl AddressSpace {
         if !range.is_page_aligned() {
             return Err(CoreError::Unaligned(range));
         }
+        // Recursive: callers may hold it for reading already (a writer waiting must not block
+        // them here).
+        let _shape = self.reshape.read_recursive();
         let mut cur = range.start;
         for r in self.overlapping(range) {
             if r.range.start > cur {
@@ -282,6 +287,7 @@ impl AddressSpace {
     /// [`AddressSpace::check_span`], then the span cut at region boundaries: one range per
     /// region it covers, in order (a buffer part of which was `protect`ed is several regions).
     pub fn span_parts(&self, start: u64, len: u64) -> Result<Vec<VaRange>> {
+        let _shape = self.reshape.read_recursive();
         let range = self.check_span(start, len)?;
         Ok(self.overlapping(range).iter().filter_map(|r| r.range.intersect(&range)).collect())
     }

@@ -970,6 +970,25 @@ fn oversubscribed_device_evicts_without_losing_data() {
     }
 }
 
+/// Advice on memory a reshape under way does not touch waits for the reshape instead of failing:
+/// a reshape takes the regions it touches out before it puts their parts back, and a region's
+/// whole span was reported not shared meanwhile (`advise` failed with `NotShared`).
+#[test]
+fn advice_waits_for_a_reshape_under_way() {
+    let w = world(false, 2048);
+    let s = w.cpu.range.start;
+    let reshaping = w.space.reshape.write();
+    let advice = std::thread::spawn({
+        let space = w.space.clone();
+        move || space.advise(s, PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).map(drop)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let waited = !advice.is_finished();
+    drop(reshaping);
+    advice.join().unwrap().unwrap();
+    assert!(waited, "the advice did not wait for the reshape");
+}
+
 /// All of device memory is taken by a service whose copies have not landed yet: a fault on
 /// another block must wait for it (left unserviced, to be retried after the replay), not be
 /// cancelled as if nothing could ever be evicted. Before blocks were queued for eviction at

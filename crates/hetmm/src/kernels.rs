@@ -221,6 +221,10 @@ pub const GUPS_PER_BLOCK: usize = 1024;
 
 /// The `k`-th update of [`gups`] over a table of `n` values: `(index, increment)`. A
 /// splitmix64 sequence, so the updates land at pseudo-random indices.
+///
+/// # Panics
+///
+/// If `n` is 0 (a table of no values has no index to update).
 pub fn gups_update(seed: u64, k: u64, n: usize) -> (usize, u64) {
     let h = splitmix64(seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     ((h % n as u64) as usize, (h >> 40) | 1)
@@ -285,6 +289,9 @@ pub fn jacobi5(src: u64, dst: u64, rows: usize, cols: usize) -> (Grid, Kernel) {
 
 fn jacobi_row(o: &mut [u32], n: &[u32], c: &[u32], s: &[u32]) {
     let cols = o.len();
+    if cols == 0 {
+        return;
+    }
     o[0] = c[0];
     o[cols - 1] = c[cols - 1];
     for j in 1..cols.saturating_sub(1) {
@@ -293,6 +300,10 @@ fn jacobi_row(o: &mut [u32], n: &[u32], c: &[u32], s: &[u32]) {
 }
 
 /// [`jacobi5`] on the CPU (for checking).
+///
+/// # Panics
+///
+/// If `src` or `dst` holds fewer than `rows * cols` values.
 pub fn jacobi5_cpu(src: &[u32], dst: &mut [u32], rows: usize, cols: usize) {
     for i in 0..rows {
         let o = &mut dst[i * cols..(i + 1) * cols];

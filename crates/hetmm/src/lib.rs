@@ -170,7 +170,8 @@ impl Hetmm {
         if bytes == 0 {
             return Err(Error::EmptyAlloc);
         }
-        let len = (bytes as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // Within a page of the top of the address space there is no room: overflow, not a panic.
+        let len = (bytes as u64).checked_next_multiple_of(PAGE_SIZE).ok_or(Error::SizeOverflow { count, size })?;
         // The kernel may hand the new view addresses that the program's `munmap` or `mremap` of
         // managed memory just left. Until that change's event is applied, the core still has the
         // old memory there and refuses the new region as overlapping it, and the host must not

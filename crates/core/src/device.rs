@@ -313,7 +313,9 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     fn wait_for_faults(&self, timeout: Duration) -> bool;
 
     /// Replays: every client waiting on a fault retries its access, except those whose faulting
-    /// page (page-aligned address) appears in `cancel`, which get the error.
+    /// page (page-aligned address) appears in `cancel` and whose fault was fetched before this
+    /// call, which get the error (a fault raised since, on the same page, is not the one the
+    /// core answered).
     fn replay(&self, cancel: &[(u64, FaultCancel)]);
 
     /// Fails every present and future fault with `FaultCancel::Detached` and wakes

@@ -342,7 +342,8 @@ impl BlockCtx<'_> {
         }
         let mut done = 0usize;
         let mut owed = 0u64;
-        let mut notice = None;
+        // Every 2 MiB region whose counter fired (one access may cross several).
+        let mut notices: Vec<u64> = Vec::new();
         let threshold = self.shared.cfg.access_counter_threshold;
         while done < len {
             let cur = va + done as u64;
@@ -353,7 +354,7 @@ impl BlockCtx<'_> {
                 self.count_use(c, cur, n as u64);
                 if let Target::Host(_) = target {
                     owed += c.remote(n as u64);
-                    notice = c.count_access(cur, n as u64, threshold).or(notice);
+                    notices.extend(c.count_access(cur, n as u64, threshold));
                 }
                 Ok(n)
             })?;
@@ -361,7 +362,7 @@ impl BlockCtx<'_> {
         }
         // Outside the TLB's lock: the wait must not hold up invalidations.
         self.shared.link.transfer(owed);
-        if let Some(region) = notice {
+        for region in notices {
             self.shared.faults.notify_access(region);
         }
         Ok(())

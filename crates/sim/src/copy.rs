@@ -127,6 +127,10 @@ pub(crate) fn validate(mem: &PhysMem, ops: &[CopyOp]) -> Result<(), DeviceError>
             CopyOp::DeviceToDevice { src: PhysAddr(s), dst: PhysAddr(d), len } => {
                 mem.check(s, len)?;
                 mem.check(d, len)?;
+                // The engines run an op's pieces in any order: no memmove across them.
+                if s < d + len && d < s + len {
+                    return Err(DeviceError::BadPhysical { addr: d, len });
+                }
             }
             CopyOp::PeerToDevice { src, dst: PhysAddr(d), len } => {
                 check_peer(mem, src, len)?;

@@ -3,8 +3,9 @@
 //! A warp whose translation fails writes a [`DeviceFault`] into the bounded buffer (waiting,
 //! bounded, while it is full) and stalls until the next replay. A replay bumps a sequence
 //! number and wakes the stalled warps; each retries its access unless its faulting page is in
-//! that replay's cancel list, in which case the access fails with
-//! [`DeviceError::FaultCancelled`]. After [`FaultBuffer::shutdown`] every present and future
+//! that replay's cancel list and the core had fetched its fault by then, in which case the
+//! access fails with [`DeviceError::FaultCancelled`] (a replay's cancels answer the faults the
+//! core fetched: a warp whose fault came in later, on the same page, retries). After [`FaultBuffer::shutdown`] every present and future
 //! fault fails with [`FaultCancel::Detached`].
 //!
 //! Waiting uses std's futex-based mutex and condition variables, not `parking_lot`: the device's
@@ -31,8 +32,13 @@ const CANCEL_HISTORY: usize = 64;
 struct State {
     queue: VecDeque<DeviceFault>,
     replay_seq: u64,
-    /// `(sequence number of the replay, pages it cancelled)`, most recent last.
-    cancels: VecDeque<(u64, HashMap<u64, FaultCancel>)>,
+    /// Entries ever queued: the last one's ticket.
+    queued: u64,
+    /// Entries ever taken out (fetched, or dropped at a shutdown): the tickets up to this one.
+    taken: u64,
+    /// `(sequence number of the replay, pages it cancelled, tickets fetched by then)`, most
+    /// recent last.
+    cancels: VecDeque<(u64, HashMap<u64, FaultCancel>, u64)>,
     /// Access-counter notices not yet taken: starts of 2 MiB regions, each once.
     notices: Vec<u64>,
     shutdown: bool,
@@ -121,7 +127,8 @@ impl FaultBuffer {
             st = wait_for(&self.wake, st, POLL);
         }
         st.queue.push_back(DeviceFault { va, access, client });
-        let (my_seq, my_epoch) = (st.replay_seq, st.epoch);
+        st.queued += 1;
+        let (my_seq, my_epoch, my_ticket) = (st.replay_seq, st.epoch, st.queued);
         lock(&self.counters).raised += 1;
         self.pending.notify_all();
         let page = va & !0xfff;
@@ -135,9 +142,17 @@ impl FaultBuffer {
             }
             if st.replay_seq > my_seq {
                 // The first replay after the fault decides: every stalled warp retries then unless
-                // it cancels the page. A later replay's cancels are for faults raised since.
+                // it cancels the page and answers this fault (the core had fetched it). A later
+                // replay's cancels are for faults raised since; one for a fault the core had not
+                // fetched (another access to the page, a write to a read-only page, say) is not
+                // this one's: it retries (its entry is still queued, to be served).
                 let first = my_seq + 1;
-                let reason = st.cancels.iter().find(|(seq, _)| *seq == first).and_then(|(_, m)| m.get(&page).copied());
+                let reason = st
+                    .cancels
+                    .iter()
+                    .find(|(seq, _, _)| *seq == first)
+                    .filter(|(_, _, fetched)| my_ticket <= *fetched)
+                    .and_then(|(_, m, _)| m.get(&page).copied());
                 return match reason {
                     Some(reason) => {
                         lock(&self.counters).cancelled += 1;
@@ -158,6 +173,7 @@ impl FaultBuffer {
         let mut st = lock(&self.state);
         let n = max.min(st.queue.len());
         out.extend(st.queue.drain(..n));
+        st.taken += n as u64;
         drop(st);
         if n > 0 {
             lock(&self.counters).fetched += n as u64;
@@ -210,9 +226,9 @@ impl FaultBuffer {
         let mut st = lock(&self.state);
         st.replay_seq += 1;
         if !cancel.is_empty() {
-            let seq = st.replay_seq;
+            let (seq, fetched) = (st.replay_seq, st.taken);
             let map = cancel.iter().map(|&(va, why)| (va & !0xfff, why)).collect();
-            st.cancels.push_back((seq, map));
+            st.cancels.push_back((seq, map, fetched));
             while st.cancels.len() > CANCEL_HISTORY {
                 st.cancels.pop_front();
             }
@@ -227,6 +243,7 @@ impl FaultBuffer {
         let mut st = lock(&self.state);
         st.shutdown = true;
         st.epoch += 1;
+        st.taken = st.queued;
         st.queue.clear();
         st.notices.clear();
         drop(st);
@@ -238,6 +255,7 @@ impl FaultBuffer {
     pub fn reset(&self) {
         let mut st = lock(&self.state);
         st.shutdown = false;
+        st.taken = st.queued;
         st.queue.clear();
         st.cancels.clear();
     }

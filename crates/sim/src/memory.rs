@@ -169,7 +169,8 @@ impl PhysMem {
         Ok(())
     }
 
-    /// Copies `len` bytes from `src` to `dst` inside the memory (the ranges may overlap).
+    /// Copies `len` bytes from `src` to `dst` inside the memory (the ranges may overlap here;
+    /// a copy op whose ranges overlap is refused before it is cut into pieces).
     pub(crate) fn copy_within(&self, src: u64, dst: u64, len: u64) -> Result<(), DeviceError> {
         let s = self.ptr(src, len)?;
         let d = self.ptr(dst, len)?;

@@ -459,6 +459,36 @@ unsafe fn counted_device(threshold: u32, buf: &mut [u8], remote_len: u64) -> Sim
     d
 }
 
+/// A copy within device memory whose ranges overlap is refused: the engines run its pieces in
+/// any order, so it came out neither as memmove nor as memcpy.
+#[test]
+fn an_overlapping_copy_within_the_device_is_refused() {
+    let d = dev(1);
+    let op = CopyOp::DeviceToDevice { src: PhysAddr(0), dst: PhysAddr(4096), len: 1 << 20 };
+    // SAFETY: no host memory is named.
+    let r = unsafe { d.copy(&[op]) }.map(drop);
+    assert!(matches!(r, Err(DeviceError::BadPhysical { .. })), "{r:?}");
+}
+
+/// One access over remote memory that reaches the threshold in two 2 MiB regions reports both:
+/// only the last was reported, while the first's counter was reset and counted as reported.
+#[test]
+fn an_access_crossing_two_regions_reports_both() {
+    let mut buf = vec![0u8; 2 * MB2 as usize + 4096];
+    // SAFETY: `buf` outlives the mapping, removed and invalidated below.
+    let d = unsafe { counted_device(256, &mut buf, 2 * MB2) };
+    // 300 transactions of 64 bytes on each side of the boundary: both regions pass 256.
+    d.launch(Grid::new(1, 1), |b| b.read_slice(BASE + MB2 - 300 * 64, &mut vec![0u8; 600 * 64]))
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let mut notices = Vec::new();
+    d.take_access_notices(&mut notices);
+    d.unmap(&[VaRange::new(BASE, 2 * MB2)]).unwrap();
+    d.invalidate_tlb(&[VaRange::new(BASE, 2 * MB2)]);
+    assert_eq!(notices, vec![VaRange::new(BASE, MB2), VaRange::new(BASE + MB2, MB2)]);
+}
+
 /// Access counters: remote accesses count per 2 MiB region in 64-byte transactions; a region
 /// reaching the threshold is reported once (until taken), and counting starts again. Accesses
 /// to device memory count nothing; a threshold of 0 turns the counters off.
@@ -827,6 +857,40 @@ fn a_late_waking_warp_obeys_only_the_first_replay_after_its_fault() {
         d.replay(&[(BASE, FaultCancel::Protection)]);
         assert_eq!(l.wait(T), Ok(()), "a read released by a replay was failed by a later replay's cancel");
     }
+}
+
+/// A replay's cancels answer the faults the core fetched. A read of a page whose fault came in
+/// after the core fetched a batch holding another kernel's write to it (read-only: cancelled)
+/// retries at that batch's replay and then succeeds; it failed with `Protection`, though the
+/// core had never seen it.
+#[test]
+fn a_replay_cancels_only_faults_the_core_fetched() {
+    let d = dev(2);
+    map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
+    // Kernel A writes the read-only page: the core fetches the write fault and will cancel it.
+    let a = d.launch(Grid::new(1, 1), |b| b.store::<u32>(BASE, 1)).unwrap();
+    assert!(d.wait_for_faults(T));
+    let mut batch = Vec::new();
+    d.fetch_faults(16, &mut batch);
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].access, Access::Write);
+    // The page goes for a while (the core moving it, say); kernel B reads it meanwhile.
+    d.unmap(&[VaRange::new(BASE, PAGE_SIZE)]).unwrap();
+    d.invalidate_tlb(&[VaRange::new(BASE, PAGE_SIZE)]);
+    let b = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+    let deadline = Instant::now() + T;
+    while d.pending_faults() == 0 {
+        assert!(Instant::now() < deadline, "kernel B never faulted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The core maps the page back readable and replays its batch, cancelling A's write.
+    map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
+    d.replay(&[(BASE, FaultCancel::Protection)]);
+    assert!(matches!(a.wait(T), Err(DeviceError::FaultCancelled { reason: FaultCancel::Protection, .. })));
+    let rb = b.wait(T);
+    let mut left = Vec::new();
+    d.fetch_faults(16, &mut left);
+    assert_eq!(rb, Ok(()), "a read fault the core never fetched was cancelled; still queued: {left:?}");
 }
 
 /// `shutdown_faults` fails every present fault with `Detached`, even a warp that wakes only

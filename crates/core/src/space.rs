@@ -391,6 +391,11 @@ impl AddressSpace {
         Ok(Arc::clone(&region.cpu))
     }
 
+    /// The range of every shared region, in address order.
+    pub fn region_ranges(&self) -> Vec<VaRange> {
+        self.regions.read().values().map(|r| r.range).collect()
+    }
+
     /// The ranges of the regions overlapping `range` whose CPU side is `cpu` itself (the same
     /// object), in address order: what is left of a buffer whose memory the program moved or
     /// unmapped in part (the parts moved away are regions of another CPU side).

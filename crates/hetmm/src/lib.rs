@@ -335,7 +335,19 @@ impl Hetmm {
 
 impl Drop for Hetmm {
     fn drop(&mut self) {
-        // Detach every device first: kernels waiting on faults fail instead of hanging.
+        // Memory the program registered and did not unregister goes back to being its own, as
+        // `unregister` gives it: left the manager's shared mapping, unmanaged, private memory
+        // stayed shared with every fork child for the rest of the process. (Buffers from `alloc`
+        // still alive stay managed; see `SharedBuf`.)
+        for r in self.space.region_ranges() {
+            if self.allocs.overlapping(r.start, r.end()).is_some() {
+                continue;
+            }
+            if let Err(e) = self.unregister(r.start as *const u8, r.len as usize) {
+                log::warn!("giving back registered memory {r} as the manager is dropped: {e}");
+            }
+        }
+        // Detach every device: kernels waiting on faults fail instead of hanging.
         self.space.shutdown();
     }
 }

@@ -811,3 +811,36 @@ fn a_fork_inside_an_operation_while_another_fork_holds_another_space_is_bounded(
         }
     });
 }
+
+/// Private memory the program registered and never unregistered is its own private memory
+/// again once the manager is dropped: a fork child's writes to it stay the child's. It stayed
+/// the manager's shared mapping, unmanaged, and every later child shared it with this process.
+#[test]
+fn registered_memory_is_private_again_once_the_manager_is_dropped() {
+    let _serial = serial();
+    let len = 4 << 20;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a fresh private anonymous mapping at an address the kernel picks: it replaces
+    // nothing.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    let p = p as usize;
+    // SAFETY: the `len`-byte mapping just made.
+    unsafe { std::ptr::write_bytes(p as *mut u8, 0x11, len) };
+    let hm = Hetmm::new().expect("userfaultfd and memfd available");
+    hm.register(p as *const u8, len).unwrap();
+    drop(hm);
+    let shared = common::maps_meeting(p as u64, (p + len) as u64).iter().any(|m| m.perms.ends_with('s'));
+    let status = fork_with(|| {
+        // SAFETY: the child writes the test's mapping, inherited (allocating nothing).
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0x55, len) };
+        FINE
+    });
+    // SAFETY: the test's mapping, alive until the munmap below.
+    let kept = unsafe { std::slice::from_raw_parts(p as *const u8, len) }.iter().all(|&b| b == 0x11);
+    // SAFETY: the test's own mapping, not used afterwards.
+    unsafe { libc::munmap(p as *mut _, len) };
+    assert_eq!(code(status), FINE);
+    assert!(!shared, "the memory is still a shared mapping");
+    assert!(kept, "the child's writes reached this process");
+}

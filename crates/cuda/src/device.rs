@@ -192,8 +192,8 @@ pub struct CudaLaunch {
 }
 
 impl CudaLaunch {
-    /// Waits for the kernel, at most `timeout`.
-    pub fn wait(self, timeout: Duration) -> Result<(), DeviceError> {
+    /// Waits for the kernel, at most `timeout` (again after a timeout, if need be).
+    pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
         match driver::wait_events(std::slice::from_ref(&*self.done), deadline_after(timeout)) {
             Ok(true) => Ok(()),
             Ok(false) => Err(DeviceError::Timeout(timeout)),

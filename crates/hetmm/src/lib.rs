@@ -561,17 +561,23 @@ impl Launch {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
     /// Waits for the kernel (bounded by [`Launch::DEFAULT_TIMEOUT`]).
-    pub fn wait(self) -> Result<()> {
+    pub fn wait(mut self) -> Result<()> {
         self.wait_timeout(Self::DEFAULT_TIMEOUT)
     }
 
-    /// Waits at most `timeout`.
-    pub fn wait_timeout(mut self, timeout: Duration) -> Result<()> {
-        match self.inner.take() {
-            Some(Inner::Sim(l)) => Ok(l.wait(timeout)?),
-            Some(Inner::Cuda(l)) => Ok(l.wait(timeout)?),
-            None => Ok(()),
+    /// Waits at most `timeout`. After a timeout the kernel still runs, and its job with it: the
+    /// launch can be waited for again (it ended the job at once, dropped, and the kernel's
+    /// memory became the first to evict while the kernel used it).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<()> {
+        let r = match &self.inner {
+            Some(Inner::Sim(l)) => l.wait(timeout),
+            Some(Inner::Cuda(l)) => l.wait(timeout),
+            None => return Ok(()),
+        };
+        if !matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) {
+            self.inner = None;
         }
+        Ok(r?)
     }
 
     /// Whether the kernel has finished.

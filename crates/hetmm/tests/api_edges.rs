@@ -104,7 +104,7 @@ fn protect_rounds_a_buffers_length_up_to_whole_pages() {
     hm.protect(b.ptr(), b.byte_len(), Prot::READ).unwrap();
     // The last page, only partly the buffer's, is read-only too: a device write to it fails.
     let (grid, k) = stream_write(b.ptr(), words, 5);
-    let r = dev.launch(grid, &[Use::write(&b)], k).and_then(|l| l.wait_timeout(Duration::from_secs(60)));
+    let r = dev.launch(grid, &[Use::write(&b)], k).and_then(|mut l| l.wait_timeout(Duration::from_secs(60)));
     assert!(r.is_err(), "a kernel writing read-only memory fails: {r:?}");
     assert!(b.as_slice().iter().all(|v| *v == 0), "nothing was written");
     hm.protect(b.ptr(), b.byte_len(), Prot::READ | Prot::WRITE).unwrap();
@@ -217,4 +217,23 @@ fn unregister_of_zero_bytes_is_refused_and_unregisters_nothing() {
     assert!(z.is_err(), "unregister of 0 bytes: {z:?}");
     hm.unregister(r.start as *const u8, r.len as usize).expect("the registration is still whole");
     assert!(v.iter().all(|b| *b == 7));
+}
+
+/// A wait that times out leaves the launch to be waited for again: the kernel still runs, and
+/// its job with it. The wait consumed the launch, ending the job at once (the kernel's memory
+/// became the first to evict while the kernel used it), and nothing could wait any more.
+#[test]
+fn a_launch_whose_wait_timed_out_can_be_waited_for_again() {
+    let (hm, dev) = setup(8 << 20);
+    let b = hm.alloc::<u64>(512).unwrap();
+    let k = |_: &BlockCtx| {
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
+    };
+    let mut l = dev.launch(Grid { blocks: 1, threads_per_block: 1 }, &[Use::write(&b)], k).unwrap();
+    let r = l.wait_timeout(Duration::from_millis(10));
+    assert!(matches!(r, Err(Error::Device(hetmm::core::device::DeviceError::Timeout(_)))), "{r:?}");
+    assert!(!l.is_done());
+    l.wait_timeout(Duration::from_secs(60)).unwrap();
+    assert!(l.is_done());
 }

@@ -539,7 +539,7 @@ fn dropping_everything_with_kernels_and_faults_in_flight_ends() {
     let t = Instant::now();
     drop(dev);
     drop(hm);
-    for l in launches {
+    for mut l in launches {
         // Finished or failed; never hangs.
         let _ = l.wait_timeout(Duration::from_secs(30));
     }

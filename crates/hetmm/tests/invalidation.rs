@@ -492,7 +492,7 @@ fn stress(policy: &str, secs: u64) {
                 let uses = [hetmm::Use::raw(a, SLOT as u64, hetmm::Access::Write)];
                 let r = dev
                     .launch(Grid::new(SLOT_PAGES as u32, 1), &uses, k)
-                    .and_then(|l| l.wait_timeout(Duration::from_secs(60)));
+                    .and_then(|mut l| l.wait_timeout(Duration::from_secs(60)));
                 if let Err(e) = r {
                     counts[7].fetch_add(1, Ordering::Relaxed);
                     panic!("kernel on a live slot failed: {e}");

@@ -713,7 +713,7 @@ fn rstep_on(w: &World, rng: &mut Rng, i: usize, s: &mut Slot) -> &'static str {
                 if rng.chance(2) {
                     let dev = w.dev(rng);
                     let r = dev.launch(Grid::new(1, 1), &[], move |ctx: &BlockCtx| ctx.store::<u64>(pa, 7));
-                    let r = r.and_then(|l| l.wait_timeout(WAIT));
+                    let r = r.and_then(|mut l| l.wait_timeout(WAIT));
                     assert!(r.is_err(), "a device wrote read-only memory");
                 }
                 cpu_check("R read-only", a, len, gen, 0);

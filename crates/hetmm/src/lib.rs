@@ -299,6 +299,10 @@ impl Hetmm {
     ///
     /// As with `mprotect(2)`, `start` must be page aligned and `len` is rounded up to a whole
     /// page, so a buffer's own length ([`SharedBuf::byte_len`]) may be passed.
+    ///
+    /// As with `mprotect(2)` too, the CPU's own accesses obey the new protection: writing a
+    /// buffer made read-only (through [`SharedBuf::as_mut_slice`], say), or reading one made
+    /// inaccessible, kills the process with SIGSEGV. Give the buffer its protection back first.
     pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
         self.space.settle()?;
         // A length within a page of the top of the address space stays as it is (and is refused).

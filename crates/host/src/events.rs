@@ -1082,10 +1082,8 @@ mod tests {
         let core = Arc::new(Recorder::default());
         let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
         let len = 4 * PAGE_SIZE as usize;
-        let p = crate::test_support::private_filled(len, 0x11);
-        let reg = host.register(p as u64, len as u64).unwrap();
-        let (range, cpu) = (reg.range, Arc::clone(&reg.cpu));
-        drop(reg);
+        let (p, cpu) = crate::test_support::registered_private(&host, len, 0x11);
+        let (range, p) = (VaRange::new(p as u64, len as u64), p as *mut libc::c_void);
         // The revoke passes `reshape_checked`'s first check and waits here, just before its zap
         // marks itself the manager's own.
         let held = host.ctx.zaps.lock();

@@ -804,12 +804,8 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let core = Arc::new(HeldCore { release: parking_lot::Mutex::new(rx) });
         let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
-        let page = PAGE_SIZE as usize;
-        let len = 4 * page;
-        let p = private_filled(len, 0x33) as usize;
-        let reg = host.register(p as u64, len as u64).unwrap();
-        let cpu = Arc::clone(&reg.cpu);
-        drop(reg);
+        let len = 4 * PAGE_SIZE as usize;
+        let (p, cpu) = crate::test_support::registered_private(&host, len, 0x33);
         let y = private_filled(len, 0) as usize;
         let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP;
         // SAFETY: moves the test's registered memory over its own placeholder `y`; no Rust

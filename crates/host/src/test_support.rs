@@ -37,3 +37,16 @@ pub(crate) fn private_filled(len: usize, fill: u8) -> *mut libc::c_void {
     unsafe { std::ptr::write_bytes(p.cast::<u8>(), fill, len) };
     p
 }
+
+/// Fresh private memory of `len` bytes filled with `fill`, registered with `host`: its address
+/// and the CPU side (kept, as the core keeps it; the registration itself is dropped, so faults
+/// there are the core's at once).
+pub(crate) fn registered_private(
+    host: &std::sync::Arc<crate::Host>,
+    len: usize,
+    fill: u8,
+) -> (usize, std::sync::Arc<dyn hetmm_core::cpu::CpuMmu>) {
+    let p = private_filled(len, fill) as usize;
+    let reg = host.register(p as u64, len as u64).unwrap();
+    (p, std::sync::Arc::clone(&reg.cpu))
+}

@@ -941,6 +941,10 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
         // from it; a page only devices hold keeps their copies (unmapped above: the next access
         // maps them again).
         free_unmapped_copies(space, blk, &select(blk, m, |p| p.resident.has(Proc::Cpu)), mapped);
+        // Part of the backing may be new pages: a device that pinned the old ones pins these.
+        for slot in space.holders() {
+            slot.mmu.host_discarded(&rs);
+        }
         return Err(e.into());
     }
     free_unmapped_copies(space, blk, m, mapped);

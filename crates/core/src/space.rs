@@ -1107,10 +1107,13 @@ impl AddressSpace {
             if map.is_empty() {
                 continue;
             }
-            region.cpu.map(&migrate::ranges(&blk, &map), state == CpuMap::Write)?;
+            // Recorded first: a map that fails part way (refused as raced after its first
+            // pages, say) leaves those pages mapped, and a page recorded mapped that is not
+            // costs only a spare revoke, where one mapped but recorded not escapes every revoke.
             for i in map.iter() {
                 blk.pages[i].cpu = state;
             }
+            region.cpu.map(&migrate::ranges(&blk, &map), state == CpuMap::Write)?;
         }
         Ok(moved)
     }

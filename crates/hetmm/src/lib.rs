@@ -351,7 +351,7 @@ impl Drop for Hetmm {
                 log::warn!("giving back registered memory {r} as the manager is dropped: {e}");
             }
         }
-        // Detach every device: kernels waiting on faults fail instead of hanging.
+        // Then detach every device: kernels waiting on faults fail instead of hanging.
         self.space.shutdown();
     }
 }
@@ -579,7 +579,11 @@ impl Launch {
             None => return Ok(()),
         };
         if !matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) {
+            // The kernel is over: so is its job.
             self.inner = None;
+            if let Some(job) = self.job.take() {
+                self.space.job_end(&job);
+            }
         }
         Ok(r?)
     }

@@ -69,9 +69,10 @@ pub(crate) struct Ctx {
     pub(crate) layout: parking_lot::RwLock<()>,
     /// See [`Ctx::events_read`] (`None`: it could not be mapped; nothing is checked).
     probe: Option<crate::mapping::Alias>,
-    /// Held by the reader from a read(2) until its batch is classified, and by a map
-    /// ([`Ctx::mapping_checked`]) while it checks for moves and maps: see there.
-    reading: Mutex<()>,
+    /// Held by the reader (for writing) from a read(2) until its batch is classified, and by a
+    /// map ([`Ctx::mapping_checked`], for reading: maps run side by side) while it checks for
+    /// moves and maps: see there.
+    reading: parking_lot::RwLock<()>,
 }
 
 /// Marks a range as arriving ([`Ctx::arriving`]) for as long as it lives.
@@ -153,7 +154,7 @@ impl Ctx {
             probe: crate::mapping::probe_page()
                 .map_err(|e| log::warn!("no probe page ({e}): revokes cannot see moves the kernel has not queued"))
                 .ok(),
-            reading: Mutex::new(()),
+            reading: parking_lot::RwLock::new(()),
         }
     }
 
@@ -173,7 +174,7 @@ impl Ctx {
         range: VaRange,
         map: impl FnOnce() -> Result<T, UffdError>,
     ) -> Result<Result<T, UffdError>, HostError> {
-        let _reading = self.reading.lock();
+        let _reading = self.reading.read();
         if self.unapplied_reshape_touches(range) {
             return Err(HostError { op: "map", range, errno: HostError::RACED });
         }
@@ -213,6 +214,10 @@ impl Ctx {
         mark: u64,
         zap: impl FnOnce() -> Result<(), crate::mapping::MappingError>,
     ) -> Result<(), crate::mapping::MappingError> {
+        // Checked once the zap is marked the manager's own, as close to the madvise as can be.
+        // (While it is marked, a REMOVE event of the program's in the range is taken for the
+        // zap's, as during the zap itself; the check takes microseconds unless the reader is
+        // behind.)
         self.own_op(Own::Zap, range, || {
             if self.reshaped_since(mark, &[range]) {
                 let errno = rustix::io::Errno::NOMEM.raw_os_error();
@@ -603,7 +608,7 @@ pub(crate) fn read_loop(ctx: &Ctx, handler: &Weak<dyn CpuFaultHandler>, stop: &A
             c.event_queued(true);
         }
         // From the read until the batch is classified (see `Ctx::mapping_checked`).
-        let reading = ctx.reading.lock();
+        let reading = ctx.reading.write();
         ctx.reads.fetch_add(1, Ordering::AcqRel);
         let n = match uffd.read_msgs(&mut msgs) {
             Ok(n) => n,

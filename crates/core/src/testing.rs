@@ -82,12 +82,22 @@ struct FakeCpu {
     races: std::sync::atomic::AtomicU32,
     /// Discards fail (and change nothing) while set.
     fail_discard: std::sync::atomic::AtomicBool,
+    /// Maps still to be refused as raced after mapping their first page (a host that refuses
+    /// part way: the program's change read meanwhile).
+    map_races: std::sync::atomic::AtomicU32,
 }
 
 impl FakeCpu {
     /// The CPU side of a region at `range`, its host memory `mem`, nothing mapped yet.
     fn new(range: VaRange, mem: HostMem) -> FakeCpu {
-        FakeCpu { range, mem, mapped: Mutex::default(), races: 0.into(), fail_discard: false.into() }
+        FakeCpu {
+            range,
+            mem,
+            mapped: Mutex::default(),
+            races: 0.into(),
+            fail_discard: false.into(),
+            map_races: 0.into(),
+        }
     }
 
     /// [`FakeCpu::new`] with host memory of its own, zeroed (the target of an mremap).
@@ -123,6 +133,16 @@ impl CpuMmu for FakeCpu {
     }
     fn map(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
         let mut m = self.mapped.lock();
+        let refuse = self
+            .map_races
+            .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok();
+        if let (true, Some(first)) = (refuse, ranges.first()) {
+            m.insert(first.start, writable);
+            return Err(HostError { op: "map", range: *first, errno: HostError::RACED });
+        }
         for r in ranges {
             assert!(self.range.contains_range(r));
             for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
@@ -968,6 +988,26 @@ fn oversubscribed_device_evicts_without_losing_data() {
     for p in 0..pages {
         assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 7, None), p as u8);
     }
+}
+
+/// A CPU map the host refuses part way (raced, after its first page) leaves no page mapped that
+/// the core records as unmapped: it records the pages first, so a later migration revokes what
+/// the CPU maps. Recorded after a successful map, the mapped page escaped every revoke and the
+/// CPU kept writing host memory after the device took the data.
+#[test]
+fn a_map_refused_part_way_leaves_no_mapping_the_core_does_not_know() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu.map_races.store(1, SeqCst);
+    let r = w.space.cpu_fault(s, Access::Write);
+    assert!(r.as_ref().is_err_and(|e| e.raced()), "{r:?}");
+    let mapped: Vec<u64> = w.cpu.mapped.lock().keys().copied().collect();
+    assert_eq!(mapped, [s], "the host mapped the first page before refusing");
+    assert_ne!(w.space.page_state(s).unwrap().cpu, crate::block::CpuMap::None, "the core knows it is mapped");
+    w.space.migrate(s, BLOCK_SIZE, Proc::Device(w.ids[0])).unwrap();
+    assert!(w.cpu.mapped.lock().is_empty(), "the migration revoked every page the CPU maps");
+    assert_eq!(w.cpu_access(s, Some(7)), 7);
 }
 
 /// Advice on memory a reshape under way does not touch waits for the reshape instead of failing:

@@ -935,22 +935,21 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
     let rs = ranges(blk, m);
     // The CPU side first: had the device copies gone before it failed, a page whose only
     // current copy was a device's would have read its stale host bytes.
-    if let Err(e) = region.cpu.discard(&rs) {
+    let discarded = region.cpu.discard(&rs);
+    // The backing is new pages (in part, if the discard failed): a device that pinned the old
+    // ones pins these.
+    for slot in space.holders() {
+        slot.mmu.host_discarded(&rs);
+    }
+    if let Err(e) = discarded {
         // Part of the host backing may be dropped. A page the CPU holds keeps that copy alone
         // (its data or zeros, whichever the CPU reads now), so that no device's copy differs
         // from it; a page only devices hold keeps their copies (unmapped above: the next access
         // maps them again).
         free_unmapped_copies(space, blk, &select(blk, m, |p| p.resident.has(Proc::Cpu)), mapped);
-        // Part of the backing may be new pages: a device that pinned the old ones pins these.
-        for slot in space.holders() {
-            slot.mmu.host_discarded(&rs);
-        }
         return Err(e.into());
     }
     free_unmapped_copies(space, blk, m, mapped);
-    for slot in space.holders() {
-        slot.mmu.host_discarded(&rs);
-    }
     for i in m.iter() {
         blk.pages[i] = crate::block::Page::default();
     }

@@ -1255,11 +1255,7 @@ fn seeded_stress() {
 /// moves go between places 2 MiB apart, where the device's copies travel with the slot.
 #[test]
 fn mremap_races_migrate() {
-    // A short run by default (the suite's), longer ones on request.
-    let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
-    let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth(iters / 2, 16 * PS, false, 0);
-    mremap_back_and_forth(iters - iters / 2, 2 << 20, false, 0);
+    mremap_at_both_distances(false, 0);
 }
 
 /// [`mremap_races_migrate`] with memory from `Hetmm::alloc`: the slot starts as a buffer's
@@ -1267,10 +1263,7 @@ fn mremap_races_migrate() {
 /// device and another thread migrates it), and drops the buffer at the end.
 #[test]
 fn mremap_of_a_buffer_races_migrate() {
-    let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
-    let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth(iters / 2, 16 * PS, true, 0);
-    mremap_back_and_forth(iters - iters / 2, 2 << 20, true, 0);
+    mremap_at_both_distances(true, 0);
 }
 
 /// [`mremap_races_migrate`] with `MREMAP_DONTUNMAP`: the kernel moves the CPU's page-table
@@ -1278,10 +1271,16 @@ fn mremap_of_a_buffer_races_migrate() {
 /// nothing, and the CPU keeps a mapping the core does not know of.
 #[test]
 fn dontunmap_mremap_races_migrate() {
+    mremap_at_both_distances(false, libc::MREMAP_DONTUNMAP);
+}
+
+/// [`mremap_back_and_forth`] for 200 moves (the suite's short run), or `HETMM_STRESS_MREMAP`:
+/// half between places 16 pages apart, half between places 2 MiB apart.
+fn mremap_at_both_distances(alloc: bool, extra: i32) {
     let iters = env("HETMM_STRESS_MREMAP").unwrap_or(200);
     let _ = env_logger::builder().is_test(true).try_init();
-    mremap_back_and_forth(iters / 2, 16 * PS, false, libc::MREMAP_DONTUNMAP);
-    mremap_back_and_forth(iters - iters / 2, 2 << 20, false, libc::MREMAP_DONTUNMAP);
+    mremap_back_and_forth(iters / 2, 16 * PS, alloc, extra);
+    mremap_back_and_forth(iters - iters / 2, 2 << 20, alloc, extra);
 }
 
 /// [`mremap_races_migrate`] with the two places `apart` bytes apart; `alloc`: the slot is

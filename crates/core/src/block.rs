@@ -190,6 +190,18 @@ pub struct Block {
 
 const NO_PA: u64 = u64::MAX;
 
+/// One device's pages of a block, looked up once for a walk over many pages
+/// ([`Block::pas`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DevicePages<'a>(&'a [u64]);
+
+impl DevicePages<'_> {
+    /// The device page of page `i`, if the device holds one.
+    pub fn get(&self, i: usize) -> Option<PhysAddr> {
+        self.0.get(i).copied().filter(|&pa| pa != NO_PA).map(PhysAddr)
+    }
+}
+
 /// How fast a block's heat fades: half of it per second. Long beside a kernel's passes over its
 /// data (tens of milliseconds here), so blocks read once per pass stay about as hot as each
 /// other whenever they are compared; short enough that a block used heavily a while ago does not
@@ -234,8 +246,13 @@ impl Block {
 
     /// Device physical address of page `i` on `dev`, if it holds one.
     pub fn pa(&self, dev: DeviceId, i: usize) -> Option<PhysAddr> {
-        let (_, v) = self.dev_pa.iter().find(|(d, _)| *d == dev)?;
-        (v[i] != NO_PA).then_some(PhysAddr(v[i]))
+        self.pas(dev)?.get(i)
+    }
+
+    /// The device page of every page on `dev` (`None` per page where it holds none), if it holds
+    /// any page here.
+    pub fn pas(&self, dev: DeviceId) -> Option<DevicePages<'_>> {
+        self.dev_pa.iter().find(|(d, _)| *d == dev).map(|(_, v)| DevicePages(v))
     }
 
     /// Records the device page of page `i`.

@@ -62,8 +62,9 @@ fn unmap_own_remote(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m:
 /// Runs of pages whose device pages are physically contiguous: `(first page, count, first pa)`.
 fn pa_runs(blk: &Block, id: DeviceId, m: &PageMask) -> Vec<(usize, usize, PhysAddr)> {
     let mut out: Vec<(usize, usize, PhysAddr)> = Vec::new();
+    let Some(pas) = blk.pas(id) else { return out };
     for i in m.iter() {
-        let Some(pa) = blk.pa(id, i) else { continue };
+        let Some(pa) = pas.get(i) else { continue };
         match out.last_mut() {
             Some((s, n, p)) if *s + *n == i && p.0 + *n as u64 * PAGE_SIZE == pa.0 => *n += 1,
             _ => out.push((i, 1, pa)),
@@ -996,7 +997,7 @@ pub(crate) struct BulkMove {
     chosen: Vec<PageMask>,
     dup: bool,
     entries: Vec<MapEntry>,
-    /// Already mapped on the device (a device that cannot fault maps while the CPU revokes).
+    /// Already mapped on the device (a device that cannot fault maps before its copies).
     mapped: bool,
     done: Option<Copies>,
     /// The wait for `done` failed: the copies may still write the chosen device pages.
@@ -1189,11 +1190,15 @@ pub(crate) fn bulk_commit(
 }
 
 /// Revokes (or write-protects) the CPU's access to the chosen pages, one call each, and submits
-/// their copies. On a device that cannot fault, the pages are also mapped there now (from
-/// [`OVERLAP_MIN_PAGES`], on this thread while another revokes): no kernel may use them before
-/// the migration returns, and the device's page-table update then costs no time of its own.
-/// Returns the map entries, whether they are mapped, the copies' completion (none if there were
-/// no copies) and the bytes copied and zeroed.
+/// their copies. On a device that cannot fault, the pages are also mapped there now, once the
+/// CPU's access is taken: no kernel may use them before the migration returns, and the copies
+/// then need no map of their own after them. Returns the map entries, whether they are mapped,
+/// the copies' completion (none if there were no copies) and the bytes copied and zeroed.
+///
+/// Everything here runs on the calling thread. Taking the CPU's access on a helper thread while
+/// this one mapped the device saved at most the map (about 30 us per 64 MiB batch on an H100,
+/// the CUDA backend reusing its mappings) and cost 250-400 us per batch to start and join the
+/// thread on that machine's VM: a quarter of a GiB's migration, with the CPU side the limit.
 fn bulk_submit(
     space: &AddressSpace,
     region: &Region,
@@ -1202,18 +1207,22 @@ fn bulk_submit(
     slot: &DeviceSlot,
     dup: bool,
 ) -> Result<Submitted> {
-    // CPU access: write-protect what stays duplicated, revoke what moves; one call each.
+    // CPU access: write-protect what stays duplicated, revoke what moves; one call each, over
+    // ranges merged across blocks (the blocks are in address order).
     let (mut wp, mut revoke) = (Vec::new(), Vec::new());
     for (blk, sel) in blocks.iter().zip(chosen) {
+        let (mut wp_m, mut revoke_m) = (PageMask::default(), PageMask::default());
         for i in sel.iter() {
             let p = &blk.pages[i];
             match p.cpu {
                 CpuMap::None => {}
                 CpuMap::Read if dup && p.resident.has(Proc::Cpu) => {}
-                CpuMap::Write if dup && p.resident.has(Proc::Cpu) => wp.push(VaRange::new(blk.va(i), PAGE_SIZE)),
-                _ => revoke.push(VaRange::new(blk.va(i), PAGE_SIZE)),
+                CpuMap::Write if dup && p.resident.has(Proc::Cpu) => wp_m.set(i),
+                _ => revoke_m.set(i),
             }
         }
+        ranges(blk, &wp_m).into_iter().for_each(|r| push_merged(&mut wp, r));
+        ranges(blk, &revoke_m).into_iter().for_each(|r| push_merged(&mut revoke, r));
     }
     let (mut ops, mut entries) = (Vec::new(), Vec::new());
     let mut bytes = Filled::default();
@@ -1227,57 +1236,27 @@ fn bulk_submit(
     }
     // Duplicated pages are mapped read-only, moved ones read-write: split the entries by page.
     let entries = if dup { split_ro(blocks, chosen, slot, prot) } else { entries };
-    let taking = revoke.len() + wp.len();
-    let take_cpu = || -> Result<()> {
-        let t = Instant::now();
-        count_raced(space, region.cpu.revoke(&coalesce(revoke)))?;
-        count_raced(space, region.cpu.protect(&coalesce(wp), false))?;
-        add_since(&space.stats.ns_revoke, t);
-        Ok(())
-    };
-    let map = || -> Result<()> {
+    let mapped = !slot.caps.replayable_faults;
+    let t = Instant::now();
+    count_raced(space, region.cpu.revoke(&revoke))?;
+    count_raced(space, region.cpu.protect(&wp, false))?;
+    add_since(&space.stats.ns_revoke, t);
+    for (blk, sel) in blocks.iter_mut().zip(chosen) {
+        for i in sel.iter() {
+            let p = &mut blk.pages[i];
+            if p.cpu != CpuMap::None && !(dup && p.resident.has(Proc::Cpu)) {
+                p.cpu = CpuMap::None;
+            } else if p.cpu == CpuMap::Write {
+                p.cpu = CpuMap::Read;
+            }
+        }
+    }
+    if mapped {
         let t = Instant::now();
         // SAFETY: every target is device memory; no host address is mapped.
         let r = unsafe { slot.mmu.map(&entries) };
         add_since(&space.stats.ns_map, t);
-        r.map_err(dev_err(slot.id))
-    };
-    let mapped = !slot.caps.replayable_faults;
-    // `m`: the device map's result, None where it was not tried.
-    let (took, m) = if mapped && taking < OVERLAP_MIN_PAGES {
-        // Too little to take for a helper thread to pay (see `OVERLAP_MIN_PAGES`); nothing is
-        // mapped if the CPU's access could not be taken.
-        match take_cpu() {
-            Ok(()) => (Ok(()), Some(map())),
-            Err(e) => (Err(e), None),
-        }
-    } else if mapped {
-        std::thread::scope(|sc| {
-            let revoking = sc.spawn(take_cpu);
-            let m = map();
-            (revoking.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), Some(m))
-        })
-    } else {
-        (take_cpu(), None)
-    };
-    if took.is_ok() {
-        for (blk, sel) in blocks.iter_mut().zip(chosen) {
-            for i in sel.iter() {
-                let p = &mut blk.pages[i];
-                if p.cpu != CpuMap::None && !(dup && p.resident.has(Proc::Cpu)) {
-                    p.cpu = CpuMap::None;
-                } else if p.cpu == CpuMap::Write {
-                    p.cpu = CpuMap::Read;
-                }
-            }
-        }
-    }
-    let map_ok = m.as_ref().is_some_and(Result::is_ok);
-    if let Err(e) = took.and_then(|()| m.unwrap_or(Ok(()))) {
-        if map_ok {
-            unmap_entries(slot, &entries, blocks, chosen);
-        }
-        return Err(e);
+        r.map_err(dev_err(slot.id))?;
     }
     if ops.is_empty() {
         return Ok(Submitted { entries, mapped, done: None, bytes });
@@ -1295,12 +1274,13 @@ fn bulk_submit(
     Ok(Submitted { entries, mapped, done: Some(done?), bytes })
 }
 
-/// From how many pages of CPU access to take [`bulk_submit`] takes them on a helper thread while
-/// it maps the device, instead of first: two blocks. Revoking 4 KiB pages costs about 160 us per
-/// 2 MiB on the 2-core build machine, mapping a 2 MiB CUDA chunk about 40 us, and starting and
-/// joining a thread 45 us (one mapped block to a null device and back: 76 us with the thread,
-/// 26 us without).
-const OVERLAP_MIN_PAGES: usize = 2 * PAGES_PER_BLOCK;
+/// Appends `r` to `v`, merged with the last range where they meet.
+fn push_merged(v: &mut Vec<VaRange>, r: VaRange) {
+    match v.last_mut() {
+        Some(l) if l.end() == r.start => l.len += r.len,
+        _ => v.push(r),
+    }
+}
 
 /// What [`bulk_submit`] did.
 struct Submitted {

@@ -830,9 +830,9 @@ impl AddressSpace {
     }
 
     /// Runs a bulk move over blocks `ids` of `region` in batches of [`BULK_BATCH`] (the first
-    /// of [`FIRST_BULK_BATCH`]), pipelined: batch `i + 1` is started (`start`: CPU work, copies
-    /// submitted) before batch `i` is finished (`finish`: wait, map, record), so the copy
-    /// engines work while the CPU prepares.
+    /// of [`FIRST_BULK_BATCH`]), pipelined: batches `i + 1` to `i + PIPELINE_DEPTH` are
+    /// started (`start`: CPU work, copies submitted) before batch `i` is finished (`finish`:
+    /// wait, map, record), so the copy engines work while the CPU prepares.
     /// Blocks are locked in address order (every other path that holds several block locks only
     /// tries them). Stops at the first batch `start` takes nothing from (memory is full); what is
     /// in flight is always finished, and the first error reported.
@@ -851,7 +851,17 @@ impl AddressSpace {
             PipeTimes::add(&times.finish, t);
             r
         };
-        let mut pending = None;
+        // Batches started and not yet finished, oldest first. Two may wait behind the one just
+        // started: the copy engines keep work queued while one batch takes the CPU longer than
+        // the copies of the one before it (the CPU side varies by a factor of two or more from
+        // batch to batch on a busy machine, while each copy takes the same time).
+        let mut pending = std::collections::VecDeque::new();
+        let finish_all = |pending: &mut std::collections::VecDeque<_>, mut r: Result<()>| {
+            while let Some(p) = pending.pop_front() {
+                r = r.and(done(p));
+            }
+            r
+        };
         // A small first batch: the copy engines start sooner (everything before its copies is
         // time they sit idle).
         let (first, rest) = ids.split_at(ids.len().min(FIRST_BULK_BATCH));
@@ -867,19 +877,21 @@ impl AddressSpace {
             let started = start(&mut blocks);
             PipeTimes::add(&times.start, t);
             drop(blocks);
-            // This batch's copies are queued behind the previous one's: finish that one now.
-            let prev = pending.take().map_or(Ok(()), done);
-            match (started, prev) {
-                (Ok(Some(m)), Ok(())) => pending = Some((guards, m)),
-                (Ok(None), prev) => return prev,
-                (Ok(Some(m)), Err(e)) => {
-                    let _ = done((guards, m));
-                    return Err(e);
+            match started {
+                Ok(Some(m)) => pending.push_back((guards, m)),
+                // Nothing taken (memory is full), or an error: what is in flight is finished.
+                Ok(None) => return finish_all(&mut pending, Ok(())),
+                Err(e) => return finish_all(&mut pending, Ok(())).and(Err(e)),
+            }
+            if pending.len() > PIPELINE_DEPTH {
+                if let Some(oldest) = pending.pop_front() {
+                    if let Err(e) = done(oldest) {
+                        return finish_all(&mut pending, Err(e));
+                    }
                 }
-                (Err(e), prev) => return prev.and(Err(e)),
             }
         }
-        pending.map_or(Ok(()), done)
+        finish_all(&mut pending, Ok(()))
     }
 
     /// Drops the data of `range` everywhere (`Advice::DontNeed`).
@@ -1352,6 +1364,10 @@ impl Drop for PipeTimes {
 /// Blocks per batch of an explicit migration's bulk pass (64 MiB): large enough that each
 /// batch's copies keep the copy engines busy while the CPU prepares the next.
 const BULK_BATCH: usize = 32;
+
+/// Batches of a bulk pass in flight behind the one being started (see
+/// [`AddressSpace::pipelined`]).
+const PIPELINE_DEPTH: usize = 2;
 
 /// Blocks in the first batch of a bulk pass (8 MiB).
 const FIRST_BULK_BATCH: usize = 4;

@@ -33,20 +33,26 @@ pub struct CudaConfig {
     pub kernel_timeout: Duration,
     /// Bytes of a region's host memory pinned per registration (a positive multiple of 2 MiB).
     /// A copy never spans two registrations and adjacent copies inside one are merged, so larger
-    /// pieces give the copy engines longer copies; a `DontNeed` registers every piece it touches
-    /// again (once per 2 MiB block it drops: the core reports discards a block at a time).
-    /// Default 2 MiB, or `HETMM_CUDA_PIN` (a size as `--size` takes it: `64M`, `1G`).
+    /// pieces give the copy engines longer copies: on an H100, copies of 2 MiB ran at 0.935 of
+    /// one long copy, of 64 MiB at 1.0. A discard unpins every piece it touches (waiting for the
+    /// copies in flight first, where a piece holds other blocks), and the next copy that uses
+    /// the piece pins it again. Default [`DEFAULT_PIN_PIECE`], or `HETMM_CUDA_PIN` (a size as
+    /// `--size` takes it: `2M`, `1G`).
     pub pin_piece: u64,
 }
+
+/// Host memory pinned per registration unless `HETMM_CUDA_PIN` says otherwise (see
+/// [`CudaConfig::pin_piece`]).
+pub const DEFAULT_PIN_PIECE: u64 = 64 << 20;
 
 impl Default for CudaConfig {
     fn default() -> Self {
         let pin_piece = match std::env::var("HETMM_CUDA_PIN") {
             Ok(v) => plan::parse_pin_piece(&v).unwrap_or_else(|| {
-                log::warn!("HETMM_CUDA_PIN={v}: not a positive multiple of 2 MiB; using 2M");
-                CHUNK
+                log::warn!("HETMM_CUDA_PIN={v}: not a positive multiple of 2 MiB; using 64M");
+                DEFAULT_PIN_PIECE
             }),
-            Err(_) => CHUNK,
+            Err(_) => DEFAULT_PIN_PIECE,
         };
         CudaConfig {
             ordinal: 0,
@@ -152,6 +158,9 @@ struct State {
     /// Per region: its host backing address and one registration per piece
     /// ([`CudaConfig::pin_piece`]).
     pinned: HashMap<u64, (usize, Vec<Option<HostRegistration>>)>,
+    /// Pieces whose registration a discard dropped, as (region start, piece index): pinned again
+    /// by the next copy that uses them (see `host_discarded`).
+    unpinned: std::collections::BTreeSet<(u64, u64)>,
     host: HostRanges,
 }
 
@@ -554,6 +563,37 @@ impl Inner {
         Ok(())
     }
 
+    /// Pins again the pieces a discard unpinned that `ops` copy to or from (a copy outside every
+    /// registration is still correct, only staged by the driver: a failure is logged).
+    fn pin_again(&self, st: &mut State, ops: &[CopyOp]) {
+        let piece = self.cfg.pin_piece;
+        let hosts: Vec<(u64, u64)> = ops
+            .iter()
+            .filter_map(|op| match *op {
+                CopyOp::HostToDevice { src, len, .. } => Some((src.0 as u64, len)),
+                CopyOp::DeviceToHost { dst, len, .. } => Some((dst.0 as u64, len)),
+                _ => None,
+            })
+            .collect();
+        let due =
+            plan::pieces_used(st.unpinned.iter().copied(), |r| st.pinned.get(&r).map(|p| p.0 as u64), piece, &hosts);
+        for (start, k) in due {
+            st.unpinned.remove(&(start, k));
+            let Some(len) = st.pt.region(start).map(|r| r.app.len) else { continue };
+            let Some((backing, regs)) = st.pinned.get_mut(&start) else { continue };
+            let (off, blen) = (k * piece, piece.min(len - k * piece));
+            let addr = *backing + off as usize;
+            // SAFETY: as in `region_added`: the alias stays mapped until `region_removed`.
+            match unsafe { HostRegistration::new(&self.gpu, addr, blen) } {
+                Ok(h) => {
+                    regs[k as usize] = Some(h);
+                    st.host.insert(start, addr as u64, blen);
+                }
+                Err(e) => log::warn!("cuda: pinning discarded host pages at {addr:#x} again: {e}"),
+            }
+        }
+    }
+
     /// Waits (at most `kernel_timeout`) for every copy started on the copy streams: used before a
     /// failed copy batch returns, since no completion is handed out to wait on.
     fn drain_copies(&self) {
@@ -808,6 +848,9 @@ impl DeviceMmu for CudaDevice {
         for k in chunks {
             i.ensure_chunk(&mut st, k).map_err(dev_err)?;
         }
+        if !st.unpinned.is_empty() {
+            i.pin_again(&mut st, ops);
+        }
         let Some(window) = st.window.as_ref() else { return Err(DeviceError::NoPageTable) };
         let w = window.base();
         let (mut used_h2d, mut used_d2h) = (false, false);
@@ -943,6 +986,10 @@ impl DeviceMmu for CudaDevice {
         Ok(())
     }
 
+    /// The old registration of each piece touched pins the pages the discard freed: it is
+    /// dropped now, and the piece pinned again only when a copy next uses it (`pin_again`). A
+    /// program discarding a large range a block at a time (the core reports discards per block)
+    /// thus costs one registration per piece, not one per block.
     fn host_discarded(&self, ranges: &[VaRange]) {
         let i = &self.inner;
         let mut st = i.state.lock();
@@ -954,23 +1001,19 @@ impl DeviceMmu for CudaDevice {
             let Some(region) = st.pt.region_of(r.start).copied() else { continue };
             let Some(x) = r.intersect(&region.app) else { continue };
             let app = region.app;
-            touched.extend(plan::pieces_touched(x.start - app.start, x.len, piece).map(|k| (app.start, app.len, k)));
+            touched.extend(plan::pieces_touched(x.start - app.start, x.len, piece).map(|k| (app.start, k)));
         }
-        for (start, len, k) in touched {
+        touched.retain(|&(start, k)| st.pinned.get(&start).is_some_and(|(_, regs)| regs[k as usize].is_some()));
+        // A piece larger than a block holds blocks the core is not discarding, whose copies may
+        // be in flight: the pages they use must stay pinned until they finish.
+        if piece > CHUNK && !touched.is_empty() {
+            i.drain_copies();
+        }
+        for (start, k) in touched {
             let Some((backing, regs)) = st.pinned.get_mut(&start) else { continue };
-            let (off, blen) = (k * piece, piece.min(len - k * piece));
-            let addr = *backing + off as usize;
-            // The old registration pins the freed pages: drop it, then pin the new ones.
             regs[k as usize] = None;
-            st.host.remove(addr as u64);
-            // SAFETY: as in `region_added`: the alias stays mapped until `region_removed`.
-            match unsafe { HostRegistration::new(&i.gpu, addr, blen) } {
-                Ok(h) => {
-                    regs[k as usize] = Some(h);
-                    st.host.insert(start, addr as u64, blen);
-                }
-                Err(e) => log::warn!("cuda: re-registering discarded host pages at {addr:#x}: {e}"),
-            }
+            st.host.remove((*backing + (k * piece) as usize) as u64);
+            st.unpinned.insert((start, k));
         }
     }
 
@@ -994,6 +1037,7 @@ impl DeviceMmu for CudaDevice {
         st.pt.remove_region(app.start);
         st.reservations.remove(&app.start);
         st.pinned.remove(&app.start);
+        st.unpinned.retain(|&(start, _)| start != app.start);
         st.host.remove_region(app.start);
     }
 }

@@ -26,9 +26,10 @@
 //! - Copies: `cuMemcpyHtoDAsync` / `cuMemcpyDtoHAsync` on two dedicated streams (one per
 //!   direction, so both copy engines work), from the region's host pages registered
 //!   (`cuMemHostRegister`, through the manager's alias, one registration per
-//!   `CudaConfig::pin_piece` bytes, 2 MiB by default) once for the region's life; a piece whose
-//!   host pages are discarded (`Advice::DontNeed` punches them out of the file) is registered
-//!   again, since the old registration pins the freed pages. Ops of one batch that continue
+//!   `CudaConfig::pin_piece` bytes, 64 MiB by default) once for the region's life; a piece whose
+//!   host pages are discarded (`Advice::DontNeed` punches them out of the file) loses its
+//!   registration, since it pins the freed pages, and is registered again by the next copy
+//!   that uses it. Ops of one batch that continue
 //!   each other on both sides are merged into one copy, cut where a registration ends.
 //!   Completions are CUDA events, waited on by polling `cuEventQuery` against a deadline.
 //! - Faults: a GPU cannot report page faults to user space, so `replayable_faults` is false;
@@ -54,7 +55,7 @@ mod driver;
 pub mod kernels;
 pub mod plan;
 
-pub use device::{CudaConfig, CudaDevice, CudaLaunch, CudaStats};
+pub use device::{CudaConfig, CudaDevice, CudaLaunch, CudaStats, DEFAULT_PIN_PIECE};
 pub use kernels::{Buf, BufUse, KernelCall};
 
 use hetmm_core::device::DeviceError;

@@ -565,6 +565,25 @@ pub fn pieces_touched(off: u64, len: u64, piece: u64) -> std::ops::RangeInclusiv
     off / piece..=(off + len.max(1) - 1) / piece
 }
 
+/// Of the `unpinned` pieces (region start, piece index), those a host range of `hosts`
+/// (address, length) overlaps: `base_of` gives a region's host backing address, pieces are
+/// `piece` bytes from it (the last may be shorter; overlapping its tail does no harm).
+pub fn pieces_used(
+    unpinned: impl IntoIterator<Item = (u64, u64)>,
+    base_of: impl Fn(u64) -> Option<u64>,
+    piece: u64,
+    hosts: &[(u64, u64)],
+) -> Vec<(u64, u64)> {
+    unpinned
+        .into_iter()
+        .filter(|&(start, k)| {
+            let Some(base) = base_of(start) else { return false };
+            let lo = base + k * piece;
+            hosts.iter().any(|&(a, len)| len > 0 && a < lo + piece && lo < a + len)
+        })
+        .collect()
+}
+
 /// Merges each host-to-device (or device-to-host) copy into the one before it when both its
 /// host and its device side continue that one's: the core emits a copy per block or run of
 /// pages, and the copy engines run long copies faster. Other ops pass unchanged and in order;
@@ -866,6 +885,20 @@ mod tests {
         assert_eq!(h.remove_region(A), 0);
         h.remove(0x6000_0000);
         assert!(!h.covers(0x6000_0000, 1));
+    }
+
+    #[test]
+    fn copies_pin_again_only_the_unpinned_pieces_they_use() {
+        let piece = 64 << 20;
+        let base = |start: u64| (start == 1 << 40).then_some(0x7000_0000_0000u64);
+        let unpinned = [(1 << 40, 0), (1 << 40, 2), (1 << 41, 0)];
+        let b = 0x7000_0000_0000u64;
+        // The end of piece 0, the start of piece 2; nothing of the region not known.
+        let hosts = [(b + piece - 4096, 4096), (b + 2 * piece, 8192)];
+        assert_eq!(pieces_used(unpinned, base, piece, &hosts), vec![(1 << 40, 0), (1 << 40, 2)]);
+        // Piece 1 alone, touching neither neighbour; an empty range touches nothing.
+        let hosts = [(b + piece, piece), (b, 0)];
+        assert_eq!(pieces_used(unpinned, base, piece, &hosts), vec![]);
     }
 
     #[test]

@@ -114,21 +114,21 @@ impl AddressSpace {
         let mut result = Ok(());
         for region in self.overlapping(range) {
             let Some(part) = region.range.intersect(&range) else { continue };
+            // The program may have punched the host backing (`MADV_REMOVE` raises the same event
+            // as `MADV_DONTNEED`): a device that pinned those pages for DMA must pin the new ones
+            // before the copies home below (its pins held the old pages, which nobody else sees
+            // any more). Told once for the whole part, not per block: a device pinning in pieces
+            // of several blocks would otherwise unpin a piece for each block and pin it again
+            // for each block's copies.
+            for slot in &holders {
+                slot.mmu.host_discarded(&[part]);
+            }
             let first = region.block_index(part.start);
             let last = region.block_index(part.end() - 1);
             for bidx in first..=last {
                 let mut blk = region.blocks[bidx].lock();
                 if region.is_freed() {
                     break;
-                }
-                // The program may have punched the host backing (`MADV_REMOVE` raises the same
-                // event as `MADV_DONTNEED`): a device that pinned those pages for DMA must pin
-                // the new ones before the copies home below (its pins held the old pages, which
-                // nobody else sees any more).
-                if let Some(span) = part.intersect(&VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE)) {
-                    for slot in &holders {
-                        slot.mmu.host_discarded(&[span]);
-                    }
                 }
                 let want = pages_of(&blk.base, blk.npages, &part);
                 if let Err(e) = flush_and_unmap(self, &region, &mut blk, &want) {

@@ -85,6 +85,8 @@ struct FakeCpu {
     /// Maps still to be refused as raced after mapping their first page (a host that refuses
     /// part way: the program's change read meanwhile).
     map_races: std::sync::atomic::AtomicU32,
+    /// The ranges of every revoke call, in order.
+    revokes: Mutex<Vec<Vec<VaRange>>>,
 }
 
 impl FakeCpu {
@@ -97,6 +99,7 @@ impl FakeCpu {
             races: 0.into(),
             fail_discard: false.into(),
             map_races: 0.into(),
+            revokes: Mutex::default(),
         }
     }
 
@@ -111,6 +114,7 @@ impl CpuMmu for FakeCpu {
         self.range
     }
     fn revoke(&self, ranges: &[VaRange]) -> Result<(), HostError> {
+        self.revokes.lock().push(ranges.to_vec());
         let mut m = self.mapped.lock();
         for r in ranges {
             for p in (r.start..r.end()).step_by(PAGE_SIZE as usize) {
@@ -1008,6 +1012,45 @@ fn a_map_refused_part_way_leaves_no_mapping_the_core_does_not_know() {
     w.space.migrate(s, BLOCK_SIZE, Proc::Device(w.ids[0])).unwrap();
     assert!(w.cpu.mapped.lock().is_empty(), "the migration revoked every page the CPU maps");
     assert_eq!(w.cpu_access(s, Some(7)), 7);
+}
+
+/// An explicit migration of many blocks (three pipelined batches, two in flight at once) takes
+/// the CPU's access with one revoke per batch, over sorted ranges merged across blocks and
+/// covering exactly the pages the CPU mapped, and moves every byte.
+#[test]
+fn a_bulk_migration_revokes_merged_ranges_once_per_batch_and_moves_every_byte() {
+    let blocks = 40u64;
+    let mut w = world_sized(Arc::new(NoPrefetch), blocks * 512, crate::policy::Policy::uvm(), blocks * BLOCK_SIZE);
+    let (s, id) = (w.cpu.range.start, w.ids[0]);
+    // Every page but a run in block 5 and the whole of block 20 written (and mapped) by the CPU.
+    let hole = |p: u64| (5 * 512 + 100..5 * 512 + 140).contains(&p) || (20 * 512..21 * 512).contains(&p);
+    for p in (0..blocks * 512).filter(|&p| !hole(p)) {
+        w.cpu_access(s + p * PAGE_SIZE + 3, Some((p % 251) as u8));
+    }
+    let mut mapped: Vec<u64> = w.cpu.mapped.lock().keys().copied().collect();
+    mapped.sort_unstable();
+    w.cpu.revokes.lock().clear();
+    w.space.migrate(s, blocks * BLOCK_SIZE, Proc::Device(id)).unwrap();
+    let calls = std::mem::take(&mut *w.cpu.revokes.lock());
+    assert!(calls.len() <= 3, "one revoke per batch (4, 32 and 4 blocks): {}", calls.len());
+    for call in &calls {
+        for pair in call.windows(2) {
+            assert!(pair[0].end() < pair[1].start, "sorted, disjoint and merged: {} then {}", pair[0], pair[1]);
+        }
+    }
+    let all: Vec<VaRange> = calls.into_iter().flatten().collect();
+    assert!(all.windows(2).all(|p| p[0].end() <= p[1].start), "batches in address order, each page once");
+    let revoked: Vec<u64> = all.iter().flat_map(|r| (r.start..r.end()).step_by(PAGE_SIZE as usize)).collect();
+    assert!(revoked.iter().all(|p| mapped.binary_search(p).is_ok()), "only pages the CPU mapped");
+    assert!(w.cpu.mapped.lock().is_empty(), "every page the CPU mapped revoked");
+    for p in 0..blocks * 512 {
+        let want = if hole(p) { 0 } else { (p % 251) as u8 };
+        assert_eq!(w.dev_access(0, s + p * PAGE_SIZE + 3, None), Some(want), "page {p} on the device");
+    }
+    for p in (0..blocks * 512).step_by(97) {
+        let want = if hole(p) { 0 } else { (p % 251) as u8 };
+        assert_eq!(w.cpu_access(s + p * PAGE_SIZE + 3, None), want, "page {p} home again");
+    }
 }
 
 /// Advice on memory a reshape under way does not touch waits for the reshape instead of failing:

@@ -671,6 +671,7 @@ impl Inner {
         st.chunks.clear();
         st.window = None;
         st.pinned.clear();
+        st.unpinned.clear();
         st.host = HostRanges::default();
     }
 }
@@ -1004,9 +1005,10 @@ impl DeviceMmu for CudaDevice {
             touched.extend(plan::pieces_touched(x.start - app.start, x.len, piece).map(|k| (app.start, k)));
         }
         touched.retain(|&(start, k)| st.pinned.get(&start).is_some_and(|(_, regs)| regs[k as usize].is_some()));
-        // A piece larger than a block holds blocks the core is not discarding, whose copies may
-        // be in flight: the pages they use must stay pinned until they finish.
-        if piece > CHUNK && !touched.is_empty() {
+        // Copies in flight may use a piece's pages (blocks of it the core is not discarding, or
+        // the discarded ones when the core reports a program's discard without their locks):
+        // they must stay pinned until the copies finish.
+        if !touched.is_empty() {
             i.drain_copies();
         }
         for (start, k) in touched {

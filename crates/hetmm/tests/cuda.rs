@@ -264,3 +264,38 @@ fn gpu_pinned_pieces_merge_copies_and_follow_dont_need() {
     assert_eq!(st.bytes_staged, 0, "every copy ran from pinned pages");
     assert!(st.copies > 0);
 }
+
+/// The program's own `MADV_REMOVE` over memory the GPU holds, across three blocks and two pinned
+/// pieces: the pieces are unpinned once (the core reports the whole range, not each block), the
+/// device data comes home, and the GPU then reads what the CPU writes there afterwards, every
+/// copy from pinned pages.
+#[test]
+fn gpu_the_programs_own_discard_pins_the_new_pages() {
+    let Some((_turn, hm, default)) = gpu(64 << 20) else { return };
+    drop(default);
+    let cfg = CudaConfig { memory_bytes: Some(64 << 20), pin_piece: 8 << 20, ..CudaConfig::default() };
+    let Some(g) = open(cfg) else { return };
+    let dev = hm.attach(g).unwrap();
+    let n = (12 << 20) / 4;
+    let (mut x, mut y) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
+    x.as_mut_slice().fill(1.0);
+    y.as_mut_slice().fill(1.0);
+    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    // 6 MiB from 5 MiB: the end of the first piece and the start of the second.
+    let (off, len) = (5usize << 20, 6usize << 20);
+    // SAFETY: the range lies inside `y`, which this test owns; no slice of it is held.
+    let r = unsafe { libc::madvise((y.ptr() as usize + off) as *mut libc::c_void, len, libc::MADV_REMOVE) };
+    assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+    let (lo, hi) = (off / 4, (off + len) / 4);
+    // The GPU held every page: each keeps its data or reads zeros (the core's invalidate module
+    // notes: the REMOVE event does not say whether the program removed or only dropped them).
+    assert!(y.as_slice()[lo..hi].iter().all(|v| *v == 3.0 || *v == 0.0));
+    y.as_mut_slice()[lo..hi].fill(5.0);
+    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    for (i, v) in y.as_slice().iter().enumerate() {
+        let want = if (lo..hi).contains(&i) { 7.0 } else { 5.0 };
+        assert_eq!(*v, want, "y[{i}]");
+    }
+    assert_eq!(dev.driver().stats().bytes_staged, 0, "every copy ran from pinned pages");
+    assert_eq!(hm.stats().cpu_fault_errors, 0);
+}

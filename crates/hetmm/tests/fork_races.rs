@@ -844,3 +844,71 @@ fn registered_memory_is_private_again_once_the_manager_is_dropped() {
     assert!(!shared, "the memory is still a shared mapping");
     assert!(kept, "the child's writes reached this process");
 }
+
+/// Whether every byte of `[p, p + len)` is `b` (allocation-free, for a fork child).
+fn all_bytes(p: usize, len: usize, b: u8) -> bool {
+    // SAFETY: the caller's range is mapped and readable, and nothing writes it meanwhile.
+    (0..len).all(|i| unsafe { std::ptr::read_volatile((p + i) as *const u8) } == b)
+}
+
+/// Memory the program grew in place with `mremap` and did not touch before the fork is the
+/// child's own, fresh (zeros), as the parent's first touch makes it: it stayed a shared mapping
+/// of the parent's memfd, so two children forked after the grow saw each other's writes there.
+#[test]
+fn memory_grown_in_place_and_untouched_at_the_fork_is_each_childs_own() {
+    let _turn = serial();
+    let hm = Hetmm::new().unwrap();
+    let mut buf = hm.alloc::<u8>(LEN).unwrap();
+    buf.as_mut_slice().fill(OLD);
+    let p = buf.ptr() as usize;
+    // SAFETY: grows `buf`'s own mapping in place (no MREMAP_MAYMOVE): nothing else moves, and
+    // no slice of `buf` is held.
+    let r = unsafe { libc::mremap(p as *mut _, LEN, 2 * LEN, 0) };
+    if r as usize != p {
+        eprintln!("skipped: no room to grow in place here ({})", std::io::Error::last_os_error());
+        return;
+    }
+    let grown = p + LEN;
+    let first = fork_with(|| {
+        let fresh = all_bytes(grown, LEN, 0);
+        // SAFETY: the child's own copy of the grown part, which it alone uses.
+        unsafe { std::ptr::write_bytes(grown as *mut u8, NEW, LEN) };
+        if fresh {
+            FINE
+        } else {
+            WRONG
+        }
+    });
+    let second = fork_with(|| if all_bytes(grown, LEN, 0) { FINE } else { WRONG });
+    assert_eq!(code(first), FINE, "the first child read zeros in the grown part");
+    assert_eq!(code(second), FINE, "the second child did not see the first child's writes");
+    assert!(all_bytes(p, LEN, OLD) && all_bytes(grown, LEN, 0), "the parent's bytes are as before");
+    // SAFETY: shrinks the mapping back to `buf`'s length, its own grown part, unused now.
+    assert_eq!(unsafe { libc::mremap(p as *mut _, 2 * LEN, LEN, 0) } as usize, p);
+}
+
+/// Registered memory shrunk and grown again in place, untouched at the fork: the child reads
+/// zeros in the regrown part, as the parent does, not the bytes the program gave up with the
+/// shrink (the memfd still holds them).
+#[test]
+fn registered_memory_regrown_in_place_reads_zeros_in_the_child_too() {
+    let _turn = serial();
+    let hm = Hetmm::new().unwrap();
+    let p = anon(4 * PS, OLD) as usize;
+    hm.register(p as *const u8, 4 * PS).unwrap();
+    let (len, half) = (4 * PS, 2 * PS);
+    // SAFETY: shrinks this test's registered mapping; no reference covers it.
+    assert_eq!(unsafe { libc::mremap(p as *mut _, len, half, 0) } as usize, p);
+    hm.space().settle().unwrap();
+    // SAFETY: grows it back in place (no MREMAP_MAYMOVE), over nothing else of this test.
+    let r = unsafe { libc::mremap(p as *mut _, half, len, 0) };
+    if r as usize != p {
+        eprintln!("skipped: no room to grow back in place here ({})", std::io::Error::last_os_error());
+        return;
+    }
+    let child = fork_with(|| if all_bytes(p + half, half, 0) && all_bytes(p, half, OLD) { FINE } else { WRONG });
+    assert_eq!(code(child), FINE, "the child read zeros in the regrown part and the data before it");
+    assert!(all_bytes(p + half, half, 0) && all_bytes(p, half, OLD), "so does the parent");
+    // SAFETY: this test's own mapping, unused now.
+    assert_eq!(unsafe { libc::munmap(p as *mut _, len) }, 0);
+}

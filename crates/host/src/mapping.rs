@@ -986,10 +986,47 @@ pub(crate) fn privatize_parts(
             }
         }
         if n < MAX_VIEWS {
-            return result;
+            return result.and(zero_other_views(file, whole));
         }
     }
     result.and(Err(MappingError::Os { op: "fork copy", range: whole, errno: Errno::AGAIN.raw_os_error() }))
+}
+
+/// In a fork child, once the parts are copied: every view of the memfd still shared lies over
+/// bytes of no part. That is memory the program grew in place with `mremap` and had not touched
+/// at the fork (the parent's first touch there makes fresh private memory, zeros), or entries a
+/// revoke moved out for the reaper. Each becomes fresh private memory, zeros, with its
+/// protection: left shared, the child and its siblings wrote each other's memory there, and
+/// after a shrink and a regrow read the bytes the program gave up. System calls only.
+fn zero_other_views(file: MapsFile, whole: VaRange) -> Result<(), MappingError> {
+    let mut result = Ok(());
+    for _ in 0..MAX_PASSES {
+        let mut found = [ChildView::default(); MAX_VIEWS];
+        let n = shared_views_of(file, |off, len| std::iter::once((off, len)), &mut found).map_err(|errno| {
+            MappingError::Os { op: "read /proc/self/maps", range: whole, errno: errno.raw_os_error() }
+        })?;
+        for v in &found[..n] {
+            let prot = ProtFlags::from_bits_retain(v.prot.bits());
+            let flags = MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE;
+            // SAFETY: a fork child's view of a hetmm memfd over bytes of no part (see above):
+            // nothing of it is the program's data, and nothing in Rust references it.
+            let r = unsafe { rustix::mm::mmap_anonymous(v.range.start as *mut _, v.range.len as usize, prot, flags) };
+            if let Err(errno) = r {
+                seal_quiet(v.range);
+                if result.is_ok() {
+                    result = Err(MappingError::Os {
+                        op: "mmap(FIXED) anonymous",
+                        range: v.range,
+                        errno: errno.raw_os_error(),
+                    });
+                }
+            }
+        }
+        if n < MAX_VIEWS {
+            return result;
+        }
+    }
+    result.and(Err(MappingError::Os { op: "fork zero", range: whole, errno: Errno::AGAIN.raw_os_error() }))
 }
 
 /// Views a pass of [`privatize_parts`] copies at most (a stack array: no allocation in a child).

@@ -146,14 +146,15 @@ impl Hetmm {
     /// Attaches a device.
     pub fn attach<D: DeviceMmu + Clone>(&self, dev: D) -> Result<Device<D>> {
         let opts = hetmm_core::AttachOptions::default();
-        let id = self.space.attach(Arc::new(dev.clone()), opts)?;
+        // The device's threads take no asynchronous signals (see `hetmm_host::signals`).
+        let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
         Ok(Device { id, dev, space: Arc::clone(&self.space) })
     }
 
     /// Attaches a simulated device using its configured fault batch size.
     pub fn attach_sim(&self, dev: SimDevice) -> Result<Device<SimDevice>> {
         let opts = hetmm_core::AttachOptions { fault_batch: dev.config().fault_batch };
-        let id = self.space.attach(Arc::new(dev.clone()), opts)?;
+        let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
         Ok(Device { id, dev, space: Arc::clone(&self.space) })
     }
 
@@ -212,7 +213,8 @@ impl Hetmm {
         // As `migrate`: a munmap or mremap the program made just before is applied first, so
         // the advice meets the memory as the program sees it.
         self.space.settle()?;
-        Ok(self.space.advise(start, len, advice)?)
+        // A prefetch's worker thread takes no asynchronous signals (see `hetmm_host::signals`).
+        Ok(hetmm_host::signals::blocked_while(|| self.space.advise(start, len, advice))?)
     }
 
     /// [`Hetmm::advise`] over a whole buffer.

@@ -269,6 +269,7 @@ impl Worker {
         let (tx, done) = mpsc::channel::<()>();
         let handle = std::thread::Builder::new().name(name.into()).spawn(move || {
             let _tx = tx;
+            crate::signals::block_here();
             f();
         })?;
         Ok(Worker { handle, done })

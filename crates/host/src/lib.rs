@@ -31,6 +31,8 @@ mod pagemap;
 #[cfg(target_os = "linux")]
 pub mod probe;
 #[cfg(target_os = "linux")]
+pub mod signals;
+#[cfg(target_os = "linux")]
 pub mod uffd;
 
 #[cfg(all(test, target_os = "linux"))]

@@ -389,6 +389,9 @@ impl AddressSpace {
             }
         }
         let exclusive = self.gate.close(own, inside);
+        // The guard owns the gate from here: a panic below (a device's copy in the flush, say)
+        // opens it as it unwinds instead of leaving every later operation waiting for ever.
+        let mut guard = ForkGuard { space: Arc::clone(self), views: Vec::new(), private_bytes: 0, exclusive };
         if !exclusive {
             log::error!(
                 "fork from under the fork gate: other operations did not end within {UNDER_GATE_WAIT:?}; \
@@ -402,21 +405,17 @@ impl AddressSpace {
             map.values().cloned().collect()
         } else {
             log::error!("fork from under the fork gate: the regions are locked; the child keeps them shared");
-            if exclusive {
-                self.gate.open();
-            }
             return None;
         };
         add(&self.stats.forks, 1);
-        let mut views: Vec<ForkView> = Vec::new();
-        let mut private_bytes = 0;
+        let (views, private_bytes) = (&mut guard.views, &mut guard.private_bytes);
         for r in &regions {
             let mut lost = Vec::new();
             if !r.remote && !exclusive {
-                private_bytes += r.range.len;
+                *private_bytes += r.range.len;
                 lost.push(r.range);
             } else if !r.remote {
-                private_bytes += r.range.len;
+                *private_bytes += r.range.len;
                 for (b, cell) in r.blocks.iter().enumerate() {
                     let blk = if !inside {
                         Some(cell.lock())
@@ -453,7 +452,7 @@ impl AddressSpace {
                 None => views.push(ForkView { cpu: Arc::clone(&r.cpu), parts: vec![part], lost }),
             }
         }
-        Some(ForkGuard { space: Arc::clone(self), views, private_bytes, exclusive })
+        Some(guard)
     }
 }
 
@@ -569,6 +568,28 @@ mod tests {
         let blk = region.blocks[region.block_index(va)].lock();
         let pa = blk.pa(id, ((va - blk.base) / PAGE_SIZE) as usize).unwrap();
         dev.mem.lock()[pa.0 as usize..(pa.0 + PAGE_SIZE) as usize].fill(byte);
+    }
+
+    /// A panic while a fork is prepared (here a device's copy in the flush) opens the fork gate
+    /// as it unwinds: the host catches such panics and the parent goes on, and every later
+    /// operation waited at the closed gate for ever.
+    #[test]
+    fn a_panic_while_a_fork_is_prepared_leaves_the_gate_open() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let (space, _cpu, dev, id, _host) = setup();
+        space.migrate(BASE, 8 * PAGE_SIZE, Proc::Device(id)).unwrap();
+        dev.panic_copies.store(true, SeqCst);
+        let s = Arc::clone(&space);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || s.fork_prepare().map(|g| g.parent())));
+        assert!(r.is_err(), "the flush's copy panicked");
+        dev.panic_copies.store(false, SeqCst);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = Arc::clone(&space);
+        std::thread::spawn(move || {
+            let _ = tx.send(s.migrate(BASE, 8 * PAGE_SIZE, Proc::Cpu));
+        });
+        let done = rx.recv_timeout(Duration::from_secs(10)).expect("an operation after the panic waits at the gate");
+        done.unwrap();
     }
 
     #[test]

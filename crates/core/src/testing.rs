@@ -215,6 +215,8 @@ pub(crate) struct FakeDevice {
     pub(crate) copies_started: std::sync::atomic::AtomicUsize,
     /// Page-table updates fail while set (a device that ran out of page-table memory).
     pub(crate) fail_map: std::sync::atomic::AtomicBool,
+    /// Copies panic while set (a driver bug).
+    pub(crate) panic_copies: std::sync::atomic::AtomicBool,
     /// Unmaps fail (and leave the entries in place) while set.
     pub(crate) fail_unmap: std::sync::atomic::AtomicBool,
     /// Reported as [`DeviceCaps::region_bound`] (a device whose mappings end with their region).
@@ -252,6 +254,7 @@ impl FakeDevice {
             copy_gate: Mutex::new(()),
             copies_started: 0.into(),
             fail_map: false.into(),
+            panic_copies: false.into(),
             fail_unmap: false.into(),
             region_bound: false,
             access_counts: Mutex::default(),
@@ -385,6 +388,7 @@ impl DeviceMmu for FakeDevice {
         use std::sync::atomic::Ordering::Relaxed;
         self.copies_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         drop(self.copy_gate.lock());
+        assert!(!self.panic_copies.load(Relaxed), "injected panic in a copy");
         if self.hang.load(Relaxed) {
             self.pending.lock().extend_from_slice(ops);
             return Ok(Box::new(Hung));

@@ -584,9 +584,20 @@ pub(crate) fn reshape_checked(
     ranges: &[VaRange],
     op: impl FnOnce(u64) -> Result<(), HostError>,
 ) -> Result<(), HostError> {
+    fully_checked(ctx, "revoke", ranges, op)
+}
+
+/// [`reshape_checked`] for any operation `what` that takes CPU access away (a revoke, a
+/// write-protect).
+pub(crate) fn fully_checked(
+    ctx: &Ctx,
+    what: &'static str,
+    ranges: &[VaRange],
+    op: impl FnOnce(u64) -> Result<(), HostError>,
+) -> Result<(), HostError> {
     let mark = ctx.reshape_mark();
     if ctx.reshaped_since(mark, ranges) {
-        return Err(raced("revoke", ranges));
+        return Err(raced(what, ranges));
     }
     let done = op(mark);
     // A move the kernel made before `op` but has not queued the event of yet is seen once the
@@ -595,18 +606,36 @@ pub(crate) fn reshape_checked(
         || ctx.reshaped_since(mark, ranges)
         || done.as_ref().is_err_and(|e| unmapped_meanwhile(ctx, ranges, mark, e))
     {
-        return Err(raced("revoke", ranges));
+        return Err(raced(what, ranges));
     }
     done
 }
 
-/// Runs `op` (a write-protect of `ranges`), and reports its failure as raced
+/// A write-protect (`writable` false) or its undoing, checked as the core needs it: taking
+/// write access away is checked in full ([`fully_checked`]); giving it back only when it fails
+/// ([`failure_checked`]). A write-protect that succeeded on addresses the program had just moved
+/// away (`mremap` moved the entries, its event not yet read) left the CPU a writable mapping where
+/// they went, while the core recorded the page write-protected beside a device's read copy.
+/// Since a move carries device copies along, the CPU's next write there reached host memory
+/// alone, and the device went on reading the old bytes (seed 70082 of the 6-thread stress test).
+pub(crate) fn protect_checked(
+    ctx: &Ctx,
+    ranges: &[VaRange],
+    writable: bool,
+    op: impl FnOnce() -> Result<(), HostError>,
+) -> Result<(), HostError> {
+    if writable {
+        failure_checked(ctx, "protect", ranges, op)
+    } else {
+        fully_checked(ctx, "protect", ranges, |_| op())
+    }
+}
+
+/// Runs `op` (giving the CPU write access back to `ranges`), and reports its failure as raced
 /// ([`HostError::RACED`]) when the program unmapped or moved the range meanwhile (see
-/// [`unmapped_meanwhile`]), so that the core tries again once the change is applied. Unlike a
-/// revoke, a write-protect that succeeds is not checked: one that acted on addresses the program
-/// had just moved away leaves the CPU able to write the pages where they went, but the change,
-/// once applied, folds every device copy back into host memory, where those writes are, so
-/// nothing is lost; checking would make every write-protect wait for the reader.
+/// [`unmapped_meanwhile`]), so that the core tries again once the change is applied. A success
+/// is not checked: one that acted on addresses the program had just moved away leaves the CPU
+/// less access than the core records where they went, and its next write there faults.
 pub(crate) fn failure_checked(
     ctx: &Ctx,
     what: &'static str,
@@ -765,12 +794,13 @@ impl CpuMmu for HostRegion {
     }
 
     fn protect(&self, ranges: &[VaRange], writable: bool) -> Result<(), HostError> {
-        failure_checked(&self.host.ctx, "protect", ranges, || {
+        let op = || {
             ranges.iter().try_for_each(|&r| {
                 self.mapping.offset_of(r).map_err(|e| mapping_err("protect", r, e))?;
                 retry_again(|| self.host.uffd.writeprotect(r, !writable, true)).map_err(|e| uffd_err("protect", r, e))
             })
-        })
+        };
+        protect_checked(&self.host.ctx, ranges, writable, op)
     }
 
     fn wake(&self, range: VaRange) -> Result<(), HostError> {

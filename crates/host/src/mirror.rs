@@ -339,7 +339,7 @@ impl CpuMmu for MirrorView {
         if self.mirror.is_remote() {
             return Ok(());
         }
-        crate::host::failure_checked(&self.mirror.host.ctx, "protect", ranges, || {
+        crate::host::protect_checked(&self.mirror.host.ctx, ranges, writable, || {
             ranges.iter().try_for_each(|&r| {
                 self.check("protect", r)?;
                 retry_again(|| self.mirror.host.ctx.uffd.writeprotect(r, !writable, true))

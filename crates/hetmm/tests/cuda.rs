@@ -231,23 +231,32 @@ fn gpu_read_only_memory() {
     assert_eq!(hm.stats().cpu_fault_errors, 0);
 }
 
+/// This test's turn, the manager, the GPU, and `x` and `y` (see [`saxpy_in_8mib_pieces`]).
+type Pieces = (MutexGuard<'static, ()>, Hetmm, hetmm::Device<CudaDevice>, hetmm::SharedBuf<f32>, hetmm::SharedBuf<f32>);
+
+/// The manager and the turn as every GPU test gets them, the GPU attached again pinning host
+/// memory in pieces of 8 MiB, and `x` and `y` of 12 MiB each (a piece and a half) after one
+/// `y = 2x + y` on the GPU from ones (so `y` holds 3.0).
+fn saxpy_in_8mib_pieces() -> Option<Pieces> {
+    let (turn, hm, default) = gpu(64 << 20)?;
+    drop(default);
+    let cfg = CudaConfig { memory_bytes: Some(64 << 20), pin_piece: 8 << 20, ..CudaConfig::default() };
+    let g = open(cfg)?;
+    let dev = hm.attach(g).unwrap();
+    let n = (12 << 20) / 4;
+    let (mut x, mut y) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
+    x.as_mut_slice().fill(1.0);
+    y.as_mut_slice().fill(1.0);
+    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    Some((turn, hm, dev, x, y))
+}
+
 /// Host memory pinned in pieces of several blocks (`CudaConfig::pin_piece`): copies that
 /// continue each other are merged, none is staged, and a `DontNeed` inside a piece registers it
 /// again, so the GPU reads the pages the CPU wrote afterwards, not the freed ones.
 #[test]
 fn gpu_pinned_pieces_merge_copies_and_follow_dont_need() {
-    // The manager and the turn as every GPU test gets them; then the GPU again, pinned in
-    // pieces of 8 MiB.
-    let Some((_turn, hm, default)) = gpu(64 << 20) else { return };
-    drop(default);
-    let cfg = CudaConfig { memory_bytes: Some(64 << 20), pin_piece: 8 << 20, ..CudaConfig::default() };
-    let Some(g) = open(cfg) else { return };
-    let dev = hm.attach(g).unwrap();
-    let n = (12 << 20) / 4; // a piece and a half
-    let (mut x, mut y) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
-    x.as_mut_slice().fill(1.0);
-    y.as_mut_slice().fill(1.0);
-    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    let Some((_turn, hm, dev, x, mut y)) = saxpy_in_8mib_pieces() else { return };
     assert!(y.as_slice().iter().all(|v| *v == 3.0));
     // 1 MiB in the second piece: dropped, then written by the CPU into fresh host pages.
     let (lo, hi) = ((9 << 20) / 4, (10 << 20) / 4);
@@ -271,16 +280,7 @@ fn gpu_pinned_pieces_merge_copies_and_follow_dont_need() {
 /// copy from pinned pages.
 #[test]
 fn gpu_the_programs_own_discard_pins_the_new_pages() {
-    let Some((_turn, hm, default)) = gpu(64 << 20) else { return };
-    drop(default);
-    let cfg = CudaConfig { memory_bytes: Some(64 << 20), pin_piece: 8 << 20, ..CudaConfig::default() };
-    let Some(g) = open(cfg) else { return };
-    let dev = hm.attach(g).unwrap();
-    let n = (12 << 20) / 4;
-    let (mut x, mut y) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
-    x.as_mut_slice().fill(1.0);
-    y.as_mut_slice().fill(1.0);
-    dev.launch(&KernelCall::saxpy(2.0, (&x).into(), (&y).into()).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+    let Some((_turn, hm, dev, x, mut y)) = saxpy_in_8mib_pieces() else { return };
     // 6 MiB from 5 MiB: the end of the first piece and the start of the second.
     let (off, len) = (5usize << 20, 6usize << 20);
     // SAFETY: the range lies inside `y`, which this test owns; no slice of it is held.

@@ -845,12 +845,6 @@ fn registered_memory_is_private_again_once_the_manager_is_dropped() {
     assert!(kept, "the child's writes reached this process");
 }
 
-/// Whether every byte of `[p, p + len)` is `b` (allocation-free, for a fork child).
-fn all_bytes(p: usize, len: usize, b: u8) -> bool {
-    // SAFETY: the caller's range is mapped and readable, and nothing writes it meanwhile.
-    (0..len).all(|i| unsafe { std::ptr::read_volatile((p + i) as *const u8) } == b)
-}
-
 /// Memory the program grew in place with `mremap` and did not touch before the fork is the
 /// child's own, fresh (zeros), as the parent's first touch makes it: it stayed a shared mapping
 /// of the parent's memfd, so two children forked after the grow saw each other's writes there.
@@ -870,7 +864,8 @@ fn memory_grown_in_place_and_untouched_at_the_fork_is_each_childs_own() {
     }
     let grown = p + LEN;
     let first = fork_with(|| {
-        let fresh = all_bytes(grown, LEN, 0);
+        // SAFETY: in the child: the grown part is mapped and the child has no other thread.
+        let fresh = unsafe { all_are(grown, LEN, 0) };
         // SAFETY: the child's own copy of the grown part, which it alone uses.
         unsafe { std::ptr::write_bytes(grown as *mut u8, NEW, LEN) };
         if fresh {
@@ -879,10 +874,13 @@ fn memory_grown_in_place_and_untouched_at_the_fork_is_each_childs_own() {
             WRONG
         }
     });
-    let second = fork_with(|| if all_bytes(grown, LEN, 0) { FINE } else { WRONG });
+    // SAFETY: as in the first child.
+    let second = fork_with(|| if unsafe { all_are(grown, LEN, 0) } { FINE } else { WRONG });
     assert_eq!(code(first), FINE, "the first child read zeros in the grown part");
     assert_eq!(code(second), FINE, "the second child did not see the first child's writes");
-    assert!(all_bytes(p, LEN, OLD) && all_bytes(grown, LEN, 0), "the parent's bytes are as before");
+    // SAFETY: `buf`'s mapping, grown, which no one writes now.
+    let kept = unsafe { all_are(p, LEN, OLD) && all_are(grown, LEN, 0) };
+    assert!(kept, "the parent's bytes are as before");
     // SAFETY: shrinks the mapping back to `buf`'s length, its own grown part, unused now.
     assert_eq!(unsafe { libc::mremap(p as *mut _, 2 * LEN, LEN, 0) } as usize, p);
 }
@@ -906,9 +904,13 @@ fn registered_memory_regrown_in_place_reads_zeros_in_the_child_too() {
         eprintln!("skipped: no room to grow back in place here ({})", std::io::Error::last_os_error());
         return;
     }
-    let child = fork_with(|| if all_bytes(p + half, half, 0) && all_bytes(p, half, OLD) { FINE } else { WRONG });
+    let both = || {
+        // SAFETY: the test's mapping, grown back, which no one writes meanwhile.
+        unsafe { all_are(p + half, half, 0) && all_are(p, half, OLD) }
+    };
+    let child = fork_with(|| if both() { FINE } else { WRONG });
     assert_eq!(code(child), FINE, "the child read zeros in the regrown part and the data before it");
-    assert!(all_bytes(p + half, half, 0) && all_bytes(p, half, OLD), "so does the parent");
+    assert!(both(), "so does the parent");
     // SAFETY: this test's own mapping, unused now.
     assert_eq!(unsafe { libc::munmap(p as *mut _, len) }, 0);
 }

@@ -1300,19 +1300,18 @@ mod tests {
         assert_eq!(second, Some(Ok(PAGE_SIZE as usize)), "a later fault was served");
     }
 
-    /// The kernel refuses userfaultfd range ioctls from before an `mremap` of registered memory
-    /// moves its entries until its REMAP event is read: `events_read` sees such a move in flight
-    /// (the event queued, no reader here) and waits for it, giving up after a second; once the
-    /// event is read it answers at once.
-    /// A write-protect that succeeds while a move of its range is in flight (the kernel moved
-    /// the entries, the event is unread) is reported raced: it acted on the old addresses, and
-    /// the CPU still writes the memory where it went. Giving write access back is not checked.
-    #[test]
-    fn a_write_protect_racing_an_unread_move_is_raced() {
-        use rustix::mm::{self, MapFlags, MremapFlags, ProtFlags};
-        let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
-        let uffd = Arc::new(uffd);
+    /// A userfaultfd with a context over it, or `None` where this machine has none.
+    fn uffd_and_ctx() -> Option<(Arc<crate::uffd::Uffd>, Ctx)> {
+        let uffd = Arc::new(crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL).ok()?);
         let ctx = Ctx::new(Arc::clone(&uffd));
+        Some((uffd, ctx))
+    }
+
+    /// Runs `in_flight` (given the moved range's old addresses) while an `mremap` of memory
+    /// registered with `uffd` has moved its entries and its REMAP event is queued, unread (no
+    /// reader here); then reads the event, and unmaps both ranges.
+    fn during_an_unread_move(uffd: &crate::uffd::Uffd, in_flight: impl FnOnce(VaRange)) {
+        use rustix::mm::{self, MapFlags, MremapFlags, ProtFlags};
         let len = 2 * PAGE_SIZE as usize;
         // SAFETY: fresh anonymous mappings where the kernel chooses replace nothing; unmapped below.
         let (src, dst) = unsafe {
@@ -1321,9 +1320,8 @@ mod tests {
             let dst = mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), MapFlags::PRIVATE).unwrap();
             (src, dst as usize)
         };
-        let old = [VaRange::new(src as u64, len as u64)];
-        uffd.register(old[0], crate::uffd::RegisterMode::MISSING).unwrap();
-        let mut protects = 0;
+        let old = VaRange::new(src as u64, len as u64);
+        uffd.register(old, crate::uffd::RegisterMode::MISSING).unwrap();
         std::thread::scope(|s| {
             // SAFETY: moves the test's registered mapping over its own placeholder `dst`
             // (MREMAP_FIXED replaces only that), leaving `src` mapped; nothing references either.
@@ -1332,19 +1330,13 @@ mod tests {
                 mm::mremap_fixed(src as *mut _, len, len, flags, dst as *mut _).map(|p| p as usize)
             });
             assert!(uffd.poll(std::time::Duration::from_secs(10)).unwrap(), "the move's event is queued");
-            let r = crate::host::protect_checked(&ctx, &old, false, || {
-                protects += 1;
-                Ok(())
-            });
-            assert!(r.as_ref().is_err_and(|e| e.raced()), "write-protect: {r:?}");
-            let r = crate::host::protect_checked(&ctx, &old, true, || Ok(()));
-            assert!(r.is_ok(), "giving write access back: {r:?}");
+            in_flight(old);
             let mut msgs = [uffd::empty_msg(); 4];
             let n = uffd.read_msgs(&mut msgs).unwrap();
             assert!(msgs[..n].iter().any(|m| matches!(uffd::decode(m), Event::Remap { .. })));
             assert_eq!(t.join().unwrap().unwrap(), dst);
         });
-        assert_eq!(protects, 1, "the write-protect ran once");
+        // Unregistered first: unmapping registered memory waits for its UNMAP event to be read.
         for r in [src, dst] {
             uffd.unregister(VaRange::new(r as u64, len as u64)).unwrap();
         }
@@ -1355,47 +1347,36 @@ mod tests {
         }
     }
 
+    /// A write-protect that succeeds while a move of its range is in flight (the kernel moved
+    /// the entries, the event is unread) is reported raced: it acted on the old addresses, and
+    /// the CPU still writes the memory where it went. Giving write access back is not checked.
+    #[test]
+    fn a_write_protect_racing_an_unread_move_is_raced() {
+        let Some((uffd, ctx)) = uffd_and_ctx() else { return };
+        let mut protects = 0;
+        during_an_unread_move(&uffd, |old| {
+            let r = crate::host::protect_checked(&ctx, &[old], false, || {
+                protects += 1;
+                Ok(())
+            });
+            assert!(r.as_ref().is_err_and(|e| e.raced()), "write-protect: {r:?}");
+            let r = crate::host::protect_checked(&ctx, &[old], true, || Ok(()));
+            assert!(r.is_ok(), "giving write access back: {r:?}");
+        });
+        assert_eq!(protects, 1, "the write-protect ran once");
+    }
+
+    /// The kernel refuses userfaultfd range ioctls from before an `mremap` of registered memory
+    /// moves its entries until its REMAP event is read: `events_read` sees such a move in flight
+    /// (the event queued, no reader here) and waits for it, giving up after a second; once the
+    /// event is read it answers at once.
     #[test]
     fn events_read_waits_for_a_move_whose_event_is_unread() {
-        use rustix::mm::{self, MapFlags, MremapFlags, ProtFlags};
-        let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
-        let uffd = Arc::new(uffd);
-        let ctx = Ctx::new(Arc::clone(&uffd));
+        let Some((uffd, ctx)) = uffd_and_ctx() else { return };
         assert!(ctx.events_read(), "nothing in flight");
-        let len = 2 * PAGE_SIZE as usize;
-        // SAFETY: fresh anonymous mappings where the kernel chooses replace nothing; unmapped below.
-        let (src, dst) = unsafe {
-            let rw = ProtFlags::READ | ProtFlags::WRITE;
-            let src = mm::mmap_anonymous(std::ptr::null_mut(), len, rw, MapFlags::PRIVATE).unwrap() as usize;
-            let dst = mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), MapFlags::PRIVATE).unwrap();
-            (src, dst as usize)
-        };
-        uffd.register(VaRange::new(src as u64, len as u64), crate::uffd::RegisterMode::MISSING).unwrap();
-        std::thread::scope(|s| {
-            // SAFETY: moves the test's registered mapping over its own placeholder `dst`
-            // (MREMAP_FIXED replaces only that), leaving `src` mapped; nothing references either.
-            let t = s.spawn(move || unsafe {
-                let flags = MremapFlags::MAYMOVE | MremapFlags::DONTUNMAP;
-                mm::mremap_fixed(src as *mut _, len, len, flags, dst as *mut _).map(|p| p as usize)
-            });
-            assert!(uffd.poll(std::time::Duration::from_secs(10)).unwrap(), "the move's event is queued");
-            assert!(!ctx.events_read(), "an unread move is in flight");
-            let mut msgs = [uffd::empty_msg(); 4];
-            let n = uffd.read_msgs(&mut msgs).unwrap();
-            assert!(msgs[..n].iter().any(|m| matches!(uffd::decode(m), Event::Remap { .. })));
-            assert_eq!(t.join().unwrap().unwrap(), dst);
-        });
+        during_an_unread_move(&uffd, |_| assert!(!ctx.events_read(), "an unread move is in flight"));
         let t = std::time::Instant::now();
         assert!(ctx.events_read(), "the move's event was read");
         assert!(t.elapsed() < std::time::Duration::from_secs(1));
-        // Unregistered first: unmapping registered memory waits for its UNMAP event to be read.
-        for r in [src, dst] {
-            uffd.unregister(VaRange::new(r as u64, len as u64)).unwrap();
-        }
-        // SAFETY: the test's own mappings (`src` left behind, empty), not used again.
-        unsafe {
-            let _ = mm::munmap(src as *mut _, len);
-            let _ = mm::munmap(dst as *mut _, len);
-        }
     }
 }

@@ -274,8 +274,9 @@ impl Block {
     }
 
     /// Forgets the device pages of `m` on `dev`, returning them as runs `(first device page,
-    /// pages)` of consecutive device memory. A run that starts a 2 MiB chunk is remembered as
-    /// the block's previous chunk there.
+    /// pages)` of consecutive device memory. A run that starts where the block's first page
+    /// starts in a 2 MiB chunk (the chunk's start, unless the block starts inside its 2 MiB
+    /// window) is remembered as the block's previous chunk there.
     pub fn take_pas(&mut self, dev: DeviceId, m: &PageMask) -> Vec<(PhysAddr, u64)> {
         let mut runs: Vec<(PhysAddr, u64)> = Vec::new();
         let Some((_, v)) = self.dev_pa.iter_mut().find(|(d, _)| *d == dev) else { return runs };
@@ -289,7 +290,9 @@ impl Block {
                 _ => runs.push((PhysAddr(pa), 1)),
             }
         }
-        if let Some(&(first, _)) = runs.first().filter(|(pa, _)| pa.0 % (crate::types::BLOCK_SIZE) == 0) {
+        let block = crate::types::BLOCK_SIZE;
+        if let Some(&(first, _)) = runs.first().filter(|(pa, _)| pa.0 % block == self.base % block) {
+            let first = PhysAddr(first.0 - first.0 % block);
             match self.prev_chunk.iter_mut().find(|(d, _)| *d == dev) {
                 Some(e) => e.1 = first,
                 None => self.prev_chunk.push((dev, first)),

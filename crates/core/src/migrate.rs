@@ -687,7 +687,7 @@ fn allocate(
     let mut chunk_only = space.config.policy.whole_chunks && n == PAGES_PER_BLOCK && !whole_blocks(slot);
     let mut chunk_tries = 0;
     loop {
-        if let Some(pas) = try_alloc(slot, n, chunk_only, blk.prev_chunk(slot.id)) {
+        if let Some(pas) = try_alloc(slot, blk, n, chunk_only) {
             if slot.evicts_in_background.load(std::sync::atomic::Ordering::Acquire) {
                 slot.evict_wake.notify_one();
             }
@@ -720,10 +720,13 @@ fn allocate(
     }
 }
 
-/// One allocation attempt: a 2 MiB chunk for a whole block (so the device can use a 2 MiB
-/// entry), else (unless `chunk_only`) single pages; all or nothing. A device without 4 KiB pages
-/// always gets a chunk, of which the block uses the first `n` pages.
-fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool, prefer: Option<PhysAddr>) -> Option<Vec<PhysAddr>> {
+/// One allocation attempt for `n` pages of `blk`: a 2 MiB chunk for a whole block (so the device
+/// can use a 2 MiB entry), else (unless `chunk_only`) single pages; all or nothing. A device
+/// without 4 KiB pages always gets a chunk, of which the block's pages take the places their
+/// addresses have in their 2 MiB window: the device maps the chunk whole at the window, so the
+/// first block of a region that starts inside one begins part-way into its chunk.
+fn try_alloc(slot: &DeviceSlot, blk: &Block, n: usize, chunk_only: bool) -> Option<Vec<PhysAddr>> {
+    let prefer = blk.prev_chunk(slot.id);
     let mut a = slot.alloc.lock();
     // A chunk: the block's previous one where it is free (the device may still have it mapped
     // there), else any.
@@ -735,8 +738,8 @@ fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool, prefer: Option<PhysA
         if n == 0 {
             return Some(Vec::new());
         }
-        let base = chunk(&mut a)?;
-        return Some((0..n as u64).map(|k| PhysAddr(base.0 + k * PAGE_SIZE)).collect());
+        let first = PhysAddr(chunk(&mut a)?.0 + crate::fault::skew_of(blk.base) as u64 * PAGE_SIZE);
+        return Some((0..n as u64).map(|k| PhysAddr(first.0 + k * PAGE_SIZE)).collect());
     }
     if n == crate::types::PAGES_PER_BLOCK && !crate::mirror::take_injected_failure(slot) {
         if let Some(base) = chunk(&mut a) {
@@ -760,10 +763,15 @@ fn try_alloc(slot: &DeviceSlot, n: usize, chunk_only: bool, prefer: Option<PhysA
 fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
     // No device may still reach a copy that is freed (`unmap_peer_maps` ran first).
     debug_assert!(m.iter().all(|i| blk.pages[i].peer_mapped.is_empty() || blk.pa(slot.id, i).is_none()));
-    // A partial block on a whole-block device holds a whole chunk: find it before forgetting.
-    let slack_chunk = (whole_blocks(slot) && blk.npages < PAGES_PER_BLOCK)
-        .then(|| m.iter().find_map(|i| blk.pa(slot.id, i).map(|pa| pa.0 - i as u64 * PAGE_SIZE)))
-        .flatten();
+    // A partial block on a whole-block device holds a whole chunk, its pages at their window
+    // offsets (`try_alloc`): find the chunk before forgetting them.
+    let skew = crate::fault::skew_of(blk.base);
+    let chunk_of = |i: usize| {
+        let start = blk.pa(slot.id, i)?.0.checked_sub((skew + i) as u64 * PAGE_SIZE)?;
+        (start % crate::types::BLOCK_SIZE == 0).then_some(start)
+    };
+    let slack_chunk =
+        (whole_blocks(slot) && blk.npages < PAGES_PER_BLOCK).then(|| m.iter().find_map(chunk_of)).flatten();
     let runs = blk.take_pas(slot.id, m);
     let mut a = slot.alloc.lock();
     for (pa, n) in runs {
@@ -771,8 +779,15 @@ fn release_device_pages(slot: &DeviceSlot, blk: &mut Block, m: &PageMask) {
     }
     if let Some(base) = slack_chunk {
         if (0..blk.npages).all(|i| blk.pa(slot.id, i).is_none()) {
-            let tail = PhysAddr(base + blk.npages as u64 * PAGE_SIZE);
-            a.free(tail, (PAGES_PER_BLOCK - blk.npages) as u64);
+            // The pages before the block's (a region starting inside the window) and after it.
+            if skew > 0 {
+                a.free(PhysAddr(base), skew as u64);
+            }
+            let tail = PhysAddr(base + (skew + blk.npages) as u64 * PAGE_SIZE);
+            let after = PAGES_PER_BLOCK - skew - blk.npages;
+            if after > 0 {
+                a.free(tail, after as u64);
+            }
         }
     }
 }
@@ -1076,7 +1091,7 @@ pub(crate) fn bulk_start(
         // Speculative: a whole block that would be scattered (`whole_chunks`) is left to the fault
         // path, which may evict to give it a chunk.
         let chunk_only = space.config.policy.whole_chunks && sel.count() == PAGES_PER_BLOCK;
-        let Some(pas) = try_alloc(slot, sel.count(), chunk_only, blk.prev_chunk(slot.id)) else { break };
+        let Some(pas) = try_alloc(slot, blk, sel.count(), chunk_only) else { break };
         blk.set_pas(slot.id, sel.iter().zip(pas));
         if !sel.is_empty() {
             enqueue(region, blk, slot);
@@ -1674,11 +1689,12 @@ mod whole_block_tests {
     use crate::testing::{run_copies, PlainCpu};
     use crate::types::*;
 
-    /// Accepts only entries that start on a 2 MiB boundary of both VA and physical memory and
-    /// cover 2 MiB (or end at the region's end); records what it was asked.
+    /// Accepts only whole blocks (from a 2 MiB boundary or the region's start, to the next
+    /// boundary or the region's end) whose device pages sit at their 2 MiB window offsets in
+    /// one chunk, as CUDA maps chunks; records what it was asked.
     #[derive(Debug)]
     struct Dev {
-        region_end: u64,
+        region: VaRange,
         mem: Mutex<Vec<u8>>,
         host: Arc<Mutex<Vec<u8>>>,
         maps: Mutex<Vec<MapEntry>>,
@@ -1690,9 +1706,14 @@ mod whole_block_tests {
     }
 
     impl Dev {
+        /// A whole block: from its 2 MiB boundary or the region's start, to the next boundary
+        /// or the region's end.
         fn check(&self, va: u64, len: u64) -> Result<(), DeviceError> {
-            let end_ok = len % BLOCK_SIZE == 0 || va + len == self.region_end;
-            if va % BLOCK_SIZE != 0 || !end_ok || len > BLOCK_SIZE {
+            let end = va + len;
+            let start_ok = va % BLOCK_SIZE == 0 || va == self.region.start;
+            let end_ok = end % BLOCK_SIZE == 0 || end == self.region.end();
+            let one_window = len > 0 && align_down(va, BLOCK_SIZE) == align_down(end - 1, BLOCK_SIZE);
+            if !start_ok || !end_ok || !one_window {
                 return Err(DeviceError::BadRange(VaRange::new(va, len)));
             }
             Ok(())
@@ -1723,7 +1744,8 @@ mod whole_block_tests {
             for e in entries {
                 self.check(e.va, e.len)?;
                 match e.target {
-                    MapTarget::Device(pa) if pa.0 % BLOCK_SIZE == 0 => {}
+                    // The chunk is mapped whole at the 2 MiB window: each page at its offset there.
+                    MapTarget::Device(pa) if pa.0 % BLOCK_SIZE == e.va % BLOCK_SIZE => {}
                     _ => return Err(DeviceError::BadPhysical { addr: 0, len: e.len }),
                 }
             }
@@ -1776,17 +1798,25 @@ mod whole_block_tests {
     type World = (Arc<AddressSpace>, Arc<Dev>, DeviceId, Arc<Mutex<Vec<u8>>>);
 
     fn setup(chunks: u64) -> World {
-        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
-        let host = Arc::new(Mutex::new((0..len).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>()));
+        setup_at(VaRange::new(BASE, 2 * BLOCK_SIZE + 3 * PAGE_SIZE), chunks)
+    }
+
+    /// A region at `region` whose page `p` holds `p ^ 0x5a`, every page written by the CPU; a
+    /// device of `chunks`.
+    fn setup_at(region: VaRange, chunks: u64) -> World {
+        let host = (0..region.len).map(|i| (i / PAGE_SIZE) as u8 ^ 0x5a).collect::<Vec<u8>>();
+        let host = Arc::new(Mutex::new(host));
         let space = AddressSpace::new(CoreConfig::default());
-        let cpu = Arc::new(PlainCpu::new(VaRange::new(BASE, len)));
+        let cpu = Arc::new(PlainCpu::new(region));
         space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
         // The CPU wrote every page (one fault per block with the default 2 MiB fault-around).
-        for b in 0..3 {
-            space.cpu_fault(BASE + b * BLOCK_SIZE, Access::Write).unwrap();
+        for va in std::iter::once(region.start)
+            .chain((align_up(region.start + 1, BLOCK_SIZE).unwrap()..region.end()).step_by(BLOCK_SIZE as usize))
+        {
+            space.cpu_fault(va, Access::Write).unwrap();
         }
         let dev = Arc::new(Dev {
-            region_end: BASE + len,
+            region,
             mem: Mutex::new(vec![0; (chunks * BLOCK_SIZE) as usize]),
             host: Arc::clone(&host),
             maps: Mutex::new(Vec::new()),
@@ -1841,6 +1871,38 @@ mod whole_block_tests {
         let off = 2 * BLOCK_SIZE + 2 * PAGE_SIZE;
         assert_eq!(host.lock()[off as usize], (off / PAGE_SIZE) as u8 ^ 0x5a);
         assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE);
+    }
+
+    /// A region starting inside a 2 MiB window (memory a program registers): its first block's
+    /// pages sit at their window offsets in the chunk, which the device maps whole at the
+    /// window, and the chunk's slack before them and after the region's end comes back with it.
+    #[test]
+    fn a_region_starting_inside_a_window_keeps_its_pages_at_their_offsets() {
+        for region in
+            [VaRange::new(BASE + 5 * PAGE_SIZE, 2 * BLOCK_SIZE), VaRange::new(BASE + 5 * PAGE_SIZE, 3 * PAGE_SIZE)]
+        {
+            let (space, dev, id, host) = setup_at(region, 4);
+            let expect = |h: &[u8]| (0..region.len).all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a);
+            let mut first_pa = None;
+            for round in 0..2 {
+                space.migrate(region.start, region.len, Proc::Device(id)).unwrap();
+                let maps = std::mem::take(&mut *dev.maps.lock());
+                let blocks =
+                    (align_up(region.end(), BLOCK_SIZE).unwrap() - align_down(region.start, BLOCK_SIZE)) / BLOCK_SIZE;
+                assert_eq!(maps.len() as u64, blocks, "one entry per block: {maps:?}");
+                assert_eq!(maps.iter().map(|e| e.len).sum::<u64>(), region.len);
+                let MapTarget::Device(pa) = maps[0].target else { panic!("{maps:?}") };
+                assert_eq!((maps[0].va, pa.0 % BLOCK_SIZE), (region.start, 5 * PAGE_SIZE));
+                // The block takes its chunk again when it comes back.
+                assert_eq!(*first_pa.get_or_insert(pa), pa, "round {round}");
+                assert_eq!(space.device_memory(id).unwrap().0, (4 - blocks) * BLOCK_SIZE);
+                // Only the device holds the data now.
+                host.lock().fill(0);
+                space.migrate(region.start, region.len, Proc::Cpu).unwrap();
+                assert!(expect(&host.lock()), "round {round}: the data came home intact");
+                assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE, "every chunk came back whole");
+            }
+        }
     }
 
     #[test]

@@ -405,7 +405,9 @@ impl CudaDevice {
                     spec.name, buf.ptr, buf.bytes
                 )));
             }
-            let mut va = buf.ptr & !(CHUNK - 1);
+            // Every block the buffer touches, from the one holding its start (which may begin
+            // after its window's start, at the region's start).
+            let mut va = buf.ptr;
             while va < end {
                 match st.pt.lookup(va) {
                     Some(m) if *how == BufUse::Read || m.access == Access::ReadWrite => {}
@@ -413,12 +415,11 @@ impl CudaDevice {
                     None => {
                         return Err(CudaError::Kernel(format!(
                             "{}: {:#x} is not resident on the GPU (make the kernel's buffers resident first)",
-                            spec.name,
-                            va.max(buf.ptr)
+                            spec.name, va
                         )))
                     }
                 }
-                va += CHUNK;
+                va = (va & !(CHUNK - 1)) + CHUNK;
             }
         }
         let args = kernels::marshal(spec, call.args(), |va| st.pt.translate(va))?;
@@ -940,16 +941,12 @@ impl DeviceMmu for CudaDevice {
 
     fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
         let i = &self.inner;
-        let len = RegionVa::reservation_len(app.len).ok_or(DeviceError::BadRange(app))?;
-        if app.start % CHUNK != 0 {
-            // The core places a block's pages from the start of its 2 MiB chunk, and the device
-            // maps whole chunks at 2 MiB-aligned addresses: a region starting inside a chunk
-            // would put its first pages at the wrong offsets. (Memory from `Hetmm::alloc` is
-            // aligned; memory a program registers may not be.)
-            return Err(DeviceError::Other(format!(
-                "region {app} does not start on a 2 MiB boundary, which the CUDA backend needs"
-            )));
-        }
+        // The reservation covers the 2 MiB windows the region touches: chunks are mapped whole,
+        // at their windows, and the core places each page at its window offset in its chunk, so
+        // a region starting inside a window (memory a program registers) works as an aligned
+        // one. A region sharing its first window with another one's last cannot have the host's
+        // addresses there (the other has them): the driver gives others, and hetmm shifts.
+        let len = RegionVa::reservation_len(app).ok_or(DeviceError::BadRange(app))?;
         if backing.0 == 0 || backing.0 as u64 % PAGE_SIZE != 0 {
             return Err(DeviceError::BadRange(app));
         }
@@ -958,7 +955,8 @@ impl DeviceMmu for CudaDevice {
             return Err(DeviceError::NoPageTable);
         }
         // Ask for the host's own addresses; take what the driver gives.
-        let res = VaReservation::new(&i.gpu, len, CHUNK, app.start).map_err(dev_err)?;
+        let window = hetmm_core::types::align_down(app.start, CHUNK);
+        let res = VaReservation::new(&i.gpu, len, CHUNK, window).map_err(dev_err)?;
         let r = RegionVa { app, dev_base: res.base() };
         st.pt.add_region(r)?;
         i.counters.add(if r.same_address() { SAME } else { SHIFTED }, 1);

@@ -43,10 +43,12 @@
 //! - Kernel completion and unmapping: `unmap`, `protect` and region removal first wait for the
 //!   kernels in flight (a GPU cannot fault and retry), so the CPU touching a buffer a kernel
 //!   is using waits for the kernel.
-//! - Regions must start on a 2 MiB boundary (memory from `Hetmm::alloc` does): the core puts a
-//!   block's pages from the start of its chunk, and chunks are mapped at 2 MiB-aligned device
-//!   addresses. Registering memory that starts elsewhere with a GPU attached is refused, saying
-//!   so, and so is attaching a GPU while such memory is registered.
+//! - Regions need not start on a 2 MiB boundary (memory a program registers): a region's
+//!   reservation covers the 2 MiB windows it touches, each chunk is mapped whole at its window,
+//!   and the core puts every page at its window offset in its block's chunk. Two regions can
+//!   share a window (one ends in it, the next starts there); each maps its own chunk there in
+//!   its own reservation, so the second is shifted (by whole chunks: device pointers keep their
+//!   offsets in the window).
 #![warn(missing_docs)]
 
 pub mod baseline;

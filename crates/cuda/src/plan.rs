@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use hetmm_core::device::{CopyOp, DeviceError, HostAddr, MapEntry, MapTarget, PhysAddr};
-use hetmm_core::types::{align_up, parse_size, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use hetmm_core::types::{align_down, align_up, parse_size, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// The mapping granularity hetmm needs from the driver: one 2 MiB chunk per logical block.
 pub const CHUNK: u64 = BLOCK_SIZE;
@@ -36,37 +36,51 @@ impl Access {
 }
 
 /// Where one shared region lives on the device: its host (application) range and the base of
-/// the device virtual-address reservation that mirrors it. When the driver grants the host's
-/// own addresses, `dev_base == app.start` and pointers are the same on both sides; otherwise
-/// every pointer is shifted by the same offset (see [`RegionVa::translate`]).
+/// the device virtual-address reservation that mirrors it. The reservation covers the 2 MiB
+/// windows the region touches, from the one holding its start (memory a program registers
+/// need not start on a 2 MiB boundary; each chunk is mapped whole at its window). When the
+/// driver grants the host's own addresses, `dev_base` is that first window and pointers are
+/// the same on both sides; otherwise every pointer is shifted by the same multiple of 2 MiB
+/// (see [`RegionVa::translate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RegionVa {
-    /// The range the program uses (start 2 MiB aligned).
+    /// The range the program uses (page aligned).
     pub app: VaRange,
-    /// First device virtual address of the reservation.
+    /// First device virtual address of the reservation, the device side of [`RegionVa::window`].
     pub dev_base: u64,
 }
 
 impl RegionVa {
-    /// Bytes to reserve on the device for a region of `len` bytes (whole chunks).
-    pub fn reservation_len(len: u64) -> Option<u64> {
-        align_up(len, CHUNK)
+    /// Bytes to reserve on the device for the region `app`: the whole 2 MiB windows it touches.
+    pub fn reservation_len(app: VaRange) -> Option<u64> {
+        Some(align_up(app.start.checked_add(app.len)?, CHUNK)? - align_down(app.start, CHUNK))
+    }
+
+    /// The host address the reservation mirrors from: the 2 MiB window holding the region's
+    /// start.
+    pub fn window(&self) -> u64 {
+        align_down(self.app.start, CHUNK)
     }
 
     /// Bytes reserved.
     pub fn dev_len(&self) -> u64 {
-        Self::reservation_len(self.app.len).unwrap_or(u64::MAX)
+        Self::reservation_len(self.app).unwrap_or(u64::MAX)
     }
 
     /// Whether the driver gave the host's own addresses (one pointer works on both sides
     /// without translation).
     pub fn same_address(&self) -> bool {
-        self.dev_base == self.app.start
+        self.dev_base == self.window()
     }
 
     /// The device address of host address `va`, which must lie in the region.
     pub fn translate(&self, va: u64) -> Option<u64> {
-        self.app.contains(va).then(|| self.dev_base + (va - self.app.start))
+        self.app.contains(va).then(|| self.dev_base + (va - self.window()))
+    }
+
+    /// The device address a chunk for the window at host address `host_va` is mapped at.
+    fn dev_va_of(&self, host_va: u64) -> u64 {
+        self.dev_base + (host_va - self.window())
     }
 
     /// The end of the region in host addresses (a chunk may end there without being whole).
@@ -75,12 +89,15 @@ impl RegionVa {
     }
 }
 
-/// One chunk mapped (or to map, or to unmap) at one 2 MiB-aligned host address of a region.
+/// One chunk mapped (or to map, or to unmap) at one 2 MiB window of a region. Two regions may
+/// share a window (one ends inside it, the next starts there); each maps its own chunk there in
+/// its own reservation, so a mapping is known by its region and window ([`ChunkMap::key`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkMap {
     /// Region start (key of the region's reservation).
     pub region: u64,
-    /// Host address of the block (2 MiB aligned).
+    /// Host address of the block's 2 MiB window (the block itself may start later in it, at
+    /// the region's start).
     pub host_va: u64,
     /// Device address it is mapped at.
     pub dev_va: u64,
@@ -88,6 +105,13 @@ pub struct ChunkMap {
     pub chunk: u64,
     /// Access granted.
     pub access: Access,
+}
+
+impl ChunkMap {
+    /// What the page table knows the mapping by: its region and window.
+    pub fn key(&self) -> (u64, u64) {
+        (self.region, self.host_va)
+    }
 }
 
 /// One `cuMemSetAccess` call: a run of mapped device addresses inside one reservation.
@@ -118,19 +142,20 @@ pub struct MapPlan {
 }
 
 /// The device page table as the backend keeps it: regions with their reservations, and which
-/// chunk is mapped at which block. Only 2 MiB entries exist.
+/// chunk is mapped at which block. Only 2 MiB entries exist. Mappings are keyed by
+/// [`ChunkMap::key`] (region start, window).
 #[derive(Debug, Default)]
 pub struct PageTable {
     regions: BTreeMap<u64, RegionVa>,
-    mapped: BTreeMap<u64, ChunkMap>,
+    mapped: BTreeMap<(u64, u64), ChunkMap>,
     /// Parked: unmapped for hetmm (no launch may use them), still mapped in the driver, so
-    /// that mapping the same chunk at the same block again costs no driver call. By block
-    /// address, and the block address of each parked chunk.
-    parked: BTreeMap<u64, ChunkMap>,
-    parked_chunk: HashMap<u64, u64>,
+    /// that mapping the same chunk at the same block again costs no driver call. By key, and
+    /// the key of each parked chunk.
+    parked: BTreeMap<(u64, u64), ChunkMap>,
+    parked_chunk: HashMap<u64, (u64, u64)>,
     /// Parked mappings whose access is unknown (left by a failed batch whose undo failed):
     /// never revived, only removed when in the way.
-    stale: std::collections::HashSet<u64>,
+    stale: std::collections::HashSet<(u64, u64)>,
 }
 
 fn bad(start: u64, len: u64) -> DeviceError {
@@ -143,10 +168,12 @@ impl PageTable {
         Self::default()
     }
 
-    /// Adds a region; refuses one that overlaps a known region.
+    /// Adds a region; refuses one that overlaps a known region (sharing a 2 MiB window is
+    /// fine: each has its own reservation).
     pub fn add_region(&mut self, r: RegionVa) -> Result<(), DeviceError> {
         let overlaps = self.regions.values().any(|o| o.app.intersect(&r.app).is_some());
-        if overlaps || r.app.start % CHUNK != 0 || r.app.len == 0 {
+        let aligned = r.app.start % PAGE_SIZE == 0 && r.dev_base % CHUNK == 0;
+        if overlaps || !aligned || r.app.len == 0 || RegionVa::reservation_len(r.app).is_none() {
             return Err(DeviceError::BadRange(r.app));
         }
         self.regions.insert(r.app.start, r);
@@ -201,9 +228,9 @@ impl PageTable {
     /// Parks unmapped chunks (their driver mappings stay; see [`PageTable::plan_map`]).
     pub fn park(&mut self, done: &[ChunkMap]) {
         for m in done {
-            self.mapped.remove(&m.host_va);
-            self.parked.insert(m.host_va, *m);
-            self.parked_chunk.insert(m.chunk, m.host_va);
+            self.mapped.remove(&m.key());
+            self.parked.insert(m.key(), *m);
+            self.parked_chunk.insert(m.chunk, m.key());
         }
     }
 
@@ -212,19 +239,19 @@ impl PageTable {
     /// may never have been set, so it is never revived.
     pub fn park_stale(&mut self, m: &ChunkMap) {
         self.park(std::slice::from_ref(m));
-        self.stale.insert(m.host_va);
+        self.stale.insert(m.key());
     }
 
     /// Whether `m` is parked (as it was planned).
     pub fn is_parked(&self, m: &ChunkMap) -> bool {
-        self.parked.get(&m.host_va) == Some(m)
+        self.parked.get(&m.key()) == Some(m)
     }
 
     /// Forgets a parked chunk (its driver mapping was removed).
     pub fn unpark(&mut self, m: &ChunkMap) {
-        if self.parked.remove(&m.host_va).is_some() {
+        if self.parked.remove(&m.key()).is_some() {
             self.parked_chunk.remove(&m.chunk);
-            self.stale.remove(&m.host_va);
+            self.stale.remove(&m.key());
         }
     }
 
@@ -235,19 +262,21 @@ impl PageTable {
 
     /// The chunk mapped at the block holding `va`.
     pub fn lookup(&self, va: u64) -> Option<&ChunkMap> {
-        self.mapped.get(&(va & !(CHUNK - 1)))
+        let r = self.region_of(va)?;
+        self.mapped.get(&(r.app.start, align_down(va, CHUNK)))
     }
 
     /// Splits `[start, start + len)` into the blocks it covers, checking it is made of whole
-    /// chunks of one region (the last may end at the region's end). Returns the region and the
-    /// 2 MiB-aligned host addresses.
+    /// blocks of one region (the first may start at the region's start, the last end at its
+    /// end). Returns the region and the blocks' 2 MiB windows.
     fn blocks(&self, start: u64, len: u64) -> Result<(&RegionVa, Vec<u64>), DeviceError> {
         let end = start.checked_add(len).filter(|_| len > 0).ok_or_else(|| bad(start, len))?;
         let r = self.region_of(start).ok_or_else(|| bad(start, len))?;
-        if start % CHUNK != 0 || end > r.end() || (end % CHUNK != 0 && end != r.end()) {
+        let start_ok = start % CHUNK == 0 || start == r.app.start;
+        if !start_ok || end > r.end() || (end % CHUNK != 0 && end != r.end()) {
             return Err(bad(start, len));
         }
-        Ok((r, (start..end).step_by(CHUNK as usize).collect()))
+        Ok((r, (align_down(start, CHUNK)..end).step_by(CHUNK as usize).collect()))
     }
 
     /// Plans `DeviceMmu::map`: validates the whole batch first (a refused batch changes
@@ -268,7 +297,8 @@ impl PageTable {
             };
             let access = Access::from_prot(e.prot).ok_or_else(|| bad(e.va, e.len))?;
             let (r, blocks) = self.blocks(e.va, e.len)?;
-            if pa.0 % CHUNK != 0 {
+            // Each page at its window offset in the chunk, which is mapped whole at the window.
+            if pa.0 % CHUNK != e.va % CHUNK {
                 return Err(DeviceError::BadPhysical { addr: pa.0, len: e.len });
             }
             let first = pa.0 / CHUNK;
@@ -277,24 +307,18 @@ impl PageTable {
             }
             for (k, &host_va) in blocks.iter().enumerate() {
                 let chunk = first + k as u64;
-                if !seen.insert(host_va) {
-                    return Err(bad(host_va, CHUNK));
+                if !seen.insert((r.app.start, host_va)) {
+                    return Err(bad(host_va.max(r.app.start), CHUNK));
                 }
                 if !seen_chunks.insert(chunk) {
                     return Err(DeviceError::BadPhysical { addr: chunk * CHUNK, len: CHUNK });
                 }
-                let m = ChunkMap {
-                    region: r.app.start,
-                    host_va,
-                    dev_va: r.dev_base + (host_va - r.app.start),
-                    chunk,
-                    access,
-                };
+                let m = ChunkMap { region: r.app.start, host_va, dev_va: r.dev_va_of(host_va), chunk, access };
                 let mut set_access = true;
-                match (self.mapped.get(&host_va), self.parked.get(&host_va)) {
+                match (self.mapped.get(&m.key()), self.parked.get(&m.key())) {
                     // Already there: only the access may change.
                     (Some(old), _) if old.chunk == chunk => {}
-                    (Some(_), _) => return Err(bad(host_va, CHUNK)),
+                    (Some(_), _) => return Err(bad(host_va.max(r.app.start), CHUNK)),
                     // Parked there with this access: back into use, no driver call. (With
                     // another access it is mapped afresh: on an H100, changing the access of a
                     // live mapping cost more than unmapping it and mapping it again.)
@@ -302,7 +326,7 @@ impl PageTable {
                         if p.chunk == chunk
                             && p.dev_va == m.dev_va
                             && p.access == access
-                            && !self.stale.contains(&host_va) =>
+                            && !self.stale.contains(&m.key()) =>
                     {
                         set_access = false;
                         plan.revive.push(m);
@@ -310,9 +334,9 @@ impl PageTable {
                     (None, parked_here) => {
                         // The same parked mapping can be in the way twice in one batch (its
                         // block gets another chunk, its chunk goes to another block): once.
-                        let elsewhere = self.parked_chunk.get(&chunk).and_then(|va| self.parked.get(va));
+                        let elsewhere = self.parked_chunk.get(&chunk).and_then(|k| self.parked.get(k));
                         for p in parked_here.into_iter().chain(elsewhere) {
-                            if !plan.drop.iter().any(|d| d.host_va == p.host_va) {
+                            if !plan.drop.iter().any(|d| d.key() == p.key()) {
                                 plan.drop.push(*p);
                             }
                         }
@@ -334,7 +358,7 @@ impl PageTable {
         }
         for m in plan.revive.iter().chain(&plan.maps) {
             self.unpark(m);
-            self.mapped.insert(m.host_va, *m);
+            self.mapped.insert(m.key(), *m);
         }
         for run in &plan.access {
             // A run of a region that went (or came back with another reservation) since the plan
@@ -342,9 +366,8 @@ impl PageTable {
             let Some(r) = self.regions.get(&run.region).copied() else { continue };
             for dev_va in (run.dev_va..run.dev_va.saturating_add(run.len)).step_by(CHUNK as usize) {
                 let Some(off) = dev_va.checked_sub(r.dev_base) else { continue };
-                let Some(host_va) = r.app.start.checked_add(off) else { continue };
-                if let Some(m) = self.mapped.get_mut(&host_va).filter(|m| m.region == run.region && m.dev_va == dev_va)
-                {
+                let Some(host_va) = r.window().checked_add(off) else { continue };
+                if let Some(m) = self.mapped.get_mut(&(run.region, host_va)).filter(|m| m.dev_va == dev_va) {
                     m.access = run.access;
                 }
             }
@@ -355,10 +378,10 @@ impl PageTable {
     pub fn plan_unmap(&self, ranges: &[VaRange]) -> Result<Vec<ChunkMap>, DeviceError> {
         let mut out = Vec::new();
         for r in ranges {
-            let (_, blocks) = self.blocks(r.start, r.len)?;
-            out.extend(blocks.iter().filter_map(|b| self.mapped.get(b)).copied());
+            let (region, blocks) = self.blocks(r.start, r.len)?;
+            out.extend(blocks.iter().filter_map(|b| self.mapped.get(&(region.app.start, *b))).copied());
         }
-        out.sort_by_key(|m| m.host_va);
+        out.sort_by_key(ChunkMap::key);
         out.dedup();
         Ok(out)
     }
@@ -366,7 +389,7 @@ impl PageTable {
     /// Records carried-out unmaps.
     pub fn commit_unmap(&mut self, done: &[ChunkMap]) {
         for m in done {
-            self.mapped.remove(&m.host_va);
+            self.mapped.remove(&m.key());
         }
     }
 
@@ -376,8 +399,8 @@ impl PageTable {
         let mut out = Vec::new();
         for (r, p) in ranges {
             let access = Access::from_prot(*p).ok_or(DeviceError::BadRange(*r))?;
-            let (_, blocks) = self.blocks(r.start, r.len)?;
-            for m in blocks.iter().filter_map(|b| self.mapped.get(b)) {
+            let (region, blocks) = self.blocks(r.start, r.len)?;
+            for m in blocks.iter().filter_map(|b| self.mapped.get(&(region.app.start, *b))) {
                 push_run(&mut out, AccessRun { region: m.region, dev_va: m.dev_va, len: CHUNK, access });
             }
         }
@@ -614,7 +637,7 @@ pub fn coalesce_copies(ops: &[CopyOp]) -> Vec<CopyOp> {
     out
 }
 
-/// Splits `maps` (sorted by address, as [`PageTable::plan_unmap`] returns them) into runs of
+/// Splits `maps` (sorted by region and address, as [`PageTable::plan_unmap`] returns them) into runs of
 /// chunks of one region mapped at consecutive device addresses.
 pub fn contiguous_runs(maps: &[ChunkMap]) -> Vec<&[ChunkMap]> {
     let mut out = Vec::new();
@@ -661,9 +684,12 @@ mod tests {
     #[test]
     fn address_planning() {
         let pt = table();
-        assert_eq!(RegionVa::reservation_len(5 * PAGE_SIZE), Some(CHUNK));
-        assert_eq!(RegionVa::reservation_len(3 * CHUNK + 5 * PAGE_SIZE), Some(4 * CHUNK));
-        assert_eq!(RegionVa::reservation_len(u64::MAX), None);
+        let len = |start, len| RegionVa::reservation_len(VaRange::new(start, len));
+        assert_eq!(len(A, 5 * PAGE_SIZE), Some(CHUNK));
+        assert_eq!(len(A, 3 * CHUNK + 5 * PAGE_SIZE), Some(4 * CHUNK));
+        assert_eq!(len(A + PAGE_SIZE, 2 * CHUNK), Some(3 * CHUNK), "the windows it touches");
+        assert_eq!(len(A + PAGE_SIZE, CHUNK - PAGE_SIZE), Some(CHUNK));
+        assert_eq!(len(u64::MAX - PAGE_SIZE, 2 * PAGE_SIZE), None);
         // Shifted region: every pointer moves by the same offset.
         assert_eq!(pt.translate(A), Some(D));
         assert_eq!(pt.translate(A + 12345), Some(D + 12345));
@@ -674,10 +700,16 @@ mod tests {
         assert_eq!(pt.translate(A + 16 * CHUNK + 8), Some(A + 16 * CHUNK + 8));
         assert!(pt.region(A + 16 * CHUNK).unwrap().same_address());
         assert_eq!(pt.translate(A - 1), None);
-        // Overlap and misalignment are refused.
+        // Overlap and misalignment are refused; a start inside a window is not.
         let mut pt = table();
         assert!(pt.add_region(RegionVa { app: VaRange::new(A + CHUNK, CHUNK), dev_base: 0 }).is_err());
-        assert!(pt.add_region(RegionVa { app: VaRange::new(A + 20 * CHUNK + 4096, CHUNK), dev_base: 0 }).is_err());
+        assert!(pt.add_region(RegionVa { app: VaRange::new(A + 20 * CHUNK + 100, CHUNK), dev_base: 0 }).is_err());
+        assert!(pt.add_region(RegionVa { app: VaRange::new(A + 20 * CHUNK, CHUNK), dev_base: 4096 }).is_err());
+        let inside = RegionVa { app: VaRange::new(A + 20 * CHUNK + 4096, CHUNK), dev_base: D + 8 * CHUNK };
+        pt.add_region(inside).unwrap();
+        assert_eq!(pt.translate(A + 20 * CHUNK + 4096), Some(D + 8 * CHUNK + 4096), "the offset in the window kept");
+        assert!(!inside.same_address());
+        assert!(RegionVa { app: inside.app, dev_base: A + 20 * CHUNK }.same_address());
     }
 
     #[test]
@@ -784,6 +816,69 @@ mod tests {
         pt.commit_map(&again);
         assert_eq!(pt.lookup(A).unwrap().access, Access::Read);
         assert!(pt.plan_map(&[entry(A, CHUNK, 7 * CHUNK, rw)], 16).is_err());
+    }
+
+    /// Regions starting inside 2 MiB windows, the second in the window where the first ends:
+    /// each block's chunk is mapped whole at its window in its region's reservation, and the two
+    /// mappings of the shared window are told apart by region everywhere.
+    #[test]
+    fn regions_starting_inside_a_window_share_it_apart() {
+        let w = A + 32 * CHUNK;
+        let (p, rw) = (PAGE_SIZE, Prot::READ | Prot::WRITE);
+        let x = RegionVa { app: VaRange::new(w + 16 * p, CHUNK - 8 * p), dev_base: w };
+        let y = RegionVa { app: VaRange::new(x.app.end(), 2 * CHUNK - 8 * p), dev_base: D };
+        let mut pt = PageTable::new();
+        pt.add_region(x).unwrap();
+        pt.add_region(y).unwrap();
+        assert_eq!((pt.translate(w + 16 * p), pt.translate(y.app.start)), (Some(w + 16 * p), Some(D + 8 * p)));
+        // x: a partial first block (chunk 3, its pages from page 16) and a partial last one
+        // (chunk 5); y: its first two blocks in one entry (chunks 6, 7).
+        let entries = [
+            entry(x.app.start, CHUNK - 16 * p, 3 * CHUNK + 16 * p, rw),
+            entry(w + CHUNK, 8 * p, 5 * CHUNK, rw),
+            entry(y.app.start, 2 * CHUNK - 8 * p, 6 * CHUNK + 8 * p, Prot::READ),
+        ];
+        let plan = pt.plan_map(&entries, 16).unwrap();
+        let maps: Vec<_> = plan.maps.iter().map(|m| (m.region, m.host_va, m.dev_va, m.chunk)).collect();
+        assert_eq!(
+            maps,
+            vec![
+                (x.app.start, w, w, 3),
+                (x.app.start, w + CHUNK, w + CHUNK, 5),
+                (y.app.start, w + CHUNK, D, 6),
+                (y.app.start, w + 2 * CHUNK, D + CHUNK, 7),
+            ]
+        );
+        pt.commit_map(&plan);
+        assert_eq!(pt.lookup(w + CHUNK + 7 * p).map(|m| m.chunk), Some(5), "x's part of the shared window");
+        assert_eq!(pt.lookup(w + CHUNK + 8 * p).map(|m| (m.chunk, m.access)), Some((6, Access::Read)));
+        assert_eq!(pt.lookup(w + 15 * p), None, "before x: no region");
+        // A first block's pages must sit at their window offsets, and it starts at the region.
+        for bad in [
+            entry(x.app.start, CHUNK - 16 * p, 3 * CHUNK, rw),
+            entry(w + 17 * p, CHUNK - 17 * p, 3 * CHUNK + 17 * p, rw),
+        ] {
+            assert!(pt.plan_map(&[bad], 16).is_err(), "{bad:?}");
+        }
+        // Unmapping and protecting y leaves x's chunk in the shared window alone.
+        let un = pt.plan_unmap(&[y.app]).unwrap();
+        assert_eq!(un.iter().map(|m| m.chunk).collect::<Vec<_>>(), vec![6, 7]);
+        let runs = pt.plan_protect(&[(y.app, rw)]).unwrap();
+        assert_eq!(runs, vec![AccessRun { region: y.app.start, dev_va: D, len: 2 * CHUNK, access: Access::ReadWrite }]);
+        pt.commit_map(&MapPlan { access: runs, ..MapPlan::default() });
+        assert_eq!(pt.lookup(y.app.start).map(|m| m.access), Some(Access::ReadWrite));
+        assert_eq!(pt.lookup(w + CHUNK).map(|m| m.access), Some(Access::ReadWrite));
+        // Parked in the shared window, each comes back to its own region.
+        pt.park(&un);
+        pt.park(&pt.plan_unmap(&[VaRange::new(w + CHUNK, 8 * p)]).unwrap());
+        assert_eq!(pt.parked().count(), 3);
+        let again = pt.plan_map(&[entry(w + CHUNK, 8 * p, 5 * CHUNK, rw)], 16).unwrap();
+        assert_eq!(again.revive.iter().map(|m| (m.region, m.chunk)).collect::<Vec<_>>(), vec![(x.app.start, 5)]);
+        assert!(again.drop.is_empty() && again.maps.is_empty(), "{again:?}");
+        pt.commit_map(&again);
+        pt.remove_region(y.app.start);
+        assert_eq!(pt.parked().count(), 0);
+        assert_eq!(pt.lookup(w + CHUNK).map(|m| m.chunk), Some(5));
     }
 
     #[test]

@@ -299,3 +299,67 @@ fn gpu_the_programs_own_discard_pins_the_new_pages() {
     assert_eq!(dev.driver().stats().bytes_staged, 0, "every copy ran from pinned pages");
     assert_eq!(hm.stats().cpu_fault_errors, 0);
 }
+
+/// Memory a program registers need not start on a 2 MiB boundary: `x` starts 64 KiB into a
+/// window and `y` in the window where `x` ends (so `y`'s first chunk cannot sit at the host's
+/// addresses: `x` has them), saxpy runs twice with every element checked, the device pointers
+/// keep their offsets in the window, and the data stays in place after `unregister`.
+#[test]
+fn gpu_registered_memory_need_not_start_on_a_2mib_boundary() {
+    let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
+    let dev = hm.attach(g).unwrap();
+    let (len, span) = ((3usize << 20) + (64 << 10), 12usize << 20);
+    // SAFETY: a fresh private anonymous mapping of this test's own, unmapped at the end.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    let x_at = (map as usize).next_multiple_of(2 << 20) + (64 << 10);
+    let y_at = x_at + len;
+    let n = len / 4;
+    // SAFETY: both lie inside the mapping (at most 2 MiB + 64 KiB + 2 * len < 12 MiB in) and do
+    // not overlap; the kernels below write `y` only while no slice of it is held (the slices
+    // are made again after each launch has been waited for).
+    let slices = || unsafe {
+        (std::slice::from_raw_parts_mut(x_at as *mut f32, n), std::slice::from_raw_parts_mut(y_at as *mut f32, n))
+    };
+    {
+        let (x, y) = slices();
+        x.fill(1.0);
+        y.iter_mut().enumerate().for_each(|(i, v)| *v = (i % 1000) as f32);
+    }
+    hm.register(x_at as *const u8, len).unwrap();
+    hm.register(y_at as *const u8, len).unwrap();
+    let d = dev.driver();
+    for at in [x_at, y_at] {
+        let p = d.device_ptr(at as u64 + 4).unwrap();
+        assert_eq!(p % (2 << 20), (at as u64 + 4) % (2 << 20), "{at:#x}: shifted by whole chunks only");
+    }
+    assert!(!d.region_placement(y_at as u64).unwrap().same_address(), "y's first window is x's");
+    let (xb, yb) = (
+        hetmm::cuda::Buf { ptr: x_at as u64, bytes: len as u64 },
+        hetmm::cuda::Buf { ptr: y_at as u64, bytes: len as u64 },
+    );
+    for round in 1..=2 {
+        dev.launch(&KernelCall::saxpy(2.0, xb, yb).unwrap()).unwrap().wait_timeout(WAIT).unwrap();
+        let (_, y) = slices();
+        for (i, v) in y.iter().enumerate() {
+            assert_eq!(*v, (i % 1000) as f32 + 2.0 * round as f32, "round {round}: y[{i}]");
+        }
+    }
+    hm.unregister(x_at as *const u8, len).unwrap();
+    hm.unregister(y_at as *const u8, len).unwrap();
+    let (x, y) = slices();
+    assert!(x.iter().all(|v| *v == 1.0));
+    assert!(y.iter().enumerate().all(|(i, v)| *v == (i % 1000) as f32 + 4.0), "the data stays after unregister");
+    assert_eq!(d.stats().bytes_staged, 0, "every copy ran from pinned pages");
+    // SAFETY: this test's mapping; nothing refers to it now.
+    assert_eq!(unsafe { libc::munmap(map, span) }, 0);
+}

@@ -309,19 +309,8 @@ fn gpu_registered_memory_need_not_start_on_a_2mib_boundary() {
     let Some((_turn, hm, g)) = gpu(64 << 20) else { return };
     let dev = hm.attach(g).unwrap();
     let (len, span) = ((3usize << 20) + (64 << 10), 12usize << 20);
-    // SAFETY: a fresh private anonymous mapping of this test's own, unmapped at the end.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED);
-    let x_at = (map as usize).next_multiple_of(2 << 20) + (64 << 10);
+    let map = common::private_anon(span);
+    let x_at = map.next_multiple_of(2 << 20) + (64 << 10);
     let y_at = x_at + len;
     let n = len / 4;
     // SAFETY: both lie inside the mapping (at most 2 MiB + 64 KiB + 2 * len < 12 MiB in) and do
@@ -361,5 +350,5 @@ fn gpu_registered_memory_need_not_start_on_a_2mib_boundary() {
     assert!(y.iter().enumerate().all(|(i, v)| *v == (i % 1000) as f32 + 4.0), "the data stays after unregister");
     assert_eq!(d.stats().bytes_staged, 0, "every copy ran from pinned pages");
     // SAFETY: this test's mapping; nothing refers to it now.
-    assert_eq!(unsafe { libc::munmap(map, span) }, 0);
+    assert_eq!(unsafe { libc::munmap(map as *mut _, span) }, 0);
 }

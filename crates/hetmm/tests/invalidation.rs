@@ -1439,3 +1439,57 @@ fn a_buffer_dropped_right_after_its_memory_moved_leaves_that_memory_managed() {
     }
     eprintln!("{reused} of 20 buffers allocated right after a move got the addresses it left");
 }
+
+/// Counts `rounds` times into the first word of every page of `[p, p + len)` (plain loads and
+/// stores, as a program would), then returns.
+fn count_into_pages(p: usize, len: usize, rounds: u64) {
+    for _ in 0..rounds {
+        for page in (p..p + len).step_by(PS) {
+            // SAFETY: the caller's memory, mapped read-write for the whole count; this thread is
+            // the only one that writes it.
+            unsafe {
+                let w = page as *mut u64;
+                w.write_volatile(w.read_volatile() + 1);
+            }
+        }
+    }
+}
+
+/// A thread goes on writing private memory while another registers it, and then while it
+/// unregisters it: no write is lost. Registering copies the bytes into hetmm's memfd and maps
+/// the memfd over them, and unregistering copies them back into fresh private memory and moves
+/// that over; a write landing between the copy and the replacement went to pages about to be
+/// replaced (a counter in each page ended short of the count).
+#[test]
+fn writes_racing_register_and_unregister_are_not_lost() {
+    let hm = Arc::new(Hetmm::new().expect("userfaultfd and memfd available"));
+    let len = 64 << 20;
+    let p = common::private_anon(len);
+    let rounds = 400;
+    for step in ["register", "unregister"] {
+        // SAFETY: the test's own mapping, not written by anyone else now.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0, len) };
+        let writer = std::thread::spawn(move || count_into_pages(p, len, rounds));
+        // Let the writer get going, then change the memory under it.
+        std::thread::sleep(Duration::from_millis(5));
+        match step {
+            "register" => assert_eq!(hm.register(p as *const u8, len).unwrap().len, len as u64),
+            _ => hm.unregister(p as *const u8, len).unwrap(),
+        }
+        let raced = !writer.is_finished();
+        writer.join().unwrap();
+        let short: Vec<usize> = (0..len / PS)
+            // SAFETY: page `i` of the test's mapping, which no one writes any more.
+            .filter(|i| unsafe { ((p + i * PS) as *const u64).read_volatile() } != rounds)
+            .collect();
+        assert!(
+            short.is_empty(),
+            "{step}: {} pages lost writes, the first {:?} (raced: {raced})",
+            short.len(),
+            &short[..short.len().min(4)]
+        );
+        eprintln!("{step}: every write kept (the writer was still counting at the end: {raced})");
+    }
+    // SAFETY: the test's own mapping, unregistered and unused now.
+    assert_eq!(unsafe { libc::munmap(p as *mut _, len) }, 0);
+}

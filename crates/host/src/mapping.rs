@@ -849,8 +849,14 @@ pub(crate) fn copy_private(
                 let page = VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
                 return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
             }
+            // On the stack: no allocation while the caller holds the program's writes
+            // (`mirror::WriteHold`).
             let psz = PAGE_SIZE as usize;
-            let zero: Vec<bool> = out.chunks(psz).map(|p| p.iter().all(|&b| b == 0)).collect();
+            let mut zero = [false; CHUNK / PAGE_SIZE as usize];
+            for (z, p) in zero.iter_mut().zip(out.chunks(psz)) {
+                *z = p.iter().all(|&b| b == 0);
+            }
+            let zero = &zero[..out.len().div_ceil(psz)];
             let mut i = 0;
             while i < zero.len() {
                 let run = zero[i..].iter().take_while(|&&z| z).count();
@@ -878,7 +884,8 @@ pub(crate) fn copy_private(
 /// `MAP_SHARED | MAP_FIXED` over the same addresses with protection `prot` (and `PROT_EXEC` if
 /// `exec`).
 ///
-/// The program must not write the range between the copy and this (such writes may be lost).
+/// A write of the program's to the range between the copy and this would be lost: the caller
+/// holds them meanwhile (`mirror::WriteHold`).
 pub(crate) fn adopt_private(
     range: VaRange,
     prot: hetmm_core::types::Prot,

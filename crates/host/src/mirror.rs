@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use crate::events::Arriving;
 use crate::host::{continue_range, mapping_err, retry_again, uffd_err, Host, RegionError};
 use crate::mapping::{self, MappingError};
-use crate::uffd::RegisterMode;
+use crate::uffd::{Features, RegisterMode, Uffd};
 
 /// One VMA of the program's memory, from `/proc/self/maps`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -480,6 +480,8 @@ impl Host {
             region: None,
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
+        // From the copy until the memfd is mapped over the memory, a write there would be lost.
+        let hold = WriteHold::new(vm.iter().map(|v| v.range), false);
         // Every byte is copied before any part is adopted: a part that cannot be read (a file
         // mapping past the end of its file) is refused with the whole range still as it was.
         for v in &vm {
@@ -503,6 +505,8 @@ impl Host {
                 return Err(e.into());
             }
         }
+        // The writers held go on, into the memfd (through the fault path once registered below).
+        drop(hold);
         let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
         // From here until the core knows the range, its faults have nowhere to go: they wait.
         let arriving = Arriving::new(&self.ctx, range);
@@ -540,15 +544,63 @@ impl Host {
                 let Some(x) = VaRange::new(s.app, s.len).intersect(&range) else { continue };
                 let _ = self.uffd.unregister(x);
                 let vm = vmas(x).ok_or(RegionError::NotMapped(x))?;
+                // From the copy back until the private memory is moved over the memfd mapping, a
+                // write there would be lost.
+                let hold = WriteHold::new(vm.iter().map(|v| v.range), true);
                 for v in vm {
                     mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), s.off + (v.range.start - s.app))?;
                 }
+                drop(hold);
                 m.forget(x);
                 // A part the program grew in place past the memory it gives back.
                 self.ctx.fill_room_after(x.end(), m.ino);
             }
         }
         Ok(())
+    }
+}
+
+/// Holds the program's writes to memory hetmm copies and then replaces under it (private memory
+/// adopted by [`Host::register`], a memfd mapping given back by [`Host::unregister`]): a write
+/// landing between the copy and the replacement went to pages about to be dropped, and was lost.
+/// A userfaultfd of the hold's own write-protects the ranges; a writing thread waits in its
+/// fault, which nobody answers, until the hold is dropped: closing the uffd wakes it (the kernel
+/// retries the fault of a released uffd rather than failing it), and it writes into whatever is
+/// mapped there by then. Reads go on meanwhile.
+///
+/// Where the kernel cannot (no write-protect of unpopulated pages, a kernel that lets this
+/// process only handle user-mode faults, memory a uffd of the program's already watches, a
+/// private file mapping), writes there are not held and may be lost as before. Between
+/// [`WriteHold::new`] and the drop the caller must not allocate: a writer held in the middle of
+/// `malloc`'s own bookkeeping (registered heap memory shares pages with it) may hold the lock an
+/// allocation would wait for.
+struct WriteHold {
+    /// Open for the hold's life: closing it is what lets the writers go on.
+    _uffd: Option<Uffd>,
+}
+
+impl WriteHold {
+    /// Write-protects `ranges`: private anonymous memory, or (`shmem`) hetmm's memfd mappings.
+    fn new(ranges: impl Iterator<Item = VaRange>, shmem: bool) -> WriteHold {
+        let mut need = Features::PAGEFAULT_FLAG_WP | Features::WP_UNPOPULATED;
+        if shmem {
+            need |= Features::WP_HUGETLBFS_SHMEM;
+        }
+        let uffd = match Uffd::open(need, Features::empty()) {
+            Ok(u) if u.kernel_faults_supported() => u,
+            Ok(_) => return WriteHold { _uffd: None },
+            Err(e) => {
+                log::debug!("writes are not held while memory is replaced: {e}");
+                return WriteHold { _uffd: None };
+            }
+        };
+        for r in ranges {
+            let held = uffd.register(r, RegisterMode::WP).and_then(|_| uffd.writeprotect(r, true, false));
+            if let Err(e) = held {
+                log::debug!("writes to {r} are not held while it is replaced: {e}");
+            }
+        }
+        WriteHold { _uffd: Some(uffd) }
     }
 }
 

@@ -73,3 +73,13 @@ pub fn maps() -> Vec<MapsLine> {
 pub fn maps_meeting(start: u64, end: u64) -> Vec<MapsLine> {
     maps().into_iter().filter(|m| m.start < end && m.end > start).collect()
 }
+
+/// A fresh private anonymous read-write mapping of `len` bytes at an address the kernel picks
+/// (the caller unmaps it).
+pub fn private_anon(len: usize) -> usize {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: a new mapping where the kernel chooses: it replaces nothing.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    p as usize
+}

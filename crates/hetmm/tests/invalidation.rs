@@ -1459,19 +1459,28 @@ fn count_into_pages(p: usize, len: usize, rounds: u64) {
 /// unregisters it: no write is lost. Registering copies the bytes into hetmm's memfd and maps
 /// the memfd over them, and unregistering copies them back into fresh private memory and moves
 /// that over; a write landing between the copy and the replacement went to pages about to be
-/// replaced (a counter in each page ended short of the count).
+/// replaced (a counter in each page ended short of the count). The memory is fresh when it is
+/// registered: the writer's first round gives pages their first entries during the copy.
 #[test]
 fn writes_racing_register_and_unregister_are_not_lost() {
     let hm = Arc::new(Hetmm::new().expect("userfaultfd and memfd available"));
     let len = 64 << 20;
     let p = common::private_anon(len);
+    // 4 KiB pages: a first round of page faults long enough to race the registration's copy.
+    // SAFETY: a hint on the test's own mapping; it changes no content.
+    unsafe { libc::madvise(p as *mut _, len, libc::MADV_NOHUGEPAGE) };
     let rounds = 400;
     for step in ["register", "unregister"] {
-        // SAFETY: the test's own mapping, not written by anyone else now.
-        unsafe { std::ptr::write_bytes(p as *mut u8, 0, len) };
+        if step == "unregister" {
+            // SAFETY: the test's own mapping, not written by anyone else now. (Before the
+            // registration it is fresh: the writer's first round touches its pages while they
+            // are copied.)
+            unsafe { std::ptr::write_bytes(p as *mut u8, 0, len) };
+        }
         let writer = std::thread::spawn(move || count_into_pages(p, len, rounds));
-        // Let the writer get going, then change the memory under it.
-        std::thread::sleep(Duration::from_millis(5));
+        // Let the writer get going (into its first round, a page fault per page, when the
+        // memory is fresh), then change the memory under it.
+        std::thread::sleep(Duration::from_millis(if step == "register" { 1 } else { 5 }));
         match step {
             "register" => assert_eq!(hm.register(p as *const u8, len).unwrap().len, len as u64),
             _ => hm.unregister(p as *const u8, len).unwrap(),

@@ -796,18 +796,31 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
     Ok((memfd, alias))
 }
 
-/// Copies the program's private memory `[range]` (mapped with protection `prot`) to `dst` (the
-/// alias of the memfd that will take it), reading it through `/proc/self/mem`: a page the
-/// program could not read either (a file mapping past the end of its file) is an error here,
-/// where reading it directly would raise SIGBUS in the manager. Memory without `READ` is made
-/// readable for the copy and given its protection back, so an error leaves the range as it was.
+/// Copies the program's private memory `[range]` (mapped with protection `prot`) into `memfd`
+/// from byte `off`, which the alias at `dst` shows. The kernel copies (`pwrite` from the
+/// program's addresses), so a page the program could not read either (a file mapping past the
+/// end of its file) is an error here, where reading it directly would raise SIGBUS in the
+/// manager. Of anonymous memory only the pages with data are copied (the others read as zeros,
+/// as the memfd's holes do): `had`, the runs that had page-table entries when the caller began
+/// holding the program's writes (`mirror::WriteHold`, whose write-protect then leaves markers
+/// that read as swap entries on the pages that had none), and the pages present now (written
+/// since; a page written just before the hold and swapped out before this reads its entry would
+/// be taken for a marker and not copied: pagemap read without privileges cannot tell them
+/// apart). Memory without `READ` is made readable for the copy and given its protection back,
+/// so an error leaves the range as it was. Allocates nothing (the caller may be holding the
+/// program's writes).
+///
+/// (Reading `/proc/self/mem` into the alias, as this did first, took 1.8x as long on dense
+/// memory: every alias page faulted on its own. See `examples/register_cost.rs`.)
 pub(crate) fn copy_private(
     range: VaRange,
     prot: hetmm_core::types::Prot,
     exec: bool,
+    had: Option<&[VaRange]>,
+    memfd: BorrowedFd<'_>,
+    off: u64,
     dst: usize,
 ) -> Result<(), MappingError> {
-    use std::os::unix::fs::FileExt;
     check(range)?;
     let (addr, len) = (range.start as usize, range.len as usize);
     let readable = prot.contains(hetmm_core::types::Prot::READ);
@@ -817,66 +830,101 @@ pub(crate) fn copy_private(
         unsafe { rustix::mm::mprotect(addr as *mut _, len, rustix::mm::MprotectFlags::READ) }
             .map_err(os_err("mprotect", range))?;
     }
-    let copied = (|| {
-        let mem = std::fs::File::open("/proc/self/mem").map_err(|e| MappingError::Os {
-            op: "open /proc/self/mem",
-            range,
-            errno: e.raw_os_error().unwrap_or(0),
-        })?;
-        // A chunk at a time, whose pages that read as zero (never touched, most of a sparse
-        // range) are then punched out of the memfd again: the copy never holds more than one
-        // chunk of them, and the memfd ends as sparse as the program's memory was.
-        const CHUNK: usize = 2 << 20;
-        let mut done = 0;
-        while done < len {
-            let (first, stop) = (done, (done + CHUNK).min(len));
-            // `dst+first..dst+stop` is in the caller's alias of its memfd (writable, MAP_SHARED,
-            // never uffd-registered); the slice ends before the punch below.
-            // SAFETY: nothing else reads or writes the alias until the memory is adopted.
-            let out = unsafe { std::slice::from_raw_parts_mut((dst + first) as *mut u8, stop - first) };
-            while done < stop {
-                // The kernel stops at the first page it cannot fault in (EIO if that is the first
-                // page asked for, a short read otherwise: the next read gets nothing).
-                let errno = match mem.read_at(&mut out[done - first..], (addr + done) as u64) {
-                    Ok(0) => Errno::IO.raw_os_error(),
-                    Ok(n) => {
-                        done += n;
-                        continue;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => e.raw_os_error().unwrap_or(0),
-                };
-                let page = VaRange::new(hetmm_core::types::align_down(range.start + done as u64, PAGE_SIZE), PAGE_SIZE);
-                return Err(MappingError::Os { op: "read /proc/self/mem", range: page, errno });
-            }
-            // On the stack: no allocation while the caller holds the program's writes
-            // (`mirror::WriteHold`).
-            let psz = PAGE_SIZE as usize;
-            let mut zero = [false; CHUNK / PAGE_SIZE as usize];
-            for (z, p) in zero.iter_mut().zip(out.chunks(psz)) {
-                *z = p.iter().all(|&b| b == 0);
-            }
-            let zero = &zero[..out.len().div_ceil(psz)];
-            let mut i = 0;
-            while i < zero.len() {
-                let run = zero[i..].iter().take_while(|&&z| z).count();
-                if run > 0 {
-                    let at = (dst + first + i * psz) as *mut _;
-                    // MADV_REMOVE frees these memfd pages, which then read as zeros again.
-                    // SAFETY: these pages of the caller's alias hold only zeros: no content changes.
-                    let _ = unsafe { rustix::mm::madvise(at, run * psz, Advice::LinuxRemove) };
-                }
-                i += run.max(1);
-            }
+    let copy = |run: VaRange| {
+        let rel = run.start - range.start;
+        copy_run(run, memfd, off + rel, dst + rel as usize)
+    };
+    let pagemap = had.and_then(|had| Some((had, crate::pagemap::Pagemap::open()?)));
+    let copied = match pagemap {
+        Some((had, pm)) => {
+            let had_entry = |va: u64| {
+                let i = had.partition_point(|r| r.end() <= va);
+                had.get(i).is_some_and(|r| r.contains(va))
+            };
+            pm.runs(range, |va, e| e & crate::pagemap::PRESENT != 0 || had_entry(va), copy)
         }
-        Ok(())
-    })();
+        None => (range.start..range.end())
+            .step_by(COPY_PIECE)
+            .try_for_each(|at| copy(VaRange::new(at, (COPY_PIECE as u64).min(range.end() - at)))),
+    };
     if !readable {
         // SAFETY: gives the range back the protection it had before the mprotect above.
         unsafe { rustix::mm::mprotect(addr as *mut _, len, program_mprotect_flags(prot, exec)) }
             .map_err(os_err("mprotect", range))?;
     }
     copied
+}
+
+/// The most [`copy_run`] copies at once: the memfd never holds more than this of zero pages
+/// that are punched out again.
+const COPY_PIECE: usize = 2 << 20;
+
+/// Copies the program's `run` (at most [`COPY_PIECE`] bytes, readable) into `memfd` at `off`,
+/// then punches the pages that hold only zeros out of the memfd again (through `dst`, the
+/// alias showing `off`), so the memfd ends as sparse as the program's memory was.
+fn copy_run(run: VaRange, memfd: BorrowedFd<'_>, off: u64, dst: usize) -> Result<(), MappingError> {
+    use std::os::fd::AsRawFd;
+    let len = run.len as usize;
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the kernel reads `[run.start + done, run.end)`, the program's memory, mapped
+        // readable (the caller's contract); no Rust reference to it is made (the program's own
+        // threads may write it), and the kernel checks every address it reads.
+        let n = unsafe {
+            libc::pwrite(
+                memfd.as_raw_fd(),
+                (run.start as usize + done) as *const _,
+                len - done,
+                (off + done as u64) as i64,
+            )
+        };
+        // The kernel stops at the first page it cannot fault in: EFAULT if that is the first
+        // page asked for, a short write otherwise (and EFAULT on the next).
+        let errno = match n {
+            1.. => {
+                done += n as usize;
+                continue;
+            }
+            0 => Errno::IO,
+            _ => match Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) {
+                Errno::INTR => continue,
+                e => e,
+            },
+        };
+        let page = VaRange::new(hetmm_core::types::align_down(run.start + done as u64, PAGE_SIZE), PAGE_SIZE);
+        return Err(MappingError::Os { op: "pwrite from program memory", range: page, errno: errno.raw_os_error() });
+    }
+    punch_zero_pages(dst, len);
+    Ok(())
+}
+
+/// Frees the pages of `[dst, dst + len)` (at most [`COPY_PIECE`] bytes of an alias of a memfd
+/// only this thread uses) that hold only zeros: they read as zeros again from the hole.
+fn punch_zero_pages(dst: usize, len: usize) {
+    let psz = PAGE_SIZE as usize;
+    // On the stack: see `copy_private`.
+    let mut zero = [false; COPY_PIECE / PAGE_SIZE as usize];
+    let pages = len.div_ceil(psz).min(zero.len());
+    for (k, z) in zero[..pages].iter_mut().enumerate() {
+        *z = alias_page_is_zero(dst + k * psz);
+    }
+    let mut i = 0;
+    while i < pages {
+        let run = zero[i..pages].iter().take_while(|&&z| z).count();
+        if run > 0 {
+            // SAFETY: these pages of the caller's alias hold only zeros: no content changes.
+            let _ = unsafe { rustix::mm::madvise((dst + i * psz) as *mut _, run * psz, Advice::LinuxRemove) };
+        }
+        i += run.max(1);
+    }
+}
+
+/// Whether the alias page at `at` holds only zeros.
+fn alias_page_is_zero(at: usize) -> bool {
+    // SAFETY: a whole page of an alias (`punch_zero_pages`'s contract), readable, written by no
+    // one meanwhile; the slice ends before the page is punched.
+    let page = unsafe { std::slice::from_raw_parts(at as *const u64, PAGE_SIZE as usize / 8) };
+    page.iter().all(|&w| w == 0)
 }
 
 /// Replaces private memory `[range]` of the program with `memfd` (from `offset`), keeping the
@@ -1577,7 +1625,9 @@ mod tests {
         unsafe { prog.cast::<u8>().add(5 * PAGE_SIZE as usize).write(0xab) };
         let range = VaRange::new(prog as u64, len as u64);
         let (memfd, alias) = memfd_with_alias(len as u64).unwrap();
-        copy_private(range, hetmm_core::types::Prot::READ | hetmm_core::types::Prot::WRITE, false, alias).unwrap();
+        let rw = hetmm_core::types::Prot::READ | hetmm_core::types::Prot::WRITE;
+        let had = crate::pagemap::Pagemap::open().unwrap().entries(range);
+        copy_private(range, rw, false, Some(&had), memfd.as_fd(), 0, alias).unwrap();
         // SAFETY: byte 5 * 4096 of the alias, `len` bytes mapped above.
         assert_eq!(unsafe { (alias as *const u8).add(5 * PAGE_SIZE as usize).read() }, 0xab);
         let allocated = rustix::fs::fstat(&memfd).unwrap().st_blocks as u64 * 512;

@@ -39,6 +39,8 @@ pub struct Vma {
     pub shared: bool,
     /// `PROT_EXEC` (which [`Prot`] cannot say): kept when the memory is adopted and given back.
     pub exec: bool,
+    /// Anonymous memory (no file behind it: a page without an entry reads as zeros).
+    pub anon: bool,
 }
 
 /// The VMAs covering `range`, clipped to it, in order; `None` if some page of it is unmapped.
@@ -52,7 +54,14 @@ pub fn vmas(range: VaRange) -> Option<Vec<Vma>> {
 /// The VMAs of `/proc/self/maps` that meet `range`, whole (not clipped).
 fn vmas_meeting(range: VaRange) -> Option<Vec<Vma>> {
     let found = crate::maps::meeting(range)?;
-    Some(found.into_iter().map(|v| Vma { range: v.range, prot: v.prot, shared: v.shared, exec: v.exec }).collect())
+    let vma = |v: crate::maps::MapsLine| Vma {
+        range: v.range,
+        prot: v.prot,
+        shared: v.shared,
+        exec: v.exec,
+        anon: v.file.ino == 0,
+    };
+    Some(found.into_iter().map(vma).collect())
 }
 
 fn vmas_once(range: VaRange) -> Option<Vec<Vma>> {
@@ -480,12 +489,17 @@ impl Host {
             region: None,
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
+        // The pages of anonymous parts with data, read before the hold below marks the others.
+        let pagemap = crate::pagemap::Pagemap::open();
+        let had: Vec<Option<Vec<VaRange>>> =
+            vm.iter().map(|v| pagemap.as_ref().filter(|_| v.anon).map(|pm| pm.entries(v.range))).collect();
         // From the copy until the memfd is mapped over the memory, a write there would be lost.
-        let hold = WriteHold::new(vm.iter().map(|v| v.range), false);
+        let hold = WriteHold::new(vm.iter());
         // Every byte is copied before any part is adopted: a part that cannot be read (a file
         // mapping past the end of its file) is refused with the whole range still as it was.
-        for v in &vm {
-            mapping::copy_private(v.range, v.prot, v.exec, alias + (v.range.start - range.start) as usize)?;
+        for (v, had) in vm.iter().zip(&had) {
+            let rel = v.range.start - range.start;
+            mapping::copy_private(v.range, v.prot, v.exec, had.as_deref(), fd.as_fd(), rel, alias + rel as usize)?;
         }
         // A failure past the first adoption gives the parts already adopted back as private
         // memory holding the memfd's bytes: the program's range ends as it was (private), not
@@ -546,7 +560,7 @@ impl Host {
                 let vm = vmas(x).ok_or(RegionError::NotMapped(x))?;
                 // From the copy back until the private memory is moved over the memfd mapping, a
                 // write there would be lost.
-                let hold = WriteHold::new(vm.iter().map(|v| v.range), true);
+                let hold = WriteHold::new(vm.iter());
                 for v in vm {
                     mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), s.off + (v.range.start - s.app))?;
                 }
@@ -568,25 +582,26 @@ impl Host {
 /// retries the fault of a released uffd rather than failing it), and it writes into whatever is
 /// mapped there by then. Reads go on meanwhile.
 ///
-/// Where the kernel cannot (no write-protect of unpopulated pages, a kernel that lets this
-/// process only handle user-mode faults, memory a uffd of the program's already watches, a
-/// private file mapping), writes there are not held and may be lost as before. Between
-/// [`WriteHold::new`] and the drop the caller must not allocate: a writer held in the middle of
-/// `malloc`'s own bookkeeping (registered heap memory shares pages with it) may hold the lock an
-/// allocation would wait for.
+/// Pages without an entry are write-protected too (`UFFD_FEATURE_WP_UNPOPULATED`, where the
+/// kernel has it). Nothing waits for a page to be present: a fault of the copy's own on a page
+/// the program dropped meanwhile (`MADV_DONTNEED`, as `free` does in the heap) must not wait
+/// for the hold.
+///
+/// Where the kernel cannot (a kernel that lets this process only handle user-mode faults,
+/// memory a uffd of the program's already watches, a private mapping of a regular file), writes
+/// there are not held and may be lost as before. Between [`WriteHold::new`] and the drop the
+/// caller must not allocate: a writer held in the middle of `malloc`'s own bookkeeping
+/// (registered heap memory shares pages with it) may hold the lock an allocation would wait for.
 struct WriteHold {
     /// Open for the hold's life: closing it is what lets the writers go on.
     _uffd: Option<Uffd>,
 }
 
 impl WriteHold {
-    /// Write-protects `ranges`: private anonymous memory, or (`shmem`) hetmm's memfd mappings.
-    fn new(ranges: impl Iterator<Item = VaRange>, shmem: bool) -> WriteHold {
-        let mut need = Features::PAGEFAULT_FLAG_WP | Features::WP_UNPOPULATED;
-        if shmem {
-            need |= Features::WP_HUGETLBFS_SHMEM;
-        }
-        let uffd = match Uffd::open(need, Features::empty()) {
+    /// Holds writes to `vmas`.
+    fn new<'a>(vmas: impl Iterator<Item = &'a Vma>) -> WriteHold {
+        let optional = Features::WP_UNPOPULATED | Features::WP_HUGETLBFS_SHMEM;
+        let uffd = match Uffd::open(Features::PAGEFAULT_FLAG_WP, optional) {
             Ok(u) if u.kernel_faults_supported() => u,
             Ok(_) => return WriteHold { _uffd: None },
             Err(e) => {
@@ -594,10 +609,10 @@ impl WriteHold {
                 return WriteHold { _uffd: None };
             }
         };
-        for r in ranges {
-            let held = uffd.register(r, RegisterMode::WP).and_then(|_| uffd.writeprotect(r, true, false));
+        for v in vmas {
+            let held = uffd.register(v.range, RegisterMode::WP).and_then(|_| uffd.writeprotect(v.range, true, false));
             if let Err(e) = held {
-                log::debug!("writes to {r} are not held while it is replaced: {e}");
+                log::debug!("writes to {} are not held while it is replaced: {e}", v.range);
             }
         }
         WriteHold { _uffd: Some(uffd) }

@@ -7,8 +7,11 @@ use std::os::unix::fs::FileExt;
 
 use hetmm_core::types::{VaRange, PAGE_SIZE};
 
-/// Bits of a pagemap entry saying the page has an entry: present, or swapped out.
+/// Bits of a pagemap entry saying the page has an entry: present, or swapped out (or a marker,
+/// which shows as a swap entry: what a userfaultfd write-protect leaves on a page without one).
 const HAS_ENTRY: u64 = (1 << 63) | (1 << 62);
+/// The bit of a pagemap entry saying the page is present (mapped to memory).
+pub(crate) const PRESENT: u64 = 1 << 63;
 /// Entries read per `pread` (4 KiB: one 2 MiB block).
 const BATCH: usize = 512;
 
@@ -48,12 +51,64 @@ impl Pagemap {
         false
     }
 
+    /// Calls `each` with the runs of pages of `range` (page aligned) whose pagemap entry
+    /// `keep(address, entry)` accepts, in order, each inside one batch of [`BATCH`] pages
+    /// (2 MiB); stops at `each`'s first error. A batch whose entries cannot be read is kept
+    /// whole. Allocates nothing.
+    pub(crate) fn runs<E>(
+        &self,
+        range: VaRange,
+        keep: impl Fn(u64, u64) -> bool,
+        mut each: impl FnMut(VaRange) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut buf = [0u8; BATCH * 8];
+        let first = range.start / PAGE_SIZE;
+        let pages = range.len / PAGE_SIZE;
+        let mut done = 0;
+        while done < pages {
+            let n = (pages - done).min(BATCH as u64) as usize;
+            let bytes = &mut buf[..n * 8];
+            let readable = self.0.read_exact_at(bytes, (first + done) * 8).is_ok();
+            let va = |k: usize| (first + done + k as u64) * PAGE_SIZE;
+            let kept = |k: usize| {
+                !readable || bytes[k * 8..k * 8 + 8].try_into().map_or(true, |w| keep(va(k), u64::from_ne_bytes(w)))
+            };
+            let mut k = 0;
+            while k < n {
+                let run = (k..n).take_while(|&j| kept(j)).count();
+                if run > 0 {
+                    each(VaRange::new(va(k), run as u64 * PAGE_SIZE))?;
+                }
+                k += run.max(1);
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// The runs of pages of `range` that have a page-table entry (present or swapped out), merged.
+    pub(crate) fn entries(&self, range: VaRange) -> Vec<VaRange> {
+        let mut out: Vec<VaRange> = Vec::new();
+        let _ = self.runs(
+            range,
+            |_, e| e & HAS_ENTRY != 0,
+            |r| {
+                match out.last_mut() {
+                    Some(l) if l.end() == r.start => l.len += r.len,
+                    _ => out.push(r),
+                }
+                Ok::<(), ()>(())
+            },
+        );
+        out
+    }
+
     /// Whether the page at `va` is present (mapped to memory): unlike [`Pagemap::any_entry`],
     /// a swap entry or a marker (a write-protected entry the kernel dropped) is not.
     #[cfg(test)]
     pub(crate) fn present(&self, va: u64) -> bool {
         let mut e = [0u8; 8];
-        self.0.read_exact_at(&mut e, va / PAGE_SIZE * 8).is_ok_and(|_| u64::from_ne_bytes(e) & (1 << 63) != 0)
+        self.0.read_exact_at(&mut e, va / PAGE_SIZE * 8).is_ok_and(|_| u64::from_ne_bytes(e) & PRESENT != 0)
     }
 }
 

@@ -10,12 +10,14 @@
 //! - child: the parent's address spaces become inert, each region's CPU side makes the child's
 //!   view private (`CpuMmu::fork_child`: a private anonymous copy of private memory, read from
 //!   the memfd, wherever the child has it mapped (read from `/proc/self/maps`: the program may
-//!   have moved or unmapped it after the prepare); shared memory stays shared), then the pipe
-//!   is closed. Nothing of the parent's
-//!   hetmm objects is ever dropped in the child (their threads live in the parent only).
+//!   have moved or unmapped it after the prepare); shared memory stays shared), then the child
+//!   writes a byte into the pipe and closes it. Nothing of the parent's hetmm objects is ever
+//!   dropped in the child (their threads live in the parent only).
 //! - parent: waits until the child closed the pipe (it has its copy, or it died), bounded, then
 //!   lets the waiting operations go on. So `fork()` returns in the parent only once the child's
-//!   copy is taken, and no later write of the parent can reach it.
+//!   copy is taken, and no later write of the parent can reach it. glibc runs the parent
+//!   handler after a failed `fork()` too: the pipe then ends at once with no byte in it, and the
+//!   prepare is abandoned rather than counted as a fork (`stats.forks`, `bytes_fork_lost`).
 //!
 //! The only `unsafe` here is the registration of the handlers.
 
@@ -246,14 +248,21 @@ extern "C" fn parent() {
     let r = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
         let Stash { registry, guards, hosts, sync, wait } = stash;
+        let mut child = true;
         if let Some((rd, wr)) = sync {
             drop(wr);
-            if !wait_for_eof(&rd, wait) {
-                log::warn!("fork: the child did not take its copy of hetmm memory within {wait:?}; going on");
+            match wait_for_eof(&rd, wait) {
+                Some(said) => child = said,
+                None => log::warn!("fork: the child did not take its copy of hetmm memory within {wait:?}; going on"),
             }
         }
         for g in guards {
-            g.parent();
+            if child {
+                g.parent();
+            } else {
+                // The fork failed (no child ever had the write end): not a fork.
+                g.abandon();
+            }
         }
         drop(registry);
         drop(hosts);
@@ -285,31 +294,58 @@ extern "C" fn child() {
         // They are the parent's: a later fork of this child has nothing to prepare for them.
         registry.clear();
         drop(registry);
-        // Closing the write end tells the parent that the copy is taken.
+        // The byte says a child existed; closing the write end, that the copy is taken.
+        if let Some((_, wr)) = &sync {
+            let _ = rustix::io::write(wr, &[1]);
+        }
         drop(sync);
     });
 }
 
-/// Waits until every write end of `rd`'s pipe is closed (EOF), at most `wait`.
-fn wait_for_eof(rd: &OwnedFd, wait: Duration) -> bool {
+/// Waits until every write end of `rd`'s pipe is closed (EOF), at most `wait`. Whether any
+/// byte came first (a child wrote it); `None` on timeout or error.
+fn wait_for_eof(rd: &OwnedFd, wait: Duration) -> Option<bool> {
     let deadline = Instant::now() + wait;
     let mut buf = [0u8; 16];
+    let mut said = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return false;
+            return None;
         }
         let ts = rustix::event::Timespec { tv_sec: left.as_secs() as _, tv_nsec: left.subsec_nanos() as _ };
         let mut fds = [rustix::event::PollFd::new(rd, rustix::event::PollFlags::IN)];
         match rustix::event::poll(&mut fds, Some(&ts)) {
             Ok(0) | Err(Errno::INTR) => continue,
             Ok(_) => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
         match rustix::io::read(rd, &mut buf) {
-            Ok(0) => return true,
-            Ok(_) | Err(Errno::INTR) | Err(Errno::AGAIN) => continue,
-            Err(_) => return false,
+            Ok(0) => return Some(said),
+            Ok(_) => said = true,
+            Err(Errno::INTR) | Err(Errno::AGAIN) => continue,
+            Err(_) => return None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hetmm_core::cpu::CpuFaultHandler;
+    use hetmm_core::space::CoreConfig;
+
+    /// glibc runs the parent handler after a `fork()` that failed (no child): that prepare is
+    /// not a fork. It was counted as one (`stats.forks`), with the bytes it found lost.
+    #[test]
+    fn a_fork_that_made_no_child_is_not_counted() {
+        let space = AddressSpace::new(CoreConfig::default());
+        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
+        track(&space, &host).unwrap();
+        prepare();
+        assert_eq!(space.stats().forks, 1, "prepared");
+        // As after `fork()` returned -1.
+        parent();
+        assert_eq!(space.stats().forks, 0, "no child, no fork");
     }
 }

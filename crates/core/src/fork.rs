@@ -261,8 +261,9 @@ thread_local! {
 }
 
 /// Whether the calling thread holds any fork gate (of any address space): it runs inside an
-/// operation.
-fn inside_an_operation() -> bool {
+/// operation, and a fork from here is prepared under the bounded waits of
+/// [`AddressSpace::fork_prepare`].
+pub fn inside_an_operation() -> bool {
     HELD.with(|h| !h.borrow().is_empty())
 }
 

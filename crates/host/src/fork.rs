@@ -147,7 +147,11 @@ fn prepare_all() {
     // turn (see `AddressSpace::fork_prepare`: the one from inside an operation waits a bounded
     // time), then the lock, which only a prepare whose gates are closed holds: for its fork.
     let mut p = Prepared::default();
-    for attempt in 1..=PREPARE_TRIES {
+    // A fork from inside an operation prepares once: each prepare may wait its bounded time for
+    // the other threads' operations again, and none applies the changes a retry waits for (the
+    // thread applying them may be waiting for this one).
+    let tries = if hetmm_core::fork::inside_an_operation() { 1 } else { PREPARE_TRIES };
+    for attempt in 1..=tries {
         for t in snapshot() {
             p.prepare(&t);
         }
@@ -162,7 +166,7 @@ fn prepare_all() {
         if !p.hosts.iter().any(|h| h.ctx.reshape_pending()) {
             break;
         }
-        if attempt == PREPARE_TRIES {
+        if attempt == tries {
             log::warn!(
                 "fork: memory kept being unmapped or moved while the fork was prepared; a child may see an old layout"
             );

@@ -914,3 +914,64 @@ fn registered_memory_regrown_in_place_reads_zeros_in_the_child_too() {
     // SAFETY: this test's own mapping, unused now.
     assert_eq!(unsafe { libc::munmap(p as *mut _, len) }, 0);
 }
+
+/// The files hetmm holds that keep memory or the parent's address space alive: its memfds and
+/// its userfaultfd, as `/proc/self/fd` names them.
+const HELD_FILES: [&[u8]; 2] = [b"/memfd:hetmm", b"anon_inode:[userfaultfd]"];
+
+/// Whether descriptor `fd` refers to one of [`HELD_FILES`] (allocation-free, for a fork child).
+fn holds_hetmm_file(fd: i32) -> bool {
+    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let (mut n, mut k) = (fd as u32, 0);
+    loop {
+        digits[k] = b'0' + (n % 10) as u8;
+        (n, k) = (n / 10, k + 1);
+        if n == 0 {
+            break;
+        }
+    }
+    for (i, d) in digits[..k].iter().rev().enumerate() {
+        path[14 + i] = *d;
+    }
+    let mut target = [0u8; 64];
+    // SAFETY: `path` is NUL-terminated (the digits end before its last byte); `target` is a
+    // live local buffer of the length given.
+    let n = unsafe { libc::readlink(path.as_ptr().cast(), target.as_mut_ptr().cast(), target.len()) };
+    n > 0 && HELD_FILES.iter().any(|p| target[..n as usize].starts_with(p))
+}
+
+/// A fork child that does not exec lets go of hetmm's memfds and userfaultfd once it has its
+/// copy: it kept them open (the parent's objects are never dropped there), and a memfd held
+/// open keeps its pages allocated for as long as the child lives, whatever the parent frees.
+#[test]
+fn a_fork_child_lets_go_of_the_parents_memfds_and_userfaultfd() {
+    let _turn = serial();
+    let hm = Hetmm::new().unwrap();
+    let mut buf = hm.alloc::<u8>(LEN).unwrap();
+    buf.as_mut_slice().fill(OLD);
+    let p = anon(4 * PS, OLD) as usize;
+    hm.register(p as *const u8, 4 * PS).unwrap();
+    let held: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| holds_hetmm_file(fd))
+        .collect();
+    assert!(held.len() >= 3, "a region's memfd, a registration's and the uffd: {held:?}");
+    let status = fork_with(|| {
+        // SAFETY: the child's copy of the buffer and of the registered memory, its own now.
+        let kept = unsafe { all_are(buf.ptr() as usize, LEN, OLD) && all_are(p, 4 * PS, OLD) };
+        if !kept {
+            WRONG
+        } else if held.iter().any(|&fd| holds_hetmm_file(fd)) {
+            LOST
+        } else {
+            FINE
+        }
+    });
+    assert_eq!(code(status), FINE, "the child kept its bytes ({WRONG} if not) and let the files go ({LOST} if not)");
+    assert!(held.iter().all(|&fd| holds_hetmm_file(fd)), "the parent keeps them");
+    hm.unregister(p as *const u8, 4 * PS).unwrap();
+    // SAFETY: the test's own mapping, unregistered and unused now.
+    assert_eq!(unsafe { libc::munmap(p as *mut _, 4 * PS) }, 0);
+}

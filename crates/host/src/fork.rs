@@ -292,6 +292,10 @@ extern "C" fn child() {
                 let _ = CHILD_ERRNO.compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
             }
         }
+        // Every view is the child's now: the parent's memfds and uffd can go.
+        for h in &hosts {
+            h.retire_in_child();
+        }
         // The parent's hosts and spaces must never be dropped here (their threads do not exist).
         std::mem::forget(guards);
         std::mem::forget(hosts);

@@ -201,6 +201,34 @@ impl Host {
     pub fn kernel_faults_supported(&self) -> bool {
         self.uffd.kernel_faults_supported()
     }
+
+    /// In a `fork()` child, once every view was made the child's own (`CpuMmu::fork_child`):
+    /// lets go of the parent's files the child still holds, the memfds (whose pages would stay
+    /// allocated while the child lives after the parent frees them) and the userfaultfd. Only
+    /// system calls; the lists are only tried (a parent's thread may have held one at the fork),
+    /// and what is not reached stays held. Nothing in the process that made the host.
+    pub fn retire_in_child(&self) {
+        use std::os::fd::AsFd;
+        if rustix::process::getpid() == self.uffd.owner() {
+            return;
+        }
+        let Ok(null) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) else { return };
+        let null = null.as_fd();
+        if let Some(regions) = self.ctx.regions.try_lock() {
+            for r in regions.iter().filter_map(Weak::upgrade) {
+                r.mapping.retire_in_child(null);
+                // Never the last holder here: the core's region keeps it; never dropped anyway.
+                std::mem::forget(r);
+            }
+        }
+        if let Some(mirrors) = self.ctx.mirrors.try_lock() {
+            for m in mirrors.iter().filter_map(Weak::upgrade) {
+                m.retire_in_child(null);
+                std::mem::forget(m);
+            }
+        }
+        crate::mapping::retire_fd_in_child(self.uffd.as_fd(), null);
+    }
 }
 
 impl Drop for Host {

@@ -579,6 +579,14 @@ impl SharedMapping {
         privatize_parts(parts, self.memfd.as_fd(), lost, |r| self.offset_of(r))
     }
 
+    /// In a `fork()` child, once every view was made private: lets go of the memfd
+    /// ([`retire_fd_in_child`]). Nothing in the process that made the mapping.
+    pub(crate) fn retire_in_child(&self, null: BorrowedFd<'_>) {
+        if rustix::process::getpid() != self.owner {
+            retire_fd_in_child(self.memfd.as_fd(), null);
+        }
+    }
+
     /// Writes `src` into the backing at byte offset `off` (`pwrite` on the memfd: no view is
     /// touched, so neither gets page-table entries).
     pub fn write_backing(&self, off: u64, src: &[u8]) -> Result<(), MappingError> {
@@ -781,6 +789,20 @@ pub(crate) unsafe fn alias_is_zero(addr: usize, len: usize) -> bool {
     // SAFETY: byte `i < len` of the same alias range.
     let byte = |i: usize| unsafe { ((addr + i) as *const u8).read_volatile() };
     (0..words).all(|i| word(i) == 0) && (8 * words..len).all(|i| byte(i) == 0)
+}
+
+/// In a `fork()` child, which keeps the parent's hetmm objects but never uses or drops them:
+/// points the descriptor number of `fd` at `null`'s file instead (`dup3`), so the child stops
+/// holding `fd`'s file (a memfd, whose pages would stay allocated for as long as the child lives
+/// after the parent frees them; a userfaultfd) while the number stays open, owned by the same
+/// never-dropped object: nothing can later close a number the child has reused. A system call
+/// only.
+pub(crate) fn retire_fd_in_child(fd: BorrowedFd<'_>, null: BorrowedFd<'_>) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `dup3` only changes which file the descriptor number of `fd` refers to in this
+    // process; the number stays open and its owner keeps it (the caller's contract: a fork
+    // child, where the owner is never used or dropped). No memory is touched.
+    let _ = unsafe { libc::dup3(null.as_raw_fd(), fd.as_raw_fd(), libc::O_CLOEXEC) };
 }
 
 /// Creates a memfd of `len` bytes and maps it at a fresh 2 MiB-aligned alias.

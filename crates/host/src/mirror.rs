@@ -105,6 +105,14 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// In a `fork()` child, once every view was made private: lets go of the memfd
+    /// ([`mapping::retire_fd_in_child`]).
+    pub(crate) fn retire_in_child(&self, null: std::os::fd::BorrowedFd<'_>) {
+        if let Some(fd) = &self.memfd {
+            mapping::retire_fd_in_child(fd.as_fd(), null);
+        }
+    }
+
     /// Whether this is mirrored shared memory (devices map host pages; nothing migrates).
     pub fn is_remote(&self) -> bool {
         self.memfd.is_none()

@@ -434,11 +434,10 @@ impl AddressSpace {
                         lost.push(r.block_span(b));
                         continue;
                     };
-                    match migrate::flush_to_host(self, r, &blk) {
-                        Ok(bytes) => {
-                            add(&self.stats.bytes_fork_flushed, bytes);
-                        }
-                        Err(left) => lost.extend(migrate::ranges(&blk, &left)),
+                    let (bytes, flushed) = migrate::flush_to_host(self, r, &blk);
+                    add(&self.stats.bytes_fork_flushed, bytes);
+                    if let Err(left) = flushed {
+                        lost.extend(migrate::ranges(&blk, &left));
                     }
                 }
             }
@@ -617,6 +616,28 @@ mod tests {
         assert!(space.page_state(BASE).unwrap().resident == ProcMask::only(Proc::Device(id)));
         space.migrate(BASE, 8 * PAGE_SIZE, Proc::Cpu).unwrap();
         assert!(cpu.forked.lock().is_empty());
+    }
+
+    /// A block whose device-only pages two devices hold, the second failing its copy: the first
+    /// device's pages are flushed and counted as such (they were not, as the block was lost
+    /// for the second's), the second's are lost.
+    #[test]
+    fn a_flush_failing_on_a_later_device_counts_what_the_earlier_one_copied() {
+        let (space, _cpu, dev, id, host) = setup();
+        let other = Arc::new(FakeDevice::new((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
+        let id2 = space.attach(Arc::clone(&other) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(id)).unwrap();
+        space.migrate(BASE + PAGE_SIZE, PAGE_SIZE, Proc::Device(id2)).unwrap();
+        let only = |va, d| space.page_state(va).unwrap().resident == ProcMask::only(Proc::Device(d));
+        assert!(only(BASE, id) && only(BASE + PAGE_SIZE, id2), "one page on each device");
+        device_write(&space, &dev, id, BASE, 0xE1);
+        other.fail_d2h.store(true, std::sync::atomic::Ordering::Relaxed);
+        let guard = space.fork_prepare().unwrap();
+        assert_eq!(space.stats().bytes_fork_flushed, PAGE_SIZE, "the first device's page");
+        assert_eq!(guard.lost_bytes(), PAGE_SIZE, "the second device's page");
+        assert!(host.lock()[..PAGE_SIZE as usize].iter().all(|&b| b == 0xE1));
+        guard.parent();
+        other.fail_d2h.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 
     #[test]

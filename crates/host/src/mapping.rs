@@ -826,9 +826,9 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
 /// as the memfd's holes do): `had`, the runs that had page-table entries when the caller began
 /// holding the program's writes (`mirror::WriteHold`, whose write-protect then leaves markers
 /// that read as swap entries on the pages that had none), and the pages present now (written
-/// since; a page written just before the hold and swapped out before this reads its entry would
-/// be taken for a marker and not copied: pagemap read without privileges cannot tell them
-/// apart). Memory without `READ` is made readable for the copy and given its protection back,
+/// since, and swap or migration entries the hold did not write-protect; a page written just
+/// before the hold and swapped out or migrating when this reads its entry would be taken for a
+/// marker and not copied: pagemap read without privileges cannot tell them apart). Memory without `READ` is made readable for the copy and given its protection back,
 /// so an error leaves the range as it was. Allocates nothing (the caller may be holding the
 /// program's writes).
 ///
@@ -863,7 +863,7 @@ pub(crate) fn copy_private(
                 let i = had.partition_point(|r| r.end() <= va);
                 had.get(i).is_some_and(|r| r.contains(va))
             };
-            pm.runs(range, |va, e| e & crate::pagemap::PRESENT != 0 || had_entry(va), copy)
+            pm.runs(range, |va, e| crate::pagemap::has_data(e) || had_entry(va), copy)
         }
         None => (range.start..range.end())
             .step_by(COPY_PIECE)
@@ -1266,6 +1266,29 @@ fn move_copy_over(
         unmap_quiet(tmp, len);
     }
     r
+}
+
+/// The runs of `range` (shown by `memfd` from byte `off`) where the memfd has data (its holes
+/// read as zeros), in `range`'s addresses. Where the extents cannot be read, all of `range`.
+pub(crate) fn data_in(memfd: BorrowedFd<'_>, off: u64, range: VaRange) -> Vec<VaRange> {
+    let end = off + range.len;
+    let mut out = Vec::new();
+    let mut pos = off;
+    while pos < end {
+        let data = match rustix::fs::seek(memfd, rustix::fs::SeekFrom::Data(pos)) {
+            Ok(d) => d.min(end),
+            Err(Errno::NXIO) => break,
+            Err(_) => return vec![range],
+        };
+        if data >= end {
+            break;
+        }
+        let Ok(hole) = rustix::fs::seek(memfd, rustix::fs::SeekFrom::Hole(data)) else { return vec![range] };
+        let hole = hole.min(end);
+        out.push(VaRange::new(range.start + (data - off), hole - data));
+        pos = hole;
+    }
+    out
 }
 
 /// Copies the data extents of `memfd` from `off` into `range.len` bytes at `dst` (holes are

@@ -502,28 +502,45 @@ impl Host {
         let had: Vec<Option<Vec<VaRange>>> =
             vm.iter().map(|v| pagemap.as_ref().filter(|_| v.anon).map(|pm| pm.entries(v.range))).collect();
         // From the copy until the memfd is mapped over the memory, a write there would be lost.
-        let hold = WriteHold::new(vm.iter());
+        // (Made before the hold: nothing is allocated while it holds.)
+        let whole: Vec<(VaRange, Option<&[VaRange]>)> = vm.iter().map(|v| (v.range, None)).collect();
+        let held: Vec<(VaRange, Option<&[VaRange]>)> =
+            vm.iter().zip(&had).map(|(v, h)| (v.range, h.as_deref())).collect();
+        let hold = WriteHold::new(&held);
         // Every byte is copied before any part is adopted: a part that cannot be read (a file
         // mapping past the end of its file) is refused with the whole range still as it was.
+        // (On the way out the hold goes first: it is the last local made.)
         for (v, had) in vm.iter().zip(&had) {
             let rel = v.range.start - range.start;
             mapping::copy_private(v.range, v.prot, v.exec, had.as_deref(), fd.as_fd(), rel, alias + rel as usize)?;
         }
         // A failure past the first adoption gives the parts already adopted back as private
         // memory holding the memfd's bytes: the program's range ends as it was (private), not
-        // as memfd mappings nobody manages (shared with a fork child).
-        let undo = |adopted: &[Vma]| {
-            for v in adopted {
+        // as memfd mappings nobody manages (shared with a fork child). They are memfd mappings
+        // by then, held anew; the first failure is logged once no hold is left.
+        let undo = |adopted: usize| {
+            let _held = WriteHold::new(&whole[..adopted]);
+            let mut failed = None;
+            for v in &vm[..adopted] {
                 if let Err(e) =
                     mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), v.range.start - range.start)
                 {
-                    log::error!("giving {} back after a failed registration: {e}", v.range);
+                    failed.get_or_insert((v.range, e));
                 }
+            }
+            failed
+        };
+        let report = |failed: Option<(VaRange, MappingError)>| {
+            if let Some((r, e)) = failed {
+                log::error!("giving {r} back after a failed registration: {e}");
             }
         };
         for (i, v) in vm.iter().enumerate() {
             if let Err(e) = mapping::adopt_private(v.range, v.prot, v.exec, fd, v.range.start - range.start) {
-                undo(&vm[..i]);
+                // The parts not adopted stay as they are: their writers may go on.
+                drop(hold);
+                let failed = undo(i);
+                report(failed);
                 return Err(e.into());
             }
         }
@@ -536,8 +553,9 @@ impl Host {
             // A registration that failed part way may have registered some VMAs: undone first
             // (waking any fault there), so the moves back raise no UNMAP event.
             let _ = self.uffd.unregister(range);
-            undo(&vm);
+            let failed = undo(vm.len());
             drop(arriving);
+            report(failed);
             return Err(e.into());
         }
         self.ctx.mirrors.lock().push(Arc::downgrade(&mirror));
@@ -567,12 +585,17 @@ impl Host {
                 let _ = self.uffd.unregister(x);
                 let vm = vmas(x).ok_or(RegionError::NotMapped(x))?;
                 // From the copy back until the private memory is moved over the memfd mapping, a
-                // write there would be lost.
-                let hold = WriteHold::new(vm.iter());
-                for v in vm {
-                    mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), s.off + (v.range.start - s.app))?;
-                }
+                // write there would be lost. Large memory is held where the memfd has data.
+                let extents: Vec<Vec<VaRange>> =
+                    vm.iter().map(|v| mapping::data_in(fd.as_fd(), s.off + (v.range.start - s.app), v.range)).collect();
+                let parts: Vec<(VaRange, Option<&[VaRange]>)> =
+                    vm.iter().zip(&extents).map(|(v, e)| (v.range, Some(e.as_slice()))).collect();
+                let hold = WriteHold::new(&parts);
+                let restored = vm.iter().try_for_each(|v| {
+                    mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), s.off + (v.range.start - s.app))
+                });
                 drop(hold);
+                restored?;
                 m.forget(x);
                 // A part the program grew in place past the memory it gives back.
                 self.ctx.fill_room_after(x.end(), m.ino);
@@ -586,44 +609,107 @@ impl Host {
 /// adopted by [`Host::register`], a memfd mapping given back by [`Host::unregister`]): a write
 /// landing between the copy and the replacement went to pages about to be dropped, and was lost.
 /// A userfaultfd of the hold's own write-protects the ranges; a writing thread waits in its
-/// fault, which nobody answers, until the hold is dropped: closing the uffd wakes it (the kernel
-/// retries the fault of a released uffd rather than failing it), and it writes into whatever is
-/// mapped there by then. Reads go on meanwhile.
+/// fault, which nobody answers, until the hold is dropped: unregistering (on kernels older than
+/// 6.12 also what clears the write-protect bits a failed step leaves on memory that stays) and
+/// closing the uffd wake it, and it writes into whatever is mapped there by then. Reads go on.
 ///
 /// Pages without an entry are write-protected too (`UFFD_FEATURE_WP_UNPOPULATED`, where the
-/// kernel has it). Nothing waits for a page to be present: a fault of the copy's own on a page
-/// the program dropped meanwhile (`MADV_DONTNEED`, as `free` does in the heap) must not wait
-/// for the hold.
+/// kernel has it: a marker per page, and the page tables to hold them). In memory larger than
+/// [`MARK_ALL`] only the 2 MiB windows meeting runs known to hold data are: a terabyte of
+/// untouched reservation would take gigabytes of page tables. A page first written elsewhere
+/// there after the copy passed it is lost. Nothing waits for a page to be present: a fault of
+/// the copy's own on a page the program dropped meanwhile (`MADV_DONTNEED`, as `free` does in
+/// the heap) must not wait for the hold.
 ///
 /// Where the kernel cannot (a kernel that lets this process only handle user-mode faults,
 /// memory a uffd of the program's already watches, a private mapping of a regular file), writes
-/// there are not held and may be lost as before. Between [`WriteHold::new`] and the drop the
-/// caller must not allocate: a writer held in the middle of `malloc`'s own bookkeeping
-/// (registered heap memory shares pages with it) may hold the lock an allocation would wait for.
+/// there are not held and may be lost as before. Accesses the kernel makes without being able to
+/// wait (a `/proc/pid/mem` write, an exiting thread clearing its tid) fail instead (EFAULT).
+/// Between [`WriteHold::new`] and the drop the caller must not allocate or free: a writer held in
+/// the middle of `malloc`'s own bookkeeping (registered heap memory shares pages with it) may
+/// hold the lock `malloc` would wait for, and `free` may write into held memory itself.
 struct WriteHold {
     /// Open for the hold's life: closing it is what lets the writers go on.
-    _uffd: Option<Uffd>,
+    uffd: Option<Uffd>,
+    /// The ranges registered (allocated before any is write-protected).
+    held: Vec<VaRange>,
+    /// The first range that could not be held, logged once the hold is gone.
+    failed: Option<(VaRange, crate::uffd::UffdError)>,
 }
 
+/// Memory up to this size is write-protected whole by a [`WriteHold`], data or not.
+const MARK_ALL: u64 = 4 << 30;
+
 impl WriteHold {
-    /// Holds writes to `vmas`.
-    fn new<'a>(vmas: impl Iterator<Item = &'a Vma>) -> WriteHold {
+    /// Holds writes to each range of `parts`, given with the runs of it known to hold data
+    /// (`None`: any page may).
+    fn new(parts: &[(VaRange, Option<&[VaRange]>)]) -> WriteHold {
+        let mut hold = WriteHold { uffd: None, held: Vec::with_capacity(parts.len()), failed: None };
         let optional = Features::WP_UNPOPULATED | Features::WP_HUGETLBFS_SHMEM;
         let uffd = match Uffd::open(Features::PAGEFAULT_FLAG_WP, optional) {
             Ok(u) if u.kernel_faults_supported() => u,
-            Ok(_) => return WriteHold { _uffd: None },
+            Ok(_) => return hold,
             Err(e) => {
                 log::debug!("writes are not held while memory is replaced: {e}");
-                return WriteHold { _uffd: None };
+                return hold;
             }
         };
-        for v in vmas {
-            let held = uffd.register(v.range, RegisterMode::WP).and_then(|_| uffd.writeprotect(v.range, true, false));
-            if let Err(e) = held {
-                log::debug!("writes to {} are not held while it is replaced: {e}", v.range);
+        for &(r, data) in parts {
+            if let Err(e) = uffd.register(r, RegisterMode::WP) {
+                hold.failed.get_or_insert((r, e));
+                continue;
+            }
+            hold.held.push(r);
+            let protected = match data.filter(|_| r.len > MARK_ALL) {
+                None => uffd.writeprotect(r, true, false),
+                Some(runs) => data_windows(r, runs).try_for_each(|w| uffd.writeprotect(w, true, false)),
+            };
+            if let Err(e) = protected {
+                hold.failed.get_or_insert((r, e));
             }
         }
-        WriteHold { _uffd: Some(uffd) }
+        hold.uffd = Some(uffd);
+        hold
+    }
+}
+
+/// The 2 MiB windows of `r` that meet `runs` (sorted), merged and clipped to `r`.
+fn data_windows(r: VaRange, runs: &[VaRange]) -> impl Iterator<Item = VaRange> + '_ {
+    const W: u64 = hetmm_core::types::BLOCK_SIZE;
+    let mut next = r.start;
+    let mut pending: Option<VaRange> = None;
+    let mut it = runs.iter();
+    std::iter::from_fn(move || loop {
+        let Some(run) = it.next() else { return pending.take() };
+        let start = align_down(run.start, W).max(r.start).max(next);
+        let end = align_up(run.end(), W).unwrap_or(u64::MAX).min(r.end());
+        if start >= end {
+            continue;
+        }
+        next = end;
+        match pending.as_mut() {
+            Some(p) if p.end() == start => p.len += end - start,
+            _ => {
+                if let Some(done) = pending.replace(VaRange::new(start, end - start)) {
+                    return Some(done);
+                }
+            }
+        }
+    })
+}
+
+impl Drop for WriteHold {
+    fn drop(&mut self) {
+        if let Some(uffd) = self.uffd.take() {
+            for &r in &self.held {
+                // Nothing is registered there any more where the memory was replaced.
+                let _ = uffd.writeprotect(r, false, false);
+                let _ = uffd.unregister(r);
+            }
+        }
+        if let Some((r, e)) = self.failed.take() {
+            log::debug!("writes to {r} were not held while it was replaced: {e}");
+        }
     }
 }
 
@@ -654,6 +740,62 @@ mod tests {
         // SAFETY: the test's own mapping, not used after.
         unsafe { libc::munmap(p as *mut _, 2 * page) };
         assert_eq!(b, 0xAB, "memory that is not the moved memory's memfd mapping was replaced");
+    }
+
+    #[test]
+    fn data_windows_are_the_2mib_windows_meeting_the_runs_merged_and_clipped() {
+        const W: u64 = 2 << 20;
+        let r = VaRange::new(10 * W + 4096, 20 * W);
+        let runs = [
+            VaRange::new(10 * W + 8192, 4096), // the first window, clipped to `r`
+            VaRange::new(11 * W + 4096, 4096), // the next window: merged with it
+            VaRange::new(11 * W + 8192, 4096), // the same window again
+            VaRange::new(15 * W - 4096, 8192), // across two windows
+            VaRange::new(30 * W, 4096),        // the last window, clipped
+        ];
+        let w: Vec<VaRange> = data_windows(r, &runs).collect();
+        assert_eq!(
+            w,
+            vec![VaRange::new(r.start, 2 * W - 4096), VaRange::new(14 * W, 2 * W), VaRange::new(30 * W, 4096),]
+        );
+        assert_eq!(data_windows(r, &[]).count(), 0);
+    }
+
+    /// A hold over memory larger than [`MARK_ALL`] write-protects only the 2 MiB windows that
+    /// hold data: markers on every page of a large untouched reservation took page tables in
+    /// proportion to its size. Smaller memory is write-protected whole.
+    #[test]
+    fn a_large_hold_marks_only_the_windows_with_data() {
+        let Some(pm) = crate::pagemap::Pagemap::open() else {
+            eprintln!("skipped: /proc/self/pagemap cannot be opened here");
+            return;
+        };
+        let len = (MARK_ALL + (64 << 20)) as usize;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a fresh private reservation at an address the kernel picks.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, rw, flags, -1, 0) } as usize;
+        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+        let data = p + (3 << 30) + 8192;
+        // SAFETY: a byte of the reservation just made.
+        unsafe { (data as *mut u8).write(7) };
+        let range = VaRange::new(p as u64, len as u64);
+        let had = pm.entries(range);
+        assert_eq!(had, vec![VaRange::new(data as u64, PAGE_SIZE)]);
+        let wp = |va: usize| pm.entry(va as u64) & (1 << 57) != 0;
+        let hold = WriteHold::new(&[(range, Some(&had))]);
+        if hold.uffd.is_none() || !hold.held.contains(&range) {
+            eprintln!("skipped: no write-protect hold here ({:?})", hold.failed);
+            return;
+        }
+        let unpopulated = Uffd::open(Features::WP_UNPOPULATED, Features::empty()).is_ok();
+        assert!(wp(data), "the page with data is write-protected");
+        assert_eq!(wp(data + 4096), unpopulated, "so are the pages around it, in its window");
+        assert!(!wp(p + (1 << 30)), "a window without data has no marker");
+        drop(hold);
+        assert!(!wp(data), "the hold gone, nothing is write-protected");
+        // SAFETY: the test's own reservation.
+        unsafe { libc::munmap(p as *mut _, len) };
     }
 
     /// A core that serves no fault (these tests never fault registered memory).

@@ -12,6 +12,16 @@ use hetmm_core::types::{VaRange, PAGE_SIZE};
 const HAS_ENTRY: u64 = (1 << 63) | (1 << 62);
 /// The bit of a pagemap entry saying the page is present (mapped to memory).
 pub(crate) const PRESENT: u64 = 1 << 63;
+/// Swapped out (or migrating, or a marker).
+const SWAP: u64 = 1 << 62;
+/// Write-protected through a userfaultfd (markers always are).
+const UFFD_WP: u64 = 1 << 57;
+
+/// Whether pagemap entry `e` shows data: a present page, or a swap or migration entry that is
+/// not write-protected through a userfaultfd (a marker, which holds none, always is).
+pub(crate) fn has_data(e: u64) -> bool {
+    e & PRESENT != 0 || (e & SWAP != 0 && e & UFFD_WP == 0)
+}
 /// Entries read per `pread` (4 KiB: one 2 MiB block).
 const BATCH: usize = 512;
 
@@ -101,6 +111,13 @@ impl Pagemap {
             },
         );
         out
+    }
+
+    /// The raw pagemap entry of the page at `va` (0 where unreadable).
+    #[cfg(test)]
+    pub(crate) fn entry(&self, va: u64) -> u64 {
+        let mut e = [0u8; 8];
+        self.0.read_exact_at(&mut e, va / PAGE_SIZE * 8).map_or(0, |_| u64::from_ne_bytes(e))
     }
 
     /// Whether the page at `va` is present (mapped to memory): unlike [`Pagemap::any_entry`],

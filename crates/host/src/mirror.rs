@@ -624,7 +624,10 @@ impl Host {
 /// Where the kernel cannot (a kernel that lets this process only handle user-mode faults,
 /// memory a uffd of the program's already watches, a private mapping of a regular file), writes
 /// there are not held and may be lost as before. Accesses the kernel makes without being able to
-/// wait (a `/proc/pid/mem` write, an exiting thread clearing its tid) fail instead (EFAULT).
+/// wait (a `/proc/pid/mem` write, an exiting thread clearing its tid) fail instead (EFAULT). A
+/// fork that goes ahead during a hold (only one from inside an operation can: registering
+/// holds forks off, and that fork's wait is bounded) leaves the child holding the uffd too: the
+/// held writers then wait until the child execs or exits.
 /// Between [`WriteHold::new`] and the drop the caller must not allocate or free: a writer held in
 /// the middle of `malloc`'s own bookkeeping (registered heap memory shares pages with it) may
 /// hold the lock `malloc` would wait for, and `free` may write into held memory itself.

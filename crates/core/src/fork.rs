@@ -618,11 +618,11 @@ mod tests {
         assert!(cpu.forked.lock().is_empty());
     }
 
-    /// A block whose device-only pages two devices hold, the second failing its copy: the first
-    /// device's pages are flushed and counted as such (they were not, as the block was lost
-    /// for the second's), the second's are lost.
+    /// A block whose device-only pages two devices hold, one failing its copy: the other
+    /// device's pages are flushed and counted as such (they were not counted, or not even tried
+    /// when the failing device came first), the failing one's are lost.
     #[test]
-    fn a_flush_failing_on_a_later_device_counts_what_the_earlier_one_copied() {
+    fn a_flush_failing_on_one_device_still_copies_and_counts_the_others() {
         let (space, _cpu, dev, id, host) = setup();
         let other = Arc::new(FakeDevice::new((4 * BLOCK_SIZE) as usize, 0, Arc::clone(&host)));
         let id2 = space.attach(Arc::clone(&other) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
@@ -631,13 +631,18 @@ mod tests {
         let only = |va, d| space.page_state(va).unwrap().resident == ProcMask::only(Proc::Device(d));
         assert!(only(BASE, id) && only(BASE + PAGE_SIZE, id2), "one page on each device");
         device_write(&space, &dev, id, BASE, 0xE1);
-        other.fail_d2h.store(true, std::sync::atomic::Ordering::Relaxed);
-        let guard = space.fork_prepare().unwrap();
-        assert_eq!(space.stats().bytes_fork_flushed, PAGE_SIZE, "the first device's page");
-        assert_eq!(guard.lost_bytes(), PAGE_SIZE, "the second device's page");
-        assert!(host.lock()[..PAGE_SIZE as usize].iter().all(|&b| b == 0xE1));
-        guard.parent();
-        other.fail_d2h.store(false, std::sync::atomic::Ordering::Relaxed);
+        device_write(&space, &other, id2, BASE + PAGE_SIZE, 0xE2);
+        let page = |k: u64| host.lock()[(k * PAGE_SIZE) as usize..((k + 1) * PAGE_SIZE) as usize].to_vec();
+        for (failing, good, at, byte) in [(&other, id, 0, 0xE1u8), (&dev, id2, 1, 0xE2)] {
+            failing.fail_d2h.store(true, std::sync::atomic::Ordering::Relaxed);
+            let before = space.stats().bytes_fork_flushed;
+            let guard = space.fork_prepare().unwrap();
+            assert_eq!(space.stats().bytes_fork_flushed - before, PAGE_SIZE, "device {good:?}'s page");
+            assert_eq!(guard.lost_bytes(), PAGE_SIZE, "the failing device's page");
+            assert!(page(at).iter().all(|&b| b == byte), "device {good:?}'s page reached host memory");
+            guard.parent();
+            failing.fail_d2h.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     #[test]

@@ -845,22 +845,23 @@ fn copy_back(space: &AddressSpace, region: &Region, blk: &Block, slot: &DeviceSl
 /// Copies into host backing the data of every page of `blk` whose only copies are on devices,
 /// changing nothing else: no mapping, residency or permission moves, the devices keep their
 /// copies and the CPU stays unmapped (a `fork()` child reads the host backing; see
-/// [`crate::fork`]). Returns the bytes copied, and on error the pages that may not have been
-/// (those of the device that failed and of the devices after it).
+/// [`crate::fork`]). Every holder is tried: a page a failing device holds comes from another
+/// holder if it has one. Returns the bytes copied, and on error the pages no device could
+/// supply.
 pub(crate) fn flush_to_host(space: &AddressSpace, region: &Region, blk: &Block) -> (u64, Result<(), PageMask>) {
     let mut left = select(blk, &PageMask::full(blk.npages), |p| !p.resident.is_empty() && !p.resident.has(Proc::Cpu));
     let mut bytes = 0;
     for d in device_holders(blk, &left).devices() {
         let here = select(blk, &left, |p| p.resident.has(Proc::Device(d)));
-        let Ok(slot) = space.holder(d) else { return (bytes, Err(left)) };
+        let Ok(slot) = space.holder(d) else { continue };
         if let Err(e) = copy_back(space, region, blk, &slot, &here) {
             log::error!("fork: copying block {:#x} from device {d:?} to host memory: {e}", blk.base);
-            return (bytes, Err(left));
+            continue;
         }
         bytes += here.count() as u64 * PAGE_SIZE;
         left = left.and_not(&here);
     }
-    (bytes, Ok(()))
+    (bytes, if left.is_empty() { Ok(()) } else { Err(left) })
 }
 
 /// Brings the pages `want` of `blk` back into host backing: the CPU becomes the only holder.

@@ -947,16 +947,18 @@ fn holds_hetmm_file(fd: i32) -> bool {
 #[test]
 fn a_fork_child_lets_go_of_the_parents_memfds_and_userfaultfd() {
     let _turn = serial();
+    let fds = || -> Vec<i32> {
+        let dir = std::fs::read_dir("/proc/self/fd").unwrap();
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| holds_hetmm_file(fd)).collect()
+    };
+    // Only this test's: an earlier test's host may still be stopping its threads.
+    let before = fds();
     let hm = Hetmm::new().unwrap();
     let mut buf = hm.alloc::<u8>(LEN).unwrap();
     buf.as_mut_slice().fill(OLD);
     let p = anon(4 * PS, OLD) as usize;
     hm.register(p as *const u8, 4 * PS).unwrap();
-    let held: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| holds_hetmm_file(fd))
-        .collect();
+    let held: Vec<i32> = fds().into_iter().filter(|fd| !before.contains(fd)).collect();
     assert!(held.len() >= 3, "a region's memfd, a registration's and the uffd: {held:?}");
     let status = fork_with(|| {
         // SAFETY: the child's copy of the buffer and of the registered memory, its own now.

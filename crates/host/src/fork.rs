@@ -19,6 +19,11 @@
 //!   handler after a failed `fork()` too: the pipe then ends at once with no byte in it, and the
 //!   prepare is abandoned rather than counted as a fork (`stats.forks`, `bytes_fork_lost`).
 //!
+//! Forks on several threads at once, one of them from inside an operation, take turns as
+//! `prepare_all` says only with glibc 2.36 or later: older glibc holds its own lock from the
+//! prepare handlers to the parent and child ones, so the fork from inside the operation waits
+//! for that lock while the other fork waits for the operation.
+//!
 //! The only `unsafe` here is the registration of the handlers.
 
 use std::cell::RefCell;
@@ -168,7 +173,7 @@ fn prepare_all() {
         }
         if attempt == tries {
             log::warn!(
-                "fork: memory kept being unmapped or moved while the fork was prepared; a child may see an old layout"
+                "fork: memory was being unmapped or moved while the fork was prepared; a child may see an old layout"
             );
             break;
         }
@@ -281,6 +286,10 @@ extern "C" fn child() {
     let _ = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
         let Stash { mut registry, mut guards, hosts, sync, .. } = stash;
+        // First of all, the byte that says a child exists (whatever becomes of it below).
+        if let Some((_, wr)) = &sync {
+            let _ = rustix::io::write(wr, &[1]);
+        }
         CHILD_ERRNO.store(0, Ordering::Release);
         CHILD_LOST.store(guards.iter().map(ForkGuard::lost_bytes).sum(), Ordering::Release);
         for g in guards.drain(..) {
@@ -302,10 +311,7 @@ extern "C" fn child() {
         // They are the parent's: a later fork of this child has nothing to prepare for them.
         registry.clear();
         drop(registry);
-        // The byte says a child existed; closing the write end, that the copy is taken.
-        if let Some((_, wr)) = &sync {
-            let _ = rustix::io::write(wr, &[1]);
-        }
+        // Closing the write end tells the parent that the copy is taken.
         drop(sync);
     });
 }
@@ -347,6 +353,7 @@ mod tests {
     /// not a fork. It was counted as one (`stats.forks`), with the bytes it found lost.
     #[test]
     fn a_fork_that_made_no_child_is_not_counted() {
+        let _turn = crate::test_support::fork_turn();
         let space = AddressSpace::new(CoreConfig::default());
         let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
         track(&space, &host).unwrap();

@@ -1835,6 +1835,7 @@ mod tests {
     /// refuse to act from the child.
     #[test]
     fn uffd_refuses_ioctls_from_a_fork_child() {
+        let _turn = crate::test_support::fork_turn();
         let (_core, host, region) = setup(2 * PAGE_SIZE);
         region.populate(&[page(&region, 0)]).unwrap();
         // SAFETY: the child only makes uffd calls that refuse at once in a child (a pid check, no
@@ -1879,6 +1880,7 @@ mod tests {
     /// exist there, and each join used to wait out its 5 s timeout.
     #[test]
     fn a_fork_child_drops_its_host_promptly() {
+        let _turn = crate::test_support::fork_turn();
         let core = Arc::new(TestCore::default());
         let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
         // SAFETY: the child drops the host (no uffd call, no lock of the parent's threads: the

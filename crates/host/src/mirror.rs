@@ -609,9 +609,10 @@ impl Host {
 /// adopted by [`Host::register`], a memfd mapping given back by [`Host::unregister`]): a write
 /// landing between the copy and the replacement went to pages about to be dropped, and was lost.
 /// A userfaultfd of the hold's own write-protects the ranges; a writing thread waits in its
-/// fault, which nobody answers, until the hold is dropped: unregistering (on kernels older than
-/// 6.12 also what clears the write-protect bits a failed step leaves on memory that stays) and
-/// closing the uffd wake it, and it writes into whatever is mapped there by then. Reads go on.
+/// fault, which nobody answers, until the hold is dropped: it unprotects and unregisters the
+/// ranges (on kernels older than 6.12 the close would leave the write-protect bits a failed step
+/// leaves on memory that stays), wakes the waiters and closes the uffd, and a woken writer
+/// writes into whatever is mapped there by then. Reads go on.
 ///
 /// Pages without an entry are write-protected too (`UFFD_FEATURE_WP_UNPOPULATED`, where the
 /// kernel has it: a marker per page, and the page tables to hold them). In memory larger than
@@ -626,8 +627,8 @@ impl Host {
 /// there are not held and may be lost as before. Accesses the kernel makes without being able to
 /// wait (a `/proc/pid/mem` write, an exiting thread clearing its tid) fail instead (EFAULT). A
 /// fork that goes ahead during a hold (only one from inside an operation can: registering
-/// holds forks off, and that fork's wait is bounded) leaves the child holding the uffd too: the
-/// held writers then wait until the child execs or exits.
+/// holds forks off, and that fork's wait is bounded) leaves the child holding the uffd too, so
+/// the close would not wake the writers: the drop wakes them first.
 /// Between [`WriteHold::new`] and the drop the caller must not allocate or free: a writer held in
 /// the middle of `malloc`'s own bookkeeping (registered heap memory shares pages with it) may
 /// hold the lock `malloc` would wait for, and `free` may write into held memory itself.
@@ -708,6 +709,10 @@ impl Drop for WriteHold {
                 // Nothing is registered there any more where the memory was replaced.
                 let _ = uffd.writeprotect(r, false, false);
                 let _ = uffd.unregister(r);
+                // Unregistering wakes only the waiters of VMAs still registered, and closing
+                // only where no fork child shares the uffd: the writers held where the memory
+                // was replaced are woken here.
+                let _ = uffd.wake(r);
             }
         }
         if let Some((r, e)) = self.failed.take() {
@@ -798,6 +803,58 @@ mod tests {
         drop(hold);
         assert!(!wp(data), "the hold gone, nothing is write-protected");
         // SAFETY: the test's own reservation.
+        unsafe { libc::munmap(p as *mut _, len) };
+    }
+
+    /// A fork child that shares the hold's uffd (it was forked during the hold) does not keep
+    /// the held writers waiting once the hold is dropped: closing a uffd a child still has wakes
+    /// nobody, and they waited until the child exited.
+    #[test]
+    fn a_hold_wakes_its_writers_though_a_fork_child_shares_its_uffd() {
+        let _turn = crate::test_support::fork_turn();
+        let len = 4 * PAGE_SIZE as usize;
+        let p = private_filled(len, 1) as usize;
+        let range = VaRange::new(p as u64, len as u64);
+        let hold = WriteHold::new(&[(range, None)]);
+        if hold.uffd.is_none() || !hold.held.contains(&range) {
+            eprintln!("skipped: no write-protect hold here ({:?})", hold.failed);
+            return;
+        }
+        // SAFETY: a byte of the test's mapping, written once by this thread alone.
+        let writer = std::thread::spawn(move || unsafe { (p as *mut u8).write_volatile(2) });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!writer.is_finished(), "the write is held");
+        // SAFETY: the child only sleeps and `_exit`s: no allocation, no lock.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls only, in the child.
+            unsafe {
+                libc::sleep(20);
+                libc::_exit(0);
+            }
+        }
+        // The memory replaced, as a registration replaces it.
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+        // SAFETY: replaces the test's own mapping, which no reference covers.
+        assert_eq!(unsafe { libc::mmap(p as *mut _, len, rw, flags, -1, 0) } as usize, p);
+        drop(hold);
+        let t = std::time::Instant::now();
+        while !writer.is_finished() && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let woken = writer.is_finished();
+        // SAFETY: the child made above; killed and reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        assert!(woken, "the writer still waited with the child alive");
+        writer.join().unwrap();
+        // SAFETY: byte 0 of the new mapping, which the woken writer wrote.
+        assert_eq!(unsafe { (p as *const u8).read_volatile() }, 2, "the write landed in the new memory");
+        // SAFETY: the test's own mapping, not used afterwards.
         unsafe { libc::munmap(p as *mut _, len) };
     }
 

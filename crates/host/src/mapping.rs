@@ -1271,24 +1271,33 @@ fn move_copy_over(
 /// The runs of `range` (shown by `memfd` from byte `off`) where the memfd has data (its holes
 /// read as zeros), in `range`'s addresses. Where the extents cannot be read, all of `range`.
 pub(crate) fn data_in(memfd: BorrowedFd<'_>, off: u64, range: VaRange) -> Vec<VaRange> {
-    let end = off + range.len;
-    let mut out = Vec::new();
+    data_extents(memfd, off, off + range.len)
+        .map(|x| x.map(|(data, hole)| VaRange::new(range.start + (data - off), hole - data)))
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|_| vec![range])
+}
+
+/// The data extents of `memfd` in the file offsets `[off, end)`, as `(start, end)` in order
+/// (`lseek` with `SEEK_DATA` and `SEEK_HOLE`; the holes read as zeros). Allocates nothing.
+fn data_extents(memfd: BorrowedFd<'_>, off: u64, end: u64) -> impl Iterator<Item = Result<(u64, u64), Errno>> + '_ {
     let mut pos = off;
-    while pos < end {
-        let data = match rustix::fs::seek(memfd, rustix::fs::SeekFrom::Data(pos)) {
-            Ok(d) => d.min(end),
-            Err(Errno::NXIO) => break,
-            Err(_) => return vec![range],
-        };
-        if data >= end {
-            break;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
         }
-        let Ok(hole) = rustix::fs::seek(memfd, rustix::fs::SeekFrom::Hole(data)) else { return vec![range] };
-        let hole = hole.min(end);
-        out.push(VaRange::new(range.start + (data - off), hole - data));
-        pos = hole;
-    }
-    out
+        let extent = match rustix::fs::seek(memfd, rustix::fs::SeekFrom::Data(pos)) {
+            // No data after `pos`, or none before `end`.
+            Err(Errno::NXIO) => None,
+            Ok(data) if data >= end => None,
+            Ok(data) => Some(rustix::fs::seek(memfd, rustix::fs::SeekFrom::Hole(data)).map(|h| (data, h.min(end)))),
+            Err(e) => Some(Err(e)),
+        };
+        pos = match extent {
+            Some(Ok((_, hole))) => hole,
+            _ => end,
+        };
+        extent
+    })
 }
 
 /// Copies the data extents of `memfd` from `off` into `range.len` bytes at `dst` (holes are
@@ -1299,21 +1308,8 @@ pub(crate) fn data_in(memfd: BorrowedFd<'_>, off: u64, range: VaRange) -> Vec<Va
 /// `dst..dst + range.len` must be writable memory the caller owns, which no Rust reference
 /// covers during the call.
 unsafe fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off: u64) -> Result<(), MappingError> {
-    let end = off + range.len;
-    let mut pos = off;
-    while pos < end {
-        let data = match rustix::fs::seek(memfd, rustix::fs::SeekFrom::Data(pos)) {
-            Ok(d) => d,
-            // No data after `pos`.
-            Err(Errno::NXIO) => return Ok(()),
-            Err(e) => return Err(os_err("lseek(SEEK_DATA)", range)(e)),
-        };
-        if data >= end {
-            return Ok(());
-        }
-        let hole = rustix::fs::seek(memfd, rustix::fs::SeekFrom::Hole(data))
-            .map_err(os_err("lseek(SEEK_HOLE)", range))?
-            .min(end);
+    for extent in data_extents(memfd, off, off + range.len) {
+        let (data, hole) = extent.map_err(os_err("lseek(SEEK_DATA, SEEK_HOLE)", range))?;
         let mut cur = data;
         while cur < hole {
             // SAFETY: `[dst + (cur - off), dst + (hole - off))` is in the caller's mapping of
@@ -1329,7 +1325,6 @@ unsafe fn fill_from_memfd(dst: usize, range: VaRange, memfd: BorrowedFd<'_>, off
                 Err(e) => return Err(os_err("pread", range)(e)),
             }
         }
-        pos = hole;
     }
     Ok(())
 }

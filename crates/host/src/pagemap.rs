@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use hetmm_core::types::{VaRange, PAGE_SIZE};
+use hetmm_core::types::{align_down, VaRange, PAGE_SIZE};
 
 /// Bits of a pagemap entry saying the page has an entry: present, or swapped out (or a marker,
 /// which shows as a swap entry: what a userfaultfd write-protect leaves on a page without one).
@@ -22,6 +22,7 @@ const UFFD_WP: u64 = 1 << 57;
 pub(crate) fn has_data(e: u64) -> bool {
     e & PRESENT != 0 || (e & SWAP != 0 && e & UFFD_WP == 0)
 }
+
 /// Entries read per `pread` (4 KiB: one 2 MiB block).
 const BATCH: usize = 512;
 
@@ -38,27 +39,13 @@ impl Pagemap {
     /// Whether any page of `range` has a page-table entry in this process. An unreadable entry
     /// counts as one (the caller then takes the path that is right either way).
     pub(crate) fn any_entry(&self, range: VaRange) -> bool {
-        let mut buf = [0u8; BATCH * 8];
         if range.len == 0 {
             return false;
         }
         // Every page holding a byte of the range, also when `start` is not page aligned.
-        let first = range.start / PAGE_SIZE;
-        let pages = (range.end() - 1) / PAGE_SIZE + 1 - first;
-        let mut done = 0;
-        while done < pages {
-            let n = (pages - done).min(BATCH as u64) as usize;
-            let bytes = &mut buf[..n * 8];
-            if self.0.read_exact_at(bytes, (first + done) * 8).is_err() {
-                return true;
-            }
-            let mut words = bytes.chunks_exact(8).map(|w| u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8])));
-            if words.any(|e| e & HAS_ENTRY != 0) {
-                return true;
-            }
-            done += n as u64;
-        }
-        false
+        let first = align_down(range.start, PAGE_SIZE);
+        let pages = VaRange::new(first, align_down(range.end() - 1, PAGE_SIZE) + PAGE_SIZE - first);
+        self.runs(pages, |_, e| e & HAS_ENTRY != 0, |_| Err(())).is_err()
     }
 
     /// Calls `each` with the runs of pages of `range` (page aligned) whose pagemap entry

@@ -313,9 +313,9 @@ fn gpu_registered_memory_need_not_start_on_a_2mib_boundary() {
     let x_at = map.next_multiple_of(2 << 20) + (64 << 10);
     let y_at = x_at + len;
     let n = len / 4;
-    // SAFETY: both lie inside the mapping (at most 2 MiB + 64 KiB + 2 * len < 12 MiB in) and do
-    // not overlap; the kernels below write `y` only while no slice of it is held (the slices
-    // are made again after each launch has been waited for).
+    // Both lie inside the mapping (at most 2 MiB + 64 KiB + 2 * len < 12 MiB in); the slices
+    // are made again after each launch has been waited for.
+    // SAFETY: in the mapping, disjoint, and no slice is held while a kernel writes `y`.
     let slices = || unsafe {
         (std::slice::from_raw_parts_mut(x_at as *mut f32, n), std::slice::from_raw_parts_mut(y_at as *mut f32, n))
     };

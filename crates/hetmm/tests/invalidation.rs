@@ -1472,9 +1472,9 @@ fn writes_racing_register_and_unregister_are_not_lost() {
     let rounds = 400;
     for step in ["register", "unregister"] {
         if step == "unregister" {
-            // SAFETY: the test's own mapping, not written by anyone else now. (Before the
-            // registration it is fresh: the writer's first round touches its pages while they
-            // are copied.)
+            // (Before the registration it is fresh: the writer's first round touches its pages
+            // while they are copied.)
+            // SAFETY: the test's own mapping, not written by anyone else now.
             unsafe { std::ptr::write_bytes(p as *mut u8, 0, len) };
         }
         let writer = std::thread::spawn(move || count_into_pages(p, len, rounds));

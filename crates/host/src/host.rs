@@ -79,7 +79,7 @@ pub struct Host {
     reaper: Option<Reaper>,
     /// Which alias pages already have entries ([`Revoke::IntoAlias`] moves only where none);
     /// `None` where procfs refuses (then nothing moves into the alias).
-    pagemap: Option<Pagemap>,
+    pub(crate) pagemap: Option<Pagemap>,
 }
 
 /// The thread that frees page-table entries revokes moved out of application views, stopped

@@ -799,9 +799,9 @@ pub(crate) unsafe fn alias_is_zero(addr: usize, len: usize) -> bool {
 /// only.
 pub(crate) fn retire_fd_in_child(fd: BorrowedFd<'_>, null: BorrowedFd<'_>) {
     use std::os::fd::AsRawFd;
-    // SAFETY: `dup3` only changes which file the descriptor number of `fd` refers to in this
-    // process; the number stays open and its owner keeps it (the caller's contract: a fork
-    // child, where the owner is never used or dropped). No memory is touched.
+    // The number stays open and its owner keeps it (the caller's contract: a fork child, where
+    // the owner is never used or dropped).
+    // SAFETY: `dup3` only changes which file `fd`'s number refers to; no memory is touched.
     let _ = unsafe { libc::dup3(null.as_raw_fd(), fd.as_raw_fd(), libc::O_CLOEXEC) };
 }
 
@@ -822,8 +822,9 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
 /// from byte `off`, which the alias at `dst` shows. The kernel copies (`pwrite` from the
 /// program's addresses), so a page the program could not read either (a file mapping past the
 /// end of its file) is an error here, where reading it directly would raise SIGBUS in the
-/// manager. Of anonymous memory only the pages with data are copied (the others read as zeros,
-/// as the memfd's holes do): `had`, the runs that had page-table entries when the caller began
+/// manager. Of anonymous memory (`had` given: the process's pagemap and runs) only the pages
+/// with data are copied (the others read as zeros, as the memfd's holes do): the runs that had
+/// page-table entries when the caller began
 /// holding the program's writes (`mirror::WriteHold`, whose write-protect then leaves markers
 /// that read as swap entries on the pages that had none), and the pages present now (written
 /// since, and swap or migration entries the hold did not write-protect; a page written just
@@ -838,7 +839,7 @@ pub(crate) fn copy_private(
     range: VaRange,
     prot: hetmm_core::types::Prot,
     exec: bool,
-    had: Option<&[VaRange]>,
+    had: Option<(&crate::pagemap::Pagemap, &[VaRange])>,
     memfd: BorrowedFd<'_>,
     off: u64,
     dst: usize,
@@ -856,9 +857,8 @@ pub(crate) fn copy_private(
         let rel = run.start - range.start;
         copy_run(run, memfd, off + rel, dst + rel as usize)
     };
-    let pagemap = had.and_then(|had| Some((had, crate::pagemap::Pagemap::open()?)));
-    let copied = match pagemap {
-        Some((had, pm)) => {
+    let copied = match had {
+        Some((pm, had)) => {
             let had_entry = |va: u64| {
                 let i = had.partition_point(|r| r.end() <= va);
                 had.get(i).is_some_and(|r| r.contains(va))
@@ -889,9 +889,9 @@ fn copy_run(run: VaRange, memfd: BorrowedFd<'_>, off: u64, dst: usize) -> Result
     let len = run.len as usize;
     let mut done = 0;
     while done < len {
-        // SAFETY: the kernel reads `[run.start + done, run.end)`, the program's memory, mapped
-        // readable (the caller's contract); no Rust reference to it is made (the program's own
-        // threads may write it), and the kernel checks every address it reads.
+        // No Rust reference to the program's memory is made: its own threads may write it.
+        // SAFETY: the kernel reads `[run.start + done, run.end)`, mapped readable (the caller's
+        // contract), and checks every address it reads.
         let n = unsafe {
             libc::pwrite(
                 memfd.as_raw_fd(),
@@ -1666,8 +1666,9 @@ mod tests {
         let range = VaRange::new(prog as u64, len as u64);
         let (memfd, alias) = memfd_with_alias(len as u64).unwrap();
         let rw = hetmm_core::types::Prot::READ | hetmm_core::types::Prot::WRITE;
-        let had = crate::pagemap::Pagemap::open().unwrap().entries(range);
-        copy_private(range, rw, false, Some(&had), memfd.as_fd(), 0, alias).unwrap();
+        let pm = crate::pagemap::Pagemap::open().unwrap();
+        let had = pm.entries(range);
+        copy_private(range, rw, false, Some((&pm, &had)), memfd.as_fd(), 0, alias).unwrap();
         // SAFETY: byte 5 * 4096 of the alias, `len` bytes mapped above.
         assert_eq!(unsafe { (alias as *const u8).add(5 * PAGE_SIZE as usize).read() }, 0xab);
         let allocated = rustix::fs::fstat(&memfd).unwrap().st_blocks as u64 * 512;

@@ -498,9 +498,9 @@ impl Host {
         });
         let fd = mirror.memfd.as_ref().ok_or(MappingError::BadLength(0))?;
         // The pages of anonymous parts with data, read before the hold below marks the others.
-        let pagemap = crate::pagemap::Pagemap::open();
+        let pagemap = self.pagemap.as_ref();
         let had: Vec<Option<Vec<VaRange>>> =
-            vm.iter().map(|v| pagemap.as_ref().filter(|_| v.anon).map(|pm| pm.entries(v.range))).collect();
+            vm.iter().map(|v| pagemap.filter(|_| v.anon).map(|pm| pm.entries(v.range))).collect();
         // From the copy until the memfd is mapped over the memory, a write there would be lost.
         // (Made before the hold: nothing is allocated while it holds.)
         let whole: Vec<(VaRange, Option<&[VaRange]>)> = vm.iter().map(|v| (v.range, None)).collect();
@@ -512,7 +512,8 @@ impl Host {
         // (On the way out the hold goes first: it is the last local made.)
         for (v, had) in vm.iter().zip(&had) {
             let rel = v.range.start - range.start;
-            mapping::copy_private(v.range, v.prot, v.exec, had.as_deref(), fd.as_fd(), rel, alias + rel as usize)?;
+            let had = pagemap.zip(had.as_deref());
+            mapping::copy_private(v.range, v.prot, v.exec, had, fd.as_fd(), rel, alias + rel as usize)?;
         }
         // A failure past the first adoption gives the parts already adopted back as private
         // memory holding the memfd's bytes: the program's range ends as it was (private), not

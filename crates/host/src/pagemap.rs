@@ -11,7 +11,7 @@ use hetmm_core::types::{align_down, VaRange, PAGE_SIZE};
 /// which shows as a swap entry: what a userfaultfd write-protect leaves on a page without one).
 const HAS_ENTRY: u64 = (1 << 63) | (1 << 62);
 /// The bit of a pagemap entry saying the page is present (mapped to memory).
-pub(crate) const PRESENT: u64 = 1 << 63;
+const PRESENT: u64 = 1 << 63;
 /// Swapped out (or migrating, or a marker).
 const SWAP: u64 = 1 << 62;
 /// Write-protected through a userfaultfd (markers always are).
@@ -111,8 +111,7 @@ impl Pagemap {
     /// a swap entry or a marker (a write-protected entry the kernel dropped) is not.
     #[cfg(test)]
     pub(crate) fn present(&self, va: u64) -> bool {
-        let mut e = [0u8; 8];
-        self.0.read_exact_at(&mut e, va / PAGE_SIZE * 8).is_ok_and(|_| u64::from_ne_bytes(e) & PRESENT != 0)
+        self.entry(va) & PRESENT != 0
     }
 }
 

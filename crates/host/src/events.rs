@@ -53,11 +53,12 @@ pub(crate) struct Ctx {
     /// Bytes of moved-out page-table entries freed (zapped a block at a time: see
     /// `host::release`).
     pub(crate) reaped: AtomicU64,
-    /// Registered memory (followed through unmap and remap).
-    pub(crate) mirrors: Mutex<Vec<Weak<Mirror>>>,
+    /// Registered memory (followed through unmap and remap). In an `Arc` so that a fork can
+    /// hold the list from its prepare to its child (see [`crate::Host::hold_for_fork`]).
+    pub(crate) mirrors: Arc<Mutex<Vec<Weak<Mirror>>>>,
     /// Regions of [`crate::Host::create_region`] (parts the program moves out of them are
-    /// followed: see [`crate::HostRegion::moved_away`]).
-    pub(crate) regions: Mutex<Vec<Weak<crate::HostRegion>>>,
+    /// followed: see [`crate::HostRegion::moved_away`]). In an `Arc` as `mirrors` is.
+    pub(crate) regions: Arc<Mutex<Vec<Weak<crate::HostRegion>>>>,
     /// Ranges being registered ([`crate::Host::register`]): registered with userfaultfd, not
     /// yet known to the core. A fault there waits until the registration is done.
     arriving: Mutex<Vec<VaRange>>,
@@ -147,8 +148,8 @@ impl Ctx {
             reshape_log: Mutex::new(Reshapes::default()),
             reshapes_applied: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
-            mirrors: Mutex::new(Vec::new()),
-            regions: Mutex::new(Vec::new()),
+            mirrors: Arc::new(Mutex::new(Vec::new())),
+            regions: Arc::new(Mutex::new(Vec::new())),
             arriving: Mutex::new(Vec::new()),
             layout: parking_lot::RwLock::new(()),
             probe: crate::mapping::probe_page()

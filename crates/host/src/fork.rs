@@ -7,6 +7,8 @@
 //!   that it has its copy. The registry of address spaces is locked only once they are all
 //!   prepared, for the fork itself: forks on several threads at once, from inside hetmm
 //!   operations or not, never wait for each other while holding it (see `prepare_all`).
+//!   Last, each host's lists of regions and registered memory are locked (`Host::hold_for_fork`),
+//!   so that the child finds them whole and unlocked by anyone else.
 //! - child: the parent's address spaces become inert, each region's CPU side makes the child's
 //!   view private (`CpuMmu::fork_child`: a private anonymous copy of private memory, read from
 //!   the memfd, wherever the child has it mapped (read from `/proc/self/maps`: the program may
@@ -36,7 +38,7 @@ use hetmm_core::error::CoreError;
 use hetmm_core::{AddressSpace, ForkGuard};
 use rustix::io::Errno;
 
-use crate::host::Host;
+use crate::host::{ForkHold, Host};
 
 /// Why an address space could not be tracked for `fork()`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +85,8 @@ struct Stash {
     registry: MutexGuard<'static, Vec<Tracked>>,
     guards: Vec<ForkGuard>,
     hosts: Vec<Arc<Host>>,
+    /// Each host's lists, locked for the fork (one per host, in `hosts`' order).
+    held: Vec<ForkHold>,
     /// Read end (parent) and write end (child) of the "copy taken" pipe.
     sync: Option<(OwnedFd, OwnedFd)>,
     wait: Duration,
@@ -199,6 +203,17 @@ fn prepare_all() {
         }
     };
     let Prepared { guards, hosts, .. } = p;
+    // Several address spaces may share a host: its lists are locked once.
+    let mut unique: Vec<Arc<Host>> = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        if !unique.iter().any(|u| Arc::ptr_eq(u, &h)) {
+            unique.push(h);
+        }
+    }
+    let hosts = unique;
+    // Last, with every gate closed and the registry locked: nothing waits for this thread's
+    // locks while holding a list (see `Host::hold_for_fork`).
+    let held = hosts.iter().map(|h| h.hold_for_fork()).collect();
     let bytes: u64 = guards.iter().map(ForkGuard::private_bytes).sum();
     let sync = if guards.is_empty() {
         None
@@ -212,7 +227,7 @@ fn prepare_all() {
         }
     };
     let wait = WAIT_BASE.saturating_add(WAIT_PER_GIB.saturating_mul(u32::try_from(bytes >> 30).unwrap_or(u32::MAX)));
-    STASH.with(|s| *s.borrow_mut() = Some(Stash { registry, guards, hosts, sync, wait }));
+    STASH.with(|s| *s.borrow_mut() = Some(Stash { registry, guards, hosts, held, sync, wait }));
 }
 
 /// The tracked address spaces, read under the registry's lock (held only for that).
@@ -256,7 +271,7 @@ impl Prepared {
 extern "C" fn parent() {
     let r = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
-        let Stash { registry, guards, hosts, sync, wait } = stash;
+        let Stash { registry, guards, hosts, held, sync, wait } = stash;
         let mut child = true;
         if let Some((rd, wr)) = sync {
             drop(wr);
@@ -273,6 +288,7 @@ extern "C" fn parent() {
                 g.abandon();
             }
         }
+        drop(held);
         drop(registry);
         drop(hosts);
     });
@@ -285,7 +301,7 @@ extern "C" fn child() {
     // A forked child: no logging, no unwinding out of here.
     let _ = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
-        let Stash { mut registry, mut guards, hosts, sync, .. } = stash;
+        let Stash { mut registry, mut guards, hosts, held, sync, .. } = stash;
         // First of all, the byte that says a child exists (whatever becomes of it below).
         if let Some((_, wr)) = &sync {
             let _ = rustix::io::write(wr, &[1]);
@@ -302,8 +318,8 @@ extern "C" fn child() {
             }
         }
         // Every view is the child's now: the parent's memfds and uffd can go.
-        for h in &hosts {
-            h.retire_in_child();
+        for (h, held) in hosts.iter().zip(held) {
+            h.retire_in_child(held);
         }
         // The parent's hosts and spaces must never be dropped here (their threads do not exist).
         std::mem::forget(guards);
@@ -362,5 +378,65 @@ mod tests {
         // As after `fork()` returned -1.
         parent();
         assert_eq!(space.stats().forks, 0, "no child, no fork");
+    }
+
+    /// A fork while another thread holds the host's list of regions (a region being listed,
+    /// or the list pruned) still lets the child let go of the regions' memfds: the prepare
+    /// waits for the list and holds it through the fork. The child only tried the lock before,
+    /// and kept every memfd when another thread had held the list at the fork.
+    #[test]
+    fn a_fork_while_a_list_is_held_still_retires_the_childs_memfds() {
+        use std::os::unix::fs::MetadataExt;
+        let _turn = crate::test_support::fork_turn();
+        let memfds = || -> Vec<(i32, u64)> {
+            let dir = std::fs::read_dir("/proc/self/fd").unwrap();
+            dir.filter_map(|e| {
+                let fd: i32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+                let ino = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.ino();
+                link.to_str()?.starts_with("/memfd:hetmm").then_some((fd, ino))
+            })
+            .collect()
+        };
+        let space = AddressSpace::new(CoreConfig::default());
+        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
+        track(&space, &host).unwrap();
+        let before = memfds();
+        let region = host.create_region(2 << 20).unwrap();
+        let ours: Vec<(i32, u64)> = memfds().into_iter().filter(|f| !before.contains(f)).collect();
+        assert!(!ours.is_empty(), "the region's memfd is open");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lists = host.ctx.regions.clone();
+        let holder = std::thread::spawn(move || {
+            let held = lists.lock();
+            tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            drop(held);
+        });
+        rx.recv().unwrap();
+        // SAFETY: the child calls only `fstat` and `_exit` (async-signal-safe) on memory it
+        // has, and never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let kept = ours.iter().any(|&(fd, ino)| {
+                // SAFETY: an all-zero `stat` is a valid value of the plain C struct.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: `st` is a live local of the right type; `fd` is any descriptor.
+                unsafe { libc::fstat(fd, &mut st) == 0 && st.st_ino == ino }
+            });
+            // SAFETY: ends the child at once, as a fork child should.
+            unsafe { libc::_exit(i32::from(kept)) };
+        }
+        assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+        let mut status = 0;
+        // SAFETY: waits for this test's own child, into a live local.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        holder.join().unwrap();
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child kept the region's memfd ({status:#x})"
+        );
+        assert!(memfds().iter().any(|f| ours.contains(f)), "the parent keeps it");
+        drop(region);
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use hetmm_core::device::HostAddr;
 use hetmm_core::types::{VaRange, BLOCK_SIZE, PAGE_SIZE};
-use parking_lot::Mutex;
+use parking_lot::{ArcMutexGuard, Mutex, RawMutex};
 
 use crate::events::{self, Ctx, Own};
 use crate::mapping::{MappingError, MovedOut, SharedMapping};
@@ -202,32 +202,52 @@ impl Host {
         self.uffd.kernel_faults_supported()
     }
 
+    /// Locks the lists of regions and registered memory for a `fork()`, from its prepare
+    /// handler until its parent or child handler: the child reads them to let go of the
+    /// parent's files ([`Host::retire_in_child`]), and a list another thread held at the
+    /// moment of the fork would stay locked in the child for ever. Their holders never wait
+    /// for anything while holding them, so this waits only for a push or a prune to end.
+    pub(crate) fn hold_for_fork(&self) -> ForkHold {
+        ForkHold { regions: self.ctx.regions.lock_arc(), mirrors: self.ctx.mirrors.lock_arc() }
+    }
+
     /// In a `fork()` child, once every view was made the child's own (`CpuMmu::fork_child`):
     /// lets go of the parent's files the child still holds, the memfds (whose pages would stay
     /// allocated while the child lives after the parent frees them) and the userfaultfd. Only
-    /// system calls; the lists are only tried (a parent's thread may have held one at the fork),
-    /// and what is not reached stays held. Nothing in the process that made the host.
-    pub fn retire_in_child(&self) {
+    /// system calls; `held` is what the prepare handler locked ([`Host::hold_for_fork`]), and
+    /// stays locked (the child's copies of the parent's objects are never used again; an unlock
+    /// could wake threads that do not exist here). Nothing in the process that made the host.
+    pub(crate) fn retire_in_child(&self, held: ForkHold) {
         use std::os::fd::AsFd;
+        let held = std::mem::ManuallyDrop::new(held);
         if rustix::process::getpid() == self.uffd.owner() {
             return;
         }
         let Ok(null) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) else { return };
         let null = null.as_fd();
-        if let Some(regions) = self.ctx.regions.try_lock() {
-            for r in regions.iter().filter_map(Weak::upgrade) {
-                r.mapping.retire_in_child(null);
-                // Never the last holder here: the core's region keeps it; never dropped anyway.
-                std::mem::forget(r);
-            }
+        for r in held.regions.iter().filter_map(Weak::upgrade) {
+            r.mapping.retire_in_child(null);
+            // Never the last holder here: the core's region keeps it; never dropped anyway.
+            std::mem::forget(r);
         }
-        if let Some(mirrors) = self.ctx.mirrors.try_lock() {
-            for m in mirrors.iter().filter_map(Weak::upgrade) {
-                m.retire_in_child(null);
-                std::mem::forget(m);
-            }
+        for m in held.mirrors.iter().filter_map(Weak::upgrade) {
+            m.retire_in_child(null);
+            std::mem::forget(m);
         }
         crate::mapping::retire_fd_in_child(self.uffd.as_fd(), null);
+    }
+}
+
+/// A host's lists of regions and registered memory, locked for a `fork()` (see
+/// [`Host::hold_for_fork`]). Dropping it (in the parent) unlocks them.
+pub(crate) struct ForkHold {
+    regions: ArcMutexGuard<RawMutex, Vec<Weak<crate::HostRegion>>>,
+    mirrors: ArcMutexGuard<RawMutex, Vec<Weak<crate::mirror::Mirror>>>,
+}
+
+impl std::fmt::Debug for ForkHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForkHold").field("regions", &self.regions.len()).field("mirrors", &self.mirrors.len()).finish()
     }
 }
 

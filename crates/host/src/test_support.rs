@@ -3,7 +3,6 @@
 use std::io::{Seek, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// A fresh file, already unlinked, open for reading and writing.
 /// Held by the tests that fork or run the fork handlers: a fork prepares every tracked address
 /// space in the process, so one test's fork changes another's fork counts.
 pub(crate) static FORKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -13,6 +12,7 @@ pub(crate) fn fork_turn() -> std::sync::MutexGuard<'static, ()> {
     FORKS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A fresh file, already unlinked, open for reading and writing.
 pub(crate) fn tempfile() -> std::fs::File {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let path = std::env::temp_dir().join(format!(

@@ -57,6 +57,11 @@ const WAIT_PER_GIB: Duration = Duration::from_secs(4);
 /// still unapplied (see `prepare_all`): each retry flushes device-only data again.
 const PREPARE_TRIES: usize = 4;
 
+/// The longest a prepare waits for each of a host's lists (see `Host::hold_for_fork`), and
+/// from inside an operation. Their holders hold them for microseconds.
+const LIST_WAIT: Duration = Duration::from_millis(500);
+const LIST_WAIT_INSIDE: Duration = Duration::from_millis(2);
+
 /// One address space with the host serving it.
 #[derive(Debug, Clone)]
 struct Tracked {
@@ -212,8 +217,10 @@ fn prepare_all() {
     }
     let hosts = unique;
     // Last, with every gate closed and the registry locked: nothing waits for this thread's
-    // locks while holding a list (see `Host::hold_for_fork`).
-    let held = hosts.iter().map(|h| h.hold_for_fork()).collect();
+    // locks while holding a list (see `Host::hold_for_fork`). A fork from inside an operation
+    // may come from a signal handler on a thread that holds one: it barely waits.
+    let wait = if hetmm_core::fork::inside_an_operation() { LIST_WAIT_INSIDE } else { LIST_WAIT };
+    let held = hosts.iter().map(|h| h.hold_for_fork(wait)).collect();
     let bytes: u64 = guards.iter().map(ForkGuard::private_bytes).sum();
     let sync = if guards.is_empty() {
         None
@@ -302,6 +309,8 @@ extern "C" fn child() {
     let _ = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
         let Stash { mut registry, mut guards, hosts, held, sync, .. } = stash;
+        // Never unlocked here, even if what follows panics (see `Host::retire_in_child`).
+        let held = std::mem::ManuallyDrop::new(held);
         // First of all, the byte that says a child exists (whatever becomes of it below).
         if let Some((_, wr)) = &sync {
             let _ = rustix::io::write(wr, &[1]);
@@ -318,7 +327,7 @@ extern "C" fn child() {
             }
         }
         // Every view is the child's now: the parent's memfds and uffd can go.
-        for (h, held) in hosts.iter().zip(held) {
+        for (h, held) in hosts.iter().zip(held.iter()) {
             h.retire_in_child(held);
         }
         // The parent's hosts and spaces must never be dropped here (their threads do not exist).
@@ -410,7 +419,8 @@ mod tests {
         let holder = std::thread::spawn(move || {
             let held = lists.lock();
             tx.send(()).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            // Well inside the prepare's wait for a list (`LIST_WAIT`).
+            std::thread::sleep(Duration::from_millis(20));
             drop(held);
         });
         rx.recv().unwrap();
@@ -437,6 +447,38 @@ mod tests {
             "the child kept the region's memfd ({status:#x})"
         );
         assert!(memfds().iter().any(|f| ours.contains(f)), "the parent keeps it");
+        drop(region);
+    }
+
+    /// A fork by a thread that holds one of the lists itself (from a signal handler that
+    /// interrupted it there) waits a bounded time for it, then forks: the child only tries the
+    /// list. The prepare waited for the list for ever at first, with every gate closed.
+    #[test]
+    fn a_fork_by_the_thread_holding_a_list_is_not_stuck() {
+        let _turn = crate::test_support::fork_turn();
+        let space = AddressSpace::new(CoreConfig::default());
+        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
+        track(&space, &host).unwrap();
+        let region = host.create_region(2 << 20).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lists = host.ctx.mirrors.clone();
+        let forker = std::thread::spawn(move || {
+            let held = lists.lock();
+            // SAFETY: the child only calls `_exit`.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            drop(held);
+            let mut status = 0;
+            // SAFETY: waits for this thread's own child, into a live local.
+            let waited = pid > 0 && unsafe { libc::waitpid(pid, &mut status, 0) } == pid;
+            tx.send(waited && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0).unwrap();
+        });
+        let done = rx.recv_timeout(Duration::from_secs(60));
+        assert_eq!(done, Ok(true), "the fork came back and its child exited");
+        forker.join().unwrap();
         drop(region);
     }
 }

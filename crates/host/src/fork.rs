@@ -374,14 +374,20 @@ mod tests {
     use hetmm_core::cpu::CpuFaultHandler;
     use hetmm_core::space::CoreConfig;
 
+    /// A fresh address space and its host, tracked for forks.
+    fn tracked() -> (Arc<AddressSpace>, Arc<Host>) {
+        let space = AddressSpace::new(CoreConfig::default());
+        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
+        track(&space, &host).unwrap();
+        (space, host)
+    }
+
     /// glibc runs the parent handler after a `fork()` that failed (no child): that prepare is
     /// not a fork. It was counted as one (`stats.forks`), with the bytes it found lost.
     #[test]
     fn a_fork_that_made_no_child_is_not_counted() {
         let _turn = crate::test_support::fork_turn();
-        let space = AddressSpace::new(CoreConfig::default());
-        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
-        track(&space, &host).unwrap();
+        let (space, _host) = tracked();
         prepare();
         assert_eq!(space.stats().forks, 1, "prepared");
         // As after `fork()` returned -1.
@@ -407,9 +413,7 @@ mod tests {
             })
             .collect()
         };
-        let space = AddressSpace::new(CoreConfig::default());
-        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
-        track(&space, &host).unwrap();
+        let (_space, host) = tracked();
         let before = memfds();
         let region = host.create_region(2 << 20).unwrap();
         let ours: Vec<(i32, u64)> = memfds().into_iter().filter(|f| !before.contains(f)).collect();
@@ -456,9 +460,7 @@ mod tests {
     #[test]
     fn a_fork_by_the_thread_holding_a_list_is_not_stuck() {
         let _turn = crate::test_support::fork_turn();
-        let space = AddressSpace::new(CoreConfig::default());
-        let host = Host::new(Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>).unwrap();
-        track(&space, &host).unwrap();
+        let (_space, host) = tracked();
         let region = host.create_region(2 << 20).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let lists = host.ctx.mirrors.clone();

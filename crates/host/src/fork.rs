@@ -89,8 +89,7 @@ static CHILD_LOST: AtomicU64 = AtomicU64::new(0);
 struct Stash {
     registry: MutexGuard<'static, Vec<Tracked>>,
     guards: Vec<ForkGuard>,
-    hosts: Vec<Arc<Host>>,
-    /// Each host's lists, locked for the fork (one per host, in `hosts`' order).
+    /// Each host with its lists, locked for the fork.
     held: Vec<ForkHold>,
     /// Read end (parent) and write end (child) of the "copy taken" pipe.
     sync: Option<(OwnedFd, OwnedFd)>,
@@ -208,14 +207,6 @@ fn prepare_all() {
         }
     };
     let Prepared { guards, hosts, .. } = p;
-    // Several address spaces may share a host: its lists are locked once.
-    let mut unique: Vec<Arc<Host>> = Vec::with_capacity(hosts.len());
-    for h in hosts {
-        if !unique.iter().any(|u| Arc::ptr_eq(u, &h)) {
-            unique.push(h);
-        }
-    }
-    let hosts = unique;
     // Last, with every gate closed and the registry locked: nothing waits for this thread's
     // locks while holding a list (see `Host::hold_for_fork`). A fork from inside an operation
     // may come from a signal handler on a thread that holds one: it barely waits.
@@ -234,7 +225,7 @@ fn prepare_all() {
         }
     };
     let wait = WAIT_BASE.saturating_add(WAIT_PER_GIB.saturating_mul(u32::try_from(bytes >> 30).unwrap_or(u32::MAX)));
-    STASH.with(|s| *s.borrow_mut() = Some(Stash { registry, guards, hosts, held, sync, wait }));
+    STASH.with(|s| *s.borrow_mut() = Some(Stash { registry, guards, held, sync, wait }));
 }
 
 /// The tracked address spaces, read under the registry's lock (held only for that).
@@ -257,7 +248,10 @@ impl Prepared {
         let Some(space) = t.space.upgrade() else { return };
         if let Some(g) = space.fork_prepare() {
             self.guards.push(g);
-            self.hosts.extend(t.host.upgrade());
+            // Several address spaces may share a host: it is listed (and its lists locked) once.
+            if let Some(h) = t.host.upgrade().filter(|h| !self.hosts.iter().any(|u| Arc::ptr_eq(u, h))) {
+                self.hosts.push(h);
+            }
         }
     }
 
@@ -278,7 +272,7 @@ impl Prepared {
 extern "C" fn parent() {
     let r = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
-        let Stash { registry, guards, hosts, held, sync, wait } = stash;
+        let Stash { registry, guards, held, sync, wait } = stash;
         let mut child = true;
         if let Some((rd, wr)) = sync {
             drop(wr);
@@ -295,7 +289,7 @@ extern "C" fn parent() {
                 g.abandon();
             }
         }
-        drop(held);
+        let hosts: Vec<Arc<Host>> = held.into_iter().map(ForkHold::release).collect();
         drop(registry);
         drop(hosts);
     });
@@ -308,8 +302,9 @@ extern "C" fn child() {
     // A forked child: no logging, no unwinding out of here.
     let _ = std::panic::catch_unwind(|| {
         let Some(stash) = STASH.with(|s| s.borrow_mut().take()) else { return };
-        let Stash { mut registry, mut guards, hosts, held, sync, .. } = stash;
-        // Never unlocked here, even if what follows panics (see `Host::retire_in_child`).
+        let Stash { mut registry, mut guards, held, sync, .. } = stash;
+        // Never dropped here, even if what follows panics: the lists stay locked and the hosts
+        // alive (see `ForkHold::retire_in_child`).
         let held = std::mem::ManuallyDrop::new(held);
         // First of all, the byte that says a child exists (whatever becomes of it below).
         if let Some((_, wr)) = &sync {
@@ -327,12 +322,11 @@ extern "C" fn child() {
             }
         }
         // Every view is the child's now: the parent's memfds and uffd can go.
-        for (h, held) in hosts.iter().zip(held.iter()) {
-            h.retire_in_child(held);
+        for h in held.iter() {
+            h.retire_in_child();
         }
-        // The parent's hosts and spaces must never be dropped here (their threads do not exist).
+        // The parent's spaces must never be dropped here (their threads do not exist).
         std::mem::forget(guards);
-        std::mem::forget(hosts);
         // They are the parent's: a later fork of this child has nothing to prepare for them.
         registry.clear();
         drop(registry);

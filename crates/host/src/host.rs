@@ -204,67 +204,68 @@ impl Host {
 
     /// Locks the lists of regions and registered memory for a `fork()`, from its prepare
     /// handler until its parent or child handler: the child reads them to let go of the
-    /// parent's files ([`Host::retire_in_child`]), and a list another thread held at the
+    /// parent's files ([`ForkHold::retire_in_child`]), and a list another thread held at the
     /// moment of the fork would stay locked in the child for ever. Their holders never wait
     /// for anything while holding them, so this waits only for a push or a prune to end, at
     /// most `wait` for each: a fork from a signal handler may interrupt its own thread while
     /// that holds a list, and two forks may wait for each other through one (a list not taken
     /// is only tried in the child, as then nothing else can hold it but a thread gone there).
-    pub(crate) fn hold_for_fork(&self, wait: Duration) -> ForkHold {
-        ForkHold { regions: self.ctx.regions.try_lock_arc_for(wait), mirrors: self.ctx.mirrors.try_lock_arc_for(wait) }
+    pub(crate) fn hold_for_fork(self: &Arc<Self>, wait: Duration) -> ForkHold {
+        ForkHold {
+            regions: self.ctx.regions.try_lock_arc_for(wait),
+            mirrors: self.ctx.mirrors.try_lock_arc_for(wait),
+            host: Arc::clone(self),
+        }
+    }
+}
+
+/// A host's lists of regions and registered memory, locked for a `fork()` (see
+/// [`Host::hold_for_fork`]); `None` where the wait for one ran out.
+pub(crate) struct ForkHold {
+    regions: Option<ArcMutexGuard<RawMutex, Vec<Weak<crate::HostRegion>>>>,
+    mirrors: Option<ArcMutexGuard<RawMutex, Vec<Weak<crate::mirror::Mirror>>>>,
+    host: Arc<Host>,
+}
+
+impl ForkHold {
+    /// In the parent, after the fork: unlocks the lists and gives the host back.
+    pub(crate) fn release(self) -> Arc<Host> {
+        let ForkHold { host, .. } = self;
+        host
     }
 
     /// In a `fork()` child, once every view was made the child's own (`CpuMmu::fork_child`):
     /// lets go of the parent's files the child still holds, the memfds (whose pages would stay
     /// allocated while the child lives after the parent frees them) and the userfaultfd. Only
-    /// system calls; `held` is what the prepare handler locked ([`Host::hold_for_fork`]). The
-    /// caller never unlocks it: the child's copies of the parent's objects are never used
-    /// again (the `hetmm` crate refuses them there; this crate's own calls on them would wait
-    /// for the lists), and an unlock could wake threads that do not exist here. Nothing in the
-    /// process that made the host.
-    pub(crate) fn retire_in_child(&self, held: &ForkHold) {
+    /// system calls. The caller never drops the hold: the child's copies of the parent's
+    /// objects are never used again (the `hetmm` crate refuses them there; this crate's own
+    /// calls on them would wait for the lists), and an unlock could wake threads that do not
+    /// exist here. Nothing in the process that made the host.
+    pub(crate) fn retire_in_child(&self) {
         use std::os::fd::AsFd;
-        if rustix::process::getpid() == self.uffd.owner() {
+        let host = &self.host;
+        if rustix::process::getpid() == host.uffd.owner() {
             return;
         }
         let Ok(null) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) else { return };
         let null = null.as_fd();
-        // A list the prepare could not take is tried: in the child, nothing can release it.
-        let tried_regions = held.regions.is_none().then(|| self.ctx.regions.try_lock()).flatten();
-        let regions = held.regions.as_deref().or(tried_regions.as_deref()).map_or(&[][..], |v| &v[..]);
-        for r in regions.iter().filter_map(Weak::upgrade) {
-            r.mapping.retire_in_child(null);
-            // Never the last holder here: the core's region keeps it; never dropped anyway.
-            std::mem::forget(r);
-        }
-        let tried_mirrors = held.mirrors.is_none().then(|| self.ctx.mirrors.try_lock()).flatten();
-        let mirrors = held.mirrors.as_deref().or(tried_mirrors.as_deref()).map_or(&[][..], |v| &v[..]);
-        for m in mirrors.iter().filter_map(Weak::upgrade) {
-            m.retire_in_child(null);
-            std::mem::forget(m);
-        }
-        // Tried guards are let go without unlocking, as `held` is.
-        std::mem::forget((tried_regions, tried_mirrors));
-        crate::mapping::retire_fd_in_child(self.uffd.as_fd(), null);
+        each_listed(self.regions.as_deref(), &host.ctx.regions, |r| r.mapping.retire_in_child(null));
+        each_listed(self.mirrors.as_deref(), &host.ctx.mirrors, |m| m.retire_in_child(null));
+        crate::mapping::retire_fd_in_child(host.uffd.as_fd(), null);
     }
 }
 
-/// A host's lists of regions and registered memory, locked for a `fork()` (see
-/// [`Host::hold_for_fork`]); `None` where the wait for one ran out. Dropping it (in the
-/// parent) unlocks them.
-pub(crate) struct ForkHold {
-    regions: Option<ArcMutexGuard<RawMutex, Vec<Weak<crate::HostRegion>>>>,
-    mirrors: Option<ArcMutexGuard<RawMutex, Vec<Weak<crate::mirror::Mirror>>>>,
-}
-
-impl std::fmt::Debug for ForkHold {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let len = |v: Option<usize>| v.map_or_else(|| "not held".to_string(), |n| n.to_string());
-        f.debug_struct("ForkHold")
-            .field("regions", &len(self.regions.as_ref().map(|v| v.len())))
-            .field("mirrors", &len(self.mirrors.as_ref().map(|v| v.len())))
-            .finish()
+/// In a fork child: `f` on every live entry of a list, `held` where the prepare took it, and
+/// otherwise what trying its lock finds (nothing else can release it there). Neither the entries
+/// nor a lock taken are let go: the child never drops the parent's objects.
+fn each_listed<T>(held: Option<&Vec<Weak<T>>>, list: &Mutex<Vec<Weak<T>>>, mut f: impl FnMut(&T)) {
+    let tried = if held.is_none() { list.try_lock() } else { None };
+    for e in held.or(tried.as_deref()).map_or(&[][..], |v| &v[..]).iter().filter_map(Weak::upgrade) {
+        f(&e);
+        // Never the last holder here (the core's region or the registration keeps it).
+        std::mem::forget(e);
     }
+    std::mem::forget(tried);
 }
 
 impl Drop for Host {

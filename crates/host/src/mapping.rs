@@ -824,14 +824,14 @@ pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingErro
 /// end of its file) is an error here, where reading it directly would raise SIGBUS in the
 /// manager. Of anonymous memory (`had` given: the process's pagemap and runs) only the pages
 /// with data are copied (the others read as zeros, as the memfd's holes do): the runs that had
-/// page-table entries when the caller began
-/// holding the program's writes (`mirror::WriteHold`, whose write-protect then leaves markers
-/// that read as swap entries on the pages that had none), and the pages present now (written
-/// since, and swap or migration entries the hold did not write-protect; a page written just
-/// before the hold and swapped out or migrating when this reads its entry would be taken for a
-/// marker and not copied: pagemap read without privileges cannot tell them apart). Memory without `READ` is made readable for the copy and given its protection back,
-/// so an error leaves the range as it was. Allocates nothing (the caller may be holding the
-/// program's writes).
+/// page-table entries when the caller began holding the program's writes (`mirror::WriteHold`,
+/// whose write-protect then leaves markers that read as swap entries on the pages that had
+/// none), and the pages present now (written since, and swap or migration entries the hold did
+/// not write-protect; a page written just before the hold and swapped out or migrating when
+/// this reads its entry would be taken for a marker and not copied: pagemap read without
+/// privileges cannot tell them apart). Memory without `READ` is made readable for the copy and
+/// given its protection back, so an error leaves the range as it was. Allocates nothing (the
+/// caller may be holding the program's writes).
 ///
 /// (Reading `/proc/self/mem` into the alias, as this did first, took 1.8x as long on dense
 /// memory: every alias page faulted on its own. See `examples/register_cost.rs`.)

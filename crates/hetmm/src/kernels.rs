@@ -92,17 +92,17 @@ pub fn stream_write(dst: u64, n: usize, seed: u64) -> (Grid, Kernel) {
 }
 
 /// Rows of `r` each block computes in [`mul_mat`].
-pub const MUL_MAT_ROWS: usize = 16;
+pub const MUL_MAT_ROWS: usize = 32;
 
-/// Rows of `b` [`mul_mat`] reads at a time (16 KiB at m = 1024: they stay in L1 while every row
-/// of the band takes them in).
-const MUL_MAT_K: usize = 4;
+/// Rows of `b` [`mul_mat`] reads at a time (256 KiB at m = 1024: they stay in the L2 cache while
+/// every tile of the band takes them in).
+const MUL_MAT_K: usize = 64;
 
 /// `r = a x b` for `m x m` row-major f32 matrices: the seed's `mul_mat_on_gpu(r, a, b, m)`.
 /// Each block owns a band of rows of `r`, reads its rows of `a` once and streams the rows of `b`
-/// (read once per band, four at a time), accumulating in block-local memory like a
-/// GPU's shared memory. Every element still sums its products in `k` order, as
-/// [`mul_mat_cpu`] does, so the two agree bit for bit.
+/// (read once per band, [`MUL_MAT_K`] at a time), accumulating in block-local memory like a
+/// GPU's shared memory. Every element sums its products in `k` order with fused multiply-adds
+/// (as a GPU's FMA units do), as [`mul_mat_cpu`] does, so the two agree bit for bit.
 pub fn mul_mat(r: u64, a: u64, b: u64, m: usize) -> (Grid, Kernel) {
     let k = move |ctx: &BlockCtx| {
         let i0 = ctx.block_idx() as usize * MUL_MAT_ROWS;
@@ -110,93 +110,186 @@ pub fn mul_mat(r: u64, a: u64, b: u64, m: usize) -> (Grid, Kernel) {
         let mut a_band = vec![0f32; rows * m];
         ctx.read_slice(at::<f32>(a, i0 * m), &mut a_band)?;
         let mut acc = vec![0f32; rows * m];
-        let mut b_rows = vec![0f32; MUL_MAT_K * m];
+        let mut b_rows = vec![0f32; MUL_MAT_K.min(m) * m];
         for k0 in (0..m).step_by(MUL_MAT_K) {
-            let kn = MUL_MAT_K.min(m - k0);
-            ctx.read_slice(at::<f32>(b, k0 * m), &mut b_rows[..kn * m])?;
-            if kn == MUL_MAT_K {
-                band_axpy4(&mut acc, &a_band, k0, &b_rows, m);
-                continue;
-            }
-            // The last rows of `b` when `m` is not a multiple of four: one at a time.
-            for (acc_row, a_row) in acc.chunks_exact_mut(m).zip(a_band.chunks_exact(m)) {
-                for (aik, b_row) in a_row[k0..k0 + kn].iter().zip(b_rows.chunks_exact(m)) {
-                    for (c, bv) in acc_row.iter_mut().zip(b_row) {
-                        *c += aik * bv;
-                    }
-                }
-            }
+            let b_part = &mut b_rows[..MUL_MAT_K.min(m - k0) * m];
+            ctx.read_slice(at::<f32>(b, k0 * m), b_part)?;
+            band_update(&mut acc, &a_band, k0, b_part, m);
         }
         ctx.write_slice(at::<f32>(r, i0 * m), &acc)
     };
     (grid(m, MUL_MAT_ROWS), Box::new(k))
 }
 
-/// [`axpy4`] for every row of a band: `acc` and `a_band` hold its rows (`m` long), `a_band`'s
-/// columns `k0..k0 + 4` multiply the four rows of `b_rows`. In 256-bit vectors where the CPU has
-/// them (1.65x the 128-bit baseline on this machine's EPYC); the arithmetic is the same either
-/// way (separate multiplies and adds, never fused), so results agree bit for bit.
-fn band_axpy4(acc: &mut [f32], a_band: &[f32], k0: usize, b_rows: &[f32], m: usize) {
+/// Whether this CPU has 512-bit vectors and fused multiply-adds (the standard library caches
+/// the answer).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether this CPU has 256-bit vectors and fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// `acc += a_band[.., k0..k0 + kn] x b` for one band: `acc` and `a_band` hold its rows (`m`
+/// long), `b` holds `kn` rows of the right-hand matrix starting at row `k0`. Compiled for the
+/// widest vectors with fused multiply-adds the CPU has, with a register tile to match
+/// (`f32::mul_add` is fused on every path, in hardware or in libm, so the results do not
+/// depend on which one runs).
+fn band_update(acc: &mut [f32], a_band: &[f32], k0: usize, b: &[f32], m: usize) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: `band_axpy4_avx2` only requires AVX2, which the CPU was just found to have.
-        unsafe { band_axpy4_avx2(acc, a_band, k0, b_rows, m) };
+    if has_avx512_fma() {
+        // SAFETY: `band_update_avx512` requires AVX-512F and FMA, which the CPU was just found
+        // to have.
+        unsafe { band_update_avx512(acc, a_band, k0, b, m) };
         return;
     }
-    band_axpy4_portable(acc, a_band, k0, b_rows, m);
-}
-
-#[inline(always)]
-fn band_axpy4_portable(acc: &mut [f32], a_band: &[f32], k0: usize, b_rows: &[f32], m: usize) {
-    for (acc_row, a_row) in acc.chunks_exact_mut(m).zip(a_band.chunks_exact(m)) {
-        axpy4(acc_row, &a_row[k0..k0 + MUL_MAT_K], b_rows);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: `band_update_avx2` requires AVX2 and FMA, which the CPU was just found to have.
+        unsafe { band_update_avx2(acc, a_band, k0, b, m) };
+        return;
     }
+    band_update_tiled::<4, 16>(acc, a_band, k0, b, m);
 }
 
-/// [`band_axpy4_portable`] compiled for AVX2.
+/// [`band_update_tiled`] with 8 x 32 tiles (sixteen 512-bit accumulators), compiled for
+/// AVX-512F and FMA.
 ///
 /// # Safety
 ///
-/// The CPU must have AVX2. (`unsafe fn` for Rust 1.85, the declared minimum: safe functions
-/// take `target_feature` only from 1.86.)
+/// The CPU must have AVX-512F and FMA. (`unsafe fn` for Rust 1.85, the declared minimum: safe
+/// functions take `target_feature` only from 1.86.)
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn band_axpy4_avx2(acc: &mut [f32], a_band: &[f32], k0: usize, b_rows: &[f32], m: usize) {
-    band_axpy4_portable(acc, a_band, k0, b_rows, m);
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn band_update_avx512(acc: &mut [f32], a_band: &[f32], k0: usize, b: &[f32], m: usize) {
+    band_update_tiled::<8, 32>(acc, a_band, k0, b, m);
 }
 
-/// `acc[j] += a[0] * b[0][j]`, then `+= a[1] * b[1][j]`, and so on for [`MUL_MAT_K`] rows of
-/// `b` (`b` holds them one after another, each `acc.len()` long): each element of `acc` is
-/// loaded and stored once for all of them, in the same order of additions as one row at a time.
+/// [`band_update_tiled`] with 4 x 16 tiles (eight 256-bit accumulators), compiled for AVX2
+/// and FMA.
+///
+/// # Safety
+///
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn band_update_avx2(acc: &mut [f32], a_band: &[f32], k0: usize, b: &[f32], m: usize) {
+    band_update_tiled::<4, 16>(acc, a_band, k0, b, m);
+}
+
+/// The band's update in tiles of `R` rows by `C` columns of `acc`: each tile is held in
+/// registers across all the rows of `b`, so every value of `b` loaded serves `R` rows and
+/// `acc` is loaded and stored once per call, not once per row of `b`. The columns and rows
+/// past the last whole tile are done element by element. Each element of `acc` takes its
+/// products in `k` order either way.
 #[inline(always)]
-fn axpy4(acc: &mut [f32], a: &[f32], b: &[f32]) {
-    let m = acc.len();
-    let (b0, rest) = b.split_at(m);
-    let (b1, rest) = rest.split_at(m);
-    let (b2, b3) = rest.split_at(m);
-    let (b3, a) = (&b3[..m], &a[..MUL_MAT_K]);
-    for j in 0..m {
-        let mut c = acc[j];
-        c += a[0] * b0[j];
-        c += a[1] * b1[j];
-        c += a[2] * b2[j];
-        c += a[3] * b3[j];
-        acc[j] = c;
+fn band_update_tiled<const R: usize, const C: usize>(acc: &mut [f32], a_band: &[f32], k0: usize, b: &[f32], m: usize) {
+    let rows = acc.len() / m;
+    let (tile_rows, tile_cols) = (rows / R * R, m / C * C);
+    for i in (0..tile_rows).step_by(R) {
+        for j in (0..tile_cols).step_by(C) {
+            tile_update::<R, C>(acc, a_band, k0, b, m, i, j);
+        }
+    }
+    edge_update(acc, a_band, k0, b, m, 0..rows, tile_cols..m);
+    edge_update(acc, a_band, k0, b, m, tile_rows..rows, 0..tile_cols);
+}
+
+/// One `R x C` tile of `acc` at row `i`, column `j`: loaded into an array the compiler keeps in
+/// vector registers, updated with every row of `b`, stored back.
+#[inline(always)]
+fn tile_update<const R: usize, const C: usize>(
+    acc: &mut [f32],
+    a_band: &[f32],
+    k0: usize,
+    b: &[f32],
+    m: usize,
+    i: usize,
+    j: usize,
+) {
+    let mut t = [[0f32; C]; R];
+    for (r, row) in t.iter_mut().enumerate() {
+        row.copy_from_slice(&acc[(i + r) * m + j..][..C]);
+    }
+    for (k, b_row) in b.chunks_exact(m).enumerate() {
+        let bk = &b_row[j..j + C];
+        for (r, row) in t.iter_mut().enumerate() {
+            let aik = a_band[(i + r) * m + k0 + k];
+            for (c, bv) in row.iter_mut().zip(bk) {
+                *c = aik.mul_add(*bv, *c);
+            }
+        }
+    }
+    for (r, row) in t.iter().enumerate() {
+        acc[(i + r) * m + j..][..C].copy_from_slice(row);
     }
 }
 
-/// The same product on the CPU, in the same summation order (for checking).
+/// `acc += a_band x b` over `rows` x `cols` of `acc`, element by element (the part
+/// [`band_update_tiled`]'s tiles do not cover).
+fn edge_update(
+    acc: &mut [f32],
+    a_band: &[f32],
+    k0: usize,
+    b: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    if cols.is_empty() {
+        return;
+    }
+    for i in rows {
+        let acc_row = &mut acc[i * m..(i + 1) * m][cols.clone()];
+        for (k, b_row) in b.chunks_exact(m).enumerate() {
+            let aik = a_band[i * m + k0 + k];
+            for (c, bv) in acc_row.iter_mut().zip(&b_row[cols.clone()]) {
+                *c = aik.mul_add(*bv, *c);
+            }
+        }
+    }
+}
+
+/// The same product on the CPU, in the same order of fused multiply-adds (for checking).
 pub fn mul_mat_cpu(r: &mut [f32], a: &[f32], b: &[f32], m: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: `mul_mat_cpu_avx2` requires AVX2 and FMA, which the CPU was just found to
+        // have.
+        unsafe { mul_mat_cpu_avx2(r, a, b, m) };
+        return;
+    }
+    mul_mat_cpu_portable(r, a, b, m);
+}
+
+#[inline(always)]
+fn mul_mat_cpu_portable(r: &mut [f32], a: &[f32], b: &[f32], m: usize) {
     r.fill(0.0);
     for i in 0..m {
         let row = &mut r[i * m..(i + 1) * m];
         for kk in 0..m {
             let aik = a[i * m + kk];
             for (c, bv) in row.iter_mut().zip(&b[kk * m..(kk + 1) * m]) {
-                *c += aik * bv;
+                *c = aik.mul_add(*bv, *c);
             }
         }
     }
+}
+
+/// [`mul_mat_cpu_portable`] compiled for AVX2 and FMA (without them every `mul_add` is a call
+/// into libm).
+///
+/// # Safety
+///
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn mul_mat_cpu_avx2(r: &mut [f32], a: &[f32], b: &[f32], m: usize) {
+    mul_mat_cpu_portable(r, a, b, m);
 }
 
 /// `b[i] = a[i] * mul + add` (wrapping) over `n` u64 values: a streaming kernel that reads one
@@ -359,4 +452,53 @@ pub fn bfs_level(row_ptr: u64, col: u64, dist: u64, nv: usize, level: u32, claim
         Ok(())
     };
     (grid(nv, BFS_VERTICES), Box::new(k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fractional values whose products and sums round, so a different order or an unfused
+    /// multiply-add would show.
+    fn values(n: usize, salt: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(salt) % 1000) as f32 / 7.0 - 50.0).collect()
+    }
+
+    /// Every tile shape, every compiled path and the element-by-element edge give the same bits
+    /// as the CPU's product, at sizes with partial tiles in both directions and several chunks
+    /// of `b`'s rows.
+    #[test]
+    fn tiled_band_updates_agree_bit_for_bit() {
+        for m in [1usize, 7, 33, 100, 130] {
+            let (a, b) = (values(m * m, 1), values(m * m, 2));
+            let mut expect = vec![0f32; m * m];
+            mul_mat_cpu(&mut expect, &a, &b, m);
+            let mut portable = vec![0f32; m * m];
+            mul_mat_cpu_portable(&mut portable, &a, &b, m);
+            assert_eq!(bits(&portable), bits(&expect), "m = {m}: mul_mat_cpu's paths differ");
+            type Update = fn(&mut [f32], &[f32], usize, &[f32], usize);
+            let updates: [(&str, Update); 4] = [
+                ("dispatched", band_update),
+                ("8x32", band_update_tiled::<8, 32>),
+                ("4x16", band_update_tiled::<4, 16>),
+                ("edge only", |acc, a_band, k0, b, m| edge_update(acc, a_band, k0, b, m, 0..acc.len() / m, 0..m)),
+            ];
+            for (name, update) in updates {
+                let mut got = vec![0f32; m * m];
+                for i0 in (0..m).step_by(MUL_MAT_ROWS) {
+                    let rows = MUL_MAT_ROWS.min(m - i0);
+                    let (acc, a_band) = (&mut got[i0 * m..(i0 + rows) * m], &a[i0 * m..(i0 + rows) * m]);
+                    for k0 in (0..m).step_by(MUL_MAT_K) {
+                        let kn = MUL_MAT_K.min(m - k0);
+                        update(acc, a_band, k0, &b[k0 * m..(k0 + kn) * m], m);
+                    }
+                }
+                assert_eq!(bits(&got), bits(&expect), "m = {m}: {name} differs from the CPU's product");
+            }
+        }
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
 }

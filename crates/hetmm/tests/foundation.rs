@@ -550,12 +550,12 @@ fn dropping_everything_with_kernels_and_faults_in_flight_ends() {
 }
 
 /// The sim's `mul_mat` agrees with `mul_mat_cpu` bit for bit on fractional values at sizes that
-/// leave partial row bands and a partial group of `b` rows (it takes four at a time): every
-/// element sums its products in the same order.
+/// leave partial row bands, partial register tiles and a partial group of `b` rows (it takes 64
+/// at a time): every element sums its products in the same order, with fused multiply-adds.
 #[test]
 fn sim_mul_mat_matches_the_cpu_bit_for_bit_at_any_size() {
     let (hm, dev) = setup(64 << 20);
-    for m in [1usize, 3, 5, 18, 37, 64] {
+    for m in [1usize, 3, 5, 18, 37, 64, 100, 130] {
         let n = m * m;
         let (mut a, mut b, r) = (hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap(), hm.alloc::<f32>(n).unwrap());
         let val = |i: usize, salt: u32| {

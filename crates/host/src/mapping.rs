@@ -96,8 +96,9 @@ pub(crate) fn inode_of(memfd: &OwnedFd) -> u64 {
 }
 
 /// A memfd of `len` bytes mapped `MAP_SHARED` twice. Dropping it unmaps the application view
-/// (what of it is still the view: see [`SharedMapping::view_left`]); the memfd and the alias
-/// go with their last holder (a moved part of the view managed elsewhere may share them).
+/// (what of it is still the view: parts the program moved away or unmapped are left alone); the
+/// memfd and the alias go with their last holder (a moved part of the view managed elsewhere may
+/// share them).
 #[derive(Debug)]
 pub struct SharedMapping {
     memfd: Arc<OwnedFd>,

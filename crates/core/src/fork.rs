@@ -358,7 +358,7 @@ impl AddressSpace {
     /// callback, a logger or a signal handler that forks; it holds this address space's gate
     /// or another's) never waits for its own thread, and every wait is bounded, since the
     /// operation this thread is in cannot go on:
-    /// - it waits for the other threads' operations at most [`UNDER_GATE_WAIT`]; if they do not
+    /// - it waits for the other threads' operations at most 2 s (`UNDER_GATE_WAIT`); if they do not
     ///   leave (they may be waiting for this thread), the fork is not exclusive: the parent's
     ///   threads go on changing the memory the child would copy, so every page of private
     ///   memory is lost to the child. Operations whose threads are themselves preparing a fork
@@ -367,8 +367,8 @@ impl AddressSpace {
     ///   (see `Gate::close`);
     /// - it does not apply pending CPU-side events first (the thread applying them may be
     ///   waiting for this one);
-    /// - it waits for the regions' list and each block lock a bounded time ([`UNDER_GATE_BLOCK`],
-    ///   [`UNDER_GATE_LOCKS`] in all): a block whose lock it cannot take (held by this thread's
+    /// - it waits for the regions' list and each block lock a bounded time (50 ms each,
+    ///   500 ms in all: `UNDER_GATE_BLOCK`, `UNDER_GATE_LOCKS`): a block whose lock it cannot take (held by this thread's
     ///   own operation, in the middle of changing it, or by a thread that waits for this one) is
     ///   lost to the child, all its pages (their host copies may be half written).
     ///

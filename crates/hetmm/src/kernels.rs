@@ -100,7 +100,7 @@ const MUL_MAT_K: usize = 64;
 
 /// `r = a x b` for `m x m` row-major f32 matrices: the seed's `mul_mat_on_gpu(r, a, b, m)`.
 /// Each block owns a band of rows of `r`, reads its rows of `a` once and streams the rows of `b`
-/// (read once per band, [`MUL_MAT_K`] at a time), accumulating in block-local memory like a
+/// (read once per band, 64 at a time), accumulating in block-local memory like a
 /// GPU's shared memory. Every element sums its products in `k` order with fused multiply-adds
 /// (as a GPU's FMA units do), as [`mul_mat_cpu`] does, so the two agree bit for bit.
 pub fn mul_mat(r: u64, a: u64, b: u64, m: usize) -> (Grid, Kernel) {

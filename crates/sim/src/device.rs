@@ -417,7 +417,7 @@ impl DeviceMmu for SimDevice {
 
     /// Forgets the use counts of the region's 2 MiB ranges, so that a region mapped there later
     /// does not start hot. Counts still in a worker's TLB slot (under 64 KiB of accesses per
-    /// range, [`crate::usage::USE_FLUSH`]) may land later.
+    /// range; see `usage::USE_FLUSH`) may land later.
     fn region_removed(&self, app: VaRange) {
         self.s().uses.take(app);
     }

@@ -100,7 +100,7 @@ impl BuddyAllocator {
     /// changes nothing otherwise.
     pub fn alloc_at(&mut self, addr: PhysAddr, order: u32) -> bool {
         let frame = addr.0 >> PAGE_SHIFT;
-        if order > MAX_ORDER || addr.0 % PAGE_SIZE != 0 || frame & ((1 << order) - 1) != 0 {
+        if order > MAX_ORDER || !addr.0.is_multiple_of(PAGE_SIZE) || frame & ((1 << order) - 1) != 0 {
             return false;
         }
         // The free block holding the range: its head at the first order where `frame` lies in one.
@@ -133,7 +133,7 @@ impl BuddyAllocator {
     /// changes nothing if any page is outside the managed memory or already free.
     pub fn free(&mut self, addr: PhysAddr, npages: u64) -> bool {
         let first = addr.0 >> PAGE_SHIFT;
-        if addr.0 % PAGE_SIZE != 0 || npages == 0 {
+        if !addr.0.is_multiple_of(PAGE_SIZE) || npages == 0 {
             return false;
         }
         let Some(last) = first.checked_add(npages) else { return false };

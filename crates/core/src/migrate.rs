@@ -1711,8 +1711,8 @@ mod whole_block_tests {
         /// or the region's end.
         fn check(&self, va: u64, len: u64) -> Result<(), DeviceError> {
             let end = va + len;
-            let start_ok = va % BLOCK_SIZE == 0 || va == self.region.start;
-            let end_ok = end % BLOCK_SIZE == 0 || end == self.region.end();
+            let start_ok = va.is_multiple_of(BLOCK_SIZE) || va == self.region.start;
+            let end_ok = end.is_multiple_of(BLOCK_SIZE) || end == self.region.end();
             let one_window = len > 0 && align_down(va, BLOCK_SIZE) == align_down(end - 1, BLOCK_SIZE);
             if !start_ok || !end_ok || !one_window {
                 return Err(DeviceError::BadRange(VaRange::new(va, len)));

@@ -151,7 +151,7 @@ impl AddressSpace {
 /// Whether `blk` is a whole 2 MiB block resident on `dev` in one aligned, contiguous chunk (so
 /// the device maps it with one 2 MiB entry).
 fn huge_on(blk: &Block, dev: DeviceId) -> bool {
-    if blk.npages as u64 * PAGE_SIZE != BLOCK_SIZE || blk.base % BLOCK_SIZE != 0 {
+    if blk.npages as u64 * PAGE_SIZE != BLOCK_SIZE || !blk.base.is_multiple_of(BLOCK_SIZE) {
         return false;
     }
     let Some(pa0) = blk.pa(dev, 0) else { return false };

@@ -56,7 +56,7 @@ impl VaRange {
     }
     /// Whether start and length are multiples of the base page size.
     pub const fn is_page_aligned(&self) -> bool {
-        self.start % PAGE_SIZE == 0 && self.len % PAGE_SIZE == 0
+        self.start.is_multiple_of(PAGE_SIZE) && self.len.is_multiple_of(PAGE_SIZE)
     }
     /// Whether `other` lies wholly inside `self`.
     pub const fn contains_range(&self, other: &VaRange) -> bool {

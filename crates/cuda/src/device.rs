@@ -233,7 +233,7 @@ impl CudaDevice {
     /// granularity divides 2 MiB, and sizes the memory hetmm will use. Nothing is allocated
     /// until memory is used.
     pub fn new(cfg: CudaConfig) -> Result<Self, CudaError> {
-        if cfg.pin_piece == 0 || cfg.pin_piece % CHUNK != 0 {
+        if cfg.pin_piece == 0 || !cfg.pin_piece.is_multiple_of(CHUNK) {
             return Err(CudaError::Config(format!(
                 "pin_piece is {} bytes; it must be a positive multiple of 2 MiB",
                 cfg.pin_piece
@@ -241,7 +241,7 @@ impl CudaDevice {
         }
         let gpu = Gpu::open(cfg.ordinal)?;
         let g = gpu.granularity()?;
-        if g == 0 || CHUNK % g != 0 {
+        if g == 0 || !CHUNK.is_multiple_of(g) {
             return Err(CudaError::Config(format!(
                 "the GPU's allocation granularity is {g} bytes; hetmm needs one that divides 2 MiB"
             )));
@@ -947,7 +947,7 @@ impl DeviceMmu for CudaDevice {
         // one. A region sharing its first window with another one's last cannot have the host's
         // addresses there (the other has them): the driver gives others, and hetmm shifts.
         let len = RegionVa::reservation_len(app).ok_or(DeviceError::BadRange(app))?;
-        if backing.0 == 0 || backing.0 as u64 % PAGE_SIZE != 0 {
+        if backing.0 == 0 || !(backing.0 as u64).is_multiple_of(PAGE_SIZE) {
             return Err(DeviceError::BadRange(app));
         }
         let mut st = i.state.lock();

@@ -172,7 +172,7 @@ impl PageTable {
     /// fine: each has its own reservation).
     pub fn add_region(&mut self, r: RegionVa) -> Result<(), DeviceError> {
         let overlaps = self.regions.values().any(|o| o.app.intersect(&r.app).is_some());
-        let aligned = r.app.start % PAGE_SIZE == 0 && r.dev_base % CHUNK == 0;
+        let aligned = r.app.start.is_multiple_of(PAGE_SIZE) && r.dev_base.is_multiple_of(CHUNK);
         if overlaps || !aligned || r.app.len == 0 || RegionVa::reservation_len(r.app).is_none() {
             return Err(DeviceError::BadRange(r.app));
         }
@@ -272,7 +272,7 @@ impl PageTable {
     fn blocks(&self, start: u64, len: u64) -> Result<(&RegionVa, Vec<u64>), DeviceError> {
         let end = start.checked_add(len).filter(|_| len > 0).ok_or_else(|| bad(start, len))?;
         let r = self.region_of(start).ok_or_else(|| bad(start, len))?;
-        let start_ok = start % CHUNK == 0 || start == r.app.start;
+        let start_ok = start.is_multiple_of(CHUNK) || start == r.app.start;
         if !start_ok || end > r.end() || (end % CHUNK != 0 && end != r.end()) {
             return Err(bad(start, len));
         }

@@ -101,7 +101,10 @@ fn main() {
     let events = Features::EVENT_REMOVE | Features::EVENT_REMAP | Features::EVENT_UNMAP;
     let u = Uffd::open(Features::REQUIRED, events).expect("userfaultfd");
     assert!(u.features().contains(events), "kernel lacks EVENT_REMOVE/REMAP/UNMAP");
-    u.register(reg.app_range(), RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP).expect("register");
+    // SAFETY: the view of the example's own mapping; the example serves it (its pages are all
+    // written, so nothing waits on a fault) and nothing else refers to it.
+    unsafe { u.register(reg.app_range(), RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP) }
+        .expect("register");
     let stop = AtomicBool::new(false);
     let mut dst = Dst::new();
     let (wp, zap_reg, moved, freed, cont, into) = std::thread::scope(|s| {

@@ -161,8 +161,8 @@ fn band_update(acc: &mut [f32], a_band: &[f32], k0: usize, b: &[f32], m: usize) 
 ///
 /// # Safety
 ///
-/// The CPU must have AVX-512F and FMA. (`unsafe fn` for Rust 1.85, the declared minimum: safe
-/// functions take `target_feature` only from 1.86.)
+/// The CPU must have AVX-512F and FMA. (The AVX-512 target features are stable from Rust 1.89,
+/// the workspace's declared minimum for that reason.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 unsafe fn band_update_avx512(acc: &mut [f32], a_band: &[f32], k0: usize, b: &[f32], m: usize) {

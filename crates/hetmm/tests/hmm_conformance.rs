@@ -98,7 +98,7 @@ impl Dmirror {
     }
 
     fn check(addr: u64, npages: usize) -> Result<(), i32> {
-        if addr % PAGE_SIZE != 0 || npages == 0 || addr.checked_add(npages as u64 * PAGE_SIZE).is_none() {
+        if !addr.is_multiple_of(PAGE_SIZE) || npages == 0 || addr.checked_add(npages as u64 * PAGE_SIZE).is_none() {
             return Err(EINVAL);
         }
         Ok(())

@@ -62,7 +62,7 @@ fn unmapping_other_registered_memory_does_not_race_migrations() {
     let t = Instant::now();
     while (i < 200 || churns.load(Ordering::Relaxed) < 200) && !churn.is_finished() {
         assert!(t.elapsed() < Duration::from_secs(120), "{i} migrations, {churns:?} unmaps in 120 s");
-        let to = if i % 2 == 0 {
+        let to = if i.is_multiple_of(2) {
             // Mapped by the CPU again, so that the migration to the device revokes.
             buf.as_mut_slice().iter_mut().step_by(PS).for_each(|b| *b = 7);
             dev.proc()
@@ -466,7 +466,7 @@ fn stress(policy: &str, secs: u64) {
                 let Ok(mut s) = area.slots[i].try_lock() else { continue };
                 let Slot::Live(g) = *s else { continue };
                 let a = area.addr(i) as u64;
-                if xorshift(&mut seed) % 4 == 0 {
+                if xorshift(&mut seed).is_multiple_of(4) {
                     hm.migrate(a, SLOT as u64, dev.proc()).unwrap();
                     counts[6].fetch_add(1, Ordering::Relaxed);
                     continue;

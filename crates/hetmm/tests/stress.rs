@@ -1314,7 +1314,7 @@ fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool, extra: i32) {
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let to = if n % 2 == 0 { dev.proc() } else { Proc::Cpu };
+                let to = if n.is_multiple_of(2) { dev.proc() } else { Proc::Cpu };
                 if let Some(b) = b {
                     let _ = hm.migrate(b, len, to);
                 }

@@ -179,7 +179,8 @@ impl Host {
     pub fn create_region_unlisted(self: &Arc<Self>, len: u64) -> Result<Arc<HostRegion>, RegionError> {
         let mapping = SharedMapping::new(len)?;
         let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
-        self.uffd.register(mapping.app_range(), mode)?;
+        // SAFETY: the view of a mapping just made, whose bytes this host serves from here on.
+        unsafe { self.uffd.register(mapping.app_range(), mode) }?;
         Ok(Arc::new(HostRegion { host: self.clone(), mapping, moved: Mutex::new(Weak::new()) }))
     }
 
@@ -1882,7 +1883,9 @@ mod tests {
         if pid == 0 {
             let esrch = rustix::io::Errno::SRCH.raw_os_error();
             let ok = region.map(&[page(&region, 0)], true).is_err_and(|e| e.errno == esrch)
-                && host.uffd.register(page(&region, 1), RegisterMode::MISSING).is_err_and(|e| e.errno() == esrch);
+                // SAFETY: a page of the test's own region, which this host serves (and the call
+                // is refused in the child anyway).
+                && unsafe { host.uffd.register(page(&region, 1), RegisterMode::MISSING) }.is_err_and(|e| e.errno() == esrch);
             // SAFETY: `_exit` ends the child at once, running no destructors or handlers.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }

@@ -74,9 +74,13 @@ const GROWTH_ROOM: u64 = 1 << 46;
 
 /// Sets the size of a new memfd holding `len` bytes: `len` plus [`GROWTH_ROOM`], less where the
 /// process's file-size limit (`RLIMIT_FSIZE`) is lower (a size past it would raise SIGXFSZ,
-/// which ends the process), or just `len` where the kernel refuses the room.
+/// which ends the process), or just `len` where the kernel refuses the room. `EFBIG` where
+/// `len` itself is past the limit.
 fn size_memfd(memfd: &OwnedFd, len: u64) -> Result<(), Errno> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Fsize).current.unwrap_or(u64::MAX);
+    if len > limit {
+        return Err(Errno::FBIG);
+    }
     let room = GROWTH_ROOM.min(limit.saturating_sub(len)) & !(PAGE_SIZE - 1);
     if room == 0 {
         return rustix::fs::ftruncate(memfd, len);
@@ -224,7 +228,7 @@ impl SharedMapping {
     /// Creates the memfd (`len` bytes, a multiple of 4 KiB; pages are allocated lazily) and maps
     /// both views read-write.
     pub fn new(len: u64) -> Result<SharedMapping, MappingError> {
-        if len == 0 || len % PAGE_SIZE != 0 || len > (isize::MAX as u64) - BLOCK_SIZE {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || len > (isize::MAX as u64) - BLOCK_SIZE {
             return Err(MappingError::BadLength(len));
         }
         let whole = VaRange::new(0, len);
@@ -783,7 +787,7 @@ pub(crate) unsafe fn protect_view(range: VaRange, prot: hetmm_core::types::Prot)
 /// `addr..addr + len` must be readable memory that stays mapped during the call (a manager's
 /// alias).
 pub(crate) unsafe fn alias_is_zero(addr: usize, len: usize) -> bool {
-    let words = if addr % 8 == 0 { len / 8 } else { 0 };
+    let words = if addr.is_multiple_of(8) { len / 8 } else { 0 };
     // SAFETY: word `i < len / 8` of `addr..addr + len` (8-aligned), readable and mapped (our
     // contract); volatile, so a concurrent writer is no data race.
     let word = |i: usize| unsafe { ((addr + 8 * i) as *const u64).read_volatile() };
@@ -808,7 +812,7 @@ pub(crate) fn retire_fd_in_child(fd: BorrowedFd<'_>, null: BorrowedFd<'_>) {
 
 /// Creates a memfd of `len` bytes and maps it at a fresh 2 MiB-aligned alias.
 pub(crate) fn memfd_with_alias(len: u64) -> Result<(OwnedFd, usize), MappingError> {
-    if len == 0 || len % PAGE_SIZE != 0 || len > (isize::MAX as u64) - BLOCK_SIZE {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) || len > (isize::MAX as u64) - BLOCK_SIZE {
         return Err(MappingError::BadLength(len));
     }
     let whole = VaRange::new(0, len);
@@ -1464,6 +1468,41 @@ fn unmap(addr: usize, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set in the child [`memory_past_the_file_size_limit_is_an_error`] starts.
+    const FSIZE_CHILD: &str = "HETMM_TEST_FSIZE_CHILD";
+
+    /// The child's half of [`memory_past_the_file_size_limit_is_an_error`] (does nothing in a
+    /// plain test run): under a 1 MiB file-size limit, asks for 4 MiB and prints what it got.
+    #[test]
+    fn fsize_limit_child() {
+        if std::env::var_os(FSIZE_CHILD).is_none() {
+            return;
+        }
+        let mut lim = rustix::process::getrlimit(rustix::process::Resource::Fsize);
+        lim.current = Some(1 << 20);
+        rustix::process::setrlimit(rustix::process::Resource::Fsize, lim).unwrap();
+        match SharedMapping::new(4 << 20) {
+            Err(e) => println!("child: refused: {e}"),
+            Ok(_) => println!("child: mapped"),
+        }
+    }
+
+    /// Memory larger than the process's file-size limit (`ulimit -f`) is refused with an
+    /// error; sizing its memfd past the limit would raise SIGXFSZ, which ends the process.
+    /// (Found by an audit: the child died of SIGXFSZ.) Run in a child process, since the limit
+    /// is the whole process's.
+    #[test]
+    fn memory_past_the_file_size_limit_is_an_error() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "mapping::tests::fsize_limit_child", "--nocapture", "--test-threads=1"])
+            .env(FSIZE_CHILD, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "the child died: {:?}\n{stdout}", out.status);
+        assert!(stdout.contains("child: refused"), "the child was not refused: {stdout}");
+    }
 
     /// The manager's alias shows the memfd at offsets no view may show any more (the program
     /// unmapped the view it was managed at, while the memory lives on elsewhere or the core

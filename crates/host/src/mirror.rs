@@ -469,7 +469,10 @@ impl Host {
             }
             let alias = mapping::dup_shared(range)?;
             // Only to be told of munmap/mremap/madvise (see the module notes).
-            if let Err(e) = self.uffd.register(range, RegisterMode::WP) {
+            // SAFETY: write-protect mode only: nothing is write-protected or filled through this
+            // handle there (it is registered to be told of munmap/mremap/madvise), so the
+            // program's bytes stay its own.
+            if let Err(e) = unsafe { self.uffd.register(range, RegisterMode::WP) } {
                 log::info!("shared memory {range} cannot be watched ({e}): its munmap and mremap are not followed");
             }
             let mirror = Arc::new(Mirror {
@@ -550,7 +553,9 @@ impl Host {
         let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
         // From here until the core knows the range, its faults have nowhere to go: they wait.
         let arriving = Arriving::new(&self.ctx, range);
-        if let Err(e) = self.uffd.register(range, mode) {
+        // SAFETY: `range` is now hetmm's shared mapping holding the program's bytes (moved in
+        // above), which this host serves from here on.
+        if let Err(e) = unsafe { self.uffd.register(range, mode) } {
             // A registration that failed part way may have registered some VMAs: undone first
             // (waking any fault there), so the moves back raise no UNMAP event.
             let _ = self.uffd.unregister(range);
@@ -660,7 +665,9 @@ impl WriteHold {
             }
         };
         for &(r, data) in parts {
-            if let Err(e) = uffd.register(r, RegisterMode::WP) {
+            // SAFETY: write-protect mode, to hold the program's writes while the memory is
+            // replaced; the hold write-protects and then releases it without changing a byte.
+            if let Err(e) = unsafe { uffd.register(r, RegisterMode::WP) } {
                 hold.failed.get_or_insert((r, e));
                 continue;
             }

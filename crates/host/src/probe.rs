@@ -40,7 +40,8 @@ pub fn raw_uffd_round_trip(iters: usize) -> Result<Vec<Duration>, ProbeError> {
     let pages = (iters as u64).clamp(1, PROBE_PAGES);
     let mapping = SharedMapping::new(pages * PAGE_SIZE)?;
     let region = mapping.app_range();
-    uffd.register(region, RegisterMode::MISSING)?;
+    // SAFETY: the view of the probe's own fresh mapping, served by the probe's handler thread.
+    unsafe { uffd.register(region, RegisterMode::MISSING) }?;
     let stop = Arc::new(AtomicBool::new(false));
     let (u, s) = (uffd.clone(), stop.clone());
     let worker = Worker::spawn("hetmm-probe-uffd", move || copy_server(&u, &s)).map_err(ProbeError::Spawn)?;

@@ -4,8 +4,9 @@
 //! (mode bits of CONTINUE/WRITEPROTECT/POISON, `USERFAULTFD_IOC_NEW`) are defined here. Every
 //! `unsafe` of the crate that talks to the uffd lives in this module, behind [`Uffd`]'s safe
 //! methods: the fd is owned, each ioctl is paired with its struct in exactly one place, and range
-//! ioctls can only fill or drop page-table entries of registered ranges, never write memory that
-//! Rust code holds references to.
+//! ioctls can only fill or drop page-table entries of registered ranges. Registering a range is
+//! the one `unsafe` method ([`Uffd::register`]): from then on the handle decides what the range's
+//! missing pages hold, so its caller must own the range's contents.
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -451,7 +452,16 @@ impl Uffd {
     }
 
     /// Registers `range` in `mode` and checks that the ioctls the mode needs are allowed.
-    pub fn register(&self, range: VaRange, mode: RegisterMode) -> Result<Ioctls, UffdError> {
+    ///
+    /// # Safety
+    ///
+    /// While `range` is registered, this handle decides what its missing pages hold
+    /// ([`Uffd::copy`], [`Uffd::cont`]), whether a page raises `SIGBUS` ([`Uffd::poison`]) and
+    /// whether an access waits for a reply: the caller must own the contents of `range` (memory
+    /// it mapped to serve through this handle, or memory it replaced with such a mapping holding
+    /// the same bytes), not memory other code, or a Rust reference, relies on holding particular
+    /// bytes. Those other methods are safe because they act only on ranges registered here.
+    pub unsafe fn register(&self, range: VaRange, mode: RegisterMode) -> Result<Ioctls, UffdError> {
         let mut arg = sys::uffdio_register { range: raw_range(range), mode: mode.bits(), ioctls: 0 };
         // SAFETY: OP_REGISTER takes a `uffdio_register`.
         unsafe { self.call::<OP_REGISTER, _>(&mut arg) }.map_err(|e| UffdError::classify("register", range, e, 0))?;
@@ -686,7 +696,8 @@ mod tests {
         let u = Uffd::open(Features::REQUIRED, Features::OPTIONAL).expect("open uffd");
         let r = VaRange::new(0x1001, 0x1000);
         assert!(matches!(u.wake(r), Err(UffdError::Os { errno: 22, .. })));
-        assert!(u.register(r, RegisterMode::MISSING).is_err());
+        // SAFETY: refused (the range is not page aligned): nothing is registered.
+        assert!(unsafe { u.register(r, RegisterMode::MISSING) }.is_err());
     }
 
     /// Protecting with `wake = false` used to send `MODE_WP | MODE_DONTWAKE`, which the kernel
@@ -697,7 +708,8 @@ mod tests {
         m.write_backing(0, &[1u8; 4 * hetmm_core::types::PAGE_SIZE as usize]).unwrap();
         let u = Uffd::open(Features::REQUIRED, Features::empty()).expect("open uffd");
         let r = m.app_range();
-        u.register(r, RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP).unwrap();
+        // SAFETY: the view of the test's own mapping, which the test serves.
+        unsafe { u.register(r, RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP) }.unwrap();
         u.cont(r, false, false).unwrap();
         for (protect, wake) in [(true, false), (false, false), (true, true), (false, true)] {
             u.writeprotect(r, protect, wake).unwrap_or_else(|e| panic!("protect {protect} wake {wake}: {e}"));
@@ -712,7 +724,8 @@ mod tests {
         let m = crate::mapping::SharedMapping::new(hetmm_core::types::PAGE_SIZE).unwrap();
         let u = Uffd::open(Features::REQUIRED, Features::empty()).expect("open uffd");
         let r = m.app_range();
-        u.register(r, RegisterMode::MISSING).unwrap();
+        // SAFETY: the view of the test's own mapping, which the test serves.
+        unsafe { u.register(r, RegisterMode::MISSING) }.unwrap();
         let addr = r.start;
         std::thread::scope(|s| {
             // SAFETY: `addr` is the first byte of the mapping's view, mapped while `m` lives.
@@ -736,7 +749,8 @@ mod tests {
         m.write_backing(0, &vec![1u8; 3 * ps as usize]).unwrap();
         let u = Uffd::open(Features::REQUIRED, Features::empty()).expect("open uffd");
         let r = m.app_range();
-        u.register(r, RegisterMode::MISSING | RegisterMode::MINOR).unwrap();
+        // SAFETY: the view of the test's own mapping, which the test serves.
+        unsafe { u.register(r, RegisterMode::MISSING | RegisterMode::MINOR) }.unwrap();
         u.cont(VaRange::new(r.start + ps, ps), false, true).unwrap();
         assert_eq!(
             u.cont(r, false, true),
@@ -783,7 +797,8 @@ mod tests {
         let dst =
             unsafe { mm::mmap_anonymous(std::ptr::null_mut(), ps as usize, ProtFlags::empty(), MapFlags::PRIVATE) }
                 .unwrap() as u64;
-        u.register(VaRange::new(base, 4 * ps), RegisterMode::MISSING).unwrap();
+        // SAFETY: the test's own fresh mapping, which the test serves.
+        unsafe { u.register(VaRange::new(base, 4 * ps), RegisterMode::MISSING) }.unwrap();
         std::thread::scope(|s| {
             let t = s.spawn(move || {
                 // SAFETY: `base` is mapped and registered; the read blocks until the copy below.

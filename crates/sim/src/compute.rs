@@ -400,7 +400,7 @@ impl BlockCtx<'_> {
     }
 
     fn atomic(&self, va: u64, op: AtomicOp) -> Result<u64, DeviceError> {
-        if va % op.size() != 0 {
+        if !va.is_multiple_of(op.size()) {
             return Err(misaligned(va, op.size() as usize));
         }
         let mem = &self.shared.mem;
@@ -429,7 +429,7 @@ impl BlockCtx<'_> {
     /// Loads a `T` from `va`.
     #[inline]
     pub fn load<T: Pod>(&self, va: u64) -> Result<T, DeviceError> {
-        if va % std::mem::align_of::<T>() as u64 != 0 {
+        if !va.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(misaligned(va, std::mem::align_of::<T>()));
         }
         let mut v = T::zeroed();
@@ -440,7 +440,7 @@ impl BlockCtx<'_> {
     /// Stores `v` at `va`.
     #[inline]
     pub fn store<T: Pod>(&self, va: u64, v: T) -> Result<(), DeviceError> {
-        if va % std::mem::align_of::<T>() as u64 != 0 {
+        if !va.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(misaligned(va, std::mem::align_of::<T>()));
         }
         self.write_bytes(va, bytemuck::bytes_of(&v))
@@ -449,7 +449,7 @@ impl BlockCtx<'_> {
     /// Reads `out.len()` consecutive `T`s from `va` (one translation per page-table entry).
     #[inline]
     pub fn read_slice<T: Pod>(&self, va: u64, out: &mut [T]) -> Result<(), DeviceError> {
-        if va % std::mem::align_of::<T>() as u64 != 0 {
+        if !va.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(misaligned(va, std::mem::align_of::<T>()));
         }
         self.read_bytes(va, bytemuck::cast_slice_mut(out))
@@ -458,7 +458,7 @@ impl BlockCtx<'_> {
     /// Writes `data` as consecutive `T`s at `va` (one translation per page-table entry).
     #[inline]
     pub fn write_slice<T: Pod>(&self, va: u64, data: &[T]) -> Result<(), DeviceError> {
-        if va % std::mem::align_of::<T>() as u64 != 0 {
+        if !va.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(misaligned(va, std::mem::align_of::<T>()));
         }
         self.write_bytes(va, bytemuck::cast_slice(data))

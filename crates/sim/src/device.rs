@@ -314,7 +314,7 @@ impl DeviceMmu for SimDevice {
                 }
                 MapTarget::Host(h) => {
                     let a = h.0 as u64;
-                    if a == 0 || a % PAGE_SIZE != 0 || a.checked_add(e.len).is_none() {
+                    if a == 0 || !a.is_multiple_of(PAGE_SIZE) || a.checked_add(e.len).is_none() {
                         return Err(DeviceError::Other(format!(
                             "host aperture target {a:#x}+{:#x} for {r} is not a valid page-aligned range",
                             e.len

@@ -177,7 +177,10 @@ impl SimConfig {
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), SimError> {
         const MB2: u64 = 2 << 20;
-        if self.memory_bytes == 0 || self.memory_bytes % MB2 != 0 || usize::try_from(self.memory_bytes).is_err() {
+        if self.memory_bytes == 0
+            || !self.memory_bytes.is_multiple_of(MB2)
+            || usize::try_from(self.memory_bytes).is_err()
+        {
             return Err(SimError::BadMemorySize(self.memory_bytes));
         }
         for (what, v) in [

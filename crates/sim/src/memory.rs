@@ -184,7 +184,7 @@ impl PhysMem {
     /// Runs an atomic at `pa` (naturally aligned) and returns the previous value.
     pub(crate) fn atomic(&self, pa: u64, op: AtomicOp) -> Result<u64, DeviceError> {
         let size = op.size();
-        if pa % size != 0 {
+        if !pa.is_multiple_of(size) {
             return Err(DeviceError::Other(format!("misaligned {size}-byte atomic at device physical {pa:#x}")));
         }
         let p = self.ptr(pa, size)?;
@@ -332,7 +332,7 @@ pub(crate) unsafe fn host_write(addr: usize, data: &[u8]) {
 ///
 /// `addr` must be valid for reads and writes of `op.size()` bytes (see [`host_read`]).
 pub(crate) unsafe fn host_atomic(addr: usize, op: AtomicOp) -> Result<u64, DeviceError> {
-    if addr as u64 % op.size() != 0 {
+    if !(addr as u64).is_multiple_of(op.size()) {
         return Err(DeviceError::Other(format!("misaligned {}-byte atomic at host {addr:#x}", op.size())));
     }
     // SAFETY: aligned (checked) and valid per the caller's contract.

@@ -163,11 +163,11 @@ pub struct Block {
     prev_chunk: Vec<(DeviceId, PhysAddr)>,
     /// Devices whose eviction queue holds this block.
     pub queued_on: ProcMask,
-    /// Last time each device touched the block (fault service or sampled accessed bits), as
-    /// ticks of the address space's clock; for LRU eviction.
-    pub touched: [u64; 4],
-    /// How hot the block is on each device (its access counters), for the thrashing response.
-    heat: [Heat; 4],
+    /// For each device that used the block: when it last touched it (fault service or sampled
+    /// accessed bits, as ticks of the address space's clock; for LRU eviction) and how hot the
+    /// block is there (its access counters; for the thrashing response). A short list, not an
+    /// array for every possible device (an array of four lost devices 4 and up).
+    uses: Vec<DeviceUse>,
     /// Ticks when the block was last evicted, and how often it was evicted and refaulted within
     /// the thrashing window.
     pub last_evicted: u64,
@@ -208,6 +208,14 @@ impl DevicePages<'_> {
 /// keep its place for long.
 pub const HEAT_HALF_LIFE_NS: u64 = 1_000_000_000;
 
+/// One device's use of a block (see [`Block::touch`], [`Block::add_heat`]).
+#[derive(Clone, Copy, Debug)]
+struct DeviceUse {
+    dev: DeviceId,
+    touched: u64,
+    heat: Heat,
+}
+
 /// One device's heat of a block (see [`Block::add_heat`]).
 #[derive(Clone, Copy, Debug, Default)]
 struct Heat {
@@ -227,8 +235,7 @@ impl Block {
             dev_pa: Vec::new(),
             prev_chunk: Vec::new(),
             queued_on: ProcMask::EMPTY,
-            touched: [0; 4],
-            heat: [Heat::default(); 4],
+            uses: Vec::new(),
             last_evicted: 0,
             refaults: 0,
             thrashing: ProcMask::EMPTY,
@@ -326,12 +333,7 @@ impl Block {
         }
         self.queued_on.remove(me);
         self.thrashing.remove(me);
-        if let Some(t) = self.touched.get_mut(d.0 as usize) {
-            *t = 0;
-        }
-        if let Some(h) = self.heat.get_mut(d.0 as usize) {
-            *h = Heat::default();
-        }
+        self.uses.retain(|u| u.dev != d);
         self.prev_chunk.retain(|(x, _)| *x != d);
         self.dev_pa.retain(|(x, _)| *x != d);
     }
@@ -348,16 +350,26 @@ impl Block {
 
     /// Records that device `d` touched the block at `tick`.
     pub fn touch(&mut self, d: crate::types::DeviceId, tick: u64) {
-        if let Some(t) = self.touched.get_mut(d.0 as usize) {
-            *t = tick;
-        }
+        self.use_by(d).touched = tick;
+    }
+
+    /// Device `d`'s entry in [`Block::uses`], made if it has none.
+    fn use_by(&mut self, d: DeviceId) -> &mut DeviceUse {
+        let k = match self.uses.iter().position(|u| u.dev == d) {
+            Some(k) => k,
+            None => {
+                self.uses.push(DeviceUse { dev: d, touched: 0, heat: Heat::default() });
+                self.uses.len() - 1
+            }
+        };
+        &mut self.uses[k]
     }
 
     /// Adds `accesses` counted by device `d`'s access counters up to `tick` to the block's heat
     /// on `d`, and returns the heat: accesses, each weighing half as much for every
-    /// [`HEAT_HALF_LIFE_NS`] since it was counted. (0 for a device id past the tracked ones.)
+    /// [`HEAT_HALF_LIFE_NS`] since it was counted.
     pub fn add_heat(&mut self, d: crate::types::DeviceId, tick: u64, accesses: u64) -> f64 {
-        let Some(h) = self.heat.get_mut(d.0 as usize) else { return 0.0 };
+        let h = &mut self.use_by(d).heat;
         let age = tick.saturating_sub(h.at) as f64 / HEAT_HALF_LIFE_NS as f64;
         h.value = h.value * (-age).exp2() + accesses as f64;
         h.at = h.at.max(tick);
@@ -366,7 +378,7 @@ impl Block {
 
     /// When device `d` last touched the block.
     pub fn touched_by(&self, d: crate::types::DeviceId) -> u64 {
-        self.touched.get(d.0 as usize).copied().unwrap_or(0)
+        self.uses.iter().find(|u| u.dev == d).map_or(0, |u| u.touched)
     }
 
     /// Pages mapped by device `p` (locally or remotely).
@@ -395,6 +407,24 @@ impl Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every device's recency and heat are kept, whatever its id (an array of four dropped
+    /// those of devices 4 and up, so LRU eviction and the thrashing response did not see their
+    /// use; found by an audit), and a detached device's are forgotten.
+    #[test]
+    fn recency_and_heat_are_kept_for_any_device() {
+        let mut b = Block::new(0, 512);
+        for (d, tick) in [(0u8, 5u64), (4, 7), (62, 9)] {
+            b.touch(DeviceId(d), tick);
+            assert_eq!(b.touched_by(DeviceId(d)), tick);
+            assert_eq!(b.add_heat(DeviceId(d), tick, 10), 10.0);
+        }
+        assert_eq!(b.touched_by(DeviceId(3)), 0);
+        b.forget_device(DeviceId(4));
+        assert_eq!(b.touched_by(DeviceId(4)), 0);
+        assert_eq!(b.add_heat(DeviceId(4), 7, 1), 1.0, "its heat starts again");
+        assert_eq!(b.touched_by(DeviceId(62)), 9);
+    }
 
     #[test]
     fn mask_ops() {

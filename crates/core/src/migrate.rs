@@ -714,9 +714,9 @@ fn allocate(
                 CoreError::OutOfDeviceMemory { device: slot.id, bytes }
             });
         }
-        to_cpu(space, region, blk, &spare)?;
+        let copied = to_cpu(space, region, blk, &spare)?;
         add(&space.stats.evictions, 1);
-        add(&space.stats.bytes_evicted, spare.count() as u64 * PAGE_SIZE);
+        add(&space.stats.bytes_evicted, copied as u64 * PAGE_SIZE);
     }
 }
 
@@ -867,9 +867,11 @@ pub(crate) fn flush_to_host(space: &AddressSpace, region: &Region, blk: &Block) 
 /// Brings the pages `want` of `blk` back into host backing: the CPU becomes the only holder.
 /// Devices' copies are unmapped and freed (remote mappings of the host page stay valid). The CPU
 /// mapping is left to the caller.
-pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, want: &PageMask) -> Result<()> {
+/// Returns the pages copied (those the CPU did not hold already).
+pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, want: &PageMask) -> Result<usize> {
     unmap_peer_maps(space, blk, want)?;
     let devices = device_holders(blk, want);
+    let mut copied = 0;
     for d in devices.devices() {
         let slot = space.holder(d)?;
         let me = Proc::Device(d);
@@ -879,6 +881,7 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
         unmap_on(space, blk, &slot, &here)?;
         // On failure the device pages keep the data (unmapped; the next device fault remaps).
         copy_back(space, region, blk, &slot, &copy)?;
+        copied += copy.count();
         release_device_pages(&slot, blk, &here);
         for i in here.iter() {
             let pg = &mut blk.pages[i];
@@ -886,7 +889,7 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
             pg.resident.insert(Proc::Cpu);
         }
     }
-    Ok(())
+    Ok(copied)
 }
 
 /// Drops every device mapping and copy in `m` without copying (the data is being freed or
@@ -947,6 +950,13 @@ pub(crate) fn discard(space: &AddressSpace, region: &Region, blk: &mut Block, m:
             kept = kept.or(&select(blk, &wm, |p| p.resident.has(me) || p.dev_mapped.has(me)));
             result = result.and(Err(e));
         }
+    }
+    // A whole-block device holds a whole block or nothing: where a refusal keeps some pages of
+    // a block one holds, the whole range is kept (as it was, but unmapped: the next access maps
+    // it again). Freeing the rest of its chunk left it holding a piece it could neither map nor
+    // fill again (found by an audit).
+    if !kept.is_empty() && devs.devices().any(|d| space.holder(d).is_ok_and(|s| whole_blocks(&s))) {
+        kept = kept.or(m);
     }
     let m = &m.and_not(&kept);
     let rs = ranges(blk, m);
@@ -1997,5 +2007,34 @@ mod whole_block_tests {
             .all(|i| h[i as usize] == (i / PAGE_SIZE) as u8 ^ 0x5a));
         drop(h);
         assert_eq!(space.device_memory(id).unwrap().0, 2 * BLOCK_SIZE);
+    }
+
+    /// A DontNeed of a block a whole-block device holds, while another device refuses to unmap
+    /// two pages it duplicates, leaves the whole-block device holding all of the block or none
+    /// of it. (Found by an audit: it freed 510 pages of its chunk and kept 2, and the block
+    /// could not be mapped there again.)
+    #[test]
+    fn a_refusal_elsewhere_leaves_a_whole_block_device_its_whole_block() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (space, _dev, id, host) = setup(4);
+        let fake = Arc::new(crate::testing::FakeDevice::new(4 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+        let d1 = space.attach(Arc::clone(&fake) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        space.migrate(BASE, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        space.advise(BASE, 2 * PAGE_SIZE, crate::Advice::ReadMostly(true)).unwrap();
+        space.migrate(BASE, 2 * PAGE_SIZE, Proc::Device(d1)).unwrap();
+        let p0 = space.page_state(BASE).unwrap();
+        assert!(p0.resident.has(Proc::Device(id)) && p0.resident.has(Proc::Device(d1)), "{p0:?}");
+        let free0 = space.device_memory(id).unwrap().0;
+        fake.fail_unmap.store(true, Relaxed);
+        let r = space.advise(BASE, BLOCK_SIZE, crate::Advice::DontNeed).map(drop);
+        fake.fail_unmap.store(false, Relaxed);
+        assert!(r.is_err(), "the refusal is returned");
+        let n = (0..PAGES_PER_BLOCK as u64)
+            .filter(|p| space.page_state(BASE + p * PAGE_SIZE).unwrap().resident.has(Proc::Device(id)))
+            .count();
+        let free1 = space.device_memory(id).unwrap().0;
+        let again = space.migrate(BASE, BLOCK_SIZE, Proc::Device(id));
+        assert!(n == 0 || n == PAGES_PER_BLOCK, "the device holds {n} of 512 pages (free {free0} -> {free1})");
+        assert!(again.is_ok(), "the block cannot go back to the device: {again:?}");
     }
 }

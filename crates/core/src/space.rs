@@ -732,7 +732,7 @@ impl AddressSpace {
             return Err(CoreError::NotShared(range));
         }
         let want = pages_in(&blk, &range);
-        let Some(s) = slot else { return migrate::to_cpu(self, region, &mut blk, &want) };
+        let Some(s) = slot else { return migrate::to_cpu(self, region, &mut blk, &want).map(drop) };
         // Already there (the bulk pass moved it): only the device holds and maps the pages,
         // with the region's protection, and no advice asks for duplicates.
         let me = Proc::Device(s.id);

@@ -74,7 +74,8 @@ stats! {
     evictions,
     /// Of the evictions, those the background evictor made (ahead of demand).
     background_evictions,
-    /// Bytes moved by evictions (counted in bytes_to_host too).
+    /// Bytes evictions copied home (counted in bytes_to_host too; read duplicates the CPU
+    /// already holds are dropped, not copied, and not counted).
     bytes_evicted,
     /// Pages added by prefetching.
     prefetched_pages,

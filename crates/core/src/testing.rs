@@ -2570,3 +2570,31 @@ fn placement_on_a_preferred_peer_prefetches_toward_it() {
         w.check_all();
     }
 }
+
+/// An evicted block whose pages are read duplicates (the CPU holds them too) copies nothing
+/// home, and `bytes_evicted` (counted in `bytes_to_host` too) counts nothing. (Found by an
+/// audit: it counted every page.)
+#[test]
+fn evicting_read_duplicates_counts_no_bytes_evicted() {
+    use crate::advice::Advice;
+    let mut w = world(false, PAGES_PER_BLOCK as u64);
+    let dev = Proc::Device(w.ids[0]);
+    let s = w.cpu.range.start;
+    for p in 0..2 * PAGES_PER_BLOCK as u64 {
+        w.cpu_access(s + p * PAGE_SIZE, Some(1));
+    }
+    w.space.advise(s, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    let p = w.space.page_state(s + 5 * PAGE_SIZE).unwrap();
+    assert!(p.resident.has(Proc::Cpu) && p.resident.has(dev), "{p:?}");
+    let before = w.space.stats();
+    w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).unwrap();
+    let d = w.space.stats().since(&before);
+    assert_eq!(d.evictions, 1);
+    assert!(
+        d.bytes_evicted <= d.bytes_to_host,
+        "bytes_evicted {} > bytes_to_host {}",
+        d.bytes_evicted,
+        d.bytes_to_host
+    );
+}

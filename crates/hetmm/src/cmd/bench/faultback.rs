@@ -32,8 +32,10 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
     let n = (bytes / 8).max(1) as usize;
     let bytes = n as u64 * 8;
     let policy = Policy::by_name(r.policy).ok_or_else(|| hetmm::Error::UnknownPolicy(r.policy.to_string()))?;
-    // The sweep sets the chunk a CPU fault brings back, whatever the policy's prefetcher would.
-    let policy = Policy { cpu_fault_prefetch: false, ..policy };
+    // The sweep sets the chunk a CPU fault brings back, whatever the policy's prefetcher would,
+    // and each touch must be a fault: no read-ahead either (with hetmm's, most touches found
+    // their chunk already back, and the median "fault" was a plain read; found by an audit).
+    let policy = Policy { cpu_fault_prefetch: false, cpu_readahead: false, ..policy };
     let hm = Hetmm::with_config(CoreConfig { fault_around: chunk, policy, ..CoreConfig::default() })?;
     let mem = device_memory(bytes, OVERSUB);
     let dev =
@@ -61,8 +63,10 @@ fn one(r: &Run, chunk: u64, uffd_us: f64) -> Result<Sample> {
     let cpu = c0.until(&CpuClock::now());
     let st = hm.stats().since(&s0);
     let mut ok = (0..n).step_by(stride).fold(0u64, |a, i| a.wrapping_add(i as u64 ^ salt)) == sum;
-    // Check every word once (outside the timing).
+    // Check every word once (outside the timing), and that no CPU fault failed (as every
+    // other workload's row does).
     ok &= s.iter().enumerate().all(|(i, v)| *v == i as u64 ^ salt);
+    ok &= st.cpu_fault_errors == 0;
     let lat = median(per);
     let mut extra = serde_json::Map::new();
     extra.insert("chunk".into(), json!(chunk));

@@ -20,7 +20,7 @@ use hetmm_core::types::{Access, VaRange, PAGE_SIZE};
 use parking_lot::Mutex;
 
 use crate::mirror::Mirror;
-use crate::uffd::{self, Event, Features, Uffd, UffdError};
+use crate::uffd::{self, Event, Uffd, UffdError};
 
 /// How long the threads sleep in poll/recv before they look at their stop flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -937,13 +937,8 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
 fn release_with_sigbus(ctx: &Ctx, va: u64, access: Access) {
     let uffd = &*ctx.uffd;
     let page = VaRange::new(va, PAGE_SIZE);
-    let poison = || {
-        if uffd.features().contains(Features::POISON) {
-            crate::host::retry_again(|| uffd.poison(page))
-        } else {
-            Err(UffdError::Os { op: "poison", range: page, errno: rustix::io::Errno::NOSYS.raw_os_error() })
-        }
-    };
+    // `POISON` is a required feature (`Features::REQUIRED`).
+    let poison = || crate::host::retry_again(|| uffd.poison(page));
     let mut res = poison();
     if matches!(res, Err(UffdError::Exists { .. })) && access == Access::Write && shared_view(page) {
         // SAFETY: `page` is registered with our uffd (it faulted there) and mapped MAP_SHARED
@@ -978,6 +973,7 @@ fn shared_view(page: VaRange) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::uffd::Features;
     use std::sync::OnceLock;
 
     /// Where the test's events happen.

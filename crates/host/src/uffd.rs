@@ -96,19 +96,21 @@ bitflags! {
 }
 
 impl Features {
-    /// What a shared region (memfd, MISSING|MINOR|WP) cannot work without.
+    /// What a shared region (memfd, MISSING|MINOR|WP) cannot work without. `POISON` (Linux
+    /// 6.6) releases a thread whose fault cannot be served with SIGBUS: without it the thread
+    /// could only be woken to fault again, for as long as the fault failed. Requiring it also
+    /// rules out kernels without `UFFDIO_CONTINUE_MODE_WP` (6.4, no feature bit of its own),
+    /// where every read-only CPU mapping would fail.
     pub const REQUIRED: Features = Features::MISSING_SHMEM
         .union(Features::MINOR_SHMEM)
         .union(Features::WP_HUGETLBFS_SHMEM)
-        .union(Features::PAGEFAULT_FLAG_WP);
+        .union(Features::PAGEFAULT_FLAG_WP)
+        .union(Features::POISON);
     /// Requested when the kernel has them. With the EVENT_* bits the kernel blocks
     /// madvise/munmap/mremap until the event is read, so only the reader thread may read the uffd
     /// and it never zaps or maps memory itself (see `crate::host`).
-    pub const OPTIONAL: Features = Features::THREAD_ID
-        .union(Features::POISON)
-        .union(Features::EVENT_REMOVE)
-        .union(Features::EVENT_UNMAP)
-        .union(Features::EVENT_REMAP);
+    pub const OPTIONAL: Features =
+        Features::THREAD_ID.union(Features::EVENT_REMOVE).union(Features::EVENT_UNMAP).union(Features::EVENT_REMAP);
 }
 
 bitflags! {

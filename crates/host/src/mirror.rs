@@ -588,8 +588,11 @@ impl Host {
             let segs: Vec<Seg> = m.segs.lock().clone();
             for s in segs {
                 let Some(x) = VaRange::new(s.app, s.len).intersect(&range) else { continue };
-                let _ = self.uffd.unregister(x);
+                // Looked up before the unregister: a range that is not all mapped is refused with
+                // its faults still coming to hetmm (unregistered first, the memfd mapping that
+                // stayed would have served the CPU stale bytes of data on a device).
                 let vm = vmas(x).ok_or(RegionError::NotMapped(x))?;
+                let _ = self.uffd.unregister(x);
                 // From the copy back until the private memory is moved over the memfd mapping, a
                 // write there would be lost. Large memory is held where the memfd has data.
                 let extents: Vec<Vec<VaRange>> =

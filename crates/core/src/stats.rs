@@ -77,7 +77,8 @@ stats! {
     /// Bytes evictions copied home (counted in bytes_to_host too; read duplicates the CPU
     /// already holds are dropped, not copied, and not counted).
     bytes_evicted,
-    /// Pages added by prefetching.
+    /// Pages a device got beyond those that faulted: moved or copied there by the prefetchers,
+    /// or mapped there remotely (a thrashing block is mapped whole on its first fault).
     prefetched_pages,
     /// Evict-and-refault or ping-pong events detected.
     thrash_events,

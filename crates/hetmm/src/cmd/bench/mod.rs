@@ -22,6 +22,9 @@
 //! `pingpong`/`readmostly` the rounds; for `stream/cpu-reread` and `faultback` the CPU's
 //! reads), never the set-up or the check. `bytes` are the bytes that section reads and writes
 //! as the program sees them; `gbps` = bytes / seconds; `ratio_to_limit` = gbps / memcpy GB/s.
+//! memcpy's GB/s counts each byte copied once, so rows whose section reads data the device or
+//! the CPU already holds (`readmostly`, `pingpong`) can exceed 1; for `stream` the bytes are the
+//! bytes migrated, and the ratio is the fraction of memcpy the bars mean.
 //! Rows report medians over `--repeat`, with the counters of the median repeat.
 
 mod cpuuse;

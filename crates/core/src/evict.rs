@@ -45,7 +45,7 @@ pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -
     }
 }
 
-fn pinned(space: &AddressSpace, blk: &Block) -> bool {
+pub(crate) fn pinned(space: &AddressSpace, blk: &Block) -> bool {
     let attrs = space.attrs.read();
     !attrs.is_empty() && !attrs.all_in(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE), |a| !a.pinned)
 }

@@ -561,9 +561,12 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     }
     let extra = extra.or(&plan.home_extra);
     drop(attrs);
-    // A thrashing block is served remotely as a whole: one fault maps all of it.
+    // A thrashing block is served remotely as a whole: one fault maps all of it. Only the pages
+    // the CPU alone holds, or nobody: mapping another device's pages here would bring them
+    // home from it first, whatever pins or preferences keep them there (found by an audit).
     if !plan.remote.is_empty() && blk.thrashing.has(me) {
         let rest = PageMask::full(blk.npages).and_not(&resident).and_not(&plan.all());
+        let rest = migrate::select(&blk, &rest, |p| p.resident.0 & !ProcMask::only(Proc::Cpu).0 == 0);
         prefetched += rest.count() as u64;
         plan.remote = plan.remote.or(&rest);
     }

@@ -705,7 +705,14 @@ fn allocate(
             chunk_only = false;
             continue;
         }
-        let spare = blk.resident_on(Proc::Device(slot.id)).and_not(want).and_not(&blk.busy);
+        // Never a pinned block's own pages (found by an audit: a fault elsewhere in a pinned
+        // block sent its pinned pages home, to come back on the next fault there). Without
+        // them the fault is served remotely, as when pins fill the device.
+        let spare = if crate::evict::pinned(space, blk) {
+            PageMask::default()
+        } else {
+            blk.resident_on(Proc::Device(slot.id)).and_not(want).and_not(&blk.busy)
+        };
         if spare.is_empty() {
             let bytes = n as u64 * PAGE_SIZE;
             return Err(if evicted == crate::evict::Evicted::Busy {

@@ -2598,3 +2598,88 @@ fn evicting_read_duplicates_counts_no_bytes_evicted() {
         d.bytes_to_host
     );
 }
+
+/// Pins against the fault path's own room-making and the thrashing response.
+mod pin_paths {
+    use std::sync::Arc;
+
+    use crate::advice::Advice;
+    use crate::device::DeviceFault;
+    use crate::fakes::PlainCpu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::FakeDevice;
+    use crate::types::{Access, Proc, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+
+    /// A device fault in a pinned block, its device full of pinned data, does not send the block's
+    /// own pinned pages home to make room (found by an audit: `allocate`'s last resort took the
+    /// block's pages outside the fault, pinned or not).
+    #[test]
+    fn a_fault_in_a_pinned_block_keeps_its_pinned_pages() {
+        let policy = crate::policy::Policy { cpu_readahead: false, ..crate::policy::Policy::uvm() };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let s = 8 * BLOCK_SIZE;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let fake = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host));
+        let id = space.attach(fake, AttachOptions::default()).unwrap();
+        let me = Proc::Device(id);
+        space.advise(s, 2 * BLOCK_SIZE, Advice::Pin(true)).unwrap();
+        let slot = space.slot(id).unwrap();
+        // The tree prefetcher brings page 0's 64 KiB big page (16 pages).
+        let mut batch = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        assert!(cancel.is_empty(), "{cancel:?}");
+        let on = |va: u64| space.page_state(va).unwrap().resident.has(me);
+        assert!(on(s), "set-up: page 0 on the device");
+        let held = (0..512u64).filter(|p| on(s + p * PAGE_SIZE)).count() as u64;
+        // The rest of the device's memory: pinned data of block 1.
+        space.migrate(s + BLOCK_SIZE, (512 - held) * PAGE_SIZE, me).unwrap();
+        assert_eq!(space.device_memory(id).unwrap().0, 0, "set-up: the device is full of pinned data");
+        // A fault elsewhere in the pinned block 0.
+        let mut batch = vec![DeviceFault { va: s + 100 * PAGE_SIZE, access: Access::Read, client: 0 }];
+        let (_cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        let st = space.stats();
+        assert!(
+            on(s),
+            "pinned page 0 was evicted from the device by the fault path's allocation (evictions {}, page 100 now {:?})",
+            st.evictions,
+            space.page_state(s + 100 * PAGE_SIZE).unwrap()
+        );
+    }
+
+    /// A thrashing response on device B that serves a block remotely as a whole leaves the pages
+    /// only device A holds on A (found by an audit: they were brought home to be mapped on B,
+    /// though A pinned them and B never touched them).
+    #[test]
+    fn a_remote_whole_block_leaves_another_devices_pages_alone() {
+        let policy = crate::policy::Policy { cpu_readahead: false, ..crate::policy::Policy::hetmm() };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let s = 8 * BLOCK_SIZE;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let a = space
+            .attach(Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host.clone())), AttachOptions::default())
+            .unwrap();
+        let b =
+            space.attach(Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host)), AttachOptions::default()).unwrap();
+        let (pa, pb) = (Proc::Device(a), Proc::Device(b));
+        // Device A holds the second half of block 0, pinned there.
+        space.advise(s, BLOCK_SIZE, Advice::Pin(true)).unwrap();
+        space.migrate(s + 256 * PAGE_SIZE, 256 * PAGE_SIZE, pa).unwrap();
+        assert!(space.page_state(s + 300 * PAGE_SIZE).unwrap().resident == crate::types::ProcMask::only(pa));
+        // Device B is short of memory and thrashing, block 0 served remotely on it.
+        space.migrate(s + BLOCK_SIZE, 450 * PAGE_SIZE, pb).unwrap();
+        let slot_b = space.slot(b).unwrap();
+        slot_b.thrash_until.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        space.region_of(s).unwrap().blocks[0].lock().thrashing.insert(pb);
+        // B reads page 0 (first half, nobody holds it).
+        let mut batch = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot_b, &mut batch);
+        assert!(cancel.is_empty(), "{cancel:?}");
+        let p = space.page_state(s + 300 * PAGE_SIZE).unwrap();
+        assert!(
+            p.resident.has(pa),
+            "A's pinned page left A because B's thrashing response mapped the whole block: {p:?}"
+        );
+    }
+}

@@ -447,6 +447,11 @@ impl BlockCtx<'_> {
     }
 
     /// Reads `out.len()` consecutive `T`s from `va` (one translation per page-table entry).
+    ///
+    /// `out` must be the kernel's own memory (a local buffer, as a GPU's registers or shared
+    /// memory), not memory hetmm manages: the copy runs under this worker's TLB lock, and a CPU
+    /// fault on hetmm's memory there could wait for a migration that waits for that lock. The
+    /// same holds for [`BlockCtx::write_slice`]'s `data`.
     #[inline]
     pub fn read_slice<T: Pod>(&self, va: u64, out: &mut [T]) -> Result<(), DeviceError> {
         if !va.is_multiple_of(std::mem::align_of::<T>() as u64) {

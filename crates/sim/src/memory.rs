@@ -45,7 +45,9 @@ impl AtomicOp {
     /// # Safety
     ///
     /// `ptr` must be aligned to [`AtomicOp::size`] and valid for reads and writes of that many
-    /// bytes for the duration of the call, and only accessed atomically by concurrent atomics.
+    /// bytes for the duration of the call. Concurrent plain accesses to the same bytes (another
+    /// warp's store, a copy engine) are a race the simulator accepts as the hardware it models
+    /// does, as the module notes say: the op is atomic only against other atomics of its size.
     unsafe fn run(self, ptr: *mut u8) -> u64 {
         match self {
             AtomicOp::AddU32(v) => {

@@ -30,7 +30,9 @@ pub enum Advice {
     AccessedBy(DeviceId, bool),
     /// Never evict the range while pinned (`true`), or allow it again. Eviction works on whole
     /// 2 MiB blocks (the unit of device memory), so a pinned page keeps its whole block on the
-    /// device: pins held on many blocks can leave a small device with nothing to evict.
+    /// device: pins held on many blocks can leave a small device with nothing to evict. The
+    /// program's own reshapes are the exception: a partial `munmap`/`mprotect`/`mremap` of a
+    /// block brings the block home (pinned pages included), as it does any block it splits.
     Pin(bool),
 }
 

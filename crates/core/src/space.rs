@@ -1294,11 +1294,15 @@ impl<'a> ReadAhead<'a> {
         let mut read_mostly = true;
         {
             let attrs = space.attrs.read();
+            // Read-ahead is speculative: it leaves what eviction would not take either, pinned
+            // blocks and blocks a launch is getting ready (found by an audit: it took pinned
+            // blocks the CPU never touched off the device).
             guards.retain(|g| {
                 let span = VaRange::new(g.base, g.npages as u64 * PAGE_SIZE);
                 let (allowed, rm) = attrs.prefetch_fit(span, Proc::Cpu);
-                read_mostly &= rm;
-                allowed
+                let pinned = !attrs.is_empty() && !attrs.all_in(span, |a| !a.pinned);
+                read_mostly &= rm || !allowed || pinned;
+                allowed && !pinned && g.launching.is_empty()
             });
         }
         if guards.is_empty() {

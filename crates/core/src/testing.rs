@@ -2599,6 +2599,43 @@ fn evicting_read_duplicates_counts_no_bytes_evicted() {
     );
 }
 
+/// The CPU read-ahead leaves pinned blocks on the device (found by an audit: with
+/// `duplicate_reads` off it brought them home and freed them there, blocks the CPU never
+/// touched).
+#[test]
+fn read_ahead_leaves_pinned_blocks_on_the_device() {
+    let blocks = 8u64;
+    let len = blocks * BLOCK_SIZE;
+    let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
+    let policy =
+        crate::policy::Policy { duplicate_reads: false, free_watermark: 0.0, ..crate::policy::Policy::hetmm() };
+    let cfg = CoreConfig { fault_around: BLOCK_SIZE, policy, ..CoreConfig::default() };
+    let space = AddressSpace::new(cfg);
+    space.add_region(Arc::new(PlainCpu::new(VaRange::new(BASE4K, len))), Prot::READ | Prot::WRITE).unwrap();
+    let dev = Arc::new(FakeDevice {
+        replayable: true,
+        ..FakeDevice::new((16 * BLOCK_SIZE) as usize, 0xEE, Arc::clone(&host))
+    });
+    let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+    let d = Proc::Device(id);
+    for b in 0..blocks {
+        space.cpu_fault(BASE4K + b * BLOCK_SIZE, Access::Write).unwrap();
+    }
+    space.migrate(BASE4K, len, d).unwrap();
+    // Pin blocks 2.. on the device.
+    space.advise(BASE4K + 2 * BLOCK_SIZE, len - 2 * BLOCK_SIZE, crate::advice::Advice::Pin(true)).unwrap();
+    assert_eq!(space.page_state(BASE4K + 5 * BLOCK_SIZE).unwrap().resident, ProcMask::only(d));
+    // The CPU reads blocks 0 and 1 in order.
+    space.cpu_fault(BASE4K, Access::Read).unwrap();
+    space.cpu_fault(BASE4K + BLOCK_SIZE, Access::Read).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let st = space.page_state(BASE4K + 5 * BLOCK_SIZE).unwrap();
+    assert!(
+        st.resident.has(d),
+        "pinned block 5, never touched by the CPU, was taken off the device by read-ahead: {st:?}"
+    );
+}
+
 /// Pins against the fault path's own room-making and the thrashing response.
 mod pin_paths {
     use std::sync::Arc;

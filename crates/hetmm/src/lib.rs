@@ -575,12 +575,20 @@ impl Launch {
     /// launch can be waited for again (it ended the job at once, dropped, and the kernel's
     /// memory became the first to evict while the kernel used it).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<()> {
-        let r = match &self.inner {
-            Some(Inner::Sim(l)) => l.wait(timeout),
-            Some(Inner::Cuda(l)) => l.wait(timeout),
-            None => return Ok(()),
+        let wait = |inner: &Option<Inner>, t: Duration| match inner {
+            Some(Inner::Sim(l)) => Some(l.wait(t)),
+            Some(Inner::Cuda(l)) => Some(l.wait(t)),
+            None => None,
         };
-        if !matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) {
+        let Some(mut r) = wait(&self.inner, timeout) else { return Ok(()) };
+        // A timeout from a kernel that is over is the kernel's own result (its fault wait gave
+        // up), or it ended just after the wait did: either way the kernel's result, taken again,
+        // is final. Taken for a wait that expired, the launch kept its job and every later wait
+        // said Timeout again (found by an audit).
+        if matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) && self.is_done() {
+            r = wait(&self.inner, Duration::ZERO).unwrap_or(Ok(()));
+        }
+        if !matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) || self.is_done() {
             // The kernel is over: so is its job.
             self.inner = None;
             if let Some(job) = self.job.take() {

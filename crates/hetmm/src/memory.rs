@@ -39,9 +39,12 @@ impl Allocs {
 ///
 /// A slice from [`as_slice`](Self::as_slice) or [`as_mut_slice`](Self::as_mut_slice) is plain
 /// memory to the compiler, which may assume nothing else changes it while the slice lives. So
-/// hold none across a kernel that writes the buffer: take it before the launch or after the
-/// job's `wait`, as CUDA asks of managed memory a running kernel uses. This is the caller's
-/// part, not checked: kernels receive addresses, not borrows of the buffers.
+/// hold none across a kernel that writes the buffer, or across an
+/// [`Advice::DontNeed`](crate::Advice::DontNeed) of it (which makes it read zeros): take it
+/// before the launch or advice, or after the job's `wait`, as CUDA asks of managed memory a
+/// running kernel uses. This is the caller's part, not checked: kernels and advice receive
+/// addresses, not borrows of the buffers (an audit showed an optimized build reading a value
+/// a `DontNeed` had already zeroed through a slice held across it).
 ///
 /// The program may move the buffer's memory, or part of it, with `mremap` (as any mapping it
 /// can address; no slice may be alive then, and [`ptr`](Self::ptr) and the slices keep naming

@@ -237,3 +237,26 @@ fn a_launch_whose_wait_timed_out_can_be_waited_for_again() {
     l.wait_timeout(Duration::from_secs(60)).unwrap();
     assert!(l.is_done());
 }
+
+/// A kernel that itself fails with a timeout (its fault wait gave up, or it returned one) is
+/// over: the wait reports that once and ends the launch's job, and later waits return at once.
+/// (Found by an audit: the error was taken for the wait expiring, the job stayed, and every
+/// later wait said Timeout again, for ever.)
+#[test]
+fn a_kernel_failing_with_a_timeout_is_over_not_still_running() {
+    use hetmm::core::device::DeviceError;
+    let (hm, dev) = setup(8 << 20);
+    let b = hm.alloc::<u32>(1024).unwrap();
+    let k = |_: &BlockCtx| Err(DeviceError::Timeout(Duration::from_millis(1)));
+    let mut l = dev.launch(Grid { blocks: 1, threads_per_block: 1 }, &[Use::write(&b)], k).unwrap();
+    let t = std::time::Instant::now();
+    while !l.is_done() {
+        assert!(t.elapsed() < Duration::from_secs(30), "the kernel did not end");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let first = l.wait_timeout(Duration::from_millis(50));
+    assert!(matches!(first, Err(Error::Device(DeviceError::Timeout(_)))), "the kernel's own error: {first:?}");
+    for _ in 0..3 {
+        assert!(l.wait_timeout(Duration::from_millis(50)).is_ok(), "a finished launch still waits");
+    }
+}

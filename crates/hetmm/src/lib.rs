@@ -34,7 +34,7 @@ use hetmm_core::device::{DeviceError, DeviceMmu};
 use hetmm_core::error::CoreError;
 use hetmm_core::snapshot::SnapEntry;
 use hetmm_core::stats::StatsSnapshot;
-use hetmm_core::types::{align_down, align_up, DeviceId, Prot, VaRange, PAGE_SIZE};
+use hetmm_core::types::{align_down, align_up, DeviceId, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 use hetmm_host::fork::ForkError;
 use hetmm_host::probe::ProbeError;
 use hetmm_host::{Host, HostInitError, RegionError};
@@ -84,6 +84,18 @@ pub enum Error {
     /// Zero-length allocation.
     #[error("empty allocation")]
     EmptyAlloc,
+    /// Memory so large that hetmm's state for its pages (made up front, about 1% of the size)
+    /// would take more than half of this machine's memory: refused, rather than ending in the
+    /// OOM killer.
+    #[error("{bytes} bytes of shared memory need {state} bytes of page state, over half of this machine's {memory}")]
+    TooLarge {
+        /// Bytes asked for.
+        bytes: u64,
+        /// Bytes of page state they would need.
+        state: u64,
+        /// This machine's memory (`MemTotal`).
+        memory: u64,
+    },
     /// The CUDA backend refused or failed (no GPU, a kernel call, a driver error).
     #[error(transparent)]
     Cuda(#[from] hetmm_cuda::CudaError),
@@ -173,6 +185,7 @@ impl Hetmm {
         }
         // Within a page of the top of the address space there is no room: overflow, not a panic.
         let len = (bytes as u64).checked_next_multiple_of(PAGE_SIZE).ok_or(Error::SizeOverflow { count, size })?;
+        within_memory(len)?;
         // The kernel may hand the new view addresses that the program's `munmap` or `mremap` of
         // managed memory just left. Until that change's event is applied, the core still has the
         // old memory there and refuses the new region as overlapping it, and the host must not
@@ -252,6 +265,7 @@ impl Hetmm {
     pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
         self.space.settle()?;
         let (start, end) = page_span(ptr, len)?;
+        within_memory(end - start)?;
         if end > start && self.space.any_shared(VaRange::new(start, end - start)) {
             return Err(CoreError::Overlap(VaRange::new(start, end - start)).into());
         }
@@ -525,6 +539,28 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
     fn from(b: &SharedBuf<T>) -> Self {
         hetmm_cuda::Buf { ptr: b.ptr(), bytes: b.byte_len() }
     }
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
+pub fn memory_total() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses `len` bytes of shared memory whose page state would take over half of the machine's
+/// memory ([`Error::TooLarge`]): the core makes it for every page up front (an audit saw
+/// 648 MiB for 64 GiB never touched), and a few TiB would end in the OOM killer.
+fn within_memory(len: u64) -> Result<()> {
+    let Some(memory) = memory_total() else { return Ok(()) };
+    let per_block = std::mem::size_of::<hetmm_core::block::Block>() as u64
+        + (BLOCK_SIZE / PAGE_SIZE) * std::mem::size_of::<hetmm_core::block::Page>() as u64;
+    let state = len.div_ceil(BLOCK_SIZE).saturating_mul(per_block);
+    if state > memory / 2 {
+        return Err(Error::TooLarge { bytes: len, state, memory });
+    }
+    Ok(())
 }
 
 /// `[ptr, ptr + len)` rounded out to whole pages, as `(start, end)`.

@@ -260,3 +260,25 @@ fn a_kernel_failing_with_a_timeout_is_over_not_still_running() {
         assert!(l.wait_timeout(Duration::from_millis(50)).is_ok(), "a finished launch still waits");
     }
 }
+
+/// Memory whose page state would take over half of the machine's memory is refused with an
+/// error (found by an audit: the core makes that state up front, about 1% of the size, and
+/// a few TiB would have ended in the OOM killer). Nothing is mapped or registered.
+#[test]
+fn memory_too_large_for_its_page_state_is_refused() {
+    let (hm, _dev) = setup(8 << 20);
+    let Some(memory) = hetmm::memory_total() else { return };
+    // Just over the limit: one block more than half the memory's worth of page state.
+    let per_block = std::mem::size_of::<hetmm::core::block::Block>() as u64
+        + 512 * std::mem::size_of::<hetmm::core::block::Page>() as u64;
+    let bytes = (memory / 2 / per_block + 1) * (2 << 20);
+    let r = hm.alloc::<u8>(bytes as usize);
+    assert!(matches!(r, Err(Error::TooLarge { .. })), "{r:?}");
+    // And the same size from the program's own (reserved, inaccessible) memory.
+    assert!(matches!(
+        hm.register(std::ptr::null::<u8>().wrapping_add(1 << 30), bytes as usize),
+        Err(Error::TooLarge { .. })
+    ));
+    // A modest size still works.
+    assert!(hm.alloc::<u8>(64 << 20).is_ok());
+}

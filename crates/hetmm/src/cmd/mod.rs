@@ -14,13 +14,7 @@ pub fn size_arg(s: &str) -> Result<u64, String> {
     hetmm::parse_size(s).ok_or_else(|| format!("not a size: {s} (use e.g. 512M, 2G)"))
 }
 
-/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
-pub fn memory_total() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    kib.checked_mul(1024)
-}
+pub use hetmm::memory_total;
 
 /// `hetmm info`.
 pub fn info() -> Result<ExitCode, hetmm::Error> {

@@ -73,6 +73,11 @@ impl RangeAttrs {
         cur >= e || pred(&Attrs::default())
     }
 
+    /// Whether any part of `range` is pinned.
+    pub fn any_pinned(&self, range: VaRange) -> bool {
+        !self.is_empty() && !self.all_in(range, |a| !a.pinned)
+    }
+
     /// How prefetching `span` to `to` fits the advice on it: `(allowed, read_mostly)`. Allowed
     /// unless some part prefers another processor or keeps remote mappings (`AccessedBy`);
     /// read-mostly (prefetch as duplicates) when every part is.

@@ -46,8 +46,7 @@ pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -
 }
 
 pub(crate) fn pinned(space: &AddressSpace, blk: &Block) -> bool {
-    let attrs = space.attrs.read();
-    !attrs.is_empty() && !attrs.all_in(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE), |a| !a.pinned)
+    space.attrs.read().any_pinned(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE))
 }
 
 /// Whether a launch is getting `blk` ready on a device that cannot fault: the launch has just

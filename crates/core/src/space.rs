@@ -1300,7 +1300,7 @@ impl<'a> ReadAhead<'a> {
             guards.retain(|g| {
                 let span = VaRange::new(g.base, g.npages as u64 * PAGE_SIZE);
                 let (allowed, rm) = attrs.prefetch_fit(span, Proc::Cpu);
-                let pinned = !attrs.is_empty() && !attrs.all_in(span, |a| !a.pinned);
+                let pinned = attrs.any_pinned(span);
                 read_mostly &= rm || !allowed || pinned;
                 allowed && !pinned && g.launching.is_empty()
             });

@@ -2645,26 +2645,45 @@ mod pin_paths {
     use crate::fakes::PlainCpu;
     use crate::space::{AddressSpace, AttachOptions, CoreConfig};
     use crate::testing::FakeDevice;
-    use crate::types::{Access, Proc, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+    use crate::types::{Access, DeviceId, Proc, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+
+    /// Where the tests' two-block region starts.
+    const S: u64 = 8 * BLOCK_SIZE;
+
+    /// An address space running `policy` without CPU read-ahead, with the two-block region at
+    /// [`S`] and `devices` fake devices of one block of memory each.
+    fn space_with(policy: crate::policy::Policy, devices: usize) -> (Arc<AddressSpace>, Vec<DeviceId>) {
+        let policy = crate::policy::Policy { cpu_readahead: false, ..policy };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(S, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let ids = (0..devices)
+            .map(|_| {
+                let fake = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+                space.attach(fake, AttachOptions::default()).unwrap()
+            })
+            .collect();
+        (space, ids)
+    }
+
+    /// Services one batch of a single read fault at `va` on device `id`; the faults cancelled.
+    fn read_fault(space: &AddressSpace, id: DeviceId, va: u64) -> Vec<(u64, crate::device::FaultCancel)> {
+        let slot = space.slot(id).unwrap();
+        let mut batch = vec![DeviceFault { va, access: Access::Read, client: 0 }];
+        crate::fault::service_batch(space, &slot, &mut batch).0
+    }
 
     /// A device fault in a pinned block, its device full of pinned data, does not send the block's
     /// own pinned pages home to make room (found by an audit: `allocate`'s last resort took the
     /// block's pages outside the fault, pinned or not).
     #[test]
     fn a_fault_in_a_pinned_block_keeps_its_pinned_pages() {
-        let policy = crate::policy::Policy { cpu_readahead: false, ..crate::policy::Policy::uvm() };
-        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
-        let s = 8 * BLOCK_SIZE;
-        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
-        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
-        let fake = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host));
-        let id = space.attach(fake, AttachOptions::default()).unwrap();
+        let (space, ids) = space_with(crate::policy::Policy::uvm(), 1);
+        let (s, id) = (S, ids[0]);
         let me = Proc::Device(id);
         space.advise(s, 2 * BLOCK_SIZE, Advice::Pin(true)).unwrap();
-        let slot = space.slot(id).unwrap();
         // The tree prefetcher brings page 0's 64 KiB big page (16 pages).
-        let mut batch = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
-        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        let cancel = read_fault(&space, id, s);
         assert!(cancel.is_empty(), "{cancel:?}");
         let on = |va: u64| space.page_state(va).unwrap().resident.has(me);
         assert!(on(s), "set-up: page 0 on the device");
@@ -2673,8 +2692,7 @@ mod pin_paths {
         space.migrate(s + BLOCK_SIZE, (512 - held) * PAGE_SIZE, me).unwrap();
         assert_eq!(space.device_memory(id).unwrap().0, 0, "set-up: the device is full of pinned data");
         // A fault elsewhere in the pinned block 0.
-        let mut batch = vec![DeviceFault { va: s + 100 * PAGE_SIZE, access: Access::Read, client: 0 }];
-        let (_cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        read_fault(&space, id, s + 100 * PAGE_SIZE);
         let st = space.stats();
         assert!(
             on(s),
@@ -2689,16 +2707,8 @@ mod pin_paths {
     /// though A pinned them and B never touched them).
     #[test]
     fn a_remote_whole_block_leaves_another_devices_pages_alone() {
-        let policy = crate::policy::Policy { cpu_readahead: false, ..crate::policy::Policy::hetmm() };
-        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
-        let s = 8 * BLOCK_SIZE;
-        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
-        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
-        let a = space
-            .attach(Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host.clone())), AttachOptions::default())
-            .unwrap();
-        let b =
-            space.attach(Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host)), AttachOptions::default()).unwrap();
+        let (space, ids) = space_with(crate::policy::Policy::hetmm(), 2);
+        let (s, a, b) = (S, ids[0], ids[1]);
         let (pa, pb) = (Proc::Device(a), Proc::Device(b));
         // Device A holds the second half of block 0, pinned there.
         space.advise(s, BLOCK_SIZE, Advice::Pin(true)).unwrap();
@@ -2706,12 +2716,10 @@ mod pin_paths {
         assert!(space.page_state(s + 300 * PAGE_SIZE).unwrap().resident == crate::types::ProcMask::only(pa));
         // Device B is short of memory and thrashing, block 0 served remotely on it.
         space.migrate(s + BLOCK_SIZE, 450 * PAGE_SIZE, pb).unwrap();
-        let slot_b = space.slot(b).unwrap();
-        slot_b.thrash_until.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        space.slot(b).unwrap().thrash_until.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
         space.region_of(s).unwrap().blocks[0].lock().thrashing.insert(pb);
         // B reads page 0 (first half, nobody holds it).
-        let mut batch = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
-        let (cancel, _) = crate::fault::service_batch(&space, &slot_b, &mut batch);
+        let cancel = read_fault(&space, b, s);
         assert!(cancel.is_empty(), "{cancel:?}");
         let p = space.page_state(s + 300 * PAGE_SIZE).unwrap();
         assert!(

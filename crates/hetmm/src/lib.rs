@@ -621,15 +621,16 @@ impl Launch {
         // up), or it ended just after the wait did: either way the kernel's result, taken again,
         // is final. Taken for a wait that expired, the launch kept its job and every later wait
         // said Timeout again (found by an audit).
-        if matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) && self.is_done() {
+        if matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) {
+            if !self.is_done() {
+                return Ok(r?);
+            }
             r = wait(&self.inner, Duration::ZERO).unwrap_or(Ok(()));
         }
-        if !matches!(r, Err(hetmm_core::device::DeviceError::Timeout(_))) || self.is_done() {
-            // The kernel is over: so is its job.
-            self.inner = None;
-            if let Some(job) = self.job.take() {
-                self.space.job_end(&job);
-            }
+        // The kernel is over: so is its job.
+        self.inner = None;
+        if let Some(job) = self.job.take() {
+            self.space.job_end(&job);
         }
         Ok(r?)
     }

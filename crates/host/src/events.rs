@@ -979,24 +979,6 @@ mod tests {
     /// Where the test's events happen.
     const WHERE: VaRange = VaRange::new(0x7000_0000, 2 * PAGE_SIZE);
 
-    /// A core that panics applying any event (a bug in it), counting what it is told is queued.
-    #[derive(Default)]
-    struct PanicOnEvent {
-        queued: std::sync::atomic::AtomicI64,
-    }
-
-    impl CpuFaultHandler for PanicOnEvent {
-        fn cpu_fault(&self, _va: u64, _access: Access) -> Result<(), CoreError> {
-            Ok(())
-        }
-        fn cpu_event(&self, _ev: CpuEvent) -> Result<(), CoreError> {
-            panic!("a core bug while applying an event")
-        }
-        fn event_queued(&self, queued: bool) {
-            self.queued.fetch_add(if queued { 1 } else { -1 }, Ordering::AcqRel);
-        }
-    }
-
     /// A core that panics applying an event leaves nothing counted pending or unapplied: every
     /// later `settle` would wait out its timeout, and maps of the range be refused as raced.
     /// (Found by an audit: the panic was caught only around the whole event, after which the
@@ -1005,7 +987,7 @@ mod tests {
     fn a_core_panicking_on_an_event_leaves_the_counts_balanced() {
         let Ok(uffd) = crate::uffd::Uffd::open(Features::REQUIRED, Features::OPTIONAL) else { return };
         let ctx = Ctx::new(Arc::new(uffd));
-        let core = PanicOnEvent::default();
+        let core = Recorder { panics: true, ..Recorder::default() };
         let r = VaRange::new(WHERE.start, PAGE_SIZE);
         // What the reader does on an UNMAP event, then what the servicer does.
         ctx.note_reshape(&[r]);
@@ -1056,11 +1038,13 @@ mod tests {
         assert!(!ctx.reshaped_since(ctx.reshape_mark(), &[WHERE]));
     }
 
-    /// Records what the core is told: each event applied, and how many are queued.
+    /// Records what the core is told: each event applied, and how many are queued. With
+    /// `panics`, applying any event panics instead (a bug in the core).
     #[derive(Default)]
     struct Recorder {
         events: Mutex<Vec<(&'static str, u64)>>,
         queued: std::sync::atomic::AtomicI64,
+        panics: bool,
     }
 
     impl CpuFaultHandler for Recorder {
@@ -1069,6 +1053,7 @@ mod tests {
         }
 
         fn cpu_event(&self, ev: CpuEvent) -> Result<(), CoreError> {
+            assert!(!self.panics, "a core bug while applying an event");
             let e = match ev {
                 CpuEvent::Discard(r) => ("discard", r.start),
                 CpuEvent::Unmap(r) => ("unmap", r.start),

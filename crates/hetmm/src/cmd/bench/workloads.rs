@@ -521,9 +521,7 @@ impl ReadBuf {
         }
         self.expect = expect;
     }
-}
 
-impl ReadBuf {
     /// After `rounds` rounds (outside the timing): the device's checksum and every word against
     /// the values written: the generator's, plus one for each round that changed its page. The
     /// reads inside the rounds never see the last round's write; a write lost there passed.

@@ -977,3 +977,81 @@ fn a_fork_child_lets_go_of_the_parents_memfds_and_userfaultfd() {
     // SAFETY: the test's own mapping, unregistered and unused now.
     assert_eq!(unsafe { libc::munmap(p as *mut _, 4 * PS) }, 0);
 }
+
+/// Moves the second half of `[p, p + LEN)` with `mremap` to a new place, applied by the core
+/// (two CPU sides over one memfd); returns the new place.
+fn move_second_half(hm: &Hetmm, p: usize) -> usize {
+    let half = LEN / 2;
+    let to = placeholder(half);
+    let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    // SAFETY: moves managed memory of this test (no reference to it is alive) over its own
+    // placeholder.
+    let q = unsafe { libc::mremap((p + half) as *mut _, half, half, flags, to as *mut libc::c_void) };
+    assert_eq!(q as usize, to, "mremap: {}", std::io::Error::last_os_error());
+    hm.space().settle().unwrap();
+    assert!(hm.space().page_state(to as u64).is_some(), "the moved half is managed where it went");
+    to
+}
+
+/// A fork child finds both halves of memory of which the program moved one half away: the first
+/// CPU side to copy its part made every other view of the shared memfd zeros, the moved half
+/// included, before its own side copied it (found by an audit).
+fn both_halves_in_the_child(hm: &Hetmm, p: usize) {
+    let to = move_second_half(hm, p);
+    let half = LEN / 2;
+    let status = fork_with(|| {
+        // SAFETY: in the child: both halves are mapped read-write, and it has no other thread.
+        let (a, b) = unsafe { (all_are(p, half, OLD), all_are(to, half, OLD)) };
+        i32::from(!a) | i32::from(!b) << 1
+    });
+    assert_eq!(code(status), FINE, "the child lost bytes: 1 = the half left in place, 2 = the half moved");
+}
+
+#[test]
+fn registered_memory_half_moved_then_forked_keeps_both_halves_in_the_child() {
+    let _serial = serial();
+    let hm = Hetmm::new().unwrap();
+    let p = registered(&hm, OLD) as usize;
+    both_halves_in_the_child(&hm, p);
+}
+
+#[test]
+fn allocated_memory_half_moved_then_forked_keeps_both_halves_in_the_child() {
+    let _serial = serial();
+    let hm = Hetmm::new().unwrap();
+    let mut buf = hm.alloc::<u8>(LEN).unwrap();
+    buf.as_mut_slice().fill(OLD);
+    both_halves_in_the_child(&hm, buf.ptr() as usize);
+}
+
+/// A sparse buffer larger than this machine's memory: the child's copy made a private writable
+/// temporary of the whole view, which the kernel refused (ENOMEM under the default overcommit),
+/// and the child lost the whole buffer (found by an audit).
+#[test]
+fn a_large_sparse_buffer_is_still_the_childs_after_a_fork() {
+    let _serial = serial();
+    let hm = Hetmm::new().unwrap();
+    let len = hetmm::memory_total().map_or(64 << 30, |m| (2 * m).next_multiple_of(1 << 30)) as usize;
+    let mut buf = hm.alloc::<u8>(len).unwrap();
+    let p = buf.ptr() as usize;
+    {
+        let mut s = buf.as_mut_slice();
+        s[0] = 0x11;
+        s[len / 2] = 0x22;
+        s[len - 1] = 0x33;
+    }
+    let status = fork_with(|| {
+        if hetmm::host::fork::last_child_error().is_some() {
+            return COPY_FAILED;
+        }
+        // SAFETY: in the child: the buffer's copy is mapped readable (a sealed one would kill the
+        // child, which the status shows), and it has no other thread.
+        let ok = unsafe { [(0, 0x11), (len / 2, 0x22), (len - 1, 0x33)].iter().all(|&(i, v)| all_are(p + i, 1, v)) };
+        if ok {
+            FINE
+        } else {
+            WRONG
+        }
+    });
+    assert_eq!(code(status), FINE, "the child's copy of the buffer");
+}

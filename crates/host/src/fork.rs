@@ -321,6 +321,12 @@ extern "C" fn child() {
                 let _ = CHILD_ERRNO.compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
             }
         }
+        // Every part is copied: what still shows a memfd is no part's, and becomes zeros.
+        for h in held.iter() {
+            if let Err(errno) = h.zero_leftovers_in_child() {
+                let _ = CHILD_ERRNO.compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
         // Every view is the child's now: the parent's memfds and uffd can go.
         for h in held.iter() {
             h.retire_in_child();

@@ -242,6 +242,24 @@ impl ForkHold {
     /// objects are never used again (the `hetmm` crate refuses them there; this crate's own
     /// calls on them would wait for the lists), and an unlock could wake threads that do not
     /// exist here. Nothing in the process that made the host.
+    /// In a fork child, once every address space's CPU sides copied their parts: the views of
+    /// each memfd of this host left over become zeros. The first failure's errno, having gone on.
+    pub(crate) fn zero_leftovers_in_child(&self) -> Result<(), i32> {
+        let host = &self.host;
+        if rustix::process::getpid() == host.uffd.owner() {
+            return Ok(());
+        }
+        let mut first = Ok(());
+        let mut note = |r: Result<(), crate::mapping::MappingError>| {
+            if let (Err(e), Ok(())) = (r, &first) {
+                first = Err(e.errno());
+            }
+        };
+        each_listed(self.regions.as_deref(), &host.ctx.regions, |r| note(r.mapping.zero_leftovers_in_child()));
+        each_listed(self.mirrors.as_deref(), &host.ctx.mirrors, |m| note(m.zero_leftovers_in_child()));
+        first
+    }
+
     pub(crate) fn retire_in_child(&self) {
         use std::os::fd::AsFd;
         let host = &self.host;

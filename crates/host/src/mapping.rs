@@ -584,6 +584,16 @@ impl SharedMapping {
         privatize_parts(parts, self.memfd.as_fd(), lost, |r| self.offset_of(r))
     }
 
+    /// In a `fork()` child, once every CPU side copied its parts: the views of the memfd left
+    /// over become zeros ([`zero_leftovers_in_child`]). Nothing in the process that made the
+    /// mapping.
+    pub(crate) fn zero_leftovers_in_child(&self) -> Result<(), MappingError> {
+        if rustix::process::getpid() == self.owner {
+            return Ok(());
+        }
+        zero_leftovers_in_child(self.memfd.as_fd(), self.app_range())
+    }
+
     /// In a `fork()` child, once every view was made private: lets go of the memfd
     /// ([`retire_fd_in_child`]). Nothing in the process that made the mapping.
     pub(crate) fn retire_in_child(&self, null: BorrowedFd<'_>) {
@@ -1067,19 +1077,28 @@ pub(crate) fn privatize_parts(
                 result = r;
             }
         }
+        // Views over bytes of no part are made zeros only once every CPU side sharing the
+        // memfd has copied its parts ([`zero_leftovers_in_child`]): after `mremap` moved part of
+        // a region, the part moved away is another side's, and zeroed here it was lost.
         if n < MAX_VIEWS {
-            return result.and(zero_other_views(file, whole));
+            return result;
         }
     }
     result.and(Err(MappingError::Os { op: "fork copy", range: whole, errno: Errno::AGAIN.raw_os_error() }))
 }
 
-/// In a fork child, once the parts are copied: every view of the memfd still shared lies over
-/// bytes of no part. That is memory the program grew in place with `mremap` and had not touched
-/// at the fork (the parent's first touch there makes fresh private memory, zeros), or entries a
-/// revoke moved out for the reaper. Each becomes fresh private memory, zeros, with its
-/// protection: left shared, the child and its siblings wrote each other's memory there, and
-/// after a shrink and a regrow read the bytes the program gave up. System calls only.
+/// In a fork child, once every CPU side sharing `memfd` has copied its parts: every view of the
+/// memfd still shared lies over bytes of no part. That is memory the program grew in place with
+/// `mremap` and had not touched at the fork (the parent's first touch there makes fresh private
+/// memory, zeros), or entries a revoke moved out for the reaper. Each becomes fresh private
+/// memory, zeros, with its protection: left shared, the child and its siblings wrote each
+/// other's memory there, and after a shrink and a regrow read the bytes the program gave up.
+/// System calls only. `whole` names the memory in errors.
+pub(crate) fn zero_leftovers_in_child(memfd: BorrowedFd<'_>, whole: VaRange) -> Result<(), MappingError> {
+    let file = MapsFile::of(memfd).map_err(os_err("fstat memfd", whole))?;
+    zero_other_views(file, whole)
+}
+
 fn zero_other_views(file: MapsFile, whole: VaRange) -> Result<(), MappingError> {
     let mut result = Ok(());
     for _ in 0..MAX_PASSES {
@@ -1238,11 +1257,14 @@ fn move_copy_over(
     huge: bool,
 ) -> Result<(), MappingError> {
     let len = range.len as usize;
+    // Not charged up front (NORESERVE): the view may be far larger than this machine's memory
+    // and mostly holes, which the copy skips; charged whole, the kernel refused it (ENOMEM) and
+    // the child lost the whole view.
+    let flags = MapFlags::PRIVATE | MapFlags::NORESERVE;
     // SAFETY: a fresh private anonymous mapping at an address the kernel picks.
-    let tmp = unsafe {
-        rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
-    }
-    .map_err(os_err("mmap anonymous", range))? as usize;
+    let tmp =
+        unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::READ | ProtFlags::WRITE, flags) }
+            .map_err(os_err("mmap anonymous", range))? as usize;
     if huge {
         // A hint: failure changes nothing.
         // SAFETY: `tmp` is the mapping made above, ours alone; the hint changes no content.

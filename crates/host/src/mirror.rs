@@ -105,6 +105,16 @@ pub struct Mirror {
 }
 
 impl Mirror {
+    /// In a `fork()` child, once every CPU side copied its parts: the views of the memfd left
+    /// over become zeros ([`mapping::zero_leftovers_in_child`]; errors name the alias's range:
+    /// the segments' lock may be held by a thread the child does not have).
+    pub(crate) fn zero_leftovers_in_child(&self) -> Result<(), crate::mapping::MappingError> {
+        match &self.memfd {
+            Some(fd) => mapping::zero_leftovers_in_child(fd.as_fd(), self.alias_range()),
+            None => Ok(()),
+        }
+    }
+
     /// In a `fork()` child, once every view was made private: lets go of the memfd
     /// ([`mapping::retire_fd_in_child`]).
     pub(crate) fn retire_in_child(&self, null: std::os::fd::BorrowedFd<'_>) {

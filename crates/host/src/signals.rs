@@ -41,11 +41,17 @@ pub(crate) fn block_here() {
 
 /// Runs `f` with asynchronous signals blocked on the calling thread, then restores its mask:
 /// threads `f` starts (they inherit the mask) take none, while the caller's thread keeps its own.
+/// The mask comes back when `f` unwinds too: a program that catches the panic must not keep
+/// its signals blocked for good.
 pub fn blocked_while<T>(f: impl FnOnce() -> T) -> T {
-    let before = set_mask(libc::SIG_BLOCK, &asynchronous());
-    let r = f();
-    set_mask(libc::SIG_SETMASK, &before);
-    r
+    struct Restore(libc::sigset_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_mask(libc::SIG_SETMASK, &self.0);
+        }
+    }
+    let _restore = Restore(set_mask(libc::SIG_BLOCK, &asynchronous()));
+    f()
 }
 
 #[cfg(test)]
@@ -70,6 +76,18 @@ mod tests {
             assert!(!blocked(libc::SIGUSR1), "the caller's mask is back");
             block_here();
             assert!(blocked(libc::SIGTERM) && !blocked(libc::SIGBUS));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn a_panic_inside_gives_the_caller_its_mask_back() {
+        std::thread::spawn(|| {
+            assert!(!blocked(libc::SIGUSR1));
+            let r = std::panic::catch_unwind(|| blocked_while(|| panic!("a device's attach panicked")));
+            assert!(r.is_err());
+            assert!(!blocked(libc::SIGUSR1), "SIGUSR1 stayed blocked after the panic");
         })
         .join()
         .unwrap();

@@ -245,6 +245,17 @@ pub enum DeviceError {
         /// Reason.
         reason: FaultCancel,
     },
+    /// A kernel touched memory outside what its launch declared (as a GPU's access outside its
+    /// allocations faults): the kernel fails, and the memory is not touched.
+    #[error("kernel access {va:#x}+{len:#x} ({access:?}) is outside the memory its launch declared")]
+    Undeclared {
+        /// Address.
+        va: u64,
+        /// Bytes.
+        len: u64,
+        /// Access.
+        access: Access,
+    },
     /// A driver-specific failure.
     #[error("device error: {0}")]
     Other(String),

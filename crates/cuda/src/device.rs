@@ -193,8 +193,8 @@ pub struct CudaDevice {
     inner: Arc<Inner>,
 }
 
-/// A kernel started by [`CudaDevice::launch`].
-#[derive(Debug)]
+/// A kernel started by [`CudaDevice::launch`]. Clones wait on the same kernel.
+#[derive(Clone, Debug)]
 pub struct CudaLaunch {
     gpu: Arc<Gpu>,
     done: Arc<CudaEvent>,

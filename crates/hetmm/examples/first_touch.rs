@@ -41,12 +41,12 @@ fn main() -> Result<(), hetmm::Error> {
             match (rep + k) % 3 {
                 0 => {
                     let mut b = hm.alloc::<u64>(n)?;
-                    plain.push(fill(b.as_mut_slice()));
-                    warm.push(fill(b.as_mut_slice()));
+                    plain.push(fill(&mut b.as_mut_slice()));
+                    warm.push(fill(&mut b.as_mut_slice()));
                 }
                 1 => {
                     let mut b = hd.alloc::<u64>(n)?;
-                    attached.push(fill(b.as_mut_slice()));
+                    attached.push(fill(&mut b.as_mut_slice()));
                 }
                 _ => {
                     // A large zeroed Vec is fresh mmap'd memory (calloc skips the memset): the

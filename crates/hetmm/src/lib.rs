@@ -40,7 +40,7 @@ use hetmm_host::probe::ProbeError;
 use hetmm_host::{Host, HostInitError, RegionError};
 use hetmm_sim::{Grid, SimDevice};
 
-pub use memory::SharedBuf;
+pub use memory::{BufMut, BufRef, SharedBuf};
 
 /// How many times [`Hetmm::alloc`] makes a new view when the core refuses it as overlapping old
 /// memory whose move or unmap by another thread is not applied yet.
@@ -99,6 +99,26 @@ pub enum Error {
     /// The CUDA backend refused or failed (no GPU, a kernel call, a driver error).
     #[error(transparent)]
     Cuda(#[from] hetmm_cuda::CudaError),
+    /// The buffer is in use in a way the operation would break: a launch that would write it, or
+    /// a `DontNeed` of it, while a CPU slice of it is alive; a slice asked for without waiting
+    /// while a kernel that may write it runs.
+    #[error("buffer {buffer} is in use: {by}")]
+    InUse {
+        /// The buffer.
+        buffer: VaRange,
+        /// What holds it.
+        by: &'static str,
+    },
+    /// The safe entry points change memory (a `DontNeed`, a GPU launch) only inside buffers
+    /// from [`Hetmm::alloc`], whose CPU slices they can check: registered memory, which the
+    /// program reaches through its own references, needs the `unsafe` entry points.
+    #[error("{range} is not all in buffers from Hetmm::alloc: {what} there needs the unchecked entry point")]
+    NotBuffers {
+        /// The range asked for.
+        range: VaRange,
+        /// The operation.
+        what: &'static str,
+    },
     /// `unregister` named memory of a buffer from [`Hetmm::alloc`]: only registered memory can
     /// be unregistered (a buffer is freed by dropping it).
     #[error("{range} overlaps the buffer {buffer} from Hetmm::alloc: only registered memory can be unregistered")]
@@ -146,6 +166,9 @@ impl Hetmm {
     }
 
     /// The core address space (for advanced use: explicit migration, page state, statistics).
+    ///
+    /// Its calls do not see the buffers' slices: what changes memory through it (its
+    /// `advise(DontNeed)`) keeps the contract of [`Hetmm::advise_unchecked`].
     pub fn space(&self) -> &Arc<AddressSpace> {
         &self.space
     }
@@ -160,14 +183,14 @@ impl Hetmm {
         let opts = hetmm_core::AttachOptions::default();
         // The device's threads take no asynchronous signals (see `hetmm_host::signals`).
         let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
-        Ok(Device { id, dev, space: Arc::clone(&self.space) })
+        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone() })
     }
 
     /// Attaches a simulated device using its configured fault batch size.
     pub fn attach_sim(&self, dev: SimDevice) -> Result<Device<SimDevice>> {
         let opts = hetmm_core::AttachOptions { fault_batch: dev.config().fault_batch };
         let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
-        Ok(Device { id, dev, space: Arc::clone(&self.space) })
+        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone() })
     }
 
     /// Detaches a device: its data comes back to the CPU; later use of the handle fails.
@@ -222,7 +245,37 @@ impl Hetmm {
 
     /// Gives a hint about `[start, start + len)` (see [`Advice`]); a prefetch completes in the
     /// background: wait on the returned [`Pending`].
+    ///
+    /// [`Advice::DontNeed`] changes what the memory reads (zeros), so it is taken only over
+    /// buffers from [`Hetmm::alloc`] none of whose CPU slices is alive ([`Error::InUse`]; no slice
+    /// can be taken until it is done); elsewhere it is refused ([`Error::NotBuffers`]): registered
+    /// memory needs [`Hetmm::advise_unchecked`]. Every other advice keeps the bytes as they are.
     pub fn advise(&self, start: u64, len: u64, advice: Advice) -> Result<Pending> {
+        let Some(end) = start.checked_add(len).filter(|_| matches!(advice, Advice::DontNeed)) else {
+            // SAFETY: this advice keeps every byte as it is (an overflowing range is refused).
+            return unsafe { self.advise_unchecked(start, len, advice) };
+        };
+        if !self.allocs.covers(start, end) {
+            return Err(Error::NotBuffers { range: VaRange::new(start, len), what: "DontNeed" });
+        }
+        let held = self.allocs.in_range(start, end);
+        let states: Vec<_> = held.iter().map(|(_, h)| h.lock()).collect();
+        for ((buffer, _), st) in held.iter().zip(&states) {
+            st.admit_cpu_change(*buffer)?;
+        }
+        // SAFETY: the range lies in buffers none of whose slices is alive, and none can be taken
+        // while `states` is held, until the memory reads zeros.
+        unsafe { self.advise_unchecked(start, len, advice) }
+    }
+
+    /// [`Hetmm::advise`] without its checks, over any shared memory.
+    ///
+    /// # Safety
+    ///
+    /// For [`Advice::DontNeed`], which makes the memory read zeros: no reference to any of it
+    /// may be alive (a slice of a buffer, or the program's own references to memory it
+    /// registered), as the compiler may assume such memory does not change.
+    pub unsafe fn advise_unchecked(&self, start: u64, len: u64, advice: Advice) -> Result<Pending> {
         // As `migrate`: a munmap or mremap the program made just before is applied first, so
         // the advice meets the memory as the program sees it.
         self.space.settle()?;
@@ -393,9 +446,22 @@ impl Use {
     pub fn write<T>(buf: &SharedBuf<T>) -> Self {
         Use { start: buf.ptr(), len: buf.byte_len(), access: Access::Write }
     }
-    /// A raw range (page-aligned outward before checking).
-    pub fn raw(start: u64, len: u64, access: Access) -> Self {
+    /// A raw range. The kernel may touch exactly these bytes (page-aligned outward before the
+    /// launch's checks); where they lie in buffers from [`Hetmm::alloc`], the launch checks their
+    /// slices as for [`Use::read`] and [`Use::write`].
+    ///
+    /// # Safety
+    ///
+    /// Outside such buffers (memory the program registered): while the kernel runs, no reference
+    /// to memory it may write may be alive, nor a `&mut` to memory it reads, as the compiler may
+    /// assume such memory does not change (or is not read).
+    pub unsafe fn raw(start: u64, len: u64, access: Access) -> Self {
         Use { start, len, access }
+    }
+
+    /// Whether the kernel may change the bytes.
+    fn writes(&self) -> bool {
+        matches!(self.access, Access::Write | Access::Atomic)
     }
 }
 
@@ -405,6 +471,7 @@ pub struct Device<D> {
     id: DeviceId,
     dev: D,
     space: Arc<AddressSpace>,
+    allocs: memory::Allocs,
 }
 
 impl<D> Device<D> {
@@ -416,7 +483,8 @@ impl<D> Device<D> {
     pub fn proc(&self) -> Proc {
         Proc::Device(self.id)
     }
-    /// The driver.
+    /// The driver. Its calls do not see the buffers' slices: a kernel launched through it (the
+    /// simulated device's own `launch`) keeps the contract of [`Device::launch_unbounded`].
     pub fn driver(&self) -> &D {
         &self.dev
     }
@@ -464,6 +532,45 @@ impl<D> Device<D> {
     }
 }
 
+impl<D> Device<D> {
+    /// Starts a kernel with `go` once `uses` are checked and ready: the buffers they reach into
+    /// must have no CPU slice the kernel would break ([`Error::InUse`]), and count the kernel
+    /// until it ends (their slices wait for it; see `memory::Holds`). Their holds stay locked
+    /// until the kernel is counted, so no slice is taken in between.
+    fn start(&self, uses: &[Use], go: impl FnOnce() -> Result<Running>) -> Result<Launch> {
+        let mut held: Vec<(VaRange, Arc<memory::Holds>, bool)> = Vec::new();
+        for u in uses {
+            for (buffer, h) in self.allocs.in_range(u.start, u.start.saturating_add(u.len)) {
+                match held.iter_mut().find(|(_, o, _)| Arc::ptr_eq(o, &h)) {
+                    Some(e) => e.2 |= u.writes(),
+                    None => held.push((buffer, h, u.writes())),
+                }
+            }
+        }
+        // Always in address order: two launches never wait on each other's holds.
+        held.sort_by_key(|(b, _, _)| b.start);
+        let mut states: Vec<_> = held.iter().map(|(_, h, _)| h.lock()).collect();
+        for ((buffer, _, write), st) in held.iter().zip(&states) {
+            st.admit(*buffer, *write)?;
+        }
+        let (job, preparing) = self.begin_job(uses)?;
+        let launched = go();
+        drop(preparing);
+        match launched {
+            Ok(k) => {
+                for ((_, _, write), st) in held.iter().zip(states.iter_mut()) {
+                    st.add_kernel(k.clone(), *write);
+                }
+                Ok(Launch { inner: Some(k), job: Some(job), space: Arc::clone(&self.space) })
+            }
+            Err(e) => {
+                self.space.job_end(&job);
+                Err(e)
+            }
+        }
+    }
+}
+
 /// A launch getting its buffers ready ([`AddressSpace::launch_prepare`]): ended
 /// ([`AddressSpace::launch_ready`]) when dropped, on the same thread, whatever happens
 /// meanwhile. A panic in between must not leave the blocks held: other threads would wait
@@ -488,23 +595,36 @@ impl Drop for Preparing {
 }
 
 impl Device<SimDevice> {
-    /// Launches `kernel` over `grid`. `uses` lists the shared memory it touches (checked now; a
-    /// simulated device faults everything else in on demand, and fails on memory that is not
-    /// shared).
+    /// Launches `kernel` over `grid`. `uses` lists the shared memory it touches, checked now
+    /// (each must be shared memory, and no CPU slice may be alive over a buffer the kernel
+    /// writes, nor a `&mut` one over a buffer it reads: [`Error::InUse`]). The kernel may touch
+    /// only those bytes, and write only those of write uses: any other access fails it with
+    /// [`DeviceError::Undeclared`]. The device faults the pages in on demand.
     pub fn launch<F>(&self, grid: Grid, uses: &[Use], kernel: F) -> Result<Launch>
     where
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        let (job, preparing) = self.begin_job(uses)?;
-        let launched = self.dev.launch(grid, kernel);
-        drop(preparing);
-        match launched {
-            Ok(inner) => Ok(Launch { inner: Some(Inner::Sim(inner)), job: Some(job), space: Arc::clone(&self.space) }),
-            Err(e) => {
-                self.space.job_end(&job);
-                Err(e.into())
-            }
+        let mut bounds = hetmm_sim::Bounds::new();
+        for u in uses {
+            bounds.allow(u.start, u.len, u.writes());
         }
+        self.start(uses, || self.dev.launch_within(grid, Some(bounds), kernel).map(Running::Sim).map_err(Error::from))
+    }
+
+    /// [`launch`](Self::launch) of a kernel that may touch any shared memory, as through a
+    /// pointer it reads (the whole promise of shared virtual memory): `uses` are checked as
+    /// for `launch` and marked as the job's, but bound nothing.
+    ///
+    /// # Safety
+    ///
+    /// While the kernel runs, no reference may be alive to memory it writes outside `uses`
+    /// (a slice of a buffer, or the program's own references to memory it registered), nor a
+    /// `&mut` to memory it reads there.
+    pub unsafe fn launch_unbounded<F>(&self, grid: Grid, uses: &[Use], kernel: F) -> Result<Launch>
+    where
+        F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
+        self.start(uses, || self.dev.launch_within(grid, None, kernel).map(Running::Sim).map_err(Error::from))
     }
 }
 
@@ -512,26 +632,38 @@ impl Device<hetmm_cuda::CudaDevice> {
     /// Launches one of hetmm's CUDA kernels. A GPU cannot fault memory in, so the buffers the
     /// call names are migrated to the GPU first (whole 2 MiB blocks), and the launch is refused
     /// if they are not all resident then (their total exceeds the GPU memory hetmm manages:
-    /// launch in pieces). Pointers are translated to device addresses.
+    /// launch in pieces). Pointers are translated to device addresses. The buffers must lie in
+    /// buffers from [`Hetmm::alloc`] ([`Error::NotBuffers`]; registered memory needs
+    /// [`launch_unchecked`](Self::launch_unchecked)), checked as for the simulated device's
+    /// launch ([`Error::InUse`]).
     pub fn launch(&self, call: &hetmm_cuda::KernelCall) -> Result<Launch> {
+        for (b, _) in call.buffers() {
+            let end = b.ptr.saturating_add(b.bytes);
+            if !self.allocs.covers(b.ptr, end) {
+                return Err(Error::NotBuffers { range: VaRange::new(b.ptr, b.bytes), what: "a GPU launch" });
+            }
+        }
+        // SAFETY: every buffer lies in buffers from `alloc`, whose slices `start` checks.
+        unsafe { self.launch_unchecked(call) }
+    }
+
+    /// [`launch`](Self::launch) over any shared memory, registered memory included.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Use::raw`]: while the kernel runs, no reference may be alive to memory outside
+    /// buffers from [`Hetmm::alloc`] that the call writes, nor a `&mut` to such memory it reads.
+    pub unsafe fn launch_unchecked(&self, call: &hetmm_cuda::KernelCall) -> Result<Launch> {
         let uses: Vec<Use> = call
             .buffers()
             .iter()
             .map(|(b, u)| {
                 let access = if *u == hetmm_cuda::BufUse::Write { Access::Write } else { Access::Read };
-                Use::raw(b.ptr, b.bytes, access)
+                // SAFETY: the caller's contract is `Use::raw`'s.
+                unsafe { Use::raw(b.ptr, b.bytes, access) }
             })
             .collect();
-        let (job, preparing) = self.begin_job(&uses)?;
-        let launched = self.dev.launch(call);
-        drop(preparing);
-        match launched {
-            Ok(inner) => Ok(Launch { inner: Some(Inner::Cuda(inner)), job: Some(job), space: Arc::clone(&self.space) }),
-            Err(e) => {
-                self.space.job_end(&job);
-                Err(e.into())
-            }
-        }
+        self.start(&uses, || self.dev.launch(call).map(Running::Cuda).map_err(Error::from))
     }
 }
 
@@ -579,15 +711,35 @@ fn page_span(ptr: *const u8, len: usize) -> Result<(u64, u64)> {
 #[derive(Debug)]
 pub struct Launch {
     /// Taken by the waits.
-    inner: Option<Inner>,
+    inner: Option<Running>,
     job: Option<Vec<VaRange>>,
     space: Arc<AddressSpace>,
 }
 
-#[derive(Debug)]
-enum Inner {
+/// A kernel that may still be running: held by its [`Launch`], and by the buffers it uses until
+/// it ends (clones wait on the same kernel).
+#[derive(Debug, Clone)]
+pub(crate) enum Running {
     Sim(hetmm_sim::Launch),
     Cuda(hetmm_cuda::CudaLaunch),
+}
+
+impl Running {
+    /// Waits at most `timeout` for the kernel; its result.
+    pub(crate) fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
+        match self {
+            Running::Sim(l) => l.wait(timeout),
+            Running::Cuda(l) => l.wait(timeout),
+        }
+    }
+
+    /// Whether the kernel has ended (an error included).
+    pub(crate) fn is_done(&self) -> bool {
+        match self {
+            Running::Sim(l) => l.is_done(),
+            Running::Cuda(l) => l.is_done(),
+        }
+    }
 }
 
 impl Drop for Launch {
@@ -611,11 +763,7 @@ impl Launch {
     /// launch can be waited for again (it ended the job at once, dropped, and the kernel's
     /// memory became the first to evict while the kernel used it).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<()> {
-        let wait = |inner: &Option<Inner>, t: Duration| match inner {
-            Some(Inner::Sim(l)) => Some(l.wait(t)),
-            Some(Inner::Cuda(l)) => Some(l.wait(t)),
-            None => None,
-        };
+        let wait = |inner: &Option<Running>, t: Duration| inner.as_ref().map(|k| k.wait(t));
         let Some(mut r) = wait(&self.inner, timeout) else { return Ok(()) };
         // A timeout from a kernel that is over is the kernel's own result (its fault wait gave
         // up), or it ended just after the wait did: either way the kernel's result, taken again,
@@ -637,11 +785,7 @@ impl Launch {
 
     /// Whether the kernel has finished.
     pub fn is_done(&self) -> bool {
-        match &self.inner {
-            Some(Inner::Sim(l)) => l.is_done(),
-            Some(Inner::Cuda(l)) => l.is_done(),
-            None => true,
-        }
+        self.inner.as_ref().is_none_or(Running::is_done)
     }
 }
 

@@ -3,22 +3,27 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::sync::{Arc, Mutex};
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use hetmm_core::cpu::CpuMmu;
 use hetmm_core::types::{Prot, VaRange};
 use hetmm_core::AddressSpace;
 use hetmm_host::HostRegion;
 
-use crate::Result;
+use crate::{Error, Launch, Result, Running};
 
-/// The ranges of the live buffers of one `Hetmm` (start to length), shared with the buffers,
-/// which take themselves out when dropped.
+/// The live buffers of one `Hetmm` (start to length and holds), shared with the buffers, which
+/// take themselves out when dropped.
 #[derive(Debug, Default, Clone)]
-pub(crate) struct Allocs(Arc<Mutex<BTreeMap<u64, u64>>>);
+pub(crate) struct Allocs(Arc<Mutex<AllocMap>>);
+
+/// Start of each live buffer to its length and holds.
+type AllocMap = BTreeMap<u64, (u64, Arc<Holds>)>;
 
 impl Allocs {
-    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<u64, u64>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut AllocMap) -> R) -> R {
         // A panic while the map was held cannot have left it half-changed (every change is one
         // insert or remove): go on with it.
         f(&mut self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
@@ -26,10 +31,107 @@ impl Allocs {
 
     /// A live buffer overlapping `[start, end)`, if any.
     pub(crate) fn overlapping(&self, start: u64, end: u64) -> Option<VaRange> {
+        self.in_range(start, end).first().map(|(r, _)| *r)
+    }
+
+    /// Every live buffer overlapping `[start, end)`, in address order, with its holds.
+    pub(crate) fn in_range(&self, start: u64, end: u64) -> Vec<(VaRange, Arc<Holds>)> {
         self.with(|m| {
-            let (&s, &len) = m.range(..end).next_back()?;
-            (s + len > start).then(|| VaRange::new(s, len))
+            // Buffers never overlap: only the last one starting before `start` can reach into it.
+            let first = m.range(..=start).next_back().map_or(start, |(&s, _)| s);
+            m.range(first..end)
+                .filter(|(&s, (len, _))| s + len > start)
+                .map(|(&s, (len, h))| (VaRange::new(s, *len), Arc::clone(h)))
+                .collect()
         })
+    }
+
+    /// Whether every byte of `[start, end)` lies in live buffers.
+    pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        let mut cur = start;
+        for (r, _) in self.in_range(start, end) {
+            if r.start > cur {
+                return false;
+            }
+            cur = cur.max(r.end());
+        }
+        cur >= end
+    }
+}
+
+/// Who uses a buffer now, so that the CPU's slices and the devices' kernels never overlap in a
+/// way Rust forbids: a slice is a promise to the compiler that nothing else writes the memory
+/// while it lives (and, for a `&mut` slice, that nothing else reads it). A kernel that writes the
+/// buffer waits for no slice (its launch is refused while one lives: [`Error::InUse`]); a slice
+/// asked for while such a kernel runs waits for the kernel to end. Kernels are counted until
+/// they end, not until their [`Launch`] is dropped or forgotten.
+#[derive(Debug, Default)]
+pub(crate) struct Holds(Mutex<HoldState>);
+
+#[derive(Debug, Default)]
+pub(crate) struct HoldState {
+    /// Live [`BufRef`]s.
+    readers: usize,
+    /// Whether a [`BufMut`] lives.
+    writer: bool,
+    /// Kernels that used the buffer and may still run, and whether they may write it.
+    kernels: Vec<(Running, bool)>,
+}
+
+impl Holds {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HoldState> {
+        // Every change is one counter or one list edit: a panic cannot leave it half made.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits, until `deadline`, for the running kernels that `conflicts` names to end; then
+    /// runs `then` on the state, under its lock. `Err(())` when one still runs at the deadline.
+    fn after_kernels<R>(
+        &self,
+        deadline: Instant,
+        conflicts: impl Fn(bool) -> bool,
+        then: impl FnOnce(&mut HoldState) -> R,
+    ) -> std::result::Result<R, ()> {
+        loop {
+            let mut st = self.lock();
+            st.kernels.retain(|(k, _)| !k.is_done());
+            let Some(k) = st.kernels.iter().find(|(_, w)| conflicts(*w)).map(|(k, _)| k.clone()) else {
+                return Ok(then(&mut st));
+            };
+            drop(st);
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(());
+            }
+            // The kernel's own result is its launch's to report; here only its end counts.
+            let _ = k.wait(deadline - now);
+        }
+    }
+}
+
+impl HoldState {
+    /// Refuses a kernel that would `write` (or only read) the buffer while the CPU holds a slice
+    /// that forbids it.
+    pub(crate) fn admit(&self, buffer: VaRange, write: bool) -> Result<()> {
+        if self.writer || (write && self.readers > 0) {
+            return Err(Error::InUse { buffer, by: "a CPU slice of it is alive" });
+        }
+        Ok(())
+    }
+
+    /// Counts a kernel that uses the buffer until it ends.
+    pub(crate) fn add_kernel(&mut self, k: Running, write: bool) {
+        self.kernels.retain(|(k, _)| !k.is_done());
+        self.kernels.push((k, write));
+    }
+
+    /// Refuses a change of the buffer's contents by the CPU side of hetmm (`DontNeed`) while a
+    /// slice lives.
+    pub(crate) fn admit_cpu_change(&self, buffer: VaRange) -> Result<()> {
+        if self.writer || self.readers > 0 {
+            return Err(Error::InUse { buffer, by: "a CPU slice of it is alive" });
+        }
+        Ok(())
     }
 }
 
@@ -38,13 +140,21 @@ impl Allocs {
 /// buffer frees it everywhere.
 ///
 /// A slice from [`as_slice`](Self::as_slice) or [`as_mut_slice`](Self::as_mut_slice) is plain
-/// memory to the compiler, which may assume nothing else changes it while the slice lives. So
-/// hold none across a kernel that writes the buffer, or across an
-/// [`Advice::DontNeed`](crate::Advice::DontNeed) of it (which makes it read zeros): take it
-/// before the launch or advice, or after the job's `wait`, as CUDA asks of managed memory a
-/// running kernel uses. This is the caller's part, not checked: kernels and advice receive
-/// addresses, not borrows of the buffers (an audit showed an optimized build reading a value
-/// a `DontNeed` had already zeroed through a slice held across it).
+/// memory to the compiler, which may assume nothing else changes it while the slice lives (nor,
+/// for a `&mut` slice, reads it). hetmm keeps that promise at run time, as `RefCell` does for a
+/// cell, and against kernels whether their [`Launch`] is waited for, dropped or forgotten:
+/// - a launch that would write the buffer while a slice of it lives (or read it while a `&mut`
+///   one does) is refused, and so is a [`DontNeed`](crate::Advice::DontNeed) over it while
+///   either lives ([`Error::InUse`]);
+/// - a slice asked for while a kernel that may write the buffer runs (for `&mut`, any kernel
+///   that uses it) waits for the kernel to end, as CUDA synchronizes before the CPU touches
+///   managed memory; the `try_` forms return [`Error::InUse`] instead;
+/// - a kernel launched through the safe API touches only the memory its uses declare
+///   ([`DeviceError::Undeclared`](hetmm_core::device::DeviceError::Undeclared) otherwise), and
+///   dropping the buffer waits for the kernels that use it before its memory goes.
+///
+/// Memory reached otherwise (registered memory, raw uses, unbounded kernels) goes through the
+/// `unsafe` entry points, whose contracts say what the caller keeps.
 ///
 /// The program may move the buffer's memory, or part of it, with `mremap` (as any mapping it
 /// can address; no slice may be alive then, and [`ptr`](Self::ptr) and the slices keep naming
@@ -60,6 +170,7 @@ pub struct SharedBuf<T> {
     region: Arc<HostRegion>,
     count: usize,
     allocs: Allocs,
+    holds: Arc<Holds>,
     _t: PhantomData<T>,
 }
 
@@ -71,21 +182,153 @@ impl<T: bytemuck::Pod> SharedBuf<T> {
         allocs: &Allocs,
     ) -> Result<Self> {
         let range = space.add_region(Arc::clone(&region) as Arc<dyn CpuMmu>, Prot::READ | Prot::WRITE)?;
-        allocs.with(|m| m.insert(range.start, range.len));
-        Ok(SharedBuf { space, region, count, allocs: allocs.clone(), _t: PhantomData })
+        let holds = Arc::new(Holds::default());
+        allocs.with(|m| m.insert(range.start, (range.len, Arc::clone(&holds))));
+        Ok(SharedBuf { space, region, count, allocs: allocs.clone(), holds, _t: PhantomData })
     }
 
-    /// The values, read by the CPU.
-    pub fn as_slice(&self) -> &[T] {
+    /// The values, read by the CPU. Waits first for the kernels still running that may write
+    /// the buffer (as CUDA synchronizes before the CPU touches managed memory). While the slice
+    /// lives, launches that would write the buffer and `DontNeed` advice over it are refused
+    /// ([`Error::InUse`]).
+    ///
+    /// # Panics
+    ///
+    /// If such a kernel is still running after [`Launch::DEFAULT_TIMEOUT`]. Use
+    /// [`try_as_slice`](Self::try_as_slice) not to wait.
+    pub fn as_slice(&self) -> BufRef<'_, T> {
+        self.slice_within(Launch::DEFAULT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`as_slice`](Self::as_slice) without waiting: [`Error::InUse`] while a kernel that may
+    /// write the buffer runs.
+    pub fn try_as_slice(&self) -> Result<BufRef<'_, T>> {
+        self.slice_within(Duration::ZERO)
+    }
+
+    fn slice_within(&self, wait: Duration) -> Result<BufRef<'_, T>> {
+        let deadline = Instant::now() + wait;
+        self.holds
+            .after_kernels(deadline, |writes| writes, |st| st.readers += 1)
+            .map_err(|()| self.in_use("a kernel that may write it is running"))?;
         // SAFETY: the app view (page aligned, >= `count * size_of::<T>()` bytes) is mapped while
         // `self.region` lives, device pages fault back on access, and T is Pod (any bytes valid).
-        unsafe { std::slice::from_raw_parts(self.region.app_ptr().cast::<T>(), self.count) }
+        // Nothing else writes it while the slice lives: kernels that may write it have ended,
+        // and the count just taken refuses new ones and `DontNeed` until the slice is dropped;
+        // `&self` rules out a `&mut` slice.
+        let slice = unsafe { std::slice::from_raw_parts(self.region.app_ptr().cast::<T>(), self.count) };
+        Ok(BufRef { slice, holds: &self.holds })
     }
 
-    /// The values, written by the CPU.
-    pub fn as_mut_slice(&mut self) -> &mut [T] {
-        // SAFETY: as in `as_slice`; `&mut self` makes this the only CPU slice of the buffer.
-        unsafe { std::slice::from_raw_parts_mut(self.region.app_ptr().cast::<T>(), self.count) }
+    /// The values, written by the CPU. Waits first for every kernel still running that uses the
+    /// buffer; while the slice lives, launches that use the buffer and `DontNeed` advice over it
+    /// are refused ([`Error::InUse`]).
+    ///
+    /// # Panics
+    ///
+    /// If such a kernel is still running after [`Launch::DEFAULT_TIMEOUT`]. Use
+    /// [`try_as_mut_slice`](Self::try_as_mut_slice) not to wait.
+    pub fn as_mut_slice(&mut self) -> BufMut<'_, T> {
+        self.mut_slice_within(Launch::DEFAULT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`as_mut_slice`](Self::as_mut_slice) without waiting: [`Error::InUse`] while a kernel
+    /// that uses the buffer runs.
+    pub fn try_as_mut_slice(&mut self) -> Result<BufMut<'_, T>> {
+        self.mut_slice_within(Duration::ZERO)
+    }
+
+    fn mut_slice_within(&mut self, wait: Duration) -> Result<BufMut<'_, T>> {
+        let deadline = Instant::now() + wait;
+        self.holds
+            .after_kernels(deadline, |_| true, |st| st.writer = true)
+            .map_err(|()| self.in_use("a kernel that uses it is running"))?;
+        // SAFETY: as in `slice_within`; no kernel that uses the buffer runs, and the flag just
+        // set refuses new ones and `DontNeed` until the slice is dropped; `&mut self` makes this
+        // the only CPU slice of the buffer.
+        let slice = unsafe { std::slice::from_raw_parts_mut(self.region.app_ptr().cast::<T>(), self.count) };
+        Ok(BufMut { slice, holds: &self.holds })
+    }
+}
+
+/// The CPU's view of a [`SharedBuf`] (a `&[T]` through `Deref`), from
+/// [`SharedBuf::as_slice`]: while it lives, no kernel may write the buffer.
+#[derive(Debug)]
+pub struct BufRef<'a, T> {
+    slice: &'a [T],
+    holds: &'a Holds,
+}
+
+impl<T> Deref for BufRef<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.slice
+    }
+}
+
+impl<T> Drop for BufRef<'_, T> {
+    fn drop(&mut self) {
+        self.holds.lock().readers -= 1;
+    }
+}
+
+/// The CPU's writable view of a [`SharedBuf`] (a `&mut [T]` through `DerefMut`), from
+/// [`SharedBuf::as_mut_slice`]: while it lives, no kernel may use the buffer.
+#[derive(Debug)]
+pub struct BufMut<'a, T> {
+    slice: &'a mut [T],
+    holds: &'a Holds,
+}
+
+impl<T> Deref for BufMut<'_, T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.slice
+    }
+}
+
+impl<T> DerefMut for BufMut<'_, T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.slice
+    }
+}
+
+/// Both views compare with slices, vectors and arrays as the slices they are.
+macro_rules! slice_eq {
+    ($guard:ident) => {
+        impl<T: PartialEq<U>, U> PartialEq<[U]> for $guard<'_, T> {
+            fn eq(&self, other: &[U]) -> bool {
+                **self == *other
+            }
+        }
+        impl<T: PartialEq<U>, U> PartialEq<&[U]> for $guard<'_, T> {
+            fn eq(&self, other: &&[U]) -> bool {
+                **self == **other
+            }
+        }
+        impl<T: PartialEq<U>, U> PartialEq<Vec<U>> for $guard<'_, T> {
+            fn eq(&self, other: &Vec<U>) -> bool {
+                **self == other[..]
+            }
+        }
+        impl<T: PartialEq<U>, U, const N: usize> PartialEq<[U; N]> for $guard<'_, T> {
+            fn eq(&self, other: &[U; N]) -> bool {
+                **self == other[..]
+            }
+        }
+        impl<T> AsRef<[T]> for $guard<'_, T> {
+            fn as_ref(&self) -> &[T] {
+                self
+            }
+        }
+    };
+}
+slice_eq!(BufRef);
+slice_eq!(BufMut);
+
+impl<T> Drop for BufMut<'_, T> {
+    fn drop(&mut self) {
+        self.holds.lock().writer = false;
     }
 }
 
@@ -106,11 +349,28 @@ impl<T> SharedBuf<T> {
     pub fn byte_len(&self) -> u64 {
         (self.count * std::mem::size_of::<T>()) as u64
     }
+
+    fn in_use(&self, by: &'static str) -> Error {
+        Error::InUse { buffer: VaRange::new(self.ptr(), self.byte_len()), by }
+    }
 }
 
 impl<T> Drop for SharedBuf<T> {
     fn drop(&mut self) {
         self.allocs.with(|m| m.remove(&self.ptr()));
+        // A kernel still running on the buffer would go on writing its addresses once they are
+        // free for other memory (perhaps another buffer a slice is alive over): the memory goes
+        // only after the kernels that used it end. One still running after the longest wait keeps
+        // the memory, leaked, rather than let it write someone else's.
+        let deadline = Instant::now() + Launch::DEFAULT_TIMEOUT;
+        if self.holds.after_kernels(deadline, |_| true, |_| ()).is_err() {
+            log::error!(
+                "shared buffer at {:#x}: a kernel using it is still running after {:?}; its memory is leaked",
+                self.ptr(),
+                Launch::DEFAULT_TIMEOUT
+            );
+            return;
+        }
         // The program's `munmap`s and `mremap`s that returned before this drop are applied first:
         // a part of the view moved away is a region of another CPU side only once its move is
         // applied. Before, the view's region still covers it, and removing that region would free

@@ -23,7 +23,8 @@ fn a_use_ending_in_the_last_page_of_the_address_space_is_refused() {
     let (_hm, dev) = setup(8 << 20);
     let noop = |_: &BlockCtx| Ok(());
     let g = Grid { blocks: 1, threads_per_block: 1 };
-    let r = dev.launch(g, &[Use::raw(u64::MAX - 100, 50, Access::Read)], noop);
+    // SAFETY: the kernel touches nothing, and the use is refused anyway.
+    let r = dev.launch(g, &[unsafe { Use::raw(u64::MAX - 100, 50, Access::Read) }], noop);
     assert!(matches!(r, Err(Error::Core(CoreError::Overflow { .. }))), "{r:?}");
 }
 
@@ -74,11 +75,11 @@ fn whole_buffer_calls_work_after_protecting_part_of_it() {
         let blocks = stream_sum(ptr, words, 0).0.blocks as usize;
         let out = hm.alloc::<u64>(blocks).unwrap();
         let (grid, k) = stream_sum(ptr, words, out.ptr());
-        dev.launch(grid, &[Use::raw(ptr, len, Access::Read), Use::write(&out)], k)
-            .unwrap()
-            .wait_timeout(Duration::from_secs(60))
-            .unwrap();
-        out.as_slice().iter().fold(0u64, |s, v| s.wrapping_add(*v))
+        // SAFETY: the range is the buffer `b`'s, which the launch checks.
+        let whole = unsafe { Use::raw(ptr, len, Access::Read) };
+        dev.launch(grid, &[whole, Use::write(&out)], k).unwrap().wait_timeout(Duration::from_secs(60)).unwrap();
+        let sum = out.as_slice().iter().fold(0u64, |s, v| s.wrapping_add(*v));
+        sum
     };
     hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ).unwrap();
     assert_eq!(sum(&hm), want, "a kernel reading the whole buffer, part of it read-only");

@@ -72,7 +72,7 @@ fn gpu_mul_mat_saxpy_stream() {
     let call = KernelCall::mul_mat((&r).into(), (&a).into(), (&b).into(), m as u64).unwrap();
     dev.launch(&call).unwrap().wait_timeout(WAIT).unwrap();
     let mut expect = vec![0f32; n];
-    mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
+    mul_mat_cpu(&mut expect, &a.as_slice(), &b.as_slice(), m);
     assert_eq!(r.as_slice(), &expect[..]);
 
     // Every shared pointer translates; the offset is the region's.
@@ -180,7 +180,7 @@ fn gpu_races_cpu_threads_and_kernels_over_a_small_gpu() {
                         .unwrap()
                         .wait_timeout(WAIT)
                         .unwrap();
-                    let v = buf.as_mut_slice();
+                    let mut v = buf.as_mut_slice();
                     let bad = v.iter().enumerate().filter(|(i, x)| **x != *i as u64 ^ seed).count();
                     assert_eq!(bad, 0, "thread {t} round {round}: words the GPU wrote");
                     // The CPU rewrites every third word; the GPU then sums what is there.
@@ -188,6 +188,7 @@ fn gpu_races_cpu_threads_and_kernels_over_a_small_gpu() {
                         *x = i as u64 * 3 + round;
                     }
                     let want = v.iter().fold(0u64, |a, x| a.wrapping_add(*x));
+                    drop(v);
                     dev.launch(&KernelCall::stream_sum((&*buf).into(), (&*out).into()).unwrap())
                         .unwrap()
                         .wait_timeout(WAIT)

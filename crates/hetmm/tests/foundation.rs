@@ -275,8 +275,8 @@ fn read_and_write_syscalls_on_device_resident_memory() {
     hm.migrate(buf.ptr(), buf.byte_len().div_ceil(PAGE_SIZE) * PAGE_SIZE, dev.proc()).unwrap();
     assert!(on_device(&hm, &dev, buf.ptr()));
     file.seek(SeekFrom::Start(0)).unwrap();
-    file.read_exact(buf.as_mut_slice()).unwrap();
-    assert!(buf.as_slice() == &pattern[..], "read(2) filled device-resident memory correctly");
+    file.read_exact(&mut buf.as_mut_slice()).unwrap();
+    assert!(buf.as_slice() == pattern[..], "read(2) filled device-resident memory correctly");
 
     // write(2) from memory the device wrote.
     let words = len / 8;
@@ -286,7 +286,8 @@ fn read_and_write_syscalls_on_device_resident_memory() {
     assert!(on_device(&hm, &dev, src.ptr()));
     let mut out = tempfile();
     // SAFETY-free view of the u64s as bytes.
-    let bytes: &[u8] = bytemuck_cast(src.as_slice());
+    let view = src.as_slice();
+    let bytes: &[u8] = bytemuck_cast(&view);
     out.write_all(bytes).unwrap();
     out.seek(SeekFrom::Start(0)).unwrap();
     let mut back = Vec::new();
@@ -408,7 +409,8 @@ fn pages_the_kernel_unmaps_on_its_own_fault_back_unchanged() {
             .unwrap()
             .wait_timeout(Duration::from_secs(60))
             .unwrap();
-        out.as_slice().iter().fold(0u64, |s, v| s.wrapping_add(*v))
+        let sum = out.as_slice().iter().fold(0u64, |s, v| s.wrapping_add(*v));
+        sum
     };
     let want = |k: u64| (0..words as u64).fold(0u64, |s, i| s.wrapping_add(i * k));
     assert_eq!(sum(&dup), want(5), "the device reads its duplicate");
@@ -469,15 +471,13 @@ fn bad_input_gets_typed_errors_and_changes_nothing() {
     assert!(matches!(hm.alloc::<u8>(usize::MAX), Err(Error::SizeOverflow { .. })));
     let noop = |_: &BlockCtx| Ok(());
     let g = Grid { blocks: 1, threads_per_block: 1 };
-    assert!(matches!(dev.launch(g, &[Use::raw(p, 0, Access::Read)], noop), Err(Error::Core(CoreError::Empty { .. }))));
-    assert!(matches!(
-        dev.launch(g, &[Use::raw(p, len + 1, Access::Read)], noop),
-        Err(Error::Core(CoreError::NotShared(_)))
-    ));
-    assert!(matches!(
-        dev.launch(g, &[Use::raw(u64::MAX - 10, 100, Access::Read)], noop),
-        Err(Error::Core(CoreError::Overflow { .. }))
-    ));
+    let raw = |start, len| {
+        // SAFETY: the kernels given these touch nothing, and the uses are refused anyway.
+        unsafe { Use::raw(start, len, Access::Read) }
+    };
+    assert!(matches!(dev.launch(g, &[raw(p, 0)], noop), Err(Error::Core(CoreError::Empty { .. }))));
+    assert!(matches!(dev.launch(g, &[raw(p, len + 1)], noop), Err(Error::Core(CoreError::NotShared(_)))));
+    assert!(matches!(dev.launch(g, &[raw(u64::MAX - 10, 100)], noop), Err(Error::Core(CoreError::Overflow { .. }))));
     assert_eq!(hm.stats(), before, "refused operations changed nothing");
     assert!(buf.as_slice().iter().all(|v| *v == 5));
 
@@ -485,9 +485,15 @@ fn bad_input_gets_typed_errors_and_changes_nothing() {
     // typed error.
     drop(buf);
     assert!(matches!(core(hm.migrate(p, PAGE_SIZE, dev.proc())), CoreError::NotShared(_)));
-    assert!(matches!(dev.launch(g, &[Use::raw(p, 8, Access::Read)], noop), Err(Error::Core(CoreError::NotShared(_)))));
+    assert!(matches!(dev.launch(g, &[raw(p, 8)], noop), Err(Error::Core(CoreError::NotShared(_)))));
     let stale = move |ctx: &BlockCtx| ctx.load::<u64>(p).map(|_| ());
+    // A bounded launch cannot even try: the kernel declared nothing.
     match dev.launch(g, &[], stale).unwrap().wait() {
+        Err(Error::Device(DeviceError::Undeclared { va, len: 8, access: Access::Read })) if va == p => {}
+        other => panic!("kernel outside its uses: {other:?}"),
+    }
+    // SAFETY: the kernel only reads, and nothing is mapped at `p` any more.
+    match unsafe { dev.launch_unbounded(g, &[], stale) }.unwrap().wait() {
         Err(Error::Device(DeviceError::FaultCancelled { reason: FaultCancel::Unmapped, .. })) => {}
         other => panic!("kernel on freed memory: {other:?}"),
     }
@@ -566,7 +572,7 @@ fn sim_mul_mat_matches_the_cpu_bit_for_bit_at_any_size() {
         let (grid, k) = mul_mat(r.ptr(), a.ptr(), b.ptr(), m);
         dev.launch(grid, &[Use::read(&a), Use::read(&b), Use::write(&r)], k).unwrap().wait().unwrap();
         let mut expect = vec![0f32; n];
-        mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
+        mul_mat_cpu(&mut expect, &a.as_slice(), &b.as_slice(), m);
         let same = r.as_slice().iter().zip(&expect).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same, "m = {m}: the device's product differs from the CPU's");
     }
@@ -674,7 +680,8 @@ fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
                 }
                 Ok(())
             };
-            let uses = [Use::raw(blk, 2 << 20, Access::Read), Use::write(&sums)];
+            // SAFETY: the block lies in the buffer `cold`, which the launch checks.
+            let uses = [unsafe { Use::raw(blk, 2 << 20, Access::Read) }, Use::write(&sums)];
             let remote = dev.driver().stats().remote_bytes;
             dev.launch(Grid { blocks: 16, threads_per_block: 1 }, &uses, k).unwrap().wait().unwrap();
             assert_eq!(sums.as_slice()[0], want, "the kernel read the block right");

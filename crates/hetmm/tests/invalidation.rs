@@ -489,7 +489,8 @@ fn stress(policy: &str, secs: u64) {
                     }
                     ctx.write_slice(va, &buf)
                 };
-                let uses = [hetmm::Use::raw(a, SLOT as u64, hetmm::Access::Write)];
+                // SAFETY: the slot is this thread's own, reached only through raw copies.
+                let uses = [unsafe { hetmm::Use::raw(a, SLOT as u64, hetmm::Access::Write) }];
                 let r = dev
                     .launch(Grid::new(SLOT_PAGES as u32, 1), &uses, k)
                     .and_then(|mut l| l.wait_timeout(Duration::from_secs(60)));

@@ -140,8 +140,12 @@ fn kernel(dev: &Device<SimDevice>, pieces: &[Piece], write: bool) -> Result<Opti
             off += n;
         }
     }
-    let uses: Vec<Use> =
-        pieces.iter().map(|p| Use::raw(p.addr, p.len, if write { Access::Write } else { Access::Read })).collect();
+    let raw = |p: &Piece| {
+        // SAFETY: the caller holds the lock of every slice the pieces cover, and no reference to
+        // them lives outside `cpu_mismatch` and `cpu_fill`, which run under the same locks.
+        unsafe { Use::raw(p.addr, p.len, if write { Access::Write } else { Access::Read }) }
+    };
+    let uses: Vec<Use> = pieces.iter().map(raw).collect();
     let bad = Arc::new(Mutex::new(None::<String>));
     let b2 = Arc::clone(&bad);
     let n = chunks.len() as u32;
@@ -754,7 +758,10 @@ fn rstep_on(w: &World, rng: &mut Rng, i: usize, s: &mut Slot) -> &'static str {
                 let to = w.proc(rng);
                 match rng.below(5) {
                     0 => {
-                        w.hm.advise(a, len, Advice::DontNeed).unwrap_or_else(|e| panic!("R dontneed: {e}"));
+                        // SAFETY: the slot is locked, and no reference to it lives outside
+                        // `cpu_mismatch` and `cpu_fill`, which run under its lock.
+                        let r = unsafe { w.hm.advise_unchecked(a, len, Advice::DontNeed) };
+                        r.unwrap_or_else(|e| panic!("R dontneed: {e}"));
                         *s = Slot::Live(0);
                         "DontNeed"
                     }

@@ -40,6 +40,48 @@ impl Grid {
     }
 }
 
+/// The memory a kernel may touch: byte ranges and whether it may write them. An access not
+/// wholly inside them fails with [`DeviceError::Undeclared`] before touching anything, as a
+/// GPU's access outside its allocations faults. A launch without bounds may touch any memory the
+/// device page table maps or the core will fault in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bounds {
+    /// `(start, end, writable)`, in the order allowed.
+    ranges: Vec<(u64, u64, bool)>,
+}
+
+impl Bounds {
+    /// No memory at all.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Also allows `[start, start + len)` for reading, and for writing and atomics if
+    /// `writable`. A range reaching past the end of the address space is cut there.
+    pub fn allow(&mut self, start: u64, len: u64, writable: bool) {
+        self.ranges.push((start, start.saturating_add(len), writable));
+    }
+
+    /// Whether `[va, va + len)` is allowed for `access`: every byte inside some range that
+    /// permits it (ranges may abut: a buffer declared in two parts).
+    fn check(&self, va: u64, len: u64, access: Access) -> Result<(), DeviceError> {
+        let write = matches!(access, Access::Write | Access::Atomic);
+        let end = va.checked_add(len).ok_or(DeviceError::BadRange(VaRange::new(va, len)))?;
+        let mut cur = va;
+        while cur < end {
+            let next = self
+                .ranges
+                .iter()
+                .filter(|&&(s, e, w)| s <= cur && cur < e && (w || !write))
+                .map(|&(_, e, _)| e)
+                .max()
+                .ok_or(DeviceError::Undeclared { va, len, access })?;
+            cur = next.min(end);
+        }
+        Ok(())
+    }
+}
+
 type KernelFn = dyn Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync;
 
 #[derive(Debug, Default)]
@@ -52,6 +94,7 @@ struct Progress {
 pub(crate) struct LaunchState {
     kernel: Box<KernelFn>,
     grid: Grid,
+    bounds: Option<Bounds>,
     next: AtomicU64,
     failed: AtomicBool,
     tokens: AtomicUsize,
@@ -152,7 +195,7 @@ impl Completion for Launch {
 }
 
 /// Creates the state of a launch and the tokens to hand to `workers` workers.
-pub(crate) fn new_launch<F>(grid: Grid, kernel: F, workers: usize) -> (Launch, Vec<Token>)
+pub(crate) fn new_launch<F>(grid: Grid, bounds: Option<Bounds>, kernel: F, workers: usize) -> (Launch, Vec<Token>)
 where
     F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
 {
@@ -160,6 +203,7 @@ where
     let state = Arc::new(LaunchState {
         kernel: Box::new(kernel),
         grid,
+        bounds,
         next: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         tokens: AtomicUsize::new(n),
@@ -201,7 +245,8 @@ pub(crate) fn worker_loop(shared: &Shared, worker: u32, rx: &Receiver<WorkerMsg>
                 Err(DeviceError::Shutdown)
             } else {
                 shared.counters.blocks.fetch_add(1, Ordering::Relaxed);
-                let ctx = BlockCtx { shared, tlb, worker, block: idx as u32, grid: ls.grid };
+                let ctx =
+                    BlockCtx { shared, tlb, worker, block: idx as u32, grid: ls.grid, bounds: ls.bounds.as_ref() };
                 match catch_unwind(AssertUnwindSafe(|| (ls.kernel)(&ctx))) {
                     Ok(r) => r,
                     Err(p) => {
@@ -233,6 +278,7 @@ pub struct BlockCtx<'a> {
     worker: u32,
     block: u32,
     grid: Grid,
+    bounds: Option<&'a Bounds>,
 }
 
 impl std::fmt::Debug for BlockCtx<'_> {
@@ -340,6 +386,9 @@ impl BlockCtx<'_> {
         if va.checked_add(len as u64).is_none() {
             return Err(DeviceError::BadRange(VaRange::new(va, len as u64)));
         }
+        if let Some(b) = self.bounds {
+            b.check(va, len as u64, access)?;
+        }
         let mut done = 0usize;
         let mut owed = 0u64;
         // Every 2 MiB region whose counter fired (one access may cross several).
@@ -402,6 +451,9 @@ impl BlockCtx<'_> {
     fn atomic(&self, va: u64, op: AtomicOp) -> Result<u64, DeviceError> {
         if !va.is_multiple_of(op.size()) {
             return Err(misaligned(va, op.size() as usize));
+        }
+        if let Some(b) = self.bounds {
+            b.check(va, op.size(), Access::Atomic)?;
         }
         let mem = &self.shared.mem;
         let mut owed = 0u64;

@@ -13,7 +13,7 @@ use hetmm_core::device::{
 use hetmm_core::types::{Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 use parking_lot::{Mutex, RwLock};
 
-use crate::compute::{new_launch, BlockCtx, Grid, Launch, WorkerMsg};
+use crate::compute::{new_launch, BlockCtx, Bounds, Grid, Launch, WorkerMsg};
 use crate::copy::{CopyCounters, EngineMsg};
 use crate::fault::FaultBuffer;
 use crate::link::Link;
@@ -181,6 +181,15 @@ impl SimDevice {
     where
         F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
+        self.launch_within(grid, None, kernel)
+    }
+
+    /// [`launch`](Self::launch), with the kernel's accesses held to `bounds` (every other
+    /// access fails the kernel with [`DeviceError::Undeclared`]); `None` allows all.
+    pub fn launch_within<F>(&self, grid: Grid, bounds: Option<Bounds>, kernel: F) -> Result<Launch, DeviceError>
+    where
+        F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
         let s = self.s();
         if s.stopping.load(Ordering::Relaxed) || s.faults.is_shutdown() {
             return Err(DeviceError::Shutdown);
@@ -189,7 +198,7 @@ impl SimDevice {
             return Err(DeviceError::NoPageTable);
         }
         s.counters.kernels.fetch_add(1, Ordering::Relaxed);
-        let (launch, tokens) = new_launch(grid, kernel, s.cfg.compute_workers);
+        let (launch, tokens) = new_launch(grid, bounds, kernel, s.cfg.compute_workers);
         for t in tokens {
             // Fails only when every worker is gone; the token then fails its blocks as it drops.
             let _ = s.work_tx.send(WorkerMsg::Run(t));

@@ -335,6 +335,45 @@ fn permissions_write_and_atomic() {
 }
 
 #[test]
+fn bounded_launches_touch_only_what_they_declared() {
+    let d = dev(2);
+    map(&d, BASE, MB2, 0, Prot::RWA);
+    zero(&d, 0, MB2);
+    let mut b = Bounds::new();
+    b.allow(BASE, 4096, false); // read only
+    b.allow(BASE + 4096, 64, true); // abuts the first: a slice across both reads fine
+    type Kernel = fn(&BlockCtx<'_>) -> Result<(), DeviceError>;
+    let run = |b: &Bounds, k: Kernel| d.launch_within(Grid::new(1, 1), Some(b.clone()), k).unwrap().wait(T);
+    // Reads inside, across the seam, and writes and atomics in the writable part.
+    run(&b, |c| {
+        let mut v = [0u32; 8];
+        c.read_slice(BASE + 4096 - 16, &mut v)?;
+        c.store::<u32>(BASE + 4096 + 60, 5)?;
+        c.atomic_add_u32(BASE + 4096, 2).map(|_| ())
+    })
+    .unwrap();
+    // Every way out fails before touching memory: a write to the read-only part, an atomic
+    // there, a load one byte past the end, a slice that runs past it.
+    let outside: [Kernel; 4] = [
+        |c| c.store::<u32>(BASE, 1),
+        |c| c.atomic_add_u32(BASE + 8, 1).map(|_| ()),
+        |c| c.load::<u8>(BASE + 4096 + 64).map(|_| ()),
+        |c| c.write_slice(BASE + 4096 + 32, &[1u32; 9]),
+    ];
+    for k in outside {
+        let e = run(&b, k).unwrap_err();
+        assert!(matches!(e, DeviceError::Undeclared { .. }), "{e}");
+    }
+    let m = d2h(&d, 0, 4096 + 64);
+    assert!(m[..4096].iter().all(|&x| x == 0));
+    assert_eq!(u32::from_ne_bytes(m[4096..4100].try_into().unwrap()), 2);
+    assert_eq!(u32::from_ne_bytes(m[4096 + 60..].try_into().unwrap()), 5);
+    assert!(m[4096 + 4..4096 + 60].iter().all(|&x| x == 0), "the refused slice wrote part of itself");
+    // No bounds: the whole mapping is open.
+    d.launch_within(Grid::new(1, 1), None, |c| c.store::<u32>(BASE + MB2 - 4, 3)).unwrap().wait(T).unwrap();
+}
+
+#[test]
 fn copy_round_trip_and_bad_range() {
     let d = dev(1);
     let n = 5 * MB2 as usize + 12_345;

@@ -160,7 +160,7 @@ fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
     // hetmm's runs: inputs lost on the way would give both the same wrong product. The inputs
     // must also have come back intact.
     let (a_host, b_host) = expected_inputs(n);
-    let inputs_intact = a.as_slice() == &a_host[..] && b.as_slice() == &b_host[..];
+    let inputs_intact = a.as_slice() == a_host[..] && b.as_slice() == b_host[..];
     drop((a, b, r, dev, hm));
     let d = gpu(2 << 20)?;
     let mut ex = Vec::new();

@@ -48,7 +48,7 @@ fn mismatches(result: &[f32], a: &SharedBuf<f32>, b: &SharedBuf<f32>, m: usize) 
     let bad_inputs = a.as_slice().iter().enumerate().filter(|&(i, v)| *v != value(i, 1)).count()
         + b.as_slice().iter().enumerate().filter(|&(i, v)| *v != value(i, 2)).count();
     let mut expect = vec![0f32; m * m];
-    mul_mat_cpu(&mut expect, a.as_slice(), b.as_slice(), m);
+    mul_mat_cpu(&mut expect, &a.as_slice(), &b.as_slice(), m);
     bad_inputs + result.iter().zip(&expect).filter(|(x, y)| x != y).count() + result.len().abs_diff(expect.len())
 }
 
@@ -225,7 +225,7 @@ mod tests {
         let (mut a, mut b) = (a, b);
         fill_inputs(&mut a, &mut b);
         let mut r = vec![0f32; m * m];
-        mul_mat_cpu(&mut r, a.as_slice(), b.as_slice(), m);
+        mul_mat_cpu(&mut r, &a.as_slice(), &b.as_slice(), m);
         assert_eq!(mismatches(&r, &a, &b, m), 0);
     }
 }

@@ -212,7 +212,7 @@ pub fn stream(r: &Run) -> Result<Vec<Sample>> {
 
     // The CPU reads B back: data the device wrote, so on the device (as much of it as fits)
     // whatever the policy does with A's read-only pages.
-    let (sum, secs2, st2) = timed(&e, || Ok(black_box(wsum(b.as_slice()))))?;
+    let (sum, secs2, st2) = timed(&e, || Ok(black_box(wsum(&b.as_slice()))))?;
     let (sa, sb) = (a.as_slice(), b.as_slice());
     let mut ok = true;
     let mut expect = 0u64;
@@ -250,7 +250,7 @@ pub fn random(r: &Run) -> Result<Vec<Sample>> {
         let (i, inc) = gups_update(seed, k, n);
         expect[i] = expect[i].wrapping_add(inc);
     }
-    let ok = t.as_slice() == &expect[..];
+    let ok = t.as_slice() == expect[..];
     let mut s = sample("random", &e, ws, updates as u64 * 16, secs, st, ok);
     s.extra.insert("updates".into(), json!(updates));
     s.extra.insert("gups".into(), json!(updates as f64 / secs / 1e9));
@@ -294,7 +294,7 @@ pub fn gemm(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
             Arc::new(x)
         })
         .clone();
-    let ok = c.as_slice() == &expect[..]
+    let ok = c.as_slice() == expect[..]
         && a.as_slice().iter().enumerate().all(|(i, v)| *v == gemm_value(i, 1))
         && b.as_slice().iter().enumerate().all(|(i, v)| *v == gemm_value(i, 2));
     // Bytes the kernel reads and writes: a once, b once per band of rows, r once.
@@ -350,7 +350,7 @@ pub fn stencil(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
         }
         Ok(())
     })?;
-    let ok = g0.as_slice() == &reference.last[..] && g1.as_slice() == &reference.prev[..];
+    let ok = g0.as_slice() == reference.last[..] && g1.as_slice() == reference.prev[..];
     let bytes = STENCIL_ITERS as u64 * 2 * n as u64 * 4;
     let mut s = sample("stencil", &e, ws, bytes, secs, st, ok);
     s.extra.insert("grid".into(), json!([rows, cols]));
@@ -436,8 +436,8 @@ pub fn graph(r: &Run, cache: &mut Cache) -> Result<Vec<Sample>> {
         }
         Ok(level)
     })?;
-    let ok = dist.as_slice() == &g.dist[..]
-        && rp.as_slice() == &g.row_ptr[..]
+    let ok = dist.as_slice() == g.dist[..]
+        && rp.as_slice() == g.row_ptr[..]
         && col.as_slice()[..ne] == g.col[..]
         && levels as u32 == g.levels + 1;
     // Bytes: every level scans dist; every edge is read once and its target's distance
@@ -491,7 +491,7 @@ impl ReadBuf {
     fn device_read(&self, e: &Env) -> Result<bool> {
         let (grid, k) = stream_checksum(self.buf.ptr(), self.n, self.out.ptr());
         e.dev.launch(grid, &[Use::read(&self.buf), Use::write(&self.out)], k)?.wait()?;
-        Ok(wsum(self.out.as_slice()) == self.expect)
+        Ok(wsum(&self.out.as_slice()) == self.expect)
     }
 
     /// The CPU reads everything, starting at word `from`; returns whether its checksum was right.
@@ -644,9 +644,10 @@ mod tests {
         let mut rb = ReadBuf::new(&e, n, AdviceKind::None, seed_of(0)).unwrap();
         assert!(rb.cpu_read(0) && rb.device_read(&e).unwrap(), "intact data must pass");
         // Exchange pages 0 and 1 behind the check's back.
-        let s = rb.buf.as_mut_slice();
+        let mut s = rb.buf.as_mut_slice();
         let (p0, rest) = s.split_at_mut(WORDS_PER_PAGE);
         p0.swap_with_slice(&mut rest[..WORDS_PER_PAGE]);
+        drop(s);
         assert!(!rb.cpu_read(0), "the CPU's read check passed with two pages exchanged");
         assert!(!rb.cpu_read(n / 2), "the CPU's read check passed with two pages exchanged");
         assert!(!rb.device_read(&e).unwrap(), "the device's read check passed with two pages exchanged");

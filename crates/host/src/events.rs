@@ -396,25 +396,25 @@ impl Ctx {
     /// (a touch got SIGBUS), so it becomes the fresh private memory a touch would have made it.
     fn forget(&self, range: VaRange) {
         let meets = |p: &[(VaRange, u64)]| p.iter().any(|(r, _)| r.intersect(&range).is_some());
-        let mut inos = Vec::new();
+        let mut files = Vec::new();
         for m in self.live_mirrors() {
-            if let Some((ino, p)) = m.pieces() {
+            if let Some((file, p)) = m.pieces() {
                 if meets(&p) {
-                    inos.push(ino);
+                    files.push(file);
                 }
             }
             m.forget(range);
         }
         for r in self.live_regions() {
             if meets(&r.pieces()) {
-                inos.push(r.ino());
+                files.push(r.file());
             }
             r.forget(range);
         }
-        inos.sort_unstable();
-        inos.dedup();
-        for ino in inos {
-            self.fill_room_after(range.end(), ino);
+        files.sort_unstable();
+        files.dedup();
+        for file in files {
+            self.fill_room_after(range.end(), file);
         }
     }
 
@@ -424,17 +424,17 @@ impl Ctx {
         let pieces = self
             .live_mirrors()
             .iter()
-            .filter_map(|m| m.pieces().map(|(ino, p)| (ino, p, m.alias_range())))
-            .chain(self.live_regions().iter().map(|r| (r.ino(), r.pieces(), r.alias_range())))
+            .filter_map(|m| m.pieces().map(|(file, p)| (file, p, m.alias_range())))
+            .chain(self.live_regions().iter().map(|r| (r.file(), r.pieces(), r.alias_range())))
             .collect::<Vec<_>>();
-        for (ino, p, alias) in pieces {
+        for (file, p, alias) in pieces {
             let used = p.into_iter().map(|(r, off)| (off, r.len));
-            match uses.iter_mut().find(|u| u.ino == ino) {
+            match uses.iter_mut().find(|u| u.file == file) {
                 Some(u) => {
                     u.used.extend(used);
                     u.aliases.push(alias);
                 }
-                None => uses.push(crate::mapping::MemfdUse { ino, used: used.collect(), aliases: vec![alias] }),
+                None => uses.push(crate::mapping::MemfdUse { file, used: used.collect(), aliases: vec![alias] }),
             }
         }
         uses
@@ -456,15 +456,15 @@ impl Ctx {
         })
     }
 
-    /// Where memory of the memfd `ino` stops being managed at `end` (the end of a view given
+    /// Where memory of the memfd `file` stops being managed at `end` (the end of a view given
     /// back or dropped): if the program grew it in place there and never touched the new part,
     /// that part still shows the memfd; it becomes the fresh private memory a touch would have
     /// made it (with the view gone, a touch would raise SIGBUS). Cheap where nothing is mapped at
     /// `end`. Unregistered first, so that replacing it raises no event: this may run on the
     /// reader thread (where the core's last holder lets it go), which would wait for itself to
-    /// read it. Only memory showing `ino` is looked at: other managed memory the program put at
+    /// read it. Only memory showing `file` is looked at: other managed memory the program put at
     /// `end` is not this memory's growth.
-    pub(crate) fn fill_room_after(&self, end: u64, ino: u64) {
+    pub(crate) fn fill_room_after(&self, end: u64, file: crate::maps::MapsFile) {
         let page = VaRange::new(end, PAGE_SIZE);
         if !crate::mapping::is_mapped(page) {
             return;
@@ -476,9 +476,9 @@ impl Ctx {
             return;
         };
         let mut uses = self.memfd_uses();
-        uses.retain(|u| u.ino == ino);
+        uses.retain(|u| u.file == file);
         if uses.is_empty() {
-            uses.push(crate::mapping::MemfdUse { ino, used: Vec::new(), aliases: Vec::new() });
+            uses.push(crate::mapping::MemfdUse { file, used: Vec::new(), aliases: Vec::new() });
         }
         // From `end` on only: what is before it is the view being dropped or given back.
         if let Some(mut room) = crate::mapping::room_at(page, &uses) {
@@ -505,7 +505,7 @@ impl Ctx {
         let (prot, exec) = (view.prot, view.exec);
         // Only hetmm's memfds: mirrored shared memory left behind still shows the program's own
         // file, as such a move of it leaves it.
-        if !ours.iter().any(|u| u.ino == view.file.ino) {
+        if !ours.iter().any(|u| u.file == view.file) {
             return;
         }
         // SAFETY: `old` shows memfd bytes that managed memory shows at `to` (checked just above):
@@ -548,7 +548,7 @@ fn one_file_view(range: VaRange) -> Option<crate::maps::MapsLine> {
 /// what a move from `old` to `to` with `MREMAP_DONTUNMAP` leaves behind (a plain move leaves
 /// `old` unmapped, or mapped anew since).
 fn left_behind(old: VaRange, to: u64) -> Option<crate::maps::MapsLine> {
-    let at = |r: VaRange| one_file_view(r).map(|m| (m, (m.file.ino, m.off + (r.start - m.range.start))));
+    let at = |r: VaRange| one_file_view(r).map(|m| (m, (m.file, m.off + (r.start - m.range.start))));
     let (view, bytes) = at(old)?;
     (at(VaRange::new(to, old.len)).map(|(_, b)| b) == Some(bytes)).then_some(view)
 }

@@ -417,9 +417,9 @@ impl HostRegion {
         self.mapping.is_empty()
     }
 
-    /// The memfd's inode number.
-    pub(crate) fn ino(&self) -> u64 {
-        self.mapping.ino()
+    /// The memfd, as `/proc/self/maps` names it.
+    pub(crate) fn file(&self) -> crate::maps::MapsFile {
+        self.mapping.file()
     }
 
     /// The manager's alias of the region.
@@ -954,7 +954,7 @@ impl Drop for HostRegion {
         // its own copies, nothing is reshaped).
         if rustix::process::getpid() == self.host.uffd.owner() {
             if let Some(last) = parts.last().filter(|p| p.end() == self.mapping.app_range().end()) {
-                self.host.ctx.fill_room_after(last.end(), self.ino());
+                self.host.ctx.fill_room_after(last.end(), self.file());
             }
         }
         for r in parts {

@@ -94,9 +94,11 @@ fn size_memfd(memfd: &OwnedFd, len: u64) -> Result<(), Errno> {
     }
 }
 
-/// The inode number of a memfd (how `/proc/self/maps` names the file a mapping shows).
-pub(crate) fn inode_of(memfd: &OwnedFd) -> u64 {
-    rustix::fs::fstat(memfd).map_or(0, |st| st.st_ino)
+/// A memfd as `/proc/self/maps` names the file a mapping shows (device and inode: the inode
+/// number alone matched a program's tmpfs file, whose mapping was then taken for the memfd's
+/// and replaced with zeros). Anonymous (nothing matches it) if `fstat` fails.
+pub(crate) fn file_of(memfd: &OwnedFd) -> MapsFile {
+    MapsFile::of(memfd).unwrap_or_default()
 }
 
 /// A memfd of `len` bytes mapped `MAP_SHARED` twice. Dropping it unmaps the application view
@@ -106,8 +108,8 @@ pub(crate) fn inode_of(memfd: &OwnedFd) -> u64 {
 #[derive(Debug)]
 pub struct SharedMapping {
     memfd: Arc<OwnedFd>,
-    /// The memfd's inode number.
-    ino: u64,
+    /// The memfd, as `/proc/self/maps` names it.
+    file: MapsFile,
     /// Application view (2 MiB aligned). Stored as an address: the mapping is owned by `self`
     /// and only ever touched through the checked methods below.
     app: usize,
@@ -244,7 +246,7 @@ impl SharedMapping {
             }
         };
         Ok(SharedMapping {
-            ino: inode_of(&memfd),
+            file: file_of(&memfd),
             memfd: Arc::new(memfd),
             app,
             alias: Arc::new(Alias::new(alias, len as usize)),
@@ -261,9 +263,9 @@ impl SharedMapping {
         (Arc::clone(&self.memfd), Arc::clone(&self.alias))
     }
 
-    /// The memfd's inode number.
-    pub(crate) fn ino(&self) -> u64 {
-        self.ino
+    /// The memfd, as `/proc/self/maps` names it.
+    pub(crate) fn file(&self) -> MapsFile {
+        self.file
     }
 
     /// The program moved away or unmapped `range` (clipped to the view): it is no longer the
@@ -305,7 +307,7 @@ impl SharedMapping {
         for p in parts {
             for v in &vmas {
                 let Some(x) = v.range.intersect(&p) else { continue };
-                if v.shared && v.file.ino == self.ino && v.off + (x.start - v.range.start) == x.start - app {
+                if v.shared && v.file == self.file && v.off + (x.start - v.range.start) == x.start - app {
                     out.push(x);
                 }
             }
@@ -671,12 +673,12 @@ pub(crate) struct Room {
     pub(crate) exec: bool,
 }
 
-/// Where managed memory shows a memfd of hetmm: the memfd's inode number, and the memfd
+/// Where managed memory shows a memfd of hetmm: the memfd (device and inode), and the memfd
 /// offsets (start, length) some managed view shows, at the addresses it is known at.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MemfdUse {
-    /// The memfd's inode number.
-    pub(crate) ino: u64,
+    /// The memfd, as `/proc/self/maps` names it.
+    pub(crate) file: MapsFile,
     /// Offset ranges managed memory shows.
     pub(crate) used: Vec<(u64, u64)>,
     /// The manager's aliases of the memfd: never room, whatever offsets they show (an alias may
@@ -694,7 +696,7 @@ pub(crate) fn room_at(page: VaRange, uses: &[MemfdUse]) -> Option<Room> {
     if !vma.shared || vma.file.ino == 0 {
         return None;
     }
-    let using = uses.iter().find(|u| u.ino == vma.file.ino)?;
+    let using = uses.iter().find(|u| u.file == vma.file)?;
     if using.aliases.iter().any(|a| a.intersect(&vma.range).is_some()) {
         return None;
     }
@@ -1535,10 +1537,26 @@ mod tests {
         let m = SharedMapping::new(2 * PAGE_SIZE).unwrap();
         let alias = VaRange::new(m.alias_ptr() as u64, 2 * PAGE_SIZE);
         let page = VaRange::new(alias.start, PAGE_SIZE);
-        let unused = MemfdUse { ino: m.ino(), used: Vec::new(), aliases: Vec::new() };
+        let unused = MemfdUse { file: m.file(), used: Vec::new(), aliases: Vec::new() };
         assert!(room_at(page, std::slice::from_ref(&unused)).is_some(), "offsets no view shows are room");
         let known = MemfdUse { aliases: vec![alias], ..unused };
         assert!(room_at(page, &[known]).is_none(), "the alias is not");
+    }
+
+    /// A file of another file system with the memfd's inode number (a program's tmpfs file:
+    /// inode numbers are per file system, and small on both) is not the memfd: its mapping was
+    /// taken for room, and replaced with zeros (found by an audit, with a tmpfs file mapped right
+    /// after registered memory that was then given back).
+    #[test]
+    fn a_file_with_the_memfds_inode_number_on_another_device_is_not_room() {
+        let m = SharedMapping::new(2 * PAGE_SIZE).unwrap();
+        let page = VaRange::new(m.alias_ptr() as u64, PAGE_SIZE);
+        let mut other = m.file();
+        other.dev.1 = other.dev.1.wrapping_add(1);
+        let foreign = MemfdUse { file: other, used: Vec::new(), aliases: Vec::new() };
+        assert!(room_at(page, &[foreign]).is_none(), "matched by inode number alone");
+        let ours = MemfdUse { file: m.file(), used: Vec::new(), aliases: Vec::new() };
+        assert!(room_at(page, &[ours]).is_some());
     }
 
     #[test]

@@ -59,8 +59,9 @@ const UNTRIED: u8 = 0;
 const QUERIES: u8 = 1;
 const TEXT_ONLY: u8 = 2;
 
-/// A file as `/proc/self/maps` names it: device (major, minor) and inode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A file as `/proc/self/maps` names it: device (major, minor) and inode. Both name it: inode
+/// numbers are per file system, and a memfd's and a tmpfs file's are often the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub(crate) struct MapsFile {
     pub(crate) dev: (u32, u32),
     /// The inode number (0: anonymous memory).

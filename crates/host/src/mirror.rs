@@ -95,8 +95,8 @@ pub struct Mirror {
     /// can keep the address space, and with it this memory, alive).
     host: Arc<Host>,
     memfd: Option<Arc<OwnedFd>>,
-    /// The memfd's inode number (0 for shared memory).
-    ino: u64,
+    /// The memfd, as `/proc/self/maps` names it (anonymous for shared memory).
+    file: crate::maps::MapsFile,
     alias: Arc<mapping::Alias>,
     segs: Mutex<Vec<Seg>>,
     /// For memory moved out of a region's view ([`Mirror::for_moved_region`]): the region, whose
@@ -139,11 +139,11 @@ impl Mirror {
         memfd: Arc<OwnedFd>,
         alias: Arc<mapping::Alias>,
     ) -> Arc<Mirror> {
-        let ino = mapping::inode_of(&memfd);
+        let file = mapping::file_of(&memfd);
         let mirror = Arc::new(Mirror {
             host: Arc::clone(host),
             memfd: Some(memfd),
-            ino,
+            file,
             alias,
             segs: Mutex::new(Vec::new()),
             region: Some(Arc::downgrade(region)),
@@ -157,7 +157,7 @@ impl Mirror {
     pub(crate) fn moved_in(self: &Arc<Self>, to: u64, off: u64, len: u64) -> Arc<dyn CpuMmu> {
         let mut segs = self.segs.lock();
         segs.push(Seg { app: to, off, len });
-        fresh_growth(to + len, self.ino, off + len, &self.legit(&segs));
+        fresh_growth(to + len, self.file, off + len, &self.legit(&segs));
         Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len })
     }
 
@@ -177,11 +177,11 @@ impl Mirror {
         self.alias.range()
     }
 
-    /// The memfd's inode number and where the program's address space shows it: each piece's
-    /// addresses and memfd offset (`None` for shared memory: no memfd).
-    pub(crate) fn pieces(&self) -> Option<(u64, Vec<(VaRange, u64)>)> {
+    /// The memfd and where the program's address space shows it: each piece's addresses and
+    /// memfd offset (`None` for shared memory: no memfd).
+    pub(crate) fn pieces(&self) -> Option<(crate::maps::MapsFile, Vec<(VaRange, u64)>)> {
         self.memfd.as_ref()?;
-        Some((self.ino, self.segs.lock().iter().map(|s| (VaRange::new(s.app, s.len), s.off)).collect()))
+        Some((self.file, self.segs.lock().iter().map(|s| (VaRange::new(s.app, s.len), s.off)).collect()))
     }
 
     /// After the program moved `[from, from+len)` to `to`: a view of the new place, if `from`
@@ -215,7 +215,7 @@ impl Mirror {
         cut(&mut segs, moved);
         segs.push(Seg { app: to, off, len });
         if self.memfd.is_some() {
-            fresh_growth(to + len, self.ino, off + len, &self.legit(&segs));
+            fresh_growth(to + len, self.file, off + len, &self.legit(&segs));
         }
         Some(Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len }))
     }
@@ -231,17 +231,17 @@ impl Mirror {
 /// over memfd pages that hold other data, or none. The program asked for fresh memory there, so
 /// fresh private memory replaces the extension (unmanaged: only what was registered is). Parts
 /// that are pieces of the registration (`segs`: the kernel merged a neighbour's VMA) stay.
-/// Only where the mapping at `end` still continues the moved memory, showing its memfd (`ino`)
+/// Only where the mapping at `end` still continues the moved memory, showing its memfd (`file`)
 /// at offset `off` there: the event is applied after the program's mremap returned, and the
 /// program may have moved or unmapped the memory since and mapped anything there (another
 /// thread's new stack took such addresses, and was replaced with zeros).
-fn fresh_growth(end: u64, ino: u64, off: u64, segs: &[Seg]) {
+fn fresh_growth(end: u64, file: crate::maps::MapsFile, off: u64, segs: &[Seg]) {
     let Some(vma) = crate::maps::meeting(VaRange::new(end - PAGE_SIZE, PAGE_SIZE))
         .and_then(|v| v.into_iter().find(|m| m.range.contains(end - PAGE_SIZE)))
     else {
         return;
     };
-    if !vma.shared || vma.file.ino != ino || vma.off.checked_add(end - vma.range.start) != Some(off) {
+    if !vma.shared || vma.file != file || vma.off.checked_add(end - vma.range.start) != Some(off) {
         return;
     }
     let mut cur = end;
@@ -473,9 +473,9 @@ impl Host {
             }
             // Managed memory's memfd, mapped where the program did not put managed memory: what
             // is left of memory it grew in place and gave back, or a mistake of the program's.
-            let ino = crate::maps::meeting(range).and_then(|v| v.first().map(|m| m.file.ino)).filter(|&i| i != 0);
-            if let Some(ino) = ino.filter(|&i| self.ctx.memfd_uses().iter().any(|u| u.ino == i)) {
-                log::warn!("registering {range}, which shows hetmm's own memfd (inode {ino}), as shared memory");
+            let file = crate::maps::meeting(range).and_then(|v| v.first().map(|m| m.file)).filter(|f| f.ino != 0);
+            if let Some(f) = file.filter(|f| self.ctx.memfd_uses().iter().any(|u| u.file == *f)) {
+                log::warn!("registering {range}, which shows hetmm's own memfd ({f:?}), as shared memory");
             }
             let alias = mapping::dup_shared(range)?;
             // Only to be told of munmap/mremap/madvise (see the module notes).
@@ -488,7 +488,7 @@ impl Host {
             let mirror = Arc::new(Mirror {
                 host: Arc::clone(self),
                 memfd: None,
-                ino: 0,
+                file: crate::maps::MapsFile::default(),
                 alias: Arc::new(mapping::Alias::new(alias, range.len as usize)),
                 segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
                 region: None,
@@ -503,7 +503,7 @@ impl Host {
         let (memfd, alias) = mapping::memfd_with_alias(range.len)?;
         let mirror = Arc::new(Mirror {
             host: Arc::clone(self),
-            ino: mapping::inode_of(&memfd),
+            file: mapping::file_of(&memfd),
             memfd: Some(Arc::new(memfd)),
             alias: Arc::new(mapping::Alias::new(alias, range.len as usize)),
             segs: Mutex::new(vec![Seg { app: range.start, off: 0, len: range.len }]),
@@ -617,7 +617,7 @@ impl Host {
                 restored?;
                 m.forget(x);
                 // A part the program grew in place past the memory it gives back.
-                self.ctx.fill_room_after(x.end(), m.ino);
+                self.ctx.fill_room_after(x.end(), m.file);
             }
         }
         Ok(())
@@ -763,7 +763,7 @@ mod tests {
         let p = private_filled(2 * page, 0xAB) as usize;
         // As if a page of the memfd of inode 12345 moved to `p` and then left (another mapping
         // is there now, continuing past the page's end).
-        fresh_growth(p as u64 + PAGE_SIZE, 12345, 0, &[]);
+        fresh_growth(p as u64 + PAGE_SIZE, crate::maps::MapsFile { dev: (0, 1), ino: 12345 }, 0, &[]);
         // SAFETY: the test's own two pages, still mapped (the call above must not replace them).
         let b = unsafe { ((p + page) as *const u8).read_volatile() };
         // SAFETY: the test's own mapping, not used after.

@@ -77,8 +77,9 @@ pub struct Args {
     /// cross; 0: remote accesses cost what local ones do.
     #[arg(long, default_value_t = hetmm::sim::DEFAULT_LINK_GBPS)]
     link_gbps: u32,
-    /// Repeats of each run (medians are reported).
-    #[arg(long, default_value_t = 3)]
+    /// Repeats of each run (medians are reported), 1 to 1000 (more wrapped the GPU path's
+    /// loop count around to none, and it reported runs that never ran as verified).
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
     repeat: usize,
     /// One JSON object per run on stdout instead of the table.
     #[arg(long)]
@@ -185,14 +186,28 @@ fn plan(args: &Args) -> Result<Plan, String> {
     // Every run holds the working set in host memory and prefaults a simulated device of
     // `size / oversub` bytes there too: a machine with less memory than both together can only
     // get the process killed by the OOM killer (and a size near 2^64 overflowed before that).
+    // The CPU's reference results come on top, in working sets: those cached for the whole run
+    // (stencil's three grids, 1.5; graph's arrays, 1; gemm's product, 1/3) and the largest one
+    // made per run (random's table, 1); and the limits' probes, about 1 GiB.
     if let Some(total) = super::memory_total() {
         let fixed = workloads.contains(&"faultback").then_some(faultback::OVERSUB);
+        let cached: f64 = workloads
+            .iter()
+            .map(|w| match *w {
+                "stencil" => 1.5,
+                "graph" => 1.0,
+                "gemm" => 1.0 / 3.0,
+                _ => 0.0,
+            })
+            .sum();
+        let per_run = if workloads.contains(&"random") { 1.0 } else { 0.0 };
+        let probes = (1u64 << 30) as f64;
         for &o in oversubs.iter().chain(&fixed) {
-            let need = args.size as f64 * (1.0 + 1.0 / o);
+            let need = args.size as f64 * (1.0 + 1.0 / o + cached + per_run) + probes;
             if need > total as f64 {
                 return Err(format!(
-                    "--size {} at --oversub {o} needs at least {:.0} MiB of memory (working set plus device \
-                     memory); this machine has {} MiB",
+                    "--size {} at --oversub {o} needs at least {:.0} MiB of memory (working set, device \
+                     memory, the CPU's reference results and the probes); this machine has {} MiB",
                     human(args.size),
                     need / (1u64 << 20) as f64,
                     total >> 20
@@ -556,17 +571,20 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
 }
 
 /// For each row with advice `read_mostly`, the bytes migrated without advice over those with
-/// it (same workload, policy and oversub); fields to add to the rows' JSON.
+/// it (same workload, policy and oversub); fields to add to the rows' JSON. Only where both
+/// rows verified: a failed run's counters are no measurement (its zero bytes made the ratio
+/// whatever the other row moved).
 fn advice_ratios(rows: &[Row]) -> Vec<Map<String, Value>> {
     rows.iter()
         .map(|r| {
             let mut m = Map::new();
-            if r.key.advice == AdviceKind::ReadMostly {
+            if r.key.advice == AdviceKind::ReadMostly && r.verified() {
                 let base = rows.iter().find(|b| {
                     b.key.advice == AdviceKind::None
                         && b.key.row == r.key.row
                         && b.key.policy == r.key.policy
                         && b.key.oversub_milli == r.key.oversub_milli
+                        && b.verified()
                 });
                 if let Some(b) = base {
                     let ratio = b.migrated() as f64 / (r.migrated().max(1)) as f64;
@@ -633,11 +651,30 @@ fn find<'a>(rows: &'a [Row], row: &str, policy: &str, oversub: f64, advice: Advi
     })
 }
 
-/// The issue's bars, checked against this run's rows where it has them.
+/// The issue's bars, checked against this run's rows where it has them. A bar whose rows did not
+/// all verify (a failed run has no times, a corrupting one no meaningful ones) is not met, and
+/// says so.
 fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
+    let lines = bars(rows, limits, size);
+    if lines.is_empty() {
+        return;
+    }
+    println!("bars (this run's medians; slower-than-uvm lines appear only where hetmm is):");
+    for l in lines {
+        println!("{l}");
+    }
+}
+
+/// The lines of [`print_bars`].
+fn bars(rows: &[Row], limits: &Limits, size: u64) -> Vec<String> {
     let mut lines = Vec::new();
     let mut bar = |ok: bool, what: String| lines.push(format!("  [{}] {what}", if ok { "met" } else { "NOT met" }));
-    if let Some(r) = find(rows, "stream", "hetmm", 0.5, AdviceKind::None) {
+    let unverified = |what: &str| format!("{what}: a run did not verify, so nothing is measured");
+    let find = |row: &str, policy: &str, oversub: f64, advice: AdviceKind| find(rows, row, policy, oversub, advice);
+    if let Some(r) = find("stream", "hetmm", 0.5, AdviceKind::None).filter(|r| !r.verified()) {
+        bar(false, unverified(&format!("{} x0.5 (device-fault path and CPU re-read)", r.key.row)));
+    }
+    if let Some(r) = find("stream", "hetmm", 0.5, AdviceKind::None).filter(|r| r.verified()) {
         let x = r.gbps() / limits.memcpy_gbps;
         // Every byte the kernel touches is first copied from host backing: that copy's own
         // bandwidth is the ceiling, whatever the fault path does.
@@ -650,7 +687,7 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
             ),
         );
     }
-    if let Some(r) = find(rows, "stream/cpu-reread", "hetmm", 0.5, AdviceKind::None) {
+    if let Some(r) = find("stream/cpu-reread", "hetmm", 0.5, AdviceKind::None).filter(|r| r.verified()) {
         let x = r.gbps() / limits.memcpy_gbps;
         // The re-read covers B, half the working set.
         let note = if size / 2 < (1 << 30) {
@@ -667,9 +704,14 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
         .collect();
     keys.dedup();
     for (row, _, o, advice) in keys {
-        let (Some(h), Some(u)) = (find(rows, row, "hetmm", o, advice), find(rows, row, "uvm", o, advice)) else {
+        let (Some(h), Some(u)) = (find(row, "hetmm", o, advice), find(row, "uvm", o, advice)) else {
             continue;
         };
+        if !h.verified() || !u.verified() {
+            let label = format!("{row} x{o} {}", if advice == AdviceKind::None { "" } else { advice.name() });
+            bar(false, unverified(&format!("{} hetmm against uvm", label.trim_end())));
+            continue;
+        }
         let speedup = u.seconds() / h.seconds();
         // The bars are about oversubscription the runs really had: a device rounded to whole
         // blocks may hold much more of a small working set than the factor says.
@@ -689,7 +731,14 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
         }
     }
     for r in rows.iter().filter(|r| r.key.advice == AdviceKind::ReadMostly) {
-        if let Some(b) = find(rows, &r.key.row, r.key.policy, r.oversub, AdviceKind::None) {
+        if let Some(b) = find(&r.key.row, r.key.policy, r.oversub, AdviceKind::None) {
+            if !r.verified() || !b.verified() {
+                bar(
+                    false,
+                    unverified(&format!("{} {} x{}: ReadMostly against no advice", r.key.row, r.key.policy, r.oversub)),
+                );
+                continue;
+            }
             let ratio = b.migrated() as f64 / r.migrated().max(1) as f64;
             bar(
                 ratio >= 10.0,
@@ -700,13 +749,7 @@ fn print_bars(rows: &[Row], limits: &Limits, size: u64) {
             );
         }
     }
-    if lines.is_empty() {
-        return;
-    }
-    println!("bars (this run's medians; slower-than-uvm lines appear only where hetmm is):");
-    for l in lines {
-        println!("{l}");
-    }
+    lines
 }
 
 /// Rows whose slowest repeat took more than 1.5x their fastest, with where the CPUs went in
@@ -748,10 +791,12 @@ fn print_spread(rows: &[Row]) {
 }
 
 /// Panels for the chart: per row (faultback excluded), per policy and advice, median seconds
-/// against oversubscription.
+/// against the oversubscription the runs had (a device is whole 2 MiB blocks: a small working
+/// set gets less than asked, as the table shows). Only rows that verified: a corrupting run's
+/// time is no measurement.
 fn svg_panels(rows: &[Row]) -> Vec<svg::Panel> {
     let mut panels: Vec<svg::Panel> = Vec::new();
-    for r in rows.iter().filter(|r| r.workload() != "faultback" && r.mid().is_some()) {
+    for r in rows.iter().filter(|r| r.workload() != "faultback" && r.verified()) {
         let idx = match panels.iter().position(|p| p.title == r.key.row) {
             Some(i) => i,
             None => {
@@ -765,8 +810,8 @@ fn svg_panels(rows: &[Row]) -> Vec<svg::Panel> {
         };
         let p = &mut panels[idx];
         match p.series.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, pts)) => pts.push((r.oversub, r.seconds())),
-            None => p.series.push((name, vec![(r.oversub, r.seconds())])),
+            Some((_, pts)) => pts.push((r.effective_oversub(), r.seconds())),
+            None => p.series.push((name, vec![(r.effective_oversub(), r.seconds())])),
         }
     }
     for p in &mut panels {
@@ -820,5 +865,42 @@ mod tests {
         assert_eq!(r.gbps(), 0.5);
         let r = row(&[5.0]);
         assert_eq!((r.seconds(), r.gbps()), (5.0, 0.2));
+    }
+
+    /// A bar is judged only on rows that verified: a ReadMostly run that failed (no samples,
+    /// zero bytes) was "met" by millions of times, a failed hetmm run's NaN speedup dropped the
+    /// slower-than-uvm line, and a corrupting run was timed as any other (found by an audit).
+    #[test]
+    fn bars_are_not_met_on_rows_that_did_not_verify() {
+        let limits = Limits { memcpy_gbps: 1.0, backing_gbps: 1.0, uffd_us: 1.0 };
+        let with = |mut r: Row, row: &str, policy: &'static str, advice: AdviceKind, oversub: f64| {
+            r.key.row = row.into();
+            r.key.policy = policy;
+            r.key.advice = advice;
+            r.key.oversub_milli = milli(oversub);
+            r.oversub = oversub;
+            r
+        };
+        let failed = |mut r: Row| {
+            r.samples.clear();
+            r.errors.push("failed".into());
+            r
+        };
+        let corrupt = |mut r: Row| {
+            r.samples[0].verified = false;
+            r
+        };
+        let rows = vec![
+            with(row(&[1.0]), "pingpong", "hetmm", AdviceKind::None, 0.5),
+            with(failed(row(&[1.0])), "pingpong", "hetmm", AdviceKind::ReadMostly, 0.5),
+            with(corrupt(row(&[0.1])), "stream", "hetmm", AdviceKind::None, 2.0),
+            with(row(&[1.0]), "stream", "uvm", AdviceKind::None, 2.0),
+            with(failed(row(&[1.0])), "gemm", "hetmm", AdviceKind::None, 1.0),
+            with(row(&[1.0]), "gemm", "uvm", AdviceKind::None, 1.0),
+        ];
+        let lines = bars(&rows, &limits, 1 << 30);
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert!(lines.iter().all(|l| l.contains("[NOT met]") && l.contains("did not verify")), "{lines:#?}");
+        assert!(advice_ratios(&rows).iter().all(Map::is_empty), "a ratio from a failed run");
     }
 }

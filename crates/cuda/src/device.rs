@@ -596,18 +596,25 @@ impl Inner {
     }
 
     /// Waits (at most `kernel_timeout`) for every copy started on the copy streams: used before a
-    /// failed copy batch returns, since no completion is handed out to wait on.
-    fn drain_copies(&self) {
+    /// failed copy batch returns, since no completion is handed out to wait on, and before host
+    /// pages are unpinned or device memory freed. Whether they all finished.
+    fn drain_copies(&self) -> bool {
         let deadline = deadline_after(self.cfg.kernel_timeout);
+        let mut drained = true;
         for (what, stream) in [("host-to-device", &self.h2d), ("device-to-host", &self.d2h)] {
             match driver::record(stream).and_then(|ev| driver::wait_events(std::slice::from_ref(&ev), deadline)) {
                 Ok(true) => {}
                 Ok(false) => {
-                    log::error!("cuda: {what} copies of a failed batch still run after {:?}", self.cfg.kernel_timeout)
+                    drained = false;
+                    log::error!("cuda: {what} copies still run after {:?}", self.cfg.kernel_timeout)
                 }
-                Err(e) => log::error!("cuda: waiting for the {what} copies of a failed batch: {e}"),
+                Err(e) => {
+                    drained = false;
+                    log::error!("cuda: waiting for the {what} copies: {e}")
+                }
             }
         }
+        drained
     }
 
     /// Sets access on `runs` in order, stopping at the first failure. Returns the runs to record
@@ -651,9 +658,17 @@ impl Inner {
     }
 
     /// Unmaps everything and frees every driver resource (page table destroyed, or dropped).
+    /// Copies still in flight after the longest wait (the core gave up on one and went on) keep
+    /// the host pages they use pinned and the device memory they use allocated, leaked: unpinned,
+    /// the kernel may move the pages under the copy; freed, the memory may be reused under it.
     fn teardown(&self, st: &mut State) {
         if let Err(e) = self.wait_kernels() {
             log::error!("cuda: tearing down with kernels still running: {e}");
+        }
+        if !self.drain_copies() {
+            log::error!("cuda: tearing down with copies in flight: their host pages and device memory are leaked");
+            std::mem::forget(std::mem::take(&mut st.pinned));
+            std::mem::forget(std::mem::take(&mut st.chunks));
         }
         let all: Vec<_> = st.pt.mapped().chain(st.pt.parked()).copied().collect();
         let all: Vec<_> = all.into_iter().filter(|m| st.reservations.contains_key(&m.region)).collect();
@@ -1036,7 +1051,14 @@ impl DeviceMmu for CudaDevice {
         }
         st.pt.remove_region(app.start);
         st.reservations.remove(&app.start);
-        st.pinned.remove(&app.start);
+        // Its host pages may still be what a copy in flight reads or writes (the core goes on
+        // after a copy wait times out): unpinned under it, the kernel could move them.
+        if let Some(pinned) = st.pinned.remove(&app.start) {
+            if !i.drain_copies() {
+                log::error!("cuda: removing region {app} with copies in flight: its host pages stay pinned, leaked");
+                std::mem::forget(pinned);
+            }
+        }
         st.unpinned.retain(|&(start, _)| start != app.start);
         st.host.remove_region(app.start);
     }

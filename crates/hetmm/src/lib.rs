@@ -258,14 +258,16 @@ impl Hetmm {
         if !self.allocs.covers(start, end) {
             return Err(Error::NotBuffers { range: VaRange::new(start, len), what: "DontNeed" });
         }
+        // Settled first: the slices' locks are held only across the change itself.
+        self.space.settle()?;
         let held = self.allocs.in_range(start, end);
         let states: Vec<_> = held.iter().map(|(_, h)| h.lock()).collect();
         for ((buffer, _), st) in held.iter().zip(&states) {
             st.admit_cpu_change(*buffer)?;
         }
-        // SAFETY: the range lies in buffers none of whose slices is alive, and none can be taken
-        // while `states` is held, until the memory reads zeros.
-        unsafe { self.advise_unchecked(start, len, advice) }
+        // The range lies in buffers none of whose slices is alive, and none can be taken while
+        // `states` is held, until the memory reads zeros.
+        Ok(self.space.advise(start, len, advice)?)
     }
 
     /// [`Hetmm::advise`] without its checks, over any shared memory.
@@ -426,25 +428,65 @@ impl Drop for Hetmm {
 }
 
 /// How a kernel uses a buffer: validated before launch and, for devices that cannot fault, made
-/// resident before the kernel starts.
+/// resident before the kernel starts. A use of a buffer borrows it (it cannot outlive the buffer
+/// and name memory mapped there later); its fields are read-only, so that only
+/// [`Use::raw`], `unsafe`, names other memory.
+///
+/// ```compile_fail
+/// # use hetmm::{Access, Use};
+/// // Safe code cannot make up a use of memory it holds references to.
+/// let u = Use { start: 0x1000, len: 8, access: Access::Write };
+/// ```
+///
+/// ```compile_fail
+/// # use hetmm::{Hetmm, Use, sim::{Grid, SimConfig, SimDevice}};
+/// # fn main() -> Result<(), hetmm::Error> {
+/// # let hm = Hetmm::new()?;
+/// # let dev = hm.attach_sim(SimDevice::new(SimConfig::default())?)?;
+/// let buf = hm.alloc::<u64>(512)?;
+/// let u = Use::write(&buf);
+/// drop(buf); // the use borrows the buffer: it cannot name the freed memory later
+/// dev.launch(Grid::new(1, 1), &[u], |_: &hetmm::sim::BlockCtx| Ok(()))?.wait()?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy)]
-pub struct Use {
-    /// Byte range.
-    pub start: u64,
-    /// Length in bytes.
-    pub len: u64,
-    /// Access.
-    pub access: Access,
+pub struct Use<'a> {
+    start: u64,
+    len: u64,
+    access: Access,
+    /// Whether the range is a buffer's from [`Use::read`] or [`Use::write`] (checked to lie in
+    /// live buffers at launch), not the caller's word ([`Use::raw`]).
+    checked: bool,
+    _buf: std::marker::PhantomData<&'a ()>,
 }
 
-impl Use {
+impl<'a> Use<'a> {
     /// The kernel reads `buf`.
-    pub fn read<T>(buf: &SharedBuf<T>) -> Self {
-        Use { start: buf.ptr(), len: buf.byte_len(), access: Access::Read }
+    pub fn read<T>(buf: &'a SharedBuf<T>) -> Self {
+        Self::of(buf, Access::Read)
     }
     /// The kernel writes (and may read) `buf`.
-    pub fn write<T>(buf: &SharedBuf<T>) -> Self {
-        Use { start: buf.ptr(), len: buf.byte_len(), access: Access::Write }
+    pub fn write<T>(buf: &'a SharedBuf<T>) -> Self {
+        Self::of(buf, Access::Write)
+    }
+    fn of<T>(buf: &'a SharedBuf<T>, access: Access) -> Self {
+        Use { start: buf.ptr(), len: buf.byte_len(), access, checked: true, _buf: std::marker::PhantomData }
+    }
+    /// Start of the byte range.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+    /// Length of the byte range.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the range is empty (such a use is refused at launch).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// What the kernel does there.
+    pub fn access(&self) -> Access {
+        self.access
     }
     /// A raw range. The kernel may touch exactly these bytes (page-aligned outward before the
     /// launch's checks); where they lie in buffers from [`Hetmm::alloc`], the launch checks their
@@ -456,7 +498,7 @@ impl Use {
     /// to memory it may write may be alive, nor a `&mut` to memory it reads, as the compiler may
     /// assume such memory does not change (or is not read).
     pub unsafe fn raw(start: u64, len: u64, access: Access) -> Self {
-        Use { start, len, access }
+        Use { start, len, access, checked: false, _buf: std::marker::PhantomData }
     }
 
     /// Whether the kernel may change the bytes.
@@ -495,7 +537,7 @@ impl<D> Device<D> {
     /// launched). On a device that cannot fault, the ranges are then migrated to it: the launch
     /// mark comes first, so eviction (which never takes such blocks from such a device) cannot
     /// undo one use's migration while the next is migrated.
-    fn begin_job(&self, uses: &[Use]) -> Result<(Vec<VaRange>, Preparing)> {
+    fn begin_job(&self, uses: &[Use<'_>]) -> Result<(Vec<VaRange>, Preparing)> {
         // userfaultfd lets munmap/mremap/madvise return as soon as their event is read, before
         // hetmm has dropped the device mappings of the old addresses: a kernel launched after
         // such a call must not start until the event is applied, or it could read through a
@@ -533,11 +575,32 @@ impl<D> Device<D> {
 }
 
 impl<D> Device<D> {
-    /// Starts a kernel with `go` once `uses` are checked and ready: the buffers they reach into
-    /// must have no CPU slice the kernel would break ([`Error::InUse`]), and count the kernel
-    /// until it ends (their slices wait for it; see `memory::Holds`). Their holds stay locked
-    /// until the kernel is counted, so no slice is taken in between.
-    fn start(&self, uses: &[Use], go: impl FnOnce() -> Result<Running>) -> Result<Launch> {
+    /// Starts a kernel with `go` once `uses` are checked and ready: a buffer's use must still
+    /// lie in live buffers ([`Error::NotBuffers`]); the buffers the uses reach into must have no
+    /// CPU slice the kernel would break ([`Error::InUse`]), and count the kernel until it ends
+    /// (their slices wait for it; see `memory::Holds`). Their holds are locked only from that
+    /// check until the kernel is counted (so no slice is taken in between), not across the
+    /// slow part before it (settling events, a GPU's migrations), which changes no bytes.
+    fn start(&self, uses: &[Use<'_>], go: impl FnOnce() -> Result<Running>) -> Result<Launch> {
+        for u in uses.iter().filter(|u| u.checked) {
+            if !self.allocs.covers(u.start, u.start.saturating_add(u.len)) {
+                return Err(Error::NotBuffers { range: VaRange::new(u.start, u.len), what: "a launch" });
+            }
+        }
+        let (job, preparing) = self.begin_job(uses)?;
+        let r = self.start_held(uses, go);
+        drop(preparing);
+        match r {
+            Ok(k) => Ok(Launch { inner: Some(k), job: Some(job), space: Arc::clone(&self.space) }),
+            Err(e) => {
+                self.space.job_end(&job);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`start`](Self::start)'s checks of the buffers' slices, the launch, and its count.
+    fn start_held(&self, uses: &[Use<'_>], go: impl FnOnce() -> Result<Running>) -> Result<Running> {
         let mut held: Vec<(VaRange, Arc<memory::Holds>, bool)> = Vec::new();
         for u in uses {
             for (buffer, h) in self.allocs.in_range(u.start, u.start.saturating_add(u.len)) {
@@ -553,21 +616,11 @@ impl<D> Device<D> {
         for ((buffer, _, write), st) in held.iter().zip(&states) {
             st.admit(*buffer, *write)?;
         }
-        let (job, preparing) = self.begin_job(uses)?;
-        let launched = go();
-        drop(preparing);
-        match launched {
-            Ok(k) => {
-                for ((_, _, write), st) in held.iter().zip(states.iter_mut()) {
-                    st.add_kernel(k.clone(), *write);
-                }
-                Ok(Launch { inner: Some(k), job: Some(job), space: Arc::clone(&self.space) })
-            }
-            Err(e) => {
-                self.space.job_end(&job);
-                Err(e)
-            }
+        let k = go()?;
+        for ((_, _, write), st) in held.iter().zip(states.iter_mut()) {
+            st.add_kernel(k.clone(), *write);
         }
+        Ok(k)
     }
 }
 
@@ -600,7 +653,7 @@ impl Device<SimDevice> {
     /// writes, nor a `&mut` one over a buffer it reads: [`Error::InUse`]). The kernel may touch
     /// only those bytes, and write only those of write uses: any other access fails it with
     /// [`DeviceError::Undeclared`]. The device faults the pages in on demand.
-    pub fn launch<F>(&self, grid: Grid, uses: &[Use], kernel: F) -> Result<Launch>
+    pub fn launch<F>(&self, grid: Grid, uses: &[Use<'_>], kernel: F) -> Result<Launch>
     where
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
@@ -608,7 +661,9 @@ impl Device<SimDevice> {
         for u in uses {
             bounds.allow(u.start, u.len, u.writes());
         }
-        self.start(uses, || self.dev.launch_within(grid, Some(bounds), kernel).map(Running::Sim).map_err(Error::from))
+        self.start(uses, || {
+            self.dev.launch_within(grid, Some(bounds), kernel).map(|l| Running::Sim(l.done())).map_err(Error::from)
+        })
     }
 
     /// [`launch`](Self::launch) of a kernel that may touch any shared memory, as through a
@@ -620,11 +675,13 @@ impl Device<SimDevice> {
     /// While the kernel runs, no reference may be alive to memory it writes outside `uses`
     /// (a slice of a buffer, or the program's own references to memory it registered), nor a
     /// `&mut` to memory it reads there.
-    pub unsafe fn launch_unbounded<F>(&self, grid: Grid, uses: &[Use], kernel: F) -> Result<Launch>
+    pub unsafe fn launch_unbounded<F>(&self, grid: Grid, uses: &[Use<'_>], kernel: F) -> Result<Launch>
     where
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        self.start(uses, || self.dev.launch_within(grid, None, kernel).map(Running::Sim).map_err(Error::from))
+        self.start(uses, || {
+            self.dev.launch_within(grid, None, kernel).map(|l| Running::Sim(l.done())).map_err(Error::from)
+        })
     }
 }
 
@@ -654,7 +711,7 @@ impl Device<hetmm_cuda::CudaDevice> {
     /// As for [`Use::raw`]: while the kernel runs, no reference may be alive to memory outside
     /// buffers from [`Hetmm::alloc`] that the call writes, nor a `&mut` to such memory it reads.
     pub unsafe fn launch_unchecked(&self, call: &hetmm_cuda::KernelCall) -> Result<Launch> {
-        let uses: Vec<Use> = call
+        let uses: Vec<Use<'_>> = call
             .buffers()
             .iter()
             .map(|(b, u)| {
@@ -720,7 +777,10 @@ pub struct Launch {
 /// it ends (clones wait on the same kernel).
 #[derive(Debug, Clone)]
 pub(crate) enum Running {
-    Sim(hetmm_sim::Launch),
+    /// The launch's end only: holding it keeps no closure (nor what it captured) alive, so a
+    /// buffer's list of kernels makes no cycle with a kernel that captured the buffer, and
+    /// dropping an entry runs no code of the program's.
+    Sim(hetmm_sim::Done),
     Cuda(hetmm_cuda::CudaLaunch),
 }
 
@@ -738,6 +798,14 @@ impl Running {
         match self {
             Running::Sim(l) => l.is_done(),
             Running::Cuda(l) => l.is_done(),
+        }
+    }
+
+    /// Whether the calling thread runs this kernel (waiting for it there would wait for itself).
+    pub(crate) fn is_current(&self) -> bool {
+        match self {
+            Running::Sim(l) => l.is_current(),
+            Running::Cuda(_) => false,
         }
     }
 }

@@ -85,7 +85,8 @@ impl Holds {
     }
 
     /// Waits, until `deadline`, for the running kernels that `conflicts` names to end; then
-    /// runs `then` on the state, under its lock. `Err(())` when one still runs at the deadline.
+    /// runs `then` on the state, under its lock. `Err(())` when one still runs at the deadline,
+    /// or at once when the calling thread runs it.
     fn after_kernels<R>(
         &self,
         deadline: Instant,
@@ -100,7 +101,8 @@ impl Holds {
             };
             drop(st);
             let now = Instant::now();
-            if now >= deadline {
+            // A kernel asking for a slice of a buffer it writes itself would wait for itself.
+            if now >= deadline || k.is_current() {
                 return Err(());
             }
             // The kernel's own result is its launch's to report; here only its end counts.

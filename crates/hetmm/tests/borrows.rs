@@ -196,3 +196,52 @@ fn dropping_a_buffer_waits_for_the_kernels_using_it() {
     launch.wait().unwrap();
     t.join().unwrap();
 }
+
+/// A kernel asking for a slice of the buffer it writes would wait for itself (600 s, then fail):
+/// it is told at once instead (`as_slice` panics, which fails the kernel; `try_as_slice` says
+/// `InUse`). Found by an audit.
+#[test]
+fn a_kernel_asking_for_a_slice_of_its_own_buffer_is_told_at_once() {
+    let (hm, dev) = setup();
+    let b = Arc::new(filled(&hm, 1));
+    let (b1, b2) = (Arc::clone(&b), Arc::clone(&b));
+    let tried = move |_: &BlockCtx| match b1.try_as_slice() {
+        Err(Error::InUse { .. }) => Ok(()),
+        other => Err(DeviceError::Other(format!("try_as_slice inside the writer: {:?}", other.map(|s| s[0])))),
+    };
+    dev.launch(one(), &[Use::write(&b)], tried).unwrap().wait_timeout(T).unwrap();
+    let waits = move |_: &BlockCtx| {
+        let first = b2.as_slice()[0];
+        Err(DeviceError::Other(format!("as_slice inside the writer returned {first}")))
+    };
+    let r = dev.launch(one(), &[Use::write(&b)], waits).unwrap().wait_timeout(Duration::from_secs(30));
+    match r {
+        Err(Error::Device(DeviceError::Other(m))) => assert!(m.contains("panicked") && m.contains("in use"), "{m}"),
+        other => panic!("as_slice inside the kernel that writes the buffer: {other:?}"),
+    }
+}
+
+/// A finished kernel that captured a buffer does not keep it: the buffer's list of kernels holds
+/// only their ends, not their closures (it made a cycle, and dropping a finished entry under the
+/// buffer's lock could drop the buffer itself there, deadlocking; found by an audit).
+#[test]
+fn a_finished_kernel_keeps_no_buffer_it_captured() {
+    let (hm, dev) = setup();
+    let b = Arc::new(filled(&hm, 1));
+    let at = b.ptr();
+    let held = Arc::clone(&b);
+    let k = move |ctx: &BlockCtx| ctx.store(held.ptr(), 2u64);
+    dev.launch(one(), &[Use::write(&b)], k).unwrap().wait().unwrap();
+    let weak = Arc::downgrade(&b);
+    drop(b);
+    // The workers let the closure go once the last block is done: shortly after the wait.
+    let t = Instant::now();
+    while weak.strong_count() > 0 && t.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(weak.strong_count(), 0, "the finished kernel kept the buffer");
+    assert!(hm.space().page_state(at).is_none(), "the buffer's memory is freed");
+    // And launching on the memory's next buffer neither hangs nor finds the old one.
+    let c = filled(&hm, 3);
+    dev.launch(one(), &[Use::write(&c)], move |ctx: &BlockCtx| ctx.store(at, 4u64).or(Ok(()))).unwrap().wait().unwrap();
+}

@@ -98,6 +98,14 @@ pub(crate) struct LaunchState {
     next: AtomicU64,
     failed: AtomicBool,
     tokens: AtomicUsize,
+    finish: Arc<Finish>,
+}
+
+/// How far a launch is: apart from its kernel, so that waiting on a launch ([`Done`]) keeps no
+/// closure alive (nor what it captured).
+#[derive(Debug)]
+struct Finish {
+    blocks: u64,
     progress: std::sync::Mutex<Progress>,
     cv: Condvar,
 }
@@ -108,21 +116,62 @@ impl std::fmt::Debug for LaunchState {
             .field("grid", &self.grid)
             .field("next", &self.next)
             .field("failed", &self.failed)
-            .field("progress", &*lock(&self.progress))
+            .field("progress", &*lock(&self.finish.progress))
             .finish_non_exhaustive()
     }
 }
 
 impl LaunchState {
     fn complete(&self, n: u64, r: Result<(), DeviceError>) {
-        let mut p = lock(&self.progress);
+        let f = &self.finish;
+        let mut p = lock(&f.progress);
         p.done += n;
         if let Err(e) = r {
             p.error.get_or_insert(e);
         }
-        if p.done >= u64::from(self.grid.blocks) {
-            self.cv.notify_all();
+        if p.done >= f.blocks {
+            f.cv.notify_all();
         }
+    }
+}
+
+thread_local! {
+    /// The launch whose block this thread (a worker) is running, as its [`Finish`]'s address;
+    /// 0 when none.
+    static RUNNING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A launch's end, to wait for: what [`Launch::done`] gives. It holds no part of the kernel.
+#[derive(Debug, Clone)]
+pub struct Done {
+    finish: Arc<Finish>,
+}
+
+impl Done {
+    /// Waits, at most `timeout`, until every block has finished or been skipped; returns the
+    /// first error a block returned.
+    pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
+        let f = &self.finish;
+        let deadline = Instant::now() + timeout;
+        let (p, done) = wait_until(&f.cv, lock(&f.progress), deadline, |p| p.done >= f.blocks);
+        if !done {
+            return Err(DeviceError::Timeout(timeout));
+        }
+        match &p.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether every block has finished.
+    pub fn is_done(&self) -> bool {
+        lock(&self.finish.progress).done >= self.finish.blocks
+    }
+
+    /// Whether the calling thread is running a block of this launch (a wait for it there would
+    /// wait for itself).
+    pub fn is_current(&self) -> bool {
+        RUNNING.with(std::cell::Cell::get) == Arc::as_ptr(&self.finish) as usize
     }
 }
 
@@ -165,21 +214,17 @@ impl Launch {
     /// Waits, at most `timeout`, until every block has finished or been skipped; returns the
     /// first error a block returned (then the remaining blocks were skipped).
     pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
-        let deadline = Instant::now() + timeout;
-        let blocks = u64::from(self.state.grid.blocks);
-        let (p, done) = wait_until(&self.state.cv, lock(&self.state.progress), deadline, |p| p.done >= blocks);
-        if !done {
-            return Err(DeviceError::Timeout(timeout));
-        }
-        match &p.error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
+        self.done().wait(timeout)
     }
 
     /// Whether every block has finished.
     pub fn is_done(&self) -> bool {
-        lock(&self.state.progress).done >= u64::from(self.state.grid.blocks)
+        self.done().is_done()
+    }
+
+    /// The launch's end, to wait for without keeping the kernel alive.
+    pub fn done(&self) -> Done {
+        Done { finish: Arc::clone(&self.state.finish) }
     }
 
     /// The launch's grid.
@@ -207,8 +252,11 @@ where
         next: AtomicU64::new(0),
         failed: AtomicBool::new(false),
         tokens: AtomicUsize::new(n),
-        progress: std::sync::Mutex::new(Progress::default()),
-        cv: Condvar::new(),
+        finish: Arc::new(Finish {
+            blocks: u64::from(grid.blocks),
+            progress: std::sync::Mutex::new(Progress::default()),
+            cv: Condvar::new(),
+        }),
     });
     let tokens = (0..n).map(|_| Token(state.clone())).collect();
     (Launch { state }, tokens)
@@ -247,7 +295,10 @@ pub(crate) fn worker_loop(shared: &Shared, worker: u32, rx: &Receiver<WorkerMsg>
                 shared.counters.blocks.fetch_add(1, Ordering::Relaxed);
                 let ctx =
                     BlockCtx { shared, tlb, worker, block: idx as u32, grid: ls.grid, bounds: ls.bounds.as_ref() };
-                match catch_unwind(AssertUnwindSafe(|| (ls.kernel)(&ctx))) {
+                RUNNING.with(|r| r.set(Arc::as_ptr(&ls.finish) as usize));
+                let r = catch_unwind(AssertUnwindSafe(|| (ls.kernel)(&ctx)));
+                RUNNING.with(|r| r.set(0));
+                match r {
                     Ok(r) => r,
                     Err(p) => {
                         Err(DeviceError::Other(format!("kernel panicked in block {idx}: {}", panic_message(&*p))))

@@ -57,7 +57,7 @@ mod tests;
 
 use serde::Serialize;
 
-pub use compute::{BlockCtx, Bounds, Grid, Launch, FAULT_WAIT_LIMIT};
+pub use compute::{BlockCtx, Bounds, Done, Grid, Launch, FAULT_WAIT_LIMIT};
 pub use copy::CopyCompletion;
 pub use device::SimDevice;
 pub use memory::dma_copy;

@@ -127,6 +127,12 @@ impl AddressSpace {
             }
             Advice::Pin(on) => {
                 self.attrs.write().update(range, |a| a.pinned = on);
+                if on {
+                    // Eviction checks the pin under the block's lock and evicts under the same
+                    // hold: taking each lock once waits out one that checked before the pin,
+                    // so none evicts a pinned block after this returns.
+                    self.with_blocks_in(range, |_, _, _| Ok(()))?;
+                }
                 Ok(Pending::done())
             }
         }

@@ -1117,6 +1117,38 @@ fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
     assert_eq!(w.devs[0].access(s, Some(9)), Some(9), "the first fault was served");
 }
 
+/// `Advice::Pin` returns only once no eviction that checked the block before the pin is still
+/// under way: an eviction gated half-way (its copy home not landed) had checked the pin, and
+/// went on evicting the block after `advise(Pin)` had returned (found by an audit).
+#[test]
+fn a_pin_waits_for_an_eviction_that_checked_before_it() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = world(false, PAGES_PER_BLOCK as u64);
+    let (s, slot, dev) = (w.cpu.range.start, w.space.slot(w.ids[0]).unwrap(), w.devs[0].clone());
+    w.space.migrate(s, BLOCK_SIZE, Proc::Device(w.ids[0])).unwrap();
+    let gate = dev.copy_gate.lock();
+    let before = dev.copies_started.load(SeqCst);
+    let evict = std::thread::spawn({
+        let (space, slot) = (w.space.clone(), slot.clone());
+        move || crate::evict::evict_queued(&space, &slot, (s, 0)).unwrap()
+    });
+    let t = std::time::Instant::now();
+    while dev.copies_started.load(SeqCst) == before {
+        assert!(t.elapsed() < Duration::from_secs(10), "the eviction never reached its copy");
+        std::thread::yield_now();
+    }
+    let pin = std::thread::spawn({
+        let space = w.space.clone();
+        move || space.advise(s, BLOCK_SIZE, crate::advice::Advice::Pin(true)).map(drop)
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let waited = !pin.is_finished();
+    drop(gate);
+    pin.join().unwrap().unwrap();
+    assert!(evict.join().unwrap(), "the eviction went on");
+    assert!(waited, "advise(Pin) returned while an eviction of the block was under way");
+}
+
 /// On a device that cannot fault, blocks a launch is getting ready are never evicted, but only
 /// until the kernel is launched: a migration that needs their memory waits (bounded) instead of
 /// failing at once with `OutOfDeviceMemory`, as two threads launching on a small GPU would.

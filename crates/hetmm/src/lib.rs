@@ -148,6 +148,11 @@ pub struct Hetmm {
     /// The live buffers from [`Hetmm::alloc`] (start to length), which `unregister` refuses: the
     /// core cannot tell them from registered memory.
     allocs: memory::Allocs,
+    /// Held (shared) by `alloc` from the new buffer's region to its entry in `allocs`, and
+    /// (exclusive) by `unregister` from its check of `allocs` to the release: an `alloc` on
+    /// another thread landing in the range (in memory the program unmapped there) is either
+    /// listed, and refused, or made after the release, and untouched by it.
+    allocating: std::sync::RwLock<()>,
 }
 
 impl Hetmm {
@@ -162,7 +167,7 @@ impl Hetmm {
         let weak: Weak<dyn CpuFaultHandler> = Arc::downgrade(&space) as Weak<dyn CpuFaultHandler>;
         let host = Host::new(weak)?;
         hetmm_host::fork::track(&space, &host)?;
-        Ok(Hetmm { space, host, allocs: memory::Allocs::default() })
+        Ok(Hetmm { space, host, allocs: memory::Allocs::default(), allocating: std::sync::RwLock::new(()) })
     }
 
     /// The core address space (for advanced use: explicit migration, page state, statistics).
@@ -221,7 +226,11 @@ impl Hetmm {
         loop {
             self.space.settle()?;
             let region = Host::create_region_unlisted(&self.host, len)?;
-            match SharedBuf::new(Arc::clone(&self.space), Arc::clone(&region), count, &self.allocs) {
+            // Guards no data: a panic while it was held left nothing half made.
+            let listing = self.allocating.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let made = SharedBuf::new(Arc::clone(&self.space), Arc::clone(&region), count, &self.allocs);
+            drop(listing);
+            match made {
                 Err(Error::Core(CoreError::Overlap(_))) if tries < ALLOC_TRIES => {
                     tries += 1;
                     // Dropping the region gives its view back (unregistered first: no event).
@@ -346,12 +355,14 @@ impl Hetmm {
     /// anonymous memory again holding the current bytes.
     pub fn unregister(&self, ptr: *const u8, len: usize) -> Result<()> {
         let (start, end) = page_span(ptr, len)?;
+        self.space.settle()?;
+        // No buffer is made meanwhile: one landing in the range would be released with it.
+        let _no_alloc = self.allocating.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Releasing an allocated buffer's pages would leave them registered with userfaultfd
         // but unknown to the core: the next CPU access would be refused (SIGBUS).
         if let Some(buffer) = self.allocs.overlapping(start, end) {
             return Err(Error::Allocated { range: VaRange::new(start, end - start), buffer });
         }
-        self.space.settle()?;
         // From the core's release of the memory until the host has given it back, it is still
         // the manager's shared mapping: a fork in between would leave the child sharing it with
         // this process (as in `register`).

@@ -1000,6 +1000,14 @@ impl AddressSpace {
         let _shape = self.reshape.read();
         let t = Instant::now();
         let region = self.region_of(va).ok_or(CoreError::NotShared(VaRange::new(va, PAGE_SIZE)))?;
+        // The kernel hands on only accesses the mapping allows: one the region does not is the
+        // program's own `mprotect` of managed memory (no event tells of it). Served, the page
+        // was mapped with the region's protection and the access faulted again, for ever (found
+        // by an audit); refused, the thread gets SIGBUS, as `Hetmm::protect`'s docs say.
+        let needed = access.needs();
+        if !region.prot.contains(needed) {
+            return Err(CoreError::Protection { range: VaRange::new(align_down(va, PAGE_SIZE), PAGE_SIZE), needed });
+        }
         let around = self.config.fault_around.clamp(PAGE_SIZE, BLOCK_SIZE);
         let chunk = if self.config.policy.cpu_fault_prefetch {
             self.cpu_prefetch_chunk(&region, va)

@@ -283,3 +283,35 @@ fn memory_too_large_for_its_page_state_is_refused() {
     // A modest size still works.
     assert!(hm.alloc::<u8>(64 << 20).is_ok());
 }
+
+/// The program registers read-only memory and then makes it writable with its own `mprotect`
+/// (no event tells hetmm): a write must fail (EFAULT for a kernel-mode write, SIGBUS for the
+/// CPU's own), not loop. It was served by mapping the page read-only again, for ever (a million
+/// faults in 10 s; found by an audit).
+#[test]
+fn a_write_the_region_does_not_allow_fails_instead_of_looping() {
+    use std::io::Read;
+    let (hm, _dev) = setup(8 << 20);
+    let ps = 4096;
+    // SAFETY: a new mapping where the kernel chooses: it replaces nothing.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), ps, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED);
+    hm.register(p.cast(), ps).unwrap();
+    // SAFETY: the registered page, readable.
+    assert_eq!(unsafe { std::ptr::read_volatile(p as *const u8) }, 0);
+    // SAFETY: the test's own mapping; nothing references it.
+    assert_eq!(unsafe { libc::mprotect(p, ps, libc::PROT_READ | libc::PROT_WRITE) }, 0);
+    let va = p as usize;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::open("/proc/self/stat").unwrap();
+        // SAFETY: the registered page, writable to the kernel now; only this thread uses it.
+        let buf = unsafe { std::slice::from_raw_parts_mut(va as *mut u8, 16) };
+        let _ = tx.send(f.read(buf).map_err(|e| e.raw_os_error()));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(30));
+    assert_eq!(got, Ok(Err(Some(libc::EFAULT))), "the write neither failed nor completed");
+    hm.unregister(p.cast(), ps).unwrap();
+    // SAFETY: the test's own mapping, unused from here.
+    unsafe { libc::munmap(p, ps) };
+}

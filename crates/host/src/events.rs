@@ -933,14 +933,19 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
 /// write to a page mapped write-protected (a read duplicate, a revoke's marker) would only write
 /// and fault again, for as long as the core fails: that entry is dropped first, its data staying
 /// in the memfd, and then the write-protect marker the zap leaves on shmem, so that the poison
-/// takes. (Unprotecting first instead would let other threads write the page meanwhile.)
+/// takes. (Unprotecting first instead would let other threads write the page meanwhile.) A read
+/// over such a marker alone (no page present: a revoke zapped a write-protected page) is the
+/// same: the poison meets the marker, and only waking the thread faulted it again for as long as
+/// the core failed (found by an audit).
 fn release_with_sigbus(ctx: &Ctx, va: u64, access: Access) {
     let uffd = &*ctx.uffd;
     let page = VaRange::new(va, PAGE_SIZE);
     // `POISON` is a required feature (`Features::REQUIRED`).
     let poison = || crate::host::retry_again(|| uffd.poison(page));
     let mut res = poison();
-    if matches!(res, Err(UffdError::Exists { .. })) && access == Access::Write && shared_view(page) {
+    // A read is refused by a page mapped meanwhile (to wake for) or by a marker (to clear).
+    let over_marker = || access == Access::Write || crate::pagemap::Pagemap::open().is_some_and(|m| !m.present(va));
+    if matches!(res, Err(UffdError::Exists { .. })) && over_marker() && shared_view(page) {
         // SAFETY: `page` is registered with our uffd (it faulted there) and mapped MAP_SHARED
         // (checked just above): one of hetmm's memfd views, where DONTNEED keeps the data.
         let zapped = ctx.self_zap(page, ctx.reshape_mark(), || unsafe { crate::mapping::zap_view(page) });
@@ -1265,6 +1270,39 @@ mod tests {
             "the write was neither served nor released in {SERVED_WITHIN:?} ({faults} faults; ended later: {late})"
         );
         assert_eq!(got, Some(Err(Some(libc::EFAULT))), "the refused write was released with poison");
+    }
+
+    /// A read the core cannot serve, of a page whose write-protected entry a revoke zapped
+    /// (leaving a userfaultfd write-protect marker on the shmem view): the poison meets the
+    /// marker (EEXIST), and the thread was only woken, to fault again for as long as the core
+    /// failed (two million faults in 10 s; found by an audit). It must be released.
+    #[test]
+    fn an_unserved_read_over_a_write_protect_marker_is_released() {
+        let core = Arc::new(Refusing::default());
+        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
+        let region = host.create_region(PAGE_SIZE).unwrap();
+        core.region.set(Arc::downgrade(&region)).unwrap();
+        let page = VaRange::new(region.app_ptr() as u64, PAGE_SIZE);
+        region.populate(&[page]).unwrap();
+        region.map(&[page], false).unwrap();
+        region.revoke(&[page]).unwrap();
+        core.refuse.store(true, Ordering::Release);
+        let va = page.start as usize;
+        let (rx, got) = within(SERVED_WITHIN, move || {
+            let mut fds = [0i32; 2];
+            // SAFETY: a fresh pipe, this thread's own.
+            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+            // SAFETY: a kernel-mode read of the region's page (write(2) from it into the pipe);
+            // the region outlives this thread (the test waits for it below).
+            let n = unsafe { libc::write(fds[1], va as *const libc::c_void, 16) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            // SAFETY: the pipe's own descriptors.
+            unsafe { libc::close(fds[0]) + libc::close(fds[1]) };
+            (n, errno)
+        });
+        core.refuse.store(false, Ordering::Release);
+        let late = got.is_none() && rx.recv_timeout(Duration::from_secs(10)).is_ok();
+        assert_eq!(got, Some((-1, Some(libc::EFAULT))), "the read was neither served nor released (ended later: {late})");
     }
 
     /// Registered memory outlives the host when the program keeps the core (a `Device` handle

@@ -101,7 +101,6 @@ impl Pagemap {
     }
 
     /// The raw pagemap entry of the page at `va` (0 where unreadable).
-    #[cfg(test)]
     pub(crate) fn entry(&self, va: u64) -> u64 {
         let mut e = [0u8; 8];
         self.0.read_exact_at(&mut e, va / PAGE_SIZE * 8).map_or(0, |_| u64::from_ne_bytes(e))
@@ -109,7 +108,6 @@ impl Pagemap {
 
     /// Whether the page at `va` is present (mapped to memory): unlike [`Pagemap::any_entry`],
     /// a swap entry or a marker (a write-protected entry the kernel dropped) is not.
-    #[cfg(test)]
     pub(crate) fn present(&self, va: u64) -> bool {
         self.entry(va) & PRESENT != 0
     }

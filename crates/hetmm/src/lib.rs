@@ -84,6 +84,14 @@ pub enum Error {
     /// Zero-length allocation.
     #[error("empty allocation")]
     EmptyAlloc,
+    /// A type aligned beyond what a buffer's memory is (2 MiB): its slices would be misaligned.
+    #[error("values aligned to {align} bytes: buffers are aligned to {max}")]
+    OverAligned {
+        /// The type's alignment.
+        align: usize,
+        /// A buffer's alignment.
+        max: usize,
+    },
     /// Memory so large that hetmm's state for its pages (made up front, about 1% of the size)
     /// would take more than half of this machine's memory: refused, rather than ending in the
     /// OOM killer.
@@ -210,6 +218,12 @@ impl Hetmm {
         let bytes = count.checked_mul(size).ok_or(Error::SizeOverflow { count, size })?;
         if bytes == 0 {
             return Err(Error::EmptyAlloc);
+        }
+        // The view is 2 MiB aligned: a slice of a type aligned beyond that would not be (found
+        // by an audit: safe code got a misaligned `&[T]`).
+        let align = std::mem::align_of::<T>();
+        if align as u64 > BLOCK_SIZE {
+            return Err(Error::OverAligned { align, max: BLOCK_SIZE as usize });
         }
         // Within a page of the top of the address space there is no room: overflow, not a panic.
         let len = (bytes as u64).checked_next_multiple_of(PAGE_SIZE).ok_or(Error::SizeOverflow { count, size })?;
@@ -592,17 +606,19 @@ impl<D> Device<D> {
     /// (their slices wait for it; see `memory::Holds`). Their holds are locked only from that
     /// check until the kernel is counted (so no slice is taken in between), not across the
     /// slow part before it (settling events, a GPU's migrations), which changes no bytes.
-    fn start(&self, uses: &[Use<'_>], go: impl FnOnce() -> Result<Running>) -> Result<Launch> {
-        for u in uses.iter().filter(|u| u.checked) {
-            if !self.allocs.covers(u.start, u.start.saturating_add(u.len)) {
-                return Err(Error::NotBuffers { range: VaRange::new(u.start, u.len), what: "a launch" });
-            }
-        }
+    ///
+    /// `go` returns the running kernel and what must outlive the locks: the driver's own handle,
+    /// whose drop may drop the kernel's closure and whatever it captured (a buffer's last `Arc`,
+    /// whose drop takes its holds' lock), so it goes only once every lock is let go.
+    fn start(&self, uses: &[Use<'_>], go: impl FnOnce() -> Result<(Running, Keep)>) -> Result<Launch> {
         let (job, preparing) = self.begin_job(uses)?;
         let r = self.start_held(uses, go);
         drop(preparing);
         match r {
-            Ok(k) => Ok(Launch { inner: Some(k), job: Some(job), space: Arc::clone(&self.space) }),
+            Ok((k, keep)) => {
+                drop(keep);
+                Ok(Launch { inner: Some(k), job: Some(job), space: Arc::clone(&self.space) })
+            }
             Err(e) => {
                 self.space.job_end(&job);
                 Err(e)
@@ -610,8 +626,11 @@ impl<D> Device<D> {
         }
     }
 
-    /// [`start`](Self::start)'s checks of the buffers' slices, the launch, and its count.
-    fn start_held(&self, uses: &[Use<'_>], go: impl FnOnce() -> Result<Running>) -> Result<Running> {
+    /// [`start`](Self::start)'s checks of the buffers' slices, the launch, and its count. A
+    /// buffer's use is checked to lie in live buffers here, under their locks: a buffer dropped
+    /// on another thread meanwhile is either gone from the list (refused) or waits, in its drop,
+    /// for the kernel counted here.
+    fn start_held(&self, uses: &[Use<'_>], go: impl FnOnce() -> Result<(Running, Keep)>) -> Result<(Running, Keep)> {
         let mut held: Vec<(VaRange, Arc<memory::Holds>, bool)> = Vec::new();
         for u in uses {
             for (buffer, h) in self.allocs.in_range(u.start, u.start.saturating_add(u.len)) {
@@ -624,14 +643,19 @@ impl<D> Device<D> {
         // Always in address order: two launches never wait on each other's holds.
         held.sort_by_key(|(b, _, _)| b.start);
         let mut states: Vec<_> = held.iter().map(|(_, h, _)| h.lock()).collect();
+        for u in uses.iter().filter(|u| u.checked) {
+            if !self.allocs.covers(u.start, u.start.saturating_add(u.len)) {
+                return Err(Error::NotBuffers { range: VaRange::new(u.start, u.len), what: "a launch" });
+            }
+        }
         for ((buffer, _, write), st) in held.iter().zip(&states) {
             st.admit(*buffer, *write)?;
         }
-        let k = go()?;
+        let (k, keep) = go()?;
         for ((_, _, write), st) in held.iter().zip(states.iter_mut()) {
             st.add_kernel(k.clone(), *write);
         }
-        Ok(k)
+        Ok((k, keep))
     }
 }
 
@@ -673,7 +697,10 @@ impl Device<SimDevice> {
             bounds.allow(u.start, u.len, u.writes());
         }
         self.start(uses, || {
-            self.dev.launch_within(grid, Some(bounds), kernel).map(|l| Running::Sim(l.done())).map_err(Error::from)
+            self.dev
+                .launch_within(grid, Some(bounds), kernel)
+                .map(|l| (Running::Sim(l.done()), Keep::Sim(l)))
+                .map_err(Error::from)
         })
     }
 
@@ -691,7 +718,10 @@ impl Device<SimDevice> {
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
         self.start(uses, || {
-            self.dev.launch_within(grid, None, kernel).map(|l| Running::Sim(l.done())).map_err(Error::from)
+            self.dev
+                .launch_within(grid, None, kernel)
+                .map(|l| (Running::Sim(l.done()), Keep::Sim(l)))
+                .map_err(Error::from)
         })
     }
 }
@@ -705,14 +735,8 @@ impl Device<hetmm_cuda::CudaDevice> {
     /// [`launch_unchecked`](Self::launch_unchecked)), checked as for the simulated device's
     /// launch ([`Error::InUse`]).
     pub fn launch(&self, call: &hetmm_cuda::KernelCall) -> Result<Launch> {
-        for (b, _) in call.buffers() {
-            let end = b.ptr.saturating_add(b.bytes);
-            if !self.allocs.covers(b.ptr, end) {
-                return Err(Error::NotBuffers { range: VaRange::new(b.ptr, b.bytes), what: "a GPU launch" });
-            }
-        }
-        // SAFETY: every buffer lies in buffers from `alloc`, whose slices `start` checks.
-        unsafe { self.launch_unchecked(call) }
+        // Checked uses: `start` refuses any not in live buffers, under the buffers' locks.
+        self.launch_call(call, true)
     }
 
     /// [`launch`](Self::launch) over any shared memory, registered memory included.
@@ -722,16 +746,23 @@ impl Device<hetmm_cuda::CudaDevice> {
     /// As for [`Use::raw`]: while the kernel runs, no reference may be alive to memory outside
     /// buffers from [`Hetmm::alloc`] that the call writes, nor a `&mut` to such memory it reads.
     pub unsafe fn launch_unchecked(&self, call: &hetmm_cuda::KernelCall) -> Result<Launch> {
+        self.launch_call(call, false)
+    }
+
+    /// The launch of `call`, its buffers `checked` to lie in live buffers or not (the caller's
+    /// word, `launch_unchecked`'s contract).
+    fn launch_call(&self, call: &hetmm_cuda::KernelCall, checked: bool) -> Result<Launch> {
+        // Compiled before any buffer's lock is taken (the first time, NVRTC takes seconds).
+        self.dev.compile_kernels()?;
         let uses: Vec<Use<'_>> = call
             .buffers()
             .iter()
             .map(|(b, u)| {
                 let access = if *u == hetmm_cuda::BufUse::Write { Access::Write } else { Access::Read };
-                // SAFETY: the caller's contract is `Use::raw`'s.
-                unsafe { Use::raw(b.ptr, b.bytes, access) }
+                Use { start: b.ptr, len: b.bytes, access, checked, _buf: std::marker::PhantomData }
             })
             .collect();
-        self.start(&uses, || self.dev.launch(call).map(Running::Cuda).map_err(Error::from))
+        self.start(&uses, || self.dev.launch(call).map(|l| (Running::Cuda(l), Keep::Nothing)).map_err(Error::from))
     }
 }
 
@@ -782,6 +813,15 @@ pub struct Launch {
     inner: Option<Running>,
     job: Option<Vec<VaRange>>,
     space: Arc<AddressSpace>,
+}
+
+/// What a launch keeps until its buffers' locks are let go (see `Device::start`).
+#[derive(Debug)]
+enum Keep {
+    /// The simulated device's handle, which holds the kernel's closure.
+    Sim(#[allow(dead_code)] hetmm_sim::Launch),
+    /// Nothing.
+    Nothing,
 }
 
 /// A kernel that may still be running: held by its [`Launch`], and by the buffers it uses until

@@ -84,9 +84,19 @@ impl Holds {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The lock if no other thread holds it (a launch or `DontNeed` checking the buffer).
+    fn try_lock(&self) -> Option<MutexGuard<'_, HoldState>> {
+        match self.0.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Waits, until `deadline`, for the running kernels that `conflicts` names to end; then
     /// runs `then` on the state, under its lock. `Err(())` when one still runs at the deadline,
-    /// or at once when the calling thread runs it.
+    /// or at once when the calling thread runs it. With `deadline` now (the `try_` forms), the
+    /// lock itself is not waited for either: another thread holding it is checking a launch.
     fn after_kernels<R>(
         &self,
         deadline: Instant,
@@ -94,7 +104,7 @@ impl Holds {
         then: impl FnOnce(&mut HoldState) -> R,
     ) -> std::result::Result<R, ()> {
         loop {
-            let mut st = self.lock();
+            let mut st = if Instant::now() >= deadline { self.try_lock().ok_or(())? } else { self.lock() };
             st.kernels.retain(|(k, _)| !k.is_done());
             let Some(k) = st.kernels.iter().find(|(_, w)| conflicts(*w)).map(|(k, _)| k.clone()) else {
                 return Ok(then(&mut st));

@@ -294,7 +294,9 @@ fn a_write_the_region_does_not_allow_fails_instead_of_looping() {
     let (hm, _dev) = setup(8 << 20);
     let ps = 4096;
     // SAFETY: a new mapping where the kernel chooses: it replaces nothing.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), ps, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), ps, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
     assert_ne!(p, libc::MAP_FAILED);
     hm.register(p.cast(), ps).unwrap();
     // SAFETY: the registered page, readable.

@@ -245,3 +245,52 @@ fn a_finished_kernel_keeps_no_buffer_it_captured() {
     let c = filled(&hm, 3);
     dev.launch(one(), &[Use::write(&c)], move |ctx: &BlockCtx| ctx.store(at, 4u64).or(Ok(()))).unwrap().wait().unwrap();
 }
+
+/// A type aligned beyond a buffer's 2 MiB is refused: its slice would be misaligned (found by an
+/// audit: the optimizer then folded `ptr % align` to 0).
+#[test]
+fn a_type_aligned_beyond_a_buffer_is_refused() {
+    #[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
+    #[repr(C, align(4194304))]
+    struct Huge([[u8; 4096]; 1024]);
+    let (hm, _dev) = setup();
+    match hm.alloc::<Huge>(1) {
+        Err(Error::OverAligned { align: 4194304, max: 2097152 }) => {}
+        other => panic!("an over-aligned type: {:?}", other.map(|b| b.ptr())),
+    }
+}
+
+/// A launch lets its kernel's closure go only after the buffers' locks: the closure's captures
+/// may take them in their drops (a zero-block grid's closure is dropped by the launch itself;
+/// a one-block one now and then). Taken while held, the launching thread deadlocked on itself
+/// (found by an audit).
+#[test]
+fn a_closure_dropped_by_its_launch_may_take_the_buffers_slices() {
+    struct SliceOnDrop(Arc<SharedBuf<u64>>);
+    impl Drop for SliceOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.try_as_slice().map(|s| s[0]);
+        }
+    }
+    let (hm, dev) = setup();
+    let b = Arc::new(filled(&hm, 1));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn({
+        let b = Arc::clone(&b);
+        move || {
+            for blocks in [0, 1] {
+                let keep = SliceOnDrop(Arc::clone(&b));
+                let k = move |_: &BlockCtx| {
+                    let _ = &keep;
+                    Ok(())
+                };
+                let r = dev.launch(Grid::new(blocks, 1), &[Use::read(&b)], k).and_then(|l| l.wait());
+                tx.send(r.map_err(|e| e.to_string())).unwrap();
+            }
+        }
+    });
+    for blocks in [0, 1] {
+        assert_eq!(rx.recv_timeout(T), Ok(Ok(())), "a {blocks}-block launch");
+    }
+    t.join().unwrap();
+}

@@ -1297,12 +1297,16 @@ mod tests {
             let n = unsafe { libc::write(fds[1], va as *const libc::c_void, 16) };
             let errno = std::io::Error::last_os_error().raw_os_error();
             // SAFETY: the pipe's own descriptors.
-            unsafe { libc::close(fds[0]) + libc::close(fds[1]) };
+            unsafe { (libc::close(fds[0]), libc::close(fds[1])) };
             (n, errno)
         });
         core.refuse.store(false, Ordering::Release);
         let late = got.is_none() && rx.recv_timeout(Duration::from_secs(10)).is_ok();
-        assert_eq!(got, Some((-1, Some(libc::EFAULT))), "the read was neither served nor released (ended later: {late})");
+        assert_eq!(
+            got,
+            Some((-1, Some(libc::EFAULT))),
+            "the read was neither served nor released (ended later: {late})"
+        );
     }
 
     /// Registered memory outlives the host when the program keeps the core (a `Device` handle

@@ -226,6 +226,17 @@ struct Heat {
 }
 
 impl Block {
+    /// Runs `f` with `busy` marked as the pages an operation in progress works on, and
+    /// clears the mark afterwards, also when `f` panics (a driver bug the fault service catches
+    /// and goes on from): left set, it narrowed later revokes and allocations of the block (found
+    /// by an audit).
+    pub(crate) fn while_busy<R>(&mut self, busy: PageMask, f: impl FnOnce(&mut Block) -> R) -> R {
+        self.busy = busy;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        self.busy = PageMask::default();
+        r.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
     /// A block of `npages` untouched pages at `base`.
     pub fn new(base: u64, npages: usize) -> Self {
         Block {

@@ -6,7 +6,6 @@
 //! unmaps the device, which revokes the exclusivity; the device's next atomic faults the page
 //! back to it. [`AddressSpace::check_exclusive`] tells whether the device still holds every page.
 
-use crate::block::PageMask;
 use crate::error::{CoreError, Result};
 use crate::space::AddressSpace;
 use crate::types::{DeviceId, Proc, ProcMask, Prot, VaRange, PAGE_SIZE};
@@ -78,10 +77,7 @@ impl AddressSpace {
             if want.is_empty() {
                 return Ok(());
             }
-            blk.busy = want;
-            let r = crate::migrate::to_device(self, region, blk, &slot, &want);
-            blk.busy = PageMask::default();
-            r
+            blk.while_busy(want, |blk| crate::migrate::to_device(self, region, blk, &slot, &want))
         })
     }
 

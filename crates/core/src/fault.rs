@@ -669,10 +669,7 @@ fn apply(
     if plan.is_empty() {
         return Ok(());
     }
-    blk.busy = plan.all();
-    let r = apply_steps(space, region, blk, slot, plan);
-    blk.busy = PageMask::default();
-    r
+    blk.while_busy(plan.all(), |blk| apply_steps(space, region, blk, slot, plan))
 }
 
 fn apply_steps(

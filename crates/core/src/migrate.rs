@@ -276,11 +276,19 @@ fn fill(
     for (s, n, pa) in pa_runs(blk, slot.id, need) {
         bytes.add(fill_ops(&mut ops, region, blk, s, n, pa, peers));
     }
-    let done = match submit_copies(space, slot, &ops) {
-        Ok(done) => done,
-        Err(e) => {
+    // A driver that panics in `copy` (the service loop catches it and goes on) may have
+    // started some of the copies: the pages are forgotten, as after a failed wait, not left
+    // recorded as this block's without its data (found by an audit).
+    let submitted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| submit_copies(space, slot, &ops)));
+    let done = match submitted {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => {
             release_device_pages(slot, blk, need);
             return Err(e);
+        }
+        Err(panic) => {
+            forget_device_pages(slot, blk, need);
+            std::panic::resume_unwind(panic);
         }
     };
     if let Some(Err(e)) = done.map(|d| wait_copies(space, region, slot.id, d)) {

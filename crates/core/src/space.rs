@@ -758,11 +758,10 @@ impl AddressSpace {
             }
         }
         drop(attrs);
-        blk.busy = want;
-        let r = migrate::to_device(self, region, &mut blk, s, &want.and_not(&dup))
-            .and_then(|()| migrate::duplicate_to_device(self, region, &mut blk, s, &dup));
-        blk.busy = PageMask::default();
-        r?;
+        blk.while_busy(want, |blk| {
+            migrate::to_device(self, region, blk, s, &want.and_not(&dup))
+                .and_then(|()| migrate::duplicate_to_device(self, region, blk, s, &dup))
+        })?;
         blk.touch(s.id, self.tick());
         Ok(())
     }

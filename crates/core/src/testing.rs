@@ -1117,6 +1117,33 @@ fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
     assert_eq!(w.devs[0].access(s, Some(9)), Some(9), "the first fault was served");
 }
 
+/// A driver that panics inside `copy` (the fault service catches the panic and goes on) leaves
+/// the block as it was: no device page recorded without its data, no page left marked busy
+/// (they narrowed later revokes and allocations of the block), and the next migration works
+/// (found by an audit). The pages the copy may have started on are forgotten, not reused.
+#[test]
+fn a_panic_in_a_copy_leaves_the_block_as_it_was() {
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(1));
+    let (id, dev) = (w.ids[0], Proc::Device(w.ids[0]));
+    w.devs[0].panic_copies.store(true, std::sync::atomic::Ordering::SeqCst);
+    let space = w.space.clone();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| space.migrate(s, 8 * PAGE_SIZE, dev)));
+    w.devs[0].panic_copies.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(r.is_err(), "the copy panicked");
+    {
+        let region = w.space.region_of(s).unwrap();
+        let blk = region.blocks[0].lock();
+        assert!(blk.busy.is_empty(), "pages left busy: {}", blk.busy.count());
+        assert!((0..8).all(|i| blk.pa(id, i).is_none()), "device pages recorded without their data");
+        assert_eq!(blk.pages[0].resident, ProcMask::only(Proc::Cpu));
+    }
+    w.space.migrate(s, 8 * PAGE_SIZE, dev).unwrap();
+    assert_eq!(w.devs[0].access(s, None), Some(1), "the next migration brought the data");
+    assert_eq!(w.cpu_access(s, None), 1);
+}
+
 /// `Advice::Pin` returns only once no eviction that checked the block before the pin is still
 /// under way: an eviction gated half-way (its copy home not landed) had checked the pin, and
 /// went on evicting the block after `advise(Pin)` had returned (found by an audit).

@@ -354,7 +354,13 @@ impl AddressSpace {
                     if keeps.rescue(self, r, b, &mut blk, &keep) {
                         log::warn!("reshaping {}: {e}; the device copies of block {:#x} stay", r.range, blk.base);
                     } else {
-                        log::error!("reshaping {}: {e}", r.range);
+                        // A device refused to give up pages the program kept: their data still
+                        // comes home, copied where it lies (it was lost, the pages read zeros;
+                        // found by an audit).
+                        match migrate::copy_home_keeping_maps(self, r, &mut blk, &keep) {
+                            Ok(()) => log::error!("reshaping {}: {e}; the kept pages' data came home", r.range),
+                            Err(c) => log::error!("reshaping {}: {e}; copying the kept pages home: {c}", r.range),
+                        }
                         flushed = flushed.and(Err(e));
                     }
                 }

@@ -907,6 +907,35 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
     Ok(copied)
 }
 
+/// Copies the pages of `m` that only devices hold into host backing, one holder each, without
+/// unmapping them: when a device refuses to give up pages a reshape the program forced keeps
+/// (its munmap or mremap has already happened), their data still comes home, and the CPU holds
+/// it from then on (the device's mapping stays recorded, as `drop_device_copies` leaves it, so
+/// that a later unmap tries again). Every holder is tried; the first error is returned.
+pub(crate) fn copy_home_keeping_maps(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut Block,
+    m: &PageMask,
+) -> Result<()> {
+    let mut result = Ok(());
+    let mut left = select(blk, m, |p| !p.resident.has(Proc::Cpu) && !p.resident.is_empty());
+    for d in device_holders(blk, &left).devices() {
+        let Ok(slot) = space.holder(d) else { continue };
+        let here = select(blk, &left, |p| p.resident.has(Proc::Device(d)));
+        match copy_back(space, region, blk, &slot, &here) {
+            Ok(()) => {
+                for i in here.iter() {
+                    blk.pages[i].resident.insert(Proc::Cpu);
+                }
+                left = left.and_not(&here);
+            }
+            Err(e) => result = result.and(Err(e)),
+        }
+    }
+    result
+}
+
 /// Drops every device mapping and copy in `m` without copying (the data is being freed or
 /// discarded). Every device is tried; the first error is returned. Every device unmaps before
 /// any copy is freed: a device may reach another's copy through its peer window, and freeing it

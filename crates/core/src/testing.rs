@@ -1117,6 +1117,21 @@ fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
     assert_eq!(w.devs[0].access(s, Some(9)), Some(9), "the first fault was served");
 }
 
+/// The program unmaps part of a block while a device refuses to unmap: the pages it kept that
+/// only the device held keep their data (copied home where they lie). They read zeros, the
+/// data left on the device forgotten (found by an audit). The device's mapping stays recorded.
+#[test]
+fn a_refused_unmap_in_a_munmap_keeps_the_kept_pages_data() {
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    let p1 = s + PAGE_SIZE;
+    assert_eq!(w.dev_access(0, p1, Some(0x77)), Some(0x77));
+    assert_eq!(w.space.page_state(p1).unwrap().resident, ProcMask::only(Proc::Device(w.ids[0])));
+    let r = w.failing(|d| &d.fail_unmap, || w.space.unmap_range(VaRange::new(s, PAGE_SIZE)));
+    assert!(r.is_err(), "the refusal is reported");
+    assert_eq!(w.cpu_access(p1, None), 0x77, "a page the program kept lost the device's data");
+}
+
 /// A driver that panics inside `copy` (the fault service catches the panic and goes on) leaves
 /// the block as it was: no device page recorded without its data, no page left marked busy
 /// (they narrowed later revokes and allocations of the block), and the next migration works

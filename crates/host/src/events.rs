@@ -11,7 +11,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hetmm_core::cpu::{CpuFaultHandler, CpuMmu, HostError};
 use hetmm_core::error::CoreError;
@@ -323,7 +323,7 @@ impl Ctx {
     /// writable mapping the core did not know of, and a device copy later overwrote its writes.
     pub(crate) fn events_read(&self) -> bool {
         let Some(probe) = &self.probe else { return true };
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let asked = crate::host::retry_again_within(Duration::from_secs(1), || {
             self.uffd.writeprotect(probe.range(), false, false)
         });
@@ -341,7 +341,7 @@ impl Ctx {
     /// by now holds; whether it did.
     fn wait_classified(&self) -> bool {
         let until = self.reads.load(Ordering::Acquire);
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         while self.classified.load(Ordering::Acquire) < until {
             let waited = t.elapsed();
             if waited > std::time::Duration::from_secs(1) {
@@ -820,16 +820,22 @@ fn apply_event_to_core(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, ev: Msg) -
 /// How many times in a row a fault outside every shared region is woken to retry before the
 /// page is poisoned: enough for a registration being set up, not a livelock.
 const OUTSIDE_RETRIES: u32 = 64;
+/// How long, at least, such a fault is retried before the page is poisoned: the kernel lets the
+/// program touch memory it moved with `mremap` before it queues the move's event, and `read`
+/// hands on faults before events, so a thread faulting at the new address retries until the
+/// event is read and applied. A preempted `mremap` on a loaded machine took longer than 64
+/// immediate retries (found by an audit, by reading).
+const OUTSIDE_FOR: Duration = Duration::from_secs(1);
 
-/// Counts one more retry of a fault outside every shared region at `va`; false once it has had
-/// [`OUTSIDE_RETRIES`] in a row.
-fn retry_outside(retries: &mut std::collections::HashMap<u64, u32>, va: u64) -> bool {
+/// Counts one more retry of a fault outside every shared region at `va`, at `now`; false once
+/// it has had [`OUTSIDE_RETRIES`] in a row over at least [`OUTSIDE_FOR`].
+fn retry_outside(retries: &mut std::collections::HashMap<u64, (u32, Instant)>, va: u64, now: Instant) -> bool {
     if retries.len() > 4096 {
         retries.clear();
     }
-    let n = retries.entry(va).or_insert(0);
+    let (n, first) = retries.entry(va).or_insert((0, now));
     *n += 1;
-    *n <= OUTSIDE_RETRIES
+    *n <= OUTSIDE_RETRIES || now.duration_since(*first) < OUTSIDE_FOR
 }
 
 /// How often faults in a range being registered are tried again.
@@ -842,7 +848,7 @@ const DEFER_LIMIT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 struct Serving {
     /// Retries so far of faults outside every shared region, by address.
-    retries: std::collections::HashMap<u64, u32>,
+    retries: std::collections::HashMap<u64, (u32, Instant)>,
     /// Faults in a range being registered, to be served once the core knows it.
     deferred: Vec<(u64, Access)>,
     /// When each deferred address was first deferred.
@@ -898,7 +904,7 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
                 // undone. Poisoning would plant a SIGBUS in memory that is, or is about to be,
                 // someone's: let the thread retry. A page that keeps faulting there is poisoned
                 // after all (below).
-                Err(CoreError::NotShared(_)) if retry_outside(&mut s.retries, va) => {
+                Err(CoreError::NotShared(_)) if retry_outside(&mut s.retries, va, Instant::now()) => {
                     // A later registration of this page gets its own wait.
                     s.since.remove(&va);
                     log::debug!("CPU {access:?} fault at {va:#x} outside shared memory; waking it to retry");
@@ -908,7 +914,7 @@ fn serve_faults(ctx: &Ctx, core: Option<&dyn CpuFaultHandler>, faults: &mut Vec<
                 // The program moved or unmapped the page, and the change is read but not yet
                 // applied: the map was refused. Woken, the thread faults again, after the change
                 // (bounded as above).
-                Err(e) if e.raced() && retry_outside(&mut s.retries, va) => {
+                Err(e) if e.raced() && retry_outside(&mut s.retries, va, Instant::now()) => {
                     log::debug!("CPU {access:?} fault at {va:#x} raced an unmap or remap; waking it to retry");
                     let _ = crate::host::retry_again(|| uffd.wake(VaRange::new(va, PAGE_SIZE)));
                     continue;
@@ -1272,6 +1278,23 @@ mod tests {
         assert_eq!(got, Some(Err(Some(libc::EFAULT))), "the refused write was released with poison");
     }
 
+    /// A fault outside every shared region is retried for a while, not just 64 times in a row:
+    /// a thread touching memory the program moved with `mremap` faults before the move's event
+    /// is read, and a preempted `mremap` took longer than 64 immediate retries.
+    #[test]
+    fn faults_outside_shared_memory_are_retried_for_a_while_then_given_up() {
+        let mut retries = std::collections::HashMap::new();
+        let t0 = Instant::now();
+        assert!((0..1000).all(|_| retry_outside(&mut retries, 0x1000, t0)), "many retries at once");
+        assert!(retry_outside(&mut retries, 0x1000, t0 + OUTSIDE_FOR / 2));
+        assert!(!retry_outside(&mut retries, 0x1000, t0 + OUTSIDE_FOR), "given up after both bounds");
+        assert!(retry_outside(&mut retries, 0x2000, t0 + OUTSIDE_FOR), "another page counts apart");
+        let mut few = std::collections::HashMap::new();
+        let late = t0 + 10 * OUTSIDE_FOR;
+        assert!((0..OUTSIDE_RETRIES).all(|_| retry_outside(&mut few, 0x3000, late)));
+        assert!(!retry_outside(&mut few, 0x3000, late + OUTSIDE_FOR), "past both bounds");
+    }
+
     /// A read the core cannot serve, of a page whose write-protected entry a revoke zapped
     /// (leaving a userfaultfd write-protect marker on the shmem view): the poison meets the
     /// marker (EEXIST), and the thread was only woken, to fault again for as long as the core
@@ -1442,7 +1465,7 @@ mod tests {
         let Some((uffd, ctx)) = uffd_and_ctx() else { return };
         assert!(ctx.events_read(), "nothing in flight");
         during_an_unread_move(&uffd, |_| assert!(!ctx.events_read(), "an unread move is in flight"));
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         assert!(ctx.events_read(), "the move's event was read");
         assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }

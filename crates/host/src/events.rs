@@ -1243,6 +1243,26 @@ mod tests {
         crate::test_support::file_with(&[0x5A; PAGE_SIZE as usize])
     }
 
+    /// A one-page region mapped write-protected (then `revoked`: a write-protect marker in its
+    /// place), its core refusing every fault from now on: the core, the host, the region (to keep
+    /// alive) and the page's address. `None` where userfaultfd is not available.
+    fn refused_write_protected_page(
+        revoked: bool,
+    ) -> Option<(Arc<Refusing>, Arc<crate::Host>, Arc<crate::HostRegion>, usize)> {
+        let core = Arc::new(Refusing::default());
+        let host = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).ok()?;
+        let region = host.create_region(PAGE_SIZE).unwrap();
+        core.region.set(Arc::downgrade(&region)).unwrap();
+        let page = VaRange::new(region.app_ptr() as u64, PAGE_SIZE);
+        region.populate(&[page]).unwrap();
+        region.map(&[page], false).unwrap();
+        if revoked {
+            region.revoke(&[page]).unwrap();
+        }
+        core.refuse.store(true, Ordering::Release);
+        Some((core, host, region, page.start as usize))
+    }
+
     /// A write fault the core cannot serve on a page mapped write-protected (a read duplicate;
     /// also a write-protect marker left by a revoke) must release the thread (SIGBUS; EFAULT for
     /// a kernel-mode access), as for any other unserved fault. `UFFDIO_POISON` refuses a page
@@ -1250,15 +1270,7 @@ mod tests {
     /// writes again, faults again, and the two loop for as long as the core keeps failing.
     #[test]
     fn an_unserved_write_to_a_write_protected_page_is_released() {
-        let core = Arc::new(Refusing::default());
-        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
-        let region = host.create_region(PAGE_SIZE).unwrap();
-        core.region.set(Arc::downgrade(&region)).unwrap();
-        let page = VaRange::new(region.app_ptr() as u64, PAGE_SIZE);
-        region.populate(&[page]).unwrap();
-        region.map(&[page], false).unwrap();
-        core.refuse.store(true, Ordering::Release);
-        let va = page.start as usize;
+        let Some((core, _host, _region, va)) = refused_write_protected_page(false) else { return };
         let mut file = page_file();
         let (rx, got) = within(SERVED_WITHIN, move || {
             use std::io::Read;
@@ -1301,16 +1313,7 @@ mod tests {
     /// failed (two million faults in 10 s; found by an audit). It must be released.
     #[test]
     fn an_unserved_read_over_a_write_protect_marker_is_released() {
-        let core = Arc::new(Refusing::default());
-        let Ok(host) = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>) else { return };
-        let region = host.create_region(PAGE_SIZE).unwrap();
-        core.region.set(Arc::downgrade(&region)).unwrap();
-        let page = VaRange::new(region.app_ptr() as u64, PAGE_SIZE);
-        region.populate(&[page]).unwrap();
-        region.map(&[page], false).unwrap();
-        region.revoke(&[page]).unwrap();
-        core.refuse.store(true, Ordering::Release);
-        let va = page.start as usize;
+        let Some((core, _host, _region, va)) = refused_write_protected_page(true) else { return };
         let (rx, got) = within(SERVED_WITHIN, move || {
             let mut fds = [0i32; 2];
             // SAFETY: a fresh pipe, this thread's own.

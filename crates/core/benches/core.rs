@@ -126,7 +126,7 @@ impl DeviceMmu for NullDevice {
         }
         !q.is_empty()
     }
-    fn replay(&self, _: &[(u64, FaultCancel)]) {
+    fn replay(&self, _: &[(u64, hetmm_core::types::Access, FaultCancel)]) {
         *self.replays.lock() += 1;
         self.replayed.notify_all();
     }

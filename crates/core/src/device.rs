@@ -323,11 +323,14 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     /// whether either is pending. Returns early (false) after [`DeviceMmu::shutdown_faults`].
     fn wait_for_faults(&self, timeout: Duration) -> bool;
 
-    /// Replays: every client waiting on a fault retries its access, except those whose faulting
-    /// page (page-aligned address) appears in `cancel` and whose fault was fetched before this
-    /// call, which get the error (a fault raised since, on the same page, is not the one the
-    /// core answered).
-    fn replay(&self, cancel: &[(u64, FaultCancel)]);
+    /// Replays: every client waiting on a fault retries its access, except those whose fault
+    /// a cancel answers, which get its error. A cancel `(va, access, reason)` answers a fault
+    /// fetched before this call, on the page of `va`, whose access needs at least what `access`
+    /// does ([`Access::needs`]): a write refused on a read-only page does not fail a read of it
+    /// that faulted beside it (it retries, and is served), while a cancel given with
+    /// `Access::Read` answers every access to the page. A fault raised since, on the same page,
+    /// is not one the core answered.
+    fn replay(&self, cancel: &[(u64, Access, FaultCancel)]);
 
     /// Fails every present and future fault with `FaultCancel::Detached` and wakes
     /// [`DeviceMmu::wait_for_faults`]; used when detaching or tearing down.

@@ -81,7 +81,7 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
         let (cancel, serviced) = std::panic::catch_unwind(run).unwrap_or_else(|_| {
             log::error!("device {:?} fault service panicked; cancelling the batch", slot.id);
             add(&space.stats.cancelled_faults, pages.len() as u64);
-            (pages.into_iter().map(|p| (p, FaultCancel::ServiceFailed)).collect(), Vec::new())
+            (pages.into_iter().map(|p| (p, Access::Read, FaultCancel::ServiceFailed)).collect(), Vec::new())
         });
         // UVM's BATCH_FLUSH: discard what queued up meanwhile before replaying. Those clients
         // retry and fault again if they still need service; entries left behind would be
@@ -103,14 +103,19 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
 /// A block serviced by a batch, and whether any of its faults wrote.
 pub(crate) type Serviced = (u64, bool);
 
-/// Services one batch; returns the faults to cancel (by page) and the blocks serviced.
+/// A fault to cancel: its page, the access refused (`Access::Read` refuses every access to the
+/// page; see `DeviceMmu::replay`) and why.
+pub(crate) type Cancel = (u64, Access, FaultCancel);
+
+/// Services one batch; returns the faults to cancel and the blocks serviced.
 pub(crate) fn service_batch(
     space: &AddressSpace,
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
-) -> (Vec<(u64, FaultCancel)>, Vec<Serviced>) {
+) -> (Vec<Cancel>, Vec<Serviced>) {
     let Ok(_gate) = space.enter() else {
-        let cancel: Vec<_> = faults.iter().map(|f| (align_down(f.va, PAGE_SIZE), FaultCancel::Detached)).collect();
+        let cancel: Vec<_> =
+            faults.iter().map(|f| (align_down(f.va, PAGE_SIZE), Access::Read, FaultCancel::Detached)).collect();
         add(&space.stats.cancelled_faults, cancel.len() as u64);
         return (cancel, Vec::new());
     };
@@ -448,7 +453,7 @@ fn bring_closer(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block:
 }
 
 /// Services the faults of one 2 MiB block (sorted, deduplicated).
-fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<(u64, FaultCancel)>) {
+fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<Cancel>) {
     let Some(region) = space.region_of(group[0].va) else {
         // Faults outside every region fail; the window's others belong to a region that starts
         // further on (regions need only be page aligned), and are serviced.
@@ -457,7 +462,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         // A region may be arriving at this address (a remap event read, not yet applied): let
         // the access retry instead of failing it.
         if space.events_pending.load(Ordering::Acquire) == 0 {
-            cancel.extend(none.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+            cancel.extend(none.iter().map(|f| (f.va, Access::Read, FaultCancel::Unmapped)));
         }
         if !rest.is_empty() {
             service_block(space, slot, &rest, cancel);
@@ -473,7 +478,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let bidx = region.block_index(group[0].va);
     let mut blk = region.blocks[bidx].lock();
     if region.is_freed() {
-        cancel.extend(group.iter().map(|f| (f.va, FaultCancel::Unmapped)));
+        cancel.extend(group.iter().map(|f| (f.va, Access::Read, FaultCancel::Unmapped)));
         return;
     }
     let me = Proc::Device(slot.id);
@@ -487,12 +492,13 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let mut faulted = PageMask::default();
     for f in group {
         if !region.range.contains(f.va) {
-            cancel.push((f.va, FaultCancel::Unmapped));
+            cancel.push((f.va, Access::Read, FaultCancel::Unmapped));
             continue;
         }
         let needs = f.access.needs() & (Prot::READ | Prot::WRITE);
         if !region.prot.contains(needs) {
-            cancel.push((f.va, FaultCancel::Protection));
+            // Only this access, and stronger ones: a read of the page beside it is served.
+            cancel.push((f.va, f.access, FaultCancel::Protection));
             continue;
         }
         let i = ((f.va - blk.base) / PAGE_SIZE) as usize;
@@ -612,7 +618,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         }
         Err(e) => {
             log::error!("servicing device {:?} faults in block {:#x}: {e}", slot.id, blk.base);
-            cancel.extend(faulted.iter().map(|i| (blk.va(i), FaultCancel::ServiceFailed)));
+            cancel.extend(faulted.iter().map(|i| (blk.va(i), Access::Read, FaultCancel::ServiceFailed)));
         }
     }
 }

@@ -1829,7 +1829,7 @@ mod whole_block_tests {
             std::thread::sleep(t.min(Duration::from_millis(1)));
             false
         }
-        fn replay(&self, _: &[(u64, FaultCancel)]) {}
+        fn replay(&self, _: &[(u64, crate::types::Access, FaultCancel)]) {}
         fn shutdown_faults(&self) {}
         fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
             if app.len == PAGE_SIZE {

@@ -421,7 +421,7 @@ impl DeviceMmu for FakeDevice {
         std::thread::sleep(timeout.min(Duration::from_millis(1)));
         false
     }
-    fn replay(&self, _cancel: &[(u64, FaultCancel)]) {}
+    fn replay(&self, _cancel: &[(u64, crate::types::Access, FaultCancel)]) {}
     fn shutdown_faults(&self) {}
 }
 
@@ -2741,7 +2741,7 @@ mod pin_paths {
     }
 
     /// Services one batch of a single read fault at `va` on device `id`; the faults cancelled.
-    fn read_fault(space: &AddressSpace, id: DeviceId, va: u64) -> Vec<(u64, crate::device::FaultCancel)> {
+    fn read_fault(space: &AddressSpace, id: DeviceId, va: u64) -> Vec<crate::fault::Cancel> {
         let slot = space.slot(id).unwrap();
         let mut batch = vec![DeviceFault { va, access: Access::Read, client: 0 }];
         crate::fault::service_batch(space, &slot, &mut batch).0

@@ -950,7 +950,7 @@ impl DeviceMmu for CudaDevice {
         false
     }
 
-    fn replay(&self, _cancel: &[(u64, FaultCancel)]) {}
+    fn replay(&self, _cancel: &[(u64, hetmm_core::types::Access, FaultCancel)]) {}
 
     fn shutdown_faults(&self) {}
 

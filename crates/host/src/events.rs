@@ -1243,12 +1243,13 @@ mod tests {
         crate::test_support::file_with(&[0x5A; PAGE_SIZE as usize])
     }
 
+    /// What [`refused_write_protected_page`] sets up.
+    type RefusedPage = (Arc<Refusing>, Arc<crate::Host>, Arc<crate::HostRegion>, usize);
+
     /// A one-page region mapped write-protected (then `revoked`: a write-protect marker in its
     /// place), its core refusing every fault from now on: the core, the host, the region (to keep
     /// alive) and the page's address. `None` where userfaultfd is not available.
-    fn refused_write_protected_page(
-        revoked: bool,
-    ) -> Option<(Arc<Refusing>, Arc<crate::Host>, Arc<crate::HostRegion>, usize)> {
+    fn refused_write_protected_page(revoked: bool) -> Option<RefusedPage> {
         let core = Arc::new(Refusing::default());
         let host = crate::Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).ok()?;
         let region = host.create_region(PAGE_SIZE).unwrap();

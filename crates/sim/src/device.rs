@@ -410,7 +410,7 @@ impl DeviceMmu for SimDevice {
         s.faults.wait(timeout, &s.stopping)
     }
 
-    fn replay(&self, cancel: &[(u64, FaultCancel)]) {
+    fn replay(&self, cancel: &[(u64, hetmm_core::types::Access, FaultCancel)]) {
         self.s().faults.replay(cancel);
     }
 

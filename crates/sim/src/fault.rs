@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use hetmm_core::device::{DeviceError, DeviceFault, FaultCancel};
-use hetmm_core::types::Access;
+use hetmm_core::types::{Access, Prot};
 
 use crate::sync::{lock, wait_for};
 use std::sync::{Condvar, Mutex};
@@ -27,6 +27,9 @@ use std::sync::{Condvar, Mutex};
 const POLL: Duration = Duration::from_millis(5);
 /// Cancel lists remembered for warps that slept through several replays.
 const CANCEL_HISTORY: usize = 64;
+
+/// A replay's cancels by page: what an access must need to be answered, and why.
+type PageCancels = HashMap<u64, (Prot, FaultCancel)>;
 
 #[derive(Debug, Default)]
 struct State {
@@ -38,7 +41,9 @@ struct State {
     taken: u64,
     /// `(sequence number of the replay, pages it cancelled, tickets fetched by then)`, most
     /// recent last.
-    cancels: VecDeque<(u64, HashMap<u64, FaultCancel>, u64)>,
+    /// Each page's cancel holds what an access must need to be answered by it (the weakest of
+    /// the page's cancels: see [`FaultBuffer::replay`]).
+    cancels: VecDeque<(u64, PageCancels, u64)>,
     /// Access-counter notices not yet taken: starts of 2 MiB regions, each once.
     notices: Vec<u64>,
     shutdown: bool,
@@ -152,7 +157,9 @@ impl FaultBuffer {
                     .iter()
                     .find(|(seq, _, _)| *seq == first)
                     .filter(|(_, _, fetched)| my_ticket <= *fetched)
-                    .and_then(|(_, m, _)| m.get(&page).copied());
+                    .and_then(|(_, m, _)| m.get(&page).copied())
+                    .filter(|(needs, _)| access.needs().contains(*needs))
+                    .map(|(_, why)| why);
                 return match reason {
                     Some(reason) => {
                         lock(&self.counters).cancelled += 1;
@@ -221,13 +228,25 @@ impl FaultBuffer {
         }
     }
 
-    /// Replays: stalled warps retry, except those whose page is in `cancel`.
-    pub fn replay(&self, cancel: &[(u64, FaultCancel)]) {
+    /// Replays: stalled warps retry, except those a cancel answers: on its page, fetched before
+    /// this call, and needing at least what its access needs (see `DeviceMmu::replay`).
+    pub fn replay(&self, cancel: &[(u64, Access, FaultCancel)]) {
         let mut st = lock(&self.state);
         st.replay_seq += 1;
         if !cancel.is_empty() {
             let (seq, fetched) = (st.replay_seq, st.taken);
-            let map = cancel.iter().map(|&(va, why)| (va & !0xfff, why)).collect();
+            // Of two cancels of one page, the one answering more accesses (needing less) holds.
+            let mut map = PageCancels::new();
+            for &(va, access, why) in cancel {
+                let needs = access.needs();
+                map.entry(va & !0xfff)
+                    .and_modify(|e| {
+                        if e.0.contains(needs) {
+                            *e = (needs, why);
+                        }
+                    })
+                    .or_insert((needs, why));
+            }
             st.cancels.push_back((seq, map, fetched));
             while st.cancels.len() > CANCEL_HISTORY {
                 st.cancels.pop_front();
@@ -251,13 +270,19 @@ impl FaultBuffer {
         self.pending.notify_all();
     }
 
-    /// Re-arms the buffer after a shutdown (a new page table, a new address space).
+    /// Re-arms the buffer after a shutdown (a new page table, a new address space). A warp still
+    /// stalled on a fault of the old page table fails (`Detached`) rather than sleep out its
+    /// wait, its entry dropped, or retry against the new table (found by an audit: a page table
+    /// destroyed without `shutdown` first, as an attach that fails half-way does).
     pub fn reset(&self) {
         let mut st = lock(&self.state);
         st.shutdown = false;
+        st.epoch += 1;
         st.taken = st.queued;
         st.queue.clear();
         st.cancels.clear();
+        drop(st);
+        self.wake.notify_all();
     }
 
     /// Wakes every waiter (device teardown).
@@ -306,7 +331,7 @@ mod tests {
             assert!(fb.wait(Duration::from_secs(10), &stop));
             fb.fetch(10, &mut out);
         }
-        fb.replay(&[(0x2000, FaultCancel::Protection)]);
+        fb.replay(&[(0x2000, Access::Read, FaultCancel::Protection)]);
         let res: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
         assert_eq!(res.iter().filter(|r| r.is_ok()).count(), 2);
         assert!(res.contains(&Err(DeviceError::FaultCancelled {

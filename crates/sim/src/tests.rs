@@ -61,7 +61,7 @@ fn serve(d: &SimDevice, l: &Launch, mut handle: impl FnMut(&DeviceFault) -> Opti
         if d.wait_for_faults(Duration::from_millis(10)) {
             let mut batch = Vec::new();
             d.fetch_faults(d.fault_batch(), &mut batch);
-            let cancel: Vec<_> = batch.iter().filter_map(|f| handle(f).map(|c| (f.va & !0xfff, c))).collect();
+            let cancel: Vec<_> = batch.iter().filter_map(|f| handle(f).map(|c| (f.va & !0xfff, f.access, c))).collect();
             seen.extend(batch);
             d.replay(&cancel);
         }
@@ -893,7 +893,7 @@ fn a_late_waking_warp_obeys_only_the_first_replay_after_its_fault() {
         map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
         d.replay(&[]); // releases the read: it should retry and succeed
                        // A later replay cancels the page for some other client's write fault there.
-        d.replay(&[(BASE, FaultCancel::Protection)]);
+        d.replay(&[(BASE, Access::Read, FaultCancel::Protection)]);
         assert_eq!(l.wait(T), Ok(()), "a read released by a replay was failed by a later replay's cancel");
     }
 }
@@ -924,12 +924,66 @@ fn a_replay_cancels_only_faults_the_core_fetched() {
     }
     // The core maps the page back readable and replays its batch, cancelling A's write.
     map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
-    d.replay(&[(BASE, FaultCancel::Protection)]);
+    // Cancelled for every access (as if for a reason that fails them all): the read, not fetched,
+    // still retries.
+    d.replay(&[(BASE, Access::Read, FaultCancel::Protection)]);
     assert!(matches!(a.wait(T), Err(DeviceError::FaultCancelled { reason: FaultCancel::Protection, .. })));
     let rb = b.wait(T);
     let mut left = Vec::new();
     d.fetch_faults(16, &mut left);
     assert_eq!(rb, Ok(()), "a read fault the core never fetched was cancelled; still queued: {left:?}");
+}
+
+/// A cancel answers the access it refused and stronger ones, not every fault on its page: a
+/// read and a write of a read-only page fault together, the write is cancelled (Protection),
+/// and the read is served. It failed too (the cancel named only the page; found by an audit).
+#[test]
+fn a_write_cancelled_on_a_page_fails_no_read_of_it() {
+    let d = dev(2);
+    zero(&d, 0, PAGE_SIZE);
+    let l = d
+        .launch(Grid::new(2, 1), |b| {
+            if b.block_idx() == 0 {
+                b.load::<u32>(BASE).map(|_| ())
+            } else {
+                b.store::<u32>(BASE + 8, 1)
+            }
+        })
+        .unwrap();
+    let mut batch = Vec::new();
+    let deadline = Instant::now() + T;
+    while batch.len() < 2 {
+        assert!(Instant::now() < deadline, "both accesses fault");
+        if d.wait_for_faults(Duration::from_millis(10)) {
+            d.fetch_faults(16, &mut batch);
+        }
+    }
+    map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
+    let write = batch.iter().find(|f| f.access == Access::Write).unwrap();
+    d.replay(&[(write.va & !0xfff, Access::Write, FaultCancel::Protection)]);
+    match l.wait(T) {
+        Err(DeviceError::FaultCancelled { access: Access::Write, .. }) => {}
+        other => panic!("the write should fail alone: {other:?}"),
+    }
+    assert_eq!(d.stats().faults_cancelled, 1, "the read was cancelled too");
+}
+
+/// A page table destroyed and made anew without `shutdown_faults` (an attach that fails
+/// half-way, then another): a warp stalled on a fault of the old one fails at once. Its entry
+/// dropped, it slept out its 60 s wait (found by an audit).
+#[test]
+fn a_warp_stalled_across_a_new_page_table_fails_at_once() {
+    let d = dev(1);
+    let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+    let deadline = Instant::now() + T;
+    while d.pending_faults() == 0 {
+        assert!(Instant::now() < deadline, "the kernel never faulted");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    d.destroy_page_table();
+    d.create_page_table().unwrap();
+    let r = l.wait(T);
+    assert!(matches!(r, Err(DeviceError::FaultCancelled { reason: FaultCancel::Detached, .. })), "{r:?}");
 }
 
 /// `shutdown_faults` fails every present fault with `Detached`, even a warp that wakes only

@@ -1065,15 +1065,32 @@ fn advice_waits_for_a_reshape_under_way() {
     let w = world(false, 2048);
     let s = w.cpu.range.start;
     let reshaping = w.space.reshape.write();
-    let advice = std::thread::spawn({
-        let space = w.space.clone();
-        move || space.advise(s, PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).map(drop)
-    });
-    std::thread::sleep(Duration::from_millis(50));
-    let waited = !advice.is_finished();
-    drop(reshaping);
-    advice.join().unwrap().unwrap();
+    let space = w.space.clone();
+    let (advised, waited) = waits_until(
+        move || space.advise(s, PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).map(drop),
+        || drop(reshaping),
+    );
+    advised.unwrap();
     assert!(waited, "the advice did not wait for the reshape");
+}
+
+/// Runs `op` on a thread of its own, then `release` 50 ms later; `op`'s result, and whether it
+/// was still running when `release` ran.
+fn waits_until<R: Send + 'static>(op: impl FnOnce() -> R + Send + 'static, release: impl FnOnce()) -> (R, bool) {
+    let t = std::thread::spawn(op);
+    std::thread::sleep(Duration::from_millis(50));
+    let waited = !t.is_finished();
+    release();
+    (t.join().unwrap(), waited)
+}
+
+/// Waits (at most 10 s) until `dev` has begun a copy call since it had begun `before`.
+fn wait_for_copy(dev: &FakeDevice, before: usize, what: &str) {
+    let t = std::time::Instant::now();
+    while dev.copies_started.load(std::sync::atomic::Ordering::SeqCst) == before {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what} never reached its copies");
+        std::thread::yield_now();
+    }
 }
 
 /// All of device memory is taken by a service whose copies have not landed yet: a fault on
@@ -1083,7 +1100,6 @@ fn advice_waits_for_a_reshape_under_way() {
 /// oversubscription tests failed now and then.
 #[test]
 fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
-    use std::sync::atomic::Ordering::SeqCst;
     let w = world(false, 1);
     let (s, slot, dev) = (w.cpu.range.start, w.space.slot(w.ids[0]).unwrap(), w.devs[0].clone());
     let fault = |va| vec![DeviceFault { va, access: Access::Write, client: 0 }];
@@ -1092,11 +1108,7 @@ fn memory_held_by_a_service_in_flight_is_busy_not_gone() {
         let (space, slot) = (w.space.clone(), slot.clone());
         move || crate::fault::service_batch(&space, &slot, &mut fault(s)).0
     });
-    let t = std::time::Instant::now();
-    while dev.copies_started.load(SeqCst) == 0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "the first service never reached its copies");
-        std::thread::yield_now();
-    }
+    wait_for_copy(&dev, 0, "the first service");
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the first service holds all of device memory");
     // On its own thread, so that a regression that waits for the gated memory fails the test
     // (after 10 s, the gate opened) instead of hanging it.
@@ -1174,19 +1186,11 @@ fn a_pin_waits_for_an_eviction_that_checked_before_it() {
         let (space, slot) = (w.space.clone(), slot.clone());
         move || crate::evict::evict_queued(&space, &slot, (s, 0)).unwrap()
     });
-    let t = std::time::Instant::now();
-    while dev.copies_started.load(SeqCst) == before {
-        assert!(t.elapsed() < Duration::from_secs(10), "the eviction never reached its copy");
-        std::thread::yield_now();
-    }
-    let pin = std::thread::spawn({
-        let space = w.space.clone();
-        move || space.advise(s, BLOCK_SIZE, crate::advice::Advice::Pin(true)).map(drop)
-    });
-    std::thread::sleep(Duration::from_millis(50));
-    let waited = !pin.is_finished();
-    drop(gate);
-    pin.join().unwrap().unwrap();
+    wait_for_copy(&dev, before, "the eviction");
+    let space = w.space.clone();
+    let (pinned, waited) =
+        waits_until(move || space.advise(s, BLOCK_SIZE, crate::advice::Advice::Pin(true)).map(drop), || drop(gate));
+    pinned.unwrap();
     assert!(evict.join().unwrap(), "the eviction went on");
     assert!(waited, "advise(Pin) returned while an eviction of the block was under way");
 }

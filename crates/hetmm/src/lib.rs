@@ -278,15 +278,14 @@ impl Hetmm {
             // SAFETY: this advice keeps every byte as it is (an overflowing range is refused).
             return unsafe { self.advise_unchecked(start, len, advice) };
         };
-        if !self.allocs.covers(start, end) {
+        let Some(held) = self.allocs.covering(start, end) else {
             return Err(Error::NotBuffers { range: VaRange::new(start, len), what: "DontNeed" });
-        }
+        };
         // Settled first: the slices' locks are held only across the change itself.
         self.space.settle()?;
-        let held = self.allocs.in_range(start, end);
         let states: Vec<_> = held.iter().map(|(_, h)| h.lock()).collect();
         for ((buffer, _), st) in held.iter().zip(&states) {
-            st.admit_cpu_change(*buffer)?;
+            st.admit(*buffer, true)?;
         }
         // The range lies in buffers none of whose slices is alive, and none can be taken while
         // `states` is held, until the memory reads zeros.

@@ -48,14 +48,20 @@ impl Allocs {
 
     /// Whether every byte of `[start, end)` lies in live buffers.
     pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        self.covering(start, end).is_some()
+    }
+
+    /// The live buffers of `[start, end)` ([`Allocs::in_range`]) if they hold every byte of it.
+    pub(crate) fn covering(&self, start: u64, end: u64) -> Option<Vec<(VaRange, Arc<Holds>)>> {
+        let bufs = self.in_range(start, end);
         let mut cur = start;
-        for (r, _) in self.in_range(start, end) {
+        for (r, _) in &bufs {
             if r.start > cur {
-                return false;
+                return None;
             }
             cur = cur.max(r.end());
         }
-        cur >= end
+        (cur >= end).then_some(bufs)
     }
 }
 
@@ -93,6 +99,13 @@ impl Holds {
         }
     }
 
+    /// Takes a CPU slice's count (`write`: the `&mut` one), once the kernels it must not overlap
+    /// have ended (any kernel for `write`, else those that may write), waiting at most `wait`.
+    fn claim_cpu(&self, wait: Duration, write: bool) -> std::result::Result<(), ()> {
+        let claim = |st: &mut HoldState| if write { st.writer = true } else { st.readers += 1 };
+        self.after_kernels(Instant::now() + wait, |writes| write || writes, claim)
+    }
+
     /// Waits, until `deadline`, for the running kernels that `conflicts` names to end; then
     /// runs `then` on the state, under its lock. `Err(())` when one still runs at the deadline,
     /// or at once when the calling thread runs it. With `deadline` now (the `try_` forms), the
@@ -122,8 +135,8 @@ impl Holds {
 }
 
 impl HoldState {
-    /// Refuses a kernel that would `write` (or only read) the buffer while the CPU holds a slice
-    /// that forbids it.
+    /// Refuses a kernel that would `write` (or only read) the buffer, or a `DontNeed` of it (a
+    /// write), while the CPU holds a slice that forbids it.
     pub(crate) fn admit(&self, buffer: VaRange, write: bool) -> Result<()> {
         if self.writer || (write && self.readers > 0) {
             return Err(Error::InUse { buffer, by: "a CPU slice of it is alive" });
@@ -135,15 +148,6 @@ impl HoldState {
     pub(crate) fn add_kernel(&mut self, k: Running, write: bool) {
         self.kernels.retain(|(k, _)| !k.is_done());
         self.kernels.push((k, write));
-    }
-
-    /// Refuses a change of the buffer's contents by the CPU side of hetmm (`DontNeed`) while a
-    /// slice lives.
-    pub(crate) fn admit_cpu_change(&self, buffer: VaRange) -> Result<()> {
-        if self.writer || self.readers > 0 {
-            return Err(Error::InUse { buffer, by: "a CPU slice of it is alive" });
-        }
-        Ok(())
     }
 }
 
@@ -219,10 +223,7 @@ impl<T: bytemuck::Pod> SharedBuf<T> {
     }
 
     fn slice_within(&self, wait: Duration) -> Result<BufRef<'_, T>> {
-        let deadline = Instant::now() + wait;
-        self.holds
-            .after_kernels(deadline, |writes| writes, |st| st.readers += 1)
-            .map_err(|()| self.in_use("a kernel that may write it is running"))?;
+        self.holds.claim_cpu(wait, false).map_err(|()| self.in_use("a kernel that may write it is running"))?;
         // SAFETY: the app view (page aligned, >= `count * size_of::<T>()` bytes) is mapped while
         // `self.region` lives, device pages fault back on access, and T is Pod (any bytes valid).
         // Nothing else writes it while the slice lives: kernels that may write it have ended,
@@ -251,10 +252,7 @@ impl<T: bytemuck::Pod> SharedBuf<T> {
     }
 
     fn mut_slice_within(&mut self, wait: Duration) -> Result<BufMut<'_, T>> {
-        let deadline = Instant::now() + wait;
-        self.holds
-            .after_kernels(deadline, |_| true, |st| st.writer = true)
-            .map_err(|()| self.in_use("a kernel that uses it is running"))?;
+        self.holds.claim_cpu(wait, true).map_err(|()| self.in_use("a kernel that uses it is running"))?;
         // SAFETY: as in `slice_within`; no kernel that uses the buffer runs, and the flag just
         // set refuses new ones and `DontNeed` until the slice is dropped; `&mut self` makes this
         // the only CPU slice of the buffer.

@@ -357,10 +357,12 @@ impl AddressSpace {
                         // A device refused to give up pages the program kept: their data still
                         // comes home, copied where it lies (it was lost, the pages read zeros;
                         // found by an audit).
-                        match migrate::copy_home_keeping_maps(self, r, &mut blk, &keep) {
-                            Ok(()) => log::error!("reshaping {}: {e}; the kept pages' data came home", r.range),
-                            Err(c) => log::error!("reshaping {}: {e}; copying the kept pages home: {c}", r.range),
-                        }
+                        let lost = migrate::copy_home_keeping_maps(self, r, &mut blk, &keep);
+                        log::error!(
+                            "reshaping {}: {e}; the kept pages' data came home but for {} pages",
+                            r.range,
+                            lost.count()
+                        );
                         flushed = flushed.and(Err(e));
                     }
                 }

@@ -864,19 +864,34 @@ fn copy_back(space: &AddressSpace, region: &Region, blk: &Block, slot: &DeviceSl
 /// holder if it has one. Returns the bytes copied, and on error the pages no device could
 /// supply.
 pub(crate) fn flush_to_host(space: &AddressSpace, region: &Region, blk: &Block) -> (u64, Result<(), PageMask>) {
-    let mut left = select(blk, &PageMask::full(blk.npages), |p| !p.resident.is_empty() && !p.resident.has(Proc::Cpu));
-    let mut bytes = 0;
+    let (copied, left) = copy_device_only(space, region, blk, &PageMask::full(blk.npages), "fork");
+    (copied.count() as u64 * PAGE_SIZE, if left.is_empty() { Ok(()) } else { Err(left) })
+}
+
+/// Copies into host backing the pages of `m` whose only copies are on devices, one holder each,
+/// changing nothing else. Every holder is tried: a page a failing device holds comes from another
+/// holder if it has one (the failure is logged, for `what`). Returns the pages copied and those
+/// no device could supply.
+fn copy_device_only(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &Block,
+    m: &PageMask,
+    what: &str,
+) -> (PageMask, PageMask) {
+    let mut left = select(blk, m, |p| !p.resident.is_empty() && !p.resident.has(Proc::Cpu));
+    let mut copied = PageMask::default();
     for d in device_holders(blk, &left).devices() {
         let here = select(blk, &left, |p| p.resident.has(Proc::Device(d)));
         let Ok(slot) = space.holder(d) else { continue };
         if let Err(e) = copy_back(space, region, blk, &slot, &here) {
-            log::error!("fork: copying block {:#x} from device {d:?} to host memory: {e}", blk.base);
+            log::error!("{what}: copying block {:#x} from device {d:?} to host memory: {e}", blk.base);
             continue;
         }
-        bytes += here.count() as u64 * PAGE_SIZE;
+        copied = copied.or(&here);
         left = left.and_not(&here);
     }
-    (bytes, if left.is_empty() { Ok(()) } else { Err(left) })
+    (copied, left)
 }
 
 /// Brings the pages `want` of `blk` back into host backing: the CPU becomes the only holder.
@@ -911,29 +926,14 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
 /// unmapping them: when a device refuses to give up pages a reshape the program forced keeps
 /// (its munmap or mremap has already happened), their data still comes home, and the CPU holds
 /// it from then on (the device's mapping stays recorded, as `drop_device_copies` leaves it, so
-/// that a later unmap tries again). Every holder is tried; the first error is returned.
-pub(crate) fn copy_home_keeping_maps(
-    space: &AddressSpace,
-    region: &Region,
-    blk: &mut Block,
-    m: &PageMask,
-) -> Result<()> {
-    let mut result = Ok(());
-    let mut left = select(blk, m, |p| !p.resident.has(Proc::Cpu) && !p.resident.is_empty());
-    for d in device_holders(blk, &left).devices() {
-        let Ok(slot) = space.holder(d) else { continue };
-        let here = select(blk, &left, |p| p.resident.has(Proc::Device(d)));
-        match copy_back(space, region, blk, &slot, &here) {
-            Ok(()) => {
-                for i in here.iter() {
-                    blk.pages[i].resident.insert(Proc::Cpu);
-                }
-                left = left.and_not(&here);
-            }
-            Err(e) => result = result.and(Err(e)),
-        }
+/// that a later unmap tries again). Every holder is tried; returns the pages no device could
+/// supply.
+pub(crate) fn copy_home_keeping_maps(space: &AddressSpace, region: &Region, blk: &mut Block, m: &PageMask) -> PageMask {
+    let (copied, left) = copy_device_only(space, region, blk, m, "reshape");
+    for i in copied.iter() {
+        blk.pages[i].resident.insert(Proc::Cpu);
     }
-    result
+    left
 }
 
 /// Drops every device mapping and copy in `m` without copying (the data is being freed or

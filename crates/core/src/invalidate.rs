@@ -70,9 +70,9 @@ enum Flush {
     /// pages travel there with their device copies, whole blocks where the distance is a
     /// multiple of 2 MiB, page by page otherwise ([`Keeps`]). What cannot travel comes home, and
     /// the regions change even if a copy fails (the kernel already moved the mappings): a block
-    /// whose copy home fails keeps its device copies where devices can take pages one by one
-    /// (they are re-keyed into the new regions, see [`Keeps::rescue`]); elsewhere its device
-    /// data is lost, and the error reported.
+    /// whose copy home fails keeps its device copies, re-keyed into the new regions, where
+    /// devices can take pages one by one or its pages stay together in place (see
+    /// [`Keeps::rescue`]); elsewhere its device data is lost, and the error reported.
     Moved(Option<u64>),
     /// Everything outside this range, which the program unmapped (its data is dropped
     /// uncopied); the regions change even if a copy fails, as for [`Flush::Moved`].
@@ -553,9 +553,13 @@ struct Keeps {
     /// that is not a multiple of 2 MiB, or cut by the moved range's ends) land in other blocks,
     /// so they travel one by one, each with its device pages (re-keyed).
     rekey: bool,
-    /// The change is the program's (a move or an unmap) and every device takes pages one by
-    /// one: a block whose copy home fails can keep its device copies, re-keyed.
+    /// The change is the program's (a move or an unmap): a block whose copy home fails can
+    /// keep its device copies, re-keyed (one by one where every device takes 4 KiB pages; see
+    /// [`Keeps::rescue`] for devices that map whole 2 MiB chunks).
     can_rescue: bool,
+    /// Some device maps whole 2 MiB chunks only, each page at its window offset in its chunk
+    /// (CUDA): pages it keeps must stay at their addresses, in one block per chunk.
+    chunked: bool,
     /// hetmm follows moved pages (a move it cannot follow leaves nowhere for them to go).
     follow: bool,
     /// Blocks whose copy home failed and whose surviving pages keep their device copies
@@ -574,21 +578,30 @@ impl Keeps {
                 _ => false,
             };
         // Re-keyed pages land on scattered device pages: only for devices with 4 KiB pages.
-        let pagewise = on && holders.iter().all(|s| s.is_detached() || !migrate::whole_blocks(s));
-        let rekey = matches!(flush, Flush::Moved(Some(_))) && pagewise;
-        let can_rescue = matches!(flush, Flush::Moved(_) | Flush::Unmapped(_)) && pagewise;
+        let chunked = holders.iter().any(|s| !s.is_detached() && migrate::whole_blocks(s));
+        let rekey = matches!(flush, Flush::Moved(Some(_))) && on && !chunked;
+        // A region-bound device loses only its mappings with the region, not its memory (the
+        // core allocates that): after a failed copy home it too can keep its copies.
         let follow = !matches!(flush, Flush::Moved(None));
-        Keeps { touch, on, carry, refused: Vec::new(), rekey, can_rescue, follow, rescued: Vec::new() }
+        let can_rescue = match flush {
+            Flush::Unmapped(_) | Flush::Moved(None) => true,
+            Flush::Moved(Some(_)) => !chunked,
+            Flush::AllOrNothing | Flush::Reprotect => false,
+        };
+        Keeps { touch, on, carry, refused: Vec::new(), rekey, can_rescue, chunked, follow, rescued: Vec::new() }
     }
 
-    /// Block `b` of `r` (locked as `blk`) could not bring `keep` home: where devices take pages
-    /// one by one, those pages keep their device copies instead, re-keyed into the block that
-    /// holds their address afterwards (their device mappings go now, and the next device access
-    /// maps them again). Returns whether all of them did; the device data of the others is lost.
+    /// Block `b` of `r` (locked as `blk`) could not bring `keep` home: those pages keep their
+    /// device copies instead, re-keyed into the block that holds their address afterwards
+    /// (their device mappings go now, and the next device access maps them again). Where a
+    /// device maps whole chunks, only a block whose pages all stay together in one block (one
+    /// the change does not cut in two) can: two blocks would share its chunk. Returns whether
+    /// all of them did; the device data of the others is lost.
     fn rescue(&mut self, space: &AddressSpace, r: &Region, b: usize, blk: &mut Block, keep: &PageMask) -> bool {
         // Pages moved where hetmm does not follow have no block to land in.
         let m = if self.follow { *keep } else { keep.and_not(&pages_of(&blk.base, blk.npages, &self.touch)) };
-        if !self.can_rescue || m.is_empty() {
+        let split = self.chunked && r.block_span(b).minus(self.touch).len() > 1;
+        if !self.can_rescue || m.is_empty() || split {
             return false;
         }
         if let Err(e) = migrate::unmap_others(space, blk, &m, None) {

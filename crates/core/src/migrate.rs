@@ -1749,8 +1749,9 @@ mod whole_block_tests {
     /// one chunk, as CUDA maps chunks; records what it was asked.
     #[derive(Debug)]
     struct Dev {
-        region: VaRange,
         mem: Mutex<Vec<u8>>,
+        /// Device-to-host copies fail while set.
+        fail_d2h: std::sync::atomic::AtomicBool,
         host: Arc<Mutex<Vec<u8>>>,
         maps: Mutex<Vec<MapEntry>>,
         unmaps: Mutex<Vec<VaRange>>,
@@ -1761,15 +1762,30 @@ mod whole_block_tests {
     }
 
     impl Dev {
-        /// A whole block: from its 2 MiB boundary or the region's start, to the next boundary
+        /// The regions it was told of and not told gone.
+        fn regions(&self) -> Vec<VaRange> {
+            let mut live = Vec::new();
+            for &(added, r) in self.hooks.lock().iter() {
+                if added {
+                    live.push(r);
+                } else {
+                    live.retain(|l: &VaRange| l.start != r.start);
+                }
+            }
+            live
+        }
+
+        /// A whole block: from its 2 MiB boundary or its region's start, to the next boundary
         /// or the region's end.
         fn check(&self, va: u64, len: u64) -> Result<(), DeviceError> {
             let end = va + len;
-            let start_ok = va.is_multiple_of(BLOCK_SIZE) || va == self.region.start;
-            let end_ok = end.is_multiple_of(BLOCK_SIZE) || end == self.region.end();
+            let bad = DeviceError::BadRange(VaRange::new(va, len));
+            let region = self.regions().into_iter().find(|r| r.contains(va)).ok_or(bad.clone())?;
+            let start_ok = va.is_multiple_of(BLOCK_SIZE) || va == region.start;
+            let end_ok = end.is_multiple_of(BLOCK_SIZE) || end == region.end();
             let one_window = len > 0 && align_down(va, BLOCK_SIZE) == align_down(end - 1, BLOCK_SIZE);
             if !start_ok || !end_ok || !one_window {
-                return Err(DeviceError::BadRange(VaRange::new(va, len)));
+                return Err(bad);
             }
             Ok(())
         }
@@ -1819,7 +1835,8 @@ mod whole_block_tests {
         }
         fn invalidate_tlb(&self, _: &[VaRange]) {}
         unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
-            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, false, &[])?;
+            let fail = self.fail_d2h.load(std::sync::atomic::Ordering::SeqCst);
+            run_copies(&mut self.mem.lock(), &mut self.host.lock(), ops, fail, &[])?;
             Ok(Box::new(Done))
         }
         fn fetch_faults(&self, _: usize, _: &mut Vec<DeviceFault>) -> usize {
@@ -1831,11 +1848,10 @@ mod whole_block_tests {
         }
         fn replay(&self, _: &[(u64, crate::types::Access, FaultCancel)]) {}
         fn shutdown_faults(&self) {}
-        fn region_added(&self, app: VaRange, backing: HostAddr) -> Result<(), DeviceError> {
+        fn region_added(&self, app: VaRange, _: HostAddr) -> Result<(), DeviceError> {
             if app.len == PAGE_SIZE {
                 return Err(DeviceError::Other("refused".into()));
             }
-            assert_eq!(backing, HostAddr(0));
             self.hooks.lock().push((true, app));
             Ok(())
         }
@@ -1871,8 +1887,8 @@ mod whole_block_tests {
             space.cpu_fault(va, Access::Write).unwrap();
         }
         let dev = Arc::new(Dev {
-            region,
             mem: Mutex::new(vec![0; (chunks * BLOCK_SIZE) as usize]),
+            fail_d2h: false.into(),
             host: Arc::clone(&host),
             maps: Mutex::new(Vec::new()),
             unmaps: Mutex::new(Vec::new()),
@@ -2080,5 +2096,42 @@ mod whole_block_tests {
         let again = space.migrate(BASE, BLOCK_SIZE, Proc::Device(id));
         assert!(n == 0 || n == PAGES_PER_BLOCK, "the device holds {n} of 512 pages (free {free0} -> {free1})");
         assert!(again.is_ok(), "the block cannot go back to the device: {again:?}");
+    }
+    /// An munmap whose copy home fails (CUDA loses the region's mappings with it, not its
+    /// memory): every block whose kept pages stay together in one block keeps its chunk, and
+    /// the data comes home once copies work again; a block the munmap cuts in two cannot (its
+    /// chunk would back two blocks), and the error says its data was lost.
+    #[test]
+    fn a_failed_copy_home_in_an_munmap_keeps_what_stays_in_one_block() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        let expect = |h: &[u8], off: u64| h[off as usize] == (off / PAGE_SIZE) as u8 ^ 0x5a;
+        // The last page goes: every block keeps its pages in one piece.
+        let (space, dev, id, host) = setup(4);
+        space.migrate(BASE, len, Proc::Device(id)).unwrap();
+        host.lock().fill(0);
+        dev.fail_d2h.store(true, SeqCst);
+        space.unmap_range(VaRange::new(BASE + len - PAGE_SIZE, PAGE_SIZE)).expect("nothing is lost");
+        dev.fail_d2h.store(false, SeqCst);
+        assert!(resident_on_dev(&space, id, BASE) && resident_on_dev(&space, id, BASE + 2 * BLOCK_SIZE));
+        // Mapped again whole at their windows (the fake checks each page's window offset).
+        space.migrate(BASE, len - PAGE_SIZE, Proc::Device(id)).unwrap();
+        space.migrate(BASE, len - PAGE_SIZE, Proc::Cpu).unwrap();
+        let h = host.lock();
+        assert!((0..len - PAGE_SIZE).all(|off| expect(&h, off)), "the kept pages came home intact");
+        drop(h);
+        assert_eq!(space.device_memory(id).unwrap().0, 4 * BLOCK_SIZE, "every chunk came back");
+
+        // A page inside the first block goes: that block is cut in two and loses its data.
+        let (space, dev, id, host) = setup(4);
+        space.migrate(BASE, len, Proc::Device(id)).unwrap();
+        host.lock().fill(0);
+        dev.fail_d2h.store(true, SeqCst);
+        let r = space.unmap_range(VaRange::new(BASE + 7 * PAGE_SIZE, PAGE_SIZE));
+        dev.fail_d2h.store(false, SeqCst);
+        assert!(r.is_err(), "the loss is reported");
+        space.migrate(BASE + BLOCK_SIZE, len - BLOCK_SIZE, Proc::Cpu).unwrap();
+        let h = host.lock();
+        assert!((BLOCK_SIZE..len).all(|off| expect(&h, off)), "the blocks it did not cut came home intact");
     }
 }

@@ -765,7 +765,7 @@ impl World {
                 self.space.protect_range(range.start, range.len, Prot::READ | Prot::WRITE).unwrap();
             }
             Op::Unmap { fail, .. } => {
-                if fail && !self.region_bound {
+                if fail {
                     self.failing(|d| &d.fail_d2h, || self.space.unmap_range(range))
                         .expect("munmap with copies failing");
                 } else {
@@ -1804,6 +1804,26 @@ fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 0x5a, "and the CPU reads the device's data");
     w.space.migrate(s, BLOCK_SIZE + PAGE_SIZE, Proc::Cpu).unwrap();
     assert_eq!(w.device_bytes_in_use(0), 0, "no device page is left behind");
+}
+
+/// On a device whose mappings end with their region (CUDA), an munmap whose copy home fails
+/// keeps the device's copies of the pages the program kept, as on others: the device loses the
+/// region's mappings, not its memory. (Found by an audit: the kept pages of every block of the
+/// region were dropped, and the CPU then read what host memory held before the device wrote.)
+#[test]
+fn a_region_bound_device_keeps_its_copies_when_a_copy_home_fails() {
+    let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), REGION, false, true);
+    let s = w.cpu.range.start;
+    let kept = s + BLOCK_SIZE + 5 * PAGE_SIZE;
+    let cut = s + 7 * PAGE_SIZE;
+    assert_eq!(w.dev_access(0, kept, Some(0x99)), Some(0x99));
+    assert_eq!(w.dev_access(0, cut, Some(0x98)), Some(0x98));
+    w.failing(|d| &d.fail_d2h, || w.space.unmap_range(VaRange::new(s, PAGE_SIZE))).expect("nothing is lost");
+    let p = w.space.page_state(kept).unwrap();
+    assert!(p.resident == ProcMask::only(Proc::Device(w.ids[0])) && p.dev_mapped.is_empty(), "{p:?}");
+    assert_eq!(w.dev_access(0, kept, None), Some(0x99), "the device maps it again");
+    assert_eq!(w.cpu_access(kept, None), 0x99, "a page the program kept lost its data");
+    assert_eq!(w.cpu_access(cut, None), 0x98, "so did one beside the unmapped page");
 }
 
 /// A device whose memory is all pinned still serves faults on other data: remotely, from host

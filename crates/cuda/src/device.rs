@@ -385,7 +385,14 @@ impl CudaDevice {
     /// unless every buffer the call names is mapped on the device (writable where it is
     /// written): a GPU cannot fault memory in. Pointer arguments are translated to device
     /// addresses.
-    pub fn launch(&self, call: &KernelCall) -> Result<CudaLaunch, CudaError> {
+    ///
+    /// # Safety
+    ///
+    /// Until the kernel ends, no Rust reference may point into memory the call writes, nor a
+    /// `&mut` into memory it reads: the GPU writes that memory behind the compiler's back (in
+    /// device memory the manager copies home when the CPU next touches it, or in host memory
+    /// it maps). (`hetmm::Device::launch` keeps this with the buffers' borrow counts.)
+    pub unsafe fn launch(&self, call: &KernelCall) -> Result<CudaLaunch, CudaError> {
         let compiled = self.compiled()?;
         let spec = call.spec();
         let func = compiled.funcs.iter().find(|(n, _)| *n == spec.name).map(|(_, f)| f);

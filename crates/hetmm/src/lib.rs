@@ -549,8 +549,8 @@ impl<D> Device<D> {
     pub fn proc(&self) -> Proc {
         Proc::Device(self.id)
     }
-    /// The driver. Its calls do not see the buffers' slices: a kernel launched through it (the
-    /// simulated device's own `launch`) keeps the contract of [`Device::launch_unbounded`].
+    /// The driver. Its calls do not see the buffers' slices: its launches are `unsafe`, under
+    /// contracts of their own.
     pub fn driver(&self) -> &D {
         &self.dev
     }
@@ -696,10 +696,11 @@ impl Device<SimDevice> {
             bounds.allow(u.start, u.len, u.writes());
         }
         self.start(uses, || {
-            self.dev
-                .launch_within(grid, Some(bounds), kernel)
-                .map(|l| (Running::Sim(l.done()), Keep::Sim(l)))
-                .map_err(Error::from)
+            // SAFETY: the kernel can reach only `bounds`, the uses' bytes, and `start` launches
+            // only with the buffers' counts taken for them (refusing those under a slice that
+            // conflicts), or with the caller's word for unchecked ones (`Use::raw`'s contract).
+            let l = unsafe { self.dev.launch_within(grid, Some(bounds), kernel) };
+            l.map(|l| (Running::Sim(l.done()), Keep::Sim(l))).map_err(Error::from)
         })
     }
 
@@ -717,10 +718,10 @@ impl Device<SimDevice> {
         F: Fn(&hetmm_sim::BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
         self.start(uses, || {
-            self.dev
-                .launch_within(grid, None, kernel)
-                .map(|l| (Running::Sim(l.done()), Keep::Sim(l)))
-                .map_err(Error::from)
+            // SAFETY: `uses` as in `launch`; the rest of memory by the caller's word (this
+            // function's contract).
+            let l = unsafe { self.dev.launch_within(grid, None, kernel) };
+            l.map(|l| (Running::Sim(l.done()), Keep::Sim(l))).map_err(Error::from)
         })
     }
 }
@@ -761,7 +762,13 @@ impl Device<hetmm_cuda::CudaDevice> {
                 Use { start: b.ptr, len: b.bytes, access, checked, _buf: std::marker::PhantomData }
             })
             .collect();
-        self.start(&uses, || self.dev.launch(call).map(|l| (Running::Cuda(l), Keep::Nothing)).map_err(Error::from))
+        self.start(&uses, || {
+            // SAFETY: `start` launches only with the buffers' counts taken for the call's uses
+            // (refusing those under a slice that conflicts), or with the caller's word for
+            // unchecked ones (`launch_unchecked`'s contract, `Use::raw`'s).
+            let l = unsafe { self.dev.launch(call) };
+            l.map(|l| (Running::Cuda(l), Keep::Nothing)).map_err(Error::from)
+        })
     }
 }
 

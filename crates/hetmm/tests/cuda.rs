@@ -111,7 +111,8 @@ fn gpu_refuses_what_it_cannot_do() {
     let dev = hm.attach(g).unwrap();
     // The driver alone refuses a buffer that is not resident.
     let x = hm.alloc::<f32>(1024).unwrap();
-    let e = dev.driver().launch(&KernelCall::stream_write((&x).into(), 1).unwrap()).unwrap_err();
+    // SAFETY: no slice of `x` is alive (and the launch is refused: nothing is mapped).
+    let e = unsafe { dev.driver().launch(&KernelCall::stream_write((&x).into(), 1).unwrap()) }.unwrap_err();
     assert!(matches!(e, CudaError::Kernel(_)), "{e}");
     // A working set larger than the GPU memory hetmm may use cannot be made resident at once.
     let big = hm.alloc::<u64>((16 << 20) / 8).unwrap();

@@ -155,7 +155,7 @@ impl Dmirror {
     where
         F: Fn(&BlockCtx) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        let l = self.dev.driver().launch(Grid::new(npages as u32, 1), k)?;
+        let l = common::launch_raw(self.dev.driver(), Grid::new(npages as u32, 1), k)?;
         Ok(l.wait(Duration::from_secs(60))?)
     }
 

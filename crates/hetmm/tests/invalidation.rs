@@ -112,7 +112,7 @@ fn register_malloc_64mib() {
         ctx.write_slice(base + s as u64 * 8, &buf)
     };
     let grid = Grid::new(n.div_ceil(per) as u32, 32);
-    dev.driver().launch(grid, k).unwrap().wait(Duration::from_secs(120)).unwrap();
+    common::launch_raw(dev.driver(), grid, k).unwrap().wait(Duration::from_secs(120)).unwrap();
     assert!(hm.stats().bytes_to_device >= len as u64, "the pattern travelled to the device");
     for (i, x) in v.iter().enumerate() {
         assert_eq!(*x, !(i as u64), "word {i}");
@@ -170,7 +170,7 @@ fn munmap_of_registered_shared_memory_is_followed() {
     assert_ne!(p, libc::MAP_FAILED);
     hm.register(p.cast(), len).unwrap();
     let (seen, k) = load_word(p as u64);
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 0xAAAA_AAAA_AAAA_AAAA);
     // MAP_FIXED unmaps the old memory (userfaultfd reports the unmap as munmap's) and maps the
     // new in one call. An munmap followed by a mapping at the same address left the hole free in
@@ -188,11 +188,11 @@ fn munmap_of_registered_shared_memory_is_followed() {
     unsafe { std::ptr::write_bytes(q.cast::<u8>(), 0x55, len) };
     hm.space().settle().unwrap();
     let (stale, k) = load_word(p as u64);
-    let r = dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30));
+    let r = common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30));
     assert!(r.is_err(), "the device read {:#x} at unshared memory", stale.load(Ordering::SeqCst));
     hm.register(q.cast(), len).expect("the old registration is gone");
     let (seen, k) = load_word(q as u64);
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(seen.load(Ordering::SeqCst), 0x5555_5555_5555_5555);
     hm.unregister(q.cast(), len).unwrap();
     // SAFETY: unmaps only the private mapping this test made at `q`; nothing refers to it after.
@@ -216,7 +216,7 @@ fn unregister_after_a_device_write_keeps_the_bytes() {
     hm.register(p.cast(), len).unwrap();
     let va = p as u64;
     let k = move |ctx: &BlockCtx| ctx.store::<u64>(va, 0x2222_2222_2222_2222);
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     hm.unregister(p.cast(), len).unwrap();
     // SAFETY: `p` starts our page-aligned `len`-byte mapping, mapped and private again after
     // unregister.
@@ -640,7 +640,7 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
             assert_eq!((d.bytes_to_host, d.reshape_pages_rekeyed), (0, pages), "the pages moved with their copies");
         }
         let (stale, k) = load_word(p as u64);
-        let r = dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30));
+        let r = common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30));
         assert!(r.is_err(), "the device read {:#x} at the old address", stale.load(Ordering::SeqCst));
         // One word per page, read by a kernel at the new addresses.
         let before = hm.stats();
@@ -654,7 +654,7 @@ fn mremap_carries_device_data_by_blocks_or_pages() {
             }
             Ok(())
         };
-        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
         assert_eq!(wrong.load(Ordering::Relaxed), 0, "pages the kernel read wrong (shift {shift})");
         assert_eq!(hm.stats().since(&before).bytes_to_device, 0, "the kernel found its data in place");
         // SAFETY: `[q, q + len)` is the moved read-write mapping, ours and mapped; only this thread
@@ -839,7 +839,7 @@ fn mremap_of_allocated_memory_is_followed() {
         let ino = inode_at(q);
         // A device kernel at the new address (the first block's copies travelled or came home).
         let (wrong, k) = count_wrong(q, len / PS, move |page| word(page * PS / 8));
-        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
         assert_eq!(wrong.load(Ordering::Relaxed), 0, "words a kernel read wrong at the new address (shift {shift})");
         // The CPU at the new address reads every word (faulting the data back) and writes.
         let check = |q: usize, gen: u64| {
@@ -857,7 +857,7 @@ fn mremap_of_allocated_memory_is_followed() {
         // `migrate` at the new address, and back by CPU faults.
         hm.migrate(q as u64, len as u64, dev.proc()).unwrap();
         let (wrong, k) = count_wrong(q, len / PS, move |page| word(page * PS / 8) ^ 6);
-        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
         assert_eq!(wrong.load(Ordering::Relaxed), 0, "words a kernel read wrong after migrate (shift {shift})");
         check(q, 6);
         // The program maps a page of its own where the buffer was, then drops the buffer.
@@ -908,7 +908,7 @@ fn mremap_of_one_page_of_allocated_memory_is_followed() {
     fresh.fill(0xEE);
     let ino = inode_at(q);
     let (wrong, k) = count_wrong(q, 1, move |_| word(1));
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "a kernel read the moved page wrong");
     // SAFETY: the moved page, read-write, mapped at `q`; only this thread uses it.
     let moved = unsafe { std::slice::from_raw_parts_mut(q as *mut u64, PS / 8) };
@@ -916,7 +916,7 @@ fn mremap_of_one_page_of_allocated_memory_is_followed() {
     moved[3] = 42;
     hm.migrate(q as u64, PS as u64, dev.proc()).unwrap();
     let (got, k) = load_word(q as u64 + 24);
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(got.load(Ordering::SeqCst), 42, "the CPU's write, migrated");
     // The rest of the buffer: pages 0, 2 and 3, by the CPU and by a kernel.
     for page in [0, 2, 3] {
@@ -925,7 +925,7 @@ fn mremap_of_one_page_of_allocated_memory_is_followed() {
     }
     hm.migrate((p + 2 * PS) as u64, (2 * PS) as u64, dev.proc()).unwrap();
     let (wrong, k) = count_wrong(p + 2 * PS, 2, move |i| word(2 + i));
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "the rest of the buffer on the device");
     let mine = own_page_at(p + PS, 0xA5);
     drop(buf);
@@ -1002,7 +1002,7 @@ fn registered_memory_grown_in_place_is_plain_memory_there() {
         assert!(old.iter().all(|&b| b == 0x3C), "the registered part (flags {flags})");
         hm.migrate(p as u64, (4 * PS) as u64, dev.proc()).unwrap();
         let (got, k) = load_word(p as u64);
-        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
         assert_eq!(got.load(Ordering::SeqCst), 0x3C3C_3C3C_3C3C_3C3C);
         assert!(hm.space().check_span(grown as u64, PS as u64).is_err(), "the grown part is not managed");
         hm.unregister(p as *const u8, 4 * PS).unwrap();
@@ -1208,7 +1208,7 @@ fn a_move_over_a_page_moved_away_and_back_is_followed() {
     assert!(hm.space().check_span(q as u64, len as u64).is_ok(), "the moved memory is managed");
     assert!(hm.space().check_span(p as u64, PS as u64).is_err(), "the old range left hetmm");
     let (wrong, k) = count_wrong(q, pages, move |page| u64::from_ne_bytes([page as u8 + 1; 8]));
-    dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+    common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
     assert_eq!(wrong.load(Ordering::Relaxed), 0, "words a kernel read wrong at the new address");
     // SAFETY: the moved memory, mapped read-write at `q`; only this thread uses it.
     let bytes = unsafe { std::slice::from_raw_parts(q as *const u8, len) };
@@ -1429,7 +1429,7 @@ fn a_buffer_dropped_right_after_its_memory_moved_leaves_that_memory_managed() {
         hm.space().settle().unwrap();
         assert!(hm.space().check_span(q as u64, len as u64).is_ok(), "round {round}: the moved memory is managed");
         let (wrong, k) = count_wrong(q, len / PS, move |_| u64::from_ne_bytes([round + 1; 8]));
-        dev.driver().launch(Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
+        common::launch_raw(dev.driver(), Grid::new(1, 1), k).unwrap().wait(Duration::from_secs(30)).unwrap();
         assert_eq!(wrong.load(Ordering::Relaxed), 0, "round {round}: words a kernel read wrong");
         // SAFETY: the moved memory, mapped read-write at `q`, managed (checked above).
         let bytes = unsafe { std::slice::from_raw_parts(q as *const u8, len) };

@@ -177,16 +177,30 @@ impl SimDevice {
     /// the device has no page table ([`DeviceError::NoPageTable`]) or its faults were shut down
     /// by [`DeviceMmu::shutdown_faults`] (detached; [`DeviceError::Shutdown`] until a new page
     /// table is created).
-    pub fn launch<F>(&self, grid: Grid, kernel: F) -> Result<Launch, DeviceError>
+    ///
+    /// # Safety
+    ///
+    /// Until the kernel ends, no Rust reference may point into memory it writes, and no `&mut`
+    /// into memory it reads. The device reads and writes memory the CPU maps too: host pages
+    /// through remote mappings, and data the manager moves between host and device memory
+    /// for its faults (revoking the CPU's mappings of pages the kernel writes). The compiler
+    /// assumes memory under a `&` does not change, and memory under a `&mut` is not read by
+    /// others. (`hetmm::Device::launch` keeps this with the buffers' borrow counts.)
+    pub unsafe fn launch<F>(&self, grid: Grid, kernel: F) -> Result<Launch, DeviceError>
     where
         F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
     {
-        self.launch_within(grid, None, kernel)
+        // SAFETY: the caller keeps `launch`'s contract, which is `launch_within`'s.
+        unsafe { self.launch_within(grid, None, kernel) }
     }
 
     /// [`launch`](Self::launch), with the kernel's accesses held to `bounds` (every other
     /// access fails the kernel with [`DeviceError::Undeclared`]); `None` allows all.
-    pub fn launch_within<F>(&self, grid: Grid, bounds: Option<Bounds>, kernel: F) -> Result<Launch, DeviceError>
+    ///
+    /// # Safety
+    ///
+    /// As for [`launch`](Self::launch), for the memory inside `bounds` (all of it if `None`).
+    pub unsafe fn launch_within<F>(&self, grid: Grid, bounds: Option<Bounds>, kernel: F) -> Result<Launch, DeviceError>
     where
         F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
     {

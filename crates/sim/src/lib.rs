@@ -28,15 +28,17 @@
 //! let entry = MapEntry { va: 0x4000_0000, len: 2 << 20, target: MapTarget::Device(PhysAddr(0)), prot: Prot::RWA };
 //! // SAFETY: a device target; no host memory is involved.
 //! unsafe { dev.map(&[entry]).unwrap() };
-//! let l = dev
-//!     .launch(Grid::new(4, 32), |b| {
+//! // SAFETY: the kernel touches device memory only, which no Rust reference points into.
+//! let l = unsafe {
+//!     dev.launch(Grid::new(4, 32), |b| {
 //!         for t in b.threads() {
 //!             let va = 0x4000_0000 + 4 * u64::from(b.block_idx() * 32 + t);
 //!             b.store::<u32>(va, t)?;
 //!         }
 //!         Ok(())
 //!     })
-//!     .unwrap();
+//! }
+//! .unwrap();
 //! l.wait(Duration::from_secs(10)).unwrap();
 //! ```
 #![warn(missing_docs)]

@@ -16,6 +16,34 @@ const T: Duration = Duration::from_secs(30);
 const MB2: u64 = 2 << 20;
 const BASE: u64 = 0x10_0000_0000;
 
+/// The tests' launches. Each keeps [`SimDevice::launch`]'s contract: its kernel touches device
+/// memory, or host memory that no Rust reference points into until the test has waited for it.
+trait Run {
+    fn run<F>(&self, grid: Grid, kernel: F) -> Result<Launch, DeviceError>
+    where
+        F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static;
+    fn run_within<F>(&self, grid: Grid, bounds: Option<Bounds>, kernel: F) -> Result<Launch, DeviceError>
+    where
+        F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static;
+}
+
+impl Run for SimDevice {
+    fn run<F>(&self, grid: Grid, kernel: F) -> Result<Launch, DeviceError>
+    where
+        F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
+        // SAFETY: the tests hold no reference into memory a kernel uses while it runs (above).
+        unsafe { self.launch(grid, kernel) }
+    }
+    fn run_within<F>(&self, grid: Grid, bounds: Option<Bounds>, kernel: F) -> Result<Launch, DeviceError>
+    where
+        F: Fn(&BlockCtx<'_>) -> Result<(), DeviceError> + Send + Sync + 'static,
+    {
+        // SAFETY: as in `run`.
+        unsafe { self.launch_within(grid, bounds, kernel) }
+    }
+}
+
 fn dev(workers: usize) -> SimDevice {
     let cfg = SimConfig { memory_bytes: 64 << 20, compute_workers: workers, ..SimConfig::default() };
     let d = SimDevice::new(cfg).unwrap();
@@ -96,7 +124,7 @@ fn map_validation_and_no_page_table() {
     let e = MapEntry { va: BASE, len: PAGE_SIZE, target: MapTarget::Device(PhysAddr(0)), prot: Prot::READ };
     // SAFETY: device target.
     assert_eq!(unsafe { d.map(&[e]) }, Err(DeviceError::NoPageTable));
-    assert!(matches!(d.launch(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::NoPageTable)));
+    assert!(matches!(d.run(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::NoPageTable)));
     d.create_page_table().unwrap();
     assert!(d.create_page_table().is_err());
     let bad = [
@@ -116,7 +144,7 @@ fn map_validation_and_no_page_table() {
     assert!(d.unmap(&[VaRange::new(BASE, 5)]).is_err());
     assert!(d.protect(&[(VaRange::new(u64::MAX - 4095, 4096), Prot::READ)]).is_err());
     d.destroy_page_table();
-    assert!(matches!(d.launch(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::NoPageTable)));
+    assert!(matches!(d.run(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::NoPageTable)));
     assert_eq!(d.take_accessed(VaRange::new(BASE, MB2)), Some(vec![]));
 }
 
@@ -144,7 +172,7 @@ fn slices_across_pages_and_entry_sizes() {
     let g = got.clone();
     // Each block reads a u16 run at an odd element offset spanning pages and the 4K/2M seam.
     let l = d
-        .launch(Grid::new(8, 1), move |b| {
+        .run(Grid::new(8, 1), move |b| {
             let i = u64::from(b.block_idx());
             let off = if i == 7 { MB2 - 3 * 1024 - 2 } else { i * 300_000 + 2 * 1001 };
             let mut buf = vec![0u16; 5000];
@@ -164,7 +192,7 @@ fn slices_across_pages_and_entry_sizes() {
 
     // Writes across the same seams, then single loads and stores.
     let l = d
-        .launch(Grid::new(1, 1), |b| {
+        .run(Grid::new(1, 1), |b| {
             let data: Vec<u32> = (0..3000).collect();
             b.write_slice(BASE + MB2 - 4 * 1500, &data)?;
             b.store::<u64>(BASE + 8, 0xdead_beef_0000_0001)?;
@@ -188,7 +216,7 @@ fn slices_across_pages_and_entry_sizes() {
     assert_eq!(&tail[..PAGE_SIZE as usize], &want_bytes[(PAGE_SIZE - v510_off) as usize..6000]);
     assert_eq!(d2h(&d, 8 << 20, 6000), &want_bytes[6000..]);
     // Misaligned accesses are errors, not panics.
-    let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE + 2).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE + 2).map(|_| ())).unwrap();
     assert!(matches!(l.wait(T), Err(DeviceError::Other(_))));
     let s = d.stats();
     assert!(s.tlb_hits > 0 && s.tlb_misses > 0 && s.page_walks > 0);
@@ -204,7 +232,7 @@ fn stale_tlb_serves_until_invalidate() {
         let out = Arc::new(AtomicU32::new(0));
         let o = out.clone();
         let l = d
-            .launch(Grid::new(1, 1), move |b| {
+            .run(Grid::new(1, 1), move |b| {
                 o.store(b.load::<u32>(BASE)?, Ordering::Relaxed);
                 Ok(())
             })
@@ -240,7 +268,7 @@ fn fault_service_zero_and_h2d() {
     let out = Arc::new(Mutex::new((0u64, 0u64)));
     let o = out.clone();
     let l = d
-        .launch(Grid::new(2, 1), move |b| {
+        .run(Grid::new(2, 1), move |b| {
             let v: u64 = b.load(BASE + 0x1000 * u64::from(b.block_idx()) + 16)?;
             if b.block_idx() == 0 {
                 o.lock().0 = v;
@@ -277,7 +305,7 @@ fn fault_service_zero_and_h2d() {
 #[test]
 fn cancelled_fault_fails_the_launch() {
     let d = dev(2);
-    let l = d.launch(Grid::new(1, 1), |b| b.store::<u32>(BASE + 0x123 * 4, 1)).unwrap();
+    let l = d.run(Grid::new(1, 1), |b| b.store::<u32>(BASE + 0x123 * 4, 1)).unwrap();
     let seen = serve(&d, &l, |_| Some(FaultCancel::Unmapped));
     assert_eq!(seen[0].access, Access::Write);
     assert_eq!(
@@ -292,7 +320,7 @@ fn permissions_write_and_atomic() {
     let d = dev(2);
     map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
     // Write to a read-only mapping faults with Access::Write; upgrading to RW lets it finish.
-    let l = d.launch(Grid::new(1, 1), |b| b.store::<u32>(BASE, 7)).unwrap();
+    let l = d.run(Grid::new(1, 1), |b| b.store::<u32>(BASE, 7)).unwrap();
     let seen = serve(&d, &l, |f| {
         assert_eq!(f.access, Access::Write);
         d.protect(&[(VaRange::new(BASE, PAGE_SIZE), Prot::READ | Prot::WRITE)]).unwrap();
@@ -301,7 +329,7 @@ fn permissions_write_and_atomic() {
     l.wait(T).unwrap();
     assert!(!seen.is_empty());
     // An atomic on a RW mapping faults with Access::Atomic.
-    let l = d.launch(Grid::new(1, 1), |b| b.atomic_add_u32(BASE, 5).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(1, 1), |b| b.atomic_add_u32(BASE, 5).map(|_| ())).unwrap();
     let seen = serve(&d, &l, |f| {
         assert_eq!(f.access, Access::Atomic);
         d.protect(&[(VaRange::new(BASE, PAGE_SIZE), Prot::RWA)]).unwrap();
@@ -312,7 +340,7 @@ fn permissions_write_and_atomic() {
     assert_eq!(u32::from_ne_bytes(d2h(&d, 0, 4).try_into().unwrap()), 12);
     // Atomics from many blocks add up; CAS and u64 adds work.
     let l = d
-        .launch(Grid::new(64, 100), |b| {
+        .run(Grid::new(64, 100), |b| {
             for _ in b.threads() {
                 b.atomic_add_u32(BASE + 4, 1)?;
                 b.atomic_add_u64(BASE + 8, 3)?;
@@ -343,7 +371,7 @@ fn bounded_launches_touch_only_what_they_declared() {
     b.allow(BASE, 4096, false); // read only
     b.allow(BASE + 4096, 64, true); // abuts the first: a slice across both reads fine
     type Kernel = fn(&BlockCtx<'_>) -> Result<(), DeviceError>;
-    let run = |b: &Bounds, k: Kernel| d.launch_within(Grid::new(1, 1), Some(b.clone()), k).unwrap().wait(T);
+    let run = |b: &Bounds, k: Kernel| d.run_within(Grid::new(1, 1), Some(b.clone()), k).unwrap().wait(T);
     // Reads inside, across the seam, and writes and atomics in the writable part.
     run(&b, |c| {
         let mut v = [0u32; 8];
@@ -370,7 +398,7 @@ fn bounded_launches_touch_only_what_they_declared() {
     assert_eq!(u32::from_ne_bytes(m[4096 + 60..].try_into().unwrap()), 5);
     assert!(m[4096 + 4..4096 + 60].iter().all(|&x| x == 0), "the refused slice wrote part of itself");
     // No bounds: the whole mapping is open.
-    d.launch_within(Grid::new(1, 1), None, |c| c.store::<u32>(BASE + MB2 - 4, 3)).unwrap().wait(T).unwrap();
+    d.run_within(Grid::new(1, 1), None, |c| c.store::<u32>(BASE + MB2 - 4, 3)).unwrap().wait(T).unwrap();
 }
 
 #[test]
@@ -453,7 +481,7 @@ fn host_aperture_read_and_write() {
     let sum = Arc::new(AtomicU32::new(0));
     let s2 = sum.clone();
     let l = d
-        .launch(Grid::new(1, 1), move |b| {
+        .run(Grid::new(1, 1), move |b| {
             let mut v = [0u64; 512];
             b.read_slice(BASE, &mut v)?;
             s2.store(v.iter().sum::<u64>() as u32, Ordering::Relaxed);
@@ -517,10 +545,7 @@ fn an_access_crossing_two_regions_reports_both() {
     // SAFETY: `buf` outlives the mapping, removed and invalidated below.
     let d = unsafe { counted_device(256, &mut buf, 2 * MB2) };
     // 300 transactions of 64 bytes on each side of the boundary: both regions pass 256.
-    d.launch(Grid::new(1, 1), |b| b.read_slice(BASE + MB2 - 300 * 64, &mut vec![0u8; 600 * 64]))
-        .unwrap()
-        .wait(T)
-        .unwrap();
+    d.run(Grid::new(1, 1), |b| b.read_slice(BASE + MB2 - 300 * 64, &mut vec![0u8; 600 * 64])).unwrap().wait(T).unwrap();
     let mut notices = Vec::new();
     d.take_access_notices(&mut notices);
     d.unmap(&[VaRange::new(BASE, 2 * MB2)]).unwrap();
@@ -537,7 +562,7 @@ fn access_counters_report_regions_used_remotely() {
         let mut buf = vec![0u8; 2 * MB2 as usize + 4096];
         // SAFETY: `buf` outlives the mapping, removed and invalidated at the end of the round.
         let d = unsafe { counted_device(threshold, &mut buf, 2 * MB2) };
-        let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.launch(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
+        let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.run(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
         // 255 transactions in the first region (16 KiB less one line), and device memory.
         run(|b| {
             b.read_slice(BASE, &mut vec![0u8; 255 * 64])?;
@@ -576,7 +601,7 @@ fn use_counters_count_local_and_remote_accesses() {
         let mut buf = vec![0u8; MB2 as usize + 4096];
         // SAFETY: `buf` outlives the mapping, removed and invalidated at the end of the round.
         let d = unsafe { counted_device(threshold, &mut buf, MB2) };
-        let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.launch(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
+        let run = |f: fn(&BlockCtx) -> Result<(), DeviceError>| d.run(Grid::new(1, 1), f).unwrap().wait(T).unwrap();
         // Device memory: 1 MiB read three times (16384 transactions each). Host memory: 8192
         // transactions, then 100 more that stay in the worker's slot.
         run(|b| {
@@ -629,7 +654,7 @@ fn remote_accesses_cross_the_link() {
         let ok2 = ok.clone();
         let t = Instant::now();
         let l = d
-            .launch(Grid::new(4, 1), move |b| {
+            .run(Grid::new(4, 1), move |b| {
                 // Each block reads its MiB of host memory, writes 8 bytes there, and reads and
                 // writes device memory.
                 let mine = BASE + u64::from(b.block_idx()) * (1 << 20);
@@ -666,7 +691,7 @@ fn remote_accesses_cross_the_link() {
 #[test]
 fn concurrent_blocks_fault_on_one_page() {
     let d = dev(8);
-    let l = d.launch(Grid::new(64, 1), |b| b.load::<u32>(BASE + 64).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(64, 1), |b| b.load::<u32>(BASE + 64).map(|_| ())).unwrap();
     // Let several warps stall before servicing, so the buffer holds duplicates.
     let deadline = Instant::now() + T;
     while d.pending_faults() < 4 && Instant::now() < deadline {
@@ -694,7 +719,7 @@ fn kernel_errors_panics_and_skips() {
     let ran = Arc::new(AtomicU32::new(0));
     let r = ran.clone();
     let l = d
-        .launch(Grid::new(10_000, 1), move |b| {
+        .run(Grid::new(10_000, 1), move |b| {
             r.fetch_add(1, Ordering::Relaxed);
             if b.block_idx() == 3 {
                 return Err(DeviceError::Other("block 3".into()));
@@ -705,28 +730,28 @@ fn kernel_errors_panics_and_skips() {
         .unwrap();
     assert_eq!(l.wait(T), Err(DeviceError::Other("block 3".into())));
     assert!(ran.load(Ordering::Relaxed) < 10_000, "blocks after the error are skipped");
-    let l = d.launch(Grid::new(4, 1), |b| if b.block_idx() == 2 { panic!("boom") } else { Ok(()) }).unwrap();
+    let l = d.run(Grid::new(4, 1), |b| if b.block_idx() == 2 { panic!("boom") } else { Ok(()) }).unwrap();
     match l.wait(T) {
         Err(DeviceError::Other(m)) => assert!(m.contains("boom"), "{m}"),
         other => panic!("{other:?}"),
     }
     // The device still works after a panic; an empty grid finishes at once.
-    d.launch(Grid::new(3, 2), |b| if b.threads().len() == 2 { Ok(()) } else { Err(DeviceError::Other("t".into())) })
+    d.run(Grid::new(3, 2), |b| if b.threads().len() == 2 { Ok(()) } else { Err(DeviceError::Other("t".into())) })
         .unwrap()
         .wait(T)
         .unwrap();
-    d.launch(Grid::new(0, 1), |_| Ok(())).unwrap().wait(T).unwrap();
+    d.run(Grid::new(0, 1), |_| Ok(())).unwrap().wait(T).unwrap();
 }
 
 #[test]
 fn shutdown_faults_unblocks_kernels() {
     let d = dev(4);
-    let l = d.launch(Grid::new(3, 1), |b| b.load::<u32>(BASE + 4 * u64::from(b.block_idx())).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(3, 1), |b| b.load::<u32>(BASE + 4 * u64::from(b.block_idx())).map(|_| ())).unwrap();
     // A kernel already running that faults only after the shutdown.
     let gate = Arc::new(AtomicU32::new(0));
     let g = gate.clone();
     let late = d
-        .launch(Grid::new(1, 1), move |b| {
+        .run(Grid::new(1, 1), move |b| {
             let deadline = Instant::now() + T;
             while g.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
                 std::thread::yield_now();
@@ -741,11 +766,11 @@ fn shutdown_faults_unblocks_kernels() {
     assert!(matches!(late.wait(T), Err(DeviceError::FaultCancelled { reason: FaultCancel::Detached, .. })));
     assert!(!d.wait_for_faults(Duration::from_secs(5)), "wait_for_faults returns early after shutdown");
     // No new launches on a detached device.
-    assert!(matches!(d.launch(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::Shutdown)));
+    assert!(matches!(d.run(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::Shutdown)));
     // A new page table re-arms the buffer.
     d.destroy_page_table();
     d.create_page_table().unwrap();
-    let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
     let seen = serve(&d, &l, |_| Some(FaultCancel::Unmapped));
     assert!(!seen.is_empty());
 }
@@ -753,7 +778,7 @@ fn shutdown_faults_unblocks_kernels() {
 #[test]
 fn drop_with_waiting_kernel_is_prompt() {
     let d = dev(4);
-    let l = d.launch(Grid::new(8, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(8, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
     assert!(d.wait_for_faults(T));
     let start = Instant::now();
     drop(d);
@@ -768,7 +793,7 @@ fn accessed_bits_through_kernels() {
     map(&d, BASE, 4 * PAGE_SIZE, 0, Prot::RWA);
     map(&d, BASE + MB2, MB2, MB2, Prot::RWA);
     assert_eq!(d.take_accessed(VaRange::new(BASE, 2 * MB2)), Some(vec![]));
-    d.launch(Grid::new(1, 1), |b| {
+    d.run(Grid::new(1, 1), |b| {
         b.load::<u8>(BASE + 2 * PAGE_SIZE)?;
         b.load::<u8>(BASE + MB2 + 5).map(|_| ())
     })
@@ -799,7 +824,7 @@ fn read_slice_throughput() {
         let t0 = Instant::now();
         let reps = 4;
         for _ in 0..reps {
-            d.launch(Grid::new(blocks.min(4096), 1), move |b| {
+            d.run(Grid::new(blocks.min(4096), 1), move |b| {
                 let mut buf = vec![0u8; chunk];
                 let per = blocks / b.grid().blocks;
                 for k in 0..per {
@@ -818,7 +843,7 @@ fn read_slice_throughput() {
     // Single-element loads (TLB hit path).
     let n = 1u32 << 22;
     let t0 = Instant::now();
-    d.launch(Grid::new(64, 1), move |b| {
+    d.run(Grid::new(64, 1), move |b| {
         let mut acc = 0f32;
         let per = u64::from(n / 64);
         for k in 0..per {
@@ -846,7 +871,7 @@ fn read_slice_throughput() {
 fn accessed_bits_are_seen_again_after_they_are_taken() {
     let d = dev(1); // one worker: the second kernel hits the TLB entry the first one filled
     map(&d, BASE, MB2, 0, Prot::RWA);
-    let read = |d: &SimDevice| d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE + 64).map(|_| ())).unwrap().wait(T);
+    let read = |d: &SimDevice| d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE + 64).map(|_| ())).unwrap().wait(T);
     read(&d).unwrap();
     assert!(!d.take_accessed(VaRange::new(BASE, MB2)).unwrap().is_empty());
     read(&d).unwrap(); // used again, served by the TLB
@@ -885,7 +910,7 @@ fn a_late_waking_warp_obeys_only_the_first_replay_after_its_fault() {
     // (a correct device passes every time).
     for _ in 0..5 {
         let d = dev(1);
-        let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+        let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
         assert!(d.wait_for_faults(T));
         let mut batch = Vec::new();
         d.fetch_faults(16, &mut batch);
@@ -907,7 +932,7 @@ fn a_replay_cancels_only_faults_the_core_fetched() {
     let d = dev(2);
     map(&d, BASE, PAGE_SIZE, 0, Prot::READ);
     // Kernel A writes the read-only page: the core fetches the write fault and will cancel it.
-    let a = d.launch(Grid::new(1, 1), |b| b.store::<u32>(BASE, 1)).unwrap();
+    let a = d.run(Grid::new(1, 1), |b| b.store::<u32>(BASE, 1)).unwrap();
     assert!(d.wait_for_faults(T));
     let mut batch = Vec::new();
     d.fetch_faults(16, &mut batch);
@@ -916,7 +941,7 @@ fn a_replay_cancels_only_faults_the_core_fetched() {
     // The page goes for a while (the core moving it, say); kernel B reads it meanwhile.
     d.unmap(&[VaRange::new(BASE, PAGE_SIZE)]).unwrap();
     d.invalidate_tlb(&[VaRange::new(BASE, PAGE_SIZE)]);
-    let b = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+    let b = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
     let deadline = Instant::now() + T;
     while d.pending_faults() == 0 {
         assert!(Instant::now() < deadline, "kernel B never faulted");
@@ -942,7 +967,7 @@ fn a_write_cancelled_on_a_page_fails_no_read_of_it() {
     let d = dev(2);
     zero(&d, 0, PAGE_SIZE);
     let l = d
-        .launch(Grid::new(2, 1), |b| {
+        .run(Grid::new(2, 1), |b| {
             if b.block_idx() == 0 {
                 b.load::<u32>(BASE).map(|_| ())
             } else {
@@ -974,7 +999,7 @@ fn a_write_cancelled_on_a_page_fails_no_read_of_it() {
 #[test]
 fn a_warp_stalled_across_a_new_page_table_fails_at_once() {
     let d = dev(1);
-    let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+    let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
     let deadline = Instant::now() + T;
     while d.pending_faults() == 0 {
         assert!(Instant::now() < deadline, "the kernel never faulted");
@@ -995,7 +1020,7 @@ fn a_fault_present_at_shutdown_fails_even_after_reattach() {
     // times (a correct device passes every time).
     for _ in 0..5 {
         let d = dev(1);
-        let l = d.launch(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
+        let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
         assert!(d.wait_for_faults(T));
         d.shutdown_faults();
         d.destroy_page_table();

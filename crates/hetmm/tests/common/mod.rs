@@ -83,3 +83,19 @@ pub fn private_anon(len: usize) -> usize {
     assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
     p as usize
 }
+
+/// Launches `kernel` on the simulated device directly, bounded by nothing (a kernel chasing
+/// addresses it was given, into memory the program registered). The tests that call it keep
+/// `SimDevice::launch`'s contract: their kernels touch memory they mapped with `mmap`, which
+/// no Rust reference points into while the kernel runs.
+pub fn launch_raw<F>(
+    dev: &hetmm::sim::SimDevice,
+    grid: hetmm::sim::Grid,
+    kernel: F,
+) -> Result<hetmm::sim::Launch, hetmm::core::device::DeviceError>
+where
+    F: Fn(&hetmm::sim::BlockCtx<'_>) -> Result<(), hetmm::core::device::DeviceError> + Send + Sync + 'static,
+{
+    // SAFETY: the callers' kernels touch only memory no Rust reference points into (above).
+    unsafe { dev.launch(grid, kernel) }
+}

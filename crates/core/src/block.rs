@@ -168,11 +168,6 @@ pub struct Block {
     /// block is there (its access counters; for the thrashing response). A short list, not an
     /// array for every possible device (an array of four lost devices 4 and up).
     uses: Vec<DeviceUse>,
-    /// Ticks when the block was last evicted, and how often it was evicted and refaulted within
-    /// the thrashing window.
-    pub last_evicted: u64,
-    /// Consecutive evict-and-refault cycles.
-    pub refaults: u32,
     /// Devices for which this block is served by remote mappings because it thrashed.
     pub thrashing: ProcMask,
     /// Jobs (launches) now using the block, and whether a finished job used it last.
@@ -214,6 +209,12 @@ struct DeviceUse {
     dev: DeviceId,
     touched: u64,
     heat: Heat,
+    /// Ticks when the device last evicted the block (0: not since it last came back).
+    last_evicted: u64,
+    /// The device's consecutive evict-and-refault cycles of the block. Per device: one
+    /// device's evictions followed by another's first touch counted as thrashing on the
+    /// second, which had evicted nothing (found by an audit).
+    refaults: u32,
 }
 
 /// One device's heat of a block (see [`Block::add_heat`]).
@@ -247,8 +248,6 @@ impl Block {
             prev_chunk: Vec::new(),
             queued_on: ProcMask::EMPTY,
             uses: Vec::new(),
-            last_evicted: 0,
-            refaults: 0,
             thrashing: ProcMask::EMPTY,
             active_jobs: 0,
             job_done: false,
@@ -369,7 +368,7 @@ impl Block {
         let k = match self.uses.iter().position(|u| u.dev == d) {
             Some(k) => k,
             None => {
-                self.uses.push(DeviceUse { dev: d, touched: 0, heat: Heat::default() });
+                self.uses.push(DeviceUse { dev: d, touched: 0, heat: Heat::default(), last_evicted: 0, refaults: 0 });
                 self.uses.len() - 1
             }
         };
@@ -385,6 +384,41 @@ impl Block {
         h.value = h.value * (-age).exp2() + accesses as f64;
         h.at = h.at.max(tick);
         h.value
+    }
+
+    /// Device `d` evicted the block at `tick`.
+    pub fn evicted_by(&mut self, d: DeviceId, tick: u64) {
+        self.use_by(d).last_evicted = tick;
+    }
+
+    /// Device `d` takes the block back at `now`. If it evicted the block less than `window`
+    /// before, that is one more evict-and-refault cycle there: returns their count. One that
+    /// comes back later starts the count again.
+    pub fn refaulted(&mut self, d: DeviceId, now: u64, window: u64) -> Option<u32> {
+        let u = self.use_by(d);
+        let last = std::mem::take(&mut u.last_evicted);
+        if last == 0 {
+            return None;
+        }
+        if now.saturating_sub(last) < window {
+            u.refaults = u.refaults.saturating_add(1);
+            Some(u.refaults)
+        } else {
+            u.refaults = 0;
+            None
+        }
+    }
+
+    /// Device `d`'s consecutive evict-and-refault cycles of the block.
+    pub fn refaults(&self, d: DeviceId) -> u32 {
+        self.uses.iter().find(|u| u.dev == d).map_or(0, |u| u.refaults)
+    }
+
+    /// Sets device `d`'s eviction history of the block (tests).
+    #[cfg(test)]
+    pub(crate) fn set_refaults(&mut self, d: DeviceId, refaults: u32, last_evicted: u64) {
+        let u = self.use_by(d);
+        (u.refaults, u.last_evicted) = (refaults, last_evicted);
     }
 
     /// When device `d` last touched the block.

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 
 use crate::block::Block;
 use crate::error::Result;
-use crate::migrate::to_cpu;
 use crate::policy::Eviction;
 use crate::space::{AddressSpace, DeviceSlot};
 use crate::stats::{add, add_since};
-use crate::types::{align_down, Proc, VaRange, BLOCK_SIZE, PAGE_SIZE};
+use crate::types::{Proc, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
 /// Candidates examined per LRU choice.
 const LRU_SAMPLE: usize = 32;
@@ -46,7 +45,12 @@ pub(crate) fn evict_one(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -
 }
 
 pub(crate) fn pinned(space: &AddressSpace, blk: &Block) -> bool {
-    space.attrs.read().any_pinned(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE))
+    pinned_span(space, VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE))
+}
+
+/// Whether any of `span` is pinned.
+fn pinned_span(space: &AddressSpace, span: VaRange) -> bool {
+    space.attrs.read().any_pinned(span)
 }
 
 /// Whether a launch is getting `blk` ready on a device that cannot fault: the launch has just
@@ -84,13 +88,33 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
     let tries = slot.evict_queue.lock().len();
     let mut busy = false;
     for _ in 0..tries {
-        // Counted before the entry leaves the queue: until the attempt ends, another thread
-        // finds the victim in neither the queue nor free memory.
-        let _attempt = InFlight::new(slot);
-        let Some((region_start, bidx)) = slot.evict_queue.lock().pop_front() else { break };
-        let Some(region) = space.region_at(region_start) else { continue };
+        let Some(front) = slot.evict_queue.lock().front().copied() else { break };
+        // A pinned block goes round without its lock being taken or an attempt counted: two
+        // searches of a device full of pinned memory saw each other's attempts on pinned blocks
+        // (locked a moment, or counted in flight) and reported `Busy` instead of `Nothing`, and
+        // their faults waited out the patience for memory instead of being served remotely
+        // (found by an audit). Pins change under the attributes' lock, not the block's.
+        let region = space.region_at(front.0);
+        let pin =
+            region.as_ref().is_some_and(|r| front.1 < r.blocks.len() && pinned_span(space, r.block_span(front.1)));
+        let _attempt = {
+            let mut q = slot.evict_queue.lock();
+            if q.front() != Some(&front) {
+                continue; // Another search took it meanwhile.
+            }
+            q.pop_front();
+            if pin {
+                q.push_back(front);
+                continue;
+            }
+            // Counted before the queue's lock is released: until the attempt ends, another
+            // thread finds the victim in neither the queue nor free memory.
+            InFlight::new(slot)
+        };
+        let (region_start, bidx) = front;
+        let Some(region) = region else { continue };
         let Some(cell) = region.blocks.get(bidx) else { continue };
-        let base = (align_down(region.range.start, BLOCK_SIZE) + bidx as u64 * BLOCK_SIZE).max(region.range.start);
+        let base = region.block_span(bidx).start;
         if base == exclude {
             // The caller's own block: locked by the caller, not busy.
             slot.evict_queue.lock().push_back((region_start, bidx));
@@ -175,7 +199,7 @@ pub(crate) fn candidates(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) 
         let heat = heat_of(space, slot, &mut blk, now);
         let touched = blk.touched_by(slot.id);
         let recent = now.saturating_sub(touched) < crate::fault::THRASH_WINDOW_NS;
-        let key = (!(blk.job_done && blk.active_jobs == 0), if recent { blk.refaults } else { 0 }, touched);
+        let key = (!(blk.job_done && blk.active_jobs == 0), if recent { blk.refaults(slot.id) } else { 0 }, touched);
         if found.victim.is_none_or(|(k, _)| key < k) {
             found.victim = Some((key, (rs, bidx)));
         }
@@ -224,7 +248,14 @@ pub(crate) fn evict_queued(space: &AddressSpace, slot: &DeviceSlot, at: Queued) 
     // never came back, and eviction took those: `bench --workload gemm,stencil,graph,random
     // --policy hetmm --oversub 1.5,2 --repeat 5`, builds alternated on a quiet machine, `random`
     // evicted 2.6-4x as many blocks and took 1.5-1.7x as long, `stencil` 1.05-1.13x.
-    evict_block(space, &region, &mut blk, slot)
+    let r = evict_block(space, &region, &mut blk, slot);
+    if r.is_err() {
+        // Ranked as just used, as a failed FIFO victim goes to the queue's back: it ranked
+        // lowest again, and while it could not be evicted nothing on the device could (found
+        // by an audit).
+        blk.touch(slot.id, space.tick());
+    }
+    r
 }
 
 /// Moves every page `slot` holds in `blk` back to host backing.
@@ -240,8 +271,8 @@ fn evict_block(
         return Ok(false);
     }
     let t = Instant::now();
-    let copied = to_cpu(space, region, blk, &victims)?;
-    blk.last_evicted = space.tick();
+    let copied = crate::migrate::evict_from(space, region, blk, slot)?;
+    blk.evicted_by(slot.id, space.tick());
     add_since(&space.stats.ns_evict, t);
     add(&space.stats.evictions, 1);
     // Only what was copied: read duplicates the CPU holds too move nothing.

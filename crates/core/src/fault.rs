@@ -91,7 +91,8 @@ pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
             flushed += stale.len();
             stale.clear();
         }
-        add(&space.stats.duplicate_faults, flushed as u64);
+        add(&space.stats.device_faults, flushed as u64);
+        add(&space.stats.flushed_faults, flushed as u64);
         slot.mmu.replay(&cancel);
         add(&space.stats.replays, 1);
         if space.config.policy.cross_block {
@@ -113,6 +114,8 @@ pub(crate) fn service_batch(
     slot: &DeviceSlot,
     faults: &mut Vec<DeviceFault>,
 ) -> (Vec<Cancel>, Vec<Serviced>) {
+    add(&space.stats.device_faults, faults.len() as u64);
+    add(&space.stats.fault_batches, 1);
     let Ok(_gate) = space.enter() else {
         let cancel: Vec<_> =
             faults.iter().map(|f| (align_down(f.va, PAGE_SIZE), Access::Read, FaultCancel::Detached)).collect();
@@ -121,8 +124,6 @@ pub(crate) fn service_batch(
     };
     let _shape = space.reshape.read();
     let st = &space.stats;
-    add(&st.device_faults, faults.len() as u64);
-    add(&st.fault_batches, 1);
     for f in faults.iter_mut() {
         f.va = align_down(f.va, PAGE_SIZE);
     }
@@ -146,7 +147,7 @@ pub(crate) fn service_batch(
     let cancel = Mutex::new(Vec::new());
     if workers == 1 {
         for g in &groups {
-            service_block(space, slot, g, &mut cancel.lock());
+            service_block_caught(space, slot, g, &mut cancel.lock());
         }
     } else {
         // Blocks are independent: workers take them in order from a shared cursor. This thread
@@ -155,7 +156,7 @@ pub(crate) fn service_batch(
         let work = || {
             let mut mine = Vec::new();
             while let Some(g) = groups.get(next.fetch_add(1, Ordering::Relaxed)) {
-                service_block(space, slot, g, &mut mine);
+                service_block_caught(space, slot, g, &mut mine);
             }
             cancel.lock().extend(mine);
         };
@@ -169,6 +170,17 @@ pub(crate) fn service_batch(
     let cancel = cancel.into_inner();
     add(&st.cancelled_faults, cancel.len() as u64);
     (cancel, serviced)
+}
+
+/// [`service_block`], a panic in it (a driver bug) cancelling only the faults of its block: the
+/// batch's other blocks, served or not, are answered as they would have been (a panic cancelled
+/// the whole batch, blocks already mapped included; found by an audit).
+fn service_block_caught(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<Cancel>) {
+    let run = std::panic::AssertUnwindSafe(|| service_block(space, slot, group, cancel));
+    if std::panic::catch_unwind(run).is_err() {
+        log::error!("device {:?} fault service panicked at {:#x}; cancelling its faults", slot.id, group[0].va);
+        cancel.extend(group.iter().map(|f| (f.va, Access::Read, FaultCancel::ServiceFailed)));
+    }
 }
 
 /// Pages of one block sorted by what to do with them.
@@ -246,18 +258,12 @@ fn thrash_response(
     now: u64,
 ) -> Option<crate::evict::Queued> {
     let me = Proc::Device(slot.id);
-    if blk.last_evicted != 0 {
-        if now.saturating_sub(blk.last_evicted) < THRASH_WINDOW_NS {
-            blk.refaults = blk.refaults.saturating_add(1);
-            add(&space.stats.thrash_events, 1);
-            if blk.refaults >= 2 {
-                slot.thrash_until.fetch_max(now.saturating_add(THRASH_WINDOW_NS), Ordering::Relaxed);
-            }
-        } else {
-            blk.refaults = 0;
+    if let Some(refaults) = blk.refaulted(slot.id, now, THRASH_WINDOW_NS) {
+        add(&space.stats.thrash_events, 1);
+        if refaults >= 2 {
+            slot.thrash_until.fetch_max(now.saturating_add(THRASH_WINDOW_NS), Ordering::Relaxed);
         }
     }
-    blk.last_evicted = 0;
     end_remote_service(space, slot, blk, now);
     if blk.thrashing.has(me) {
         return None;
@@ -335,7 +341,7 @@ fn arrival(space: &AddressSpace, slot: &DeviceSlot, blk: &mut crate::block::Bloc
         }
     }
     match found.victim_refaults() {
-        Some(r) if blk.refaults <= r.saturating_add(1) => Arrival::Remote,
+        Some(r) if blk.refaults(slot.id) <= r.saturating_add(1) => Arrival::Remote,
         _ => Arrival::In,
     }
 }
@@ -640,8 +646,12 @@ fn serve_remotely(
     for f in group.iter().filter(|f| f.access >= Access::Write && region.range.contains(f.va)) {
         written.set(((f.va - blk.base) / PAGE_SIZE) as usize);
     }
-    let elsewhere =
-        migrate::select(blk, &written, |p| p.resident.0 & !ProcMask::only(Proc::Cpu).0 != 0 && !p.resident.has(me));
+    // Its own read-only duplicates of written pages go home too: left mapped read-only, the
+    // write was reported served and faulted again, in every batch where another fault of the
+    // block needed memory (found by an audit).
+    let elsewhere = migrate::select(blk, &written, |p| {
+        p.resident.0 & !ProcMask::only(Proc::Cpu).0 != 0 && p.resident != ProcMask::only(me)
+    });
     migrate::to_cpu(space, region, blk, &elsewhere)?;
     migrate::map_remote(space, region, blk, slot, faulted)?;
     add(&space.stats.oom_remote_pages, faulted.count() as u64);
@@ -797,7 +807,13 @@ fn plan_ahead(space: &AddressSpace, slot: &DeviceSlot, serviced: &[Serviced]) {
             let steady = r.len() == 3 && r[2] > r[1] && r[1] > r[0] && r[2] - r[1] == r[1] - r[0];
             w.ahead = next_ahead(w.ahead, steady, space.free_fraction(slot));
             if steady {
-                reqs.push(Ahead { last: b, stride: r[2] - r[1], ahead: w.ahead, write: w.write });
+                reqs.push(Ahead {
+                    region: region.range.start,
+                    last: b,
+                    stride: r[2] - r[1],
+                    ahead: w.ahead,
+                    write: w.write,
+                });
             }
         }
         // Forget walks of regions that are gone.
@@ -827,6 +843,8 @@ fn next_ahead(ahead: usize, steady: bool, free: f64) -> usize {
 /// A request to the prefetch thread.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ahead {
+    /// The start of the region walked (walks are per region).
+    region: u64,
     last: u64,
     stride: u64,
     ahead: usize,
@@ -842,12 +860,15 @@ pub(crate) fn ahead_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>, rx: s
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
-        // Keep the newest request of each walk (a later request on the same stride supersedes
-        // an earlier one it overlaps).
+        // Keep the newest request of each walk (a later request of the same region on the same
+        // stride supersedes an earlier one it overlaps; of two buffers streamed at once, the
+        // lower one's requests were dropped: found by an audit).
         let mut reqs = vec![first];
         while let Ok(r) = rx.try_recv() {
             let window = (MAX_AHEAD_ROOMY as u64 + 1) * r.stride;
-            reqs.retain(|o| !(o.stride == r.stride && o.last < r.last && r.last - o.last < window));
+            reqs.retain(|o| {
+                !(o.region == r.region && o.stride == r.stride && o.last < r.last && r.last - o.last < window)
+            });
             reqs.push(r);
         }
         let Some(space) = space.upgrade() else { return };
@@ -858,7 +879,7 @@ pub(crate) fn ahead_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>, rx: s
 }
 
 fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
-    let Ahead { last, stride, ahead, write: writes } = req;
+    let Ahead { last, stride, ahead, write: writes, .. } = req;
     let me = Proc::Device(slot.id);
     // Never while a fork is prepared or regions are being reshaped.
     let Some(_gate) = space.try_enter() else { return };
@@ -952,6 +973,101 @@ mod service_tests {
         assert!(space.page_state(good).unwrap().dev_mapped.has(Proc::Device(id)), "the valid fault was not serviced");
     }
 
+    /// Found by an audit: a write fault on a page the device holds as a read-only duplicate (beside the
+    /// CPU's copy), faulting in the same block as a page that needs device memory while the
+    /// device is full of pinned memory. `to_device` fails (out of memory) and `serve_remotely`
+    /// maps only pages the device does not hold, leaving the duplicate mapped read-only: the
+    /// fault is reported serviced (not cancelled, `oom_since` reset), yet the write faults again
+    /// after the replay, and again in every batch in which another fault of its block needs
+    /// memory (each round below), though serving it needs no memory at all.
+    #[test]
+    fn a_write_to_a_read_duplicate_is_served_when_memory_is_pinned_full() {
+        use crate::cpu::CpuFaultHandler;
+        use crate::types::PAGE_SIZE;
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            duplicate_reads: true,
+            ..crate::policy::Policy::uvm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let s = 8 * BLOCK_SIZE;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let fake = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, host));
+        let id = space.attach(fake.clone(), AttachOptions::default()).unwrap();
+        let me = Proc::Device(id);
+        let slot = space.slot(id).unwrap();
+        let (a, b) = (s + 5 * PAGE_SIZE, s + 6 * PAGE_SIZE);
+        // The CPU writes A; the device reads it: a read-only duplicate on the device.
+        space.cpu_fault(a, Access::Write).unwrap();
+        let mut batch = vec![DeviceFault { va: a, access: Access::Read, client: 0 }];
+        assert!(super::service_batch(&space, &slot, &mut batch).0.is_empty());
+        let st = space.page_state(a).unwrap();
+        assert!(st.resident.has(me) && st.resident.has(Proc::Cpu) && st.dev_ro.has(me), "{st:?}");
+        // The rest of the device's memory holds a pinned block.
+        let filler = VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE - PAGE_SIZE);
+        space.attrs.write().update(VaRange::new(s + BLOCK_SIZE, BLOCK_SIZE), |x| x.pinned = true);
+        space.migrate(filler.start, filler.len, me).unwrap();
+        assert_eq!(space.device_memory(id).unwrap().0, 0, "the device is full");
+        for round in 0..3 {
+            let mut batch = vec![
+                DeviceFault { va: a, access: Access::Write, client: 0 },
+                DeviceFault { va: b, access: Access::Read, client: 1 },
+            ];
+            let (cancel, _) = super::service_batch(&space, &slot, &mut batch);
+            let writable = fake.pt.lock().get(&a).is_some_and(|e| e.1.contains(Prot::WRITE));
+            let cancelled = cancel.iter().any(|c| c.0 == a);
+            assert!(
+                writable || cancelled,
+                "round {round}: the write fault on {a:#x} was neither served (still read-only on the device: {:?}) nor cancelled ({cancel:?}); page {:?}",
+                fake.pt.lock().get(&a),
+                space.page_state(a)
+            );
+        }
+    }
+
+    /// Found by an audit: the prefetch thread keeps "the newest request of each walk", but walks are per
+    /// region and the merge compares only strides and addresses: of two buffers streamed at
+    /// once with the same stride (a kernel reading `a` and `b`), less than 33 strides apart,
+    /// the request for the lower one is dropped whenever both are queued together, and its
+    /// blocks are never prefetched ahead.
+    #[test]
+    fn queued_prefetch_requests_of_two_regions_are_both_served() {
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            ..crate::policy::Policy::uvm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let (a, b) = (8 * BLOCK_SIZE, 16 * BLOCK_SIZE);
+        for r in [a, b] {
+            space
+                .add_region(Arc::new(PlainCpu::new(VaRange::new(r, 8 * BLOCK_SIZE))), Prot::READ | Prot::WRITE)
+                .unwrap();
+        }
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 8 * BLOCK_SIZE as usize]));
+        let fake = Arc::new(FakeDevice::new(64 * BLOCK_SIZE as usize, 0xEE, host));
+        let id = space.attach(fake, AttachOptions::default()).unwrap();
+        let slot = space.slot(id).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for r in [a, b] {
+            tx.send(super::Ahead { region: r, last: r + 2 * BLOCK_SIZE, stride: BLOCK_SIZE, ahead: 4, write: false })
+                .unwrap();
+        }
+        drop(tx);
+        super::ahead_loop(Arc::downgrade(&space), slot, rx);
+        for r in [a, b] {
+            for k in 3..7 {
+                let st = space.page_state(r + k * BLOCK_SIZE).unwrap();
+                assert!(
+                    st.resident.has(Proc::Device(id)),
+                    "block {k} of the region at {r:#x} was not prefetched ahead"
+                );
+            }
+        }
+    }
+
     /// The thrashing response picks the cooler block a hot arrival replaces (`thrash_response`,
     /// via `evict::candidates`, which skips pinned blocks), and `make_room_for_hot_arrival`
     /// evicts it later through `evict::evict_queued`, which now looks at pins (and
@@ -1007,5 +1123,170 @@ mod service_tests {
                 space.stats().hot_arrivals
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod service_loop_tests {
+    //! The service thread (`service_loop`) driven by a device that delivers faults.
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use parking_lot::Mutex;
+
+    use crate::device::*;
+    use crate::fakes::PlainCpu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::FakeDevice;
+    use crate::types::{Access, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+
+    type Cancels = Vec<(u64, Access, FaultCancel)>;
+
+    /// A `FakeDevice` with a replayable fault buffer the test fills.
+    #[derive(Debug)]
+    struct QueueDev {
+        inner: Arc<FakeDevice>,
+        queue: Mutex<VecDeque<DeviceFault>>,
+        fetched: std::sync::atomic::AtomicU64,
+        replays: Mutex<Vec<Cancels>>,
+        /// Faults raised while the first map of a batch is made (warps faulting meanwhile).
+        during_map: Mutex<Vec<DeviceFault>>,
+        /// Maps of addresses at or above this panic (a driver bug in one block's service).
+        panic_from: Mutex<Option<u64>>,
+    }
+
+    impl QueueDev {
+        fn new(bytes: usize, host_bytes: usize) -> QueueDev {
+            let host = Arc::new(Mutex::new(vec![0u8; host_bytes]));
+            QueueDev {
+                inner: Arc::new(FakeDevice::new(bytes, 0xEE, host)),
+                queue: Mutex::default(),
+                fetched: 0.into(),
+                replays: Mutex::default(),
+                during_map: Mutex::default(),
+                panic_from: Mutex::default(),
+            }
+        }
+    }
+
+    impl DeviceMmu for QueueDev {
+        fn caps(&self) -> DeviceCaps {
+            DeviceCaps { replayable_faults: true, ..self.inner.caps() }
+        }
+        fn physical_ranges(&self) -> Vec<(PhysAddr, u64)> {
+            self.inner.physical_ranges()
+        }
+        fn create_page_table(&self) -> Result<(), DeviceError> {
+            self.inner.create_page_table()
+        }
+        fn destroy_page_table(&self) {
+            self.inner.destroy_page_table()
+        }
+        unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
+            if let Some(p) = *self.panic_from.lock() {
+                assert!(!entries.iter().any(|e| e.va >= p), "injected panic in a map");
+            }
+            let raised: Vec<DeviceFault> = std::mem::take(&mut *self.during_map.lock());
+            self.queue.lock().extend(raised);
+            // SAFETY: forwarded as given.
+            unsafe { self.inner.map(entries) }
+        }
+        fn unmap(&self, ranges: &[VaRange]) -> Result<(), DeviceError> {
+            self.inner.unmap(ranges)
+        }
+        fn protect(&self, ranges: &[(VaRange, Prot)]) -> Result<(), DeviceError> {
+            self.inner.protect(ranges)
+        }
+        fn invalidate_tlb(&self, ranges: &[VaRange]) {
+            self.inner.invalidate_tlb(ranges)
+        }
+        unsafe fn copy(&self, ops: &[CopyOp]) -> Result<Box<dyn Completion>, DeviceError> {
+            // SAFETY: forwarded as given.
+            unsafe { self.inner.copy(ops) }
+        }
+        fn fetch_faults(&self, max: usize, out: &mut Vec<DeviceFault>) -> usize {
+            let mut q = self.queue.lock();
+            let n = max.min(q.len());
+            out.extend(q.drain(..n));
+            self.fetched.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+            n
+        }
+        fn wait_for_faults(&self, timeout: Duration) -> bool {
+            if !self.queue.lock().is_empty() {
+                return true;
+            }
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            !self.queue.lock().is_empty()
+        }
+        fn replay(&self, cancel: &[(u64, Access, FaultCancel)]) {
+            self.replays.lock().push(cancel.to_vec());
+        }
+        fn shutdown_faults(&self) {}
+    }
+
+    fn setup(blocks: u64) -> (Arc<AddressSpace>, Arc<QueueDev>, u64) {
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            cross_block: false,
+            ..crate::policy::Policy::uvm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let s = 8 * BLOCK_SIZE;
+        let len = blocks * BLOCK_SIZE;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(s, len))), Prot::READ | Prot::WRITE).unwrap();
+        let dev = Arc::new(QueueDev::new(4 * BLOCK_SIZE as usize, len as usize));
+        space.attach(dev.clone(), AttachOptions::default()).unwrap();
+        (space, dev, s)
+    }
+
+    fn wait_replays(dev: &QueueDev, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dev.replays.lock().len() < n {
+            assert!(Instant::now() < deadline, "no replay");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Found by an audit: entries the batch flush discards (faults raised while the batch was serviced) are
+    /// fetched but not counted in `device_faults` ("Device fault entries fetched"), and are
+    /// counted in `duplicate_faults` ("merged into another entry of the same batch"): the
+    /// duplicates exceed the faults.
+    #[test]
+    fn flushed_entries_are_counted_as_fetched_faults() {
+        let (space, dev, s) = setup(1);
+        *dev.during_map.lock() =
+            (1..4).map(|k| DeviceFault { va: s + k * PAGE_SIZE, access: Access::Read, client: k as u32 }).collect();
+        dev.queue.lock().push_back(DeviceFault { va: s, access: Access::Read, client: 0 });
+        wait_replays(&dev, 1);
+        let st = space.stats();
+        let fetched = dev.fetched.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(fetched, 4, "the three faults raised meanwhile were flushed");
+        assert!(
+            st.duplicate_faults <= st.device_faults,
+            "duplicate_faults {} > device_faults {}",
+            st.duplicate_faults,
+            st.device_faults
+        );
+        assert_eq!(st.device_faults, fetched, "device_faults is not the entries fetched");
+    }
+
+    /// Found by an audit: one block's service panicking (a driver bug) cancels every fault of the batch,
+    /// also those of another block that was serviced and mapped before it: their kernels fail
+    /// (`ServiceFailed`) though their pages are mapped.
+    #[test]
+    fn a_panicking_block_does_not_cancel_a_block_already_serviced() {
+        let (_space, dev, s) = setup(2);
+        *dev.panic_from.lock() = Some(s + BLOCK_SIZE);
+        dev.queue.lock().extend([
+            DeviceFault { va: s, access: Access::Read, client: 0 },
+            DeviceFault { va: s + BLOCK_SIZE, access: Access::Read, client: 1 },
+        ]);
+        wait_replays(&dev, 1);
+        let cancels = dev.replays.lock()[0].clone();
+        let mapped = dev.inner.pt.lock().contains_key(&s);
+        assert!(mapped, "the first block was serviced");
+        assert!(!cancels.iter().any(|c| c.0 == s), "a fault of a block serviced and mapped was cancelled: {cancels:?}");
     }
 }

@@ -922,6 +922,32 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
     Ok(copied)
 }
 
+/// Takes `slot`'s device's copies out of `blk` (eviction): the pages no other processor holds
+/// come home first; other holders keep their copies and mappings (the eviction dropped every
+/// device's copies, a launch's on a device that cannot fault included; found by an audit).
+/// Peer mappings of the block's pages go first (the state does not say whose copy one reaches;
+/// a peer faults it in again). Returns the pages copied.
+pub(crate) fn evict_from(space: &AddressSpace, region: &Region, blk: &mut Block, slot: &DeviceSlot) -> Result<usize> {
+    let me = Proc::Device(slot.id);
+    let here = blk.resident_on(me);
+    if here.is_empty() {
+        return Ok(0);
+    }
+    unmap_peer_maps(space, blk, &here)?;
+    let copy = select(blk, &here, |p| p.resident == ProcMask::only(me));
+    unmap_on(space, blk, slot, &here)?;
+    // On failure the device pages keep the data (unmapped; the next device fault remaps).
+    copy_back(space, region, blk, slot, &copy)?;
+    release_device_pages(slot, blk, &here);
+    for i in here.iter() {
+        blk.pages[i].resident.remove(me);
+    }
+    for i in copy.iter() {
+        blk.pages[i].resident.insert(Proc::Cpu);
+    }
+    Ok(copy.count())
+}
+
 /// Copies the pages of `m` that only devices hold into host backing, one holder each, without
 /// unmapping them: when a device refuses to give up pages a reshape the program forced keeps
 /// (its munmap or mremap has already happened), their data still comes home, and the CPU holds
@@ -2113,7 +2139,9 @@ mod whole_block_tests {
         dev.fail_d2h.store(true, SeqCst);
         space.unmap_range(VaRange::new(BASE + len - PAGE_SIZE, PAGE_SIZE)).expect("nothing is lost");
         dev.fail_d2h.store(false, SeqCst);
-        assert!(resident_on_dev(&space, id, BASE) && resident_on_dev(&space, id, BASE + 2 * BLOCK_SIZE));
+        for va in [BASE, BASE + BLOCK_SIZE] {
+            assert!(resident_on_dev(&space, id, va), "{va:#x}: {:?}", space.page_state(va));
+        }
         // Mapped again whole at their windows (the fake checks each page's window offset).
         space.migrate(BASE, len - PAGE_SIZE, Proc::Device(id)).unwrap();
         space.migrate(BASE, len - PAGE_SIZE, Proc::Cpu).unwrap();

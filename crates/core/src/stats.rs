@@ -44,6 +44,9 @@ stats! {
     device_faults,
     /// Device fault entries merged into another entry of the same batch.
     duplicate_faults,
+    /// Device fault entries a batch flush discarded: raised while the batch was serviced, their
+    /// clients fault again after the replay if they still need service (UVM's BATCH_FLUSH).
+    flushed_faults,
     /// Device faults cancelled (bad address, protection, detach).
     cancelled_faults,
     /// Device fault batches serviced.

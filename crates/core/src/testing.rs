@@ -1909,7 +1909,7 @@ fn eviction_keeps_the_block_that_keeps_coming_back() {
         w.space.migrate(va, BLOCK_SIZE, dev).unwrap();
     }
     let region = w.space.region_of(s).unwrap();
-    region.blocks[0].lock().refaults = 3;
+    region.blocks[0].lock().set_refaults(w.ids[0], 3, 0);
     assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the two blocks fill the device");
     assert_eq!(w.dev_access(0, new, Some(3)), Some(3));
     assert!(!region.blocks[0].lock().resident_on(dev).is_empty(), "the hot block was evicted");
@@ -1941,14 +1941,13 @@ fn a_hot_block_arriving_on_a_thrashing_device_comes_in_by_its_access_counts() {
         assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "the two blocks fill the device");
         let region = w.space.region_of(s).unwrap();
         for b in 0..2 {
-            region.blocks[b].lock().refaults = 1;
+            region.blocks[b].lock().set_refaults(w.ids[0], 1, 0);
         }
         {
             // The arrival was evicted a moment ago, once before that: this fault is its second
             // return within the window, and starts the thrashing.
             let mut arrival = region.blocks[2].lock();
-            arrival.refaults = 1;
-            arrival.last_evicted = w.space.tick();
+            arrival.set_refaults(w.ids[0], 1, w.space.tick());
         }
         let mut counts = w.devs[0].access_counts.lock();
         counts.insert(s, READ);
@@ -2823,6 +2822,268 @@ mod pin_paths {
         assert!(
             p.resident.has(pa),
             "A's pinned page left A because B's thrashing response mapped the whole block: {p:?}"
+        );
+    }
+}
+
+/// Eviction and oversubscription cases an audit found wrong (evict.rs, the thrashing response).
+mod eviction_findings {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use crate::advice::Advice;
+    use crate::device::{DeviceFault, DeviceMmu};
+    use crate::evict::{evict_one, Evicted};
+    use crate::fakes::PlainCpu;
+    use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+    use crate::testing::FakeDevice;
+    use crate::types::{Access, DeviceId, Proc, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+
+    const S: u64 = 8 * BLOCK_SIZE;
+
+    fn read_fault(space: &AddressSpace, id: DeviceId, va: u64) -> Vec<crate::fault::Cancel> {
+        let slot = space.slot(id).unwrap();
+        let mut batch = vec![DeviceFault { va, access: Access::Read, client: 0 }];
+        crate::fault::service_batch(space, &slot, &mut batch).0
+    }
+
+    /// Two devices of one block each, a two-block region at `S`.
+    fn two_devices(policy: crate::policy::Policy) -> (Arc<AddressSpace>, Vec<DeviceId>) {
+        let policy = crate::policy::Policy { cpu_readahead: false, ..policy };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(S, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let ids = (0..2)
+            .map(|_| {
+                let fake = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+                space.attach(fake, AttachOptions::default()).unwrap()
+            })
+            .collect();
+        (space, ids)
+    }
+
+    /// `Block::last_evicted` / `refaults` are per block, not per device: an eviction from
+    /// device 0 followed by device 1's *first* touch of the block is counted as an
+    /// evict-and-refault cycle on device 1 (`thrash_events`), and can put device 1, which never
+    /// evicted anything, into capacity-thrashing mode (`thrash_until`).
+    #[test]
+    fn an_eviction_on_one_device_is_not_a_refault_on_another() {
+        let (space, ids) = two_devices(crate::policy::Policy::uvm());
+        let (d0, d1) = (Proc::Device(ids[0]), Proc::Device(ids[1]));
+        let (x, y) = (S, S + BLOCK_SIZE);
+        // Device 0 thrashes on X: X evicted by Y, faulted back, evicted by Y again.
+        space.migrate(x, BLOCK_SIZE, d0).unwrap();
+        space.migrate(y, BLOCK_SIZE, d0).unwrap();
+        assert!(read_fault(&space, ids[0], x).is_empty());
+        space.migrate(y, BLOCK_SIZE, d0).unwrap();
+        assert!(space.page_state(x).unwrap().resident.has(Proc::Cpu), "set-up: X evicted from device 0");
+        let before = space.stats().thrash_events;
+        assert_eq!(before, 1, "set-up: device 0's refault of X counted");
+        // Device 1 touches X for the first time: no eviction ever happened on device 1.
+        assert!(read_fault(&space, ids[1], x).is_empty());
+        assert!(space.page_state(x).unwrap().resident.has(d1));
+        let after = space.stats().thrash_events;
+        let until = space.slot(ids[1]).unwrap().thrash_until.load(Ordering::Relaxed);
+        assert!(
+            after == before && until == 0,
+            "device 1's first touch of X counted as a refault: thrash_events {before} -> {after}, \
+             device 1 thrash_until {until}"
+        );
+    }
+
+    /// Two threads looking for a victim at once on a device whose memory is all pinned each see
+    /// the other's `InFlight` (taken for every queue entry examined, pinned ones included) and
+    /// report `Busy` instead of `Nothing`: the fault path then returns `DeviceMemoryBusy`, which
+    /// is neither served remotely (`serve_remotely` runs only on `OutOfDeviceMemory`) nor
+    /// failed, but retried until `OOM_PATIENCE_NS` and then cancelled.
+    #[test]
+    fn concurrent_searches_of_an_all_pinned_device_find_nothing_not_busy() {
+        const N: u64 = 64;
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            ..crate::policy::Policy::uvm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; PAGE_SIZE as usize]));
+        let dev = Arc::new(FakeDevice::new((N * PAGE_SIZE) as usize, 0xEE, host));
+        let id = space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        for k in 0..N {
+            let va = S + k * BLOCK_SIZE;
+            space.add_region(Arc::new(PlainCpu::new(VaRange::new(va, PAGE_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+            space.advise(va, PAGE_SIZE, Advice::Pin(true)).unwrap();
+            space.migrate(va, PAGE_SIZE, Proc::Device(id)).unwrap();
+        }
+        assert_eq!(space.device_memory(id).unwrap().0, 0, "set-up: the device is full of pinned pages");
+        let slot = space.slot(id).unwrap();
+        assert_eq!(evict_one(&space, &slot, u64::MAX).unwrap(), Evicted::Nothing, "alone: nothing");
+        let busy = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        if evict_one(&space, &slot, u64::MAX).unwrap() == Evicted::Busy {
+                            busy.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let busy = busy.into_inner();
+        assert_eq!(busy, 0, "{busy} of 4000 searches of an all-pinned device reported Busy");
+    }
+
+    /// Evicting a block from device A (which can fault) takes it off device B too, where B
+    /// holds a read-only duplicate: `evict_block` calls `migrate::to_cpu`, which brings home
+    /// and frees the copies of *every* device holding the victim pages. `held_by_job` only
+    /// looks at the evicting device's capabilities, so the copy of a device that cannot fault
+    /// is dropped while a launch on it is getting the block ready (`launch_prepare`), which
+    /// eviction promises never to do.
+    #[test]
+    fn evicting_from_one_device_leaves_another_devices_copy_held_for_a_launch() {
+        let policy = crate::policy::Policy {
+            prefetcher: Arc::new(crate::policy::NoPrefetch),
+            cpu_readahead: false,
+            ..crate::policy::Policy::uvm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(S, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        // A faults (replayable); B, a GPU, cannot.
+        let a =
+            Arc::new(FakeDevice { replayable: true, ..FakeDevice::new(BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)) });
+        let b = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+        let ia = space.attach(a as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let ib = space.attach(b as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let (pa, pb) = (Proc::Device(ia), Proc::Device(ib));
+        let x = S;
+        space.advise(x, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+        space.migrate(x, BLOCK_SIZE, pb).unwrap();
+        space.migrate(x, BLOCK_SIZE, pa).unwrap();
+        let st = space.page_state(x).unwrap();
+        assert!(st.resident.has(pa) && st.resident.has(pb), "set-up: copies on both devices: {st:?}");
+        // A launch on B is getting X ready.
+        let ranges = [VaRange::new(x, BLOCK_SIZE)];
+        space.launch_prepare(&ranges);
+        // A needs memory: X is its only block.
+        let slot_a = space.slot(ia).unwrap();
+        let r = evict_one(&space, &slot_a, u64::MAX).unwrap();
+        let st = space.page_state(x).unwrap();
+        space.launch_ready(&ranges);
+        assert_eq!(r, Evicted::Freed, "set-up: A evicted X");
+        assert!(!st.resident.has(pa), "set-up: X left A");
+        assert!(
+            st.resident.has(pb) && st.dev_mapped.has(pb),
+            "an eviction on device A dropped device B's copy, held for B's launch: {st:?}"
+        );
+    }
+
+    /// The fault-path consequence of the spurious `Busy` above: under `hetmm` (two service
+    /// workers), a batch faulting two blocks on a device full of pinned memory should be served
+    /// remotely (`serve_remotely`, as for one block: see
+    /// `a_device_whose_memory_is_all_pinned_serves_other_data_remotely`); when the two workers'
+    /// victim searches overlap, each gets `DeviceMemoryBusy` and its faults are left unserved
+    /// (retried after the replay, cancelled after `OOM_PATIENCE_NS`).
+    #[test]
+    fn concurrent_faults_on_an_all_pinned_device_are_served_remotely_at_once() {
+        const N: u64 = 512;
+        let policy = crate::policy::Policy {
+            cpu_readahead: false,
+            cross_block: false,
+            service_workers: 2,
+            ..crate::policy::Policy::hetmm()
+        };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
+        let dev = Arc::new(FakeDevice::new((N * PAGE_SIZE) as usize, 0xEE, host));
+        let id = space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let me = Proc::Device(id);
+        for k in 0..N {
+            let va = S + k * BLOCK_SIZE;
+            space.add_region(Arc::new(PlainCpu::new(VaRange::new(va, PAGE_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+            space.advise(va, PAGE_SIZE, Advice::Pin(true)).unwrap();
+            space.migrate(va, PAGE_SIZE, me).unwrap();
+        }
+        assert_eq!(space.device_memory(id).unwrap().0, 0, "set-up: the device is full of pinned pages");
+        // The data: a region of two blocks nobody pinned.
+        let data = S + N * BLOCK_SIZE;
+        space
+            .add_region(Arc::new(PlainCpu::new(VaRange::new(data, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE)
+            .unwrap();
+        let slot = space.slot(id).unwrap();
+        let mut unserved = 0;
+        let rounds = 300;
+        for _ in 0..rounds {
+            let (x, y) = (data, data + BLOCK_SIZE);
+            let mut batch = vec![
+                DeviceFault { va: x, access: Access::Read, client: 0 },
+                DeviceFault { va: y, access: Access::Read, client: 1 },
+            ];
+            let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+            assert!(cancel.is_empty(), "{cancel:?}");
+            for va in [x, y] {
+                if !space.page_state(va).unwrap().dev_mapped.has(me) {
+                    unserved += 1;
+                }
+            }
+            // Back to untouched for the next round.
+            space.advise(data, 2 * BLOCK_SIZE, Advice::DontNeed).unwrap();
+        }
+        assert_eq!(unserved, 0, "{unserved} of {} faults left unserved (memory reported busy, not full)", 2 * rounds);
+    }
+
+    /// Under `JobAwareLru` (hetmm's default) a victim whose eviction fails keeps its place and
+    /// its rank (`evict_queued` leaves the queue as it is), so every later allocation on the
+    /// device picks the same victim again and fails the same way: nothing on the device can be
+    /// evicted any more, though other blocks could be. `Fifo` moves a failed victim to the back
+    /// ("it stays a candidate for later"), and the next allocation evicts another block. Here
+    /// the victim's copy is mapped by a peer device whose unmap fails (a per-block failure).
+    #[test]
+    fn a_victim_whose_eviction_failed_does_not_block_every_later_eviction() {
+        use crate::policy::Eviction;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut results = Vec::new();
+        for eviction in [Eviction::Fifo, Eviction::JobAwareLru] {
+            let policy = crate::policy::Policy {
+                prefetcher: Arc::new(crate::policy::NoPrefetch),
+                cpu_readahead: false,
+                eviction,
+                ..crate::policy::Policy::uvm()
+            };
+            let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+            space
+                .add_region(Arc::new(PlainCpu::new(VaRange::new(S, 3 * BLOCK_SIZE))), Prot::READ | Prot::WRITE)
+                .unwrap();
+            let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 3 * BLOCK_SIZE as usize]));
+            let a = Arc::new(FakeDevice::with_peer_window(2 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+            let b = Arc::new(FakeDevice::with_peer_window(2 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+            let ia = space.attach(a as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+            let ib = space.attach(Arc::clone(&b) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+            let pa = Proc::Device(ia);
+            let (x, y, z) = (S, S + BLOCK_SIZE, S + 2 * BLOCK_SIZE);
+            // X then Y fill A (X is the least recently used).
+            space.migrate(x, BLOCK_SIZE, pa).unwrap();
+            space.migrate(y, BLOCK_SIZE, pa).unwrap();
+            // B reads X in place through its peer window.
+            space.advise(x, BLOCK_SIZE, Advice::AccessedBy(ib, true)).unwrap();
+            assert!(read_fault(&space, ib, x).is_empty());
+            let st = space.page_state(x).unwrap();
+            assert!(
+                st.peer_mapped.has(Proc::Device(ib)) && st.resident == crate::types::ProcMask::only(pa),
+                "set-up: {st:?}"
+            );
+            assert_eq!(space.device_memory(ia).unwrap().0, 0, "set-up: A is full");
+            // B now refuses to unmap: X cannot be evicted from A; Y can.
+            b.fail_unmap.store(true, Relaxed);
+            let first = space.migrate(z, BLOCK_SIZE, pa).is_ok();
+            let second = space.migrate(z, BLOCK_SIZE, pa).is_ok();
+            let third = space.migrate(z, BLOCK_SIZE, pa).is_ok();
+            b.fail_unmap.store(false, Relaxed);
+            results.push((eviction, first, second, third));
+        }
+        assert!(
+            results.iter().all(|&(_, _, second, third)| second || third),
+            "Z never got onto A (evicting Y) after X's eviction failed: (policy, 1st, 2nd, 3rd try ok) {results:?}"
         );
     }
 }

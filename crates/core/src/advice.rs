@@ -66,6 +66,9 @@ impl AddressSpace {
     /// may span adjacent regions). Attribute changes take effect before this returns; a
     /// prefetch runs in the background.
     pub fn advise(self: &Arc<Self>, start: u64, len: u64, advice: Advice) -> Result<Pending> {
+        // Held from the check to the change of the attributes: no munmap or mremap in between
+        // (recursive: a reshape waiting must not block the nested reads below).
+        let shape = self.reshape.read_recursive();
         let parts = self.span_parts(start, len)?;
         let range = VaRange::new(start, len);
         match advice {
@@ -94,6 +97,7 @@ impl AddressSpace {
                 Ok(Pending { rx: Some(rx) })
             }
             Advice::DontNeed => {
+                drop(shape);
                 // Every part is tried: pages a device refuses to give up keep their data, the
                 // others go; the first refusal is returned.
                 let mut dropped = Ok(());
@@ -104,10 +108,16 @@ impl AddressSpace {
                 dropped.map(|()| Pending::done())
             }
             Advice::PreferredLocation(p) => {
-                if let Some(Proc::Device(d)) = p {
-                    self.slot(d)?;
+                {
+                    // The device is checked under the attributes' lock: a detach forgets its
+                    // advice under the same lock, so none lands after it.
+                    let mut attrs = self.attrs.write();
+                    if let Some(Proc::Device(d)) = p {
+                        self.slot(d)?;
+                    }
+                    attrs.update(range, |a| a.preferred = p);
                 }
-                self.attrs.write().update(range, |a| a.preferred = p);
+                drop(shape);
                 if let Some(Proc::Device(d)) = p {
                     self.unmap_remote_on(d, range)?;
                 }
@@ -118,15 +128,15 @@ impl AddressSpace {
                 Ok(Pending::done())
             }
             Advice::AccessedBy(d, on) => {
-                self.slot(d)?;
                 let p = Proc::Device(d);
-                self.attrs
-                    .write()
-                    .update(range, |a| if on { a.accessed_by.insert(p) } else { a.accessed_by.remove(p) });
+                let mut attrs = self.attrs.write();
+                self.slot(d)?;
+                attrs.update(range, |a| if on { a.accessed_by.insert(p) } else { a.accessed_by.remove(p) });
                 Ok(Pending::done())
             }
             Advice::Pin(on) => {
                 self.attrs.write().update(range, |a| a.pinned = on);
+                drop(shape);
                 if on {
                     // Eviction checks the pin under the block's lock and evicts under the same
                     // hold: taking each lock once waits out one that checked before the pin,

@@ -143,28 +143,31 @@ impl AddressSpace {
     /// The program unmapped `range`: shared regions lose that part (device mappings removed,
     /// device memory freed). Returns the CPU sides of regions that disappeared entirely.
     pub fn unmap_range(&self, range: VaRange) -> Result<Vec<Arc<dyn CpuMmu>>> {
-        let r = self.cut_range(range, Flush::Unmapped(range));
         // The advice went with the memory (whatever is mapped there next starts without).
-        self.attrs.write().clear(range);
-        r
+        self.cut_range(range, Flush::Unmapped(range))
     }
 
     /// Takes `range` out of the shared regions (see [`AddressSpace::unmap_range`] and
     /// [`AddressSpace::release_range`]).
     fn cut_range(&self, range: VaRange, flush: Flush) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let mut gone = Vec::new();
-        self.reshape_regions(range, flush, |r| {
-            let parts: Vec<Part> = r
-                .range
-                .minus(range)
-                .into_iter()
-                .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
-                .collect();
-            if parts.is_empty() {
-                gone.push(Arc::clone(&r.cpu));
-            }
-            parts
-        })?;
+        self.reshape_regions(
+            range,
+            flush,
+            |s| s.attrs.write().clear(range),
+            |r| {
+                let parts: Vec<Part> = r
+                    .range
+                    .minus(range)
+                    .into_iter()
+                    .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
+                    .collect();
+                if parts.is_empty() {
+                    gone.push(Arc::clone(&r.cpu));
+                }
+                parts
+            },
+        )?;
         Ok(gone)
     }
 
@@ -178,7 +181,16 @@ impl AddressSpace {
             .and_then(|end| end.checked_add(BLOCK_SIZE))
             .ok_or(CoreError::Overflow { start: to, len })?;
         let followed = new_cpu.is_some();
-        let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), |r| {
+        let moved_attrs = |s: &AddressSpace| {
+            // The advice moves with the memory (or leaves with it).
+            let mut attrs = s.attrs.write();
+            if followed {
+                attrs.move_range(from, to, len);
+            } else {
+                attrs.clear(old);
+            }
+        };
+        let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), moved_attrs, |r| {
             let mut parts: Vec<Part> = r
                 .range
                 .minus(old)
@@ -196,13 +208,6 @@ impl AddressSpace {
             }
             parts
         });
-        // The advice moves with the memory (or leaves with it).
-        let mut attrs = self.attrs.write();
-        if followed {
-            attrs.move_range(from, to, len);
-        } else {
-            attrs.clear(old);
-        }
         r.map(drop)
     }
 
@@ -213,21 +218,26 @@ impl AddressSpace {
     pub fn protect_range(&self, start: u64, len: u64, prot: Prot) -> Result<()> {
         let range = self.check_span(start, len)?;
         let mut cpu_result = Ok(());
-        self.reshape_regions(range, Flush::Reprotect, |r| {
-            let mut parts: Vec<Part> = r
-                .range
-                .minus(range)
-                .into_iter()
-                .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
-                .collect();
-            if let Some(mid) = r.range.intersect(&range) {
-                if let Err(e) = r.cpu.set_prot(mid, prot) {
-                    cpu_result = Err(CoreError::Host(e));
+        self.reshape_regions(
+            range,
+            Flush::Reprotect,
+            |_| {},
+            |r| {
+                let mut parts: Vec<Part> = r
+                    .range
+                    .minus(range)
+                    .into_iter()
+                    .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
+                    .collect();
+                if let Some(mid) = r.range.intersect(&range) {
+                    if let Err(e) = r.cpu.set_prot(mid, prot) {
+                        cpu_result = Err(CoreError::Host(e));
+                    }
+                    parts.push(Part { range: mid, prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: mid.start });
                 }
-                parts.push(Part { range: mid, prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: mid.start });
-            }
-            parts
-        })?;
+                parts
+            },
+        )?;
         cpu_result
     }
 
@@ -236,9 +246,7 @@ impl AddressSpace {
     /// regions that disappeared entirely.
     pub fn release_range(&self, start: u64, len: u64) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let range = self.check_span(start, len)?;
-        let gone = self.cut_range(range, Flush::AllOrNothing)?;
-        self.attrs.write().clear(range);
-        Ok(gone)
+        self.cut_range(range, Flush::AllOrNothing)
     }
 
     /// Adds shared memory the program already had (`register`): a region over `range` whose CPU
@@ -314,7 +322,13 @@ impl AddressSpace {
     /// `flush` says), then takes those regions out, drops device mappings and copies, and puts
     /// back the parts `f` returns for each (with the old regions' per-page CPU state). Returns
     /// how many regions were touched.
-    fn reshape_regions(&self, touch: VaRange, flush: Flush, mut f: impl FnMut(&Region) -> Vec<Part>) -> Result<usize> {
+    fn reshape_regions(
+        &self,
+        touch: VaRange,
+        flush: Flush,
+        attrs: impl FnOnce(&AddressSpace),
+        mut f: impl FnMut(&Region) -> Vec<Part>,
+    ) -> Result<usize> {
         let _gate = self.enter()?;
         let _shape = self.reshape.write();
         // With the reshape lock held for writing nothing moves data meanwhile: every fault
@@ -478,6 +492,8 @@ impl AddressSpace {
             }
         }
         self.requeue(&moves);
+        // The advice follows under the same hold: nobody sees the new regions with the old advice.
+        attrs(self);
         result.map(|()| old.len())
     }
 

@@ -227,6 +227,8 @@ pub(crate) struct FakeDevice {
     /// Runs when access counts are taken, before they are (a point inside the fault service
     /// where only the serviced block's lock is held): tests act there as another thread would.
     pub(crate) on_take_counts: Mutex<Option<TakeHook>>,
+    /// Maps whole 2 MiB blocks only (`page_sizes` without 4 KiB), as a CUDA device does.
+    pub(crate) whole: bool,
 }
 
 /// See [`FakeDevice::on_take_counts`].
@@ -259,6 +261,7 @@ impl FakeDevice {
             region_bound: false,
             access_counts: Mutex::default(),
             on_take_counts: Mutex::default(),
+            whole: false,
         }
     }
 
@@ -325,7 +328,7 @@ impl DeviceMmu for FakeDevice {
     fn caps(&self) -> DeviceCaps {
         DeviceCaps {
             name: "fake".into(),
-            page_sizes: PAGE_SIZE,
+            page_sizes: if self.whole { BLOCK_SIZE } else { PAGE_SIZE },
             replayable_faults: self.replayable,
             coherent: false,
             remote_host_access: true,
@@ -3085,5 +3088,695 @@ mod eviction_findings {
             results.iter().all(|&(_, _, second, third)| second || third),
             "Z never got onto A (evicting Y) after X's eviction failed: (policy, 1st, 2nd, 3rd try ok) {results:?}"
         );
+    }
+}
+
+/// Range attributes and advice (from an audit): scenarios the state-machine test does not generate
+/// (it has no mremap op).
+mod attribute_cases {
+    use super::*;
+    use crate::advice::Advice;
+
+    /// A CPU access at `va` through `cpu` (a region's CPU side): faults as the handler would,
+    /// then reads or writes the host memory behind it.
+    fn cpu_rw(space: &AddressSpace, cpu: &FakeCpu, va: u64, val: Option<u8>) -> u8 {
+        let page = align_down(va, PAGE_SIZE);
+        let ok = |c: &FakeCpu| c.mapped.lock().get(&page).is_some_and(|wr| *wr || val.is_none());
+        if !ok(cpu) {
+            let access = if val.is_some() { Access::Write } else { Access::Read };
+            space.cpu_fault(va, access).unwrap();
+            assert!(ok(cpu), "CPU fault maps the page with the access it needs");
+        }
+        let off = cpu.backing(va).0;
+        let mut host = cpu.mem.lock();
+        if let Some(v) = val {
+            host[off] = v;
+        }
+        host[off]
+    }
+
+    /// The CPU side of `[to, to + len)` after the program moved `[from, from + len)` there: the
+    /// same host pages (the kernel moves the mapping, not the data).
+    fn moved_cpu(w: &World, from: u64, to: u64, len: u64) -> Arc<FakeCpu> {
+        let off = from - w.cpu.range.start;
+        let _ = len;
+        // `backing(va) = va - range.start`: the new side's range starts `off` below `to`.
+        Arc::new(FakeCpu::new(VaRange::new(to - off, off + len), w.cpu.mem.clone()))
+    }
+
+    fn remap_rm_then_write(distance_extra: u64, writer_is_cpu: bool) {
+        let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 4 * BLOCK_SIZE);
+        let s = w.cpu.range.start;
+        let (from, len) = (s + BLOCK_SIZE, 2 * BLOCK_SIZE);
+        w.space.advise(s, 4 * BLOCK_SIZE, Advice::ReadMostly(true)).unwrap().wait(Duration::from_secs(10)).unwrap();
+        let pg = from + 10 * PAGE_SIZE;
+        w.cpu_access(pg, Some(0x11));
+        // Read duplicates on both devices and the CPU.
+        assert_eq!(w.dev_access(0, pg, None), Some(0x11));
+        assert_eq!(w.dev_access(1, pg, None), Some(0x11));
+        let st = w.space.page_state(pg).unwrap();
+        assert_eq!(st.resident.0.count_ones(), 3, "set-up: three copies {st:?}");
+        let to = s + 64 * BLOCK_SIZE + distance_extra;
+        let cpu2 = moved_cpu(&w, from, to, len);
+        w.space.remap_range(from, to, len, Some(cpu2.clone())).unwrap();
+        let npg = to + 10 * PAGE_SIZE;
+        assert!(w.space.attrs_at(npg).read_mostly, "the advice moved along");
+        assert_eq!(cpu_rw(&w.space, &cpu2, npg, None), 0x11, "CPU reads the moved data");
+        assert_eq!(w.dev_access(0, npg, None), Some(0x11), "device 0 reads the moved data");
+        if writer_is_cpu {
+            cpu_rw(&w.space, &cpu2, npg, Some(0x22));
+        } else {
+            assert_eq!(w.dev_access(1, npg, Some(0x22)), Some(0x22));
+        }
+        assert_eq!(w.dev_access(0, npg, None), Some(0x22), "device 0 reads a stale duplicate");
+        assert_eq!(w.dev_access(1, npg, None), Some(0x22), "device 1 reads a stale duplicate");
+        assert_eq!(cpu_rw(&w.space, &cpu2, npg, None), 0x22, "the CPU reads a stale copy");
+    }
+
+    #[test]
+    fn remap_non_2mib_read_mostly_cpu_write_collapses() {
+        remap_rm_then_write(7 * PAGE_SIZE, true);
+    }
+    #[test]
+    fn remap_non_2mib_read_mostly_dev_write_collapses() {
+        remap_rm_then_write(7 * PAGE_SIZE, false);
+    }
+    #[test]
+    fn remap_2mib_read_mostly_cpu_write_collapses() {
+        remap_rm_then_write(0, true);
+    }
+    #[test]
+    fn remap_2mib_read_mostly_dev_write_collapses() {
+        remap_rm_then_write(0, false);
+    }
+
+    /// Read-mostly set after a device wrote (its mapping writable): each reader that gets a copy
+    /// must leave the writer read-only, or the writer's next store misses the copies.
+    fn rm_after_dev_write(reader: Option<usize>, prefetch: bool) {
+        let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE);
+        let s = w.cpu.range.start;
+        let pg = s + 5 * PAGE_SIZE;
+        assert_eq!(w.dev_access(0, pg, Some(0x11)), Some(0x11));
+        w.space.advise(s, 2 * BLOCK_SIZE, Advice::ReadMostly(true)).unwrap().wait(Duration::from_secs(10)).unwrap();
+        match (reader, prefetch) {
+            (None, false) => assert_eq!(w.cpu_access(pg, None), 0x11),
+            (None, true) => w
+                .space
+                .advise(pg, PAGE_SIZE, Advice::Prefetch(Proc::Cpu))
+                .unwrap()
+                .wait(Duration::from_secs(10))
+                .unwrap(),
+            (Some(d), false) => assert_eq!(w.dev_access(d, pg, None), Some(0x11)),
+            (Some(d), true) => w
+                .space
+                .advise(pg, PAGE_SIZE, Advice::Prefetch(Proc::Device(w.ids[d])))
+                .unwrap()
+                .wait(Duration::from_secs(10))
+                .unwrap(),
+        }
+        assert_eq!(w.dev_access(0, pg, Some(0x22)), Some(0x22));
+        if let Some(d) = reader {
+            assert_eq!(w.dev_access(d, pg, None), Some(0x22), "reader device {d} kept a stale copy");
+        }
+        assert_eq!(w.cpu_access(pg, None), 0x22, "the CPU reads a stale copy");
+        assert_eq!(w.dev_access(1, pg, None), Some(0x22));
+    }
+    #[test]
+    fn rm_after_dev_write_cpu_reader() {
+        rm_after_dev_write(None, false);
+    }
+    #[test]
+    fn rm_after_dev_write_cpu_prefetch() {
+        rm_after_dev_write(None, true);
+    }
+    #[test]
+    fn rm_after_dev_write_dev_reader() {
+        rm_after_dev_write(Some(1), false);
+    }
+    #[test]
+    fn rm_after_dev_write_dev_prefetch() {
+        rm_after_dev_write(Some(1), true);
+    }
+
+    /// A size-0, unaligned or overflowing advice is refused with an error, never a panic.
+    #[test]
+    fn bad_advice_ranges_are_errors() {
+        let w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE);
+        let s = w.cpu.range.start;
+        let all = [
+            Advice::Prefetch(Proc::Cpu),
+            Advice::Prefetch(Proc::Device(w.ids[0])),
+            Advice::DontNeed,
+            Advice::PreferredLocation(Some(Proc::Device(w.ids[1]))),
+            Advice::ReadMostly(true),
+            Advice::AccessedBy(w.ids[0], true),
+            Advice::Pin(true),
+            Advice::AccessedBy(DeviceId(200), true),
+            Advice::Prefetch(Proc::Device(DeviceId(200))),
+            Advice::PreferredLocation(Some(Proc::Device(DeviceId(9)))),
+        ];
+        for a in all {
+            for (st, len) in [
+                (s, 0),
+                (s + 1, PAGE_SIZE),
+                (s, 1),
+                (u64::MAX - PAGE_SIZE + 1, PAGE_SIZE),
+                (s, u64::MAX),
+                (u64::MAX, u64::MAX),
+                (s + 2 * BLOCK_SIZE - PAGE_SIZE, 2 * PAGE_SIZE),
+            ] {
+                let r = w.space.advise(st, len, a).and_then(|p| p.wait(Duration::from_secs(5)));
+                assert!(r.is_err(), "{a:?} on ({st:#x}, {len:#x}) accepted");
+            }
+        }
+        assert!(w.space.attrs.read().is_empty(), "refused advice left attributes: {:?}", w.space.attrs.read());
+    }
+
+    fn wait(p: crate::error::Result<crate::advice::Pending>) {
+        p.unwrap().wait(Duration::from_secs(10)).unwrap();
+    }
+
+    /// AccessedBy(dev 1): dev 1 maps the data where it lies; after an explicit prefetch moves it
+    /// to dev 0 (whole block, bulk path, or one page, per-block path) and dev 0 writes, dev 1
+    /// must read the new bytes, not the old host page.
+    fn accessed_by_then_prefetch(peers: bool, whole: bool) {
+        let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE, peers, false);
+        let s = w.cpu.range.start;
+        let pg = s + 3 * PAGE_SIZE;
+        w.cpu_access(pg, Some(0x11));
+        wait(w.space.advise(s, 2 * BLOCK_SIZE, Advice::AccessedBy(w.ids[1], true)));
+        assert_eq!(w.dev_access(1, pg, None), Some(0x11));
+        let st = w.space.page_state(pg).unwrap();
+        assert!(
+            st.dev_mapped.has(Proc::Device(w.ids[1])) && !st.resident.has(Proc::Device(w.ids[1])),
+            "set-up: {st:?}"
+        );
+        let (ps, pl) = if whole { (s, BLOCK_SIZE) } else { (pg, PAGE_SIZE) };
+        wait(w.space.advise(ps, pl, Advice::Prefetch(Proc::Device(w.ids[0]))));
+        assert_eq!(w.dev_access(0, pg, Some(0x22)), Some(0x22));
+        assert_eq!(w.dev_access(1, pg, None), Some(0x22), "dev 1 reads through a stale mapping");
+        assert_eq!(w.cpu_access(pg, None), 0x22);
+        // And back: the CPU writes, dev 1 reads.
+        w.cpu_access(pg, Some(0x33));
+        assert_eq!(w.dev_access(1, pg, None), Some(0x33));
+        assert_eq!(w.dev_access(0, pg, None), Some(0x33));
+    }
+    #[test]
+    fn accessed_by_prefetch_whole() {
+        accessed_by_then_prefetch(false, true);
+    }
+    #[test]
+    fn accessed_by_prefetch_page() {
+        accessed_by_then_prefetch(false, false);
+    }
+    #[test]
+    fn accessed_by_prefetch_whole_peers() {
+        accessed_by_then_prefetch(true, true);
+    }
+    #[test]
+    fn accessed_by_prefetch_page_peers() {
+        accessed_by_then_prefetch(true, false);
+    }
+
+    /// AccessedBy(dev 1) on data dev 0 holds, peers: dev 1 maps dev 0's memory. DontNeed must
+    /// leave zeros everywhere.
+    #[test]
+    fn dontneed_with_peer_mapping_reads_zeros() {
+        let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE, true, false);
+        let s = w.cpu.range.start;
+        let pg = s + 3 * PAGE_SIZE;
+        assert_eq!(w.dev_access(0, pg, Some(0x11)), Some(0x11));
+        wait(w.space.advise(s, 2 * BLOCK_SIZE, Advice::AccessedBy(w.ids[1], true)));
+        assert_eq!(w.dev_access(1, pg, None), Some(0x11));
+        let st = w.space.page_state(pg).unwrap();
+        assert!(st.peer_mapped.has(Proc::Device(w.ids[1])), "set-up: {st:?}");
+        wait(w.space.advise(pg, PAGE_SIZE, Advice::DontNeed));
+        assert_eq!(w.dev_access(1, pg, None), Some(0), "dev 1");
+        assert_eq!(w.dev_access(0, pg, None), Some(0), "dev 0");
+        assert_eq!(w.cpu_access(pg, None), 0, "cpu");
+    }
+
+    /// Read duplicates, then a protect(RW) reshape of the block, then a write: copies collapse.
+    #[test]
+    fn reprotect_keeps_read_mostly_coherent() {
+        for cpu_writes in [true, false] {
+            let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE);
+            let s = w.cpu.range.start;
+            let pg = s + 3 * PAGE_SIZE;
+            wait(w.space.advise(s, 2 * BLOCK_SIZE, Advice::ReadMostly(true)));
+            w.cpu_access(pg, Some(0x11));
+            assert_eq!(w.dev_access(0, pg, None), Some(0x11));
+            assert_eq!(w.dev_access(1, pg, None), Some(0x11));
+            w.space.protect_range(s, BLOCK_SIZE, Prot::READ | Prot::WRITE).unwrap();
+            if cpu_writes {
+                w.cpu_access(pg, Some(0x22));
+            } else {
+                assert_eq!(w.dev_access(1, pg, Some(0x22)), Some(0x22));
+            }
+            assert_eq!(w.dev_access(0, pg, None), Some(0x22), "cpu_writes {cpu_writes}");
+            assert_eq!(w.dev_access(1, pg, None), Some(0x22), "cpu_writes {cpu_writes}");
+            assert_eq!(w.cpu_access(pg, None), 0x22, "cpu_writes {cpu_writes}");
+        }
+    }
+
+    /// A region of 4 blocks whose pieces the program moves around with mremap (by distances that
+    /// are and are not multiples of 2 MiB), with CPU and device accesses and advice between:
+    /// every byte reads back as last written, on every processor, and the advice follows the
+    /// bytes (a per-page model of the attributes, by offset into the original region).
+    #[derive(Clone, Debug)]
+    enum ROp {
+        Cpu(usize, Option<u8>),
+        Dev(usize, usize, Option<u8>),
+        Advise(usize, usize, u8, usize),
+        Remap(usize, usize, u64, bool),
+        Unmap(usize, usize, bool),
+        Protect(usize, usize),
+        Migrate(usize, usize, Option<usize>),
+    }
+
+    const RPAGES: [usize; 11] = [0, 1, 2, 17, 511, 512, 513, 1023, 1024, 1500, 2047];
+
+    fn rop() -> impl Strategy<Value = ROp> {
+        let page = proptest::sample::select(RPAGES.to_vec());
+        let val = proptest::option::of(any::<u8>());
+        prop_oneof![
+            4 => (page.clone(), val.clone()).prop_map(|(p, v)| ROp::Cpu(p, v)),
+            4 => (0usize..2, page.clone(), val).prop_map(|(d, p, v)| ROp::Dev(d, p, v)),
+            3 => (page.clone(), 1usize..1200, 0u8..10, 0usize..2).prop_map(|(p, n, a, d)| ROp::Advise(p, n, a, d)),
+            2 => (page.clone(), 1usize..1200, proptest::option::of(0usize..2)).prop_map(|(p, n, t)| ROp::Migrate(p, n, t)),
+            2 => (page.clone(), 1usize..1200, prop_oneof![Just(0u64), 1u64..600], any::<bool>()).prop_map(|(p, n, k, f)| ROp::Remap(p, n, k, f)),
+            1 => (page.clone(), 1usize..40, any::<bool>()).prop_map(|(p, n, f)| ROp::Unmap(p, n, f)),
+            1 => (page, 1usize..1200).prop_map(|(p, n)| ROp::Protect(p, n)),
+        ]
+    }
+
+    struct Seg {
+        off: u64,
+        len: u64,
+        va: u64,
+        cpu: Arc<FakeCpu>,
+    }
+
+    struct RWorld {
+        w: World,
+        segs: Vec<Seg>,
+        next: u64,
+        model: HashMap<u64, u8>,
+        attrs: Vec<crate::attrs::Attrs>,
+        /// Whole-block devices: a failed copy home loses their data (documented), so no failures
+        /// are injected.
+        whole: bool,
+    }
+
+    impl RWorld {
+        fn seg_of(&self, off: u64) -> usize {
+            self.segs.iter().position(|s| off >= s.off && off < s.off + s.len).unwrap()
+        }
+        fn live(&self, off: u64) -> bool {
+            self.segs.iter().any(|s| off >= s.off && off < s.off + s.len)
+        }
+        fn op_page(op: &ROp) -> usize {
+            match *op {
+                ROp::Cpu(p, _)
+                | ROp::Dev(_, p, _)
+                | ROp::Advise(p, ..)
+                | ROp::Remap(p, ..)
+                | ROp::Unmap(p, ..)
+                | ROp::Protect(p, _)
+                | ROp::Migrate(p, ..) => p,
+            }
+        }
+        fn va(&self, off: u64) -> u64 {
+            let s = &self.segs[self.seg_of(off)];
+            s.va + (off - s.off)
+        }
+        /// The range `[page, page + n)` clipped to the segment holding `page`: (offset, len).
+        fn clip(&self, page: usize, n: usize) -> (u64, u64) {
+            let off = page as u64 * PAGE_SIZE;
+            let s = &self.segs[self.seg_of(off)];
+            (off, (n as u64 * PAGE_SIZE).min(s.off + s.len - off))
+        }
+        fn cpu(&mut self, off: u64, val: Option<u8>) -> u8 {
+            let cpu = Arc::clone(&self.segs[self.seg_of(off)].cpu);
+            let va = self.va(off);
+            cpu_rw(&self.w.space, &cpu, va, val)
+        }
+        fn check_attrs(&self) {
+            for p in (0..2048u64).step_by(1) {
+                let off = p * PAGE_SIZE;
+                if !self.live(off) {
+                    continue;
+                }
+                assert_eq!(
+                    self.w.space.attrs_at(self.va(off)),
+                    self.attrs[p as usize],
+                    "attributes of page {p} (at {:#x})",
+                    self.va(off)
+                );
+            }
+        }
+        fn check_data(&mut self) {
+            let mut m: Vec<(u64, u8)> = self.model.iter().map(|(a, b)| (*a, *b)).collect();
+            m.sort_unstable();
+            for d in 0..2 {
+                for &(off, v) in &m {
+                    let va = self.va(off);
+                    if let Some(got) = self.w.dev_access(d, va, None) {
+                        assert_eq!(got, v, "device {d} read at offset {off:#x} (va {va:#x})");
+                    }
+                }
+            }
+            for (off, v) in m {
+                assert_eq!(self.cpu(off, None), v, "CPU read at offset {off:#x}");
+            }
+        }
+        fn apply(&mut self, op: &ROp) {
+            if !self.live(Self::op_page(op) as u64 * PAGE_SIZE) {
+                return;
+            }
+            match *op {
+                ROp::Cpu(p, v) => {
+                    let off = p as u64 * PAGE_SIZE + 123;
+                    let got = self.cpu(off, v);
+                    match v {
+                        Some(v) => {
+                            self.model.insert(off, v);
+                        }
+                        None => {
+                            assert_eq!(got, self.model.get(&off).copied().unwrap_or(0), "CPU read at offset {off:#x}")
+                        }
+                    }
+                }
+                ROp::Dev(d, p, v) => {
+                    let off = p as u64 * PAGE_SIZE + 77;
+                    let va = self.va(off);
+                    match (self.w.dev_access(d, va, v), v) {
+                        (Some(_), Some(v)) => {
+                            self.model.insert(off, v);
+                        }
+                        (Some(got), None) => assert_eq!(
+                            got,
+                            self.model.get(&off).copied().unwrap_or(0),
+                            "device {d} read at offset {off:#x}"
+                        ),
+                        (None, _) => {}
+                    }
+                }
+                ROp::Migrate(p, n, t) => {
+                    let (off, len) = self.clip(p, n);
+                    let to = t.map_or(Proc::Cpu, |d| Proc::Device(self.w.ids[d]));
+                    match self.w.space.migrate(self.va(off), len, to) {
+                        Ok(()) | Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. }) => {}
+                        Err(e) => panic!("migrate: {e}"),
+                    }
+                }
+                ROp::Advise(p, n, a, d) => {
+                    let (off, len) = self.clip(p, n);
+                    let id = self.w.ids[d];
+                    let dev = Proc::Device(id);
+                    let advice = match a {
+                        0 => Advice::ReadMostly(true),
+                        1 => Advice::ReadMostly(false),
+                        2 => Advice::AccessedBy(id, true),
+                        3 => Advice::AccessedBy(id, false),
+                        4 => Advice::PreferredLocation(Some(Proc::Cpu)),
+                        5 => Advice::PreferredLocation(Some(dev)),
+                        6 => Advice::Pin(true),
+                        7 => Advice::PreferredLocation(None),
+                        8 => Advice::Prefetch(dev),
+                        _ => Advice::DontNeed,
+                    };
+                    match self.w.space.advise(self.va(off), len, advice).unwrap().wait(Duration::from_secs(10)) {
+                        Ok(()) => {}
+                        Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. })
+                            if matches!(advice, Advice::Prefetch(_)) => {}
+                        Err(e) => panic!("advise {advice:?}: {e}"),
+                    }
+                    for pg in off / PAGE_SIZE..(off + len) / PAGE_SIZE {
+                        let at = &mut self.attrs[pg as usize];
+                        match advice {
+                            Advice::ReadMostly(b) => at.read_mostly = b,
+                            Advice::AccessedBy(_, b) => {
+                                if b {
+                                    at.accessed_by.insert(dev)
+                                } else {
+                                    at.accessed_by.remove(dev)
+                                }
+                            }
+                            Advice::PreferredLocation(x) => at.preferred = x,
+                            Advice::Pin(b) => at.pinned = b,
+                            _ => {}
+                        }
+                    }
+                    if matches!(advice, Advice::DontNeed) {
+                        self.model.retain(|o, _| !(off..off + len).contains(o));
+                    }
+                }
+                ROp::Protect(p, n) => {
+                    let (off, len) = self.clip(p, n);
+                    self.w.space.protect_range(self.va(off), len, Prot::READ | Prot::WRITE).unwrap();
+                }
+                ROp::Unmap(p, n, fail) => {
+                    let fail = fail && !self.whole;
+                    let (off, len) = self.clip(p, n);
+                    let r = VaRange::new(self.va(off), len);
+                    if fail {
+                        self.w
+                            .failing(|d| &d.fail_d2h, || self.w.space.unmap_range(r))
+                            .expect("munmap, copies failing");
+                    } else {
+                        self.w.space.unmap_range(r).expect("munmap");
+                    }
+                    self.model.retain(|o, _| !(off..off + len).contains(o));
+                    let i = self.seg_of(off);
+                    let s = self.segs.remove(i);
+                    if off > s.off {
+                        self.segs.push(Seg { off: s.off, len: off - s.off, va: s.va, cpu: Arc::clone(&s.cpu) });
+                    }
+                    if off + len < s.off + s.len {
+                        self.segs.push(Seg {
+                            off: off + len,
+                            len: s.off + s.len - off - len,
+                            va: r.end(),
+                            cpu: Arc::clone(&s.cpu),
+                        });
+                    }
+                    self.segs.sort_by_key(|s| s.off);
+                }
+                ROp::Remap(p, n, k, fail) => {
+                    let fail = fail && !self.whole;
+                    let (off, len) = self.clip(p, n);
+                    let i = self.seg_of(off);
+                    let from = self.va(off);
+                    let to = self.next + k * PAGE_SIZE;
+                    self.next = align_up(to + len, BLOCK_SIZE) + 8 * BLOCK_SIZE;
+                    let mem = self.w.cpu.mem.clone();
+                    // backing(va) = va - range.start must be the offset into the host memory.
+                    let cpu = Arc::new(FakeCpu::new(VaRange::new(to - off, off + len), mem));
+                    if fail {
+                        let c = cpu.clone() as Arc<dyn CpuMmu>;
+                        self.w
+                            .failing(|d| &d.fail_d2h, || self.w.space.remap_range(from, to, len, Some(c)))
+                            .expect("remap, copies failing");
+                    } else {
+                        self.w.space.remap_range(from, to, len, Some(cpu.clone() as Arc<dyn CpuMmu>)).expect("remap");
+                    }
+                    let s = self.segs.remove(i);
+                    let mut add = Vec::new();
+                    if off > s.off {
+                        add.push(Seg { off: s.off, len: off - s.off, va: s.va, cpu: Arc::clone(&s.cpu) });
+                    }
+                    add.push(Seg { off, len, va: to, cpu });
+                    if off + len < s.off + s.len {
+                        add.push(Seg {
+                            off: off + len,
+                            len: s.off + s.len - off - len,
+                            va: from + len,
+                            cpu: Arc::clone(&s.cpu),
+                        });
+                    }
+                    self.segs.extend(add);
+                    self.segs.sort_by_key(|s| s.off);
+                }
+            }
+        }
+    }
+
+    fn align_up(v: u64, a: u64) -> u64 {
+        v.div_ceil(a) * a
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: state_machine_cases(), ..ProptestConfig::default() })]
+        #[test]
+        fn remap_state_machine(ops in proptest::collection::vec(rop(), 1..60), whole in any::<bool>(), small in any::<bool>(), hetmm in any::<bool>(), peers in any::<bool>(), tree in any::<bool>()) {
+            let policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
+            let pf: Arc<dyn Prefetcher> = if tree { Arc::new(TreePrefetcher::default()) } else { Arc::new(NoPrefetch) };
+            let w = world_built(pf, if small { 600 } else { 4096 }, policy, 4 * BLOCK_SIZE, peers, false);
+            let w = if whole { whole_world(w) } else { w };
+            let s = w.cpu.range.start;
+            let cpu = Arc::clone(&w.cpu);
+            let mut rw = RWorld { w, segs: vec![Seg { off: 0, len: 4 * BLOCK_SIZE, va: s, cpu }], next: s + 64 * BLOCK_SIZE, model: HashMap::new(), attrs: vec![Default::default(); 2048], whole };
+            for op in &ops {
+                rw.apply(op);
+                rw.check_attrs();
+            }
+            rw.check_data();
+        }
+    }
+
+    /// `w` with its two devices replaced by whole-block ones (2 MiB mappings only).
+    fn whole_world(mut w: World) -> World {
+        for d in 0..2 {
+            w.space.detach(w.ids[d]).unwrap();
+        }
+        for d in 0..2 {
+            let mut f = if w.peers {
+                FakeDevice::with_peer_window(w.dev_bytes.max(2 * BLOCK_SIZE as usize), 0xEE, w.cpu.mem.clone())
+            } else {
+                FakeDevice::new(w.dev_bytes.max(2 * BLOCK_SIZE as usize), 0xEE, w.cpu.mem.clone())
+            };
+            f.whole = true;
+            let f = Arc::new(f);
+            w.ids[d] = w.space.attach(f.clone(), AttachOptions::default()).unwrap();
+            w.devs[d] = f;
+        }
+        w
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: state_machine_cases(), ..ProptestConfig::default() })]
+        /// The state-machine test with whole-block devices (2 MiB mappings only, as CUDA's).
+        #[test]
+        fn every_byte_whole_block_devices(ops in proptest::collection::vec(op(), 1..120), prefetch in 0u8..3, mem in 0u8..2, hetmm in any::<bool>(), peers in any::<bool>()) {
+            let policy = if hetmm { crate::policy::Policy::hetmm() } else { crate::policy::Policy::uvm() };
+            let dev_pages = [PAGES_PER_BLOCK as u64 * 2, 2048][mem as usize];
+            let prefetcher: Arc<dyn Prefetcher> = match prefetch {
+                0 => Arc::new(NoPrefetch),
+                1 => Arc::new(TreePrefetcher::default()),
+                _ => Arc::new(WholeBlock),
+            };
+            let mut w = whole_world(world_built(prefetcher, dev_pages, policy, REGION, peers, false));
+            for op in &ops {
+                let op = match *op {
+                    Op::Replace { .. } => continue,
+                    Op::Unmap { page, pages, .. } => Op::Unmap { page, pages, fail: false },
+                    ref o => o.clone(),
+                };
+                w.apply(&op);
+            }
+            w.check_all();
+            for part in w.live() {
+                w.space.release_range(part.start, part.len).unwrap();
+            }
+            for d in 0..2 {
+                let (free, total) = w.space.device_memory(w.ids[d]).unwrap();
+                prop_assert_eq!(free, total, "device {} leaked pages", d);
+            }
+        }
+    }
+
+    /// Stress: `advise` checks its range, then (holding nothing) writes the attributes; an
+    /// `munmap` of the range in between clears the attributes before the advice lands, so the
+    /// advice stays on addresses no region covers, and the next memory mapped there inherits it.
+    #[test]
+    fn stress_advice_racing_munmap_leaves_no_attributes() {
+        let space = AddressSpace::new(CoreConfig::default());
+        let r = VaRange::new(8 * BLOCK_SIZE, BLOCK_SIZE);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sp = Arc::clone(&space);
+        let st = Arc::clone(&stop);
+        let t = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = sp.advise(r.start, r.len, Advice::Pin(true));
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut found = 0;
+        let mut n = 0u64;
+        while std::time::Instant::now() < deadline {
+            space.add_region(Arc::new(PlainCpu::new(r)), Prot::READ | Prot::WRITE).unwrap();
+            std::thread::yield_now();
+            space.unmap_range(r).unwrap();
+            std::thread::sleep(Duration::from_micros(20));
+            if space.attrs_at(r.start).pinned {
+                found += 1;
+                // The next memory mapped there inherits the advice.
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                space.add_region(Arc::new(PlainCpu::new(r)), Prot::READ | Prot::WRITE).unwrap();
+                assert!(
+                    !space.attrs_at(r.start).pinned,
+                    "round {n}: a fresh region at {r} starts pinned (advice given to memory since unmapped)"
+                );
+                break;
+            }
+            n += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        assert_eq!(found, 0, "advice left on unmapped addresses {found} times in {n} rounds");
+    }
+
+    /// Stress: the program moves a region with mremap while another of its threads advises the
+    /// new addresses. `remap_range` puts the region at its new address under the reshape lock,
+    /// lets the lock go, and only then moves the attributes (`move_range` clears the new range
+    /// first): advice given in between, accepted, is wiped.
+    #[test]
+    fn stress_advice_on_the_new_range_of_an_mremap_is_kept() {
+        let space = AddressSpace::new(CoreConfig::default());
+        let (x, y, len) = (8 * BLOCK_SIZE, 64 * BLOCK_SIZE, BLOCK_SIZE);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut n = 0u64;
+        while std::time::Instant::now() < deadline {
+            space.add_region(Arc::new(PlainCpu::new(VaRange::new(x, len))), Prot::READ | Prot::WRITE).unwrap();
+            let sp = Arc::clone(&space);
+            let t = std::thread::spawn(move || loop {
+                if sp.advise(y, len, Advice::Pin(true)).is_ok() {
+                    break;
+                }
+                std::hint::spin_loop();
+            });
+            space.remap_range(x, y, len, Some(Arc::new(PlainCpu::new(VaRange::new(y, len))))).unwrap();
+            t.join().unwrap();
+            assert!(space.attrs_at(y).pinned, "round {n}: Pin(true) on the moved range was accepted, then lost");
+            space.unmap_range(VaRange::new(y, len)).unwrap();
+            n += 1;
+        }
+    }
+
+    /// Stress: `AccessedBy(d)` / `PreferredLocation(d)` check that `d` is attached, then
+    /// (holding nothing) write the attributes; a `detach(d)` in between forgets `d`'s advice
+    /// before it lands, and the next device attached (given the same id) inherits it.
+    #[test]
+    fn stress_advice_racing_detach_is_not_inherited() {
+        let space = AddressSpace::new(CoreConfig::default());
+        let r = VaRange::new(8 * BLOCK_SIZE, BLOCK_SIZE);
+        let host: HostMem = Arc::new(Mutex::new(vec![0u8; r.len as usize]));
+        space.add_region(Arc::new(PlainCpu::new(r)), Prot::READ | Prot::WRITE).unwrap();
+        let dev = || Arc::new(FakeDevice::new(64 * PAGE_SIZE as usize, 0, host.clone()));
+        let id = space.attach(dev(), AttachOptions::default()).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (sp, st) = (Arc::clone(&space), Arc::clone(&stop));
+        let t = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = sp.advise(r.start, r.len, Advice::AccessedBy(id, true));
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut bad = None;
+        let mut n = 0u64;
+        while std::time::Instant::now() < deadline && bad.is_none() {
+            space.detach(id).unwrap();
+            std::thread::sleep(Duration::from_micros(20));
+            let a = space.attrs_at(r.start);
+            if a.accessed_by.has(Proc::Device(id)) {
+                bad = Some(a);
+            }
+            assert_eq!(space.attach(dev(), AttachOptions::default()).unwrap(), id);
+            n += 1;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        t.join().unwrap();
+        assert!(bad.is_none(), "round {n}: the detached device's advice survived its detach, for the next device with id {id:?} to inherit: {bad:?}");
     }
 }

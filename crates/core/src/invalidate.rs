@@ -156,12 +156,7 @@ impl AddressSpace {
             flush,
             |s| s.attrs.write().clear(range),
             |r| {
-                let parts: Vec<Part> = r
-                    .range
-                    .minus(range)
-                    .into_iter()
-                    .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
-                    .collect();
+                let parts = parts_outside(r, range);
                 if parts.is_empty() {
                     gone.push(Arc::clone(&r.cpu));
                 }
@@ -191,12 +186,7 @@ impl AddressSpace {
             }
         };
         let r = self.reshape_regions(old, Flush::Moved(new_cpu.as_ref().map(|_| to)), moved_attrs, |r| {
-            let mut parts: Vec<Part> = r
-                .range
-                .minus(old)
-                .into_iter()
-                .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
-                .collect();
+            let mut parts = parts_outside(r, old);
             if let (Some(cpu), Some(moved)) = (&new_cpu, r.range.intersect(&old)) {
                 parts.push(Part {
                     range: VaRange::new(to + (moved.start - from), moved.len),
@@ -223,12 +213,7 @@ impl AddressSpace {
             Flush::Reprotect,
             |_| {},
             |r| {
-                let mut parts: Vec<Part> = r
-                    .range
-                    .minus(range)
-                    .into_iter()
-                    .map(|p| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start })
-                    .collect();
+                let mut parts = parts_outside(r, range);
                 if let Some(mid) = r.range.intersect(&range) {
                     if let Err(e) = r.cpu.set_prot(mid, prot) {
                         cpu_result = Err(CoreError::Host(e));
@@ -756,6 +741,12 @@ impl Carried {
         }
         got > 0
     }
+}
+
+/// The parts of `r` outside `cut`, as they were (same addresses, protection and CPU side).
+fn parts_outside(r: &Region, cut: VaRange) -> Vec<Part> {
+    let keep = |p: VaRange| Part { range: p, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: p.start };
+    r.range.minus(cut).into_iter().map(keep).collect()
 }
 
 /// Pages of a block (`base`, `npages`) inside `range`.

@@ -18,6 +18,7 @@
 
 pub mod kernels;
 mod memory;
+mod space;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -41,6 +42,7 @@ use hetmm_host::{Host, HostInitError, RegionError};
 use hetmm_sim::{Grid, SimDevice};
 
 pub use memory::{BufMut, BufRef, SharedBuf};
+pub use space::Space;
 
 /// How many times [`Hetmm::alloc`] makes a new view when the core refuses it as overlapping old
 /// memory whose move or unmap by another thread is not applied yet.
@@ -178,11 +180,22 @@ impl Hetmm {
         Ok(Hetmm { space, host, allocs: memory::Allocs::default(), allocating: std::sync::RwLock::new(()) })
     }
 
-    /// The core address space (for advanced use: explicit migration, page state, statistics).
+    /// The core address space's calls that change no memory: page state, statistics, spans,
+    /// eviction of a device's data home ([`Space`]).
+    pub fn space(&self) -> Space<'_> {
+        Space(&self.space)
+    }
+
+    /// The core address space, all of it.
     ///
-    /// Its calls do not see the buffers' slices: what changes memory through it (its
-    /// `advise(DontNeed)`) keeps the contract of [`Hetmm::advise_unchecked`].
-    pub fn space(&self) -> &Arc<AddressSpace> {
+    /// # Safety
+    ///
+    /// Its calls do not see the buffers' slices or the kernels using them. None may change
+    /// memory a live [`BufRef`] or [`BufMut`] covers, or a running kernel uses: no
+    /// `advise(DontNeed)` there (see [`Hetmm::advise_unchecked`]), and no `unmap_range`,
+    /// `release_range`, `remap_range`, `protect_range`, `discard_cpu_range` or
+    /// `apply_cpu_event` of a range the program did not change in the OS itself.
+    pub unsafe fn space_unchecked(&self) -> &Arc<AddressSpace> {
         &self.space
     }
 

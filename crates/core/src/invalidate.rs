@@ -605,9 +605,20 @@ impl Keeps {
         if !self.can_rescue || m.is_empty() || split {
             return false;
         }
+        let mut m = m;
         if let Err(e) = migrate::unmap_others(space, blk, &m, None) {
-            log::error!("block {:#x}: its device mappings could not be removed either: {e}", blk.base);
-            return false;
+            // Pages that stay at their addresses keep the mappings a device refused to remove:
+            // where mappings outlive the reshape (no device is region-bound) they still reach
+            // the same copies, and the next CPU access tries the unmap again. Copied home while
+            // the device kept writing through its mapping, the two diverged (found by an
+            // audit). Moved pages have nowhere to keep them.
+            let stay = m.and_not(&pages_of(&blk.base, blk.npages, &self.touch));
+            if !self.on || stay.is_empty() {
+                log::error!("block {:#x}: its device mappings could not be removed either: {e}", blk.base);
+                return false;
+            }
+            log::warn!("block {:#x}: pages stay on their devices, mapped as they were: {e}", blk.base);
+            m = stay;
         }
         let all = m.count() == keep.count();
         self.rescued.push(((r.range.start, b), m));
@@ -693,8 +704,9 @@ impl Carried {
                 continue;
             }
             devices.0 |= p.resident.0;
-            let page = Page { dev_mapped: ProcMask::EMPTY, dev_ro: ProcMask::EMPTY, peer_mapped: ProcMask::EMPTY, ..p };
-            self.pages.push((blk.va(i), page));
+            // Their mappings were removed, but those a device refused to remove for pages that
+            // stay where they are, which still reach these copies (see `Keeps::rescue`).
+            self.pages.push((blk.va(i), p));
         }
         for d in devices.devices() {
             let me = crate::types::Proc::Device(d);

@@ -1820,6 +1820,28 @@ fn an_unmap_is_followed_even_when_a_copy_home_fails() {
     assert_eq!(w.device_bytes_in_use(0), 0, "no device page is left behind");
 }
 
+/// An munmap while the device holding the block around it refuses unmaps: the pages the program
+/// kept stay on the device, mapped as they were, and a later CPU access brings them home once
+/// the device gives up its mapping. They were copied home with the device's mapping left in
+/// place, unrecorded as its copy: a CPU write then never reached the device, which went on
+/// reading its own old copy (found by an audit).
+#[test]
+fn a_refused_unmap_in_an_munmap_leaves_the_kept_pages_coherent() {
+    let mut w = world(false, 2048);
+    let s = w.cpu.range.start;
+    let p1 = s + PAGE_SIZE;
+    assert_eq!(w.dev_access(0, p1, Some(0x77)), Some(0x77));
+    let r = w.failing(|d| &d.fail_unmap, || w.space.unmap_range(VaRange::new(s, PAGE_SIZE)));
+    assert!(r.is_err(), "the refusal to unmap the unmapped page is reported");
+    let st = w.space.page_state(p1).unwrap();
+    let me = Proc::Device(w.ids[0]);
+    assert!(st.resident == ProcMask::only(me) && st.dev_mapped.has(me), "{st:?}");
+    assert_eq!(w.cpu_access(p1, None), 0x77, "the device's write");
+    w.cpu_access(p1, Some(0x55));
+    assert_eq!(w.devs[0].access(p1, None).unwrap_or(0x55), 0x55, "the device reads an old copy");
+    assert_eq!(w.dev_access(0, p1, None), Some(0x55));
+}
+
 /// On a device whose mappings end with their region (CUDA), an munmap whose copy home fails
 /// keeps the device's copies of the pages the program kept, as on others: the device loses the
 /// region's mappings, not its memory. (Found by an audit: the kept pages of every block of the

@@ -174,6 +174,9 @@ pub struct Block {
     pub active_jobs: u32,
     /// A finished job used the block and no job uses it now: evict it first.
     pub job_done: bool,
+    /// The jobs counted in `active_jobs`, by id (one entry per count): a job's end takes only
+    /// its own count, never that of a later job on new memory at the same addresses.
+    pub job_ids: Vec<u64>,
     /// Launches getting ready to use the block (migrating their buffers, then launching), one
     /// entry per launch naming the thread preparing it: a device that cannot fault must not
     /// lose the block meanwhile.
@@ -251,6 +254,7 @@ impl Block {
             thrashing: ProcMask::EMPTY,
             active_jobs: 0,
             job_done: false,
+            job_ids: Vec::new(),
             launching: Vec::new(),
             busy: PageMask::default(),
         }
@@ -356,6 +360,7 @@ impl Block {
         self.base = base;
         self.launching.clear();
         self.active_jobs = 0;
+        self.job_ids.clear();
     }
 
     /// Records that device `d` touched the block at `tick`.

@@ -100,7 +100,13 @@ fn evict_fifo(space: &AddressSpace, slot: &DeviceSlot, exclude: u64) -> Result<E
         let _attempt = {
             let mut q = slot.evict_queue.lock();
             if q.front() != Some(&front) {
-                continue; // Another search took it meanwhile.
+                // Another search took it meanwhile: busy if that search is attempting an
+                // eviction (counted under this lock, before it let the queue go), which may free
+                // memory any moment. Without this, two searches that took each other's fronts
+                // used up their tries and both reported `Nothing` (a spurious out-of-memory)
+                // once the other attempt had ended. Pinned entries going round count nothing.
+                busy |= slot.evicting.load(Ordering::Acquire) > 0;
+                continue;
             }
             q.pop_front();
             if pin {

@@ -917,18 +917,26 @@ impl AddressSpace {
 
     /// Marks the blocks of `ranges` as used by a running job on a device; returns the token for
     /// [`AddressSpace::job_end`]. Ranges outside shared memory are ignored.
-    pub fn job_begin(&self, ranges: &[VaRange]) -> Vec<VaRange> {
+    pub fn job_begin(&self, ranges: &[VaRange]) -> JobToken {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
         self.for_blocks(ranges, |b| {
             b.active_jobs += 1;
+            b.job_ids.push(id);
             b.job_done = false;
         });
-        ranges.to_vec()
+        JobToken { id, ranges: ranges.to_vec() }
     }
 
     /// Ends a job: blocks no running job uses any more become the first eviction candidates.
-    pub fn job_end(&self, ranges: &[VaRange]) {
-        self.for_blocks(ranges, |b| {
-            b.active_jobs = b.active_jobs.saturating_sub(1);
+    /// Only blocks the job itself counted lose a count: memory mapped anew at its addresses
+    /// since (another job's, maybe) keeps its own.
+    pub fn job_end(&self, token: &JobToken) {
+        self.for_blocks(&token.ranges, |b| {
+            if let Some(i) = b.job_ids.iter().position(|j| *j == token.id) {
+                b.job_ids.swap_remove(i);
+                b.active_jobs = b.active_jobs.saturating_sub(1);
+            }
             b.job_done = b.active_jobs == 0;
         });
     }
@@ -1220,6 +1228,20 @@ impl CpuFaultHandler for AddressSpace {
         } else {
             self.events_pending.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+/// A job's token ([`AddressSpace::job_begin`]): its ranges and its identity.
+#[derive(Clone, Debug)]
+pub struct JobToken {
+    id: u64,
+    ranges: Vec<VaRange>,
+}
+
+impl JobToken {
+    /// The ranges the job named.
+    pub fn ranges(&self) -> &[VaRange] {
+        &self.ranges
     }
 }
 

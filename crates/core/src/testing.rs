@@ -3781,3 +3781,36 @@ mod attribute_cases {
         assert!(bad.is_none(), "round {n}: the detached device's advice survived its detach, for the next device with id {id:?} to inherit: {bad:?}");
     }
 }
+
+/// A job's token named addresses, not blocks (found by an audit). The program frees the memory of a
+/// finished-but-not-yet-ended job and maps new memory at the same addresses (mmap reuses them),
+/// a second job starts on it, then the first job's `Launch` is dropped: its `job_end` takes the
+/// second job's count to zero, marking the running job's block as finished (first to evict).
+#[test]
+fn an_old_jobs_end_leaves_a_new_jobs_block_alone() {
+    let w =
+        world_sized(Arc::new(NoPrefetch), 2 * PAGES_PER_BLOCK as u64, crate::policy::Policy::hetmm(), 3 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let dev = Proc::Device(w.ids[0]);
+    let first = VaRange::new(s, BLOCK_SIZE);
+    let old = w.space.job_begin(&[first]);
+    // The buffer is freed and new memory is mapped at the same addresses.
+    let cpu = w.space.remove_region(s).unwrap();
+    w.space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
+    let new = w.space.job_begin(&[first]);
+    // The old launch is dropped now.
+    w.space.job_end(&old);
+    {
+        let region = w.space.region_of(s).unwrap();
+        let blk = region.blocks[0].lock();
+        assert_eq!(blk.active_jobs, 1, "the second job still runs on the block");
+        assert!(!blk.job_done, "a block a running job uses is not a finished job's");
+    }
+    // The consequence: the running job's block is evicted before memory no job uses.
+    w.space.migrate(s + BLOCK_SIZE, BLOCK_SIZE, dev).unwrap();
+    w.space.migrate(s, BLOCK_SIZE, dev).unwrap();
+    w.space.migrate(s + 2 * BLOCK_SIZE, BLOCK_SIZE, dev).unwrap();
+    let on_dev = w.space.page_state(s).unwrap().resident.has(dev);
+    w.space.job_end(&new);
+    assert!(on_dev, "the running job's block was evicted first");
+}

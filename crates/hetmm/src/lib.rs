@@ -209,14 +209,14 @@ impl Hetmm {
         let opts = hetmm_core::AttachOptions::default();
         // The device's threads take no asynchronous signals (see `hetmm_host::signals`).
         let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
-        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone() })
+        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone(), prepare: Default::default() })
     }
 
     /// Attaches a simulated device using its configured fault batch size.
     pub fn attach_sim(&self, dev: SimDevice) -> Result<Device<SimDevice>> {
         let opts = hetmm_core::AttachOptions { fault_batch: dev.config().fault_batch };
         let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
-        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone() })
+        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone(), prepare: Default::default() })
     }
 
     /// Detaches a device: its data comes back to the CPU; later use of the handle fails.
@@ -551,6 +551,10 @@ pub struct Device<D> {
     dev: D,
     space: Arc<AddressSpace>,
     allocs: memory::Allocs,
+    /// Held by a launch on a device that cannot fault from its first migration until its kernel
+    /// is launched: two launches getting ready at once each held what they had migrated, each
+    /// waited for the other's memory, and one (or both) failed though each fit the device.
+    prepare: std::sync::Mutex<()>,
 }
 
 impl<D> Device<D> {
@@ -574,7 +578,7 @@ impl<D> Device<D> {
     /// launched). On a device that cannot fault, the ranges are then migrated to it: the launch
     /// mark comes first, so eviction (which never takes such blocks from such a device) cannot
     /// undo one use's migration while the next is migrated.
-    fn begin_job(&self, uses: &[Use<'_>]) -> Result<(Vec<VaRange>, Preparing)> {
+    fn begin_job(&self, uses: &[Use<'_>]) -> Result<(hetmm_core::space::JobToken, Preparing<'_>)> {
         // userfaultfd lets munmap/mremap/madvise return as soon as their event is read, before
         // hetmm has dropped the device mappings of the old addresses: a kernel launched after
         // such a call must not start until the event is applied, or it could read through a
@@ -596,8 +600,11 @@ impl<D> Device<D> {
             // One range per region: part of a buffer may have been given other protection.
             out.extend(self.space.span_parts(start, end - start)?);
         }
+        // One launch at a time gets ready on a device that cannot fault (see `prepare`).
+        let serial =
+            (!caps.replayable_faults).then(|| self.prepare.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         let job = self.space.job_begin(&out);
-        let preparing = Preparing::new(&self.space, &job);
+        let preparing = Preparing::new(&self.space, job.ranges(), serial);
         if !caps.replayable_faults {
             for r in &out {
                 if let Err(e) = self.space.migrate(r.start, r.len, self.proc()) {
@@ -676,19 +683,21 @@ impl<D> Device<D> {
 /// meanwhile. A panic in between must not leave the blocks held: other threads would wait
 /// for them on every migration that needs their memory.
 #[derive(Debug)]
-struct Preparing {
+struct Preparing<'a> {
     space: Arc<AddressSpace>,
     ranges: Vec<VaRange>,
+    /// The device's preparation lock where it cannot fault: let go after `launch_ready`.
+    _serial: Option<std::sync::MutexGuard<'a, ()>>,
 }
 
-impl Preparing {
-    fn new(space: &Arc<AddressSpace>, ranges: &[VaRange]) -> Preparing {
+impl<'a> Preparing<'a> {
+    fn new(space: &Arc<AddressSpace>, ranges: &[VaRange], serial: Option<std::sync::MutexGuard<'a, ()>>) -> Self {
         space.launch_prepare(ranges);
-        Preparing { space: Arc::clone(space), ranges: ranges.to_vec() }
+        Preparing { space: Arc::clone(space), ranges: ranges.to_vec(), _serial: serial }
     }
 }
 
-impl Drop for Preparing {
+impl Drop for Preparing<'_> {
     fn drop(&mut self) {
         self.space.launch_ready(&self.ranges);
     }
@@ -830,7 +839,7 @@ fn page_span(ptr: *const u8, len: usize) -> Result<(u64, u64)> {
 pub struct Launch {
     /// Taken by the waits.
     inner: Option<Running>,
-    job: Option<Vec<VaRange>>,
+    job: Option<hetmm_core::space::JobToken>,
     space: Arc<AddressSpace>,
 }
 

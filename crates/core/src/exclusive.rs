@@ -103,7 +103,7 @@ impl AddressSpace {
     /// Moves everything `dev` holds back to host memory (HMM's RELEASE: device memory evicted
     /// to system memory). The device stays attached.
     pub fn evict_device(&self, dev: DeviceId) -> Result<()> {
-        self.slot(dev)?;
+        let slot = self.slot(dev)?;
         let _gate = self.enter()?;
         let _shape = self.reshape.read();
         let regions: Vec<_> = self.regions.read().values().cloned().collect();
@@ -113,9 +113,9 @@ impl AddressSpace {
                 if r.is_freed() {
                     break;
                 }
-                let here = blk.resident_on(Proc::Device(dev));
-                if !here.is_empty() {
-                    crate::migrate::to_cpu(self, &r, &mut blk, &here)?;
+                // Only this device's copies: other devices keep theirs (as on eviction).
+                if !blk.resident_on(Proc::Device(dev)).is_empty() {
+                    crate::migrate::evict_from(self, &r, &mut blk, &slot)?;
                 }
             }
         }

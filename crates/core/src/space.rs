@@ -573,6 +573,13 @@ impl AddressSpace {
         self.devices.read().get(id.0 as usize).and_then(Clone::clone).ok_or(CoreError::Detached(id))
     }
 
+    /// Whether `id` still names the device attached as `mmu` (detaching included), not another
+    /// device given the id since: a handle that names its device by id alone reached the next
+    /// device attached once its own was detached.
+    pub fn is_attached_as(&self, id: DeviceId, mmu: &Arc<dyn DeviceMmu>) -> bool {
+        self.holder(id).is_ok_and(|s| std::ptr::addr_eq(Arc::as_ptr(&s.mmu), Arc::as_ptr(mmu)))
+    }
+
     /// Every attached device, detaching ones included.
     pub(crate) fn holders(&self) -> Vec<Arc<DeviceSlot>> {
         self.devices.read().iter().flatten().cloned().collect()
@@ -622,13 +629,23 @@ impl AddressSpace {
         for region in regions {
             for cell in &region.blocks {
                 let mut blk = cell.lock();
-                let here = blk.resident_on(me);
-                if !here.is_empty() {
-                    if let Err(e) = migrate::to_cpu(self, &region, &mut blk, &here) {
+                // Only this device's copies go: other devices keep theirs (a launch on one that
+                // cannot fault may hold them), as on eviction.
+                if !blk.resident_on(me).is_empty() {
+                    if let Err(e) = migrate::evict_from(self, &region, &mut blk, &slot) {
                         log::error!("detach: bringing block {:#x} back from {id:?}: {e}", blk.base);
                         result = Err(e);
                         continue;
                     }
+                }
+                // Its other mappings (host pages mapped remotely, peers' copies through their
+                // windows) go too before they are forgotten: left in its page table until it is
+                // destroyed, they reached memory that their holders free or reuse meanwhile.
+                let mapped = blk.mapped_on(me);
+                if let Err(e) = migrate::unmap_on(self, &mut blk, &slot, &mapped) {
+                    log::error!("detach: unmapping block {:#x} from {id:?}: {e}", blk.base);
+                    result = Err(e);
+                    continue;
                 }
                 blk.forget_device(id);
             }

@@ -2969,51 +2969,6 @@ mod eviction_findings {
         assert_eq!(busy, 0, "{busy} of 4000 searches of an all-pinned device reported Busy");
     }
 
-    /// Evicting a block from device A (which can fault) takes it off device B too, where B
-    /// holds a read-only duplicate: `evict_block` calls `migrate::to_cpu`, which brings home
-    /// and frees the copies of *every* device holding the victim pages. `held_by_job` only
-    /// looks at the evicting device's capabilities, so the copy of a device that cannot fault
-    /// is dropped while a launch on it is getting the block ready (`launch_prepare`), which
-    /// eviction promises never to do.
-    #[test]
-    fn evicting_from_one_device_leaves_another_devices_copy_held_for_a_launch() {
-        let policy = crate::policy::Policy {
-            prefetcher: Arc::new(crate::policy::NoPrefetch),
-            cpu_readahead: false,
-            ..crate::policy::Policy::uvm()
-        };
-        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
-        space.add_region(Arc::new(PlainCpu::new(VaRange::new(S, 2 * BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
-        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; 2 * BLOCK_SIZE as usize]));
-        // A faults (replayable); B, a GPU, cannot.
-        let a =
-            Arc::new(FakeDevice { replayable: true, ..FakeDevice::new(BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)) });
-        let b = Arc::new(FakeDevice::new(BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
-        let ia = space.attach(a as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
-        let ib = space.attach(b as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
-        let (pa, pb) = (Proc::Device(ia), Proc::Device(ib));
-        let x = S;
-        space.advise(x, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
-        space.migrate(x, BLOCK_SIZE, pb).unwrap();
-        space.migrate(x, BLOCK_SIZE, pa).unwrap();
-        let st = space.page_state(x).unwrap();
-        assert!(st.resident.has(pa) && st.resident.has(pb), "set-up: copies on both devices: {st:?}");
-        // A launch on B is getting X ready.
-        let ranges = [VaRange::new(x, BLOCK_SIZE)];
-        space.launch_prepare(&ranges);
-        // A needs memory: X is its only block.
-        let slot_a = space.slot(ia).unwrap();
-        let r = evict_one(&space, &slot_a, u64::MAX).unwrap();
-        let st = space.page_state(x).unwrap();
-        space.launch_ready(&ranges);
-        assert_eq!(r, Evicted::Freed, "set-up: A evicted X");
-        assert!(!st.resident.has(pa), "set-up: X left A");
-        assert!(
-            st.resident.has(pb) && st.dev_mapped.has(pb),
-            "an eviction on device A dropped device B's copy, held for B's launch: {st:?}"
-        );
-    }
-
     /// The fault-path consequence of the spurious `Busy` above: under `hetmm` (two service
     /// workers), a batch faulting two blocks on a device full of pinned memory should be served
     /// remotely (`serve_remotely`, as for one block: see
@@ -3813,4 +3768,147 @@ fn an_old_jobs_end_leaves_a_new_jobs_block_alone() {
     let on_dev = w.space.page_state(s).unwrap().resident.has(dev);
     w.space.job_end(&new);
     assert!(on_dev, "the running job's block was evicted first");
+}
+
+/// Several devices: detach and release of one while others hold or map the data (found by an
+/// audit).
+mod device_detach_cases {
+    use super::*;
+    use crate::advice::Advice;
+
+    fn wait(p: crate::error::Result<crate::advice::Pending>) {
+        p.unwrap().wait(Duration::from_secs(10)).unwrap();
+    }
+
+    /// Two peer devices over two blocks: device 0 (Y) holds page 0 of the first block (0x11),
+    /// device 1 (X) maps it through Y's peer window (AccessedBy), and X holds a page of the
+    /// second block (0x22). Returns the world, the first block's start and the second's page.
+    fn x_maps_ys_copy() -> (World, u64, u64) {
+        let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 2 * BLOCK_SIZE, true, false);
+        let s = w.cpu.range.start;
+        let b2 = s + BLOCK_SIZE;
+        assert_eq!(w.dev_access(0, s, Some(0x11)), Some(0x11));
+        wait(w.space.advise(s, BLOCK_SIZE, Advice::AccessedBy(w.ids[1], true)));
+        assert_eq!(w.dev_access(1, s, None), Some(0x11));
+        let st = w.space.page_state(s).unwrap();
+        assert!(st.peer_mapped.has(Proc::Device(w.ids[1])), "set-up: X maps Y's copy: {st:?}");
+        assert_eq!(w.dev_access(1, b2, Some(0x22)), Some(0x22));
+        (w, s, b2)
+    }
+
+    /// Whether `dev` still maps `va` to another device's memory (through a peer window).
+    fn maps_peer(dev: &FakeDevice, va: u64) -> bool {
+        matches!(dev.pt.lock().get(&va), Some((MapTarget::Peer(_), _)))
+    }
+
+    /// The detach sweep forgets, block by block, every mapping the detaching device X has
+    /// (`Block::forget_device`) but unmaps only those of pages X holds (`to_cpu`): its remote and
+    /// peer mappings of pages it does not hold stay in X's page table, unrecorded, until
+    /// `destroy_page_table` at the very end. Meanwhile the peer Y frees the copy X maps (here a
+    /// migration home while the sweep copies another block): nothing unmaps X, which keeps
+    /// reaching Y's freed memory (and writes into whatever Y puts there next).
+    #[test]
+    fn a_detaching_device_never_maps_a_peers_freed_copy() {
+        let (mut w, s, _b2) = x_maps_ys_copy();
+        let x = Arc::clone(&w.devs[1]);
+        let xid = w.ids[1];
+        let gate = x.copy_gate.lock();
+        let started = x.copies_started.load(std::sync::atomic::Ordering::SeqCst);
+        let space = Arc::clone(&w.space);
+        let t = std::thread::spawn(move || space.detach(xid));
+        // The sweep is copying X's page of the second block home: the first block is done.
+        let t0 = std::time::Instant::now();
+        while x.copies_started.load(std::sync::atomic::Ordering::SeqCst) == started {
+            assert!(t0.elapsed() < Duration::from_secs(10), "the detach never copied");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Y's copy goes home and Y frees it.
+        w.space.migrate(s, PAGE_SIZE, Proc::Cpu).unwrap();
+        assert!(!w.space.page_state(s).unwrap().resident.has(Proc::Device(w.ids[0])));
+        let stale = maps_peer(&x, s);
+        // Y reuses its memory for another page: X's write through the stale mapping lands there.
+        let other = s + 7 * PAGE_SIZE;
+        assert_eq!(w.dev_access(0, other, Some(0x33)), Some(0x33));
+        let wrote = x.access(s, Some(0x5A));
+        let after = w.dev_access(0, other, None);
+        drop(gate);
+        t.join().unwrap().unwrap();
+        assert!(
+            !stale,
+            "detaching device X still maps the peer's freed copy of {s:#x} (X's write through it: {wrote:?}; \
+             Y's unrelated page now reads {after:?}, 0x33 written)"
+        );
+    }
+
+    /// The same after a detach that fails (X's copy home of the second block fails): the slot
+    /// stays (detached), the swept first block no longer records X's peer mapping, but X's page
+    /// table keeps it. Y's eviction or migration of the page then frees memory X still maps.
+    #[test]
+    fn a_failed_detach_leaves_no_unrecorded_peer_mapping() {
+        let (w, s, _b2) = x_maps_ys_copy();
+        let x = Arc::clone(&w.devs[1]);
+        x.fail_d2h.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(w.space.detach(w.ids[1]).is_err(), "set-up: the detach fails");
+        x.fail_d2h.store(false, std::sync::atomic::Ordering::Relaxed);
+        let st = w.space.page_state(s).unwrap();
+        let mapped = maps_peer(&x, s);
+        assert!(
+            !mapped || st.peer_mapped.has(Proc::Device(w.ids[1])),
+            "X's page table maps Y's copy of {s:#x} but the page state no longer says so: {st:?}"
+        );
+    }
+
+    /// Device A's copies go three ways: evicted (`evict_one`), released (`evict_device`, HMM's
+    /// RELEASE) or detached. Each took every device's copies of the pages (`migrate::to_cpu`):
+    /// device B, which cannot fault, lost the read-only duplicate a launch on it was getting
+    /// ready (`launch_prepare`), and its kernel found the block unmapped.
+    #[test]
+    fn dropping_one_devices_copies_leaves_another_devices_copy_held_for_a_launch() {
+        for how in [Drop::Evict, Drop::Release, Drop::Detach] {
+            dropping_one_devices_copies_leaves_anothers(how);
+        }
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    enum Drop {
+        Evict,
+        Release,
+        Detach,
+    }
+
+    fn dropping_one_devices_copies_leaves_anothers(how: Drop) {
+        let policy = crate::policy::Policy { cpu_readahead: false, ..crate::policy::Policy::uvm() };
+        let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
+        let x = 8 * BLOCK_SIZE;
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(x, BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
+        // A can fault (its eviction does not spare blocks launches get ready); B cannot.
+        let a = FakeDevice { replayable: true, ..FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)) };
+        let b = Arc::new(FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
+        let ia = space.attach(Arc::new(a) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let ib = space.attach(Arc::clone(&b) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let (pa, pb) = (Proc::Device(ia), Proc::Device(ib));
+        space.advise(x, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+        space.migrate(x, BLOCK_SIZE, pb).unwrap();
+        space.migrate(x, BLOCK_SIZE, pa).unwrap();
+        let st = space.page_state(x).unwrap();
+        assert!(st.resident.has(pa) && st.resident.has(pb), "set-up: copies on both devices: {st:?}");
+        let ranges = [VaRange::new(x, BLOCK_SIZE)];
+        space.launch_prepare(&ranges);
+        match how {
+            Drop::Evict => {
+                let slot = space.slot(ia).unwrap();
+                assert_eq!(crate::evict::evict_one(&space, &slot, u64::MAX).unwrap(), crate::evict::Evicted::Freed);
+            }
+            Drop::Release => space.evict_device(ia).unwrap(),
+            Drop::Detach => space.detach(ia).unwrap(),
+        }
+        let st = space.page_state(x).unwrap();
+        space.launch_ready(&ranges);
+        assert!(!st.resident.has(pa), "{how:?}: set-up: X left A");
+        assert!(
+            st.resident.has(pb) && st.dev_mapped.has(pb) && b.pt.lock().contains_key(&x),
+            "{how:?} of device A dropped device B's copy, held for B's launch: {st:?}"
+        );
+    }
 }

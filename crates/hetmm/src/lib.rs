@@ -206,21 +206,26 @@ impl Hetmm {
 
     /// Attaches a device.
     pub fn attach<D: DeviceMmu + Clone>(&self, dev: D) -> Result<Device<D>> {
-        let opts = hetmm_core::AttachOptions::default();
-        // The device's threads take no asynchronous signals (see `hetmm_host::signals`).
-        let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
-        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone(), prepare: Default::default() })
+        self.attach_with(dev, hetmm_core::AttachOptions::default())
     }
 
     /// Attaches a simulated device using its configured fault batch size.
     pub fn attach_sim(&self, dev: SimDevice) -> Result<Device<SimDevice>> {
         let opts = hetmm_core::AttachOptions { fault_batch: dev.config().fault_batch };
-        let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::new(dev.clone()), opts))?;
-        Ok(Device { id, dev, space: Arc::clone(&self.space), allocs: self.allocs.clone(), prepare: Default::default() })
+        self.attach_with(dev, opts)
+    }
+
+    fn attach_with<D: DeviceMmu + Clone>(&self, dev: D, opts: hetmm_core::AttachOptions) -> Result<Device<D>> {
+        let mmu: Arc<dyn DeviceMmu> = Arc::new(dev.clone());
+        // The device's threads take no asynchronous signals (see `hetmm_host::signals`).
+        let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::clone(&mmu), opts))?;
+        let (space, allocs) = (Arc::clone(&self.space), self.allocs.clone());
+        Ok(Device { id, dev, mmu, space, allocs, prepare: Default::default() })
     }
 
     /// Detaches a device: its data comes back to the CPU; later use of the handle fails.
     pub fn detach<D>(&self, dev: &Device<D>) -> Result<()> {
+        dev.check_same()?;
         Ok(self.space.detach(dev.id)?)
     }
 
@@ -549,6 +554,9 @@ impl<'a> Use<'a> {
 pub struct Device<D> {
     id: DeviceId,
     dev: D,
+    /// The driver as the address space holds it: the id is given to the next device attached
+    /// once this one is detached, and this tells them apart.
+    mmu: Arc<dyn DeviceMmu>,
     space: Arc<AddressSpace>,
     allocs: memory::Allocs,
     /// Held by a launch on a device that cannot fault from its first migration until its kernel
@@ -558,6 +566,15 @@ pub struct Device<D> {
 }
 
 impl<D> Device<D> {
+    /// Fails with `Detached` once the id names another device (this one was detached).
+    fn check_same(&self) -> Result<()> {
+        if self.space.is_attached_as(self.id, &self.mmu) {
+            Ok(())
+        } else {
+            Err(CoreError::Detached(self.id).into())
+        }
+    }
+
     /// The device's id in the address space.
     pub fn id(&self) -> DeviceId {
         self.id
@@ -584,6 +601,7 @@ impl<D> Device<D> {
         // such a call must not start until the event is applied, or it could read through a
         // device mapping of what used to be at its addresses.
         self.space.settle()?;
+        self.check_same()?;
         let caps = self.space.device_caps(self.id)?;
         let mut out = Vec::with_capacity(uses.len());
         for u in uses {

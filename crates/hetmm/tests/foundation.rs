@@ -711,3 +711,23 @@ fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
         }
     }
 }
+
+/// Audit (peer / multi-device): a handle of a detached device names it by id only, and `attach`
+/// gives the lowest free id to the next device. The stale handle then reaches the new device:
+/// `detach(&old)` detaches the new one (it should fail with `Detached`, as it does before any
+/// reuse), and the new device's handle is left refusing work.
+#[test]
+fn a_stale_handle_never_reaches_the_device_given_its_id() {
+    let (hm, [a, _b]) = two_devices(true);
+    hm.detach(&a).unwrap();
+    let cfg = SimConfig { memory_bytes: 16 << 20, peer_copies: true, ..SimConfig::default() };
+    let c = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+    assert_eq!(c.id(), a.id(), "set-up: the id is given again");
+    let buf = hm.alloc::<u64>(512).unwrap();
+    let stale = hm.detach(&a);
+    let new_works = hm.migrate(buf.ptr(), PAGE_SIZE, c.proc());
+    assert!(
+        matches!(stale, Err(Error::Core(CoreError::Detached(_)))) && new_works.is_ok(),
+        "detach through the old handle: {stale:?}; the new device afterwards: {new_works:?}"
+    );
+}

@@ -90,6 +90,13 @@ pub trait CpuMmu: Send + Sync + std::fmt::Debug {
     fn reads_zero(&self, _range: VaRange) -> bool {
         false
     }
+
+    /// Which pages of `range` the CPU's page table maps, one entry each, where the core does
+    /// not track it (mirrored memory, which the CPU accesses without faulting through the
+    /// core; for snapshots). `None` when unknown.
+    fn cpu_present(&self, _range: VaRange) -> Option<Vec<bool>> {
+        None
+    }
 }
 
 impl HostError {

@@ -55,7 +55,13 @@ impl AddressSpace {
         // A migration may leave pages shared (read-mostly duplicates keep the CPU's copy and map
         // the device read-only): exclusivity needs the device to be the only holder, mapped
         // read-write, so such pages are collapsed onto it.
-        self.retrying_races(|| self.collapse_onto(range, dev))
+        self.retrying_races(|| self.collapse_onto(range, dev))?;
+        // Collapsing a later block may have evicted an earlier one from a device too small for
+        // the whole range: Ok must mean every page is exclusive (HMM's EXCLUSIVE).
+        if !self.check_exclusive(start, len, dev)? {
+            return Err(CoreError::OutOfDeviceMemory { device: dev, bytes: range.len });
+        }
+        Ok(())
     }
 
     /// Makes `dev` the only holder of every page of `range`, mapped read-write, where it is
@@ -171,6 +177,30 @@ mod tests {
         let blk = region.blocks[0].lock();
         let pa = blk.pa(ids[0], 0).unwrap();
         assert!(_devs[0].mem.lock()[pa.0 as usize..(pa.0 + PAGE_SIZE) as usize].iter().all(|&b| b == 0x5a));
+    }
+
+    /// HMM's RELEASE of one device (`evict_device`) moves what *that* device holds home: a
+    /// read-only duplicate another device holds of the same page (read-mostly, copied peer to
+    /// peer) stays there, mapped, as an eviction from one device leaves the others' copies
+    /// (`migrate::evict_from`). `evict_device` goes through `migrate::to_cpu`, which takes every
+    /// device's copy of the pages.
+    #[test]
+    fn releasing_one_device_leaves_another_devices_duplicate() {
+        let (space, devs, ids) = setup();
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(ids[0])).unwrap();
+        space.advise(BASE, LEN, Advice::ReadMostly(true)).unwrap();
+        space.migrate(BASE, PAGE_SIZE, Proc::Device(ids[1])).unwrap();
+        let st = space.page_state(BASE).unwrap();
+        assert!(st.resident.has(Proc::Device(ids[0])) && st.resident.has(Proc::Device(ids[1])), "{st:?}");
+        assert!(devs[1].access(BASE, None).is_some(), "device 1 maps its duplicate");
+        space.evict_device(ids[0]).unwrap();
+        let st = space.page_state(BASE).unwrap();
+        assert!(!st.resident.has(Proc::Device(ids[0])), "device 0 released it: {st:?}");
+        assert!(
+            st.resident.has(Proc::Device(ids[1])) && st.dev_mapped.has(Proc::Device(ids[1])),
+            "releasing device 0 took device 1's copy too: {st:?}"
+        );
+        assert_eq!(devs[1].access(BASE, None), Some(0x5a));
     }
 
     /// `check_exclusive` for a device that was detached, or never attached, is the error every

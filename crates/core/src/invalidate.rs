@@ -215,9 +215,14 @@ impl AddressSpace {
             |r| {
                 let mut parts = parts_outside(r, range);
                 if let Some(mid) = r.range.intersect(&range) {
-                    if let Err(e) = r.cpu.set_prot(mid, prot) {
-                        cpu_result = Err(CoreError::Host(e));
-                    }
+                    // A protection the CPU side refused is not given to devices either.
+                    let prot = match r.cpu.set_prot(mid, prot) {
+                        Ok(()) => prot,
+                        Err(e) => {
+                            cpu_result = Err(CoreError::Host(e));
+                            r.prot
+                        }
+                    };
                     parts.push(Part { range: mid, prot, cpu: Arc::clone(&r.cpu), remote: r.remote, src: mid.start });
                 }
                 parts

@@ -113,18 +113,23 @@ impl AddressSpace {
             for bidx in first..=last {
                 let blk = region.blocks[bidx].lock();
                 let huge = huge_on(&blk, dev);
+                // The CPU's mappings of mirrored memory are not the core's to track (the CPU
+                // touches it without faulting through hetmm): the host's page table tells.
+                let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
+                let present = if region.remote { region.cpu.cpu_present(span) } else { None };
                 for i in 0..blk.npages {
                     let va = blk.va(i);
                     if !part.contains(va) {
                         continue;
                     }
                     let pg = blk.pages[i];
+                    let cpu_maps = pg.cpu != CpuMap::None || present.as_ref().is_some_and(|p| p[i]);
                     let me = Proc::Device(dev);
                     let kind = if pg.resident.has(me) && !pg.resident.has(Proc::Cpu) {
                         SnapKind::ThisDevice
                     } else if let Some(d) = pg.resident.devices().find(|_| !pg.resident.has(Proc::Cpu)) {
                         SnapKind::OtherDevice(d)
-                    } else if pg.cpu == CpuMap::None {
+                    } else if !cpu_maps {
                         SnapKind::None
                     } else if (pg.cpu == CpuMap::Read || !region.prot.contains(Prot::WRITE))
                         && region.cpu.reads_zero(VaRange::new(va, PAGE_SIZE))

@@ -3912,3 +3912,36 @@ mod device_detach_cases {
         );
     }
 }
+
+/// `make_exclusive` over more memory than the device has: either refused, or the device holds
+/// every page exclusively when it returns `Ok` (HMM's EXCLUSIVE reports every page made
+/// exclusive; CHECK_EXCLUSIVE right after must still see them all).
+#[test]
+fn make_exclusive_ok_means_every_page_is_exclusive_even_when_memory_is_short() {
+    let mut w = world(false, 512 + 64);
+    let s = w.cpu.range.start;
+    let pages = REGION / PAGE_SIZE;
+    for p in 0..pages {
+        w.cpu_access(s + p * PAGE_SIZE, Some(p as u8));
+    }
+    let r = w.space.make_exclusive(s, REGION, w.ids[0]);
+    if r.is_ok() {
+        let mut not = Vec::new();
+        for p in 0..pages {
+            let va = s + p * PAGE_SIZE;
+            if !w.space.check_exclusive(va, PAGE_SIZE, w.ids[0]).unwrap() {
+                not.push(p);
+            }
+        }
+        assert!(
+            not.is_empty(),
+            "make_exclusive returned Ok but {} of {pages} pages are not exclusive (first {:?}): {:?}",
+            not.len(),
+            not.first(),
+            w.space.page_state(s + not[0] * PAGE_SIZE)
+        );
+    }
+    for p in 0..pages {
+        assert_eq!(w.cpu_access(s + p * PAGE_SIZE, None), p as u8);
+    }
+}

@@ -789,6 +789,19 @@ pub(crate) unsafe fn protect_view(range: VaRange, prot: hetmm_core::types::Prot)
         .map_err(os_err("mprotect", range))
 }
 
+/// Gives `len` bytes at `addr` of a manager's alias of mirrored shared memory the protection
+/// `prot` (the alias keeps the protection the program's mapping had when it was registered).
+///
+/// # Safety
+///
+/// `addr..addr + len` must be part of a manager's alias of mirrored memory, mapped while the
+/// caller's mirror lives, through which devices access the memory only as the core allows.
+pub(crate) unsafe fn protect_alias(addr: usize, len: usize, prot: hetmm_core::types::Prot) -> Result<(), MappingError> {
+    let range = VaRange::new(addr as u64, len as u64);
+    // SAFETY: the caller's contract; protection changes no content.
+    unsafe { rustix::mm::mprotect(addr as *mut _, len, mprotect_flags(prot)) }.map_err(os_err("mprotect(alias)", range))
+}
+
 /// Whether `len` bytes at `addr` (a manager's alias, mapped while the caller's mirror lives)
 /// are all zero. Volatile reads, not a slice: copy engines may write the alias meanwhile, and a
 /// Rust reference over memory written concurrently would be a data race. A concurrent write

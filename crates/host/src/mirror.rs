@@ -402,10 +402,20 @@ impl CpuMmu for MirrorView {
     }
 
     fn set_prot(&self, range: VaRange, prot: Prot) -> Result<(), HostError> {
-        self.check("protect", range)?;
+        let off = self.check("protect", range)?;
         // SAFETY: `range` was just checked inside this mirror's view; the core asks for the
         // protection the program gave the range.
-        unsafe { mapping::protect_view(range, prot) }.map_err(|e| mapping_err("protect", range, e))
+        unsafe { mapping::protect_view(range, prot) }.map_err(|e| mapping_err("protect", range, e))?;
+        if self.mirror.is_remote() {
+            // Devices reach mirrored memory through the alias, which kept the protection the
+            // mapping had when it was registered. It stays readable: hetmm itself reads it
+            // (`reads_zero`), and devices get only what the core maps them.
+            let alias = prot | Prot::READ;
+            // SAFETY: the alias part of `range` (checked above), mapped while the mirror lives.
+            unsafe { mapping::protect_alias(self.mirror.alias.addr() + off as usize, range.len as usize, alias) }
+                .map_err(|e| mapping_err("protect", range, e))?;
+        }
+        Ok(())
     }
 
     fn reads_zero(&self, range: VaRange) -> bool {
@@ -415,6 +425,12 @@ impl CpuMmu for MirrorView {
             Ok(off) => unsafe { mapping::alias_is_zero(self.mirror.alias.addr() + off as usize, range.len as usize) },
             Err(_) => false,
         }
+    }
+
+    fn cpu_present(&self, range: VaRange) -> Option<Vec<bool>> {
+        self.check("snapshot", range).ok()?;
+        let pm = crate::pagemap::Pagemap::open()?;
+        Some((range.start..range.end()).step_by(PAGE_SIZE as usize).map(|va| pm.present(va)).collect())
     }
 
     /// Registered private memory becomes a private copy in the child (read from the memfd, not

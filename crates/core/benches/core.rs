@@ -99,7 +99,7 @@ impl DeviceMmu for NullDevice {
     fn create_page_table(&self) -> Result<(), DeviceError> {
         Ok(())
     }
-    fn destroy_page_table(&self) {}
+    unsafe fn destroy_page_table(&self) {}
     unsafe fn map(&self, _: &[MapEntry]) -> Result<(), DeviceError> {
         Ok(())
     }

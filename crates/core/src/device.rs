@@ -277,7 +277,15 @@ pub trait DeviceMmu: Send + Sync + std::fmt::Debug + 'static {
     fn create_page_table(&self) -> Result<(), DeviceError>;
 
     /// Destroys the page table (after everything was unmapped); invalidates the whole TLB.
-    fn destroy_page_table(&self);
+    ///
+    /// # Safety
+    ///
+    /// Only the address space the device is attached to may call it, as it lets the device
+    /// go (or refuses its attach): once the table is gone the device can be attached again,
+    /// and a second address space, or a second attach to this one, manages the same device
+    /// memory. While the first still does, both hand out the same device pages, and one's
+    /// kernels write the other's data.
+    unsafe fn destroy_page_table(&self);
 
     /// Installs mappings.
     ///

@@ -1180,8 +1180,9 @@ mod service_loop_tests {
         fn create_page_table(&self) -> Result<(), DeviceError> {
             self.inner.create_page_table()
         }
-        fn destroy_page_table(&self) {
-            self.inner.destroy_page_table()
+        unsafe fn destroy_page_table(&self) {
+            // SAFETY: forwarded as given.
+            unsafe { self.inner.destroy_page_table() }
         }
         unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
             if let Some(p) = *self.panic_from.lock() {

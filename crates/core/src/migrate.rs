@@ -1836,7 +1836,7 @@ mod whole_block_tests {
         fn create_page_table(&self) -> Result<(), DeviceError> {
             Ok(())
         }
-        fn destroy_page_table(&self) {}
+        unsafe fn destroy_page_table(&self) {}
         unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {
             for e in entries {
                 self.check(e.va, e.len)?;

@@ -469,7 +469,8 @@ impl AddressSpace {
                     for done in &all[..k] {
                         mmu.region_removed(done.range);
                     }
-                    mmu.destroy_page_table();
+                    // SAFETY: this attach is refused; the device's table was made for it.
+                    unsafe { mmu.destroy_page_table() };
                     return Err(CoreError::Device { device: id, source });
                 }
             }
@@ -506,7 +507,8 @@ impl AddressSpace {
             for r in self.regions.read().values() {
                 slot.mmu.region_removed(r.range);
             }
-            slot.mmu.destroy_page_table();
+            // SAFETY: this attach is refused; the device's table was made for it.
+            unsafe { slot.mmu.destroy_page_table() };
             return Err(e);
         }
         if idx == devices.len() {
@@ -655,7 +657,9 @@ impl AddressSpace {
         for region in self.regions.read().values() {
             slot.mmu.region_removed(region.range);
         }
-        slot.mmu.destroy_page_table();
+        // SAFETY: the device is detached from this address space, its data home and nothing
+        // of it mapped: no one else manages its memory.
+        unsafe { slot.mmu.destroy_page_table() };
         // The id goes to the next device attached, which must not inherit this one's advice.
         self.attrs.write().forget_proc(me);
         if let Some(s) = self.devices.write().get_mut(id.0 as usize) {

@@ -343,7 +343,7 @@ impl DeviceMmu for FakeDevice {
     fn create_page_table(&self) -> Result<(), DeviceError> {
         Ok(())
     }
-    fn destroy_page_table(&self) {
+    unsafe fn destroy_page_table(&self) {
         self.pt.lock().clear();
     }
     unsafe fn map(&self, entries: &[MapEntry]) -> Result<(), DeviceError> {

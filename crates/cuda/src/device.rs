@@ -750,7 +750,7 @@ impl DeviceMmu for CudaDevice {
         Ok(())
     }
 
-    fn destroy_page_table(&self) {
+    unsafe fn destroy_page_table(&self) {
         let i = &self.inner;
         let mut st = i.state.lock();
         i.teardown(&mut st);

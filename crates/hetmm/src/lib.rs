@@ -225,8 +225,7 @@ impl Hetmm {
 
     /// Detaches a device: its data comes back to the CPU; later use of the handle fails.
     pub fn detach<D>(&self, dev: &Device<D>) -> Result<()> {
-        dev.check_same()?;
-        Ok(self.space.detach(dev.id)?)
+        Ok(self.space.detach(self.own(dev)?)?)
     }
 
     /// Allocates shared memory for `count` values of `T`, zero-initialised, valid on the CPU and
@@ -425,21 +424,34 @@ impl Hetmm {
 
     /// One entry per page of `[start, start + len)` as `dev` sees it (like HMM's SNAPSHOT).
     pub fn snapshot<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<Vec<SnapEntry>> {
+        let id = self.own(dev)?;
         self.space.settle()?;
-        Ok(self.space.snapshot(start, len, dev.id)?)
+        Ok(self.space.snapshot(start, len, id)?)
     }
 
     /// Gives `dev` exclusive access to `[start, start + len)` for atomics; any CPU access
     /// revokes it (see [`hetmm_core::exclusive`]).
     pub fn make_exclusive<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<()> {
+        let id = self.own(dev)?;
         self.space.settle()?;
-        Ok(self.space.make_exclusive(start, len, dev.id)?)
+        Ok(self.space.make_exclusive(start, len, id)?)
     }
 
     /// Whether `dev` still has exclusive access to every page of the range.
     pub fn check_exclusive<D>(&self, start: u64, len: u64, dev: &Device<D>) -> Result<bool> {
+        let id = self.own(dev)?;
         self.space.settle()?;
-        Ok(self.space.check_exclusive(start, len, dev.id)?)
+        Ok(self.space.check_exclusive(start, len, id)?)
+    }
+
+    /// The id of `dev` in this address space; `Detached` where it names no device here any
+    /// more (it was detached, and the id may be another device's now) or is another `Hetmm`'s.
+    fn own<D>(&self, dev: &Device<D>) -> Result<DeviceId> {
+        if !Arc::ptr_eq(&dev.space, &self.space) {
+            return Err(CoreError::Detached(dev.id).into());
+        }
+        dev.check_same()?;
+        Ok(dev.id)
     }
 
     /// Counters. Each is added by the thread that did the work. A CPU fault and its pages are
@@ -584,7 +596,14 @@ impl<D> Device<D> {
         Proc::Device(self.id)
     }
     /// The driver. Its calls do not see the buffers' slices: its launches are `unsafe`, under
-    /// contracts of their own.
+    /// contracts of their own, and so is letting the device go behind the address space's back:
+    ///
+    /// ```compile_fail
+    /// # use hetmm::core::device::DeviceMmu;
+    /// # fn f(dev: &hetmm::Device<hetmm::sim::SimDevice>) {
+    /// dev.driver().destroy_page_table(); // attached again, its memory would be managed twice
+    /// # }
+    /// ```
     pub fn driver(&self) -> &D {
         &self.dev
     }

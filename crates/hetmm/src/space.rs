@@ -83,7 +83,9 @@ impl<'a> Space<'a> {
     pub fn forks_waiting(&self) -> usize {
         self.0.forks_waiting()
     }
-    /// See [`AddressSpace::fork_prepare`] (device-only data is copied home unchanged).
+    /// See [`AddressSpace::fork_prepare`] (device-only data is copied home unchanged). Until
+    /// the guard is dropped, an access of this thread to shared memory that must fault (data
+    /// on a device) waits for the guard: a deadlock, as locking a held mutex again.
     pub fn fork_prepare(&self) -> Option<ForkGuard> {
         self.0.fork_prepare()
     }

@@ -62,6 +62,9 @@ pub enum RegionError {
         /// How many mappings it spans.
         mappings: usize,
     },
+    /// The range holds the calling thread's stack.
+    #[error("{0} holds the calling thread's stack: registering it would stop the thread at its next write there")]
+    OwnStack(VaRange),
 }
 
 /// The CPU side of an address space: one userfaultfd and one thread that reads it and passes

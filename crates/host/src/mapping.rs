@@ -789,6 +789,24 @@ pub(crate) unsafe fn protect_view(range: VaRange, prot: hetmm_core::types::Prot)
         .map_err(os_err("mprotect", range))
 }
 
+/// The calling thread's stack, as its thread attributes give it (glibc finds the main
+/// thread's from `/proc/self/maps`); `None` where they cannot be read.
+pub(crate) fn own_stack() -> Option<VaRange> {
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    // SAFETY: pthread_getattr_np initializes `attr` when it returns 0, and only then is it
+    // read (and destroyed, once).
+    unsafe {
+        if libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) != 0 {
+            return None;
+        }
+        let mut addr = std::ptr::null_mut();
+        let mut size = 0usize;
+        let r = libc::pthread_attr_getstack(attr.as_ptr(), &mut addr, &mut size);
+        libc::pthread_attr_destroy(attr.as_mut_ptr());
+        (r == 0 && size > 0).then(|| VaRange::new(addr as u64, size as u64))
+    }
+}
+
 /// Gives `len` bytes at `addr` of a manager's alias of mirrored shared memory the protection
 /// `prot` (the alias keeps the protection the program's mapping had when it was registered).
 ///

@@ -480,6 +480,11 @@ impl Host {
             .filter(|_| len > 0)
             .ok_or(MappingError::BadLength(len))?;
         let range = VaRange::new(s, e - s);
+        // Private memory is write-protected while it is copied: the thread's next write to its
+        // own stack there would wait for itself (found by an audit).
+        if mapping::own_stack().is_some_and(|st| st.intersect(&range).is_some()) {
+            return Err(RegionError::OwnStack(range));
+        }
         let vm = vmas(range).ok_or(RegionError::NotMapped(range))?;
         let shared = vm.iter().filter(|v| v.shared).count();
         let parts: Vec<(VaRange, Prot)> = vm.iter().map(|v| (v.range, v.prot)).collect();

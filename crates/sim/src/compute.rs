@@ -469,6 +469,7 @@ impl BlockCtx<'_> {
     }
 
     fn read_bytes(&self, va: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        touch_pages_mut(out);
         let mem = &self.shared.mem;
         self.for_runs(va, out.len(), Access::Read, |t, off, n| {
             let dst = &mut out[off..off + n];
@@ -485,6 +486,7 @@ impl BlockCtx<'_> {
     }
 
     fn write_bytes(&self, va: u64, data: &[u8]) -> Result<(), DeviceError> {
+        touch_pages(data);
         let mem = &self.shared.mem;
         self.for_runs(va, data.len(), Access::Write, |t, off, n| {
             let src = &data[off..off + n];
@@ -586,5 +588,51 @@ impl BlockCtx<'_> {
     /// previous value (equal to `current` on success). Needs `ATOMIC`.
     pub fn atomic_cas_u32(&self, va: u64, current: u32, new: u32) -> Result<u32, DeviceError> {
         self.atomic(va, AtomicOp::CasU32(current, new)).map(|p| p as u32)
+    }
+}
+
+/// Touches one byte of every page of `data` before the copy takes a TLB lock. The kernel's
+/// own buffer may be memory hetmm manages (a slice of a buffer whose data is on a device):
+/// faulted in under the lock, its service invalidates every TLB, this one's too, and waits for
+/// the lock this worker holds (found by an audit). Touched first, it is there in all but a
+/// race with another device's fault on the same pages in between, which can still hang.
+fn touch_pages(data: &[u8]) {
+    for i in page_starts(data.as_ptr() as usize, data.len()) {
+        std::hint::black_box(data[i]);
+    }
+}
+
+/// [`touch_pages`] for a buffer the copy writes: written, so a write fault comes now.
+fn touch_pages_mut(out: &mut [u8]) {
+    for i in page_starts(out.as_ptr() as usize, out.len()) {
+        out[i] = std::hint::black_box(out[i]);
+    }
+}
+
+/// The index of the first byte of `len` at `addr` in each 4 KiB page they cover.
+fn page_starts(addr: usize, len: usize) -> impl Iterator<Item = usize> {
+    const PAGE: usize = 4096;
+    let first = (len > 0).then_some(0);
+    let next = match addr % PAGE {
+        0 => PAGE,
+        off => PAGE - off,
+    };
+    first.into_iter().chain((next..len).step_by(PAGE))
+}
+
+#[cfg(test)]
+mod page_start_tests {
+    #[test]
+    fn every_page_a_range_covers_is_touched_once() {
+        for (addr, len, want) in [
+            (0x1000, 0, vec![]),
+            (0x1000, 1, vec![0]),
+            (0x1000, 0x2000, vec![0, 0x1000]),
+            (0x1ff0, 0x20, vec![0, 0x10]),
+            (0x1ff0, 0x10, vec![0]),
+            (0x1001, 0x2000, vec![0, 0xfff, 0x1fff]),
+        ] {
+            assert_eq!(super::page_starts(addr, len).collect::<Vec<_>>(), want, "{addr:#x} + {len:#x}");
+        }
     }
 }

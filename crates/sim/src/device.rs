@@ -315,7 +315,7 @@ impl DeviceMmu for SimDevice {
         Ok(())
     }
 
-    fn destroy_page_table(&self) {
+    unsafe fn destroy_page_table(&self) {
         *self.s().pt.write() = None;
         self.flush_all_tlbs();
     }

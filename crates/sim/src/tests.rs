@@ -143,7 +143,8 @@ fn map_validation_and_no_page_table() {
     assert!(d.translate(BASE).is_none(), "a failed batch maps nothing");
     assert!(d.unmap(&[VaRange::new(BASE, 5)]).is_err());
     assert!(d.protect(&[(VaRange::new(u64::MAX - 4095, 4096), Prot::READ)]).is_err());
-    d.destroy_page_table();
+    // SAFETY: the test's own device, attached to no address space.
+    unsafe { d.destroy_page_table() };
     assert!(matches!(d.run(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::NoPageTable)));
     assert_eq!(d.take_accessed(VaRange::new(BASE, MB2)), Some(vec![]));
 }
@@ -768,7 +769,8 @@ fn shutdown_faults_unblocks_kernels() {
     // No new launches on a detached device.
     assert!(matches!(d.run(Grid::new(1, 1), |_| Ok(())), Err(DeviceError::Shutdown)));
     // A new page table re-arms the buffer.
-    d.destroy_page_table();
+    // SAFETY: the test's own device, attached to no address space.
+    unsafe { d.destroy_page_table() };
     d.create_page_table().unwrap();
     let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
     let seen = serve(&d, &l, |_| Some(FaultCancel::Unmapped));
@@ -1005,7 +1007,8 @@ fn a_warp_stalled_across_a_new_page_table_fails_at_once() {
         assert!(Instant::now() < deadline, "the kernel never faulted");
         std::thread::sleep(Duration::from_millis(1));
     }
-    d.destroy_page_table();
+    // SAFETY: the test's own device, attached to no address space.
+    unsafe { d.destroy_page_table() };
     d.create_page_table().unwrap();
     let r = l.wait(T);
     assert!(matches!(r, Err(DeviceError::FaultCancelled { reason: FaultCancel::Detached, .. })), "{r:?}");
@@ -1023,7 +1026,8 @@ fn a_fault_present_at_shutdown_fails_even_after_reattach() {
         let l = d.run(Grid::new(1, 1), |b| b.load::<u32>(BASE).map(|_| ())).unwrap();
         assert!(d.wait_for_faults(T));
         d.shutdown_faults();
-        d.destroy_page_table();
+        // SAFETY: the test's own device, attached to no address space.
+        unsafe { d.destroy_page_table() };
         d.create_page_table().unwrap();
         map(&d, BASE, PAGE_SIZE, 0, Prot::RWA);
         d.replay(&[]);

@@ -260,6 +260,9 @@ pub(crate) fn evict_queued(space: &AddressSpace, slot: &DeviceSlot, at: Queued) 
         // lowest again, and while it could not be evicted nothing on the device could (found
         // by an audit).
         blk.touch(slot.id, space.tick());
+        // Nor is it a finished job's any more: that key ranks before the touch time, and such a
+        // block was picked again first on every later search (found by an audit).
+        blk.job_done = false;
     }
     r
 }

@@ -1290,4 +1290,26 @@ mod service_loop_tests {
         assert!(mapped, "the first block was serviced");
         assert!(!cancels.iter().any(|c| c.0 == s), "a fault of a block serviced and mapped was cancelled: {cancels:?}");
     }
+
+    /// Reviewing 0cc2397 (`service_block_caught`): a driver panic in the device `map` of one
+    /// block's service is caught and only its faults cancelled, but `migrate::to_device` had
+    /// already allocated device pages and recorded them in the block (`fill`) without marking
+    /// them resident: nothing frees them (the next service allocates again and overwrites them),
+    /// so each such panic leaks device memory for good.
+    #[test]
+    fn a_panic_in_a_map_leaks_no_device_memory() {
+        let (space, dev, s) = setup(2);
+        let id = crate::types::DeviceId(0);
+        let (_, total) = space.device_memory(id).unwrap();
+        *dev.panic_from.lock() = Some(s + BLOCK_SIZE);
+        dev.queue.lock().push_back(DeviceFault { va: s + BLOCK_SIZE, access: Access::Read, client: 0 });
+        wait_replays(&dev, 1);
+        *dev.panic_from.lock() = None;
+        dev.queue.lock().push_back(DeviceFault { va: s + BLOCK_SIZE, access: Access::Read, client: 0 });
+        wait_replays(&dev, 2);
+        assert!(dev.inner.pt.lock().contains_key(&(s + BLOCK_SIZE)), "served after the panic");
+        space.release_range(s, 2 * BLOCK_SIZE).unwrap();
+        let (free, _) = space.device_memory(id).unwrap();
+        assert_eq!(free, total, "device memory leaked by the panicking service: {} pages", (total - free) / PAGE_SIZE);
+    }
 }

@@ -361,7 +361,11 @@ impl AddressSpace {
                         // A device refused to give up pages the program kept: their data still
                         // comes home, copied where it lies (it was lost, the pages read zeros;
                         // found by an audit).
-                        let lost = migrate::copy_home_keeping_maps(self, r, &mut blk, &keep);
+                        // Not the pages `rescue` kept on their devices (mapped as they were,
+                        // where a device refused the unmap): a CPU copy beside them would
+                        // diverge from the device's writes through the mapping it kept.
+                        let home = keep.and_not(&keeps.rescued(r, b).unwrap_or_default());
+                        let lost = migrate::copy_home_keeping_maps(self, r, &mut blk, &home);
                         log::error!(
                             "reshaping {}: {e}; the kept pages' data came home but for {} pages",
                             r.range,
@@ -389,10 +393,14 @@ impl AddressSpace {
         for r in &old {
             r.set_freed();
             let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);
+            // The jobs each old block counts: a block rebuilt in place from them keeps them, so
+            // that a running job's end still finds its pieces (and no other job's end does).
+            let mut jobs: Vec<Vec<u64>> = Vec::with_capacity(r.blocks.len());
             // Device state of the moved pages that keep their copies, by old address.
             let mut rekeyed = Carried::default();
             for (b, cell) in r.blocks.iter().enumerate() {
                 let mut blk = cell.lock();
+                jobs.push(blk.job_ids.clone());
                 let all = PageMask::full(blk.npages);
                 // Moved pages that travel one by one, and pages a failed copy home left on
                 // devices: taken together, so that the carried pages stay in address order.
@@ -449,6 +457,19 @@ impl AddressSpace {
                         }
                         moved.push((ob, nb));
                         continue;
+                    }
+                    if src == start {
+                        let span = VaRange::new(base, blk.npages as u64 * PAGE_SIZE);
+                        for (ob, ids) in jobs.iter().enumerate() {
+                            if r.block_span(ob).intersect(&span).is_some() {
+                                for id in ids {
+                                    if !blk.job_ids.contains(id) {
+                                        blk.job_ids.push(*id);
+                                    }
+                                }
+                            }
+                        }
+                        blk.active_jobs = blk.job_ids.len() as u32;
                     }
                     for (i, pg) in blk.pages.iter_mut().enumerate() {
                         let src = part.src + (base - part.range.start) + i as u64 * PAGE_SIZE;

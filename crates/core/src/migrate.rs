@@ -354,6 +354,48 @@ fn undo_fill(slot: &DeviceSlot, blk: &mut Block, need: &PageMask) {
     release_device_pages(slot, blk, need);
 }
 
+/// [`map_local`] of `m` right after `fill` gave the block the device pages `need`: on failure
+/// they go back to the allocator. A driver that panics in its `map` (the fault service catches
+/// it and goes on) may have mapped some of them: `m` is unmapped first, and they are freed only
+/// if that works, else forgotten (leaked). Left recorded in the block but not resident, they
+/// were overwritten by the next fill and never freed (found by an audit).
+fn map_filled(
+    space: &AddressSpace,
+    blk: &mut Block,
+    slot: &DeviceSlot,
+    m: &PageMask,
+    prot: Prot,
+    need: &PageMask,
+) -> Result<()> {
+    let mapped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| map_local(space, blk, slot, m, prot)));
+    match mapped {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            undo_fill(slot, blk, need);
+            Err(e)
+        }
+        Err(panic) => {
+            let m = widen(blk, slot, m);
+            let rs = ranges(blk, &m);
+            let me = Proc::Device(slot.id);
+            let unmapped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.mmu.unmap(&rs)));
+            if matches!(unmapped, Ok(Ok(()))) {
+                slot.mmu.invalidate_tlb(&rs);
+                for i in m.iter() {
+                    let p = &mut blk.pages[i];
+                    p.dev_mapped.remove(me);
+                    p.dev_ro.remove(me);
+                    p.peer_mapped.remove(me);
+                }
+                undo_fill(slot, blk, need);
+            } else {
+                forget_device_pages(slot, blk, need);
+            }
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
 /// Maps the pages of `m` to their copies on `slot` with `prot` (replacing any mapping there).
 fn map_local(space: &AddressSpace, blk: &mut Block, slot: &DeviceSlot, m: &PageMask, prot: Prot) -> Result<()> {
     if m.is_empty() {
@@ -441,10 +483,7 @@ pub(crate) fn to_device(
     let need = select(blk, want, |p| !p.resident.has(me));
     fill(space, region, blk, slot, &need, want, &peers)?;
     let remap = select(blk, want, |p| !p.dev_mapped.has(me) || p.dev_ro.has(me));
-    if let Err(e) = map_local(space, blk, slot, &remap, device_prot(region)) {
-        undo_fill(slot, blk, &need);
-        return Err(e);
-    }
+    map_filled(space, blk, slot, &remap, device_prot(region), &need)?;
     // Our copies are the data now and we may write them: the peers' copies go. A peer gone from
     // the address space meanwhile has no pages left to free.
     if let Err(e) = drop_other_device_copies(space, blk, &direct, slot.id) {
@@ -521,10 +560,7 @@ pub(crate) fn duplicate_to_device(
     let need = select(blk, want, |p| !p.resident.has(me));
     fill(space, region, blk, slot, &need, want, &peers)?;
     let unmapped = select(blk, want, |p| !p.dev_mapped.has(me));
-    if let Err(e) = map_local(space, blk, slot, &unmapped, Prot::READ) {
-        undo_fill(slot, blk, &need);
-        return Err(e);
-    }
+    map_filled(space, blk, slot, &unmapped, Prot::READ, &need)?;
     for i in want.iter() {
         blk.pages[i].resident.insert(me);
     }
@@ -562,7 +598,11 @@ pub(crate) fn map_remote(
     // Pages the device holds itself stay mapped to its own copy, mapped again where a failed
     // migration left that copy unmapped (read-only while other copies exist).
     let full = device_prot(region);
-    let own = select(blk, want, |p| p.resident.has(me) && !p.dev_mapped.has(me));
+    // And where it holds the only copy but maps it read-only (a duplicate whose other copies
+    // were evicted): left so, a write served here faulted again (found by an audit).
+    let own = select(blk, want, |p| {
+        p.resident.has(me) && (!p.dev_mapped.has(me) || (p.dev_ro.has(me) && p.resident == ProcMask::only(me)))
+    });
     let shared = select(blk, &own, |p| p.resident != ProcMask::only(me));
     map_local(space, blk, slot, &shared, Prot::READ)?;
     map_local(space, blk, slot, &own.and_not(&shared), full)?;
@@ -729,7 +769,9 @@ fn allocate(
                 CoreError::OutOfDeviceMemory { device: slot.id, bytes }
             });
         }
-        let copied = to_cpu(space, region, blk, &spare)?;
+        // Only this device's copies: other devices keep theirs (a launch on one that cannot
+        // fault may hold them), as on eviction.
+        let copied = evict_pages_from(space, region, blk, slot, &spare)?;
         add(&space.stats.evictions, 1);
         add(&space.stats.bytes_evicted, copied as u64 * PAGE_SIZE);
     }
@@ -928,8 +970,20 @@ pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, wan
 /// Peer mappings of the block's pages go first (the state does not say whose copy one reaches;
 /// a peer faults it in again). Returns the pages copied.
 pub(crate) fn evict_from(space: &AddressSpace, region: &Region, blk: &mut Block, slot: &DeviceSlot) -> Result<usize> {
+    let here = blk.resident_on(Proc::Device(slot.id));
+    evict_pages_from(space, region, blk, slot, &here)
+}
+
+/// [`evict_from`] for the pages `m` only (widened to the whole block on a whole-block device).
+pub(crate) fn evict_pages_from(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut Block,
+    slot: &DeviceSlot,
+    m: &PageMask,
+) -> Result<usize> {
     let me = Proc::Device(slot.id);
-    let here = blk.resident_on(me);
+    let here = select(blk, &widen(blk, slot, m), |p| p.resident.has(me));
     if here.is_empty() {
         return Ok(0);
     }

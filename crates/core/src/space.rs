@@ -954,11 +954,12 @@ impl AddressSpace {
     /// since (another job's, maybe) keeps its own.
     pub fn job_end(&self, token: &JobToken) {
         self.for_blocks(&token.ranges, |b| {
+            // A block the job never counted (new memory at its addresses) is not its to mark.
             if let Some(i) = b.job_ids.iter().position(|j| *j == token.id) {
                 b.job_ids.swap_remove(i);
                 b.active_jobs = b.active_jobs.saturating_sub(1);
+                b.job_done = b.active_jobs == 0;
             }
-            b.job_done = b.active_jobs == 0;
         });
     }
 

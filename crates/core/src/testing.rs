@@ -3034,7 +3034,10 @@ mod eviction_findings {
         use crate::policy::Eviction;
         use std::sync::atomic::Ordering::Relaxed;
         let mut results = Vec::new();
-        for eviction in [Eviction::Fifo, Eviction::JobAwareLru] {
+        // With a job that used X and ended (X ranks first, as a finished job's, whatever its
+        // touch time; a touch alone left it first: found by a second look).
+        let cases = [(Eviction::Fifo, false), (Eviction::JobAwareLru, false), (Eviction::JobAwareLru, true)];
+        for (eviction, finished_job) in cases {
             let policy = crate::policy::Policy {
                 prefetcher: Arc::new(crate::policy::NoPrefetch),
                 cpu_readahead: false,
@@ -3055,6 +3058,10 @@ mod eviction_findings {
             // X then Y fill A (X is the least recently used).
             space.migrate(x, BLOCK_SIZE, pa).unwrap();
             space.migrate(y, BLOCK_SIZE, pa).unwrap();
+            if finished_job {
+                let job = space.job_begin(&[VaRange::new(x, BLOCK_SIZE)]);
+                space.job_end(&job);
+            }
             // B reads X in place through its peer window.
             space.advise(x, BLOCK_SIZE, Advice::AccessedBy(ib, true)).unwrap();
             assert!(read_fault(&space, ib, x).is_empty());
@@ -3070,11 +3077,11 @@ mod eviction_findings {
             let second = space.migrate(z, BLOCK_SIZE, pa).is_ok();
             let third = space.migrate(z, BLOCK_SIZE, pa).is_ok();
             b.fail_unmap.store(false, Relaxed);
-            results.push((eviction, first, second, third));
+            results.push((eviction, finished_job, first, second, third));
         }
         assert!(
-            results.iter().all(|&(_, _, second, third)| second || third),
-            "Z never got onto A (evicting Y) after X's eviction failed: (policy, 1st, 2nd, 3rd try ok) {results:?}"
+            results.iter().all(|&(_, _, _, second, third)| second || third),
+            "Z never got onto A (evicting Y) after X's eviction failed: (policy, finished job, 1st, 2nd, 3rd try ok) {results:?}"
         );
     }
 }
@@ -3876,17 +3883,27 @@ mod device_detach_cases {
         Detach,
     }
 
-    fn dropping_one_devices_copies_leaves_anothers(how: Drop) {
-        let policy = crate::policy::Policy { cpu_readahead: false, ..crate::policy::Policy::uvm() };
+    /// A space with a region of `len` at 8 blocks, over device A (`a_bytes` of memory), which
+    /// can fault, and B (two blocks), which cannot (a GPU); `policy` without CPU read-ahead.
+    pub(super) fn a_faults_b_launches(
+        policy: crate::policy::Policy,
+        len: u64,
+        a_bytes: u64,
+    ) -> (Arc<AddressSpace>, Arc<FakeDevice>, DeviceId, DeviceId) {
+        let policy = crate::policy::Policy { cpu_readahead: false, ..policy };
         let space = AddressSpace::new(CoreConfig { policy, ..Default::default() });
-        let x = 8 * BLOCK_SIZE;
-        space.add_region(Arc::new(PlainCpu::new(VaRange::new(x, BLOCK_SIZE))), Prot::READ | Prot::WRITE).unwrap();
-        let host = Arc::new(Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
-        // A can fault (its eviction does not spare blocks launches get ready); B cannot.
-        let a = FakeDevice { replayable: true, ..FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)) };
+        space.add_region(Arc::new(PlainCpu::new(VaRange::new(8 * BLOCK_SIZE, len))), Prot::READ | Prot::WRITE).unwrap();
+        let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
+        let a = FakeDevice { replayable: true, ..FakeDevice::new(a_bytes as usize, 0xEE, Arc::clone(&host)) };
         let b = Arc::new(FakeDevice::new(2 * BLOCK_SIZE as usize, 0xEE, Arc::clone(&host)));
         let ia = space.attach(Arc::new(a) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
         let ib = space.attach(Arc::clone(&b) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        (space, b, ia, ib)
+    }
+
+    fn dropping_one_devices_copies_leaves_anothers(how: Drop) {
+        let (space, b, ia, ib) = a_faults_b_launches(crate::policy::Policy::uvm(), BLOCK_SIZE, 2 * BLOCK_SIZE);
+        let x = 8 * BLOCK_SIZE;
         let (pa, pb) = (Proc::Device(ia), Proc::Device(ib));
         space.advise(x, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
         space.migrate(x, BLOCK_SIZE, pb).unwrap();
@@ -3943,5 +3960,157 @@ fn make_exclusive_ok_means_every_page_is_exclusive_even_when_memory_is_short() {
     }
     for p in 0..pages {
         assert_eq!(w.cpu_access(s + p * PAGE_SIZE, None), p as u8);
+    }
+}
+
+/// Regressions and incomplete fixes a review of this round of fixes (98de6d6..e22e6d1) found.
+mod second_look {
+    use super::*;
+    use crate::advice::Advice;
+
+    /// ff7d7ac kept, in an munmap, the pages a refusing device maps "as they were"; an mremap
+    /// whose block is cut by the moved range takes the same `Keeps::rescue` branch, but there
+    /// `rescue` returns false (the moved pages cannot stay) and `reshape_regions` then copies
+    /// the whole `keep` home with `copy_home_keeping_maps`, the rescued in-place pages included:
+    /// they land in the new block resident on the CPU *and* the device, the device's read-write
+    /// mapping still in place. A device write through it never reaches the CPU's copy.
+    #[test]
+    fn a_refused_unmap_in_an_mremap_leaves_the_pages_in_place_coherent() {
+        let mut w = world(false, 2048);
+        let s = w.cpu.range.start;
+        let p1 = s + PAGE_SIZE; // stays in place
+        assert_eq!(w.dev_access(0, s, Some(0x66)), Some(0x66)); // moved
+        assert_eq!(w.dev_access(0, p1, Some(0x77)), Some(0x77));
+        let to = s + 64 * BLOCK_SIZE + 7 * PAGE_SIZE;
+        let new_cpu = FakeCpu::fresh(VaRange::new(to, PAGE_SIZE));
+        let _ = w.failing(|d| &d.fail_unmap, || w.space.remap_range(s, to, PAGE_SIZE, Some(new_cpu)));
+        let me = Proc::Device(w.ids[0]);
+        let st = w.space.page_state(p1).unwrap();
+        // Invariant: a device mapping of a page others hold a copy of is read-only.
+        let incoherent =
+            st.resident.has(Proc::Cpu) && st.resident.has(me) && st.dev_mapped.has(me) && !st.dev_ro.has(me);
+        // The device writes through the mapping it kept (no fault: it maps the page writable).
+        let wrote = w.devs[0].access(p1, Some(0x88));
+        let cpu = w.cpu_access(p1, None);
+        assert!(
+            !incoherent && (wrote.is_none() || cpu == 0x88),
+            "page {p1:#x} after a refused unmap in an mremap: {st:?}; the device wrote 0x88 ({wrote:?}), the CPU reads {cpu:#x}"
+        );
+    }
+
+    /// 0cc2397 made eviction drop only the evicting device's copies (`evict_from`), but the last
+    /// resort of `migrate::allocate` (evicting the faulting block's own spare pages) still goes
+    /// through `to_cpu`, which takes every device's copies of those pages: device B, which
+    /// cannot fault, loses the duplicate a launch on it is getting ready.
+    #[test]
+    fn evicting_a_blocks_own_spare_pages_leaves_another_devices_copy() {
+        let policy = crate::policy::Policy { prefetcher: Arc::new(NoPrefetch), ..crate::policy::Policy::uvm() };
+        // A: one block of memory.
+        let (space, b, ia, ib) = super::device_detach_cases::a_faults_b_launches(policy, 2 * BLOCK_SIZE, BLOCK_SIZE);
+        let x = 8 * BLOCK_SIZE;
+        let (pa, pb) = (Proc::Device(ia), Proc::Device(ib));
+        space.advise(x, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+        space.migrate(x, PAGE_SIZE, pb).unwrap();
+        space.migrate(x, PAGE_SIZE, pa).unwrap();
+        let st = space.page_state(x).unwrap();
+        assert!(st.resident.has(pa) && st.resident.has(pb), "set-up: copies on both devices: {st:?}");
+        // The rest of A's memory holds pinned data.
+        let filler = x + BLOCK_SIZE;
+        space.advise(filler, BLOCK_SIZE, Advice::Pin(true)).unwrap();
+        space.migrate(filler, BLOCK_SIZE - PAGE_SIZE, pa).unwrap();
+        assert_eq!(space.device_memory(ia).unwrap().0, 0, "set-up: A is full");
+        let ranges = [VaRange::new(x, BLOCK_SIZE)];
+        space.launch_prepare(&ranges);
+        // A needs a page of the same block.
+        let r = space.migrate(x + PAGE_SIZE, PAGE_SIZE, pa);
+        let st = space.page_state(x).unwrap();
+        space.launch_ready(&ranges);
+        assert!(r.is_ok(), "{r:?}");
+        assert!(
+            st.resident.has(pb) && st.dev_mapped.has(pb) && b.pt.lock().contains_key(&x),
+            "A's eviction of its own spare page dropped device B's copy, held for B's launch: {st:?}"
+        );
+    }
+
+    /// cb737bd: an old job's end still sets `job_done` on a block the job never counted (new
+    /// memory at its addresses, used by no job): the fresh block becomes a finished job's, the
+    /// first eviction candidate.
+    #[test]
+    fn an_old_jobs_end_does_not_mark_new_memory_finished() {
+        let w =
+            world_sized(Arc::new(NoPrefetch), 2 * PAGES_PER_BLOCK as u64, crate::policy::Policy::hetmm(), BLOCK_SIZE);
+        let s = w.cpu.range.start;
+        let first = VaRange::new(s, BLOCK_SIZE);
+        let old = w.space.job_begin(&[first]);
+        let cpu = w.space.remove_region(s).unwrap();
+        w.space.add_region(cpu, Prot::READ | Prot::WRITE).unwrap();
+        w.space.job_end(&old);
+        let region = w.space.region_of(s).unwrap();
+        let blk = region.blocks[0].lock();
+        assert!(!blk.job_done, "a block no job ever used is marked a finished job's (evicted first)");
+    }
+
+    /// evict_from (0cc2397) leaves another device's read-only duplicate as the only copy (no
+    /// CPU copy), still mapped read-only: a write by that device must still be served.
+    #[test]
+    fn a_write_to_the_last_duplicate_after_a_peers_eviction() {
+        let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), REGION, true, false);
+        let s = w.cpu.range.start;
+        assert_eq!(w.dev_access(0, s, Some(0x11)), Some(0x11));
+        w.space.advise(s, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+        assert_eq!(w.dev_access(1, s, None), Some(0x11));
+        let st = w.space.page_state(s).unwrap();
+        eprintln!("after dup: {st:?}");
+        w.space.evict_device(w.ids[1]).unwrap();
+        let st = w.space.page_state(s).unwrap();
+        eprintln!("after evict: {st:?}");
+        assert_eq!(w.dev_access(0, s, Some(0x22)), Some(0x22));
+        assert_eq!(w.cpu_access(s, None), 0x22);
+        assert_eq!(w.dev_access(1, s, None), Some(0x22));
+    }
+
+    /// The state `evict_from` now leaves (another device's read-only duplicate as the only
+    /// copy) reaches `serve_remotely` when memory is full: the write is to a page resident only
+    /// on the faulting device, so neither `elsewhere` nor `map_remote` touch its read-only
+    /// mapping, and the write is reported served but faults again.
+    #[test]
+    fn a_write_to_a_sole_read_only_copy_is_served_when_memory_is_pinned_full() {
+        let mut w = world_built(
+            Arc::new(NoPrefetch),
+            PAGES_PER_BLOCK as u64,
+            crate::policy::Policy::uvm(),
+            REGION,
+            true,
+            false,
+        );
+        let s = w.cpu.range.start;
+        let (a, b) = (s + 5 * PAGE_SIZE, s + 6 * PAGE_SIZE);
+        assert_eq!(w.dev_access(0, a, Some(0x11)), Some(0x11));
+        w.space.advise(s, BLOCK_SIZE, Advice::ReadMostly(true)).unwrap();
+        assert_eq!(w.dev_access(1, a, None), Some(0x11));
+        w.space.evict_device(w.ids[1]).unwrap();
+        let me = Proc::Device(w.ids[0]);
+        let st = w.space.page_state(a).unwrap();
+        assert!(st.resident == ProcMask::only(me) && st.dev_ro.has(me), "set-up: {st:?}");
+        let filler = s + BLOCK_SIZE;
+        w.space.advise(filler, BLOCK_SIZE, Advice::Pin(true)).unwrap();
+        let free = w.space.device_memory(w.ids[0]).unwrap().0;
+        w.space.migrate(filler, free, me).unwrap();
+        assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "set-up: the device is full");
+        let slot = w.space.slot(w.ids[0]).unwrap();
+        for round in 0..3 {
+            let mut batch = vec![
+                DeviceFault { va: a, access: Access::Write, client: 0 },
+                DeviceFault { va: b, access: Access::Read, client: 1 },
+            ];
+            let (cancel, _) = crate::fault::service_batch(&w.space, &slot, &mut batch);
+            let writable = w.devs[0].pt.lock().get(&a).is_some_and(|e| e.1.contains(Prot::WRITE));
+            let cancelled = cancel.iter().any(|c| c.0 == a);
+            assert!(
+                writable || cancelled,
+                "round {round}: the write fault on {a:#x} was neither served nor cancelled ({cancel:?}); page {:?}",
+                w.space.page_state(a)
+            );
+        }
     }
 }

@@ -14,23 +14,29 @@ fn cfg() -> SimConfig {
     SimConfig { memory_bytes: 16 << 20, ..SimConfig::default() }
 }
 
+/// A `Hetmm` with a sim device and a one-page buffer the CPU filled with 5 and a kernel then
+/// overwrote with 9: the only copy of the new data is on the device.
+fn written_on_the_device() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u64>) {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let hm = Hetmm::new().unwrap();
+    let dev = hm.attach_sim(SimDevice::new(cfg()).unwrap()).unwrap();
+    let mut a = hm.alloc::<u64>(WORDS).unwrap();
+    a.as_mut_slice().fill(5);
+    let ap = a.ptr();
+    dev.launch(Grid::new(1, 1), &[Use::write(&a)], move |ctx: &BlockCtx| ctx.write_slice(ap, &[9u64; WORDS]))
+        .unwrap()
+        .wait()
+        .unwrap();
+    (hm, dev, a)
+}
+
 /// A second `Hetmm` registers (as shared memory) and unregisters a first one's buffer: safe
 /// calls, and the second instance's allocs cannot know the buffer. Its `unregister` drops the
 /// userfaultfd registration of the view, which the first instance needs to bring device data
 /// back on a CPU access.
 #[test]
 fn another_instance_unregistering_a_buffer_cuts_it_off_its_device_data() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    let hm = Hetmm::new().unwrap();
-    let dev = hm.attach_sim(SimDevice::new(cfg()).unwrap()).unwrap();
-    let mut a = hm.alloc::<u64>(WORDS).unwrap();
-    a.as_mut_slice().fill(5);
-    // The kernel writes 9 on the device: the only copy of the new data is there.
-    let ap = a.ptr();
-    dev.launch(Grid::new(1, 1), &[Use::write(&a)], move |ctx: &BlockCtx| ctx.write_slice(ap, &[9u64; WORDS]))
-        .unwrap()
-        .wait()
-        .unwrap();
+    let (_hm, _dev, a) = written_on_the_device();
     {
         let other = Hetmm::new().unwrap();
         let r = other.register(a.ptr() as *const u8, 4096);
@@ -47,16 +53,7 @@ fn another_instance_unregistering_a_buffer_cuts_it_off_its_device_data() {
 /// The `Hetmm` is dropped while a buffer lives (allowed: "buffers still alive stay managed").
 #[test]
 fn a_buffer_outliving_its_hetmm_keeps_its_data() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    let hm = Hetmm::new().unwrap();
-    let dev = hm.attach_sim(SimDevice::new(cfg()).unwrap()).unwrap();
-    let mut a = hm.alloc::<u64>(WORDS).unwrap();
-    a.as_mut_slice().fill(5);
-    let ap = a.ptr();
-    dev.launch(Grid::new(1, 1), &[Use::write(&a)], move |ctx: &BlockCtx| ctx.write_slice(ap, &[9u64; WORDS]))
-        .unwrap()
-        .wait()
-        .unwrap();
+    let (hm, dev, a) = written_on_the_device();
     drop(dev);
     drop(hm);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -468,8 +468,30 @@ impl BlockCtx<'_> {
         Ok(())
     }
 
+    /// Whether `[addr, addr + len)` touches memory the address space manages: a CPU access
+    /// there may fault, and its service invalidates every TLB, this worker's too.
+    fn managed(&self, addr: usize, len: usize) -> bool {
+        let (s, e) = (addr as u64, addr as u64 + len as u64);
+        let regions = self.shared.regions.read();
+        regions.range(..e).next_back().is_some_and(|(&start, &l)| start + l > s)
+    }
+
+    /// Copies device memory at `va` into `out`. The kernel's own buffer may be memory hetmm
+    /// manages (a slice of a buffer whose data is on a device): the copy goes through a buffer
+    /// of the worker's then, for its fault, taken under this worker's TLB lock, would wait for
+    /// that same lock (found by an audit). Kernels' own memory is not managed: no extra copy.
     fn read_bytes(&self, va: u64, out: &mut [u8]) -> Result<(), DeviceError> {
-        touch_pages_mut(out);
+        if self.managed(out.as_ptr() as usize, out.len()) {
+            let mut bounce = vec![0u8; out.len()];
+            self.read_direct(va, &mut bounce)?;
+            out.copy_from_slice(&bounce);
+            return Ok(());
+        }
+        self.read_direct(va, out)
+    }
+
+    /// [`Self::read_bytes`] into memory a CPU access cannot fault on.
+    fn read_direct(&self, va: u64, out: &mut [u8]) -> Result<(), DeviceError> {
         let mem = &self.shared.mem;
         self.for_runs(va, out.len(), Access::Read, |t, off, n| {
             let dst = &mut out[off..off + n];
@@ -485,8 +507,19 @@ impl BlockCtx<'_> {
         })
     }
 
+    /// Copies `data` to device memory at `va`, through a buffer of the worker's where `data` is
+    /// managed memory (see [`Self::read_bytes`]).
     fn write_bytes(&self, va: u64, data: &[u8]) -> Result<(), DeviceError> {
-        touch_pages(data);
+        if self.managed(data.as_ptr() as usize, data.len()) {
+            // The copy is the point: the worker's own memory, which no CPU access faults on.
+            #[allow(clippy::unnecessary_to_owned)]
+            return self.write_direct(va, &data.to_vec());
+        }
+        self.write_direct(va, data)
+    }
+
+    /// [`Self::write_bytes`] from memory a CPU access cannot fault on.
+    fn write_direct(&self, va: u64, data: &[u8]) -> Result<(), DeviceError> {
         let mem = &self.shared.mem;
         self.for_runs(va, data.len(), Access::Write, |t, off, n| {
             let src = &data[off..off + n];
@@ -588,51 +621,5 @@ impl BlockCtx<'_> {
     /// previous value (equal to `current` on success). Needs `ATOMIC`.
     pub fn atomic_cas_u32(&self, va: u64, current: u32, new: u32) -> Result<u32, DeviceError> {
         self.atomic(va, AtomicOp::CasU32(current, new)).map(|p| p as u32)
-    }
-}
-
-/// Touches one byte of every page of `data` before the copy takes a TLB lock. The kernel's
-/// own buffer may be memory hetmm manages (a slice of a buffer whose data is on a device):
-/// faulted in under the lock, its service invalidates every TLB, this one's too, and waits for
-/// the lock this worker holds (found by an audit). Touched first, it is there in all but a
-/// race with another device's fault on the same pages in between, which can still hang.
-fn touch_pages(data: &[u8]) {
-    for i in page_starts(data.as_ptr() as usize, data.len()) {
-        std::hint::black_box(data[i]);
-    }
-}
-
-/// [`touch_pages`] for a buffer the copy writes: written, so a write fault comes now.
-fn touch_pages_mut(out: &mut [u8]) {
-    for i in page_starts(out.as_ptr() as usize, out.len()) {
-        out[i] = std::hint::black_box(out[i]);
-    }
-}
-
-/// The index of the first byte of `len` at `addr` in each 4 KiB page they cover.
-fn page_starts(addr: usize, len: usize) -> impl Iterator<Item = usize> {
-    const PAGE: usize = 4096;
-    let first = (len > 0).then_some(0);
-    let next = match addr % PAGE {
-        0 => PAGE,
-        off => PAGE - off,
-    };
-    first.into_iter().chain((next..len).step_by(PAGE))
-}
-
-#[cfg(test)]
-mod page_start_tests {
-    #[test]
-    fn every_page_a_range_covers_is_touched_once() {
-        for (addr, len, want) in [
-            (0x1000, 0, vec![]),
-            (0x1000, 1, vec![0]),
-            (0x1000, 0x2000, vec![0, 0x1000]),
-            (0x1ff0, 0x20, vec![0, 0x10]),
-            (0x1ff0, 0x10, vec![0]),
-            (0x1001, 0x2000, vec![0, 0xfff, 0x1fff]),
-        ] {
-            assert_eq!(super::page_starts(addr, len).collect::<Vec<_>>(), want, "{addr:#x} + {len:#x}");
-        }
     }
 }

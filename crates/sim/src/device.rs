@@ -50,6 +50,9 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) link: Link,
     pub(crate) uses: UseTable,
+    /// The regions of the address space the device is attached to, by start: memory a CPU
+    /// access may fault on (see `BlockCtx`'s copies).
+    pub(crate) regions: RwLock<std::collections::BTreeMap<u64, u64>>,
     copy_tx: Sender<EngineMsg>,
     work_tx: Sender<WorkerMsg>,
 }
@@ -129,6 +132,7 @@ impl SimDevice {
             counters: Counters::default(),
             link: Link::new(cfg.link_gbps),
             uses: UseTable::default(),
+            regions: RwLock::default(),
             copy_tx,
             work_tx,
             cfg,
@@ -443,6 +447,12 @@ impl DeviceMmu for SimDevice {
     /// range; see `usage::USE_FLUSH`) may land later.
     fn region_removed(&self, app: VaRange) {
         self.s().uses.take(app);
+        self.s().regions.write().remove(&app.start);
+    }
+
+    fn region_added(&self, app: VaRange, _backing: hetmm_core::device::HostAddr) -> Result<(), DeviceError> {
+        self.s().regions.write().insert(app.start, app.len);
+        Ok(())
     }
 
     fn take_access_counts(&self, range: VaRange) -> Option<u64> {

@@ -545,8 +545,12 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let mut prefetched = 0;
     let within = attrs.within(VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE));
     for i in extra.iter() {
-        match select_residency(&blk.pages[i], &within.get(blk.va(i)), me, prefetch_access, reach) {
+        let a = within.get(blk.va(i));
+        match select_residency(&blk.pages[i], &a, me, prefetch_access, reach) {
             Decision::Remote(_) => {}
+            // Never prefetched away from a set preferred location (UVM's
+            // `should_apply_prefetch_logic`); a read-only copy leaves the data there.
+            Decision::Migrate(_) if a.preferred.is_some_and(|p| p != me) => {}
             d => {
                 plan.add(i, d, me);
                 prefetched += 1;
@@ -576,18 +580,20 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     // A thrashing block is served remotely as a whole: one fault maps all of it. Only the pages
     // the CPU alone holds, or nobody: mapping another device's pages here would bring them
     // home from it first, whatever pins or preferences keep them there (found by an audit).
+    let mut rest_n = 0;
     if !plan.remote.is_empty() && blk.thrashing.has(me) {
         let rest = PageMask::full(blk.npages).and_not(&resident).and_not(&plan.all());
         let rest = migrate::select(&blk, &rest, |p| p.resident.0 & !ProcMask::only(Proc::Cpu).0 == 0);
-        prefetched += rest.count() as u64;
+        rest_n = rest.count() as u64;
         plan.remote = plan.remote.or(&rest);
     }
-    add(&space.stats.prefetched_pages, prefetched);
     add(&space.stats.blocks_serviced, 1);
     if let Some(victim) = replacing {
         make_room_for_hot_arrival(space, &region, slot, blk.base, &plan, victim);
     }
     let mut r = apply(space, &region, &mut blk, slot, &plan);
+    // Counted once the plan is applied: only the pages the device got.
+    let mut counted = if r.is_ok() { prefetched + rest_n } else { 0 };
     if matches!(r, Err(CoreError::OutOfDeviceMemory { .. } | CoreError::DeviceMemoryBusy { .. }))
         && plan.all() != faulted
     {
@@ -601,7 +607,10 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             home_extra: PageMask::default(),
         };
         r = apply(space, &region, &mut blk, slot, &only);
+        // The prefetcher's pages were left out; the thrashing block's remote rest was not.
+        counted = if r.is_ok() { rest_n } else { 0 };
     }
+    add(&space.stats.prefetched_pages, counted);
     if matches!(r, Err(CoreError::OutOfDeviceMemory { .. })) && slot.caps.remote_host_access && !region.remote {
         r = serve_remotely(space, &region, &mut blk, slot, group, &faulted);
     }

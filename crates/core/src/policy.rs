@@ -84,8 +84,15 @@ pub fn select_residency(page: &Page, attrs: &Attrs, requester: Proc, access: Acc
     if attrs.preferred == Some(requester) {
         return Decision::Migrate(requester);
     }
-    // 3. Thrashing pinned the data somewhere the requester can reach.
-    if let Some(pin) = reach.thrash_pinned.filter(|p| can_reach(*p)) {
+    // 3. Thrashing pinned the data somewhere the requester can reach. Not where advice keeps
+    // the data on another device the requester maps peer to peer (its preferred location, or
+    // where it lives under accessed-by): serving it "remotely from the CPU" would first take
+    // it off that device (UVM pins at the preferred location where the thrashing processors
+    // reach it).
+    let advised_on_peer = matches!(attrs.preferred, Some(p @ Proc::Device(_)) if p != requester && can_access(p))
+        || (attrs.accessed_by.has(requester)
+            && matches!(current, Some(c @ Proc::Device(_)) if c != requester && can_access(c)));
+    if let Some(pin) = reach.thrash_pinned.filter(|p| can_reach(*p) && !advised_on_peer) {
         return if pin == requester { Decision::Migrate(pin) } else { Decision::Remote(pin) };
     }
     let Some(current) = current else {
@@ -296,10 +303,12 @@ impl Prefetcher for WholeBlock {
 
 impl Prefetcher for TreePrefetcher {
     fn prefetch(&self, faulted: &PageMask, resident: &PageMask, npages: usize, skew: usize) -> PageMask {
-        // The tree covers the 2 MiB window, so that its leaves and big pages follow virtual 64 KiB
-        // boundaries; window pages before the block (`skew` of them) are leaves that are never
-        // occupied, as UVM shifts its tree for a block that starts mid-window.
-        let skew = skew.min(PAGES_PER_BLOCK - npages.min(PAGES_PER_BLOCK));
+        // The tree's leaves and big pages follow virtual 64 KiB boundaries: for a block that
+        // starts mid-window, UVM (`update_bitmap_tree_from_va_block`) shifts its tree by the
+        // pages between the block's start and the 64 KiB boundary before it (`offset = 16 -
+        // prefix`, less than one big page), leaves that are never occupied. The tree is aligned
+        // to 64 KiB, not to the 2 MiB window: its root spans the block plus those few leaves.
+        let skew = (skew % BIG_PAGE).min(PAGES_PER_BLOCK - npages.min(PAGES_PER_BLOCK));
         let leaves = skew + npages;
         let shift = |m: &PageMask| {
             let mut out = PageMask::default();
@@ -548,6 +557,137 @@ mod tests {
         // Read-mostly still duplicates to the reader first (step 2).
         let rm = Attrs { read_mostly: true, ..pref_other };
         assert_eq!(select_residency(&on(Proc::Cpu), &rm, DEV, Access::Read, peer), Decision::Duplicate);
+    }
+
+    /// Found by an audit: uvm.md 4 step 2 and `update_bitmap_tree_from_va_block` (uvm_perf_prefetch.c): a
+    /// block that starts mid 2 MiB window gets its tree shifted by `offset = 16 - prefix` leaves
+    /// (less than one big page: the tree is aligned to 64 KiB, not to the 2 MiB window), so the
+    /// root covers the block's pages plus `offset` leaves. A block starting 100 pages into its
+    /// window (412 pages): offset 4, 416 leaves. With its first 200 pages resident and a fault at
+    /// page 205 (big page 204..220 grown), 216 of the root's 416 leaves are occupied:
+    /// 21600 > 416 * 51 = 21216, so UVM migrates the whole block. `TreePrefetcher` shifts by the
+    /// whole skew (100), its root spans 512 leaves of which 100 can never be occupied, and
+    /// prefetches only the fault's big page.
+    #[test]
+    fn uvm_tree_for_a_block_starting_mid_window_is_aligned_to_64k_not_2m() {
+        let (skew, npages) = (100usize, 412usize);
+        let mut r = PageMask::default();
+        r.set_range(0, 200);
+        let mut f = PageMask::default();
+        f.set(205);
+        let got = TreePrefetcher::default().prefetch(&f, &r, npages, skew);
+        assert_eq!(got.count(), npages, "UVM prefetches the whole block here");
+    }
+
+    /// Found by an audit: the capacity-thrashing response pins a block in host memory for the thrashing
+    /// device (`reach_of`: `thrash_pinned = Some(Cpu)` unconditionally). A page whose preferred
+    /// location is a peer device the requester reaches, and which lives there, is then "served
+    /// remotely from the CPU": `map_remote` first brings it home from the preferred device
+    /// (`to_cpu(only_elsewhere(..))`), contradicting the advice (UVM pins at the preferred
+    /// location when the thrashing processors can reach it; fault.rs's own whole-block remote
+    /// path avoids exactly this for the block's other pages).
+    #[test]
+    fn thrash_pin_does_not_pull_data_off_its_preferred_peer() {
+        let other = Proc::Device(DeviceId(1));
+        let pinned_peer = Reach {
+            host_remote: true,
+            thrash_pinned: Some(Proc::Cpu),
+            peers: ProcMask::only(other),
+            ..Reach::default()
+        };
+        let pref_other = Attrs { preferred: Some(other), ..Attrs::default() };
+        assert_eq!(
+            select_residency(&on(other), &pref_other, DEV, Access::Read, pinned_peer),
+            Decision::Remote(other),
+            "data at its preferred (peer) location stays there"
+        );
+        // AccessedBy: keep the data where it is, map it.
+        let ab = Attrs { accessed_by: ProcMask::only(DEV), ..Attrs::default() };
+        assert_eq!(
+            select_residency(&on(other), &ab, DEV, Access::Read, pinned_peer),
+            Decision::Remote(other),
+            "accessed-by data on a peer stays there"
+        );
+    }
+
+    /// Found by an audit: `service_block` adds the prefetcher's pages to `prefetched_pages` before applying
+    /// the plan; when the plan does not fit in device memory it falls back to the faulted pages
+    /// alone, and the count is not taken back. A device of 8 pages: one read fault under `uvm`
+    /// (tree prefetcher: 15 more pages of the 64 KiB big page) moves 1 page and counts 15
+    /// prefetched.
+    #[test]
+    fn prefetched_pages_counts_only_pages_that_moved() {
+        use crate::device::{DeviceFault, DeviceMmu};
+        use crate::space::{AddressSpace, AttachOptions, CoreConfig};
+        use crate::types::{Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
+        let start = 8 * BLOCK_SIZE;
+        let cfg = CoreConfig { policy: Policy { cpu_readahead: false, ..Policy::uvm() }, ..CoreConfig::default() };
+        let space = AddressSpace::new(cfg);
+        let host = Arc::new(parking_lot::Mutex::new(vec![0u8; BLOCK_SIZE as usize]));
+        space
+            .add_region(
+                Arc::new(crate::fakes::PlainCpu::new(VaRange::new(start, BLOCK_SIZE))),
+                Prot::READ | Prot::WRITE,
+            )
+            .unwrap();
+        let dev = Arc::new(crate::testing::FakeDevice::new(8 * PAGE_SIZE as usize, 0, host));
+        let id = space.attach(dev as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+        let slot = space.slot(id).unwrap();
+        let before = space.stats.snapshot();
+        let mut batch = vec![DeviceFault { va: start, access: Access::Read, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+        assert!(cancel.is_empty(), "{cancel:?}");
+        let on_dev = (0..512u64)
+            .filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Device(id)))
+            .count() as u64;
+        assert!(on_dev >= 1, "the faulted page is served");
+        let d = space.stats.snapshot().since(&before);
+        assert_eq!(d.prefetched_pages, on_dev - 1, "prefetched pages counted vs pages the device got beyond the fault");
+    }
+
+    /// Found by an audit: uvm.md 4 policy gates / `uvm_perf_prefetch_prenotify_fault_migrations`: "If this
+    /// is a first-touch fault and the destination processor is the preferred location, populate
+    /// the whole max_prefetch_region", for any destination, the CPU included (CPU faults go
+    /// through the same prefetcher). The device fault path does this (`first_touch_preferred`);
+    /// the CPU fault path under `uvm` (`cpu_prefetch_chunk`) does not: a CPU first touch of a
+    /// block whose preferred location is the CPU gets 16 pages, not 512.
+    #[test]
+    fn uvm_cpu_first_touch_at_the_preferred_cpu_populates_the_block() {
+        use crate::advice::Advice;
+        use crate::types::{BLOCK_SIZE, PAGE_SIZE};
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let (space, _id) = crate::testing::one_region(Policy::uvm(), start, len);
+        space.advise(start, len, Advice::PreferredLocation(Some(Proc::Cpu))).unwrap();
+        crate::cpu::CpuFaultHandler::cpu_fault(&*space, start + 100 * PAGE_SIZE, Access::Read).unwrap();
+        let home =
+            (0..512).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).count();
+        assert_eq!(home, 512, "pages populated by a first CPU touch at the preferred location");
+    }
+
+    /// Found by an audit: uvm.md 4 policy gates (`should_apply_prefetch_logic`): "Pages are never
+    /// prefetched *away from* a set preferred location". A block preferring the device, held
+    /// there; a CPU read of one page under `uvm` must bring that page home (the CPU cannot map
+    /// device memory), and no more. `cpu_prefetch_chunk` runs the tree prefetcher regardless and
+    /// `bring_chunk_home` decides each extra page with `select_residency`, which answers
+    /// `Migrate(Cpu)` (the preferred device is out of the CPU's reach): the whole 64 KiB big
+    /// page leaves its preferred location.
+    #[test]
+    fn uvm_cpu_fault_does_not_prefetch_away_from_the_preferred_device() {
+        use crate::advice::Advice;
+        use crate::types::{BLOCK_SIZE, PAGE_SIZE};
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let (space, id) = crate::testing::one_region(Policy::uvm(), start, len);
+        let dev = Proc::Device(id);
+        space.migrate(start, len, dev).unwrap();
+        space
+            .advise(start, len, Advice::PreferredLocation(Some(dev)))
+            .unwrap()
+            .wait(std::time::Duration::from_secs(5))
+            .unwrap();
+        crate::cpu::CpuFaultHandler::cpu_fault(&*space, start, Access::Read).unwrap();
+        let home =
+            (0..512).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).count();
+        assert_eq!(home, 1, "pages taken off their preferred device by one CPU read");
     }
 
     proptest::proptest! {

@@ -1067,8 +1067,19 @@ impl AddressSpace {
         let mut faulted = PageMask::default();
         faulted.set(f);
         let resident = blk.resident_on(Proc::Cpu);
-        let mut pick =
-            self.config.policy.prefetcher.prefetch(&faulted, &resident, blk.npages, crate::fault::skew_of(blk.base));
+        // A first touch at the preferred location populates the whole block (UVM's
+        // `uvm_perf_prefetch_prenotify_fault_migrations`, for CPU destinations too).
+        // Pages are never prefetched away from a set preferred location (UVM's
+        // `should_apply_prefetch_logic`): only the faulting page comes.
+        let untouched = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty());
+        let preferred = self.attrs.read().get(va).preferred;
+        let mut pick = if untouched && preferred == Some(Proc::Cpu) {
+            PageMask::full(blk.npages)
+        } else if preferred.is_some_and(|p| p != Proc::Cpu) {
+            PageMask::default()
+        } else {
+            self.config.policy.prefetcher.prefetch(&faulted, &resident, blk.npages, crate::fault::skew_of(blk.base))
+        };
         let picked = pick;
         for i in picked.iter() {
             if blk.pages[i].cpu != CpuMap::None {

@@ -4114,3 +4114,39 @@ mod second_look {
         }
     }
 }
+
+/// Found by an audit: the capacity-thrashing response serves a block remotely from host memory
+/// (`reach_of`: `thrash_pinned = Some(Cpu)`), and a faulted page whose preferred location is a
+/// peer device (where it lives) is decided `Remote(Cpu)`: `map_remote` brings it home from the
+/// preferred device first. Device 0 thrashing with memory full; a block preferring device 1
+/// and resident there; one read fault from device 0 takes the page off device 1.
+#[test]
+fn thrashing_response_keeps_data_at_its_preferred_peer() {
+    use crate::advice::Advice;
+    let mut w = world_built(
+        Arc::new(NoPrefetch),
+        2 * PAGES_PER_BLOCK as u64,
+        crate::policy::Policy::hetmm(),
+        3 * BLOCK_SIZE,
+        true,
+        false,
+    );
+    let s = w.cpu.range.start;
+    let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+    w.cpu_access(s, Some(7));
+    w.space.advise(s, BLOCK_SIZE, Advice::PreferredLocation(Some(d1))).unwrap().wait(Duration::from_secs(5)).unwrap();
+    w.space.migrate(s, BLOCK_SIZE, d1).unwrap();
+    assert_eq!(w.space.page_state(s).unwrap().resident, ProcMask::only(d1), "set-up");
+    let filler = s + BLOCK_SIZE;
+    w.space.advise(filler, 2 * BLOCK_SIZE, Advice::Pin(true)).unwrap();
+    w.space.migrate(filler, 2 * BLOCK_SIZE, d0).unwrap();
+    assert_eq!(w.space.device_memory(w.ids[0]).unwrap().0, 0, "set-up: device 0 is full");
+    let slot = w.space.slot(w.ids[0]).unwrap();
+    slot.thrash_until.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+    w.space.region_of(s).unwrap().blocks[0].lock().thrashing.insert(d0);
+    let mut batch = vec![DeviceFault { va: s, access: Access::Read, client: 0 }];
+    let (cancel, _) = crate::fault::service_batch(&w.space, &slot, &mut batch);
+    assert!(cancel.is_empty(), "{cancel:?}");
+    let st = w.space.page_state(s).unwrap();
+    assert!(st.resident.has(d1), "the page left its preferred location: {st:?}");
+}

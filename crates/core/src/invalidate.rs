@@ -610,11 +610,7 @@ impl Keeps {
         // A region-bound device loses only its mappings with the region, not its memory (the
         // core allocates that): after a failed copy home it too can keep its copies.
         let follow = !matches!(flush, Flush::Moved(None));
-        let can_rescue = match flush {
-            Flush::Unmapped(_) | Flush::Moved(None) => true,
-            Flush::Moved(Some(_)) => !chunked,
-            Flush::AllOrNothing | Flush::Reprotect => false,
-        };
+        let can_rescue = matches!(flush, Flush::Unmapped(_) | Flush::Moved(_));
         Keeps { touch, on, carry, refused: Vec::new(), rekey, can_rescue, chunked, follow, rescued: Vec::new() }
     }
 
@@ -625,8 +621,12 @@ impl Keeps {
     /// the change does not cut in two) can: two blocks would share its chunk. Returns whether
     /// all of them did; the device data of the others is lost.
     fn rescue(&mut self, space: &AddressSpace, r: &Region, b: usize, blk: &mut Block, keep: &PageMask) -> bool {
-        // Pages moved where hetmm does not follow have no block to land in.
-        let m = if self.follow { *keep } else { keep.and_not(&pages_of(&blk.base, blk.npages, &self.touch)) };
+        // Pages moved where hetmm does not follow have no block to land in; on a whole-chunk
+        // device moved ones would land at other window offsets of their chunk: only the pages
+        // that stay where they are keep their copies there (all of a move's other blocks did
+        // not; found by a review).
+        let stay = keep.and_not(&pages_of(&blk.base, blk.npages, &self.touch));
+        let m = if self.follow && !self.chunked { *keep } else { stay };
         let split = self.chunked && r.block_span(b).minus(self.touch).len() > 1;
         if !self.can_rescue || m.is_empty() || split {
             return false;

@@ -2216,4 +2216,27 @@ mod whole_block_tests {
         let h = host.lock();
         assert!((BLOCK_SIZE..len).all(|off| expect(&h, off)), "the blocks it did not cut came home intact");
     }
+    /// An mremap whose copy home fails: the blocks that stay where they are keep their chunks
+    /// (on a whole-chunk device the moved pages cannot keep theirs, and their loss is reported).
+    /// All of the region's device data was lost (found by a review).
+    #[test]
+    fn a_failed_copy_home_in_an_mremap_keeps_the_blocks_that_stay() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let len = 2 * BLOCK_SIZE + 3 * PAGE_SIZE;
+        let (space, dev, id, host) = setup(4);
+        space.migrate(BASE, len, Proc::Device(id)).unwrap();
+        host.lock().fill(0);
+        dev.fail_d2h.store(true, SeqCst);
+        let (from, to) = (BASE + 2 * BLOCK_SIZE, BASE + 64 * BLOCK_SIZE);
+        let cpu = Arc::new(PlainCpu::new(VaRange::new(to, 3 * PAGE_SIZE)));
+        let r = space.remap_range(from, to, 3 * PAGE_SIZE, Some(cpu));
+        dev.fail_d2h.store(false, SeqCst);
+        assert!(r.is_err(), "the moved pages' loss is reported");
+        for va in [BASE, BASE + BLOCK_SIZE] {
+            assert!(resident_on_dev(&space, id, va), "{va:#x}: {:?}", space.page_state(va));
+        }
+        space.migrate(BASE, 2 * BLOCK_SIZE, Proc::Cpu).unwrap();
+        let h = host.lock();
+        assert!((0..2 * BLOCK_SIZE).all(|off| h[off as usize] == (off / PAGE_SIZE) as u8 ^ 0x5a), "data intact");
+    }
 }

@@ -1153,4 +1153,47 @@ mod tests {
             .plan_map(&[entry(A, 2 * CHUNK, 4 * CHUNK, rw), entry(A + 2 * CHUNK, CHUNK, 5 * CHUNK, rw)], 16)
             .is_err());
     }
+
+    /// The core's rescue after a failed copy home in an munmap (b746c88): a block whose pages stay
+    /// together keeps its chunk, its mapping in the old region goes (parked: it was read-write),
+    /// the old region is removed, and the new region (which may start inside the window, and get
+    /// another reservation because a neighbour holds that window's host addresses) maps the same
+    /// chunk again at the same window offset. Nothing of the old region may be revived or stay
+    /// parked, and the chunk is mapped once, in the new region only.
+    #[test]
+    fn a_rescued_chunk_is_mapped_again_only_in_the_new_region() {
+        let rw = Prot::READ | Prot::WRITE;
+        let mut pt = PageTable::new();
+        // Old region: four whole blocks at the host's addresses; chunk 9 at its third block.
+        let old = RegionVa { app: VaRange::new(A, 4 * CHUNK), dev_base: A };
+        pt.add_region(old).unwrap();
+        pt.commit_map(&pt.plan_map(&[entry(A + 2 * CHUNK, CHUNK, 9 * CHUNK, rw)], 16).unwrap());
+        // The munmap of [A + CHUNK / 2, A + 5 CHUNK / 2): block 2 keeps its upper half.
+        pt.park(&pt.plan_unmap(&[VaRange::new(A + 2 * CHUNK, CHUNK)]).unwrap());
+        assert_eq!(pt.parked_in(A).len(), 1);
+        let gone = pt.parked_in(A);
+        pt.remove_region(A);
+        assert_eq!(pt.parked().count(), 0, "the old region's parked mapping went with it");
+        assert!(gone.iter().all(|m| !pt.is_parked(m)));
+        // The first part keeps the old start (a new reservation there); the second starts inside
+        // block 2's window, shifted (another region took the window's host addresses).
+        let half = CHUNK / 2;
+        pt.add_region(RegionVa { app: VaRange::new(A, half), dev_base: A }).unwrap();
+        let second = RegionVa { app: VaRange::new(A + 2 * CHUNK + half, CHUNK + half), dev_base: D };
+        pt.add_region(second).unwrap();
+        // The rescued pages keep their offsets in chunk 9: the block maps from its region's start.
+        let plan = pt.plan_map(&[entry(A + 2 * CHUNK + half, half, 9 * CHUNK + half, rw)], 16).unwrap();
+        assert!(plan.revive.is_empty() && plan.drop.is_empty(), "{plan:?}");
+        assert_eq!(plan.maps.len(), 1);
+        assert_eq!(
+            (plan.maps[0].region, plan.maps[0].host_va, plan.maps[0].dev_va),
+            (second.app.start, A + 2 * CHUNK, D)
+        );
+        pt.commit_map(&plan);
+        assert_eq!(pt.lookup(A + 2 * CHUNK + half).map(|m| m.chunk), Some(9));
+        assert_eq!(pt.translate(A + 2 * CHUNK + half + 8), Some(D + half + 8), "the offset in the window kept");
+        assert_eq!(pt.mapped().filter(|m| m.chunk == 9).count(), 1, "chunk 9 mapped once");
+        // Its pages elsewhere in the chunk are refused at other offsets.
+        assert!(pt.plan_map(&[entry(A + 2 * CHUNK + half, half, 9 * CHUNK, rw)], 16).is_err());
+    }
 }

@@ -643,12 +643,13 @@ impl<D> Device<D> {
         let job = self.space.job_begin(&out);
         let preparing = Preparing::new(&self.space, job.ranges(), serial);
         if !caps.replayable_faults {
-            for r in &out {
-                if let Err(e) = self.space.migrate(r.start, r.len, self.proc()) {
-                    drop(preparing);
-                    self.space.job_end(&job);
-                    return Err(e.into());
-                }
+            // Still this device after the migrations, which name it by id: one detached
+            // meanwhile gave its id to the next device attached (found by a review).
+            let moved = out.iter().try_for_each(|r| self.space.migrate(r.start, r.len, self.proc()));
+            if let Err(e) = moved.map_err(Error::from).and_then(|()| self.check_same()) {
+                drop(preparing);
+                self.space.job_end(&job);
+                return Err(e);
             }
         }
         Ok((job, preparing))

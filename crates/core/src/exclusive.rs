@@ -120,9 +120,7 @@ impl AddressSpace {
                     break;
                 }
                 // Only this device's copies: other devices keep theirs (as on eviction).
-                if !blk.resident_on(Proc::Device(dev)).is_empty() {
-                    crate::migrate::evict_from(self, &r, &mut blk, &slot)?;
-                }
+                crate::migrate::evict_from(self, &r, &mut blk, &slot)?;
             }
         }
         Ok(())

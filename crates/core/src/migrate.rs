@@ -941,25 +941,11 @@ fn copy_device_only(
 /// mapping is left to the caller.
 /// Returns the pages copied (those the CPU did not hold already).
 pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, want: &PageMask) -> Result<usize> {
-    unmap_peer_maps(space, blk, want)?;
-    let devices = device_holders(blk, want);
+    // Each holder gives up its copies in turn; the last one of a page copies it home.
     let mut copied = 0;
-    for d in devices.devices() {
+    for d in device_holders(blk, want).devices() {
         let slot = space.holder(d)?;
-        let me = Proc::Device(d);
-        // A whole-block device gives up the whole block (it cannot unmap part of a 2 MiB entry).
-        let here = select(blk, &widen(blk, &slot, want), |p| p.resident.has(me));
-        let copy = select(blk, &here, |p| !p.resident.has(Proc::Cpu));
-        unmap_on(space, blk, &slot, &here)?;
-        // On failure the device pages keep the data (unmapped; the next device fault remaps).
-        copy_back(space, region, blk, &slot, &copy)?;
-        copied += copy.count();
-        release_device_pages(&slot, blk, &here);
-        for i in here.iter() {
-            let pg = &mut blk.pages[i];
-            pg.resident.remove(me);
-            pg.resident.insert(Proc::Cpu);
-        }
+        copied += evict_pages_from(space, region, blk, &slot, want)?;
     }
     Ok(copied)
 }

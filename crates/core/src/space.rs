@@ -632,20 +632,16 @@ impl AddressSpace {
             for cell in &region.blocks {
                 let mut blk = cell.lock();
                 // Only this device's copies go: other devices keep theirs (a launch on one that
-                // cannot fault may hold them), as on eviction.
-                if !blk.resident_on(me).is_empty() {
-                    if let Err(e) = migrate::evict_from(self, &region, &mut blk, &slot) {
-                        log::error!("detach: bringing block {:#x} back from {id:?}: {e}", blk.base);
-                        result = Err(e);
-                        continue;
-                    }
-                }
-                // Its other mappings (host pages mapped remotely, peers' copies through their
-                // windows) go too before they are forgotten: left in its page table until it is
-                // destroyed, they reached memory that their holders free or reuse meanwhile.
-                let mapped = blk.mapped_on(me);
-                if let Err(e) = migrate::unmap_on(self, &mut blk, &slot, &mapped) {
-                    log::error!("detach: unmapping block {:#x} from {id:?}: {e}", blk.base);
+                // cannot fault may hold them), as on eviction. Its other mappings (host pages
+                // mapped remotely, peers' copies through their windows) go too before they are
+                // forgotten: left in its page table until it is destroyed, they reached memory
+                // that their holders free or reuse meanwhile.
+                let gone = migrate::evict_from(self, &region, &mut blk, &slot).and_then(|_| {
+                    let mapped = blk.mapped_on(me);
+                    migrate::unmap_on(self, &mut blk, &slot, &mapped)
+                });
+                if let Err(e) = gone {
+                    log::error!("detach: bringing block {:#x} back from {id:?}: {e}", blk.base);
                     result = Err(e);
                     continue;
                 }

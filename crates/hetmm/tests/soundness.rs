@@ -17,17 +17,28 @@ fn cfg() -> SimConfig {
 /// A `Hetmm` with a sim device and a one-page buffer the CPU filled with 5 and a kernel then
 /// overwrote with 9: the only copy of the new data is on the device.
 fn written_on_the_device() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u64>) {
+    let (hm, dev, a) = filled_with_5();
+    device_fills(&dev, &a, 9);
+    (hm, dev, a)
+}
+
+/// A `Hetmm` with a sim device and a one-page buffer the CPU filled with 5.
+fn filled_with_5() -> (Hetmm, hetmm::Device<SimDevice>, hetmm::SharedBuf<u64>) {
     let _ = env_logger::builder().is_test(true).try_init();
     let hm = Hetmm::new().unwrap();
     let dev = hm.attach_sim(SimDevice::new(cfg()).unwrap()).unwrap();
     let mut a = hm.alloc::<u64>(WORDS).unwrap();
     a.as_mut_slice().fill(5);
+    (hm, dev, a)
+}
+
+/// A kernel on `dev` fills `a` with `v`.
+fn device_fills(dev: &hetmm::Device<SimDevice>, a: &hetmm::SharedBuf<u64>, v: u64) {
     let ap = a.ptr();
-    dev.launch(Grid::new(1, 1), &[Use::write(&a)], move |ctx: &BlockCtx| ctx.write_slice(ap, &[9u64; WORDS]))
+    dev.launch(Grid::new(1, 1), &[Use::write(a)], move |ctx: &BlockCtx| ctx.write_slice(ap, &[v; WORDS]))
         .unwrap()
         .wait()
         .unwrap();
-    (hm, dev, a)
 }
 
 /// A second `Hetmm` registers (as shared memory) and unregisters a first one's buffer: safe
@@ -124,21 +135,10 @@ fn migrations_under_a_live_bufmut_lose_no_write() {
 /// the guard dropped, then the device changes the data again.
 #[test]
 fn a_fork_prepare_without_a_fork_leaves_the_data_coherent() {
-    let _ = env_logger::builder().is_test(true).try_init();
-    let hm = Hetmm::new().unwrap();
-    let dev = hm.attach_sim(SimDevice::new(cfg()).unwrap()).unwrap();
-    let mut a = hm.alloc::<u64>(WORDS).unwrap();
-    a.as_mut_slice().fill(5);
-    let ap = a.ptr();
-    let write = |v: u64| {
-        dev.launch(Grid::new(1, 1), &[Use::write(&a)], move |ctx: &BlockCtx| ctx.write_slice(ap, &[v; WORDS]))
-            .unwrap()
-            .wait()
-            .unwrap()
-    };
-    write(7);
+    let (hm, dev, a) = filled_with_5();
+    device_fills(&dev, &a, 7);
     drop(hm.space().fork_prepare());
-    write(9);
+    device_fills(&dev, &a, 9);
     assert_eq!(a.as_slice()[0], 9);
 }
 

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::block::{Block, Page, PageMask};
+use crate::block::{Block, Page, PageMask, Pages};
 use crate::cpu::CpuMmu;
 use crate::error::{CoreError, Result};
 use crate::migrate;
@@ -392,7 +392,9 @@ impl AddressSpace {
         let holders = self.holders();
         for r in &old {
             r.set_freed();
-            let mut pages: Vec<Page> = Vec::with_capacity(r.range.pages() as usize);
+            // Each old block's page state as its pages arrive in the new regions (unmade where
+            // it was never made: a large region mostly untouched costs nothing here).
+            let mut pages: Vec<Pages> = Vec::with_capacity(r.blocks.len());
             // The jobs each old block counts: a block rebuilt in place from them keeps them, so
             // that a running job's end still finds its pieces (and no other job's end does).
             let mut jobs: Vec<Vec<u64>> = Vec::with_capacity(r.blocks.len());
@@ -429,7 +431,7 @@ impl AddressSpace {
                 // Mappings a device refused to give up stay recorded, as `drop_device_copies`
                 // leaves them, so that a later unmap of these pages tries again.
                 let kept = |m: ProcMask| if refused { m } else { ProcMask::EMPTY };
-                pages.extend(blk.pages.iter().map(|p| Page {
+                pages.push(blk.pages.map(|p| Page {
                     resident: ProcMask(p.resident.0 & ProcMask::only(crate::types::Proc::Cpu).0),
                     cpu: p.cpu,
                     dev_mapped: kept(p.dev_mapped),
@@ -471,12 +473,16 @@ impl AddressSpace {
                         }
                         blk.active_jobs = blk.job_ids.len() as u32;
                     }
-                    for (i, pg) in blk.pages.iter_mut().enumerate() {
+                    for i in 0..blk.npages {
                         let src = part.src + (base - part.range.start) + i as u64 * PAGE_SIZE;
-                        if let Some(p) =
-                            src.checked_sub(r.range.start).and_then(|o| pages.get((o / PAGE_SIZE) as usize))
-                        {
-                            *pg = *p;
+                        let from = r.range.contains(src).then(|| {
+                            let ob = r.block_index(src);
+                            pages[ob][((src - r.block_span(ob).start) / PAGE_SIZE) as usize]
+                        });
+                        // Written only where it differs: an untouched page keeps its block's
+                        // state unmade (`Pages`).
+                        if let Some(p) = from.filter(|p| *p != blk.pages[i]) {
+                            blk.pages[i] = p;
                         }
                     }
                     // Moved pages land at their new addresses, rescued ones where they were.

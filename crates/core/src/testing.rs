@@ -1636,6 +1636,30 @@ fn a_reshape_whose_copy_home_fails_keeps_the_device_data() {
     assert_eq!(w.cpu_access(s, None), 0x5a, "the device's only copy was dropped");
 }
 
+/// Page state is made only for blocks whose pages change, and a reshape keeps the others unmade:
+/// a large region mostly untouched costs no page state when it is made or split.
+#[test]
+fn page_state_is_made_only_for_blocks_that_change() {
+    let mut w = world_sized(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), 4 * BLOCK_SIZE);
+    let s = w.cpu.range.start;
+    let made = |w: &World| -> Vec<bool> {
+        let mut v = Vec::new();
+        for (start, _) in w.space.span_parts(s, 4 * BLOCK_SIZE).unwrap().iter().map(|r| (r.start, r.len)) {
+            let region = w.space.region_at(start).unwrap();
+            v.extend(region.blocks.iter().map(|b| b.lock().pages.is_made()));
+        }
+        v
+    };
+    assert_eq!(made(&w), [false; 4], "nothing touched yet");
+    w.dev_access(0, s + BLOCK_SIZE, Some(0x21)).unwrap();
+    assert_eq!(made(&w), [false, true, false, false]);
+    // Splits the region in three, cutting block 2: its part blocks stay unmade, as do 0 and 3.
+    w.space.protect_range(s + 2 * BLOCK_SIZE + PAGE_SIZE, PAGE_SIZE, Prot::READ).unwrap();
+    assert_eq!(made(&w), [false, true, false, false, false, false]);
+    assert_eq!(w.cpu_access(s + BLOCK_SIZE, None), 0x21, "the touched block's data is kept");
+    assert_eq!(w.cpu_access(s + 2 * BLOCK_SIZE + PAGE_SIZE, None), 0, "an untouched page reads zeros");
+}
+
 /// A reshape leaves the blocks it does not touch as they are on the device: their copies stay
 /// (nothing is copied home: copies home fail throughout), still mapped, and later moves find
 /// them where they were; only the block the change cuts through comes home.

@@ -462,15 +462,21 @@ impl AddressSpace {
                     }
                     if src == start {
                         let span = VaRange::new(base, blk.npages as u64 * PAGE_SIZE);
+                        // Only jobs that use this part: one whose ranges lay only in the part
+                        // the program unmapped never ends here (its end finds blocks by range).
+                        let live = self.jobs.lock();
+                        let uses =
+                            |id: &u64| live.get(id).is_some_and(|rs| rs.iter().any(|r| r.intersect(&span).is_some()));
                         for (ob, ids) in jobs.iter().enumerate() {
                             if r.block_span(ob).intersect(&span).is_some() {
-                                for id in ids {
+                                for id in ids.iter().filter(|id| uses(id)) {
                                     if !blk.job_ids.contains(id) {
                                         blk.job_ids.push(*id);
                                     }
                                 }
                             }
                         }
+                        drop(live);
                         blk.active_jobs = blk.job_ids.len() as u32;
                     }
                     for i in 0..blk.npages {

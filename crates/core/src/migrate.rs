@@ -941,11 +941,13 @@ fn copy_device_only(
 /// mapping is left to the caller.
 /// Returns the pages copied (those the CPU did not hold already).
 pub(crate) fn to_cpu(space: &AddressSpace, region: &Region, blk: &mut Block, want: &PageMask) -> Result<usize> {
-    // Each holder gives up its copies in turn; the last one of a page copies it home.
+    // Each holder gives up its copies in turn; the first one of a page copies it home. Not the
+    // last: a holder's good copy was dropped uncopied (another held one), then the last
+    // holder's copy home failed and the data was left only where it could not be copied from.
     let mut copied = 0;
     for d in device_holders(blk, want).devices() {
         let slot = space.holder(d)?;
-        copied += evict_pages_from(space, region, blk, &slot, want)?;
+        copied += give_up_pages(space, region, blk, &slot, want, true)?;
     }
     Ok(copied)
 }
@@ -968,13 +970,28 @@ pub(crate) fn evict_pages_from(
     slot: &DeviceSlot,
     m: &PageMask,
 ) -> Result<usize> {
+    give_up_pages(space, region, blk, slot, m, false)
+}
+
+/// `slot`'s device gives up its copies of `m` (widened to the whole block on a whole-block
+/// device): unmapped, the pages it alone holds copied home (with `all_home`, every page the CPU
+/// does not hold, as [`to_cpu`] needs), then freed. Returns the pages copied.
+fn give_up_pages(
+    space: &AddressSpace,
+    region: &Region,
+    blk: &mut Block,
+    slot: &DeviceSlot,
+    m: &PageMask,
+    all_home: bool,
+) -> Result<usize> {
     let me = Proc::Device(slot.id);
     let here = select(blk, &widen(blk, slot, m), |p| p.resident.has(me));
     if here.is_empty() {
         return Ok(0);
     }
     unmap_peer_maps(space, blk, &here)?;
-    let copy = select(blk, &here, |p| p.resident == ProcMask::only(me));
+    let copy =
+        select(blk, &here, |p| if all_home { !p.resident.has(Proc::Cpu) } else { p.resident == ProcMask::only(me) });
     unmap_on(space, blk, slot, &here)?;
     // On failure the device pages keep the data (unmapped; the next device fault remaps).
     copy_back(space, region, blk, slot, &copy)?;

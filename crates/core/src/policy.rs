@@ -690,6 +690,30 @@ mod tests {
         assert_eq!(home, 1, "pages taken off their preferred device by one CPU read");
     }
 
+    /// bdfd8db's gate on uvm's CPU prefetch looks at the faulting page's preferred location
+    /// only: a fault on a page without one still prefetches its neighbours off the device they
+    /// prefer (pages 8..16 of the fault's 64 KiB big page here), which the device path (gated
+    /// page by page) and UVM (`should_apply_prefetch_logic`, per policy range) never do.
+    #[test]
+    fn uvm_cpu_fault_does_not_prefetch_neighbours_away_from_their_preferred_device() {
+        use crate::advice::Advice;
+        use crate::types::{BLOCK_SIZE, PAGE_SIZE};
+        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
+        let (space, id) = crate::testing::one_region(Policy::uvm(), start, len);
+        let dev = Proc::Device(id);
+        space.migrate(start, len, dev).unwrap();
+        space
+            .advise(start + 8 * PAGE_SIZE, len - 8 * PAGE_SIZE, Advice::PreferredLocation(Some(dev)))
+            .unwrap()
+            .wait(std::time::Duration::from_secs(5))
+            .unwrap();
+        crate::cpu::CpuFaultHandler::cpu_fault(&*space, start, Access::Read).unwrap();
+        let taken =
+            (8..512).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).count();
+        assert_eq!(taken, 0, "pages taken off their preferred device by a neighbour's CPU read");
+        assert!(space.page_state(start).unwrap().resident.has(Proc::Cpu), "the faulting page came");
+    }
+
     proptest::proptest! {
         /// `TreePrefetcher` against UVM's algorithm written out page by page (uvm.md 4, block
         /// aligned to 64 KiB): tree over pages seeded with resident | faulted, big pages of

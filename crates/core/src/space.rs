@@ -226,6 +226,9 @@ pub struct AddressSpace {
     /// while regions are split, moved or re-protected (so no fault sees a range missing
     /// mid-change, and no eviction a block between regions).
     pub(crate) reshape: RwLock<()>,
+    /// The ranges of every running job, by id ([`AddressSpace::job_begin`]): a block a reshape
+    /// rebuilds in place keeps only the jobs that use it.
+    pub(crate) jobs: Mutex<std::collections::HashMap<u64, Vec<VaRange>>>,
     /// CPU-side events (unmap, remap, discard) read but not yet applied.
     pub(crate) events_pending: AtomicU64,
     pub(crate) regions: RwLock<BTreeMap<u64, Arc<Region>>>,
@@ -248,6 +251,7 @@ impl AddressSpace {
             readahead: Mutex::new(None),
             regions: RwLock::new(BTreeMap::new()),
             reshape: RwLock::new(()),
+            jobs: Mutex::new(std::collections::HashMap::new()),
             gate: Gate::default(),
             forked_away: AtomicBool::new(false),
             events_pending: AtomicU64::new(0),
@@ -937,6 +941,7 @@ impl AddressSpace {
     pub fn job_begin(&self, ranges: &[VaRange]) -> JobToken {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.jobs.lock().insert(id, ranges.to_vec());
         self.for_blocks(ranges, |b| {
             b.active_jobs += 1;
             b.job_ids.push(id);
@@ -949,6 +954,7 @@ impl AddressSpace {
     /// Only blocks the job itself counted lose a count: memory mapped anew at its addresses
     /// since (another job's, maybe) keeps its own.
     pub fn job_end(&self, token: &JobToken) {
+        self.jobs.lock().remove(&token.id);
         self.for_blocks(&token.ranges, |b| {
             // A block the job never counted (new memory at its addresses) is not its to mark.
             if let Some(i) = b.job_ids.iter().position(|j| *j == token.id) {
@@ -1068,7 +1074,8 @@ impl AddressSpace {
         // Pages are never prefetched away from a set preferred location (UVM's
         // `should_apply_prefetch_logic`): only the faulting page comes.
         let untouched = blk.pages[..blk.npages].iter().all(|p| p.resident.is_empty());
-        let preferred = self.attrs.read().get(va).preferred;
+        let attrs = self.attrs.read();
+        let preferred = attrs.get(va).preferred;
         let mut pick = if untouched && preferred == Some(Proc::Cpu) {
             PageMask::full(blk.npages)
         } else if preferred.is_some_and(|p| p != Proc::Cpu) {
@@ -1076,12 +1083,16 @@ impl AddressSpace {
         } else {
             self.config.policy.prefetcher.prefetch(&faulted, &resident, blk.npages, crate::fault::skew_of(blk.base))
         };
+        // Page by page, as the device path gates its extras: a neighbour may prefer another
+        // processor than the faulting page does (it was prefetched off its preferred device).
+        let within = attrs.within(span);
         let picked = pick;
         for i in picked.iter() {
-            if blk.pages[i].cpu != CpuMap::None {
+            if blk.pages[i].cpu != CpuMap::None || within.get(blk.va(i)).preferred.is_some_and(|p| p != Proc::Cpu) {
                 pick.clear(i);
             }
         }
+        drop(attrs);
         let npages = blk.npages;
         drop(blk);
         pick.set(f);

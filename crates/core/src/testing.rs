@@ -886,6 +886,50 @@ fn an_unmap_takes_a_peers_mapping_before_it_frees_the_copy() {
     }
 }
 
+/// A migration home of a page two devices hold (read-only copies, none in host memory) takes
+/// it from a holder whose copy works, as before 7d42b3a: that refactor (`to_cpu` as
+/// `evict_pages_from` per holder, "behaviour unchanged") drops device 0's good copy without
+/// copying it (device 1 holds one too), then device 1's copy home fails: the migration fails and
+/// the data is left only on the failing device.
+#[test]
+fn a_migration_home_takes_a_duplicate_from_the_holder_whose_copy_works() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), REGION, true, false);
+    let s = w.cpu.range.start;
+    w.cpu_access(s, Some(0x33));
+    w.space.migrate(s, PAGE_SIZE, Proc::Device(w.ids[0])).unwrap();
+    w.space.advise(s, PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).unwrap();
+    assert_eq!(w.dev_access(1, s, None), Some(0x33));
+    let st = w.space.page_state(s).unwrap();
+    let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+    assert!(st.resident.has(d0) && st.resident.has(d1) && !st.resident.has(Proc::Cpu), "two device copies: {st:?}");
+    w.devs[1].fail_d2h.store(true, Relaxed);
+    let r = w.space.migrate(s, PAGE_SIZE, Proc::Cpu);
+    w.devs[1].fail_d2h.store(false, Relaxed);
+    let st = w.space.page_state(s).unwrap();
+    r.unwrap_or_else(|e| panic!("device 0's copy could come home: {e}; now {st:?}"));
+    assert_eq!(w.cpu_access(s, None), 0x33);
+}
+
+/// 44d2b32 gives a block rebuilt in place every job id of the old blocks it overlaps. A job whose
+/// range lay only in the part the program unmapped can never end there (its end finds its
+/// blocks by its ranges, now gone): the rest of its block counts that job for good, and under
+/// JobAwareLru never again ranks as a finished job's block.
+#[test]
+fn a_job_on_unmapped_pages_does_not_stay_counted_in_the_rest_of_its_block() {
+    let w = world(false, 2048);
+    let s = w.cpu.range.start;
+    let gone = VaRange::new(s + BLOCK_SIZE / 2, PAGE_SIZE);
+    let job = w.space.job_begin(&[gone]);
+    w.space.unmap_range(gone).unwrap();
+    w.space.job_end(&job);
+    for va in [s, gone.end()] {
+        let region = w.space.region_of(va).unwrap();
+        let blk = region.blocks[region.block_index(va)].lock();
+        assert_eq!((blk.active_jobs, &blk.job_ids), (0, &Vec::new()), "{va:#x}: a job that ended is still counted");
+    }
+}
+
 #[test]
 fn bad_input_is_refused_without_change() {
     use crate::error::CoreError;

@@ -295,7 +295,8 @@ fn evict_block(
 /// would cost a third of the memory, and the evictor would throw out data still in use (`gemm`
 /// at oversubscription 2 moved about 3x the bytes and ran 15% slower that way).
 pub(crate) fn free_cap(total: u64, mark: f64) -> u64 {
-    let share = (total as f64 * mark) as u64;
+    // No more than the whole device, whatever the (public, `f64`) watermark says.
+    let share = ((total as f64 * mark) as u64).min(total);
     let block = BLOCK_SIZE / PAGE_SIZE;
     if share.saturating_mul(2) < block {
         0
@@ -369,5 +370,18 @@ mod tests {
         // 512 MiB at 5%: the share itself.
         assert_eq!(free_cap(256 * block, 0.05), (256 * block) / 20);
         assert_eq!(free_cap(256 * block, 0.0), 0);
+    }
+
+    /// `Policy::free_watermark` is a public `f64`: a share beyond the whole device (infinity, or
+    /// any value over 1) is capped at the device. Uncapped, `f64::INFINITY` gave `u64::MAX`, and
+    /// the fault path's `npages + free_cap(..)` (`fault::arrival`) overflowed: a panic in debug
+    /// builds, a wrapped comparison in release.
+    #[test]
+    fn a_watermark_beyond_the_whole_device_is_capped_at_the_device() {
+        let block = BLOCK_SIZE / PAGE_SIZE;
+        for mark in [f64::INFINITY, 1e30, 2.0] {
+            assert_eq!(free_cap(16 * block, mark), 16 * block, "watermark {mark}");
+        }
+        assert_eq!(free_cap(16 * block, f64::NAN), 0);
     }
 }

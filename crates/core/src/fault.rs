@@ -45,10 +45,16 @@ pub(crate) struct Walk {
     write: bool,
 }
 
+/// Most fault entries the service thread makes room for up front.
+const PREALLOC_FAULTS: usize = 4096;
+
 /// The per-device service thread: runs until the device is detached or the address space is gone.
 pub(crate) fn service_loop(space: Weak<AddressSpace>, slot: Arc<DeviceSlot>) {
-    let mut batch = Vec::with_capacity(slot.batch);
-    let mut stale = Vec::with_capacity(slot.batch);
+    // `slot.batch` comes from the device's configuration (the sim's `fault_batch`, checked only
+    // as non-zero): room for it all up front panicked (`usize::MAX`) or aborted the process on a
+    // failed allocation (2^40). The vectors grow to what a fetch returns.
+    let mut batch = Vec::with_capacity(slot.batch.min(PREALLOC_FAULTS));
+    let mut stale = Vec::with_capacity(slot.batch.min(PREALLOC_FAULTS));
     let mut notices = Vec::new();
     while !slot.is_detached() {
         if !slot.mmu.wait_for_faults(POLL) {

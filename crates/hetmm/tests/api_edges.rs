@@ -317,3 +317,65 @@ fn a_write_the_region_does_not_allow_fails_instead_of_looping() {
     // SAFETY: the test's own mapping, unused from here.
     unsafe { libc::munmap(p, ps) };
 }
+
+/// `Launch::wait_timeout(Duration::MAX)` (a caller's "forever") on the simulated device waits
+/// for the kernel and returns its result. The sim's `Done::wait` added the timeout to
+/// `Instant::now()`, which panics ("overflow when adding duration to instant"); the CUDA
+/// backend already saturates such a deadline.
+#[test]
+fn a_launch_waited_for_with_duration_max_returns_instead_of_panicking() {
+    let (hm, dev) = setup(8 << 20);
+    let words = 4096 / 8;
+    let b = hm.alloc::<u64>(words).unwrap();
+    let (grid, k) = stream_write(b.ptr(), words, 5);
+    let mut l = dev.launch(grid, &[Use::write(&b)], k).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.wait_timeout(Duration::MAX)));
+        let _ = tx.send(r.map(|r| r.map_err(|e| e.to_string())).map_err(|_| "panicked"));
+    });
+    let got = rx.recv_timeout(Duration::from_secs(60)).expect("the wait returns");
+    t.join().unwrap();
+    assert_eq!(got, Ok(Ok(())));
+    assert!(b.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 5));
+}
+
+/// A `CoreConfig::copy_timeout` of `Duration::MAX` (wait as long as copies take) migrates: the
+/// sim's copy completion added the timeout to `Instant::now()` and panicked in the middle of
+/// the migration, with the CPU's access already revoked.
+#[test]
+fn a_copy_timeout_of_duration_max_migrates_without_panicking() {
+    let cfg = hetmm::CoreConfig { copy_timeout: Duration::MAX, ..hetmm::CoreConfig::default() };
+    let hm = Hetmm::with_config(cfg).unwrap();
+    let dev =
+        hm.attach_sim(SimDevice::new(SimConfig { memory_bytes: 8 << 20, ..SimConfig::default() }).unwrap()).unwrap();
+    let words = (2 << 20) / 8;
+    let mut b = hm.alloc::<u64>(words).unwrap();
+    b.as_mut_slice().iter_mut().enumerate().for_each(|(i, v)| *v = i as u64 ^ 7);
+    let (ptr, len, to) = (b.ptr(), b.byte_len(), dev.proc());
+    let r = std::thread::scope(|s| {
+        s.spawn(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hm.migrate(ptr, len, to)))).join().unwrap()
+    });
+    assert!(matches!(r, Ok(Ok(()))), "migrate: {:?}", r.map_err(|_| "panicked"));
+    assert!(b.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 7), "the data came back");
+}
+
+/// A simulated device whose configuration asks the core to fetch a huge batch of faults
+/// (`fault_batch`, validated only as non-zero) still has its faults serviced. The core's
+/// service thread preallocated `fault_batch` entries up front: `usize::MAX` panicked it
+/// ("capacity overflow", so every fault waited out the sim's 60 s limit), and a value such as
+/// 2^40 asked the allocator for terabytes and aborted the process.
+#[test]
+fn a_huge_fault_batch_in_the_sim_config_still_services_faults() {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let hm = Hetmm::new().unwrap();
+    let cfg = SimConfig { memory_bytes: 8 << 20, fault_batch: usize::MAX, ..SimConfig::default() };
+    let Ok(sim) = SimDevice::new(cfg) else { return }; // refusing it is fine too
+    let dev = hm.attach_sim(sim).unwrap();
+    let words = 4096 / 8;
+    let b = hm.alloc::<u64>(words).unwrap();
+    let (grid, k) = stream_write(b.ptr(), words, 3);
+    let r = dev.launch(grid, &[Use::write(&b)], k).unwrap().wait_timeout(Duration::from_secs(20));
+    assert!(r.is_ok(), "{r:?}");
+    assert!(b.as_slice().iter().enumerate().all(|(i, v)| *v == i as u64 ^ 3));
+}

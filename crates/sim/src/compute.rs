@@ -6,7 +6,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytemuck::Pod;
 use crossbeam_channel::Receiver;
@@ -152,7 +152,7 @@ impl Done {
     /// first error a block returned.
     pub fn wait(&self, timeout: Duration) -> Result<(), DeviceError> {
         let f = &self.finish;
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::sync::deadline_after(timeout);
         let (p, done) = wait_until(&f.cv, lock(&f.progress), deadline, |p| p.done >= f.blocks);
         if !done {
             return Err(DeviceError::Timeout(timeout));

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use hetmm_core::device::{Completion, CopyOp, DeviceError, HostAddr, PeerAddr, PhysAddr};
@@ -81,7 +81,7 @@ pub struct CopyCompletion {
 
 impl Completion for CopyCompletion {
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::sync::deadline_after(timeout);
         let (p, done) = wait_until(&self.state.done, lock(&self.state.progress), deadline, |p| p.0 == 0);
         if !done {
             return Err(DeviceError::Timeout(timeout));

@@ -107,7 +107,7 @@ impl FaultBuffer {
         stopping: &AtomicBool,
         limit: Duration,
     ) -> Result<(), DeviceError> {
-        let deadline = Instant::now() + limit;
+        let deadline = crate::sync::deadline_after(limit);
         let detached = DeviceError::FaultCancelled { va, access, reason: FaultCancel::Detached };
         let mut st = lock(&self.state);
         let mut waited_for_space = false;
@@ -209,7 +209,7 @@ impl FaultBuffer {
     /// Waits until an entry or an access-counter notice is pending, the buffer is shut down,
     /// `stopping` is set, or `timeout` passes; returns whether either is pending.
     pub fn wait(&self, timeout: Duration, stopping: &AtomicBool) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::sync::deadline_after(timeout);
         let mut st = lock(&self.state);
         loop {
             if !st.queue.is_empty() || !st.notices.is_empty() {

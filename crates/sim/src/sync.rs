@@ -11,6 +11,14 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The instant `timeout` from now; a timeout too long to add (`Duration::MAX`, a caller's
+/// "forever") gives a deadline about 136 years away instead of a panic (as the CUDA backend's
+/// `deadline_after`).
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(1 << 32))
+}
+
 /// Sleeps on `cv` at most `timeout` (wake-ups may be spurious).
 pub(crate) fn wait_for<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>, timeout: Duration) -> MutexGuard<'a, T> {
     cv.wait_timeout(g, timeout).unwrap_or_else(PoisonError::into_inner).0

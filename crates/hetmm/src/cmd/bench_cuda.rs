@@ -130,7 +130,13 @@ fn expected_inputs(n: usize) -> (Vec<f32>, Vec<f32>) {
 fn mul_mat(args: &Args) -> Result<Value, hetmm::Error> {
     let m = args.m;
     let n = m.checked_mul(m).filter(|&n| n > 0).ok_or(hetmm::Error::SizeOverflow { count: m, size: m })?;
-    let need = (3 * n as u64 * 4).div_ceil(2 << 20) * (2 << 20) + (6 << 20);
+    // Three f32 matrices in whole 2 MiB blocks, plus room: a huge `--m` is refused, not an
+    // overflow (a panic in debug builds, a wrapped, too small device in release).
+    let need = (n as u64)
+        .checked_mul(12)
+        .and_then(|b| b.checked_next_multiple_of(2 << 20))
+        .and_then(|b| b.checked_add(6 << 20))
+        .ok_or(hetmm::Error::SizeOverflow { count: m, size: m })?;
     let hm = Hetmm::new()?;
     let dev = hm.attach(gpu(need)?)?;
     let name = dev.driver().name().to_string();

@@ -25,6 +25,20 @@ use crate::space::{AddressSpace, BlockKey, Region};
 use crate::stats::add;
 use crate::types::{ProcMask, Prot, VaRange, BLOCK_SIZE, PAGE_SIZE};
 
+/// A region's part that [`AddressSpace::release_range_parts`] released: what
+/// [`AddressSpace::add_registered`] takes to add it back.
+#[derive(Debug, Clone)]
+pub struct Released {
+    /// The addresses released.
+    pub range: VaRange,
+    /// The region's protection.
+    pub prot: Prot,
+    /// The region's CPU side (it accepts every sub-range of the region).
+    pub cpu: Arc<dyn CpuMmu>,
+    /// Whether the region was mirrored shared memory.
+    pub remote: bool,
+}
+
 /// A CPU-side change of the address space, as the host layer reads it from the OS.
 #[derive(Debug, Clone)]
 pub enum CpuEvent {
@@ -151,19 +165,27 @@ impl AddressSpace {
     /// [`AddressSpace::release_range`]).
     fn cut_range(&self, range: VaRange, flush: Flush) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let mut gone = Vec::new();
+        self.cut_range_with(range, flush, |r, parts| {
+            if parts.is_empty() {
+                gone.push(Arc::clone(&r.cpu));
+            }
+        })?;
+        Ok(gone)
+    }
+
+    /// [`AddressSpace::cut_range`], telling `seen` of each region cut and the parts of it kept.
+    fn cut_range_with(&self, range: VaRange, flush: Flush, mut seen: impl FnMut(&Region, &[Part])) -> Result<()> {
         self.reshape_regions(
             range,
             flush,
             |s| s.attrs.write().clear(range),
             |r| {
                 let parts = parts_outside(r, range);
-                if parts.is_empty() {
-                    gone.push(Arc::clone(&r.cpu));
-                }
+                seen(r, &parts);
                 parts
             },
-        )?;
-        Ok(gone)
+        )
+        .map(drop)
     }
 
     /// The program moved `[from, from + len)` to `to`: the data follows, device copies included
@@ -237,6 +259,20 @@ impl AddressSpace {
     pub fn release_range(&self, start: u64, len: u64) -> Result<Vec<Arc<dyn CpuMmu>>> {
         let range = self.check_span(start, len)?;
         self.cut_range(range, Flush::AllOrNothing)
+    }
+
+    /// [`AddressSpace::release_range`], returning each region's part released: what adds it back
+    /// ([`AddressSpace::add_registered`]) if the caller cannot finish giving the memory back
+    /// (its advice is gone). The parts hold the CPU sides, as `release_range`'s result does.
+    pub fn release_range_parts(&self, start: u64, len: u64) -> Result<Vec<Released>> {
+        let range = self.check_span(start, len)?;
+        let mut out = Vec::new();
+        self.cut_range_with(range, Flush::AllOrNothing, |r, _| {
+            if let Some(x) = r.range.intersect(&range) {
+                out.push(Released { range: x, prot: r.prot, cpu: Arc::clone(&r.cpu), remote: r.remote });
+            }
+        })?;
+        Ok(out)
     }
 
     /// Adds shared memory the program already had (`register`): a region over `range` whose CPU

@@ -148,6 +148,8 @@ impl Region {
 #[derive(Debug)]
 pub(crate) struct DeviceSlot {
     pub(crate) id: DeviceId,
+    /// This attachment's number ([`NEXT_ATTACHMENT`]): ids are reused, these never are.
+    pub(crate) attachment: u64,
     pub(crate) mmu: Arc<dyn DeviceMmu>,
     pub(crate) caps: DeviceCaps,
     pub(crate) alloc: Mutex<BuddyAllocator>,
@@ -482,6 +484,7 @@ impl AddressSpace {
         let caps = mmu.caps();
         let slot = Arc::new(DeviceSlot {
             id,
+            attachment: NEXT_ATTACHMENT.fetch_add(1, Ordering::Relaxed),
             alloc: Mutex::new(BuddyAllocator::new(&mmu.physical_ranges())),
             mmu,
             caps,
@@ -584,6 +587,20 @@ impl AddressSpace {
     /// device attached once its own was detached.
     pub fn is_attached_as(&self, id: DeviceId, mmu: &Arc<dyn DeviceMmu>) -> bool {
         self.holder(id).is_ok_and(|s| std::ptr::addr_eq(Arc::as_ptr(&s.mmu), Arc::as_ptr(mmu)))
+    }
+
+    /// The number of the attachment `id` names, if that is still the device attached as `mmu`
+    /// (see [`AddressSpace::is_attached_as`]). Unlike the id, no later attachment (in any
+    /// address space of the process) has it: a name for a device that outlives its handle
+    /// without reaching the next device given the id.
+    pub fn attachment_of(&self, id: DeviceId, mmu: &Arc<dyn DeviceMmu>) -> Option<u64> {
+        self.holder(id).ok().filter(|s| std::ptr::addr_eq(Arc::as_ptr(&s.mmu), Arc::as_ptr(mmu))).map(|s| s.attachment)
+    }
+
+    /// Whether `id` still names attachment `n` ([`AddressSpace::attachment_of`]): `false` once
+    /// that device is detached, whatever device has the id since.
+    pub fn is_attachment(&self, id: DeviceId, n: u64) -> bool {
+        self.holder(id).is_ok_and(|s| s.attachment == n)
     }
 
     /// Every attached device, detaching ones included.
@@ -1399,6 +1416,10 @@ impl<'a> ReadAhead<'a> {
         }
     }
 }
+
+/// The next attachment's number (see [`DeviceSlot::attachment`]); process-wide, so that a
+/// number from one address space names nothing in another.
+static NEXT_ATTACHMENT: AtomicU64 = AtomicU64::new(1);
 
 /// Longest an explicit migration waits for device memory that another thread is evicting.
 const BUSY_WAIT: Duration = Duration::from_secs(2);

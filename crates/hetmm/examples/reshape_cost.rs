@@ -63,7 +63,7 @@ unsafe fn unmap_around(start: *mut libc::c_void, len: usize, hole: *mut libc::c_
 }
 
 /// Migrates `ranges` (start, length) to `to`, region by region (a change splits its region).
-fn to_device(hm: &Hetmm, to: hetmm::Proc, ranges: &[(u64, u64)]) -> Result<(), hetmm::Error> {
+fn to_device(hm: &Hetmm, to: hetmm::Place, ranges: &[(u64, u64)]) -> Result<(), hetmm::Error> {
     for &(start, len) in ranges {
         for part in hm.space().span_parts(start, len)? {
             hm.migrate(part.start, part.len, to)?;

@@ -18,6 +18,7 @@
 
 pub mod kernels;
 mod memory;
+mod place;
 mod space;
 
 use std::sync::{Arc, Weak};
@@ -25,7 +26,7 @@ use std::time::Duration;
 
 pub use hetmm_core as core;
 pub use hetmm_core::types::parse_size;
-pub use hetmm_core::{types::Access, types::Proc, AddressSpace, Advice, CoreConfig, Pending, Policy};
+pub use hetmm_core::{types::Access, types::Proc, AddressSpace, CoreConfig, Pending, Policy};
 pub use hetmm_cuda as cuda;
 pub use hetmm_host as host;
 pub use hetmm_sim as sim;
@@ -42,6 +43,7 @@ use hetmm_host::{Host, HostInitError, RegionError};
 use hetmm_sim::{Grid, SimDevice};
 
 pub use memory::{BufMut, BufRef, SharedBuf};
+pub use place::{Advice, Place};
 pub use space::Space;
 
 /// How many times [`Hetmm::alloc`] makes a new view when the core refuses it as overlapping old
@@ -105,6 +107,12 @@ pub enum Error {
         state: u64,
         /// This machine's memory (`MemTotal`).
         memory: u64,
+    },
+    /// Advice that only a device can take named the CPU.
+    #[error("{what} takes a device, not the CPU")]
+    NotADevice {
+        /// The advice.
+        what: &'static str,
     },
     /// The CUDA backend refused or failed (no GPU, a kernel call, a driver error).
     #[error(transparent)]
@@ -220,7 +228,9 @@ impl Hetmm {
         // The device's threads take no asynchronous signals (see `hetmm_host::signals`).
         let id = hetmm_host::signals::blocked_while(|| self.space.attach(Arc::clone(&mmu), opts))?;
         let (space, allocs) = (Arc::clone(&self.space), self.allocs.clone());
-        Ok(Device { id, dev, mmu, space, allocs, prepare: Default::default() })
+        // Read at once: no other call has the new id yet, so it names the device just attached.
+        let attachment = self.space.attachment_of(id, &mmu).ok_or(CoreError::Detached(id))?;
+        Ok(Device { id, attachment, dev, mmu, space, allocs, prepare: Default::default() })
     }
 
     /// Detaches a device: its data comes back to the CPU; later use of the handle fails.
@@ -306,7 +316,7 @@ impl Hetmm {
         }
         // The range lies in buffers none of whose slices is alive, and none can be taken while
         // `states` is held, until the memory reads zeros.
-        Ok(self.space.advise(start, len, advice)?)
+        Ok(self.space.advise(start, len, advice.checked(&self.space)?)?)
     }
 
     /// [`Hetmm::advise`] without its checks, over any shared memory.
@@ -320,6 +330,8 @@ impl Hetmm {
         // As `migrate`: a munmap or mremap the program made just before is applied first, so
         // the advice meets the memory as the program sees it.
         self.space.settle()?;
+        // Checked after the settle: a place from a detached device's handle is refused.
+        let advice = advice.checked(&self.space)?;
         // A prefetch's worker thread takes no asynchronous signals (see `hetmm_host::signals`).
         Ok(hetmm_host::signals::blocked_while(|| self.space.advise(start, len, advice))?)
     }
@@ -331,9 +343,11 @@ impl Hetmm {
     }
 
     /// Moves `[start, start + len)` to `to` in bulk (an explicit prefetch). The range may span
-    /// several adjacent shared regions.
-    pub fn migrate(&self, start: u64, len: u64, to: Proc) -> Result<()> {
+    /// several adjacent shared regions. A place from a handle of a device detached since is
+    /// refused ([`CoreError::Detached`]), whatever device has its id now.
+    pub fn migrate(&self, start: u64, len: u64, to: impl Into<Place>) -> Result<()> {
         self.space.settle()?;
+        let to = to.into().checked(&self.space)?;
         Ok(self.space.migrate_span(start, len, to)?)
     }
 
@@ -399,8 +413,19 @@ impl Hetmm {
         let _no_fork = self.space.hold_forks()?;
         // The CPU sides of regions released whole hold the host's record of the registration
         // (it keeps only weak references): keep them until the host has given the memory back.
-        let released = self.space.release_range(start, end.saturating_sub(start))?;
+        let released = self.space.release_range_parts(start, end.saturating_sub(start))?;
         let r = self.host.unregister(start, end - start).map_err(Error::from);
+        if r.is_err() {
+            // The host left the memory as it was, registered (see `Host::unregister`): the core
+            // takes it back, so it stays shared memory serving its faults (released, the next
+            // access to a page not mapped got SIGBUS), and the call may be made again. The
+            // range's advice is gone.
+            for p in &released {
+                if let Err(e) = self.space.add_registered(Arc::clone(&p.cpu), p.range, p.prot, p.remote) {
+                    log::error!("taking {} back after a failed unregister: {e}", p.range);
+                }
+            }
+        }
         drop(released);
         r
     }
@@ -565,6 +590,9 @@ impl<'a> Use<'a> {
 #[derive(Debug)]
 pub struct Device<D> {
     id: DeviceId,
+    /// The attachment's number, which, unlike the id, no later device gets: what
+    /// [`Device::proc`] names it by.
+    attachment: u64,
     dev: D,
     /// The driver as the address space holds it: the id is given to the next device attached
     /// once this one is detached, and this tells them apart.
@@ -591,9 +619,11 @@ impl<D> Device<D> {
     pub fn id(&self) -> DeviceId {
         self.id
     }
-    /// The device as a processor (for [`Hetmm::migrate`]).
-    pub fn proc(&self) -> Proc {
-        Proc::Device(self.id)
+    /// The device as a place to move data to or advise about ([`Hetmm::migrate`],
+    /// [`Advice`]). It names this attachment: once the device is detached the calls refuse it
+    /// ([`CoreError::Detached`]), even where a device attached since has its id.
+    pub fn proc(&self) -> Place {
+        Place::attached(self.id, self.attachment)
     }
     /// The driver. Its calls do not see the buffers' slices: its launches are `unsafe`, under
     /// contracts of their own, and so is letting the device go behind the address space's back:
@@ -645,7 +675,7 @@ impl<D> Device<D> {
         if !caps.replayable_faults {
             // Still this device after the migrations, which name it by id: one detached
             // meanwhile gave its id to the next device attached (found by a review).
-            let moved = out.iter().try_for_each(|r| self.space.migrate(r.start, r.len, self.proc()));
+            let moved = out.iter().try_for_each(|r| self.space.migrate(r.start, r.len, Proc::Device(self.id)));
             if let Err(e) = moved.map_err(Error::from).and_then(|()| self.check_same()) {
                 drop(preparing);
                 self.space.job_end(&job);

@@ -84,7 +84,7 @@ fn whole_buffer_calls_work_after_protecting_part_of_it() {
     hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ).unwrap();
     assert_eq!(sum(&hm), want, "a kernel reading the whole buffer, part of it read-only");
     hm.advise(ptr, len, Advice::ReadMostly(true)).unwrap();
-    hm.advise(ptr, len, Advice::Prefetch(Proc::Cpu)).unwrap().wait(Duration::from_secs(60)).unwrap();
+    hm.advise(ptr, len, Advice::Prefetch(Proc::Cpu.into())).unwrap().wait(Duration::from_secs(60)).unwrap();
     hm.protect(ptr + (1 << 20), 1 << 20, Prot::READ | Prot::WRITE).unwrap();
     hm.advise(ptr, len, Advice::Prefetch(dev.proc())).unwrap().wait(Duration::from_secs(60)).unwrap();
     assert_eq!(sum(&hm), want, "the same after the protection is restored");

@@ -172,7 +172,7 @@ fn accessed_by_reaches_the_data_on_a_peer_in_place() {
     let buf = hm.alloc::<u64>(pages * WORDS_PER_PAGE).unwrap();
     let (grid, k) = per_page(buf.ptr(), pages, |p, w, _| (p * WORDS_PER_PAGE + w) as u64);
     a.launch(grid, &[Use::write(&buf)], k).unwrap().wait().unwrap();
-    hm.advise_buf(&buf, hetmm::Advice::AccessedBy(b.id(), true)).unwrap().wait(Duration::from_secs(10)).unwrap();
+    hm.advise_buf(&buf, hetmm::Advice::AccessedBy(b.proc(), true)).unwrap().wait(Duration::from_secs(10)).unwrap();
     let before = hm.stats();
     let remote_before = b.driver().stats().remote_bytes;
     let (grid, k) = per_page(buf.ptr(), pages, |_, _, old| old * 3);
@@ -255,7 +255,7 @@ fn cpu_threads_and_kernels_race_on_interleaved_pages() {
 }
 
 fn on_device(hm: &Hetmm, dev: &Device<SimDevice>, va: u64) -> bool {
-    hm.space().page_state(va).is_some_and(|pg| pg.resident.has(dev.proc()) && !pg.resident.has(Proc::Cpu))
+    hm.space().page_state(va).is_some_and(|pg| pg.resident.has(dev.proc().proc()) && !pg.resident.has(Proc::Cpu))
 }
 
 #[test]
@@ -654,7 +654,7 @@ fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
         let (hm, dev, hot, cold, sums, _) = thrash_hot_and_cold(policy);
         drop(hot);
         drop(sums);
-        let me = dev.proc();
+        let me = dev.proc().proc();
         let remote_block = (0..COLD * 8 / (2 << 20)).map(|b| cold.ptr() + (b << 21) as u64).find(|&va| {
             let p = hm.space().page_state(va).unwrap();
             p.dev_mapped.has(me) && !p.resident.has(me)
@@ -710,6 +710,51 @@ fn access_counters_bring_a_block_served_remotely_back_once_memory_frees_up() {
             assert!(remote >= 128 << 20, "only {} MiB read remotely: the test shows nothing", remote >> 20);
         }
     }
+}
+
+/// Two devices, the first detached and its id given to a third: the hetmm, the second and third
+/// devices, and the place the first device's handle gave before its detach.
+fn id_given_again() -> (Hetmm, Device<SimDevice>, Device<SimDevice>, hetmm::Place) {
+    let (hm, [a, b]) = two_devices(true);
+    let stale = a.proc();
+    hm.detach(&a).unwrap();
+    let cfg = SimConfig { memory_bytes: 16 << 20, peer_copies: true, ..SimConfig::default() };
+    let c = hm.attach_sim(SimDevice::new(cfg).unwrap()).unwrap();
+    assert_eq!(c.id(), a.id(), "set-up: the id is given again");
+    (hm, b, c, stale)
+}
+
+/// Audit: a processor taken from a device's handle (`dev.proc()`) named the device by id only,
+/// and `attach` gives a detached device's id to the next device: a program that kept it past the
+/// `detach` moved data to (and advised about) the new device. Each call taking it must refuse it.
+#[test]
+fn a_stale_proc_never_reaches_the_device_given_its_id() {
+    let (hm, _b, c, stale) = id_given_again();
+    let buf = hm.alloc::<u64>(512).unwrap();
+    let on_c = || hm.space().page_state(buf.ptr()).is_some_and(|p| p.resident.has(Proc::Device(c.id())));
+    let detached = |r: Result<(), Error>| matches!(r, Err(Error::Core(CoreError::Detached(_))));
+    let wait = |p: hetmm::Pending| Ok(p.wait(Duration::from_secs(10))?);
+    let migrated = hm.migrate(buf.ptr(), PAGE_SIZE, stale);
+    assert!(detached(migrated) && !on_c(), "migrate to the detached device's proc: the new device got the data");
+    let prefetched = hm.advise(buf.ptr(), PAGE_SIZE, hetmm::Advice::Prefetch(stale)).and_then(wait);
+    assert!(detached(prefetched) && !on_c(), "prefetch to the detached device's proc reached the new device");
+    let preferred = hm.advise(buf.ptr(), PAGE_SIZE, hetmm::Advice::PreferredLocation(Some(stale))).and_then(wait);
+    assert!(detached(preferred), "preferring the detached device's proc was taken");
+    hm.migrate(buf.ptr(), PAGE_SIZE, c.proc()).expect("the new device's own proc works");
+    assert!(on_c());
+}
+
+/// `AccessedBy` names its device by the handle's place too: a detached device's is refused
+/// once another device has its id, and the CPU, which is no device, is refused.
+#[test]
+fn accessed_by_a_detached_devices_proc_is_refused() {
+    let (hm, _b, c, stale) = id_given_again();
+    let buf = hm.alloc::<u64>(512).unwrap();
+    let stale = hm.advise_buf(&buf, hetmm::Advice::AccessedBy(stale, true));
+    assert!(matches!(stale, Err(Error::Core(CoreError::Detached(_)))), "{stale:?}");
+    let cpu = hm.advise_buf(&buf, hetmm::Advice::AccessedBy(hetmm::Place::CPU, true));
+    assert!(matches!(cpu, Err(Error::NotADevice { .. })), "{cpu:?}");
+    hm.advise_buf(&buf, hetmm::Advice::AccessedBy(c.proc(), true)).expect("the new device's own proc works");
 }
 
 /// Audit (peer / multi-device): a handle of a detached device names it by id only, and `attach`

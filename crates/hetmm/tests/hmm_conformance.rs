@@ -44,7 +44,7 @@ use hetmm::core::error::CoreError;
 use hetmm::core::snapshot::hmm;
 use hetmm::core::types::{Prot, PAGE_SIZE};
 use hetmm::sim::{BlockCtx, Grid, SimConfig, SimDevice};
-use hetmm::{Device, Error, Hetmm, Proc};
+use hetmm::{Device, Error, Hetmm, Place, Proc};
 
 const PS: usize = PAGE_SIZE as usize;
 const BUFFER_SIZE: usize = 1024 << 12; // HMM_BUFFER_SIZE: 4 MiB
@@ -159,7 +159,7 @@ impl Dmirror {
         Ok(l.wait(Duration::from_secs(60))?)
     }
 
-    fn me(&self) -> Proc {
+    fn me(&self) -> Place {
         self.dev.proc()
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hetmm::core::device::DeviceError;
 use hetmm::sim::{BlockCtx, Grid, SimConfig, SimDevice};
-use hetmm::{Hetmm, Proc};
+use hetmm::{Hetmm, Place, Proc};
 
 const PS: usize = 4096;
 
@@ -67,7 +67,7 @@ fn unmapping_other_registered_memory_does_not_race_migrations() {
             buf.as_mut_slice().iter_mut().step_by(PS).for_each(|b| *b = 7);
             dev.proc()
         } else {
-            Proc::Cpu
+            Place::CPU
         };
         hm.migrate(start, len, to).unwrap_or_else(|e| panic!("migration {i}: {e}"));
         i += 1;

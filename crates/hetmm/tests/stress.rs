@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use hetmm::core::error::CoreError;
 use hetmm::core::types::Prot;
 use hetmm::sim::{BlockCtx, Grid, SimConfig, SimDevice};
-use hetmm::{Access, Advice, Device, Hetmm, Proc, SharedBuf, Use};
+use hetmm::{Access, Advice, Device, Hetmm, Place, SharedBuf, Use};
 
 const PS: u64 = 4096;
 const WAIT: Duration = Duration::from_secs(60);
@@ -324,9 +324,9 @@ impl World {
     fn a_len(&self) -> u64 {
         self.slices.len() as u64 * self.slice
     }
-    fn proc(&self, rng: &mut Rng) -> Proc {
+    fn proc(&self, rng: &mut Rng) -> Place {
         match rng.below(3) {
-            0 => Proc::Cpu,
+            0 => Place::CPU,
             d => self.devs[d as usize - 1].proc(),
         }
     }
@@ -516,7 +516,7 @@ fn step(w: &World, rng: &mut Rng) {
         // Attribute advice on a random range of A.
         11 | 12 => {
             let (s, l) = w.a_range(rng);
-            let d = w.dev(rng).id();
+            let d = w.dev(rng).proc();
             let advice = match rng.below(7) {
                 0 => Advice::PreferredLocation(None),
                 1 => Advice::PreferredLocation(Some(w.proc(rng))),
@@ -1321,7 +1321,7 @@ fn mremap_back_and_forth(iters: u64, apart: u64, alloc: bool, extra: i32) {
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let to = if n.is_multiple_of(2) { dev.proc() } else { Proc::Cpu };
+                let to = if n.is_multiple_of(2) { dev.proc() } else { Place::CPU };
                 if let Some(b) = b {
                     let _ = hm.migrate(b, len, to);
                 }

@@ -1036,7 +1036,43 @@ pub(crate) fn restore_private(
     off: u64,
 ) -> Result<(), MappingError> {
     check(range)?;
+    #[cfg(test)]
+    if inject::restore_fails() {
+        return Err(os_err("mremap(FIXED)", range)(Errno::NOMEM));
+    }
     move_copy_over(range, program_mprotect_flags(prot, exec), memfd, off, LostBytes::NONE, false)
+}
+
+/// Failures the tests inject into this thread's calls (nothing outside tests).
+#[cfg(test)]
+pub(crate) mod inject {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// How many more of this thread's [`super::restore_private`] calls succeed before one
+        /// fails (`None`: none fails).
+        static RESTORES_LEFT: Cell<Option<u32>> = const { Cell::new(None) };
+    }
+
+    /// Makes this thread's restore after `ok` more succeed fail, once.
+    pub(crate) fn fail_restore_after(ok: u32) {
+        RESTORES_LEFT.with(|c| c.set(Some(ok)));
+    }
+
+    /// Whether this call is the one to fail (counting it).
+    pub(super) fn restore_fails() -> bool {
+        RESTORES_LEFT.with(|c| match c.get() {
+            Some(0) => {
+                c.set(None);
+                true
+            }
+            Some(n) => {
+                c.set(Some(n - 1));
+                false
+            }
+            None => false,
+        })
+    }
 }
 
 /// In a fork child: makes every part of a view of `memfd` the child's own, where `offset_of`

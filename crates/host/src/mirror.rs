@@ -155,21 +155,21 @@ impl Mirror {
     /// The program moved memfd bytes `[off, off + len)` to `to` (out of a region's view): a new
     /// piece of this mirror, and its view.
     pub(crate) fn moved_in(self: &Arc<Self>, to: u64, off: u64, len: u64) -> Arc<dyn CpuMmu> {
+        // Before the lock, so dropped after it (see `Mirror::region_held`).
+        let region = self.region_held();
         let mut segs = self.segs.lock();
         segs.push(Seg { app: to, off, len });
-        fresh_growth(to + len, self.file, off + len, &self.legit(&segs));
+        fresh_growth(to + len, self.file, off + len, &legit(&segs, region.as_deref()));
         Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len })
     }
 
-    /// Where the program's address space shows this mirror's memfd as managed memory: its
-    /// pieces, and what is left of the view of the region its memory was moved out of (a piece
-    /// moved back beside it merges with it into one VMA).
-    fn legit(&self, segs: &[Seg]) -> Vec<Seg> {
-        let mut all = segs.to_vec();
-        if let Some(r) = self.region.as_ref().and_then(std::sync::Weak::upgrade) {
-            all.extend(r.pieces().into_iter().map(|(x, off)| Seg { app: x.start, off, len: x.len }));
-        }
-        all
+    /// The region this mirror's memory was moved out of, while it lives. Taken before `segs` is
+    /// locked and let go after: the last holder of a region may let it go on another thread
+    /// while this one holds it, and its drop here, under `segs`, looks for memory grown past
+    /// its view (`Ctx::fill_room_after`), which reads every mirror's pieces,
+    /// this one's too: the servicer waited for the lock it held (found by an audit, by reading).
+    fn region_held(&self) -> Option<Arc<crate::HostRegion>> {
+        self.region.as_ref().and_then(std::sync::Weak::upgrade)
     }
 
     /// The manager's alias of the memory.
@@ -203,6 +203,8 @@ impl Mirror {
         parts: &[(VaRange, u64)],
     ) -> Option<Arc<dyn CpuMmu>> {
         let moved = VaRange::new(from, len);
+        // Before the lock, so dropped after it (see `Mirror::region_held`).
+        let region = self.region_held();
         let mut segs = self.segs.lock();
         let mut all = segs.clone();
         all.extend(parts.iter().map(|&(r, off)| Seg { app: r.start, off, len: r.len }));
@@ -215,7 +217,7 @@ impl Mirror {
         cut(&mut segs, moved);
         segs.push(Seg { app: to, off, len });
         if self.memfd.is_some() {
-            fresh_growth(to + len, self.file, off + len, &self.legit(&segs));
+            fresh_growth(to + len, self.file, off + len, &legit(&segs, region.as_deref()));
         }
         Some(Arc::new(MirrorView { mirror: Arc::clone(self), app: to, off, len }))
     }
@@ -224,6 +226,17 @@ impl Mirror {
     pub(crate) fn forget(&self, range: VaRange) {
         cut(&mut self.segs.lock(), range);
     }
+}
+
+/// Where the program's address space shows a mirror's memfd as managed memory: its pieces
+/// `segs`, and what is left of the view of the `region` its memory was moved out of (a piece
+/// moved back beside it merges with it into one VMA).
+fn legit(segs: &[Seg], region: Option<&crate::HostRegion>) -> Vec<Seg> {
+    let mut all = segs.to_vec();
+    if let Some(r) = region {
+        all.extend(r.pieces().into_iter().map(|(x, off)| Seg { app: x.start, off, len: x.len }));
+    }
+    all
 }
 
 /// Private memory the program moved and grew at once (`mremap` to a larger size, as `realloc`
@@ -603,46 +616,115 @@ impl Host {
     /// Gives registered private memory `[start, start + len)` back to the program as private
     /// anonymous memory with its current bytes (the core must have brought every page back to
     /// host memory and dropped the range first). Shared memory needs nothing here.
+    ///
+    /// All or nothing: on an error the memory is as it was, hetmm's memfd mapping, registered
+    /// (the core may take it back, and the call may be made again). A failure past the first
+    /// part given back left the parts before it private and the rest unregistered memfd
+    /// mappings, which a second call then gave back from the memfd's stale bytes, losing what
+    /// the program had written to the private parts meanwhile (found by an audit).
     pub fn unregister(&self, start: u64, len: u64) -> Result<(), RegionError> {
         let range =
             VaRange::checked(start, len).filter(VaRange::is_page_aligned).ok_or(MappingError::BadLength(len))?;
-        for m in self.ctx.live_mirrors_pub() {
-            let Some(fd) = m.memfd.as_ref() else {
-                for s in m.segs.lock().iter() {
-                    if let Some(x) = VaRange::new(s.app, s.len).intersect(&range) {
-                        let _ = self.uffd.unregister(x);
-                    }
-                }
-                m.forget(range);
-                continue;
-            };
-            let segs: Vec<Seg> = m.segs.lock().clone();
+        let mirrors = self.ctx.live_mirrors_pub();
+        // Every part is looked up before anything changes: a range that is not all mapped is
+        // refused with its faults still coming to hetmm (unregistered first, the memfd mapping
+        // that stayed would have served the CPU stale bytes of data on a device).
+        let mut parts: Vec<Giving> = Vec::new();
+        let mut pieces: Vec<(&Arc<Mirror>, VaRange)> = Vec::new();
+        for m in &mirrors {
+            let Some(fd) = m.memfd.as_ref() else { continue };
+            let alias = m.alias_range().start as usize;
+            let segs = m.segs.lock().clone();
             for s in segs {
                 let Some(x) = VaRange::new(s.app, s.len).intersect(&range) else { continue };
-                // Looked up before the unregister: a range that is not all mapped is refused with
-                // its faults still coming to hetmm (unregistered first, the memfd mapping that
-                // stayed would have served the CPU stale bytes of data on a device).
                 let vm = vmas(x).ok_or(RegionError::NotMapped(x))?;
-                let _ = self.uffd.unregister(x);
-                // From the copy back until the private memory is moved over the memfd mapping, a
-                // write there would be lost. Large memory is held where the memfd has data.
-                let extents: Vec<Vec<VaRange>> =
-                    vm.iter().map(|v| mapping::data_in(fd.as_fd(), s.off + (v.range.start - s.app), v.range)).collect();
-                let parts: Vec<(VaRange, Option<&[VaRange]>)> =
-                    vm.iter().zip(&extents).map(|(v, e)| (v.range, Some(e.as_slice()))).collect();
-                let hold = WriteHold::new(&parts);
-                let restored = vm.iter().try_for_each(|v| {
-                    mapping::restore_private(v.range, v.prot, v.exec, fd.as_fd(), s.off + (v.range.start - s.app))
-                });
-                drop(hold);
-                restored?;
-                m.forget(x);
-                // A part the program grew in place past the memory it gives back.
-                self.ctx.fill_room_after(x.end(), m.file);
+                let off = |v: &Vma| s.off + (v.range.start - s.app);
+                parts.extend(vm.iter().map(|v| Giving { vma: *v, fd, off: off(v), alias }));
+                pieces.push((m, x));
             }
+        }
+        self.give_back(&parts, &pieces)?;
+        for (m, x) in pieces {
+            m.forget(x);
+            // A part the program grew in place past the memory it gives back.
+            self.ctx.fill_room_after(x.end(), m.file);
+        }
+        // Mirrored shared memory: only watched (see `register`), nothing to give back.
+        for m in mirrors.iter().filter(|m| m.memfd.is_none()) {
+            for s in m.segs.lock().iter() {
+                if let Some(x) = VaRange::new(s.app, s.len).intersect(&range) {
+                    let _ = self.uffd.unregister(x);
+                }
+            }
+            m.forget(range);
         }
         Ok(())
     }
+
+    /// Makes each of `parts` (of `pieces`, registered memfd mappings) private memory holding its
+    /// bytes; on a failure, the parts already given back are adopted again and `pieces`
+    /// registered again, so the memory is as it was (see [`Host::unregister`]).
+    fn give_back(&self, parts: &[Giving<'_>], pieces: &[(&Arc<Mirror>, VaRange)]) -> Result<(), RegionError> {
+        for &(_, x) in pieces {
+            let _ = self.uffd.unregister(x);
+        }
+        // From the copy back until the private memory is moved over the memfd mapping, a write
+        // there would be lost. Large memory is held where the memfd has data. (Made before the
+        // hold: nothing is allocated while it holds.)
+        let extents: Vec<Vec<VaRange>> =
+            parts.iter().map(|p| mapping::data_in(p.fd.as_fd(), p.off, p.vma.range)).collect();
+        let held: Vec<(VaRange, Option<&[VaRange]>)> =
+            parts.iter().zip(&extents).map(|(p, e)| (p.vma.range, Some(e.as_slice()))).collect();
+        let whole: Vec<(VaRange, Option<&[VaRange]>)> = parts.iter().map(|p| (p.vma.range, None)).collect();
+        let hold = WriteHold::new(&held);
+        let mut done = 0;
+        let mut failed = None;
+        for p in parts {
+            match mapping::restore_private(p.vma.range, p.vma.prot, p.vma.exec, p.fd.as_fd(), p.off) {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(hold);
+        let Some(e) = failed else { return Ok(()) };
+        // The parts given back are private memory the program may write already: held anew,
+        // their bytes go back into the memfd, which is mapped over them again.
+        let again = WriteHold::new(&whole[..done]);
+        let mut lost = None;
+        for p in &parts[..done] {
+            let v = p.vma;
+            let r = mapping::copy_private(v.range, v.prot, v.exec, None, p.fd.as_fd(), p.off, p.alias + p.off as usize)
+                .and_then(|()| mapping::adopt_private(v.range, v.prot, v.exec, p.fd, p.off));
+            if let Err(e) = r {
+                lost.get_or_insert((v.range, e));
+            }
+        }
+        drop(again);
+        let mode = RegisterMode::MISSING | RegisterMode::MINOR | RegisterMode::WP;
+        for &(_, x) in pieces {
+            // SAFETY: `x` is hetmm's memfd mapping holding the program's bytes again (above),
+            // served by this host as before the call.
+            if let Err(e) = unsafe { self.uffd.register(x, mode) } {
+                log::error!("registering {x} again after a failed unregister: {e}");
+            }
+        }
+        if let Some((r, e)) = lost {
+            log::error!("adopting {r} again after a failed unregister: {e}");
+        }
+        Err(e.into())
+    }
+}
+
+/// One VMA of registered private memory being given back ([`Host::unregister`]): its memfd, the
+/// offset of its first byte there, and the start of the memfd's alias.
+struct Giving<'a> {
+    vma: Vma,
+    fd: &'a Arc<OwnedFd>,
+    off: u64,
+    alias: usize,
 }
 
 /// Holds the program's writes to memory hetmm copies and then replaces under it (private memory
@@ -971,6 +1053,41 @@ mod tests {
         unsafe { libc::munmap(p as *mut _, len) };
         assert!(during.contains('x'), "registered: {during}");
         assert!(after.contains('x'), "unregistered: {after}");
+    }
+
+    /// Audit: `unregister` gave registered memory back one VMA at a time and stopped at the first
+    /// failure, leaving the parts before it private and the rest unregistered memfd mappings. A
+    /// second call gave every part back from the memfd again: what the program had written to
+    /// the private parts meanwhile was lost. A failed call must leave the memory as it was, and
+    /// a second one give back every byte written since.
+    #[test]
+    fn a_failed_unregister_leaves_the_memory_registered_and_loses_no_write() {
+        let core = Arc::new(ServeCore::default());
+        let host = Host::new(Arc::downgrade(&core) as Weak<dyn CpuFaultHandler>).unwrap();
+        let page = PAGE_SIZE as usize;
+        let p = private_filled(3 * page, 0x11) as usize;
+        // Three VMAs: read-write, read-only, read-write.
+        // SAFETY: the middle page of the test's own mapping; its bytes stay as they are.
+        assert_eq!(unsafe { libc::mprotect((p + page) as *mut _, page, libc::PROT_READ) }, 0);
+        let reg = host.register(p as u64, 3 * PAGE_SIZE).unwrap();
+        let _ = core.cpu.set(Arc::clone(&reg.cpu));
+        drop(reg);
+        // The second part's move back fails.
+        mapping::inject::fail_restore_after(1);
+        let failed = host.unregister(p as u64, 3 * PAGE_SIZE);
+        assert!(failed.is_err(), "the injected failure is reported");
+        // SAFETY: the test's first page, writable (registered or given back: served either way).
+        unsafe { (p as *mut u8).write_volatile(0x22) };
+        host.unregister(p as u64, 3 * PAGE_SIZE).expect("a second unregister gives the memory back");
+        // SAFETY: the test's three pages, private anonymous memory again.
+        let (a, b, c) = unsafe {
+            ((p as *const u8).read(), ((p + page) as *const u8).read(), ((p + 2 * page) as *const u8).read())
+        };
+        let perms = perms_at(p as u64);
+        // SAFETY: the test's own pages; nothing uses them afterwards.
+        unsafe { libc::munmap(p as *mut _, 3 * page) };
+        assert_eq!((a, b, c), (0x22, 0x11, 0x11), "the write made between the two calls is kept");
+        assert!(perms.ends_with('p'), "given back private: {perms}");
     }
 
     /// Serves every fault like the core does for host-resident data of registered memory.

@@ -182,9 +182,13 @@ pub(crate) fn service_batch(
 /// batch's other blocks, served or not, are answered as they would have been (a panic cancelled
 /// the whole batch, blocks already mapped included; found by an audit).
 fn service_block_caught(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault], cancel: &mut Vec<Cancel>) {
+    // What the block's service had refused before it panicked is dropped: the group is
+    // cancelled whole, each fault once (a refused fault was counted and replayed twice).
+    let before = cancel.len();
     let run = std::panic::AssertUnwindSafe(|| service_block(space, slot, group, cancel));
     if std::panic::catch_unwind(run).is_err() {
         log::error!("device {:?} fault service panicked at {:#x}; cancelling its faults", slot.id, group[0].va);
+        cancel.truncate(before);
         cancel.extend(group.iter().map(|f| (f.va, Access::Read, FaultCancel::ServiceFailed)));
     }
 }
@@ -559,7 +563,9 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
             Decision::Migrate(_) if a.preferred.is_some_and(|p| p != me) => {}
             d => {
                 plan.add(i, d, me);
-                prefetched += 1;
+                // Only pages the device gets: one it holds already (a read-only copy a write
+                // makes exclusive) moves nothing.
+                prefetched += u64::from(!resident.get(i));
             }
         }
     }
@@ -593,7 +599,6 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         rest_n = rest.count() as u64;
         plan.remote = plan.remote.or(&rest);
     }
-    add(&space.stats.blocks_serviced, 1);
     if let Some(victim) = replacing {
         make_room_for_hot_arrival(space, &region, slot, blk.base, &plan, victim);
     }
@@ -621,7 +626,12 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
         r = serve_remotely(space, &region, &mut blk, slot, group, &faulted);
     }
     match r {
-        Ok(()) => slot.oom_since.store(0, std::sync::atomic::Ordering::Relaxed),
+        Ok(()) => {
+            // Counted once served: a service put off or failed serviced nothing (its retry is
+            // counted when it succeeds).
+            add(&space.stats.blocks_serviced, 1);
+            slot.oom_since.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         // Memory is short only because every victim is busy (locked by other services or the
         // prefetcher): leave the faults unserviced so they are raised again after the replay,
         // as UVM throttles; give up only if it lasts.

@@ -51,7 +51,9 @@ stats! {
     cancelled_faults,
     /// Device fault batches serviced.
     fault_batches,
-    /// Blocks serviced by device faults or prefetch.
+    /// Blocks device fault batches serviced (the pages the prefetcher added to them included),
+    /// counted once served: a service put off (memory busy) or failed counts nothing, and the
+    /// cross-block prefetcher's and explicit migrations' blocks are not counted.
     blocks_serviced,
     /// Replays issued.
     replays,
@@ -81,9 +83,12 @@ stats! {
     /// already holds are dropped, not copied, and not counted).
     bytes_evicted,
     /// Pages a device got beyond those that faulted: moved or copied there by the prefetchers,
-    /// or mapped there remotely (a thrashing block is mapped whole on its first fault).
+    /// or mapped there remotely (a thrashing block is mapped whole on its first fault); pages
+    /// it held already (a read-only copy a write makes exclusive) are not counted. Also the
+    /// pages the CPU read-ahead brought home (or gave backing) for the CPU.
     prefetched_pages,
-    /// Evict-and-refault or ping-pong events detected.
+    /// Evict-and-refault events detected: a block a device faults on again within the
+    /// thrashing window of its eviction from that device (CPU-device ping-pong is not counted).
     thrash_events,
     /// Faulting pages served by remote mappings of host memory because nothing on the device
     /// could be evicted for them (its memory pinned, or held by launches).

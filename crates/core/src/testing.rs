@@ -4218,3 +4218,91 @@ fn thrashing_response_keeps_data_at_its_preferred_peer() {
     let st = w.space.page_state(s).unwrap();
     assert!(st.resident.has(d1), "the page left its preferred location: {st:?}");
 }
+
+// Statistics audit: counters against their doc comments (crates/core/src/stats.rs).
+
+/// A one-block region at `BASE4K` (readable, writable when `write`), CPU read-ahead off, one
+/// service worker, and one [`FakeDevice`] of 4 blocks.
+fn stats_space(policy: crate::policy::Policy, write: bool) -> OneDevice {
+    let len = BLOCK_SIZE;
+    let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
+    let policy = crate::policy::Policy { cpu_readahead: false, cross_block: false, service_workers: 1, ..policy };
+    let space = AddressSpace::new(CoreConfig { fault_around: BLOCK_SIZE, policy, ..CoreConfig::default() });
+    let prot = if write { Prot::READ | Prot::WRITE } else { Prot::READ };
+    space.add_region(Arc::new(PlainCpu::new(VaRange::new(BASE4K, len))), prot).unwrap();
+    let dev = Arc::new(FakeDevice::new((4 * BLOCK_SIZE) as usize, 0xEE, Arc::clone(&host)));
+    let id = space.attach(Arc::clone(&dev) as Arc<dyn DeviceMmu>, AttachOptions::default()).unwrap();
+    (space, dev, id, host)
+}
+
+/// `prefetched_pages` is "pages a device got beyond those that faulted: moved or copied there".
+/// Under `hetmm` (reads duplicate, the whole block is prefetched) a device read of a block the
+/// CPU holds copies the block (1 page faulted, 511 prefetched); a later device write to it
+/// only drops the CPU's copies and maps the device's read-write: nothing is moved or copied,
+/// yet the 511 read-only pages it upgraded were counted as prefetched again.
+#[test]
+fn a_write_upgrading_read_duplicates_counts_no_prefetched_pages() {
+    let (space, _dev, id, host) = stats_space(crate::policy::Policy::hetmm(), true);
+    cpu_write(&space, &host, BASE4K, 0x11);
+    let slot = space.slot(id).unwrap();
+    let fault = |access| {
+        let mut b = vec![DeviceFault { va: BASE4K, access, client: 0 }];
+        let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut b);
+        assert!(cancel.is_empty(), "{cancel:?}");
+    };
+    let s0 = space.stats();
+    fault(Access::Read);
+    let d = space.stats().since(&s0);
+    assert_eq!((d.bytes_to_device, d.prefetched_pages), (BLOCK_SIZE, 511), "the read copies the block");
+    let s1 = space.stats();
+    fault(Access::Write);
+    let d = space.stats().since(&s1);
+    assert_eq!(d.bytes_to_device, 0, "the write copies nothing");
+    assert_eq!(d.prefetched_pages, 0, "pages the device already held are not prefetched");
+}
+
+/// A fault entry is cancelled once (`cancelled_faults` <= `device_faults`): when a block's
+/// service panics (a driver bug) after it already refused one of the block's faults (a write to
+/// read-only memory), the catch cancelled the whole group again, counting that fault twice
+/// and handing it to the replay twice.
+#[test]
+fn a_fault_refused_before_its_blocks_service_panicked_is_cancelled_once() {
+    let (space, dev, id, _host) = stats_space(crate::policy::Policy::uvm(), false);
+    let slot = space.slot(id).unwrap();
+    let mut batch = vec![
+        DeviceFault { va: BASE4K, access: Access::Read, client: 0 },
+        DeviceFault { va: BASE4K + PAGE_SIZE, access: Access::Write, client: 1 },
+    ];
+    let s0 = space.stats();
+    dev.panic_copies.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (cancel, _) = crate::fault::service_batch(&space, &slot, &mut batch);
+    dev.panic_copies.store(false, std::sync::atomic::Ordering::SeqCst);
+    let d = space.stats().since(&s0);
+    assert_eq!(d.device_faults, 2);
+    assert_eq!(cancel.len(), 2, "one cancellation per fault: {cancel:?}");
+    assert_eq!(d.cancelled_faults, 2, "each fault cancelled once");
+}
+
+/// `blocks_serviced` counts blocks serviced: a block whose service failed (its device map
+/// refused) and whose faults were cancelled was counted all the same, the count taken before
+/// the plan was applied.
+#[test]
+fn a_block_whose_service_failed_is_not_counted_serviced() {
+    let (space, dev, id, host) = stats_space(crate::policy::Policy::uvm(), true);
+    cpu_write(&space, &host, BASE4K, 0x11);
+    let slot = space.slot(id).unwrap();
+    let fault = || {
+        let mut b = vec![DeviceFault { va: BASE4K, access: Access::Read, client: 0 }];
+        crate::fault::service_batch(&space, &slot, &mut b).0
+    };
+    let s0 = space.stats();
+    dev.fail_map.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cancel = fault();
+    dev.fail_map.store(false, std::sync::atomic::Ordering::Relaxed);
+    let d = space.stats().since(&s0);
+    assert_eq!((cancel.len(), d.cancelled_faults), (1, 1), "the fault is cancelled: {cancel:?}");
+    assert_eq!(d.blocks_serviced, 0, "a block whose service failed is not serviced");
+    let s1 = space.stats();
+    assert!(fault().is_empty());
+    assert_eq!(space.stats().since(&s1).blocks_serviced, 1, "the retry services it");
+}

@@ -326,8 +326,7 @@ impl Row {
     }
 
     fn migrated(&self) -> u64 {
-        let s = self.stats();
-        s.bytes_to_device + s.bytes_to_host + s.bytes_device_to_device
+        migrated(&self.stats())
     }
 
     /// Bytes the device accessed in host memory mapped remotely, in the median repeat.
@@ -366,7 +365,7 @@ impl Row {
             "others_cpu_seconds_all": self.samples.iter().map(|s| s.cpu.others).collect::<Vec<_>>(),
             "steal_seconds_all": self.samples.iter().map(|s| s.cpu.steal).collect::<Vec<_>>(),
             // And whether it moved more: the migration work of each repeat.
-            "bytes_moved_all": self.samples.iter().map(|s| s.stats.bytes_to_device + s.stats.bytes_to_host).collect::<Vec<_>>(),
+            "bytes_moved_all": self.samples.iter().map(|s| migrated(&s.stats)).collect::<Vec<_>>(),
             "device_faults_all": self.samples.iter().map(|s| s.stats.device_faults).collect::<Vec<_>>(),
             "evictions_all": self.samples.iter().map(|s| s.stats.evictions).collect::<Vec<_>>(),
             "remote_bytes_all": self.samples.iter().map(|s| s.extra.get("remote_bytes").and_then(Value::as_u64).unwrap_or(0)).collect::<Vec<_>>(),
@@ -568,6 +567,12 @@ pub fn run(args: &Args) -> Result<ExitCode, hetmm::Error> {
         }
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// Bytes migrated each way, device to device included: the table's "MiB moved", the ReadMostly
+/// cut and `bytes_moved_all` (which left out device-to-device bytes) all count these.
+fn migrated(s: &StatsSnapshot) -> u64 {
+    s.bytes_to_device + s.bytes_to_host + s.bytes_device_to_device
 }
 
 /// For each row with advice `read_mostly`, the bytes migrated without advice over those with
@@ -850,6 +855,21 @@ mod tests {
             })
             .collect();
         Row { key, oversub: 0.5, samples, errors: Vec::new() }
+    }
+
+    /// `bytes_moved_all` (per repeat) and the table's "MiB moved" and the ReadMostly cut
+    /// (`migrated`) are one measure: the bytes migrated each way, device to device included.
+    /// `bytes_moved_all` left out `bytes_device_to_device`.
+    #[test]
+    fn bytes_moved_per_repeat_counts_what_the_table_counts() {
+        let mut r = row(&[1.0]);
+        r.samples[0].stats.bytes_to_device = 1 << 20;
+        r.samples[0].stats.bytes_to_host = 2 << 20;
+        r.samples[0].stats.bytes_device_to_device = 4 << 20;
+        let limits = Limits { memcpy_gbps: 1.0, backing_gbps: 1.0, uffd_us: 1.0 };
+        let j = r.json(&limits, &Map::new());
+        assert_eq!(r.migrated(), 7 << 20);
+        assert_eq!(j["bytes_moved_all"][0].as_u64(), Some(r.migrated()));
     }
 
     /// The median of an even count is the mean of the two middle values (it was the upper one:

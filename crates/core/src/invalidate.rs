@@ -290,6 +290,18 @@ impl AddressSpace {
         self.insert_announced(Arc::new(region), true)
     }
 
+    /// Takes back a part [`AddressSpace::release_range_parts`] released, when the caller could
+    /// not finish giving the memory back (a failed unregister): its CPU side's mappings are
+    /// revoked first, then it is added as registered memory (its advice is gone). The CPU kept
+    /// mapping what it mapped while the memory was shared, and [`AddressSpace::add_registered`]
+    /// records every page unmapped: a migration to a device then left the CPU's mapping in
+    /// place, the CPU's writes went to host memory and the device's stale copy came home over
+    /// them (found by a review).
+    pub fn take_back(&self, part: &Released) -> Result<()> {
+        part.cpu.revoke(&[part.range])?;
+        self.add_registered(Arc::clone(&part.cpu), part.range, part.prot, part.remote)
+    }
+
     /// Validates a range that may cover several adjacent regions: non-empty, no overflow, page
     /// aligned, and every page inside some shared region. Waits for a reshape under way (one
     /// takes regions out before it puts their parts back: a range it did not touch was

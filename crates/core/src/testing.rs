@@ -887,28 +887,53 @@ fn an_unmap_takes_a_peers_mapping_before_it_frees_the_copy() {
 }
 
 /// A migration home of a page two devices hold (read-only copies, none in host memory) takes
-/// it from a holder whose copy works, as before 7d42b3a: that refactor (`to_cpu` as
-/// `evict_pages_from` per holder, "behaviour unchanged") drops device 0's good copy without
-/// copying it (device 1 holds one too), then device 1's copy home fails: the migration fails and
-/// the data is left only on the failing device.
+/// it from a holder whose copy works, whichever of the two fails. 7d42b3a (`to_cpu` as
+/// `evict_pages_from` per holder, "behaviour unchanged") dropped device 0's good copy uncopied
+/// (device 1 held one too), then device 1's copy home failed, leaving the data only there; its
+/// fix (d461bb7) copied from the first holder only, and failed when that one could not copy.
 #[test]
 fn a_migration_home_takes_a_duplicate_from_the_holder_whose_copy_works() {
     use std::sync::atomic::Ordering::Relaxed;
-    let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), REGION, true, false);
+    for failing in [1, 0] {
+        let mut w = world_built(Arc::new(NoPrefetch), 2048, crate::policy::Policy::uvm(), REGION, true, false);
+        let s = w.cpu.range.start;
+        w.cpu_access(s, Some(0x33));
+        w.space.migrate(s, PAGE_SIZE, Proc::Device(w.ids[0])).unwrap();
+        w.space.advise(s, PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).unwrap();
+        assert_eq!(w.dev_access(1, s, None), Some(0x33));
+        let st = w.space.page_state(s).unwrap();
+        let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
+        assert!(st.resident.has(d0) && st.resident.has(d1) && !st.resident.has(Proc::Cpu), "two device copies: {st:?}");
+        w.devs[failing].fail_d2h.store(true, Relaxed);
+        let r = w.space.migrate(s, PAGE_SIZE, Proc::Cpu);
+        w.devs[failing].fail_d2h.store(false, Relaxed);
+        let st = w.space.page_state(s).unwrap();
+        r.unwrap_or_else(|e| panic!("device {failing} failing, the other's copy could come home: {e}; now {st:?}"));
+        assert_eq!(st.resident, ProcMask::only(Proc::Cpu), "the CPU is the only holder");
+        assert_eq!(w.cpu_access(s, None), 0x33);
+    }
+}
+
+/// fe729d5's facade took memory back after a failed unregister (release_range_parts, then
+/// add_registered for each part; now take_back): add_registered records every page unmapped by the CPU, but
+/// the CPU still maps what it mapped before the release. A migration to a device then left the
+/// CPU's mapping in place: the CPU's next write went to host memory, and the device's stale
+/// copy came home over it.
+#[test]
+fn memory_taken_back_after_a_failed_unregister_loses_no_cpu_write() {
+    let mut w = world(false, 2048);
     let s = w.cpu.range.start;
-    w.cpu_access(s, Some(0x33));
+    w.cpu_access(s, Some(0x11));
+    let parts = w.space.release_range_parts(s, BLOCK_SIZE).unwrap();
+    for p in &parts {
+        w.space.take_back(p).unwrap();
+    }
+    drop(parts);
     w.space.migrate(s, PAGE_SIZE, Proc::Device(w.ids[0])).unwrap();
-    w.space.advise(s, PAGE_SIZE, crate::advice::Advice::ReadMostly(true)).unwrap();
-    assert_eq!(w.dev_access(1, s, None), Some(0x33));
-    let st = w.space.page_state(s).unwrap();
-    let (d0, d1) = (Proc::Device(w.ids[0]), Proc::Device(w.ids[1]));
-    assert!(st.resident.has(d0) && st.resident.has(d1) && !st.resident.has(Proc::Cpu), "two device copies: {st:?}");
-    w.devs[1].fail_d2h.store(true, Relaxed);
-    let r = w.space.migrate(s, PAGE_SIZE, Proc::Cpu);
-    w.devs[1].fail_d2h.store(false, Relaxed);
-    let st = w.space.page_state(s).unwrap();
-    r.unwrap_or_else(|e| panic!("device 0's copy could come home: {e}; now {st:?}"));
-    assert_eq!(w.cpu_access(s, None), 0x33);
+    assert!(!w.cpu.mapped.lock().contains_key(&s), "the CPU still maps a page only the device holds");
+    w.cpu_access(s, Some(0x22));
+    w.space.migrate(s, PAGE_SIZE, Proc::Cpu).unwrap();
+    assert_eq!(w.cpu_access(s, None), 0x22, "the CPU's write is kept");
 }
 
 /// 44d2b32 gives a block rebuilt in place every job id of the old blocks it overlaps. A job whose

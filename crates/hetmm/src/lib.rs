@@ -421,7 +421,8 @@ impl Hetmm {
             // access to a page not mapped got SIGBUS), and the call may be made again. The
             // range's advice is gone.
             for p in &released {
-                if let Err(e) = self.space.add_registered(Arc::clone(&p.cpu), p.range, p.prot, p.remote) {
+                // Unmapped by the CPU first (`AddressSpace::take_back`): the core records it so.
+                if let Err(e) = self.space.take_back(p) {
                     log::error!("taking {} back after a failed unregister: {e}", p.range);
                 }
             }

@@ -250,6 +250,10 @@ pub struct Block {
     pub active_jobs: u32,
     /// A finished job used the block and no job uses it now: evict it first.
     pub job_done: bool,
+    /// When a device last took pages of the block ([`Block::taken_by`]): a speculative move
+    /// asked for before then (the CPU read-ahead) leaves the block where the newer placement put
+    /// it.
+    taken: u64,
     /// The jobs counted in `active_jobs`, by id (one entry per count): a job's end takes only
     /// its own count, never that of a later job on new memory at the same addresses.
     pub job_ids: Vec<u64>,
@@ -330,6 +334,7 @@ impl Block {
             thrashing: ProcMask::EMPTY,
             active_jobs: 0,
             job_done: false,
+            taken: 0,
             job_ids: Vec::new(),
             launching: Vec::new(),
             busy: PageMask::default(),
@@ -501,6 +506,18 @@ impl Block {
     pub(crate) fn set_refaults(&mut self, d: DeviceId, refaults: u32, last_evicted: u64) {
         let u = self.use_by(d);
         (u.refaults, u.last_evicted) = (refaults, last_evicted);
+    }
+
+    /// Records that device `d` took pages of the block at `tick` (a fault served, a migration or
+    /// a prefetch), which is also a touch.
+    pub fn taken_by(&mut self, d: DeviceId, tick: u64) {
+        self.touch(d, tick);
+        self.taken = self.taken.max(tick);
+    }
+
+    /// When a device last took pages of the block ([`Block::taken_by`]; 0: none has).
+    pub fn last_taken(&self) -> u64 {
+        self.taken
     }
 
     /// When device `d` last touched the block.

@@ -501,7 +501,7 @@ fn service_block(space: &AddressSpace, slot: &DeviceSlot, group: &[DeviceFault],
     let policy = &space.config.policy;
     let now = space.tick();
     let replacing = thrash_response(space, slot, &mut blk, now);
-    blk.touch(slot.id, now);
+    blk.taken_by(slot.id, now);
     let attrs = space.attrs.read();
     let reach = reach_of(space, slot, &blk, &attrs);
     let mut plan = Plan::default();
@@ -790,7 +790,7 @@ fn place_on_peers(
         match placed {
             Ok(n) => {
                 if n > 0 {
-                    blk.touch(*d, space.tick());
+                    blk.taken_by(*d, space.tick());
                 }
             }
             Err(e @ (CoreError::OutOfDeviceMemory { .. } | CoreError::Detached(_))) => {
@@ -938,7 +938,7 @@ fn run_ahead(space: &AddressSpace, slot: &DeviceSlot, req: Ahead) {
             add(&space.stats.prefetched_pages, n);
             let now = space.tick();
             for b in blocks.iter_mut() {
-                b.touch(slot.id, now);
+                b.taken_by(slot.id, now);
             }
         }
         Err(e) => log::debug!("prefetch ahead on {:?}: {e}", slot.id),

@@ -241,7 +241,7 @@ pub struct AddressSpace {
     shutting_down: AtomicBool,
     epoch: Instant,
     me: Weak<AddressSpace>,
-    readahead: Mutex<Option<mpsc::Sender<(u64, u64)>>>,
+    readahead: Mutex<Option<mpsc::Sender<(u64, u64, u64)>>>,
 }
 
 impl AddressSpace {
@@ -784,7 +784,7 @@ impl AddressSpace {
         });
         let span = VaRange::new(blk.base, blk.npages as u64 * PAGE_SIZE);
         if done && self.attrs.read().all_in(span, |a| !a.read_mostly) {
-            blk.touch(s.id, self.tick());
+            blk.taken_by(s.id, self.tick());
             return Ok(());
         }
         let attrs = self.attrs.read();
@@ -800,7 +800,7 @@ impl AddressSpace {
             migrate::to_device(self, region, blk, s, &want.and_not(&dup))
                 .and_then(|()| migrate::duplicate_to_device(self, region, blk, s, &dup))
         })?;
-        blk.touch(s.id, self.tick());
+        blk.taken_by(s.id, self.tick());
         Ok(())
     }
 
@@ -837,7 +837,7 @@ impl AddressSpace {
                 migrate::bulk_commit(region, blocks, slot, mv, r)?;
                 let now = self.tick();
                 for b in blocks.iter_mut() {
-                    b.touch(slot.id, now);
+                    b.taken_by(slot.id, now);
                 }
                 note_complete(&complete, region, blocks, whole);
                 Ok(())
@@ -1233,7 +1233,7 @@ impl AddressSpace {
         region.readahead_until.store(to, Ordering::Relaxed);
         let mut tx = self.readahead.lock();
         if tx.is_none() {
-            let (s, r) = mpsc::channel::<(u64, u64)>();
+            let (s, r) = mpsc::channel::<(u64, u64, u64)>();
             let me = self.me.clone();
             if std::thread::Builder::new().name("hetmm-readahead".into()).spawn(move || readahead_loop(me, r)).is_err()
             {
@@ -1242,7 +1242,7 @@ impl AddressSpace {
             *tx = Some(s);
         }
         if let Some(tx) = tx.as_ref() {
-            let _ = tx.send((from, to));
+            let _ = tx.send((from, to, self.tick()));
         }
     }
 
@@ -1309,9 +1309,9 @@ impl Drop for AddressSpace {
 }
 
 /// Brings queued windows of blocks home until the address space is gone.
-fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
+fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64, u64)>) {
     loop {
-        let (from, to) = match rx.recv_timeout(Duration::from_millis(200)) {
+        let (from, to, asked) = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(w) => w,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if space.strong_count() == 0 {
@@ -1343,7 +1343,7 @@ fn readahead_loop(space: Weak<AddressSpace>, rx: mpsc::Receiver<(u64, u64)>) {
         while b <= last {
             let guards: Vec<_> = (b..=last.min(b + STEP - 1)).filter_map(|i| region.blocks[i].try_lock()).collect();
             b += STEP;
-            let started = ReadAhead::start(&space, &region, guards);
+            let started = ReadAhead::start(&space, &region, guards, asked);
             if let Some(prev) = pending.take() {
                 prev.finish(&space, &region, from);
             }
@@ -1366,11 +1366,13 @@ struct ReadAhead<'a> {
 impl<'a> ReadAhead<'a> {
     /// Takes the blocks advice lets come home (advice that wants the data elsewhere, or mapped
     /// remotely from where it is, keeps a block out; ReadMostly blocks come home as duplicates)
-    /// and submits their copies. None if nothing was started.
+    /// and no device has touched since the read-ahead was asked for at tick `asked`, and submits
+    /// their copies. None if nothing was started.
     fn start(
         space: &AddressSpace,
         region: &Region,
         mut guards: Vec<parking_lot::MutexGuard<'a, Block>>,
+        asked: u64,
     ) -> Option<ReadAhead<'a>> {
         // The read-ahead loop looks the region up under the reshape lock, which `remove_region`
         // takes for writing: it cannot go meanwhile. Checked still, as every block walk does.
@@ -1388,7 +1390,10 @@ impl<'a> ReadAhead<'a> {
                 let (allowed, rm) = attrs.prefetch_fit(span, Proc::Cpu);
                 let pinned = attrs.any_pinned(span);
                 read_mostly &= rm || !allowed || pinned;
-                allowed && !pinned && g.launching.is_empty()
+                // A block a device faulted in, was given by a migration or used since the
+                // request is the device's now: a request served late (this thread waits its
+                // turn for the CPUs) brought such blocks home, undoing the newer placement.
+                allowed && !pinned && g.launching.is_empty() && g.last_taken() <= asked
             });
         }
         if guards.is_empty() {
@@ -1552,5 +1557,31 @@ mod detach_tests {
             id2 != id || (!st.resident.has(Proc::Device(id2)) && got == 0x11),
             "new device {id2:?} inherits the old one's page state {st:?}; CPU reads {got:#x}"
         );
+    }
+}
+
+#[cfg(test)]
+mod readahead_tests {
+    use crate::testing::{setup4k, BASE4K};
+    use crate::types::*;
+
+    /// A read-ahead request served after a device took a block leaves that block on the device:
+    /// the request is older than the placement. (Served late, as on a loaded machine, it brought
+    /// the block home and undid the migration, which made a test flaky.) Blocks no device touched
+    /// since the request still come home.
+    #[test]
+    fn a_late_read_ahead_leaves_blocks_a_device_took_since() {
+        let (space, _dev, id, _host) = setup4k(crate::policy::Policy::hetmm(), 2, 8, true);
+        let (a, b) = (BASE4K, BASE4K + BLOCK_SIZE);
+        space.migrate(a, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        let asked = space.tick();
+        space.migrate(b, BLOCK_SIZE, Proc::Device(id)).unwrap();
+        let region = space.region_of(a).unwrap();
+        let guards = region.blocks.iter().map(|c| c.lock()).collect();
+        let started = super::ReadAhead::start(&space, &region, guards, asked).expect("block 0 comes home");
+        started.finish(&space, &region, a);
+        let dev = ProcMask::only(Proc::Device(id));
+        assert!(space.page_state(a).unwrap().resident.has(Proc::Cpu), "block 0 was read ahead");
+        assert_eq!(space.page_state(b).unwrap().resident, dev, "block 1, taken since, stayed");
     }
 }

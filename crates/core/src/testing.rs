@@ -2325,7 +2325,7 @@ fn accessed_by_maps_a_peers_copy_in_place() {
 
 // Failure paths of the moves: copies that fail or never finish, undo steps that fail.
 
-const BASE4K: u64 = 0x8000_0000;
+pub(crate) const BASE4K: u64 = 0x8000_0000;
 
 /// The address space, the device, its id, and the host memory behind the region.
 pub(crate) type OneDevice = (Arc<AddressSpace>, Arc<FakeDevice>, DeviceId, Arc<Mutex<Vec<u8>>>);
@@ -2344,7 +2344,7 @@ pub(crate) fn one_region(policy: crate::policy::Policy, start: u64, len: u64) ->
 
 /// A region of `blocks` blocks at `BASE4K` (CPU read-ahead off), a [`FakeDevice`] of `dev_blocks`
 /// blocks of memory.
-fn setup4k(policy: crate::policy::Policy, blocks: u64, dev_blocks: u64, faults: bool) -> OneDevice {
+pub(crate) fn setup4k(policy: crate::policy::Policy, blocks: u64, dev_blocks: u64, faults: bool) -> OneDevice {
     let len = blocks * BLOCK_SIZE;
     let host = Arc::new(Mutex::new(vec![0u8; len as usize]));
     let cfg = CoreConfig { policy: crate::policy::Policy { cpu_readahead: false, ..policy }, ..CoreConfig::default() };

@@ -22,16 +22,31 @@ pub struct BuddyAllocator {
     /// Free blocks per order, by first frame number (sorted, so allocation is lowest-address first
     /// and deterministic).
     free: Vec<BTreeSet<u64>>,
+    /// The per-frame state of the registered memory, one segment per stretch of it (whole 2 MiB
+    /// roots, in address order, never touching): it costs the frames registered, not the
+    /// physical address space below or between them (a device whose memory sat high, or in two
+    /// ranges far apart, made a byte and a bit for every frame from address 0).
+    segments: Vec<Segment>,
+    free_pages: u64,
+    total_pages: u64,
+}
+
+/// The frames of `[first, first + head_order.len())` (`first` a multiple of 2^[`MAX_ORDER`]
+/// frames, and so is the length: a block and its buddy always lie in the same segment).
+#[derive(Debug)]
+struct Segment {
+    first: u64,
     /// Order of the free block starting at each frame, or `NOT_FREE_HEAD`.
     head_order: Vec<u8>,
     /// Frames handed out and not yet freed: `free` checks a whole run with word operations
     /// (walking the free blocks above each frame cost about 3 ns a frame, 1.5 us per 2 MiB).
     allocated: FixedBitSet,
-    free_pages: u64,
-    total_pages: u64,
 }
 
 const NOT_FREE_HEAD: u8 = u8::MAX;
+
+/// Frames in a 2 MiB root.
+const ROOT_FRAMES: u64 = 1 << MAX_ORDER;
 
 impl BuddyAllocator {
     /// An allocator over the given physical ranges (each start and length a multiple of 2 MiB is
@@ -44,12 +59,25 @@ impl BuddyAllocator {
             .filter(|(first, last)| last > first)
             .collect();
         runs.sort_unstable();
-        let end = runs.iter().map(|r| r.1).max().unwrap_or(0);
-        let frames = usize::try_from(end).unwrap_or(0);
+        // Segments: the runs' whole roots, those that overlap or touch merged.
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        for &(first, last) in &runs {
+            let (s, e) = (first & !(ROOT_FRAMES - 1), last.div_ceil(ROOT_FRAMES) * ROOT_FRAMES);
+            match spans.last_mut() {
+                Some(prev) if s <= prev.1 => prev.1 = prev.1.max(e),
+                _ => spans.push((s, e)),
+            }
+        }
+        let segments = spans
+            .into_iter()
+            .map(|(s, e)| {
+                let n = usize::try_from(e - s).expect("registered memory larger than the address space");
+                Segment { first: s, head_order: vec![NOT_FREE_HEAD; n], allocated: FixedBitSet::with_capacity(n) }
+            })
+            .collect();
         let mut a = BuddyAllocator {
             free: (0..=MAX_ORDER).map(|_| BTreeSet::new()).collect(),
-            head_order: vec![NOT_FREE_HEAD; frames],
-            allocated: FixedBitSet::with_capacity(frames),
+            segments,
             free_pages: 0,
             total_pages: 0,
         };
@@ -60,7 +88,8 @@ impl BuddyAllocator {
             let first = first.max(covered);
             if last > first {
                 a.total_pages += last - first;
-                a.free_range(first, last - first);
+                let (k, _) = a.locate(first).expect("a run outside its segment");
+                a.free_range(k, first, last - first);
             }
             covered = covered.max(last);
         }
@@ -77,6 +106,41 @@ impl BuddyAllocator {
         self.free_pages
     }
 
+    /// Frames the per-frame state covers (the registered memory rounded out to 2 MiB roots).
+    pub fn indexed_frames(&self) -> u64 {
+        self.segments.iter().map(|s| s.head_order.len() as u64).sum()
+    }
+
+    /// The segment holding `frame` and the frame's index in it.
+    #[inline]
+    fn locate(&self, frame: u64) -> Option<(usize, usize)> {
+        // Devices register one range: no search (it cost a quarter more on page-by-page frees).
+        let k = match self.segments.as_slice() {
+            [_] => 0,
+            segs => segs.partition_point(|s| s.first <= frame).checked_sub(1)?,
+        };
+        let seg = &self.segments[k];
+        let i = usize::try_from(frame.checked_sub(seg.first)?).ok()?;
+        (i < seg.head_order.len()).then_some((k, i))
+    }
+
+    /// Order of the free block starting at `frame` of segment `k`, if one does (`frame` in the
+    /// segment).
+    #[inline]
+    fn head(&self, k: usize, frame: u64) -> Option<u32> {
+        let seg = &self.segments[k];
+        let h = seg.head_order[(frame - seg.first) as usize];
+        (h != NOT_FREE_HEAD).then_some(u32::from(h))
+    }
+
+    /// Records `frame` of segment `k` as the head of a free block of `order` (`NOT_FREE_HEAD`:
+    /// of none).
+    #[inline]
+    fn set_head(&mut self, k: usize, frame: u64, order: u8) {
+        let seg = &mut self.segments[k];
+        seg.head_order[(frame - seg.first) as usize] = order;
+    }
+
     /// Allocates 2^order contiguous, naturally aligned pages.
     pub fn alloc(&mut self, order: u32) -> Option<PhysAddr> {
         if order > MAX_ORDER {
@@ -84,14 +148,16 @@ impl BuddyAllocator {
         }
         let found = (order..=MAX_ORDER).find(|&o| !self.free[o as usize].is_empty())?;
         let frame = self.free[found as usize].pop_first()?;
-        self.head_order[frame as usize] = NOT_FREE_HEAD;
+        // A free block lies in one segment, and so do its halves.
+        let (k, _) = self.locate(frame).expect("a free block outside the registered memory");
+        self.set_head(k, frame, NOT_FREE_HEAD);
         // Split down, returning upper halves to the free lists.
         let mut o = found;
         while o > order {
             o -= 1;
-            self.push_free(frame + (1 << o), o);
+            self.push_free(k, frame + (1 << o), o);
         }
-        self.take(frame, order);
+        self.take(k, frame, order);
         Some(PhysAddr(frame << PAGE_SHIFT))
     }
 
@@ -103,29 +169,28 @@ impl BuddyAllocator {
         if order > MAX_ORDER || !addr.0.is_multiple_of(PAGE_SIZE) || frame & ((1 << order) - 1) != 0 {
             return false;
         }
+        // Segments hold whole roots: every block holding `frame` lies in its segment.
+        let Some((k, _)) = self.locate(frame) else { return false };
         // The free block holding the range: its head at the first order where `frame` lies in one.
-        let Some(o) = (order..=MAX_ORDER).find(|&o| {
-            let head = frame & !((1u64 << o) - 1);
-            self.head_order.get(head as usize).is_some_and(|&h| u32::from(h) == o)
-        }) else {
+        let Some(o) = (order..=MAX_ORDER).find(|&o| self.head(k, frame & !((1u64 << o) - 1)) == Some(o)) else {
             return false;
         };
         let mut head = frame & !((1u64 << o) - 1);
         self.free[o as usize].remove(&head);
-        self.head_order[head as usize] = NOT_FREE_HEAD;
+        self.set_head(k, head, NOT_FREE_HEAD);
         // Split down towards `frame`, returning the other halves.
         let mut o = o;
         while o > order {
             o -= 1;
             let upper = head + (1 << o);
             if frame >= upper {
-                self.push_free(head, o);
+                self.push_free(k, head, o);
                 head = upper;
             } else {
-                self.push_free(upper, o);
+                self.push_free(k, upper, o);
             }
         }
-        self.take(frame, order);
+        self.take(k, frame, order);
         true
     }
 
@@ -136,55 +201,58 @@ impl BuddyAllocator {
         if !addr.0.is_multiple_of(PAGE_SIZE) || npages == 0 {
             return false;
         }
-        let Some(last) = first.checked_add(npages) else { return false };
-        let run = first as usize..last as usize;
-        // Only registered memory is ever allocated, so this also refuses memory outside it.
-        if last as usize > self.allocated.len() || !self.allocated.contains_all_in_range(run.clone()) {
+        // Only registered memory is ever allocated, so this also refuses memory outside it; a run
+        // is allocated only within one segment (segments never touch).
+        let Some((k, i)) = self.locate(first) else { return false };
+        let Some(end) = usize::try_from(npages).ok().and_then(|n| i.checked_add(n)) else { return false };
+        let allocated = &mut self.segments[k].allocated;
+        if end > allocated.len() || !allocated.contains_all_in_range(i..end) {
             return false;
         }
-        self.allocated.remove_range(run);
-        self.free_range(first, npages);
+        allocated.remove_range(i..end);
+        self.free_range(k, first, npages);
         true
     }
 
-    /// Records the 2^order frames at `frame` as handed out.
-    fn take(&mut self, frame: u64, order: u32) {
-        self.allocated.insert_range(frame as usize..(frame + (1 << order)) as usize);
+    /// Records the 2^order frames at `frame` (in segment `k`) as handed out.
+    fn take(&mut self, k: usize, frame: u64, order: u32) {
+        let seg = &mut self.segments[k];
+        let i = (frame - seg.first) as usize;
+        seg.allocated.insert_range(i..i + (1 << order));
         self.free_pages -= 1 << order;
     }
 
-    /// Frees a run as maximal aligned power-of-two pieces.
-    fn free_range(&mut self, mut f: u64, mut n: u64) {
+    /// Frees a run (in segment `k`) as maximal aligned power-of-two pieces.
+    fn free_range(&mut self, k: usize, mut f: u64, mut n: u64) {
         while n > 0 {
             let align = if f == 0 { MAX_ORDER } else { f.trailing_zeros().min(MAX_ORDER) };
             let fit = 63 - n.leading_zeros();
             let o = align.min(fit);
             self.free_pages += 1 << o;
-            self.free_block(f, o);
+            self.free_block(k, f, o);
             f += 1 << o;
             n -= 1 << o;
         }
     }
 
-    /// Frees one aligned block and merges it with free buddies.
-    fn free_block(&mut self, mut f: u64, mut o: u32) {
+    /// Frees one aligned block (in segment `k`, as its buddies) and merges it with free buddies.
+    fn free_block(&mut self, k: usize, mut f: u64, mut o: u32) {
         while o < MAX_ORDER {
             let buddy = f ^ (1 << o);
-            let buddy_free = self.head_order.get(buddy as usize).is_some_and(|&h| u32::from(h) == o);
-            if !buddy_free {
+            if self.head(k, buddy) != Some(o) {
                 break;
             }
             self.free[o as usize].remove(&buddy);
-            self.head_order[buddy as usize] = NOT_FREE_HEAD;
+            self.set_head(k, buddy, NOT_FREE_HEAD);
             f = f.min(buddy);
             o += 1;
         }
-        self.push_free(f, o);
+        self.push_free(k, f, o);
     }
 
-    fn push_free(&mut self, f: u64, o: u32) {
+    fn push_free(&mut self, k: usize, f: u64, o: u32) {
         self.free[o as usize].insert(f);
-        self.head_order[f as usize] = o as u8;
+        self.set_head(k, f, o as u8);
     }
 }
 
@@ -273,18 +341,20 @@ mod tests {
         #[test]
         fn matches_a_bitmap_model(
             ranges in proptest::collection::vec((0u64..1500, 1u64..700), 1..4),
+            high in any::<bool>(),
             ops in proptest::collection::vec(prop_oneof![
                 (0u32..=9).prop_map(AOp::Alloc),
                 (0u64..2048, 0u32..=9).prop_map(|(f, o)| AOp::AllocAt(f, o)),
                 (0u64..2048, 1u64..64).prop_map(|(f, n)| AOp::Free(f, n)),
             ], 1..150),
         ) {
-            // Ranges in frames, overlapping ones too.
+            // Ranges in frames, overlapping ones too; all of them far above address 0 or not.
+            let base = if high { 1u64 << 40 } else { 0 };
             let mut regs: Vec<(PhysAddr, u64)> = Vec::new();
             let mut registered = vec![false; 2300];
             for (s, l) in ranges {
                 for f in s..s + l { registered[f as usize] = true; }
-                regs.push((PhysAddr(s * PAGE_SIZE), l * PAGE_SIZE));
+                regs.push((PhysAddr((base + s) * PAGE_SIZE), l * PAGE_SIZE));
             }
             let mut a = BuddyAllocator::new(&regs);
             let mut used = vec![false; 2300];
@@ -298,7 +368,7 @@ mod tests {
                         let any = (0..2300u64 / n).any(|b| free_run(&used, b * n, n));
                         match a.alloc(o) {
                             Some(p) => {
-                                let f = p.0 / PAGE_SIZE;
+                                let f = p.0 / PAGE_SIZE - base;
                                 prop_assert_eq!(f % n, 0);
                                 prop_assert!(free_run(&used, f, n), "handed out a taken or unregistered page");
                                 for x in f..f + n { used[x as usize] = true; }
@@ -310,18 +380,59 @@ mod tests {
                         let n = 1u64 << o;
                         let f = f / n * n;
                         let want = free_run(&used, f, n);
-                        prop_assert_eq!(a.alloc_at(PhysAddr(f * PAGE_SIZE), o), want);
+                        prop_assert_eq!(a.alloc_at(PhysAddr((base + f) * PAGE_SIZE), o), want);
                         if want { for x in f..f + n { used[x as usize] = true; } }
                     }
                     AOp::Free(f, n) => {
                         let want = (f..f + n).all(|x| used.get(x as usize).copied().unwrap_or(false));
-                        prop_assert_eq!(a.free(PhysAddr(f * PAGE_SIZE), n), want);
+                        prop_assert_eq!(a.free(PhysAddr((base + f) * PAGE_SIZE), n), want);
                         if want { for x in f..f + n { used[x as usize] = false; } }
                     }
                 }
                 prop_assert_eq!(a.free_pages(), total - used.iter().filter(|u| **u).count() as u64);
             }
         }
+    }
+
+    /// The allocator kept a byte and a bit for every frame from physical address 0 to the end of
+    /// the highest range: a device whose memory sits high in its physical address space (or two
+    /// ranges far apart) paid for the whole gap. Here 4 MiB at 2^62 would have needed 1 PiB of
+    /// state (the allocation fails and the process aborts); only the registered frames count.
+    #[test]
+    fn memory_at_a_high_physical_address_costs_only_its_own_frames() {
+        let high = 1u64 << 62;
+        let mut a = BuddyAllocator::new(&[(PhysAddr(high), 2 * MB2)]);
+        assert_eq!((a.total_pages(), a.free_pages()), (1024, 1024));
+        assert_eq!(a.alloc(9), Some(PhysAddr(high)));
+        assert!(a.alloc_at(PhysAddr(high + MB2 + 3 * PAGE_SIZE), 0));
+        assert_eq!(a.alloc(0), Some(PhysAddr(high + MB2 + 2 * PAGE_SIZE)), "the split's order-0 piece");
+        assert!(!a.free(PhysAddr(0), 1), "below the managed memory");
+        assert!(!a.free(PhysAddr(high + 2 * MB2), 1), "above the managed memory");
+        assert!(a.free(PhysAddr(high), 512));
+        assert!(a.free(PhysAddr(high + MB2 + 2 * PAGE_SIZE), 2));
+        assert_eq!(a.free_pages(), 1024);
+        assert_eq!(a.alloc(9), Some(PhysAddr(high)));
+        assert_eq!(a.alloc(9), Some(PhysAddr(high + MB2)), "merged back whole");
+        assert!(a.indexed_frames() <= 1024, "state for {} frames", a.indexed_frames());
+    }
+
+    /// Two ranges with a huge gap between them (2^61 bytes): both serve, lowest first, and a
+    /// free that would span the gap is refused.
+    #[test]
+    fn ranges_far_apart_both_serve() {
+        let far = 1u64 << 61;
+        let mut a = BuddyAllocator::new(&[(PhysAddr(far), MB2), (PhysAddr(0), MB2 + 8 * PAGE_SIZE)]);
+        assert_eq!(a.total_pages(), 512 + 512 + 8);
+        assert_eq!(a.alloc(9), Some(PhysAddr(0)));
+        assert_eq!(a.alloc(9), Some(PhysAddr(far)));
+        assert_eq!(a.alloc(9), None);
+        assert_eq!(a.alloc(3), Some(PhysAddr(MB2)));
+        assert!(!a.free(PhysAddr(MB2), far / PAGE_SIZE), "a run over the gap");
+        assert!(a.free(PhysAddr(far), 512));
+        assert!(a.alloc_at(PhysAddr(far + 7 * PAGE_SIZE), 0));
+        assert!(!a.alloc_at(PhysAddr(far + MB2), 0), "past the far range");
+        assert!(!a.alloc_at(PhysAddr(MB2 + 8 * PAGE_SIZE), 0), "past the low range");
+        assert_eq!(a.free_pages(), 511);
     }
 
     /// Overlapping registered ranges (a device listing a range twice, or two ranges sharing

@@ -254,7 +254,7 @@ impl Hetmm {
         }
         // Within a page of the top of the address space there is no room: overflow, not a panic.
         let len = (bytes as u64).checked_next_multiple_of(PAGE_SIZE).ok_or(Error::SizeOverflow { count, size })?;
-        within_memory(len)?;
+        within_memory(len, false)?;
         // The kernel may hand the new view addresses that the program's `munmap` or `mremap` of
         // managed memory just left. Until that change's event is applied, the core still has the
         // old memory there and refuses the new region as overlapping it, and the host must not
@@ -373,7 +373,7 @@ impl Hetmm {
     pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
         self.space.settle()?;
         let (start, end) = page_span(ptr, len)?;
-        within_memory(end - start)?;
+        within_memory(end - start, true)?;
         if end > start && self.space.any_shared(VaRange::new(start, end - start)) {
             return Err(CoreError::Overlap(VaRange::new(start, end - start)).into());
         }
@@ -871,19 +871,19 @@ impl<T> From<&SharedBuf<T>> for hetmm_cuda::Buf {
 
 /// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
 pub fn memory_total() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
-    kib.checked_mul(1024)
+    hetmm_sim::machine_memory()
 }
 
-/// Refuses `len` bytes of shared memory whose page state would take over half of the machine's
-/// memory ([`Error::TooLarge`]): the core makes it for every page up front (an audit saw
-/// 648 MiB for 64 GiB never touched), and a few TiB would end in the OOM killer.
-fn within_memory(len: u64) -> Result<()> {
+/// Refuses `len` bytes of shared memory whose state, made up front, would take over half of the
+/// machine's memory ([`Error::TooLarge`]): a header per 2 MiB block, and with `pages` the state
+/// of every page too (registered memory, every page of which holds data; a buffer's page state
+/// is made as its pages are first used). An audit saw 648 MiB for 64 GiB never touched when a
+/// buffer's page state was made up front; a few TiB would end in the OOM killer.
+fn within_memory(len: u64, pages: bool) -> Result<()> {
     let Some(memory) = memory_total() else { return Ok(()) };
-    let per_block = std::mem::size_of::<hetmm_core::block::Block>() as u64
-        + (BLOCK_SIZE / PAGE_SIZE) * std::mem::size_of::<hetmm_core::block::Page>() as u64;
+    let page_state =
+        if pages { BLOCK_SIZE / PAGE_SIZE * std::mem::size_of::<hetmm_core::block::Page>() as u64 } else { 0 };
+    let per_block = std::mem::size_of::<hetmm_core::block::Block>() as u64 + page_state;
     let state = len.div_ceil(BLOCK_SIZE).saturating_mul(per_block);
     if state > memory / 2 {
         return Err(Error::TooLarge { bytes: len, state, memory });

@@ -78,6 +78,15 @@ pub enum SimError {
     /// Memory size zero or not a multiple of 2 MiB.
     #[error("device memory size {0:#x} is not a positive multiple of 2 MiB")]
     BadMemorySize(u64),
+    /// More device memory than the machine has: it could never be used, and the core keeps
+    /// state for each of its pages when the device is attached (18 GiB for 64 TiB).
+    #[error("device memory of {bytes} bytes is more than this machine's {machine} bytes")]
+    MemoryTooLarge {
+        /// The memory asked for.
+        bytes: u64,
+        /// The machine's memory (`MemTotal`).
+        machine: u64,
+    },
     /// A count that must be at least 1 was 0.
     #[error("{0} must be at least 1")]
     ZeroCount(&'static str),
@@ -185,6 +194,9 @@ impl SimConfig {
         {
             return Err(SimError::BadMemorySize(self.memory_bytes));
         }
+        if let Some(machine) = machine_memory().filter(|&m| self.memory_bytes > m) {
+            return Err(SimError::MemoryTooLarge { bytes: self.memory_bytes, machine });
+        }
         for (what, v) in [
             ("copy_engines", self.copy_engines),
             ("compute_workers", self.compute_workers),
@@ -251,4 +263,12 @@ pub struct SimStats {
     pub link_busy_ns: u64,
     /// Access-counter notices raised ([`SimConfig::access_counter_threshold`]).
     pub access_notices: u64,
+}
+
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo), if it can be read.
+pub fn machine_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.trim_start_matches("MemTotal:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
 }

@@ -101,6 +101,20 @@ fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(31) ^ (i >> 9)) as u8
 }
 
+/// A device memory larger than the machine's was accepted: the sim maps it without reserving it,
+/// but the core's allocator keeps state for each of its frames when the device is attached (a
+/// byte and a bit per 4 KiB: 18 GiB for `--device-mem 64T`), and the memory could never be used
+/// anyway. It is refused, naming the machine's memory.
+#[test]
+fn device_memory_larger_than_the_machine_is_refused() {
+    let huge = 64u64 << 40;
+    let e = SimConfig::with_memory(huge).expect_err("64 TiB of device memory accepted");
+    assert!(e.to_string().contains("machine"), "{e}");
+    let e = SimDevice::new(SimConfig { memory_bytes: huge, ..SimConfig::default() }).expect_err("device made");
+    assert!(e.to_string().contains("machine"), "{e}");
+    assert!(SimConfig::with_memory(64 << 20).is_ok());
+}
+
 #[test]
 fn config_validation() {
     assert_eq!(SimConfig::with_memory(0), Err(SimError::BadMemorySize(0)));

@@ -471,9 +471,7 @@ impl BlockCtx<'_> {
     /// Whether `[addr, addr + len)` touches memory the address space manages: a CPU access
     /// there may fault, and its service invalidates every TLB, this worker's too.
     fn managed(&self, addr: usize, len: usize) -> bool {
-        let (s, e) = (addr as u64, addr as u64 + len as u64);
-        let regions = self.shared.regions.read();
-        regions.range(..e).next_back().is_some_and(|(&start, &l)| start + l > s)
+        self.shared.regions.overlaps(addr as u64, (addr as u64).saturating_add(len as u64))
     }
 
     /// Copies device memory at `va` into `out`. The kernel's own buffer may be memory hetmm
@@ -571,7 +569,8 @@ impl BlockCtx<'_> {
             return Err(misaligned(va, std::mem::align_of::<T>()));
         }
         let mut v = T::zeroed();
-        self.read_bytes(va, bytemuck::bytes_of_mut(&mut v))?;
+        // Into a local, which no CPU access faults on: no look-up of managed memory.
+        self.read_direct(va, bytemuck::bytes_of_mut(&mut v))?;
         Ok(v)
     }
 
@@ -581,7 +580,8 @@ impl BlockCtx<'_> {
         if !va.is_multiple_of(std::mem::align_of::<T>() as u64) {
             return Err(misaligned(va, std::mem::align_of::<T>()));
         }
-        self.write_bytes(va, bytemuck::bytes_of(&v))
+        // From a local (see `load`).
+        self.write_direct(va, bytemuck::bytes_of(&v))
     }
 
     /// Reads `out.len()` consecutive `T`s from `va` (one translation per page-table entry).

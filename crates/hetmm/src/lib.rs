@@ -370,6 +370,13 @@ impl Hetmm {
     /// child gets its own copy of the bytes, see the README on fork) and `MAP_GROWSDOWN` are
     /// gone, also after [`Hetmm::unregister`]. Telling them apart would mean reading
     /// `/proc/self/smaps`, which walks the page tables of every mapping of the process.
+    ///
+    /// Register page-aligned memory (an `mmap`, or an allocation of whole pages). A range that
+    /// starts or ends mid-page takes the rest of that page with it, and on the heap that may
+    /// hold other data, hetmm's own included: `register` hangs if hetmm's own state lies there
+    /// (its first access after the memory changes hands faults while hetmm holds the lock that
+    /// serves the fault; seen once in CI with a 3 MiB `Vec`), and so may a later migration of
+    /// such a page. Not yet refused or handled.
     pub fn register(&self, ptr: *const u8, len: usize) -> Result<VaRange> {
         self.space.settle()?;
         let (start, end) = page_span(ptr, len)?;

@@ -673,6 +673,13 @@ mod tests {
     /// page leaves its preferred location.
     #[test]
     fn uvm_cpu_fault_does_not_prefetch_away_from_the_preferred_device() {
+        let home = cpu_read_of_a_block_preferring_its_device(0);
+        assert_eq!(home.iter().filter(|&&h| h).count(), 1, "pages taken off their preferred device by one CPU read");
+    }
+
+    /// A block of a region under `uvm`, held by a device that its pages from `from` on prefer; a
+    /// CPU read of its first page. Which of its pages the CPU holds then.
+    fn cpu_read_of_a_block_preferring_its_device(from: u64) -> Vec<bool> {
         use crate::advice::Advice;
         use crate::types::{BLOCK_SIZE, PAGE_SIZE};
         let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
@@ -680,14 +687,12 @@ mod tests {
         let dev = Proc::Device(id);
         space.migrate(start, len, dev).unwrap();
         space
-            .advise(start, len, Advice::PreferredLocation(Some(dev)))
+            .advise(start + from * PAGE_SIZE, len - from * PAGE_SIZE, Advice::PreferredLocation(Some(dev)))
             .unwrap()
             .wait(std::time::Duration::from_secs(5))
             .unwrap();
         crate::cpu::CpuFaultHandler::cpu_fault(&*space, start, Access::Read).unwrap();
-        let home =
-            (0..512).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).count();
-        assert_eq!(home, 1, "pages taken off their preferred device by one CPU read");
+        (0..512).map(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).collect()
     }
 
     /// bdfd8db's gate on uvm's CPU prefetch looks at the faulting page's preferred location
@@ -696,22 +701,10 @@ mod tests {
     /// page by page) and UVM (`should_apply_prefetch_logic`, per policy range) never do.
     #[test]
     fn uvm_cpu_fault_does_not_prefetch_neighbours_away_from_their_preferred_device() {
-        use crate::advice::Advice;
-        use crate::types::{BLOCK_SIZE, PAGE_SIZE};
-        let (start, len) = (8 * BLOCK_SIZE, BLOCK_SIZE);
-        let (space, id) = crate::testing::one_region(Policy::uvm(), start, len);
-        let dev = Proc::Device(id);
-        space.migrate(start, len, dev).unwrap();
-        space
-            .advise(start + 8 * PAGE_SIZE, len - 8 * PAGE_SIZE, Advice::PreferredLocation(Some(dev)))
-            .unwrap()
-            .wait(std::time::Duration::from_secs(5))
-            .unwrap();
-        crate::cpu::CpuFaultHandler::cpu_fault(&*space, start, Access::Read).unwrap();
-        let taken =
-            (8..512).filter(|p| space.page_state(start + p * PAGE_SIZE).unwrap().resident.has(Proc::Cpu)).count();
+        let home = cpu_read_of_a_block_preferring_its_device(8);
+        let taken = home[8..].iter().filter(|&&h| h).count();
         assert_eq!(taken, 0, "pages taken off their preferred device by a neighbour's CPU read");
-        assert!(space.page_state(start).unwrap().resident.has(Proc::Cpu), "the faulting page came");
+        assert!(home[0], "the faulting page came");
     }
 
     proptest::proptest! {
